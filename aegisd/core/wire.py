@@ -1,0 +1,647 @@
+"""Every binary format of the protocol, in one module (see docs/protocol.md).
+
+Each format starts with a version byte; versioned objects that are not blocks also carry a kind
+byte. Parsers are strict: exact lengths, bounded counts, known tags, no trailing bytes. Every
+parse failure raises `DecodeError` (or its subclass `UnsupportedVersion`) and nothing else.
+
+This module holds raw bytes only; it imports no cryptographic primitive.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from .errors import DecodeError, UnsupportedVersion
+
+VERSION = 1
+BLOCK_SIZE = 16384  # bytes; every envelope that leaves a device is exactly this long
+
+X25519_LEN = 32
+ED25519_LEN = 32
+SIG_LEN = 64
+MLKEM_EK_LEN = 1184
+MLKEM_CT_LEN = 1088
+MLKEM_SEED_LEN = 64
+KEY_LEN = 32
+NONCE_LEN = 12
+TAG_LEN = 16
+PREKEY_ID_LEN = 4
+MSG_ID_LEN = 8
+
+# Type tags of public-key encodings: distinct tags and distinct lengths, so the encodings of the
+# three key types are pairwise disjoint (no byte string is a valid encoding of two types).
+TAG_X25519 = 0x21
+TAG_ED25519 = 0x22
+TAG_MLKEM768 = 0x23
+
+# Kind bytes of versioned objects other than blocks (blocks carry no kind: one look for all).
+KIND_BUNDLE_BASE = 0x10
+KIND_ONE_TIME_X25519 = 0x11
+KIND_ONE_TIME_MLKEM = 0x12
+KIND_RATCHET_STATE = 0x20
+KIND_SESSION = 0x21
+KIND_PREKEY_STORE = 0x22
+
+# --- sizes derived from the constants above ---------------------------------------------------
+
+HEADER_LEN = X25519_LEN + MLKEM_EK_LEN + 1 + MLKEM_CT_LEN + 4 + 4  # 2313
+ENC_HEADER_LEN = NONCE_LEN + HEADER_LEN + TAG_LEN  # 2341
+IDENTITY_LEN = ED25519_LEN + X25519_LEN + SIG_LEN  # 128
+FRAGMENT_HEADER_LEN = MSG_ID_LEN + 2 + 2 + 2  # 14
+
+# Ratchet block: version || enc_header || body_ct
+RATCHET_BODY_CT_LEN = BLOCK_SIZE - 1 - ENC_HEADER_LEN
+RATCHET_BODY_PT_LEN = RATCHET_BODY_CT_LEN - TAG_LEN
+
+# First-contact block: version || EK || spk_id || pqpk_id || opk_id || kem_ct || sealed
+FIRST_CONTACT_PREFIX_LEN = 1 + X25519_LEN + 3 * PREKEY_ID_LEN + MLKEM_CT_LEN  # 1133
+FIRST_CONTACT_INNER_LEN = BLOCK_SIZE - FIRST_CONTACT_PREFIX_LEN - TAG_LEN
+FIRST_CONTACT_BODY_CT_LEN = FIRST_CONTACT_INNER_LEN - IDENTITY_LEN - ENC_HEADER_LEN
+FIRST_CONTACT_BODY_PT_LEN = FIRST_CONTACT_BODY_CT_LEN - TAG_LEN
+
+# How much content one fragment can carry.
+RATCHET_CAPACITY = RATCHET_BODY_PT_LEN - FRAGMENT_HEADER_LEN
+FIRST_CONTACT_CAPACITY = FIRST_CONTACT_BODY_PT_LEN - FRAGMENT_HEADER_LEN
+MAX_FRAGMENTS = 4096  # one logical message may span at most this many blocks
+
+_MAX_LIST = 100_000  # bound on any count field in stored state
+
+
+# --- strict reader and a small writer ---------------------------------------------------------
+
+
+class Reader:
+    """Bounds-checked cursor over bytes; every overrun is a DecodeError."""
+
+    __slots__ = ("_data", "_pos")
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    def take(self, n: int) -> bytes:
+        end = self._pos + n
+        if n < 0 or end > len(self._data):
+            raise DecodeError("truncated input")
+        out = self._data[self._pos : end]
+        self._pos = end
+        return out
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        return int(struct.unpack(">H", self.take(2))[0])
+
+    def u32(self) -> int:
+        return int(struct.unpack(">I", self.take(4))[0])
+
+    def u64(self) -> int:
+        return int(struct.unpack(">Q", self.take(8))[0])
+
+    def flag(self) -> bool:
+        value = self.u8()
+        if value > 1:
+            raise DecodeError("flag byte out of range")
+        return value == 1
+
+    def optional(self, n: int) -> bytes | None:
+        return self.take(n) if self.flag() else None
+
+    def varbytes(self, limit: int) -> bytes:
+        n = self.u32()
+        if n > limit:
+            raise DecodeError("length field out of range")
+        return self.take(n)
+
+    def count(self) -> int:
+        n = self.u32()
+        if n > _MAX_LIST:
+            raise DecodeError("count field out of range")
+        return n
+
+    def done(self) -> None:
+        if self._pos != len(self._data):
+            raise DecodeError("trailing bytes")
+
+
+class Writer:
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def raw(self, b: bytes) -> Writer:
+        self._parts.append(b)
+        return self
+
+    def u8(self, v: int) -> Writer:
+        return self.raw(struct.pack(">B", v))
+
+    def u32(self, v: int) -> Writer:
+        return self.raw(struct.pack(">I", v))
+
+    def u64(self, v: int) -> Writer:
+        return self.raw(struct.pack(">Q", v))
+
+    def flag(self, v: bool) -> Writer:
+        return self.u8(1 if v else 0)
+
+    def optional(self, b: bytes | None, n: int) -> Writer:
+        if b is None:
+            return self.u8(0)
+        _expect_len(b, n)
+        return self.u8(1).raw(b)
+
+    def fixed(self, b: bytes, n: int) -> Writer:
+        _expect_len(b, n)
+        return self.raw(b)
+
+    def varbytes(self, b: bytes) -> Writer:
+        return self.u32(len(b)).raw(b)
+
+    def bytes(self) -> bytes:
+        return b"".join(self._parts)
+
+
+def _expect_len(b: bytes, n: int) -> None:
+    if len(b) != n:
+        raise ValueError("field has the wrong length")
+
+
+def _versioned(reader: Reader, kind: int) -> None:
+    version = reader.u8()
+    if version != VERSION:
+        raise UnsupportedVersion("unsupported format version")
+    if reader.u8() != kind:
+        raise DecodeError("unexpected object kind")
+
+
+def _header(kind: int) -> Writer:
+    return Writer().u8(VERSION).u8(kind)
+
+
+def check_block(block: bytes) -> None:
+    """A block is exactly BLOCK_SIZE bytes and starts with the supported version byte."""
+    if len(block) != BLOCK_SIZE:
+        raise DecodeError("block has the wrong size")
+    if block[0] != VERSION:
+        raise UnsupportedVersion("unsupported block version")
+
+
+# --- public key encodings ---------------------------------------------------------------------
+
+
+def encode_x25519(pub: bytes) -> bytes:
+    _expect_len(pub, X25519_LEN)
+    return bytes((TAG_X25519,)) + pub
+
+
+def encode_ed25519(pub: bytes) -> bytes:
+    _expect_len(pub, ED25519_LEN)
+    return bytes((TAG_ED25519,)) + pub
+
+
+def encode_mlkem(ek: bytes) -> bytes:
+    _expect_len(ek, MLKEM_EK_LEN)
+    return bytes((TAG_MLKEM768,)) + ek
+
+
+# --- identity ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IdentityRecord:
+    """A public identity: Ed25519 key, X25519 key, and the Ed25519 signature binding them."""
+
+    ed_pub: bytes
+    x_pub: bytes
+    binding_sig: bytes
+
+    def to_bytes(self) -> bytes:
+        return (
+            Writer()
+            .fixed(self.ed_pub, ED25519_LEN)
+            .fixed(self.x_pub, X25519_LEN)
+            .fixed(self.binding_sig, SIG_LEN)
+            .bytes()
+        )
+
+    @classmethod
+    def read(cls, r: Reader) -> IdentityRecord:
+        return cls(r.take(ED25519_LEN), r.take(X25519_LEN), r.take(SIG_LEN))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> IdentityRecord:
+        r = Reader(data)
+        out = cls.read(r)
+        r.done()
+        return out
+
+
+# --- prekey bundle parts (published by the owner; the relay stores them as opaque items) ------
+
+
+@dataclass(frozen=True)
+class BundleBase:
+    identity: IdentityRecord
+    spk_id: int
+    spk_pub: bytes
+    spk_sig: bytes
+    lrk_id: int
+    lrk_ek: bytes
+    lrk_sig: bytes
+
+    def to_bytes(self) -> bytes:
+        return (
+            _header(KIND_BUNDLE_BASE)
+            .raw(self.identity.to_bytes())
+            .u32(self.spk_id)
+            .fixed(self.spk_pub, X25519_LEN)
+            .fixed(self.spk_sig, SIG_LEN)
+            .u32(self.lrk_id)
+            .fixed(self.lrk_ek, MLKEM_EK_LEN)
+            .fixed(self.lrk_sig, SIG_LEN)
+            .bytes()
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> BundleBase:
+        r = Reader(data)
+        _versioned(r, KIND_BUNDLE_BASE)
+        identity = IdentityRecord.read(r)
+        spk_id, spk_pub, spk_sig = _nonzero_id(r.u32()), r.take(X25519_LEN), r.take(SIG_LEN)
+        lrk_id, lrk_ek, lrk_sig = _nonzero_id(r.u32()), r.take(MLKEM_EK_LEN), r.take(SIG_LEN)
+        r.done()
+        return cls(identity, spk_id, spk_pub, spk_sig, lrk_id, lrk_ek, lrk_sig)
+
+
+@dataclass(frozen=True)
+class OneTimeX25519:
+    """A one-time X25519 prekey (unsigned, as in Signal's PQXDH)."""
+
+    prekey_id: int
+    pub: bytes
+
+    def to_bytes(self) -> bytes:
+        return _header(KIND_ONE_TIME_X25519).u32(self.prekey_id).fixed(self.pub, X25519_LEN).bytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> OneTimeX25519:
+        r = Reader(data)
+        _versioned(r, KIND_ONE_TIME_X25519)
+        out = cls(_nonzero_id(r.u32()), r.take(X25519_LEN))
+        r.done()
+        return out
+
+
+@dataclass(frozen=True)
+class OneTimeMlkem:
+    """A signed one-time ML-KEM-768 prekey."""
+
+    prekey_id: int
+    ek: bytes
+    sig: bytes
+
+    def to_bytes(self) -> bytes:
+        return (
+            _header(KIND_ONE_TIME_MLKEM)
+            .u32(self.prekey_id)
+            .fixed(self.ek, MLKEM_EK_LEN)
+            .fixed(self.sig, SIG_LEN)
+            .bytes()
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> OneTimeMlkem:
+        r = Reader(data)
+        _versioned(r, KIND_ONE_TIME_MLKEM)
+        out = cls(_nonzero_id(r.u32()), r.take(MLKEM_EK_LEN), r.take(SIG_LEN))
+        r.done()
+        return out
+
+
+def _nonzero_id(value: int) -> int:
+    if value == 0:
+        raise DecodeError("prekey id 0 is reserved")
+    return value
+
+
+def prekey_signature_message(kind: int, prekey_id: int, encoded_key: bytes) -> bytes:
+    """What the identity's Ed25519 key signs for a prekey (domain-separated, kind-bound)."""
+    return b"AegisLink-v1 prekey" + struct.pack(">BI", kind, prekey_id) + encoded_key
+
+
+IDENTITY_BINDING_LABEL = b"AegisLink-v1 identity binding"
+
+
+# --- ratchet header ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)  # not frozen: built for every received message, and frozen init is slow
+class RatchetHeader:
+    dh_pub: bytes
+    kem_ek: bytes
+    kem_ct: bytes | None
+    prev_n: int
+    n: int
+
+    def to_bytes(self) -> bytes:
+        return header_prefix(self.dh_pub, self.kem_ek, self.kem_ct) + struct.pack(
+            ">II", self.prev_n, self.n
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RatchetHeader:
+        # Fixed layout, parsed by offset: this runs for every received message.
+        if len(data) != HEADER_LEN:
+            raise DecodeError("header has the wrong size")
+        flag = data[_FLAG_OFF]
+        kem_ct = data[_FLAG_OFF + 1 : _FLAG_OFF + 1 + MLKEM_CT_LEN]
+        if flag > 1 or (flag == 0 and kem_ct != _ZERO_CT):
+            raise DecodeError("malformed KEM ciphertext field")
+        prev_n, n = struct.unpack_from(">II", data, HEADER_LEN - 8)
+        return cls(
+            data[:X25519_LEN], data[X25519_LEN:_FLAG_OFF], kem_ct if flag else None, prev_n, n
+        )
+
+
+_FLAG_OFF = X25519_LEN + MLKEM_EK_LEN
+_ZERO_CT = bytes(MLKEM_CT_LEN)
+
+
+def header_prefix(dh_pub: bytes, kem_ek: bytes, kem_ct: bytes | None) -> bytes:
+    """The part of a header that is the same for every message of one sending chain."""
+    _expect_len(dh_pub, X25519_LEN)
+    _expect_len(kem_ek, MLKEM_EK_LEN)
+    if kem_ct is None:
+        return dh_pub + kem_ek + b"\x00" + _ZERO_CT
+    _expect_len(kem_ct, MLKEM_CT_LEN)
+    return dh_pub + kem_ek + b"\x01" + kem_ct
+
+
+def pack_counters(prev_n: int, n: int) -> bytes:
+    return struct.pack(">II", prev_n, n)
+
+
+# --- first-contact block prefix ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FirstContactPrefix:
+    ephemeral_pub: bytes
+    spk_id: int
+    pqpk_id: int
+    opk_id: int  # 0: no one-time X25519 prekey was used
+    kem_ct: bytes
+
+    def to_bytes(self) -> bytes:
+        return (
+            Writer()
+            .u8(VERSION)
+            .fixed(self.ephemeral_pub, X25519_LEN)
+            .u32(self.spk_id)
+            .u32(self.pqpk_id)
+            .u32(self.opk_id)
+            .fixed(self.kem_ct, MLKEM_CT_LEN)
+            .bytes()
+        )
+
+    @classmethod
+    def from_block(cls, block: bytes) -> FirstContactPrefix:
+        check_block(block)
+        r = Reader(block[1:FIRST_CONTACT_PREFIX_LEN])
+        out = cls(
+            r.take(X25519_LEN),
+            _nonzero_id(r.u32()),
+            _nonzero_id(r.u32()),
+            r.u32(),
+            r.take(MLKEM_CT_LEN),
+        )
+        r.done()
+        return out
+
+
+# --- fragments and padding (inside the encrypted body) ----------------------------------------
+
+
+@dataclass(slots=True)  # not frozen: built for every message (see RatchetHeader)
+class Fragment:
+    """One block's share of a logical message.
+
+    Body layout: msg_id (8) || index (u16) || count (u16) || length (u16) || data || zeros.
+    The explicit length makes padding removal unambiguous and O(1); the zeros are checked.
+    """
+
+    msg_id: bytes
+    index: int
+    count: int
+    data: bytes
+
+    def to_body(self, length: int) -> bytes:
+        if FRAGMENT_HEADER_LEN + len(self.data) > length:
+            raise ValueError("fragment does not fit the body")
+        return (
+            self.msg_id
+            + struct.pack(">HHH", self.index, self.count, len(self.data))
+            + self.data
+            + bytes(length - FRAGMENT_HEADER_LEN - len(self.data))
+        )
+
+    @classmethod
+    def from_body(cls, body: bytes) -> Fragment:
+        if len(body) < FRAGMENT_HEADER_LEN:
+            raise DecodeError("truncated fragment")
+        msg_id = body[:MSG_ID_LEN]
+        index, count, length = struct.unpack_from(">HHH", body, MSG_ID_LEN)
+        if count == 0 or count > MAX_FRAGMENTS or index >= count:
+            raise DecodeError("fragment position out of range")
+        end = FRAGMENT_HEADER_LEN + length
+        if end > len(body):
+            raise DecodeError("fragment length out of range")
+        if body[end:] != bytes(len(body) - end):
+            raise DecodeError("non-zero padding")
+        return cls(msg_id, index, count, body[FRAGMENT_HEADER_LEN:end])
+
+
+# --- stored state -----------------------------------------------------------------------------
+
+
+@dataclass
+class RatchetStateRecord:
+    """Raw bytes of a Double Ratchet state (private keys as raw scalars / ML-KEM seeds)."""
+
+    root_key: bytes
+    dh_self_priv: bytes
+    dh_remote: bytes | None
+    kem_self_seed: bytes | None
+    kem_ct_out: bytes | None
+    send_ck: bytes | None
+    recv_ck: bytes | None
+    send_n: int
+    recv_n: int
+    prev_n: int
+    hk_send: bytes | None
+    hk_recv: bytes | None
+    nhk_send: bytes | None
+    nhk_recv: bytes | None
+    skipped: dict[bytes, dict[int, bytes]] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        w = (
+            _header(KIND_RATCHET_STATE)
+            .fixed(self.root_key, KEY_LEN)
+            .fixed(self.dh_self_priv, X25519_LEN)
+            .optional(self.dh_remote, X25519_LEN)
+            .optional(self.kem_self_seed, MLKEM_SEED_LEN)
+            .optional(self.kem_ct_out, MLKEM_CT_LEN)
+            .optional(self.send_ck, KEY_LEN)
+            .optional(self.recv_ck, KEY_LEN)
+            .u32(self.send_n)
+            .u32(self.recv_n)
+            .u32(self.prev_n)
+            .optional(self.hk_send, KEY_LEN)
+            .optional(self.hk_recv, KEY_LEN)
+            .optional(self.nhk_send, KEY_LEN)
+            .optional(self.nhk_recv, KEY_LEN)
+            .u32(len(self.skipped))
+        )
+        for hk, keys in self.skipped.items():
+            w.fixed(hk, KEY_LEN).u32(len(keys))
+            for n, mk in keys.items():
+                w.u32(n).fixed(mk, KEY_LEN)
+        return w.bytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RatchetStateRecord:
+        r = Reader(data)
+        _versioned(r, KIND_RATCHET_STATE)
+        out = cls(
+            root_key=r.take(KEY_LEN),
+            dh_self_priv=r.take(X25519_LEN),
+            dh_remote=r.optional(X25519_LEN),
+            kem_self_seed=r.optional(MLKEM_SEED_LEN),
+            kem_ct_out=r.optional(MLKEM_CT_LEN),
+            send_ck=r.optional(KEY_LEN),
+            recv_ck=r.optional(KEY_LEN),
+            send_n=r.u32(),
+            recv_n=r.u32(),
+            prev_n=r.u32(),
+            hk_send=r.optional(KEY_LEN),
+            hk_recv=r.optional(KEY_LEN),
+            nhk_send=r.optional(KEY_LEN),
+            nhk_recv=r.optional(KEY_LEN),
+        )
+        for _ in range(r.count()):
+            hk = r.take(KEY_LEN)
+            keys: dict[int, bytes] = {}
+            for _ in range(r.count()):
+                n = r.u32()
+                keys[n] = r.take(KEY_LEN)
+            if hk in out.skipped or not keys:
+                raise DecodeError("malformed skipped-key table")
+            out.skipped[hk] = keys
+        r.done()
+        return out
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    ad: bytes
+    remote: IdentityRecord
+    ratchet: bytes  # RatchetStateRecord bytes
+
+    def to_bytes(self) -> bytes:
+        return (
+            _header(KIND_SESSION)
+            .varbytes(self.ad)
+            .raw(self.remote.to_bytes())
+            .varbytes(self.ratchet)
+            .bytes()
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SessionRecord:
+        r = Reader(data)
+        _versioned(r, KIND_SESSION)
+        out = cls(r.varbytes(1024), IdentityRecord.read(r), r.varbytes(len(data)))
+        r.done()
+        return out
+
+
+@dataclass
+class SignedPrekeyRecord:
+    prekey_id: int
+    secret: bytes  # X25519 scalar (signed prekey) or ML-KEM seed (KEM prekeys)
+    sig: bytes
+    created: int
+    replaced: int  # 0 while current; otherwise when it stopped being published
+
+
+@dataclass
+class PrekeyStoreRecord:
+    ed_priv: bytes
+    x_priv: bytes
+    binding_sig: bytes
+    signed: list[SignedPrekeyRecord]
+    last_resort: list[SignedPrekeyRecord]
+    one_time_x25519: list[tuple[int, bytes]]
+    one_time_mlkem: list[SignedPrekeyRecord]
+    replay_cache: dict[int, list[bytes]]
+
+    def to_bytes(self) -> bytes:
+        w = (
+            _header(KIND_PREKEY_STORE)
+            .fixed(self.ed_priv, ED25519_LEN)
+            .fixed(self.x_priv, X25519_LEN)
+            .fixed(self.binding_sig, SIG_LEN)
+        )
+        _write_signed(w, self.signed, X25519_LEN)
+        _write_signed(w, self.last_resort, MLKEM_SEED_LEN)
+        w.u32(len(self.one_time_x25519))
+        for pid, secret in self.one_time_x25519:
+            w.u32(pid).fixed(secret, X25519_LEN)
+        _write_signed(w, self.one_time_mlkem, MLKEM_SEED_LEN)
+        w.u32(len(self.replay_cache))
+        for lrk_id, digests in self.replay_cache.items():
+            w.u32(lrk_id).u32(len(digests))
+            for d in digests:
+                w.fixed(d, KEY_LEN)
+        return w.bytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PrekeyStoreRecord:
+        r = Reader(data)
+        _versioned(r, KIND_PREKEY_STORE)
+        ed_priv, x_priv, binding_sig = r.take(ED25519_LEN), r.take(X25519_LEN), r.take(SIG_LEN)
+        signed = _read_signed(r, X25519_LEN)
+        last_resort = _read_signed(r, MLKEM_SEED_LEN)
+        one_time_x = [(_nonzero_id(r.u32()), r.take(X25519_LEN)) for _ in range(r.count())]
+        one_time_kem = _read_signed(r, MLKEM_SEED_LEN)
+        replay: dict[int, list[bytes]] = {}
+        for _ in range(r.count()):
+            lrk_id = r.u32()
+            replay[lrk_id] = [r.take(KEY_LEN) for _ in range(r.count())]
+        r.done()
+        if not signed or not last_resort:
+            raise DecodeError("prekey store lacks a signed or last-resort prekey")
+        return cls(
+            ed_priv, x_priv, binding_sig, signed, last_resort, one_time_x, one_time_kem, replay
+        )
+
+
+def _write_signed(w: Writer, items: list[SignedPrekeyRecord], secret_len: int) -> None:
+    w.u32(len(items))
+    for it in items:
+        w.u32(it.prekey_id).fixed(it.secret, secret_len).fixed(it.sig, SIG_LEN)
+        w.u64(it.created).u64(it.replaced)
+
+
+def _read_signed(r: Reader, secret_len: int) -> list[SignedPrekeyRecord]:
+    return [
+        SignedPrekeyRecord(
+            _nonzero_id(r.u32()), r.take(secret_len), r.take(SIG_LEN), r.u64(), r.u64()
+        )
+        for _ in range(r.count())
+    ]
