@@ -1,0 +1,494 @@
+"""The SQLCipher store: one encrypted database per profile, a small synchronous API.
+
+Every public write runs in a transaction; ``with store.transaction():`` groups several writes
+into one (for example the advanced ratchet state and the received message, or the advanced
+sending chain and the outbox blocks), committed together or not at all. Nested
+``transaction()`` blocks join the outermost one.
+
+The store is used from one thread (the daemon's event loop). It is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlcipher3
+
+from .errors import NoProfile, SchemaError, StoreError
+from .schema import MESSAGE_STATUSES, MIGRATIONS, SCHEMA_VERSION
+
+Clock = Callable[[], int]
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+#: Outgoing status order; a status never moves backwards (a read receipt may arrive before the
+#: delivery receipt, and a late "delivered" must not undo "read").
+_OUT_RANK = {"queued": 0, "sent": 1, "delivered": 2, "read": 3, "failed": 4, "expired": 4}
+_IN_RANK = {"received": 0, "read": 1}
+
+
+@dataclass(frozen=True)
+class Contact:
+    id: int
+    name: str
+    identity_key: bytes | None
+    verified: bool
+    blocked: bool
+    state: bytes | None
+    created_at: int
+
+
+@dataclass(frozen=True)
+class Message:
+    seq: int
+    id: str
+    contact_id: int
+    direction: str
+    body: str
+    status: str
+    sent_at: int | None
+    created_at: int
+    status_at: int
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    type: str
+    created_at: int
+    data: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "type": self.type, "time_ms": self.created_at, "data": self.data}
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    message_id: str | None
+    contact_id: int | None
+    destination: bytes
+    block: bytes
+    created_at: int
+    not_before: int
+    attempts: int
+
+
+class Store:
+    """An open, unlocked SQLCipher database."""
+
+    def __init__(self, conn: Any, path: Path, clock: Clock) -> None:
+        self._db = conn
+        self.path = path
+        self._clock = clock
+        self._depth = 0
+
+    # -- opening ------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, path: Path, key: bytes, *, create: bool = False, clock: Clock | None = None
+    ) -> Store:
+        """Open (or, with ``create=True``, create) the database under the raw 32-byte ``key``.
+
+        Brings the schema up to date. Raises NoProfile when the file is missing and
+        ``create`` is false, StoreError when the key does not open the file.
+        """
+        if len(key) != 32:
+            raise ValueError("the database key must be 32 bytes")
+        if not create and not path.exists():
+            raise NoProfile(f"no database in {path.parent}")
+        if create and path.exists():
+            raise StoreError(f"a database already exists in {path.parent}")
+        conn = sqlcipher3.connect(str(path), isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA cipher_log_level = NONE")
+            # A raw key (x'..'): SQLCipher uses it as is, no PBKDF2 of its own; Argon2id
+            # already stands between the passphrase and this key.
+            conn.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
+            try:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            except sqlcipher3.DatabaseError:
+                raise StoreError("the database key does not open the database") from None
+            conn.execute("PRAGMA secure_delete = ON")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA temp_store = MEMORY")  # no plaintext temp files
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            if create:
+                path.chmod(0o600)
+            store = cls(conn, path, clock or _now_ms)
+            store._migrate()
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlcipher3.Error):
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.close()
+            self._db = None
+
+    @property
+    def closed(self) -> bool:
+        return self._db is None
+
+    def _migrate(self) -> None:
+        db = self._db
+        with self.transaction():
+            has_table = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+            ).fetchone()
+            if not has_table:
+                db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+                db.execute("INSERT INTO schema_version (version) VALUES (0)")
+        version = self.schema_version
+        if version > SCHEMA_VERSION:
+            raise SchemaError(
+                f"the database has schema version {version}; this aegisd knows up to "
+                f"{SCHEMA_VERSION}: upgrade AegisLink"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self.transaction():
+                MIGRATIONS[target - 1](db)
+                db.execute("UPDATE schema_version SET version = ?", (target,))
+
+    @property
+    def schema_version(self) -> int:
+        row = self._db.execute("SELECT version FROM schema_version").fetchone()
+        return int(row[0])
+
+    # -- transactions -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group writes: all commit together at the end of the outermost block, or none."""
+        if self._db is None:
+            raise StoreError("the store is closed")
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self._depth = 0
+            if self._db.in_transaction:  # SQLite may already have rolled back
+                self._db.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        self._db.execute("COMMIT")
+
+    def _q(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        if self._db is None:
+            raise StoreError("the store is closed")
+        return self._db.execute(sql, args)
+
+    # -- identity and settings ----------------------------------------------------------
+
+    def get_identity(self) -> bytes | None:
+        """The identity and prekey store, as the opaque blob the core serialised."""
+        row = self._q("SELECT state FROM identity WHERE id = 1").fetchone()
+        return None if row is None else bytes(row[0])
+
+    def put_identity(self, state: bytes) -> None:
+        with self.transaction():
+            self._q(
+                "INSERT INTO identity (id, state, updated_at) VALUES (1, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET state = excluded.state, "
+                "updated_at = excluded.updated_at",
+                (bytes(state), self._clock()),
+            )
+
+    def get_setting(self, name: str, default: Any = None) -> Any:
+        row = self._q("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def set_setting(self, name: str, value: Any) -> None:
+        with self.transaction():
+            self._q(
+                "INSERT INTO settings (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (name, json.dumps(value)),
+            )
+
+    # -- contacts and sessions ----------------------------------------------------------
+
+    @staticmethod
+    def _contact(row: Any) -> Contact:
+        return Contact(
+            id=row[0],
+            name=row[1],
+            identity_key=None if row[2] is None else bytes(row[2]),
+            verified=bool(row[3]),
+            blocked=bool(row[4]),
+            state=None if row[5] is None else bytes(row[5]),
+            created_at=row[6],
+        )
+
+    def add_contact(
+        self, name: str, *, identity_key: bytes | None = None, state: bytes | None = None
+    ) -> Contact:
+        with self.transaction():
+            if self.contact_by_name(name) is not None:
+                raise StoreError("a contact with that name already exists")
+            cur = self._q(
+                "INSERT INTO contacts (name, identity_key, state, created_at) VALUES (?, ?, ?, ?)",
+                (name, identity_key, state, self._clock()),
+            )
+            contact = self.get_contact(int(cur.lastrowid))
+        assert contact is not None
+        return contact
+
+    def get_contact(self, contact_id: int) -> Contact | None:
+        row = self._q(
+            "SELECT id, name, identity_key, verified, blocked, state, created_at "
+            "FROM contacts WHERE id = ?",
+            (contact_id,),
+        ).fetchone()
+        return None if row is None else self._contact(row)
+
+    def contact_by_name(self, name: str) -> Contact | None:
+        row = self._q(
+            "SELECT id, name, identity_key, verified, blocked, state, created_at "
+            "FROM contacts WHERE name = ?",
+            (name,),
+        ).fetchone()
+        return None if row is None else self._contact(row)
+
+    def list_contacts(self) -> list[Contact]:
+        rows = self._q(
+            "SELECT id, name, identity_key, verified, blocked, state, created_at "
+            "FROM contacts ORDER BY name"
+        ).fetchall()
+        return [self._contact(r) for r in rows]
+
+    _CONTACT_FIELDS = frozenset({"name", "identity_key", "verified", "blocked", "state"})
+
+    def update_contact(self, contact_id: int, **fields: Any) -> None:
+        """Set some of: name, identity_key, verified, blocked, state."""
+        unknown = set(fields) - self._CONTACT_FIELDS
+        if unknown:
+            raise ValueError(f"unknown contact field(s): {', '.join(sorted(unknown))}")
+        if not fields:
+            return
+        names = sorted(fields)
+        assignments = ", ".join(f"{n} = ?" for n in names)  # names are from a fixed set
+        with self.transaction():
+            cur = self._q(
+                f"UPDATE contacts SET {assignments} WHERE id = ?",  # noqa: S608
+                (*(fields[n] for n in names), contact_id),
+            )
+            if cur.rowcount != 1:
+                raise StoreError("no such contact")
+
+    def remove_contact(self, contact_id: int) -> None:
+        """Remove a contact with its session, messages and queued blocks."""
+        with self.transaction():
+            self._q("DELETE FROM contacts WHERE id = ?", (contact_id,))
+
+    def get_session(self, contact_id: int) -> bytes | None:
+        row = self._q("SELECT state FROM sessions WHERE contact_id = ?", (contact_id,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def put_session(self, contact_id: int, state: bytes) -> None:
+        with self.transaction():
+            self._q(
+                "INSERT INTO sessions (contact_id, state, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (contact_id) DO UPDATE SET state = excluded.state, "
+                "updated_at = excluded.updated_at",
+                (contact_id, bytes(state), self._clock()),
+            )
+
+    def delete_session(self, contact_id: int) -> None:
+        with self.transaction():
+            self._q("DELETE FROM sessions WHERE contact_id = ?", (contact_id,))
+
+    # -- messages -----------------------------------------------------------------------
+
+    @staticmethod
+    def _message(row: Any) -> Message:
+        return Message(*row)
+
+    def add_message(
+        self,
+        contact_id: int,
+        direction: str,
+        body: str,
+        *,
+        status: str | None = None,
+        message_id: str | None = None,
+        sent_at: int | None = None,
+    ) -> Message:
+        """Store a message; ``message_id`` defaults to a new random id (hex, 128 bits)."""
+        if direction not in ("in", "out"):
+            raise ValueError("direction must be 'in' or 'out'")
+        status = status or ("queued" if direction == "out" else "received")
+        ranks = _OUT_RANK if direction == "out" else _IN_RANK
+        if status not in ranks:
+            raise ValueError(f"status {status!r} does not apply to direction {direction!r}")
+        mid = message_id or secrets.token_hex(16)
+        now = self._clock()
+        with self.transaction():
+            self._q(
+                "INSERT INTO messages (id, contact_id, direction, body, status, sent_at, "
+                "created_at, status_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (mid, contact_id, direction, body, status, sent_at, now, now),
+            )
+            msg = self.get_message(mid)
+        assert msg is not None
+        return msg
+
+    def get_message(self, message_id: str) -> Message | None:
+        row = self._q(
+            "SELECT seq, id, contact_id, direction, body, status, sent_at, created_at, status_at "
+            "FROM messages WHERE id = ?",
+            (message_id,),
+        ).fetchone()
+        return None if row is None else self._message(row)
+
+    def set_message_status(self, message_id: str, status: str) -> bool:
+        """Advance a message's status. Returns False (and changes nothing) when the message
+        already has this status or a later one, so duplicate receipts are harmless."""
+        if status not in MESSAGE_STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        with self.transaction():
+            msg = self.get_message(message_id)
+            if msg is None:
+                raise StoreError("no such message")
+            ranks = _OUT_RANK if msg.direction == "out" else _IN_RANK
+            if status not in ranks:
+                raise ValueError(f"status {status!r} does not apply to this message")
+            if ranks[status] <= ranks[msg.status]:
+                return False
+            self._q(
+                "UPDATE messages SET status = ?, status_at = ? WHERE id = ?",
+                (status, self._clock(), message_id),
+            )
+        return True
+
+    def history(
+        self, contact_id: int, *, before_seq: int | None = None, limit: int = 50
+    ) -> list[Message]:
+        """Up to ``limit`` messages with the contact, newest last, older than ``before_seq``."""
+        rows = self._q(
+            "SELECT seq, id, contact_id, direction, body, status, sent_at, created_at, status_at "
+            "FROM messages WHERE contact_id = ? AND seq < ? "
+            "ORDER BY seq DESC LIMIT ?",
+            (contact_id, before_seq if before_seq is not None else 2**62, limit),
+        ).fetchall()
+        return [self._message(r) for r in reversed(rows)]
+
+    def delete_message(self, message_id: str) -> bool:
+        with self.transaction():
+            cur = self._q("DELETE FROM messages WHERE id = ?", (message_id,))
+        return bool(cur.rowcount)
+
+    def delete_conversation(self, contact_id: int) -> int:
+        with self.transaction():
+            cur = self._q("DELETE FROM messages WHERE contact_id = ?", (contact_id,))
+        return int(cur.rowcount)
+
+    # -- events -------------------------------------------------------------------------
+
+    def append_event(self, type: str, data: dict[str, Any]) -> Event:
+        """Persist an event; its sequence number is strictly greater than every earlier one,
+        deleted ones included (AUTOINCREMENT)."""
+        payload = json.dumps(data, separators=(",", ":"))
+        now = self._clock()
+        with self.transaction():
+            cur = self._q(
+                "INSERT INTO events (type, created_at, data) VALUES (?, ?, ?)",
+                (type, now, payload),
+            )
+        return Event(seq=int(cur.lastrowid), type=type, created_at=now, data=data)
+
+    def events_after(self, seq: int, *, limit: int = 256) -> list[Event]:
+        rows = self._q(
+            "SELECT seq, type, created_at, data FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        ).fetchall()
+        return [Event(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+
+    def last_event_seq(self) -> int:
+        """The highest sequence number ever given (0 if none), even if that event was pruned."""
+        row = self._q("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def first_event_seq(self) -> int | None:
+        row = self._q("SELECT min(seq) FROM events").fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def prune_events(self, keep_after_seq: int) -> int:
+        """Delete events with seq <= keep_after_seq; returns how many went."""
+        with self.transaction():
+            cur = self._q("DELETE FROM events WHERE seq <= ?", (keep_after_seq,))
+        return int(cur.rowcount)
+
+    # -- outbox -------------------------------------------------------------------------
+
+    def enqueue_blocks(
+        self,
+        destination: bytes,
+        blocks: list[bytes],
+        *,
+        message_id: str | None = None,
+        contact_id: int | None = None,
+        not_before: int = 0,
+    ) -> list[int]:
+        """Store the exact ciphertext blocks to deposit, before the first attempt. Call this
+        in the same transaction as the session update that produced them."""
+        now = self._clock()
+        ids = []
+        with self.transaction():
+            for block in blocks:
+                cur = self._q(
+                    "INSERT INTO outbox (message_id, contact_id, destination, block, "
+                    "created_at, not_before) VALUES (?, ?, ?, ?, ?, ?)",
+                    (message_id, contact_id, bytes(destination), bytes(block), now, not_before),
+                )
+                ids.append(int(cur.lastrowid))
+        return ids
+
+    def pending_blocks(self, *, now: int | None = None, limit: int = 100) -> list[OutboxItem]:
+        """Blocks due for deposit (not_before <= now), oldest first."""
+        rows = self._q(
+            "SELECT id, message_id, contact_id, destination, block, created_at, not_before, "
+            "attempts FROM outbox WHERE not_before <= ? ORDER BY id LIMIT ?",
+            (self._clock() if now is None else now, limit),
+        ).fetchall()
+        return [
+            OutboxItem(r[0], r[1], r[2], bytes(r[3]), bytes(r[4]), r[5], r[6], r[7]) for r in rows
+        ]
+
+    def block_attempted(self, item_id: int, *, retry_at: int) -> None:
+        with self.transaction():
+            self._q(
+                "UPDATE outbox SET attempts = attempts + 1, not_before = ? WHERE id = ?",
+                (retry_at, item_id),
+            )
+
+    def block_deposited(self, item_id: int) -> None:
+        """The relay acknowledged the block: forget it."""
+        with self.transaction():
+            self._q("DELETE FROM outbox WHERE id = ?", (item_id,))
+
+    def outbox_size(self) -> int:
+        return int(self._q("SELECT count(*) FROM outbox").fetchone()[0])

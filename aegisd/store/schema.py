@@ -1,0 +1,94 @@
+"""The database schema, as an ordered list of migrations.
+
+``MIGRATIONS[i]`` takes a database at schema version ``i`` to version ``i + 1``. A new schema
+change is a new function appended to the list, never an edit of an old one. Each migration
+runs in the same transaction as the update of ``schema_version``, so a crash mid-migration
+leaves the database at the old version.
+
+Protocol state (identity, prekeys, ratchet sessions, mailbox descriptors) is stored as opaque
+blobs: the store does not know their format, the protocol core does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+Migration = Callable[[Any], None]
+
+#: Outgoing: queued -> sent -> delivered -> read, or failed / expired (at the relay,
+#: undelivered). Incoming: received -> read.
+MESSAGE_STATUSES = ("queued", "sent", "delivered", "read", "failed", "expired", "received")
+
+
+def _run(db: Any, script: str) -> None:
+    # Not executescript(): it COMMITs the open transaction first, and a migration must commit
+    # together with its schema_version update. The scripts here hold no ';' inside literals.
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _v0_to_v1(db: Any) -> None:
+    statuses = ", ".join(f"'{s}'" for s in MESSAGE_STATUSES)
+    _run(
+        db,
+        f"""
+        CREATE TABLE identity (
+            id          INTEGER PRIMARY KEY CHECK (id = 1),
+            state       BLOB NOT NULL,          -- identity + prekey store, opaque
+            updated_at  INTEGER NOT NULL
+        );
+        CREATE TABLE settings (
+            name        TEXT PRIMARY KEY,
+            value       TEXT NOT NULL           -- JSON
+        ) WITHOUT ROWID;
+        CREATE TABLE contacts (
+            id           INTEGER PRIMARY KEY,
+            name         TEXT NOT NULL UNIQUE,
+            identity_key BLOB,                  -- public identity key, opaque
+            verified     INTEGER NOT NULL DEFAULT 0,
+            blocked      INTEGER NOT NULL DEFAULT 0,
+            state        BLOB,                  -- mailboxes etc., opaque
+            created_at   INTEGER NOT NULL
+        );
+        CREATE TABLE sessions (
+            contact_id  INTEGER PRIMARY KEY REFERENCES contacts(id) ON DELETE CASCADE,
+            state       BLOB NOT NULL,          -- ratchet state, opaque
+            updated_at  INTEGER NOT NULL
+        );
+        CREATE TABLE messages (
+            seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+            id          TEXT NOT NULL UNIQUE,   -- stable message id given to clients
+            contact_id  INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+            direction   TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+            body        TEXT NOT NULL,
+            status      TEXT NOT NULL CHECK (status IN ({statuses})),
+            sent_at     INTEGER,                -- sender's clock, incoming only
+            created_at  INTEGER NOT NULL,
+            status_at   INTEGER NOT NULL
+        );
+        CREATE INDEX messages_by_contact ON messages (contact_id, seq);
+        CREATE TABLE events (
+            seq         INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused
+            type        TEXT NOT NULL,
+            created_at  INTEGER NOT NULL,
+            data        TEXT NOT NULL           -- JSON object
+        );
+        CREATE TABLE outbox (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            message_id  TEXT REFERENCES messages(id) ON DELETE SET NULL,
+            contact_id  INTEGER REFERENCES contacts(id) ON DELETE CASCADE,
+            destination BLOB NOT NULL,          -- mailbox descriptor, opaque
+            block       BLOB NOT NULL,          -- the exact ciphertext block to deposit
+            created_at  INTEGER NOT NULL,
+            not_before  INTEGER NOT NULL DEFAULT 0,
+            attempts    INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX outbox_due ON outbox (not_before, id);
+        """,
+    )
+
+
+MIGRATIONS: list[Migration] = [_v0_to_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
