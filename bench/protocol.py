@@ -140,7 +140,7 @@ PINGPONG_NEEDS = {
 HANDSHAKE_NEEDS = {
     # initiator: bundle check, PQXDH, ratchet init, first message, seal
     # responder: PQXDH, unseal, identity check, ratchet step (receive + own sending step)
-    "Ed25519 load+verify": 4,  # bundle: binding, signed prekey, one-time KEM; sender binding
+    "Ed25519 load+verify": 5,  # bundle: binding, SPK, last-resort, one-time KEM; sender
     "X25519 keygen+encode": 3,  # EK_A, Alice's ratchet key, Bob's ratchet key
     "X25519 load+DH": 11,  # DH1-4 on both sides, Alice's first ratchet DH, Bob's two
     "ML-KEM-768 keygen+encode": 2,  # Alice's ratchet KEM key, Bob's ratchet KEM key

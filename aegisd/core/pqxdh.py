@@ -57,21 +57,20 @@ def verify_bundle(
     identity = PublicIdentity.from_record(b.identity)
     if expected is not None and not identity.same_keys(expected):
         raise BundleError("bundle identity does not match the expected identity")
-    if not identity.verify(
-        b.spk_sig,
-        wire.prekey_signature_message(
-            wire.KIND_BUNDLE_BASE, b.spk_id, wire.encode_x25519(b.spk_pub)
-        ),
-    ):
-        raise BundleError("signed prekey signature does not verify")
-    pqpk_id, pqpk_ek, pqpk_sig, kind = b.lrk_id, b.lrk_ek, b.lrk_sig, wire.KIND_BUNDLE_BASE
+    # Every signature in the bundle is checked, including the last-resort key's when a
+    # one-time KEM key is used instead: a bundle is valid as a whole or not at all.
+    signed = [
+        (b.spk_sig, wire.KIND_BUNDLE_BASE, b.spk_id, wire.encode_x25519(b.spk_pub)),
+        (b.lrk_sig, wire.KIND_BUNDLE_BASE, b.lrk_id, wire.encode_mlkem(b.lrk_ek)),
+    ]
+    pqpk_id, pqpk_ek = b.lrk_id, b.lrk_ek
     if one_time_mlkem is not None:
         otk = wire.OneTimeMlkem.from_bytes(one_time_mlkem)
-        pqpk_id, pqpk_ek, pqpk_sig, kind = otk.prekey_id, otk.ek, otk.sig, wire.KIND_ONE_TIME_MLKEM
-    if not identity.verify(
-        pqpk_sig, wire.prekey_signature_message(kind, pqpk_id, wire.encode_mlkem(pqpk_ek))
-    ):
-        raise BundleError("ML-KEM prekey signature does not verify")
+        pqpk_id, pqpk_ek = otk.prekey_id, otk.ek
+        signed.append((otk.sig, wire.KIND_ONE_TIME_MLKEM, otk.prekey_id, wire.encode_mlkem(otk.ek)))
+    for sig, kind, prekey_id, encoded in signed:
+        if not identity.verify(sig, wire.prekey_signature_message(kind, prekey_id, encoded)):
+            raise BundleError("prekey signature does not verify")
     opk_id, opk_pub = 0, None
     if one_time_x25519 is not None:
         opk = wire.OneTimeX25519.from_bytes(one_time_x25519)

@@ -170,15 +170,25 @@ class Ratchet:
         nonce, header_ct = enc_header[: wire.NONCE_LEN], enc_header[wire.NONCE_LEN :]
         body_ad = ad + enc_header
 
+        # The current receiving chain first (the common case), then older chains' skipped keys,
+        # then the next header key (a new chain). Header keys are unique per chain, so the order
+        # changes cost, not outcome.
+        hk_recv = self.hk_recv
+        if hk_recv is not None and self._hkr_cipher is not None:
+            pt = p.open_with(self._hkr_cipher, nonce, header_ct, ad)
+            if pt is not None:
+                header = _parse_header(pt)
+                keys = self.skipped.get(hk_recv)
+                if keys is not None and header.n in keys:
+                    return self._receive_skipped(hk_recv, keys, header.n, body, body_ad)
+                return self._receive_in_chain(header, body, body_ad)
+
         for hk, keys in self.skipped.items():
+            if hk == hk_recv:
+                continue
             pt = p.open_with(p.aead(hk), nonce, header_ct, ad)
             if pt is not None:
                 return self._receive_skipped(hk, keys, _parse_header(pt).n, body, body_ad)
-
-        if self._hkr_cipher is not None:
-            pt = p.open_with(self._hkr_cipher, nonce, header_ct, ad)
-            if pt is not None:
-                return self._receive_in_chain(_parse_header(pt), body, body_ad)
 
         if self.nhk_recv is not None:
             pt = p.open_with(p.aead(self.nhk_recv), nonce, header_ct, ad)

@@ -1,0 +1,100 @@
+"""Identities, safety numbers, addresses, prekey generation, rotation and persistence."""
+
+from __future__ import annotations
+
+import pytest
+
+from aegisd.core import pqxdh, wire
+from aegisd.core.errors import BundleError, DecodeError
+from aegisd.core.identity import (
+    ADDRESS_LEN,
+    IdentityKeyPair,
+    PublicIdentity,
+    format_safety_number,
+    new_address,
+    safety_number,
+)
+from aegisd.core.prekeys import RETIREMENT_GRACE, ROTATION_PERIOD, PrekeyStore
+from aegisd.core.primitives import SystemEntropy
+from tests.support.entropy import DeterministicEntropy
+from tests.support.parties import NOW
+
+E = SystemEntropy()
+
+
+def test_identity_keys_are_independent_and_bound() -> None:
+    ident = IdentityKeyPair.generate(DeterministicEntropy(b"seed"))
+    pub = ident.public
+    assert pub.ed_pub != pub.x_pub
+    assert PublicIdentity.from_bytes(pub.to_bytes()) == pub
+    other = IdentityKeyPair.generate(E).public
+    # Pairing someone else's X25519 key with this Ed25519 key fails the binding signature.
+    spliced = wire.IdentityRecord(pub.ed_pub, other.x_pub, pub.binding_sig)
+    with pytest.raises(BundleError):
+        PublicIdentity.from_record(spliced)
+    assert "private" in repr(ident) and pub.ed_pub.hex() not in repr(ident)
+
+
+def test_safety_number_symmetric_and_covers_all_four_keys() -> None:
+    a, b = IdentityKeyPair.generate(E).public, IdentityKeyPair.generate(E).public
+    number = safety_number(a, b)
+    assert number == safety_number(b, a)
+    assert len(number) == 60 and number.isdigit()
+    c = IdentityKeyPair.generate(E).public
+    variants = [
+        PublicIdentity(c.ed_pub, a.x_pub, a.binding_sig),  # other Ed25519 key
+        PublicIdentity(a.ed_pub, c.x_pub, a.binding_sig),  # other X25519 key
+    ]
+    for v in variants:
+        assert safety_number(v, b) != number
+        assert safety_number(a, PublicIdentity(v.ed_pub, v.x_pub, v.binding_sig)) != number
+    formatted = format_safety_number(number)
+    assert formatted.replace(" ", "").replace("\n", "") == number
+    assert len(formatted.splitlines()) == 3
+    with pytest.raises(DecodeError):
+        format_safety_number("123")
+
+
+def test_address_is_random_and_unrelated_to_keys() -> None:
+    a1, a2 = new_address(E), new_address(E)
+    assert len(a1) == ADDRESS_LEN and a1 != a2
+    d = DeterministicEntropy(b"x")
+    ident = IdentityKeyPair.generate(d)
+    address = new_address(d)
+    assert address not in ident.public.to_bytes()
+
+
+def test_one_time_prekeys_are_signed_and_unique() -> None:
+    ident = IdentityKeyPair.generate(E)
+    store = PrekeyStore.create(E, ident, NOW)
+    xs, kems = store.generate_one_time(E, 20)
+    ids = {x.prekey_id for x in xs} | {k.prekey_id for k in kems}
+    assert len(ids) == 40 and 0 not in ids
+    base = store.bundle_base().to_bytes()
+    for x, k in zip(xs, kems, strict=True):
+        b = pqxdh.verify_bundle(base, x.to_bytes(), k.to_bytes(), ident.public)
+        assert b.pqpk_one_time and b.opk_id == x.prekey_id and b.pqpk_id == k.prekey_id
+
+
+def test_rotation_and_retirement() -> None:
+    ident = IdentityKeyPair.generate(E)
+    store = PrekeyStore.create(E, ident, NOW)
+    spk, lrk = store.current_signed().prekey_id, store.current_last_resort().prekey_id
+    assert not store.rotate(E, NOW + ROTATION_PERIOD - 1)
+    assert store.rotate(E, NOW + ROTATION_PERIOD)
+    assert store.current_signed().prekey_id != spk
+    assert store.current_last_resort().prekey_id != lrk
+    assert spk in store.signed and lrk in store.last_resort  # grace period
+    store.rotate(E, NOW + ROTATION_PERIOD + RETIREMENT_GRACE)
+    assert spk not in store.signed and lrk not in store.last_resort
+
+
+def test_store_round_trip() -> None:
+    ident = IdentityKeyPair.generate(E)
+    store = PrekeyStore.create(E, ident, NOW)
+    store.generate_one_time(E, 3)
+    data = store.to_bytes()
+    again = PrekeyStore.from_bytes(data)
+    assert again.to_bytes() == data
+    assert again.identity.public == ident.public
+    assert ident.raw_private()[0].hex() not in repr(again)
