@@ -1,0 +1,829 @@
+"""The relay: an aiohttp application serving the frames of relay/wire.py over one WebSocket.
+
+Nothing here logs or prints an address, a port, an ID, a time or a count. Log lines are fixed
+strings; exceptions are reduced to their type name; clients only ever see error codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import math
+import os
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from nacl.exceptions import BadSignatureError, CryptoError
+from nacl.public import Box, PrivateKey, PublicKey, SealedBox
+from nacl.signing import VerifyKey
+
+from . import pow as pow_
+from . import wire
+from .config import Config
+from .storage import (
+    MailboxRow,
+    SQLiteStorage,
+    Storage,
+    StorageError,
+    blob_key,
+    deposit_key,
+    owner_key,
+)
+
+log = logging.getLogger("aegis.relay")
+
+RELAY_KEY: web.AppKey[Relay] = web.AppKey("relay")
+_DUMMY_VERIFY = VerifyKey(bytes.fromhex(
+    "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"))
+_DUMMY_HASH = bytes(32)
+_CLOSE_PROTOCOL = 1002
+_CLOSE_POLICY = 1008
+_CLOSE_GOING_AWAY = 1001
+
+
+class Denied(wire.FrameError):
+    def __init__(self) -> None:
+        super().__init__(wire.E_DENIED)
+
+
+class TokenBucket:
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+def _ct_member(candidate: bytes, hashes: tuple[bytes, ...]) -> bool:
+    """Constant-time membership: compares against every entry, whatever matches."""
+    found = False
+    for h in hashes:
+        found |= hmac.compare_digest(candidate, h)
+    if not hashes:
+        hmac.compare_digest(candidate, _DUMMY_HASH)
+    return found
+
+
+class MailboxState:
+    """The in-memory view of one mailbox (rebuilt from storage when needed)."""
+
+    __slots__ = ("box", "bundle_bucket", "deleted", "deposit_bucket", "dkey", "id", "okey",
+                 "public", "queued", "sub", "tokens", "verify")
+
+    def __init__(self, row: MailboxRow, cfg: Config, now: float) -> None:
+        self.id = row.id
+        self.okey = row.owner_key
+        self.dkey = row.deposit_key
+        self.verify = VerifyKey(row.sig_pub)
+        self.box = Box(PrivateKey(row.box_secret), PublicKey(row.owner_box_pub))
+        self.public = row.public
+        self.tokens = row.tokens
+        self.queued = row.queued
+        self.deposit_bucket = TokenBucket(cfg.deposit_rate, cfg.deposit_burst, now)
+        self.bundle_bucket = TokenBucket(cfg.bundle_fetch_rate, cfg.bundle_fetch_burst, now)
+        self.sub: Subscription | None = None
+        self.deleted = False
+
+
+class Subscription:
+    __slots__ = ("active", "again", "backlog", "conn", "gen", "last", "mb", "owner_id",
+                 "pumping")
+
+    def __init__(self, conn: Connection, mb: MailboxState, owner_id: bytes) -> None:
+        self.conn = conn
+        self.mb = mb
+        self.owner_id = owner_id
+        self.last = 0
+        self.backlog = True
+        self.gen = 0
+        self.pumping = False
+        self.again = False
+        self.active = True
+
+
+class Relay:
+    """Process-wide state: configuration, storage, the mailbox cache, connections."""
+
+    def __init__(self, cfg: Config, storage: Storage | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.storage: Storage = storage or SQLiteStorage(cfg.data_dir, cfg.max_batch)
+        self.clock = clock
+        self.by_okey: dict[bytes, MailboxState] = {}
+        self.by_dkey: dict[bytes, MailboxState] = {}
+        self.by_id: dict[int, MailboxState] = {}
+        self._loading: dict[bytes, asyncio.Future[MailboxState | None]] = {}
+        self.cache_max = 100_000
+        self.mailboxes = 0
+        self.blob_blocks = 0
+        self.connections: set[Connection] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.closing = False
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.storage.open()
+        self.mailboxes = await self.storage.mailbox_count()
+        self.blob_blocks = await self.storage.blob_count()
+        self.spawn(self._maintenance())
+
+    async def stop(self) -> None:
+        self.closing = True
+        for conn in list(self.connections):
+            await conn.close(_CLOSE_GOING_AWAY)
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        await self.storage.close()
+
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _maintenance(self) -> None:
+        next_sweep = next_ckpt = time.monotonic()
+        while True:
+            now = time.monotonic()
+            try:
+                if now >= next_sweep:
+                    await self.sweep()
+                    next_sweep = now + self.cfg.sweep_interval
+                if now >= next_ckpt:
+                    await self.storage.checkpoint()
+                    next_ckpt = now + self.cfg.checkpoint_interval
+            except StorageError as exc:
+                log.warning("maintenance failed: %s", exc)
+            await asyncio.sleep(max(0.05, min(next_sweep, next_ckpt) - time.monotonic()))
+
+    async def sweep(self) -> None:
+        """Delete expired blocks and blobs."""
+        counts = await self.storage.expire(int(self.clock()))
+        for mailbox, n in counts.items():
+            mb = self.by_id.get(mailbox)
+            if mb is not None:
+                mb.queued = max(0, mb.queued - n)
+        self.blob_blocks = await self.storage.blob_count()
+
+    def expiry(self) -> int:
+        """A coarse expiry: now + ttl rounded up to the granularity (hides arrival times)."""
+        g = max(1, self.cfg.expiry_granularity)
+        return int(math.ceil((self.clock() + self.cfg.message_ttl) / g) * g)
+
+    # --- the mailbox cache -----------------------------------------------------------------------
+
+    async def mailbox(self, *, okey: bytes | None = None,
+                      dkey: bytes | None = None) -> MailboxState | None:
+        key = okey if okey is not None else dkey
+        assert key is not None
+        table = self.by_okey if okey is not None else self.by_dkey
+        mb = table.get(key)
+        if mb is not None:
+            return mb
+        pending = self._loading.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[MailboxState | None] = asyncio.get_running_loop().create_future()
+        self._loading[key] = fut
+        try:
+            row = await self.storage.load_mailbox(okey=okey, dkey=dkey)
+            mb = None
+            if row is not None:
+                mb = self.by_id.get(row.id)
+                if mb is None:
+                    mb = MailboxState(row, self.cfg, time.monotonic())
+                    self._cache(mb)
+            fut.set_result(mb)
+            return mb
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved
+            raise
+        finally:
+            del self._loading[key]
+
+    def _cache(self, mb: MailboxState) -> None:
+        if len(self.by_id) >= self.cache_max:
+            for old in list(self.by_id.values())[:64]:
+                if old.sub is None:
+                    self._uncache(old)
+        self.by_okey[mb.okey] = mb
+        self.by_dkey[mb.dkey] = mb
+        self.by_id[mb.id] = mb
+
+    def _uncache(self, mb: MailboxState) -> None:
+        self.by_okey.pop(mb.okey, None)
+        self.by_dkey.pop(mb.dkey, None)
+        self.by_id.pop(mb.id, None)
+
+    # --- delivery --------------------------------------------------------------------------------
+
+    def stored(self, mb: MailboxState, rowid: int, sealed: bytes) -> None:
+        """A block was durably queued: push it at once to a subscriber with room in its window."""
+        sub = mb.sub
+        if sub is None or not sub.active:
+            return
+        sub.gen += 1
+        conn = sub.conn
+        if (not sub.backlog and not sub.pumping and rowid > sub.last
+                and conn.outstanding(mb.id) < self.cfg.window):
+            sub.last = rowid
+            conn.push(sub.owner_id, mb, rowid, sealed, 0)
+        else:
+            sub.backlog = True
+            if not sub.pumping:
+                self.spawn(self.pump(sub))
+
+    async def pump(self, sub: Subscription) -> None:
+        """Send queued blocks to a subscriber until its window is full or the queue is drained."""
+        if sub.pumping:
+            sub.again = True
+            return
+        sub.pumping = True
+        conn, mb = sub.conn, sub.mb
+        try:
+            while sub.active and (sub.backlog or sub.again):
+                sub.again = False
+                out = conn.out_rows.get(mb.id, set())
+                room = self.cfg.window - len(out)
+                if room <= 0:
+                    break
+                gen = sub.gen
+                limit = room + len(out)
+                rows = await self.storage.queued(mb.id, sub.last, limit)
+                if not sub.active:
+                    break
+                out = conn.out_rows.get(mb.id, set())
+                fresh = [r for r in rows if r[0] not in out]
+                room = self.cfg.window - len(out)
+                for rowid, sealed in fresh[:room]:
+                    conn.push(sub.owner_id, mb, rowid, sealed, 0)
+                    sub.last = max(sub.last, rowid)
+                if len(rows) < limit and len(fresh) <= room and sub.gen == gen:
+                    sub.backlog = False
+        except StorageError as exc:
+            log.warning("delivery failed: %s", exc)
+        finally:
+            sub.pumping = False
+
+    def end_subscription(self, sub: Subscription, notify: bool) -> None:
+        sub.active = False
+        if sub.mb.sub is sub:
+            sub.mb.sub = None
+        sub.conn.subs.pop(sub.mb.id, None)
+        if notify:
+            sub.conn.send(wire.encode(wire.END, 0, sub.owner_id))
+
+
+class Connection:
+    """One WebSocket client: handshake, request dispatch, outgoing queue, its deliveries."""
+
+    def __init__(self, relay: Relay, ws: web.WebSocketResponse) -> None:
+        self.relay = relay
+        self.cfg = relay.cfg
+        self.ws = ws
+        self.challenge = os.urandom(wire.CHALLENGE_LEN)
+        self.hello = False
+        self.delivered: dict[bytes, tuple[MailboxState, int]] = {}
+        self.out_rows: dict[int, set[int]] = {}
+        self.subs: dict[int, Subscription] = {}
+        self.created = 0
+        self.bundle_fetches = 0
+        self.pow_seen: set[bytes] = set()
+        self.blob_quota = 0
+        self._out: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
+        self._sem = asyncio.Semaphore(self.cfg.max_inflight)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._frames = TokenBucket(self.cfg.frame_rate, self.cfg.frame_burst, time.monotonic())
+        self._closed = False
+
+    # --- output ----------------------------------------------------------------------------------
+
+    def send(self, frame: bytes, close_code: int = 0) -> None:
+        if not self._closed:
+            self._out.put_nowait((frame, close_code))
+            if close_code:
+                self._closed = True
+
+    def error(self, rid: int, code: int) -> None:
+        fatal = code in wire.FATAL_ERRORS
+        self.send(wire.error_frame(rid, code), _CLOSE_PROTOCOL if fatal else 0)
+
+    async def _writer(self) -> None:
+        while True:
+            frame, close_code = await self._out.get()
+            try:
+                if frame:
+                    await self.ws.send_bytes(frame)
+                if close_code:
+                    await self.ws.close(code=close_code)
+                    return
+            except (TimeoutError, ConnectionError, RuntimeError):
+                return
+
+    async def close(self, code: int) -> None:
+        self.send(b"", code)
+
+    def outstanding(self, mailbox: int) -> int:
+        rows = self.out_rows.get(mailbox)
+        return len(rows) if rows else 0
+
+    def push(self, owner_id: bytes, mb: MailboxState, rowid: int, sealed: bytes, rid: int) -> None:
+        msg_id = os.urandom(wire.ID_LEN)
+        self.delivered[msg_id] = (mb, rowid)
+        self.out_rows.setdefault(mb.id, set()).add(rowid)
+        self.send(wire.encode(wire.MSG, rid, owner_id + msg_id + sealed))
+
+    # --- the read loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        writer = asyncio.ensure_future(self._writer())
+        try:
+            await self._read_loop()
+        finally:
+            for sub in list(self.subs.values()):
+                self.relay.end_subscription(sub, notify=False)
+            for task in list(self._tasks):
+                task.cancel()
+            if not writer.done():
+                # Let queued frames (an error before a close) go out, then stop.
+                self.send(b"", _CLOSE_GOING_AWAY)
+                try:
+                    await asyncio.wait_for(writer, 5)
+                except (TimeoutError, asyncio.CancelledError):
+                    writer.cancel()
+            self.delivered.clear()
+            self.out_rows.clear()
+
+    async def _read_loop(self) -> None:
+        ws = self.ws
+        while not self._closed:
+            if not self.hello:
+                timeout: float | None = self.cfg.handshake_timeout
+            else:
+                timeout = None if self.subs else self.cfg.idle_timeout
+            try:
+                msg = await ws.receive(timeout=timeout)
+            except TimeoutError:
+                self.error(0, wire.E_TIMEOUT)
+                return
+            if msg.type == WSMsgType.BINARY:
+                await self._frame(msg.data)
+            elif msg.type == WSMsgType.TEXT:
+                self.error(0, wire.E_BAD_FRAME)
+                return
+            else:  # CLOSE, CLOSING, CLOSED, or ERROR (oversized: aiohttp closes with 1009)
+                return
+
+    async def _frame(self, data: bytes) -> None:
+        rid = 0
+        try:
+            frame = wire.decode(data)
+            rid = frame.rid
+            if frame.type not in wire.CLIENT_TYPES:
+                raise wire.FrameError(wire.E_UNKNOWN_TYPE)
+            if not self.hello:
+                if frame.type != wire.HELLO:
+                    raise wire.FrameError(wire.E_OUT_OF_ORDER)
+                if frame.body:
+                    raise wire.FrameError(wire.E_BAD_FRAME)
+                self.hello = True
+                self.send(wire.encode(wire.HELLO_OK, rid, self._hello_ok().encode_body()))
+                return
+            if frame.type == wire.HELLO:
+                raise wire.FrameError(wire.E_OUT_OF_ORDER)
+            if not self._frames.take(time.monotonic()):
+                raise wire.FrameError(wire.E_RATE_LIMITED)
+        except wire.FrameError as exc:
+            self.error(rid, exc.code)
+            return
+        await self._sem.acquire()
+        task = asyncio.ensure_future(self._handle(frame))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        self._sem.release()
+
+    def _hello_ok(self) -> wire.HelloOk:
+        c = self.cfg
+        return wire.HelloOk(self.challenge, wire.BLOCK_SIZE, c.max_frame, c.pow_deposit_bits,
+                            c.pow_bundle_bits, c.pow_blob_bits, c.message_ttl, c.window,
+                            c.max_inflight)
+
+    async def _handle(self, frame: wire.Frame) -> None:
+        handler = _HANDLERS[frame.type]
+        try:
+            await handler(self, frame)
+        except wire.FrameError as exc:
+            self.error(frame.rid, exc.code)
+        except StorageError as exc:
+            log.warning("storage error: %s", exc)
+            self.error(frame.rid, wire.E_INTERNAL)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never a crash, never a trace to the client
+            log.error("internal error: %s", type(exc).__name__)
+            self.error(frame.rid, wire.E_INTERNAL)
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def ok(self, rid: int, body: bytes = b"") -> None:
+        self.send(wire.encode(wire.OK, rid, body))
+
+    def _check_pow(self, bits: int, purpose: int, target: bytes, payload_hash: bytes,
+                   nonce: bytes) -> None:
+        if bits <= 0:
+            return
+        if not pow_.check(bits, self.challenge, purpose, target, payload_hash, nonce):
+            raise wire.FrameError(wire.E_BAD_POW)
+        seen = bytes([purpose]) + target + payload_hash[:8] + nonce
+        if seen in self.pow_seen:
+            raise wire.FrameError(wire.E_BAD_POW)
+        if len(self.pow_seen) >= self.cfg.pow_per_connection:
+            raise wire.FrameError(wire.E_LIMIT)
+        self.pow_seen.add(seen)
+
+    async def owner(self, frame: wire.Frame, min_args: int,
+                    max_args: int) -> tuple[MailboxState, bytes, bytes]:
+        """Authorise an owner command; a missing mailbox and a bad signature look the same."""
+        owner_id, args, sig = wire.split_signed(frame.body, min_args, max_args)
+        mb = await self.relay.mailbox(okey=owner_key(owner_id))
+        signed = wire.auth_message(self.challenge,
+                                   wire.encode(frame.type, frame.rid, frame.body[:-wire.SIG_LEN]))
+        verify = mb.verify if mb is not None and not mb.deleted else _DUMMY_VERIFY
+        try:
+            verify.verify(signed, sig)
+        except (BadSignatureError, ValueError, CryptoError):
+            raise Denied() from None
+        if mb is None or mb.deleted:
+            raise Denied()
+        return mb, owner_id, args
+
+
+# --- handlers ------------------------------------------------------------------------------------
+
+Handler = Callable[[Connection, wire.Frame], Awaitable[None]]
+
+
+async def h_create(c: Connection, f: wire.Frame) -> None:
+    sig_pub, box_pub, flags, sig = wire.parse_create(f.body)
+    try:
+        VerifyKey(sig_pub).verify(
+            wire.auth_message(c.challenge, wire.encode(f.type, f.rid, f.body[:-wire.SIG_LEN])),
+            sig)
+        secret = PrivateKey.generate()
+        Box(secret, PublicKey(box_pub))  # rejects keys NaCl cannot use
+    except (BadSignatureError, ValueError, CryptoError):
+        raise wire.FrameError(wire.E_DENIED) from None
+    relay = c.relay
+    if c.created >= c.cfg.creates_per_connection or relay.mailboxes >= c.cfg.max_mailboxes:
+        raise wire.FrameError(wire.E_LIMIT)
+    c.created += 1
+    relay.mailboxes += 1
+    owner_id, deposit_id = os.urandom(wire.ID_LEN), os.urandom(wire.ID_LEN)
+    try:
+        await relay.storage.create_mailbox(owner_key(owner_id), deposit_key(deposit_id), sig_pub,
+                                           bytes(secret), box_pub, bool(flags & 1))
+    except BaseException:
+        relay.mailboxes -= 1
+        raise
+    c.send(wire.encode(wire.CREATED, f.rid, owner_id + deposit_id + bytes(secret.public_key)))
+
+
+async def h_subscribe(c: Connection, f: wire.Frame) -> None:
+    mb, owner_id, _ = await c.owner(f, 0, 0)
+    relay = c.relay
+    old = mb.sub
+    if old is not None and old.conn is c:
+        c.ok(f.rid)
+        return
+    if len(c.subs) >= c.cfg.subscriptions_per_connection:
+        raise wire.FrameError(wire.E_LIMIT)
+    if old is not None:
+        relay.end_subscription(old, notify=True)
+    sub = Subscription(c, mb, owner_id)
+    mb.sub = sub
+    c.subs[mb.id] = sub
+    c.ok(f.rid)
+    await relay.pump(sub)
+
+
+async def h_unsubscribe(c: Connection, f: wire.Frame) -> None:
+    mb, _, _ = await c.owner(f, 0, 0)
+    sub = c.subs.get(mb.id)
+    if sub is not None:
+        c.relay.end_subscription(sub, notify=False)
+    c.ok(f.rid)
+
+
+async def h_fetch(c: Connection, f: wire.Frame) -> None:
+    mb, owner_id, args = await c.owner(f, 1, 1)
+    out = c.out_rows.get(mb.id, set())
+    want = min(args[0], c.cfg.window - len(out))
+    sent = 0
+    if want > 0:
+        rows = await c.relay.storage.queued(mb.id, 0, want + len(out))
+        out = c.out_rows.get(mb.id, set())
+        for rowid, sealed in [r for r in rows if r[0] not in out][:want]:
+            c.push(owner_id, mb, rowid, sealed, f.rid)
+            sent += 1
+    c.ok(f.rid, struct.pack(">H", sent))
+
+
+async def h_ack(c: Connection, f: wire.Frame) -> None:
+    ids = wire.parse_ack(f.body, c.cfg.window)
+    if len(set(ids)) != len(ids) or any(i not in c.delivered for i in ids):
+        raise wire.FrameError(wire.E_UNKNOWN_MESSAGE)
+    by_mb: dict[int, tuple[MailboxState, list[int]]] = {}
+    for i in ids:
+        mb, rowid = c.delivered.pop(i)
+        by_mb.setdefault(mb.id, (mb, []))[1].append(rowid)
+    try:
+        for mb, rowids in by_mb.values():
+            removed = await c.relay.storage.remove(mb.id, rowids)
+            mb.queued = max(0, mb.queued - removed)
+    finally:
+        for mb, rowids in by_mb.values():
+            rows = c.out_rows.get(mb.id)
+            if rows is not None:
+                rows.difference_update(rowids)
+                if not rows:
+                    del c.out_rows[mb.id]
+    c.ok(f.rid)
+    for mb, _ in by_mb.values():
+        sub = c.subs.get(mb.id)
+        if sub is not None and sub.backlog:
+            await c.relay.pump(sub)
+
+
+async def h_delete(c: Connection, f: wire.Frame) -> None:
+    mb, _, _ = await c.owner(f, 0, 0)
+    relay = c.relay
+    mb.deleted = True
+    if mb.sub is not None:
+        relay.end_subscription(mb.sub, notify=mb.sub.conn is not c)
+    relay._uncache(mb)
+    await relay.storage.delete_mailbox(mb.id)
+    relay.mailboxes = max(0, relay.mailboxes - 1)
+    c.ok(f.rid)
+
+
+async def h_token_add(c: Connection, f: wire.Frame) -> None:
+    mb, _, token_hash = await c.owner(f, wire.HASH_LEN, wire.HASH_LEN)
+    if token_hash not in mb.tokens:
+        if len(mb.tokens) >= c.cfg.tokens_per_mailbox:
+            raise wire.FrameError(wire.E_LIMIT)
+        mb.tokens = (*mb.tokens, token_hash)
+        await c.relay.storage.set_tokens(mb.id, mb.tokens)
+    c.ok(f.rid)
+
+
+async def h_token_del(c: Connection, f: wire.Frame) -> None:
+    mb, _, token_hash = await c.owner(f, wire.HASH_LEN, wire.HASH_LEN)
+    if token_hash in mb.tokens:
+        mb.tokens = tuple(t for t in mb.tokens if t != token_hash)
+        await c.relay.storage.set_tokens(mb.id, mb.tokens)
+    c.ok(f.rid)
+
+
+def _counts(counts: tuple[int, int]) -> bytes:
+    return struct.pack(">HH", *counts)
+
+
+async def h_bundle_base(c: Connection, f: wire.Frame) -> None:
+    mb, _, base = await c.owner(f, 0, wire.MAX_BASE_LEN)
+    await c.relay.storage.set_bundle_base(mb.id, base)
+    c.ok(f.rid)
+
+
+async def h_bundle_add(c: Connection, f: wire.Frame) -> None:
+    mb, _, args = await c.owner(f, 2, c.cfg.max_frame)
+    kind, items = wire.parse_items(args)
+    counts = await c.relay.storage.add_bundle_items(mb.id, kind, items,
+                                                    c.cfg.bundle_items_per_kind)
+    if counts is None:
+        raise wire.FrameError(wire.E_LIMIT)
+    c.send(wire.encode(wire.BUNDLE_COUNT, f.rid, _counts(counts)))
+
+
+async def h_bundle_status(c: Connection, f: wire.Frame) -> None:
+    mb, _, _ = await c.owner(f, 0, 0)
+    counts = await c.relay.storage.bundle_counts(mb.id)
+    c.send(wire.encode(wire.BUNDLE_COUNT, f.rid, _counts(counts)))
+
+
+async def h_bundle_fetch(c: Connection, f: wire.Frame) -> None:
+    body = wire.exact(f.body, wire.ID_LEN + wire.NONCE_LEN)
+    deposit_id, nonce = body[:wire.ID_LEN], body[wire.ID_LEN:]
+    c._check_pow(c.cfg.pow_bundle_bits, wire.POW_BUNDLE, deposit_id, pow_.ZERO_HASH, nonce)
+    if c.bundle_fetches >= c.cfg.bundle_fetches_per_connection:
+        raise wire.FrameError(wire.E_LIMIT)
+    c.bundle_fetches += 1
+    mb = await c.relay.mailbox(dkey=deposit_key(deposit_id))
+    if mb is None or mb.deleted:
+        raise Denied()
+    if not mb.bundle_bucket.take(time.monotonic()):
+        raise wire.FrameError(wire.E_RATE_LIMITED)
+    bundle = await c.relay.storage.take_bundle(mb.id, (wire.ITEM_X25519, wire.ITEM_MLKEM))
+    if bundle is None:
+        raise Denied()
+    c.send(wire.encode(wire.BUNDLE, f.rid, wire.encode_bundle(*bundle)))
+
+
+async def h_deposit(c: Connection, f: wire.Frame) -> None:
+    deposit_id, kind, auth, block = wire.parse_deposit(f.body)
+    if len(block) != wire.BLOCK_SIZE:
+        raise wire.FrameError(wire.E_BAD_BLOCK)
+    if kind == wire.AUTH_POW:
+        c._check_pow(c.cfg.pow_deposit_bits, wire.POW_DEPOSIT, deposit_id,
+                     hashlib.sha256(block).digest(), auth)
+    relay = c.relay
+    mb = await relay.mailbox(dkey=deposit_key(deposit_id))
+    if kind == wire.AUTH_TOKEN:
+        allowed = _ct_member(hashlib.sha256(auth).digest(), mb.tokens if mb else ())
+    else:
+        allowed = mb is not None and mb.public
+    if mb is None or mb.deleted or not allowed:
+        raise Denied()
+    if not mb.deposit_bucket.take(time.monotonic()):
+        raise wire.FrameError(wire.E_RATE_LIMITED)
+    if mb.queued >= c.cfg.queue_limit:
+        raise wire.FrameError(wire.E_QUEUE_FULL)
+    mb.queued += 1
+    # Re-encrypt for the owner: the stored and delivered bytes share nothing with the deposit.
+    sealed = bytes(mb.box.encrypt(block))
+    try:
+        rowid = await relay.storage.enqueue(mb.id, relay.expiry(), sealed)
+    except BaseException:
+        mb.queued -= 1
+        raise
+    c.ok(f.rid)
+    if mb.deleted:
+        await relay.storage.remove(mb.id, [rowid])
+        return
+    relay.stored(mb, rowid, sealed)
+
+
+async def h_blob_quota(c: Connection, f: wire.Frame) -> None:
+    nonce = wire.exact(f.body, wire.NONCE_LEN)
+    c._check_pow(c.cfg.pow_blob_bits, wire.POW_BLOB, pow_.ZERO_TARGET, pow_.ZERO_HASH, nonce)
+    c.blob_quota = c.cfg.blob_quota_blocks
+    c.ok(f.rid, struct.pack(">I", c.blob_quota))
+
+
+async def h_blob_put(c: Connection, f: wire.Frame) -> None:
+    body = f.body
+    if len(body) < wire.ID_LEN + wire.HASH_LEN:
+        raise wire.FrameError(wire.E_BAD_FRAME)
+    blob_id, cap_hash = body[:wire.ID_LEN], body[wire.ID_LEN:wire.ID_LEN + wire.HASH_LEN]
+    block = body[wire.ID_LEN + wire.HASH_LEN:]
+    if len(block) != wire.BLOCK_SIZE:
+        raise wire.FrameError(wire.E_BAD_BLOCK)
+    relay = c.relay
+    if c.blob_quota <= 0 or (relay.blob_blocks + 1) * wire.BLOCK_SIZE > c.cfg.blob_max_bytes:
+        raise wire.FrameError(wire.E_LIMIT)
+    c.blob_quota -= 1
+    relay.blob_blocks += 1
+    try:
+        ok = await relay.storage.put_blob(blob_key(blob_id), cap_hash, relay.expiry(), block)
+    except BaseException:
+        relay.blob_blocks -= 1
+        c.blob_quota += 1
+        raise
+    if not ok:
+        relay.blob_blocks -= 1
+        c.blob_quota += 1
+        raise wire.FrameError(wire.E_EXISTS)
+    c.ok(f.rid)
+
+
+async def _blob(c: Connection, blob_id: bytes, cap: bytes) -> bytes:
+    """The blob's block if `cap` is its capability; a missing blob and a wrong cap look alike."""
+    found = await c.relay.storage.get_blob(blob_key(blob_id))
+    cap_hash = hashlib.sha256(cap).digest()
+    match = hmac.compare_digest(cap_hash, found[0] if found else _DUMMY_HASH)
+    if found is None or not match:
+        raise Denied()
+    return found[1]
+
+
+async def h_blob_get(c: Connection, f: wire.Frame) -> None:
+    body = wire.exact(f.body, wire.ID_LEN + wire.HASH_LEN + wire.KEY_LEN)
+    blob_id, cap = body[:wire.ID_LEN], body[wire.ID_LEN:wire.ID_LEN + wire.HASH_LEN]
+    block = await _blob(c, blob_id, cap)
+    try:
+        sealed = SealedBox(PublicKey(body[-wire.KEY_LEN:])).encrypt(block)
+    except (ValueError, CryptoError):
+        raise wire.FrameError(wire.E_BAD_FRAME) from None
+    c.send(wire.encode(wire.BLOB, f.rid, bytes(sealed)))
+
+
+async def h_blob_del(c: Connection, f: wire.Frame) -> None:
+    body = wire.exact(f.body, wire.ID_LEN + wire.HASH_LEN)
+    blob_id, cap = body[:wire.ID_LEN], body[wire.ID_LEN:]
+    await _blob(c, blob_id, cap)
+    if await c.relay.storage.delete_blob(blob_key(blob_id)):
+        c.relay.blob_blocks = max(0, c.relay.blob_blocks - 1)
+    c.ok(f.rid)
+
+
+async def h_hello(c: Connection, f: wire.Frame) -> None:  # handled in _frame; never reached
+    raise wire.FrameError(wire.E_OUT_OF_ORDER)
+
+
+_HANDLERS: dict[int, Handler] = {
+    wire.HELLO: h_hello,
+    wire.CREATE: h_create,
+    wire.SUBSCRIBE: h_subscribe,
+    wire.UNSUBSCRIBE: h_unsubscribe,
+    wire.FETCH: h_fetch,
+    wire.ACK: h_ack,
+    wire.DELETE: h_delete,
+    wire.TOKEN_ADD: h_token_add,
+    wire.TOKEN_DEL: h_token_del,
+    wire.BUNDLE_BASE: h_bundle_base,
+    wire.BUNDLE_ADD: h_bundle_add,
+    wire.BUNDLE_STATUS: h_bundle_status,
+    wire.BUNDLE_FETCH: h_bundle_fetch,
+    wire.DEPOSIT: h_deposit,
+    wire.BLOB_QUOTA: h_blob_quota,
+    wire.BLOB_PUT: h_blob_put,
+    wire.BLOB_GET: h_blob_get,
+    wire.BLOB_DEL: h_blob_del,
+}
+assert set(_HANDLERS) == set(wire.CLIENT_TYPES)
+
+
+# --- HTTP endpoints ------------------------------------------------------------------------------
+
+
+async def ws_endpoint(request: web.Request) -> web.StreamResponse:
+    relay = request.app[RELAY_KEY]
+    if relay.closing or len(relay.connections) >= relay.cfg.max_connections:
+        return web.Response(status=503, text="busy\n")
+    ws = web.WebSocketResponse(max_msg_size=relay.cfg.max_frame, compress=False,
+                               heartbeat=relay.cfg.ping_interval, autoping=True)
+    if not ws.can_prepare(request).ok:
+        return web.Response(status=400, text="WebSocket endpoint\n")
+    await ws.prepare(request)
+    conn = Connection(relay, ws)
+    relay.connections.add(conn)
+    try:
+        await conn.run()
+    finally:
+        relay.connections.discard(conn)
+    return ws
+
+
+async def health(request: web.Request) -> web.Response:
+    relay = request.app[RELAY_KEY]
+    if relay.closing:
+        return web.json_response({"status": "stopping"}, status=503)
+    return web.json_response({"status": "ok", "protocol": wire.VERSION})
+
+
+def create_app(cfg: Config, storage: Storage | None = None,
+               clock: Callable[[], float] = time.time) -> web.Application:
+    app = web.Application(client_max_size=1024)
+    relay = Relay(cfg, storage, clock)
+    app[RELAY_KEY] = relay
+    app.router.add_get("/v1/ws", ws_endpoint)
+    app.router.add_get("/health", health)
+
+    async def on_startup(_: web.Application) -> None:
+        await relay.start()
+
+    async def on_shutdown(_: web.Application) -> None:
+        relay.closing = True
+        for conn in list(relay.connections):
+            await conn.close(_CLOSE_GOING_AWAY)
+
+    async def on_cleanup(_: web.Application) -> None:
+        await relay.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    return app

@@ -1,0 +1,272 @@
+"""A reference asyncio client of the relay protocol (docs/relay-protocol.md).
+
+Used by the tests and the benchmark, and usable by the daemon's transport. It holds no long-term
+keys of its own: the caller passes the per-mailbox Ed25519 signing key and X25519 box key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from nacl.public import Box, PrivateKey, PublicKey, SealedBox
+from nacl.signing import SigningKey
+
+from . import pow as pow_
+from . import wire
+
+
+class RelayError(Exception):
+    """The relay answered with an error frame."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"relay error {code}: {wire.ERROR_TEXT.get(code, 'unknown')}")
+        self.code = code
+
+
+class RelayClosed(Exception):
+    """The connection ended."""
+
+
+@dataclass(frozen=True)
+class Created:
+    owner_id: bytes
+    deposit_id: bytes
+    relay_box_pub: bytes
+
+
+@dataclass(frozen=True)
+class Message:
+    owner_id: bytes
+    msg_id: bytes
+    sealed: bytes
+
+    def open(self, owner_box_key: PrivateKey, relay_box_pub: bytes) -> bytes:
+        """Undo the relay's re-encryption: the block as deposited."""
+        return bytes(Box(owner_box_key, PublicKey(relay_box_pub)).decrypt(self.sealed))
+
+
+@dataclass
+class _Pending:
+    future: asyncio.Future[wire.Frame]
+    msgs: list[Message]
+
+
+class RelayClient:
+    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse,
+                 own_session: bool) -> None:
+        self._session = session
+        self._own_session = own_session
+        self.ws = ws
+        self.hello: wire.HelloOk | None = None
+        self._rids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self.messages: asyncio.Queue[Message] = asyncio.Queue()
+        self.ended: asyncio.Queue[bytes] = asyncio.Queue()
+        self.errors: list[int] = []  # unsolicited error codes (rid 0)
+        self._reader: asyncio.Task[None] | None = None
+        self.closed = asyncio.Event()
+
+    @classmethod
+    async def connect(cls, url: str, *, local_addr: tuple[str, int] | None = None,
+                      session: aiohttp.ClientSession | None = None,
+                      max_frame: int = 1 << 20) -> RelayClient:
+        own = session is None
+        if session is None:
+            connector = aiohttp.TCPConnector(local_addr=local_addr, limit=0)
+            session = aiohttp.ClientSession(connector=connector)
+        try:
+            ws = await session.ws_connect(url, max_msg_size=max_frame, autoping=True,
+                                          compress=0)
+        except BaseException:
+            if own:
+                await session.close()
+            raise
+        client = cls(session, ws, own)
+        client._reader = asyncio.ensure_future(client._read())
+        frame = await client.request(wire.HELLO, b"")
+        client.hello = wire.HelloOk.parse(frame.body)
+        return client
+
+    @property
+    def challenge(self) -> bytes:
+        assert self.hello is not None
+        return self.hello.challenge
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader
+        if self._own_session:
+            await self._session.close()
+
+    async def _read(self) -> None:
+        try:
+            async for msg in self.ws:
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    continue
+                frame = wire.decode(msg.data)
+                self._dispatch(frame)
+        finally:
+            self.closed.set()
+            for p in self._pending.values():
+                if not p.future.done():
+                    p.future.set_exception(RelayClosed())
+            self._pending.clear()
+
+    def _dispatch(self, frame: wire.Frame) -> None:
+        if frame.type == wire.MSG:
+            body = frame.body
+            m = Message(body[:16], body[16:32], body[32:])
+            p = self._pending.get(frame.rid) if frame.rid else None
+            if p is not None:
+                p.msgs.append(m)
+            else:
+                self.messages.put_nowait(m)
+            return
+        if frame.type == wire.END:
+            self.ended.put_nowait(frame.body)
+            return
+        p = self._pending.pop(frame.rid, None)
+        if p is None:
+            if frame.type == wire.ERROR:
+                self.errors.append(wire.parse_error(frame.body))
+            return
+        if frame.type == wire.ERROR:
+            p.future.set_exception(RelayError(wire.parse_error(frame.body)))
+        else:
+            p.future.set_result(frame)
+
+    def next_rid(self) -> int:
+        return next(self._rids)
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.ws.send_bytes(data)
+
+    async def request(self, ftype: int, body: bytes, rid: int | None = None,
+                      collect: list[Message] | None = None) -> wire.Frame:
+        if self.closed.is_set():
+            raise RelayClosed()
+        rid = self.next_rid() if rid is None else rid
+        fut: asyncio.Future[wire.Frame] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = _Pending(fut, collect if collect is not None else [])
+        await self.ws.send_bytes(wire.encode(ftype, rid, body))
+        return await fut
+
+    async def signed(self, ftype: int, key: SigningKey, owner_id: bytes, args: bytes = b"",
+                     collect: list[Message] | None = None) -> wire.Frame:
+        rid = self.next_rid()
+        unsigned = owner_id + args
+        sig = key.sign(wire.auth_message(self.challenge, wire.encode(ftype, rid, unsigned)))
+        return await self.request(ftype, unsigned + sig.signature, rid=rid, collect=collect)
+
+    # --- owner commands ---------------------------------------------------------------------
+
+    async def create(self, key: SigningKey, box_pub: bytes, public: bool = False) -> Created:
+        rid = self.next_rid()
+        unsigned = bytes(key.verify_key) + box_pub + bytes([1 if public else 0])
+        sig = key.sign(wire.auth_message(self.challenge,
+                                         wire.encode(wire.CREATE, rid, unsigned))).signature
+        f = await self.request(wire.CREATE, unsigned + sig, rid=rid)
+        b = f.body
+        return Created(b[:16], b[16:32], b[32:64])
+
+    async def subscribe(self, owner_id: bytes, key: SigningKey) -> None:
+        await self.signed(wire.SUBSCRIBE, key, owner_id)
+
+    async def unsubscribe(self, owner_id: bytes, key: SigningKey) -> None:
+        await self.signed(wire.UNSUBSCRIBE, key, owner_id)
+
+    async def fetch(self, owner_id: bytes, key: SigningKey, n: int = 32) -> list[Message]:
+        got: list[Message] = []
+        await self.signed(wire.FETCH, key, owner_id, bytes([n]), collect=got)
+        return got
+
+    async def ack(self, msg_ids: list[bytes]) -> None:
+        await self.request(wire.ACK, b"".join(msg_ids))
+
+    async def delete(self, owner_id: bytes, key: SigningKey) -> None:
+        await self.signed(wire.DELETE, key, owner_id)
+
+    async def token_add(self, owner_id: bytes, key: SigningKey, token: bytes) -> None:
+        await self.signed(wire.TOKEN_ADD, key, owner_id, hashlib.sha256(token).digest())
+
+    async def token_del(self, owner_id: bytes, key: SigningKey, token: bytes) -> None:
+        await self.signed(wire.TOKEN_DEL, key, owner_id, hashlib.sha256(token).digest())
+
+    async def bundle_base(self, owner_id: bytes, key: SigningKey, base: bytes) -> None:
+        await self.signed(wire.BUNDLE_BASE, key, owner_id, base)
+
+    async def bundle_add(self, owner_id: bytes, key: SigningKey, kind: int,
+                         items: list[bytes]) -> tuple[int, int]:
+        f = await self.signed(wire.BUNDLE_ADD, key, owner_id, wire.encode_items(kind, items))
+        x, m = struct.unpack(">HH", f.body)
+        return x, m
+
+    async def bundle_status(self, owner_id: bytes, key: SigningKey) -> tuple[int, int]:
+        f = await self.signed(wire.BUNDLE_STATUS, key, owner_id)
+        x, m = struct.unpack(">HH", f.body)
+        return x, m
+
+    # --- anonymous commands -------------------------------------------------------------------
+
+    def _pow(self, bits: int, purpose: int, target: bytes, payload_hash: bytes) -> bytes:
+        if bits <= 0:
+            return bytes(wire.NONCE_LEN)
+        return pow_.solve(bits, self.challenge, purpose, target, payload_hash)
+
+    async def bundle_fetch(self, deposit_id: bytes) -> tuple[bytes, bytes | None, bytes | None]:
+        assert self.hello is not None
+        nonce = await asyncio.to_thread(self._pow, self.hello.pow_bundle_bits, wire.POW_BUNDLE,
+                                        deposit_id, pow_.ZERO_HASH)
+        f = await self.request(wire.BUNDLE_FETCH, deposit_id + nonce)
+        return wire.parse_bundle(f.body)
+
+    async def deposit(self, deposit_id: bytes, block: bytes, token: bytes | None = None) -> None:
+        """Deposit one block with a send token, or (token None) with a proof of work."""
+        assert self.hello is not None
+        if token is not None:
+            auth = bytes([wire.AUTH_TOKEN]) + token
+        else:
+            nonce = await asyncio.to_thread(self._pow, self.hello.pow_deposit_bits,
+                                            wire.POW_DEPOSIT, deposit_id,
+                                            hashlib.sha256(block).digest())
+            auth = bytes([wire.AUTH_POW]) + nonce
+        await self.request(wire.DEPOSIT, deposit_id + auth + block)
+
+    async def blob_quota(self) -> int:
+        assert self.hello is not None
+        nonce = await asyncio.to_thread(self._pow, self.hello.pow_blob_bits, wire.POW_BLOB,
+                                        pow_.ZERO_TARGET, pow_.ZERO_HASH)
+        f = await self.request(wire.BLOB_QUOTA, nonce)
+        quota: int = struct.unpack(">I", f.body)[0]
+        return quota
+
+    async def blob_put(self, blob_id: bytes, cap: bytes, block: bytes) -> None:
+        await self.request(wire.BLOB_PUT, blob_id + hashlib.sha256(cap).digest() + block)
+
+    async def blob_get(self, blob_id: bytes, cap: bytes, key: PrivateKey) -> bytes:
+        f = await self.request(wire.BLOB_GET, blob_id + cap + bytes(key.public_key))
+        return bytes(SealedBox(key).decrypt(f.body))
+
+    async def blob_del(self, blob_id: bytes, cap: bytes) -> None:
+        await self.request(wire.BLOB_DEL, blob_id + cap)
+
+
+async def gather_limited(coros: list[Any], limit: int) -> list[Any]:
+    sem = asyncio.Semaphore(limit)
+
+    async def run(c: Any) -> Any:
+        async with sem:
+            return await c
+
+    return await asyncio.gather(*(run(c) for c in coros))

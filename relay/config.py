@@ -1,0 +1,49 @@
+"""Every knob of the relay, with its default (docs/relay-protocol.md, section Limits)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: str = "./relay-data"
+    # Queued blocks and blobs expire after this many seconds (default 14 days).
+    message_ttl: int = 14 * 24 * 3600
+    # Expiry is stored rounded up to this many seconds, so it does not reveal arrival times.
+    expiry_granularity: int = 3600
+    sweep_interval: float = 60.0
+    checkpoint_interval: float = 60.0
+    # Proof-of-work difficulties in leading zero bits (0 disables a check).
+    pow_deposit_bits: int = 18
+    pow_bundle_bits: int = 18
+    pow_blob_bits: int = 20
+    # Frames and connections.
+    max_frame: int = 65536
+    max_connections: int = 10000
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 120.0
+    ping_interval: float = 30.0
+    max_inflight: int = 64  # concurrent requests per connection
+    frame_rate: float = 5000.0  # frames per second per connection (token bucket)
+    frame_burst: int = 10000
+    # Mailboxes.
+    max_mailboxes: int = 1_000_000
+    creates_per_connection: int = 1000
+    subscriptions_per_connection: int = 1000
+    queue_limit: int = 10000  # blocks queued per mailbox
+    window: int = 32  # unacknowledged blocks in flight per subscription
+    deposit_rate: float = 200.0  # deposits per second per mailbox (token bucket)
+    deposit_burst: int = 1000
+    tokens_per_mailbox: int = 16
+    # Prekey bundles.
+    bundle_items_per_kind: int = 200
+    bundle_fetch_rate: float = 1.0  # fetches per second per mailbox
+    bundle_fetch_burst: int = 20
+    bundle_fetches_per_connection: int = 100
+    # Blob area (file attachments): 8192 blocks of 16 KiB admit one 100 MB file per quota.
+    blob_quota_blocks: int = 8192
+    blob_max_bytes: int = 4 * 1024 * 1024 * 1024
+    pow_per_connection: int = 20000
+    # Storage.
+    max_batch: int = 512  # operations per group commit

@@ -1,0 +1,152 @@
+"""`aegis-relay`: run the relay.
+
+Output is deliberately poor: fixed lines ("relay started", "relay stopping", ...) with no time,
+address, port, ID or count. aiohttp's access log is off and its own loggers are silenced, since
+their messages can carry peer addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import socket
+import sys
+from typing import Any
+
+import click
+from aiohttp import web
+
+from .app import create_app
+from .config import Config
+
+log = logging.getLogger("aegis.relay")
+
+HELP = {
+    "message_ttl": "Seconds before an unacknowledged block or a blob expires (14 days).",
+    "expiry_granularity": "Stored expiries are rounded up to this many seconds.",
+    "sweep_interval": "Seconds between expiry sweeps.",
+    "checkpoint_interval": "Seconds between WAL checkpoints (truncate).",
+    "pow_deposit_bits": "Proof-of-work bits for a deposit to a public mailbox without token.",
+    "pow_bundle_bits": "Proof-of-work bits for an anonymous prekey bundle fetch.",
+    "pow_blob_bits": "Proof-of-work bits for a blob upload quota.",
+    "max_frame": "Largest accepted frame in bytes (bigger: WebSocket close 1009).",
+    "max_connections": "Concurrent connections; more are refused with HTTP 503.",
+    "handshake_timeout": "Seconds for a new connection to send HELLO.",
+    "idle_timeout": "Seconds a connection without subscription may stay silent.",
+    "ping_interval": "Seconds between WebSocket pings.",
+    "max_inflight": "Concurrent requests per connection (reading pauses beyond).",
+    "frame_rate": "Frames per second per connection (token bucket rate).",
+    "frame_burst": "Frame bucket size per connection.",
+    "max_mailboxes": "Mailboxes the relay holds at most.",
+    "creates_per_connection": "Mailboxes one connection may create.",
+    "subscriptions_per_connection": "Subscriptions one connection may hold.",
+    "queue_limit": "Blocks queued per mailbox.",
+    "window": "Unacknowledged blocks in flight per mailbox and connection.",
+    "deposit_rate": "Deposits per second per mailbox (token bucket rate).",
+    "deposit_burst": "Deposit bucket size per mailbox.",
+    "tokens_per_mailbox": "Send-capability tokens per mailbox.",
+    "bundle_items_per_kind": "One-time prekey items per kind and mailbox.",
+    "bundle_fetch_rate": "Bundle fetches per second per mailbox.",
+    "bundle_fetch_burst": "Bundle fetch bucket size per mailbox.",
+    "bundle_fetches_per_connection": "Bundle fetches one connection may make.",
+    "blob_quota_blocks": "Blob blocks one proof-of-work quota admits.",
+    "blob_max_bytes": "Bytes the blob area holds at most.",
+    "pow_per_connection": "Proofs of work one connection may spend.",
+    "max_batch": "Storage operations per group commit.",
+}
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("aegis-relay: %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    log.setLevel(getattr(logging, level.upper()))
+    for name in ("aiohttp", "aiohttp.access", "aiohttp.server", "aiohttp.web",
+                 "aiohttp.websocket", "aiohttp.internal", "aiohttp.client", "asyncio"):
+        lg = logging.getLogger(name)
+        lg.disabled = True
+        lg.propagate = False
+
+
+def _raise_nofile() -> None:
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def serve(app: web.Application, host: str, port: int, sock: socket.socket | None) -> None:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+    await runner.setup()
+    site: web.BaseSite
+    if sock is not None:
+        site = web.SockSite(runner, sock, shutdown_timeout=5)
+    else:
+        site = web.TCPSite(runner, host, port, shutdown_timeout=5)
+    await site.start()
+    log.info("relay started")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("relay stopping")
+    await runner.cleanup()
+    log.info("relay stopped")
+
+
+def _option(field: dataclasses.Field[Any]) -> Any:
+    default = field.default
+    return click.option("--" + field.name.replace("_", "-"), field.name, type=type(default),
+                        default=default, show_default=True, help=HELP.get(field.name, ""))
+
+
+def _command() -> click.Command:
+    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+    @click.option("--port", default=8765, show_default=True, type=int, help="TCP port.")
+    @click.option("--listen-fd", type=int, default=None,
+                  help="Serve on this inherited, already listening socket instead.")
+    @click.option("--data", "data_dir", default="./relay-data", show_default=True,
+                  help="Data directory (SQLite database).")
+    @click.option("--log-level", default="info", show_default=True,
+                  type=click.Choice(["debug", "info", "warning", "error"]))
+    def command(host: str, port: int, listen_fd: int | None, log_level: str,
+                **options: Any) -> None:
+        """aegis-relay: metadata-blind store-and-forward relay (docs/relay-protocol.md).
+
+        TLS is left to a reverse proxy (contrib/relay/). The relay logs no address, port, ID,
+        time or count.
+        """
+        _setup_logging(log_level)
+        _raise_nofile()
+        cfg = Config(**options)
+        sock = None
+        if listen_fd is not None:
+            sock = socket.socket(fileno=listen_fd)
+            sock.setblocking(False)
+        try:
+            asyncio.run(serve(create_app(cfg), host, port, sock))
+        except OSError as exc:
+            log.error("cannot serve: %s", exc.strerror or type(exc).__name__)
+            sys.exit(1)
+
+    for field in dataclasses.fields(Config):
+        if field.name != "data_dir":
+            command = _option(field)(command)
+    return command
+
+
+def main() -> None:
+    _command()(prog_name="aegis-relay")
+
+
+if __name__ == "__main__":
+    main()

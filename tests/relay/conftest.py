@@ -1,0 +1,117 @@
+"""Fixtures: the relay as a real subprocess on an ephemeral 127.0.0.1 port.
+
+The test binds and listens on the socket itself and hands it to the relay (`--listen-fd`), so
+the port is known without the relay printing it, and a restarted relay (after kill -9) serves the
+very same port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+FAST = {  # cheap proofs of work, so tests stay fast
+    "--pow-deposit-bits": "8",
+    "--pow-bundle-bits": "8",
+    "--pow-blob-bits": "8",
+}
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+class RelayProcess:
+    def __init__(self, tmp: Path, options: dict[str, str]) -> None:
+        self.data = tmp / "data"
+        self.log_path = tmp / "relay-output.log"
+        self.options = {**FAST, **options}
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1024)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1/ws"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = [sys.executable, "-m", "relay.main", "--listen-fd", str(self.sock.fileno()),
+                "--data", str(self.data)]
+        for k, v in self.options.items():
+            args += [k, v]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                     pass_fds=(self.sock.fileno(),))
+        log.close()
+        self._wait_started()
+
+    def _started_count(self) -> int:
+        return self.output().count("relay started")
+
+    def _wait_started(self) -> None:
+        want = self._starts = getattr(self, "_starts", 0) + 1
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self._started_count() >= want:
+                return
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError("relay exited:\n" + self.output())
+            time.sleep(0.02)
+        raise RuntimeError("relay did not start:\n" + self.output())
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(20)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.sock.close()
+
+
+@pytest.fixture
+def relay_factory(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
+    made: list[RelayProcess] = []
+
+    def make(**options: str) -> RelayProcess:
+        sub = tmp_path / f"relay{len(made)}"
+        sub.mkdir()
+        rp = RelayProcess(sub, {"--" + k.replace("_", "-"): str(v) for k, v in options.items()})
+        made.append(rp)
+        rp.start()
+        return rp
+
+    yield make
+    for rp in made:
+        rp.close()
+
+
+@pytest.fixture
+def relay(relay_factory: Callable[..., RelayProcess]) -> RelayProcess:
+    return relay_factory()
