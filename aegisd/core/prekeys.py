@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from . import primitives as p
 from . import wire
-from .errors import DecryptionError
+from .errors import DecodeError, DecryptionError
 from .identity import IdentityKeyPair
 from .primitives import Entropy
 
@@ -246,6 +246,9 @@ class PrekeyStore:
         store.one_time_x25519 = {pid: p.x25519_from_private(s) for pid, s in rec.one_time_x25519}
         store.one_time_mlkem = {r.prekey_id: _kem_from_record(r) for r in rec.one_time_mlkem}
         store.replay_cache = {pid: set(d) for pid, d in rec.replay_cache.items()}
+        for keys in (store.signed, store.last_resort):
+            if sum(1 for k in keys.values() if k.replaced == 0) != 1:
+                raise DecodeError("prekey store must hold exactly one current key of each kind")
         return store
 
     def __repr__(self) -> str:

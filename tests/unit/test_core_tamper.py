@@ -221,3 +221,34 @@ def test_sizes_and_one_look() -> None:
     assert len(blocks) == 4
     assert {len(b) for b in blocks} == {wire.BLOCK_SIZE}
     assert {b[0] for b in [*blocks, pair.first_block]} == {wire.VERSION}
+
+
+def test_all_zero_dh_rejected() -> None:
+    entropy = SystemEntropy()
+    with pytest.raises(DecryptionError):
+        p.dh(entropy.x25519_private(), bytes(32))  # the neutral point: all-zero output
+    _, _, store, block = _first_contact()
+    zero_ephemeral = block[:1] + bytes(32) + block[33:]
+    with pytest.raises(DecryptionError):
+        accept_first_contact(entropy, store, zero_ephemeral)
+
+
+def test_total_skipped_keys_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aegisd.core import ratchet
+
+    monkeypatch.setattr(ratchet, "MAX_SKIPPED_TOTAL", 10)
+    pair = make_pair()
+    blocks = [pair.a.encrypt(pair.entropy, f"{i}".encode())[0] for i in range(16)]
+    pair.b.decrypt(pair.entropy, blocks[15])  # skips the 15 keys before it; the newest 10 stay
+    assert sum(len(v) for v in pair.b.ratchet.skipped.values()) == 10
+    with pytest.raises(DecryptionError):
+        pair.b.decrypt(pair.entropy, blocks[1])  # evicted (oldest)
+    assert pair.b.decrypt(pair.entropy, blocks[14]).data == b"14"
+
+
+def test_store_without_a_current_key_rejected() -> None:
+    _, _, store, _ = _first_contact()
+    for k in store.signed.values():
+        k.replaced = NOW
+    with pytest.raises(DecodeError):
+        PrekeyStore.from_bytes(store.to_bytes())
