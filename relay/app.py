@@ -385,6 +385,8 @@ class Connection:
             try:
                 msg = await ws.receive(timeout=timeout)
             except TimeoutError:
+                if self.hello and (self.subs or self._tasks):
+                    continue  # subscribed (or busy) since the wait began: not idle
                 self.error(0, wire.E_TIMEOUT)
                 return
             if msg.type == WSMsgType.BINARY:
@@ -619,8 +621,8 @@ async def h_bundle_base(c: Connection, f: wire.Frame) -> None:
 
 
 async def h_bundle_add(c: Connection, f: wire.Frame) -> None:
-    mb, _, args = await c.owner(f, 2, c.cfg.max_frame)
-    kind, items = wire.parse_items(args)
+    kind, items = wire.parse_items(wire.split_signed(f.body, 2, c.cfg.max_frame)[1])
+    mb, _, _ = await c.owner(f, 2, c.cfg.max_frame)
     counts = await c.relay.storage.add_bundle_items(mb.id, kind, items,
                                                     c.cfg.bundle_items_per_kind)
     if counts is None:
