@@ -9,6 +9,7 @@ This module holds raw bytes only; it imports no cryptographic primitive.
 
 from __future__ import annotations
 
+import base64
 import struct
 from dataclasses import dataclass, field
 
@@ -645,3 +646,239 @@ def _read_signed(r: Reader, secret_len: int) -> list[SignedPrekeyRecord]:
         )
         for _ in range(r.count())
     ]
+
+
+# --- application payloads (the content a Session encrypts) -------------------------------------
+#
+# content = version (1) || type (1) || fields. Every kind of payload travels in the same
+# fixed-size blocks, so the relay cannot tell a receipt from a text.
+
+PAYLOAD_TEXT = 0x01
+PAYLOAD_RECEIPT = 0x02
+PAYLOAD_HELLO = 0x03
+PAYLOAD_MAILBOX = 0x04
+PAYLOAD_MAILBOX_ACK = 0x05
+
+RECEIPT_DELIVERED = 1
+RECEIPT_READ = 2
+
+MESSAGE_ID_LEN = 16
+MAX_TEXT_BYTES = 64 * 1024
+MAX_RECEIPT_IDS = 512
+MAX_NAME_BYTES = 64
+MAX_URL_BYTES = 255
+MAX_MAILBOX_FIELD = 64
+
+
+def _short(r: Reader, limit: int) -> bytes:
+    n = r.u8()
+    if n > limit:
+        raise DecodeError("length field out of range")
+    return r.take(n)
+
+
+def _put_short(w: Writer, b: bytes, limit: int) -> Writer:
+    if len(b) > limit:
+        raise ValueError("field too long")
+    return w.u8(len(b)).raw(b)
+
+
+def _utf8(b: bytes) -> str:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeError("invalid UTF-8") from None
+
+
+@dataclass(frozen=True)
+class MailboxAddress:
+    """Where to deposit blocks for someone: relay URL, deposit ID and send-capability token."""
+
+    relay_url: str
+    deposit_id: bytes
+    send_token: bytes  # empty: the mailbox takes a proof-of-work instead
+
+    def write(self, w: Writer) -> Writer:
+        _put_short(w, self.relay_url.encode(), MAX_URL_BYTES)
+        _put_short(w, self.deposit_id, MAX_MAILBOX_FIELD)
+        return _put_short(w, self.send_token, MAX_MAILBOX_FIELD)
+
+    @classmethod
+    def read(cls, r: Reader) -> MailboxAddress:
+        url = _utf8(_short(r, MAX_URL_BYTES))
+        deposit_id = _short(r, MAX_MAILBOX_FIELD)
+        if not url or not deposit_id:
+            raise DecodeError("empty relay URL or deposit ID")
+        return cls(url, deposit_id, _short(r, MAX_MAILBOX_FIELD))
+
+
+@dataclass(frozen=True)
+class TextPayload:
+    message_id: bytes
+    sent_at_ms: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ReceiptPayload:
+    kind: int  # RECEIPT_DELIVERED or RECEIPT_READ
+    message_ids: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class HelloPayload:
+    """Opens a contact: where to answer, what to call the sender, which invitation it uses."""
+
+    reply_to: MailboxAddress
+    display_name: str
+    invitation_id: bytes  # empty when not answering a one-time invitation
+
+
+@dataclass(frozen=True)
+class MailboxPayload:
+    """A rotated mailbox: deposit here from now on (after acknowledging `rotation_id`)."""
+
+    rotation_id: bytes
+    mailbox: MailboxAddress
+
+
+@dataclass(frozen=True)
+class MailboxAckPayload:
+    rotation_id: bytes
+
+
+Payload = TextPayload | ReceiptPayload | HelloPayload | MailboxPayload | MailboxAckPayload
+
+
+def encode_payload(payload: Payload) -> bytes:
+    w = Writer().u8(VERSION)
+    if isinstance(payload, TextPayload):
+        text = payload.text.encode()
+        if len(text) > MAX_TEXT_BYTES:
+            raise ValueError("text too long")
+        w.u8(PAYLOAD_TEXT).fixed(payload.message_id, MESSAGE_ID_LEN).u64(payload.sent_at_ms)
+        w.raw(text)
+    elif isinstance(payload, ReceiptPayload):
+        if payload.kind not in (RECEIPT_DELIVERED, RECEIPT_READ):
+            raise ValueError("unknown receipt kind")
+        if not 0 < len(payload.message_ids) <= MAX_RECEIPT_IDS:
+            raise ValueError("receipt id count out of range")
+        w.u8(PAYLOAD_RECEIPT).u8(payload.kind).raw(struct.pack(">H", len(payload.message_ids)))
+        for mid in payload.message_ids:
+            w.fixed(mid, MESSAGE_ID_LEN)
+    elif isinstance(payload, HelloPayload):
+        w.u8(PAYLOAD_HELLO)
+        payload.reply_to.write(w)
+        _put_short(w, payload.display_name.encode(), MAX_NAME_BYTES)
+        _put_short(w, payload.invitation_id, MAX_MAILBOX_FIELD)
+    elif isinstance(payload, MailboxPayload):
+        w.u8(PAYLOAD_MAILBOX).fixed(payload.rotation_id, MESSAGE_ID_LEN)
+        payload.mailbox.write(w)
+    else:
+        w.u8(PAYLOAD_MAILBOX_ACK).fixed(payload.rotation_id, MESSAGE_ID_LEN)
+    return w.bytes()
+
+
+def decode_payload(data: bytes) -> Payload:
+    r = Reader(data)
+    if r.u8() != VERSION:
+        raise UnsupportedVersion("unsupported payload version")
+    kind = r.u8()
+    out: Payload
+    if kind == PAYLOAD_TEXT:
+        mid, sent = r.take(MESSAGE_ID_LEN), r.u64()
+        text = r.take(len(data) - 2 - MESSAGE_ID_LEN - 8)
+        if len(text) > MAX_TEXT_BYTES:
+            raise DecodeError("text too long")
+        out = TextPayload(mid, sent, _utf8(text))
+    elif kind == PAYLOAD_RECEIPT:
+        receipt_kind, count = r.u8(), r.u16()
+        if (
+            receipt_kind not in (RECEIPT_DELIVERED, RECEIPT_READ)
+            or not 0 < count <= MAX_RECEIPT_IDS
+        ):
+            raise DecodeError("malformed receipt")
+        out = ReceiptPayload(receipt_kind, tuple(r.take(MESSAGE_ID_LEN) for _ in range(count)))
+    elif kind == PAYLOAD_HELLO:
+        reply_to = MailboxAddress.read(r)
+        name = _utf8(_short(r, MAX_NAME_BYTES))
+        out = HelloPayload(reply_to, name, _short(r, MAX_MAILBOX_FIELD))
+    elif kind == PAYLOAD_MAILBOX:
+        out = MailboxPayload(r.take(MESSAGE_ID_LEN), MailboxAddress.read(r))
+    elif kind == PAYLOAD_MAILBOX_ACK:
+        out = MailboxAckPayload(r.take(MESSAGE_ID_LEN))
+    else:
+        raise DecodeError("unknown payload type")
+    r.done()
+    return out
+
+
+# --- contact links (shared out of band: text, QR code) -----------------------------------------
+#
+# "aegis:" + base64url (no padding) of:
+#   version (1) || kind (1) || identity record (128) || mailbox address (where to send the first
+#   contact) || bundle address (u8 length + bytes: where the relay serves the prekey bundle) ||
+#   invitation id (u8 length + bytes; empty for a long-term address) || expires (u64, 0 = never)
+# The identity inside lets the joiner check the bundle the relay serves (a malicious relay
+# cannot substitute its own keys).
+
+LINK_SCHEME = "aegis:"
+LINK_INVITATION = 1
+LINK_ADDRESS = 2
+
+
+@dataclass(frozen=True)
+class ContactLink:
+    kind: int
+    identity: IdentityRecord
+    mailbox: MailboxAddress
+    bundle_address: bytes
+    invitation_id: bytes
+    expires: int
+
+    def to_bytes(self) -> bytes:
+        w = Writer().u8(VERSION).u8(self.kind).raw(self.identity.to_bytes())
+        self.mailbox.write(w)
+        _put_short(w, self.bundle_address, MAX_MAILBOX_FIELD)
+        _put_short(w, self.invitation_id, MAX_MAILBOX_FIELD)
+        return w.u64(self.expires).bytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ContactLink:
+        r = Reader(data)
+        if r.u8() != VERSION:
+            raise UnsupportedVersion("unsupported link version")
+        kind = r.u8()
+        if kind not in (LINK_INVITATION, LINK_ADDRESS):
+            raise DecodeError("unknown link kind")
+        out = cls(
+            kind,
+            IdentityRecord.read(r),
+            MailboxAddress.read(r),
+            _short(r, MAX_MAILBOX_FIELD),
+            _short(r, MAX_MAILBOX_FIELD),
+            r.u64(),
+        )
+        r.done()
+        if (kind == LINK_INVITATION) != bool(out.invitation_id):
+            raise DecodeError("invitation id must be present exactly in invitations")
+        return out
+
+    def to_text(self) -> str:
+        return LINK_SCHEME + base64.urlsafe_b64encode(self.to_bytes()).rstrip(b"=").decode()
+
+    @classmethod
+    def from_text(cls, text: str) -> ContactLink:
+        text = text.strip()
+        if not text.startswith(LINK_SCHEME) or len(text) > 2048:
+            raise DecodeError("not an AegisLink contact link")
+        body = text[len(LINK_SCHEME) :]
+        if not body or not all(c.isalnum() or c in "-_" for c in body) or not body.isascii():
+            raise DecodeError("not an AegisLink contact link")
+        try:
+            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        except ValueError:
+            raise DecodeError("not an AegisLink contact link") from None
+        if base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != body:
+            raise DecodeError("non-canonical link encoding")
+        return cls.from_bytes(raw)
