@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.public import Box, PrivateKey, PublicKey, SealedBox
+from nacl.secret import SecretBox
 from nacl.signing import VerifyKey
 
 from . import pow as pow_
@@ -695,11 +696,18 @@ async def h_blob_quota(c: Connection, f: wire.Frame) -> None:
     c.ok(f.rid, struct.pack(">I", c.blob_quota))
 
 
+def _blob_secret(cap: bytes) -> tuple[bytes, SecretBox]:
+    """The stored check value of a capability, and the key its blob is kept under at rest."""
+    check = hashlib.sha256(b"AEGIS-RELAY-1 BLOB CHECK\x00" + cap).digest()
+    key = hashlib.sha256(b"AEGIS-RELAY-1 BLOB KEY\x00" + cap).digest()
+    return check, SecretBox(key)
+
+
 async def h_blob_put(c: Connection, f: wire.Frame) -> None:
     body = f.body
     if len(body) < wire.ID_LEN + wire.HASH_LEN:
         raise wire.FrameError(wire.E_BAD_FRAME)
-    blob_id, cap_hash = body[:wire.ID_LEN], body[wire.ID_LEN:wire.ID_LEN + wire.HASH_LEN]
+    blob_id, cap = body[:wire.ID_LEN], body[wire.ID_LEN:wire.ID_LEN + wire.HASH_LEN]
     block = body[wire.ID_LEN + wire.HASH_LEN:]
     if len(block) != wire.BLOCK_SIZE:
         raise wire.FrameError(wire.E_BAD_BLOCK)
@@ -708,8 +716,12 @@ async def h_blob_put(c: Connection, f: wire.Frame) -> None:
         raise wire.FrameError(wire.E_LIMIT)
     c.blob_quota -= 1
     relay.blob_blocks += 1
+    # At rest the block is encrypted under a key only the capability yields: the disk alone
+    # tells nothing, and the stored bytes differ from the uploaded ones.
+    check, box = _blob_secret(cap)
     try:
-        ok = await relay.storage.put_blob(blob_key(blob_id), cap_hash, relay.expiry(), block)
+        ok = await relay.storage.put_blob(blob_key(blob_id), check, relay.expiry(),
+                                          bytes(box.encrypt(block)))
     except BaseException:
         relay.blob_blocks -= 1
         c.blob_quota += 1
@@ -724,11 +736,14 @@ async def h_blob_put(c: Connection, f: wire.Frame) -> None:
 async def _blob(c: Connection, blob_id: bytes, cap: bytes) -> bytes:
     """The blob's block if `cap` is its capability; a missing blob and a wrong cap look alike."""
     found = await c.relay.storage.get_blob(blob_key(blob_id))
-    cap_hash = hashlib.sha256(cap).digest()
-    match = hmac.compare_digest(cap_hash, found[0] if found else _DUMMY_HASH)
+    check, box = _blob_secret(cap)
+    match = hmac.compare_digest(check, found[0] if found else _DUMMY_HASH)
     if found is None or not match:
         raise Denied()
-    return found[1]
+    try:
+        return bytes(box.decrypt(found[1]))
+    except CryptoError:
+        raise Denied() from None
 
 
 async def h_blob_get(c: Connection, f: wire.Frame) -> None:

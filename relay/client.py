@@ -252,7 +252,7 @@ class RelayClient:
         return quota
 
     async def blob_put(self, blob_id: bytes, cap: bytes, block: bytes) -> None:
-        await self.request(wire.BLOB_PUT, blob_id + hashlib.sha256(cap).digest() + block)
+        await self.request(wire.BLOB_PUT, blob_id + cap + block)
 
     async def blob_get(self, blob_id: bytes, cap: bytes, key: PrivateKey) -> bytes:
         f = await self.request(wire.BLOB_GET, blob_id + cap + bytes(key.public_key))

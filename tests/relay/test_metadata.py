@@ -1,0 +1,178 @@
+"""What the relay keeps and prints: no-logs scan, deleted rows, expiry with an injected clock."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+from nacl.public import PrivateKey
+
+from relay import wire
+from relay.app import RELAY_KEY, create_app
+from relay.client import RelayClient, RelayError
+from relay.config import Config
+
+from .conftest import RelayProcess, run
+from .helpers import block, new_owner, next_message
+
+CLIENT_ADDR = "127.0.0.2"
+
+
+def forms(secret: bytes) -> list[bytes]:
+    """The ways an ID could be written down: raw, hex (both cases), base64 (both alphabets)."""
+    out = [secret, secret.hex().encode(), secret.hex().upper().encode(),
+           base64.b64encode(secret).rstrip(b"="), base64.urlsafe_b64encode(secret).rstrip(b"=")]
+    return out
+
+
+def time_forms(t: int) -> list[bytes]:
+    return [str(t).encode(), struct.pack(">q", t), struct.pack("<q", t),
+            struct.pack(">d", float(t)), struct.pack("<d", float(t)),
+            time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)).encode(),
+            time.strftime("%Y-%m-%dT%H:%M", time.gmtime(t)).encode()]
+
+
+def scan(paths: list[Path], needles: dict[str, list[bytes]]) -> list[str]:
+    found = []
+    for p in paths:
+        data = p.read_bytes()
+        for label, variants in needles.items():
+            for v in variants:
+                if v and v in data:
+                    found.append(f"{label} in {p.name}")
+    return found
+
+
+def test_no_logs_scan_from_127_0_0_2(relay_factory: Callable[..., RelayProcess]) -> None:
+    rp = relay_factory(log_level="debug", checkpoint_interval=0.2)
+    secrets: dict[str, list[bytes]] = {}
+    times: list[int] = []
+    ports: list[int] = []
+    acked_sealed: list[bytes] = []
+    deposited: list[bytes] = []
+
+    def remember(label: str, value: bytes) -> None:
+        secrets.setdefault(label, []).extend(forms(value))
+
+    async def connect() -> RelayClient:
+        c = await RelayClient.connect(rp.url, local_addr=(CLIENT_ADDR, 0))
+        sockname = c.ws.get_extra_info("sockname")
+        assert sockname[0] == CLIENT_ADDR
+        ports.append(sockname[1])
+        return c
+
+    async def body() -> None:
+        owner_c, sender, fetcher = await connect(), await connect(), await connect()
+        token = os.urandom(32)
+        alice = await new_owner(owner_c, token=token)
+        bob = await new_owner(owner_c, public=True)
+        for o in (alice, bob):
+            remember("owner id", o.owner_id)
+            remember("deposit id", o.deposit_id)
+        remember("token", token)
+        await owner_c.bundle_base(bob.owner_id, bob.sig, os.urandom(1482))
+        await owner_c.bundle_add(bob.owner_id, bob.sig, wire.ITEM_X25519, [os.urandom(38)])
+        await fetcher.bundle_fetch(bob.deposit_id)
+        await alice.subscribe(owner_c)
+        for i in range(6):
+            b = block(bytes([i]))
+            deposited.append(b)
+            times.append(int(time.time()))
+            if i % 2:
+                await sender.deposit(bob.deposit_id, b)
+            else:
+                await sender.deposit(alice.deposit_id, b, token=token)
+        for _ in range(3):
+            m = await next_message(owner_c)
+            remember("msg id", m.msg_id)
+            acked_sealed.append(m.sealed)
+            await owner_c.ack([m.msg_id])
+        queued = await bob.fetch(fetcher)  # left unacknowledged: stays queued
+        assert len(queued) == 3
+        # Blobs, and a few errors on the way.
+        await sender.blob_quota()
+        blob_id, cap = os.urandom(16), os.urandom(32)
+        remember("blob id", blob_id)
+        remember("blob cap", cap)
+        b = block()
+        deposited.append(b)
+        await sender.blob_put(blob_id, cap, b)
+        await fetcher.blob_get(blob_id, cap, PrivateKey.generate())
+        for bad in (os.urandom(16), alice.owner_id):
+            with contextlib.suppress(RelayError):
+                await sender.deposit(bad, block(), token=os.urandom(32))
+        times.append(int(time.time()))
+        for c in (owner_c, sender, fetcher):
+            await c.close()
+
+    run(body())
+    assert rp.terminate() == 0
+    needles = dict(secrets)
+    needles["client address"] = [CLIENT_ADDR.encode(), bytes([127, 0, 0, 2]),
+                                 b"127.000.000.002"]
+    needles["client port"] = [str(p).encode() for p in ports]
+    needles["arrival time"] = [f for t in range(times[0] - 1, times[-1] + 2)
+                               for f in time_forms(t)]
+    files = [p for p in rp.data.rglob("*") if p.is_file()]
+    assert files, "the relay wrote nothing?"
+    assert scan([*files, rp.log_path], needles) == []
+    out = rp.output()
+    assert "relay started" in out and "relay stopped" in out
+    assert str(rp.port) not in out and "127.0.0" not in out
+    # Deleted rows do not linger in free pages or the WAL; deposits are never stored as sent.
+    gone = {"acknowledged block": [s[i:i + 48] for s in acked_sealed for i in (100, 8000)],
+            "deposited bytes": [d[i:i + 48] for d in deposited for i in (100, 9000)]}
+    assert scan(files, gone) == []
+
+
+def test_expiry_with_injected_clock(tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    cfg = Config(data_dir=str(tmp_path / "data"), message_ttl=100, expiry_granularity=10,
+                 sweep_interval=1e6, pow_deposit_bits=0)
+
+    async def body() -> None:
+        app = create_app(cfg, clock=lambda: now[0])
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        url = f"http://127.0.0.1:{port}/v1/ws"
+        relay = app[RELAY_KEY]
+        try:
+            c = await RelayClient.connect(url)
+            token = os.urandom(32)
+            o = await new_owner(c, token=token)
+            early = [block(b"early1"), block(b"early2")]
+            for b in early:
+                await c.deposit(o.deposit_id, b, token=token)
+            now[0] += 50
+            late = block(b"late")
+            await c.deposit(o.deposit_id, late, token=token)
+            await c.close()
+
+            async def queued() -> list[bytes]:
+                c = await RelayClient.connect(url)
+                try:
+                    return [o.open(m) for m in await o.fetch(c)]
+                finally:
+                    await c.close()
+
+            await relay.sweep()
+            assert await queued() == [*early, late]
+            now[0] += 60  # early blocks are past their (coarse) expiry, the late one is not
+            await relay.sweep()
+            assert await queued() == [late]
+            now[0] += 100
+            await relay.sweep()
+            assert await queued() == []
+        finally:
+            await runner.cleanup()
+
+    run(body())
