@@ -1,0 +1,399 @@
+"""``aegis``: the thin command-line client of aegisd.
+
+It speaks JSON-RPC to the daemon's socket and imports no cryptography, nacl, sqlcipher3,
+aiohttp or aiortc (tests/daemon/test_cli.py checks sys.modules). The two commands that need
+the store without a running daemon, ``init`` and ``daemon``, run ``aegisd`` in a child process.
+
+Every command takes --home DIR (or AEGIS_HOME) and --json. Errors are one line on stderr
+(with --json, one JSON object on stdout) and a non-zero exit status:
+1 error, 2 usage, 3 the daemon is not running, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from aegisd.paths import PathError, ProfilePaths, check_socket_path, resolve
+
+from .client import Client, DaemonNotRunning, RpcCallError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Fail(Exception):
+    """A one-line error for the user."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR, data: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.data = data
+
+
+class Ctx:
+    def __init__(self, home: str | None, as_json: bool) -> None:
+        self.home = home
+        self.as_json = as_json
+        self.paths: ProfilePaths = resolve(home)
+
+    def client(self) -> Client:
+        try:
+            check_socket_path(self.paths.socket)
+            return Client(self.paths.socket)
+        except DaemonNotRunning:
+            raise not_running(self.paths) from None
+        except PermissionError:
+            raise Fail(f"permission denied on {self.paths.socket}") from None
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        with self.client() as c:
+            return c.call(method, params)
+
+    def out(self, result: dict[str, Any], text: str) -> None:
+        if self.as_json:
+            click.echo(json.dumps(result, sort_keys=True))
+        else:
+            click.echo(text)
+
+    def aegisd_argv(self, *args: str) -> list[str]:
+        argv = [sys.executable, "-m", "aegisd.main", *args]
+        if self.home:
+            argv += ["--home", str(self.paths.home)]
+        return argv
+
+
+def not_running(paths: ProfilePaths) -> Fail:
+    return Fail(
+        f"the daemon is not running; start it with: aegis daemon{paths.home_option()}",
+        EXIT_NOT_RUNNING,
+        {"error": "not_running"},
+    )
+
+
+def common(func: F) -> F:
+    """--home and --json on every command."""
+
+    @click.option(
+        "--home",
+        metavar="DIR",
+        envvar="AEGIS_HOME",
+        help="Profile directory: every file of the profile, socket included, lives there.",
+    )
+    @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+    @functools.wraps(func)
+    def wrapper(home: str | None, as_json: bool, **kwargs: Any) -> Any:
+        ctx = Ctx(home, as_json)
+        click.get_current_context().obj = ctx
+        return func(ctx, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def read_secret_file(name: str) -> str:
+    """First line of a passphrase file ('-' is standard input), without its line ending."""
+    try:
+        if name == "-":
+            text = sys.stdin.readline()
+        else:
+            with open(name, encoding="utf-8") as f:
+                text = f.readline()
+    except OSError as exc:
+        raise Fail(f"cannot read {name}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise Fail(f"{name} is not UTF-8 text") from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        raise Fail(f"{name} holds no passphrase (its first line is empty)")
+    return text
+
+
+def ask_secret(prompt: str, *, confirm: bool = False, option: str) -> str:
+    if not sys.stdin.isatty():
+        raise Fail(f"no terminal to ask for the passphrase: use {option} FILE ('-' for stdin)")
+    value = str(click.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True))
+    if not value:
+        raise Fail("the passphrase must not be empty")
+    return value
+
+
+def _wait(predicate: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def _answers(paths: ProfilePaths) -> bool:
+    try:
+        with Client(paths.socket, timeout=5) as c:
+            c.call("version")
+        return True
+    except (DaemonNotRunning, OSError, RpcCallError, ValueError):
+        return False
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="aegislink", prog_name="aegis")
+def cli() -> None:
+    """AegisLink: an end-to-end encrypted messenger that hides metadata from its relay."""
+
+
+@cli.command()
+@common
+@click.option(
+    "--passphrase-file", metavar="FILE", help="Read the passphrase from FILE ('-': stdin)."
+)
+@click.option("--no-passphrase", is_flag=True, help="No passphrase: the key goes in a 0600 file.")
+@click.option("--kdf-memory-kib", type=int, hidden=True)
+@click.option("--kdf-time-cost", type=int, hidden=True)
+@click.option("--kdf-parallelism", type=int, hidden=True)
+def init(
+    ctx: Ctx,
+    passphrase_file: str | None,
+    no_passphrase: bool,
+    kdf_memory_kib: int | None,
+    kdf_time_cost: int | None,
+    kdf_parallelism: int | None,
+) -> None:
+    """Create a profile (a new database and its key)."""
+    if passphrase_file and no_passphrase:
+        raise Fail("--passphrase-file and --no-passphrase exclude each other", EXIT_USAGE)
+    if (ctx.paths.keyring).exists():
+        raise Fail(f"a profile already exists in {ctx.paths.home}")
+    check_socket_path(ctx.paths.socket)
+    argv = ctx.aegisd_argv("init")
+    stdin = None
+    if no_passphrase:
+        argv.append("--no-passphrase")
+    else:
+        pw = (
+            read_secret_file(passphrase_file)
+            if passphrase_file
+            else ask_secret("New passphrase", confirm=True, option="--passphrase-file")
+        )
+        argv += ["--passphrase-file", "-"]
+        stdin = pw + "\n"
+    for flag, value in (
+        ("--kdf-memory-kib", kdf_memory_kib),
+        ("--kdf-time-cost", kdf_time_cost),
+        ("--kdf-parallelism", kdf_parallelism),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    proc = subprocess.run(  # noqa: S603 (our own interpreter and module)
+        argv, input=stdin, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        msg = lines[-1].removeprefix("aegisd: error: ") if lines else "aegisd init failed"
+        raise Fail(msg)
+    ctx.out(
+        {"home": str(ctx.paths.home), "has_passphrase": not no_passphrase},
+        f"Created a profile in {ctx.paths.home}"
+        f" ({'no passphrase' if no_passphrase else 'passphrase-protected'}).\n"
+        f"Start the daemon with: aegis daemon{ctx.paths.home_option()}",
+    )
+
+
+@cli.command()
+@common
+@click.option("--detach", is_flag=True, help="Run in the background; log to aegisd.log.")
+@click.option("--passphrase-file", metavar="FILE", help="Unlock at start with this passphrase.")
+@click.option("--test-methods", is_flag=True, hidden=True)
+def daemon(ctx: Ctx, detach: bool, passphrase_file: str | None, test_methods: bool) -> None:
+    """Start aegisd for this profile (in the foreground unless --detach)."""
+    if not ctx.paths.keyring.exists():
+        raise Fail(
+            f"no profile in {ctx.paths.home}: create one with: aegis init{ctx.paths.home_option()}"
+        )
+    check_socket_path(ctx.paths.socket)
+    if _answers(ctx.paths):
+        raise Fail("the daemon is already running")
+    argv = ctx.aegisd_argv("run")
+    if passphrase_file:
+        argv += ["--passphrase-file", os.path.abspath(passphrase_file)]
+    if test_methods:
+        argv.append("--test-methods")
+    if not detach:
+        sys.stdout.flush()
+        os.execv(sys.executable, argv)  # noqa: S606 (replace this process: signals go to aegisd)
+    log_path = ctx.paths.log
+    ctx.paths.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "ab") as log:
+        proc = subprocess.Popen(  # noqa: S603
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+        )
+    if not _wait(lambda: proc.poll() is not None or _answers(ctx.paths), 30):
+        raise Fail(f"aegisd did not answer within 30 s; see {log_path}")
+    if proc.poll() is not None:
+        last = ""
+        try:
+            lines = log_path.read_text(errors="replace").strip().splitlines()
+            last = lines[-1].removeprefix("aegisd: error: ") if lines else ""
+        except OSError:
+            pass
+        raise Fail(last or f"aegisd exited with status {proc.returncode}; see {log_path}")
+    status = ctx.call("status")
+    ctx.out(
+        {"pid": proc.pid, "locked": status["locked"], "log": str(log_path)},
+        f"aegisd started (pid {proc.pid}, {'locked' if status['locked'] else 'unlocked'}); "
+        f"log: {log_path}",
+    )
+
+
+@cli.command()
+@common
+def stop(ctx: Ctx) -> None:
+    """Stop the daemon."""
+    ctx.call("daemon.stop")
+    if not _wait(lambda: not _answers(ctx.paths), 15):
+        raise Fail("the daemon did not stop within 15 s")
+    ctx.out({"stopped": True}, "aegisd stopped")
+
+
+@cli.command()
+@common
+def status(ctx: Ctx) -> None:
+    """Show whether the daemon runs, is locked, and is connected to its relay."""
+    st = ctx.call("status")
+    relay = st.get("relay") or {}
+    relay_text = (
+        "connected"
+        if relay.get("connected")
+        else "not connected"
+        if relay.get("configured")
+        else "not configured"
+    )
+    ctx.out(
+        st,
+        f"aegisd {st['version']} (pid {st['pid']}): {'locked' if st['locked'] else 'unlocked'}\n"
+        f"passphrase: {'yes' if st['has_passphrase'] else 'no'}\n"
+        f"relay: {relay_text}",
+    )
+
+
+@cli.command()
+@common
+@click.option(
+    "--passphrase-file", metavar="FILE", help="Read the passphrase from FILE ('-': stdin)."
+)
+def unlock(ctx: Ctx, passphrase_file: str | None) -> None:
+    """Unlock the profile (prompts for the passphrase)."""
+    with ctx.client() as c:
+        st = c.call("status")
+        if not st["has_passphrase"]:
+            c.call("unlock")
+        else:
+            pw = (
+                read_secret_file(passphrase_file)
+                if passphrase_file
+                else ask_secret("Passphrase", option="--passphrase-file")
+            )
+            c.call("unlock", {"passphrase": pw})
+    ctx.out({"locked": False}, "unlocked")
+
+
+@cli.command()
+@common
+def lock(ctx: Ctx) -> None:
+    """Lock the profile: the daemon closes the database and forgets its key."""
+    ctx.call("lock")
+    ctx.out({"locked": True}, "locked")
+
+
+@cli.command()
+@common
+@click.option("--old-passphrase-file", metavar="FILE", help="The current passphrase, from FILE.")
+@click.option("--new-passphrase-file", metavar="FILE", help="The new passphrase, from FILE.")
+@click.option("--no-passphrase", is_flag=True, help="Remove the passphrase (key in a 0600 file).")
+def passphrase(
+    ctx: Ctx, old_passphrase_file: str | None, new_passphrase_file: str | None, no_passphrase: bool
+) -> None:
+    """Change the passphrase (the database key is re-wrapped, not the database)."""
+    if new_passphrase_file and no_passphrase:
+        raise Fail("--new-passphrase-file and --no-passphrase exclude each other", EXIT_USAGE)
+    with ctx.client() as c:
+        st = c.call("status")
+        old = None
+        if st["has_passphrase"]:
+            old = (
+                read_secret_file(old_passphrase_file)
+                if old_passphrase_file
+                else ask_secret("Current passphrase", option="--old-passphrase-file")
+            )
+        new = None
+        if not no_passphrase:
+            new = (
+                read_secret_file(new_passphrase_file)
+                if new_passphrase_file
+                else ask_secret("New passphrase", confirm=True, option="--new-passphrase-file")
+            )
+        result = c.call("passphrase.change", {"old_passphrase": old, "new_passphrase": new})
+    ctx.out(result, "passphrase changed" if new is not None else "passphrase removed")
+
+
+# -- entry point --------------------------------------------------------------------------
+
+
+def _fail(message: str, code: int, data: Any, as_json: bool) -> NoReturn:
+    if as_json:
+        err: dict[str, Any] = {"message": message, "exit": code}
+        if data is not None:
+            err["data"] = data
+        click.echo(json.dumps({"error": err}, sort_keys=True))
+    else:
+        click.echo(f"aegis: error: {message}", err=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in args
+    try:
+        cli.main(args=args, prog_name="aegis", standalone_mode=False)
+    except Fail as exc:
+        _fail(exc.message, exc.code, exc.data, as_json)
+    except RpcCallError as exc:
+        _fail(exc.message, EXIT_ERROR, exc.to_json(), as_json)
+    except PathError as exc:
+        _fail(str(exc), EXIT_ERROR, None, as_json)
+    except click.UsageError as exc:
+        hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx else ""
+        _fail(exc.format_message() + hint, EXIT_USAGE, None, as_json)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), EXIT_ERROR, None, as_json)
+    except (click.Abort, KeyboardInterrupt):
+        _fail("interrupted", 130, None, as_json)
+    except (ConnectionError, TimeoutError) as exc:
+        _fail(
+            f"lost the connection to the daemon ({type(exc).__name__})", EXIT_ERROR, None, as_json
+        )
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

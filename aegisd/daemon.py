@@ -1,0 +1,341 @@
+"""aegisd: one per user and profile. Owns the store; serves the JSON-RPC API.
+
+Life cycle: take the profile lock (flock, so a second daemon on the same profile refuses to
+start), unlock now if the profile has no passphrase or a passphrase file was given, bind the
+socket, serve until ``daemon.stop``, SIGTERM or SIGINT, then close everything.
+
+With a passphrase the daemon starts locked: the store is closed and only the methods that
+need no store answer (version, status, unlock, passphrase.change, daemon.stop).
+
+Extending (messaging, relay client): register methods on ``daemon.registry`` (see
+aegisd/rpc/methods.py), emit events with ``daemon.events.emit(type, data)``, and start or
+stop store-dependent services from ``daemon.on_unlock`` / ``daemon.on_lock`` hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import __version__
+from .paths import ProfilePaths
+from .rpc import AppError, CallContext, EventBus, InvalidParamsError, Registry, RpcServer
+from .rpc import errors as E
+from .rpc.events import PATTERN_RE, TYPE_RE, EventFilter
+from .rpc.server import Connection
+from .store import Keyring, KeyringError, NoPassphrase, Store, WrongPassphrase
+
+log = logging.getLogger("aegisd")
+
+API_VERSION = 1
+MAX_EVENTS_PAGE = 1000
+
+Hook = Callable[[Store], Awaitable[None]]
+
+
+class DaemonError(Exception):
+    """The daemon cannot start; the message says why, in one line."""
+
+
+class Daemon:
+    def __init__(self, paths: ProfilePaths, *, test_methods: bool = False) -> None:
+        self.paths = paths
+        try:
+            self.keyring = Keyring.load(paths.keyring)
+        except KeyringError as exc:
+            if not paths.keyring.exists():
+                raise DaemonError(
+                    f"no profile in {paths.home}: create one with: aegis init{paths.home_option()}"
+                ) from None
+            raise DaemonError(str(exc)) from None
+        self.store: Store | None = None
+        self.events = EventBus()
+        self.registry = Registry(is_locked=lambda: self.store is None)
+        #: Run after the store opens / before it closes (start and stop services there).
+        self.on_unlock: list[Hook] = []
+        self.on_lock: list[Hook] = []
+        self._auth = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._lock_fd: int | None = None
+        self.server: RpcServer | None = None
+        self._register_core()
+        if test_methods:
+            self.registry.register("debug.emit", self.rpc_debug_emit, unlocked=True)
+
+    # -- state --------------------------------------------------------------------------
+
+    @property
+    def locked(self) -> bool:
+        return self.store is None
+
+    async def unlock(self, passphrase: str | None) -> None:
+        """Open the store. Argon2id runs in a worker thread: other clients keep being served."""
+        async with self._auth:
+            key = await asyncio.to_thread(self.keyring.unlock, passphrase)
+            if self.store is not None:
+                return  # already unlocked; the passphrase was checked all the same
+            store = Store.open(self.paths.db, key)
+            del key
+            self.store = store
+            self.events.attach(store)
+            self.events.emit("daemon.unlocked", {})
+            for hook in self.on_unlock:
+                await hook(store)
+            log.info("unlocked")
+
+    async def lock(self) -> None:
+        async with self._auth:
+            await self._close_store()
+
+    async def _close_store(self) -> None:
+        store = self.store
+        if store is None:
+            return
+        for hook in reversed(self.on_lock):
+            try:
+                await hook(store)
+            except Exception as exc:  # a failing service must not keep the store open
+                log.error("a lock hook failed with %s", type(exc).__name__)
+        self.events.emit("daemon.locked", {})
+        self.events.detach()
+        self.store = None
+        store.close()
+        log.info("locked")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # -- running ------------------------------------------------------------------------
+
+    def _take_profile_lock(self) -> None:
+        fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DaemonError(
+                f"aegisd is already running for the profile in {self.paths.home}"
+            ) from None
+        self._lock_fd = fd
+
+    def _release_profile_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def run(self, passphrase: str | None = None, *, have_passphrase: bool = False) -> None:
+        """Serve until stopped. ``have_passphrase``: unlock with ``passphrase`` first."""
+        self._take_profile_lock()
+        try:
+            if not self.keyring.has_passphrase:
+                await self.unlock(None)
+            elif have_passphrase:
+                try:
+                    await self.unlock(passphrase)
+                except WrongPassphrase:
+                    raise DaemonError("wrong passphrase in the passphrase file") from None
+            self.server = RpcServer(
+                self.registry,
+                self.paths.socket,
+                app=self,
+                on_disconnect=self._on_disconnect,
+            )
+            try:
+                await self.server.start()
+            except OSError as exc:
+                raise DaemonError(f"cannot listen on {self.paths.socket}: {exc.strerror}") from None
+            with contextlib.suppress(OSError):
+                self.paths.pid.write_text(f"{os.getpid()}\n")
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+            log.info(
+                "listening on %s (%s)", self.paths.socket, "locked" if self.locked else "unlocked"
+            )
+            await self._stop.wait()
+            log.info("stopping")
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+        await self.events.close()
+        async with self._auth:
+            await self._close_store()
+        with contextlib.suppress(OSError):
+            self.paths.pid.unlink()
+        self._release_profile_lock()
+
+    def _on_disconnect(self, conn: Connection) -> None:
+        self.events.drop_owner(conn)
+
+    # -- methods ------------------------------------------------------------------------
+
+    def _register_core(self) -> None:
+        r = self.registry
+        r.register("version", self.rpc_version)
+        r.register("status", self.rpc_status)
+        r.register("unlock", self.rpc_unlock)
+        r.register("lock", self.rpc_lock)
+        r.register("passphrase.change", self.rpc_passphrase_change)
+        r.register("events.subscribe", self.rpc_events_subscribe, unlocked=True)
+        r.register("events.unsubscribe", self.rpc_events_unsubscribe)
+        r.register("events.list", self.rpc_events_list, unlocked=True)
+        r.register("daemon.stop", self.rpc_daemon_stop)
+
+    async def rpc_version(self, ctx: CallContext) -> dict[str, Any]:
+        return {"version": __version__, "api_version": API_VERSION}
+
+    async def rpc_status(self, ctx: CallContext) -> dict[str, Any]:
+        store = self.store
+        return {
+            "version": __version__,
+            "api_version": API_VERSION,
+            "pid": os.getpid(),
+            "locked": store is None,
+            "has_passphrase": self.keyring.has_passphrase,
+            "relay": {"configured": False, "connected": False},
+            "last_event_seq": None if store is None else store.last_event_seq(),
+            "subscriptions": self.events.count(ctx.connection),
+        }
+
+    async def rpc_unlock(self, ctx: CallContext, passphrase: str | None = None) -> dict[str, Any]:
+        if self.keyring.has_passphrase and passphrase is None:
+            raise InvalidParamsError("passphrase", "is required", reason="missing")
+        if passphrase == "":
+            raise InvalidParamsError("passphrase", "must not be empty", reason="empty")
+        try:
+            await self.unlock(passphrase)
+        except WrongPassphrase:
+            raise E.wrong_passphrase() from None
+        except NoPassphrase:
+            msg = "this profile has no passphrase: call unlock without one"
+            raise E.no_passphrase(msg) from None
+        return {"locked": False}
+
+    async def rpc_lock(self, ctx: CallContext) -> dict[str, Any]:
+        if not self.keyring.has_passphrase:
+            raise E.no_passphrase(
+                "this profile has no passphrase, so it cannot be locked: set one first "
+                "(aegis passphrase)"
+            )
+        await self.lock()
+        return {"locked": True}
+
+    async def rpc_passphrase_change(
+        self,
+        ctx: CallContext,
+        old_passphrase: str | None = None,
+        new_passphrase: str | None = None,
+    ) -> dict[str, Any]:
+        """Re-wrap the database key under a new passphrase (or, with null, into the key file)."""
+        if self.keyring.has_passphrase and old_passphrase is None:
+            raise InvalidParamsError("old_passphrase", "is required", reason="missing")
+        if not self.keyring.has_passphrase and old_passphrase is not None:
+            raise InvalidParamsError(
+                "old_passphrase", "must be null: this profile has no passphrase", reason="value"
+            )
+        if new_passphrase == "":
+            raise InvalidParamsError("new_passphrase", "must not be empty", reason="empty")
+        if new_passphrase is None and not self.keyring.has_passphrase:
+            raise InvalidParamsError(
+                "new_passphrase", "is required: this profile has no passphrase yet", reason="value"
+            )
+        async with self._auth:
+            try:
+                await asyncio.to_thread(
+                    self.keyring.change_passphrase, old_passphrase, new_passphrase
+                )
+            except WrongPassphrase:
+                raise E.wrong_passphrase() from None
+        if self.store is not None:
+            self.events.emit(
+                "profile.passphrase_changed", {"has_passphrase": self.keyring.has_passphrase}
+            )
+        log.info("passphrase changed")
+        return {"has_passphrase": self.keyring.has_passphrase}
+
+    async def rpc_events_subscribe(
+        self, ctx: CallContext, types: list[str] | None = None, since: int | None = None
+    ) -> dict[str, Any]:
+        store = self.store
+        assert store is not None
+        last = store.last_event_seq()
+        _check_patterns(types)
+        if since is not None and not 0 <= since <= last:
+            raise InvalidParamsError(
+                "since", f"must be between 0 and the last sequence number ({last})", last_seq=last
+            )
+        conn = ctx.connection
+        sub = self.events.subscribe(conn, conn.send, types, since)
+        conn.new_subscriptions.append(sub)
+        first = store.first_event_seq()
+        gap = since is not None and first is not None and since < first - 1
+        return {"subscription": sub.id, "last_seq": last, "gap": gap}
+
+    async def rpc_events_unsubscribe(self, ctx: CallContext, subscription: str) -> dict[str, Any]:
+        if not self.events.unsubscribe(ctx.connection, subscription):
+            raise AppError(
+                E.NO_SUCH_SUBSCRIPTION,
+                "no_such_subscription",
+                "no such subscription on this connection",
+            )
+        return {"unsubscribed": True}
+
+    async def rpc_events_list(
+        self,
+        ctx: CallContext,
+        since: int = 0,
+        limit: int = 100,
+        types: list[str] | None = None,
+    ) -> dict[str, Any]:
+        store = self.store
+        assert store is not None
+        if not 1 <= limit <= MAX_EVENTS_PAGE:
+            raise InvalidParamsError("limit", f"must be between 1 and {MAX_EVENTS_PAGE}")
+        if since < 0:
+            raise InvalidParamsError("since", "must not be negative")
+        _check_patterns(types)
+        flt = EventFilter(types)
+        out: list[dict[str, Any]] = []
+        cursor = since
+        while len(out) < limit:
+            page = store.events_after(cursor, limit=256)
+            if not page:
+                break
+            for ev in page:
+                cursor = ev.seq
+                if flt.matches(ev.type):
+                    out.append(ev.to_json())
+                    if len(out) == limit:
+                        break
+        return {"events": out, "last_seq": store.last_event_seq(), "next_since": cursor}
+
+    async def rpc_daemon_stop(self, ctx: CallContext) -> dict[str, Any]:
+        # Stop after this response is written.
+        asyncio.get_running_loop().call_later(0.05, self.request_stop)
+        return {"stopping": True}
+
+    async def rpc_debug_emit(
+        self, ctx: CallContext, type: str, data: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Test plumbing only (aegisd --test-methods): persist and publish an event."""
+        if not TYPE_RE.match(type) or not type.startswith("debug."):
+            raise InvalidParamsError("type", "must be a dotted lowercase name under debug.")
+        ev = self.events.emit(type, data or {})
+        return {"seq": ev.seq}
+
+
+def _check_patterns(types: list[str] | None) -> None:
+    for i, t in enumerate(types or []):
+        if not PATTERN_RE.match(t):
+            raise InvalidParamsError(
+                "types", f"item {i} is not an event type or pattern like message.*", index=i
+            )

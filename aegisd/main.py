@@ -1,0 +1,127 @@
+"""The ``aegisd`` command.
+
+    aegisd [run] [--home DIR] [--passphrase-file F] [--log-level LEVEL]
+    aegisd init  [--home DIR] (--passphrase-file F | --no-passphrase)
+
+``aegis daemon`` and ``aegis init`` run these, so that the thin CLI never loads the
+cryptography or SQLCipher itself. A passphrase file holds the passphrase on its first line
+("-" reads standard input); one trailing newline is removed. Log lines go to stderr and hold
+no key, passphrase, message text or address.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from . import __version__
+from .paths import PathError, check_socket_path, resolve
+
+
+def read_passphrase_file(name: str) -> str:
+    """The first line of ``name`` ('-' for stdin), without its line ending."""
+    try:
+        if name == "-":
+            text = sys.stdin.readline()
+        else:
+            with open(name, encoding="utf-8") as f:
+                text = f.readline()
+    except OSError as exc:
+        msg = f"aegisd: error: cannot read the passphrase file: {exc.strerror}"
+        raise SystemExit(msg) from None
+    except UnicodeDecodeError:
+        raise SystemExit("aegisd: error: the passphrase file is not UTF-8") from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        raise SystemExit("aegisd: error: the passphrase file is empty")
+    return text
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aegisd", description="The AegisLink per-user daemon.")
+    p.add_argument("--version", action="version", version=f"aegisd {__version__}")
+    sub = p.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="serve the profile (the default)")
+    run.add_argument("--home", help="profile directory (default: AEGIS_HOME, else XDG dirs)")
+    run.add_argument("--passphrase-file", help="unlock at start with the passphrase in FILE")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--test-methods", action="store_true", help=argparse.SUPPRESS)
+    init = sub.add_parser("init", help="create a profile")
+    init.add_argument("--home")
+    g = init.add_mutually_exclusive_group(required=True)
+    g.add_argument("--passphrase-file", help="the new passphrase, first line of FILE ('-': stdin)")
+    g.add_argument("--no-passphrase", action="store_true", help="keep the key in a 0600 file")
+    # Argon2id cost; the defaults are the store's (64 MiB, 3 passes, 4 lanes). Tests lower them.
+    init.add_argument("--kdf-memory-kib", type=int, help=argparse.SUPPRESS)
+    init.add_argument("--kdf-time-cost", type=int, help=argparse.SUPPRESS)
+    init.add_argument("--kdf-parallelism", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def _init(args: argparse.Namespace) -> int:
+    from .store import DEFAULT_KDF, KdfParams, ProfileExists, StoreError, create_profile
+
+    paths = resolve(args.home)
+    check_socket_path(paths.socket)  # refuse a profile whose socket could never be bound
+    passphrase = None if args.no_passphrase else read_passphrase_file(args.passphrase_file)
+    kdf = KdfParams(
+        args.kdf_memory_kib or DEFAULT_KDF.memory_kib,
+        args.kdf_time_cost or DEFAULT_KDF.time_cost,
+        args.kdf_parallelism or DEFAULT_KDF.parallelism,
+    )
+    try:
+        create_profile(paths.home, passphrase, kdf).close()
+    except ProfileExists:
+        print(f"aegisd: error: a profile already exists in {paths.home}", file=sys.stderr)
+        return 1
+    except (StoreError, ValueError) as exc:
+        print(f"aegisd: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .daemon import Daemon, DaemonError
+    from .store import StoreError
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="aegisd: %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    paths = resolve(args.home)
+    check_socket_path(paths.socket)
+    passphrase = read_passphrase_file(args.passphrase_file) if args.passphrase_file else None
+
+    async def main() -> None:
+        daemon = Daemon(paths, test_methods=args.test_methods)
+        await daemon.run(passphrase, have_passphrase=args.passphrase_file is not None)
+
+    try:
+        asyncio.run(main())
+    except (DaemonError, StoreError) as exc:
+        print(f"aegisd: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("run", "init", "-h", "--help", "--version"):
+        argv.insert(0, "run")
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "init":
+            return _init(args)
+        return _run(args)
+    except PathError as exc:
+        print(f"aegisd: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

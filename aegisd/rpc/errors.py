@@ -1,0 +1,70 @@
+"""JSON-RPC error codes: the protocol's own, and the daemon's application range.
+
+Application errors use codes 1000-1999 (outside the range -32768..-32000 that JSON-RPC 2.0
+reserves) and always carry ``data`` as an object whose ``error`` member is a stable,
+machine-readable name; other members depend on the error (docs/api.md, "Errors").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# JSON-RPC 2.0, section 5.1.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+
+# Application range.
+APP_MIN = 1000
+APP_MAX = 1999
+LOCKED = 1001
+WRONG_PASSPHRASE = 1002
+PERMISSION_DENIED = 1003
+NO_PASSPHRASE = 1004
+NO_SUCH_SUBSCRIPTION = 1005
+# Reserved for the relay client (not raised yet): 1010 relay_unavailable,
+# 1011 rate_limited (data.retry_after, seconds).
+RELAY_UNAVAILABLE = 1010
+RATE_LIMITED = 1011
+
+
+class RpcError(Exception):
+    """An error a method returns to its caller. ``message`` and ``data`` must hold no secret."""
+
+    def __init__(self, code: int, message: str, data: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class AppError(RpcError):
+    """An application error: code in 1000-1999, data.error a stable name."""
+
+    def __init__(self, code: int, name: str, message: str, **extra: Any) -> None:
+        assert APP_MIN <= code <= APP_MAX
+        super().__init__(code, message, {"error": name, **extra})
+
+
+class InvalidParamsError(RpcError):
+    """-32602 whose message names the bad field."""
+
+    def __init__(self, field: str | None, problem: str, **extra: Any) -> None:
+        where = f"'{field}' " if field is not None else ""
+        super().__init__(
+            INVALID_PARAMS, f"Invalid params: {where}{problem}", {"field": field, **extra}
+        )
+
+
+def locked() -> AppError:
+    return AppError(LOCKED, "locked", "the profile is locked: unlock it first (aegis unlock)")
+
+
+def wrong_passphrase() -> AppError:
+    return AppError(WRONG_PASSPHRASE, "wrong_passphrase", "wrong passphrase")
+
+
+def no_passphrase(message: str) -> AppError:
+    return AppError(NO_PASSPHRASE, "no_passphrase", message)
