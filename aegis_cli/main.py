@@ -49,10 +49,10 @@ class Ctx:
         self.as_json = as_json
         self.paths: ProfilePaths = resolve(home)
 
-    def client(self) -> Client:
+    def client(self, timeout: float | None = 60.0) -> Client:
         try:
             check_socket_path(self.paths.socket)
-            return Client(self.paths.socket)
+            return Client(self.paths.socket, timeout=timeout)
         except DaemonNotRunning:
             raise not_running(self.paths) from None
         except PermissionError:
@@ -354,6 +354,30 @@ def passphrase(
             )
         result = c.call("passphrase.change", {"old_passphrase": old, "new_passphrase": new})
     ctx.out(result, "passphrase changed" if new is not None else "passphrase removed")
+
+
+@cli.command()
+@common
+@click.option("--since", type=int, metavar="SEQ", help="First replay the events after SEQ.")
+@click.option(
+    "--type", "types", multiple=True, metavar="TYPE", help="Only these types (e.g. message.*)."
+)
+def listen(ctx: Ctx, since: int | None, types: tuple[str, ...]) -> None:
+    """Print events as they happen, until interrupted (one per line)."""
+    params: dict[str, Any] = {}
+    if since is not None:
+        params["since"] = since
+    if types:
+        params["types"] = list(types)
+    with ctx.client(timeout=None) as c:
+        c.call("events.subscribe", params)
+        for note in c.notifications():
+            ev = note.get("params") or {}
+            if ctx.as_json:
+                click.echo(json.dumps(ev, sort_keys=True))
+            else:
+                data = json.dumps(ev.get("data"), sort_keys=True)
+                click.echo(f"{ev.get('seq')} {ev.get('type')} {data}")
 
 
 # -- entry point --------------------------------------------------------------------------

@@ -183,3 +183,31 @@ def test_daemon_in_the_foreground_is_aegisd_itself(home, cli_env):
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_listen_streams_events(short_tmp, cli_env):
+    h = str(short_tmp / "np")
+    assert aegis("init", "--home", h, "--no-passphrase", env=cli_env).returncode == 0
+    assert aegis("daemon", "--detach", "--test-methods", "--home", h).returncode == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aegis_cli.main", "listen", "--home", h, "--json", "--since", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=cli_env,
+    )
+    try:
+        assert proc.stdout is not None
+        first = json.loads(proc.stdout.readline())
+        assert first["type"] == "daemon.unlocked" and first["seq"] == 1
+        from aegis_cli.client import Client
+
+        with Client(f"{h}/aegisd.sock") as c:
+            c.call("debug.emit", {"type": "debug.hello", "data": {"n": 1}})
+        ev = json.loads(proc.stdout.readline())
+        assert ev["type"] == "debug.hello" and ev["data"] == {"n": 1} and ev["seq"] == 2
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        aegis("stop", "--home", h)
