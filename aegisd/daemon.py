@@ -275,7 +275,7 @@ class Daemon:
             )
         conn = ctx.connection
         sub = self.events.subscribe(conn, conn.send, types, since)
-        conn.new_subscriptions.append(sub)
+        conn.after_reply.append(sub.ready.set)  # events only after the subscribe response
         first = store.first_event_seq()
         gap = since is not None and first is not None and since < first - 1
         return {"subscription": sub.id, "last_seq": last, "gap": gap}
@@ -319,8 +319,7 @@ class Daemon:
         return {"events": out, "last_seq": store.last_event_seq(), "next_since": cursor}
 
     async def rpc_daemon_stop(self, ctx: CallContext) -> dict[str, Any]:
-        # Stop after this response is written.
-        asyncio.get_running_loop().call_later(0.05, self.request_stop)
+        ctx.connection.after_reply.append(self.request_stop)  # once the response is out
         return {"stopping": True}
 
     async def rpc_debug_emit(

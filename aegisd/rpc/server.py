@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -106,6 +107,18 @@ async def read_lines(
             buf.clear()
 
 
+def _socket_answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 def _error(code: int, message: str, data: Any = None) -> dict[str, Any]:
     err: dict[str, Any] = {"code": code, "message": message}
     if data is not None:
@@ -133,8 +146,9 @@ class Connection:
         self.writer = writer
         self._wlock = asyncio.Lock()
         self.closed = False
-        #: Subscriptions created by the request being handled; started once it is answered.
-        self.new_subscriptions: list[Any] = []
+        #: Run once the response to the current line is written (or, for a notification,
+        #: once it is handled): subscriptions start delivering, daemon.stop stops.
+        self.after_reply: list[Callable[[], None]] = []
 
     async def send(self, obj: Any) -> None:
         """Write one line; raises ConnectionError once the client is gone."""
@@ -160,11 +174,13 @@ class Connection:
                 )
             else:
                 reply = await self.server.handle(line, self)
-            if reply is not None:
-                await self.send(reply)
-            for sub in self.new_subscriptions:
-                sub.ready.set()
-            self.new_subscriptions.clear()
+            try:
+                if reply is not None:
+                    await self.send(reply)
+            finally:
+                callbacks, self.after_reply = self.after_reply, []
+                for callback in callbacks:
+                    callback()
 
 
 class RpcServer:
@@ -199,7 +215,9 @@ class RpcServer:
         check_socket_path(path)
         ensure_private_dir(path.parent)
         if path.is_socket():
-            path.unlink()  # stale: the caller holds the profile lock, so nobody serves it
+            if _socket_answers(path):
+                raise OSError(errno.EADDRINUSE, "another daemon is listening on this socket")
+            path.unlink()  # stale: left by a daemon that was killed
         old = os.umask(0o177)  # the socket is born 0600; no window with a looser mode
         try:
             self._server = await asyncio.start_unix_server(
