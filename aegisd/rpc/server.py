@@ -33,7 +33,7 @@ from typing import Any
 from jsonrpcserver import async_dispatch_to_serializable
 
 from ..paths import check_socket_path, ensure_private_dir
-from .errors import INVALID_REQUEST, PARSE_ERROR, PERMISSION_DENIED
+from .errors import INTERNAL_ERROR, INVALID_REQUEST, PARSE_ERROR, PERMISSION_DENIED
 from .methods import CallContext, Registry
 
 log = logging.getLogger("aegisd.rpc")
@@ -173,7 +173,11 @@ class Connection:
                     {"error": "request_too_large", "limit": self.server.max_request_bytes},
                 )
             else:
-                reply = await self.server.handle(line, self)
+                try:
+                    reply = await self.server.handle(line, self)
+                except Exception as exc:  # a bug; keep serving, say nothing of the content
+                    log.error("failed to handle a request: %s", type(exc).__name__)
+                    reply = _error(INTERNAL_ERROR, "Internal error", {"error": "internal"})
             try:
                 if reply is not None:
                     await self.send(reply)

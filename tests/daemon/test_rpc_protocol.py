@@ -158,3 +158,43 @@ def test_crlf_and_blank_lines_are_tolerated(conn):
     conn.send_raw(b"\n\r\n")
     conn.send_raw(b'{"jsonrpc": "2.0", "method": "version", "id": 3}\r\n')
     assert conn.read_message()["id"] == 3
+
+
+def test_deeply_nested_json_is_an_error_not_a_crash(spawn):
+    d = spawn()
+    with d.client() as c:
+        deep = "[" * 200_000 + "]" * 200_000
+        r = raw(c, deep)
+        assert r["error"]["code"] == -32700
+        params = "[" * 900 + "]" * 900
+        r = raw(c, '{"jsonrpc": "2.0", "method": "version", "params": ' + params + ', "id": 1}')
+        assert "error" in r
+        assert c.call("version")["api_version"] == 1
+    assert d.proc.poll() is None
+
+
+def test_many_clients_at_once(spawn):
+    import threading
+
+    d = spawn(passphrase=None)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            with d.client() as c:
+                for i in range(20):
+                    assert c.call("debug.emit", {"type": "debug.load", "data": {"i": i}})["seq"]
+                    assert c.call("version")["api_version"] == 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    with d.client() as c:
+        r = c.call("events.list", {"types": ["debug.load"], "limit": 1000})
+        seqs = [e["seq"] for e in r["events"]]
+        assert len(seqs) == 24 * 20 and seqs == sorted(set(seqs))
