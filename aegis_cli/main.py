@@ -23,6 +23,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from aegisd.paths import PathError, ProfilePaths, check_socket_path, resolve
+from aegisd.relayurl import RelayUrlError, check_relay_url
 
 from .client import Client, DaemonNotRunning, RpcCallError
 
@@ -162,6 +163,14 @@ def cli() -> None:
     "--passphrase-file", metavar="FILE", help="Read the passphrase from FILE ('-': stdin)."
 )
 @click.option("--no-passphrase", is_flag=True, help="No passphrase: the key goes in a 0600 file.")
+@click.option(
+    "--relay", metavar="URL", help="The relay: wss://HOST[:PORT][/PATH] (ws:// if local)."
+)
+@click.option(
+    "--insecure-plaintext-relay",
+    is_flag=True,
+    help="Allow an unencrypted ws:// relay on another host (everyone on the path sees it).",
+)
 @click.option("--kdf-memory-kib", type=int, hidden=True)
 @click.option("--kdf-time-cost", type=int, hidden=True)
 @click.option("--kdf-parallelism", type=int, hidden=True)
@@ -169,6 +178,8 @@ def init(
     ctx: Ctx,
     passphrase_file: str | None,
     no_passphrase: bool,
+    relay: str | None,
+    insecure_plaintext_relay: bool,
     kdf_memory_kib: int | None,
     kdf_time_cost: int | None,
     kdf_parallelism: int | None,
@@ -179,6 +190,11 @@ def init(
     if (ctx.paths.keyring).exists():
         raise Fail(f"a profile already exists in {ctx.paths.home}")
     check_socket_path(ctx.paths.socket)
+    if relay is not None:  # before asking for a passphrase; aegisd checks it again
+        try:
+            check_relay_url(relay, insecure_plaintext=insecure_plaintext_relay)
+        except RelayUrlError as exc:
+            raise Fail(str(exc)) from None
     argv = ctx.aegisd_argv("init")
     stdin = None
     if no_passphrase:
@@ -191,6 +207,10 @@ def init(
         )
         argv += ["--passphrase-file", "-"]
         stdin = pw + "\n"
+    if relay is not None:
+        argv += ["--relay", relay]
+    if insecure_plaintext_relay:
+        argv.append("--insecure-plaintext-relay")
     for flag, value in (
         ("--kdf-memory-kib", kdf_memory_kib),
         ("--kdf-time-cost", kdf_time_cost),
@@ -282,10 +302,12 @@ def status(ctx: Ctx) -> None:
     st = ctx.call("status")
     relay = st.get("relay") or {}
     relay_text = (
-        "connected"
+        f"{relay.get('url')} (connected)"
         if relay.get("connected")
-        else "not connected"
+        else f"{relay.get('url')} (not connected)"
         if relay.get("configured")
+        else "unknown while locked"
+        if st["locked"]
         else "not configured"
     )
     ctx.out(

@@ -25,6 +25,7 @@ from typing import Any
 
 from . import __version__
 from .paths import ProfilePaths
+from .relayurl import SETTING_URL
 from .rpc import AppError, CallContext, EventBus, InvalidParamsError, Registry, RpcServer
 from .rpc import errors as E
 from .rpc.events import PATTERN_RE, TYPE_RE, EventFilter
@@ -64,6 +65,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
         self.server: RpcServer | None = None
+        #: Set by the relay client (not written yet) as its connection goes up and down.
+        self.relay_connected = False
         self._register_core()
         if test_methods:
             self.registry.register("debug.emit", self.rpc_debug_emit, unlocked=True)
@@ -107,6 +110,11 @@ class Daemon:
         self.store = None
         store.close()
         log.info("locked")
+
+    def relay_status(self) -> dict[str, Any]:
+        """What status reports about the relay. ``connected`` is the relay client's to set."""
+        url = None if self.store is None else self.store.get_setting(SETTING_URL)
+        return {"configured": url is not None, "connected": self.relay_connected, "url": url}
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -201,7 +209,7 @@ class Daemon:
             "pid": os.getpid(),
             "locked": store is None,
             "has_passphrase": self.keyring.has_passphrase,
-            "relay": {"configured": False, "connected": False},
+            "relay": self.relay_status(),
             "last_event_seq": None if store is None else store.last_event_seq(),
             "subscriptions": self.events.count(ctx.connection),
         }

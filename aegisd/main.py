@@ -1,7 +1,7 @@
 """The ``aegisd`` command.
 
     aegisd [run] [--home DIR] [--passphrase-file F] [--log-level LEVEL]
-    aegisd init  [--home DIR] (--passphrase-file F | --no-passphrase)
+    aegisd init  [--home DIR] (--passphrase-file F | --no-passphrase) [--relay URL]
 
 ``aegis daemon`` and ``aegis init`` run these, so that the thin CLI never loads the
 cryptography or SQLCipher itself. A passphrase file holds the passphrase on its first line
@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     g = init.add_mutually_exclusive_group(required=True)
     g.add_argument("--passphrase-file", help="the new passphrase, first line of FILE ('-': stdin)")
     g.add_argument("--no-passphrase", action="store_true", help="keep the key in a 0600 file")
+    init.add_argument("--relay", metavar="URL", help="the relay (wss://, or ws:// to loopback)")
+    init.add_argument(
+        "--insecure-plaintext-relay",
+        action="store_true",
+        help="allow a ws:// (unencrypted) relay on another host",
+    )
     # Argon2id cost; the defaults are the store's (64 MiB, 3 passes, 4 lanes). Tests lower them.
     init.add_argument("--kdf-memory-kib", type=int, help=argparse.SUPPRESS)
     init.add_argument("--kdf-time-cost", type=int, help=argparse.SUPPRESS)
@@ -61,10 +67,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _init(args: argparse.Namespace) -> int:
+    from .relayurl import SETTING_INSECURE, SETTING_URL, RelayUrlError, check_relay_url
     from .store import DEFAULT_KDF, KdfParams, ProfileExists, StoreError, create_profile
 
     paths = resolve(args.home)
     check_socket_path(paths.socket)  # refuse a profile whose socket could never be bound
+    relay = None
+    if args.relay is not None:
+        try:
+            relay = check_relay_url(args.relay, insecure_plaintext=args.insecure_plaintext_relay)
+        except RelayUrlError as exc:
+            print(f"aegisd: error: {exc}", file=sys.stderr)
+            return 1
     passphrase = None if args.no_passphrase else read_passphrase_file(args.passphrase_file)
     kdf = KdfParams(
         args.kdf_memory_kib or DEFAULT_KDF.memory_kib,
@@ -72,7 +86,14 @@ def _init(args: argparse.Namespace) -> int:
         args.kdf_parallelism or DEFAULT_KDF.parallelism,
     )
     try:
-        create_profile(paths.home, passphrase, kdf).close()
+        store = create_profile(paths.home, passphrase, kdf)
+        try:
+            if relay is not None:
+                with store.transaction():
+                    store.set_setting(SETTING_URL, relay)
+                    store.set_setting(SETTING_INSECURE, bool(args.insecure_plaintext_relay))
+        finally:
+            store.close()
     except ProfileExists:
         print(f"aegisd: error: a profile already exists in {paths.home}", file=sys.stderr)
         return 1

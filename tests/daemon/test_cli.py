@@ -153,7 +153,9 @@ def test_cli_imports_no_crypto_and_no_daemon_internals(home, cli_env):
         assert "aegis_cli.main" in modules and "click" in modules
         bad = [m for m in modules if m.split(".")[0] in FORBIDDEN]
         assert bad == []
-        internals = [m for m in modules if m.startswith("aegisd.") and m != "aegisd.paths"]
+        # Only the two standard-library-only modules shared with thin clients.
+        shared = {"aegisd.paths", "aegisd.relayurl"}
+        internals = [m for m in modules if m.startswith("aegisd.") and m not in shared]
         assert internals == []
     finally:
         aegis("stop", "--home", h)
@@ -210,4 +212,28 @@ def test_listen_streams_events(short_tmp, cli_env):
         proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+        aegis("stop", "--home", h)
+
+
+def test_init_with_relay_url(short_tmp, cli_env):
+    h = str(short_tmp / "r")
+    line = one_line_error(
+        aegis("init", "--home", h, "--no-passphrase", "--relay", "ws://relay.example")
+    )
+    assert "--insecure-plaintext-relay" in line
+    line = one_line_error(aegis("init", "--home", h, "--no-passphrase", "--relay", "http://x"))
+    assert "wss://" in line
+    assert not (short_tmp / "r").exists()
+    r = aegis("init", "--home", h, "--no-passphrase", "--relay", "ws://127.0.0.1:8765/")
+    assert r.returncode == 0, r.stderr
+    try:
+        assert aegis("daemon", "--detach", "--home", h).returncode == 0
+        st = json.loads(aegis("status", "--home", h, "--json").stdout)
+        assert st["relay"] == {
+            "configured": True,
+            "connected": False,
+            "url": "ws://127.0.0.1:8765/",
+        }
+        assert "ws://127.0.0.1:8765/ (not connected)" in aegis("status", "--home", h).stdout
+    finally:
         aegis("stop", "--home", h)

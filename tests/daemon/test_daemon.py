@@ -335,6 +335,6 @@ def test_status_and_version_shape(spawn):
         v = c.call("version")
         st = c.call("status")
     assert set(v) == {"version", "api_version"}
-    assert st["relay"] == {"configured": False, "connected": False}
+    assert st["relay"] == {"configured": False, "connected": False, "url": None}
     assert st["pid"] == d.proc.pid
     json.dumps(st)

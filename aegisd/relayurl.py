@@ -1,0 +1,61 @@
+"""Which relay URLs the daemon accepts. Standard library only.
+
+* ``wss://`` to any host (the relay client verifies the certificate);
+* ``ws://`` only to a loopback host (127.0.0.0/8, ::1, localhost), where there is no network
+  to protect;
+* ``ws://`` to any other host only with the loudly named ``--insecure-plaintext-relay``
+  option, since everyone on the path then sees the blocks and the timing.
+
+The URL has no user info, query or fragment. It is stored in the profile's encrypted
+settings (``relay.url``, ``relay.insecure_plaintext``) by ``aegis init --relay URL``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import urlsplit
+
+SETTING_URL = "relay.url"
+SETTING_INSECURE = "relay.insecure_plaintext"
+INSECURE_OPTION = "--insecure-plaintext-relay"
+
+
+class RelayUrlError(ValueError):
+    """The URL is refused; the message says why and what to do."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_relay_url(url: str, *, insecure_plaintext: bool = False) -> str:
+    """Return the URL, normalised, or raise RelayUrlError."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        raise RelayUrlError("the relay URL is malformed") from None
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if scheme not in ("ws", "wss"):
+        raise RelayUrlError("the relay URL must start with wss:// (or ws:// for a local relay)")
+    if not host:
+        raise RelayUrlError("the relay URL has no host")
+    if parts.username is not None or parts.password is not None:
+        raise RelayUrlError("the relay URL must not hold a user name or password")
+    if parts.query or parts.fragment:
+        raise RelayUrlError("the relay URL must not have a query or fragment")
+    if scheme == "ws" and not is_loopback(host) and not insecure_plaintext:
+        raise RelayUrlError(
+            "ws:// is plaintext and only allowed to a loopback relay; use wss://, or "
+            f"{INSECURE_OPTION} if you really mean it"
+        )
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    return f"{scheme}://{netloc}{parts.path}"
