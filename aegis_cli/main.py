@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -185,6 +184,8 @@ def init(
     kdf_parallelism: int | None,
 ) -> None:
     """Create a profile (a new database and its key)."""
+    import subprocess  # only here and in `daemon`: keeps the other commands' start-up lean
+
     if passphrase_file and no_passphrase:
         raise Fail("--passphrase-file and --no-passphrase exclude each other", EXIT_USAGE)
     if (ctx.paths.keyring).exists():
@@ -240,6 +241,8 @@ def init(
 @click.option("--test-methods", is_flag=True, hidden=True)
 def daemon(ctx: Ctx, detach: bool, passphrase_file: str | None, test_methods: bool) -> None:
     """Start aegisd for this profile (in the foreground unless --detach)."""
+    import subprocess
+
     if not ctx.paths.keyring.exists():
         raise Fail(
             f"no profile in {ctx.paths.home}: create one with: aegis init{ctx.paths.home_option()}"
