@@ -30,7 +30,7 @@ from .rpc import AppError, CallContext, EventBus, InvalidParamsError, Registry, 
 from .rpc import errors as E
 from .rpc.events import PATTERN_RE, TYPE_RE, EventFilter
 from .rpc.server import Connection
-from .store import Keyring, KeyringError, NoPassphrase, Store, WrongPassphrase
+from .store import Keyring, KeyringError, NoPassphrase, Store, StoreError, WrongPassphrase
 
 log = logging.getLogger("aegisd")
 
@@ -226,6 +226,8 @@ class Daemon:
         except NoPassphrase:
             msg = "this profile has no passphrase: call unlock without one"
             raise E.no_passphrase(msg) from None
+        except StoreError as exc:
+            raise E.store_error(str(exc)) from None
         return {"locked": False}
 
     async def rpc_lock(self, ctx: CallContext) -> dict[str, Any]:
@@ -263,6 +265,8 @@ class Daemon:
                 )
             except WrongPassphrase:
                 raise E.wrong_passphrase() from None
+            except StoreError as exc:
+                raise E.store_error(str(exc)) from None
         if self.store is not None:
             self.events.emit(
                 "profile.passphrase_changed", {"has_passphrase": self.keyring.has_passphrase}

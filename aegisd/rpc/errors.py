@@ -24,6 +24,7 @@ WRONG_PASSPHRASE = 1002
 PERMISSION_DENIED = 1003
 NO_PASSPHRASE = 1004
 NO_SUCH_SUBSCRIPTION = 1005
+STORE_ERROR = 1006
 # Reserved for the relay client (not raised yet): 1010 relay_unavailable,
 # 1011 rate_limited (data.retry_after, seconds).
 RELAY_UNAVAILABLE = 1010
@@ -68,3 +69,9 @@ def wrong_passphrase() -> AppError:
 
 def no_passphrase(message: str) -> AppError:
     return AppError(NO_PASSPHRASE, "no_passphrase", message)
+
+
+def store_error(message: str) -> AppError:
+    """The store refused (a damaged keyring, a schema newer than this aegisd, ...).
+    Store messages never hold secrets (aegisd/store/errors.py)."""
+    return AppError(STORE_ERROR, "store_error", message)

@@ -188,6 +188,9 @@ class EventBus:
             self._subs.pop(sub.id, None)  # the client went away
         except asyncio.CancelledError:
             raise
+        except Exception as exc:  # e.g. a database I/O error: end this subscription only
+            log.error("event delivery failed with %s", type(exc).__name__)
+            self._subs.pop(sub.id, None)
 
     @staticmethod
     async def _deliver(sub: Subscription, ev: Event) -> None:

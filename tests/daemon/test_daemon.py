@@ -338,3 +338,23 @@ def test_status_and_version_shape(spawn):
     assert st["relay"] == {"configured": False, "connected": False, "url": None}
     assert st["pid"] == d.proc.pid
     json.dumps(st)
+
+
+def test_store_errors_are_reported_with_their_reason(spawn):
+    d = spawn()
+    with d.client() as c:
+        c.call("unlock", {"passphrase": PASSPHRASE})
+        c.call("lock")
+    # A database from a newer AegisLink: unlock says so, in one machine-readable error.
+    key = Keyring.load(d.home / "keyring.json").unlock(PASSPHRASE)
+    from aegisd.store import Store
+
+    s = Store.open(d.home / "aegis.db", key)
+    s._db.execute("UPDATE schema_version SET version = 999")
+    s.close()
+    with d.client() as c:
+        with pytest.raises(RpcCallError) as exc:
+            c.call("unlock", {"passphrase": PASSPHRASE})
+        assert exc.value.code == 1006 and exc.value.data == {"error": "store_error"}
+        assert "999" in exc.value.message
+        assert c.call("status")["locked"] is True
