@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from . import primitives as p
 from . import wire
-from .errors import BundleError
+from .errors import BundleError, DecryptionError
 from .identity import IdentityKeyPair, PublicIdentity
 from .prekeys import PrekeyStore
 from .primitives import Entropy
@@ -101,11 +101,14 @@ def associated_data(initiator: PublicIdentity, responder: PublicIdentity) -> byt
 
 def initiate(entropy: Entropy, identity: IdentityKeyPair, bundle: VerifiedBundle) -> InitiatorKeys:
     ek = entropy.x25519_private()
-    dh1 = identity.dh(bundle.spk_pub)
-    dh2 = p.dh(ek, bundle.identity.x_pub)
-    dh3 = p.dh(ek, bundle.spk_pub)
-    dh4 = p.dh(ek, bundle.opk_pub) if bundle.opk_pub is not None else b""
-    ss, ct = entropy.encapsulate(p.mlkem_load_ek(bundle.pqpk_ek))
+    try:
+        dh1 = identity.dh(bundle.spk_pub)
+        dh2 = p.dh(ek, bundle.identity.x_pub)
+        dh3 = p.dh(ek, bundle.spk_pub)
+        dh4 = p.dh(ek, bundle.opk_pub) if bundle.opk_pub is not None else b""
+        ss, ct = entropy.encapsulate(p.mlkem_load_ek(bundle.pqpk_ek))
+    except DecryptionError:  # a low-order X25519 key or a malformed ML-KEM key in the bundle
+        raise BundleError("bundle holds an unusable key") from None
     sk, seal_key = _derive(dh1, dh2 + dh3 + dh4 + ss)
     prefix = wire.FirstContactPrefix(
         p.x25519_public(ek), bundle.spk_id, bundle.pqpk_id, bundle.opk_id, ct

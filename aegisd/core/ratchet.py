@@ -23,7 +23,7 @@ from . import wire
 from .errors import DecodeError, DecryptionError, StateError
 from .primitives import Entropy
 
-MAX_SKIP = 2000  # message keys one received header may make us skip in one chain
+MAX_SKIP = 2000  # per chain: keys one header may skip, and skipped keys kept (oldest evicted)
 MAX_SKIPPED_TOTAL = 5000  # stored skipped keys, all chains together; the oldest are evicted
 SESSION_INFO = b"AegisLink_v1_session_keys"
 RATCHET_INFO = b"AegisLink_v1_ratchet"
@@ -276,8 +276,12 @@ class Ratchet:
     def _store_skipped(self, hk: bytes, keys: dict[int, bytes]) -> None:
         if not keys:
             return
-        self.skipped.setdefault(hk, {}).update(keys)
-        self._skipped_total += len(keys)
+        chain = self.skipped.setdefault(hk, {})
+        before = len(chain)
+        chain.update(keys)
+        while len(chain) > MAX_SKIP:
+            del chain[next(iter(chain))]
+        self._skipped_total += len(chain) - before
         while self._skipped_total > MAX_SKIPPED_TOTAL:
             oldest_hk = next(iter(self.skipped))
             chain = self.skipped[oldest_hk]

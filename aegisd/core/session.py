@@ -70,7 +70,10 @@ class Session:
         ]
 
     def decrypt(self, entropy: Entropy, block: bytes) -> wire.Fragment:
-        """One ratchet block -> its fragment. Any failure is DecryptionError, state unchanged."""
+        """One ratchet block -> its fragment. Any failure to authenticate is DecryptionError
+        and leaves the state unchanged. A block that authenticates but whose fragment is
+        malformed (only the peer can produce one) also raises DecryptionError, after the
+        ratchet advanced, so that the same block cannot be replayed."""
         if len(block) != wire.BLOCK_SIZE or block[0] != wire.VERSION:
             raise DecryptionError()
         return _read_body(self.ratchet.decrypt(entropy, block[1:], self._ad_v))
@@ -144,6 +147,8 @@ def accept_first_contact(entropy: Entropy, store: PrekeyStore, block: bytes) -> 
         )
     except (DecodeError, BundleError):
         raise DecryptionError() from None
+    if fragment.count != 1:  # a first contact is always a single fragment
+        raise DecryptionError()
     store.consume(prefix.opk_id, prefix.pqpk_id, digest)
     return FirstContact(Session(ratchet, ad, sender), sender, fragment)
 
@@ -152,12 +157,18 @@ def accept_first_contact(entropy: Entropy, store: PrekeyStore, block: bytes) -> 
 
 
 class Reassembler:
-    """Collects fragments into whole messages; bounded, pure, order-independent."""
+    """Collects fragments into whole messages; bounded, pure, order-independent.
 
-    def __init__(self, max_pending: int = 64) -> None:
+    At most `max_pending` incomplete messages and `max_bytes` of their data are held; beyond
+    that the oldest incomplete message is dropped. A repeated fragment is ignored.
+    """
+
+    def __init__(self, max_pending: int = 64, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.max_pending = max_pending
+        self.max_bytes = max_bytes
         self._pending: OrderedDict[bytes, dict[int, bytes]] = OrderedDict()
         self._counts: dict[bytes, int] = {}
+        self._bytes = 0
 
     def add(self, fragment: wire.Fragment) -> bytes | None:
         """The whole content once its last fragment arrived, else None."""
@@ -167,12 +178,20 @@ class Reassembler:
         if known != fragment.count:
             raise DecodeError("fragment count disagrees with earlier fragments")
         parts = self._pending.setdefault(fragment.msg_id, {})
+        if fragment.index in parts:
+            return None
         parts[fragment.index] = fragment.data
+        self._bytes += len(fragment.data)
         if len(parts) == fragment.count:
-            del self._pending[fragment.msg_id]
-            del self._counts[fragment.msg_id]
+            self._drop(fragment.msg_id)
             return b"".join(parts[i] for i in range(fragment.count))
-        while len(self._pending) > self.max_pending:
-            evicted, _ = self._pending.popitem(last=False)
-            del self._counts[evicted]
+        while self._pending and (
+            len(self._pending) > self.max_pending or self._bytes > self.max_bytes
+        ):
+            self._drop(next(iter(self._pending)))
         return None
+
+    def _drop(self, msg_id: bytes) -> None:
+        parts = self._pending.pop(msg_id)
+        del self._counts[msg_id]
+        self._bytes -= sum(len(d) for d in parts.values())

@@ -539,6 +539,8 @@ class RatchetStateRecord:
             keys: dict[int, bytes] = {}
             for _ in range(r.count()):
                 n = r.u32()
+                if n in keys:
+                    raise DecodeError("malformed skipped-key table")
                 keys[n] = r.take(KEY_LEN)
             if hk in out.skipped or not keys:
                 raise DecodeError("malformed skipped-key table")
@@ -699,6 +701,8 @@ class MailboxAddress:
     send_token: bytes  # empty: the mailbox takes a proof-of-work instead
 
     def write(self, w: Writer) -> Writer:
+        if not self.relay_url or not self.deposit_id:
+            raise ValueError("a mailbox address needs a relay URL and a deposit ID")
         _put_short(w, self.relay_url.encode(), MAX_URL_BYTES)
         _put_short(w, self.deposit_id, MAX_MAILBOX_FIELD)
         return _put_short(w, self.send_token, MAX_MAILBOX_FIELD)
@@ -820,7 +824,9 @@ def decode_payload(data: bytes) -> Payload:
 #   contact) || bundle address (u8 length + bytes: where the relay serves the prekey bundle) ||
 #   invitation id (u8 length + bytes; empty for a long-term address) || expires (u64, 0 = never)
 # The identity inside lets the joiner check the bundle the relay serves (a malicious relay
-# cannot substitute its own keys).
+# cannot substitute its own keys). The bundle is served by the relay of the mailbox address.
+# This parser checks structure only: the caller verifies the identity's binding signature
+# (identity.PublicIdentity.from_record) before trusting the link.
 
 LINK_SCHEME = "aegis:"
 LINK_INVITATION = 1
@@ -834,7 +840,7 @@ class ContactLink:
     mailbox: MailboxAddress
     bundle_address: bytes
     invitation_id: bytes
-    expires: int
+    expires: int  # seconds since the Unix epoch (UTC); 0: never
 
     def to_bytes(self) -> bytes:
         w = Writer().u8(VERSION).u8(self.kind).raw(self.identity.to_bytes())

@@ -109,3 +109,16 @@ def test_invitation_id_presence_matches_kind() -> None:
     bad = wire.ContactLink(**{**make_link().__dict__, "invitation_id": b""})
     with pytest.raises(DecodeError):
         wire.ContactLink.from_bytes(bad.to_bytes())
+
+
+def test_reassembler_bounds_and_duplicates() -> None:
+    from aegisd.core.session import Reassembler
+
+    r = Reassembler(max_pending=2, max_bytes=10)
+    assert r.add(wire.Fragment(b"a" * 8, 0, 2, b"12345")) is None
+    assert r.add(wire.Fragment(b"a" * 8, 0, 2, b"12345")) is None  # duplicate ignored
+    assert r.add(wire.Fragment(b"b" * 8, 0, 2, b"123456")) is None  # 11 bytes: "a" dropped
+    assert r.add(wire.Fragment(b"a" * 8, 1, 2, b"x")) is None  # "a" starts over
+    assert r.add(wire.Fragment(b"b" * 8, 1, 2, b"7")) == b"1234567"
+    with pytest.raises(DecodeError):
+        r.add(wire.Fragment(b"a" * 8, 0, 3, b"y"))  # disagrees with the known count

@@ -252,3 +252,45 @@ def test_store_without_a_current_key_rejected() -> None:
         k.replaced = NOW
     with pytest.raises(DecodeError):
         PrekeyStore.from_bytes(store.to_bytes())
+
+
+def test_skipped_keys_per_chain_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aegisd.core import ratchet
+
+    monkeypatch.setattr(ratchet, "MAX_SKIP", 5)
+    pair = make_pair()
+    blocks = [pair.a.encrypt(pair.entropy, f"{i}".encode())[0] for i in range(12)]
+    pair.b.decrypt(pair.entropy, blocks[5])  # skips n=1..5 (5 keys)
+    pair.b.decrypt(pair.entropy, blocks[10])  # skips 5 more: the chain keeps the newest 5
+    (chain,) = pair.b.ratchet.skipped.values()
+    assert len(chain) == 5
+    with pytest.raises(DecryptionError):
+        pair.b.decrypt(pair.entropy, blocks[0])
+    assert pair.b.decrypt(pair.entropy, blocks[9]).data == b"9"
+
+
+def test_first_contact_with_several_fragments_rejected() -> None:
+    """The initiator always sends one fragment; a sealed block claiming more is refused."""
+    entropy = SystemEntropy()
+    alice = IdentityKeyPair.generate(entropy)
+    _bob, store, xs, kems = bob_with_store(entropy)
+    bundle = pqxdh.verify_bundle(store.bundle_base().to_bytes(), xs[0], kems[0])
+    keys = pqxdh.initiate(entropy, alice, bundle)
+    from aegisd.core.ratchet import Ratchet
+
+    ratchet = Ratchet.init_initiator(entropy, keys.sk, bundle.spk_pub)
+    body = wire.Fragment(b"m" * 8, 0, 2, b"half").to_body(wire.FIRST_CONTACT_BODY_PT_LEN)
+    message = ratchet.encrypt(entropy, body, keys.ad + b"\x01")
+    prefix = keys.prefix.to_bytes()
+    block = prefix + p.seal_once(keys.seal_key, alice.public.to_bytes() + message, prefix)
+    with pytest.raises(DecryptionError):
+        accept_first_contact(entropy, store, block)
+
+
+def test_unusable_bundle_key_is_a_bundle_error() -> None:
+    entropy = SystemEntropy()
+    _bob, store, _, _ = bob_with_store(entropy)
+    bundle = pqxdh.verify_bundle(store.bundle_base().to_bytes())
+    broken = pqxdh.VerifiedBundle(**{**bundle.__dict__, "spk_pub": bytes(32)})
+    with pytest.raises(BundleError):
+        initiate_session(entropy, IdentityKeyPair.generate(entropy), broken, b"x")
