@@ -159,7 +159,9 @@ class Daemon:
             except OSError as exc:
                 raise DaemonError(f"cannot listen on {self.paths.socket}: {exc.strerror}") from None
             with contextlib.suppress(OSError):
-                self.paths.pid.write_text(f"{os.getpid()}\n")
+                fd = os.open(self.paths.pid, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{os.getpid()}\n")
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)

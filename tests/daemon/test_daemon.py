@@ -29,8 +29,19 @@ def test_socket_and_profile_permissions(spawn):
     assert stat.S_ISSOCK(os.lstat(d.sock).st_mode)
     assert _mode(d.sock) == 0o600
     assert _mode(d.home) == 0o700
-    for name in ("keyring.json", "aegis.db", "aegisd.lock"):
-        assert _mode(d.home / name) == 0o600, name
+    with d.client() as c:
+        c.call("unlock", {"passphrase": PASSPHRASE})  # the database opens: -wal and -shm appear
+        for p in d.home.iterdir():
+            assert _mode(p) == 0o600, p.name
+        assert {p.name for p in d.home.iterdir()} >= {
+            "keyring.json",
+            "aegis.db",
+            "aegis.db-wal",
+            "aegis.db-shm",
+            "aegisd.lock",
+            "aegisd.pid",
+            "aegisd.sock",
+        }
 
 
 def test_default_socket_under_xdg_runtime_dir(short_tmp):
