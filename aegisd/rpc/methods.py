@@ -144,6 +144,7 @@ class Registry:
 
     def __init__(self, is_locked: Callable[[], bool] = lambda: False) -> None:
         self._specs: dict[str, MethodSpec] = {}
+        self._wrapped: dict[str, Callable[..., Awaitable[Result]]] = {}
         self.is_locked = is_locked
 
     def register(self, name: str, func: Handler, *, unlocked: bool = False) -> None:
@@ -151,7 +152,9 @@ class Registry:
         ``locked`` error (1001) while the profile is locked."""
         if name in self._specs:
             raise ValueError(f"method {name} is already registered")
-        self._specs[name] = MethodSpec.build(name, func, unlocked)
+        spec = MethodSpec.build(name, func, unlocked)
+        self._specs[name] = spec
+        self._wrapped[name] = self._wrap(spec)
 
     def method(self, name: str, *, unlocked: bool = False) -> Callable[[Handler], Handler]:
         def deco(func: Handler) -> Handler:
@@ -164,8 +167,11 @@ class Registry:
         return sorted(self._specs)
 
     def for_jsonrpcserver(self) -> dict[str, Callable[..., Awaitable[Result]]]:
-        """The methods as jsonrpcserver wants them: context first, returning a Result."""
-        return {name: self._wrap(spec) for name, spec in self._specs.items()}
+        """The methods as jsonrpcserver wants them: context first, returning a Result.
+
+        A live view: methods registered later (say, by a service started on unlock) are
+        served too."""
+        return self._wrapped
 
     def _wrap(self, spec: MethodSpec) -> Callable[..., Awaitable[Result]]:
         async def call(ctx: CallContext, *args: Any, **kwargs: Any) -> Result:

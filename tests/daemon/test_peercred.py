@@ -184,3 +184,25 @@ def test_real_other_user_cannot_reach_the_daemon_socket(spawn, short_tmp):
         assert _as_nobody(str(d.sock)) == 13
     finally:
         os.chmod(d.home, 0o700)
+
+
+def test_methods_registered_after_start_are_served(tmp_path):
+    async def main() -> list[bytes]:
+        reg = Registry()
+        server = RpcServer(reg, tmp_path / "s.sock")
+        await server.start()
+        try:
+
+            async def late(ctx, n: int) -> int:
+                return n + 1
+
+            reg.register("late.method", late)
+            return await asyncio.to_thread(
+                _exchange,
+                str(tmp_path / "s.sock"),
+                b'{"jsonrpc":"2.0","method":"late.method","params":{"n":41},"id":1}\n',
+            )
+        finally:
+            await server.close()
+
+    assert json.loads(asyncio.run(main())[-1])["result"] == 42
