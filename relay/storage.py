@@ -201,34 +201,37 @@ class SQLiteStorage:
     def _run_batch(self, db: sqlite3.Connection, loop: asyncio.AbstractEventLoop,
                    batch: list[Any]) -> None:
         results: list[tuple[asyncio.Future[Any], bool, Any]] = []
-        plain = [item for item in batch if item[2]]
+        for fn, fut, own_tx in batch:
+            if own_tx:  # operations that manage their own transaction (checkpoint)
+                results.append(_call(fn, db, fut))
         tx = [item for item in batch if not item[2]]
-        for fn, fut, _ in plain:  # operations that manage their own transaction (checkpoint)
-            try:
-                results.append((fut, True, fn(db)))
-            except Exception as exc:
-                results.append((fut, False, StorageError(type(exc).__name__)))
         if tx:
             try:
+                # Group commit: the whole batch in one transaction, one fsync.
                 db.execute("BEGIN IMMEDIATE")
-                for fn, fut, _ in tx:
-                    db.execute("SAVEPOINT op")
-                    try:
-                        value = fn(db)
-                    except Exception as exc:
-                        db.execute("ROLLBACK TO op")
-                        results.append((fut, False, StorageError(type(exc).__name__)))
-                    else:
-                        results.append((fut, True, value))
-                    db.execute("RELEASE op")
+                values = [(fut, True, fn(db)) for fn, fut, _ in tx]
                 db.execute("COMMIT")
-            except Exception as exc:
+                results.extend(values)
+            except Exception:
                 with contextlib.suppress(Exception):
                     db.execute("ROLLBACK")
-                err = StorageError(type(exc).__name__)
-                results = [r for r in results if r[0] not in {f for _, f, _ in tx}]
-                results.extend((fut, False, err) for _, fut, _ in tx)
+                # Some operation failed: run each alone, so only the failing one fails.
+                for fn, fut, _ in tx:
+                    results.append(self._alone(db, fn, fut))
         loop.call_soon_threadsafe(_deliver, results)
+
+    @staticmethod
+    def _alone(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any],
+               fut: asyncio.Future[Any]) -> tuple[asyncio.Future[Any], bool, Any]:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            value = fn(db)
+            db.execute("COMMIT")
+            return fut, True, value
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                db.execute("ROLLBACK")
+            return fut, False, StorageError(type(exc).__name__)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], own_tx: bool = False) -> T:
         if self._thread is None or self._loop is None:
@@ -302,11 +305,9 @@ class SQLiteStorage:
 
     async def remove(self, mailbox: int, ids: list[int]) -> int:
         def op(db: sqlite3.Connection) -> int:
-            n = 0
-            for i in ids:
-                n += db.execute("DELETE FROM messages WHERE id = ? AND mailbox = ?",
-                                (i, mailbox)).rowcount
-            return n
+            marks = ",".join("?" * len(ids))
+            sql = f"DELETE FROM messages WHERE mailbox = ? AND id IN ({marks})"  # noqa: S608
+            return int(db.execute(sql, (mailbox, *ids)).rowcount)
         return await self._run(op)
 
     async def expire(self, now: int) -> dict[int, int]:
@@ -404,6 +405,14 @@ class SQLiteStorage:
         def op(db: sqlite3.Connection) -> None:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         await self._run(op, own_tx=True)
+
+
+def _call(fn: Callable[[sqlite3.Connection], Any], db: sqlite3.Connection,
+          fut: asyncio.Future[Any]) -> tuple[asyncio.Future[Any], bool, Any]:
+    try:
+        return fut, True, fn(db)
+    except Exception as exc:
+        return fut, False, StorageError(type(exc).__name__)
 
 
 def _set_result(fut: asyncio.Future[Any], value: Any) -> None:

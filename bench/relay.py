@@ -1,0 +1,322 @@
+"""Relay benchmark: throughput and deposit-to-delivery latency against a bare forwarder.
+
+    .venv/bin/python bench/relay.py [--pairs 50] [--messages 200] [--inflight 8] [--idle 5000]
+
+N sender/receiver pairs on loopback: each sender deposits M blocks of the protocol's block size
+(at most `--inflight` awaiting their acknowledgement), each receiver is subscribed and
+acknowledges what it gets. The same workload runs, in the same run, against:
+
+  * aegis-relay (a subprocess: SQLite WAL, synchronous=FULL, group commit, re-encryption), and
+  * a bare aiohttp WebSocket forwarder (a subprocess: no storage, no checks, no crypto), the
+    ceiling.
+
+It prints deposits per second and p50/p99 latency for both and the ratio; then it opens
+`--idle` connections to a fresh relay, each subscribed to its own mailbox, and prints the relay's
+resident memory. Nothing here is asserted: it is a measurement, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import resource
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from nacl.public import PrivateKey
+from nacl.signing import SigningKey
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from relay import wire  # noqa: E402
+from relay.client import RelayClient  # noqa: E402
+
+BLOCK = wire.BLOCK_SIZE
+
+
+# --- the bare forwarder (the ceiling) -------------------------------------------------------------
+
+
+def forwarder_main(fd: int) -> None:
+    """Frames: 0x00|name(16) subscribes; 0x01|rid(4)|name(16)|block is forwarded, then acked."""
+    subs: dict[bytes, web.WebSocketResponse] = {}
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=1 << 20, compress=False)
+        await ws.prepare(request)
+        async for msg in ws:
+            data = msg.data
+            if data[0] == 0:
+                subs[data[1:17]] = ws
+            else:
+                target = subs.get(data[5:21])
+                if target is not None:
+                    await target.send_bytes(data[21:])
+                await ws.send_bytes(data[1:5])
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    sock = socket.socket(fileno=fd)
+    web.run_app(app, sock=sock, print=None, access_log=None)
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+class Server:
+    def __init__(self, args: list[str]) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4096)
+        self.port = self.sock.getsockname()[1]
+        fd = str(self.sock.fileno())
+        self.proc = subprocess.Popen([a.replace("{fd}", fd) for a in args], cwd=ROOT,
+                                     pass_fds=(self.sock.fileno(),), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+
+    async def wait_ready(self, path: str) -> None:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(500):
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with s.get(f"http://127.0.0.1:{self.port}{path}") as r:
+                        if r.status < 500:
+                            return
+                await asyncio.sleep(0.02)
+        raise RuntimeError("server did not start")
+
+    def rss_mb(self) -> tuple[float, float]:
+        fields = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            k, _, v = line.partition(":")
+            fields[k] = v.strip()
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.sock.close()
+
+
+def start_relay(data: str) -> Server:
+    return Server([sys.executable, "-m", "relay.main", "--listen-fd", "{fd}", "--data", data,
+                   "--log-level", "warning", "--deposit-rate", "1000000", "--deposit-burst",
+                   "1000000", "--frame-rate", "1000000", "--frame-burst", "1000000",
+                   "--max-connections", "20000", "--subscriptions-per-connection", "10"])
+
+
+# --- workloads ----------------------------------------------------------------------------
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))]
+
+
+def stamped() -> bytes:
+    return struct.pack(">d", time.perf_counter()) + os.urandom(BLOCK - 8)
+
+
+async def relay_workload(url: str, pairs: int, messages: int, inflight: int
+                         ) -> tuple[float, list[float]]:
+    conn = aiohttp.TCPConnector(limit=0)
+    session = aiohttp.ClientSession(connector=conn)
+    latencies: list[float] = []
+    total = pairs * messages
+    token = os.urandom(32)
+    setup = []
+    for _ in range(pairs):
+        r = await RelayClient.connect(url, session=session)
+        s = await RelayClient.connect(url, session=session)
+        sig, box = SigningKey.generate(), PrivateKey.generate()
+        created = await r.create(sig, bytes(box.public_key))
+        await r.token_add(created.owner_id, sig, token)
+        await r.subscribe(created.owner_id, sig)
+        setup.append((r, s, created, box))
+
+    async def receive(r: RelayClient, created: object, box: PrivateKey, relay_pub: bytes) -> None:
+        from nacl.public import Box, PublicKey
+        opener = Box(box, PublicKey(relay_pub))
+        acks: list[asyncio.Future[None]] = []
+        got = 0
+        while got < messages:
+            batch = [await r.messages.get()]
+            while not r.messages.empty():
+                batch.append(r.messages.get_nowait())
+            for m in batch:
+                t = struct.unpack(">d", opener.decrypt(m.sealed)[:8])[0]
+                latencies.append(time.perf_counter() - t)
+            got += len(batch)
+            # Acknowledge in batches, without waiting: as a real client would.
+            acks.append(asyncio.ensure_future(r.ack([m.msg_id for m in batch])))
+        await asyncio.gather(*acks)
+
+    async def send(s: RelayClient, deposit_id: bytes) -> None:
+        sem = asyncio.Semaphore(inflight)
+
+        async def one() -> None:
+            async with sem:
+                await s.deposit(deposit_id, stamped(), token=token)
+
+        await asyncio.gather(*(one() for _ in range(messages)))
+
+    t0 = time.perf_counter()
+    tasks = [receive(r, c, box, c.relay_box_pub) for r, _, c, box in setup]
+    tasks += [send(s, c.deposit_id) for _, s, c, _ in setup]
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - t0
+    for r, s, _, _ in setup:
+        await r.close()
+        await s.close()
+    await session.close()
+    return total / elapsed, latencies
+
+
+async def forwarder_workload(url: str, pairs: int, messages: int, inflight: int
+                             ) -> tuple[float, list[float]]:
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    latencies: list[float] = []
+    conns = []
+    for _ in range(pairs):
+        r = await session.ws_connect(url, max_msg_size=1 << 20)
+        s = await session.ws_connect(url, max_msg_size=1 << 20)
+        name = os.urandom(16)
+        await r.send_bytes(b"\x00" + name)
+        conns.append((r, s, name))
+    await asyncio.sleep(0.2)  # let subscriptions land (no reply in the bare protocol)
+
+    async def receive(r: aiohttp.ClientWebSocketResponse) -> None:
+        for _ in range(messages):
+            msg = await r.receive()
+            latencies.append(time.perf_counter() - struct.unpack(">d", msg.data[:8])[0])
+
+    async def send(s: aiohttp.ClientWebSocketResponse, name: bytes) -> None:
+        pending: dict[int, asyncio.Future[None]] = {}
+
+        async def reader() -> None:
+            async for msg in s:
+                fut = pending.pop(struct.unpack(">I", msg.data)[0], None)
+                if fut is not None:
+                    fut.set_result(None)
+
+        rt = asyncio.ensure_future(reader())
+        sem = asyncio.Semaphore(inflight)
+        loop = asyncio.get_running_loop()
+
+        async def one(i: int) -> None:
+            async with sem:
+                fut: asyncio.Future[None] = loop.create_future()
+                pending[i] = fut
+                await s.send_bytes(b"\x01" + struct.pack(">I", i) + name + stamped())
+                await fut
+
+        await asyncio.gather(*(one(i) for i in range(messages)))
+        rt.cancel()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[receive(r) for r, _, _ in conns], *[send(s, n) for _, s, n in conns])
+    elapsed = time.perf_counter() - t0
+    for r, s, _ in conns:
+        await r.close()
+        await s.close()
+    await session.close()
+    return pairs * messages / elapsed, latencies
+
+
+async def idle_workload(url: str, n: int) -> int:
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    clients = []
+    sem = asyncio.Semaphore(200)
+
+    async def one() -> None:
+        async with sem:
+            c = await RelayClient.connect(url, session=session)
+            sig = SigningKey.generate()
+            created = await c.create(sig, bytes(PrivateKey.generate().public_key))
+            await c.subscribe(created.owner_id, sig)
+            clients.append(c)
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    return len(clients)
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    with contextlib.suppress(ValueError, OSError):
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    print(f"workload: {args.pairs} sender/receiver pairs x {args.messages} blocks of {BLOCK} "
+          f"bytes, {args.inflight} in flight per sender, loopback, {os.cpu_count()} CPUs")
+    with tempfile.TemporaryDirectory() as tmp:
+        relay = start_relay(os.path.join(tmp, "data"))
+        fwd = Server([sys.executable, str(Path(__file__).resolve()), "--forwarder", "{fd}"])
+        try:
+            await relay.wait_ready("/health")
+            await fwd.wait_ready("/ws")
+            results = {}
+            for name, srv in (("forwarder", fwd), ("relay", relay)):
+                cpu0, own0 = srv.cpu_s(), time.process_time()
+                if name == "relay":
+                    rate, lat = await relay_workload(f"http://127.0.0.1:{srv.port}/v1/ws",
+                                                     args.pairs, args.messages, args.inflight)
+                else:
+                    rate, lat = await forwarder_workload(f"http://127.0.0.1:{srv.port}/ws",
+                                                         args.pairs, args.messages,
+                                                         args.inflight)
+                results[name] = rate
+                cpu, own = srv.cpu_s() - cpu0, time.process_time() - own0
+                label = ("aegis-relay (SQLite WAL, synchronous=FULL, group commit)"
+                         if name == "relay" else "bare aiohttp forwarder (no storage/checks)")
+                print(f"{label}: {rate:,.0f} deposits/s, deposit-to-delivery "
+                      f"p50 {pct(lat, 50) * 1000:.1f} ms, p99 {pct(lat, 99) * 1000:.1f} ms "
+                      f"(server CPU {cpu:.1f} s, client CPU {own:.1f} s)")
+            print(f"relay / forwarder throughput: {results['relay'] / results['forwarder']:.0%}")
+        finally:
+            relay.stop()
+            fwd.stop()
+        if args.idle:
+            relay = start_relay(os.path.join(tmp, "idle"))
+            try:
+                await relay.wait_ready("/health")
+                rss0, _ = relay.rss_mb()
+                held = await idle_workload(f"http://127.0.0.1:{relay.port}/v1/ws", args.idle)
+                await asyncio.sleep(1)
+                rss, hwm = relay.rss_mb()
+                print(f"idle: {held} subscribed connections held; relay RSS {rss:.0f} MB "
+                      f"(peak {hwm:.0f} MB, {rss0:.0f} MB before connecting)")
+            finally:
+                relay.stop()
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--forwarder":
+        forwarder_main(int(sys.argv[2]))
+        return
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", type=int, default=50)
+    p.add_argument("--messages", type=int, default=200)
+    p.add_argument("--inflight", type=int, default=8)
+    p.add_argument("--idle", type=int, default=5000, help="idle subscribed connections (0: skip)")
+    asyncio.run(main_async(p.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
