@@ -307,3 +307,24 @@ def test_help_documents_every_option() -> None:
     for f in dataclasses.fields(Config):
         name = "--data" if f.name == "data_dir" else "--" + f.name.replace("_", "-")
         assert name in out, name
+
+
+def test_protocol_document_covers_frames_errors_options() -> None:
+    import dataclasses
+
+    from relay.config import Config
+    doc = (ROOT / "docs" / "relay-protocol.md").read_text()
+    names = ["HELLO", "CREATE", "SUBSCRIBE", "UNSUBSCRIBE", "FETCH", "ACK", "DELETE",
+             "TOKEN_ADD", "TOKEN_DEL", "BUNDLE_BASE", "BUNDLE_ADD", "BUNDLE_STATUS",
+             "BUNDLE_FETCH", "DEPOSIT", "BLOB_QUOTA", "BLOB_PUT", "BLOB_GET", "BLOB_DEL", "OK",
+             "HELLO_OK", "CREATED", "BUNDLE_COUNT", "BUNDLE", "BLOB", "MSG", "END", "ERROR"]
+    assert {getattr(wire, n) for n in names} >= wire.CLIENT_TYPES
+    for name in names:
+        assert f"| 0x{getattr(wire, name):02X} | `{name}` |" in doc, name
+    for code in wire.ERROR_TEXT:
+        assert f"| {code} | `" in doc, code
+    for f in dataclasses.fields(Config):
+        name = "--data" if f.name == "data_dir" else "--" + f.name.replace("_", "-")
+        assert f"`{name}`" in doc, name
+    assert str(wire.BLOCK_SIZE) in doc and str(wire.SEALED_BLOCK_LEN) in doc
+
