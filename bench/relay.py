@@ -89,7 +89,9 @@ class Server:
     async def wait_ready(self, path: str) -> None:
         async with aiohttp.ClientSession() as s:
             for _ in range(500):
-                with contextlib.suppress(aiohttp.ClientError):
+                if self.proc.poll() is not None:
+                    raise RuntimeError("server exited")
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
                     async with s.get(f"http://127.0.0.1:{self.port}{path}") as r:
                         if r.status < 500:
                             return
