@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
@@ -19,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from nacl.bindings import crypto_box_easy_afternm
 from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.public import Box, PrivateKey, PublicKey, SealedBox
 from nacl.secret import SecretBox
@@ -81,6 +83,12 @@ def _ct_member(candidate: bytes, hashes: tuple[bytes, ...]) -> bool:
     return found
 
 
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Retrieve a background future's outcome (its failure needs no answer)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 class RandomPool:
     """Random bytes from os.urandom drawn 4 KiB at a time: one system call per few hundred ids
     and nonces instead of one each (the system call was a visible share of a deposit's cost)."""
@@ -106,7 +114,7 @@ RANDOM = RandomPool()
 class MailboxState:
     """The in-memory view of one mailbox (rebuilt from storage when needed)."""
 
-    __slots__ = ("box", "bundle_bucket", "deleted", "deposit_bucket", "dkey", "id", "okey",
+    __slots__ = ("bundle_bucket", "deleted", "deposit_bucket", "dkey", "id", "key", "okey",
                  "public", "queued", "sub", "tokens", "verify")
 
     def __init__(self, row: MailboxRow, cfg: Config, now: float) -> None:
@@ -114,7 +122,8 @@ class MailboxState:
         self.okey = row.owner_key
         self.dkey = row.deposit_key
         self.verify = VerifyKey(row.sig_pub)
-        self.box = Box(PrivateKey(row.box_secret), PublicKey(row.owner_box_pub))
+        # NaCl box with the Curve25519 shared key computed once per mailbox.
+        self.key = Box(PrivateKey(row.box_secret), PublicKey(row.owner_box_pub)).shared_key()
         self.public = row.public
         self.tokens = row.tokens
         self.queued = row.queued
@@ -122,6 +131,11 @@ class MailboxState:
         self.bundle_bucket = TokenBucket(cfg.bundle_fetch_rate, cfg.bundle_fetch_burst, now)
         self.sub: Subscription | None = None
         self.deleted = False
+
+    def seal(self, block: bytes) -> bytes:
+        """Re-encrypt a block for the owner: nonce(24) | crypto_box(block) (§4.3)."""
+        nonce = RANDOM.take(Box.NONCE_SIZE)
+        return nonce + crypto_box_easy_afternm(block, nonce, self.key)
 
 
 class Subscription:
@@ -354,7 +368,8 @@ class Connection:
         self.pow_seen: set[bytes] = set()
         self.blob_quota = 0
         self._out: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
-        self._sem = asyncio.Semaphore(self.cfg.max_inflight)
+        self._inflight = 0
+        self._room: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.last_frame = time.monotonic()
         self._frames = TokenBucket(self.cfg.frame_rate, self.cfg.frame_burst, self.last_frame)
@@ -418,9 +433,6 @@ class Connection:
             self.delivered.clear()
             self.out_rows.clear()
 
-    def busy(self) -> bool:
-        return bool(self._tasks)
-
     async def _read_loop(self) -> None:
         ws = self.ws
         while not self._closed:
@@ -456,14 +468,86 @@ class Connection:
         except wire.FrameError as exc:
             self.error(rid, exc.code)
             return
-        await self._sem.acquire()
+        if self._inflight >= self.cfg.max_inflight:
+            await self._wait_room()
+        self._inflight += 1
+        fast = _FAST.get(frame.type)
+        if fast is not None:
+            try:
+                if fast(self, frame):
+                    return  # in progress: its callback releases the slot
+            except wire.FrameError as exc:
+                self._release()
+                self.error(frame.rid, exc.code)
+                return
+            except Exception as exc:  # never a crash, never a trace to the client
+                self._release()
+                log.error("internal error: %s", type(exc).__name__)
+                self.error(frame.rid, wire.E_INTERNAL)
+                return
         task = asyncio.ensure_future(self._handle(frame))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
+    async def _wait_room(self) -> None:
+        """Stop reading while max_inflight requests are in progress."""
+        while self._inflight >= self.cfg.max_inflight:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
+        self._room = None
+
+    def _release(self) -> None:
+        self._inflight -= 1
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
+
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        self._sem.release()
+        self._release()
+
+    def busy(self) -> bool:
+        return self._inflight > 0
+
+    def _deposit_done(self, rid: int, mb: MailboxState, sealed: bytes,
+                      fut: asyncio.Future[int]) -> None:
+        self._release()
+        relay = self.relay
+        if fut.cancelled():
+            mb.queued -= 1
+            return
+        exc = fut.exception()
+        if exc is not None:
+            mb.queued -= 1
+            log.warning("storage error: %s", type(exc).__name__)
+            self.error(rid, wire.E_INTERNAL)
+            return
+        rowid = fut.result()
+        self.ok(rid)
+        if mb.deleted:
+            relay.storage.remove(mb.id, [rowid]).add_done_callback(_consume)
+            return
+        relay.stored(mb, rowid, sealed)
+
+    def _ack_done(self, rid: int, mb: MailboxState, rowids: list[int],
+                  fut: asyncio.Future[int]) -> None:
+        self._release()
+        rows = self.out_rows.get(mb.id)
+        if rows is not None:
+            rows.difference_update(rowids)
+            if not rows:
+                del self.out_rows[mb.id]
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            log.warning("storage error: %s", type(exc).__name__)
+            self.error(rid, wire.E_INTERNAL)
+            return
+        mb.queued = max(0, mb.queued - fut.result())
+        self.ok(rid)
+        sub = self.subs.get(mb.id)
+        if sub is not None and sub.backlog and not sub.pumping:
+            self.relay.spawn(self.relay.pump(sub))
 
     def _hello_ok(self) -> wire.HelloOk:
         c = self.cfg
@@ -691,28 +775,55 @@ async def h_bundle_fetch(c: Connection, f: wire.Frame) -> None:
     c.send(wire.encode(wire.BUNDLE, f.rid, wire.encode_bundle(*bundle)))
 
 
-async def h_deposit(c: Connection, f: wire.Frame) -> None:
-    deposit_id, kind, auth, block = wire.parse_deposit(f.body)
-    if len(block) != wire.BLOCK_SIZE:
-        raise wire.FrameError(wire.E_BAD_BLOCK)
+def _deposit_pow(c: Connection, deposit_id: bytes, kind: int, auth: bytes, block: bytes) -> None:
     if kind == wire.AUTH_POW:
         c._check_pow(c.cfg.pow_deposit_bits, wire.POW_DEPOSIT, deposit_id,
                      hashlib.sha256(block).digest(), auth)
-    relay = c.relay
-    mb = await relay.mailbox(dkey=deposit_key(deposit_id))
+
+
+def _deposit_auth(c: Connection, mb: MailboxState | None, kind: int,
+                  auth: bytes) -> MailboxState:
+    """Token or public mailbox; then the mailbox's rate and queue. One answer for all denials."""
     if kind == wire.AUTH_TOKEN:
         allowed = _ct_member(hashlib.sha256(auth).digest(), mb.tokens if mb else ())
     else:
         allowed = mb is not None and mb.public
     if mb is None or mb.deleted or not allowed:
         raise Denied()
-    if not mb.deposit_bucket.take(time.monotonic()):
+    if not mb.deposit_bucket.take(c.last_frame):
         raise wire.FrameError(wire.E_RATE_LIMITED)
     if mb.queued >= c.cfg.queue_limit:
         raise wire.FrameError(wire.E_QUEUE_FULL)
-    mb.queued += 1
+    return mb
+
+
+def fast_deposit(c: Connection, f: wire.Frame) -> bool:
+    """DEPOSIT to a mailbox in the cache: no task, a callback on the storage future."""
+    deposit_id, kind, auth, block = wire.parse_deposit(f.body)
+    if len(block) != wire.BLOCK_SIZE:
+        raise wire.FrameError(wire.E_BAD_BLOCK)
+    cached = c.relay.by_dkey.get(deposit_key(deposit_id))
+    if cached is None:
+        return False  # h_deposit loads the mailbox
+    _deposit_pow(c, deposit_id, kind, auth, block)
+    mb = _deposit_auth(c, cached, kind, auth)
     # Re-encrypt for the owner: the stored and delivered bytes share nothing with the deposit.
-    sealed = bytes(mb.box.encrypt(block, RANDOM.take(Box.NONCE_SIZE)))
+    sealed = mb.seal(block)
+    fut = c.relay.storage.enqueue(mb.id, c.relay.expiry(), sealed)
+    mb.queued += 1
+    fut.add_done_callback(functools.partial(c._deposit_done, f.rid, mb, sealed))
+    return True
+
+
+async def h_deposit(c: Connection, f: wire.Frame) -> None:
+    deposit_id, kind, auth, block = wire.parse_deposit(f.body)
+    if len(block) != wire.BLOCK_SIZE:
+        raise wire.FrameError(wire.E_BAD_BLOCK)
+    _deposit_pow(c, deposit_id, kind, auth, block)
+    relay = c.relay
+    mb = _deposit_auth(c, await relay.mailbox(dkey=deposit_key(deposit_id)), kind, auth)
+    sealed = mb.seal(block)
+    mb.queued += 1
     try:
         rowid = await relay.storage.enqueue(mb.id, relay.expiry(), sealed)
     except BaseException:
@@ -723,6 +834,20 @@ async def h_deposit(c: Connection, f: wire.Frame) -> None:
         await relay.storage.remove(mb.id, [rowid])
         return
     relay.stored(mb, rowid, sealed)
+
+
+def fast_ack(c: Connection, f: wire.Frame) -> bool:
+    """ACK of blocks of one mailbox (the usual case): no task, a callback on the deletion."""
+    ids = wire.parse_ack(f.body, c.cfg.window)
+    if len(set(ids)) != len(ids) or any(i not in c.delivered for i in ids):
+        raise wire.FrameError(wire.E_UNKNOWN_MESSAGE)
+    mb = c.delivered[ids[0]][0]
+    if any(c.delivered[i][0] is not mb for i in ids):
+        return False  # several mailboxes: h_ack
+    rowids = [c.delivered.pop(i)[1] for i in ids]
+    fut = c.relay.storage.remove(mb.id, rowids)
+    fut.add_done_callback(functools.partial(c._ack_done, f.rid, mb, rowids))
+    return True
 
 
 async def h_blob_quota(c: Connection, f: wire.Frame) -> None:
@@ -805,6 +930,11 @@ async def h_blob_del(c: Connection, f: wire.Frame) -> None:
 async def h_hello(c: Connection, f: wire.Frame) -> None:  # handled in _frame; never reached
     raise wire.FrameError(wire.E_OUT_OF_ORDER)
 
+
+_FAST: dict[int, Callable[[Connection, wire.Frame], bool]] = {
+    wire.DEPOSIT: fast_deposit,
+    wire.ACK: fast_ack,
+}
 
 _HANDLERS: dict[int, Handler] = {
     wire.HELLO: h_hello,

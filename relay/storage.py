@@ -66,9 +66,11 @@ class Storage(Protocol):
                            dkey: bytes | None = None) -> MailboxRow | None: ...
     async def delete_mailbox(self, mailbox: int) -> None: ...
     async def set_tokens(self, mailbox: int, tokens: tuple[bytes, ...]) -> None: ...
-    async def enqueue(self, mailbox: int, expiry: int, sealed: bytes) -> int: ...
+    # enqueue and remove return a future rather than being coroutines, so the hot paths can
+    # attach a callback instead of running a task per frame.
+    def enqueue(self, mailbox: int, expiry: int, sealed: bytes) -> asyncio.Future[int]: ...
     async def queued(self, mailbox: int, after: int, limit: int) -> list[tuple[int, bytes]]: ...
-    async def remove(self, mailbox: int, ids: list[int]) -> int: ...
+    def remove(self, mailbox: int, ids: list[int]) -> asyncio.Future[int]: ...
     async def expire(self, now: int) -> dict[int, int]: ...
     async def set_bundle_base(self, mailbox: int, base: bytes) -> None: ...
     async def add_bundle_items(self, mailbox: int, kind: int, items: list[bytes],
@@ -233,12 +235,16 @@ class SQLiteStorage:
                 db.execute("ROLLBACK")
             return fut, False, StorageError(type(exc).__name__)
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T], own_tx: bool = False) -> T:
+    def _submit(self, fn: Callable[[sqlite3.Connection], T],
+                own_tx: bool = False) -> asyncio.Future[T]:
         if self._thread is None or self._loop is None:
             raise StorageError("storage closed")
         fut: asyncio.Future[T] = self._loop.create_future()
         self._queue.put((fn, fut, own_tx))
-        return await fut
+        return fut
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], own_tx: bool = False) -> T:
+        return await self._submit(fn, own_tx)
 
     # --- mailboxes --------------------------------------------------------------------------------
 
@@ -289,13 +295,13 @@ class SQLiteStorage:
 
     # --- queued blocks ---------------------------------------------------------------------------
 
-    async def enqueue(self, mailbox: int, expiry: int, sealed: bytes) -> int:
+    def enqueue(self, mailbox: int, expiry: int, sealed: bytes) -> asyncio.Future[int]:
         def op(db: sqlite3.Connection) -> int:
             cur = db.execute("INSERT INTO messages (mailbox, expiry, block) VALUES (?, ?, ?)",
                              (mailbox, expiry, sealed))
             assert cur.lastrowid is not None
             return cur.lastrowid
-        return await self._run(op)
+        return self._submit(op)
 
     async def queued(self, mailbox: int, after: int, limit: int) -> list[tuple[int, bytes]]:
         return await self._run(lambda db: [
@@ -303,12 +309,12 @@ class SQLiteStorage:
                 "SELECT id, block FROM messages WHERE mailbox = ? AND id > ? ORDER BY id LIMIT ?",
                 (mailbox, after, limit))])
 
-    async def remove(self, mailbox: int, ids: list[int]) -> int:
+    def remove(self, mailbox: int, ids: list[int]) -> asyncio.Future[int]:
         def op(db: sqlite3.Connection) -> int:
             marks = ",".join("?" * len(ids))
             sql = f"DELETE FROM messages WHERE mailbox = ? AND id IN ({marks})"  # noqa: S608
             return int(db.execute(sql, (mailbox, *ids)).rowcount)
-        return await self._run(op)
+        return self._submit(op)
 
     async def expire(self, now: int) -> dict[int, int]:
         def op(db: sqlite3.Connection) -> dict[int, int]:

@@ -6,6 +6,7 @@ import ast
 import asyncio
 import hashlib
 import os
+from collections.abc import Callable
 
 import pytest
 from nacl.public import PrivateKey
@@ -328,3 +329,32 @@ def test_protocol_document_covers_frames_errors_options() -> None:
         assert f"`{name}`" in doc, name
     assert str(wire.BLOCK_SIZE) in doc and str(wire.SEALED_BLOCK_LEN) in doc
 
+
+
+def test_pipelined_requests_beyond_max_inflight(
+        relay_factory: Callable[..., RelayProcess]) -> None:
+    rp = relay_factory(max_inflight=4)
+
+    async def body() -> None:
+        c = await RelayClient.connect(rp.url)
+        token = os.urandom(32)
+        owners = [await new_owner(c, token=token) for _ in range(2)]
+        blocks = [block(i.to_bytes(2, "big")) for i in range(60)]
+        await asyncio.gather(*(c.deposit(owners[i % 2].deposit_id, b, token=token)
+                               for i, b in enumerate(blocks)))
+        got = []
+        for o in owners:
+            got += await o.fetch(c, 12)
+        # One ACK spanning two mailboxes.
+        await c.ack([m.msg_id for m in got])
+        rest = []
+        for o in owners:
+            while msgs := await o.fetch(c):
+                rest += [o.open(m) for m in msgs]
+                await c.ack([m.msg_id for m in msgs])
+        opened = [owners[0].open(m) if m.owner_id == owners[0].owner_id else owners[1].open(m)
+                  for m in got]
+        assert sorted(opened + rest) == sorted(blocks)
+        await c.close()
+
+    run(body())
