@@ -98,7 +98,7 @@ CREATE TABLE mailboxes (
     tokens BLOB NOT NULL
 );
 CREATE TABLE messages (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: delivery order relies on it
     mailbox INTEGER NOT NULL,
     expiry INTEGER NOT NULL,
     block BLOB NOT NULL
