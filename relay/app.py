@@ -48,6 +48,10 @@ _DUMMY_HASH = bytes(32)
 _CLOSE_PROTOCOL = 1002
 _CLOSE_POLICY = 1008
 _CLOSE_GOING_AWAY = 1001
+# Frames queued for a client that does not read: above OUT_HIGH the relay stops reading its
+# requests and stops pushing to it; it resumes below OUT_LOW.
+OUT_HIGH = 64
+OUT_LOW = 16
 
 
 class Denied(wire.FrameError):
@@ -302,12 +306,14 @@ class Relay:
         sub.gen += 1
         conn = sub.conn
         if (not sub.backlog and not sub.pumping and rowid > sub.last
-                and conn.outstanding(mb.id) < self.cfg.window):
+                and conn.outstanding(mb.id) < self.cfg.window and not conn.congested()):
             sub.last = rowid
             conn.push(sub.owner_id, mb, rowid, sealed, 0)
         else:
             sub.backlog = True
-            if not sub.pumping:
+            if conn.congested():
+                conn.push_deferred = True  # resumed when its output drains
+            elif not sub.pumping:
                 self.spawn(self.pump(sub))
 
     async def pump(self, sub: Subscription) -> None:
@@ -320,6 +326,9 @@ class Relay:
         try:
             while sub.active and (sub.backlog or sub.again):
                 sub.again = False
+                if conn.congested():
+                    conn.push_deferred = True
+                    break
                 out = conn.out_rows.get(mb.id, set())
                 room = self.cfg.window - len(out)
                 if room <= 0:
@@ -368,6 +377,9 @@ class Connection:
         self.pow_seen: set[bytes] = set()
         self.blob_quota = 0
         self._out: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
+        self._drained: asyncio.Future[None] | None = None
+        self.push_deferred = False
+        self._lookups = TokenBucket(self.cfg.lookup_rate, self.cfg.lookup_burst, time.monotonic())
         self._inflight = 0
         self._room: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -387,17 +399,40 @@ class Connection:
         fatal = code in wire.FATAL_ERRORS
         self.send(wire.error_frame(rid, code), _CLOSE_PROTOCOL if fatal else 0)
 
+    def congested(self) -> bool:
+        return self._out.qsize() >= OUT_HIGH
+
     async def _writer(self) -> None:
-        while True:
-            frame, close_code = await self._out.get()
-            try:
+        try:
+            while True:
+                frame, close_code = await self._out.get()
                 if frame:
                     await self.ws.send_bytes(frame)
                 if close_code:
                     await self.ws.close(code=close_code)
                     return
-            except (TimeoutError, ConnectionError, RuntimeError):
-                return
+                if self._out.qsize() <= OUT_LOW:
+                    self._on_drained()
+        except (TimeoutError, ConnectionError, RuntimeError):
+            return
+        finally:
+            self._closed = True
+            self._on_drained()
+
+    def _on_drained(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        if self.push_deferred:
+            self.push_deferred = False
+            for sub in self.subs.values():
+                if sub.backlog and not sub.pumping:
+                    self.relay.spawn(self.relay.pump(sub))
+
+    async def _until_drained(self) -> None:
+        while self.congested() and not self._closed:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+        self._drained = None
 
     async def close(self, code: int) -> None:
         self.send(b"", code)
@@ -436,6 +471,9 @@ class Connection:
     async def _read_loop(self) -> None:
         ws = self.ws
         while not self._closed:
+            if self.congested():
+                await self._until_drained()
+                continue
             msg = await ws.receive()
             if msg.type == WSMsgType.BINARY:
                 self.last_frame = time.monotonic()
@@ -588,11 +626,23 @@ class Connection:
             raise wire.FrameError(wire.E_LIMIT)
         self.pow_seen.add(seen)
 
+    async def mailbox(self, *, okey: bytes | None = None,
+                      dkey: bytes | None = None) -> MailboxState | None:
+        """A mailbox lookup; those that miss the cache cost a token of the connection's lookup
+        bucket, so nobody can keep the storage busy with lookups of made-up ids."""
+        relay = self.relay
+        cached = relay.by_okey.get(okey) if okey is not None else relay.by_dkey.get(dkey or b"")
+        if cached is not None:
+            return cached
+        if not self._lookups.take(time.monotonic()):
+            raise wire.FrameError(wire.E_RATE_LIMITED)
+        return await relay.mailbox(okey=okey, dkey=dkey)
+
     async def owner(self, frame: wire.Frame, min_args: int,
                     max_args: int) -> tuple[MailboxState, bytes, bytes]:
         """Authorise an owner command; a missing mailbox and a bad signature look the same."""
         owner_id, args, sig = wire.split_signed(frame.body, min_args, max_args)
-        mb = await self.relay.mailbox(okey=owner_key(owner_id))
+        mb = await self.mailbox(okey=owner_key(owner_id))
         signed = wire.auth_message(self.challenge,
                                    wire.encode(frame.type, frame.rid, frame.body[:-wire.SIG_LEN]))
         verify = mb.verify if mb is not None and not mb.deleted else _DUMMY_VERIFY
@@ -764,7 +814,7 @@ async def h_bundle_fetch(c: Connection, f: wire.Frame) -> None:
     if c.bundle_fetches >= c.cfg.bundle_fetches_per_connection:
         raise wire.FrameError(wire.E_LIMIT)
     c.bundle_fetches += 1
-    mb = await c.relay.mailbox(dkey=deposit_key(deposit_id))
+    mb = await c.mailbox(dkey=deposit_key(deposit_id))
     if mb is None or mb.deleted:
         raise Denied()
     if not mb.bundle_bucket.take(time.monotonic()):
@@ -821,7 +871,7 @@ async def h_deposit(c: Connection, f: wire.Frame) -> None:
         raise wire.FrameError(wire.E_BAD_BLOCK)
     _deposit_pow(c, deposit_id, kind, auth, block)
     relay = c.relay
-    mb = _deposit_auth(c, await relay.mailbox(dkey=deposit_key(deposit_id)), kind, auth)
+    mb = _deposit_auth(c, await c.mailbox(dkey=deposit_key(deposit_id)), kind, auth)
     sealed = mb.seal(block)
     mb.queued += 1
     try:

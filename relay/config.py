@@ -45,5 +45,8 @@ class Config:
     blob_quota_blocks: int = 8192
     blob_max_bytes: int = 4 * 1024 * 1024 * 1024
     pow_per_connection: int = 20000
+    # Mailbox lookups that miss the in-memory cache (each costs a storage read), per connection.
+    lookup_rate: float = 100.0
+    lookup_burst: int = 2000
     # Storage.
     max_batch: int = 512  # operations per group commit

@@ -55,6 +55,8 @@ HELP = {
     "blob_quota_blocks": "Blob blocks one proof-of-work quota admits.",
     "blob_max_bytes": "Bytes the blob area holds at most.",
     "pow_per_connection": "Proofs of work one connection may spend.",
+    "lookup_rate": "Uncached mailbox lookups per second per connection.",
+    "lookup_burst": "Uncached mailbox lookup bucket size per connection.",
     "max_batch": "Storage operations per group commit.",
 }
 

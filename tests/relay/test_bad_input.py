@@ -7,6 +7,7 @@ import contextlib
 import os
 import struct
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -224,3 +225,44 @@ def test_live_fuzz_never_crashes(relay: RelayProcess) -> None:
     one()
     assert relay.proc is not None and relay.proc.poll() is None
     assert "Traceback" not in relay.output() and "internal error" not in relay.output()
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_client_that_does_not_read_is_not_buffered_without_bound(relay: RelayProcess) -> None:
+    """Thousands of 16 KiB answers requested without reading: the relay stops reading too."""
+    from nacl.public import PrivateKey
+
+    async def body() -> None:
+        up = await RelayClient.connect(relay.url)
+        await up.blob_quota()
+        blob_id, cap = os.urandom(16), os.urandom(32)
+        await up.blob_put(blob_id, cap, block())
+        assert relay.proc is not None
+        before = _rss_mb(relay.proc.pid)
+        key = bytes(PrivateKey.generate().public_key)
+        n = 5000
+        async with aiohttp.ClientSession() as s, s.ws_connect(relay.url,
+                                                               max_msg_size=1 << 20) as ws:
+            await ws.send_bytes(wire.encode(wire.HELLO, 1))
+            await ws.receive(timeout=10)
+            for i in range(n):
+                await ws.send_bytes(wire.encode(wire.BLOB_GET, i + 2, blob_id + cap + key))
+            await asyncio.sleep(1.5)
+            grown = _rss_mb(relay.proc.pid) - before
+            assert grown < 30, f"relay grew {grown:.0f} MB for a client that does not read"
+            got = 0
+            while got < n:  # nothing was dropped: every answer arrives once we read
+                msg = await ws.receive(timeout=20)
+                assert wire.decode(msg.data).type == wire.BLOB
+                got += 1
+        # Other clients were served all along.
+        await up.blob_del(blob_id, cap)
+        await up.close()
+
+    run(body())
