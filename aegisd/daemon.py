@@ -68,6 +68,14 @@ class Daemon:
         #: Set by the relay client (not written yet) as its connection goes up and down.
         self.relay_connected = False
         self._register_core()
+        # Messaging: imported here so that a daemon module import stays light for tests.
+        from .services import api as messaging_api
+        from .services.messenger import Messenger
+
+        self.messenger = Messenger(self)
+        messaging_api.register(self.registry, self.messenger)
+        self.on_unlock.append(self.messenger.on_unlock)
+        self.on_lock.append(self.messenger.on_lock)
         if test_methods:
             self.registry.register("debug.emit", self.rpc_debug_emit, unlocked=True)
 
@@ -114,7 +122,12 @@ class Daemon:
     def relay_status(self) -> dict[str, Any]:
         """What status reports about the relay. ``connected`` is the relay client's to set."""
         url = None if self.store is None else self.store.get_setting(SETTING_URL)
-        return {"configured": url is not None, "connected": self.relay_connected, "url": url}
+        return {
+            "configured": url is not None,
+            "connected": self.relay_connected,
+            "url": url,
+            "reason": None if self.relay_connected else self.messenger.relay_reason,
+        }
 
     def request_stop(self) -> None:
         self._stop.set()

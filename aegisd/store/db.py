@@ -73,6 +73,27 @@ class Event:
 
 
 @dataclass(frozen=True)
+class MailboxRow:
+    id: int
+    role: str
+    contact_id: int | None
+    descriptor: bytes
+    invitation_id: bytes | None
+    expires_at: int | None
+    created_at: int
+
+
+@dataclass(frozen=True)
+class RequestRow:
+    id: int
+    identity_key: bytes
+    display_name: str
+    session: bytes
+    reply_to: bytes
+    created_at: int
+
+
+@dataclass(frozen=True)
 class OutboxItem:
     id: int
     message_id: str | None
@@ -492,3 +513,114 @@ class Store:
 
     def outbox_size(self) -> int:
         return int(self._q("SELECT count(*) FROM outbox").fetchone()[0])
+
+    # -- mailboxes the profile owns -------------------------------------------------------
+
+    _MAILBOX_SELECT = (
+        "SELECT id, role, contact_id, descriptor, invitation_id, expires_at, created_at "
+        "FROM mailboxes"
+    )
+
+    @staticmethod
+    def _mailbox(r: Any) -> MailboxRow:
+        return MailboxRow(
+            r[0], r[1], r[2], bytes(r[3]), None if r[4] is None else bytes(r[4]), r[5], r[6]
+        )
+
+    def add_mailbox(
+        self,
+        role: str,
+        descriptor: bytes,
+        *,
+        contact_id: int | None = None,
+        invitation_id: bytes | None = None,
+        expires_at: int | None = None,
+    ) -> int:
+        with self.transaction():
+            cur = self._q(
+                "INSERT INTO mailboxes (role, contact_id, descriptor, invitation_id, expires_at, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (role, contact_id, bytes(descriptor), invitation_id, expires_at, self._clock()),
+            )
+        return int(cur.lastrowid)
+
+    def list_mailboxes(self, role: str | None = None) -> list[MailboxRow]:
+        rows = (
+            self._q(self._MAILBOX_SELECT + " ORDER BY id").fetchall()
+            if role is None
+            else self._q(self._MAILBOX_SELECT + " WHERE role = ? ORDER BY id", (role,)).fetchall()
+        )
+        return [self._mailbox(r) for r in rows]
+
+    def get_mailbox(self, mailbox_id: int) -> MailboxRow | None:
+        r = self._q(self._MAILBOX_SELECT + " WHERE id = ?", (mailbox_id,)).fetchone()
+        return None if r is None else self._mailbox(r)
+
+    def mailbox_for_contact(self, contact_id: int) -> MailboxRow | None:
+        r = self._q(
+            self._MAILBOX_SELECT + " WHERE role = 'contact' AND contact_id = ? "
+            "ORDER BY id DESC LIMIT 1",
+            (contact_id,),
+        ).fetchone()
+        return None if r is None else self._mailbox(r)
+
+    def set_mailbox_contact(self, mailbox_id: int, contact_id: int) -> None:
+        with self.transaction():
+            self._q("UPDATE mailboxes SET contact_id = ? WHERE id = ?", (contact_id, mailbox_id))
+
+    def delete_mailbox(self, mailbox_id: int) -> None:
+        with self.transaction():
+            self._q("DELETE FROM mailboxes WHERE id = ?", (mailbox_id,))
+
+    # -- contact requests -----------------------------------------------------------------
+
+    def add_request(
+        self, identity_key: bytes, display_name: str, session: bytes, reply_to: bytes
+    ) -> int:
+        with self.transaction():
+            cur = self._q(
+                "INSERT INTO requests (identity_key, display_name, session, reply_to, "
+                "created_at) VALUES (?, ?, ?, ?, ?)",
+                (identity_key, display_name, session, reply_to, self._clock()),
+            )
+        return int(cur.lastrowid)
+
+    def list_requests(self) -> list[RequestRow]:
+        rows = self._q(
+            "SELECT id, identity_key, display_name, session, reply_to, created_at FROM requests "
+            "ORDER BY id"
+        ).fetchall()
+        return [RequestRow(r[0], bytes(r[1]), r[2], bytes(r[3]), bytes(r[4]), r[5]) for r in rows]
+
+    def get_request(self, request_id: int) -> RequestRow | None:
+        return next((r for r in self.list_requests() if r.id == request_id), None)
+
+    def delete_request(self, request_id: int) -> bool:
+        with self.transaction():
+            cur = self._q("DELETE FROM requests WHERE id = ?", (request_id,))
+        return bool(cur.rowcount)
+
+    # -- partial multi-block messages -----------------------------------------------------
+
+    def put_fragment(
+        self, contact_id: int, msg_id: bytes, index: int, count: int, data: bytes
+    ) -> list[bytes] | None:
+        """Keep one fragment; when all ``count`` are in, delete them and return them in order."""
+        with self.transaction():
+            self._q(
+                "INSERT OR IGNORE INTO fragments (contact_id, msg_id, idx, count, data, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (contact_id, msg_id, index, count, data, self._clock()),
+            )
+            rows = self._q(
+                "SELECT idx, data FROM fragments WHERE contact_id = ? AND msg_id = ? "
+                "AND count = ? ORDER BY idx",
+                (contact_id, msg_id, count),
+            ).fetchall()
+            if len(rows) < count:
+                return None
+            self._q(
+                "DELETE FROM fragments WHERE contact_id = ? AND msg_id = ?", (contact_id, msg_id)
+            )
+        return [bytes(r[1]) for r in rows]
+

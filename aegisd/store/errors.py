@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from aegisd.core.errors import AegisError  # the one hierarchy; errors.py imports no crypto
 
-class StoreError(Exception):
+
+class StoreError(AegisError):
     """Base of every error the store raises on purpose."""
 
 

@@ -90,5 +90,40 @@ def _v0_to_v1(db: Any) -> None:
     )
 
 
-MIGRATIONS: list[Migration] = [_v0_to_v1]
+def _v1_to_v2(db: Any) -> None:
+    """Mailboxes the profile owns, pending contact requests, and partial multi-block messages."""
+    _run(
+        db,
+        """
+        CREATE TABLE mailboxes (
+            id            INTEGER PRIMARY KEY,
+            role          TEXT NOT NULL CHECK (role IN ('address', 'invitation', 'contact')),
+            contact_id    INTEGER REFERENCES contacts(id) ON DELETE CASCADE,
+            descriptor    BLOB NOT NULL,        -- relay, keys and ids, opaque
+            invitation_id BLOB UNIQUE,
+            expires_at    INTEGER,
+            created_at    INTEGER NOT NULL
+        );
+        CREATE TABLE requests (
+            id            INTEGER PRIMARY KEY,
+            identity_key  BLOB NOT NULL,
+            display_name  TEXT NOT NULL,
+            session       BLOB NOT NULL,        -- ratchet session opened by the request, opaque
+            reply_to      BLOB NOT NULL,        -- where to answer, opaque
+            created_at    INTEGER NOT NULL
+        );
+        CREATE TABLE fragments (
+            contact_id    INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+            msg_id        BLOB NOT NULL,
+            idx           INTEGER NOT NULL,
+            count         INTEGER NOT NULL,
+            data          BLOB NOT NULL,
+            created_at    INTEGER NOT NULL,
+            PRIMARY KEY (contact_id, msg_id, idx)
+        ) WITHOUT ROWID
+        """,
+    )
+
+
+MIGRATIONS: list[Migration] = [_v0_to_v1, _v1_to_v2]
 SCHEMA_VERSION = len(MIGRATIONS)

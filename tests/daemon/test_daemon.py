@@ -346,7 +346,12 @@ def test_status_and_version_shape(spawn):
         v = c.call("version")
         st = c.call("status")
     assert set(v) == {"version", "api_version"}
-    assert st["relay"] == {"configured": False, "connected": False, "url": None}
+    assert st["relay"] == {
+        "configured": False,
+        "connected": False,
+        "url": None,
+        "reason": "no relay configured",
+    }
     assert st["pid"] == d.proc.pid
     json.dumps(st)
 

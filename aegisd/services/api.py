@@ -1,0 +1,199 @@
+"""The messaging methods of the JSON-RPC API (docs/api.md). Thin: checks params, calls the
+Messenger, shapes results. Every method here needs an unlocked profile."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
+from aegisd.rpc.methods import Handler
+
+from .messenger import (
+    E_NOT_FOUND,
+    INVITE_TTL_DEFAULT,
+    SETTING_ADDRESS,
+    SETTING_NAME,
+    SETTING_READ_RECEIPTS,
+    SETTING_RECEIPT_DELAY,
+    Messenger,
+)
+
+MAX_HISTORY_PAGE = 500
+MAX_NAME = 64
+
+
+def _check_name(field: str, name: str) -> str:
+    name = name.strip()
+    if not name or len(name) > MAX_NAME or any(ord(ch) < 32 for ch in name):
+        raise InvalidParamsError(field, f"must be 1 to {MAX_NAME} printable characters")
+    return name
+
+
+def register(registry: Registry, m: Messenger) -> None:
+    def method(name: str) -> Callable[[Handler], Handler]:
+        return registry.method(name, unlocked=True)  # "unlocked": needs an unlocked profile
+
+    @method("identity.get")
+    async def identity_get(ctx: CallContext) -> dict[str, Any]:
+        store = m.store
+        return {
+            "address": store.get_setting(SETTING_ADDRESS),
+            "display_name": store.get_setting(SETTING_NAME, ""),
+            "identity_key": m.identity().public.encode().hex(),
+        }
+
+    @method("identity.set_name")
+    async def identity_set_name(ctx: CallContext, display_name: str) -> dict[str, Any]:
+        if len(display_name.encode()) > 64:
+            raise InvalidParamsError("display_name", "must be at most 64 bytes")
+        m.store.set_setting(SETTING_NAME, display_name)
+        return {"display_name": display_name}
+
+    @method("invitations.create")
+    async def invitations_create(
+        ctx: CallContext, expires_in: int = INVITE_TTL_DEFAULT
+    ) -> dict[str, Any]:
+        return await m.create_invitation(expires_in)
+
+    @method("invitations.list")
+    async def invitations_list(ctx: CallContext) -> dict[str, Any]:
+        return {"invitations": m.list_invitations()}
+
+    @method("invitations.revoke")
+    async def invitations_revoke(ctx: CallContext, invitation: str) -> dict[str, Any]:
+        await m.revoke_invitation(invitation)
+        return {"revoked": True}
+
+    @method("address.get")
+    async def address_get(ctx: CallContext) -> dict[str, Any]:
+        return await m.address_link()
+
+    @method("address.rotate")
+    async def address_rotate(ctx: CallContext) -> dict[str, Any]:
+        return await m.address_link(rotate=True)
+
+    @method("requests.list")
+    async def requests_list(ctx: CallContext) -> dict[str, Any]:
+        return {"requests": m.list_requests()}
+
+    @method("requests.accept")
+    async def requests_accept(
+        ctx: CallContext, request: int, name: str | None = None
+    ) -> dict[str, Any]:
+        if name is not None:
+            name = _check_name("name", name)
+        return await m.accept_request(request, name)
+
+    @method("requests.reject")
+    async def requests_reject(ctx: CallContext, request: int) -> dict[str, Any]:
+        m.reject_request(request)
+        return {"rejected": True}
+
+    @method("contacts.add")
+    async def contacts_add(ctx: CallContext, name: str, link: str) -> dict[str, Any]:
+        return await m.add_contact(_check_name("name", name), link)
+
+    @method("contacts.list")
+    async def contacts_list(ctx: CallContext) -> dict[str, Any]:
+        return {"contacts": [m.describe(c) for c in m.store.list_contacts()]}
+
+    @method("contacts.rename")
+    async def contacts_rename(ctx: CallContext, name: str, new_name: str) -> dict[str, Any]:
+        c = m.contact(name)
+        new_name = _check_name("new_name", new_name)
+        if m.store.contact_by_name(new_name) is not None:
+            raise InvalidParamsError("new_name", "is already the name of a contact")
+        m.store.update_contact(c.id, name=new_name)
+        return {"name": new_name}
+
+    @method("contacts.remove")
+    async def contacts_remove(ctx: CallContext, name: str) -> dict[str, Any]:
+        await m.remove_contact(name)
+        return {"removed": True}
+
+    @method("contacts.block")
+    async def contacts_block(ctx: CallContext, name: str, blocked: bool = True) -> dict[str, Any]:
+        c = m.contact(name)
+        m.store.update_contact(c.id, blocked=blocked)
+        return {"name": c.name, "blocked": blocked}
+
+    @method("contacts.safety_number")
+    async def contacts_safety_number(ctx: CallContext, name: str) -> dict[str, Any]:
+        return m.safety(name)
+
+    @method("contacts.verify")
+    async def contacts_verify(ctx: CallContext, name: str, verified: bool = True) -> dict[str, Any]:
+        c = m.contact(name)
+        m.store.update_contact(c.id, verified=verified)
+        return {"name": c.name, "verified": verified}
+
+    @method("messages.send")
+    async def messages_send(ctx: CallContext, contact: str, text: str) -> dict[str, Any]:
+        return await m.send_text(contact, text)
+
+    @method("messages.history")
+    async def messages_history(
+        ctx: CallContext, contact: str, before: int | None = None, limit: int = 50
+    ) -> dict[str, Any]:
+        if not 1 <= limit <= MAX_HISTORY_PAGE:
+            raise InvalidParamsError("limit", f"must be between 1 and {MAX_HISTORY_PAGE}")
+        c = m.contact(contact)
+        page = m.store.history(c.id, before_seq=before, limit=limit)
+        return {
+            "messages": [
+                {
+                    "message_id": msg.id,
+                    "seq": msg.seq,
+                    "direction": msg.direction,
+                    "text": msg.body,
+                    "status": msg.status,
+                    "sent_at": msg.sent_at,
+                    "created_at": msg.created_at,
+                    "status_at": msg.status_at,
+                }
+                for msg in page
+            ],
+            "next_before": page[0].seq if len(page) == limit else None,
+        }
+
+    @method("messages.mark_read")
+    async def messages_mark_read(
+        ctx: CallContext, contact: str, message_ids: list[str] | None = None
+    ) -> dict[str, Any]:
+        return await m.mark_read(contact, message_ids)
+
+    @method("messages.delete")
+    async def messages_delete(ctx: CallContext, message_id: str) -> dict[str, Any]:
+        if not m.store.delete_message(message_id):
+            raise AppError(E_NOT_FOUND, "not_found", "no such message")
+        return {"deleted": True}
+
+    @method("conversations.delete")
+    async def conversations_delete(ctx: CallContext, contact: str) -> dict[str, Any]:
+        c = m.contact(contact)
+        return {"deleted": m.store.delete_conversation(c.id)}
+
+    @method("settings.get")
+    async def settings_get(ctx: CallContext) -> dict[str, Any]:
+        store = m.store
+        return {
+            "read_receipts": bool(store.get_setting(SETTING_READ_RECEIPTS, True)),
+            "receipt_delay_max": float(store.get_setting(SETTING_RECEIPT_DELAY, 3.0)),
+        }
+
+    @method("settings.set")
+    async def settings_set(
+        ctx: CallContext,
+        read_receipts: bool | None = None,
+        receipt_delay_max: float | int | None = None,
+    ) -> dict[str, Any]:
+        store = m.store
+        if read_receipts is not None:
+            store.set_setting(SETTING_READ_RECEIPTS, read_receipts)
+        if receipt_delay_max is not None:
+            if not 0.5 <= receipt_delay_max <= 3600:
+                raise InvalidParamsError("receipt_delay_max", "must be between 0.5 and 3600")
+            store.set_setting(SETTING_RECEIPT_DELAY, float(receipt_delay_max))
+        result: dict[str, Any] = await settings_get(ctx)
+        return result

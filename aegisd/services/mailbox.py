@@ -1,0 +1,119 @@
+"""Descriptors of mailboxes: the ones the profile owns and the ones it deposits to.
+
+Both are kept in the encrypted store as small JSON documents (opaque to the store).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from nacl.public import Box, PrivateKey, PublicKey
+from nacl.signing import SigningKey
+
+from aegisd.core import wire
+
+
+@dataclass(frozen=True)
+class OwnedMailbox:
+    """A mailbox this profile receives on: its relay, its keys and the relay's IDs for it."""
+
+    relay_url: str
+    sign_seed: bytes  # per-mailbox Ed25519 key (never the identity key)
+    box_secret: bytes  # per-mailbox X25519 key the relay re-encrypts deliveries to
+    owner_id: bytes
+    deposit_id: bytes
+    relay_box_pub: bytes
+    token: bytes  # the send-capability token handed to the contact; empty: proof-of-work
+
+    @property
+    def signing_key(self) -> SigningKey:
+        return SigningKey(self.sign_seed)
+
+    def open(self, sealed: bytes) -> bytes:
+        """Undo the relay's re-encryption of a delivered block."""
+        box = Box(PrivateKey(self.box_secret), PublicKey(self.relay_box_pub))
+        return bytes(box.decrypt(sealed))
+
+    def address(self) -> wire.MailboxAddress:
+        """What a contact needs to deposit here."""
+        return wire.MailboxAddress(self.relay_url, self.deposit_id, self.token)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "relay_url": self.relay_url,
+                "sign_seed": self.sign_seed.hex(),
+                "box_secret": self.box_secret.hex(),
+                "owner_id": self.owner_id.hex(),
+                "deposit_id": self.deposit_id.hex(),
+                "relay_box_pub": self.relay_box_pub.hex(),
+                "token": self.token.hex(),
+            }
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> OwnedMailbox:
+        d = json.loads(data)
+        return cls(
+            d["relay_url"],
+            bytes.fromhex(d["sign_seed"]),
+            bytes.fromhex(d["box_secret"]),
+            bytes.fromhex(d["owner_id"]),
+            bytes.fromhex(d["deposit_id"]),
+            bytes.fromhex(d["relay_box_pub"]),
+            bytes.fromhex(d["token"]),
+        )
+
+    def __repr__(self) -> str:
+        return "OwnedMailbox(<hidden>)"
+
+
+def address_to_bytes(a: wire.MailboxAddress) -> bytes:
+    return json.dumps(
+        {"relay_url": a.relay_url, "deposit_id": a.deposit_id.hex(), "token": a.send_token.hex()}
+    ).encode()
+
+
+def address_from_bytes(data: bytes) -> wire.MailboxAddress:
+    d = json.loads(data)
+    return wire.MailboxAddress(
+        d["relay_url"], bytes.fromhex(d["deposit_id"]), bytes.fromhex(d["token"])
+    )
+
+
+@dataclass
+class ContactState:
+    """Per-contact routing, kept in contacts.state: where to deposit, and whether the contact
+    has answered (until then only the first contact has been sent)."""
+
+    send_to: wire.MailboxAddress | None
+    established: bool
+
+    def to_bytes(self) -> bytes:
+        doc: dict[str, Any] = {
+            "send_to": None if self.send_to is None else json.loads(address_to_bytes(self.send_to)),
+            "established": self.established,
+        }
+        return json.dumps(doc).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes | None) -> ContactState:
+        if not data:
+            return cls(None, False)
+        d = json.loads(data)
+        send_to = d.get("send_to")
+        return cls(
+            None if send_to is None else address_from_bytes(json.dumps(send_to).encode()),
+            bool(d.get("established")),
+        )
+
+
+def new_keys() -> tuple[bytes, bytes]:
+    """A fresh per-mailbox signing seed and box secret."""
+    return bytes(SigningKey.generate()), bytes(PrivateKey.generate())
+
+
+def box_public(box_secret: bytes) -> bytes:
+    return bytes(PrivateKey(box_secret).public_key)

@@ -1,0 +1,844 @@
+"""Messaging: the protocol core, the store and the relay link put together.
+
+Invariants (docs/protocol.md, "Mailboxes and the daemon"):
+- Receiving: the advanced ratchet state, the received message and its event commit in one
+  transaction, and only then is the relay acknowledged. A crash before the commit makes the
+  relay deliver the block again; a crash after it makes the redelivered block fail to decrypt
+  (its key is spent) and it is dropped: nothing is lost, nothing is shown twice.
+- Sending: the advanced sending chain and the exact ciphertext blocks commit together before the
+  first deposit; a retry resends those stored bytes.
+- One protocol lock serialises everything that reads or writes sessions and prekeys.
+- Nothing here logs an address, an ID, a key or message text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+from aegisd.core import pqxdh, wire
+from aegisd.core.errors import BundleError, DecodeError, DecryptionError
+from aegisd.core.identity import (
+    IdentityKeyPair,
+    PublicIdentity,
+    format_safety_number,
+    new_address,
+    safety_number,
+)
+from aegisd.core.prekeys import PrekeyStore
+from aegisd.core.primitives import SystemEntropy
+from aegisd.core.session import Session, accept_first_contact, initiate_session
+from aegisd.relayurl import SETTING_URL
+from aegisd.rpc import AppError, InvalidParamsError
+from aegisd.store import Store
+from aegisd.store.db import Contact, MailboxRow
+from aegisd.transport.relaylink import (
+    UNAVAILABLE,
+    RelayLink,
+    RelayUnavailable,
+    with_relay,
+)
+from relay.client import Message, RelayClient, RelayError
+from relay.wire import E_RATE_LIMITED, ITEM_MLKEM, ITEM_X25519
+
+from .mailbox import (
+    ContactState,
+    OwnedMailbox,
+    address_from_bytes,
+    address_to_bytes,
+    box_public,
+    new_keys,
+)
+
+if TYPE_CHECKING:
+    from aegisd.daemon import Daemon
+
+log = logging.getLogger("aegisd.messenger")
+
+SETTING_ADDRESS = "profile.address"
+SETTING_NAME = "profile.display_name"
+SETTING_READ_RECEIPTS = "privacy.read_receipts"
+SETTING_RECEIPT_DELAY = "privacy.receipt_delay_max"
+
+INVITE_TTL_DEFAULT = 7 * 24 * 3600
+INVITE_TTL_MAX = 90 * 24 * 3600
+ONE_TIME_LOW = 20  # replenish the relay's one-time prekeys below this many of a kind
+ONE_TIME_BATCH = 50
+RECEIPT_DELAY_MAX = 3.0  # seconds; receipts leave after a random delay in [0.5, max]
+RETRY_MAX = 60.0
+MAINTENANCE_INTERVAL = 3600.0
+
+# Application error codes (docs/api.md, "Errors").
+E_RELAY_UNAVAILABLE = 1010
+E_RATE_LIMITED_APP = 1011
+E_NOT_FOUND = 1020
+E_EXISTS = 1021
+E_BAD_LINK = 1022
+E_EXPIRED = 1023
+E_NOT_READY = 1024
+E_BLOCKED = 1025
+E_TOO_LARGE = 1026
+
+
+def not_found(what: str) -> AppError:
+    return AppError(E_NOT_FOUND, "not_found", f"no such {what}")
+
+
+def relay_unavailable() -> AppError:
+    return AppError(
+        E_RELAY_UNAVAILABLE,
+        "relay_unavailable",
+        "the relay is not reachable right now; try again later (aegis status shows why)",
+    )
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Messenger:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.entropy = SystemEntropy()
+        self.lock = asyncio.Lock()
+        self.prekeys: PrekeyStore | None = None
+        self.link: RelayLink | None = None
+        self.relay_reason: str | None = "no relay configured"
+        self._outbox_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._owned: dict[bytes, tuple[MailboxRow, OwnedMailbox]] = {}
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        store = self.daemon.store
+        if store is None:
+            raise RuntimeError("store is locked")
+        return store
+
+    async def on_unlock(self, store: Store) -> None:
+        state = store.get_identity()
+        if state is None:
+            identity = IdentityKeyPair.generate(self.entropy)
+            self.prekeys = PrekeyStore.create(self.entropy, identity, _now())
+            with store.transaction():
+                store.put_identity(self.prekeys.to_bytes())
+                store.set_setting(SETTING_ADDRESS, new_address(self.entropy).hex())
+            log.info("new identity created")
+        else:
+            self.prekeys = PrekeyStore.from_bytes(state)
+        self._reload_owned()
+        url = store.get_setting(SETTING_URL)
+        if url:
+            self.relay_reason = "connecting"
+            self.link = RelayLink(
+                url,
+                handler=self._on_block,
+                subscriptions=self._subscriptions,
+                on_state=self._on_relay_state,
+            )
+            self.link.start()
+        self._tasks = [
+            asyncio.create_task(self._outbox_loop(), name="outbox"),
+            asyncio.create_task(self._maintenance_loop(), name="maintenance"),
+        ]
+
+    async def on_lock(self, store: Store) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        if self.link is not None:
+            await self.link.stop()
+            self.link = None
+        self.daemon.relay_connected = False
+        async with self.lock:
+            self.prekeys = None
+            self._owned.clear()
+
+    def _reload_owned(self) -> None:
+        self._owned = {}
+        for row in self.store.list_mailboxes():
+            mb = OwnedMailbox.from_bytes(row.descriptor)
+            self._owned[mb.owner_id] = (row, mb)
+
+    def _subscriptions(self) -> list[tuple[bytes, Any]]:
+        return [(mb.owner_id, mb.signing_key) for _, mb in self._owned.values()]
+
+    def _on_relay_state(self, up: bool, reason: str | None) -> None:
+        was = self.daemon.relay_connected
+        self.daemon.relay_connected = up
+        self.relay_reason = reason
+        if up != was and self.daemon.store is not None:
+            self.daemon.events.emit("relay.up" if up else "relay.down", {"reason": reason})
+        if up:
+            self._outbox_wake.set()
+            task = asyncio.create_task(self._after_connect(), name="after-connect")
+            self._tasks.append(task)
+
+    async def _after_connect(self) -> None:
+        try:
+            await self.ensure_address()
+            await self._replenish_prekeys()
+        except (*UNAVAILABLE, RelayError, RelayUnavailable):
+            pass  # the next connection tries again
+
+    # --- identity and the public address ---------------------------------------------------
+
+    def identity(self) -> IdentityKeyPair:
+        if self.prekeys is None:
+            raise RuntimeError("store is locked")
+        return self.prekeys.identity
+
+    def _relay_url(self) -> str:
+        url = self.store.get_setting(SETTING_URL)
+        if not url:
+            raise AppError(E_NOT_READY, "no_relay", "no relay configured: aegis init --relay URL")
+        return str(url)
+
+    def _client(self) -> RelayClient:
+        if self.link is None:
+            self._relay_url()
+            raise relay_unavailable()
+        try:
+            return self.link.require()
+        except RelayUnavailable:
+            raise relay_unavailable() from None
+
+    async def _create_mailbox(
+        self, role: str, *, public: bool, contact_id: int | None = None, **extra: Any
+    ) -> tuple[int, OwnedMailbox]:
+        client = self._client()
+        sign_seed, box_secret = new_keys()
+        token = b"" if public else self.entropy.random(32)
+        try:
+            created = await client.create(
+                OwnedMailbox(self._relay_url(), sign_seed, b"", b"", b"", b"", b"").signing_key,
+                box_public(box_secret),
+                public=public,
+            )
+            mb = OwnedMailbox(
+                self._relay_url(),
+                sign_seed,
+                box_secret,
+                created.owner_id,
+                created.deposit_id,
+                created.relay_box_pub,
+                token,
+            )
+            if token:
+                await client.token_add(mb.owner_id, mb.signing_key, token)
+        except (*UNAVAILABLE, RelayError):
+            raise relay_unavailable() from None
+        row_id = self.store.add_mailbox(role, mb.to_bytes(), contact_id=contact_id, **extra)
+        row = self.store.get_mailbox(row_id)
+        assert row is not None
+        self._owned[mb.owner_id] = (row, mb)
+        if self.link is not None:
+            with contextlib.suppress(*UNAVAILABLE, RelayError):
+                await self.link.subscribe(mb.owner_id, mb.signing_key)
+        return row_id, mb
+
+    async def _retire_mailbox(self, row_id: int) -> None:
+        row = self.store.get_mailbox(row_id)
+        if row is None:
+            return
+        mb = OwnedMailbox.from_bytes(row.descriptor)
+        self.store.delete_mailbox(row_id)
+        self._owned.pop(mb.owner_id, None)
+        with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
+            await self._client().delete(mb.owner_id, mb.signing_key)
+
+    def _address_mailbox(self) -> tuple[MailboxRow, OwnedMailbox] | None:
+        rows = self.store.list_mailboxes("address")
+        if not rows:
+            return None
+        return rows[-1], OwnedMailbox.from_bytes(rows[-1].descriptor)
+
+    async def ensure_address(self) -> tuple[MailboxRow, OwnedMailbox]:
+        """The public (first-contact) mailbox, created with its bundle on first need."""
+        async with self.lock:
+            found = self._address_mailbox()
+            if found is not None:
+                return found
+            row_id, mb = await self._create_mailbox("address", public=True)
+            await self._publish_bundle(mb, fresh=True)
+            row = self.store.get_mailbox(row_id)
+            assert row is not None
+            return row, mb
+
+    async def _publish_bundle(self, mb: OwnedMailbox, *, fresh: bool) -> None:
+        assert self.prekeys is not None
+        client = self._client()
+        try:
+            await client.bundle_base(
+                mb.owner_id, mb.signing_key, self.prekeys.bundle_base().to_bytes()
+            )
+            if fresh:
+                await self._add_one_time(client, mb, ONE_TIME_BATCH)
+        except (*UNAVAILABLE, RelayError):
+            raise relay_unavailable() from None
+
+    async def _add_one_time(self, client: RelayClient, mb: OwnedMailbox, count: int) -> None:
+        assert self.prekeys is not None
+        xs, kems = self.prekeys.generate_one_time(self.entropy, count)
+        self.store.put_identity(self.prekeys.to_bytes())  # before publishing: never lose one
+        await client.bundle_add(
+            mb.owner_id, mb.signing_key, ITEM_X25519, [x.to_bytes() for x in xs]
+        )
+        await client.bundle_add(
+            mb.owner_id, mb.signing_key, ITEM_MLKEM, [k.to_bytes() for k in kems]
+        )
+
+    async def _replenish_prekeys(self) -> None:
+        async with self.lock:
+            found = self._address_mailbox()
+            if found is None or self.prekeys is None:
+                return
+            _, mb = found
+            client = self._client()
+            if self.prekeys.rotate(self.entropy, _now()):
+                self.store.put_identity(self.prekeys.to_bytes())
+                await client.bundle_base(
+                    mb.owner_id, mb.signing_key, self.prekeys.bundle_base().to_bytes()
+                )
+            xs, kems = await client.bundle_status(mb.owner_id, mb.signing_key)
+            if min(xs, kems) < ONE_TIME_LOW:
+                await self._add_one_time(client, mb, ONE_TIME_BATCH)
+
+    def _link_for(
+        self,
+        kind: int,
+        mb: OwnedMailbox,
+        bundle_mb: OwnedMailbox,
+        invitation_id: bytes,
+        expires: int,
+    ) -> str:
+        return wire.ContactLink(
+            kind=kind,
+            identity=self.identity().public.record(),
+            mailbox=mb.address(),
+            bundle_address=bundle_mb.deposit_id,
+            invitation_id=invitation_id,
+            expires=expires,
+        ).to_text()
+
+    async def address_link(self, rotate: bool = False) -> dict[str, Any]:
+        if rotate:
+            old = self._address_mailbox()
+            async with self.lock:
+                _, mb = await self._create_mailbox("address", public=True)
+                await self._publish_bundle(mb, fresh=True)
+            if old is not None:
+                await self._retire_mailbox(old[0].id)
+            self.daemon.events.emit("address.rotated", {})
+        _, mb = await self.ensure_address()
+        return {"link": self._link_for(wire.LINK_ADDRESS, mb, mb, b"", 0)}
+
+    async def create_invitation(self, expires_in: int) -> dict[str, Any]:
+        if not 60 <= expires_in <= INVITE_TTL_MAX:
+            raise InvalidParamsError(
+                "expires_in", f"must be between 60 and {INVITE_TTL_MAX} seconds"
+            )
+        _, address = await self.ensure_address()
+        invitation_id = self.entropy.random(16)
+        expires = _now() + expires_in
+        async with self.lock:
+            _, mb = await self._create_mailbox(
+                "invitation", public=False, invitation_id=invitation_id, expires_at=expires
+            )
+        link = self._link_for(wire.LINK_INVITATION, mb, address, invitation_id, expires)
+        return {"invitation": invitation_id.hex(), "link": link, "expires_at": expires}
+
+    def list_invitations(self) -> list[dict[str, Any]]:
+        return [
+            {"invitation": (r.invitation_id or b"").hex(), "expires_at": r.expires_at}
+            for r in self.store.list_mailboxes("invitation")
+        ]
+
+    async def revoke_invitation(self, invitation: str) -> None:
+        for r in self.store.list_mailboxes("invitation"):
+            if r.invitation_id is not None and r.invitation_id.hex() == invitation:
+                await self._retire_mailbox(r.id)
+                return
+        raise not_found("invitation")
+
+    # --- contacts ---------------------------------------------------------------------------
+
+    def contact(self, name: str) -> Contact:
+        c = self.store.contact_by_name(name)
+        if c is None:
+            raise not_found("contact")
+        return c
+
+    def _unique_name(self, wanted: str) -> str:
+        base = wanted.strip()[:64] or "contact"
+        name, n = base, 1
+        while self.store.contact_by_name(name) is not None:
+            n += 1
+            name = f"{base} ({n})"
+        return name
+
+    def _contact_with_identity(self, identity: PublicIdentity) -> Contact | None:
+        key = identity.to_bytes()
+        return next((c for c in self.store.list_contacts() if c.identity_key == key), None)
+
+    def describe(self, c: Contact) -> dict[str, Any]:
+        state = ContactState.from_bytes(c.state)
+        return {
+            "name": c.name,
+            "verified": c.verified,
+            "blocked": c.blocked,
+            "established": state.established,
+            "created_at": c.created_at,
+        }
+
+    async def add_contact(self, name: str, link_text: str) -> dict[str, Any]:
+        try:
+            link = wire.ContactLink.from_text(link_text)
+            identity = PublicIdentity.from_record(link.identity)
+        except (DecodeError, BundleError):
+            raise AppError(E_BAD_LINK, "bad_link", "this is not a valid AegisLink link") from None
+        if link.expires and link.expires < _now():
+            raise AppError(E_EXPIRED, "expired", "this invitation has expired")
+        if identity.same_keys(self.identity().public):
+            raise AppError(E_BAD_LINK, "bad_link", "this link is your own")
+        if self._contact_with_identity(identity) is not None:
+            raise AppError(E_EXISTS, "exists", "this contact is already in your contacts")
+        if self.store.contact_by_name(name) is not None:
+            raise AppError(E_EXISTS, "exists", "a contact with this name already exists")
+        try:
+            client, own = await with_relay(link.mailbox.relay_url, self.link)
+            try:
+                base, x, m = await client.bundle_fetch(link.bundle_address)
+            finally:
+                if own:
+                    await client.close()
+        except (RelayUnavailable, *UNAVAILABLE):
+            raise relay_unavailable() from None
+        except RelayError:
+            raise AppError(
+                E_BAD_LINK, "bad_link", "the relay has no contact address for this link"
+            ) from None
+        try:
+            bundle = pqxdh.verify_bundle(base, x, m, expected=identity)
+        except (DecodeError, BundleError):
+            raise AppError(
+                E_BAD_LINK, "bad_link", "the keys the relay served do not match the link"
+            ) from None
+        async with self.lock:
+            mb_id, mb = await self._create_mailbox("contact", public=False)
+            hello = wire.HelloPayload(
+                reply_to=mb.address(),
+                display_name=str(self.store.get_setting(SETTING_NAME, "")),
+                invitation_id=link.invitation_id,
+            )
+            session, block = initiate_session(
+                self.entropy, self.identity(), bundle, wire.encode_payload(hello)
+            )
+            with self.store.transaction():
+                cid = self.store.add_contact(
+                    name,
+                    identity_key=identity.to_bytes(),
+                    state=ContactState(link.mailbox, False).to_bytes(),
+                ).id
+                self.store.set_mailbox_contact(mb_id, cid)
+                self.store.put_session(cid, session.to_bytes())
+                self.store.enqueue_blocks(address_to_bytes(link.mailbox), [block], contact_id=cid)
+                self.daemon.events.emit("contact.added", {"contact": name, "established": False})
+            self._reload_owned()
+        self._outbox_wake.set()
+        c = self.store.get_contact(cid)
+        assert c is not None
+        return self.describe(c)
+
+    def list_requests(self) -> list[dict[str, Any]]:
+        own = self.identity().public
+        out = []
+        for r in self.store.list_requests():
+            ident = PublicIdentity.from_bytes(r.identity_key)
+            out.append(
+                {
+                    "request": r.id,
+                    "name": r.display_name,
+                    "safety_number": safety_number(own, ident),
+                    "created_at": r.created_at,
+                }
+            )
+        return out
+
+    async def accept_request(self, request_id: int, name: str | None) -> dict[str, Any]:
+        row = self.store.get_request(request_id)
+        if row is None:
+            raise not_found("request")
+        async with self.lock:
+            mb_id, mb = await self._create_mailbox("contact", public=False)
+            with self.store.transaction():
+                contact = self._establish(
+                    name or row.display_name,
+                    PublicIdentity.from_bytes(row.identity_key),
+                    Session.from_bytes(row.session),
+                    address_from_bytes(row.reply_to),
+                    mb_id,
+                    mb,
+                )
+                self.store.delete_request(request_id)
+            self._reload_owned()
+        self._outbox_wake.set()
+        return self.describe(contact)
+
+    def reject_request(self, request_id: int) -> None:
+        if not self.store.delete_request(request_id):
+            raise not_found("request")
+
+    def _establish(
+        self,
+        name: str,
+        identity: PublicIdentity,
+        session: Session,
+        reply_to: wire.MailboxAddress,
+        mb_id: int,
+        mb: OwnedMailbox,
+    ) -> Contact:
+        """Create the contact and answer with our mailbox (inside a transaction)."""
+        name = self._unique_name(name)
+        cid = self.store.add_contact(
+            name, identity_key=identity.to_bytes(), state=ContactState(reply_to, True).to_bytes()
+        ).id
+        self.store.set_mailbox_contact(mb_id, cid)
+        hello = wire.HelloPayload(mb.address(), str(self.store.get_setting(SETTING_NAME, "")), b"")
+        blocks = session.encrypt(self.entropy, wire.encode_payload(hello))
+        self.store.put_session(cid, session.to_bytes())
+        self.store.enqueue_blocks(address_to_bytes(reply_to), blocks, contact_id=cid)
+        self.daemon.events.emit("contact.added", {"contact": name, "established": True})
+        c = self.store.get_contact(cid)
+        assert c is not None
+        return c
+
+    def safety(self, name: str) -> dict[str, Any]:
+        c = self.contact(name)
+        assert c.identity_key is not None
+        number = safety_number(self.identity().public, PublicIdentity.from_bytes(c.identity_key))
+        return {
+            "contact": c.name,
+            "safety_number": number,
+            "formatted": format_safety_number(number),
+        }
+
+    async def remove_contact(self, name: str) -> None:
+        c = self.contact(name)
+        row = self.store.mailbox_for_contact(c.id)
+        async with self.lock:
+            if row is not None:
+                await self._retire_mailbox(row.id)
+            self.store.remove_contact(c.id)
+
+    # --- sending ----------------------------------------------------------------------------
+
+    def _enqueue(
+        self,
+        c: Contact,
+        session: Session,
+        payload: wire.Payload,
+        *,
+        message_id: str | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        state = ContactState.from_bytes(c.state)
+        if state.send_to is None:
+            raise AppError(E_NOT_READY, "not_ready", "this contact cannot be reached yet")
+        blocks = session.encrypt(self.entropy, wire.encode_payload(payload))
+        self.store.put_session(c.id, session.to_bytes())
+        self.store.enqueue_blocks(
+            address_to_bytes(state.send_to),
+            blocks,
+            message_id=message_id,
+            contact_id=c.id,
+            not_before=_ms() + int(delay * 1000),
+        )
+
+    async def send_text(self, name: str, text: str) -> dict[str, Any]:
+        if len(text.encode()) > wire.MAX_TEXT_BYTES:
+            raise AppError(
+                E_TOO_LARGE, "too_large", f"a message holds at most {wire.MAX_TEXT_BYTES} bytes"
+            )
+        async with self.lock:
+            c = self.contact(name)
+            if c.blocked:
+                raise AppError(E_BLOCKED, "blocked", "this contact is blocked")
+            blob = self.store.get_session(c.id)
+            if blob is None:
+                raise AppError(E_NOT_READY, "not_ready", "no session with this contact")
+            session = Session.from_bytes(blob)
+            wire_id = self.entropy.random(wire.MESSAGE_ID_LEN)
+            payload = wire.TextPayload(wire_id, _ms(), text)
+            with self.store.transaction():
+                mid = self.store.add_message(
+                    c.id, "out", text, status="queued", message_id=wire_id.hex()
+                ).id
+                self._enqueue(c, session, payload, message_id=mid)
+        self._outbox_wake.set()
+        return {"message_id": mid, "status": "queued"}
+
+    def _receipt_delay(self) -> float:
+        ceiling = float(self.store.get_setting(SETTING_RECEIPT_DELAY, RECEIPT_DELAY_MAX))
+        return random.uniform(min(0.5, ceiling), ceiling)
+
+    async def mark_read(self, name: str, message_ids: list[str] | None) -> dict[str, Any]:
+        async with self.lock:
+            c = self.contact(name)
+            incoming = [
+                m
+                for m in self.store.history(c.id, limit=10_000)
+                if m.direction == "in"
+                and m.status == "received"
+                and (message_ids is None or m.id in message_ids)
+            ]
+            if not incoming:
+                return {"marked": 0}
+            with self.store.transaction():
+                for m in incoming:
+                    self.store.set_message_status(m.id, "read")
+                blob = self.store.get_session(c.id)
+                if self.store.get_setting(SETTING_READ_RECEIPTS, True) and blob and not c.blocked:
+                    ids = tuple(bytes.fromhex(m.id) for m in incoming[-wire.MAX_RECEIPT_IDS :])
+                    self._enqueue(
+                        c,
+                        Session.from_bytes(blob),
+                        wire.ReceiptPayload(wire.RECEIPT_READ, ids),
+                        delay=self._receipt_delay(),
+                    )
+        self._outbox_wake.set()
+        return {"marked": len(incoming)}
+
+    async def _outbox_loop(self) -> None:
+        while True:
+            # Cleared before the pass, so that a block enqueued during it wakes the next one.
+            self._outbox_wake.clear()
+            try:
+                delay = await self._drain_outbox()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep the loop alive; the next pass retries
+                log.error("outbox pass failed: %s", type(exc).__name__)
+                delay = 1.0
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._outbox_wake.wait(), delay)
+
+    async def _drain_outbox(self) -> float:
+        """Deposit every due block; returns how long to sleep before the next pass."""
+        store = self.daemon.store
+        if store is None:
+            return 1.0
+        failed: set[bytes] = set()
+        for item in store.pending_blocks(now=_ms()):
+            if item.destination in failed:
+                continue  # keep a destination's blocks in order after a failure
+            dest = address_from_bytes(item.destination)
+            try:
+                client, own = await with_relay(dest.relay_url, self.link)
+                try:
+                    await client.deposit(dest.deposit_id, item.block, dest.send_token or None)
+                finally:
+                    if own:
+                        await client.close()
+            except (RelayUnavailable, *UNAVAILABLE, RelayError) as exc:
+                failed.add(item.destination)
+                wait = min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
+                if isinstance(exc, RelayError) and exc.code == E_RATE_LIMITED:
+                    wait = max(wait, 1.0)
+                store.block_attempted(item.id, retry_at=_ms() + int(wait * 1000))
+                continue
+            with store.transaction():
+                store.block_deposited(item.id)
+                if (
+                    item.message_id is not None
+                    and not _outbox_holds(store, item.message_id)
+                    and store.set_message_status(item.message_id, "sent")
+                ):
+                    contact = store.get_contact(item.contact_id) if item.contact_id else None
+                    self.daemon.events.emit(
+                        "message.status",
+                        {
+                            "message_id": item.message_id,
+                            "contact": contact.name if contact else None,
+                            "status": "sent",
+                        },
+                    )
+        upcoming = store.pending_blocks(now=_ms() + 60_000, limit=1000)
+        if not upcoming:
+            return 60.0
+        soonest = min(i.not_before for i in upcoming)
+        return max(0.05, min(60.0, (soonest - _ms()) / 1000))
+
+    async def _maintenance_loop(self) -> None:
+        while True:
+            await asyncio.sleep(MAINTENANCE_INTERVAL)
+            with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
+                await self._replenish_prekeys()
+
+    # --- receiving --------------------------------------------------------------------------
+
+    async def _on_block(self, client: RelayClient, msg: Message) -> None:
+        entry = self._owned.get(msg.owner_id)
+        if entry is not None:
+            row, mb = entry
+            try:
+                block = mb.open(msg.sealed)
+            except Exception:  # not sealed by our relay for this mailbox: drop it
+                log.warning("dropped a delivery that did not open")
+            else:
+                async with self.lock:
+                    try:
+                        if row.role == "contact":
+                            if row.contact_id is not None:
+                                self._receive_from_contact(row.contact_id, block)
+                                self._outbox_wake.set()  # receipts may be due
+                        else:
+                            await self._receive_first_contact(row, block)
+                    except AppError:
+                        # The relay went away mid-way: leave the block unacknowledged, so
+                        # the relay delivers it again after the reconnect.
+                        self._reload_prekeys()
+                        return
+                    except Exception as exc:
+                        # The transaction rolled back. A block that fails now fails again:
+                        # acknowledge it, and log only the kind of failure.
+                        log.warning("dropped a block: %s", type(exc).__name__)
+                        self._reload_prekeys()
+        await client.ack([msg.msg_id])
+
+    def _reload_prekeys(self) -> None:
+        state = self.store.get_identity()
+        if state is not None:
+            self.prekeys = PrekeyStore.from_bytes(state)
+
+    async def _receive_first_contact(self, row: MailboxRow, block: bytes) -> None:
+        assert self.prekeys is not None
+        try:
+            fc = accept_first_contact(self.entropy, self.prekeys, block)
+            hello = wire.decode_payload(fc.fragment.data)
+        except (DecryptionError, DecodeError):
+            self._reload_prekeys()
+            log.info("dropped a first-contact block that did not open")
+            return
+        if not isinstance(hello, wire.HelloPayload):
+            self._reload_prekeys()
+            return
+        known = self._contact_with_identity(fc.sender)
+        if row.role == "invitation":
+            valid = (
+                row.invitation_id is not None
+                and hello.invitation_id == row.invitation_id
+                and (row.expires_at is None or row.expires_at >= _now())
+                and (known is None or not known.blocked)
+            )
+            if not valid:
+                self.store.put_identity(self.prekeys.to_bytes())  # one-time keys stay burnt
+                return
+            mb_id, mb = await self._create_mailbox("contact", public=False)
+            with self.store.transaction():
+                self.store.put_identity(self.prekeys.to_bytes())
+                self.store.delete_mailbox(row.id)  # used: the invitation is void
+                name = hello.display_name or "new contact"
+                self._establish(name, fc.sender, fc.session, hello.reply_to, mb_id, mb)
+            self._reload_owned()
+            self._outbox_wake.set()
+            with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
+                old = OwnedMailbox.from_bytes(row.descriptor)
+                await self._client().delete(old.owner_id, old.signing_key)
+            return
+        with self.store.transaction():
+            self.store.put_identity(self.prekeys.to_bytes())  # burnt one-time keys
+            if known is not None and known.blocked:
+                return
+            self.store.add_request(
+                fc.sender.to_bytes(),
+                hello.display_name or "new contact",
+                fc.session.to_bytes(),
+                address_to_bytes(hello.reply_to),
+            )
+            self.daemon.events.emit(
+                "contact.request", {"name": hello.display_name, "known": known is not None}
+            )
+
+    def _receive_from_contact(self, contact_id: int, block: bytes) -> None:
+        c = self.store.get_contact(contact_id)
+        blob = self.store.get_session(contact_id)
+        if c is None or blob is None:
+            return
+        session = Session.from_bytes(blob)
+        try:
+            fragment = session.decrypt(self.entropy, block)
+        except DecryptionError:
+            log.info("dropped a block that did not decrypt")
+            return
+        with self.store.transaction():
+            self.store.put_session(contact_id, session.to_bytes())
+            if fragment.count == 1:
+                content: bytes | None = fragment.data
+            else:
+                parts = self.store.put_fragment(
+                    contact_id, fragment.msg_id, fragment.index, fragment.count, fragment.data
+                )
+                content = None if parts is None else b"".join(parts)
+            if content is None or c.blocked:
+                return
+            try:
+                payload = wire.decode_payload(content)
+            except DecodeError:
+                log.info("dropped a payload that did not parse")
+                return
+            self._handle_payload(c, session, payload)
+
+    def _handle_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None:
+        if isinstance(payload, wire.TextPayload):
+            mid = payload.message_id.hex()
+            if self.store.get_message(mid) is not None:
+                return  # a duplicate id: never show a message twice
+            self.store.add_message(
+                c.id, "in", payload.text, status="received", message_id=mid,
+                sent_at=payload.sent_at_ms,
+            )  # fmt: skip
+            self.daemon.events.emit(
+                "message.received",
+                {"message_id": mid, "contact": c.name, "text": payload.text,
+                 "sent_at": payload.sent_at_ms},
+            )  # fmt: skip
+            self._enqueue(
+                c,
+                session,
+                wire.ReceiptPayload(wire.RECEIPT_DELIVERED, (payload.message_id,)),
+                delay=self._receipt_delay(),
+            )
+        elif isinstance(payload, wire.ReceiptPayload):
+            status = "delivered" if payload.kind == wire.RECEIPT_DELIVERED else "read"
+            for raw in payload.message_ids:
+                m = self.store.get_message(raw.hex())
+                if m is None or m.contact_id != c.id or m.direction != "out":
+                    continue
+                if self.store.set_message_status(m.id, status):
+                    self.daemon.events.emit(
+                        "message.status", {"message_id": m.id, "contact": c.name, "status": status}
+                    )
+        elif isinstance(payload, wire.HelloPayload):
+            state = ContactState.from_bytes(c.state)
+            state.send_to, state.established = payload.reply_to, True
+            self.store.update_contact(c.id, state=state.to_bytes())
+            self.daemon.events.emit("contact.established", {"contact": c.name})
+        # Mailbox rotation payloads: not sent by this version; ignored.
+
+
+def _outbox_holds(store: Store, message_id: str) -> bool:
+    return any(i.message_id == message_id for i in store.pending_blocks(now=2**62, limit=10_000))

@@ -1,0 +1,122 @@
+"""A real relay process and real aegisd processes with real SQLCipher profiles, on loopback."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemon.conftest import DaemonProc
+from tests.relay.conftest import RelayProcess
+
+T_READY = 30.0
+
+
+class Peer:
+    """One profile: its home, its daemon process and a JSON-RPC client to it."""
+
+    def __init__(self, home: Path, relay_url: str, name: str) -> None:
+        self.home = home
+        self.name = name
+        r = subprocess.run(
+            [sys.executable, "-m", "aegis_cli.main", "init", "--home", str(home),
+             "--no-passphrase", "--relay", relay_url],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        self.proc: DaemonProc | None = None
+        self.start()
+        self.call("identity.set_name", {"display_name": name})
+
+    def start(self) -> None:
+        self.proc = DaemonProc(self.home, [], None)
+        self.proc.wait_ready()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        assert self.proc is not None
+        with self.proc.client() as c:
+            return c.call(method, params)
+
+    def wait_for(self, predicate: Callable[[], Any], what: str, timeout: float = T_READY) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name}: timed out waiting for {what}")
+
+    def wait_connected(self) -> None:
+        self.wait_for(lambda: self.call("status")["relay"]["connected"], "the relay")
+
+    def events(self, since: int = 0, types: list[str] | None = None) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = self.call(
+            "events.list", {"since": since, "limit": 1000, "types": types}
+        )["events"]
+        return out
+
+
+@pytest.fixture
+def tmp_short() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="af", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def relay_proc(tmp_short: Path) -> Iterator[RelayProcess]:
+    sub = tmp_short / "relay"
+    sub.mkdir()
+    rp = RelayProcess(sub, {})
+    rp.start()
+    try:
+        yield rp
+    finally:
+        rp.close()
+
+
+@pytest.fixture
+def peers(tmp_short: Path, relay_proc: RelayProcess) -> Iterator[Callable[[str], Peer]]:
+    made: list[Peer] = []
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+
+    def make(name: str) -> Peer:
+        p = Peer(tmp_short / name, url, name)
+        made.append(p)
+        return p
+
+    try:
+        yield make
+    finally:
+        for p in made:
+            p.stop()
+
+
+def connect(alice: Peer, bob: Peer) -> None:
+    """Bob invites, Alice uses the invitation; both end up with an established contact."""
+    alice.wait_connected()
+    bob.wait_connected()
+    link = bob.call("invitations.create")["link"]
+    alice.call("contacts.add", {"name": bob.name, "link": link})
+    bob.wait_for(
+        lambda: [c for c in bob.call("contacts.list")["contacts"] if c["established"]],
+        "the invitation to be used",
+    )
+    alice.wait_for(lambda: alice.call("contacts.list")["contacts"][0]["established"], "the answer")

@@ -1,0 +1,98 @@
+"""End to end: a real relay and two real daemons exchange messages through it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from aegis_cli.client import RpcCallError
+from tests.functional.conftest import Peer, connect
+
+
+def texts(peer: Peer, contact: str) -> list[tuple[str, str]]:
+    msgs = peer.call("messages.history", {"contact": contact, "limit": 500})["messages"]
+    return [(m["direction"], m["text"]) for m in msgs]
+
+
+def test_invitation_messages_receipts_and_safety_numbers(peers: Callable[[str], Peer]) -> None:
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    assert [c["name"] for c in bob.call("contacts.list")["contacts"]] == ["alice"]
+
+    sent = alice.call("messages.send", {"contact": "bob", "text": "hello bob"})
+    assert sent["status"] == "queued" and len(sent["message_id"]) == 32
+    got = bob.wait_for(lambda: bob.events(types=["message.received"]), "the message")[0]["data"]
+    assert got["text"] == "hello bob" and got["contact"] == "alice"
+    assert got["message_id"] == sent["message_id"]
+    alice.wait_for(
+        lambda: any(
+            m["message_id"] == sent["message_id"] and m["status"] == "delivered"
+            for m in alice.call("messages.history", {"contact": "bob"})["messages"]
+        ),
+        "the delivery receipt",
+    )
+    bob.call("messages.send", {"contact": "alice", "text": "hi alice"})
+    alice.wait_for(lambda: ("in", "hi alice") in texts(alice, "bob"), "the reply")
+
+    # Read receipts.
+    bob.call("messages.mark_read", {"contact": "alice"})
+    alice.wait_for(
+        lambda: (
+            alice.call("messages.history", {"contact": "bob"})["messages"][0]["status"] == "read"
+        ),
+        "the read receipt",
+    )
+
+    a = alice.call("contacts.safety_number", {"name": "bob"})["safety_number"]
+    b = bob.call("contacts.safety_number", {"name": "alice"})["safety_number"]
+    assert a == b and len(a) == 60
+
+    # The invitation is void once used.
+    assert bob.call("invitations.list")["invitations"] == []
+
+
+def test_long_message_spans_blocks(peers: Callable[[str], Peer]) -> None:
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    long_text = "0123456789abcdef" * 3000  # 48,000 bytes: four blocks
+    alice.call("messages.send", {"contact": "bob", "text": long_text})
+    bob.wait_for(lambda: ("in", long_text) in texts(bob, "alice"), "the long message")
+
+
+def test_contact_address_request_accept(peers: Callable[[str], Peer]) -> None:
+    alice, bob = peers("alice"), peers("bob")
+    alice.wait_connected()
+    bob.wait_connected()
+    link = bob.call("address.get")["link"]
+    alice.call("contacts.add", {"name": "bob", "link": link})
+    req = bob.wait_for(lambda: bob.call("requests.list")["requests"], "the request")[0]
+    assert req["name"] == "alice"
+    bob.call("requests.accept", {"request": req["request"], "name": "Alice A."})
+    alice.wait_for(lambda: alice.call("contacts.list")["contacts"][0]["established"], "accept")
+    alice.call("messages.send", {"contact": "bob", "text": "via the address"})
+    bob.wait_for(lambda: ("in", "via the address") in texts(bob, "Alice A."), "the message")
+    # Rotating the address: the old link no longer leads anywhere.
+    bob.call("address.rotate")
+    carol = peers("carol")
+    carol.wait_connected()
+    with pytest.raises(RpcCallError):
+        carol.call("contacts.add", {"name": "bob", "link": link})
+
+
+def test_bad_links_and_names(peers: Callable[[str], Peer]) -> None:
+    alice = peers("alice")
+    alice.wait_connected()
+    with pytest.raises(RpcCallError) as e:
+        alice.call("contacts.add", {"name": "x", "link": "aegis:AAAA"})
+    assert e.value.data["error"] == "bad_link"
+    with pytest.raises(RpcCallError) as e:
+        alice.call("contacts.add", {"name": "", "link": "aegis:AAAA"})
+    assert e.value.code == -32602 and e.value.data["field"] == "name"
+    own = alice.call("address.get")["link"]
+    with pytest.raises(RpcCallError) as e:
+        alice.call("contacts.add", {"name": "me", "link": own})
+    assert e.value.data["error"] == "bad_link"
+    with pytest.raises(RpcCallError) as e:
+        alice.call("messages.send", {"contact": "nobody", "text": "x"})
+    assert e.value.data["error"] == "not_found"
