@@ -48,10 +48,11 @@ _DUMMY_HASH = bytes(32)
 _CLOSE_PROTOCOL = 1002
 _CLOSE_POLICY = 1008
 _CLOSE_GOING_AWAY = 1001
-# Frames queued for a client that does not read: above OUT_HIGH the relay stops reading its
-# requests and stops pushing to it; it resumes below OUT_LOW.
-OUT_HIGH = 64
-OUT_LOW = 16
+# Bytes queued for a client that does not read: above OUT_HIGH the relay stops reading its
+# requests and stops pushing to it from storage; it resumes below OUT_LOW. (One subscription's
+# window, 32 blocks, stays below OUT_HIGH: a single-mailbox subscriber is never throttled.)
+OUT_HIGH = 2 * 1024 * 1024
+OUT_LOW = 512 * 1024
 
 
 class Denied(wire.FrameError):
@@ -378,6 +379,7 @@ class Connection:
         self.blob_quota = 0
         self._out: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
         self._drained: asyncio.Future[None] | None = None
+        self._out_bytes = 0
         self.push_deferred = False
         self._lookups = TokenBucket(self.cfg.lookup_rate, self.cfg.lookup_burst, time.monotonic())
         self._inflight = 0
@@ -392,6 +394,7 @@ class Connection:
     def send(self, frame: bytes, close_code: int = 0) -> None:
         if not self._closed:
             self._out.put_nowait((frame, close_code))
+            self._out_bytes += len(frame)
             if close_code:
                 self._closed = True
 
@@ -400,18 +403,19 @@ class Connection:
         self.send(wire.error_frame(rid, code), _CLOSE_PROTOCOL if fatal else 0)
 
     def congested(self) -> bool:
-        return self._out.qsize() >= OUT_HIGH
+        return self._out_bytes > OUT_HIGH
 
     async def _writer(self) -> None:
         try:
             while True:
                 frame, close_code = await self._out.get()
+                self._out_bytes -= len(frame)
                 if frame:
                     await self.ws.send_bytes(frame)
                 if close_code:
                     await self.ws.close(code=close_code)
                     return
-                if self._out.qsize() <= OUT_LOW:
+                if self._out_bytes <= OUT_LOW and (self._drained or self.push_deferred):
                     self._on_drained()
         except (TimeoutError, ConnectionError, RuntimeError):
             return
