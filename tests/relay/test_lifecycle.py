@@ -291,7 +291,21 @@ def test_health_and_sigterm(relay: RelayProcess) -> None:
 
     with urllib.request.urlopen(f"http://127.0.0.1:{relay.port}/health", timeout=10) as r:
         assert r.status == 200
-    assert relay.terminate() == 0
+
+    async def body() -> None:
+        c = await RelayClient.connect(relay.url)
+        token = os.urandom(32)
+        o = await new_owner(c, token=token)
+        await o.subscribe(c)
+        await c.deposit(o.deposit_id, block(), token=token)
+        await next_message(c)  # delivered, not acknowledged
+        code = await asyncio.to_thread(relay.terminate)
+        await asyncio.wait_for(c.closed.wait(), 10)
+        assert c.ws.close_code == 1001  # going away
+        assert code == 0
+        await c.close()
+
+    run(body())
     assert "relay stopped" in relay.output()
     assert "Traceback" not in relay.output()
 
