@@ -405,6 +405,282 @@ def listen(ctx: Ctx, since: int | None, types: tuple[str, ...]) -> None:
                 click.echo(f"{ev.get('seq')} {ev.get('type')} {data}")
 
 
+# -- messaging ----------------------------------------------------------------------------
+
+
+def _when(ms: int | None) -> str:
+    """A local date and time for people (the daemon keeps milliseconds since the epoch)."""
+    if not ms:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+
+
+def _print_link(ctx: Ctx, result: dict[str, Any], qr: bool, note: str) -> None:
+    """The link alone on standard output (so `$(aegis invite)` is the link); a note on stderr."""
+    link = str(result["link"])
+    if ctx.as_json:
+        ctx.out(result, link)
+        return
+    if qr:
+        click.echo(_qr_text(link), nl=False)
+    click.echo(link)
+    click.echo(note, err=True)
+
+
+def _qr_text(link: str) -> str:
+    import io
+
+    try:
+        import segno  # lazily: only `--qr` pays for it
+    except ImportError:
+        raise Fail("--qr needs the segno package: pip install segno") from None
+    buf = io.StringIO()
+    segno.make(link, error="m").terminal(out=buf, compact=True, border=2)
+    return buf.getvalue()
+
+
+@cli.command()
+@common
+@click.option(
+    "--expires",
+    type=click.IntRange(60, 90 * 24 * 3600),
+    default=7 * 24 * 3600,
+    show_default=True,
+    metavar="SECONDS",
+    help="The invitation is void after this many seconds.",
+)
+@click.option("--qr", is_flag=True, help="Also print the link as a QR code.")
+def invite(ctx: Ctx, expires: int, qr: bool) -> None:
+    """Create a one-time invitation link (void once used)."""
+    result = ctx.call("invitations.create", {"expires_in": expires})
+    until = _when(result["expires_at"] * 1000)
+    _print_link(
+        ctx,
+        result,
+        qr,
+        f"One-time invitation {result['invitation']}, valid until {until}.\n"
+        "The other side runs: aegis contact add NAME LINK",
+    )
+
+
+@cli.command()
+@common
+@click.option("--rotate", is_flag=True, help="Replace the address: the old one stops working.")
+@click.option("--qr", is_flag=True, help="Also print the link as a QR code.")
+def address(ctx: Ctx, rotate: bool, qr: bool) -> None:
+    """Show your long-term contact address (requests to it wait for `aegis accept`)."""
+    result = ctx.call("address.rotate" if rotate else "address.get")
+    note = (
+        "A new address; the old one no longer works."
+        if rotate
+        else ("Requests sent to this address wait for: aegis requests / aegis accept ID")
+    )
+    _print_link(ctx, result, qr, note)
+
+
+def _safety_lines(number: str, indent: str = "  ") -> str:
+    groups = [number[i : i + 5] for i in range(0, len(number), 5)]
+    return "\n".join(indent + " ".join(groups[i : i + 4]) for i in range(0, len(groups), 4))
+
+
+@cli.command()
+@common
+def requests(ctx: Ctx) -> None:
+    """List contact requests waiting for you to accept or reject them."""
+    result = ctx.call("requests.list")
+    reqs = result["requests"]
+    lines = []
+    for r in reqs:
+        lines.append(f"{r['request']}  {r['name'] or '(no name)'}  ({_when(r['created_at'])})")
+        lines.append(_safety_lines(r["safety_number"], "    "))
+    ctx.out(result, "\n".join(lines) if lines else "no pending requests")
+
+
+@cli.command()
+@common
+@click.argument("request_id", metavar="ID", type=int)
+@click.option("--name", help="The name to give the contact (default: the name they sent).")
+def accept(ctx: Ctx, request_id: int, name: str | None) -> None:
+    """Accept a contact request."""
+    params: dict[str, Any] = {"request": request_id}
+    if name is not None:
+        params["name"] = name
+    result = ctx.call("requests.accept", params)
+    ctx.out(result, f"accepted: {result['name']} is now a contact")
+
+
+@cli.command()
+@common
+@click.argument("request_id", metavar="ID", type=int)
+def reject(ctx: Ctx, request_id: int) -> None:
+    """Reject a contact request."""
+    result = ctx.call("requests.reject", {"request": request_id})
+    ctx.out(result, f"rejected request {request_id}")
+
+
+@cli.group()
+def contact() -> None:
+    """Add, rename, remove or block a contact."""
+
+
+@contact.command("add")
+@common
+@click.argument("name")
+@click.argument("link")
+def contact_add(ctx: Ctx, name: str, link: str) -> None:
+    """Add a contact from an invitation or address LINK, under NAME."""
+    result = ctx.call("contacts.add", {"name": name, "link": link})
+    ctx.out(
+        result,
+        f"added {result['name']}; "
+        + (
+            "you can send messages now"
+            if result["established"]
+            else "waiting for their answer (an invitation is answered at once; "
+            "an address once they accept)"
+        ),
+    )
+
+
+@contact.command("rename")
+@common
+@click.argument("name")
+@click.argument("new_name")
+def contact_rename(ctx: Ctx, name: str, new_name: str) -> None:
+    """Rename a contact."""
+    result = ctx.call("contacts.rename", {"name": name, "new_name": new_name})
+    ctx.out(result, f"renamed {name} to {result['name']}")
+
+
+@contact.command("remove")
+@common
+@click.argument("name")
+def contact_remove(ctx: Ctx, name: str) -> None:
+    """Remove a contact (and stop receiving from them)."""
+    result = ctx.call("contacts.remove", {"name": name})
+    ctx.out(result, f"removed {name}")
+
+
+@contact.command("block")
+@common
+@click.argument("name")
+@click.option("--undo", is_flag=True, help="Unblock instead.")
+def contact_block(ctx: Ctx, name: str, undo: bool) -> None:
+    """Block a contact (their messages are dropped; you cannot send to them)."""
+    result = ctx.call("contacts.block", {"name": name, "blocked": not undo})
+    ctx.out(result, f"{'unblocked' if undo else 'blocked'} {name}")
+
+
+@cli.command()
+@common
+def contacts(ctx: Ctx) -> None:
+    """List your contacts."""
+    result = ctx.call("contacts.list")
+    lines = []
+    for c in result["contacts"]:
+        flags = [
+            "established" if c["established"] else "waiting for their answer",
+            *(["verified"] if c["verified"] else []),
+            *(["blocked"] if c["blocked"] else []),
+        ]
+        lines.append(f"{c['name']}  ({', '.join(flags)})")
+    ctx.out(result, "\n".join(lines) if lines else "no contacts yet")
+
+
+def _confirm(prompt: str) -> bool:
+    """y/N on the terminal (or a line of standard input); end of input means no."""
+    click.echo(f"{prompt} [y/N] ", nl=False, err=True)
+    answer = sys.stdin.readline()
+    if not answer:
+        click.echo("", err=True)
+    return answer.strip().lower() in ("y", "yes")
+
+
+@cli.command()
+@common
+@click.argument("name")
+@click.option("--yes", "-y", is_flag=True, help="Mark the contact verified without asking.")
+def verify(ctx: Ctx, name: str, yes: bool) -> None:
+    """Show the safety number shared with NAME, then mark NAME verified.
+
+    Compare the twelve groups with your contact in person or on a call: they see the same
+    number on their side. Without --yes, asks first (with --json, only --yes marks).
+    """
+    with ctx.client() as c:
+        sn = c.call("contacts.safety_number", {"name": name})
+        if not ctx.as_json:
+            click.echo(f"Safety number with {sn['contact']}:")
+            click.echo(_safety_lines(sn["safety_number"]))
+        do_it = yes or (not ctx.as_json and _confirm(f"Does it match what {name} sees?"))
+        verified = False
+        if do_it:
+            verified = bool(c.call("contacts.verify", {"name": name})["verified"])
+    result = {"contact": sn["contact"], "safety_number": sn["safety_number"], "verified": verified}
+    if ctx.as_json:
+        ctx.out(result, "")
+    else:
+        click.echo(f"{sn['contact']} is marked verified" if verified else "not marked verified")
+
+
+@cli.command()
+@common
+@click.argument("name")
+@click.argument("message")
+def send(ctx: Ctx, name: str, message: str) -> None:
+    """Send MESSAGE to NAME ('-': read the message from standard input).
+
+    Prints the message id once the daemon has accepted (and stored) the message; it is
+    delivered in the background, also later if the relay is unreachable now.
+    """
+    if message == "-":
+        try:
+            message = sys.stdin.read()
+        except UnicodeDecodeError:
+            raise Fail("standard input is not UTF-8 text") from None
+        message = message.removesuffix("\n").removesuffix("\r")
+    if not message:
+        raise Fail("the message is empty")
+    result = ctx.call("messages.send", {"contact": name, "text": message})
+    ctx.out(result, str(result["message_id"]))
+
+
+@cli.command()
+@common
+@click.argument("name")
+@click.option(
+    "--limit", type=click.IntRange(1, 500), default=50, show_default=True, metavar="N",
+    help="Show the last N messages.",
+)  # fmt: skip
+@click.option("--before", type=int, metavar="SEQ", help="Only messages older than SEQ (paging).")
+@click.option("--mark-read", is_flag=True, help="Mark the incoming messages read.")
+def messages(ctx: Ctx, name: str, limit: int, before: int | None, mark_read: bool) -> None:
+    """Show the conversation with NAME, oldest first."""
+    params: dict[str, Any] = {"contact": name, "limit": limit}
+    if before is not None:
+        params["before"] = before
+    with ctx.client() as c:
+        result = c.call("messages.history", params)
+        if mark_read:
+            c.call("messages.mark_read", {"contact": name})
+    lines = []
+    for m in result["messages"]:
+        text = str(m["text"]).replace("\n", "\n    ")
+        if m["direction"] == "out":
+            lines.append(f"{_when(m['created_at'])}  me -> {name}: {text}  [{m['status']}]")
+        else:
+            lines.append(f"{_when(m['sent_at'] or m['created_at'])}  {name}: {text}")
+    ctx.out(result, "\n".join(lines) if lines else f"no messages with {name}")
+
+
+@cli.command("name")
+@common
+@click.argument("display_name")
+def set_name(ctx: Ctx, display_name: str) -> None:
+    """Set the display name sent with your invitations and requests."""
+    result = ctx.call("identity.set_name", {"display_name": display_name})
+    ctx.out(result, f"display name: {result['display_name'] or '(none)'}")
+
+
 # -- entry point --------------------------------------------------------------------------
 
 

@@ -138,6 +138,8 @@ def test_cli_imports_no_crypto_and_no_daemon_internals(home, cli_env):
             import json, sys
             from aegis_cli.main import main
             for argv in (["status", "--home", {h!r}, "--json"], ["lock", "--home", {h!r}],
+                         ["send", "bob", "hi", "--home", {h!r}],
+                         ["messages", "bob", "--home", {h!r}],
                          ["status", "--home", "/nonexistent"]):
                 try:
                     main(argv)
