@@ -183,6 +183,8 @@ class Messenger:
         if up != was and self.daemon.store is not None:
             self.daemon.events.emit("relay.up" if up else "relay.down", {"reason": reason})
         if up:
+            if self.daemon.store is not None:
+                self.daemon.store.retry_failed_now()  # they failed because of the outage
             self._outbox_wake.set()
             task = asyncio.create_task(self._after_connect(), name="after-connect")
             self._tasks.append(task)
@@ -637,14 +639,25 @@ class Messenger:
                 await asyncio.wait_for(self._outbox_wake.wait(), delay)
 
     async def _drain_outbox(self) -> float:
-        """Deposit every due block; returns how long to sleep before the next pass."""
+        """Deposit every due block; returns how long to sleep before the next pass.
+
+        A destination's blocks leave in the order they were stored: after a block failed
+        (and waits for its retry), later blocks to the same mailbox wait too. A block that is
+        merely delayed on purpose (a receipt's random delay) holds nothing up."""
         store = self.daemon.store
         if store is None:
             return 1.0
-        failed: set[bytes] = set()
-        for item in store.pending_blocks(now=_ms()):
-            if item.destination in failed:
-                continue  # keep a destination's blocks in order after a failure
+        now = _ms()
+        held: set[bytes] = set()
+        soonest: int | None = None
+        for item in store.pending_blocks(now=now + 3_600_000, limit=1000):
+            if item.not_before > now:
+                soonest = item.not_before if soonest is None else min(soonest, item.not_before)
+                if item.attempts:
+                    held.add(item.destination)
+                continue
+            if item.destination in held:
+                continue
             dest = address_from_bytes(item.destination)
             try:
                 client, own = await with_relay(dest.relay_url, self.link)
@@ -654,17 +667,19 @@ class Messenger:
                     if own:
                         await client.close()
             except (RelayUnavailable, *UNAVAILABLE, RelayError) as exc:
-                failed.add(item.destination)
+                held.add(item.destination)
                 wait = min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
                 if isinstance(exc, RelayError) and exc.code == E_RATE_LIMITED:
                     wait = max(wait, 1.0)
-                store.block_attempted(item.id, retry_at=_ms() + int(wait * 1000))
+                retry_at = _ms() + int(wait * 1000)
+                store.block_attempted(item.id, retry_at=retry_at)
+                soonest = retry_at if soonest is None else min(soonest, retry_at)
                 continue
             with store.transaction():
                 store.block_deposited(item.id)
                 if (
                     item.message_id is not None
-                    and not _outbox_holds(store, item.message_id)
+                    and not store.outbox_holds_message(item.message_id)
                     and store.set_message_status(item.message_id, "sent")
                 ):
                     contact = store.get_contact(item.contact_id) if item.contact_id else None
@@ -676,10 +691,10 @@ class Messenger:
                             "status": "sent",
                         },
                     )
-        upcoming = store.pending_blocks(now=_ms() + 60_000, limit=1000)
-        if not upcoming:
+        if store.pending_blocks(now=_ms(), limit=1) and not held:
+            return 0.0  # more were due than one pass takes
+        if soonest is None:
             return 60.0
-        soonest = min(i.not_before for i in upcoming)
         return max(0.05, min(60.0, (soonest - _ms()) / 1000))
 
     async def _maintenance_loop(self) -> None:
@@ -838,7 +853,3 @@ class Messenger:
             self.store.update_contact(c.id, state=state.to_bytes())
             self.daemon.events.emit("contact.established", {"contact": c.name})
         # Mailbox rotation payloads: not sent by this version; ignored.
-
-
-def _outbox_holds(store: Store, message_id: str) -> bool:
-    return any(i.message_id == message_id for i in store.pending_blocks(now=2**62, limit=10_000))

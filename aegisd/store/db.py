@@ -511,6 +511,15 @@ class Store:
         with self.transaction():
             self._q("DELETE FROM outbox WHERE id = ?", (item_id,))
 
+    def outbox_holds_message(self, message_id: str) -> bool:
+        row = self._q("SELECT 1 FROM outbox WHERE message_id = ? LIMIT 1", (message_id,))
+        return row.fetchone() is not None
+
+    def retry_failed_now(self) -> None:
+        """Make every block that failed before due again (the relay is back)."""
+        with self.transaction():
+            self._q("UPDATE outbox SET not_before = 0 WHERE attempts > 0")
+
     def outbox_size(self) -> int:
         return int(self._q("SELECT count(*) FROM outbox").fetchone()[0])
 
