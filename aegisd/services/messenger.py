@@ -71,6 +71,7 @@ ONE_TIME_BATCH = 50
 RECEIPT_DELAY_MAX = 3.0  # seconds; receipts leave after a random delay in [0.5, max]
 RETRY_MAX = 60.0
 MAINTENANCE_INTERVAL = 3600.0
+DEFAULT_TTL = 14 * 24 * 3600  # the relay's default; its HELLO says the real one
 
 # Application error codes (docs/api.md, "Errors").
 E_RELAY_UNAVAILABLE = 1010
@@ -691,11 +692,38 @@ class Messenger:
                             "status": "sent",
                         },
                     )
+        self._expire_undelivered(store)
         if store.pending_blocks(now=_ms(), limit=1) and not held:
             return 0.0  # more were due than one pass takes
         if soonest is None:
+            if store.sent_before(2**62, limit=1):  # awaiting receipts: check expiry in time
+                return min(60.0, max(0.5, self._relay_ttl() / 10))
             return 60.0
         return max(0.05, min(60.0, (soonest - _ms()) / 1000))
+
+    def _relay_ttl(self) -> int:
+        client = self.link.client if self.link is not None else None
+        if client is not None and client.hello is not None:
+            return int(client.hello.message_ttl)
+        return DEFAULT_TTL
+
+    def _expire_undelivered(self, store: Store) -> None:
+        """A message deposited longer ago than the relay keeps blocks, with no delivery receipt,
+        expired at the relay undelivered. Slack covers the relay rounding expiries up (an hour
+        by default) and receipt delays: ttl/10, at least 2 s, at most 3660 s."""
+        ttl = self._relay_ttl()
+        slack = min(3660, max(2, ttl // 10))
+        for m in store.sent_before(_ms() - (ttl + slack) * 1000):
+            if store.set_message_status(m.id, "expired"):
+                contact = store.get_contact(m.contact_id)
+                self.daemon.events.emit(
+                    "message.status",
+                    {
+                        "message_id": m.id,
+                        "contact": contact.name if contact else None,
+                        "status": "expired",
+                    },
+                )
 
     async def _maintenance_loop(self) -> None:
         while True:

@@ -405,6 +405,16 @@ class Store:
             )
         return True
 
+    def sent_before(self, cutoff_ms: int, *, limit: int = 500) -> list[Message]:
+        """Outgoing messages deposited (status 'sent') before ``cutoff_ms`` and never confirmed."""
+        rows = self._q(
+            "SELECT seq, id, contact_id, direction, body, status, sent_at, created_at, status_at "
+            "FROM messages WHERE direction = 'out' AND status = 'sent' AND status_at < ? "
+            "ORDER BY seq LIMIT ?",
+            (cutoff_ms, limit),
+        ).fetchall()
+        return [self._message(r) for r in rows]
+
     def history(
         self, contact_id: int, *, before_seq: int | None = None, limit: int = 50
     ) -> list[Message]:

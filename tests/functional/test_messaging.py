@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from aegis_cli.client import RpcCallError
 from tests.functional.conftest import Peer, connect
+from tests.relay.conftest import RelayProcess
 
 
 def texts(peer: Peer, contact: str) -> list[tuple[str, str]]:
@@ -96,3 +99,64 @@ def test_bad_links_and_names(peers: Callable[[str], Peer]) -> None:
     with pytest.raises(RpcCallError) as e:
         alice.call("messages.send", {"contact": "nobody", "text": "x"})
     assert e.value.data["error"] == "not_found"
+
+
+def test_block_remove_and_no_read_receipts(peers: Callable[[str], Peer]) -> None:
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    bob.call("settings.set", {"read_receipts": False})
+    m = alice.call("messages.send", {"contact": "bob", "text": "one"})["message_id"]
+    bob.wait_for(lambda: ("in", "one") in texts(bob, "alice"), "the message")
+    bob.call("messages.mark_read", {"contact": "alice"})
+    alice.wait_for(
+        lambda: (
+            alice.call("messages.history", {"contact": "bob"})["messages"][0]["status"]
+            == "delivered"
+        ),
+        "the delivery receipt",
+    )
+    bob.call("contacts.block", {"name": "alice"})
+    alice.call("messages.send", {"contact": "bob", "text": "while blocked"})
+    time.sleep(2.0)
+    assert ("in", "while blocked") not in texts(bob, "alice")
+    assert alice.call("messages.history", {"contact": "bob"})["messages"][0]["message_id"] == m
+    assert (
+        alice.call("messages.history", {"contact": "bob"})["messages"][0]["status"] == "delivered"
+    )
+    bob.call("contacts.remove", {"name": "alice"})
+    assert bob.call("contacts.list")["contacts"] == []
+
+
+def test_undelivered_message_expires(tmp_short: Path) -> None:
+    """The relay keeps a block 3 s here; the recipient stays offline; the sender marks the
+    message expired once the relay's time is up and no delivery receipt came."""
+    sub = tmp_short / "relay"
+    sub.mkdir()
+    relay = RelayProcess(
+        sub, {"--message-ttl": "3", "--expiry-granularity": "1", "--sweep-interval": "0.5"}
+    )
+    relay.start()
+    url = f"ws://127.0.0.1:{relay.port}/v1/ws"
+    alice = bob = None
+    try:
+        alice, bob = Peer(tmp_short / "alice", url, "alice"), Peer(tmp_short / "bob", url, "bob")
+        connect(alice, bob)
+        bob.stop()
+        mid = alice.call("messages.send", {"contact": "bob", "text": "into the void"})["message_id"]
+        alice.wait_for(
+            lambda: (
+                alice.call("messages.history", {"contact": "bob"})["messages"][-1]["status"]
+                == "expired"
+            ),
+            "expiry",
+        )
+        ev = [e["data"] for e in alice.events(types=["message.status"])]
+        assert {"message_id": mid, "contact": "bob", "status": "expired"} in ev
+        bob.start()  # the block is gone from the relay: nothing arrives
+        time.sleep(1.5)
+        assert ("in", "into the void") not in texts(bob, "alice")
+    finally:
+        for p in (alice, bob):
+            if p is not None:
+                p.stop()
+        relay.close()
