@@ -11,6 +11,7 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import itertools
 import logging
 import math
 import os
@@ -285,7 +286,7 @@ class Relay:
 
     def _cache(self, mb: MailboxState) -> None:
         if len(self.by_id) >= self.cache_max:
-            for old in list(self.by_id.values())[:64]:
+            for old in list(itertools.islice(self.by_id.values(), 64)):
                 if old.sub is None:
                     self._uncache(old)
         self.by_okey[mb.okey] = mb
