@@ -1,4 +1,4 @@
-"""`make demo`'s protocol demo runs, round-trips every message and shows only uniform blocks."""
+"""`python -m aegisd.demo protocol` runs, round-trips every message, shows only uniform blocks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 def test_demo_runs() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "aegisd.demo"],
+        [sys.executable, "-m", "aegisd.demo", "protocol"],
         capture_output=True,
         text=True,
         timeout=120,
