@@ -128,6 +128,10 @@ def register(registry: Registry, m: Messenger) -> None:
         m.store.update_contact(c.id, verified=verified)
         return {"name": c.name, "verified": verified}
 
+    @method("contacts.rotate_mailbox")
+    async def contacts_rotate_mailbox(ctx: CallContext, name: str) -> dict[str, Any]:
+        return await m.rotate_mailbox(name)
+
     @method("messages.send")
     async def messages_send(ctx: CallContext, contact: str, text: str) -> dict[str, Any]:
         return await m.send_text(contact, text)

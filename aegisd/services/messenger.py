@@ -71,6 +71,9 @@ ONE_TIME_BATCH = 50
 RECEIPT_DELAY_MAX = 3.0  # seconds; receipts leave after a random delay in [0.5, max]
 RETRY_MAX = 60.0
 MAINTENANCE_INTERVAL = 3600.0
+MAILBOX_ROTATION = 7 * 24 * 3600  # seconds a per-contact receiving mailbox is used
+SETTING_ROTATION = "privacy.mailbox_rotation"
+ROTATION_KEY = "rotation.contact."
 DEFAULT_TTL = 14 * 24 * 3600  # the relay's default; its HELLO says the real one
 
 # Application error codes (docs/api.md, "Errors").
@@ -116,6 +119,7 @@ class Messenger:
         self._outbox_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._owned: dict[bytes, tuple[MailboxRow, OwnedMailbox]] = {}
+        self._acked_rotations: list[tuple[Contact, bytes]] = []
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -730,6 +734,55 @@ class Messenger:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
             with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
                 await self._replenish_prekeys()
+                await self._rotate_due_mailboxes()
+
+    # --- per-contact mailbox rotation --------------------------------------------------------
+    #
+    # Every MAILBOX_ROTATION seconds a contact's receiving mailbox is replaced: a new mailbox is
+    # created and announced inside the ratchet (MailboxPayload); the old one keeps working
+    # until the contact acknowledges (MailboxAckPayload), then it is deleted at the relay.
+
+    async def _rotate_due_mailboxes(self) -> None:
+        period = int(self.store.get_setting(SETTING_ROTATION, MAILBOX_ROTATION))
+        cutoff = _ms() - period * 1000
+        for c in self.store.list_contacts():
+            row = self.store.mailbox_for_contact(c.id)
+            pending = self.store.get_setting(f"{ROTATION_KEY}{c.id}")
+            if row is not None and row.created_at < cutoff and pending is None and not c.blocked:
+                await self.rotate_mailbox(c.name)
+
+    async def rotate_mailbox(self, name: str) -> dict[str, Any]:
+        async with self.lock:
+            c = self.contact(name)
+            blob = self.store.get_session(c.id)
+            old = self.store.mailbox_for_contact(c.id)
+            if blob is None or old is None or not ContactState.from_bytes(c.state).established:
+                raise AppError(E_NOT_READY, "not_ready", "this contact cannot be reached yet")
+            pending = self.store.get_setting(f"{ROTATION_KEY}{c.id}")
+            if pending is not None:  # a rotation is under way: keep its old mailbox
+                old = self.store.get_mailbox(int(pending["old"])) or old
+            new_id, new = await self._create_mailbox("contact", public=False, contact_id=c.id)
+            rotation_id = self.entropy.random(wire.MESSAGE_ID_LEN)
+            with self.store.transaction():
+                self.store.set_setting(
+                    f"{ROTATION_KEY}{c.id}", {"id": rotation_id.hex(), "old": old.id, "new": new_id}
+                )
+                self._enqueue(
+                    c, Session.from_bytes(blob), wire.MailboxPayload(rotation_id, new.address())
+                )
+        self._outbox_wake.set()
+        return {"contact": c.name, "rotating": True}
+
+    async def _finish_rotation(self, c: Contact, rotation_id: bytes) -> None:
+        pending = self.store.get_setting(f"{ROTATION_KEY}{c.id}")
+        if pending is None or pending["id"] != rotation_id.hex():
+            return
+        # The retired mailbox and any mailbox older than the new one go.
+        for row in self.store.list_mailboxes("contact"):
+            if row.contact_id == c.id and row.id < int(pending["new"]):
+                await self._retire_mailbox(row.id)
+        self.store.set_setting(f"{ROTATION_KEY}{c.id}", None)
+        self.daemon.events.emit("contact.mailbox_rotated", {"contact": c.name})
 
     # --- receiving --------------------------------------------------------------------------
 
@@ -748,6 +801,8 @@ class Messenger:
                             if row.contact_id is not None:
                                 self._receive_from_contact(row.contact_id, block)
                                 self._outbox_wake.set()  # receipts may be due
+                            while self._acked_rotations:  # relay calls: outside the commit
+                                await self._finish_rotation(*self._acked_rotations.pop())
                         else:
                             await self._receive_first_contact(row, block)
                     except AppError:
@@ -880,4 +935,12 @@ class Messenger:
             state.send_to, state.established = payload.reply_to, True
             self.store.update_contact(c.id, state=state.to_bytes())
             self.daemon.events.emit("contact.established", {"contact": c.name})
-        # Mailbox rotation payloads: not sent by this version; ignored.
+        elif isinstance(payload, wire.MailboxPayload):
+            state = ContactState.from_bytes(c.state)
+            state.send_to = payload.mailbox
+            self.store.update_contact(c.id, state=state.to_bytes())
+            self._enqueue(
+                c, session, wire.MailboxAckPayload(payload.rotation_id), delay=self._receipt_delay()
+            )
+        elif isinstance(payload, wire.MailboxAckPayload):
+            self._acked_rotations.append((c, payload.rotation_id))

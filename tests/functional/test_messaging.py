@@ -160,3 +160,16 @@ def test_undelivered_message_expires(tmp_short: Path) -> None:
             if p is not None:
                 p.stop()
         relay.close()
+
+
+def test_mailbox_rotation(peers: Callable[[str], Peer]) -> None:
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.call("contacts.rotate_mailbox", {"name": "bob"})
+    alice.wait_for(
+        lambda: alice.events(types=["contact.mailbox_rotated"]), "the rotation to be acknowledged"
+    )
+    bob.call("messages.send", {"contact": "alice", "text": "to the new mailbox"})
+    alice.wait_for(lambda: ("in", "to the new mailbox") in texts(alice, "bob"), "the message")
+    alice.call("messages.send", {"contact": "bob", "text": "and back"})
+    bob.wait_for(lambda: ("in", "and back") in texts(bob, "alice"), "the reply")
