@@ -24,6 +24,7 @@ import os
 import resource
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -244,8 +245,7 @@ async def forwarder_workload(url: str, pairs: int, messages: int, inflight: int
     return pairs * messages / elapsed, latencies
 
 
-async def idle_workload(url: str, n: int) -> int:
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+async def idle_workload(url: str, n: int, session: aiohttp.ClientSession) -> int:
     clients = []
     sem = asyncio.Semaphore(200)
 
@@ -266,31 +266,43 @@ async def main_async(args: argparse.Namespace) -> None:
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     print(f"workload: {args.pairs} sender/receiver pairs x {args.messages} blocks of {BLOCK} "
-          f"bytes, {args.inflight} in flight per sender, loopback, {os.cpu_count()} CPUs")
+          f"bytes, {args.inflight} in flight per sender, loopback, {os.cpu_count()} CPUs, "
+          f"{args.rounds} rounds each")
     with tempfile.TemporaryDirectory() as tmp:
         relay = start_relay(os.path.join(tmp, "data"))
         fwd = Server([sys.executable, str(Path(__file__).resolve()), "--forwarder", "{fd}"])
         try:
             await relay.wait_ready("/health")
             await fwd.wait_ready("/ws")
-            results = {}
-            for name, srv in (("forwarder", fwd), ("relay", relay)):
-                cpu0, own0 = srv.cpu_s(), time.process_time()
-                if name == "relay":
-                    rate, lat = await relay_workload(f"http://127.0.0.1:{srv.port}/v1/ws",
-                                                     args.pairs, args.messages, args.inflight)
-                else:
-                    rate, lat = await forwarder_workload(f"http://127.0.0.1:{srv.port}/ws",
-                                                         args.pairs, args.messages,
-                                                         args.inflight)
-                results[name] = rate
-                cpu, own = srv.cpu_s() - cpu0, time.process_time() - own0
-                label = ("aegis-relay (SQLite WAL, synchronous=FULL, group commit)"
-                         if name == "relay" else "bare aiohttp forwarder (no storage/checks)")
-                print(f"{label}: {rate:,.0f} deposits/s, deposit-to-delivery "
-                      f"p50 {pct(lat, 50) * 1000:.1f} ms, p99 {pct(lat, 99) * 1000:.1f} ms "
-                      f"(server CPU {cpu:.1f} s, client CPU {own:.1f} s)")
-            print(f"relay / forwarder throughput: {results['relay'] / results['forwarder']:.0%}")
+            rates: dict[str, list[float]] = {"forwarder": [], "relay": []}
+            lats: dict[str, list[float]] = {"forwarder": [], "relay": []}
+            cpus: dict[str, list[float]] = {"forwarder": [], "relay": []}
+            # Rounds alternate between the two, so a noisy neighbour hits both alike.
+            for _ in range(args.rounds):
+                for name, srv in (("forwarder", fwd), ("relay", relay)):
+                    cpu0 = srv.cpu_s()
+                    if name == "relay":
+                        rate, lat = await relay_workload(
+                            f"http://127.0.0.1:{srv.port}/v1/ws", args.pairs, args.messages,
+                            args.inflight)
+                    else:
+                        rate, lat = await forwarder_workload(
+                            f"http://127.0.0.1:{srv.port}/ws", args.pairs, args.messages,
+                            args.inflight)
+                    rates[name].append(rate)
+                    lats[name] += lat
+                    cpus[name].append((srv.cpu_s() - cpu0) / (args.pairs * args.messages))
+            for name in ("forwarder", "relay"):
+                label = ("aegis-relay (durability: SQLite WAL, synchronous=FULL, group commit)"
+                         if name == "relay" else "bare aiohttp WebSocket forwarder (no storage)")
+                rs = ", ".join(f"{r:,.0f}" for r in rates[name])
+                print(f"{label}: {statistics.median(rates[name]):,.0f} deposits/s "
+                      f"(median of {rs}), deposit-to-delivery p50 "
+                      f"{pct(lats[name], 50) * 1000:.1f} ms, "
+                      f"p99 {pct(lats[name], 99) * 1000:.1f} ms,"
+                      f" server CPU {statistics.median(cpus[name]) * 1e6:.0f} us per deposit")
+            ratio = statistics.median(rates["relay"]) / statistics.median(rates["forwarder"])
+            print(f"relay / forwarder throughput (medians): {ratio:.0%}")
         finally:
             relay.stop()
             fwd.stop()
@@ -299,9 +311,12 @@ async def main_async(args: argparse.Namespace) -> None:
             try:
                 await relay.wait_ready("/health")
                 rss0, _ = relay.rss_mb()
-                held = await idle_workload(f"http://127.0.0.1:{relay.port}/v1/ws", args.idle)
-                await asyncio.sleep(1)
-                rss, hwm = relay.rss_mb()
+                async with aiohttp.ClientSession(
+                        connector=aiohttp.TCPConnector(limit=0)) as session:
+                    held = await idle_workload(f"http://127.0.0.1:{relay.port}/v1/ws", args.idle,
+                                               session)
+                    await asyncio.sleep(1)
+                    rss, hwm = relay.rss_mb()
                 print(f"idle: {held} subscribed connections held; relay RSS {rss:.0f} MB "
                       f"(peak {hwm:.0f} MB, {rss0:.0f} MB before connecting)")
             finally:
@@ -316,6 +331,7 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=50)
     p.add_argument("--messages", type=int, default=200)
     p.add_argument("--inflight", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians printed")
     p.add_argument("--idle", type=int, default=5000, help="idle subscribed connections (0: skip)")
     asyncio.run(main_async(p.parse_args()))
 
