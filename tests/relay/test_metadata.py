@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import os
@@ -107,6 +108,16 @@ def test_no_logs_scan_from_127_0_0_2(relay_factory: Callable[..., RelayProcess])
         for bad in (os.urandom(16), alice.owner_id):
             with contextlib.suppress(RelayError):
                 await sender.deposit(bad, block(), token=os.urandom(32))
+        # Bad HTTP from the same address: garbage, a plain GET of the WebSocket path, a 404.
+        for raw in (b"GARBAGE\r\n\r\n", b"GET /v1/ws HTTP/1.1\r\nHost: x\r\n\r\n",
+                    b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", rp.port,
+                                                           local_addr=(CLIENT_ADDR, 0))
+            ports.append(writer.get_extra_info("sockname")[1])
+            writer.write(raw)
+            await writer.drain()
+            await asyncio.wait_for(reader.read(4096), 10)
+            writer.close()
         times.append(int(time.time()))
         for c in (owner_c, sender, fetcher):
             await c.close()
@@ -176,3 +187,35 @@ def test_expiry_with_injected_clock(tmp_path: Path) -> None:
             await runner.cleanup()
 
     run(body())
+
+
+def test_host_and_port_options(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from .conftest import ROOT
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "relay.main", "--host", "127.0.0.1",
+                             "--port", str(port), "--data", str(tmp_path / "d")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0].decode()
+    assert proc.returncode == 0
+    assert str(port) not in out and "127.0.0.1" not in out
+
