@@ -118,6 +118,15 @@ def test_recoverable_errors_keep_connection(relay: RelayProcess) -> None:
         with pytest.raises(RelayError) as e:
             await c.request(wire.SUBSCRIBE, unsigned + sig.signature, rid=rid)
         assert e.value.code == wire.E_DENIED
+        # A box key NaCl cannot use (all zero, low order) and a bad creation signature.
+        with pytest.raises(RelayError) as e:
+            await c.create(SigningKey.generate(), bytes(32))
+        assert e.value.code == wire.E_DENIED
+        rid = 100
+        unsigned = bytes(SigningKey.generate().verify_key) + os.urandom(32) + b"\x00"
+        with pytest.raises(RelayError) as e:
+            await c.request(wire.CREATE, unsigned + bytes(64), rid=rid)
+        assert e.value.code == wire.E_DENIED
         await c.deposit(o.deposit_id, block(), token=token)  # still usable
         await c.close()
         await other.close()
