@@ -45,9 +45,7 @@ def established(peer: Peer, name: str) -> bool:
 
 
 def history(peer: Peer, name: str) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = json.loads(ok(aegis(peer, "messages", name, "--json")))[
-        "messages"
-    ]
+    out: list[dict[str, Any]] = json.loads(ok(aegis(peer, "messages", name, "--json")))["messages"]
     return out
 
 
