@@ -465,6 +465,23 @@ def invite(ctx: Ctx, expires: int, qr: bool) -> None:
 
 @cli.command()
 @common
+@click.option("--revoke", metavar="ID", help="Revoke this invitation: its link stops working.")
+def invitations(ctx: Ctx, revoke: str | None) -> None:
+    """List your unused invitations (or revoke one)."""
+    if revoke is not None:
+        result = ctx.call("invitations.revoke", {"invitation": revoke})
+        ctx.out(result, f"revoked invitation {revoke}")
+        return
+    result = ctx.call("invitations.list")
+    lines = [
+        f"{i['invitation']}  valid until {_when(i['expires_at'] * 1000)}"
+        for i in result["invitations"]
+    ]
+    ctx.out(result, "\n".join(lines) if lines else "no unused invitations")
+
+
+@cli.command()
+@common
 @click.option("--rotate", is_flag=True, help="Replace the address: the old one stops working.")
 @click.option("--qr", is_flag=True, help="Also print the link as a QR code.")
 def address(ctx: Ctx, rotate: bool, qr: bool) -> None:
@@ -670,6 +687,32 @@ def messages(ctx: Ctx, name: str, limit: int, before: int | None, mark_read: boo
         else:
             lines.append(f"{_when(m['sent_at'] or m['created_at'])}  {name}: {text}")
     ctx.out(result, "\n".join(lines) if lines else f"no messages with {name}")
+
+
+@cli.command()
+@common
+@click.option(
+    "--read-receipts", type=click.Choice(["on", "off"]), help="Send read receipts or not."
+)
+@click.option(
+    "--receipt-delay-max",
+    type=click.FloatRange(0.5, 3600),
+    metavar="SECONDS",
+    help="Receipts leave after a random delay of 0.5 s up to this.",
+)
+def settings(ctx: Ctx, read_receipts: str | None, receipt_delay_max: float | None) -> None:
+    """Show the settings (or change those given)."""
+    params: dict[str, Any] = {}
+    if read_receipts is not None:
+        params["read_receipts"] = read_receipts == "on"
+    if receipt_delay_max is not None:
+        params["receipt_delay_max"] = receipt_delay_max
+    result = ctx.call("settings.set", params) if params else ctx.call("settings.get")
+    ctx.out(
+        result,
+        f"read receipts: {'on' if result['read_receipts'] else 'off'}\n"
+        f"receipt delay: 0.5 to {result['receipt_delay_max']:g} s",
+    )
 
 
 @cli.command("name")

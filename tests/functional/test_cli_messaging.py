@@ -115,6 +115,20 @@ def test_qr_name_address_requests(peers: Callable[[str], Peer]) -> None:
     assert link.startswith("aegis:") and len(qr) > 10 and "█" in "".join(qr)
     assert ok(aegis(alice, "name", "Alice Liddell")).strip() == "display name: Alice Liddell"
 
+    # The invitation is listed until used; a revoked one is gone.
+    inv = json.loads(ok(aegis(alice, "invitations", "--json")))["invitations"]
+    assert len(inv) == 1 and inv[0]["invitation"] in ok(aegis(alice, "invitations"))
+    ok(aegis(alice, "invitations", "--revoke", inv[0]["invitation"]))
+    assert ok(aegis(alice, "invitations")).strip() == "no unused invitations"
+    one_line_error(aegis(alice, "invitations", "--revoke", inv[0]["invitation"]))
+
+    out = ok(aegis(alice, "settings", "--read-receipts", "off", "--receipt-delay-max", "1"))
+    assert out == "read receipts: off\nreceipt delay: 0.5 to 1 s\n"
+    assert json.loads(ok(aegis(alice, "settings", "--json"))) == {
+        "read_receipts": False,
+        "receipt_delay_max": 1.0,
+    }
+
     addr = ok(aegis(alice, "address")).strip()
     assert addr.startswith("aegis:")
     assert ok(aegis(alice, "requests")).strip() == "no pending requests"
