@@ -849,6 +849,8 @@ def _deposit_auth(c: Connection, mb: MailboxState | None, kind: int,
         raise wire.FrameError(wire.E_RATE_LIMITED)
     if mb.queued >= c.cfg.queue_limit:
         raise wire.FrameError(wire.E_QUEUE_FULL)
+    if c.relay.storage.pending >= c.cfg.max_pending_writes:
+        raise wire.FrameError(wire.E_BUSY)
     return mb
 
 
@@ -930,6 +932,8 @@ async def h_blob_put(c: Connection, f: wire.Frame) -> None:
     relay = c.relay
     if c.blob_quota <= 0 or (relay.blob_blocks + 1) * wire.BLOCK_SIZE > c.cfg.blob_max_bytes:
         raise wire.FrameError(wire.E_LIMIT)
+    if relay.storage.pending >= c.cfg.max_pending_writes:
+        raise wire.FrameError(wire.E_BUSY)
     c.blob_quota -= 1
     relay.blob_blocks += 1
     # At rest the block is encrypted under a key only the capability yields: the disk alone

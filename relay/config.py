@@ -50,3 +50,6 @@ class Config:
     lookup_burst: int = 2000
     # Storage.
     max_batch: int = 512  # operations per group commit
+    # Storage operations waiting at most (each deposit holds a 16 KiB block meanwhile): beyond,
+    # deposits and blob uploads get `busy`, so a flood cannot exhaust memory.
+    max_pending_writes: int = 8192

@@ -58,6 +58,7 @@ HELP = {
     "lookup_rate": "Uncached mailbox lookups per second per connection.",
     "lookup_burst": "Uncached mailbox lookup bucket size per connection.",
     "max_batch": "Storage operations per group commit.",
+    "max_pending_writes": "Storage operations waiting at most; beyond, deposits get busy.",
 }
 
 

@@ -57,6 +57,9 @@ class MailboxRow:
 
 
 class Storage(Protocol):
+    #: Operations submitted and not yet finished (the relay refuses writes beyond a bound).
+    pending: int
+
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def mailbox_count(self) -> int: ...
@@ -137,6 +140,7 @@ class SQLiteStorage:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._db: sqlite3.Connection | None = None
+        self.pending = 0
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -245,7 +249,12 @@ class SQLiteStorage:
             raise StorageError("storage closed")
         fut: asyncio.Future[T] = self._loop.create_future()
         self._queue.put((fn, fut, own_tx))
+        self.pending += 1
+        fut.add_done_callback(self._finished)
         return fut
+
+    def _finished(self, _: asyncio.Future[Any]) -> None:
+        self.pending -= 1
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], own_tx: bool = False) -> T:
         return await self._submit(fn, own_tx)

@@ -277,3 +277,19 @@ def test_client_that_does_not_read_is_not_buffered_without_bound(relay: RelayPro
         await up.close()
 
     run(body())
+
+
+def test_saturated_storage_answers_busy(relay_factory: Callable[..., RelayProcess]) -> None:
+    rp = relay_factory(max_pending_writes=0)  # every write finds the storage "saturated"
+
+    async def body() -> None:
+        c = await RelayClient.connect(rp.url)
+        token = os.urandom(32)
+        o = await new_owner(c, token=token)
+        with pytest.raises(RelayError) as e:
+            await c.deposit(o.deposit_id, block(), token=token)
+        assert e.value.code == wire.E_BUSY
+        await c.subscribe(o.owner_id, o.sig)  # the connection stays usable
+        await c.close()
+
+    run(body())
