@@ -43,7 +43,7 @@ from aegisd.transport.relaylink import (
     with_relay,
 )
 from relay.client import Message, RelayClient, RelayError
-from relay.wire import E_RATE_LIMITED, ITEM_MLKEM, ITEM_X25519
+from relay.wire import E_DENIED, E_RATE_LIMITED, ITEM_MLKEM, ITEM_X25519
 
 from .mailbox import (
     ContactState,
@@ -75,6 +75,7 @@ MAILBOX_ROTATION = 7 * 24 * 3600  # seconds a per-contact receiving mailbox is u
 SETTING_ROTATION = "privacy.mailbox_rotation"
 ROTATION_KEY = "rotation.contact."
 DEFAULT_TTL = 14 * 24 * 3600  # the relay's default; its HELLO says the real one
+PENDING_DESTINATION = b"pending"  # outbox blocks waiting for the contact's answer
 
 # Application error codes (docs/api.md, "Errors").
 E_RELAY_UNAVAILABLE = 1010
@@ -264,6 +265,9 @@ class Messenger:
         mb = OwnedMailbox.from_bytes(row.descriptor)
         self.store.delete_mailbox(row_id)
         self._owned.pop(mb.owner_id, None)
+        await self._delete_at_relay(mb)
+
+    async def _delete_at_relay(self, mb: OwnedMailbox) -> None:
         with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
             await self._client().delete(mb.owner_id, mb.signing_key)
 
@@ -567,8 +571,10 @@ class Messenger:
             raise AppError(E_NOT_READY, "not_ready", "this contact cannot be reached yet")
         blocks = session.encrypt(self.entropy, wire.encode_payload(payload))
         self.store.put_session(c.id, session.to_bytes())
+        # Until the contact answered, only the first contact may go to the link's mailbox;
+        # later blocks wait, addressed to nobody, and are readdressed when the answer comes.
         self.store.enqueue_blocks(
-            address_to_bytes(state.send_to),
+            address_to_bytes(state.send_to) if state.established else PENDING_DESTINATION,
             blocks,
             message_id=message_id,
             contact_id=c.id,
@@ -661,7 +667,7 @@ class Messenger:
                 if item.attempts:
                     held.add(item.destination)
                 continue
-            if item.destination in held:
+            if item.destination in held or item.destination == PENDING_DESTINATION:
                 continue
             dest = address_from_bytes(item.destination)
             try:
@@ -671,11 +677,21 @@ class Messenger:
                 finally:
                     if own:
                         await client.close()
-            except (RelayUnavailable, *UNAVAILABLE, RelayError) as exc:
+            except RelayError as exc:
+                if exc.code == E_DENIED:  # the mailbox is gone: retrying cannot help
+                    self._deposit_refused(store, item.id, item.contact_id, item.message_id)
+                    continue
                 held.add(item.destination)
                 wait = min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
-                if isinstance(exc, RelayError) and exc.code == E_RATE_LIMITED:
+                if exc.code == E_RATE_LIMITED:
                     wait = max(wait, 1.0)
+                retry_at = _ms() + int(wait * 1000)
+                store.block_attempted(item.id, retry_at=retry_at)
+                soonest = retry_at if soonest is None else min(soonest, retry_at)
+                continue
+            except (RelayUnavailable, *UNAVAILABLE):
+                held.add(item.destination)
+                wait = min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
                 retry_at = _ms() + int(wait * 1000)
                 store.block_attempted(item.id, retry_at=retry_at)
                 soonest = retry_at if soonest is None else min(soonest, retry_at)
@@ -704,6 +720,39 @@ class Messenger:
                 return min(60.0, max(0.5, self._relay_ttl() / 10))
             return 60.0
         return max(0.05, min(60.0, (soonest - _ms()) / 1000))
+
+    def _deposit_refused(
+        self, store: Store, item_id: int, contact_id: int | None, message_id: str | None
+    ) -> None:
+        """The relay refused a deposit for good (no such mailbox, or the token is not valid
+        there: the relay gives one answer for both)."""
+        contact = store.get_contact(contact_id) if contact_id is not None else None
+        with store.transaction():
+            store.block_deposited(item_id)  # drop it
+            if contact is not None and not ContactState.from_bytes(contact.state).established:
+                # The first contact went to an invitation that is used, revoked or expired, or
+                # to an address that was rotated: the contact can never answer. Remove it (and
+                # its mailbox, at the relay too), so that the user can try again with a fresh link.
+                row = store.mailbox_for_contact(contact.id)
+                store.remove_contact(contact.id)  # its mailbox rows go with it
+                if row is not None:
+                    mb = OwnedMailbox.from_bytes(row.descriptor)
+                    self._owned.pop(mb.owner_id, None)
+                    self._tasks.append(asyncio.create_task(self._delete_at_relay(mb)))
+                self.daemon.events.emit(
+                    "contact.failed",
+                    {"contact": contact.name, "reason": "the link is no longer valid"},
+                )
+                return
+            if message_id is not None and store.set_message_status(message_id, "failed"):
+                self.daemon.events.emit(
+                    "message.status",
+                    {
+                        "message_id": message_id,
+                        "contact": contact.name if contact else None,
+                        "status": "failed",
+                    },
+                )
 
     def _relay_ttl(self) -> int:
         client = self.link.client if self.link is not None else None
@@ -861,14 +910,15 @@ class Messenger:
             self.store.put_identity(self.prekeys.to_bytes())  # burnt one-time keys
             if known is not None and known.blocked:
                 return
-            self.store.add_request(
+            request_id = self.store.add_request(
                 fc.sender.to_bytes(),
                 hello.display_name or "new contact",
                 fc.session.to_bytes(),
                 address_to_bytes(hello.reply_to),
             )
             self.daemon.events.emit(
-                "contact.request", {"name": hello.display_name, "known": known is not None}
+                "contact.request",
+                {"request": request_id, "name": hello.display_name, "known": known is not None},
             )
 
     def _receive_from_contact(self, contact_id: int, block: bytes) -> None:
@@ -934,6 +984,9 @@ class Messenger:
             state = ContactState.from_bytes(c.state)
             state.send_to, state.established = payload.reply_to, True
             self.store.update_contact(c.id, state=state.to_bytes())
+            self.store.readdress_outbox(
+                c.id, PENDING_DESTINATION, address_to_bytes(payload.reply_to)
+            )
             self.daemon.events.emit("contact.established", {"contact": c.name})
         elif isinstance(payload, wire.MailboxPayload):
             state = ContactState.from_bytes(c.state)

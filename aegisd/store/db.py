@@ -521,6 +521,13 @@ class Store:
         with self.transaction():
             self._q("DELETE FROM outbox WHERE id = ?", (item_id,))
 
+    def readdress_outbox(self, contact_id: int, old: bytes, new: bytes) -> None:
+        with self.transaction():
+            self._q(
+                "UPDATE outbox SET destination = ? WHERE contact_id = ? AND destination = ?",
+                (new, contact_id, old),
+            )
+
     def outbox_holds_message(self, message_id: str) -> bool:
         row = self._q("SELECT 1 FROM outbox WHERE message_id = ? LIMIT 1", (message_id,))
         return row.fetchone() is not None
@@ -642,4 +649,3 @@ class Store:
                 "DELETE FROM fragments WHERE contact_id = ? AND msg_id = ?", (contact_id, msg_id)
             )
         return [bytes(r[1]) for r in rows]
-

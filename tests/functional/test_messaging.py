@@ -14,7 +14,12 @@ from tests.relay.conftest import RelayProcess
 
 
 def texts(peer: Peer, contact: str) -> list[tuple[str, str]]:
-    msgs = peer.call("messages.history", {"contact": contact, "limit": 500})["messages"]
+    try:
+        msgs = peer.call("messages.history", {"contact": contact, "limit": 500})["messages"]
+    except RpcCallError as exc:
+        if exc.data["error"] == "not_found":
+            return []  # the contact is not there yet
+        raise
     return [(m["direction"], m["text"]) for m in msgs]
 
 
@@ -173,3 +178,33 @@ def test_mailbox_rotation(peers: Callable[[str], Peer]) -> None:
     alice.wait_for(lambda: ("in", "to the new mailbox") in texts(alice, "bob"), "the message")
     alice.call("messages.send", {"contact": "bob", "text": "and back"})
     bob.wait_for(lambda: ("in", "and back") in texts(bob, "alice"), "the reply")
+
+
+def test_message_before_the_answer_waits_for_it(peers: Callable[[str], Peer]) -> None:
+    alice, bob = peers("alice"), peers("bob")
+    alice.wait_connected()
+    bob.wait_connected()
+    link = bob.call("invitations.create")["link"]
+    alice.call("contacts.add", {"name": "bob", "link": link})
+    alice.call("messages.send", {"contact": "bob", "text": "too early?"})  # before the answer
+    bob.wait_for(lambda: ("in", "too early?") in texts(bob, "alice"), "the early message")
+
+
+def test_used_or_revoked_invitation_fails_cleanly(peers: Callable[[str], Peer]) -> None:
+    alice, bob, carol = peers("alice"), peers("bob"), peers("carol")
+    for p in (alice, bob, carol):
+        p.wait_connected()
+    inv = bob.call("invitations.create")
+    bob.call("invitations.revoke", {"invitation": inv["invitation"]})
+    alice.call("contacts.add", {"name": "bob", "link": inv["link"]})
+    alice.wait_for(lambda: alice.events(types=["contact.failed"]), "the failure")
+    assert alice.call("contacts.list")["contacts"] == []
+    # A used invitation: the second user gets the same clean failure.
+    connect(alice, bob)
+    inv2 = bob.call("invitations.create")
+    alice.call("contacts.remove", {"name": "bob"})
+    alice.call("contacts.add", {"name": "bob", "link": inv2["link"]})
+    bob.wait_for(lambda: len(bob.call("contacts.list")["contacts"]) == 2, "the second contact")
+    carol.call("contacts.add", {"name": "bob", "link": inv2["link"]})
+    carol.wait_for(lambda: carol.events(types=["contact.failed"]), "the failure")
+    assert carol.call("contacts.list")["contacts"] == []
