@@ -114,7 +114,10 @@ class RelayClient:
             async for msg in self.ws:
                 if msg.type != aiohttp.WSMsgType.BINARY:
                     continue
-                frame = wire.decode(msg.data)
+                try:
+                    frame = wire.decode(msg.data)
+                except wire.FrameError:
+                    break  # not a relay we can talk to: treat as closed
                 self._dispatch(frame)
         finally:
             self.closed.set()
