@@ -18,6 +18,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from aegisd.core import pqxdh, wire
@@ -192,8 +193,12 @@ class Messenger:
             if self.daemon.store is not None:
                 self.daemon.store.retry_failed_now()  # they failed because of the outage
             self._outbox_wake.set()
-            task = asyncio.create_task(self._after_connect(), name="after-connect")
-            self._tasks.append(task)
+            self._spawn(self._after_connect())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A background task that on_lock cancels; finished ones are forgotten."""
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(asyncio.create_task(coro))
 
     async def _after_connect(self) -> None:
         try:
@@ -738,7 +743,7 @@ class Messenger:
                 if row is not None:
                     mb = OwnedMailbox.from_bytes(row.descriptor)
                     self._owned.pop(mb.owner_id, None)
-                    self._tasks.append(asyncio.create_task(self._delete_at_relay(mb)))
+                    self._spawn(self._delete_at_relay(mb))
                 self.daemon.events.emit(
                     "contact.failed",
                     {"contact": contact.name, "reason": "the link is no longer valid"},
