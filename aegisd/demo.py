@@ -128,7 +128,7 @@ LIVE_CONVERSATION = [
         "alice",
         "Hi Alice. The relay only ever sees 16 KiB of noise\naddressed to a random ID.",
     ),
-    ("alice", "bob", "And it cannot tell that these two mailboxes belong to one conversation."),
+    ("alice", "bob", "And our two mailboxes have unrelated IDs, set up inside the encryption."),
 ]
 OFFLINE_TEXT = "Sent while you were offline: the relay kept it for you, sealed."
 
@@ -446,7 +446,9 @@ def show_relay(stage: Stage) -> None:
         f"  Searched every relay file byte by byte for the {len(LIVE_CONVERSATION) + 1} message "
         "texts and the names alice and bob: not found.\n"
         "  The relay stores sealed, equal-size blocks under random mailbox IDs, re-encrypted for\n"
-        "  the mailbox owner; it cannot read them, tell who sent them, or link two mailboxes."
+        "  the mailbox owner; it cannot read them or tell from them who sent them. (One daemon\n"
+        "  still uses one connection for all its mailboxes, which a relay watching connections\n"
+        "  can link: see docs/threat-model.md.)"
     )
 
 
