@@ -72,23 +72,28 @@ class RelayClient:
         self.errors: list[int] = []  # unsolicited error codes (rid 0)
         self._reader: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
+        self.request_timeout: float | None = None
 
     @classmethod
     async def connect(cls, url: str, *, local_addr: tuple[str, int] | None = None,
                       session: aiohttp.ClientSession | None = None,
-                      max_frame: int = 1 << 20) -> RelayClient:
+                      max_frame: int = 1 << 20, heartbeat: float | None = None,
+                      request_timeout: float | None = None) -> RelayClient:
+        """``heartbeat``: seconds between pings, so a half-open connection is noticed;
+        ``request_timeout``: seconds a request may wait for its answer (TimeoutError)."""
         own = session is None
         if session is None:
             connector = aiohttp.TCPConnector(local_addr=local_addr, limit=0)
             session = aiohttp.ClientSession(connector=connector)
         try:
             ws = await session.ws_connect(url, max_msg_size=max_frame, autoping=True,
-                                          compress=0)
+                                          compress=0, heartbeat=heartbeat)
         except BaseException:
             if own:
                 await session.close()
             raise
         client = cls(session, ws, own)
+        client.request_timeout = request_timeout
         client._reader = asyncio.ensure_future(client._read())
         frame = await client.request(wire.HELLO, b"")
         client.hello = wire.HelloOk.parse(frame.body)
@@ -162,8 +167,11 @@ class RelayClient:
         rid = self.next_rid() if rid is None else rid
         fut: asyncio.Future[wire.Frame] = asyncio.get_running_loop().create_future()
         self._pending[rid] = _Pending(fut, collect if collect is not None else [])
-        await self.ws.send_bytes(wire.encode(ftype, rid, body))
-        return await fut
+        try:
+            await self.ws.send_bytes(wire.encode(ftype, rid, body))
+            return await asyncio.wait_for(fut, self.request_timeout)
+        finally:
+            self._pending.pop(rid, None)
 
     async def signed(self, ftype: int, key: SigningKey, owner_id: bytes, args: bytes = b"",
                      collect: list[Message] | None = None) -> wire.Frame:

@@ -21,6 +21,8 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+import sqlcipher3
+
 from aegisd.core import pqxdh, wire
 from aegisd.core.errors import BundleError, DecodeError, DecryptionError
 from aegisd.core.identity import (
@@ -35,8 +37,8 @@ from aegisd.core.primitives import SystemEntropy
 from aegisd.core.session import Session, accept_first_contact, initiate_session
 from aegisd.relayurl import SETTING_URL
 from aegisd.rpc import AppError, InvalidParamsError
-from aegisd.store import Store
-from aegisd.store.db import Contact, MailboxRow
+from aegisd.store import Store, StoreError
+from aegisd.store.db import Contact, MailboxRow, OutboxItem
 from aegisd.transport.relaylink import (
     UNAVAILABLE,
     RelayLink,
@@ -60,6 +62,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aegisd.messenger")
 
+#: Failures of the store that a later attempt may not meet (disk full, I/O): never a reason to
+#: acknowledge a block.
+TRANSIENT = (sqlcipher3.Error, StoreError, OSError)
+
 SETTING_ADDRESS = "profile.address"
 SETTING_NAME = "profile.display_name"
 SETTING_READ_RECEIPTS = "privacy.read_receipts"
@@ -77,6 +83,7 @@ SETTING_ROTATION = "privacy.mailbox_rotation"
 ROTATION_KEY = "rotation.contact."
 DEFAULT_TTL = 14 * 24 * 3600  # the relay's default; its HELLO says the real one
 PENDING_DESTINATION = b"pending"  # outbox blocks waiting for the contact's answer
+NEVER = 2**62  # not_before of those blocks: readdressing makes them due
 
 # Application error codes (docs/api.md, "Errors").
 E_RELAY_UNAVAILABLE = 1010
@@ -495,21 +502,28 @@ class Messenger:
         return out
 
     async def accept_request(self, request_id: int, name: str | None) -> dict[str, Any]:
-        row = self.store.get_request(request_id)
-        if row is None:
-            raise not_found("request")
         async with self.lock:
+            # Read and delete the request under the lock, before anything is encrypted: its
+            # session must be used once only (two accepts would reuse its keys).
+            row = self.store.get_request(request_id)
+            if row is None:
+                raise not_found("request")
+            identity = PublicIdentity.from_bytes(row.identity_key)
+            known = self._contact_with_identity(identity)
+            if known is not None:
+                raise AppError(E_EXISTS, "exists", "this identity is already a contact")
             mb_id, mb = await self._create_mailbox("contact", public=False)
             with self.store.transaction():
+                if not self.store.delete_request(request_id):
+                    raise not_found("request")
                 contact = self._establish(
                     name or row.display_name,
-                    PublicIdentity.from_bytes(row.identity_key),
+                    identity,
                     Session.from_bytes(row.session),
                     address_from_bytes(row.reply_to),
                     mb_id,
                     mb,
                 )
-                self.store.delete_request(request_id)
             self._reload_owned()
         self._outbox_wake.set()
         return self.describe(contact)
@@ -583,7 +597,7 @@ class Messenger:
             blocks,
             message_id=message_id,
             contact_id=c.id,
-            not_before=_ms() + int(delay * 1000),
+            not_before=_ms() + int(delay * 1000) if state.established else NEVER,
         )
 
     async def send_text(self, name: str, text: str) -> dict[str, Any]:
@@ -659,11 +673,13 @@ class Messenger:
 
         A destination's blocks leave in the order they were stored: after a block failed
         (and waits for its retry), later blocks to the same mailbox wait too. A block that is
-        merely delayed on purpose (a receipt's random delay) holds nothing up."""
+        merely delayed on purpose (a receipt's random delay) holds nothing up. Destinations
+        are served concurrently, so one slow relay does not hold up the others."""
         store = self.daemon.store
         if store is None:
             return 1.0
         now = _ms()
+        queues: dict[bytes, list[OutboxItem]] = {}
         held: set[bytes] = set()
         soonest: int | None = None
         for item in store.pending_blocks(now=now + 3_600_000, limit=1000):
@@ -672,59 +688,77 @@ class Messenger:
                 if item.attempts:
                     held.add(item.destination)
                 continue
-            if item.destination in held or item.destination == PENDING_DESTINATION:
-                continue
-            dest = address_from_bytes(item.destination)
-            try:
-                client, own = await with_relay(dest.relay_url, self.link)
-                try:
-                    await client.deposit(dest.deposit_id, item.block, dest.send_token or None)
-                finally:
-                    if own:
-                        await client.close()
-            except RelayError as exc:
-                if exc.code == E_DENIED:  # the mailbox is gone: retrying cannot help
-                    self._deposit_refused(store, item.id, item.contact_id, item.message_id)
-                    continue
-                held.add(item.destination)
-                wait = min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
-                if exc.code == E_RATE_LIMITED:
-                    wait = max(wait, 1.0)
-                retry_at = _ms() + int(wait * 1000)
-                store.block_attempted(item.id, retry_at=retry_at)
+            if item.destination not in held and item.destination != PENDING_DESTINATION:
+                queues.setdefault(item.destination, []).append(item)
+        results = await asyncio.gather(
+            *(self._deposit_in_order(store, items) for items in queues.values())
+        )
+        for retry_at in results:
+            if retry_at is not None:
                 soonest = retry_at if soonest is None else min(soonest, retry_at)
-                continue
-            except (RelayUnavailable, *UNAVAILABLE):
-                held.add(item.destination)
-                wait = min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
-                retry_at = _ms() + int(wait * 1000)
-                store.block_attempted(item.id, retry_at=retry_at)
-                soonest = retry_at if soonest is None else min(soonest, retry_at)
-                continue
-            with store.transaction():
-                store.block_deposited(item.id)
-                if (
-                    item.message_id is not None
-                    and not store.outbox_holds_message(item.message_id)
-                    and store.set_message_status(item.message_id, "sent")
-                ):
-                    contact = store.get_contact(item.contact_id) if item.contact_id else None
-                    self.daemon.events.emit(
-                        "message.status",
-                        {
-                            "message_id": item.message_id,
-                            "contact": contact.name if contact else None,
-                            "status": "sent",
-                        },
-                    )
         self._expire_undelivered(store)
-        if store.pending_blocks(now=_ms(), limit=1) and not held:
+        if store.pending_blocks(now=_ms(), limit=1) and not any(r is not None for r in results):
             return 0.0  # more were due than one pass takes
         if soonest is None:
             if store.sent_before(2**62, limit=1):  # awaiting receipts: check expiry in time
                 return min(60.0, max(0.5, self._relay_ttl() / 10))
             return 60.0
         return max(0.05, min(60.0, (soonest - _ms()) / 1000))
+
+    async def _deposit_in_order(self, store: Store, items: list[OutboxItem]) -> int | None:
+        """Deposit one destination's due blocks in order; on a failure, schedule its retry and
+        stop (returning when). None when all went (or were refused for good)."""
+        dest = address_from_bytes(items[0].destination)
+        client: RelayClient | None = None
+        own = False
+        try:
+            for item in items:
+                try:
+                    if client is None:
+                        client, own = await with_relay(dest.relay_url, self.link)
+                    await client.deposit(dest.deposit_id, item.block, dest.send_token or None)
+                except RelayError as exc:
+                    if exc.code == E_DENIED:  # the mailbox is gone: retrying cannot help
+                        self._deposit_refused(store, item.id, item.contact_id, item.message_id)
+                        continue
+                    wait = min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
+                    if exc.code == E_RATE_LIMITED:
+                        wait = max(wait, 1.0)
+                    return self._retry_later(store, item, wait)
+                except (RelayUnavailable, *UNAVAILABLE):
+                    return self._retry_later(
+                        store, item, min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
+                    )
+                self._deposited(store, item)
+            return None
+        finally:
+            if own and client is not None:
+                await client.close()
+
+    @staticmethod
+    def _retry_later(store: Store, item: OutboxItem, wait: float) -> int:
+        retry_at = _ms() + int(wait * 1000)
+        store.block_attempted(item.id, retry_at=retry_at)
+        return retry_at
+
+    def _deposited(self, store: Store, item: OutboxItem) -> None:
+        with store.transaction():
+            store.block_deposited(item.id)
+            if (
+                item.message_id is not None
+                and store.get_message(item.message_id) is not None  # not deleted meanwhile
+                and not store.outbox_holds_message(item.message_id)
+                and store.set_message_status(item.message_id, "sent")
+            ):
+                contact = store.get_contact(item.contact_id) if item.contact_id else None
+                self.daemon.events.emit(
+                    "message.status",
+                    {
+                        "message_id": item.message_id,
+                        "contact": contact.name if contact else None,
+                        "status": "sent",
+                    },
+                )
 
     def _deposit_refused(
         self, store: Store, item_id: int, contact_id: int | None, message_id: str | None
@@ -749,7 +783,11 @@ class Messenger:
                     {"contact": contact.name, "reason": "the link is no longer valid"},
                 )
                 return
-            if message_id is not None and store.set_message_status(message_id, "failed"):
+            if (
+                message_id is not None
+                and store.get_message(message_id) is not None
+                and store.set_message_status(message_id, "failed")
+            ):
                 self.daemon.events.emit(
                     "message.status",
                     {
@@ -863,12 +901,21 @@ class Messenger:
                         # The relay went away mid-way: leave the block unacknowledged, so
                         # the relay delivers it again after the reconnect.
                         self._reload_prekeys()
+                        self._acked_rotations.clear()
                         return
+                    except TRANSIENT as exc:
+                        # The store failed (disk full, I/O): the transaction rolled back. Do
+                        # not acknowledge: drop the connection, and the relay delivers the
+                        # block again after the reconnect.
+                        self._reload_prekeys()
+                        self._acked_rotations.clear()
+                        raise RelayUnavailable() from exc
                     except Exception as exc:
-                        # The transaction rolled back. A block that fails now fails again:
+                        # A bug or a block no retry can open: the transaction rolled back;
                         # acknowledge it, and log only the kind of failure.
                         log.warning("dropped a block: %s", type(exc).__name__)
                         self._reload_prekeys()
+                        self._acked_rotations.clear()
         await client.ack([msg.msg_id])
 
     def _reload_prekeys(self) -> None:

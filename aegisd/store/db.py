@@ -524,7 +524,8 @@ class Store:
     def readdress_outbox(self, contact_id: int, old: bytes, new: bytes) -> None:
         with self.transaction():
             self._q(
-                "UPDATE outbox SET destination = ? WHERE contact_id = ? AND destination = ?",
+                "UPDATE outbox SET destination = ?, not_before = 0 "
+                "WHERE contact_id = ? AND destination = ?",
                 (new, contact_id, old),
             )
 

@@ -29,6 +29,8 @@ StateCallback = Callable[[bool, str | None], None]
 BACKOFF_FIRST = 0.25
 BACKOFF_MAX = 30.0
 CONNECT_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 30.0  # a relay that does not answer a request is treated as unreachable
+HEARTBEAT = 20.0  # WebSocket pings: a half-open connection is noticed within ~2 of these
 
 #: Exceptions that mean "the relay is not reachable right now".
 UNAVAILABLE = (RelayClosed, OSError, aiohttp.ClientError, asyncio.TimeoutError)
@@ -83,7 +85,7 @@ class RelayLink:
         attempt = 0
         while not self._stopping:
             try:
-                client = await asyncio.wait_for(RelayClient.connect(self.url), CONNECT_TIMEOUT)
+                client = await asyncio.wait_for(_connect(self.url), CONNECT_TIMEOUT)
             except (*UNAVAILABLE, RelayError) as exc:
                 self._on_state(False, _reason(exc))
                 await asyncio.sleep(backoff(attempt))
@@ -91,15 +93,24 @@ class RelayLink:
                 continue
             self.client = client
             try:
+                refused = 0
                 for owner_id, key in self._subscriptions():
-                    await client.subscribe(owner_id, key)
+                    try:
+                        await client.subscribe(owner_id, key)
+                    except RelayError:  # one mailbox refused (e.g. a limit): not the others
+                        refused += 1
+                if refused:
+                    log.warning("the relay refused %d subscription(s)", refused)
                 self.connected.set()
                 self._on_state(True, None)
                 attempt = 0
                 await self._receive(client)
                 reason = "the relay closed the connection"
-            except (*UNAVAILABLE, RelayError) as exc:
+            except (*UNAVAILABLE, RelayError, RelayUnavailable) as exc:
                 reason = _reason(exc)
+            except Exception as exc:  # never let the link die: reconnect after a pause
+                log.error("relay link failed: %s", type(exc).__name__)
+                reason = "internal error"
             await self._drop()
             if self._stopping:
                 return
@@ -140,10 +151,14 @@ async def with_relay(url: str, own: RelayLink | None) -> tuple[RelayClient, bool
     if own is not None and own.url == url:
         return own.require(), False
     try:
-        client = await asyncio.wait_for(RelayClient.connect(url), CONNECT_TIMEOUT)
+        client = await asyncio.wait_for(_connect(url), CONNECT_TIMEOUT)
     except UNAVAILABLE:
         raise RelayUnavailable() from None
     return client, True
+
+
+async def _connect(url: str) -> RelayClient:
+    return await RelayClient.connect(url, heartbeat=HEARTBEAT, request_timeout=REQUEST_TIMEOUT)
 
 
 def _reason(exc: BaseException) -> str:
