@@ -17,6 +17,7 @@ from .messenger import (
     SETTING_READ_RECEIPTS,
     SETTING_RECEIPT_DELAY,
     Messenger,
+    clean_name,
 )
 
 MAX_HISTORY_PAGE = 500
@@ -24,8 +25,8 @@ MAX_NAME = 64
 
 
 def _check_name(field: str, name: str) -> str:
-    name = name.strip()
-    if not name or len(name) > MAX_NAME or any(ord(ch) < 32 for ch in name):
+    name = " ".join(name.split())
+    if not name or len(name) > MAX_NAME or clean_name(name, "") != name:
         raise InvalidParamsError(field, f"must be 1 to {MAX_NAME} printable characters")
     return name
 
@@ -45,8 +46,13 @@ def register(registry: Registry, m: Messenger) -> None:
 
     @method("identity.set_name")
     async def identity_set_name(ctx: CallContext, display_name: str) -> dict[str, Any]:
-        if len(display_name.encode()) > 64:
-            raise InvalidParamsError("display_name", "must be at most 64 bytes")
+        if len(display_name.encode()) > 64 or clean_name(display_name, "") != " ".join(
+            display_name.split()
+        ):
+            raise InvalidParamsError(
+                "display_name", "must be at most 64 bytes of printable characters"
+            )
+        display_name = " ".join(display_name.split())
         m.store.set_setting(SETTING_NAME, display_name)
         return {"display_name": display_name}
 

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import random
 import time
+import unicodedata
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,7 @@ from aegisd.core.identity import (
 from aegisd.core.prekeys import PrekeyStore
 from aegisd.core.primitives import SystemEntropy
 from aegisd.core.session import Session, accept_first_contact, initiate_session
-from aegisd.relayurl import SETTING_URL
+from aegisd.relayurl import SETTING_INSECURE, SETTING_URL, RelayUrlError, check_relay_url
 from aegisd.rpc import AppError, InvalidParamsError
 from aegisd.store import Store, StoreError
 from aegisd.store.db import Contact, MailboxRow, OutboxItem
@@ -84,6 +85,10 @@ ROTATION_KEY = "rotation.contact."
 DEFAULT_TTL = 14 * 24 * 3600  # the relay's default; its HELLO says the real one
 PENDING_DESTINATION = b"pending"  # outbox blocks waiting for the contact's answer
 NEVER = 2**62  # not_before of those blocks: readdressing makes them due
+# The largest payload (a text of MAX_TEXT_BYTES) spans this many blocks; a peer claiming more
+# is refused, so that partial messages cannot pile up.
+MAX_MESSAGE_FRAGMENTS = -(-(wire.MAX_TEXT_BYTES + 26) // wire.RATCHET_CAPACITY)
+STALE_FRAGMENTS_MS = 24 * 3600 * 1000
 
 # Application error codes (docs/api.md, "Errors").
 E_RELAY_UNAVAILABLE = 1010
@@ -95,6 +100,25 @@ E_EXPIRED = 1023
 E_NOT_READY = 1024
 E_BLOCKED = 1025
 E_TOO_LARGE = 1026
+
+
+def clean_name(name: str, fallback: str = "new contact") -> str:
+    """A display name chosen by someone else, made safe to show: no control, format (bidi
+    override) or other invisible characters, at most 64 characters."""
+    kept = "".join(
+        ch for ch in name if not unicodedata.category(ch).startswith(("C", "Z")) or ch == " "
+    )
+    kept = " ".join(kept.split())[:64]
+    return kept or fallback
+
+
+def url_ok(url: str, insecure_plaintext: bool) -> bool:
+    """A relay URL that came from someone else passes the same policy as our own."""
+    try:
+        check_relay_url(url, insecure_plaintext=insecure_plaintext)
+    except RelayUrlError:
+        return False
+    return True
 
 
 def not_found(what: str) -> AppError:
@@ -210,8 +234,11 @@ class Messenger:
     async def _after_connect(self) -> None:
         try:
             await self.ensure_address()
-            await self._replenish_prekeys()
-        except (*UNAVAILABLE, RelayError, RelayUnavailable):
+            await self._replenish_prekeys(republish=True)
+            await self._expire_invitations()
+            await self._finish_acked_rotations()
+            await self._rotate_due_mailboxes()
+        except (*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
             pass  # the next connection tries again
 
     # --- identity and the public address ---------------------------------------------------
@@ -220,6 +247,9 @@ class Messenger:
         if self.prekeys is None:
             raise RuntimeError("store is locked")
         return self.prekeys.identity
+
+    def _url_ok(self, url: str) -> bool:
+        return url_ok(url, bool(self.store.get_setting(SETTING_INSECURE, False)))
 
     def _relay_url(self) -> str:
         url = self.store.get_setting(SETTING_URL)
@@ -324,14 +354,17 @@ class Messenger:
             mb.owner_id, mb.signing_key, ITEM_MLKEM, [k.to_bytes() for k in kems]
         )
 
-    async def _replenish_prekeys(self) -> None:
+    async def _replenish_prekeys(self, republish: bool = False) -> None:
+        """Rotate due prekeys; republish the bundle base when it changed (and, with
+        `republish`, always: an earlier publication may have been cut short); top up the
+        one-time prekeys."""
         async with self.lock:
             found = self._address_mailbox()
             if found is None or self.prekeys is None:
                 return
             _, mb = found
             client = self._client()
-            if self.prekeys.rotate(self.entropy, _now()):
+            if self.prekeys.rotate(self.entropy, _now()) or republish:
                 self.store.put_identity(self.prekeys.to_bytes())
                 await client.bundle_base(
                     mb.owner_id, mb.signing_key, self.prekeys.bundle_base().to_bytes()
@@ -365,6 +398,10 @@ class Messenger:
                 await self._publish_bundle(mb, fresh=True)
             if old is not None:
                 await self._retire_mailbox(old[0].id)
+                # Invitations point at the old address's bundle: they die with it.
+                async with self.lock:
+                    for r in self.store.list_mailboxes("invitation"):
+                        await self._retire_mailbox(r.id)
             self.daemon.events.emit("address.rotated", {})
         _, mb = await self.ensure_address()
         return {"link": self._link_for(wire.LINK_ADDRESS, mb, mb, b"", 0)}
@@ -391,11 +428,18 @@ class Messenger:
         ]
 
     async def revoke_invitation(self, invitation: str) -> None:
-        for r in self.store.list_mailboxes("invitation"):
-            if r.invitation_id is not None and r.invitation_id.hex() == invitation:
-                await self._retire_mailbox(r.id)
-                return
+        async with self.lock:  # not while a first contact for it is being handled
+            for r in self.store.list_mailboxes("invitation"):
+                if r.invitation_id is not None and r.invitation_id.hex() == invitation:
+                    await self._retire_mailbox(r.id)
+                    return
         raise not_found("invitation")
+
+    async def _expire_invitations(self) -> None:
+        async with self.lock:
+            for r in self.store.list_mailboxes("invitation"):
+                if r.expires_at is not None and r.expires_at < _now():
+                    await self._retire_mailbox(r.id)
 
     # --- contacts ---------------------------------------------------------------------------
 
@@ -435,6 +479,10 @@ class Messenger:
             raise AppError(E_BAD_LINK, "bad_link", "this is not a valid AegisLink link") from None
         if link.expires and link.expires < _now():
             raise AppError(E_EXPIRED, "expired", "this invitation has expired")
+        if not self._url_ok(link.mailbox.relay_url):
+            raise AppError(
+                E_BAD_LINK, "bad_link", "the link's relay URL is not allowed (wss:// required)"
+            )
         if identity.same_keys(self.identity().public):
             raise AppError(E_BAD_LINK, "bad_link", "this link is your own")
         if self._contact_with_identity(identity) is not None:
@@ -542,7 +590,7 @@ class Messenger:
         mb: OwnedMailbox,
     ) -> Contact:
         """Create the contact and answer with our mailbox (inside a transaction)."""
-        name = self._unique_name(name)
+        name = self._unique_name(clean_name(name))
         cid = self.store.add_contact(
             name, identity_key=identity.to_bytes(), state=ContactState(reply_to, True).to_bytes()
         ).id
@@ -567,12 +615,16 @@ class Messenger:
         }
 
     async def remove_contact(self, name: str) -> None:
-        c = self.contact(name)
-        row = self.store.mailbox_for_contact(c.id)
         async with self.lock:
-            if row is not None:
-                await self._retire_mailbox(row.id)
-            self.store.remove_contact(c.id)
+            c = self.contact(name)
+            rows = [r for r in self.store.list_mailboxes("contact") if r.contact_id == c.id]
+            with self.store.transaction():
+                self.store.remove_contact(c.id)  # its mailbox rows go with it
+                self.store.set_setting(f"{ROTATION_KEY}{c.id}", None)
+            for r in rows:
+                mb = OwnedMailbox.from_bytes(r.descriptor)
+                self._owned.pop(mb.owner_id, None)
+                await self._delete_at_relay(mb)
 
     # --- sending ----------------------------------------------------------------------------
 
@@ -630,13 +682,8 @@ class Messenger:
     async def mark_read(self, name: str, message_ids: list[str] | None) -> dict[str, Any]:
         async with self.lock:
             c = self.contact(name)
-            incoming = [
-                m
-                for m in self.store.history(c.id, limit=10_000)
-                if m.direction == "in"
-                and m.status == "received"
-                and (message_ids is None or m.id in message_ids)
-            ]
+            wanted = set(message_ids) if message_ids is not None else None
+            incoming = [m for m in self.store.unread(c.id) if wanted is None or m.id in wanted]
             if not incoming:
                 return {"marked": 0}
             with self.store.transaction():
@@ -644,13 +691,16 @@ class Messenger:
                     self.store.set_message_status(m.id, "read")
                 blob = self.store.get_session(c.id)
                 if self.store.get_setting(SETTING_READ_RECEIPTS, True) and blob and not c.blocked:
-                    ids = tuple(bytes.fromhex(m.id) for m in incoming[-wire.MAX_RECEIPT_IDS :])
-                    self._enqueue(
-                        c,
-                        Session.from_bytes(blob),
-                        wire.ReceiptPayload(wire.RECEIPT_READ, ids),
-                        delay=self._receipt_delay(),
-                    )
+                    session = Session.from_bytes(blob)
+                    step = wire.MAX_RECEIPT_IDS
+                    for i in range(0, len(incoming), step):
+                        ids = tuple(bytes.fromhex(m.id) for m in incoming[i : i + step])
+                        self._enqueue(
+                            c,
+                            session,
+                            wire.ReceiptPayload(wire.RECEIPT_READ, ids),
+                            delay=self._receipt_delay(),
+                        )
         self._outbox_wake.set()
         return {"marked": len(incoming)}
 
@@ -824,8 +874,11 @@ class Messenger:
     async def _maintenance_loop(self) -> None:
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
+            if self.daemon.store is not None:
+                self.store.delete_stale_fragments(_ms() - STALE_FRAGMENTS_MS)
             with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
                 await self._replenish_prekeys()
+                await self._expire_invitations()
                 await self._rotate_due_mailboxes()
 
     # --- per-contact mailbox rotation --------------------------------------------------------
@@ -840,8 +893,26 @@ class Messenger:
         for c in self.store.list_contacts():
             row = self.store.mailbox_for_contact(c.id)
             pending = self.store.get_setting(f"{ROTATION_KEY}{c.id}")
-            if row is not None and row.created_at < cutoff and pending is None and not c.blocked:
+            if (
+                row is None
+                or row.created_at >= cutoff
+                or pending is not None
+                or c.blocked
+                or not ContactState.from_bytes(c.state).established
+            ):
+                continue
+            try:
                 await self.rotate_mailbox(c.name)
+            except AppError:
+                return  # the relay went away: the next pass tries again
+
+    async def _finish_acked_rotations(self) -> None:
+        """Rotations whose acknowledgement was stored but not yet acted on (a crash, a lock)."""
+        for c in self.store.list_contacts():
+            pending = self.store.get_setting(f"{ROTATION_KEY}{c.id}")
+            if pending is not None and pending.get("acked"):
+                async with self.lock:
+                    await self._finish_rotation(c, bytes.fromhex(pending["id"]))
 
     async def rotate_mailbox(self, name: str) -> dict[str, Any]:
         async with self.lock:
@@ -932,7 +1003,7 @@ class Messenger:
             self._reload_prekeys()
             log.info("dropped a first-contact block that did not open")
             return
-        if not isinstance(hello, wire.HelloPayload):
+        if not isinstance(hello, wire.HelloPayload) or not self._url_ok(hello.reply_to.relay_url):
             self._reload_prekeys()
             return
         known = self._contact_with_identity(fc.sender)
@@ -964,13 +1035,17 @@ class Messenger:
                 return
             request_id = self.store.add_request(
                 fc.sender.to_bytes(),
-                hello.display_name or "new contact",
+                clean_name(hello.display_name),
                 fc.session.to_bytes(),
                 address_to_bytes(hello.reply_to),
             )
             self.daemon.events.emit(
                 "contact.request",
-                {"request": request_id, "name": hello.display_name, "known": known is not None},
+                {
+                    "request": request_id,
+                    "name": clean_name(hello.display_name),
+                    "known": known is not None,
+                },
             )
 
     def _receive_from_contact(self, contact_id: int, block: bytes) -> None:
@@ -988,6 +1063,9 @@ class Messenger:
             self.store.put_session(contact_id, session.to_bytes())
             if fragment.count == 1:
                 content: bytes | None = fragment.data
+            elif fragment.count > MAX_MESSAGE_FRAGMENTS:
+                log.info("dropped a fragment of an oversized message")
+                return
             else:
                 parts = self.store.put_fragment(
                     contact_id, fragment.msg_id, fragment.index, fragment.count, fragment.data
@@ -1032,6 +1110,12 @@ class Messenger:
                     self.daemon.events.emit(
                         "message.status", {"message_id": m.id, "contact": c.name, "status": status}
                     )
+        elif isinstance(payload, (wire.HelloPayload, wire.MailboxPayload)) and not self._url_ok(
+            payload.reply_to.relay_url
+            if isinstance(payload, wire.HelloPayload)
+            else payload.mailbox.relay_url
+        ):
+            log.info("dropped a mailbox address with a refused relay URL")
         elif isinstance(payload, wire.HelloPayload):
             state = ContactState.from_bytes(c.state)
             state.send_to, state.established = payload.reply_to, True
@@ -1042,10 +1126,18 @@ class Messenger:
             self.daemon.events.emit("contact.established", {"contact": c.name})
         elif isinstance(payload, wire.MailboxPayload):
             state = ContactState.from_bytes(c.state)
+            if state.send_to is not None:  # blocks still queued for the old mailbox follow
+                self.store.readdress_outbox(
+                    c.id, address_to_bytes(state.send_to), address_to_bytes(payload.mailbox)
+                )
             state.send_to = payload.mailbox
             self.store.update_contact(c.id, state=state.to_bytes())
             self._enqueue(
                 c, session, wire.MailboxAckPayload(payload.rotation_id), delay=self._receipt_delay()
             )
         elif isinstance(payload, wire.MailboxAckPayload):
-            self._acked_rotations.append((c, payload.rotation_id))
+            pending = self.store.get_setting(f"{ROTATION_KEY}{c.id}")
+            if pending is not None and pending["id"] == payload.rotation_id.hex():
+                # Stored with the receive, acted on (relay calls) right after the commit.
+                self.store.set_setting(f"{ROTATION_KEY}{c.id}", {**pending, "acked": True})
+                self._acked_rotations.append((c, payload.rotation_id))

@@ -321,8 +321,9 @@ class Store:
                 raise StoreError("no such contact")
 
     def remove_contact(self, contact_id: int) -> None:
-        """Remove a contact with its session, messages and queued blocks."""
+        """Remove a contact with its session, messages (and their events) and queued blocks."""
         with self.transaction():
+            self._forget_events_of(contact_id)
             self._q("DELETE FROM contacts WHERE id = ?", (contact_id,))
 
     def get_session(self, contact_id: int) -> bytes | None:
@@ -405,6 +406,21 @@ class Store:
             )
         return True
 
+    def unread(self, contact_id: int) -> list[Message]:
+        """Incoming messages from the contact not yet marked read, oldest first."""
+        rows = self._q(
+            "SELECT seq, id, contact_id, direction, body, status, sent_at, created_at, status_at "
+            "FROM messages WHERE contact_id = ? AND direction = 'in' AND status = 'received' "
+            "ORDER BY seq",
+            (contact_id,),
+        ).fetchall()
+        return [self._message(r) for r in rows]
+
+    def delete_stale_fragments(self, before_ms: int) -> int:
+        with self.transaction():
+            cur = self._q("DELETE FROM fragments WHERE created_at < ?", (before_ms,))
+        return int(cur.rowcount)
+
     def sent_before(self, cutoff_ms: int, *, limit: int = 500) -> list[Message]:
         """Outgoing messages deposited (status 'sent') before ``cutoff_ms`` and never confirmed."""
         rows = self._q(
@@ -428,14 +444,30 @@ class Store:
         return [self._message(r) for r in reversed(rows)]
 
     def delete_message(self, message_id: str) -> bool:
+        """Delete a message and the events that carry it (a deleted text must not live on in
+        the event log)."""
         with self.transaction():
+            self._forget_events(message_id)
             cur = self._q("DELETE FROM messages WHERE id = ?", (message_id,))
         return bool(cur.rowcount)
 
     def delete_conversation(self, contact_id: int) -> int:
         with self.transaction():
+            self._forget_events_of(contact_id)
             cur = self._q("DELETE FROM messages WHERE contact_id = ?", (contact_id,))
         return int(cur.rowcount)
+
+    def _forget_events(self, message_id: str) -> None:
+        self._q(
+            "DELETE FROM events WHERE type LIKE 'message.%' "
+            "AND json_extract(data, '$.message_id') = ?",
+            (message_id,),
+        )
+
+    def _forget_events_of(self, contact_id: int) -> None:
+        ids = self._q("SELECT id FROM messages WHERE contact_id = ?", (contact_id,)).fetchall()
+        for (message_id,) in ids:
+            self._forget_events(message_id)
 
     # -- events -------------------------------------------------------------------------
 
