@@ -1,0 +1,71 @@
+"""aegis_client: a typed asyncio client for aegisd's JSON-RPC API (docs/api.md).
+
+Standard library only (a test checks that it imports no cryptography): bots, UIs and the
+notification bridge talk to the daemon through it, and the daemon keeps every key.
+"""
+
+from .client import Client, EventStream, socket_path
+from .errors import (
+    AegisClientError,
+    AppError,
+    BadLink,
+    Blocked,
+    ConnectionLost,
+    DaemonNotRunning,
+    Exists,
+    Expired,
+    InternalError,
+    InvalidParams,
+    InvalidRequest,
+    Locked,
+    MethodNotFound,
+    NoPassphrase,
+    NoRelay,
+    NoSuchSubscription,
+    NotFound,
+    NotReady,
+    ParseError,
+    PermissionDenied,
+    ProtocolError,
+    RateLimited,
+    RelayUnavailable,
+    RpcError,
+    StoreError,
+    TooLarge,
+    WrongPassphrase,
+)
+from .types import Event
+
+__all__ = [
+    "AegisClientError",
+    "AppError",
+    "BadLink",
+    "Blocked",
+    "Client",
+    "ConnectionLost",
+    "DaemonNotRunning",
+    "Event",
+    "EventStream",
+    "Exists",
+    "Expired",
+    "InternalError",
+    "InvalidParams",
+    "InvalidRequest",
+    "Locked",
+    "MethodNotFound",
+    "NoPassphrase",
+    "NoRelay",
+    "NoSuchSubscription",
+    "NotFound",
+    "NotReady",
+    "ParseError",
+    "PermissionDenied",
+    "ProtocolError",
+    "RateLimited",
+    "RelayUnavailable",
+    "RpcError",
+    "StoreError",
+    "TooLarge",
+    "WrongPassphrase",
+    "socket_path",
+]

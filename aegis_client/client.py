@@ -1,0 +1,426 @@
+"""An asyncio client for aegisd's JSON-RPC API. Standard library only (plus aegisd.paths,
+which is standard library only too): it imports no cryptography, so bots and UIs stay thin.
+
+    async with await Client.connect(home) as c:          # or Client.connect() for the default
+        print((await c.status())["locked"])
+        try:
+            await c.send("bob", "hi")
+        except NotFound:
+            ...
+        async for ev in c.events(types=["message.*"]):  # reconnects and resubscribes
+            ...
+
+A connection has one reader task that hands responses to their callers by id and event
+notifications to a queue, so several tasks may call methods on one Client at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, cast
+
+from aegisd.paths import resolve
+
+from .errors import (
+    ConnectionLost,
+    DaemonNotRunning,
+    InvalidParams,
+    Locked,
+    ProtocolError,
+    from_error_object,
+)
+from .types import (
+    Contact,
+    Event,
+    History,
+    Identity,
+    Invitation,
+    Request,
+    Sent,
+    Settings,
+    Status,
+    Subscribed,
+    Version,
+)
+
+#: The longest line this client accepts from the daemon (a page of history can be large).
+MAX_LINE = 1 << 28
+Params = dict[str, Any] | list[Any] | None
+
+
+def socket_path(home: str | os.PathLike[str] | None = None) -> Path:
+    """The daemon's socket for ``home`` (else AEGIS_HOME, else the XDG default)."""
+    return resolve(home).socket
+
+
+class _Conn:
+    """One connection: requests by id, notifications into ``notes`` (None when it ends)."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_notes: int
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._wlock = asyncio.Lock()
+        self.notes: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._max_notes = max_notes
+        self._room = asyncio.Event()
+        self.closed = False
+        self._task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    @classmethod
+    async def open(cls, path: Path, *, max_notes: int = 0) -> _Conn:
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_LINE)
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+            raise DaemonNotRunning(str(path)) from None
+        return cls(reader, writer, max_notes)
+
+    async def _read_loop(self) -> None:
+        failure: Exception = ConnectionLost("the daemon closed the connection")
+        try:
+            while True:
+                line = await self._reader.readline()
+                if not line:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    failure = ProtocolError("the daemon sent a line that is not JSON")
+                    break
+                if isinstance(msg, dict) and "method" in msg and "id" not in msg:
+                    # A full queue (max_notes) stops reading: the daemon then sends events at
+                    # the pace they are consumed, and what is not read yet waits in its store.
+                    self.notes.put_nowait(msg)
+                    while self._max_notes and self.notes.qsize() >= self._max_notes:
+                        self._room.clear()
+                        await self._room.wait()
+                    continue
+                if not isinstance(msg, dict):
+                    continue  # a batch answer: this client never sends batches
+                rid = msg.get("id")
+                fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
+                if fut is not None:
+                    if not fut.done():
+                        fut.set_result(msg)
+                elif rid is None and "error" in msg:
+                    # An error the daemon could not tie to a request (permission_denied, ...).
+                    failure = from_error_object(msg["error"])
+                    break
+        except (ConnectionError, OSError, ValueError, asyncio.IncompleteReadError):
+            pass  # ValueError: a line over MAX_LINE
+        finally:
+            self.closed = True
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(failure)
+            self._pending.clear()
+            self.notes.put_nowait(None)  # the end, after whatever was received
+            self._writer.close()
+
+    async def next_note(self) -> dict[str, Any] | None:
+        """The next notification, or None once the connection has ended."""
+        msg = await self.notes.get()
+        if msg is None:
+            self.notes.put_nowait(None)  # stays ended for later readers
+        self._room.set()
+        return msg
+
+    async def request(self, method: str, params: Params = None) -> Any:
+        if self.closed:
+            raise ConnectionLost("the connection to the daemon is closed")
+        rid = next(self._ids)
+        req: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": rid}
+        if params is not None:
+            req["params"] = params
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            async with self._wlock:
+                self._writer.write(json.dumps(req).encode() + b"\n")
+                await self._writer.drain()
+        except (ConnectionError, OSError):
+            self._pending.pop(rid, None)
+            raise ConnectionLost("the daemon closed the connection") from None
+        msg = await fut
+        if "error" in msg:
+            raise from_error_object(msg["error"])
+        if "result" not in msg:
+            raise ProtocolError("a response with neither result nor error")
+        return msg["result"]
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._task
+        with contextlib.suppress(Exception):
+            await self._writer.wait_closed()
+
+
+class Client:
+    """A connection to one daemon. Use :meth:`connect`; close it (or ``async with`` it).
+
+    A method call is sent once: if the connection drops before the answer, the call raises
+    :class:`ConnectionLost` (it may or may not have been carried out). The next call opens a
+    new connection, so a Client outlives daemon restarts.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: _Conn | None = None
+        self._open_lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(
+        cls,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        socket: str | os.PathLike[str] | None = None,
+    ) -> Client:
+        """Connect to the daemon of ``home`` (a --home profile), or to ``socket``, or to the
+        default profile. Raises :class:`DaemonNotRunning` when nothing answers."""
+        client = cls(Path(socket) if socket is not None else socket_path(home))
+        await client._connection()
+        return client
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+    async def _connection(self) -> _Conn:
+        async with self._open_lock:
+            if self._conn is None or self._conn.closed:
+                if self._conn is not None:
+                    await self._conn.close()
+                self._conn = None
+                # Notifications on this connection (if the caller subscribes by hand with
+                # call()) are kept without bound; events() uses a connection of its own,
+                # with a bound.
+                self._conn = await _Conn.open(self.path)
+            return self._conn
+
+    async def call(self, method: str, params: Params = None) -> Any:
+        """Call any method; its result, or an exception from aegis_client.errors."""
+        conn = await self._connection()
+        return await conn.request(method, params)
+
+    async def notification(self) -> dict[str, Any] | None:
+        """The next notification on this connection (after a manual events.subscribe),
+        or None once the connection has ended."""
+        conn = await self._connection()
+        return await conn.next_note()
+
+    def events(
+        self,
+        types: list[str] | None = None,
+        since: int | None = None,
+        *,
+        reconnect: bool = True,
+        max_delay: float = 2.0,
+    ) -> EventStream:
+        """Events from ``since`` on (None: from now on), over a connection of their own,
+        reconnecting and resubscribing from the last event handed out (no gap, no
+        duplicate) when the daemon restarts. ``reconnect=False``: end with ConnectionLost."""
+        return EventStream(self.path, types, since, reconnect=reconnect, max_delay=max_delay)
+
+    # -- typed methods (docs/api.md) ---------------------------------------------------------
+
+    async def version(self) -> Version:
+        return cast(Version, await self.call("version"))
+
+    async def status(self) -> Status:
+        return cast(Status, await self.call("status"))
+
+    async def unlock(self, passphrase: str | None = None) -> None:
+        await self.call("unlock", {} if passphrase is None else {"passphrase": passphrase})
+
+    async def lock(self) -> None:
+        await self.call("lock")
+
+    async def discover(self) -> dict[str, Any]:
+        """The OpenRPC description of the methods this daemon serves."""
+        return cast(dict[str, Any], await self.call("rpc.discover"))
+
+    async def identity(self) -> Identity:
+        return cast(Identity, await self.call("identity.get"))
+
+    async def set_name(self, display_name: str) -> str:
+        r = await self.call("identity.set_name", {"display_name": display_name})
+        return str(r["display_name"])
+
+    async def create_invitation(self, expires_in: int | None = None) -> Invitation:
+        params = {} if expires_in is None else {"expires_in": expires_in}
+        return cast(Invitation, await self.call("invitations.create", params))
+
+    async def address(self) -> str:
+        return str((await self.call("address.get"))["link"])
+
+    async def requests(self) -> list[Request]:
+        return cast(list[Request], (await self.call("requests.list"))["requests"])
+
+    async def accept(self, request: int, name: str | None = None) -> Contact:
+        params: dict[str, Any] = {"request": request}
+        if name is not None:
+            params["name"] = name
+        return cast(Contact, await self.call("requests.accept", params))
+
+    async def add_contact(self, name: str, link: str) -> Contact:
+        return cast(Contact, await self.call("contacts.add", {"name": name, "link": link}))
+
+    async def contacts(self) -> list[Contact]:
+        return cast(list[Contact], (await self.call("contacts.list"))["contacts"])
+
+    async def send(self, contact: str, text: str) -> Sent:
+        return cast(Sent, await self.call("messages.send", {"contact": contact, "text": text}))
+
+    async def history(
+        self, contact: str, *, limit: int = 50, before: int | None = None
+    ) -> History:
+        params: dict[str, Any] = {"contact": contact, "limit": limit}
+        if before is not None:
+            params["before"] = before
+        return cast(History, await self.call("messages.history", params))
+
+    async def mark_read(self, contact: str, message_ids: list[str] | None = None) -> int:
+        params: dict[str, Any] = {"contact": contact}
+        if message_ids is not None:
+            params["message_ids"] = message_ids
+        return int((await self.call("messages.mark_read", params))["marked"])
+
+    async def settings(self) -> Settings:
+        return cast(Settings, await self.call("settings.get"))
+
+    async def events_list(
+        self, since: int = 0, limit: int = 100, types: list[str] | None = None
+    ) -> list[Event]:
+        r = await self.call("events.list", {"since": since, "limit": limit, "types": types})
+        return [Event.from_json(e) for e in r["events"]]
+
+
+class EventStream(AsyncIterator[Event]):
+    """``async for ev in stream``: events in sequence order, each once, across reconnects.
+
+    ``last_seq`` is the sequence number of the last event handed out; the stream resubscribes
+    with ``since=last_seq`` after a reconnect. While the daemon is down or locked it retries,
+    backing off up to ``max_delay`` seconds. A ``since`` greater than the daemon's last
+    sequence number (a different profile) raises :class:`InvalidParams`.
+    """
+
+    #: Events received but not yet handed out, per connection. Beyond, the reader stops and
+    #: the daemon keeps the rest in its store.
+    QUEUE = 256
+
+    def __init__(
+        self,
+        path: Path,
+        types: list[str] | None,
+        since: int | None,
+        *,
+        reconnect: bool = True,
+        max_delay: float = 2.0,
+    ) -> None:
+        self.path = path
+        self.types = list(types) if types else None
+        self.last_seq = since
+        self.reconnect = reconnect
+        self.max_delay = max_delay
+        #: Whether the daemon said events after ``since`` were pruned (never, today).
+        self.gap = False
+        #: How many times the stream (re)subscribed.
+        self.subscriptions = 0
+        self._conn: _Conn | None = None
+        self._sub: str | None = None
+        self._closed = False
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        while True:
+            if self._closed:
+                raise StopAsyncIteration
+            if self._conn is None:
+                await self._subscribe()
+            assert self._conn is not None
+            msg = await self._conn.next_note()
+            if msg is None:
+                await self._drop()
+                if not self.reconnect:
+                    raise ConnectionLost("the daemon closed the connection")
+                continue
+            params = msg.get("params")
+            if msg.get("method") != "event" or not isinstance(params, dict):
+                continue
+            if params.get("subscription") != self._sub:
+                continue
+            try:
+                ev = Event.from_json(params)
+            except (KeyError, TypeError, ValueError):
+                raise ProtocolError("an event without a valid seq or type") from None
+            if self.last_seq is not None and ev.seq <= self.last_seq:
+                continue  # already handed out: never twice
+            self.last_seq = ev.seq
+            return ev
+
+    async def _subscribe(self) -> None:
+        delay = 0.05
+        while True:
+            conn: _Conn | None = None
+            try:
+                conn = await _Conn.open(self.path, max_notes=self.QUEUE)
+                params: dict[str, Any] = {}
+                if self.types is not None:
+                    params["types"] = self.types
+                if self.last_seq is not None:
+                    params["since"] = self.last_seq
+                res = cast(Subscribed, await conn.request("events.subscribe", params))
+                if self.last_seq is None:
+                    self.last_seq = int(res["last_seq"])
+                self._sub = str(res["subscription"])
+                self.gap = self.gap or bool(res.get("gap"))
+                self._conn = conn
+                self.subscriptions += 1
+                return
+            except InvalidParams:
+                if conn is not None:
+                    await conn.close()
+                raise
+            except (DaemonNotRunning, ConnectionLost, Locked, OSError):
+                if conn is not None:
+                    await conn.close()
+                if not self.reconnect:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_delay)
+
+    async def _drop(self) -> None:
+        conn, self._conn, self._sub = self._conn, None, None
+        if conn is not None:
+            await conn.close()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._drop()

@@ -1,0 +1,112 @@
+"""Typed shapes of the daemon's results and events (docs/api.md). TypedDicts: the values
+are the plain JSON objects the daemon sent, so nothing is lost when the daemon adds a member."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypedDict
+
+
+class Version(TypedDict):
+    version: str
+    api_version: int
+
+
+class RelayStatus(TypedDict):
+    configured: bool
+    connected: bool
+    url: str | None
+    reason: str | None
+
+
+class Status(TypedDict):
+    version: str
+    api_version: int
+    pid: int
+    locked: bool
+    has_passphrase: bool
+    relay: RelayStatus
+    last_event_seq: int | None
+    subscriptions: int
+
+
+class Identity(TypedDict):
+    address: str
+    display_name: str
+    identity_key: str
+
+
+class Invitation(TypedDict):
+    invitation: str
+    link: str
+    expires_at: int
+
+
+class Contact(TypedDict):
+    name: str
+    verified: bool
+    blocked: bool
+    established: bool
+    created_at: int
+
+
+class Request(TypedDict):
+    request: int
+    name: str
+    safety_number: str
+    created_at: int
+
+
+class Sent(TypedDict):
+    message_id: str
+    status: str
+
+
+class Message(TypedDict):
+    message_id: str
+    seq: int
+    direction: Literal["in", "out"]
+    text: str
+    status: str
+    sent_at: int | None
+    created_at: int
+    status_at: int
+
+
+class History(TypedDict):
+    messages: list[Message]
+    next_before: int | None
+
+
+class Settings(TypedDict):
+    read_receipts: bool
+    receipt_delay_max: float
+
+
+class Subscribed(TypedDict):
+    subscription: str
+    last_seq: int
+    gap: bool
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event (docs/api.md, "Events"). ``seq`` strictly increases over the profile's life."""
+
+    seq: int
+    type: str
+    time_ms: int
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Event:
+        data = obj.get("data")
+        return cls(
+            seq=int(obj["seq"]),
+            type=str(obj["type"]),
+            time_ms=int(obj.get("time_ms") or 0),
+            data=data if isinstance(data, dict) else {},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "type": self.type, "time_ms": self.time_ms, "data": self.data}
