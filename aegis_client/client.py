@@ -358,6 +358,11 @@ class EventStream(AsyncIterator[Event]):
     def __aiter__(self) -> EventStream:
         return self
 
+    async def start(self) -> None:
+        """Subscribe now (iterating does it otherwise): events from here on are not missed."""
+        if self._conn is None and not self._closed:
+            await self._subscribe()
+
     async def __anext__(self) -> Event:
         while True:
             if self._closed:

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""An AegisLink bot that answers every message: "echo: " followed by the text.
+
+It runs on top of a daemon (one profile per bot), through the client library, and imports no
+cryptography: the daemon holds the keys and does the work.
+
+    aegis init --home ~/echo-bot --no-passphrase --relay wss://relay.example/v1/ws
+    aegis daemon --home ~/echo-bot --detach
+    python contrib/echo_bot.py --home ~/echo-bot --accept-requests
+
+With --accept-requests it also accepts every request that arrives through its contact address
+(``aegis address --home ~/echo-bot`` prints that address). It follows the daemon across
+restarts (the client library resubscribes from the last event it handled); with --state FILE
+it also remembers that event across its own restarts, so no message is answered twice or
+missed. Its log lines name no contact and quote no text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+from aegis_client import AegisClientError, Client, DaemonNotRunning, Event
+
+PREFIX = "echo: "
+MAX_TEXT = 65536
+
+
+def log(message: str) -> None:
+    print(f"echo-bot: {message}", file=sys.stderr, flush=True)
+
+
+def reply_to(text: str, prefix: str = PREFIX) -> str:
+    """The answer to ``text``, cut (on a character boundary) to what messages.send accepts."""
+    out = prefix + text
+    raw = out.encode()
+    if len(raw) > MAX_TEXT:
+        out = raw[:MAX_TEXT].decode(errors="ignore")
+    return out
+
+
+def load_state(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def save_state(path: Path | None, seq: int) -> None:
+    if path is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{seq}\n")
+    os.replace(tmp, path)
+
+
+async def handle(client: Client, ev: Event, prefix: str, accept_requests: bool) -> None:
+    if ev.type == "message.received":
+        contact, text = ev.data.get("contact"), ev.data.get("text")
+        if not isinstance(contact, str) or not isinstance(text, str):
+            return
+        try:
+            await client.send(contact, reply_to(text, prefix))
+            await client.mark_read(contact, [str(ev.data.get("message_id"))])
+        except AegisClientError as exc:
+            log(f"could not answer a message: {type(exc).__name__}")
+    elif ev.type == "contact.request" and accept_requests:
+        request = ev.data.get("request")
+        if isinstance(request, int) and not ev.data.get("known"):
+            try:
+                await client.accept(request)
+                log("accepted a contact request")
+            except AegisClientError as exc:
+                log(f"could not accept a request: {type(exc).__name__}")
+
+
+async def run(home: str | None, prefix: str, accept_requests: bool, state: Path | None) -> int:
+    try:
+        client = await Client.connect(home)
+    except DaemonNotRunning as exc:
+        log(f"error: {exc}; start it with: aegis daemon --detach")
+        return 3
+    types = ["message.received", "contact.request"]
+    stream = client.events(types=types, since=load_state(state))
+    try:
+        await stream.start()  # subscribed: a message sent after the next line is answered
+        log("listening")
+        async for ev in stream:
+            await handle(client, ev, prefix, accept_requests)
+            save_state(state, ev.seq)
+        return 0
+    finally:
+        await stream.aclose()
+        await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="echo_bot", description=__doc__.split("\n")[0])
+    p.add_argument("--home", help="the bot's profile (default: AEGIS_HOME, else XDG dirs)")
+    p.add_argument("--prefix", default=PREFIX, help=f"put before each answer ({PREFIX!r})")
+    p.add_argument("--accept-requests", action="store_true", help="accept contact requests")
+    p.add_argument("--state", type=Path, help="remember the last handled event in FILE")
+    args = p.parse_args(argv)
+
+    async def main_task() -> int:
+        task = asyncio.ensure_future(run(args.home, args.prefix, args.accept_requests, args.state))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            return await task
+        return 0
+
+    return asyncio.run(main_task())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""contrib/echo_bot.py on one daemon; another daemon talks to it end to end through a real
+relay process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .conftest import Peer, connect
+
+ROOT = Path(__file__).resolve().parents[2]
+BOT = ROOT / "contrib" / "echo_bot.py"
+
+
+def start_bot(home: Path, *extra: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("AEGIS_HOME", None)
+    bot = subprocess.Popen(
+        [sys.executable, str(BOT), "--home", str(home), *extra],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert bot.stderr is not None
+    line = bot.stderr.readline()  # "echo-bot: listening" once subscribed
+    assert line.strip() == "echo-bot: listening", line
+    return bot
+
+
+def stop_bot(bot: subprocess.Popen[str]) -> str:
+    bot.terminate()
+    _, err = bot.communicate(timeout=20)
+    assert bot.returncode == 0, err
+    return err
+
+
+def incoming(peer: Peer, contact: str) -> list[str]:
+    msgs = peer.call("messages.history", {"contact": contact, "limit": 500})["messages"]
+    return [m["text"] for m in msgs if m["direction"] == "in"]
+
+
+def test_echo_bot_answers_every_message(peers: Callable[[str], Peer], tmp_short: Path) -> None:
+    alice, bot_peer = peers("alice"), peers("echobot")
+    connect(alice, bot_peer)
+    state = tmp_short / "bot.seq"
+    bot = start_bot(bot_peer.home, "--state", str(state))
+    try:
+        texts = ["hello", "zwei Wörter", "a\nmultiline message"]
+        for t in texts:
+            alice.call("messages.send", {"contact": "echobot", "text": t})
+        want = [f"echo: {t}" for t in texts]
+        alice.wait_for(lambda: incoming(alice, "echobot") == want, "three echoes")
+        # The bot's daemon restarts: the bot follows it, and answers what came meanwhile.
+        bot_peer.stop()
+        alice.call("messages.send", {"contact": "echobot", "text": "while you were away"})
+        time.sleep(0.5)
+        bot_peer.start()
+        want.append("echo: while you were away")
+        alice.wait_for(lambda: incoming(alice, "echobot") == want, "the echo after a restart")
+        # The messages the bot answered are marked read on its side.
+        bot_peer.wait_for(
+            lambda: all(
+                m["status"] == "read"
+                for m in bot_peer.call("messages.history", {"contact": "alice"})["messages"]
+                if m["direction"] == "in"
+            ),
+            "the bot to mark messages read",
+        )
+    finally:
+        err = stop_bot(bot)
+    # The bot restarts from its state file: nothing answered twice.
+    assert int(state.read_text()) > 0
+    bot = start_bot(bot_peer.home, "--state", str(state))
+    try:
+        alice.call("messages.send", {"contact": "echobot", "text": "last"})
+        want.append("echo: last")
+        alice.wait_for(lambda: incoming(alice, "echobot") == want, "the last echo")
+        time.sleep(1.0)
+        assert incoming(alice, "echobot") == want  # and no duplicate arrives late
+    finally:
+        err += stop_bot(bot)
+    for t in ("hello", "Wörter", "multiline", "away", "alice"):
+        assert t not in err, err
