@@ -212,6 +212,7 @@ class Daemon:
         r.register("events.unsubscribe", self.rpc_events_unsubscribe)
         r.register("events.list", self.rpc_events_list, unlocked=True)
         r.register("daemon.stop", self.rpc_daemon_stop)
+        r.register("rpc.discover", self.rpc_discover)
 
     async def rpc_version(self, ctx: CallContext) -> dict[str, Any]:
         return {"version": __version__, "api_version": API_VERSION}
@@ -344,6 +345,16 @@ class Daemon:
                     if len(out) == limit:
                         break
         return {"events": out, "last_seq": store.last_event_seq(), "next_since": cursor}
+
+    def discover(self) -> dict[str, Any]:
+        """The OpenRPC description of the methods this daemon serves now."""
+        from .rpc.openrpc import document
+
+        return document(self.registry, version=__version__, api_version=API_VERSION)
+
+    async def rpc_discover(self, ctx: CallContext) -> dict[str, Any]:
+        """The OpenRPC document of the methods this daemon serves (docs/openrpc.json)."""
+        return self.discover()
 
     async def rpc_daemon_stop(self, ctx: CallContext) -> dict[str, Any]:
         ctx.connection.after_reply.append(self.request_stop)  # once the response is out

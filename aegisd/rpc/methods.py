@@ -166,6 +166,10 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._specs)
 
+    def specs(self) -> list[MethodSpec]:
+        """Every method's spec, by name (aegisd/rpc/openrpc.py describes them)."""
+        return [self._specs[n] for n in sorted(self._specs)]
+
     def for_jsonrpcserver(self) -> dict[str, Callable[..., Awaitable[Result]]]:
         """The methods as jsonrpcserver wants them: context first, returning a Result.
 
