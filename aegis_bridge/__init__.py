@@ -1,1 +1,1 @@
-"""aegis-bridge: desktop notifications for AegisLink events (issue 8; not built yet)."""
+"""aegis-bridge: desktop notifications for AegisLink events (docs/api.md, "aegis-bridge")."""

@@ -1,0 +1,168 @@
+"""What the bridge shows, at each privacy level, and the two ways it shows it: the session
+D-Bus (org.freedesktop.Notifications, through dbus-fast) or a command (--exec)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shlex
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from aegis_client import Event
+
+LEVELS = ("none", "sender", "text")
+#: The events that make a notification.
+TYPES = ["message.received", "contact.request"]
+APP_NAME = "AegisLink"
+BUS_NAME = "org.freedesktop.Notifications"
+OBJECT_PATH = "/org/freedesktop/Notifications"
+NOTIFY_TIMEOUT = 10.0
+EXEC_TIMEOUT = 30.0
+MAX_BODY = 1000  # characters of a message shown in a notification
+
+
+@dataclass(frozen=True)
+class Notification:
+    summary: str
+    body: str
+    category: str
+
+
+def _clean(s: Any) -> str:
+    """A one-line, bounded, control-character-free rendering of a peer-supplied string."""
+    text = "".join(ch if ch.isprintable() or ch == "\n" else " " for ch in str(s))
+    return text[:MAX_BODY]
+
+
+def render(ev: Event, level: str) -> Notification | None:
+    """The notification for ``ev`` at ``level`` (none: no sender, no text), or None."""
+    if ev.type == "message.received":
+        if level == "none":
+            return Notification("New message", "", "im.received")
+        who = " ".join(_clean(ev.data.get("contact", "")).split())[:64]
+        if level == "sender":
+            return Notification(f"New message from {who}", "", "im.received")
+        return Notification(who, _clean(ev.data.get("text", "")), "im.received")
+    if ev.type == "contact.request":
+        if level == "none":
+            return Notification("New contact request", "", "im")
+        who = " ".join(_clean(ev.data.get("name", "")).split())[:64]
+        return Notification(f"Contact request from {who}", "", "im")
+    return None
+
+
+def redact(ev: Event, level: str) -> dict[str, Any]:
+    """The event as --exec receives it: only what the level allows."""
+    keep: dict[str, tuple[str, ...]] = {
+        "none": (),
+        "sender": ("contact", "name", "message_id", "request", "known"),
+        "text": tuple(ev.data),
+    }
+    data = {k: v for k, v in ev.data.items() if k in keep[level]}
+    out = {"seq": ev.seq, "type": ev.type, "time_ms": ev.time_ms, "level": level, "data": data}
+    n = render(ev, level)
+    if n is not None:
+        out["summary"], out["body"] = n.summary, n.body
+    return out
+
+
+def warn(message: str) -> None:
+    print(f"aegis-bridge: warning: {message}", file=sys.stderr, flush=True)
+
+
+class DBusNotifier:
+    """org.freedesktop.Notifications.Notify on the session bus. When there is no bus or no
+    notification server, it says so in one warning line and carries on (and says nothing
+    more until a notification gets through again)."""
+
+    def __init__(self, bus_address: str | None = None) -> None:
+        self.bus_address = bus_address
+        self._bus: Any = None
+        self._warned = False
+
+    async def _connect(self) -> Any:
+        from dbus_fast.aio import MessageBus
+
+        if self._bus is None or not self._bus.connected:
+            self._bus = await asyncio.wait_for(
+                MessageBus(bus_address=self.bus_address).connect(), NOTIFY_TIMEOUT
+            )
+        return self._bus
+
+    def _fail(self, what: str) -> None:
+        if not self._warned:
+            warn(f"{what}: notifications are not shown until one is available")
+            self._warned = True
+
+    async def show(self, n: Notification) -> bool:
+        from dbus_fast import Message, MessageType, Variant
+
+        try:
+            bus = await self._connect()
+        except Exception as exc:
+            self._bus = None
+            self._fail(f"no session D-Bus to show notifications on ({type(exc).__name__})")
+            return False
+        hints = {"category": Variant("s", n.category)}
+        msg = Message(
+            destination=BUS_NAME,
+            path=OBJECT_PATH,
+            interface=BUS_NAME,
+            member="Notify",
+            signature="susssasa{sv}i",
+            body=[APP_NAME, 0, "", n.summary, n.body, [], hints, -1],
+        )
+        try:
+            reply = await asyncio.wait_for(bus.call(msg), NOTIFY_TIMEOUT)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                bus.disconnect()
+            self._bus = None
+            self._fail(f"the session D-Bus failed ({type(exc).__name__})")
+            return False
+        if reply is None or reply.message_type == MessageType.ERROR:
+            name = getattr(reply, "error_name", None) or "no reply"
+            self._fail(f"no notification server on the session D-Bus ({BUS_NAME}: {name})")
+            return False
+        self._warned = False
+        return True
+
+    async def close(self) -> None:
+        if self._bus is not None:
+            with contextlib.suppress(Exception):
+                self._bus.disconnect()
+            self._bus = None
+
+
+class ExecNotifier:
+    """Runs CMD once per event with the (redacted) event as JSON on its standard input."""
+
+    def __init__(self, command: str) -> None:
+        self.argv = shlex.split(command)
+        if not self.argv:
+            raise ValueError("--exec needs a command")
+
+    async def run(self, payload: dict[str, Any]) -> bool:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL
+            )
+        except OSError as exc:
+            warn(f"--exec: cannot run {self.argv[0]}: {exc.strerror}")
+            return False
+        try:
+            await asyncio.wait_for(
+                proc.communicate(json.dumps(payload).encode() + b"\n"), EXEC_TIMEOUT
+            )
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            warn(f"--exec: {self.argv[0]} did not finish within {EXEC_TIMEOUT:g} s")
+            return False
+        if proc.returncode != 0:
+            warn(f"--exec: {self.argv[0]} exited with status {proc.returncode}")
+            return False
+        return True

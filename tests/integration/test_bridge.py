@@ -1,0 +1,233 @@
+"""aegis-bridge against a real session bus (dbus-daemon started here) with a notification
+server in the test that records the Notify calls, real daemons and a real relay."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import Peer, connect
+from .dbus_session import DBUS_DAEMON, SKIP_REASON, NotificationServer, SessionBus
+
+pytestmark = pytest.mark.skipif(DBUS_DAEMON is None, reason=SKIP_REASON)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def bus(tmp_short: Path) -> Iterator[SessionBus]:
+    d = tmp_short / "dbus"
+    d.mkdir()
+    b = SessionBus(d)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.fixture
+def pair(peers: Callable[[str], Peer]) -> tuple[Peer, Peer]:
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    return alice, bob
+
+
+class BridgeProc:
+    def __init__(self, home: Path, bus_address: str, *extra: str) -> None:
+        env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=bus_address, PYTHONPATH=str(ROOT))
+        env.pop("AEGIS_HOME", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aegis_bridge.main", "--home", str(home), *extra],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline()
+        assert line.startswith("aegis-bridge: listening"), line
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        _, err = self.proc.communicate(timeout=20)
+        assert self.proc.returncode == 0, err
+        return err
+
+
+def wait(predicate: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def send(alice: Peer, text: str) -> None:
+    alice.call("messages.send", {"contact": "bob", "text": text})
+
+
+def test_privacy_levels(
+    bus: SessionBus, pair: tuple[Peer, Peer], peers: Callable[[str], Peer]
+) -> None:
+    alice, bob = pair
+    server = NotificationServer(bus.address)
+    errs = ""
+    try:
+        expected = {
+            "none": ("New message", ""),
+            "sender": ("New message from alice", ""),
+            "text": ("alice", "secret at text"),
+        }
+        for level, (summary, body) in expected.items():
+            before = len(server.calls())
+            extra = [] if level == "none" else ["--level", level]  # none is the default
+            bridge = BridgeProc(bob.home, bus.address, *extra)
+            try:
+                send(alice, f"secret at {level}")
+                calls = wait(lambda b=before: server.calls()[b:], f"a notification at {level}")
+                time.sleep(0.3)
+                assert server.calls()[before:] == calls  # one, not more
+                assert len(calls) == 1
+                (call,) = calls
+                assert (call["summary"], call["body"]) == (summary, body), level
+                assert call["app_name"] == "AegisLink"
+                assert call["category"] == "im.received"
+            finally:
+                errs += bridge.stop()
+        # A contact request through the address: no name at level none.
+        bridge = BridgeProc(bob.home, bus.address)
+        try:
+            before = len(server.calls())
+            carol = peers("carol")
+            carol.wait_connected()
+            carol.call("contacts.add", {"name": "bob", "link": bob.call("address.get")["link"]})
+            calls = wait(lambda: server.calls()[before:], "a request notification")
+            assert (calls[0]["summary"], calls[0]["body"]) == ("New contact request", "")
+        finally:
+            errs += bridge.stop()
+    finally:
+        server.close()
+    assert "secret" not in errs and "alice" not in errs and "carol" not in errs, errs
+    seq_file = bob.home / "bridge.seq"
+    assert stat.S_IMODE(seq_file.stat().st_mode) == 0o600
+
+
+def test_daemon_and_bridge_restarts(bus: SessionBus, pair: tuple[Peer, Peer]) -> None:
+    """Nothing shown twice, nothing missed: across a daemon restart (messages arrive while it
+    is down) and across a restart of the bridge itself (messages arrive while it is gone)."""
+    alice, bob = pair
+    server = NotificationServer(bus.address)
+    try:
+        bridge = BridgeProc(bob.home, bus.address, "--level", "text")
+        send(alice, "m1")
+        wait(lambda: len(server.calls()) == 1, "m1")
+        bob.stop()
+        send(alice, "m2")
+        send(alice, "m3")
+        time.sleep(0.5)
+        bob.start()
+        wait(lambda: len(server.calls()) >= 3, "m2 and m3 after the daemon restart")
+        bob.kill()  # and once more, without a clean stop
+        bob.start()
+        send(alice, "m4")
+        wait(lambda: len(server.calls()) >= 4, "m4")
+        bridge.stop()
+        send(alice, "m5")
+        wait(
+            lambda: [
+                m for m in bob.call("messages.history", {"contact": "alice"})["messages"]
+                if m["text"] == "m5"
+            ],
+            "m5 to arrive while the bridge is gone",
+        )  # fmt: skip
+        bridge = BridgeProc(bob.home, bus.address, "--level", "text")
+        send(alice, "m6")
+        wait(lambda: len(server.calls()) >= 6, "m5 and m6 after the bridge restart")
+        time.sleep(0.5)
+        bridge.stop()
+        assert [c["body"] for c in server.calls()] == ["m1", "m2", "m3", "m4", "m5", "m6"]
+    finally:
+        server.close()
+
+
+def test_no_notification_server(bus: SessionBus, pair: tuple[Peer, Peer]) -> None:
+    """No server on the bus, then no bus at all: one warning line each time, no crash; a
+    server that appears later gets the next notifications."""
+    alice, bob = pair
+    bridge = BridgeProc(bob.home, bus.address)
+    send(alice, "one")
+    send(alice, "two")
+    assert bridge.proc.stderr is not None
+    line = bridge.proc.stderr.readline()
+    assert line.startswith("aegis-bridge: warning: no notification server"), line
+    assert "org.freedesktop.Notifications" in line
+    seq_file = bob.home / "bridge.seq"
+    wait(lambda: seq_file.exists() and int(seq_file.read_text()) > 0, "both events handled")
+    wait(
+        lambda: int(seq_file.read_text()) == max(
+            e["seq"] for e in bob.events(types=["message.received"])
+        ) and len(bob.events(types=["message.received"])) == 2,
+        "both events handled",
+    )  # fmt: skip
+    assert bridge.proc.poll() is None
+    server = NotificationServer(bus.address)
+    try:
+        send(alice, "three")
+        calls = wait(server.calls, "a notification once a server runs")
+        assert calls[0]["summary"] == "New message"
+    finally:
+        server.close()
+    err = bridge.stop()
+    assert "warning" not in err  # one line, not one per event
+    # No session bus at all.
+    bridge = BridgeProc(bob.home, "unix:path=/nonexistent/bus")
+    send(alice, "four")
+    send(alice, "five")
+    assert bridge.proc.stderr is not None
+    line = bridge.proc.stderr.readline()
+    assert line.startswith("aegis-bridge: warning: no session D-Bus"), line
+    time.sleep(1.0)
+    assert bridge.proc.poll() is None
+    err = bridge.stop()
+    assert "warning" not in err, err
+    assert "four" not in err and "five" not in err
+
+
+def test_exec_hook(tmp_short: Path, pair: tuple[Peer, Peer]) -> None:
+    alice, bob = pair
+    out = tmp_short / "exec.jsonl"
+    hook = f"{shlex.quote(sys.executable)} -c " + shlex.quote(
+        f"import sys; open({str(out)!r}, 'a').write(sys.stdin.read())"
+    )
+    for level in ("none", "sender", "text"):
+        no_bus = "unix:path=/nonexistent/bus"
+        bridge = BridgeProc(bob.home, no_bus, "--level", level, "--exec", hook)
+        try:
+            send(alice, f"hook {level}")
+            wait(lambda lv=level: out.exists() and f'"level": "{lv}"' in out.read_text(), level)
+        finally:
+            err = bridge.stop()
+        assert "warning" not in err, err  # --exec: D-Bus is not used
+    events = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [e["level"] for e in events] == ["none", "sender", "text"]
+    assert all(e["type"] == "message.received" for e in events)
+    none, sender, text = events
+    assert none["data"] == {} and none["summary"] == "New message" and none["body"] == ""
+    assert sender["data"]["contact"] == "alice" and "text" not in sender["data"]
+    assert sender["summary"] == "New message from alice"
+    assert text["data"]["text"] == "hook text" and text["body"] == "hook text"
+    assert len({e["seq"] for e in events}) == 3
