@@ -20,6 +20,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,7 +30,7 @@ from .relayurl import SETTING_URL
 from .rpc import AppError, CallContext, EventBus, InvalidParamsError, Registry, RpcServer
 from .rpc import errors as E
 from .rpc.events import PATTERN_RE, TYPE_RE, EventFilter
-from .rpc.server import Connection
+from .rpc.server import Connection, InheritedSocketError, inherited_socket
 from .store import Keyring, KeyringError, NoPassphrase, Store, StoreError, WrongPassphrase
 
 log = logging.getLogger("aegisd")
@@ -42,6 +43,28 @@ Hook = Callable[[Store], Awaitable[None]]
 
 class DaemonError(Exception):
     """The daemon cannot start; the message says why, in one line."""
+
+
+def sd_notify(state: str) -> bool:
+    """Tell the service manager about our state (sd_notify(3)): one datagram to the Unix
+    socket named by NOTIFY_SOCKET ('@' for the abstract namespace). A no-op without it; a
+    failure is logged, never fatal. Standard library: the protocol is one sendto()."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    elif not addr.startswith("/"):
+        log.warning("NOTIFY_SOCKET is neither a path nor an abstract socket: not notifying")
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+    except OSError as exc:
+        log.warning("cannot notify the service manager: %s", exc.strerror)
+        return False
+    return True
 
 
 class Daemon:
@@ -161,16 +184,28 @@ class Daemon:
                     await self.unlock(passphrase)
                 except WrongPassphrase:
                     raise DaemonError("wrong passphrase in the passphrase file") from None
+            try:
+                # Socket activation (systemd's aegisd.socket): accept on the inherited socket.
+                listen_sock = inherited_socket()
+            except InheritedSocketError as exc:
+                raise DaemonError(str(exc)) from None
             self.server = RpcServer(
                 self.registry,
                 self.paths.socket,
                 app=self,
                 on_disconnect=self._on_disconnect,
+                sock=listen_sock,
             )
             try:
                 await self.server.start()
             except OSError as exc:
                 raise DaemonError(f"cannot listen on {self.paths.socket}: {exc.strerror}") from None
+            if listen_sock is not None and self.server.address != str(self.paths.socket):
+                log.warning(
+                    "the inherited socket is not this profile's socket (%s): clients that look "
+                    "for the profile will not find it",
+                    self.paths.socket,
+                )
             with contextlib.suppress(OSError):
                 fd = os.open(self.paths.pid, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "w") as f:
@@ -179,10 +214,16 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             log.info(
-                "listening on %s (%s)", self.paths.socket, "locked" if self.locked else "unlocked"
+                "listening on %s%s (%s)",
+                self.server.address,
+                " (inherited)" if listen_sock is not None else "",
+                "locked" if self.locked else "unlocked",
             )
+            # Type=notify: ready once clients can connect.
+            sd_notify(f"READY=1\nSTATUS={'locked' if self.locked else 'unlocked'}")
             await self._stop.wait()
             log.info("stopping")
+            sd_notify("STOPPING=1")
         finally:
             await self._shutdown()
 

@@ -67,6 +67,52 @@ def peer_allowed(cred: PeerCred | None, daemon_uid: int) -> bool:
     return cred is not None and cred.uid == daemon_uid
 
 
+# -- socket activation --------------------------------------------------------------------
+
+#: The first inherited file descriptor (sd_listen_fds(3)).
+LISTEN_FDS_START = 3
+
+
+class InheritedSocketError(Exception):
+    """LISTEN_FDS names a descriptor that is not a listening Unix stream socket."""
+
+
+def inherited_socket(environ: dict[str, str] | None = None) -> socket.socket | None:
+    """The listening socket a supervisor handed over (systemd socket activation), or None.
+
+    The protocol of sd_listen_fds(3), which is a few lines of environment parsing, so it is
+    written here rather than pulled in from a library: LISTEN_PID must be our pid (else the
+    variables were meant for a parent), LISTEN_FDS counts descriptors from 3. The variables are
+    removed so that no child of the daemon takes them for its own.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        pid = int(env.get("LISTEN_PID", ""))
+        count = int(env.get("LISTEN_FDS", ""))
+    except ValueError:
+        return None
+    if pid != os.getpid() or count < 1:
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(name, None)
+    if count > 1:
+        log.warning("socket activation: using the first of %d inherited sockets", count)
+    try:
+        sock = socket.socket(fileno=LISTEN_FDS_START)
+    except OSError as exc:
+        raise InheritedSocketError(
+            f"LISTEN_FDS: descriptor {LISTEN_FDS_START} is not a socket ({exc.strerror})"
+        ) from None
+    sock.set_inheritable(False)
+    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
+        sock.detach()
+        raise InheritedSocketError(
+            f"LISTEN_FDS: descriptor {LISTEN_FDS_START} is not a listening Unix stream socket"
+        )
+    return sock
+
+
 # -- framing ------------------------------------------------------------------------------
 
 
@@ -200,6 +246,7 @@ class RpcServer:
         get_peer_cred: Callable[[socket.socket], PeerCred | None] = peer_cred,
         uid: int | None = None,
         max_request_bytes: int = MAX_REQUEST_BYTES,
+        sock: socket.socket | None = None,
     ) -> None:
         self.registry = registry
         self.socket_path = socket_path
@@ -212,9 +259,26 @@ class RpcServer:
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._conns: set[Connection] = set()
+        #: An inherited listening socket (socket activation): its owner made it, binds it,
+        #: sets its mode and removes it; the server only accepts on it.
+        self.sock = sock
+
+    @property
+    def address(self) -> str:
+        """Where clients connect."""
+        if self.sock is not None:
+            name = self.sock.getsockname()
+            return name if isinstance(name, str) and name else repr(name)
+        return str(self.socket_path)
 
     async def start(self) -> None:
-        """Bind the socket: parent directory 0700, socket 0600, path checked for length."""
+        """Bind the socket: parent directory 0700, socket 0600, path checked for length.
+        With an inherited socket, accept on it instead."""
+        if self.sock is not None:
+            self._server = await asyncio.start_unix_server(
+                self._accept, sock=self.sock, limit=_READ_CHUNK
+            )
+            return
         path = self.socket_path
         check_socket_path(path)
         ensure_private_dir(path.parent)
@@ -243,8 +307,9 @@ class RpcServer:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+        if self.sock is None:  # an inherited socket's path belongs to whoever made it
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
