@@ -170,6 +170,11 @@ def cli() -> None:
     is_flag=True,
     help="Allow an unencrypted ws:// relay on another host (everyone on the path sees it).",
 )
+@click.option(
+    "--proxy",
+    metavar="URL",
+    help="Reach relays only through this SOCKS5 proxy (Tor: socks5://127.0.0.1:9050).",
+)
 @click.option("--kdf-memory-kib", type=int, hidden=True)
 @click.option("--kdf-time-cost", type=int, hidden=True)
 @click.option("--kdf-parallelism", type=int, hidden=True)
@@ -179,6 +184,7 @@ def init(
     no_passphrase: bool,
     relay: str | None,
     insecure_plaintext_relay: bool,
+    proxy: str | None,
     kdf_memory_kib: int | None,
     kdf_time_cost: int | None,
     kdf_parallelism: int | None,
@@ -212,6 +218,8 @@ def init(
         argv += ["--relay", relay]
     if insecure_plaintext_relay:
         argv.append("--insecure-plaintext-relay")
+    if proxy is not None:  # aegisd checks it (the CLI imports nothing of the transport)
+        argv += ["--proxy", proxy]
     for flag, value in (
         ("--kdf-memory-kib", kdf_memory_kib),
         ("--kdf-time-cost", kdf_time_cost),

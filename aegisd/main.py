@@ -2,6 +2,7 @@
 
     aegisd [run] [--home DIR] [--passphrase-file F] [--log-level LEVEL]
     aegisd init  [--home DIR] (--passphrase-file F | --no-passphrase) [--relay URL]
+                 [--proxy socks5://HOST:PORT]
 
 ``aegis daemon`` and ``aegis init`` run these, so that the thin CLI never loads the
 cryptography or SQLCipher itself. A passphrase file holds the passphrase on its first line
@@ -55,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-passphrase", action="store_true", help="keep the key in a 0600 file")
     init.add_argument("--relay", metavar="URL", help="the relay (wss://, or ws:// to loopback)")
     init.add_argument(
+        "--proxy",
+        metavar="URL",
+        help="reach relays only through this SOCKS5 proxy, e.g. Tor: socks5://127.0.0.1:9050",
+    )
+    init.add_argument(
         "--insecure-plaintext-relay",
         action="store_true",
         help="allow a ws:// (unencrypted) relay on another host",
@@ -69,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 def _init(args: argparse.Namespace) -> int:
     from .relayurl import SETTING_INSECURE, SETTING_URL, RelayUrlError, check_relay_url
     from .store import DEFAULT_KDF, KdfParams, ProfileExists, StoreError, create_profile
+    from .transport.network import SETTING_PROXY, ProxyUrlError, check_proxy_url
 
     paths = resolve(args.home)
     check_socket_path(paths.socket)  # refuse a profile whose socket could never be bound
@@ -77,6 +84,13 @@ def _init(args: argparse.Namespace) -> int:
         try:
             relay = check_relay_url(args.relay, insecure_plaintext=args.insecure_plaintext_relay)
         except RelayUrlError as exc:
+            print(f"aegisd: error: {exc}", file=sys.stderr)
+            return 1
+    proxy = None
+    if args.proxy is not None:
+        try:
+            proxy = check_proxy_url(args.proxy)
+        except ProxyUrlError as exc:
             print(f"aegisd: error: {exc}", file=sys.stderr)
             return 1
     passphrase = None if args.no_passphrase else read_passphrase_file(args.passphrase_file)
@@ -88,10 +102,12 @@ def _init(args: argparse.Namespace) -> int:
     try:
         store = create_profile(paths.home, passphrase, kdf)
         try:
-            if relay is not None:
-                with store.transaction():
+            with store.transaction():
+                if relay is not None:
                     store.set_setting(SETTING_URL, relay)
                     store.set_setting(SETTING_INSECURE, bool(args.insecure_plaintext_relay))
+                if proxy is not None:
+                    store.set_setting(SETTING_PROXY, proxy)
         finally:
             store.close()
     except ProfileExists:

@@ -77,13 +77,16 @@ class RelayClient:
     @classmethod
     async def connect(cls, url: str, *, local_addr: tuple[str, int] | None = None,
                       session: aiohttp.ClientSession | None = None,
+                      connector: aiohttp.BaseConnector | None = None,
                       max_frame: int = 1 << 20, heartbeat: float | None = None,
                       request_timeout: float | None = None) -> RelayClient:
         """``heartbeat``: seconds between pings, so a half-open connection is noticed;
-        ``request_timeout``: seconds a request may wait for its answer (TimeoutError)."""
+        ``request_timeout``: seconds a request may wait for its answer (TimeoutError);
+        ``connector``: for a session of the client's own (closed with it), e.g. a SOCKS proxy's."""
         own = session is None
         if session is None:
-            connector = aiohttp.TCPConnector(local_addr=local_addr, limit=0)
+            if connector is None:
+                connector = aiohttp.TCPConnector(local_addr=local_addr, limit=0)
             session = aiohttp.ClientSession(connector=connector)
         try:
             ws = await session.ws_connect(url, max_msg_size=max_frame, autoping=True,

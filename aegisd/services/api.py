@@ -8,6 +8,12 @@ from typing import Any
 
 from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
 from aegisd.rpc.methods import Handler
+from aegisd.transport.network import (
+    SETTING_ISOLATION,
+    SETTING_PROXY,
+    ProxyUrlError,
+    check_proxy_url,
+)
 
 from .messenger import (
     E_NOT_FOUND,
@@ -16,6 +22,7 @@ from .messenger import (
     SETTING_NAME,
     SETTING_READ_RECEIPTS,
     SETTING_RECEIPT_DELAY,
+    SETTING_SEND_JITTER,
     Messenger,
     clean_name,
 )
@@ -187,23 +194,54 @@ def register(registry: Registry, m: Messenger) -> None:
     @method("settings.get")
     async def settings_get(ctx: CallContext) -> dict[str, Any]:
         store = m.store
-        return {
+        result = {
             "read_receipts": bool(store.get_setting(SETTING_READ_RECEIPTS, True)),
             "receipt_delay_max": float(store.get_setting(SETTING_RECEIPT_DELAY, 3.0)),
         }
+        # The network and jitter settings appear once any of them is set (absent: the
+        # defaults, no proxy, no isolation, no jitter), so older clients see the same result.
+        if any(store.get_setting(k) is not None for k in (SETTING_SEND_JITTER, SETTING_PROXY,
+                                                           SETTING_ISOLATION)):
+            result.update(
+                send_jitter_max=float(store.get_setting(SETTING_SEND_JITTER, 0.0)),
+                proxy=store.get_setting(SETTING_PROXY),
+                isolation=m.network().isolation,
+            )
+        return result
 
     @method("settings.set")
     async def settings_set(
         ctx: CallContext,
         read_receipts: bool | None = None,
         receipt_delay_max: float | int | None = None,
+        send_jitter_max: float | int | None = None,
+        proxy: str | None = None,
+        isolation: bool | None = None,
     ) -> dict[str, Any]:
         store = m.store
+        if proxy is not None and proxy != "":
+            try:
+                proxy = check_proxy_url(proxy)
+            except ProxyUrlError as exc:
+                raise InvalidParamsError("proxy", str(exc)) from None
+        if isolation is not None and not isinstance(isolation, bool):
+            raise InvalidParamsError("isolation", "must be true or false")
+        if send_jitter_max is not None and not 0 <= send_jitter_max <= 3600:
+            raise InvalidParamsError("send_jitter_max", "must be between 0 and 3600")
+        if send_jitter_max is not None:
+            store.set_setting(SETTING_SEND_JITTER, float(send_jitter_max))
         if read_receipts is not None:
             store.set_setting(SETTING_READ_RECEIPTS, read_receipts)
         if receipt_delay_max is not None:
             if not 0.5 <= receipt_delay_max <= 3600:
                 raise InvalidParamsError("receipt_delay_max", "must be between 0.5 and 3600")
             store.set_setting(SETTING_RECEIPT_DELAY, float(receipt_delay_max))
+        if proxy is not None or isolation is not None:
+            with store.transaction():
+                if proxy is not None:  # "" removes the proxy
+                    store.set_setting(SETTING_PROXY, proxy or None)
+                if isolation is not None:
+                    store.set_setting(SETTING_ISOLATION, isolation)
+            await m.restart_link()  # every connection anew, under the new settings
         result: dict[str, Any] = await settings_get(ctx)
         return result

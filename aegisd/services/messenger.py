@@ -19,7 +19,7 @@ import logging
 import random
 import time
 import unicodedata
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import sqlcipher3
@@ -40,6 +40,7 @@ from aegisd.relayurl import SETTING_INSECURE, SETTING_URL, RelayUrlError, check_
 from aegisd.rpc import AppError, InvalidParamsError
 from aegisd.store import Store, StoreError
 from aegisd.store.db import Contact, MailboxRow, OutboxItem
+from aegisd.transport.network import SETTING_ISOLATION, SETTING_PROXY, Network
 from aegisd.transport.relaylink import (
     UNAVAILABLE,
     RelayLink,
@@ -71,6 +72,7 @@ SETTING_ADDRESS = "profile.address"
 SETTING_NAME = "profile.display_name"
 SETTING_READ_RECEIPTS = "privacy.read_receipts"
 SETTING_RECEIPT_DELAY = "privacy.receipt_delay_max"
+SETTING_SEND_JITTER = "privacy.send_jitter_max"  # seconds; 0 (the default): send at once
 
 INVITE_TTL_DEFAULT = 7 * 24 * 3600
 INVITE_TTL_MAX = 90 * 24 * 3600
@@ -175,7 +177,20 @@ class Messenger:
         else:
             self.prekeys = PrekeyStore.from_bytes(state)
         self._reload_owned()
-        url = store.get_setting(SETTING_URL)
+        self._start_link()
+        self._tasks = [
+            asyncio.create_task(self._outbox_loop(), name="outbox"),
+            asyncio.create_task(self._maintenance_loop(), name="maintenance"),
+        ]
+
+    def network(self) -> Network:
+        """The profile's proxy and isolation settings (aegisd/transport/network.py)."""
+        return Network.from_settings(
+            self.store.get_setting(SETTING_PROXY), self.store.get_setting(SETTING_ISOLATION)
+        )
+
+    def _start_link(self) -> None:
+        url = self.store.get_setting(SETTING_URL)
         if url:
             self.relay_reason = "connecting"
             self.link = RelayLink(
@@ -183,12 +198,17 @@ class Messenger:
                 handler=self._on_block,
                 subscriptions=self._subscriptions,
                 on_state=self._on_relay_state,
+                network=self.network(),
             )
             self.link.start()
-        self._tasks = [
-            asyncio.create_task(self._outbox_loop(), name="outbox"),
-            asyncio.create_task(self._maintenance_loop(), name="maintenance"),
-        ]
+
+    async def restart_link(self) -> None:
+        """After a change of the network settings: every connection is made anew."""
+        if self.link is not None:
+            await self.link.stop()
+            self.link = None
+        self.daemon.relay_connected = False
+        self._start_link()
 
     async def on_lock(self, store: Store) -> None:
         for task in self._tasks:
@@ -216,9 +236,10 @@ class Messenger:
 
     def _on_relay_state(self, up: bool, reason: str | None) -> None:
         was = self.daemon.relay_connected
+        first_failure = not up and self.relay_reason == "connecting"
         self.daemon.relay_connected = up
         self.relay_reason = reason
-        if up != was and self.daemon.store is not None:
+        if (up != was or first_failure) and self.daemon.store is not None:
             self.daemon.events.emit("relay.up" if up else "relay.down", {"reason": reason})
         if up:
             if self.daemon.store is not None:
@@ -257,38 +278,41 @@ class Messenger:
             raise AppError(E_NOT_READY, "no_relay", "no relay configured: aegis init --relay URL")
         return str(url)
 
-    def _client(self) -> RelayClient:
+    @contextlib.asynccontextmanager
+    async def _client(self) -> AsyncIterator[RelayClient]:
+        """A connection for owner commands (the link decides which: docs/protocol.md §20.7)."""
         if self.link is None:
             self._relay_url()
             raise relay_unavailable()
         try:
-            return self.link.require()
+            async with self.link.owner() as client:
+                yield client
         except RelayUnavailable:
             raise relay_unavailable() from None
 
     async def _create_mailbox(
         self, role: str, *, public: bool, contact_id: int | None = None, **extra: Any
     ) -> tuple[int, OwnedMailbox]:
-        client = self._client()
         sign_seed, box_secret = new_keys()
         token = b"" if public else self.entropy.random(32)
         try:
-            created = await client.create(
-                OwnedMailbox(self._relay_url(), sign_seed, b"", b"", b"", b"", b"").signing_key,
-                box_public(box_secret),
-                public=public,
-            )
-            mb = OwnedMailbox(
-                self._relay_url(),
-                sign_seed,
-                box_secret,
-                created.owner_id,
-                created.deposit_id,
-                created.relay_box_pub,
-                token,
-            )
-            if token:
-                await client.token_add(mb.owner_id, mb.signing_key, token)
+            async with self._client() as client:
+                created = await client.create(
+                    OwnedMailbox(self._relay_url(), sign_seed, b"", b"", b"", b"", b"").signing_key,
+                    box_public(box_secret),
+                    public=public,
+                )
+                mb = OwnedMailbox(
+                    self._relay_url(),
+                    sign_seed,
+                    box_secret,
+                    created.owner_id,
+                    created.deposit_id,
+                    created.relay_box_pub,
+                    token,
+                )
+                if token:
+                    await client.token_add(mb.owner_id, mb.signing_key, token)
         except (*UNAVAILABLE, RelayError):
             raise relay_unavailable() from None
         row_id = self.store.add_mailbox(role, mb.to_bytes(), contact_id=contact_id, **extra)
@@ -311,7 +335,8 @@ class Messenger:
 
     async def _delete_at_relay(self, mb: OwnedMailbox) -> None:
         with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
-            await self._client().delete(mb.owner_id, mb.signing_key)
+            async with self._client() as client:
+                await client.delete(mb.owner_id, mb.signing_key)
 
     def _address_mailbox(self) -> tuple[MailboxRow, OwnedMailbox] | None:
         rows = self.store.list_mailboxes("address")
@@ -333,13 +358,13 @@ class Messenger:
 
     async def _publish_bundle(self, mb: OwnedMailbox, *, fresh: bool) -> None:
         assert self.prekeys is not None
-        client = self._client()
         try:
-            await client.bundle_base(
-                mb.owner_id, mb.signing_key, self.prekeys.bundle_base().to_bytes()
-            )
-            if fresh:
-                await self._add_one_time(client, mb, ONE_TIME_BATCH)
+            async with self._client() as client:
+                await client.bundle_base(
+                    mb.owner_id, mb.signing_key, self.prekeys.bundle_base().to_bytes()
+                )
+                if fresh:
+                    await self._add_one_time(client, mb, ONE_TIME_BATCH)
         except (*UNAVAILABLE, RelayError):
             raise relay_unavailable() from None
 
@@ -363,15 +388,15 @@ class Messenger:
             if found is None or self.prekeys is None:
                 return
             _, mb = found
-            client = self._client()
-            if self.prekeys.rotate(self.entropy, _now()) or republish:
-                self.store.put_identity(self.prekeys.to_bytes())
-                await client.bundle_base(
-                    mb.owner_id, mb.signing_key, self.prekeys.bundle_base().to_bytes()
-                )
-            xs, kems = await client.bundle_status(mb.owner_id, mb.signing_key)
-            if min(xs, kems) < ONE_TIME_LOW:
-                await self._add_one_time(client, mb, ONE_TIME_BATCH)
+            async with self._client() as client:
+                if self.prekeys.rotate(self.entropy, _now()) or republish:
+                    self.store.put_identity(self.prekeys.to_bytes())
+                    await client.bundle_base(
+                        mb.owner_id, mb.signing_key, self.prekeys.bundle_base().to_bytes()
+                    )
+                xs, kems = await client.bundle_status(mb.owner_id, mb.signing_key)
+                if min(xs, kems) < ONE_TIME_LOW:
+                    await self._add_one_time(client, mb, ONE_TIME_BATCH)
 
     def _link_for(
         self,
@@ -490,7 +515,7 @@ class Messenger:
         if self.store.contact_by_name(name) is not None:
             raise AppError(E_EXISTS, "exists", "a contact with this name already exists")
         try:
-            client, own = await with_relay(link.mailbox.relay_url, self.link)
+            client, own = await with_relay(link.mailbox.relay_url, self.link, self.network())
             try:
                 base, x, m = await client.bundle_fetch(link.bundle_address)
             finally:
@@ -671,9 +696,14 @@ class Messenger:
                 mid = self.store.add_message(
                     c.id, "out", text, status="queued", message_id=wire_id.hex()
                 ).id
-                self._enqueue(c, session, payload, message_id=mid)
+                self._enqueue(c, session, payload, message_id=mid, delay=self._send_jitter())
         self._outbox_wake.set()
         return {"message_id": mid, "status": "queued"}
+
+    def _send_jitter(self) -> float:
+        """Optional random delay before a message leaves (privacy.send_jitter_max; 0: none)."""
+        ceiling = float(self.store.get_setting(SETTING_SEND_JITTER, 0.0))
+        return random.uniform(0.0, ceiling) if ceiling > 0 else 0.0
 
     def _receipt_delay(self) -> float:
         ceiling = float(self.store.get_setting(SETTING_RECEIPT_DELAY, RECEIPT_DELAY_MAX))
@@ -765,7 +795,7 @@ class Messenger:
             for item in items:
                 try:
                     if client is None:
-                        client, own = await with_relay(dest.relay_url, self.link)
+                        client, own = await with_relay(dest.relay_url, self.link, self.network())
                     await client.deposit(dest.deposit_id, item.block, dest.send_token or None)
                 except RelayError as exc:
                     if exc.code == E_DENIED:  # the mailbox is gone: retrying cannot help
@@ -848,10 +878,8 @@ class Messenger:
                 )
 
     def _relay_ttl(self) -> int:
-        client = self.link.client if self.link is not None else None
-        if client is not None and client.hello is not None:
-            return int(client.hello.message_ttl)
-        return DEFAULT_TTL
+        ttl = self.link.hello_ttl if self.link is not None else None
+        return DEFAULT_TTL if ttl is None else ttl
 
     def _expire_undelivered(self, store: Store) -> None:
         """A message deposited longer ago than the relay keeps blocks, with no delivery receipt,
@@ -1027,7 +1055,8 @@ class Messenger:
             self._outbox_wake.set()
             with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
                 old = OwnedMailbox.from_bytes(row.descriptor)
-                await self._client().delete(old.owner_id, old.signing_key)
+                async with self._client() as client:
+                    await client.delete(old.owner_id, old.signing_key)
             return
         with self.store.transaction():
             self.store.put_identity(self.prekeys.to_bytes())  # burnt one-time keys

@@ -1,10 +1,16 @@
 """The daemon's connection to its relay: I/O only, no protocol decisions.
 
-One long-lived WebSocket to the profile's own relay carries the subscriptions of every mailbox
-the profile owns; it reconnects with exponential backoff and jitter and resubscribes. Deposits to
-a contact's mailbox on the same relay go over that connection; deposits to another relay use a
-short-lived connection of their own. (Issue 5 will separate deposits from subscriptions and give
-each mailbox its own connection.)
+Every connection goes through ``_connect`` with the profile's network settings (network.py):
+through the SOCKS5 proxy when one is configured, never around it.
+
+Shared mode (isolation off): one long-lived WebSocket to the profile's own relay carries the
+subscriptions of every mailbox the profile owns and the owner commands; deposits to that relay
+go over it too, deposits to another relay over a short-lived connection.
+
+Isolated mode (isolation on, the default with a proxy): every receiving mailbox has a long-lived
+connection of its own, owner commands (create, tokens, bundles, delete) and deposits each use a
+short-lived connection, and through a proxy every connection has its own SOCKS credentials (its
+own Tor circuit). Each connection reconnects with exponential backoff and jitter.
 """
 
 from __future__ import annotations
@@ -13,12 +19,15 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
+import aiohttp_socks
 from nacl.signing import SigningKey
 
 from relay.client import Message, RelayClient, RelayClosed, RelayError
+
+from .network import Network
 
 log = logging.getLogger("aegisd.relay")
 
@@ -31,9 +40,19 @@ BACKOFF_MAX = 30.0
 CONNECT_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 30.0  # a relay that does not answer a request is treated as unreachable
 HEARTBEAT = 20.0  # WebSocket pings: a half-open connection is noticed within ~2 of these
+RECONCILE_INTERVAL = 10.0  # isolated mode: how often the per-mailbox connections are checked
 
 #: Exceptions that mean "the relay is not reachable right now".
-UNAVAILABLE = (RelayClosed, OSError, aiohttp.ClientError, asyncio.TimeoutError)
+UNAVAILABLE = (
+    RelayClosed,
+    OSError,
+    aiohttp.ClientError,
+    asyncio.TimeoutError,
+    # aiohttp-socks' own exceptions derive from none of the above
+    aiohttp_socks.ProxyError,
+    aiohttp_socks.ProxyConnectionError,
+    aiohttp_socks.ProxyTimeoutError,
+)
 
 
 class RelayUnavailable(Exception):
@@ -47,6 +66,11 @@ def backoff(attempt: int) -> float:
 
 
 class RelayLink:
+    """The profile's relay connections. Shared mode (no isolation): one long-lived connection
+    carries every subscription and the owner commands. Isolated mode: one long-lived connection
+    per receiving mailbox, and owner commands on short-lived connections of their own.
+    Deposits (``with_relay``) never use a subscription connection in isolated mode."""
+
     def __init__(
         self,
         url: str,
@@ -54,44 +78,89 @@ class RelayLink:
         handler: Handler,
         subscriptions: Subscriptions,
         on_state: StateCallback,
+        network: Network | None = None,
     ) -> None:
         self.url = url
+        self.network = network or Network()
         self._handler = handler
         self._subscriptions = subscriptions
         self._on_state = on_state
-        self.client: RelayClient | None = None
+        self._client: RelayClient | None = None  # shared mode
         self.connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # Isolated mode: one task and connection per mailbox, and their states.
+        self._serving: dict[bytes, asyncio.Task[None]] = {}
+        self._clients: dict[bytes, RelayClient] = {}
+        self._failing: dict[bytes, str] = {}
+        self._refused: set[bytes] = set()
+        self._retired: set[bytes] = set()
+        self._busy: set[bytes] = set()
+        self._probe_ok = False
+        self._up = False
+        self.hello_ttl: int | None = None
+
+    @property
+    def isolated(self) -> bool:
+        return self.network.isolation
+
+    @property
+    def client(self) -> RelayClient | None:
+        if not self.isolated:
+            return self._client
+        return next(iter(self._clients.values()), None)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="relay-link")
+        run = self._run_isolated if self.isolated else self._run
+        self._task = asyncio.create_task(run(), name="relay-link")
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [t for t in (self._task, *self._serving.values()) if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+                await t
+        self._serving.clear()
+        for c in list(self._clients.values()):
+            await c.close()
+        self._clients.clear()
         await self._drop()
 
     async def _drop(self) -> None:
-        client, self.client = self.client, None
+        client, self._client = self._client, None
         self.connected.clear()
         if client is not None:
             await client.close()
+
+    async def _dial(self, url: str | None = None) -> RelayClient:
+        if self._stopping:  # a stopped link (settings changed, locked) makes no connection
+            raise RelayUnavailable()
+        client = await asyncio.wait_for(_connect(url or self.url, self.network), CONNECT_TIMEOUT)
+        if client.hello is not None:
+            self.hello_ttl = int(client.hello.message_ttl)
+        return client
+
+    async def _dial_or_unavailable(self) -> RelayClient:
+        try:
+            return await self._dial()
+        except (*UNAVAILABLE, RelayError):
+            raise RelayUnavailable() from None
+
+    # --- shared mode ----------------------------------------------------------------------
 
     async def _run(self) -> None:
         attempt = 0
         while not self._stopping:
             try:
-                client = await asyncio.wait_for(_connect(self.url), CONNECT_TIMEOUT)
+                client = await self._dial()
             except (*UNAVAILABLE, RelayError) as exc:
                 self._on_state(False, _reason(exc))
                 await asyncio.sleep(backoff(attempt))
                 attempt += 1
                 continue
-            self.client = client
+            self._client = client
             try:
                 refused = 0
                 for owner_id, key in self._subscriptions():
@@ -118,7 +187,7 @@ class RelayLink:
             await asyncio.sleep(backoff(attempt))
             attempt += 1
 
-    async def _receive(self, client: RelayClient) -> None:
+    async def _receive(self, client: RelayClient, owner_id: bytes | None = None) -> None:
         closed = asyncio.ensure_future(client.closed.wait())
         try:
             while True:
@@ -128,41 +197,192 @@ class RelayLink:
                     getter.cancel()
                     return
                 # One block at a time, in arrival order: the handler commits, then acks.
-                await self._handler(client, getter.result())
+                if owner_id is not None:
+                    self._busy.add(owner_id)
+                try:
+                    await self._handler(client, getter.result())
+                finally:
+                    if owner_id is not None:
+                        self._busy.discard(owner_id)
+                if owner_id is not None and owner_id in self._retired:
+                    return
         finally:
             closed.cancel()
 
     def require(self) -> RelayClient:
-        client = self.client
-        if client is None or not self.connected.is_set():
+        client = self._client
+        if self.isolated or client is None or not self.connected.is_set():
             raise RelayUnavailable()
         return client
 
+    @contextlib.asynccontextmanager
+    async def owner(self) -> AsyncIterator[RelayClient]:
+        """A connection for owner commands (create, tokens, bundles, delete): the shared one,
+        or, isolated, a short-lived one of their own that no other mailbox uses."""
+        if not self.isolated:
+            yield self.require()
+            return
+        if not self.connected.is_set():
+            raise RelayUnavailable()
+        client = await self._dial_or_unavailable()
+        try:
+            yield client
+        finally:
+            await client.close()
+            self._reconcile()  # a mailbox may just have been deleted
+
     async def subscribe(self, owner_id: bytes, key: SigningKey) -> None:
         """Subscribe a new mailbox now (it is also resubscribed after every reconnect)."""
-        client = self.client
-        if client is not None and self.connected.is_set():
-            await client.subscribe(owner_id, key)
+        if self.isolated:
+            self._reconcile()
+            return
+        client = self._client
+        if client is not None:  # also while the reconnect subscribes the others (a list taken
+            await client.subscribe(owner_id, key)  # before this mailbox existed)
+
+    # --- isolated mode --------------------------------------------------------------------
+
+    async def _run_isolated(self) -> None:
+        """Start and retire the per-mailbox connections; with no mailbox, probe the relay."""
+        attempt = 0
+        while not self._stopping:
+            self._reconcile()
+            if not self._serving and not self._probe_ok:
+                try:
+                    await (await self._dial()).close()
+                except (*UNAVAILABLE, RelayError) as exc:
+                    self._set_state(False, _reason(exc))
+                    await asyncio.sleep(backoff(attempt))
+                    attempt += 1
+                    continue
+                self._probe_ok = True
+                self._update()
+            await asyncio.sleep(RECONCILE_INTERVAL)
+
+    def _reconcile(self) -> None:
+        if self._stopping:
+            return
+        wanted = dict(self._subscriptions())
+        for owner_id, key in wanted.items():
+            if owner_id not in self._serving and owner_id not in self._refused:
+                self._serving[owner_id] = asyncio.create_task(self._serve(owner_id, key))
+        for owner_id in [o for o in self._serving if o not in wanted]:
+            task = self._serving.pop(owner_id)
+            self._failing.pop(owner_id, None)
+            if owner_id in self._busy:  # let its block finish and be acknowledged first
+                self._retired.add(owner_id)
+            else:
+                task.cancel()
+        self._refused &= set(wanted)
+        self._update()
+
+    async def _serve(self, owner_id: bytes, key: SigningKey) -> None:
+        attempt = 0
+        try:
+            while not self._stopping:
+                try:
+                    client = await self._dial()
+                except (*UNAVAILABLE, RelayError) as exc:
+                    self._fail(owner_id, _reason(exc))
+                    await asyncio.sleep(backoff(attempt))
+                    attempt += 1
+                    continue
+                try:
+                    try:
+                        await client.subscribe(owner_id, key)
+                    except RelayError:  # this mailbox refused (deleted, a limit): not the others
+                        log.warning("the relay refused a subscription")
+                        self._refused.add(owner_id)
+                        self._serving.pop(owner_id, None)
+                        self._failing.pop(owner_id, None)
+                        self._update()
+                        return
+                    self._clients[owner_id] = client
+                    self._failing.pop(owner_id, None)
+                    attempt = 0
+                    self._update()
+                    await self._receive(client, owner_id)
+                    reason = "the relay closed the connection"
+                except (*UNAVAILABLE, RelayError, RelayUnavailable) as exc:
+                    reason = _reason(exc)
+                except Exception as exc:  # never let the link die: reconnect after a pause
+                    log.error("relay connection failed: %s", type(exc).__name__)
+                    reason = "internal error"
+                finally:
+                    self._clients.pop(owner_id, None)
+                    await client.close()
+                if self._stopping or owner_id in self._retired:
+                    return
+                self._fail(owner_id, reason)
+                await asyncio.sleep(backoff(attempt))
+                attempt += 1
+        finally:
+            self._retired.discard(owner_id)
+            self._clients.pop(owner_id, None)
+
+    def _fail(self, owner_id: bytes, reason: str) -> None:
+        if owner_id in self._serving:
+            self._failing[owner_id] = reason
+        self._update()
+
+    def _update(self) -> None:
+        """Up when every mailbox has its connection (or, with none, a probe got through);
+        down as soon as one cannot connect."""
+        if self._stopping:
+            return
+        if self._failing:
+            self._set_state(False, next(iter(self._failing.values())))
+        elif all(o in self._clients for o in self._serving) and (self._serving or self._probe_ok):
+            self._set_state(True, None)
+
+    def _set_state(self, up: bool, reason: str | None) -> None:
+        was = self._up
+        self._up = up
+        if up:
+            self.connected.set()
+            if not was:
+                self._on_state(True, None)
+        else:
+            self.connected.clear()
+            self._probe_ok = False
+            self._on_state(False, reason)
 
 
-async def with_relay(url: str, own: RelayLink | None) -> tuple[RelayClient, bool]:
-    """A client for `url`: the link's own connection when it is that relay, else a new one
-    (the second value says whether the caller must close it)."""
-    if own is not None and own.url == url:
-        return own.require(), False
+async def with_relay(
+    url: str, own: RelayLink | None, network: Network | None = None
+) -> tuple[RelayClient, bool]:
+    """A client for `url` (deposits, bundle fetches): the link's shared connection when it is
+    that relay and not isolated, else a new short-lived one through the profile's network
+    settings (the second value says whether the caller must close it)."""
+    if own is not None:
+        network = own.network
+        if own.url == url and not own.isolated:
+            return own.require(), False
+    if own is not None and own.isolated and not own.connected.is_set():
+        raise RelayUnavailable()
     try:
-        client = await asyncio.wait_for(_connect(url), CONNECT_TIMEOUT)
+        client = await asyncio.wait_for(_connect(url, network or Network()), CONNECT_TIMEOUT)
     except UNAVAILABLE:
         raise RelayUnavailable() from None
     return client, True
 
 
-async def _connect(url: str) -> RelayClient:
-    return await RelayClient.connect(url, heartbeat=HEARTBEAT, request_timeout=REQUEST_TIMEOUT)
+async def _connect(url: str, network: Network) -> RelayClient:
+    # Every relay connection of the daemon is made here: through the proxy when there is one
+    # (no fallback to a direct connection), with a connector (and credentials) of its own.
+    return await RelayClient.connect(
+        url, connector=network.connector(), heartbeat=HEARTBEAT, request_timeout=REQUEST_TIMEOUT
+    )
 
 
 def _reason(exc: BaseException) -> str:
     # Never the address or the URL: only the kind of failure.
+    if isinstance(exc, aiohttp_socks.ProxyTimeoutError):
+        return "proxy timed out"
+    if isinstance(exc, aiohttp_socks.ProxyConnectionError):
+        return "proxy unreachable"
+    if isinstance(exc, aiohttp_socks.ProxyError):
+        return "the proxy could not reach the relay"
     if isinstance(exc, RelayError):
         return f"relay refused: error {exc.code}"
     if isinstance(exc, asyncio.TimeoutError):

@@ -1,0 +1,86 @@
+"""How the daemon reaches relays: directly, or through a SOCKS5 proxy (Tor), and whether
+every connection is kept apart from the others. Standard library and aiohttp-socks only.
+
+* ``network.proxy``: ``socks5://HOST:PORT`` or absent. With a proxy every relay connection goes
+  through it, names are resolved by the proxy (socks5h: never a local DNS lookup), and when the
+  proxy cannot be reached the connection fails: there is no fallback to a direct connection.
+* ``network.isolation``: one connection per receiving mailbox, owner commands and deposits on
+  short-lived connections of their own. Through a proxy each connection also presents its own
+  random SOCKS username and password, which makes Tor (IsolateSOCKSAuth, on by default) build a
+  separate circuit for each. Default: on with a proxy, off without one, because without a proxy
+  every connection comes from the same IP address, which links them anyway (docs/threat-model.md).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp_socks import ProxyConnector, ProxyType
+
+SETTING_PROXY = "network.proxy"
+SETTING_ISOLATION = "network.isolation"
+
+
+class ProxyUrlError(ValueError):
+    """The proxy URL is refused; the message says why."""
+
+
+def check_proxy_url(url: str) -> str:
+    """``socks5://HOST:PORT`` (``socks5h://`` is accepted as the same), normalised; no user
+    info (the daemon chooses the SOCKS credentials itself), no path, query or fragment."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        raise ProxyUrlError("the proxy URL is malformed") from None
+    if parts.scheme.lower() not in ("socks5", "socks5h"):
+        raise ProxyUrlError("the proxy URL must be socks5://HOST:PORT (e.g. Tor's 127.0.0.1:9050)")
+    host = (parts.hostname or "").lower()
+    if not host or port is None:
+        raise ProxyUrlError("the proxy URL needs a host and a port: socks5://HOST:PORT")
+    if parts.username is not None or parts.password is not None:
+        raise ProxyUrlError("the proxy URL must not hold a user name or password")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ProxyUrlError("the proxy URL must not have a path, query or fragment")
+    netloc = f"[{host}]" if ":" in host else host
+    return f"socks5://{netloc}:{port}"
+
+
+@dataclass(frozen=True)
+class Network:
+    """The profile's network settings, as the transport uses them."""
+
+    proxy: str | None = None
+    isolation: bool = False
+
+    @classmethod
+    def from_settings(cls, proxy: object, isolation: object) -> Network:
+        url = check_proxy_url(str(proxy)) if proxy else None
+        return cls(url, default_isolation(url) if isolation is None else bool(isolation))
+
+    def connector(self) -> aiohttp.BaseConnector:
+        """A connector for one connection. Through a proxy, names go to the proxy (rdns) and,
+        with isolation, the connection gets SOCKS credentials no other connection has."""
+        if self.proxy is None:
+            return aiohttp.TCPConnector(limit=0)
+        parts = urlsplit(self.proxy)
+        assert parts.hostname is not None and parts.port is not None
+        user = password = None
+        if self.isolation:
+            user, password = secrets.token_hex(8), secrets.token_hex(8)
+        return ProxyConnector(
+            proxy_type=ProxyType.SOCKS5,
+            host=parts.hostname,
+            port=parts.port,
+            username=user,
+            password=password,
+            rdns=True,  # the proxy resolves the relay's name: no local DNS lookup
+            limit=0,
+        )
+
+
+def default_isolation(proxy: str | None) -> bool:
+    return proxy is not None
