@@ -68,7 +68,10 @@ class Bridge:
         start = asyncio.ensure_future(stream.start())
         done, _ = await asyncio.wait({start}, timeout=2.0)
         if not done:
-            warn(f"waiting for aegisd (nothing answers on {self.paths.socket} yet)")
+            warn(
+                f"waiting for aegisd on {self.paths.socket} (not running yet, or locked: "
+                "aegis unlock)"
+            )
         await start
 
     async def run(self) -> int:
