@@ -27,7 +27,7 @@ from nacl.signing import SigningKey
 
 from relay.client import Message, RelayClient, RelayClosed, RelayError
 
-from .network import Network
+from .network import Network, raise_descriptor_limit
 
 log = logging.getLogger("aegisd.relay")
 
@@ -111,6 +111,8 @@ class RelayLink:
         return next(iter(self._clients.values()), None)
 
     def start(self) -> None:
+        if self.isolated:
+            raise_descriptor_limit()
         run = self._run_isolated if self.isolated else self._run
         self._task = asyncio.create_task(run(), name="relay-link")
 

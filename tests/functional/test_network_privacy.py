@@ -390,3 +390,41 @@ def test_proxy_without_isolation_shares_one_connection(
     (shared,) = [c for c in proxy.conns if c.closed is None]
     assert shared.user is None and len(set(shared.subscribed)) == 3
     assert net["trap"].hits == 0
+
+
+def test_isolation_without_proxy_and_send_jitter(peers: Callable[[str], Peer]) -> None:
+    """Isolation is a setting without a proxy (off by default); messages flow with it on, and
+    with a jittered send window."""
+    alice, bob = peers("alice"), peers("bob")
+    assert "isolation" not in alice.call("settings.get")  # defaults: no proxy, no isolation
+    for p in (alice, bob):
+        p.wait_connected()
+        got = p.call("settings.set", {"isolation": True, "send_jitter_max": 1})
+        assert got["isolation"] is True and got["proxy"] is None and got["send_jitter_max"] == 1
+    connect(alice, bob)
+    alice.call("messages.send", {"contact": "bob", "text": "isolated, jittered"})
+    bob.wait_for(lambda: bob.events(types=["message.received"]), "the message")
+    alice.wait_for(
+        lambda: alice.call("messages.history", {"contact": "bob"})["messages"][0]["status"]
+        == "delivered",
+        "the delivery receipt",
+    )
+    with pytest.raises(Exception, match="send_jitter_max"):
+        alice.call("settings.set", {"send_jitter_max": -1})
+    with pytest.raises(Exception, match="socks5"):
+        alice.call("settings.set", {"proxy": "http://127.0.0.1:8080"})
+
+
+def test_init_refuses_a_bad_proxy(tmp_short: Path) -> None:
+    import subprocess
+    import sys
+
+    for bad in ("http://127.0.0.1:9050", "socks5://127.0.0.1", "socks5://u:p@127.0.0.1:9050"):
+        r = subprocess.run(
+            [sys.executable, "-m", "aegis_cli.main", "init", "--home", str(tmp_short / "x"),
+             "--no-passphrase", "--proxy", bad],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert r.returncode != 0 and "proxy" in r.stderr, r.stderr
+        assert bad not in r.stderr  # the address is not echoed
+        assert not (tmp_short / "x" / "keyring").exists()
