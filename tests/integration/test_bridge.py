@@ -43,7 +43,9 @@ def pair(peers: Callable[[str], Peer]) -> tuple[Peer, Peer]:
 
 
 class BridgeProc:
-    def __init__(self, home: Path, bus_address: str, *extra: str) -> None:
+    def __init__(
+        self, home: Path, bus_address: str, *extra: str, ready: Callable[[], None] | None = None
+    ) -> None:
         env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=bus_address, PYTHONPATH=str(ROOT))
         env.pop("AEGIS_HOME", None)
         self.proc = subprocess.Popen(
@@ -56,6 +58,10 @@ class BridgeProc:
             cwd=ROOT,
         )
         assert self.proc.stderr is not None
+        if ready is not None:  # the daemon is not running yet: the bridge waits for it
+            line = self.proc.stderr.readline()
+            assert line.startswith("aegis-bridge: warning: waiting for aegisd"), line
+            ready()
         line = self.proc.stderr.readline()
         assert line.startswith("aegis-bridge: listening"), line
 
@@ -231,3 +237,21 @@ def test_exec_hook(tmp_short: Path, pair: tuple[Peer, Peer]) -> None:
     assert sender["summary"] == "New message from alice"
     assert text["data"]["text"] == "hook text" and text["body"] == "hook text"
     assert len({e["seq"] for e in events}) == 3
+
+
+def test_bridge_started_before_the_daemon(bus: SessionBus, pair: tuple[Peer, Peer]) -> None:
+    alice, bob = pair
+    bob.stop()
+    send(alice, "early")  # waits at the relay
+    server = NotificationServer(bus.address)
+    try:
+        bridge = BridgeProc(bob.home, bus.address, "--level", "text", ready=bob.start)
+        try:
+            # Subscribed "from now" (no bridge.seq yet): what arrives from here on is shown.
+            send(alice, "later")
+            wait(lambda: "later" in [c["body"] for c in server.calls()], "the later message")
+            assert bridge.proc.poll() is None
+        finally:
+            bridge.stop()
+    finally:
+        server.close()
