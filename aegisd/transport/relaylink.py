@@ -41,6 +41,9 @@ CONNECT_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 30.0  # a relay that does not answer a request is treated as unreachable
 HEARTBEAT = 20.0  # WebSocket pings: a half-open connection is noticed within ~2 of these
 RECONCILE_INTERVAL = 10.0  # isolated mode: how often the per-mailbox connections are checked
+# Isolated mode: mailbox connections being set up at once (Tor builds a circuit for each and
+# keeps at most 32 pending by default: MaxClientCircuitsPending); 200 mailboxes start in waves.
+DIAL_CONCURRENCY = 16
 
 #: Exceptions that mean "the relay is not reachable right now".
 UNAVAILABLE = (
@@ -98,6 +101,7 @@ class RelayLink:
         self._busy: set[bytes] = set()
         self._probe_ok = False
         self._up = False
+        self._dialing = asyncio.Semaphore(DIAL_CONCURRENCY)
         self.hello_ttl: int | None = None
 
     @property
@@ -283,7 +287,8 @@ class RelayLink:
         try:
             while not self._stopping:
                 try:
-                    client = await self._dial()
+                    async with self._dialing:
+                        client = await self._dial()
                 except (*UNAVAILABLE, RelayError) as exc:
                     self._fail(owner_id, _reason(exc))
                     await asyncio.sleep(backoff(attempt))
