@@ -24,7 +24,7 @@ lint: $(VENV)/.installed-test
 
 # Every top-level package that exists (mypy refuses a path that is missing).
 typecheck: $(VENV)/.installed-test
-	$(PY) -m mypy $(wildcard aegisd aegis_cli aegis_bridge relay bench)
+	$(PY) -m mypy $(wildcard aegisd aegis_cli aegis_client aegis_bridge relay bench contrib/*.py)
 
 unit: $(VENV)/.installed-test
 	$(PY) -m pytest -q
