@@ -365,8 +365,8 @@ async def with_relay(
         network = own.network
         if own.url == url and not own.isolated:
             return own.require(), False
-    if own is not None and own.isolated and not own.connected.is_set():
-        raise RelayUnavailable()
+    if own is not None and own.url == url and not own.connected.is_set():
+        raise RelayUnavailable()  # our relay is down: no dial that would fail anyway
     try:
         client = await asyncio.wait_for(_connect(url, network or Network()), CONNECT_TIMEOUT)
     except UNAVAILABLE:
