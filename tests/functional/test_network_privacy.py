@@ -428,3 +428,33 @@ def test_init_refuses_a_bad_proxy(tmp_short: Path) -> None:
         assert r.returncode != 0 and "proxy" in r.stderr, r.stderr
         assert bad not in r.stderr  # the address is not echoed
         assert not (tmp_short / "x" / "keyring").exists()
+
+
+def test_rotated_mailbox_gets_a_new_connection_and_the_old_one_closes(
+    net: dict[str, Any], make: Callable[[str, int], Peer]
+) -> None:
+    pa, pb = net["proxy"](), net["proxy"]()
+    alice, bob = make("alice", pa.port), make("bob", pb.port)
+    connect(alice, bob)
+
+    def open_subs() -> dict[bytes, Conn]:
+        return {c.subscribed[0]: c for c in pa.conns if c.subscribed and c.closed is None}
+
+    before = wait(lambda: len(s := open_subs()) == 2 and s, "alice's two subscriptions")
+    alice.call("contacts.rotate_mailbox", {"name": "bob"})
+    alice.wait_for(lambda: alice.events(types=["contact.mailbox_rotated"]), "the rotation")
+    # The retired mailbox's connection closed; the new mailbox has a connection of its own.
+    after = wait(lambda: len(s := open_subs()) == 2 and set(s) != set(before) and s,
+                 "the old subscription to close and the new one to open")
+    (old,) = set(before) - set(after)
+    (new,) = set(after) - set(before)
+    assert before[old].closed is not None
+    assert (after[new].user, after[new].password) != (before[old].user, before[old].password)
+    alice.call("messages.send", {"contact": "bob", "text": "after the rotation"})
+    bob.call("messages.send", {"contact": "alice", "text": "to the new mailbox"})
+    alice.wait_for(
+        lambda: [e for e in alice.events(types=["message.received"])
+                 if e["data"]["text"] == "to the new mailbox"],
+        "bob's message on the new mailbox",
+    )
+    assert net["trap"].hits == 0
