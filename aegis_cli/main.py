@@ -23,6 +23,7 @@ import click
 
 from aegisd.paths import PathError, ProfilePaths, check_socket_path, resolve
 from aegisd.relayurl import RelayUrlError, check_relay_url
+from aegisd.secretfile import SecretFileError, read_first_line
 
 from .client import Client, DaemonNotRunning, RpcCallError
 
@@ -105,19 +106,9 @@ def common(func: F) -> F:
 def read_secret_file(name: str) -> str:
     """First line of a passphrase file ('-' is standard input), without its line ending."""
     try:
-        if name == "-":
-            text = sys.stdin.readline()
-        else:
-            with open(name, encoding="utf-8") as f:
-                text = f.readline()
-    except OSError as exc:
-        raise Fail(f"cannot read {name}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise Fail(f"{name} is not UTF-8 text") from None
-    text = text.removesuffix("\n").removesuffix("\r")
-    if not text:
-        raise Fail(f"{name} holds no passphrase (its first line is empty)")
-    return text
+        return read_first_line(name)
+    except SecretFileError as exc:
+        raise Fail(str(exc)) from None
 
 
 def ask_secret(prompt: str, *, confirm: bool = False, option: str) -> str:

@@ -19,25 +19,15 @@ import sys
 
 from . import __version__
 from .paths import PathError, check_socket_path, resolve
+from .secretfile import SecretFileError, read_first_line
 
 
 def read_passphrase_file(name: str) -> str:
     """The first line of ``name`` ('-' for stdin), without its line ending."""
     try:
-        if name == "-":
-            text = sys.stdin.readline()
-        else:
-            with open(name, encoding="utf-8") as f:
-                text = f.readline()
-    except OSError as exc:
-        msg = f"aegisd: error: cannot read the passphrase file: {exc.strerror}"
-        raise SystemExit(msg) from None
-    except UnicodeDecodeError:
-        raise SystemExit("aegisd: error: the passphrase file is not UTF-8") from None
-    text = text.removesuffix("\n").removesuffix("\r")
-    if not text:
-        raise SystemExit("aegisd: error: the passphrase file is empty")
-    return text
+        return read_first_line(name)
+    except SecretFileError as exc:
+        raise SystemExit(f"aegisd: error: {exc}") from None
 
 
 def _parser() -> argparse.ArgumentParser:

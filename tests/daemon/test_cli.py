@@ -155,8 +155,8 @@ def test_cli_imports_no_crypto_and_no_daemon_internals(home, cli_env):
         assert "aegis_cli.main" in modules and "click" in modules
         bad = [m for m in modules if m.split(".")[0] in FORBIDDEN]
         assert bad == []
-        # Only the two standard-library-only modules shared with thin clients.
-        shared = {"aegisd.paths", "aegisd.relayurl"}
+        # Only the standard-library-only modules shared with thin clients.
+        shared = {"aegisd.paths", "aegisd.relayurl", "aegisd.secretfile"}
         internals = [m for m in modules if m.startswith("aegisd.") and m not in shared]
         assert internals == []
     finally:
