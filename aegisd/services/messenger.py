@@ -91,6 +91,8 @@ NEVER = 2**62  # not_before of those blocks: readdressing makes them due
 # is refused, so that partial messages cannot pile up.
 MAX_MESSAGE_FRAGMENTS = -(-(wire.MAX_TEXT_BYTES + 26) // wire.RATCHET_CAPACITY)
 STALE_FRAGMENTS_MS = 24 * 3600 * 1000
+SETTING_EVENT_RETENTION = "events.retention_days"
+EVENT_RETENTION_DAYS = 30
 
 # Application error codes (docs/api.md, "Errors").
 E_RELAY_UNAVAILABLE = 1010
@@ -899,11 +901,18 @@ class Messenger:
                     },
                 )
 
+    def _prune_events(self) -> None:
+        """Events older than `events.retention_days` (default 30) go: clients that reconnect
+        later than that are told of the gap by events.subscribe and read messages.history."""
+        days = float(self.store.get_setting(SETTING_EVENT_RETENTION, EVENT_RETENTION_DAYS))
+        self.store.prune_events_before(_ms() - int(days * 86_400_000))
+
     async def _maintenance_loop(self) -> None:
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
             if self.daemon.store is not None:
                 self.store.delete_stale_fragments(_ms() - STALE_FRAGMENTS_MS)
+                self._prune_events()
             with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
                 await self._replenish_prekeys()
                 await self._expire_invitations()

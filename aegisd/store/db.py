@@ -505,6 +505,16 @@ class Store:
             cur = self._q("DELETE FROM events WHERE seq <= ?", (keep_after_seq,))
         return int(cur.rowcount)
 
+    def prune_events_before(self, before_ms: int) -> int:
+        """Delete events created before ``before_ms``, always keeping the newest one (so the
+        sequence numbering and `last_event_seq` stay); returns how many went."""
+        with self.transaction():
+            cur = self._q(
+                "DELETE FROM events WHERE created_at < ? AND seq < (SELECT max(seq) FROM events)",
+                (before_ms,),
+            )
+        return int(cur.rowcount)
+
     # -- outbox -------------------------------------------------------------------------
 
     def enqueue_blocks(

@@ -346,3 +346,19 @@ def test_at_rest_no_plaintext_in_any_file(tmp_path):
             assert marker.encode("utf-16-le") not in raw, f.name
             assert key not in raw and key.hex().encode() not in raw, f.name
         store.close()
+
+
+def test_events_pruned_by_age_keep_numbering(tmp_path):
+    now = [1_000_000]
+    home = tmp_path / "p"
+    create_profile(home, None).close()
+    key = Keyring.load(home / "keyring.json").unlock(None)
+    store = Store.open(home / "aegis.db", key, clock=lambda: now[0])
+    old = [store.append_event("t.old", {"i": i}).seq for i in range(3)]
+    now[0] += 10_000
+    new = store.append_event("t.new", {}).seq
+    assert store.prune_events_before(now[0] - 5_000) == 3
+    assert [e.seq for e in store.events_after(0)] == [new]
+    assert store.prune_events_before(now[0] + 1) == 0  # the newest always stays
+    assert store.append_event("t.next", {}).seq == new + 1 > old[-1]
+    store.close()
