@@ -641,13 +641,28 @@ def verify(ctx: Ctx, name: str, yes: bool) -> None:
 @cli.command()
 @common
 @click.argument("name")
-@click.argument("message")
-def send(ctx: Ctx, name: str, message: str) -> None:
-    """Send MESSAGE to NAME ('-': read the message from standard input).
+@click.argument("message", required=False)
+@click.option(
+    "--file", "file_path", metavar="PATH", type=click.Path(dir_okay=True, path_type=str),
+    help="Send this file (encrypted, as an attachment) instead of a message.",
+)  # fmt: skip
+def send(ctx: Ctx, name: str, message: str | None, file_path: str | None) -> None:
+    """Send MESSAGE to NAME ('-': read the message from standard input), or a file.
 
     Prints the message id once the daemon has accepted (and stored) the message; it is
     delivered in the background, also later if the relay is unreachable now.
+
+    With --file PATH the daemon encrypts the file into the profile, uploads it and then sends
+    its key to NAME. On a terminal a progress bar follows the upload (Ctrl-C stops watching,
+    not the upload); otherwise (and with --json) the attachment id is printed at once.
     """
+    if file_path is not None:
+        if message is not None:
+            raise click.UsageError("give a MESSAGE or --file, not both")
+        _send_file(ctx, name, file_path)
+        return
+    if message is None:
+        raise click.UsageError("missing MESSAGE (or --file PATH)")
     if message == "-":
         try:
             message = sys.stdin.read()
@@ -686,6 +701,110 @@ def messages(ctx: Ctx, name: str, limit: int, before: int | None, mark_read: boo
         else:
             lines.append(f"{_when(m['sent_at'] or m['created_at'])}  {name}: {text}")
     ctx.out(result, "\n".join(lines) if lines else f"no messages with {name}")
+
+
+PROGRESS_MIN = 1 << 20  # files from this size get a progress bar on a terminal
+
+
+def _send_file(ctx: Ctx, name: str, file_path: str) -> None:
+    path = os.path.abspath(file_path)  # the daemon's working directory is not ours
+    result = ctx.call("attachments.send", {"contact": name, "path": path})
+    aid = str(result["attachment_id"])
+    if ctx.as_json or not sys.stderr.isatty() or result["size"] < PROGRESS_MIN:
+        ctx.out(result, aid)
+        return
+    total = int(result["blocks"])
+    with ctx.client() as c, click.progressbar(
+        length=total, label=f"uploading {result['name']}", file=sys.stderr
+    ) as bar:
+        done = 0
+        while True:
+            info = c.call("attachments.get", {"attachment_id": aid})
+            bar.update(int(info["done"]) - done)
+            done = int(info["done"])
+            if info["state"] != "uploading":
+                break
+            time.sleep(0.2)
+    if info["state"] == "failed":
+        raise Fail(f"the upload failed: {info['error']}", data={"attachment_id": aid})
+    click.echo(aid)
+
+
+def _size(n: int) -> str:
+    if n < 1000:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("kB", "MB", "GB"):
+        value /= 1000
+        if value < 1000 or unit == "GB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+@cli.command()
+@common
+@click.argument("name", required=False)
+@click.option(
+    "--max-size", type=click.IntRange(1), metavar="BYTES",
+    help="Set the size limit for files you send (default 100000000).",
+)  # fmt: skip
+def attachments(ctx: Ctx, name: str | None, max_size: int | None) -> None:
+    """List the files sent and received (with NAME only those with NAME)."""
+    if max_size is not None:
+        result = ctx.call("attachments.config", {"max_size": max_size})
+        ctx.out(result, f"attachment size limit: {result['max_size']} bytes")
+        return
+    result = ctx.call("attachments.list", {"contact": name} if name else {})
+    lines = []
+    for a in result["attachments"]:
+        arrow = "->" if a["direction"] == "out" else "<-"
+        state = a["state"]
+        if state in ("uploading", "downloading"):
+            state += f" {100 * a['done'] // max(1, a['blocks'])}%"
+        if a["error"]:
+            state += f": {a['error']}"
+        lines.append(
+            f"{a['attachment_id']}  {_when(a['created_at'])}  {arrow} {a['contact']}  "
+            f"{a['name']}  {_size(a['size'])}  [{state}]"
+        )
+    ctx.out(result, "\n".join(lines) if lines else "no attachments")
+
+
+@cli.group()
+def attachment() -> None:
+    """Save, retry or delete one attachment (ids: aegis attachments)."""
+
+
+@attachment.command("save")
+@common
+@click.argument("attachment_id", metavar="ID")
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("--overwrite", is_flag=True, help="Replace an existing file at PATH.")
+def attachment_save(ctx: Ctx, attachment_id: str, path: str, overwrite: bool) -> None:
+    """Decrypt a received file to PATH (a directory: under the file's own name)."""
+    result = ctx.call(
+        "attachments.save",
+        {"attachment_id": attachment_id, "path": os.path.abspath(path), "overwrite": overwrite},
+    )
+    ctx.out(result, f"saved {result['path']}")
+
+
+@attachment.command("retry")
+@common
+@click.argument("attachment_id", metavar="ID")
+def attachment_retry(ctx: Ctx, attachment_id: str) -> None:
+    """Try a failed upload or download again."""
+    result = ctx.call("attachments.retry", {"attachment_id": attachment_id})
+    ctx.out(result, f"{result['state']}")
+
+
+@attachment.command("delete")
+@common
+@click.argument("attachment_id", metavar="ID")
+def attachment_delete(ctx: Ctx, attachment_id: str) -> None:
+    """Forget an attachment and delete its encrypted copy in the profile."""
+    result = ctx.call("attachments.delete", {"attachment_id": attachment_id})
+    ctx.out(result, "deleted")
 
 
 @cli.command()

@@ -660,6 +660,7 @@ PAYLOAD_RECEIPT = 0x02
 PAYLOAD_HELLO = 0x03
 PAYLOAD_MAILBOX = 0x04
 PAYLOAD_MAILBOX_ACK = 0x05
+PAYLOAD_ATTACHMENT = 0x08  # 0x08-0x09: attachments (§22)
 
 RECEIPT_DELIVERED = 1
 RECEIPT_READ = 2
@@ -670,6 +671,32 @@ MAX_RECEIPT_IDS = 512
 MAX_NAME_BYTES = 64
 MAX_URL_BYTES = 255
 MAX_MAILBOX_FIELD = 64
+MAX_FILE_NAME_BYTES = 255
+ATTACHMENT_SEED_LEN = 32
+ATTACHMENT_DIGEST_LEN = 32
+ATTACHMENT_CHUNK_LEN = BLOCK_SIZE - 1 - TAG_LEN  # plaintext bytes per blob block
+ATTACHMENT_MAX_BLOCKS = 8192  # the relay's blob quota per proof of work
+
+
+def padme(n: int) -> int:
+    """Padmé (Nikitin et al., PETS 2019) of a block count n >= 1: round n up so that only its
+    top floor(log2(floor(log2 n))) + 1 bits may be non-zero. Overhead at most 12 %; the padded
+    count leaks O(log log n) bits about n instead of O(log n)."""
+    if n < 1:
+        raise ValueError("a block count is at least 1")
+    if n <= 2:
+        return n
+    e = n.bit_length() - 1  # floor(log2 n)
+    s = e.bit_length()  # floor(log2 e) + 1
+    mask = (1 << (e - s)) - 1
+    return (n + mask) & ~mask
+
+
+def attachment_blocks(size: int) -> int:
+    """The padded block count of a file of `size` bytes (an empty file takes one block)."""
+    if size < 0:
+        raise ValueError("negative size")
+    return padme(max(1, -(-size // ATTACHMENT_CHUNK_LEN)))
 
 
 def _short(r: Reader, limit: int) -> bytes:
@@ -751,7 +778,28 @@ class MailboxAckPayload:
     rotation_id: bytes
 
 
-Payload = TextPayload | ReceiptPayload | HelloPayload | MailboxPayload | MailboxAckPayload
+@dataclass(frozen=True)
+class AttachmentPayload:
+    """A file descriptor (§22): where its blocks are and how to open them. Sent only after
+    the upload completed. `message_id` names the file and its message."""
+
+    message_id: bytes
+    sent_at_ms: int
+    seed: bytes  # 32 bytes: the file's key, blob ids and capabilities derive from it
+    size: int  # bytes of the plaintext file
+    blocks: int  # padded block count: must equal padme(ceil(size / chunk))
+    digest: bytes  # SHA-256 of the plaintext file
+    relay_url: str
+    name: str
+
+    def __repr__(self) -> str:  # the seed is a key: never in a log or a traceback
+        return f"AttachmentPayload(size={self.size}, blocks={self.blocks})"
+
+
+Payload = (
+    TextPayload | ReceiptPayload | HelloPayload | MailboxPayload | MailboxAckPayload
+    | AttachmentPayload
+)  # fmt: skip
 
 
 def encode_payload(payload: Payload) -> bytes:
@@ -778,6 +826,18 @@ def encode_payload(payload: Payload) -> bytes:
     elif isinstance(payload, MailboxPayload):
         w.u8(PAYLOAD_MAILBOX).fixed(payload.rotation_id, MESSAGE_ID_LEN)
         payload.mailbox.write(w)
+    elif isinstance(payload, AttachmentPayload):
+        if payload.size < 0 or payload.blocks != attachment_blocks(payload.size) or (
+            payload.blocks > ATTACHMENT_MAX_BLOCKS
+        ):
+            raise ValueError("attachment size and block count do not match")
+        if not payload.name or not payload.relay_url:
+            raise ValueError("an attachment needs a name and a relay URL")
+        w.u8(PAYLOAD_ATTACHMENT).fixed(payload.message_id, MESSAGE_ID_LEN).u64(payload.sent_at_ms)
+        w.fixed(payload.seed, ATTACHMENT_SEED_LEN).u64(payload.size).u32(payload.blocks)
+        w.fixed(payload.digest, ATTACHMENT_DIGEST_LEN)
+        _put_short(w, payload.relay_url.encode(), MAX_URL_BYTES)
+        _put_short(w, payload.name.encode(), MAX_FILE_NAME_BYTES)
     else:
         w.u8(PAYLOAD_MAILBOX_ACK).fixed(payload.rotation_id, MESSAGE_ID_LEN)
     return w.bytes()
@@ -811,6 +871,20 @@ def decode_payload(data: bytes) -> Payload:
         out = MailboxPayload(r.take(MESSAGE_ID_LEN), MailboxAddress.read(r))
     elif kind == PAYLOAD_MAILBOX_ACK:
         out = MailboxAckPayload(r.take(MESSAGE_ID_LEN))
+    elif kind == PAYLOAD_ATTACHMENT:
+        mid, sent = r.take(MESSAGE_ID_LEN), r.u64()
+        seed, size, blocks = r.take(ATTACHMENT_SEED_LEN), r.u64(), r.u32()
+        digest = r.take(ATTACHMENT_DIGEST_LEN)
+        url = _utf8(_short(r, MAX_URL_BYTES))
+        name = _utf8(_short(r, MAX_FILE_NAME_BYTES))
+        if (
+            size > ATTACHMENT_MAX_BLOCKS * ATTACHMENT_CHUNK_LEN
+            or blocks != attachment_blocks(size)
+            or not url
+            or not name
+        ):
+            raise DecodeError("malformed attachment descriptor")
+        out = AttachmentPayload(mid, sent, seed, size, blocks, digest, url, name)
     else:
         raise DecodeError("unknown payload type")
     r.done()

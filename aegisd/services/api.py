@@ -245,3 +245,7 @@ def register(registry: Registry, m: Messenger) -> None:
             await m.restart_link()  # every connection anew, under the new settings
         result: dict[str, Any] = await settings_get(ctx)
         return result
+
+    from . import attachments_api  # its methods: docs/api.md, "Attachments"
+
+    attachments_api.register(registry, m)

@@ -50,6 +50,7 @@ from aegisd.transport.relaylink import (
 from relay.client import Message, RelayClient, RelayError
 from relay.wire import E_DENIED, E_RATE_LIMITED, ITEM_MLKEM, ITEM_X25519
 
+from .attachments import Attachments
 from .mailbox import (
     ContactState,
     OwnedMailbox,
@@ -157,6 +158,7 @@ class Messenger:
         self._tasks: list[asyncio.Task[None]] = []
         self._owned: dict[bytes, tuple[MailboxRow, OwnedMailbox]] = {}
         self._acked_rotations: list[tuple[Contact, bytes]] = []
+        self.attachments = Attachments(self)
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -184,6 +186,7 @@ class Messenger:
             asyncio.create_task(self._outbox_loop(), name="outbox"),
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
         ]
+        await self.attachments.on_unlock()
 
     def network(self) -> Network:
         """The profile's proxy and isolation settings (aegisd/transport/network.py)."""
@@ -213,6 +216,7 @@ class Messenger:
         self._start_link()
 
     async def on_lock(self, store: Store) -> None:
+        await self.attachments.on_lock()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -1173,6 +1177,8 @@ class Messenger:
             self._enqueue(
                 c, session, wire.MailboxAckPayload(payload.rotation_id), delay=self._receipt_delay()
             )
+        elif isinstance(payload, wire.AttachmentPayload):
+            self.attachments.on_descriptor(c, session, payload)
         elif isinstance(payload, wire.MailboxAckPayload):
             pending = self.store.get_setting(f"{ROTATION_KEY}{c.id}")
             if pending is not None and pending["id"] == payload.rotation_id.hex():

@@ -125,5 +125,34 @@ def _v1_to_v2(db: Any) -> None:
     )
 
 
-MIGRATIONS: list[Migration] = [_v0_to_v1, _v1_to_v2]
+def _attachments(db: Any) -> None:
+    """File attachments (docs/protocol.md §22): one row per file sent or received, with its
+    transfer progress, so that an interrupted upload or download resumes."""
+    _run(
+        db,
+        """
+        CREATE TABLE attachments (
+            id          TEXT PRIMARY KEY,       -- the message id of its descriptor
+            contact_id  INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+            direction   TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+            name        TEXT NOT NULL,          -- cleaned file name
+            size        INTEGER NOT NULL,       -- plaintext bytes
+            blocks      INTEGER NOT NULL,       -- padded block count
+            digest      BLOB NOT NULL,          -- SHA-256 of the plaintext
+            seed        BLOB NOT NULL,          -- the file's key material
+            relay_url   TEXT NOT NULL,
+            state       TEXT NOT NULL CHECK (state IN
+                          ('uploading', 'uploaded', 'downloading', 'complete', 'failed')),
+            done        INTEGER NOT NULL DEFAULT 0,  -- blocks confirmed, in order
+            error       TEXT,
+            sent_at     INTEGER,
+            created_at  INTEGER NOT NULL,
+            updated_at  INTEGER NOT NULL
+        );
+        CREATE INDEX attachments_by_contact ON attachments (contact_id, created_at)
+        """,
+    )
+
+
+MIGRATIONS: list[Migration] = [_v0_to_v1, _v1_to_v2, _attachments]
 SCHEMA_VERSION = len(MIGRATIONS)

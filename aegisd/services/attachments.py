@@ -1,0 +1,614 @@
+"""File attachments: encrypt, upload to the relay's blob area, send the descriptor, fetch,
+verify, keep encrypted at rest, save (docs/protocol.md §22).
+
+Crash safety:
+- Sending: the whole file is encrypted into a spool file in the profile directory before the
+  call returns (so the source may change or vanish afterwards); the attachment row and its
+  message commit together after that. The upload then resumes from the last window of blocks
+  the relay confirmed; blob ids derive from the file's seed, so a block put twice answers
+  `exists`, which counts as done. The descriptor is enqueued (in the contact's ordered outbox)
+  only once every block is up.
+- Receiving: the descriptor, the message and the attachment row commit with the ratchet step.
+  Fetched blocks are written at their offset in a file in the profile directory, still
+  encrypted under the file's key (the key lives only in the SQLCipher store); progress is
+  committed after each window is on disk.
+
+Nothing here logs a file name, a path, an id, a key or file content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import stat
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nacl.exceptions import CryptoError
+from nacl.public import PrivateKey
+
+from aegisd.core import wire
+from aegisd.core.attachment import CHUNK_LEN, MAX_FILE_SIZE, FileKeys, chunk_of, clean_file_name
+from aegisd.core.errors import DecryptionError
+from aegisd.core.session import Session
+from aegisd.rpc import AppError, InvalidParamsError
+from aegisd.store import attachments as db
+from aegisd.store.attachments import AttachmentRow
+from aegisd.store.db import Contact
+from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
+from relay.client import RelayClient, RelayError
+from relay.wire import E_DENIED, E_EXISTS
+
+if TYPE_CHECKING:
+    from .messenger import Messenger
+
+log = logging.getLogger("aegisd.attachments")
+
+SETTING_MAX_SIZE = "attachments.max_size"
+DEFAULT_MAX_SIZE = 100_000_000  # bytes (100 MB); at most MAX_FILE_SIZE (one relay quota)
+WINDOW = 32  # blocks in flight per transfer; progress is committed per window
+FETCH_TRIES = 3  # fetches of a block that fails to open before the file is reported failed
+PROGRESS_INTERVAL = 0.5  # seconds between attachment.progress events of one transfer
+RETRY_MAX = 60.0
+BLOCK = wire.BLOCK_SIZE
+
+# Application error codes 1030-1039 (docs/api.md, "Errors").
+E_BAD_FILE = 1030
+E_FILE_TOO_LARGE = 1031
+E_NOT_COMPLETE = 1032
+E_TARGET_EXISTS = 1033
+E_NOT_RETRYABLE = 1034
+
+STATES = ("uploading", "uploaded", "downloading", "complete", "failed")
+
+
+class _Corrupt(Exception):
+    """A block that stayed unreadable after FETCH_TRIES fetches (or a digest mismatch)."""
+
+
+def _ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _bad_file(why: str) -> AppError:
+    return AppError(E_BAD_FILE, "bad_file", why)
+
+
+class Attachments:
+    def __init__(self, messenger: Messenger) -> None:
+        self.m = messenger
+        self._workers: dict[str, asyncio.Task[None]] = {}
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    @property
+    def store(self) -> Any:
+        return self.m.store
+
+    @property
+    def directory(self) -> Path:
+        return self.m.daemon.paths.home / "attachments"
+
+    def _file(self, aid: str) -> Path:
+        return self.directory / f"{aid}.blocks"
+
+    async def on_unlock(self) -> None:
+        self.directory.mkdir(mode=0o700, exist_ok=True)
+        known = db.all_ids(self.store)
+        for path in self.directory.iterdir():  # spools of sends that crashed before commit
+            stem = path.name.split(".", 1)[0]
+            if stem not in known:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        for row in db.unfinished(self.store):
+            self._start(row.id)
+
+    async def on_lock(self) -> None:
+        tasks = list(self._workers.values())
+        self._workers.clear()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    def _start(self, aid: str) -> None:
+        if aid in self._workers and not self._workers[aid].done():
+            return
+        self._workers[aid] = asyncio.create_task(self._run(aid), name="attachment")
+
+    async def _run(self, aid: str) -> None:
+        try:
+            row = db.get(self.store, aid)
+            if row is None:
+                return
+            if row.state == "uploading":
+                await self._upload(row)
+            elif row.state == "downloading":
+                await self._download(row)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug: report it, never kill the daemon
+            log.error("attachment transfer failed: %s", type(exc).__name__)
+            with contextlib.suppress(Exception):
+                self._fail(aid, "internal error")
+        finally:
+            if self._workers.get(aid) is asyncio.current_task():
+                del self._workers[aid]
+
+    # --- settings -------------------------------------------------------------------------
+
+    def max_size(self) -> int:
+        return int(self.store.get_setting(SETTING_MAX_SIZE, DEFAULT_MAX_SIZE))
+
+    def config(self, max_size: int | None) -> dict[str, Any]:
+        if max_size is not None:
+            if isinstance(max_size, bool) or not isinstance(max_size, int) or not (
+                1 <= max_size <= MAX_FILE_SIZE
+            ):
+                raise InvalidParamsError("max_size", f"must be between 1 and {MAX_FILE_SIZE}")
+            self.store.set_setting(SETTING_MAX_SIZE, max_size)
+        return {"max_size": self.max_size(), "max_size_ceiling": MAX_FILE_SIZE}
+
+    # --- sending --------------------------------------------------------------------------
+
+    async def send(self, name: str, path: str) -> dict[str, Any]:
+        m = self.m
+        if not isinstance(path, str) or not path or "\x00" in path:
+            raise InvalidParamsError("path", "must be a file path")
+        p = Path(path)
+        if not p.is_absolute():
+            raise InvalidParamsError("path", "must be an absolute path (the daemon's working "
+                                     "directory is not yours)")
+        c = m.contact(name)
+        if c.blocked:
+            raise AppError(1025, "blocked", "this contact is blocked")
+        if m.store.get_session(c.id) is None:
+            raise AppError(1024, "not_ready", "no session with this contact")
+        relay_url = m._relay_url()
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise _bad_file("no such file") from None
+        except OSError:
+            raise _bad_file("the file cannot be read") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise _bad_file("this is a directory, not a file")
+        if not stat.S_ISREG(st.st_mode):
+            raise _bad_file("not a regular file")
+        limit = self.max_size()
+        if st.st_size > limit:
+            raise AppError(
+                E_FILE_TOO_LARGE, "too_large",
+                f"the file is larger than the attachment limit of {limit} bytes "
+                f"(aegis attachments --max-size changes it, up to {MAX_FILE_SIZE})",
+            )  # fmt: skip
+        aid_raw = m.entropy.random(wire.MESSAGE_ID_LEN)
+        aid = aid_raw.hex()
+        seed = m.entropy.random(wire.ATTACHMENT_SEED_LEN)
+        self.directory.mkdir(mode=0o700, exist_ok=True)
+        try:
+            size, digest = await asyncio.to_thread(
+                self._encrypt_to_spool, p, self._file(aid), seed, limit
+            )
+        except _TooLarge:
+            raise AppError(
+                E_FILE_TOO_LARGE, "too_large",
+                f"the file is larger than the attachment limit of {limit} bytes",
+            ) from None  # fmt: skip
+        except (OSError, ValueError):
+            raise _bad_file("the file cannot be read") from None
+        blocks = wire.attachment_blocks(size)
+        fname = clean_file_name(p.name)
+        now = _ms()
+        row = AttachmentRow(aid, c.id, "out", fname, size, blocks, digest, seed, relay_url,
+                            "uploading", 0, None, now, now, now)  # fmt: skip
+        try:
+            async with m.lock:
+                c = m.contact(name)  # still there?
+                with m.store.transaction():
+                    m.store.add_message(c.id, "out", f"[file] {fname}", status="queued",
+                                        message_id=aid)  # fmt: skip
+                    db.add(m.store, row)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self._file(aid).unlink()
+            raise
+        self._start(aid)
+        return {**self.describe(row, c), "message_id": aid}
+
+    def _encrypt_to_spool(self, src: Path, dst: Path, seed: bytes, limit: int) -> tuple[int, bytes]:
+        """Read the file once, streaming: hash it and write its blocks (padded count) to the
+        spool. The block count is bound into every block, so it is fixed from the size the
+        open file has; a file that changes size while it is read is refused."""
+        keys = FileKeys(seed)
+        sha = hashlib.sha256()
+        tmp = dst.with_suffix(".part")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
+                size = os.fstat(f.fileno()).st_size
+                if size > limit:
+                    raise _TooLarge()
+                total = wire.attachment_blocks(size)
+                read = 0
+                for i in range(total):
+                    want = min(CHUNK_LEN, size - read)
+                    chunk = f.read(want) if want > 0 else b""
+                    if len(chunk) != max(0, want):
+                        raise ValueError("the file changed while it was read")
+                    read += len(chunk)
+                    sha.update(chunk)
+                    out.write(keys.seal(i, total, chunk))
+                if read != size or f.read(1):
+                    raise ValueError("the file changed while it was read")
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, dst)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        return size, sha.digest()
+
+    async def _connect(self, url: str) -> RelayClient:
+        # A connection of its own for each transfer: blob traffic is not tied (by connection)
+        # to the profile's mailboxes.
+        client, _ = await with_relay(url, None, self.m.network())
+        return client
+
+    async def _upload(self, row: AttachmentRow) -> None:
+        keys = FileKeys(row.seed)
+        spool = self._file(row.id)
+        attempt = 0
+        done = row.done
+        progress = _Progress(self, row)
+        while done < row.blocks:
+            try:
+                client = await self._connect(row.relay_url)
+                try:
+                    await client.blob_quota()
+                    with open(spool, "rb") as f:
+                        while done < row.blocks:
+                            end = min(done + WINDOW, row.blocks)
+                            f.seek(done * BLOCK)
+                            data = f.read((end - done) * BLOCK)
+                            if len(data) != (end - done) * BLOCK:
+                                raise OSError("short spool")
+                            await asyncio.gather(*(
+                                self._put(client, keys, i, data[(i - done) * BLOCK:
+                                                                (i - done + 1) * BLOCK])
+                                for i in range(done, end)
+                            ))  # fmt: skip
+                            done = end
+                            db.set_progress(self.store, row.id, done)
+                            attempt = 0
+                            progress.update(done)
+                finally:
+                    await client.close()
+            except (RelayUnavailable, RelayError, *UNAVAILABLE):
+                attempt += 1
+                await asyncio.sleep(min(RETRY_MAX, 0.5 * 2 ** min(attempt, 8)))
+            except OSError:
+                self._fail(row.id, "the encrypted copy of the file is missing or unreadable")
+                return
+        await self._uploaded(row)
+
+    @staticmethod
+    async def _put(client: RelayClient, keys: FileKeys, index: int, block: bytes) -> None:
+        try:
+            await client.blob_put(keys.blob_id(index), keys.capability(index), block)
+        except RelayError as exc:
+            if exc.code != E_EXISTS:  # exists: put before a crash; the id is ours (seeded)
+                raise
+
+    async def _uploaded(self, row: AttachmentRow) -> None:
+        m = self.m
+        async with m.lock:
+            c = m.store.get_contact(row.contact_id)
+            blob = m.store.get_session(row.contact_id)
+            if c is None or blob is None or db.get(m.store, row.id) is None:
+                return  # the contact was removed meanwhile (its rows went with it)
+            payload = wire.AttachmentPayload(
+                bytes.fromhex(row.id), row.sent_at or _ms(), row.seed, row.size, row.blocks,
+                row.digest, row.relay_url, row.name,
+            )  # fmt: skip
+            with m.store.transaction():
+                db.set_state(m.store, row.id, "uploaded")
+                if m.store.get_message(row.id) is not None:
+                    m._enqueue(c, Session.from_bytes(blob), payload, message_id=row.id,
+                               delay=m._send_jitter())  # fmt: skip
+                m.daemon.events.emit("attachment.completed", {
+                    "attachment_id": row.id, "contact": c.name, "direction": "out",
+                })  # fmt: skip
+        m._outbox_wake.set()
+        with contextlib.suppress(OSError):
+            self._file(row.id).unlink()  # the sender has the original
+
+    def _fail(self, aid: str, reason: str) -> None:
+        row = db.get(self.store, aid)
+        if row is None:
+            return
+        c = self.store.get_contact(row.contact_id)
+        with self.store.transaction():
+            db.set_state(self.store, aid, "failed", reason)
+            self.m.daemon.events.emit("attachment.failed", {
+                "attachment_id": aid, "contact": c.name if c else None,
+                "direction": row.direction, "reason": reason,
+            })  # fmt: skip
+
+    # --- receiving ------------------------------------------------------------------------
+
+    def on_descriptor(self, c: Contact, session: Session, p: wire.AttachmentPayload) -> None:
+        """Inside the receive transaction (messenger lock held)."""
+        m = self.m
+        aid = p.message_id.hex()
+        if m.store.get_message(aid) is not None or db.get(m.store, aid) is not None:
+            return  # a duplicate id: never twice
+        name = clean_file_name(p.name)
+        if not m._url_ok(p.relay_url):
+            log.info("dropped an attachment whose relay URL is refused")
+            return
+        now = _ms()
+        m.store.add_message(c.id, "in", f"[file] {name}", status="received", message_id=aid,
+                            sent_at=p.sent_at_ms)  # fmt: skip
+        db.add(m.store, AttachmentRow(aid, c.id, "in", name, p.size, p.blocks, p.digest, p.seed,
+                                      p.relay_url, "downloading", 0, None, p.sent_at_ms, now,
+                                      now))  # fmt: skip
+        m.daemon.events.emit("attachment.received", {
+            "attachment_id": aid, "message_id": aid, "contact": c.name, "name": name,
+            "size": p.size, "sent_at": p.sent_at_ms,
+        })  # fmt: skip
+        m._enqueue(c, session, wire.ReceiptPayload(wire.RECEIPT_DELIVERED, (p.message_id,)),
+                   delay=m._receipt_delay())  # fmt: skip
+        # Started once the transaction committed (the worker reads the row).
+        asyncio.get_running_loop().call_soon(self._start, aid)
+
+    async def _download(self, row: AttachmentRow) -> None:
+        keys = FileKeys(row.seed)
+        path = self._file(row.id)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        attempt = 0
+        done = row.done
+        progress = _Progress(self, row)
+        client: RelayClient | None = None
+        try:
+            while True:
+                try:
+                    if client is None:
+                        client = await self._connect(row.relay_url)
+                    box = PrivateKey.generate()  # one per pass: fetches are not linkable by key
+                    with open(path, "r+b") as f:
+                        while done < row.blocks:
+                            end = min(done + WINDOW, row.blocks)
+                            got = await asyncio.gather(*(
+                                self._fetch(client, keys, box, i, row.blocks)
+                                for i in range(done, end)
+                            ))  # fmt: skip
+                            f.seek(done * BLOCK)
+                            f.write(b"".join(got))
+                            f.flush()
+                            os.fsync(f.fileno())
+                            done = end
+                            db.set_progress(self.store, row.id, done)
+                            attempt = 0
+                            progress.update(done)
+                    break
+                except (RelayUnavailable, *UNAVAILABLE):
+                    if client is not None:
+                        await client.close()
+                        client = None
+                    attempt += 1
+                    await asyncio.sleep(min(RETRY_MAX, 0.5 * 2 ** min(attempt, 8)))
+                except RelayError:  # busy, rate limited: later
+                    attempt += 1
+                    await asyncio.sleep(min(RETRY_MAX, 0.5 * 2 ** min(attempt, 8)))
+            if not await asyncio.to_thread(self._verify, path, keys, row):
+                raise _Corrupt()
+        except _Corrupt:
+            if client is not None:
+                await client.close()
+            self._fail(row.id, "the file arrived corrupted or incomplete (a block failed its "
+                       "integrity check after retries, or the relay no longer has it)")
+            return
+        except OSError:
+            if client is not None:
+                await client.close()
+            self._fail(row.id, "cannot write the file in the profile directory")
+            return
+        c = self.store.get_contact(row.contact_id)
+        with self.store.transaction():
+            db.set_state(self.store, row.id, "complete")
+            self.m.daemon.events.emit("attachment.completed", {
+                "attachment_id": row.id, "contact": c.name if c else None, "direction": "in",
+                "name": row.name, "size": row.size,
+            })  # fmt: skip
+        # Verified and kept: the relay's copy goes now (else it expires with the TTL).
+        with contextlib.suppress(RelayUnavailable, RelayError, *UNAVAILABLE):
+            if client is None:
+                client = await self._connect(row.relay_url)
+            for start in range(0, row.blocks, WINDOW):
+                await asyncio.gather(*(
+                    client.blob_del(keys.blob_id(i), keys.capability(i))
+                    for i in range(start, min(start + WINDOW, row.blocks))
+                ), return_exceptions=True)  # fmt: skip
+        if client is not None:
+            await client.close()
+
+    @staticmethod
+    async def _fetch(client: RelayClient, keys: FileKeys, box: PrivateKey, index: int,
+                     total: int) -> bytes:
+        for attempt in range(FETCH_TRIES):
+            try:
+                block = await client.blob_get(keys.blob_id(index), keys.capability(index), box)
+                keys.open(index, total, block)  # checked now, kept encrypted
+                return block
+            except RelayError as exc:
+                if exc.code != E_DENIED:
+                    raise
+            except (DecryptionError, CryptoError):
+                pass
+            # denied (the relay lost it or its copy is corrupted: it cannot open it) or a
+            # block that does not open: fetch again, a bounded number of times.
+            await asyncio.sleep(0.1 * (attempt + 1))
+        raise _Corrupt()
+
+    @staticmethod
+    def _verify(path: Path, keys: FileKeys, row: AttachmentRow) -> bool:
+        sha = hashlib.sha256()
+        for chunk in _plaintext(path, keys, row):
+            sha.update(chunk)
+        return hmac.compare_digest(sha.digest(), row.digest)
+
+    # --- listing and saving ---------------------------------------------------------------
+
+    def describe(self, row: AttachmentRow, c: Contact | None = None) -> dict[str, Any]:
+        if c is None:
+            c = self.store.get_contact(row.contact_id)
+        return {
+            "attachment_id": row.id,
+            "contact": c.name if c else None,
+            "direction": row.direction,
+            "name": row.name,
+            "size": row.size,
+            "blocks": row.blocks,
+            "done": row.done,
+            "state": row.state,
+            "error": row.error,
+            "sent_at": row.sent_at,
+            "created_at": row.created_at,
+            "updated_at": row.updated_at,
+        }
+
+    def get(self, aid: str) -> AttachmentRow:
+        row = db.get(self.store, aid) if isinstance(aid, str) else None
+        if row is None:
+            raise AppError(1020, "not_found", "no such attachment")
+        return row
+
+    def listing(self, name: str | None) -> list[dict[str, Any]]:
+        cid = self.m.contact(name).id if name is not None else None
+        return [self.describe(r) for r in db.listing(self.store, cid)]
+
+    async def save(self, aid: str, path: str, overwrite: bool) -> dict[str, Any]:
+        row = self.get(aid)
+        if row.direction != "in":
+            raise AppError(E_NOT_COMPLETE, "not_complete",
+                           "only received files can be saved (you have the original)")
+        if row.state != "complete":
+            raise AppError(E_NOT_COMPLETE, "not_complete",
+                           f"the file is not complete yet (state: {row.state})")
+        if not isinstance(path, str) or not path or "\x00" in path:
+            raise InvalidParamsError("path", "must be a file path")
+        target = Path(path)
+        if not target.is_absolute():
+            raise InvalidParamsError("path", "must be an absolute path")
+        if target.is_dir():
+            target = target / row.name
+        if target.exists() and not overwrite:
+            raise AppError(E_TARGET_EXISTS, "exists",
+                           "a file with this name exists there (use overwrite)")
+        if not target.parent.is_dir():
+            raise _bad_file("the target directory does not exist")
+        try:
+            ok = await asyncio.to_thread(self._write_plain, row, target)
+        except OSError:
+            raise _bad_file("cannot write the file there") from None
+        if not ok:
+            self._fail(row.id, "the stored copy no longer matches its digest")
+            raise AppError(E_NOT_COMPLETE, "not_complete",
+                           "the stored copy is damaged; the file cannot be saved")
+        return {"attachment_id": row.id, "path": str(target), "size": row.size}
+
+    def _write_plain(self, row: AttachmentRow, target: Path) -> bool:
+        keys = FileKeys(row.seed)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+        sha = hashlib.sha256()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in _plaintext(self._file(row.id), keys, row):
+                    sha.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if not hmac.compare_digest(sha.digest(), row.digest):
+                tmp.unlink()
+                return False
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        return True
+
+    async def retry(self, aid: str) -> dict[str, Any]:
+        row = self.get(aid)
+        if row.state != "failed":
+            raise AppError(E_NOT_RETRYABLE, "not_retryable", "only a failed transfer is retried")
+        state = "uploading" if row.direction == "out" else "downloading"
+        if row.direction == "out" and not self._file(aid).exists():
+            raise AppError(E_NOT_RETRYABLE, "not_retryable",
+                           "the encrypted copy is gone: send the file again")
+        with self.store.transaction():
+            db.set_state(self.store, aid, state)
+            if row.direction == "in":
+                db.set_progress(self.store, aid, 0)  # refetch all: the bad block may be early
+        self._start(aid)
+        return self.describe(self.get(aid))
+
+    async def delete(self, aid: str) -> None:
+        row = self.get(aid)
+        task = self._workers.pop(aid, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        db.delete(self.store, row.id)
+        with contextlib.suppress(OSError):
+            self._file(aid).unlink()
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _plaintext(path: Path, keys: FileKeys, row: AttachmentRow) -> Any:
+    """The file's bytes, block by block (filler blocks are opened too: a relay cannot swap
+    them for anything else unnoticed)."""
+    with open(path, "rb") as f:
+        for i in range(row.blocks):
+            block = f.read(BLOCK)
+            try:
+                chunk = keys.open(i, row.blocks, block)
+            except DecryptionError:
+                raise _Corrupt() from None
+            _, n = chunk_of(row.size, i)
+            if n:
+                yield chunk[:n]
+
+
+class _Progress:
+    """attachment.progress events, at most one per PROGRESS_INTERVAL, and the last one."""
+
+    def __init__(self, svc: Attachments, row: AttachmentRow) -> None:
+        self.svc = svc
+        self.row = row
+        self.last = 0.0
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if done < self.row.blocks and now - self.last < PROGRESS_INTERVAL:
+            return
+        self.last = now
+        c = self.svc.store.get_contact(self.row.contact_id)
+        self.svc.m.daemon.events.emit("attachment.progress", {
+            "attachment_id": self.row.id, "contact": c.name if c else None,
+            "direction": self.row.direction, "done": done, "total": self.row.blocks,
+        })  # fmt: skip

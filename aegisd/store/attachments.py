@@ -1,0 +1,111 @@
+"""Store access for the attachments table (schema migration `_attachments`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .db import Store
+
+_SELECT = (
+    "SELECT id, contact_id, direction, name, size, blocks, digest, seed, relay_url, state, done, "
+    "error, sent_at, created_at, updated_at FROM attachments "
+)
+
+
+@dataclass(frozen=True)
+class AttachmentRow:
+    id: str
+    contact_id: int
+    direction: str
+    name: str
+    size: int
+    blocks: int
+    digest: bytes
+    seed: bytes
+    relay_url: str
+    state: str
+    done: int
+    error: str | None
+    sent_at: int | None
+    created_at: int
+    updated_at: int
+
+    def __repr__(self) -> str:  # the seed is key material
+        return f"AttachmentRow(id={self.id!r}, state={self.state!r})"
+
+
+def _row(r: Any) -> AttachmentRow:
+    return AttachmentRow(
+        r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), bytes(r[7]), r[8], r[9], r[10], r[11],
+        r[12], r[13], r[14],
+    )  # fmt: skip
+
+
+def _ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def add(store: Store, row: AttachmentRow) -> None:
+    with store.transaction():
+        store._q(
+            "INSERT INTO attachments (id, contact_id, direction, name, size, blocks, digest, "
+            "seed, relay_url, state, done, error, sent_at, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.id, row.contact_id, row.direction, row.name, row.size, row.blocks, row.digest,
+             row.seed, row.relay_url, row.state, row.done, row.error, row.sent_at,
+             row.created_at, row.updated_at),
+        )  # fmt: skip
+
+
+def get(store: Store, attachment_id: str) -> AttachmentRow | None:
+    r = store._q(_SELECT + "WHERE id = ?", (attachment_id,)).fetchone()
+    return None if r is None else _row(r)
+
+
+def listing(store: Store, contact_id: int | None = None, limit: int = 500) -> list[AttachmentRow]:
+    if contact_id is None:
+        rows = store._q(
+            _SELECT + "ORDER BY created_at, id LIMIT ?", (limit,)
+        ).fetchall()
+    else:
+        rows = store._q(
+            _SELECT + "WHERE contact_id = ? ORDER BY created_at, id LIMIT ?",
+            (contact_id, limit),
+        ).fetchall()
+    return [_row(r) for r in rows]
+
+
+def unfinished(store: Store) -> list[AttachmentRow]:
+    """Transfers to resume: uploads and downloads under way."""
+    rows = store._q(
+        _SELECT + "WHERE state IN ('uploading', 'downloading') ORDER BY created_at"
+    ).fetchall()
+    return [_row(r) for r in rows]
+
+
+def set_progress(store: Store, attachment_id: str, done: int) -> None:
+    with store.transaction():
+        store._q(
+            "UPDATE attachments SET done = ?, updated_at = ? WHERE id = ?",
+            (done, _ms(), attachment_id),
+        )
+
+
+def set_state(store: Store, attachment_id: str, state: str, error: str | None = None) -> None:
+    with store.transaction():
+        store._q(
+            "UPDATE attachments SET state = ?, error = ?, updated_at = ? WHERE id = ?",
+            (state, error, _ms(), attachment_id),
+        )
+
+
+def delete(store: Store, attachment_id: str) -> bool:
+    with store.transaction():
+        cur = store._q("DELETE FROM attachments WHERE id = ?", (attachment_id,))
+    return bool(cur.rowcount)
+
+
+def all_ids(store: Store) -> set[str]:
+    return {r[0] for r in store._q("SELECT id FROM attachments").fetchall()}
