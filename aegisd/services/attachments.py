@@ -355,17 +355,28 @@ class Attachments:
             log.info("dropped an attachment whose relay URL is refused")
             return
         now = _ms()
+        # Our own limit applies to what we fetch too: above it the file waits, failed, until
+        # the user raises the limit and retries (the relay keeps it until its TTL).
+        too_large = p.size > self.max_size()
         m.store.add_message(c.id, "in", f"[file] {name}", status="received", message_id=aid,
                             sent_at=p.sent_at_ms)  # fmt: skip
-        db.add(m.store, AttachmentRow(aid, c.id, "in", name, p.size, p.blocks, p.digest, p.seed,
-                                      p.relay_url, "downloading", 0, None, p.sent_at_ms, now,
-                                      now))  # fmt: skip
+        db.add(m.store, AttachmentRow(
+            aid, c.id, "in", name, p.size, p.blocks, p.digest, p.seed, p.relay_url,
+            "failed" if too_large else "downloading", 0,
+            _limit_text(self.max_size()) if too_large else None, p.sent_at_ms, now, now,
+        ))  # fmt: skip
         m.daemon.events.emit("attachment.received", {
             "attachment_id": aid, "message_id": aid, "contact": c.name, "name": name,
             "size": p.size, "sent_at": p.sent_at_ms,
         })  # fmt: skip
         m._enqueue(c, session, wire.ReceiptPayload(wire.RECEIPT_DELIVERED, (p.message_id,)),
                    delay=m._receipt_delay())  # fmt: skip
+        if too_large:
+            m.daemon.events.emit("attachment.failed", {
+                "attachment_id": aid, "contact": c.name, "direction": "in",
+                "reason": _limit_text(self.max_size()),
+            })  # fmt: skip
+            return
         # Started once the transaction committed (the worker reads the row).
         asyncio.get_running_loop().call_soon(self._start, aid)
 
@@ -553,6 +564,8 @@ class Attachments:
         if row.state != "failed":
             raise AppError(E_NOT_RETRYABLE, "not_retryable", "only a failed transfer is retried")
         state = "uploading" if row.direction == "out" else "downloading"
+        if row.direction == "in" and row.size > self.max_size():
+            raise AppError(E_FILE_TOO_LARGE, "too_large", _limit_text(self.max_size()))
         if row.direction == "out" and not self._file(aid).exists():
             raise AppError(E_NOT_RETRYABLE, "not_retryable",
                            "the encrypted copy is gone: send the file again")
@@ -577,6 +590,11 @@ class Attachments:
 
 class _TooLarge(Exception):
     pass
+
+
+def _limit_text(limit: int) -> str:
+    return (f"the file is larger than your attachment size limit of {limit} bytes "
+            "(aegis attachments --max-size raises it; then aegis attachment retry)")
 
 
 def _plaintext(path: Path, keys: FileKeys, row: AttachmentRow) -> Any:

@@ -217,3 +217,18 @@ def test_cli_small_file_limits_and_bad_input(
     outgoing = call("attachments.list", {"contact": "bob"})["attachments"]
     assert [a["attachment_id"] for a in outgoing] == [aid]  # the refused sends left nothing
     assert sorted(os.listdir(alice.home / "attachments")) == []  # the spool went after upload
+
+    # The recipient's own limit: a larger file waits (failed, with the reason) until Bob
+    # raises his limit and retries.
+    call("attachments.config", {"max_size": 100_000_000})
+    bob.call("attachments.config", {"max_size": 1000})
+    aid2 = call("attachments.send", {"contact": "bob", "path": str(big)})["attachment_id"]
+    refused = bob.wait_for(lambda: next((a for a in bob.call("attachments.list")["attachments"]
+                                         if a["attachment_id"] == aid2), None), "the descriptor")
+    assert refused["state"] == "failed" and "limit of 1000 bytes" in refused["error"]
+    assert error_code(lambda: bob.call("attachments.retry", {"attachment_id": aid2})) == 1031
+    bob.call("attachments.config", {"max_size": 2000})
+    ok(aegis(bob, "attachment", "retry", aid2))
+    wait_state(bob, aid2, "complete")
+    bob.call("attachments.save", {"attachment_id": aid2, "path": str(tmp_short / "big2")})
+    assert (tmp_short / "big2").read_bytes() == big.read_bytes()
