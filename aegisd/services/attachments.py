@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey
@@ -98,13 +100,14 @@ class Attachments:
         return self.directory / f"{aid}.blocks"
 
     async def on_unlock(self) -> None:
-        self.directory.mkdir(mode=0o700, exist_ok=True)
+        # The directory is made on first use (0700): a profile without files has none.
         known = db.all_ids(self.store)
-        for path in self.directory.iterdir():  # spools of sends that crashed before commit
-            stem = path.name.split(".", 1)[0]
-            if stem not in known:
-                with contextlib.suppress(OSError):
-                    path.unlink()
+        with contextlib.suppress(OSError):
+            for path in list(self.directory.iterdir()):
+                # Spools of sends that crashed before their commit; copies of removed contacts.
+                if path.name.split(".", 1)[0] not in known:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
         for row in db.unfinished(self.store):
             self._start(row.id)
 
@@ -273,13 +276,10 @@ class Attachments:
                 client = await self._connect(row.relay_url)
                 try:
                     await client.blob_quota()
-                    with open(spool, "rb") as f:
+                    with _local(lambda: open(spool, "rb")) as f:
                         while done < row.blocks:
                             end = min(done + WINDOW, row.blocks)
-                            f.seek(done * BLOCK)
-                            data = f.read((end - done) * BLOCK)
-                            if len(data) != (end - done) * BLOCK:
-                                raise OSError("short spool")
+                            data = _local(functools.partial(_read_at, f, done, end - done))
                             await asyncio.gather(*(
                                 self._put(client, keys, i, data[(i - done) * BLOCK:
                                                                 (i - done + 1) * BLOCK])
@@ -294,7 +294,7 @@ class Attachments:
             except (RelayUnavailable, RelayError, *UNAVAILABLE):
                 attempt += 1
                 await asyncio.sleep(min(RETRY_MAX, 0.5 * 2 ** min(attempt, 8)))
-            except OSError:
+            except _LocalIOError:
                 self._fail(row.id, "the encrypted copy of the file is missing or unreadable")
                 return
         await self._uploaded(row)
@@ -383,8 +383,12 @@ class Attachments:
     async def _download(self, row: AttachmentRow) -> None:
         keys = FileKeys(row.seed)
         path = self._file(row.id)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
+        try:
+            self.directory.mkdir(mode=0o700, exist_ok=True)
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        except OSError:
+            self._fail(row.id, "cannot write the file in the profile directory")
+            return
         attempt = 0
         done = row.done
         progress = _Progress(self, row)
@@ -395,17 +399,14 @@ class Attachments:
                     if client is None:
                         client = await self._connect(row.relay_url)
                     box = PrivateKey.generate()  # one per pass: fetches are not linkable by key
-                    with open(path, "r+b") as f:
+                    with _local(lambda: open(path, "r+b")) as f:
                         while done < row.blocks:
                             end = min(done + WINDOW, row.blocks)
                             got = await asyncio.gather(*(
                                 self._fetch(client, keys, box, i, row.blocks)
                                 for i in range(done, end)
                             ))  # fmt: skip
-                            f.seek(done * BLOCK)
-                            f.write(b"".join(got))
-                            f.flush()
-                            os.fsync(f.fileno())
+                            _local(functools.partial(_write_at, f, done, b"".join(got)))
                             done = end
                             db.set_progress(self.store, row.id, done)
                             attempt = 0
@@ -428,7 +429,7 @@ class Attachments:
             self._fail(row.id, "the file arrived corrupted or incomplete (a block failed its "
                        "integrity check after retries, or the relay no longer has it)")
             return
-        except OSError:
+        except (_LocalIOError, OSError):  # OSError: the final check's read
             if client is not None:
                 await client.close()
             self._fail(row.id, "cannot write the file in the profile directory")
@@ -590,6 +591,36 @@ class Attachments:
 
 class _TooLarge(Exception):
     pass
+
+
+class _LocalIOError(Exception):
+    """The profile's disk failed (not the network): not something a retry over the network
+    fixes. Kept apart from OSError, which the relay link counts as 'unavailable'."""
+
+
+T = TypeVar("T")
+
+
+def _local(op: Callable[[], T]) -> T:
+    try:
+        return op()
+    except OSError as exc:
+        raise _LocalIOError() from exc
+
+
+def _read_at(f: Any, index: int, count: int) -> bytes:
+    f.seek(index * BLOCK)
+    data: bytes = f.read(count * BLOCK)
+    if len(data) != count * BLOCK:
+        raise OSError("short spool")
+    return data
+
+
+def _write_at(f: Any, index: int, data: bytes) -> None:
+    f.seek(index * BLOCK)
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _limit_text(limit: int) -> str:
