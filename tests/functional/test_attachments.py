@@ -57,7 +57,7 @@ def error_code(call: Callable[[], Any]) -> int:
     return e.value.code
 
 
-def test_20mb_file_resumes_after_sender_kill_and_arrives_bit_exact(
+def test_20mb_file_resumes_after_kills_and_arrives_bit_exact(
     peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
 ) -> None:
     alice, bob = peers("alice"), peers("bob")
@@ -100,7 +100,17 @@ def test_20mb_file_resumes_after_sender_kill_and_arrives_bit_exact(
     got = bob.wait_for(lambda: bob.call("attachments.list", {"contact": "alice"})["attachments"],
                        "the descriptor")  # fmt: skip
     assert got[0]["attachment_id"] == aid and got[0]["name"] == "big.bin"
+    # Kill the recipient mid-download too: it resumes where it was.
+    fetched = bob.wait_for(lambda: (a := attachment(bob, aid))["done"] >= 64 and a,
+                           "download progress", 60)  # fmt: skip
+    seen = max(e["seq"] for e in bob.events())
+    bob.kill()
+    assert fetched["done"] < fetched["blocks"] and fetched["state"] == "downloading"
+    bob.start()
     done = wait_state(bob, aid, "complete")
+    later = [e["data"]["done"] for e in bob.events(since=seen, types=["attachment.progress"])
+             if e["data"]["attachment_id"] == aid]  # fmt: skip
+    assert later and min(later) > fetched["done"] and later[-1] == sent["blocks"]
     assert done["size"] == len(data) and done["direction"] == "in"
 
     # At rest in Bob's profile the file is encrypted: no piece of the plaintext in it.

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aegisd.core import pqxdh, wire
+from aegisd.core.attachment import FileKeys
 from aegisd.core.errors import (
     BundleError,
     DecodeError,
@@ -73,6 +74,19 @@ SAMPLES: dict[
             SystemEntropy(), PrekeyStore.from_bytes(PAIR.store.to_bytes()), b
         ),
         PAIR.first_block,
+        DecryptionError,
+    ),
+    "attachment descriptor": (
+        wire.decode_payload,
+        wire.encode_payload(wire.AttachmentPayload(
+            bytes(16), 1, bytes(32), 50_000, wire.attachment_blocks(50_000), bytes(32),
+            "wss://relay.example/v1/ws", "a.txt",
+        )),
+        DecodeError,
+    ),
+    "attachment block": (
+        lambda b: FileKeys(bytes(32)).open(0, 2, b),
+        FileKeys(bytes(32)).seal(0, 2, b"chunk"),
         DecryptionError,
     ),
 }
