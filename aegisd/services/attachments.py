@@ -67,6 +67,8 @@ E_TARGET_EXISTS = 1033
 E_NOT_RETRYABLE = 1034
 
 STATES = ("uploading", "uploaded", "downloading", "complete", "failed")
+# Codes shared with messaging (messenger.py; not imported from there: it imports this module).
+E_NOT_FOUND, E_NOT_READY, E_BLOCKED = 1020, 1024, 1025
 
 
 class _Corrupt(Exception):
@@ -170,9 +172,9 @@ class Attachments:
                                      "directory is not yours)")
         c = m.contact(name)
         if c.blocked:
-            raise AppError(1025, "blocked", "this contact is blocked")
+            raise AppError(E_BLOCKED, "blocked", "this contact is blocked")
         if m.store.get_session(c.id) is None:
-            raise AppError(1024, "not_ready", "no session with this contact")
+            raise AppError(E_NOT_READY, "not_ready", "no session with this contact")
         relay_url = m._relay_url()
         try:
             st = p.stat()
@@ -501,7 +503,7 @@ class Attachments:
     def get(self, aid: str) -> AttachmentRow:
         row = db.get(self.store, aid) if isinstance(aid, str) else None
         if row is None:
-            raise AppError(1020, "not_found", "no such attachment")
+            raise AppError(E_NOT_FOUND, "not_found", "no such attachment")
         return row
 
     def listing(self, name: str | None) -> list[dict[str, Any]]:
