@@ -103,10 +103,11 @@ class Attachments:
 
     async def on_unlock(self) -> None:
         # The directory is made on first use (0700): a profile without files has none.
-        known = db.all_ids(self.store)
+        known = db.with_files(self.store)
         with contextlib.suppress(OSError):
             for path in list(self.directory.iterdir()):
-                # Spools of sends that crashed before their commit; copies of removed contacts.
+                # Spools of sends that crashed before their commit, or after their upload
+                # ended but before the spool went; copies of removed contacts.
                 if path.name.split(".", 1)[0] not in known:
                     with contextlib.suppress(OSError):
                         path.unlink()
@@ -255,6 +256,7 @@ class Attachments:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, dst)
+            _fsync_dir(dst.parent)  # the row that names it commits next
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -388,6 +390,7 @@ class Attachments:
         try:
             self.directory.mkdir(mode=0o700, exist_ok=True)
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            _fsync_dir(self.directory)  # progress committed later must not outlive the file
         except OSError:
             self._fail(row.id, "cannot write the file in the profile directory")
             return
@@ -525,13 +528,21 @@ class Attachments:
             raise InvalidParamsError("path", "must be an absolute path")
         if target.is_dir():
             target = target / row.name
-        if target.exists() and not overwrite:
+        if os.path.lexists(target) and not overwrite:
             raise AppError(E_TARGET_EXISTS, "exists",
                            "a file with this name exists there (use overwrite)")
         if not target.parent.is_dir():
             raise _bad_file("the target directory does not exist")
+        # Plaintext never goes into the profile (it would sit beside the store, unencrypted,
+        # and could replace the profile's own files).
+        home = os.path.realpath(self.m.daemon.paths.home)
+        if os.path.commonpath([os.path.realpath(target.parent), home]) == home:
+            raise _bad_file("a received file cannot be saved inside the profile directory")
         try:
-            ok = await asyncio.to_thread(self._write_plain, row, target)
+            ok = await asyncio.to_thread(self._write_plain, row, target, overwrite)
+        except FileExistsError:
+            raise AppError(E_TARGET_EXISTS, "exists",
+                           "a file with this name exists there (use overwrite)") from None
         except OSError:
             raise _bad_file("cannot write the file there") from None
         if not ok:
@@ -540,7 +551,7 @@ class Attachments:
                            "the stored copy is damaged; the file cannot be saved")
         return {"attachment_id": row.id, "path": str(target), "size": row.size}
 
-    def _write_plain(self, row: AttachmentRow, target: Path) -> bool:
+    def _write_plain(self, row: AttachmentRow, target: Path, overwrite: bool) -> bool:
         keys = FileKeys(row.seed)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
         sha = hashlib.sha256()
@@ -555,7 +566,22 @@ class Attachments:
             if not hmac.compare_digest(sha.digest(), row.digest):
                 tmp.unlink()
                 return False
-            os.replace(tmp, target)
+            if overwrite:
+                os.replace(tmp, target)
+            else:
+                # link() fails if the name exists (also a dangling symlink, also one made
+                # since the check above): never replaces what the user did not allow.
+                try:
+                    os.link(tmp, target, follow_symlinks=False)
+                except FileExistsError:
+                    raise
+                except OSError:  # a file system without hard links (FAT): check, then rename
+                    if os.path.lexists(target):
+                        raise FileExistsError() from None
+                    os.replace(tmp, target)
+                else:
+                    tmp.unlink()
+            _fsync_dir(target.parent)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -608,6 +634,15 @@ def _local(op: Callable[[], T]) -> T:
         return op()
     except OSError as exc:
         raise _LocalIOError() from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (else a power loss may undo it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_at(f: Any, index: int, count: int) -> bytes:

@@ -65,16 +65,17 @@ def get(store: Store, attachment_id: str) -> AttachmentRow | None:
 
 
 def listing(store: Store, contact_id: int | None = None, limit: int = 500) -> list[AttachmentRow]:
+    """The newest `limit` attachments, oldest first (a long history must not hide new files)."""
     if contact_id is None:
         rows = store._q(
-            _SELECT + "ORDER BY created_at, id LIMIT ?", (limit,)
+            _SELECT + "ORDER BY created_at DESC, id DESC LIMIT ?", (limit,)
         ).fetchall()
     else:
         rows = store._q(
-            _SELECT + "WHERE contact_id = ? ORDER BY created_at, id LIMIT ?",
+            _SELECT + "WHERE contact_id = ? ORDER BY created_at DESC, id DESC LIMIT ?",
             (contact_id, limit),
         ).fetchall()
-    return [_row(r) for r in rows]
+    return [_row(r) for r in reversed(rows)]
 
 
 def unfinished(store: Store) -> list[AttachmentRow]:
@@ -107,5 +108,13 @@ def delete(store: Store, attachment_id: str) -> bool:
     return bool(cur.rowcount)
 
 
-def all_ids(store: Store) -> set[str]:
-    return {r[0] for r in store._q("SELECT id FROM attachments").fetchall()}
+def with_files(store: Store) -> set[str]:
+    """Ids whose encrypted copy in the profile is still needed: every received file (kept
+    encrypted), and sent files whose upload has not finished (the spool to upload from)."""
+    return {
+        r[0]
+        for r in store._q(
+            "SELECT id FROM attachments WHERE direction = 'in' "
+            "OR state IN ('uploading', 'failed')"
+        ).fetchall()
+    }

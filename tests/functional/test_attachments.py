@@ -197,6 +197,22 @@ def test_cli_small_file_limits_and_bad_input(
     assert (target / "notes.txt").read_bytes() == data
     one_line_error(aegis(bob, "attachment", "save", aid, str(target)))  # exists
     one_line_error(aegis(bob, "attachment", "save", "00" * 16, str(target / "y")))  # unknown
+    # Never into the profile: the plaintext would sit beside the store (or replace its files).
+    for inside in (bob.home, bob.home / "attachments", bob.home / "attachments" / ".." / "y.txt"):
+        assert error_code(lambda p=inside: bob.call("attachments.save", {  # type: ignore[misc]
+            "attachment_id": aid, "path": str(p), "overwrite": True})) == 1030  # fmt: skip
+    assert not (bob.home / "notes.txt").exists() and not (bob.home / "y.txt").exists()
+    assert sorted(os.listdir(bob.home / "attachments")) == [f"{aid}.blocks"]
+    # Without overwrite nothing at the name is replaced, not even a dangling symlink.
+    link = target / "link.txt"
+    link.symlink_to(tmp_short / "nowhere")
+    assert error_code(lambda: bob.call("attachments.save", {
+        "attachment_id": aid, "path": str(link)})) == 1033  # fmt: skip
+    assert link.is_symlink() and not (tmp_short / "nowhere").exists()
+    bob.call("attachments.save", {"attachment_id": aid, "path": str(link), "overwrite": True})
+    assert not link.is_symlink() and link.read_bytes() == data  # the link replaced, not followed
+    assert not (tmp_short / "nowhere").exists()
+    assert sorted(os.listdir(target)) == ["link.txt", "notes.txt"]  # no temporary left
     assert "<- alice" in ok(aegis(bob, "attachments"))
 
     # Bad input: one clear error each, nothing sent.
@@ -227,6 +243,11 @@ def test_cli_small_file_limits_and_bad_input(
     outgoing = call("attachments.list", {"contact": "bob"})["attachments"]
     assert [a["attachment_id"] for a in outgoing] == [aid]  # the refused sends left nothing
     assert sorted(os.listdir(alice.home / "attachments")) == []  # the spool went after upload
+    # A spool left by a crash after the upload ended (before its unlink) goes at the next start.
+    alice.stop()
+    (alice.home / "attachments" / f"{aid}.blocks").write_bytes(b"\x01" * wire.BLOCK_SIZE)
+    alice.start()
+    alice.wait_for(lambda: not os.listdir(alice.home / "attachments"), "the stale spool removed")
 
     # The recipient's own limit: a larger file waits (failed, with the reason) until Bob
     # raises his limit and retries.
