@@ -553,7 +553,8 @@ class Attachments:
 
     def _write_plain(self, row: AttachmentRow, target: Path, overwrite: bool) -> bool:
         keys = FileKeys(row.seed)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+        # A short name of its own: the file's name may already be 255 bytes (NAME_MAX).
+        tmp = target.with_name(f".aegis-{os.urandom(8).hex()}.part")
         sha = hashlib.sha256()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -612,7 +613,20 @@ class Attachments:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        db.delete(self.store, row.id)
+        m = self.m
+        async with m.lock:
+            row = self.get(aid)
+            # An outgoing file deleted before its upload ended never leaves: its message
+            # would otherwise stay "queued" forever.
+            unsent = row.direction == "out" and row.state in ("uploading", "failed")
+            msg = m.store.get_message(aid) if unsent else None
+            with m.store.transaction():
+                db.delete(m.store, row.id)
+                if msg is not None and m.store.set_message_status(aid, "failed"):
+                    c = m.store.get_contact(row.contact_id)
+                    m.daemon.events.emit("message.status", {
+                        "message_id": aid, "contact": c.name if c else None, "status": "failed",
+                    })  # fmt: skip
         with contextlib.suppress(OSError):
             self._file(aid).unlink()
 

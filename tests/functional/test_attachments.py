@@ -263,3 +263,30 @@ def test_cli_small_file_limits_and_bad_input(
     wait_state(bob, aid2, "complete")
     bob.call("attachments.save", {"attachment_id": aid2, "path": str(tmp_short / "big2")})
     assert (tmp_short / "big2").read_bytes() == big.read_bytes()
+
+    # A file name of 255 bytes (the most a name may have) is saved under that name.
+    long_src = tmp_short / ("n" * 251 + ".txt")
+    long_src.write_bytes(data)
+    aid3 = call("attachments.send", {"contact": "bob", "path": str(long_src)})["attachment_id"]
+    bob.wait_for(lambda: any(a["attachment_id"] == aid3 for a in
+                             bob.call("attachments.list")["attachments"]), "the descriptor")
+    wait_state(bob, aid3, "complete")
+    saved = bob.call("attachments.save", {"attachment_id": aid3, "path": str(target)})
+    assert saved["path"] == str(target / long_src.name)
+    assert (target / long_src.name).read_bytes() == data
+
+    # Relay unreachable (a proxy that refuses): the upload waits, it does not fail. Deleted
+    # then, the file never leaves: its message turns failed instead of staying queued.
+    call("settings.set", {"proxy": "socks5://127.0.0.1:9"})
+    aid4 = call("attachments.send", {"contact": "bob", "path": str(src)})["attachment_id"]
+    assert attachment(alice, aid4)["state"] == "uploading"
+    assert error_code(lambda: call("attachments.retry", {"attachment_id": aid4})) == 1034
+    assert os.listdir(alice.home / "attachments") == [f"{aid4}.blocks"]
+    ok(aegis(alice, "attachment", "delete", aid4))
+    assert os.listdir(alice.home / "attachments") == []
+    assert error_code(lambda: attachment(alice, aid4)) == 1020
+    history = call("messages.history", {"contact": "bob"})["messages"]
+    assert [m["status"] for m in history if m["message_id"] == aid4] == ["failed"]
+    statuses = [e["data"] for e in alice.events(types=["message.status"])]
+    assert {"message_id": aid4, "contact": "bob", "status": "failed"} in statuses
+    call("settings.set", {"proxy": ""})
