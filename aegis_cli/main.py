@@ -746,11 +746,14 @@ def _size(n: int) -> str:
 @click.argument("name", required=False)
 @click.option(
     "--max-size", type=click.IntRange(1), metavar="BYTES",
-    help="Set the size limit for files you send (default 100000000).",
+    help="Set the size limit for files you send and receive (default 100000000 bytes); "
+    "a received file over it waits until you raise it and retry.",
 )  # fmt: skip
 def attachments(ctx: Ctx, name: str | None, max_size: int | None) -> None:
-    """List the files sent and received (with NAME only those with NAME)."""
+    """List the files sent and received (with NAME only those with NAME), newest last."""
     if max_size is not None:
+        if name is not None:
+            raise click.UsageError("--max-size applies to every contact: give no NAME")
         result = ctx.call("attachments.config", {"max_size": max_size})
         ctx.out(result, f"attachment size limit: {result['max_size']} bytes")
         return

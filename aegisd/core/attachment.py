@@ -28,7 +28,7 @@ CHUNK_LEN = wire.ATTACHMENT_CHUNK_LEN  # 16367 plaintext bytes per block
 #: block count never exceeds it, so one quota carries any file.
 MAX_BLOCKS = wire.ATTACHMENT_MAX_BLOCKS
 #: The largest file whose padded block count fits MAX_BLOCKS (Padmé keeps powers of two).
-MAX_FILE_SIZE = MAX_BLOCKS * CHUNK_LEN  # 134_074_368 bytes
+MAX_FILE_SIZE = MAX_BLOCKS * CHUNK_LEN  # 134_078_464 bytes
 
 _INFO_KEY = b"AegisLink attachment key"
 _INFO_ID = b"AegisLink attachment blob id"

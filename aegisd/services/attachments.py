@@ -87,6 +87,7 @@ class Attachments:
     def __init__(self, messenger: Messenger) -> None:
         self.m = messenger
         self._workers: dict[str, asyncio.Task[None]] = {}
+        self._locked = True  # no transfer starts before on_unlock or after on_lock
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -102,6 +103,7 @@ class Attachments:
         return self.directory / f"{aid}.blocks"
 
     async def on_unlock(self) -> None:
+        self._locked = False
         # The directory is made on first use (0700): a profile without files has none.
         known = db.with_files(self.store)
         with contextlib.suppress(OSError):
@@ -115,6 +117,7 @@ class Attachments:
             self._start(row.id)
 
     async def on_lock(self) -> None:
+        self._locked = True
         tasks = list(self._workers.values())
         self._workers.clear()
         for t in tasks:
@@ -124,6 +127,10 @@ class Attachments:
                 await t
 
     def _start(self, aid: str) -> None:
+        if self._locked:
+            # Locking (or locked) meanwhile: a send or a descriptor committed just before.
+            # Its row is there: the transfer resumes at the next unlock.
+            return
         if aid in self._workers and not self._workers[aid].done():
             return
         self._workers[aid] = asyncio.create_task(self._run(aid), name="attachment")

@@ -232,6 +232,8 @@ def test_cli_small_file_limits_and_bad_input(
     # The size limit: configurable, a clear error above it, bounded by one relay quota.
     assert call("attachments.config")["max_size"] == 100_000_000
     assert "1000 bytes" in ok(aegis(alice, "attachments", "--max-size", "1000"))
+    one_line_error(aegis(alice, "attachments", "bob", "--max-size", "5"), code=2)  # per profile
+    assert call("attachments.config")["max_size"] == 1000
     big = tmp_short / "big.bin"
     big.write_bytes(os.urandom(1001))
     line = one_line_error(aegis(alice, "send", "bob", "--file", str(big)))
