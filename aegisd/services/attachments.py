@@ -486,8 +486,9 @@ class Attachments:
     @staticmethod
     def _verify(path: Path, keys: FileKeys, row: AttachmentRow) -> bool:
         sha = hashlib.sha256()
-        for chunk in _plaintext(path, keys, row):
-            sha.update(chunk)
+        with open(path, "rb") as f:
+            for chunk in _plaintext(f, keys, row):
+                sha.update(chunk)
         return hmac.compare_digest(sha.digest(), row.digest)
 
     # --- listing and saving ---------------------------------------------------------------
@@ -553,7 +554,7 @@ class Attachments:
         except OSError:
             raise _bad_file("cannot write the file there") from None
         if not ok:
-            self._fail(row.id, "the stored copy no longer matches its digest")
+            self._fail(row.id, "the stored copy in the profile is damaged or gone")
             raise AppError(E_NOT_COMPLETE, "not_complete",
                            "the stored copy is damaged; the file cannot be saved")
         return {"attachment_id": row.id, "path": str(target), "size": row.size}
@@ -563,15 +564,29 @@ class Attachments:
         # A short name of its own: the file's name may already be 255 bytes (NAME_MAX).
         tmp = target.with_name(f".aegis-{os.urandom(8).hex()}.part")
         sha = hashlib.sha256()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            with os.fdopen(fd, "wb") as out:
-                for chunk in _plaintext(self._file(row.id), keys, row):
-                    sha.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            if not hmac.compare_digest(sha.digest(), row.digest):
+            src = open(self._file(row.id), "rb")  # noqa: SIM115 (closed below)
+        except OSError:
+            return False  # the stored copy is gone: damaged, as far as the user can tell
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except BaseException:
+            src.close()
+            raise
+        try:
+            with src, os.fdopen(fd, "wb") as out:
+                try:
+                    for chunk in _plaintext(src, keys, row):
+                        sha.update(chunk)
+                        out.write(chunk)
+                except _Corrupt:  # a stored block no longer opens (bit rot, truncation)
+                    ok = False
+                else:
+                    ok = hmac.compare_digest(sha.digest(), row.digest)
+                if ok:
+                    out.flush()
+                    os.fsync(out.fileno())
+            if not ok:
                 tmp.unlink()
                 return False
             if overwrite:
@@ -686,19 +701,18 @@ def _limit_text(limit: int) -> str:
             "(aegis attachments --max-size raises it; then aegis attachment retry)")
 
 
-def _plaintext(path: Path, keys: FileKeys, row: AttachmentRow) -> Any:
-    """The file's bytes, block by block (filler blocks are opened too: a relay cannot swap
-    them for anything else unnoticed)."""
-    with open(path, "rb") as f:
-        for i in range(row.blocks):
-            block = f.read(BLOCK)
-            try:
-                chunk = keys.open(i, row.blocks, block)
-            except DecryptionError:
-                raise _Corrupt() from None
-            _, n = chunk_of(row.size, i)
-            if n:
-                yield chunk[:n]
+def _plaintext(f: Any, keys: FileKeys, row: AttachmentRow) -> Any:
+    """The file's bytes, block by block, from the stored blocks in the open file f (filler
+    blocks are opened too: a relay cannot swap them for anything else unnoticed)."""
+    for i in range(row.blocks):
+        block = f.read(BLOCK)
+        try:
+            chunk = keys.open(i, row.blocks, block)
+        except DecryptionError:
+            raise _Corrupt() from None
+        _, n = chunk_of(row.size, i)
+        if n:
+            yield chunk[:n]
 
 
 class _Progress:

@@ -213,6 +213,16 @@ def test_cli_small_file_limits_and_bad_input(
     assert not link.is_symlink() and link.read_bytes() == data  # the link replaced, not followed
     assert not (tmp_short / "nowhere").exists()
     assert sorted(os.listdir(target)) == ["link.txt", "notes.txt"]  # no temporary left
+    # A stored copy damaged on Bob's disk: one clear error, the file failed, nothing written.
+    stored = bob.home / "attachments" / f"{aid}.blocks"
+    damaged = bytearray(stored.read_bytes())
+    damaged[100] ^= 0x01
+    stored.write_bytes(bytes(damaged))
+    with pytest.raises(RpcCallError) as e:
+        bob.call("attachments.save", {"attachment_id": aid, "path": str(target / "z.txt")})
+    assert e.value.code == 1032 and "damaged" in str(e.value)
+    assert sorted(os.listdir(target)) == ["link.txt", "notes.txt"]
+    assert "damaged" in attachment(bob, aid)["error"] and attachment(bob, aid)["state"] == "failed"
     assert "<- alice" in ok(aegis(bob, "attachments"))
 
     # Bad input: one clear error each, nothing sent.
