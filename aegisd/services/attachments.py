@@ -126,6 +126,23 @@ class Attachments:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
 
+    async def stop_contact(self, contact_id: int) -> list[str]:
+        """Before a contact is removed (messenger lock held): stop its transfers; returns the
+        ids whose files go once the removal committed."""
+        aids = [r.id for r in db.listing(self.store, contact_id, limit=-1)]
+        for aid in aids:
+            task = self._workers.pop(aid, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        return aids
+
+    def remove_files(self, aids: list[str]) -> None:
+        for aid in aids:
+            with contextlib.suppress(OSError):
+                self._file(aid).unlink()
+
     def _start(self, aid: str) -> None:
         if self._locked:
             # Locking (or locked) meanwhile: a send or a descriptor committed just before.

@@ -649,9 +649,11 @@ class Messenger:
         async with self.lock:
             c = self.contact(name)
             rows = [r for r in self.store.list_mailboxes("contact") if r.contact_id == c.id]
+            files = await self.attachments.stop_contact(c.id)
             with self.store.transaction():
                 self.store.remove_contact(c.id)  # its mailbox rows go with it
                 self.store.set_setting(f"{ROTATION_KEY}{c.id}", None)
+            self.attachments.remove_files(files)  # their rows went with the contact
             for r in rows:
                 mb = OwnedMailbox.from_bytes(r.descriptor)
                 self._owned.pop(mb.owner_id, None)

@@ -301,4 +301,15 @@ def test_cli_small_file_limits_and_bad_input(
     assert [m["status"] for m in history if m["message_id"] == aid4] == ["failed"]
     statuses = [e["data"] for e in alice.events(types=["message.status"])]
     assert {"message_id": aid4, "contact": "bob", "status": "failed"} in statuses
+
+    # Removing a contact stops its transfers and deletes its files in the profile at once.
+    aid5 = call("attachments.send", {"contact": "bob", "path": str(src)})["attachment_id"]
+    assert os.listdir(alice.home / "attachments") == [f"{aid5}.blocks"]
+    call("contacts.remove", {"name": "bob"})
+    assert os.listdir(alice.home / "attachments") == []
+    assert error_code(lambda: attachment(alice, aid5)) == 1020
+    assert len(os.listdir(bob.home / "attachments")) == 3  # aid (damaged), aid2, aid3
+    bob.call("contacts.remove", {"name": "alice"})
+    assert os.listdir(bob.home / "attachments") == [] and not bob.call("attachments.list")[
+        "attachments"]  # fmt: skip
     call("settings.set", {"proxy": ""})
