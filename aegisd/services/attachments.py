@@ -346,14 +346,18 @@ class Attachments:
                 bytes.fromhex(row.id), row.sent_at or _ms(), row.seed, row.size, row.blocks,
                 row.digest, row.relay_url, row.name,
             )  # fmt: skip
-            with m.store.transaction():
-                db.set_state(m.store, row.id, "uploaded")
-                if m.store.get_message(row.id) is not None:
-                    m._enqueue(c, Session.from_bytes(blob), payload, message_id=row.id,
-                               delay=m._send_jitter())  # fmt: skip
-                m.daemon.events.emit("attachment.completed", {
-                    "attachment_id": row.id, "contact": c.name, "direction": "out",
-                })  # fmt: skip
+            try:
+                with m.store.transaction():
+                    db.set_state(m.store, row.id, "uploaded")
+                    if m.store.get_message(row.id) is not None:
+                        m._enqueue(c, Session.from_bytes(blob), payload, message_id=row.id,
+                                   delay=m._send_jitter())  # fmt: skip
+                    m.daemon.events.emit("attachment.completed", {
+                        "attachment_id": row.id, "contact": c.name, "direction": "out",
+                    })  # fmt: skip
+            except AppError as exc:  # the contact cannot be reached (yet): say so, keep the spool
+                self._fail(row.id, exc.message)
+                return
         m._outbox_wake.set()
         with contextlib.suppress(OSError):
             self._file(row.id).unlink()  # the sender has the original
