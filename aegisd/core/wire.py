@@ -660,6 +660,7 @@ PAYLOAD_RECEIPT = 0x02
 PAYLOAD_HELLO = 0x03
 PAYLOAD_MAILBOX = 0x04
 PAYLOAD_MAILBOX_ACK = 0x05
+PAYLOAD_RENEW = 0x0A  # session renewal after a backup import (docs/protocol.md §23)
 
 RECEIPT_DELIVERED = 1
 RECEIPT_READ = 2
@@ -751,7 +752,21 @@ class MailboxAckPayload:
     rotation_id: bytes
 
 
-Payload = TextPayload | ReceiptPayload | HelloPayload | MailboxPayload | MailboxAckPayload
+@dataclass(frozen=True)
+class RenewPayload:
+    """A restored profile asks for a new session (docs/protocol.md §23). Travels only in a
+    renewal block (aegisd/core/renewal.py), never inside a ratchet session."""
+
+    renew_id: bytes
+    created_at_ms: int
+    reply_to: MailboxAddress  # where the contact deposits its first-contact block
+    bundle_address: bytes  # the prekey bundle, served by reply_to's relay
+    display_name: str
+
+
+Payload = (
+    TextPayload | ReceiptPayload | HelloPayload | MailboxPayload | MailboxAckPayload | RenewPayload
+)
 
 
 def encode_payload(payload: Payload) -> bytes:
@@ -778,6 +793,13 @@ def encode_payload(payload: Payload) -> bytes:
     elif isinstance(payload, MailboxPayload):
         w.u8(PAYLOAD_MAILBOX).fixed(payload.rotation_id, MESSAGE_ID_LEN)
         payload.mailbox.write(w)
+    elif isinstance(payload, RenewPayload):
+        w.u8(PAYLOAD_RENEW).fixed(payload.renew_id, MESSAGE_ID_LEN).u64(payload.created_at_ms)
+        payload.reply_to.write(w)
+        if not payload.bundle_address:
+            raise ValueError("a renewal needs a bundle address")
+        _put_short(w, payload.bundle_address, MAX_MAILBOX_FIELD)
+        _put_short(w, payload.display_name.encode(), MAX_NAME_BYTES)
     else:
         w.u8(PAYLOAD_MAILBOX_ACK).fixed(payload.rotation_id, MESSAGE_ID_LEN)
     return w.bytes()
@@ -811,6 +833,14 @@ def decode_payload(data: bytes) -> Payload:
         out = MailboxPayload(r.take(MESSAGE_ID_LEN), MailboxAddress.read(r))
     elif kind == PAYLOAD_MAILBOX_ACK:
         out = MailboxAckPayload(r.take(MESSAGE_ID_LEN))
+    elif kind == PAYLOAD_RENEW:
+        renew_id, created = r.take(MESSAGE_ID_LEN), r.u64()
+        reply_to = MailboxAddress.read(r)
+        bundle_address = _short(r, MAX_MAILBOX_FIELD)
+        if not bundle_address:
+            raise DecodeError("empty bundle address")
+        out = RenewPayload(renew_id, created, reply_to, bundle_address,
+                           _utf8(_short(r, MAX_NAME_BYTES)))  # fmt: skip
     else:
         raise DecodeError("unknown payload type")
     r.done()

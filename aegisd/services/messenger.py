@@ -157,6 +157,9 @@ class Messenger:
         self._tasks: list[asyncio.Task[None]] = []
         self._owned: dict[bytes, tuple[MailboxRow, OwnedMailbox]] = {}
         self._acked_rotations: list[tuple[Contact, bytes]] = []
+        from .renewal import Renewals  # session renewal after a backup import (§23)
+
+        self.renewals = Renewals(self)
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -261,6 +264,7 @@ class Messenger:
             await self._expire_invitations()
             await self._finish_acked_rotations()
             await self._rotate_due_mailboxes()
+            await self.renewals.resume()
         except (*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
             pass  # the next connection tries again
 
@@ -1001,6 +1005,7 @@ class Messenger:
                             if row.contact_id is not None:
                                 self._receive_from_contact(row.contact_id, block)
                                 self._outbox_wake.set()  # receipts may be due
+                                await self.renewals.after_receive()
                             while self._acked_rotations:  # relay calls: outside the commit
                                 await self._finish_rotation(*self._acked_rotations.pop())
                         else:
@@ -1010,6 +1015,7 @@ class Messenger:
                         # the relay delivers it again after the reconnect.
                         self._reload_prekeys()
                         self._acked_rotations.clear()
+                        self.renewals.reset()
                         return
                     except TRANSIENT as exc:
                         # The store failed (disk full, I/O): the transaction rolled back. Do
@@ -1017,6 +1023,7 @@ class Messenger:
                         # block again after the reconnect.
                         self._reload_prekeys()
                         self._acked_rotations.clear()
+                        self.renewals.reset()
                         raise RelayUnavailable() from exc
                     except Exception as exc:
                         # A bug or a block no retry can open: the transaction rolled back;
@@ -1024,6 +1031,7 @@ class Messenger:
                         log.warning("dropped a block: %s", type(exc).__name__)
                         self._reload_prekeys()
                         self._acked_rotations.clear()
+                        self.renewals.reset()
         await client.ack([msg.msg_id])
 
     def _reload_prekeys(self) -> None:
@@ -1089,12 +1097,17 @@ class Messenger:
     def _receive_from_contact(self, contact_id: int, block: bytes) -> None:
         c = self.store.get_contact(contact_id)
         blob = self.store.get_session(contact_id)
+        if c is not None and blob is None:  # restored from a backup: a renewal's answer?
+            self.renewals.receive_first_contact(c, block)
+            return
         if c is None or blob is None:
             return
         session = Session.from_bytes(blob)
         try:
             fragment = session.decrypt(self.entropy, block)
         except DecryptionError:
+            if self.renewals.on_undecryptable(c, block):
+                return
             log.info("dropped a block that did not decrypt")
             return
         with self.store.transaction():
@@ -1161,7 +1174,8 @@ class Messenger:
             self.store.readdress_outbox(
                 c.id, PENDING_DESTINATION, address_to_bytes(payload.reply_to)
             )
-            self.daemon.events.emit("contact.established", {"contact": c.name})
+            if not self.renewals.on_hello(c):
+                self.daemon.events.emit("contact.established", {"contact": c.name})
         elif isinstance(payload, wire.MailboxPayload):
             state = ContactState.from_bytes(c.state)
             if state.send_to is not None:  # blocks still queued for the old mailbox follow
