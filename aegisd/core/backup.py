@@ -34,7 +34,7 @@ SALT_LEN = 16
 KEY_LEN = 32
 STREAM_HEADER_LEN: int = sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES  # 24
 ABYTES: int = sodium.crypto_secretstream_xchacha20poly1305_ABYTES  # 17
-HEADER_LEN = len(MAGIC) + 1 + 1 + 4 + 4 + 4 + SALT_LEN + STREAM_HEADER_LEN  # 62
+HEADER_LEN = len(MAGIC) + 1 + 1 + 4 + 4 + 4 + SALT_LEN + 8 + STREAM_HEADER_LEN  # 70
 CHUNK_SIZE = 64 * 1024  # plaintext bytes per chunk (the last may be shorter, even empty)
 TAG_MESSAGE: int = sodium.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
 TAG_FINAL: int = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
@@ -177,7 +177,12 @@ def passphrase_problem(passphrase: str) -> str | None:
 class Header:
     kdf: KdfParams
     salt: bytes
+    length: int  # plaintext bytes: the file's exact size follows, so truncation shows early
     stream_header: bytes
+
+    @property
+    def file_size(self) -> int:
+        return HEADER_LEN + self.length + ABYTES * chunk_count(self.length)
 
     def to_bytes(self) -> bytes:
         return (
@@ -185,6 +190,7 @@ class Header:
             + bytes([FORMAT_VERSION, KDF_ARGON2ID])
             + struct.pack(">III", self.kdf.memory_kib, self.kdf.passes, self.kdf.lanes)
             + self.salt
+            + struct.pack(">Q", self.length)
             + self.stream_header
         )
 
@@ -204,10 +210,15 @@ class Header:
             raise NotABackup("this backup uses an unknown key derivation")
         kdf = KdfParams(r.u32(), r.u32(), r.u32())
         check_kdf(kdf)
-        return cls(kdf, r.take(SALT_LEN), r.take(STREAM_HEADER_LEN))
+        return cls(kdf, r.take(SALT_LEN), r.u64(), r.take(STREAM_HEADER_LEN))
 
 
 # --- the encrypted stream ---------------------------------------------------------------------
+
+
+def chunk_count(length: int) -> int:
+    """Chunks for ``length`` plaintext bytes: full chunks, then the final one (maybe empty)."""
+    return length // CHUNK_SIZE + 1
 
 
 def encrypt(
@@ -222,14 +233,14 @@ def encrypt(
     key = derive_key(passphrase, salt, kdf)
     state = sodium.crypto_secretstream_xchacha20poly1305_state()
     stream_header = sodium.crypto_secretstream_xchacha20poly1305_init_push(state, key)
-    header = Header(kdf, salt, stream_header).to_bytes()
+    header = Header(kdf, salt, len(plaintext), stream_header).to_bytes()
     out = [header]
     total = len(plaintext)
     pos = 0
     while True:
         chunk = plaintext[pos : pos + CHUNK_SIZE]
         pos += len(chunk)
-        final = pos >= total
+        final = len(chunk) < CHUNK_SIZE  # a full last chunk is followed by an empty final one
         out.append(
             sodium.crypto_secretstream_xchacha20poly1305_push(
                 state, chunk, header, TAG_FINAL if final else TAG_MESSAGE
@@ -245,6 +256,10 @@ def decrypt(passphrase: str, data: bytes, progress: Progress | None = None) -> b
     """The plaintext of a whole backup file. Raises NotABackup (before deriving a key),
     BackupKeyError, BackupDamaged or BackupTruncated."""
     parsed = Header.from_bytes(data)
+    if len(data) < parsed.file_size:
+        raise BackupTruncated()
+    if len(data) > parsed.file_size:
+        raise BackupDamaged()  # bytes after the end the header announces
     header = data[:HEADER_LEN]
     key = derive_key(passphrase, parsed.salt, parsed.kdf)
     state = sodium.crypto_secretstream_xchacha20poly1305_state()
@@ -268,9 +283,6 @@ def decrypt(passphrase: str, data: bytes, progress: Progress | None = None) -> b
         except CryptoError:
             if first:
                 raise BackupKeyError() from None
-            if len(piece) < CHUNK_SIZE + ABYTES and pos == total:
-                # A short last piece that does not open: most likely cut off mid-chunk.
-                raise BackupTruncated() from None
             raise BackupDamaged() from None
         first = False
         parts.append(chunk)
