@@ -4,6 +4,7 @@ new daemon, and the session renewal with every contact through the real relay
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Callable
@@ -198,3 +199,43 @@ def test_default_parameters_and_progress(peers: Callable[[str], Peer], tmp_short
     fresh = peers("fresh")
     assert fresh.call("backup.import", {"path": str(path), "passphrase": PASS})["contacts"] == 0
     assert fresh.call("identity.get")["identity_key"] == alice.call("identity.get")["identity_key"]
+
+
+def test_cli_export_and_import(peers: Callable[[str], Peer], tmp_short: Path) -> None:
+    from tests.functional.test_cli_messaging import aegis, ok, one_line_error
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.call("messages.send", {"contact": "bob", "text": "kept in the backup"})
+    pw = tmp_short / "pw"
+    pw.write_text(PASS + "\n")
+    weak = tmp_short / "weak"
+    weak.write_text("password\n")
+    target = tmp_short / "cli.bak"
+    cheap = ["--kdf-memory-kib", str(fmt.MIN_KDF.memory_kib), "--kdf-passes", "2",
+             "--kdf-lanes", "1"]  # fmt: skip
+
+    line = one_line_error(aegis(alice, "backup", "export", str(target),
+                                "--passphrase-file", str(weak), *cheap))  # fmt: skip
+    assert "too weak" in line and "at least 12 characters" in line and "password" not in line
+    assert not target.exists()
+    out = ok(aegis(alice, "backup", "export", str(target), "--passphrase-file", str(pw), *cheap))
+    assert out.startswith("backup written to ") and "1 contacts" in out and PASS not in out
+    line = one_line_error(aegis(alice, "backup", "export", str(target), "--passphrase-file",
+                                str(pw), *cheap))  # fmt: skip
+    assert "exists" in line and "--force" in line
+    ok(aegis(alice, "backup", "export", str(target), "--passphrase-file", str(pw), "--force",
+             *cheap))  # fmt: skip
+    # No passphrase file and no terminal: a clear error, nothing asked.
+    line = one_line_error(aegis(alice, "backup", "export", str(tmp_short / "x.bak"), *cheap))
+    assert "--passphrase-file" in line
+
+    fresh = peers("fresh")
+    res = json.loads(ok(aegis(fresh, "backup", "import", str(target), "--passphrase-file",
+                              str(pw), "--json")))  # fmt: skip
+    assert res["contacts"] == 1 and res["renewing"] == 1
+    assert ("out", "kept in the backup") in texts(fresh, "bob")
+    line = one_line_error(aegis(fresh, "backup", "import", str(target), "--passphrase-file",
+                                str(pw)))  # fmt: skip
+    assert "fresh profile" in line
+    bob.wait_for(lambda: event_types(bob, ["contact.session_renewed"]), "the renewal")
