@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -239,3 +240,71 @@ def test_cli_export_and_import(peers: Callable[[str], Peer], tmp_short: Path) ->
                                 str(pw)))  # fmt: skip
     assert "fresh profile" in line
     bob.wait_for(lambda: event_types(bob, ["contact.session_renewed"]), "the renewal")
+
+
+def _deposit(url: str, address: Any, block: bytes) -> None:
+    import asyncio
+
+    from relay.client import RelayClient
+
+    async def go() -> None:
+        client = await RelayClient.connect(url)
+        try:
+            await client.deposit(address.deposit_id, block, address.send_token or None)
+        finally:
+            await client.close()
+
+    asyncio.run(go())
+
+
+def test_renewal_requests_cannot_be_replayed(
+    peers: Callable[[str], Peer], tmp_short: Path, relay_proc: Any
+) -> None:
+    """Someone holding a renewal request (the relay) cannot make the contact renew again with
+    an older one; a newer one (only the identity's holder can make it) is taken."""
+    from aegisd.core import renewal, wire
+    from aegisd.core.identity import IdentityKeyPair, PublicIdentity
+    from aegisd.core.primitives import SystemEntropy
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    first = tmp_short / "first.bak"
+    alice.call("backup.export", {"path": str(first), "passphrase": PASS, **CHEAP})
+    alice.stop()
+    new = peers("alice2")
+    new.call("backup.import", {"path": str(first), "passphrase": PASS})
+    bob.wait_for(lambda: event_types(bob, ["contact.session_renewed"]), "the renewal")
+    new.wait_for(lambda: event_types(new, ["contact.session_renewed"]), "the renewal")
+
+    # Where the restored profile now deposits for bob, and the identity: from a second backup.
+    second = tmp_short / "second.bak"
+    new.call("backup.export", {"path": str(second), "passphrase": PASS, **CHEAP})
+    contents = fmt.BackupContents.from_bytes(fmt.decrypt(PASS, second.read_bytes()))
+    ident = IdentityKeyPair.from_raw(contents.ed_priv, contents.x_priv, contents.binding_sig)
+    (bob_entry,) = contents.contacts
+    assert bob_entry.send_to is not None
+    bob_identity = PublicIdentity.from_record(bob_entry.identity)
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    # A real bundle (the restored profile's): only the freshness check can stop a request.
+    bundle = wire.ContactLink.from_text(new.call("address.get")["link"]).bundle_address
+
+    def request(created_at_ms: int) -> bytes:
+        payload = wire.RenewPayload(
+            SystemEntropy().random(16), created_at_ms, bob_entry.send_to, bundle, "mallory"
+        )
+        return renewal.seal(SystemEntropy(), ident, bob_identity, wire.encode_payload(payload))
+
+    now = time.time_ns() // 1_000_000
+    for created in (now - 3_600_000, now - 20 * 24 * 3_600_000, now + 3 * 24 * 3_600_000):
+        _deposit(url, bob_entry.send_to, request(created))  # older than the last, stale, future
+    new.call("messages.send", {"contact": "bob", "text": "after the replays"})
+    bob.wait_for(lambda: received(bob, "alice", "after the replays"), "the text after them")
+    assert len(event_types(bob, ["contact.session_renewing"])) == 1  # the real one only
+    bob.call("messages.send", {"contact": "alice", "text": "still the same session"})
+    new.wait_for(lambda: received(new, "bob", "still the same session"), "bob's answer")
+
+    # The control: a newer request is taken (bob starts a renewal towards its reply mailbox).
+    _deposit(url, bob_entry.send_to, request(time.time_ns() // 1_000_000))
+    bob.wait_for(
+        lambda: len(event_types(bob, ["contact.session_renewing"])) == 2, "the newer request"
+    )
