@@ -305,7 +305,7 @@ MAX_MAILBOXES = 100_000
 MAX_SETTINGS = 256
 MAX_BODY_BYTES = 1 << 20
 MAX_SETTING_VALUE = 4096
-MAX_NAME_FIELD = 255  # contact names are at most 64 characters: up to 256 UTF-8 bytes
+MAX_NAME_FIELD = 1024  # contact names are at most 64 characters (up to 256 UTF-8 bytes)
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,15 @@ class Backups:
                 others.append(mb)
         for c in store.list_contacts():
             state = ContactState.from_bytes(c.state)
-            if c.identity_key is None or not state.established:
+            renewing = (
+                store._q(
+                    "SELECT 1 FROM renewals WHERE contact_id = ? AND side = 'restored' "
+                    "AND done = 0",
+                    (c.id,),
+                ).fetchone()
+                is not None
+            )
+            if c.identity_key is None or not (state.established or renewing):
                 continue  # a contact set-up still under way cannot be renewed: not exported
             messages = tuple(
                 fmt.BackupMessage(r[0], r[1] == "out", r[2], r[3], r[4], r[5], r[6])

@@ -47,6 +47,10 @@ def test_contents_round_trip() -> None:
     c = sample_contents()
     assert fmt.BackupContents.from_bytes(c.to_bytes()) == c
     assert "text" not in repr(c) and "Alice" not in repr(c)
+    # The longest contact name (64 characters of 4 UTF-8 bytes) fits.
+    wide = c.contacts[0].__class__(**{**c.contacts[0].__dict__, "name": "\U0001f600" * 64})
+    c2 = fmt.BackupContents(**{**c.__dict__, "contacts": (wide,)})
+    assert fmt.BackupContents.from_bytes(c2.to_bytes()).contacts[0].name == "\U0001f600" * 64
 
 
 def test_round_trip_any_size_and_exact_file_size() -> None:
