@@ -854,6 +854,8 @@ class Messenger:
         contact = store.get_contact(contact_id) if contact_id is not None else None
         with store.transaction():
             store.block_deposited(item_id)  # drop it
+            if contact is not None and self.renewals.on_refused(contact):
+                return  # a renewal after a backup import: the contact and history stay
             if contact is not None and not ContactState.from_bytes(contact.state).established:
                 # The first contact went to an invitation that is used, revoked or expired, or
                 # to an address that was rotated: the contact can never answer. Remove it (and

@@ -254,6 +254,28 @@ class Renewals:
         self._retire.append((c.id, int(row[0])))
         return True
 
+    def on_refused(self, c: Contact) -> bool:
+        """The relay refused a renewal deposit for good (inside the outbox transaction): the
+        mailbox is gone. The most likely cause on the restored side: the backup is older than
+        a mailbox rotation the old device completed. Keep the contact and its history, stop
+        waiting, and say so. True if a renewal was under way with this contact."""
+        store = self.m.store
+        row = store._q(
+            "SELECT side FROM renewals WHERE contact_id = ? AND done = 0 ORDER BY side DESC",
+            (c.id,),
+        ).fetchone()
+        if row is None:
+            return False
+        store._q("UPDATE renewals SET done = 2 WHERE contact_id = ? AND done = 0", (c.id,))
+        reason = (
+            "the mailbox from the backup no longer exists (the old device moved on after the "
+            "backup was made): add the contact again with a new invitation"
+            if row[0] == "restored"
+            else "the restored profile's new mailbox no longer exists"
+        )
+        self.m.daemon.events.emit("contact.renewal_failed", {"contact": c.name, "reason": reason})
+        return True
+
     # --- after the receive transaction --------------------------------------------------------
 
     async def after_receive(self) -> None:

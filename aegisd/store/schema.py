@@ -138,7 +138,7 @@ def _backup_renewals(db: Any) -> None:
             renew_id     BLOB,                 -- NULL until the request is built
             requested_at INTEGER NOT NULL,     -- ms, the request's own time (replay bound)
             new_mailbox  INTEGER,              -- mailboxes.id of our new receiving mailbox
-            done         INTEGER NOT NULL DEFAULT 0,
+            done         INTEGER NOT NULL DEFAULT 0,  -- 0 under way, 1 done, 2 failed
             PRIMARY KEY (contact_id, side)
         ) WITHOUT ROWID;
         CREATE TABLE retired_mailboxes (

@@ -308,3 +308,31 @@ def test_renewal_requests_cannot_be_replayed(
     bob.wait_for(
         lambda: len(event_types(bob, ["contact.session_renewing"])) == 2, "the newer request"
     )
+
+
+def test_stale_backup_reports_instead_of_losing_the_contact(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    """A backup older than a mailbox rotation the old device completed: the contact's mailbox
+    in the backup is gone. The contact and its history stay; the failure is reported."""
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.call("messages.send", {"contact": "bob", "text": "history to keep"})
+    bob.wait_for(lambda: received(bob, "alice", "history to keep"), "the text")
+    path = tmp_short / "stale.bak"
+    alice.call("backup.export", {"path": str(path), "passphrase": PASS, **CHEAP})
+    bob.call("contacts.rotate_mailbox", {"name": "alice"})
+    bob.wait_for(lambda: event_types(bob, ["contact.mailbox_rotated"]), "the rotation")
+    alice.stop()
+
+    new = peers("alice2")
+    new.call("backup.import", {"path": str(path), "passphrase": PASS})
+    failed = new.wait_for(lambda: event_types(new, ["contact.renewal_failed"]), "the report")
+    assert (
+        failed[0]["data"]["contact"] == "bob"
+        and "add the contact again" in (failed[0]["data"]["reason"])
+    )
+    assert [c["name"] for c in new.call("contacts.list")["contacts"]] == ["bob"]
+    assert ("out", "history to keep") in texts(new, "bob")
+    assert new.call("backup.status") == {"renewals_pending": 0}
+    assert not event_types(new, ["contact.failed"])
