@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -41,6 +42,7 @@ class _Progress:
         self.operation = operation
         self.client: Any = None
         self.thread: threading.Thread | None = None
+        self.finished = threading.Event()  # the daemon's "done" event was seen
         if self.enabled:
             try:
                 self.client = ctx.client(timeout=None)
@@ -56,8 +58,11 @@ class _Progress:
         try:
             for note in self.client.notifications():
                 data = (note.get("params") or {}).get("data") or {}
-                if data.get("operation") != self.operation or data.get("stage") == "done":
+                if data.get("operation") != self.operation:
                     continue
+                if data.get("stage") == "done":
+                    self.finished.set()
+                    return
                 stage = STAGES.get(str(data.get("stage")), str(data.get("stage")))
                 total = int(data.get("total") or 0)
                 line = f"{stage} {100 * int(data.get('done') or 0) // total}%" if total else stage
@@ -67,9 +72,17 @@ class _Progress:
         except Exception:
             return
 
-    def close(self) -> None:
+    def close(self, ok: bool) -> None:
+        if ok and self.thread is not None:
+            self.finished.wait(5)  # the last progress lines, before the result
         if self.client is not None:
+            # Shut the socket down first: that wakes the reading thread (closing its buffered
+            # reader under it would wait for the read to end).
             with contextlib.suppress(OSError):
+                self.client._sock.shutdown(socket.SHUT_RDWR)
+            if self.thread is not None:
+                self.thread.join(5)
+            with contextlib.suppress(OSError, ValueError):
                 self.client.close()
         if self.enabled:
             click.echo("\r\033[K", err=True, nl=False)
@@ -139,8 +152,10 @@ def register(main: ModuleType) -> None:
                         "kdf_lanes": kdf_lanes,
                     },
                 )  # fmt: skip
-        finally:
-            progress.close()
+        except BaseException:
+            progress.close(False)
+            raise
+        progress.close(True)
         ctx.out(
             result,
             f"backup written to {result['path']}: {result['contacts']} contacts, "
@@ -168,8 +183,10 @@ def register(main: ModuleType) -> None:
         try:
             with ctx.client(timeout=3600) as c:
                 result = c.call("backup.import", {"path": path, "passphrase": passphrase})
-        finally:
-            progress.close()
+        except BaseException:
+            progress.close(False)
+            raise
+        progress.close(True)
         ctx.out(
             result,
             f"restored {result['contacts']} contacts and {result['messages']} messages; "
