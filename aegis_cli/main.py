@@ -845,6 +845,13 @@ def set_name(ctx: Ctx, display_name: str) -> None:
     ctx.out(result, f"display name: {result['display_name'] or '(none)'}")
 
 
+# `aegis backup ...` (aegis_cli/backup.py): registered with this module's helpers, so that its
+# errors are this module's Fail also when run as `python -m aegis_cli.main`.
+from . import backup as _backup  # noqa: E402
+
+_backup.register(sys.modules[__name__])
+
+
 # -- entry point --------------------------------------------------------------------------
 
 

@@ -97,6 +97,9 @@ class Daemon:
 
         self.messenger = Messenger(self)
         messaging_api.register(self.registry, self.messenger)
+        from .services import backup as backup_api
+
+        backup_api.register(self.registry, self.messenger)
         self.on_unlock.append(self.messenger.on_unlock)
         self.on_lock.append(self.messenger.on_lock)
         if test_methods:

@@ -661,6 +661,7 @@ PAYLOAD_HELLO = 0x03
 PAYLOAD_MAILBOX = 0x04
 PAYLOAD_MAILBOX_ACK = 0x05
 PAYLOAD_ATTACHMENT = 0x08  # 0x08-0x09: attachments (§22)
+PAYLOAD_RENEW = 0x0A  # session renewal after a backup import (docs/protocol.md §23)
 
 RECEIPT_DELIVERED = 1
 RECEIPT_READ = 2
@@ -796,9 +797,21 @@ class AttachmentPayload:
         return f"AttachmentPayload(size={self.size}, blocks={self.blocks})"
 
 
+@dataclass(frozen=True)
+class RenewPayload:
+    """A restored profile asks for a new session (docs/protocol.md §23). Travels only in a
+    renewal block (aegisd/core/renewal.py), never inside a ratchet session."""
+
+    renew_id: bytes
+    created_at_ms: int
+    reply_to: MailboxAddress  # where the contact deposits its first-contact block
+    bundle_address: bytes  # the prekey bundle, served by reply_to's relay
+    display_name: str
+
+
 Payload = (
     TextPayload | ReceiptPayload | HelloPayload | MailboxPayload | MailboxAckPayload
-    | AttachmentPayload
+    | AttachmentPayload | RenewPayload
 )  # fmt: skip
 
 
@@ -838,6 +851,13 @@ def encode_payload(payload: Payload) -> bytes:
         w.fixed(payload.digest, ATTACHMENT_DIGEST_LEN)
         _put_short(w, payload.relay_url.encode(), MAX_URL_BYTES)
         _put_short(w, payload.name.encode(), MAX_FILE_NAME_BYTES)
+    elif isinstance(payload, RenewPayload):
+        w.u8(PAYLOAD_RENEW).fixed(payload.renew_id, MESSAGE_ID_LEN).u64(payload.created_at_ms)
+        payload.reply_to.write(w)
+        if not payload.bundle_address:
+            raise ValueError("a renewal needs a bundle address")
+        _put_short(w, payload.bundle_address, MAX_MAILBOX_FIELD)
+        _put_short(w, payload.display_name.encode(), MAX_NAME_BYTES)
     else:
         w.u8(PAYLOAD_MAILBOX_ACK).fixed(payload.rotation_id, MESSAGE_ID_LEN)
     return w.bytes()
@@ -885,6 +905,14 @@ def decode_payload(data: bytes) -> Payload:
         ):
             raise DecodeError("malformed attachment descriptor")
         out = AttachmentPayload(mid, sent, seed, size, blocks, digest, url, name)
+    elif kind == PAYLOAD_RENEW:
+        renew_id, created = r.take(MESSAGE_ID_LEN), r.u64()
+        reply_to = MailboxAddress.read(r)
+        bundle_address = _short(r, MAX_MAILBOX_FIELD)
+        if not bundle_address:
+            raise DecodeError("empty bundle address")
+        out = RenewPayload(renew_id, created, reply_to, bundle_address,
+                           _utf8(_short(r, MAX_NAME_BYTES)))  # fmt: skip
     else:
         raise DecodeError("unknown payload type")
     r.done()

@@ -159,6 +159,9 @@ class Messenger:
         self._owned: dict[bytes, tuple[MailboxRow, OwnedMailbox]] = {}
         self._acked_rotations: list[tuple[Contact, bytes]] = []
         self.attachments = Attachments(self)
+        from .renewal import Renewals  # session renewal after a backup import (§23)
+
+        self.renewals = Renewals(self)
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -265,6 +268,7 @@ class Messenger:
             await self._expire_invitations()
             await self._finish_acked_rotations()
             await self._rotate_due_mailboxes()
+            await self.renewals.resume()
         except (*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
             pass  # the next connection tries again
 
@@ -856,6 +860,8 @@ class Messenger:
         contact = store.get_contact(contact_id) if contact_id is not None else None
         with store.transaction():
             store.block_deposited(item_id)  # drop it
+            if contact is not None and self.renewals.on_refused(contact):
+                return  # a renewal after a backup import: the contact and history stay
             if contact is not None and not ContactState.from_bytes(contact.state).established:
                 # The first contact went to an invitation that is used, revoked or expired, or
                 # to an address that was rotated: the contact can never answer. Remove it (and
@@ -1007,6 +1013,7 @@ class Messenger:
                             if row.contact_id is not None:
                                 self._receive_from_contact(row.contact_id, block)
                                 self._outbox_wake.set()  # receipts may be due
+                                await self.renewals.after_receive()
                             while self._acked_rotations:  # relay calls: outside the commit
                                 await self._finish_rotation(*self._acked_rotations.pop())
                         else:
@@ -1016,6 +1023,7 @@ class Messenger:
                         # the relay delivers it again after the reconnect.
                         self._reload_prekeys()
                         self._acked_rotations.clear()
+                        self.renewals.reset()
                         return
                     except TRANSIENT as exc:
                         # The store failed (disk full, I/O): the transaction rolled back. Do
@@ -1023,6 +1031,7 @@ class Messenger:
                         # block again after the reconnect.
                         self._reload_prekeys()
                         self._acked_rotations.clear()
+                        self.renewals.reset()
                         raise RelayUnavailable() from exc
                     except Exception as exc:
                         # A bug or a block no retry can open: the transaction rolled back;
@@ -1030,6 +1039,7 @@ class Messenger:
                         log.warning("dropped a block: %s", type(exc).__name__)
                         self._reload_prekeys()
                         self._acked_rotations.clear()
+                        self.renewals.reset()
         await client.ack([msg.msg_id])
 
     def _reload_prekeys(self) -> None:
@@ -1095,12 +1105,17 @@ class Messenger:
     def _receive_from_contact(self, contact_id: int, block: bytes) -> None:
         c = self.store.get_contact(contact_id)
         blob = self.store.get_session(contact_id)
+        if c is not None and blob is None:  # restored from a backup: a renewal's answer?
+            self.renewals.receive_first_contact(c, block)
+            return
         if c is None or blob is None:
             return
         session = Session.from_bytes(blob)
         try:
             fragment = session.decrypt(self.entropy, block)
         except DecryptionError:
+            if self.renewals.on_undecryptable(c, block):
+                return
             log.info("dropped a block that did not decrypt")
             return
         with self.store.transaction():
@@ -1167,7 +1182,8 @@ class Messenger:
             self.store.readdress_outbox(
                 c.id, PENDING_DESTINATION, address_to_bytes(payload.reply_to)
             )
-            self.daemon.events.emit("contact.established", {"contact": c.name})
+            if not self.renewals.on_hello(c):
+                self.daemon.events.emit("contact.established", {"contact": c.name})
         elif isinstance(payload, wire.MailboxPayload):
             state = ContactState.from_bytes(c.state)
             if state.send_to is not None:  # blocks still queued for the old mailbox follow

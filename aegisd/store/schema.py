@@ -154,5 +154,30 @@ def _attachments(db: Any) -> None:
     )
 
 
-MIGRATIONS: list[Migration] = [_v0_to_v1, _v1_to_v2, _attachments]
+def _backup_renewals(db: Any) -> None:
+    """Session renewal after a backup import (docs/protocol.md §23): one row per contact and
+    side ('restored': we were restored and asked; 'peer': the contact was restored and asked
+    us), and the restored-from profile's mailboxes, deleted at the relay once renewed."""
+    _run(
+        db,
+        """
+        CREATE TABLE renewals (
+            contact_id   INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+            side         TEXT NOT NULL CHECK (side IN ('restored', 'peer')),
+            renew_id     BLOB,                 -- NULL until the request is built
+            requested_at INTEGER NOT NULL,     -- ms, the request's own time (replay bound)
+            new_mailbox  INTEGER,              -- mailboxes.id of our new receiving mailbox
+            done         INTEGER NOT NULL DEFAULT 0,  -- 0 under way, 1 done, 2 failed
+            PRIMARY KEY (contact_id, side)
+        ) WITHOUT ROWID;
+        CREATE TABLE retired_mailboxes (
+            id           INTEGER PRIMARY KEY,
+            contact_id   INTEGER REFERENCES contacts(id) ON DELETE CASCADE,  -- NULL: at once
+            descriptor   BLOB NOT NULL         -- an old profile's mailbox, opaque
+        )
+        """,
+    )
+
+
+MIGRATIONS: list[Migration] = [_v0_to_v1, _v1_to_v2, _attachments, _backup_renewals]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -140,6 +140,7 @@ def test_cli_imports_no_crypto_and_no_daemon_internals(home, cli_env):
             for argv in (["status", "--home", {h!r}, "--json"], ["lock", "--home", {h!r}],
                          ["send", "bob", "hi", "--home", {h!r}],
                          ["messages", "bob", "--home", {h!r}],
+                         ["backup", "export", "/nonexistent/b.bak", "--home", {h!r}],
                          ["status", "--home", "/nonexistent"]):
                 try:
                     main(argv)

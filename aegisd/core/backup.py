@@ -1,0 +1,546 @@
+"""Encrypted backup files (docs/backup.md): the header, the key derivation, the authenticated
+chunk stream and the strict serialisation of what a backup holds.
+
+Pure: no file or clock access. The caller reads and writes the file and passes the time in.
+
+File = header || stream. The header names the format version and the Argon2id parameters; the
+key is Argon2id(passphrase, salt); the stream is libsodium's secretstream
+(XChaCha20-Poly1305, via PyNaCl) in chunks of CHUNK_SIZE plaintext bytes, the last one tagged
+FINAL, every chunk with the whole header as associated data. A well-kept construct rather than
+a hand-made one: it authenticates the order of the chunks and detects truncation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from argon2.low_level import ARGON2_VERSION, Type, hash_secret_raw
+from nacl import bindings as sodium
+from nacl.exceptions import CryptoError
+
+from . import wire
+from .errors import DecodeError, ProtocolError, UnsupportedVersion
+from .primitives import Entropy
+
+MAGIC = b"AEGISBAK"
+FORMAT_VERSION = 1
+KDF_ARGON2ID = 1
+SALT_LEN = 16
+KEY_LEN = 32
+STREAM_HEADER_LEN: int = sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES  # 24
+ABYTES: int = sodium.crypto_secretstream_xchacha20poly1305_ABYTES  # 17
+HEADER_LEN = len(MAGIC) + 1 + 1 + 4 + 4 + 4 + SALT_LEN + 8 + STREAM_HEADER_LEN  # 70
+CHUNK_SIZE = 64 * 1024  # plaintext bytes per chunk (the last may be shorter, even empty)
+TAG_MESSAGE: int = sodium.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
+TAG_FINAL: int = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
+
+KIND_BACKUP_CONTENTS = 0x30
+
+#: Progress callback: (bytes done, bytes in all).
+Progress = Callable[[int, int], None]
+
+
+class BackupError(ProtocolError):
+    """A backup file cannot be used. The message is for the user and holds no secret."""
+
+
+class NotABackup(BackupError, DecodeError):
+    """Not a backup file, an unsupported version, or key-derivation parameters refused."""
+
+
+class BackupKeyError(BackupError):
+    """The first chunk does not open: a wrong passphrase, or an altered header or first chunk
+    (the two cannot be told apart: the header is authenticated by the key)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "wrong passphrase, or the backup's header was altered (the two look the same)"
+        )
+
+
+class BackupDamaged(BackupError):
+    def __init__(self) -> None:
+        super().__init__("the backup file was altered or damaged")
+
+
+class BackupTruncated(BackupError):
+    def __init__(self) -> None:
+        super().__init__("the backup file is truncated (its end is missing)")
+
+
+# --- key derivation ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KdfParams:
+    memory_kib: int
+    passes: int
+    lanes: int
+
+
+#: RFC 9106's second recommended option: 64 MiB, 3 passes, 4 lanes.
+DEFAULT_KDF = KdfParams(64 * 1024, 3, 4)
+#: The least a file may ask for (OWASP's Argon2id minimum: 19 MiB, 2 passes, 1 lane): a file
+#: asking for less is refused, so an attacker cannot hand out a cheap-to-crack file.
+MIN_KDF = KdfParams(19 * 1024, 2, 1)
+#: The most a file may ask for, checked before anything is allocated.
+MAX_MEMORY_KIB = 1024 * 1024  # 1 GiB
+MAX_PASSES = 16
+MAX_LANES = 16
+
+
+def check_kdf(kdf: KdfParams) -> None:
+    """Refuse parameters below the minimum or absurdly high (NotABackup, saying which)."""
+    if kdf.memory_kib < MIN_KDF.memory_kib or kdf.passes < MIN_KDF.passes or kdf.lanes < 1:
+        raise NotABackup(
+            "the backup's key-derivation parameters are below the minimum "
+            f"({MIN_KDF.memory_kib} KiB, {MIN_KDF.passes} passes, 1 lane): refused"
+        )
+    if kdf.memory_kib > MAX_MEMORY_KIB or kdf.passes > MAX_PASSES or kdf.lanes > MAX_LANES:
+        raise NotABackup(
+            "the backup's key-derivation parameters are out of range "
+            f"(at most {MAX_MEMORY_KIB} KiB, {MAX_PASSES} passes, {MAX_LANES} lanes): refused"
+        )
+    if kdf.memory_kib < 8 * kdf.lanes:
+        raise NotABackup("the backup's key-derivation parameters are inconsistent")
+
+
+def normalize_passphrase(passphrase: str) -> bytes:
+    """NFC, so the same passphrase typed on any system opens the file."""
+    return unicodedata.normalize("NFC", passphrase).encode("utf-8")
+
+
+def derive_key(passphrase: str, salt: bytes, kdf: KdfParams) -> bytes:
+    check_kdf(kdf)
+    return hash_secret_raw(
+        secret=normalize_passphrase(passphrase),
+        salt=salt,
+        time_cost=kdf.passes,
+        memory_cost=kdf.memory_kib,
+        parallelism=kdf.lanes,
+        hash_len=KEY_LEN,
+        type=Type.ID,
+        version=ARGON2_VERSION,
+    )
+
+
+MIN_PASSPHRASE_CHARS = 12
+MIN_DISTINCT_CHARS = 6
+MIN_ESTIMATED_BITS = 56
+PASSPHRASE_RULE = (
+    f"at least {MIN_PASSPHRASE_CHARS} characters, at least {MIN_DISTINCT_CHARS} different ones, "
+    f"and an estimated strength of {MIN_ESTIMATED_BITS} bits (length x log2 of the alphabet "
+    "used: lower case 26, upper case 26, digits 10, other ASCII 33, anything else 100); "
+    "for example four or five random words"
+)
+
+
+def estimated_bits(passphrase: str) -> float:
+    """A simple estimate: length times log2 of the size of the character classes used."""
+    pool = 0
+    chars = set(passphrase)
+    if any(c.islower() and c.isascii() for c in chars):
+        pool += 26
+    if any(c.isupper() and c.isascii() for c in chars):
+        pool += 26
+    if any(c.isdigit() and c.isascii() for c in chars):
+        pool += 10
+    if any(c.isascii() and not c.isalnum() for c in chars):
+        pool += 33
+    if any(not c.isascii() for c in chars):
+        pool += 100
+    return len(passphrase) * math.log2(pool) if pool else 0.0
+
+
+def passphrase_problem(passphrase: str) -> str | None:
+    """Why a passphrase is too weak to protect a backup, or None. Never quotes it."""
+    if len(passphrase) < MIN_PASSPHRASE_CHARS:
+        why = f"it has fewer than {MIN_PASSPHRASE_CHARS} characters"
+    elif len(set(passphrase)) < MIN_DISTINCT_CHARS:
+        why = f"it has fewer than {MIN_DISTINCT_CHARS} different characters"
+    elif estimated_bits(passphrase) < MIN_ESTIMATED_BITS:
+        why = f"its estimated strength is below {MIN_ESTIMATED_BITS} bits"
+    else:
+        return None
+    return f"the passphrase is too weak: {why}; a backup passphrase needs {PASSPHRASE_RULE}"
+
+
+# --- header -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Header:
+    kdf: KdfParams
+    salt: bytes
+    length: int  # plaintext bytes: the file's exact size follows, so truncation shows early
+    stream_header: bytes
+
+    @property
+    def file_size(self) -> int:
+        return HEADER_LEN + self.length + ABYTES * chunk_count(self.length)
+
+    def to_bytes(self) -> bytes:
+        return (
+            MAGIC
+            + bytes([FORMAT_VERSION, KDF_ARGON2ID])
+            + struct.pack(">III", self.kdf.memory_kib, self.kdf.passes, self.kdf.lanes)
+            + self.salt
+            + struct.pack(">Q", self.length)
+            + self.stream_header
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Header:
+        """Parse and check the header (first HEADER_LEN bytes of ``data``) before any key
+        derivation: a file asking for too little or too much work is refused here."""
+        if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
+            raise NotABackup("this is not an AegisLink backup file")
+        if len(data) < HEADER_LEN:
+            raise BackupTruncated()
+        r = wire.Reader(data[:HEADER_LEN])
+        r.take(len(MAGIC))
+        if r.u8() != FORMAT_VERSION:
+            raise NotABackup("this backup was written by a newer version of AegisLink")
+        if r.u8() != KDF_ARGON2ID:
+            raise NotABackup("this backup uses an unknown key derivation")
+        kdf = KdfParams(r.u32(), r.u32(), r.u32())
+        check_kdf(kdf)
+        return cls(kdf, r.take(SALT_LEN), r.u64(), r.take(STREAM_HEADER_LEN))
+
+
+# --- the encrypted stream ---------------------------------------------------------------------
+
+
+def chunk_count(length: int) -> int:
+    """Chunks for ``length`` plaintext bytes: full chunks, then the final one (maybe empty)."""
+    return length // CHUNK_SIZE + 1
+
+
+def encrypt(
+    entropy: Entropy,
+    passphrase: str,
+    plaintext: bytes,
+    kdf: KdfParams = DEFAULT_KDF,
+    progress: Progress | None = None,
+) -> bytes:
+    """The whole backup file for ``plaintext``."""
+    salt = entropy.random(SALT_LEN)
+    key = derive_key(passphrase, salt, kdf)
+    state = sodium.crypto_secretstream_xchacha20poly1305_state()
+    stream_header = sodium.crypto_secretstream_xchacha20poly1305_init_push(state, key)
+    header = Header(kdf, salt, len(plaintext), stream_header).to_bytes()
+    out = [header]
+    total = len(plaintext)
+    pos = 0
+    while True:
+        chunk = plaintext[pos : pos + CHUNK_SIZE]
+        pos += len(chunk)
+        final = len(chunk) < CHUNK_SIZE  # a full last chunk is followed by an empty final one
+        out.append(
+            sodium.crypto_secretstream_xchacha20poly1305_push(
+                state, chunk, header, TAG_FINAL if final else TAG_MESSAGE
+            )
+        )
+        if progress is not None:
+            progress(pos, total)
+        if final:
+            return b"".join(out)
+
+
+def decrypt(passphrase: str, data: bytes, progress: Progress | None = None) -> bytes:
+    """The plaintext of a whole backup file. Raises NotABackup (before deriving a key),
+    BackupKeyError, BackupDamaged or BackupTruncated."""
+    parsed = Header.from_bytes(data)
+    if len(data) < parsed.file_size:
+        raise BackupTruncated()
+    if len(data) > parsed.file_size:
+        raise BackupDamaged()  # bytes after the end the header announces
+    header = data[:HEADER_LEN]
+    key = derive_key(passphrase, parsed.salt, parsed.kdf)
+    state = sodium.crypto_secretstream_xchacha20poly1305_state()
+    try:
+        sodium.crypto_secretstream_xchacha20poly1305_init_pull(state, parsed.stream_header, key)
+    except CryptoError:
+        raise BackupKeyError() from None
+    parts: list[bytes] = []
+    pos = HEADER_LEN
+    total = len(data)
+    first = True
+    while True:
+        if pos >= total:
+            raise BackupTruncated()  # the stream ended before its FINAL chunk
+        piece = data[pos : pos + CHUNK_SIZE + ABYTES]
+        pos += len(piece)
+        if len(piece) < ABYTES:
+            raise BackupTruncated()
+        try:
+            chunk, tag = sodium.crypto_secretstream_xchacha20poly1305_pull(state, piece, header)
+        except CryptoError:
+            if first:
+                raise BackupKeyError() from None
+            raise BackupDamaged() from None
+        first = False
+        parts.append(chunk)
+        if progress is not None:
+            progress(pos, total)
+        if tag == TAG_FINAL:
+            if pos != total:
+                raise BackupDamaged()  # bytes after the final chunk
+            return b"".join(parts)
+        if tag != TAG_MESSAGE:
+            raise BackupDamaged()
+
+
+# --- contents ---------------------------------------------------------------------------------
+
+MESSAGE_STATUSES = ("queued", "sent", "delivered", "read", "failed", "expired", "received")
+MAX_CONTACTS = 100_000
+MAX_MESSAGES = 10_000_000
+MAX_MAILBOXES = 100_000
+MAX_SETTINGS = 256
+MAX_BODY_BYTES = 1 << 20
+MAX_SETTING_VALUE = 4096
+MAX_NAME_FIELD = 1024  # contact names are at most 64 characters (up to 256 UTF-8 bytes)
+
+
+@dataclass(frozen=True)
+class BackupMailbox:
+    """A mailbox the exported profile owned: everything needed to delete it at the relay."""
+
+    relay_url: str
+    sign_seed: bytes
+    box_secret: bytes
+    owner_id: bytes
+    deposit_id: bytes
+    relay_box_pub: bytes
+    token: bytes
+
+    def __repr__(self) -> str:
+        return "BackupMailbox(<hidden>)"
+
+
+@dataclass(frozen=True)
+class BackupMessage:
+    message_id: str
+    outgoing: bool
+    body: str
+    status: str
+    sent_at: int | None
+    created_at: int
+    status_at: int
+
+    def __repr__(self) -> str:
+        return "BackupMessage(<hidden>)"
+
+
+@dataclass(frozen=True)
+class BackupContact:
+    name: str
+    identity: wire.IdentityRecord
+    verified: bool
+    blocked: bool
+    created_at: int
+    send_to: wire.MailboxAddress | None  # the contact's mailbox we deposit to
+    messages: tuple[BackupMessage, ...]
+    mailboxes: tuple[BackupMailbox, ...]  # our receiving mailboxes for this contact
+
+
+@dataclass(frozen=True)
+class BackupContents:
+    created_at_ms: int
+    ed_priv: bytes
+    x_priv: bytes
+    binding_sig: bytes
+    display_name: str
+    settings: tuple[tuple[str, str], ...]  # (name, JSON text)
+    contacts: tuple[BackupContact, ...]
+    mailboxes: tuple[BackupMailbox, ...]  # address and invitation mailboxes
+    # Attachments (issue 7, another part) will be a list here, written after `mailboxes`; in
+    # contents version 1 the count field is present and must be 0.
+
+    def __repr__(self) -> str:
+        return "BackupContents(<hidden>)"
+
+    def to_bytes(self) -> bytes:
+        w = wire.Writer().u8(wire.VERSION).u8(KIND_BACKUP_CONTENTS)
+        w.u64(self.created_at_ms)
+        w.fixed(self.ed_priv, 32).fixed(self.x_priv, 32).fixed(self.binding_sig, 64)
+        _put_str(w, self.display_name, wire.MAX_NAME_BYTES)
+        _count(w, len(self.settings), MAX_SETTINGS)
+        for name, value in self.settings:
+            _put_str(w, name, 64)
+            _put_bytes(w, value.encode(), MAX_SETTING_VALUE)
+        _count(w, len(self.contacts), MAX_CONTACTS)
+        for c in self.contacts:
+            _put_str(w, c.name, MAX_NAME_FIELD)
+            w.raw(c.identity.to_bytes()).flag(c.verified).flag(c.blocked).u64(c.created_at)
+            w.flag(c.send_to is not None)
+            if c.send_to is not None:
+                c.send_to.write(w)
+            _count(w, len(c.messages), MAX_MESSAGES)
+            for m in c.messages:
+                _write_message(w, m)
+            _write_mailboxes(w, c.mailboxes)
+        _write_mailboxes(w, self.mailboxes)
+        w.u32(0)  # attachments: none in version 1
+        return w.bytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> BackupContents:
+        r = wire.Reader(data)
+        if r.u8() != wire.VERSION:
+            raise UnsupportedVersion("unsupported backup contents version")
+        if r.u8() != KIND_BACKUP_CONTENTS:
+            raise DecodeError("unexpected object kind")
+        created = r.u64()
+        ed_priv, x_priv, sig = r.take(32), r.take(32), r.take(64)
+        display_name = _str(r, wire.MAX_NAME_BYTES)
+        settings = []
+        for _ in range(_read_count(r, MAX_SETTINGS)):
+            name = _str(r, 64)
+            value = _str(r, MAX_SETTING_VALUE, wide=True)
+            try:
+                json.loads(value)
+            except ValueError:
+                raise DecodeError("a setting value is not JSON") from None
+            settings.append((name, value))
+        contacts = []
+        for _ in range(_read_count(r, MAX_CONTACTS)):
+            name = _str(r, MAX_NAME_FIELD)
+            if not name:
+                raise DecodeError("empty contact name")
+            identity = wire.IdentityRecord.read(r)
+            verified, blocked, created_at = r.flag(), r.flag(), r.u64()
+            send_to = wire.MailboxAddress.read(r) if r.flag() else None
+            messages = tuple(_read_message(r) for _ in range(_read_count(r, MAX_MESSAGES)))
+            contacts.append(
+                BackupContact(
+                    name, identity, verified, blocked, created_at, send_to, messages,
+                    _read_mailboxes(r),
+                )
+            )  # fmt: skip
+        mailboxes = _read_mailboxes(r)
+        if r.u32() != 0:
+            raise DecodeError("attachments are not defined in backup contents version 1")
+        r.done()
+        return cls(
+            created, ed_priv, x_priv, sig, display_name, tuple(settings), tuple(contacts),
+            mailboxes,
+        )  # fmt: skip
+
+
+def _count(w: wire.Writer, n: int, limit: int) -> None:
+    if n > limit:
+        raise ValueError("too many items for a backup")
+    w.u32(n)
+
+
+def _read_count(r: wire.Reader, limit: int) -> int:
+    n = r.u32()
+    if n > limit:
+        raise DecodeError("count field out of range")
+    return n
+
+
+def _put_bytes(w: wire.Writer, b: bytes, limit: int) -> None:
+    if len(b) > limit:
+        raise ValueError("field too long")
+    w.varbytes(b)
+
+
+def _put_str(w: wire.Writer, s: str, limit: int) -> None:
+    b = s.encode()
+    if limit <= 255:
+        if len(b) > limit:
+            raise ValueError("field too long")
+        w.u8(len(b)).raw(b)
+    else:
+        _put_bytes(w, b, limit)
+
+
+def _str(r: wire.Reader, limit: int, *, wide: bool = False) -> str:
+    if wide or limit > 255:
+        raw = r.varbytes(limit)
+    else:
+        n = r.u8()
+        if n > limit:
+            raise DecodeError("length field out of range")
+        raw = r.take(n)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeError("invalid UTF-8") from None
+
+
+def _write_message(w: wire.Writer, m: BackupMessage) -> None:
+    if m.status not in MESSAGE_STATUSES:
+        raise ValueError("unknown message status")
+    _put_str(w, m.message_id, 64)
+    w.flag(m.outgoing).u8(MESSAGE_STATUSES.index(m.status))
+    w.flag(m.sent_at is not None)
+    if m.sent_at is not None:
+        w.u64(m.sent_at)
+    w.u64(m.created_at).u64(m.status_at)
+    _put_bytes(w, m.body.encode(), MAX_BODY_BYTES)
+
+
+def _read_message(r: wire.Reader) -> BackupMessage:
+    mid = _str(r, 64)
+    if not mid:
+        raise DecodeError("empty message id")
+    outgoing = r.flag()
+    status_index = r.u8()
+    if status_index >= len(MESSAGE_STATUSES):
+        raise DecodeError("unknown message status")
+    status = MESSAGE_STATUSES[status_index]
+    if (outgoing and status == "received") or (not outgoing and status not in ("received", "read")):
+        raise DecodeError("message status does not fit its direction")
+    sent_at = r.u64() if r.flag() else None
+    created_at, status_at = r.u64(), r.u64()
+    body = _str(r, MAX_BODY_BYTES, wide=True)
+    return BackupMessage(mid, outgoing, body, status, sent_at, created_at, status_at)
+
+
+def _write_mailboxes(w: wire.Writer, items: tuple[BackupMailbox, ...]) -> None:
+    _count(w, len(items), MAX_MAILBOXES)
+    for mb in items:
+        _put_str(w, mb.relay_url, wire.MAX_URL_BYTES)
+        w.fixed(mb.sign_seed, 32).fixed(mb.box_secret, 32)
+        for field in (mb.owner_id, mb.deposit_id):
+            _put_str_bytes(w, field)
+        w.fixed(mb.relay_box_pub, 32)
+        _put_str_bytes(w, mb.token)
+
+
+def _put_str_bytes(w: wire.Writer, b: bytes) -> None:
+    if len(b) > wire.MAX_MAILBOX_FIELD:
+        raise ValueError("field too long")
+    w.u8(len(b)).raw(b)
+
+
+def _short_bytes(r: wire.Reader) -> bytes:
+    n = r.u8()
+    if n > wire.MAX_MAILBOX_FIELD:
+        raise DecodeError("length field out of range")
+    return r.take(n)
+
+
+def _read_mailboxes(r: wire.Reader) -> tuple[BackupMailbox, ...]:
+    out = []
+    for _ in range(_read_count(r, MAX_MAILBOXES)):
+        url = _str(r, wire.MAX_URL_BYTES)
+        sign_seed, box_secret = r.take(32), r.take(32)
+        owner_id, deposit_id = _short_bytes(r), _short_bytes(r)
+        relay_box_pub = r.take(32)
+        token = _short_bytes(r)
+        if not url or not owner_id or not deposit_id:
+            raise DecodeError("incomplete mailbox")
+        out.append(
+            BackupMailbox(url, sign_seed, box_secret, owner_id, deposit_id, relay_box_pub, token)
+        )
+    return tuple(out)

@@ -1,0 +1,433 @@
+"""Encrypted backups: ``backup.export`` and ``backup.import`` (docs/backup.md, docs/api.md).
+
+Export takes a consistent snapshot under the messenger's lock, then derives the key and
+encrypts in a worker thread, and writes the file atomically (temporary file in the same
+directory, mode 0600, fsync, then a link that refuses to replace an existing file unless
+``force``). Import reads and fully verifies the file (key, every chunk, the contents' strict
+parser, every identity's signature) before it writes anything, then restores in one
+transaction and starts the session renewals (services/renewal.py).
+
+Progress: ``backup.progress`` events {operation, stage, done, total}. Nothing here logs a path,
+a passphrase or content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aegisd.core import backup as fmt
+from aegisd.core.errors import BundleError, DecodeError
+from aegisd.core.identity import IdentityKeyPair, PublicIdentity
+from aegisd.core.prekeys import PrekeyStore
+from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
+from aegisd.rpc.methods import Handler
+
+from .mailbox import ContactState, OwnedMailbox
+from .messenger import SETTING_NAME, Messenger, clean_name
+from .renewal import SETTING_PENDING, describe_pending
+
+# Application error codes 1040-1049 (docs/api.md, "Errors").
+E_BACKUP_EXISTS = 1040
+E_WEAK_PASSPHRASE = 1041
+E_NOT_A_BACKUP = 1042
+E_BACKUP_KEY = 1043
+E_BACKUP_DAMAGED = 1044
+E_BACKUP_TRUNCATED = 1045
+E_NOT_FRESH = 1046
+E_BACKUP_IO = 1047
+
+#: Settings worth carrying to a new device (and their types). The relay URL is the new
+#: profile's own choice (aegis init --relay); network.proxy is restored only when the new
+#: profile has none (never weaken what the user chose on this machine).
+RESTORABLE: dict[str, tuple[type, ...]] = {
+    "privacy.read_receipts": (bool,),
+    "privacy.receipt_delay_max": (int, float),
+    "privacy.send_jitter_max": (int, float),
+    "privacy.mailbox_rotation": (int, float),
+    "events.retention_days": (int, float),
+    "network.proxy": (str,),
+    "network.isolation": (bool,),
+}
+MAX_FILE_BYTES = 4 << 30
+
+
+def _ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _mailbox_out(mb: OwnedMailbox) -> fmt.BackupMailbox:
+    return fmt.BackupMailbox(
+        mb.relay_url, mb.sign_seed, mb.box_secret, mb.owner_id, mb.deposit_id,
+        mb.relay_box_pub, mb.token,
+    )  # fmt: skip
+
+
+def _mailbox_in(mb: fmt.BackupMailbox) -> OwnedMailbox:
+    return OwnedMailbox(
+        mb.relay_url, mb.sign_seed, mb.box_secret, mb.owner_id, mb.deposit_id,
+        mb.relay_box_pub, mb.token,
+    )  # fmt: skip
+
+
+def _file_error(exc: fmt.BackupError) -> AppError:
+    if isinstance(exc, fmt.BackupKeyError):
+        return AppError(E_BACKUP_KEY, "wrong_passphrase", str(exc))
+    if isinstance(exc, fmt.BackupTruncated):
+        return AppError(E_BACKUP_TRUNCATED, "truncated", str(exc))
+    if isinstance(exc, fmt.BackupDamaged):
+        return AppError(E_BACKUP_DAMAGED, "damaged", str(exc))
+    return AppError(E_NOT_A_BACKUP, "not_a_backup", str(exc))
+
+
+class Backups:
+    def __init__(self, messenger: Messenger) -> None:
+        self.m = messenger
+
+    def _progress(self, operation: str, stage: str) -> Callable[[int, int], None]:
+        """A thread-safe progress reporter: an event at most every tenth of the way."""
+        loop = asyncio.get_running_loop()
+        last = [-1]
+
+        def report(done: int, total: int) -> None:
+            tenth = (10 * done // total) if total else 10
+            if tenth != last[0]:
+                last[0] = tenth
+                data = {"operation": operation, "stage": stage, "done": done, "total": total}
+                loop.call_soon_threadsafe(self.m.daemon.events.emit, "backup.progress", data)
+
+        return report
+
+    def _stage(self, operation: str, stage: str) -> None:
+        self.m.daemon.events.emit(
+            "backup.progress", {"operation": operation, "stage": stage, "done": 0, "total": 0}
+        )
+
+    # --- export -------------------------------------------------------------------------------
+
+    def _snapshot(self) -> tuple[fmt.BackupContents, int]:
+        m = self.m
+        store = m.store
+        ed_priv, x_priv = m.identity().raw_private()
+        settings = []
+        for name in RESTORABLE:
+            value = store.get_setting(name)
+            if value is not None:
+                settings.append((name, json.dumps(value)))
+        contacts = []
+        n_messages = 0
+        by_contact: dict[int, list[fmt.BackupMailbox]] = {}
+        others = []
+        for row in store.list_mailboxes():
+            mb = _mailbox_out(OwnedMailbox.from_bytes(row.descriptor))
+            if row.role == "contact" and row.contact_id is not None:
+                by_contact.setdefault(row.contact_id, []).append(mb)
+            elif row.role != "contact":
+                others.append(mb)
+        for c in store.list_contacts():
+            state = ContactState.from_bytes(c.state)
+            renewing = (
+                store._q(
+                    "SELECT 1 FROM renewals WHERE contact_id = ? AND side = 'restored' "
+                    "AND done = 0",
+                    (c.id,),
+                ).fetchone()
+                is not None
+            )
+            if c.identity_key is None or not (state.established or renewing):
+                continue  # a contact set-up still under way cannot be renewed: not exported
+            messages = tuple(
+                fmt.BackupMessage(r[0], r[1] == "out", r[2], r[3], r[4], r[5], r[6])
+                for r in store._q(
+                    "SELECT id, direction, body, status, sent_at, created_at, status_at "
+                    "FROM messages WHERE contact_id = ? ORDER BY seq",
+                    (c.id,),
+                ).fetchall()
+            )
+            n_messages += len(messages)
+            contacts.append(
+                fmt.BackupContact(
+                    c.name,
+                    PublicIdentity.from_bytes(c.identity_key).record(),
+                    c.verified,
+                    c.blocked,
+                    c.created_at,
+                    state.send_to,
+                    messages,
+                    tuple(by_contact.get(c.id, ())),
+                )
+            )
+        contents = fmt.BackupContents(
+            _ms(),
+            ed_priv,
+            x_priv,
+            m.identity().public.binding_sig,
+            str(store.get_setting(SETTING_NAME, "")),
+            tuple(settings),
+            tuple(contacts),
+            tuple(others),
+        )
+        return contents, n_messages
+
+    async def export(
+        self, path: str, passphrase: str, force: bool, kdf: fmt.KdfParams
+    ) -> dict[str, Any]:
+        target = Path(path)
+        if not target.is_absolute():
+            raise InvalidParamsError("path", "must be an absolute path")
+        problem = fmt.passphrase_problem(passphrase)
+        if problem is not None:
+            raise AppError(E_WEAK_PASSPHRASE, "weak_passphrase", problem)
+        try:
+            fmt.check_kdf(kdf)
+        except fmt.NotABackup as exc:
+            raise InvalidParamsError("kdf", str(exc).replace("the backup's ", "")) from None
+        if not target.parent.is_dir():
+            raise AppError(E_BACKUP_IO, "io_error", "the directory for the backup does not exist")
+        if target.exists() and not force:
+            raise AppError(
+                E_BACKUP_EXISTS, "exists", "the file exists; choose another name or use --force"
+            )
+        async with self.m.lock:
+            contents, n_messages = self._snapshot()
+        plaintext = contents.to_bytes()
+        self._stage("export", "kdf")
+        data = await asyncio.to_thread(
+            fmt.encrypt,
+            self.m.entropy,
+            passphrase,
+            plaintext,
+            kdf,
+            self._progress("export", "encrypt"),
+        )
+        self._stage("export", "write")
+        try:
+            await asyncio.to_thread(_write_atomic, target, data, force)
+        except FileExistsError:
+            raise AppError(
+                E_BACKUP_EXISTS, "exists", "the file exists; choose another name or use --force"
+            ) from None
+        except OSError as exc:
+            raise AppError(
+                E_BACKUP_IO, "io_error", f"cannot write the backup: {exc.strerror}"
+            ) from None
+        self._stage("export", "done")
+        return {
+            "path": str(target),
+            "bytes": len(data),
+            "contacts": len(contents.contacts),
+            "messages": n_messages,
+            "kdf": {"memory_kib": kdf.memory_kib, "passes": kdf.passes, "lanes": kdf.lanes},
+        }
+
+    # --- import -------------------------------------------------------------------------------
+
+    def _check_fresh(self) -> None:
+        store = self.m.store
+        has_history = store._q("SELECT 1 FROM messages LIMIT 1").fetchone() is not None
+        if store.list_contacts() or store.list_requests() or has_history:
+            raise AppError(
+                E_NOT_FRESH,
+                "not_fresh",
+                "a backup can only be imported into a fresh profile (no contacts, requests or "
+                "messages): create one with aegis init --home DIR",
+            )
+
+    async def import_(self, path: str, passphrase: str) -> dict[str, Any]:
+        target = Path(path)
+        if not target.is_absolute():
+            raise InvalidParamsError("path", "must be an absolute path")
+        self._check_fresh()
+        try:
+            data = await asyncio.to_thread(_read_limited, target)
+        except OSError as exc:
+            raise AppError(
+                E_BACKUP_IO, "io_error", f"cannot read the backup: {exc.strerror}"
+            ) from None
+        self._stage("import", "kdf")
+        try:
+            plaintext = await asyncio.to_thread(
+                fmt.decrypt, passphrase, data, self._progress("import", "decrypt")
+            )
+        except fmt.BackupError as exc:
+            raise _file_error(exc) from None
+        try:
+            contents = fmt.BackupContents.from_bytes(plaintext)
+            identity = IdentityKeyPair.from_raw(
+                contents.ed_priv, contents.x_priv, contents.binding_sig
+            )
+            for c in contents.contacts:
+                PublicIdentity.from_record(c.identity)
+        except (DecodeError, BundleError, ValueError):
+            raise AppError(
+                E_NOT_A_BACKUP, "not_a_backup", "the backup's contents are malformed"
+            ) from None
+        settings: dict[str, Any] = {}
+        for name, value in contents.settings:
+            parsed = json.loads(value)
+            if name in RESTORABLE and isinstance(parsed, RESTORABLE[name]):
+                settings[name] = parsed
+        self._stage("import", "restore")
+        m = self.m
+        async with m.lock:
+            self._check_fresh()  # again, under the lock
+            store = m.store
+            if store.get_setting("network.proxy") is not None:
+                settings.pop("network.proxy", None)
+                settings.pop("network.isolation", None)
+            fresh_mailboxes = store.list_mailboxes()
+            prekeys = PrekeyStore.create(m.entropy, identity, _ms() // 1000)
+            n_messages = 0
+            renewing = 0
+            with store.transaction():
+                store.put_identity(prekeys.to_bytes())
+                for row in fresh_mailboxes:
+                    store.delete_mailbox(row.id)
+                    # This profile's own first mailboxes carried the discarded identity's bundle.
+                    store._q(
+                        "INSERT INTO retired_mailboxes (contact_id, descriptor) VALUES (NULL, ?)",
+                        (row.descriptor,),
+                    )
+                store._q("DELETE FROM outbox")
+                store.set_setting(SETTING_NAME, clean_name(contents.display_name, ""))
+                for name, value in settings.items():
+                    store.set_setting(name, value)
+                for mb in contents.mailboxes:
+                    store._q(
+                        "INSERT INTO retired_mailboxes (contact_id, descriptor) VALUES (NULL, ?)",
+                        (_mailbox_in(mb).to_bytes(),),
+                    )
+                for bc in contents.contacts:
+                    name = m._unique_name(clean_name(bc.name, "contact"))
+                    cid = store.add_contact(
+                        name,
+                        identity_key=bc.identity.to_bytes(),
+                        state=ContactState(bc.send_to, False).to_bytes(),
+                    ).id
+                    store._q(
+                        "UPDATE contacts SET verified = ?, blocked = ?, created_at = ? "
+                        "WHERE id = ?",
+                        (int(bc.verified), int(bc.blocked), bc.created_at, cid),
+                    )
+                    for msg in bc.messages:
+                        # A queued message's blocks were sealed in the old session, which is
+                        # not in the backup: it did not leave, and says so.
+                        status = "failed" if msg.status == "queued" else msg.status
+                        store._q(
+                            "INSERT OR IGNORE INTO messages (id, contact_id, direction, body, "
+                            "status, sent_at, created_at, status_at) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (
+                                msg.message_id, cid, "out" if msg.outgoing else "in", msg.body,
+                                status, msg.sent_at, msg.created_at, msg.status_at,
+                            ),
+                        )  # fmt: skip
+                        n_messages += 1
+                    for mb in bc.mailboxes:
+                        store._q(
+                            "INSERT INTO retired_mailboxes (contact_id, descriptor) VALUES (?, ?)",
+                            (cid, _mailbox_in(mb).to_bytes()),
+                        )
+                    if bc.send_to is not None and not bc.blocked:
+                        store._q(
+                            "INSERT INTO renewals (contact_id, side, requested_at) "
+                            "VALUES (?, 'restored', 0)",
+                            (cid,),
+                        )
+                        renewing += 1
+                store.set_setting(SETTING_PENDING, True)
+                m.daemon.events.emit(
+                    "backup.imported",
+                    {"contacts": len(contents.contacts), "messages": n_messages},
+                )
+            m.prekeys = prekeys
+            m._reload_owned()
+        # Every connection anew: the discarded identity's mailboxes are gone, and the network
+        # settings may have changed. The renewals start once the relay is reached.
+        await m.restart_link()
+        self._stage("import", "done")
+        return {
+            "contacts": len(contents.contacts),
+            "messages": n_messages,
+            "renewing": renewing,
+        }
+
+
+def _read_limited(path: Path) -> bytes:
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_FILE_BYTES:
+            raise OSError(27, "File too large")
+        return f.read()
+
+
+def _write_atomic(target: Path, data: bytes, force: bool) -> None:
+    """Temporary file (0600) beside the target, fsync, then link (refuses an existing file)
+    or, with ``force``, rename over it; then fsync the directory."""
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if force:
+            os.replace(tmp, target)
+        else:
+            os.link(tmp, target)
+            os.unlink(tmp)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    dfd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def register(registry: Registry, m: Messenger) -> None:
+    backups = Backups(m)
+
+    def method(name: str) -> Callable[[Handler], Handler]:
+        return registry.method(name, unlocked=True)
+
+    @method("backup.export")
+    async def backup_export(
+        ctx: CallContext,
+        path: str,
+        passphrase: str,
+        force: bool = False,
+        kdf_memory_kib: int = fmt.DEFAULT_KDF.memory_kib,
+        kdf_passes: int = fmt.DEFAULT_KDF.passes,
+        kdf_lanes: int = fmt.DEFAULT_KDF.lanes,
+    ) -> dict[str, Any]:
+        for field, value in (
+            ("kdf_memory_kib", kdf_memory_kib), ("kdf_passes", kdf_passes),
+            ("kdf_lanes", kdf_lanes),
+        ):  # fmt: skip
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InvalidParamsError(field, "must be an integer")
+        if not isinstance(passphrase, str) or not passphrase:
+            raise InvalidParamsError("passphrase", "must be a non-empty string")
+        return await backups.export(
+            path, passphrase, bool(force), fmt.KdfParams(kdf_memory_kib, kdf_passes, kdf_lanes)
+        )
+
+    @method("backup.import")
+    async def backup_import(ctx: CallContext, path: str, passphrase: str) -> dict[str, Any]:
+        if not isinstance(passphrase, str) or not passphrase:
+            raise InvalidParamsError("passphrase", "must be a non-empty string")
+        return await backups.import_(path, passphrase)
+
+    @method("backup.status")
+    async def backup_status(ctx: CallContext) -> dict[str, Any]:
+        return {"renewals_pending": describe_pending(m.store)}

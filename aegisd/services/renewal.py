@@ -1,0 +1,315 @@
+"""Session renewal after a backup import (docs/protocol.md §23).
+
+Restored side (R, identity I, no ratchet sessions): for each contact C it creates a new
+receiving mailbox, publishes a fresh bundle on a new address mailbox, and deposits a renewal
+block (aegisd/core/renewal.py) to the mailbox C gave the old profile. C checks it opens under
+I's identity key and is newer than any renewal it accepted before, runs PQXDH against R's new
+bundle and sends its first-contact block (a hello whose invitation ID is the renewal ID, reply
+mailbox: a new mailbox of C) to R's new mailbox. R checks the sender is C's stored identity,
+answers with a hello inside the new session, and deletes the old profile's mailboxes for C at
+the relay; C, on that hello, deletes its own old mailbox for I. Both emit
+``contact.session_renewed``. C re-sends, in the new session, the texts I never confirmed.
+
+Nothing here logs an address, an identity or content.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from aegisd.core import pqxdh, renewal, wire
+from aegisd.core.errors import BundleError, DecodeError, DecryptionError
+from aegisd.core.identity import PublicIdentity
+from aegisd.core.session import accept_first_contact, initiate_session
+from aegisd.rpc import AppError
+from aegisd.store.db import Contact
+from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
+from relay.client import RelayError
+
+from .mailbox import ContactState, OwnedMailbox, address_to_bytes
+
+if TYPE_CHECKING:
+    from .messenger import Messenger
+
+log = logging.getLogger("aegisd.renewal")
+
+SETTING_PENDING = "backup.renewal_pending"
+#: A renewal request older than this (the relay's default message TTL) or more than a day
+#: ahead of our clock is refused (with the per-contact monotonic bound: no replays).
+MAX_AGE_MS = 14 * 24 * 3600 * 1000
+MAX_SKEW_MS = 24 * 3600 * 1000
+
+
+class Renewals:
+    def __init__(self, messenger: Messenger) -> None:
+        self.m = messenger
+        self._requests: list[tuple[Contact, wire.RenewPayload]] = []
+        # (contact id, new mailbox row id): the old mailboxes go once the commit is in
+        self._retire: list[tuple[int, int]] = []
+
+    # --- the restored side ------------------------------------------------------------------
+
+    async def resume(self) -> None:
+        """Start (or continue) the renewals an import left pending. Relay errors propagate as
+        AppError; a later connection tries again."""
+        m = self.m
+        if not m.store.get_setting(SETTING_PENDING):
+            return
+        _, address = await m.ensure_address()
+        async with m.lock:
+            store = m.store
+            rows = store._q(
+                "SELECT contact_id FROM renewals WHERE side = 'restored' AND done = 0 "
+                "AND renew_id IS NULL ORDER BY contact_id"
+            ).fetchall()
+            name = str(store.get_setting("profile.display_name", ""))
+            for (contact_id,) in rows:
+                c = store.get_contact(contact_id)
+                if c is None or c.identity_key is None:
+                    continue
+                state = ContactState.from_bytes(c.state)
+                if state.send_to is None:
+                    continue
+                mb_id, mb = await m._create_mailbox("contact", public=False, contact_id=c.id)
+                renew_id = m.entropy.random(wire.MESSAGE_ID_LEN)
+                now = _ms()
+                payload = wire.RenewPayload(renew_id, now, mb.address(), address.deposit_id, name)
+                block = renewal.seal(
+                    m.entropy,
+                    m.identity(),
+                    PublicIdentity.from_bytes(c.identity_key),
+                    wire.encode_payload(payload),
+                )
+                with store.transaction():
+                    store._q(
+                        "UPDATE renewals SET renew_id = ?, requested_at = ?, new_mailbox = ? "
+                        "WHERE contact_id = ? AND side = 'restored'",
+                        (renew_id, now, mb_id, c.id),
+                    )
+                    store.enqueue_blocks(address_to_bytes(state.send_to), [block], contact_id=c.id)
+            # The old profile's address and invitations: nobody should reach it through them.
+            for row_id, descriptor in store._q(
+                "SELECT id, descriptor FROM retired_mailboxes WHERE contact_id IS NULL"
+            ).fetchall():
+                await m._delete_at_relay(OwnedMailbox.from_bytes(bytes(descriptor)))
+                store._q("DELETE FROM retired_mailboxes WHERE id = ?", (row_id,))
+            store.set_setting(SETTING_PENDING, None)
+        m._outbox_wake.set()
+
+    def receive_first_contact(self, c: Contact, block: bytes) -> None:
+        """A block on a mailbox of a contact we have no session with: the answer to our
+        renewal request, if it is one (inside the receive transaction)."""
+        m = self.m
+        store = m.store
+        row = store._q(
+            "SELECT renew_id, new_mailbox FROM renewals WHERE contact_id = ? "
+            "AND side = 'restored' AND done = 0 AND renew_id IS NOT NULL",
+            (c.id,),
+        ).fetchone()
+        if row is None or c.identity_key is None or m.prekeys is None:
+            return
+        renew_id = bytes(row[0])
+        try:
+            fc = accept_first_contact(m.entropy, m.prekeys, block)
+            hello = wire.decode_payload(fc.fragment.data)
+        except (DecryptionError, DecodeError):
+            m._reload_prekeys()
+            log.info("dropped a block that did not open")
+            return
+        expected = PublicIdentity.from_bytes(c.identity_key)
+        if (
+            not isinstance(hello, wire.HelloPayload)
+            or not fc.sender.same_keys(expected)
+            or hello.invitation_id != renew_id
+            or not m._url_ok(hello.reply_to.relay_url)
+        ):
+            store.put_identity(m.prekeys.to_bytes())  # burnt one-time keys stay burnt
+            log.info("dropped a first contact that does not answer our renewal")
+            return
+        with store.transaction():
+            store.put_identity(m.prekeys.to_bytes())
+            store.put_session(c.id, fc.session.to_bytes())
+            store.update_contact(c.id, state=ContactState(hello.reply_to, True).to_bytes())
+            store._q(
+                "UPDATE renewals SET done = 1 WHERE contact_id = ? AND side = 'restored'", (c.id,)
+            )
+            mb_row = store.get_mailbox(int(row[1]))
+            fresh = store.get_contact(c.id)
+            assert fresh is not None and mb_row is not None
+            mb = OwnedMailbox.from_bytes(mb_row.descriptor)
+            name = str(store.get_setting("profile.display_name", ""))
+            m._enqueue(fresh, fc.session, wire.HelloPayload(mb.address(), name, b""))
+            m.daemon.events.emit("contact.session_renewed", {"contact": c.name})
+        self._retire.append((c.id, int(row[1])))
+
+    # --- the contact's side -----------------------------------------------------------------
+
+    def on_undecryptable(self, c: Contact, block: bytes) -> bool:
+        """A block on a contact's mailbox that our session cannot open: a renewal request
+        from that contact? True if it was one (handled after the receive, or dropped)."""
+        m = self.m
+        if c.identity_key is None or c.blocked:
+            return False
+        peer = PublicIdentity.from_bytes(c.identity_key)
+        try:
+            payload = renewal.open_block(m.identity(), peer, block)
+        except DecryptionError:
+            return False
+        try:
+            req = renewal.decode(payload)
+        except DecodeError:
+            log.info("dropped a renewal block that did not parse")
+            return True
+        now = _ms()
+        last = m.store._q(
+            "SELECT requested_at FROM renewals WHERE contact_id = ? AND side = 'peer'", (c.id,)
+        ).fetchone()
+        if (
+            (last is not None and req.created_at_ms <= last[0])
+            or req.created_at_ms < now - MAX_AGE_MS
+            or req.created_at_ms > now + MAX_SKEW_MS
+            or not m._url_ok(req.reply_to.relay_url)
+        ):
+            log.info("dropped a stale or replayed renewal request")
+            return True
+        self._requests.append((c, req))
+        return True
+
+    async def _answer(self, c: Contact, req: wire.RenewPayload) -> None:
+        m = self.m
+        assert c.identity_key is not None
+        expected = PublicIdentity.from_bytes(c.identity_key)
+        try:
+            client, own = await with_relay(req.reply_to.relay_url, m.link, m.network())
+            try:
+                base, x, k = await client.bundle_fetch(req.bundle_address)
+            finally:
+                if own:
+                    await client.close()
+        except (RelayUnavailable, *UNAVAILABLE):
+            raise AppError(1010, "relay_unavailable", "the relay is not reachable") from None
+        except RelayError:
+            log.info("dropped a renewal request whose bundle is not at the relay")
+            return
+        try:
+            bundle = pqxdh.verify_bundle(base, x, k, expected=expected)
+        except (DecodeError, BundleError):
+            log.info("dropped a renewal request whose bundle does not verify")
+            return
+        store = m.store
+        new_id, new = await m._create_mailbox("contact", public=False, contact_id=c.id)
+        name = str(store.get_setting("profile.display_name", ""))
+        hello = wire.HelloPayload(new.address(), name, req.renew_id)
+        session, block = initiate_session(
+            m.entropy, m.identity(), bundle, wire.encode_payload(hello)
+        )
+        with store.transaction():
+            store.put_session(c.id, session.to_bytes())
+            store.update_contact(c.id, state=ContactState(req.reply_to, False).to_bytes())
+            # Blocks still queued were sealed in the old session: the restored side cannot
+            # open them. The texts among them are sent again below.
+            store._q("DELETE FROM outbox WHERE contact_id = ?", (c.id,))
+            store.set_setting(f"rotation.contact.{c.id}", None)
+            store._q(
+                "INSERT INTO renewals (contact_id, side, renew_id, requested_at, new_mailbox) "
+                "VALUES (?, 'peer', ?, ?, ?) ON CONFLICT (contact_id, side) DO UPDATE SET "
+                "renew_id = excluded.renew_id, requested_at = excluded.requested_at, "
+                "new_mailbox = excluded.new_mailbox, done = 0",
+                (c.id, req.renew_id, req.created_at_ms, new_id),
+            )
+            store.enqueue_blocks(address_to_bytes(req.reply_to), [block], contact_id=c.id)
+            fresh = store.get_contact(c.id)
+            assert fresh is not None
+            # Texts the old device never confirmed (no delivery receipt) go again, with the
+            # same message IDs: the restored side shows each one once.
+            for mid, body, created in store._q(
+                "SELECT id, body, created_at FROM messages WHERE contact_id = ? "
+                "AND direction = 'out' AND status IN ('queued', 'sent') ORDER BY seq",
+                (c.id,),
+            ).fetchall():
+                try:
+                    wire_id = bytes.fromhex(mid)
+                except ValueError:
+                    continue
+                if len(wire_id) != wire.MESSAGE_ID_LEN:
+                    continue
+                m._enqueue(fresh, session, wire.TextPayload(wire_id, created, body), message_id=mid)
+            m.daemon.events.emit("contact.session_renewing", {"contact": c.name})
+        m._outbox_wake.set()
+
+    def on_hello(self, c: Contact) -> bool:
+        """The restored contact answered in the new session (inside the receive transaction):
+        the renewal is complete. True if this hello completed one."""
+        store = self.m.store
+        row = store._q(
+            "SELECT new_mailbox FROM renewals WHERE contact_id = ? AND side = 'peer' AND done = 0",
+            (c.id,),
+        ).fetchone()
+        if row is None:
+            return False
+        store._q("UPDATE renewals SET done = 1 WHERE contact_id = ? AND side = 'peer'", (c.id,))
+        self.m.daemon.events.emit("contact.session_renewed", {"contact": c.name})
+        self._retire.append((c.id, int(row[0])))
+        return True
+
+    def on_refused(self, c: Contact) -> bool:
+        """The relay refused a renewal deposit for good (inside the outbox transaction): the
+        mailbox is gone. The most likely cause on the restored side: the backup is older than
+        a mailbox rotation the old device completed. Keep the contact and its history, stop
+        waiting, and say so. True if a renewal was under way with this contact."""
+        store = self.m.store
+        row = store._q(
+            "SELECT side FROM renewals WHERE contact_id = ? AND done = 0 ORDER BY side DESC",
+            (c.id,),
+        ).fetchone()
+        if row is None:
+            return False
+        store._q("UPDATE renewals SET done = 2 WHERE contact_id = ? AND done = 0", (c.id,))
+        reason = (
+            "the mailbox from the backup no longer exists (the old device moved on after the "
+            "backup was made): add the contact again with a new invitation"
+            if row[0] == "restored"
+            else "the restored profile's new mailbox no longer exists"
+        )
+        self.m.daemon.events.emit("contact.renewal_failed", {"contact": c.name, "reason": reason})
+        return True
+
+    # --- after the receive transaction --------------------------------------------------------
+
+    async def after_receive(self) -> None:
+        """Relay work for what the last block started (under the messenger's lock). Relay
+        failures raise AppError, so that the block is not acknowledged and comes again."""
+        while self._requests:
+            c, req = self._requests[0]
+            await self._answer(c, req)
+            self._requests.pop(0)
+        while self._retire:
+            await self._retire_old(*self._retire.pop())
+
+    def reset(self) -> None:
+        self._requests.clear()
+        self._retire.clear()
+
+    async def _retire_old(self, contact_id: int, keep: int) -> None:
+        """Delete the mailboxes that served the old session with this contact."""
+        m = self.m
+        store = m.store
+        for r in store.list_mailboxes("contact"):
+            if r.contact_id == contact_id and r.id != keep:
+                await m._retire_mailbox(r.id)
+        for row_id, descriptor in store._q(
+            "SELECT id, descriptor FROM retired_mailboxes WHERE contact_id = ?", (contact_id,)
+        ).fetchall():
+            await m._delete_at_relay(OwnedMailbox.from_bytes(bytes(descriptor)))
+            store._q("DELETE FROM retired_mailboxes WHERE id = ?", (row_id,))
+
+
+def _ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def describe_pending(store: Any) -> int:
+    """How many renewals this profile still waits for (either side)."""
+    return int(store._q("SELECT count(*) FROM renewals WHERE done = 0").fetchone()[0])

@@ -1,0 +1,338 @@
+"""Encrypted backups end to end: export from one daemon, import into a fresh profile under a
+new daemon, and the session renewal with every contact through the real relay
+(docs/backup.md, docs/protocol.md §23)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aegis_cli.client import RpcCallError
+from aegisd.core import backup as fmt
+from tests.functional.conftest import Peer, connect
+
+PASS = "correct horse battery staple"
+#: The format's minimum cost (19 MiB, 2 passes, 1 lane): where a test is about something else.
+CHEAP = {"kdf_memory_kib": fmt.MIN_KDF.memory_kib, "kdf_passes": 2, "kdf_lanes": 1}
+
+
+def texts(peer: Peer, contact: str) -> list[tuple[str, str]]:
+    msgs = peer.call("messages.history", {"contact": contact, "limit": 500})["messages"]
+    return [(m["direction"], m["text"]) for m in msgs]
+
+
+def received(peer: Peer, contact: str, text: str) -> bool:
+    return ("in", text) in texts(peer, contact)
+
+
+def event_types(peer: Peer, types: list[str]) -> list[dict[str, Any]]:
+    return peer.events(types=types)
+
+
+def error_of(peer: Peer, method: str, params: dict[str, Any]) -> RpcCallError:
+    with pytest.raises(RpcCallError) as info:
+        peer.call(method, params)
+    return info.value
+
+
+def test_export_import_renews_every_contact(peers: Callable[[str], Peer], tmp_short: Path) -> None:
+    alice, bob, carol = peers("alice"), peers("bob"), peers("carol")
+    connect(alice, bob)
+    connect(alice, carol)
+    alice.call("messages.send", {"contact": "bob", "text": "before the backup, bob"})
+    bob.wait_for(lambda: received(bob, "alice", "before the backup, bob"), "alice's text")
+    carol.call("messages.send", {"contact": "alice", "text": "before the backup, from carol"})
+    alice.wait_for(lambda: received(alice, "carol", "before the backup, from carol"), "carol")
+    alice.call("contacts.verify", {"name": "bob"})
+    alice.call("settings.set", {"read_receipts": False})
+
+    path = tmp_short / "alice.aegisbackup"
+    out = alice.call("backup.export", {"path": str(path), "passphrase": PASS, **CHEAP})
+    assert out["contacts"] == 2 and out["messages"] >= 2
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    raw = path.read_bytes()
+    assert raw.startswith(fmt.MAGIC)
+    for secret in (b"before the backup", b"carol", PASS.encode()):
+        assert secret not in raw
+    # An existing file is not overwritten without force.
+    err = error_of(alice, "backup.export", {"path": str(path), "passphrase": PASS, **CHEAP})
+    assert err.code == 1040 and path.read_bytes() == raw
+
+    # The old device is lost; bob writes to it meanwhile: the text must not be lost.
+    alice.stop()
+    bob.call("messages.send", {"contact": "alice", "text": "while you were away"})
+    bob.wait_for(
+        lambda: (
+            bob.call("messages.history", {"contact": "alice"})["messages"][-1]["status"] == "sent"
+        ),
+        "the deposit to the old device",
+    )
+
+    new = peers("alice2")
+    new.wait_connected()
+    result = new.call("backup.import", {"path": str(path), "passphrase": PASS})
+    assert result == {"contacts": 2, "messages": out["messages"], "renewing": 2}
+    assert new.call("identity.get")["display_name"] == "alice"
+    assert new.call("settings.get")["read_receipts"] is False
+    contacts = {c["name"]: c for c in new.call("contacts.list")["contacts"]}
+    assert set(contacts) == {"bob", "carol"} and contacts["bob"]["verified"]
+    assert ("out", "before the backup, bob") in texts(new, "bob")
+    assert ("in", "before the backup, from carol") in texts(new, "carol")
+    # The same identity: the safety numbers did not change.
+    assert (
+        new.call("contacts.safety_number", {"name": "bob"})["safety_number"]
+        == bob.call("contacts.safety_number", {"name": "alice"})["safety_number"]
+    )
+
+    for peer in (bob, carol, new):
+        peer.wait_for(
+            lambda p=peer: event_types(p, ["contact.session_renewed"]),
+            "the renewed session",
+        )
+    renewed = {e["data"]["contact"] for e in event_types(new, ["contact.session_renewed"])}
+    assert renewed == {"bob", "carol"}
+    for peer in (bob, carol):  # "session renewed", not a new contact or a changed identity
+        assert [c["name"] for c in peer.call("contacts.list")["contacts"]] == ["alice"]
+        assert peer.call("requests.list")["requests"] == []
+        assert not event_types(peer, ["contact.request"])
+
+    # The text sent to the old device while it was away arrives, once.
+    new.wait_for(lambda: received(new, "bob", "while you were away"), "the re-sent text")
+    # Both directions with every contact.
+    for name, peer in (("bob", bob), ("carol", carol)):
+        new.call("messages.send", {"contact": name, "text": f"restored says hi to {name}"})
+        peer.wait_for(lambda p=peer, n=name: received(p, "alice", f"restored says hi to {n}"),
+                      f"{name} receives")  # fmt: skip
+        peer.call("messages.send", {"contact": "alice", "text": f"{name} answers"})
+        new.wait_for(lambda n=name: received(new, n, f"{n} answers"), f"{name}'s answer")
+    assert texts(new, "bob").count(("in", "while you were away")) == 1
+    assert new.call("backup.status") == {"renewals_pending": 0}
+
+    # The old device comes back: it receives nothing more, and cannot reach bob.
+    alice.start()
+    bob.call("messages.send", {"contact": "alice", "text": "only for the restored device"})
+    new.wait_for(lambda: received(new, "bob", "only for the restored device"), "the new text")
+    sent = alice.call("messages.send", {"contact": "bob", "text": "from the old device"})
+    alice.wait_for(
+        lambda: any(
+            m["message_id"] == sent["message_id"] and m["status"] == "failed"
+            for m in alice.call("messages.history", {"contact": "bob"})["messages"]
+        ),
+        "the old device's deposit to be refused",
+    )
+    assert not received(alice, "bob", "only for the restored device")
+    assert not received(alice, "bob", "while you were away")
+    assert not received(bob, "alice", "from the old device")
+
+
+def test_bad_files_change_nothing(peers: Callable[[str], Peer], tmp_short: Path) -> None:
+    alice = peers("alice")
+    alice.wait_connected()
+    alice.call("identity.set_name", {"display_name": "Alice Backup"})
+    path = tmp_short / "a.bak"
+    alice.call("backup.export", {"path": str(path), "passphrase": PASS, **CHEAP})
+    raw = path.read_bytes()
+
+    fresh = peers("fresh")
+    before = fresh.call("identity.get")
+
+    def refused(data: bytes, passphrase: str = PASS) -> RpcCallError:
+        p = tmp_short / "case.bak"
+        p.write_bytes(data)
+        return error_of(fresh, "backup.import", {"path": str(p), "passphrase": passphrase})
+
+    wrong = refused(raw, "not the right passphrase")
+    assert (wrong.code, wrong.data["error"]) == (1043, "wrong_passphrase")
+    header = bytearray(raw)
+    header[len(fmt.MAGIC) + 20] ^= 0x01  # inside the salt
+    assert refused(bytes(header)).code == 1043  # looks like a wrong passphrase (documented)
+    body = bytearray(raw)
+    body[-5] ^= 0x01
+    assert refused(bytes(body)).code == 1043  # the only chunk: damaged = does not open
+    assert refused(raw[:-1]).code == 1045
+    assert refused(raw[: fmt.HEADER_LEN]).code == 1045
+    assert refused(b"hello, world").code == 1042
+    # Parameters below the minimum (a cheap-to-crack file) or absurd: refused before any work.
+    for mem, passes, lanes in ((8 * 1024, 2, 1), (fmt.MIN_KDF.memory_kib, 1, 1),
+                               (8 << 20, 3, 4), (64 * 1024, 3, 200)):  # fmt: skip
+        low = bytearray(raw)
+        low[len(fmt.MAGIC) + 2 : len(fmt.MAGIC) + 14] = (
+            mem.to_bytes(4, "big") + passes.to_bytes(4, "big") + lanes.to_bytes(4, "big")
+        )
+        err = refused(bytes(low))
+        assert err.code == 1042 and "refused" in err.message
+    # Nothing changed.
+    assert fresh.call("identity.get") == before
+    assert fresh.call("contacts.list")["contacts"] == []
+    assert not fresh.events(types=["backup.imported"])
+
+    # Weak passphrases are refused, with the rule.
+    for weak in ("short", "aaaaaaaaaaaaaaaaaaaa", "123456789012"):
+        err = error_of(alice, "backup.export",
+                       {"path": str(tmp_short / "w.bak"), "passphrase": weak, **CHEAP})  # fmt: skip
+        assert err.code == 1041 and "at least 12 characters" in err.message
+        assert weak not in err.message
+    assert not (tmp_short / "w.bak").exists()
+
+    # A profile with contacts or history is not fresh: import is refused.
+    other = peers("other")
+    connect(alice, other)
+    err = error_of(alice, "backup.import", {"path": str(path), "passphrase": PASS})
+    assert err.code == 1046
+
+
+def test_default_parameters_and_progress(peers: Callable[[str], Peer], tmp_short: Path) -> None:
+    alice = peers("alice")
+    path = tmp_short / "default.bak"
+    out = alice.call("backup.export", {"path": str(path), "passphrase": PASS})
+    assert out["kdf"] == {"memory_kib": 65536, "passes": 3, "lanes": 4}
+    header = fmt.Header.from_bytes(path.read_bytes())
+    assert header.kdf == fmt.DEFAULT_KDF
+    stages = [e["data"]["stage"] for e in alice.events(types=["backup.progress"])]
+    assert stages[0] == "kdf" and "encrypt" in stages and stages[-1] == "done"
+    fresh = peers("fresh")
+    assert fresh.call("backup.import", {"path": str(path), "passphrase": PASS})["contacts"] == 0
+    assert fresh.call("identity.get")["identity_key"] == alice.call("identity.get")["identity_key"]
+
+
+def test_cli_export_and_import(peers: Callable[[str], Peer], tmp_short: Path) -> None:
+    from tests.functional.test_cli_messaging import aegis, ok, one_line_error
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.call("messages.send", {"contact": "bob", "text": "kept in the backup"})
+    pw = tmp_short / "pw"
+    pw.write_text(PASS + "\n")
+    weak = tmp_short / "weak"
+    weak.write_text("password\n")
+    target = tmp_short / "cli.bak"
+    cheap = ["--kdf-memory-kib", str(fmt.MIN_KDF.memory_kib), "--kdf-passes", "2",
+             "--kdf-lanes", "1"]  # fmt: skip
+
+    line = one_line_error(aegis(alice, "backup", "export", str(target),
+                                "--passphrase-file", str(weak), *cheap))  # fmt: skip
+    assert "too weak" in line and "at least 12 characters" in line and "password" not in line
+    assert not target.exists()
+    out = ok(aegis(alice, "backup", "export", str(target), "--passphrase-file", str(pw), *cheap))
+    assert out.startswith("backup written to ") and "1 contacts" in out and PASS not in out
+    line = one_line_error(aegis(alice, "backup", "export", str(target), "--passphrase-file",
+                                str(pw), *cheap))  # fmt: skip
+    assert "exists" in line and "--force" in line
+    ok(aegis(alice, "backup", "export", str(target), "--passphrase-file", str(pw), "--force",
+             *cheap))  # fmt: skip
+    # No passphrase file and no terminal: a clear error, nothing asked.
+    line = one_line_error(aegis(alice, "backup", "export", str(tmp_short / "x.bak"), *cheap))
+    assert "--passphrase-file" in line
+
+    fresh = peers("fresh")
+    res = json.loads(ok(aegis(fresh, "backup", "import", str(target), "--passphrase-file",
+                              str(pw), "--json")))  # fmt: skip
+    assert res["contacts"] == 1 and res["renewing"] == 1
+    assert ("out", "kept in the backup") in texts(fresh, "bob")
+    line = one_line_error(aegis(fresh, "backup", "import", str(target), "--passphrase-file",
+                                str(pw)))  # fmt: skip
+    assert "fresh profile" in line
+    bob.wait_for(lambda: event_types(bob, ["contact.session_renewed"]), "the renewal")
+
+
+def _deposit(url: str, address: Any, block: bytes) -> None:
+    import asyncio
+
+    from relay.client import RelayClient
+
+    async def go() -> None:
+        client = await RelayClient.connect(url)
+        try:
+            await client.deposit(address.deposit_id, block, address.send_token or None)
+        finally:
+            await client.close()
+
+    asyncio.run(go())
+
+
+def test_renewal_requests_cannot_be_replayed(
+    peers: Callable[[str], Peer], tmp_short: Path, relay_proc: Any
+) -> None:
+    """Someone holding a renewal request (the relay) cannot make the contact renew again with
+    an older one; a newer one (only the identity's holder can make it) is taken."""
+    from aegisd.core import renewal, wire
+    from aegisd.core.identity import IdentityKeyPair, PublicIdentity
+    from aegisd.core.primitives import SystemEntropy
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    first = tmp_short / "first.bak"
+    alice.call("backup.export", {"path": str(first), "passphrase": PASS, **CHEAP})
+    alice.stop()
+    new = peers("alice2")
+    new.call("backup.import", {"path": str(first), "passphrase": PASS})
+    bob.wait_for(lambda: event_types(bob, ["contact.session_renewed"]), "the renewal")
+    new.wait_for(lambda: event_types(new, ["contact.session_renewed"]), "the renewal")
+
+    # Where the restored profile now deposits for bob, and the identity: from a second backup.
+    second = tmp_short / "second.bak"
+    new.call("backup.export", {"path": str(second), "passphrase": PASS, **CHEAP})
+    contents = fmt.BackupContents.from_bytes(fmt.decrypt(PASS, second.read_bytes()))
+    ident = IdentityKeyPair.from_raw(contents.ed_priv, contents.x_priv, contents.binding_sig)
+    (bob_entry,) = contents.contacts
+    assert bob_entry.send_to is not None
+    bob_identity = PublicIdentity.from_record(bob_entry.identity)
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    # A real bundle (the restored profile's): only the freshness check can stop a request.
+    bundle = wire.ContactLink.from_text(new.call("address.get")["link"]).bundle_address
+
+    def request(created_at_ms: int) -> bytes:
+        payload = wire.RenewPayload(
+            SystemEntropy().random(16), created_at_ms, bob_entry.send_to, bundle, "mallory"
+        )
+        return renewal.seal(SystemEntropy(), ident, bob_identity, wire.encode_payload(payload))
+
+    now = time.time_ns() // 1_000_000
+    for created in (now - 3_600_000, now - 20 * 24 * 3_600_000, now + 3 * 24 * 3_600_000):
+        _deposit(url, bob_entry.send_to, request(created))  # older than the last, stale, future
+    new.call("messages.send", {"contact": "bob", "text": "after the replays"})
+    bob.wait_for(lambda: received(bob, "alice", "after the replays"), "the text after them")
+    assert len(event_types(bob, ["contact.session_renewing"])) == 1  # the real one only
+    bob.call("messages.send", {"contact": "alice", "text": "still the same session"})
+    new.wait_for(lambda: received(new, "bob", "still the same session"), "bob's answer")
+
+    # The control: a newer request is taken (bob starts a renewal towards its reply mailbox).
+    _deposit(url, bob_entry.send_to, request(time.time_ns() // 1_000_000))
+    bob.wait_for(
+        lambda: len(event_types(bob, ["contact.session_renewing"])) == 2, "the newer request"
+    )
+
+
+def test_stale_backup_reports_instead_of_losing_the_contact(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    """A backup older than a mailbox rotation the old device completed: the contact's mailbox
+    in the backup is gone. The contact and its history stay; the failure is reported."""
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.call("messages.send", {"contact": "bob", "text": "history to keep"})
+    bob.wait_for(lambda: received(bob, "alice", "history to keep"), "the text")
+    path = tmp_short / "stale.bak"
+    alice.call("backup.export", {"path": str(path), "passphrase": PASS, **CHEAP})
+    bob.call("contacts.rotate_mailbox", {"name": "alice"})
+    bob.wait_for(lambda: event_types(bob, ["contact.mailbox_rotated"]), "the rotation")
+    alice.stop()
+
+    new = peers("alice2")
+    new.call("backup.import", {"path": str(path), "passphrase": PASS})
+    failed = new.wait_for(lambda: event_types(new, ["contact.renewal_failed"]), "the report")
+    assert (
+        failed[0]["data"]["contact"] == "bob"
+        and "add the contact again" in (failed[0]["data"]["reason"])
+    )
+    assert [c["name"] for c in new.call("contacts.list")["contacts"]] == ["bob"]
+    assert ("out", "history to keep") in texts(new, "bob")
+    assert new.call("backup.status") == {"renewals_pending": 0}
+    assert not event_types(new, ["contact.failed"])

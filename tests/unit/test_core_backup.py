@@ -1,0 +1,274 @@
+"""The backup file format (aegisd/core/backup.py), renewal blocks (aegisd/core/renewal.py)
+and their strict parsers, fuzzed like the other parsers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aegisd.core import backup as fmt
+from aegisd.core import renewal, wire
+from aegisd.core.errors import DecodeError, DecryptionError, UnsupportedVersion
+from aegisd.core.identity import IdentityKeyPair
+from aegisd.core.primitives import SystemEntropy
+
+E = SystemEntropy()
+PASS = "correct horse battery staple"
+KDF = fmt.MIN_KDF
+ALICE = IdentityKeyPair.generate(E)
+BOB = IdentityKeyPair.generate(E)
+MAILBOX = wire.MailboxAddress("wss://relay.example/v1/ws", b"d" * 16, b"t" * 32)
+OWNED = fmt.BackupMailbox("wss://relay.example/v1/ws", b"s" * 32, b"b" * 32, b"o" * 16,
+                          b"d" * 16, b"r" * 32, b"t" * 32)  # fmt: skip
+
+
+def sample_contents(messages: int = 3) -> fmt.BackupContents:
+    ed, x = ALICE.raw_private()
+    msgs = tuple(
+        fmt.BackupMessage(f"{i:032x}", i % 2 == 0, f"text {i} ünïcode", "delivered" if i % 2 == 0
+                          else "received", None if i % 2 == 0 else 1000 + i, 2000 + i, 3000 + i)
+        for i in range(messages)
+    )  # fmt: skip
+    contact = fmt.BackupContact(
+        "bob", BOB.public.record(), True, False, 12345, MAILBOX, msgs, (OWNED,)
+    )
+    return fmt.BackupContents(
+        99, ed, x, ALICE.public.binding_sig, "Alice", (("privacy.read_receipts", "false"),),
+        (contact,), (OWNED,),
+    )  # fmt: skip
+
+
+def test_contents_round_trip() -> None:
+    c = sample_contents()
+    assert fmt.BackupContents.from_bytes(c.to_bytes()) == c
+    assert "text" not in repr(c) and "Alice" not in repr(c)
+    # The longest contact name (64 characters of 4 UTF-8 bytes) fits.
+    wide = c.contacts[0].__class__(**{**c.contacts[0].__dict__, "name": "\U0001f600" * 64})
+    c2 = fmt.BackupContents(**{**c.__dict__, "contacts": (wide,)})
+    assert fmt.BackupContents.from_bytes(c2.to_bytes()).contacts[0].name == "\U0001f600" * 64
+
+
+def test_round_trip_any_size_and_exact_file_size() -> None:
+    for n in (0, 1, fmt.CHUNK_SIZE - 1, fmt.CHUNK_SIZE, fmt.CHUNK_SIZE + 1, 3 * fmt.CHUNK_SIZE):
+        plain = bytes(i % 251 for i in range(n))
+        data = fmt.encrypt(E, PASS, plain, KDF)
+        assert len(data) == fmt.Header.from_bytes(data).file_size
+        assert fmt.decrypt(PASS, data) == plain
+
+
+def test_each_failure_is_one_clear_error() -> None:
+    plain = bytes(3 * fmt.CHUNK_SIZE + 10)
+    data = fmt.encrypt(E, PASS, plain, KDF)
+    with pytest.raises(fmt.BackupKeyError):
+        fmt.decrypt("another passphrase entirely", data)
+    for offset in (len(fmt.MAGIC) + 14, fmt.HEADER_LEN - 1, fmt.HEADER_LEN + 3):
+        bad = bytearray(data)
+        bad[offset] ^= 1  # salt, stream header, first chunk: the key does not fit
+        with pytest.raises(fmt.BackupKeyError):
+            fmt.decrypt(PASS, bytes(bad))
+    for offset in (fmt.HEADER_LEN + fmt.CHUNK_SIZE + fmt.ABYTES + 5, len(data) - 1):
+        bad = bytearray(data)
+        bad[offset] ^= 1
+        with pytest.raises(fmt.BackupDamaged):
+            fmt.decrypt(PASS, bytes(bad))
+    # Chunks swapped: each authenticates alone, not in that place.
+    c = fmt.CHUNK_SIZE + fmt.ABYTES
+    h = fmt.HEADER_LEN
+    swapped = data[:h] + data[h + c : h + 2 * c] + data[h : h + c] + data[h + 2 * c :]
+    with pytest.raises((fmt.BackupKeyError, fmt.BackupDamaged)):
+        fmt.decrypt(PASS, swapped)
+    for cut in (1, fmt.ABYTES, c, len(data) - fmt.HEADER_LEN):
+        with pytest.raises(fmt.BackupTruncated):
+            fmt.decrypt(PASS, data[:-cut])
+    with pytest.raises(fmt.BackupDamaged):
+        fmt.decrypt(PASS, data + b"\x00")
+    # The length in the header is authenticated: cutting whole chunks and fixing the length
+    # makes the header not fit the key.
+    short = bytearray(data[: h + c + fmt.ABYTES + 5])
+    o = len(fmt.MAGIC) + 14 + fmt.SALT_LEN
+    short[o : o + 8] = struct.pack(">Q", fmt.CHUNK_SIZE + 5)
+    assert fmt.Header.from_bytes(bytes(short)).file_size == len(short)
+    with pytest.raises(fmt.BackupKeyError):
+        fmt.decrypt(PASS, bytes(short))
+    with pytest.raises(fmt.NotABackup):
+        fmt.decrypt(PASS, b"PK\x03\x04 a zip file")
+
+
+def _with_kdf(data: bytes, mem: int, passes: int, lanes: int) -> bytes:
+    o = len(fmt.MAGIC) + 2
+    return data[:o] + struct.pack(">III", mem, passes, lanes) + data[o + 12 :]
+
+
+def test_kdf_parameters_checked_before_the_key_derivation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = fmt.encrypt(E, PASS, b"x", KDF)
+
+    def no_kdf(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError("the key derivation ran")
+
+    monkeypatch.setattr(fmt, "hash_secret_raw", no_kdf)
+    for mem, passes, lanes in (
+        (fmt.MIN_KDF.memory_kib - 1, 3, 1),  # below the floor: a downgrade
+        (fmt.MIN_KDF.memory_kib, 1, 1),
+        (64 * 1024, 3, 0),
+        (4 * 1024 * 1024 + 1, 3, 4),  # over 4 GiB
+        (2**32 - 1, 3, 4),
+        (64 * 1024, 2**32 - 1, 4),
+        (64 * 1024, 3, 10_000),
+    ):
+        with pytest.raises(fmt.NotABackup, match="refused"):
+            fmt.decrypt(PASS, _with_kdf(data, mem, passes, lanes))
+    bad_version = bytearray(data)
+    bad_version[len(fmt.MAGIC)] = 2
+    with pytest.raises(fmt.NotABackup, match="newer version"):
+        fmt.decrypt(PASS, bytes(bad_version))
+
+
+def test_the_default_is_rfc9106_second_choice() -> None:
+    assert fmt.KdfParams(64 * 1024, 3, 4) == fmt.DEFAULT_KDF
+    fmt.check_kdf(fmt.DEFAULT_KDF)
+
+
+def test_passphrase_rule() -> None:
+    for weak in ("", "short", "aaaaaaaaaaaaaaaaaaaa", "abababababab", "123456789012",
+                 "1234567890123456"):  # fmt: skip
+        problem = fmt.passphrase_problem(weak)
+        assert problem is not None and fmt.PASSPHRASE_RULE in problem
+        assert not weak or weak not in problem
+    for strong in (PASS, "Tr0ub4dor&3xyz", "abcdefghijkm", "ünïcödé pässwörd"):
+        assert fmt.passphrase_problem(strong) is None
+
+
+def test_passphrase_is_normalised() -> None:
+    data = fmt.encrypt(E, "caf\u00e9 au lait, s'il vous pla\u00eet", b"x", KDF)
+    assert fmt.decrypt("cafe\u0301 au lait, s'il vous plai\u0302t", data) == b"x"
+
+
+def test_contents_reject_bad_status_direction_and_attachments() -> None:
+    good = sample_contents(1).to_bytes()
+    with pytest.raises(DecodeError):
+        fmt.BackupContents.from_bytes(good[:-4] + b"\x00\x00\x00\x01")  # attachments
+    with pytest.raises(UnsupportedVersion):
+        fmt.BackupContents.from_bytes(b"\x02" + good[1:])
+    with pytest.raises(DecodeError):
+        fmt.BackupContents.from_bytes(good + b"\x00")
+    ed, x = ALICE.raw_private()
+    bad = fmt.BackupContents(1, ed, x, ALICE.public.binding_sig, "", (("a", "not json"),), (), ())
+    with pytest.raises(DecodeError):
+        fmt.BackupContents.from_bytes(bad.to_bytes())
+    incoming_sent = fmt.BackupMessage("m", False, "t", "sent", None, 1, 1)
+    c = fmt.BackupContact("bob", BOB.public.record(), False, False, 1, None, (incoming_sent,), ())
+    with pytest.raises(DecodeError):
+        fmt.BackupContents.from_bytes(
+            fmt.BackupContents(1, ed, x, ALICE.public.binding_sig, "", (), (c,), ()).to_bytes()
+        )
+
+
+# --- renewal blocks ---------------------------------------------------------------------------
+
+RENEW = wire.RenewPayload(b"r" * 16, 1_700_000_000_000, MAILBOX, b"bundle", "Alice")
+
+
+def test_renewal_block_round_trip_and_binding() -> None:
+    block = renewal.seal(E, ALICE, BOB.public, wire.encode_payload(RENEW))
+    assert len(block) == wire.BLOCK_SIZE and block[0] == wire.VERSION
+    assert renewal.decode(renewal.open_block(BOB, ALICE.public, block)) == RENEW
+    assert b"Alice" not in block and MAILBOX.deposit_id not in block
+    carol = IdentityKeyPair.generate(E)
+    with pytest.raises(DecryptionError):
+        renewal.open_block(BOB, carol.public, block)  # not from carol
+    with pytest.raises(DecryptionError):
+        renewal.open_block(carol, ALICE.public, block)  # not for carol
+    with pytest.raises(DecryptionError):
+        renewal.open_block(ALICE, BOB.public, block)  # reflected to its sender
+    for i in (1, 40, wire.BLOCK_SIZE - 1):
+        bad = bytearray(block)
+        bad[i] ^= 1
+        with pytest.raises(DecryptionError):
+            renewal.open_block(BOB, ALICE.public, bytes(bad))
+    # Two seals of the same request look unrelated.
+    again = renewal.seal(E, ALICE, BOB.public, wire.encode_payload(RENEW))
+    assert again[1:33] != block[1:33] and again[40:80] != block[40:80]
+    with pytest.raises(DecodeError):
+        renewal.decode(wire.encode_payload(wire.MailboxAckPayload(b"x" * 16)))
+
+
+def test_renew_payload_is_strict() -> None:
+    enc = wire.encode_payload(RENEW)
+    assert enc[1] == wire.PAYLOAD_RENEW == 0x0A
+    assert wire.decode_payload(enc) == RENEW
+    with pytest.raises(DecodeError):
+        wire.decode_payload(enc + b"\x00")
+    with pytest.raises(ValueError):
+        wire.encode_payload(wire.RenewPayload(b"r" * 16, 1, MAILBOX, b"", "x"))
+
+
+# --- fuzz -------------------------------------------------------------------------------------
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+CONTENTS = sample_contents().to_bytes()
+FILE = fmt.encrypt(E, PASS, CONTENTS, KDF)
+BLOCK = renewal.seal(E, ALICE, BOB.public, wire.encode_payload(RENEW))
+
+
+def _parse_all(data: bytes) -> None:
+    with contextlib.suppress(DecodeError):
+        fmt.BackupContents.from_bytes(data)
+    with contextlib.suppress(fmt.BackupError, DecodeError):
+        fmt.Header.from_bytes(data)
+    with contextlib.suppress(DecodeError):
+        wire.decode_payload(data)
+    with contextlib.suppress(DecryptionError):
+        renewal.open_block(BOB, ALICE.public, data)
+
+
+@FUZZ
+@given(data=st.binary(max_size=4096))
+def test_random_bytes(data: bytes) -> None:
+    _parse_all(data)
+    _parse_all(fmt.MAGIC + data)
+    _parse_all(b"\x01\x30" + data)
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_contents_header_and_block(data: st.DataObject) -> None:
+    for sample in (CONTENTS, FILE[: fmt.HEADER_LEN], wire.encode_payload(RENEW), BLOCK):
+        s = bytearray(sample)
+        kind = data.draw(st.sampled_from(["flip", "truncate", "extend", "splice"]))
+        if kind == "flip":
+            for _ in range(data.draw(st.integers(1, 4))):
+                i = data.draw(st.integers(0, len(s) - 1))
+                s[i] ^= data.draw(st.integers(1, 255))
+        elif kind == "truncate":
+            del s[data.draw(st.integers(0, len(s) - 1)) :]
+        elif kind == "extend":
+            s += data.draw(st.binary(min_size=1, max_size=64))
+        else:
+            i = data.draw(st.integers(0, len(s)))
+            s[i:i] = data.draw(st.binary(min_size=1, max_size=16))
+        _parse_all(bytes(s))
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_mutated_file_gives_one_typed_error(data: st.DataObject) -> None:
+    s = bytearray(FILE)
+    # Anywhere but the cost fields (a flip there may ask for up to 1 GiB: slow, not wrong).
+    i = data.draw(st.integers(len(fmt.MAGIC) + 14, len(s) - 1) | st.integers(0, 9))
+    s[i] ^= data.draw(st.integers(1, 255))
+    cut = data.draw(st.integers(0, 3))
+    mutated = bytes(s[: len(s) - cut])
+    with pytest.raises(fmt.BackupError):
+        fmt.decrypt(PASS, mutated)
+
+
+def test_settings_are_json() -> None:
+    c = fmt.BackupContents.from_bytes(CONTENTS)
+    assert json.loads(c.settings[0][1]) is False
