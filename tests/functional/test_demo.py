@@ -41,12 +41,19 @@ def test_demo_runs_end_to_end() -> None:
     assert base is not None and not Path(base.group(1)).exists()
 
 
+def _default_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored and children inherit that; the demo
+    # must see Ctrl-C however the suite was launched.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_demo_interrupted_stops_everything() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "aegisd.demo"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
     assert proc.stdout is not None
     lines = []
