@@ -102,7 +102,7 @@ class Daemon:
         # Calls: their hooks come after the messenger's, so a lock ends the calls first.
         from .calls.api import register as register_calls
 
-        self.calls = register_calls(self.registry, self.messenger)
+        self.calls = register_calls(self.registry, self.messenger, test_methods=test_methods)
         if test_methods:
             self.registry.register("debug.emit", self.rpc_debug_emit, unlocked=True)
 

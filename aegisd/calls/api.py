@@ -19,7 +19,7 @@ def _bool(field: str, value: Any) -> bool:
     return value
 
 
-def register(registry: Registry, m: Messenger) -> CallService:
+def register(registry: Registry, m: Messenger, *, test_methods: bool = False) -> CallService:
     service = CallService(m.daemon, m)
     m.calls = service  # type: ignore[attr-defined]  # the messenger hands signaling over
     m.daemon.on_unlock.append(service.on_unlock)
@@ -87,5 +87,15 @@ def register(registry: Registry, m: Messenger) -> CallService:
             turn_username=turn_username,
             turn_password=turn_password,
         )
+
+    if test_methods:
+        # Test plumbing only (aegisd --test-methods): send bad signaling to the peer of a live
+        # call, so tests can check that the peer's daemon rejects it. Returns nothing.
+        @registry.method("debug.call_signal", unlocked=True)
+        async def debug_call_signal(ctx: CallContext, call_id: str, mode: str) -> dict[str, Any]:
+            if mode not in ("tamper", "replay", "unknown"):
+                raise InvalidParamsError("mode", "must be tamper, replay or unknown")
+            await service.debug_signal(call_id, mode)
+            return {"sent": True}
 
     return service

@@ -85,6 +85,7 @@ class Call:
     timer: asyncio.TimerHandle | None = None
     answered_at: int | None = None
     media_seen: set[str] = field(default_factory=set)
+    last_sealed: wire.CallSealedPayload | None = None  # for the replay test (--test-methods)
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -525,7 +526,9 @@ class CallService:
         sdp = await media.create_offer()
         if call.state == "ended" or call.channel is None:
             return
-        sealed = call.channel.seal(self.m.entropy, signaling.SIG_OFFER, sdp.encode())
+        sealed = call.last_sealed = call.channel.seal(
+            self.m.entropy, signaling.SIG_OFFER, sdp.encode()
+        )
         await self.m.send_call_payload(call.contact_id, sealed)
 
     async def _answer(self, call: Call, offer: bytes) -> None:
@@ -533,9 +536,33 @@ class CallService:
         sdp = await media.answer_offer(offer.decode())
         if call.state == "ended" or call.channel is None:
             return
-        sealed = call.channel.seal(self.m.entropy, signaling.SIG_ANSWER, sdp.encode())
+        sealed = call.last_sealed = call.channel.seal(
+            self.m.entropy, signaling.SIG_ANSWER, sdp.encode()
+        )
         await self.m.send_call_payload(call.contact_id, sealed)
 
     async def _accept_answer(self, call: Call, answer: bytes) -> None:
         assert call.media is not None
         await call.media.accept_answer(answer.decode())
+
+    async def debug_signal(self, call_id: str, mode: str) -> None:
+        """--test-methods only: tamper (a HANGUP with one bit of its box flipped), replay (the
+        last sealed message sent, again, in a new ratchet message), unknown (a HANGUP under
+        another call id)."""
+        call = self._get(call_id)
+        if call.channel is None:
+            raise AppError(E_CALL_STATE, "call_state", "the call has no sealed channel yet")
+        if mode == "replay":
+            if call.last_sealed is None:
+                raise AppError(E_CALL_STATE, "call_state", "nothing was sealed yet")
+            payload = call.last_sealed
+        else:
+            sealed = call.channel.seal(self.m.entropy, signaling.SIG_HANGUP, b"")
+            if mode == "tamper":
+                box = bytearray(sealed.box)
+                box[len(box) // 2] ^= 0x01
+                payload = wire.CallSealedPayload(sealed.call_id, sealed.nonce, bytes(box))
+            else:
+                other = self.m.entropy.random(wire.CALL_ID_LEN)
+                payload = wire.CallSealedPayload(other, sealed.nonce, sealed.box)
+        await self.m.send_call_payload(call.contact_id, payload)

@@ -136,7 +136,7 @@ def _calls_history(db: Any) -> None:
             contact_id   INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
             direction    TEXT NOT NULL CHECK (direction IN ('in', 'out')),
             video        INTEGER NOT NULL DEFAULT 0,
-            state        TEXT NOT NULL,         -- the last state; 'ended' once over
+            state        TEXT NOT NULL,         -- the last state, 'ended' once over
             end_reason   TEXT,
             created_at   INTEGER NOT NULL,      -- ms
             answered_at  INTEGER,
