@@ -177,7 +177,8 @@ class Coturn:
         # not honoured here); the password is random and lives as long as this test server.
         args = [exe, "-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1",
                 f"--listening-port={self.port}", "--min-port=49152", "--max-port=65535",
-                "--lt-cred-mech", f"--realm={self.realm}", f"--user={self.user}:{self.password}", "--allow-loopback-peers",
+                "--lt-cred-mech", f"--realm={self.realm}", f"--user={self.user}:{self.password}",
+                "--allow-loopback-peers",
                 "--no-tls", "--no-dtls", "--no-cli", "--no-tcp-relay", "--no-multicast-peers",
                 f"--log-file={self.log}", "--simple-log", "--verbose", "--no-stdout-log",
                 f"--pidfile={tmp / 'turnserver.pid'}", "--userdb", str(tmp / "turndb")]  # fmt: skip
