@@ -102,6 +102,9 @@ class MediaSession:
     pc: RTCPeerConnection = field(init=False)
     _player: MediaPlayer | None = field(init=False, default=None)
     _sink: MediaRecorder | MediaBlackhole | None = field(init=False, default=None)
+    # Tracks nobody records (video into a .wav, the player's video in an audio call) are still
+    # read, so that aiortc's frame queues do not grow for the length of the call.
+    _drain: MediaBlackhole = field(init=False, default_factory=MediaBlackhole)
     _remote: list[_Watched] = field(init=False, default_factory=list)
     _sealed_fingerprints: set[tuple[str, str]] = field(init=False, default_factory=set)
     _closed: bool = field(init=False, default=False)
@@ -124,6 +127,8 @@ class MediaSession:
             track.kind == "audio" or not (self.record or "").lower().endswith((".wav", ".ogg"))
         ):
             self._sink.addTrack(watched)
+        else:
+            self._drain.addTrack(watched)
 
     def _add_local_tracks(self) -> None:
         audio = self._player.audio if self._player is not None else None
@@ -131,6 +136,8 @@ class MediaSession:
         self.pc.addTrack(audio if audio is not None else AudioStreamTrack())
         if self.video:
             self.pc.addTrack(video if video is not None else VideoStreamTrack())
+        elif video is not None:
+            self._drain.addTrack(video)
 
     async def create_offer(self) -> str:
         self._add_local_tracks()
@@ -168,6 +175,7 @@ class MediaSession:
     async def _start_sink(self) -> None:
         if self._sink is not None:
             await self._sink.start()
+        await self._drain.start()
 
     def transport(self) -> dict[str, Any]:
         """Candidate types (never addresses): what was offered and which pair carries media."""
@@ -195,9 +203,10 @@ class MediaSession:
         self._closed = True
         for track in self._remote:
             track.stop()
-        if self._sink is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._sink.stop(), 10)
+        for sink in (self._sink, self._drain):
+            if sink is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(sink.stop(), 10)
         if self._player is not None:
             for t in (self._player.audio, self._player.video):
                 if t is not None:

@@ -116,8 +116,8 @@ class CallService:
         # Calls that were live when the daemon stopped or crashed are over.
         with store.transaction():
             store._q(  # the store's query helper: this table is the calls module's own
-                "UPDATE calls SET state = 'ended', end_reason = COALESCE(end_reason, 'failed'), "
-                "ended_at = COALESCE(ended_at, ?) WHERE state != 'ended'",
+                "UPDATE calls SET end_reason = CASE state WHEN 'ringing' THEN 'missed' "
+                "ELSE 'failed' END, state = 'ended', ended_at = ? WHERE state != 'ended'",
                 (_ms(),),
             )
 

@@ -125,7 +125,11 @@ class RecordingProxy:
                 client, _ = self.sock.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:  # the relay is gone (the test stopped it): refuse this one
+                client.close()
+                continue
             for a, b in ((client, upstream), (upstream, client)):
                 buf = bytearray()
                 with self._lock:

@@ -210,6 +210,8 @@ def test_busy_reject_and_offline_contact(make: Callable[..., Peer]) -> None:
     connect(carol, bob)
     first = alice.call("calls.start", {"contact": "bob"})["call_id"]
     event(bob, "call.incoming", call_id=first)
+    for p in (alice, bob):  # ringing needs no media stack
+        assert media_libraries_mapped(pid(p)) == []
     # A second incoming call while one rings: answered busy; the first goes on ringing.
     second = carol.call("calls.start", {"contact": "bob"})["call_id"]
     event(carol, "call.state", call_id=second, state="ended", reason="busy")
@@ -217,28 +219,63 @@ def test_busy_reject_and_offline_contact(make: Callable[..., Peer]) -> None:
     assert [(c["call_id"], c["state"]) for c in bob.call("calls.list")["calls"]] == [
         (first, "ringing")
     ]
-    bob.call("calls.reject", {"call_id": first})
-    event(alice, "call.state", call_id=first, state="ended", reason="rejected")
-    for p in (alice, bob, carol):  # no call got as far as media
-        assert media_libraries_mapped(pid(p)) == []
-
-    # A call to a contact whose daemon is not running ends unanswered after the ring timeout.
-    carol.call("calls.configure", {"ring_timeout": 2})
-    bob.stop()
+    # And while one is active: busy again, and the active call goes on.
+    bob.call("calls.accept", {"call_id": first})
+    event(alice, "call.state", call_id=first, state="active")
     third = carol.call("calls.start", {"contact": "bob"})["call_id"]
-    event(carol, "call.state", call_id=third, state="ended", reason="unanswered")
-    assert carol.call("calls.history", {"limit": 1})["calls"][0]["reason"] == "unanswered"
+    event(carol, "call.state", call_id=third, state="ended", reason="busy")
+    event(bob, "call.missed", call_id=third, reason="busy")
+    assert [(c["call_id"], c["state"]) for c in bob.call("calls.list")["calls"]] == [
+        (first, "active")
+    ]
+    assert [(c["call_id"], c["state"]) for c in alice.call("calls.list")["calls"]] == [
+        (first, "active")
+    ]
+    alice.call("calls.hangup", {"call_id": first})
+    event(bob, "call.state", call_id=first, state="ended", reason="remote_hangup")
+
+    # Declined.
+    fourth = carol.call("calls.start", {"contact": "bob"})["call_id"]
+    event(bob, "call.incoming", call_id=fourth)
+    r = subprocess.run(
+        [sys.executable, "-m", "aegis_cli.main", "decline", "--home", str(bob.home)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    event(carol, "call.state", call_id=fourth, state="ended", reason="rejected")
+    assert media_libraries_mapped(pid(carol)) == []  # none of carol's calls got to media
+
+    # Bob's daemon is killed while a call rings: after the restart the call is in his history
+    # as missed, not left ringing. A call to a contact whose daemon is not running ends
+    # unanswered after the ring timeout; `aegis call` follows it and says so.
+    carol.call("calls.configure", {"ring_timeout": 2})
+    fifth = carol.call("calls.start", {"contact": "bob"})["call_id"]
+    event(bob, "call.incoming", call_id=fifth)
+    bob.kill()
+    event(carol, "call.state", call_id=fifth, state="ended", reason="unanswered")
+    r = subprocess.run(
+        [sys.executable, "-m", "aegis_cli.main", "call", "bob", "--home", str(carol.home)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "call to bob: calling" in r.stdout
+    assert r.stderr.strip() == "aegis: error: the call ended: unanswered"
+    last = carol.call("calls.history", {"limit": 1})["calls"][0]
+    assert (last["contact"], last["state"], last["reason"]) == ("bob", "ended", "unanswered")
     # Bob comes back: the stale call is a missed call, it does not ring.
     bob.start()
     bob.wait_for(
-        lambda: any(c["call_id"] == third for c in bob.call("calls.history")["calls"]),
+        lambda: any(c["call_id"] == last["call_id"] for c in bob.call("calls.history")["calls"]),
         "the missed call in bob's history",
     )
-    missed = next(c for c in bob.call("calls.history")["calls"] if c["call_id"] == third)
+    history = {c["call_id"]: c for c in bob.call("calls.history")["calls"]}
+    missed = history[last["call_id"]]
     assert (missed["state"], missed["reason"], missed["direction"]) == ("ended", "missed", "in")
     assert bob.call("calls.list")["calls"] == []
-    history = {c["call_id"]: c["reason"] for c in bob.call("calls.history")["calls"]}
-    assert history[first] == "rejected" and history[second] == "busy"
+    assert [history[c]["reason"] for c in (first, second, third, fourth, fifth)] == [
+        "remote_hangup", "busy", "busy", "rejected", "missed"
+    ]
+    assert history[fifth]["state"] == "ended"
 
 
 def test_hide_my_ip_relays_through_coturn(make: Callable[..., Peer], tmp_short: Path) -> None:
