@@ -7,6 +7,7 @@ Media runs peer to peer (host candidates restricted to 127.0.0.1 by calls.host_c
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -80,9 +81,9 @@ def cli(p: Peer, *args: str) -> Any:
     return json.loads(r.stdout)
 
 
-def event(p: Peer, type_: str, **match: Any) -> dict[str, Any]:
+def event(p: Peer, type_: str, since: int = 0, **match: Any) -> dict[str, Any]:
     def find() -> dict[str, Any] | None:
-        for ev in p.events(types=[type_]):
+        for ev in p.events(since, types=[type_]):
             if all(ev["data"].get(k) == v for k, v in match.items()):
                 return dict(ev["data"])
         return None
@@ -244,6 +245,23 @@ def test_busy_reject_and_offline_contact(make: Callable[..., Peer]) -> None:
     assert r.returncode == 0, r.stderr
     event(carol, "call.state", call_id=fourth, state="ended", reason="rejected")
     assert media_libraries_mapped(pid(carol)) == []  # none of carol's calls got to media
+
+    # `aegis call` interrupted (Ctrl-C) hangs up: bob's ringing call ends missed.
+    seq = bob.events()[-1]["seq"]
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "aegis_cli.main", "call", "bob", "--home", str(carol.home)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        ringing = event(bob, "call.incoming", since=seq, contact="carol")
+        follow.send_signal(signal.SIGINT)
+        _, err = follow.communicate(timeout=60)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+    assert follow.returncode == 130 and "interrupted" in err
+    event(bob, "call.state", call_id=ringing["call_id"], state="ended", reason="missed")
+    assert carol.call("calls.list")["calls"] == []
 
     # Bob's daemon is killed while a call rings: after the restart the call is in his history
     # as missed, not left ringing. A call to a contact whose daemon is not running ends
