@@ -6,6 +6,7 @@ Media runs peer to peer (host candidates restricted to 127.0.0.1 by calls.host_c
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from aegis_client import Client
 from tests.daemon.conftest import DaemonProc
 from tests.relay.conftest import RelayProcess
 
@@ -180,7 +182,15 @@ def test_audio_call_tone_through_cli_relay_sees_nothing(
 def test_video_call_bad_signaling_rejected_caller_hangs_up(make: Callable[..., Peer]) -> None:
     alice, bob = make("alice"), make("bob", test_methods=True)
     connect(alice, bob)
-    call_id = alice.call("calls.start", {"contact": "bob", "video": True})["call_id"]
+
+    async def client(*steps: tuple[str, dict[str, Any]]) -> list[Any]:
+        """Alice's side through the asyncio client library (aegis_client)."""
+        async with await Client.connect(alice.home) as c:
+            return [await getattr(c, name)(**kw) for name, kw in steps]
+
+    (started,) = asyncio.run(client(("start_call", {"contact": "bob", "video": True})))
+    assert started["state"] == "calling" and started["video"] is True
+    call_id = started["call_id"]
     assert event(bob, "call.incoming", call_id=call_id)["video"] is True
     bob.call("calls.accept", {"call_id": call_id})
     event(bob, "call.media", call_id=call_id, kind="video")
@@ -199,7 +209,9 @@ def test_video_call_bad_signaling_rejected_caller_hangs_up(make: Callable[..., P
     assert [e for e in alice.events(types=["call.state"]) if e["data"]["state"] == "ended"] == []
 
     # The caller hangs up: both sides release everything.
-    alice.call("calls.hangup", {})
+    live, ended = asyncio.run(client(("calls", {}), ("hangup", {})))
+    assert [c["call_id"] for c in live] == [call_id] and live[0]["media"] == ["audio", "video"]
+    assert ended["state"] == "ended"
     event(bob, "call.state", call_id=call_id, state="ended", reason="remote_hangup")
     alice.wait_for(lambda: released(alice), "alice's media to be released")
     bob.wait_for(lambda: released(bob), "bob's media to be released")
