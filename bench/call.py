@@ -10,7 +10,8 @@ audio frame decoded from alice). The call is then hung up and both sides wait fo
 
 Baseline, measured in the same run: two bare aiortc peer connections in this process on
 loopback doing offer/answer and receiving the first audio frame (the floor: no relay, no
-ratchet, no daemons). Nothing is asserted: it is a measurement, not a test.
+ratchet, no daemons). Also printed: each daemon's resident memory before its first call (aiortc
+not loaded yet) and after the calls. Nothing is asserted: it is a measurement, not a test.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from aegis_cli.client import Client  # noqa: E402
 from aegisd.demo import Stage, aegis  # noqa: E402
-from bench.daemon import connect, med  # noqa: E402
+from bench.daemon import connect, med, rss_mb  # noqa: E402
 
 
 def _until(notes: Any, want: str, call_id: str | None) -> dict[str, Any]:
@@ -127,11 +128,15 @@ def main() -> None:
         print(f"python {sys.version.split()[0]}; {args.calls} calls, loopback, relay on loopback")
         floor = bare_aiortc(args.calls)
         print(f"baseline  bare aiortc offer/answer -> first frame   {med(floor)}")
+        idle = {name: rss_mb(proc.pid) for name, proc in stage.daemons.items()}
         dial, answer = daemon_calls(stage, args.calls)
         print(f"calls.start -> callee call.media (auto-answer)      {med(dial)}")
         print(f"  of which calls.accept -> callee call.media        {med(answer)}")
         ratio = statistics.median(dial) / statistics.median(floor)
         print(f"  = {ratio:.1f} x the bare aiortc floor")
+        for name, proc in stage.daemons.items():  # aiortc is loaded by the first call only
+            print(f"aegisd ({name:5}) VmRSS idle before any call {idle[name]:6.1f} MB, "
+                  f"after the calls {rss_mb(proc.pid):6.1f} MB")
     finally:
         stage.stop_all()
         shutil.rmtree(base, ignore_errors=True)
