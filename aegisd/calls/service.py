@@ -260,7 +260,7 @@ class CallService:
         assert call.peer_public is not None
         secret, public = new_call_key(self.m.entropy)
         try:
-            channel = CallChannel(call.id, secret, call.peer_public)
+            channel = CallChannel(call.id, secret, call.peer_public, caller=False)
         except ProtocolError:
             await self._end(call, "failed", notify=True)
             raise AppError(E_CALL_STATE, "call_state", "the call cannot be answered") from None
@@ -441,7 +441,7 @@ class CallService:
     def _on_accept(self, call: Call, p: wire.CallPayload) -> None:
         assert call.secret is not None
         try:
-            call.channel = CallChannel(call.id, call.secret, p.key)
+            call.channel = CallChannel(call.id, call.secret, p.key, caller=True)
         except ProtocolError:
             self._spawn(self._end(call, "failed", notify=True))
             return

@@ -23,7 +23,7 @@ CID = bytes(range(16))
 def pair() -> tuple[CallChannel, CallChannel]:
     a_sk, a_pk = new_call_key(E)
     b_sk, b_pk = new_call_key(E)
-    return CallChannel(CID, a_sk, b_pk), CallChannel(CID, b_sk, a_pk)
+    return CallChannel(CID, a_sk, b_pk, caller=True), CallChannel(CID, b_sk, a_pk, caller=False)
 
 
 SAMPLES = {
@@ -93,7 +93,8 @@ def test_tampered_or_misaddressed_signaling_gives_one_error_and_changes_nothing(
     tampered.append(wire.CallSealedPayload(CID, good.nonce, good.box[:-1]))
     _, stranger_pk = new_call_key(E)
     c_sk, _ = new_call_key(E)
-    tampered.append(CallChannel(CID, c_sk, stranger_pk).seal(E, signaling.SIG_HANGUP, b""))
+    stranger = CallChannel(CID, c_sk, stranger_pk, caller=True)
+    tampered.append(stranger.seal(E, signaling.SIG_HANGUP, b""))
     for p in tampered:
         with pytest.raises(DecryptionError) as info:
             b.unseal(p)
@@ -105,10 +106,31 @@ def test_call_id_is_bound_inside_the_box() -> None:
     a_sk, a_pk = new_call_key(E)
     b_sk, b_pk = new_call_key(E)
     other = bytes(16)
-    sealed = CallChannel(other, a_sk, b_pk).seal(E, signaling.SIG_HANGUP, b"")
-    receiver = CallChannel(CID, b_sk, a_pk)  # same keys, another call id outside
+    sealed = CallChannel(other, a_sk, b_pk, caller=True).seal(E, signaling.SIG_HANGUP, b"")
+    receiver = CallChannel(CID, b_sk, a_pk, caller=False)  # same keys, another call id outside
     with pytest.raises((DecryptionError, DecodeError)):
         receiver.unseal(wire.CallSealedPayload(CID, sealed.nonce, sealed.box))
+
+
+def test_own_message_reflected_back_is_refused() -> None:
+    """Both boxes share one key: without the sealed sender byte, the callee's own HANGUP sent
+    back to it (its seq above the caller's) would open as the caller's."""
+    a, b = pair()
+    assert b.unseal(a.seal(E, signaling.SIG_OFFER, b"offer")).seq == 1
+    b.seal(E, signaling.SIG_ANSWER, b"answer")
+    own_hangup = b.seal(E, signaling.SIG_HANGUP, b"")  # b's seq 2, above the 1 it accepted
+    with pytest.raises(DecodeError):
+        b.unseal(own_hangup)
+    mine = a.seal(E, signaling.SIG_HANGUP, b"")
+    with pytest.raises(DecodeError):
+        a.unseal(mine)
+    assert b.unseal(mine).kind == signaling.SIG_HANGUP  # the reflected one moved nothing
+
+
+def test_signal_bytes_carry_the_sender() -> None:
+    assert signaling.encode_signal(CID, signaling.SIG_FROM_CALLEE, 3, signaling.SIG_HANGUP, b"") == (
+        b"\x01" + CID + b"\x02" + (3).to_bytes(4, "big") + b"\x04"
+    )
 
 
 def test_erase_forgets_the_keys() -> None:
@@ -126,7 +148,7 @@ def test_erase_forgets_the_keys() -> None:
 def test_low_order_peer_key_refused() -> None:
     sk, _ = new_call_key(E)
     with pytest.raises(DecryptionError):
-        CallChannel(CID, sk, bytes(32))
+        CallChannel(CID, sk, bytes(32), caller=True)
 
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -157,4 +179,4 @@ def test_fuzz_mutated_samples(data: st.DataObject) -> None:
 @given(data=st.binary(max_size=256))
 def test_fuzz_signal_decoder(data: bytes) -> None:
     with contextlib.suppress(DecodeError):
-        signaling.decode_signal(CID, data)
+        signaling.decode_signal(CID, signaling.SIG_FROM_CALLER, data)
