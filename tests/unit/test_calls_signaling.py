@@ -128,9 +128,8 @@ def test_own_message_reflected_back_is_refused() -> None:
 
 
 def test_signal_bytes_carry_the_sender() -> None:
-    assert signaling.encode_signal(CID, signaling.SIG_FROM_CALLEE, 3, signaling.SIG_HANGUP, b"") == (
-        b"\x01" + CID + b"\x02" + (3).to_bytes(4, "big") + b"\x04"
-    )
+    encoded = signaling.encode_signal(CID, signaling.SIG_FROM_CALLEE, 3, signaling.SIG_HANGUP, b"")
+    assert encoded == b"\x01" + CID + b"\x02" + (3).to_bytes(4, "big") + b"\x04"
 
 
 def test_erase_forgets_the_keys() -> None:
