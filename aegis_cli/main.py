@@ -891,5 +891,13 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(0)
 
 
+def _register_extensions() -> None:
+    from . import calls
+
+    calls.register(sys.modules[__name__])
+
+
+_register_extensions()
+
 if __name__ == "__main__":
     main()

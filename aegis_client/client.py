@@ -37,6 +37,7 @@ from .errors import (
     from_error_object,
 )
 from .types import (
+    Call,
     Contact,
     Event,
     History,
@@ -318,6 +319,34 @@ class Client:
     ) -> list[Event]:
         r = await self.call("events.list", {"since": since, "limit": limit, "types": types})
         return [Event.from_json(e) for e in r["events"]]
+
+    # -- calls (docs/api.md, "Calls"): play/record are absolute paths the daemon opens --------
+
+    async def start_call(
+        self, contact: str, *, video: bool = False, play: str | None = None,
+        record: str | None = None,
+    ) -> Call:  # fmt: skip
+        params = {"contact": contact, "video": video, "play": play, "record": record}
+        return cast(Call, await self.call("calls.start", params))
+
+    async def answer_call(
+        self, call_id: str | None = None, *, play: str | None = None, record: str | None = None
+    ) -> Call:
+        params = {"call_id": call_id, "play": play, "record": record}
+        return cast(Call, await self.call("calls.accept", params))
+
+    async def reject_call(self, call_id: str | None = None) -> Call:
+        return cast(Call, await self.call("calls.reject", {"call_id": call_id}))
+
+    async def hangup(self, call_id: str | None = None) -> Call:
+        return cast(Call, await self.call("calls.hangup", {"call_id": call_id}))
+
+    async def calls(self) -> list[Call]:
+        return cast(list[Call], (await self.call("calls.list"))["calls"])
+
+    async def call_history(self, contact: str | None = None, limit: int = 50) -> list[Call]:
+        r = await self.call("calls.history", {"contact": contact, "limit": limit})
+        return cast(list[Call], r["calls"])
 
 
 class EventStream(AsyncIterator[Event]):

@@ -110,3 +110,21 @@ class Event:
 
     def to_json(self) -> dict[str, Any]:
         return {"seq": self.seq, "type": self.type, "time_ms": self.time_ms, "data": self.data}
+
+
+class Call(TypedDict, total=False):
+    """A call (docs/api.md, "Calls"): calls.start / accept / reject / hangup / list. ``transport``
+    appears once media started; history entries carry ``reason`` and ``ended_at`` instead of
+    ``media`` and ``transport``."""
+
+    call_id: str
+    contact: str
+    direction: Literal["in", "out"]
+    video: bool
+    state: Literal["calling", "ringing", "connecting", "active", "ended"]
+    reason: str | None
+    created_at: int
+    answered_at: int | None
+    ended_at: int | None
+    media: list[str]
+    transport: dict[str, Any]

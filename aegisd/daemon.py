@@ -102,6 +102,10 @@ class Daemon:
         backup_api.register(self.registry, self.messenger)
         self.on_unlock.append(self.messenger.on_unlock)
         self.on_lock.append(self.messenger.on_lock)
+        # Calls: their hooks come after the messenger's, so a lock ends the calls first.
+        from .calls.api import register as register_calls
+
+        self.calls = register_calls(self.registry, self.messenger, test_methods=test_methods)
         if test_methods:
             self.registry.register("debug.emit", self.rpc_debug_emit, unlocked=True)
 

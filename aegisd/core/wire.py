@@ -660,6 +660,8 @@ PAYLOAD_RECEIPT = 0x02
 PAYLOAD_HELLO = 0x03
 PAYLOAD_MAILBOX = 0x04
 PAYLOAD_MAILBOX_ACK = 0x05
+PAYLOAD_CALL = 0x06  # call set-up (docs/protocol.md §21)
+PAYLOAD_CALL_SEALED = 0x07  # call signaling sealed under the per-call keys (§21)
 PAYLOAD_ATTACHMENT = 0x08  # 0x08-0x09: attachments (§22)
 PAYLOAD_RENEW = 0x0A  # session renewal after a backup import (docs/protocol.md §23)
 
@@ -809,10 +811,53 @@ class RenewPayload:
     display_name: str
 
 
+# Call set-up kinds (PAYLOAD_CALL) and reasons (docs/protocol.md §21).
+CALL_INVITE = 1
+CALL_ACCEPT = 2
+CALL_REJECT = 3
+CALL_CANCEL = 4
+CALL_KINDS = (CALL_INVITE, CALL_ACCEPT, CALL_REJECT, CALL_CANCEL)
+CALL_REASON_REJECTED = 1
+CALL_REASON_BUSY = 2
+CALL_ID_LEN = 16
+CALL_KEY_LEN = 32
+CALL_NONCE_LEN = 24
+MAX_CALL_SEALED = 16384  # a sealed SDP with its candidates stays far below this
+
+
+@dataclass(frozen=True)
+class CallPayload:
+    """Call set-up. INVITE: key (the caller's per-call X25519 public key), video, sent_at_ms.
+    ACCEPT: key (the callee's). REJECT: reason. CANCEL: nothing (the caller gave up)."""
+
+    call_id: bytes
+    kind: int
+    key: bytes = b""
+    video: bool = False
+    sent_at_ms: int = 0
+    reason: int = 0
+
+
+@dataclass(frozen=True)
+class CallSealedPayload:
+    """Call signaling sealed with NaCl box under the two per-call keys (aegisd/calls)."""
+
+    call_id: bytes
+    nonce: bytes
+    box: bytes  # crypto_box ciphertext (tag included)
+
+
 Payload = (
-    TextPayload | ReceiptPayload | HelloPayload | MailboxPayload | MailboxAckPayload
-    | AttachmentPayload | RenewPayload
-)  # fmt: skip
+    TextPayload
+    | ReceiptPayload
+    | HelloPayload
+    | MailboxPayload
+    | MailboxAckPayload
+    | AttachmentPayload
+    | RenewPayload
+    | CallPayload
+    | CallSealedPayload
+)
 
 
 def encode_payload(payload: Payload) -> bytes:
@@ -858,9 +903,48 @@ def encode_payload(payload: Payload) -> bytes:
             raise ValueError("a renewal needs a bundle address")
         _put_short(w, payload.bundle_address, MAX_MAILBOX_FIELD)
         _put_short(w, payload.display_name.encode(), MAX_NAME_BYTES)
-    else:
+    elif isinstance(payload, MailboxAckPayload):
         w.u8(PAYLOAD_MAILBOX_ACK).fixed(payload.rotation_id, MESSAGE_ID_LEN)
+    elif isinstance(payload, CallPayload):
+        _encode_call(w, payload)
+    else:
+        if not 0 < len(payload.box) <= MAX_CALL_SEALED:
+            raise ValueError("sealed call signaling out of range")
+        w.u8(PAYLOAD_CALL_SEALED).fixed(payload.call_id, CALL_ID_LEN)
+        w.fixed(payload.nonce, CALL_NONCE_LEN).raw(struct.pack(">H", len(payload.box)))
+        w.raw(payload.box)
     return w.bytes()
+
+
+def _encode_call(w: Writer, p: CallPayload) -> None:
+    w.u8(PAYLOAD_CALL).fixed(p.call_id, CALL_ID_LEN).u8(p.kind)
+    if p.kind == CALL_INVITE:
+        w.fixed(p.key, CALL_KEY_LEN).flag(p.video).u64(p.sent_at_ms)
+    elif p.kind == CALL_ACCEPT:
+        w.fixed(p.key, CALL_KEY_LEN)
+    elif p.kind == CALL_REJECT:
+        if p.reason not in (CALL_REASON_REJECTED, CALL_REASON_BUSY):
+            raise ValueError("unknown call reject reason")
+        w.u8(p.reason)
+    elif p.kind != CALL_CANCEL:
+        raise ValueError("unknown call kind")
+
+
+def _decode_call(r: Reader) -> CallPayload:
+    call_id, kind = r.take(CALL_ID_LEN), r.u8()
+    if kind == CALL_INVITE:
+        key, video, sent = r.take(CALL_KEY_LEN), r.flag(), r.u64()
+        return CallPayload(call_id, kind, key=key, video=video, sent_at_ms=sent)
+    if kind == CALL_ACCEPT:
+        return CallPayload(call_id, kind, key=r.take(CALL_KEY_LEN))
+    if kind == CALL_REJECT:
+        reason = r.u8()
+        if reason not in (CALL_REASON_REJECTED, CALL_REASON_BUSY):
+            raise DecodeError("unknown call reject reason")
+        return CallPayload(call_id, kind, reason=reason)
+    if kind == CALL_CANCEL:
+        return CallPayload(call_id, kind)
+    raise DecodeError("unknown call kind")
 
 
 def decode_payload(data: bytes) -> Payload:
@@ -913,6 +997,13 @@ def decode_payload(data: bytes) -> Payload:
             raise DecodeError("empty bundle address")
         out = RenewPayload(renew_id, created, reply_to, bundle_address,
                            _utf8(_short(r, MAX_NAME_BYTES)))  # fmt: skip
+    elif kind == PAYLOAD_CALL:
+        out = _decode_call(r)
+    elif kind == PAYLOAD_CALL_SEALED:
+        call_id, nonce, n = r.take(CALL_ID_LEN), r.take(CALL_NONCE_LEN), r.u16()
+        if not 0 < n <= MAX_CALL_SEALED:
+            raise DecodeError("sealed call signaling out of range")
+        out = CallSealedPayload(call_id, nonce, r.take(n))
     else:
         raise DecodeError("unknown payload type")
     r.done()

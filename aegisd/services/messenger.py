@@ -1203,3 +1203,20 @@ class Messenger:
                 # Stored with the receive, acted on (relay calls) right after the commit.
                 self.store.set_setting(f"{ROTATION_KEY}{c.id}", {**pending, "acked": True})
                 self._acked_rotations.append((c, payload.rotation_id))
+        elif isinstance(payload, (wire.CallPayload, wire.CallSealedPayload)):
+            calls = getattr(self, "calls", None)  # aegisd/calls/service.py, set at start-up
+            if calls is not None:
+                calls.on_payload(c, payload)
+
+    async def send_call_payload(self, contact_id: int, payload: wire.Payload) -> None:
+        """Call signaling leaves at once: no send jitter and no receipt delay (a call cannot
+        wait), in ordinary blocks through the ordinary outbox (docs/threat-model.md: what the
+        timing of a call reveals)."""
+        async with self.lock:
+            c = self.store.get_contact(contact_id)
+            blob = self.store.get_session(contact_id) if c is not None else None
+            if c is None or blob is None or not ContactState.from_bytes(c.state).established:
+                raise AppError(E_NOT_READY, "not_ready", "this contact cannot be reached yet")
+            with self.store.transaction():
+                self._enqueue(c, Session.from_bytes(blob), payload)
+        self._outbox_wake.set()

@@ -179,5 +179,29 @@ def _backup_renewals(db: Any) -> None:
     )
 
 
-MIGRATIONS: list[Migration] = [_v0_to_v1, _v1_to_v2, _attachments, _backup_renewals]
+def _calls_history(db: Any) -> None:
+    """Call history (aegisd/calls): who, which way, when, how it ended. Never SDP, keys or
+    addresses: those live only in the daemon's memory for the length of a call."""
+    _run(
+        db,
+        """
+        CREATE TABLE calls (
+            id           TEXT PRIMARY KEY,      -- call id, hex
+            contact_id   INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+            direction    TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+            video        INTEGER NOT NULL DEFAULT 0,
+            state        TEXT NOT NULL,         -- the last state, 'ended' once over
+            end_reason   TEXT,
+            created_at   INTEGER NOT NULL,      -- ms
+            answered_at  INTEGER,
+            ended_at     INTEGER
+        );
+        CREATE INDEX calls_by_time ON calls (created_at)
+        """,
+    )
+
+
+MIGRATIONS: list[Migration] = [
+    _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history,
+]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

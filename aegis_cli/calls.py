@@ -1,0 +1,178 @@
+"""``aegis call``, ``answer``, ``decline``, ``hangup``, ``calls`` and ``call-settings``.
+
+Thin like the rest of the CLI: JSON-RPC only, no aiortc (the daemon runs the media). --play and
+--record name files the daemon opens for you (it runs as the same user); the CLI passes them as
+absolute paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from .main import Ctx
+
+ENDED_OK = ("hangup", "remote_hangup")
+
+
+def _abs(path: str | None) -> str | None:
+    return None if path is None else os.path.abspath(os.path.expanduser(path))
+
+
+def _describe(c: dict[str, Any]) -> str:
+    arrow = "to" if c["direction"] == "out" else "from"
+    kind = "video call" if c.get("video") else "call"
+    reason = f" ({c['reason']})" if c.get("reason") else ""
+    return f"{kind} {arrow} {c['contact']}: {c['state']}{reason}  [{c['call_id']}]"
+
+
+media_options = [
+    click.option("--play", metavar="FILE", help="Send this audio/video file instead of silence."),
+    click.option(
+        "--record", metavar="FILE", help="Record what the other side sends (.wav: audio only)."
+    ),
+]
+
+
+def with_media(func: Any) -> Any:
+    for option in reversed(media_options):
+        func = option(func)
+    return func
+
+
+def register(main: ModuleType) -> None:
+    """Add the call commands to the CLI. Given the main module (not imported from here: run as
+    ``python -m aegis_cli.main`` it is ``__main__``, and a second copy would have its own
+    ``Fail`` and command group)."""
+    cli: click.Group = main.cli
+    common: Callable[[Callable[..., None]], Callable[..., None]] = main.common
+    Fail: type[Exception] = main.Fail
+    read_secret_file: Callable[[str], str] = main.read_secret_file
+
+    @cli.command()
+    @common
+    @click.argument("name")
+    @click.option("--video", is_flag=True, help="A video call (audio and video).")
+    @with_media
+    @click.option("--no-wait", is_flag=True, help="Return once the call rings; do not follow it.")
+    def call(
+        ctx: Ctx, name: str, video: bool, play: str | None, record: str | None, no_wait: bool
+    ) -> None:
+        """Call the contact NAME.
+
+        Follows the call until it ends (Ctrl-C hangs up), printing each state; exits 1 when the call
+        was not answered (unanswered, rejected, busy, failed). With --no-wait it returns at once and
+        the call goes on in the daemon (aegis hangup ends it).
+        """
+        params = {"contact": name, "video": video, "play": _abs(play), "record": _abs(record)}
+        if no_wait:
+            result = ctx.call("calls.start", params)
+            ctx.out(result, _describe(result))
+            return
+        with ctx.client(timeout=None) as events:
+            events.call("events.subscribe", {"types": ["call.state", "call.media"]})
+            started = ctx.call("calls.start", params)
+            call_id = started["call_id"]
+            if not ctx.as_json:
+                click.echo(_describe(started))
+            try:
+                for note in events.notifications():
+                    ev = note.get("params") or {}
+                    data = ev.get("data") or {}
+                    if data.get("call_id") != call_id:
+                        continue
+                    if ctx.as_json:
+                        click.echo(json.dumps(ev, sort_keys=True))
+                    elif ev.get("type") == "call.media":
+                        click.echo(f"receiving {data['kind']}")
+                    else:
+                        click.echo(_describe({**started, **data}))
+                    if ev.get("type") == "call.state" and data.get("state") == "ended":
+                        if data.get("reason") not in ENDED_OK:
+                            raise Fail(f"the call ended: {data.get('reason')}")
+                        return
+            except KeyboardInterrupt:
+                ctx.call("calls.hangup", {"call_id": call_id})
+                raise
+
+
+    @cli.command()
+    @common
+    @click.argument("call_id", required=False)
+    @with_media
+    def answer(ctx: Ctx, call_id: str | None, play: str | None, record: str | None) -> None:
+        """Answer the ringing call (CALL_ID: which one, when several ring)."""
+        result = ctx.call("calls.accept", {"call_id": call_id, "play": _abs(play),
+                                           "record": _abs(record)})  # fmt: skip
+        ctx.out(result, _describe(result))
+
+
+    @cli.command()
+    @common
+    @click.argument("call_id", required=False)
+    def decline(ctx: Ctx, call_id: str | None) -> None:
+        """Decline the ringing call."""
+        result = ctx.call("calls.reject", {"call_id": call_id})
+        ctx.out(result, _describe({**result, "reason": "rejected"}))
+
+
+    @cli.command()
+    @common
+    @click.argument("call_id", required=False)
+    def hangup(ctx: Ctx, call_id: str | None) -> None:
+        """Hang up the call in progress (or cancel the one ringing)."""
+        result = ctx.call("calls.hangup", {"call_id": call_id})
+        ctx.out(result, _describe({**result, "state": "ended", "reason": "hangup"}))
+
+
+    @cli.command()
+    @common
+    @click.argument("name", required=False)
+    @click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
+    def calls(ctx: Ctx, name: str | None, limit: int) -> None:
+        """Calls in progress, then the call history (of NAME only, if given)."""
+        live = ctx.call("calls.list")["calls"]
+        history = ctx.call("calls.history", {"contact": name, "limit": limit})["calls"]
+        lines = [_describe(c) for c in live]
+        lines += [_describe(c) for c in history if c["state"] == "ended"]
+        ctx.out({"live": live, "history": history}, "\n".join(lines) if lines else "no calls yet")
+
+
+    @cli.command("call-settings")
+    @common
+    @click.option("--ring-timeout", type=click.FloatRange(1, 600), metavar="SECONDS")
+    @click.option("--turn-url", metavar="URL", help="turn:HOST:PORT ('' removes it).")
+    @click.option("--turn-username", metavar="NAME")
+    @click.option("--turn-password-file", metavar="FILE", help="First line: the TURN password.")
+    @click.option("--hide-ip/--show-ip", default=None,
+                  help="Relay every call through the TURN server (the peer never sees your IP).")
+    @click.option("--host-candidates", type=click.Choice(["all", "loopback"]),
+                  help="'loopback': offer only 127.0.0.1 (local testing).")  # fmt: skip
+    def call_settings(
+        ctx: Ctx,
+        ring_timeout: float | None,
+        turn_url: str | None,
+        turn_username: str | None,
+        turn_password_file: str | None,
+        hide_ip: bool | None,
+        host_candidates: str | None,
+    ) -> None:
+        """Show or change the call settings (the TURN password is never shown)."""
+        params: dict[str, Any] = {
+            k: v
+            for k, v in {"ring_timeout": ring_timeout, "turn_url": turn_url,
+                         "turn_username": turn_username, "hide_ip": hide_ip,
+                         "host_candidates": host_candidates}.items()
+            if v is not None
+        }
+        if turn_password_file is not None:
+            params["turn_password"] = read_secret_file(turn_password_file)
+        result = ctx.call("calls.configure" if params else "calls.settings", params or None)
+        text = "\n".join(f"{k}: {v}" for k, v in sorted(result.items()))
+        ctx.out(result, text)

@@ -1,0 +1,568 @@
+"""Calls: the state machine, its timeouts, the history and the events (docs/protocol.md §21).
+
+Signaling travels as ordinary ratchet payloads through the Messenger's outbox (so the relay
+sees ordinary blocks); the sealed part is aegisd/calls/signaling.py. Media is
+aegisd/calls/engine.py, imported only when a call's media starts.
+
+States: outgoing  calling -> connecting -> active -> ended
+        incoming  ringing -> connecting -> active -> ended
+Reasons an ended call gives: hangup (we hung up), remote_hangup, rejected, busy, unanswered
+(nobody answered within calls.ring_timeout), missed (an incoming call we did not answer),
+cancelled (the caller gave up while ringing), failed (no media path, or a bad description).
+
+Nothing here logs or stores SDP, keys, candidates or addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aegisd.core import wire
+from aegisd.core.errors import ProtocolError
+from aegisd.rpc import AppError, InvalidParamsError
+from aegisd.store.db import Contact
+
+from . import signaling
+from .signaling import CallChannel, new_call_key
+
+if TYPE_CHECKING:
+    from aegisd.daemon import Daemon
+    from aegisd.services.messenger import Messenger
+
+    from .engine import MediaSession
+
+log = logging.getLogger("aegisd.calls")
+
+SETTING_RING_TIMEOUT = "calls.ring_timeout"
+SETTING_HOST_CANDIDATES = "calls.host_candidates"  # "all" (default) or "loopback"
+SETTING_HIDE_IP = "calls.hide_ip"
+SETTING_TURN_URL = "calls.turn_url"
+SETTING_TURN_USERNAME = "calls.turn_username"
+SETTING_TURN_PASSWORD = "calls.turn_password"  # noqa: S105 (its name) - a secret: never returned, logged or printed
+RING_TIMEOUT = 45.0  # seconds a call rings before it ends unanswered
+CONNECT_TIMEOUT = 30.0  # seconds from the answer to media flowing
+STALE_INVITE_SLACK = 5.0  # an INVITE older than ring_timeout + this is a missed call at once
+HISTORY_MAX = 500
+
+# Application error codes (docs/api.md, "Errors"): calls have 1027-1029; 1020 not_found,
+# 1024 not_ready and 1025 blocked are the messenger's.
+E_BUSY = 1027
+E_CALL_STATE = 1028
+E_MEDIA = 1029
+
+TURN_URL_RE = re.compile(r"^turns?:[A-Za-z0-9.\-\[\]:]+(\?transport=(udp|tcp))?$")
+
+LIVE = ("calling", "ringing", "connecting", "active")
+
+
+def _ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class Call:
+    id: bytes
+    contact_id: int
+    contact: str
+    direction: str  # "in" / "out"
+    video: bool
+    state: str
+    created_at: int
+    secret: bytes | None = None
+    public: bytes = b""
+    peer_public: bytes | None = None
+    channel: CallChannel | None = None
+    play: str | None = None
+    record: str | None = None
+    media: MediaSession | None = None
+    timer: asyncio.TimerHandle | None = None
+    answered_at: int | None = None
+    media_seen: set[str] = field(default_factory=set)
+    last_sealed: wire.CallSealedPayload | None = None  # for the replay test (--test-methods)
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "call_id": self.id.hex(),
+            "contact": self.contact,
+            "direction": self.direction,
+            "video": self.video,
+            "state": self.state,
+            "created_at": self.created_at,
+            "answered_at": self.answered_at,
+            "media": sorted(self.media_seen),
+        }
+        if self.media is not None:
+            out["transport"] = self.media.transport()
+        return out
+
+
+class CallService:
+    def __init__(self, daemon: Daemon, messenger: Messenger) -> None:
+        self.daemon = daemon
+        self.m = messenger
+        self.calls: dict[bytes, Call] = {}  # the live ones
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    async def on_unlock(self, store: Any) -> None:
+        # Calls that were live when the daemon stopped or crashed are over.
+        with store.transaction():
+            store._q(  # the store's query helper: this table is the calls module's own
+                "UPDATE calls SET end_reason = CASE state WHEN 'ringing' THEN 'missed' "
+                "ELSE 'failed' END, state = 'ended', ended_at = ? WHERE state != 'ended'",
+                (_ms(),),
+            )
+
+    async def on_lock(self, store: Any) -> None:
+        for call in list(self.calls.values()):
+            await self._end(call, "hangup", notify=True)
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- settings ---------------------------------------------------------------------------
+
+    def settings(self) -> dict[str, Any]:
+        s = self.m.store
+        return {
+            "ring_timeout": float(s.get_setting(SETTING_RING_TIMEOUT, RING_TIMEOUT)),
+            "host_candidates": s.get_setting(SETTING_HOST_CANDIDATES, "all"),
+            "hide_ip": bool(s.get_setting(SETTING_HIDE_IP, False)),
+            "turn_url": s.get_setting(SETTING_TURN_URL),
+            "turn_username": s.get_setting(SETTING_TURN_USERNAME),
+            "turn_password_set": s.get_setting(SETTING_TURN_PASSWORD) is not None,
+        }
+
+    def configure(self, **changes: Any) -> dict[str, Any]:
+        s = self.m.store
+        ring = changes.get("ring_timeout")
+        if ring is not None and (isinstance(ring, bool) or not 1 <= ring <= 600):
+            raise InvalidParamsError("ring_timeout", "must be between 1 and 600 seconds")
+        hosts = changes.get("host_candidates")
+        if hosts is not None and hosts not in ("all", "loopback"):
+            raise InvalidParamsError("host_candidates", "must be 'all' or 'loopback'")
+        url = changes.get("turn_url")
+        if url not in (None, "") and not TURN_URL_RE.match(url):
+            raise InvalidParamsError(
+                "turn_url", "must look like turn:HOST:PORT (optionally ?transport=udp|tcp)"
+            )
+        for name in ("turn_username", "turn_password"):
+            v = changes.get(name)
+            if v is not None and (len(v) > 256 or any(ch in v for ch in "\r\n\0")):
+                raise InvalidParamsError(name, "must be at most 256 characters on one line")
+        hide = changes.get("hide_ip")
+        if hide is not None and not isinstance(hide, bool):
+            raise InvalidParamsError("hide_ip", "must be true or false")
+        final_url = s.get_setting(SETTING_TURN_URL) if url is None else (url or None)
+        final_hide = bool(s.get_setting(SETTING_HIDE_IP, False)) if hide is None else hide
+        if final_hide and not final_url:
+            raise InvalidParamsError("hide_ip", "needs a TURN server (turn_url) to relay calls")
+        with s.transaction():
+            if ring is not None:
+                s.set_setting(SETTING_RING_TIMEOUT, float(ring))
+            if hosts is not None:
+                s.set_setting(SETTING_HOST_CANDIDATES, hosts)
+            if url is not None:
+                s.set_setting(SETTING_TURN_URL, url or None)
+            for key, name in ((SETTING_TURN_USERNAME, "turn_username"),
+                              (SETTING_TURN_PASSWORD, "turn_password")):  # fmt: skip
+                if changes.get(name) is not None:
+                    s.set_setting(key, changes[name] or None)
+            if hide is not None:
+                s.set_setting(SETTING_HIDE_IP, hide)
+        return self.settings()
+
+    def _ring_timeout(self) -> float:
+        return float(self.m.store.get_setting(SETTING_RING_TIMEOUT, RING_TIMEOUT))
+
+    # --- API --------------------------------------------------------------------------------
+
+    def _busy(self) -> bool:
+        return any(c.state in LIVE for c in self.calls.values())
+
+    def _get(self, call_id: str | None) -> Call:
+        if call_id is None:
+            live = [c for c in self.calls.values() if c.state in LIVE]
+            if len(live) == 1:
+                return live[0]
+            raise AppError(1020, "not_found", "no call in progress")
+        try:
+            raw = bytes.fromhex(call_id)
+        except ValueError:
+            raise InvalidParamsError("call_id", "must be a call id (hex)") from None
+        call = self.calls.get(raw)
+        if call is None:
+            raise AppError(1020, "not_found", "no such call in progress")
+        return call
+
+    @staticmethod
+    def _check_media(play: str | None, record: str | None) -> None:
+        """The daemon opens these files for the user (the CLI runs as the same user)."""
+        if play is not None:
+            if not os.path.isabs(play):
+                raise InvalidParamsError("play", "must be an absolute path")
+            if not os.path.isfile(play) or not os.access(play, os.R_OK):
+                raise AppError(E_MEDIA, "media", "the file to play cannot be read")
+        if record is not None:
+            if not os.path.isabs(record):
+                raise InvalidParamsError("record", "must be an absolute path")
+            parent = os.path.dirname(record) or "/"
+            if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+                raise AppError(E_MEDIA, "media", "the recording cannot be written there")
+            if os.path.exists(record):
+                raise AppError(E_MEDIA, "media", "the recording file exists already")
+
+    async def start(
+        self, name: str, video: bool, play: str | None, record: str | None
+    ) -> dict[str, Any]:
+        self._check_media(play, record)
+        c = self.m.contact(name)
+        if c.blocked:
+            raise AppError(1025, "blocked", "this contact is blocked")
+        if self._busy():
+            raise AppError(E_BUSY, "busy", "a call is in progress already")
+        call_id = self.m.entropy.random(wire.CALL_ID_LEN)
+        secret, public = new_call_key(self.m.entropy)
+        call = Call(call_id, c.id, c.name, "out", video, "calling", _ms(),
+                    secret=secret, public=public, play=play, record=record)  # fmt: skip
+        invite = wire.CallPayload(
+            call_id, wire.CALL_INVITE, key=public, video=video, sent_at_ms=_ms()
+        )
+        await self.m.send_call_payload(c.id, invite)  # not_ready etc. raise before any state
+        self.calls[call_id] = call
+        self._history_add(call)
+        self._set_state(call, "calling")
+        self._arm(call, self._ring_timeout(), "unanswered")
+        return call.describe()
+
+    async def accept(
+        self, call_id: str | None, play: str | None, record: str | None
+    ) -> dict[str, Any]:
+        self._check_media(play, record)
+        call = self._get(call_id)
+        if call.direction != "in" or call.state != "ringing":
+            raise AppError(E_CALL_STATE, "call_state", "this call is not ringing")
+        assert call.peer_public is not None
+        secret, public = new_call_key(self.m.entropy)
+        try:
+            channel = CallChannel(call.id, secret, call.peer_public, caller=False)
+        except ProtocolError:
+            await self._end(call, "failed", notify=True)
+            raise AppError(E_CALL_STATE, "call_state", "the call cannot be answered") from None
+        call.secret, call.public, call.channel = secret, public, channel
+        call.play, call.record = play, record
+        await self.m.send_call_payload(
+            call.contact_id, wire.CallPayload(call.id, wire.CALL_ACCEPT, key=public)
+        )
+        self._set_state(call, "connecting")
+        self._arm(call, CONNECT_TIMEOUT, "failed")
+        return call.describe()
+
+    async def reject(self, call_id: str | None) -> dict[str, Any]:
+        call = self._get(call_id)
+        if call.direction != "in" or call.state != "ringing":
+            raise AppError(E_CALL_STATE, "call_state", "this call is not ringing")
+        await self._end(call, "rejected", notify=True)
+        return call.describe()
+
+    async def hangup(self, call_id: str | None) -> dict[str, Any]:
+        call = self._get(call_id)
+        await self._end(call, "hangup", notify=True)
+        return call.describe()
+
+    def live(self) -> list[dict[str, Any]]:
+        return [c.describe() for c in self.calls.values()]
+
+    def history(self, contact: str | None, limit: int) -> list[dict[str, Any]]:
+        if not 1 <= limit <= HISTORY_MAX:
+            raise InvalidParamsError("limit", f"must be between 1 and {HISTORY_MAX}")
+        # contact_id -1 matches no contact: "every contact" without building SQL text.
+        cid = self.m.contact(contact).id if contact is not None else -1
+        rows = self.m.store._q(
+            "SELECT k.id, c.name, k.direction, k.video, k.state, k.end_reason, k.created_at, "
+            "k.answered_at, k.ended_at FROM calls k JOIN contacts c ON c.id = k.contact_id "
+            "WHERE (? = -1 OR k.contact_id = ?) ORDER BY k.created_at DESC, k.rowid DESC LIMIT ?",
+            (cid, cid, limit),
+        ).fetchall()
+        keys = ("call_id", "contact", "direction", "video", "state", "reason", "created_at",
+                "answered_at", "ended_at")  # fmt: skip
+        out = [dict(zip(keys, r, strict=True)) for r in rows]
+        for d in out:
+            d["video"] = bool(d["video"])
+        return out
+
+    # --- state ------------------------------------------------------------------------------
+
+    def _history_add(self, call: Call, state: str | None = None, reason: str | None = None) -> None:
+        ended = _ms() if reason is not None else None
+        self.m.store._q(
+            "INSERT OR IGNORE INTO calls (id, contact_id, direction, video, state, end_reason, "
+            "created_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (call.id.hex(), call.contact_id, call.direction, int(call.video),
+             state or call.state, reason, call.created_at, ended),
+        )  # fmt: skip
+
+    def _set_state(self, call: Call, state: str, reason: str | None = None) -> None:
+        call.state = state
+        store = self.daemon.store
+        if store is None:
+            return
+        with store.transaction():
+            store._q(
+                "UPDATE calls SET state = ?, end_reason = ?, answered_at = ?, ended_at = ? "
+                "WHERE id = ?",
+                (state, reason, call.answered_at, _ms() if state == "ended" else None,
+                 call.id.hex()),
+            )  # fmt: skip
+            data: dict[str, Any] = {"call_id": call.id.hex(), "contact": call.contact,
+                                    "direction": call.direction, "state": state}  # fmt: skip
+            if reason is not None:
+                data["reason"] = reason
+            self.daemon.events.emit("call.state", data)
+
+    def _arm(self, call: Call, seconds: float, reason: str) -> None:
+        if call.timer is not None:
+            call.timer.cancel()
+        loop = asyncio.get_running_loop()
+        call.timer = loop.call_later(
+            seconds, lambda: self._spawn(self._timeout(call, reason))
+        )
+
+    async def _timeout(self, call: Call, reason: str) -> None:
+        if call.state in LIVE:
+            await self._end(call, reason, notify=True)
+
+    async def _end(self, call: Call, reason: str, *, notify: bool) -> None:
+        """End a call once: tell the peer (if asked), erase the keys, release the media."""
+        if call.state == "ended":
+            return
+        if call.timer is not None:
+            call.timer.cancel()
+            call.timer = None
+        if notify:
+            payload: wire.Payload | None = None
+            if call.channel is not None and call.channel.open:
+                payload = call.channel.seal(self.m.entropy, signaling.SIG_HANGUP, b"")
+            elif call.direction == "out":
+                payload = wire.CallPayload(call.id, wire.CALL_CANCEL)
+            elif call.state == "ringing":
+                payload = wire.CallPayload(
+                    call.id, wire.CALL_REJECT, reason=wire.CALL_REASON_REJECTED
+                )
+            if payload is not None:
+                with contextlib.suppress(AppError, RuntimeError):
+                    await self.m.send_call_payload(call.contact_id, payload)
+        if call.channel is not None:
+            call.channel.erase()
+        call.secret = None
+        media, call.media = call.media, None
+        self.calls.pop(call.id, None)
+        self._set_state(call, "ended", reason)
+        if media is not None:
+            await media.close()
+
+    # --- signaling from the peer (called inside the receive transaction: no waiting) ----------
+
+    def on_payload(self, c: Contact, payload: wire.CallPayload | wire.CallSealedPayload) -> None:
+        call = self.calls.get(payload.call_id)
+        if call is not None and call.contact_id != c.id:
+            log.info("dropped call signaling from another contact")
+            return
+        if isinstance(payload, wire.CallSealedPayload):
+            self._on_sealed(call, payload)
+        elif payload.kind == wire.CALL_INVITE:
+            self._on_invite(c, call, payload)
+        elif call is None:
+            log.info("dropped call signaling for no call in progress")
+        elif payload.kind == wire.CALL_ACCEPT and call.direction == "out" and (
+            call.state == "calling"
+        ):
+            self._on_accept(call, payload)
+        elif payload.kind == wire.CALL_REJECT and call.direction == "out" and (
+            call.state == "calling"
+        ):
+            busy = payload.reason == wire.CALL_REASON_BUSY
+            self._spawn(self._end(call, "busy" if busy else "rejected", notify=False))
+        elif payload.kind == wire.CALL_CANCEL and call.direction == "in":
+            self._spawn(
+                self._end(call, "missed" if call.state == "ringing" else "cancelled", notify=False)
+            )
+        else:
+            log.info("dropped call signaling out of order")
+
+    def _on_invite(self, c: Contact, call: Call | None, p: wire.CallPayload) -> None:
+        if call is not None or self._known(p.call_id):
+            return  # a duplicate: this call is known
+        incoming = Call(p.call_id, c.id, c.name, "in", p.video, "ringing", _ms(),
+                        peer_public=p.key)  # fmt: skip
+        age = (_ms() - p.sent_at_ms) / 1000
+        if age > self._ring_timeout() + STALE_INVITE_SLACK:
+            self._history_add(incoming, "ended", "missed")  # the caller gave up long ago
+            return
+        if self._busy():
+            self._history_add(incoming, "ended", "busy")
+            self._spawn(self._send_quietly(c.id, wire.CallPayload(
+                p.call_id, wire.CALL_REJECT, reason=wire.CALL_REASON_BUSY)))  # fmt: skip
+            self.daemon.events.emit(
+                "call.missed", {"call_id": p.call_id.hex(), "contact": c.name, "reason": "busy"}
+            )
+            return
+        self.calls[p.call_id] = incoming
+        self._history_add(incoming)
+        self.daemon.events.emit(
+            "call.incoming", {"call_id": p.call_id.hex(), "contact": c.name, "video": p.video}
+        )
+        self._set_state(incoming, "ringing")
+        self._arm(incoming, self._ring_timeout(), "missed")
+
+    def _known(self, call_id: bytes) -> bool:
+        row = self.m.store._q("SELECT 1 FROM calls WHERE id = ?", (call_id.hex(),)).fetchone()
+        return row is not None
+
+    async def _send_quietly(self, contact_id: int, payload: wire.Payload) -> None:
+        with contextlib.suppress(AppError, RuntimeError):
+            await self.m.send_call_payload(contact_id, payload)
+
+    def _on_accept(self, call: Call, p: wire.CallPayload) -> None:
+        assert call.secret is not None
+        try:
+            call.channel = CallChannel(call.id, call.secret, p.key, caller=True)
+        except ProtocolError:
+            self._spawn(self._end(call, "failed", notify=True))
+            return
+        call.peer_public = p.key
+        call.answered_at = _ms()
+        self._set_state(call, "connecting")
+        self._arm(call, CONNECT_TIMEOUT, "failed")
+        self._spawn(self._guard(call, self._send_offer(call)))
+
+    def _on_sealed(self, call: Call | None, p: wire.CallSealedPayload) -> None:
+        if call is None or call.channel is None:
+            log.info("dropped sealed call signaling for no call in progress")
+            return
+        try:
+            sig = call.channel.unseal(p)
+        except ProtocolError as exc:
+            log.info("dropped call signaling: %s", type(exc).__name__)
+            return
+        if sig.kind == signaling.SIG_HANGUP:
+            self._spawn(self._end(call, "remote_hangup", notify=False))
+        elif sig.kind == signaling.SIG_OFFER and call.direction == "in" and call.media is None:
+            self._spawn(self._guard(call, self._answer(call, sig.data)))
+        elif sig.kind == signaling.SIG_ANSWER and call.direction == "out" and (
+            call.media is not None
+        ):
+            self._spawn(self._guard(call, self._accept_answer(call, sig.data)))
+        else:
+            # CANDIDATE: aiortc gathers every candidate before it describes itself, so they
+            # travel inside OFFER and ANSWER; a trickled one is not needed and is ignored.
+            log.info("ignored call signaling of kind %d", sig.kind)
+
+    # --- media ------------------------------------------------------------------------------
+
+    async def _guard(self, call: Call, coro: Any) -> None:
+        """A media step; any failure ends the call (and tells the peer), without details."""
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("call media failed: %s", type(exc).__name__)
+            await self._end(call, "failed", notify=True)
+
+    def _new_media(self, call: Call) -> MediaSession:
+        from . import engine  # aiortc and PyAV: loaded with the first call only
+
+        s = self.m.store
+        if s.get_setting(SETTING_HOST_CANDIDATES, "all") == "loopback":
+            engine.restrict_host_candidates_to_loopback()
+        servers: tuple[tuple[str, str | None, str | None], ...] = ()
+        url = s.get_setting(SETTING_TURN_URL)
+        if url:
+            servers = ((url, s.get_setting(SETTING_TURN_USERNAME),
+                        s.get_setting(SETTING_TURN_PASSWORD)),)  # fmt: skip
+        ice = engine.IceConfig(servers, relay_only=bool(s.get_setting(SETTING_HIDE_IP, False)))
+
+        def on_state(state: str) -> None:
+            if call.state == "ended":
+                return
+            if state == "connected" and call.state == "connecting":
+                if call.timer is not None:
+                    call.timer.cancel()
+                    call.timer = None
+                call.answered_at = call.answered_at or _ms()
+                self._set_state(call, "active")
+            elif state == "failed":
+                self._spawn(self._end(call, "failed", notify=True))
+
+        def on_media(kind: str) -> None:
+            if call.state != "ended" and kind not in call.media_seen:
+                call.media_seen.add(kind)
+                self.daemon.events.emit(
+                    "call.media", {"call_id": call.id.hex(), "contact": call.contact, "kind": kind}
+                )
+
+        media = engine.MediaSession(ice, call.video, call.play, call.record, on_state, on_media)
+        call.media = media
+        return media
+
+    async def _send_offer(self, call: Call) -> None:
+        media = self._new_media(call)
+        sdp = await media.create_offer()
+        if call.state == "ended" or call.channel is None:
+            return
+        sealed = call.last_sealed = call.channel.seal(
+            self.m.entropy, signaling.SIG_OFFER, sdp.encode()
+        )
+        await self.m.send_call_payload(call.contact_id, sealed)
+
+    async def _answer(self, call: Call, offer: bytes) -> None:
+        media = self._new_media(call)
+        sdp = await media.answer_offer(offer.decode())
+        if call.state == "ended" or call.channel is None:
+            return
+        sealed = call.last_sealed = call.channel.seal(
+            self.m.entropy, signaling.SIG_ANSWER, sdp.encode()
+        )
+        await self.m.send_call_payload(call.contact_id, sealed)
+
+    async def _accept_answer(self, call: Call, answer: bytes) -> None:
+        assert call.media is not None
+        await call.media.accept_answer(answer.decode())
+
+    async def debug_signal(self, call_id: str, mode: str) -> None:
+        """--test-methods only: tamper (a HANGUP with one bit of its box flipped), replay (the
+        last sealed message sent, again, in a new ratchet message), unknown (a HANGUP under
+        another call id)."""
+        call = self._get(call_id)
+        if call.channel is None:
+            raise AppError(E_CALL_STATE, "call_state", "the call has no sealed channel yet")
+        if mode == "replay":
+            if call.last_sealed is None:
+                raise AppError(E_CALL_STATE, "call_state", "nothing was sealed yet")
+            payload = call.last_sealed
+        else:
+            sealed = call.channel.seal(self.m.entropy, signaling.SIG_HANGUP, b"")
+            if mode == "tamper":
+                box = bytearray(sealed.box)
+                box[len(box) // 2] ^= 0x01
+                payload = wire.CallSealedPayload(sealed.call_id, sealed.nonce, bytes(box))
+            else:
+                other = self.m.entropy.random(wire.CALL_ID_LEN)
+                payload = wire.CallSealedPayload(other, sealed.nonce, sealed.box)
+        await self.m.send_call_payload(call.contact_id, payload)

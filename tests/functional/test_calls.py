@@ -1,0 +1,348 @@
+"""Calls between real daemons through a real relay, on loopback only (docs/protocol.md §21).
+
+Media runs peer to peer (host candidates restricted to 127.0.0.1 by calls.host_candidates =
+"loopback"), or through a real coturn on 127.0.0.1 in the hide-my-IP test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aegis_client import Client
+from tests.daemon.conftest import DaemonProc
+from tests.relay.conftest import RelayProcess
+
+from .calls_support import (
+    RecordingProxy,
+    analyse,
+    coturn,
+    dump,
+    media_libraries_mapped,
+    open_files,
+    sdp_leaks,
+    udp_sockets,
+    write_tone,
+)
+from .conftest import Peer, connect
+
+T_CALL = 45.0
+
+
+@pytest.fixture
+def proxy(relay_proc: RelayProcess) -> Iterator[RecordingProxy]:
+    p = RecordingProxy(relay_proc.port)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture
+def make(tmp_short: Path, proxy: RecordingProxy) -> Iterator[Callable[..., Peer]]:
+    """Peers whose every relay connection passes the recording proxy."""
+    made: list[Peer] = []
+    url = f"ws://127.0.0.1:{proxy.port}/v1/ws"
+
+    def _make(name: str, test_methods: bool = False) -> Peer:
+        p = Peer(tmp_short / name, url, name)
+        made.append(p)
+        if test_methods:
+            p.stop()
+            p.proc = DaemonProc(p.home, ["--test-methods"], None)
+            p.proc.wait_ready()
+        p.call("calls.configure", {"host_candidates": "loopback"})
+        return p
+
+    try:
+        yield _make
+    finally:
+        for p in made:
+            p.stop()
+
+
+def pid(p: Peer) -> int:
+    assert p.proc is not None
+    return p.proc.proc.pid
+
+
+def cli(p: Peer, *args: str) -> Any:
+    r = subprocess.run(
+        [sys.executable, "-m", "aegis_cli.main", *args, "--home", str(p.home), "--json"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout)
+
+
+def event(p: Peer, type_: str, since: int = 0, **match: Any) -> dict[str, Any]:
+    def find() -> dict[str, Any] | None:
+        for ev in p.events(since, types=[type_]):
+            if all(ev["data"].get(k) == v for k, v in match.items()):
+                return dict(ev["data"])
+        return None
+
+    found: dict[str, Any] = p.wait_for(find, f"{type_} {match}", timeout=T_CALL)
+    return found
+
+
+def released(p: Peer, *paths: Path) -> bool:
+    """No UDP socket left, and none of the media files open."""
+    files = open_files(pid(p))
+    return not udp_sockets(pid(p)) and not any(str(f) in files for f in paths)
+
+
+def test_audio_call_tone_through_cli_relay_sees_nothing(
+    make: Callable[..., Peer], tmp_short: Path, relay_proc: RelayProcess, proxy: RecordingProxy
+) -> None:
+    alice, bob = make("alice"), make("bob")
+    connect(alice, bob)
+    # aiortc is imported only when a call starts: an idle daemon maps none of its libraries.
+    for p in (alice, bob):
+        assert media_libraries_mapped(pid(p)) == []
+        assert udp_sockets(pid(p)) == []
+    tone, rec = tmp_short / "tone.wav", tmp_short / "rec.wav"
+    write_tone(tone, 440.0, 3.0)
+
+    started = cli(alice, "call", "bob", "--play", str(tone), "--no-wait")
+    call_id = started["call_id"]
+    assert started["state"] == "calling" and started["direction"] == "out"
+    incoming = event(bob, "call.incoming", call_id=call_id)
+    assert incoming == {"call_id": call_id, "contact": "alice", "video": False}
+    assert media_libraries_mapped(pid(bob)) == []  # ringing needs no media stack
+    answered = cli(bob, "answer", "--record", str(rec))
+    assert answered["state"] == "connecting"
+
+    event(bob, "call.media", call_id=call_id, kind="audio")
+    event(alice, "call.state", call_id=call_id, state="active")
+    event(bob, "call.state", call_id=call_id, state="active")
+    for p in (alice, bob):
+        assert media_libraries_mapped(pid(p))  # the check above can see them
+        live = p.call("calls.list")["calls"]
+        assert [c["state"] for c in live] == ["active"]
+        transport = live[0]["transport"]
+        assert transport["selected"] == {"local": "host", "remote": "host"}
+        assert transport["remote"] == ["host"]
+        # Every socket ICE gathered on (a host candidate is its socket's address): loopback.
+        sockets = udp_sockets(pid(p))
+        assert sockets and all(s.startswith("127.0.0.1:") for s in sockets), sockets
+
+    # A second call while one is in progress is refused by the API.
+    r = subprocess.run(
+        [sys.executable, "-m", "aegis_cli.main", "call", "bob", "--no-wait", "--home",
+         str(alice.home)], capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 1 and "call is in progress" in r.stderr
+
+    # Wait for 2.5 s of the tone to be recorded (48 kHz, 2 channels, 16 bit), then hang up.
+    bob.wait_for(lambda: rec.exists() and rec.stat().st_size > 2.5 * 48000 * 4, "the recording")
+    ended = cli(bob, "hangup")
+    assert ended["call_id"] == call_id
+    event(alice, "call.state", call_id=call_id, state="ended", reason="remote_hangup")
+    event(bob, "call.state", call_id=call_id, state="ended", reason="hangup")
+    # Hangup released the peer connection, its UDP sockets, the player and the recorder.
+    alice.wait_for(lambda: released(alice, tone), "alice's media to be released")
+    bob.wait_for(lambda: released(bob, rec), "bob's media to be released")
+    assert alice.call("calls.list")["calls"] == [] == bob.call("calls.list")["calls"]
+
+    duration, hz = analyse(rec)
+    assert 2.0 <= duration <= 4.0, duration
+    assert abs(hz - 440.0) < 10, hz
+
+    history = cli(alice, "calls")["history"]
+    assert [(c["call_id"], c["direction"], c["state"], c["reason"]) for c in history] == [
+        (call_id, "out", "ended", "remote_hangup")
+    ]
+    assert history[0]["answered_at"] is not None
+
+    # Nothing of the SDP, the candidates or the fingerprints reached the relay, its disk, the
+    # traffic to and from it, the events or the history.
+    for stream in proxy.payload_bytes():
+        assert sdp_leaks(stream) == [] and b"127.0.0.1" not in stream
+    assert sum(len(s) for s in proxy.payload_bytes()) > 0
+    relay_proc.close()
+    for f in relay_proc.data.rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            assert sdp_leaks(data) == [] and b"127.0.0.1" not in data, f.name
+    assert sdp_leaks(relay_proc.output().encode()) == []
+    for p in (alice, bob):
+        assert sdp_leaks(dump(p.events())) == []
+        assert sdp_leaks(dump(p.call("calls.history"))) == []
+
+
+def test_video_call_bad_signaling_rejected_caller_hangs_up(make: Callable[..., Peer]) -> None:
+    alice, bob = make("alice"), make("bob", test_methods=True)
+    connect(alice, bob)
+
+    async def client(*steps: tuple[str, dict[str, Any]]) -> list[Any]:
+        """Alice's side through the asyncio client library (aegis_client)."""
+        async with await Client.connect(alice.home) as c:
+            return [await getattr(c, name)(**kw) for name, kw in steps]
+
+    (started,) = asyncio.run(client(("start_call", {"contact": "bob", "video": True})))
+    assert started["state"] == "calling" and started["video"] is True
+    call_id = started["call_id"]
+    assert event(bob, "call.incoming", call_id=call_id)["video"] is True
+    bob.call("calls.accept", {"call_id": call_id})
+    event(bob, "call.media", call_id=call_id, kind="video")
+    event(bob, "call.media", call_id=call_id, kind="audio")
+    event(alice, "call.state", call_id=call_id, state="active")
+
+    # Bob's daemon sends alice a HANGUP whose box is tampered with, a replay of its ANSWER
+    # (in a fresh ratchet message: only the per-call sequence number can tell), and a HANGUP
+    # for a call id that does not exist. A message sent after them marks when all arrived.
+    for mode in ("tamper", "replay", "unknown"):
+        bob.call("debug.call_signal", {"call_id": call_id, "mode": mode})
+    bob.call("messages.send", {"contact": "alice", "text": "after the bad signaling"})
+    event(alice, "message.received", text="after the bad signaling")
+    live = alice.call("calls.list")["calls"]
+    assert [(c["call_id"], c["state"]) for c in live] == [(call_id, "active")]
+    assert [e for e in alice.events(types=["call.state"]) if e["data"]["state"] == "ended"] == []
+
+    # The caller hangs up: both sides release everything.
+    live, ended = asyncio.run(client(("calls", {}), ("hangup", {})))
+    assert [c["call_id"] for c in live] == [call_id] and live[0]["media"] == ["audio", "video"]
+    assert ended["state"] == "ended"
+    event(bob, "call.state", call_id=call_id, state="ended", reason="remote_hangup")
+    alice.wait_for(lambda: released(alice), "alice's media to be released")
+    bob.wait_for(lambda: released(bob), "bob's media to be released")
+
+
+def test_busy_reject_and_offline_contact(make: Callable[..., Peer]) -> None:
+    alice, bob, carol = make("alice"), make("bob"), make("carol")
+    connect(alice, bob)
+    connect(carol, bob)
+    first = alice.call("calls.start", {"contact": "bob"})["call_id"]
+    event(bob, "call.incoming", call_id=first)
+    for p in (alice, bob):  # ringing needs no media stack
+        assert media_libraries_mapped(pid(p)) == []
+    # A second incoming call while one rings: answered busy; the first goes on ringing.
+    second = carol.call("calls.start", {"contact": "bob"})["call_id"]
+    event(carol, "call.state", call_id=second, state="ended", reason="busy")
+    event(bob, "call.missed", call_id=second, reason="busy")
+    assert [(c["call_id"], c["state"]) for c in bob.call("calls.list")["calls"]] == [
+        (first, "ringing")
+    ]
+    # And while one is active: busy again, and the active call goes on.
+    bob.call("calls.accept", {"call_id": first})
+    event(alice, "call.state", call_id=first, state="active")
+    third = carol.call("calls.start", {"contact": "bob"})["call_id"]
+    event(carol, "call.state", call_id=third, state="ended", reason="busy")
+    event(bob, "call.missed", call_id=third, reason="busy")
+    assert [(c["call_id"], c["state"]) for c in bob.call("calls.list")["calls"]] == [
+        (first, "active")
+    ]
+    assert [(c["call_id"], c["state"]) for c in alice.call("calls.list")["calls"]] == [
+        (first, "active")
+    ]
+    alice.call("calls.hangup", {"call_id": first})
+    event(bob, "call.state", call_id=first, state="ended", reason="remote_hangup")
+
+    # Declined.
+    fourth = carol.call("calls.start", {"contact": "bob"})["call_id"]
+    event(bob, "call.incoming", call_id=fourth)
+    r = subprocess.run(
+        [sys.executable, "-m", "aegis_cli.main", "decline", "--home", str(bob.home)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    event(carol, "call.state", call_id=fourth, state="ended", reason="rejected")
+    assert media_libraries_mapped(pid(carol)) == []  # none of carol's calls got to media
+
+    # `aegis call` interrupted (Ctrl-C) hangs up: bob's ringing call ends missed.
+    seq = bob.events()[-1]["seq"]
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "aegis_cli.main", "call", "bob", "--home", str(carol.home)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        ringing = event(bob, "call.incoming", since=seq, contact="carol")
+        follow.send_signal(signal.SIGINT)
+        _, err = follow.communicate(timeout=60)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+    assert follow.returncode == 130 and "interrupted" in err
+    event(bob, "call.state", call_id=ringing["call_id"], state="ended", reason="missed")
+    assert carol.call("calls.list")["calls"] == []
+
+    # Bob's daemon is killed while a call rings: after the restart the call is in his history
+    # as missed, not left ringing. A call to a contact whose daemon is not running ends
+    # unanswered after the ring timeout; `aegis call` follows it and says so.
+    carol.call("calls.configure", {"ring_timeout": 2})
+    fifth = carol.call("calls.start", {"contact": "bob"})["call_id"]
+    event(bob, "call.incoming", call_id=fifth)
+    bob.kill()
+    event(carol, "call.state", call_id=fifth, state="ended", reason="unanswered")
+    r = subprocess.run(
+        [sys.executable, "-m", "aegis_cli.main", "call", "bob", "--home", str(carol.home)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "call to bob: calling" in r.stdout
+    assert r.stderr.strip() == "aegis: error: the call ended: unanswered"
+    last = carol.call("calls.history", {"limit": 1})["calls"][0]
+    assert (last["contact"], last["state"], last["reason"]) == ("bob", "ended", "unanswered")
+    # Bob comes back: the stale call is a missed call, it does not ring.
+    bob.start()
+    bob.wait_for(
+        lambda: any(c["call_id"] == last["call_id"] for c in bob.call("calls.history")["calls"]),
+        "the missed call in bob's history",
+    )
+    history = {c["call_id"]: c for c in bob.call("calls.history")["calls"]}
+    missed = history[last["call_id"]]
+    assert (missed["state"], missed["reason"], missed["direction"]) == ("ended", "missed", "in")
+    assert bob.call("calls.list")["calls"] == []
+    assert [history[c]["reason"] for c in (first, second, third, fourth, fifth)] == [
+        "remote_hangup", "busy", "busy", "rejected", "missed"
+    ]
+    assert history[fifth]["state"] == "ended"
+
+
+def test_hide_my_ip_relays_through_coturn(make: Callable[..., Peer], tmp_short: Path) -> None:
+    alice, bob = make("alice"), make("bob")
+    connect(alice, bob)
+    turn_dir = tmp_short / "turn"
+    turn_dir.mkdir()
+    with coturn(turn_dir) as turn:
+        secret_file = tmp_short / "turn-password"
+        secret_file.write_text(turn.password + "\n")
+        for p in (alice, bob):
+            shown = cli(p, "call-settings", "--turn-url", turn.url, "--turn-username", turn.user,
+                        "--turn-password-file", str(secret_file), "--hide-ip")  # fmt: skip
+            assert shown["hide_ip"] is True and shown["turn_password_set"] is True
+            assert turn.password not in json.dumps(shown)
+        tone, rec = tmp_short / "tone.wav", tmp_short / "rec.wav"
+        write_tone(tone, 1000.0, 2.0)
+        call_id = alice.call("calls.start", {"contact": "bob", "play": str(tone)})["call_id"]
+        event(bob, "call.incoming", call_id=call_id)
+        bob.call("calls.accept", {"call_id": call_id, "record": str(rec)})
+        event(bob, "call.media", call_id=call_id, kind="audio")
+        event(alice, "call.state", call_id=call_id, state="active")
+        for p in (alice, bob):
+            transport = p.call("calls.list")["calls"][0]["transport"]
+            # Only relay candidates were gathered and offered; media goes relay to relay.
+            assert transport["local"] == ["relay"] and transport["remote"] == ["relay"]
+            assert transport["selected"] == {"local": "relay", "remote": "relay"}
+        bob.wait_for(lambda: rec.exists() and rec.stat().st_size > 1.2 * 48000 * 4, "recording")
+        bob.call("calls.hangup", {})
+        event(alice, "call.state", call_id=call_id, state="ended", reason="remote_hangup")
+        alice.wait_for(lambda: released(alice, tone), "alice's media to be released")
+        bob.wait_for(lambda: released(bob, rec), "bob's media to be released")
+        _, hz = analyse(rec)
+        assert abs(hz - 1000.0) < 15, hz
+        # Both daemons allocated a relay on the coturn and bound a channel to the peer.
+        log = turn.log_text()
+        assert log.count("ALLOCATE processed, success") >= 2
+        assert log.count("CHANNEL_BIND processed, success") >= 2
+        for p in (alice, bob):
+            assert turn.password.encode() not in dump(p.events())
