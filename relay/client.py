@@ -98,8 +98,12 @@ class RelayClient:
         client = cls(session, ws, own)
         client.request_timeout = request_timeout
         client._reader = asyncio.ensure_future(client._read())
-        frame = await client.request(wire.HELLO, b"")
-        client.hello = wire.HelloOk.parse(frame.body)
+        try:
+            frame = await client.request(wire.HELLO, b"")
+            client.hello = wire.HelloOk.parse(frame.body)
+        except BaseException:  # cancelled or refused during HELLO: never leave the socket open
+            await client.close()
+            raise
         return client
 
     @property

@@ -144,6 +144,9 @@ class RelayLink:
         if self._stopping:  # a stopped link (settings changed, locked) makes no connection
             raise RelayUnavailable()
         client = await asyncio.wait_for(_connect(url or self.url, self.network), CONNECT_TIMEOUT)
+        if self._stopping:  # stopped while dialing (wait_for can return a result it raced)
+            await client.close()
+            raise RelayUnavailable()
         if client.hello is not None:
             self.hello_ttl = int(client.hello.message_ttl)
         return client

@@ -1,0 +1,73 @@
+"""RelayClient.connect never leaves a socket open when it gives up during the HELLO exchange
+(cancelled, timed out or refused): a settings change or a lock cancels dials in flight, and a
+leaked connection would keep linking mailboxes at the relay."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiohttp import WSMsgType, web
+
+from relay.client import RelayClient
+
+from .conftest import run
+
+
+async def _silent_server() -> tuple[web.AppRunner, int, asyncio.Event, asyncio.Event]:
+    # Accepts the WebSocket, never answers HELLO, and reports when the client went away.
+    opened, closed = asyncio.Event(), asyncio.Event()
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        opened.set()
+        async for msg in sock:
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
+                break
+        closed.set()
+        return sock
+
+    app = web.Application()
+    app.router.add_get("/v1/ws", ws)
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, port, opened, closed
+
+
+def test_connect_cancelled_during_hello_closes_the_socket() -> None:
+    async def main() -> None:
+        runner, port, opened, closed = await _silent_server()
+        try:
+            dial = asyncio.ensure_future(RelayClient.connect(f"ws://127.0.0.1:{port}/v1/ws"))
+            await asyncio.wait_for(opened.wait(), 10)
+            dial.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dial
+            await asyncio.wait_for(closed.wait(), 10)  # times out if the socket leaked
+        finally:
+            await runner.cleanup()
+
+    run(main())
+
+
+def test_connect_timing_out_during_hello_closes_the_socket() -> None:
+    async def main() -> None:
+        runner, port, _opened, closed = await _silent_server()
+        try:
+            try:
+                await RelayClient.connect(
+                    f"ws://127.0.0.1:{port}/v1/ws", request_timeout=0.2
+                )
+            except TimeoutError:
+                pass
+            else:
+                raise AssertionError("HELLO was never answered: connect must fail")
+            await asyncio.wait_for(closed.wait(), 10)
+        finally:
+            await runner.cleanup()
+
+    run(main())
