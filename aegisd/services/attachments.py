@@ -259,10 +259,21 @@ class Attachments:
         keys = FileKeys(seed)
         sha = hashlib.sha256()
         tmp = dst.with_suffix(".part")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Non-blocking open and a check of what was opened: a path swapped for a FIFO after
+        # the stat must not hang this thread. The source is opened first: no descriptor of
+        # the spool leaks when it cannot be.
+        f = open(os.open(src, os.O_RDONLY | os.O_NONBLOCK), "rb")  # noqa: SIM115 (with below)
         try:
-            with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
-                size = os.fstat(f.fileno()).st_size
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except BaseException:
+            f.close()
+            raise
+        try:
+            with f, os.fdopen(fd, "wb") as out:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise ValueError("not a regular file")
+                size = st.st_size
                 if size > limit:
                     raise _TooLarge()
                 total = wire.attachment_blocks(size)
