@@ -408,6 +408,12 @@ class Attachments:
             "failed" if too_large else "downloading", 0,
             _limit_text(self.max_size()) if too_large else None, p.sent_at_ms, now, now,
         ))  # fmt: skip
+        # Its message is in the history: clients (aegis listen, the notification bridge)
+        # that follow message.received see the file arrive like any message.
+        m.daemon.events.emit("message.received", {
+            "message_id": aid, "contact": c.name, "text": f"[file] {name}",
+            "sent_at": p.sent_at_ms,
+        })  # fmt: skip
         m.daemon.events.emit("attachment.received", {
             "attachment_id": aid, "message_id": aid, "contact": c.name, "name": name,
             "size": p.size, "sent_at": p.sent_at_ms,
