@@ -259,10 +259,21 @@ class Attachments:
         keys = FileKeys(seed)
         sha = hashlib.sha256()
         tmp = dst.with_suffix(".part")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Non-blocking open and a check of what was opened: a path swapped for a FIFO after
+        # the stat must not hang this thread. The source is opened first: no descriptor of
+        # the spool leaks when it cannot be.
+        f = open(os.open(src, os.O_RDONLY | os.O_NONBLOCK), "rb")  # noqa: SIM115 (with below)
         try:
-            with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
-                size = os.fstat(f.fileno()).st_size
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except BaseException:
+            f.close()
+            raise
+        try:
+            with f, os.fdopen(fd, "wb") as out:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise ValueError("not a regular file")
+                size = st.st_size
                 if size > limit:
                     raise _TooLarge()
                 total = wire.attachment_blocks(size)
@@ -397,6 +408,12 @@ class Attachments:
             "failed" if too_large else "downloading", 0,
             _limit_text(self.max_size()) if too_large else None, p.sent_at_ms, now, now,
         ))  # fmt: skip
+        # Its message is in the history: clients (aegis listen, the notification bridge)
+        # that follow message.received see the file arrive like any message.
+        m.daemon.events.emit("message.received", {
+            "message_id": aid, "contact": c.name, "text": f"[file] {name}",
+            "sent_at": p.sent_at_ms,
+        })  # fmt: skip
         m.daemon.events.emit("attachment.received", {
             "attachment_id": aid, "message_id": aid, "contact": c.name, "name": name,
             "size": p.size, "sent_at": p.sent_at_ms,

@@ -224,6 +224,10 @@ def test_cli_small_file_limits_and_bad_input(
     assert sorted(os.listdir(target)) == ["link.txt", "notes.txt"]
     assert "damaged" in attachment(bob, aid)["error"] and attachment(bob, aid)["state"] == "failed"
     assert "<- alice" in ok(aegis(bob, "attachments"))
+    # The file's message arrived like any message (clients and notifications follow these).
+    got = [e["data"] for e in bob.events(types=["message.received"])]
+    assert {"message_id": aid, "contact": "alice", "text": "[file] notes.txt"} in [
+        {k: v for k, v in d.items() if k != "sent_at"} for d in got]  # fmt: skip
 
     # Bad input: one clear error each, nothing sent.
     line = one_line_error(aegis(alice, "send", "bob", "--file", str(tmp_short / "missing")))
