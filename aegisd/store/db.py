@@ -458,10 +458,12 @@ class Store:
         return int(cur.rowcount)
 
     def _forget_events(self, message_id: str) -> None:
+        # A file's message id is also its attachment id; its events carry the file name.
         self._q(
-            "DELETE FROM events WHERE type LIKE 'message.%' "
-            "AND json_extract(data, '$.message_id') = ?",
-            (message_id,),
+            "DELETE FROM events WHERE (type LIKE 'message.%' "
+            "AND json_extract(data, '$.message_id') = ?) OR (type LIKE 'attachment.%' "
+            "AND json_extract(data, '$.attachment_id') = ?)",
+            (message_id, message_id),
         )
 
     def _forget_events_of(self, contact_id: int) -> None:

@@ -31,3 +31,19 @@ def test_listing_shows_the_newest_files_when_there_are_more_than_the_limit(tmp_p
         assert of_bob == [f"{i:032x}" for i in range(9, 12)]  # the newest three, oldest first
     finally:
         store.close()
+
+
+def test_deleting_a_files_message_forgets_its_attachment_events(tmp_path: Path) -> None:
+    store = create_profile(tmp_path / "p", "correct horse battery staple", FAST)
+    try:
+        bob = store.add_contact("bob")
+        kept = store.add_message(bob.id, "in", "[file] keep.txt", status="received")
+        gone = store.add_message(bob.id, "in", "[file] secret-plans.pdf", status="received")
+        for mid, name in ((kept.id, "keep.txt"), (gone.id, "secret-plans.pdf")):
+            store.append_event("attachment.received", {"attachment_id": mid, "name": name})
+            store.append_event("attachment.completed", {"attachment_id": mid, "name": name})
+        assert store.delete_message(gone.id)
+        left = [e.data["name"] for e in store.events_after(0)]
+        assert left == ["keep.txt", "keep.txt"]
+    finally:
+        store.close()
