@@ -55,6 +55,8 @@ class Bridge:
         self.state = self.paths.home / STATE_NAME
         self.exec = ExecNotifier(exec_cmd) if exec_cmd else None
         self.dbus = None if self.exec else DBusNotifier()
+        self.busy = False  # an event is being shown
+        self.stop_requested = False
 
     async def handle(self, ev: Event) -> None:
         if self.exec is not None:
@@ -89,8 +91,16 @@ class Bridge:
                 await self._start(stream)
             print(f"aegis-bridge: listening (level: {self.level})", file=sys.stderr, flush=True)
             async for ev in stream:
-                await self.handle(ev)
-                save_seq(self.state, ev.seq)
+                # A stop request waits for the event in hand to be shown and recorded, so the
+                # next start neither repeats it nor skips it.
+                self.busy = True
+                try:
+                    await self.handle(ev)
+                    save_seq(self.state, ev.seq)
+                finally:
+                    self.busy = False
+                if self.stop_requested:
+                    break
             return 0
         finally:
             await stream.aclose()
@@ -131,8 +141,14 @@ def main(argv: list[str] | None = None) -> None:
     async def main_task() -> int:
         task = asyncio.ensure_future(bridge.run())
         loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            if not bridge.busy or bridge.stop_requested:  # a second signal does not wait
+                task.cancel()
+            bridge.stop_requested = True
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, stop)
         with contextlib.suppress(asyncio.CancelledError):
             return await task
         return 0
