@@ -217,6 +217,40 @@ def test_video_call_bad_signaling_rejected_caller_hangs_up(make: Callable[..., P
     bob.wait_for(lambda: released(bob), "bob's media to be released")
 
 
+def test_crossed_calls_one_goes_on(make: Callable[..., Peer], proxy: RecordingProxy) -> None:
+    """Both call each other at once (each INVITE leaves before the other's arrives): without a
+    rule both would answer the other busy and nobody could talk. The lower call id goes on."""
+    alice, bob = make("alice"), make("bob")
+    connect(alice, bob)
+    proxy.pause()  # nothing crosses the relay until both calls have started
+    try:
+        a = alice.call("calls.start", {"contact": "bob"})["call_id"]
+        b = bob.call("calls.start", {"contact": "alice"})["call_id"]
+    finally:
+        proxy.resume()
+    win, lose = sorted((a, b))
+    caller, callee = (alice, bob) if win == a else (bob, alice)
+    event(callee, "call.state", call_id=lose, state="ended", reason="crossed")
+    event(callee, "call.incoming", call_id=win)
+    assert [(c["call_id"], c["state"]) for c in callee.call("calls.list")["calls"]] == [
+        (win, "ringing")
+    ]
+    callee.call("calls.accept", {"call_id": win})
+    event(caller, "call.state", call_id=win, state="active")
+    event(callee, "call.state", call_id=win, state="active")
+    caller_history = {c["call_id"]: c for c in caller.call("calls.history")["calls"]}
+    assert (caller_history[lose]["state"], caller_history[lose]["reason"]) == ("ended", "crossed")
+    caller.call("calls.hangup", {})
+    event(callee, "call.state", call_id=win, state="ended", reason="remote_hangup")
+    caller.wait_for(lambda: released(caller), "the caller's media to be released")
+    callee.wait_for(lambda: released(callee), "the callee's media to be released")
+    # Each call ended exactly once on each side.
+    for p in (alice, bob):
+        ends = [e["data"]["call_id"] for e in p.events(types=["call.state"])
+                if e["data"]["state"] == "ended"]  # fmt: skip
+        assert sorted(ends) == sorted({win} | ({lose} if p is callee else set())), ends
+
+
 def test_busy_reject_and_offline_contact(make: Callable[..., Peer]) -> None:
     alice, bob, carol = make("alice"), make("bob"), make("carol")
     connect(alice, bob)
