@@ -67,6 +67,15 @@ TURN_URL_RE = re.compile(r"^turns?:[A-Za-z0-9.\-\[\]:]+(\?transport=(udp|tcp))?$
 LIVE = ("calling", "ringing", "connecting", "active")
 
 
+def _other_fingerprint(sdp: str) -> str:
+    """--test-methods only: the SDP with every sha-256 fingerprint changed (still well formed)."""
+    return re.sub(
+        r"(a=fingerprint:sha-256 )([0-9A-Fa-f]{2})",
+        lambda m: m.group(1) + ("00" if m.group(2) != "00" else "11"),
+        sdp,
+    )
+
+
 def _ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -91,6 +100,7 @@ class Call:
     answered_at: int | None = None
     media_seen: set[str] = field(default_factory=set)
     last_sealed: wire.CallSealedPayload | None = None  # for the replay test (--test-methods)
+    bad_fingerprint: bool = False  # --test-methods: seal our SDP with a wrong DTLS fingerprint
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -583,6 +593,8 @@ class CallService:
         sdp = await media.create_offer()
         if call.state == "ended" or call.channel is None:
             return
+        if call.bad_fingerprint:
+            sdp = _other_fingerprint(sdp)
         sealed = call.last_sealed = call.channel.seal(
             self.m.entropy, signaling.SIG_OFFER, sdp.encode()
         )
@@ -595,6 +607,8 @@ class CallService:
         sdp = await media.answer_offer(offer.decode())
         if call.state == "ended" or call.channel is None:
             return
+        if call.bad_fingerprint:
+            sdp = _other_fingerprint(sdp)
         sealed = call.last_sealed = call.channel.seal(
             self.m.entropy, signaling.SIG_ANSWER, sdp.encode()
         )
@@ -608,8 +622,12 @@ class CallService:
     async def debug_signal(self, call_id: str, mode: str) -> None:
         """--test-methods only: tamper (a HANGUP with one bit of its box flipped), replay (the
         last sealed message sent, again, in a new ratchet message), unknown (a HANGUP under
-        another call id)."""
+        another call id), fingerprint (this call's SDP, when it is sealed, will carry a wrong
+        DTLS fingerprint: the peer must refuse the certificate we present)."""
         call = self._get(call_id)
+        if mode == "fingerprint":
+            call.bad_fingerprint = True
+            return
         if call.channel is None:
             raise AppError(E_CALL_STATE, "call_state", "the call has no sealed channel yet")
         if mode == "replay":

@@ -251,6 +251,26 @@ def test_crossed_calls_one_goes_on(make: Callable[..., Peer], proxy: RecordingPr
         assert sorted(ends) == sorted({win} | ({lose} if p is callee else set())), ends
 
 
+def test_sealed_fingerprint_is_the_one_checked(make: Callable[..., Peer]) -> None:
+    """Bob's daemon seals an ANSWER whose DTLS fingerprint is not that of the certificate it
+    presents: alice's daemon refuses the handshake, the call fails, no media flows to her."""
+    alice, bob = make("alice"), make("bob", test_methods=True)
+    connect(alice, bob)
+    call_id = alice.call("calls.start", {"contact": "bob"})["call_id"]
+    event(bob, "call.incoming", call_id=call_id)
+    bob.call("debug.call_signal", {"call_id": call_id, "mode": "fingerprint"})
+    bob.call("calls.accept", {"call_id": call_id})
+    event(alice, "call.state", call_id=call_id, state="ended", reason="failed")
+    event(bob, "call.state", call_id=call_id, state="ended")
+    # Bob's side may have finished its half of the handshake (alice's fingerprint is right)
+    # before alice refused; alice's never connected.
+    states = [e["data"]["state"] for e in alice.events(types=["call.state"])]
+    assert states == ["calling", "connecting", "ended"], states
+    assert alice.events(types=["call.media"]) == []
+    alice.wait_for(lambda: released(alice), "alice's media to be released")
+    bob.wait_for(lambda: released(bob), "bob's media to be released")
+
+
 def test_busy_reject_and_offline_contact(make: Callable[..., Peer]) -> None:
     alice, bob, carol = make("alice"), make("bob"), make("carol")
     connect(alice, bob)
