@@ -33,6 +33,12 @@ from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
 log = logging.getLogger("aegisd.calls")
 
+# aioice logs each candidate pair it checks and each TURN allocation at INFO, with their IP
+# addresses; aiortc's debug lines describe the media path. aegisd logs at info by default, and
+# no address may reach a log line at any level: both stay at WARNING whatever --log-level says.
+for _name in ("aioice", "aiortc"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
 _FINGERPRINT = re.compile(r"^a=fingerprint:(\S+) ([0-9A-Fa-f:]+)\s*$", re.MULTILINE)
 
 

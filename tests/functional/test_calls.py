@@ -177,6 +177,13 @@ def test_audio_call_tone_through_cli_relay_sees_nothing(
     for p in (alice, bob):
         assert sdp_leaks(dump(p.events())) == []
         assert sdp_leaks(dump(p.call("calls.history"))) == []
+    # Nor the daemons' logs (aegisd logs at info by default; aioice's info lines name the
+    # addresses of every candidate pair it checks).
+    for p in (alice, bob):
+        p.stop()
+        assert p.proc is not None
+        log = p.proc.stderr()
+        assert sdp_leaks(log.encode()) == [] and "127.0.0.1" not in log, log[-2000:]
 
 
 def test_video_call_bad_signaling_rejected_caller_hangs_up(make: Callable[..., Peer]) -> None:
