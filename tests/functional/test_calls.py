@@ -353,12 +353,14 @@ def test_busy_reject_and_offline_contact(make: Callable[..., Peer]) -> None:
     assert r.stderr.strip() == "aegis: error: the call ended: unanswered"
     last = carol.call("calls.history", {"limit": 1})["calls"][0]
     assert (last["contact"], last["state"], last["reason"]) == ("bob", "ended", "unanswered")
-    # Bob comes back: the stale call is a missed call, it does not ring.
+    # Bob comes back: the call he slept through (its INVITE and the CANCEL after it were waiting
+    # in his mailbox; two blocks, so wait for the second) is a missed call.
     bob.start()
     bob.wait_for(
-        lambda: any(c["call_id"] == last["call_id"] for c in bob.call("calls.history")["calls"]),
+        lambda: any(c["call_id"] == last["call_id"] and c["state"] == "ended"
+                    for c in bob.call("calls.history")["calls"]),
         "the missed call in bob's history",
-    )
+    )  # fmt: skip
     history = {c["call_id"]: c for c in bob.call("calls.history")["calls"]}
     missed = history[last["call_id"]]
     assert (missed["state"], missed["reason"], missed["direction"]) == ("ended", "missed", "in")

@@ -48,8 +48,9 @@ async def _call(tamper_answer: bool) -> tuple[list[str], list[str], list[str]]:
         if tamper_answer:
             answer = _other_fingerprint(answer)
         await a.accept_answer(answer)
-        for _ in range(400):
-            if "failed" in states_a or (media and "connected" in states_a):
+        # Generous (a loaded machine): until A failed, or both sides got their first frame.
+        for _ in range(1200):
+            if "failed" in states_a or (len(media) >= 2 and "connected" in states_a):
                 break
             await asyncio.sleep(0.05)
         return states_a, states_b, media
