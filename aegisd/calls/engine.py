@@ -60,6 +60,14 @@ class IceConfig:
         return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
 
 
+_AIOICE_HOST_ADDRESSES = aioice.ice.get_host_addresses  # aioice's own, to put back
+
+
+def use_all_host_candidates() -> None:
+    """Undo ``restrict_host_candidates_to_loopback`` (the setting went back to "all")."""
+    aioice.ice.get_host_addresses = _AIOICE_HOST_ADDRESSES
+
+
 def restrict_host_candidates_to_loopback() -> None:
     """Make ICE gather host candidates on 127.0.0.1 only (the calls.host_candidates =
     "loopback" setting, for tests and local use). aioice enumerates the host's addresses with

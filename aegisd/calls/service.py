@@ -554,8 +554,12 @@ class CallService:
         from . import engine  # aiortc and PyAV: loaded with the first call only
 
         s = self.m.store
+        # Process-wide (aioice has no per-connection switch): set for each call, so a change
+        # of the setting applies to the next call.
         if s.get_setting(SETTING_HOST_CANDIDATES, "all") == "loopback":
             engine.restrict_host_candidates_to_loopback()
+        else:
+            engine.use_all_host_candidates()
         servers: tuple[tuple[str, str | None, str | None], ...] = ()
         url = s.get_setting(SETTING_TURN_URL)
         if url:

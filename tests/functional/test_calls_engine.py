@@ -93,3 +93,12 @@ def test_ice_servers_are_always_explicit() -> None:
     assert engine.IceConfig().rtc().iceServers == []
     relay = engine.IceConfig((("turn:127.0.0.1:3478", "u", "p"),), relay_only=True).rtc()
     assert relay.iceTransportPolicy.name == "RELAY" and len(relay.iceServers or []) == 1
+
+
+def test_loopback_restriction_can_be_undone() -> None:
+    """calls.host_candidates back to "all" gives aioice its own address enumeration again."""
+    assert aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True) == ["127.0.0.1"]
+    engine.use_all_host_candidates()
+    assert aioice.ice.get_host_addresses is engine._AIOICE_HOST_ADDRESSES
+    engine.restrict_host_candidates_to_loopback()
+    assert aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=False) == ["127.0.0.1"]
