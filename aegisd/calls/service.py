@@ -55,6 +55,7 @@ RING_TIMEOUT = 45.0  # seconds a call rings before it ends unanswered
 CONNECT_TIMEOUT = 30.0  # seconds from the answer to media flowing
 STALE_INVITE_SLACK = 5.0  # an INVITE older than ring_timeout + this is a missed call at once
 HISTORY_MAX = 500
+LOCK_FLUSH = 3.0  # seconds a lock or stop waits for the HANGUP of a live call to leave
 
 # Application error codes (docs/api.md, "Errors"): calls have 1027-1029; 1020 not_found,
 # 1024 not_ready and 1025 blocked are the messenger's.
@@ -137,8 +138,22 @@ class CallService:
             )
 
     async def on_lock(self, store: Any) -> None:
-        for call in list(self.calls.values()):
+        live = list(self.calls.values())
+        for call in live:
             await self._end(call, "hangup", notify=True)
+        if live:
+            # The messenger's hook (next) stops the outbox: give the HANGUP a moment to leave,
+            # or the peer only notices when ICE consent runs out (~30 s). Bounded: a relay that
+            # is down leaves it queued (it goes at the next unlock and is dropped there).
+            from aegisd.services.messenger import PENDING_DESTINATION
+
+            def due() -> bool:  # blocks that can leave now (not those awaiting a contact)
+                items = store.pending_blocks(now=_ms(), limit=100)
+                return any(i.destination != PENDING_DESTINATION for i in items)
+
+            deadline = time.monotonic() + LOCK_FLUSH
+            while due() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

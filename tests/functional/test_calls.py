@@ -278,6 +278,24 @@ def test_sealed_fingerprint_is_the_one_checked(make: Callable[..., Peer]) -> Non
     bob.wait_for(lambda: released(bob), "bob's media to be released")
 
 
+def test_daemon_stop_during_a_call_hangs_up(make: Callable[..., Peer]) -> None:
+    """Stopping a daemon (SIGTERM) in a call ends it as a hangup: the peer is told at once (it
+    does not wait for ICE consent to expire) and the stopped side's history says hangup."""
+    alice, bob = make("alice"), make("bob")
+    connect(alice, bob)
+    call_id = alice.call("calls.start", {"contact": "bob"})["call_id"]
+    event(bob, "call.incoming", call_id=call_id)
+    bob.call("calls.accept", {"call_id": call_id})
+    event(alice, "call.state", call_id=call_id, state="active")
+    event(bob, "call.state", call_id=call_id, state="active")
+    alice.stop()
+    event(bob, "call.state", call_id=call_id, state="ended", reason="remote_hangup")
+    bob.wait_for(lambda: released(bob), "bob's media to be released")
+    alice.start()
+    last = alice.call("calls.history", {"limit": 1})["calls"][0]
+    assert (last["call_id"], last["state"], last["reason"]) == (call_id, "ended", "hangup")
+
+
 def test_busy_reject_and_offline_contact(make: Callable[..., Peer]) -> None:
     alice, bob, carol = make("alice"), make("bob"), make("carol")
     connect(alice, bob)
