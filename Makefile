@@ -33,19 +33,20 @@ unit: $(VENV)/.installed-test
 # running as root (CI is); elsewhere those tests say they were skipped and why.
 # coturn (turnserver): the calls tests' TURN server, started by the tests on 127.0.0.1. A
 # temporary policy-rc.d (exit 101: "action forbidden") keeps its postinst from starting a
-# system-wide coturn service; it is removed again (only if we created it).
+# system-wide coturn service (Debian's /etc/default/coturn also leaves it disabled); it is
+# removed again, even if the install fails or is interrupted (only if we created it).
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && ! command -v dbus-daemon >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends dbus; \
 	fi
 	@if [ "$$(id -u)" = 0 ] && ! command -v turnserver >/dev/null; then \
-		made=; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+		if [ ! -e /usr/sbin/policy-rc.d ]; then \
+			trap 'rm -f /usr/sbin/policy-rc.d' EXIT; trap 'exit 130' INT TERM; \
 			printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && \
-			chmod 755 /usr/sbin/policy-rc.d && made=1; fi; \
+			chmod 755 /usr/sbin/policy-rc.d; fi; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq --no-install-recommends coturn; rc=$$?; \
-		if [ -n "$$made" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit $$rc; \
+		apt-get install -y -qq --no-install-recommends coturn; \
 	fi
 
 test: system-deps lint typecheck unit

@@ -93,8 +93,8 @@ def register(registry: Registry, m: Messenger, *, test_methods: bool = False) ->
         # call, so tests can check that the peer's daemon rejects it. Returns nothing.
         @registry.method("debug.call_signal", unlocked=True)
         async def debug_call_signal(ctx: CallContext, call_id: str, mode: str) -> dict[str, Any]:
-            if mode not in ("tamper", "replay", "unknown"):
-                raise InvalidParamsError("mode", "must be tamper, replay or unknown")
+            if mode not in ("tamper", "replay", "unknown", "fingerprint"):
+                raise InvalidParamsError("mode", "must be tamper, replay, unknown or fingerprint")
             await service.debug_signal(call_id, mode)
             return {"sent": True}
 

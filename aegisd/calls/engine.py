@@ -33,6 +33,12 @@ from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
 log = logging.getLogger("aegisd.calls")
 
+# aioice logs each candidate pair it checks and each TURN allocation at INFO, with their IP
+# addresses; aiortc's debug lines describe the media path. aegisd logs at info by default, and
+# no address may reach a log line at any level: both stay at WARNING whatever --log-level says.
+for _name in ("aioice", "aiortc"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
 _FINGERPRINT = re.compile(r"^a=fingerprint:(\S+) ([0-9A-Fa-f:]+)\s*$", re.MULTILINE)
 
 
@@ -52,6 +58,14 @@ class IceConfig:
         servers = [RTCIceServer(urls=url, username=u, credential=p) for url, u, p in self.servers]
         policy = RTCIceTransportPolicy.RELAY if self.relay_only else RTCIceTransportPolicy.ALL
         return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
+
+
+_AIOICE_HOST_ADDRESSES = aioice.ice.get_host_addresses  # aioice's own, to put back
+
+
+def use_all_host_candidates() -> None:
+    """Undo ``restrict_host_candidates_to_loopback`` (the setting went back to "all")."""
+    aioice.ice.get_host_addresses = _AIOICE_HOST_ADDRESSES
 
 
 def restrict_host_candidates_to_loopback() -> None:

@@ -8,7 +8,12 @@ States: outgoing  calling -> connecting -> active -> ended
         incoming  ringing -> connecting -> active -> ended
 Reasons an ended call gives: hangup (we hung up), remote_hangup, rejected, busy, unanswered
 (nobody answered within calls.ring_timeout), missed (an incoming call we did not answer),
-cancelled (the caller gave up while ringing), failed (no media path, or a bad description).
+cancelled (the caller gave up while ringing), failed (no media path, or a bad description),
+crossed (both sides called each other at once: the call with the lower id goes on, the other
+ends so on both sides).
+
+Every await is a point where another step (a timer, the peer's HANGUP, a lock) may have ended the
+call: state changes happen before awaits, and each step looks at the state again after one.
 
 Nothing here logs or stores SDP, keys, candidates or addresses.
 """
@@ -50,6 +55,7 @@ RING_TIMEOUT = 45.0  # seconds a call rings before it ends unanswered
 CONNECT_TIMEOUT = 30.0  # seconds from the answer to media flowing
 STALE_INVITE_SLACK = 5.0  # an INVITE older than ring_timeout + this is a missed call at once
 HISTORY_MAX = 500
+LOCK_FLUSH = 3.0  # seconds a lock or stop waits for the HANGUP of a live call to leave
 
 # Application error codes (docs/api.md, "Errors"): calls have 1027-1029; 1020 not_found,
 # 1024 not_ready and 1025 blocked are the messenger's.
@@ -60,6 +66,15 @@ E_MEDIA = 1029
 TURN_URL_RE = re.compile(r"^turns?:[A-Za-z0-9.\-\[\]:]+(\?transport=(udp|tcp))?$")
 
 LIVE = ("calling", "ringing", "connecting", "active")
+
+
+def _other_fingerprint(sdp: str) -> str:
+    """--test-methods only: the SDP with every sha-256 fingerprint changed (still well formed)."""
+    return re.sub(
+        r"(a=fingerprint:sha-256 )([0-9A-Fa-f]{2})",
+        lambda m: m.group(1) + ("00" if m.group(2) != "00" else "11"),
+        sdp,
+    )
 
 
 def _ms() -> int:
@@ -86,6 +101,7 @@ class Call:
     answered_at: int | None = None
     media_seen: set[str] = field(default_factory=set)
     last_sealed: wire.CallSealedPayload | None = None  # for the replay test (--test-methods)
+    bad_fingerprint: bool = False  # --test-methods: seal our SDP with a wrong DTLS fingerprint
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -122,8 +138,22 @@ class CallService:
             )
 
     async def on_lock(self, store: Any) -> None:
-        for call in list(self.calls.values()):
+        live = list(self.calls.values())
+        for call in live:
             await self._end(call, "hangup", notify=True)
+        if live:
+            # The messenger's hook (next) stops the outbox: give the HANGUP a moment to leave,
+            # or the peer only notices when ICE consent runs out (~30 s). Bounded: a relay that
+            # is down leaves it queued (it goes at the next unlock and is dropped there).
+            from aegisd.services.messenger import PENDING_DESTINATION
+
+            def due() -> bool:  # blocks that can leave now (not those awaiting a contact)
+                items = store.pending_blocks(now=_ms(), limit=100)
+                return any(i.destination != PENDING_DESTINATION for i in items)
+
+            deadline = time.monotonic() + LOCK_FLUSH
+            while due() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -243,9 +273,19 @@ class CallService:
         invite = wire.CallPayload(
             call_id, wire.CALL_INVITE, key=public, video=video, sent_at_ms=_ms()
         )
-        await self.m.send_call_payload(c.id, invite)  # not_ready etc. raise before any state
+        # Registered before the await: a second calls.start, or an INVITE arriving meanwhile,
+        # sees this call (busy, or crossed calls), and a hangup meanwhile finds it.
         self.calls[call_id] = call
         self._history_add(call)
+        try:
+            await self.m.send_call_payload(c.id, invite)
+        except BaseException:  # not_ready etc.: as if the call had never been started
+            self.calls.pop(call_id, None)
+            call.secret = None
+            self.m.store._q("DELETE FROM calls WHERE id = ?", (call_id.hex(),))
+            raise
+        if call.state == "ended":  # hung up while the INVITE was queued
+            return call.describe()
         self._set_state(call, "calling")
         self._arm(call, self._ring_timeout(), "unanswered")
         return call.describe()
@@ -266,11 +306,19 @@ class CallService:
             raise AppError(E_CALL_STATE, "call_state", "the call cannot be answered") from None
         call.secret, call.public, call.channel = secret, public, channel
         call.play, call.record = play, record
-        await self.m.send_call_payload(
-            call.contact_id, wire.CallPayload(call.id, wire.CALL_ACCEPT, key=public)
-        )
+        # Connecting before the await: a CANCEL or the ring timeout arriving meanwhile ends the
+        # call as it is now (and is not undone after the await).
         self._set_state(call, "connecting")
         self._arm(call, CONNECT_TIMEOUT, "failed")
+        try:
+            await self.m.send_call_payload(
+                call.contact_id, wire.CallPayload(call.id, wire.CALL_ACCEPT, key=public)
+            )
+        except AppError:
+            await self._end(call, "failed", notify=False)
+            raise
+        if call.state == "ended":
+            raise AppError(E_CALL_STATE, "call_state", "the call ended before it was answered")
         return call.describe()
 
     async def reject(self, call_id: str | None) -> dict[str, Any]:
@@ -349,13 +397,30 @@ class CallService:
 
     async def _end(self, call: Call, reason: str, *, notify: bool) -> None:
         """End a call once: tell the peer (if asked), erase the keys, release the media."""
-        if call.state == "ended":
+        ended = self._finish(call, reason, notify=notify)
+        if ended is None:
             return
+        payload, media = ended
+        if payload is not None:
+            with contextlib.suppress(AppError, RuntimeError):
+                await self.m.send_call_payload(call.contact_id, payload)
+        if media is not None:
+            await media.close()
+
+    def _finish(
+        self, call: Call, reason: str, *, notify: bool
+    ) -> tuple[wire.Payload | None, MediaSession | None] | None:
+        """The synchronous part of ending a call (no await: two ends racing, say a local and a
+        remote hangup, cannot both get past the first line): the state, the timer, the keys.
+        Returns what is left to do (the message for the peer, the media to close), or None if
+        the call had ended already."""
+        if call.state == "ended":
+            return None
         if call.timer is not None:
             call.timer.cancel()
             call.timer = None
+        payload: wire.Payload | None = None
         if notify:
-            payload: wire.Payload | None = None
             if call.channel is not None and call.channel.open:
                 payload = call.channel.seal(self.m.entropy, signaling.SIG_HANGUP, b"")
             elif call.direction == "out":
@@ -364,17 +429,13 @@ class CallService:
                 payload = wire.CallPayload(
                     call.id, wire.CALL_REJECT, reason=wire.CALL_REASON_REJECTED
                 )
-            if payload is not None:
-                with contextlib.suppress(AppError, RuntimeError):
-                    await self.m.send_call_payload(call.contact_id, payload)
         if call.channel is not None:
             call.channel.erase()
         call.secret = None
         media, call.media = call.media, None
         self.calls.pop(call.id, None)
         self._set_state(call, "ended", reason)
-        if media is not None:
-            await media.close()
+        return payload, media
 
     # --- signaling from the peer (called inside the receive transaction: no waiting) ----------
 
@@ -413,6 +474,25 @@ class CallService:
         age = (_ms() - p.sent_at_ms) / 1000
         if age > self._ring_timeout() + STALE_INVITE_SLACK:
             self._history_add(incoming, "ended", "missed")  # the caller gave up long ago
+            return
+        live = [x for x in self.calls.values() if x.state in LIVE]
+        crossed = (
+            len(live) == 1
+            and live[0].contact_id == c.id
+            and live[0].direction == "out"
+            and live[0].state == "calling"
+        )
+        if crossed and p.call_id < live[0].id:
+            # Both called each other at once (each INVITE left before the other arrived). Both
+            # sides compare the same two ids: the lower one goes on and rings here, ours ends
+            # (the peer answers it busy); without this both calls would end busy.
+            self._finish(live[0], "crossed", notify=False)
+        elif crossed:
+            # Ours has the lower id: it goes on; the peer ends its own call when our INVITE
+            # arrives there. It is still answered busy, so it ends even if that INVITE is late.
+            self._history_add(incoming, "ended", "crossed")
+            self._spawn(self._send_quietly(c.id, wire.CallPayload(
+                p.call_id, wire.CALL_REJECT, reason=wire.CALL_REASON_BUSY)))  # fmt: skip
             return
         if self._busy():
             self._history_add(incoming, "ended", "busy")
@@ -489,8 +569,12 @@ class CallService:
         from . import engine  # aiortc and PyAV: loaded with the first call only
 
         s = self.m.store
+        # Process-wide (aioice has no per-connection switch): set for each call, so a change
+        # of the setting applies to the next call.
         if s.get_setting(SETTING_HOST_CANDIDATES, "all") == "loopback":
             engine.restrict_host_candidates_to_loopback()
+        else:
+            engine.use_all_host_candidates()
         servers: tuple[tuple[str, str | None, str | None], ...] = ()
         url = s.get_setting(SETTING_TURN_URL)
         if url:
@@ -522,34 +606,47 @@ class CallService:
         return media
 
     async def _send_offer(self, call: Call) -> None:
-        media = self._new_media(call)
+        if call.state == "ended":  # ended before this task ran: make no peer connection
+            return
+        media = self._new_media(call)  # on the call at once: an end from now on closes it
         sdp = await media.create_offer()
         if call.state == "ended" or call.channel is None:
             return
+        if call.bad_fingerprint:
+            sdp = _other_fingerprint(sdp)
         sealed = call.last_sealed = call.channel.seal(
             self.m.entropy, signaling.SIG_OFFER, sdp.encode()
         )
         await self.m.send_call_payload(call.contact_id, sealed)
 
     async def _answer(self, call: Call, offer: bytes) -> None:
+        if call.state == "ended":
+            return
         media = self._new_media(call)
         sdp = await media.answer_offer(offer.decode())
         if call.state == "ended" or call.channel is None:
             return
+        if call.bad_fingerprint:
+            sdp = _other_fingerprint(sdp)
         sealed = call.last_sealed = call.channel.seal(
             self.m.entropy, signaling.SIG_ANSWER, sdp.encode()
         )
         await self.m.send_call_payload(call.contact_id, sealed)
 
     async def _accept_answer(self, call: Call, answer: bytes) -> None:
-        assert call.media is not None
+        if call.media is None:  # ended meanwhile (the media was closed with it)
+            return
         await call.media.accept_answer(answer.decode())
 
     async def debug_signal(self, call_id: str, mode: str) -> None:
         """--test-methods only: tamper (a HANGUP with one bit of its box flipped), replay (the
         last sealed message sent, again, in a new ratchet message), unknown (a HANGUP under
-        another call id)."""
+        another call id), fingerprint (this call's SDP, when it is sealed, will carry a wrong
+        DTLS fingerprint: the peer must refuse the certificate we present)."""
         call = self._get(call_id)
+        if mode == "fingerprint":
+            call.bad_fingerprint = True
+            return
         if call.channel is None:
             raise AppError(E_CALL_STATE, "call_state", "the call has no sealed channel yet")
         if mode == "replay":

@@ -117,6 +117,8 @@ class RecordingProxy:
         self.streams: list[bytearray] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._flowing = threading.Event()  # cleared: bytes are held (in order) until resume()
+        self._flowing.set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -136,11 +138,11 @@ class RecordingProxy:
                     self.streams.append(buf)
                 threading.Thread(target=self._pump, args=(a, b, buf), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, buf: bytearray) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, buf: bytearray) -> None:
         try:
             while data := src.recv(65536):
                 buf.extend(data)
+                self._flowing.wait()
                 dst.sendall(data)
         except OSError:
             pass
@@ -149,6 +151,13 @@ class RecordingProxy:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
 
+    def pause(self) -> None:
+        """Hold everything either way (for a few seconds at most: the links' heartbeats)."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
     def payload_bytes(self) -> list[bytes]:
         """Each stream after its HTTP upgrade (whose Host header names 127.0.0.1 anyway)."""
         with self._lock:
@@ -156,6 +165,7 @@ class RecordingProxy:
 
     def close(self) -> None:
         self._closed = True
+        self._flowing.set()
         self.sock.close()
 
 

@@ -177,6 +177,13 @@ def test_audio_call_tone_through_cli_relay_sees_nothing(
     for p in (alice, bob):
         assert sdp_leaks(dump(p.events())) == []
         assert sdp_leaks(dump(p.call("calls.history"))) == []
+    # Nor the daemons' logs (aegisd logs at info by default; aioice's info lines name the
+    # addresses of every candidate pair it checks).
+    for p in (alice, bob):
+        p.stop()
+        assert p.proc is not None
+        log = p.proc.stderr()
+        assert sdp_leaks(log.encode()) == [] and "127.0.0.1" not in log, log[-2000:]
 
 
 def test_video_call_bad_signaling_rejected_caller_hangs_up(make: Callable[..., Peer]) -> None:
@@ -215,6 +222,78 @@ def test_video_call_bad_signaling_rejected_caller_hangs_up(make: Callable[..., P
     event(bob, "call.state", call_id=call_id, state="ended", reason="remote_hangup")
     alice.wait_for(lambda: released(alice), "alice's media to be released")
     bob.wait_for(lambda: released(bob), "bob's media to be released")
+
+
+def test_crossed_calls_one_goes_on(make: Callable[..., Peer], proxy: RecordingProxy) -> None:
+    """Both call each other at once (each INVITE leaves before the other's arrives): without a
+    rule both would answer the other busy and nobody could talk. The lower call id goes on."""
+    alice, bob = make("alice"), make("bob")
+    connect(alice, bob)
+    proxy.pause()  # nothing crosses the relay until both calls have started
+    try:
+        a = alice.call("calls.start", {"contact": "bob"})["call_id"]
+        b = bob.call("calls.start", {"contact": "alice"})["call_id"]
+    finally:
+        proxy.resume()
+    win, lose = sorted((a, b))
+    caller, callee = (alice, bob) if win == a else (bob, alice)
+    event(callee, "call.state", call_id=lose, state="ended", reason="crossed")
+    event(callee, "call.incoming", call_id=win)
+    assert [(c["call_id"], c["state"]) for c in callee.call("calls.list")["calls"]] == [
+        (win, "ringing")
+    ]
+    callee.call("calls.accept", {"call_id": win})
+    event(caller, "call.state", call_id=win, state="active")
+    event(callee, "call.state", call_id=win, state="active")
+    caller_history = {c["call_id"]: c for c in caller.call("calls.history")["calls"]}
+    assert (caller_history[lose]["state"], caller_history[lose]["reason"]) == ("ended", "crossed")
+    caller.call("calls.hangup", {})
+    event(callee, "call.state", call_id=win, state="ended", reason="remote_hangup")
+    caller.wait_for(lambda: released(caller), "the caller's media to be released")
+    callee.wait_for(lambda: released(callee), "the callee's media to be released")
+    # Each call ended exactly once on each side.
+    for p in (alice, bob):
+        ends = [e["data"]["call_id"] for e in p.events(types=["call.state"])
+                if e["data"]["state"] == "ended"]  # fmt: skip
+        assert sorted(ends) == sorted({win} | ({lose} if p is callee else set())), ends
+
+
+def test_sealed_fingerprint_is_the_one_checked(make: Callable[..., Peer]) -> None:
+    """Bob's daemon seals an ANSWER whose DTLS fingerprint is not that of the certificate it
+    presents: alice's daemon refuses the handshake, the call fails, no media flows to her."""
+    alice, bob = make("alice"), make("bob", test_methods=True)
+    connect(alice, bob)
+    call_id = alice.call("calls.start", {"contact": "bob"})["call_id"]
+    event(bob, "call.incoming", call_id=call_id)
+    bob.call("debug.call_signal", {"call_id": call_id, "mode": "fingerprint"})
+    bob.call("calls.accept", {"call_id": call_id})
+    event(alice, "call.state", call_id=call_id, state="ended", reason="failed")
+    event(bob, "call.state", call_id=call_id, state="ended")
+    # Bob's side may have finished its half of the handshake (alice's fingerprint is right)
+    # before alice refused; alice's never connected.
+    states = [e["data"]["state"] for e in alice.events(types=["call.state"])]
+    assert states == ["calling", "connecting", "ended"], states
+    assert alice.events(types=["call.media"]) == []
+    alice.wait_for(lambda: released(alice), "alice's media to be released")
+    bob.wait_for(lambda: released(bob), "bob's media to be released")
+
+
+def test_daemon_stop_during_a_call_hangs_up(make: Callable[..., Peer]) -> None:
+    """Stopping a daemon (SIGTERM) in a call ends it as a hangup: the peer is told at once (it
+    does not wait for ICE consent to expire) and the stopped side's history says hangup."""
+    alice, bob = make("alice"), make("bob")
+    connect(alice, bob)
+    call_id = alice.call("calls.start", {"contact": "bob"})["call_id"]
+    event(bob, "call.incoming", call_id=call_id)
+    bob.call("calls.accept", {"call_id": call_id})
+    event(alice, "call.state", call_id=call_id, state="active")
+    event(bob, "call.state", call_id=call_id, state="active")
+    alice.stop()
+    event(bob, "call.state", call_id=call_id, state="ended", reason="remote_hangup")
+    bob.wait_for(lambda: released(bob), "bob's media to be released")
+    alice.start()
+    last = alice.call("calls.history", {"limit": 1})["calls"][0]
+    assert (last["call_id"], last["state"], last["reason"]) == (call_id, "ended", "hangup")
 
 
 def test_busy_reject_and_offline_contact(make: Callable[..., Peer]) -> None:
@@ -292,12 +371,14 @@ def test_busy_reject_and_offline_contact(make: Callable[..., Peer]) -> None:
     assert r.stderr.strip() == "aegis: error: the call ended: unanswered"
     last = carol.call("calls.history", {"limit": 1})["calls"][0]
     assert (last["contact"], last["state"], last["reason"]) == ("bob", "ended", "unanswered")
-    # Bob comes back: the stale call is a missed call, it does not ring.
+    # Bob comes back: the call he slept through (its INVITE and the CANCEL after it were waiting
+    # in his mailbox; two blocks, so wait for the second) is a missed call.
     bob.start()
     bob.wait_for(
-        lambda: any(c["call_id"] == last["call_id"] for c in bob.call("calls.history")["calls"]),
+        lambda: any(c["call_id"] == last["call_id"] and c["state"] == "ended"
+                    for c in bob.call("calls.history")["calls"]),
         "the missed call in bob's history",
-    )
+    )  # fmt: skip
     history = {c["call_id"]: c for c in bob.call("calls.history")["calls"]}
     missed = history[last["call_id"]]
     assert (missed["state"], missed["reason"], missed["direction"]) == ("ended", "missed", "in")

@@ -48,8 +48,9 @@ async def _call(tamper_answer: bool) -> tuple[list[str], list[str], list[str]]:
         if tamper_answer:
             answer = _other_fingerprint(answer)
         await a.accept_answer(answer)
-        for _ in range(400):
-            if "failed" in states_a or (media and "connected" in states_a):
+        # Generous (a loaded machine): until A failed, or both sides got their first frame.
+        for _ in range(1200):
+            if "failed" in states_a or (len(media) >= 2 and "connected" in states_a):
                 break
             await asyncio.sleep(0.05)
         return states_a, states_b, media
@@ -92,3 +93,12 @@ def test_ice_servers_are_always_explicit() -> None:
     assert engine.IceConfig().rtc().iceServers == []
     relay = engine.IceConfig((("turn:127.0.0.1:3478", "u", "p"),), relay_only=True).rtc()
     assert relay.iceTransportPolicy.name == "RELAY" and len(relay.iceServers or []) == 1
+
+
+def test_loopback_restriction_can_be_undone() -> None:
+    """calls.host_candidates back to "all" gives aioice its own address enumeration again."""
+    assert aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True) == ["127.0.0.1"]
+    engine.use_all_host_candidates()
+    assert aioice.ice.get_host_addresses is engine._AIOICE_HOST_ADDRESSES
+    engine.restrict_host_candidates_to_loopback()
+    assert aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=False) == ["127.0.0.1"]
