@@ -155,7 +155,8 @@ def test_bad_files_change_nothing(peers: Callable[[str], Peer], tmp_short: Path)
     assert refused(bytes(header)).code == 1043  # looks like a wrong passphrase (documented)
     body = bytearray(raw)
     body[-5] ^= 0x01
-    assert refused(bytes(body)).code == 1043  # the only chunk: damaged = does not open
+    damaged = refused(bytes(body))  # the only chunk: damaged, not "wrong passphrase"
+    assert (damaged.code, damaged.data["error"]) == (1044, "damaged")
     assert refused(raw[:-1]).code == 1045
     assert refused(raw[: fmt.HEADER_LEN]).code == 1045
     assert refused(b"hello, world").code == 1042
