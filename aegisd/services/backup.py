@@ -330,12 +330,15 @@ class Backups:
                             ),
                         )  # fmt: skip
                         n_messages += 1
+                    renew = bc.send_to is not None and not bc.blocked
                     for mb in bc.mailboxes:
+                        # Kept until the renewal with this contact is done; a contact that is
+                        # not renewed (blocked) must not reach the old device either: at once.
                         store._q(
                             "INSERT INTO retired_mailboxes (contact_id, descriptor) VALUES (?, ?)",
-                            (cid, _mailbox_in(mb).to_bytes()),
+                            (cid if renew else None, _mailbox_in(mb).to_bytes()),
                         )
-                    if bc.send_to is not None and not bc.blocked:
+                    if renew:
                         store._q(
                             "INSERT INTO renewals (contact_id, side, requested_at) "
                             "VALUES (?, 'restored', 0)",

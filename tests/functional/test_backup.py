@@ -337,3 +337,27 @@ def test_stale_backup_reports_instead_of_losing_the_contact(
     assert ("out", "history to keep") in texts(new, "bob")
     assert new.call("backup.status") == {"renewals_pending": 0}
     assert not event_types(new, ["contact.failed"])
+
+
+def test_a_blocked_contact_cannot_reach_the_old_device(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    """A blocked contact is not renewed, but the old profile's mailboxes for it are retired all
+    the same: its deposits to the old device are refused (the old device stops receiving)."""
+    alice, dave = peers("alice"), peers("dave")
+    connect(alice, dave)
+    alice.call("contacts.block", {"name": "dave"})
+    path = tmp_short / "blocked.bak"
+    alice.call("backup.export", {"path": str(path), "passphrase": PASS, **CHEAP})
+    alice.stop()
+    new = peers("alice2")
+    assert new.call("backup.import", {"path": str(path), "passphrase": PASS})["renewing"] == 0
+    assert new.call("contacts.list")["contacts"][0]["blocked"]
+
+    def refused() -> bool:
+        dave.call("messages.send", {"contact": "alice", "text": "are you there?"})
+        time.sleep(0.5)
+        history = dave.call("messages.history", {"contact": "alice"})["messages"]
+        return any(m["status"] == "failed" for m in history)
+
+    dave.wait_for(refused, "a deposit to the old device to be refused")
