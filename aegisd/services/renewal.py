@@ -202,6 +202,9 @@ class Renewals:
         ).fetchone()
         if (
             (last is not None and req.created_at_ms <= last[0])
+            # Made before we (re-)added this contact: it was meant for an earlier contact row
+            # (removed with its replay bound), so it is a replay into the new one.
+            or req.created_at_ms < c.created_at
             or req.created_at_ms < now - MAX_AGE_MS
             or req.created_at_ms > now + MAX_SKEW_MS
             or not m._url_ok(req.reply_to.relay_url)

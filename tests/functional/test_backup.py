@@ -361,3 +361,48 @@ def test_a_blocked_contact_cannot_reach_the_old_device(
         return any(m["status"] == "failed" for m in history)
 
     dave.wait_for(refused, "a deposit to the old device to be refused")
+
+
+def test_renewal_request_not_replayed_into_a_contact_added_again(
+    peers: Callable[[str], Peer], tmp_short: Path, relay_proc: Any
+) -> None:
+    """The replay bound is kept per contact: a request made before bob removed alice and added
+    her again (its bound went with the old contact) must not renew the new contact."""
+    from aegisd.core import renewal, wire
+    from aegisd.core.identity import IdentityKeyPair, PublicIdentity
+    from aegisd.core.primitives import SystemEntropy
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    before = time.time_ns() // 1_000_000 - 1000
+    for peer, other in ((alice, "bob"), (bob, "alice")):
+        peer.call("contacts.remove", {"name": other})
+    connect(alice, bob)
+
+    path = tmp_short / "again.bak"
+    alice.call("backup.export", {"path": str(path), "passphrase": PASS, **CHEAP})
+    contents = fmt.BackupContents.from_bytes(fmt.decrypt(PASS, path.read_bytes()))
+    ident = IdentityKeyPair.from_raw(contents.ed_priv, contents.x_priv, contents.binding_sig)
+    (entry,) = contents.contacts
+    assert entry.send_to is not None
+    bundle = wire.ContactLink.from_text(alice.call("address.get")["link"]).bundle_address
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+
+    def request(created_at_ms: int) -> bytes:
+        payload = wire.RenewPayload(
+            SystemEntropy().random(16), created_at_ms, entry.send_to, bundle, "alice"
+        )
+        return renewal.seal(
+            SystemEntropy(), ident, PublicIdentity.from_record(entry.identity),
+            wire.encode_payload(payload),
+        )  # fmt: skip
+
+    _deposit(url, entry.send_to, request(before))  # made before bob added alice again
+    # Behind it in the same mailbox: a text in the current session, which bob can still open
+    # only if the request did not replace the session.
+    alice.call("messages.send", {"contact": "bob", "text": "after the old request"})
+    bob.wait_for(lambda: received(bob, "alice", "after the old request"), "the text")
+    assert not event_types(bob, ["contact.session_renewing"])
+    # The control: the same request, made now, is taken.
+    _deposit(url, entry.send_to, request(time.time_ns() // 1_000_000))
+    bob.wait_for(lambda: event_types(bob, ["contact.session_renewing"]), "the newer request")
