@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -371,6 +372,11 @@ def _read_limited(path: Path) -> bytes:
         return f.read()
 
 
+#: link() errors that mean "this file system has no hard links", not "the name is taken".
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS,
+                  errno.EMLINK}  # fmt: skip
+
+
 def _write_atomic(target: Path, data: bytes, force: bool) -> None:
     """Temporary file (0600) beside the target, fsync, then link (refuses an existing file)
     or, with ``force``, rename over it; then fsync the directory."""
@@ -384,8 +390,17 @@ def _write_atomic(target: Path, data: bytes, force: bool) -> None:
         if force:
             os.replace(tmp, target)
         else:
-            os.link(tmp, target)
-            os.unlink(tmp)
+            try:
+                os.link(tmp, target)
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                # A file system without hard links (FAT on a USB stick, some network shares):
+                # claim the name exclusively (still no overwrite), then rename over the claim.
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                os.replace(tmp, target)
+            else:
+                os.unlink(tmp)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
