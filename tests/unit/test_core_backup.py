@@ -149,11 +149,14 @@ def test_the_default_is_rfc9106_second_choice() -> None:
 
 def test_passphrase_rule() -> None:
     for weak in ("", "short", "aaaaaaaaaaaaaaaaaaaa", "abababababab", "123456789012",
-                 "1234567890123456"):  # fmt: skip
+                 "1234567890123456", "password1234", "Password1234!", "qwertyuiop12",
+                 "abcdefghijkl", "passwordpassword", "iloveyou2024!", "asdfghjkl;'#",
+                 "Abcd1234Abcd1234"):  # fmt: skip
         problem = fmt.passphrase_problem(weak)
         assert problem is not None and fmt.PASSPHRASE_RULE in problem
         assert not weak or weak not in problem
-    for strong in (PASS, "Tr0ub4dor&3xyz", "abcdefghijkm", "ünïcödé pässwörd"):
+    for strong in (PASS, "Tr0ub4dor&3xyz", "x7#Kp2!qLm9z", "ünïcödé pässwörd",
+                   "purple monkey dishwasher"):  # fmt: skip
         assert fmt.passphrase_problem(strong) is None
 
 
