@@ -136,8 +136,9 @@ class Backups:
             state = ContactState.from_bytes(c.state)
             renewing = (
                 store._q(
-                    "SELECT 1 FROM renewals WHERE contact_id = ? AND side = 'restored' "
-                    "AND done = 0",
+                    # Either side: a contact that is renewing the session (ours after an
+                    # import, or theirs) is a contact with a history, not a set-up.
+                    "SELECT 1 FROM renewals WHERE contact_id = ? AND done = 0",
                     (c.id,),
                 ).fetchone()
                 is not None

@@ -406,3 +406,8 @@ def test_renewal_request_not_replayed_into_a_contact_added_again(
     # The control: the same request, made now, is taken.
     _deposit(url, entry.send_to, request(time.time_ns() // 1_000_000))
     bob.wait_for(lambda: event_types(bob, ["contact.session_renewing"]), "the newer request")
+    # Nobody answers it: bob's contact stays "renewing" (not established). A backup made now
+    # still holds the contact and its history.
+    out = bob.call("backup.export", {"path": str(tmp_short / "bob.bak"), "passphrase": PASS,
+                                     **CHEAP})  # fmt: skip
+    assert out["contacts"] == 1 and out["messages"] >= 1
