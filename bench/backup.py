@@ -67,8 +67,8 @@ def contents(n_messages: int) -> fmt.BackupContents:
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
     salt = bytes(16)
-    kdf_default = median_s(lambda: fmt.derive_key(PASS, salt, fmt.DEFAULT_KDF), 5)
-    kdf_min = median_s(lambda: fmt.derive_key(PASS, salt, fmt.MIN_KDF), 5)
+    kdf_default = median_s(lambda: fmt.derive_keys(PASS, salt, fmt.DEFAULT_KDF), 5)
+    kdf_min = median_s(lambda: fmt.derive_keys(PASS, salt, fmt.MIN_KDF), 5)
     print(f"kdf       default {kdf_default * 1000:8.1f} ms   minimum {kdf_min * 1000:8.1f} ms"
           f"   ratio {kdf_default / kdf_min:5.2f}")  # fmt: skip
 

@@ -4,7 +4,9 @@ chunk stream and the strict serialisation of what a backup holds.
 Pure: no file or clock access. The caller reads and writes the file and passes the time in.
 
 File = header || stream. The header names the format version and the Argon2id parameters; the
-key is Argon2id(passphrase, salt); the stream is libsodium's secretstream
+keys come from Argon2id(passphrase, salt) (64 bytes: a stream key and a header key); the
+header ends with an HMAC under the header key, so that a wrong passphrase (or an altered
+header) is told apart from damage to the body; the stream is libsodium's secretstream
 (XChaCha20-Poly1305, via PyNaCl) in chunks of CHUNK_SIZE plaintext bytes, the last one tagged
 FINAL, every chunk with the whole header as associated data. A well-kept construct rather than
 a hand-made one: it authenticates the order of the chunks and detects truncation.
@@ -12,6 +14,8 @@ a hand-made one: it authenticates the order of the chunks and detects truncation
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import struct
@@ -32,9 +36,11 @@ FORMAT_VERSION = 1
 KDF_ARGON2ID = 1
 SALT_LEN = 16
 KEY_LEN = 32
+HEADER_MAC_LEN = 32  # HMAC-SHA256 of the header's first HEADER_MAC_OFFSET bytes
 STREAM_HEADER_LEN: int = sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES  # 24
 ABYTES: int = sodium.crypto_secretstream_xchacha20poly1305_ABYTES  # 17
-HEADER_LEN = len(MAGIC) + 1 + 1 + 4 + 4 + 4 + SALT_LEN + 8 + STREAM_HEADER_LEN  # 70
+HEADER_MAC_OFFSET = len(MAGIC) + 1 + 1 + 4 + 4 + 4 + SALT_LEN + 8 + STREAM_HEADER_LEN  # 70
+HEADER_LEN = HEADER_MAC_OFFSET + HEADER_MAC_LEN  # 102
 CHUNK_SIZE = 64 * 1024  # plaintext bytes per chunk (the last may be shorter, even empty)
 TAG_MESSAGE: int = sodium.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
 TAG_FINAL: int = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
@@ -54,8 +60,8 @@ class NotABackup(BackupError, DecodeError):
 
 
 class BackupKeyError(BackupError):
-    """The first chunk does not open: a wrong passphrase, or an altered header or first chunk
-    (the two cannot be told apart: the header is authenticated by the key)."""
+    """The header's MAC does not verify: a wrong passphrase, or an altered header (the two
+    cannot be told apart: the header is authenticated by a key derived from the passphrase)."""
 
     def __init__(self) -> None:
         super().__init__(
@@ -115,18 +121,26 @@ def normalize_passphrase(passphrase: str) -> bytes:
     return unicodedata.normalize("NFC", passphrase).encode("utf-8")
 
 
-def derive_key(passphrase: str, salt: bytes, kdf: KdfParams) -> bytes:
+def derive_keys(passphrase: str, salt: bytes, kdf: KdfParams) -> tuple[bytes, bytes]:
+    """(stream key, header key): the two halves of one 64-byte Argon2id output. Separate keys,
+    so that the header's MAC and the stream never share one."""
     check_kdf(kdf)
-    return hash_secret_raw(
+    out = hash_secret_raw(
         secret=normalize_passphrase(passphrase),
         salt=salt,
         time_cost=kdf.passes,
         memory_cost=kdf.memory_kib,
         parallelism=kdf.lanes,
-        hash_len=KEY_LEN,
+        hash_len=2 * KEY_LEN,
         type=Type.ID,
         version=ARGON2_VERSION,
     )
+    return out[:KEY_LEN], out[KEY_LEN:]
+
+
+def header_mac(header_key: bytes, header: bytes) -> bytes:
+    """HMAC-SHA256 over the header's fields (everything before the MAC itself)."""
+    return hmac.new(header_key, header[:HEADER_MAC_OFFSET], hashlib.sha256).digest()
 
 
 MIN_PASSPHRASE_CHARS = 12
@@ -134,14 +148,54 @@ MIN_DISTINCT_CHARS = 6
 MIN_ESTIMATED_BITS = 56
 PASSPHRASE_RULE = (
     f"at least {MIN_PASSPHRASE_CHARS} characters, at least {MIN_DISTINCT_CHARS} different ones, "
-    f"and an estimated strength of {MIN_ESTIMATED_BITS} bits (length x log2 of the alphabet "
-    "used: lower case 26, upper case 26, digits 10, other ASCII 33, anything else 100); "
-    "for example four or five random words"
+    f"and an estimated strength of {MIN_ESTIMATED_BITS} bits (the characters that are not "
+    "predictable x log2 of the alphabet used: lower case 26, upper case 26, digits 10, other "
+    "ASCII 33, anything else 100; predictable: a repeat of the previous character or of the "
+    "text so far, a step up or down the alphabet or a keyboard row, one of the most common "
+    "words in leaked credentials); for example four or five random words"
 )
+
+#: The stems of the most common passwords (lower case): each counts as one character.
+COMMON_WORDS = (
+    "password", "passwort", "qwerty", "azerty", "letmein", "iloveyou", "welcome", "admin",
+    "dragon", "monkey", "football", "baseball", "sunshine", "princess", "master", "shadow",
+    "trustno", "login", "secret", "hello", "freedom", "whatever", "starwars", "superman",
+    "batman", "michael", "jennifer", "abc", "aegislink", "aegis", "backup",
+)  # fmt: skip
+_KEYBOARD_ROWS = ("1234567890", "qwertyuiop", "asdfghjkl", "zxcvbnm", "azertyuiop", "qwertzuiop")
+
+
+def _predictable(prev: str, c: str) -> bool:
+    a, b = prev.lower(), c.lower()
+    if a == b or abs(ord(a) - ord(b)) == 1:
+        return True  # a repeat, or a step along the alphabet or the digits
+    return any(
+        a in row and b in row and abs(row.index(a) - row.index(b)) == 1 for row in _KEYBOARD_ROWS
+    )
+
+
+def effective_length(passphrase: str) -> int:
+    """How many characters of the passphrase are not predictable from what precedes them."""
+    text = passphrase[:1024].lower()  # enough to reach any bound; keeps the work small
+    for word in COMMON_WORDS:
+        text = text.replace(word, "\x00")  # a whole common word: one character's worth
+    n, prev, i = 0, "", 0
+    while i < len(text):
+        # The text so far, repeated ("passwordpassword", "abcabc..."): free.
+        if i >= 2 and text.startswith(text[:i], i) and i <= len(text) - i:
+            i += i
+            continue
+        c = text[i]
+        if not (prev and _predictable(prev, c)):
+            n += 1
+        prev = c
+        i += 1
+    return n
 
 
 def estimated_bits(passphrase: str) -> float:
-    """A simple estimate: length times log2 of the size of the character classes used."""
+    """A simple estimate: the unpredictable characters times log2 of the size of the
+    character classes used."""
     pool = 0
     chars = set(passphrase)
     if any(c.islower() and c.isascii() for c in chars):
@@ -154,7 +208,7 @@ def estimated_bits(passphrase: str) -> float:
         pool += 33
     if any(not c.isascii() for c in chars):
         pool += 100
-    return len(passphrase) * math.log2(pool) if pool else 0.0
+    return effective_length(passphrase) * math.log2(pool) if pool else 0.0
 
 
 def passphrase_problem(passphrase: str) -> str | None:
@@ -179,12 +233,14 @@ class Header:
     salt: bytes
     length: int  # plaintext bytes: the file's exact size follows, so truncation shows early
     stream_header: bytes
+    mac: bytes = b""  # set when parsed; encrypt() appends it to to_bytes()
 
     @property
     def file_size(self) -> int:
         return HEADER_LEN + self.length + ABYTES * chunk_count(self.length)
 
     def to_bytes(self) -> bytes:
+        """The fields before the MAC (HEADER_MAC_OFFSET bytes)."""
         return (
             MAGIC
             + bytes([FORMAT_VERSION, KDF_ARGON2ID])
@@ -210,7 +266,9 @@ class Header:
             raise NotABackup("this backup uses an unknown key derivation")
         kdf = KdfParams(r.u32(), r.u32(), r.u32())
         check_kdf(kdf)
-        return cls(kdf, r.take(SALT_LEN), r.u64(), r.take(STREAM_HEADER_LEN))
+        return cls(
+            kdf, r.take(SALT_LEN), r.u64(), r.take(STREAM_HEADER_LEN), r.take(HEADER_MAC_LEN)
+        )
 
 
 # --- the encrypted stream ---------------------------------------------------------------------
@@ -230,10 +288,11 @@ def encrypt(
 ) -> bytes:
     """The whole backup file for ``plaintext``."""
     salt = entropy.random(SALT_LEN)
-    key = derive_key(passphrase, salt, kdf)
+    key, header_key = derive_keys(passphrase, salt, kdf)
     state = sodium.crypto_secretstream_xchacha20poly1305_state()
     stream_header = sodium.crypto_secretstream_xchacha20poly1305_init_push(state, key)
-    header = Header(kdf, salt, len(plaintext), stream_header).to_bytes()
+    fields = Header(kdf, salt, len(plaintext), stream_header).to_bytes()
+    header = fields + header_mac(header_key, fields)
     out = [header]
     total = len(plaintext)
     pos = 0
@@ -261,16 +320,19 @@ def decrypt(passphrase: str, data: bytes, progress: Progress | None = None) -> b
     if len(data) > parsed.file_size:
         raise BackupDamaged()  # bytes after the end the header announces
     header = data[:HEADER_LEN]
-    key = derive_key(passphrase, parsed.salt, parsed.kdf)
+    key, header_key = derive_keys(passphrase, parsed.salt, parsed.kdf)
+    # The header's MAC decides "wrong passphrase" (or altered header); from here on, a chunk
+    # that does not open is damage to the body, whichever chunk it is.
+    if not hmac.compare_digest(header_mac(header_key, header), parsed.mac):
+        raise BackupKeyError()
     state = sodium.crypto_secretstream_xchacha20poly1305_state()
     try:
         sodium.crypto_secretstream_xchacha20poly1305_init_pull(state, parsed.stream_header, key)
     except CryptoError:
-        raise BackupKeyError() from None
+        raise BackupDamaged() from None
     parts: list[bytes] = []
     pos = HEADER_LEN
     total = len(data)
-    first = True
     while True:
         if pos >= total:
             raise BackupTruncated()  # the stream ended before its FINAL chunk
@@ -281,10 +343,7 @@ def decrypt(passphrase: str, data: bytes, progress: Progress | None = None) -> b
         try:
             chunk, tag = sodium.crypto_secretstream_xchacha20poly1305_pull(state, piece, header)
         except CryptoError:
-            if first:
-                raise BackupKeyError() from None
             raise BackupDamaged() from None
-        first = False
         parts.append(chunk)
         if progress is not None:
             progress(pos, total)

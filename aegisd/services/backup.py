@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -135,8 +136,9 @@ class Backups:
             state = ContactState.from_bytes(c.state)
             renewing = (
                 store._q(
-                    "SELECT 1 FROM renewals WHERE contact_id = ? AND side = 'restored' "
-                    "AND done = 0",
+                    # Either side: a contact that is renewing the session (ours after an
+                    # import, or theirs) is a contact with a history, not a set-up.
+                    "SELECT 1 FROM renewals WHERE contact_id = ? AND done = 0",
                     (c.id,),
                 ).fetchone()
                 is not None
@@ -330,12 +332,15 @@ class Backups:
                             ),
                         )  # fmt: skip
                         n_messages += 1
+                    renew = bc.send_to is not None and not bc.blocked
                     for mb in bc.mailboxes:
+                        # Kept until the renewal with this contact is done; a contact that is
+                        # not renewed (blocked) must not reach the old device either: at once.
                         store._q(
                             "INSERT INTO retired_mailboxes (contact_id, descriptor) VALUES (?, ?)",
-                            (cid, _mailbox_in(mb).to_bytes()),
+                            (cid if renew else None, _mailbox_in(mb).to_bytes()),
                         )
-                    if bc.send_to is not None and not bc.blocked:
+                    if renew:
                         store._q(
                             "INSERT INTO renewals (contact_id, side, requested_at) "
                             "VALUES (?, 'restored', 0)",
@@ -368,6 +373,11 @@ def _read_limited(path: Path) -> bytes:
         return f.read()
 
 
+#: link() errors that mean "this file system has no hard links", not "the name is taken".
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS,
+                  errno.EMLINK}  # fmt: skip
+
+
 def _write_atomic(target: Path, data: bytes, force: bool) -> None:
     """Temporary file (0600) beside the target, fsync, then link (refuses an existing file)
     or, with ``force``, rename over it; then fsync the directory."""
@@ -381,8 +391,17 @@ def _write_atomic(target: Path, data: bytes, force: bool) -> None:
         if force:
             os.replace(tmp, target)
         else:
-            os.link(tmp, target)
-            os.unlink(tmp)
+            try:
+                os.link(tmp, target)
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                # A file system without hard links (FAT on a USB stick, some network shares):
+                # claim the name exclusively (still no overwrite), then rename over the claim.
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                os.replace(tmp, target)
+            else:
+                os.unlink(tmp)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

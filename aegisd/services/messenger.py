@@ -269,6 +269,7 @@ class Messenger:
             await self._finish_acked_rotations()
             await self._rotate_due_mailboxes()
             await self.renewals.resume()
+            await self.renewals.retire_due()
         except (*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
             pass  # the next connection tries again
 

@@ -15,6 +15,7 @@ Nothing here logs an address, an identity or content.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -89,14 +90,47 @@ class Renewals:
                         (renew_id, now, mb_id, c.id),
                     )
                     store.enqueue_blocks(address_to_bytes(state.send_to), [block], contact_id=c.id)
-            # The old profile's address and invitations: nobody should reach it through them.
-            for row_id, descriptor in store._q(
-                "SELECT id, descriptor FROM retired_mailboxes WHERE contact_id IS NULL"
-            ).fetchall():
-                await m._delete_at_relay(OwnedMailbox.from_bytes(bytes(descriptor)))
-                store._q("DELETE FROM retired_mailboxes WHERE id = ?", (row_id,))
             store.set_setting(SETTING_PENDING, None)
         m._outbox_wake.set()
+
+    async def retire_due(self) -> None:
+        """Delete at the relay the old profile's mailboxes that are due (on every connection,
+        until none is left): its address and invitations, those of contacts that are not
+        renewed (blocked), and those of contacts whose renewal is done. A relay that cannot be
+        reached leaves the rest for the next connection (AppError)."""
+        m = self.m
+        async with m.lock:
+            store = m.store
+            for row_id, descriptor in store._q(
+                "SELECT id, descriptor FROM retired_mailboxes r WHERE r.contact_id IS NULL "
+                "OR EXISTS (SELECT 1 FROM renewals n WHERE n.contact_id = r.contact_id "
+                "AND n.side = 'restored' AND n.done = 1) ORDER BY id"
+            ).fetchall():
+                await self._delete_old(OwnedMailbox.from_bytes(bytes(descriptor)))
+                store._q("DELETE FROM retired_mailboxes WHERE id = ?", (row_id,))
+
+    async def _delete_old(self, mb: OwnedMailbox) -> None:
+        """Delete one of the old profile's mailboxes at its own relay (which may not be this
+        profile's). Raises AppError if that relay cannot be reached (the caller keeps the row);
+        a relay error (already deleted) counts as done."""
+        m = self.m
+        if not m._url_ok(mb.relay_url):
+            return  # a relay the URL policy forbids: never dialled
+        try:
+            if m.link is not None and m.link.url == mb.relay_url:
+                async with m._client() as client:
+                    await client.delete(mb.owner_id, mb.signing_key)
+                return
+            client, own = await with_relay(mb.relay_url, m.link, m.network())
+            try:
+                await client.delete(mb.owner_id, mb.signing_key)
+            finally:
+                if own:
+                    await client.close()
+        except RelayError:
+            return
+        except (RelayUnavailable, *UNAVAILABLE):
+            raise AppError(1010, "relay_unavailable", "the relay is not reachable") from None
 
     def receive_first_contact(self, c: Contact, block: bytes) -> None:
         """A block on a mailbox of a contact we have no session with: the answer to our
@@ -122,7 +156,7 @@ class Renewals:
         if (
             not isinstance(hello, wire.HelloPayload)
             or not fc.sender.same_keys(expected)
-            or hello.invitation_id != renew_id
+            or not hmac.compare_digest(hello.invitation_id, renew_id)
             or not m._url_ok(hello.reply_to.relay_url)
         ):
             store.put_identity(m.prekeys.to_bytes())  # burnt one-time keys stay burnt
@@ -168,6 +202,9 @@ class Renewals:
         ).fetchone()
         if (
             (last is not None and req.created_at_ms <= last[0])
+            # Made before we (re-)added this contact: it was meant for an earlier contact row
+            # (removed with its replay bound), so it is a replay into the new one.
+            or req.created_at_ms < c.created_at
             or req.created_at_ms < now - MAX_AGE_MS
             or req.created_at_ms > now + MAX_SKEW_MS
             or not m._url_ok(req.reply_to.relay_url)
@@ -302,7 +339,10 @@ class Renewals:
         for row_id, descriptor in store._q(
             "SELECT id, descriptor FROM retired_mailboxes WHERE contact_id = ?", (contact_id,)
         ).fetchall():
-            await m._delete_at_relay(OwnedMailbox.from_bytes(bytes(descriptor)))
+            try:
+                await self._delete_old(OwnedMailbox.from_bytes(bytes(descriptor)))
+            except AppError:
+                return  # the relay is away: retire_due() tries again on the next connection
             store._q("DELETE FROM retired_mailboxes WHERE id = ?", (row_id,))
 
 

@@ -155,7 +155,8 @@ def test_bad_files_change_nothing(peers: Callable[[str], Peer], tmp_short: Path)
     assert refused(bytes(header)).code == 1043  # looks like a wrong passphrase (documented)
     body = bytearray(raw)
     body[-5] ^= 0x01
-    assert refused(bytes(body)).code == 1043  # the only chunk: damaged = does not open
+    damaged = refused(bytes(body))  # the only chunk: damaged, not "wrong passphrase"
+    assert (damaged.code, damaged.data["error"]) == (1044, "damaged")
     assert refused(raw[:-1]).code == 1045
     assert refused(raw[: fmt.HEADER_LEN]).code == 1045
     assert refused(b"hello, world").code == 1042
@@ -174,7 +175,7 @@ def test_bad_files_change_nothing(peers: Callable[[str], Peer], tmp_short: Path)
     assert not fresh.events(types=["backup.imported"])
 
     # Weak passphrases are refused, with the rule.
-    for weak in ("short", "aaaaaaaaaaaaaaaaaaaa", "123456789012"):
+    for weak in ("short", "aaaaaaaaaaaaaaaaaaaa", "123456789012", "password1234"):
         err = error_of(alice, "backup.export",
                        {"path": str(tmp_short / "w.bak"), "passphrase": weak, **CHEAP})  # fmt: skip
         assert err.code == 1041 and "at least 12 characters" in err.message
@@ -336,3 +337,77 @@ def test_stale_backup_reports_instead_of_losing_the_contact(
     assert ("out", "history to keep") in texts(new, "bob")
     assert new.call("backup.status") == {"renewals_pending": 0}
     assert not event_types(new, ["contact.failed"])
+
+
+def test_a_blocked_contact_cannot_reach_the_old_device(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    """A blocked contact is not renewed, but the old profile's mailboxes for it are retired all
+    the same: its deposits to the old device are refused (the old device stops receiving)."""
+    alice, dave = peers("alice"), peers("dave")
+    connect(alice, dave)
+    alice.call("contacts.block", {"name": "dave"})
+    path = tmp_short / "blocked.bak"
+    alice.call("backup.export", {"path": str(path), "passphrase": PASS, **CHEAP})
+    alice.stop()
+    new = peers("alice2")
+    assert new.call("backup.import", {"path": str(path), "passphrase": PASS})["renewing"] == 0
+    assert new.call("contacts.list")["contacts"][0]["blocked"]
+
+    def refused() -> bool:
+        dave.call("messages.send", {"contact": "alice", "text": "are you there?"})
+        time.sleep(0.5)
+        history = dave.call("messages.history", {"contact": "alice"})["messages"]
+        return any(m["status"] == "failed" for m in history)
+
+    dave.wait_for(refused, "a deposit to the old device to be refused")
+
+
+def test_renewal_request_not_replayed_into_a_contact_added_again(
+    peers: Callable[[str], Peer], tmp_short: Path, relay_proc: Any
+) -> None:
+    """The replay bound is kept per contact: a request made before bob removed alice and added
+    her again (its bound went with the old contact) must not renew the new contact."""
+    from aegisd.core import renewal, wire
+    from aegisd.core.identity import IdentityKeyPair, PublicIdentity
+    from aegisd.core.primitives import SystemEntropy
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    before = time.time_ns() // 1_000_000 - 1000
+    for peer, other in ((alice, "bob"), (bob, "alice")):
+        peer.call("contacts.remove", {"name": other})
+    connect(alice, bob)
+
+    path = tmp_short / "again.bak"
+    alice.call("backup.export", {"path": str(path), "passphrase": PASS, **CHEAP})
+    contents = fmt.BackupContents.from_bytes(fmt.decrypt(PASS, path.read_bytes()))
+    ident = IdentityKeyPair.from_raw(contents.ed_priv, contents.x_priv, contents.binding_sig)
+    (entry,) = contents.contacts
+    assert entry.send_to is not None
+    bundle = wire.ContactLink.from_text(alice.call("address.get")["link"]).bundle_address
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+
+    def request(created_at_ms: int) -> bytes:
+        payload = wire.RenewPayload(
+            SystemEntropy().random(16), created_at_ms, entry.send_to, bundle, "alice"
+        )
+        return renewal.seal(
+            SystemEntropy(), ident, PublicIdentity.from_record(entry.identity),
+            wire.encode_payload(payload),
+        )  # fmt: skip
+
+    _deposit(url, entry.send_to, request(before))  # made before bob added alice again
+    # Behind it in the same mailbox: a text in the current session, which bob can still open
+    # only if the request did not replace the session.
+    alice.call("messages.send", {"contact": "bob", "text": "after the old request"})
+    bob.wait_for(lambda: received(bob, "alice", "after the old request"), "the text")
+    assert not event_types(bob, ["contact.session_renewing"])
+    # The control: the same request, made now, is taken.
+    _deposit(url, entry.send_to, request(time.time_ns() // 1_000_000))
+    bob.wait_for(lambda: event_types(bob, ["contact.session_renewing"]), "the newer request")
+    # Nobody answers it: bob's contact stays "renewing" (not established). A backup made now
+    # still holds the contact and its history.
+    out = bob.call("backup.export", {"path": str(tmp_short / "bob.bak"), "passphrase": PASS,
+                                     **CHEAP})  # fmt: skip
+    assert out["contacts"] == 1 and out["messages"] >= 1

@@ -66,12 +66,14 @@ def test_each_failure_is_one_clear_error() -> None:
     data = fmt.encrypt(E, PASS, plain, KDF)
     with pytest.raises(fmt.BackupKeyError):
         fmt.decrypt("another passphrase entirely", data)
-    for offset in (len(fmt.MAGIC) + 14, fmt.HEADER_LEN - 1, fmt.HEADER_LEN + 3):
+    for offset in (len(fmt.MAGIC) + 14, fmt.HEADER_MAC_OFFSET - 1, fmt.HEADER_LEN - 1):
         bad = bytearray(data)
-        bad[offset] ^= 1  # salt, stream header, first chunk: the key does not fit
+        bad[offset] ^= 1  # salt, stream header, the header's MAC: the key does not fit
         with pytest.raises(fmt.BackupKeyError):
             fmt.decrypt(PASS, bytes(bad))
-    for offset in (fmt.HEADER_LEN + fmt.CHUNK_SIZE + fmt.ABYTES + 5, len(data) - 1):
+    # Damage to the body, the first chunk included, is "damaged", not "wrong passphrase".
+    for offset in (fmt.HEADER_LEN, fmt.HEADER_LEN + 3,
+                   fmt.HEADER_LEN + fmt.CHUNK_SIZE + fmt.ABYTES + 5, len(data) - 1):  # fmt: skip
         bad = bytearray(data)
         bad[offset] ^= 1
         with pytest.raises(fmt.BackupDamaged):
@@ -80,11 +82,21 @@ def test_each_failure_is_one_clear_error() -> None:
     c = fmt.CHUNK_SIZE + fmt.ABYTES
     h = fmt.HEADER_LEN
     swapped = data[:h] + data[h + c : h + 2 * c] + data[h : h + c] + data[h + 2 * c :]
-    with pytest.raises((fmt.BackupKeyError, fmt.BackupDamaged)):
+    with pytest.raises(fmt.BackupDamaged):
         fmt.decrypt(PASS, swapped)
     for cut in (1, fmt.ABYTES, c, len(data) - fmt.HEADER_LEN):
         with pytest.raises(fmt.BackupTruncated):
             fmt.decrypt(PASS, data[:-cut])
+    # A single-chunk file (most backups): a tampered body is damage, a wrong passphrase is not.
+    small = fmt.encrypt(E, PASS, b"a short history", KDF)
+    assert fmt.Header.from_bytes(small).file_size == fmt.HEADER_LEN + 15 + fmt.ABYTES
+    with pytest.raises(fmt.BackupKeyError):
+        fmt.decrypt("another passphrase entirely", small)
+    for offset in range(fmt.HEADER_LEN, len(small), 7):
+        bad = bytearray(small)
+        bad[offset] ^= 0x80
+        with pytest.raises(fmt.BackupDamaged):
+            fmt.decrypt(PASS, bytes(bad))
     with pytest.raises(fmt.BackupDamaged):
         fmt.decrypt(PASS, data + b"\x00")
     # The length in the header is authenticated: cutting whole chunks and fixing the length
@@ -137,11 +149,14 @@ def test_the_default_is_rfc9106_second_choice() -> None:
 
 def test_passphrase_rule() -> None:
     for weak in ("", "short", "aaaaaaaaaaaaaaaaaaaa", "abababababab", "123456789012",
-                 "1234567890123456"):  # fmt: skip
+                 "1234567890123456", "password1234", "Password1234!", "qwertyuiop12",
+                 "abcdefghijkl", "passwordpassword", "iloveyou2024!", "asdfghjkl;'#",
+                 "Abcd1234Abcd1234"):  # fmt: skip
         problem = fmt.passphrase_problem(weak)
         assert problem is not None and fmt.PASSPHRASE_RULE in problem
         assert not weak or weak not in problem
-    for strong in (PASS, "Tr0ub4dor&3xyz", "abcdefghijkm", "ünïcödé pässwörd"):
+    for strong in (PASS, "Tr0ub4dor&3xyz", "x7#Kp2!qLm9z", "ünïcödé pässwörd",
+                   "purple monkey dishwasher"):  # fmt: skip
         assert fmt.passphrase_problem(strong) is None
 
 
