@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 
 # What must never reach the relay, the event stream or the history in the clear.
-SDP_NEEDLES = [b"v=0", b"a=fingerprint", b"candidate", b"typ host", b"typ relay", b"sha-256",
+# Each needle is long enough (>= 6 bytes) not to turn up by chance in megabytes of ciphertext
+# (a 3-byte "v=0" does, about once per 16 MiB).
+SDP_NEEDLES = [b"v=0\r\no=", b"a=fingerprint", b"candidate", b"typ host", b"typ relay", b"sha-256",
                b"ice-ufrag", b"ice-pwd", b"IN IP4", b"m=audio"]  # fmt: skip
 
 
