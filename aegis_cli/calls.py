@@ -33,6 +33,12 @@ def _describe(c: dict[str, Any]) -> str:
 
 
 media_options = [
+    click.option(
+        "--reveal-ip",
+        is_flag=True,
+        help="With Tor or a proxy and no TURN hide-my-IP: allow this call to show your IP "
+        "address to the other side (calls do not go through Tor).",
+    ),
     click.option("--play", metavar="FILE", help="Send this audio/video file instead of silence."),
     click.option(
         "--record", metavar="FILE", help="Record what the other side sends (.wav: audio only)."
@@ -62,7 +68,13 @@ def register(main: ModuleType) -> None:
     @with_media
     @click.option("--no-wait", is_flag=True, help="Return once the call rings; do not follow it.")
     def call(
-        ctx: Ctx, name: str, video: bool, play: str | None, record: str | None, no_wait: bool
+        ctx: Ctx,
+        name: str,
+        video: bool,
+        reveal_ip: bool,
+        play: str | None,
+        record: str | None,
+        no_wait: bool,
     ) -> None:
         """Call the contact NAME.
 
@@ -70,7 +82,8 @@ def register(main: ModuleType) -> None:
         was not answered (unanswered, rejected, busy, failed). With --no-wait it returns at once and
         the call goes on in the daemon (aegis hangup ends it).
         """
-        params = {"contact": name, "video": video, "play": _abs(play), "record": _abs(record)}
+        params = {"contact": name, "video": video, "play": _abs(play), "record": _abs(record),
+                  "reveal_ip": reveal_ip}  # fmt: skip
         if no_wait:
             result = ctx.call("calls.start", params)
             ctx.out(result, _describe(result))
@@ -106,10 +119,13 @@ def register(main: ModuleType) -> None:
     @common
     @click.argument("call_id", required=False)
     @with_media
-    def answer(ctx: Ctx, call_id: str | None, play: str | None, record: str | None) -> None:
+    def answer(
+        ctx: Ctx, call_id: str | None, reveal_ip: bool, play: str | None, record: str | None
+    ) -> None:
         """Answer the ringing call (CALL_ID: which one, when several ring)."""
         result = ctx.call("calls.accept", {"call_id": call_id, "play": _abs(play),
-                                           "record": _abs(record)})  # fmt: skip
+                                           "record": _abs(record),
+                                           "reveal_ip": reveal_ip})  # fmt: skip
         ctx.out(result, _describe(result))
 
 

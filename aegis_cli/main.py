@@ -162,10 +162,23 @@ def cli() -> None:
     help="Allow an unencrypted ws:// relay on another host (everyone on the path sees it).",
 )
 @click.option(
+    "--tor",
+    "use_tor",
+    is_flag=True,
+    help="Reach relays through a Tor the daemon runs itself (the default for a relay that is "
+    "not on this machine).",
+)
+@click.option(
     "--proxy",
     metavar="URL",
-    help="Reach relays only through this SOCKS5 proxy (Tor: socks5://127.0.0.1:9050).",
+    help="Reach relays only through this SOCKS5 proxy (a system Tor: socks5://127.0.0.1:9050).",
 )
+@click.option(
+    "--direct",
+    is_flag=True,
+    help="Connect to relays without Tor: the relay sees your IP address.",
+)
+@click.option("--tor-path", metavar="PATH", help="The tor program (default: searched).")
 @click.option("--kdf-memory-kib", type=int, hidden=True)
 @click.option("--kdf-time-cost", type=int, hidden=True)
 @click.option("--kdf-parallelism", type=int, hidden=True)
@@ -175,16 +188,26 @@ def init(
     no_passphrase: bool,
     relay: str | None,
     insecure_plaintext_relay: bool,
+    use_tor: bool,
     proxy: str | None,
+    direct: bool,
+    tor_path: str | None,
     kdf_memory_kib: int | None,
     kdf_time_cost: int | None,
     kdf_parallelism: int | None,
 ) -> None:
-    """Create a profile (a new database and its key)."""
+    """Create a profile (a new database and its key).
+
+    Relays are reached through a Tor the daemon runs itself, unless the relay is on this
+    machine (loopback) or you choose --proxy or --direct."""
     import subprocess  # only here and in `daemon`: keeps the other commands' start-up lean
+
+    from aegisd.netmode import effective_mode, find_tor, tor_missing_message
 
     if passphrase_file and no_passphrase:
         raise Fail("--passphrase-file and --no-passphrase exclude each other", EXIT_USAGE)
+    if sum((use_tor, proxy is not None, direct)) > 1:
+        raise Fail("--tor, --proxy and --direct exclude each other", EXIT_USAGE)
     if (ctx.paths.keyring).exists():
         raise Fail(f"a profile already exists in {ctx.paths.home}")
     check_socket_path(ctx.paths.socket)
@@ -193,6 +216,9 @@ def init(
             check_relay_url(relay, insecure_plaintext=insecure_plaintext_relay)
         except RelayUrlError as exc:
             raise Fail(str(exc)) from None
+        mode = "tor" if use_tor else "proxy" if proxy else "direct" if direct else None
+        if effective_mode(mode, proxy, relay) == "tor" and find_tor(tor_path) is None:
+            raise Fail(tor_missing_message())  # aegisd checks it again
     argv = ctx.aegisd_argv("init")
     stdin = None
     if no_passphrase:
@@ -211,6 +237,12 @@ def init(
         argv.append("--insecure-plaintext-relay")
     if proxy is not None:  # aegisd checks it (the CLI imports nothing of the transport)
         argv += ["--proxy", proxy]
+    if use_tor:
+        argv.append("--tor")
+    if direct:
+        argv.append("--direct")
+    if tor_path is not None:
+        argv += ["--tor-path", os.path.abspath(os.path.expanduser(tor_path))]
     for flag, value in (
         ("--kdf-memory-kib", kdf_memory_kib),
         ("--kdf-time-cost", kdf_time_cost),
@@ -312,11 +344,21 @@ def status(ctx: Ctx) -> None:
         if st["locked"]
         else "not configured"
     )
+    if relay.get("configured") and not relay.get("connected") and relay.get("reason"):
+        relay_text += f": {relay['reason']}"
+    net = st.get("network") or {}
+    net_text = ""
+    if net.get("mode"):
+        net_text = f"\nnetwork: {net['mode']}"
+        if net["mode"] == "tor":
+            from .network import describe_tor
+
+            net_text += f" ({describe_tor(net.get('tor'))})"
     ctx.out(
         st,
         f"aegisd {st['version']} (pid {st['pid']}): {'locked' if st['locked'] else 'unlocked'}\n"
         f"passphrase: {'yes' if st['has_passphrase'] else 'no'}\n"
-        f"relay: {relay_text}",
+        f"relay: {relay_text}{net_text}",
     )
 
 
@@ -892,9 +934,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _register_extensions() -> None:
-    from . import calls
+    from . import calls, network
 
     calls.register(sys.modules[__name__])
+    network.register(sys.modules[__name__])
 
 
 _register_extensions()

@@ -91,6 +91,14 @@ class Daemon:
         #: Set by the relay client (not written yet) as its connection goes up and down.
         self.relay_connected = False
         self._register_core()
+        # How relays are reached (network mode, the managed Tor): its hooks come first, so
+        # that Tor is running before the relay link starts and stops after it.
+        from .services import connectivity
+
+        self.connectivity = connectivity.Connectivity(self, test_methods=test_methods)
+        connectivity.register(self.registry, self.connectivity)
+        self.on_unlock.append(self.connectivity.on_unlock)
+        self.on_lock.append(self.connectivity.on_lock)
         # Messaging: imported here so that a daemon module import stays light for tests.
         from .services import api as messaging_api
         from .services.messenger import Messenger
@@ -152,11 +160,14 @@ class Daemon:
     def relay_status(self) -> dict[str, Any]:
         """What status reports about the relay. ``connected`` is the relay client's to set."""
         url = None if self.store is None else self.store.get_setting(SETTING_URL)
+        reason = None
+        if not self.relay_connected:  # Tor not (yet) working says more than "timed out"
+            reason = self.connectivity.relay_reason() or self.messenger.relay_reason
         return {
             "configured": url is not None,
             "connected": self.relay_connected,
             "url": url,
-            "reason": None if self.relay_connected else self.messenger.relay_reason,
+            "reason": reason,
         }
 
     def request_stop(self) -> None:
@@ -274,6 +285,7 @@ class Daemon:
             "locked": store is None,
             "has_passphrase": self.keyring.has_passphrase,
             "relay": self.relay_status(),
+            "network": self.connectivity.status(),
             "last_event_seq": None if store is None else store.last_event_seq(),
             "subscriptions": self.events.count(ctx.connection),
         }

@@ -2,7 +2,7 @@
 
     aegisd [run] [--home DIR] [--passphrase-file F] [--log-level LEVEL]
     aegisd init  [--home DIR] (--passphrase-file F | --no-passphrase) [--relay URL]
-                 [--proxy socks5://HOST:PORT]
+                 [--tor | --proxy socks5://HOST:PORT | --direct] [--tor-path PATH]
 
 ``aegis daemon`` and ``aegis init`` run these, so that the thin CLI never loads the
 cryptography or SQLCipher itself. A passphrase file holds the passphrase on its first line
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from . import __version__
@@ -45,11 +46,25 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--passphrase-file", help="the new passphrase, first line of FILE ('-': stdin)")
     g.add_argument("--no-passphrase", action="store_true", help="keep the key in a 0600 file")
     init.add_argument("--relay", metavar="URL", help="the relay (wss://, or ws:// to loopback)")
-    init.add_argument(
+    how = init.add_mutually_exclusive_group()
+    how.add_argument(
+        "--tor",
+        action="store_true",
+        help="reach relays through a Tor the daemon runs itself (the default for a relay "
+        "that is not on loopback)",
+    )
+    how.add_argument(
         "--proxy",
         metavar="URL",
-        help="reach relays only through this SOCKS5 proxy, e.g. Tor: socks5://127.0.0.1:9050",
+        help="reach relays only through this SOCKS5 proxy, e.g. a system Tor: "
+        "socks5://127.0.0.1:9050",
     )
+    how.add_argument(
+        "--direct",
+        action="store_true",
+        help="connect to relays directly: the relay sees your IP address",
+    )
+    init.add_argument("--tor-path", metavar="PATH", help="the tor program (default: searched)")
     init.add_argument(
         "--insecure-plaintext-relay",
         action="store_true",
@@ -63,9 +78,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _init(args: argparse.Namespace) -> int:
+    from .netmode import (
+        SETTING_MODE,
+        SETTING_PROXY,
+        SETTING_TOR_PATH,
+        NeedsTor,
+        check_mode_for_relay,
+        effective_mode,
+        find_tor,
+        tor_missing_message,
+    )
     from .relayurl import SETTING_INSECURE, SETTING_URL, RelayUrlError, check_relay_url
     from .store import DEFAULT_KDF, KdfParams, ProfileExists, StoreError, create_profile
-    from .transport.network import SETTING_PROXY, ProxyUrlError, check_proxy_url
+    from .transport.network import ProxyUrlError, check_proxy_url
 
     paths = resolve(args.home)
     check_socket_path(paths.socket)  # refuse a profile whose socket could never be bound
@@ -83,6 +108,19 @@ def _init(args: argparse.Namespace) -> int:
         except ProxyUrlError as exc:
             print(f"aegisd: error: {exc}", file=sys.stderr)
             return 1
+    mode = "tor" if args.tor else "proxy" if proxy else "direct" if args.direct else None
+    if args.tor_path is not None and not os.path.isabs(args.tor_path):
+        print("aegisd: error: --tor-path must be an absolute path", file=sys.stderr)
+        return 1
+    how = effective_mode(mode, proxy, relay)
+    try:
+        check_mode_for_relay(how, relay)
+    except NeedsTor as exc:
+        print(f"aegisd: error: {exc}", file=sys.stderr)
+        return 1
+    if how == "tor" and relay is not None and find_tor(args.tor_path) is None:
+        print(f"aegisd: error: {tor_missing_message()}", file=sys.stderr)
+        return 1
     passphrase = None if args.no_passphrase else read_passphrase_file(args.passphrase_file)
     kdf = KdfParams(
         args.kdf_memory_kib or DEFAULT_KDF.memory_kib,
@@ -98,6 +136,10 @@ def _init(args: argparse.Namespace) -> int:
                     store.set_setting(SETTING_INSECURE, bool(args.insecure_plaintext_relay))
                 if proxy is not None:
                     store.set_setting(SETTING_PROXY, proxy)
+                if mode is not None:  # else the default: Tor unless the relay is on loopback
+                    store.set_setting(SETTING_MODE, mode)
+                if args.tor_path is not None:
+                    store.set_setting(SETTING_TOR_PATH, args.tor_path)
         finally:
             store.close()
     except ProfileExists:

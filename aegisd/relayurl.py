@@ -2,7 +2,8 @@
 
 * ``wss://`` to any host (the relay client verifies the certificate);
 * ``ws://`` only to a loopback host (127.0.0.0/8, ::1, localhost), where there is no network
-  to protect;
+  to protect, or to a v3 onion service (``NAME.onion``: Tor encrypts the connection end to end
+  and authenticates the relay by its name; it can only be reached through Tor);
 * ``ws://`` to any other host only with the loudly named ``--insecure-plaintext-relay``
   option, since everyone on the path then sees the blocks and the timing.
 
@@ -33,6 +34,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def is_onion(host: str) -> bool:
+    """A v3 onion service name: 56 base32 characters, then .onion (subdomains allowed)."""
+    labels = host.lower().rstrip(".").split(".")
+    return (
+        len(labels) >= 2
+        and labels[-1] == "onion"
+        and len(labels[-2]) == 56
+        and all(c in "abcdefghijklmnopqrstuvwxyz234567" for c in labels[-2])
+    )
+
+
 def check_relay_url(url: str, *, insecure_plaintext: bool = False) -> str:
     """Return the URL, normalised, or raise RelayUrlError."""
     try:
@@ -50,9 +62,11 @@ def check_relay_url(url: str, *, insecure_plaintext: bool = False) -> str:
         raise RelayUrlError("the relay URL must not hold a user name or password")
     if parts.query or parts.fragment:
         raise RelayUrlError("the relay URL must not have a query or fragment")
-    if scheme == "ws" and not is_loopback(host) and not insecure_plaintext:
+    if host.endswith(".onion") and not is_onion(host):
+        raise RelayUrlError("the relay URL's .onion name is not a v3 onion address (56 characters)")
+    if scheme == "ws" and not is_loopback(host) and not is_onion(host) and not insecure_plaintext:
         raise RelayUrlError(
-            "ws:// is plaintext and only allowed to a loopback relay; use wss://, or "
+            "ws:// is plaintext and only allowed to a loopback or onion relay; use wss://, or "
             f"{INSECURE_OPTION} if you really mean it"
         )
     netloc = f"[{host}]" if ":" in host else host

@@ -35,8 +35,11 @@ def register(registry: Registry, m: Messenger, *, test_methods: bool = False) ->
         video: bool = False,
         play: str | None = None,
         record: str | None = None,
+        reveal_ip: bool = False,
     ) -> dict[str, Any]:
-        return await service.start(contact, _bool("video", video), play, record)
+        return await service.start(
+            contact, _bool("video", video), play, record, _bool("reveal_ip", reveal_ip)
+        )
 
     @method("calls.accept")
     async def calls_accept(
@@ -44,8 +47,9 @@ def register(registry: Registry, m: Messenger, *, test_methods: bool = False) ->
         call_id: str | None = None,
         play: str | None = None,
         record: str | None = None,
+        reveal_ip: bool = False,
     ) -> dict[str, Any]:
-        return await service.accept(call_id, play, record)
+        return await service.accept(call_id, play, record, _bool("reveal_ip", reveal_ip))
 
     @method("calls.reject")
     async def calls_reject(ctx: CallContext, call_id: str | None = None) -> dict[str, Any]:

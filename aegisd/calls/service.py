@@ -62,6 +62,7 @@ LOCK_FLUSH = 3.0  # seconds a lock or stop waits for the HANGUP of a live call t
 E_BUSY = 1027
 E_CALL_STATE = 1028
 E_MEDIA = 1029
+E_REVEALS_IP = 1030  # a call would show the user's IP address: consent needed (reveal_ip)
 
 TURN_URL_RE = re.compile(r"^turns?:[A-Za-z0-9.\-\[\]:]+(\?transport=(udp|tcp))?$")
 
@@ -257,11 +258,30 @@ class CallService:
             if os.path.exists(record):
                 raise AppError(E_MEDIA, "media", "the recording file exists already")
 
+    def _check_address_consent(self, reveal_ip: bool, contact: str) -> None:
+        """A profile that hides its address from relays (Tor, a proxy) does not show it to a
+        contact through a call without being told to: Tor carries no UDP, so the media goes
+        peer to peer (ICE host candidates) unless every candidate is a TURN relay (hide_ip)."""
+        if reveal_ip or not self.m.network().hides_address:
+            return
+        s = self.m.store
+        if s.get_setting(SETTING_HIDE_IP, False) and s.get_setting(SETTING_TURN_URL):
+            return
+        raise AppError(
+            E_REVEALS_IP,
+            "reveals_ip",
+            f"this call would show your IP address to {contact}: calls do not go through Tor. "
+            "Relay calls through a TURN server (aegis call-settings --turn-url ... --hide-ip), "
+            "or allow it for this call (--reveal-ip)",
+        )
+
     async def start(
-        self, name: str, video: bool, play: str | None, record: str | None
+        self, name: str, video: bool, play: str | None, record: str | None,
+        reveal_ip: bool = False,
     ) -> dict[str, Any]:
         self._check_media(play, record)
         c = self.m.contact(name)
+        self._check_address_consent(reveal_ip, c.name)
         if c.blocked:
             raise AppError(1025, "blocked", "this contact is blocked")
         if self._busy():
@@ -291,12 +311,14 @@ class CallService:
         return call.describe()
 
     async def accept(
-        self, call_id: str | None, play: str | None, record: str | None
+        self, call_id: str | None, play: str | None, record: str | None,
+        reveal_ip: bool = False,
     ) -> dict[str, Any]:
         self._check_media(play, record)
         call = self._get(call_id)
         if call.direction != "in" or call.state != "ringing":
             raise AppError(E_CALL_STATE, "call_state", "this call is not ringing")
+        self._check_address_consent(reveal_ip, call.contact)
         assert call.peer_public is not None
         secret, public = new_call_key(self.m.entropy)
         try:

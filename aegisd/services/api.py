@@ -6,14 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from aegisd.netmode import SETTING_ISOLATION, SETTING_MODE, SETTING_PROXY
 from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
 from aegisd.rpc.methods import Handler
-from aegisd.transport.network import (
-    SETTING_ISOLATION,
-    SETTING_PROXY,
-    ProxyUrlError,
-    check_proxy_url,
-)
+from aegisd.transport.network import ProxyUrlError, check_proxy_url
 
 from .messenger import (
     E_NOT_FOUND,
@@ -237,12 +233,18 @@ def register(registry: Registry, m: Messenger) -> None:
                 raise InvalidParamsError("receipt_delay_max", "must be between 0.5 and 3600")
             store.set_setting(SETTING_RECEIPT_DELAY, float(receipt_delay_max))
         if proxy is not None or isolation is not None:
+            # The older form of network.set: a proxy means mode proxy; removing the proxy
+            # of a profile in mode proxy leaves the mode to its default (docs/api.md).
             with store.transaction():
+                if proxy:
+                    store.set_setting(SETTING_MODE, "proxy")
+                elif proxy == "" and store.get_setting(SETTING_MODE) == "proxy":
+                    store.set_setting(SETTING_MODE, None)
                 if proxy is not None:  # "" removes the proxy
                     store.set_setting(SETTING_PROXY, proxy or None)
                 if isolation is not None:
                     store.set_setting(SETTING_ISOLATION, isolation)
-            await m.restart_link()  # every connection anew, under the new settings
+            await m.daemon.connectivity.reconfigure()  # Tor and every connection anew
         result: dict[str, Any] = await settings_get(ctx)
         return result
 

@@ -30,6 +30,7 @@ from aegisd.core.identity import IdentityKeyPair, PublicIdentity
 from aegisd.core.prekeys import PrekeyStore
 from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
 from aegisd.rpc.methods import Handler
+from aegisd.transport.network import ProxyUrlError, check_proxy_url
 
 from .mailbox import ContactState, OwnedMailbox
 from .messenger import SETTING_NAME, Messenger, clean_name
@@ -45,9 +46,9 @@ E_BACKUP_TRUNCATED = 1045
 E_NOT_FRESH = 1046
 E_BACKUP_IO = 1047
 
-#: Settings worth carrying to a new device (and their types). The relay URL is the new
-#: profile's own choice (aegis init --relay); network.proxy is restored only when the new
-#: profile has none (never weaken what the user chose on this machine).
+#: Settings worth carrying to a new device (and their types). The relay URL and the network
+#: mode are the new profile's own choice (aegis init); network.proxy is restored only when the
+#: new profile connects directly (never weaken or swap what the user chose on this machine).
 RESTORABLE: dict[str, tuple[type, ...]] = {
     "privacy.read_receipts": (bool,),
     "privacy.receipt_delay_max": (int, float),
@@ -276,14 +277,22 @@ class Backups:
             parsed = json.loads(value)
             if name in RESTORABLE and isinstance(parsed, RESTORABLE[name]):
                 settings[name] = parsed
+        if "network.proxy" in settings:
+            try:  # a proxy URL the daemon would refuse is not carried over
+                settings["network.proxy"] = check_proxy_url(settings["network.proxy"])
+            except ProxyUrlError:
+                del settings["network.proxy"]
         self._stage("import", "restore")
         m = self.m
         async with m.lock:
             self._check_fresh()  # again, under the lock
             store = m.store
-            if store.get_setting("network.proxy") is not None:
+            if m.daemon.connectivity.mode() != "direct":
+                # Tor or a proxy chosen on this machine: keep it (never weaken or swap it).
                 settings.pop("network.proxy", None)
                 settings.pop("network.isolation", None)
+            elif settings.get("network.proxy"):
+                settings["network.mode"] = "proxy"  # the backup's proxy, as it was used there
             fresh_mailboxes = store.list_mailboxes()
             prekeys = PrekeyStore.create(m.entropy, identity, _ms() // 1000)
             n_messages = 0
@@ -356,7 +365,7 @@ class Backups:
             m._reload_owned()
         # Every connection anew: the discarded identity's mailboxes are gone, and the network
         # settings may have changed. The renewals start once the relay is reached.
-        await m.restart_link()
+        await m.daemon.connectivity.reconfigure()
         self._stage("import", "done")
         return {
             "contacts": len(contents.contacts),

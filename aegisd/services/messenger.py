@@ -40,7 +40,7 @@ from aegisd.relayurl import SETTING_INSECURE, SETTING_URL, RelayUrlError, check_
 from aegisd.rpc import AppError, InvalidParamsError
 from aegisd.store import Store, StoreError
 from aegisd.store.db import Contact, MailboxRow, OutboxItem
-from aegisd.transport.network import SETTING_ISOLATION, SETTING_PROXY, Network
+from aegisd.transport.network import Network
 from aegisd.transport.relaylink import (
     UNAVAILABLE,
     RelayLink,
@@ -192,10 +192,8 @@ class Messenger:
         await self.attachments.on_unlock()
 
     def network(self) -> Network:
-        """The profile's proxy and isolation settings (aegisd/transport/network.py)."""
-        return Network.from_settings(
-            self.store.get_setting(SETTING_PROXY), self.store.get_setting(SETTING_ISOLATION)
-        )
+        """How relays are reached now (services/connectivity.py)."""
+        return self.daemon.connectivity.network()
 
     def _start_link(self) -> None:
         url = self.store.get_setting(SETTING_URL)

@@ -201,7 +201,28 @@ def _calls_history(db: Any) -> None:
     )
 
 
+def _network_mode(db: Any) -> None:
+    """Network modes (issue 12): a profile without ``network.mode`` uses the managed Tor for
+    a relay that is not on loopback. Profiles made before keep what they did: a proxy if they
+    had one, else direct connections. A new, empty database gets nothing (its init decides)."""
+    had_relay = db.execute(
+        "SELECT 1 FROM settings WHERE name IN ('relay.url', 'network.proxy') "
+        "AND value != 'null'"
+    ).fetchone()
+    if had_relay is None or db.execute(
+        "SELECT 1 FROM settings WHERE name = 'network.mode'"
+    ).fetchone():
+        return
+    proxy = db.execute(
+        "SELECT 1 FROM settings WHERE name = 'network.proxy' AND value != 'null'"
+    ).fetchone()
+    db.execute(
+        "INSERT INTO settings (name, value) VALUES ('network.mode', ?)",
+        ('"proxy"' if proxy else '"direct"',),
+    )
+
+
 MIGRATIONS: list[Migration] = [
-    _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history,
+    _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,6 +1,10 @@
-"""How the daemon reaches relays: directly, or through a SOCKS5 proxy (Tor), and whether
-every connection is kept apart from the others. Standard library and aiohttp-socks only.
+"""How the daemon reaches relays, and whether every connection is kept apart from the others.
 
+* ``network.mode``: ``tor`` (through the Tor the daemon runs itself: tor.py), ``proxy`` (through
+  the SOCKS5 proxy in ``network.proxy``, e.g. a system Tor) or ``direct``. Absent (a profile
+  that never chose): ``tor`` for a relay that is not on loopback, ``direct`` for one that is
+  (docs/protocol.md §20.7). In ``tor`` and ``proxy`` modes there is no fallback to a direct
+  connection: when Tor or the proxy is down, nothing connects.
 * ``network.proxy``: ``socks5://HOST:PORT`` or absent. With a proxy every relay connection goes
   through it, names are resolved by the proxy (socks5h: never a local DNS lookup), and when the
   proxy cannot be reached the connection fails: there is no fallback to a direct connection.
@@ -15,15 +19,18 @@ from __future__ import annotations
 
 import resource
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp_socks import ProxyConnector, ProxyType
 
-SETTING_PROXY = "network.proxy"
-SETTING_ISOLATION = "network.isolation"
+from aegisd.netmode import check_mode_for_relay, effective_mode
 
+from .tor import ManagedTor, TorUnavailable
+
+#: How long a connection waits for the managed Tor to finish bootstrapping before it fails.
+TOR_READY_WAIT = 60.0
 
 class ProxyUrlError(ValueError):
     """The proxy URL is refused; the message says why."""
@@ -56,26 +63,60 @@ class Network:
 
     proxy: str | None = None
     isolation: bool = False
+    mode: str = "direct"
+    #: The managed Tor (mode ``tor``): its SOCKS port changes at every restart.
+    tor: ManagedTor | None = field(default=None, compare=False)
 
     @classmethod
-    def from_settings(cls, proxy: object, isolation: object) -> Network:
-        url = check_proxy_url(str(proxy)) if proxy else None
-        return cls(url, default_isolation(url) if isolation is None else bool(isolation))
+    def from_settings(
+        cls,
+        proxy: object,
+        isolation: object,
+        mode: object = None,
+        relay_url: str | None = None,
+        tor: ManagedTor | None = None,
+    ) -> Network:
+        how = effective_mode(mode, proxy, relay_url)
+        url = check_proxy_url(str(proxy)) if proxy and how == "proxy" else None
+        if how == "proxy" and url is None:
+            how = "direct"  # proxy mode without a proxy URL cannot happen through the API
+        iso = default_isolation(how) if isolation is None else bool(isolation)
+        return cls(url, iso, how, tor if how == "tor" else None)
+
+    @property
+    def hides_address(self) -> bool:
+        """Relays see a Tor exit's (or the proxy's) address, not ours."""
+        return self.mode in ("tor", "proxy")
+
+    async def ready(self, url: str) -> None:
+        """Wait until a connection to ``url`` can be attempted; raise why it cannot (an onion
+        relay without Tor, or the managed Tor not bootstrapped within TOR_READY_WAIT)."""
+        check_mode_for_relay(self.mode, url)
+        if self.mode == "tor":
+            if self.tor is None:
+                raise TorUnavailable("Tor is not running")
+            await self.tor.wait_ready(TOR_READY_WAIT)
 
     def connector(self) -> aiohttp.BaseConnector:
-        """A connector for one connection. Through a proxy, names go to the proxy (rdns) and,
-        with isolation, the connection gets SOCKS credentials no other connection has."""
-        if self.proxy is None:
+        """A connector for one connection. Through Tor or a proxy, names go to the proxy (rdns)
+        and, with isolation, the connection gets SOCKS credentials no other connection has."""
+        if self.mode == "tor":
+            if self.tor is None:
+                raise TorUnavailable("Tor is not running")
+            host, port = self.tor.socks_address()
+        elif self.mode == "proxy" and self.proxy is not None:
+            parts = urlsplit(self.proxy)
+            assert parts.hostname is not None and parts.port is not None
+            host, port = parts.hostname, parts.port
+        else:
             return aiohttp.TCPConnector(limit=0)
-        parts = urlsplit(self.proxy)
-        assert parts.hostname is not None and parts.port is not None
         user = password = None
         if self.isolation:
             user, password = secrets.token_hex(8), secrets.token_hex(8)
         return ProxyConnector(
             proxy_type=ProxyType.SOCKS5,
-            host=parts.hostname,
-            port=parts.port,
+            host=host,
+            port=port,
             username=user,
             password=password,
             rdns=True,  # the proxy resolves the relay's name: no local DNS lookup
@@ -83,8 +124,8 @@ class Network:
         )
 
 
-def default_isolation(proxy: str | None) -> bool:
-    return proxy is not None
+def default_isolation(mode: str) -> bool:
+    return mode != "direct"
 
 
 def raise_descriptor_limit() -> int:

@@ -25,9 +25,11 @@ import aiohttp
 import aiohttp_socks
 from nacl.signing import SigningKey
 
+from aegisd.netmode import NeedsTor
 from relay.client import Message, RelayClient, RelayClosed, RelayError
 
 from .network import Network, raise_descriptor_limit
+from .tor import TorUnavailable
 
 log = logging.getLogger("aegisd.relay")
 
@@ -55,6 +57,9 @@ UNAVAILABLE = (
     aiohttp_socks.ProxyError,
     aiohttp_socks.ProxyConnectionError,
     aiohttp_socks.ProxyTimeoutError,
+    # mode tor: the managed Tor is not (yet) bootstrapped; direct mode: an onion relay
+    TorUnavailable,
+    NeedsTor,
 )
 
 
@@ -143,6 +148,7 @@ class RelayLink:
     async def _dial(self, url: str | None = None) -> RelayClient:
         if self._stopping:  # a stopped link (settings changed, locked) makes no connection
             raise RelayUnavailable()
+        await self.network.ready(url or self.url)  # mode tor: until Tor has bootstrapped
         client = await asyncio.wait_for(_connect(url or self.url, self.network), CONNECT_TIMEOUT)
         if self._stopping:  # stopped while dialing (wait_for can return a result it raced)
             await client.close()
@@ -370,8 +376,10 @@ async def with_relay(
             return own.require(), False
     if own is not None and own.url == url and not own.connected.is_set():
         raise RelayUnavailable()  # our relay is down: no dial that would fail anyway
+    network = network or Network()
     try:
-        client = await asyncio.wait_for(_connect(url, network or Network()), CONNECT_TIMEOUT)
+        await network.ready(url)
+        client = await asyncio.wait_for(_connect(url, network), CONNECT_TIMEOUT)
     except UNAVAILABLE:
         raise RelayUnavailable() from None
     return client, True
@@ -387,6 +395,8 @@ async def _connect(url: str, network: Network) -> RelayClient:
 
 def _reason(exc: BaseException) -> str:
     # Never the address or the URL: only the kind of failure.
+    if isinstance(exc, (TorUnavailable, NeedsTor)):
+        return str(exc)  # says what Tor is doing, or that an onion relay needs Tor
     if isinstance(exc, aiohttp_socks.ProxyTimeoutError):
         return "proxy timed out"
     if isinstance(exc, aiohttp_socks.ProxyConnectionError):

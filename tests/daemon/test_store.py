@@ -362,3 +362,35 @@ def test_events_pruned_by_age_keep_numbering(tmp_path):
     assert store.prune_events_before(now[0] + 1) == 0  # the newest always stays
     assert store.append_event("t.next", {}).seq == new + 1 > old[-1]
     store.close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "mode"),
+    [
+        ({"relay.url": "wss://r.example/v1/ws", "network.proxy": "socks5://127.0.0.1:9050"},
+         "proxy"),
+        ({"relay.url": "wss://r.example/v1/ws"}, "direct"),
+        ({"relay.url": "wss://r.example/v1/ws", "network.proxy": None}, "direct"),
+        ({}, None),  # no relay yet: the default applies once one is set
+    ],
+)  # fmt: skip
+def test_network_mode_migration_keeps_what_old_profiles_did(tmp_path, monkeypatch, settings, mode):
+    """A profile made before network modes keeps its connections: a proxy if it had one, else
+    direct (never silently Tor, never silently direct through a missing proxy)."""
+    home = tmp_path / "p"
+    old = schema_mod.MIGRATIONS[:-1]
+    monkeypatch.setattr("aegisd.store.db.MIGRATIONS", old)
+    monkeypatch.setattr("aegisd.store.db.SCHEMA_VERSION", len(old))
+    store = create_profile(home, None)
+    for k, v in settings.items():
+        store.set_setting(k, v)
+    store.close()
+    monkeypatch.setattr("aegisd.store.db.MIGRATIONS", schema_mod.MIGRATIONS)
+    monkeypatch.setattr("aegisd.store.db.SCHEMA_VERSION", schema_mod.SCHEMA_VERSION)
+    store = open_profile(home, None)
+    assert store.schema_version == schema_mod.SCHEMA_VERSION
+    assert store.get_setting("network.mode") == mode
+    store.close()
+    fresh = create_profile(tmp_path / "new", None)  # a new profile: its init decides
+    assert fresh.get_setting("network.mode") is None
+    fresh.close()

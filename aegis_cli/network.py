@@ -1,0 +1,149 @@
+"""``aegis network`` and ``aegis relay``: how the profile reaches its relay, and which relay.
+
+One layout for these settings (docs/api.md "network.set", "relay.set"):
+
+    aegis relay show                the relay and whether it is connected
+    aegis relay set URL             point the profile at another relay
+    aegis network                   the mode, the proxy, isolation, bridges and Tor's state
+    aegis network --mode tor|proxy|direct [--proxy URL] [--isolation on|off]
+                  [--bridge LINE ...] [--no-bridges] [--tor-path PATH]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from .main import Ctx
+
+MODE_TEXT = {
+    "tor": "tor (through a Tor the daemon runs: relays see a Tor exit, not your address)",
+    "proxy": "proxy (through your SOCKS5 proxy: relays see the proxy's or Tor's address)",
+    "direct": "direct (relays see your IP address)",
+}
+
+
+def describe_tor(tor: dict[str, Any] | None) -> str:
+    if not tor:
+        return "not running"
+    return str(tor.get("description") or tor.get("state"))
+
+
+def network_text(r: dict[str, Any]) -> str:
+    lines = [f"mode: {MODE_TEXT.get(r['mode'], r['mode'])}"
+             + ("" if r.get("mode_chosen") else " [default for this relay]")]  # fmt: skip
+    if r.get("proxy"):
+        lines.append(f"proxy: {r['proxy']}")
+    lines.append(f"isolation: {'on (one circuit per mailbox)' if r['isolation'] else 'off'}")
+    if r["mode"] == "tor":
+        lines.append(f"tor: {describe_tor(r.get('tor'))}")
+        lines.append(f"tor program: {r.get('tor_path') or 'searched on PATH'}")
+        bridges = r.get("bridges") or []
+        lines.append(f"bridges: {len(bridges)}" if bridges else "bridges: none")
+    return "\n".join(lines)
+
+
+def register(main: ModuleType) -> None:
+    """Add the commands to the CLI (given the main module, as aegis_cli/calls.py explains)."""
+    cli: click.Group = main.cli
+    common: Callable[[Callable[..., None]], Callable[..., None]] = main.common
+    Fail: type[Exception] = main.Fail
+
+    @cli.command()
+    @common
+    @click.option(
+        "--mode",
+        type=click.Choice(["tor", "proxy", "direct"]),
+        help="tor: a Tor the daemon runs; proxy: your SOCKS5 proxy; direct: no Tor (the relay "
+        "sees your IP address).",
+    )
+    @click.option("--proxy", metavar="URL", help="The SOCKS5 proxy: socks5://HOST:PORT.")
+    @click.option(
+        "--isolation",
+        type=click.Choice(["on", "off"]),
+        help="One connection and Tor circuit per mailbox (on by default with Tor or a proxy).",
+    )
+    @click.option(
+        "--bridge",
+        "bridges",
+        multiple=True,
+        metavar="LINE",
+        help="A Tor bridge line ([obfs4] IP:PORT FINGERPRINT cert=... iat-mode=0); repeat for "
+        "several. Replaces the bridges set before.",
+    )
+    @click.option("--no-bridges", is_flag=True, help="Stop using bridges.")
+    @click.option("--tor-path", metavar="PATH", help="The tor program ('' to search PATH).")
+    def network(
+        ctx: Ctx,
+        mode: str | None,
+        proxy: str | None,
+        isolation: str | None,
+        bridges: tuple[str, ...],
+        no_bridges: bool,
+        tor_path: str | None,
+    ) -> None:
+        """Show or change how the daemon reaches relays (Tor, a proxy, or directly)."""
+        if bridges and no_bridges:
+            raise Fail("--bridge and --no-bridges exclude each other", 2)
+        params: dict[str, Any] = {}
+        if mode is not None:
+            params["mode"] = mode
+        if proxy is not None:
+            params["proxy"] = proxy
+        if isolation is not None:
+            params["isolation"] = isolation == "on"
+        if bridges or no_bridges:
+            params["bridges"] = list(bridges)
+        if tor_path is not None:
+            params["tor_path"] = tor_path
+        result = ctx.call("network.set", params) if params else ctx.call("network.get")
+        ctx.out(result, network_text(result))
+
+    @cli.group()
+    def relay() -> None:
+        """Show the relay (aegis relay show), or use another one (aegis relay set URL)."""
+
+    @relay.command("show")
+    @common
+    def relay_show(ctx: Ctx) -> None:
+        """Show the relay and whether the daemon is connected to it."""
+        st = ctx.call("status")
+        r = st.get("relay") or {}
+        if st.get("locked"):
+            text = "unknown while locked (aegis unlock)"
+        elif not r.get("configured"):
+            text = "none configured: aegis relay set URL"
+        elif r.get("connected"):
+            text = f"{r['url']} (connected)"
+        else:
+            text = f"{r['url']} (not connected: {r.get('reason') or 'connecting'})"
+        ctx.out(r, f"relay: {text}")
+
+    @relay.command("set")
+    @common
+    @click.argument("url")
+    @click.option(
+        "--insecure-plaintext-relay",
+        is_flag=True,
+        help="Allow an unencrypted ws:// relay on another host (everyone on the path sees it).",
+    )
+    def relay_set(ctx: Ctx, url: str, insecure_plaintext_relay: bool) -> None:
+        """Use the relay at URL (wss://HOST[:PORT]/v1/ws; ws:// on loopback or a .onion).
+
+        A profile without contacts moves at once (its address and pending invitations are
+        replaced; links given out before stop working). A profile with contacts is refused."""
+        result = ctx.call(
+            "relay.set", {"url": url, "insecure_plaintext": insecure_plaintext_relay}
+        )
+        note = ""
+        if result.get("invitations_revoked"):
+            note = f"\n{result['invitations_revoked']} pending invitation(s) stopped working."
+        ctx.out(
+            result,
+            f"relay: {result['url']}\nmode: {MODE_TEXT.get(result['mode'], result['mode'])}"
+            f"{note}\nYour address changes: aegis address shows the new one.",
+        )

@@ -1,0 +1,95 @@
+"""Network modes: which one a profile uses, and where the tor program is. Standard library
+only: the thin CLI imports this module (aegis init checks for Tor before asking for a
+passphrase). How each mode connects is aegisd/transport/network.py; the managed Tor is
+aegisd/transport/tor.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from urllib.parse import urlsplit
+
+from aegisd.relayurl import is_loopback, is_onion
+
+SETTING_MODE = "network.mode"
+SETTING_PROXY = "network.proxy"
+SETTING_ISOLATION = "network.isolation"
+SETTING_BRIDGES = "network.bridges"
+SETTING_TOR_PATH = "network.tor_path"
+MODES = ("tor", "proxy", "direct")
+
+
+class NeedsTor(Exception):
+    """An onion relay, in direct mode: it can only be reached through Tor."""
+
+    def __str__(self) -> str:
+        return "an onion relay can only be reached through Tor (aegis network --mode tor)"
+
+
+def default_mode(relay_url: str | None) -> str:
+    """The mode of a profile that never chose one: Tor unless the relay is on loopback."""
+    host = urlsplit(relay_url).hostname if relay_url else None
+    return "direct" if host is None or is_loopback(host.lower()) else "tor"
+
+
+def effective_mode(mode: object, proxy: object, relay_url: str | None) -> str:
+    if mode in MODES:
+        return str(mode)
+    if proxy:  # a proxy set without a mode (settings.set, older clients)
+        return "proxy"
+    return default_mode(relay_url)
+
+
+def check_mode_for_relay(mode: str, relay_url: str | None) -> None:
+    """Raise NeedsTor for an onion relay in direct mode."""
+    host = urlsplit(relay_url).hostname if relay_url else None
+    if mode == "direct" and host and is_onion(host.lower()):
+        raise NeedsTor()
+
+
+#: Where a tor program is looked for when PATH has none (Debian puts it in /usr/sbin, which
+#: is not on an ordinary user's PATH; Homebrew in /opt/homebrew or /usr/local).
+TOR_CANDIDATES = (
+    "/usr/sbin/tor", "/usr/bin/tor", "/usr/local/sbin/tor", "/usr/local/bin/tor",
+    "/opt/homebrew/bin/tor", "/opt/local/bin/tor",
+)  # fmt: skip
+OBFS4_NAMES = ("obfs4proxy", "lyrebird")
+OBFS4_CANDIDATES = (
+    "/usr/bin/obfs4proxy", "/usr/bin/lyrebird", "/usr/local/bin/obfs4proxy",
+    "/usr/local/bin/lyrebird", "/opt/homebrew/bin/obfs4proxy", "/opt/homebrew/bin/lyrebird",
+)  # fmt: skip
+
+INSTALL_HINT = (
+    "install Tor (Debian/Ubuntu: sudo apt install tor; Fedora: sudo dnf install tor; "
+    "Arch: sudo pacman -S tor; macOS: brew install tor)"
+)
+
+
+def find_tor(configured: str | None = None) -> str | None:
+    """The tor program to run: the configured path, else PATH, else the usual places."""
+    if configured:
+        return configured if is_executable(configured) else None
+    found = shutil.which("tor")
+    if found:
+        return found
+    return next((p for p in TOR_CANDIDATES if is_executable(p)), None)
+
+
+def find_obfs4() -> str | None:
+    for name in OBFS4_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return next((p for p in OBFS4_CANDIDATES if is_executable(p)), None)
+
+
+def is_executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def tor_missing_message() -> str:
+    return (
+        f"no tor program found: {INSTALL_HINT}; or choose --direct knowingly (the relay then "
+        "sees your IP address on every connection, and with it when you write and read)"
+    )

@@ -1,0 +1,315 @@
+"""How the profile reaches its relays: the network mode, the managed Tor, and the settings
+and methods around them (``network.get``, ``network.set``, ``relay.set``; docs/api.md).
+
+The managed Tor runs while the profile is unlocked and its mode is ``tor``; the relay link is
+restarted whenever a setting it depends on changes. Nothing here logs an address or a URL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aegisd.netmode import (
+    MODES,
+    SETTING_BRIDGES,
+    SETTING_ISOLATION,
+    SETTING_MODE,
+    SETTING_PROXY,
+    SETTING_TOR_PATH,
+    NeedsTor,
+    check_mode_for_relay,
+    effective_mode,
+    find_obfs4,
+    find_tor,
+    tor_missing_message,
+)
+from aegisd.relayurl import (
+    SETTING_INSECURE,
+    SETTING_URL,
+    RelayUrlError,
+    check_relay_url,
+)
+from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
+from aegisd.rpc.methods import Handler
+from aegisd.store import Store
+from aegisd.transport.network import Network, ProxyUrlError, check_proxy_url
+from aegisd.transport.tor import (
+    MAX_BRIDGES,
+    ManagedTor,
+    TorConfig,
+    TorConfigError,
+    TorStatus,
+    check_bridge_line,
+    check_tor_path,
+)
+
+if TYPE_CHECKING:
+    from aegisd.daemon import Daemon
+
+log = logging.getLogger("aegisd.network")
+
+#: Test networks only: a file of torrc lines appended to the managed Tor's configuration,
+#: honoured only by a daemon started with --test-methods (tests/tornet.py writes it).
+TEST_TORRC_ENV = "AEGISD_TOR_EXTRA_TORRC"
+TOR_DIR = "tor"
+
+E_NO_TOR = 1012  # docs/api.md "Errors": mode tor, and no tor program
+
+
+class Connectivity:
+    def __init__(self, daemon: Daemon, *, test_methods: bool = False) -> None:
+        self.daemon = daemon
+        self.tor: ManagedTor | None = None
+        self._tor_config: TorConfig | None = None
+        self._test_lines: tuple[str, ...] = ()
+        path = os.environ.get(TEST_TORRC_ENV) if test_methods else None
+        if path:
+            lines = Path(path).read_text().splitlines()
+            self._test_lines = tuple(line for line in lines if line.strip())
+
+    # --- settings ---------------------------------------------------------------------------
+
+    def _store(self) -> Store:
+        store = self.daemon.store
+        if store is None:
+            raise RuntimeError("store is locked")
+        return store
+
+    def mode(self) -> str:
+        store = self._store()
+        return effective_mode(
+            store.get_setting(SETTING_MODE),
+            store.get_setting(SETTING_PROXY),
+            store.get_setting(SETTING_URL),
+        )
+
+    def network(self) -> Network:
+        store = self._store()
+        return Network.from_settings(
+            store.get_setting(SETTING_PROXY),
+            store.get_setting(SETTING_ISOLATION),
+            store.get_setting(SETTING_MODE),
+            store.get_setting(SETTING_URL),
+            self.tor,
+        )
+
+    def _wanted_tor(self) -> TorConfig | None:
+        if self.mode() != "tor":
+            return None
+        store = self._store()
+        bridges = tuple(store.get_setting(SETTING_BRIDGES) or ())
+        return TorConfig(
+            data_dir=self.daemon.paths.home / TOR_DIR,
+            tor_path=store.get_setting(SETTING_TOR_PATH),
+            bridges=bridges,
+            obfs4=find_obfs4() if bridges else None,
+            extra_lines=self._test_lines,
+        )
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    async def on_unlock(self, store: Store) -> None:
+        await self._apply_tor()
+
+    async def on_lock(self, store: Store) -> None:
+        await self._stop_tor()
+
+    async def _apply_tor(self) -> None:
+        """Start, restart or stop the managed Tor to match the settings."""
+        wanted = self._wanted_tor()
+        if wanted == self._tor_config and (wanted is None) == (self.tor is None):
+            return
+        await self._stop_tor()
+        if wanted is not None:
+            self._tor_config = wanted
+            self.tor = ManagedTor(wanted, self._on_tor)
+            self.tor.start()
+
+    async def _stop_tor(self) -> None:
+        tor, self.tor, self._tor_config = self.tor, None, None
+        if tor is not None:
+            await tor.stop()
+
+    async def reconfigure(self) -> None:
+        """After a change of the network or relay settings: Tor, then every connection."""
+        await self._apply_tor()
+        await self.daemon.messenger.restart_link()
+
+    def _on_tor(self, old: TorStatus, new: TorStatus) -> None:
+        if self.daemon.store is None:
+            return
+        emit = self.daemon.events.emit
+        if new.state in ("bootstrapping", "ready") and (
+            new.progress != old.progress or old.state not in ("bootstrapping", "ready")
+        ):
+            emit("tor.bootstrap", {"progress": new.progress, "tag": new.tag,
+                                   "summary": new.summary})  # fmt: skip
+        elif new.state in ("restarting", "failed") and new.failures != old.failures:
+            emit("tor.failed", {"reason": new.reason, "failures": new.failures,
+                                "retry_in": new.retry_in})  # fmt: skip
+
+    # --- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """``status.network``: the mode and, in mode tor, what the managed Tor is doing."""
+        if self.daemon.store is None:
+            return {"mode": None, "tor": None}
+        tor = self.tor.status.to_json() if self.tor is not None else None
+        return {"mode": self.mode(), "tor": tor}
+
+    def relay_reason(self) -> str | None:
+        """Why relays cannot be reached when the cause is Tor, else None."""
+        if self.tor is not None and not self.tor.ready.is_set():
+            return self.tor.status.describe()
+        return None
+
+    def settings_json(self) -> dict[str, Any]:
+        store = self._store()
+        net = self.network()
+        mode_setting = store.get_setting(SETTING_MODE)
+        return {
+            "mode": net.mode,
+            "mode_chosen": mode_setting in MODES,
+            "proxy": store.get_setting(SETTING_PROXY),
+            "isolation": net.isolation,
+            "bridges": list(store.get_setting(SETTING_BRIDGES) or []),
+            "tor_path": store.get_setting(SETTING_TOR_PATH),
+            "tor": self.tor.status.to_json() if self.tor is not None else None,
+        }
+
+
+def register(registry: Registry, conn: Connectivity) -> None:
+    def method(name: str) -> Callable[[Handler], Handler]:
+        return registry.method(name, unlocked=True)  # "unlocked": needs an unlocked profile
+
+    @method("network.get")
+    async def network_get(ctx: CallContext) -> dict[str, Any]:
+        return conn.settings_json()
+
+    @method("network.set")
+    async def network_set(
+        ctx: CallContext,
+        mode: str | None = None,
+        proxy: str | None = None,
+        isolation: bool | None = None,
+        bridges: list[str] | None = None,
+        tor_path: str | None = None,
+    ) -> dict[str, Any]:
+        store = conn._store()
+        if mode is not None and mode not in MODES:
+            raise InvalidParamsError("mode", "must be tor, proxy or direct")
+        if isolation is not None and not isinstance(isolation, bool):
+            raise InvalidParamsError("isolation", "must be true or false")
+        if proxy not in (None, ""):
+            try:
+                proxy = check_proxy_url(str(proxy))
+            except ProxyUrlError as exc:
+                raise InvalidParamsError("proxy", str(exc)) from None
+        if bridges is not None:
+            if not isinstance(bridges, list) or len(bridges) > MAX_BRIDGES:
+                raise InvalidParamsError("bridges", f"must be a list of at most {MAX_BRIDGES}")
+            checked = []
+            for i, line in enumerate(bridges):
+                try:
+                    checked.append(check_bridge_line(str(line)))
+                except TorConfigError as exc:
+                    raise InvalidParamsError("bridges", f"item {i}: {exc}", index=i) from None
+            if any(b.startswith("obfs4 ") for b in checked) and find_obfs4() is None:
+                raise InvalidParamsError(
+                    "bridges", "obfs4 bridges need obfs4proxy: install it (apt install obfs4proxy)"
+                )
+            bridges = checked
+        if tor_path not in (None, ""):
+            try:
+                tor_path = check_tor_path(str(tor_path))
+            except TorConfigError as exc:
+                raise InvalidParamsError("tor_path", str(exc)) from None
+        new_proxy = store.get_setting(SETTING_PROXY) if proxy is None else (proxy or None)
+        new_mode = mode or effective_mode(store.get_setting(SETTING_MODE), new_proxy,
+                                          store.get_setting(SETTING_URL))  # fmt: skip
+        if mode is None and proxy:  # a proxy given alone means: use it
+            new_mode = "proxy"
+        if new_mode == "proxy" and not new_proxy:
+            raise InvalidParamsError("proxy", "mode proxy needs a proxy: socks5://HOST:PORT")
+        try:
+            check_mode_for_relay(new_mode, store.get_setting(SETTING_URL))
+        except NeedsTor as exc:
+            raise InvalidParamsError("mode", str(exc)) from None
+        if new_mode == "tor":
+            path = tor_path if tor_path is not None else store.get_setting(SETTING_TOR_PATH)
+            if find_tor(path or None) is None:
+                raise AppError(E_NO_TOR, "no_tor", tor_missing_message())
+        with store.transaction():
+            if mode is not None or proxy:
+                store.set_setting(SETTING_MODE, new_mode)
+            if proxy is not None:
+                store.set_setting(SETTING_PROXY, proxy or None)
+            if isolation is not None:
+                store.set_setting(SETTING_ISOLATION, isolation)
+            if bridges is not None:
+                store.set_setting(SETTING_BRIDGES, bridges or None)
+            if tor_path is not None:
+                store.set_setting(SETTING_TOR_PATH, tor_path or None)
+        log.info("network settings changed (mode %s)", new_mode)
+        await conn.reconfigure()
+        return conn.settings_json()
+
+    @method("relay.set")
+    async def relay_set(
+        ctx: CallContext, url: str, insecure_plaintext: bool = False
+    ) -> dict[str, Any]:
+        store = conn._store()
+        try:
+            url = check_relay_url(url, insecure_plaintext=insecure_plaintext)
+        except RelayUrlError as exc:
+            raise InvalidParamsError("url", str(exc)) from None
+        mode = effective_mode(store.get_setting(SETTING_MODE), store.get_setting(SETTING_PROXY),
+                              url)  # fmt: skip
+        try:
+            check_mode_for_relay(mode, url)
+        except NeedsTor as exc:
+            raise InvalidParamsError("url", str(exc)) from None
+        if mode == "tor" and find_tor(store.get_setting(SETTING_TOR_PATH)) is None:
+            raise AppError(E_NO_TOR, "no_tor", tor_missing_message())
+        revoked = await move_to_relay(conn.daemon, url, bool(insecure_plaintext))
+        await conn.reconfigure()
+        return {"url": url, "mode": mode, "invitations_revoked": revoked}
+
+
+E_RELAY_IN_USE = 1013  # docs/api.md "Errors": relay.set on a profile with contacts
+
+
+async def move_to_relay(daemon: Daemon, url: str, insecure_plaintext: bool) -> int:
+    """Point a profile without contacts at another relay: its address and invitation
+    mailboxes are retired (deleted at the old relay once it can be reached, as after a
+    backup import) and new ones are made at the new relay on the next connection. Returns the
+    number of invitations that stop working. A profile with contacts is refused: their
+    mailboxes would have to move with them (not supported yet)."""
+    m = daemon.messenger
+    async with m.lock:
+        store = m.store
+        if store.list_contacts():
+            raise AppError(
+                E_RELAY_IN_USE,
+                "relay_in_use",
+                "this profile has contacts whose mailboxes are at its current relay; moving "
+                "them to another relay is not supported yet (remove the contacts first, or "
+                "make a new profile for the new relay)",
+            )
+        rows = store.list_mailboxes()
+        with store.transaction():
+            for row in rows:
+                store._q(
+                    "INSERT INTO retired_mailboxes (contact_id, descriptor) VALUES (NULL, ?)",
+                    (row.descriptor,),
+                )
+                store.delete_mailbox(row.id)
+            store.set_setting(SETTING_URL, url)
+            store.set_setting(SETTING_INSECURE, bool(insecure_plaintext))
+        m._reload_owned()
+    log.info("relay changed")
+    return sum(1 for row in rows if row.role == "invitation")
