@@ -324,16 +324,34 @@ class Client:
 
     async def start_call(
         self, contact: str, *, video: bool = False, play: str | None = None,
-        record: str | None = None,
+        record: str | None = None, reveal_ip: bool = False,
     ) -> Call:  # fmt: skip
-        params = {"contact": contact, "video": video, "play": play, "record": record}
+        """``reveal_ip``: allow a call that shows the user's IP address to the contact, when
+        relays are reached through Tor or a proxy without TURN hide-my-IP (else RevealsIp)."""
+        params = {"contact": contact, "video": video, "play": play, "record": record,
+                  "reveal_ip": reveal_ip}  # fmt: skip
         return cast(Call, await self.call("calls.start", params))
 
     async def answer_call(
-        self, call_id: str | None = None, *, play: str | None = None, record: str | None = None
+        self, call_id: str | None = None, *, play: str | None = None, record: str | None = None,
+        reveal_ip: bool = False,
     ) -> Call:
-        params = {"call_id": call_id, "play": play, "record": record}
+        params = {"call_id": call_id, "play": play, "record": record, "reveal_ip": reveal_ip}
         return cast(Call, await self.call("calls.accept", params))
+
+    # -- network (docs/api.md, "Network") ---------------------------------------------------------
+
+    async def network(self) -> dict[str, Any]:
+        """The network mode, proxy, isolation, bridges and the managed Tor's state."""
+        return cast(dict[str, Any], await self.call("network.get"))
+
+    async def set_network(self, **changes: Any) -> dict[str, Any]:
+        """``mode`` (tor, proxy, direct), ``proxy``, ``isolation``, ``bridges``, ``tor_path``."""
+        return cast(dict[str, Any], await self.call("network.set", changes))
+
+    async def set_relay(self, url: str, *, insecure_plaintext: bool = False) -> dict[str, Any]:
+        params = {"url": url, "insecure_plaintext": insecure_plaintext}
+        return cast(dict[str, Any], await self.call("relay.set", params))
 
     async def reject_call(self, call_id: str | None = None) -> Call:
         return cast(Call, await self.call("calls.reject", {"call_id": call_id}))

@@ -128,6 +128,18 @@ class RateLimited(AppError):
         return None
 
 
+class NoTor(AppError):
+    """Mode tor (network.set, relay.set) and no tor program on this machine."""
+
+    code, name = 1012, "no_tor"
+
+
+class RelayInUse(AppError):
+    """relay.set on a profile with contacts: their mailboxes live at the current relay."""
+
+    code, name = 1013, "relay_in_use"
+
+
 class NotFound(AppError):
     code, name = 1020, "not_found"
 
@@ -162,6 +174,13 @@ class TooLarge(AppError):
     code, name = 1026, "too_large"
 
 
+class RevealsIp(AppError):
+    """calls.start / calls.accept: the call would show the user's IP address to the contact
+    (Tor or a proxy, no TURN hide-my-IP); pass ``reveal_ip=True`` to allow it."""
+
+    code, name = 1035, "reveals_ip"
+
+
 _BY_CODE: dict[int, type[RpcError]] = {
     c.code: c for c in (ParseError, InvalidRequest, MethodNotFound, InvalidParams, InternalError)
 }
@@ -176,6 +195,8 @@ _BY_NAME: dict[str, type[AppError]] = {
         StoreError,
         RelayUnavailable,
         RateLimited,
+        NoTor,
+        RelayInUse,
         NotFound,
         Exists,
         BadLink,
@@ -184,6 +205,7 @@ _BY_NAME: dict[str, type[AppError]] = {
         NoRelay,
         Blocked,
         TooLarge,
+        RevealsIp,
     )
     if c.name is not None
 }

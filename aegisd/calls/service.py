@@ -62,7 +62,7 @@ LOCK_FLUSH = 3.0  # seconds a lock or stop waits for the HANGUP of a live call t
 E_BUSY = 1027
 E_CALL_STATE = 1028
 E_MEDIA = 1029
-E_REVEALS_IP = 1030  # a call would show the user's IP address: consent needed (reveal_ip)
+E_REVEALS_IP = 1035  # a call would show the user's IP address: consent needed (reveal_ip)
 
 TURN_URL_RE = re.compile(r"^turns?:[A-Za-z0-9.\-\[\]:]+(\?transport=(udp|tcp))?$")
 

@@ -43,6 +43,8 @@ APP_ERRORS = [
     (1006, "store_error"),
     (1010, "relay_unavailable"),
     (1011, "rate_limited"),
+    (1012, "no_tor"),
+    (1013, "relay_in_use"),
     (1020, "not_found"),
     (1021, "exists"),
     (1022, "bad_link"),
@@ -51,6 +53,7 @@ APP_ERRORS = [
     (1024, "no_relay"),
     (1025, "blocked"),
     (1026, "too_large"),
+    (1035, "reveals_ip"),
 ]
 
 

@@ -1,0 +1,86 @@
+"""Network modes with contacts, through a real relay (issue 12): calls ask before they show
+the user's IP address when relays are reached through Tor or a proxy, and a profile with
+contacts is not moved to another relay."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+
+from aegis_cli.client import RpcCallError
+
+from .conftest import Peer, connect
+
+DEAD_PROXY = "socks5://127.0.0.1:1"  # nothing listens: the link stays down, nothing goes direct
+
+
+def cli(peer: Peer, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aegis_cli.main", *args, "--home", str(peer.home)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_calls_ask_before_showing_the_ip_address(peers: Callable[[str], Peer]) -> None:
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    for p in (alice, bob):
+        p.call("calls.configure", {"host_candidates": "loopback"})
+    # Bob hides his address from relays (a proxy); Alice connects directly and calls him.
+    bob.call("network.set", {"proxy": DEAD_PROXY})
+    assert bob.call("status")["network"]["mode"] == "proxy"
+    with pytest.raises(RpcCallError) as e:
+        bob.call("calls.start", {"contact": "alice"})
+    assert e.value.code == 1035 and e.value.data["error"] == "reveals_ip"
+    assert "IP address" in e.value.message and "--reveal-ip" in e.value.message
+    r = cli(bob, "call", "alice", "--no-wait")
+    assert r.returncode == 1 and "would show your IP address" in r.stderr
+    assert bob.call("calls.list")["calls"] == []  # refused before anything was sent
+    # Allowed for one call, it starts (its INVITE waits for the relay: the proxy is dead).
+    started = bob.call("calls.start", {"contact": "alice", "reveal_ip": True})
+    assert started["state"] == "calling"
+    bob.call("calls.hangup", {"call_id": started["call_id"]})
+    # A TURN server with hide-my-IP needs no consent: the peer only sees the TURN server.
+    bob.call("calls.configure", {"turn_url": "turn:127.0.0.1:3478", "hide_ip": True,
+                                 "turn_username": "u", "turn_password": "p"})  # fmt: skip
+    started = bob.call("calls.start", {"contact": "alice"})
+    bob.call("calls.hangup", {"call_id": started["call_id"]})
+    bob.call("calls.configure", {"hide_ip": False})
+    # Answering asks too: Alice (direct) calls, Bob's phone rings, Bob answers.
+    bob.call("network.set", {"mode": "direct"})
+    bob.wait_connected()
+    call = alice.call("calls.start", {"contact": "bob"})
+    bob.wait_for(lambda: bob.call("calls.list")["calls"], "the call to ring")
+    bob.call("network.set", {"proxy": DEAD_PROXY})
+    with pytest.raises(RpcCallError) as e:
+        bob.call("calls.accept", {})
+    assert e.value.code == 1035
+    assert bob.call("calls.list")["calls"][0]["state"] == "ringing"  # still his to answer
+    assert bob.call("calls.accept", {"reveal_ip": True})["state"] == "connecting"
+    alice.call("calls.hangup", {"call_id": call["call_id"]})
+
+
+def test_relay_set_moves_a_profile_without_contacts_only(
+    peers: Callable[[str], Peer], relay_proc: object
+) -> None:
+    alice, bob = peers("alice"), peers("bob")
+    alice.wait_connected()
+    before = alice.call("address.get")["link"]
+    link = alice.call("invitations.create")["link"]
+    assert link
+    url = alice.call("status")["relay"]["url"]
+    # A profile without contacts moves: its pending invitation is revoked, a new address is
+    # made at the (here: same) relay on the next connection.
+    r = cli(alice, "relay", "set", url, "--json")
+    assert r.returncode == 0, r.stderr
+    assert '"invitations_revoked": 1' in r.stdout
+    alice.wait_connected()
+    alice.wait_for(lambda: alice.call("address.get")["link"] != before, "a new address")
+    # With a contact, moving is refused (the contact's mailboxes live at this relay).
+    connect(alice, bob)
+    r = cli(alice, "relay", "set", "ws://127.0.0.2:9/v1/ws")
+    assert r.returncode == 1 and "contacts" in r.stderr
+    assert alice.call("status")["relay"]["url"] == url
