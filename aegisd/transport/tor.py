@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from aegisd.netmode import INSTALL_HINT, find_tor, is_executable
+from aegisd.paths import MAX_SOCKET_PATH_BYTES
 
 from .torcontrol import Bootstrap, ControlError, TorControl, parse_bootstrap
 
@@ -125,6 +126,11 @@ class TorConfig:
             raise TorConfigError(
                 "the profile's path holds characters Tor's configuration cannot take "
                 '(quotes, backslashes or control characters): choose another --home'
+            )
+        if len(os.fsencode(self.control_socket)) > MAX_SOCKET_PATH_BYTES:
+            raise TorConfigError(
+                f"the profile's path is too long for Tor's control socket ({self.control_socket}"
+                f" is over {MAX_SOCKET_PATH_BYTES} bytes): choose a shorter --home"
             )
         lines = [
             "# Written by aegisd at every start; changes here are lost.",
