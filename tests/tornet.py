@@ -88,9 +88,22 @@ class TorNetworkError(RuntimeError):
     """The network could not be built or started, or a node died."""
 
 
+def program(name: str) -> str | None:
+    """The path of `name`: on PATH, or in /usr/sbin, where Debian puts tor and which is not on
+    an ordinary user's PATH."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
+
+
 def missing_programs() -> list[str]:
-    """The programs this module needs that are not on PATH (Debian's package `tor` has both)."""
-    return [p for p in (TOR, TOR_GENCERT) if shutil.which(p) is None]
+    """The programs this module needs that are not installed (Debian's package `tor` has both)."""
+    return [p for p in (TOR, TOR_GENCERT) if program(p) is None]
+
+
+def _exe(name: str) -> str:
+    path = program(name)
+    if path is None:
+        raise TorNetworkError(f"{name} is not installed (Debian package: tor)")
+    return path
 
 
 def _port_is_free(address: str, port: int) -> bool:
@@ -133,7 +146,7 @@ def _spawn(directory: Path, lines: Iterable[str]) -> subprocess.Popen[bytes]:
         # the tors in order; `__OwningControllerProcess` (in every torrc) ends them within 15 s
         # if the launcher dies without stopping them.
         return subprocess.Popen(
-            [TOR, "-f", str(torrc), "--defaults-torrc", str(empty)],
+            [_exe(TOR), "-f", str(torrc), "--defaults-torrc", str(empty)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -620,7 +633,7 @@ class TorNetwork:
             (n.directory / "keys").mkdir(mode=0o700)
         gencerts = [
             subprocess.Popen(
-                [TOR_GENCERT, "--create-identity-key", "--passphrase-fd", "0", "-m", "12",
+                [_exe(TOR_GENCERT), "--create-identity-key", "--passphrase-fd", "0", "-m", "12",
                  "-a", f"{n.address}:{n.dir_port}",
                  "-i", str(n.directory / "keys" / "authority_identity_key"),
                  "-s", str(n.directory / "keys" / "authority_signing_key"),
@@ -638,7 +651,7 @@ class TorNetwork:
         empty.write_text("")
         listings = [
             subprocess.Popen(
-                [TOR, "--list-fingerprint", "--quiet", "--ignore-missing-torrc",
+                [_exe(TOR), "--list-fingerprint", "--quiet", "--ignore-missing-torrc",
                  "-f", str(n.directory / "none"), "--defaults-torrc", str(empty),
                  "--datadirectory", str(n.directory), "--orport", "1"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
