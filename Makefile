@@ -29,24 +29,29 @@ typecheck: $(VENV)/.installed-test
 unit: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
-# Debian packages some tests need (aegis-bridge's: a real D-Bus session bus). Installed when
-# running as root (CI is); elsewhere those tests say they were skipped and why.
-# coturn (turnserver): the calls tests' TURN server, started by the tests on 127.0.0.1. A
-# temporary policy-rc.d (exit 101: "action forbidden") keeps its postinst from starting a
-# system-wide coturn service (Debian's /etc/default/coturn also leaves it disabled); it is
+# Debian packages some tests need, installed when running as root (CI is); elsewhere those
+# tests say they were skipped and why, or fail saying what to install:
+#   dbus (dbus-daemon): aegis-bridge's tests start a real D-Bus session bus;
+#   coturn (turnserver): the calls tests' TURN server, started by the tests on 127.0.0.1;
+#   tor (tor, tor-gencert): the private Tor network on loopback (tests/tornet.py) and the
+#     daemons' managed Tor; obfs4proxy: the obfs4 bridge lines given to that Tor.
+# One apt-get for whatever is missing, under a temporary policy-rc.d (exit 101: "action
+# forbidden") that keeps the packages' postinst scripts from starting system-wide services
+# (Debian's tor enables and starts tor.service; coturn and dbus come with services too); it is
 # removed again, even if the install fails or is interrupted (only if we created it).
 system-deps:
-	@if [ "$$(id -u)" = 0 ] && ! command -v dbus-daemon >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq --no-install-recommends dbus; \
-	fi
-	@if [ "$$(id -u)" = 0 ] && ! command -v turnserver >/dev/null; then \
+	@missing=""; \
+	command -v dbus-daemon >/dev/null || missing="$$missing dbus"; \
+	command -v turnserver >/dev/null || missing="$$missing coturn"; \
+	{ command -v tor && command -v tor-gencert; } >/dev/null || missing="$$missing tor"; \
+	command -v obfs4proxy >/dev/null || missing="$$missing obfs4proxy"; \
+	if [ "$$(id -u)" = 0 ] && [ -n "$$missing" ]; then \
 		if [ ! -e /usr/sbin/policy-rc.d ]; then \
 			trap 'rm -f /usr/sbin/policy-rc.d' EXIT; trap 'exit 130' INT TERM; \
 			printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && \
 			chmod 755 /usr/sbin/policy-rc.d; fi; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq --no-install-recommends coturn; \
+		apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
 test: system-deps lint typecheck unit
