@@ -90,6 +90,7 @@ class Daemon:
         self.server: RpcServer | None = None
         #: Set by the relay client (not written yet) as its connection goes up and down.
         self.relay_connected = False
+        self._test_methods = test_methods
         self._register_core()
         # How relays are reached (network mode, the managed Tor): its hooks come first, so
         # that Tor is running before the relay link starts and stops after it.
@@ -231,6 +232,8 @@ class Daemon:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
+            if self._test_methods:  # tests: SIGUSR1 writes every task's stack to stderr
+                loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
             log.info(
                 "listening on %s%s (%s)",
                 self.server.address,
@@ -428,6 +431,16 @@ class Daemon:
             raise InvalidParamsError("type", "must be a dotted lowercase name under debug.")
         ev = self.events.emit(type, data or {})
         return {"seq": ev.seq}
+
+
+def _dump_tasks() -> None:
+    """Test plumbing (--test-methods): where every task waits, to diagnose a hang."""
+    import sys
+
+    for task in asyncio.all_tasks():
+        print(f"--- task {task.get_name()}", file=sys.stderr)
+        task.print_stack(limit=12, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _check_patterns(types: list[str] | None) -> None:

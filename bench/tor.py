@@ -91,6 +91,7 @@ class Bench:
         self.base = base
         self.torrc = torrc
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.keep = False  # keep the directory (a failure to look into)
         self.daemons: dict[Path, subprocess.Popen[bytes]] = {}
 
     def relay(self, name: str, port: int) -> str:
@@ -111,17 +112,29 @@ class Bench:
     def start(self, home: Path) -> float:
         env = {**os.environ, "AEGISD_TOR_EXTRA_TORRC": str(self.torrc)}
         t0 = time.monotonic()
+        log = open(self.base / f"{home.name}.log", "ab")  # noqa: SIM115 (the child's)
         self.daemons[home] = subprocess.Popen(
-            [sys.executable, "-m", "aegisd.main", "run", "--home", str(home), "--test-methods"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+            [sys.executable, "-m", "aegisd.main", "run", "--home", str(home), "--test-methods",
+             "--log-level", "debug"],
+            stdout=subprocess.DEVNULL, stderr=log, env=env,
         )  # fmt: skip
+        log.close()
         wait_until(lambda: (home / "aegisd.sock").exists(), "the daemon's socket")
         return t0
 
     def stop(self, home: Path) -> None:
         proc = self.daemons.pop(home)
         proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # its tasks' stacks, into its log
+            time.sleep(1)
+            proc.kill()
+            proc.wait()
+            self.keep = True
+            msg = f"bench: {home.name} did not stop; see {self.base}/{home.name}.log"
+            raise SystemExit(msg) from None
 
     def close(self) -> None:
         for home in list(self.daemons):
@@ -259,7 +272,8 @@ def main() -> None:
         if b is not None:
             b.close()
         net.stop()
-        shutil.rmtree(base, ignore_errors=True)
+        if b is None or not b.keep:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def _free_port() -> int:
