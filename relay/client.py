@@ -7,7 +7,6 @@ keys of its own: the caller passes the per-mailbox Ed25519 signing key and X2551
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import itertools
 import struct
@@ -112,14 +111,29 @@ class RelayClient:
         return self.hello.challenge
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
+        """Close the connection and everything it holds. A cancellation of the caller that
+        arrives meanwhile is raised once the socket is closed, never swallowed: a loop that
+        closes connections must stop when it is cancelled."""
+        interrupted = False
+        try:
             await self.ws.close()
+        except asyncio.CancelledError:
+            interrupted = True
+        except Exception:  # noqa: S110 (already broken: closing is all that is left)
+            pass
         if self._reader is not None:
             self._reader.cancel()
-            with contextlib.suppress(BaseException):
+            try:
                 await self._reader
+            except asyncio.CancelledError:
+                pass  # the reader's own, or ours: told apart below
+            except Exception:  # noqa: S110
+                pass
         if self._own_session:
             await self._session.close()
+        task = asyncio.current_task()
+        if interrupted or (task is not None and task.cancelling()):
+            raise asyncio.CancelledError
 
     async def _read(self) -> None:
         try:

@@ -71,3 +71,31 @@ def test_connect_timing_out_during_hello_closes_the_socket() -> None:
             await runner.cleanup()
 
     run(main())
+
+
+def test_close_never_swallows_the_callers_cancellation(relay) -> None:
+    """A task cancelled while it closes a client stays cancelled. (close() once swallowed the
+    cancellation when it arrived while the reader was winding down: the outbox loop that was
+    closing a deposit connection then ran on, and a stopping daemon waited for it forever;
+    through Tor, where closing takes a round trip, a SIGTERM hit that window.)"""
+
+    async def go() -> None:
+        client = await RelayClient.connect(relay.url.replace("http://", "ws://"))
+        real_close = client.ws.close
+
+        async def slow_close(**kwargs: object) -> bool:  # the reader goes on, as behind Tor
+            return False
+
+        client.ws.close = slow_close  # type: ignore[method-assign]
+        closing = asyncio.create_task(client.close())
+        await asyncio.sleep(0)  # closing now waits for its reader to wind down
+        closing.cancel()
+        try:
+            await closing
+        except asyncio.CancelledError:
+            pass
+        else:
+            raise AssertionError("close() swallowed the cancellation")
+        await real_close()
+
+    run(go())
