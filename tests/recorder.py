@@ -239,6 +239,11 @@ class Recorder:
             )
         except (OSError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            # stop() with the connection open. Not re-raised: asyncio's stream server (Python
+            # 3.11) calls task.exception() on a handler that ends cancelled, which raises and
+            # is logged as an error.
+            pass
         finally:
             for w in (writer, upstream):
                 if w is not None:
