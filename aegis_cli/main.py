@@ -217,7 +217,11 @@ def init(
         except RelayUrlError as exc:
             raise Fail(str(exc)) from None
         mode = "tor" if use_tor else "proxy" if proxy else "direct" if direct else None
+        if tor_path is not None:
+            tor_path = os.path.abspath(os.path.expanduser(tor_path))
         if effective_mode(mode, proxy, relay) == "tor" and find_tor(tor_path) is None:
+            if tor_path is not None:
+                raise Fail(f"--tor-path: {tor_path} is not an executable file")
             raise Fail(tor_missing_message())  # aegisd checks it again
     argv = ctx.aegisd_argv("init")
     stdin = None

@@ -11,6 +11,7 @@ One layout for these settings (docs/api.md "network.set", "relay.set"):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -61,7 +62,11 @@ def register(main: ModuleType) -> None:
         help="tor: a Tor the daemon runs; proxy: your SOCKS5 proxy; direct: no Tor (the relay "
         "sees your IP address).",
     )
-    @click.option("--proxy", metavar="URL", help="The SOCKS5 proxy: socks5://HOST:PORT.")
+    @click.option(
+        "--proxy",
+        metavar="URL",
+        help="The SOCKS5 proxy, socks5://HOST:PORT (given alone, it also sets --mode proxy).",
+    )
     @click.option(
         "--isolation",
         type=click.Choice(["on", "off"]),
@@ -98,8 +103,8 @@ def register(main: ModuleType) -> None:
             params["isolation"] = isolation == "on"
         if bridges or no_bridges:
             params["bridges"] = list(bridges)
-        if tor_path is not None:
-            params["tor_path"] = tor_path
+        if tor_path is not None:  # made absolute here: the daemon may run elsewhere
+            params["tor_path"] = os.path.abspath(os.path.expanduser(tor_path)) if tor_path else ""
         result = ctx.call("network.set", params) if params else ctx.call("network.get")
         ctx.out(result, network_text(result))
 

@@ -84,7 +84,9 @@ class Daemon:
         #: Run after the store opens / before it closes (start and stop services there).
         self.on_unlock: list[Hook] = []
         self.on_lock: list[Hook] = []
-        self._auth = asyncio.Lock()
+        #: Held while the store opens or closes, and while settings restart services
+        #: (services/connectivity.py): one at a time.
+        self.auth = asyncio.Lock()
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
         self.server: RpcServer | None = None
@@ -126,7 +128,7 @@ class Daemon:
 
     async def unlock(self, passphrase: str | None) -> None:
         """Open the store. Argon2id runs in a worker thread: other clients keep being served."""
-        async with self._auth:
+        async with self.auth:
             key = await asyncio.to_thread(self.keyring.unlock, passphrase)
             if self.store is not None:
                 return  # already unlocked; the passphrase was checked all the same
@@ -140,7 +142,7 @@ class Daemon:
             log.info("unlocked")
 
     async def lock(self) -> None:
-        async with self._auth:
+        async with self.auth:
             await self._close_store()
 
     async def _close_store(self) -> None:
@@ -252,7 +254,7 @@ class Daemon:
         if self.server is not None:
             await self.server.close()
         await self.events.close()
-        async with self._auth:
+        async with self.auth:
             await self._close_store()
         with contextlib.suppress(OSError):
             self.paths.pid.unlink()
@@ -337,7 +339,7 @@ class Daemon:
             raise InvalidParamsError(
                 "new_passphrase", "is required: this profile has no passphrase yet", reason="value"
             )
-        async with self._auth:
+        async with self.auth:
             try:
                 await asyncio.to_thread(
                     self.keyring.change_passphrase, old_passphrase, new_passphrase

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 
 from . import __version__
@@ -109,9 +108,14 @@ def _init(args: argparse.Namespace) -> int:
             print(f"aegisd: error: {exc}", file=sys.stderr)
             return 1
     mode = "tor" if args.tor else "proxy" if proxy else "direct" if args.direct else None
-    if args.tor_path is not None and not os.path.isabs(args.tor_path):
-        print("aegisd: error: --tor-path must be an absolute path", file=sys.stderr)
-        return 1
+    if args.tor_path is not None:
+        from .transport.tor import TorConfigError, check_tor_path
+
+        try:
+            check_tor_path(args.tor_path)
+        except TorConfigError as exc:
+            print(f"aegisd: error: --tor-path: {exc}", file=sys.stderr)
+            return 1
     how = effective_mode(mode, proxy, relay)
     try:
         check_mode_for_relay(how, relay)

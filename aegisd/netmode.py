@@ -20,17 +20,38 @@ SETTING_TOR_PATH = "network.tor_path"
 MODES = ("tor", "proxy", "direct")
 
 
-class NeedsTor(Exception):
+class Unreachable(Exception):
+    """This relay cannot be reached in this profile's network mode; str() says why."""
+
+
+class NeedsTor(Unreachable):
     """An onion relay, in direct mode: it can only be reached through Tor."""
 
     def __str__(self) -> str:
         return "an onion relay can only be reached through Tor (aegis network --mode tor)"
 
 
+class NeedsChoice(Unreachable):
+    """A relay not on loopback, for a profile that connects directly only because its own
+    relay is on loopback and it never chose a mode: neither Tor (not running) nor a direct
+    connection (which the user never chose) may be used."""
+
+    def __str__(self) -> str:
+        return (
+            "this profile connects directly only to relays on this machine (its relay is "
+            "local and it never chose a network mode); to reach other relays choose one: "
+            "aegis network --mode tor, or --mode direct (that relay then sees your IP address)"
+        )
+
+
+def is_local(url: str | None) -> bool:
+    host = urlsplit(url).hostname if url else None
+    return host is not None and is_loopback(host.lower())
+
+
 def default_mode(relay_url: str | None) -> str:
     """The mode of a profile that never chose one: Tor unless the relay is on loopback."""
-    host = urlsplit(relay_url).hostname if relay_url else None
-    return "direct" if host is None or is_loopback(host.lower()) else "tor"
+    return "direct" if relay_url is None or is_local(relay_url) else "tor"
 
 
 def effective_mode(mode: object, proxy: object, relay_url: str | None) -> str:
@@ -41,11 +62,17 @@ def effective_mode(mode: object, proxy: object, relay_url: str | None) -> str:
     return default_mode(relay_url)
 
 
-def check_mode_for_relay(mode: str, relay_url: str | None) -> None:
-    """Raise NeedsTor for an onion relay in direct mode."""
+def check_mode_for_relay(mode: str, relay_url: str | None, chosen: bool = True) -> None:
+    """Raise Unreachable when ``relay_url`` may not be reached in ``mode``: an onion relay
+    without Tor, or, for a profile that never chose its mode and so connects directly only
+    because its relay is local, any relay that is not on loopback."""
     host = urlsplit(relay_url).hostname if relay_url else None
-    if mode == "direct" and host and is_onion(host.lower()):
+    if mode != "direct" or not host:
+        return
+    if is_onion(host.lower()):
         raise NeedsTor()
+    if not chosen and not is_loopback(host.lower()):
+        raise NeedsChoice()
 
 
 #: Where a tor program is looked for when PATH has none (Debian puts it in /usr/sbin, which

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aegis_cli.client import Client  # noqa: E402
+from tests.support.procs import child  # noqa: E402
 from tests.tornet import TorNetwork  # noqa: E402
 
 TARGET_START_S = 60.0
@@ -73,17 +74,9 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def tor_pid(home: Path) -> int | None:
-    """The managed Tor of a profile: the process whose command line names its torrc."""
-    torrc = str(home / "tor" / "torrc").encode()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if torrc in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
-                    return int(pid)
-            except OSError:
-                continue
-    return None
+def tor_pid(daemon: int) -> int | None:
+    """The managed Tor: the daemon's child named tor."""
+    return child(daemon, "tor")
 
 
 class Bench:
@@ -261,8 +254,8 @@ def main() -> None:
 
         time.sleep(5)
         for home in (e_alice, o_bob):
-            pid = tor_pid(home)
             daemon = b.daemons[home].pid
+            pid = tor_pid(daemon)
             if pid is not None:
                 print(f"idle memory ({home.name}): managed Tor VmRSS {rss_mb(pid):6.1f} MB, "
                       f"aegisd VmRSS {rss_mb(daemon):6.1f} MB")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from aegisd.netmode import SETTING_ISOLATION, SETTING_MODE, SETTING_PROXY
+from aegisd.netmode import SETTING_ISOLATION, SETTING_MODE, SETTING_PROXY, SETTING_TOR_PATH
 from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
 from aegisd.rpc.methods import Handler
 from aegisd.transport.network import ProxyUrlError, check_proxy_url
@@ -232,6 +232,14 @@ def register(registry: Registry, m: Messenger) -> None:
             if not 0.5 <= receipt_delay_max <= 3600:
                 raise InvalidParamsError("receipt_delay_max", "must be between 0.5 and 3600")
             store.set_setting(SETTING_RECEIPT_DELAY, float(receipt_delay_max))
+        if proxy == "" and store.get_setting(SETTING_MODE) in ("proxy", None):
+            # Removing the proxy leaves the mode to its default, which may be Tor.
+            from aegisd.netmode import effective_mode, find_tor, tor_missing_message
+            from aegisd.relayurl import SETTING_URL
+
+            after = effective_mode(None, None, store.get_setting(SETTING_URL))
+            if after == "tor" and find_tor(store.get_setting(SETTING_TOR_PATH)) is None:
+                raise AppError(1012, "no_tor", tor_missing_message())
         if proxy is not None or isolation is not None:
             # The older form of network.set: a proxy means mode proxy; removing the proxy
             # of a profile in mode proxy leaves the mode to its default (docs/api.md).

@@ -7,6 +7,8 @@ restarted whenever a setting it depends on changes. Nothing here logs an address
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -98,9 +100,9 @@ class Connectivity:
         )
 
     def _wanted_tor(self) -> TorConfig | None:
-        if self.mode() != "tor":
-            return None
-        store = self._store()
+        store = self.daemon.store
+        if store is None or self.mode() != "tor" or not store.get_setting(SETTING_URL):
+            return None  # locked, another mode, or no relay yet: no Tor to run
         bridges = tuple(store.get_setting(SETTING_BRIDGES) or ())
         return TorConfig(
             data_dir=self.daemon.paths.home / TOR_DIR,
@@ -119,15 +121,17 @@ class Connectivity:
         await self._stop_tor()
 
     async def _apply_tor(self) -> None:
-        """Start, restart or stop the managed Tor to match the settings."""
+        """Start, restart or stop the managed Tor to match the settings. Callers hold the
+        daemon's lock (unlock, lock, reconfigure), so two never run at once."""
         wanted = self._wanted_tor()
         if wanted == self._tor_config and (wanted is None) == (self.tor is None):
             return
         await self._stop_tor()
         if wanted is not None:
-            self._tor_config = wanted
-            self.tor = ManagedTor(wanted, self._on_tor)
-            self.tor.start()
+            tor = ManagedTor(wanted)
+            tor.on_change = functools.partial(self._on_tor, tor)
+            self._tor_config, self.tor = wanted, tor
+            tor.start()
 
     async def _stop_tor(self) -> None:
         tor, self.tor, self._tor_config = self.tor, None, None
@@ -135,13 +139,18 @@ class Connectivity:
             await tor.stop()
 
     async def reconfigure(self) -> None:
-        """After a change of the network or relay settings: Tor, then every connection."""
-        await self._apply_tor()
-        await self.daemon.messenger.restart_link()
+        """After a change of the network or relay settings: Tor, then every connection. Under
+        the daemon's lock: a lock (or another change) waits until this one is done, so no
+        Tor or link is left running for a locked profile."""
+        async with self.daemon.auth:
+            if self.daemon.store is None:
+                return  # locked meanwhile: the next unlock starts what the settings say
+            await self._apply_tor()
+            await self.daemon.messenger.restart_link()
 
-    def _on_tor(self, old: TorStatus, new: TorStatus) -> None:
-        if self.daemon.store is None:
-            return
+    def _on_tor(self, tor: ManagedTor, old: TorStatus, new: TorStatus) -> None:
+        if tor is not self.tor or self.daemon.store is None:
+            return  # a Tor being replaced or stopped: its news is not the profile's
         emit = self.daemon.events.emit
         if new.state in ("bootstrapping", "ready") and (
             new.progress != old.progress or old.state not in ("bootstrapping", "ready")
@@ -281,14 +290,18 @@ def register(registry: Registry, conn: Connectivity) -> None:
 
 
 E_RELAY_IN_USE = 1013  # docs/api.md "Errors": relay.set on a profile with contacts
+DELETE_TIMEOUT = 30.0  # seconds to delete one old mailbox at the old relay
 
 
 async def move_to_relay(daemon: Daemon, url: str, insecure_plaintext: bool) -> int:
     """Point a profile without contacts at another relay: its address and invitation
-    mailboxes are retired (deleted at the old relay once it can be reached, as after a
-    backup import) and new ones are made at the new relay on the next connection. Returns the
-    number of invitations that stop working. A profile with contacts is refused: their
-    mailboxes would have to move with them (not supported yet)."""
+    mailboxes are deleted at the old relay now, through the network settings in force (or,
+    if that relay cannot be reached, retired: deleted once it can, as after a backup import),
+    and new ones are made at the new relay on the next connection. Returns the number of
+    invitations that stop working. A profile with contacts is refused: their mailboxes would
+    have to move with them (not supported yet)."""
+    from .mailbox import OwnedMailbox
+
     m = daemon.messenger
     async with m.lock:
         store = m.store
@@ -301,12 +314,21 @@ async def move_to_relay(daemon: Daemon, url: str, insecure_plaintext: bool) -> i
                 "make a new profile for the new relay)",
             )
         rows = store.list_mailboxes()
+        deleted = set()
+        for row in rows:  # now, while the old relay's network settings still hold
+            try:
+                mb = OwnedMailbox.from_bytes(row.descriptor)
+                await asyncio.wait_for(m.renewals._delete_old(mb), DELETE_TIMEOUT)
+                deleted.add(row.id)
+            except (AppError, TimeoutError):
+                pass
         with store.transaction():
             for row in rows:
-                store._q(
-                    "INSERT INTO retired_mailboxes (contact_id, descriptor) VALUES (NULL, ?)",
-                    (row.descriptor,),
-                )
+                if row.id not in deleted:
+                    store._q(
+                        "INSERT INTO retired_mailboxes (contact_id, descriptor) VALUES (NULL, ?)",
+                        (row.descriptor,),
+                    )
                 store.delete_mailbox(row.id)
             store.set_setting(SETTING_URL, url)
             store.set_setting(SETTING_INSECURE, bool(insecure_plaintext))

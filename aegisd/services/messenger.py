@@ -36,7 +36,7 @@ from aegisd.core.identity import (
 from aegisd.core.prekeys import PrekeyStore
 from aegisd.core.primitives import SystemEntropy
 from aegisd.core.session import Session, accept_first_contact, initiate_session
-from aegisd.netmode import NeedsTor, check_mode_for_relay
+from aegisd.netmode import Unreachable
 from aegisd.relayurl import SETTING_INSECURE, SETTING_URL, RelayUrlError, check_relay_url
 from aegisd.rpc import AppError, InvalidParamsError
 from aegisd.store import Store, StoreError
@@ -518,9 +518,9 @@ class Messenger:
             raise AppError(
                 E_BAD_LINK, "bad_link", "the link's relay URL is not allowed (wss:// required)"
             )
-        try:  # a contact on an onion relay, and this profile connects directly
-            check_mode_for_relay(self.network().mode, link.mailbox.relay_url)
-        except NeedsTor as exc:
+        try:  # e.g. a contact on an onion relay, and this profile connects directly
+            self.network().check(link.mailbox.relay_url)
+        except Unreachable as exc:
             raise AppError(E_BAD_LINK, "bad_link", f"this contact's relay: {exc}") from None
         if identity.same_keys(self.identity().public):
             raise AppError(E_BAD_LINK, "bad_link", "this link is your own")

@@ -25,12 +25,19 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp_socks import ProxyConnector, ProxyType
 
-from aegisd.netmode import check_mode_for_relay, effective_mode
+from aegisd.netmode import MODES, check_mode_for_relay, effective_mode
 
 from .tor import ManagedTor, TorUnavailable
 
 #: How long a connection waits for the managed Tor to finish bootstrapping before it fails.
 TOR_READY_WAIT = 60.0
+
+class ProxyUnavailable(Exception):
+    """Mode proxy without a proxy URL (a damaged setting): nothing connects."""
+
+    def __str__(self) -> str:
+        return "network mode proxy has no proxy set: aegis network --proxy socks5://HOST:PORT"
+
 
 class ProxyUrlError(ValueError):
     """The proxy URL is refused; the message says why."""
@@ -66,6 +73,9 @@ class Network:
     mode: str = "direct"
     #: The managed Tor (mode ``tor``): its SOCKS port changes at every restart.
     tor: ManagedTor | None = field(default=None, compare=False)
+    #: False for a profile that never chose a mode: then "direct" (its relay is local) holds
+    #: for relays on loopback only (netmode.check_mode_for_relay).
+    chosen: bool = True
 
     @classmethod
     def from_settings(
@@ -78,20 +88,23 @@ class Network:
     ) -> Network:
         how = effective_mode(mode, proxy, relay_url)
         url = check_proxy_url(str(proxy)) if proxy and how == "proxy" else None
-        if how == "proxy" and url is None:
-            how = "direct"  # proxy mode without a proxy URL cannot happen through the API
         iso = default_isolation(how) if isolation is None else bool(isolation)
-        return cls(url, iso, how, tor if how == "tor" else None)
+        chosen = mode in MODES or bool(proxy)
+        return cls(url, iso, how, tor if how == "tor" else None, chosen)
 
     @property
     def hides_address(self) -> bool:
         """Relays see a Tor exit's (or the proxy's) address, not ours."""
         return self.mode in ("tor", "proxy")
 
+    def check(self, url: str) -> None:
+        """Raise netmode.Unreachable if this mode may not connect to ``url`` at all."""
+        check_mode_for_relay(self.mode, url, self.chosen)
+
     async def ready(self, url: str) -> None:
-        """Wait until a connection to ``url`` can be attempted; raise why it cannot (an onion
-        relay without Tor, or the managed Tor not bootstrapped within TOR_READY_WAIT)."""
-        check_mode_for_relay(self.mode, url)
+        """Wait until a connection to ``url`` can be attempted; raise why it cannot (check(),
+        or the managed Tor not bootstrapped within TOR_READY_WAIT)."""
+        self.check(url)
         if self.mode == "tor":
             if self.tor is None:
                 raise TorUnavailable("Tor is not running")
@@ -104,12 +117,16 @@ class Network:
             if self.tor is None:
                 raise TorUnavailable("Tor is not running")
             host, port = self.tor.socks_address()
-        elif self.mode == "proxy" and self.proxy is not None:
+        elif self.mode == "proxy":
+            if self.proxy is None:
+                raise ProxyUnavailable()
             parts = urlsplit(self.proxy)
             assert parts.hostname is not None and parts.port is not None
             host, port = parts.hostname, parts.port
-        else:
+        elif self.mode == "direct":
             return aiohttp.TCPConnector(limit=0)
+        else:  # nothing but an explicit "direct" ever connects without Tor or the proxy
+            raise ProxyUnavailable()
         user = password = None
         if self.isolation:
             user, password = secrets.token_hex(8), secrets.token_hex(8)

@@ -25,10 +25,10 @@ import aiohttp
 import aiohttp_socks
 from nacl.signing import SigningKey
 
-from aegisd.netmode import NeedsTor
+from aegisd.netmode import Unreachable
 from relay.client import Message, RelayClient, RelayClosed, RelayError
 
-from .network import Network, raise_descriptor_limit
+from .network import Network, ProxyUnavailable, raise_descriptor_limit
 from .tor import TorUnavailable
 
 log = logging.getLogger("aegisd.relay")
@@ -57,9 +57,11 @@ UNAVAILABLE = (
     aiohttp_socks.ProxyError,
     aiohttp_socks.ProxyConnectionError,
     aiohttp_socks.ProxyTimeoutError,
-    # mode tor: the managed Tor is not (yet) bootstrapped; direct mode: an onion relay
+    # mode tor: the managed Tor is not (yet) bootstrapped; a relay this mode may not reach;
+    # mode proxy without a proxy
     TorUnavailable,
-    NeedsTor,
+    Unreachable,
+    ProxyUnavailable,
 )
 
 
@@ -112,6 +114,10 @@ class RelayLink:
     @property
     def isolated(self) -> bool:
         return self.network.isolation
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     @property
     def client(self) -> RelayClient | None:
@@ -171,7 +177,7 @@ class RelayLink:
             try:
                 client = await self._dial()
             except (*UNAVAILABLE, RelayError) as exc:
-                self._on_state(False, _reason(exc))
+                self._on_state(False, _reason(exc, self.network.mode == "tor"))
                 await asyncio.sleep(backoff(attempt))
                 attempt += 1
                 continue
@@ -191,7 +197,7 @@ class RelayLink:
                 await self._receive(client)
                 reason = "the relay closed the connection"
             except (*UNAVAILABLE, RelayError, RelayUnavailable) as exc:
-                reason = _reason(exc)
+                reason = _reason(exc, self.network.mode == "tor")
             except Exception as exc:  # never let the link die: reconnect after a pause
                 log.error("relay link failed: %s", type(exc).__name__)
                 reason = "internal error"
@@ -266,7 +272,7 @@ class RelayLink:
                 try:
                     await (await self._dial()).close()
                 except (*UNAVAILABLE, RelayError) as exc:
-                    self._set_state(False, _reason(exc))
+                    self._set_state(False, _reason(exc, self.network.mode == "tor"))
                     await asyncio.sleep(backoff(attempt))
                     attempt += 1
                     continue
@@ -299,7 +305,7 @@ class RelayLink:
                     async with self._dialing:
                         client = await self._dial()
                 except (*UNAVAILABLE, RelayError) as exc:
-                    self._fail(owner_id, _reason(exc))
+                    self._fail(owner_id, _reason(exc, self.network.mode == "tor"))
                     await asyncio.sleep(backoff(attempt))
                     attempt += 1
                     continue
@@ -320,7 +326,7 @@ class RelayLink:
                     await self._receive(client, owner_id)
                     reason = "the relay closed the connection"
                 except (*UNAVAILABLE, RelayError, RelayUnavailable) as exc:
-                    reason = _reason(exc)
+                    reason = _reason(exc, self.network.mode == "tor")
                 except Exception as exc:  # never let the link die: reconnect after a pause
                     log.error("relay connection failed: %s", type(exc).__name__)
                     reason = "internal error"
@@ -365,18 +371,18 @@ class RelayLink:
 
 
 async def with_relay(
-    url: str, own: RelayLink | None, network: Network | None = None
+    url: str, own: RelayLink | None, network: Network
 ) -> tuple[RelayClient, bool]:
     """A client for `url` (deposits, bundle fetches): the link's shared connection when it is
-    that relay and not isolated, else a new short-lived one through the profile's network
-    settings (the second value says whether the caller must close it)."""
+    that relay and not isolated, else a new short-lived one through ``network``, the
+    profile's settings now (the second value says whether the caller must close it)."""
     if own is not None:
-        network = own.network
+        if own.stopping or own.network != network:
+            raise RelayUnavailable()  # settings are changing: nothing under the old ones
         if own.url == url and not own.isolated:
             return own.require(), False
-    if own is not None and own.url == url and not own.connected.is_set():
-        raise RelayUnavailable()  # our relay is down: no dial that would fail anyway
-    network = network or Network()
+        if own.url == url and not own.connected.is_set():
+            raise RelayUnavailable()  # our relay is down: no dial that would fail anyway
     try:
         await network.ready(url)
         client = await asyncio.wait_for(_connect(url, network), CONNECT_TIMEOUT)
@@ -386,23 +392,26 @@ async def with_relay(
 
 
 async def _connect(url: str, network: Network) -> RelayClient:
-    # Every relay connection of the daemon is made here: through the proxy when there is one
-    # (no fallback to a direct connection), with a connector (and credentials) of its own.
+    # Every relay connection of the daemon is made here: through Tor or the proxy in those
+    # modes (no fallback to a direct connection), with a connector (and credentials) of its
+    # own, and only to a relay the mode may reach.
+    network.check(url)
     return await RelayClient.connect(
         url, connector=network.connector(), heartbeat=HEARTBEAT, request_timeout=REQUEST_TIMEOUT
     )
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException, tor: bool = False) -> str:
     # Never the address or the URL: only the kind of failure.
-    if isinstance(exc, (TorUnavailable, NeedsTor)):
-        return str(exc)  # says what Tor is doing, or that an onion relay needs Tor
+    if isinstance(exc, (TorUnavailable, Unreachable, ProxyUnavailable)):
+        return str(exc)  # what Tor is doing, or why this mode may not reach the relay
+    proxy = "Tor" if tor else "the proxy"
     if isinstance(exc, aiohttp_socks.ProxyTimeoutError):
-        return "proxy timed out"
+        return f"{proxy} timed out"
     if isinstance(exc, aiohttp_socks.ProxyConnectionError):
-        return "proxy unreachable"
+        return "Tor's SOCKS port is unreachable" if tor else "proxy unreachable"
     if isinstance(exc, aiohttp_socks.ProxyError):
-        return "the proxy could not reach the relay"
+        return f"{proxy} could not reach the relay"
     if isinstance(exc, RelayError):
         return f"relay refused: error {exc.code}"
     if isinstance(exc, asyncio.TimeoutError):

@@ -1,8 +1,9 @@
 """The Tor the daemon runs for itself (network mode ``tor``): start it, follow its bootstrap,
 restart it when it dies, stop it with the daemon. docs/protocol.md §20.8.
 
-The process is Debian's (or the system's) ``tor``, configured only by the torrc written here:
-its DataDirectory is ``<profile>/tor`` (0700), its control port a Unix socket in it with cookie
+The process is Debian's (or the system's) ``tor``, configured only by the torrc made here and
+handed over on its standard input (``-f -``: bridge lines never lie in a file): its
+DataDirectory is ``<profile>/tor`` (0700), its control port a Unix socket in it with cookie
 authentication, its SOCKS port ``127.0.0.1:auto``. A Unix SOCKS socket would keep other local
 users off it, but aiohttp-socks (python-socks) can only dial a SOCKS server over TCP; with
 IsolateSOCKSAuth and the daemon's random per-connection credentials, another local user who
@@ -10,8 +11,10 @@ finds the port gets circuits of their own, never ours. Tor is bound to the daemo
 ``__OwningControllerProcess`` (it exits when the daemon's PID does) and TAKEOWNERSHIP (it exits
 when our control connection closes), so it cannot outlive the daemon, even after a kill -9.
 
-Nothing Tor prints reaches the daemon's log: its notices can name guard relays' addresses
-(which say something about the user). The last few lines are kept in memory for ``status``.
+Nothing Tor prints reaches the daemon's log: its notices can name guard relays and bridges
+(which say something about the user). Its last lines stay in memory; when Tor exits, its last
+complaint, scrubbed of addresses, fingerprints and onion names, becomes the reason ``status``
+and the ``tor.failed`` event show.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from aegisd.aio import cancel_and_wait
 from aegisd.netmode import INSTALL_HINT, find_tor, is_executable
 from aegisd.paths import MAX_SOCKET_PATH_BYTES
 
@@ -37,19 +41,21 @@ log = logging.getLogger("aegisd.tor")
 
 CONTROL_SOCKET = "control"
 COOKIE_FILE = "control_auth_cookie"
-TORRC = "torrc"
+TORRC = "torrc"  # written by earlier versions; removed at start
 START_TIMEOUT = 30.0  # seconds for Tor to open its control socket
 STOP_TIMEOUT = 5.0
 RESTART_FIRST = 1.0
 RESTART_MAX = 60.0
 STABLE_AFTER = 60.0  # a Tor that ran this long after bootstrapping resets the failure count
 TAIL_LINES = 20
+MAX_OUTPUT_LINE = 2000  # longer lines of Tor's output are cut
 MAX_BRIDGES = 16
 MAX_BRIDGE_LINE = 1024
 _TRANSPORT_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _ADDR_RE = re.compile(r"(\d{1,3}(\.\d{1,3}){3}|\[[0-9A-Fa-f:.]{2,45}\]):\d{1,5}")
 _FINGERPRINT_RE = re.compile(r"[0-9A-Fa-f]{40}")
 _TORRC_SAFE = re.compile(r'[^"\\\x00-\x1f\x7f]+')
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9/._+\-]+")  # written unquoted (ClientTransportPlugin)
 _ARG_RE = re.compile(r"[A-Za-z0-9_\-]{1,32}=[A-Za-z0-9+/=_\-.,:]{0,512}")
 
 
@@ -133,7 +139,6 @@ class TorConfig:
                 f" is over {MAX_SOCKET_PATH_BYTES} bytes): choose a shorter --home"
             )
         lines = [
-            "# Written by aegisd at every start; changes here are lost.",
             f'DataDirectory "{d}"',
             f'ControlPort unix:"{self.control_socket}"',
             "CookieAuthentication 1",
@@ -151,7 +156,10 @@ class TorConfig:
             if any(bridge_transport(b) == "obfs4" for b in self.bridges):
                 if self.obfs4 is None:
                     raise TorConfigError("an obfs4 bridge needs obfs4proxy: apt install obfs4proxy")
-                lines.append(f'ClientTransportPlugin obfs4 exec "{self.obfs4}"')
+                # Tor takes the rest of this line as the command and does not unquote it.
+                if not _PLAIN_PATH.fullmatch(self.obfs4):
+                    raise TorConfigError("the obfs4proxy path holds characters Tor cannot run")
+                lines.append(f"ClientTransportPlugin obfs4 exec {self.obfs4}")
             lines += [f"Bridge {b}" for b in self.bridges]
         lines += list(self.extra_lines)
         return "\n".join(lines) + "\n"
@@ -213,7 +221,7 @@ class ManagedTor:
         self.status = TorStatus()
         self.ready = asyncio.Event()
         self.socks: tuple[str, int] | None = None
-        self._on_change = on_change
+        self.on_change = on_change
         self._task: asyncio.Task[None] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._control: TorControl | None = None
@@ -223,8 +231,8 @@ class ManagedTor:
     def _set(self, **changes: object) -> None:
         old = self.status
         self.status = replace(old, tail=tuple(self._tail), **changes)  # type: ignore[arg-type]
-        if self._on_change is not None:
-            self._on_change(old, self.status)
+        if self.on_change is not None:
+            self.on_change(old, self.status)
 
     def start(self) -> None:
         self._stopping = False
@@ -232,11 +240,8 @@ class ManagedTor:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
         self._set(state="stopped", retry_in=None, pid=None)
 
     async def wait_ready(self, timeout: float) -> None:
@@ -272,9 +277,10 @@ class ManagedTor:
             stable = bool(ready_at) and time.monotonic() - ready_at[0] >= STABLE_AFTER
             failures = 1 if stable else failures + 1
             delay = min(RESTART_MAX, RESTART_FIRST * 2 ** (failures - 1))
+            # Not Tor's words (the reason): they can name relays. Status and events have them.
             log.warning(
-                "Tor stopped after %.0f s (%s); restarting in %.0f s", time.monotonic() - started,
-                reason, delay,
+                "the managed Tor stopped after %.0f s; restarting it in %.0f s",
+                time.monotonic() - started, delay,
             )
             self._set(
                 state="restarting" if failures < 4 else "failed",
@@ -286,14 +292,10 @@ class ManagedTor:
         """Run Tor until it exits; return why it is no longer running."""
         cfg = self.config
         _private_dir(cfg.data_dir)
-        with contextlib.suppress(FileNotFoundError):
-            cfg.control_socket.unlink()  # a stale socket from a Tor that was killed
-        torrc = cfg.data_dir / TORRC
-        fd = os.open(torrc, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(cfg.torrc(os.getpid()))
-        defaults = cfg.data_dir / "torrc-defaults"  # empty: no system defaults apply
-        defaults.touch(mode=0o600)
+        for stale in (cfg.control_socket, cfg.data_dir / TORRC):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()  # a socket of a Tor that was killed; an earlier version's torrc
+        torrc = cfg.torrc(os.getpid()).encode()
         self._tail.clear()
         self._set(state="starting", progress=0, tag="", summary="", retry_in=None)
         executable = find_tor(cfg.tor_path)
@@ -302,9 +304,10 @@ class ManagedTor:
                 "the configured tor program is missing" if cfg.tor_path else
                 f"no tor program found: {INSTALL_HINT}"
             )
+        # The configuration on stdin, no defaults file (no system default applies).
         proc = await asyncio.create_subprocess_exec(
-            executable, "-f", str(torrc), "--defaults-torrc", str(defaults),
-            stdin=asyncio.subprocess.DEVNULL,
+            executable, "-f", "-", "--defaults-torrc", os.devnull,
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C in the daemon's terminal is the daemon's to handle
@@ -313,6 +316,11 @@ class ManagedTor:
         self._set(pid=proc.pid)
         reader = asyncio.create_task(self._read_output(proc))
         try:
+            assert proc.stdin is not None
+            with contextlib.suppress(OSError):  # Tor exited at once: its output says why
+                proc.stdin.write(torrc)
+                await proc.stdin.drain()
+            proc.stdin.close()
             control = await self._connect_control(proc)
             self._control = control
             control.on_event = self._on_event
@@ -344,9 +352,7 @@ class ManagedTor:
                 await self._control.close()  # TAKEOWNERSHIP: Tor exits on this
                 self._control = None
             await _end(proc)
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            await cancel_and_wait(reader)
             self._proc = None
 
     async def _connect_control(self, proc: asyncio.subprocess.Process) -> TorControl:
@@ -377,12 +383,15 @@ class ManagedTor:
         return f"Tor exited with status {code}"
 
     async def _read_output(self, proc: asyncio.subprocess.Process) -> None:
+        """Keep Tor's last lines (cut to MAX_OUTPUT_LINE), reading in chunks so that no line,
+        however long, stops the reading (Tor would then block writing its log)."""
         assert proc.stdout is not None
-        while True:
-            raw = await proc.stdout.readline()
-            if not raw:
-                return
-            self._tail.append(raw[:500].decode("utf-8", "replace").rstrip())
+        partial = b""
+        while chunk := await proc.stdout.read(65536):
+            lines = (partial + chunk).split(b"\n")
+            partial = lines.pop()[:MAX_OUTPUT_LINE]
+            for raw in lines:
+                self._tail.append(raw[:MAX_OUTPUT_LINE].decode("utf-8", "replace").rstrip())
 
     def _on_event(self, text: str) -> None:
         if not text.startswith("STATUS_CLIENT "):
@@ -424,10 +433,23 @@ def _private_dir(path: Path) -> None:
     os.chmod(path, 0o700)  # Tor refuses a DataDirectory others can read
 
 
-_ADDRESS_IN_TEXT = re.compile(r"\b\d{1,3}(\.\d{1,3}){3}(:\d+)?\b|\[[0-9A-Fa-f:]+\](:\d+)?")
+_SCRUB = (
+    # relay and bridge identities: $FINGERPRINT~nickname, RSA_ID=..., bare fingerprints
+    (re.compile(r"\$?\b[0-9A-Fa-f]{40}\b(~\w+)?"), "[relay]"),
+    (re.compile(r"\b[a-z2-7]{16}(?:[a-z2-7]{40})?\.onion\b", re.IGNORECASE), "[onion]"),
+    (re.compile(r"\b\d{1,3}(\.\d{1,3}){3}(:\d+)?\b"), "[address]"),
+    (re.compile(r"\[[0-9A-Fa-f:.]+\](:\d+)?"), "[address]"),
+    (re.compile(r"(?<![\w:])(?:(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}|(?:[0-9A-Fa-f]{1,4}:)*"
+                r"[0-9A-Fa-f]{0,4}::(?:[0-9A-Fa-f]{1,4}:)*[0-9A-Fa-f]{0,4})(?![\w:])"),
+     "[address]"),
+)
 
 
 def _clean(text: str) -> str:
-    """A reason shown in status and events: one line, no addresses, bounded."""
+    """A reason shown in status and events: one line, bounded, without addresses, relay
+    fingerprints or onion names (Tor's SafeLogging scrubs only what concerns the user's own
+    traffic)."""
     one = " ".join(text.split())
-    return _ADDRESS_IN_TEXT.sub("[address]", one)[:200]
+    for pattern, replacement in _SCRUB:
+        one = pattern.sub(replacement, one)
+    return one[:200]

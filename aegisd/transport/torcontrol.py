@@ -17,16 +17,23 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import ipaddress
+import logging
 import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from aegisd.aio import cancel_and_wait
+
+log = logging.getLogger("aegisd.tor")
+
 #: A reply line longer than this is refused (Tor's own lines are far shorter).
 MAX_LINE = 64 * 1024
-#: A reply with more lines than this is refused.
+#: A reply with more lines, or more bytes, than this is refused.
 MAX_REPLY_LINES = 4096
+MAX_REPLY_BYTES = 1 << 20
 COMMAND_TIMEOUT = 30.0
 
 _SERVER_KEY = b"Tor safe cookie authentication server-to-controller hash"
@@ -181,13 +188,11 @@ class TorControl:
         return cls(reader, writer)
 
     async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._task
+        self.closed.set()
         self._writer.close()
+        await cancel_and_wait(self._task)
         with contextlib.suppress(Exception):
             await self._writer.wait_closed()
-        self.closed.set()
 
     async def _read_loop(self) -> None:
         try:
@@ -195,7 +200,10 @@ class TorControl:
                 code, lines = await self._read_reply()
                 if code == 650:
                     if self.on_event is not None and lines:
-                        self.on_event(lines[0])
+                        try:
+                            self.on_event(lines[0])
+                        except Exception as exc:  # a bug in a handler: not the connection's
+                            log.error("a Tor event handler failed: %s", type(exc).__name__)
                     continue
                 self._replies.put_nowait(Reply(code, tuple(lines)))
         except ControlError as exc:
@@ -214,22 +222,26 @@ class TorControl:
 
     async def _read_reply(self) -> tuple[int, list[str]]:
         lines: list[str] = []
-        while len(lines) < MAX_REPLY_LINES:
-            code, sep, text = parse_reply_line(await self._readline())
+        budget = [MAX_REPLY_LINES, MAX_REPLY_BYTES]
+
+        async def line() -> str:
+            text = await self._readline()
+            budget[0] -= 1
+            budget[1] -= len(text) + 2
+            if budget[0] < 0 or budget[1] < 0:
+                raise ControlError("control reply too long")
+            return text
+
+        while True:
+            code, sep, text = parse_reply_line(await line())
             if sep == "+":  # data follows, up to a line holding only '.'
                 data: list[str] = []
-                while True:
-                    d = await self._readline()
-                    if d == ".":
-                        break
+                while (d := await line()) != ".":
                     data.append(d[1:] if d.startswith("..") else d)
-                    if len(data) > MAX_REPLY_LINES:
-                        raise ControlError("control reply too long")
                 text = text + "\n" + "\n".join(data)
             lines.append(text)
             if sep == " ":
                 return code, lines
-        raise ControlError("control reply too long")
 
     async def command(self, line: str) -> Reply:
         """Send one command line (no CR or LF inside) and return Tor's reply."""
@@ -242,8 +254,14 @@ class TorControl:
                 self._writer.write(line.encode() + b"\r\n")
                 await self._writer.drain()
                 reply = await asyncio.wait_for(self._replies.get(), COMMAND_TIMEOUT)
-            except (TimeoutError, OSError):
-                raise ControlError("Tor's control connection failed") from None
+            except BaseException as exc:
+                # A reply may still come and would be taken for the next command's: this
+                # connection can no longer be trusted to pair them.
+                self.closed.set()
+                self._writer.close()
+                if isinstance(exc, (TimeoutError, OSError)):
+                    raise ControlError("Tor's control connection failed") from None
+                raise
         if isinstance(reply, ControlError):
             raise reply
         return reply
@@ -313,4 +331,10 @@ class TorControl:
         host, _, port = first.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ControlError("Tor has no SOCKS listener")
+        try:
+            loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:  # the torrc says 127.0.0.1: anything else is not our Tor's doing
+            raise ControlError("Tor's SOCKS listener is not on loopback")
         return host.strip("[]"), int(port)

@@ -20,15 +20,17 @@ from typing import Any
 import pytest
 
 from aegis_cli.client import Client
+from tests.support.procs import child
 
 from .conftest import DaemonProc
 
 ONION = "ws://" + "b" * 56 + ".onion/v1/ws"
 FP = "0123456789ABCDEF0123456789ABCDEF01234567"
 BRIDGE = f"obfs4 127.0.0.1:9 {FP} cert=AAAA iat-mode=0"
-DEAD_NETWORK = (
+DEAD_NETWORK = (  # DirAuthority lines replace the real network's authorities and mirrors
     "TestingTorNetwork 1\n"
     f"DirAuthority dead orport=9 no-v2 v3ident={FP} 127.0.0.1:9 {FP}\n"
+    "UseDefaultFallbackDirs 0\n"
 )
 NO_TOR = (  # the CLI as on a machine without a tor program
     "import sys, aegisd.netmode as n; n.TOR_CANDIDATES = (); "
@@ -102,18 +104,8 @@ class TorDaemon:
         return dict(self.call("status")["network"]["tor"] or {})
 
     def tor_pid(self) -> int | None:
-        """The managed Tor's pid, found as the process whose torrc is the profile's."""
-        torrc = str(self.home / "tor" / "torrc")
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if torrc.encode() in cmd:
-                return int(pid)
-        return None
+        """The managed Tor: the daemon's child process named tor."""
+        return child(self.proc.proc.pid, "tor")
 
     def control(self, line: str) -> list[str]:
         """One command on the managed Tor's control socket (as the same user, with its
@@ -192,6 +184,9 @@ def test_network_and_relay_settings(tor_daemon: Any) -> None:
     assert d.control("GETCONF UseBridges") == ["UseBridges=1"]
     assert d.control("GETCONF Bridge") == [f"Bridge={BRIDGE}"]
     assert "obfs4proxy" in d.control("GETCONF ClientTransportPlugin")[0]
+    # ... and Tor runs the plugin (it tries the bridge at 127.0.0.1:9, which refuses).
+    wait_for(lambda: child(d.tor_pid() or 0, "obfs4proxy"), "obfs4proxy under Tor")
+    assert not (d.home / "tor" / "torrc").exists()  # the bridge lines never lie on disk
     r = d.cli("network", "--bridge", "obfs4 127.0.0.1:9 cert=x\nControlPort 9051")
     assert r.returncode == 1 and "bridges" in r.stderr
     r = d.cli("network", "--no-bridges", "--json")

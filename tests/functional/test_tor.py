@@ -27,6 +27,7 @@ from aegis_cli.client import Client
 from tests.daemon.conftest import DaemonProc
 from tests.recorder import Recorder, process_endpoints
 from tests.relay.conftest import RelayProcess
+from tests.support.procs import child
 from tests.tornet import TorNetwork
 
 T = 90.0
@@ -54,15 +55,7 @@ class TorPeer:
             return c.call(method, params)
 
     def tor_pid(self) -> int | None:
-        torrc = str(self.home / "tor" / "torrc").encode()
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    if torrc in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
-                        return int(pid)
-                except OSError:
-                    continue
-        return None
+        return child(self.proc.proc.pid, "tor")
 
     def control(self, line: str) -> list[str]:
         import asyncio
@@ -100,6 +93,71 @@ class TorPeer:
         return out
 
 
+class StreamWatch:
+    """Every stream a daemon's Tor opens (STREAM events on its control socket, in a thread):
+    which circuit carried each connection to the relay."""
+
+    def __init__(self, peer: TorPeer, *targets: str) -> None:
+        import asyncio
+        import threading
+
+        self.targets = targets
+        self.streams: dict[str, str] = {}  # stream id -> circuit id
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def watch() -> None:
+            from aegisd.transport.torcontrol import TorControl
+
+            c = await TorControl.connect(peer.home / "tor" / "control")
+            await c.authenticate()
+            c.on_event = self._on_event
+            await c.checked("SETEVENTS STREAM")
+            ready.set()
+            await c.closed.wait()
+
+        self._thread = threading.Thread(
+            target=self._loop.run_until_complete, args=(watch(),), daemon=True
+        )
+        self._thread.start()
+        assert ready.wait(30)
+
+    def _on_event(self, text: str) -> None:
+        f = text.split()  # STREAM <id> <status> <circuit> <target> ...
+        if len(f) >= 5 and f[0] == "STREAM" and f[2] == "SUCCEEDED" and f[4] in self.targets:
+            self.streams[f[1]] = f[3]
+
+
+class DirectWatch:
+    """Samples a daemon's TCP sockets every 50 ms in a thread: each peer they connect to must
+    be a listening socket of a process named tor (its managed Tor's SOCKS port)."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid = pid
+        self.peers: dict[tuple[str, int], str | None] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from tests.recorder import inode_owner, program, sockets
+
+        while not self._stop.wait(0.05):
+            for proto, _local, remote in process_endpoints(self.pid):
+                if proto != "tcp" or remote[1] == 0 or remote in self.peers:
+                    continue
+                listener = [i for lo, _r, st, i in sockets("tcp") if lo == remote and st == "0A"]
+                owner = inode_owner(listener[0]) if listener else None
+                self.peers[remote] = program(owner) if owner else None
+
+    def stop(self) -> dict[tuple[str, int], str | None]:
+        self._stop.set()
+        self._thread.join(5)
+        return self.peers
+
+
 @dataclass
 class Setup:
     net: TorNetwork
@@ -111,6 +169,7 @@ class Setup:
     exit_target: str
     onion_target: str
     tmp: Path
+    direct: list[DirectWatch]
 
 
 def _aegis(home: Path, *args: str) -> str:
@@ -145,10 +204,16 @@ def setup(tor_network: TorNetwork, tmp_path_factory: pytest.TempPathFactory) -> 
         proc = DaemonProc(home, ["--test-methods"], env)
         proc.wait_ready()
         peers.append(TorPeer(name, home, proc))
+    watches = [DirectWatch(p.proc.proc.pid) for p in peers]
     s = Setup(net, relay, via_exit, via_onion, peers[0], peers[1],
-              f"127.0.0.1:{exit_port}", f"{net.onion_hostname}:80", tmp)  # fmt: skip
+              f"127.0.0.1:{exit_port}", f"{net.onion_hostname}:80", tmp, watches)  # fmt: skip
     try:
         yield s
+        # Over the whole module: every peer a daemon's socket ever reached was a Tor.
+        for w in watches:
+            peers_seen = w.stop()
+            assert peers_seen, "no socket sampled"
+            assert set(peers_seen.values()) == {"tor"}, peers_seen
     finally:
         for p in peers:
             p.proc.stop()
@@ -192,6 +257,9 @@ def test_messages_receipts_and_a_file_through_the_exit_and_the_onion(setup: Setu
         boot = [e["data"]["progress"] for e in
                 p.call("events.list", {"types": ["tor.bootstrap"]})["events"]]  # fmt: skip
         assert boot and boot[-1] == 100 and min(boot) < 100, boot  # progress arrived as events
+    # From here on, every connection of alice's: her own relay's URL goes through the exit,
+    # bob's mailboxes (where her deposits go) are at his, the onion service.
+    watch = StreamWatch(alice, s.exit_target, s.onion_target)
     alice.call("identity.set_name", {"display_name": "alice"})
     link = bob.call("invitations.create")["link"]
     alice.call("contacts.add", {"name": "bob", "link": link})
@@ -240,6 +308,11 @@ def test_messages_receipts_and_a_file_through_the_exit_and_the_onion(setup: Setu
         assert len(set(circuits)) == len(circuits), (p.name, streams)
         names = [users.get(c) for c in circuits]
         assert None not in names and len(set(names)) == len(names), (p.name, names)
+    # Over the whole exchange, every connection alice made (subscriptions, owner commands,
+    # bundle fetches, deposit batches, file uploads) had a circuit of its own.
+    circuits = list(watch.streams.values())
+    assert len(circuits) >= 6, watch.streams
+    assert len(set(circuits)) == len(circuits), watch.streams
     # Keep-alive: the subscriptions outlive the relay's idle timeout without reconnecting.
     open_before = [c for c in s.via_exit.connections if c.closed is None]
     time.sleep(IDLE_TIMEOUT + 2)
@@ -264,6 +337,15 @@ def test_with_its_tor_killed_nothing_goes_direct_and_messaging_resumes(setup: Se
     # Meanwhile alice writes (it waits in her outbox) and bob writes to her (the relay holds it).
     mid = alice.call("messages.send", {"contact": "bob", "text": "written while Tor was down"})
     bob.call("messages.send", {"contact": "alice", "text": "waiting at the relay"})
+    # Alice's message leaves only once her new Tor is ready: never while it is not.
+    while True:
+        tor_state = alice.call("status")["network"]["tor"]["state"]
+        mine = next(m for m in alice.call("messages.history", {"contact": "bob"})["messages"]
+                if m["message_id"] == mid["message_id"])  # fmt: skip
+        if mine["status"] != "queued":
+            break
+        time.sleep(0.02)
+    assert tor_state == "ready" or alice.call("status")["network"]["tor"]["state"] == "ready"
     # Messaging resumes through the restarted Tor.
     wait_for(lambda: any(m["text"] == "waiting at the relay" for m in
                          alice.call("messages.history", {"contact": "bob"})["messages"]),

@@ -191,7 +191,11 @@ def test_torrc() -> None:
     assert "SocksPort 127.0.0.1:auto IsolateSOCKSAuth" in text
     assert "SafeLogging 1" in text and "__OwningControllerProcess 1234" in text
     assert "UseBridges 1" in text
-    assert 'ClientTransportPlugin obfs4 exec "/usr/bin/obfs4proxy"' in text
+    # Unquoted: Tor runs the rest of the line as it is (quotes would be part of the name).
+    assert "ClientTransportPlugin obfs4 exec /usr/bin/obfs4proxy\n" in text
+    with pytest.raises(TorConfigError):
+        TorConfig(Path("/tmp/p"), bridges=(f"obfs4 192.0.2.1:443 {FP} cert=x",),
+                  obfs4="/opt/my obfs4/obfs4proxy").torrc(1)  # fmt: skip
     assert all("\n" not in line for line in text.splitlines())
     with pytest.raises(TorConfigError):
         TorConfig(Path('/tmp/a"b')).torrc(1)
@@ -201,6 +205,13 @@ def test_torrc() -> None:
 
 def test_status_text_holds_no_address() -> None:
     assert "192.0.2.7" not in _clean("Problem bootstrapping: host ABC at 192.0.2.7:9001 refused")
+    line = (f"Proxy Client: unable to connect OR connection (handshaking (proxy)) with "
+            f"2001:db8::7:9001 ID=<none> RSA_ID={FP} (\"general SOCKS server failure\") "
+            f"via ${FP}~bridge1 for {ONION[:-6]}.onion at 08:02:07")  # fmt: skip
+    cleaned = _clean(line)
+    for secret in (FP, "2001:db8::7", "bridge1", ONION[:-6]):
+        assert secret not in cleaned, cleaned
+    assert "08:02:07" in cleaned and "general SOCKS server failure" in cleaned
     s = TorStatus(state="restarting", reason="Tor was killed by signal 9", failures=3, retry_in=4)
     assert s.describe() == ("Tor is not running: Tor was killed by signal 9 (failed 3 times in a "
                             "row); trying again in 4 s")  # fmt: skip
