@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from aegis_cli.client import Client
-from tests.support.procs import child
+from tests.support.procs import child, tor_control
 
 from .conftest import DaemonProc
 
@@ -108,21 +108,7 @@ class TorDaemon:
         return child(self.proc.proc.pid, "tor")
 
     def control(self, line: str) -> list[str]:
-        """One command on the managed Tor's control socket (as the same user, with its
-        cookie): the test looks at the running Tor, not at the daemon's idea of it."""
-        import asyncio
-
-        from aegisd.transport.torcontrol import TorControl
-
-        async def go() -> list[str]:
-            c = await TorControl.connect(self.home / "tor" / "control")
-            try:
-                await c.authenticate()
-                return list((await c.checked(line)).lines)
-            finally:
-                await c.close()
-
-        return asyncio.run(go())
+        return tor_control(self.home, line)
 
 
 @pytest.fixture

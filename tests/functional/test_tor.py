@@ -27,7 +27,7 @@ from aegis_cli.client import Client
 from tests.daemon.conftest import DaemonProc
 from tests.recorder import Recorder, process_endpoints
 from tests.relay.conftest import RelayProcess
-from tests.support.procs import child
+from tests.support.procs import child, tor_control
 from tests.tornet import TorNetwork
 
 T = 90.0
@@ -58,19 +58,7 @@ class TorPeer:
         return child(self.proc.proc.pid, "tor")
 
     def control(self, line: str) -> list[str]:
-        import asyncio
-
-        from aegisd.transport.torcontrol import TorControl
-
-        async def go() -> list[str]:
-            c = await TorControl.connect(self.home / "tor" / "control")
-            try:
-                await c.authenticate()
-                return list((await c.checked(line)).lines)
-            finally:
-                await c.close()
-
-        return asyncio.run(go())
+        return tor_control(self.home, line)
 
     def relay_streams(self, target: str) -> list[tuple[str, str]]:
         """(stream id, circuit id) of the open streams to `target` (HOST:PORT)."""

@@ -29,3 +29,21 @@ def child(pid: int, program: str) -> int | None:
     """The one child of ``pid`` named ``program``, or None."""
     found = children(pid, program)
     return found[0] if found else None
+
+
+def tor_control(home: Path, line: str) -> list[str]:
+    """One command on a profile's managed Tor, over its control socket with its cookie (as
+    the same user): a test looks at the running Tor, not at the daemon's idea of it."""
+    import asyncio
+
+    from aegisd.transport.torcontrol import TorControl
+
+    async def go() -> list[str]:
+        c = await TorControl.connect(home / "tor" / "control")
+        try:
+            await c.authenticate()
+            return list((await c.checked(line)).lines)
+        finally:
+            await c.close()
+
+    return asyncio.run(go())
