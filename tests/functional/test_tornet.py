@@ -43,8 +43,7 @@ async def _serve() -> tuple[web.AppRunner, int]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, port
+    return runner, runner.addresses[0][1]
 
 
 def _via(socks_port: int) -> aiohttp.ClientSession:
@@ -61,7 +60,7 @@ async def _through_tor(net: TorNetwork, socks_port: int) -> tuple[str, str]:
     async with _via(socks_port) as s, s.get(f"http://127.0.0.1:{net.exit_ports[0]}/hello") as r:
         via_exit = await r.text()
     deadline = time.monotonic() + 60
-    while True:  # the network was ready at start; a new consensus may move the descriptor
+    while True:  # a retry covers a descriptor being republished (new one every 8 min here)
         try:
             async with _via(socks_port) as s, s.ws_connect(
                 f"ws://{net.onion_hostname}/v1/ws"
