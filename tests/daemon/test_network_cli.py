@@ -144,7 +144,7 @@ def test_managed_tor_life_cycle(tor_daemon: Any) -> None:
     assert d.control("GETCONF SafeLogging") == ["SafeLogging=1"]
     assert "IsolateSOCKSAuth" in d.control("GETCONF SocksPort")[0]
     assert oct((d.home / "tor").stat().st_mode & 0o777) == "0o700"
-    # Killed: status says why, and the daemon starts it again; nothing goes direct meanwhile.
+    # Killed: status says why, and the daemon starts it again.
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: "killed by signal 9" in (d.tor().get("reason") or ""), "the reason")
     failed = d.call("events.list", {"types": ["tor.failed"]})["events"]

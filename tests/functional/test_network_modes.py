@@ -84,3 +84,27 @@ def test_relay_set_moves_a_profile_without_contacts_only(
     r = cli(alice, "relay", "set", "ws://127.0.0.2:9/v1/ws")
     assert r.returncode == 1 and "contacts" in r.stderr
     assert alice.call("status")["relay"]["url"] == url
+
+
+def test_a_local_profile_that_never_chose_a_mode_does_not_go_direct_elsewhere(
+    peers: Callable[[str], Peer],
+) -> None:
+    """Alice's relay is on loopback and she never chose a network mode, so she connects
+    directly, but to loopback relays only: a contact whose relay is elsewhere is refused with
+    how to choose, before anything is sent (neither Tor, not running, nor a direct connection,
+    never chosen, may carry it)."""
+    import dataclasses
+
+    from aegisd.core import wire
+
+    alice, bob = peers("alice"), peers("bob")
+    bob.wait_connected()
+    link = wire.ContactLink.from_text(bob.call("invitations.create")["link"])
+    elsewhere = dataclasses.replace(
+        link, mailbox=dataclasses.replace(link.mailbox, relay_url="wss://relay.example.org/v1/ws")
+    ).to_text()
+    assert alice.call("network.get")["mode_chosen"] is False
+    with pytest.raises(RpcCallError) as e:
+        alice.call("contacts.add", {"name": "bob", "link": elsewhere})
+    assert e.value.data["error"] == "bad_link" and "aegis network --mode tor" in e.value.message
+    assert alice.call("contacts.list")["contacts"] == []
