@@ -179,10 +179,9 @@ class Connectivity:
     def settings_json(self) -> dict[str, Any]:
         store = self._store()
         net = self.network()
-        mode_setting = store.get_setting(SETTING_MODE)
         return {
             "mode": net.mode,
-            "mode_chosen": mode_setting in MODES,
+            "mode_chosen": net.chosen,
             "proxy": store.get_setting(SETTING_PROXY),
             "isolation": net.isolation,
             "bridges": list(store.get_setting(SETTING_BRIDGES) or []),
