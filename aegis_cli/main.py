@@ -942,6 +942,7 @@ def _register_extensions() -> None:
 
     calls.register(sys.modules[__name__])
     network.register(sys.modules[__name__])
+    network.register_privacy(sys.modules[__name__])
 
 
 _register_extensions()

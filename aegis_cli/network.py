@@ -1,4 +1,5 @@
-"""``aegis network`` and ``aegis relay``: how the profile reaches its relay, and which relay.
+"""``aegis network``, ``aegis relay`` and ``aegis privacy``: how the profile reaches its relay,
+which relay, and how much cover traffic hides its timing.
 
 One layout for these settings (docs/api.md "network.set", "relay.set"):
 
@@ -7,6 +8,7 @@ One layout for these settings (docs/api.md "network.set", "relay.set"):
     aegis network                   the mode, the proxy, isolation, bridges and Tor's state
     aegis network --mode tor|proxy|direct [--proxy URL] [--isolation on|off]
                   [--bridge LINE ...] [--no-bridges] [--tor-path PATH]
+    aegis privacy [--level off|default|strong]
 """
 
 from __future__ import annotations
@@ -152,3 +154,49 @@ def register(main: ModuleType) -> None:
             f"relay: {result['url']}\nmode: {MODE_TEXT.get(result['mode'], result['mode'])}"
             f"{note}\nYour address changes: aegis address shows the new one.",
         )
+
+
+LEVEL_TEXT = {
+    "off": "off: no cover traffic; messages leave at once, and the relay sees when and how much",
+    "default": "default: one block per contact about every 20 minutes, real or cover",
+    "strong": "strong: one block per contact about every 2 minutes, real or cover",
+}
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def privacy_text(r: dict[str, Any]) -> str:
+    level = r["level"]
+    lines = [f"level: {LEVEL_TEXT.get(level, level)}"
+             + ("" if r.get("level_chosen") else " [default for this relay]")]  # fmt: skip
+    if r.get("interval"):
+        minutes = r["interval"] / 60
+        lines.append(
+            f"cost: {r['blocks_per_contact_per_day']:g} blocks "
+            f"({_size(r['bytes_per_contact_per_day'])}) per contact per day each way; a message "
+            f"waits {minutes:.0f} minutes on average for its contact's next slot"
+        )
+    return "\n".join(lines)
+
+
+def register_privacy(main: ModuleType) -> None:
+    cli: click.Group = main.cli
+    common: Callable[[Callable[..., None]], Callable[..., None]] = main.common
+
+    @cli.command()
+    @common
+    @click.option(
+        "--level",
+        type=click.Choice(["off", "default", "strong"]),
+        help="Cover traffic: off, default (cheap, slow), strong (costly, faster).",
+    )
+    def privacy(ctx: Ctx, level: str | None) -> None:
+        """Show or set the cover-traffic level that hides when and how often you write.
+
+        Every contact gets blocks at a steady random rate whether you write or not; your
+        messages and receipts take the place of cover blocks, so they wait for the next one.
+        docs/threat-model.md has each level's measured cost."""
+        result = ctx.call("privacy.set", {"level": level}) if level else ctx.call("privacy.get")
+        ctx.out(result, privacy_text(result))

@@ -109,8 +109,10 @@ class Daemon:
         self.messenger = Messenger(self)
         messaging_api.register(self.registry, self.messenger)
         from .services import backup as backup_api
+        from .services import privacy_api
 
         backup_api.register(self.registry, self.messenger)
+        privacy_api.register(self.registry, self.messenger, test_methods=test_methods)
         self.on_unlock.append(self.messenger.on_unlock)
         self.on_lock.append(self.messenger.on_lock)
         # Calls: their hooks come after the messenger's, so a lock ends the calls first.

@@ -664,6 +664,7 @@ PAYLOAD_CALL = 0x06  # call set-up (docs/protocol.md §21)
 PAYLOAD_CALL_SEALED = 0x07  # call signaling sealed under the per-call keys (§21)
 PAYLOAD_ATTACHMENT = 0x08  # 0x08-0x09: attachments (§22)
 PAYLOAD_RENEW = 0x0A  # session renewal after a backup import (docs/protocol.md §23)
+PAYLOAD_COVER = 0x0B  # cover traffic: dropped by the recipient (docs/protocol.md §24)
 
 RECEIPT_DELIVERED = 1
 RECEIPT_READ = 2
@@ -847,8 +848,15 @@ class CallSealedPayload:
     box: bytes  # crypto_box ciphertext (tag included)
 
 
+@dataclass(frozen=True)
+class CoverPayload:
+    """Cover traffic (§24): an ordinary ratchet message in an ordinary block, with nothing in
+    it; the recipient drops it silently (no event, no history, no receipt)."""
+
+
 Payload = (
-    TextPayload
+    CoverPayload
+    | TextPayload
     | ReceiptPayload
     | HelloPayload
     | MailboxPayload
@@ -905,6 +913,8 @@ def encode_payload(payload: Payload) -> bytes:
         _put_short(w, payload.display_name.encode(), MAX_NAME_BYTES)
     elif isinstance(payload, MailboxAckPayload):
         w.u8(PAYLOAD_MAILBOX_ACK).fixed(payload.rotation_id, MESSAGE_ID_LEN)
+    elif isinstance(payload, CoverPayload):
+        w.u8(PAYLOAD_COVER)
     elif isinstance(payload, CallPayload):
         _encode_call(w, payload)
     else:
@@ -997,6 +1007,8 @@ def decode_payload(data: bytes) -> Payload:
             raise DecodeError("empty bundle address")
         out = RenewPayload(renew_id, created, reply_to, bundle_address,
                            _utf8(_short(r, MAX_NAME_BYTES)))  # fmt: skip
+    elif kind == PAYLOAD_COVER:
+        out = CoverPayload()
     elif kind == PAYLOAD_CALL:
         out = _decode_call(r)
     elif kind == PAYLOAD_CALL_SEALED:

@@ -418,8 +418,7 @@ class Attachments:
             "attachment_id": aid, "message_id": aid, "contact": c.name, "name": name,
             "size": p.size, "sent_at": p.sent_at_ms,
         })  # fmt: skip
-        m._enqueue(c, session, wire.ReceiptPayload(wire.RECEIPT_DELIVERED, (p.message_id,)),
-                   delay=m._receipt_delay())  # fmt: skip
+        m.queue_receipt(c, session, wire.RECEIPT_DELIVERED, [p.message_id])
         if too_large:
             m.daemon.events.emit("attachment.failed", {
                 "attachment_id": aid, "contact": c.name, "direction": "in",

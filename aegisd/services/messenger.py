@@ -40,6 +40,8 @@ from aegisd.netmode import Unreachable
 from aegisd.relayurl import SETTING_INSECURE, SETTING_URL, RelayUrlError, check_relay_url
 from aegisd.rpc import AppError, InvalidParamsError
 from aegisd.store import Store, StoreError
+from aegisd.store import cover as cover_slots
+from aegisd.store.cover import SLOT_WAIT
 from aegisd.store.db import Contact, MailboxRow, OutboxItem
 from aegisd.transport.network import Network
 from aegisd.transport.relaylink import (
@@ -163,6 +165,9 @@ class Messenger:
         from .renewal import Renewals  # session renewal after a backup import (§23)
 
         self.renewals = Renewals(self)
+        from .cover import Cover  # cover traffic and the slots real blocks wait for (§24)
+
+        self.cover = Cover(self, test_methods=getattr(daemon, "_test_methods", False))
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -190,6 +195,7 @@ class Messenger:
             asyncio.create_task(self._outbox_loop(), name="outbox"),
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
         ]
+        self.cover.start()
         await self.attachments.on_unlock()
 
     def network(self) -> Network:
@@ -218,6 +224,7 @@ class Messenger:
         self._start_link()
 
     async def on_lock(self, store: Store) -> None:
+        await self.cover.stop()
         await self.attachments.on_lock()
         for task in self._tasks:
             task.cancel()
@@ -677,21 +684,42 @@ class Messenger:
         *,
         message_id: str | None = None,
         delay: float = 0.0,
+        slotted: bool = True,
     ) -> None:
+        """Encrypt and queue. With cover on, a ``slotted`` block waits for its contact's next
+        cover slot (services/cover.py) instead of leaving after ``delay``."""
         state = ContactState.from_bytes(c.state)
         if state.send_to is None:
             raise AppError(E_NOT_READY, "not_ready", "this contact cannot be reached yet")
         blocks = session.encrypt(self.entropy, wire.encode_payload(payload))
         self.store.put_session(c.id, session.to_bytes())
-        # Until the contact answered, only the first contact may go to the link's mailbox;
-        # later blocks wait, addressed to nobody, and are readdressed when the answer comes.
+        if not state.established:
+            # Until the contact answered, only the first contact may go to the link's mailbox;
+            # later blocks wait, addressed to nobody, and are readdressed when the answer comes.
+            not_before = NEVER
+        elif slotted and self.cover.active():
+            not_before = SLOT_WAIT
+        else:
+            not_before = _ms() + int(delay * 1000)
         self.store.enqueue_blocks(
             address_to_bytes(state.send_to) if state.established else PENDING_DESTINATION,
             blocks,
             message_id=message_id,
             contact_id=c.id,
-            not_before=_ms() + int(delay * 1000) if state.established else NEVER,
+            not_before=not_before,
         )
+
+    def queue_receipt(self, c: Contact, session: Session, kind: int, ids: list[bytes]) -> None:
+        """A delivery or read receipt: with cover on, it waits to ride the contact's next
+        slot with the others (no block per message, no echo of the message's timing); with
+        cover off, it leaves after the receipt delay."""
+        if self.cover.active():
+            cover_slots.add_receipts(self.store, c.id, kind, ids)
+            return
+        step = wire.MAX_RECEIPT_IDS
+        for i in range(0, len(ids), step):
+            self._enqueue(c, session, wire.ReceiptPayload(kind, tuple(ids[i : i + step])),
+                          delay=self._receipt_delay())  # fmt: skip
 
     async def send_text(self, name: str, text: str) -> dict[str, Any]:
         if len(text.encode()) > wire.MAX_TEXT_BYTES:
@@ -737,16 +765,8 @@ class Messenger:
                     self.store.set_message_status(m.id, "read")
                 blob = self.store.get_session(c.id)
                 if self.store.get_setting(SETTING_READ_RECEIPTS, True) and blob and not c.blocked:
-                    session = Session.from_bytes(blob)
-                    step = wire.MAX_RECEIPT_IDS
-                    for i in range(0, len(incoming), step):
-                        ids = tuple(bytes.fromhex(m.id) for m in incoming[i : i + step])
-                        self._enqueue(
-                            c,
-                            session,
-                            wire.ReceiptPayload(wire.RECEIPT_READ, ids),
-                            delay=self._receipt_delay(),
-                        )
+                    ids = [bytes.fromhex(m.id) for m in incoming]
+                    self.queue_receipt(c, Session.from_bytes(blob), wire.RECEIPT_READ, ids)
         self._outbox_wake.set()
         return {"marked": len(incoming)}
 
@@ -1122,6 +1142,7 @@ class Messenger:
                 return
             log.info("dropped a block that did not decrypt")
             return
+        self.cover.heard(contact_id)  # online: cover to it goes on
         with self.store.transaction():
             self.store.put_session(contact_id, session.to_bytes())
             if fragment.count == 1:
@@ -1144,6 +1165,8 @@ class Messenger:
             self._handle_payload(c, session, payload)
 
     def _handle_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None:
+        if isinstance(payload, wire.CoverPayload):
+            return  # cover: nothing to show, keep or answer (§24)
         if isinstance(payload, wire.TextPayload):
             mid = payload.message_id.hex()
             if self.store.get_message(mid) is not None:
@@ -1157,12 +1180,7 @@ class Messenger:
                 {"message_id": mid, "contact": c.name, "text": payload.text,
                  "sent_at": payload.sent_at_ms},
             )  # fmt: skip
-            self._enqueue(
-                c,
-                session,
-                wire.ReceiptPayload(wire.RECEIPT_DELIVERED, (payload.message_id,)),
-                delay=self._receipt_delay(),
-            )
+            self.queue_receipt(c, session, wire.RECEIPT_DELIVERED, [payload.message_id])
         elif isinstance(payload, wire.ReceiptPayload):
             status = "delivered" if payload.kind == wire.RECEIPT_DELIVERED else "read"
             for raw in payload.message_ids:
@@ -1184,8 +1202,10 @@ class Messenger:
             state.send_to, state.established = payload.reply_to, True
             self.store.update_contact(c.id, state=state.to_bytes())
             self.store.readdress_outbox(
-                c.id, PENDING_DESTINATION, address_to_bytes(payload.reply_to)
+                c.id, PENDING_DESTINATION, address_to_bytes(payload.reply_to),
+                due=SLOT_WAIT if self.cover.active() else 0,
             )
+            self.cover.changed()
             if not self.renewals.on_hello(c):
                 self.daemon.events.emit("contact.established", {"contact": c.name})
         elif isinstance(payload, wire.MailboxPayload):
@@ -1222,5 +1242,5 @@ class Messenger:
             if c is None or blob is None or not ContactState.from_bytes(c.state).established:
                 raise AppError(E_NOT_READY, "not_ready", "this contact cannot be reached yet")
             with self.store.transaction():
-                self._enqueue(c, Session.from_bytes(blob), payload)
+                self._enqueue(c, Session.from_bytes(blob), payload, slotted=False)
         self._outbox_wake.set()

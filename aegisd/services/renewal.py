@@ -174,7 +174,8 @@ class Renewals:
             assert fresh is not None and mb_row is not None
             mb = OwnedMailbox.from_bytes(mb_row.descriptor)
             name = str(store.get_setting("profile.display_name", ""))
-            m._enqueue(fresh, fc.session, wire.HelloPayload(mb.address(), name, b""))
+            m._enqueue(fresh, fc.session, wire.HelloPayload(mb.address(), name, b""),
+                       slotted=False)  # the answer of a renewal, like a first contact's
             m.daemon.events.emit("contact.session_renewed", {"contact": c.name})
         self._retire.append((c.id, int(row[1])))
 

@@ -565,12 +565,17 @@ class Store:
         with self.transaction():
             self._q("DELETE FROM outbox WHERE id = ?", (item_id,))
 
-    def readdress_outbox(self, contact_id: int, old: bytes, new: bytes) -> None:
+    def readdress_outbox(self, contact_id: int, old: bytes, new: bytes, due: int = 0) -> None:
+        """Blocks queued for ``old`` go to ``new``, due at ``due``; a block waiting for a
+        cover slot (store/cover.py) keeps waiting for one."""
+        from .cover import SLOT_WAIT
+
         with self.transaction():
             self._q(
-                "UPDATE outbox SET destination = ?, not_before = 0 "
+                "UPDATE outbox SET destination = ?, "
+                "not_before = CASE WHEN not_before = ? THEN ? ELSE ? END "
                 "WHERE contact_id = ? AND destination = ?",
-                (new, contact_id, old),
+                (new, SLOT_WAIT, SLOT_WAIT, due, contact_id, old),
             )
 
     def outbox_holds_message(self, message_id: str) -> bool:

@@ -222,7 +222,24 @@ def _network_mode(db: Any) -> None:
     )
 
 
+def _cover_receipts(db: Any) -> None:
+    """Receipts waiting for a cover slot (services/cover.py, docs/protocol.md §24): sent
+    batched in the next slot of their contact, not one block per message."""
+    _run(
+        db,
+        """
+        CREATE TABLE pending_receipts (
+            contact_id  INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+            kind        INTEGER NOT NULL,       -- 1 delivered, 2 read
+            message_id  BLOB NOT NULL,          -- the sender's wire message id
+            PRIMARY KEY (contact_id, kind, message_id)
+        ) WITHOUT ROWID
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
+    _cover_receipts,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

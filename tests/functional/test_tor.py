@@ -191,7 +191,9 @@ def setup(tor_network: TorNetwork, tmp_path_factory: pytest.TempPathFactory) -> 
         _aegis(home, "init", "--no-passphrase", "--relay", url, *extra)
         proc = DaemonProc(home, ["--test-methods"], env)
         proc.wait_ready()
-        peers.append(TorPeer(name, home, proc))
+        peer = TorPeer(name, home, proc)
+        peer.call("privacy.set", {"level": "off"})  # Tor here, not cover (test_cover.py)
+        peers.append(peer)
     watches = [DirectWatch(p.proc.proc.pid) for p in peers]
     s = Setup(net, relay, via_exit, via_onion, peers[0], peers[1],
               f"127.0.0.1:{exit_port}", f"{net.onion_hostname}:80", tmp, watches)  # fmt: skip

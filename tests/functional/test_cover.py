@@ -1,0 +1,119 @@
+"""Cover traffic and slots (issue 13; docs/protocol.md §24), with real daemons and a relay.
+
+The daemons run with --test-methods so that a test can shorten the level's interval
+(privacy.set interval): the mechanism is the same as at 20 minutes, only faster."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon.conftest import DaemonProc
+from tests.relay.conftest import RelayProcess
+
+from .conftest import Peer, connect
+
+FAST = 0.3  # seconds between slots, on average
+
+
+@pytest.fixture
+def make(tmp_short: Path, relay_proc: RelayProcess) -> Iterator[Callable[[str], Peer]]:
+    made: list[Peer] = []
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+
+    def _make(name: str) -> Peer:
+        p = Peer(tmp_short / name, url, name)
+        made.append(p)
+        p.stop()
+        p.proc = DaemonProc(p.home, ["--test-methods"], None)
+        p.proc.wait_ready()
+        return p
+
+    try:
+        yield _make
+    finally:
+        for p in made:
+            p.stop()
+
+
+def history(p: Peer, contact: str) -> list[dict[str, object]]:
+    return list(p.call("messages.history", {"contact": contact, "limit": 500})["messages"])
+
+
+def test_texts_wait_for_slots_receipts_ride_them_and_cover_is_never_shown(
+    make: Callable[[str], Peer],
+) -> None:
+    alice, bob = make("alice"), make("bob")
+    connect(alice, bob)
+    assert alice.call("privacy.get")["level"] == "off"  # a relay on loopback: off by default
+    for p in (alice, bob):
+        p.call("privacy.set", {"level": "default", "interval": 3600})  # slots an hour apart
+    sent = [alice.call("messages.send", {"contact": "bob", "text": f"hi {i}"})["message_id"]
+            for i in range(5)]  # fmt: skip
+    time.sleep(1.5)
+    # Waiting for a slot: nothing left, nothing arrived.
+    assert {m["status"] for m in history(alice, "bob")} == {"queued"}
+    assert history(bob, "alice") == []
+    for p in (alice, bob):
+        p.call("privacy.set", {"interval": FAST})
+    got = bob.wait_for(lambda: len(history(bob, "alice")) == 5 and history(bob, "alice"),
+                       "the five texts")  # fmt: skip
+    assert [m["text"] for m in got] == [f"hi {i}" for i in range(5)]
+    bob.call("messages.mark_read", {"contact": "alice"})
+    alice.wait_for(lambda: {m["status"] for m in history(alice, "bob")} == {"read"},
+                   "read receipts")  # fmt: skip
+    # Receipts rode slots in batches: far fewer receipt blocks than receipts.
+    slots = bob.call("privacy.get")["slots"]["sent"]
+    assert 1 <= slots["receipts"] <= 4, slots
+    # Cover flows both ways and is never shown: no event, no history row.
+    alice.wait_for(lambda: alice.call("privacy.get")["slots"]["sent"]["cover"] >= 5, "cover")
+    time.sleep(2 * FAST)
+    assert len(history(bob, "alice")) == 5 and len(history(alice, "bob")) == 5
+    types = {e["type"] for e in bob.call("events.list", {"limit": 1000})["events"]}
+    assert "message.received" in types
+    received = bob.call("events.list", {"types": ["message.received"], "limit": 1000})
+    assert len(received["events"]) == 5
+    assert sent
+
+
+def test_a_restart_keeps_waiting_blocks_and_level_off_sends_them_at_once(
+    make: Callable[[str], Peer],
+) -> None:
+    alice, bob = make("alice"), make("bob")
+    connect(alice, bob)
+    alice.call("privacy.set", {"level": "strong", "interval": 3600})
+    mid = alice.call("messages.send", {"contact": "bob", "text": "across a restart"})
+    alice.stop()
+    alice.proc = DaemonProc(alice.home, ["--test-methods"], None)
+    alice.proc.wait_ready()
+    alice.wait_connected()
+    time.sleep(1.0)
+    assert history(bob, "alice") == []  # still waiting for its slot after the restart
+    r = subprocess.run([sys.executable, "-m", "aegis_cli.main", "privacy", "--level", "off",
+                        "--home", str(alice.home)], capture_output=True, text=True,
+                       timeout=60, check=False)  # fmt: skip
+    assert r.returncode == 0 and r.stdout.startswith("level: off"), r.stdout + r.stderr
+    got = bob.wait_for(lambda: history(bob, "alice"), "the text, once cover is off")
+    assert got[0]["text"] == "across a restart"
+    assert mid["status"] == "queued"
+
+
+def test_privacy_cli_and_api(make: Callable[[str], Peer]) -> None:
+    alice = make("alice")
+    r = subprocess.run([sys.executable, "-m", "aegis_cli.main", "privacy", "--level", "default",
+                        "--home", str(alice.home)], capture_output=True, text=True,
+                       timeout=60, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "72 blocks (1.2 MB) per contact per day each way" in r.stdout
+    assert "waits 20 minutes on average" in r.stdout
+    got = alice.call("privacy.get")
+    assert (got["level"], got["level_chosen"], got["interval"]) == ("default", True, 1200.0)
+    r = subprocess.run([sys.executable, "-m", "aegis_cli.main", "privacy", "--level", "max",
+                        "--home", str(alice.home)], capture_output=True, text=True,
+                       timeout=60, check=False)  # fmt: skip
+    assert r.returncode == 2 and "'max' is not one of" in r.stderr
