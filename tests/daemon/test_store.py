@@ -378,7 +378,7 @@ def test_network_mode_migration_keeps_what_old_profiles_did(tmp_path, monkeypatc
     """A profile made before network modes keeps its connections: a proxy if it had one, else
     direct (never silently Tor, never silently direct through a missing proxy)."""
     home = tmp_path / "p"
-    old = schema_mod.MIGRATIONS[:-1]
+    old = schema_mod.MIGRATIONS[: schema_mod.MIGRATIONS.index(schema_mod._network_mode)]
     monkeypatch.setattr("aegisd.store.db.MIGRATIONS", old)
     monkeypatch.setattr("aegisd.store.db.SCHEMA_VERSION", len(old))
     store = create_profile(home, None)
