@@ -152,7 +152,6 @@ def pair(b: Bench, tag: str, relay_url: str, *init: str) -> tuple[Path, Path]:
     for home in (alice, bob):
         b.start(home)
         # Tor's latency, not the cover slots' (an onion relay has cover on by default).
-        wait_until(lambda h=home: (h / "aegisd.sock").exists(), f"{tag}: the daemon")
         call(home, "privacy.set", {"level": "off"})
     for home in (alice, bob):
         wait_until(lambda h=home: connected(h), f"{tag}: the relay")  # type: ignore[misc]
