@@ -259,8 +259,10 @@ class Recorder:
     ) -> None:
         try:
             while data := await reader.read(65536):
-                writer.write(data)
+                # Counted before it is written: the other end may read it, and a test look at
+                # the count, before this thread runs another line.
                 setattr(conn, counter, getattr(conn, counter) + len(data))
+                writer.write(data)
                 await writer.drain()
             if writer.can_write_eof():
                 writer.write_eof()  # a half-close goes through as a half-close

@@ -312,7 +312,9 @@ async def move_to_relay(daemon: Daemon, url: str, insecure_plaintext: bool) -> i
                 "them to another relay is not supported yet (remove the contacts first, or "
                 "make a new profile for the new relay)",
             )
-        rows = store.list_mailboxes()
+        from aegisd.store import cover as pool
+
+        rows = [*store.list_mailboxes(), *pool.pool_rows(store)]
         deleted = set()
         for row in rows:  # now, while the old relay's network settings still hold
             try:
@@ -328,7 +330,10 @@ async def move_to_relay(daemon: Daemon, url: str, insecure_plaintext: bool) -> i
                         "INSERT INTO retired_mailboxes (contact_id, descriptor) VALUES (NULL, ?)",
                         (row.descriptor,),
                     )
-                store.delete_mailbox(row.id)
+                if row.role == pool.POOL_ROLE:
+                    pool.pool_remove(store, row.id)
+                else:
+                    store.delete_mailbox(row.id)
             store.set_setting(SETTING_URL, url)
             store.set_setting(SETTING_INSECURE, bool(insecure_plaintext))
         m._reload_owned()

@@ -9,6 +9,11 @@ at a constant rate whether the two people talk or not: real messages take the pl
 instead of adding to it, and receipts no longer echo messages one to one. The cost is latency:
 a message waits for its contact's next tick (exponential, mean the level's interval).
 
+Mailboxes for contacts to come are made ahead, at random times (POOL_SIZE of them, a new one
+after an exponential wait when one is taken), and each receives loop cover: the daemon deposits
+into it, through a connection of its own, at the same rate as a contact would. So a new contact's
+mailbox was not born with the contact, and does not start receiving blocks when it is taken.
+
 Left out of the slots: call signaling (a call cannot wait), first contact and session renewal.
 A contact silent for OFFLINE_AFTER (no block at all, cover included, arrived from it) gets no
 cover until something arrives again, so that the queue at the relay of someone who is away is
@@ -46,6 +51,10 @@ SETTING_TEST_INTERVAL = "privacy.cover_interval"
 LEVELS: dict[str, float | None] = {"off": None, "default": 1200.0, "strong": 120.0}
 OFFLINE_AFTER = 6 * 3600.0
 RESCAN = 30.0
+POOL_SIZE = 2
+#: Mean wait before making a pool mailbox, as a multiple of the level's interval (default
+#: level: 30 minutes), so that creations are spread in time and not tied to contacts.
+POOL_WAIT = 1.5
 
 
 def default_level(relay_url: str | None) -> str:
@@ -60,12 +69,15 @@ class Cover:
         self.m = m
         self._test_methods = test_methods
         self._task: asyncio.Task[None] | None = None
+        self._pool_task: asyncio.Task[None] | None = None
+        self._loops: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        self._pool_wake = asyncio.Event()
         self._next: dict[int, float] = {}  # contact id -> monotonic time of its next tick
         self._heard: dict[int, float] = {}  # contact id -> monotonic time something came
         self._rng = random.SystemRandom()
         #: Counters for tests and `privacy.get`: blocks sent at ticks, by what they carried.
-        self.sent = {"real": 0, "receipts": 0, "cover": 0}
+        self.sent = {"real": 0, "receipts": 0, "cover": 0, "loop": 0}
 
     # --- settings ---------------------------------------------------------------------------
 
@@ -93,14 +105,16 @@ class Cover:
         now = time.monotonic()
         self._heard = {c.id: now for c in self.m.store.list_contacts()}
         self._task = asyncio.create_task(self._run(), name="cover")
+        self._pool_task = asyncio.create_task(self._fill_pool(), name="mailbox-pool")
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        await cancel_and_wait(task)
+        tasks, self._task, self._pool_task = (self._task, self._pool_task), None, None
+        await cancel_and_wait(*tasks, *self._loops)
 
     def changed(self) -> None:
-        """Contacts or the level changed: look again."""
+        """Contacts, the pool or the level changed: look again."""
         self._wake.set()
+        self._pool_wake.set()
 
     def heard(self, contact_id: int) -> None:
         """A block from this contact opened (cover included): it is online."""
@@ -122,7 +136,9 @@ class Cover:
     # --- the ticks --------------------------------------------------------------------------
 
     def _eligible(self) -> list[int]:
-        out = []
+        """Contacts with slots (positive ids) and pool mailboxes with loop cover (their pool
+        rows' ids, negated)."""
+        out = [row.id for row in slots.pool_rows(self.m.store)]
         for c in self.m.store.list_contacts():
             if c.blocked or self.m.store.get_session(c.id) is None:
                 continue
@@ -162,6 +178,11 @@ class Cover:
                         log.error("a cover tick failed: %s", type(exc).__name__)
 
     async def _tick(self, contact_id: int) -> None:
+        if contact_id < 0:  # network I/O: not in the way of the other ticks
+            task = asyncio.create_task(self._loop_tick(contact_id))
+            self._loops.add(task)
+            task.add_done_callback(self._loops.discard)
+            return
         m = self.m
         async with m.lock:
             store = m.store
@@ -176,6 +197,59 @@ class Cover:
                 ) < OFFLINE_AFTER and self._send(contact_id, wire.CoverPayload()):
                     self.sent["cover"] += 1
         m._outbox_wake.set()
+
+    async def _loop_tick(self, pool_row_id: int) -> None:
+        """Loop cover into one of our own pool mailboxes: a block of random bytes behind the
+        version byte, which looks like any ratchet block; dropped when it comes back."""
+        from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
+        from relay.client import RelayError
+
+        from .mailbox import OwnedMailbox
+
+        m = self.m
+        row = next((r for r in slots.pool_rows(m.store) if r.id == pool_row_id), None)
+        if row is None:
+            return
+        mb = OwnedMailbox.from_bytes(row.descriptor)
+        block = bytes([wire.VERSION]) + self._rng.randbytes(wire.BLOCK_SIZE - 1)
+        try:
+            client, own = await with_relay(mb.relay_url, m.link, m.network())
+            try:
+                await client.deposit(mb.deposit_id, block, mb.token or None)
+            finally:
+                if own:
+                    await client.close()
+        except (RelayUnavailable, RelayError, *UNAVAILABLE):
+            return  # a loop block that did not go is not missed: the next tick sends one
+        self.sent["loop"] = self.sent.get("loop", 0) + 1
+
+    async def _fill_pool(self) -> None:
+        """Keep POOL_SIZE mailboxes made ahead, each after a random wait (cover on only)."""
+        m = self.m
+        while True:
+            interval = self.interval() if m.daemon.store is not None else None
+            if interval is None or len(slots.pool_rows(m.store)) >= POOL_SIZE:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._pool_wake.wait(), RESCAN)
+                self._pool_wake.clear()
+                continue
+            # Woken (the level or the pool changed): draw again. The wait is exponential, so
+            # drawing again after any interruption leaves the creation times a Poisson process.
+            self._pool_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._pool_wake.wait(), self._rng.expovariate(1.0 / (POOL_WAIT * interval))
+                )
+                continue
+            if not m.daemon.relay_connected:
+                continue
+            try:
+                async with m.lock:
+                    await m.add_pool_mailbox()
+            except Exception as exc:  # relay away (AppError) or worse: try at the next wait
+                log.info("no pool mailbox this time: %s", type(exc).__name__)
+                continue
+            self.changed()
 
     def _send(self, contact_id: int, payload: Any) -> bool:
         """Encrypt ``payload`` for the contact and queue it, due now (caller holds the lock,
@@ -205,6 +279,7 @@ class Cover:
         return {
             "level": self.level(),
             "interval": interval,
-            "contacts": len(self._next),
+            "contacts": sum(1 for k in self._next if k > 0),
+            "pool": len(slots.pool_rows(self.m.store)),
             "sent": dict(self.sent),
         }

@@ -242,7 +242,7 @@ class Messenger:
 
     def _reload_owned(self) -> None:
         self._owned = {}
-        for row in self.store.list_mailboxes():
+        for row in [*self.store.list_mailboxes(), *cover_slots.pool_rows(self.store)]:
             mb = OwnedMailbox.from_bytes(row.descriptor)
             self._owned[mb.owner_id] = (row, mb)
 
@@ -310,6 +310,44 @@ class Messenger:
     async def _create_mailbox(
         self, role: str, *, public: bool, contact_id: int | None = None, **extra: Any
     ) -> tuple[int, OwnedMailbox]:
+        if role == "contact" and not public:
+            # Made ahead, at a random time, and already receiving loop cover (cover.py): the
+            # relay does not see a mailbox born the moment a contact is.
+            with self.store.transaction():
+                descriptor = cover_slots.pool_take(self.store)
+                if descriptor is not None:
+                    row_id = self.store.add_mailbox(
+                        role, descriptor, contact_id=contact_id, **extra
+                    )
+            if descriptor is not None:
+                mb = OwnedMailbox.from_bytes(descriptor)
+                row = self.store.get_mailbox(row_id)
+                assert row is not None
+                self._owned[mb.owner_id] = (row, mb)  # subscribed already, as a pool mailbox
+                self.cover.changed()  # the pool wants a new one
+                return row_id, mb
+        mb = await self._new_mailbox(public=public)
+        row_id = self.store.add_mailbox(role, mb.to_bytes(), contact_id=contact_id, **extra)
+        row = self.store.get_mailbox(row_id)
+        assert row is not None
+        self._owned[mb.owner_id] = (row, mb)
+        if self.link is not None:
+            with contextlib.suppress(*UNAVAILABLE, RelayError):
+                await self.link.subscribe(mb.owner_id, mb.signing_key)
+        return row_id, mb
+
+    async def add_pool_mailbox(self) -> None:
+        """One more mailbox for the pool (cover.py calls this at random times)."""
+        mb = await self._new_mailbox(public=False)
+        with self.store.transaction():
+            cover_slots.pool_add(self.store, mb.to_bytes())
+        self._reload_owned()
+        if self.link is not None:
+            with contextlib.suppress(*UNAVAILABLE, RelayError):
+                await self.link.subscribe(mb.owner_id, mb.signing_key)
+
+    async def _new_mailbox(self, *, public: bool) -> OwnedMailbox:
+        """A mailbox made at the relay (with a send token unless public)."""
         sign_seed, box_secret = new_keys()
         token = b"" if public else self.entropy.random(32)
         try:
@@ -332,14 +370,7 @@ class Messenger:
                     await client.token_add(mb.owner_id, mb.signing_key, token)
         except (*UNAVAILABLE, RelayError):
             raise relay_unavailable() from None
-        row_id = self.store.add_mailbox(role, mb.to_bytes(), contact_id=contact_id, **extra)
-        row = self.store.get_mailbox(row_id)
-        assert row is not None
-        self._owned[mb.owner_id] = (row, mb)
-        if self.link is not None:
-            with contextlib.suppress(*UNAVAILABLE, RelayError):
-                await self.link.subscribe(mb.owner_id, mb.signing_key)
-        return row_id, mb
+        return mb
 
     async def _retire_mailbox(self, row_id: int) -> None:
         row = self.store.get_mailbox(row_id)
@@ -1033,7 +1064,9 @@ class Messenger:
             else:
                 async with self.lock:
                     try:
-                        if row.role == "contact":
+                        if row.role == cover_slots.POOL_ROLE:
+                            pass  # loop cover into a mailbox made ahead: nothing in it
+                        elif row.role == "contact":
                             if row.contact_id is not None:
                                 self._receive_from_contact(row.contact_id, block)
                                 self._outbox_wake.set()  # receipts may be due

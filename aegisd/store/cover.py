@@ -1,9 +1,12 @@
 """Store access for cover slots (services/cover.py; docs/protocol.md §24): outbox blocks that
-wait for their contact's next slot, and receipts waiting to ride one."""
+wait for their contact's next slot, receipts waiting to ride one, and the pool of mailboxes
+made ahead."""
 
 from __future__ import annotations
 
-from .db import Store
+import time
+
+from .db import MailboxRow, Store
 
 #: not_before of an outbox block that waits for its contact's next cover slot. Below the
 #: messenger's NEVER (blocks for a contact who has not answered yet), far above any clock.
@@ -64,3 +67,34 @@ def receipt_contacts(store: Store) -> list[int]:
     """Contacts with receipts waiting."""
     rows = store._q("SELECT DISTINCT contact_id FROM pending_receipts").fetchall()
     return [int(r[0]) for r in rows]
+
+
+#: A pool mailbox as a MailboxRow (role "pool", never a row of the mailboxes table: its id is
+#: the pool row's, negated, so the two never collide).
+POOL_ROLE = "pool"
+
+
+def pool_rows(store: Store) -> list[MailboxRow]:
+    rows = store._q("SELECT id, descriptor, created_at FROM mailbox_pool ORDER BY id").fetchall()
+    return [MailboxRow(-int(r[0]), POOL_ROLE, None, bytes(r[1]), None, None, int(r[2]))
+            for r in rows]  # fmt: skip
+
+
+def pool_add(store: Store, descriptor: bytes) -> None:
+    store._q(
+        "INSERT INTO mailbox_pool (descriptor, created_at) VALUES (?, ?)",
+        (descriptor, int(time.time())),
+    )
+
+
+def pool_take(store: Store) -> bytes | None:
+    """The oldest pool mailbox, removed from the pool (inside the caller's transaction)."""
+    row = store._q("SELECT id, descriptor FROM mailbox_pool ORDER BY id LIMIT 1").fetchone()
+    if row is None:
+        return None
+    store._q("DELETE FROM mailbox_pool WHERE id = ?", (row[0],))
+    return bytes(row[1])
+
+
+def pool_remove(store: Store, pool_row_id: int) -> None:
+    store._q("DELETE FROM mailbox_pool WHERE id = ?", (-pool_row_id,))

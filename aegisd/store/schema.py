@@ -238,8 +238,23 @@ def _cover_receipts(db: Any) -> None:
     )
 
 
+def _mailbox_pool(db: Any) -> None:
+    """Mailboxes made ahead, at random times, for contacts to come (services/cover.py): a new
+    contact's mailbox is taken from here, so it was not born the moment the contact was."""
+    _run(
+        db,
+        """
+        CREATE TABLE mailbox_pool (
+            id          INTEGER PRIMARY KEY,
+            descriptor  BLOB NOT NULL,          -- an owned mailbox, opaque
+            created_at  INTEGER NOT NULL
+        )
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
-    _cover_receipts,
+    _cover_receipts, _mailbox_pool,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -117,3 +117,29 @@ def test_privacy_cli_and_api(make: Callable[[str], Peer]) -> None:
                         "--home", str(alice.home)], capture_output=True, text=True,
                        timeout=60, check=False)  # fmt: skip
     assert r.returncode == 2 and "'max' is not one of" in r.stderr
+
+
+def test_contact_mailboxes_come_from_a_pool_made_ahead_with_loop_cover(
+    make: Callable[[str], Peer],
+) -> None:
+    """With cover on, each daemon keeps mailboxes made ahead (at random times) that receive
+    loop cover; a new contact takes one, so its mailbox is not born with the contact."""
+    alice, bob = make("alice"), make("bob")
+    for p in (alice, bob):
+        p.wait_connected()
+        p.call("privacy.set", {"level": "default", "interval": FAST})
+    for p in (alice, bob):
+        p.wait_for(lambda p=p: (s := p.call("privacy.get")["slots"])["pool"] == 2
+                   and s["sent"]["loop"] >= 3, "a full pool with loop cover")  # fmt: skip
+        p.call("privacy.set", {"interval": 3600})  # no refill for a while: see what is taken
+    connect(alice, bob)
+    for p in (alice, bob):
+        assert p.call("privacy.get")["slots"]["pool"] == 1, p.name  # one taken, for the contact
+    mid = alice.call("messages.send", {"contact": "bob", "text": "into a pooled mailbox"})
+    for p in (alice, bob):
+        p.call("privacy.set", {"interval": FAST})
+    got = bob.wait_for(lambda: history(bob, "alice"), "the text")
+    assert got[0]["text"] == "into a pooled mailbox" and mid["message_id"]
+    bob.call("messages.send", {"contact": "alice", "text": "and back"})
+    alice.wait_for(lambda: history(alice, "bob")[-1]["text"] == "and back", "the answer")
+    alice.wait_for(lambda: alice.call("privacy.get")["slots"]["pool"] == 2, "the pool refilled")
