@@ -15,9 +15,10 @@ into it, through a connection of its own, at the same rate as a contact would. S
 mailbox was not born with the contact, and does not start receiving blocks when it is taken.
 
 Left out of the slots: call signaling (a call cannot wait), first contact and session renewal.
-A contact silent for OFFLINE_AFTER (no block at all, cover included, arrived from it) gets no
-cover until something arrives again, so that the queue at the relay of someone who is away is
-not filled with cover; real blocks and receipts still go at the ticks.
+A contact silent for OFFLINE_AFTER, or OFFLINE_TICKS intervals if that is shorter (no block at
+all, cover included, arrived from it), gets no cover until something arrives again, so that the
+queue at the relay of someone who is away holds at most about OFFLINE_TICKS cover blocks; real
+blocks and receipts still go at the ticks.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ SETTING_LEVEL = "privacy.level"
 SETTING_TEST_INTERVAL = "privacy.cover_interval"
 #: Mean seconds between two blocks to one contact, per level (None: no cover, no slots).
 LEVELS: dict[str, float | None] = {"off": None, "default": 1200.0, "strong": 120.0}
+#: A contact silent this long (or for OFFLINE_TICKS of its intervals, if shorter) gets no cover:
+#: at most about that many cover blocks wait at the relay for someone who is away.
 OFFLINE_AFTER = 6 * 3600.0
+OFFLINE_TICKS = 32
 RESCAN = 30.0
 POOL_SIZE = 2
 #: Mean wait before making a pool mailbox, as a multiple of the level's interval (default
@@ -192,9 +196,7 @@ class Cover:
                     self.sent["real"] += 1
                 elif self._flush_receipts(contact_id, limit_one=True):
                     self.sent["receipts"] += 1
-                elif time.monotonic() - self._heard.get(
-                    contact_id, 0.0
-                ) < OFFLINE_AFTER and self._send(contact_id, wire.CoverPayload()):
+                elif not self._away(contact_id) and self._send(contact_id, wire.CoverPayload()):
                     self.sent["cover"] += 1
         m._outbox_wake.set()
 
@@ -250,6 +252,11 @@ class Cover:
                 log.info("no pool mailbox this time: %s", type(exc).__name__)
                 continue
             self.changed()
+
+    def _away(self, contact_id: int) -> bool:
+        interval = self.interval() or 0.0
+        silent = time.monotonic() - self._heard.get(contact_id, 0.0)
+        return silent > min(OFFLINE_AFTER, OFFLINE_TICKS * interval)
 
     def _send(self, contact_id: int, payload: Any) -> bool:
         """Encrypt ``payload`` for the contact and queue it, due now (caller holds the lock,
