@@ -20,7 +20,8 @@ def test_demo_runs_end_to_end() -> None:
         timeout=240,
         check=False,
     )
-    assert r.returncode == 0, (r.stdout, r.stderr)
+    # The tails, whole: pytest shortens a tuple's repr, which hid why a run under load failed.
+    assert r.returncode == 0, f"stdout: ...{r.stdout[-2000:]}\nstderr: ...{r.stderr[-2000:]}"
     out = r.stdout
     # Both directions, and the message held by the relay while bob was offline.
     conversation = out.split("7. The conversation")[1]
