@@ -40,6 +40,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import statistics
@@ -103,6 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="3 users, 2 pairs, a few texts, one seed: a check that it all runs")
     ap.add_argument("--json", type=Path, help="write every figure of every run here")
     ap.add_argument("--keep", action="store_true", help="keep the runs' directories (logs)")
+    ap.add_argument("--save", type=Path, metavar="DIR",
+                    help="pickle each run's capture, database rows and truth into DIR")
+    ap.add_argument("--reanalyze", type=Path, nargs="+", metavar="PICKLE",
+                    help="no run: attack and report runs saved with --save")
     args = ap.parse_args(argv)
     if args.smoke:
         args.users, args.pairs, args.messages, args.duration = 3, 2, (5, 6), 10.0
@@ -208,17 +213,29 @@ def to_json(x: Any) -> Any:
 # --- main --------------------------------------------------------------------------------------
 
 
+def analyze(saved: dict[str, Any]) -> dict[str, Any]:
+    """Attack one run and score the attack; the figures as `report` wants them."""
+    data = saved["data"]
+    result = metrics.evaluate(data, adversary.attack(data.capture, data.db))
+    c = result.routes["combined"]
+    log(f"  {saved['config']}, level {saved['level']}, seed {saved['seed']}: "
+        f"{data.seconds:.0f} s; combined: mailbox P@k {c.mbox_p:.2f} AUC {c.mbox_auc:.2f}, "
+        f"user P@k {c.user_p:.2f} AUC {c.user_auc:.2f}")
+    return {"seed": saved["seed"], "seconds": data.seconds, "result": result,
+            "active": saved["active"], "config": saved["config"], "level": saved["level"]}
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 and not args.reanalyze:
         print("bench/linkage.py needs root: it makes a network namespace per user",
               file=sys.stderr)  # fmt: skip
         return 2
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
     # The children import this tree (not whatever the interpreter's site-packages point at).
     os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -229,6 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
     t_all = time.monotonic()
     try:
+        if args.reanalyze:
+            groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+            for path in args.reanalyze:
+                with open(path, "rb") as f:
+                    saved = pickle.load(f)
+                groups.setdefault((saved["config"], saved["level"]), []).append(saved)
+            for (config, level), saved_runs in groups.items():
+                runs = [analyze(s) for s in saved_runs]
+                report(config, level, args, saved_runs[0]["params"], runs)
+                out["runs"] += [{**r, "result": to_json(r["result"])} for r in runs]
+            return 0
         for config in args.configs.split(","):
             for level in args.levels.split(","):
                 runs = []
@@ -239,16 +267,16 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         data = run(base, work, CONFIGS[config], LEVELS[level], args.compress,
                                    seed, drain)  # fmt: skip
-                        found = adversary.attack(data.capture, data.db)
-                        result = metrics.evaluate(data, found)
                     finally:
                         if not args.keep:
                             shutil.rmtree(base, ignore_errors=True)
-                    c = result.routes["combined"]
-                    log(f"  {data.seconds:.0f} s; combined: mailbox P@k {c.mbox_p:.2f} AUC "
-                        f"{c.mbox_auc:.2f}, user P@k {c.user_p:.2f} AUC {c.user_auc:.2f}")
-                    runs.append({"seed": seed, "seconds": data.seconds, "result": result,
-                                 "active": work.active, "config": config, "level": level})
+                    saved = {"seed": seed, "config": config, "level": level, "params": p,
+                             "active": work.active, "data": data}
+                    if args.save is not None:
+                        args.save.mkdir(parents=True, exist_ok=True)
+                        with open(args.save / f"{config}-{level}-{seed}.pickle", "wb") as f:
+                            pickle.dump(saved, f)
+                    runs.append(analyze(saved))
                 report(config, level, args, p, runs)
                 out["runs"] += [{**r, "result": to_json(r["result"])} for r in runs]
     except BenchError as exc:

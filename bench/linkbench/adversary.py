@@ -25,7 +25,10 @@ It never sees the ground truth. What it does:
                  offset (each text draws one receipt the other way);
    - `db-order`  the relay's database: the two mailboxes of a new contact are created together
                  and get neighbouring row numbers;
-   - `combined`  the sum over routes of each route's robust z-score, clipped to [0, 10].
+   - `timing`    echo, lag and counts combined (no address, no database), as `combined`;
+   - `combined`  the sum over routes of each pair's margin: its score minus the best score
+                 either mailbox has with another, in units of the route's spread, clipped to
+                 +-10 (a mailbox is in one conversation: only mutual best matches count).
 
    A user pair's score is the best score of a mailbox pair between their ownership clusters;
    a pair's message count is estimated from the mailbox pairs the route is confident about
@@ -340,19 +343,25 @@ def route_lag(v: View) -> Scores:
 
 
 def route_counts(v: View) -> Scores:
+    """How much tighter than two independent streams the two running counts stay together:
+    sqrt(n) / (1 + mean |d - m|), n the deposits into both, d the difference of the counts
+    after each, m its median (an offset of one, the first hello, is free). Independent
+    streams drift apart like a random walk (|d| ~ sqrt(n)); a conversation's stay within the
+    texts whose receipt has not come back yet; few events prove little either way."""
     out = {}
     for a, b in v.pairs():
         events = sorted([(t, 1) for t in v.mailboxes[a].deposits]
                         + [(t, -1) for t in v.mailboxes[b].deposits])  # fmt: skip
         if not events:
-            out[(a, b)] = -1.0
+            out[(a, b)] = 0.0
             continue
         d, ds = 0, []
         for _, step in events:
             d += step
             ds.append(d)
         mid = round(statistics.median(ds))
-        out[(a, b)] = -(sum(abs(x - mid) for x in ds) / len(ds) + 0.1 * abs(mid))
+        spread = sum(abs(x - mid) for x in ds) / len(ds) + max(0, abs(mid) - 1)
+        out[(a, b)] = math.sqrt(len(ds)) / (1 + spread)
     return out
 
 
@@ -370,27 +379,66 @@ ROUTES: dict[str, Callable[[View], Scores | None]] = {
     "counts": route_counts,
     "db-order": route_db_order,
 }
+# Routes made of others: timing alone (no address, no database), and everything.
+COMPOSITES: dict[str, tuple[str, ...]] = {
+    "timing": ("echo", "lag", "counts"),
+    "combined": tuple(ROUTES),
+}
+
+
+def _scale(vals: list[float]) -> float:
+    med = statistics.median(vals)
+    mad = statistics.median(abs(x - med) for x in vals) * 1.4826
+    if mad > 0:
+        return mad
+    sd = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+    return sd if sd > 0 else 1.0
 
 
 def robust_z(scores: Scores) -> Scores:
     vals = list(scores.values())
     if not vals:
         return {}
-    med = statistics.median(vals)
-    mad = statistics.median(abs(x - med) for x in vals) * 1.4826
-    scale = mad if mad > 0 else (statistics.pstdev(vals) if len(vals) > 1 else 0.0)
-    if scale <= 0:
-        return dict.fromkeys(scores, 0.0)
+    med, scale = statistics.median(vals), _scale(vals)
     return {k: (x - med) / scale for k, x in scores.items()}
 
 
+def margins(scores: Scores) -> Scores:
+    """Each pair's score minus the best score either of its mailboxes has with any other
+    mailbox, in units of the route's spread: positive only for a mutual best match. A
+    mailbox belongs to one conversation, so a route that scores a user's other mailboxes as
+    high (one way only), or many pairs alike, says little about any one of them."""
+    if not scores:
+        return {}
+    top: dict[bytes, list[tuple[float, bytes]]] = {}
+    for (a, b), x in scores.items():
+        for me, other in ((a, b), (b, a)):
+            t = top.setdefault(me, [])
+            t.append((x, other))
+            t.sort(key=lambda e: -e[0])
+            del t[2:]
+    floor = min(scores.values())
+
+    def best_without(me: bytes, other: bytes) -> float:
+        for x, o in top[me]:
+            if o != other:
+                return x
+        return floor
+
+    scale = _scale(list(scores.values()))
+    return {(a, b): (x - max(best_without(a, b), best_without(b, a))) / scale
+            for (a, b), x in scores.items()}  # fmt: skip
+
+
 def combine(routes: dict[str, Scores | None]) -> Scores:
+    """The sum over routes of their margins (clipped to +-Z_CLIP, so that no route decides
+    alone): routes that agree on a mutual best match add up, noise mostly cancels."""
     out: Scores = {}
     for scores in routes.values():
         if scores is None:
             continue
-        for k, z in robust_z(scores).items():
-            out[k] = out.get(k, 0.0) + min(Z_CLIP, max(0.0, z))
+        for k, m in margins(scores).items():
+            out[k] = out.get(k, 0.0) + min(Z_CLIP, max(-Z_CLIP, m))
     return out
 
 
@@ -422,6 +470,7 @@ def attack(cap: Capture, db: RelayDb) -> Attack:
     v = View(cap, db)
     owners = {name: fn(v) for name, fn in OWNERSHIP.items()}
     routes: dict[str, Scores | None] = {name: fn(v) for name, fn in ROUTES.items()}
-    routes["combined"] = combine(routes)
+    for name, parts in COMPOSITES.items():
+        routes[name] = combine({p: routes[p] for p in parts})
     counts = {name: matched_counts(v, s) for name, s in routes.items() if s is not None}
     return Attack(v, owners, routes, counts)
