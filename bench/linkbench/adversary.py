@@ -27,8 +27,9 @@ It never sees the ground truth. What it does:
                  and get neighbouring row numbers;
    - `timing`    echo, lag and counts combined (no address, no database), as `combined`;
    - `combined`  the sum over routes of each pair's margin: its score minus the best score
-                 either mailbox has with another, in units of the route's spread, clipped to
-                 +-10 (a mailbox is in one conversation: only mutual best matches count).
+                 either mailbox has with another, in units of the route's spread, at most 10
+                 (a mailbox is in one conversation: only mutual best matches count; negative
+                 margins only break ties).
 
    A user pair's score is the best score of a mailbox pair between their ownership clusters;
    a pair's message count is estimated from the mailbox pairs the route is confident about
@@ -59,6 +60,7 @@ CO_CLOSE = 0.25  # seconds: connections of one daemon that stops close within th
 CO_OPEN = 1.5  # seconds: and subscribe again within this once it is back
 Z_CONFIDENT = 3.0
 Z_CLIP = 10.0
+TIE_WEIGHT = 0.01
 
 
 def pair(a: bytes, b: bytes) -> Pair:
@@ -430,15 +432,24 @@ def margins(scores: Scores) -> Scores:
             for (a, b), x in scores.items()}  # fmt: skip
 
 
-def combine(routes: dict[str, Scores | None]) -> Scores:
-    """The sum over routes of their margins (clipped to +-Z_CLIP, so that no route decides
-    alone): routes that agree on a mutual best match add up, noise mostly cancels."""
+def combine(routes: dict[str, Scores | None], same_owner: set[Pair]) -> Scores:
+    """The sum over routes of their positive margins (mutual best matches; at most Z_CLIP
+    each, so that no route decides alone), the negative ones only breaking ties (a pair whose
+    mailboxes have better partners elsewhere ranks below one that is merely unexplained).
+    A decisive route is not outvoted by routes that are noise, whose chance mutual best
+    matches have small margins. Two mailboxes the ownership step gave one owner are never a
+    conversation: they rank last and are no one's partner."""
     out: Scores = {}
     for scores in routes.values():
         if scores is None:
             continue
-        for k, m in margins(scores).items():
-            out[k] = out.get(k, 0.0) + min(Z_CLIP, max(-Z_CLIP, m))
+        kept = {k: x for k, x in scores.items() if k not in same_owner}
+        for k, m in margins(kept).items():
+            out[k] = out.get(k, 0.0) + (min(Z_CLIP, m) if m > 0 else TIE_WEIGHT * max(-Z_CLIP, m))
+    low = min(out.values(), default=0.0) - 1.0
+    for scores in routes.values():
+        for k in scores or {}:
+            out.setdefault(k, low)
     return out
 
 
@@ -470,7 +481,9 @@ def attack(cap: Capture, db: RelayDb) -> Attack:
     v = View(cap, db)
     owners = {name: fn(v) for name, fn in OWNERSHIP.items()}
     routes: dict[str, Scores | None] = {name: fn(v) for name, fn in ROUTES.items()}
+    cluster = {o: i for i, c in enumerate(owners["combined"]) for o in c}
+    same = {p for p in v.pairs() if cluster.get(p[0], -1) == cluster.get(p[1], -2)}
     for name, parts in COMPOSITES.items():
-        routes[name] = combine({p: routes[p] for p in parts})
+        routes[name] = combine({p: routes[p] for p in parts}, same)
     counts = {name: matched_counts(v, s) for name, s in routes.items() if s is not None}
     return Attack(v, owners, routes, counts)
