@@ -247,12 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.monotonic()
     try:
         if args.reanalyze:
-            groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+            groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
             for path in args.reanalyze:
                 with open(path, "rb") as f:
                     saved = pickle.load(f)
-                groups.setdefault((saved["config"], saved["level"]), []).append(saved)
-            for (config, level), saved_runs in groups.items():
+                key = (saved["config"], saved["level"], repr(saved["params"]))
+                groups.setdefault(key, []).append(saved)
+            for (config, level, _), saved_runs in groups.items():
                 runs = [analyze(s) for s in saved_runs]
                 report(config, level, args, saved_runs[0]["params"], runs)
                 out["runs"] += [{**r, "result": to_json(r["result"])} for r in runs]

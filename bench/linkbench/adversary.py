@@ -23,13 +23,18 @@ It never sees the ground truth. What it does:
                  2, 8 or 32 s: replies and receipts), for when delivery times say little;
    - `counts`    running-count tracking: the two mailboxes' deposit counts stay equal up to an
                  offset (each text draws one receipt the other way);
+   - `absence`   while a mailbox's owner is away (its subscription closed until it comes
+                 back), deposits into the other stop (no texts, no cover): the deficit against
+                 its usual rate, both ways;
    - `db-order`  the relay's database: the two mailboxes of a new contact are created together
                  and get neighbouring row numbers;
-   - `timing`    echo, lag and counts combined (no address, no database), as `combined`;
-   - `combined`  the sum over routes of each pair's margin: its score minus the best score
-                 either mailbox has with another, in units of the route's spread, at most 10
-                 (a mailbox is in one conversation: only mutual best matches count; negative
-                 margins only break ties).
+   - `timing`    echo, lag, counts and absence combined (no address, no database);
+   - `combined`  all of them: per route, each pair's margin (its score minus the best score
+                 either mailbox has with another, in units of the route's spread; positive
+                 only for a mutual best match, since a mailbox is in one conversation), at
+                 most 10, weighted by how many more mailboxes the route matches than random
+                 scores would, summed;
+                 pairs within one ownership cluster excluded.
 
    A user pair's score is the best score of a mailbox pair between their ownership clusters;
    a pair's message count is estimated from the mailbox pairs the route is confident about
@@ -41,6 +46,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
+import random
 import statistics
 from collections import Counter
 from collections.abc import Callable
@@ -58,9 +64,12 @@ ECHO_WINDOWS = (1.0, 4.0, 16.0)
 LAG_WINDOWS = (2.0, 8.0, 32.0)
 CO_CLOSE = 0.25  # seconds: connections of one daemon that stops close within this
 CO_OPEN = 1.5  # seconds: and subscribe again within this once it is back
+AWAY_SETTLE = 1.0  # seconds after a close before deposits in flight are done
 Z_CONFIDENT = 3.0
 Z_CLIP = 10.0
 TIE_WEIGHT = 0.01
+MIN_WEIGHT = 0.05
+NULL_DRAWS = 30
 
 
 def pair(a: bytes, b: bytes) -> Pair:
@@ -367,6 +376,47 @@ def route_counts(v: View) -> Scores:
     return out
 
 
+def away_windows(v: View, owner: bytes) -> list[tuple[float, float]]:
+    """When the owner of a mailbox was away: from a close of its subscription's connection
+    to its next subscription (its daemon stopped, its network went down)."""
+    m = v.mailboxes[owner]
+    subs = sorted(t for _, t in m.subs)
+    out = []
+    for cid, _ in m.subs:
+        closed = v.conns[cid].closed
+        if closed is None:
+            continue
+        back = next((t for t in subs if t > closed), v.end)
+        if back - closed > 2 * AWAY_SETTLE:
+            out.append((closed + AWAY_SETTLE, back))
+    return out
+
+
+def _deficit(deposits: list[float], windows: list[tuple[float, float]], span: float) -> float:
+    """How many fewer deposits than its usual rate a mailbox got during `windows`."""
+    inside = sum(b - a for a, b in windows)
+    if inside <= 0 or span - inside <= 0 or not deposits:
+        return 0.0
+    n_in = sum(1 for t in deposits for a, b in windows if a <= t < b)
+    expected = (len(deposits) - n_in) / (span - inside) * inside
+    return (expected - n_in) / math.sqrt(expected + 1.0)
+
+
+def route_absence(v: View) -> Scores:
+    """While someone is away they deposit nothing: the mailboxes that go quiet when the owner
+    of another goes away are that owner's contacts' (and the other way round)."""
+    away = {o: away_windows(v, o) for o in v.candidates}
+    out = {}
+    for a, b in v.pairs():
+        ma, mb = v.mailboxes[a], v.mailboxes[b]
+        d1 = _deficit(mb.deposits, away[a], v.duration)  # b goes quiet while a's owner is away
+        d2 = _deficit(ma.deposits, away[b], v.duration)
+        # Both ways: every contact of a's owner goes quiet while that owner is away, but only
+        # the partner's own mailbox goes quiet when the partner is.
+        out[(a, b)] = min(d1, d2) + 0.1 * max(d1, d2)
+    return out
+
+
 def route_db_order(v: View) -> Scores | None:
     rows = {o: v.mailboxes[o].row for o in v.candidates}
     if not rows or any(r is None for r in rows.values()):
@@ -379,11 +429,12 @@ ROUTES: dict[str, Callable[[View], Scores | None]] = {
     "echo": route_echo,
     "lag": route_lag,
     "counts": route_counts,
+    "absence": route_absence,
     "db-order": route_db_order,
 }
 # Routes made of others: timing alone (no address, no database), and everything.
 COMPOSITES: dict[str, tuple[str, ...]] = {
-    "timing": ("echo", "lag", "counts"),
+    "timing": ("echo", "lag", "counts", "absence"),
     "combined": tuple(ROUTES),
 }
 
@@ -406,46 +457,67 @@ def robust_z(scores: Scores) -> Scores:
 
 
 def margins(scores: Scores) -> Scores:
-    """Each pair's score minus the best score either of its mailboxes has with any other
-    mailbox, in units of the route's spread: positive only for a mutual best match. A
-    mailbox belongs to one conversation, so a route that scores a user's other mailboxes as
-    high (one way only), or many pairs alike, says little about any one of them."""
+    """How far each pair's score stands above the best score either of its mailboxes has with
+    any other mailbox, in units of that mailbox's spread of scores (the smaller of the two
+    sides): positive only for a mutual best match. A mailbox belongs to one conversation, so
+    a route that scores a user's other mailboxes as high (one way only), or many pairs alike,
+    says little about any one of them."""
     if not scores:
         return {}
-    top: dict[bytes, list[tuple[float, bytes]]] = {}
+    rows: dict[bytes, list[tuple[float, bytes]]] = {}
     for (a, b), x in scores.items():
-        for me, other in ((a, b), (b, a)):
-            t = top.setdefault(me, [])
-            t.append((x, other))
-            t.sort(key=lambda e: -e[0])
-            del t[2:]
+        rows.setdefault(a, []).append((x, b))
+        rows.setdefault(b, []).append((x, a))
+    overall = _scale(list(scores.values()))
+    top, scale = {}, {}
+    for me, row in rows.items():
+        row.sort(key=lambda e: -e[0])
+        top[me] = row[:2]
+        vals = [x for x, _ in row]
+        scale[me] = _scale(vals) if len(vals) > 2 else overall
     floor = min(scores.values())
 
-    def best_without(me: bytes, other: bytes) -> float:
-        for x, o in top[me]:
-            if o != other:
-                return x
-        return floor
+    def side(me: bytes, other: bytes, x: float) -> float:
+        best = next((y for y, o in top[me] if o != other), floor)
+        return (x - best) / scale[me]
 
-    scale = _scale(list(scores.values()))
-    return {(a, b): (x - max(best_without(a, b), best_without(b, a))) / scale
-            for (a, b), x in scores.items()}  # fmt: skip
+    return {(a, b): min(side(a, b, x), side(b, a, x)) for (a, b), x in scores.items()}
+
+
+def _matched_share(m: Scores) -> float:
+    """The share of mailboxes in a mutual best match (a positive margin)."""
+    boxes = {x for k in m for x in k}
+    matched = {x for k, z in m.items() if z > 0 for x in k}
+    return len(matched) / len(boxes) if boxes else 0.0
+
+
+def decisiveness(m: Scores, rng: random.Random) -> float:
+    """How much more of the mailboxes a route pairs as mutual best matches than scores drawn
+    at random for the same pairs would (0: no better than noise, 1: every mailbox)."""
+    share = _matched_share(m)
+    null = statistics.fmean(_matched_share(margins({k: rng.random() for k in m}))
+                            for _ in range(NULL_DRAWS))  # fmt: skip
+    return max(0.0, (share - null) / (1.0 - null)) if null < 1 else 0.0
 
 
 def combine(routes: dict[str, Scores | None], same_owner: set[Pair]) -> Scores:
     """The sum over routes of their positive margins (mutual best matches; at most Z_CLIP
-    each, so that no route decides alone), the negative ones only breaking ties (a pair whose
-    mailboxes have better partners elsewhere ranks below one that is merely unexplained).
-    A decisive route is not outvoted by routes that are noise, whose chance mutual best
-    matches have small margins. Two mailboxes the ownership step gave one owner are never a
-    conversation: they rank last and are no one's partner."""
+    each), each route weighted by its decisiveness (how many more mailboxes it matches than
+    noise would), the negative margins only breaking ties
+    (a pair whose mailboxes have better partners elsewhere ranks below one that is merely
+    unexplained). So a decisive route is not outvoted by routes that are noise. Two mailboxes
+    the ownership step gave one owner are never a conversation: they rank last and are no
+    one's partner."""
     out: Scores = {}
+    rng = random.Random(0)
     for scores in routes.values():
         if scores is None:
             continue
-        kept = {k: x for k, x in scores.items() if k not in same_owner}
-        for k, m in margins(kept).items():
-            out[k] = out.get(k, 0.0) + (min(Z_CLIP, m) if m > 0 else TIE_WEIGHT * max(-Z_CLIP, m))
+        m = margins({k: x for k, x in scores.items() if k not in same_owner})
+        w = max(MIN_WEIGHT, decisiveness(m, rng))
+        for k, z in m.items():
+            out[k] = out.get(k, 0.0) + w * (min(Z_CLIP, z) if z > 0
+                                            else TIE_WEIGHT * max(-Z_CLIP, z))  # fmt: skip
     low = min(out.values(), default=0.0) - 1.0
     for scores in routes.values():
         for k in scores or {}:

@@ -5,9 +5,11 @@
   its 95th percentile (hypergeometric) is printed too, since N is small.
 - **AUC**: the probability that a true pair scores above a false one (ties count half;
   Mann-Whitney). Random: 0.5.
-- **Count correlation**: over every user pair (contacts or not), the adversary's estimate of
-  the number of texts they exchanged against the true number; Pearson's r (and Spearman's rho,
-  ranks with ties averaged). Random: 0. "-" when the estimate is the same for every pair.
+- **Count correlation**: over the true contact pairs (idle ones included; whether a pair is
+  a contact at all is what P@k and AUC measure), the adversary's estimate of the number of
+  texts each exchanged (0 for a pair it did not find) against the true number; Pearson's r
+  (and Spearman's rho, ranks with ties averaged). Random: 0. "-" when the estimate is the
+  same for every pair.
 - **When**: given the conversation (the true mailbox a text went to), how close the nearest
   deposit into it comes to the moment the text was sent (median, 90th percentile); and the
   resolution: the smallest time bin at which the deposits per bin into those mailboxes
@@ -310,8 +312,9 @@ def evaluate(data: RunData, attack: Attack) -> Result:
             if ua is not None and ub is not None and ua != ub:
                 key = (min(ua, ub), max(ua, ub))
                 est[key] = est.get(key, 0.0) + n
-        xs = [est.get(p, 0.0) for p in user_universe]
-        ys = [float(counts[p]) for p in user_universe]
+        contacts = [p for p in user_universe if p in true_user]
+        xs = [est.get(p, 0.0) for p in contacts]
+        ys = [float(counts[p]) for p in contacts]
         f.count_r, f.count_rho = pearson(xs, ys), spearman(xs, ys)
         routes[name] = f
 
