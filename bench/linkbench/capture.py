@@ -227,11 +227,10 @@ class Network:
         upstream: asyncio.StreamWriter | None = None
         try:
             ur, upstream = await asyncio.open_connection("127.0.0.1", self.relay_port)
-            frames = self.capture.frames  # list.append is atomic enough for one loop thread
-            done = asyncio.Event()
+            frames = self.capture.frames  # appended on this loop's thread only
             await asyncio.gather(
-                self._pipe(reader, upstream, WsDecoder(cid, True, frames), conn, done),
-                self._pipe(ur, writer, WsDecoder(cid, False, frames), conn, done),
+                self._pipe(reader, upstream, WsDecoder(cid, True, frames), conn),
+                self._pipe(ur, writer, WsDecoder(cid, False, frames), conn),
             )
         except (OSError, asyncio.IncompleteReadError):
             pass
@@ -247,7 +246,7 @@ class Network:
 
     @staticmethod
     async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, dec: WsDecoder,
-                    conn: Conn, done: asyncio.Event) -> None:  # fmt: skip
+                    conn: Conn) -> None:  # fmt: skip
         try:
             while data := await src.read(262144):
                 dec.feed(data, time.time())
@@ -260,7 +259,6 @@ class Network:
             if conn.closed is None:
                 conn.closed = time.time()
             dst.close()
-            done.set()
 
     # --- per-user forwarders ----------------------------------------------------------------
 
