@@ -20,8 +20,9 @@ offline `--offline` times); every text is delivered and its receipt back before 
 ends. Then the adversary (bench/linkbench/adversary.py) gets only what the relay sees (a
 capture in front of it: each connection's source address and times, each frame's type, size,
 mailbox id and time) and the relay's data directory, and tries every route: by address, by
-timing (receipt echo, deposit lags, running counts, connections that close and come back
-together) and by the database's row order. Figures (bench/linkbench/metrics.py): precision
+timing (receipt echo, deposit lags, running counts, deposits that stop while someone is away,
+and connections that close and come back together, which group mailboxes by owner) and by
+the database's row order. Figures (bench/linkbench/metrics.py): precision
 at k and AUC at the mailbox and the user level against random guessing, the correlation of
 the per-pair counts it recovers with the truth, and how precisely it dates a text.
 

@@ -6,7 +6,8 @@ It never sees the ground truth. What it does:
    relay answers CREATE with both; its database keeps their hashes side by side), every
    successful deposit into each mailbox and when, every delivery (MSG) and when, which
    connection subscribed which mailbox and when it closed, each connection's source address,
-   and the mailboxes' row order in its database.
+   and the mailboxes' row order in its database (`SELECT rowid`: a random primary key in a
+   table that has a rowid still keeps the insertion order there).
 
 2. **Ownership**: which mailboxes belong to the same person (`owners_*`), by address (the same
    source address or connection subscribes or manages them) and by timing (their subscription
@@ -21,8 +22,9 @@ It never sees the ground truth. What it does:
                  (a delivery receipt), more often than chance (windows 1, 4, 16 s);
    - `lag`       the same from deposits only (deposit into one, deposit into the other within
                  2, 8 or 32 s: replies and receipts), for when delivery times say little;
-   - `counts`    running-count tracking: the two mailboxes' deposit counts stay equal up to an
-                 offset (each text draws one receipt the other way);
+   - `counts`    running-count tracking: the two mailboxes' deposit counts stay together
+                 (each text draws one receipt the other way), much tighter than two
+                 independent streams, which drift apart like a random walk;
    - `absence`   while a mailbox's owner is away (its subscription closed until it comes
                  back), deposits into the other stop (no texts, no cover): the deficit against
                  its usual rate, both ways;
@@ -30,11 +32,11 @@ It never sees the ground truth. What it does:
                  and get neighbouring row numbers;
    - `timing`    echo, lag, counts and absence combined (no address, no database);
    - `combined`  all of them: per route, each pair's margin (its score minus the best score
-                 either mailbox has with another, in units of the route's spread; positive
-                 only for a mutual best match, since a mailbox is in one conversation), at
-                 most 10, weighted by how many more mailboxes the route matches than random
-                 scores would, summed;
-                 pairs within one ownership cluster excluded.
+                 either mailbox has with another, in units of that mailbox's spread of
+                 scores; positive only for a mutual best match, since a mailbox is in one
+                 conversation), at most 10, weighted by how many more mailboxes the route
+                 matches than random scores would, summed; never two mailboxes of one
+                 ownership cluster.
 
    A user pair's score is the best score of a mailbox pair between their ownership clusters;
    a pair's message count is estimated from the mailbox pairs the route is confident about
