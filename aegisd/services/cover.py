@@ -14,6 +14,14 @@ after an exponential wait when one is taken), and each receives loop cover: the 
 into it, through a connection of its own, at the same rate as a contact would. So a new contact's
 mailbox was not born with the contact, and does not start receiving blocks when it is taken.
 
+Gap filling: when a contact goes silent (nothing opened from it for a random 2 to 4 of its
+intervals: it is away), the daemon deposits loop cover into its own mailbox for that contact,
+at the same rate, until something from the contact arrives. So while someone is away, the
+mailboxes their contacts receive on keep receiving at the same rate, and a relay that sees that
+person's connections close does not see their contacts' mailboxes go quiet (measured as the
+"absence" route of bench/linkage.py). Loop blocks carry a tag only this profile can check (an
+HMAC under a local key), so the daemon drops its own without trying to decrypt them.
+
 Left out of the slots: call signaling (a call cannot wait), first contact and session renewal.
 A contact silent for OFFLINE_AFTER, or OFFLINE_TICKS intervals if that is shorter (no block at
 all, cover included, arrived from it), gets no cover until something arrives again, so that the
@@ -25,6 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import random
 import time
@@ -54,6 +64,12 @@ LEVELS: dict[str, float | None] = {"off": None, "default": 1200.0, "strong": 120
 #: at most about that many cover blocks wait at the relay for someone who is away.
 OFFLINE_AFTER = 6 * 3600.0
 OFFLINE_TICKS = 32
+#: Silence, in intervals, after which a contact's mailbox is filled with our own loop cover:
+#: drawn anew, uniformly, for each silence, so the moment filling starts varies.
+FILL_AFTER = (2.0, 4.0)
+SETTING_LOOP_KEY = "privacy.loop_key"
+LOOP_NONCE = 16
+LOOP_TAG = 16
 RESCAN = 30.0
 POOL_SIZE = 2
 #: Mean wait before making a pool mailbox, as a multiple of the level's interval (default
@@ -79,9 +95,12 @@ class Cover:
         self._pool_wake = asyncio.Event()
         self._next: dict[int, float] = {}  # contact id -> monotonic time of its next tick
         self._heard: dict[int, float] = {}  # contact id -> monotonic time something came
+        self._fill_after: dict[int, float] = {}  # contact id -> silence (s) before filling
+        self._fill_next: dict[int, float] = {}  # contact id -> next loop block into its mailbox
+        self._loop_key: bytes | None = None
         self._rng = random.SystemRandom()
         #: Counters for tests and `privacy.get`: blocks sent at ticks, by what they carried.
-        self.sent = {"real": 0, "receipts": 0, "cover": 0, "loop": 0}
+        self.sent = {"real": 0, "receipts": 0, "cover": 0, "loop": 0, "fill": 0}
 
     # --- settings ---------------------------------------------------------------------------
 
@@ -121,8 +140,38 @@ class Cover:
         self._pool_wake.set()
 
     def heard(self, contact_id: int) -> None:
-        """A block from this contact opened (cover included): it is online."""
+        """A block from this contact opened (cover included): it is online; stop filling."""
         self._heard[contact_id] = time.monotonic()
+        self._fill_after.pop(contact_id, None)
+        self._fill_next.pop(contact_id, None)
+
+    # --- loop blocks --------------------------------------------------------------------
+
+    def _key(self) -> bytes:
+        if self._loop_key is None:
+            store = self.m.store
+            hexkey = store.get_setting(SETTING_LOOP_KEY)
+            if not isinstance(hexkey, str):
+                hexkey = self._rng.randbytes(32).hex()
+                store.set_setting(SETTING_LOOP_KEY, hexkey)
+            self._loop_key = bytes.fromhex(hexkey)
+        return self._loop_key
+
+    def loop_block(self) -> bytes:
+        """A block that looks like any ratchet block (the version byte, then bytes the relay
+        cannot tell from random) and that only this profile recognises."""
+        nonce = self._rng.randbytes(LOOP_NONCE)
+        tag = hmac.new(self._key(), nonce, hashlib.sha256).digest()[:LOOP_TAG]
+        rest = self._rng.randbytes(wire.BLOCK_SIZE - 1 - LOOP_NONCE - LOOP_TAG)
+        return bytes([wire.VERSION]) + nonce + tag + rest
+
+    def is_loop(self, block: bytes) -> bool:
+        if len(block) != wire.BLOCK_SIZE:
+            return False
+        nonce = block[1 : 1 + LOOP_NONCE]
+        tag = block[1 + LOOP_NONCE : 1 + LOOP_NONCE + LOOP_TAG]
+        want = hmac.new(self._key(), nonce, hashlib.sha256).digest()[:LOOP_TAG]
+        return hmac.compare_digest(tag, want)
 
     async def level_changed(self) -> None:
         """After privacy.set: with cover off, everything waiting leaves now."""
@@ -167,12 +216,19 @@ class Cover:
             for cid in wanted - set(self._next):
                 self._next[cid] = now + self._rng.expovariate(1.0 / interval)
                 self._heard.setdefault(cid, now)
+            self._schedule_fills(interval, now, wanted)
             # New contacts are picked up at a wake-up (changed()) or within RESCAN seconds.
-            due = min(self._next.values(), default=now + RESCAN)
+            due = min([*self._next.values(), *self._fill_next.values()], default=now + RESCAN)
             if due > now:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), min(due - now, RESCAN))
                 continue
+            for cid, at in list(self._fill_next.items()):
+                if at <= now:
+                    self._fill_next[cid] = now + self._rng.expovariate(1.0 / interval)
+                    task = asyncio.create_task(self._fill_tick(cid))
+                    self._loops.add(task)
+                    task.add_done_callback(self._loops.discard)
             for cid, at in list(self._next.items()):
                 if at <= now:
                     self._next[cid] = now + self._rng.expovariate(1.0 / interval)
@@ -180,6 +236,19 @@ class Cover:
                         await self._tick(cid)
                     except Exception as exc:  # never let the ticks stop
                         log.error("a cover tick failed: %s", type(exc).__name__)
+
+    def _schedule_fills(self, interval: float, now: float, wanted: set[int]) -> None:
+        """Start filling the mailbox of each contact silent for its drawn number of
+        intervals; stop for contacts no longer there."""
+        for cid in [c for c in self._fill_next if c not in wanted]:
+            del self._fill_next[cid]
+        for cid in (c for c in wanted if c > 0 and c not in self._fill_next):
+            after = self._fill_after.setdefault(cid, self._rng.uniform(*FILL_AFTER) * interval)
+            silent_since = self._heard.setdefault(cid, now)
+            if now - silent_since >= after:
+                self._fill_next[cid] = now + self._rng.expovariate(1.0 / interval)
+            else:  # look again when it would be due
+                self._fill_next.pop(cid, None)
 
     async def _tick(self, contact_id: int) -> None:
         if contact_id < 0:  # network I/O: not in the way of the other ticks
@@ -201,19 +270,27 @@ class Cover:
         m._outbox_wake.set()
 
     async def _loop_tick(self, pool_row_id: int) -> None:
-        """Loop cover into one of our own pool mailboxes: a block of random bytes behind the
-        version byte, which looks like any ratchet block; dropped when it comes back."""
+        """Loop cover into one of our own pool mailboxes (dropped when it comes back)."""
+        row = next((r for r in slots.pool_rows(self.m.store) if r.id == pool_row_id), None)
+        if row is not None:
+            await self._loop_into(row.descriptor)
+
+    async def _fill_tick(self, contact_id: int) -> None:
+        """Loop cover into our mailbox for a contact that is away (gap filling)."""
+        row = self.m.store.mailbox_for_contact(contact_id)
+        if row is not None:
+            await self._loop_into(row.descriptor)
+            self.sent["fill"] = self.sent.get("fill", 0) + 1
+
+    async def _loop_into(self, descriptor: bytes) -> None:
         from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
         from relay.client import RelayError
 
         from .mailbox import OwnedMailbox
 
         m = self.m
-        row = next((r for r in slots.pool_rows(m.store) if r.id == pool_row_id), None)
-        if row is None:
-            return
-        mb = OwnedMailbox.from_bytes(row.descriptor)
-        block = bytes([wire.VERSION]) + self._rng.randbytes(wire.BLOCK_SIZE - 1)
+        mb = OwnedMailbox.from_bytes(descriptor)
+        block = self.loop_block()
         try:
             client, own = await with_relay(mb.relay_url, m.link, m.network())
             try:
@@ -288,5 +365,6 @@ class Cover:
             "interval": interval,
             "contacts": sum(1 for k in self._next if k > 0),
             "pool": len(slots.pool_rows(self.m.store)),
+            "filling": len(self._fill_next),
             "sent": dict(self.sent),
         }

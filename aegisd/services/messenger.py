@@ -1064,8 +1064,8 @@ class Messenger:
             else:
                 async with self.lock:
                     try:
-                        if row.role == cover_slots.POOL_ROLE:
-                            pass  # loop cover into a mailbox made ahead: nothing in it
+                        if row.role == cover_slots.POOL_ROLE or self.cover.is_loop(block):
+                            pass  # our own loop cover (a pool mailbox, or gap filling)
                         elif row.role == "contact":
                             if row.contact_id is not None:
                                 self._receive_from_contact(row.contact_id, block)

@@ -143,3 +143,30 @@ def test_contact_mailboxes_come_from_a_pool_made_ahead_with_loop_cover(
     bob.call("messages.send", {"contact": "alice", "text": "and back"})
     alice.wait_for(lambda: history(alice, "bob")[-1]["text"] == "and back", "the answer")
     alice.wait_for(lambda: alice.call("privacy.get")["slots"]["pool"] == 2, "the pool refilled")
+
+
+def test_a_contact_away_has_its_mailbox_filled_by_the_one_it_writes_to(
+    make: Callable[[str], Peer],
+) -> None:
+    """While bob is away, alice deposits loop cover into her own mailbox for bob at bob's rate,
+    so that her mailbox does not go quiet when bob's connections close (the relay would pair
+    them); she drops her own blocks unopened, and stops when bob is back."""
+    alice, bob = make("alice"), make("bob")
+    connect(alice, bob)
+    for p in (alice, bob):
+        p.call("privacy.set", {"level": "default", "interval": FAST})
+    alice.wait_for(lambda: alice.call("privacy.get")["slots"]["sent"]["cover"] >= 3, "cover")
+    assert alice.call("privacy.get")["slots"]["filling"] == 0  # bob is there
+    bob.stop()
+    got = alice.wait_for(
+        lambda: (s := alice.call("privacy.get")["slots"])["filling"] == 1
+        and s["sent"]["fill"] >= 5 and s, "alice filling her mailbox for bob")  # fmt: skip
+    assert got["sent"]["fill"] >= 5
+    assert history(alice, "bob") == []  # her own loop blocks: dropped, never shown
+    bob.proc = DaemonProc(bob.home, ["--test-methods"], None)
+    bob.proc.wait_ready()
+    alice.wait_for(lambda: alice.call("privacy.get")["slots"]["filling"] == 0,
+                   "filling stops when bob is back")  # fmt: skip
+    assert history(alice, "bob") == []
+    err = alice.proc.stderr() if alice.proc is not None else ""
+    assert "did not decrypt" not in err
