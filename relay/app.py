@@ -145,14 +145,12 @@ class MailboxState:
 
 
 class Subscription:
-    __slots__ = ("active", "again", "backlog", "conn", "gen", "last", "mb", "owner_id",
-                 "pumping")
+    __slots__ = ("active", "again", "backlog", "conn", "gen", "mb", "owner_id", "pumping")
 
     def __init__(self, conn: Connection, mb: MailboxState, owner_id: bytes) -> None:
         self.conn = conn
         self.mb = mb
         self.owner_id = owner_id
-        self.last = 0
         self.backlog = True
         self.gen = 0
         self.pumping = False
@@ -301,15 +299,19 @@ class Relay:
     # --- delivery --------------------------------------------------------------------------------
 
     def stored(self, mb: MailboxState, rowid: int, sealed: bytes) -> None:
-        """A block was durably queued: push it at once to a subscriber with room in its window."""
+        """A block was durably queued: push it at once to a subscriber with room in its window.
+
+        Without a backlog every older block of the mailbox is already out on this connection,
+        so the new one is next in the mailbox's order. Handles are order keys that start again
+        at random when a queue empties (storage), so a block already out is recognised by
+        membership in `out_rows`, never by comparing handles."""
         sub = mb.sub
         if sub is None or not sub.active:
             return
         sub.gen += 1
         conn = sub.conn
-        if (not sub.backlog and not sub.pumping and rowid > sub.last
-                and conn.outstanding(mb.id) < self.cfg.window and not conn.congested()):
-            sub.last = rowid
+        if (not sub.backlog and not sub.pumping and conn.outstanding(mb.id) < self.cfg.window
+                and not conn.congested()):
             conn.push(sub.owner_id, mb, rowid, sealed, 0)
         else:
             sub.backlog = True
@@ -336,8 +338,9 @@ class Relay:
                 if room <= 0:
                     break
                 gen = sub.gen
-                limit = room + len(out)
-                rows = await self.storage.queued(mb.id, sub.last, limit)
+                limit = room
+                # The oldest blocks not already out on this connection, in the mailbox's order.
+                rows = await self.storage.queued(mb.id, out, limit)
                 if not sub.active:
                     break
                 out = conn.out_rows.get(mb.id, set())
@@ -345,7 +348,6 @@ class Relay:
                 room = self.cfg.window - len(out)
                 for rowid, sealed in fresh[:room]:
                     conn.push(sub.owner_id, mb, rowid, sealed, 0)
-                    sub.last = max(sub.last, rowid)
                 if len(rows) < limit and len(fresh) <= room and sub.gen == gen:
                     sub.backlog = False
         except StorageError as exc:
@@ -722,7 +724,7 @@ async def h_fetch(c: Connection, f: wire.Frame) -> None:
     want = min(args[0], c.cfg.window - len(out))
     sent = 0
     if want > 0:
-        rows = await c.relay.storage.queued(mb.id, 0, want + len(out))
+        rows = await c.relay.storage.queued(mb.id, out, want)
         out = c.out_rows.get(mb.id, set())
         for rowid, sealed in [r for r in rows if r[0] not in out][:want]:
             c.push(owner_id, mb, rowid, sealed, f.rid)

@@ -5,9 +5,11 @@ one writer thread that runs every queued operation of a batch in one transaction
 so a deposit is acknowledged only once durable while throughput stays high. A later backend
 (several relay nodes) implements the same `Storage` protocol.
 
-What is on disk is only what delivery needs: mailbox rows keyed by SHA-256 of their IDs (the IDs
-themselves are never written), queued blocks already re-encrypted for the owner, their mailbox's
-row number and a coarse expiry; prekey bundles; blobs keyed by a hash of their ID.
+What is on disk is only what delivery needs: mailbox rows with SHA-256 of their IDs (the IDs
+themselves are never written), queued blocks already re-encrypted for the owner, their mailbox,
+their order within it and a coarse expiry; prekey bundles; blobs keyed by a hash of their ID.
+Every row key is random and only one mailbox's blocks are ordered, so the database keeps no order
+across mailboxes (docs/relay-protocol.md §8 says what the file still orders).
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import contextlib
 import hashlib
 import os
 import queue
+import secrets
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 T = TypeVar("T")
 
 
@@ -72,7 +75,8 @@ class Storage(Protocol):
     # enqueue and remove return a future rather than being coroutines, so the hot paths can
     # attach a callback instead of running a task per frame.
     def enqueue(self, mailbox: int, expiry: int, sealed: bytes) -> asyncio.Future[int]: ...
-    async def queued(self, mailbox: int, after: int, limit: int) -> list[tuple[int, bytes]]: ...
+    async def queued(self, mailbox: int, skip: Collection[int],
+                     limit: int) -> list[tuple[int, bytes]]: ...
     def remove(self, mailbox: int, ids: list[int]) -> asyncio.Future[int]: ...
     async def expire(self, now: int) -> dict[int, int]: ...
     async def set_bundle_base(self, mailbox: int, base: bytes) -> None: ...
@@ -89,6 +93,9 @@ class Storage(Protocol):
     async def checkpoint(self) -> None: ...
 
 
+# Every row key is a random integer (`new_key`), never a sequence: the order of keys says
+# nothing about the order of creation. `seq` orders the blocks of one mailbox only (delivery
+# needs that); see `next_seq`.
 _SCHEMA = """
 CREATE TABLE mailboxes (
     id INTEGER PRIMARY KEY,
@@ -101,12 +108,13 @@ CREATE TABLE mailboxes (
     tokens BLOB NOT NULL
 );
 CREATE TABLE messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: delivery order relies on it
+    id INTEGER PRIMARY KEY,
     mailbox INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
     expiry INTEGER NOT NULL,
     block BLOB NOT NULL
 );
-CREATE INDEX messages_mailbox ON messages(mailbox, id);
+CREATE UNIQUE INDEX messages_mailbox ON messages(mailbox, seq);
 CREATE INDEX messages_expiry ON messages(expiry);
 CREATE TABLE bundles (mailbox INTEGER PRIMARY KEY, base BLOB NOT NULL);
 CREATE TABLE bundle_items (
@@ -126,7 +134,139 @@ CREATE TABLE blobs (
 CREATE INDEX blobs_expiry ON blobs(expiry);
 """
 
+# Schema 1 as it was written to disk: what `upgrade_from_1` reads (and what the tests and
+# bench/relay_disk.py make as the format being upgraded and as the baseline).
+SCHEMA_1 = """
+CREATE TABLE mailboxes (id INTEGER PRIMARY KEY, owner_key BLOB NOT NULL UNIQUE,
+    deposit_key BLOB NOT NULL UNIQUE, sig_pub BLOB NOT NULL, box_secret BLOB NOT NULL,
+    owner_box_pub BLOB NOT NULL, public INTEGER NOT NULL, tokens BLOB NOT NULL);
+CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, mailbox INTEGER NOT NULL,
+    expiry INTEGER NOT NULL, block BLOB NOT NULL);
+CREATE INDEX messages_mailbox ON messages(mailbox, id);
+CREATE INDEX messages_expiry ON messages(expiry);
+CREATE TABLE bundles (mailbox INTEGER PRIMARY KEY, base BLOB NOT NULL);
+CREATE TABLE bundle_items (id INTEGER PRIMARY KEY, mailbox INTEGER NOT NULL,
+    kind INTEGER NOT NULL, item BLOB NOT NULL);
+CREATE INDEX bundle_items_mailbox ON bundle_items(mailbox, kind, id);
+CREATE TABLE blobs (id INTEGER PRIMARY KEY, key BLOB NOT NULL UNIQUE, cap_hash BLOB NOT NULL,
+    expiry INTEGER NOT NULL, block BLOB NOT NULL);
+CREATE INDEX blobs_expiry ON blobs(expiry);
+PRAGMA user_version=1;
+"""
+
+
+KEY_MAX = 2**63 - 1
+#: A mailbox's first queued block gets a random order key below SEQ_START; each next one the
+#: last key plus a random step in [1, SEQ_STEP]. So the keys order one mailbox's blocks and say
+#: neither how many came before (a queue that empties starts again at random) nor anything
+#: across mailboxes.
+SEQ_START = 2**62
+SEQ_STEP = 2**32
+
+
+def new_key(db: sqlite3.Connection, table: str) -> int:
+    """A random row key in [1, 2^63 - 1] not used in `table` (a collision is drawn again)."""
+    while True:
+        key = secrets.randbelow(KEY_MAX) + 1
+        if db.execute(f"SELECT 1 FROM {table} WHERE id = ?", (key,)).fetchone() is None:  # noqa: S608
+            return key
+
+
+def next_seq(db: sqlite3.Connection, mailbox: int) -> int:
+    last = db.execute("SELECT max(seq) FROM messages WHERE mailbox = ?", (mailbox,)).fetchone()[0]
+    if last is None:
+        return secrets.randbelow(SEQ_START)
+    step = secrets.randbelow(SEQ_STEP) + 1
+    if last + step > KEY_MAX:  # some 2^30 blocks without the queue ever emptying
+        _renumber(db, mailbox)
+        return next_seq(db, mailbox)
+    return int(last + step)
+
+
+def _renumber(db: sqlite3.Connection, mailbox: int) -> None:
+    rows = [r[0] for r in db.execute(
+        "SELECT id FROM messages WHERE mailbox = ? ORDER BY seq", (mailbox,))]
+    # Negative first, so the unique index never sees two rows with one key.
+    db.executemany("UPDATE messages SET seq = ? WHERE id = ?",
+                   [(-1 - i, rid) for i, rid in enumerate(rows)])
+    db.executemany("UPDATE messages SET seq = ? WHERE id = ?",
+                   [(i + 1, rid) for i, rid in enumerate(rows)])
+
+
 _STOP = object()
+
+
+def upgrade_from_1(db: sqlite3.Connection) -> None:
+    """Schema 1 (sequential row numbers, blocks in one `AUTOINCREMENT` order) to 2, in one
+    transaction: every row gets a random key, each mailbox's blocks keep their order under
+    fresh order keys. Rows are written in the order of their new keys, so neither their places
+    in the file nor within a page keep the old order. The old-to-new maps (a few integers per
+    row, not the blocks) live in memory only."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for name in ("messages_mailbox", "messages_expiry", "bundle_items_mailbox",
+                     "blobs_expiry"):
+            db.execute(f"DROP INDEX {name}")
+        tables = ("mailboxes", "messages", "bundles", "bundle_items", "blobs")
+        for name in tables:
+            db.execute(f"ALTER TABLE {name} RENAME TO v1_{name}")
+        for stmt in _SCHEMA.split(";"):
+            if stmt.strip():
+                db.execute(stmt)
+
+        def fresh(old_ids: list[int]) -> dict[int, int]:
+            new: dict[int, int] = {}
+            taken: set[int] = set()
+            for old in old_ids:
+                key = secrets.randbelow(KEY_MAX) + 1
+                while key in taken:
+                    key = secrets.randbelow(KEY_MAX) + 1
+                taken.add(key)
+                new[old] = key
+            return new
+
+        def in_new_order(new: dict[int, int]) -> list[int]:
+            return sorted(new, key=new.__getitem__)
+
+        boxes = fresh([r[0] for r in db.execute("SELECT id FROM v1_mailboxes")])
+        for old in in_new_order(boxes):
+            db.execute("INSERT INTO mailboxes SELECT ?, owner_key, deposit_key, sig_pub,"
+                       " box_secret, owner_box_pub, public, tokens FROM v1_mailboxes"
+                       " WHERE id = ?", (boxes[old], old))
+        seqs: dict[int, tuple[int, int]] = {}  # old block id -> (new mailbox key, order key)
+        last: dict[int, int] = {}
+        for old, box in db.execute("SELECT id, mailbox FROM v1_messages ORDER BY id"):
+            if box not in boxes:
+                continue  # a block of a deleted mailbox: dropped
+            prev = last.get(box)
+            last[box] = seq = (secrets.randbelow(SEQ_START) if prev is None
+                               else prev + secrets.randbelow(SEQ_STEP) + 1)
+            seqs[old] = (boxes[box], seq)
+        msgs = fresh(list(seqs))
+        for old in in_new_order(msgs):
+            db.execute("INSERT INTO messages SELECT ?, ?, ?, expiry, block FROM v1_messages"
+                       " WHERE id = ?", (msgs[old], *seqs[old], old))
+        for old_box, new_box in boxes.items():
+            db.execute("INSERT INTO bundles SELECT ?, base FROM v1_bundles WHERE mailbox = ?",
+                       (new_box, old_box))
+        items = {old: (box, kind) for old, box, kind in db.execute(
+            "SELECT id, mailbox, kind FROM v1_bundle_items ORDER BY id") if box in boxes}
+        item_keys = fresh(list(items))
+        for old in in_new_order(item_keys):
+            db.execute("INSERT INTO bundle_items SELECT ?, ?, kind, item FROM v1_bundle_items"
+                       " WHERE id = ?", (item_keys[old], boxes[items[old][0]], old))
+        blobs = fresh([r[0] for r in db.execute("SELECT id FROM v1_blobs")])
+        for old in in_new_order(blobs):
+            db.execute("INSERT INTO blobs SELECT ?, key, cap_hash, expiry, block FROM v1_blobs"
+                       " WHERE id = ?", (blobs[old], old))
+        for name in tables:
+            db.execute(f"DROP TABLE v1_{name}")
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            db.execute("ROLLBACK")
+        raise
 
 
 class SQLiteStorage:
@@ -178,6 +318,8 @@ class SQLiteStorage:
         if version == 0:
             db.executescript(
                 f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;")
+        elif version == 1:
+            upgrade_from_1(db)
         elif version != SCHEMA_VERSION:
             raise StorageError("unsupported relay database schema version")
         return db
@@ -268,12 +410,12 @@ class SQLiteStorage:
     async def create_mailbox(self, okey: bytes, dkey: bytes, sig_pub: bytes, box_secret: bytes,
                              owner_box_pub: bytes, public: bool) -> int:
         def op(db: sqlite3.Connection) -> int:
-            cur = db.execute(
-                "INSERT INTO mailboxes (owner_key, deposit_key, sig_pub, box_secret,"
-                " owner_box_pub, public, tokens) VALUES (?, ?, ?, ?, ?, ?, x'')",
-                (okey, dkey, sig_pub, box_secret, owner_box_pub, int(public)))
-            assert cur.lastrowid is not None
-            return cur.lastrowid
+            key = new_key(db, "mailboxes")
+            db.execute(
+                "INSERT INTO mailboxes (id, owner_key, deposit_key, sig_pub, box_secret,"
+                " owner_box_pub, public, tokens) VALUES (?, ?, ?, ?, ?, ?, ?, x'')",
+                (key, okey, dkey, sig_pub, box_secret, owner_box_pub, int(public)))
+            return key
         return await self._run(op)
 
     async def load_mailbox(self, *, okey: bytes | None = None,
@@ -303,29 +445,38 @@ class SQLiteStorage:
         await self._run(op)
 
     async def set_tokens(self, mailbox: int, tokens: tuple[bytes, ...]) -> None:
+        # Sorted: not in the order they were added.
         await self._run(lambda db: db.execute(
-            "UPDATE mailboxes SET tokens = ? WHERE id = ?", (b"".join(tokens), mailbox)))
+            "UPDATE mailboxes SET tokens = ? WHERE id = ?", (b"".join(sorted(tokens)), mailbox)))
 
     # --- queued blocks ---------------------------------------------------------------------------
 
     def enqueue(self, mailbox: int, expiry: int, sealed: bytes) -> asyncio.Future[int]:
+        """Queue a block; the result is its handle: its order key within the mailbox."""
         def op(db: sqlite3.Connection) -> int:
-            cur = db.execute("INSERT INTO messages (mailbox, expiry, block) VALUES (?, ?, ?)",
-                             (mailbox, expiry, sealed))
-            assert cur.lastrowid is not None
-            return cur.lastrowid
+            seq = next_seq(db, mailbox)
+            db.execute("INSERT INTO messages (id, mailbox, seq, expiry, block)"
+                       " VALUES (?, ?, ?, ?, ?)",
+                       (new_key(db, "messages"), mailbox, seq, expiry, sealed))
+            return seq
         return self._submit(op)
 
-    async def queued(self, mailbox: int, after: int, limit: int) -> list[tuple[int, bytes]]:
-        return await self._run(lambda db: [
-            (int(r[0]), bytes(r[1])) for r in db.execute(
-                "SELECT id, block FROM messages WHERE mailbox = ? AND id > ? ORDER BY id LIMIT ?",
-                (mailbox, after, limit))])
+    async def queued(self, mailbox: int, skip: Collection[int],
+                     limit: int) -> list[tuple[int, bytes]]:
+        """The `limit` oldest blocks of a mailbox whose handles are not in `skip`, oldest first."""
+        skip = frozenset(skip)  # a copy: the caller's set changes on the event loop's thread
+
+        def op(db: sqlite3.Connection) -> list[tuple[int, bytes]]:
+            rows = db.execute(
+                "SELECT seq, block FROM messages WHERE mailbox = ? ORDER BY seq LIMIT ?",
+                (mailbox, limit + len(skip)))
+            return [(int(r[0]), bytes(r[1])) for r in rows if r[0] not in skip][:limit]
+        return await self._run(op)
 
     def remove(self, mailbox: int, ids: list[int]) -> asyncio.Future[int]:
         def op(db: sqlite3.Connection) -> int:
             marks = ",".join("?" * len(ids))
-            sql = f"DELETE FROM messages WHERE mailbox = ? AND id IN ({marks})"  # noqa: S608
+            sql = f"DELETE FROM messages WHERE mailbox = ? AND seq IN ({marks})"  # noqa: S608
             return int(db.execute(sql, (mailbox, *ids)).rowcount)
         return self._submit(op)
 
@@ -364,8 +515,9 @@ class SQLiteStorage:
             counts = self._counts(db, mailbox)
             if counts[kind - 1] + len(items) > cap:
                 return None
-            db.executemany("INSERT INTO bundle_items (mailbox, kind, item) VALUES (?, ?, ?)",
-                           [(mailbox, kind, item) for item in items])
+            for item in items:
+                db.execute("INSERT INTO bundle_items (id, mailbox, kind, item) VALUES (?, ?, ?, ?)",
+                           (new_key(db, "bundle_items"), mailbox, kind, item))
             return self._counts(db, mailbox)
         return await self._run(op)
 
@@ -400,8 +552,9 @@ class SQLiteStorage:
     async def put_blob(self, bkey: bytes, cap_hash: bytes, expiry: int, block: bytes) -> bool:
         def op(db: sqlite3.Connection) -> bool:
             try:
-                db.execute("INSERT INTO blobs (key, cap_hash, expiry, block) VALUES (?, ?, ?, ?)",
-                           (bkey, cap_hash, expiry, block))
+                db.execute("INSERT INTO blobs (id, key, cap_hash, expiry, block)"
+                           " VALUES (?, ?, ?, ?, ?)",
+                           (new_key(db, "blobs"), bkey, cap_hash, expiry, block))
             except sqlite3.IntegrityError:
                 return False
             return True

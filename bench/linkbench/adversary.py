@@ -6,8 +6,8 @@ It never sees the ground truth. What it does:
    relay answers CREATE with both; its database keeps their hashes side by side), every
    successful deposit into each mailbox and when, every delivery (MSG) and when, which
    connection subscribed which mailbox and when it closed, each connection's source address,
-   and the mailboxes' row order in its database (`SELECT rowid`: a random primary key in a
-   table that has a rowid still keeps the insertion order there).
+   and the mailboxes' order in its database: row numbers when they are a sequence, else the
+   order in which rows sharing a page of the file were written (pages.py).
 
 2. **Ownership**: which mailboxes belong to the same person (`owners_*`), by address (the same
    source address or connection subscribes or manages them) and by timing (their subscription
@@ -29,7 +29,7 @@ It never sees the ground truth. What it does:
                  back), deposits into the other stop (no texts, no cover): the deficit against
                  its usual rate, both ways;
    - `db-order`  the relay's database: the two mailboxes of a new contact are created together
-                 and get neighbouring row numbers;
+                 and get neighbouring row numbers, or neighbouring places in a page;
    - `timing`    echo, lag, counts and absence combined (no address, no database);
    - `combined`  all of them: per route, each pair's margin (its score minus the best score
                  either mailbox has with another, in units of that mailbox's spread of
@@ -94,6 +94,7 @@ class Mailbox:
     created: float | None = None
     deleted: float | None = None
     row: int | None = None  # its position in the relay's table
+    place: tuple[int, int] | None = None  # (leaf page, rank of writing within it): pages.py
     deposits: list[float] = field(default_factory=list)  # successful deposits into it
     deposit_conns: list[int] = field(default_factory=list)
     deliveries: list[float] = field(default_factory=list)  # MSG frames to its owner
@@ -169,6 +170,8 @@ class View:
                 self.db_rows += 1
                 m = self.mailboxes[owner]
                 m.row = int(order) if isinstance(order, int) else i
+                if row.get("_page") is not None:
+                    m.place = (int(row["_page"]), int(row["_cell"]))
                 if m.public is None and "public" in row:
                     m.public = bool(row["public"])
                 if dep is not None and m.deposit is None:
@@ -423,7 +426,19 @@ def route_db_order(v: View) -> Scores | None:
     rows = {o: v.mailboxes[o].row for o in v.candidates}
     if not rows or any(r is None for r in rows.values()):
         return None
-    return {(a, b): 1.0 / max(1, abs(int(rows[a] or 0) - int(rows[b] or 0))) for a, b in v.pairs()}
+    keys = sorted(int(r or 0) for r in rows.values())
+    if keys and keys[-1] - keys[0] < 4 * len(keys):  # row numbers in sequence: creation order
+        return {(a, b): 1.0 / max(1, abs(int(rows[a] or 0) - int(rows[b] or 0)))
+                for a, b in v.pairs()}  # fmt: skip
+    # Random row keys: where the rows sit instead. Among rows sharing a leaf page, the order
+    # in which their cells were written (pages.py); nothing between pages.
+    places = {o: v.mailboxes[o].place for o in v.candidates}
+    out: Scores = {}
+    for a, b in v.pairs():
+        pa, pb = places[a], places[b]
+        same = pa is not None and pb is not None and pa[0] == pb[0]
+        out[(a, b)] = 1.0 / max(1, abs(pa[1] - pb[1])) if same and pa and pb else 0.0
+    return out
 
 
 ROUTES: dict[str, Callable[[View], Scores | None]] = {

@@ -33,6 +33,7 @@ from aegis_cli.client import Client, DaemonNotRunning, RpcCallError
 from . import workload as wl
 from .capture import Capture, Label, Network
 from .netns import Namespace
+from .pages import row_places
 
 RELAY_OPTIONS = ["--pow-deposit-bits", "8", "--pow-bundle-bits", "8", "--pow-blob-bits", "8"]
 T_READY = 60.0
@@ -127,7 +128,8 @@ class Truth:
 @dataclass
 class RelayDb:
     """The relay's `mailboxes` table as read at the end (every column, and `_rowid` when the
-    table has one), or why it could not be read."""
+    table has one, `_page` and `_cell` where the row sits in the file: pages.py), or why it
+    could not be read."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
@@ -387,7 +389,13 @@ class World:
                     rows = db.execute("SELECT * FROM mailboxes").fetchall()
                 except sqlite3.OperationalError as exc:
                     return RelayDb(error=f"no mailboxes table: {exc}")
-            return RelayDb([dict(r) for r in rows])
+            out = [dict(r) for r in rows]
+            places = row_places(db, "mailboxes")
+            for row in out:
+                place = places.get(row.get("_rowid"))  # type: ignore[arg-type]
+                if place is not None:
+                    row["_page"], row["_cell"] = place.page, place.rank
+            return RelayDb(out)
         finally:
             db.close()
 

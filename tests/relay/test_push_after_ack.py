@@ -1,5 +1,6 @@
-"""A subscriber keeps receiving after it acknowledged everything (the queue emptied): storage
-row ids are never reused, so a new block is never mistaken for one already pushed."""
+"""A subscriber keeps receiving after it acknowledged everything (the queue emptied): a new
+block is never mistaken for one already pushed, although an emptied queue's order keys start
+again at random (relay/storage.py)."""
 
 from __future__ import annotations
 

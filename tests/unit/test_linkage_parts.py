@@ -4,11 +4,14 @@ capture, the figures, and the workload's promises (idle share, texts per active 
 from __future__ import annotations
 
 import os
+import random
+import sqlite3
 import struct
+from pathlib import Path
 
 import pytest
 
-from bench.linkbench import metrics
+from bench.linkbench import metrics, pages
 from bench.linkbench import workload as wl
 from bench.linkbench.capture import Frame, WsDecoder
 from relay import wire
@@ -102,3 +105,27 @@ def test_workload_keeps_its_promises() -> None:
         assert all(0 <= s.t <= p.duration for s in w.sends)
         assert len(w.away) == 6
         assert wl.make(p, seed) == w  # seeded
+
+
+def test_the_page_reader_finds_every_row_and_the_order_its_cells_were_written(
+    tmp_path: Path,
+) -> None:
+    """Rows with random keys, in a table spanning several pages: every row is found, and
+    within a page that was never rebalanced the cells' order is the order of writing."""
+    db = sqlite3.connect(tmp_path / "t.sqlite3")
+    db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+    keys = [random.randrange(1, 2**63) for _ in range(12)]
+    for k in keys:  # 12 small rows: one leaf page (the root), written in this order
+        db.execute("INSERT INTO t VALUES (?, ?)", (k, os.urandom(20)))
+    db.commit()
+    places = pages.row_places(db, "t")
+    assert [places[k].rank for k in keys] == list(range(12))
+    assert len({p.page for p in places.values()}) == 1
+    more = [random.randrange(1, 2**63) for _ in range(2000)]
+    for k in more:
+        db.execute("INSERT INTO t VALUES (?, ?)", (k, os.urandom(100)))
+    db.commit()
+    places = pages.row_places(db, "t")
+    assert set(places) == set(keys + more)
+    assert len({p.page for p in places.values()}) > 20
+    db.close()
