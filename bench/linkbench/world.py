@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from aegis_cli.client import Client, DaemonNotRunning, RpcCallError
+from aegisd.services.cover import POOL_SIZE
 
 from . import workload as wl
 from .capture import Capture, Label, Network
@@ -342,6 +343,20 @@ class World:
             wait_until(u.connected, f"{u.name} connected to the relay")
             time.sleep(self.rng.uniform(0.5, 2.0))
 
+    def warm_pools(self) -> None:
+        """With cover on, wait until every daemon holds its pool of mailboxes made ahead: the
+        run stands for contacts made some time after installing, not in the same minute."""
+        def pools_full() -> bool:
+            got = [u.call("privacy.get").get("slots") or {} for u in self.users.values()]
+            return all(g.get("pool", 0) >= POOL_SIZE for g in got)
+
+        first = next(iter(self.users.values()), None)
+        if first is None or (first.call("privacy.get").get("slots") or {}).get("interval") is None:
+            return
+        t = time.monotonic()
+        wait_until(pools_full, "every pool of mailboxes made ahead", timeout=300)
+        log(f"pools of mailboxes made ahead in {time.monotonic() - t:.0f} s")
+
     def connect(self, adder: str, invitee: str) -> None:
         a, b = self.users[adder], self.users[invitee]
         link = b.call("invitations.create")["link"]
@@ -455,6 +470,7 @@ def run(base: Path, work: wl.Workload, config: Config, level_calls: list[Call], 
         world.add_users(work.users)
         for note in sorted(set(world.notes)):
             log(note)
+        world.warm_pools()
         for i, (a, b) in enumerate(work.pairs):
             world.connect(a, b)
             log(f"contact {i + 1}/{len(work.pairs)}: {a} added {b}")
