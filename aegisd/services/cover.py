@@ -14,7 +14,7 @@ after an exponential wait when one is taken), and each receives loop cover: the 
 into it, through a connection of its own, at the same rate as a contact would. So a new contact's
 mailbox was not born with the contact, and does not start receiving blocks when it is taken.
 
-Gap filling: when a contact goes silent (nothing opened from it for a random 2 to 4 of its
+Gap filling: when a contact goes silent (nothing opened from it for a random 1 to 2 of its
 intervals: it is away), the daemon deposits loop cover into its own mailbox for that contact,
 at the same rate, until something from the contact arrives. So while someone is away, the
 mailboxes their contacts receive on keep receiving at the same rate, and a relay that sees that
@@ -66,7 +66,7 @@ OFFLINE_AFTER = 6 * 3600.0
 OFFLINE_TICKS = 32
 #: Silence, in intervals, after which a contact's mailbox is filled with our own loop cover:
 #: drawn anew, uniformly, for each silence, so the moment filling starts varies.
-FILL_AFTER = (2.0, 4.0)
+FILL_AFTER = (1.0, 2.0)
 SETTING_LOOP_KEY = "privacy.loop_key"
 LOOP_NONCE = 16
 LOOP_TAG = 16
