@@ -874,11 +874,15 @@ def settings(ctx: Ctx, read_receipts: str | None, receipt_delay_max: float | Non
         params["read_receipts"] = read_receipts == "on"
     if receipt_delay_max is not None:
         params["receipt_delay_max"] = receipt_delay_max
+    from .network import privacy_text
+
     result = ctx.call("settings.set", params) if params else ctx.call("settings.get")
+    privacy = ctx.call("privacy.get")
     ctx.out(
-        result,
+        {**result, "privacy": privacy},
         f"read receipts: {'on' if result['read_receipts'] else 'off'}\n"
-        f"receipt delay: 0.5 to {result['receipt_delay_max']:g} s",
+        f"receipt delay: 0.5 to {result['receipt_delay_max']:g} s\n"
+        f"{privacy_text(privacy)}\n(change the level with: aegis privacy --level LEVEL)",
     )
 
 

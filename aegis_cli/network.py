@@ -167,6 +167,21 @@ def _size(n: float) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
+#: Each level's measured cost (docs/threat-model.md §4.2, `bench/cover.py`), for 20 contacts.
+LEVEL_COSTS = (
+    ("level", "per contact per day", "20 contacts a day", "a message waits", "CPU a day"),
+    ("off", "what you send", "what you send", "no wait", "-"),
+    ("default", "72 blocks each way", "about 31 MB sent", "20 min on average", "about 6 s"),
+    ("strong", "720 blocks each way", "about 300 MB sent", "2 min on average", "about 52 s"),
+)
+
+
+def level_table() -> str:
+    widths = [max(len(row[i]) for row in LEVEL_COSTS) for i in range(len(LEVEL_COSTS[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in LEVEL_COSTS)  # fmt: skip
+
+
 def privacy_text(r: dict[str, Any]) -> str:
     level = r["level"]
     lines = [f"level: {LEVEL_TEXT.get(level, level)}"
@@ -178,6 +193,7 @@ def privacy_text(r: dict[str, Any]) -> str:
             f"({_size(r['bytes_per_contact_per_day'])}) per contact per day each way; a message "
             f"waits {minutes:.0f} minutes on average for its contact's next slot"
         )
+    lines += ["", level_table()]
     return "\n".join(lines)
 
 

@@ -123,11 +123,12 @@ def test_qr_name_address_requests(peers: Callable[[str], Peer]) -> None:
     one_line_error(aegis(alice, "invitations", "--revoke", inv[0]["invitation"]))
 
     out = ok(aegis(alice, "settings", "--read-receipts", "off", "--receipt-delay-max", "1"))
-    assert out == "read receipts: off\nreceipt delay: 0.5 to 1 s\n"
-    assert json.loads(ok(aegis(alice, "settings", "--json"))) == {
-        "read_receipts": False,
-        "receipt_delay_max": 1.0,
-    }
+    assert out.startswith("read receipts: off\nreceipt delay: 0.5 to 1 s\nlevel: ")
+    # The privacy level and what each level costs are part of the settings.
+    assert "default" in out and "a message waits" in out and "aegis privacy --level" in out
+    got = json.loads(ok(aegis(alice, "settings", "--json")))
+    assert (got["read_receipts"], got["receipt_delay_max"]) == (False, 1.0)
+    assert got["privacy"]["level"] in ("off", "default", "strong")
 
     addr = ok(aegis(alice, "address")).strip()
     assert addr.startswith("aegis:")
