@@ -5,6 +5,7 @@ The daemons run with --test-methods so that a test can shorten the level's inter
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -173,3 +174,45 @@ def test_a_contact_away_has_its_mailbox_filled_by_the_one_it_writes_to(
     assert history(alice, "bob") == []
     err = alice.proc.stderr() if alice.proc is not None else ""
     assert "did not decrypt" not in err
+
+
+def test_rotation_a_lock_and_a_file_keep_working_under_cover(
+    make: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    alice, bob = make("alice"), make("bob")
+    connect(alice, bob)
+    for p in (alice, bob):
+        p.call("privacy.set", {"level": "default", "interval": FAST})
+
+    # A mailbox rotation: its announcement and acknowledgement ride slots.
+    alice.call("contacts.rotate_mailbox", {"name": "bob"})
+    alice.wait_for(lambda: alice.events(types=["contact.mailbox_rotated"]), "the rotation")
+    bob.call("messages.send", {"contact": "alice", "text": "to the new mailbox"})
+    alice.wait_for(lambda: [m for m in history(alice, "bob") if m["text"] == "to the new mailbox"],
+                   "a text into the new mailbox")  # fmt: skip
+
+    # A lock stops the ticks (the store is closed); an unlock starts them again.
+    alice.call("passphrase.change", {"new_passphrase": "a test passphrase"})
+    assert alice.call("lock") == {"locked": True}
+    bob.call("messages.send", {"contact": "alice", "text": "while locked"})
+    time.sleep(3 * FAST)
+    assert alice.call("unlock", {"passphrase": "a test passphrase"}) == {"locked": False}
+    cover = alice.call("privacy.get")["slots"]["sent"]["cover"]
+    alice.wait_for(lambda: alice.call("privacy.get")["slots"]["sent"]["cover"] >= cover + 3,
+                   "cover again after the unlock")  # fmt: skip
+    alice.wait_for(lambda: [m for m in history(alice, "bob") if m["text"] == "while locked"],
+                   "the text sent while alice was locked")  # fmt: skip
+
+    # A file: the blobs go at once, the descriptor waits for a slot; it arrives whole.
+    data = os.urandom(100_000)
+    src = tmp_short / "f.bin"
+    src.write_bytes(data)
+    aid = alice.call("attachments.send", {"contact": "bob", "path": str(src)})["attachment_id"]
+    bob.wait_for(lambda: (a := bob.call("attachments.list", {"contact": "alice"})["attachments"])
+                 and a[0]["state"] == "complete", "the file", 90)  # fmt: skip
+    out = tmp_short / "saved.bin"
+    bob.call("attachments.save", {"attachment_id": aid, "path": str(out)})
+    assert out.read_bytes() == data
+    # Nothing but the two texts and the file's message in the history (no cover, no loops).
+    texts = [m["text"] for m in history(bob, "alice")]
+    assert texts[:2] == ["to the new mailbox", "while locked"] and len(texts) == 3
