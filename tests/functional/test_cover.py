@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.conftest import DaemonProc
+from tests.functional.test_backup import CHEAP, PASS
 from tests.relay.conftest import RelayProcess
 
 from .conftest import Peer, connect
@@ -225,3 +226,30 @@ def test_rotation_a_lock_and_a_file_keep_working_under_cover(
     # Nothing but the two texts and the file's message in the history (no cover, no loops).
     texts = [m["text"] for m in history(bob, "alice")]
     assert texts[:2] == ["to the new mailbox", "while locked"] and len(texts) == 3
+
+
+def test_a_renewal_after_a_backup_works_under_cover(
+    make: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    """The renewal (outside the slots) and the texts after it (in them) with cover on at both
+    ends; the restored profile's cover drops what it cannot open and shows nothing."""
+    alice, bob = make("alice"), make("bob")
+    connect(alice, bob)
+    for p in (alice, bob):
+        p.call("privacy.set", {"level": "default", "interval": FAST})
+    path = tmp_short / "alice.aegisbackup"
+    alice.call("backup.export", {"path": str(path), "passphrase": PASS, **CHEAP})
+    alice.stop()
+    new = make("alice2")
+    new.call("privacy.set", {"level": "default", "interval": FAST})
+    assert new.call("backup.import", {"path": str(path), "passphrase": PASS})["renewing"] == 1
+    for peer in (bob, new):
+        peer.wait_for(lambda p=peer: p.events(types=["contact.session_renewed"]),
+                      "the renewed session")  # fmt: skip
+    new.call("messages.send", {"contact": "bob", "text": "restored"})
+    bob.wait_for(lambda: [m for m in history(bob, "alice") if m["text"] == "restored"], "text")
+    bob.call("messages.send", {"contact": "alice", "text": "welcome back"})
+    new.wait_for(lambda: [m for m in history(new, "bob") if m["text"] == "welcome back"],
+                 "bob's answer")  # fmt: skip
+    new.wait_for(lambda: new.call("privacy.get")["slots"]["sent"]["cover"] >= 3, "cover")
+    assert [m["text"] for m in history(new, "bob")][-2:] == ["restored", "welcome back"]
