@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -427,3 +428,24 @@ def test_hide_my_ip_relays_through_coturn(make: Callable[..., Peer], tmp_short: 
         assert log.count("CHANNEL_BIND processed, success") >= 2
         for p in (alice, bob):
             assert turn.password.encode() not in dump(p.events())
+
+
+def test_a_call_under_cover_does_not_wait_for_slots(make: Callable[..., Peer]) -> None:
+    """With cover on and slots an hour apart, call signaling still leaves at once (it is
+    outside the slots, docs/protocol.md §24): the call connects and hangs up as without."""
+    alice, bob = make("alice", test_methods=True), make("bob", test_methods=True)
+    connect(alice, bob)
+    for p in (alice, bob):
+        p.call("privacy.set", {"level": "default", "interval": 3600})
+    call_id = alice.call("calls.start", {"contact": "bob"})["call_id"]
+    event(bob, "call.incoming", call_id=call_id)
+    bob.call("calls.accept", {"call_id": call_id})
+    event(alice, "call.state", call_id=call_id, state="active")
+    event(bob, "call.state", call_id=call_id, state="active")
+    alice.call("calls.hangup", {"call_id": call_id})
+    event(bob, "call.state", call_id=call_id, state="ended", reason="remote_hangup")
+    # A text in the meantime waits for its slot: the two schedules are apart.
+    alice.call("messages.send", {"contact": "bob", "text": "after the call"})
+    time.sleep(1.0)
+    assert {m["status"] for m in alice.call("messages.history", {"contact": "bob"})["messages"]
+            if m["text"] == "after the call"} == {"queued"}  # fmt: skip
