@@ -302,9 +302,9 @@ class Relay:
         """A block was durably queued: push it at once to a subscriber with room in its window.
 
         Without a backlog every older block of the mailbox is already out on this connection,
-        so the new one is next in the mailbox's order. Handles are order keys that start again
-        at random when a queue empties (storage), so a block already out is recognised by
-        membership in `out_rows`, never by comparing handles."""
+        so the new one is next in the mailbox's order. Handles are random row keys (storage),
+        so a block already out is recognised by membership in `out_rows`, never by comparing
+        handles."""
         sub = mb.sub
         if sub is None or not sub.active:
             return

@@ -246,7 +246,8 @@ def upgrade_from_1(db: sqlite3.Connection) -> None:
         for old in in_new_order(msgs):
             db.execute("INSERT INTO messages SELECT ?, ?, ?, expiry, block FROM v1_messages"
                        " WHERE id = ?", (msgs[old], *seqs[old], old))
-        for old_box, new_box in boxes.items():
+        for old_box in in_new_order(boxes):
+            new_box = boxes[old_box]
             db.execute("INSERT INTO bundles SELECT ?, base FROM v1_bundles WHERE mailbox = ?",
                        (new_box, old_box))
         items = {old: (box, kind) for old, box, kind in db.execute(
@@ -452,13 +453,14 @@ class SQLiteStorage:
     # --- queued blocks ---------------------------------------------------------------------------
 
     def enqueue(self, mailbox: int, expiry: int, sealed: bytes) -> asyncio.Future[int]:
-        """Queue a block; the result is its handle: its order key within the mailbox."""
+        """Queue a block; the result is its handle: its row key, never that of another block
+        while it is queued (order keys can repeat once a block is gone: not handles)."""
         def op(db: sqlite3.Connection) -> int:
-            seq = next_seq(db, mailbox)
+            key = new_key(db, "messages")
             db.execute("INSERT INTO messages (id, mailbox, seq, expiry, block)"
                        " VALUES (?, ?, ?, ?, ?)",
-                       (new_key(db, "messages"), mailbox, seq, expiry, sealed))
-            return seq
+                       (key, mailbox, next_seq(db, mailbox), expiry, sealed))
+            return key
         return self._submit(op)
 
     async def queued(self, mailbox: int, skip: Collection[int],
@@ -468,7 +470,7 @@ class SQLiteStorage:
 
         def op(db: sqlite3.Connection) -> list[tuple[int, bytes]]:
             rows = db.execute(
-                "SELECT seq, block FROM messages WHERE mailbox = ? ORDER BY seq LIMIT ?",
+                "SELECT id, block FROM messages WHERE mailbox = ? ORDER BY seq LIMIT ?",
                 (mailbox, limit + len(skip)))
             return [(int(r[0]), bytes(r[1])) for r in rows if r[0] not in skip][:limit]
         return await self._run(op)
@@ -476,7 +478,7 @@ class SQLiteStorage:
     def remove(self, mailbox: int, ids: list[int]) -> asyncio.Future[int]:
         def op(db: sqlite3.Connection) -> int:
             marks = ",".join("?" * len(ids))
-            sql = f"DELETE FROM messages WHERE mailbox = ? AND seq IN ({marks})"  # noqa: S608
+            sql = f"DELETE FROM messages WHERE mailbox = ? AND id IN ({marks})"  # noqa: S608
             return int(db.execute(sql, (mailbox, *ids)).rowcount)
         return self._submit(op)
 

@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
+
 from relay import storage as st
 
 T = TypeVar("T")
@@ -91,7 +93,9 @@ def test_no_row_key_or_column_orders_rows_by_creation(tmp_path: Path) -> None:
     assert [by_okey[okey(i)] for i in range(N)] == boxes
     msgs = dict(read(tmp_path, "SELECT block, id FROM messages"))
     assert_unordered([int(msgs[b"m%d" % i]) for i in range(3 * N)], "block keys")
-    assert_unordered(firsts, "first order keys")
+    seqs = dict(read(tmp_path, "SELECT block, seq FROM messages"))
+    assert_unordered([int(seqs[b"%d" % i]) for i in range(N)], "first order keys")
+    assert_unordered(firsts, "handles")
     items = dict(read(tmp_path, "SELECT item, id FROM bundle_items"))
     assert_unordered([int(items[b"i%d" % i]) for i in range(N)], "bundle item keys")
     blobs = dict(read(tmp_path, "SELECT key, id FROM blobs"))
@@ -122,13 +126,34 @@ def test_one_mailbox_keeps_its_order_and_an_emptied_queue_starts_again_at_random
         for _ in range(20):  # empty the queue, then deposit again: a fresh random start
             left = [h for h, _ in await s.queued(box, (), 100)]
             assert await s.remove(box, left) == len(left)
-            starts.append(await s.enqueue(box, 1000, b"again"))
+            await s.enqueue(box, 1000, b"again")
+            starts.append(await s._run(lambda db: int(db.execute(
+                "SELECT seq FROM messages WHERE mailbox = ?", (box,)).fetchone()[0])))
         assert len(await s.queued(other, (), 100)) == 20  # untouched
         return starts
 
     starts = run_storage(tmp_path, body)
     assert starts != sorted(starts)  # a counter would only grow (1 in 20! by chance)
     assert len(set(starts)) == len(starts)
+
+
+def test_a_handle_acknowledged_late_never_removes_a_newer_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Order keys can repeat once a block is gone (here forced: every step is 1); handles must
+    not, or a late ACK from a connection that still holds the old one deletes the new block."""
+    monkeypatch.setattr(st, "SEQ_STEP", 1)
+
+    async def body(s: st.SQLiteStorage) -> None:
+        box = await s.create_mailbox(okey(1), dkey(1), b"s", b"b", b"o", False)
+        await s.enqueue(box, 1000, b"a")
+        b = await s.enqueue(box, 1000, b"b")
+        assert await s.remove(box, [b]) == 1  # the newest goes: its order key is free again
+        await s.enqueue(box, 1000, b"c")
+        assert await s.remove(box, [b]) == 0  # the late ACK of b
+        assert [x for _, x in await s.queued(box, (), 10)] == [b"a", b"c"]
+
+    run_storage(tmp_path, body)
 
 
 def test_order_keys_are_renumbered_before_they_would_overflow(tmp_path: Path) -> None:
