@@ -7,13 +7,17 @@ absolute paths.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import click
+
+from .client import RpcCallError
 
 if TYPE_CHECKING:
     from .main import Ctx
@@ -89,12 +93,21 @@ def register(main: ModuleType) -> None:
             ctx.out(result, _describe(result))
             return
         with ctx.client(timeout=None) as events:
-            events.call("events.subscribe", {"types": ["call.state", "call.media"]})
-            started = ctx.call("calls.start", params)
+            # Ctrl-C while the call is being started is held until its id is known, so that
+            # the call it started is hung up rather than left ringing at the contact.
+            held: list[int] = []
+            previous = signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum))
+            try:
+                events.call("events.subscribe", {"types": ["call.state", "call.media"]})
+                started = ctx.call("calls.start", params)
+            finally:
+                signal.signal(signal.SIGINT, previous)
             call_id = started["call_id"]
             if not ctx.as_json:
                 click.echo(_describe(started))
             try:
+                if held:
+                    raise KeyboardInterrupt
                 for note in events.notifications():
                     ev = note.get("params") or {}
                     data = ev.get("data") or {}
@@ -111,7 +124,9 @@ def register(main: ModuleType) -> None:
                             raise Fail(f"the call ended: {data.get('reason')}")
                         return
             except KeyboardInterrupt:
-                ctx.call("calls.hangup", {"call_id": call_id})
+                # The call may have ended meanwhile: still "interrupted", not an error.
+                with contextlib.suppress(RpcCallError):
+                    ctx.call("calls.hangup", {"call_id": call_id})
                 raise
 
 
