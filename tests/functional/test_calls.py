@@ -343,6 +343,9 @@ def test_busy_reject_and_offline_contact(make: Callable[..., Peer]) -> None:
     follow = subprocess.Popen(
         [sys.executable, "-m", "aegis_cli.main", "call", "bob", "--home", str(carol.home)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # As from a terminal: a suite started in the background (sh's `&`) ignores SIGINT,
+        # and its children would inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         ringing = event(bob, "call.incoming", since=seq, contact="carol")
@@ -351,7 +354,7 @@ def test_busy_reject_and_offline_contact(make: Callable[..., Peer]) -> None:
     finally:
         if follow.poll() is None:
             follow.kill()
-    assert follow.returncode == 130 and "interrupted" in err
+    assert follow.returncode == 130 and "interrupted" in err, err
     event(bob, "call.state", call_id=ringing["call_id"], state="ended", reason="missed")
     assert carol.call("calls.list")["calls"] == []
 
