@@ -486,7 +486,13 @@ def test_api_error_table_matches_the_client_and_openrpc() -> None:
         and isinstance(getattr(c, "name", None), str) and c.code >= 1000
     }  # fmt: skip
     assert client and client <= documented, sorted(client - documented)
-    assert set(APP_ERRORS) <= documented, sorted(set(APP_ERRORS) - documented)
+    listed = set(APP_ERRORS)
+    assert listed == documented, (
+        f"in aegisd/rpc/openrpc.py APP_ERRORS, not documented: {sorted(listed - documented)}; "
+        f"documented, not in APP_ERRORS: {sorted(documented - listed)}"
+    )
+    components = _openrpc()["components"]["errors"]
+    assert {(e["code"], e["data"]["error"]) for e in components.values()} == documented
     protocol_rows = table_rows(section(_api(), "Errors"), "code")
     protocol = {int(r[0]) for r in protocol_rows if r[0].startswith("-")}
     code = {v for k, v in vars(rpc_errors).items() if k.isupper() and type(v) is int and v < 0}
@@ -604,3 +610,41 @@ def test_setting_keys_named_in_docs_exist(doc: str) -> None:
     ))  # fmt: skip
     unknown = named - methods - events - members - _setting_keys()
     assert not unknown, f"docs/{doc} names settings the code does not have: {sorted(unknown)}"
+
+
+def _emitted_event_types() -> set[str]:
+    """Event types the daemon emits: string literals handed to an `emit` (directly, through a
+    conditional, or to a callback that calls `emit`)."""
+    found: set[str] = set()
+
+    def literals(node: ast.expr) -> list[str]:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return [node.value]
+        if isinstance(node, ast.IfExp):
+            return literals(node.body) + literals(node.orelse)
+        return []
+
+    for f in (ROOT / "aegisd").rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            direct = (isinstance(node.func, ast.Attribute) and node.func.attr == "emit") or (
+                isinstance(node.func, ast.Name) and node.func.id == "emit"
+            )
+            args = node.args if direct else node.args[1:]
+            via = any(isinstance(a, ast.Attribute) and a.attr == "emit" for a in node.args[:1])
+            if direct or via:
+                for value in literals(args[0]) if args else []:
+                    if re.fullmatch(r"[a-z]+\.[a-z_]+", value):
+                        found.add(value)
+    return found
+
+
+def test_api_events_table_matches_the_events_emitted() -> None:
+    documented = {r[0].strip("`") for r in table_rows(section(_api(), "Events"), "type")}
+    emitted = _emitted_event_types()
+    assert emitted, "found no emitted event"
+    assert documented == emitted, (
+        f"emitted, not documented: {sorted(emitted - documented)}; "
+        f"documented, never emitted: {sorted(documented - emitted)}"
+    )
