@@ -648,3 +648,16 @@ def test_api_events_table_matches_the_events_emitted() -> None:
         f"emitted, not documented: {sorted(emitted - documented)}; "
         f"documented, never emitted: {sorted(documented - emitted)}"
     )
+
+
+def test_backup_byte_ranges_are_inclusive() -> None:
+    """docs/backup.md uses protocol.md's inclusive X[a..b] (it wrote okm[0..32] for 32 bytes)."""
+    from aegisd.core import backup
+
+    text = _read("backup.md")
+    assert "`X[a..b]` are bytes `a` to `b` inclusive" in text
+    ranges = re.findall(r"okm\[(\d+)\.\.(\d+)\]", text)
+    assert len(ranges) == 2
+    assert [int(b) - int(a) + 1 for a, b in ranges] == [backup.KEY_LEN, backup.KEY_LEN]
+    (end,) = re.findall(r"bytes 0\.\.(\d+) of the file", text)
+    assert int(end) + 1 == backup.HEADER_MAC_OFFSET
