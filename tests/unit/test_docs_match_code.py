@@ -288,6 +288,7 @@ def test_stored_lists_are_written_in_the_documented_order() -> None:
 
     text = section(_read("protocol.md"), "13.3 Prekey store")
     assert "exactly one entry per last-resort key" in text
+    assert "strictly ascending" in text and "appears twice" in text
     entropy = DeterministicEntropy(b"docs order")
     store = PrekeyStore.create(entropy, IdentityKeyPair.generate(entropy), 1000)
     store.rotate(entropy, 1000 + ROTATION_PERIOD)
