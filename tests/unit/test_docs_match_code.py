@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 import hmac
 import importlib
 import json
@@ -266,6 +267,11 @@ def test_test_vector_randomness_is_drawn_as_section_16_says() -> None:
     prefix = wire.FirstContactPrefix.from_block(fc)
     assert prefix.ephemeral_pub == x_pub(20)
     assert (prefix.opk_id, prefix.pqpk_id) == (opk.prekey_id, opq.prekey_id)
+    # The first recorded encapsulation is the handshake's, to the one-time ML-KEM key.
+    first = vectors["encapsulations"][0]
+    assert first["ek_sha256"] == hashlib.sha256(opq.ek).hexdigest()
+    assert bytes.fromhex(first["ciphertext"]) == prefix.kem_ct
+    assert len(vectors["encapsulations"]) == 5
     # Each message block's header nonce is the start of the block §16 names.
     nonces = [30, 35, 37, 42, 44]
     for message, k in zip(vectors["messages"], nonces, strict=True):
