@@ -151,6 +151,15 @@ def test_protocol_call_kinds_and_signals_match_the_code() -> None:
         if k.startswith("SIG_") and k.removeprefix("SIG_") in signals.values()
     }
     assert signals == code_signals
+    assert f"`data` is at most {signaling.MAX_SIG_DATA} bytes" in " ".join(text.split())
+    assert f"1 <= n <= {wire.MAX_CALL_SEALED}" in text
+    # The example INVITE is what the encoder writes.
+    example = re.search(r"`(01 06 [0-9a-f …]+)`", text)
+    assert example
+    hexed = example.group(1).replace("1111…11", "11" * wire.CALL_KEY_LEN).replace(" ", "")
+    invite = wire.CallPayload(bytes(range(16)), wire.CALL_INVITE, key=b"\x11" * 32, video=True,
+                              sent_at_ms=258)  # fmt: skip
+    assert wire.encode_payload(invite).hex() == hexed
     assert f"`{wire.CALL_REASON_REJECTED}` rejected" in text or "1 rejected" in text
     assert f"{wire.CALL_REASON_BUSY} busy" in text
 
