@@ -588,7 +588,27 @@ def test_identity_get_documents_what_it_returns() -> None:
 def test_relay_url_path_is_stated() -> None:
     relay_path = re.search(r'add_get\("(/[^"]+)"', (ROOT / "relay" / "app.py").read_text())
     assert relay_path
-    assert f"`{relay_path.group(1)}`" in section(_api(), "aegisd JSON-RPC API")
+    intro = _api().split("\n## ", 1)[0]
+    assert f"`{relay_path.group(1)}`" in intro
+    readme = (ROOT / "README.md").read_text()
+    assert f"ends in the path `{relay_path.group(1)}`" in readme
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", ["api.md", "protocol.md", "backup.md", "threat-model.md"])
+def test_section_links_point_at_headings(doc: str) -> None:
+    text = _read(doc)
+    anchors = {_slug(h) for h in re.findall(r"^#+ (.*)$", text, re.M)}
+    links = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert links - anchors == set(), f"docs/{doc} links to no heading: {sorted(links - anchors)}"
+    for target, anchor in re.findall(r"\]\((\w[\w-]*\.md)#([^)]+)\)", text):
+        headings = re.findall(r"^#+ (.*)$", _read(target), re.M)
+        assert anchor in {_slug(h) for h in headings}, f"docs/{doc}: {target}#{anchor}"
 
 
 # --- settings ---------------------------------------------------------------------------------
