@@ -465,13 +465,16 @@ def _code_app_errors() -> set[tuple[int, str]]:
 
 
 def _documented_app_errors() -> dict[tuple[int, str], str]:
+    """(code, data.error) -> meaning, from the application rows of the "Errors" table: the
+    name column, and any other name the meaning gives as "`data.error` is `NAME`"."""
     rows = table_rows(section(_api(), "Errors"), "code")
     out = {}
     for row in rows:
         if row[0].lstrip("-").isdigit() and int(row[0]) >= 1000:
-            for name in re.findall(r"`([a-z_]+)`", row[1] + " " + row[2].split(".")[-1]):
-                if name == row[1].strip("`") or f"`{name}` instead" in row[2]:
-                    out[(int(row[0]), name)] = row[2]
+            names = [row[1].strip("`")]
+            names += re.findall(r"`data\.error` is `([a-z_]+)`", row[2])
+            for name in names:
+                out[(int(row[0]), name)] = row[2]
     return out
 
 
