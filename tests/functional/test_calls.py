@@ -34,6 +34,7 @@ from .calls_support import (
     write_tone,
 )
 from .conftest import Peer, connect
+from .sound_server import PulseAudio
 
 T_CALL = 45.0
 
@@ -48,18 +49,21 @@ def proxy(relay_proc: RelayProcess) -> Iterator[RecordingProxy]:
 
 
 @pytest.fixture
-def make(tmp_short: Path, proxy: RecordingProxy) -> Iterator[Callable[..., Peer]]:
-    """Peers whose every relay connection passes the recording proxy."""
+def make(
+    tmp_short: Path, proxy: RecordingProxy, sound: PulseAudio
+) -> Iterator[Callable[..., Peer]]:
+    """Peers whose every relay connection passes the recording proxy; each has a microphone and
+    a speaker (the test PulseAudio's) for the calls made without --play / --record."""
     made: list[Peer] = []
     url = f"ws://127.0.0.1:{proxy.port}/v1/ws"
 
     def _make(name: str, test_methods: bool = False) -> Peer:
         p = Peer(tmp_short / name, url, name)
         made.append(p)
-        if test_methods:
-            p.stop()
-            p.proc = DaemonProc(p.home, ["--test-methods"], None)
-            p.proc.wait_ready()
+        p.stop()
+        extra = ["--test-methods"] if test_methods else []
+        p.proc = DaemonProc(p.home, extra, sound.daemon_env(name))
+        p.proc.wait_ready()
         p.call("calls.configure", {"host_candidates": "loopback"})
         return p
 
