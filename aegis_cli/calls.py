@@ -77,7 +77,7 @@ SETTING_LABELS = (
     ("hide_ip", "hide my IP"),
     ("turn_url", "TURN server"),
     ("turn_username", "TURN username"),
-    ("turn_password_set", "TURN password set"),
+    ("turn_password_set", "TURN password"),
 )
 
 
@@ -89,6 +89,8 @@ def _settings_text(result: dict[str, Any]) -> str:
         value = result[key]
         if key in ("input_device", "output_device") and value is None:
             text = "the system's default"
+        elif key == "turn_password_set":
+            text = "set" if value else "not set"
         else:
             text = _value(value)
         lines.append(f"{label}: {text}")

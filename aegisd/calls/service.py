@@ -4,8 +4,10 @@ Signaling travels as ordinary ratchet payloads through the Messenger's outbox (s
 sees ordinary blocks); the sealed part is aegisd/calls/signaling.py. Media is
 aegisd/calls/engine.py, imported only when a call's media starts.
 
-States: outgoing  calling -> connecting -> active -> ended
+States: outgoing  calling -> ringing -> connecting -> active -> ended
         incoming  ringing -> connecting -> active -> ended
+(an outgoing call rings once the callee's daemon says so: RINGING; it may be answered before
+that message arrives, or without it from a daemon that does not send it)
 Reasons an ended call gives: hangup (we hung up), remote_hangup, rejected, busy, unanswered
 (nobody answered within calls.ring_timeout), missed (an incoming call we did not answer),
 cancelled (the caller gave up while ringing), failed (no media path, or a bad description),
@@ -70,6 +72,7 @@ E_NO_AUDIO = 1036  # no microphone / speaker for a call without play / record
 TURN_URL_RE = re.compile(r"^turns?:[A-Za-z0-9.\-\[\]:]+(\?transport=(udp|tcp))?$")
 
 LIVE = ("calling", "ringing", "connecting", "active")
+UNANSWERED = ("calling", "ringing")  # an outgoing call waiting for the callee
 
 
 def _other_fingerprint(sdp: str) -> str:
@@ -138,8 +141,9 @@ class CallService:
         # Calls that were live when the daemon stopped or crashed are over.
         with store.transaction():
             store._q(  # the store's query helper: this table is the calls module's own
-                "UPDATE calls SET end_reason = CASE state WHEN 'ringing' THEN 'missed' "
-                "ELSE 'failed' END, state = 'ended', ended_at = ? WHERE state != 'ended'",
+                "UPDATE calls SET end_reason = CASE WHEN state = 'ringing' AND direction = 'in' "
+                "THEN 'missed' ELSE 'failed' END, state = 'ended', ended_at = ? "
+                "WHERE state != 'ended'",
                 (_ms(),),
             )
 
@@ -522,12 +526,16 @@ class CallService:
             self._on_invite(c, call, payload)
         elif call is None:
             log.info("dropped call signaling for no call in progress")
-        elif payload.kind == wire.CALL_ACCEPT and call.direction == "out" and (
+        elif payload.kind == wire.CALL_RINGING and call.direction == "out" and (
             call.state == "calling"
+        ):
+            self._set_state(call, "ringing")  # the ring timeout armed at start goes on
+        elif payload.kind == wire.CALL_ACCEPT and call.direction == "out" and (
+            call.state in UNANSWERED
         ):
             self._on_accept(call, payload)
         elif payload.kind == wire.CALL_REJECT and call.direction == "out" and (
-            call.state == "calling"
+            call.state in UNANSWERED
         ):
             busy = payload.reason == wire.CALL_REASON_BUSY
             self._spawn(self._end(call, "busy" if busy else "rejected", notify=False))
@@ -552,7 +560,7 @@ class CallService:
             len(live) == 1
             and live[0].contact_id == c.id
             and live[0].direction == "out"
-            and live[0].state == "calling"
+            and live[0].state in UNANSWERED
         )
         if crossed and p.call_id < live[0].id:
             # Both called each other at once (each INVITE left before the other arrived). Both
@@ -581,6 +589,9 @@ class CallService:
         )
         self._set_state(incoming, "ringing")
         self._arm(incoming, self._ring_timeout(), "missed")
+        # Tell the caller it rings here (its user hears "ringing", not just "calling"). Sent at
+        # once, like the automatic busy answer above: docs/threat-model.md §6 on call timing.
+        self._spawn(self._send_quietly(c.id, wire.CallPayload(p.call_id, wire.CALL_RINGING)))
 
     def _known(self, call_id: bytes) -> bool:
         row = self.m.store._q("SELECT 1 FROM calls WHERE id = ?", (call_id.hex(),)).fetchone()
