@@ -37,6 +37,18 @@ MAX_QUEUED = 10  # frames (200 ms): a stalled consumer drops the oldest, so late
 MAX_BUFFERED = RATE * 2 // 5  # speaker: at most 200 ms of samples waiting
 
 
+def _started(stream: Any) -> Any:
+    """Start an opened PortAudio stream, counted as open (closed again if it cannot start)."""
+    try:
+        stream.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            stream.close()
+        raise
+    devices.open_streams += 1
+    return stream
+
+
 class MicrophoneTrack(MediaStreamTrack):
     """The local audio track: 20 ms frames from the capture device."""
 
@@ -48,11 +60,9 @@ class MicrophoneTrack(MediaStreamTrack):
         self._event_loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._pts = 0
-        self._stream = sd.RawInputStream(samplerate=RATE, channels=1, dtype="int16",
-                                         blocksize=FRAME, device=device,
-                                         callback=self._captured)  # fmt: skip
-        devices.open_streams += 1
-        self._stream.start()
+        self._stream = _started(sd.RawInputStream(samplerate=RATE, channels=1, dtype="int16",
+                                                  blocksize=FRAME, device=device,
+                                                  callback=self._captured))  # fmt: skip
 
     def _captured(self, data: Any, frames: int, _time: Any, _status: Any) -> None:
         chunk = bytes(data)
@@ -105,11 +115,9 @@ class SpeakerSink:
         if self._stream is not None:
             return
         sd = devices.portaudio()
-        self._stream = sd.RawOutputStream(samplerate=RATE, channels=1, dtype="int16",
-                                          blocksize=FRAME, device=self._device,
-                                          callback=self._play)  # fmt: skip
-        devices.open_streams += 1
-        self._stream.start()
+        self._stream = _started(sd.RawOutputStream(samplerate=RATE, channels=1, dtype="int16",
+                                                   blocksize=FRAME, device=self._device,
+                                                   callback=self._play))  # fmt: skip
         self._tasks = [asyncio.get_running_loop().create_task(self._pull(t)) for t in self._tracks]
 
     async def _pull(self, track: MediaStreamTrack) -> None:

@@ -64,6 +64,13 @@ def test_calls_ask_before_showing_the_ip_address(
     # Answering asks too: Alice (direct) calls, Bob's phone rings, Bob answers.
     bob.call("network.set", {"mode": "direct"})
     bob.wait_connected()
+    # Bob's two calls above, queued while his proxy was dead, reach Alice now (each rings and
+    # is cancelled): once they are over she is not busy.
+    alice.wait_for(
+        lambda: [c["state"] for c in alice.call("calls.history")["calls"]] == ["ended"] * 2
+        and not alice.call("calls.list")["calls"],
+        "bob's earlier calls to end",
+    )
     call = alice.call("calls.start", {"contact": "bob", **files()})
     bob.wait_for(lambda: bob.call("calls.list")["calls"], "the call to ring")
     bob.call("network.set", {"proxy": DEAD_PROXY})
