@@ -830,7 +830,8 @@ CALL_INVITE = 1
 CALL_ACCEPT = 2
 CALL_REJECT = 3
 CALL_CANCEL = 4
-CALL_KINDS = (CALL_INVITE, CALL_ACCEPT, CALL_REJECT, CALL_CANCEL)
+CALL_RINGING = 5
+CALL_KINDS = (CALL_INVITE, CALL_ACCEPT, CALL_REJECT, CALL_CANCEL, CALL_RINGING)
 CALL_REASON_REJECTED = 1
 CALL_REASON_BUSY = 2
 CALL_ID_LEN = 16
@@ -949,7 +950,7 @@ def _encode_call(w: Writer, p: CallPayload) -> None:
         if p.reason not in (CALL_REASON_REJECTED, CALL_REASON_BUSY):
             raise ValueError("unknown call reject reason")
         w.u8(p.reason)
-    elif p.kind != CALL_CANCEL:
+    elif p.kind not in (CALL_CANCEL, CALL_RINGING):
         raise ValueError("unknown call kind")
 
 
@@ -965,7 +966,7 @@ def _decode_call(r: Reader) -> CallPayload:
         if reason not in (CALL_REASON_REJECTED, CALL_REASON_BUSY):
             raise DecodeError("unknown call reject reason")
         return CallPayload(call_id, kind, reason=reason)
-    if kind == CALL_CANCEL:
+    if kind in (CALL_CANCEL, CALL_RINGING):
         return CallPayload(call_id, kind)
     raise DecodeError("unknown call kind")
 
