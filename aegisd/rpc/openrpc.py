@@ -65,6 +65,7 @@ APP_ERRORS = [
     (1033, "exists"),
     (1034, "not_retryable"),
     (1035, "reveals_ip"),
+    (1036, "no_audio_device"),
     (1040, "exists"),
     (1041, "weak_passphrase"),
     (1042, "not_a_backup"),
