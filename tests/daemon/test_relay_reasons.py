@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from aiohttp import WSMsgType, web
 
+from aegisd.netmode import SETTING_ISOLATION
 from aegisd.relayurl import SETTING_URL
 from aegisd.store import create_profile
 from relay import wire
@@ -154,14 +155,17 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def profile(short_tmp: Path) -> Iterator[Callable[[str], DaemonProc]]:
-    """profile(url): a profile whose stored relay URL is `url` (as written), its daemon up."""
+def profile(short_tmp: Path) -> Iterator[Callable[..., DaemonProc]]:
+    """profile(url, isolation=False): a profile whose stored relay URL is `url` (as written),
+    its daemon up."""
     procs: list[DaemonProc] = []
 
-    def make(url: str) -> DaemonProc:
+    def make(url: str, isolation: bool = False) -> DaemonProc:
         home = short_tmp / f"p{len(procs)}"
         store = create_profile(home, None, FAST_KDF)
         store.set_setting(SETTING_URL, url)
+        if isolation:
+            store.set_setting(SETTING_ISOLATION, True)
         store.close()
         d = DaemonProc(home, [], None)
         procs.append(d)
@@ -226,6 +230,20 @@ def test_not_a_relay_is_reported(profile: Callable[[str], DaemonProc], handler: 
     try:
         d = profile(f"ws://127.0.0.1:{server.port}/v1/ws")
         assert reason_after_retries(d, server) == expected
+    finally:
+        server.close()
+
+
+def test_not_a_relay_is_reported_in_isolated_mode(profile: Callable[..., DaemonProc]) -> None:
+    """Isolation (one connection per mailbox) takes another path through the link: the same
+    reason, logged once."""
+    server = FakeServer(not_found)
+    try:
+        d = profile(f"ws://127.0.0.1:{server.port}/v1/ws", isolation=True)
+        with d.client() as c:
+            assert c.call("network.get")["isolation"] is True
+        assert reason_after_retries(d, server) == (
+            "the relay answered 404: not an AegisLink relay at this URL")
     finally:
         server.close()
 
