@@ -33,10 +33,12 @@ class RelayClosed(Exception):
     """The connection ended."""
 
 
-class NotARelay(Exception):
-    """The server at the URL is not an AegisLink relay we can talk to: it answered the
-    WebSocket upgrade with an HTTP status (``status``), or accepted it but did not answer
-    ``HELLO`` with a ``HELLO_OK`` of this protocol. The message says which, and holds no URL."""
+class HandshakeFailed(Exception):
+    """No relay connection could be set up at the URL: the server answered the WebSocket
+    upgrade with an HTTP status (``status``: 404, nothing at this path; 503, a relay that is
+    full or stopping), or accepted it but did not answer ``HELLO`` with a ``HELLO_OK`` of this
+    protocol (not an AegisLink relay, or another version). The message says which, and holds
+    no URL."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
@@ -107,7 +109,7 @@ class RelayClient:
             # upgrade: whatever it is, it is not a relay at this URL.
             if own:
                 await session.close()
-            raise NotARelay(_handshake_text(exc.status), exc.status) from None
+            raise HandshakeFailed(_handshake_text(exc.status), exc.status) from None
         except BaseException:
             if own:
                 await session.close()
@@ -123,32 +125,33 @@ class RelayClient:
         return client
 
     async def _hello(self) -> wire.HelloOk:
-        """HELLO, and a HELLO_OK of this protocol (NotARelay for anything else: an echo, text,
-        frames that do not decode, another block size)."""
+        """HELLO, and a HELLO_OK of this protocol (HandshakeFailed for anything else: an echo,
+        text, frames that do not decode, another version or block size)."""
+        fail = HandshakeFailed
         try:
             frame = await self.request(wire.HELLO, b"")
         except RelayClosed:
             if self.other_version is not None:
-                raise NotARelay(f"the relay speaks version {self.other_version} of the relay "
-                                f"protocol, not {wire.VERSION}") from None
+                raise fail(f"the relay speaks version {self.other_version} of the relay "
+                           f"protocol, not {wire.VERSION}") from None
             if wire.E_BAD_VERSION in self.errors:  # its answer to a version it does not speak
-                raise NotARelay(f"the relay does not speak version {wire.VERSION} of the relay "
-                                "protocol") from None
+                raise fail(f"the relay does not speak version {wire.VERSION} of the relay "
+                           "protocol") from None
             if self.garbled:
-                raise NotARelay("the server at this URL does not speak the relay protocol "
-                                "(not an AegisLink relay)") from None
+                raise fail("the server at this URL does not speak the relay protocol "
+                           "(not an AegisLink relay)") from None
             raise
         if frame.type != wire.HELLO_OK:
-            raise NotARelay("the server at this URL answered HELLO with something else "
-                            "(not an AegisLink relay)")
+            raise fail("the server at this URL answered HELLO with something else "
+                       "(not an AegisLink relay)")
         try:
             hello = wire.HelloOk.parse(frame.body)
         except wire.FrameError:
-            raise NotARelay("the server at this URL sent a malformed HELLO_OK "
-                            "(not an AegisLink relay of this version)") from None
+            raise fail("the server at this URL sent a malformed HELLO_OK "
+                       "(not an AegisLink relay of this version)") from None
         if hello.block_size != wire.BLOCK_SIZE:
-            raise NotARelay(f"the relay uses blocks of {hello.block_size} bytes, not "
-                            f"{wire.BLOCK_SIZE} (an incompatible relay)")
+            raise fail(f"the relay uses blocks of {hello.block_size} bytes, not "
+                       f"{wire.BLOCK_SIZE} (an incompatible relay)")
         return hello
 
     @property

@@ -30,7 +30,7 @@ from nacl.signing import SigningKey
 from aegisd.netmode import Unreachable
 from aegisd.relayurl import relay_endpoint
 from relay import wire
-from relay.client import Message, NotARelay, RelayClient, RelayClosed, RelayError
+from relay.client import HandshakeFailed, Message, RelayClient, RelayClosed, RelayError
 
 from .network import Network, ProxyUnavailable, raise_descriptor_limit
 from .tor import TorUnavailable
@@ -54,7 +54,7 @@ DIAL_CONCURRENCY = 16
 #: Exceptions that mean "the relay is not reachable right now".
 UNAVAILABLE = (
     RelayClosed,
-    NotARelay,  # an HTTP error (404: no relay at this path) or not the relay protocol
+    HandshakeFailed,  # an HTTP error (404: no relay at this path) or not the relay protocol
     OSError,
     aiohttp.ClientError,
     asyncio.TimeoutError,
@@ -450,7 +450,7 @@ def _reason(exc: BaseException, tor: bool = False) -> str:
         return "Tor's SOCKS port is unreachable" if tor else "proxy unreachable"
     if isinstance(exc, aiohttp_socks.ProxyError):
         return f"{proxy} could not reach the relay"
-    if isinstance(exc, NotARelay):
+    if isinstance(exc, HandshakeFailed):
         return str(exc)  # e.g. "the relay answered 404: not an AegisLink relay at this URL"
     if isinstance(exc, RelayError):
         if exc.code == wire.E_BAD_VERSION:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import re
 import socket
 import ssl
 import subprocess
@@ -26,7 +27,7 @@ from aegisd.relayurl import SETTING_URL
 from aegisd.store import create_profile
 from relay import wire
 from tests.daemon.conftest import FAST_KDF, DaemonProc
-from tests.relay.conftest import RelayProcess
+from tests.relay.conftest import ROOT, RelayProcess
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -208,7 +209,21 @@ def reason_after_retries(d: DaemonProc, server: FakeServer | None) -> str:
     log = d.stderr()
     assert log.count(reason) == 1, log
     assert "127.0.0.1" not in log
+    assert documented(reason), f"docs/api.md (status) does not list {reason!r}"
     return reason
+
+
+def documented(reason: str) -> bool:
+    """Whether docs/api.md's table of `relay.reason` strings has this one in its first column
+    (a `<...>` in a documented string stands for its variable part)."""
+    doc = (ROOT / "docs" / "api.md").read_text()
+    section = doc[doc.index("`relay.reason`"):]
+    section = section[:section.index("\n\n", section.index("| reason |"))]
+    for row in section.splitlines()[4:]:
+        for string in re.findall(r"`([^`]+)`", row.split(" | ")[0]):
+            if re.fullmatch(re.sub(r"<[^>]+>", ".+", re.escape(string)), reason):
+                return True
+    return False
 
 
 @pytest.mark.parametrize(
