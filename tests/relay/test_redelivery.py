@@ -16,7 +16,7 @@ from relay import wire
 from relay.client import Message, RelayClient, RelayError
 
 from .conftest import RelayProcess, run
-from .helpers import block, new_owner, next_message
+from .helpers import Owner, block, new_owner, next_message
 
 
 def shared_run(a: bytes, b: bytes, n: int = 16) -> bool:
@@ -151,3 +151,48 @@ def test_delivered_bytes_are_never_the_stored_bytes(relay: RelayProcess) -> None
         db.close()
     assert len(stored) == wire.SEALED_BLOCK_LEN  # sealed at rest (never the plain block)
     assert not shared_run(bytes(stored), m.sealed)
+
+
+def test_a_stored_block_that_does_not_open_is_dropped(relay: RelayProcess) -> None:
+    """Re-sealing opens the stored copy: one altered on disk is dropped (and logged by type
+    only), and the blocks after it are still delivered."""
+    token = os.urandom(32)
+
+    async def deposit() -> tuple[bytes, bytes, Owner]:
+        c = await RelayClient.connect(relay.url)
+        o = await new_owner(c, token=token)
+        first, second = block(b"first"), block(b"second")
+        await c.deposit(o.deposit_id, first, token=token)
+        await c.deposit(o.deposit_id, second, token=token)
+        await c.close()
+        return first, second, o
+
+    _, second, o = run(deposit())
+    assert relay.terminate() == 0
+    db = sqlite3.connect(relay.data / "relay.sqlite3")
+    try:
+        okey = hashlib.sha256(b"aegis-relay owner\x00" + o.owner_id).digest()
+        (rowid, stored) = db.execute(
+            "SELECT messages.id, block FROM messages JOIN mailboxes"
+            " ON messages.mailbox = mailboxes.id WHERE owner_key = ? ORDER BY seq LIMIT 1",
+            (okey,)).fetchone()
+        altered = bytearray(stored)
+        altered[100] ^= 1
+        db.execute("UPDATE messages SET block = ? WHERE id = ?", (bytes(altered), rowid))
+        db.commit()
+    finally:
+        db.close()
+    relay.start()
+
+    async def receive() -> None:
+        c = await RelayClient.connect(relay.url)
+        await o.subscribe(c)
+        m = await next_message(c)
+        assert o.open(m) == second
+        await c.ack([m.msg_id])
+        await c.unsubscribe(o.owner_id, o.sig)
+        assert await o.fetch(c) == []  # the altered one is gone, not stuck at the head
+        await c.close()
+
+    run(receive())
+    assert "delivery failed: CryptoError" in relay.output()
