@@ -328,3 +328,23 @@ def test_url_stored_without_path_reaches_the_relay(profile: Callable[[str], Daem
         wait_for(lambda: relay_status(d)["connected"], "the relay")
     finally:
         rp.close()
+
+
+def test_reasons_that_need_a_network_to_happen() -> None:
+    """DNS and routing failures cannot be caused on loopback alone: the link's mapping of the
+    exceptions aiohttp raises for them (and never the address they carry)."""
+    import errno
+
+    import aiohttp
+
+    from aegisd.transport.relaylink import _reason
+
+    class Key:  # what aiohttp's connection key offers to the exception's text
+        host, port, ssl = "relay.example", 443, True
+
+    dns = aiohttp.ClientConnectorDNSError(Key(), OSError(-2, "Name or service not known"))
+    assert _reason(dns) == "the relay's host name could not be resolved (DNS)"
+    route = aiohttp.ClientConnectorError(Key(), OSError(errno.EHOSTUNREACH, "No route to host"))
+    assert _reason(route) == "relay unreachable: No route to host"
+    for exc in (dns, route):
+        assert "relay.example" not in _reason(exc) and documented(_reason(exc))
