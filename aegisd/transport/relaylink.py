@@ -222,8 +222,7 @@ class RelayLink:
             except (*UNAVAILABLE, RelayError, RelayUnavailable) as exc:
                 reason = _reason(exc, self.network.mode == "tor")
             except Exception as exc:  # never let the link die: reconnect after a pause
-                log.error("relay link failed: %s", type(exc).__name__)
-                reason = "internal error"
+                reason = _failed(exc)
             await self._drop()
             if self._stopping:
                 return
@@ -361,8 +360,7 @@ class RelayLink:
                 except (*UNAVAILABLE, RelayError, RelayUnavailable) as exc:
                     reason = _reason(exc, self.network.mode == "tor")
                 except Exception as exc:  # never let the link die: reconnect after a pause
-                    log.error("relay connection failed: %s", type(exc).__name__)
-                    reason = "internal error"
+                    reason = _failed(exc)
                 finally:
                     self._clients.pop(owner_id, None)
                     await client.close()
@@ -490,5 +488,5 @@ def _cert_problem(exc: aiohttp.ClientConnectorCertificateError) -> str:
 
 
 def _failed(exc: BaseException) -> str:
-    log.error("relay connection failed: %s", type(exc).__name__)
-    return "internal error"
+    # A fault of the daemon's: its type (never its text) in the reason, which is logged once.
+    return f"internal error ({type(exc).__name__})"

@@ -348,3 +348,44 @@ def test_reasons_that_need_a_network_to_happen() -> None:
     assert _reason(route) == "relay unreachable: No route to host"
     for exc in (dns, route):
         assert "relay.example" not in _reason(exc) and documented(_reason(exc))
+
+
+def test_a_fault_while_dialling_is_reported_and_retried(caplog: pytest.LogCaptureFixture) -> None:
+    """A bug while connecting (here injected: the first dials raise KeyError) neither ends the
+    link silently (a failed HELLO_OK used to kill its task) nor logs on every retry."""
+    import logging
+
+    from aegisd.transport import relaylink
+    from aegisd.transport.relaylink import RelayLink
+
+    states: list[tuple[bool, str | None]] = []
+
+    class Faulty(RelayLink):
+        dials = 0
+
+        async def _dial(self, url: str | None = None) -> Any:
+            Faulty.dials += 1
+            raise KeyError("not for the log")
+
+    async def main() -> None:
+        link = Faulty("ws://127.0.0.1:9/v1/ws", handler=None,  # type: ignore[arg-type]
+                      subscriptions=list, on_state=lambda up, r: states.append((up, r)))
+        link.start()
+        for _ in range(200):  # at most 10 s: a dead link dials once
+            if Faulty.dials >= 4:
+                break
+            await asyncio.sleep(0.05)
+        await link.stop()
+        assert Faulty.dials >= 4, "the link stopped trying"
+
+    saved = relaylink.BACKOFF_FIRST
+    relaylink.BACKOFF_FIRST = 0.01
+    try:
+        with caplog.at_level(logging.INFO, logger="aegisd.relay"):
+            asyncio.run(main())
+    finally:
+        relaylink.BACKOFF_FIRST = saved
+    assert set(states) == {(False, "internal error (KeyError)")}
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["cannot reach the relay: internal error (KeyError)"]
+    assert documented("internal error (KeyError)")
