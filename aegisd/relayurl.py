@@ -7,7 +7,9 @@
 * ``ws://`` to any other host only with the loudly named ``--insecure-plaintext-relay``
   option, since everyone on the path then sees the blocks and the timing.
 
-The URL has no user info, query or fragment. It is stored in the profile's encrypted
+The URL has no user info, query or fragment. Its path is optional: none (or ``/``) means the
+relay's own endpoint, ``/v1/ws`` (docs/relay-protocol.md §1); any other path is kept, for a
+relay behind a reverse proxy that serves it elsewhere. It is stored in the profile's encrypted
 settings (``relay.url``, ``relay.insecure_plaintext``) by ``aegis init --relay URL``.
 """
 
@@ -19,6 +21,8 @@ from urllib.parse import urlsplit
 SETTING_URL = "relay.url"
 SETTING_INSECURE = "relay.insecure_plaintext"
 INSECURE_OPTION = "--insecure-plaintext-relay"
+#: The relay's WebSocket endpoint (relay/app.py), meant by a URL without a path.
+DEFAULT_PATH = "/v1/ws"
 
 
 class RelayUrlError(ValueError):
@@ -72,4 +76,23 @@ def check_relay_url(url: str, *, insecure_plaintext: bool = False) -> str:
     netloc = f"[{host}]" if ":" in host else host
     if port is not None:
         netloc += f":{port}"
-    return f"{scheme}://{netloc}{parts.path}"
+    return f"{scheme}://{netloc}{_path(parts.path)}"
+
+
+def relay_endpoint(url: str) -> str:
+    """The URL a connection is made to: `url` with the default path when it has none.
+
+    For URLs that were stored or received before the path became optional (a profile made with
+    ``ws://127.0.0.1:8765``, a contact's invitation): no policy check here, only the path."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url  # malformed: the connection fails and says so
+    path = _path(parts.path)
+    if path == parts.path:
+        return url
+    return parts._replace(path=path).geturl()
+
+
+def _path(path: str) -> str:
+    return DEFAULT_PATH if path in ("", "/") else path

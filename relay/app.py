@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
-from nacl.bindings import crypto_box_easy_afternm
+from nacl.bindings import crypto_box_easy_afternm, crypto_box_open_easy_afternm
 from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.public import Box, PrivateKey, PublicKey, SealedBox
 from nacl.secret import SecretBox
@@ -139,9 +139,17 @@ class MailboxState:
         self.deleted = False
 
     def seal(self, block: bytes) -> bytes:
-        """Re-encrypt a block for the owner: nonce(24) | crypto_box(block) (§4.3)."""
+        """Re-encrypt a block for the owner: nonce(24) | crypto_box(block) (§4.3). Called once
+        for the copy kept at rest and once for every delivery, each with a fresh nonce, so no
+        two of them (nor the deposit) share bytes."""
         nonce = RANDOM.take(Box.NONCE_SIZE)
         return nonce + crypto_box_easy_afternm(block, nonce, self.key)
+
+    def unseal(self, sealed: bytes) -> bytes:
+        """The block kept at rest, opened to be sealed afresh for a delivery (the relay holds
+        the box key it was sealed with). CryptoError if the stored bytes were altered."""
+        nonce = sealed[:Box.NONCE_SIZE]
+        return crypto_box_open_easy_afternm(sealed[Box.NONCE_SIZE:], nonce, self.key)
 
 
 class Subscription:
@@ -298,7 +306,7 @@ class Relay:
 
     # --- delivery --------------------------------------------------------------------------------
 
-    def stored(self, mb: MailboxState, rowid: int, sealed: bytes) -> None:
+    def stored(self, mb: MailboxState, rowid: int, block: bytes) -> None:
         """A block was durably queued: push it at once to a subscriber with room in its window.
 
         Without a backlog every older block of the mailbox is already out on this connection,
@@ -312,7 +320,7 @@ class Relay:
         conn = sub.conn
         if (not sub.backlog and not sub.pumping and conn.outstanding(mb.id) < self.cfg.window
                 and not conn.congested()):
-            conn.push(sub.owner_id, mb, rowid, sealed, 0)
+            conn.push(sub.owner_id, mb, rowid, block, 0)
         else:
             sub.backlog = True
             if conn.congested():
@@ -347,7 +355,7 @@ class Relay:
                 fresh = [r for r in rows if r[0] not in out]
                 room = self.cfg.window - len(out)
                 for rowid, sealed in fresh[:room]:
-                    conn.push(sub.owner_id, mb, rowid, sealed, 0)
+                    conn.push_stored(sub.owner_id, mb, rowid, sealed, 0)
                 if len(rows) < limit and len(fresh) <= room and sub.gen == gen:
                     sub.backlog = False
         except StorageError as exc:
@@ -356,12 +364,25 @@ class Relay:
             sub.pumping = False
 
     def end_subscription(self, sub: Subscription, notify: bool) -> None:
+        """End a subscription. With `notify` (it moved to another connection, or the mailbox
+        was deleted from one) the connection gets END and loses its deliveries of the mailbox
+        not yet acknowledged: their msg_ids become unknown there, and the blocks are delivered
+        again, with new ids and new seals, to the connection that holds the mailbox now
+        (§4.3). Without it (UNSUBSCRIBE, the connection's own DELETE, its end) they stay."""
         sub.active = False
         if sub.mb.sub is sub:
             sub.mb.sub = None
         sub.conn.subs.pop(sub.mb.id, None)
         if notify:
+            sub.conn.withdraw(sub.mb)
             sub.conn.send(wire.encode(wire.END, 0, sub.owner_id))
+
+    def undeliverable(self, mb: MailboxState, rowid: int) -> None:
+        """A stored block that no longer opens (altered on disk): drop it rather than let it
+        block the mailbox's queue forever."""
+        log.warning("delivery failed: %s", CryptoError.__name__)
+        mb.queued = max(0, mb.queued - 1)
+        self.storage.remove(mb.id, [rowid]).add_done_callback(_consume)
 
 
 class Connection:
@@ -448,11 +469,32 @@ class Connection:
         rows = self.out_rows.get(mailbox)
         return len(rows) if rows else 0
 
-    def push(self, owner_id: bytes, mb: MailboxState, rowid: int, sealed: bytes, rid: int) -> None:
+    def push(self, owner_id: bytes, mb: MailboxState, rowid: int, block: bytes, rid: int) -> None:
+        """Deliver a block: a fresh msg_id and a fresh seal, whichever delivery of the block
+        this is (first push, FETCH, redelivery after a reconnection or a moved subscription),
+        so two deliveries of one block share no bytes and cannot be matched by content."""
         msg_id = RANDOM.take(wire.ID_LEN)
         self.delivered[msg_id] = (mb, rowid)
         self.out_rows.setdefault(mb.id, set()).add(rowid)
-        self.send(wire.encode(wire.MSG, rid, owner_id + msg_id + sealed))
+        self.send(wire.encode(wire.MSG, rid, owner_id + msg_id + mb.seal(block)))
+
+    def push_stored(self, owner_id: bytes, mb: MailboxState, rowid: int, stored: bytes,
+                    rid: int) -> bool:
+        """Deliver a block read from storage (kept sealed at rest); False if it did not open."""
+        try:
+            block = mb.unseal(stored)
+        except CryptoError:
+            self.relay.undeliverable(mb, rowid)
+            return False
+        self.push(owner_id, mb, rowid, block, rid)
+        return True
+
+    def withdraw(self, mb: MailboxState) -> None:
+        """Forget this connection's unacknowledged deliveries of `mb` (its subscription moved
+        away): an ACK of their ids is `unknown_message`, and they no longer fill its window."""
+        for msg_id in [i for i, (m, _) in self.delivered.items() if m is mb]:
+            del self.delivered[msg_id]
+        self.out_rows.pop(mb.id, None)
 
     # --- the read loop ---------------------------------------------------------------------------
 
@@ -553,7 +595,7 @@ class Connection:
     def busy(self) -> bool:
         return self._inflight > 0
 
-    def _deposit_done(self, rid: int, mb: MailboxState, sealed: bytes,
+    def _deposit_done(self, rid: int, mb: MailboxState, block: bytes,
                       fut: asyncio.Future[int]) -> None:
         self._release()
         relay = self.relay
@@ -571,7 +613,7 @@ class Connection:
         if mb.deleted:
             relay.storage.remove(mb.id, [rowid]).add_done_callback(_consume)
             return
-        relay.stored(mb, rowid, sealed)
+        relay.stored(mb, rowid, block)
 
     def _ack_done(self, rid: int, mb: MailboxState, rowids: list[int],
                   fut: asyncio.Future[int]) -> None:
@@ -727,8 +769,7 @@ async def h_fetch(c: Connection, f: wire.Frame) -> None:
         rows = await c.relay.storage.queued(mb.id, out, want)
         out = c.out_rows.get(mb.id, set())
         for rowid, sealed in [r for r in rows if r[0] not in out][:want]:
-            c.push(owner_id, mb, rowid, sealed, f.rid)
-            sent += 1
+            sent += c.push_stored(owner_id, mb, rowid, sealed, f.rid)
     c.ok(f.rid, struct.pack(">H", sent))
 
 
@@ -866,11 +907,11 @@ def fast_deposit(c: Connection, f: wire.Frame) -> bool:
         return False  # h_deposit loads the mailbox
     _deposit_pow(c, deposit_id, kind, auth, block)
     mb = _deposit_auth(c, cached, kind, auth)
-    # Re-encrypt for the owner: the stored and delivered bytes share nothing with the deposit.
-    sealed = mb.seal(block)
-    fut = c.relay.storage.enqueue(mb.id, c.relay.expiry(), sealed)
+    # Re-encrypt for the owner: the stored bytes share nothing with the deposit (and each
+    # delivery is sealed afresh: Connection.push).
+    fut = c.relay.storage.enqueue(mb.id, c.relay.expiry(), mb.seal(block))
     mb.queued += 1
-    fut.add_done_callback(functools.partial(c._deposit_done, f.rid, mb, sealed))
+    fut.add_done_callback(functools.partial(c._deposit_done, f.rid, mb, block))
     return True
 
 
@@ -892,7 +933,7 @@ async def h_deposit(c: Connection, f: wire.Frame) -> None:
     if mb.deleted:
         await relay.storage.remove(mb.id, [rowid])
         return
-    relay.stored(mb, rowid, sealed)
+    relay.stored(mb, rowid, block)
 
 
 def fast_ack(c: Connection, f: wire.Frame) -> bool:

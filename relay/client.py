@@ -33,6 +33,18 @@ class RelayClosed(Exception):
     """The connection ended."""
 
 
+class HandshakeFailed(Exception):
+    """No relay connection could be set up at the URL: the server answered the WebSocket
+    upgrade with an HTTP status (``status``: 404, nothing at this path; 503, a relay that is
+    full or stopping), or accepted it but did not answer ``HELLO`` with a ``HELLO_OK`` of this
+    protocol (not an AegisLink relay, or another version). The message says which, and holds
+    no URL."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass(frozen=True)
 class Created:
     owner_id: bytes
@@ -72,6 +84,8 @@ class RelayClient:
         self._reader: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
         self.request_timeout: float | None = None
+        self.garbled = False  # the server sent text or a frame that does not decode
+        self.other_version: int | None = None  # ... or a frame of another protocol version
 
     @classmethod
     async def connect(cls, url: str, *, local_addr: tuple[str, int] | None = None,
@@ -90,6 +104,12 @@ class RelayClient:
         try:
             ws = await session.ws_connect(url, max_msg_size=max_frame, autoping=True,
                                           compress=0, heartbeat=heartbeat)
+        except aiohttp.WSServerHandshakeError as exc:
+            # An HTTP answer instead of the upgrade (404: no relay at this path), or a broken
+            # upgrade: whatever it is, it is not a relay at this URL.
+            if own:
+                await session.close()
+            raise HandshakeFailed(_handshake_text(exc.status), exc.status) from None
         except BaseException:
             if own:
                 await session.close()
@@ -98,12 +118,41 @@ class RelayClient:
         client.request_timeout = request_timeout
         client._reader = asyncio.ensure_future(client._read())
         try:
-            frame = await client.request(wire.HELLO, b"")
-            client.hello = wire.HelloOk.parse(frame.body)
+            client.hello = await client._hello()
         except BaseException:  # cancelled or refused during HELLO: never leave the socket open
             await client.close()
             raise
         return client
+
+    async def _hello(self) -> wire.HelloOk:
+        """HELLO, and a HELLO_OK of this protocol (HandshakeFailed for anything else: an echo,
+        text, frames that do not decode, another version or block size)."""
+        fail = HandshakeFailed
+        try:
+            frame = await self.request(wire.HELLO, b"")
+        except RelayClosed:
+            if self.other_version is not None:
+                raise fail(f"the relay speaks version {self.other_version} of the relay "
+                           f"protocol, not {wire.VERSION}") from None
+            if wire.E_BAD_VERSION in self.errors:  # its answer to a version it does not speak
+                raise fail(f"the relay does not speak version {wire.VERSION} of the relay "
+                           "protocol") from None
+            if self.garbled:
+                raise fail("the server at this URL does not speak the relay protocol "
+                           "(not an AegisLink relay)") from None
+            raise
+        if frame.type != wire.HELLO_OK:
+            raise fail("the server at this URL answered HELLO with something else "
+                       "(not an AegisLink relay)")
+        try:
+            hello = wire.HelloOk.parse(frame.body)
+        except wire.FrameError:
+            raise fail("the server at this URL sent a malformed HELLO_OK "
+                       "(not an AegisLink relay of this version)") from None
+        if hello.block_size != wire.BLOCK_SIZE:
+            raise fail(f"the relay uses blocks of {hello.block_size} bytes, not "
+                       f"{wire.BLOCK_SIZE} (an incompatible relay)")
+        return hello
 
     @property
     def challenge(self) -> bytes:
@@ -138,11 +187,17 @@ class RelayClient:
     async def _read(self) -> None:
         try:
             async for msg in self.ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    self.garbled = True  # a relay sends binary frames only (§2): not a relay
+                    break
                 if msg.type != aiohttp.WSMsgType.BINARY:
                     continue
                 try:
                     frame = wire.decode(msg.data)
-                except wire.FrameError:
+                except wire.FrameError as exc:
+                    self.garbled = True
+                    if exc.code == wire.E_BAD_VERSION:
+                        self.other_version = msg.data[0]
                     break  # not a relay we can talk to: treat as closed
                 self._dispatch(frame)
         finally:
@@ -292,6 +347,14 @@ class RelayClient:
 
     async def blob_del(self, blob_id: bytes, cap: bytes) -> None:
         await self.request(wire.BLOB_DEL, blob_id + cap)
+
+
+def _handshake_text(status: int) -> str:
+    if status == 101:
+        return "the server at this URL broke the WebSocket upgrade (not an AegisLink relay)"
+    if status == 503:
+        return "the relay answered 503: it is full or shutting down"
+    return f"the relay answered {status}: not an AegisLink relay at this URL"
 
 
 async def gather_limited(coros: list[Any], limit: int) -> list[Any]:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -26,7 +28,9 @@ import aiohttp_socks
 from nacl.signing import SigningKey
 
 from aegisd.netmode import Unreachable
-from relay.client import Message, RelayClient, RelayClosed, RelayError
+from aegisd.relayurl import relay_endpoint
+from relay import wire
+from relay.client import HandshakeFailed, Message, RelayClient, RelayClosed, RelayError
 
 from .network import Network, ProxyUnavailable, raise_descriptor_limit
 from .tor import TorUnavailable
@@ -50,6 +54,7 @@ DIAL_CONCURRENCY = 16
 #: Exceptions that mean "the relay is not reachable right now".
 UNAVAILABLE = (
     RelayClosed,
+    HandshakeFailed,  # an HTTP error (404: no relay at this path) or not the relay protocol
     OSError,
     aiohttp.ClientError,
     asyncio.TimeoutError,
@@ -110,6 +115,7 @@ class RelayLink:
         self._up = False
         self._dialing = asyncio.Semaphore(DIAL_CONCURRENCY)
         self.hello_ttl: int | None = None
+        self._logged: str | None = None  # the failure last written to the log
 
     @property
     def isolated(self) -> bool:
@@ -145,6 +151,18 @@ class RelayLink:
         self._clients.clear()
         await self._drop()
 
+    def _state(self, up: bool, reason: str | None) -> None:
+        """Report the link's state, and write why it is down to the log once: again only when
+        the reason changes or after the link was up, never on every retry."""
+        if up:
+            if self._logged is not None:
+                log.info("relay connected")
+            self._logged = None
+        elif reason is not None and reason != self._logged:
+            log.warning("cannot reach the relay: %s", reason)
+            self._logged = reason
+        self._on_state(up, reason)
+
     async def _drop(self) -> None:
         client, self._client = self._client, None
         self.connected.clear()
@@ -177,7 +195,12 @@ class RelayLink:
             try:
                 client = await self._dial()
             except (*UNAVAILABLE, RelayError) as exc:
-                self._on_state(False, _reason(exc, self.network.mode == "tor"))
+                self._state(False, _reason(exc, self.network.mode == "tor"))
+                await asyncio.sleep(backoff(attempt))
+                attempt += 1
+                continue
+            except Exception as exc:  # never let the link die silently: say so, and retry
+                self._state(False, _failed(exc))
                 await asyncio.sleep(backoff(attempt))
                 attempt += 1
                 continue
@@ -192,19 +215,18 @@ class RelayLink:
                 if refused:
                     log.warning("the relay refused %d subscription(s)", refused)
                 self.connected.set()
-                self._on_state(True, None)
+                self._state(True, None)
                 attempt = 0
                 await self._receive(client)
                 reason = "the relay closed the connection"
             except (*UNAVAILABLE, RelayError, RelayUnavailable) as exc:
                 reason = _reason(exc, self.network.mode == "tor")
             except Exception as exc:  # never let the link die: reconnect after a pause
-                log.error("relay link failed: %s", type(exc).__name__)
-                reason = "internal error"
+                reason = _failed(exc)
             await self._drop()
             if self._stopping:
                 return
-            self._on_state(False, reason)
+            self._state(False, reason)
             await asyncio.sleep(backoff(attempt))
             attempt += 1
 
@@ -276,6 +298,11 @@ class RelayLink:
                     await asyncio.sleep(backoff(attempt))
                     attempt += 1
                     continue
+                except Exception as exc:  # never let the link die silently: say so, and retry
+                    self._set_state(False, _failed(exc))
+                    await asyncio.sleep(backoff(attempt))
+                    attempt += 1
+                    continue
                 self._probe_ok = True
                 self._update()
             await asyncio.sleep(RECONCILE_INTERVAL)
@@ -309,6 +336,11 @@ class RelayLink:
                     await asyncio.sleep(backoff(attempt))
                     attempt += 1
                     continue
+                except Exception as exc:  # never let the link die silently: say so, and retry
+                    self._fail(owner_id, _failed(exc))
+                    await asyncio.sleep(backoff(attempt))
+                    attempt += 1
+                    continue
                 try:
                     try:
                         await client.subscribe(owner_id, key)
@@ -328,8 +360,7 @@ class RelayLink:
                 except (*UNAVAILABLE, RelayError, RelayUnavailable) as exc:
                     reason = _reason(exc, self.network.mode == "tor")
                 except Exception as exc:  # never let the link die: reconnect after a pause
-                    log.error("relay connection failed: %s", type(exc).__name__)
-                    reason = "internal error"
+                    reason = _failed(exc)
                 finally:
                     self._clients.pop(owner_id, None)
                     await client.close()
@@ -363,11 +394,11 @@ class RelayLink:
         if up:
             self.connected.set()
             if not was:
-                self._on_state(True, None)
+                self._state(True, None)
         else:
             self.connected.clear()
             self._probe_ok = False
-            self._on_state(False, reason)
+            self._state(False, reason)
 
 
 async def with_relay(
@@ -379,9 +410,10 @@ async def with_relay(
     if own is not None:
         if own.stopping or own.network != network:
             raise RelayUnavailable()  # settings are changing: nothing under the old ones
-        if own.url == url and not own.isolated:
+        ours = relay_endpoint(own.url) == relay_endpoint(url)  # with or without the /v1/ws
+        if ours and not own.isolated:
             return own.require(), False
-        if own.url == url and not own.connected.is_set():
+        if ours and not own.connected.is_set():
             raise RelayUnavailable()  # our relay is down: no dial that would fail anyway
     try:
         await network.ready(url)
@@ -395,9 +427,13 @@ async def _connect(url: str, network: Network) -> RelayClient:
     # Every relay connection of the daemon is made here: through Tor or the proxy in those
     # modes (no fallback to a direct connection), with a connector (and credentials) of its
     # own, and only to a relay the mode may reach.
+    # A URL stored without a path (made before the path was optional) means /v1/ws.
     network.check(url)
     return await RelayClient.connect(
-        url, connector=network.connector(), heartbeat=HEARTBEAT, request_timeout=REQUEST_TIMEOUT
+        relay_endpoint(url),
+        connector=network.connector(),
+        heartbeat=HEARTBEAT,
+        request_timeout=REQUEST_TIMEOUT,
     )
 
 
@@ -412,10 +448,45 @@ def _reason(exc: BaseException, tor: bool = False) -> str:
         return "Tor's SOCKS port is unreachable" if tor else "proxy unreachable"
     if isinstance(exc, aiohttp_socks.ProxyError):
         return f"{proxy} could not reach the relay"
+    if isinstance(exc, HandshakeFailed):
+        return str(exc)  # e.g. "the relay answered 404: not an AegisLink relay at this URL"
     if isinstance(exc, RelayError):
+        if exc.code == wire.E_BAD_VERSION:
+            return "the relay speaks another version of the relay protocol"
         return f"relay refused: error {exc.code}"
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
     if isinstance(exc, RelayClosed):
         return "connection closed"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"TLS: the relay's certificate is not trusted ({_cert_problem(exc)})"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "TLS: the handshake with the relay failed (is it a TLS port?)"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "the relay's host name could not be resolved (DNS)"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection without answering (not an AegisLink relay?)"
+    os_error = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+    if isinstance(os_error, OSError):
+        if os_error.errno == errno.ECONNREFUSED:
+            return "connection refused: nothing listens at the relay's address and port"
+        if os_error.errno is not None:  # the system's words, never the address
+            return f"relay unreachable: {os.strerror(os_error.errno)}"
     return "relay unreachable"
+
+
+def _cert_problem(exc: aiohttp.ClientConnectorCertificateError) -> str:
+    # OpenSSL's verify codes; its message may name the host, which status does not repeat.
+    code = getattr(exc.certificate_error, "verify_code", None)
+    return {
+        10: "expired",
+        18: "self-signed",
+        19: "self-signed certificate in the chain",
+        20: "unknown issuer",
+        62: "issued for another host name",
+    }.get(code or 0, "verification failed")
+
+
+def _failed(exc: BaseException) -> str:
+    # A fault of the daemon's: its type (never its text) in the reason, which is logged once.
+    return f"internal error ({type(exc).__name__})"

@@ -236,9 +236,10 @@ def test_init_with_relay_url(short_tmp, cli_env):
         assert st["relay"] == {
             "configured": True,
             "connected": False,
-            "url": "ws://127.0.0.1:8765/",
+            "url": "ws://127.0.0.1:8765/v1/ws",  # "/" (or no path) means the relay's /v1/ws
         }
-        assert reason in ("connecting", "relay unreachable")
-        assert "ws://127.0.0.1:8765/ (not connected)" in aegis("status", "--home", h).stdout
+        assert reason in ("connecting", "relay unreachable",
+                          "connection refused: nothing listens at the relay's address and port")
+        assert "ws://127.0.0.1:8765/v1/ws (not connected" in aegis("status", "--home", h).stdout
     finally:
         aegis("stop", "--home", h)

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from aegisd.relayurl import RelayUrlError, check_relay_url
+from aegisd.relayurl import RelayUrlError, check_relay_url, relay_endpoint
 
 
 @pytest.mark.parametrize(
     ("url", "normalised"),
     [
-        ("wss://relay.example", "wss://relay.example"),
+        # No path (or "/") means the relay's endpoint, /v1/ws; another path is kept.
+        ("wss://relay.example", "wss://relay.example/v1/ws"),
         ("WSS://Relay.Example:443/aegis", "wss://relay.example:443/aegis"),
-        ("ws://127.0.0.1:8765", "ws://127.0.0.1:8765"),
+        ("ws://127.0.0.1:8765", "ws://127.0.0.1:8765/v1/ws"),
+        ("ws://127.0.0.1:8765/v1/ws", "ws://127.0.0.1:8765/v1/ws"),
         ("ws://127.3.4.5/x", "ws://127.3.4.5/x"),
-        ("ws://localhost:1", "ws://localhost:1"),
-        ("ws://[::1]:9000/", "ws://[::1]:9000/"),
+        ("ws://localhost:1", "ws://localhost:1/v1/ws"),
+        ("ws://[::1]:9000/", "ws://[::1]:9000/v1/ws"),
     ],
 )
 def test_accepted(url, normalised):
@@ -43,4 +45,18 @@ def test_refused(url):
 
 
 def test_plaintext_to_another_host_needs_the_loud_option():
-    assert check_relay_url("ws://relay.example", insecure_plaintext=True) == "ws://relay.example"
+    assert (check_relay_url("ws://relay.example", insecure_plaintext=True)
+            == "ws://relay.example/v1/ws")
+
+
+@pytest.mark.parametrize(
+    ("stored", "endpoint"),
+    [
+        ("ws://127.0.0.1:8765", "ws://127.0.0.1:8765/v1/ws"),
+        ("ws://[::1]:8765/", "ws://[::1]:8765/v1/ws"),
+        ("wss://relay.example/v1/ws", "wss://relay.example/v1/ws"),
+        ("wss://relay.example/aegis", "wss://relay.example/aegis"),
+    ],
+)
+def test_a_url_stored_without_path_is_dialled_at_the_relay_endpoint(stored, endpoint):
+    assert relay_endpoint(stored) == endpoint

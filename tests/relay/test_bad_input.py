@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
 from relay import wire
-from relay.client import RelayClient, RelayError
+from relay.client import HandshakeFailed, RelayClient, RelayError
 
 from .conftest import RelayProcess, run
 from .helpers import block, new_owner
@@ -164,9 +164,10 @@ def test_connection_cap(relay_factory: Callable[..., RelayProcess]) -> None:
     async def body() -> None:
         a = await RelayClient.connect(rp.url)
         b = await RelayClient.connect(rp.url)
-        with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+        with pytest.raises(HandshakeFailed) as e:
             await RelayClient.connect(rp.url)
         assert e.value.status == 503
+        assert str(e.value) == "the relay answered 503: it is full or shutting down"
         await a.close()
         await b.close()
 

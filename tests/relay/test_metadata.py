@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import sqlite3
 import struct
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from relay import wire
 from relay.app import RELAY_KEY, create_app
 from relay.client import RelayClient, RelayError
 from relay.config import Config
+from relay.storage import owner_key
 
 from .conftest import RelayProcess, run
 from .helpers import block, new_owner, next_message
@@ -50,12 +52,24 @@ def scan(paths: list[Path], needles: dict[str, list[bytes]]) -> list[str]:
     return found
 
 
+def stored_blocks(rp: RelayProcess, owner_id: bytes) -> list[bytes]:
+    """The sealed blocks the running relay keeps for a mailbox (a read-only look at its DB)."""
+    db = sqlite3.connect(f"file:{rp.data / 'relay.sqlite3'}?mode=ro", uri=True)
+    try:
+        return [bytes(r[0]) for r in db.execute(
+            "SELECT block FROM messages JOIN mailboxes ON messages.mailbox = mailboxes.id"
+            " WHERE owner_key = ?", (owner_key(owner_id),))]
+    finally:
+        db.close()
+
+
 def test_no_logs_scan_from_127_0_0_2(relay_factory: Callable[..., RelayProcess]) -> None:
     rp = relay_factory(log_level="debug", checkpoint_interval=0.2)
     secrets: dict[str, list[bytes]] = {}
     times: list[int] = []
     ports: list[int] = []
     acked_sealed: list[bytes] = []
+    acked_at_rest: list[bytes] = []
     deposited: list[bytes] = []
 
     def remember(label: str, value: bytes) -> None:
@@ -89,6 +103,10 @@ def test_no_logs_scan_from_127_0_0_2(relay_factory: Callable[..., RelayProcess])
                 await sender.deposit(bob.deposit_id, b)
             else:
                 await sender.deposit(alice.deposit_id, b, token=token)
+        # The copies at rest of the blocks about to be acknowledged (each delivery is sealed
+        # afresh, so they are not the delivered bytes): they must not survive the ACK either.
+        acked_at_rest.extend(stored_blocks(rp, alice.owner_id))
+        assert len(acked_at_rest) == 3
         for _ in range(3):
             m = await next_message(owner_c)
             remember("msg id", m.msg_id)
@@ -138,6 +156,8 @@ def test_no_logs_scan_from_127_0_0_2(relay_factory: Callable[..., RelayProcess])
     assert str(rp.port) not in out and "127.0.0" not in out
     # Deleted rows do not linger in free pages or the WAL; deposits are never stored as sent.
     gone = {"acknowledged block": [s[i:i + 48] for s in acked_sealed for i in (100, 8000)],
+            "acknowledged block at rest": [s[i:i + 48] for s in acked_at_rest
+                                           for i in (100, 8000)],
             "deposited bytes": [d[i:i + 48] for d in deposited for i in (100, 9000)]}
     assert scan(files, gone) == []
 
