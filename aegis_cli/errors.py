@@ -133,7 +133,7 @@ def did_you_mean(name: str, names: Sequence[str]) -> list[str]:
     if same:
         return same
     folded = {n.casefold(): n for n in names}
-    close = difflib.get_close_matches(name.casefold(), list(folded), n=3, cutoff=0.7)
+    close = difflib.get_close_matches(name.casefold(), list(folded), n=3, cutoff=0.6)
     return [folded[c] for c in close]
 
 
