@@ -42,7 +42,8 @@ def describe(ev: dict[str, Any]) -> str:
     """One event as a line for people: local time, who (a contact, or the part of the
     daemon), what happened."""
     kind = str(ev.get("type"))
-    d: dict[str, Any] = ev.get("data") if isinstance(ev.get("data"), dict) else {}  # type: ignore[assignment]
+    raw = ev.get("data")
+    d: dict[str, Any] = raw if isinstance(raw, dict) else {}
     who = _who(d)
     short = str(d.get("message_id") or d.get("attachment_id") or d.get("call_id") or "")[:8]
     what: str

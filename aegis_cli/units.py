@@ -44,7 +44,7 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
           "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}  # fmt: skip
 
 
-class Size(click.ParamType):
+class Size(click.ParamType[int]):
     """A size in bytes: 100000000, 100MB, 1.5GB, 512kB, 64MiB."""
 
     name = "size"
