@@ -144,6 +144,11 @@ def _sizes(problem: str) -> str:
     )  # fmt: skip
 
 
+def _nth(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def user_message(exc: RpcError, contact_names: Callable[[], Sequence[str]] | None = None) -> str:
     """The daemon's error message in the CLI's terms (its code and data stay as they are)."""
     message = exc.message or f"error {exc.code}"
@@ -156,6 +161,8 @@ def user_message(exc: RpcError, contact_names: Callable[[], Sequence[str]] | Non
             problem = message[len(prefix) :]
             if field in SIZE_PARAMS:
                 problem = _sizes(problem)
+            # A list param's "item N" is the N+1th time the option was given.
+            problem = re.sub(r"^item (\d+): ", lambda m: f"(the {_nth(int(m[1]) + 1)}): ", problem)
             return f"{WORDS.get(field, field)} {problem}"
         return message.removeprefix("Invalid params: ")
     m = re.fullmatch(r"no such ([a-z ]+)", message)
