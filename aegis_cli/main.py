@@ -105,7 +105,7 @@ def common(func: F) -> F:
     def wrapper(home: str | None, as_json: bool, **kwargs: Any) -> Any:
         root = click.get_current_context().find_root().params
         outer_home = root.get("home")
-        if home is not None and outer_home is not None and _same_dir(home, outer_home) is False:
+        if home is not None and outer_home is not None and not _same_dir(home, outer_home):
             raise click.UsageError(
                 f"--home is given twice ({outer_home} before the command, {home} after it): "
                 "give it once"
