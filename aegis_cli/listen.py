@@ -4,7 +4,7 @@ The cursor works as in ``aegis_client.EventStream``: the subscription starts aft
 (or now), the last printed event's seq is remembered, and after the daemon stops, restarts
 or is locked the CLI subscribes again with ``since`` set to it, so that every event is printed
 once, in order. Lines for people give the local time, who and what; ``--json`` prints each
-event as the API sends it (``{"seq", "type", "time_ms", "data"}``), one per line.
+event as ``events.list`` gives it (``{"seq", "type", "time_ms", "data"}``), one per line.
 """
 
 from __future__ import annotations

@@ -362,7 +362,8 @@ def daemon(ctx: Ctx, detach: bool, passphrase_file: str | None, test_methods: bo
         last = ""
         try:
             lines = log_path.read_text(errors="replace").strip().splitlines()
-            last = lines[-1].removeprefix("aegisd: error: ") if lines else ""
+            # The text after the marker: log lines may start with a timestamp.
+            last = lines[-1].partition("aegisd: error: ")[2] or lines[-1] if lines else ""
         except OSError:
             pass
         raise Fail(last or f"aegisd exited with status {proc.returncode}; see {log_path}")
@@ -483,7 +484,11 @@ def listen(ctx: Ctx, since: int | None, types: tuple[str, ...]) -> None:
     params: dict[str, Any] = {"types": list(types)} if types else {}
 
     def emit(ev: dict[str, Any]) -> None:
-        click.echo(json.dumps(ev, sort_keys=True) if ctx.as_json else describe(ev))
+        if ctx.as_json:  # as events.list gives it: the subscription id changes on reconnect
+            ev = {k: v for k, v in ev.items() if k != "subscription"}
+            click.echo(json.dumps(ev, sort_keys=True))
+        else:
+            click.echo(describe(ev))
 
     follow(lambda: ctx.client(timeout=None), params, since, emit)
 

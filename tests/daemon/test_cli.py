@@ -388,6 +388,7 @@ def test_listen_survives_a_daemon_restart(short_tmp, cli_env):
             ("daemon.locked", {}), ("daemon.unlocked", {}), ("debug.hello", {"n": 2})
         ]
         assert [e["seq"] for e in seen] == [3, 4, 5]  # after n=1 (seq 2): none twice or missed
+        assert all(set(e) == {"seq", "type", "time_ms", "data"} for e in seen)
         for p in procs.values():
             assert "the daemon is back; continuing after event" in p.stderr.readline()
         lines = [t.stdout.readline() for _ in range(3)]
