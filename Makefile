@@ -34,17 +34,26 @@ unit: $(VENV)/.installed-test
 #   dbus (dbus-daemon): aegis-bridge's tests start a real D-Bus session bus;
 #   coturn (turnserver): the calls tests' TURN server, started by the tests on 127.0.0.1;
 #   tor (tor, tor-gencert): the private Tor network on loopback (tests/tornet.py) and the
-#     daemons' managed Tor; obfs4proxy: the obfs4 bridge lines given to that Tor.
+#     daemons' managed Tor; obfs4proxy: the obfs4 bridge lines given to that Tor;
+#   libportaudio2: the daemon's microphone and speaker in calls (PortAudio, through the Python
+#     package sounddevice); libasound2-plugins: ALSA's pulse plugin, PortAudio's way to
+#     PulseAudio / PipeWire; pulseaudio, pulseaudio-utils (pactl, parec): the calls tests start
+#     their own PulseAudio with virtual microphones and speakers (no sound card needed).
 # One apt-get for whatever is missing, under a temporary policy-rc.d (exit 101: "action
 # forbidden") that keeps the packages' postinst scripts from starting system-wide services
-# (Debian's tor enables and starts tor.service; coturn and dbus come with services too); it is
-# removed again, even if the install fails or is interrupted (only if we created it).
+# (Debian's tor enables and starts tor.service; coturn, dbus and pulseaudio come with services
+# too); it is removed again, even if the install fails or is interrupted (only if we created it).
 system-deps:
 	@missing=""; \
 	command -v dbus-daemon >/dev/null || missing="$$missing dbus"; \
 	command -v turnserver >/dev/null || missing="$$missing coturn"; \
 	{ command -v tor && command -v tor-gencert; } >/dev/null || missing="$$missing tor"; \
 	command -v obfs4proxy >/dev/null || missing="$$missing obfs4proxy"; \
+	ldconfig -p | grep -q 'libportaudio\.so\.2 ' || missing="$$missing libportaudio2"; \
+	ls /usr/lib/*/alsa-lib/libasound_module_pcm_pulse.so >/dev/null 2>&1 || \
+		missing="$$missing libasound2-plugins"; \
+	command -v pulseaudio >/dev/null || missing="$$missing pulseaudio"; \
+	{ command -v pactl && command -v parec; } >/dev/null || missing="$$missing pulseaudio-utils"; \
 	if [ "$$(id -u)" = 0 ] && [ -n "$$missing" ]; then \
 		if [ ! -e /usr/sbin/policy-rc.d ]; then \
 			trap 'rm -f /usr/sbin/policy-rc.d' EXIT; trap 'exit 130' INT TERM; \

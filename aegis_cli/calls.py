@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -29,11 +30,73 @@ def _abs(path: str | None) -> str | None:
     return None if path is None else os.path.abspath(os.path.expanduser(path))
 
 
-def _describe(c: dict[str, Any]) -> str:
+def _when(ms: int | None) -> str:
+    """A local date and time (the daemon keeps milliseconds since the epoch)."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ms / 1000)) if ms else "-"
+
+
+def _duration(ms: int) -> str:
+    seconds = max(0, round(ms / 1000))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _describe(c: dict[str, Any], when: bool = False) -> str:
+    """One line about a call; ``when``: its start time first (the list and the history).
+    An ended call that was answered says how long it lasted."""
     arrow = "to" if c["direction"] == "out" else "from"
     kind = "video call" if c.get("video") else "call"
     reason = f" ({c['reason']})" if c.get("reason") else ""
-    return f"{kind} {arrow} {c['contact']}: {c['state']}{reason}  [{c['call_id']}]"
+    lasted = ""
+    if c.get("answered_at") and c.get("ended_at"):
+        lasted = f", {_duration(c['ended_at'] - c['answered_at'])}"
+    elif c.get("state") == "active" and c.get("answered_at"):
+        lasted = f" since {time.strftime('%H:%M', time.localtime(c['answered_at'] / 1000))}"
+    start = f"{_when(c.get('created_at'))}  " if when else ""
+    return f"{start}{kind} {arrow} {c['contact']}: {c['state']}{reason}{lasted}  [{c['call_id']}]"
+
+
+def _value(v: Any) -> str:
+    """A setting as people read it (not Python's True / None)."""
+    if v is None:
+        return "not set"
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+# call-settings: what each result member is called on screen, in this order.
+SETTING_LABELS = (
+    ("ring_timeout", "ring timeout (seconds)"),
+    ("input_device", "microphone"),
+    ("output_device", "speaker"),
+    ("host_candidates", "host candidates"),
+    ("hide_ip", "hide my IP"),
+    ("turn_url", "TURN server"),
+    ("turn_username", "TURN username"),
+    ("turn_password_set", "TURN password"),
+)
+
+
+def _settings_text(result: dict[str, Any]) -> str:
+    lines = []
+    for key, label in SETTING_LABELS:
+        if key not in result:
+            continue
+        value = result[key]
+        if key in ("input_device", "output_device") and value is None:
+            text = "the system's default"
+        elif key == "turn_password_set":
+            text = "set" if value else "not set"
+        else:
+            text = _value(value)
+        lines.append(f"{label}: {text}")
+    lines += [f"{k}: {_value(v)}" for k, v in sorted(result.items())
+              if k not in dict(SETTING_LABELS)]  # fmt: skip
+    return "\n".join(lines)
 
 
 media_options = [
@@ -43,9 +106,14 @@ media_options = [
         help="With Tor or a proxy and no TURN hide-my-IP: allow this call to show your IP "
         "address to the other side (calls do not go through Tor).",
     ),
-    click.option("--play", metavar="FILE", help="Send this audio/video file instead of silence."),
     click.option(
-        "--record", metavar="FILE", help="Record what the other side sends (.wav: audio only)."
+        "--play", metavar="FILE",
+        help="Send this audio/video file instead of the microphone's sound.",
+    ),
+    click.option(
+        "--record", metavar="FILE",
+        help="Record what the other side sends (.wav: audio only) instead of playing it on "
+        "the speaker.",
     ),
 ]
 
@@ -82,9 +150,12 @@ def register(main: ModuleType) -> None:
     ) -> None:
         """Call the contact NAME.
 
-        Follows the call until it ends (Ctrl-C hangs up), printing each state; exits 1 when the call
-        was not answered (unanswered, rejected, busy, failed). With --no-wait it returns at once and
-        the call goes on in the daemon (aegis hangup ends it).
+        Uses the microphone and speaker of the machine the daemon runs on (its default ones,
+        or those named in call-settings); --play and --record use files instead (no sound
+        device needed). Follows the call until it ends (Ctrl-C hangs up), printing each
+        state; exits 1 when the call was not answered (unanswered, rejected, busy, failed).
+        With --no-wait it returns at once and the call goes on in the daemon (aegis hangup
+        ends it).
         """
         params = {"contact": name, "video": video, "play": _abs(play), "record": _abs(record),
                   "reveal_ip": reveal_ip}  # fmt: skip
@@ -103,6 +174,7 @@ def register(main: ModuleType) -> None:
             finally:
                 signal.signal(signal.SIGINT, previous)
             call_id = started["call_id"]
+            shown = started["state"]  # the daemon also announces this state: print it once
             if not ctx.as_json:
                 click.echo(_describe(started))
             try:
@@ -117,7 +189,8 @@ def register(main: ModuleType) -> None:
                         click.echo(json.dumps(ev, sort_keys=True))
                     elif ev.get("type") == "call.media":
                         click.echo(f"receiving {data['kind']}")
-                    else:
+                    elif data.get("state") != shown:
+                        shown = data.get("state")
                         click.echo(_describe({**started, **data}))
                     if ev.get("type") == "call.state" and data.get("state") == "ended":
                         if data.get("reason") not in ENDED_OK:
@@ -171,8 +244,8 @@ def register(main: ModuleType) -> None:
         live = ctx.call("calls.list")["calls"]
         # calls.history gives the newest first; the CLI lists everything oldest first.
         history = ctx.call("calls.history", {"contact": name, "limit": limit})["calls"][::-1]
-        lines = [_describe(c) for c in live]
-        lines += [_describe(c) for c in history if c["state"] == "ended"]
+        lines = [_describe(c, when=True) for c in live]
+        lines += [_describe(c, when=True) for c in history if c["state"] == "ended"]
         ctx.out({"live": live, "history": history}, "\n".join(lines) if lines else "no calls yet")
 
 
@@ -186,6 +259,11 @@ def register(main: ModuleType) -> None:
                   help="Relay every call through the TURN server (the peer never sees your IP).")
     @click.option("--host-candidates", type=click.Choice(["all", "loopback"]),
                   help="'loopback': offer only 127.0.0.1 (local testing).")  # fmt: skip
+    @click.option("--input-device", metavar="NAME",
+                  help="The microphone to use (a PortAudio device name or part of it); '' "
+                  "goes back to the system's default.")  # fmt: skip
+    @click.option("--output-device", metavar="NAME",
+                  help="The speaker to use, likewise.")  # fmt: skip
     def call_settings(
         ctx: Ctx,
         ring_timeout: float | None,
@@ -194,17 +272,24 @@ def register(main: ModuleType) -> None:
         turn_password_file: str | None,
         hide_ip: bool | None,
         host_candidates: str | None,
+        input_device: str | None,
+        output_device: str | None,
     ) -> None:
-        """Show or change the call settings (the TURN password is never shown)."""
+        """Show or change the call settings (the TURN password is never shown).
+
+        The sound devices are those of the machine the daemon runs on: without a
+        setting, the system's default microphone and speaker (PulseAudio or PipeWire,
+        else ALSA).
+        """
         params: dict[str, Any] = {
             k: v
             for k, v in {"ring_timeout": ring_timeout, "turn_url": turn_url,
                          "turn_username": turn_username, "hide_ip": hide_ip,
-                         "host_candidates": host_candidates}.items()
+                         "host_candidates": host_candidates, "input_device": input_device,
+                         "output_device": output_device}.items()
             if v is not None
         }
         if turn_password_file is not None:
             params["turn_password"] = read_secret_file(turn_password_file)
         result = ctx.call("calls.configure" if params else "calls.settings", params or None)
-        text = "\n".join(f"{k}: {v}" for k, v in sorted(result.items()))
-        ctx.out(result, text)
+        ctx.out(result, _settings_text(result))

@@ -114,8 +114,8 @@ class Event:
 
 class Call(TypedDict, total=False):
     """A call (docs/api.md, "Calls"): calls.start / accept / reject / hangup / list. ``transport``
-    appears once media started; history entries carry ``reason`` and ``ended_at`` instead of
-    ``media`` and ``transport``."""
+    appears once media started; history entries carry ``reason`` instead of ``media`` and
+    ``transport``. ``ended_at`` is null until the call ended."""
 
     call_id: str
     contact: str

@@ -301,6 +301,12 @@ def relay_blocks(data: Path) -> list[bytes]:
         db.close()
 
 
+NEXT_STEPS = """
+Next, your own conversation: the demo installed everything into .venv/, not on your PATH.
+  . .venv/bin/activate      # then aegis, aegis-relay and python contrib/echo_bot.py work
+README.md, "Your first conversation, on one machine", goes on from there."""
+
+
 def live_main() -> int:
     base = Path(tempfile.mkdtemp(prefix="aegis-demo-", dir="/tmp"))  # short: socket paths
     stage = Stage(base)
@@ -312,6 +318,7 @@ def live_main() -> int:
     old = signal.signal(signal.SIGTERM, on_term)
     try:
         run_live(stage)
+        print(NEXT_STEPS)
         return 0
     except KeyboardInterrupt:
         interrupted = True

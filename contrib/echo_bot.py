@@ -6,10 +6,12 @@ cryptography: the daemon holds the keys and does the work.
 
     aegis init --home ~/echo-bot --no-passphrase --relay wss://relay.example/v1/ws
     aegis daemon --home ~/echo-bot --detach
-    python contrib/echo_bot.py --home ~/echo-bot --accept-requests
+    .venv/bin/python contrib/echo_bot.py --home ~/echo-bot --accept-requests
 
 With --accept-requests it also accepts every request that arrives through its contact address
-(``aegis address --home ~/echo-bot`` prints that address). It follows the daemon across
+(``aegis address --home ~/echo-bot`` prints that address). It needs only the standard library
+and ``aegis_client``, which it takes from the clone it lives in when that is not installed (so a
+plain ``python3 contrib/echo_bot.py`` works from a clone too). It follows the daemon across
 restarts (the client library resubscribes from the last event it handled); with --state FILE
 it also remembers that event across its own restarts, so no message is answered twice or
 missed. Its log lines name no contact and quote no text.
@@ -24,6 +26,11 @@ import os
 import signal
 import sys
 from pathlib import Path
+
+try:
+    import aegis_client  # noqa: F401
+except ModuleNotFoundError:  # run from a clone without the venv: aegis_client is pure stdlib
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aegis_client import AegisClientError, Client, DaemonNotRunning, Event
 

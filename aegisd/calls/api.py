@@ -82,6 +82,8 @@ def register(registry: Registry, m: Messenger, *, test_methods: bool = False) ->
         turn_url: str | None = None,
         turn_username: str | None = None,
         turn_password: str | None = None,
+        input_device: str | None = None,
+        output_device: str | None = None,
     ) -> dict[str, Any]:
         return service.configure(
             ring_timeout=ring_timeout,
@@ -90,6 +92,8 @@ def register(registry: Registry, m: Messenger, *, test_methods: bool = False) ->
             turn_url=turn_url,
             turn_username=turn_username,
             turn_password=turn_password,
+            input_device=input_device,
+            output_device=output_device,
         )
 
     if test_methods:

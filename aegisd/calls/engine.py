@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from aiortc import (
 from aiortc.contrib.media import MediaBlackhole, MediaPlayer, MediaRecorder
 from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
+
+from .sound import MicrophoneTrack, SpeakerSink
 
 log = logging.getLogger("aegisd.calls")
 
@@ -81,6 +84,14 @@ def _loopback_only(use_ipv4: bool, use_ipv6: bool) -> list[str]:
     return ["127.0.0.1"] if use_ipv4 else []
 
 
+def _create_private(path: str) -> None:
+    """Create the recording 0600 (FFmpeg would create it 0644: anyone on the machine could
+    listen), refusing a file or a symbolic link that appeared there since the call was started.
+    FFmpeg then opens it for writing, which keeps the mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    os.close(fd)
+
+
 def sdp_fingerprints(sdp: str) -> set[tuple[str, str]]:
     return {(alg.lower(), value.upper()) for alg, value in _FINGERPRINT.findall(sdp)}
 
@@ -102,10 +113,23 @@ class _Watched(MediaStreamTrack):
         return frame
 
 
+@dataclass(frozen=True)
+class Devices:
+    """Where sound comes from and goes to when no file is given: the microphone and speaker
+    (PortAudio device names; None: the system's default). ``use_sound_card=False`` (the
+    engine's own tests) sends silence and drops what is received."""
+
+    input: str | None = None
+    output: str | None = None
+    use_sound_card: bool = True
+
+
 @dataclass
 class MediaSession:
     """One call's peer connection. ``on_state`` gets aiortc's connection states;
-    ``on_media`` the kind of the first frame received ("audio" / "video")."""
+    ``on_media`` the kind of the first frame received ("audio" / "video"). Sound comes from
+    ``play`` (a file) or else the microphone, and goes to ``record`` (a file) or else the
+    speaker."""
 
     ice: IceConfig
     video: bool
@@ -113,9 +137,11 @@ class MediaSession:
     record: str | None
     on_state: Callable[[str], None]
     on_media: Callable[[str], None]
+    devices: Devices = field(default_factory=Devices)
     pc: RTCPeerConnection = field(init=False)
     _player: MediaPlayer | None = field(init=False, default=None)
-    _sink: MediaRecorder | MediaBlackhole | None = field(init=False, default=None)
+    _microphone: MicrophoneTrack | None = field(init=False, default=None)
+    _sink: MediaRecorder | MediaBlackhole | SpeakerSink | None = field(init=False, default=None)
     # Tracks nobody records (video into a .wav, the player's video in an audio call) are still
     # read, so that aiortc's frame queues do not grow for the length of the call.
     _drain: MediaBlackhole = field(init=False, default_factory=MediaBlackhole)
@@ -129,7 +155,13 @@ class MediaSession:
         self.pc.on("track", self._track)
         if self.play is not None:
             self._player = MediaPlayer(self.play)
-        self._sink = MediaRecorder(self.record) if self.record is not None else MediaBlackhole()
+        if self.record is not None:
+            _create_private(self.record)
+            self._sink = MediaRecorder(self.record)
+        elif self.devices.use_sound_card:
+            self._sink = SpeakerSink(self.devices.output)
+        else:
+            self._sink = MediaBlackhole()
 
     def _state_changed(self) -> None:
         self.on_state(self.pc.connectionState)
@@ -137,9 +169,8 @@ class MediaSession:
     def _track(self, track: MediaStreamTrack) -> None:
         watched = _Watched(track, self.on_media)
         self._remote.append(watched)
-        if self._sink is not None and (
-            track.kind == "audio" or not (self.record or "").lower().endswith((".wav", ".ogg"))
-        ):
+        audio_only = self.record is None or self.record.lower().endswith((".wav", ".ogg"))
+        if self._sink is not None and (track.kind == "audio" or not audio_only):
             self._sink.addTrack(watched)
         else:
             self._drain.addTrack(watched)
@@ -147,6 +178,9 @@ class MediaSession:
     def _add_local_tracks(self) -> None:
         audio = self._player.audio if self._player is not None else None
         video = self._player.video if self._player is not None else None
+        if audio is None and self._player is None and self.devices.use_sound_card:
+            audio = self._microphone = MicrophoneTrack(self.devices.input)
+        # A played file without sound (a video alone) sends silence with its pictures.
         self.pc.addTrack(audio if audio is not None else AudioStreamTrack())
         if self.video:
             self.pc.addTrack(video if video is not None else VideoStreamTrack())
@@ -217,6 +251,8 @@ class MediaSession:
         self._closed = True
         for track in self._remote:
             track.stop()
+        if self._microphone is not None:
+            self._microphone.stop()
         for sink in (self._sink, self._drain):
             if sink is not None:
                 with contextlib.suppress(Exception):

@@ -4,8 +4,10 @@ Signaling travels as ordinary ratchet payloads through the Messenger's outbox (s
 sees ordinary blocks); the sealed part is aegisd/calls/signaling.py. Media is
 aegisd/calls/engine.py, imported only when a call's media starts.
 
-States: outgoing  calling -> connecting -> active -> ended
+States: outgoing  calling -> ringing -> connecting -> active -> ended
         incoming  ringing -> connecting -> active -> ended
+(an outgoing call rings once the callee's daemon says so: RINGING; it may be answered before
+that message arrives, or without it from a daemon that does not send it)
 Reasons an ended call gives: hangup (we hung up), remote_hangup, rejected, busy, unanswered
 (nobody answered within calls.ring_timeout), missed (an incoming call we did not answer),
 cancelled (the caller gave up while ringing), failed (no media path, or a bad description),
@@ -50,6 +52,8 @@ SETTING_HOST_CANDIDATES = "calls.host_candidates"  # "all" (default) or "loopbac
 SETTING_HIDE_IP = "calls.hide_ip"
 SETTING_TURN_URL = "calls.turn_url"
 SETTING_TURN_USERNAME = "calls.turn_username"
+SETTING_INPUT_DEVICE = "calls.input_device"  # PortAudio device name; unset: the default
+SETTING_OUTPUT_DEVICE = "calls.output_device"
 SETTING_TURN_PASSWORD = "calls.turn_password"  # noqa: S105 (its name) - a secret: never returned, logged or printed
 RING_TIMEOUT = 45.0  # seconds a call rings before it ends unanswered
 CONNECT_TIMEOUT = 30.0  # seconds from the answer to media flowing
@@ -63,10 +67,12 @@ E_BUSY = 1027
 E_CALL_STATE = 1028
 E_MEDIA = 1029
 E_REVEALS_IP = 1035  # a call would show the user's IP address: consent needed (reveal_ip)
+E_NO_AUDIO = 1036  # no microphone / speaker for a call without play / record
 
 TURN_URL_RE = re.compile(r"^turns?:[A-Za-z0-9.\-\[\]:]+(\?transport=(udp|tcp))?$")
 
 LIVE = ("calling", "ringing", "connecting", "active")
+UNANSWERED = ("calling", "ringing")  # an outgoing call waiting for the callee
 
 
 def _other_fingerprint(sdp: str) -> str:
@@ -100,6 +106,7 @@ class Call:
     media: MediaSession | None = None
     timer: asyncio.TimerHandle | None = None
     answered_at: int | None = None
+    ended_at: int | None = None
     media_seen: set[str] = field(default_factory=set)
     last_sealed: wire.CallSealedPayload | None = None  # for the replay test (--test-methods)
     bad_fingerprint: bool = False  # --test-methods: seal our SDP with a wrong DTLS fingerprint
@@ -113,6 +120,7 @@ class Call:
             "state": self.state,
             "created_at": self.created_at,
             "answered_at": self.answered_at,
+            "ended_at": self.ended_at,
             "media": sorted(self.media_seen),
         }
         if self.media is not None:
@@ -133,8 +141,9 @@ class CallService:
         # Calls that were live when the daemon stopped or crashed are over.
         with store.transaction():
             store._q(  # the store's query helper: this table is the calls module's own
-                "UPDATE calls SET end_reason = CASE state WHEN 'ringing' THEN 'missed' "
-                "ELSE 'failed' END, state = 'ended', ended_at = ? WHERE state != 'ended'",
+                "UPDATE calls SET end_reason = CASE WHEN state = 'ringing' AND direction = 'in' "
+                "THEN 'missed' ELSE 'failed' END, state = 'ended', ended_at = ? "
+                "WHERE state != 'ended'",
                 (_ms(),),
             )
 
@@ -177,6 +186,8 @@ class CallService:
             "turn_url": s.get_setting(SETTING_TURN_URL),
             "turn_username": s.get_setting(SETTING_TURN_USERNAME),
             "turn_password_set": s.get_setting(SETTING_TURN_PASSWORD) is not None,
+            "input_device": s.get_setting(SETTING_INPUT_DEVICE),
+            "output_device": s.get_setting(SETTING_OUTPUT_DEVICE),
         }
 
     def configure(self, **changes: Any) -> dict[str, Any]:
@@ -192,8 +203,10 @@ class CallService:
             raise InvalidParamsError(
                 "turn_url", "must look like turn:HOST:PORT (optionally ?transport=udp|tcp)"
             )
-        for name in ("turn_username", "turn_password"):
+        for name in ("turn_username", "turn_password", "input_device", "output_device"):
             v = changes.get(name)
+            if v is not None and not isinstance(v, str):
+                raise InvalidParamsError(name, "must be a string")
             if v is not None and (len(v) > 256 or any(ch in v for ch in "\r\n\0")):
                 raise InvalidParamsError(name, "must be at most 256 characters on one line")
         hide = changes.get("hide_ip")
@@ -216,6 +229,10 @@ class CallService:
                     s.set_setting(key, changes[name] or None)
             if hide is not None:
                 s.set_setting(SETTING_HIDE_IP, hide)
+            for key, name in ((SETTING_INPUT_DEVICE, "input_device"),
+                              (SETTING_OUTPUT_DEVICE, "output_device")):  # fmt: skip
+                if changes.get(name) is not None:  # "" goes back to the default device
+                    s.set_setting(key, changes[name] or None)
         return self.settings()
 
     def _ring_timeout(self) -> float:
@@ -242,7 +259,7 @@ class CallService:
         return call
 
     @staticmethod
-    def _check_media(play: str | None, record: str | None) -> None:
+    def _check_files(play: str | None, record: str | None) -> None:
         """The daemon opens these files for the user (the CLI runs as the same user)."""
         if play is not None:
             if not os.path.isabs(play):
@@ -257,6 +274,29 @@ class CallService:
                 raise AppError(E_MEDIA, "media", "the recording cannot be written there")
             if os.path.exists(record):
                 raise AppError(E_MEDIA, "media", "the recording file exists already")
+
+    async def _check_media(self, video: bool, play: str | None, record: str | None) -> None:
+        """Refuse, before anything is sent, a call that would carry nothing: a --play file that
+        is not media the call can send, or no microphone / speaker where no file stands in."""
+        if play is not None:
+            from .playable import probe  # PyAV: this call will load it anyway
+
+            problem = await asyncio.to_thread(probe, play, video)
+            if problem is not None:
+                raise AppError(E_MEDIA, "media", f"the file to play {problem}")
+        from . import devices
+
+        s = self.m.store
+        try:
+            devices.check(play is None, record is None, s.get_setting(SETTING_INPUT_DEVICE),
+                          s.get_setting(SETTING_OUTPUT_DEVICE))  # fmt: skip
+        except devices.NoAudioDevice as exc:
+            raise AppError(
+                E_NO_AUDIO,
+                "no_audio_device",
+                f"{exc}: without a sound device, send a file (--play FILE) and record what "
+                "you receive (--record FILE)",
+            ) from None
 
     def _check_address_consent(self, reveal_ip: bool, contact: str) -> None:
         """A profile that hides its address from relays (Tor, a proxy) does not show it to a
@@ -279,12 +319,15 @@ class CallService:
         self, name: str, video: bool, play: str | None, record: str | None,
         reveal_ip: bool = False,
     ) -> dict[str, Any]:
-        self._check_media(play, record)
+        self._check_files(play, record)
         c = self.m.contact(name)
         self._check_address_consent(reveal_ip, c.name)
         if c.blocked:
             raise AppError(1025, "blocked", "this contact is blocked")
         if self._busy():
+            raise AppError(E_BUSY, "busy", "a call is in progress already")
+        await self._check_media(video, play, record)
+        if self._busy():  # another call started while the file and devices were checked
             raise AppError(E_BUSY, "busy", "a call is in progress already")
         call_id = self.m.entropy.random(wire.CALL_ID_LEN)
         secret, public = new_call_key(self.m.entropy)
@@ -314,11 +357,14 @@ class CallService:
         self, call_id: str | None, play: str | None, record: str | None,
         reveal_ip: bool = False,
     ) -> dict[str, Any]:
-        self._check_media(play, record)
+        self._check_files(play, record)
         call = self._get(call_id)
         if call.direction != "in" or call.state != "ringing":
             raise AppError(E_CALL_STATE, "call_state", "this call is not ringing")
         self._check_address_consent(reveal_ip, call.contact)
+        await self._check_media(call.video, play, record)
+        if call.state != "ringing":  # cancelled or rung out while the devices were checked
+            raise AppError(E_CALL_STATE, "call_state", "this call is not ringing")
         assert call.peer_public is not None
         secret, public = new_call_key(self.m.entropy)
         try:
@@ -389,6 +435,8 @@ class CallService:
 
     def _set_state(self, call: Call, state: str, reason: str | None = None) -> None:
         call.state = state
+        if state == "ended":
+            call.ended_at = _ms()
         store = self.daemon.store
         if store is None:
             return
@@ -396,13 +444,19 @@ class CallService:
             store._q(
                 "UPDATE calls SET state = ?, end_reason = ?, answered_at = ?, ended_at = ? "
                 "WHERE id = ?",
-                (state, reason, call.answered_at, _ms() if state == "ended" else None,
+                (state, reason, call.answered_at, call.ended_at if state == "ended" else None,
                  call.id.hex()),
             )  # fmt: skip
             data: dict[str, Any] = {"call_id": call.id.hex(), "contact": call.contact,
                                     "direction": call.direction, "state": state}  # fmt: skip
             if reason is not None:
                 data["reason"] = reason
+            # When it was answered and ended (ms since the epoch, as in the history): how
+            # long the call lasted, for whoever follows it.
+            if state in ("active", "ended") and call.answered_at is not None:
+                data["answered_at"] = call.answered_at
+            if state == "ended":
+                data["ended_at"] = call.ended_at
             self.daemon.events.emit("call.state", data)
 
     def _arm(self, call: Call, seconds: float, reason: str) -> None:
@@ -472,12 +526,16 @@ class CallService:
             self._on_invite(c, call, payload)
         elif call is None:
             log.info("dropped call signaling for no call in progress")
-        elif payload.kind == wire.CALL_ACCEPT and call.direction == "out" and (
+        elif payload.kind == wire.CALL_RINGING and call.direction == "out" and (
             call.state == "calling"
+        ):
+            self._set_state(call, "ringing")  # the ring timeout armed at start goes on
+        elif payload.kind == wire.CALL_ACCEPT and call.direction == "out" and (
+            call.state in UNANSWERED
         ):
             self._on_accept(call, payload)
         elif payload.kind == wire.CALL_REJECT and call.direction == "out" and (
-            call.state == "calling"
+            call.state in UNANSWERED
         ):
             busy = payload.reason == wire.CALL_REASON_BUSY
             self._spawn(self._end(call, "busy" if busy else "rejected", notify=False))
@@ -502,7 +560,7 @@ class CallService:
             len(live) == 1
             and live[0].contact_id == c.id
             and live[0].direction == "out"
-            and live[0].state == "calling"
+            and live[0].state in UNANSWERED
         )
         if crossed and p.call_id < live[0].id:
             # Both called each other at once (each INVITE left before the other arrived). Both
@@ -531,6 +589,9 @@ class CallService:
         )
         self._set_state(incoming, "ringing")
         self._arm(incoming, self._ring_timeout(), "missed")
+        # Tell the caller it rings here (its user hears "ringing", not just "calling"). Sent at
+        # once, like the automatic busy answer above: docs/threat-model.md §6 on call timing.
+        self._spawn(self._send_quietly(c.id, wire.CallPayload(p.call_id, wire.CALL_RINGING)))
 
     def _known(self, call_id: bytes) -> bool:
         row = self.m.store._q("SELECT 1 FROM calls WHERE id = ?", (call_id.hex(),)).fetchone()
@@ -623,7 +684,10 @@ class CallService:
                     "call.media", {"call_id": call.id.hex(), "contact": call.contact, "kind": kind}
                 )
 
-        media = engine.MediaSession(ice, call.video, call.play, call.record, on_state, on_media)
+        devices = engine.Devices(s.get_setting(SETTING_INPUT_DEVICE),
+                                 s.get_setting(SETTING_OUTPUT_DEVICE))  # fmt: skip
+        media = engine.MediaSession(ice, call.video, call.play, call.record, on_state, on_media,
+                                    devices)  # fmt: skip
         call.media = media
         return media
 

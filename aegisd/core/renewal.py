@@ -4,11 +4,12 @@ identity keys but no ratchet session, asks a contact for a new session.
 A renewal block looks like every other block (BLOCK_SIZE bytes, version byte, then bytes that
 look random) and is deposited to the mailbox the contact gave for this conversation:
 
-    block = version (1) || salt (32) || AES-256-GCM(key, nonce 0, content, ad = block[0..33])
+    block = version (1) || salt (32) || AES-256-GCM(key, nonce 0, content, ad = block[0..32])
     key   = HKDF-SHA256(ikm = DH(IK_sender.x, IK_recipient.x), salt,
                         info = LABEL || Encode(IK_sender) || Encode(IK_recipient))
     content = u16 length || payload || zero padding
 
+(`block[0..32]` is inclusive, as in docs/protocol.md §1: the version and the salt, 33 bytes.)
 The key is fresh for every block (a random salt), so the nonce is fixed. Only the holders of
 the two identity keys can compute it: opening a renewal block under the stored contact's
 identity authenticates the sender without a signature (deniable, as the ratchet is). The

@@ -625,10 +625,23 @@ class PrekeyStoreRecord:
         replay: dict[int, list[bytes]] = {}
         for _ in range(r.count()):
             lrk_id = r.u32()
+            if lrk_id in replay:
+                raise DecodeError("malformed replay cache")
             replay[lrk_id] = [r.take(KEY_LEN) for _ in range(r.count())]
         r.done()
         if not signed or not last_resort:
             raise DecodeError("prekey store lacks a signed or last-resort prekey")
+        # One encoding per store (docs/protocol.md §13.3): IDs are unique across the four kinds
+        # (they are drawn that way), the replay cache has exactly one entry per last-resort key
+        # in the same order, and its digests are strictly ascending.
+        ids = [it.prekey_id for it in (*signed, *last_resort, *one_time_kem)]
+        ids += [pid for pid, _ in one_time_x]
+        if len(set(ids)) != len(ids):
+            raise DecodeError("a prekey ID appears twice")
+        if list(replay) != [it.prekey_id for it in last_resort]:
+            raise DecodeError("malformed replay cache")
+        if any(d != sorted(set(d)) for d in replay.values()):
+            raise DecodeError("malformed replay cache")
         return cls(
             ed_priv, x_priv, binding_sig, signed, last_resort, one_time_x, one_time_kem, replay
         )
@@ -817,7 +830,8 @@ CALL_INVITE = 1
 CALL_ACCEPT = 2
 CALL_REJECT = 3
 CALL_CANCEL = 4
-CALL_KINDS = (CALL_INVITE, CALL_ACCEPT, CALL_REJECT, CALL_CANCEL)
+CALL_RINGING = 5
+CALL_KINDS = (CALL_INVITE, CALL_ACCEPT, CALL_REJECT, CALL_CANCEL, CALL_RINGING)
 CALL_REASON_REJECTED = 1
 CALL_REASON_BUSY = 2
 CALL_ID_LEN = 16
@@ -936,7 +950,7 @@ def _encode_call(w: Writer, p: CallPayload) -> None:
         if p.reason not in (CALL_REASON_REJECTED, CALL_REASON_BUSY):
             raise ValueError("unknown call reject reason")
         w.u8(p.reason)
-    elif p.kind != CALL_CANCEL:
+    elif p.kind not in (CALL_CANCEL, CALL_RINGING):
         raise ValueError("unknown call kind")
 
 
@@ -952,7 +966,7 @@ def _decode_call(r: Reader) -> CallPayload:
         if reason not in (CALL_REASON_REJECTED, CALL_REASON_BUSY):
             raise DecodeError("unknown call reject reason")
         return CallPayload(call_id, kind, reason=reason)
-    if kind == CALL_CANCEL:
+    if kind in (CALL_CANCEL, CALL_RINGING):
         return CallPayload(call_id, kind)
     raise DecodeError("unknown call kind")
 

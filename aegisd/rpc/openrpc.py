@@ -33,7 +33,10 @@ _SIMPLE = {
     type(None): "null",
 }
 
-#: Application errors (docs/api.md, "Errors"): code and data.error name.
+#: Application errors (docs/api.md, "Errors"): code and data.error name, every one the daemon
+#: can answer (tests/unit/test_docs_match_code.py compares this list with the table and with
+#: the errors raised in aegisd/). A name used by several codes is keyed NAME_CODE after its
+#: first use in the document's components.
 APP_ERRORS = [
     (1001, "locked"),
     (1002, "wrong_passphrase"),
@@ -53,8 +56,33 @@ APP_ERRORS = [
     (1024, "no_relay"),
     (1025, "blocked"),
     (1026, "too_large"),
+    (1027, "busy"),
+    (1028, "call_state"),
+    (1029, "media"),
+    (1030, "bad_file"),
+    (1031, "too_large"),
+    (1032, "not_complete"),
+    (1033, "exists"),
+    (1034, "not_retryable"),
     (1035, "reveals_ip"),
+    (1036, "no_audio_device"),
+    (1040, "exists"),
+    (1041, "weak_passphrase"),
+    (1042, "not_a_backup"),
+    (1043, "wrong_passphrase"),
+    (1044, "damaged"),
+    (1045, "truncated"),
+    (1046, "not_fresh"),
+    (1047, "io_error"),
 ]
+
+
+def _error_components() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for code, name in APP_ERRORS:
+        key = name if name not in out else f"{name}_{code}"
+        out[key] = {"code": code, "message": name, "data": {"error": name}}
+    return out
 
 
 def schema_of(tp: Any) -> dict[str, Any]:
@@ -116,12 +144,7 @@ def document(registry: Registry, *, version: str, api_version: int) -> dict[str,
             "x-api-version": api_version,
         },
         "methods": [describe(s) for s in registry.specs()],
-        "components": {
-            "errors": {
-                name: {"code": code, "message": name, "data": {"error": name}}
-                for code, name in APP_ERRORS
-            }
-        },
+        "components": {"errors": _error_components()},
     }
 
 

@@ -16,6 +16,8 @@ import pytest
 from tests.daemon.conftest import DaemonProc
 from tests.relay.conftest import RelayProcess
 
+from .sound_server import PulseAudio, pulseaudio
+
 T_READY = 30.0
 
 
@@ -78,6 +80,23 @@ def tmp_short() -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# The call tests' microphones: each person's is a sine source of their own frequency.
+TONES = {"alice": 440.0, "bob": 660.0, "carol": 880.0}
+
+
+@pytest.fixture(scope="session")
+def sound() -> Iterator[PulseAudio]:
+    """One real PulseAudio for the session (no sound card needed), in a short temporary
+    directory (its socket path must fit a sockaddr_un); daemons reach it through
+    ``sound.daemon_env(name)``."""
+    tmp = Path(tempfile.mkdtemp(prefix="pa", dir="/tmp"))
+    try:
+        with pulseaudio(tmp, TONES) as server:
+            yield server
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture

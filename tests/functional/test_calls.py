@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +36,7 @@ from .calls_support import (
     write_tone,
 )
 from .conftest import Peer, connect
+from .sound_server import PulseAudio
 
 T_CALL = 45.0
 
@@ -48,18 +51,21 @@ def proxy(relay_proc: RelayProcess) -> Iterator[RecordingProxy]:
 
 
 @pytest.fixture
-def make(tmp_short: Path, proxy: RecordingProxy) -> Iterator[Callable[..., Peer]]:
-    """Peers whose every relay connection passes the recording proxy."""
+def make(
+    tmp_short: Path, proxy: RecordingProxy, sound: PulseAudio
+) -> Iterator[Callable[..., Peer]]:
+    """Peers whose every relay connection passes the recording proxy; each has a microphone and
+    a speaker (the test PulseAudio's) for the calls made without --play / --record."""
     made: list[Peer] = []
     url = f"ws://127.0.0.1:{proxy.port}/v1/ws"
 
     def _make(name: str, test_methods: bool = False) -> Peer:
         p = Peer(tmp_short / name, url, name)
         made.append(p)
-        if test_methods:
-            p.stop()
-            p.proc = DaemonProc(p.home, ["--test-methods"], None)
-            p.proc.wait_ready()
+        p.stop()
+        extra = ["--test-methods"] if test_methods else []
+        p.proc = DaemonProc(p.home, extra, sound.daemon_env(name))
+        p.proc.wait_ready()
         p.call("calls.configure", {"host_candidates": "loopback"})
         return p
 
@@ -273,7 +279,7 @@ def test_sealed_fingerprint_is_the_one_checked(make: Callable[..., Peer]) -> Non
     # Bob's side may have finished its half of the handshake (alice's fingerprint is right)
     # before alice refused; alice's never connected.
     states = [e["data"]["state"] for e in alice.events(types=["call.state"])]
-    assert states == ["calling", "connecting", "ended"], states
+    assert states == ["calling", "ringing", "connecting", "ended"], states
     assert alice.events(types=["call.media"]) == []
     alice.wait_for(lambda: released(alice), "alice's media to be released")
     bob.wait_for(lambda: released(bob), "bob's media to be released")
@@ -303,8 +309,11 @@ def test_busy_reject_and_offline_contact(make: Callable[..., Peer]) -> None:
     connect(carol, bob)
     first = alice.call("calls.start", {"contact": "bob"})["call_id"]
     event(bob, "call.incoming", call_id=first)
-    for p in (alice, bob):  # ringing needs no media stack
-        assert media_libraries_mapped(pid(p)) == []
+    # Ringing needs no media stack: the callee maps none of it. The caller checked its sound
+    # devices (PortAudio, and the system's ALSA plugins: their rate converter maps the system's
+    # libavcodec) but loaded neither PyAV nor aiortc's SRTP.
+    assert media_libraries_mapped(pid(bob)) == []
+    assert not {"/av/", "pylibsrtp"} & set(media_libraries_mapped(pid(alice)))
     # A second incoming call while one rings: answered busy; the first goes on ringing.
     second = carol.call("calls.start", {"contact": "bob"})["call_id"]
     event(carol, "call.state", call_id=second, state="ended", reason="busy")
@@ -336,7 +345,8 @@ def test_busy_reject_and_offline_contact(make: Callable[..., Peer]) -> None:
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     event(carol, "call.state", call_id=fourth, state="ended", reason="rejected")
-    assert media_libraries_mapped(pid(carol)) == []  # none of carol's calls got to media
+    # None of carol's calls got to media (its sound devices were checked: see above).
+    assert not {"/av/", "pylibsrtp"} & set(media_libraries_mapped(pid(carol)))
 
     # `aegis call` interrupted (Ctrl-C) hangs up: bob's ringing call ends missed.
     seq = bob.events()[-1]["seq"]
@@ -452,3 +462,61 @@ def test_a_call_under_cover_does_not_wait_for_slots(make: Callable[..., Peer]) -
     time.sleep(1.0)
     assert {m["status"] for m in alice.call("messages.history", {"contact": "bob"})["messages"]
             if m["text"] == "after the call"} == {"queued"}  # fmt: skip
+
+
+def test_caller_sees_calling_once_then_ringing_and_how_long_it_lasted(
+    make: Callable[..., Peer],
+) -> None:
+    """`aegis call` prints each state once, "ringing" when the callee's daemon rings; the
+    history shows when each call was and how long it lasted; call-settings speaks words."""
+    alice, bob = make("alice"), make("bob")
+    connect(alice, bob)
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "aegis_cli.main", "call", "bob", "--home", str(alice.home)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+
+    def read() -> None:
+        assert follow.stdout is not None
+        lines.extend(iter(follow.stdout.readline, ""))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        alice.wait_for(lambda: any(": ringing" in x for x in lines), "ringing", timeout=T_CALL)
+        cli(bob, "answer")
+        alice.wait_for(lambda: any(": active" in x for x in lines), "active", timeout=T_CALL)
+        cli(bob, "hangup")
+        err = follow.stderr.read() if follow.stderr else ""
+        assert follow.wait(T_CALL) == 0, "".join(lines) + err
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
+    reader.join(10)
+    states = [x.split(": ", 1)[1].split()[0] for x in lines if x.startswith("call to bob: ")]
+    assert states == ["calling", "ringing", "connecting", "active", "ended"], lines
+    ended = next(x for x in lines if ": ended" in x).strip()
+    assert re.search(r": ended \(remote_hangup\), \d+:\d\d  \[[0-9a-f]{32}\]$", ended), ended
+    for p in (alice, bob):
+        r = subprocess.run(
+            [sys.executable, "-m", "aegis_cli.main", "calls", "--home", str(p.home)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert re.match(
+            r"^\d{4}-\d\d-\d\d \d\d:\d\d  call (to bob|from alice): ended "
+            r"\((remote_)?hangup\), \d+:\d\d  \[[0-9a-f]{32}\]$", r.stdout.strip()
+        ), r.stdout
+        info = p.call("calls.history", {"limit": 1})["calls"][0]
+        assert info["ended_at"] >= info["answered_at"] >= info["created_at"]
+    r = subprocess.run(
+        [sys.executable, "-m", "aegis_cli.main", "call-settings", "--home", str(alice.home)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert not re.search(r"\b(True|False|None)\b", r.stdout), r.stdout
+    for line in ("ring timeout (seconds): 45", "hide my IP: off", "TURN server: not set",
+                 "microphone: the system's default", "TURN password: not set"):  # fmt: skip
+        assert line in r.stdout.splitlines(), r.stdout

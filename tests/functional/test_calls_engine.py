@@ -11,6 +11,9 @@ import pytest
 
 from aegisd.calls import engine
 
+# No sound card here: these tests are about the connection, not the sound (test_calls_sound.py).
+SILENT = engine.Devices(use_sound_card=False)
+
 
 @pytest.fixture(autouse=True)
 def loopback_only() -> object:
@@ -36,8 +39,12 @@ async def _call(tamper_answer: bool) -> tuple[list[str], list[str], list[str]]:
     states_a: list[str] = []
     states_b: list[str] = []
     media: list[str] = []
-    a = engine.MediaSession(engine.IceConfig(), False, None, None, states_a.append, media.append)
-    b = engine.MediaSession(engine.IceConfig(), False, None, None, states_b.append, media.append)
+    a = engine.MediaSession(
+        engine.IceConfig(), False, None, None, states_a.append, media.append, SILENT
+    )
+    b = engine.MediaSession(
+        engine.IceConfig(), False, None, None, states_b.append, media.append, SILENT
+    )
     try:
         offer = await a.create_offer()
         assert re.search(r"typ host", offer) and "127.0.0.1" in offer
@@ -72,8 +79,8 @@ def test_mismatching_fingerprint_fails_the_call() -> None:
 
 def test_description_without_fingerprint_is_refused() -> None:
     async def run() -> None:
-        a = engine.MediaSession(engine.IceConfig(), False, None, None, print, print)
-        b = engine.MediaSession(engine.IceConfig(), False, None, None, print, print)
+        a = engine.MediaSession(engine.IceConfig(), False, None, None, print, print, SILENT)
+        b = engine.MediaSession(engine.IceConfig(), False, None, None, print, print, SILENT)
         try:
             offer = await a.create_offer()
             stripped = "\r\n".join(

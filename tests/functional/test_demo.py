@@ -40,6 +40,10 @@ def test_demo_runs_end_to_end() -> None:
     assert "not found" in out
     base = re.search(r"Everything lives under (\S+) ", out)
     assert base is not None and not Path(base.group(1)).exists()
+    # It ends by saying how to go on: the CLI is in .venv/bin, which the README takes up.
+    assert ". .venv/bin/activate" in out.split("Stopped what the demo started")[0]
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert "Your first conversation, on one machine" in readme
 
 
 def _default_sigint() -> None:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from aegis_cli.client import RpcCallError
 
+from .calls_support import write_tone
 from .conftest import Peer, connect
 
 DEAD_PROXY = "socks5://127.0.0.1:1"  # nothing listens: the link stays down, nothing goes direct
@@ -24,9 +26,19 @@ def cli(peer: Peer, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_calls_ask_before_showing_the_ip_address(peers: Callable[[str], Peer]) -> None:
+def test_calls_ask_before_showing_the_ip_address(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
     alice, bob = peers("alice"), peers("bob")
     connect(alice, bob)
+    # No sound device here: the calls that start play and record files.
+    tone = tmp_short / "tone.wav"
+    write_tone(tone, 440.0, 1.0)
+    n = iter(range(100))
+
+    def files() -> dict[str, str]:
+        return {"play": str(tone), "record": str(tmp_short / f"rec{next(n)}.wav")}
+
     for p in (alice, bob):
         p.call("calls.configure", {"host_candidates": "loopback"})
     # Bob hides his address from relays (a proxy); Alice connects directly and calls him.
@@ -40,26 +52,33 @@ def test_calls_ask_before_showing_the_ip_address(peers: Callable[[str], Peer]) -
     assert r.returncode == 1 and "would show your IP address" in r.stderr
     assert bob.call("calls.list")["calls"] == []  # refused before anything was sent
     # Allowed for one call, it starts (its INVITE waits for the relay: the proxy is dead).
-    started = bob.call("calls.start", {"contact": "alice", "reveal_ip": True})
+    started = bob.call("calls.start", {"contact": "alice", "reveal_ip": True, **files()})
     assert started["state"] == "calling"
     bob.call("calls.hangup", {"call_id": started["call_id"]})
     # A TURN server with hide-my-IP needs no consent: the peer only sees the TURN server.
     bob.call("calls.configure", {"turn_url": "turn:127.0.0.1:3478", "hide_ip": True,
                                  "turn_username": "u", "turn_password": "p"})  # fmt: skip
-    started = bob.call("calls.start", {"contact": "alice"})
+    started = bob.call("calls.start", {"contact": "alice", **files()})
     bob.call("calls.hangup", {"call_id": started["call_id"]})
     bob.call("calls.configure", {"hide_ip": False})
     # Answering asks too: Alice (direct) calls, Bob's phone rings, Bob answers.
     bob.call("network.set", {"mode": "direct"})
     bob.wait_connected()
-    call = alice.call("calls.start", {"contact": "bob"})
+    # Bob's two calls above, queued while his proxy was dead, reach Alice now (each rings and
+    # is cancelled): once they are over she is not busy.
+    alice.wait_for(
+        lambda: [c["state"] for c in alice.call("calls.history")["calls"]] == ["ended"] * 2
+        and not alice.call("calls.list")["calls"],
+        "bob's earlier calls to end",
+    )
+    call = alice.call("calls.start", {"contact": "bob", **files()})
     bob.wait_for(lambda: bob.call("calls.list")["calls"], "the call to ring")
     bob.call("network.set", {"proxy": DEAD_PROXY})
     with pytest.raises(RpcCallError) as e:
         bob.call("calls.accept", {})
     assert e.value.code == 1035
     assert bob.call("calls.list")["calls"][0]["state"] == "ringing"  # still his to answer
-    assert bob.call("calls.accept", {"reveal_ip": True})["state"] == "connecting"
+    assert bob.call("calls.accept", {"reveal_ip": True, **files()})["state"] == "connecting"
     alice.call("calls.hangup", {"call_id": call["call_id"]})
 
 

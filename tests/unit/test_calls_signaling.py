@@ -31,6 +31,7 @@ SAMPLES = {
     "accept": wire.CallPayload(CID, wire.CALL_ACCEPT, key=b"k" * 32),
     "reject": wire.CallPayload(CID, wire.CALL_REJECT, reason=wire.CALL_REASON_BUSY),
     "cancel": wire.CallPayload(CID, wire.CALL_CANCEL),
+    "ringing": wire.CallPayload(CID, wire.CALL_RINGING),
     "sealed": pair()[0].seal(E, signaling.SIG_OFFER, b"v=0\r\n"),
 }
 

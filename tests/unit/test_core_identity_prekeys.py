@@ -98,3 +98,51 @@ def test_store_round_trip() -> None:
     assert again.to_bytes() == data
     assert again.identity.public == ident.public
     assert ident.raw_private()[0].hex() not in repr(again)
+
+
+def test_prekey_store_record_is_canonical() -> None:
+    """docs/protocol.md §13.3: one replay-cache entry per last-resort key, in the order of the
+    last-resort list; digests strictly ascending; no prekey ID twice. The parser refuses any
+    other layout, so a stored store has exactly one encoding (and re-encodes to the same bytes)."""
+    entropy = DeterministicEntropy(b"canonical store")
+    store = PrekeyStore.create(entropy, IdentityKeyPair.generate(entropy), NOW)
+    store.rotate(entropy, NOW + ROTATION_PERIOD)  # two last-resort keys
+    store.generate_one_time(entropy, 2)
+    lrk = list(store.last_resort)
+    store.replay_cache[lrk[0]] = {b"\x02" * 32, b"\x01" * 32}
+    good = store.to_bytes()
+    assert PrekeyStore.from_bytes(good).to_bytes() == good
+    rec = wire.PrekeyStoreRecord.from_bytes(good)
+    assert list(rec.replay_cache) == lrk and rec.replay_cache[lrk[1]] == []
+
+    def variant(**changes: object) -> bytes:
+        fields = {**rec.__dict__, **changes}
+        return wire.PrekeyStoreRecord(**fields).to_bytes()  # type: ignore[arg-type]
+
+    digests = rec.replay_cache[lrk[0]]
+    bad = {
+        "an entry missing": {lrk[0]: digests},
+        "entries out of order": {lrk[1]: [], lrk[0]: digests},
+        "an entry for no key": {**rec.replay_cache, 7: []},
+        "digests not ascending": {lrk[0]: digests[::-1], lrk[1]: []},
+        "a digest twice": {lrk[0]: [digests[0], digests[0]], lrk[1]: []},
+    }
+    for why, cache in bad.items():
+        with pytest.raises(DecodeError):
+            wire.PrekeyStoreRecord.from_bytes(variant(replay_cache=cache))
+            pytest.fail(why)
+    # The same replay-cache entry written twice (the count says three entries).
+    twice = variant(replay_cache={lrk[0]: digests, lrk[1]: []})
+    count_at = twice.index((2).to_bytes(4, "big") + lrk[0].to_bytes(4, "big"))
+    entry = lrk[1].to_bytes(4, "big") + bytes(4)
+    dup = twice[:count_at] + (3).to_bytes(4, "big") + twice[count_at + 4 :] + entry
+    with pytest.raises(DecodeError):
+        wire.PrekeyStoreRecord.from_bytes(dup)
+    # A prekey ID used twice, within a kind or across kinds.
+    x = rec.one_time_x25519
+    with pytest.raises(DecodeError):
+        wire.PrekeyStoreRecord.from_bytes(variant(one_time_x25519=[x[0], x[0]]))
+    with pytest.raises(DecodeError):
+        wire.PrekeyStoreRecord.from_bytes(
+            variant(one_time_x25519=[(rec.signed[0].prekey_id, x[0][1]), x[1]])
+        )
