@@ -92,6 +92,8 @@ WORDS = {
     "turn_password": "--turn-password-file",
     "hide_ip": "--hide-ip",
     "host_candidates": "--host-candidates",
+    "input_device": "--input-device",
+    "output_device": "--output-device",
     "contact": "NAME",
     "name": "NAME",
     "new_name": "NEW_NAME",
