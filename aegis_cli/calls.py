@@ -240,9 +240,10 @@ def register(main: ModuleType) -> None:
     @click.argument("name", required=False)
     @click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
     def calls(ctx: Ctx, name: str | None, limit: int) -> None:
-        """Calls in progress, then the call history (of NAME only, if given)."""
+        """Calls in progress, then the call history (of NAME only, if given), oldest first."""
         live = ctx.call("calls.list")["calls"]
-        history = ctx.call("calls.history", {"contact": name, "limit": limit})["calls"]
+        # calls.history gives the newest first; the CLI lists everything oldest first.
+        history = ctx.call("calls.history", {"contact": name, "limit": limit})["calls"][::-1]
         lines = [_describe(c, when=True) for c in live]
         lines += [_describe(c, when=True) for c in history if c["state"] == "ended"]
         ctx.out({"live": live, "history": history}, "\n".join(lines) if lines else "no calls yet")

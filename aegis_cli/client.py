@@ -20,25 +20,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+# One error hierarchy for every client (docs/api.md, "Errors"): the daemon's errors become the
+# aegis_client classes (NotFound, Locked, ...), whose base this module calls RpcCallError.
+from aegis_client.errors import DaemonNotRunning, from_error_object
+from aegis_client.errors import RpcError as RpcCallError
 
-class DaemonNotRunning(Exception):
-    """Nothing answers on the socket."""
-
-
-class RpcCallError(Exception):
-    """The daemon answered with a JSON-RPC error."""
-
-    def __init__(self, code: int, message: str, data: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.data = data
-
-    def to_json(self) -> dict[str, Any]:
-        err: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.data is not None:
-            err["data"] = self.data
-        return err
+__all__ = ["Client", "DaemonNotRunning", "RpcCallError"]
 
 
 class Client:
@@ -84,7 +71,8 @@ class Client:
         return json.loads(line)
 
     def call(self, method: str, params: dict[str, Any] | list[Any] | None = None) -> Any:
-        """Call ``method`` and return its result, or raise RpcCallError."""
+        """Call ``method`` and return its result, or raise RpcCallError (a subclass of it by
+        code and ``data.error``, with ``method`` and ``params`` set)."""
         rid = next(self._ids)
         req: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": rid}
         if params is not None:
@@ -98,8 +86,9 @@ class Client:
             if not isinstance(msg, dict) or msg.get("id") not in (rid, None):
                 continue
             if "error" in msg:
-                e = msg["error"]
-                raise RpcCallError(e.get("code", 0), e.get("message", ""), e.get("data"))
+                exc = from_error_object(msg["error"])
+                exc.method, exc.params = method, params
+                raise exc
             return msg.get("result")
 
     def notifications(self) -> Iterator[dict[str, Any]]:

@@ -4,9 +4,10 @@ It speaks JSON-RPC to the daemon's socket and imports no cryptography, nacl, sql
 aiohttp or aiortc (tests/daemon/test_cli.py checks sys.modules). The two commands that need
 the store without a running daemon, ``init`` and ``daemon``, run ``aegisd`` in a child process.
 
-Every command takes --home DIR (or AEGIS_HOME) and --json. Errors are one line on stderr
-(with --json, one JSON object on stdout) and a non-zero exit status:
-1 error, 2 usage, 3 the daemon is not running, 130 interrupted.
+Every command takes --home DIR (or AEGIS_HOME) and --json, before or after the command's name
+(`aegis --home DIR status` and `aegis status --home DIR` are the same). Errors are one line on
+stderr (with --json, one JSON object on stdout; aegis_cli/errors.py) and a non-zero exit
+status: 1 error, 2 usage, 3 the daemon is not running, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -25,23 +26,22 @@ from aegisd.paths import PathError, ProfilePaths, check_socket_path, resolve
 from aegisd.relayurl import RelayUrlError, check_relay_url
 from aegisd.secretfile import SecretFileError, read_first_line
 
+from . import units
 from .client import Client, DaemonNotRunning, RpcCallError
-
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_NOT_RUNNING = 3
+from .errors import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_RUNNING,
+    EXIT_USAGE,
+    Fail,
+    connection_lost,
+    user_message,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-
-class Fail(Exception):
-    """A one-line error for the user."""
-
-    def __init__(self, message: str, code: int = EXIT_ERROR, data: Any = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.data = data
+#: The last command's context, for wording an error after the command failed (main()).
+_current: Ctx | None = None
 
 
 class Ctx:
@@ -49,6 +49,8 @@ class Ctx:
         self.home = home
         self.as_json = as_json
         self.paths: ProfilePaths = resolve(home)
+        global _current
+        _current = self
 
     def client(self, timeout: float | None = 60.0) -> Client:
         try:
@@ -84,23 +86,40 @@ def not_running(paths: ProfilePaths) -> Fail:
     )
 
 
-def common(func: F) -> F:
-    """--home and --json on every command."""
+HOME_HELP = (
+    "Profile directory: every file of the profile, socket included, lives there "
+    "(default: $AEGIS_HOME, else the per-user data directory)."
+)
+JSON_HELP = "Print results (and errors) as JSON."
 
-    @click.option(
-        "--home",
-        metavar="DIR",
-        envvar="AEGIS_HOME",
-        help="Profile directory: every file of the profile, socket included, lives there.",
-    )
-    @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+
+def common(func: F) -> F:
+    """--home and --json on every command, with the same meaning as before the command name.
+
+    Given before and after the command name, --json is on if either says so; two different
+    --home values are refused (a usage error) rather than one silently winning."""
+
+    @click.option("--home", metavar="DIR", help=HOME_HELP)
+    @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
     @functools.wraps(func)
     def wrapper(home: str | None, as_json: bool, **kwargs: Any) -> Any:
-        ctx = Ctx(home, as_json)
+        root = click.get_current_context().find_root().params
+        outer_home = root.get("home")
+        if home is not None and outer_home is not None and not _same_dir(home, outer_home):
+            raise click.UsageError(
+                f"--home is given twice ({outer_home} before the command, {home} after it): "
+                "give it once"
+            )
+        ctx = Ctx(home if home is not None else outer_home, as_json or bool(root.get("as_json")))
         click.get_current_context().obj = ctx
         return func(ctx, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _same_dir(a: str, b: str) -> bool:
+    norm = [os.path.abspath(os.path.expanduser(x)) for x in (a, b)]
+    return norm[0] == norm[1]
 
 
 def read_secret_file(name: str) -> str:
@@ -141,10 +160,42 @@ def _answers(paths: ProfilePaths) -> bool:
 # -- commands -----------------------------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _summary(help_text: str | None) -> str:
+    """A command's one-line summary in `aegis --help`: its docstring's whole first sentence.
+
+    click cuts the first line at the terminal's width minus the longest command name, so
+    summaries ended mid-sentence with "..."; a summary is a sentence and is never cut (it
+    wraps instead: keep first sentences short)."""
+    words = (help_text or "").partition("\n\n")[0].split()
+    for i, word in enumerate(words):
+        if word.endswith(".") and (i == len(words) - 1 or not words[i + 1][:1].islower()):
+            return " ".join(words[: i + 1])
+    return " ".join(words)
+
+
+class AegisCommand(click.Command):
+    def get_short_help_str(self, limit: int = 45) -> str:
+        return self.short_help or _summary(self.help)
+
+
+class AegisGroup(click.Group):
+    command_class = AegisCommand
+    group_class = type  # subgroups (aegis contact ...) are AegisGroups too
+
+    def get_short_help_str(self, limit: int = 45) -> str:
+        return self.short_help or _summary(self.help)
+
+
+@click.group(cls=AegisGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="aegislink", prog_name="aegis")
-def cli() -> None:
-    """AegisLink: an end-to-end encrypted messenger that hides metadata from its relay."""
+@click.option("--home", metavar="DIR", help=HOME_HELP)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def cli(home: str | None, as_json: bool) -> None:
+    """AegisLink: an end-to-end encrypted messenger that hides metadata from its relay.
+
+    --home and --json go before or after the command's name. Lists (messages,
+    attachments, requests, invitations, calls) are in the order things happened, oldest
+    first, as in a chat log; contacts are in the order of their names. Times are local."""
 
 
 @cli.command()
@@ -269,7 +320,7 @@ def init(
     )
 
 
-@cli.command()
+@cli.command(short_help="Start aegisd for this profile.")
 @common
 @click.option("--detach", is_flag=True, help="Run in the background; log to aegisd.log.")
 @click.option("--passphrase-file", metavar="FILE", help="Unlock at start with this passphrase.")
@@ -311,7 +362,8 @@ def daemon(ctx: Ctx, detach: bool, passphrase_file: str | None, test_methods: bo
         last = ""
         try:
             lines = log_path.read_text(errors="replace").strip().splitlines()
-            last = lines[-1].removeprefix("aegisd: error: ") if lines else ""
+            # The text after the marker: log lines may start with a timestamp.
+            last = lines[-1].partition("aegisd: error: ")[2] or lines[-1] if lines else ""
         except OSError:
             pass
         raise Fail(last or f"aegisd exited with status {proc.returncode}; see {log_path}")
@@ -333,36 +385,24 @@ def stop(ctx: Ctx) -> None:
     ctx.out({"stopped": True}, "aegisd stopped")
 
 
-@cli.command()
+@cli.command(short_help="Show the daemon's state and its relay connection.")
 @common
 def status(ctx: Ctx) -> None:
     """Show whether the daemon runs, is locked, and is connected to its relay."""
+    from .network import describe_tor, relay_text
+
     st = ctx.call("status")
-    relay = st.get("relay") or {}
-    relay_text = (
-        f"{relay.get('url')} (connected)"
-        if relay.get("connected")
-        else f"{relay.get('url')} (not connected)"
-        if relay.get("configured")
-        else "unknown while locked"
-        if st["locked"]
-        else "not configured"
-    )
-    if relay.get("configured") and not relay.get("connected") and relay.get("reason"):
-        relay_text += f": {relay['reason']}"
     net = st.get("network") or {}
     net_text = ""
     if net.get("mode"):
         net_text = f"\nnetwork: {net['mode']}"
         if net["mode"] == "tor":
-            from .network import describe_tor
-
             net_text += f" ({describe_tor(net.get('tor'))})"
     ctx.out(
         st,
         f"aegisd {st['version']} (pid {st['pid']}): {'locked' if st['locked'] else 'unlocked'}\n"
         f"passphrase: {'yes' if st['has_passphrase'] else 'no'}\n"
-        f"relay: {relay_text}{net_text}",
+        f"relay: {relay_text(st)}{net_text}",
     )
 
 
@@ -387,7 +427,7 @@ def unlock(ctx: Ctx, passphrase_file: str | None) -> None:
     ctx.out({"locked": False}, "unlocked")
 
 
-@cli.command()
+@cli.command(short_help="Lock the profile (the daemon forgets its key).")
 @common
 def lock(ctx: Ctx) -> None:
     """Lock the profile: the daemon closes the database and forgets its key."""
@@ -395,7 +435,7 @@ def lock(ctx: Ctx) -> None:
     ctx.out({"locked": True}, "locked")
 
 
-@cli.command()
+@cli.command(short_help="Change the profile passphrase.")
 @common
 @click.option("--old-passphrase-file", metavar="FILE", help="The current passphrase, from FILE.")
 @click.option("--new-passphrase-file", metavar="FILE", help="The new passphrase, from FILE.")
@@ -426,38 +466,37 @@ def passphrase(
     ctx.out(result, "passphrase changed" if new is not None else "passphrase removed")
 
 
-@cli.command()
+@cli.command(short_help="Print events as they happen, until interrupted.")
 @common
 @click.option("--since", type=int, metavar="SEQ", help="First replay the events after SEQ.")
 @click.option(
     "--type", "types", multiple=True, metavar="TYPE", help="Only these types (e.g. message.*)."
 )
 def listen(ctx: Ctx, since: int | None, types: tuple[str, ...]) -> None:
-    """Print events as they happen, until interrupted (one per line)."""
-    params: dict[str, Any] = {}
-    if since is not None:
-        params["since"] = since
-    if types:
-        params["types"] = list(types)
-    with ctx.client(timeout=None) as c:
-        c.call("events.subscribe", params)
-        for note in c.notifications():
-            ev = note.get("params") or {}
-            if ctx.as_json:
-                click.echo(json.dumps(ev, sort_keys=True))
-            else:
-                data = json.dumps(ev.get("data"), sort_keys=True)
-                click.echo(f"{ev.get('seq')} {ev.get('type')} {data}")
+    """Print events as they happen, one line each, until interrupted.
+
+    A line gives the local time, who and what happened; with --json, each event is one JSON
+    object (seq, type, time_ms, data). When the daemon stops or restarts, listen says so on
+    standard error, waits for it and goes on after the last event it printed: none is
+    printed twice or missed."""
+    from .listen import describe, follow
+
+    params: dict[str, Any] = {"types": list(types)} if types else {}
+
+    def emit(ev: dict[str, Any]) -> None:
+        if ctx.as_json:  # as events.list gives it: the subscription id changes on reconnect
+            ev = {k: v for k, v in ev.items() if k != "subscription"}
+            click.echo(json.dumps(ev, sort_keys=True))
+        else:
+            click.echo(describe(ev))
+
+    follow(lambda: ctx.client(timeout=None), params, since, emit)
 
 
 # -- messaging ----------------------------------------------------------------------------
 
 
-def _when(ms: int | None) -> str:
-    """A local date and time for people (the daemon keeps milliseconds since the epoch)."""
-    if not ms:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+_when = units.when
 
 
 def _print_link(ctx: Ctx, result: dict[str, Any], qr: bool, note: str) -> None:
@@ -498,7 +537,7 @@ def _qr_text(link: str) -> str:
 def invite(ctx: Ctx, expires: int, qr: bool) -> None:
     """Create a one-time invitation link (void once used)."""
     result = ctx.call("invitations.create", {"expires_in": expires})
-    until = _when(result["expires_at"] * 1000)
+    until = _when(result["expires_at"])
     _print_link(
         ctx,
         result,
@@ -519,13 +558,13 @@ def invitations(ctx: Ctx, revoke: str | None) -> None:
         return
     result = ctx.call("invitations.list")
     lines = [
-        f"{i['invitation']}  valid until {_when(i['expires_at'] * 1000)}"
+        f"{i['invitation']}  valid until {_when(i['expires_at'])}"
         for i in result["invitations"]
     ]
     ctx.out(result, "\n".join(lines) if lines else "no unused invitations")
 
 
-@cli.command()
+@cli.command(short_help="Show your long-term contact address.")
 @common
 @click.option("--rotate", is_flag=True, help="Replace the address: the old one stops working.")
 @click.option("--qr", is_flag=True, help="Also print the link as a QR code.")
@@ -545,7 +584,7 @@ def _safety_lines(number: str, indent: str = "  ") -> str:
     return "\n".join(indent + " ".join(groups[i : i + 4]) for i in range(0, len(groups), 4))
 
 
-@cli.command()
+@cli.command(short_help="List contact requests waiting for an answer.")
 @common
 def requests(ctx: Ctx) -> None:
     """List contact requests waiting for you to accept or reject them."""
@@ -658,7 +697,7 @@ def _confirm(prompt: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-@cli.command()
+@cli.command(short_help="Compare safety numbers with NAME, then mark verified.")
 @common
 @click.argument("name")
 @click.option("--yes", "-y", is_flag=True, help="Mark the contact verified without asking.")
@@ -684,7 +723,7 @@ def verify(ctx: Ctx, name: str, yes: bool) -> None:
         click.echo(f"{sn['contact']} is marked verified" if verified else "not marked verified")
 
 
-@cli.command()
+@cli.command(short_help="Send a message or a file to NAME.")
 @common
 @click.argument("name")
 @click.argument("message", required=False)
@@ -776,32 +815,27 @@ def _send_file(ctx: Ctx, name: str, file_path: str) -> None:
     click.echo(aid)
 
 
-def _size(n: int) -> str:
-    if n < 1000:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("kB", "MB", "GB"):
-        value /= 1000
-        if value < 1000 or unit == "GB":
-            break
-    return f"{value:.1f} {unit}"
+_size = units.size_text
 
 
-@cli.command()
+@cli.command(short_help="List files sent and received, oldest first.")
 @common
 @click.argument("name", required=False)
 @click.option(
-    "--max-size", type=click.IntRange(1), metavar="BYTES",
-    help="Set the size limit for files you send and receive (default 100000000 bytes); "
-    "a received file over it waits until you raise it and retry.",
+    "--max-size", type=units.Size(), metavar="SIZE",
+    help="Set the size limit for files you send and receive: bytes, or with a unit (100MB, "
+    "1.5GB; default 100MB); a received file over it waits until you raise it and retry.",
 )  # fmt: skip
 def attachments(ctx: Ctx, name: str | None, max_size: int | None) -> None:
-    """List the files sent and received (with NAME only those with NAME), newest last."""
+    """List the files sent and received (with NAME only those with NAME), oldest first."""
     if max_size is not None:
         if name is not None:
             raise click.UsageError("--max-size applies to every contact: give no NAME")
         result = ctx.call("attachments.config", {"max_size": max_size})
-        ctx.out(result, f"attachment size limit: {result['max_size']} bytes")
+        ctx.out(
+            result,
+            f"attachment size limit: {_size(result['max_size'])} ({result['max_size']} bytes)",
+        )
         return
     result = ctx.call("attachments.list", {"contact": name} if name else {})
     lines = []
@@ -819,7 +853,7 @@ def attachments(ctx: Ctx, name: str | None, max_size: int | None) -> None:
     ctx.out(result, "\n".join(lines) if lines else "no attachments")
 
 
-@cli.group()
+@cli.group(short_help="Save, retry or delete one attachment.")
 def attachment() -> None:
     """Save, retry or delete one attachment (ids: aegis attachments)."""
 
@@ -886,7 +920,7 @@ def settings(ctx: Ctx, read_receipts: str | None, receipt_delay_max: float | Non
     )
 
 
-@cli.command("name")
+@cli.command("name", short_help="Set the display name your contacts see.")
 @common
 @click.argument("display_name")
 def set_name(ctx: Ctx, display_name: str) -> None:
@@ -905,39 +939,49 @@ _backup.register(sys.modules[__name__])
 # -- entry point --------------------------------------------------------------------------
 
 
-def _fail(message: str, code: int, data: Any, as_json: bool) -> NoReturn:
+def _fail(error: dict[str, Any], exit_status: int, as_json: bool) -> NoReturn:
+    """Report one error (a JSON-RPC error object: aegis_cli/errors.py) and exit."""
     if as_json:
-        err: dict[str, Any] = {"message": message, "exit": code}
-        if data is not None:
-            err["data"] = data
-        click.echo(json.dumps({"error": err}, sort_keys=True))
+        click.echo(json.dumps({"error": error}, sort_keys=True))
     else:
-        click.echo(f"aegis: error: {message}", err=True)
-    sys.exit(code)
+        click.echo(f"aegis: error: {error['message']}", err=True)
+    sys.exit(exit_status)
+
+
+def _contact_names() -> list[str]:
+    """The profile's contact names, for "did you mean" (after a command failed)."""
+    if _current is None:
+        return []
+    with Client(_current.paths.socket, timeout=5) as c:
+        return [str(x["name"]) for x in c.call("contacts.list")["contacts"]]
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     as_json = "--json" in args
+    global _current
+    _current = None
     try:
         cli.main(args=args, prog_name="aegis", standalone_mode=False)
     except Fail as exc:
-        _fail(exc.message, exc.code, exc.data, as_json)
+        _fail(exc.to_object(), exc.code, as_json)
     except RpcCallError as exc:
-        _fail(exc.message, EXIT_ERROR, exc.to_json(), as_json)
+        # The daemon's code and data as it sent them; the message in the CLI's words.
+        _fail({**exc.to_object(), "message": user_message(exc, _contact_names)}, 1, as_json)
+    except DaemonNotRunning:
+        fail = not_running(_current.paths if _current is not None else resolve(None))
+        _fail(fail.to_object(), fail.code, as_json)
     except PathError as exc:
-        _fail(str(exc), EXIT_ERROR, None, as_json)
+        _fail(Fail(str(exc)).to_object(), EXIT_ERROR, as_json)
     except click.UsageError as exc:
         hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx else ""
-        _fail(exc.format_message() + hint, EXIT_USAGE, None, as_json)
+        _fail(Fail(exc.format_message() + hint, EXIT_USAGE).to_object(), EXIT_USAGE, as_json)
     except click.ClickException as exc:
-        _fail(exc.format_message(), EXIT_ERROR, None, as_json)
+        _fail(Fail(exc.format_message()).to_object(), EXIT_ERROR, as_json)
     except (click.Abort, KeyboardInterrupt):
-        _fail("interrupted", 130, None, as_json)
+        _fail(Fail("interrupted", EXIT_INTERRUPTED).to_object(), EXIT_INTERRUPTED, as_json)
     except (ConnectionError, TimeoutError) as exc:
-        _fail(
-            f"lost the connection to the daemon ({type(exc).__name__})", EXIT_ERROR, None, as_json
-        )
+        _fail(connection_lost(type(exc).__name__), EXIT_ERROR, as_json)
     sys.exit(0)
 
 

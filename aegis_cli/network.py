@@ -36,6 +36,19 @@ def describe_tor(tor: dict[str, Any] | None) -> str:
     return str(tor.get("description") or tor.get("state"))
 
 
+def relay_text(st: dict[str, Any]) -> str:
+    """The relay line of `aegis status` and `aegis relay show`: the URL and, when it is not
+    connected, why (the reason `status` gives; the errors send the user here to read it)."""
+    r = st.get("relay") or {}
+    if r.get("configured"):
+        if r.get("connected"):
+            return f"{r.get('url')} (connected)"
+        return f"{r.get('url')} (not connected: {r.get('reason') or 'connecting'})"
+    if st.get("locked"):
+        return "unknown while locked (aegis unlock)"
+    return "none configured: aegis relay set URL"
+
+
 def network_text(r: dict[str, Any]) -> str:
     lines = [f"mode: {MODE_TEXT.get(r['mode'], r['mode'])}"
              + ("" if r.get("mode_chosen") else " [default for this relay]")]  # fmt: skip
@@ -56,7 +69,7 @@ def register(main: ModuleType) -> None:
     common: Callable[[Callable[..., None]], Callable[..., None]] = main.common
     Fail: type[Exception] = main.Fail
 
-    @cli.command()
+    @cli.command(short_help="Show or change how the daemon reaches relays.")
     @common
     @click.option(
         "--mode",
@@ -110,7 +123,7 @@ def register(main: ModuleType) -> None:
         result = ctx.call("network.set", params) if params else ctx.call("network.get")
         ctx.out(result, network_text(result))
 
-    @cli.group()
+    @cli.group(short_help="Show the relay, or use another one.")
     def relay() -> None:
         """Show the relay (aegis relay show), or use another one (aegis relay set URL)."""
 
@@ -119,16 +132,7 @@ def register(main: ModuleType) -> None:
     def relay_show(ctx: Ctx) -> None:
         """Show the relay and whether the daemon is connected to it."""
         st = ctx.call("status")
-        r = st.get("relay") or {}
-        if st.get("locked"):
-            text = "unknown while locked (aegis unlock)"
-        elif not r.get("configured"):
-            text = "none configured: aegis relay set URL"
-        elif r.get("connected"):
-            text = f"{r['url']} (connected)"
-        else:
-            text = f"{r['url']} (not connected: {r.get('reason') or 'connecting'})"
-        ctx.out(r, f"relay: {text}")
+        ctx.out(st.get("relay") or {}, f"relay: {relay_text(st)}")
 
     @relay.command("set")
     @common
@@ -201,7 +205,7 @@ def register_privacy(main: ModuleType) -> None:
     cli: click.Group = main.cli
     common: Callable[[Callable[..., None]], Callable[..., None]] = main.common
 
-    @cli.command()
+    @cli.command(short_help="Show or set the cover-traffic level.")
     @common
     @click.option(
         "--level",

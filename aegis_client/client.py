@@ -156,7 +156,9 @@ class _Conn:
             raise ConnectionLost("the daemon closed the connection") from None
         msg = await fut
         if "error" in msg:
-            raise from_error_object(msg["error"])
+            exc = from_error_object(msg["error"])
+            exc.method, exc.params = method, params
+            raise exc
         if "result" not in msg:
             raise ProtocolError("a response with neither result nor error")
         return msg["result"]

@@ -38,12 +38,23 @@ class RpcError(AegisClientError):
     code: int = 0
     #: The stable application error name (``data.error``), for application errors.
     name: str | None = None
+    #: The method and params of the call the daemon refused, when the client set them (so
+    #: that a frontend can word the error in its own terms: aegis_cli/errors.py).
+    method: str | None = None
+    params: Any = None
 
     def __init__(self, code: int, message: str, data: Any = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.data = data
+
+    def to_object(self) -> dict[str, Any]:
+        """The JSON-RPC error object, as the daemon sent it (docs/api.md, "Errors")."""
+        err: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            err["data"] = self.data
+        return err
 
     @property
     def error(self) -> str | None:

@@ -39,7 +39,7 @@ class Identity(TypedDict):
 class Invitation(TypedDict):
     invitation: str
     link: str
-    expires_at: int
+    expires_at: int  # ms since the epoch, like every time in the API
 
 
 class Contact(TypedDict):

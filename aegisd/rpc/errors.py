@@ -1,8 +1,9 @@
 """JSON-RPC error codes: the protocol's own, and the daemon's application range.
 
-Application errors use codes 1000-1999 (outside the range -32768..-32000 that JSON-RPC 2.0
-reserves) and always carry ``data`` as an object whose ``error`` member is a stable,
-machine-readable name; other members depend on the error (docs/api.md, "Errors").
+Every error object has one shape (docs/api.md, "Errors"): ``code``, ``message`` (for people)
+and ``data``, an object whose ``error`` member is a stable, machine-readable name; other
+members depend on the error. Application errors use codes 1000-1999 (outside the range
+-32768..-32000 that JSON-RPC 2.0 reserves).
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
+
+#: data.error of the protocol's own errors.
+PROTOCOL_NAMES = {
+    PARSE_ERROR: "parse_error",
+    INVALID_REQUEST: "invalid_request",
+    METHOD_NOT_FOUND: "method_not_found",
+    INVALID_PARAMS: "invalid_params",
+    INTERNAL_ERROR: "internal",
+}
 
 # Application range.
 APP_MIN = 1000
@@ -29,6 +39,18 @@ STORE_ERROR = 1006
 # 1011 rate_limited (data.retry_after, seconds).
 RELAY_UNAVAILABLE = 1010
 RATE_LIMITED = 1011
+
+
+def error_object(code: int, message: str, data: Any = None) -> dict[str, Any]:
+    """A JSON-RPC error object in the one shape: ``data`` an object with a stable ``error``
+    name (a protocol error's string detail moves to ``data.detail``; -32601's is the method
+    name, in ``data.method``)."""
+    if not isinstance(data, dict):
+        extra = {} if data is None else {"method" if code == METHOD_NOT_FOUND else "detail": data}
+        data = {"error": PROTOCOL_NAMES.get(code, "error"), **extra}
+    elif "error" not in data:
+        data = {"error": PROTOCOL_NAMES.get(code, "error"), **data}
+    return {"code": code, "message": message, "data": data}
 
 
 class RpcError(Exception):
@@ -55,7 +77,9 @@ class InvalidParamsError(RpcError):
     def __init__(self, field: str | None, problem: str, **extra: Any) -> None:
         where = f"'{field}' " if field is not None else ""
         super().__init__(
-            INVALID_PARAMS, f"Invalid params: {where}{problem}", {"field": field, **extra}
+            INVALID_PARAMS,
+            f"Invalid params: {where}{problem}",
+            {"error": "invalid_params", "field": field, **extra},
         )
 
 

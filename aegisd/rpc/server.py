@@ -33,7 +33,13 @@ from typing import Any
 from jsonrpcserver import async_dispatch_to_serializable
 
 from ..paths import check_socket_path, ensure_private_dir
-from .errors import INTERNAL_ERROR, INVALID_REQUEST, PARSE_ERROR, PERMISSION_DENIED
+from .errors import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    PERMISSION_DENIED,
+    error_object,
+)
 from .methods import CallContext, Registry
 
 log = logging.getLogger("aegisd.rpc")
@@ -166,10 +172,7 @@ def _socket_answers(path: Path) -> bool:
 
 
 def _error(code: int, message: str, data: Any = None) -> dict[str, Any]:
-    err: dict[str, Any] = {"code": code, "message": message}
-    if data is not None:
-        err["data"] = data
-    return {"jsonrpc": "2.0", "error": err, "id": None}
+    return {"jsonrpc": "2.0", "error": error_object(code, message, data), "id": None}
 
 
 def _reject_constant(name: str) -> Any:
@@ -367,6 +370,12 @@ class RpcServer:
         if not isinstance(request, dict):
             return _error(INVALID_REQUEST, "Invalid Request: a request must be a JSON object")
         ctx = CallContext(app=self.app, connection=conn)
-        return await async_dispatch_to_serializable(
+        reply = await async_dispatch_to_serializable(
             json.dumps(request), methods=self._methods, context=ctx
         )
+        if isinstance(reply, dict) and isinstance(reply.get("error"), dict):
+            # jsonrpcserver's own errors (-32600, -32601) carry a string: give them the one
+            # shape of every error (docs/api.md, "Errors").
+            err = reply["error"]
+            reply["error"] = error_object(err.get("code"), err.get("message"), err.get("data"))
+        return reply

@@ -27,6 +27,13 @@ MAX_HISTORY_PAGE = 500
 MAX_NAME = 64
 
 
+
+def _ms_expiry(invitation: dict[str, Any]) -> dict[str, Any]:
+    """Every API timestamp is in ms (docs/api.md, "Messaging"); the store keeps an
+    invitation's expiry in seconds, as the relay and the link do."""
+    expires = invitation.get("expires_at")
+    return {**invitation, "expires_at": None if expires is None else int(expires) * 1000}
+
 def _check_name(field: str, name: str) -> str:
     name = " ".join(name.split())
     if not name or len(name) > MAX_NAME or clean_name(name, "") != name:
@@ -63,11 +70,11 @@ def register(registry: Registry, m: Messenger) -> None:
     async def invitations_create(
         ctx: CallContext, expires_in: int = INVITE_TTL_DEFAULT
     ) -> dict[str, Any]:
-        return await m.create_invitation(expires_in)
+        return _ms_expiry(await m.create_invitation(expires_in))
 
     @method("invitations.list")
     async def invitations_list(ctx: CallContext) -> dict[str, Any]:
-        return {"invitations": m.list_invitations()}
+        return {"invitations": [_ms_expiry(i) for i in m.list_invitations()]}
 
     @method("invitations.revoke")
     async def invitations_revoke(ctx: CallContext, invitation: str) -> dict[str, Any]:

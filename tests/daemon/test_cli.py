@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -89,11 +90,25 @@ def test_full_life_cycle(home, short_tmp, cli_env):
         assert PASSPHRASE not in out
 
 
+def json_error(r, code):
+    """The one shape of a JSON error: {"error": JSON-RPC error object}, alone on stdout."""
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    doc = json.loads(r.stdout)
+    assert set(doc) == {"error"}
+    err = doc["error"]
+    assert set(err) == {"code", "message", "data"}, err
+    assert isinstance(err["code"], int) and isinstance(err["message"], str)
+    assert isinstance(err["data"], dict) and isinstance(err["data"]["error"], str)
+    return err
+
+
 def test_json_errors_and_usage_errors(home, cli_env):
     r = aegis("status", "--home", str(home), "--json", env=cli_env)
-    assert r.returncode == 3
-    err = json.loads(r.stdout)["error"]
-    assert err["data"] == {"error": "not_running"} and "aegis daemon" in err["message"]
+    err = json_error(r, 3)
+    assert err["code"] == 2002 and err["data"] == {"error": "not_running"}
+    assert "aegis daemon" in err["message"]
+    err = json_error(aegis("status", "--bogus", "--json", env=cli_env), 2)
+    assert err["code"] == 2001 and err["data"] == {"error": "usage"}
     one_line_error(aegis("frobnicate"), 2)
     one_line_error(aegis("status", "--bogus"), 2)
     line = one_line_error(aegis("init", "--home", str(home), "--no-passphrase"))
@@ -240,6 +255,152 @@ def test_init_with_relay_url(short_tmp, cli_env):
         }
         assert reason in ("connecting", "relay unreachable",
                           "connection refused: nothing listens at the relay's address and port")
-        assert "ws://127.0.0.1:8765/v1/ws (not connected" in aegis("status", "--home", h).stdout
+        # The reason is in the plain output too (the errors say "aegis status shows why").
+        line = aegis("status", "--home", h).stdout.splitlines()[2]
+        reason = json.loads(aegis("status", "--home", h, "--json").stdout)["relay"]["reason"]
+        assert line == f"relay: ws://127.0.0.1:8765/v1/ws (not connected: {reason})"
+        assert aegis("relay", "show", "--home", h).stdout.strip() == line
     finally:
+        aegis("stop", "--home", h)
+
+
+def test_global_options_before_or_after_the_command(home, short_tmp, cli_env):
+    """--home and --json work before the command's name (as with git) as well as after it."""
+    h = str(home)
+    assert aegis("--home", h, "daemon", "--detach", env=cli_env).returncode == 0
+    try:
+        for args in (
+            ("--home", h, "--json", "status"),
+            ("--json", "--home", h, "status"),
+            ("--home", h, "status", "--json"),
+            ("status", "--home", h, "--json"),
+            ("--json", "status", "--home", h),
+            ("--home", h, "status", "--home", h, "--json"),  # the same directory twice is fine
+        ):
+            r = aegis(*args, env=cli_env)
+            assert r.returncode == 0, (args, r.stderr)
+            assert json.loads(r.stdout)["locked"] is True
+        r = aegis("--home", h, "status", env=cli_env)
+        assert r.returncode == 0 and r.stdout.startswith("aegisd ")
+        # --home on the command line wins over AEGIS_HOME, in either place.
+        env = dict(cli_env, AEGIS_HOME=str(short_tmp / "elsewhere"))
+        assert aegis("--home", h, "status", env=env).returncode == 0
+        assert aegis("status", "--home", h, env=env).returncode == 0
+        assert aegis("status", env=env).returncode == 3
+        # Two different profiles: refused as a usage error, not one silently chosen.
+        line = one_line_error(aegis("--home", h, "status", "--home", str(short_tmp), env=env), 2)
+        assert "--home is given twice" in line
+        err = json_error(aegis("--json", "--home", h, "lock", "--home", "/x", env=cli_env), 2)
+        assert "--home is given twice" in err["message"]
+        assert aegis("--home", h, "stop", env=cli_env).returncode == 0
+    finally:
+        aegis("stop", "--home", h)
+
+
+def test_daemon_errors_keep_their_json_rpc_object(short_tmp, cli_env):
+    """With --json, a daemon error is printed as the object the daemon sent (no nesting)."""
+    h = str(short_tmp / "np")
+    assert aegis("init", "--home", h, "--no-passphrase", env=cli_env).returncode == 0
+    assert aegis("daemon", "--detach", "--home", h, env=cli_env).returncode == 0
+    try:
+        from aegis_cli.client import Client, RpcCallError
+
+        with Client(f"{h}/aegisd.sock") as c, pytest.raises(RpcCallError) as sent:
+            c.call("lock")
+        err = json_error(aegis("lock", "--home", h, "--json", env=cli_env), 1)
+        assert err == sent.value.to_object()
+        assert err["code"] == 1004 and err["data"]["error"] == "no_passphrase"
+        line = one_line_error(aegis("lock", "--home", h, env=cli_env))
+        assert line == f"aegis: error: {err['message']}"
+    finally:
+        aegis("stop", "--home", h)
+
+
+def _summaries(help_text):
+    """The (name, summary) pairs of the Commands: section, wrapped lines joined."""
+    out, section = [], False
+    for line in help_text.splitlines():
+        if line.strip() == "Commands:":
+            section = True
+            continue
+        if not section or not line.strip():
+            continue
+        if line.startswith("  ") and not line.startswith("   "):
+            name, _, summary = line.strip().partition(" ")
+            out.append([name, summary.strip()])
+        else:
+            out[-1][1] += " " + line.strip()
+    return out
+
+
+@pytest.mark.parametrize("columns", ["60", "80", "200"])
+def test_help_summaries_are_whole_sentences(columns, cli_env):
+    env = dict(cli_env, COLUMNS=columns)
+    top = aegis("--help", env=env)
+    assert top.returncode == 0
+    groups = {"contact", "attachment", "relay", "backup"}
+    for args in [(), *((g,) for g in sorted(groups))]:
+        r = aegis(*args, "--help", env=env)
+        pairs = _summaries(r.stdout)
+        assert pairs, r.stdout
+        for name, summary in pairs:
+            assert not summary.endswith("..."), (args, name, summary)
+            assert summary.endswith("."), (args, name, summary)
+    assert {"listen", "status", "send"} <= {n for n, _ in _summaries(top.stdout)}
+
+
+def test_listen_survives_a_daemon_restart(short_tmp, cli_env):
+    """`aegis listen` waits for a restarted daemon and goes on from the last event it printed,
+    also for events that happened before it reconnected; each line is time, who, what."""
+    h = str(short_tmp / "np")
+    assert aegis("init", "--home", h, "--no-passphrase", env=cli_env).returncode == 0
+    assert aegis("daemon", "--detach", "--test-methods", "--home", h).returncode == 0
+    procs = {
+        mode: subprocess.Popen(
+            [sys.executable, "-m", "aegis_cli.main", "listen", "--home", h, *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env,
+        )
+        for mode, extra in (("json", ("--json", "--since", "0")), ("text", ("--since", "1")))
+    }
+    from aegis_cli.client import Client
+
+    def emit(n):
+        with Client(f"{h}/aegisd.sock") as c:
+            c.call("debug.emit", {"type": "debug.hello", "data": {"n": n}})
+
+    try:
+        j, t = procs["json"], procs["text"]
+        assert json.loads(j.stdout.readline())["type"] == "daemon.unlocked"
+        emit(1)
+        assert json.loads(j.stdout.readline())["data"] == {"n": 1}
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  debug\.hello \{\"n\": 1\}\n",
+                            t.stdout.readline())
+        assert aegis("stop", "--home", h).returncode == 0
+        for p in procs.values():
+            assert "lost the connection to the daemon" in p.stderr.readline()
+            assert p.poll() is None  # still running, waiting for the daemon
+        assert aegis("daemon", "--detach", "--test-methods", "--home", h).returncode == 0
+        emit(2)  # at once: listen may not be back yet, and must not miss it
+        seen = [json.loads(j.stdout.readline()) for _ in range(3)]
+        assert [(e["type"], e["data"]) for e in seen] == [
+            ("daemon.locked", {}), ("daemon.unlocked", {}), ("debug.hello", {"n": 2})
+        ]
+        assert [e["seq"] for e in seen] == [3, 4, 5]  # after n=1 (seq 2): none twice or missed
+        assert all(set(e) == {"seq", "type", "time_ms", "data"} for e in seen)
+        for p in procs.values():
+            assert "the daemon is back; continuing after event" in p.stderr.readline()
+        lines = [t.stdout.readline() for _ in range(3)]
+        assert [ln.split("  ", 1)[1] for ln in lines] == [
+            "daemon: locked\n", "daemon: unlocked\n", 'debug.hello {"n": 2}\n'
+        ]
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+            for f in (p.stdout, p.stderr):
+                if f is not None:
+                    f.close()
         aegis("stop", "--home", h)

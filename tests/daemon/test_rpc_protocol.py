@@ -27,6 +27,7 @@ def raw(c, text: str):
 def test_parse_error(conn):
     r = raw(conn, '{"jsonrpc": "2.0", "method": "version", "id": 1')
     assert r["error"]["code"] == -32700 and r["id"] is None
+    assert r["error"]["data"] == {"error": "parse_error"}
     r = raw(conn, '{"jsonrpc": "2.0", "method": "version", "params": [NaN], "id": 1}')
     assert r["error"]["code"] == -32700
     conn.send_raw(b"\xff\xfe\n")
@@ -50,6 +51,7 @@ def test_invalid_request(conn, req):
     r = raw(conn, req)
     assert r["jsonrpc"] == "2.0"
     assert r["error"]["code"] == -32600
+    assert r["error"]["data"]["error"] == "invalid_request"  # one shape: data.error names it
     assert r["id"] is None
 
 
@@ -57,7 +59,11 @@ def test_method_not_found(conn):
     r = raw(conn, '{"jsonrpc": "2.0", "method": "no.such", "id": "a"}')
     assert r == {
         "jsonrpc": "2.0",
-        "error": {"code": -32601, "message": "Method not found", "data": "no.such"},
+        "error": {
+            "code": -32601,
+            "message": "Method not found",
+            "data": {"error": "method_not_found", "method": "no.such"},
+        },
         "id": "a",
     }
 
@@ -67,7 +73,7 @@ def test_invalid_params_name_the_field(conn):
     # events.list needs the store; the params are checked first all the same.
     assert r["error"]["code"] == -32602
     assert "'since'" in r["error"]["message"] and "integer" in r["error"]["message"]
-    assert r["error"]["data"]["field"] == "since"
+    assert r["error"]["data"] == {"error": "invalid_params", "field": "since", "reason": "type"}
     r = raw(conn, '{"jsonrpc": "2.0", "method": "unlock", "params": {"pass": "x"}, "id": 2}')
     assert r["error"]["code"] == -32602 and "'pass'" in r["error"]["message"]
     r = raw(conn, '{"jsonrpc": "2.0", "method": "events.unsubscribe", "params": {}, "id": 3}')

@@ -195,8 +195,10 @@ def test_cli_small_file_limits_and_bad_input(
     target.mkdir()
     ok(aegis(bob, "attachment", "save", aid, str(target)))  # a directory: the file's name
     assert (target / "notes.txt").read_bytes() == data
-    one_line_error(aegis(bob, "attachment", "save", aid, str(target)))  # exists
-    one_line_error(aegis(bob, "attachment", "save", "00" * 16, str(target / "y")))  # unknown
+    line = one_line_error(aegis(bob, "attachment", "save", aid, str(target)))  # exists
+    assert line.endswith("(use --overwrite)")  # the CLI's option, not the API's param
+    line = one_line_error(aegis(bob, "attachment", "save", "00" * 16, str(target / "y")))
+    assert line == f"aegis: error: no such attachment {'00' * 16}"
     # Never into the profile: the plaintext would sit beside the store (or replace its files).
     for inside in (bob.home, bob.home / "attachments", bob.home / "attachments" / ".." / "y.txt"):
         assert error_code(lambda p=inside: bob.call("attachments.save", {  # type: ignore[misc]
@@ -256,6 +258,13 @@ def test_cli_small_file_limits_and_bad_input(
     ceiling = call("attachments.config")["max_size_ceiling"]
     assert ceiling == wire.ATTACHMENT_MAX_BLOCKS * wire.ATTACHMENT_CHUNK_LEN
     assert error_code(lambda: call("attachments.config", {"max_size": ceiling + 1})) == -32602
+    # The CLI says it in its own words: the option, and sizes people read.
+    line = one_line_error(aegis(alice, "attachments", "--max-size", str(ceiling + 1)))
+    assert line == (f"aegis: error: --max-size must be between 1 and {ceiling} bytes "
+                    f"({ceiling / 1e6:.1f} MB)")  # fmt: skip
+    assert "2.5 MB" in ok(aegis(alice, "attachments", "--max-size", "2.5MB"))
+    assert call("attachments.config")["max_size"] == 2_500_000
+    call("attachments.config", {"max_size": 1000})
     outgoing = call("attachments.list", {"contact": "bob"})["attachments"]
     assert [a["attachment_id"] for a in outgoing] == [aid]  # the refused sends left nothing
     assert sorted(os.listdir(alice.home / "attachments")) == []  # the spool went after upload

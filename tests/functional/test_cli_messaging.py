@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,14 @@ def test_invite_add_send_and_read_both_ways(peers: Callable[[str], Peer]) -> Non
     alice, bob = peers("alice"), peers("bob")
     connect_with_cli(alice, bob)
     assert "alice  (established)" in ok(aegis(bob, "contacts"))
+    # Names are matched exactly (case-sensitive: "bob" and "Bob" may be two people); a
+    # name that differs in case or by a slip is suggested.
+    line = one_line_error(aegis(alice, "send", "Bob", "hi"))
+    assert line == (
+        "aegis: error: no such contact 'Bob' (did you mean 'bob'? names are case-sensitive)"
+    )
+    line = one_line_error(aegis(alice, "messages", "bbo"))
+    assert "no such contact 'bbo' (did you mean 'bob'?" in line
 
     mid = ok(aegis(alice, "send", "bob", "hello bob")).strip()
     assert re.fullmatch(r"[0-9a-f]{32}", mid)
@@ -118,6 +127,15 @@ def test_qr_name_address_requests(peers: Callable[[str], Peer]) -> None:
     # The invitation is listed until used; a revoked one is gone.
     inv = json.loads(ok(aegis(alice, "invitations", "--json")))["invitations"]
     assert len(inv) == 1 and inv[0]["invitation"] in ok(aegis(alice, "invitations"))
+    # Every time in JSON is in ms since the epoch (expires_at was in seconds).
+    assert abs(inv[0]["expires_at"] - (time.time() + 600) * 1000) < 120_000
+    second = json.loads(ok(aegis(alice, "invite", "--json")))
+    listed = json.loads(ok(aegis(alice, "invitations", "--json")))["invitations"]
+    assert listed[-1]["invitation"] == second["invitation"]  # oldest first, like every list
+    assert listed[-1]["expires_at"] == second["expires_at"]
+    until = time.strftime("%Y-%m-%d %H:%M", time.localtime(second["expires_at"] / 1000))
+    assert f"{second['invitation']}  valid until {until}" in ok(aegis(alice, "invitations"))
+    ok(aegis(alice, "invitations", "--revoke", second["invitation"]))
     ok(aegis(alice, "invitations", "--revoke", inv[0]["invitation"]))
     assert ok(aegis(alice, "invitations")).strip() == "no unused invitations"
     one_line_error(aegis(alice, "invitations", "--revoke", inv[0]["invitation"]))
@@ -167,11 +185,13 @@ def test_errors_are_one_line(peers: Callable[[str], Peer], tmp_short: Path) -> N
     alice = peers("alice")
     alice.wait_connected()
     line = one_line_error(aegis(alice, "send", "nobody", "hi"))
-    assert line == "aegis: error: no such contact"
+    assert line == "aegis: error: no such contact 'nobody' (aegis contacts lists them)"
     r = aegis(alice, "send", "nobody", "hi", "--json")
     assert r.returncode == 1
-    err = json.loads(r.stdout)["error"]
-    assert err["data"]["code"] == 1020 and err["data"]["data"]["error"] == "not_found"
+    # One shape: the daemon's JSON-RPC error object (code and data as sent), message as above.
+    assert json.loads(r.stdout) == {"error": {
+        "code": 1020, "message": line.removeprefix("aegis: error: "),
+        "data": {"error": "not_found"}}}  # fmt: skip
     line = one_line_error(aegis(alice, "contact", "add", "x", "aegis:AAAA"))
     assert "not a valid AegisLink link" in line
     line = one_line_error(aegis(alice, "contact", "add", "x", "not a link at all"))

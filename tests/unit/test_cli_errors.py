@@ -1,0 +1,67 @@
+"""aegis_cli/errors.py: the daemon's errors in the CLI's words, and the CLI's sizes."""
+
+from __future__ import annotations
+
+import click
+import pytest
+
+from aegis_cli.errors import Fail, did_you_mean, printable, user_message
+from aegis_cli.units import Size, size_text
+from aegis_client.errors import from_error_object
+
+
+def err(code: int, message: str, data: dict[str, object], method: str, params: object):
+    exc = from_error_object({"code": code, "message": message, "data": data})
+    exc.method, exc.params = method, params
+    return exc
+
+
+def test_did_you_mean_prefers_a_case_match_then_near_misses() -> None:
+    assert did_you_mean("Bob", ["alice", "bob", "Bobby"]) == ["bob"]
+    assert did_you_mean("bob", ["Bob", "BOB"]) == ["Bob", "BOB"]
+    assert did_you_mean("alcie", ["alice", "bob"]) == ["alice"]
+    assert did_you_mean("zed", ["alice", "bob"]) == []
+
+
+def test_messages_name_options_not_params() -> None:
+    e = err(1033, "a file with this name exists there (use overwrite)", {"error": "exists"},
+            "attachments.save", {"attachment_id": "ab", "path": "/x", "overwrite": False})
+    assert user_message(e) == "a file with this name exists there (use --overwrite)"
+    e = err(-32602, "Invalid params: 'expires_in' must be between 60 and 7776000",
+            {"error": "invalid_params", "field": "expires_in"}, "invitations.create", {})
+    assert user_message(e) == "--expires must be between 60 and 7776000"
+    e = err(1020, "no such request", {"error": "not_found"}, "requests.accept", {"request": 7})
+    assert user_message(e) == "no such request 7"
+    # The name the user typed is echoed without control characters.
+    e = err(1020, "no such contact", {"error": "not_found"}, "messages.send",
+            {"contact": "b\x1b[2Jo", "text": "secret words"})
+    msg = user_message(e, lambda: ["bob"])
+    assert "\x1b" not in msg and "secret words" not in msg
+    # A failing lookup never hides the error itself.
+    def broken() -> list[str]:
+        raise OSError("gone")
+    e = err(1020, "no such contact", {"error": "not_found"}, "contacts.remove", {"name": "x"})
+    assert user_message(e, broken) == "no such contact 'x' (aegis contacts lists them)"
+
+
+def test_cli_errors_have_the_one_shape() -> None:
+    assert Fail("nope").to_object() == {
+        "code": 2000, "message": "nope", "data": {"error": "failed"}}
+    assert Fail("bad", 2).to_object()["data"] == {"error": "usage"}
+    assert Fail("x", data={"attachment_id": "ab"}).to_object()["data"] == {
+        "error": "failed", "attachment_id": "ab"}
+    assert printable("a\nb") == "a?b"
+
+
+@pytest.mark.parametrize(("text", "n"), [("1000", 1000), ("100MB", 10**8), ("1.5GB", 15 * 10**8),
+                                         ("64MiB", 64 << 20), ("512 kB", 512_000)])
+def test_sizes(text: str, n: int) -> None:
+    assert Size().convert(text, None, None) == n
+
+
+def test_bad_sizes_and_size_text() -> None:
+    for bad in ("", "MB", "12XB", "0.1"):
+        with pytest.raises(click.BadParameter):
+            Size().convert(bad, None, None)
+    assert [size_text(n) for n in (999, 1000, 134078464, 5 * 10**9)] == [
+        "999 B", "1.0 kB", "134.1 MB", "5.0 GB"]
