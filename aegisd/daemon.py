@@ -294,6 +294,7 @@ class Daemon:
             "relay": self.relay_status(),
             "network": self.connectivity.status(),
             "last_event_seq": None if store is None else store.last_event_seq(),
+            "contacts_failed": None if store is None else self.messenger.failed_contacts(),
             "subscriptions": self.events.count(ctx.connection),
         }
 

@@ -91,6 +91,13 @@ ROTATION_KEY = "rotation.contact."
 DEFAULT_TTL = 14 * 24 * 3600  # the relay's default; its HELLO says the real one
 PENDING_DESTINATION = b"pending"  # outbox blocks waiting for the contact's answer
 NEVER = 2**62  # not_before of those blocks: readdressing makes them due
+#: How long contacts.add waits for the first contact's deposit: a refusal (used, revoked or
+#: expired invitation) is reported at once; past this, a later failure shows in contacts.list.
+FIRST_CONTACT_WAIT = 20.0
+LINK_NO_LONGER_VALID = (
+    "the invitation was already used, revoked or has expired (its relay no longer has its "
+    "mailbox): ask for a new invitation"
+)
 # The largest payload (a text of MAX_TEXT_BYTES) spans this many blocks; a peer claiming more
 # is refused, so that partial messages cannot pile up.
 MAX_MESSAGE_FRAGMENTS = -(-(wire.MAX_TEXT_BYTES + 26) // wire.RATCHET_CAPACITY)
@@ -161,6 +168,8 @@ class Messenger:
         self._tasks: list[asyncio.Task[None]] = []
         self._owned: dict[bytes, tuple[MailboxRow, OwnedMailbox]] = {}
         self._acked_rotations: list[tuple[Contact, bytes]] = []
+        # contacts.add waiting for its first contact's deposit: contact id -> outcome
+        self._first_contact: dict[int, asyncio.Future[str]] = {}
         self.attachments = Attachments(self)
         from .renewal import Renewals  # session renewal after a backup import (§23)
 
@@ -541,8 +550,19 @@ class Messenger:
             "verified": c.verified,
             "blocked": c.blocked,
             "established": state.established,
+            "failed": state.failed,
             "created_at": c.created_at,
         }
+
+    def failed_contacts(self) -> list[str]:
+        """Names of the contacts whose first contact was refused for good (status shows them)."""
+        return [c.name for c in self.store.list_contacts()
+                if ContactState.from_bytes(c.state).failed]  # fmt: skip
+
+    def _settle_first_contact(self, contact_id: int | None, outcome: str) -> None:
+        waiter = self._first_contact.get(contact_id) if contact_id is not None else None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(outcome)
 
     async def add_contact(self, name: str, link_text: str) -> dict[str, Any]:
         try:
@@ -562,6 +582,10 @@ class Messenger:
             raise AppError(E_BAD_LINK, "bad_link", f"this contact's relay: {exc}") from None
         if identity.same_keys(self.identity().public):
             raise AppError(E_BAD_LINK, "bad_link", "this link is your own")
+        for stale in {c.id: c for c in (self._contact_with_identity(identity),
+                                        self.store.contact_by_name(name)) if c}.values():
+            if ContactState.from_bytes(stale.state).failed:
+                await self.remove_contact(stale.name)  # a failed attempt is replaced by this one
         if self._contact_with_identity(identity) is not None:
             raise AppError(E_EXISTS, "exists", "this contact is already in your contacts")
         if self.store.contact_by_name(name) is not None:
@@ -606,10 +630,23 @@ class Messenger:
                 self.store.enqueue_blocks(address_to_bytes(link.mailbox), [block], contact_id=cid)
                 self.daemon.events.emit("contact.added", {"contact": name, "established": False})
             self._reload_owned()
+            # Registered before any await: the outbox cannot settle it unseen.
+            waiter = self._first_contact[cid] = asyncio.get_running_loop().create_future()
         self._outbox_wake.set()
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(waiter), FIRST_CONTACT_WAIT)
+        except TimeoutError:
+            outcome = "pending"  # a slow relay: a later refusal shows in contacts.list
+        finally:
+            self._first_contact.pop(cid, None)
+        if outcome == "refused":
+            # Known at once: nothing is kept, the user can try again with a fresh link.
+            await self.remove_contact(name)
+            raise AppError(E_BAD_LINK, "bad_link", LINK_NO_LONGER_VALID, reason="link_used")
         c = self.store.get_contact(cid)
-        assert c is not None
-        return self.describe(c)
+        if c is None:
+            raise not_found("contact")  # removed meanwhile
+        return {**self.describe(c), "first_contact": outcome}
 
     def list_requests(self) -> list[dict[str, Any]]:
         own = self.identity().public
@@ -720,6 +757,9 @@ class Messenger:
         """Encrypt and queue. With cover on, a ``slotted`` block waits for its contact's next
         cover slot (services/cover.py) instead of leaving after ``delay``."""
         state = ContactState.from_bytes(c.state)
+        if state.failed:
+            raise AppError(E_NOT_READY, "not_ready", f"this contact failed: {state.failed}",
+                           reason="contact_failed")  # fmt: skip
         if state.send_to is None:
             raise AppError(E_NOT_READY, "not_ready", "this contact cannot be reached yet")
         blocks = session.encrypt(self.entropy, wire.encode_payload(payload))
@@ -871,12 +911,15 @@ class Messenger:
                     wait = min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
                     if exc.code == E_RATE_LIMITED:
                         wait = max(wait, 1.0)
+                    self._settle_first_contact(item.contact_id, "pending")
                     return self._retry_later(store, item, wait)
                 except (RelayUnavailable, *UNAVAILABLE):
+                    self._settle_first_contact(item.contact_id, "pending")
                     return self._retry_later(
                         store, item, min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
                     )
                 self._deposited(store, item)
+                self._settle_first_contact(item.contact_id, "sent")
             return None
         finally:
             if own and client is not None:
@@ -917,19 +960,30 @@ class Messenger:
             store.block_deposited(item_id)  # drop it
             if contact is not None and self.renewals.on_refused(contact):
                 return  # a renewal after a backup import: the contact and history stay
-            if contact is not None and not ContactState.from_bytes(contact.state).established:
+            state = ContactState.from_bytes(contact.state) if contact is not None else None
+            if contact is not None and state is not None and not state.established:
                 # The first contact went to an invitation that is used, revoked or expired, or
-                # to an address that was rotated: the contact can never answer. Remove it (and
-                # its mailbox, at the relay too), so that the user can try again with a fresh link.
+                # to an address that was rotated: the contact can never answer. Its mailbox
+                # goes (at the relay too); the contact stays, marked failed with the reason,
+                # until the user removes it or adds it again with a fresh link.
+                self._settle_first_contact(contact.id, "refused")
                 row = store.mailbox_for_contact(contact.id)
-                store.remove_contact(contact.id)  # its mailbox rows go with it
                 if row is not None:
+                    store.delete_mailbox(row.id)
                     mb = OwnedMailbox.from_bytes(row.descriptor)
                     self._owned.pop(mb.owner_id, None)
                     self._spawn(self._delete_at_relay(mb))
+                state.failed = LINK_NO_LONGER_VALID
+                store.update_contact(contact.id, state=state.to_bytes())
+                for m in store.history(contact.id, limit=10_000):
+                    if m.direction == "out" and store.set_message_status(m.id, "failed"):
+                        self.daemon.events.emit(
+                            "message.status",
+                            {"message_id": m.id, "contact": contact.name, "status": "failed"},
+                        )
+                store._q("DELETE FROM outbox WHERE contact_id = ?", (contact.id,))
                 self.daemon.events.emit(
-                    "contact.failed",
-                    {"contact": contact.name, "reason": "the link is no longer valid"},
+                    "contact.failed", {"contact": contact.name, "reason": LINK_NO_LONGER_VALID}
                 )
                 return
             if (
