@@ -363,6 +363,7 @@ def status(ctx: Ctx) -> None:
         f"aegisd {st['version']} (pid {st['pid']}): {'locked' if st['locked'] else 'unlocked'}\n"
         f"passphrase: {'yes' if st['has_passphrase'] else 'no'}\n"
         f"relay: {relay_text}{net_text}"
+        + (f"\nWARNING: {st['superseded']}" if st.get("superseded") else "")
         + (f"\ncontacts failed: {', '.join(st['contacts_failed'])} (aegis contacts says why)"
            if st.get("contacts_failed") else ""),
     )

@@ -295,6 +295,7 @@ class Daemon:
             "network": self.connectivity.status(),
             "last_event_seq": None if store is None else store.last_event_seq(),
             "contacts_failed": None if store is None else self.messenger.failed_contacts(),
+            "superseded": self.messenger.superseded(),
             "subscriptions": self.events.count(ctx.connection),
         }
 

@@ -102,6 +102,12 @@ LINK_NO_LONGER_VALID = (
 # is refused, so that partial messages cannot pile up.
 MAX_MESSAGE_FRAGMENTS = -(-(wire.MAX_TEXT_BYTES + 26) // wire.RATCHET_CAPACITY)
 STALE_FRAGMENTS_MS = 24 * 3600 * 1000
+SETTING_SUPERSEDED = "profile.superseded"  # {"at": ms}: restored on another device
+SUPERSEDED_TEXT = (
+    "this profile was restored from a backup on another device, which now has its contacts "
+    "(the relay no longer has this copy's mailboxes): use that device; this copy can no "
+    "longer send or receive, and its history stays readable here"
+)
 SETTING_EVENT_RETENTION = "events.retention_days"
 EVENT_RETENTION_DAYS = 30
 
@@ -221,6 +227,7 @@ class Messenger:
                 subscriptions=self._subscriptions,
                 on_state=self._on_relay_state,
                 network=self.network(),
+                on_refused=self._on_refused,
             )
             self.link.start()
 
@@ -271,12 +278,87 @@ class Messenger:
             self._outbox_wake.set()
             self._spawn(self._after_connect())
 
+    # --- a copy of the profile restored elsewhere ------------------------------------------
+
+    def superseded(self) -> str | None:
+        """Why this copy of the profile is out of use (restored on another device), or None."""
+        store = self.daemon.store
+        if store is not None and store.get_setting(SETTING_SUPERSEDED):
+            return SUPERSEDED_TEXT
+        return None
+
+    def check_usable(self) -> None:
+        if self.superseded():
+            raise AppError(E_NOT_READY, "not_ready", SUPERSEDED_TEXT, reason="restored_elsewhere")
+
+    def _on_refused(self, owner_id: bytes, code: int) -> bool:
+        """The relay refused to subscribe one of our mailboxes. E_DENIED: it no longer exists,
+        and only a holder of its key (this profile's, so a copy restored from a backup: it
+        deletes the old mailboxes once its contacts renewed, docs/protocol.md §23) can have
+        deleted it. Not a mailbox a renewal of ours still waits on (a restored profile whose
+        backup was stale: renewal.py reports that per contact)."""
+        entry = self._owned.get(owner_id)
+        if entry is None or code != E_DENIED or self.daemon.store is None:
+            return False
+        row = entry[0]
+        if row.role == "contact":
+            renewing = self.store._q(
+                "SELECT 1 FROM renewals WHERE contact_id = ? AND side = 'restored' AND done != 1",
+                (row.contact_id,),
+            ).fetchone()
+            if renewing is not None:
+                return False
+        elif row.role != "address":
+            return False
+        if not self.store.get_setting(SETTING_SUPERSEDED):
+            self._mark_superseded()
+        return True
+
+    async def _probe_address(self) -> None:
+        """Ask the relay about the address mailbox (an owner command without side effects):
+        it refuses if a restored copy of this profile deleted it (then _on_refused marks this
+        copy)."""
+        found = self._address_mailbox() if self.daemon.store is not None else None
+        if found is None or self.link is None or self.superseded():
+            return
+        _, mb = found
+        try:
+            async with self._client() as client:
+                await client.bundle_status(mb.owner_id, mb.signing_key)
+        except RelayError as exc:
+            self._on_refused(mb.owner_id, exc.code)
+        except (*UNAVAILABLE, RelayUnavailable, AppError):
+            pass  # the next connection subscribes it anyway
+
+    def _mark_superseded(self) -> None:
+        """Once: stop sending (every queued block would be refused), fail what waited, say so
+        in one log line, an event, status and every send."""
+        store = self.store
+        with store.transaction():
+            store.set_setting(SETTING_SUPERSEDED, {"at": _ms()})
+            rows = store._q("SELECT DISTINCT message_id FROM outbox WHERE message_id IS NOT NULL")
+            ids = [r[0] for r in rows.fetchall()]
+            store._q("DELETE FROM outbox")
+            for mid in ids:
+                m = store.get_message(mid)
+                if m is None or m.direction != "out" or not store.set_message_status(mid, "failed"):
+                    continue
+                contact = store.get_contact(m.contact_id)
+                self.daemon.events.emit("message.status", {
+                    "message_id": mid, "contact": contact.name if contact else None,
+                    "status": "failed"})  # fmt: skip
+            self.daemon.events.emit("profile.superseded", {"reason": SUPERSEDED_TEXT})
+        log.warning("the relay no longer has this profile's mailboxes: it was restored on "
+                    "another device; sending stopped (aegis status)")  # fmt: skip
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """A background task that on_lock cancels; finished ones are forgotten."""
         self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(asyncio.create_task(coro))
 
     async def _after_connect(self) -> None:
+        if self.superseded():
+            return  # every relay call would be refused: the mailboxes are gone
         try:
             await self.ensure_address()
             await self._replenish_prekeys(republish=True)
@@ -797,6 +879,7 @@ class Messenger:
             raise AppError(
                 E_TOO_LARGE, "too_large", f"a message holds at most {wire.MAX_TEXT_BYTES} bytes"
             )
+        self.check_usable()
         async with self.lock:
             c = self.contact(name)
             if c.blocked:
@@ -865,6 +948,8 @@ class Messenger:
         store = self.daemon.store
         if store is None:
             return 1.0
+        if self.superseded():
+            return 60.0  # nothing is deposited: the contacts moved on to the restored copy
         now = _ms()
         queues: dict[bytes, list[OutboxItem]] = {}
         held: set[bytes] = set()
@@ -986,6 +1071,8 @@ class Messenger:
                     "contact.failed", {"contact": contact.name, "reason": LINK_NO_LONGER_VALID}
                 )
                 return
+            if contact is not None:  # an established contact's mailbox is gone: were we
+                self._spawn(self._probe_address())  # restored elsewhere? (_on_refused)
             if (
                 message_id is not None
                 and store.get_message(message_id) is not None
@@ -1323,6 +1410,7 @@ class Messenger:
         """Call signaling leaves at once: no send jitter and no receipt delay (a call cannot
         wait), in ordinary blocks through the ordinary outbox (docs/threat-model.md: what the
         timing of a call reveals)."""
+        self.check_usable()
         async with self.lock:
             c = self.store.get_contact(contact_id)
             blob = self.store.get_session(contact_id) if c is not None else None
