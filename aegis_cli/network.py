@@ -128,7 +128,11 @@ def register(main: ModuleType) -> None:
             text = f"{r['url']} (connected)"
         else:
             text = f"{r['url']} (not connected: {r.get('reason') or 'connecting'})"
-        ctx.out(r, f"relay: {text}")
+        move = st.get("relay_move")
+        if move:
+            left = ", ".join(move["contacts_left"]) or "none"
+            text += f"\nmoving from {move['from']}: contacts not yet moved: {left}"
+        ctx.out({**r, "move": move}, f"relay: {text}")
 
     @relay.command("set")
     @common
@@ -141,14 +145,19 @@ def register(main: ModuleType) -> None:
     def relay_set(ctx: Ctx, url: str, insecure_plaintext_relay: bool) -> None:
         """Use the relay at URL (wss://HOST[:PORT]/v1/ws; ws:// on loopback or a .onion).
 
-        A profile without contacts moves at once (its address and pending invitations are
-        replaced; links given out before stop working). A profile with contacts is refused."""
+        The address and pending invitations are replaced at once (links given out before stop
+        working). Each contact is sent a new mailbox at the new relay; the old relay keeps
+        receiving until the contact confirms it, then its mailbox there is deleted."""
         result = ctx.call(
             "relay.set", {"url": url, "insecure_plaintext": insecure_plaintext_relay}
         )
         note = ""
         if result.get("invitations_revoked"):
             note = f"\n{result['invitations_revoked']} pending invitation(s) stopped working."
+        if result.get("contacts_moving"):
+            note += (f"\n{result['contacts_moving']} contact(s) move to the new relay as each "
+                     "confirms its new mailbox (aegis relay show says how many are left); the "
+                     "old relay keeps receiving until then.")  # fmt: skip
         ctx.out(
             result,
             f"relay: {result['url']}\nmode: {MODE_TEXT.get(result['mode'], result['mode'])}"

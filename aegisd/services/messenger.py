@@ -108,6 +108,11 @@ SUPERSEDED_TEXT = (
     "(the relay no longer has this copy's mailboxes): use that device; this copy can no "
     "longer send or receive, and its history stays readable here"
 )
+SETTING_MOVE = "relay.move"  # {"from": url, "at": ms}: contacts' mailboxes moving (relay.set)
+#: A contact that has not confirmed its new mailbox this long after a relay move (the relay's
+#: default message TTL: it was offline longer than its blocks could wait) is left behind:
+#: its old mailbox is deleted anyway.
+MOVE_BOUND_MS = 14 * 24 * 3600 * 1000
 SETTING_EVENT_RETENTION = "events.retention_days"
 EVENT_RETENTION_DAYS = 30
 
@@ -173,6 +178,9 @@ class Messenger:
         self._outbox_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._owned: dict[bytes, tuple[MailboxRow, OwnedMailbox]] = {}
+        # After a relay move: one link per other relay that still holds mailboxes of ours,
+        # receiving on them until every contact has switched (or the bound passed).
+        self._drains: dict[str, RelayLink] = {}
         self._acked_rotations: list[tuple[Contact, bytes]] = []
         # contacts.add waiting for its first contact's deposit: contact id -> outcome
         self._first_contact: dict[int, asyncio.Future[str]] = {}
@@ -224,18 +232,47 @@ class Messenger:
             self.link = RelayLink(
                 url,
                 handler=self._on_block,
-                subscriptions=self._subscriptions,
+                subscriptions=lambda: self._subscriptions(str(url)),
                 on_state=self._on_relay_state,
                 network=self.network(),
                 on_refused=self._on_refused,
             )
             self.link.start()
+        self._reconcile_drains()
+
+    def _reconcile_drains(self) -> None:
+        """A receiving link for each other relay that holds mailboxes of ours (a relay move
+        under way); none once they are gone."""
+        main = self.link.url if self.link is not None else None
+        wanted = set()
+        if self.daemon.store is not None:
+            wanted = {mb.relay_url for _, mb in self._owned.values()} - {main}
+            wanted = {u for u in wanted if self._url_ok(u)}
+        for url in wanted - set(self._drains):
+            link = RelayLink(
+                url,
+                handler=self._on_block,
+                subscriptions=lambda u=url: self._subscriptions(u),  # type: ignore[misc]
+                on_state=lambda up, reason: None,  # status is about the profile's relay
+                network=self.network(),
+                on_refused=self._on_refused,
+            )
+            self._drains[url] = link
+            link.start()
+        for url in set(self._drains) - wanted:
+            self._spawn(self._drains.pop(url).stop())
+
+    async def _stop_drains(self) -> None:
+        drains, self._drains = list(self._drains.values()), {}
+        for link in drains:
+            await link.stop()
 
     async def restart_link(self) -> None:
         """After a change of the network settings: every connection is made anew."""
         if self.link is not None:
             await self.link.stop()
             self.link = None
+        await self._stop_drains()
         self.daemon.relay_connected = False
         self._start_link()
 
@@ -251,6 +288,7 @@ class Messenger:
         if self.link is not None:
             await self.link.stop()
             self.link = None
+        await self._stop_drains()
         self.daemon.relay_connected = False
         async with self.lock:
             self.prekeys = None
@@ -262,8 +300,10 @@ class Messenger:
             mb = OwnedMailbox.from_bytes(row.descriptor)
             self._owned[mb.owner_id] = (row, mb)
 
-    def _subscriptions(self) -> list[tuple[bytes, Any]]:
-        return [(mb.owner_id, mb.signing_key) for _, mb in self._owned.values()]
+    def _subscriptions(self, url: str) -> list[tuple[bytes, Any]]:
+        """The mailboxes of ours at the relay at ``url``."""
+        return [(mb.owner_id, mb.signing_key) for _, mb in self._owned.values()
+                if mb.relay_url == url]  # fmt: skip
 
     def _on_relay_state(self, up: bool, reason: str | None) -> None:
         was = self.daemon.relay_connected
@@ -367,6 +407,7 @@ class Messenger:
             await self._rotate_due_mailboxes()
             await self.renewals.resume()
             await self.renewals.retire_due()
+            await self.continue_move()
         except (*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
             pass  # the next connection tries again
 
@@ -473,9 +514,16 @@ class Messenger:
         await self._delete_at_relay(mb)
 
     async def _delete_at_relay(self, mb: OwnedMailbox) -> None:
-        with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
-            async with self._client() as client:
-                await client.delete(mb.owner_id, mb.signing_key)
+        """Delete at the mailbox's own relay (after a move, not this profile's); one that
+        cannot be reached now is deleted on a later connection (renewal.py retire_due)."""
+        try:
+            await self.renewals._delete_old(mb)
+        except AppError:
+            if self.daemon.store is not None:
+                self.store._q(
+                    "INSERT INTO retired_mailboxes (contact_id, descriptor) VALUES (NULL, ?)",
+                    (mb.to_bytes(),),
+                )
 
     def _address_mailbox(self) -> tuple[MailboxRow, OwnedMailbox] | None:
         rows = self.store.list_mailboxes("address")
@@ -1125,6 +1173,8 @@ class Messenger:
                 await self._replenish_prekeys()
                 await self._expire_invitations()
                 await self._rotate_due_mailboxes()
+                if not self.superseded():
+                    await self.continue_move()  # contacts that answered since, the bound
 
     # --- per-contact mailbox rotation --------------------------------------------------------
     #
@@ -1191,6 +1241,63 @@ class Messenger:
                 await self._retire_mailbox(row.id)
         self.store.set_setting(f"{ROTATION_KEY}{c.id}", None)
         self.daemon.events.emit("contact.mailbox_rotated", {"contact": c.name})
+        self._move_progress()
+
+    # --- moving to another relay (relay.set on a profile with contacts) ----------------------
+    #
+    # Each contact is sent a new mailbox at the new relay by the ordinary rotation (the
+    # MailboxPayload carries the relay URL); the old mailbox keeps receiving (a drain link)
+    # until the contact acknowledges, then it is deleted at the old relay. A contact that has
+    # not acknowledged after MOVE_BOUND_MS is left behind.
+
+    def move_status(self) -> dict[str, Any] | None:
+        store = self.daemon.store
+        move = store.get_setting(SETTING_MOVE) if store is not None else None
+        if not move:
+            return None
+        url = str(store.get_setting(SETTING_URL)) if store is not None else ""
+        left = sorted({c.name for row, mb in self._owned.values() if row.role == "contact"
+                       and mb.relay_url != url and row.contact_id is not None
+                       and (c := self.store.get_contact(row.contact_id)) is not None})  # fmt: skip
+        return {"from": move["from"], "started_at": move["at"], "contacts_left": left}
+
+    async def continue_move(self) -> None:
+        """Announce a mailbox at the current relay to every contact still received at another
+        one (each rides its contact's next cover slot, when cover is on); past the bound,
+        delete the old mailboxes of those that never confirmed."""
+        move = self.store.get_setting(SETTING_MOVE)
+        if not move:
+            return
+        url = self._relay_url()
+        overdue = _ms() - int(move["at"]) > MOVE_BOUND_MS
+        for c in self.store.list_contacts():
+            row = self.store.mailbox_for_contact(c.id)
+            if row is None or OwnedMailbox.from_bytes(row.descriptor).relay_url == url:
+                continue  # its newest mailbox is here already (announced, or confirmed)
+            if ContactState.from_bytes(c.state).established and not c.blocked:
+                try:
+                    await self.rotate_mailbox(c.name)
+                except AppError:
+                    return  # the relay went away: the next connection goes on
+        if overdue:
+            async with self.lock:
+                for row in self.store.list_mailboxes("contact"):
+                    if OwnedMailbox.from_bytes(row.descriptor).relay_url != url:
+                        await self._retire_mailbox(row.id)
+        self._move_progress()
+
+    def _move_progress(self) -> None:
+        """The move is over once no mailbox of ours is left at another relay."""
+        if self.daemon.store is None:
+            return
+        move = self.store.get_setting(SETTING_MOVE)
+        if move:
+            url = self.store.get_setting(SETTING_URL)
+            if all(mb.relay_url == url for _, mb in self._owned.values()):
+                self.store.set_setting(SETTING_MOVE, None)
+                log.info("relay move finished")
+                self.daemon.events.emit("relay.moved", {"from": move["from"], "url": url})
+        self._reconcile_drains()
 
     # --- receiving --------------------------------------------------------------------------
 

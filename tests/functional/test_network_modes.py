@@ -1,16 +1,19 @@
 """Network modes with contacts, through a real relay (issue 12): calls ask before they show
 the user's IP address when relays are reached through Tor or a proxy, and a profile with
-contacts is not moved to another relay."""
+contacts moves to another relay with its contacts' mailboxes."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from aegis_cli.client import RpcCallError
+from tests.relay.conftest import RelayProcess
 
 from .conftest import Peer, connect
 
@@ -63,7 +66,7 @@ def test_calls_ask_before_showing_the_ip_address(peers: Callable[[str], Peer]) -
     alice.call("calls.hangup", {"call_id": call["call_id"]})
 
 
-def test_relay_set_moves_a_profile_without_contacts_only(
+def test_relay_set_moves_a_profile_without_contacts(
     peers: Callable[[str], Peer], relay_proc: object
 ) -> None:
     alice, bob = peers("alice"), peers("bob")
@@ -79,11 +82,59 @@ def test_relay_set_moves_a_profile_without_contacts_only(
     assert '"invitations_revoked": 1' in r.stdout
     alice.wait_connected()
     alice.wait_for(lambda: alice.call("address.get")["link"] != before, "a new address")
-    # With a contact, moving is refused (the contact's mailboxes live at this relay).
-    connect(alice, bob)
-    r = cli(alice, "relay", "set", "ws://127.0.0.2:9/v1/ws")
-    assert r.returncode == 1 and "contacts" in r.stderr
-    assert alice.call("status")["relay"]["url"] == url
+    assert alice.call("status")["relay_move"] is None
+    assert bob.call("contacts.list")["contacts"] == []
+
+
+def relay_mailboxes(relay: RelayProcess) -> int:
+    db = sqlite3.connect(relay.data / "relay.sqlite3")
+    try:
+        return int(db.execute("SELECT count(*) FROM mailboxes").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_relay_set_moves_the_contacts_mailboxes(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    """Issue 14 item 1: a profile with contacts moves to another relay by the rotation; after
+    both moved, texts flow both ways through the new relay and the old one holds nothing."""
+    sub = tmp_short / "relay2"
+    sub.mkdir()
+    new = RelayProcess(sub, {})
+    new.start()
+    try:
+        url2 = f"ws://127.0.0.1:{new.port}/v1/ws"
+        alice, bob = peers("alice"), peers("bob")
+        connect(alice, bob)
+        for peer, other in ((alice, "bob"), (bob, "alice")):
+            r = cli(peer, "relay", "set", url2)
+            assert r.returncode == 0, r.stderr
+            assert "1 contact(s) move to the new relay" in r.stdout
+            peer.wait_connected()
+            peer.wait_for(lambda p=peer: p.events(types=["relay.moved"]), "the move to finish")
+            assert peer.call("status")["relay_move"] is None
+            assert "moving" not in cli(peer, "relay", "show").stdout
+            other_peer = bob if peer is alice else alice
+            # Texts both ways after each move (one side on each relay, then both on the new).
+            for a, b, name_b, name_a in ((peer, other_peer, other, peer.name),
+                                         (other_peer, peer, peer.name, other)):
+                text = f"{a.name} to {b.name} after {peer.name} moved"
+                a.call("messages.send", {"contact": name_b, "text": text})
+                b.wait_for(lambda b=b, n=name_a, t=text: any(
+                    m["text"] == t for m in b.call("messages.history", {"contact": n})["messages"]
+                ), text)  # fmt: skip
+        # Everything of both profiles is at the new relay now: the old one holds nothing.
+        assert relay_mailboxes(relay_proc) == 0
+        assert relay_mailboxes(new) > 0
+        # A new contact is made at the new relay too.
+        carol = peers("carol")
+        carol.call("relay.set", {"url": url2})
+        carol.wait_connected()
+        connect(carol, alice)
+        assert relay_mailboxes(relay_proc) == 0
+    finally:
+        new.close()
 
 
 def test_a_local_profile_that_never_chose_a_mode_does_not_go_direct_elsewhere(
