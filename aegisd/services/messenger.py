@@ -181,6 +181,7 @@ class Messenger:
         # After a relay move: one link per other relay that still holds mailboxes of ours,
         # receiving on them until every contact has switched (or the bound passed).
         self._drains: dict[str, RelayLink] = {}
+        self._moving = asyncio.Lock()  # one continue_move at a time
         self._acked_rotations: list[tuple[Contact, bytes]] = []
         # contacts.add waiting for its first contact's deposit: contact id -> outcome
         self._first_contact: dict[int, asyncio.Future[str]] = {}
@@ -474,6 +475,8 @@ class Messenger:
         with self.store.transaction():
             cover_slots.pool_add(self.store, mb.to_bytes())
         self._reload_owned()
+        if self.store.get_setting(SETTING_MOVE):
+            self._spawn(self.continue_move())  # a relay move waits for pool mailboxes
         if self.link is not None:
             with contextlib.suppress(*UNAVAILABLE, RelayError):
                 await self.link.subscribe(mb.owner_id, mb.signing_key)
@@ -1263,8 +1266,16 @@ class Messenger:
 
     async def continue_move(self) -> None:
         """Announce a mailbox at the current relay to every contact still received at another
-        one (each rides its contact's next cover slot, when cover is on); past the bound,
-        delete the old mailboxes of those that never confirmed."""
+        one; past the bound, delete the old mailboxes of those that never confirmed. With cover
+        on, one contact per pool mailbox: the pool is refilled at random times (cover.py), so
+        the new relay does not see a burst of creations, and each announcement rides its
+        contact's next slot (§24)."""
+        async with self._moving:
+            await self._continue_move()
+
+    async def _continue_move(self) -> None:
+        if self.daemon.store is None:
+            return
         move = self.store.get_setting(SETTING_MOVE)
         if not move:
             return
@@ -1275,6 +1286,8 @@ class Messenger:
             if row is None or OwnedMailbox.from_bytes(row.descriptor).relay_url == url:
                 continue  # its newest mailbox is here already (announced, or confirmed)
             if ContactState.from_bytes(c.state).established and not c.blocked:
+                if self.cover.active() and not cover_slots.pool_rows(self.store):
+                    break  # the next pool mailbox (made at a random time) moves the next one
                 try:
                     await self.rotate_mailbox(c.name)
                 except AppError:
