@@ -4,6 +4,7 @@ contacts moves to another relay with its contacts' mailboxes."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -159,3 +160,24 @@ def test_a_local_profile_that_never_chose_a_mode_does_not_go_direct_elsewhere(
         alice.call("contacts.add", {"name": "bob", "link": elsewhere})
     assert e.value.data["error"] == "bad_link" and "aegis network --mode tor" in e.value.message
     assert alice.call("contacts.list")["contacts"] == []
+
+
+def test_privacy_sets_jitter_and_receipts(peers: Callable[[str], Peer]) -> None:
+    """Issue 14 item 1: `aegis privacy` shows and sets send jitter and receipts, which only
+    JSON-RPC (settings.set) reached before."""
+    alice = peers("alice")
+    r = cli(alice, "privacy", "--send-jitter-max", "5", "--read-receipts", "off",
+            "--receipt-delay-max", "2.5")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "send jitter: a random delay of 0 to 5 s" in r.stdout
+    assert "read receipts: off" in r.stdout and "receipt delay: 0.5 to 2.5 s" in r.stdout
+    got = alice.call("settings.get")
+    assert (got["send_jitter_max"], got["read_receipts"], got["receipt_delay_max"]) == (
+        5.0, False, 2.5)  # fmt: skip
+    r = cli(alice, "privacy", "--send-jitter-max", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    assert shown["send_jitter_max"] == 0.0 and shown["read_receipts"] is False
+    assert shown["level"] == "off"
+    r = cli(alice, "privacy", "--send-jitter-max", "-1")
+    assert r.returncode == 2 and "send-jitter-max" in r.stderr
