@@ -8,6 +8,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -181,3 +182,52 @@ def test_privacy_sets_jitter_and_receipts(peers: Callable[[str], Peer]) -> None:
     assert shown["level"] == "off"
     r = cli(alice, "privacy", "--send-jitter-max", "-1")
     assert r.returncode == 2 and "send-jitter-max" in r.stderr
+
+
+def test_a_profile_without_a_relay_or_with_a_wrong_one_is_repaired(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    """Issue 14 item 1: `aegis relay set` repairs a profile made with a wrong relay URL or none,
+    with init's URL policy."""
+    from tests.daemon.conftest import DaemonProc
+
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    home = tmp_short / "norelay"
+    r = subprocess.run(
+        [sys.executable, "-m", "aegis_cli.main", "init", "--home", str(home), "--no-passphrase"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    proc = DaemonProc(home, [], None)
+    proc.wait_ready()
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "aegis_cli.main", "relay", "show", "--home", str(home)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert "none configured: aegis relay set URL" in r.stdout, r.stdout
+        r = subprocess.run(
+            [sys.executable, "-m", "aegis_cli.main", "relay", "set", url, "--home", str(home)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        with proc.client() as c:
+            deadline = time.monotonic() + 30
+            while not c.call("status")["relay"]["connected"]:
+                assert time.monotonic() < deadline, "never connected"
+                time.sleep(0.1)
+            assert c.call("address.get")["link"]
+    finally:
+        proc.stop()
+    # A wrong URL (nothing listens there): plaintext elsewhere is refused as at init; the
+    # right one repairs it, and the profile reaches a contact.
+    wrong = Peer(tmp_short / "wrong", "ws://127.0.0.1:9/v1/ws", "wrong")
+    try:
+        assert not wrong.call("status")["relay"]["connected"]
+        r = cli(wrong, "relay", "set", "ws://relay.example.org/v1/ws")
+        assert r.returncode != 0 and "plaintext" in r.stderr
+        r = cli(wrong, "relay", "set", url)
+        assert r.returncode == 0, r.stderr
+        connect(wrong, peers("bob"))
+    finally:
+        wrong.stop()
