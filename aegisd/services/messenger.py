@@ -219,7 +219,8 @@ class Messenger:
             asyncio.create_task(self._outbox_loop(), name="outbox"),
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
         ]
-        self.cover.start()
+        if not self.superseded():  # cover for contacts that moved on to a restored copy: no
+            self.cover.start()
         await self.attachments.on_unlock()
 
     def network(self) -> Network:
@@ -389,6 +390,7 @@ class Messenger:
                     "message_id": mid, "contact": contact.name if contact else None,
                     "status": "failed"})  # fmt: skip
             self.daemon.events.emit("profile.superseded", {"reason": SUPERSEDED_TEXT})
+        self._spawn(self.cover.stop())
         log.warning("the relay no longer has this profile's mailboxes: it was restored on "
                     "another device; sending stopped (aegis status)")  # fmt: skip
 
@@ -698,6 +700,7 @@ class Messenger:
             waiter.set_result(outcome)
 
     async def add_contact(self, name: str, link_text: str) -> dict[str, Any]:
+        self.check_usable()
         try:
             link = wire.ContactLink.from_text(link_text)
             identity = PublicIdentity.from_record(link.identity)
@@ -1000,7 +1003,8 @@ class Messenger:
         if store is None:
             return 1.0
         if self.superseded():
-            return 60.0  # nothing is deposited: the contacts moved on to the restored copy
+            store._q("DELETE FROM outbox")  # nothing is deposited: the contacts moved on
+            return 60.0
         now = _ms()
         queues: dict[bytes, list[OutboxItem]] = {}
         held: set[bytes] = set()
