@@ -62,6 +62,7 @@ from .mailbox import (
     box_public,
     new_keys,
 )
+from .renewal import failure as renewal_failure
 
 if TYPE_CHECKING:
     from aegisd.daemon import Daemon
@@ -685,14 +686,15 @@ class Messenger:
             "verified": c.verified,
             "blocked": c.blocked,
             "established": state.established,
-            "failed": state.failed,
+            "failed": state.failed or renewal_failure(self.store, c.id),
             "created_at": c.created_at,
         }
 
     def failed_contacts(self) -> list[str]:
         """Names of the contacts whose first contact was refused for good (status shows them)."""
         return [c.name for c in self.store.list_contacts()
-                if ContactState.from_bytes(c.state).failed]  # fmt: skip
+                if ContactState.from_bytes(c.state).failed
+                or renewal_failure(self.store, c.id)]  # fmt: skip
 
     def _settle_first_contact(self, contact_id: int | None, outcome: str) -> None:
         waiter = self._first_contact.get(contact_id) if contact_id is not None else None
