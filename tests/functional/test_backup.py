@@ -457,3 +457,25 @@ def test_old_device_after_restore_says_so(peers: Callable[[str], Peer], tmp_shor
     # The restored device is unaffected.
     new.call("messages.send", {"contact": "bob", "text": "from the restored device"})
     bob.wait_for(lambda: received(bob, "alice", "from the restored device"), "the new device")
+
+
+def test_old_device_still_running_learns_it_on_its_next_send(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    """The old device stays up while the backup is restored elsewhere: its next send is refused
+    by the contact's relay, and that makes it ask about its own address (gone): superseded."""
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    path = tmp_short / "alice.aegisbackup"
+    alice.call("backup.export", {"path": str(path), "passphrase": PASS, **CHEAP})
+    new = peers("alice2")
+    new.wait_connected()
+    new.call("backup.import", {"path": str(path), "passphrase": PASS})
+    new.wait_for(lambda: new.call("backup.status") == {"renewals_pending": 0}, "renewal done")
+    new.wait_for(lambda: bob.call("backup.status") == {"renewals_pending": 0}, "bob's side")
+    sent = alice.call("messages.send", {"contact": "bob", "text": "from the old device"})
+    alice.wait_for(lambda: alice.call("status")["superseded"], "the verdict")
+    msgs = alice.call("messages.history", {"contact": "bob"})["messages"]
+    assert [m["status"] for m in msgs if m["message_id"] == sent["message_id"]] == ["failed"]
+    assert error_of(alice, "messages.send", {"contact": "bob", "text": "x"}).code == 1024
+    assert not received(bob, "alice", "from the old device")
