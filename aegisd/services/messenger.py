@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -255,7 +256,7 @@ class Messenger:
             link = RelayLink(
                 url,
                 handler=self._on_block,
-                subscriptions=lambda u=url: self._subscriptions(u),  # type: ignore[misc]
+                subscriptions=functools.partial(self._subscriptions, url),
                 on_state=lambda up, reason: None,  # status is about the profile's relay
                 network=self.network(),
                 on_refused=self._on_refused,

@@ -109,6 +109,7 @@ def test_relay_set_moves_the_contacts_mailboxes(
         url2 = f"ws://127.0.0.1:{new.port}/v1/ws"
         alice, bob = peers("alice"), peers("bob")
         connect(alice, bob)
+        alice.call("network.set", {"isolation": True})  # one connection per mailbox; bob: one
         for peer, other in ((alice, "bob"), (bob, "alice")):
             r = cli(peer, "relay", "set", url2)
             assert r.returncode == 0, r.stderr
