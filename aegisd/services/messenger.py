@@ -95,7 +95,7 @@ PENDING_DESTINATION = b"pending"  # outbox blocks waiting for the contact's answ
 NEVER = 2**62  # not_before of those blocks: readdressing makes them due
 #: How long contacts.add waits for the first contact's deposit: a refusal (used, revoked or
 #: expired invitation) is reported at once; past this, a later failure shows in contacts.list.
-FIRST_CONTACT_WAIT = 20.0
+FIRST_CONTACT_WAIT = 15.0  # well inside the CLI's 60 s, after a bundle fetch through Tor
 LINK_NO_LONGER_VALID = (
     "the invitation was already used, revoked or has expired (its relay no longer has its "
     "mailbox): ask for a new invitation"
