@@ -402,7 +402,10 @@ def status(ctx: Ctx) -> None:
         st,
         f"aegisd {st['version']} (pid {st['pid']}): {'locked' if st['locked'] else 'unlocked'}\n"
         f"passphrase: {'yes' if st['has_passphrase'] else 'no'}\n"
-        f"relay: {relay_text(st)}{net_text}",
+        f"relay: {relay_text(st)}{net_text}"
+        + (f"\nWARNING: {st['superseded']}" if st.get("superseded") else "")
+        + (f"\ncontacts failed: {', '.join(st['contacts_failed'])} (aegis contacts says why)"
+           if st.get("contacts_failed") else ""),
     )
 
 
@@ -639,6 +642,8 @@ def contact_add(ctx: Ctx, name: str, link: str) -> None:
             if result["established"]
             else "waiting for their answer (an invitation is answered at once; "
             "an address once they accept)"
+            + ("" if result.get("first_contact") != "pending" else
+               "; the relay could not be reached yet: aegis contacts shows if it fails")
         ),
     )
 
@@ -680,7 +685,8 @@ def contacts(ctx: Ctx) -> None:
     lines = []
     for c in result["contacts"]:
         flags = [
-            "established" if c["established"] else "waiting for their answer",
+            f"failed: {c['failed']}" if c.get("failed")
+            else "established" if c["established"] else "waiting for their answer",
             *(["verified"] if c["verified"] else []),
             *(["blocked"] if c["blocked"] else []),
         ]

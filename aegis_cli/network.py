@@ -8,7 +8,11 @@ One layout for these settings (docs/api.md "network.set", "relay.set"):
     aegis network                   the mode, the proxy, isolation, bridges and Tor's state
     aegis network --mode tor|proxy|direct [--proxy URL] [--isolation on|off]
                   [--bridge LINE ...] [--no-bridges] [--tor-path PATH]
-    aegis privacy [--level off|default|strong]
+    aegis privacy [--level off|default|strong] [--send-jitter-max SECONDS]
+                  [--read-receipts on|off] [--receipt-delay-max SECONDS]
+
+`aegis privacy` holds everything about what the timing of your traffic shows: cover traffic,
+send jitter and receipts (`aegis settings` shows the receipts too, for older scripts).
 """
 
 from __future__ import annotations
@@ -132,7 +136,13 @@ def register(main: ModuleType) -> None:
     def relay_show(ctx: Ctx) -> None:
         """Show the relay and whether the daemon is connected to it."""
         st = ctx.call("status")
-        ctx.out(st.get("relay") or {}, f"relay: {relay_text(st)}")
+        r = st.get("relay") or {}
+        text = relay_text(st)
+        move = st.get("relay_move")
+        if move:
+            left = ", ".join(move["contacts_left"]) or "none"
+            text += f"\nmoving from {move['from']}: contacts not yet moved: {left}"
+        ctx.out({**r, "move": move}, f"relay: {text}")
 
     @relay.command("set")
     @common
@@ -145,14 +155,19 @@ def register(main: ModuleType) -> None:
     def relay_set(ctx: Ctx, url: str, insecure_plaintext_relay: bool) -> None:
         """Use the relay at URL (wss://HOST[:PORT]/v1/ws; ws:// on loopback or a .onion).
 
-        A profile without contacts moves at once (its address and pending invitations are
-        replaced; links given out before stop working). A profile with contacts is refused."""
+        The address and pending invitations are replaced at once (links given out before stop
+        working). Each contact is sent a new mailbox at the new relay; the old relay keeps
+        receiving until the contact confirms it, then its mailbox there is deleted."""
         result = ctx.call(
             "relay.set", {"url": url, "insecure_plaintext": insecure_plaintext_relay}
         )
         note = ""
         if result.get("invitations_revoked"):
             note = f"\n{result['invitations_revoked']} pending invitation(s) stopped working."
+        if result.get("contacts_moving"):
+            note += (f"\n{result['contacts_moving']} contact(s) move to the new relay as each "
+                     "confirms its new mailbox (aegis relay show says how many are left); the "
+                     "old relay keeps receiving until then.")  # fmt: skip
         ctx.out(
             result,
             f"relay: {result['url']}\nmode: {MODE_TEXT.get(result['mode'], result['mode'])}"
@@ -201,6 +216,22 @@ def privacy_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def timing_text(r: dict[str, Any]) -> str:
+    """Send jitter and receipts (settings.get), as `aegis privacy` shows them."""
+    jitter = float(r.get("send_jitter_max") or 0.0)
+    jitter_text = (
+        f"a random delay of 0 to {jitter:g} s before a text leaves"
+        if jitter
+        else "off (texts leave at once, or at their cover slot)"
+    )
+    return "\n".join([
+        f"send jitter: {jitter_text}",
+        f"read receipts: {'on' if r['read_receipts'] else 'off'}",
+        f"receipt delay: 0.5 to {r['receipt_delay_max']:g} s "
+        "(with cover on, receipts ride the slots)",
+    ])  # fmt: skip
+
+
 def register_privacy(main: ModuleType) -> None:
     cli: click.Group = main.cli
     common: Callable[[Callable[..., None]], Callable[..., None]] = main.common
@@ -212,11 +243,46 @@ def register_privacy(main: ModuleType) -> None:
         type=click.Choice(["off", "default", "strong"]),
         help="Cover traffic: off, default (cheap, slow), strong (costly, faster).",
     )
-    def privacy(ctx: Ctx, level: str | None) -> None:
-        """Show or set the cover-traffic level that hides when and how often you write.
+    @click.option(
+        "--send-jitter-max",
+        type=click.FloatRange(0, 3600),
+        metavar="SECONDS",
+        help="Hold each text for a random 0 to SECONDS before it leaves (0: off, the default).",
+    )
+    @click.option(
+        "--read-receipts", type=click.Choice(["on", "off"]), help="Send read receipts or not."
+    )
+    @click.option(
+        "--receipt-delay-max",
+        type=click.FloatRange(0.5, 3600),
+        metavar="SECONDS",
+        help="Receipts leave after a random delay of 0.5 s up to SECONDS (default 3).",
+    )
+    def privacy(
+        ctx: Ctx,
+        level: str | None,
+        send_jitter_max: float | None,
+        read_receipts: str | None,
+        receipt_delay_max: float | None,
+    ) -> None:
+        """Show or set what hides when and how often you write: cover traffic, send jitter
+        and receipts.
 
-        Every contact gets blocks at a steady random rate whether you write or not; your
-        messages and receipts take the place of cover blocks, so they wait for the next one.
-        docs/threat-model.md has each level's measured cost."""
+        With cover on, every contact gets blocks at a steady random rate whether you write or
+        not; your messages and receipts take the place of cover blocks, so they wait for the
+        next one. docs/threat-model.md has each level's measured cost."""
+        params: dict[str, Any] = {}
+        if send_jitter_max is not None:
+            params["send_jitter_max"] = send_jitter_max
+        if read_receipts is not None:
+            params["read_receipts"] = read_receipts == "on"
+        if receipt_delay_max is not None:
+            params["receipt_delay_max"] = receipt_delay_max
+        timing = ctx.call("settings.set", params) if params else ctx.call("settings.get")
         result = ctx.call("privacy.set", {"level": level}) if level else ctx.call("privacy.get")
-        ctx.out(result, privacy_text(result))
+        ctx.out(
+            {**result, "send_jitter_max": float(timing.get("send_jitter_max") or 0.0),
+             "read_receipts": timing["read_receipts"],
+             "receipt_delay_max": timing["receipt_delay_max"]},
+            f"{privacy_text(result)}\n\n{timing_text(timing)}",
+        )  # fmt: skip

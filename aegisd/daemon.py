@@ -294,6 +294,9 @@ class Daemon:
             "relay": self.relay_status(),
             "network": self.connectivity.status(),
             "last_event_seq": None if store is None else store.last_event_seq(),
+            "contacts_failed": None if store is None else self.messenger.failed_contacts(),
+            "superseded": self.messenger.superseded(),
+            "relay_move": self.messenger.move_status(),
             "subscriptions": self.events.count(ctx.connection),
         }
 

@@ -195,6 +195,7 @@ class Attachments:
         if not p.is_absolute():
             raise InvalidParamsError("path", "must be an absolute path (the daemon's working "
                                      "directory is not yours)")
+        m.check_usable()
         c = m.contact(name)
         if c.blocked:
             raise AppError(E_BLOCKED, "blocked", "this contact is blocked")

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -283,38 +284,36 @@ def register(registry: Registry, conn: Connectivity) -> None:
             raise InvalidParamsError("url", str(exc)) from None
         if mode == "tor" and find_tor(store.get_setting(SETTING_TOR_PATH)) is None:
             raise AppError(E_NO_TOR, "no_tor", tor_missing_message())
-        revoked = await move_to_relay(conn.daemon, url, bool(insecure_plaintext))
+        revoked, moving = await move_to_relay(conn.daemon, url, bool(insecure_plaintext))
         await conn.reconfigure()
-        return {"url": url, "mode": mode, "invitations_revoked": revoked}
+        return {"url": url, "mode": mode, "invitations_revoked": revoked,
+                "contacts_moving": moving}  # fmt: skip
 
 
-E_RELAY_IN_USE = 1013  # docs/api.md "Errors": relay.set on a profile with contacts
 DELETE_TIMEOUT = 30.0  # seconds to delete one old mailbox at the old relay
 
 
-async def move_to_relay(daemon: Daemon, url: str, insecure_plaintext: bool) -> int:
-    """Point a profile without contacts at another relay: its address and invitation
-    mailboxes are deleted at the old relay now, through the network settings in force (or,
-    if that relay cannot be reached, retired: deleted once it can, as after a backup import),
-    and new ones are made at the new relay on the next connection. Returns the number of
-    invitations that stop working. A profile with contacts is refused: their mailboxes would
-    have to move with them (not supported yet)."""
+async def move_to_relay(daemon: Daemon, url: str, insecure_plaintext: bool) -> tuple[int, int]:
+    """Point the profile at another relay. Its address, invitation and pool mailboxes are
+    deleted at the old relay now, through the network settings in force (or, if that relay
+    cannot be reached, retired: deleted once it can, as after a backup import), and new ones
+    are made at the new relay on the next connection. The contacts' mailboxes move by the
+    ordinary rotation (messenger.continue_move): the old ones keep receiving until each
+    contact confirms its new one. Returns the number of invitations that stop working and of
+    contacts whose mailboxes move."""
     from .mailbox import OwnedMailbox
+    from .messenger import SETTING_MOVE
 
     m = daemon.messenger
     async with m.lock:
         store = m.store
-        if store.list_contacts():
-            raise AppError(
-                E_RELAY_IN_USE,
-                "relay_in_use",
-                "this profile has contacts whose mailboxes are at its current relay; moving "
-                "them to another relay is not supported yet (remove the contacts first, or "
-                "make a new profile for the new relay)",
-            )
+        old_url = store.get_setting(SETTING_URL)
+        moving = sum(1 for r in store.list_mailboxes("contact") if r.contact_id is not None
+                     and OwnedMailbox.from_bytes(r.descriptor).relay_url != url)  # fmt: skip
         from aegisd.store import cover as pool
 
-        rows = [*store.list_mailboxes(), *pool.pool_rows(store)]
+        rows = [r for r in [*store.list_mailboxes(), *pool.pool_rows(store)]
+                if r.role != "contact"]  # fmt: skip
         deleted = set()
         for row in rows:  # now, while the old relay's network settings still hold
             try:
@@ -336,6 +335,14 @@ async def move_to_relay(daemon: Daemon, url: str, insecure_plaintext: bool) -> i
                     store.delete_mailbox(row.id)
             store.set_setting(SETTING_URL, url)
             store.set_setting(SETTING_INSECURE, bool(insecure_plaintext))
+            if moving and old_url != url:
+                move = store.get_setting(SETTING_MOVE)  # a move under way keeps its start
+                store.set_setting(SETTING_MOVE, {"from": (move or {}).get("from", old_url),
+                                                 "at": (move or {}).get("at", _ms())})  # fmt: skip
         m._reload_owned()
     log.info("relay changed")
-    return sum(1 for row in rows if row.role == "invitation")
+    return sum(1 for row in rows if row.role == "invitation"), moving
+
+
+def _ms() -> int:
+    return time.time_ns() // 1_000_000

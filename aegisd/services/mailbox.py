@@ -85,17 +85,21 @@ def address_from_bytes(data: bytes) -> wire.MailboxAddress:
 
 @dataclass
 class ContactState:
-    """Per-contact routing, kept in contacts.state: where to deposit, and whether the contact
-    has answered (until then only the first contact has been sent)."""
+    """Per-contact routing, kept in contacts.state: where to deposit, whether the contact
+    has answered (until then only the first contact has been sent), and why it can never
+    answer (``failed``: its first contact was refused for good; kept until removed)."""
 
     send_to: wire.MailboxAddress | None
     established: bool
+    failed: str | None = None
 
     def to_bytes(self) -> bytes:
         doc: dict[str, Any] = {
             "send_to": None if self.send_to is None else json.loads(address_to_bytes(self.send_to)),
             "established": self.established,
         }
+        if self.failed:
+            doc["failed"] = self.failed
         return json.dumps(doc).encode()
 
     @classmethod
@@ -107,6 +111,7 @@ class ContactState:
         return cls(
             None if send_to is None else address_from_bytes(json.dumps(send_to).encode()),
             bool(d.get("established")),
+            d.get("failed") or None,
         )
 
 

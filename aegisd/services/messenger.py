@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -62,6 +63,7 @@ from .mailbox import (
     box_public,
     new_keys,
 )
+from .renewal import failure as renewal_failure
 
 if TYPE_CHECKING:
     from aegisd.daemon import Daemon
@@ -91,10 +93,28 @@ ROTATION_KEY = "rotation.contact."
 DEFAULT_TTL = 14 * 24 * 3600  # the relay's default; its HELLO says the real one
 PENDING_DESTINATION = b"pending"  # outbox blocks waiting for the contact's answer
 NEVER = 2**62  # not_before of those blocks: readdressing makes them due
+#: How long contacts.add waits for the first contact's deposit: a refusal (used, revoked or
+#: expired invitation) is reported at once; past this, a later failure shows in contacts.list.
+FIRST_CONTACT_WAIT = 15.0  # well inside the CLI's 60 s, after a bundle fetch through Tor
+LINK_NO_LONGER_VALID = (
+    "the invitation was already used, revoked or has expired (its relay no longer has its "
+    "mailbox): ask for a new invitation"
+)
 # The largest payload (a text of MAX_TEXT_BYTES) spans this many blocks; a peer claiming more
 # is refused, so that partial messages cannot pile up.
 MAX_MESSAGE_FRAGMENTS = -(-(wire.MAX_TEXT_BYTES + 26) // wire.RATCHET_CAPACITY)
 STALE_FRAGMENTS_MS = 24 * 3600 * 1000
+SETTING_SUPERSEDED = "profile.superseded"  # {"at": ms}: restored on another device
+SUPERSEDED_TEXT = (
+    "this profile was restored from a backup on another device, which now has its contacts "
+    "(the relay no longer has this copy's mailboxes): use that device; this copy can no "
+    "longer send or receive, and its history stays readable here"
+)
+SETTING_MOVE = "relay.move"  # {"from": url, "at": ms}: contacts' mailboxes moving (relay.set)
+#: A contact that has not confirmed its new mailbox this long after a relay move (the relay's
+#: default message TTL: it was offline longer than its blocks could wait) is left behind:
+#: its old mailbox is deleted anyway.
+MOVE_BOUND_MS = 14 * 24 * 3600 * 1000
 SETTING_EVENT_RETENTION = "events.retention_days"
 EVENT_RETENTION_DAYS = 30
 
@@ -160,7 +180,13 @@ class Messenger:
         self._outbox_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._owned: dict[bytes, tuple[MailboxRow, OwnedMailbox]] = {}
+        # After a relay move: one link per other relay that still holds mailboxes of ours,
+        # receiving on them until every contact has switched (or the bound passed).
+        self._drains: dict[str, RelayLink] = {}
+        self._moving = asyncio.Lock()  # one continue_move at a time
         self._acked_rotations: list[tuple[Contact, bytes]] = []
+        # contacts.add waiting for its first contact's deposit: contact id -> outcome
+        self._first_contact: dict[int, asyncio.Future[str]] = {}
         self.attachments = Attachments(self)
         from .renewal import Renewals  # session renewal after a backup import (§23)
 
@@ -195,7 +221,8 @@ class Messenger:
             asyncio.create_task(self._outbox_loop(), name="outbox"),
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
         ]
-        self.cover.start()
+        if not self.superseded():  # cover for contacts that moved on to a restored copy: no
+            self.cover.start()
         await self.attachments.on_unlock()
 
     def network(self) -> Network:
@@ -209,17 +236,47 @@ class Messenger:
             self.link = RelayLink(
                 url,
                 handler=self._on_block,
-                subscriptions=self._subscriptions,
+                subscriptions=lambda: self._subscriptions(str(url)),
                 on_state=self._on_relay_state,
                 network=self.network(),
+                on_refused=self._on_refused,
             )
             self.link.start()
+        self._reconcile_drains()
+
+    def _reconcile_drains(self) -> None:
+        """A receiving link for each other relay that holds mailboxes of ours (a relay move
+        under way); none once they are gone."""
+        main = self.link.url if self.link is not None else None
+        wanted = set()
+        if self.daemon.store is not None:
+            wanted = {mb.relay_url for _, mb in self._owned.values()} - {main}
+            wanted = {u for u in wanted if self._url_ok(u)}
+        for url in wanted - set(self._drains):
+            link = RelayLink(
+                url,
+                handler=self._on_block,
+                subscriptions=functools.partial(self._subscriptions, url),
+                on_state=lambda up, reason: None,  # status is about the profile's relay
+                network=self.network(),
+                on_refused=self._on_refused,
+            )
+            self._drains[url] = link
+            link.start()
+        for url in set(self._drains) - wanted:
+            self._spawn(self._drains.pop(url).stop())
+
+    async def _stop_drains(self) -> None:
+        drains, self._drains = list(self._drains.values()), {}
+        for link in drains:
+            await link.stop()
 
     async def restart_link(self) -> None:
         """After a change of the network settings: every connection is made anew."""
         if self.link is not None:
             await self.link.stop()
             self.link = None
+        await self._stop_drains()
         self.daemon.relay_connected = False
         self._start_link()
 
@@ -235,6 +292,7 @@ class Messenger:
         if self.link is not None:
             await self.link.stop()
             self.link = None
+        await self._stop_drains()
         self.daemon.relay_connected = False
         async with self.lock:
             self.prekeys = None
@@ -246,8 +304,10 @@ class Messenger:
             mb = OwnedMailbox.from_bytes(row.descriptor)
             self._owned[mb.owner_id] = (row, mb)
 
-    def _subscriptions(self) -> list[tuple[bytes, Any]]:
-        return [(mb.owner_id, mb.signing_key) for _, mb in self._owned.values()]
+    def _subscriptions(self, url: str) -> list[tuple[bytes, Any]]:
+        """The mailboxes of ours at the relay at ``url``."""
+        return [(mb.owner_id, mb.signing_key) for _, mb in self._owned.values()
+                if mb.relay_url == url]  # fmt: skip
 
     def _on_relay_state(self, up: bool, reason: str | None) -> None:
         was = self.daemon.relay_connected
@@ -262,12 +322,88 @@ class Messenger:
             self._outbox_wake.set()
             self._spawn(self._after_connect())
 
+    # --- a copy of the profile restored elsewhere ------------------------------------------
+
+    def superseded(self) -> str | None:
+        """Why this copy of the profile is out of use (restored on another device), or None."""
+        store = self.daemon.store
+        if store is not None and store.get_setting(SETTING_SUPERSEDED):
+            return SUPERSEDED_TEXT
+        return None
+
+    def check_usable(self) -> None:
+        if self.superseded():
+            raise AppError(E_NOT_READY, "not_ready", SUPERSEDED_TEXT, reason="restored_elsewhere")
+
+    def _on_refused(self, owner_id: bytes, code: int) -> bool:
+        """The relay refused to subscribe one of our mailboxes. E_DENIED: it no longer exists,
+        and only a holder of its key (this profile's, so a copy restored from a backup: it
+        deletes the old mailboxes once its contacts renewed, docs/protocol.md §23) can have
+        deleted it. Not a mailbox a renewal of ours still waits on (a restored profile whose
+        backup was stale: renewal.py reports that per contact)."""
+        entry = self._owned.get(owner_id)
+        if entry is None or code != E_DENIED or self.daemon.store is None:
+            return False
+        row = entry[0]
+        if row.role == "contact":
+            renewing = self.store._q(
+                "SELECT 1 FROM renewals WHERE contact_id = ? AND side = 'restored' AND done != 1",
+                (row.contact_id,),
+            ).fetchone()
+            if renewing is not None:
+                return False
+        elif row.role != "address":
+            return False
+        if not self.store.get_setting(SETTING_SUPERSEDED):
+            self._mark_superseded()
+        return True
+
+    async def _probe_address(self) -> None:
+        """Ask the relay about the address mailbox (an owner command without side effects):
+        it refuses if a restored copy of this profile deleted it (then _on_refused marks this
+        copy)."""
+        found = self._address_mailbox() if self.daemon.store is not None else None
+        if found is None or self.link is None or self.superseded():
+            return
+        _, mb = found
+        try:
+            async with self._client() as client:
+                await client.bundle_status(mb.owner_id, mb.signing_key)
+        except RelayError as exc:
+            self._on_refused(mb.owner_id, exc.code)
+        except (*UNAVAILABLE, RelayUnavailable, AppError):
+            pass  # the next connection subscribes it anyway
+
+    def _mark_superseded(self) -> None:
+        """Once: stop sending (every queued block would be refused), fail what waited, say so
+        in one log line, an event, status and every send."""
+        store = self.store
+        with store.transaction():
+            store.set_setting(SETTING_SUPERSEDED, {"at": _ms()})
+            rows = store._q("SELECT DISTINCT message_id FROM outbox WHERE message_id IS NOT NULL")
+            ids = [r[0] for r in rows.fetchall()]
+            store._q("DELETE FROM outbox")
+            for mid in ids:
+                m = store.get_message(mid)
+                if m is None or m.direction != "out" or not store.set_message_status(mid, "failed"):
+                    continue
+                contact = store.get_contact(m.contact_id)
+                self.daemon.events.emit("message.status", {
+                    "message_id": mid, "contact": contact.name if contact else None,
+                    "status": "failed"})  # fmt: skip
+            self.daemon.events.emit("profile.superseded", {"reason": SUPERSEDED_TEXT})
+        self._spawn(self.cover.stop())
+        log.warning("the relay no longer has this profile's mailboxes: it was restored on "
+                    "another device; sending stopped (aegis status)")  # fmt: skip
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """A background task that on_lock cancels; finished ones are forgotten."""
         self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(asyncio.create_task(coro))
 
     async def _after_connect(self) -> None:
+        if self.superseded():
+            return  # every relay call would be refused: the mailboxes are gone
         try:
             await self.ensure_address()
             await self._replenish_prekeys(republish=True)
@@ -276,6 +412,7 @@ class Messenger:
             await self._rotate_due_mailboxes()
             await self.renewals.resume()
             await self.renewals.retire_due()
+            await self.continue_move()
         except (*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
             pass  # the next connection tries again
 
@@ -342,6 +479,8 @@ class Messenger:
         with self.store.transaction():
             cover_slots.pool_add(self.store, mb.to_bytes())
         self._reload_owned()
+        if self.store.get_setting(SETTING_MOVE):
+            self._spawn(self.continue_move())  # a relay move waits for pool mailboxes
         if self.link is not None:
             with contextlib.suppress(*UNAVAILABLE, RelayError):
                 await self.link.subscribe(mb.owner_id, mb.signing_key)
@@ -382,9 +521,16 @@ class Messenger:
         await self._delete_at_relay(mb)
 
     async def _delete_at_relay(self, mb: OwnedMailbox) -> None:
-        with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
-            async with self._client() as client:
-                await client.delete(mb.owner_id, mb.signing_key)
+        """Delete at the mailbox's own relay (after a move, not this profile's); one that
+        cannot be reached now is deleted on a later connection (renewal.py retire_due)."""
+        try:
+            await self.renewals._delete_old(mb)
+        except AppError:
+            if self.daemon.store is not None:
+                self.store._q(
+                    "INSERT INTO retired_mailboxes (contact_id, descriptor) VALUES (NULL, ?)",
+                    (mb.to_bytes(),),
+                )
 
     def _address_mailbox(self) -> tuple[MailboxRow, OwnedMailbox] | None:
         rows = self.store.list_mailboxes("address")
@@ -541,10 +687,23 @@ class Messenger:
             "verified": c.verified,
             "blocked": c.blocked,
             "established": state.established,
+            "failed": state.failed or renewal_failure(self.store, c.id),
             "created_at": c.created_at,
         }
 
+    def failed_contacts(self) -> list[str]:
+        """Names of the contacts whose first contact was refused for good (status shows them)."""
+        return [c.name for c in self.store.list_contacts()
+                if ContactState.from_bytes(c.state).failed
+                or renewal_failure(self.store, c.id)]  # fmt: skip
+
+    def _settle_first_contact(self, contact_id: int | None, outcome: str) -> None:
+        waiter = self._first_contact.get(contact_id) if contact_id is not None else None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(outcome)
+
     async def add_contact(self, name: str, link_text: str) -> dict[str, Any]:
+        self.check_usable()
         try:
             link = wire.ContactLink.from_text(link_text)
             identity = PublicIdentity.from_record(link.identity)
@@ -562,6 +721,10 @@ class Messenger:
             raise AppError(E_BAD_LINK, "bad_link", f"this contact's relay: {exc}") from None
         if identity.same_keys(self.identity().public):
             raise AppError(E_BAD_LINK, "bad_link", "this link is your own")
+        for stale in {c.id: c for c in (self._contact_with_identity(identity),
+                                        self.store.contact_by_name(name)) if c}.values():
+            if ContactState.from_bytes(stale.state).failed:
+                await self.remove_contact(stale.name)  # a failed attempt is replaced by this one
         if self._contact_with_identity(identity) is not None:
             raise AppError(E_EXISTS, "exists", "this contact is already in your contacts")
         if self.store.contact_by_name(name) is not None:
@@ -606,10 +769,23 @@ class Messenger:
                 self.store.enqueue_blocks(address_to_bytes(link.mailbox), [block], contact_id=cid)
                 self.daemon.events.emit("contact.added", {"contact": name, "established": False})
             self._reload_owned()
+            # Registered before any await: the outbox cannot settle it unseen.
+            waiter = self._first_contact[cid] = asyncio.get_running_loop().create_future()
         self._outbox_wake.set()
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(waiter), FIRST_CONTACT_WAIT)
+        except TimeoutError:
+            outcome = "pending"  # a slow relay: a later refusal shows in contacts.list
+        finally:
+            self._first_contact.pop(cid, None)
+        if outcome == "refused":
+            # Known at once: nothing is kept, the user can try again with a fresh link.
+            await self.remove_contact(name)
+            raise AppError(E_BAD_LINK, "bad_link", LINK_NO_LONGER_VALID, reason="link_used")
         c = self.store.get_contact(cid)
-        assert c is not None
-        return self.describe(c)
+        if c is None:
+            raise not_found("contact")  # removed meanwhile
+        return {**self.describe(c), "first_contact": outcome}
 
     def list_requests(self) -> list[dict[str, Any]]:
         own = self.identity().public
@@ -720,6 +896,9 @@ class Messenger:
         """Encrypt and queue. With cover on, a ``slotted`` block waits for its contact's next
         cover slot (services/cover.py) instead of leaving after ``delay``."""
         state = ContactState.from_bytes(c.state)
+        if state.failed:
+            raise AppError(E_NOT_READY, "not_ready", f"this contact failed: {state.failed}",
+                           reason="contact_failed")  # fmt: skip
         if state.send_to is None:
             raise AppError(E_NOT_READY, "not_ready", "this contact cannot be reached yet")
         blocks = session.encrypt(self.entropy, wire.encode_payload(payload))
@@ -757,6 +936,7 @@ class Messenger:
             raise AppError(
                 E_TOO_LARGE, "too_large", f"a message holds at most {wire.MAX_TEXT_BYTES} bytes"
             )
+        self.check_usable()
         async with self.lock:
             c = self.contact(name)
             if c.blocked:
@@ -825,6 +1005,9 @@ class Messenger:
         store = self.daemon.store
         if store is None:
             return 1.0
+        if self.superseded():
+            store._q("DELETE FROM outbox")  # nothing is deposited: the contacts moved on
+            return 60.0
         now = _ms()
         queues: dict[bytes, list[OutboxItem]] = {}
         held: set[bytes] = set()
@@ -871,12 +1054,15 @@ class Messenger:
                     wait = min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
                     if exc.code == E_RATE_LIMITED:
                         wait = max(wait, 1.0)
+                    self._settle_first_contact(item.contact_id, "pending")
                     return self._retry_later(store, item, wait)
                 except (RelayUnavailable, *UNAVAILABLE):
+                    self._settle_first_contact(item.contact_id, "pending")
                     return self._retry_later(
                         store, item, min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
                     )
                 self._deposited(store, item)
+                self._settle_first_contact(item.contact_id, "sent")
             return None
         finally:
             if own and client is not None:
@@ -917,21 +1103,34 @@ class Messenger:
             store.block_deposited(item_id)  # drop it
             if contact is not None and self.renewals.on_refused(contact):
                 return  # a renewal after a backup import: the contact and history stay
-            if contact is not None and not ContactState.from_bytes(contact.state).established:
+            state = ContactState.from_bytes(contact.state) if contact is not None else None
+            if contact is not None and state is not None and not state.established:
                 # The first contact went to an invitation that is used, revoked or expired, or
-                # to an address that was rotated: the contact can never answer. Remove it (and
-                # its mailbox, at the relay too), so that the user can try again with a fresh link.
+                # to an address that was rotated: the contact can never answer. Its mailbox
+                # goes (at the relay too); the contact stays, marked failed with the reason,
+                # until the user removes it or adds it again with a fresh link.
+                self._settle_first_contact(contact.id, "refused")
                 row = store.mailbox_for_contact(contact.id)
-                store.remove_contact(contact.id)  # its mailbox rows go with it
                 if row is not None:
+                    store.delete_mailbox(row.id)
                     mb = OwnedMailbox.from_bytes(row.descriptor)
                     self._owned.pop(mb.owner_id, None)
                     self._spawn(self._delete_at_relay(mb))
+                state.failed = LINK_NO_LONGER_VALID
+                store.update_contact(contact.id, state=state.to_bytes())
+                for m in store.history(contact.id, limit=10_000):
+                    if m.direction == "out" and store.set_message_status(m.id, "failed"):
+                        self.daemon.events.emit(
+                            "message.status",
+                            {"message_id": m.id, "contact": contact.name, "status": "failed"},
+                        )
+                store._q("DELETE FROM outbox WHERE contact_id = ?", (contact.id,))
                 self.daemon.events.emit(
-                    "contact.failed",
-                    {"contact": contact.name, "reason": "the link is no longer valid"},
+                    "contact.failed", {"contact": contact.name, "reason": LINK_NO_LONGER_VALID}
                 )
                 return
+            if contact is not None:  # an established contact's mailbox is gone: were we
+                self._spawn(self._probe_address())  # restored elsewhere? (_on_refused)
             if (
                 message_id is not None
                 and store.get_message(message_id) is not None
@@ -984,6 +1183,8 @@ class Messenger:
                 await self._replenish_prekeys()
                 await self._expire_invitations()
                 await self._rotate_due_mailboxes()
+                if not self.superseded():
+                    await self.continue_move()  # contacts that answered since, the bound
 
     # --- per-contact mailbox rotation --------------------------------------------------------
     #
@@ -1050,6 +1251,73 @@ class Messenger:
                 await self._retire_mailbox(row.id)
         self.store.set_setting(f"{ROTATION_KEY}{c.id}", None)
         self.daemon.events.emit("contact.mailbox_rotated", {"contact": c.name})
+        self._move_progress()
+
+    # --- moving to another relay (relay.set on a profile with contacts) ----------------------
+    #
+    # Each contact is sent a new mailbox at the new relay by the ordinary rotation (the
+    # MailboxPayload carries the relay URL); the old mailbox keeps receiving (a drain link)
+    # until the contact acknowledges, then it is deleted at the old relay. A contact that has
+    # not acknowledged after MOVE_BOUND_MS is left behind.
+
+    def move_status(self) -> dict[str, Any] | None:
+        store = self.daemon.store
+        move = store.get_setting(SETTING_MOVE) if store is not None else None
+        if not move:
+            return None
+        url = str(store.get_setting(SETTING_URL)) if store is not None else ""
+        left = sorted({c.name for row, mb in self._owned.values() if row.role == "contact"
+                       and mb.relay_url != url and row.contact_id is not None
+                       and (c := self.store.get_contact(row.contact_id)) is not None})  # fmt: skip
+        return {"from": move["from"], "started_at": move["at"], "contacts_left": left}
+
+    async def continue_move(self) -> None:
+        """Announce a mailbox at the current relay to every contact still received at another
+        one; past the bound, delete the old mailboxes of those that never confirmed. With cover
+        on, one contact per pool mailbox: the pool is refilled at random times (cover.py), so
+        the new relay does not see a burst of creations, and each announcement rides its
+        contact's next slot (§24)."""
+        async with self._moving:
+            await self._continue_move()
+
+    async def _continue_move(self) -> None:
+        if self.daemon.store is None:
+            return
+        move = self.store.get_setting(SETTING_MOVE)
+        if not move:
+            return
+        url = self._relay_url()
+        overdue = _ms() - int(move["at"]) > MOVE_BOUND_MS
+        for c in self.store.list_contacts():
+            row = self.store.mailbox_for_contact(c.id)
+            if row is None or OwnedMailbox.from_bytes(row.descriptor).relay_url == url:
+                continue  # its newest mailbox is here already (announced, or confirmed)
+            if ContactState.from_bytes(c.state).established and not c.blocked:
+                if self.cover.active() and not cover_slots.pool_rows(self.store):
+                    break  # the next pool mailbox (made at a random time) moves the next one
+                try:
+                    await self.rotate_mailbox(c.name)
+                except AppError:
+                    return  # the relay went away: the next connection goes on
+        if overdue:
+            async with self.lock:
+                for row in self.store.list_mailboxes("contact"):
+                    if OwnedMailbox.from_bytes(row.descriptor).relay_url != url:
+                        await self._retire_mailbox(row.id)
+        self._move_progress()
+
+    def _move_progress(self) -> None:
+        """The move is over once no mailbox of ours is left at another relay."""
+        if self.daemon.store is None:
+            return
+        move = self.store.get_setting(SETTING_MOVE)
+        if move:
+            url = self.store.get_setting(SETTING_URL)
+            if all(mb.relay_url == url for _, mb in self._owned.values()):
+                self.store.set_setting(SETTING_MOVE, None)
+                log.info("relay move finished")
+                self.daemon.events.emit("relay.moved", {"from": move["from"], "url": url})
+        self._reconcile_drains()
 
     # --- receiving --------------------------------------------------------------------------
 
@@ -1269,6 +1537,7 @@ class Messenger:
         """Call signaling leaves at once: no send jitter and no receipt delay (a call cannot
         wait), in ordinary blocks through the ordinary outbox (docs/threat-model.md: what the
         timing of a call reveals)."""
+        self.check_usable()
         async with self.lock:
             c = self.store.get_contact(contact_id)
             blob = self.store.get_session(contact_id) if c is not None else None

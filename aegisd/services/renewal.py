@@ -305,12 +305,7 @@ class Renewals:
         if row is None:
             return False
         store._q("UPDATE renewals SET done = 2 WHERE contact_id = ? AND done = 0", (c.id,))
-        reason = (
-            "the mailbox from the backup no longer exists (the old device moved on after the "
-            "backup was made): add the contact again with a new invitation"
-            if row[0] == "restored"
-            else "the restored profile's new mailbox no longer exists"
-        )
+        reason = FAILED_RESTORED if row[0] == "restored" else FAILED_PEER
         self.m.daemon.events.emit("contact.renewal_failed", {"contact": c.name, "reason": reason})
         return True
 
@@ -349,6 +344,25 @@ class Renewals:
 
 def _ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+FAILED_RESTORED = (
+    "the mailbox from the backup no longer exists (the old device moved on after the backup "
+    "was made): add the contact again with a new invitation"
+)
+FAILED_PEER = "the restored profile's new mailbox no longer exists"
+
+
+def failure(store: Any, contact_id: int) -> str | None:
+    """Why the session renewal with this contact failed for good (then it stays failed in
+    contacts.list and status, like a refused first contact), or None."""
+    row = store._q(
+        "SELECT side FROM renewals WHERE contact_id = ? AND done = 2 ORDER BY side DESC",
+        (contact_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    return FAILED_RESTORED if row[0] == "restored" else FAILED_PEER
 
 
 def describe_pending(store: Any) -> int:

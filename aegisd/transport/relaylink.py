@@ -40,6 +40,9 @@ log = logging.getLogger("aegisd.relay")
 Handler = Callable[[RelayClient, Message], Awaitable[None]]
 Subscriptions = Callable[[], list[tuple[bytes, SigningKey]]]
 StateCallback = Callable[[bool, str | None], None]
+#: A subscription the relay refused: (owner id, error code) -> True if the caller accounted
+#: for it (then the link does not log it: a known refusal would repeat on every reconnect).
+RefusedCallback = Callable[[bytes, int], bool]
 
 BACKOFF_FIRST = 0.25
 BACKOFF_MAX = 30.0
@@ -94,8 +97,10 @@ class RelayLink:
         subscriptions: Subscriptions,
         on_state: StateCallback,
         network: Network | None = None,
+        on_refused: RefusedCallback | None = None,
     ) -> None:
         self.url = url
+        self._on_refused = on_refused
         self.network = network or Network()
         self._handler = handler
         self._subscriptions = subscriptions
@@ -210,8 +215,9 @@ class RelayLink:
                 for owner_id, key in self._subscriptions():
                     try:
                         await client.subscribe(owner_id, key)
-                    except RelayError:  # one mailbox refused (e.g. a limit): not the others
-                        refused += 1
+                    except RelayError as exc:  # one mailbox refused (e.g. a limit): not the others
+                        if not self._refused_known(owner_id, exc.code):
+                            refused += 1
                 if refused:
                     log.warning("the relay refused %d subscription(s)", refused)
                 self.connected.set()
@@ -344,8 +350,9 @@ class RelayLink:
                 try:
                     try:
                         await client.subscribe(owner_id, key)
-                    except RelayError:  # this mailbox refused (deleted, a limit): not the others
-                        log.warning("the relay refused a subscription")
+                    except RelayError as exc:  # refused (deleted, a limit): not the others
+                        if not self._refused_known(owner_id, exc.code):
+                            log.warning("the relay refused a subscription")
                         self._refused.add(owner_id)
                         self._serving.pop(owner_id, None)
                         self._failing.pop(owner_id, None)
@@ -372,6 +379,9 @@ class RelayLink:
         finally:
             self._retired.discard(owner_id)
             self._clients.pop(owner_id, None)
+
+    def _refused_known(self, owner_id: bytes, code: int) -> bool:
+        return self._on_refused is not None and self._on_refused(owner_id, code)
 
     def _fail(self, owner_id: bytes, reason: str) -> None:
         if owner_id in self._serving:

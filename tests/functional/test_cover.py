@@ -253,3 +253,32 @@ def test_a_renewal_after_a_backup_works_under_cover(
                  "bob's answer")  # fmt: skip
     new.wait_for(lambda: new.call("privacy.get")["slots"]["sent"]["cover"] >= 3, "cover")
     assert [m["text"] for m in history(new, "bob")][-2:] == ["restored", "welcome back"]
+
+
+def test_relay_move_under_cover_takes_pool_mailboxes(
+    make: Callable[[str], Peer], tmp_short: Path, relay_proc: RelayProcess
+) -> None:
+    """With cover on, a relay move announces one contact per pool mailbox (made at random
+    times at the new relay), each in its contact's slot; it completes and texts flow."""
+    sub = tmp_short / "relay2"
+    sub.mkdir()
+    new = RelayProcess(sub, {})
+    new.start()
+    try:
+        alice, bob, carol = make("alice"), make("bob"), make("carol")
+        connect(alice, bob)
+        connect(alice, carol)
+        for p in (alice, bob, carol):
+            p.call("privacy.set", {"level": "strong", "interval": FAST})
+        alice.call("relay.set", {"url": f"ws://127.0.0.1:{new.port}/v1/ws"})
+        alice.wait_connected()
+        alice.wait_for(lambda: alice.events(types=["relay.moved"]), "the move", timeout=60)
+        moved = {e["data"]["contact"] for e in alice.events(types=["contact.mailbox_rotated"])}
+        assert moved == {"bob", "carol"}
+        for p in (bob, carol):
+            p.call("messages.send", {"contact": "alice", "text": f"{p.name} after the move"})
+            alice.wait_for(lambda p=p: any(
+                m["text"] == f"{p.name} after the move" for m in history(alice, p.name)
+            ), "the text")  # fmt: skip
+    finally:
+        new.close()

@@ -1,17 +1,21 @@
 """Network modes with contacts, through a real relay (issue 12): calls ask before they show
 the user's IP address when relays are reached through Tor or a proxy, and a profile with
-contacts is not moved to another relay."""
+contacts moves to another relay with its contacts' mailboxes."""
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from aegis_cli.client import RpcCallError
+from tests.relay.conftest import RelayProcess
 
 from .calls_support import write_tone
 from .conftest import Peer, connect
@@ -82,7 +86,7 @@ def test_calls_ask_before_showing_the_ip_address(
     alice.call("calls.hangup", {"call_id": call["call_id"]})
 
 
-def test_relay_set_moves_a_profile_without_contacts_only(
+def test_relay_set_moves_a_profile_without_contacts(
     peers: Callable[[str], Peer], relay_proc: object
 ) -> None:
     alice, bob = peers("alice"), peers("bob")
@@ -98,11 +102,60 @@ def test_relay_set_moves_a_profile_without_contacts_only(
     assert '"invitations_revoked": 1' in r.stdout
     alice.wait_connected()
     alice.wait_for(lambda: alice.call("address.get")["link"] != before, "a new address")
-    # With a contact, moving is refused (the contact's mailboxes live at this relay).
-    connect(alice, bob)
-    r = cli(alice, "relay", "set", "ws://127.0.0.2:9/v1/ws")
-    assert r.returncode == 1 and "contacts" in r.stderr
-    assert alice.call("status")["relay"]["url"] == url
+    assert alice.call("status")["relay_move"] is None
+    assert bob.call("contacts.list")["contacts"] == []
+
+
+def relay_mailboxes(relay: RelayProcess) -> int:
+    db = sqlite3.connect(relay.data / "relay.sqlite3")
+    try:
+        return int(db.execute("SELECT count(*) FROM mailboxes").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_relay_set_moves_the_contacts_mailboxes(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    """Issue 14 item 1: a profile with contacts moves to another relay by the rotation; after
+    both moved, texts flow both ways through the new relay and the old one holds nothing."""
+    sub = tmp_short / "relay2"
+    sub.mkdir()
+    new = RelayProcess(sub, {})
+    new.start()
+    try:
+        url2 = f"ws://127.0.0.1:{new.port}/v1/ws"
+        alice, bob = peers("alice"), peers("bob")
+        connect(alice, bob)
+        alice.call("network.set", {"isolation": True})  # one connection per mailbox; bob: one
+        for peer, other in ((alice, "bob"), (bob, "alice")):
+            r = cli(peer, "relay", "set", url2)
+            assert r.returncode == 0, r.stderr
+            assert "1 contact(s) move to the new relay" in r.stdout
+            peer.wait_connected()
+            peer.wait_for(lambda p=peer: p.events(types=["relay.moved"]), "the move to finish")
+            assert peer.call("status")["relay_move"] is None
+            assert "moving" not in cli(peer, "relay", "show").stdout
+            other_peer = bob if peer is alice else alice
+            # Texts both ways after each move (one side on each relay, then both on the new).
+            for a, b, name_b, name_a in ((peer, other_peer, other, peer.name),
+                                         (other_peer, peer, peer.name, other)):
+                text = f"{a.name} to {b.name} after {peer.name} moved"
+                a.call("messages.send", {"contact": name_b, "text": text})
+                b.wait_for(lambda b=b, n=name_a, t=text: any(
+                    m["text"] == t for m in b.call("messages.history", {"contact": n})["messages"]
+                ), text)  # fmt: skip
+        # Everything of both profiles is at the new relay now: the old one holds nothing.
+        assert relay_mailboxes(relay_proc) == 0
+        assert relay_mailboxes(new) > 0
+        # A new contact is made at the new relay too.
+        carol = peers("carol")
+        carol.call("relay.set", {"url": url2})
+        carol.wait_connected()
+        connect(carol, alice)
+        assert relay_mailboxes(relay_proc) == 0
+    finally:
+        new.close()
 
 
 def test_a_local_profile_that_never_chose_a_mode_does_not_go_direct_elsewhere(
@@ -127,3 +180,73 @@ def test_a_local_profile_that_never_chose_a_mode_does_not_go_direct_elsewhere(
         alice.call("contacts.add", {"name": "bob", "link": elsewhere})
     assert e.value.data["error"] == "bad_link" and "aegis network --mode tor" in e.value.message
     assert alice.call("contacts.list")["contacts"] == []
+
+
+def test_privacy_sets_jitter_and_receipts(peers: Callable[[str], Peer]) -> None:
+    """Issue 14 item 1: `aegis privacy` shows and sets send jitter and receipts, which only
+    JSON-RPC (settings.set) reached before."""
+    alice = peers("alice")
+    r = cli(alice, "privacy", "--send-jitter-max", "5", "--read-receipts", "off",
+            "--receipt-delay-max", "2.5")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "send jitter: a random delay of 0 to 5 s" in r.stdout
+    assert "read receipts: off" in r.stdout and "receipt delay: 0.5 to 2.5 s" in r.stdout
+    got = alice.call("settings.get")
+    assert (got["send_jitter_max"], got["read_receipts"], got["receipt_delay_max"]) == (
+        5.0, False, 2.5)  # fmt: skip
+    r = cli(alice, "privacy", "--send-jitter-max", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    assert shown["send_jitter_max"] == 0.0 and shown["read_receipts"] is False
+    assert shown["level"] == "off"
+    r = cli(alice, "privacy", "--send-jitter-max", "-1")
+    assert r.returncode == 2 and "send-jitter-max" in r.stderr
+
+
+def test_a_profile_without_a_relay_or_with_a_wrong_one_is_repaired(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    """Issue 14 item 1: `aegis relay set` repairs a profile made with a wrong relay URL or none,
+    with init's URL policy."""
+    from tests.daemon.conftest import DaemonProc
+
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    home = tmp_short / "norelay"
+    r = subprocess.run(
+        [sys.executable, "-m", "aegis_cli.main", "init", "--home", str(home), "--no-passphrase"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    proc = DaemonProc(home, [], None)
+    proc.wait_ready()
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "aegis_cli.main", "relay", "show", "--home", str(home)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert "none configured: aegis relay set URL" in r.stdout, r.stdout
+        r = subprocess.run(
+            [sys.executable, "-m", "aegis_cli.main", "relay", "set", url, "--home", str(home)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        with proc.client() as c:
+            deadline = time.monotonic() + 30
+            while not c.call("status")["relay"]["connected"]:
+                assert time.monotonic() < deadline, "never connected"
+                time.sleep(0.1)
+            assert c.call("address.get")["link"]
+    finally:
+        proc.stop()
+    # A wrong URL (nothing listens there): plaintext elsewhere is refused as at init; the
+    # right one repairs it, and the profile reaches a contact.
+    wrong = Peer(tmp_short / "wrong", "ws://127.0.0.1:9/v1/ws", "wrong")
+    try:
+        assert not wrong.call("status")["relay"]["connected"]
+        r = cli(wrong, "relay", "set", "ws://relay.example.org/v1/ws")
+        assert r.returncode != 0 and "plaintext" in r.stderr
+        r = cli(wrong, "relay", "set", url)
+        assert r.returncode == 0, r.stderr
+        connect(wrong, peers("bob"))
+    finally:
+        wrong.stop()
