@@ -126,6 +126,13 @@ def _init(args: argparse.Namespace) -> int:
         print(f"aegisd: error: {tor_missing_message()}", file=sys.stderr)
         return 1
     passphrase = None if args.no_passphrase else read_passphrase_file(args.passphrase_file)
+    if passphrase is not None:
+        from .passphrase_strength import problem
+
+        weak = problem(passphrase)  # the rule passphrase.change and backup.export apply
+        if weak is not None:
+            print(f"aegisd: error: {weak}", file=sys.stderr)
+            return 1
     kdf = KdfParams(
         args.kdf_memory_kib or DEFAULT_KDF.memory_kib,
         args.kdf_time_cost or DEFAULT_KDF.time_cost,
