@@ -24,7 +24,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import __version__
+from . import __version__, droplog
 from .passphrase_strength import is_weak, problem
 from .paths import ProfilePaths
 from .relayurl import SETTING_URL
@@ -91,8 +91,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
         self.server: RpcServer | None = None
-        #: Set by the relay client (not written yet) as its connection goes up and down.
-        self.relay_connected = False
+        #: Set by the relay link as its connection goes up and down (a logged transition).
+        self._relay_connected = False
         #: Whether the profile's passphrase breaks the strength rule (aegisd/passphrase_strength):
         #: known once it was typed (unlock), None before. Never stored or logged: a seized disk
         #: must not point at the weak profiles.
@@ -133,6 +133,17 @@ class Daemon:
     def locked(self) -> bool:
         return self.store is None
 
+    @property
+    def relay_connected(self) -> bool:
+        return self._relay_connected
+
+    @relay_connected.setter
+    def relay_connected(self, up: bool) -> None:
+        # A life-cycle line (timestamped): once per transition, never per message, no URL.
+        if up != self._relay_connected:
+            log.info("relay connected" if up else "relay connection lost")
+        self._relay_connected = up
+
     async def unlock(self, passphrase: str | None) -> None:
         """Open the store. Argon2id runs in a worker thread: other clients keep being served."""
         async with self.auth:
@@ -168,6 +179,7 @@ class Daemon:
         self.events.detach()
         self.store = None
         store.close()
+        droplog.flush()
         log.info("locked")
 
     def relay_status(self) -> dict[str, Any]:
@@ -263,6 +275,7 @@ class Daemon:
             sd_notify("STOPPING=1")
         finally:
             await self._shutdown()
+            log.info("stopped")
 
     async def _shutdown(self) -> None:
         if self.server is not None:

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
 
 from . import __version__
 from .paths import PathError, check_socket_path, resolve
@@ -166,11 +167,16 @@ def _run(args: argparse.Namespace) -> int:
     from .daemon import Daemon, DaemonError
     from .store import StoreError
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="aegisd: %(levelname)s %(message)s",
-        stream=sys.stderr,
+    # Every line starts with its UTC time, to the second. Lines are life-cycle events (start,
+    # unlock, lock, relay connected/lost, Tor's state, stop) or aggregates (aegisd/droplog.py):
+    # never one per message, which a seized disk would turn into a diary.
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = logging.Formatter(
+        "%(asctime)s aegisd: %(levelname)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%SZ"
     )
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
     paths = resolve(args.home)
     check_socket_path(paths.socket)
     passphrase = read_passphrase_file(args.passphrase_file) if args.passphrase_file else None

@@ -210,6 +210,7 @@ class RelayLink:
 
     async def _receive(self, client: RelayClient, owner_id: bytes | None = None) -> None:
         closed = asyncio.ensure_future(client.closed.wait())
+        getter: asyncio.Future[Message] | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(client.messages.get())
@@ -228,7 +229,12 @@ class RelayLink:
                 if owner_id is not None and owner_id in self._retired:
                     return
         finally:
+            # Both helpers, also when this task is cancelled while it waits (a lock, a stop,
+            # a reconnect): a getter left waiting on the dropped client's queue was collected
+            # pending ("Task was destroyed but it is pending!" in the log).
             closed.cancel()
+            if getter is not None:
+                getter.cancel()
 
     def require(self) -> RelayClient:
         client = self._client
