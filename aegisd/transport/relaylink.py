@@ -105,6 +105,9 @@ class RelayLink:
         self._failing: dict[bytes, str] = {}
         self._refused: set[bytes] = set()
         self._retired: set[bytes] = set()
+        #: Tasks of retired mailboxes finishing their last block: kept, so that stop() can
+        #: cancel and await them too (a task nobody holds can outlive the link).
+        self._retiring: set[asyncio.Task[None]] = set()
         self._busy: set[bytes] = set()
         self._probe_ok = False
         self._up = False
@@ -133,7 +136,7 @@ class RelayLink:
 
     async def stop(self) -> None:
         self._stopping = True
-        tasks = [t for t in (self._task, *self._serving.values()) if t is not None]
+        tasks = [t for t in (self._task, *self._serving.values(), *self._retiring) if t is not None]
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -298,6 +301,8 @@ class RelayLink:
             self._failing.pop(owner_id, None)
             if owner_id in self._busy:  # let its block finish and be acknowledged first
                 self._retired.add(owner_id)
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
             else:
                 task.cancel()
         self._refused &= set(wanted)
