@@ -6,7 +6,8 @@
 
 ``aegis daemon`` and ``aegis init`` run these, so that the thin CLI never loads the
 cryptography or SQLCipher itself. A passphrase file holds the passphrase on its first line
-("-" reads standard input); one trailing newline is removed. Log lines go to stderr and hold
+("-" reads standard input); one trailing newline is removed. Log lines go to stderr, each with its
+UTC time, and are life-cycle events or counts (never one per message); they hold
 no key, passphrase, message text or address.
 """
 
