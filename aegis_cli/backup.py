@@ -89,8 +89,10 @@ class _Progress:
 
 
 def _passphrase(main: ModuleType, passphrase_file: str | None, confirm: bool) -> str:
+    """``confirm``: a new passphrase (export): the strength rule is checked first."""
     if passphrase_file:
-        return str(main.read_secret_file(passphrase_file))
+        read = main.new_secret_from_file if confirm else main.read_secret_file
+        return str(read(passphrase_file))
     return str(main.ask_secret("Backup passphrase", confirm=confirm, option="--passphrase-file"))
 
 
@@ -132,8 +134,8 @@ def register(main: ModuleType) -> None:
     ) -> None:
         """Write an encrypted backup of this profile to FILE (mode 0600).
 
-        The passphrase needs at least 12 characters, 6 different ones and an estimated
-        56 bits (four or five random words do). FILE is not replaced without --force.
+        The passphrase must be strong (at least 10^12 guesses by zxcvbn's estimate: four or
+        five random words are enough). FILE is not replaced without --force.
         """
         path = os.path.abspath(file)
         if os.path.exists(path) and not force:

@@ -130,13 +130,52 @@ def read_secret_file(name: str) -> str:
         raise Fail(str(exc)) from None
 
 
+#: How many times a new passphrase is asked for (too weak, or the two entries differ).
+NEW_SECRET_ATTEMPTS = 3
+
+
+def strength_problem(passphrase: str) -> str | None:
+    """The daemon's strength rule (aegisd/passphrase_strength.py), applied here first so that a
+    weak passphrase is refused before it is typed a second time. Imported lazily: its
+    dictionaries are for the commands that choose a passphrase."""
+    from aegisd.passphrase_strength import problem
+
+    return problem(passphrase)
+
+
 def ask_secret(prompt: str, *, confirm: bool = False, option: str) -> str:
+    """Ask for a passphrase, never echoed. ``confirm``: a new passphrase: the strength rule is
+    checked first, then it is asked for again (a weak or mistyped one is asked for anew)."""
     if not sys.stdin.isatty():
         raise Fail(f"no terminal to ask for the passphrase: use {option} FILE ('-' for stdin)")
-    value = str(click.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True))
-    if not value:
-        raise Fail("the passphrase must not be empty")
+    for attempt in range(1, NEW_SECRET_ATTEMPTS + 1):
+        value = str(click.prompt(prompt, hide_input=True, err=True))
+        if not value:
+            raise Fail("the passphrase must not be empty")
+        if not confirm:
+            return value
+        problem = strength_problem(value)
+        if problem is None:
+            again = str(click.prompt("Repeat for confirmation", hide_input=True, err=True))
+            if again == value:
+                return value
+            problem = "the two entries do not match"
+        if attempt == NEW_SECRET_ATTEMPTS:
+            raise Fail(problem)
+        click.echo(f"{problem}\nTry again.", err=True)
+    raise AssertionError("unreachable")
+
+
+def new_secret_from_file(name: str) -> str:
+    """A new passphrase from a file: the strength rule before anything else happens."""
+    value = read_secret_file(name)
+    problem = strength_problem(value) if value else None
+    if problem is not None:
+        raise Fail(problem, data={"error": "weak_passphrase"})
     return value
+
+
+WEAK_NOTE = "your passphrase is weak: change it with: aegis passphrase"
 
 
 def _wait(predicate: Callable[[], bool], seconds: float) -> bool:
@@ -280,7 +319,7 @@ def init(
         argv.append("--no-passphrase")
     else:
         pw = (
-            read_secret_file(passphrase_file)
+            new_secret_from_file(passphrase_file)
             if passphrase_file
             else ask_secret("New passphrase", confirm=True, option="--passphrase-file")
         )
@@ -401,7 +440,8 @@ def status(ctx: Ctx) -> None:
     ctx.out(
         st,
         f"aegisd {st['version']} (pid {st['pid']}): {'locked' if st['locked'] else 'unlocked'}\n"
-        f"passphrase: {'yes' if st['has_passphrase'] else 'no'}\n"
+        f"passphrase: {'yes' if st['has_passphrase'] else 'no'}"
+        f"{' (' + WEAK_NOTE + ')' if st.get('weak_passphrase') else ''}\n"
         f"relay: {relay_text(st)}{net_text}"
         + (f"\nWARNING: {st['superseded']}" if st.get("superseded") else "")
         + (f"\ncontacts failed: {', '.join(st['contacts_failed'])} (aegis contacts says why)"
@@ -418,16 +458,21 @@ def unlock(ctx: Ctx, passphrase_file: str | None) -> None:
     """Unlock the profile (prompts for the passphrase)."""
     with ctx.client() as c:
         st = c.call("status")
-        if not st["has_passphrase"]:
-            c.call("unlock")
+        if not st["has_passphrase"] and not passphrase_file:
+            result = c.call("unlock")
         else:
+            # A passphrase file for a profile without a passphrase goes to the daemon all the
+            # same: it answers 1004 no_passphrase (docs/api.md), rather than "unlocked".
             pw = (
                 read_secret_file(passphrase_file)
                 if passphrase_file
                 else ask_secret("Passphrase", option="--passphrase-file")
             )
-            c.call("unlock", {"passphrase": pw})
-    ctx.out({"locked": False}, "unlocked")
+            result = c.call("unlock", {"passphrase": pw})
+    text = "unlocked"
+    if result.get("weak_passphrase"):
+        text += f"\n{WEAK_NOTE}"
+    ctx.out(result, text)
 
 
 @cli.command(short_help="Lock the profile (the daemon forgets its key).")
@@ -461,7 +506,7 @@ def passphrase(
         new = None
         if not no_passphrase:
             new = (
-                read_secret_file(new_passphrase_file)
+                new_secret_from_file(new_passphrase_file)
                 if new_passphrase_file
                 else ask_secret("New passphrase", confirm=True, option="--new-passphrase-file")
             )

@@ -13,7 +13,7 @@ class Version(TypedDict):
 
 
 class RelayStatus(TypedDict):
-    configured: bool
+    configured: bool | None  # None while locked: the URL is in the encrypted store
     connected: bool
     url: str | None
     reason: str | None
@@ -25,6 +25,7 @@ class Status(TypedDict):
     pid: int
     locked: bool
     has_passphrase: bool
+    weak_passphrase: bool | None  # None until the passphrase was typed (unlock)
     relay: RelayStatus
     last_event_seq: int | None
     subscriptions: int

@@ -24,7 +24,8 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import __version__
+from . import __version__, droplog
+from .passphrase_strength import is_weak, problem
 from .paths import ProfilePaths
 from .relayurl import SETTING_URL
 from .rpc import AppError, CallContext, EventBus, InvalidParamsError, Registry, RpcServer
@@ -90,8 +91,12 @@ class Daemon:
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
         self.server: RpcServer | None = None
-        #: Set by the relay client (not written yet) as its connection goes up and down.
-        self.relay_connected = False
+        #: Set by the relay link as its connection goes up and down (a logged transition).
+        self._relay_connected = False
+        #: Whether the profile's passphrase breaks the strength rule (aegisd/passphrase_strength):
+        #: known once it was typed (unlock), None before. Never stored or logged: a seized disk
+        #: must not point at the weak profiles.
+        self.weak_passphrase: bool | None = None if self.keyring.has_passphrase else False
         self._test_methods = test_methods
         self._register_core()
         # How relays are reached (network mode, the managed Tor): its hooks come first, so
@@ -128,10 +133,24 @@ class Daemon:
     def locked(self) -> bool:
         return self.store is None
 
+    @property
+    def relay_connected(self) -> bool:
+        return self._relay_connected
+
+    @relay_connected.setter
+    def relay_connected(self, up: bool) -> None:
+        # A life-cycle line (timestamped): once per transition, never per message, no URL.
+        if up != self._relay_connected:
+            log.info("relay connected" if up else "relay connection lost")
+        self._relay_connected = up
+
     async def unlock(self, passphrase: str | None) -> None:
         """Open the store. Argon2id runs in a worker thread: other clients keep being served."""
         async with self.auth:
             key = await asyncio.to_thread(self.keyring.unlock, passphrase)
+            # A profile made before the rule (or through the store alone) may have a weak
+            # passphrase: it still unlocks, and status/unlock say so.
+            self.weak_passphrase = passphrase is not None and is_weak(passphrase)
             if self.store is not None:
                 return  # already unlocked; the passphrase was checked all the same
             store = Store.open(self.paths.db, key)
@@ -160,11 +179,16 @@ class Daemon:
         self.events.detach()
         self.store = None
         store.close()
+        droplog.flush()
         log.info("locked")
 
     def relay_status(self) -> dict[str, Any]:
         """What status reports about the relay. ``connected`` is the relay client's to set."""
-        url = None if self.store is None else self.store.get_setting(SETTING_URL)
+        if self.store is None:
+            # The relay URL is in the encrypted store: while locked, whether one is configured
+            # is unknown (null), not false; and nothing connects.
+            return {"configured": None, "connected": False, "url": None, "reason": "locked"}
+        url = self.store.get_setting(SETTING_URL)
         reason = None
         if not self.relay_connected:  # Tor not (yet) working says more than "timed out"
             reason = self.connectivity.relay_reason() or self.messenger.relay_reason
@@ -251,6 +275,7 @@ class Daemon:
             sd_notify("STOPPING=1")
         finally:
             await self._shutdown()
+            log.info("stopped")
 
     async def _shutdown(self) -> None:
         if self.server is not None:
@@ -291,6 +316,7 @@ class Daemon:
             "pid": os.getpid(),
             "locked": store is None,
             "has_passphrase": self.keyring.has_passphrase,
+            "weak_passphrase": self.weak_passphrase,
             "relay": self.relay_status(),
             "network": self.connectivity.status(),
             "last_event_seq": None if store is None else store.last_event_seq(),
@@ -314,7 +340,7 @@ class Daemon:
             raise E.no_passphrase(msg) from None
         except StoreError as exc:
             raise E.store_error(str(exc)) from None
-        return {"locked": False}
+        return {"locked": False, "weak_passphrase": bool(self.weak_passphrase)}
 
     async def rpc_lock(self, ctx: CallContext) -> dict[str, Any]:
         if not self.keyring.has_passphrase:
@@ -344,6 +370,9 @@ class Daemon:
             raise InvalidParamsError(
                 "new_passphrase", "is required: this profile has no passphrase yet", reason="value"
             )
+        weak = None if new_passphrase is None else problem(new_passphrase)
+        if weak is not None:  # the rule aegis init and backup.export apply
+            raise E.weak_passphrase(weak)
         async with self.auth:
             try:
                 await asyncio.to_thread(
@@ -353,6 +382,7 @@ class Daemon:
                 raise E.wrong_passphrase() from None
             except StoreError as exc:
                 raise E.store_error(str(exc)) from None
+            self.weak_passphrase = False
         if self.store is not None:
             self.events.emit(
                 "profile.passphrase_changed", {"has_passphrase": self.keyring.has_passphrase}

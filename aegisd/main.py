@@ -6,7 +6,8 @@
 
 ``aegis daemon`` and ``aegis init`` run these, so that the thin CLI never loads the
 cryptography or SQLCipher itself. A passphrase file holds the passphrase on its first line
-("-" reads standard input); one trailing newline is removed. Log lines go to stderr and hold
+("-" reads standard input); one trailing newline is removed. Log lines go to stderr, each with its
+UTC time, and are life-cycle events or counts (never one per message); they hold
 no key, passphrase, message text or address.
 """
 
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
 
 from . import __version__
 from .paths import PathError, check_socket_path, resolve
@@ -126,6 +128,13 @@ def _init(args: argparse.Namespace) -> int:
         print(f"aegisd: error: {tor_missing_message()}", file=sys.stderr)
         return 1
     passphrase = None if args.no_passphrase else read_passphrase_file(args.passphrase_file)
+    if passphrase is not None:
+        from .passphrase_strength import problem
+
+        weak = problem(passphrase)  # the rule passphrase.change and backup.export apply
+        if weak is not None:
+            print(f"aegisd: error: {weak}", file=sys.stderr)
+            return 1
     kdf = KdfParams(
         args.kdf_memory_kib or DEFAULT_KDF.memory_kib,
         args.kdf_time_cost or DEFAULT_KDF.time_cost,
@@ -159,11 +168,16 @@ def _run(args: argparse.Namespace) -> int:
     from .daemon import Daemon, DaemonError
     from .store import StoreError
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="aegisd: %(levelname)s %(message)s",
-        stream=sys.stderr,
+    # Every line starts with its UTC time, to the second. Lines are life-cycle events (start,
+    # unlock, lock, relay connected/lost, Tor's state, stop) or aggregates (aegisd/droplog.py):
+    # never one per message, which a seized disk would turn into a diary.
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = logging.Formatter(
+        "%(asctime)s aegisd: %(levelname)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%SZ"
     )
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
     paths = resolve(args.home)
     check_socket_path(paths.socket)
     passphrase = read_passphrase_file(args.passphrase_file) if args.passphrase_file else None

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from aegisd import droplog
 from aegisd.core import wire
 from aegisd.core.errors import ProtocolError
 from aegisd.rpc import AppError, InvalidParamsError
@@ -518,14 +519,14 @@ class CallService:
     def on_payload(self, c: Contact, payload: wire.CallPayload | wire.CallSealedPayload) -> None:
         call = self.calls.get(payload.call_id)
         if call is not None and call.contact_id != c.id:
-            log.info("dropped call signaling from another contact")
+            droplog.dropped("dropped call signaling from another contact")
             return
         if isinstance(payload, wire.CallSealedPayload):
             self._on_sealed(call, payload)
         elif payload.kind == wire.CALL_INVITE:
             self._on_invite(c, call, payload)
         elif call is None:
-            log.info("dropped call signaling for no call in progress")
+            droplog.dropped("dropped call signaling for no call in progress")
         elif payload.kind == wire.CALL_RINGING and call.direction == "out" and (
             call.state == "calling"
         ):
@@ -544,7 +545,7 @@ class CallService:
                 self._end(call, "missed" if call.state == "ringing" else "cancelled", notify=False)
             )
         else:
-            log.info("dropped call signaling out of order")
+            droplog.dropped("dropped call signaling out of order")
 
     def _on_invite(self, c: Contact, call: Call | None, p: wire.CallPayload) -> None:
         if call is not None or self._known(p.call_id):
@@ -616,12 +617,12 @@ class CallService:
 
     def _on_sealed(self, call: Call | None, p: wire.CallSealedPayload) -> None:
         if call is None or call.channel is None:
-            log.info("dropped sealed call signaling for no call in progress")
+            droplog.dropped("dropped sealed call signaling for no call in progress")
             return
         try:
             sig = call.channel.unseal(p)
         except ProtocolError as exc:
-            log.info("dropped call signaling: %s", type(exc).__name__)
+            droplog.dropped(f"dropped call signaling: {type(exc).__name__}")
             return
         if sig.kind == signaling.SIG_HANGUP:
             self._spawn(self._end(call, "remote_hangup", notify=False))
@@ -634,7 +635,7 @@ class CallService:
         else:
             # CANDIDATE: aiortc gathers every candidate before it describes itself, so they
             # travel inside OFFER and ANSWER; a trickled one is not needed and is ignored.
-            log.info("ignored call signaling of kind %d", sig.kind)
+            droplog.dropped(f"ignored call signaling of kind {sig.kind}")
 
     # --- media ------------------------------------------------------------------------------
 
@@ -645,7 +646,7 @@ class CallService:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("call media failed: %s", type(exc).__name__)
+            droplog.dropped(f"call media failed: {type(exc).__name__}")
             await self._end(call, "failed", notify=True)
 
     def _new_media(self, call: Call) -> MediaSession:

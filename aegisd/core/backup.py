@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
 import struct
 import unicodedata
 from collections.abc import Callable
@@ -143,85 +142,8 @@ def header_mac(header_key: bytes, header: bytes) -> bytes:
     return hmac.new(header_key, header[:HEADER_MAC_OFFSET], hashlib.sha256).digest()
 
 
-MIN_PASSPHRASE_CHARS = 12
-MIN_DISTINCT_CHARS = 6
-MIN_ESTIMATED_BITS = 56
-PASSPHRASE_RULE = (
-    f"at least {MIN_PASSPHRASE_CHARS} characters, at least {MIN_DISTINCT_CHARS} different ones, "
-    f"and an estimated strength of {MIN_ESTIMATED_BITS} bits (the characters that are not "
-    "predictable x log2 of the alphabet used: lower case 26, upper case 26, digits 10, other "
-    "ASCII 33, anything else 100; predictable: a repeat of the previous character or of the "
-    "text so far, a step up or down the alphabet or a keyboard row, one of the most common "
-    "words in leaked credentials); for example four or five random words"
-)
-
-#: The stems of the most common passwords (lower case): each counts as one character.
-COMMON_WORDS = (
-    "password", "passwort", "qwerty", "azerty", "letmein", "iloveyou", "welcome", "admin",
-    "dragon", "monkey", "football", "baseball", "sunshine", "princess", "master", "shadow",
-    "trustno", "login", "secret", "hello", "freedom", "whatever", "starwars", "superman",
-    "batman", "michael", "jennifer", "abc", "aegislink", "aegis", "backup",
-)  # fmt: skip
-_KEYBOARD_ROWS = ("1234567890", "qwertyuiop", "asdfghjkl", "zxcvbnm", "azertyuiop", "qwertzuiop")
-
-
-def _predictable(prev: str, c: str) -> bool:
-    a, b = prev.lower(), c.lower()
-    if a == b or abs(ord(a) - ord(b)) == 1:
-        return True  # a repeat, or a step along the alphabet or the digits
-    return any(
-        a in row and b in row and abs(row.index(a) - row.index(b)) == 1 for row in _KEYBOARD_ROWS
-    )
-
-
-def effective_length(passphrase: str) -> int:
-    """How many characters of the passphrase are not predictable from what precedes them."""
-    text = passphrase[:1024].lower()  # enough to reach any bound; keeps the work small
-    for word in COMMON_WORDS:
-        text = text.replace(word, "\x00")  # a whole common word: one character's worth
-    n, prev, i = 0, "", 0
-    while i < len(text):
-        # The text so far, repeated ("passwordpassword", "abcabc..."): free.
-        if i >= 2 and text.startswith(text[:i], i) and i <= len(text) - i:
-            i += i
-            continue
-        c = text[i]
-        if not (prev and _predictable(prev, c)):
-            n += 1
-        prev = c
-        i += 1
-    return n
-
-
-def estimated_bits(passphrase: str) -> float:
-    """A simple estimate: the unpredictable characters times log2 of the size of the
-    character classes used."""
-    pool = 0
-    chars = set(passphrase)
-    if any(c.islower() and c.isascii() for c in chars):
-        pool += 26
-    if any(c.isupper() and c.isascii() for c in chars):
-        pool += 26
-    if any(c.isdigit() and c.isascii() for c in chars):
-        pool += 10
-    if any(c.isascii() and not c.isalnum() for c in chars):
-        pool += 33
-    if any(not c.isascii() for c in chars):
-        pool += 100
-    return effective_length(passphrase) * math.log2(pool) if pool else 0.0
-
-
-def passphrase_problem(passphrase: str) -> str | None:
-    """Why a passphrase is too weak to protect a backup, or None. Never quotes it."""
-    if len(passphrase) < MIN_PASSPHRASE_CHARS:
-        why = f"it has fewer than {MIN_PASSPHRASE_CHARS} characters"
-    elif len(set(passphrase)) < MIN_DISTINCT_CHARS:
-        why = f"it has fewer than {MIN_DISTINCT_CHARS} different characters"
-    elif estimated_bits(passphrase) < MIN_ESTIMATED_BITS:
-        why = f"its estimated strength is below {MIN_ESTIMATED_BITS} bits"
-    else:
-        return None
-    return f"the passphrase is too weak: {why}; a backup passphrase needs {PASSPHRASE_RULE}"
+# The passphrase's strength is not this module's concern: aegisd/passphrase_strength.py holds
+# the one rule for every passphrase a user chooses (docs/backup.md §4).
 
 
 # --- header -----------------------------------------------------------------------------------

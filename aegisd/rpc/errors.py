@@ -39,6 +39,8 @@ STORE_ERROR = 1006
 # 1011 rate_limited (data.retry_after, seconds).
 RELAY_UNAVAILABLE = 1010
 RATE_LIMITED = 1011
+#: A passphrase being chosen (passphrase.change, backup.export) is below the strength rule.
+WEAK_PASSPHRASE = 1041
 
 
 def error_object(code: int, message: str, data: Any = None) -> dict[str, Any]:
@@ -93,6 +95,11 @@ def wrong_passphrase() -> AppError:
 
 def no_passphrase(message: str) -> AppError:
     return AppError(NO_PASSPHRASE, "no_passphrase", message)
+
+
+def weak_passphrase(problem: str) -> AppError:
+    """``problem`` is aegisd/passphrase_strength.py's text: it never quotes the passphrase."""
+    return AppError(WEAK_PASSPHRASE, "weak_passphrase", problem)
 
 
 def store_error(message: str) -> AppError:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey
 
+from aegisd import droplog
 from aegisd.core import wire
 from aegisd.core.attachment import CHUNK_LEN, MAX_FILE_SIZE, FileKeys, chunk_of, clean_file_name
 from aegisd.core.errors import DecryptionError
@@ -164,7 +165,7 @@ class Attachments:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug: report it, never kill the daemon
-            log.error("attachment transfer failed: %s", type(exc).__name__)
+            droplog.dropped(f"attachment transfer failed: {type(exc).__name__}")
             with contextlib.suppress(Exception):
                 self._fail(aid, "internal error")
         finally:
@@ -396,7 +397,7 @@ class Attachments:
             return  # a duplicate id: never twice
         name = clean_file_name(p.name)
         if not m._url_ok(p.relay_url):
-            log.info("dropped an attachment whose relay URL is refused")
+            droplog.dropped("dropped an attachment whose relay URL is refused")
             return
         now = _ms()
         # Our own limit applies to what we fetch too: above it the file waits, failed, until

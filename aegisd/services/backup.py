@@ -24,11 +24,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from aegisd import passphrase_strength
 from aegisd.core import backup as fmt
 from aegisd.core.errors import BundleError, DecodeError
 from aegisd.core.identity import IdentityKeyPair, PublicIdentity
 from aegisd.core.prekeys import PrekeyStore
 from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
+from aegisd.rpc import errors as E
 from aegisd.rpc.methods import Handler
 from aegisd.transport.network import ProxyUrlError, check_proxy_url
 
@@ -38,7 +40,7 @@ from .renewal import SETTING_PENDING, describe_pending
 
 # Application error codes 1040-1049 (docs/api.md, "Errors").
 E_BACKUP_EXISTS = 1040
-E_WEAK_PASSPHRASE = 1041
+E_WEAK_PASSPHRASE = E.WEAK_PASSPHRASE  # the rule and its error are shared with the profile's
 E_NOT_A_BACKUP = 1042
 E_BACKUP_KEY = 1043
 E_BACKUP_DAMAGED = 1044
@@ -185,9 +187,9 @@ class Backups:
         target = Path(path)
         if not target.is_absolute():
             raise InvalidParamsError("path", "must be an absolute path")
-        problem = fmt.passphrase_problem(passphrase)
+        problem = passphrase_strength.problem(passphrase)
         if problem is not None:
-            raise AppError(E_WEAK_PASSPHRASE, "weak_passphrase", problem)
+            raise E.weak_passphrase(problem)
         try:
             fmt.check_kdf(kdf)
         except fmt.NotABackup as exc:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlcipher3
 
+from aegisd import droplog
 from aegisd.core import pqxdh, wire
 from aegisd.core.errors import BundleError, DecodeError, DecryptionError
 from aegisd.core.identity import (
@@ -1328,7 +1329,7 @@ class Messenger:
             try:
                 block = mb.open(msg.sealed)
             except Exception:  # not sealed by our relay for this mailbox: drop it
-                log.warning("dropped a delivery that did not open")
+                droplog.dropped("dropped a delivery that did not open")
             else:
                 async with self.lock:
                     try:
@@ -1361,7 +1362,7 @@ class Messenger:
                     except Exception as exc:
                         # A bug or a block no retry can open: the transaction rolled back;
                         # acknowledge it, and log only the kind of failure.
-                        log.warning("dropped a block: %s", type(exc).__name__)
+                        droplog.dropped(f"dropped a block: {type(exc).__name__}")
                         self._reload_prekeys()
                         self._acked_rotations.clear()
                         self.renewals.reset()
@@ -1379,7 +1380,7 @@ class Messenger:
             hello = wire.decode_payload(fc.fragment.data)
         except (DecryptionError, DecodeError):
             self._reload_prekeys()
-            log.info("dropped a first-contact block that did not open")
+            droplog.dropped("dropped a first-contact block that did not open")
             return
         if not isinstance(hello, wire.HelloPayload) or not self._url_ok(hello.reply_to.relay_url):
             self._reload_prekeys()
@@ -1441,7 +1442,7 @@ class Messenger:
         except DecryptionError:
             if self.renewals.on_undecryptable(c, block):
                 return
-            log.info("dropped a block that did not decrypt")
+            droplog.dropped("dropped a block that did not decrypt")
             return
         self.cover.heard(contact_id)  # online: cover to it goes on
         with self.store.transaction():
@@ -1449,7 +1450,7 @@ class Messenger:
             if fragment.count == 1:
                 content: bytes | None = fragment.data
             elif fragment.count > MAX_MESSAGE_FRAGMENTS:
-                log.info("dropped a fragment of an oversized message")
+                droplog.dropped("dropped a fragment of an oversized message")
                 return
             else:
                 parts = self.store.put_fragment(
@@ -1461,7 +1462,7 @@ class Messenger:
             try:
                 payload = wire.decode_payload(content)
             except DecodeError:
-                log.info("dropped a payload that did not parse")
+                droplog.dropped("dropped a payload that did not parse")
                 return
             self._handle_payload(c, session, payload)
 
@@ -1497,7 +1498,7 @@ class Messenger:
             if isinstance(payload, wire.HelloPayload)
             else payload.mailbox.relay_url
         ):
-            log.info("dropped a mailbox address with a refused relay URL")
+            droplog.dropped("dropped a mailbox address with a refused relay URL")
         elif isinstance(payload, wire.HelloPayload):
             state = ContactState.from_bytes(c.state)
             state.send_to, state.established = payload.reply_to, True

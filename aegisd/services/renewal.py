@@ -20,6 +20,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from aegisd import droplog
 from aegisd.core import pqxdh, renewal, wire
 from aegisd.core.errors import BundleError, DecodeError, DecryptionError
 from aegisd.core.identity import PublicIdentity
@@ -150,7 +151,7 @@ class Renewals:
             hello = wire.decode_payload(fc.fragment.data)
         except (DecryptionError, DecodeError):
             m._reload_prekeys()
-            log.info("dropped a block that did not open")
+            droplog.dropped("dropped a block that did not open")
             return
         expected = PublicIdentity.from_bytes(c.identity_key)
         if (
@@ -160,7 +161,7 @@ class Renewals:
             or not m._url_ok(hello.reply_to.relay_url)
         ):
             store.put_identity(m.prekeys.to_bytes())  # burnt one-time keys stay burnt
-            log.info("dropped a first contact that does not answer our renewal")
+            droplog.dropped("dropped a first contact that does not answer our renewal")
             return
         with store.transaction():
             store.put_identity(m.prekeys.to_bytes())
@@ -195,7 +196,7 @@ class Renewals:
         try:
             req = renewal.decode(payload)
         except DecodeError:
-            log.info("dropped a renewal block that did not parse")
+            droplog.dropped("dropped a renewal block that did not parse")
             return True
         now = _ms()
         last = m.store._q(
@@ -210,7 +211,7 @@ class Renewals:
             or req.created_at_ms > now + MAX_SKEW_MS
             or not m._url_ok(req.reply_to.relay_url)
         ):
-            log.info("dropped a stale or replayed renewal request")
+            droplog.dropped("dropped a stale or replayed renewal request")
             return True
         self._requests.append((c, req))
         return True
@@ -229,12 +230,12 @@ class Renewals:
         except (RelayUnavailable, *UNAVAILABLE):
             raise AppError(1010, "relay_unavailable", "the relay is not reachable") from None
         except RelayError:
-            log.info("dropped a renewal request whose bundle is not at the relay")
+            droplog.dropped("dropped a renewal request whose bundle is not at the relay")
             return
         try:
             bundle = pqxdh.verify_bundle(base, x, k, expected=expected)
         except (DecodeError, BundleError):
-            log.info("dropped a renewal request whose bundle does not verify")
+            droplog.dropped("dropped a renewal request whose bundle does not verify")
             return
         store = m.store
         new_id, new = await m._create_mailbox("contact", public=False, contact_id=c.id)

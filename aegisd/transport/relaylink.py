@@ -115,6 +115,9 @@ class RelayLink:
         self._failing: dict[bytes, str] = {}
         self._refused: set[bytes] = set()
         self._retired: set[bytes] = set()
+        #: Tasks of retired mailboxes finishing their last block: kept, so that stop() can
+        #: cancel and await them too (a task nobody holds can outlive the link).
+        self._retiring: set[asyncio.Task[None]] = set()
         self._busy: set[bytes] = set()
         self._probe_ok = False
         self._up = False
@@ -144,7 +147,7 @@ class RelayLink:
 
     async def stop(self) -> None:
         self._stopping = True
-        tasks = [t for t in (self._task, *self._serving.values()) if t is not None]
+        tasks = [t for t in (self._task, *self._serving.values(), *self._retiring) if t is not None]
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -238,6 +241,7 @@ class RelayLink:
 
     async def _receive(self, client: RelayClient, owner_id: bytes | None = None) -> None:
         closed = asyncio.ensure_future(client.closed.wait())
+        getter: asyncio.Future[Message] | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(client.messages.get())
@@ -256,7 +260,12 @@ class RelayLink:
                 if owner_id is not None and owner_id in self._retired:
                     return
         finally:
+            # Both helpers, also when this task is cancelled while it waits (a lock, a stop,
+            # a reconnect): a getter left waiting on the dropped client's queue was collected
+            # pending ("Task was destroyed but it is pending!" in the log).
             closed.cancel()
+            if getter is not None:
+                getter.cancel()
 
     def require(self) -> RelayClient:
         client = self._client
@@ -325,6 +334,8 @@ class RelayLink:
             self._failing.pop(owner_id, None)
             if owner_id in self._busy:  # let its block finish and be acknowledged first
                 self._retired.add(owner_id)
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
             else:
                 task.cancel()
         self._refused &= set(wanted)

@@ -231,6 +231,8 @@ class ManagedTor:
     def _set(self, **changes: object) -> None:
         old = self.status
         self.status = replace(old, tail=tuple(self._tail), **changes)  # type: ignore[arg-type]
+        if self.status.state != old.state:  # a life-cycle line; the state's name, not Tor's words
+            log.info("managed Tor: %s", self.status.state)
         if self.on_change is not None:
             self.on_change(old, self.status)
 

@@ -19,7 +19,7 @@ from aegisd.store import KdfParams, create_profile
 
 FAST_KDF = KdfParams(memory_kib=1024, time_cost=1, parallelism=1)
 FAST_KDF_ARGS = ["--kdf-memory-kib", "1024", "--kdf-time-cost", "1", "--kdf-parallelism", "1"]
-PASSPHRASE = "tr0ub4dor & 3"
+PASSPHRASE = "tr0ub4dor & 3"  # strong enough for the rule (aegisd/passphrase_strength.py)
 
 
 @pytest.fixture

@@ -28,10 +28,14 @@ def test_export_and_import_at_a_terminal(short_tmp: Path) -> None:
     try:
         assert _aegis("name", "Alice at a tty", "--home", homes[0]).returncode == 0
         target = str(short_tmp / "tty.bak")
+        # Weak: refused before the confirmation prompt, in a short line (issue 14, item 12).
         code, out = run_in_pty(
-            ["backup", "export", target, "--home", homes[0], *CHEAP], ["too weak", "too weak"]
+            ["backup", "export", target, "--home", homes[0], *CHEAP], ["too weak"] * 3
         )
-        assert code == 1 and "too weak" in out.split("Repeat for confirmation")[-1]
+        assert code == 1 and "Repeat for confirmation" not in out
+        assert out.count("Backup passphrase") == 3
+        last = out.strip().splitlines()[-1]
+        assert last.startswith("aegis: error: the passphrase is too weak") and len(last) < 240
         assert not Path(target).exists()
         code, out = run_in_pty(
             ["backup", "export", target, "--home", homes[0], *CHEAP], [PASS, PASS]

@@ -64,6 +64,9 @@ def test_full_life_cycle(home, short_tmp, cli_env):
     r = aegis("status", "--home", h, "--json", env=cli_env)
     st = json.loads(r.stdout)
     assert st["locked"] is True and st["has_passphrase"] is True
+    assert st["relay"]["configured"] is None and st["relay"]["reason"] == "locked"
+    r = aegis("status", "--home", h, env=cli_env)
+    assert "relay: unknown while locked" in r.stdout and "not configured" not in r.stdout
     # Unlock: no terminal and no file is a clear error, not a hang.
     line = one_line_error(aegis("unlock", "--home", h, env=cli_env, input=""))
     assert "--passphrase-file" in line
@@ -76,7 +79,13 @@ def test_full_life_cycle(home, short_tmp, cli_env):
     r = aegis("lock", "--home", h, "--json", env=cli_env)
     assert json.loads(r.stdout) == {"locked": True}
     new = short_tmp / "new"
-    new.write_text("a new passphrase\n")
+    weak = short_tmp / "weak"
+    weak.write_text("Summer2024!!\n")
+    line = one_line_error(aegis(
+        "passphrase", "--home", h, "--old-passphrase-file", pf, "--new-passphrase-file", str(weak)
+    ))  # fmt: skip
+    assert "too weak" in line and "Summer2024" not in line
+    new.write_text("velvet orbit lantern zebra\n")
     r = aegis(
         "passphrase", "--home", h, "--old-passphrase-file", pf, "--new-passphrase-file", str(new)
     )
@@ -133,6 +142,16 @@ def test_init_no_passphrase_then_daemon_starts_unlocked(short_tmp, cli_env):
         assert st["locked"] is False
         line = one_line_error(aegis("lock", "--home", h))
         assert "no passphrase" in line
+        # A passphrase file for a profile without a passphrase: 1004, as docs/api.md says,
+        # not "unlocked" (issue 14, item 10).
+        pf = short_tmp / "pf-np"
+        pf.write_text(PASSPHRASE + "\n")
+        line = one_line_error(aegis("unlock", "--home", h, "--passphrase-file", str(pf)))
+        assert "has no passphrase" in line
+        r = aegis("unlock", "--home", h, "--passphrase-file", str(pf), "--json")
+        assert r.returncode == 1
+        assert '"no_passphrase"' in r.stdout  # (its nesting is item 8's, not this test's)
+        assert aegis("unlock", "--home", h).stdout.strip() == "unlocked"
     finally:
         aegis("stop", "--home", h)
 
@@ -404,3 +423,42 @@ def test_listen_survives_a_daemon_restart(short_tmp, cli_env):
                 if f is not None:
                     f.close()
         aegis("stop", "--home", h)
+
+
+def test_init_refuses_a_weak_passphrase_file(short_tmp, cli_env):
+    """Issue 14, item 12: the profile passphrase follows the backup's rule (it accepted "x")."""
+    h = short_tmp / "weak"
+    pf = short_tmp / "pf-weak"
+    for weak in ("x", "abc", "password1234"):
+        pf.write_text(weak + "\n")
+        line = one_line_error(aegis("init", "--home", str(h), "--passphrase-file", str(pf),
+                                    *FAST_KDF_ARGS, env=cli_env))  # fmt: skip
+        assert "too weak" in line and "10^12" in line
+        assert not (h / "keyring.json").exists()
+    # aegisd init (what `aegis init` runs) applies the same rule to an API-level caller.
+    r = subprocess.run(
+        [sys.executable, "-m", "aegisd.main", "init", "--home", str(h), "--passphrase-file", "-",
+         *FAST_KDF_ARGS],
+        input="password1234\n", capture_output=True, text=True, check=False, env=cli_env,
+    )  # fmt: skip
+    assert r.returncode == 1 and "too weak" in r.stderr and "password1234" not in r.stderr
+    assert not (h / "keyring.json").exists()
+
+
+def test_a_weak_profile_passphrase_still_unlocks_and_is_told(spawn, short_tmp):
+    """Issue 14, item 12: a profile made before the rule keeps working, and says so."""
+    d = spawn(passphrase="abc")
+    h = str(d.home)
+    pf = short_tmp / "pf-abc"
+    pf.write_text("abc\n")
+    r = aegis("unlock", "--home", h, "--passphrase-file", str(pf))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "unlocked",
+        "your passphrase is weak: change it with: aegis passphrase",
+    ]
+    r = aegis("status", "--home", h)
+    assert "passphrase: yes (your passphrase is weak: change it with: aegis passphrase)" in r.stdout
+    assert json.loads(aegis("status", "--home", h, "--json").stdout)["weak_passphrase"] is True
+    d.stop()
+    assert "weak" not in d.stderr()  # never on disk: the log must not point at weak profiles

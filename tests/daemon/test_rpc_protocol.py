@@ -88,7 +88,7 @@ def test_invalid_params_name_the_field(conn):
 
 
 def test_positional_params(conn):
-    assert conn.call("unlock", [PASSPHRASE]) == {"locked": False}
+    assert conn.call("unlock", [PASSPHRASE])["locked"] is False
     assert conn.call("events.list", [0, 1])["events"][0]["type"] == "daemon.unlocked"
 
 

@@ -202,11 +202,11 @@ def test_rotation_a_lock_and_a_file_keep_working_under_cover(
                    "a text into the new mailbox")  # fmt: skip
 
     # A lock stops the ticks (the store is closed); an unlock starts them again.
-    alice.call("passphrase.change", {"new_passphrase": "a test passphrase"})
+    alice.call("passphrase.change", {"new_passphrase": "velvet orbit lantern zebra"})
     assert alice.call("lock") == {"locked": True}
     bob.call("messages.send", {"contact": "alice", "text": "while locked"})
     time.sleep(3 * FAST)
-    assert alice.call("unlock", {"passphrase": "a test passphrase"}) == {"locked": False}
+    assert alice.call("unlock", {"passphrase": "velvet orbit lantern zebra"})["locked"] is False
     cover = alice.call("privacy.get")["slots"]["sent"]["cover"]
     alice.wait_for(lambda: alice.call("privacy.get")["slots"]["sent"]["cover"] >= cover + 3,
                    "cover again after the unlock")  # fmt: skip
