@@ -79,6 +79,13 @@ class Ctx:
 
 
 def not_running(paths: ProfilePaths) -> Fail:
+    if not paths.keyring.exists():  # no daemon can run: there is no profile yet
+        return Fail(
+            f"no profile in {paths.home}; create one with: aegis init{paths.home_option()}"
+            " --relay URL",
+            EXIT_NOT_RUNNING,
+            {"error": "not_running"},
+        )
     return Fail(
         f"the daemon is not running; start it with: aegis daemon{paths.home_option()}",
         EXIT_NOT_RUNNING,
@@ -355,7 +362,9 @@ def init(
         {"home": str(ctx.paths.home), "has_passphrase": not no_passphrase},
         f"Created a profile in {ctx.paths.home}"
         f" ({'no passphrase' if no_passphrase else 'passphrase-protected'}).\n"
-        f"Start the daemon with: aegis daemon{ctx.paths.home_option()}",
+        f"Start the daemon with: aegis daemon{ctx.paths.home_option()}"
+        + ("" if relay else
+           f"\nNo relay yet: choose one with: aegis relay set URL{ctx.paths.home_option()}"),
     )
 
 

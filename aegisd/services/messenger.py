@@ -430,7 +430,7 @@ class Messenger:
     def _relay_url(self) -> str:
         url = self.store.get_setting(SETTING_URL)
         if not url:
-            raise AppError(E_NOT_READY, "no_relay", "no relay configured: aegis init --relay URL")
+            raise AppError(E_NOT_READY, "no_relay", "no relay configured: aegis relay set URL")
         return str(url)
 
     @contextlib.asynccontextmanager

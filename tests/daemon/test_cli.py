@@ -462,3 +462,21 @@ def test_a_weak_profile_passphrase_still_unlocks_and_is_told(spawn, short_tmp):
     assert json.loads(aegis("status", "--home", h, "--json").stdout)["weak_passphrase"] is True
     d.stop()
     assert "weak" not in d.stderr()  # never on disk: the log must not point at weak profiles
+
+
+def test_a_profile_without_a_relay_points_at_relay_set(short_tmp, cli_env):
+    """Issue 14, item 1: nothing may send a user to `aegis init` once a profile exists (init
+    refuses then); a missing profile is named as such, not as a daemon to start."""
+    h = str(short_tmp / "norelay")
+    line = one_line_error(aegis("status", "--home", h, env=cli_env), 3)
+    assert "no profile in" in line and "aegis init" in line
+    r = aegis("init", "--home", h, "--no-passphrase", env=cli_env)
+    assert r.returncode == 0 and "aegis relay set URL" in r.stdout
+    line = one_line_error(aegis("status", "--home", h, env=cli_env), 3)
+    assert "start it with: aegis daemon" in line
+    assert aegis("daemon", "--detach", "--home", h, env=cli_env).returncode == 0
+    try:
+        line = one_line_error(aegis("invite", "--home", h, env=cli_env))
+        assert "aegis relay set URL" in line and "aegis init" not in line
+    finally:
+        aegis("stop", "--home", h, env=cli_env)
