@@ -87,7 +87,7 @@ class Client:
                 continue
             if "error" in msg:
                 exc = from_error_object(msg["error"])
-                exc.method, exc.params = method, params
+                exc.set_call(method, params)
                 raise exc
             return msg.get("result")
 

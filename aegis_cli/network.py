@@ -278,6 +278,8 @@ def register_privacy(main: ModuleType) -> None:
             params["read_receipts"] = read_receipts == "on"
         if receipt_delay_max is not None:
             params["receipt_delay_max"] = receipt_delay_max
+        # The timing settings first: the daemon checks them whole before it changes any, and the
+        # level, a click.Choice, cannot be refused for its value: nothing is half applied.
         timing = ctx.call("settings.set", params) if params else ctx.call("settings.get")
         result = ctx.call("privacy.set", {"level": level}) if level else ctx.call("privacy.get")
         ctx.out(

@@ -157,7 +157,7 @@ class _Conn:
         msg = await fut
         if "error" in msg:
             exc = from_error_object(msg["error"])
-            exc.method, exc.params = method, params
+            exc.set_call(method, params)
             raise exc
         if "result" not in msg:
             raise ProtocolError("a response with neither result nor error")

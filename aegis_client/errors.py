@@ -31,6 +31,11 @@ class ProtocolError(AegisClientError):
     """The daemon sent something that is not JSON-RPC 2.0 as this library knows it."""
 
 
+def is_secret_param(name: str) -> bool:
+    """Params that carry a passphrase, a password or a secret (docs/api.md)."""
+    return any(word in name for word in ("passphrase", "password", "secret"))
+
+
 class RpcError(AegisClientError):
     """The daemon answered with a JSON-RPC error object."""
 
@@ -48,6 +53,14 @@ class RpcError(AegisClientError):
         self.code = code
         self.message = message
         self.data = data
+
+    def set_call(self, method: str, params: Any) -> None:
+        """Remember the refused call, its secrets blanked: an exception outlives the call and
+        may be logged or reported whole (unlock, passphrase.change, backup and TURN params)."""
+        self.method = method
+        if isinstance(params, dict):
+            params = {k: "[hidden]" if is_secret_param(k) else v for k, v in params.items()}
+        self.params = params
 
     def to_object(self) -> dict[str, Any]:
         """The JSON-RPC error object, as the daemon sent it (docs/api.md, "Errors")."""

@@ -36,7 +36,7 @@ from .store import Keyring, KeyringError, NoPassphrase, Store, StoreError, Wrong
 
 log = logging.getLogger("aegisd")
 
-API_VERSION = 1
+API_VERSION = 2
 MAX_EVENTS_PAGE = 1000
 
 Hook = Callable[[Store], Awaitable[None]]

@@ -381,8 +381,13 @@ class Relay:
         """A stored block that no longer opens (altered on disk): drop it rather than let it
         block the mailbox's queue forever."""
         log.warning("delivery failed: %s", CryptoError.__name__)
-        mb.queued = max(0, mb.queued - 1)
-        self.storage.remove(mb.id, [rowid]).add_done_callback(_consume)
+
+        def removed(fut: asyncio.Future[int]) -> None:
+            # By what was removed: a pump and a FETCH elsewhere may meet the same bad row.
+            if not fut.cancelled() and fut.exception() is None:
+                mb.queued = max(0, mb.queued - fut.result())
+
+        self.storage.remove(mb.id, [rowid]).add_done_callback(removed)
 
 
 class Connection:

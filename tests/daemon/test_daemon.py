@@ -288,7 +288,7 @@ def test_slow_and_vanished_clients_do_not_block_others(spawn):
             c.call("debug.emit", {"type": "debug.bulk", "data": {"i": i, "pad": blob}})
         assert c.call("status")["locked"] is False
         with d.client() as fresh:
-            assert fresh.call("version")["api_version"] == 1
+            assert fresh.call("version")["api_version"] == 2
             fresh.call("events.subscribe", {"since": 0, "types": ["debug.bulk"]})
             assert _next_event(fresh)["data"]["i"] == 0
     stalled.close()

@@ -33,7 +33,7 @@ def test_parse_error(conn):
     conn.send_raw(b"\xff\xfe\n")
     assert conn.read_message()["error"]["code"] == -32700
     # The connection is still usable.
-    assert conn.call("version")["api_version"] == 1
+    assert conn.call("version")["api_version"] == 2
 
 
 @pytest.mark.parametrize(
@@ -116,7 +116,7 @@ def test_batches(conn):
     ]
     r = raw(conn, json.dumps(batch))
     assert [x["id"] for x in r] == [1, None, "5", 9]
-    assert r[0]["result"]["api_version"] == 1
+    assert r[0]["result"]["api_version"] == 2
     assert r[1]["error"]["code"] == -32600
     assert r[2]["error"]["code"] == -32601
     assert r[3]["result"]["locked"] is True
@@ -136,8 +136,8 @@ def test_oversized_request_gets_an_error_and_the_daemon_goes_on(spawn):
         assert r["error"]["code"] == -32600 and r["id"] is None
         assert r["error"]["data"] == {"error": "request_too_large", "limit": 1 << 20}
         # The same connection, and others, keep working.
-        assert c.call("version")["api_version"] == 1
-        assert other.call("version")["api_version"] == 1
+        assert c.call("version")["api_version"] == 2
+        assert other.call("version")["api_version"] == 2
         # Just under the limit is accepted (and answered with invalid params, not an error).
         pad = (1 << 20) - len('{"jsonrpc":"2.0","method":"version","params":[""],"id":1}')
         ok = '{"jsonrpc":"2.0","method":"version","params":["' + "y" * pad + '"],"id":1}'
@@ -175,7 +175,7 @@ def test_deeply_nested_json_is_an_error_not_a_crash(spawn):
         params = "[" * 900 + "]" * 900
         r = raw(c, '{"jsonrpc": "2.0", "method": "version", "params": ' + params + ', "id": 1}')
         assert "error" in r
-        assert c.call("version")["api_version"] == 1
+        assert c.call("version")["api_version"] == 2
     assert d.proc.poll() is None
 
 
@@ -190,7 +190,7 @@ def test_many_clients_at_once(spawn):
             with d.client() as c:
                 for i in range(20):
                     assert c.call("debug.emit", {"type": "debug.load", "data": {"i": i}})["seq"]
-                    assert c.call("version")["api_version"] == 1
+                    assert c.call("version")["api_version"] == 2
         except BaseException as exc:
             errors.append(exc)
 

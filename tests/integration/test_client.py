@@ -35,7 +35,7 @@ def test_typed_results_and_errors(spawn, short_tmp: Path) -> None:
     async def scenario() -> None:
         async with await Client.connect(d.home) as c:
             v = await c.version()
-            assert v["api_version"] == 1 and isinstance(v["version"], str)
+            assert v["api_version"] == 2 and isinstance(v["version"], str)
             st = await c.status()
             assert st["locked"] is True and st["has_passphrase"] is True
             with pytest.raises(Locked) as locked:

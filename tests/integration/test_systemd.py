@@ -95,7 +95,7 @@ def test_socket_activation(short_tmp: Path) -> None:
     listener.close()  # the daemon holds it now
     try:
         reply = _read_line(early)
-        assert reply["result"]["api_version"] == 1
+        assert reply["result"]["api_version"] == 2
         early.close()
         with Client(path, timeout=20) as c:
             status = c.call("status")
@@ -125,7 +125,7 @@ def test_listen_pid_of_another_process_is_ignored(short_tmp: Path) -> None:
             assert time.monotonic() < deadline, "aegisd did not bind its own socket"
             time.sleep(0.05)
         with Client(home / "aegisd.sock", timeout=20) as c:
-            assert c.call("version")["api_version"] == 1
+            assert c.call("version")["api_version"] == 2
     finally:
         err = _stop(proc)
     assert "(inherited)" not in err
@@ -169,7 +169,7 @@ def test_ready_notification(short_tmp: Path, kind: str) -> None:
         assert "STATUS=unlocked" in msg.split("\n")
         # Ready means listening: the very first connection succeeds, no retry.
         with Client(home / "aegisd.sock", timeout=20) as c:
-            assert c.call("version")["api_version"] == 1
+            assert c.call("version")["api_version"] == 2
         proc.send_signal(signal.SIGTERM)
         assert notify.recv(4096).decode() == "STOPPING=1"
         proc.wait(20)

@@ -65,3 +65,45 @@ def test_bad_sizes_and_size_text() -> None:
             Size().convert(bad, None, None)
     assert [size_text(n) for n in (999, 1000, 134078464, 5 * 10**9)] == [
         "999 B", "1.0 kB", "134.1 MB", "5.0 GB"]
+
+
+def test_a_refused_call_keeps_no_secret() -> None:
+    """An error remembers the refused call for wording, never a passphrase or password in it:
+    exceptions outlive the call and get logged or reported whole."""
+    from aegis_client.errors import from_error_object
+
+    exc = from_error_object({"code": 1002, "message": "wrong passphrase",
+                             "data": {"error": "wrong_passphrase"}})  # fmt: skip
+    exc.set_call("passphrase.change", {"old_passphrase": "s3cret one", "new_passphrase": "two",
+                                       "turn_password": "t", "contact": "bob"})  # fmt: skip
+    assert exc.method == "passphrase.change"
+    assert exc.params == {"old_passphrase": "[hidden]", "new_passphrase": "[hidden]",
+                          "turn_password": "[hidden]", "contact": "bob"}  # fmt: skip
+    assert "s3cret" not in repr(exc.__dict__)
+
+
+def test_every_option_that_is_an_api_param_is_worded() -> None:
+    """A daemon error names the API's field; the CLI says the option the user typed. Every
+    option whose value goes to a param of the same name must be in aegis_cli/errors.WORDS."""
+    import json
+    from pathlib import Path
+
+    import click
+
+    from aegis_cli.errors import WORDS
+    from aegis_cli.main import cli
+
+    doc = json.loads((Path(__file__).resolve().parents[2] / "docs/openrpc.json").read_text())
+    api = {p["name"] for m in doc["methods"] for p in m.get("params", [])}
+
+    def options(group: click.Group) -> set[str]:
+        names: set[str] = set()
+        for cmd in group.commands.values():
+            if isinstance(cmd, click.Group):
+                names |= options(cmd)
+            names |= {p.name for p in cmd.params
+                      if isinstance(p, click.Option) and p.name and not p.hidden}  # fmt: skip
+        return names
+
+    missing = sorted(n for n in options(cli) & api if n not in WORDS)
+    assert not missing, f"options sent as API params without wording in WORDS: {missing}"
