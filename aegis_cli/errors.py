@@ -169,6 +169,8 @@ def user_message(exc: RpcError, contact_names: Callable[[], Sequence[str]] | Non
                 problem = _sizes(problem)
             # A list param's "item N" is the N+1th time the option was given.
             problem = re.sub(r"^item (\d+): ", lambda m: f"(the {_nth(int(m[1]) + 1)}): ", problem)
+            if problem.startswith("the "):  # a whole sentence already ("the relay URL must ...")
+                return problem
             return f"{WORDS.get(field, field)} {problem}"
         return message.removeprefix("Invalid params: ")
     m = re.fullmatch(r"no such ([a-z ]+)", message)

@@ -23,7 +23,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from aegisd.paths import PathError, ProfilePaths, check_socket_path, resolve
-from aegisd.relayurl import RelayUrlError, check_relay_url
+from aegisd.relayurl import RelayUrlError, check_chosen_relay_url
 from aegisd.secretfile import SecretFileError, read_first_line
 
 from . import units
@@ -110,14 +110,16 @@ def common(func: F) -> F:
     @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
     @functools.wraps(func)
     def wrapper(home: str | None, as_json: bool, **kwargs: Any) -> Any:
-        root = click.get_current_context().find_root().params
-        outer_home = root.get("home")
-        if home is not None and outer_home is not None and not _same_dir(home, outer_home):
-            raise click.UsageError(
-                f"--home is given twice ({outer_home} before the command, {home} after it): "
-                "give it once"
-            )
-        ctx = Ctx(home if home is not None else outer_home, as_json or bool(root.get("as_json")))
+        here = click.get_current_context()
+        root = here.find_root().params
+        homes = [h for h in (root.get("home"), *here.meta.get("aegis.home", []), home) if h]
+        for other in homes[1:]:
+            if not _same_dir(homes[0], other):
+                raise click.UsageError(
+                    f"--home is given twice ({homes[0]} and {other}): give it once"
+                )
+        as_json = as_json or bool(root.get("as_json")) or bool(here.meta.get("aegis.as_json"))
+        ctx = Ctx(homes[0] if homes else None, as_json)
         click.get_current_context().obj = ctx
         return func(ctx, **kwargs)
 
@@ -224,9 +226,31 @@ class AegisCommand(click.Command):
         return self.short_help or _summary(self.help)
 
 
+def _remember(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A group's --home/--json (aegis relay --home DIR show): kept in the context's meta, which
+    every context of the command line shares, for `common` to read."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value:
+            ctx.meta.setdefault(f"aegis.{name}", []).append(value)
+        return value
+
+    return callback
+
+
 class AegisGroup(click.Group):
     command_class = AegisCommand
     group_class = type  # subgroups (aegis contact ...) are AegisGroups too
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not any(p.name == "home" for p in self.params):  # a subgroup: same options
+            self.params += [
+                click.Option(["--home"], metavar="DIR", help=HOME_HELP, expose_value=False,
+                             callback=_remember("home")),
+                click.Option(["--json", "as_json"], is_flag=True, help=JSON_HELP,
+                             expose_value=False, callback=_remember("as_json")),
+            ]  # fmt: skip
 
     def get_short_help_str(self, limit: int = 45) -> str:
         return self.short_help or _summary(self.help)
@@ -310,7 +334,7 @@ def init(
     check_socket_path(ctx.paths.socket)
     if relay is not None:  # before asking for a passphrase; aegisd checks it again
         try:
-            check_relay_url(relay, insecure_plaintext=insecure_plaintext_relay)
+            check_chosen_relay_url(relay, insecure_plaintext=insecure_plaintext_relay)
         except RelayUrlError as exc:
             raise Fail(str(exc)) from None
         mode = "tor" if use_tor else "proxy" if proxy else "direct" if direct else None
@@ -535,7 +559,7 @@ def listen(ctx: Ctx, since: int | None, types: tuple[str, ...]) -> None:
     A line gives the local time, who and what happened; with --json, each event is one JSON
     object (seq, type, time_ms, data). When the daemon stops or restarts, listen says so on
     standard error, waits for it and goes on after the last event it printed: none is
-    printed twice or missed."""
+    printed twice or missed. Ctrl-C ends it (exit status 0)."""
     from .listen import describe, follow
 
     params: dict[str, Any] = {"types": list(types)} if types else {}
@@ -547,7 +571,10 @@ def listen(ctx: Ctx, since: int | None, types: tuple[str, ...]) -> None:
         else:
             click.echo(describe(ev))
 
-    follow(lambda: ctx.client(timeout=None), params, since, emit)
+    try:
+        follow(lambda: ctx.client(timeout=None), params, since, emit)
+    except KeyboardInterrupt:  # Ctrl-C is how listen is meant to end: no error
+        sys.exit(0)
 
 
 # -- messaging ----------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def _init(args: argparse.Namespace) -> int:
         find_tor,
         tor_missing_message,
     )
-    from .relayurl import SETTING_INSECURE, SETTING_URL, RelayUrlError, check_relay_url
+    from .relayurl import SETTING_INSECURE, SETTING_URL, RelayUrlError, check_chosen_relay_url
     from .store import DEFAULT_KDF, KdfParams, ProfileExists, StoreError, create_profile
     from .transport.network import ProxyUrlError, check_proxy_url
 
@@ -98,7 +98,9 @@ def _init(args: argparse.Namespace) -> int:
     relay = None
     if args.relay is not None:
         try:
-            relay = check_relay_url(args.relay, insecure_plaintext=args.insecure_plaintext_relay)
+            relay = check_chosen_relay_url(
+                args.relay, insecure_plaintext=args.insecure_plaintext_relay
+            )
         except RelayUrlError as exc:
             print(f"aegisd: error: {exc}", file=sys.stderr)
             return 1

@@ -79,6 +79,21 @@ def check_relay_url(url: str, *, insecure_plaintext: bool = False) -> str:
     return f"{scheme}://{netloc}{_path(parts.path)}"
 
 
+def check_chosen_relay_url(url: str, *, insecure_plaintext: bool = False) -> str:
+    """A relay URL the user types (init, relay.set): the policy of `check_relay_url`, and a
+    path that is the relay's, so that a typo (`/ws`) is refused at once instead of showing up
+    later as a relay that answers 404. Relays behind a proxy may add a prefix (`/chat/v1/ws`).
+    Links from others are not held to it: their daemons checked them when chosen."""
+    url = check_relay_url(url, insecure_plaintext=insecure_plaintext)
+    path = urlsplit(url).path
+    if not path.endswith(DEFAULT_PATH):
+        raise RelayUrlError(
+            f"the relay URL's path must end in {DEFAULT_PATH}, the relay's WebSocket path "
+            f"(or be left out): e.g. wss://HOST{DEFAULT_PATH}"
+        )
+    return url
+
+
 def relay_endpoint(url: str) -> str:
     """The URL a connection is made to: `url` with the default path when it has none.
 

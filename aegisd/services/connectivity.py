@@ -34,7 +34,7 @@ from aegisd.relayurl import (
     SETTING_INSECURE,
     SETTING_URL,
     RelayUrlError,
-    check_relay_url,
+    check_chosen_relay_url,
 )
 from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
 from aegisd.rpc.methods import Handler
@@ -273,7 +273,7 @@ def register(registry: Registry, conn: Connectivity) -> None:
     ) -> dict[str, Any]:
         store = conn._store()
         try:
-            url = check_relay_url(url, insecure_plaintext=insecure_plaintext)
+            url = check_chosen_relay_url(url, insecure_plaintext=insecure_plaintext)
         except RelayUrlError as exc:
             raise InvalidParamsError("url", str(exc)) from None
         mode = effective_mode(store.get_setting(SETTING_MODE), store.get_setting(SETTING_PROXY),

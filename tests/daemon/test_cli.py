@@ -6,9 +6,11 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -301,6 +303,19 @@ def test_global_options_before_or_after_the_command(home, short_tmp, cli_env):
             assert json.loads(r.stdout)["locked"] is True
         r = aegis("--home", h, "status", env=cli_env)
         assert r.returncode == 0 and r.stdout.startswith("aegisd ")
+        # Between a group and its command too (aegis relay --home DIR show), as with git.
+        for args in (
+            ("relay", "--home", h, "--json", "show"),
+            ("--json", "relay", "--home", h, "show"),
+            ("relay", "--json", "show", "--home", h),
+        ):
+            r = aegis(*args, env=cli_env)
+            assert r.returncode == 0, (args, r.stderr)
+            assert json.loads(r.stdout)["configured"] is None  # locked: unknown
+        r = aegis("relay", "--home", h, "show", env=cli_env)
+        assert r.returncode == 0 and "unknown while locked" in r.stdout
+        line = one_line_error(aegis("relay", "--home", "/x", "show", "--home", h, env=cli_env), 2)
+        assert "--home is given twice" in line
         # --home on the command line wins over AEGIS_HOME, in either place.
         env = dict(cli_env, AEGIS_HOME=str(short_tmp / "elsewhere"))
         assert aegis("--home", h, "status", env=env).returncode == 0
@@ -478,5 +493,21 @@ def test_a_profile_without_a_relay_points_at_relay_set(short_tmp, cli_env):
     try:
         line = one_line_error(aegis("invite", "--home", h, env=cli_env))
         assert "aegis relay set URL" in line and "aegis init" not in line
+        # A typed relay URL in the user's words: the option's sentence, the path's rule.
+        line = one_line_error(aegis("relay", "set", "ftp://x", "--home", h, env=cli_env))
+        assert line.startswith("aegis: error: the relay URL must start with wss://"), line
+        line = one_line_error(aegis("relay", "set", "ws://127.0.0.1:1/ws", "--home", h,
+                                    env=cli_env))  # fmt: skip
+        assert "must end in /v1/ws" in line
+        # Ctrl-C is how `aegis listen` ends: exit 0, no error line.
+        listen = subprocess.Popen(
+            [sys.executable, "-m", "aegis_cli.main", "listen", "--home", h], env=cli_env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+        time.sleep(5)  # past its start-up (about 0.2 s): subscribed or reconnecting
+        listen.send_signal(signal.SIGINT)
+        out, err = listen.communicate(timeout=30)
+        assert listen.returncode == 0 and "error" not in err, (listen.returncode, err)
     finally:
         aegis("stop", "--home", h, env=cli_env)

@@ -60,3 +60,27 @@ def test_plaintext_to_another_host_needs_the_loud_option():
 )
 def test_a_url_stored_without_path_is_dialled_at_the_relay_endpoint(stored, endpoint):
     assert relay_endpoint(stored) == endpoint
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("ws://127.0.0.1:8765/ws", False),  # a newcomer's typo: the relay would answer 404
+        ("wss://relay.example/aegis", False),
+        ("wss://relay.example/v1/wss", False),
+        ("wss://relay.example", True),
+        ("wss://relay.example/v1/ws", True),
+        ("wss://relay.example/chat/v1/ws", True),  # behind a proxy that adds a prefix
+    ],
+)
+def test_a_chosen_relay_url_has_the_relays_path(url, ok):
+    """init and relay.set hold what the user types to the relay's path; links from others
+    only to check_relay_url."""
+    from aegisd.relayurl import check_chosen_relay_url
+
+    if ok:
+        assert check_chosen_relay_url(url).endswith("/v1/ws")
+    else:
+        with pytest.raises(RelayUrlError, match="must end in /v1/ws"):
+            check_chosen_relay_url(url)
+        check_relay_url(url)
