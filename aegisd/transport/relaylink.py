@@ -170,12 +170,15 @@ class RelayLink:
             await c.close()
         self._clients.clear()
         await self._drop()
+        if self._logged_up:  # closed on purpose (a lock, a stop, new network settings)
+            log.info("%s connection closed", self.name)
+            self._logged_up = False
 
     def _state(self, up: bool, reason: str | None) -> None:
         """Report the link's state, and log it in this one place: a line when the connection
         comes up and one when it is lost (once per change), and why it cannot connect once
-        per reason (again only when the reason changes, never on every retry). A lock or a
-        stop closes the link without a line (``locked``, ``stopping`` say so)."""
+        per reason (again only when the reason changes, never on every retry); stop() adds
+        the line of a connection closed on purpose."""
         if up:
             if not self._logged_up:
                 log.info("%s connected", self.name)
@@ -191,17 +194,28 @@ class RelayLink:
                 self._logged = reason
         self._on_state(up, reason)
 
-    def _on_end(self, owner_id: bytes) -> None:
-        """The relay sent END: another connection subscribed this mailbox (or deleted it).
-        Its unacknowledged deliveries here were withdrawn (relay-protocol.md §4.3) and come
-        again on that connection; this link stops subscribing it."""
-        if owner_id not in dict(self._subscriptions()):
-            return  # deleted (by us, on another connection) or retired: nothing to say
+    async def _on_end(self, client: RelayClient, owner_id: bytes) -> bool:
+        """The relay sent END on ``client``: another connection subscribed this mailbox, or
+        deleted it (relay-protocol.md §4.3). Its unacknowledged deliveries here were withdrawn
+        and come again where the mailbox is held. True if it is held elsewhere: then this link
+        stops subscribing it (never taken back in a loop) and the log says so, once per link.
+        A mailbox deleted (by this profile on another connection, e.g. an isolated owner
+        command, or by a restored copy) is not "taken": an owner command without side
+        effects tells the two apart, and the link's reconcile or a refused subscription deal
+        with it as before."""
+        key = dict(self._subscriptions()).get(owner_id)
+        if key is None:
+            return False  # no longer ours (deleted, retired): nothing to say
+        try:
+            await client.bundle_status(owner_id, key)
+        except RelayError:
+            return False  # it no longer exists: deleted, not taken
         self._taken.add(owner_id)
         if not self._taken_logged:  # once per link: not a line per mailbox or per END
             log.warning("another connection took over this profile's mailboxes at the %s: "
                         "is a copy of the profile running elsewhere?", self.name)
             self._taken_logged = True
+        return True
 
     async def _drop(self) -> None:
         client, self._client = self._client, None
@@ -289,9 +303,8 @@ class RelayLink:
                 done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if ended in done:
                     gone, ended = ended.result(), None
-                    self._on_end(gone)
-                    if owner_id is not None and gone == owner_id:
-                        return
+                    if await self._on_end(client, gone) and gone == owner_id:
+                        return  # isolated: this connection's one mailbox is held elsewhere
                     continue
                 if getter not in done:
                     return

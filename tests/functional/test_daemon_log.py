@@ -23,8 +23,10 @@ LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ aegisd: (INFO|WARNING|ERROR
 #: What the log may say (life cycle); anything else is a new kind of line to look at.
 LIFE_CYCLE = re.compile(
     r"^(listening on \S+( \(inherited\))? \((un)?locked\)|unlocked|locked|new identity created"
-    r"|(old )?relay connected|(old )?relay connection lost: .+|cannot reach the (old )?relay: .+"
+    r"|(old )?relay connected|(old )?relay connection lost: .+|(old )?relay connection closed"
+    r"|cannot reach the (old )?relay: .+"
     r"|another connection took over this profile's mailboxes at the (old )?relay: .+"
+    r"|network settings changed \(mode \w+\)|relay changed|relay move finished"
     r"|managed Tor: \w+|stopping|stopped"
     r"|since the unlock \(counted, not logged one by one\): .*)$"
 )
@@ -72,9 +74,10 @@ def test_a_conversation_adds_no_log_line(peers: Callable[[str], Peer]) -> None:
 
 
 def assert_one_line_per_connection(lines: list[str], connections: int | None = None) -> None:
-    """Exactly one "relay connected" per connection established, one "relay connection lost"
-    per connection lost in between, alternating (never the same state twice in a row)."""
-    states = [ln for ln in lines if ln == "relay connected"
+    """Exactly one "relay connected" per connection established, and one "relay connection
+    lost: ..." or "relay connection closed" per connection that ended, alternating (never the
+    same state twice in a row)."""
+    states = [ln for ln in lines if ln in ("relay connected", "relay connection closed")
               or ln.startswith("relay connection lost: ")]  # fmt: skip
     assert states, lines
     for i, ln in enumerate(states):
