@@ -139,9 +139,8 @@ class Daemon:
 
     @relay_connected.setter
     def relay_connected(self, up: bool) -> None:
-        # A life-cycle line (timestamped): once per transition, never per message, no URL.
-        if up != self._relay_connected:
-            log.info("relay connected" if up else "relay connection lost")
+        # Not logged here: the relay link logs its own state, once per change, with the
+        # reason (aegisd/transport/relaylink.py RelayLink._state), the one place that does.
         self._relay_connected = up
 
     async def unlock(self, passphrase: str | None) -> None:

@@ -171,7 +171,7 @@ def _run(args: argparse.Namespace) -> int:
     from .store import StoreError
 
     # Every line starts with its UTC time, to the second. Lines are life-cycle events (start,
-    # unlock, lock, relay connected/lost, Tor's state, stop) or aggregates (aegisd/droplog.py):
+    # unlock, lock, the relay link's state, Tor's state, stop) or aggregates (aegisd/droplog.py):
     # never one per message, which a seized disk would turn into a diary.
     handler = logging.StreamHandler(sys.stderr)
     formatter = logging.Formatter(

@@ -50,6 +50,7 @@ from aegisd.transport.relaylink import (
     UNAVAILABLE,
     RelayLink,
     RelayUnavailable,
+    acknowledge,
     with_relay,
 )
 from relay.client import Message, RelayClient, RelayError
@@ -261,6 +262,7 @@ class Messenger:
                 on_state=lambda up, reason: None,  # status is about the profile's relay
                 network=self.network(),
                 on_refused=self._on_refused,
+                name="old relay",  # its log lines are told apart from the profile's relay
             )
             self._drains[url] = link
             link.start()
@@ -1366,7 +1368,7 @@ class Messenger:
                         self._reload_prekeys()
                         self._acked_rotations.clear()
                         self.renewals.reset()
-        await client.ack([msg.msg_id])
+        await acknowledge(client, msg.msg_id)  # withdrawn (END): not an error, §4.3
 
     def _reload_prekeys(self) -> None:
         state = self.store.get_identity()

@@ -22,6 +22,7 @@ import logging
 import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import aiohttp_socks
@@ -98,8 +99,12 @@ class RelayLink:
         on_state: StateCallback,
         network: Network | None = None,
         on_refused: RefusedCallback | None = None,
+        name: str = "relay",
     ) -> None:
         self.url = url
+        #: How the log names this link's relay: "relay" (the profile's), "old relay" (a relay
+        #: move's drain link). Never the URL or an address.
+        self.name = name
         self._on_refused = on_refused
         self.network = network or Network()
         self._handler = handler
@@ -124,6 +129,13 @@ class RelayLink:
         self._dialing = asyncio.Semaphore(DIAL_CONCURRENCY)
         self.hello_ttl: int | None = None
         self._logged: str | None = None  # the failure last written to the log
+        self._logged_up = False  # the log's last word on this link: connected
+        #: Mailboxes another connection took (the relay sent END: a copy of this profile
+        #: running elsewhere subscribed them). Not subscribed again by this link, so that two
+        #: copies do not take them from each other in a loop; a new link (unlock, changed
+        #: network settings, restart) tries again.
+        self._taken: set[bytes] = set()
+        self._taken_logged = False
 
     @property
     def isolated(self) -> bool:
@@ -158,18 +170,52 @@ class RelayLink:
             await c.close()
         self._clients.clear()
         await self._drop()
+        if self._logged_up:  # closed on purpose (a lock, a stop, new network settings)
+            log.info("%s connection closed", self.name)
+            self._logged_up = False
 
     def _state(self, up: bool, reason: str | None) -> None:
-        """Report the link's state, and write why it is down to the log once: again only when
-        the reason changes or after the link was up, never on every retry."""
+        """Report the link's state, and log it in this one place: a line when the connection
+        comes up and one when it is lost (once per change), and why it cannot connect once
+        per reason (again only when the reason changes, never on every retry); stop() adds
+        the line of a connection closed on purpose."""
         if up:
-            if self._logged is not None:
-                log.info("relay connected")
+            if not self._logged_up:
+                log.info("%s connected", self.name)
+                self._logged_up = True
             self._logged = None
-        elif reason is not None and reason != self._logged:
-            log.warning("cannot reach the relay: %s", reason)
-            self._logged = reason
+        elif reason is not None:
+            if self._logged_up:
+                log.warning("%s connection lost: %s", self.name, reason)
+                self._logged_up = False
+                self._logged = reason
+            elif reason != self._logged:
+                log.warning("cannot reach the %s: %s", self.name, reason)
+                self._logged = reason
         self._on_state(up, reason)
+
+    async def _on_end(self, client: RelayClient, owner_id: bytes) -> bool:
+        """The relay sent END on ``client``: another connection subscribed this mailbox, or
+        deleted it (relay-protocol.md §4.3). Its unacknowledged deliveries here were withdrawn
+        and come again where the mailbox is held. True if it is held elsewhere: then this link
+        stops subscribing it (never taken back in a loop) and the log says so, once per link.
+        A mailbox deleted (by this profile on another connection, e.g. an isolated owner
+        command, or by a restored copy) is not "taken": an owner command without side
+        effects tells the two apart, and the link's reconcile or a refused subscription deal
+        with it as before."""
+        key = dict(self._subscriptions()).get(owner_id)
+        if key is None:
+            return False  # no longer ours (deleted, retired): nothing to say
+        try:
+            await client.bundle_status(owner_id, key)
+        except RelayError:
+            return False  # it no longer exists: deleted, not taken
+        self._taken.add(owner_id)
+        if not self._taken_logged:  # once per link: not a line per mailbox or per END
+            log.warning("another connection took over this profile's mailboxes at the %s: "
+                        "is a copy of the profile running elsewhere?", self.name)
+            self._taken_logged = True
+        return True
 
     async def _drop(self) -> None:
         client, self._client = self._client, None
@@ -216,6 +262,8 @@ class RelayLink:
             try:
                 refused = 0
                 for owner_id, key in self._subscriptions():
+                    if owner_id in self._taken:
+                        continue  # another connection holds it (END): not taken back
                     try:
                         await client.subscribe(owner_id, key)
                     except RelayError as exc:  # one mailbox refused (e.g. a limit): not the others
@@ -240,32 +288,45 @@ class RelayLink:
             attempt += 1
 
     async def _receive(self, client: RelayClient, owner_id: bytes | None = None) -> None:
+        """Handle the blocks ``client`` receives until it closes; an END of the mailbox
+        ``owner_id`` (isolated mode: the connection's only one) also ends it."""
         closed = asyncio.ensure_future(client.closed.wait())
         getter: asyncio.Future[Message] | None = None
+        ended: asyncio.Future[bytes] | None = None
         try:
             while True:
-                getter = asyncio.ensure_future(client.messages.get())
-                done, _ = await asyncio.wait({getter, closed}, return_when=asyncio.FIRST_COMPLETED)
+                if getter is None:
+                    getter = asyncio.ensure_future(client.messages.get())
+                if ended is None:
+                    ended = asyncio.ensure_future(client.ended.get())
+                waiting: set[asyncio.Future[Any]] = {getter, ended, closed}
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if ended in done:
+                    gone, ended = ended.result(), None
+                    if await self._on_end(client, gone) and gone == owner_id:
+                        return  # isolated: this connection's one mailbox is held elsewhere
+                    continue
                 if getter not in done:
-                    getter.cancel()
                     return
+                msg, getter = getter.result(), None
                 # One block at a time, in arrival order: the handler commits, then acks.
                 if owner_id is not None:
                     self._busy.add(owner_id)
                 try:
-                    await self._handler(client, getter.result())
+                    await self._handler(client, msg)
                 finally:
                     if owner_id is not None:
                         self._busy.discard(owner_id)
                 if owner_id is not None and owner_id in self._retired:
                     return
         finally:
-            # Both helpers, also when this task is cancelled while it waits (a lock, a stop,
+            # Every helper, also when this task is cancelled while it waits (a lock, a stop,
             # a reconnect): a getter left waiting on the dropped client's queue was collected
             # pending ("Task was destroyed but it is pending!" in the log).
             closed.cancel()
-            if getter is not None:
-                getter.cancel()
+            for helper in (getter, ended):
+                if helper is not None:
+                    helper.cancel()
 
     def require(self) -> RelayClient:
         client = self._client
@@ -327,7 +388,11 @@ class RelayLink:
             return
         wanted = dict(self._subscriptions())
         for owner_id, key in wanted.items():
-            if owner_id not in self._serving and owner_id not in self._refused:
+            if (
+                owner_id not in self._serving
+                and owner_id not in self._refused
+                and owner_id not in self._taken
+            ):
                 self._serving[owner_id] = asyncio.create_task(self._serve(owner_id, key))
         for owner_id in [o for o in self._serving if o not in wanted]:
             task = self._serving.pop(owner_id)
@@ -339,6 +404,7 @@ class RelayLink:
             else:
                 task.cancel()
         self._refused &= set(wanted)
+        self._taken &= set(wanted)
         self._update()
 
     async def _serve(self, owner_id: bytes, key: SigningKey) -> None:
@@ -374,6 +440,12 @@ class RelayLink:
                     attempt = 0
                     self._update()
                     await self._receive(client, owner_id)
+                    if owner_id in self._taken:  # END: another connection holds it now
+                        self._serving.pop(owner_id, None)
+                        self._failing.pop(owner_id, None)
+                        self._clients.pop(owner_id, None)
+                        self._update()
+                        return  # (the connection is closed below)
                     reason = "the relay closed the connection"
                 except (*UNAVAILABLE, RelayError, RelayUnavailable) as exc:
                     reason = _reason(exc, self.network.mode == "tor")
@@ -420,6 +492,20 @@ class RelayLink:
             self.connected.clear()
             self._probe_ok = False
             self._state(False, reason)
+
+
+async def acknowledge(client: RelayClient, msg_id: bytes) -> bool:
+    """ACK one delivery. False if the relay no longer knows its id: the subscription moved to
+    another connection (END), which withdrew it (relay-protocol.md §4.3). That is harmless:
+    the block comes again on the connection that holds the subscription, and a copy already
+    processed is dropped end to end; so it is neither an error nor a reason to reconnect."""
+    try:
+        await client.ack([msg_id])
+    except RelayError as exc:
+        if exc.code != wire.E_UNKNOWN_MESSAGE:
+            raise
+        return False
+    return True
 
 
 async def with_relay(

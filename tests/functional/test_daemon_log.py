@@ -23,7 +23,11 @@ LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ aegisd: (INFO|WARNING|ERROR
 #: What the log may say (life cycle); anything else is a new kind of line to look at.
 LIFE_CYCLE = re.compile(
     r"^(listening on \S+( \(inherited\))? \((un)?locked\)|unlocked|locked|new identity created"
-    r"|relay connected|relay connection lost|managed Tor: \w+|stopping|stopped"
+    r"|(old )?relay connected|(old )?relay connection lost: .+|(old )?relay connection closed"
+    r"|cannot reach the (old )?relay: .+"
+    r"|another connection took over this profile's mailboxes at the (old )?relay: .+"
+    r"|network settings changed \(mode \w+\)|relay changed|relay move finished"
+    r"|managed Tor: \w+|stopping|stopped"
     r"|since the unlock \(counted, not logged one by one\): .*)$"
 )
 BAD = ("Task was destroyed", "Traceback", "was never retrieved", "coroutine ")
@@ -66,7 +70,41 @@ def test_a_conversation_adds_no_log_line(peers: Callable[[str], Peer]) -> None:
             "new identity created", "unlocked", f"listening on {p.home}/aegisd.sock (unlocked)",
             "stopping", "locked", "stopped",
         ]  # fmt: skip
-        assert lines.count("relay connected") >= 1
+        assert_one_line_per_connection(lines)
+
+
+def assert_one_line_per_connection(lines: list[str], connections: int | None = None) -> None:
+    """Exactly one "relay connected" per connection established, and one "relay connection
+    lost: ..." or "relay connection closed" per connection that ended, alternating (never the
+    same state twice in a row)."""
+    states = [ln for ln in lines if ln in ("relay connected", "relay connection closed")
+              or ln.startswith("relay connection lost: ")]  # fmt: skip
+    assert states, lines
+    for i, ln in enumerate(states):
+        assert (ln == "relay connected") == (i % 2 == 0), f"the state twice in a row: {lines}"
+    if connections is not None:
+        assert states.count("relay connected") == connections, lines
+
+
+def test_a_relay_outage_logs_one_lost_and_one_connected_line(
+    peers: Callable[[str], Peer], relay_proc
+) -> None:
+    """Stop and restart the relay: the daemon logs the loss once and the new connection once
+    (the link and the daemon both used to log "relay connected"), without any address."""
+    alice = peers("alice")
+    alice.wait_connected()
+    relay_proc.terminate()
+    alice.wait_for(lambda: not alice.call("status")["relay"]["connected"], "the outage")
+    relay_proc.start()  # on the same (inherited) listening socket: the same URL
+    alice.wait_connected()
+    alice.stop()
+    assert alice.proc is not None
+    text = alice.proc.stderr()
+    lines = check_log(text)
+    assert_one_line_per_connection(lines, connections=2)
+    lost = [ln for ln in lines if ln.startswith("relay connection lost: ")]
+    assert lost == ["relay connection lost: the relay closed the connection"], lines
+    assert "127.0.0.1" not in text and "ws://" not in text
 
 
 def _init(home: Path, url: str, passphrase_file: Path | None) -> None:

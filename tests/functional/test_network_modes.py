@@ -19,6 +19,7 @@ from tests.relay.conftest import RelayProcess
 
 from .calls_support import write_tone
 from .conftest import Peer, connect
+from .test_daemon_log import assert_one_line_per_connection, check_log
 
 DEAD_PROXY = "socks5://127.0.0.1:1"  # nothing listens: the link stays down, nothing goes direct
 
@@ -154,6 +155,17 @@ def test_relay_set_moves_the_contacts_mailboxes(
         carol.wait_connected()
         connect(carol, alice)
         assert relay_mailboxes(relay_proc) == 0
+        # The log tells the old relay's connection (the drain) from the profile's relay, with
+        # one line per change of either (finding 12 of the review of issue 14).
+        for peer in (alice, bob):
+            peer.stop()
+            assert peer.proc is not None
+            text = peer.proc.stderr()
+            lines = check_log(text)
+            assert_one_line_per_connection(lines)
+            old = [ln for ln in lines if "old relay" in ln]
+            assert old[0] == "old relay connected" and old[-1] == "old relay connection closed"
+            assert "127.0.0.1" not in text and "ws://" not in text
     finally:
         new.close()
 
