@@ -240,12 +240,14 @@ def register(main: ModuleType) -> None:
     @click.argument("name", required=False)
     @click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
     def calls(ctx: Ctx, name: str | None, limit: int) -> None:
-        """Calls in progress, then the call history (of NAME only, if given), oldest first."""
+        """The call history (of NAME only, if given), oldest first, then the calls in progress
+        (the newest: printed last)."""
         live = ctx.call("calls.list")["calls"]
-        # calls.history gives the newest first; the CLI lists everything oldest first.
+        # calls.history gives the newest first; the CLI lists everything oldest first, so the
+        # calls in progress (newer than every ended one) come last.
         history = ctx.call("calls.history", {"contact": name, "limit": limit})["calls"][::-1]
-        lines = [_describe(c, when=True) for c in live]
-        lines += [_describe(c, when=True) for c in history if c["state"] == "ended"]
+        lines = [_describe(c, when=True) for c in history if c["state"] == "ended"]
+        lines += [_describe(c, when=True) for c in live]
         ctx.out({"live": live, "history": history}, "\n".join(lines) if lines else "no calls yet")
 
 

@@ -7,11 +7,13 @@ call needs a device; it loads libportaudio2 but none of aiortc's media stack (Py
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any
 
 RATE = 48000  # Opus runs at 48 kHz: no resampling on the way to the encoder
 
 open_streams = 0  # PortAudio may only be re-initialised while no stream is open
+_checking = threading.Lock()  # check runs in a worker thread: one at a time (PortAudio is global)
 
 
 class NoAudioDevice(Exception):
@@ -37,9 +39,17 @@ def _rescan(sd: Any) -> None:
 
 def check(need_input: bool, need_output: bool, input_device: str | None,
           output_device: str | None) -> None:  # fmt: skip
-    """Raise NoAudioDevice unless the devices this call needs accept 48 kHz mono 16-bit."""
+    """Raise NoAudioDevice unless the devices this call needs accept 48 kHz mono 16-bit.
+    Slow (seconds, when PortAudio's ALSA plugins time out) and blocking: the daemon runs it in
+    a thread (asyncio.to_thread), never on its event loop."""
     if not (need_input or need_output):
         return
+    with _checking:
+        _check(need_input, need_output, input_device, output_device)
+
+
+def _check(need_input: bool, need_output: bool, input_device: str | None,
+           output_device: str | None) -> None:  # fmt: skip
     sd = portaudio()
     _rescan(sd)
     wanted = (("microphone", need_input, input_device, sd.check_input_settings),

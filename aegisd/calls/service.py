@@ -35,6 +35,7 @@ from aegisd import droplog
 from aegisd.core import wire
 from aegisd.core.errors import ProtocolError
 from aegisd.rpc import AppError, InvalidParamsError
+from aegisd.rpc.errors import LOCKED
 from aegisd.store.db import Contact
 
 from . import signaling
@@ -111,6 +112,7 @@ class Call:
     media_seen: set[str] = field(default_factory=set)
     last_sealed: wire.CallSealedPayload | None = None  # for the replay test (--test-methods)
     bad_fingerprint: bool = False  # --test-methods: seal our SDP with a wrong DTLS fingerprint
+    ring_task: asyncio.Task[None] | None = None  # the RINGING waiting for its delay (incoming)
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -171,10 +173,11 @@ class CallService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # --- settings ---------------------------------------------------------------------------
 
@@ -289,8 +292,12 @@ class CallService:
 
         s = self.m.store
         try:
-            devices.check(play is None, record is None, s.get_setting(SETTING_INPUT_DEVICE),
-                          s.get_setting(SETTING_OUTPUT_DEVICE))  # fmt: skip
+            # In a thread: importing sounddevice and re-initialising PortAudio can take
+            # seconds (ALSA's pulse plugin timing out), and the daemon must go on meanwhile.
+            # The callers look at the call's state again after this await.
+            await asyncio.to_thread(devices.check, play is None, record is None,
+                                    s.get_setting(SETTING_INPUT_DEVICE),
+                                    s.get_setting(SETTING_OUTPUT_DEVICE))  # fmt: skip
         except devices.NoAudioDevice as exc:
             raise AppError(
                 E_NO_AUDIO,
@@ -298,6 +305,8 @@ class CallService:
                 f"{exc}: without a sound device, send a file (--play FILE) and record what "
                 "you receive (--record FILE)",
             ) from None
+        if self.daemon.store is None:  # locked while the devices were checked
+            raise AppError(LOCKED, "locked", "the profile was locked")
 
     def _check_address_consent(self, reveal_ip: bool, contact: str) -> None:
         """A profile that hides its address from relays (Tor, a proxy) does not show it to a
@@ -377,6 +386,7 @@ class CallService:
         call.play, call.record = play, record
         # Connecting before the await: a CANCEL or the ring timeout arriving meanwhile ends the
         # call as it is now (and is not undone after the await).
+        self._stop_ring(call)  # the ACCEPT says more than a RINGING would
         self._set_state(call, "connecting")
         self._arm(call, CONNECT_TIMEOUT, "failed")
         try:
@@ -496,6 +506,7 @@ class CallService:
         if call.timer is not None:
             call.timer.cancel()
             call.timer = None
+        self._stop_ring(call)
         payload: wire.Payload | None = None
         if notify:
             if call.channel is not None and call.channel.open:
@@ -513,6 +524,13 @@ class CallService:
         self.calls.pop(call.id, None)
         self._set_state(call, "ended", reason)
         return payload, media
+
+    @staticmethod
+    def _stop_ring(call: Call) -> None:
+        """Forget the RINGING still waiting for its delay (the call was answered or ended)."""
+        if call.ring_task is not None:
+            call.ring_task.cancel()
+            call.ring_task = None
 
     # --- signaling from the peer (called inside the receive transaction: no waiting) ----------
 
@@ -573,12 +591,14 @@ class CallService:
             # arrives there. It is still answered busy, so it ends even if that INVITE is late.
             self._history_add(incoming, "ended", "crossed")
             self._spawn(self._send_quietly(c.id, wire.CallPayload(
-                p.call_id, wire.CALL_REJECT, reason=wire.CALL_REASON_BUSY)))  # fmt: skip
+                p.call_id, wire.CALL_REJECT, reason=wire.CALL_REASON_BUSY),
+                delay=self._reply_delay()))  # fmt: skip
             return
         if self._busy():
             self._history_add(incoming, "ended", "busy")
             self._spawn(self._send_quietly(c.id, wire.CallPayload(
-                p.call_id, wire.CALL_REJECT, reason=wire.CALL_REASON_BUSY)))  # fmt: skip
+                p.call_id, wire.CALL_REJECT, reason=wire.CALL_REASON_BUSY),
+                delay=self._reply_delay()))  # fmt: skip
             self.daemon.events.emit(
                 "call.missed", {"call_id": p.call_id.hex(), "contact": c.name, "reason": "busy"}
             )
@@ -590,15 +610,36 @@ class CallService:
         )
         self._set_state(incoming, "ringing")
         self._arm(incoming, self._ring_timeout(), "missed")
-        # Tell the caller it rings here (its user hears "ringing", not just "calling"). Sent at
-        # once, like the automatic busy answer above: docs/threat-model.md §6 on call timing.
-        self._spawn(self._send_quietly(c.id, wire.CallPayload(p.call_id, wire.CALL_RINGING)))
+        # Tell the caller it rings here (its user hears "ringing", not just "calling"); this
+        # includes the call that goes on after crossed calls (it does ring here). Not at once:
+        # after the receipts' random delay, like the busy answer above, so that the relay does
+        # not see an instant reply to the INVITE's deposit; never sent if the call is answered
+        # or ends first (_stop_ring). Not in a cover slot: slots are the interval apart
+        # (minutes), longer than a ring lasts, and the rest of the call's signaling leaves
+        # outside them anyway (docs/protocol.md §21, §24; docs/threat-model.md §6).
+        incoming.ring_task = self._spawn(self._ring_later(incoming))
+
+    def _reply_delay(self) -> float:
+        """The delay before an automatic answer to an INVITE (RINGING, busy): that of a
+        receipt, uniform in [0.5 s, privacy.receipt_delay_max]."""
+        return self.m._receipt_delay()
+
+    async def _ring_later(self, call: Call) -> None:
+        await asyncio.sleep(self._reply_delay())
+        if call.state != "ringing":  # answered, declined or ended meanwhile: nothing to say
+            return
+        call.ring_task = None  # from here on the RINGING is sent: an end no longer cancels it
+        await self._send_quietly(call.contact_id, wire.CallPayload(call.id, wire.CALL_RINGING))
 
     def _known(self, call_id: bytes) -> bool:
         row = self.m.store._q("SELECT 1 FROM calls WHERE id = ?", (call_id.hex(),)).fetchone()
         return row is not None
 
-    async def _send_quietly(self, contact_id: int, payload: wire.Payload) -> None:
+    async def _send_quietly(
+        self, contact_id: int, payload: wire.Payload, delay: float = 0.0
+    ) -> None:
+        if delay > 0:
+            await asyncio.sleep(delay)
         with contextlib.suppress(AppError, RuntimeError):
             await self.m.send_call_payload(contact_id, payload)
 

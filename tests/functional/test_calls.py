@@ -249,6 +249,8 @@ def test_crossed_calls_one_goes_on(make: Callable[..., Peer], proxy: RecordingPr
     assert [(c["call_id"], c["state"]) for c in callee.call("calls.list")["calls"]] == [
         (win, "ringing")
     ]
+    # The call that goes on rings at the callee, which says so (docs/protocol.md §21.1).
+    event(caller, "call.state", call_id=win, state="ringing")
     callee.call("calls.accept", {"call_id": win})
     event(caller, "call.state", call_id=win, state="active")
     event(callee, "call.state", call_id=win, state="active")
@@ -272,6 +274,8 @@ def test_sealed_fingerprint_is_the_one_checked(make: Callable[..., Peer]) -> Non
     connect(alice, bob)
     call_id = alice.call("calls.start", {"contact": "bob"})["call_id"]
     event(bob, "call.incoming", call_id=call_id)
+    # The RINGING leaves after a receipt's delay (an ACCEPT before it would drop it).
+    event(alice, "call.state", call_id=call_id, state="ringing")
     bob.call("debug.call_signal", {"call_id": call_id, "mode": "fingerprint"})
     bob.call("calls.accept", {"call_id": call_id})
     event(alice, "call.state", call_id=call_id, state="ended", reason="failed")
@@ -333,6 +337,16 @@ def test_busy_reject_and_offline_contact(make: Callable[..., Peer]) -> None:
     assert [(c["call_id"], c["state"]) for c in alice.call("calls.list")["calls"]] == [
         (first, "active")
     ]
+    # `aegis calls` lists oldest first: the ended calls, then the one in progress, last.
+    r = subprocess.run(
+        [sys.executable, "-m", "aegis_cli.main", "calls", "--home", str(bob.home)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    listed = [re.search(r"\[([0-9a-f]{32})\]$", x).group(1)  # type: ignore[union-attr]
+              for x in r.stdout.strip().splitlines()]  # fmt: skip
+    assert listed == [second, third, first], r.stdout
+    assert ": active" in r.stdout.strip().splitlines()[-1], r.stdout
     alice.call("calls.hangup", {"call_id": first})
     event(bob, "call.state", call_id=first, state="ended", reason="remote_hangup")
 
@@ -462,6 +476,29 @@ def test_a_call_under_cover_does_not_wait_for_slots(make: Callable[..., Peer]) -
     time.sleep(1.0)
     assert {m["status"] for m in alice.call("messages.history", {"contact": "bob"})["messages"]
             if m["text"] == "after the call"} == {"queued"}  # fmt: skip
+
+
+def test_ringing_waits_like_a_receipt_and_is_not_sent_for_a_call_declined_first(
+    make: Callable[..., Peer], proxy: RecordingProxy
+) -> None:
+    """The callee's daemon does not answer an INVITE's deposit at once (the relay would link the
+    two mailboxes, and any contact could tell the callee is online): RINGING leaves after a
+    receipt's random delay, and never if the call is declined (or cancelled) before it."""
+    alice, bob = make("alice"), make("bob")
+    connect(alice, bob)
+    # A receipt's delay of up to an hour: the RINGING is still waiting when bob declines.
+    bob.call("settings.set", {"receipt_delay_max": 3600})
+    call_id = alice.call("calls.start", {"contact": "bob"})["call_id"]
+    event(bob, "call.incoming", call_id=call_id)
+    bob.call("calls.reject", {"call_id": call_id})
+    event(alice, "call.state", call_id=call_id, state="ended", reason="rejected")
+    # A message from bob after the REJECT: anything bob's daemon sent before it has arrived.
+    bob.call("messages.send", {"contact": "alice", "text": "declined"})
+    event(alice, "message.received", text="declined")
+    states = [e["data"]["state"] for e in alice.events(types=["call.state"])
+              if e["data"]["call_id"] == call_id]  # fmt: skip
+    assert states == ["calling", "ended"], states
+    assert bob.call("calls.history", {"limit": 1})["calls"][0]["reason"] == "rejected"
 
 
 def test_caller_sees_calling_once_then_ringing_and_how_long_it_lasted(

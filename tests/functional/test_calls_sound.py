@@ -14,6 +14,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -215,3 +216,82 @@ def test_named_device_that_does_not_exist(sound: PulseAudio, make: Callable[...,
     started = alice.call("calls.start", {"contact": "bob"})
     assert started["state"] == "calling"
     alice.call("calls.hangup", {})
+
+
+# A stand-in for the sounddevice module whose device check blocks until the test lets it go:
+# PortAudio's re-initialisation can take seconds when an ALSA plugin times out.
+SLOW_SOUNDDEVICE = '''
+import os, time
+
+_gate = os.environ["AEGIS_TEST_SOUND_GATE"]
+
+
+def _wait(**_kw):
+    open(_gate + ".entered", "w").close()
+    deadline = time.monotonic() + 60  # bounded: a test that fails does not hang the daemon
+    while not os.path.exists(_gate + ".open") and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _terminate():
+    pass
+
+
+def _initialize():
+    pass
+
+
+check_input_settings = check_output_settings = _wait
+'''
+
+
+def test_slow_device_check_does_not_block_the_daemon(
+    make: Callable[..., Peer], tmp_short: Path
+) -> None:
+    """The sound-device check runs beside the daemon, not on it: while it hangs the daemon
+    answers and takes the caller's CANCEL, and the answer given meanwhile then fails cleanly
+    (the call ended; no ACCEPT leaves, nothing is left live)."""
+    fake = tmp_short / "fake"
+    fake.mkdir()
+    (fake / "sounddevice.py").write_text(SLOW_SOUNDDEVICE)
+    gate = tmp_short / "gate"
+    env = no_sound_env(tmp_short)
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(fake), env.get("PYTHONPATH")) if x)
+    env["AEGIS_TEST_SOUND_GATE"] = str(gate)
+    alice, bob = make("alice", no_sound_env(tmp_short)), make("bob", env)
+    connect(alice, bob)
+    tone = tmp_short / "tone.wav"
+    write_tone(tone, 440.0, 2.0)
+    started = alice.call("calls.start", {"contact": "bob", "play": str(tone),
+                                         "record": str(tmp_short / "a.wav")})  # fmt: skip
+    call_id = started["call_id"]
+    bob.wait_for(lambda: bob.call("calls.list")["calls"], "the call to ring", timeout=T_CALL)
+
+    answered: dict[str, Any] = {}
+
+    def answer() -> None:
+        assert bob.proc is not None
+        try:
+            with bob.proc.client(timeout=T_CALL + 60) as c:
+                answered["result"] = c.call("calls.accept", {"call_id": call_id})
+        except RpcCallError as exc:
+            answered["error"] = exc.code
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    try:
+        bob.wait_for(Path(str(gate) + ".entered").exists, "the device check", timeout=T_CALL)
+        # The check hangs; the daemon still answers, and the caller gives up meanwhile.
+        assert [c["state"] for c in bob.call("calls.list")["calls"]] == ["ringing"]
+        alice.call("calls.hangup", {"call_id": call_id})
+        wait_state(bob, call_id, "ended")
+    finally:
+        Path(str(gate) + ".open").touch()
+        t.join(T_CALL)
+    assert answered == {"error": 1028}, answered  # call_state: it ended while being answered
+    assert bob.call("calls.list")["calls"] == []
+    assert bob.call("calls.history", {"limit": 1})["calls"][0]["reason"] == "missed"
+    states = [e["data"]["state"] for e in alice.events(types=["call.state"])
+              if e["data"]["call_id"] == call_id]  # fmt: skip
+    # No ACCEPT reached alice (a RINGING may have, before she hung up).
+    assert "connecting" not in states and states[-1] == "ended", states
