@@ -113,7 +113,8 @@ def register(main: ModuleType) -> None:
     @backup.command("export")
     @common
     @click.argument("file", type=click.Path(dir_okay=False))
-    @click.option("--passphrase-file", metavar="FILE", help="Read the passphrase from FILE.")
+    @click.option("--passphrase-file", metavar="FILE",
+                  help="Read the passphrase from FILE's first line ('-': standard input).")
     @click.option("--force", is_flag=True, help="Replace FILE if it exists.")
     @click.option(
         "--kdf-memory-kib", type=int, default=DEFAULT_MEMORY_KIB, show_default=True,
@@ -167,7 +168,8 @@ def register(main: ModuleType) -> None:
     @backup.command("import")
     @common
     @click.argument("file", type=click.Path(dir_okay=False))
-    @click.option("--passphrase-file", metavar="FILE", help="Read the passphrase from FILE.")
+    @click.option("--passphrase-file", metavar="FILE",
+                  help="Read the passphrase from FILE's first line ('-': standard input).")
     def backup_import(ctx: Any, file: str, passphrase_file: str | None) -> None:
         """Restore a backup into this profile, which must be fresh (no contacts or history).
 

@@ -192,6 +192,9 @@ def user_message(exc: RpcError, contact_names: Callable[[], Sequence[str]] | Non
             quoted = " or ".join(f"'{printable(n)}'" for n in close)
             return f"{text} (did you mean {quoted}? names are case-sensitive)"
         return f"{text} (aegis contacts lists them)"
+    if exc.error in ("bad_file", "exists") and isinstance(params.get("path"), str):
+        # Which file: the user may have given several commands, or a relative path.
+        message = f"{message}: {printable(params['path'])}"
     # Params named in a hint ("use overwrite") become the option the user types.
     return re.sub(
         r"\buse (\w+)\b",

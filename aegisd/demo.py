@@ -438,6 +438,9 @@ def show_relay(stage: Stage) -> None:
             f"    stored block {i}: {len(block):,} bytes, "
             f"{entropy_bits_per_byte(block):.3f} bits/byte (8 is perfectly random)"
         )
+    if blocks:
+        print("    (a 16,384-byte block as sent, sealed again by the relay for the mailbox's owner:"
+              " a 24-byte nonce and a 16-byte tag more)")
     texts = [t for _, _, t in LIVE_CONVERSATION] + [OFFLINE_TEXT, "alice", "bob"]
     needles = [t.encode() for t in texts]
     found = [

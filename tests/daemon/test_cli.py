@@ -507,7 +507,7 @@ def test_a_profile_without_a_relay_points_at_relay_set(short_tmp, cli_env):
         )  # fmt: skip
         time.sleep(5)  # past its start-up (about 0.2 s): subscribed or reconnecting
         listen.send_signal(signal.SIGINT)
-        out, err = listen.communicate(timeout=30)
+        _out, err = listen.communicate(timeout=30)
         assert listen.returncode == 0 and "error" not in err, (listen.returncode, err)
     finally:
         aegis("stop", "--home", h, env=cli_env)
