@@ -194,7 +194,8 @@ def user_message(exc: RpcError, contact_names: Callable[[], Sequence[str]] | Non
         return f"{text} (aegis contacts lists them)"
     if exc.error in ("bad_file", "exists") and isinstance(params.get("path"), str):
         # Which file: the user may have given several commands, or a relative path.
-        message = f"{message}: {printable(params['path'])}"
+        head, hint, rest = message.partition(" (use ")
+        message = f"{head}: {printable(params['path'])}" + (f" (use {rest}" if hint else "")
     # Params named in a hint ("use overwrite") become the option the user types.
     return re.sub(
         r"\buse (\w+)\b",

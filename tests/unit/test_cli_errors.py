@@ -26,7 +26,7 @@ def test_did_you_mean_prefers_a_case_match_then_near_misses() -> None:
 def test_messages_name_options_not_params() -> None:
     e = err(1033, "a file with this name exists there (use overwrite)", {"error": "exists"},
             "attachments.save", {"attachment_id": "ab", "path": "/x", "overwrite": False})
-    assert user_message(e) == "a file with this name exists there (use --overwrite): /x"
+    assert user_message(e) == "a file with this name exists there: /x (use --overwrite)"
     e = err(1030, "no such file", {"error": "bad_file"}, "attachments.send",
             {"contact": "bob", "path": "/tmp/no\x1bpe.pdf"})
     assert user_message(e) == "no such file: /tmp/no?pe.pdf"
