@@ -165,6 +165,15 @@ def url_ok(url: str, insecure_plaintext: bool) -> bool:
     return True
 
 
+def own_relay_ok(url: str, insecure_plaintext: bool, move: dict[str, Any] | None) -> bool:
+    """`url_ok` for a relay of ours: also the old relay of a move under way (``relay.move``)
+    that was set with --insecure-plaintext-relay, though the profile's flag is now the new
+    relay's (connectivity.move_insecure)."""
+    if url_ok(url, insecure_plaintext):
+        return True
+    return endpoint_key(url) in ((move or {}).get("insecure") or []) and url_ok(url, True)
+
+
 def not_found(what: str) -> AppError:
     return AppError(E_NOT_FOUND, "not_found", f"no such {what}")
 
@@ -473,10 +482,8 @@ class Messenger:
         """The URL policy for a relay of ours: the profile's flag, or, for the old relay of a
         move under way that was set with --insecure-plaintext-relay, that relay's own flag (its
         old mailboxes are still drained and deleted: connectivity.move_insecure)."""
-        if url_ok(url, bool(self.store.get_setting(SETTING_INSECURE, False))):
-            return True
-        move = self.store.get_setting(SETTING_MOVE) or {}
-        return endpoint_key(url) in (move.get("insecure") or []) and url_ok(url, True)
+        return own_relay_ok(url, bool(self.store.get_setting(SETTING_INSECURE, False)),
+                            self.store.get_setting(SETTING_MOVE))  # fmt: skip
 
     def _relay_url(self) -> str:
         url = self.store.get_setting(SETTING_URL)
