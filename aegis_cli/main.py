@@ -477,6 +477,7 @@ def status(ctx: Ctx) -> None:
         f"{' (' + WEAK_NOTE + ')' if st.get('weak_passphrase') else ''}\n"
         f"relay: {relay_text(st)}{net_text}"
         + (f"\nWARNING: {st['superseded']}" if st.get("superseded") else "")
+        + (f"\nWARNING: {st['relay_lost']}" if st.get("relay_lost") else "")
         + (f"\ncontacts failed: {', '.join(st['contacts_failed'])} (aegis contacts says why)"
            if st.get("contacts_failed") else ""),
     )

@@ -321,6 +321,7 @@ class Daemon:
             "last_event_seq": None if store is None else store.last_event_seq(),
             "contacts_failed": None if store is None else self.messenger.failed_contacts(),
             "superseded": self.messenger.superseded(),
+            "relay_lost": None if store is None else self.messenger.relay_lost,
             "relay_move": self.messenger.move_status(),
             "subscriptions": self.events.count(ctx.connection),
         }

@@ -109,5 +109,27 @@ def relay_endpoint(url: str) -> str:
     return parts._replace(path=path).geturl()
 
 
+def same_relay(a: str | None, b: str | None) -> bool:
+    """Whether two URLs name the same relay endpoint: ``ws://h:p`` and ``ws://h:p/v1/ws`` do
+    (and a host or scheme spelled in capitals). Every comparison of relay URLs uses this."""
+    if a is None or b is None:
+        return a is b
+    return endpoint_key(a) == endpoint_key(b)
+
+
+def endpoint_key(url: str) -> str:
+    """The normalised endpoint of `url` (for comparisons and as a key; never dialled)."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return url
+    host = (parts.hostname or "").lower()
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    return f"{parts.scheme.lower()}://{netloc}{_path(parts.path)}"
+
+
 def _path(path: str) -> str:
     return DEFAULT_PATH if path in ("", "/") else path

@@ -35,6 +35,8 @@ from aegisd.relayurl import (
     SETTING_URL,
     RelayUrlError,
     check_chosen_relay_url,
+    endpoint_key,
+    same_relay,
 )
 from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
 from aegisd.rpc.methods import Handler
@@ -300,20 +302,30 @@ async def move_to_relay(daemon: Daemon, url: str, insecure_plaintext: bool) -> t
     are made at the new relay on the next connection. The contacts' mailboxes move by the
     ordinary rotation (messenger.continue_move): the old ones keep receiving until each
     contact confirms its new one. Returns the number of invitations that stop working and of
-    contacts whose mailboxes move."""
+    contacts whose mailboxes move.
+
+    A deliberate user action: it also clears the mark of a copy restored elsewhere (or of a
+    relay that lost the mailboxes), since the new mailboxes are this copy's own."""
     from .mailbox import OwnedMailbox
-    from .messenger import SETTING_MOVE
+    from .messenger import SETTING_MOVE, SETTING_SUPERSEDED
 
     m = daemon.messenger
     async with m.lock:
         store = m.store
         old_url = store.get_setting(SETTING_URL)
-        moving = sum(1 for r in store.list_mailboxes("contact") if r.contact_id is not None
-                     and OwnedMailbox.from_bytes(r.descriptor).relay_url != url)  # fmt: skip
+        old_insecure = bool(store.get_setting(SETTING_INSECURE, False))
+        was_superseded = bool(store.get_setting(SETTING_SUPERSEDED))
+        moving = len({r.contact_id for r in store.list_mailboxes("contact")
+                      if r.contact_id is not None and not same_relay(
+                          OwnedMailbox.from_bytes(r.descriptor).relay_url, url)})  # fmt: skip
         from aegisd.store import cover as pool
 
         rows = [r for r in [*store.list_mailboxes(), *pool.pool_rows(store)]
                 if r.role != "contact"]  # fmt: skip
+        # Out of use first (as _retire_mailbox does): a reconnect while they are deleted must
+        # not subscribe them again (the relay would refuse a deleted mailbox).
+        for row in rows:
+            m._owned.pop(OwnedMailbox.from_bytes(row.descriptor).owner_id, None)
         deleted = set()
         for row in rows:  # now, while the old relay's network settings still hold
             try:
@@ -335,13 +347,29 @@ async def move_to_relay(daemon: Daemon, url: str, insecure_plaintext: bool) -> t
                     store.delete_mailbox(row.id)
             store.set_setting(SETTING_URL, url)
             store.set_setting(SETTING_INSECURE, bool(insecure_plaintext))
-            if moving and old_url != url:
-                move = store.get_setting(SETTING_MOVE)  # a move under way keeps its start
-                store.set_setting(SETTING_MOVE, {"from": (move or {}).get("from", old_url),
-                                                 "at": (move or {}).get("at", _ms())})  # fmt: skip
+            store.set_setting(SETTING_SUPERSEDED, None)
+            if moving and not same_relay(old_url, url):
+                move = store.get_setting(SETTING_MOVE) or {}  # a move under way keeps its start
+                store.set_setting(SETTING_MOVE, {
+                    "from": move.get("from", old_url), "at": move.get("at", _ms()),
+                    "insecure": move_insecure(move, old_url, old_insecure)})  # fmt: skip
         m._reload_owned()
+        m.relay_lost = None
+        m._denied.clear()
+        if was_superseded:
+            m.cover.start()  # stopped when the mark was set (_mark_superseded)
     log.info("relay changed")
     return sum(1 for row in rows if row.role == "invitation"), moving
+
+
+def move_insecure(move: dict[str, Any], old_url: str | None, old_insecure: bool) -> list[str]:
+    """The relays of a move under way that were set with --insecure-plaintext-relay (their
+    endpoints): the old mailboxes there are still drained and deleted over ws://, though the
+    profile's own flag now belongs to the new relay."""
+    insecure = set(move.get("insecure") or [])
+    if old_insecure and old_url:
+        insecure.add(endpoint_key(old_url))
+    return sorted(insecure)
 
 
 def _ms() -> int:

@@ -39,7 +39,14 @@ from aegisd.core.prekeys import PrekeyStore
 from aegisd.core.primitives import SystemEntropy
 from aegisd.core.session import Session, accept_first_contact, initiate_session
 from aegisd.netmode import Unreachable
-from aegisd.relayurl import SETTING_INSECURE, SETTING_URL, RelayUrlError, check_relay_url
+from aegisd.relayurl import (
+    SETTING_INSECURE,
+    SETTING_URL,
+    RelayUrlError,
+    check_relay_url,
+    endpoint_key,
+    same_relay,
+)
 from aegisd.rpc import AppError, InvalidParamsError
 from aegisd.store import Store, StoreError
 from aegisd.store import cover as cover_slots
@@ -110,7 +117,15 @@ SETTING_SUPERSEDED = "profile.superseded"  # {"at": ms}: restored on another dev
 SUPERSEDED_TEXT = (
     "this profile was restored from a backup on another device, which now has its contacts "
     "(the relay no longer has this copy's mailboxes): use that device; this copy can no "
-    "longer send or receive, and its history stays readable here"
+    "longer send or receive, and its history stays readable here (if it was not restored "
+    "elsewhere, the relay lost its mailboxes: aegis relay set URL makes new ones)"
+)
+#: status.relay_lost: the relay refused this profile's address mailbox as gone, without the
+#: evidence of a restored copy (_on_refused): a relay that lost its data, most likely.
+RELAY_LOST_TEXT = (
+    "the relay no longer has this profile's address mailbox (it may have lost its data): "
+    "aegis relay set URL (the same URL) makes new mailboxes there; contacts that cannot "
+    "reach you need a new invitation"
 )
 SETTING_MOVE = "relay.move"  # {"from": url, "at": ms}: contacts' mailboxes moving (relay.set)
 #: A contact that has not confirmed its new mailbox this long after a relay move (the relay's
@@ -151,6 +166,15 @@ def url_ok(url: str, insecure_plaintext: bool) -> bool:
     return True
 
 
+def own_relay_ok(url: str, insecure_plaintext: bool, move: dict[str, Any] | None) -> bool:
+    """`url_ok` for a relay of ours: also the old relay of a move under way (``relay.move``)
+    that was set with --insecure-plaintext-relay, though the profile's flag is now the new
+    relay's (connectivity.move_insecure)."""
+    if url_ok(url, insecure_plaintext):
+        return True
+    return endpoint_key(url) in ((move or {}).get("insecure") or []) and url_ok(url, True)
+
+
 def not_found(what: str) -> AppError:
     return AppError(E_NOT_FOUND, "not_found", f"no such {what}")
 
@@ -185,6 +209,11 @@ class Messenger:
         # After a relay move: one link per other relay that still holds mailboxes of ours,
         # receiving on them until every contact has switched (or the bound passed).
         self._drains: dict[str, RelayLink] = {}
+        # Mailboxes of ours the relay refused as gone since the link last went down
+        # ("address", "contact", "deposit": the evidence _on_refused weighs), and what status
+        # says when that is not enough to mark the profile superseded.
+        self._denied: set[str] = set()
+        self.relay_lost: str | None = None
         self._moving = asyncio.Lock()  # one continue_move at a time
         self._acked_rotations: list[tuple[Contact, bytes]] = []
         # contacts.add waiting for its first contact's deposit: contact id -> outcome
@@ -250,11 +279,14 @@ class Messenger:
         """A receiving link for each other relay that holds mailboxes of ours (a relay move
         under way); none once they are gone."""
         main = self.link.url if self.link is not None else None
-        wanted = set()
+        wanted: dict[str, str] = {}  # endpoint -> a URL of it (as a mailbox stores it)
         if self.daemon.store is not None:
-            wanted = {mb.relay_url for _, mb in self._owned.values()} - {main}
-            wanted = {u for u in wanted if self._url_ok(u)}
-        for url in wanted - set(self._drains):
+            for _, mb in self._owned.values():
+                key = endpoint_key(mb.relay_url)
+                if not same_relay(mb.relay_url, main) and self._url_ok(mb.relay_url):
+                    wanted.setdefault(key, mb.relay_url)
+        for key in set(wanted) - set(self._drains):
+            url = wanted[key]
             link = RelayLink(
                 url,
                 handler=self._on_block,
@@ -264,10 +296,10 @@ class Messenger:
                 on_refused=self._on_refused,
                 name="old relay",  # its log lines are told apart from the profile's relay
             )
-            self._drains[url] = link
+            self._drains[key] = link
             link.start()
-        for url in set(self._drains) - wanted:
-            self._spawn(self._drains.pop(url).stop())
+        for key in set(self._drains) - set(wanted):
+            self._spawn(self._drains.pop(key).stop())
 
     async def _stop_drains(self) -> None:
         drains, self._drains = list(self._drains.values()), {}
@@ -300,6 +332,8 @@ class Messenger:
         async with self.lock:
             self.prekeys = None
             self._owned.clear()
+            self._denied.clear()
+            self.relay_lost = None
 
     def _reload_owned(self) -> None:
         self._owned = {}
@@ -310,13 +344,15 @@ class Messenger:
     def _subscriptions(self, url: str) -> list[tuple[bytes, Any]]:
         """The mailboxes of ours at the relay at ``url``."""
         return [(mb.owner_id, mb.signing_key) for _, mb in self._owned.values()
-                if mb.relay_url == url]  # fmt: skip
+                if same_relay(mb.relay_url, url)]  # fmt: skip
 
     def _on_relay_state(self, up: bool, reason: str | None) -> None:
         was = self.daemon.relay_connected
         first_failure = not up and self.relay_reason == "connecting"
         self.daemon.relay_connected = up
         self.relay_reason = reason
+        if not up:
+            self._denied.clear()  # the evidence of one connection (_on_refused)
         if (up != was or first_failure) and self.daemon.store is not None:
             self.daemon.events.emit("relay.up" if up else "relay.down", {"reason": reason})
         if up:
@@ -339,32 +375,50 @@ class Messenger:
             raise AppError(E_NOT_READY, "not_ready", SUPERSEDED_TEXT, reason="restored_elsewhere")
 
     def _on_refused(self, owner_id: bytes, code: int) -> bool:
-        """The relay refused to subscribe one of our mailboxes. E_DENIED: it no longer exists,
-        and only a holder of its key (this profile's, so a copy restored from a backup: it
-        deletes the old mailboxes once its contacts renewed, docs/protocol.md §23) can have
-        deleted it. Not a mailbox a renewal of ours still waits on (a restored profile whose
-        backup was stale: renewal.py reports that per contact)."""
+        """The relay refused to subscribe one of our mailboxes. E_DENIED: it no longer exists.
+        Only a holder of its key can have deleted it (this profile's: a copy restored from a
+        backup deletes the old mailboxes once its contacts renewed, docs/protocol.md §23), or
+        the relay lost it (its database, or a hostile relay). One refusal is not enough to
+        stop this copy for good (_verdict): the address mailbox AND an established contact's
+        (its own mailbox, or the contact's, a deposit refused) must both be gone, with no relay
+        move or renewal under way. Returns whether the refusal is accounted for (no warning)."""
         entry = self._owned.get(owner_id)
         if entry is None or code != E_DENIED or self.daemon.store is None:
             return False
         row = entry[0]
-        if row.role == "contact":
-            renewing = self.store._q(
-                "SELECT 1 FROM renewals WHERE contact_id = ? AND side = 'restored' AND done != 1",
-                (row.contact_id,),
-            ).fetchone()
-            if renewing is not None:
+        if row.role == "address":
+            self._denied.add("address")
+        elif row.role == "contact" and row.contact_id is not None:
+            c = self.store.get_contact(row.contact_id)
+            if c is None or c.blocked or not ContactState.from_bytes(c.state).established:
                 return False
-        elif row.role != "address":
+            self._denied.add("contact")
+        else:
             return False
-        if not self.store.get_setting(SETTING_SUPERSEDED):
-            self._mark_superseded()
+        self._verdict()
         return True
 
+    def _verdict(self) -> None:
+        """Mark the profile superseded on strong evidence (above); on the address alone, say in
+        status that the relay lost it (RELAY_LOST_TEXT)."""
+        if "address" not in self._denied or self.store.get_setting(SETTING_SUPERSEDED):
+            return
+        busy = self.store.get_setting(SETTING_MOVE) or self.store._q(
+            "SELECT 1 FROM renewals WHERE done = 0"
+        ).fetchone()
+        if busy or not self._denied & {"contact", "deposit"}:
+            if self.relay_lost is None:
+                log.warning("the relay no longer has this profile's address mailbox")
+            self.relay_lost = RELAY_LOST_TEXT
+            return
+        self.relay_lost = None
+        self._mark_superseded()
+
     async def _probe_address(self) -> None:
-        """Ask the relay about the address mailbox (an owner command without side effects):
-        it refuses if a restored copy of this profile deleted it (then _on_refused marks this
-        copy)."""
+        """A deposit to an established contact was refused (its mailbox is gone): ask the relay
+        about the address mailbox (an owner command without side effects); it refuses if a
+        restored copy of this profile deleted it (then _on_refused marks this copy)."""
+        self._denied.add("deposit")
         found = self._address_mailbox() if self.daemon.store is not None else None
         if found is None or self.link is None or self.superseded():
             return
@@ -427,7 +481,11 @@ class Messenger:
         return self.prekeys.identity
 
     def _url_ok(self, url: str) -> bool:
-        return url_ok(url, bool(self.store.get_setting(SETTING_INSECURE, False)))
+        """The URL policy for a relay of ours: the profile's flag, or, for the old relay of a
+        move under way that was set with --insecure-plaintext-relay, that relay's own flag (its
+        old mailboxes are still drained and deleted: connectivity.move_insecure)."""
+        return own_relay_ok(url, bool(self.store.get_setting(SETTING_INSECURE, False)),
+                            self.store.get_setting(SETTING_MOVE))  # fmt: skip
 
     def _relay_url(self) -> str:
         url = self.store.get_setting(SETTING_URL)
@@ -1270,7 +1328,7 @@ class Messenger:
             return None
         url = str(store.get_setting(SETTING_URL)) if store is not None else ""
         left = sorted({c.name for row, mb in self._owned.values() if row.role == "contact"
-                       and mb.relay_url != url and row.contact_id is not None
+                       and not same_relay(mb.relay_url, url) and row.contact_id is not None
                        and (c := self.store.get_contact(row.contact_id)) is not None})  # fmt: skip
         return {"from": move["from"], "started_at": move["at"], "contacts_left": left}
 
@@ -1293,19 +1351,21 @@ class Messenger:
         overdue = _ms() - int(move["at"]) > MOVE_BOUND_MS
         for c in self.store.list_contacts():
             row = self.store.mailbox_for_contact(c.id)
-            if row is None or OwnedMailbox.from_bytes(row.descriptor).relay_url == url:
+            if row is None or same_relay(OwnedMailbox.from_bytes(row.descriptor).relay_url, url):
                 continue  # its newest mailbox is here already (announced, or confirmed)
             if ContactState.from_bytes(c.state).established and not c.blocked:
                 if self.cover.active() and not cover_slots.pool_rows(self.store):
                     break  # the next pool mailbox (made at a random time) moves the next one
                 try:
                     await self.rotate_mailbox(c.name)
-                except AppError:
-                    return  # the relay went away: the next connection goes on
+                except AppError as exc:
+                    if exc.code == E_RELAY_UNAVAILABLE:
+                        return  # the relay went away: the next connection goes on
+                    continue  # this contact cannot move now (not_ready: no session): the next
         if overdue:
             async with self.lock:
                 for row in self.store.list_mailboxes("contact"):
-                    if OwnedMailbox.from_bytes(row.descriptor).relay_url != url:
+                    if not same_relay(OwnedMailbox.from_bytes(row.descriptor).relay_url, url):
                         await self._retire_mailbox(row.id)
         self._move_progress()
 
@@ -1316,7 +1376,7 @@ class Messenger:
         move = self.store.get_setting(SETTING_MOVE)
         if move:
             url = self.store.get_setting(SETTING_URL)
-            if all(mb.relay_url == url for _, mb in self._owned.values()):
+            if all(same_relay(mb.relay_url, url) for _, mb in self._owned.values()):
                 self.store.set_setting(SETTING_MOVE, None)
                 log.info("relay move finished")
                 self.daemon.events.emit("relay.moved", {"from": move["from"], "url": url})

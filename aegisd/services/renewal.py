@@ -25,6 +25,7 @@ from aegisd.core import pqxdh, renewal, wire
 from aegisd.core.errors import BundleError, DecodeError, DecryptionError
 from aegisd.core.identity import PublicIdentity
 from aegisd.core.session import accept_first_contact, initiate_session
+from aegisd.relayurl import same_relay
 from aegisd.rpc import AppError
 from aegisd.store.db import Contact
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
@@ -118,7 +119,7 @@ class Renewals:
         if not m._url_ok(mb.relay_url):
             return  # a relay the URL policy forbids: never dialled
         try:
-            if m.link is not None and m.link.url == mb.relay_url:
+            if m.link is not None and same_relay(m.link.url, mb.relay_url):
                 async with m._client() as client:
                     await client.delete(mb.owner_id, mb.signing_key)
                 return

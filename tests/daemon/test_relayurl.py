@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from aegisd.relayurl import RelayUrlError, check_relay_url, relay_endpoint
+from aegisd.relayurl import (
+    RelayUrlError,
+    check_relay_url,
+    endpoint_key,
+    relay_endpoint,
+    same_relay,
+)
+from aegisd.services.connectivity import move_insecure
+from aegisd.services.messenger import own_relay_ok
 
 
 @pytest.mark.parametrize(
@@ -84,3 +92,40 @@ def test_a_chosen_relay_url_has_the_relays_path(url, ok):
         with pytest.raises(RelayUrlError, match="must end in /v1/ws"):
             check_chosen_relay_url(url)
         check_relay_url(url)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        ("ws://127.0.0.1:8765", "ws://127.0.0.1:8765/v1/ws", True),
+        ("ws://127.0.0.1:8765/", "ws://127.0.0.1:8765/v1/ws", True),
+        ("WSS://Relay.Example/v1/ws", "wss://relay.example", True),
+        ("wss://relay.example/aegis", "wss://relay.example", False),
+        ("ws://127.0.0.1:8765", "ws://127.0.0.1:8766", False),
+        ("ws://relay.example", "wss://relay.example", False),
+        ("ws://127.0.0.1:1", None, False),
+    ],
+)
+def test_same_relay_compares_endpoints(a, b, same):
+    """Finding 7: equivalent URLs (with or without /v1/ws) are one relay everywhere."""
+    assert same_relay(a, b) is same
+    assert same_relay(b, a) is same
+    if b is not None:
+        assert (endpoint_key(a) == endpoint_key(b)) is same
+
+
+def test_the_old_insecure_relay_of_a_move_stays_reachable():
+    """Finding 3: a move away from a --insecure-plaintext-relay relay keeps that relay's flag
+    for its old mailboxes (drains, deletes); nothing else plaintext gets through."""
+    old = "ws://relay.example:8765"
+    move = {"from": old, "at": 1, "insecure": move_insecure({}, old, True)}
+    assert move["insecure"] == ["ws://relay.example:8765/v1/ws"]
+    assert own_relay_ok(old, False, move)
+    assert own_relay_ok("ws://relay.example:8765/v1/ws", False, move)
+    assert not own_relay_ok(old, False, None)  # before: the old relay was never dialled again
+    assert not own_relay_ok("ws://other.example:8765", False, move)
+    assert not own_relay_ok(old, False, {"from": old, "at": 1, "insecure": move_insecure(
+        {}, old, False)})  # fmt: skip
+    # A second move keeps the first one's insecure relay.
+    again = move_insecure(move, "wss://relay2.example", False)
+    assert again == ["ws://relay.example:8765/v1/ws"]

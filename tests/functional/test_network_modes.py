@@ -5,9 +5,11 @@ contacts moves to another relay with its contacts' mailboxes."""
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -262,3 +264,106 @@ def test_a_profile_without_a_relay_or_with_a_wrong_one_is_repaired(
         connect(wrong, peers("bob"))
     finally:
         wrong.stop()
+
+
+def wipe(relay: RelayProcess) -> None:
+    """The relay loses its database: stopped, its data deleted, started on the same port."""
+    relay.terminate()
+    shutil.rmtree(relay.data)
+    relay.start()
+
+
+def test_a_relay_that_lost_its_data_does_not_disable_the_profile(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """Review finding 1: one mailbox refused as gone (here the address: the relay lost its
+    database) is no proof of a copy restored elsewhere. The profile is not marked superseded;
+    status says the relay lost the mailboxes, and `aegis relay set` (the same URL) repairs it."""
+    alice = peers("alice")
+    alice.wait_connected()
+    before = alice.call("address.get")["link"]
+    url = alice.call("status")["relay"]["url"]
+    wipe(relay_proc)
+    st = alice.wait_for(lambda: (s := alice.call("status"))["relay_lost"] and s, "relay_lost")
+    assert st["superseded"] is None
+    assert "the relay no longer has this profile's address mailbox" in st["relay_lost"]
+    assert "WARNING: the relay no longer has" in cli(alice, "status").stdout
+    assert not alice.events(types=["profile.superseded"])
+    r = cli(alice, "relay", "set", url)
+    assert r.returncode == 0, r.stderr
+    alice.wait_connected()
+    alice.wait_for(lambda: alice.call("address.get")["link"] != before, "a new address")
+    st = alice.call("status")
+    assert st["relay_lost"] is None and st["superseded"] is None
+
+
+def test_a_wiped_relay_with_contacts_marks_the_profile_and_relay_set_clears_it(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """Review finding 1: the address and an established contact's mailbox both gone is the
+    evidence of a copy restored elsewhere; a relay that lost its data gives the same, so the
+    text says so too, and `relay set` (a deliberate user action) clears the mark."""
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    url = alice.call("status")["relay"]["url"]
+    wipe(relay_proc)
+    st = alice.wait_for(lambda: (s := alice.call("status"))["superseded"] and s, "the mark")
+    assert "the relay lost its mailboxes" in st["superseded"]
+    r = cli(alice, "relay", "set", url)
+    assert r.returncode == 0, r.stderr
+    alice.wait_connected()
+    assert alice.call("status")["superseded"] is None
+    alice.call("messages.send", {"contact": "bob", "text": "queued after the repair"})
+
+
+def test_relay_set_to_the_same_relay_spelled_otherwise_moves_nothing(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """Review finding 7: ws://h:p and ws://h:p/v1/ws are the same relay: no contact moves."""
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    stored = alice.call("status")["relay"]["url"]
+    assert stored.endswith("/v1/ws")
+    out = alice.call("relay.set", {"url": f"ws://127.0.0.1:{relay_proc.port}"})
+    assert out["contacts_moving"] == 0
+    alice.wait_connected()
+    assert alice.call("status")["relay_move"] is None
+    alice.call("messages.send", {"contact": "bob", "text": "still here"})
+    bob.wait_for(lambda: any(m["text"] == "still here" for m in bob.call(
+        "messages.history", {"contact": "alice"})["messages"]), "the text")  # fmt: skip
+
+
+def test_a_relay_move_counts_contacts_and_survives_a_reconnect(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    """Review findings 1 and 8: a contact with two mailboxes (a rotation not yet confirmed)
+    counts once; the old relay restarting while the move deletes the old mailboxes (a
+    reconnect) does not mark the profile superseded."""
+    sub = tmp_short / "relay2"
+    sub.mkdir()
+    new = RelayProcess(sub, {})
+    new.start()
+    try:
+        url2 = f"ws://127.0.0.1:{new.port}/v1/ws"
+        alice, bob = peers("alice"), peers("bob")
+        connect(alice, bob)
+        bob.stop()
+        alice.call("contacts.rotate_mailbox", {"name": "bob"})  # bob is away: two mailboxes
+        for _ in range(3):
+            alice.call("invitations.create")
+        result: dict[str, object] = {}
+        mover = threading.Thread(
+            target=lambda: result.update(alice.call("relay.set", {"url": url2}))
+        )
+        mover.start()
+        relay_proc.terminate()  # the old relay goes away and comes back during the move
+        relay_proc.start()
+        mover.join(120)
+        assert result["contacts_moving"] == 1
+        bob.start()
+        alice.wait_connected()
+        alice.wait_for(lambda: alice.events(types=["relay.moved"]), "the move to finish", 90)
+        assert alice.call("status")["superseded"] is None
+        assert alice.call("status")["relay_lost"] is None
+    finally:
+        new.close()
