@@ -980,15 +980,7 @@ def attachment_delete(ctx: Ctx, attachment_id: str) -> None:
 
 @cli.command()
 @common
-@click.option(
-    "--read-receipts", type=click.Choice(["on", "off"]), help="Send read receipts or not."
-)
-@click.option(
-    "--receipt-delay-max",
-    type=click.FloatRange(0.5, 3600),
-    metavar="SECONDS",
-    help="Receipts leave after a random delay of 0.5 s up to this.",
-)
+@units.receipt_options
 def settings(ctx: Ctx, read_receipts: str | None, receipt_delay_max: float | None) -> None:
     """Show the settings (or change those given)."""
     params: dict[str, Any] = {}

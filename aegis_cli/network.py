@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from . import units
+
 if TYPE_CHECKING:
     from .main import Ctx
 
@@ -249,15 +251,7 @@ def register_privacy(main: ModuleType) -> None:
         metavar="SECONDS",
         help="Hold each text for a random 0 to SECONDS before it leaves (0: off, the default).",
     )
-    @click.option(
-        "--read-receipts", type=click.Choice(["on", "off"]), help="Send read receipts or not."
-    )
-    @click.option(
-        "--receipt-delay-max",
-        type=click.FloatRange(0.5, 3600),
-        metavar="SECONDS",
-        help="Receipts leave after a random delay of 0.5 s up to SECONDS (default 3).",
-    )
+    @units.receipt_options
     def privacy(
         ctx: Ctx,
         level: str | None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -60,3 +61,17 @@ class Size(click.ParamType[int]):
         if n < 1:
             self.fail(f"{value!r} is less than one byte", param, ctx)
         return n
+
+
+def receipt_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--read-receipts and --receipt-delay-max, the same for `aegis settings` and `aegis
+    privacy` (both set `settings.set`'s receipt params)."""
+    func = click.option(
+        "--receipt-delay-max",
+        type=click.FloatRange(0.5, 3600),
+        metavar="SECONDS",
+        help="Receipts leave after a random delay of 0.5 s up to SECONDS (default 3).",
+    )(func)
+    return click.option(
+        "--read-receipts", type=click.Choice(["on", "off"]), help="Send read receipts or not."
+    )(func)
