@@ -35,6 +35,7 @@ from .errors import (
     EXIT_USAGE,
     Fail,
     connection_lost,
+    printable,
     user_message,
 )
 
@@ -943,7 +944,22 @@ def attachments(ctx: Ctx, name: str | None, max_size: int | None) -> None:
 
 @cli.group(short_help="Save, retry or delete one attachment.")
 def attachment() -> None:
-    """Save, retry or delete one attachment (ids: aegis attachments)."""
+    """Save, retry or delete one attachment (ids: aegis attachments; the first 8 characters,
+    as aegis listen shows them, are enough when no other id starts the same)."""
+
+
+def _attachment_id(ctx: Ctx, given: str) -> str:
+    """A whole id, or the start of one (as `aegis listen` shows them, like git's short ids):
+    resolved among the profile's attachments when exactly one starts so."""
+    given = given.strip().lower()
+    if len(given) >= 32 or len(given) < 4:
+        return given
+    ids = [str(a["attachment_id"]) for a in ctx.call("attachments.list")["attachments"]]
+    hits = sorted({i for i in ids if i.startswith(given)})
+    if len(hits) > 1:
+        raise Fail(f"the id {printable(given)} is ambiguous: {', '.join(hits)}",
+                   name="ambiguous")  # fmt: skip
+    return hits[0] if hits else given
 
 
 @attachment.command("save")
@@ -955,7 +971,8 @@ def attachment_save(ctx: Ctx, attachment_id: str, path: str, overwrite: bool) ->
     """Decrypt a received file to PATH (a directory: under the file's own name)."""
     result = ctx.call(
         "attachments.save",
-        {"attachment_id": attachment_id, "path": os.path.abspath(path), "overwrite": overwrite},
+        {"attachment_id": _attachment_id(ctx, attachment_id), "path": os.path.abspath(path),
+         "overwrite": overwrite},
     )
     ctx.out(result, f"saved {result['path']}")
 
@@ -965,7 +982,7 @@ def attachment_save(ctx: Ctx, attachment_id: str, path: str, overwrite: bool) ->
 @click.argument("attachment_id", metavar="ID")
 def attachment_retry(ctx: Ctx, attachment_id: str) -> None:
     """Try a failed upload or download again."""
-    result = ctx.call("attachments.retry", {"attachment_id": attachment_id})
+    result = ctx.call("attachments.retry", {"attachment_id": _attachment_id(ctx, attachment_id)})
     ctx.out(result, f"{result['state']}")
 
 
@@ -974,7 +991,7 @@ def attachment_retry(ctx: Ctx, attachment_id: str) -> None:
 @click.argument("attachment_id", metavar="ID")
 def attachment_delete(ctx: Ctx, attachment_id: str) -> None:
     """Forget an attachment and delete its encrypted copy in the profile."""
-    result = ctx.call("attachments.delete", {"attachment_id": attachment_id})
+    result = ctx.call("attachments.delete", {"attachment_id": _attachment_id(ctx, attachment_id)})
     ctx.out(result, "deleted")
 
 

@@ -195,6 +195,9 @@ def test_cli_small_file_limits_and_bad_input(
     target.mkdir()
     ok(aegis(bob, "attachment", "save", aid, str(target)))  # a directory: the file's name
     assert (target / "notes.txt").read_bytes() == data
+    # The short id `aegis listen` prints is enough, as with git.
+    ok(aegis(bob, "attachment", "save", aid[:8], str(target / "short.txt")))
+    assert (target / "short.txt").read_bytes() == data
     line = one_line_error(aegis(bob, "attachment", "save", aid, str(target)))  # exists
     assert line.endswith("(use --overwrite)")  # the CLI's option, not the API's param
     line = one_line_error(aegis(bob, "attachment", "save", "00" * 16, str(target / "y")))
@@ -214,7 +217,7 @@ def test_cli_small_file_limits_and_bad_input(
     bob.call("attachments.save", {"attachment_id": aid, "path": str(link), "overwrite": True})
     assert not link.is_symlink() and link.read_bytes() == data  # the link replaced, not followed
     assert not (tmp_short / "nowhere").exists()
-    assert sorted(os.listdir(target)) == ["link.txt", "notes.txt"]  # no temporary left
+    assert sorted(os.listdir(target)) == ["link.txt", "notes.txt", "short.txt"]  # no temporary left
     # A stored copy damaged on Bob's disk: one clear error, the file failed, nothing written.
     stored = bob.home / "attachments" / f"{aid}.blocks"
     damaged = bytearray(stored.read_bytes())
