@@ -226,7 +226,7 @@ def test_cli_small_file_limits_and_bad_input(
     with pytest.raises(RpcCallError) as e:
         bob.call("attachments.save", {"attachment_id": aid, "path": str(target / "z.txt")})
     assert e.value.code == 1032 and "damaged" in str(e.value)
-    assert sorted(os.listdir(target)) == ["link.txt", "notes.txt"]
+    assert sorted(os.listdir(target)) == ["link.txt", "notes.txt", "short.txt"]
     assert "damaged" in attachment(bob, aid)["error"] and attachment(bob, aid)["state"] == "failed"
     assert "<- alice" in ok(aegis(bob, "attachments"))
     # The file's message arrived like any message (clients and notifications follow these).
