@@ -76,7 +76,7 @@ class DaemonProc:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(10)
+                self.proc.wait(30)  # a clean stop, whose log the tests read, even under load
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
