@@ -19,3 +19,15 @@ def test_demo_runs() -> None:
     sizes = set(re.findall(r"wire: .*? (\d+) bytes, version byte 0x01", out))
     assert sizes == {"16384"}
     assert len(re.findall(r"wire: ", out)) >= 7
+
+
+def test_the_demo_leak_check_finds_names_in_text_but_not_in_random_bytes() -> None:
+    import os as _os
+
+    from aegisd.demo import leaks
+
+    noise = bytearray(_os.urandom(4096))
+    noise[1000:1003] = b"bob"  # a chance match amid random bytes
+    assert not leaks(bytes(noise), [b"a long message text"], [b"bob"])
+    assert leaks(bytes(noise) + b'{"contact": "bob", "note": "plain text around"}', [], [b"bob"])
+    assert leaks(bytes(noise) + b"a long message text", [b"a long message text"], [b"bob"])
