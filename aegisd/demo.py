@@ -467,16 +467,16 @@ def leaks(data: bytes, texts: list[bytes], names: list[bytes]) -> bool:
     """Whether `data` holds one of `texts`, or one of the short `names` amid readable text.
 
     A long text cannot occur in random bytes by chance; a 3-byte name can (about once per
-    16 MB), so a name counts only where most of the 64 bytes around it are printable, as in a
+    16 MB), so a name counts only where most of the 32 bytes around it are printable, as in a
     log line, a JSON document or a text column, and not inside a sealed block.
     """
     if any(t in data for t in texts):
         return True
     for name in names:
         for match in re.finditer(re.escape(name), data):
-            around = data[max(0, match.start() - 32):match.end() + 32]
+            around = data[max(0, match.start() - 16):match.end() + 16]
             printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in around)
-            if printable >= 0.8 * len(around):
+            if printable >= 0.75 * len(around):
                 return True
     return False
 
