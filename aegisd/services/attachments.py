@@ -58,6 +58,9 @@ WINDOW = 32  # blocks in flight per transfer; progress is committed per window
 FETCH_TRIES = 3  # fetches of a block that fails to open before the file is reported failed
 PROGRESS_INTERVAL = 0.5  # seconds between attachment.progress events of one transfer
 RETRY_MAX = 60.0
+#: Blocks asked of the relay per blob quota (its default blob_quota_blocks): a quota is paid in
+#: proportion to its size, so the daemon asks for what is left of the file, at most this.
+BLOB_QUOTA_MAX = 8192
 BLOCK = wire.BLOCK_SIZE
 
 # Application error codes 1030-1039 (docs/api.md, "Errors").
@@ -74,6 +77,11 @@ E_NOT_FOUND, E_NOT_READY, E_BLOCKED = 1020, 1024, 1025
 
 class _Corrupt(Exception):
     """A block that stayed unreadable after FETCH_TRIES fetches (or a digest mismatch)."""
+
+
+class _Gone(_Corrupt):
+    """The relay answered `denied` to every fetch of a block: it no longer has it (unfetched
+    blobs expire after the relay's blob_ttl, 48 hours by default, relay-protocol.md §9)."""
 
 
 def _ms() -> int:
@@ -316,7 +324,7 @@ class Attachments:
             try:
                 client = await self._connect(row.relay_url)
                 try:
-                    await client.blob_quota()
+                    await client.blob_quota(min(row.blocks - done, BLOB_QUOTA_MAX))
                     with _local(lambda: open(spool, "rb")) as f:
                         while done < row.blocks:
                             end = min(done + WINDOW, row.blocks)
@@ -474,6 +482,13 @@ class Attachments:
                     await asyncio.sleep(min(RETRY_MAX, 0.5 * 2 ** min(attempt, 8)))
             if not await asyncio.to_thread(self._verify, path, keys, row):
                 raise _Corrupt()
+        except _Gone:
+            if client is not None:
+                await client.close()
+            self._fail(row.id, "the file is no longer at the relay: unfetched files expire there "
+                       "(after 48 hours on a relay with default settings); ask the sender to "
+                       "send it again")
+            return
         except _Corrupt:
             if client is not None:
                 await client.close()
@@ -507,6 +522,7 @@ class Attachments:
     @staticmethod
     async def _fetch(client: RelayClient, keys: FileKeys, box: PrivateKey, index: int,
                      total: int) -> bytes:
+        denied = 0
         for attempt in range(FETCH_TRIES):
             try:
                 block = await client.blob_get(keys.blob_id(index), keys.capability(index), box)
@@ -515,11 +531,14 @@ class Attachments:
             except RelayError as exc:
                 if exc.code != E_DENIED:
                     raise
+                denied += 1
             except (DecryptionError, CryptoError):
                 pass
             # denied (the relay lost it or its copy is corrupted: it cannot open it) or a
             # block that does not open: fetch again, a bounded number of times.
             await asyncio.sleep(0.1 * (attempt + 1))
+        if denied == FETCH_TRIES:
+            raise _Gone()
         raise _Corrupt()
 
     @staticmethod

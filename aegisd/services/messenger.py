@@ -61,7 +61,7 @@ from aegisd.transport.relaylink import (
     with_relay,
 )
 from relay.client import Message, RelayClient, RelayError
-from relay.wire import E_DENIED, E_RATE_LIMITED, ITEM_MLKEM, ITEM_X25519
+from relay.wire import E_DENIED, E_FULL, E_QUEUE_FULL, E_RATE_LIMITED, ITEM_MLKEM, ITEM_X25519
 
 from .attachments import Attachments
 from .mailbox import (
@@ -138,6 +138,7 @@ EVENT_RETENTION_DAYS = 30
 # Application error codes (docs/api.md, "Errors").
 E_RELAY_UNAVAILABLE = 1010
 E_RATE_LIMITED_APP = 1011
+E_RELAY_FULL = 1014
 E_NOT_FOUND = 1020
 E_EXISTS = 1021
 E_BAD_LINK = 1022
@@ -187,6 +188,24 @@ def relay_unavailable() -> AppError:
     )
 
 
+RELAY_FULL_TEXT = (
+    "the relay is full: it holds as many mailboxes or as much stored data as it allows; try "
+    "again later, or move to another relay (aegis relay set URL)"
+)
+#: status.relay.refusing: why deposits are refused for now (they wait in the outbox).
+REFUSING_FULL = "the relay is full: messages wait in the outbox until it has room again"
+REFUSING_QUEUE = (
+    "a contact's mailbox at the relay is full (they have been away long): messages to them wait "
+    "in the outbox"
+)
+
+
+def relay_full() -> AppError:
+    """The relay refused to store more (relay-protocol.md error 17, `full`): not a network
+    problem, so not relay_unavailable."""
+    return AppError(E_RELAY_FULL, "relay_full", RELAY_FULL_TEXT)
+
+
 def _now() -> int:
     return int(time.time())
 
@@ -203,6 +222,8 @@ class Messenger:
         self.prekeys: PrekeyStore | None = None
         self.link: RelayLink | None = None
         self.relay_reason: str | None = "no relay configured"
+        # Why the last deposit was refused for want of room (None once one went through).
+        self.relay_refusing: str | None = None
         self._outbox_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._owned: dict[bytes, tuple[MailboxRow, OwnedMailbox]] = {}
@@ -568,7 +589,11 @@ class Messenger:
                 )
                 if token:
                     await client.token_add(mb.owner_id, mb.signing_key, token)
-        except (*UNAVAILABLE, RelayError):
+        except RelayError as exc:
+            if exc.code == E_FULL:  # its mailbox table or storage is full: say so
+                raise relay_full() from None
+            raise relay_unavailable() from None
+        except UNAVAILABLE:
             raise relay_unavailable() from None
         return mb
 
@@ -1115,6 +1140,10 @@ class Messenger:
                     wait = min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
                     if exc.code == E_RATE_LIMITED:
                         wait = max(wait, 1.0)
+                    if exc.code in (E_FULL, E_QUEUE_FULL):  # no room: tell the user (status)
+                        full = exc.code == E_FULL
+                        self.relay_refusing = REFUSING_FULL if full else REFUSING_QUEUE
+                        wait = max(wait, 5.0)
                     self._settle_first_contact(item.contact_id, "pending")
                     return self._retry_later(store, item, wait)
                 except (RelayUnavailable, *UNAVAILABLE):
@@ -1123,6 +1152,7 @@ class Messenger:
                         store, item, min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
                     )
                 self._deposited(store, item)
+                self.relay_refusing = None
                 self._settle_first_contact(item.contact_id, "sent")
             return None
         finally:
@@ -1359,8 +1389,8 @@ class Messenger:
                 try:
                     await self.rotate_mailbox(c.name)
                 except AppError as exc:
-                    if exc.code == E_RELAY_UNAVAILABLE:
-                        return  # the relay went away: the next connection goes on
+                    if exc.code in (E_RELAY_UNAVAILABLE, E_RELAY_FULL):
+                        return  # the relay went away or is full: the next connection goes on
                     continue  # this contact cannot move now (not_ready: no session): the next
         if overdue:
             async with self.lock:
