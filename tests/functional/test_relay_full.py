@@ -1,0 +1,72 @@
+"""A relay that is full says so (issue 15, items 1 and 4): the daemon's invitation and contact
+add fail with relay_full (1014), not relay_unavailable, and deposits refused for want of room
+show in status (relay.refusing) until one goes through; messages wait in the outbox."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aegis_cli.client import RpcCallError
+from aegisd.services.messenger import REFUSING_QUEUE
+from tests.functional.conftest import Peer, connect
+from tests.relay.conftest import RelayProcess
+
+
+def _relay(tmp: Path, **options: str) -> Iterator[RelayProcess]:
+    sub = tmp / "relay"
+    sub.mkdir()
+    rp = RelayProcess(sub, {"--" + k.replace("_", "-"): v for k, v in options.items()})
+    rp.start()
+    try:
+        yield rp
+    finally:
+        rp.close()
+
+
+@pytest.fixture
+def full_table(tmp_short: Path) -> Iterator[RelayProcess]:
+    yield from _relay(tmp_short, max_mailboxes="0")
+
+
+@pytest.fixture
+def small_queues(tmp_short: Path) -> Iterator[RelayProcess]:
+    yield from _relay(tmp_short, queue_limit="3")
+
+
+def test_a_full_mailbox_table_is_reported_as_such(tmp_short: Path,
+                                                  full_table: RelayProcess) -> None:
+    bob = Peer(tmp_short / "bob", f"ws://127.0.0.1:{full_table.port}/v1/ws", "bob")
+    try:
+        bob.wait_connected()
+        with pytest.raises(RpcCallError) as info:
+            bob.call("invitations.create")
+        assert info.value.code == 1014
+        assert "relay is full" in str(info.value) and "not reachable" not in str(info.value)
+        assert bob.call("status")["relay"]["connected"]  # reachable, only full
+    finally:
+        bob.stop()
+
+
+def test_a_full_mailbox_shows_in_status_and_messages_wait(tmp_short: Path,
+                                                          small_queues: RelayProcess) -> None:
+    url = f"ws://127.0.0.1:{small_queues.port}/v1/ws"
+    alice, bob = Peer(tmp_short / "alice", url, "alice"), Peer(tmp_short / "bob", url, "bob")
+    try:
+        connect(alice, bob)
+        assert alice.call("status")["relay"]["refusing"] is None
+        bob.stop()  # away: his mailbox at the relay fills up
+        for i in range(5):
+            alice.call("messages.send", {"contact": "bob", "text": f"m{i}"})
+        st = alice.wait_for(lambda: alice.call("status")["relay"]["refusing"], "the refusal")
+        assert st == REFUSING_QUEUE
+        bob.start()  # drains his mailbox: the rest goes, and the warning with it
+        bob.wait_for(lambda: len(bob.call("messages.history", {"contact": "alice"})["messages"])
+                     >= 5, "every message", timeout=120)
+        alice.wait_for(lambda: alice.call("status")["relay"]["refusing"] is None, "room again",
+                       timeout=120)
+    finally:
+        alice.stop()
+        bob.stop()
