@@ -8,7 +8,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Config:
     data_dir: str = "./relay-data"
-    # Queued blocks and blobs expire after this many seconds (default 14 days).
+    # Queued blocks expire after this many seconds (default 14 days); blobs after blob_ttl.
     message_ttl: int = 14 * 24 * 3600
     # Expiry is stored rounded up to this many seconds, so it does not reveal arrival times.
     expiry_granularity: int = 3600

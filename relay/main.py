@@ -25,7 +25,7 @@ from .config import Config
 log = logging.getLogger("aegis.relay")
 
 HELP = {
-    "message_ttl": "Seconds before an unacknowledged block or a blob expires (14 days).",
+    "message_ttl": "Seconds before an unacknowledged block expires (14 days).",
     "expiry_granularity": "Stored expiries are rounded up to this many seconds.",
     "sweep_interval": "Seconds between expiry sweeps.",
     "checkpoint_interval": "Seconds between WAL checkpoints (truncate).",
