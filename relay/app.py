@@ -202,9 +202,12 @@ class Relay:
         self.blob_blocks = await self.storage.blob_count()
         self.queued_blocks = await self.storage.queued_count()
         budget = self.cfg.storage_budget
-        if budget <= 0:  # half the file system the data directory is on
+        if budget <= 0:
+            # Half of what the relay may use on its disk: the free space plus what its files
+            # hold already (a disk shared with others is not the relay's to fill).
             st = os.statvfs(self.cfg.data_dir)
-            budget = st.f_blocks * st.f_frsize // 2
+            held = sum(e.stat().st_size for e in os.scandir(self.cfg.data_dir) if e.is_file())
+            budget = (st.f_bavail * st.f_frsize + held) // 2
         self.budget_blocks = budget // wire.BLOCK_SIZE
         self.spawn(self._maintenance())
         self.spawn(self._reaper())

@@ -61,8 +61,9 @@ class Config:
     lookup_rate: float = 100.0
     lookup_burst: int = 2000
     # Relay-wide storage budget for queued blocks and blobs, bytes (each counted as one
-    # 16 KiB block); beyond it deposits, blob quotas and creations get `full` (E_FULL).
-    # 0: half the size of the file system holding data_dir, measured at start.
+    # 16 KiB block); beyond it deposits and blob quotas get `full` (E_FULL).
+    # 0: half of (the free space of the file system holding data_dir + the relay's files there),
+    # measured at start.
     storage_budget: int = 0
     # Storage.
     max_batch: int = 512  # operations per group commit

@@ -59,7 +59,7 @@ HELP = {
     "blob_max_bytes": "Bytes the blob area holds at most.",
     "blob_ttl": "Seconds before an unfetched blob expires (48 hours).",
     "storage_budget": "Bytes of queued blocks and blobs the relay stores at most "
-                      "(0: half the data directory's file system).",
+                      "(0: half of the free space plus the relay's files, at start).",
     "pow_per_connection": "Proofs of work one connection may spend.",
     "lookup_rate": "Uncached mailbox lookups per second per connection.",
     "lookup_burst": "Uncached mailbox lookup bucket size per connection.",
