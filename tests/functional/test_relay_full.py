@@ -4,6 +4,7 @@ show in status (relay.refusing) until one goes through; messages wait in the out
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,6 +68,40 @@ def test_a_full_mailbox_shows_in_status_and_messages_wait(tmp_short: Path,
                      >= 5, "every message", timeout=120)
         alice.wait_for(lambda: alice.call("status")["relay"]["refusing"] is None, "room again",
                        timeout=120)
+    finally:
+        alice.stop()
+        bob.stop()
+
+
+@pytest.fixture
+def short_blobs(tmp_short: Path) -> Iterator[RelayProcess]:
+    yield from _relay(tmp_short, blob_ttl="2", expiry_granularity="1", sweep_interval="0.2")
+
+
+def test_a_file_that_expired_at_the_relay_is_reported_as_such(
+        tmp_short: Path, short_blobs: RelayProcess) -> None:
+    """Unfetched blobs expire after blob_ttl (48 h by default, 2 s here), long before the
+    descriptor that names them: the recipient is told the file is gone, not that it is
+    corrupted."""
+    url = f"ws://127.0.0.1:{short_blobs.port}/v1/ws"
+    alice, bob = Peer(tmp_short / "alice", url, "alice"), Peer(tmp_short / "bob", url, "bob")
+    try:
+        connect(alice, bob)
+        bob.stop()
+        src = tmp_short / "note.txt"
+        src.write_bytes(b"x" * 40_000)
+        aid = alice.call("attachments.send", {"contact": "bob", "path": str(src)})[
+            "attachment_id"]
+        alice.wait_for(lambda: next(a for a in alice.call("attachments.list")["attachments"]
+                                    if a["attachment_id"] == aid)["state"] == "uploaded",
+                       "the upload")
+        time.sleep(4)  # past blob_ttl (2 s) and a sweep: not a timing assertion, a wait
+        bob.start()
+        failed = bob.wait_for(
+            lambda: next((a for a in bob.call("attachments.list")["attachments"]
+                          if a["attachment_id"] == aid and a["state"] == "failed"), None),
+            "the failure", 60)  # fmt: skip
+        assert "no longer at the relay" in failed["error"], failed["error"]
     finally:
         alice.stop()
         bob.stop()
