@@ -80,8 +80,9 @@ class _Corrupt(Exception):
 
 
 class _Gone(_Corrupt):
-    """The relay answered `denied` to every fetch of a block: it no longer has it (unfetched
-    blobs expire after the relay's blob_ttl, 48 hours by default, relay-protocol.md §9)."""
+    """The relay answered `denied` to every fetch of a block and of the next one: it no
+    longer has the file (unfetched blobs expire after the relay's blob_ttl, 48 hours by
+    default, relay-protocol.md §4.5)."""
 
 
 def _ms() -> int:
@@ -537,8 +538,15 @@ class Attachments:
             # denied (the relay lost it or its copy is corrupted: it cannot open it) or a
             # block that does not open: fetch again, a bounded number of times.
             await asyncio.sleep(0.1 * (attempt + 1))
-        if denied == FETCH_TRIES:
-            raise _Gone()
+        if denied == FETCH_TRIES and total > 1:
+            # Denied: gone or damaged at the relay (it answers both alike). Expiry takes a
+            # whole file at once, damage one block: another block of the file tells which.
+            other = (index + 1) % total
+            try:
+                await client.blob_get(keys.blob_id(other), keys.capability(other), box)
+            except RelayError as exc:
+                if exc.code == E_DENIED:
+                    raise _Gone() from None
         raise _Corrupt()
 
     @staticmethod
