@@ -336,9 +336,9 @@ class RelayClient:
             auth = bytes([wire.AUTH_POW]) + nonce
         await self.request(wire.DEPOSIT, deposit_id + auth + block)
 
-    async def blob_quota(self, blocks: int = 8192) -> int:
-        """A quota of `blocks` blob uploads (default: the relay's default maximum, one 100 MB
-        file); the proof of work grows with it (§4.5), so ask for what will be uploaded."""
+    async def blob_quota(self, blocks: int = wire.BLOB_POW_UNIT) -> int:
+        """A quota of `blocks` blob uploads (default: 256, the most one unit of proof of work
+        buys); the proof of work grows with it (§4.5), so ask for what will be uploaded."""
         assert self.hello is not None
         bits = wire.blob_pow_bits(self.hello.pow_blob_bits, blocks)
         nonce = await asyncio.to_thread(self._pow, bits, wire.POW_BLOB,
