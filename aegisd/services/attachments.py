@@ -45,7 +45,7 @@ from aegisd.store.attachments import AttachmentRow
 from aegisd.store.db import Contact
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
 from relay.client import RelayClient, RelayError
-from relay.wire import E_DENIED, E_EXISTS
+from relay.wire import E_DENIED, E_EXISTS, E_FULL
 
 if TYPE_CHECKING:
     from .messenger import Messenger
@@ -325,7 +325,14 @@ class Attachments:
             try:
                 client = await self._connect(row.relay_url)
                 try:
-                    await client.blob_quota(min(row.blocks - done, BLOB_QUOTA_MAX))
+                    try:
+                        await client.blob_quota(min(row.blocks - done, BLOB_QUOTA_MAX))
+                    except RelayError as exc:
+                        if exc.code == E_FULL:  # the relay's blob area is full: tell the user
+                            from .messenger import REFUSING_FULL  # (a cycle at import time)
+
+                            self.m.relay_refusing = REFUSING_FULL
+                        raise
                     with _local(lambda: open(spool, "rb")) as f:
                         while done < row.blocks:
                             end = min(done + WINDOW, row.blocks)
