@@ -190,6 +190,7 @@ class Relay:
         self.blob_blocks = 0
         self.blob_reserved = 0
         self.budget_blocks = 0
+        self.started = 0.0
         self.connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closing = False
@@ -201,6 +202,7 @@ class Relay:
         self.mailboxes = await self.storage.mailbox_count()
         self.blob_blocks = await self.storage.blob_count()
         self.queued_blocks = await self.storage.queued_count()
+        self.started = self.clock()
         budget = self.cfg.storage_budget
         if budget <= 0:
             # Half of what the relay may use on its disk: the free space plus what its files
@@ -277,6 +279,10 @@ class Relay:
                  if sub.mb.used < self.use_period()]
         if stale:
             await self.touch(stale)
+        # The clock ran while the relay was stopped, and its clients could not use it: give
+        # them a day (or one use period, if shorter) to come back before anything expires.
+        if now - self.started < min(86400, self.cfg.mailbox_use_granularity):
+            return
         while True:
             ids, removed = await self.storage.expire_mailboxes(now - self.cfg.mailbox_ttl + 1)
             self.queued_blocks = max(0, self.queued_blocks - removed)

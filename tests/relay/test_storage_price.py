@@ -13,6 +13,7 @@ import os
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -259,3 +260,32 @@ def test_unfetched_blobs_expire_long_before_queued_blocks(
         await c.close()
 
     run(body())
+
+
+def test_a_schema_2_database_gets_last_use_columns_counting_as_used_now(tmp_path: Path) -> None:
+    """Upgrade 2 -> 3: every mailbox counts as used at the upgrade (never expired at once),
+    rounded down to the granularity like every other last use."""
+    import sqlite3
+
+    from relay import storage as st
+
+    path = tmp_path / "relay.sqlite3"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(st._SCHEMA + "\nPRAGMA user_version=2;")
+    db.execute("INSERT INTO mailboxes VALUES (7, ?, ?, x'01', x'02', x'03', 0, x'')",
+               (b"o" * 32, b"d" * 32))
+    db.close()
+
+    async def body() -> st.MailboxRow | None:
+        s = st.SQLiteStorage(str(tmp_path), clock=lambda: 1_000_123.0, use_granularity=1000)
+        await s.open()
+        try:
+            return await s.load_mailbox(okey=b"o" * 32)
+        finally:
+            await s.close()
+
+    row = run(body())
+    assert row is not None and row.id == 7 and row.used == 1_000_000
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone() == (st.SCHEMA_VERSION,) == (3,)
+    db.close()
