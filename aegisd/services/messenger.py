@@ -407,6 +407,14 @@ class Messenger:
         if entry is None or code != E_DENIED or self.daemon.store is None:
             return False
         row = entry[0]
+        if row.role == cover_slots.POOL_ROLE:
+            # Made ahead and not yet anyone's: gone (expired unused at the relay, relay-protocol
+            # md §4, or lost), it is simply replaced, at the pool's own random time.
+            with self.store.transaction():
+                cover_slots.pool_remove(self.store, row.id)
+            self._reload_owned()
+            self.cover.changed()
+            return True
         if row.role == "address":
             self._denied.add("address")
         elif row.role == "contact" and row.contact_id is not None:

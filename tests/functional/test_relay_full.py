@@ -105,3 +105,51 @@ def test_a_file_that_expired_at_the_relay_is_reported_as_such(
     finally:
         alice.stop()
         bob.stop()
+
+
+@pytest.fixture
+def short_mailboxes(tmp_short: Path) -> Iterator[RelayProcess]:
+    yield from _relay(tmp_short, mailbox_ttl="4", mailbox_use_granularity="1",
+                      sweep_interval="0.2")
+
+
+def test_pool_mailboxes_that_expired_while_away_are_made_again(
+        tmp_short: Path, short_mailboxes: RelayProcess) -> None:
+    """A daemon away longer than the relay's mailbox_ttl finds its pool mailboxes (made ahead,
+    nobody's yet) gone: it replaces them instead of warning about refused subscriptions. (A
+    daemon that runs keeps them: its subscriptions count as use.)"""
+    import sqlite3
+
+    from tests.daemon.conftest import DaemonProc
+
+    url = f"ws://127.0.0.1:{short_mailboxes.port}/v1/ws"
+    alice = Peer(tmp_short / "alice", url, "alice")
+    alice.stop()
+    alice.proc = DaemonProc(alice.home, ["--test-methods"], None)
+    alice.proc.wait_ready()
+
+    def at_relay() -> int:
+        """The pool mailboxes at the relay."""
+        db = sqlite3.connect(short_mailboxes.data / "relay.sqlite3")
+        try:
+            # Not the public address mailbox: its loss is status.relay_lost (docs/api.md).
+            return int(db.execute("SELECT count(*) FROM mailboxes WHERE public = 0")
+                       .fetchone()[0])
+        finally:
+            db.close()
+
+    try:
+        alice.call("privacy.set", {"level": "default", "interval": 0.3})
+        alice.wait_for(lambda: alice.call("privacy.get")["slots"]["pool"] == 2, "a full pool")
+        time.sleep(6)  # subscribed: kept past the TTL (a wait, not a timing assertion)
+        assert at_relay() == 2
+        alice.stop()
+        alice.wait_for(lambda: at_relay() == 0, "the pool mailboxes expired while away")
+        alice.proc = DaemonProc(alice.home, ["--test-methods"], None)
+        alice.proc.wait_ready()
+        alice.wait_for(lambda: at_relay() == 2 and alice.call("privacy.get")["slots"]["pool"]
+                       == 2, "a new pool", timeout=60)
+        alice.stop()
+        assert "refused" not in alice.proc.stderr()
+    finally:
+        alice.stop()
