@@ -64,6 +64,7 @@ from relay.client import Message, RelayClient, RelayError
 from relay.wire import E_DENIED, E_RATE_LIMITED, ITEM_MLKEM, ITEM_X25519
 
 from .attachments import Attachments
+from .bundle_fetch import fetch_bundle
 from .mailbox import (
     ContactState,
     OwnedMailbox,
@@ -96,6 +97,10 @@ ONE_TIME_BATCH = 50
 RECEIPT_DELAY_MAX = 3.0  # seconds; receipts leave after a random delay in [0.5, max]
 RETRY_MAX = 60.0
 MAINTENANCE_INTERVAL = 3600.0
+#: How often the relay's count of one-time prekeys is checked (BUNDLE_STATUS, an owner command
+#: on the connection the daemon holds anyway): anyone with the address link can take them, at
+#: the relay's one-time rate (about one a minute), without ever making a first contact.
+PREKEY_CHECK_INTERVAL = 600.0
 MAILBOX_ROTATION = 7 * 24 * 3600  # seconds a per-contact receiving mailbox is used
 SETTING_ROTATION = "privacy.mailbox_rotation"
 ROTATION_KEY = "rotation.contact."
@@ -202,6 +207,7 @@ class Messenger:
         self.lock = asyncio.Lock()
         self.prekeys: PrekeyStore | None = None
         self.link: RelayLink | None = None
+        self._top_up_pending = False  # a prekey top-up is queued (first contacts coalesce)
         self.relay_reason: str | None = "no relay configured"
         self._outbox_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -251,6 +257,7 @@ class Messenger:
         self._tasks = [
             asyncio.create_task(self._outbox_loop(), name="outbox"),
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
+            asyncio.create_task(self._prekey_loop(), name="prekeys"),
         ]
         if not self.superseded():  # cover for contacts that moved on to a restored copy: no
             self.cover.start()
@@ -653,6 +660,24 @@ class Messenger:
                 if min(xs, kems) < ONE_TIME_LOW:
                     await self._add_one_time(client, mb, ONE_TIME_BATCH)
 
+    def _request_top_up(self) -> None:
+        """After a first contact (it used one-time keys): top up the relay's soon, once for
+        any number of first contacts arriving meanwhile."""
+        if not self._top_up_pending:
+            self._top_up_pending = True
+            self._spawn(self._top_up())
+
+    async def _top_up(self) -> None:
+        self._top_up_pending = False
+        with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
+            await self._replenish_prekeys()
+
+    async def _prekey_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PREKEY_CHECK_INTERVAL)
+            if not self.superseded():
+                await self._top_up()
+
     def _link_for(
         self,
         kind: int,
@@ -790,19 +815,10 @@ class Messenger:
             raise AppError(E_EXISTS, "exists", "this contact is already in your contacts")
         if self.store.contact_by_name(name) is not None:
             raise AppError(E_EXISTS, "exists", "a contact with this name already exists")
-        try:
-            client, own = await with_relay(link.mailbox.relay_url, self.link, self.network())
-            try:
-                base, x, m = await client.bundle_fetch(link.bundle_address)
-            finally:
-                if own:
-                    await client.close()
-        except (RelayUnavailable, *UNAVAILABLE):
-            raise relay_unavailable() from None
-        except RelayError:
-            raise AppError(
-                E_BAD_LINK, "bad_link", "the relay has no contact address for this link"
-            ) from None
+        # Errors say what happened: no such address, a limit (try later), or no relay.
+        base, x, m = await fetch_bundle(
+            link.mailbox.relay_url, link.bundle_address, self.link, self.network()
+        )
         try:
             bundle = pqxdh.verify_bundle(base, x, m, expected=identity)
         except (DecodeError, BundleError):
@@ -1444,6 +1460,7 @@ class Messenger:
             self._reload_prekeys()
             droplog.dropped("dropped a first-contact block that did not open")
             return
+        self._request_top_up()  # it used one-time keys (kept burnt below, whatever follows)
         if not isinstance(hello, wire.HelloPayload) or not self._url_ok(hello.reply_to.relay_url):
             self._reload_prekeys()
             return

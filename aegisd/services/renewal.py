@@ -31,6 +31,7 @@ from aegisd.store.db import Contact
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
 from relay.client import RelayError
 
+from .bundle_fetch import fetch_bundle
 from .mailbox import ContactState, OwnedMailbox, address_to_bytes
 
 if TYPE_CHECKING:
@@ -222,17 +223,15 @@ class Renewals:
         assert c.identity_key is not None
         expected = PublicIdentity.from_bytes(c.identity_key)
         try:
-            client, own = await with_relay(req.reply_to.relay_url, m.link, m.network())
-            try:
-                base, x, k = await client.bundle_fetch(req.bundle_address)
-            finally:
-                if own:
-                    await client.close()
-        except (RelayUnavailable, *UNAVAILABLE):
+            base, x, k = await fetch_bundle(
+                req.reply_to.relay_url, req.bundle_address, m.link, m.network()
+            )
+        except AppError as exc:
+            if (exc.data or {}).get("error") == "bad_link":  # the relay said `denied`
+                droplog.dropped("dropped a renewal request whose bundle is not at the relay")
+                return
+            # A limit (rate_limited) is no reason to drop the request: later, as unreachable.
             raise AppError(1010, "relay_unavailable", "the relay is not reachable") from None
-        except RelayError:
-            droplog.dropped("dropped a renewal request whose bundle is not at the relay")
-            return
         try:
             bundle = pqxdh.verify_bundle(base, x, k, expected=expected)
         except (DecodeError, BundleError):
