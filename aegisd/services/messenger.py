@@ -43,6 +43,7 @@ from aegisd.relayurl import (
     SETTING_INSECURE,
     SETTING_URL,
     RelayUrlError,
+    check_peer_relay_url,
     check_relay_url,
     endpoint_key,
     same_relay,
@@ -113,6 +114,11 @@ LINK_NO_LONGER_VALID = (
 # is refused, so that partial messages cannot pile up.
 MAX_MESSAGE_FRAGMENTS = -(-(wire.MAX_TEXT_BYTES + 26) // wire.RATCHET_CAPACITY)
 STALE_FRAGMENTS_MS = 24 * 3600 * 1000
+#: Incomplete multi-block messages kept per contact, and in all (issue 15 item 13): a contact's
+#: own software has at most a few in flight (its outbox sends a message's blocks in order), so
+#: past this the contact's oldest partial goes; past the total, a new one is not kept.
+PARTIALS_PER_CONTACT = 8
+PARTIALS_TOTAL = 256
 SETTING_SUPERSEDED = "profile.superseded"  # {"at": ms}: restored on another device
 SUPERSEDED_TEXT = (
     "this profile was restored from a backup on another device, which now has its contacts "
@@ -487,6 +493,15 @@ class Messenger:
         return own_relay_ok(url, bool(self.store.get_setting(SETTING_INSECURE, False)),
                             self.store.get_setting(SETTING_MOVE))  # fmt: skip
 
+    def _peer_url_ok(self, url: str) -> bool:
+        """The stricter policy for a relay URL someone else chose (a contact's mailbox, a
+        stranger's reply address, a file's relay): relayurl.check_peer_relay_url."""
+        try:
+            check_peer_relay_url(url, self.store.get_setting(SETTING_URL))
+        except RelayUrlError:
+            return False
+        return True
+
     def _relay_url(self) -> str:
         url = self.store.get_setting(SETTING_URL)
         if not url:
@@ -772,10 +787,11 @@ class Messenger:
             raise AppError(E_BAD_LINK, "bad_link", "this is not a valid AegisLink link") from None
         if link.expires and link.expires < _now():
             raise AppError(E_EXPIRED, "expired", "this invitation has expired")
-        if not self._url_ok(link.mailbox.relay_url):
-            raise AppError(
-                E_BAD_LINK, "bad_link", "the link's relay URL is not allowed (wss:// required)"
-            )
+        try:
+            check_peer_relay_url(link.mailbox.relay_url, self.store.get_setting(SETTING_URL))
+        except RelayUrlError as exc:
+            raise AppError(E_BAD_LINK, "bad_link", f"the link's relay URL is not allowed: {exc}"
+                           ) from None
         try:  # e.g. a contact on an onion relay, and this profile connects directly
             self.network().check(link.mailbox.relay_url)
         except Unreachable as exc:
@@ -927,6 +943,20 @@ class Messenger:
             "safety_number": number,
             "formatted": format_safety_number(number),
         }
+
+    async def block_contact(self, name: str, blocked: bool) -> Contact:
+        """Block (or unblock) a contact. Blocking also stops what the contact set going: its
+        incomplete messages are dropped and its files stop downloading (their relay was
+        chosen by the contact: it must not see this daemon again)."""
+        async with self.lock:
+            c = self.contact(name)
+            with self.store.transaction():
+                self.store.update_contact(c.id, blocked=blocked)
+                if blocked:
+                    self.drop_partials(c.id)
+            if blocked:
+                await self.attachments.stop_downloads(c.id, "the contact is blocked")
+        return c
 
     async def remove_contact(self, name: str) -> None:
         async with self.lock:
@@ -1444,7 +1474,9 @@ class Messenger:
             self._reload_prekeys()
             droplog.dropped("dropped a first-contact block that did not open")
             return
-        if not isinstance(hello, wire.HelloPayload) or not self._url_ok(hello.reply_to.relay_url):
+        if not isinstance(hello, wire.HelloPayload) or not self._peer_url_ok(
+            hello.reply_to.relay_url
+        ):
             self._reload_prekeys()
             return
         known = self._contact_with_identity(fc.sender)
@@ -1509,17 +1541,25 @@ class Messenger:
         self.cover.heard(contact_id)  # online: cover to it goes on
         with self.store.transaction():
             self.store.put_session(contact_id, session.to_bytes())
+            if c.blocked:
+                # Nothing of a blocked contact is shown or kept (not even a partial message):
+                # the ratchet step above is all that is stored.
+                droplog.dropped("dropped a block of a blocked contact")
+                return
             if fragment.count == 1:
                 content: bytes | None = fragment.data
             elif fragment.count > MAX_MESSAGE_FRAGMENTS:
                 droplog.dropped("dropped a fragment of an oversized message")
+                return
+            elif not self._room_for_partial(contact_id, fragment.msg_id):
+                droplog.dropped("dropped a partial message (over the total limit)")
                 return
             else:
                 parts = self.store.put_fragment(
                     contact_id, fragment.msg_id, fragment.index, fragment.count, fragment.data
                 )
                 content = None if parts is None else b"".join(parts)
-            if content is None or c.blocked:
+            if content is None:
                 return
             try:
                 payload = wire.decode_payload(content)
@@ -1527,6 +1567,25 @@ class Messenger:
                 droplog.dropped("dropped a payload that did not parse")
                 return
             self._handle_payload(c, session, payload)
+
+    def _room_for_partial(self, contact_id: int, msg_id: bytes) -> bool:
+        """Whether a fragment of a message not yet kept may start one more partial message
+        (inside the receive transaction): a contact's oldest partials make room for its
+        newest (PARTIALS_PER_CONTACT); past PARTIALS_TOTAL for all contacts, none is kept."""
+        own = self.store.partial_messages(contact_id)
+        if any(m == msg_id for _, m in own):
+            return True
+        for _, old in own[: max(0, len(own) - PARTIALS_PER_CONTACT + 1)]:
+            self.store.delete_fragments(contact_id, old)
+            droplog.dropped("dropped a partial message (over a contact's limit)")
+        return len(self.store.partial_messages()) < PARTIALS_TOTAL
+
+    def drop_partials(self, contact_id: int) -> None:
+        """A contact blocked: its incomplete messages go (they would never be shown)."""
+        n = len(self.store.partial_messages(contact_id))
+        self.store.delete_fragments(contact_id)
+        for _ in range(n):
+            droplog.dropped("dropped a partial message (contact blocked)")
 
     def _handle_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None:
         if isinstance(payload, wire.CoverPayload):
@@ -1555,7 +1614,9 @@ class Messenger:
                     self.daemon.events.emit(
                         "message.status", {"message_id": m.id, "contact": c.name, "status": status}
                     )
-        elif isinstance(payload, (wire.HelloPayload, wire.MailboxPayload)) and not self._url_ok(
+        elif isinstance(
+            payload, (wire.HelloPayload, wire.MailboxPayload)
+        ) and not self._peer_url_ok(
             payload.reply_to.relay_url
             if isinstance(payload, wire.HelloPayload)
             else payload.mailbox.relay_url

@@ -159,7 +159,7 @@ class Renewals:
             not isinstance(hello, wire.HelloPayload)
             or not fc.sender.same_keys(expected)
             or not hmac.compare_digest(hello.invitation_id, renew_id)
-            or not m._url_ok(hello.reply_to.relay_url)
+            or not m._peer_url_ok(hello.reply_to.relay_url)
         ):
             store.put_identity(m.prekeys.to_bytes())  # burnt one-time keys stay burnt
             droplog.dropped("dropped a first contact that does not answer our renewal")
@@ -210,7 +210,7 @@ class Renewals:
             or req.created_at_ms < c.created_at
             or req.created_at_ms < now - MAX_AGE_MS
             or req.created_at_ms > now + MAX_SKEW_MS
-            or not m._url_ok(req.reply_to.relay_url)
+            or not m._peer_url_ok(req.reply_to.relay_url)
         ):
             droplog.dropped("dropped a stale or replayed renewal request")
             return True
