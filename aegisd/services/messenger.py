@@ -119,6 +119,11 @@ STALE_FRAGMENTS_MS = 24 * 3600 * 1000
 #: past this the contact's oldest partial goes; past the total, a new one is not kept.
 PARTIALS_PER_CONTACT = 8
 PARTIALS_TOTAL = 256
+#: Contact requests through the address waiting for the user (issue 15 item 14): past this,
+#: a request from a new identity is dropped (counted) until the user accepts or rejects some;
+#: one identity holds one request whatever it sends. A setting may change it.
+MAX_PENDING_REQUESTS = 50
+SETTING_MAX_REQUESTS = "requests.max_pending"
 SETTING_SUPERSEDED = "profile.superseded"  # {"at": ms}: restored on another device
 SUPERSEDED_TEXT = (
     "this profile was restored from a backup on another device, which now has its contacts "
@@ -1506,6 +1511,23 @@ class Messenger:
         with self.store.transaction():
             self.store.put_identity(self.prekeys.to_bytes())  # burnt one-time keys
             if known is not None and known.blocked:
+                return
+            pending = self.store.list_requests()
+            same = [r for r in pending if r.identity_key == fc.sender.to_bytes()]
+            if same:
+                # The same identity again (it retried, or floods): one request, holding the
+                # newest session, the one its sender now waits on (issue 15 item 14).
+                self.store.replace_request(
+                    same[0].id, clean_name(hello.display_name), fc.session.to_bytes(),
+                    address_to_bytes(hello.reply_to),
+                )  # fmt: skip
+                for extra in same[1:]:  # kept apart before requests were merged
+                    self.store.delete_request(extra.id)
+                droplog.dropped("merged a contact request into an earlier one of its identity")
+                return
+            limit = int(self.store.get_setting(SETTING_MAX_REQUESTS, MAX_PENDING_REQUESTS))
+            if len(pending) >= limit:
+                droplog.dropped("dropped a contact request (too many pending)")
                 return
             request_id = self.store.add_request(
                 fc.sender.to_bytes(),

@@ -661,6 +661,18 @@ class Store:
             )
         return int(cur.lastrowid)
 
+    def replace_request(
+        self, request_id: int, display_name: str, session: bytes, reply_to: bytes
+    ) -> None:
+        """A newer first contact of the same identity: its name, session and reply address
+        replace the request's (its id stays, its time becomes now)."""
+        with self.transaction():
+            self._q(
+                "UPDATE requests SET display_name = ?, session = ?, reply_to = ?, created_at = ? "
+                "WHERE id = ?",
+                (display_name, session, reply_to, self._clock(), request_id),
+            )
+
     def list_requests(self) -> list[RequestRow]:
         rows = self._q(
             "SELECT id, identity_key, display_name, session, reply_to, created_at FROM requests "
