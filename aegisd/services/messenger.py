@@ -971,6 +971,7 @@ class Messenger:
             with self.store.transaction():
                 self.store.remove_contact(c.id)  # its mailbox rows go with it
                 self.store.set_setting(f"{ROTATION_KEY}{c.id}", None)
+                self.store.set_setting(f"renewal.answered.{c.id}", None)  # renewal.ANSWERED_KEY
             self.attachments.remove_files(files)  # their rows went with the contact
             for r in rows:
                 mb = OwnedMailbox.from_bytes(r.descriptor)

@@ -243,3 +243,46 @@ def test_relay_urls_of_a_contact_are_held_to_a_stricter_policy_bounded_and_stopp
     finally:
         elsewhere.close()
         here.close()
+
+
+# --- item 12: session-renewal requests -----------------------------------------------------------
+
+
+def contact_mailboxes(peer: Peer) -> int:
+    s = offline_store(peer)
+    try:
+        return len([r for r in s.list_mailboxes("contact") if r.contact_id is not None])
+    finally:
+        s.close()
+
+
+def test_renewal_requests_are_bounded_and_superseded_mailboxes_retired(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    from aegisd.services.renewal import RENEWALS_PER_DAY
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    assert contact_mailboxes(bob) == 1
+    bundle = wire.ContactLink.from_text(alice.call("address.get")["link"]).bundle_address
+    alice.stop()
+    url = url_of(relay_proc)
+    now = time.time_ns() // 1_000_000
+    with hostile(alice.home, "bob") as h:
+        # Each newer than the last (so each passes the replay bound); nobody ever answers.
+        h.deposit(url, [h.renewal_block(now + i, bundle)
+                        for i in range(RENEWALS_PER_DAY + 4)])  # fmt: skip
+        bob.wait_for(lambda: queued(relay_proc, h) == 0, "bob to take the requests")
+    renewing = bob.events(types=["contact.session_renewing"])
+    assert len(renewing) == RENEWALS_PER_DAY
+    # One mailbox for the session in use, one for the latest renewal: the superseded ones are
+    # gone, here and at the relay.
+    assert contact_mailboxes(bob) == 2
+    with sqlite3.connect(relay_proc.data / "relay.sqlite3", timeout=10) as db:
+        at_relay = db.execute("SELECT count(*) FROM mailboxes").fetchone()[0]
+    bob.stop()
+    bob.start()
+    bob.wait_connected()
+    assert bob.call("invitations.create")["link"]  # the user's own operations still work
+    with sqlite3.connect(relay_proc.data / "relay.sqlite3", timeout=10) as db:
+        assert db.execute("SELECT count(*) FROM mailboxes").fetchone()[0] <= at_relay + 1

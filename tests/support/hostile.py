@@ -52,6 +52,21 @@ class Hostile:
         body = _fragment_body(wire.Fragment(msg_id, index, count, data), wire.RATCHET_BODY_PT_LEN)
         return _VERSION_BYTE + s.ratchet.encrypt(self.entropy, body, s.ad + _VERSION_BYTE)
 
+    def renewal_block(self, created_at_ms: int, bundle_address: bytes) -> bytes:
+        """A session-renewal request (docs/protocol.md §23), as a restored profile makes it:
+        only the identity's holder can; here it is made again and again."""
+        from aegisd.core import renewal
+        from aegisd.core.prekeys import PrekeyStore
+
+        state = self.store.get_identity()
+        assert state is not None
+        ident = PrekeyStore.from_bytes(state).identity
+        payload = wire.RenewPayload(
+            self.entropy.random(wire.MESSAGE_ID_LEN), created_at_ms, self.send_to,
+            bundle_address, "mallory",
+        )  # fmt: skip
+        return renewal.seal(self.entropy, ident, self.session.remote, wire.encode_payload(payload))
+
     def deposit(self, url: str, blocks: list[bytes]) -> None:
         async def go() -> None:
             client = await RelayClient.connect(url)
