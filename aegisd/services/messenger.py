@@ -62,7 +62,7 @@ from aegisd.transport.relaylink import (
     with_relay,
 )
 from relay.client import Message, RelayClient, RelayError
-from relay.wire import E_DENIED, E_RATE_LIMITED, ITEM_MLKEM, ITEM_X25519
+from relay.wire import E_DENIED, E_LIMIT, E_RATE_LIMITED, ITEM_MLKEM, ITEM_X25519
 
 from .attachments import Attachments
 from .mailbox import (
@@ -570,27 +570,42 @@ class Messenger:
         """A mailbox made at the relay (with a send token unless public)."""
         sign_seed, box_secret = new_keys()
         token = b"" if public else self.entropy.random(32)
+
+        async def make(client: RelayClient) -> OwnedMailbox:
+            created = await client.create(
+                OwnedMailbox(self._relay_url(), sign_seed, b"", b"", b"", b"", b"").signing_key,
+                box_public(box_secret),
+                public=public,
+            )
+            mb = OwnedMailbox(
+                self._relay_url(),
+                sign_seed,
+                box_secret,
+                created.owner_id,
+                created.deposit_id,
+                created.relay_box_pub,
+                token,
+            )
+            if token:
+                await client.token_add(mb.owner_id, mb.signing_key, token)
+            return mb
+
         try:
-            async with self._client() as client:
-                created = await client.create(
-                    OwnedMailbox(self._relay_url(), sign_seed, b"", b"", b"", b"", b"").signing_key,
-                    box_public(box_secret),
-                    public=public,
-                )
-                mb = OwnedMailbox(
-                    self._relay_url(),
-                    sign_seed,
-                    box_secret,
-                    created.owner_id,
-                    created.deposit_id,
-                    created.relay_box_pub,
-                    token,
-                )
-                if token:
-                    await client.token_add(mb.owner_id, mb.signing_key, token)
-        except (*UNAVAILABLE, RelayError):
+            try:
+                async with self._client() as client:
+                    return await make(client)
+            except RelayError as exc:
+                if exc.code != E_LIMIT:
+                    raise
+            # The link's connection made as many mailboxes as the relay lets one connection
+            # make (issue 15 item 12): a short-lived connection of its own makes this one.
+            own, _ = await with_relay(self._relay_url(), None, self.network())
+            try:
+                return await make(own)
+            finally:
+                await own.close()
+        except (*UNAVAILABLE, RelayError, RelayUnavailable):
             raise relay_unavailable() from None
-        return mb
 
     async def _retire_mailbox(self, row_id: int) -> None:
         row = self.store.get_mailbox(row_id)

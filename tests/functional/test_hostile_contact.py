@@ -8,6 +8,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aegisd.core import wire
@@ -286,3 +287,22 @@ def test_renewal_requests_are_bounded_and_superseded_mailboxes_retired(
     assert bob.call("invitations.create")["link"]  # the user's own operations still work
     with sqlite3.connect(relay_proc.data / "relay.sqlite3", timeout=10) as db:
         assert db.execute("SELECT count(*) FROM mailboxes").fetchone()[0] <= at_relay + 1
+
+
+def test_own_operations_work_past_the_relays_creations_per_connection(tmp_short: Path) -> None:
+    """The link's connection may create only so many mailboxes (lowered here): invitations
+    still work past it (a connection of their own takes over)."""
+    sub = tmp_short / "relay-low"
+    sub.mkdir()
+    rp = RelayProcess(sub, {"--creates-per-connection": "4"})
+    rp.start()
+    bob = None
+    try:
+        bob = Peer(tmp_short / "bob", url_of(rp), "bob")
+        bob.wait_connected()
+        links = {bob.call("invitations.create")["link"] for _ in range(8)}
+        assert len(links) == 8
+    finally:
+        if bob is not None:
+            bob.stop()
+        rp.close()
