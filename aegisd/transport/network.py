@@ -135,8 +135,8 @@ class Network:
             assert parts.hostname is not None and parts.port is not None
             host, port = parts.hostname, parts.port
         elif self.mode == "direct":
-            host = host_of(url)
-            if host is not None and host not in self.own_hosts:
+            target = host_of(url)
+            if target is not None and target not in self.own_hosts:
                 return aiohttp.TCPConnector(limit=0, resolver=PublicResolver())
             return aiohttp.TCPConnector(limit=0)
         else:  # nothing but an explicit "direct" ever connects without Tor or the proxy
