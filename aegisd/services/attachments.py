@@ -70,6 +70,9 @@ UNREACHABLE_TEXT = (
 )
 REFUSED_URL_TEXT = "the contact's relay URL for this file is not allowed (see docs/threat-model.md)"
 BLOCKED_TEXT = "the contact is blocked"
+#: Downloads of one contact's files that run at once; the others wait their turn (a contact
+#: sending many descriptors gets no more connections, and cannot hold up other contacts').
+DOWNLOADS_PER_CONTACT = 2
 BLOCK = wire.BLOCK_SIZE
 
 # Application error codes 1030-1039 (docs/api.md, "Errors").
@@ -101,6 +104,7 @@ class Attachments:
         self.m = messenger
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._locked = True  # no transfer starts before on_unlock or after on_lock
+        self._download_slots: dict[int, asyncio.Semaphore] = {}  # by contact id
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -190,7 +194,13 @@ class Attachments:
             if row.state == "uploading":
                 await self._upload(row)
             elif row.state == "downloading":
-                await self._download(row)
+                slots = self._download_slots.setdefault(
+                    row.contact_id, asyncio.Semaphore(DOWNLOADS_PER_CONTACT)
+                )
+                async with slots:
+                    row = db.get(self.store, aid)  # it may have changed while it waited
+                    if row is not None and row.state == "downloading":
+                        await self._download(row)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug: report it, never kill the daemon

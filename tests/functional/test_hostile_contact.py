@@ -141,9 +141,11 @@ def test_requests_from_one_identity_are_merged_and_pending_ones_capped(
 
 
 class Listener:
-    """A TCP listener of the contact's choosing that counts who knocks (and closes at once)."""
+    """A TCP listener of the contact's choosing that counts who knocks: it closes each
+    connection at once, or, with ``hold``, keeps it open without a word (then ``most`` is the
+    most connections open at once)."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, hold: bool = False) -> None:
         import socket
         import threading
 
@@ -152,21 +154,38 @@ class Listener:
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.count = 0
+        self.most = 0
+        self.hold = hold
+        self._open: list[Any] = []
         self._closed = False
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
+        import select
+
         while not self._closed:
             try:
-                conn, _ = self.sock.accept()
+                ready, _, _ = select.select([self.sock, *self._open], [], [], 0.2)
+                for s in ready:
+                    if s is self.sock:
+                        conn, _ = self.sock.accept()
+                        self.count += 1
+                        if self.hold:
+                            self._open.append(conn)
+                            self.most = max(self.most, len(self._open))
+                        else:
+                            conn.close()
+                    elif not s.recv(65536):  # the daemon gave up this one
+                        self._open.remove(s)
+                        s.close()
             except OSError:
                 return
-            self.count += 1
-            conn.close()
 
     def close(self) -> None:
         self._closed = True
         self.sock.close()
+        for s in self._open:
+            s.close()
 
 
 def descriptor(url: str) -> wire.AttachmentPayload:
@@ -306,3 +325,27 @@ def test_own_operations_work_past_the_relays_creations_per_connection(tmp_short:
         if bob is not None:
             bob.stop()
         rp.close()
+
+
+def test_a_contacts_many_files_download_a_few_at_a_time(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    from aegisd.services.attachments import DOWNLOADS_PER_CONTACT
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.stop()
+    silent = Listener("127.0.0.1", hold=True)  # the own relay's host: allowed; never answers
+    try:
+        with hostile(alice.home, "bob") as h:
+            h.deposit(url_of(relay_proc), [
+                b for _ in range(3 * DOWNLOADS_PER_CONTACT)
+                for b in h.payload_blocks(descriptor(f"ws://127.0.0.1:{silent.port}/v1/ws"))
+            ])  # fmt: skip
+        bob.wait_for(lambda: len(bob.call("attachments.list")["attachments"])
+                     == 3 * DOWNLOADS_PER_CONTACT, "the descriptors")  # fmt: skip
+        bob.wait_for(lambda: silent.most >= DOWNLOADS_PER_CONTACT, "the downloads to connect")
+        time.sleep(2)  # any other download would have connected by now
+        assert silent.most == DOWNLOADS_PER_CONTACT
+    finally:
+        silent.close()
