@@ -1613,10 +1613,13 @@ class Messenger:
         own = self.store.partial_messages(contact_id)
         if any(m == msg_id for _, m in own):
             return True
-        for _, old in own[: max(0, len(own) - PARTIALS_PER_CONTACT + 1)]:
+        evict = own[: max(0, len(own) - PARTIALS_PER_CONTACT + 1)]
+        if len(self.store.partial_messages()) - len(evict) >= PARTIALS_TOTAL:
+            return False
+        for _, old in evict:
             self.store.delete_fragments(contact_id, old)
             droplog.dropped("dropped a partial message (over a contact's limit)")
-        return len(self.store.partial_messages()) < PARTIALS_TOTAL
+        return True
 
     def drop_partials(self, contact_id: int) -> None:
         """A contact blocked: its incomplete messages go (they would never be shown)."""
