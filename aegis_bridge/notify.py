@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from aegis_client import Event
+from aegis_client import Event, safe_text
 
 LEVELS = ("none", "sender", "text")
 #: The events that make a notification.
@@ -32,9 +32,15 @@ class Notification:
 
 
 def _clean(s: Any) -> str:
-    """A one-line, bounded, control-character-free rendering of a peer-supplied string."""
-    text = "".join(ch if ch.isprintable() or ch == "\n" else " " for ch in str(s))
-    return text[:MAX_BODY]
+    """A bounded rendering of a peer-supplied text with its lines kept and every control
+    and bidi character shown visibly (aegis_client.safe_text). Markup is escaped later,
+    only for a server that reads it (DBusNotifier.show)."""
+    return safe_text.lines(str(s)[:MAX_BODY])
+
+
+def _name(s: Any) -> str:
+    """A peer-chosen name for a summary line: one line, at most 64 characters."""
+    return safe_text.one_line(" ".join(str(s).split()), limit=64)
 
 
 def render(ev: Event, level: str) -> Notification | None:
@@ -42,14 +48,14 @@ def render(ev: Event, level: str) -> Notification | None:
     if ev.type == "message.received":
         if level == "none":
             return Notification("New message", "", "im.received")
-        who = " ".join(_clean(ev.data.get("contact", "")).split())[:64]
+        who = _name(ev.data.get("contact", ""))
         if level == "sender":
             return Notification(f"New message from {who}", "", "im.received")
         return Notification(who, _clean(ev.data.get("text", "")), "im.received")
     if ev.type == "contact.request":
         if level == "none":
             return Notification("New contact request", "", "im")
-        who = " ".join(_clean(ev.data.get("name", "")).split())[:64]
+        who = _name(ev.data.get("name", ""))
         return Notification(f"Contact request from {who}", "", "im")
     return None
 
@@ -82,6 +88,7 @@ class DBusNotifier:
         self.bus_address = bus_address
         self._bus: Any = None
         self._warned = False
+        self._markup: bool | None = None  # the server reads markup in bodies (per connection)
 
     async def _connect(self) -> Any:
         from dbus_fast.aio import MessageBus
@@ -90,7 +97,26 @@ class DBusNotifier:
             self._bus = await asyncio.wait_for(
                 MessageBus(bus_address=self.bus_address).connect(), NOTIFY_TIMEOUT
             )
+            self._markup = None
         return self._bus
+
+    async def _reads_markup(self, bus: Any) -> bool:
+        """Whether the server interprets markup in bodies (the "body-markup" capability of
+        the Desktop Notifications spec: then a peer's <a href> would be a link and <img> an
+        image fetched). Unknown (no answer): assumed, so the body is escaped."""
+        from dbus_fast import Message, MessageType
+
+        if self._markup is None:
+            try:
+                reply = await asyncio.wait_for(bus.call(Message(
+                    destination=BUS_NAME, path=OBJECT_PATH, interface=BUS_NAME,
+                    member="GetCapabilities",
+                )), NOTIFY_TIMEOUT)  # fmt: skip
+                ok = reply is not None and reply.message_type != MessageType.ERROR
+                self._markup = not ok or "body-markup" in list(reply.body[0])
+            except Exception:
+                return True  # asked again next time
+        return self._markup
 
     def _fail(self, what: str) -> None:
         if not self._warned:
@@ -107,13 +133,16 @@ class DBusNotifier:
             self._fail(f"no session D-Bus to show notifications on ({type(exc).__name__})")
             return False
         hints = {"category": Variant("s", n.category)}
+        body = n.body
+        if body and await self._reads_markup(bus):
+            body = safe_text.markup_escaped(body)
         msg = Message(
             destination=BUS_NAME,
             path=OBJECT_PATH,
             interface=BUS_NAME,
             member="Notify",
             signature="susssasa{sv}i",
-            body=[APP_NAME, 0, "", n.summary, n.body, [], hints, -1],
+            body=[APP_NAME, 0, "", n.summary, body, [], hints, -1],
         )
         try:
             reply = await asyncio.wait_for(bus.call(msg), NOTIFY_TIMEOUT)

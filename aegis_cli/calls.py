@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from aegis_client.safe_text import one_line
+
 from .client import RpcCallError
 
 if TYPE_CHECKING:
@@ -47,14 +49,16 @@ def _describe(c: dict[str, Any], when: bool = False) -> str:
     An ended call that was answered says how long it lasted."""
     arrow = "to" if c["direction"] == "out" else "from"
     kind = "video call" if c.get("video") else "call"
-    reason = f" ({c['reason']})" if c.get("reason") else ""
+    reason = f" ({one_line(c['reason'])})" if c.get("reason") else ""
     lasted = ""
     if c.get("answered_at") and c.get("ended_at"):
         lasted = f", {_duration(c['ended_at'] - c['answered_at'])}"
     elif c.get("state") == "active" and c.get("answered_at"):
         lasted = f" since {time.strftime('%H:%M', time.localtime(c['answered_at'] / 1000))}"
     start = f"{_when(c.get('created_at'))}  " if when else ""
-    return f"{start}{kind} {arrow} {c['contact']}: {c['state']}{reason}{lasted}  [{c['call_id']}]"
+    # The contact's name and a reason may come from the peer: shown without controls.
+    return (f"{start}{kind} {arrow} {one_line(c['contact'])}: {one_line(c['state'])}{reason}"
+            f"{lasted}  [{one_line(c['call_id'])}]")
 
 
 def _value(v: Any) -> str:
@@ -188,13 +192,13 @@ def register(main: ModuleType) -> None:
                     if ctx.as_json:
                         click.echo(json.dumps(ev, sort_keys=True))
                     elif ev.get("type") == "call.media":
-                        click.echo(f"receiving {data['kind']}")
+                        click.echo(f"receiving {one_line(data['kind'])}")
                     elif data.get("state") != shown:
                         shown = data.get("state")
                         click.echo(_describe({**started, **data}))
                     if ev.get("type") == "call.state" and data.get("state") == "ended":
                         if data.get("reason") not in ENDED_OK:
-                            raise Fail(f"the call ended: {data.get('reason')}")
+                            raise Fail(f"the call ended: {one_line(data.get('reason'))}")
                         return
             except KeyboardInterrupt:
                 # The call may have ended meanwhile: still "interrupted", not an error.

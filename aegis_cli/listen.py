@@ -17,10 +17,10 @@ from typing import Any
 
 import click
 
+from aegis_client import safe_text
 from aegis_client.errors import Locked
 
 from .client import Client
-from .errors import printable
 from .units import size_text, when
 
 #: Back-off between attempts to reach the daemon again (seconds), as aegis_client's.
@@ -29,13 +29,13 @@ MAX_DELAY = 2.0
 
 
 def _text(value: Any) -> str:
-    """Peer-supplied text for a terminal: no control characters, lines indented."""
-    lines = str(value).split("\n")
-    return "\n    ".join(printable(line, limit=100_000) for line in lines)
+    """Peer-supplied text for a terminal: no control or bidi character, continuation lines
+    indented (aegis_client.safe_text)."""
+    return safe_text.body(value)
 
 
 def _who(data: dict[str, Any]) -> str:
-    return _text(data.get("contact") or "-")
+    return safe_text.one_line(data.get("contact") or "-")
 
 
 def describe(ev: dict[str, Any]) -> str:
@@ -112,7 +112,9 @@ def describe(ev: dict[str, Any]) -> str:
         what = f"backup restored: {d.get('contacts')} contacts, {d.get('messages')} messages"
     else:
         what = f"{_text(kind)} {_text(json.dumps(d, sort_keys=True))}"
-    return f"{when(ev.get('time_ms'))}  {what}"
+    # Every value above is the daemon's, but some were chosen by a peer: the last guard
+    # shows any control left (newlines and tabs stay: message lines are indented above).
+    return safe_text.lines(f"{when(ev.get('time_ms'))}  {what}")
 
 
 def follow(

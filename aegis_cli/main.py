@@ -22,6 +22,8 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from aegis_client import safe_text
+from aegis_client.safe_text import body, one_line
 from aegisd.paths import PathError, ProfilePaths, check_socket_path, resolve
 from aegisd.relayurl import RelayUrlError, check_chosen_relay_url
 from aegisd.secretfile import SecretFileError, read_first_line
@@ -70,7 +72,9 @@ class Ctx:
         if self.as_json:
             click.echo(json.dumps(result, sort_keys=True))
         else:
-            click.echo(text)
+            # Each command shows what a peer chose through aegis_client.safe_text already;
+            # this is the last guard: nothing that reaches the terminal is a control.
+            click.echo(safe_text.lines(text))
 
     def aegisd_argv(self, *args: str) -> list[str]:
         argv = [sys.executable, "-m", "aegisd.main", *args]
@@ -481,7 +485,8 @@ def status(ctx: Ctx) -> None:
         + (f"\nWARNING: {st['relay_lost']}" if st.get("relay_lost") else "")
         + (f"\nWARNING: {(st.get('relay') or {})['refusing']}"
            if (st.get("relay") or {}).get("refusing") else "")
-        + (f"\ncontacts failed: {', '.join(st['contacts_failed'])} (aegis contacts says why)"
+        + (f"\ncontacts failed: {', '.join(map(one_line, st['contacts_failed']))}"
+           " (aegis contacts says why)"
            if st.get("contacts_failed") else ""),
     )
 
@@ -678,11 +683,12 @@ def requests(ctx: Ctx) -> None:
     """List contact requests waiting for you to accept or reject them."""
     result = ctx.call("requests.list")
     reqs = result["requests"]
-    lines = []
+    shown: list[str] = []
     for r in reqs:
-        lines.append(f"{r['request']}  {r['name'] or '(no name)'}  ({_when(r['created_at'])})")
-        lines.append(_safety_lines(r["safety_number"], "    "))
-    ctx.out(result, "\n".join(lines) if lines else "no pending requests")
+        shown.append(f"{r['request']}  {one_line(r['name'] or '(no name)')}  "
+                     f"({_when(r['created_at'])})")
+        shown.append(_safety_lines(r["safety_number"], "    "))
+    ctx.out(result, "\n".join(shown) if shown else "no pending requests")
 
 
 @cli.command()
@@ -695,7 +701,7 @@ def accept(ctx: Ctx, request_id: int, name: str | None) -> None:
     if name is not None:
         params["name"] = name
     result = ctx.call("requests.accept", params)
-    ctx.out(result, f"accepted: {result['name']} is now a contact")
+    ctx.out(result, f"accepted: {one_line(result['name'])} is now a contact")
 
 
 @cli.command()
@@ -721,7 +727,7 @@ def contact_add(ctx: Ctx, name: str, link: str) -> None:
     result = ctx.call("contacts.add", {"name": name, "link": link})
     ctx.out(
         result,
-        f"added {result['name']}; "
+        f"added {one_line(result['name'])}; "
         + (
             "you can send messages now"
             if result["established"]
@@ -740,7 +746,7 @@ def contact_add(ctx: Ctx, name: str, link: str) -> None:
 def contact_rename(ctx: Ctx, name: str, new_name: str) -> None:
     """Rename a contact."""
     result = ctx.call("contacts.rename", {"name": name, "new_name": new_name})
-    ctx.out(result, f"renamed {name} to {result['name']}")
+    ctx.out(result, f"renamed {one_line(name)} to {one_line(result['name'])}")
 
 
 @contact.command("remove")
@@ -767,16 +773,16 @@ def contact_block(ctx: Ctx, name: str, undo: bool) -> None:
 def contacts(ctx: Ctx) -> None:
     """List your contacts."""
     result = ctx.call("contacts.list")
-    lines = []
+    shown = []
     for c in result["contacts"]:
         flags = [
-            f"failed: {c['failed']}" if c.get("failed")
+            f"failed: {one_line(c['failed'])}" if c.get("failed")
             else "established" if c["established"] else "waiting for their answer",
             *(["verified"] if c["verified"] else []),
             *(["blocked"] if c["blocked"] else []),
         ]
-        lines.append(f"{c['name']}  ({', '.join(flags)})")
-    ctx.out(result, "\n".join(lines) if lines else "no contacts yet")
+        shown.append(f"{one_line(c['name'])}  ({', '.join(flags)})")
+    ctx.out(result, "\n".join(shown) if shown else "no contacts yet")
 
 
 def _confirm(prompt: str) -> bool:
@@ -801,9 +807,9 @@ def verify(ctx: Ctx, name: str, yes: bool) -> None:
     with ctx.client() as c:
         sn = c.call("contacts.safety_number", {"name": name})
         if not ctx.as_json:
-            click.echo(f"Safety number with {sn['contact']}:")
+            click.echo(f"Safety number with {one_line(sn['contact'])}:")
             click.echo(_safety_lines(sn["safety_number"]))
-        do_it = yes or (not ctx.as_json and _confirm(f"Does it match what {name} sees?"))
+        do_it = yes or (not ctx.as_json and _confirm(f"Does it match what {one_line(name)} sees?"))
         verified = False
         if do_it:
             verified = bool(c.call("contacts.verify", {"name": name})["verified"])
@@ -811,7 +817,8 @@ def verify(ctx: Ctx, name: str, yes: bool) -> None:
     if ctx.as_json:
         ctx.out(result, "")
     else:
-        click.echo(f"{sn['contact']} is marked verified" if verified else "not marked verified")
+        click.echo(f"{one_line(sn['contact'])} is marked verified" if verified
+                   else "not marked verified")
 
 
 @cli.command(short_help="Send a message or a file to NAME.")
@@ -869,14 +876,17 @@ def messages(ctx: Ctx, name: str, limit: int, before: int | None, mark_read: boo
         result = c.call("messages.history", params)
         if mark_read:
             c.call("messages.mark_read", {"contact": name})
-    lines = []
+    # The contact's text as safe_text shows it: no control reaches the terminal, and each
+    # line after a message's first is indented, so none passes for a message header.
+    who = one_line(name)
+    shown = []
     for m in result["messages"]:
-        text = str(m["text"]).replace("\n", "\n    ")
+        text = body(m["text"])
         if m["direction"] == "out":
-            lines.append(f"{_when(m['created_at'])}  me -> {name}: {text}  [{m['status']}]")
+            shown.append(f"{_when(m['created_at'])}  me -> {who}: {text}  [{m['status']}]")
         else:
-            lines.append(f"{_when(m['sent_at'] or m['created_at'])}  {name}: {text}")
-    ctx.out(result, "\n".join(lines) if lines else f"no messages with {name}")
+            shown.append(f"{_when(m['sent_at'] or m['created_at'])}  {who}: {text}")
+    ctx.out(result, "\n".join(shown) if shown else f"no messages with {who}")
 
 
 PROGRESS_MIN = 1 << 20  # files from this size get a progress bar on a terminal
@@ -891,7 +901,7 @@ def _send_file(ctx: Ctx, name: str, file_path: str) -> None:
         return
     total = int(result["blocks"])
     with ctx.client() as c, click.progressbar(
-        length=total, label=f"uploading {result['name']}", file=sys.stderr
+        length=total, label=f"uploading {one_line(result['name'])}", file=sys.stderr
     ) as bar:
         done = 0
         while True:
@@ -902,7 +912,7 @@ def _send_file(ctx: Ctx, name: str, file_path: str) -> None:
                 break
             time.sleep(0.2)
     if info["state"] == "failed":
-        raise Fail(f"the upload failed: {info['error']}", data={"attachment_id": aid})
+        raise Fail(f"the upload failed: {one_line(info['error'])}", data={"attachment_id": aid})
     click.echo(aid)
 
 
@@ -929,19 +939,19 @@ def attachments(ctx: Ctx, name: str | None, max_size: int | None) -> None:
         )
         return
     result = ctx.call("attachments.list", {"contact": name} if name else {})
-    lines = []
+    shown = []
     for a in result["attachments"]:
         arrow = "->" if a["direction"] == "out" else "<-"
         state = a["state"]
         if state in ("uploading", "downloading"):
             state += f" {100 * a['done'] // max(1, a['blocks'])}%"
         if a["error"]:
-            state += f": {a['error']}"
-        lines.append(
-            f"{a['attachment_id']}  {_when(a['created_at'])}  {arrow} {a['contact']}  "
-            f"{a['name']}  {_size(a['size'])}  [{state}]"
+            state += f": {one_line(a['error'])}"
+        shown.append(
+            f"{a['attachment_id']}  {_when(a['created_at'])}  {arrow} {one_line(a['contact'])}  "
+            f"{one_line(a['name'])}  {_size(a['size'])}  [{state}]"
         )
-    ctx.out(result, "\n".join(lines) if lines else "no attachments")
+    ctx.out(result, "\n".join(shown) if shown else "no attachments")
 
 
 @cli.group(short_help="Save, retry or delete one attachment.")
@@ -976,7 +986,7 @@ def attachment_save(ctx: Ctx, attachment_id: str, path: str, overwrite: bool) ->
         {"attachment_id": _attachment_id(ctx, attachment_id), "path": os.path.abspath(path),
          "overwrite": overwrite},
     )
-    ctx.out(result, f"saved {result['path']}")
+    ctx.out(result, f"saved {one_line(result['path'])}")
 
 
 @attachment.command("retry")
@@ -1043,7 +1053,8 @@ def _fail(error: dict[str, Any], exit_status: int, as_json: bool) -> NoReturn:
     if as_json:
         click.echo(json.dumps({"error": error}, sort_keys=True))
     else:
-        click.echo(f"aegis: error: {error['message']}", err=True)
+        # A daemon's message may quote what someone else chose (a link, a relay's answer).
+        click.echo(f"aegis: error: {one_line(error['message'])}", err=True)
     sys.exit(exit_status)
 
 

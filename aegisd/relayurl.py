@@ -94,6 +94,78 @@ def check_chosen_relay_url(url: str, *, insecure_plaintext: bool = False) -> str
     return url
 
 
+#: Names that never lead to a public relay: they resolve on the user's own machine or network.
+_LOCAL_SUFFIXES = (".localhost", ".local", ".localdomain", ".internal", ".lan", ".home.arpa",
+                   ".intranet", ".corp", ".home", ".test", ".invalid", ".example")  # fmt: skip
+
+
+def host_of(url: str | None) -> str | None:
+    """The URL's host, lower case (None without a URL or host)."""
+    if not url:
+        return None
+    try:
+        host = urlsplit(url.strip()).hostname
+    except ValueError:
+        return None
+    return host.lower() if host else None
+
+
+def is_public_address(host: str) -> bool:
+    """An IP address of the public Internet (not loopback, private, link-local, shared,
+    multicast, reserved or unspecified; an IPv4-mapped IPv6 address counts as its IPv4)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def is_public_name(host: str) -> bool:
+    """A DNS name that may be public: dotted, and not a name of the local machine or network.
+    (Where it resolves is checked when it is dialled directly: network.PublicResolver.)"""
+    host = host.rstrip(".")
+    tld = host.rsplit(".", 1)[-1]
+    # A numeric last label is an IPv4 address in a legacy form (127.1), never a DNS name.
+    return "." in host and not tld.isdigit() and not host.endswith(_LOCAL_SUFFIXES)
+
+
+def check_peer_relay_url(url: str, own_url: str | None) -> str:
+    """A relay URL chosen by someone else (a contact's or a stranger's mailbox, a file's relay):
+    dialled without the user choosing it, so held to a stricter policy than the user's own
+    (docs/threat-model.md, "A hostile contact"). Returns the URL, normalised, or raises
+    RelayUrlError.
+
+    * a v3 onion service: allowed (ws:// too: Tor encrypts and authenticates it);
+    * the host of the user's own relay (``own_url``): allowed, with ws:// only if the own relay
+      uses ws:// (a local or plaintext relay the user chose; tests run there);
+    * anything else: ``wss://`` only, to a public IP address or a public DNS name (no loopback,
+      private or link-local address, no ``localhost`` or local-network name), so that a contact
+      cannot make the daemon knock on services of the user's machine or network."""
+    url = check_relay_url(url, insecure_plaintext=True)  # the URL's form; the rest is below
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if is_onion(host):
+        return url
+    own = urlsplit(own_url) if own_url else None
+    if own is not None and host == (own.hostname or "").lower():
+        if parts.scheme == "ws" and own.scheme.lower() != "ws":
+            raise RelayUrlError("a contact's relay URL must use wss://")
+        return url
+    if parts.scheme != "wss":
+        raise RelayUrlError("a contact's relay URL must use wss:// (or be an onion service)")
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        if not is_public_name(host):
+            raise RelayUrlError("a contact's relay URL names a local host") from None
+        return url
+    if not is_public_address(host):
+        raise RelayUrlError("a contact's relay URL is a loopback, private or local address")
+    return url
+
+
 def relay_endpoint(url: str) -> str:
     """The URL a connection is made to: `url` with the default path when it has none.
 

@@ -32,14 +32,16 @@ try:
 except ModuleNotFoundError:  # run from a clone without the venv: aegis_client is pure stdlib
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aegis_client import AegisClientError, Client, DaemonNotRunning, Event
+from aegis_client import AegisClientError, Client, DaemonNotRunning, Event, safe_text
 
 PREFIX = "echo: "
 MAX_TEXT = 65536
 
 
 def log(message: str) -> None:
-    print(f"echo-bot: {message}", file=sys.stderr, flush=True)
+    """One line on stderr. The bot's lines quote nothing a contact sent, but an error's text
+    may carry what someone else chose: no control reaches the terminal or log viewer."""
+    print(f"echo-bot: {safe_text.one_line(message)}", file=sys.stderr, flush=True)
 
 
 def reply_to(text: str, prefix: str = PREFIX) -> str:

@@ -953,9 +953,14 @@ async def h_bundle_fetch(c: Connection, f: wire.Frame) -> None:
     mb = await c.mailbox(dkey=deposit_key(deposit_id))
     if mb is None or mb.deleted:
         raise Denied()
-    if not mb.bundle_bucket.take(time.monotonic()):
-        raise wire.FrameError(wire.E_RATE_LIMITED)
-    bundle = await c.relay.storage.take_bundle(mb.id, (wire.ITEM_X25519, wire.ITEM_MLKEM))
+    # The per-mailbox bucket rations the one-time items, not the answers: past it a fetch gets
+    # the base alone (the client falls back to the last-resort keys, docs/protocol.md §7). So
+    # one fetcher draining the bucket refuses nobody else a bundle, and a mailbox that exists
+    # without a bundle answers exactly as one that never existed or was deleted: `denied`,
+    # however often it is asked (never `rate_limited`, which would say it exists).
+    with_items = mb.bundle_bucket.take(time.monotonic())
+    kinds = (wire.ITEM_X25519, wire.ITEM_MLKEM) if with_items else ()
+    bundle = await c.relay.storage.take_bundle(mb.id, kinds)
     if bundle is None:
         raise Denied()
     c.send(wire.encode(wire.BUNDLE, f.rid, wire.encode_bundle(*bundle)))

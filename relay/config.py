@@ -48,7 +48,10 @@ class Config:
     tokens_per_mailbox: int = 16
     # Prekey bundles.
     bundle_items_per_kind: int = 200
-    bundle_fetch_rate: float = 1.0  # fetches per second per mailbox
+    # One-time items handed out per second per mailbox (token bucket); fetches beyond it get
+    # the base alone (last-resort keys), never a refusal: one per minute outlasts any honest
+    # address's first contacts and bounds what a drainer makes the owner replenish.
+    bundle_fetch_rate: float = 1 / 60
     bundle_fetch_burst: int = 20
     bundle_fetches_per_connection: int = 100
     # Blob area (file attachments): 8192 blocks of 16 KiB admit one 100 MB file per quota.

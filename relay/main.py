@@ -52,8 +52,9 @@ HELP = {
     "deposit_burst": "Deposit bucket size per mailbox.",
     "tokens_per_mailbox": "Send-capability tokens per mailbox.",
     "bundle_items_per_kind": "One-time prekey items per kind and mailbox.",
-    "bundle_fetch_rate": "Bundle fetches per second per mailbox.",
-    "bundle_fetch_burst": "Bundle fetch bucket size per mailbox.",
+    "bundle_fetch_rate": "One-time prekey items handed out per second per mailbox (beyond: "
+                         "the bundle base alone).",
+    "bundle_fetch_burst": "One-time item bucket size per mailbox.",
     "bundle_fetches_per_connection": "Bundle fetches one connection may make.",
     "blob_quota_blocks": "Blob blocks one proof-of-work quota admits.",
     "blob_max_bytes": "Bytes the blob area holds at most.",

@@ -89,7 +89,7 @@ class Storage(Protocol):
                                cap: int) -> tuple[int, int] | None: ...
     async def bundle_counts(self, mailbox: int) -> tuple[int, int]: ...
     async def take_bundle(self, mailbox: int,
-                          kinds: tuple[int, int]) -> tuple[bytes, bytes | None,
+                          kinds: tuple[int, ...]) -> tuple[bytes, bytes | None,
                                                            bytes | None] | None: ...
     async def blob_count(self) -> int: ...
     async def put_blob(self, bkey: bytes, cap_hash: bytes, expiry: int, block: bytes) -> bool: ...
@@ -575,8 +575,10 @@ class SQLiteStorage:
     async def bundle_counts(self, mailbox: int) -> tuple[int, int]:
         return await self._run(lambda db: self._counts(db, mailbox))
 
-    async def take_bundle(self, mailbox: int, kinds: tuple[int, int]
+    async def take_bundle(self, mailbox: int, kinds: tuple[int, ...]
                           ) -> tuple[bytes, bytes | None, bytes | None] | None:
+        """The base and one item of each of `kinds` (up to two; none: the base alone), each
+        item deleted; None if the mailbox has no bundle."""
         def op(db: sqlite3.Connection) -> tuple[bytes, bytes | None, bytes | None] | None:
             row = db.execute("SELECT base FROM bundles WHERE mailbox = ?", (mailbox,)).fetchone()
             if row is None:
@@ -591,6 +593,7 @@ class SQLiteStorage:
                 else:
                     db.execute("DELETE FROM bundle_items WHERE id = ?", (item[0],))
                     taken.append(bytes(item[1]))
+            taken += [None, None]
             return bytes(row[0]), taken[0], taken[1]
         return await self._run(op)
 

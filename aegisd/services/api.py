@@ -130,8 +130,7 @@ def register(registry: Registry, m: Messenger) -> None:
 
     @method("contacts.block")
     async def contacts_block(ctx: CallContext, name: str, blocked: bool = True) -> dict[str, Any]:
-        c = m.contact(name)
-        m.store.update_contact(c.id, blocked=blocked)
+        c = await m.block_contact(name, blocked)
         return {"name": c.name, "blocked": blocked}
 
     @method("contacts.safety_number")

@@ -61,6 +61,21 @@ RETRY_MAX = 60.0
 #: Blocks asked of the relay per blob quota (its default blob_quota_blocks): a quota is paid in
 #: proportion to its size, so the daemon asks for what is left of the file, at most this.
 BLOB_QUOTA_MAX = 8192
+#: Connections to a contact's relay for one file that fail in a row before the download is
+#: given up (state "failed", event attachment.failed; attachments.retry starts it again):
+#: the relay was chosen by the contact, which must not get to see this daemon come back for
+#: ever. With the back-off below, about 10 minutes. A setting may lower it.
+FETCH_CONNECT_TRIES = 12
+SETTING_FETCH_TRIES = "attachments.fetch_tries"
+UNREACHABLE_TEXT = (
+    "the contact's relay for this file could not be reached (gave up after {n} tries): "
+    "aegis attachment retry ID tries again"
+)
+REFUSED_URL_TEXT = "the contact's relay URL for this file is not allowed (see docs/threat-model.md)"
+BLOCKED_TEXT = "the contact is blocked"
+#: Downloads of one contact's files that run at once; the others wait their turn (a contact
+#: sending many descriptors gets no more connections, and cannot hold up other contacts').
+DOWNLOADS_PER_CONTACT = 2
 BLOCK = wire.BLOCK_SIZE
 
 # Application error codes 1030-1039 (docs/api.md, "Errors").
@@ -98,6 +113,7 @@ class Attachments:
         self.m = messenger
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._locked = True  # no transfer starts before on_unlock or after on_lock
+        self._download_slots: dict[int, asyncio.Semaphore] = {}  # by contact id
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -124,6 +140,10 @@ class Attachments:
                     with contextlib.suppress(OSError):
                         path.unlink()
         for row in db.unfinished(self.store):
+            c = self.store.get_contact(row.contact_id)
+            if row.direction == "in" and (c is None or c.blocked):
+                self._fail(row.id, BLOCKED_TEXT)  # blocked before the fix that stops them
+                continue
             self._start(row.id)
 
     async def on_lock(self) -> None:
@@ -148,6 +168,19 @@ class Attachments:
                     await task
         return aids
 
+    async def stop_downloads(self, contact_id: int, reason: str) -> None:
+        """A contact blocked (messenger lock held): its files stop downloading, failed with
+        ``reason`` (attachments.retry starts one again once the contact is unblocked)."""
+        for row in db.listing(self.store, contact_id, limit=-1):
+            if row.direction != "in" or row.state != "downloading":
+                continue
+            task = self._workers.pop(row.id, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self._fail(row.id, reason)
+
     def remove_files(self, aids: list[str]) -> None:
         for aid in aids:
             with contextlib.suppress(OSError):
@@ -170,7 +203,13 @@ class Attachments:
             if row.state == "uploading":
                 await self._upload(row)
             elif row.state == "downloading":
-                await self._download(row)
+                slots = self._download_slots.setdefault(
+                    row.contact_id, asyncio.Semaphore(DOWNLOADS_PER_CONTACT)
+                )
+                async with slots:
+                    row = db.get(self.store, aid)  # it may have changed while it waited
+                    if row is not None and row.state == "downloading":
+                        await self._download(row)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug: report it, never kill the daemon
@@ -412,7 +451,7 @@ class Attachments:
         if m.store.get_message(aid) is not None or db.get(m.store, aid) is not None:
             return  # a duplicate id: never twice
         name = clean_file_name(p.name)
-        if not m._url_ok(p.relay_url):
+        if not m._peer_url_ok(p.relay_url):
             droplog.dropped("dropped an attachment whose relay URL is refused")
             return
         now = _ms()
@@ -447,8 +486,12 @@ class Attachments:
         asyncio.get_running_loop().call_soon(self._start, aid)
 
     async def _download(self, row: AttachmentRow) -> None:
+        if not self.m._peer_url_ok(row.relay_url):  # received before the policy, or it changed
+            self._fail(row.id, REFUSED_URL_TEXT)
+            return
         keys = FileKeys(row.seed)
         path = self._file(row.id)
+        tries = max(1, int(self.store.get_setting(SETTING_FETCH_TRIES, FETCH_CONNECT_TRIES)))
         try:
             self.directory.mkdir(mode=0o700, exist_ok=True)
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
@@ -484,9 +527,13 @@ class Attachments:
                         await client.close()
                         client = None
                     attempt += 1
+                    if attempt >= tries:
+                        raise _GiveUp() from None
                     await asyncio.sleep(min(RETRY_MAX, 0.5 * 2 ** min(attempt, 8)))
                 except RelayError:  # busy, rate limited: later
                     attempt += 1
+                    if attempt >= tries:
+                        raise _GiveUp() from None
                     await asyncio.sleep(min(RETRY_MAX, 0.5 * 2 ** min(attempt, 8)))
             if not await asyncio.to_thread(self._verify, path, keys, row):
                 raise _Corrupt()
@@ -502,6 +549,11 @@ class Attachments:
                 await client.close()
             self._fail(row.id, "the file arrived corrupted or incomplete (a block failed its "
                        "integrity check after retries, or the relay no longer has it)")
+            return
+        except _GiveUp:
+            if client is not None:
+                await client.close()
+            self._fail(row.id, UNREACHABLE_TEXT.format(n=tries))
             return
         except (_LocalIOError, OSError):  # OSError: the final check's read
             if client is not None:
@@ -691,6 +743,12 @@ class Attachments:
         state = "uploading" if row.direction == "out" else "downloading"
         if row.direction == "in" and row.size > self.max_size():
             raise AppError(E_FILE_TOO_LARGE, "too_large", _limit_text(self.max_size()))
+        if row.direction == "in":
+            c = self.store.get_contact(row.contact_id)
+            if c is None or c.blocked:
+                raise AppError(E_BLOCKED, "blocked", "this contact is blocked")
+            if not self.m._peer_url_ok(row.relay_url):
+                raise AppError(E_NOT_RETRYABLE, "not_retryable", REFUSED_URL_TEXT)
         if row.direction == "out" and not self._file(aid).exists():
             raise AppError(E_NOT_RETRYABLE, "not_retryable",
                            "the encrypted copy is gone: send the file again")
@@ -724,6 +782,10 @@ class Attachments:
                     })  # fmt: skip
         with contextlib.suppress(OSError):
             self._file(aid).unlink()
+
+
+class _GiveUp(Exception):
+    """The contact's relay stayed unreachable for FETCH_CONNECT_TRIES connections in a row."""
 
 
 class _TooLarge(Exception):

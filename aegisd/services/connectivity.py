@@ -100,6 +100,9 @@ class Connectivity:
             store.get_setting(SETTING_MODE),
             store.get_setting(SETTING_URL),
             self.tor,
+            # The old relay of a move under way is the user's own too (still drained).
+            also_own=tuple(str(u) for u in [(store.get_setting("relay.move") or {}).get("from")]
+                           if u),
         )
 
     def _wanted_tor(self) -> TorConfig | None:

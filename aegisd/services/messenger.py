@@ -43,6 +43,7 @@ from aegisd.relayurl import (
     SETTING_INSECURE,
     SETTING_URL,
     RelayUrlError,
+    check_peer_relay_url,
     check_relay_url,
     endpoint_key,
     same_relay,
@@ -61,9 +62,18 @@ from aegisd.transport.relaylink import (
     with_relay,
 )
 from relay.client import Message, RelayClient, RelayError
-from relay.wire import E_DENIED, E_FULL, E_QUEUE_FULL, E_RATE_LIMITED, ITEM_MLKEM, ITEM_X25519
+from relay.wire import (
+    E_DENIED,
+    E_FULL,
+    E_LIMIT,
+    E_QUEUE_FULL,
+    E_RATE_LIMITED,
+    ITEM_MLKEM,
+    ITEM_X25519,
+)
 
 from .attachments import Attachments
+from .bundle_fetch import fetch_bundle
 from .mailbox import (
     ContactState,
     OwnedMailbox,
@@ -96,6 +106,10 @@ ONE_TIME_BATCH = 50
 RECEIPT_DELAY_MAX = 3.0  # seconds; receipts leave after a random delay in [0.5, max]
 RETRY_MAX = 60.0
 MAINTENANCE_INTERVAL = 3600.0
+#: How often the relay's count of one-time prekeys is checked (BUNDLE_STATUS, an owner command
+#: on the connection the daemon holds anyway): anyone with the address link can take them, at
+#: the relay's one-time rate (about one a minute), without ever making a first contact.
+PREKEY_CHECK_INTERVAL = 600.0
 MAILBOX_ROTATION = 7 * 24 * 3600  # seconds a per-contact receiving mailbox is used
 SETTING_ROTATION = "privacy.mailbox_rotation"
 ROTATION_KEY = "rotation.contact."
@@ -113,6 +127,16 @@ LINK_NO_LONGER_VALID = (
 # is refused, so that partial messages cannot pile up.
 MAX_MESSAGE_FRAGMENTS = -(-(wire.MAX_TEXT_BYTES + 26) // wire.RATCHET_CAPACITY)
 STALE_FRAGMENTS_MS = 24 * 3600 * 1000
+#: Incomplete multi-block messages kept per contact, and in all (issue 15 item 13): a contact's
+#: own software has at most a few in flight (its outbox sends a message's blocks in order), so
+#: past this the contact's oldest partial goes; past the total, a new one is not kept.
+PARTIALS_PER_CONTACT = 8
+PARTIALS_TOTAL = 256
+#: Contact requests through the address waiting for the user (issue 15 item 14): past this,
+#: a request from a new identity is dropped (counted) until the user accepts or rejects some;
+#: one identity holds one request whatever it sends. A setting may change it.
+MAX_PENDING_REQUESTS = 50
+SETTING_MAX_REQUESTS = "requests.max_pending"
 SETTING_SUPERSEDED = "profile.superseded"  # {"at": ms}: restored on another device
 SUPERSEDED_TEXT = (
     "this profile was restored from a backup on another device, which now has its contacts "
@@ -221,6 +245,7 @@ class Messenger:
         self.lock = asyncio.Lock()
         self.prekeys: PrekeyStore | None = None
         self.link: RelayLink | None = None
+        self._top_up_pending = False  # a prekey top-up is queued (first contacts coalesce)
         self.relay_reason: str | None = "no relay configured"
         # Why the last deposit was refused for want of room (None once one went through).
         self.relay_refusing: str | None = None
@@ -272,6 +297,7 @@ class Messenger:
         self._tasks = [
             asyncio.create_task(self._outbox_loop(), name="outbox"),
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
+            asyncio.create_task(self._prekey_loop(), name="prekeys"),
         ]
         if not self.superseded():  # cover for contacts that moved on to a restored copy: no
             self.cover.start()
@@ -516,6 +542,15 @@ class Messenger:
         return own_relay_ok(url, bool(self.store.get_setting(SETTING_INSECURE, False)),
                             self.store.get_setting(SETTING_MOVE))  # fmt: skip
 
+    def _peer_url_ok(self, url: str) -> bool:
+        """The stricter policy for a relay URL someone else chose (a contact's mailbox, a
+        stranger's reply address, a file's relay): relayurl.check_peer_relay_url."""
+        try:
+            check_peer_relay_url(url, self.store.get_setting(SETTING_URL))
+        except RelayUrlError:
+            return False
+        return True
+
     def _relay_url(self) -> str:
         url = self.store.get_setting(SETTING_URL)
         if not url:
@@ -579,31 +614,46 @@ class Messenger:
         """A mailbox made at the relay (with a send token unless public)."""
         sign_seed, box_secret = new_keys()
         token = b"" if public else self.entropy.random(32)
+
+        async def make(client: RelayClient) -> OwnedMailbox:
+            created = await client.create(
+                OwnedMailbox(self._relay_url(), sign_seed, b"", b"", b"", b"", b"").signing_key,
+                box_public(box_secret),
+                public=public,
+            )
+            mb = OwnedMailbox(
+                self._relay_url(),
+                sign_seed,
+                box_secret,
+                created.owner_id,
+                created.deposit_id,
+                created.relay_box_pub,
+                token,
+            )
+            if token:
+                await client.token_add(mb.owner_id, mb.signing_key, token)
+            return mb
+
         try:
-            async with self._client() as client:
-                created = await client.create(
-                    OwnedMailbox(self._relay_url(), sign_seed, b"", b"", b"", b"", b"").signing_key,
-                    box_public(box_secret),
-                    public=public,
-                )
-                mb = OwnedMailbox(
-                    self._relay_url(),
-                    sign_seed,
-                    box_secret,
-                    created.owner_id,
-                    created.deposit_id,
-                    created.relay_box_pub,
-                    token,
-                )
-                if token:
-                    await client.token_add(mb.owner_id, mb.signing_key, token)
+            try:
+                async with self._client() as client:
+                    return await make(client)
+            except RelayError as exc:
+                if exc.code != E_LIMIT:
+                    raise
+            # The link's connection made as many mailboxes as the relay lets one connection
+            # make (issue 15 item 12): a short-lived connection of its own makes this one.
+            own, _ = await with_relay(self._relay_url(), None, self.network())
+            try:
+                return await make(own)
+            finally:
+                await own.close()
         except RelayError as exc:
             if exc.code == E_FULL:  # its mailbox table or storage is full: say so
                 raise relay_full() from None
             raise relay_unavailable() from None
-        except UNAVAILABLE:
+        except (*UNAVAILABLE, RelayUnavailable):
             raise relay_unavailable() from None
-        return mb
 
     async def _retire_mailbox(self, row_id: int) -> None:
         row = self.store.get_mailbox(row_id)
@@ -685,6 +735,24 @@ class Messenger:
                 xs, kems = await client.bundle_status(mb.owner_id, mb.signing_key)
                 if min(xs, kems) < ONE_TIME_LOW:
                     await self._add_one_time(client, mb, ONE_TIME_BATCH)
+
+    def _request_top_up(self) -> None:
+        """After a first contact (it used one-time keys): top up the relay's soon, once for
+        any number of first contacts arriving meanwhile."""
+        if not self._top_up_pending:
+            self._top_up_pending = True
+            self._spawn(self._top_up())
+
+    async def _top_up(self) -> None:
+        self._top_up_pending = False
+        with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
+            await self._replenish_prekeys()
+
+    async def _prekey_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PREKEY_CHECK_INTERVAL)
+            if not self.superseded():
+                await self._top_up()
 
     def _link_for(
         self,
@@ -805,10 +873,11 @@ class Messenger:
             raise AppError(E_BAD_LINK, "bad_link", "this is not a valid AegisLink link") from None
         if link.expires and link.expires < _now():
             raise AppError(E_EXPIRED, "expired", "this invitation has expired")
-        if not self._url_ok(link.mailbox.relay_url):
-            raise AppError(
-                E_BAD_LINK, "bad_link", "the link's relay URL is not allowed (wss:// required)"
-            )
+        try:
+            check_peer_relay_url(link.mailbox.relay_url, self.store.get_setting(SETTING_URL))
+        except RelayUrlError as exc:
+            raise AppError(E_BAD_LINK, "bad_link", f"the link's relay URL is not allowed: {exc}"
+                           ) from None
         try:  # e.g. a contact on an onion relay, and this profile connects directly
             self.network().check(link.mailbox.relay_url)
         except Unreachable as exc:
@@ -823,19 +892,10 @@ class Messenger:
             raise AppError(E_EXISTS, "exists", "this contact is already in your contacts")
         if self.store.contact_by_name(name) is not None:
             raise AppError(E_EXISTS, "exists", "a contact with this name already exists")
-        try:
-            client, own = await with_relay(link.mailbox.relay_url, self.link, self.network())
-            try:
-                base, x, m = await client.bundle_fetch(link.bundle_address)
-            finally:
-                if own:
-                    await client.close()
-        except (RelayUnavailable, *UNAVAILABLE):
-            raise relay_unavailable() from None
-        except RelayError:
-            raise AppError(
-                E_BAD_LINK, "bad_link", "the relay has no contact address for this link"
-            ) from None
+        # Errors say what happened: no such address, a limit (try later), or no relay.
+        base, x, m = await fetch_bundle(
+            link.mailbox.relay_url, link.bundle_address, self.link, self.network()
+        )
         try:
             bundle = pqxdh.verify_bundle(base, x, m, expected=identity)
         except (DecodeError, BundleError):
@@ -961,6 +1021,20 @@ class Messenger:
             "formatted": format_safety_number(number),
         }
 
+    async def block_contact(self, name: str, blocked: bool) -> Contact:
+        """Block (or unblock) a contact. Blocking also stops what the contact set going: its
+        incomplete messages are dropped and its files stop downloading (their relay was
+        chosen by the contact: it must not see this daemon again)."""
+        async with self.lock:
+            c = self.contact(name)
+            with self.store.transaction():
+                self.store.update_contact(c.id, blocked=blocked)
+                if blocked:
+                    self.drop_partials(c.id)
+            if blocked:
+                await self.attachments.stop_downloads(c.id, "the contact is blocked")
+        return c
+
     async def remove_contact(self, name: str) -> None:
         async with self.lock:
             c = self.contact(name)
@@ -969,6 +1043,7 @@ class Messenger:
             with self.store.transaction():
                 self.store.remove_contact(c.id)  # its mailbox rows go with it
                 self.store.set_setting(f"{ROTATION_KEY}{c.id}", None)
+                self.store.set_setting(f"renewal.answered.{c.id}", None)  # renewal.ANSWERED_KEY
             self.attachments.remove_files(files)  # their rows went with the contact
             for r in rows:
                 mb = OwnedMailbox.from_bytes(r.descriptor)
@@ -1482,7 +1557,10 @@ class Messenger:
             self._reload_prekeys()
             droplog.dropped("dropped a first-contact block that did not open")
             return
-        if not isinstance(hello, wire.HelloPayload) or not self._url_ok(hello.reply_to.relay_url):
+        self._request_top_up()  # it used one-time keys (kept burnt below, whatever follows)
+        if not isinstance(hello, wire.HelloPayload) or not self._peer_url_ok(
+            hello.reply_to.relay_url
+        ):
             self._reload_prekeys()
             return
         known = self._contact_with_identity(fc.sender)
@@ -1512,6 +1590,23 @@ class Messenger:
         with self.store.transaction():
             self.store.put_identity(self.prekeys.to_bytes())  # burnt one-time keys
             if known is not None and known.blocked:
+                return
+            pending = self.store.list_requests()
+            same = [r for r in pending if r.identity_key == fc.sender.to_bytes()]
+            if same:
+                # The same identity again (it retried, or floods): one request, holding the
+                # newest session, the one its sender now waits on (issue 15 item 14).
+                self.store.replace_request(
+                    same[0].id, clean_name(hello.display_name), fc.session.to_bytes(),
+                    address_to_bytes(hello.reply_to),
+                )  # fmt: skip
+                for extra in same[1:]:  # kept apart before requests were merged
+                    self.store.delete_request(extra.id)
+                droplog.dropped("merged a contact request into an earlier one of its identity")
+                return
+            limit = int(self.store.get_setting(SETTING_MAX_REQUESTS, MAX_PENDING_REQUESTS))
+            if len(pending) >= limit:
+                droplog.dropped("dropped a contact request (too many pending)")
                 return
             request_id = self.store.add_request(
                 fc.sender.to_bytes(),
@@ -1547,17 +1642,25 @@ class Messenger:
         self.cover.heard(contact_id)  # online: cover to it goes on
         with self.store.transaction():
             self.store.put_session(contact_id, session.to_bytes())
+            if c.blocked:
+                # Nothing of a blocked contact is shown or kept (not even a partial message):
+                # the ratchet step above is all that is stored.
+                droplog.dropped("dropped a block of a blocked contact")
+                return
             if fragment.count == 1:
                 content: bytes | None = fragment.data
             elif fragment.count > MAX_MESSAGE_FRAGMENTS:
                 droplog.dropped("dropped a fragment of an oversized message")
+                return
+            elif not self._room_for_partial(contact_id, fragment.msg_id):
+                droplog.dropped("dropped a partial message (over the total limit)")
                 return
             else:
                 parts = self.store.put_fragment(
                     contact_id, fragment.msg_id, fragment.index, fragment.count, fragment.data
                 )
                 content = None if parts is None else b"".join(parts)
-            if content is None or c.blocked:
+            if content is None:
                 return
             try:
                 payload = wire.decode_payload(content)
@@ -1565,6 +1668,28 @@ class Messenger:
                 droplog.dropped("dropped a payload that did not parse")
                 return
             self._handle_payload(c, session, payload)
+
+    def _room_for_partial(self, contact_id: int, msg_id: bytes) -> bool:
+        """Whether a fragment of a message not yet kept may start one more partial message
+        (inside the receive transaction): a contact's oldest partials make room for its
+        newest (PARTIALS_PER_CONTACT); past PARTIALS_TOTAL for all contacts, none is kept."""
+        own = self.store.partial_messages(contact_id)
+        if any(m == msg_id for _, m in own):
+            return True
+        evict = own[: max(0, len(own) - PARTIALS_PER_CONTACT + 1)]
+        if len(self.store.partial_messages()) - len(evict) >= PARTIALS_TOTAL:
+            return False
+        for _, old in evict:
+            self.store.delete_fragments(contact_id, old)
+            droplog.dropped("dropped a partial message (over a contact's limit)")
+        return True
+
+    def drop_partials(self, contact_id: int) -> None:
+        """A contact blocked: its incomplete messages go (they would never be shown)."""
+        n = len(self.store.partial_messages(contact_id))
+        self.store.delete_fragments(contact_id)
+        for _ in range(n):
+            droplog.dropped("dropped a partial message (contact blocked)")
 
     def _handle_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None:
         if isinstance(payload, wire.CoverPayload):
@@ -1593,7 +1718,9 @@ class Messenger:
                     self.daemon.events.emit(
                         "message.status", {"message_id": m.id, "contact": c.name, "status": status}
                     )
-        elif isinstance(payload, (wire.HelloPayload, wire.MailboxPayload)) and not self._url_ok(
+        elif isinstance(
+            payload, (wire.HelloPayload, wire.MailboxPayload)
+        ) and not self._peer_url_ok(
             payload.reply_to.relay_url
             if isinstance(payload, wire.HelloPayload)
             else payload.mailbox.relay_url

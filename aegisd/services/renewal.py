@@ -31,6 +31,7 @@ from aegisd.store.db import Contact
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
 from relay.client import RelayError
 
+from .bundle_fetch import fetch_bundle
 from .mailbox import ContactState, OwnedMailbox, address_to_bytes
 
 if TYPE_CHECKING:
@@ -43,6 +44,16 @@ SETTING_PENDING = "backup.renewal_pending"
 #: ahead of our clock is refused (with the per-contact monotonic bound: no replays).
 MAX_AGE_MS = 14 * 24 * 3600 * 1000
 MAX_SKEW_MS = 24 * 3600 * 1000
+#: Renewal requests of one contact answered per day (issue 15 item 12): each makes a mailbox
+#: at the relay, and a restore is rare (a second try the same day is allowed for). Past it, a
+#: request is dropped (counted) until the day is over.
+RENEWALS_PER_DAY = 3
+DAY_MS = 24 * 3600 * 1000
+ANSWERED_KEY = "renewal.answered."  # + contact id: the times (ms) of the answers this day
+#: Mailboxes this profile may own before a contact's request no longer makes one: the rest of
+#: the relay's per-connection limits (1000 subscriptions and creations by default) stays for
+#: the user's own operations (invitations, contacts, rotation).
+OWN_MAILBOX_RESERVE_AT = 800
 
 
 class Renewals:
@@ -159,7 +170,7 @@ class Renewals:
             not isinstance(hello, wire.HelloPayload)
             or not fc.sender.same_keys(expected)
             or not hmac.compare_digest(hello.invitation_id, renew_id)
-            or not m._url_ok(hello.reply_to.relay_url)
+            or not m._peer_url_ok(hello.reply_to.relay_url)
         ):
             store.put_identity(m.prekeys.to_bytes())  # burnt one-time keys stay burnt
             droplog.dropped("dropped a first contact that does not answer our renewal")
@@ -210,35 +221,50 @@ class Renewals:
             or req.created_at_ms < c.created_at
             or req.created_at_ms < now - MAX_AGE_MS
             or req.created_at_ms > now + MAX_SKEW_MS
-            or not m._url_ok(req.reply_to.relay_url)
+            or not m._peer_url_ok(req.reply_to.relay_url)
         ):
             droplog.dropped("dropped a stale or replayed renewal request")
             return True
+        if len(self._answered(c.id, now)) >= RENEWALS_PER_DAY:
+            droplog.dropped("dropped a renewal request (over a contact's daily limit)")
+            return True
+        if len(m._owned) >= OWN_MAILBOX_RESERVE_AT:
+            droplog.dropped("dropped a renewal request (too many mailboxes: kept for your own)")
+            return True
         self._requests.append((c, req))
         return True
+
+    def _answered(self, contact_id: int, now: int) -> list[int]:
+        """When this contact's renewal requests were answered, within the last day."""
+        times = self.m.store.get_setting(f"{ANSWERED_KEY}{contact_id}") or []
+        return [int(t) for t in times if isinstance(t, int) and now - DAY_MS < t <= now]
 
     async def _answer(self, c: Contact, req: wire.RenewPayload) -> None:
         m = self.m
         assert c.identity_key is not None
         expected = PublicIdentity.from_bytes(c.identity_key)
         try:
-            client, own = await with_relay(req.reply_to.relay_url, m.link, m.network())
-            try:
-                base, x, k = await client.bundle_fetch(req.bundle_address)
-            finally:
-                if own:
-                    await client.close()
-        except (RelayUnavailable, *UNAVAILABLE):
+            base, x, k = await fetch_bundle(
+                req.reply_to.relay_url, req.bundle_address, m.link, m.network()
+            )
+        except AppError as exc:
+            if (exc.data or {}).get("error") == "bad_link":  # the relay said `denied`
+                droplog.dropped("dropped a renewal request whose bundle is not at the relay")
+                return
+            # A limit (rate_limited) is no reason to drop the request: later, as unreachable.
             raise AppError(1010, "relay_unavailable", "the relay is not reachable") from None
-        except RelayError:
-            droplog.dropped("dropped a renewal request whose bundle is not at the relay")
-            return
         try:
             bundle = pqxdh.verify_bundle(base, x, k, expected=expected)
         except (DecodeError, BundleError):
             droplog.dropped("dropped a renewal request whose bundle does not verify")
             return
         store = m.store
+        # An earlier request not answered by the restored side: its mailbox is superseded by
+        # the one made now (an answer to the earlier one could no longer be opened anyway).
+        pending = store._q(
+            "SELECT new_mailbox FROM renewals WHERE contact_id = ? AND side = 'peer' "
+            "AND done = 0", (c.id,),
+        ).fetchone()  # fmt: skip
         new_id, new = await m._create_mailbox("contact", public=False, contact_id=c.id)
         name = str(store.get_setting("profile.display_name", ""))
         hello = wire.HelloPayload(new.address(), name, req.renew_id)
@@ -246,6 +272,8 @@ class Renewals:
             m.entropy, m.identity(), bundle, wire.encode_payload(hello)
         )
         with store.transaction():
+            now = _ms()
+            store.set_setting(f"{ANSWERED_KEY}{c.id}", [*self._answered(c.id, now), now])
             store.put_session(c.id, session.to_bytes())
             store.update_contact(c.id, state=ContactState(req.reply_to, False).to_bytes())
             # Blocks still queued were sealed in the old session: the restored side cannot
@@ -278,6 +306,8 @@ class Renewals:
                 m._enqueue(fresh, session, wire.TextPayload(wire_id, created, body), message_id=mid)
             m.daemon.events.emit("contact.session_renewing", {"contact": c.name})
         m._outbox_wake.set()
+        if pending is not None and pending[0] is not None and int(pending[0]) != new_id:
+            await m._retire_mailbox(int(pending[0]))  # here and at the relay (or later)
 
     def on_hello(self, c: Contact) -> bool:
         """The restored contact answered in the new session (inside the receive transaction):

@@ -661,6 +661,18 @@ class Store:
             )
         return int(cur.lastrowid)
 
+    def replace_request(
+        self, request_id: int, display_name: str, session: bytes, reply_to: bytes
+    ) -> None:
+        """A newer first contact of the same identity: its name, session and reply address
+        replace the request's (its id stays, its time becomes now)."""
+        with self.transaction():
+            self._q(
+                "UPDATE requests SET display_name = ?, session = ?, reply_to = ?, created_at = ? "
+                "WHERE id = ?",
+                (display_name, session, reply_to, self._clock(), request_id),
+            )
+
     def list_requests(self) -> list[RequestRow]:
         rows = self._q(
             "SELECT id, identity_key, display_name, session, reply_to, created_at FROM requests "
@@ -677,6 +689,31 @@ class Store:
         return bool(cur.rowcount)
 
     # -- partial multi-block messages -----------------------------------------------------
+
+    def partial_messages(self, contact_id: int | None = None) -> list[tuple[int, bytes]]:
+        """(contact id, message id) of the incomplete multi-block messages kept, oldest first
+        (of one contact, or of all)."""
+        group = "GROUP BY contact_id, msg_id ORDER BY min(created_at)"
+        if contact_id is None:
+            rows = self._q(f"SELECT contact_id, msg_id FROM fragments {group}").fetchall()  # noqa: S608
+        else:
+            rows = self._q(
+                f"SELECT contact_id, msg_id FROM fragments WHERE contact_id = ? {group}",  # noqa: S608
+                (contact_id,),
+            ).fetchall()
+        return [(int(r[0]), bytes(r[1])) for r in rows]
+
+    def delete_fragments(self, contact_id: int, msg_id: bytes | None = None) -> int:
+        """Drop one incomplete message of a contact, or all of them."""
+        with self.transaction():
+            if msg_id is None:
+                cur = self._q("DELETE FROM fragments WHERE contact_id = ?", (contact_id,))
+            else:
+                cur = self._q(
+                    "DELETE FROM fragments WHERE contact_id = ? AND msg_id = ?",
+                    (contact_id, msg_id),
+                )
+        return int(cur.rowcount)
 
     def put_fragment(
         self, contact_id: int, msg_id: bytes, index: int, count: int, data: bytes

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import resource
 import secrets
+import socket
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp_socks import ProxyConnector, ProxyType
 
 from aegisd.netmode import MODES, check_mode_for_relay, effective_mode
+from aegisd.relayurl import host_of, is_public_address
 
 from .tor import ManagedTor, TorUnavailable
 
@@ -76,6 +79,10 @@ class Network:
     #: False for a profile that never chose a mode: then "direct" (its relay is local) holds
     #: for relays on loopback only (netmode.check_mode_for_relay).
     chosen: bool = True
+    #: Hosts of the user's own relays (the relay, and the old one of a move under way): a
+    #: connection to any other host was chosen by someone else, and its name may not resolve
+    #: to a private address (PublicResolver).
+    own_hosts: frozenset[str] = field(default=frozenset(), compare=False)
 
     @classmethod
     def from_settings(
@@ -85,12 +92,14 @@ class Network:
         mode: object = None,
         relay_url: str | None = None,
         tor: ManagedTor | None = None,
+        also_own: tuple[str, ...] = (),
     ) -> Network:
         how = effective_mode(mode, proxy, relay_url)
         url = check_proxy_url(str(proxy)) if proxy and how == "proxy" else None
         iso = default_isolation(how) if isolation is None else bool(isolation)
         chosen = mode in MODES or bool(proxy)
-        return cls(url, iso, how, tor if how == "tor" else None, chosen)
+        own = frozenset(h for h in (host_of(relay_url), *map(host_of, also_own)) if h)
+        return cls(url, iso, how, tor if how == "tor" else None, chosen, own)
 
     @property
     def hides_address(self) -> bool:
@@ -110,9 +119,11 @@ class Network:
                 raise TorUnavailable("Tor is not running")
             await self.tor.wait_ready(TOR_READY_WAIT)
 
-    def connector(self) -> aiohttp.BaseConnector:
-        """A connector for one connection. Through Tor or a proxy, names go to the proxy (rdns)
-        and, with isolation, the connection gets SOCKS credentials no other connection has."""
+    def connector(self, url: str | None = None) -> aiohttp.BaseConnector:
+        """A connector for one connection (to ``url``). Through Tor or a proxy, names go to the
+        proxy (rdns) and, with isolation, the connection gets SOCKS credentials no other
+        connection has. Directly, a name of a relay that is not the user's own must resolve to
+        public addresses only (a contact chose it: relayurl.check_peer_relay_url)."""
         if self.mode == "tor":
             if self.tor is None:
                 raise TorUnavailable("Tor is not running")
@@ -124,6 +135,9 @@ class Network:
             assert parts.hostname is not None and parts.port is not None
             host, port = parts.hostname, parts.port
         elif self.mode == "direct":
+            target = host_of(url)
+            if target is not None and target not in self.own_hosts:
+                return aiohttp.TCPConnector(limit=0, resolver=PublicResolver())
             return aiohttp.TCPConnector(limit=0)
         else:  # nothing but an explicit "direct" ever connects without Tor or the proxy
             raise ProxyUnavailable()
@@ -139,6 +153,27 @@ class Network:
             rdns=True,  # the proxy resolves the relay's name: no local DNS lookup
             limit=0,
         )
+
+
+class PublicResolver(AbstractResolver):
+    """Resolves a name chosen by someone else and keeps only its public addresses: the
+    connection is made to what this returned, so a name cannot turn into a loopback or
+    private address between the check and the connection (DNS rebinding)."""
+
+    def __init__(self) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        kept = [r for r in found if is_public_address(r["host"])]
+        if not kept:
+            raise OSError("the relay's name does not resolve to a public address")
+        return kept
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 def default_isolation(mode: str) -> bool:

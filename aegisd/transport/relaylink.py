@@ -538,7 +538,7 @@ async def _connect(url: str, network: Network) -> RelayClient:
     network.check(url)
     return await RelayClient.connect(
         relay_endpoint(url),
-        connector=network.connector(),
+        connector=network.connector(url),
         heartbeat=HEARTBEAT,
         request_timeout=REQUEST_TIMEOUT,
     )

@@ -129,3 +129,84 @@ def test_the_old_insecure_relay_of_a_move_stays_reachable():
     # A second move keeps the first one's insecure relay.
     again = move_insecure(move, "wss://relay2.example", False)
     assert again == ["ws://relay.example:8765/v1/ws"]
+
+
+# --- relay URLs chosen by someone else (issue 15 item 10) ---------------------------------------
+
+OWN = "ws://127.0.0.1:8765/v1/ws"
+ONION = "ws://" + "a" * 56 + ".onion/v1/ws"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "wss://relay.example.org/v1/ws",
+        "wss://93.184.216.34:443/v1/ws",
+        "wss://[2606:4700::1111]/v1/ws",
+        ONION,
+        "ws://127.0.0.1:9999/v1/ws",  # the own relay's host (a local relay the user chose)
+        "wss://127.0.0.1:9999/v1/ws",
+    ],
+)
+def test_peer_urls_allowed(url: str) -> None:
+    from aegisd.relayurl import check_peer_relay_url
+
+    assert check_peer_relay_url(url, OWN)
+
+
+@pytest.mark.parametrize(
+    ("url", "own"),
+    [
+        ("ws://127.0.0.2:1/v1/ws", OWN),  # loopback, not the own relay's host
+        ("wss://127.0.0.2:1/v1/ws", OWN),
+        ("wss://localhost/v1/ws", OWN),
+        ("wss://10.0.0.1/v1/ws", OWN),
+        ("wss://192.168.1.1/v1/ws", OWN),
+        ("wss://172.16.0.1/v1/ws", OWN),
+        ("wss://100.64.0.1/v1/ws", OWN),  # shared address space (CGNAT)
+        ("wss://169.254.169.254/v1/ws", OWN),  # link-local (cloud metadata)
+        ("wss://[::1]/v1/ws", OWN),
+        ("wss://[fe80::1]/v1/ws", OWN),
+        ("wss://[fd00::1]/v1/ws", OWN),
+        ("wss://[::ffff:10.0.0.1]/v1/ws", OWN),
+        ("wss://0.0.0.0/v1/ws", OWN),
+        ("wss://224.0.0.1/v1/ws", OWN),
+        ("wss://127.1/v1/ws", OWN),  # a legacy form of 127.0.0.1
+        ("wss://2130706433/v1/ws", OWN),
+        ("wss://router/v1/ws", OWN),  # not a public DNS name
+        ("wss://nas.local/v1/ws", OWN),
+        ("wss://x.internal/v1/ws", OWN),
+        ("ws://relay.example.org/v1/ws", OWN),  # plaintext to a host that is not ours
+        ("ws://127.0.0.1:1/v1/ws", "wss://127.0.0.1/v1/ws"),  # ours is wss: so must theirs be
+        ("wss://127.0.0.1:1/v1/ws", None),  # no relay of our own
+        ("wss://user@relay.example.org/v1/ws", OWN),
+    ],
+)
+def test_peer_urls_refused(url: str, own: str | None) -> None:
+    from aegisd.relayurl import check_peer_relay_url
+
+    with pytest.raises(RelayUrlError):
+        check_peer_relay_url(url, own)
+
+
+def test_a_peer_name_is_dialled_to_public_addresses_only() -> None:
+    """Directly, the connection to a relay a contact chose goes to what PublicResolver kept:
+    a name that resolves to loopback (localhost, here) is refused before any connection."""
+    import asyncio
+
+    from aegisd.transport.network import Network, PublicResolver
+
+    async def go() -> None:
+        with pytest.raises(OSError):
+            await PublicResolver().resolve("localhost", 443)
+        net = Network.from_settings(None, None, "direct", OWN)
+        peer = net.connector("wss://relay.example.org/v1/ws")
+        own = net.connector(OWN)
+        try:
+            assert isinstance(peer._resolver, PublicResolver)  # type: ignore[attr-defined]
+            assert not isinstance(own._resolver, PublicResolver)  # type: ignore[attr-defined]
+        finally:
+            await peer.close()
+            await own.close()
+
+    asyncio.run(go())

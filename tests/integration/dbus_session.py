@@ -67,8 +67,9 @@ class SessionBus:
 
 
 class Notifications(ServiceInterface):
-    def __init__(self) -> None:
+    def __init__(self, capabilities: tuple[str, ...] = ("body",)) -> None:
         super().__init__("org.freedesktop.Notifications")
+        self.capabilities = list(capabilities)
         self.calls: list[dict[str, Any]] = []
         self.lock = threading.Lock()
 
@@ -97,7 +98,7 @@ class Notifications(ServiceInterface):
 
     @method()
     def GetCapabilities(self) -> "as":
-        return ["body"]
+        return self.capabilities
 
     @method()
     def GetServerInformation(self) -> "ssss":
@@ -115,9 +116,9 @@ class Notifications(ServiceInterface):
 class NotificationServer:
     """Notifications on ``address``, served from a thread with its own event loop."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, capabilities: tuple[str, ...] = ("body",)) -> None:
         self.address = address
-        self.iface = Notifications()
+        self.iface = Notifications(capabilities)
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future[None] | None = None

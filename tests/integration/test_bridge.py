@@ -259,3 +259,31 @@ def test_bridge_started_before_the_daemon(bus: SessionBus, pair: tuple[Peer, Pee
             bridge.stop()
     finally:
         server.close()
+
+
+def test_hostile_text_and_markup(bus: SessionBus, pair: tuple[Peer, Peer]) -> None:
+    """A contact's text reaches the notification with its controls shown visibly and, for a
+    server that reads markup in bodies, its markup escaped: a <a href> is no link and an
+    <img> is fetched from nowhere (issue 15, item 11)."""
+    alice, bob = pair
+    hostile = ('<a href="https://evil.example/">click</a> <img src="file:///etc/passwd"> '
+               "&amp; \x1b]52;c;ZXZpbA==\x07\x9b2J\u202eevil\rforged")  # fmt: skip
+    for caps, body in (
+        (("body", "body-markup", "body-hyperlinks", "body-images"),
+         '&lt;a href="https://evil.example/"&gt;click&lt;/a&gt; '
+         '&lt;img src="file:///etc/passwd"&gt; &amp;amp; '
+         "␛]52;c;ZXZpbA==␇&lt;U+009B&gt;2J&lt;U+202E&gt;evil␍forged"),
+        (("body",),  # plain text: shown as is, so nothing to escape but the controls
+         '<a href="https://evil.example/">click</a> <img src="file:///etc/passwd"> '
+         "&amp; ␛]52;c;ZXZpbA==␇<U+009B>2J<U+202E>evil␍forged"),
+    ):  # fmt: skip
+        server = NotificationServer(bus.address, caps)
+        bridge = BridgeProc(bob.home, bus.address, "--level", "text")
+        try:
+            send(alice, hostile)
+            (call,) = wait(server.calls, "the notification")
+            assert call["body"] == body, caps
+            assert call["summary"] == "alice"
+        finally:
+            bridge.stop()
+            server.close()
