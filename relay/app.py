@@ -30,11 +30,14 @@ from nacl.signing import VerifyKey
 from . import pow as pow_
 from . import wire
 from .config import Config
+from .gate import Gate
 from .storage import (
+    WRITER_OWNER,
     MailboxRow,
     SQLiteStorage,
     Storage,
     StorageError,
+    StorageFull,
     blob_key,
     deposit_key,
     owner_key,
@@ -49,11 +52,10 @@ _DUMMY_HASH = bytes(32)
 _CLOSE_PROTOCOL = 1002
 _CLOSE_POLICY = 1008
 _CLOSE_GOING_AWAY = 1001
-# Bytes queued for a client that does not read: above OUT_HIGH the relay stops reading its
-# requests and stops pushing to it from storage; it resumes below OUT_LOW. (One subscription's
-# window, 32 blocks, stays below OUT_HIGH: a single-mailbox subscriber is never throttled.)
-OUT_HIGH = 2 * 1024 * 1024
-OUT_LOW = 512 * 1024
+# Bytes waiting for a client that does not read (Config.conn_buffer, here "high"): above it the
+# relay stops reading its requests and stops pushing to it from storage; it resumes below a
+# quarter of it. (One subscription's window, 32 blocks, stays below the default 2 MiB: a
+# single-mailbox subscriber is never throttled.)
 
 
 class Denied(wire.FrameError):
@@ -172,7 +174,10 @@ class Relay:
     def __init__(self, cfg: Config, storage: Storage | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
-        self.storage: Storage = storage or SQLiteStorage(cfg.data_dir, cfg.max_batch)
+        self.storage: Storage = storage or SQLiteStorage(
+            cfg.data_dir, cfg.max_batch, reserve_bytes=cfg.disk_reserve,
+            max_db_bytes=cfg.max_db_bytes)
+        self.gate = Gate(cfg)
         self.clock = clock
         self.by_okey: dict[bytes, MailboxState] = {}
         self.by_dkey: dict[bytes, MailboxState] = {}
@@ -216,6 +221,10 @@ class Relay:
         while True:
             now = time.monotonic()
             try:
+                # While full, check every second whether space came back (the owners' ACKs
+                # and deletes free it); recovering needs no operator.
+                if self.storage.full and await self.storage.recover():
+                    log.warning("storage has room again")
                 if now >= next_sweep:
                     await self.sweep()
                     next_sweep = now + self.cfg.sweep_interval
@@ -224,23 +233,34 @@ class Relay:
                     next_ckpt = now + self.cfg.checkpoint_interval
             except StorageError as exc:
                 log.warning("maintenance failed: %s", exc)
-            await asyncio.sleep(max(0.05, min(next_sweep, next_ckpt) - time.monotonic()))
+            wake = min(next_sweep, next_ckpt) - time.monotonic()
+            await asyncio.sleep(max(0.05, min(wake, 1.0) if self.storage.full else wake))
 
     async def _reaper(self) -> None:
-        """Close connections that did not say HELLO in time, or idle ones without subscription.
+        """Close connections that did not upgrade or say HELLO in time, idle ones (without
+        subscription: no frame for idle_timeout; with: not even a ping for
+        subscribed_idle_timeout), and those that stopped reading (above conn_buffer for
+        stall_timeout).
 
         One timer for all connections, rather than a timeout on every receive."""
         cfg = self.cfg
-        period = min(1.0, max(0.02, min(cfg.handshake_timeout, cfg.idle_timeout) / 4))
+        period = min(1.0, max(0.02, min(cfg.handshake_timeout, cfg.idle_timeout,
+                                        cfg.subscribed_idle_timeout, cfg.stall_timeout) / 4))
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
+            self.gate.sweep(now)
             for conn in list(self.connections):
+                if conn.stalled(now):
+                    # It does not read: a close frame would wait behind what it does not read.
+                    conn.abort()
+                    continue
                 if not conn.hello:
                     late = now - conn.last_frame > cfg.handshake_timeout
+                elif conn.subs:
+                    late = now - conn.last_seen > cfg.subscribed_idle_timeout
                 else:
-                    late = (not conn.subs and not conn.busy()
-                            and now - conn.last_frame > cfg.idle_timeout)
+                    late = not conn.busy() and now - conn.last_frame > cfg.idle_timeout
                 if late:
                     conn.error(0, wire.E_TIMEOUT)
 
@@ -354,8 +374,16 @@ class Relay:
                 out = conn.out_rows.get(mb.id, set())
                 fresh = [r for r in rows if r[0] not in out]
                 room = self.cfg.window - len(out)
+                stopped = False
                 for rowid, sealed in fresh[:room]:
+                    # Checked at every block: many subscriptions pumping at once must not
+                    # each add a window's worth beyond the bound (issue 15, item 5).
+                    if conn.congested():
+                        conn.push_deferred = stopped = True
+                        break
                     conn.push_stored(sub.owner_id, mb, rowid, sealed, 0)
+                if stopped:
+                    break
                 if len(rows) < limit and len(fresh) <= room and sub.gen == gen:
                     sub.backlog = False
         except StorageError as exc:
@@ -393,10 +421,12 @@ class Relay:
 class Connection:
     """One WebSocket client: handshake, request dispatch, outgoing queue, its deliveries."""
 
-    def __init__(self, relay: Relay, ws: web.WebSocketResponse) -> None:
+    def __init__(self, relay: Relay, ws: web.WebSocketResponse,
+                 transport: asyncio.BaseTransport | None = None) -> None:
         self.relay = relay
         self.cfg = relay.cfg
         self.ws = ws
+        self._transport = transport if isinstance(transport, asyncio.WriteTransport) else None
         self.challenge = os.urandom(wire.CHALLENGE_LEN)
         self.hello = False
         self.delivered: dict[bytes, tuple[MailboxState, int]] = {}
@@ -415,8 +445,13 @@ class Connection:
         self._room: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.last_frame = time.monotonic()
+        # Last frame or WebSocket ping from the client (a subscribed connection's liveness).
+        self.last_seen = self.last_frame
         self._frames = TokenBucket(self.cfg.frame_rate, self.cfg.frame_burst, self.last_frame)
         self._closed = False
+        self._high = self.cfg.conn_buffer
+        self._low = self.cfg.conn_buffer // 4
+        self._congested_since: float | None = None
 
     # --- output ----------------------------------------------------------------------------------
 
@@ -431,8 +466,32 @@ class Connection:
         fatal = code in wire.FATAL_ERRORS
         self.send(wire.error_frame(rid, code), _CLOSE_PROTOCOL if fatal else 0)
 
+    def waiting(self) -> int:
+        """Bytes waiting for the client: the relay's queue and the transport's buffer (what
+        aiohttp handed to the socket and the kernel did not take)."""
+        t = self._transport
+        return self._out_bytes + (t.get_write_buffer_size() if t is not None else 0)
+
     def congested(self) -> bool:
-        return self._out_bytes > OUT_HIGH
+        if self.waiting() > self._high:
+            if self._congested_since is None:
+                self._congested_since = time.monotonic()
+            return True
+        return False
+
+    def stalled(self, now: float) -> bool:
+        """Above the bound since stall_timeout: the client does not read."""
+        if self._congested_since is None:
+            return False
+        if self.waiting() <= self._high:
+            self._congested_since = None
+            return False
+        return now - self._congested_since > self.cfg.stall_timeout
+
+    def abort(self) -> None:
+        self._closed = True
+        if self._transport is not None:
+            self._transport.abort()
 
     async def _writer(self) -> None:
         try:
@@ -444,7 +503,7 @@ class Connection:
                 if close_code:
                     await self.ws.close(code=close_code)
                     return
-                if self._out_bytes <= OUT_LOW and (self._drained or self.push_deferred):
+                if self.waiting() <= self._low and (self._drained or self.push_deferred):
                     self._on_drained()
         except (TimeoutError, ConnectionError, RuntimeError):
             return
@@ -504,6 +563,9 @@ class Connection:
     # --- the read loop ---------------------------------------------------------------------------
 
     async def run(self) -> None:
+        # Every storage operation started from here (and from the tasks it spawns, which copy
+        # the context) is this connection's turn at the writer (relay/storage.py).
+        WRITER_OWNER.set(self)
         writer = asyncio.ensure_future(self._writer())
         try:
             await self._read_loop()
@@ -530,8 +592,15 @@ class Connection:
                 continue
             msg = await ws.receive()
             if msg.type == WSMsgType.BINARY:
-                self.last_frame = time.monotonic()
+                self.last_frame = self.last_seen = time.monotonic()
                 await self._frame(msg.data)
+            elif msg.type == WSMsgType.PING:
+                # Answered here (autoping off) so a client's ping counts as a sign of life; the
+                # relay's own pings' answers (PONG) do not: any library sends those unasked.
+                self.last_seen = time.monotonic()
+                await ws.pong(msg.data)
+            elif msg.type == WSMsgType.PONG:
+                continue
             elif msg.type == WSMsgType.TEXT:
                 self.error(0, wire.E_BAD_FRAME)
                 return
@@ -610,8 +679,7 @@ class Connection:
         exc = fut.exception()
         if exc is not None:
             mb.queued -= 1
-            log.warning("storage error: %s", type(exc).__name__)
-            self.error(rid, wire.E_INTERNAL)
+            self.storage_error(rid, exc)
             return
         rowid = fut.result()
         self.ok(rid)
@@ -632,8 +700,7 @@ class Connection:
             return
         exc = fut.exception()
         if exc is not None:
-            log.warning("storage error: %s", type(exc).__name__)
-            self.error(rid, wire.E_INTERNAL)
+            self.storage_error(rid, exc)
             return
         mb.queued = max(0, mb.queued - fut.result())
         self.ok(rid)
@@ -654,8 +721,7 @@ class Connection:
         except wire.FrameError as exc:
             self.error(frame.rid, exc.code)
         except StorageError as exc:
-            log.warning("storage error: %s", exc)
-            self.error(frame.rid, wire.E_INTERNAL)
+            self.storage_error(frame.rid, exc)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # never a crash, never a trace to the client
@@ -666,6 +732,26 @@ class Connection:
 
     def ok(self, rid: int, body: bytes = b"") -> None:
         self.send(wire.encode(wire.OK, rid, body))
+
+    def storage_error(self, rid: int, exc: BaseException) -> None:
+        if isinstance(exc, StorageFull):
+            self.error(rid, wire.E_FULL)  # logged once by the storage, not per request
+            return
+        log.warning("storage error: %s", type(exc).__name__)
+        self.error(rid, wire.E_INTERNAL)
+
+    def check_room(self) -> None:
+        """Before storing more: `full` while the disk is full, `busy` while the writer is
+        saturated. Saturated means max_pending_writes in all; then only a connection with
+        nothing waiting of its own is still let in, so a flooder cannot lock everyone else out
+        (each connection has at most max_inflight operations waiting; issue 15, item 8)."""
+        storage = self.relay.storage
+        if storage.full:
+            raise wire.FrameError(wire.E_FULL)
+        limit = self.cfg.max_pending_writes
+        if storage.pending >= limit and (storage.pending >= 2 * limit
+                                         or storage.pending_of(self) > 0):
+            raise wire.FrameError(wire.E_BUSY)
 
     def _check_pow(self, bits: int, purpose: int, target: bytes, payload_hash: bytes,
                    nonce: bytes) -> None:
@@ -774,6 +860,8 @@ async def h_fetch(c: Connection, f: wire.Frame) -> None:
         rows = await c.relay.storage.queued(mb.id, out, want)
         out = c.out_rows.get(mb.id, set())
         for rowid, sealed in [r for r in rows if r[0] not in out][:want]:
+            if c.congested():  # the rest stays queued: FETCH again once this is read
+                break
             sent += c.push_stored(owner_id, mb, rowid, sealed, f.rid)
     c.ok(f.rid, struct.pack(">H", sent))
 
@@ -897,8 +985,7 @@ def _deposit_auth(c: Connection, mb: MailboxState | None, kind: int,
         raise wire.FrameError(wire.E_RATE_LIMITED)
     if mb.queued >= c.cfg.queue_limit:
         raise wire.FrameError(wire.E_QUEUE_FULL)
-    if c.relay.storage.pending >= c.cfg.max_pending_writes:
-        raise wire.FrameError(wire.E_BUSY)
+    c.check_room()
     return mb
 
 
@@ -980,8 +1067,7 @@ async def h_blob_put(c: Connection, f: wire.Frame) -> None:
     relay = c.relay
     if c.blob_quota <= 0 or (relay.blob_blocks + 1) * wire.BLOCK_SIZE > c.cfg.blob_max_bytes:
         raise wire.FrameError(wire.E_LIMIT)
-    if relay.storage.pending >= c.cfg.max_pending_writes:
-        raise wire.FrameError(wire.E_BUSY)
+    c.check_room()
     c.blob_quota -= 1
     relay.blob_blocks += 1
     # At rest the block is encrypted under a key only the capability yields: the disk alone
@@ -1069,16 +1155,28 @@ assert set(_HANDLERS) == set(wire.CLIENT_TYPES)
 # --- HTTP endpoints ------------------------------------------------------------------------------
 
 
+def _busy() -> web.Response:
+    resp = web.Response(status=503, text="busy\n")
+    resp.force_close()
+    return resp
+
+
 async def ws_endpoint(request: web.Request) -> web.StreamResponse:
     relay = request.app[RELAY_KEY]
-    if relay.closing or len(relay.connections) >= relay.cfg.max_connections:
-        return web.Response(status=503, text="busy\n")
+    # Admitted or refused by the gate at the TCP accept (relay/gate.py); without the gate
+    # (an embedding that does not install it) the plain count.
+    entry = relay.gate.entry(request.transport)
+    if relay.closing or (entry.refused if entry is not None
+                         else len(relay.connections) >= relay.cfg.max_connections):
+        return _busy()
     ws = web.WebSocketResponse(max_msg_size=relay.cfg.max_frame, compress=False,
-                               heartbeat=relay.cfg.ping_interval, autoping=True)
+                               heartbeat=relay.cfg.ping_interval, autoping=False)
     if not ws.can_prepare(request).ok:
         return web.Response(status=400, text="WebSocket endpoint\n")
     await ws.prepare(request)
-    conn = Connection(relay, ws)
+    conn = Connection(relay, ws, request.transport)
+    if entry is not None:
+        entry.conn = conn
     relay.connections.add(conn)
     try:
         await conn.run()
@@ -1107,6 +1205,7 @@ def create_app(cfg: Config, storage: Storage | None = None,
 
     async def on_shutdown(_: web.Application) -> None:
         relay.closing = True
+        relay.gate.closing = True
         for conn in list(relay.connections):
             await conn.close(_CLOSE_GOING_AWAY)
 

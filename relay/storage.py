@@ -15,10 +15,14 @@ across mailboxes (docs/relay-protocol.md §8 says what the file still orders).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import contextvars
+import errno
+import functools
 import hashlib
+import logging
 import os
-import queue
 import secrets
 import sqlite3
 import threading
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 SCHEMA_VERSION = 2
+log = logging.getLogger("aegis.relay")
 T = TypeVar("T")
 
 
@@ -46,6 +51,21 @@ class StorageError(Exception):
     """The backend failed; the operation did not happen (or its effect is unknown)."""
 
 
+class StorageFull(StorageError):
+    """The disk (or the database's size limit) is full: the operation did not happen. Deletes
+    still run, on the space of the released reserve (`SQLiteStorage.full`)."""
+
+
+#: Whom a storage operation is for (the relay sets its connection here). The writer thread takes
+#: operations round-robin by owner, so one client with many operations waiting cannot make
+#: another's wait behind all of them (operations of no owner share one turn).
+WRITER_OWNER: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "relay_writer_owner", default=None)
+
+#: The file of the disk reserve, in the data directory (`SQLiteStorage`).
+RESERVE_NAME = "reserve"
+
+
 @dataclass(frozen=True, slots=True)
 class MailboxRow:
     id: int
@@ -62,6 +82,11 @@ class MailboxRow:
 class Storage(Protocol):
     #: Operations submitted and not yet finished (the relay refuses writes beyond a bound).
     pending: int
+    #: The disk is full: operations that store more fail with StorageFull until `recover`.
+    full: bool
+
+    def pending_of(self, owner: object | None) -> int: ...
+    async def recover(self) -> bool: ...
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -271,17 +296,36 @@ def upgrade_from_1(db: sqlite3.Connection) -> None:
 
 
 class SQLiteStorage:
-    """SQLite backend: one connection, one thread, group commit."""
+    """SQLite backend: one connection, one thread, group commit.
 
-    def __init__(self, data_dir: str, max_batch: int = 512) -> None:
+    Fair sharing: operations wait in one queue per owner (`WRITER_OWNER`) and each batch takes
+    them round-robin, so a batch holds a flooder's operations beside, not before, everyone
+    else's (issue 15, item 8).
+
+    Disk reserve: a file of `reserve_bytes` kept in the data directory. When SQLite reports the
+    disk (or `max_db_bytes`) full, the reserve is deleted so deletions, which need room in the
+    WAL too, still run and owners can drain their queues; from then on every operation that
+    stores more fails at once with StorageFull (`full`), until `recover` finds room again and
+    puts the reserve back (issue 15, item 2)."""
+
+    def __init__(self, data_dir: str, max_batch: int = 512, *, reserve_bytes: int = 0,
+                 max_db_bytes: int = 0) -> None:
         self._path = os.path.join(data_dir, "relay.sqlite3")
         self._data_dir = data_dir
+        self._reserve_path = os.path.join(data_dir, RESERVE_NAME)
+        self._reserve_bytes = reserve_bytes
+        self._max_db_bytes = max_db_bytes
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._queues: collections.OrderedDict[object | None, collections.deque[Any]] = (
+            collections.OrderedDict())
+        self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._db: sqlite3.Connection | None = None
         self.pending = 0
+        self._pending_by: dict[object | None, int] = {}
+        #: Set (by the writer thread) when the disk is full; cleared by `recover`.
+        self.full = False
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -299,7 +343,7 @@ class SQLiteStorage:
             return
         with contextlib.suppress(StorageError):
             await self.checkpoint()
-        self._queue.put(_STOP)
+        self._put(None, _STOP)
         thread = self._thread
         self._thread = None
         await asyncio.get_running_loop().run_in_executor(None, thread.join)
@@ -323,13 +367,90 @@ class SQLiteStorage:
             upgrade_from_1(db)
         elif version != SCHEMA_VERSION:
             raise StorageError("unsupported relay database schema version")
+        if self._max_db_bytes > 0:
+            # Reaching it is a full disk (SQLITE_FULL): an operator's cap, and how the tests
+            # fill the "disk" without a small file system.
+            page = int(db.execute("PRAGMA page_size").fetchone()[0])
+            db.execute(f"PRAGMA max_page_count={max(1, self._max_db_bytes // page)}")
         return db
+
+    # --- the disk reserve (writer thread) ---------------------------------------------------------
+
+    def _make_reserve(self) -> bool:
+        """Write the reserve file; False (and no file) if the disk has no room for it."""
+        if self._reserve_bytes <= 0:
+            return True
+        try:
+            fd = os.open(self._reserve_path, os.O_WRONLY | os.O_CREAT, 0o600)
+        except OSError:
+            return False
+        try:
+            if os.fstat(fd).st_size >= self._reserve_bytes:
+                return True
+            try:
+                os.posix_fallocate(fd, 0, self._reserve_bytes)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                # No fallocate here: write the bytes (a sparse file would reserve nothing).
+                chunk = bytes(1 << 20)
+                left = self._reserve_bytes
+                while left > 0:
+                    left -= os.write(fd, chunk[:min(left, len(chunk))])
+            os.fsync(fd)
+            return True
+        except OSError:
+            self._drop_reserve()
+            return False
+        finally:
+            os.close(fd)
+
+    def _drop_reserve(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._reserve_path)
+
+    def _went_full(self) -> None:
+        if not self.full:
+            self.full = True
+            self._drop_reserve()
+            log.warning("storage full: reserve released, storing refused until there is room")
+
+    def _room(self, db: sqlite3.Connection) -> bool:
+        """Is there room to store again and still keep a reserve?"""
+        margin = max(self._reserve_bytes, 1 << 20)
+        st = os.statvfs(self._data_dir)
+        if st.f_bavail * st.f_frsize < self._reserve_bytes + margin:
+            return False
+        if self._max_db_bytes > 0:
+            page = int(db.execute("PRAGMA page_size").fetchone()[0])
+            used = (int(db.execute("PRAGMA page_count").fetchone()[0])
+                    - int(db.execute("PRAGMA freelist_count").fetchone()[0]))
+            if self._max_db_bytes - used * page < min(margin, self._max_db_bytes // 8):
+                return False
+        return True
+
+    async def recover(self) -> bool:
+        """While full: checkpoint (the WAL's space comes back), and if there is room again put
+        the reserve back and store again. True once no longer full."""
+        def op(db: sqlite3.Connection) -> bool:
+            if not self.full:
+                return True
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if self._room(db) and self._make_reserve():
+                self.full = False
+            return not self.full
+        return await self._run(op, own_tx=True)
+
+    # --- the writer thread ------------------------------------------------------------------------
 
     def _worker(self, ready: asyncio.Future[None]) -> None:
         loop = self._loop
         assert loop is not None
         try:
             db = self._connect()
+            if not self._make_reserve():
+                self.full = True
         except Exception as exc:  # report to open(), never crash the thread silently
             err = StorageError(type(exc).__name__)
             loop.call_soon_threadsafe(_set_exc, ready, err)
@@ -338,12 +459,7 @@ class SQLiteStorage:
         loop.call_soon_threadsafe(_set_result, ready, None)
         stop = False
         while not stop:
-            batch = [self._queue.get()]
-            while len(batch) < self._max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            batch = self._take_batch()
             if any(item is _STOP for item in batch):
                 stop = True
                 batch = [item for item in batch if item is not _STOP]
@@ -351,30 +467,72 @@ class SQLiteStorage:
                 self._run_batch(db, loop, batch)
         db.close()
 
+    def _put(self, owner: object | None, item: Any) -> None:
+        with self._cv:
+            waiting = self._queues.get(owner)
+            if waiting is None:
+                waiting = self._queues[owner] = collections.deque()
+            waiting.append(item)
+            self._cv.notify()
+
+    def _take_batch(self) -> list[Any]:
+        """Up to max_batch operations, one per owner in turn."""
+        with self._cv:
+            while not self._queues:
+                self._cv.wait()
+            batch: list[Any] = []
+            queues = self._queues
+            while queues and len(batch) < self._max_batch:
+                owner, waiting = next(iter(queues.items()))
+                batch.append(waiting.popleft())
+                if waiting:
+                    queues.move_to_end(owner)  # its next turn comes after everyone else's
+                else:
+                    del queues[owner]
+            return batch
+
     def _run_batch(self, db: sqlite3.Connection, loop: asyncio.AbstractEventLoop,
                    batch: list[Any]) -> None:
         results: list[tuple[asyncio.Future[Any], bool, Any]] = []
-        for fn, fut, own_tx in batch:
+        for fn, fut, own_tx, _ in batch:
             if own_tx:  # operations that manage their own transaction (checkpoint)
-                results.append(_call(fn, db, fut))
-        tx = [item for item in batch if not item[2]]
+                results.append(self._call(fn, db, fut))
+        tx = []
+        for item in batch:
+            if item[2]:
+                continue
+            if item[3] and self.full:  # stores more: refused at once while full
+                results.append((item[1], False, StorageFull("storage full")))
+            else:
+                tx.append(item)
         if tx:
             try:
                 # Group commit: the whole batch in one transaction, one fsync.
                 db.execute("BEGIN IMMEDIATE")
-                values = [(fut, True, fn(db)) for fn, fut, _ in tx]
+                values = [(fut, True, fn(db)) for fn, fut, _, _ in tx]
                 db.execute("COMMIT")
                 results.extend(values)
-            except Exception:
+            except Exception as exc:
                 with contextlib.suppress(Exception):
                     db.execute("ROLLBACK")
+                if _is_full(exc):
+                    self._went_full()
                 # Some operation failed: run each alone, so only the failing one fails.
-                for fn, fut, _ in tx:
-                    results.append(self._alone(db, fn, fut))
+                for fn, fut, _, grows in tx:
+                    if grows and self.full:
+                        results.append((fut, False, StorageFull("storage full")))
+                    else:
+                        results.append(self._alone(db, fn, fut))
         loop.call_soon_threadsafe(_deliver, results)
 
-    @staticmethod
-    def _alone(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any],
+    def _call(self, fn: Callable[[sqlite3.Connection], Any], db: sqlite3.Connection,
+              fut: asyncio.Future[Any]) -> tuple[asyncio.Future[Any], bool, Any]:
+        try:
+            return fut, True, fn(db)
+        except Exception as exc:
+            return fut, False, self._error(exc)
+
+    def _alone(self, db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any],
                fut: asyncio.Future[Any]) -> tuple[asyncio.Future[Any], bool, Any]:
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -384,23 +542,43 @@ class SQLiteStorage:
         except Exception as exc:
             with contextlib.suppress(Exception):
                 db.execute("ROLLBACK")
-            return fut, False, StorageError(type(exc).__name__)
+            return fut, False, self._error(exc)
 
-    def _submit(self, fn: Callable[[sqlite3.Connection], T],
-                own_tx: bool = False) -> asyncio.Future[T]:
+    def _error(self, exc: Exception) -> StorageError:
+        if _is_full(exc):
+            self._went_full()
+            return StorageFull("storage full")
+        return StorageError(type(exc).__name__)
+
+    def _submit(self, fn: Callable[[sqlite3.Connection], T], own_tx: bool = False,
+                grows: bool = False) -> asyncio.Future[T]:
+        """Queue an operation for the writer thread. `grows`: it stores more (refused while
+        the disk is full)."""
         if self._thread is None or self._loop is None:
             raise StorageError("storage closed")
         fut: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put((fn, fut, own_tx))
+        owner = WRITER_OWNER.get()
+        self._put(owner, (fn, fut, own_tx, grows))
         self.pending += 1
-        fut.add_done_callback(self._finished)
+        self._pending_by[owner] = self._pending_by.get(owner, 0) + 1
+        fut.add_done_callback(functools.partial(self._finished, owner))
         return fut
 
-    def _finished(self, _: asyncio.Future[Any]) -> None:
+    def _finished(self, owner: object | None, _: asyncio.Future[Any]) -> None:
         self.pending -= 1
+        left = self._pending_by[owner] - 1
+        if left:
+            self._pending_by[owner] = left
+        else:
+            del self._pending_by[owner]
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T], own_tx: bool = False) -> T:
-        return await self._submit(fn, own_tx)
+    def pending_of(self, owner: object | None) -> int:
+        """Operations of `owner` submitted and not yet finished."""
+        return self._pending_by.get(owner, 0)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], own_tx: bool = False,
+                   grows: bool = False) -> T:
+        return await self._submit(fn, own_tx, grows)
 
     # --- mailboxes --------------------------------------------------------------------------------
 
@@ -417,7 +595,7 @@ class SQLiteStorage:
                 " owner_box_pub, public, tokens) VALUES (?, ?, ?, ?, ?, ?, ?, x'')",
                 (key, okey, dkey, sig_pub, box_secret, owner_box_pub, int(public)))
             return key
-        return await self._run(op)
+        return await self._run(op, grows=True)
 
     async def load_mailbox(self, *, okey: bytes | None = None,
                            dkey: bytes | None = None) -> MailboxRow | None:
@@ -461,7 +639,7 @@ class SQLiteStorage:
                        " VALUES (?, ?, ?, ?, ?)",
                        (key, mailbox, next_seq(db, mailbox), expiry, sealed))
             return key
-        return self._submit(op)
+        return self._submit(op, grows=True)
 
     async def queued(self, mailbox: int, skip: Collection[int],
                      limit: int) -> list[tuple[int, bytes]]:
@@ -502,7 +680,7 @@ class SQLiteStorage:
             else:
                 db.execute("DELETE FROM bundles WHERE mailbox = ?", (mailbox,))
                 db.execute("DELETE FROM bundle_items WHERE mailbox = ?", (mailbox,))
-        await self._run(op)
+        await self._run(op, grows=bool(base))
 
     @staticmethod
     def _counts(db: sqlite3.Connection, mailbox: int) -> tuple[int, int]:
@@ -521,7 +699,7 @@ class SQLiteStorage:
                 db.execute("INSERT INTO bundle_items (id, mailbox, kind, item) VALUES (?, ?, ?, ?)",
                            (new_key(db, "bundle_items"), mailbox, kind, item))
             return self._counts(db, mailbox)
-        return await self._run(op)
+        return await self._run(op, grows=True)
 
     async def bundle_counts(self, mailbox: int) -> tuple[int, int]:
         return await self._run(lambda db: self._counts(db, mailbox))
@@ -560,7 +738,7 @@ class SQLiteStorage:
             except sqlite3.IntegrityError:
                 return False
             return True
-        return await self._run(op)
+        return await self._run(op, grows=True)
 
     async def get_blob(self, bkey: bytes) -> tuple[bytes, bytes] | None:
         def op(db: sqlite3.Connection) -> tuple[bytes, bytes] | None:
@@ -581,12 +759,10 @@ class SQLiteStorage:
         await self._run(op, own_tx=True)
 
 
-def _call(fn: Callable[[sqlite3.Connection], Any], db: sqlite3.Connection,
-          fut: asyncio.Future[Any]) -> tuple[asyncio.Future[Any], bool, Any]:
-    try:
-        return fut, True, fn(db)
-    except Exception as exc:
-        return fut, False, StorageError(type(exc).__name__)
+def _is_full(exc: BaseException) -> bool:
+    """SQLite's SQLITE_FULL: the disk, or max_page_count, has no room."""
+    return (isinstance(exc, sqlite3.Error)
+            and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL)
 
 
 def _set_result(fut: asyncio.Future[Any], value: Any) -> None:

@@ -105,6 +105,7 @@ E_EXISTS = 13
 E_TIMEOUT = 14
 E_BUSY = 15
 E_INTERNAL = 16
+E_FULL = 17
 
 ERROR_TEXT = {
     E_BAD_FRAME: "malformed frame",
@@ -123,6 +124,7 @@ ERROR_TEXT = {
     E_TIMEOUT: "timed out",
     E_BUSY: "relay busy",
     E_INTERNAL: "internal relay error",
+    E_FULL: "relay storage full",
 }
 # Errors after which the relay closes the connection.
 FATAL_ERRORS = frozenset({E_BAD_FRAME, E_BAD_VERSION, E_TOO_LARGE, E_OUT_OF_ORDER,
