@@ -65,9 +65,10 @@ class Config:
     lookup_burst: int = 2000
     # Storage.
     max_batch: int = 512  # operations per group commit
-    # Bytes of the disk kept free in a reserve file in the data directory: released when the
-    # disk fills so acknowledgements and deletions can still run (relay/storage.py).
-    disk_reserve: int = 16 * 1024 * 1024
+    # Bytes kept free for the database (disk, and free pages in it): below, storing more gets
+    # `full` while acknowledgements and deletions still run; an eighth is held in a reserve file,
+    # released if the disk fills all the same; the WAL is kept under half (relay/storage.py).
+    disk_reserve: int = 64 * 1024 * 1024
     # Largest database, bytes (0: the disk's size); reaching it counts as a full disk.
     max_db_bytes: int = 0
     # Storage operations waiting at most (each deposit holds a 16 KiB block meanwhile): beyond,

@@ -14,7 +14,8 @@ Admission of a new connection:
 * the relay holds `max_connections`: the newcomer evicts one connection of the source holding
   the most, if that source holds at least two more than the newcomer's; otherwise (one source
   holds everything, e.g. all clients via Tor) a connection that does least for anyone: one not
-  yet upgraded to a WebSocket, else one without subscription, the longest silent. Subscribed
+  yet upgraded to a WebSocket, else one without subscription silent for handshake_timeout at
+  least, the longest silent. Subscribed
   connections are never evicted by a newcomer of the same source: each holds a mailbox of its
   own, and mailboxes have a price. If no connection qualifies, the newcomer is refused.
 
@@ -140,9 +141,10 @@ class Gate:
         group = self.by_source[biggest]
         victim = None
         if biggest != source and len(group) >= held + 2:
-            victim = self._victim(group, subscribed_too=True)
+            victim = self._victim(group, 0.0, subscribed_too=True)
         if victim is None:
-            victim = self._victim(self.by_source.get(source) or {}, subscribed_too=False)
+            quiet = time.monotonic() - self.cfg.handshake_timeout
+            victim = self._victim(self.by_source.get(source) or {}, quiet, subscribed_too=False)
         if victim is None:
             return False
         self.forget(victim.transport)
@@ -150,15 +152,19 @@ class Gate:
         return True
 
     @staticmethod
-    def _victim(group: dict[asyncio.BaseTransport, Entry], subscribed_too: bool) -> Entry | None:
+    def _victim(group: dict[asyncio.BaseTransport, Entry], quiet: float,
+                subscribed_too: bool) -> Entry | None:
         """The connection of `group` that does least: not upgraded, else unsubscribed and
-        silent longest, else (if allowed) the newest."""
+        silent longest (only if silent since `quiet`, when not 0), else (if allowed) the
+        newest."""
         best: Entry | None = None
         best_key = 0.0
         for entry in group.values():
             conn = entry.conn
             if conn is None:
                 return entry
+            if quiet and conn.last_seen > quiet:
+                continue
             if not conn.subs and (best is None or conn.last_seen < best_key):
                 best, best_key = entry, conn.last_seen
         if best is None and subscribed_too and group:

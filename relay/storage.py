@@ -302,11 +302,13 @@ class SQLiteStorage:
     them round-robin, so a batch holds a flooder's operations beside, not before, everyone
     else's (issue 15, item 8).
 
-    Disk reserve: a file of `reserve_bytes` kept in the data directory. When SQLite reports the
-    disk (or `max_db_bytes`) full, the reserve is deleted so deletions, which need room in the
-    WAL too, still run and owners can drain their queues; from then on every operation that
-    stores more fails at once with StorageFull (`full`), until `recover` finds room again and
-    puts the reserve back (issue 15, item 2)."""
+    Disk reserve (issue 15, item 2): storing stops while less than `reserve_bytes` is free for
+    the database (disk, and free pages inside it), checked before every batch, so owners can
+    still acknowledge and delete (which need room in the WAL too) and drain their queues; the WAL
+    is kept below half the reserve. An eighth of the reserve is also held in a file in the data
+    directory, deleted when SQLite reports the disk (or `max_db_bytes`) full all the same
+    (something else filled it). While `full`, every operation that stores more fails at once
+    with StorageFull, until `recover` finds room again and puts the file back."""
 
     def __init__(self, data_dir: str, max_batch: int = 512, *, reserve_bytes: int = 0,
                  max_db_bytes: int = 0) -> None:
@@ -314,6 +316,9 @@ class SQLiteStorage:
         self._data_dir = data_dir
         self._reserve_path = os.path.join(data_dir, RESERVE_NAME)
         self._reserve_bytes = reserve_bytes
+        # The file that keeps part of the reserve taken, should something else fill the disk.
+        self._reserve_file_bytes = reserve_bytes // 8
+        self._wal_bytes = 0
         self._max_db_bytes = max_db_bytes
         self._max_batch = max_batch
         self._queues: collections.OrderedDict[object | None, collections.deque[Any]] = (
@@ -357,8 +362,12 @@ class SQLiteStorage:
         # window reach the database file as one zeroed page write instead of several: about 30%
         # more deposits per second (measured). Stale WAL frames are gone at the periodic
         # TRUNCATE checkpoint (checkpoint_interval) and at shutdown.
-        db.execute("PRAGMA wal_autocheckpoint=16384")
-        db.execute(f"PRAGMA journal_size_limit={64 * 1024 * 1024}")
+        # The WAL is kept below half the disk reserve, so a checkpoint (which may grow the
+        # database by as much) always finds room once storing stopped at the reserve.
+        page = int(db.execute("PRAGMA page_size").fetchone()[0])
+        self._wal_bytes = min(16384 * page, max(64 * page, self._reserve_bytes // 2))
+        db.execute(f"PRAGMA wal_autocheckpoint={self._wal_bytes // page}")
+        db.execute(f"PRAGMA journal_size_limit={self._wal_bytes}")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             db.executescript(
@@ -370,7 +379,6 @@ class SQLiteStorage:
         if self._max_db_bytes > 0:
             # Reaching it is a full disk (SQLITE_FULL): an operator's cap, and how the tests
             # fill the "disk" without a small file system.
-            page = int(db.execute("PRAGMA page_size").fetchone()[0])
             db.execute(f"PRAGMA max_page_count={max(1, self._max_db_bytes // page)}")
         return db
 
@@ -378,23 +386,24 @@ class SQLiteStorage:
 
     def _make_reserve(self) -> bool:
         """Write the reserve file; False (and no file) if the disk has no room for it."""
-        if self._reserve_bytes <= 0:
+        size = self._reserve_file_bytes
+        if size <= 0:
             return True
         try:
             fd = os.open(self._reserve_path, os.O_WRONLY | os.O_CREAT, 0o600)
         except OSError:
             return False
         try:
-            if os.fstat(fd).st_size >= self._reserve_bytes:
+            if os.fstat(fd).st_size >= size:
                 return True
             try:
-                os.posix_fallocate(fd, 0, self._reserve_bytes)
+                os.posix_fallocate(fd, 0, size)
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
                 # No fallocate here: write the bytes (a sparse file would reserve nothing).
                 chunk = bytes(1 << 20)
-                left = self._reserve_bytes
+                left = size
                 while left > 0:
                     left -= os.write(fd, chunk[:min(left, len(chunk))])
             os.fsync(fd)
@@ -409,29 +418,51 @@ class SQLiteStorage:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._reserve_path)
 
-    def _went_full(self) -> None:
+    def _went_full(self, release: bool) -> None:
+        """Refuse storing more from now on; `release`: SQLite hit the end of the disk, so give
+        the reserve file's space to the deletions."""
+        if release:
+            self._drop_reserve()
         if not self.full:
             self.full = True
-            self._drop_reserve()
-            log.warning("storage full: reserve released, storing refused until there is room")
+            log.warning("storage full: storing refused until there is room")
+
+    def _space(self, db: sqlite3.Connection) -> tuple[int, int]:
+        """Free bytes of the disk, and free bytes inside the database (pages a new row reuses;
+        a deletion does not give them back to the disk)."""
+        st = os.statvfs(self._data_dir)
+        page = int(db.execute("PRAGMA page_size").fetchone()[0])
+        free_pages = int(db.execute("PRAGMA freelist_count").fetchone()[0])
+        return st.f_bavail * st.f_frsize, free_pages * page
+
+    def _low(self, db: sqlite3.Connection) -> bool:
+        """Too little room to store more (checked before every batch): the WAL needs disk of
+        its own, up to `_wal_bytes`, and rows need disk or free pages, `reserve_bytes` in all
+        being kept for the acknowledgements and deletions to come."""
+        if self._reserve_bytes <= 0:
+            return False
+        disk, pages = self._space(db)
+        return disk < self._wal_bytes or disk + pages < self._reserve_bytes
 
     def _room(self, db: sqlite3.Connection) -> bool:
-        """Is there room to store again and still keep a reserve?"""
-        margin = max(self._reserve_bytes, 1 << 20)
-        st = os.statvfs(self._data_dir)
-        if st.f_bavail * st.f_frsize < self._reserve_bytes + margin:
-            return False
+        """Room again (some margin above `_low`, so the relay does not flap at the edge)."""
+        if self._reserve_bytes > 0:
+            disk, pages = self._space(db)
+            missing = 0 if os.path.exists(self._reserve_path) else self._reserve_file_bytes
+            if (disk < self._wal_bytes + missing
+                    or disk + pages < self._reserve_bytes * 3 // 2 + missing):
+                return False
         if self._max_db_bytes > 0:
             page = int(db.execute("PRAGMA page_size").fetchone()[0])
             used = (int(db.execute("PRAGMA page_count").fetchone()[0])
                     - int(db.execute("PRAGMA freelist_count").fetchone()[0]))
-            if self._max_db_bytes - used * page < min(margin, self._max_db_bytes // 8):
+            if self._max_db_bytes - used * page < self._max_db_bytes // 8:
                 return False
         return True
 
     async def recover(self) -> bool:
-        """While full: checkpoint (the WAL's space comes back), and if there is room again put
-        the reserve back and store again. True once no longer full."""
+        """While full: checkpoint (the WAL's disk space comes back), and if there is room again
+        put the reserve file back and store again. True once no longer full."""
         def op(db: sqlite3.Connection) -> bool:
             if not self.full:
                 return True
@@ -497,6 +528,8 @@ class SQLiteStorage:
         for fn, fut, own_tx, _ in batch:
             if own_tx:  # operations that manage their own transaction (checkpoint)
                 results.append(self._call(fn, db, fut))
+        if not self.full and self._low(db):
+            self._went_full(release=False)
         tx = []
         for item in batch:
             if item[2]:
@@ -516,7 +549,7 @@ class SQLiteStorage:
                 with contextlib.suppress(Exception):
                     db.execute("ROLLBACK")
                 if _is_full(exc):
-                    self._went_full()
+                    self._went_full(release=True)
                 # Some operation failed: run each alone, so only the failing one fails.
                 for fn, fut, _, grows in tx:
                     if grows and self.full:
@@ -546,7 +579,7 @@ class SQLiteStorage:
 
     def _error(self, exc: Exception) -> StorageError:
         if _is_full(exc):
-            self._went_full()
+            self._went_full(release=True)
             return StorageFull("storage full")
         return StorageError(type(exc).__name__)
 
