@@ -233,8 +233,8 @@ class Relay:
                     next_ckpt = now + self.cfg.checkpoint_interval
             except StorageError as exc:
                 log.warning("maintenance failed: %s", exc)
-            wake = min(next_sweep, next_ckpt) - time.monotonic()
-            await asyncio.sleep(max(0.05, min(wake, 1.0) if self.storage.full else wake))
+            # At least once a second, to notice a full disk (the writer sets the flag).
+            await asyncio.sleep(max(0.05, min(1.0, min(next_sweep, next_ckpt) - time.monotonic())))
 
     async def _reaper(self) -> None:
         """Close connections that did not upgrade or say HELLO in time, idle ones (without
