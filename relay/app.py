@@ -27,8 +27,8 @@ from nacl.public import Box, PrivateKey, PublicKey, SealedBox
 from nacl.secret import SecretBox
 from nacl.signing import VerifyKey
 
+from . import memory, wire
 from . import pow as pow_
-from . import wire
 from .config import Config
 from .gate import Gate
 from .storage import (
@@ -189,6 +189,8 @@ class Relay:
         self.connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closing = False
+        # A connection that held much output ended: give the memory back (at most every 5 s).
+        self.trim_wanted = False
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -217,7 +219,7 @@ class Relay:
         return task
 
     async def _maintenance(self) -> None:
-        next_sweep = next_ckpt = time.monotonic()
+        next_sweep = next_ckpt = next_trim = time.monotonic()
         while True:
             now = time.monotonic()
             try:
@@ -225,6 +227,10 @@ class Relay:
                 # and deletes free it); recovering needs no operator.
                 if self.storage.full and await self.storage.recover():
                     log.warning("storage has room again")
+                if self.trim_wanted and now >= next_trim:
+                    self.trim_wanted = False
+                    next_trim = now + 5.0
+                    memory.give_back()
                 if now >= next_sweep:
                     await self.sweep()
                     next_sweep = now + self.cfg.sweep_interval
@@ -358,34 +364,38 @@ class Relay:
         try:
             while sub.active and (sub.backlog or sub.again):
                 sub.again = False
-                if conn.congested():
-                    conn.push_deferred = True
-                    break
-                out = conn.out_rows.get(mb.id, set())
-                room = self.cfg.window - len(out)
-                if room <= 0:
-                    break
-                gen = sub.gen
-                limit = room
-                # The oldest blocks not already out on this connection, in the mailbox's order.
-                rows = await self.storage.queued(mb.id, out, limit)
-                if not sub.active:
-                    break
-                out = conn.out_rows.get(mb.id, set())
-                fresh = [r for r in rows if r[0] not in out]
-                room = self.cfg.window - len(out)
-                stopped = False
-                for rowid, sealed in fresh[:room]:
-                    # Checked at every block: many subscriptions pumping at once must not
-                    # each add a window's worth beyond the bound (issue 15, item 5).
+                # One pump of a connection reads at a time, and no more than fits under the
+                # bound: the blocks read are in memory until pushed (issue 15, item 5).
+                async with conn.pump_lock:
                     if conn.congested():
-                        conn.push_deferred = stopped = True
+                        conn.push_deferred = True
                         break
-                    conn.push_stored(sub.owner_id, mb, rowid, sealed, 0)
-                if stopped:
-                    break
-                if len(rows) < limit and len(fresh) <= room and sub.gen == gen:
-                    sub.backlog = False
+                    out = conn.out_rows.get(mb.id, set())
+                    room = self.cfg.window - len(out)
+                    if room <= 0:
+                        break
+                    gen = sub.gen
+                    limit = min(room, conn.room_blocks())
+                    # The oldest blocks not already out on this connection, in the mailbox's
+                    # order.
+                    rows = await self.storage.queued(mb.id, out, limit)
+                    if not sub.active:
+                        break
+                    out = conn.out_rows.get(mb.id, set())
+                    fresh = [r for r in rows if r[0] not in out]
+                    room = self.cfg.window - len(out)
+                    stopped = False
+                    for rowid, sealed in fresh[:room]:
+                        # Checked at every block: many subscriptions pumping at once must not
+                        # each add a window's worth beyond the bound.
+                        if conn.congested():
+                            conn.push_deferred = stopped = True
+                            break
+                        conn.push_stored(sub.owner_id, mb, rowid, sealed, 0)
+                    if stopped:
+                        break
+                    if len(rows) < limit and len(fresh) <= room and sub.gen == gen:
+                        sub.backlog = False
         except StorageError as exc:
             log.warning("delivery failed: %s", exc)
         finally:
@@ -452,6 +462,7 @@ class Connection:
         self._high = self.cfg.conn_buffer
         self._low = self.cfg.conn_buffer // 4
         self._congested_since: float | None = None
+        self.pump_lock = asyncio.Lock()
 
     # --- output ----------------------------------------------------------------------------------
 
@@ -478,6 +489,10 @@ class Connection:
                 self._congested_since = time.monotonic()
             return True
         return False
+
+    def room_blocks(self) -> int:
+        """Blocks that fit under the bound now (at least one)."""
+        return max(1, (self._high - self.waiting()) // wire.BLOCK_SIZE + 1)
 
     def stalled(self, now: float) -> bool:
         """Above the bound since stall_timeout: the client does not read."""
@@ -583,6 +598,8 @@ class Connection:
                     writer.cancel()
             self.delivered.clear()
             self.out_rows.clear()
+            if self._congested_since is not None:
+                self.relay.trim_wanted = True
 
     async def _read_loop(self) -> None:
         ws = self.ws
@@ -854,7 +871,7 @@ async def h_unsubscribe(c: Connection, f: wire.Frame) -> None:
 async def h_fetch(c: Connection, f: wire.Frame) -> None:
     mb, owner_id, args = await c.owner(f, 1, 1)
     out = c.out_rows.get(mb.id, set())
-    want = min(args[0], c.cfg.window - len(out))
+    want = min(args[0], c.cfg.window - len(out), c.room_blocks())
     sent = 0
     if want > 0:
         rows = await c.relay.storage.queued(mb.id, out, want)
