@@ -24,7 +24,7 @@ class Config:
     # Connections one source address (an IPv6 /64) may hold, counted from the TCP accept, before
     # any HTTP (0: no cap). Loopback peers (a reverse proxy, Tor) are exempt unless
     # source_cap_loopback: behind those every client has the proxy's address (relay/gate.py).
-    source_connections: int = 100
+    source_connections: int = 1000
     source_cap_loopback: bool = False
     # Seconds for a new connection to send HELLO, and (counted from the TCP accept) to complete
     # the HTTP upgrade before it.
