@@ -257,6 +257,7 @@ class Relay:
             now = time.monotonic()
             self.gate.sweep(now)
             for conn in list(self.connections):
+                conn.kick()
                 if conn.stalled(now):
                     # It does not read: a close frame would wait behind what it does not read.
                     conn.abort()
@@ -504,9 +505,19 @@ class Connection:
         return now - self._congested_since > self.cfg.stall_timeout
 
     def abort(self) -> None:
-        self._closed = True
+        """Drop the connection at once (it does not read: no close handshake)."""
         if self._transport is not None:
             self._transport.abort()
+        self.send(b"", _CLOSE_GOING_AWAY)  # wakes the writer, which then ends
+        self._closed = True
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def kick(self) -> None:
+        """Resume deferred pushes once the output is low again. The writer does this after
+        each frame it sends; this is for output that drained from the socket's buffer alone."""
+        if self.push_deferred and not self._closed and self.waiting() <= self._low:
+            self._on_drained()
 
     async def _writer(self) -> None:
         try:
@@ -538,7 +549,9 @@ class Connection:
     async def _until_drained(self) -> None:
         while self.congested() and not self._closed:
             self._drained = asyncio.get_running_loop().create_future()
-            await self._drained
+            # Look again now and then: the socket's buffer drains without a frame of ours.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained, 0.5)
         self._drained = None
 
     async def close(self, code: int) -> None:

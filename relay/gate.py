@@ -50,6 +50,8 @@ class Peer(Protocol):
     @property
     def last_seen(self) -> float: ...
 
+    def abort(self) -> None: ...
+
 
 class Entry:
     __slots__ = ("conn", "refused", "since", "source", "transport")
@@ -148,7 +150,10 @@ class Gate:
         if victim is None:
             return False
         self.forget(victim.transport)
-        victim.transport.abort()
+        if victim.conn is not None:
+            victim.conn.abort()  # also wakes its read loop and writer
+        else:
+            victim.transport.abort()
         return True
 
     @staticmethod
