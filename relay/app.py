@@ -176,7 +176,7 @@ class Relay:
         self.cfg = cfg
         self.storage: Storage = storage or SQLiteStorage(
             cfg.data_dir, cfg.max_batch, reserve_bytes=cfg.disk_reserve,
-            max_db_bytes=cfg.max_db_bytes)
+            max_db_bytes=cfg.max_db_bytes, max_batch_bytes=cfg.max_batch_bytes)
         self.gate = Gate(cfg)
         self.clock = clock
         self.by_okey: dict[bytes, MailboxState] = {}
@@ -362,6 +362,8 @@ class Relay:
             return
         sub.pumping = True
         conn, mb = sub.conn, sub.mb
+        # The subscriber's turn at the writer, whoever's deposit woke the pump.
+        WRITER_OWNER.set(conn)
         try:
             while sub.active and (sub.backlog or sub.again):
                 sub.again = False

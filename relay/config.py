@@ -65,6 +65,9 @@ class Config:
     lookup_burst: int = 2000
     # Storage.
     max_batch: int = 512  # operations per group commit
+    # ... and bytes written per group commit: the commit under way is what a new operation
+    # waits for, so this bounds everyone's wait while one client floods the writer.
+    max_batch_bytes: int = 1024 * 1024
     # Bytes kept free for the database (disk, and free pages in it): below, storing more gets
     # `full` while acknowledgements and deletions still run; an eighth is held in a reserve file,
     # released if the disk fills all the same; the WAL is kept under half (relay/storage.py).

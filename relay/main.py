@@ -64,6 +64,7 @@ HELP = {
     "lookup_rate": "Uncached mailbox lookups per second per connection.",
     "lookup_burst": "Uncached mailbox lookup bucket size per connection.",
     "max_batch": "Storage operations per group commit.",
+    "max_batch_bytes": "Bytes written per group commit at most (about; one operation at least).",
     "disk_reserve": "Bytes of disk held in reserve, released when the disk fills.",
     "max_db_bytes": "Largest database in bytes (0: the disk); reaching it is a full disk.",
     "max_pending_writes": "Storage operations waiting at most; beyond, deposits get busy.",

@@ -219,6 +219,8 @@ def _renumber(db: sqlite3.Connection, mailbox: int) -> None:
 
 
 _STOP = object()
+#: The size of a queued block, as far as the writer's batches are concerned.
+_BLOCK_BYTES = 16384
 
 
 def upgrade_from_1(db: sqlite3.Connection) -> None:
@@ -311,7 +313,7 @@ class SQLiteStorage:
     with StorageFull, until `recover` finds room again and puts the file back."""
 
     def __init__(self, data_dir: str, max_batch: int = 512, *, reserve_bytes: int = 0,
-                 max_db_bytes: int = 0) -> None:
+                 max_db_bytes: int = 0, max_batch_bytes: int = 1 << 20) -> None:
         self._path = os.path.join(data_dir, "relay.sqlite3")
         self._data_dir = data_dir
         self._reserve_path = os.path.join(data_dir, RESERVE_NAME)
@@ -321,6 +323,9 @@ class SQLiteStorage:
         self._wal_bytes = 0
         self._max_db_bytes = max_db_bytes
         self._max_batch = max_batch
+        # A batch also ends at this many bytes written: its commit is what every operation in
+        # the next one waits for, so its length bounds everyone's wait under a flood.
+        self._max_batch_bytes = max_batch_bytes
         self._queues: collections.OrderedDict[object | None, collections.deque[Any]] = (
             collections.OrderedDict())
         self._cv = threading.Condition()
@@ -507,15 +512,19 @@ class SQLiteStorage:
             self._cv.notify()
 
     def _take_batch(self) -> list[Any]:
-        """Up to max_batch operations, one per owner in turn."""
+        """Up to max_batch operations and about max_batch_bytes, one per owner in turn."""
         with self._cv:
             while not self._queues:
                 self._cv.wait()
             batch: list[Any] = []
+            size = 0
             queues = self._queues
-            while queues and len(batch) < self._max_batch:
+            while queues and len(batch) < self._max_batch and size < self._max_batch_bytes:
                 owner, waiting = next(iter(queues.items()))
-                batch.append(waiting.popleft())
+                item = waiting.popleft()
+                batch.append(item)
+                if item is not _STOP:
+                    size += item[4]
                 if waiting:
                     queues.move_to_end(owner)  # its next turn comes after everyone else's
                 else:
@@ -525,7 +534,7 @@ class SQLiteStorage:
     def _run_batch(self, db: sqlite3.Connection, loop: asyncio.AbstractEventLoop,
                    batch: list[Any]) -> None:
         results: list[tuple[asyncio.Future[Any], bool, Any]] = []
-        for fn, fut, own_tx, _ in batch:
+        for fn, fut, own_tx, _, _ in batch:
             if own_tx:  # operations that manage their own transaction (checkpoint)
                 results.append(self._call(fn, db, fut))
         if not self.full and self._low(db):
@@ -542,7 +551,7 @@ class SQLiteStorage:
             try:
                 # Group commit: the whole batch in one transaction, one fsync.
                 db.execute("BEGIN IMMEDIATE")
-                values = [(fut, True, fn(db)) for fn, fut, _, _ in tx]
+                values = [(fut, True, fn(db)) for fn, fut, _, _, _ in tx]
                 db.execute("COMMIT")
                 results.extend(values)
             except Exception as exc:
@@ -551,7 +560,7 @@ class SQLiteStorage:
                 if _is_full(exc):
                     self._went_full(release=True)
                 # Some operation failed: run each alone, so only the failing one fails.
-                for fn, fut, _, grows in tx:
+                for fn, fut, _, grows, _ in tx:
                     if grows and self.full:
                         results.append((fut, False, StorageFull("storage full")))
                     else:
@@ -584,14 +593,14 @@ class SQLiteStorage:
         return StorageError(type(exc).__name__)
 
     def _submit(self, fn: Callable[[sqlite3.Connection], T], own_tx: bool = False,
-                grows: bool = False) -> asyncio.Future[T]:
+                grows: bool = False, size: int = 0) -> asyncio.Future[T]:
         """Queue an operation for the writer thread. `grows`: it stores more (refused while
-        the disk is full)."""
+        the disk is full); `size`: about the bytes it writes."""
         if self._thread is None or self._loop is None:
             raise StorageError("storage closed")
         fut: asyncio.Future[T] = self._loop.create_future()
         owner = WRITER_OWNER.get()
-        self._put(owner, (fn, fut, own_tx, grows))
+        self._put(owner, (fn, fut, own_tx, grows, size))
         self.pending += 1
         self._pending_by[owner] = self._pending_by.get(owner, 0) + 1
         fut.add_done_callback(functools.partial(self._finished, owner))
@@ -610,8 +619,8 @@ class SQLiteStorage:
         return self._pending_by.get(owner, 0)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], own_tx: bool = False,
-                   grows: bool = False) -> T:
-        return await self._submit(fn, own_tx, grows)
+                   grows: bool = False, size: int = 0) -> T:
+        return await self._submit(fn, own_tx, grows, size)
 
     # --- mailboxes --------------------------------------------------------------------------------
 
@@ -672,7 +681,7 @@ class SQLiteStorage:
                        " VALUES (?, ?, ?, ?, ?)",
                        (key, mailbox, next_seq(db, mailbox), expiry, sealed))
             return key
-        return self._submit(op, grows=True)
+        return self._submit(op, grows=True, size=len(sealed))
 
     async def queued(self, mailbox: int, skip: Collection[int],
                      limit: int) -> list[tuple[int, bytes]]:
@@ -691,7 +700,8 @@ class SQLiteStorage:
             marks = ",".join("?" * len(ids))
             sql = f"DELETE FROM messages WHERE mailbox = ? AND id IN ({marks})"  # noqa: S608
             return int(db.execute(sql, (mailbox, *ids)).rowcount)
-        return self._submit(op)
+        # secure_delete zeroes each block's pages: about a block written per id.
+        return self._submit(op, size=len(ids) * _BLOCK_BYTES)
 
     async def expire(self, now: int) -> dict[int, int]:
         def op(db: sqlite3.Connection) -> dict[int, int]:
@@ -732,7 +742,7 @@ class SQLiteStorage:
                 db.execute("INSERT INTO bundle_items (id, mailbox, kind, item) VALUES (?, ?, ?, ?)",
                            (new_key(db, "bundle_items"), mailbox, kind, item))
             return self._counts(db, mailbox)
-        return await self._run(op, grows=True)
+        return await self._run(op, grows=True, size=sum(map(len, items)))
 
     async def bundle_counts(self, mailbox: int) -> tuple[int, int]:
         return await self._run(lambda db: self._counts(db, mailbox))
@@ -771,7 +781,7 @@ class SQLiteStorage:
             except sqlite3.IntegrityError:
                 return False
             return True
-        return await self._run(op, grows=True)
+        return await self._run(op, grows=True, size=len(block))
 
     async def get_blob(self, bkey: bytes) -> tuple[bytes, bytes] | None:
         def op(db: sqlite3.Connection) -> tuple[bytes, bytes] | None:
