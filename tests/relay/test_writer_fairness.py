@@ -56,3 +56,27 @@ def test_one_write_does_not_wait_behind_a_flood(tmp_path: Path) -> None:
     # (what the writer took while the flood was still being queued comes first).
     assert done.index("other") < FLOOD // 2, done.index("other")
 
+
+
+def test_a_batch_ends_at_max_batch_bytes(tmp_path: Path) -> None:
+    """However many deposits wait, one commit writes about max_batch_bytes (1 MiB: 64 blocks),
+    so what a newcomer waits for (the commit under way) stays short."""
+    sizes: list[int] = []
+
+    class Recording(st.SQLiteStorage):
+        def _run_batch(self, db: Any, loop: Any, batch: list[Any]) -> None:
+            sizes.append(len(batch))
+            super()._run_batch(db, loop, batch)
+
+    async def body() -> None:
+        s = Recording(str(tmp_path))
+        await s.open()
+        try:
+            sealed = os.urandom(wire.BLOCK_SIZE)
+            await asyncio.gather(*(s.enqueue(1, 0, sealed) for _ in range(FLOOD)))
+        finally:
+            await s.close()
+
+    asyncio.run(body())
+    assert sum(sizes) >= FLOOD
+    assert max(sizes) <= (1 << 20) // wire.BLOCK_SIZE, max(sizes)
