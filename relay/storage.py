@@ -498,6 +498,11 @@ class SQLiteStorage:
             batch = self._take_batch()
             if any(item is _STOP for item in batch):
                 stop = True
+                # Everything submitted before the stop still runs (round-robin may have taken
+                # the stop before other owners' operations).
+                with self._cv:
+                    batch += [item for waiting in self._queues.values() for item in waiting]
+                    self._queues.clear()
                 batch = [item for item in batch if item is not _STOP]
             if batch:
                 self._run_batch(db, loop, batch)
