@@ -370,7 +370,9 @@ class SQLiteStorage:
         # The WAL is kept below half the disk reserve, so a checkpoint (which may grow the
         # database by as much) always finds room once storing stopped at the reserve.
         page = int(db.execute("PRAGMA page_size").fetchone()[0])
-        self._wal_bytes = min(16384 * page, max(64 * page, self._reserve_bytes // 2))
+        self._wal_bytes = 16384 * page
+        if self._reserve_bytes > 0:
+            self._wal_bytes = min(self._wal_bytes, max(64 * page, self._reserve_bytes // 2))
         db.execute(f"PRAGMA wal_autocheckpoint={self._wal_bytes // page}")
         db.execute(f"PRAGMA journal_size_limit={self._wal_bytes}")
         version = db.execute("PRAGMA user_version").fetchone()[0]
