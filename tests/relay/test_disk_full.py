@@ -99,7 +99,10 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_full_tmpfs_answers_full_drains_and_recovers(small_disk: Path) -> None:
-    rp = RelayProcess(small_disk, {"--disk-reserve": str(3 * 1024 * 1024)})
+    # A storage budget far above the disk, so the disk fills first (the default budget, half
+    # the free space at start, would answer `full` before the disk is).
+    rp = RelayProcess(small_disk, {"--disk-reserve": str(3 * 1024 * 1024),
+                                   "--storage-budget": str(1 << 30)})
     try:
         rp.data = small_disk / "data"
         rp.log_path = small_disk.parent / "relay-output.log"
