@@ -7,6 +7,7 @@ that exists without a bundle answers as one deleted or never created: `denied`, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -92,10 +93,8 @@ async def _empty_lookup_bucket(c: RelayClient) -> None:
 
     key = SigningKey.generate()
     for _ in range(12):
-        try:
+        with contextlib.suppress(RelayError):
             await c.bundle_status(os.urandom(16), key)
-        except RelayError:
-            pass
 
 
 async def _answer(call: object) -> int:
