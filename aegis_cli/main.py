@@ -576,7 +576,7 @@ def listen(ctx: Ctx, since: int | None, types: tuple[str, ...]) -> None:
             ev = {k: v for k, v in ev.items() if k != "subscription"}
             click.echo(json.dumps(ev, sort_keys=True))
         else:
-            click.echo(describe(ev))
+            click.echo(safe_text.fit(describe(ev), safe_text.terminal_width()))
 
     try:
         follow(lambda: ctx.client(timeout=None), params, since, emit)
@@ -884,6 +884,10 @@ def messages(ctx: Ctx, name: str, limit: int, before: int | None, mark_read: boo
             shown.append(f"{_when(m['created_at'])}  me -> {who}: {text}  [{m['status']}]")
         else:
             shown.append(f"{_when(m['sent_at'] or m['created_at'])}  {who}: {text}")
+    # On a terminal, wrapped to its width by us (continuations indented): its own soft wrap
+    # could start a row at column 0 with a forged header (safe_text.fit).
+    width = safe_text.terminal_width()
+    shown = [safe_text.fit(line, width) for line in shown]
     ctx.out(result, "\n".join(shown) if shown else f"no messages with {who}")
 
 
