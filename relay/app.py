@@ -80,6 +80,10 @@ class TokenBucket:
             return True
         return False
 
+    def empty(self, now: float) -> bool:
+        """Whether `take` would refuse now (takes nothing)."""
+        return min(self.burst, self.tokens + (now - self.stamp) * self.rate) < 1.0
+
 
 def _ct_member(candidate: bytes, hashes: tuple[bytes, ...]) -> bool:
     """Constant-time membership: compares against every entry, whatever matches."""
@@ -876,13 +880,19 @@ class Connection:
     async def mailbox(self, *, okey: bytes | None = None,
                       dkey: bytes | None = None) -> MailboxState | None:
         """A mailbox lookup; those that miss the cache cost a token of the connection's lookup
-        bucket, so nobody can keep the storage busy with lookups of made-up ids."""
+        bucket, so nobody can keep the storage busy with lookups of made-up ids.
+
+        An empty bucket refuses every lookup, cached or not: were a cached (live) mailbox still
+        answered, a prober could empty the bucket with made-up ids and tell a live mailbox
+        (answered) from a deleted or never-created one (`rate_limited`) (issue 15 review)."""
         relay = self.relay
+        now = time.monotonic()
+        if self._lookups.empty(now):
+            raise wire.FrameError(wire.E_RATE_LIMITED)
         cached = relay.by_okey.get(okey) if okey is not None else relay.by_dkey.get(dkey or b"")
         if cached is not None:
             return cached
-        if not self._lookups.take(time.monotonic()):
-            raise wire.FrameError(wire.E_RATE_LIMITED)
+        self._lookups.take(now)
         return await relay.mailbox(okey=okey, dkey=dkey)
 
     async def owner(self, frame: wire.Frame, min_args: int,
@@ -1070,7 +1080,9 @@ async def h_bundle_fetch(c: Connection, f: wire.Frame) -> None:
     if c.bundle_fetches >= c.cfg.bundle_fetches_per_connection:
         raise wire.FrameError(wire.E_LIMIT)
     c.bundle_fetches += 1
-    mb = await c.mailbox(dkey=deposit_key(deposit_id))
+    # Not through the connection's lookup bucket: its proof of work and the per-connection cap
+    # already bound the storage reads, and a fetch must never be `rate_limited` (§4.4).
+    mb = await c.relay.mailbox(dkey=deposit_key(deposit_id))
     if mb is None or mb.deleted:
         raise Denied()
     # The per-mailbox bucket rations the one-time items, not the answers: past it a fetch gets
@@ -1122,8 +1134,8 @@ def fast_deposit(c: Connection, f: wire.Frame) -> bool:
     if len(block) != wire.BLOCK_SIZE:
         raise wire.FrameError(wire.E_BAD_BLOCK)
     cached = c.relay.by_dkey.get(deposit_key(deposit_id))
-    if cached is None:
-        return False  # h_deposit loads the mailbox
+    if cached is None or c._lookups.empty(time.monotonic()):
+        return False  # h_deposit loads the mailbox (or answers an empty lookup bucket alike)
     _deposit_pow(c, deposit_id, kind, auth, block)
     mb = _deposit_auth(c, cached, kind, auth)
     # Re-encrypt for the owner: the stored bytes share nothing with the deposit (and each
