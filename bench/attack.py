@@ -18,7 +18,7 @@ fastest rate it can:
         never finish their upgrade request;
   5     slow readers: N connections, each subscribed to 40 mailboxes of 33 queued blocks, that
         never read (the relay's memory beside the documented 2 MiB per connection x N);
-  6     blob flood: BLOB_QUOTA and BLOB_PUT as fast as it can (blob area lowered to 512 MiB so
+  6     blob flood: BLOB_QUOTA and BLOB_PUT as fast as it can (blob area lowered to 256 MiB so
         that it fills within the run); the legitimate client also puts one blob block every
         0.5 s;
   8     writer hog: four sender connections with 60 deposits in flight each, at all times, into
@@ -667,7 +667,12 @@ async def hostile_slow(h: Hostile) -> None:
     token, block = os.urandom(32), os.urandom(BLOCK)
     conns = [await h.connect() for _ in range(4)]
     boxes: list[tuple[bytes, bytes, SigningKey]] = []
+    # If creating mailboxes has a price, the setup takes what it can get in bounded time.
+    deadline = time.monotonic() + (25 if h.quick else 45)
     for i in range(n * per_conn):
+        if time.monotonic() > deadline:
+            h.stats.add("setup_cut_short")
+            break
         try:
             boxes.append(await h.mailbox(conns[i % 4], token))
         except Exception as exc:
@@ -757,7 +762,7 @@ async def hostile_writer(h: Hostile) -> None:
         owner = await h.connect()
         sender = await h.connect()
         boxes = []
-        for _ in range(16):
+        for _ in range(8):
             owner_id, deposit_id, sig = await h.mailbox(owner, token)
             await owner.subscribe(owner_id, sig)
             boxes.append(deposit_id)
@@ -837,7 +842,7 @@ def overrides_for(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if name == "3":
         return {"max_connections": 1000}
     if name == "6":
-        return {"blob_max_bytes": 512 * 1024 * 1024}
+        return {"blob_max_bytes": 256 * 1024 * 1024}
     return {}
 
 
@@ -959,11 +964,14 @@ async def run_attack(name: str, args: argparse.Namespace, tmp: Path) -> dict[str
             note += (f"{n} non-reading connections: relay grew {grew:.0f} MB, documented "
                      f"bound {n} x 2 MiB = {n * 2} MB ({grew / max(1, n * 2):.1f}x); after they "
                      f"closed {rss_after:.0f} MB (before {rss_before:.0f}); ")
+            # 25 % above the bound for what the allocator and the kernel's buffers add.
             row["verdict_memory"] = "PASS" if row["rss_peak"] <= bound * 1.25 else "FAIL"
-            note += f"memory {row['verdict_memory']}; "
+            row["verdict"] += f", mem {row['verdict_memory']}"
         if name == "6":
             row["legit_blob_base"] = base_blob.success
             row["legit_blob_attacked"] = att_blob.success
+            blob_ok = (att_blob.success or 0.0) >= MIN_SUCCESS
+            row["verdict"] += ", blob " + ("PASS" if blob_ok else "FAIL")
             note += (f"legitimate blob puts ok {_pct(base_blob.success)} % alone, "
                      f"{_pct(att_blob.success)} % under attack"
                      + (f" ({counts_text(att_blob.failures)})" if att_blob.failures else "")
@@ -1143,7 +1151,10 @@ async def main_async(args: argparse.Namespace) -> None:
             row = await (run_disk(args, tmp) if n == "disk" else run_attack(n, args, tmp))
             rows.append(row)
             if not args.json:
-                print(format_table([row]).splitlines()[2], flush=True)
+                lines = format_table([row]).splitlines()
+                if len(rows) == 1:
+                    print("\n".join(lines[:2]))
+                print(lines[2], flush=True)
     if args.json:
         print(json.dumps({"rows": rows, "seconds": time.monotonic() - t0}, indent=1,
                          default=str))
@@ -1161,13 +1172,13 @@ def main() -> None:
     p.add_argument("--baseline", type=float, default=None, help="seconds alone (10; quick 4)")
     p.add_argument("--attack", type=float, default=None, help="seconds attacked (20; quick 8)")
     p.add_argument("--recover", type=float, default=None,
-                   help="seconds the full disk has to recover (30; quick 15)")
+                   help="seconds the full disk has to recover (30; quick 10)")
     p.add_argument("--slow-conns", type=int, default=None, help="item 5's connections (8; 4)")
     p.add_argument("--tmpfs-mb", type=int, default=64)
     p.add_argument("--hostile", choices=sorted(HOSTILES), help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     args = p.parse_args()
-    defaults = {"baseline": (10, 4), "attack": (20, 8), "recover": (30, 15),
+    defaults = {"baseline": (10, 4), "attack": (20, 8), "recover": (30, 10),
                 "slow_conns": (8, 4)}
     for k, (full, quick) in defaults.items():
         if getattr(args, k) is None:
