@@ -61,12 +61,15 @@ def test_phase_counts() -> None:
 
 def test_recovery_time() -> None:
     events = [(1.0, False), (2.0, True), (3.0, False), (4.0, True), (5.0, True), (6.0, True),
-              (7.0, True), (8.0, True), (9.0, False)]
-    assert recovery_time(events, 0.5) == 3.5  # the run starting at 4.0
-    assert recovery_time(events, 0.5, run=6) is None
-    assert recovery_time(events, 5.0, run=2) == 0.0  # events before `since` do not count
-    assert recovery_time(list(reversed(events)), 0.5) == 3.5  # order of completion is not
-    assert recovery_time([], 0.0) is None
+              (7.0, True), (8.0, True)]
+    assert recovery_time(events, 0.5, run=5) == 3.5  # the run from 4.0 to the end
+    assert recovery_time(events, 0.5, run=6) is None  # too short to count
+    assert recovery_time(list(reversed(events)), 0.5, run=5) == 3.5  # completion order is not
+    assert recovery_time(events, 6.0, run=2) == 0.0  # events before `since` do not count
+    # Successes that stop again (room freed for a moment) are no recovery.
+    assert recovery_time([*events, (9.0, False)], 0.5, run=1) is None
+    assert recovery_time([], 0.0, run=1) is None
+    assert recovery_time([(float(i), True) for i in range(20)], 0.0) == 0.0
 
 
 def test_outcome_names() -> None:
