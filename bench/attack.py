@@ -45,9 +45,30 @@ more errors and the legitimate figures decide. A measurement, not a test: nothin
 (tests/unit/test_attack_parts.py checks the pure helpers). The machine's other load shows in
 p99: compare rows of one run, and run it again before believing one FAIL or PASS near the bar.
 
-Before (main at 986f17a, full run, 2 cores shared with other work; latencies in ms):
+Before (main at 986f17a, full run, 2 cores shared with other work; p50/p99 in ms):
 
-BEFORE_FIGURES
+    scenario            base50  base99  att50  att99  x99   ok %   verdict          RSS MB
+    ------------------  ------  ------  -----  -----  ----  -----  ---------------  ----------
+    1 store flood       2.0     9.2     15.7   192.4  20.8  100.0  FAIL             44/46/46
+    3 connection flood  2.7     10.8    6.9    94.9   8.8   53.2   FAIL             44/68/68
+    5 slow readers      4.8     17.5    4.3    64.2   3.7   100.0  FAIL, mem FAIL   52/191/191
+    6 blob flood        3.6     14.0    2.1    97.7   7.0   100.0  FAIL, blob FAIL  44/47/46
+    8 writer hog        3.8     13.6    45.8   198.6  14.6  100.0  FAIL             44/59/56
+    disk full disk      1.3     8.1     -      -      -     0.0    FAIL             44/52/49
+
+    1: hostile got: ok 46,963, mailboxes 16
+    3: legitimate failures: http503 187; hostile got: http503 14,297, held_max 998, mailboxes 998,
+        subscribed 998, half_open_opened 400, half_open_held_max 400
+    5: 8 non-reading connections: relay grew 139 MB, documented bound 8 x 2 MiB = 16 MB (8.7x);
+        after they closed 191 MB (before 52); hostile got: queued 10,560, mailboxes 320,
+        slow_connections 8
+    6: legitimate blob puts ok 100.0 % alone, 42.5 % under attack (limit 23); hostile got: ok
+        16,334, limit 813, quotas 15
+    8: hostile got: ok 53,465, acked 52,861, mailboxes 32
+    disk: 64 MiB tmpfs filled in 0.3 s (1,967 blocks; then internal 5,856); while full the
+        legitimate deposits got 0.0 % ok (internal 60); the owner acknowledged 0 (ack failures:
+        internal 52); deposits succeed again NOT within 30 s; the 'att' columns are the deposits
+        during the drain
 """
 
 from __future__ import annotations
@@ -201,9 +222,11 @@ def _mb(v: float | None) -> str:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The figures as a fixed-width table, then one line of notes per scenario."""
-    head = ("scenario", "base p50", "base p99", "att p50", "att p99", "p99 x", "ok %",
-            "verdict", "RSS MB before/peak/after")
+    """The figures as a fixed-width table, then one line of notes per scenario. Columns:
+    p50 and p99 in ms alone (base) and attacked (att), their p99 ratio (x99), the attacked
+    success rate, the verdict, the relay's RSS before / peak / after."""
+    head = ("scenario", "base50", "base99", "att50", "att99", "x99", "ok %", "verdict",
+            "RSS MB")
     lines = []
     for r in rows:
         ratio = r.get("ratio_p99")

@@ -92,7 +92,8 @@ def test_table() -> None:
     ]
     text = format_table(rows)
     lines = text.splitlines()
-    assert lines[0].split()[:3] == ["scenario", "base", "p50"]
+    assert lines[0].split() == ["scenario", "base50", "base99", "att50", "att99", "x99", "ok",
+                                "%", "verdict", "RSS", "MB"]
     assert set(lines[1]) <= {"-", " "}
     assert lines[2].split() == ["1", "store", "flood", "2.0", "8.1", "9.0", "145.0", "17.9",
                                 "99.5", "FAIL", "44/47/46"]
