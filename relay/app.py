@@ -778,6 +778,11 @@ class Connection:
     def _deposit_done(self, rid: int, mb: MailboxState, block: bytes,
                       fut: asyncio.Future[int]) -> None:
         self._release()
+        self._deposit_result(rid, mb, block, fut)
+
+    def _deposit_result(self, rid: int, mb: MailboxState, block: bytes,
+                        fut: asyncio.Future[int]) -> None:
+        """A deposit's outcome: counted, answered (if the connection is still there), pushed."""
         relay = self.relay
         if fut.cancelled():
             relay.unqueued(mb, 1)
@@ -929,13 +934,11 @@ async def h_create(c: Connection, f: wire.Frame) -> None:
     c.created += 1
     relay.mailboxes += 1
     owner_id, deposit_id = os.urandom(wire.ID_LEN), os.urandom(wire.ID_LEN)
-    try:
-        await relay.storage.create_mailbox(owner_key(owner_id), deposit_key(deposit_id), sig_pub,
-                                           bytes(secret), box_pub, bool(flags & 1),
-                                           relay.use_period())
-    except BaseException:
-        relay.mailboxes -= 1
-        raise
+    fut = relay.storage.create_mailbox(owner_key(owner_id), deposit_key(deposit_id), sig_pub,
+                                       bytes(secret), box_pub, bool(flags & 1),
+                                       relay.use_period())
+    fut.add_done_callback(functools.partial(_created, relay))
+    await asyncio.shield(fut)  # the connection may end meanwhile: the count follows the write
     c.send(wire.encode(wire.CREATED, f.rid, owner_id + deposit_id + bytes(secret.public_key)))
 
 
@@ -990,8 +993,10 @@ async def h_ack(c: Connection, f: wire.Frame) -> None:
         by_mb.setdefault(mb.id, (mb, []))[1].append(rowid)
     try:
         for mb, rowids in by_mb.values():
-            removed = await c.relay.storage.remove(mb.id, rowids)
-            c.relay.unqueued(mb, removed)
+            fut = c.relay.storage.remove(mb.id, rowids)
+            # Counted when the deletion is done, even if this connection ends before.
+            fut.add_done_callback(functools.partial(_unqueue_removed, c.relay, mb))
+            await asyncio.shield(fut)
     finally:
         for mb, rowids in by_mb.values():
             rows = c.out_rows.get(mb.id)
@@ -1013,9 +1018,9 @@ async def h_delete(c: Connection, f: wire.Frame) -> None:
     if mb.sub is not None:
         relay.end_subscription(mb.sub, notify=mb.sub.conn is not c)
     relay._uncache(mb)
-    removed = await relay.storage.delete_mailbox(mb.id)
-    relay.queued_blocks = max(0, relay.queued_blocks - removed)
-    relay.mailboxes = max(0, relay.mailboxes - 1)
+    fut = relay.storage.delete_mailbox(mb.id)
+    fut.add_done_callback(functools.partial(_mailbox_deleted, relay))
+    await asyncio.shield(fut)
     c.ok(f.rid)
 
 
@@ -1086,9 +1091,25 @@ async def h_bundle_fetch(c: Connection, f: wire.Frame) -> None:
     c.send(wire.encode(wire.BUNDLE, f.rid, wire.encode_bundle(*bundle)))
 
 
+# The counters of what is stored change when the writer has done the work, in callbacks on the
+# storage future: a handler awaiting it is cancelled when its connection ends, while the write,
+# already queued, still happens (review of issue 15, item 1).
+
+
 def _unqueue_removed(relay: Relay, mb: MailboxState, fut: asyncio.Future[int]) -> None:
     if not fut.cancelled() and fut.exception() is None:
         relay.unqueued(mb, fut.result())
+
+
+def _created(relay: Relay, fut: asyncio.Future[int]) -> None:
+    if fut.cancelled() or fut.exception() is not None:
+        relay.mailboxes -= 1  # counted before the write, so two CREATEs cannot pass the cap
+
+
+def _mailbox_deleted(relay: Relay, fut: asyncio.Future[int]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        relay.queued_blocks = max(0, relay.queued_blocks - fut.result())
+        relay.mailboxes = max(0, relay.mailboxes - 1)
 
 
 def _deposit_pow(c: Connection, deposit_id: bytes, kind: int, auth: bytes, block: bytes) -> None:
@@ -1145,16 +1166,11 @@ async def h_deposit(c: Connection, f: wire.Frame) -> None:
     sealed = mb.seal(block)
     mb.queued += 1
     relay.queued_blocks += 1
-    try:
-        rowid = await relay.storage.enqueue(mb.id, relay.expiry(), sealed)
-    except BaseException:
-        relay.unqueued(mb, 1)
-        raise
-    c.ok(f.rid)
-    if mb.deleted:
-        relay.unqueued(mb, await relay.storage.remove(mb.id, [rowid]))
-        return
-    relay.stored(mb, rowid, block)
+    fut = relay.storage.enqueue(mb.id, relay.expiry(), sealed)
+    # As fast_deposit: the answer and the counts follow the write, which happens even if this
+    # connection ends first; the task waits (holding its request slot) without cancelling it.
+    fut.add_done_callback(functools.partial(c._deposit_result, f.rid, mb, block))
+    await asyncio.wait({fut})
 
 
 def fast_ack(c: Connection, f: wire.Frame) -> bool:
@@ -1220,16 +1236,26 @@ async def h_blob_put(c: Connection, f: wire.Frame) -> None:
     # At rest the block is encrypted under a key only the capability yields: the disk alone
     # tells nothing, and the stored bytes differ from the uploaded ones.
     check, box = _blob_secret(cap)
-    try:
-        ok = await relay.storage.put_blob(blob_key(blob_id), check, relay.blob_expiry(),
-                                          bytes(box.encrypt(block)))
-    except BaseException:
+    fut = relay.storage.put_blob(blob_key(blob_id), check, relay.blob_expiry(),
+                                 bytes(box.encrypt(block)))
+    fut.add_done_callback(functools.partial(_put_done, c, f.rid))
+    await asyncio.wait({fut})  # never cancels the put: it is queued, it will be stored
+
+
+def _put_done(c: Connection, rid: int, fut: asyncio.Future[bool]) -> None:
+    """A put's outcome, counted whether or not its connection is still there."""
+    if fut.cancelled():
         _unput(c)
-        raise
-    if not ok:
+        return
+    exc = fut.exception()
+    if exc is not None:
         _unput(c)
-        raise wire.FrameError(wire.E_EXISTS)
-    c.ok(f.rid)
+        c.storage_error(rid, exc)
+    elif not fut.result():
+        _unput(c)
+        c.error(rid, wire.E_EXISTS)
+    else:
+        c.ok(rid)
 
 
 def _unput(c: Connection) -> None:

@@ -93,11 +93,13 @@ class Storage(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def mailbox_count(self) -> int: ...
-    async def create_mailbox(self, okey: bytes, dkey: bytes, sig_pub: bytes, box_secret: bytes,
-                             owner_box_pub: bytes, public: bool, used: int = 0) -> int: ...
+    # These three return the operation's future: the relay counts on its outcome (_submit).
+    def create_mailbox(self, okey: bytes, dkey: bytes, sig_pub: bytes, box_secret: bytes,
+                       owner_box_pub: bytes, public: bool,
+                       used: int = 0) -> asyncio.Future[int]: ...
     async def load_mailbox(self, *, okey: bytes | None = None,
                            dkey: bytes | None = None) -> MailboxRow | None: ...
-    async def delete_mailbox(self, mailbox: int) -> int: ...
+    def delete_mailbox(self, mailbox: int) -> asyncio.Future[int]: ...
     async def touch_mailboxes(self, mailboxes: list[int], used: int) -> None: ...
     async def expire_mailboxes(self, before: int) -> tuple[list[int], int]: ...
     async def queued_count(self) -> int: ...
@@ -117,7 +119,8 @@ class Storage(Protocol):
                           kinds: tuple[int, ...]) -> tuple[bytes, bytes | None,
                                                            bytes | None] | None: ...
     async def blob_count(self) -> int: ...
-    async def put_blob(self, bkey: bytes, cap_hash: bytes, expiry: int, block: bytes) -> bool: ...
+    def put_blob(self, bkey: bytes, cap_hash: bytes, expiry: int,
+                 block: bytes) -> asyncio.Future[bool]: ...
     async def get_blob(self, bkey: bytes) -> tuple[bytes, bytes] | None: ...
     async def delete_blob(self, bkey: bytes) -> bool: ...
     async def checkpoint(self) -> None: ...
@@ -638,21 +641,36 @@ class SQLiteStorage:
         the disk is full); `size`: about the bytes it writes."""
         if self._thread is None or self._loop is None:
             raise StorageError("storage closed")
+        # The writer completes `done`; callers get `fut`, a copy of its outcome. A caller that
+        # is cancelled (its connection ended) cancels `fut` at most: the operation is queued
+        # and runs all the same, so what counts it (pending here, the relay's counters on
+        # `fut`'s callbacks) must follow `done`, never the caller (review of issue 15, item 1).
+        done: asyncio.Future[T] = self._loop.create_future()
         fut: asyncio.Future[T] = self._loop.create_future()
         owner = WRITER_OWNER.get()
-        self._put(owner, (fn, fut, own_tx, grows, size))
+        self._put(owner, (fn, done, own_tx, grows, size))
         self.pending += 1
         self._pending_by[owner] = self._pending_by.get(owner, 0) + 1
-        fut.add_done_callback(functools.partial(self._finished, owner))
+        done.add_done_callback(functools.partial(self._finished, owner, fut))
         return fut
 
-    def _finished(self, owner: object | None, _: asyncio.Future[Any]) -> None:
+    def _finished(self, owner: object | None, fut: asyncio.Future[Any],
+                  done: asyncio.Future[Any]) -> None:
         self.pending -= 1
         left = self._pending_by[owner] - 1
         if left:
             self._pending_by[owner] = left
         else:
             del self._pending_by[owner]
+        if fut.done():
+            return
+        exc = None if done.cancelled() else done.exception()
+        if done.cancelled():
+            fut.cancel()
+        elif exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(done.result())
 
     def pending_of(self, owner: object | None) -> int:
         """Operations of `owner` submitted and not yet finished."""
@@ -660,7 +678,8 @@ class SQLiteStorage:
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], own_tx: bool = False,
                    grows: bool = False, size: int = 0) -> T:
-        return await self._submit(fn, own_tx, grows, size)
+        # Shielded: a cancelled caller leaves the result to nobody, and no warning behind.
+        return await asyncio.shield(self._submit(fn, own_tx, grows, size))
 
     # --- mailboxes --------------------------------------------------------------------------------
 
@@ -668,8 +687,9 @@ class SQLiteStorage:
         return await self._run(lambda db: int(
             db.execute("SELECT count(*) FROM mailboxes").fetchone()[0]))
 
-    async def create_mailbox(self, okey: bytes, dkey: bytes, sig_pub: bytes, box_secret: bytes,
-                             owner_box_pub: bytes, public: bool, used: int = 0) -> int:
+    def create_mailbox(self, okey: bytes, dkey: bytes, sig_pub: bytes, box_secret: bytes,
+                       owner_box_pub: bytes, public: bool,
+                       used: int = 0) -> asyncio.Future[int]:
         def op(db: sqlite3.Connection) -> int:
             key = new_key(db, "mailboxes")
             db.execute(
@@ -677,7 +697,7 @@ class SQLiteStorage:
                 " owner_box_pub, public, tokens, used) VALUES (?, ?, ?, ?, ?, ?, ?, x'', ?)",
                 (key, okey, dkey, sig_pub, box_secret, owner_box_pub, int(public), used))
             return key
-        return await self._run(op, grows=True)
+        return self._submit(op, grows=True)
 
     async def load_mailbox(self, *, okey: bytes | None = None,
                            dkey: bytes | None = None) -> MailboxRow | None:
@@ -697,9 +717,9 @@ class SQLiteStorage:
                               tokens, int(queued), int(row[8]))
         return await self._run(op)
 
-    async def delete_mailbox(self, mailbox: int) -> int:
+    def delete_mailbox(self, mailbox: int) -> asyncio.Future[int]:
         """Delete a mailbox and all it holds; the number of queued blocks deleted with it."""
-        return await self._run(lambda db: _delete_mailbox(db, mailbox))
+        return self._submit(lambda db: _delete_mailbox(db, mailbox))
 
     async def touch_mailboxes(self, mailboxes: list[int], used: int) -> None:
         def op(db: sqlite3.Connection) -> None:
@@ -832,7 +852,8 @@ class SQLiteStorage:
         return await self._run(lambda db: int(
             db.execute("SELECT count(*) FROM blobs").fetchone()[0]))
 
-    async def put_blob(self, bkey: bytes, cap_hash: bytes, expiry: int, block: bytes) -> bool:
+    def put_blob(self, bkey: bytes, cap_hash: bytes, expiry: int,
+                 block: bytes) -> asyncio.Future[bool]:
         def op(db: sqlite3.Connection) -> bool:
             try:
                 db.execute("INSERT INTO blobs (id, key, cap_hash, expiry, block)"
@@ -841,7 +862,7 @@ class SQLiteStorage:
             except sqlite3.IntegrityError:
                 return False
             return True
-        return await self._run(op, grows=True, size=len(block))
+        return self._submit(op, grows=True, size=len(block))
 
     async def get_blob(self, bkey: bytes) -> tuple[bytes, bytes] | None:
         def op(db: sqlite3.Connection) -> tuple[bytes, bytes] | None:
