@@ -278,6 +278,8 @@ class Relay:
             self.gate.sweep(now)
             for conn in list(self.connections):
                 conn.kick()
+                if conn.quota_expired(now):
+                    conn.release_quota()
                 if conn.stalled(now):
                     # It does not read: a close frame would wait behind what it does not read.
                     conn.abort()
@@ -520,6 +522,8 @@ class Connection:
         self.pow_seen: set[bytes] = set()
         self.blob_quota = 0  # blob uploads left, reserved in relay.blob_reserved
         self.blob_released = False
+        self.blob_quota_granted = 0.0  # monotonic: when the quota was granted, ...
+        self.blob_quota_used = 0.0  # ... and last used by a put
         self._out: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
         self._drained: asyncio.Future[None] | None = None
         self._out_bytes = 0
@@ -673,8 +677,7 @@ class Connection:
         finally:
             for sub in list(self.subs.values()):
                 self.relay.end_subscription(sub, notify=False)
-            self.relay.blob_reserved = max(0, self.relay.blob_reserved - self.blob_quota)
-            self.blob_quota = 0
+            self.release_quota()
             self.blob_released = True
             for task in list(self._tasks):
                 task.cancel()
@@ -774,6 +777,18 @@ class Connection:
 
     def busy(self) -> bool:
         return self._inflight > 0
+
+    def release_quota(self) -> None:
+        """Give what is left of the blob quota back to the area and the budget."""
+        self.relay.blob_reserved = max(0, self.relay.blob_reserved - self.blob_quota)
+        self.blob_quota = 0
+
+    def quota_expired(self, now: float) -> bool:
+        """Idle too long, or held too long in all (Config.blob_quota_idle, _lifetime)."""
+        cfg = self.cfg
+        return self.blob_quota > 0 and (now - self.blob_quota_used > cfg.blob_quota_idle
+                                        or now - self.blob_quota_granted
+                                        > cfg.blob_quota_lifetime)
 
     def _deposit_done(self, rid: int, mb: MailboxState, block: bytes,
                       fut: asyncio.Future[int]) -> None:
@@ -1190,7 +1205,8 @@ def fast_ack(c: Connection, f: wire.Frame) -> bool:
 async def h_blob_quota(c: Connection, f: wire.Frame) -> None:
     """A quota of `blocks` uploads, paid in proportion (§6) and reserved at once against the
     blob area and the storage budget, so uploads in flight are counted; what the connection
-    leaves unused is released when it ends (or by its next quota)."""
+    leaves unused is released when it ends, by its next quota, after blob_quota_idle seconds
+    without a put, or blob_quota_lifetime seconds after the grant (Connection.quota_expired)."""
     body = wire.exact(f.body, 4 + wire.NONCE_LEN)
     (blocks,) = struct.unpack_from(">I", body)
     nonce = body[4:]
@@ -1201,12 +1217,12 @@ async def h_blob_quota(c: Connection, f: wire.Frame) -> None:
     c._check_pow(wire.blob_pow_bits(c.cfg.pow_blob_bits, blocks), wire.POW_BLOB,
                  wire.blob_pow_target(blocks), pow_.ZERO_HASH, nonce)
     relay = c.relay
-    relay.blob_reserved -= c.blob_quota  # a new quota replaces what is left of the last
-    c.blob_quota = 0
+    c.release_quota()  # a new quota replaces what is left of the last (even if refused)
     area = c.cfg.blob_max_bytes // wire.BLOCK_SIZE
     if relay.blob_blocks + relay.blob_reserved + blocks > area or relay.full(blocks):
         raise wire.FrameError(wire.E_FULL)
     c.blob_quota = blocks
+    c.blob_quota_granted = c.blob_quota_used = time.monotonic()
     relay.blob_reserved += blocks
     c.ok(f.rid, struct.pack(">I", c.blob_quota))
 
@@ -1227,10 +1243,14 @@ async def h_blob_put(c: Connection, f: wire.Frame) -> None:
     if len(block) != wire.BLOCK_SIZE:
         raise wire.FrameError(wire.E_BAD_BLOCK)
     relay = c.relay
+    now = time.monotonic()
+    if c.quota_expired(now):  # the reaper may not have seen it yet
+        c.release_quota()
     if c.blob_quota <= 0:  # the quota was reserved in the blob area when it was granted
         raise wire.FrameError(wire.E_LIMIT)
     c.check_room()
     c.blob_quota -= 1
+    c.blob_quota_used = now
     relay.blob_reserved -= 1
     relay.blob_blocks += 1
     # At rest the block is encrypted under a key only the capability yields: the disk alone

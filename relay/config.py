@@ -71,6 +71,12 @@ class Config:
     bundle_fetches_per_connection: int = 100
     # Blob area (file attachments): 8192 blocks of 16 KiB admit one 100 MB file per quota.
     blob_quota_blocks: int = 8192
+    # A quota not used by a put for blob_quota_idle seconds, or granted blob_quota_lifetime
+    # seconds ago, is released: one proof of work cannot hold the blob area for as long as a
+    # connection lives (review of issue 15, item 4). An upload that takes longer asks (and
+    # pays) for a new quota on its next connection, as the daemon does after `limit`.
+    blob_quota_idle: float = 120.0
+    blob_quota_lifetime: float = 600.0
     blob_max_bytes: int = 4 * 1024 * 1024 * 1024
     # Unfetched blobs expire after blob_ttl seconds (SimpleX's file relays: 48 h), not message_ttl.
     blob_ttl: int = 48 * 3600

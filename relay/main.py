@@ -63,6 +63,8 @@ HELP = {
     "bundle_fetch_burst": "One-time item bucket size per mailbox.",
     "bundle_fetches_per_connection": "Bundle fetches one connection may make.",
     "blob_quota_blocks": "Blob blocks one proof-of-work quota admits.",
+    "blob_quota_idle": "Seconds without a put after which a blob quota is released.",
+    "blob_quota_lifetime": "Seconds after its grant at which a blob quota is released.",
     "blob_max_bytes": "Bytes the blob area holds at most.",
     "blob_ttl": "Seconds before an unfetched blob expires (48 hours).",
     "storage_budget": "Bytes of queued blocks and blobs the relay stores at most "
