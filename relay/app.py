@@ -345,8 +345,16 @@ class Relay:
 
     def full(self, blocks: int = 1) -> bool:
         """Would storing `blocks` more pass the relay-wide storage budget?"""
-        used = self.queued_blocks + self.blob_blocks + self.blob_reserved
-        return used + blocks > self.budget_blocks
+        return self.budget_used() + blocks > self.budget_blocks
+
+    def budget_used(self) -> int:
+        return self.queued_blocks + self.blob_blocks + self.blob_reserved
+
+    def crowded(self) -> bool:
+        """Is more than crowded_fraction of the storage budget in use? Then only short queues
+        take deposits (_deposit_auth): a budget filled through a few long queues would refuse
+        everyone's deposits for as long as their owner keeps them (one subscription a month)."""
+        return self.budget_used() >= self.cfg.crowded_fraction * self.budget_blocks
 
     def blob_expiry(self) -> int:
         g = max(1, self.cfg.expiry_granularity)
@@ -1148,6 +1156,8 @@ def _deposit_auth(c: Connection, mb: MailboxState | None, kind: int,
         raise wire.FrameError(wire.E_QUEUE_FULL)
     if c.relay.full():
         raise wire.FrameError(wire.E_FULL)
+    if mb.queued >= c.cfg.crowded_queue_limit and c.relay.crowded():
+        raise wire.FrameError(wire.E_QUEUE_FULL)  # this queue, not the relay: others still fit
     c.check_room()
     return mb
 

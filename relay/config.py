@@ -89,6 +89,12 @@ class Config:
     # 0: half of (the free space of the file system holding data_dir + the relay's files there),
     # measured at start.
     storage_budget: int = 0
+    # Above crowded_fraction of that budget, a deposit to a mailbox already holding
+    # crowded_queue_limit blocks gets `queue_full`: whoever fills the budget must spread it over
+    # many mailboxes (each paid by CREATE), and short honest queues still take deposits while
+    # it is crowded (review of issue 15, item 3; docs/relay-protocol.md, Limits).
+    crowded_fraction: float = 0.5
+    crowded_queue_limit: int = 64
     # Storage.
     max_batch: int = 512  # operations per group commit
     # ... and bytes written per group commit: the commit under way is what a new operation

@@ -69,6 +69,8 @@ HELP = {
     "blob_ttl": "Seconds before an unfetched blob expires (48 hours).",
     "storage_budget": "Bytes of queued blocks and blobs the relay stores at most "
                       "(0: half of the free space plus the relay's files, at start).",
+    "crowded_fraction": "Fraction of --storage-budget above which long queues refuse deposits.",
+    "crowded_queue_limit": "Blocks a mailbox may hold while the storage budget is crowded.",
     "pow_per_connection": "Proofs of work one connection may spend.",
     "lookup_rate": "Uncached mailbox lookups per second per connection.",
     "lookup_burst": "Uncached mailbox lookup bucket size per connection.",
