@@ -169,12 +169,26 @@ class Subscription:
         self.active = True
 
 
+# Seconds the wall clock may gain on the monotonic clock between two sweeps before it counts as
+# a jump (NTP slewing gains at most 0.5 ms a second).
+_CLOCK_SLACK = 60.0
+# Queued blocks one expiry call deletes at most (with secure_delete, each is a 16 KiB write):
+# the writer is shared, and one sweep must not hold it long (review of issue 15, item 6).
+_EXPIRY_BLOCKS = 1024
+
+
 class Relay:
     """Process-wide state: configuration, storage, the mailbox cache, connections."""
 
     def __init__(self, cfg: Config, storage: Storage | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
+        self.monotonic = monotonic  # injected with `clock` by the tests of a clock jump
+        # Mailbox expiry waits until this (monotonic) time: a grace period after the start and
+        # after a forward jump of the wall clock (sweep).
+        self.expiry_from = 0.0
+        self._clocks = (0.0, 0.0)  # (wall, monotonic) at the last sweep
         self.storage: Storage = storage or SQLiteStorage(
             cfg.data_dir, cfg.max_batch, clock, cfg.mailbox_use_granularity,
             reserve_bytes=cfg.disk_reserve, max_db_bytes=cfg.max_db_bytes,
@@ -210,6 +224,8 @@ class Relay:
         self.blob_blocks = await self.storage.blob_count()
         self.queued_blocks = await self.storage.queued_count()
         self.started = self.clock()
+        self.expiry_from = self.monotonic() + self.expiry_grace()
+        self._clocks = (self.started, self.monotonic())
         budget = self.cfg.storage_budget
         if budget <= 0:
             # Half of what the relay may use on its disk: the free space plus what its files
@@ -310,10 +326,21 @@ class Relay:
             await self.touch(stale)
         # The clock ran while the relay was stopped, and its clients could not use it: give
         # them a day (or one use period, if shorter) to come back before anything expires.
-        if now - self.started < min(86400, self.cfg.mailbox_use_granularity):
+        # The same after the wall clock jumped forward while the relay ran (an NTP step, an
+        # operator): it gained more than the monotonic clock, and every unsubscribed mailbox
+        # would look unused at once (review of issue 15, item 9).
+        mono = self.monotonic()
+        last_wall, last_mono = self._clocks
+        self._clocks = (self.clock(), mono)
+        if self._clocks[0] - last_wall > mono - last_mono + _CLOCK_SLACK:
+            log.warning("the wall clock jumped forward: mailbox expiry waits %d s",
+                        self.expiry_grace())
+            self.expiry_from = mono + self.expiry_grace()
+        if mono < self.expiry_from:
             return
         while True:
-            ids, removed = await self.storage.expire_mailboxes(now - self.cfg.mailbox_ttl + 1)
+            ids, removed, more = await self.storage.expire_mailboxes(
+                now - self.cfg.mailbox_ttl + 1, _EXPIRY_BLOCKS)
             self.queued_blocks = max(0, self.queued_blocks - removed)
             self.mailboxes = max(0, self.mailboxes - len(ids))
             for mailbox in ids:
@@ -323,8 +350,11 @@ class Relay:
                     if mb.sub is not None:
                         self.end_subscription(mb.sub, notify=True)
                     self._uncache(mb)
-            if len(ids) < 1000:
+            if not more:
                 break
+
+    def expiry_grace(self) -> int:
+        return min(86400, self.cfg.mailbox_use_granularity)
 
     def use_period(self) -> int:
         """Now, rounded down to mailbox_use_granularity: what a mailbox's last use is set to."""
@@ -1403,9 +1433,10 @@ async def health(request: web.Request) -> web.Response:
 
 
 def create_app(cfg: Config, storage: Storage | None = None,
-               clock: Callable[[], float] = time.time) -> web.Application:
+               clock: Callable[[], float] = time.time,
+               monotonic: Callable[[], float] = time.monotonic) -> web.Application:
     app = web.Application(client_max_size=1024)
-    relay = Relay(cfg, storage, clock)
+    relay = Relay(cfg, storage, clock, monotonic)
     app[RELAY_KEY] = relay
     app.router.add_get("/v1/ws", ws_endpoint)
     app.router.add_get("/health", health)

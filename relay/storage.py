@@ -101,7 +101,8 @@ class Storage(Protocol):
                            dkey: bytes | None = None) -> MailboxRow | None: ...
     def delete_mailbox(self, mailbox: int) -> asyncio.Future[int]: ...
     async def touch_mailboxes(self, mailboxes: list[int], used: int) -> None: ...
-    async def expire_mailboxes(self, before: int) -> tuple[list[int], int]: ...
+    async def expire_mailboxes(self, before: int,
+                               max_blocks: int) -> tuple[list[int], int, bool]: ...
     async def queued_count(self) -> int: ...
     async def set_tokens(self, mailbox: int, tokens: tuple[bytes, ...]) -> None: ...
     # enqueue and remove return a future rather than being coroutines, so the hot paths can
@@ -168,16 +169,23 @@ CREATE INDEX blobs_expiry ON blobs(expiry);
 """
 
 # Schema 3 adds each mailbox's last use (rounded down to a month by the relay: coarse on
-# purpose) so that mailboxes nobody uses expire. A mailbox of schema 2 counts as used at the
-# upgrade.
-_SCHEMA_3 = "ALTER TABLE mailboxes ADD COLUMN used INTEGER NOT NULL DEFAULT 0"
+# purpose) so that mailboxes nobody uses expire, indexed so the sweep finds the stale ones
+# without reading the table. A mailbox of schema 2 counts as used at the upgrade: the column's
+# default, so SQLite rewrites no row (an UPDATE would rewrite them all).
+def schema_3(used: int) -> str:
+    return (f"ALTER TABLE mailboxes ADD COLUMN used INTEGER NOT NULL DEFAULT {int(used)};\n"
+            f"{_USED_INDEX};")
+
+
+_USED_INDEX = "CREATE INDEX IF NOT EXISTS mailboxes_used ON mailboxes(used)"
 
 
 def upgrade_from_2(db: sqlite3.Connection, used: int) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
-        db.execute(_SCHEMA_3)
-        db.execute("UPDATE mailboxes SET used = ?", (used,))
+        for statement in schema_3(used).split(";\n"):
+            if statement.strip():
+                db.execute(statement)
         db.execute("PRAGMA user_version=3")
         db.execute("COMMIT")
     except BaseException:
@@ -411,7 +419,7 @@ class SQLiteStorage:
         used = int(self._clock()) // self._use_granularity * self._use_granularity
         if version == 0:
             db.executescript(
-                f"BEGIN IMMEDIATE;\n{_SCHEMA}\n{_SCHEMA_3};\n"
+                f"BEGIN IMMEDIATE;\n{_SCHEMA}\n{schema_3(0)}\n"
                 f"PRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;")
         elif version in (1, 2):
             if version == 1:
@@ -419,6 +427,8 @@ class SQLiteStorage:
             upgrade_from_2(db, used)
         elif version != SCHEMA_VERSION:
             raise StorageError("unsupported relay database schema version")
+        else:  # a schema 3 made before the index was part of it
+            db.execute(_USED_INDEX)
         if self._max_db_bytes > 0:
             # Reaching it is a full disk (SQLITE_FULL): an operator's cap, and how the tests
             # fill the "disk" without a small file system.
@@ -727,13 +737,23 @@ class SQLiteStorage:
                            [(used, m, used) for m in mailboxes])
         await self._run(op)
 
-    async def expire_mailboxes(self, before: int) -> tuple[list[int], int]:
-        """Delete the mailboxes last used before `before` (at most 1000 per call, so one sweep
-        never holds the writer long); their ids and the queued blocks deleted with them."""
-        def op(db: sqlite3.Connection) -> tuple[list[int], int]:
-            ids = [int(r[0]) for r in db.execute(
+    async def expire_mailboxes(self, before: int,
+                               max_blocks: int) -> tuple[list[int], int, bool]:
+        """Delete mailboxes last used before `before`: their ids, the queued blocks deleted
+        with them, and whether more are left. One call stops after 1000 mailboxes or once
+        `max_blocks` blocks went with them, so it never holds the writer long; the index on
+        `used` finds them without reading the table."""
+        def op(db: sqlite3.Connection) -> tuple[list[int], int, bool]:
+            found = [int(r[0]) for r in db.execute(
                 "SELECT id FROM mailboxes WHERE used < ? LIMIT 1000", (before,))]
-            return ids, sum(_delete_mailbox(db, m) for m in ids)
+            ids: list[int] = []
+            removed = 0
+            for m in found:
+                if removed >= max_blocks:
+                    return ids, removed, True
+                removed += _delete_mailbox(db, m)
+                ids.append(m)
+            return ids, removed, len(found) == 1000
         return await self._run(op)
 
     async def queued_count(self) -> int:
