@@ -1355,9 +1355,15 @@ async def h_blob_del(c: Connection, f: wire.Frame) -> None:
     body = wire.exact(f.body, wire.ID_LEN + wire.HASH_LEN)
     blob_id, cap = body[:wire.ID_LEN], body[wire.ID_LEN:]
     await _blob(c, blob_id, cap)
-    if await c.relay.storage.delete_blob(blob_key(blob_id)):
-        c.relay.blob_blocks = max(0, c.relay.blob_blocks - 1)
+    fut = c.relay.storage.delete_blob(blob_key(blob_id))
+    fut.add_done_callback(functools.partial(_blob_deleted, c.relay))
+    await asyncio.shield(fut)
     c.ok(f.rid)
+
+
+def _blob_deleted(relay: Relay, fut: asyncio.Future[bool]) -> None:
+    if not fut.cancelled() and fut.exception() is None and fut.result():
+        relay.blob_blocks = max(0, relay.blob_blocks - 1)
 
 
 async def h_hello(c: Connection, f: wire.Frame) -> None:  # handled in _frame; never reached

@@ -97,7 +97,8 @@ def test_ack_and_delete_cut_off_by_a_closed_connection_free_their_blocks(
     exactly what its budget and mailbox table have left by what the database holds: no
     phantom blocks answering `full`, no phantom mailboxes."""
     budget, table = 128, 12
-    rp = relay_factory(storage_budget=budget * BLOCK, queue_limit=200, max_mailboxes=table)
+    rp = relay_factory(storage_budget=budget * BLOCK, queue_limit=200, max_mailboxes=table,
+                       crowded_queue_limit=200)
 
     async def fill(c: RelayClient, mbs: list[Any], token: bytes) -> int:
         n = 0
@@ -195,3 +196,51 @@ async def _until_sync(check: Callable[[], bool], seconds: float = 30.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "never got there"
         await asyncio.sleep(0.05)
+
+
+def test_blob_deletes_cut_off_by_a_closed_connection_free_their_room(
+        relay_factory: Callable[..., RelayProcess]) -> None:
+    """BLOB_DELs sent just before a close: the blobs they deleted leave the area's count."""
+    area = 16
+    rp = relay_factory(blob_max_bytes=area * BLOCK)
+
+    async def body() -> None:
+        token = os.urandom(32)
+        live: list[tuple[bytes, bytes]] = []  # (maybe) stored: deleting a missing one is harmless
+        for i in range(16):
+            up = await RelayClient.connect(rp.url)
+            room = area - _count(rp, "blobs")
+            ids = [(os.urandom(16), os.urandom(32)) for _ in range(room)]
+            if room and await _granted(up, room):
+                for blob_id, cap in ids:
+                    await up.blob_put(blob_id, cap, block())
+                live += ids
+            await up.close()
+            gone = await RelayClient.connect(rp.url)
+            mb = await new_owner(gone, token=token)
+            # Deposits of this connection ahead keep the writer busy with it, so the close
+            # lands while the deletions are queued or being written.
+            for _ in range(32):
+                await gone.send_raw(wire.encode(wire.DEPOSIT, gone.next_rid(),
+                                                mb.deposit_id + bytes([wire.AUTH_TOKEN]) + token
+                                                + block()))
+            for blob_id, cap in live:
+                await gone.send_raw(wire.encode(wire.BLOB_DEL, gone.next_rid(), blob_id + cap))
+            await asyncio.sleep(0.001 * i)
+            await gone.close()
+        last = -1
+
+        async def idle() -> bool:
+            nonlocal last
+            now = _count(rp, "blobs")
+            same, last = now == last, now
+            return same
+
+        await _until(idle)
+        probe = await RelayClient.connect(rp.url)
+        if last < area:
+            assert await _granted(probe, area - last)  # every deleted blob's room is back
+        assert not await _granted(probe, area - last + 1)
+        await probe.close()
+
+    run(body())
