@@ -244,3 +244,54 @@ def test_blob_deletes_cut_off_by_a_closed_connection_free_their_room(
         await probe.close()
 
     run(body())
+
+
+def test_deposits_cut_off_by_a_closed_connection_stay_counted(
+        relay_factory: Callable[..., RelayProcess]) -> None:
+    """Deposits to mailboxes the relay has not loaded yet (its task path, after a restart),
+    sent just before a close: those stored are counted, so the budget is not passed."""
+    budget = 256
+    rp = relay_factory(storage_budget=budget * BLOCK, queue_limit=1000, crowded_queue_limit=1000)
+    token = os.urandom(32)
+
+    async def make() -> list[Any]:
+        c = await RelayClient.connect(rp.url)
+        mbs = [await new_owner(c, token=token) for _ in range(12)]
+        await c.close()
+        return mbs
+
+    mbs = run(make())
+    assert rp.terminate() == 0
+    rp.start()  # an empty mailbox cache: every first deposit loads its mailbox
+
+    async def body() -> None:
+        for i, mb in enumerate(mbs[:-1]):
+            c = await RelayClient.connect(rp.url)
+            for _ in range(16):
+                await c.send_raw(wire.encode(wire.DEPOSIT, c.next_rid(),
+                                             mb.deposit_id + bytes([wire.AUTH_TOKEN]) + token
+                                             + block()))
+            await asyncio.sleep(0.001 * i)
+            await c.close()
+        last = -1
+
+        async def idle() -> bool:
+            nonlocal last
+            now = _count(rp, "messages")
+            same, last = now == last, now
+            return same
+
+        await _until(idle)
+        c = await RelayClient.connect(rp.url)
+        n = 0
+        while True:
+            try:
+                await c.deposit(mbs[-1].deposit_id, block(), token=token)
+            except RelayError as exc:
+                assert exc.code == wire.E_FULL
+                break
+            n += 1
+        assert n == budget - last  # what is stored is what is counted
+        await c.close()
+
+    run(body())
