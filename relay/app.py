@@ -173,12 +173,26 @@ class Subscription:
         self.active = True
 
 
+# Seconds the wall clock may gain on the monotonic clock between two sweeps before it counts as
+# a jump (NTP slewing gains at most 0.5 ms a second).
+_CLOCK_SLACK = 60.0
+# Queued blocks one expiry call deletes at most (with secure_delete, each is a 16 KiB write):
+# the writer is shared, and one sweep must not hold it long (review of issue 15, item 6).
+_EXPIRY_BLOCKS = 1024
+
+
 class Relay:
     """Process-wide state: configuration, storage, the mailbox cache, connections."""
 
     def __init__(self, cfg: Config, storage: Storage | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
+        self.monotonic = monotonic  # injected with `clock` by the tests of a clock jump
+        # Mailbox expiry waits until this (monotonic) time: a grace period after the start and
+        # after a forward jump of the wall clock (sweep).
+        self.expiry_from = 0.0
+        self._clocks = (0.0, 0.0)  # (wall, monotonic) at the last sweep
         self.storage: Storage = storage or SQLiteStorage(
             cfg.data_dir, cfg.max_batch, clock, cfg.mailbox_use_granularity,
             reserve_bytes=cfg.disk_reserve, max_db_bytes=cfg.max_db_bytes,
@@ -214,6 +228,8 @@ class Relay:
         self.blob_blocks = await self.storage.blob_count()
         self.queued_blocks = await self.storage.queued_count()
         self.started = self.clock()
+        self.expiry_from = self.monotonic() + self.expiry_grace()
+        self._clocks = (self.started, self.monotonic())
         budget = self.cfg.storage_budget
         if budget <= 0:
             # Half of what the relay may use on its disk: the free space plus what its files
@@ -282,6 +298,8 @@ class Relay:
             self.gate.sweep(now)
             for conn in list(self.connections):
                 conn.kick()
+                if conn.quota_expired(now):
+                    conn.release_quota()
                 if conn.stalled(now):
                     # It does not read: a close frame would wait behind what it does not read.
                     conn.abort()
@@ -312,10 +330,21 @@ class Relay:
             await self.touch(stale)
         # The clock ran while the relay was stopped, and its clients could not use it: give
         # them a day (or one use period, if shorter) to come back before anything expires.
-        if now - self.started < min(86400, self.cfg.mailbox_use_granularity):
+        # The same after the wall clock jumped forward while the relay ran (an NTP step, an
+        # operator): it gained more than the monotonic clock, and every unsubscribed mailbox
+        # would look unused at once (review of issue 15, item 9).
+        mono = self.monotonic()
+        last_wall, last_mono = self._clocks
+        self._clocks = (self.clock(), mono)
+        if self._clocks[0] - last_wall > mono - last_mono + _CLOCK_SLACK:
+            log.warning("the wall clock jumped forward: mailbox expiry waits %d s",
+                        self.expiry_grace())
+            self.expiry_from = mono + self.expiry_grace()
+        if mono < self.expiry_from:
             return
         while True:
-            ids, removed = await self.storage.expire_mailboxes(now - self.cfg.mailbox_ttl + 1)
+            ids, removed, more = await self.storage.expire_mailboxes(
+                now - self.cfg.mailbox_ttl + 1, _EXPIRY_BLOCKS)
             self.queued_blocks = max(0, self.queued_blocks - removed)
             self.mailboxes = max(0, self.mailboxes - len(ids))
             for mailbox in ids:
@@ -325,8 +354,11 @@ class Relay:
                     if mb.sub is not None:
                         self.end_subscription(mb.sub, notify=True)
                     self._uncache(mb)
-            if len(ids) < 1000:
+            if not more:
                 break
+
+    def expiry_grace(self) -> int:
+        return min(86400, self.cfg.mailbox_use_granularity)
 
     def use_period(self) -> int:
         """Now, rounded down to mailbox_use_granularity: what a mailbox's last use is set to."""
@@ -347,8 +379,16 @@ class Relay:
 
     def full(self, blocks: int = 1) -> bool:
         """Would storing `blocks` more pass the relay-wide storage budget?"""
-        used = self.queued_blocks + self.blob_blocks + self.blob_reserved
-        return used + blocks > self.budget_blocks
+        return self.budget_used() + blocks > self.budget_blocks
+
+    def budget_used(self) -> int:
+        return self.queued_blocks + self.blob_blocks + self.blob_reserved
+
+    def crowded(self) -> bool:
+        """Is more than crowded_fraction of the storage budget in use? Then only short queues
+        take deposits (_deposit_auth): a budget filled through a few long queues would refuse
+        everyone's deposits for as long as their owner keeps them (one subscription a month)."""
+        return self.budget_used() >= self.cfg.crowded_fraction * self.budget_blocks
 
     def blob_expiry(self) -> int:
         g = max(1, self.cfg.expiry_granularity)
@@ -524,6 +564,8 @@ class Connection:
         self.pow_seen: set[bytes] = set()
         self.blob_quota = 0  # blob uploads left, reserved in relay.blob_reserved
         self.blob_released = False
+        self.blob_quota_granted = 0.0  # monotonic: when the quota was granted, ...
+        self.blob_quota_used = 0.0  # ... and last used by a put
         self._out: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
         self._drained: asyncio.Future[None] | None = None
         self._out_bytes = 0
@@ -677,8 +719,7 @@ class Connection:
         finally:
             for sub in list(self.subs.values()):
                 self.relay.end_subscription(sub, notify=False)
-            self.relay.blob_reserved = max(0, self.relay.blob_reserved - self.blob_quota)
-            self.blob_quota = 0
+            self.release_quota()
             self.blob_released = True
             for task in list(self._tasks):
                 task.cancel()
@@ -779,9 +820,26 @@ class Connection:
     def busy(self) -> bool:
         return self._inflight > 0
 
+    def release_quota(self) -> None:
+        """Give what is left of the blob quota back to the area and the budget."""
+        self.relay.blob_reserved = max(0, self.relay.blob_reserved - self.blob_quota)
+        self.blob_quota = 0
+
+    def quota_expired(self, now: float) -> bool:
+        """Idle too long, or held too long in all (Config.blob_quota_idle, _lifetime)."""
+        cfg = self.cfg
+        return self.blob_quota > 0 and (now - self.blob_quota_used > cfg.blob_quota_idle
+                                        or now - self.blob_quota_granted
+                                        > cfg.blob_quota_lifetime)
+
     def _deposit_done(self, rid: int, mb: MailboxState, block: bytes,
                       fut: asyncio.Future[int]) -> None:
         self._release()
+        self._deposit_result(rid, mb, block, fut)
+
+    def _deposit_result(self, rid: int, mb: MailboxState, block: bytes,
+                        fut: asyncio.Future[int]) -> None:
+        """A deposit's outcome: counted, answered (if the connection is still there), pushed."""
         relay = self.relay
         if fut.cancelled():
             relay.unqueued(mb, 1)
@@ -823,7 +881,7 @@ class Connection:
         c = self.cfg
         return wire.HelloOk(self.challenge, wire.BLOCK_SIZE, c.max_frame, c.pow_deposit_bits,
                             c.pow_bundle_bits, c.pow_blob_bits, c.message_ttl, c.window,
-                            c.max_inflight, c.pow_create_bits)
+                            c.max_inflight, c.pow_create_bits, c.mailbox_ttl, c.blob_ttl)
 
     async def _handle(self, frame: wire.Frame) -> None:
         handler = _HANDLERS[frame.type]
@@ -939,13 +997,11 @@ async def h_create(c: Connection, f: wire.Frame) -> None:
     c.created += 1
     relay.mailboxes += 1
     owner_id, deposit_id = os.urandom(wire.ID_LEN), os.urandom(wire.ID_LEN)
-    try:
-        await relay.storage.create_mailbox(owner_key(owner_id), deposit_key(deposit_id), sig_pub,
-                                           bytes(secret), box_pub, bool(flags & 1),
-                                           relay.use_period())
-    except BaseException:
-        relay.mailboxes -= 1
-        raise
+    fut = relay.storage.create_mailbox(owner_key(owner_id), deposit_key(deposit_id), sig_pub,
+                                       bytes(secret), box_pub, bool(flags & 1),
+                                       relay.use_period())
+    fut.add_done_callback(functools.partial(_created, relay))
+    await asyncio.shield(fut)  # the connection may end meanwhile: the count follows the write
     c.send(wire.encode(wire.CREATED, f.rid, owner_id + deposit_id + bytes(secret.public_key)))
 
 
@@ -1000,8 +1056,10 @@ async def h_ack(c: Connection, f: wire.Frame) -> None:
         by_mb.setdefault(mb.id, (mb, []))[1].append(rowid)
     try:
         for mb, rowids in by_mb.values():
-            removed = await c.relay.storage.remove(mb.id, rowids)
-            c.relay.unqueued(mb, removed)
+            fut = c.relay.storage.remove(mb.id, rowids)
+            # Counted when the deletion is done, even if this connection ends before.
+            fut.add_done_callback(functools.partial(_unqueue_removed, c.relay, mb))
+            await asyncio.shield(fut)
     finally:
         for mb, rowids in by_mb.values():
             rows = c.out_rows.get(mb.id)
@@ -1023,9 +1081,9 @@ async def h_delete(c: Connection, f: wire.Frame) -> None:
     if mb.sub is not None:
         relay.end_subscription(mb.sub, notify=mb.sub.conn is not c)
     relay._uncache(mb)
-    removed = await relay.storage.delete_mailbox(mb.id)
-    relay.queued_blocks = max(0, relay.queued_blocks - removed)
-    relay.mailboxes = max(0, relay.mailboxes - 1)
+    fut = relay.storage.delete_mailbox(mb.id)
+    fut.add_done_callback(functools.partial(_mailbox_deleted, relay))
+    await asyncio.shield(fut)
     c.ok(f.rid)
 
 
@@ -1098,9 +1156,25 @@ async def h_bundle_fetch(c: Connection, f: wire.Frame) -> None:
     c.send(wire.encode(wire.BUNDLE, f.rid, wire.encode_bundle(*bundle)))
 
 
+# The counters of what is stored change when the writer has done the work, in callbacks on the
+# storage future: a handler awaiting it is cancelled when its connection ends, while the write,
+# already queued, still happens (review of issue 15, item 1).
+
+
 def _unqueue_removed(relay: Relay, mb: MailboxState, fut: asyncio.Future[int]) -> None:
     if not fut.cancelled() and fut.exception() is None:
         relay.unqueued(mb, fut.result())
+
+
+def _created(relay: Relay, fut: asyncio.Future[int]) -> None:
+    if fut.cancelled() or fut.exception() is not None:
+        relay.mailboxes -= 1  # counted before the write, so two CREATEs cannot pass the cap
+
+
+def _mailbox_deleted(relay: Relay, fut: asyncio.Future[int]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        relay.queued_blocks = max(0, relay.queued_blocks - fut.result())
+        relay.mailboxes = max(0, relay.mailboxes - 1)
 
 
 def _deposit_pow(c: Connection, deposit_id: bytes, kind: int, auth: bytes, block: bytes) -> None:
@@ -1124,6 +1198,8 @@ def _deposit_auth(c: Connection, mb: MailboxState | None, kind: int,
         raise wire.FrameError(wire.E_QUEUE_FULL)
     if c.relay.full():
         raise wire.FrameError(wire.E_FULL)
+    if mb.queued >= c.cfg.crowded_queue_limit and c.relay.crowded():
+        raise wire.FrameError(wire.E_QUEUE_FULL)  # this queue, not the relay: others still fit
     c.check_room()
     return mb
 
@@ -1157,16 +1233,11 @@ async def h_deposit(c: Connection, f: wire.Frame) -> None:
     sealed = mb.seal(block)
     mb.queued += 1
     relay.queued_blocks += 1
-    try:
-        rowid = await relay.storage.enqueue(mb.id, relay.expiry(), sealed)
-    except BaseException:
-        relay.unqueued(mb, 1)
-        raise
-    c.ok(f.rid)
-    if mb.deleted:
-        relay.unqueued(mb, await relay.storage.remove(mb.id, [rowid]))
-        return
-    relay.stored(mb, rowid, block)
+    fut = relay.storage.enqueue(mb.id, relay.expiry(), sealed)
+    # As fast_deposit: the answer and the counts follow the write, which happens even if this
+    # connection ends first; the task waits (holding its request slot) without cancelling it.
+    fut.add_done_callback(functools.partial(c._deposit_result, f.rid, mb, block))
+    await asyncio.wait({fut})
 
 
 def fast_ack(c: Connection, f: wire.Frame) -> bool:
@@ -1186,7 +1257,8 @@ def fast_ack(c: Connection, f: wire.Frame) -> bool:
 async def h_blob_quota(c: Connection, f: wire.Frame) -> None:
     """A quota of `blocks` uploads, paid in proportion (§6) and reserved at once against the
     blob area and the storage budget, so uploads in flight are counted; what the connection
-    leaves unused is released when it ends (or by its next quota)."""
+    leaves unused is released when it ends, by its next quota, after blob_quota_idle seconds
+    without a put, or blob_quota_lifetime seconds after the grant (Connection.quota_expired)."""
     body = wire.exact(f.body, 4 + wire.NONCE_LEN)
     (blocks,) = struct.unpack_from(">I", body)
     nonce = body[4:]
@@ -1197,12 +1269,12 @@ async def h_blob_quota(c: Connection, f: wire.Frame) -> None:
     c._check_pow(wire.blob_pow_bits(c.cfg.pow_blob_bits, blocks), wire.POW_BLOB,
                  wire.blob_pow_target(blocks), pow_.ZERO_HASH, nonce)
     relay = c.relay
-    relay.blob_reserved -= c.blob_quota  # a new quota replaces what is left of the last
-    c.blob_quota = 0
+    c.release_quota()  # a new quota replaces what is left of the last (even if refused)
     area = c.cfg.blob_max_bytes // wire.BLOCK_SIZE
     if relay.blob_blocks + relay.blob_reserved + blocks > area or relay.full(blocks):
         raise wire.FrameError(wire.E_FULL)
     c.blob_quota = blocks
+    c.blob_quota_granted = c.blob_quota_used = time.monotonic()
     relay.blob_reserved += blocks
     c.ok(f.rid, struct.pack(">I", c.blob_quota))
 
@@ -1223,25 +1295,39 @@ async def h_blob_put(c: Connection, f: wire.Frame) -> None:
     if len(block) != wire.BLOCK_SIZE:
         raise wire.FrameError(wire.E_BAD_BLOCK)
     relay = c.relay
+    now = time.monotonic()
+    if c.quota_expired(now):  # the reaper may not have seen it yet
+        c.release_quota()
     if c.blob_quota <= 0:  # the quota was reserved in the blob area when it was granted
         raise wire.FrameError(wire.E_LIMIT)
     c.check_room()
     c.blob_quota -= 1
+    c.blob_quota_used = now
     relay.blob_reserved -= 1
     relay.blob_blocks += 1
     # At rest the block is encrypted under a key only the capability yields: the disk alone
     # tells nothing, and the stored bytes differ from the uploaded ones.
     check, box = _blob_secret(cap)
-    try:
-        ok = await relay.storage.put_blob(blob_key(blob_id), check, relay.blob_expiry(),
-                                          bytes(box.encrypt(block)))
-    except BaseException:
+    fut = relay.storage.put_blob(blob_key(blob_id), check, relay.blob_expiry(),
+                                 bytes(box.encrypt(block)))
+    fut.add_done_callback(functools.partial(_put_done, c, f.rid))
+    await asyncio.wait({fut})  # never cancels the put: it is queued, it will be stored
+
+
+def _put_done(c: Connection, rid: int, fut: asyncio.Future[bool]) -> None:
+    """A put's outcome, counted whether or not its connection is still there."""
+    if fut.cancelled():
         _unput(c)
-        raise
-    if not ok:
+        return
+    exc = fut.exception()
+    if exc is not None:
         _unput(c)
-        raise wire.FrameError(wire.E_EXISTS)
-    c.ok(f.rid)
+        c.storage_error(rid, exc)
+    elif not fut.result():
+        _unput(c)
+        c.error(rid, wire.E_EXISTS)
+    else:
+        c.ok(rid)
 
 
 def _unput(c: Connection) -> None:
@@ -1281,9 +1367,15 @@ async def h_blob_del(c: Connection, f: wire.Frame) -> None:
     body = wire.exact(f.body, wire.ID_LEN + wire.HASH_LEN)
     blob_id, cap = body[:wire.ID_LEN], body[wire.ID_LEN:]
     await _blob(c, blob_id, cap)
-    if await c.relay.storage.delete_blob(blob_key(blob_id)):
-        c.relay.blob_blocks = max(0, c.relay.blob_blocks - 1)
+    fut = c.relay.storage.delete_blob(blob_key(blob_id))
+    fut.add_done_callback(functools.partial(_blob_deleted, c.relay))
+    await asyncio.shield(fut)
     c.ok(f.rid)
+
+
+def _blob_deleted(relay: Relay, fut: asyncio.Future[bool]) -> None:
+    if not fut.cancelled() and fut.exception() is None and fut.result():
+        relay.blob_blocks = max(0, relay.blob_blocks - 1)
 
 
 async def h_hello(c: Connection, f: wire.Frame) -> None:  # handled in _frame; never reached
@@ -1359,9 +1451,10 @@ async def health(request: web.Request) -> web.Response:
 
 
 def create_app(cfg: Config, storage: Storage | None = None,
-               clock: Callable[[], float] = time.time) -> web.Application:
+               clock: Callable[[], float] = time.time,
+               monotonic: Callable[[], float] = time.monotonic) -> web.Application:
     app = web.Application(client_max_size=1024)
-    relay = Relay(cfg, storage, clock)
+    relay = Relay(cfg, storage, clock, monotonic)
     app[RELAY_KEY] = relay
     app.router.add_get("/v1/ws", ws_endpoint)
     app.router.add_get("/health", health)

@@ -71,6 +71,12 @@ class Config:
     bundle_fetches_per_connection: int = 100
     # Blob area (file attachments): 8192 blocks of 16 KiB admit one 100 MB file per quota.
     blob_quota_blocks: int = 8192
+    # A quota not used by a put for blob_quota_idle seconds, or granted blob_quota_lifetime
+    # seconds ago, is released: one proof of work cannot hold the blob area for as long as a
+    # connection lives (review of issue 15, item 4). An upload that takes longer asks (and
+    # pays) for a new quota on its next connection, as the daemon does after `limit`.
+    blob_quota_idle: float = 120.0
+    blob_quota_lifetime: float = 600.0
     blob_max_bytes: int = 4 * 1024 * 1024 * 1024
     # Unfetched blobs expire after blob_ttl seconds (SimpleX's file relays: 48 h), not message_ttl.
     blob_ttl: int = 48 * 3600
@@ -83,6 +89,12 @@ class Config:
     # 0: half of (the free space of the file system holding data_dir + the relay's files there),
     # measured at start.
     storage_budget: int = 0
+    # Above crowded_fraction of that budget, a deposit to a mailbox already holding
+    # crowded_queue_limit blocks gets `queue_full`: whoever fills the budget must spread it over
+    # many mailboxes (each paid by CREATE), and short honest queues still take deposits while
+    # it is crowded (review of issue 15, item 3; docs/relay-protocol.md, Limits).
+    crowded_fraction: float = 0.5
+    crowded_queue_limit: int = 64
     # Storage.
     max_batch: int = 512  # operations per group commit
     # ... and bytes written per group commit: the commit under way is what a new operation

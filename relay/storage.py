@@ -93,13 +93,16 @@ class Storage(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def mailbox_count(self) -> int: ...
-    async def create_mailbox(self, okey: bytes, dkey: bytes, sig_pub: bytes, box_secret: bytes,
-                             owner_box_pub: bytes, public: bool, used: int = 0) -> int: ...
+    # These return the operation's future: the relay counts on its outcome (_submit).
+    def create_mailbox(self, okey: bytes, dkey: bytes, sig_pub: bytes, box_secret: bytes,
+                       owner_box_pub: bytes, public: bool,
+                       used: int = 0) -> asyncio.Future[int]: ...
     async def load_mailbox(self, *, okey: bytes | None = None,
                            dkey: bytes | None = None) -> MailboxRow | None: ...
-    async def delete_mailbox(self, mailbox: int) -> int: ...
+    def delete_mailbox(self, mailbox: int) -> asyncio.Future[int]: ...
     async def touch_mailboxes(self, mailboxes: list[int], used: int) -> None: ...
-    async def expire_mailboxes(self, before: int) -> tuple[list[int], int]: ...
+    async def expire_mailboxes(self, before: int,
+                               max_blocks: int) -> tuple[list[int], int, bool]: ...
     async def queued_count(self) -> int: ...
     async def set_tokens(self, mailbox: int, tokens: tuple[bytes, ...]) -> None: ...
     # enqueue and remove return a future rather than being coroutines, so the hot paths can
@@ -117,9 +120,10 @@ class Storage(Protocol):
                           kinds: tuple[int, ...]) -> tuple[bytes, bytes | None,
                                                            bytes | None] | None: ...
     async def blob_count(self) -> int: ...
-    async def put_blob(self, bkey: bytes, cap_hash: bytes, expiry: int, block: bytes) -> bool: ...
+    def put_blob(self, bkey: bytes, cap_hash: bytes, expiry: int,
+                 block: bytes) -> asyncio.Future[bool]: ...
     async def get_blob(self, bkey: bytes) -> tuple[bytes, bytes] | None: ...
-    async def delete_blob(self, bkey: bytes) -> bool: ...
+    def delete_blob(self, bkey: bytes) -> asyncio.Future[bool]: ...
     async def checkpoint(self) -> None: ...
 
 
@@ -165,16 +169,23 @@ CREATE INDEX blobs_expiry ON blobs(expiry);
 """
 
 # Schema 3 adds each mailbox's last use (rounded down to a month by the relay: coarse on
-# purpose) so that mailboxes nobody uses expire. A mailbox of schema 2 counts as used at the
-# upgrade.
-_SCHEMA_3 = "ALTER TABLE mailboxes ADD COLUMN used INTEGER NOT NULL DEFAULT 0"
+# purpose) so that mailboxes nobody uses expire, indexed so the sweep finds the stale ones
+# without reading the table. A mailbox of schema 2 counts as used at the upgrade: the column's
+# default, so SQLite rewrites no row (an UPDATE would rewrite them all).
+def schema_3(used: int) -> str:
+    return (f"ALTER TABLE mailboxes ADD COLUMN used INTEGER NOT NULL DEFAULT {int(used)};\n"
+            f"{_USED_INDEX};")
+
+
+_USED_INDEX = "CREATE INDEX IF NOT EXISTS mailboxes_used ON mailboxes(used)"
 
 
 def upgrade_from_2(db: sqlite3.Connection, used: int) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
-        db.execute(_SCHEMA_3)
-        db.execute("UPDATE mailboxes SET used = ?", (used,))
+        for statement in schema_3(used).split(";\n"):
+            if statement.strip():
+                db.execute(statement)
         db.execute("PRAGMA user_version=3")
         db.execute("COMMIT")
     except BaseException:
@@ -408,7 +419,7 @@ class SQLiteStorage:
         used = int(self._clock()) // self._use_granularity * self._use_granularity
         if version == 0:
             db.executescript(
-                f"BEGIN IMMEDIATE;\n{_SCHEMA}\n{_SCHEMA_3};\n"
+                f"BEGIN IMMEDIATE;\n{_SCHEMA}\n{schema_3(0)}\n"
                 f"PRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;")
         elif version in (1, 2):
             if version == 1:
@@ -416,6 +427,8 @@ class SQLiteStorage:
             upgrade_from_2(db, used)
         elif version != SCHEMA_VERSION:
             raise StorageError("unsupported relay database schema version")
+        else:  # a schema 3 made before the index was part of it
+            db.execute(_USED_INDEX)
         if self._max_db_bytes > 0:
             # Reaching it is a full disk (SQLITE_FULL): an operator's cap, and how the tests
             # fill the "disk" without a small file system.
@@ -638,21 +651,36 @@ class SQLiteStorage:
         the disk is full); `size`: about the bytes it writes."""
         if self._thread is None or self._loop is None:
             raise StorageError("storage closed")
+        # The writer completes `done`; callers get `fut`, a copy of its outcome. A caller that
+        # is cancelled (its connection ended) cancels `fut` at most: the operation is queued
+        # and runs all the same, so what counts it (pending here, the relay's counters on
+        # `fut`'s callbacks) must follow `done`, never the caller (review of issue 15, item 1).
+        done: asyncio.Future[T] = self._loop.create_future()
         fut: asyncio.Future[T] = self._loop.create_future()
         owner = WRITER_OWNER.get()
-        self._put(owner, (fn, fut, own_tx, grows, size))
+        self._put(owner, (fn, done, own_tx, grows, size))
         self.pending += 1
         self._pending_by[owner] = self._pending_by.get(owner, 0) + 1
-        fut.add_done_callback(functools.partial(self._finished, owner))
+        done.add_done_callback(functools.partial(self._finished, owner, fut))
         return fut
 
-    def _finished(self, owner: object | None, _: asyncio.Future[Any]) -> None:
+    def _finished(self, owner: object | None, fut: asyncio.Future[Any],
+                  done: asyncio.Future[Any]) -> None:
         self.pending -= 1
         left = self._pending_by[owner] - 1
         if left:
             self._pending_by[owner] = left
         else:
             del self._pending_by[owner]
+        if fut.done():
+            return
+        exc = None if done.cancelled() else done.exception()
+        if done.cancelled():
+            fut.cancel()
+        elif exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(done.result())
 
     def pending_of(self, owner: object | None) -> int:
         """Operations of `owner` submitted and not yet finished."""
@@ -660,7 +688,8 @@ class SQLiteStorage:
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], own_tx: bool = False,
                    grows: bool = False, size: int = 0) -> T:
-        return await self._submit(fn, own_tx, grows, size)
+        # Shielded: a cancelled caller leaves the result to nobody, and no warning behind.
+        return await asyncio.shield(self._submit(fn, own_tx, grows, size))
 
     # --- mailboxes --------------------------------------------------------------------------------
 
@@ -668,8 +697,9 @@ class SQLiteStorage:
         return await self._run(lambda db: int(
             db.execute("SELECT count(*) FROM mailboxes").fetchone()[0]))
 
-    async def create_mailbox(self, okey: bytes, dkey: bytes, sig_pub: bytes, box_secret: bytes,
-                             owner_box_pub: bytes, public: bool, used: int = 0) -> int:
+    def create_mailbox(self, okey: bytes, dkey: bytes, sig_pub: bytes, box_secret: bytes,
+                       owner_box_pub: bytes, public: bool,
+                       used: int = 0) -> asyncio.Future[int]:
         def op(db: sqlite3.Connection) -> int:
             key = new_key(db, "mailboxes")
             db.execute(
@@ -677,7 +707,7 @@ class SQLiteStorage:
                 " owner_box_pub, public, tokens, used) VALUES (?, ?, ?, ?, ?, ?, ?, x'', ?)",
                 (key, okey, dkey, sig_pub, box_secret, owner_box_pub, int(public), used))
             return key
-        return await self._run(op, grows=True)
+        return self._submit(op, grows=True)
 
     async def load_mailbox(self, *, okey: bytes | None = None,
                            dkey: bytes | None = None) -> MailboxRow | None:
@@ -697,9 +727,9 @@ class SQLiteStorage:
                               tokens, int(queued), int(row[8]))
         return await self._run(op)
 
-    async def delete_mailbox(self, mailbox: int) -> int:
+    def delete_mailbox(self, mailbox: int) -> asyncio.Future[int]:
         """Delete a mailbox and all it holds; the number of queued blocks deleted with it."""
-        return await self._run(lambda db: _delete_mailbox(db, mailbox))
+        return self._submit(lambda db: _delete_mailbox(db, mailbox))
 
     async def touch_mailboxes(self, mailboxes: list[int], used: int) -> None:
         def op(db: sqlite3.Connection) -> None:
@@ -707,13 +737,23 @@ class SQLiteStorage:
                            [(used, m, used) for m in mailboxes])
         await self._run(op)
 
-    async def expire_mailboxes(self, before: int) -> tuple[list[int], int]:
-        """Delete the mailboxes last used before `before` (at most 1000 per call, so one sweep
-        never holds the writer long); their ids and the queued blocks deleted with them."""
-        def op(db: sqlite3.Connection) -> tuple[list[int], int]:
-            ids = [int(r[0]) for r in db.execute(
+    async def expire_mailboxes(self, before: int,
+                               max_blocks: int) -> tuple[list[int], int, bool]:
+        """Delete mailboxes last used before `before`: their ids, the queued blocks deleted
+        with them, and whether more are left. One call stops after 1000 mailboxes or once
+        `max_blocks` blocks went with them, so it never holds the writer long; the index on
+        `used` finds them without reading the table."""
+        def op(db: sqlite3.Connection) -> tuple[list[int], int, bool]:
+            found = [int(r[0]) for r in db.execute(
                 "SELECT id FROM mailboxes WHERE used < ? LIMIT 1000", (before,))]
-            return ids, sum(_delete_mailbox(db, m) for m in ids)
+            ids: list[int] = []
+            removed = 0
+            for m in found:
+                if removed >= max_blocks:
+                    return ids, removed, True
+                removed += _delete_mailbox(db, m)
+                ids.append(m)
+            return ids, removed, len(found) == 1000
         return await self._run(op)
 
     async def queued_count(self) -> int:
@@ -832,7 +872,8 @@ class SQLiteStorage:
         return await self._run(lambda db: int(
             db.execute("SELECT count(*) FROM blobs").fetchone()[0]))
 
-    async def put_blob(self, bkey: bytes, cap_hash: bytes, expiry: int, block: bytes) -> bool:
+    def put_blob(self, bkey: bytes, cap_hash: bytes, expiry: int,
+                 block: bytes) -> asyncio.Future[bool]:
         def op(db: sqlite3.Connection) -> bool:
             try:
                 db.execute("INSERT INTO blobs (id, key, cap_hash, expiry, block)"
@@ -841,7 +882,7 @@ class SQLiteStorage:
             except sqlite3.IntegrityError:
                 return False
             return True
-        return await self._run(op, grows=True, size=len(block))
+        return self._submit(op, grows=True, size=len(block))
 
     async def get_blob(self, bkey: bytes) -> tuple[bytes, bytes] | None:
         def op(db: sqlite3.Connection) -> tuple[bytes, bytes] | None:
@@ -849,8 +890,8 @@ class SQLiteStorage:
             return None if row is None else (bytes(row[0]), bytes(row[1]))
         return await self._run(op)
 
-    async def delete_blob(self, bkey: bytes) -> bool:
-        return await self._run(lambda db: db.execute(
+    def delete_blob(self, bkey: bytes) -> asyncio.Future[bool]:
+        return self._submit(lambda db: db.execute(
             "DELETE FROM blobs WHERE key = ?", (bkey,)).rowcount > 0)
 
     # --- maintenance ----------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def test_defaults_are_sized_for_storage() -> None:
     assert cfg.blob_ttl <= 72 * 3600 < cfg.message_ttl  # was the message TTL, 14 days
     assert 0 < cfg.mailbox_ttl < 365 * 24 * 3600  # was never
     assert cfg.storage_budget == 0  # sized to the disk at start
-    hello = wire.HelloOk(bytes(32), BLOCK, 1, 2, 3, 4, 5, 6, 7, 8)
+    hello = wire.HelloOk(bytes(32), BLOCK, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
     assert wire.HelloOk.parse(hello.encode_body()).pow_create_bits == 8
 
 
