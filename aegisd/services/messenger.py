@@ -57,6 +57,7 @@ from aegisd.transport.network import Network
 from aegisd.transport.relaylink import (
     UNAVAILABLE,
     RelayLink,
+    RelayRefused,
     RelayUnavailable,
     acknowledge,
     with_relay,
@@ -509,10 +510,16 @@ class Messenger:
         """The stricter policy for a relay URL someone else chose (a contact's mailbox, a
         stranger's reply address, a file's relay): relayurl.check_peer_relay_url."""
         try:
-            check_peer_relay_url(url, self.store.get_setting(SETTING_URL))
+            check_peer_relay_url(url, self._own_urls())
         except RelayUrlError:
             return False
         return True
+
+    def _own_urls(self) -> list[str]:
+        """The user's own relays: the relay, and the old one of a move under way (as
+        Network.own_hosts: connectivity.network)."""
+        move = self.store.get_setting(SETTING_MOVE) or {}
+        return [str(u) for u in (self.store.get_setting(SETTING_URL), move.get("from")) if u]
 
     def _relay_url(self) -> str:
         url = self.store.get_setting(SETTING_URL)
@@ -833,7 +840,7 @@ class Messenger:
         if link.expires and link.expires < _now():
             raise AppError(E_EXPIRED, "expired", "this invitation has expired")
         try:
-            check_peer_relay_url(link.mailbox.relay_url, self.store.get_setting(SETTING_URL))
+            check_peer_relay_url(link.mailbox.relay_url, self._own_urls())
         except RelayUrlError as exc:
             raise AppError(E_BAD_LINK, "bad_link", f"the link's relay URL is not allowed: {exc}"
                            ) from None
@@ -990,6 +997,7 @@ class Messenger:
                 self.store.update_contact(c.id, blocked=blocked)
                 if blocked:
                     self.drop_partials(c.id)
+                    self._drop_outbox_of(self.store, {c.id})
             if blocked:
                 await self.attachments.stop_downloads(c.id, "the contact is blocked")
         return c
@@ -1136,6 +1144,9 @@ class Messenger:
         if self.superseded():
             store._q("DELETE FROM outbox")  # nothing is deposited: the contacts moved on
             return 60.0
+        blocked = {c.id for c in store.list_contacts() if c.blocked}
+        if blocked:  # e.g. a receipt queued by a message that arrived as the block was made
+            self._drop_outbox_of(store, blocked)
         now = _ms()
         queues: dict[bytes, list[OutboxItem]] = {}
         held: set[bytes] = set()
@@ -1184,6 +1195,9 @@ class Messenger:
                         wait = max(wait, 1.0)
                     self._settle_first_contact(item.contact_id, "pending")
                     return self._retry_later(store, item, wait)
+                except RelayRefused:  # never dialled: every block to it goes the same way
+                    self._deposit_forbidden(store, item)
+                    continue
                 except (RelayUnavailable, *UNAVAILABLE):
                     self._settle_first_contact(item.contact_id, "pending")
                     return self._retry_later(
@@ -1195,6 +1209,49 @@ class Messenger:
         finally:
             if own and client is not None:
                 await client.close()
+
+    def _drop_outbox_of(self, store: Store, contact_ids: set[int]) -> None:
+        """Drop what waits in the outbox for blocked contacts, and mark their messages failed.
+        Dropped rather than held: a blocked contact's relay must not see this daemon again
+        (docs/threat-model.md §4.4), and a held block would go out on an unblock long after
+        it was written, to a mailbox that may be gone. Unblocking sends nothing old."""
+        with store.transaction():
+            rows = []
+            for cid in contact_ids:
+                rows += store._q(
+                    "SELECT DISTINCT message_id, contact_id FROM outbox WHERE contact_id = ?"
+                    " AND message_id IS NOT NULL", (cid,),
+                ).fetchall()  # fmt: skip
+                store._q("DELETE FROM outbox WHERE contact_id = ?", (cid,))
+            for message_id, contact_id in rows:
+                if store.get_message(message_id) is not None and store.set_message_status(
+                    message_id, "failed"
+                ):
+                    contact = store.get_contact(contact_id)
+                    self.daemon.events.emit("message.status", {
+                        "message_id": message_id,
+                        "contact": contact.name if contact else None,
+                        "status": "failed",
+                    })  # fmt: skip
+
+    def _deposit_forbidden(self, store: Store, item: OutboxItem) -> None:
+        """The destination's relay fails the policy for relays someone else chose (a URL
+        stored before it existed): no connection, now or later; the block is dropped and its
+        message marked failed."""
+        log.warning("a block was dropped: its contact's relay URL is not allowed")
+        with store.transaction():
+            store.block_deposited(item.id)
+            if (
+                item.message_id is not None
+                and store.get_message(item.message_id) is not None
+                and store.set_message_status(item.message_id, "failed")
+            ):
+                contact = store.get_contact(item.contact_id) if item.contact_id else None
+                self.daemon.events.emit("message.status", {
+                    "message_id": item.message_id,
+                    "contact": contact.name if contact else None,
+                    "status": "failed",
+                })  # fmt: skip
 
     @staticmethod
     def _retry_later(store: Store, item: OutboxItem, wait: float) -> int:

@@ -29,7 +29,7 @@ import aiohttp_socks
 from nacl.signing import SigningKey
 
 from aegisd.netmode import Unreachable
-from aegisd.relayurl import relay_endpoint
+from aegisd.relayurl import RelayUrlError, relay_endpoint
 from relay import wire
 from relay.client import HandshakeFailed, Message, RelayClient, RelayClosed, RelayError
 
@@ -76,6 +76,12 @@ UNAVAILABLE = (
 
 class RelayUnavailable(Exception):
     """There is no working connection to the relay at the moment."""
+
+
+class RelayRefused(RelayUnavailable):
+    """The relay was chosen by someone else (a contact, a stranger, a file's sender) and its
+    URL fails relayurl.check_peer_relay_url: no connection is made, now or later (a URL
+    stored before the policy, or by an older version, is held to it here)."""
 
 
 def backoff(attempt: int) -> float:
@@ -523,6 +529,10 @@ async def with_relay(
         if ours and not own.connected.is_set():
             raise RelayUnavailable()  # our relay is down: no dial that would fail anyway
     try:
+        network.check_chosen_by_other(url)
+    except RelayUrlError:
+        raise RelayRefused() from None
+    try:
         await network.ready(url)
         client = await asyncio.wait_for(_connect(url, network), CONNECT_TIMEOUT)
     except UNAVAILABLE:
@@ -535,6 +545,8 @@ async def _connect(url: str, network: Network) -> RelayClient:
     # modes (no fallback to a direct connection), with a connector (and credentials) of its
     # own, and only to a relay the mode may reach.
     # A URL stored without a path (made before the path was optional) means /v1/ws.
+    # A relay someone else chose is checked by with_relay (its policy) and, directly, by the
+    # connector (where its name resolves; IP literals; RelayClient refuses redirects).
     network.check(url)
     return await RelayClient.connect(
         relay_endpoint(url),
