@@ -76,12 +76,24 @@ def is_numeric_oddity(host: str) -> bool:
 
 
 def host_key(host: str | None) -> str | None:
-    """A host for comparisons: every loopback spelling (``localhost``, ``127.0.0.1``,
-    ``::1``) is one host, the user's machine."""
+    """A host for comparisons: the spellings of the machine's own address (``localhost``,
+    ``127.0.0.1``, ``::1``, ``::ffff:127.0.0.1``) are one host. Other loopback addresses
+    (127.0.0.2) stay apart: a service may listen on one of them only."""
     if host is None:
         return None
     host = host.lower().strip("[]")
-    return "loopback" if is_loopback(host) else host
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip == ipaddress.IPv6Address("::1"):
+            return "127.0.0.1"
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+    return str(ip)
 
 
 def is_onion(host: str) -> bool:

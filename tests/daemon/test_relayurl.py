@@ -149,7 +149,7 @@ ONION = "ws://" + "a" * 56 + ".onion/v1/ws"
         # every loopback spelling is the own relay's host (review, 8)
         "ws://localhost:8765/v1/ws",
         "ws://[::1]:8765/v1/ws",
-        "ws://127.0.0.2:8765/v1/ws",
+        "ws://[::ffff:127.0.0.1]:8765/v1/ws",
         "wss://[64:ff9b::808:808]/v1/ws",  # NAT64 of a public address
     ],
 )
@@ -162,8 +162,8 @@ def test_peer_urls_allowed(url: str) -> None:
 @pytest.mark.parametrize(
     ("url", "own"),
     [
-        ("ws://127.0.0.2:1/v1/ws", "wss://relay.example.org/v1/ws"),  # loopback, not ours
-        ("wss://127.0.0.2:1/v1/ws", "wss://relay.example.org/v1/ws"),
+        ("ws://127.0.0.2:1/v1/ws", OWN),  # loopback, not the own relay's host
+        ("wss://127.0.0.2:1/v1/ws", OWN),
         ("wss://localhost/v1/ws", "wss://relay.example.org/v1/ws"),
         ("wss://[::1]/v1/ws", "wss://relay.example.org/v1/ws"),
         ("wss://10.0.0.1/v1/ws", OWN),

@@ -220,7 +220,9 @@ def test_relay_urls_of_a_contact_are_held_to_a_stricter_policy_bounded_and_stopp
         refused = [
             f"ws://127.0.0.2:{elsewhere.port}/v1/ws",
             f"wss://127.0.0.2:{elsewhere.port}/v1/ws",
-            f"wss://localhost:{elsewhere.port}/v1/ws",
+            f"wss://localhost.localdomain:{elsewhere.port}/v1/ws",
+            f"wss://[::127.0.0.2]:{elsewhere.port}/v1/ws",  # IPv4-compatible 127.0.0.2
+            f"wss://127.0.0.0x2:{elsewhere.port}/v1/ws",  # what inet_aton reads as 127.0.0.2
             "wss://10.1.2.3/v1/ws",
             "wss://169.254.169.254/latest",
             "wss://[::ffff:127.0.0.2]/v1/ws",
@@ -349,3 +351,49 @@ def test_a_contacts_many_files_download_a_few_at_a_time(
         assert silent.most == DOWNLOADS_PER_CONTACT
     finally:
         silent.close()
+
+
+def test_blocking_stops_the_outbox_and_stored_peer_urls_are_held_to_the_policy(
+    peers: Callable[[str], Peer],
+) -> None:
+    """Blocks queued to a contact that is then blocked are dropped, not retried (also after a
+    restart); a destination stored before the peer-URL policy (127.0.0.2: loopback, but not
+    bob's relay) is never dialled (review of issue 15, finding 2)."""
+    from aegisd.services.mailbox import address_to_bytes
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.stop()
+    here = Listener("127.0.0.1")  # bob's relay's host: allowed, nothing answers as a relay
+    elsewhere = Listener("127.0.0.2")
+    try:
+        bob.stop()
+        s = offline_store(bob)
+        try:
+            (cid,) = [c.id for c in s.list_contacts() if c.name == "alice"]
+            for port, host in ((here.port, "127.0.0.1"), (elsewhere.port, "127.0.0.2")):
+                dest = wire.MailboxAddress(f"ws://{host}:{port}/v1/ws", os.urandom(16), b"")
+                s.enqueue_blocks(address_to_bytes(dest), [b"x" * 100], contact_id=cid)
+        finally:
+            s.close()
+        bob.start()
+        bob.wait_for(lambda: here.count >= 2, "the outbox to retry the allowed destination")
+        assert elsewhere.count == 0
+        bob.call("contacts.block", {"name": "alice"})
+        time.sleep(1)  # a connection attempt already under way when the block was made
+        knocks = here.count
+        time.sleep(3)
+        assert here.count == knocks
+        bob.stop()
+        s = offline_store(bob)
+        try:
+            assert s._q("SELECT count(*) FROM outbox").fetchone()[0] == 0
+        finally:
+            s.close()
+        bob.start()
+        bob.wait_connected()
+        time.sleep(2)
+        assert here.count == knocks and elsewhere.count == 0
+    finally:
+        here.close()
+        elsewhere.close()
