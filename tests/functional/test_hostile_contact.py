@@ -290,6 +290,8 @@ def test_renewal_requests_are_bounded_and_superseded_mailboxes_retired(
     alice.stop()
     url = url_of(relay_proc)
     now = time.time_ns() // 1_000_000
+    with sqlite3.connect(relay_proc.data / "relay.sqlite3", timeout=10) as db:
+        before = db.execute("SELECT count(*) FROM mailboxes").fetchone()[0]  # before the burst
     with hostile(alice.home, "bob") as h:
         # Each newer than the last (so each passes the replay bound); nobody ever answers.
         h.deposit(url, [h.renewal_block(now + i, bundle)
@@ -300,14 +302,60 @@ def test_renewal_requests_are_bounded_and_superseded_mailboxes_retired(
     # One mailbox for the session in use, one for the latest renewal: the superseded ones are
     # gone, here and at the relay.
     assert contact_mailboxes(bob) == 2
-    with sqlite3.connect(relay_proc.data / "relay.sqlite3", timeout=10) as db:
-        at_relay = db.execute("SELECT count(*) FROM mailboxes").fetchone()[0]
     bob.stop()
     bob.start()
     bob.wait_connected()
-    assert bob.call("invitations.create")["link"]  # the user's own operations still work
+    # At the relay too: one mailbox more than before the burst (the latest renewal's).
     with sqlite3.connect(relay_proc.data / "relay.sqlite3", timeout=10) as db:
-        assert db.execute("SELECT count(*) FROM mailboxes").fetchone()[0] <= at_relay + 1
+        assert db.execute("SELECT count(*) FROM mailboxes").fetchone()[0] == before + 1
+    assert bob.call("invitations.create")["link"]  # the user's own operations still work
+
+
+def relay_mailboxes(relay: RelayProcess) -> int:
+    with sqlite3.connect(relay.data / "relay.sqlite3", timeout=10) as db:
+        return int(db.execute("SELECT count(*) FROM mailboxes").fetchone()[0])
+
+
+def test_a_refused_renewal_leaves_no_mailbox_and_tries_count_against_the_limit(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """Renewal requests whose reply mailbox does not exist: each answer's deposit is refused,
+    and the mailbox made for it goes, here and at the relay (review of issue 15, finding 3).
+    Requests whose bundle the relay denies count against the daily limit too."""
+    from aegisd.services.renewal import RENEWALS_PER_DAY
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    bundle = wire.ContactLink.from_text(alice.call("address.get")["link"]).bundle_address
+    alice.stop()
+    url = url_of(relay_proc)
+    before = relay_mailboxes(relay_proc)
+    now = time.time_ns() // 1_000_000
+    with hostile(alice.home, "bob") as h:
+        nowhere = wire.MailboxAddress(url, os.urandom(len(h.send_to.deposit_id)), b"")
+        h.deposit(url, [h.renewal_block(now + i, bundle, nowhere)
+                        for i in range(RENEWALS_PER_DAY)])  # fmt: skip
+        bob.wait_for(lambda: queued(relay_proc, h) == 0, "bob to take the requests")
+    bob.wait_for(
+        lambda: len(bob.events(types=["contact.renewal_failed"])) >= 1, "a refused renewal"
+    )
+    bob.wait_for(lambda: contact_mailboxes(bob) == 1, "the refused renewals' mailboxes to go")
+    bob.wait_for(lambda: relay_mailboxes(relay_proc) == before, "their deletion at the relay")
+
+    # A denied bundle counts too: with the limit reached, a valid request is not answered.
+    carol, dave = peers("carol"), peers("dave")
+    connect(carol, dave)
+    carol_bundle = wire.ContactLink.from_text(carol.call("address.get")["link"]).bundle_address
+    carol.stop()
+    with hostile(carol.home, "dave") as h:
+        later = time.time_ns() // 1_000_000
+        nothing = os.urandom(len(carol_bundle))  # a bundle address the relay does not know
+        h.deposit(url, [h.renewal_block(later + i, nothing) for i in range(RENEWALS_PER_DAY)])
+        dave.wait_for(lambda: queued(relay_proc, h) == 0, "dave to take the requests")
+        h.deposit(url, [h.renewal_block(later + RENEWALS_PER_DAY, carol_bundle)])
+        dave.wait_for(lambda: queued(relay_proc, h) == 0, "dave to take the valid one")
+    time.sleep(2)  # an answer would have been made by now
+    assert dave.events(types=["contact.session_renewing"]) == []
 
 
 def test_own_operations_work_past_the_relays_creations_per_connection(tmp_short: Path) -> None:

@@ -52,9 +52,12 @@ class Hostile:
         body = _fragment_body(wire.Fragment(msg_id, index, count, data), wire.RATCHET_BODY_PT_LEN)
         return _VERSION_BYTE + s.ratchet.encrypt(self.entropy, body, s.ad + _VERSION_BYTE)
 
-    def renewal_block(self, created_at_ms: int, bundle_address: bytes) -> bytes:
+    def renewal_block(
+        self, created_at_ms: int, bundle_address: bytes, reply_to: wire.MailboxAddress | None = None
+    ) -> bytes:
         """A session-renewal request (docs/protocol.md §23), as a restored profile makes it:
-        only the identity's holder can; here it is made again and again."""
+        only the identity's holder can; here it is made again and again. ``reply_to``: the
+        mailbox the answer goes to (default: the one the contact writes to)."""
         from aegisd.core import renewal
         from aegisd.core.prekeys import PrekeyStore
 
@@ -62,7 +65,7 @@ class Hostile:
         assert state is not None
         ident = PrekeyStore.from_bytes(state).identity
         payload = wire.RenewPayload(
-            self.entropy.random(wire.MESSAGE_ID_LEN), created_at_ms, self.send_to,
+            self.entropy.random(wire.MESSAGE_ID_LEN), created_at_ms, reply_to or self.send_to,
             bundle_address, "mallory",
         )  # fmt: skip
         return renewal.seal(self.entropy, ident, self.session.remote, wire.encode_payload(payload))
