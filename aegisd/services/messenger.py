@@ -32,6 +32,7 @@ from aegisd.core.identity import (
     IdentityKeyPair,
     PublicIdentity,
     format_safety_number,
+    keys_of,
     new_address,
     safety_number,
 )
@@ -805,8 +806,12 @@ class Messenger:
         return name
 
     def _contact_with_identity(self, identity: PublicIdentity) -> Contact | None:
-        key = identity.to_bytes()
-        return next((c for c in self.store.list_contacts() if c.identity_key == key), None)
+        # By its keys, not the record's bytes: the same keys with another binding signature
+        # are the same identity (and a blocked one stays blocked).
+        key = identity.encode()
+        return next(
+            (c for c in self.store.list_contacts() if keys_of(c.identity_key) == key), None
+        )
 
     def describe(self, c: Contact) -> dict[str, Any]:
         state = ContactState.from_bytes(c.state)
@@ -1603,7 +1608,8 @@ class Messenger:
             if known is not None and known.blocked:
                 return
             pending = self.store.list_requests()
-            same = [r for r in pending if r.identity_key == fc.sender.to_bytes()]
+            keys = fc.sender.encode()  # the keys: a re-signed record is the same identity
+            same = [r for r in pending if keys_of(r.identity_key) == keys]
             if same:
                 # The same identity again (it retried, or floods): one request, holding the
                 # newest session, the one its sender now waits on (issue 15 item 14).

@@ -137,6 +137,42 @@ def test_requests_from_one_identity_are_merged_and_pending_ones_capped(
     assert only["name"] == "carol"
 
 
+def test_a_re_signed_identity_is_the_same_identity(peers: Callable[[str], Peer]) -> None:
+    """The holder of an identity can sign its binding again (another nonce): other bytes, the
+    same keys. Its requests are still merged into one, and once blocked it stays blocked
+    (review of issue 15, finding 4)."""
+    from tests.support.hostile import resign_profile
+
+    alice, bob = peers("alice"), peers("bob")
+    for p in (alice, bob):
+        p.wait_connected()
+    address = bob.call("address.get")["link"]
+    alice.call("contacts.add", {"name": "bob", "link": address})
+    bob.wait_for(lambda: len(bob.call("requests.list")["requests"]) == 1, "the request")
+    alice.call("contacts.remove", {"name": "bob"})
+    alice.stop()
+    resign_profile(alice.home)
+    alice.start()
+    alice.wait_connected()
+    alice.call("contacts.add", {"name": "bob", "link": address})
+    time.sleep(3)  # a second request would be listed by now
+    (req,) = bob.call("requests.list")["requests"]
+    bob.call("requests.accept", {"request": req["request"]})
+    alice.wait_for(
+        lambda: alice.call("contacts.list")["contacts"][0]["established"], "bob's answer"
+    )
+    (contact,) = bob.call("contacts.list")["contacts"]
+    bob.call("contacts.block", {"name": contact["name"]})
+    alice.call("contacts.remove", {"name": "bob"})
+    alice.stop()
+    resign_profile(alice.home)
+    alice.start()
+    alice.wait_connected()
+    alice.call("contacts.add", {"name": "bob", "link": address})
+    time.sleep(3)
+    assert bob.call("requests.list")["requests"] == []
+
+
 # --- item 10: relay URLs chosen by a contact -----------------------------------------------------
 
 
