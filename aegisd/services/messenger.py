@@ -123,9 +123,12 @@ MAX_MESSAGE_FRAGMENTS = -(-(wire.MAX_TEXT_BYTES + 26) // wire.RATCHET_CAPACITY)
 STALE_FRAGMENTS_MS = 24 * 3600 * 1000
 #: Incomplete multi-block messages kept per contact, and in all (issue 15 item 13): a contact's
 #: own software has at most a few in flight (its outbox sends a message's blocks in order), so
-#: past this the contact's oldest partial goes; past the total, a new one is not kept.
+#: past this the contact's oldest partial goes; past the total, the oldest partial of whichever
+#: contact holds the most goes (so that a few contacts filling it cannot keep everyone else's
+#: multi-block messages out).
 PARTIALS_PER_CONTACT = 8
 PARTIALS_TOTAL = 256
+SETTING_MAX_PARTIALS = "partials.max_total"  # PARTIALS_TOTAL, lowered by tests
 #: Contact requests through the address waiting for the user (issue 15 item 14): past this,
 #: a request from a new identity is dropped (counted) until the user accepts or rejects some;
 #: one identity holds one request whatever it sends. A setting may change it.
@@ -1669,10 +1672,8 @@ class Messenger:
             elif fragment.count > MAX_MESSAGE_FRAGMENTS:
                 droplog.dropped("dropped a fragment of an oversized message")
                 return
-            elif not self._room_for_partial(contact_id, fragment.msg_id):
-                droplog.dropped("dropped a partial message (over the total limit)")
-                return
             else:
+                self._make_room_for_partial(contact_id, fragment.msg_id)
                 parts = self.store.put_fragment(
                     contact_id, fragment.msg_id, fragment.index, fragment.count, fragment.data
                 )
@@ -1686,20 +1687,28 @@ class Messenger:
                 return
             self._handle_payload(c, session, payload)
 
-    def _room_for_partial(self, contact_id: int, msg_id: bytes) -> bool:
-        """Whether a fragment of a message not yet kept may start one more partial message
-        (inside the receive transaction): a contact's oldest partials make room for its
-        newest (PARTIALS_PER_CONTACT); past PARTIALS_TOTAL for all contacts, none is kept."""
+    def _make_room_for_partial(self, contact_id: int, msg_id: bytes) -> None:
+        """Before a fragment of a message not yet kept starts one more partial message (inside
+        the receive transaction): a contact's oldest partials make room for its newest
+        (PARTIALS_PER_CONTACT); past the total for all contacts, the oldest partial of the
+        contact holding the most goes, so whoever fills it loses, not everyone else."""
         own = self.store.partial_messages(contact_id)
         if any(m == msg_id for _, m in own):
-            return True
-        evict = own[: max(0, len(own) - PARTIALS_PER_CONTACT + 1)]
-        if len(self.store.partial_messages()) - len(evict) >= PARTIALS_TOTAL:
-            return False
-        for _, old in evict:
+            return
+        for _, old in own[: max(0, len(own) - PARTIALS_PER_CONTACT + 1)]:
             self.store.delete_fragments(contact_id, old)
             droplog.dropped("dropped a partial message (over a contact's limit)")
-        return True
+        total = int(self.store.get_setting(SETTING_MAX_PARTIALS, PARTIALS_TOTAL))
+        kept = self.store.partial_messages()  # oldest first
+        while len(kept) >= max(1, total):
+            held: dict[int, int] = {}
+            for cid, _ in kept:
+                held[cid] = held.get(cid, 0) + 1
+            most = max(held.values())
+            victim = next((cid, m) for cid, m in kept if held[cid] == most)  # its oldest
+            self.store.delete_fragments(*victim)
+            kept.remove(victim)
+            droplog.dropped("dropped a partial message (over the total limit)")
 
     def drop_partials(self, contact_id: int) -> None:
         """A contact blocked: its incomplete messages go (they would never be shown)."""

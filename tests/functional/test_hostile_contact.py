@@ -95,6 +95,31 @@ def test_partial_messages_are_capped_per_contact_and_dropped_when_blocked(
     assert len([line for line in log.splitlines() if "partial message" in line]) == 1, log
 
 
+def test_contacts_filling_the_partial_total_do_not_keep_others_out(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """Past the total of partial messages (lowered here) the oldest partial of the contact
+    holding the most goes: another contact's multi-block text still arrives (review of
+    issue 15, finding 9)."""
+    from aegisd.services.messenger import SETTING_MAX_PARTIALS
+
+    alice, bob, carol = peers("alice"), peers("bob"), peers("carol")
+    connect(alice, bob)
+    connect(carol, bob)
+    set_offline(bob, SETTING_MAX_PARTIALS, 3)
+    alice.stop()
+    url = url_of(relay_proc)
+    with hostile(alice.home, "bob") as h:
+        h.deposit(url, [h.fragment_block(os.urandom(wire.MSG_ID_LEN), 0, 2, b"x" * 100)
+                        for _ in range(3)] + h.payload_blocks(text("filled")))  # fmt: skip
+    bob.wait_for(lambda: received(bob, "alice", "filled"), "alice's partials")
+    assert fragments_kept(bob) == 3
+    long = "long " * (3 * wire.RATCHET_CAPACITY // 5)  # several blocks
+    carol.call("messages.send", {"contact": "bob", "text": long})
+    bob.wait_for(lambda: received(bob, "carol", long), "carol's multi-block text")
+    assert fragments_kept(bob) == 2  # alice's oldest made room; carol's completed
+
+
 # --- item 14: contact requests through the address ---------------------------------------------
 
 
