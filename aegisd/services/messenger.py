@@ -166,6 +166,13 @@ E_EXPIRED = 1023
 E_NOT_READY = 1024
 E_BLOCKED = 1025
 E_TOO_LARGE = 1026
+E_TOO_MANY_MAILBOXES = 1048
+#: Mailboxes a profile may own (address, invitations, contacts, the cover pool): below the
+#: relay's default 1000 subscriptions per connection (relay/config.py), so that the link's
+#: one connection receives on every one of them. A contact's renewals stop well before
+#: (renewal.OWN_MAILBOX_RESERVE_AT): the rest is the user's own.
+MAX_OWN_MAILBOXES = 950
+SETTING_MAX_MAILBOXES = "mailboxes.max"  # MAX_OWN_MAILBOXES, lowered by tests
 
 
 def clean_name(name: str, fallback: str = "new contact") -> str:
@@ -567,10 +574,21 @@ class Messenger:
         row = self.store.get_mailbox(row_id)
         assert row is not None
         self._owned[mb.owner_id] = (row, mb)
-        if self.link is not None:
-            with contextlib.suppress(*UNAVAILABLE, RelayError):
-                await self.link.subscribe(mb.owner_id, mb.signing_key)
+        await self._subscribe_new(mb)
         return row_id, mb
+
+    async def _subscribe_new(self, mb: OwnedMailbox) -> None:
+        """Subscribe a mailbox just made (the link subscribes all of them on every reconnect).
+        A refusal is said, with the count: a mailbox not subscribed receives nothing."""
+        if self.link is None:
+            return
+        try:
+            await self.link.subscribe(mb.owner_id, mb.signing_key)
+        except RelayError as exc:
+            log.warning("the relay refused to subscribe a new mailbox (error %d; the profile "
+                        "owns %d mailboxes)", exc.code, len(self._owned))  # fmt: skip
+        except UNAVAILABLE:
+            pass  # the next connection subscribes it
 
     async def add_pool_mailbox(self) -> None:
         """One more mailbox for the pool (cover.py calls this at random times)."""
@@ -580,12 +598,19 @@ class Messenger:
         self._reload_owned()
         if self.store.get_setting(SETTING_MOVE):
             self._spawn(self.continue_move())  # a relay move waits for pool mailboxes
-        if self.link is not None:
-            with contextlib.suppress(*UNAVAILABLE, RelayError):
-                await self.link.subscribe(mb.owner_id, mb.signing_key)
+        await self._subscribe_new(mb)
 
     async def _new_mailbox(self, *, public: bool) -> OwnedMailbox:
-        """A mailbox made at the relay (with a send token unless public)."""
+        """A mailbox made at the relay (with a send token unless public). Refused past the
+        profile's mailbox limit (MAX_OWN_MAILBOXES); a relay limit that a connection of its
+        own does not get round is reported as such (rate_limited), not as unreachable."""
+        limit = int(self.store.get_setting(SETTING_MAX_MAILBOXES, MAX_OWN_MAILBOXES))
+        if len(self._owned) >= limit:
+            raise AppError(
+                E_TOO_MANY_MAILBOXES, "too_many_mailboxes",
+                f"this profile has {len(self._owned)} mailboxes, the most one relay connection "
+                "receives on: revoke unused invitations or remove contacts",
+            )  # fmt: skip
         sign_seed, box_secret = new_keys()
         token = b"" if public else self.entropy.random(32)
 
@@ -622,7 +647,15 @@ class Messenger:
                 return await make(own)
             finally:
                 await own.close()
-        except (*UNAVAILABLE, RelayError, RelayUnavailable):
+        except RelayError as exc:
+            if exc.code in (E_LIMIT, E_RATE_LIMITED):  # e.g. the relay holds all it may
+                raise AppError(
+                    E_RATE_LIMITED_APP, "rate_limited",
+                    "the relay makes no more mailboxes for now (one of its limits): try again "
+                    "later",
+                ) from None  # fmt: skip
+            raise relay_unavailable() from None
+        except (*UNAVAILABLE, RelayUnavailable):
             raise relay_unavailable() from None
 
     async def _retire_mailbox(self, row_id: int) -> None:
