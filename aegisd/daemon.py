@@ -186,7 +186,8 @@ class Daemon:
         if self.store is None:
             # The relay URL is in the encrypted store: while locked, whether one is configured
             # is unknown (null), not false; and nothing connects.
-            return {"configured": None, "connected": False, "url": None, "reason": "locked"}
+            return {"configured": None, "connected": False, "url": None, "reason": "locked",
+                    "refusing": None}
         url = self.store.get_setting(SETTING_URL)
         reason = None
         if not self.relay_connected:  # Tor not (yet) working says more than "timed out"
@@ -196,6 +197,8 @@ class Daemon:
             "connected": self.relay_connected,
             "url": url,
             "reason": reason,
+            # A relay that is up but full: deposits refused for want of room (they wait).
+            "refusing": self.messenger.relay_refusing,
         }
 
     def request_stop(self) -> None:

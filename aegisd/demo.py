@@ -119,7 +119,8 @@ def protocol_main() -> None:
 # --- the live demo: a relay, two daemons, the CLI ----------------------------------------
 
 # Cheap proofs of work (the defaults cost a second or so per anonymous operation).
-RELAY_OPTIONS = ["--pow-deposit-bits", "8", "--pow-bundle-bits", "8", "--pow-blob-bits", "8"]
+RELAY_OPTIONS = ["--pow-deposit-bits", "8", "--pow-bundle-bits", "8", "--pow-blob-bits", "8",
+                 "--pow-create-bits", "8"]
 TIMEOUT = 60.0
 
 LIVE_CONVERSATION = [

@@ -70,7 +70,7 @@ async def raw_blocks(url: str, blocks: int) -> float:
     t0 = time.perf_counter()
     up = await RelayClient.connect(url)
     try:
-        await up.blob_quota()
+        await up.blob_quota(blocks)
         for i in range(0, blocks, WINDOW):
             await asyncio.gather(*(up.blob_put(b, cap, block) for b in ids[i : i + WINDOW]))
     finally:

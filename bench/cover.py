@@ -39,7 +39,8 @@ from aegisd.services.cover import LEVELS  # noqa: E402
 
 BLOCK = 16384
 DAY = 86400.0
-FAST_POW = ["--pow-deposit-bits", "8", "--pow-bundle-bits", "8", "--pow-blob-bits", "8"]
+FAST_POW = ["--pow-deposit-bits", "8", "--pow-bundle-bits", "8", "--pow-blob-bits", "8",
+    "--pow-create-bits", "8"]
 
 
 def cpu_seconds(pid: int) -> float:

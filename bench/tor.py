@@ -43,7 +43,8 @@ from tests.support.procs import child  # noqa: E402
 from tests.tornet import TorNetwork  # noqa: E402
 
 TARGET_START_S = 60.0
-FAST_POW = ["--pow-deposit-bits", "8", "--pow-bundle-bits", "8", "--pow-blob-bits", "8"]
+FAST_POW = ["--pow-deposit-bits", "8", "--pow-bundle-bits", "8", "--pow-blob-bits", "8",
+    "--pow-create-bits", "8"]
 
 
 def wait_until(pred: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:

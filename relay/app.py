@@ -121,7 +121,7 @@ class MailboxState:
     """The in-memory view of one mailbox (rebuilt from storage when needed)."""
 
     __slots__ = ("bundle_bucket", "deleted", "deposit_bucket", "dkey", "id", "key", "okey",
-                 "public", "queued", "sub", "tokens", "verify")
+                 "public", "queued", "sub", "tokens", "used", "verify")
 
     def __init__(self, row: MailboxRow, cfg: Config, now: float) -> None:
         self.id = row.id
@@ -133,6 +133,7 @@ class MailboxState:
         self.public = row.public
         self.tokens = row.tokens
         self.queued = row.queued
+        self.used = row.used
         self.deposit_bucket = TokenBucket(cfg.deposit_rate, cfg.deposit_burst, now)
         self.bundle_bucket = TokenBucket(cfg.bundle_fetch_rate, cfg.bundle_fetch_burst, now)
         self.sub: Subscription | None = None
@@ -172,7 +173,8 @@ class Relay:
     def __init__(self, cfg: Config, storage: Storage | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
-        self.storage: Storage = storage or SQLiteStorage(cfg.data_dir, cfg.max_batch)
+        self.storage: Storage = storage or SQLiteStorage(
+            cfg.data_dir, cfg.max_batch, clock, cfg.mailbox_use_granularity)
         self.clock = clock
         self.by_okey: dict[bytes, MailboxState] = {}
         self.by_dkey: dict[bytes, MailboxState] = {}
@@ -180,7 +182,15 @@ class Relay:
         self._loading: dict[bytes, asyncio.Future[MailboxState | None]] = {}
         self.cache_max = 100_000
         self.mailboxes = 0
+        # What is stored, counted in blocks, in memory (never a fresh count from storage while
+        # writes are in flight: they would be forgotten). blob_reserved: blob quotas granted
+        # and not yet used, held against the blob area and the budget until their connection
+        # ends (so uploads in flight count).
+        self.queued_blocks = 0
         self.blob_blocks = 0
+        self.blob_reserved = 0
+        self.budget_blocks = 0
+        self.started = 0.0
         self.connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closing = False
@@ -191,6 +201,16 @@ class Relay:
         await self.storage.open()
         self.mailboxes = await self.storage.mailbox_count()
         self.blob_blocks = await self.storage.blob_count()
+        self.queued_blocks = await self.storage.queued_count()
+        self.started = self.clock()
+        budget = self.cfg.storage_budget
+        if budget <= 0:
+            # Half of what the relay may use on its disk: the free space plus what its files
+            # hold already (a disk shared with others is not the relay's to fill).
+            st = os.statvfs(self.cfg.data_dir)
+            held = sum(e.stat().st_size for e in os.scandir(self.cfg.data_dir) if e.is_file())
+            budget = (st.f_bavail * st.f_frsize + held) // 2
+        self.budget_blocks = budget // wire.BLOCK_SIZE
         self.spawn(self._maintenance())
         self.spawn(self._reaper())
 
@@ -245,13 +265,63 @@ class Relay:
                     conn.error(0, wire.E_TIMEOUT)
 
     async def sweep(self) -> None:
-        """Delete expired blocks and blobs."""
-        counts = await self.storage.expire(int(self.clock()))
+        """Delete expired blocks and blobs, and mailboxes nobody used for mailbox_ttl."""
+        now = int(self.clock())
+        counts, blobs = await self.storage.expire(now)
         for mailbox, n in counts.items():
             mb = self.by_id.get(mailbox)
             if mb is not None:
                 mb.queued = max(0, mb.queued - n)
-        self.blob_blocks = await self.storage.blob_count()
+        self.queued_blocks = max(0, self.queued_blocks - sum(counts.values()))
+        self.blob_blocks = max(0, self.blob_blocks - blobs)
+        # A subscription is a use: a daemon that stays connected for months keeps its mailboxes.
+        stale = [sub.mb for conn in self.connections for sub in conn.subs.values()
+                 if sub.mb.used < self.use_period()]
+        if stale:
+            await self.touch(stale)
+        # The clock ran while the relay was stopped, and its clients could not use it: give
+        # them a day (or one use period, if shorter) to come back before anything expires.
+        if now - self.started < min(86400, self.cfg.mailbox_use_granularity):
+            return
+        while True:
+            ids, removed = await self.storage.expire_mailboxes(now - self.cfg.mailbox_ttl + 1)
+            self.queued_blocks = max(0, self.queued_blocks - removed)
+            self.mailboxes = max(0, self.mailboxes - len(ids))
+            for mailbox in ids:
+                mb = self.by_id.get(mailbox)
+                if mb is not None:
+                    mb.deleted = True
+                    if mb.sub is not None:
+                        self.end_subscription(mb.sub, notify=True)
+                    self._uncache(mb)
+            if len(ids) < 1000:
+                break
+
+    def use_period(self) -> int:
+        """Now, rounded down to mailbox_use_granularity: what a mailbox's last use is set to."""
+        g = max(1, self.cfg.mailbox_use_granularity)
+        return int(self.clock()) // g * g
+
+    async def touch(self, mbs: list[MailboxState]) -> None:
+        """Record a use of these mailboxes: one write per mailbox and period at most."""
+        period = self.use_period()
+        for mb in mbs:
+            mb.used = period
+        await self.storage.touch_mailboxes([mb.id for mb in mbs], period)
+
+    def unqueued(self, mb: MailboxState, n: int) -> None:
+        """`n` queued blocks of `mb` are gone (acknowledged, dropped)."""
+        mb.queued = max(0, mb.queued - n)
+        self.queued_blocks = max(0, self.queued_blocks - n)
+
+    def full(self, blocks: int = 1) -> bool:
+        """Would storing `blocks` more pass the relay-wide storage budget?"""
+        used = self.queued_blocks + self.blob_blocks + self.blob_reserved
+        return used + blocks > self.budget_blocks
+
+    def blob_expiry(self) -> int:
+        g = max(1, self.cfg.expiry_granularity)
+        return int(math.ceil((self.clock() + self.cfg.blob_ttl) / g) * g)
 
     def expiry(self) -> int:
         """A coarse expiry: now + ttl rounded up to the granularity (hides arrival times)."""
@@ -385,7 +455,7 @@ class Relay:
         def removed(fut: asyncio.Future[int]) -> None:
             # By what was removed: a pump and a FETCH elsewhere may meet the same bad row.
             if not fut.cancelled() and fut.exception() is None:
-                mb.queued = max(0, mb.queued - fut.result())
+                self.unqueued(mb, fut.result())
 
         self.storage.remove(mb.id, [rowid]).add_done_callback(removed)
 
@@ -405,7 +475,8 @@ class Connection:
         self.created = 0
         self.bundle_fetches = 0
         self.pow_seen: set[bytes] = set()
-        self.blob_quota = 0
+        self.blob_quota = 0  # blob uploads left, reserved in relay.blob_reserved
+        self.blob_released = False
         self._out: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
         self._drained: asyncio.Future[None] | None = None
         self._out_bytes = 0
@@ -510,6 +581,9 @@ class Connection:
         finally:
             for sub in list(self.subs.values()):
                 self.relay.end_subscription(sub, notify=False)
+            self.relay.blob_reserved = max(0, self.relay.blob_reserved - self.blob_quota)
+            self.blob_quota = 0
+            self.blob_released = True
             for task in list(self._tasks):
                 task.cancel()
             if not writer.done():
@@ -605,18 +679,19 @@ class Connection:
         self._release()
         relay = self.relay
         if fut.cancelled():
-            mb.queued -= 1
+            relay.unqueued(mb, 1)
             return
         exc = fut.exception()
         if exc is not None:
-            mb.queued -= 1
+            relay.unqueued(mb, 1)
             log.warning("storage error: %s", type(exc).__name__)
             self.error(rid, wire.E_INTERNAL)
             return
         rowid = fut.result()
         self.ok(rid)
         if mb.deleted:
-            relay.storage.remove(mb.id, [rowid]).add_done_callback(_consume)
+            relay.storage.remove(mb.id, [rowid]).add_done_callback(
+                functools.partial(_unqueue_removed, relay, mb))
             return
         relay.stored(mb, rowid, block)
 
@@ -635,7 +710,7 @@ class Connection:
             log.warning("storage error: %s", type(exc).__name__)
             self.error(rid, wire.E_INTERNAL)
             return
-        mb.queued = max(0, mb.queued - fut.result())
+        self.relay.unqueued(mb, fut.result())
         self.ok(rid)
         sub = self.subs.get(mb.id)
         if sub is not None and sub.backlog and not sub.pumping:
@@ -645,7 +720,7 @@ class Connection:
         c = self.cfg
         return wire.HelloOk(self.challenge, wire.BLOCK_SIZE, c.max_frame, c.pow_deposit_bits,
                             c.pow_bundle_bits, c.pow_blob_bits, c.message_ttl, c.window,
-                            c.max_inflight)
+                            c.max_inflight, c.pow_create_bits)
 
     async def _handle(self, frame: wire.Frame) -> None:
         handler = _HANDLERS[frame.type]
@@ -706,6 +781,8 @@ class Connection:
             raise Denied() from None
         if mb is None or mb.deleted:
             raise Denied()
+        if mb.used < self.relay.use_period():
+            await self.relay.touch([mb])
         return mb, owner_id, args
 
 
@@ -715,7 +792,9 @@ Handler = Callable[[Connection, wire.Frame], Awaitable[None]]
 
 
 async def h_create(c: Connection, f: wire.Frame) -> None:
-    sig_pub, box_pub, flags, sig = wire.parse_create(f.body)
+    sig_pub, box_pub, flags, nonce, sig = wire.parse_create(f.body)
+    c._check_pow(c.cfg.pow_create_bits, wire.POW_CREATE, pow_.ZERO_TARGET,
+                 wire.create_pow_hash(sig_pub, box_pub, flags), nonce)
     try:
         VerifyKey(sig_pub).verify(
             wire.auth_message(c.challenge, wire.encode(f.type, f.rid, f.body[:-wire.SIG_LEN])),
@@ -725,14 +804,17 @@ async def h_create(c: Connection, f: wire.Frame) -> None:
     except (BadSignatureError, ValueError, CryptoError):
         raise wire.FrameError(wire.E_DENIED) from None
     relay = c.relay
-    if c.created >= c.cfg.creates_per_connection or relay.mailboxes >= c.cfg.max_mailboxes:
+    if c.created >= c.cfg.creates_per_connection:
         raise wire.FrameError(wire.E_LIMIT)
+    if relay.mailboxes >= c.cfg.max_mailboxes:
+        raise wire.FrameError(wire.E_FULL)  # relay-wide: not this connection's doing
     c.created += 1
     relay.mailboxes += 1
     owner_id, deposit_id = os.urandom(wire.ID_LEN), os.urandom(wire.ID_LEN)
     try:
         await relay.storage.create_mailbox(owner_key(owner_id), deposit_key(deposit_id), sig_pub,
-                                           bytes(secret), box_pub, bool(flags & 1))
+                                           bytes(secret), box_pub, bool(flags & 1),
+                                           relay.use_period())
     except BaseException:
         relay.mailboxes -= 1
         raise
@@ -789,7 +871,7 @@ async def h_ack(c: Connection, f: wire.Frame) -> None:
     try:
         for mb, rowids in by_mb.values():
             removed = await c.relay.storage.remove(mb.id, rowids)
-            mb.queued = max(0, mb.queued - removed)
+            c.relay.unqueued(mb, removed)
     finally:
         for mb, rowids in by_mb.values():
             rows = c.out_rows.get(mb.id)
@@ -811,7 +893,8 @@ async def h_delete(c: Connection, f: wire.Frame) -> None:
     if mb.sub is not None:
         relay.end_subscription(mb.sub, notify=mb.sub.conn is not c)
     relay._uncache(mb)
-    await relay.storage.delete_mailbox(mb.id)
+    removed = await relay.storage.delete_mailbox(mb.id)
+    relay.queued_blocks = max(0, relay.queued_blocks - removed)
     relay.mailboxes = max(0, relay.mailboxes - 1)
     c.ok(f.rid)
 
@@ -883,6 +966,11 @@ async def h_bundle_fetch(c: Connection, f: wire.Frame) -> None:
     c.send(wire.encode(wire.BUNDLE, f.rid, wire.encode_bundle(*bundle)))
 
 
+def _unqueue_removed(relay: Relay, mb: MailboxState, fut: asyncio.Future[int]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        relay.unqueued(mb, fut.result())
+
+
 def _deposit_pow(c: Connection, deposit_id: bytes, kind: int, auth: bytes, block: bytes) -> None:
     if kind == wire.AUTH_POW:
         c._check_pow(c.cfg.pow_deposit_bits, wire.POW_DEPOSIT, deposit_id,
@@ -902,6 +990,8 @@ def _deposit_auth(c: Connection, mb: MailboxState | None, kind: int,
         raise wire.FrameError(wire.E_RATE_LIMITED)
     if mb.queued >= c.cfg.queue_limit:
         raise wire.FrameError(wire.E_QUEUE_FULL)
+    if c.relay.full():
+        raise wire.FrameError(wire.E_FULL)
     if c.relay.storage.pending >= c.cfg.max_pending_writes:
         raise wire.FrameError(wire.E_BUSY)
     return mb
@@ -921,6 +1011,7 @@ def fast_deposit(c: Connection, f: wire.Frame) -> bool:
     # delivery is sealed afresh: Connection.push).
     fut = c.relay.storage.enqueue(mb.id, c.relay.expiry(), mb.seal(block))
     mb.queued += 1
+    c.relay.queued_blocks += 1
     fut.add_done_callback(functools.partial(c._deposit_done, f.rid, mb, block))
     return True
 
@@ -934,14 +1025,15 @@ async def h_deposit(c: Connection, f: wire.Frame) -> None:
     mb = _deposit_auth(c, await c.mailbox(dkey=deposit_key(deposit_id)), kind, auth)
     sealed = mb.seal(block)
     mb.queued += 1
+    relay.queued_blocks += 1
     try:
         rowid = await relay.storage.enqueue(mb.id, relay.expiry(), sealed)
     except BaseException:
-        mb.queued -= 1
+        relay.unqueued(mb, 1)
         raise
     c.ok(f.rid)
     if mb.deleted:
-        await relay.storage.remove(mb.id, [rowid])
+        relay.unqueued(mb, await relay.storage.remove(mb.id, [rowid]))
         return
     relay.stored(mb, rowid, block)
 
@@ -961,9 +1053,26 @@ def fast_ack(c: Connection, f: wire.Frame) -> bool:
 
 
 async def h_blob_quota(c: Connection, f: wire.Frame) -> None:
-    nonce = wire.exact(f.body, wire.NONCE_LEN)
-    c._check_pow(c.cfg.pow_blob_bits, wire.POW_BLOB, pow_.ZERO_TARGET, pow_.ZERO_HASH, nonce)
-    c.blob_quota = c.cfg.blob_quota_blocks
+    """A quota of `blocks` uploads, paid in proportion (§6) and reserved at once against the
+    blob area and the storage budget, so uploads in flight are counted; what the connection
+    leaves unused is released when it ends (or by its next quota)."""
+    body = wire.exact(f.body, 4 + wire.NONCE_LEN)
+    (blocks,) = struct.unpack_from(">I", body)
+    nonce = body[4:]
+    if blocks == 0:
+        raise wire.FrameError(wire.E_BAD_FRAME)
+    if blocks > c.cfg.blob_quota_blocks:
+        raise wire.FrameError(wire.E_LIMIT)
+    c._check_pow(wire.blob_pow_bits(c.cfg.pow_blob_bits, blocks), wire.POW_BLOB,
+                 wire.blob_pow_target(blocks), pow_.ZERO_HASH, nonce)
+    relay = c.relay
+    relay.blob_reserved -= c.blob_quota  # a new quota replaces what is left of the last
+    c.blob_quota = 0
+    area = c.cfg.blob_max_bytes // wire.BLOCK_SIZE
+    if relay.blob_blocks + relay.blob_reserved + blocks > area or relay.full(blocks):
+        raise wire.FrameError(wire.E_FULL)
+    c.blob_quota = blocks
+    relay.blob_reserved += blocks
     c.ok(f.rid, struct.pack(">I", c.blob_quota))
 
 
@@ -983,27 +1092,35 @@ async def h_blob_put(c: Connection, f: wire.Frame) -> None:
     if len(block) != wire.BLOCK_SIZE:
         raise wire.FrameError(wire.E_BAD_BLOCK)
     relay = c.relay
-    if c.blob_quota <= 0 or (relay.blob_blocks + 1) * wire.BLOCK_SIZE > c.cfg.blob_max_bytes:
+    if c.blob_quota <= 0:  # the quota was reserved in the blob area when it was granted
         raise wire.FrameError(wire.E_LIMIT)
     if relay.storage.pending >= c.cfg.max_pending_writes:
         raise wire.FrameError(wire.E_BUSY)
     c.blob_quota -= 1
+    relay.blob_reserved -= 1
     relay.blob_blocks += 1
     # At rest the block is encrypted under a key only the capability yields: the disk alone
     # tells nothing, and the stored bytes differ from the uploaded ones.
     check, box = _blob_secret(cap)
     try:
-        ok = await relay.storage.put_blob(blob_key(blob_id), check, relay.expiry(),
+        ok = await relay.storage.put_blob(blob_key(blob_id), check, relay.blob_expiry(),
                                           bytes(box.encrypt(block)))
     except BaseException:
-        relay.blob_blocks -= 1
-        c.blob_quota += 1
+        _unput(c)
         raise
     if not ok:
-        relay.blob_blocks -= 1
-        c.blob_quota += 1
+        _unput(c)
         raise wire.FrameError(wire.E_EXISTS)
     c.ok(f.rid)
+
+
+def _unput(c: Connection) -> None:
+    """A put that stored nothing: its block goes back to the quota (or, with the connection
+    gone and its reservation released, to nobody)."""
+    c.relay.blob_blocks -= 1
+    if not c.blob_released:
+        c.blob_quota += 1
+        c.relay.blob_reserved += 1
 
 
 async def _blob(c: Connection, blob_id: bytes, cap: bytes) -> bytes:

@@ -275,8 +275,14 @@ class RelayClient:
     # --- owner commands ---------------------------------------------------------------------
 
     async def create(self, key: SigningKey, box_pub: bytes, public: bool = False) -> Created:
+        """CREATE, paid with a proof of work bound to the two keys (§4, §6)."""
+        assert self.hello is not None
+        sig_pub, flags = bytes(key.verify_key), 1 if public else 0
+        nonce = await asyncio.to_thread(self._pow, self.hello.pow_create_bits, wire.POW_CREATE,
+                                        pow_.ZERO_TARGET,
+                                        wire.create_pow_hash(sig_pub, box_pub, flags))
         rid = self.next_rid()
-        unsigned = bytes(key.verify_key) + box_pub + bytes([1 if public else 0])
+        unsigned = sig_pub + box_pub + bytes([flags]) + nonce
         sig = key.sign(wire.auth_message(self.challenge,
                                          wire.encode(wire.CREATE, rid, unsigned))).signature
         f = await self.request(wire.CREATE, unsigned + sig, rid=rid)
@@ -346,11 +352,14 @@ class RelayClient:
             auth = bytes([wire.AUTH_POW]) + nonce
         await self.request(wire.DEPOSIT, deposit_id + auth + block)
 
-    async def blob_quota(self) -> int:
+    async def blob_quota(self, blocks: int = wire.BLOB_POW_UNIT) -> int:
+        """A quota of `blocks` blob uploads (default: 256, the most one unit of proof of work
+        buys); the proof of work grows with it (§4.5), so ask for what will be uploaded."""
         assert self.hello is not None
-        nonce = await asyncio.to_thread(self._pow, self.hello.pow_blob_bits, wire.POW_BLOB,
-                                        pow_.ZERO_TARGET, pow_.ZERO_HASH)
-        f = await self.request(wire.BLOB_QUOTA, nonce)
+        bits = wire.blob_pow_bits(self.hello.pow_blob_bits, blocks)
+        nonce = await asyncio.to_thread(self._pow, bits, wire.POW_BLOB,
+                                        wire.blob_pow_target(blocks), pow_.ZERO_HASH)
+        f = await self.request(wire.BLOB_QUOTA, struct.pack(">I", blocks) + nonce)
         quota: int = struct.unpack(">I", f.body)[0]
         return quota
 

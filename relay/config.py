@@ -8,7 +8,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Config:
     data_dir: str = "./relay-data"
-    # Queued blocks and blobs expire after this many seconds (default 14 days).
+    # Queued blocks expire after this many seconds (default 14 days); blobs after blob_ttl.
     message_ttl: int = 14 * 24 * 3600
     # Expiry is stored rounded up to this many seconds, so it does not reveal arrival times.
     expiry_granularity: int = 3600
@@ -17,7 +17,10 @@ class Config:
     # Proof-of-work difficulties in leading zero bits (0 disables a check).
     pow_deposit_bits: int = 18
     pow_bundle_bits: int = 18
-    pow_blob_bits: int = 20
+    pow_blob_bits: int = 20  # per BLOB_POW_UNIT (256 blocks) of quota, rounded up (§6)
+    # CREATE pays for a mailbox that may hold queue_limit blocks: 2^22 hashes, a few seconds of
+    # one core, once per mailbox (docs/relay-protocol.md §9, Limits: the arithmetic).
+    pow_create_bits: int = 22
     # Frames and connections.
     max_frame: int = 65536
     max_connections: int = 10000
@@ -29,9 +32,16 @@ class Config:
     frame_burst: int = 10000
     # Mailboxes.
     max_mailboxes: int = 1_000_000
+    # A mailbox whose owner sent no command (and held no subscription) for mailbox_ttl seconds
+    # is deleted. Its last use is stored rounded down to mailbox_use_granularity (a month: the
+    # coarsest that still tells a 90-day-old mailbox from a live one): metadata, kept coarse.
+    mailbox_ttl: int = 90 * 24 * 3600
+    mailbox_use_granularity: int = 30 * 24 * 3600
     creates_per_connection: int = 1000
     subscriptions_per_connection: int = 1000
-    queue_limit: int = 10000  # blocks queued per mailbox
+    # Blocks queued per mailbox: an honest user away 14 days under cover traffic finds at most
+    # ~32 cover blocks per contact mailbox plus what the contact really sent (§9's arithmetic).
+    queue_limit: int = 1024
     window: int = 32  # unacknowledged blocks in flight per subscription
     deposit_rate: float = 200.0  # deposits per second per mailbox (token bucket)
     deposit_burst: int = 1000
@@ -47,10 +57,17 @@ class Config:
     # Blob area (file attachments): 8192 blocks of 16 KiB admit one 100 MB file per quota.
     blob_quota_blocks: int = 8192
     blob_max_bytes: int = 4 * 1024 * 1024 * 1024
+    # Unfetched blobs expire after blob_ttl seconds (SimpleX's file relays: 48 h), not message_ttl.
+    blob_ttl: int = 48 * 3600
     pow_per_connection: int = 20000
     # Mailbox lookups that miss the in-memory cache (each costs a storage read), per connection.
     lookup_rate: float = 100.0
     lookup_burst: int = 2000
+    # Relay-wide storage budget for queued blocks and blobs, bytes (each counted as one
+    # 16 KiB block); beyond it deposits and blob quotas get `full` (E_FULL).
+    # 0: half of (the free space of the file system holding data_dir + the relay's files there),
+    # measured at start.
+    storage_budget: int = 0
     # Storage.
     max_batch: int = 512  # operations per group commit
     # Storage operations waiting at most (each deposit holds a 16 KiB block meanwhile): beyond,

@@ -25,13 +25,14 @@ from .config import Config
 log = logging.getLogger("aegis.relay")
 
 HELP = {
-    "message_ttl": "Seconds before an unacknowledged block or a blob expires (14 days).",
+    "message_ttl": "Seconds before an unacknowledged block expires (14 days).",
     "expiry_granularity": "Stored expiries are rounded up to this many seconds.",
     "sweep_interval": "Seconds between expiry sweeps.",
     "checkpoint_interval": "Seconds between WAL checkpoints (truncate).",
     "pow_deposit_bits": "Proof-of-work bits for a deposit to a public mailbox without token.",
     "pow_bundle_bits": "Proof-of-work bits for an anonymous prekey bundle fetch.",
-    "pow_blob_bits": "Proof-of-work bits for a blob upload quota.",
+    "pow_blob_bits": "Proof-of-work bits per 256 blocks (4 MiB) of a blob quota.",
+    "pow_create_bits": "Proof-of-work bits for creating a mailbox.",
     "max_frame": "Largest accepted frame in bytes (bigger: WebSocket close 1009).",
     "max_connections": "Concurrent connections; more are refused with HTTP 503.",
     "handshake_timeout": "Seconds for a new connection to send HELLO.",
@@ -41,6 +42,8 @@ HELP = {
     "frame_rate": "Frames per second per connection (token bucket rate).",
     "frame_burst": "Frame bucket size per connection.",
     "max_mailboxes": "Mailboxes the relay holds at most.",
+    "mailbox_ttl": "Seconds after its owner's last use before a mailbox is deleted (90 days).",
+    "mailbox_use_granularity": "A mailbox's last use is stored rounded down to this (30 days).",
     "creates_per_connection": "Mailboxes one connection may create.",
     "subscriptions_per_connection": "Subscriptions one connection may hold.",
     "queue_limit": "Blocks queued per mailbox.",
@@ -55,6 +58,9 @@ HELP = {
     "bundle_fetches_per_connection": "Bundle fetches one connection may make.",
     "blob_quota_blocks": "Blob blocks one proof-of-work quota admits.",
     "blob_max_bytes": "Bytes the blob area holds at most.",
+    "blob_ttl": "Seconds before an unfetched blob expires (48 hours).",
+    "storage_budget": "Bytes of queued blocks and blobs the relay stores at most "
+                      "(0: half of the free space plus the relay's files, at start).",
     "pow_per_connection": "Proofs of work one connection may spend.",
     "lookup_rate": "Uncached mailbox lookups per second per connection.",
     "lookup_burst": "Uncached mailbox lookup bucket size per connection.",

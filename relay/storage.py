@@ -22,11 +22,12 @@ import queue
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 T = TypeVar("T")
 
 
@@ -57,6 +58,7 @@ class MailboxRow:
     public: bool
     tokens: tuple[bytes, ...]
     queued: int
+    used: int = 0  # the owner's last use, rounded down to mailbox_use_granularity
 
 
 class Storage(Protocol):
@@ -67,10 +69,13 @@ class Storage(Protocol):
     async def close(self) -> None: ...
     async def mailbox_count(self) -> int: ...
     async def create_mailbox(self, okey: bytes, dkey: bytes, sig_pub: bytes, box_secret: bytes,
-                             owner_box_pub: bytes, public: bool) -> int: ...
+                             owner_box_pub: bytes, public: bool, used: int = 0) -> int: ...
     async def load_mailbox(self, *, okey: bytes | None = None,
                            dkey: bytes | None = None) -> MailboxRow | None: ...
-    async def delete_mailbox(self, mailbox: int) -> None: ...
+    async def delete_mailbox(self, mailbox: int) -> int: ...
+    async def touch_mailboxes(self, mailboxes: list[int], used: int) -> None: ...
+    async def expire_mailboxes(self, before: int) -> tuple[list[int], int]: ...
+    async def queued_count(self) -> int: ...
     async def set_tokens(self, mailbox: int, tokens: tuple[bytes, ...]) -> None: ...
     # enqueue and remove return a future rather than being coroutines, so the hot paths can
     # attach a callback instead of running a task per frame.
@@ -78,7 +83,7 @@ class Storage(Protocol):
     async def queued(self, mailbox: int, skip: Collection[int],
                      limit: int) -> list[tuple[int, bytes]]: ...
     def remove(self, mailbox: int, ids: list[int]) -> asyncio.Future[int]: ...
-    async def expire(self, now: int) -> dict[int, int]: ...
+    async def expire(self, now: int) -> tuple[dict[int, int], int]: ...
     async def set_bundle_base(self, mailbox: int, base: bytes) -> None: ...
     async def add_bundle_items(self, mailbox: int, kind: int, items: list[bytes],
                                cap: int) -> tuple[int, int] | None: ...
@@ -133,6 +138,25 @@ CREATE TABLE blobs (
 );
 CREATE INDEX blobs_expiry ON blobs(expiry);
 """
+
+# Schema 3 adds each mailbox's last use (rounded down to a month by the relay: coarse on
+# purpose) so that mailboxes nobody uses expire. A mailbox of schema 2 counts as used at the
+# upgrade.
+_SCHEMA_3 = "ALTER TABLE mailboxes ADD COLUMN used INTEGER NOT NULL DEFAULT 0"
+
+
+def upgrade_from_2(db: sqlite3.Connection, used: int) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(_SCHEMA_3)
+        db.execute("UPDATE mailboxes SET used = ?", (used,))
+        db.execute("PRAGMA user_version=3")
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            db.execute("ROLLBACK")
+        raise
+
 
 # Schema 1 as it was written to disk: what `upgrade_from_1` reads (and what the tests and
 # bench/relay_disk.py make as the format being upgraded and as the baseline).
@@ -262,7 +286,7 @@ def upgrade_from_1(db: sqlite3.Connection) -> None:
                        " WHERE id = ?", (blobs[old], old))
         for name in tables:
             db.execute(f"DROP TABLE v1_{name}")
-        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("PRAGMA user_version=2")
         db.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(Exception):
@@ -273,7 +297,11 @@ def upgrade_from_1(db: sqlite3.Connection) -> None:
 class SQLiteStorage:
     """SQLite backend: one connection, one thread, group commit."""
 
-    def __init__(self, data_dir: str, max_batch: int = 512) -> None:
+    def __init__(self, data_dir: str, max_batch: int = 512,
+                 clock: Callable[[], float] | None = None, use_granularity: int = 1) -> None:
+        # What an upgraded mailbox's last use is set to: now, rounded like every other.
+        self._clock = clock or time.time
+        self._use_granularity = max(1, use_granularity)
         self._path = os.path.join(data_dir, "relay.sqlite3")
         self._data_dir = data_dir
         self._max_batch = max_batch
@@ -316,11 +344,15 @@ class SQLiteStorage:
         db.execute("PRAGMA wal_autocheckpoint=16384")
         db.execute(f"PRAGMA journal_size_limit={64 * 1024 * 1024}")
         version = db.execute("PRAGMA user_version").fetchone()[0]
+        used = int(self._clock()) // self._use_granularity * self._use_granularity
         if version == 0:
             db.executescript(
-                f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;")
-        elif version == 1:
-            upgrade_from_1(db)
+                f"BEGIN IMMEDIATE;\n{_SCHEMA}\n{_SCHEMA_3};\n"
+                f"PRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;")
+        elif version in (1, 2):
+            if version == 1:
+                upgrade_from_1(db)
+            upgrade_from_2(db, used)
         elif version != SCHEMA_VERSION:
             raise StorageError("unsupported relay database schema version")
         return db
@@ -409,13 +441,13 @@ class SQLiteStorage:
             db.execute("SELECT count(*) FROM mailboxes").fetchone()[0]))
 
     async def create_mailbox(self, okey: bytes, dkey: bytes, sig_pub: bytes, box_secret: bytes,
-                             owner_box_pub: bytes, public: bool) -> int:
+                             owner_box_pub: bytes, public: bool, used: int = 0) -> int:
         def op(db: sqlite3.Connection) -> int:
             key = new_key(db, "mailboxes")
             db.execute(
                 "INSERT INTO mailboxes (id, owner_key, deposit_key, sig_pub, box_secret,"
-                " owner_box_pub, public, tokens) VALUES (?, ?, ?, ?, ?, ?, ?, x'')",
-                (key, okey, dkey, sig_pub, box_secret, owner_box_pub, int(public)))
+                " owner_box_pub, public, tokens, used) VALUES (?, ?, ?, ?, ?, ?, ?, x'', ?)",
+                (key, okey, dkey, sig_pub, box_secret, owner_box_pub, int(public), used))
             return key
         return await self._run(op)
 
@@ -423,7 +455,7 @@ class SQLiteStorage:
                            dkey: bytes | None = None) -> MailboxRow | None:
         def op(db: sqlite3.Connection) -> MailboxRow | None:
             cols = ("SELECT id, owner_key, deposit_key, sig_pub, box_secret, owner_box_pub,"
-                    " public, tokens FROM mailboxes WHERE ")
+                    " public, tokens, used FROM mailboxes WHERE ")
             if okey is not None:
                 row = db.execute(cols + "owner_key = ?", (okey,)).fetchone()
             else:
@@ -434,16 +466,31 @@ class SQLiteStorage:
                                 (row[0],)).fetchone()[0]
             tokens = tuple(row[7][i:i + 32] for i in range(0, len(row[7]), 32))
             return MailboxRow(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]),
-                              tokens, int(queued))
+                              tokens, int(queued), int(row[8]))
         return await self._run(op)
 
-    async def delete_mailbox(self, mailbox: int) -> None:
+    async def delete_mailbox(self, mailbox: int) -> int:
+        """Delete a mailbox and all it holds; the number of queued blocks deleted with it."""
+        return await self._run(lambda db: _delete_mailbox(db, mailbox))
+
+    async def touch_mailboxes(self, mailboxes: list[int], used: int) -> None:
         def op(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM messages WHERE mailbox = ?", (mailbox,))
-            db.execute("DELETE FROM bundle_items WHERE mailbox = ?", (mailbox,))
-            db.execute("DELETE FROM bundles WHERE mailbox = ?", (mailbox,))
-            db.execute("DELETE FROM mailboxes WHERE id = ?", (mailbox,))
+            db.executemany("UPDATE mailboxes SET used = ? WHERE id = ? AND used < ?",
+                           [(used, m, used) for m in mailboxes])
         await self._run(op)
+
+    async def expire_mailboxes(self, before: int) -> tuple[list[int], int]:
+        """Delete the mailboxes last used before `before` (at most 1000 per call, so one sweep
+        never holds the writer long); their ids and the queued blocks deleted with them."""
+        def op(db: sqlite3.Connection) -> tuple[list[int], int]:
+            ids = [int(r[0]) for r in db.execute(
+                "SELECT id FROM mailboxes WHERE used < ? LIMIT 1000", (before,))]
+            return ids, sum(_delete_mailbox(db, m) for m in ids)
+        return await self._run(op)
+
+    async def queued_count(self) -> int:
+        return await self._run(lambda db: int(
+            db.execute("SELECT count(*) FROM messages").fetchone()[0]))
 
     async def set_tokens(self, mailbox: int, tokens: tuple[bytes, ...]) -> None:
         # Sorted: not in the order they were added.
@@ -482,14 +529,16 @@ class SQLiteStorage:
             return int(db.execute(sql, (mailbox, *ids)).rowcount)
         return self._submit(op)
 
-    async def expire(self, now: int) -> dict[int, int]:
-        def op(db: sqlite3.Connection) -> dict[int, int]:
+    async def expire(self, now: int) -> tuple[dict[int, int], int]:
+        """Delete expired blocks and blobs: the blocks deleted per mailbox, the blobs deleted
+        (counts of what went, never a fresh total: uploads in flight are not in the table yet)."""
+        def op(db: sqlite3.Connection) -> tuple[dict[int, int], int]:
             counts = {int(m): int(c) for m, c in db.execute(
                 "SELECT mailbox, count(*) FROM messages WHERE expiry <= ? GROUP BY mailbox",
                 (now,))}
             db.execute("DELETE FROM messages WHERE expiry <= ?", (now,))
-            db.execute("DELETE FROM blobs WHERE expiry <= ?", (now,))
-            return counts
+            blobs = int(db.execute("DELETE FROM blobs WHERE expiry <= ?", (now,)).rowcount)
+            return counts, blobs
         return await self._run(op)
 
     # --- prekey bundles -------------------------------------------------------------------------
@@ -582,6 +631,14 @@ class SQLiteStorage:
         def op(db: sqlite3.Connection) -> None:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         await self._run(op, own_tx=True)
+
+
+def _delete_mailbox(db: sqlite3.Connection, mailbox: int) -> int:
+    n = int(db.execute("DELETE FROM messages WHERE mailbox = ?", (mailbox,)).rowcount)
+    db.execute("DELETE FROM bundle_items WHERE mailbox = ?", (mailbox,))
+    db.execute("DELETE FROM bundles WHERE mailbox = ?", (mailbox,))
+    db.execute("DELETE FROM mailboxes WHERE id = ?", (mailbox,))
+    return n
 
 
 def _call(fn: Callable[[sqlite3.Connection], Any], db: sqlite3.Connection,

@@ -14,6 +14,7 @@ size is its own constant, kept equal to `aegisd.core.wire.BLOCK_SIZE` by a test.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass
 
@@ -87,6 +88,10 @@ AUTH_POW = 2
 POW_DEPOSIT = DEPOSIT
 POW_BUNDLE = BUNDLE_FETCH
 POW_BLOB = BLOB_QUOTA
+POW_CREATE = CREATE
+#: A blob quota's proof of work costs 2**pow_blob_bits hashes per started BLOB_POW_UNIT blocks
+#: (4 MiB), rounded up to a power of two: the price grows with what is stored (§6).
+BLOB_POW_UNIT = 256
 
 # --- error codes ---------------------------------------------------------------------------------
 E_BAD_FRAME = 1
@@ -105,6 +110,9 @@ E_EXISTS = 13
 E_TIMEOUT = 14
 E_BUSY = 15
 E_INTERNAL = 16
+# Relay-wide storage exhausted: the storage budget, the mailbox table or the blob area (price);
+# the same code and text as a full disk (conn). Nothing the client can do but wait.
+E_FULL = 17
 
 ERROR_TEXT = {
     E_BAD_FRAME: "malformed frame",
@@ -123,6 +131,7 @@ ERROR_TEXT = {
     E_TIMEOUT: "timed out",
     E_BUSY: "relay busy",
     E_INTERNAL: "internal relay error",
+    E_FULL: "relay storage full",
 }
 # Errors after which the relay closes the connection.
 FATAL_ERRORS = frozenset({E_BAD_FRAME, E_BAD_VERSION, E_TOO_LARGE, E_OUT_OF_ORDER,
@@ -179,7 +188,7 @@ def auth_message(challenge: bytes, frame_without_sig: bytes) -> bytes:
 
 # --- HELLO_OK ------------------------------------------------------------------------------------
 
-_HELLO_OK = struct.Struct(">32sIIBBBIHH")
+_HELLO_OK = struct.Struct(">32sIIBBBIHHB")
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,11 +202,13 @@ class HelloOk:
     message_ttl: int
     window: int
     max_inflight: int
+    pow_create_bits: int  # appended last: the fields before keep their offsets
 
     def encode_body(self) -> bytes:
         return _HELLO_OK.pack(self.challenge, self.block_size, self.max_frame,
                               self.pow_deposit_bits, self.pow_bundle_bits, self.pow_blob_bits,
-                              self.message_ttl, self.window, self.max_inflight)
+                              self.message_ttl, self.window, self.max_inflight,
+                              self.pow_create_bits)
 
     @classmethod
     def parse(cls, body: bytes) -> HelloOk:
@@ -217,14 +228,32 @@ def split_signed(body: bytes, min_args: int, max_args: int) -> tuple[bytes, byte
     return body[:ID_LEN], body[ID_LEN:-SIG_LEN], body[-SIG_LEN:]
 
 
-def parse_create(body: bytes) -> tuple[bytes, bytes, int, bytes]:
-    """sig_pub(32) | box_pub(32) | flags(1) | sig(64)."""
-    if len(body) != KEY_LEN * 2 + 1 + SIG_LEN:
+def parse_create(body: bytes) -> tuple[bytes, bytes, int, bytes, bytes]:
+    """sig_pub(32) | box_pub(32) | flags(1) | nonce(16) | sig(64)."""
+    if len(body) != KEY_LEN * 2 + 1 + NONCE_LEN + SIG_LEN:
         raise FrameError(E_BAD_FRAME)
     flags = body[64]
     if flags & ~0x01:
         raise FrameError(E_BAD_FRAME)
-    return body[:32], body[32:64], flags, body[65:]
+    return body[:32], body[32:64], flags, body[65:65 + NONCE_LEN], body[65 + NONCE_LEN:]
+
+
+def create_pow_hash(sig_pub: bytes, box_pub: bytes, flags: int) -> bytes:
+    """The payload hash a CREATE's proof of work is bound to: the mailbox it pays for."""
+    return hashlib.sha256(sig_pub + box_pub + bytes([flags])).digest()
+
+
+def blob_pow_bits(base_bits: int, blocks: int) -> int:
+    """Difficulty of a quota of `blocks`: base + ceil(log2(ceil(blocks / BLOB_POW_UNIT)))."""
+    if base_bits <= 0:
+        return 0
+    units = max(1, -(-blocks // BLOB_POW_UNIT))
+    return base_bits + (units - 1).bit_length()
+
+
+def blob_pow_target(blocks: int) -> bytes:
+    """A quota's proof of work names its size: blocks(4) | 12 zero bytes."""
+    return struct.pack(">I", blocks) + bytes(ID_LEN - 4)
 
 
 def parse_deposit(body: bytes) -> tuple[bytes, int, bytes, bytes]:

@@ -48,6 +48,7 @@ APP_ERRORS = [
     (1011, "rate_limited"),
     (1012, "no_tor"),
     (1013, "relay_in_use"),
+    (1014, "relay_full"),
     (1020, "not_found"),
     (1021, "exists"),
     (1022, "bad_link"),

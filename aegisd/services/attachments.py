@@ -45,7 +45,7 @@ from aegisd.store.attachments import AttachmentRow
 from aegisd.store.db import Contact
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
 from relay.client import RelayClient, RelayError
-from relay.wire import E_DENIED, E_EXISTS
+from relay.wire import E_DENIED, E_EXISTS, E_FULL
 
 if TYPE_CHECKING:
     from .messenger import Messenger
@@ -58,6 +58,9 @@ WINDOW = 32  # blocks in flight per transfer; progress is committed per window
 FETCH_TRIES = 3  # fetches of a block that fails to open before the file is reported failed
 PROGRESS_INTERVAL = 0.5  # seconds between attachment.progress events of one transfer
 RETRY_MAX = 60.0
+#: Blocks asked of the relay per blob quota (its default blob_quota_blocks): a quota is paid in
+#: proportion to its size, so the daemon asks for what is left of the file, at most this.
+BLOB_QUOTA_MAX = 8192
 #: Connections to a contact's relay for one file that fail in a row before the download is
 #: given up (state "failed", event attachment.failed; attachments.retry starts it again):
 #: the relay was chosen by the contact, which must not get to see this daemon come back for
@@ -90,6 +93,12 @@ E_NOT_FOUND, E_NOT_READY, E_BLOCKED = 1020, 1024, 1025
 
 class _Corrupt(Exception):
     """A block that stayed unreadable after FETCH_TRIES fetches (or a digest mismatch)."""
+
+
+class _Gone(_Corrupt):
+    """The relay answered `denied` to every fetch of a block and of the next one: it no
+    longer has the file (unfetched blobs expire after the relay's blob_ttl, 48 hours by
+    default, relay-protocol.md §4.5)."""
 
 
 def _ms() -> int:
@@ -356,7 +365,14 @@ class Attachments:
             try:
                 client = await self._connect(row.relay_url)
                 try:
-                    await client.blob_quota()
+                    try:
+                        await client.blob_quota(min(row.blocks - done, BLOB_QUOTA_MAX))
+                    except RelayError as exc:
+                        if exc.code == E_FULL:  # the relay's blob area is full: tell the user
+                            from .messenger import REFUSING_FULL  # (a cycle at import time)
+
+                            self.m.relay_refusing = REFUSING_FULL
+                        raise
                     with _local(lambda: open(spool, "rb")) as f:
                         while done < row.blocks:
                             end = min(done + WINDOW, row.blocks)
@@ -522,6 +538,13 @@ class Attachments:
                     await asyncio.sleep(min(RETRY_MAX, 0.5 * 2 ** min(attempt, 8)))
             if not await asyncio.to_thread(self._verify, path, keys, row):
                 raise _Corrupt()
+        except _Gone:
+            if client is not None:
+                await client.close()
+            self._fail(row.id, "the file is no longer at the relay: unfetched files expire there "
+                       "(after 48 hours on a relay with default settings); ask the sender to "
+                       "send it again")
+            return
         except _Corrupt:
             if client is not None:
                 await client.close()
@@ -560,6 +583,7 @@ class Attachments:
     @staticmethod
     async def _fetch(client: RelayClient, keys: FileKeys, box: PrivateKey, index: int,
                      total: int) -> bytes:
+        denied = 0
         for attempt in range(FETCH_TRIES):
             try:
                 block = await client.blob_get(keys.blob_id(index), keys.capability(index), box)
@@ -568,11 +592,21 @@ class Attachments:
             except RelayError as exc:
                 if exc.code != E_DENIED:
                     raise
+                denied += 1
             except (DecryptionError, CryptoError):
                 pass
             # denied (the relay lost it or its copy is corrupted: it cannot open it) or a
             # block that does not open: fetch again, a bounded number of times.
             await asyncio.sleep(0.1 * (attempt + 1))
+        if denied == FETCH_TRIES and total > 1:
+            # Denied: gone or damaged at the relay (it answers both alike). Expiry takes a
+            # whole file at once, damage one block: another block of the file tells which.
+            other = (index + 1) % total
+            try:
+                await client.blob_get(keys.blob_id(other), keys.capability(other), box)
+            except RelayError as exc:
+                if exc.code == E_DENIED:
+                    raise _Gone() from None
         raise _Corrupt()
 
     @staticmethod

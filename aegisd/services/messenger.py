@@ -64,7 +64,15 @@ from aegisd.transport.relaylink import (
     with_relay,
 )
 from relay.client import Message, RelayClient, RelayError
-from relay.wire import E_DENIED, E_LIMIT, E_RATE_LIMITED, ITEM_MLKEM, ITEM_X25519
+from relay.wire import (
+    E_DENIED,
+    E_FULL,
+    E_LIMIT,
+    E_QUEUE_FULL,
+    E_RATE_LIMITED,
+    ITEM_MLKEM,
+    ITEM_X25519,
+)
 
 from .attachments import Attachments
 from .bundle_fetch import fetch_bundle
@@ -159,6 +167,7 @@ EVENT_RETENTION_DAYS = 30
 # Application error codes (docs/api.md, "Errors").
 E_RELAY_UNAVAILABLE = 1010
 E_RATE_LIMITED_APP = 1011
+E_RELAY_FULL = 1014
 E_NOT_FOUND = 1020
 E_EXISTS = 1021
 E_BAD_LINK = 1022
@@ -215,6 +224,24 @@ def relay_unavailable() -> AppError:
     )
 
 
+RELAY_FULL_TEXT = (
+    "the relay is full: it holds as many mailboxes or as much stored data as it allows; try "
+    "again later, or move to another relay (aegis relay set URL)"
+)
+#: status.relay.refusing: why deposits are refused for now (they wait in the outbox).
+REFUSING_FULL = "the relay is full: messages wait in the outbox until it has room again"
+REFUSING_QUEUE = (
+    "a contact's mailbox at the relay is full (they have been away long): messages to them wait "
+    "in the outbox"
+)
+
+
+def relay_full() -> AppError:
+    """The relay refused to store more (relay-protocol.md error 17, `full`): not a network
+    problem, so not relay_unavailable."""
+    return AppError(E_RELAY_FULL, "relay_full", RELAY_FULL_TEXT)
+
+
 def _now() -> int:
     return int(time.time())
 
@@ -232,6 +259,8 @@ class Messenger:
         self.link: RelayLink | None = None
         self._top_up_pending = False  # a prekey top-up is queued (first contacts coalesce)
         self.relay_reason: str | None = "no relay configured"
+        # Why the last deposit was refused for want of room (None once one went through).
+        self.relay_refusing: str | None = None
         self._outbox_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._owned: dict[bytes, tuple[MailboxRow, OwnedMailbox]] = {}
@@ -416,6 +445,14 @@ class Messenger:
         if entry is None or code != E_DENIED or self.daemon.store is None:
             return False
         row = entry[0]
+        if row.role == cover_slots.POOL_ROLE:
+            # Made ahead and not yet anyone's: gone (expired unused at the relay, relay-protocol
+            # md §4, or lost), it is simply replaced, at the pool's own random time.
+            with self.store.transaction():
+                cover_slots.pool_remove(self.store, row.id)
+            self._reload_owned()
+            self.cover.changed()
+            return True
         if row.role == "address":
             self._denied.add("address")
         elif row.role == "contact" and row.contact_id is not None:
@@ -648,7 +685,9 @@ class Messenger:
             finally:
                 await own.close()
         except RelayError as exc:
-            if exc.code in (E_LIMIT, E_RATE_LIMITED):  # e.g. the relay holds all it may
+            if exc.code == E_FULL:  # its mailbox table or storage is full: say so
+                raise relay_full() from None
+            if exc.code in (E_LIMIT, E_RATE_LIMITED):  # a limit a connection of its own hit too
                 raise AppError(
                     E_RATE_LIMITED_APP, "rate_limited",
                     "the relay makes no more mailboxes for now (one of its limits): try again "
@@ -1234,6 +1273,10 @@ class Messenger:
                     wait = min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
                     if exc.code == E_RATE_LIMITED:
                         wait = max(wait, 1.0)
+                    if exc.code in (E_FULL, E_QUEUE_FULL):  # no room: tell the user (status)
+                        full = exc.code == E_FULL
+                        self.relay_refusing = REFUSING_FULL if full else REFUSING_QUEUE
+                        wait = max(wait, 5.0)
                     self._settle_first_contact(item.contact_id, "pending")
                     return self._retry_later(store, item, wait)
                 except RelayRefused:  # never dialled: every block to it goes the same way
@@ -1245,6 +1288,7 @@ class Messenger:
                         store, item, min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
                     )
                 self._deposited(store, item)
+                self.relay_refusing = None
                 self._settle_first_contact(item.contact_id, "sent")
             return None
         finally:
@@ -1524,8 +1568,8 @@ class Messenger:
                 try:
                     await self.rotate_mailbox(c.name)
                 except AppError as exc:
-                    if exc.code == E_RELAY_UNAVAILABLE:
-                        return  # the relay went away: the next connection goes on
+                    if exc.code in (E_RELAY_UNAVAILABLE, E_RELAY_FULL):
+                        return  # the relay went away or is full: the next connection goes on
                     continue  # this contact cannot move now (not_ready: no session): the next
         if overdue:
             async with self.lock:

@@ -36,7 +36,8 @@ from .capture import Capture, Label, Network
 from .netns import Namespace
 from .pages import row_places
 
-RELAY_OPTIONS = ["--pow-deposit-bits", "8", "--pow-bundle-bits", "8", "--pow-blob-bits", "8"]
+RELAY_OPTIONS = ["--pow-deposit-bits", "8", "--pow-bundle-bits", "8", "--pow-blob-bits", "8",
+    "--pow-create-bits", "8"]
 T_READY = 60.0
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602

@@ -273,6 +273,7 @@ def test_init_with_relay_url(short_tmp, cli_env):
             "configured": True,
             "connected": False,
             "url": "ws://127.0.0.1:8765/v1/ws",  # "/" (or no path) means the relay's /v1/ws
+            "refusing": None,
         }
         assert reason in ("connecting", "relay unreachable",
                           "connection refused: nothing listens at the relay's address and port")

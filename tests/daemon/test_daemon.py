@@ -359,7 +359,8 @@ def test_status_and_version_shape(spawn):
     # Locked: the relay URL is in the encrypted store, so whether one is configured is unknown
     # (null), not "no relay configured" (issue 14, item 10).
     assert st["locked"] is True
-    assert st["relay"] == {"configured": None, "connected": False, "url": None, "reason": "locked"}
+    assert st["relay"] == {"configured": None, "connected": False, "url": None, "reason": "locked",
+                           "refusing": None}
     assert st["weak_passphrase"] is None  # not known before the passphrase is typed
     with d.client() as c:
         c.call("unlock", {"passphrase": PASSPHRASE})
@@ -369,6 +370,7 @@ def test_status_and_version_shape(spawn):
             "connected": False,
             "url": None,
             "reason": "no relay configured",
+            "refusing": None,
         }
         c.call("lock")
         assert c.call("status")["relay"]["reason"] == "locked"

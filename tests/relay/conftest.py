@@ -26,6 +26,7 @@ FAST = {  # cheap proofs of work, so tests stay fast
     "--pow-deposit-bits": "8",
     "--pow-bundle-bits": "8",
     "--pow-blob-bits": "8",
+    "--pow-create-bits": "8",
 }
 
 

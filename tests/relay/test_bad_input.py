@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
+from relay import pow as pow_
 from relay import wire
 from relay.client import HandshakeFailed, RelayClient, RelayError
 
@@ -123,7 +124,10 @@ def test_recoverable_errors_keep_connection(relay: RelayProcess) -> None:
             await c.create(SigningKey.generate(), bytes(32))
         assert e.value.code == wire.E_DENIED
         rid = 100
-        unsigned = bytes(SigningKey.generate().verify_key) + os.urandom(32) + b"\x00"
+        sig_pub, box_pub = bytes(SigningKey.generate().verify_key), os.urandom(32)
+        nonce = pow_.solve(c.hello.pow_create_bits, c.challenge, wire.POW_CREATE,
+                           pow_.ZERO_TARGET, wire.create_pow_hash(sig_pub, box_pub, 0))
+        unsigned = sig_pub + box_pub + b"\x00" + nonce  # paid for, badly signed
         with pytest.raises(RelayError) as e:
             await c.request(wire.CREATE, unsigned + bytes(64), rid=rid)
         assert e.value.code == wire.E_DENIED
@@ -252,7 +256,7 @@ def test_client_that_does_not_read_is_not_buffered_without_bound(relay: RelayPro
 
     async def body() -> None:
         up = await RelayClient.connect(relay.url)
-        await up.blob_quota()
+        await up.blob_quota(1)
         blob_id, cap = os.urandom(16), os.urandom(32)
         await up.blob_put(blob_id, cap, block())
         assert relay.proc is not None

@@ -262,7 +262,7 @@ def test_blob_area(relay: RelayProcess) -> None:
         with pytest.raises(RelayError) as e:  # no quota yet
             await up.blob_put(os.urandom(16), os.urandom(32), block())
         assert e.value.code == wire.E_LIMIT
-        assert await up.blob_quota() == 8192
+        assert await up.blob_quota(8192) == 8192
         cap = os.urandom(32)
         ids = [os.urandom(16) for _ in range(3)]
         blocks = [block() for _ in ids]

@@ -115,7 +115,7 @@ def test_no_logs_scan_from_127_0_0_2(relay_factory: Callable[..., RelayProcess])
         queued = await bob.fetch(fetcher)  # left unacknowledged: stays queued
         assert len(queued) == 3
         # Blobs, and a few errors on the way.
-        await sender.blob_quota()
+        await sender.blob_quota(1)
         blob_id, cap = os.urandom(16), os.urandom(32)
         remember("blob id", blob_id)
         remember("blob cap", cap)

@@ -212,5 +212,5 @@ def test_a_schema_1_database_is_upgraded_in_place_keeping_everything(tmp_path: P
     assert_unordered([int(msgs[b"m%d" % j]) for j in range(3 * N)], "upgraded block keys")
     names = {r[0] for r in read(tmp_path, "SELECT name FROM sqlite_master")}
     assert not any(n.startswith("v1_") for n in names)
-    assert read(tmp_path, "PRAGMA user_version") == [(2,)]
+    assert read(tmp_path, "PRAGMA user_version") == [(st.SCHEMA_VERSION,)]
     assert read(tmp_path, "SELECT count(*) FROM sqlite_sequence") == [(0,)]

@@ -1,0 +1,155 @@
+"""A relay that is full says so (issue 15, items 1 and 4): the daemon's invitation and contact
+add fail with relay_full (1014), not relay_unavailable, and deposits refused for want of room
+show in status (relay.refusing) until one goes through; messages wait in the outbox."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aegis_cli.client import RpcCallError
+from aegisd.services.messenger import REFUSING_QUEUE
+from tests.functional.conftest import Peer, connect
+from tests.relay.conftest import RelayProcess
+
+
+def _relay(tmp: Path, **options: str) -> Iterator[RelayProcess]:
+    sub = tmp / "relay"
+    sub.mkdir()
+    rp = RelayProcess(sub, {"--" + k.replace("_", "-"): v for k, v in options.items()})
+    rp.start()
+    try:
+        yield rp
+    finally:
+        rp.close()
+
+
+@pytest.fixture
+def full_table(tmp_short: Path) -> Iterator[RelayProcess]:
+    yield from _relay(tmp_short, max_mailboxes="0")
+
+
+@pytest.fixture
+def small_queues(tmp_short: Path) -> Iterator[RelayProcess]:
+    yield from _relay(tmp_short, queue_limit="3")
+
+
+def test_a_full_mailbox_table_is_reported_as_such(tmp_short: Path,
+                                                  full_table: RelayProcess) -> None:
+    bob = Peer(tmp_short / "bob", f"ws://127.0.0.1:{full_table.port}/v1/ws", "bob")
+    try:
+        bob.wait_connected()
+        with pytest.raises(RpcCallError) as info:
+            bob.call("invitations.create")
+        assert info.value.code == 1014
+        assert "relay is full" in str(info.value) and "not reachable" not in str(info.value)
+        assert bob.call("status")["relay"]["connected"]  # reachable, only full
+    finally:
+        bob.stop()
+
+
+def test_a_full_mailbox_shows_in_status_and_messages_wait(tmp_short: Path,
+                                                          small_queues: RelayProcess) -> None:
+    url = f"ws://127.0.0.1:{small_queues.port}/v1/ws"
+    alice, bob = Peer(tmp_short / "alice", url, "alice"), Peer(tmp_short / "bob", url, "bob")
+    try:
+        connect(alice, bob)
+        assert alice.call("status")["relay"]["refusing"] is None
+        bob.stop()  # away: his mailbox at the relay fills up
+        for i in range(5):
+            alice.call("messages.send", {"contact": "bob", "text": f"m{i}"})
+        st = alice.wait_for(lambda: alice.call("status")["relay"]["refusing"], "the refusal")
+        assert st == REFUSING_QUEUE
+        bob.start()  # drains his mailbox: the rest goes, and the warning with it
+        bob.wait_for(lambda: len(bob.call("messages.history", {"contact": "alice"})["messages"])
+                     >= 5, "every message", timeout=120)
+        alice.wait_for(lambda: alice.call("status")["relay"]["refusing"] is None, "room again",
+                       timeout=120)
+    finally:
+        alice.stop()
+        bob.stop()
+
+
+@pytest.fixture
+def short_blobs(tmp_short: Path) -> Iterator[RelayProcess]:
+    yield from _relay(tmp_short, blob_ttl="2", expiry_granularity="1", sweep_interval="0.2")
+
+
+def test_a_file_that_expired_at_the_relay_is_reported_as_such(
+        tmp_short: Path, short_blobs: RelayProcess) -> None:
+    """Unfetched blobs expire after blob_ttl (48 h by default, 2 s here), long before the
+    descriptor that names them: the recipient is told the file is gone, not that it is
+    corrupted."""
+    url = f"ws://127.0.0.1:{short_blobs.port}/v1/ws"
+    alice, bob = Peer(tmp_short / "alice", url, "alice"), Peer(tmp_short / "bob", url, "bob")
+    try:
+        connect(alice, bob)
+        bob.stop()
+        src = tmp_short / "note.txt"
+        src.write_bytes(b"x" * 40_000)
+        aid = alice.call("attachments.send", {"contact": "bob", "path": str(src)})[
+            "attachment_id"]
+        alice.wait_for(lambda: next(a for a in alice.call("attachments.list")["attachments"]
+                                    if a["attachment_id"] == aid)["state"] == "uploaded",
+                       "the upload")
+        time.sleep(4)  # past blob_ttl (2 s) and a sweep: not a timing assertion, a wait
+        bob.start()
+        failed = bob.wait_for(
+            lambda: next((a for a in bob.call("attachments.list")["attachments"]
+                          if a["attachment_id"] == aid and a["state"] == "failed"), None),
+            "the failure", 60)  # fmt: skip
+        assert "no longer at the relay" in failed["error"], failed["error"]
+    finally:
+        alice.stop()
+        bob.stop()
+
+
+@pytest.fixture
+def short_mailboxes(tmp_short: Path) -> Iterator[RelayProcess]:
+    yield from _relay(tmp_short, mailbox_ttl="4", mailbox_use_granularity="1",
+                      sweep_interval="0.2")
+
+
+def test_pool_mailboxes_that_expired_while_away_are_made_again(
+        tmp_short: Path, short_mailboxes: RelayProcess) -> None:
+    """A daemon away longer than the relay's mailbox_ttl finds its pool mailboxes (made ahead,
+    nobody's yet) gone: it replaces them instead of warning about refused subscriptions. (A
+    daemon that runs keeps them: its subscriptions count as use.)"""
+    import sqlite3
+
+    from tests.daemon.conftest import DaemonProc
+
+    url = f"ws://127.0.0.1:{short_mailboxes.port}/v1/ws"
+    alice = Peer(tmp_short / "alice", url, "alice")
+    alice.stop()
+    alice.proc = DaemonProc(alice.home, ["--test-methods"], None)
+    alice.proc.wait_ready()
+
+    def at_relay() -> int:
+        """The pool mailboxes at the relay."""
+        db = sqlite3.connect(short_mailboxes.data / "relay.sqlite3")
+        try:
+            # Not the public address mailbox: its loss is status.relay_lost (docs/api.md).
+            return int(db.execute("SELECT count(*) FROM mailboxes WHERE public = 0")
+                       .fetchone()[0])
+        finally:
+            db.close()
+
+    try:
+        alice.call("privacy.set", {"level": "default", "interval": 0.3})
+        alice.wait_for(lambda: alice.call("privacy.get")["slots"]["pool"] == 2, "a full pool")
+        time.sleep(6)  # subscribed: kept past the TTL (a wait, not a timing assertion)
+        assert at_relay() == 2
+        alice.stop()
+        alice.wait_for(lambda: at_relay() == 0, "the pool mailboxes expired while away")
+        alice.proc = DaemonProc(alice.home, ["--test-methods"], None)
+        alice.proc.wait_ready()
+        alice.wait_for(lambda: at_relay() == 2 and alice.call("privacy.get")["slots"]["pool"]
+                       == 2, "a new pool", timeout=60)
+        alice.stop()
+        assert "refused" not in alice.proc.stderr()
+    finally:
+        alice.stop()
