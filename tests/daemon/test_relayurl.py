@@ -336,3 +336,25 @@ def test_a_stored_peer_url_is_checked_at_every_connection() -> None:
             assert h.hits == 0
 
     asyncio.run(go())
+
+
+def test_a_peer_name_resolving_to_loopback_is_not_connected_to() -> None:
+    """DNS rebinding through an actual connection: a name someone else chose that resolves to
+    loopback (``localhost`` stands in for it) is dialled through PublicResolver and fails
+    before anything reaches the local port."""
+    import asyncio
+
+    import aiohttp
+
+    from aegisd.transport.network import Network
+    from relay.client import RelayClient
+
+    async def go() -> None:
+        async with _Hostile() as h:
+            net = Network.from_settings(None, None, "direct", "wss://relay.example.org/v1/ws")
+            url = f"ws://localhost:{h.secret_port}/secret"
+            with pytest.raises((OSError, aiohttp.ClientError)):
+                await RelayClient.connect(url, connector=net.connector(url))
+            assert h.hits == 0
+
+    asyncio.run(go())

@@ -536,3 +536,32 @@ def offline_store_count(peer: Peer) -> list[int]:
     finally:
         s.close()
         peer.start()
+
+
+def test_removing_a_contact_stops_its_downloads(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """A file whose relay (the contact's choice) does not answer: removing the contact stops
+    the download at once, also after a restart (review of issue 15, finding 11)."""
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.stop()
+    here = Listener("127.0.0.1")  # bob's relay's host: allowed, nothing answers as a relay
+    try:
+        with hostile(alice.home, "bob") as h:
+            h.deposit(url_of(relay_proc),
+                      h.payload_blocks(descriptor(f"ws://127.0.0.1:{here.port}/v1/ws")))
+        bob.wait_for(lambda: here.count >= 2, "the download to knock")
+        bob.call("contacts.remove", {"name": "alice"})
+        assert bob.call("attachments.list")["attachments"] == []
+        time.sleep(1)  # a connection attempt already under way
+        knocks = here.count
+        time.sleep(3)
+        assert here.count == knocks
+        bob.stop()
+        bob.start()
+        bob.wait_connected()
+        time.sleep(2)
+        assert here.count == knocks
+    finally:
+        here.close()
