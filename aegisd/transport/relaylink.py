@@ -233,7 +233,9 @@ class RelayLink:
         if self._stopping:  # a stopped link (settings changed, locked) makes no connection
             raise RelayUnavailable()
         await self.network.ready(url or self.url)  # mode tor: until Tor has bootstrapped
-        client = await asyncio.wait_for(_connect(url or self.url, self.network), CONNECT_TIMEOUT)
+        client = await asyncio.wait_for(
+            _connect(url or self.url, self.network, own=True), CONNECT_TIMEOUT
+        )
         if self._stopping:  # stopped while dialing (wait_for can return a result it raced)
             await client.close()
             raise RelayUnavailable()
@@ -540,7 +542,7 @@ async def with_relay(
     return client, True
 
 
-async def _connect(url: str, network: Network) -> RelayClient:
+async def _connect(url: str, network: Network, *, own: bool = False) -> RelayClient:
     # Every relay connection of the daemon is made here: through Tor or the proxy in those
     # modes (no fallback to a direct connection), with a connector (and credentials) of its
     # own, and only to a relay the mode may reach.
@@ -550,7 +552,9 @@ async def _connect(url: str, network: Network) -> RelayClient:
     network.check(url)
     return await RelayClient.connect(
         relay_endpoint(url),
-        connector=network.connector(url),
+        # The link's relay is the user's own (``own``) by construction: its connector is the
+        # plain one, whatever Network.own_hosts holds.
+        connector=network.connector(None if own else url),
         heartbeat=HEARTBEAT,
         request_timeout=REQUEST_TIMEOUT,
     )
