@@ -34,13 +34,14 @@ class Notification:
 def _clean(s: Any) -> str:
     """A bounded rendering of a peer-supplied text with its lines kept and every control
     and bidi character shown visibly (aegis_client.safe_text). Markup is escaped later,
-    only for a server that reads it (DBusNotifier.show)."""
-    return safe_text.lines(str(s)[:MAX_BODY])
+    only for a server that reads it (DBusNotifier.show). Cut after rendering (a character
+    can become ten), on a boundary; D-Bus carries UTF-8, whatever our own output takes."""
+    return safe_text.cut(safe_text.lines(str(s)[:MAX_BODY], ascii_only=False), MAX_BODY)
 
 
 def _name(s: Any) -> str:
     """A peer-chosen name for a summary line: one line, at most 64 characters."""
-    return safe_text.one_line(" ".join(str(s).split()), limit=64)
+    return safe_text.one_line(" ".join(str(s).split()), limit=64, ascii_only=False)
 
 
 def render(ev: Event, level: str) -> Notification | None:
@@ -133,16 +134,19 @@ class DBusNotifier:
             self._fail(f"no session D-Bus to show notifications on ({type(exc).__name__})")
             return False
         hints = {"category": Variant("s", n.category)}
-        body = n.body
-        if body and await self._reads_markup(bus):
-            body = safe_text.markup_escaped(body)
+        summary, body = n.summary, n.body
+        if await self._reads_markup(bus):
+            # The summary carries the peer's name: a server that reads markup in bodies may
+            # read it there too. Escaping grows the text (up to 5 times): cut it again after.
+            summary = safe_text.markup_escaped(summary)
+            body = safe_text.cut(safe_text.markup_escaped(body), MAX_BODY)
         msg = Message(
             destination=BUS_NAME,
             path=OBJECT_PATH,
             interface=BUS_NAME,
             member="Notify",
             signature="susssasa{sv}i",
-            body=[APP_NAME, 0, "", n.summary, body, [], hints, -1],
+            body=[APP_NAME, 0, "", summary, body, [], hints, -1],
         )
         try:
             reply = await asyncio.wait_for(bus.call(msg), NOTIFY_TIMEOUT)

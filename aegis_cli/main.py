@@ -578,7 +578,7 @@ def listen(ctx: Ctx, since: int | None, types: tuple[str, ...]) -> None:
             ev = {k: v for k, v in ev.items() if k != "subscription"}
             click.echo(json.dumps(ev, sort_keys=True))
         else:
-            click.echo(describe(ev))
+            click.echo(safe_text.fit(describe(ev), safe_text.terminal_width()))
 
     try:
         follow(lambda: ctx.client(timeout=None), params, since, emit)
@@ -879,14 +879,20 @@ def messages(ctx: Ctx, name: str, limit: int, before: int | None, mark_read: boo
     # The contact's text as safe_text shows it: no control reaches the terminal, and each
     # line after a message's first is indented, so none passes for a message header.
     who = one_line(name)
-    shown = []
-    for m in result["messages"]:
-        text = body(m["text"])
-        if m["direction"] == "out":
-            shown.append(f"{_when(m['created_at'])}  me -> {who}: {text}  [{m['status']}]")
-        else:
-            shown.append(f"{_when(m['sent_at'] or m['created_at'])}  {who}: {text}")
+    shown = [message_line(m, who) for m in result["messages"]]
+    # On a terminal, wrapped to its width by us (continuations indented): its own soft wrap
+    # could start a row at column 0 with a forged header (safe_text.fit).
+    width = safe_text.terminal_width()
+    shown = [safe_text.fit(line, width) for line in shown]
     ctx.out(result, "\n".join(shown) if shown else f"no messages with {who}")
+
+
+def message_line(m: dict[str, Any], who: str) -> str:
+    """One message of `aegis messages` (``who`` already through one_line)."""
+    text = body(m["text"])
+    if m["direction"] == "out":
+        return f"{_when(m['created_at'])}  me -> {who}: {text}  [{m['status']}]"
+    return f"{_when(m['sent_at'] or m['created_at'])}  {who}: {text}"
 
 
 PROGRESS_MIN = 1 << 20  # files from this size get a progress bar on a terminal
@@ -939,19 +945,23 @@ def attachments(ctx: Ctx, name: str | None, max_size: int | None) -> None:
         )
         return
     result = ctx.call("attachments.list", {"contact": name} if name else {})
-    shown = []
-    for a in result["attachments"]:
-        arrow = "->" if a["direction"] == "out" else "<-"
-        state = a["state"]
-        if state in ("uploading", "downloading"):
-            state += f" {100 * a['done'] // max(1, a['blocks'])}%"
-        if a["error"]:
-            state += f": {one_line(a['error'])}"
-        shown.append(
-            f"{a['attachment_id']}  {_when(a['created_at'])}  {arrow} {one_line(a['contact'])}  "
-            f"{one_line(a['name'])}  {_size(a['size'])}  [{state}]"
-        )
+    shown = [attachment_line(a) for a in result["attachments"]]
     ctx.out(result, "\n".join(shown) if shown else "no attachments")
+
+
+def attachment_line(a: dict[str, Any]) -> str:
+    """One attachment of `aegis attachments`: the peer's file name, contact name and failure
+    reason through safe_text (whatever the daemon already cleaned)."""
+    arrow = "->" if a["direction"] == "out" else "<-"
+    state = a["state"]
+    if state in ("uploading", "downloading"):
+        state += f" {100 * a['done'] // max(1, a['blocks'])}%"
+    if a["error"]:
+        state += f": {one_line(a['error'])}"
+    return (
+        f"{a['attachment_id']}  {_when(a['created_at'])}  {arrow} {one_line(a['contact'])}  "
+        f"{one_line(a['name'])}  {_size(a['size'])}  [{state}]"
+    )
 
 
 @cli.group(short_help="Save, retry or delete one attachment.")

@@ -27,14 +27,17 @@ from nacl.public import Box, PrivateKey, PublicKey, SealedBox
 from nacl.secret import SecretBox
 from nacl.signing import VerifyKey
 
+from . import memory, wire
 from . import pow as pow_
-from . import wire
 from .config import Config
+from .gate import Gate
 from .storage import (
+    WRITER_OWNER,
     MailboxRow,
     SQLiteStorage,
     Storage,
     StorageError,
+    StorageFull,
     blob_key,
     deposit_key,
     owner_key,
@@ -49,11 +52,10 @@ _DUMMY_HASH = bytes(32)
 _CLOSE_PROTOCOL = 1002
 _CLOSE_POLICY = 1008
 _CLOSE_GOING_AWAY = 1001
-# Bytes queued for a client that does not read: above OUT_HIGH the relay stops reading its
-# requests and stops pushing to it from storage; it resumes below OUT_LOW. (One subscription's
-# window, 32 blocks, stays below OUT_HIGH: a single-mailbox subscriber is never throttled.)
-OUT_HIGH = 2 * 1024 * 1024
-OUT_LOW = 512 * 1024
+# Bytes waiting for a client that does not read (Config.conn_buffer, here "high"): above it the
+# relay stops reading its requests and stops pushing to it from storage; it resumes below a
+# quarter of it. (One subscription's window, 32 blocks, stays below the default 2 MiB: a
+# single-mailbox subscriber is never throttled.)
 
 
 class Denied(wire.FrameError):
@@ -77,6 +79,10 @@ class TokenBucket:
             self.tokens -= 1.0
             return True
         return False
+
+    def empty(self, now: float) -> bool:
+        """Whether `take` would refuse now (takes nothing)."""
+        return min(self.burst, self.tokens + (now - self.stamp) * self.rate) < 1.0
 
 
 def _ct_member(candidate: bytes, hashes: tuple[bytes, ...]) -> bool:
@@ -174,7 +180,10 @@ class Relay:
                  clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.storage: Storage = storage or SQLiteStorage(
-            cfg.data_dir, cfg.max_batch, clock, cfg.mailbox_use_granularity)
+            cfg.data_dir, cfg.max_batch, clock, cfg.mailbox_use_granularity,
+            reserve_bytes=cfg.disk_reserve, max_db_bytes=cfg.max_db_bytes,
+            max_batch_bytes=cfg.max_batch_bytes)
+        self.gate = Gate(cfg)
         self.clock = clock
         self.by_okey: dict[bytes, MailboxState] = {}
         self.by_dkey: dict[bytes, MailboxState] = {}
@@ -194,6 +203,8 @@ class Relay:
         self.connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closing = False
+        # A connection that held much output ended: give the memory back (at most every 5 s).
+        self.trim_wanted = False
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -232,10 +243,18 @@ class Relay:
         return task
 
     async def _maintenance(self) -> None:
-        next_sweep = next_ckpt = time.monotonic()
+        next_sweep = next_ckpt = next_trim = time.monotonic()
         while True:
             now = time.monotonic()
             try:
+                # While full, check every second whether space came back (the owners' ACKs
+                # and deletes free it); recovering needs no operator.
+                if self.storage.full and await self.storage.recover():
+                    log.warning("storage has room again")
+                if self.trim_wanted and now >= next_trim:
+                    self.trim_wanted = False
+                    next_trim = now + 5.0
+                    memory.give_back()
                 if now >= next_sweep:
                     await self.sweep()
                     next_sweep = now + self.cfg.sweep_interval
@@ -244,23 +263,35 @@ class Relay:
                     next_ckpt = now + self.cfg.checkpoint_interval
             except StorageError as exc:
                 log.warning("maintenance failed: %s", exc)
-            await asyncio.sleep(max(0.05, min(next_sweep, next_ckpt) - time.monotonic()))
+            # At least once a second, to notice a full disk (the writer sets the flag).
+            await asyncio.sleep(max(0.05, min(1.0, min(next_sweep, next_ckpt) - time.monotonic())))
 
     async def _reaper(self) -> None:
-        """Close connections that did not say HELLO in time, or idle ones without subscription.
+        """Close connections that did not upgrade or say HELLO in time, idle ones (without
+        subscription: no frame for idle_timeout; with: not even a ping for
+        subscribed_idle_timeout), and those that stopped reading (above conn_buffer for
+        stall_timeout).
 
         One timer for all connections, rather than a timeout on every receive."""
         cfg = self.cfg
-        period = min(1.0, max(0.02, min(cfg.handshake_timeout, cfg.idle_timeout) / 4))
+        period = min(1.0, max(0.02, min(cfg.handshake_timeout, cfg.idle_timeout,
+                                        cfg.subscribed_idle_timeout, cfg.stall_timeout) / 4))
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
+            self.gate.sweep(now)
             for conn in list(self.connections):
+                conn.kick()
+                if conn.stalled(now):
+                    # It does not read: a close frame would wait behind what it does not read.
+                    conn.abort()
+                    continue
                 if not conn.hello:
                     late = now - conn.last_frame > cfg.handshake_timeout
+                elif conn.subs:
+                    late = now - conn.last_seen > cfg.subscribed_idle_timeout
                 else:
-                    late = (not conn.subs and not conn.busy()
-                            and now - conn.last_frame > cfg.idle_timeout)
+                    late = not conn.busy() and now - conn.last_frame > cfg.idle_timeout
                 if late:
                     conn.error(0, wire.E_TIMEOUT)
 
@@ -405,29 +436,43 @@ class Relay:
             return
         sub.pumping = True
         conn, mb = sub.conn, sub.mb
+        # The subscriber's turn at the writer, whoever's deposit woke the pump.
+        WRITER_OWNER.set(conn)
         try:
             while sub.active and (sub.backlog or sub.again):
                 sub.again = False
-                if conn.congested():
-                    conn.push_deferred = True
-                    break
-                out = conn.out_rows.get(mb.id, set())
-                room = self.cfg.window - len(out)
-                if room <= 0:
-                    break
-                gen = sub.gen
-                limit = room
-                # The oldest blocks not already out on this connection, in the mailbox's order.
-                rows = await self.storage.queued(mb.id, out, limit)
-                if not sub.active:
-                    break
-                out = conn.out_rows.get(mb.id, set())
-                fresh = [r for r in rows if r[0] not in out]
-                room = self.cfg.window - len(out)
-                for rowid, sealed in fresh[:room]:
-                    conn.push_stored(sub.owner_id, mb, rowid, sealed, 0)
-                if len(rows) < limit and len(fresh) <= room and sub.gen == gen:
-                    sub.backlog = False
+                # One pump of a connection reads at a time, and no more than fits under the
+                # bound: the blocks read are in memory until pushed (issue 15, item 5).
+                async with conn.pump_lock:
+                    if conn.congested():
+                        conn.push_deferred = True
+                        break
+                    out = conn.out_rows.get(mb.id, set())
+                    room = self.cfg.window - len(out)
+                    if room <= 0:
+                        break
+                    gen = sub.gen
+                    limit = min(room, conn.room_blocks())
+                    # The oldest blocks not already out on this connection, in the mailbox's
+                    # order.
+                    rows = await self.storage.queued(mb.id, out, limit)
+                    if not sub.active:
+                        break
+                    out = conn.out_rows.get(mb.id, set())
+                    fresh = [r for r in rows if r[0] not in out]
+                    room = self.cfg.window - len(out)
+                    stopped = False
+                    for rowid, sealed in fresh[:room]:
+                        # Checked at every block: many subscriptions pumping at once must not
+                        # each add a window's worth beyond the bound.
+                        if conn.congested():
+                            conn.push_deferred = stopped = True
+                            break
+                        conn.push_stored(sub.owner_id, mb, rowid, sealed, 0)
+                    if stopped:
+                        break
+                    if len(rows) < limit and len(fresh) <= room and sub.gen == gen:
+                        sub.backlog = False
         except StorageError as exc:
             log.warning("delivery failed: %s", exc)
         finally:
@@ -463,10 +508,12 @@ class Relay:
 class Connection:
     """One WebSocket client: handshake, request dispatch, outgoing queue, its deliveries."""
 
-    def __init__(self, relay: Relay, ws: web.WebSocketResponse) -> None:
+    def __init__(self, relay: Relay, ws: web.WebSocketResponse,
+                 transport: asyncio.BaseTransport | None = None) -> None:
         self.relay = relay
         self.cfg = relay.cfg
         self.ws = ws
+        self._transport = transport if isinstance(transport, asyncio.WriteTransport) else None
         self.challenge = os.urandom(wire.CHALLENGE_LEN)
         self.hello = False
         self.delivered: dict[bytes, tuple[MailboxState, int]] = {}
@@ -486,8 +533,14 @@ class Connection:
         self._room: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.last_frame = time.monotonic()
+        # Last frame or WebSocket ping from the client (a subscribed connection's liveness).
+        self.last_seen = self.last_frame
         self._frames = TokenBucket(self.cfg.frame_rate, self.cfg.frame_burst, self.last_frame)
         self._closed = False
+        self._high = self.cfg.conn_buffer
+        self._low = self.cfg.conn_buffer // 4
+        self._congested_since: float | None = None
+        self.pump_lock = asyncio.Lock()
 
     # --- output ----------------------------------------------------------------------------------
 
@@ -502,8 +555,46 @@ class Connection:
         fatal = code in wire.FATAL_ERRORS
         self.send(wire.error_frame(rid, code), _CLOSE_PROTOCOL if fatal else 0)
 
+    def waiting(self) -> int:
+        """Bytes waiting for the client: the relay's queue and the transport's buffer (what
+        aiohttp handed to the socket and the kernel did not take)."""
+        t = self._transport
+        return self._out_bytes + (t.get_write_buffer_size() if t is not None else 0)
+
     def congested(self) -> bool:
-        return self._out_bytes > OUT_HIGH
+        if self.waiting() > self._high:
+            if self._congested_since is None:
+                self._congested_since = time.monotonic()
+            return True
+        return False
+
+    def room_blocks(self) -> int:
+        """Blocks that fit under the bound now (at least one)."""
+        return max(1, (self._high - self.waiting()) // wire.BLOCK_SIZE + 1)
+
+    def stalled(self, now: float) -> bool:
+        """Above the bound since stall_timeout: the client does not read."""
+        if self._congested_since is None:
+            return False
+        if self.waiting() <= self._high:
+            self._congested_since = None
+            return False
+        return now - self._congested_since > self.cfg.stall_timeout
+
+    def abort(self) -> None:
+        """Drop the connection at once (it does not read: no close handshake)."""
+        if self._transport is not None:
+            self._transport.abort()
+        self.send(b"", _CLOSE_GOING_AWAY)  # wakes the writer, which then ends
+        self._closed = True
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def kick(self) -> None:
+        """Resume deferred pushes once the output is low again. The writer does this after
+        each frame it sends; this is for output that drained from the socket's buffer alone."""
+        if self.push_deferred and not self._closed and self.waiting() <= self._low:
+            self._on_drained()
 
     async def _writer(self) -> None:
         try:
@@ -515,7 +606,7 @@ class Connection:
                 if close_code:
                     await self.ws.close(code=close_code)
                     return
-                if self._out_bytes <= OUT_LOW and (self._drained or self.push_deferred):
+                if self.waiting() <= self._low and (self._drained or self.push_deferred):
                     self._on_drained()
         except (TimeoutError, ConnectionError, RuntimeError):
             return
@@ -535,7 +626,9 @@ class Connection:
     async def _until_drained(self) -> None:
         while self.congested() and not self._closed:
             self._drained = asyncio.get_running_loop().create_future()
-            await self._drained
+            # Look again now and then: the socket's buffer drains without a frame of ours.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained, 0.5)
         self._drained = None
 
     async def close(self, code: int) -> None:
@@ -575,6 +668,9 @@ class Connection:
     # --- the read loop ---------------------------------------------------------------------------
 
     async def run(self) -> None:
+        # Every storage operation started from here (and from the tasks it spawns, which copy
+        # the context) is this connection's turn at the writer (relay/storage.py).
+        WRITER_OWNER.set(self)
         writer = asyncio.ensure_future(self._writer())
         try:
             await self._read_loop()
@@ -595,6 +691,8 @@ class Connection:
                     writer.cancel()
             self.delivered.clear()
             self.out_rows.clear()
+            if self._congested_since is not None:
+                self.relay.trim_wanted = True
 
     async def _read_loop(self) -> None:
         ws = self.ws
@@ -604,8 +702,15 @@ class Connection:
                 continue
             msg = await ws.receive()
             if msg.type == WSMsgType.BINARY:
-                self.last_frame = time.monotonic()
+                self.last_frame = self.last_seen = time.monotonic()
                 await self._frame(msg.data)
+            elif msg.type == WSMsgType.PING:
+                # Answered here (autoping off) so a client's ping counts as a sign of life; the
+                # relay's own pings' answers (PONG) do not: any library sends those unasked.
+                self.last_seen = time.monotonic()
+                await ws.pong(msg.data)
+            elif msg.type == WSMsgType.PONG:
+                continue
             elif msg.type == WSMsgType.TEXT:
                 self.error(0, wire.E_BAD_FRAME)
                 return
@@ -684,8 +789,7 @@ class Connection:
         exc = fut.exception()
         if exc is not None:
             relay.unqueued(mb, 1)
-            log.warning("storage error: %s", type(exc).__name__)
-            self.error(rid, wire.E_INTERNAL)
+            self.storage_error(rid, exc)
             return
         rowid = fut.result()
         self.ok(rid)
@@ -707,8 +811,7 @@ class Connection:
             return
         exc = fut.exception()
         if exc is not None:
-            log.warning("storage error: %s", type(exc).__name__)
-            self.error(rid, wire.E_INTERNAL)
+            self.storage_error(rid, exc)
             return
         self.relay.unqueued(mb, fut.result())
         self.ok(rid)
@@ -729,8 +832,7 @@ class Connection:
         except wire.FrameError as exc:
             self.error(frame.rid, exc.code)
         except StorageError as exc:
-            log.warning("storage error: %s", exc)
-            self.error(frame.rid, wire.E_INTERNAL)
+            self.storage_error(frame.rid, exc)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # never a crash, never a trace to the client
@@ -741,6 +843,26 @@ class Connection:
 
     def ok(self, rid: int, body: bytes = b"") -> None:
         self.send(wire.encode(wire.OK, rid, body))
+
+    def storage_error(self, rid: int, exc: BaseException) -> None:
+        if isinstance(exc, StorageFull):
+            self.error(rid, wire.E_FULL)  # logged once by the storage, not per request
+            return
+        log.warning("storage error: %s", type(exc).__name__)
+        self.error(rid, wire.E_INTERNAL)
+
+    def check_room(self) -> None:
+        """Before storing more: `full` while the disk is full, `busy` while the writer is
+        saturated. Saturated means max_pending_writes in all; then only a connection with
+        nothing waiting of its own is still let in, so a flooder cannot lock everyone else out
+        (each connection has at most max_inflight operations waiting; issue 15, item 8)."""
+        storage = self.relay.storage
+        if storage.full:
+            raise wire.FrameError(wire.E_FULL)
+        limit = self.cfg.max_pending_writes
+        if storage.pending >= limit and (storage.pending >= 2 * limit
+                                         or storage.pending_of(self) > 0):
+            raise wire.FrameError(wire.E_BUSY)
 
     def _check_pow(self, bits: int, purpose: int, target: bytes, payload_hash: bytes,
                    nonce: bytes) -> None:
@@ -758,13 +880,19 @@ class Connection:
     async def mailbox(self, *, okey: bytes | None = None,
                       dkey: bytes | None = None) -> MailboxState | None:
         """A mailbox lookup; those that miss the cache cost a token of the connection's lookup
-        bucket, so nobody can keep the storage busy with lookups of made-up ids."""
+        bucket, so nobody can keep the storage busy with lookups of made-up ids.
+
+        An empty bucket refuses every lookup, cached or not: were a cached (live) mailbox still
+        answered, a prober could empty the bucket with made-up ids and tell a live mailbox
+        (answered) from a deleted or never-created one (`rate_limited`) (issue 15 review)."""
         relay = self.relay
+        now = time.monotonic()
+        if self._lookups.empty(now):
+            raise wire.FrameError(wire.E_RATE_LIMITED)
         cached = relay.by_okey.get(okey) if okey is not None else relay.by_dkey.get(dkey or b"")
         if cached is not None:
             return cached
-        if not self._lookups.take(time.monotonic()):
-            raise wire.FrameError(wire.E_RATE_LIMITED)
+        self._lookups.take(now)
         return await relay.mailbox(okey=okey, dkey=dkey)
 
     async def owner(self, frame: wire.Frame, min_args: int,
@@ -850,12 +978,14 @@ async def h_unsubscribe(c: Connection, f: wire.Frame) -> None:
 async def h_fetch(c: Connection, f: wire.Frame) -> None:
     mb, owner_id, args = await c.owner(f, 1, 1)
     out = c.out_rows.get(mb.id, set())
-    want = min(args[0], c.cfg.window - len(out))
+    want = min(args[0], c.cfg.window - len(out), c.room_blocks())
     sent = 0
     if want > 0:
         rows = await c.relay.storage.queued(mb.id, out, want)
         out = c.out_rows.get(mb.id, set())
         for rowid, sealed in [r for r in rows if r[0] not in out][:want]:
+            if c.congested():  # the rest stays queued: FETCH again once this is read
+                break
             sent += c.push_stored(owner_id, mb, rowid, sealed, f.rid)
     c.ok(f.rid, struct.pack(">H", sent))
 
@@ -950,7 +1080,9 @@ async def h_bundle_fetch(c: Connection, f: wire.Frame) -> None:
     if c.bundle_fetches >= c.cfg.bundle_fetches_per_connection:
         raise wire.FrameError(wire.E_LIMIT)
     c.bundle_fetches += 1
-    mb = await c.mailbox(dkey=deposit_key(deposit_id))
+    # Not through the connection's lookup bucket: its proof of work and the per-connection cap
+    # already bound the storage reads, and a fetch must never be `rate_limited` (§4.4).
+    mb = await c.relay.mailbox(dkey=deposit_key(deposit_id))
     if mb is None or mb.deleted:
         raise Denied()
     # The per-mailbox bucket rations the one-time items, not the answers: past it a fetch gets
@@ -992,8 +1124,7 @@ def _deposit_auth(c: Connection, mb: MailboxState | None, kind: int,
         raise wire.FrameError(wire.E_QUEUE_FULL)
     if c.relay.full():
         raise wire.FrameError(wire.E_FULL)
-    if c.relay.storage.pending >= c.cfg.max_pending_writes:
-        raise wire.FrameError(wire.E_BUSY)
+    c.check_room()
     return mb
 
 
@@ -1003,8 +1134,8 @@ def fast_deposit(c: Connection, f: wire.Frame) -> bool:
     if len(block) != wire.BLOCK_SIZE:
         raise wire.FrameError(wire.E_BAD_BLOCK)
     cached = c.relay.by_dkey.get(deposit_key(deposit_id))
-    if cached is None:
-        return False  # h_deposit loads the mailbox
+    if cached is None or c._lookups.empty(time.monotonic()):
+        return False  # h_deposit loads the mailbox (or answers an empty lookup bucket alike)
     _deposit_pow(c, deposit_id, kind, auth, block)
     mb = _deposit_auth(c, cached, kind, auth)
     # Re-encrypt for the owner: the stored bytes share nothing with the deposit (and each
@@ -1094,8 +1225,7 @@ async def h_blob_put(c: Connection, f: wire.Frame) -> None:
     relay = c.relay
     if c.blob_quota <= 0:  # the quota was reserved in the blob area when it was granted
         raise wire.FrameError(wire.E_LIMIT)
-    if relay.storage.pending >= c.cfg.max_pending_writes:
-        raise wire.FrameError(wire.E_BUSY)
+    c.check_room()
     c.blob_quota -= 1
     relay.blob_reserved -= 1
     relay.blob_blocks += 1
@@ -1191,16 +1321,28 @@ assert set(_HANDLERS) == set(wire.CLIENT_TYPES)
 # --- HTTP endpoints ------------------------------------------------------------------------------
 
 
+def _busy() -> web.Response:
+    resp = web.Response(status=503, text="busy\n")
+    resp.force_close()
+    return resp
+
+
 async def ws_endpoint(request: web.Request) -> web.StreamResponse:
     relay = request.app[RELAY_KEY]
-    if relay.closing or len(relay.connections) >= relay.cfg.max_connections:
-        return web.Response(status=503, text="busy\n")
+    # Admitted or refused by the gate at the TCP accept (relay/gate.py); without the gate
+    # (an embedding that does not install it) the plain count.
+    entry = relay.gate.entry(request.transport)
+    if relay.closing or (entry.refused if entry is not None
+                         else len(relay.connections) >= relay.cfg.max_connections):
+        return _busy()
     ws = web.WebSocketResponse(max_msg_size=relay.cfg.max_frame, compress=False,
-                               heartbeat=relay.cfg.ping_interval, autoping=True)
+                               heartbeat=relay.cfg.ping_interval, autoping=False)
     if not ws.can_prepare(request).ok:
         return web.Response(status=400, text="WebSocket endpoint\n")
     await ws.prepare(request)
-    conn = Connection(relay, ws)
+    conn = Connection(relay, ws, request.transport)
+    if entry is not None:
+        entry.conn = conn
     relay.connections.add(conn)
     try:
         await conn.run()
@@ -1229,6 +1371,7 @@ def create_app(cfg: Config, storage: Storage | None = None,
 
     async def on_shutdown(_: web.Application) -> None:
         relay.closing = True
+        relay.gate.closing = True
         for conn in list(relay.connections):
             await conn.close(_CLOSE_GOING_AWAY)
 

@@ -24,10 +24,25 @@ class Config:
     # Frames and connections.
     max_frame: int = 65536
     max_connections: int = 10000
+    # Connections one source address (an IPv6 /64) may hold, counted from the TCP accept, before
+    # any HTTP (0: no cap). Loopback peers (a reverse proxy, Tor) are exempt unless
+    # source_cap_loopback: behind those every client has the proxy's address (relay/gate.py).
+    source_connections: int = 1000
+    source_cap_loopback: bool = False
+    # Seconds for a new connection to send HELLO, and (counted from the TCP accept) to complete
+    # the HTTP upgrade before it.
     handshake_timeout: float = 10.0
     idle_timeout: float = 120.0
+    # A subscribed connection that sends nothing (no frame, no WebSocket ping) this long is
+    # closed; the daemon pings every 20 s (aegisd/transport/relaylink.py, HEARTBEAT).
+    subscribed_idle_timeout: float = 300.0
     ping_interval: float = 30.0
     max_inflight: int = 64  # concurrent requests per connection
+    # Bytes waiting to be sent to one client (the relay's queue and the transport's buffer):
+    # above it the relay stops reading the client's requests and pushing to it; a connection
+    # that stays above it for stall_timeout seconds is closed.
+    conn_buffer: int = 2 * 1024 * 1024
+    stall_timeout: float = 60.0
     frame_rate: float = 5000.0  # frames per second per connection (token bucket)
     frame_burst: int = 10000
     # Mailboxes.
@@ -70,6 +85,15 @@ class Config:
     storage_budget: int = 0
     # Storage.
     max_batch: int = 512  # operations per group commit
+    # ... and bytes written per group commit: the commit under way is what a new operation
+    # waits for, so this bounds everyone's wait while one client floods the writer.
+    max_batch_bytes: int = 1024 * 1024
+    # Bytes kept free for the database (disk, and free pages in it): below, storing more gets
+    # `full` while acknowledgements and deletions still run; an eighth is held in a reserve file,
+    # released if the disk fills all the same; the WAL is kept under half (relay/storage.py).
+    disk_reserve: int = 64 * 1024 * 1024
+    # Largest database, bytes (0: the disk's size); reaching it counts as a full disk.
+    max_db_bytes: int = 0
     # Storage operations waiting at most (each deposit holds a 16 KiB block meanwhile): beyond,
     # deposits and blob uploads get `busy`, so a flood cannot exhaust memory.
     max_pending_writes: int = 8192

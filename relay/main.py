@@ -19,7 +19,7 @@ from typing import Any
 import click
 from aiohttp import web
 
-from .app import create_app
+from .app import RELAY_KEY, create_app
 from .config import Config
 
 log = logging.getLogger("aegis.relay")
@@ -35,10 +35,16 @@ HELP = {
     "pow_create_bits": "Proof-of-work bits for creating a mailbox.",
     "max_frame": "Largest accepted frame in bytes (bigger: WebSocket close 1009).",
     "max_connections": "Concurrent connections; more are refused with HTTP 503.",
-    "handshake_timeout": "Seconds for a new connection to send HELLO.",
+    "source_connections": ("Connections one source address (IPv6: /64) may hold, before the "
+                           "upgrade too (0: no cap); loopback is exempt by default."),
+    "source_cap_loopback": "Apply --source-connections to loopback peers too.",
+    "handshake_timeout": "Seconds for a new connection to upgrade and send HELLO.",
     "idle_timeout": "Seconds a connection without subscription may stay silent.",
+    "subscribed_idle_timeout": "Seconds a subscribed connection may send nothing (no ping).",
     "ping_interval": "Seconds between WebSocket pings.",
     "max_inflight": "Concurrent requests per connection (reading pauses beyond).",
+    "conn_buffer": "Bytes waiting for one client at most (reading and pushing pause beyond).",
+    "stall_timeout": "Seconds a client may stay above --conn-buffer before it is closed.",
     "frame_rate": "Frames per second per connection (token bucket rate).",
     "frame_burst": "Frame bucket size per connection.",
     "max_mailboxes": "Mailboxes the relay holds at most.",
@@ -65,6 +71,9 @@ HELP = {
     "lookup_rate": "Uncached mailbox lookups per second per connection.",
     "lookup_burst": "Uncached mailbox lookup bucket size per connection.",
     "max_batch": "Storage operations per group commit.",
+    "max_batch_bytes": "Bytes written per group commit at most (about; one operation at least).",
+    "disk_reserve": "Bytes of disk held in reserve, released when the disk fills.",
+    "max_db_bytes": "Largest database in bytes (0: the disk); reaching it is a full disk.",
     "max_pending_writes": "Storage operations waiting at most; beyond, deposits get busy.",
 }
 
@@ -95,6 +104,9 @@ def _raise_nofile() -> None:
 async def serve(app: web.Application, host: str, port: int, sock: socket.socket | None) -> None:
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
+    # Count and time connections from the TCP accept, before any HTTP (relay/gate.py).
+    assert runner.server is not None
+    app[RELAY_KEY].gate.install(runner.server)
     site: web.BaseSite
     if sock is not None:
         site = web.SockSite(runner, sock, shutdown_timeout=5)

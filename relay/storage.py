@@ -15,10 +15,14 @@ across mailboxes (docs/relay-protocol.md §8 says what the file still orders).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import contextvars
+import errno
+import functools
 import hashlib
+import logging
 import os
-import queue
 import secrets
 import sqlite3
 import threading
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 SCHEMA_VERSION = 3
+log = logging.getLogger("aegis.relay")
 T = TypeVar("T")
 
 
@@ -47,6 +52,21 @@ class StorageError(Exception):
     """The backend failed; the operation did not happen (or its effect is unknown)."""
 
 
+class StorageFull(StorageError):
+    """The disk (or the database's size limit) is full: the operation did not happen. Deletes
+    still run, on the space of the released reserve (`SQLiteStorage.full`)."""
+
+
+#: Whom a storage operation is for (the relay sets its connection here). The writer thread takes
+#: operations round-robin by owner, so one client with many operations waiting cannot make
+#: another's wait behind all of them (operations of no owner share one turn).
+WRITER_OWNER: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "relay_writer_owner", default=None)
+
+#: The file of the disk reserve, in the data directory (`SQLiteStorage`).
+RESERVE_NAME = "reserve"
+
+
 @dataclass(frozen=True, slots=True)
 class MailboxRow:
     id: int
@@ -64,6 +84,11 @@ class MailboxRow:
 class Storage(Protocol):
     #: Operations submitted and not yet finished (the relay refuses writes beyond a bound).
     pending: int
+    #: The disk is full: operations that store more fail with StorageFull until `recover`.
+    full: bool
+
+    def pending_of(self, owner: object | None) -> int: ...
+    async def recover(self) -> bool: ...
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -218,6 +243,8 @@ def _renumber(db: sqlite3.Connection, mailbox: int) -> None:
 
 
 _STOP = object()
+#: The size of a queued block, as far as the writer's batches are concerned.
+_BLOCK_BYTES = 16384
 
 
 def upgrade_from_1(db: sqlite3.Connection) -> None:
@@ -295,21 +322,49 @@ def upgrade_from_1(db: sqlite3.Connection) -> None:
 
 
 class SQLiteStorage:
-    """SQLite backend: one connection, one thread, group commit."""
+    """SQLite backend: one connection, one thread, group commit.
+
+    Fair sharing: operations wait in one queue per owner (`WRITER_OWNER`) and each batch takes
+    them round-robin, so a batch holds a flooder's operations beside, not before, everyone
+    else's (issue 15, item 8).
+
+    Disk reserve (issue 15, item 2): storing stops while less than `reserve_bytes` is free for
+    the database (disk, and free pages inside it), checked before every batch, so owners can
+    still acknowledge and delete (which need room in the WAL too) and drain their queues; the WAL
+    is kept below half the reserve. An eighth of the reserve is also held in a file in the data
+    directory, deleted when SQLite reports the disk (or `max_db_bytes`) full all the same
+    (something else filled it). While `full`, every operation that stores more fails at once
+    with StorageFull, until `recover` finds room again and puts the file back."""
 
     def __init__(self, data_dir: str, max_batch: int = 512,
-                 clock: Callable[[], float] | None = None, use_granularity: int = 1) -> None:
+                 clock: Callable[[], float] | None = None, use_granularity: int = 1, *,
+                 reserve_bytes: int = 0, max_db_bytes: int = 0,
+                 max_batch_bytes: int = 1 << 20) -> None:
         # What an upgraded mailbox's last use is set to: now, rounded like every other.
         self._clock = clock or time.time
         self._use_granularity = max(1, use_granularity)
         self._path = os.path.join(data_dir, "relay.sqlite3")
         self._data_dir = data_dir
+        self._reserve_path = os.path.join(data_dir, RESERVE_NAME)
+        self._reserve_bytes = reserve_bytes
+        # The file that keeps part of the reserve taken, should something else fill the disk.
+        self._reserve_file_bytes = reserve_bytes // 8
+        self._wal_bytes = 0
+        self._max_db_bytes = max_db_bytes
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # A batch also ends at this many bytes written: its commit is what every operation in
+        # the next one waits for, so its length bounds everyone's wait under a flood.
+        self._max_batch_bytes = max_batch_bytes
+        self._queues: collections.OrderedDict[object | None, collections.deque[Any]] = (
+            collections.OrderedDict())
+        self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._db: sqlite3.Connection | None = None
         self.pending = 0
+        self._pending_by: dict[object | None, int] = {}
+        #: Set (by the writer thread) when the disk is full; cleared by `recover`.
+        self.full = False
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -327,7 +382,7 @@ class SQLiteStorage:
             return
         with contextlib.suppress(StorageError):
             await self.checkpoint()
-        self._queue.put(_STOP)
+        self._put(None, _STOP)
         thread = self._thread
         self._thread = None
         await asyncio.get_running_loop().run_in_executor(None, thread.join)
@@ -341,8 +396,14 @@ class SQLiteStorage:
         # window reach the database file as one zeroed page write instead of several: about 30%
         # more deposits per second (measured). Stale WAL frames are gone at the periodic
         # TRUNCATE checkpoint (checkpoint_interval) and at shutdown.
-        db.execute("PRAGMA wal_autocheckpoint=16384")
-        db.execute(f"PRAGMA journal_size_limit={64 * 1024 * 1024}")
+        # The WAL is kept below half the disk reserve, so a checkpoint (which may grow the
+        # database by as much) always finds room once storing stopped at the reserve.
+        page = int(db.execute("PRAGMA page_size").fetchone()[0])
+        self._wal_bytes = 16384 * page
+        if self._reserve_bytes > 0:
+            self._wal_bytes = min(self._wal_bytes, max(64 * page, self._reserve_bytes // 2))
+        db.execute(f"PRAGMA wal_autocheckpoint={self._wal_bytes // page}")
+        db.execute(f"PRAGMA journal_size_limit={self._wal_bytes}")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         used = int(self._clock()) // self._use_granularity * self._use_granularity
         if version == 0:
@@ -355,13 +416,112 @@ class SQLiteStorage:
             upgrade_from_2(db, used)
         elif version != SCHEMA_VERSION:
             raise StorageError("unsupported relay database schema version")
+        if self._max_db_bytes > 0:
+            # Reaching it is a full disk (SQLITE_FULL): an operator's cap, and how the tests
+            # fill the "disk" without a small file system.
+            db.execute(f"PRAGMA max_page_count={max(1, self._max_db_bytes // page)}")
         return db
+
+    # --- the disk reserve (writer thread) ---------------------------------------------------------
+
+    def _make_reserve(self) -> bool:
+        """Write the reserve file; False (and no file) if the disk has no room for it."""
+        size = self._reserve_file_bytes
+        if size <= 0:
+            return True
+        try:
+            fd = os.open(self._reserve_path, os.O_WRONLY | os.O_CREAT, 0o600)
+        except OSError:
+            return False
+        try:
+            if os.fstat(fd).st_size >= size:
+                return True
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                # No fallocate here: write the bytes (a sparse file would reserve nothing).
+                chunk = bytes(1 << 20)
+                left = size
+                while left > 0:
+                    left -= os.write(fd, chunk[:min(left, len(chunk))])
+            os.fsync(fd)
+            return True
+        except OSError:
+            self._drop_reserve()
+            return False
+        finally:
+            os.close(fd)
+
+    def _drop_reserve(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._reserve_path)
+
+    def _went_full(self, release: bool) -> None:
+        """Refuse storing more from now on; `release`: SQLite hit the end of the disk, so give
+        the reserve file's space to the deletions."""
+        if release:
+            self._drop_reserve()
+        if not self.full:
+            self.full = True
+            log.warning("storage full: storing refused until there is room")
+
+    def _space(self, db: sqlite3.Connection) -> tuple[int, int]:
+        """Free bytes of the disk, and free bytes inside the database (pages a new row reuses;
+        a deletion does not give them back to the disk)."""
+        st = os.statvfs(self._data_dir)
+        page = int(db.execute("PRAGMA page_size").fetchone()[0])
+        free_pages = int(db.execute("PRAGMA freelist_count").fetchone()[0])
+        return st.f_bavail * st.f_frsize, free_pages * page
+
+    def _low(self, db: sqlite3.Connection) -> bool:
+        """Too little room to store more (checked before every batch): the WAL needs disk of
+        its own, up to `_wal_bytes`, and rows need disk or free pages, `reserve_bytes` in all
+        being kept for the acknowledgements and deletions to come."""
+        if self._reserve_bytes <= 0:
+            return False
+        disk, pages = self._space(db)
+        return disk < self._wal_bytes or disk + pages < self._reserve_bytes
+
+    def _room(self, db: sqlite3.Connection) -> bool:
+        """Room again (some margin above `_low`, so the relay does not flap at the edge)."""
+        if self._reserve_bytes > 0:
+            disk, pages = self._space(db)
+            missing = 0 if os.path.exists(self._reserve_path) else self._reserve_file_bytes
+            if (disk < self._wal_bytes + missing
+                    or disk + pages < self._reserve_bytes * 3 // 2 + missing):
+                return False
+        if self._max_db_bytes > 0:
+            page = int(db.execute("PRAGMA page_size").fetchone()[0])
+            used = (int(db.execute("PRAGMA page_count").fetchone()[0])
+                    - int(db.execute("PRAGMA freelist_count").fetchone()[0]))
+            if self._max_db_bytes - used * page < self._max_db_bytes // 8:
+                return False
+        return True
+
+    async def recover(self) -> bool:
+        """While full: checkpoint (the WAL's disk space comes back), and if there is room again
+        put the reserve file back and store again. True once no longer full."""
+        def op(db: sqlite3.Connection) -> bool:
+            if not self.full:
+                return True
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if self._room(db) and self._make_reserve():
+                self.full = False
+            return not self.full
+        return await self._run(op, own_tx=True)
+
+    # --- the writer thread ------------------------------------------------------------------------
 
     def _worker(self, ready: asyncio.Future[None]) -> None:
         loop = self._loop
         assert loop is not None
         try:
             db = self._connect()
+            if not self._make_reserve():
+                self.full = True
         except Exception as exc:  # report to open(), never crash the thread silently
             err = StorageError(type(exc).__name__)
             loop.call_soon_threadsafe(_set_exc, ready, err)
@@ -370,43 +530,91 @@ class SQLiteStorage:
         loop.call_soon_threadsafe(_set_result, ready, None)
         stop = False
         while not stop:
-            batch = [self._queue.get()]
-            while len(batch) < self._max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            batch = self._take_batch()
             if any(item is _STOP for item in batch):
                 stop = True
+                # Everything submitted before the stop still runs (round-robin may have taken
+                # the stop before other owners' operations).
+                with self._cv:
+                    batch += [item for waiting in self._queues.values() for item in waiting]
+                    self._queues.clear()
                 batch = [item for item in batch if item is not _STOP]
             if batch:
                 self._run_batch(db, loop, batch)
         db.close()
 
+    def _put(self, owner: object | None, item: Any) -> None:
+        with self._cv:
+            waiting = self._queues.get(owner)
+            if waiting is None:
+                waiting = self._queues[owner] = collections.deque()
+            waiting.append(item)
+            self._cv.notify()
+
+    def _take_batch(self) -> list[Any]:
+        """Up to max_batch operations and about max_batch_bytes, one per owner in turn."""
+        with self._cv:
+            while not self._queues:
+                self._cv.wait()
+            batch: list[Any] = []
+            size = 0
+            queues = self._queues
+            while queues and len(batch) < self._max_batch and size < self._max_batch_bytes:
+                owner, waiting = next(iter(queues.items()))
+                item = waiting.popleft()
+                batch.append(item)
+                if item is not _STOP:
+                    size += item[4]
+                if waiting:
+                    queues.move_to_end(owner)  # its next turn comes after everyone else's
+                else:
+                    del queues[owner]
+            return batch
+
     def _run_batch(self, db: sqlite3.Connection, loop: asyncio.AbstractEventLoop,
                    batch: list[Any]) -> None:
         results: list[tuple[asyncio.Future[Any], bool, Any]] = []
-        for fn, fut, own_tx in batch:
+        for fn, fut, own_tx, _, _ in batch:
             if own_tx:  # operations that manage their own transaction (checkpoint)
-                results.append(_call(fn, db, fut))
-        tx = [item for item in batch if not item[2]]
+                results.append(self._call(fn, db, fut))
+        if not self.full and self._low(db):
+            self._went_full(release=False)
+        tx = []
+        for item in batch:
+            if item[2]:
+                continue
+            if item[3] and self.full:  # stores more: refused at once while full
+                results.append((item[1], False, StorageFull("storage full")))
+            else:
+                tx.append(item)
         if tx:
             try:
                 # Group commit: the whole batch in one transaction, one fsync.
                 db.execute("BEGIN IMMEDIATE")
-                values = [(fut, True, fn(db)) for fn, fut, _ in tx]
+                values = [(fut, True, fn(db)) for fn, fut, _, _, _ in tx]
                 db.execute("COMMIT")
                 results.extend(values)
-            except Exception:
+            except Exception as exc:
                 with contextlib.suppress(Exception):
                     db.execute("ROLLBACK")
+                if _is_full(exc):
+                    self._went_full(release=True)
                 # Some operation failed: run each alone, so only the failing one fails.
-                for fn, fut, _ in tx:
-                    results.append(self._alone(db, fn, fut))
+                for fn, fut, _, grows, _ in tx:
+                    if grows and self.full:
+                        results.append((fut, False, StorageFull("storage full")))
+                    else:
+                        results.append(self._alone(db, fn, fut))
         loop.call_soon_threadsafe(_deliver, results)
 
-    @staticmethod
-    def _alone(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any],
+    def _call(self, fn: Callable[[sqlite3.Connection], Any], db: sqlite3.Connection,
+              fut: asyncio.Future[Any]) -> tuple[asyncio.Future[Any], bool, Any]:
+        try:
+            return fut, True, fn(db)
+        except Exception as exc:
+            return fut, False, self._error(exc)
+
+    def _alone(self, db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any],
                fut: asyncio.Future[Any]) -> tuple[asyncio.Future[Any], bool, Any]:
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -416,23 +624,43 @@ class SQLiteStorage:
         except Exception as exc:
             with contextlib.suppress(Exception):
                 db.execute("ROLLBACK")
-            return fut, False, StorageError(type(exc).__name__)
+            return fut, False, self._error(exc)
 
-    def _submit(self, fn: Callable[[sqlite3.Connection], T],
-                own_tx: bool = False) -> asyncio.Future[T]:
+    def _error(self, exc: Exception) -> StorageError:
+        if _is_full(exc):
+            self._went_full(release=True)
+            return StorageFull("storage full")
+        return StorageError(type(exc).__name__)
+
+    def _submit(self, fn: Callable[[sqlite3.Connection], T], own_tx: bool = False,
+                grows: bool = False, size: int = 0) -> asyncio.Future[T]:
+        """Queue an operation for the writer thread. `grows`: it stores more (refused while
+        the disk is full); `size`: about the bytes it writes."""
         if self._thread is None or self._loop is None:
             raise StorageError("storage closed")
         fut: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put((fn, fut, own_tx))
+        owner = WRITER_OWNER.get()
+        self._put(owner, (fn, fut, own_tx, grows, size))
         self.pending += 1
-        fut.add_done_callback(self._finished)
+        self._pending_by[owner] = self._pending_by.get(owner, 0) + 1
+        fut.add_done_callback(functools.partial(self._finished, owner))
         return fut
 
-    def _finished(self, _: asyncio.Future[Any]) -> None:
+    def _finished(self, owner: object | None, _: asyncio.Future[Any]) -> None:
         self.pending -= 1
+        left = self._pending_by[owner] - 1
+        if left:
+            self._pending_by[owner] = left
+        else:
+            del self._pending_by[owner]
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T], own_tx: bool = False) -> T:
-        return await self._submit(fn, own_tx)
+    def pending_of(self, owner: object | None) -> int:
+        """Operations of `owner` submitted and not yet finished."""
+        return self._pending_by.get(owner, 0)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], own_tx: bool = False,
+                   grows: bool = False, size: int = 0) -> T:
+        return await self._submit(fn, own_tx, grows, size)
 
     # --- mailboxes --------------------------------------------------------------------------------
 
@@ -449,7 +677,7 @@ class SQLiteStorage:
                 " owner_box_pub, public, tokens, used) VALUES (?, ?, ?, ?, ?, ?, ?, x'', ?)",
                 (key, okey, dkey, sig_pub, box_secret, owner_box_pub, int(public), used))
             return key
-        return await self._run(op)
+        return await self._run(op, grows=True)
 
     async def load_mailbox(self, *, okey: bytes | None = None,
                            dkey: bytes | None = None) -> MailboxRow | None:
@@ -508,7 +736,7 @@ class SQLiteStorage:
                        " VALUES (?, ?, ?, ?, ?)",
                        (key, mailbox, next_seq(db, mailbox), expiry, sealed))
             return key
-        return self._submit(op)
+        return self._submit(op, grows=True, size=len(sealed))
 
     async def queued(self, mailbox: int, skip: Collection[int],
                      limit: int) -> list[tuple[int, bytes]]:
@@ -527,7 +755,8 @@ class SQLiteStorage:
             marks = ",".join("?" * len(ids))
             sql = f"DELETE FROM messages WHERE mailbox = ? AND id IN ({marks})"  # noqa: S608
             return int(db.execute(sql, (mailbox, *ids)).rowcount)
-        return self._submit(op)
+        # secure_delete zeroes each block's pages: about a block written per id.
+        return self._submit(op, size=len(ids) * _BLOCK_BYTES)
 
     async def expire(self, now: int) -> tuple[dict[int, int], int]:
         """Delete expired blocks and blobs: the blocks deleted per mailbox, the blobs deleted
@@ -551,7 +780,7 @@ class SQLiteStorage:
             else:
                 db.execute("DELETE FROM bundles WHERE mailbox = ?", (mailbox,))
                 db.execute("DELETE FROM bundle_items WHERE mailbox = ?", (mailbox,))
-        await self._run(op)
+        await self._run(op, grows=bool(base))
 
     @staticmethod
     def _counts(db: sqlite3.Connection, mailbox: int) -> tuple[int, int]:
@@ -570,7 +799,7 @@ class SQLiteStorage:
                 db.execute("INSERT INTO bundle_items (id, mailbox, kind, item) VALUES (?, ?, ?, ?)",
                            (new_key(db, "bundle_items"), mailbox, kind, item))
             return self._counts(db, mailbox)
-        return await self._run(op)
+        return await self._run(op, grows=True, size=sum(map(len, items)))
 
     async def bundle_counts(self, mailbox: int) -> tuple[int, int]:
         return await self._run(lambda db: self._counts(db, mailbox))
@@ -612,7 +841,7 @@ class SQLiteStorage:
             except sqlite3.IntegrityError:
                 return False
             return True
-        return await self._run(op)
+        return await self._run(op, grows=True, size=len(block))
 
     async def get_blob(self, bkey: bytes) -> tuple[bytes, bytes] | None:
         def op(db: sqlite3.Connection) -> tuple[bytes, bytes] | None:
@@ -641,12 +870,11 @@ def _delete_mailbox(db: sqlite3.Connection, mailbox: int) -> int:
     return n
 
 
-def _call(fn: Callable[[sqlite3.Connection], Any], db: sqlite3.Connection,
-          fut: asyncio.Future[Any]) -> tuple[asyncio.Future[Any], bool, Any]:
-    try:
-        return fut, True, fn(db)
-    except Exception as exc:
-        return fut, False, StorageError(type(exc).__name__)
+
+def _is_full(exc: BaseException) -> bool:
+    """SQLite's SQLITE_FULL: the disk, or max_page_count, has no room."""
+    return (isinstance(exc, sqlite3.Error)
+            and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL)
 
 
 def _set_result(fut: asyncio.Future[Any], value: Any) -> None:

@@ -28,6 +28,13 @@ from .primitives import Entropy
 ROTATION_PERIOD = 7 * 24 * 3600
 RETIREMENT_GRACE = 30 * 24 * 3600
 ONE_TIME_BATCH = 100
+#: One-time private keys kept per kind beyond which the oldest go (prune_one_time): well past
+#: what the relay may hold of them (its bundle_items_per_kind, 200 by default) and hands out
+#: oldest first, so a key dropped here was handed out long ago.
+ONE_TIME_KEEP = 1000
+#: ...and only once they are this old (seconds): a first contact made with a key handed out
+#: less than a day ago still finds it, however fast a drainer takes the others.
+ONE_TIME_GRACE = 24 * 3600
 
 
 @dataclass
@@ -157,9 +164,10 @@ class PrekeyStore:
         return changed
 
     def generate_one_time(
-        self, entropy: Entropy, count: int = ONE_TIME_BATCH
+        self, entropy: Entropy, count: int = ONE_TIME_BATCH, now: int = 0
     ) -> tuple[list[wire.OneTimeX25519], list[wire.OneTimeMlkem]]:
-        """Create `count` one-time prekeys of each kind; returns the public items to publish."""
+        """Create `count` one-time prekeys of each kind; returns the public items to publish.
+        `now` is kept with the ML-KEM keys (prune_one_time); keys made with 0 count as old."""
         xs: list[wire.OneTimeX25519] = []
         kems: list[wire.OneTimeMlkem] = []
         for _ in range(count):
@@ -167,10 +175,35 @@ class PrekeyStore:
             pid = self._fresh_id(entropy)
             self.one_time_x25519[pid] = priv
             xs.append(wire.OneTimeX25519(pid, p.x25519_public(priv)))
-            key = self._new_kem(entropy, wire.KIND_ONE_TIME_MLKEM, 0)
+            key = self._new_kem(entropy, wire.KIND_ONE_TIME_MLKEM, now)
             self.one_time_mlkem[key.prekey_id] = key
             kems.append(wire.OneTimeMlkem(key.prekey_id, key.ek, key.sig))
         return xs, kems
+
+    def prune_one_time(
+        self, now: int, keep: int = ONE_TIME_KEEP, grace: int = ONE_TIME_GRACE
+    ) -> int:
+        """Drop the oldest one-time private keys past the newest `keep` of each kind, those
+        made more than `grace` seconds ago: anyone with the address link can make the daemon
+        publish (and keep) new ones at the relay's rate for ever. The relay hands items out
+        oldest first, so these were handed out long ago, to a fetcher that never used them or
+        whose first contact has not arrived: such a first contact now fails as a one-time-key
+        miss (docs/protocol.md §7). The two kinds are made, handed out and used in pairs, in
+        the same order: the X25519 keys follow the ML-KEM ones (their records hold no time).
+        Returns how many keys went."""
+        dropped = 0
+        excess = len(self.one_time_mlkem) - keep
+        for pid, key in list(self.one_time_mlkem.items()):
+            if excess <= 0 or now - key.created < grace:
+                break
+            del self.one_time_mlkem[pid]
+            excess -= 1
+            dropped += 1
+        extra_x = len(self.one_time_x25519) - max(keep, len(self.one_time_mlkem))
+        for pid in list(self.one_time_x25519)[: max(0, extra_x)]:
+            del self.one_time_x25519[pid]
+            dropped += 1
+        return dropped
 
     def bundle_base(self) -> wire.BundleBase:
         spk, lrk = self.current_signed(), self.current_last_resort()

@@ -688,6 +688,12 @@ MAX_RECEIPT_IDS = 512
 MAX_NAME_BYTES = 64
 MAX_URL_BYTES = 255
 MAX_MAILBOX_FIELD = 64
+#: What the relay protocol takes (docs/relay-protocol.md): a deposit id or bundle address is 16
+#: bytes, a send token 32 (or none). A peer's field of another length is refused when decoded:
+#: sent to the relay it would be `bad_frame`, which closes the (shared) connection, again at
+#: every retry (issue 15 review).
+RELAY_ID_LEN = 16
+RELAY_TOKEN_LEN = 32
 MAX_FILE_NAME_BYTES = 255
 ATTACHMENT_SEED_LEN = 32
 ATTACHMENT_DIGEST_LEN = 32
@@ -729,6 +735,14 @@ def _put_short(w: Writer, b: bytes, limit: int) -> Writer:
     return w.u8(len(b)).raw(b)
 
 
+def _relay_id(r: Reader) -> bytes:
+    """A deposit id or bundle address: exactly RELAY_ID_LEN bytes."""
+    b = _short(r, MAX_MAILBOX_FIELD)
+    if len(b) != RELAY_ID_LEN:
+        raise DecodeError("a relay id is 16 bytes")
+    return b
+
+
 def _utf8(b: bytes) -> str:
     try:
         return b.decode("utf-8")
@@ -745,8 +759,10 @@ class MailboxAddress:
     send_token: bytes  # empty: the mailbox takes a proof-of-work instead
 
     def write(self, w: Writer) -> Writer:
-        if not self.relay_url or not self.deposit_id:
-            raise ValueError("a mailbox address needs a relay URL and a deposit ID")
+        if not self.relay_url or len(self.deposit_id) != RELAY_ID_LEN:
+            raise ValueError("a mailbox address needs a relay URL and a 16-byte deposit ID")
+        if len(self.send_token) not in (0, RELAY_TOKEN_LEN):
+            raise ValueError("a send token is 32 bytes (or none)")
         _put_short(w, self.relay_url.encode(), MAX_URL_BYTES)
         _put_short(w, self.deposit_id, MAX_MAILBOX_FIELD)
         return _put_short(w, self.send_token, MAX_MAILBOX_FIELD)
@@ -754,10 +770,13 @@ class MailboxAddress:
     @classmethod
     def read(cls, r: Reader) -> MailboxAddress:
         url = _utf8(_short(r, MAX_URL_BYTES))
-        deposit_id = _short(r, MAX_MAILBOX_FIELD)
-        if not url or not deposit_id:
-            raise DecodeError("empty relay URL or deposit ID")
-        return cls(url, deposit_id, _short(r, MAX_MAILBOX_FIELD))
+        if not url:
+            raise DecodeError("empty relay URL")
+        deposit_id = _relay_id(r)
+        token = _short(r, MAX_MAILBOX_FIELD)
+        if len(token) not in (0, RELAY_TOKEN_LEN):
+            raise DecodeError("a send token is 32 bytes (or none)")
+        return cls(url, deposit_id, token)
 
 
 @dataclass(frozen=True)
@@ -921,8 +940,8 @@ def encode_payload(payload: Payload) -> bytes:
     elif isinstance(payload, RenewPayload):
         w.u8(PAYLOAD_RENEW).fixed(payload.renew_id, MESSAGE_ID_LEN).u64(payload.created_at_ms)
         payload.reply_to.write(w)
-        if not payload.bundle_address:
-            raise ValueError("a renewal needs a bundle address")
+        if len(payload.bundle_address) != RELAY_ID_LEN:
+            raise ValueError("a renewal needs a 16-byte bundle address")
         _put_short(w, payload.bundle_address, MAX_MAILBOX_FIELD)
         _put_short(w, payload.display_name.encode(), MAX_NAME_BYTES)
     elif isinstance(payload, MailboxAckPayload):
@@ -1016,9 +1035,7 @@ def decode_payload(data: bytes) -> Payload:
     elif kind == PAYLOAD_RENEW:
         renew_id, created = r.take(MESSAGE_ID_LEN), r.u64()
         reply_to = MailboxAddress.read(r)
-        bundle_address = _short(r, MAX_MAILBOX_FIELD)
-        if not bundle_address:
-            raise DecodeError("empty bundle address")
+        bundle_address = _relay_id(r)
         out = RenewPayload(renew_id, created, reply_to, bundle_address,
                            _utf8(_short(r, MAX_NAME_BYTES)))  # fmt: skip
     elif kind == PAYLOAD_COVER:
@@ -1064,6 +1081,8 @@ class ContactLink:
     def to_bytes(self) -> bytes:
         w = Writer().u8(VERSION).u8(self.kind).raw(self.identity.to_bytes())
         self.mailbox.write(w)
+        if len(self.bundle_address) != RELAY_ID_LEN:
+            raise ValueError("a link needs a 16-byte bundle address")
         _put_short(w, self.bundle_address, MAX_MAILBOX_FIELD)
         _put_short(w, self.invitation_id, MAX_MAILBOX_FIELD)
         return w.u64(self.expires).bytes()
@@ -1080,7 +1099,7 @@ class ContactLink:
             kind,
             IdentityRecord.read(r),
             MailboxAddress.read(r),
-            _short(r, MAX_MAILBOX_FIELD),
+            _relay_id(r),
             _short(r, MAX_MAILBOX_FIELD),
             r.u64(),
         )

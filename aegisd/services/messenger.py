@@ -109,9 +109,13 @@ RECEIPT_DELAY_MAX = 3.0  # seconds; receipts leave after a random delay in [0.5,
 RETRY_MAX = 60.0
 MAINTENANCE_INTERVAL = 3600.0
 #: How often the relay's count of one-time prekeys is checked (BUNDLE_STATUS, an owner command
-#: on the connection the daemon holds anyway): anyone with the address link can take them, at
-#: the relay's one-time rate (about one a minute), without ever making a first contact.
-PREKEY_CHECK_INTERVAL = 600.0
+#: on the address mailbox): anyone with the address link can take them, at the relay's one-time
+#: rate (about one a minute), without ever making a first contact. A random wait in this range
+#: (seconds), drawn afresh each time: on no exact beat the relay could match to a profile. The
+#: command goes on the connection that holds the address's subscription anyway (in isolated
+#: mode too: RelayLink.owner_of), so it opens no connection of its own.
+PREKEY_CHECK_MIN = 300.0
+PREKEY_CHECK_MAX = 900.0
 MAILBOX_ROTATION = 7 * 24 * 3600  # seconds a per-contact receiving mailbox is used
 SETTING_ROTATION = "privacy.mailbox_rotation"
 ROTATION_KEY = "rotation.contact."
@@ -576,13 +580,14 @@ class Messenger:
         return str(url)
 
     @contextlib.asynccontextmanager
-    async def _client(self) -> AsyncIterator[RelayClient]:
-        """A connection for owner commands (the link decides which: docs/protocol.md §20.7)."""
+    async def _client(self, about: bytes | None = None) -> AsyncIterator[RelayClient]:
+        """A connection for owner commands (the link decides which: docs/protocol.md §20.7);
+        ``about``: commands about that mailbox alone, which may go on its own subscription."""
         if self.link is None:
             self._relay_url()
             raise relay_unavailable()
         try:
-            async with self.link.owner() as client:
+            async with self.link.owner_of(about) as client:
                 yield client
         except RelayUnavailable:
             raise relay_unavailable() from None
@@ -750,7 +755,10 @@ class Messenger:
 
     async def _add_one_time(self, client: RelayClient, mb: OwnedMailbox, count: int) -> None:
         assert self.prekeys is not None
-        xs, kems = self.prekeys.generate_one_time(self.entropy, count)
+        now = _now()
+        xs, kems = self.prekeys.generate_one_time(self.entropy, count, now)
+        # Bounded: a drainer makes the daemon publish new keys for ever (prune_one_time).
+        self.prekeys.prune_one_time(now)
         self.store.put_identity(self.prekeys.to_bytes())  # before publishing: never lose one
         await client.bundle_add(
             mb.owner_id, mb.signing_key, ITEM_X25519, [x.to_bytes() for x in xs]
@@ -768,7 +776,7 @@ class Messenger:
             if found is None or self.prekeys is None:
                 return
             _, mb = found
-            async with self._client() as client:
+            async with self._client(mb.owner_id) as client:
                 if self.prekeys.rotate(self.entropy, _now()) or republish:
                     self.store.put_identity(self.prekeys.to_bytes())
                     await client.bundle_base(
@@ -792,7 +800,7 @@ class Messenger:
 
     async def _prekey_loop(self) -> None:
         while True:
-            await asyncio.sleep(PREKEY_CHECK_INTERVAL)
+            await asyncio.sleep(random.SystemRandom().uniform(PREKEY_CHECK_MIN, PREKEY_CHECK_MAX))
             if not self.superseded():
                 await self._top_up()
 

@@ -31,7 +31,7 @@ from aegisd.store.db import Contact
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
 from relay.client import RelayError
 
-from .bundle_fetch import fetch_bundle
+from .bundle_fetch import fetch_bundle, retryable
 from .mailbox import ContactState, OwnedMailbox, address_to_bytes
 
 if TYPE_CHECKING:
@@ -256,11 +256,15 @@ class Renewals:
                 req.reply_to.relay_url, req.bundle_address, m.link, m.network()
             )
         except AppError as exc:
-            if (exc.data or {}).get("error") == "bad_link":  # the relay said `denied`
+            if not retryable(exc):
+                # `denied`, `bad_frame` or any other refusal: asking again would meet it again
+                # (and a `bad_frame` closes the connection, the shared one too, at every retry
+                # until the block's MAX_AGE): the request is dropped, its block acknowledged.
+                # It counts against the contact's daily limit (the daemon did connect).
                 self._count_try(c.id)
-                droplog.dropped("dropped a renewal request whose bundle is not at the relay")
+                droplog.dropped("dropped a renewal request whose bundle the relay refused")
                 return
-            # A limit (rate_limited) is no reason to drop the request: later, as unreachable.
+            # A limit or an unreachable relay is no reason to drop the request: later.
             raise AppError(1010, "relay_unavailable", "the relay is not reachable") from None
         try:
             bundle = pqxdh.verify_bundle(base, x, k, expected=expected)

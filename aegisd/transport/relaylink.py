@@ -358,6 +358,18 @@ class RelayLink:
             await client.close()
             self._reconcile()  # a mailbox may just have been deleted
 
+    @contextlib.asynccontextmanager
+    async def owner_of(self, owner_id: bytes | None) -> AsyncIterator[RelayClient]:
+        """Owner commands about the mailbox ``owner_id`` alone: isolated, on the connection
+        that holds its subscription (the relay already sees that connection own it: a new
+        one would only add a connection, on the caller's schedule); else as ``owner``."""
+        client = self._clients.get(owner_id) if self.isolated and owner_id else None
+        if client is not None and self.connected.is_set():
+            yield client
+            return
+        async with self.owner() as client:
+            yield client
+
     async def subscribe(self, owner_id: bytes, key: SigningKey) -> None:
         """Subscribe a new mailbox now (it is also resubscribed after every reconnect)."""
         if self.isolated:

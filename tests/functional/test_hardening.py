@@ -39,6 +39,25 @@ def test_peer_display_name_is_cleaned(peers: Callable[[str], Peer]) -> None:
     assert clean_name("Zoë  Ærø") == "Zoë Ærø"
 
 
+def test_link_with_a_bundle_address_of_another_length_refused(
+    peers: Callable[[str], Peer],
+) -> None:
+    """Issue 15 review, finding 2: a link whose bundle address is not 16 bytes is `bad_link`
+    (it used to reach the relay, which answered `bad_frame` and closed the connection)."""
+    import base64
+
+    alice, bob = peers("alice"), peers("bob")
+    bob.wait_connected()
+    link = wire.ContactLink.from_text(bob.call("invitations.create")["link"])
+    raw = link.to_bytes()
+    at = raw.index(bytes([16]) + link.bundle_address)
+    longer = raw[:at] + bytes([17]) + link.bundle_address + b"x" + raw[at + 17:]
+    text = wire.LINK_SCHEME + base64.urlsafe_b64encode(longer).rstrip(b"=").decode()
+    with pytest.raises(RpcCallError) as e:
+        alice.call("contacts.add", {"name": "bob", "link": text})
+    assert e.value.data["error"] == "bad_link"
+
+
 def test_link_with_plaintext_relay_elsewhere_refused(peers: Callable[[str], Peer]) -> None:
     alice, bob = peers("alice"), peers("bob")
     bob.wait_connected()

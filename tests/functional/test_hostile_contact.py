@@ -419,6 +419,40 @@ def test_a_refused_renewal_leaves_no_mailbox_and_tries_count_against_the_limit(
     assert dave.events(types=["contact.session_renewing"]) == []
 
 
+def test_renewal_requests_whose_bundle_the_relay_refuses(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """Issue 15 review, finding 2: a bundle address of 17 bytes made the relay answer
+    `bad_frame` and close the user's (shared) connection, again at every retry, for up to 14
+    days. Now: refused when decoded, like one the relay denies: dropped (acknowledged). A limit
+    is no reason to drop: the request waits at the relay and is answered once it is lifted."""
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    bundle = wire.ContactLink.from_text(alice.call("address.get")["link"]).bundle_address
+    alice.stop()
+    url = url_of(relay_proc)
+    now = time.time_ns() // 1_000_000
+    with hostile(alice.home, "bob") as h:
+        h.deposit(url, [h.renewal_block_with_address(now, os.urandom(17)),
+                        h.renewal_block(now + 1, os.urandom(16))])  # fmt: skip
+        bob.wait_for(lambda: queued(relay_proc, h) == 0, "bob to drop both requests")
+        assert bob.events(types=["contact.session_renewing"]) == []
+        bob.wait_connected()
+        # Every connection is out of bundle fetches: `limit`, then `rate_limited`.
+        relay_proc.terminate()
+        relay_proc.options["--bundle-fetches-per-connection"] = "0"
+        relay_proc.start()
+        h.deposit(url, [h.renewal_block(now + 2, bundle)])
+        h.deposit(url, h.payload_blocks(text("after the request")))
+        bob.wait_for(lambda: received(bob, "alice", "after the request"), "the text after it")
+        assert queued(relay_proc, h) == 1  # the request: not acknowledged, not dropped
+        relay_proc.terminate()
+        del relay_proc.options["--bundle-fetches-per-connection"]
+        relay_proc.start()
+        bob.wait_for(lambda: bob.events(types=["contact.session_renewing"]), "the answer")
+        bob.wait_for(lambda: queued(relay_proc, h) == 0, "the request acknowledged")
+
+
 def test_own_operations_work_past_the_relays_creations_per_connection(tmp_short: Path) -> None:
     """The link's connection may create only so many mailboxes (lowered here): invitations
     still work past it (a connection of their own takes over)."""

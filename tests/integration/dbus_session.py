@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from dbus_fast import DBusError, ErrorType
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface, method
 
@@ -98,6 +99,8 @@ class Notifications(ServiceInterface):
 
     @method()
     def GetCapabilities(self) -> "as":
+        if self.capabilities == ["(fail)"]:  # a server whose GetCapabilities fails
+            raise DBusError(ErrorType.FAILED, "no capabilities today")
         return self.capabilities
 
     @method()

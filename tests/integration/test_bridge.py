@@ -287,3 +287,27 @@ def test_hostile_text_and_markup(bus: SessionBus, pair: tuple[Peer, Peer]) -> No
         finally:
             bridge.stop()
             server.close()
+
+
+def test_markup_in_the_summary_and_a_server_that_does_not_answer(
+    bus: SessionBus, pair: tuple[Peer, Peer]
+) -> None:
+    """Issue 15 review, findings 6 and 9: the summary carries the contact's name (here one
+    with markup) and is escaped too for a server that reads markup; a server whose
+    GetCapabilities fails is taken to read markup (escaped: shown as text at worst)."""
+    alice, bob = pair
+    bob.call("contacts.rename", {"name": "alice", "new_name": '<a href="x">al</a>'})
+    for caps, summary, body in (
+        (("body", "body-markup"), '&lt;a href="x"&gt;al&lt;/a&gt;', "&lt;b&gt;hi&lt;/b&gt;"),
+        (("(fail)",), '&lt;a href="x"&gt;al&lt;/a&gt;', "&lt;b&gt;hi&lt;/b&gt;"),
+        (("body",), '<a href="x">al</a>', "<b>hi</b>"),
+    ):
+        server = NotificationServer(bus.address, caps)
+        bridge = BridgeProc(bob.home, bus.address, "--level", "text")
+        try:
+            send(alice, "<b>hi</b>")
+            (call,) = wait(server.calls, "the notification")
+            assert (call["summary"], call["body"]) == (summary, body), caps
+        finally:
+            bridge.stop()
+            server.close()

@@ -7,6 +7,7 @@ that exists without a bundle answers as one deleted or never created: `denied`, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -78,5 +79,70 @@ def test_existing_and_deleted_mailboxes_answer_alike(
             assert await answers(fetcher, who) == denied
             await fetcher.close()
         await c.close()
+
+    run(body())
+
+
+#: A lookup bucket a prober can empty in a few frames, and that does not refill in the test.
+PROBE_OPTIONS = {**OPTIONS, "lookup_burst": "10", "lookup_rate": "0.0001"}
+
+
+async def _empty_lookup_bucket(c: RelayClient) -> None:
+    """Owner commands with made-up owner ids: each misses the cache (no proof of work)."""
+    from nacl.signing import SigningKey
+
+    key = SigningKey.generate()
+    for _ in range(12):
+        with contextlib.suppress(RelayError):
+            await c.bundle_status(os.urandom(16), key)
+
+
+async def _answer(call: object) -> int:
+    try:
+        await call  # type: ignore[misc]
+        return 0
+    except RelayError as exc:
+        return exc.code
+
+
+def test_an_empty_lookup_bucket_tells_nothing(
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    """The review's probe (issue 15 item 9): fetch the target once (a live mailbox stays in the
+    relay's cache), empty the connection's lookup bucket with made-up owner ids, fetch again.
+    A live mailbox and a deleted (or never created) one must still answer alike, for bundle
+    fetches and for deposits."""
+    rp = relay_factory(**PROBE_OPTIONS)
+
+    async def probe_fetch(deposit_id: bytes) -> list[int]:
+        c = await RelayClient.connect(rp.url)
+        out = [await _answer(c.bundle_fetch(deposit_id))]
+        await _empty_lookup_bucket(c)
+        out += [await _answer(c.bundle_fetch(deposit_id)) for _ in range(3)]
+        await c.close()
+        return out
+
+    async def probe_deposit(deposit_id: bytes) -> list[int]:
+        c = await RelayClient.connect(rp.url)
+        bad_token = os.urandom(32)
+        out = [await _answer(c.deposit(deposit_id, os.urandom(wire.BLOCK_SIZE), bad_token))]
+        await _empty_lookup_bucket(c)
+        out += [await _answer(c.deposit(deposit_id, os.urandom(wire.BLOCK_SIZE), bad_token))
+                for _ in range(3)]
+        await c.close()
+        return out
+
+    async def body() -> None:
+        c = await RelayClient.connect(rp.url)
+        live = await new_owner(c)  # exists, no bundle: `denied`
+        gone = await new_owner(c)
+        await c.delete(gone.owner_id, gone.sig)
+        await c.close()
+        targets = (live.deposit_id, gone.deposit_id, os.urandom(16))
+        fetches = [await probe_fetch(t) for t in targets]
+        assert fetches[0] == [wire.E_DENIED] * 4
+        assert fetches[1] == fetches[0] and fetches[2] == fetches[0]
+        deposits = [await probe_deposit(t) for t in targets]
+        assert deposits[1] == deposits[0] and deposits[2] == deposits[0]
 
     run(body())

@@ -72,6 +72,24 @@ class Hostile:
         )  # fmt: skip
         return renewal.seal(self.entropy, ident, self.session.remote, wire.encode_payload(payload))
 
+    def renewal_block_with_address(self, created_at_ms: int, bundle_address: bytes) -> bytes:
+        """A renewal request whose bundle address may have any length (1..64 bytes, as the
+        length byte allows): what no encoder of ours writes any more."""
+        from aegisd.core import renewal
+        from aegisd.core.prekeys import PrekeyStore
+
+        state = self.store.get_identity()
+        assert state is not None
+        ident = PrekeyStore.from_bytes(state).identity
+        placeholder = b"\xa5" * 16
+        payload = wire.encode_payload(wire.RenewPayload(
+            self.entropy.random(wire.MESSAGE_ID_LEN), created_at_ms, self.send_to,
+            placeholder, "mallory",
+        ))  # fmt: skip
+        at = payload.index(bytes([16]) + placeholder)
+        raw = payload[:at] + bytes([len(bundle_address)]) + bundle_address + payload[at + 17:]
+        return renewal.seal(self.entropy, ident, self.session.remote, raw)
+
     def deposit(self, url: str, blocks: list[bytes]) -> None:
         async def go() -> None:
             client = await RelayClient.connect(url)

@@ -174,7 +174,7 @@ def test_contents_reject_bad_status_direction_and_attachments() -> None:
 
 # --- renewal blocks ---------------------------------------------------------------------------
 
-RENEW = wire.RenewPayload(b"r" * 16, 1_700_000_000_000, MAILBOX, b"bundle", "Alice")
+RENEW = wire.RenewPayload(b"r" * 16, 1_700_000_000_000, MAILBOX, b"bundle-address-1", "Alice")
 
 
 def test_renewal_block_round_trip_and_binding() -> None:

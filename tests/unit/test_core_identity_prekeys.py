@@ -146,3 +146,26 @@ def test_prekey_store_record_is_canonical() -> None:
         wire.PrekeyStoreRecord.from_bytes(
             variant(one_time_x25519=[(rec.signed[0].prekey_id, x[0][1]), x[1]])
         )
+
+
+def test_one_time_keys_kept_are_bounded_oldest_first_after_a_grace() -> None:
+    """Issue 15 review, finding 3: anyone holding the address link makes the daemon publish
+    (and keep) new one-time keys for ever. Past the newest `keep` of a kind, the oldest go, once
+    older than `grace`; the order survives the store's record (the relay hands out oldest
+    first, so the newest are the ones it may still hold)."""
+    store = PrekeyStore.create(E, IdentityKeyPair.generate(E), NOW)
+    batches = [store.generate_one_time(E, 10, NOW + i * 100) for i in range(5)]
+    store = PrekeyStore.from_bytes(store.to_bytes())
+    # All within the grace: nothing goes, however many.
+    assert store.prune_one_time(NOW + 450, keep=20, grace=1000) == 0
+    assert len(store.one_time_mlkem) == len(store.one_time_x25519) == 50
+    # Past the grace for the first three batches: the oldest go, down to `keep` per kind.
+    assert store.prune_one_time(NOW + 1250, keep=20, grace=1000) == 60
+    newest = [k.prekey_id for k in batches[3][1] + batches[4][1]]
+    assert list(store.one_time_mlkem) == newest
+    assert list(store.one_time_x25519) == [x.prekey_id for x in batches[3][0] + batches[4][0]]
+    # Within the grace, the bound waits: a first contact made with a key handed out less than
+    # `grace` ago still finds it.
+    store.generate_one_time(E, 10, NOW + 1260)
+    assert store.prune_one_time(NOW + 1290, keep=20, grace=1000) == 0
+    assert len(store.one_time_mlkem) == 30

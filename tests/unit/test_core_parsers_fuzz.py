@@ -84,6 +84,22 @@ SAMPLES: dict[
         )),
         DecodeError,
     ),
+    "renewal request": (
+        wire.decode_payload,
+        wire.encode_payload(wire.RenewPayload(
+            bytes(16), 1, wire.MailboxAddress("wss://relay.example/v1/ws", bytes(16), bytes(32)),
+            bytes(16), "n",
+        )),
+        DecodeError,
+    ),
+    "contact link": (
+        wire.ContactLink.from_bytes,
+        wire.ContactLink(
+            wire.LINK_ADDRESS, PAIR.alice.public.record(),
+            wire.MailboxAddress("wss://relay.example/v1/ws", bytes(16), b""), bytes(16), b"", 0,
+        ).to_bytes(),
+        (DecodeError, UnsupportedVersion),
+    ),
     "attachment block": (
         lambda b: FileKeys(bytes(32)).open(0, 2, b),
         FileKeys(bytes(32)).seal(0, 2, b"chunk"),
@@ -154,3 +170,32 @@ def test_unknown_version_and_trailing_bytes_rejected(
             parse(bytes((version,)) + sample[1:])
     with pytest.raises(DecodeError):
         parse(sample + b"\x00")
+
+
+def test_relay_fields_of_another_length_are_refused() -> None:
+    """A deposit id or bundle address is 16 bytes, a send token 32 or none: a peer's field of
+    another length (issue 15 review: 17 bytes made the relay answer `bad_frame` and close the
+    shared connection, at every retry) is a DecodeError, never sent to the relay."""
+    url = "wss://relay.example/v1/ws"
+
+    def renewal(deposit_id: bytes, token: bytes, bundle: bytes) -> bytes:
+        w = wire.Writer().u8(wire.VERSION).u8(wire.PAYLOAD_RENEW).raw(bytes(16)).u64(1)
+        w.u8(len(url)).raw(url.encode()).u8(len(deposit_id)).raw(deposit_id)
+        w.u8(len(token)).raw(token).u8(len(bundle)).raw(bundle).u8(1).raw(b"n")
+        return w.bytes()
+
+    good = renewal(bytes(16), bytes(32), bytes(16))
+    assert isinstance(wire.decode_payload(good), wire.RenewPayload)
+    for bad in (renewal(bytes(16), bytes(32), bytes(17)), renewal(bytes(16), bytes(32), bytes(15)),
+                renewal(bytes(17), bytes(32), bytes(16)), renewal(bytes(16), bytes(31), bytes(16))):
+        with pytest.raises(DecodeError):
+            wire.decode_payload(bad)
+    link = wire.ContactLink(wire.LINK_ADDRESS, PAIR.alice.public.record(),
+                            wire.MailboxAddress(url, bytes(16), b""), bytes(16), b"", 0)
+    raw = link.to_bytes()
+    at = raw.index(bytes([16]) + bytes(16) + bytes([0]) + bytes(8))  # bundle address, id, expiry
+    longer = raw[:at] + bytes([17]) + bytes(17) + raw[at + 17:]
+    with pytest.raises(DecodeError):
+        wire.ContactLink.from_bytes(longer)
+    with pytest.raises(ValueError):
+        wire.ContactLink(link.kind, link.identity, link.mailbox, bytes(17), b"", 0).to_bytes()

@@ -19,8 +19,8 @@ ids = st.binary(min_size=16, max_size=16)
 mailboxes = st.builds(
     wire.MailboxAddress,
     relay_url=st.text(min_size=1, max_size=60).filter(lambda s: len(s.encode()) <= 255),
-    deposit_id=st.binary(min_size=1, max_size=64),
-    send_token=st.binary(max_size=64),
+    deposit_id=st.binary(min_size=16, max_size=16),
+    send_token=st.one_of(st.just(b""), st.binary(min_size=32, max_size=32)),
 )
 payloads = st.one_of(
     st.builds(

@@ -228,8 +228,8 @@ def test_renewal_payload_table_matches_the_encoder() -> None:
     fields = [r[0].strip("`") for r in table_rows(text, "Field")]
     assert fields == ["version", "type", "renew_id", "created_at", "reply_to",
                       "bundle_address", "display_name"]  # fmt: skip
-    reply_to = wire.MailboxAddress("ws://127.0.0.1/v1/ws", b"d", b"")
-    payload = wire.encode_payload(wire.RenewPayload(b"r" * 16, 7, reply_to, b"b", "n"))
+    reply_to = wire.MailboxAddress("ws://127.0.0.1/v1/ws", b"d" * 16, b"")
+    payload = wire.encode_payload(wire.RenewPayload(b"r" * 16, 7, reply_to, b"b" * 16, "n"))
     assert payload[:2] == bytes([wire.VERSION, wire.PAYLOAD_RENEW])
     assert payload[2:18] == b"r" * 16 and payload[18:26] == struct.pack(">Q", 7)
 

@@ -1,0 +1,135 @@
+"""Connections against one client that holds many (issue 15, item 3): a cap per source address,
+connections counted and timed from the TCP accept (before any HTTP), a full relay shared fairly
+between sources, and subscribed connections that send nothing closed.
+
+Every client here is on loopback; a second source is 127.0.0.2 (the whole 127/8 is local)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+
+from relay.client import HandshakeFailed, RelayClient
+
+from .conftest import RelayProcess, run
+from .helpers import new_owner
+
+OTHER = ("127.0.0.2", 0)
+
+
+def closed_by_peer(sock: socket.socket, within: float = 15) -> bool:
+    """Did the relay close this raw connection (EOF or reset) within `within` seconds?"""
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_cap_per_source(relay_factory: Callable[..., RelayProcess]) -> None:
+    rp = relay_factory(source_connections=3, source_cap_loopback="true")
+
+    async def body() -> None:
+        held = [await RelayClient.connect(rp.url) for _ in range(3)]
+        with pytest.raises(HandshakeFailed) as e:
+            await RelayClient.connect(rp.url)
+        assert e.value.status == 503
+        # Another source is not held back by this one.
+        other = await RelayClient.connect(rp.url, local_addr=OTHER)
+        # A connection given back makes room for the source again.
+        await held.pop().close()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                held.append(await RelayClient.connect(rp.url))
+                break
+            except HandshakeFailed:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+        for c in [*held, other]:
+            await c.close()
+
+    run(body())
+
+
+def test_connections_before_the_upgrade_are_counted_and_timed_out(
+        relay_factory: Callable[..., RelayProcess]) -> None:
+    """Raw TCP connections that never send a request hold a place under max_connections; a
+    newcomer takes the place of one, and the others are closed after handshake_timeout."""
+    rp = relay_factory(max_connections=4, handshake_timeout=2)
+    raw = [socket.create_connection(("127.0.0.1", rp.port)) for _ in range(4)]
+    try:
+        async def newcomer() -> None:
+            c = await RelayClient.connect(rp.url)
+            await c.close()
+
+        run(newcomer())
+        # One was evicted for the newcomer, the rest time out: all end up closed.
+        assert all(closed_by_peer(s) for s in raw)
+    finally:
+        for s in raw:
+            s.close()
+
+
+def test_slow_headers_are_timed_out(relay_factory: Callable[..., RelayProcess]) -> None:
+    rp = relay_factory(handshake_timeout=1)
+    s = socket.create_connection(("127.0.0.1", rp.port))
+    try:
+        s.sendall(b"GET /v1/ws HTTP/1.1\r\nHost: x\r\n")  # and never the end of the headers
+        assert closed_by_peer(s)
+    finally:
+        s.close()
+
+
+def test_full_relay_is_shared_between_sources(
+        relay_factory: Callable[..., RelayProcess]) -> None:
+    """One source holds every place (subscribed, so none is idle): a newcomer from another
+    source still gets in, in place of one of the first source's connections."""
+    rp = relay_factory(max_connections=4)
+
+    async def body() -> None:
+        hog = [await RelayClient.connect(rp.url) for _ in range(4)]
+        for c in hog:
+            await (await new_owner(c)).subscribe(c)
+        other = await RelayClient.connect(rp.url, local_addr=OTHER)
+        await new_owner(other)
+        await asyncio.wait_for(
+            asyncio.wait([asyncio.ensure_future(c.closed.wait()) for c in hog],
+                         return_when=asyncio.FIRST_COMPLETED), 10)
+        assert sum(c.closed.is_set() for c in hog) == 1
+        # The same source cannot take a place back from its own subscribed connections.
+        with pytest.raises(HandshakeFailed):
+            await RelayClient.connect(rp.url)
+        for c in [*hog, other]:
+            with contextlib.suppress(Exception):
+                await c.close()
+
+    run(body())
+
+
+def test_subscribed_connection_that_sends_nothing_is_closed(
+        relay_factory: Callable[..., RelayProcess]) -> None:
+    """Closed after subscribed_idle_timeout without a frame or a ping; one that pings (as the
+    daemon does) stays."""
+    rp = relay_factory(subscribed_idle_timeout=1)
+
+    async def body() -> None:
+        silent = await RelayClient.connect(rp.url)
+        pinging = await RelayClient.connect(rp.url, heartbeat=0.2)
+        await (await new_owner(silent)).subscribe(silent)
+        owner = await new_owner(pinging)
+        await owner.subscribe(pinging)
+        await asyncio.wait_for(silent.closed.wait(), 15)
+        await asyncio.sleep(1.5)
+        assert not pinging.closed.is_set()
+        await owner.fetch(pinging)  # still served
+        await pinging.close()
+
+    run(body())

@@ -1,0 +1,117 @@
+"""A full disk (issue 15, item 2): storing more is answered `full` (not `internal`), owners can
+still fetch, acknowledge and delete, and the relay stores again by itself once there is room.
+
+The first test fills a database capped with `--max-db-bytes` (SQLite's max_page_count: no mount
+needed, so it always runs); the second a real small tmpfs (needs root's mount)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from relay import wire
+from relay.client import RelayClient, RelayError
+
+from .conftest import RelayProcess, run
+from .helpers import Owner, block, new_owner
+
+
+async def fill(c: RelayClient, o: Owner, token: bytes, most: int) -> int:
+    """Deposit until the relay answers an error; that error must be `full`."""
+    for n in range(most):
+        try:
+            await c.deposit(o.deposit_id, block(), token=token)
+        except RelayError as e:
+            assert e.code == wire.E_FULL, e.code
+            return n
+    raise AssertionError("the relay never filled up")
+
+
+async def drain(c: RelayClient, o: Owner) -> int:
+    """Fetch and acknowledge everything queued (every ACK must succeed)."""
+    total = 0
+    while True:
+        msgs = await o.fetch(c)
+        if not msgs:
+            return total
+        await c.ack([m.msg_id for m in msgs])
+        total += len(msgs)
+
+
+async def stores_again(c: RelayClient, o: Owner, token: bytes, within: float = 60) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            await c.deposit(o.deposit_id, block(), token=token)
+            return
+        except RelayError as e:
+            assert e.code == wire.E_FULL, e.code
+            assert time.monotonic() < deadline, "the relay did not recover by itself"
+            await asyncio.sleep(0.2)
+
+
+async def full_cycle(url: str, most: int) -> None:
+    c = await RelayClient.connect(url)
+    token = os.urandom(32)
+    o = await new_owner(c, token=token)
+    stored = await fill(c, o, token, most)
+    assert stored > 0
+    # Full stays full: another deposit, and a new mailbox, are refused the same way.
+    with pytest.raises(RelayError) as e:
+        await c.deposit(o.deposit_id, block(), token=token)
+    assert e.value.code == wire.E_FULL
+    with pytest.raises(RelayError) as e:
+        await new_owner(c)
+    assert e.value.code == wire.E_FULL
+    # The owner drains its queue: every acknowledgement goes through.
+    assert await drain(c, o) == stored
+    await stores_again(c, o, token)
+    await c.close()
+
+
+def test_full_database_answers_full_drains_and_recovers(
+        relay_factory: Callable[..., RelayProcess]) -> None:
+    rp = relay_factory(max_db_bytes=2 * 1024 * 1024)
+    run(full_cycle(rp.url, most=1000))
+    assert "storage error" not in rp.output() and "Traceback" not in rp.output()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 12 MiB tmpfs (skipped only where mount is not permitted)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m,mode=0700", "tmpfs",
+                           str(mnt)], capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_tmpfs_answers_full_drains_and_recovers(small_disk: Path) -> None:
+    # A storage budget far above the disk, so the disk fills first (the default budget, half
+    # the free space at start, would answer `full` before the disk is).
+    rp = RelayProcess(small_disk, {"--disk-reserve": str(3 * 1024 * 1024),
+                                   "--storage-budget": str(1 << 30)})
+    try:
+        rp.data = small_disk / "data"
+        rp.log_path = small_disk.parent / "relay-output.log"
+        rp.start()
+        run(full_cycle(rp.url, most=2000))
+        # Full again after recovering, and again it recovers.
+        run(full_cycle(rp.url, most=2000))
+        assert "Traceback" not in rp.output()
+    finally:
+        rp.close()
+        with contextlib.suppress(OSError):
+            os.unlink(small_disk / "data" / "relay.sqlite3")

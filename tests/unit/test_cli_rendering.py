@@ -1,0 +1,43 @@
+"""The CLI's own rendering of what a peer chose (issue 15 review, finding 9): tested on the
+frontend's functions directly, with text the daemon would have cleaned already, so that the
+test fails if a frontend shows a field without aegis_client.safe_text."""
+
+from __future__ import annotations
+
+from aegis_cli.listen import describe
+from aegis_cli.main import attachment_line, message_line
+from aegis_client.safe_text import unsafe_characters
+
+EVIL = "a\x1b]0;t\x07\u202egpj.exe\r\x9b2J\u200b\ue000"
+
+
+def _bad(out: str) -> list[str]:
+    return unsafe_characters(out.replace("\n", " "))
+
+
+def test_attachment_lines_show_peer_fields_safely() -> None:
+    a = {"attachment_id": 7, "direction": "in", "state": "failed", "done": 0, "blocks": 1,
+         "error": EVIL, "created_at": 1_700_000_000_000, "contact": EVIL, "name": EVIL,
+         "size": 100}  # fmt: skip
+    out = attachment_line(a)
+    assert _bad(out) == [], out
+    assert "<U+202E>" in out and "␛]0;t␇" in out
+
+
+def test_message_lines_show_peer_text_safely() -> None:
+    m = {"direction": "in", "text": EVIL + "\n2026-12-03 14:05  me -> bob: x", "sent_at": 1,
+         "created_at": 1, "status": "received"}  # fmt: skip
+    out = message_line(m, "bob")
+    assert _bad(out) == [], out
+    assert "\n    2026-12-03 14:05  me -> bob: x" in out
+
+
+def test_listen_shows_peer_fields_safely() -> None:
+    for ev in (
+        {"type": "message.received", "time_ms": 1, "data": {"contact": EVIL, "text": EVIL}},
+        {"type": "contact.request", "time_ms": 1, "data": {"name": EVIL, "request": 1}},
+        {"type": "attachment.received", "time_ms": 1, "data": {"contact": EVIL, "name": EVIL}},
+        {"type": "some.future_event", "time_ms": 1, "data": {"x": EVIL}},
+    ):
+        out = describe(ev)
+        assert _bad(out) == [], (ev["type"], out)
