@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import resource
 import secrets
@@ -105,6 +106,14 @@ class Network:
         urls = tuple(u for u in (relay_url, *also_own) if u)
         own = frozenset(h for h in (host_key(host_of(u)) for u in urls) if h)
         return cls(url, iso, how, tor if how == "tor" else None, chosen, own, urls)
+
+    def with_own(self, url: str) -> Network:
+        """This network, with ``url`` among the user's own relays (a link to it)."""
+        if url in self.own_urls:
+            return self
+        key = host_key(host_of(url))
+        hosts = self.own_hosts | ({key} if key else set())
+        return dataclasses.replace(self, own_hosts=frozenset(hosts), own_urls=(*self.own_urls, url))
 
     def is_own(self, url: str) -> bool:
         """Whether ``url`` is on a host of the user's own relays (any loopback spelling is

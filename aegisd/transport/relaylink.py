@@ -112,7 +112,10 @@ class RelayLink:
         #: move's drain link). Never the URL or an address.
         self.name = name
         self._on_refused = on_refused
-        self.network = network or Network()
+        # The link's relay is the user's own by construction (the profile's, or the old one of
+        # a move): its dials use the plain connector and pass no peer check, whatever the
+        # settings the network was made from hold (equality is unchanged: compare=False).
+        self.network = (network or Network()).with_own(url)
         self._handler = handler
         self._subscriptions = subscriptions
         self._on_state = on_state
@@ -233,9 +236,7 @@ class RelayLink:
         if self._stopping:  # a stopped link (settings changed, locked) makes no connection
             raise RelayUnavailable()
         await self.network.ready(url or self.url)  # mode tor: until Tor has bootstrapped
-        client = await asyncio.wait_for(
-            _connect(url or self.url, self.network, own=True), CONNECT_TIMEOUT
-        )
+        client = await asyncio.wait_for(_connect(url or self.url, self.network), CONNECT_TIMEOUT)
         if self._stopping:  # stopped while dialing (wait_for can return a result it raced)
             await client.close()
             raise RelayUnavailable()
@@ -554,7 +555,7 @@ async def with_relay(
     return client, True
 
 
-async def _connect(url: str, network: Network, *, own: bool = False) -> RelayClient:
+async def _connect(url: str, network: Network) -> RelayClient:
     # Every relay connection of the daemon is made here: through Tor or the proxy in those
     # modes (no fallback to a direct connection), with a connector (and credentials) of its
     # own, and only to a relay the mode may reach.
@@ -564,9 +565,7 @@ async def _connect(url: str, network: Network, *, own: bool = False) -> RelayCli
     network.check(url)
     return await RelayClient.connect(
         relay_endpoint(url),
-        # The link's relay is the user's own (``own``) by construction: its connector is the
-        # plain one, whatever Network.own_hosts holds.
-        connector=network.connector(None if own else url),
+        connector=network.connector(url),
         heartbeat=HEARTBEAT,
         request_timeout=REQUEST_TIMEOUT,
     )
