@@ -16,6 +16,8 @@ settings (``relay.url``, ``relay.insecure_plaintext``) by ``aegis init --relay U
 from __future__ import annotations
 
 import ipaddress
+import socket
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 SETTING_URL = "relay.url"
@@ -38,6 +40,62 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def normal_host(host: str) -> str:
+    """The host as it is dialled: IDNA-mapped (``localhost`` in full-width letters is
+    ``localhost``: the HTTP client maps it the same way, so every check must see the mapped
+    form), lower case, without a trailing dot. Raises RelayUrlError for a name IDNA refuses."""
+    host = host.lower()
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            raise RelayUrlError("the relay URL's host is not a valid name") from None
+    return host.rstrip(".") if not host.startswith("[") else host
+
+
+def is_numeric_oddity(host: str) -> bool:
+    """A host that the system reads as an IPv4 address though it is not a plain dotted quad
+    (``127.1``, ``0x7f.0.0.1``, ``127.0.0.0x1``, ``2130706433``), or whose last label is a
+    number (no DNS name ends in one): refused everywhere, since name checks would not see
+    the address it means."""
+    if ":" in host:
+        return False
+    try:
+        ipaddress.IPv4Address(host)
+        return False  # a plain dotted quad: checked as the address it is
+    except ValueError:
+        pass
+    try:
+        socket.inet_aton(host)
+        return True
+    except OSError:
+        pass
+    last = host.rsplit(".", 1)[-1]
+    hexadecimal = last.startswith("0x") and all(c in "0123456789abcdef" for c in last[2:])
+    return last.isdigit() or hexadecimal
+
+
+def host_key(host: str | None) -> str | None:
+    """A host for comparisons: the spellings of the machine's own address (``localhost``,
+    ``127.0.0.1``, ``::1``, ``::ffff:127.0.0.1``) are one host. Other loopback addresses
+    (127.0.0.2) stay apart: a service may listen on one of them only."""
+    if host is None:
+        return None
+    host = host.lower().strip("[]")
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip == ipaddress.IPv6Address("::1"):
+            return "127.0.0.1"
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+    return str(ip)
+
+
 def is_onion(host: str) -> bool:
     """A v3 onion service name: 56 base32 characters, then .onion (subdomains allowed)."""
     labels = host.lower().rstrip(".").split(".")
@@ -57,11 +115,13 @@ def check_relay_url(url: str, *, insecure_plaintext: bool = False) -> str:
     except ValueError:
         raise RelayUrlError("the relay URL is malformed") from None
     scheme = parts.scheme.lower()
-    host = (parts.hostname or "").lower()
+    host = normal_host(parts.hostname or "")
     if scheme not in ("ws", "wss"):
         raise RelayUrlError("the relay URL must start with wss:// (or ws:// for a local relay)")
     if not host:
         raise RelayUrlError("the relay URL has no host")
+    if is_numeric_oddity(host):
+        raise RelayUrlError("the relay URL's host is a number that is not a plain IP address")
     if parts.username is not None or parts.password is not None:
         raise RelayUrlError("the relay URL must not hold a user name or password")
     if parts.query or parts.fragment:
@@ -107,18 +167,47 @@ def host_of(url: str | None) -> str | None:
         host = urlsplit(url.strip()).hostname
     except ValueError:
         return None
-    return host.lower() if host else None
+    if not host:
+        return None
+    try:
+        return normal_host(host)  # the host as dialled (IDNA-mapped)
+    except RelayUrlError:
+        return host.lower()
+
+
+#: IPv6 prefixes that carry an IPv4 address in their last 32 bits: IPv4-compatible (::/96),
+#: IPv4-mapped, IPv4-translated (::ffff:0:0:0/96) and NAT64 (64:ff9b::/96; a NAT64 network's
+#: DNS64 answers in it, so it is judged by the IPv4 address inside).
+_EMBEDS_V4_LAST32 = tuple(ipaddress.IPv6Network(n) for n in (
+    "::/96", "::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96"))  # fmt: skip
+#: Prefixes whose IPv4 address is not simply the last 32 bits, or that may reach anything:
+#: refused (local-use NAT64, Teredo; 6to4 is judged by its embedded address below).
+_REFUSED_V6 = tuple(ipaddress.IPv6Network(n) for n in ("64:ff9b:1::/48", "2001::/32"))
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if any(ip in net for net in _EMBEDS_V4_LAST32):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
 
 
 def is_public_address(host: str) -> bool:
     """An IP address of the public Internet (not loopback, private, link-local, shared,
-    multicast, reserved or unspecified; an IPv4-mapped IPv6 address counts as its IPv4)."""
+    multicast, reserved or unspecified). An IPv6 address that embeds an IPv4 address
+    (mapped, compatible, translated, NAT64, 6to4) counts as that IPv4 address; local-use
+    NAT64 and Teredo are refused."""
     try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        ip = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in net for net in _REFUSED_V6):
+            return False
+        inner = _embedded_ipv4(ip)
+        if inner is not None:
+            return inner.is_global and not inner.is_multicast
     return ip.is_global and not ip.is_multicast
 
 
@@ -131,15 +220,16 @@ def is_public_name(host: str) -> bool:
     return "." in host and not tld.isdigit() and not host.endswith(_LOCAL_SUFFIXES)
 
 
-def check_peer_relay_url(url: str, own_url: str | None) -> str:
+def check_peer_relay_url(url: str, own_url: str | Iterable[str] | None) -> str:
     """A relay URL chosen by someone else (a contact's or a stranger's mailbox, a file's relay):
     dialled without the user choosing it, so held to a stricter policy than the user's own
     (docs/threat-model.md, "A hostile contact"). Returns the URL, normalised, or raises
     RelayUrlError.
 
     * a v3 onion service: allowed (ws:// too: Tor encrypts and authenticates it);
-    * the host of the user's own relay (``own_url``): allowed, with ws:// only if the own relay
-      uses ws:// (a local or plaintext relay the user chose; tests run there);
+    * the host of one of the user's own relays (``own_url``: the relay, and the old one of a
+      move under way): allowed, with ws:// only if that relay uses ws:// (a local or plaintext
+      relay the user chose; tests run there); every loopback spelling is the same host;
     * anything else: ``wss://`` only, to a public IP address or a public DNS name (no loopback,
       private or link-local address, no ``localhost`` or local-network name), so that a contact
       cannot make the daemon knock on services of the user's machine or network."""
@@ -148,9 +238,10 @@ def check_peer_relay_url(url: str, own_url: str | None) -> str:
     host = (parts.hostname or "").lower()
     if is_onion(host):
         return url
-    own = urlsplit(own_url) if own_url else None
-    if own is not None and host == (own.hostname or "").lower():
-        if parts.scheme == "ws" and own.scheme.lower() != "ws":
+    owns = [own_url] if isinstance(own_url, str) else list(own_url or ())
+    mine = [urlsplit(o) for o in owns if o and host_key(host_of(o)) == host_key(host)]
+    if mine:
+        if parts.scheme == "ws" and not any(o.scheme.lower() == "ws" for o in mine):
             raise RelayUrlError("a contact's relay URL must use wss://")
         return url
     if parts.scheme != "wss":

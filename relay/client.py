@@ -45,6 +45,22 @@ class HandshakeFailed(Exception):
         self.status = status
 
 
+async def _refuse_redirect(session: Any, ctx: Any, params: Any) -> None:
+    # A relay never redirects. Following one would let whoever answers the upgrade send the
+    # connection anywhere (a local port, a private address) past every check made on the URL.
+    raise HandshakeFailed(
+        f"the server answered {params.response.status} (a redirect): not an AegisLink relay",
+        params.response.status,
+    )
+
+
+#: Sessions the client makes itself refuse every redirect (aiohttp's ws_connect has no
+#: allow_redirects: the trace fires before the redirect is followed).
+_NO_REDIRECTS = aiohttp.TraceConfig()
+_NO_REDIRECTS.on_request_redirect.append(_refuse_redirect)
+_NO_REDIRECTS.freeze()
+
+
 @dataclass(frozen=True)
 class Created:
     owner_id: bytes
@@ -100,7 +116,7 @@ class RelayClient:
         if session is None:
             if connector is None:
                 connector = aiohttp.TCPConnector(local_addr=local_addr, limit=0)
-            session = aiohttp.ClientSession(connector=connector)
+            session = aiohttp.ClientSession(connector=connector, trace_configs=[_NO_REDIRECTS])
         try:
             ws = await session.ws_connect(url, max_msg_size=max_frame, autoping=True,
                                           compress=0, heartbeat=heartbeat)

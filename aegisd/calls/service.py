@@ -34,11 +34,13 @@ from typing import TYPE_CHECKING, Any
 from aegisd import droplog
 from aegisd.core import wire
 from aegisd.core.errors import ProtocolError
+from aegisd.relayurl import SETTING_URL as SETTING_RELAY_URL
 from aegisd.rpc import AppError, InvalidParamsError
 from aegisd.rpc.errors import LOCKED
 from aegisd.store.db import Contact
 
 from . import signaling
+from .candidates import public_candidates, relay_is_local
 from .signaling import CallChannel, new_call_key
 
 if TYPE_CHECKING:
@@ -747,11 +749,23 @@ class CallService:
         )
         await self.m.send_call_payload(call.contact_id, sealed)
 
+    def _remote_sdp(self, data: bytes) -> str:
+        """The contact's SDP, without its candidates on addresses that are not public unless
+        the user's own relay is local (candidates.py: no STUN probes to the user's machine or
+        network at the contact's choice)."""
+        sdp = data.decode()
+        if relay_is_local(self.m.store.get_setting(SETTING_RELAY_URL)):
+            return sdp
+        sdp, dropped = public_candidates(sdp)
+        if dropped:
+            droplog.dropped(f"dropped {dropped} call candidate(s) on a non-public address")
+        return sdp
+
     async def _answer(self, call: Call, offer: bytes) -> None:
         if call.state == "ended":
             return
         media = self._new_media(call)
-        sdp = await media.answer_offer(offer.decode())
+        sdp = await media.answer_offer(self._remote_sdp(offer))
         if call.state == "ended" or call.channel is None:
             return
         if call.bad_fingerprint:
@@ -764,7 +778,7 @@ class CallService:
     async def _accept_answer(self, call: Call, answer: bytes) -> None:
         if call.media is None:  # ended meanwhile (the media was closed with it)
             return
-        await call.media.accept_answer(answer.decode())
+        await call.media.accept_answer(self._remote_sdp(answer))
 
     async def debug_signal(self, call_id: str, mode: str) -> None:
         """--test-methods only: tamper (a HANGUP with one bit of its box flipped), replay (the

@@ -64,6 +64,19 @@ class PublicIdentity:
         return p.constant_time_equal(self.encode(), other.encode())
 
 
+def keys_of(data: bytes | None) -> bytes | None:
+    """The keys of a stored identity record, Encode(IK), without its binding signature: what
+    makes two records the same identity (the holder can sign its binding again, with another
+    nonce, and get other bytes for the same keys). None for no or a malformed record."""
+    if data is None:
+        return None
+    try:
+        rec = wire.IdentityRecord.from_bytes(data)
+    except (DecodeError, ValueError):
+        return None
+    return wire.encode_ed25519(rec.ed_pub) + wire.encode_x25519(rec.x_pub)
+
+
 class IdentityKeyPair:
     """A device's identity: Ed25519 signing key and an independently generated X25519 key."""
 

@@ -75,6 +75,7 @@ APP_ERRORS = [
     (1045, "truncated"),
     (1046, "not_fresh"),
     (1047, "io_error"),
+    (1048, "too_many_mailboxes"),
 ]
 
 

@@ -64,7 +64,8 @@ BLOB_QUOTA_MAX = 8192
 #: Connections to a contact's relay for one file that fail in a row before the download is
 #: given up (state "failed", event attachment.failed; attachments.retry starts it again):
 #: the relay was chosen by the contact, which must not get to see this daemon come back for
-#: ever. With the back-off below, about 10 minutes. A setting may lower it.
+#: ever. With the back-off below (1, 2, 4 ... 60 s between tries), about 6 minutes plus the
+#: connection timeouts. A setting may lower it.
 FETCH_CONNECT_TRIES = 12
 SETTING_FETCH_TRIES = "attachments.fetch_tries"
 UNREACHABLE_TEXT = (

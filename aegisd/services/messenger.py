@@ -32,6 +32,7 @@ from aegisd.core.identity import (
     IdentityKeyPair,
     PublicIdentity,
     format_safety_number,
+    keys_of,
     new_address,
     safety_number,
 )
@@ -57,6 +58,7 @@ from aegisd.transport.network import Network
 from aegisd.transport.relaylink import (
     UNAVAILABLE,
     RelayLink,
+    RelayRefused,
     RelayUnavailable,
     acknowledge,
     with_relay,
@@ -133,9 +135,12 @@ MAX_MESSAGE_FRAGMENTS = -(-(wire.MAX_TEXT_BYTES + 26) // wire.RATCHET_CAPACITY)
 STALE_FRAGMENTS_MS = 24 * 3600 * 1000
 #: Incomplete multi-block messages kept per contact, and in all (issue 15 item 13): a contact's
 #: own software has at most a few in flight (its outbox sends a message's blocks in order), so
-#: past this the contact's oldest partial goes; past the total, a new one is not kept.
+#: past this the contact's oldest partial goes; past the total, the oldest partial of whichever
+#: contact holds the most goes (so that a few contacts filling it cannot keep everyone else's
+#: multi-block messages out).
 PARTIALS_PER_CONTACT = 8
 PARTIALS_TOTAL = 256
+SETTING_MAX_PARTIALS = "partials.max_total"  # PARTIALS_TOTAL, lowered by tests
 #: Contact requests through the address waiting for the user (issue 15 item 14): past this,
 #: a request from a new identity is dropped (counted) until the user accepts or rejects some;
 #: one identity holds one request whatever it sends. A setting may change it.
@@ -174,6 +179,13 @@ E_EXPIRED = 1023
 E_NOT_READY = 1024
 E_BLOCKED = 1025
 E_TOO_LARGE = 1026
+E_TOO_MANY_MAILBOXES = 1048
+#: Mailboxes a profile may own (address, invitations, contacts, the cover pool): below the
+#: relay's default 1000 subscriptions per connection (relay/config.py), so that the link's
+#: one connection receives on every one of them. A contact's renewals stop well before
+#: (renewal.OWN_MAILBOX_RESERVE_AT): the rest is the user's own.
+MAX_OWN_MAILBOXES = 950
+SETTING_MAX_MAILBOXES = "mailboxes.max"  # MAX_OWN_MAILBOXES, lowered by tests
 
 
 def clean_name(name: str, fallback: str = "new contact") -> str:
@@ -550,10 +562,16 @@ class Messenger:
         """The stricter policy for a relay URL someone else chose (a contact's mailbox, a
         stranger's reply address, a file's relay): relayurl.check_peer_relay_url."""
         try:
-            check_peer_relay_url(url, self.store.get_setting(SETTING_URL))
+            check_peer_relay_url(url, self._own_urls())
         except RelayUrlError:
             return False
         return True
+
+    def _own_urls(self) -> list[str]:
+        """The user's own relays: the relay, and the old one of a move under way (as
+        Network.own_hosts: connectivity.network)."""
+        move = self.store.get_setting(SETTING_MOVE) or {}
+        return [str(u) for u in (self.store.get_setting(SETTING_URL), move.get("from")) if u]
 
     def _relay_url(self) -> str:
         url = self.store.get_setting(SETTING_URL)
@@ -598,10 +616,21 @@ class Messenger:
         row = self.store.get_mailbox(row_id)
         assert row is not None
         self._owned[mb.owner_id] = (row, mb)
-        if self.link is not None:
-            with contextlib.suppress(*UNAVAILABLE, RelayError):
-                await self.link.subscribe(mb.owner_id, mb.signing_key)
+        await self._subscribe_new(mb)
         return row_id, mb
+
+    async def _subscribe_new(self, mb: OwnedMailbox) -> None:
+        """Subscribe a mailbox just made (the link subscribes all of them on every reconnect).
+        A refusal is said, with the count: a mailbox not subscribed receives nothing."""
+        if self.link is None:
+            return
+        try:
+            await self.link.subscribe(mb.owner_id, mb.signing_key)
+        except RelayError as exc:
+            log.warning("the relay refused to subscribe a new mailbox (error %d; the profile "
+                        "owns %d mailboxes)", exc.code, len(self._owned))  # fmt: skip
+        except UNAVAILABLE:
+            pass  # the next connection subscribes it
 
     async def add_pool_mailbox(self) -> None:
         """One more mailbox for the pool (cover.py calls this at random times)."""
@@ -611,12 +640,19 @@ class Messenger:
         self._reload_owned()
         if self.store.get_setting(SETTING_MOVE):
             self._spawn(self.continue_move())  # a relay move waits for pool mailboxes
-        if self.link is not None:
-            with contextlib.suppress(*UNAVAILABLE, RelayError):
-                await self.link.subscribe(mb.owner_id, mb.signing_key)
+        await self._subscribe_new(mb)
 
     async def _new_mailbox(self, *, public: bool) -> OwnedMailbox:
-        """A mailbox made at the relay (with a send token unless public)."""
+        """A mailbox made at the relay (with a send token unless public). Refused past the
+        profile's mailbox limit (MAX_OWN_MAILBOXES); a relay limit that a connection of its
+        own does not get round is reported as such (rate_limited), not as unreachable."""
+        limit = int(self.store.get_setting(SETTING_MAX_MAILBOXES, MAX_OWN_MAILBOXES))
+        if len(self._owned) >= limit:
+            raise AppError(
+                E_TOO_MANY_MAILBOXES, "too_many_mailboxes",
+                f"this profile has {len(self._owned)} mailboxes, the most one relay connection "
+                "receives on: revoke unused invitations or remove contacts",
+            )  # fmt: skip
         sign_seed, box_secret = new_keys()
         token = b"" if public else self.entropy.random(32)
 
@@ -656,6 +692,12 @@ class Messenger:
         except RelayError as exc:
             if exc.code == E_FULL:  # its mailbox table or storage is full: say so
                 raise relay_full() from None
+            if exc.code in (E_LIMIT, E_RATE_LIMITED):  # a limit a connection of its own hit too
+                raise AppError(
+                    E_RATE_LIMITED_APP, "rate_limited",
+                    "the relay makes no more mailboxes for now (one of its limits): try again "
+                    "later",
+                ) from None  # fmt: skip
             raise relay_unavailable() from None
         except (*UNAVAILABLE, RelayUnavailable):
             raise relay_unavailable() from None
@@ -847,8 +889,12 @@ class Messenger:
         return name
 
     def _contact_with_identity(self, identity: PublicIdentity) -> Contact | None:
-        key = identity.to_bytes()
-        return next((c for c in self.store.list_contacts() if c.identity_key == key), None)
+        # By its keys, not the record's bytes: the same keys with another binding signature
+        # are the same identity (and a blocked one stays blocked).
+        key = identity.encode()
+        return next(
+            (c for c in self.store.list_contacts() if keys_of(c.identity_key) == key), None
+        )
 
     def describe(self, c: Contact) -> dict[str, Any]:
         state = ContactState.from_bytes(c.state)
@@ -882,7 +928,7 @@ class Messenger:
         if link.expires and link.expires < _now():
             raise AppError(E_EXPIRED, "expired", "this invitation has expired")
         try:
-            check_peer_relay_url(link.mailbox.relay_url, self.store.get_setting(SETTING_URL))
+            check_peer_relay_url(link.mailbox.relay_url, self._own_urls())
         except RelayUrlError as exc:
             raise AppError(E_BAD_LINK, "bad_link", f"the link's relay URL is not allowed: {exc}"
                            ) from None
@@ -1039,6 +1085,7 @@ class Messenger:
                 self.store.update_contact(c.id, blocked=blocked)
                 if blocked:
                     self.drop_partials(c.id)
+                    self._drop_outbox_of(self.store, {c.id})
             if blocked:
                 await self.attachments.stop_downloads(c.id, "the contact is blocked")
         return c
@@ -1185,6 +1232,9 @@ class Messenger:
         if self.superseded():
             store._q("DELETE FROM outbox")  # nothing is deposited: the contacts moved on
             return 60.0
+        blocked = {c.id for c in store.list_contacts() if c.blocked}
+        if blocked:  # e.g. a receipt queued by a message that arrived as the block was made
+            self._drop_outbox_of(store, blocked)
         now = _ms()
         queues: dict[bytes, list[OutboxItem]] = {}
         held: set[bytes] = set()
@@ -1237,6 +1287,9 @@ class Messenger:
                         wait = max(wait, 5.0)
                     self._settle_first_contact(item.contact_id, "pending")
                     return self._retry_later(store, item, wait)
+                except RelayRefused:  # never dialled: every block to it goes the same way
+                    self._deposit_forbidden(store, item)
+                    continue
                 except (RelayUnavailable, *UNAVAILABLE):
                     self._settle_first_contact(item.contact_id, "pending")
                     return self._retry_later(
@@ -1249,6 +1302,49 @@ class Messenger:
         finally:
             if own and client is not None:
                 await client.close()
+
+    def _drop_outbox_of(self, store: Store, contact_ids: set[int]) -> None:
+        """Drop what waits in the outbox for blocked contacts, and mark their messages failed.
+        Dropped rather than held: a blocked contact's relay must not see this daemon again
+        (docs/threat-model.md §4.4), and a held block would go out on an unblock long after
+        it was written, to a mailbox that may be gone. Unblocking sends nothing old."""
+        with store.transaction():
+            rows = []
+            for cid in contact_ids:
+                rows += store._q(
+                    "SELECT DISTINCT message_id, contact_id FROM outbox WHERE contact_id = ?"
+                    " AND message_id IS NOT NULL", (cid,),
+                ).fetchall()  # fmt: skip
+                store._q("DELETE FROM outbox WHERE contact_id = ?", (cid,))
+            for message_id, contact_id in rows:
+                if store.get_message(message_id) is not None and store.set_message_status(
+                    message_id, "failed"
+                ):
+                    contact = store.get_contact(contact_id)
+                    self.daemon.events.emit("message.status", {
+                        "message_id": message_id,
+                        "contact": contact.name if contact else None,
+                        "status": "failed",
+                    })  # fmt: skip
+
+    def _deposit_forbidden(self, store: Store, item: OutboxItem) -> None:
+        """The destination's relay fails the policy for relays someone else chose (a URL
+        stored before it existed): no connection, now or later; the block is dropped and its
+        message marked failed."""
+        log.warning("a block was dropped: its contact's relay URL is not allowed")
+        with store.transaction():
+            store.block_deposited(item.id)
+            if (
+                item.message_id is not None
+                and store.get_message(item.message_id) is not None
+                and store.set_message_status(item.message_id, "failed")
+            ):
+                contact = store.get_contact(item.contact_id) if item.contact_id else None
+                self.daemon.events.emit("message.status", {
+                    "message_id": item.message_id,
+                    "contact": contact.name if contact else None,
+                    "status": "failed",
+                })  # fmt: skip
 
     @staticmethod
     def _retry_later(store: Store, item: OutboxItem, wait: float) -> int:
@@ -1600,7 +1696,8 @@ class Messenger:
             if known is not None and known.blocked:
                 return
             pending = self.store.list_requests()
-            same = [r for r in pending if r.identity_key == fc.sender.to_bytes()]
+            keys = fc.sender.encode()  # the keys: a re-signed record is the same identity
+            same = [r for r in pending if keys_of(r.identity_key) == keys]
             if same:
                 # The same identity again (it retried, or floods): one request, holding the
                 # newest session, the one its sender now waits on (issue 15 item 14).
@@ -1660,10 +1757,8 @@ class Messenger:
             elif fragment.count > MAX_MESSAGE_FRAGMENTS:
                 droplog.dropped("dropped a fragment of an oversized message")
                 return
-            elif not self._room_for_partial(contact_id, fragment.msg_id):
-                droplog.dropped("dropped a partial message (over the total limit)")
-                return
             else:
+                self._make_room_for_partial(contact_id, fragment.msg_id)
                 parts = self.store.put_fragment(
                     contact_id, fragment.msg_id, fragment.index, fragment.count, fragment.data
                 )
@@ -1677,20 +1772,28 @@ class Messenger:
                 return
             self._handle_payload(c, session, payload)
 
-    def _room_for_partial(self, contact_id: int, msg_id: bytes) -> bool:
-        """Whether a fragment of a message not yet kept may start one more partial message
-        (inside the receive transaction): a contact's oldest partials make room for its
-        newest (PARTIALS_PER_CONTACT); past PARTIALS_TOTAL for all contacts, none is kept."""
+    def _make_room_for_partial(self, contact_id: int, msg_id: bytes) -> None:
+        """Before a fragment of a message not yet kept starts one more partial message (inside
+        the receive transaction): a contact's oldest partials make room for its newest
+        (PARTIALS_PER_CONTACT); past the total for all contacts, the oldest partial of the
+        contact holding the most goes, so whoever fills it loses, not everyone else."""
         own = self.store.partial_messages(contact_id)
         if any(m == msg_id for _, m in own):
-            return True
-        evict = own[: max(0, len(own) - PARTIALS_PER_CONTACT + 1)]
-        if len(self.store.partial_messages()) - len(evict) >= PARTIALS_TOTAL:
-            return False
-        for _, old in evict:
+            return
+        for _, old in own[: max(0, len(own) - PARTIALS_PER_CONTACT + 1)]:
             self.store.delete_fragments(contact_id, old)
             droplog.dropped("dropped a partial message (over a contact's limit)")
-        return True
+        total = int(self.store.get_setting(SETTING_MAX_PARTIALS, PARTIALS_TOTAL))
+        kept = self.store.partial_messages()  # oldest first
+        while len(kept) >= max(1, total):
+            held: dict[int, int] = {}
+            for cid, _ in kept:
+                held[cid] = held.get(cid, 0) + 1
+            most = max(held.values())
+            victim = next((cid, m) for cid, m in kept if held[cid] == most)  # its oldest
+            self.store.delete_fragments(*victim)
+            kept.remove(victim)
+            droplog.dropped("dropped a partial message (over the total limit)")
 
     def drop_partials(self, contact_id: int) -> None:
         """A contact blocked: its incomplete messages go (they would never be shown)."""

@@ -44,12 +44,14 @@ SETTING_PENDING = "backup.renewal_pending"
 #: ahead of our clock is refused (with the per-contact monotonic bound: no replays).
 MAX_AGE_MS = 14 * 24 * 3600 * 1000
 MAX_SKEW_MS = 24 * 3600 * 1000
-#: Renewal requests of one contact answered per day (issue 15 item 12): each makes a mailbox
-#: at the relay, and a restore is rare (a second try the same day is allowed for). Past it, a
+#: Renewal requests of one contact tried per day (issue 15 item 12): each makes the daemon
+#: fetch a bundle at the contact's relay and, answered, a mailbox at ours; a restore is rare
+#: (a second try the same day is allowed for). A request counts once the bundle's relay has
+#: answered (a bundle that is denied or does not verify counts too); past the limit, a
 #: request is dropped (counted) until the day is over.
 RENEWALS_PER_DAY = 3
 DAY_MS = 24 * 3600 * 1000
-ANSWERED_KEY = "renewal.answered."  # + contact id: the times (ms) of the answers this day
+ANSWERED_KEY = "renewal.answered."  # + contact id: the times (ms) of the tries this day
 #: Mailboxes this profile may own before a contact's request no longer makes one: the rest of
 #: the relay's per-connection limits (1000 subscriptions and creations by default) stays for
 #: the user's own operations (invitations, contacts, rotation).
@@ -235,9 +237,15 @@ class Renewals:
         return True
 
     def _answered(self, contact_id: int, now: int) -> list[int]:
-        """When this contact's renewal requests were answered, within the last day."""
+        """When this contact's renewal requests were tried, within the last day."""
         times = self.m.store.get_setting(f"{ANSWERED_KEY}{contact_id}") or []
         return [int(t) for t in times if isinstance(t, int) and now - DAY_MS < t <= now]
+
+    def _count_try(self, contact_id: int) -> None:
+        now = _ms()
+        self.m.store.set_setting(
+            f"{ANSWERED_KEY}{contact_id}", [*self._answered(contact_id, now), now]
+        )
 
     async def _answer(self, c: Contact, req: wire.RenewPayload) -> None:
         m = self.m
@@ -252,6 +260,8 @@ class Renewals:
                 # `denied`, `bad_frame` or any other refusal: asking again would meet it again
                 # (and a `bad_frame` closes the connection, the shared one too, at every retry
                 # until the block's MAX_AGE): the request is dropped, its block acknowledged.
+                # It counts against the contact's daily limit (the daemon did connect).
+                self._count_try(c.id)
                 droplog.dropped("dropped a renewal request whose bundle the relay refused")
                 return
             # A limit or an unreachable relay is no reason to drop the request: later.
@@ -259,14 +269,17 @@ class Renewals:
         try:
             bundle = pqxdh.verify_bundle(base, x, k, expected=expected)
         except (DecodeError, BundleError):
+            self._count_try(c.id)
             droplog.dropped("dropped a renewal request whose bundle does not verify")
             return
         store = m.store
-        # An earlier request not answered by the restored side: its mailbox is superseded by
-        # the one made now (an answer to the earlier one could no longer be opened anyway).
+        # An earlier request's mailbox, unless that renewal completed (then it is the mailbox
+        # of the session in use): not answered (done = 0) or refused (done = 2), it is
+        # superseded by the one made now (an answer to it could no longer be opened anyway).
+        # Whatever its state, it is never left behind: the row below forgets it.
         pending = store._q(
             "SELECT new_mailbox FROM renewals WHERE contact_id = ? AND side = 'peer' "
-            "AND done = 0", (c.id,),
+            "AND done != 1", (c.id,),
         ).fetchone()  # fmt: skip
         new_id, new = await m._create_mailbox("contact", public=False, contact_id=c.id)
         name = str(store.get_setting("profile.display_name", ""))
@@ -275,8 +288,7 @@ class Renewals:
             m.entropy, m.identity(), bundle, wire.encode_payload(hello)
         )
         with store.transaction():
-            now = _ms()
-            store.set_setting(f"{ANSWERED_KEY}{c.id}", [*self._answered(c.id, now), now])
+            self._count_try(c.id)
             store.put_session(c.id, session.to_bytes())
             store.update_contact(c.id, state=ContactState(req.reply_to, False).to_bytes())
             # Blocks still queued were sealed in the old session: the restored side cannot
@@ -332,13 +344,27 @@ class Renewals:
         mailbox is gone. The most likely cause on the restored side: the backup is older than
         a mailbox rotation the old device completed. Keep the contact and its history, stop
         waiting, and say so. True if a renewal was under way with this contact."""
-        store = self.m.store
+        m = self.m
+        store = m.store
         row = store._q(
             "SELECT side FROM renewals WHERE contact_id = ? AND done = 0 ORDER BY side DESC",
             (c.id,),
         ).fetchone()
         if row is None:
             return False
+        # On the contact's side the mailbox made for the answer can never be written to (the
+        # restored side's mailbox is gone, it never learnt ours): it goes, here and at the
+        # relay, or a contact could leak one per request (review of issue 15, finding 3).
+        for (new_id,) in store._q(
+            "SELECT new_mailbox FROM renewals WHERE contact_id = ? AND side = 'peer' "
+            "AND done = 0 AND new_mailbox IS NOT NULL", (c.id,),
+        ).fetchall():  # fmt: skip
+            mb_row = store.get_mailbox(int(new_id))
+            if mb_row is not None:
+                mb = OwnedMailbox.from_bytes(mb_row.descriptor)
+                store.delete_mailbox(mb_row.id)
+                m._owned.pop(mb.owner_id, None)
+                m._spawn(m._delete_at_relay(mb))
         store._q("UPDATE renewals SET done = 2 WHERE contact_id = ? AND done = 0", (c.id,))
         reason = FAILED_RESTORED if row[0] == "restored" else FAILED_PEER
         self.m.daemon.events.emit("contact.renewal_failed", {"contact": c.name, "reason": reason})

@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import resource
 import secrets
 import socket
@@ -28,7 +30,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp_socks import ProxyConnector, ProxyType
 
 from aegisd.netmode import MODES, check_mode_for_relay, effective_mode
-from aegisd.relayurl import host_of, is_public_address
+from aegisd.relayurl import check_peer_relay_url, host_key, host_of, is_public_address
 
 from .tor import ManagedTor, TorUnavailable
 
@@ -83,6 +85,9 @@ class Network:
     #: connection to any other host was chosen by someone else, and its name may not resolve
     #: to a private address (PublicResolver).
     own_hosts: frozenset[str] = field(default=frozenset(), compare=False)
+    #: The user's own relay URLs those hosts come from (their scheme decides whether ws:// to
+    #: that host is the user's choice: relayurl.check_peer_relay_url).
+    own_urls: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
     def from_settings(
@@ -98,8 +103,29 @@ class Network:
         url = check_proxy_url(str(proxy)) if proxy and how == "proxy" else None
         iso = default_isolation(how) if isolation is None else bool(isolation)
         chosen = mode in MODES or bool(proxy)
-        own = frozenset(h for h in (host_of(relay_url), *map(host_of, also_own)) if h)
-        return cls(url, iso, how, tor if how == "tor" else None, chosen, own)
+        urls = tuple(u for u in (relay_url, *also_own) if u)
+        own = frozenset(h for h in (host_key(host_of(u)) for u in urls) if h)
+        return cls(url, iso, how, tor if how == "tor" else None, chosen, own, urls)
+
+    def with_own(self, url: str) -> Network:
+        """This network, with ``url`` among the user's own relays (a link to it)."""
+        if url in self.own_urls:
+            return self
+        key = host_key(host_of(url))
+        hosts = self.own_hosts | ({key} if key else set())
+        return dataclasses.replace(self, own_hosts=frozenset(hosts), own_urls=(*self.own_urls, url))
+
+    def is_own(self, url: str) -> bool:
+        """Whether ``url`` is on a host of the user's own relays (any loopback spelling is
+        the same host)."""
+        return host_key(host_of(url)) in self.own_hosts
+
+    def check_chosen_by_other(self, url: str) -> None:
+        """Raise relayurl.RelayUrlError if ``url`` is not the user's own relay and fails the
+        policy for relays chosen by someone else. Checked at every connection, so that URLs
+        stored before the policy (or by an older version) are held to it too."""
+        if not self.is_own(url):
+            check_peer_relay_url(url, self.own_urls)
 
     @property
     def hides_address(self) -> bool:
@@ -135,9 +161,8 @@ class Network:
             assert parts.hostname is not None and parts.port is not None
             host, port = parts.hostname, parts.port
         elif self.mode == "direct":
-            target = host_of(url)
-            if target is not None and target not in self.own_hosts:
-                return aiohttp.TCPConnector(limit=0, resolver=PublicResolver())
+            if url is not None and not self.is_own(url):
+                return PublicConnector(limit=0, resolver=PublicResolver())
             return aiohttp.TCPConnector(limit=0)
         else:  # nothing but an explicit "direct" ever connects without Tor or the proxy
             raise ProxyUnavailable()
@@ -174,6 +199,29 @@ class PublicResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._inner.close()
+
+
+class PublicConnector(aiohttp.TCPConnector):
+    """A direct connector for a relay someone else chose: names go through PublicResolver,
+    and an IP literal (which aiohttp never gives to the resolver) must be public too. Checked
+    for every connection it makes, whatever URL led there."""
+
+    async def connect(
+        self, req: aiohttp.ClientRequest, traces: list[aiohttp.tracing.Trace],
+        timeout: aiohttp.ClientTimeout,
+    ) -> aiohttp.connector.Connection:  # fmt: skip
+        host = (req.url.raw_host or "").strip("[]")
+        if _is_ip(host) and not is_public_address(host):
+            raise OSError("the relay's address is not a public address")
+        return await super().connect(req, traces, timeout)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
 
 
 def default_isolation(mode: str) -> bool:

@@ -29,7 +29,7 @@ import aiohttp_socks
 from nacl.signing import SigningKey
 
 from aegisd.netmode import Unreachable
-from aegisd.relayurl import relay_endpoint
+from aegisd.relayurl import RelayUrlError, relay_endpoint
 from relay import wire
 from relay.client import HandshakeFailed, Message, RelayClient, RelayClosed, RelayError
 
@@ -78,6 +78,12 @@ class RelayUnavailable(Exception):
     """There is no working connection to the relay at the moment."""
 
 
+class RelayRefused(RelayUnavailable):
+    """The relay was chosen by someone else (a contact, a stranger, a file's sender) and its
+    URL fails relayurl.check_peer_relay_url: no connection is made, now or later (a URL
+    stored before the policy, or by an older version, is held to it here)."""
+
+
 def backoff(attempt: int) -> float:
     """Exponential backoff with full jitter, so reconnecting clients do not move in step."""
     ceiling = min(BACKOFF_MAX, BACKOFF_FIRST * (2**attempt))
@@ -106,7 +112,10 @@ class RelayLink:
         #: move's drain link). Never the URL or an address.
         self.name = name
         self._on_refused = on_refused
-        self.network = network or Network()
+        # The link's relay is the user's own by construction (the profile's, or the old one of
+        # a move): its dials use the plain connector and pass no peer check, whatever the
+        # settings the network was made from hold (equality is unchanged: compare=False).
+        self.network = (network or Network()).with_own(url)
         self._handler = handler
         self._subscriptions = subscriptions
         self._on_state = on_state
@@ -535,6 +544,10 @@ async def with_relay(
         if ours and not own.connected.is_set():
             raise RelayUnavailable()  # our relay is down: no dial that would fail anyway
     try:
+        network.check_chosen_by_other(url)
+    except RelayUrlError:
+        raise RelayRefused() from None
+    try:
         await network.ready(url)
         client = await asyncio.wait_for(_connect(url, network), CONNECT_TIMEOUT)
     except UNAVAILABLE:
@@ -547,6 +560,8 @@ async def _connect(url: str, network: Network) -> RelayClient:
     # modes (no fallback to a direct connection), with a connector (and credentials) of its
     # own, and only to a relay the mode may reach.
     # A URL stored without a path (made before the path was optional) means /v1/ws.
+    # A relay someone else chose is checked by with_relay (its policy) and, directly, by the
+    # connector (where its name resolves; IP literals; RelayClient refuses redirects).
     network.check(url)
     return await RelayClient.connect(
         relay_endpoint(url),

@@ -60,7 +60,7 @@ def test_denied_and_a_malformed_address_are_final(relay_process: RelayProcess) -
     url = _url(relay_process)
 
     async def main() -> None:
-        net = Network()
+        net = Network.from_settings(None, None, "direct", url)  # the relay is the user's own
         gone = await _failure(fetch_bundle(url, os.urandom(16), None, net))
         assert gone.data["error"] == "bad_link" and not retryable(gone)
         # 17 bytes: the relay answers `bad_frame` (and closes the connection): never retried.

@@ -146,6 +146,11 @@ ONION = "ws://" + "a" * 56 + ".onion/v1/ws"
         ONION,
         "ws://127.0.0.1:9999/v1/ws",  # the own relay's host (a local relay the user chose)
         "wss://127.0.0.1:9999/v1/ws",
+        # every loopback spelling is the own relay's host (review, 8)
+        "ws://localhost:8765/v1/ws",
+        "ws://[::1]:8765/v1/ws",
+        "ws://[::ffff:127.0.0.1]:8765/v1/ws",
+        "wss://[64:ff9b::808:808]/v1/ws",  # NAT64 of a public address
     ],
 )
 def test_peer_urls_allowed(url: str) -> None:
@@ -159,14 +164,27 @@ def test_peer_urls_allowed(url: str) -> None:
     [
         ("ws://127.0.0.2:1/v1/ws", OWN),  # loopback, not the own relay's host
         ("wss://127.0.0.2:1/v1/ws", OWN),
-        ("wss://localhost/v1/ws", OWN),
+        ("wss://localhost/v1/ws", "wss://relay.example.org/v1/ws"),
+        ("wss://[::1]/v1/ws", "wss://relay.example.org/v1/ws"),
         ("wss://10.0.0.1/v1/ws", OWN),
         ("wss://192.168.1.1/v1/ws", OWN),
         ("wss://172.16.0.1/v1/ws", OWN),
         ("wss://100.64.0.1/v1/ws", OWN),  # shared address space (CGNAT)
         ("wss://169.254.169.254/v1/ws", OWN),  # link-local (cloud metadata)
-        ("wss://[::1]/v1/ws", OWN),
         ("wss://[fe80::1]/v1/ws", OWN),
+        # IPv6 forms that embed an IPv4 loopback or private address (issue 15 review, 5)
+        ("wss://[::127.0.0.1]/v1/ws", OWN),
+        ("wss://[::ffff:0:7f00:1]/v1/ws", OWN),
+        ("wss://[64:ff9b::a00:1]/v1/ws", OWN),
+        ("wss://[2002:7f00:1::]/v1/ws", OWN),
+        ("wss://[64:ff9b:1::808:808]/v1/ws", OWN),  # local-use NAT64: refused outright
+        ("wss://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/v1/ws", OWN),  # Teredo
+        # names checked as they are dialled: IDNA-mapped, numeric forms (review, 6)
+        ("wss://x.\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54/v1/ws", OWN),
+        ("wss://127.0.0.0x1/v1/ws", OWN),
+        ("wss://1.2.3.0x4/v1/ws", OWN),
+        ("wss://0x7f.0.0.1/v1/ws", OWN),
+        ("wss://relay.0x10/v1/ws", OWN),
         ("wss://[fd00::1]/v1/ws", OWN),
         ("wss://[::ffff:10.0.0.1]/v1/ws", OWN),
         ("wss://0.0.0.0/v1/ws", OWN),
@@ -208,5 +226,135 @@ def test_a_peer_name_is_dialled_to_public_addresses_only() -> None:
         finally:
             await peer.close()
             await own.close()
+
+    asyncio.run(go())
+
+
+def test_the_old_relay_of_a_move_counts_as_own() -> None:
+    """check_peer_relay_url takes every own relay (the relay, and the one a move left), as
+    Network.own_hosts does (review, 8)."""
+    from aegisd.relayurl import check_peer_relay_url
+
+    peer = "ws://10.1.2.3:8765/v1/ws"
+    with pytest.raises(RelayUrlError):
+        check_peer_relay_url(peer, "wss://relay.example.org/v1/ws")
+    assert check_peer_relay_url(peer, ["wss://relay.example.org/v1/ws", "ws://10.1.2.3:1/v1/ws"])
+    own = "ws://localhost:8765/v1/ws"
+    assert check_peer_relay_url("ws://127.0.0.1:8765/v1/ws", own)
+    assert check_peer_relay_url("ws://[::1]:8765/v1/ws", own)
+
+
+class _Hostile:
+    """Two loopback HTTP servers: ``front`` answers every request with 302 to ``secret``,
+    which counts the requests it gets (a service of the user's machine)."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+
+    async def __aenter__(self) -> _Hostile:
+        from aiohttp import web
+
+        async def secret(request: web.Request) -> web.Response:
+            self.hits += 1
+            return web.Response(text="local secret")
+
+        back = web.Application()
+        back.router.add_get("/secret", secret)
+        self._back = web.AppRunner(back)
+        await self._back.setup()
+        site = web.TCPSite(self._back, "127.0.0.1", 0)
+        await site.start()
+        self.secret_port = self._back.addresses[0][1]
+
+        async def redirect(request: web.Request) -> web.Response:
+            raise web.HTTPFound(f"http://127.0.0.1:{self.secret_port}/secret")
+
+        front = web.Application()
+        front.router.add_get("/{tail:.*}", redirect)
+        self._front = web.AppRunner(front)
+        await self._front.setup()
+        site = web.TCPSite(self._front, "127.0.0.1", 0)
+        await site.start()
+        self.front_port = self._front.addresses[0][1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._front.cleanup()
+        await self._back.cleanup()
+
+
+def test_a_redirect_is_never_followed() -> None:
+    """A server that answers the upgrade with 302 to a local port: the relay client refuses
+    the redirect (HandshakeFailed) and the local port sees nothing (review, 1)."""
+    import asyncio
+
+    from relay.client import HandshakeFailed, RelayClient
+
+    async def go() -> None:
+        async with _Hostile() as h:
+            with pytest.raises(HandshakeFailed) as err:
+                await RelayClient.connect(f"ws://127.0.0.1:{h.front_port}/v1/ws")
+            assert err.value.status == 302
+            assert h.hits == 0
+
+    asyncio.run(go())
+
+
+def test_a_peer_connection_to_a_private_literal_is_refused_by_the_connector() -> None:
+    """aiohttp never gives an IP literal to the resolver: the connector for a relay someone
+    else chose checks literals itself, for whatever URL reaches it (review, 1)."""
+    import asyncio
+
+    from aegisd.transport.network import Network
+    from relay.client import RelayClient
+
+    async def go() -> None:
+        async with _Hostile() as h:
+            net = Network.from_settings(None, None, "direct", "wss://relay.example.org/v1/ws")
+            url = f"ws://127.0.0.1:{h.secret_port}/secret"
+            with pytest.raises(OSError):
+                await RelayClient.connect(url, connector=net.connector(url))
+            assert h.hits == 0
+
+    asyncio.run(go())
+
+
+def test_a_stored_peer_url_is_checked_at_every_connection() -> None:
+    """with_relay holds every relay that is not the user's own to the peer policy, also a
+    URL stored before it existed (ws://127.0.0.1:6379 with an own relay elsewhere): refused
+    before any connection (review, 2)."""
+    import asyncio
+
+    from aegisd.transport.network import Network
+    from aegisd.transport.relaylink import RelayRefused, with_relay
+
+    async def go() -> None:
+        async with _Hostile() as h:
+            net = Network.from_settings(None, None, "direct", "wss://relay.example.org/v1/ws")
+            with pytest.raises(RelayRefused):
+                await with_relay(f"ws://127.0.0.1:{h.secret_port}/secret", None, net)
+            assert h.hits == 0
+
+    asyncio.run(go())
+
+
+def test_a_peer_name_resolving_to_loopback_is_not_connected_to() -> None:
+    """DNS rebinding through an actual connection: a name someone else chose that resolves to
+    loopback (``localhost`` stands in for it) is dialled through PublicResolver and fails
+    before anything reaches the local port."""
+    import asyncio
+
+    import aiohttp
+
+    from aegisd.transport.network import Network
+    from relay.client import RelayClient
+
+    async def go() -> None:
+        async with _Hostile() as h:
+            net = Network.from_settings(None, None, "direct", "wss://relay.example.org/v1/ws")
+            url = f"ws://localhost:{h.secret_port}/secret"
+            with pytest.raises((OSError, aiohttp.ClientError)):
+                await RelayClient.connect(url, connector=net.connector(url))
+            assert h.hits == 0
 
     asyncio.run(go())

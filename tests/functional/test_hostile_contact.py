@@ -95,6 +95,31 @@ def test_partial_messages_are_capped_per_contact_and_dropped_when_blocked(
     assert len([line for line in log.splitlines() if "partial message" in line]) == 1, log
 
 
+def test_contacts_filling_the_partial_total_do_not_keep_others_out(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """Past the total of partial messages (lowered here) the oldest partial of the contact
+    holding the most goes: another contact's multi-block text still arrives (review of
+    issue 15, finding 9)."""
+    from aegisd.services.messenger import SETTING_MAX_PARTIALS
+
+    alice, bob, carol = peers("alice"), peers("bob"), peers("carol")
+    connect(alice, bob)
+    connect(carol, bob)
+    set_offline(bob, SETTING_MAX_PARTIALS, 3)
+    alice.stop()
+    url = url_of(relay_proc)
+    with hostile(alice.home, "bob") as h:
+        h.deposit(url, [h.fragment_block(os.urandom(wire.MSG_ID_LEN), 0, 2, b"x" * 100)
+                        for _ in range(3)] + h.payload_blocks(text("filled")))  # fmt: skip
+    bob.wait_for(lambda: received(bob, "alice", "filled"), "alice's partials")
+    assert fragments_kept(bob) == 3
+    long = "long " * (3 * wire.RATCHET_CAPACITY // 5)  # several blocks
+    carol.call("messages.send", {"contact": "bob", "text": long})
+    bob.wait_for(lambda: received(bob, "carol", long), "carol's multi-block text")
+    assert fragments_kept(bob) == 2  # alice's oldest made room; carol's completed
+
+
 # --- item 14: contact requests through the address ---------------------------------------------
 
 
@@ -135,6 +160,42 @@ def test_requests_from_one_identity_are_merged_and_pending_ones_capped(
     time.sleep(2)
     (only,) = bob.call("requests.list")["requests"]
     assert only["name"] == "carol"
+
+
+def test_a_re_signed_identity_is_the_same_identity(peers: Callable[[str], Peer]) -> None:
+    """The holder of an identity can sign its binding again (another nonce): other bytes, the
+    same keys. Its requests are still merged into one, and once blocked it stays blocked
+    (review of issue 15, finding 4)."""
+    from tests.support.hostile import resign_profile
+
+    alice, bob = peers("alice"), peers("bob")
+    for p in (alice, bob):
+        p.wait_connected()
+    address = bob.call("address.get")["link"]
+    alice.call("contacts.add", {"name": "bob", "link": address})
+    bob.wait_for(lambda: len(bob.call("requests.list")["requests"]) == 1, "the request")
+    alice.call("contacts.remove", {"name": "bob"})
+    alice.stop()
+    resign_profile(alice.home)
+    alice.start()
+    alice.wait_connected()
+    alice.call("contacts.add", {"name": "bob", "link": address})
+    time.sleep(3)  # a second request would be listed by now
+    (req,) = bob.call("requests.list")["requests"]
+    bob.call("requests.accept", {"request": req["request"]})
+    alice.wait_for(
+        lambda: alice.call("contacts.list")["contacts"][0]["established"], "bob's answer"
+    )
+    (contact,) = bob.call("contacts.list")["contacts"]
+    bob.call("contacts.block", {"name": contact["name"]})
+    alice.call("contacts.remove", {"name": "bob"})
+    alice.stop()
+    resign_profile(alice.home)
+    alice.start()
+    alice.wait_connected()
+    alice.call("contacts.add", {"name": "bob", "link": address})
+    time.sleep(3)
+    assert bob.call("requests.list")["requests"] == []
 
 
 # --- item 10: relay URLs chosen by a contact -----------------------------------------------------
@@ -220,7 +281,9 @@ def test_relay_urls_of_a_contact_are_held_to_a_stricter_policy_bounded_and_stopp
         refused = [
             f"ws://127.0.0.2:{elsewhere.port}/v1/ws",
             f"wss://127.0.0.2:{elsewhere.port}/v1/ws",
-            f"wss://localhost:{elsewhere.port}/v1/ws",
+            f"wss://localhost.localdomain:{elsewhere.port}/v1/ws",
+            f"wss://[::127.0.0.2]:{elsewhere.port}/v1/ws",  # IPv4-compatible 127.0.0.2
+            f"wss://127.0.0.0x2:{elsewhere.port}/v1/ws",  # what inet_aton reads as 127.0.0.2
             "wss://10.1.2.3/v1/ws",
             "wss://169.254.169.254/latest",
             "wss://[::ffff:127.0.0.2]/v1/ws",
@@ -288,6 +351,8 @@ def test_renewal_requests_are_bounded_and_superseded_mailboxes_retired(
     alice.stop()
     url = url_of(relay_proc)
     now = time.time_ns() // 1_000_000
+    with sqlite3.connect(relay_proc.data / "relay.sqlite3", timeout=10) as db:
+        before = db.execute("SELECT count(*) FROM mailboxes").fetchone()[0]  # before the burst
     with hostile(alice.home, "bob") as h:
         # Each newer than the last (so each passes the replay bound); nobody ever answers.
         h.deposit(url, [h.renewal_block(now + i, bundle)
@@ -298,14 +363,60 @@ def test_renewal_requests_are_bounded_and_superseded_mailboxes_retired(
     # One mailbox for the session in use, one for the latest renewal: the superseded ones are
     # gone, here and at the relay.
     assert contact_mailboxes(bob) == 2
-    with sqlite3.connect(relay_proc.data / "relay.sqlite3", timeout=10) as db:
-        at_relay = db.execute("SELECT count(*) FROM mailboxes").fetchone()[0]
     bob.stop()
     bob.start()
     bob.wait_connected()
-    assert bob.call("invitations.create")["link"]  # the user's own operations still work
+    # At the relay too: one mailbox more than before the burst (the latest renewal's).
     with sqlite3.connect(relay_proc.data / "relay.sqlite3", timeout=10) as db:
-        assert db.execute("SELECT count(*) FROM mailboxes").fetchone()[0] <= at_relay + 1
+        assert db.execute("SELECT count(*) FROM mailboxes").fetchone()[0] == before + 1
+    assert bob.call("invitations.create")["link"]  # the user's own operations still work
+
+
+def relay_mailboxes(relay: RelayProcess) -> int:
+    with sqlite3.connect(relay.data / "relay.sqlite3", timeout=10) as db:
+        return int(db.execute("SELECT count(*) FROM mailboxes").fetchone()[0])
+
+
+def test_a_refused_renewal_leaves_no_mailbox_and_tries_count_against_the_limit(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """Renewal requests whose reply mailbox does not exist: each answer's deposit is refused,
+    and the mailbox made for it goes, here and at the relay (review of issue 15, finding 3).
+    Requests whose bundle the relay denies count against the daily limit too."""
+    from aegisd.services.renewal import RENEWALS_PER_DAY
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    bundle = wire.ContactLink.from_text(alice.call("address.get")["link"]).bundle_address
+    alice.stop()
+    url = url_of(relay_proc)
+    before = relay_mailboxes(relay_proc)
+    now = time.time_ns() // 1_000_000
+    with hostile(alice.home, "bob") as h:
+        nowhere = wire.MailboxAddress(url, os.urandom(len(h.send_to.deposit_id)), b"")
+        h.deposit(url, [h.renewal_block(now + i, bundle, nowhere)
+                        for i in range(RENEWALS_PER_DAY)])  # fmt: skip
+        bob.wait_for(lambda: queued(relay_proc, h) == 0, "bob to take the requests")
+    bob.wait_for(
+        lambda: len(bob.events(types=["contact.renewal_failed"])) >= 1, "a refused renewal"
+    )
+    bob.wait_for(lambda: contact_mailboxes(bob) == 1, "the refused renewals' mailboxes to go")
+    bob.wait_for(lambda: relay_mailboxes(relay_proc) == before, "their deletion at the relay")
+
+    # A denied bundle counts too: with the limit reached, a valid request is not answered.
+    carol, dave = peers("carol"), peers("dave")
+    connect(carol, dave)
+    carol_bundle = wire.ContactLink.from_text(carol.call("address.get")["link"]).bundle_address
+    carol.stop()
+    with hostile(carol.home, "dave") as h:
+        later = time.time_ns() // 1_000_000
+        nothing = os.urandom(len(carol_bundle))  # a bundle address the relay does not know
+        h.deposit(url, [h.renewal_block(later + i, nothing) for i in range(RENEWALS_PER_DAY)])
+        dave.wait_for(lambda: queued(relay_proc, h) == 0, "dave to take the requests")
+        h.deposit(url, [h.renewal_block(later + RENEWALS_PER_DAY, carol_bundle)])
+        dave.wait_for(lambda: queued(relay_proc, h) == 0, "dave to take the valid one")
+    time.sleep(2)  # an answer would have been made by now
+    assert dave.events(types=["contact.session_renewing"]) == []
 
 
 def test_renewal_requests_whose_bundle_the_relay_refuses(
@@ -383,3 +494,108 @@ def test_a_contacts_many_files_download_a_few_at_a_time(
         assert silent.most == DOWNLOADS_PER_CONTACT
     finally:
         silent.close()
+
+
+def test_blocking_stops_the_outbox_and_stored_peer_urls_are_held_to_the_policy(
+    peers: Callable[[str], Peer],
+) -> None:
+    """Blocks queued to a contact that is then blocked are dropped, not retried (also after a
+    restart); a destination stored before the peer-URL policy (127.0.0.2: loopback, but not
+    bob's relay) is never dialled (review of issue 15, finding 2)."""
+    from aegisd.services.mailbox import address_to_bytes
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.stop()
+    here = Listener("127.0.0.1")  # bob's relay's host: allowed, nothing answers as a relay
+    elsewhere = Listener("127.0.0.2")
+    try:
+        bob.stop()
+        s = offline_store(bob)
+        try:
+            (cid,) = [c.id for c in s.list_contacts() if c.name == "alice"]
+            for port, host in ((here.port, "127.0.0.1"), (elsewhere.port, "127.0.0.2")):
+                dest = wire.MailboxAddress(f"ws://{host}:{port}/v1/ws", os.urandom(16), b"")
+                s.enqueue_blocks(address_to_bytes(dest), [b"x" * 100], contact_id=cid)
+        finally:
+            s.close()
+        bob.start()
+        bob.wait_for(lambda: here.count >= 2, "the outbox to retry the allowed destination")
+        assert elsewhere.count == 0
+        bob.call("contacts.block", {"name": "alice"})
+        time.sleep(1)  # a connection attempt already under way when the block was made
+        knocks = here.count
+        time.sleep(3)
+        assert here.count == knocks
+        bob.stop()
+        s = offline_store(bob)
+        try:
+            assert s._q("SELECT count(*) FROM outbox").fetchone()[0] == 0
+        finally:
+            s.close()
+        bob.start()
+        bob.wait_connected()
+        time.sleep(2)
+        assert here.count == knocks and elsewhere.count == 0
+    finally:
+        here.close()
+        elsewhere.close()
+
+
+def test_a_profiles_mailboxes_are_capped(peers: Callable[[str], Peer]) -> None:
+    """A profile owns at most so many mailboxes (lowered here; by default below the relay's
+    subscriptions per connection): past it, a clear error instead of mailboxes that are never
+    subscribed (review of issue 15, finding 7)."""
+    import pytest
+
+    from aegis_client.errors import RpcError
+    from aegisd.services.messenger import SETTING_MAX_MAILBOXES
+
+    bob = peers("bob")
+    bob.wait_connected()
+    bob.call("invitations.create")
+    owned = len(offline_store_count(bob))
+    set_offline(bob, SETTING_MAX_MAILBOXES, owned)
+    with pytest.raises(RpcError) as e:
+        bob.call("invitations.create")
+    err = e.value.to_object()
+    assert err["code"] == 1048 and err["data"]["error"] == "too_many_mailboxes", err
+
+
+def offline_store_count(peer: Peer) -> list[int]:
+    peer.stop()
+    s = offline_store(peer)
+    try:
+        return [int(r[0]) for r in s._q("SELECT id FROM mailboxes").fetchall()]
+    finally:
+        s.close()
+        peer.start()
+
+
+def test_removing_a_contact_stops_its_downloads(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """A file whose relay (the contact's choice) does not answer: removing the contact stops
+    the download at once, also after a restart (review of issue 15, finding 11)."""
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.stop()
+    here = Listener("127.0.0.1")  # bob's relay's host: allowed, nothing answers as a relay
+    try:
+        with hostile(alice.home, "bob") as h:
+            h.deposit(url_of(relay_proc),
+                      h.payload_blocks(descriptor(f"ws://127.0.0.1:{here.port}/v1/ws")))
+        bob.wait_for(lambda: here.count >= 2, "the download to knock")
+        bob.call("contacts.remove", {"name": "alice"})
+        assert bob.call("attachments.list")["attachments"] == []
+        time.sleep(1)  # a connection attempt already under way
+        knocks = here.count
+        time.sleep(3)
+        assert here.count == knocks
+        bob.stop()
+        bob.start()
+        bob.wait_connected()
+        time.sleep(2)
+        assert here.count == knocks
+    finally:
+        here.close()

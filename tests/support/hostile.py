@@ -8,11 +8,13 @@ session advanced); nothing here stands in for the daemon under test.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from aegisd.core import wire
+from aegisd.core.identity import IdentityKeyPair
 from aegisd.core.primitives import SystemEntropy
 from aegisd.core.session import _VERSION_BYTE, Session, _fragment_body
 from aegisd.services.mailbox import ContactState
@@ -52,9 +54,12 @@ class Hostile:
         body = _fragment_body(wire.Fragment(msg_id, index, count, data), wire.RATCHET_BODY_PT_LEN)
         return _VERSION_BYTE + s.ratchet.encrypt(self.entropy, body, s.ad + _VERSION_BYTE)
 
-    def renewal_block(self, created_at_ms: int, bundle_address: bytes) -> bytes:
+    def renewal_block(
+        self, created_at_ms: int, bundle_address: bytes, reply_to: wire.MailboxAddress | None = None
+    ) -> bytes:
         """A session-renewal request (docs/protocol.md §23), as a restored profile makes it:
-        only the identity's holder can; here it is made again and again."""
+        only the identity's holder can; here it is made again and again. ``reply_to``: the
+        mailbox the answer goes to (default: the one the contact writes to)."""
         from aegisd.core import renewal
         from aegisd.core.prekeys import PrekeyStore
 
@@ -62,7 +67,7 @@ class Hostile:
         assert state is not None
         ident = PrekeyStore.from_bytes(state).identity
         payload = wire.RenewPayload(
-            self.entropy.random(wire.MESSAGE_ID_LEN), created_at_ms, self.send_to,
+            self.entropy.random(wire.MESSAGE_ID_LEN), created_at_ms, reply_to or self.send_to,
             bundle_address, "mallory",
         )  # fmt: skip
         return renewal.seal(self.entropy, ident, self.session.remote, wire.encode_payload(payload))
@@ -106,3 +111,45 @@ def hostile(home: Path, name: str) -> Iterator[Hostile]:
         yield h
     finally:
         h.close()
+
+
+def resign(pair: IdentityKeyPair) -> IdentityKeyPair:
+    """The same identity keys with another valid binding signature: Ed25519 signed with a
+    random nonce instead of the deterministic one (only the key's holder can)."""
+    import hashlib
+
+    from nacl import bindings as b
+
+    from aegisd.core.identity import _binding_message
+
+    ed_priv, x_priv = pair.raw_private()
+    a_pub = pair.public.ed_pub
+    h = bytearray(hashlib.sha512(ed_priv[:32]).digest()[:32])
+    h[0] &= 248
+    h[31] &= 127
+    h[31] |= 64
+    a = b.crypto_core_ed25519_scalar_reduce(bytes(h) + bytes(32))
+    msg = _binding_message(a_pub, pair.public.x_pub)
+    r = b.crypto_core_ed25519_scalar_reduce(os.urandom(64))
+    big_r = b.crypto_scalarmult_ed25519_base_noclamp(r)
+    k = b.crypto_core_ed25519_scalar_reduce(hashlib.sha512(big_r + a_pub + msg).digest())
+    s = b.crypto_core_ed25519_scalar_add(r, b.crypto_core_ed25519_scalar_mul(k, a))
+    sig = big_r + s
+    assert sig != pair.public.binding_sig
+    return IdentityKeyPair.from_raw(ed_priv, x_priv, sig)  # verifies the new signature
+
+
+def resign_profile(home: Path) -> None:
+    """Give the stopped profile at ``home`` its identity with another binding signature."""
+    from aegisd.core.prekeys import PrekeyStore
+
+    key = Keyring.load(home / "keyring.json").unlock(None)
+    store = Store.open(home / "aegis.db", key)
+    try:
+        state = store.get_identity()
+        assert state is not None
+        ps = PrekeyStore.from_bytes(state)
+        ps.identity = resign(ps.identity)
+        store.put_identity(ps.to_bytes())
+    finally:
+        store.close()
