@@ -28,7 +28,9 @@ accepted is aborted (slow or absent HTTP headers hold nothing for long).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import socket
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -113,6 +115,7 @@ class Gate:
 
     def accept(self, transport: asyncio.Transport) -> None:
         now = time.monotonic()
+        self._bound_send_buffer(transport)
         source, loopback = source_of(transport)
         entry = Entry(transport, source, now)
         cap = self.cfg.source_connections
@@ -126,6 +129,16 @@ class Gate:
         self.entries[transport] = entry
         self.by_source.setdefault(source, {})[transport] = entry
         self.admitted += 1
+
+    def _bound_send_buffer(self, transport: asyncio.Transport) -> None:
+        """What the kernel holds for a client that does not read is memory too: bound it
+        (auto-tuned, it grows to tcp_wmem's maximum per socket, and stays so while an aborted
+        socket lingers unsent)."""
+        size = self.cfg.conn_sndbuf
+        sock = transport.get_extra_info("socket")
+        if size > 0 and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
     def _refuse(self, entry: Entry) -> None:
         if self.refused >= REFUSED_MAX:

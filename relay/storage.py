@@ -748,7 +748,9 @@ class SQLiteStorage:
                 "SELECT id, block FROM messages WHERE mailbox = ? ORDER BY seq LIMIT ?",
                 (mailbox, limit + len(skip)))
             return [(int(r[0]), bytes(r[1])) for r in rows if r[0] not in skip][:limit]
-        return await self._run(op)
+        # Sized by what it reads into memory, so max_batch_bytes also ends a batch of reads
+        # (512 reads of a window each were 256 MiB at once; issue 15 review, item 1).
+        return await self._run(op, size=limit * _BLOCK_BYTES)
 
     def remove(self, mailbox: int, ids: list[int]) -> asyncio.Future[int]:
         def op(db: sqlite3.Connection) -> int:
