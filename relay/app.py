@@ -624,7 +624,9 @@ class Connection:
                     self.relay.spawn(self.relay.pump(sub))
 
     async def _until_drained(self) -> None:
-        while self.congested() and not self._closed:
+        # Reading resumes below a quarter of conn_buffer (not just under it), so a client
+        # reading slowly is not switched on and off at every frame (§2).
+        while self.waiting() > self._low and not self._closed:
             self._drained = asyncio.get_running_loop().create_future()
             # Look again now and then: the socket's buffer drains without a frame of ours.
             with contextlib.suppress(TimeoutError):
