@@ -705,11 +705,13 @@ class Connection:
             msg = await ws.receive()
             if msg.type == WSMsgType.BINARY:
                 self.last_frame = self.last_seen = time.monotonic()
+                self.relay.gate.heard(self._transport)
                 await self._frame(msg.data)
             elif msg.type == WSMsgType.PING:
                 # Answered here (autoping off) so a client's ping counts as a sign of life; the
                 # relay's own pings' answers (PONG) do not: any library sends those unasked.
                 self.last_seen = time.monotonic()
+                self.relay.gate.heard(self._transport)
                 await ws.pong(msg.data)
             elif msg.type == WSMsgType.PONG:
                 continue
@@ -1358,7 +1360,7 @@ async def ws_endpoint(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     conn = Connection(relay, ws, request.transport)
     if entry is not None:
-        entry.conn = conn
+        relay.gate.upgraded(entry, conn)
     relay.connections.add(conn)
     try:
         await conn.run()
