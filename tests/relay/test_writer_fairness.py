@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,12 @@ def test_reads_end_a_batch_at_max_batch_bytes(tmp_path: Path) -> None:
         try:
             sealed = os.urandom(wire.BLOCK_SIZE)
             await asyncio.gather(*(s.enqueue(1, 0, sealed) for _ in range(32)))
+            # The writer busy a moment, so that the 64 reads wait together for its next batch.
+            busy = s._submit(lambda _db: time.sleep(0.5))
+            await asyncio.sleep(0.1)
             sizes.clear()
             got = await asyncio.gather(*(s.queued(1, (), 32) for _ in range(64)))
+            await busy
             assert all(len(rows) == 32 for rows in got)
         finally:
             await s.close()
