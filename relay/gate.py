@@ -2,22 +2,27 @@
 any HTTP is read, and shared fairly between sources (issue 15, item 3).
 
 A *source* is the peer's address (an IPv6 peer: its /64, which one subscriber usually holds
-whole). What is kept per source is a count and the connections themselves, in memory only: never
-logged, never stored, gone with the last connection of the source. Behind a reverse proxy or Tor
-every client arrives from loopback, so a source is no client there: loopback peers are exempt
-from the per-source cap unless `source_cap_loopback` is set, and fairness among them is by
-connection (below).
+whole), counted also under coarser prefixes (IPv6 /56 and /48, IPv4 /24): one party spread over
+the /64s of its /48 is one group there. What is kept per prefix is a count and, at the finest,
+the connections themselves, in memory only: never logged, never stored, gone with the prefix's
+last connection. Behind a reverse proxy or Tor every client arrives from loopback, so a source
+is no client there: loopback peers are exempt from the caps unless `source_cap_loopback` is
+set, and fairness among them is by connection (below).
 
 Admission of a new connection:
 
-* its source already holds `source_connections` (0: no cap): refused;
-* the relay holds `max_connections`: the newcomer evicts one connection of the source holding
-  the most, if that source holds at least two more than the newcomer's; otherwise (one source
-  holds everything, e.g. all clients via Tor) a connection that does least for anyone: one not
+* its source already holds `source_connections`, or one of its coarser prefixes
+  COARSE_FACTOR times that (0: no cap): refused;
+* the relay holds `max_connections`: from the coarsest prefix down, the biggest group, if it
+  holds at least two more than the newcomer's own group at that prefix, gives up a connection
+  (of its biggest sub-prefix, down to one source); where the newcomer's own group is the
+  biggest, this is looked for one prefix down inside it. Otherwise (one source holds
+  everything, e.g. all clients via Tor) a connection that does least for anyone: one not
   yet upgraded to a WebSocket, else one without subscription silent for handshake_timeout at
-  least, the longest silent. Subscribed
-  connections are never evicted by a newcomer of the same source: each holds a mailbox of its
-  own, and mailboxes have a price. If no connection qualifies, the newcomer is refused.
+  least, the longest silent. Subscribed connections are never evicted by a newcomer of the
+  same source: each holds a mailbox of its own, and mailboxes have a price. If no connection
+  qualifies, the newcomer is refused. Groups are bucketed by size and each source keeps its
+  connections least recently heard from first, so a newcomer costs O(1) (SCAN_MAX at most).
 
 A refused connection is answered `503` once it sends its request (and aborted if it does not
 within `handshake_timeout`); beyond `REFUSED_MAX` refused ones waiting, new ones are aborted at
