@@ -121,3 +121,35 @@ def test_counts_return_to_zero() -> None:
         gate.forget(t)  # type: ignore[arg-type]
     assert (gate.admitted, gate.refused, gate.entries) == (0, 0, {})
     assert gate.root.children == {} and gate.root.buckets == {} and gate.root.top == 0
+
+
+def test_a_newcomer_to_a_full_relay_looks_at_few_connections() -> None:
+    """Item 3: a newcomer costs O(1), not a look at every connection (10,000 on loopback)."""
+    looked = 0
+
+    class Counting(Peer):
+        @property
+        def subs(self) -> dict[int, Any]:
+            nonlocal looked
+            looked += 1
+            return {1: object()}  # subscribed: none may be taken by its own source
+
+        @subs.setter
+        def subs(self, _: dict[int, Any]) -> None:
+            pass
+
+    n = 10_000
+    gate = Gate(Config(max_connections=n))
+    for _ in range(n):
+        t = Transport("127.0.0.1")
+        gate.accept(t)  # type: ignore[arg-type]
+        entry = gate.entry(t)  # type: ignore[arg-type]
+        assert entry is not None
+        peer = Counting(subscribed=True)
+        peer.last_seen = 0.0  # silent long enough to be looked at
+        gate.upgraded(entry, peer)
+    looked = 0
+    late = connect(gate, "127.0.0.1")
+    assert not alive(gate, late)
+    assert looked <= 256, looked
+    gate.forget(late)  # type: ignore[arg-type]
