@@ -666,7 +666,9 @@ class Connection:
                     self.relay.spawn(self.relay.pump(sub))
 
     async def _until_drained(self) -> None:
-        while self.congested() and not self._closed:
+        # Reading resumes below a quarter of conn_buffer (not just under it), so a client
+        # reading slowly is not switched on and off at every frame (§2).
+        while self.waiting() > self._low and not self._closed:
             self._drained = asyncio.get_running_loop().create_future()
             # Look again now and then: the socket's buffer drains without a frame of ours.
             with contextlib.suppress(TimeoutError):
@@ -744,11 +746,13 @@ class Connection:
             msg = await ws.receive()
             if msg.type == WSMsgType.BINARY:
                 self.last_frame = self.last_seen = time.monotonic()
+                self.relay.gate.heard(self._transport)
                 await self._frame(msg.data)
             elif msg.type == WSMsgType.PING:
                 # Answered here (autoping off) so a client's ping counts as a sign of life; the
                 # relay's own pings' answers (PONG) do not: any library sends those unasked.
                 self.last_seen = time.monotonic()
+                self.relay.gate.heard(self._transport)
                 await ws.pong(msg.data)
             elif msg.type == WSMsgType.PONG:
                 continue
@@ -1033,16 +1037,30 @@ async def h_unsubscribe(c: Connection, f: wire.Frame) -> None:
 
 async def h_fetch(c: Connection, f: wire.Frame) -> None:
     mb, owner_id, args = await c.owner(f, 1, 1)
-    out = c.out_rows.get(mb.id, set())
-    want = min(args[0], c.cfg.window - len(out), c.room_blocks())
     sent = 0
-    if want > 0:
-        rows = await c.relay.storage.queued(mb.id, out, want)
+    left = False
+    # One read of the connection at a time (with its pumps), sized after what the previous
+    # one pushed: without the lock 64 concurrent FETCHes each read a window's worth before any
+    # was pushed, 32 MiB in memory for one connection (issue 15 review, item 1).
+    async with c.pump_lock:
         out = c.out_rows.get(mb.id, set())
-        for rowid, sealed in [r for r in rows if r[0] not in out][:want]:
-            if c.congested():  # the rest stays queued: FETCH again once this is read
-                break
-            sent += c.push_stored(owner_id, mb, rowid, sealed, f.rid)
+        want = min(args[0], c.cfg.window - len(out), c.room_blocks())
+        if want > 0 and not c.congested():
+            rows = await c.relay.storage.queued(mb.id, out, want)
+            out = c.out_rows.get(mb.id, set())
+            fresh = [r for r in rows if r[0] not in out][:want]
+            for rowid, sealed in fresh:
+                if c.congested():  # the rest stays queued: FETCH again once this is read
+                    left = True
+                    break
+                sent += c.push_stored(owner_id, mb, rowid, sealed, f.rid)
+            del fresh, rows
+        elif want > 0:
+            left = mb.queued > len(out)
+    if sent == 0 and left:
+        # Nothing sent although blocks wait (this connection's output is above conn_buffer):
+        # `OK 0` would read as an empty mailbox.
+        raise wire.FrameError(wire.E_BUSY)
     c.ok(f.rid, struct.pack(">H", sent))
 
 
@@ -1434,7 +1452,7 @@ async def ws_endpoint(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     conn = Connection(relay, ws, request.transport)
     if entry is not None:
-        entry.conn = conn
+        relay.gate.upgraded(entry, conn)
     relay.connections.add(conn)
     try:
         await conn.run()

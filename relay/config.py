@@ -42,6 +42,10 @@ class Config:
     # above it the relay stops reading the client's requests and pushing to it; a connection
     # that stays above it for stall_timeout seconds is closed.
     conn_buffer: int = 2 * 1024 * 1024
+    # The kernel's send buffer of each accepted socket (SO_SNDBUF; 0: the system's, which on
+    # Linux grows to tcp_wmem's maximum, 4 MiB, for a client that does not read): outside
+    # conn_buffer, so bounded too (issue 15 review, item 6). Linux doubles the value set.
+    conn_sndbuf: int = 256 * 1024
     stall_timeout: float = 60.0
     frame_rate: float = 5000.0  # frames per second per connection (token bucket)
     frame_burst: int = 10000

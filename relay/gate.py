@@ -2,22 +2,27 @@
 any HTTP is read, and shared fairly between sources (issue 15, item 3).
 
 A *source* is the peer's address (an IPv6 peer: its /64, which one subscriber usually holds
-whole). What is kept per source is a count and the connections themselves, in memory only: never
-logged, never stored, gone with the last connection of the source. Behind a reverse proxy or Tor
-every client arrives from loopback, so a source is no client there: loopback peers are exempt
-from the per-source cap unless `source_cap_loopback` is set, and fairness among them is by
-connection (below).
+whole), counted also under coarser prefixes (IPv6 /56 and /48, IPv4 /24): one party spread over
+the /64s of its /48 is one group there. What is kept per prefix is a count and, at the finest,
+the connections themselves, in memory only: never logged, never stored, gone with the prefix's
+last connection. Behind a reverse proxy or Tor every client arrives from loopback, so a source
+is no client there: loopback peers are exempt from the caps unless `source_cap_loopback` is
+set, and fairness among them is by connection (below).
 
 Admission of a new connection:
 
-* its source already holds `source_connections` (0: no cap): refused;
-* the relay holds `max_connections`: the newcomer evicts one connection of the source holding
-  the most, if that source holds at least two more than the newcomer's; otherwise (one source
-  holds everything, e.g. all clients via Tor) a connection that does least for anyone: one not
+* its source already holds `source_connections`, or one of its coarser prefixes
+  COARSE_FACTOR times that (0: no cap): refused;
+* the relay holds `max_connections`: from the coarsest prefix down, the biggest group, if it
+  holds at least two more than the newcomer's own group at that prefix, gives up a connection
+  (of its biggest sub-prefix, down to one source); where the newcomer's own group is the
+  biggest, this is looked for one prefix down inside it. Otherwise (one source holds
+  everything, e.g. all clients via Tor) a connection that does least for anyone: one not
   yet upgraded to a WebSocket, else one without subscription silent for handshake_timeout at
-  least, the longest silent. Subscribed
-  connections are never evicted by a newcomer of the same source: each holds a mailbox of its
-  own, and mailboxes have a price. If no connection qualifies, the newcomer is refused.
+  least, the longest silent. Subscribed connections are never evicted by a newcomer of the
+  same source: each holds a mailbox of its own, and mailboxes have a price. If no connection
+  qualifies, the newcomer is refused. Groups are bucketed by size and each source keeps its
+  connections least recently heard from first, so a newcomer costs O(1) (SCAN_MAX at most).
 
 A refused connection is answered `503` once it sends its request (and aborted if it does not
 within `handshake_timeout`); beyond `REFUSED_MAX` refused ones waiting, new ones are aborted at
@@ -28,8 +33,11 @@ accepted is aborted (slow or absent HTTP headers hold nothing for long).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import socket
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import Config
@@ -53,8 +61,61 @@ class Peer(Protocol):
     def abort(self) -> None: ...
 
 
+#: Coarser prefixes (an IPv6 /56 and /48, an IPv4 /24) may hold this many times
+#: source_connections (a site, a campus: many users), the finest (/64, /32) source_connections.
+COARSE_FACTOR = 4
+#: Connections of one source looked at for a victim at most: a newcomer costs O(1), not O(n).
+SCAN_MAX = 256
+
+
+class Group:
+    """The connections under one prefix: a count, its sub-prefixes bucketed by their counts
+    (the biggest found at once), and at the finest prefix the connections themselves, those
+    not yet upgraded apart, the upgraded ones least recently heard from first."""
+
+    __slots__ = ("buckets", "children", "count", "fresh", "key", "top", "upgraded")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.count = 0
+        self.children: dict[str, Group] = {}
+        self.buckets: dict[int, dict[Group, None]] = {}
+        self.top = 0
+        self.fresh: dict[asyncio.BaseTransport, Entry] = {}
+        self.upgraded: OrderedDict[asyncio.BaseTransport, Entry] = OrderedDict()
+
+    def biggest(self) -> Group | None:
+        bucket = self.buckets.get(self.top)
+        return next(iter(bucket)) if bucket else None
+
+    def grow(self, child: Group) -> None:
+        c = child.count
+        if c:
+            self._unbucket(child, c)
+        child.count = c + 1
+        self.buckets.setdefault(c + 1, {})[child] = None
+        self.top = max(self.top, c + 1)
+
+    def shrink(self, child: Group) -> None:
+        c = child.count
+        self._unbucket(child, c)
+        if self.top == c and c not in self.buckets:
+            self.top = c - 1  # the child itself is there now (or nothing is left)
+        child.count = c - 1
+        if c - 1:
+            self.buckets.setdefault(c - 1, {})[child] = None
+        else:
+            del self.children[child.key]
+
+    def _unbucket(self, child: Group, c: int) -> None:
+        bucket = self.buckets[c]
+        del bucket[child]
+        if not bucket:
+            del self.buckets[c]
+
+
 class Entry:
-    __slots__ = ("conn", "refused", "since", "source", "transport")
+    __slots__ = ("conn", "path", "refused", "since", "source", "transport")
 
     def __init__(self, transport: asyncio.Transport, source: str, now: float) -> None:
         self.transport = transport
@@ -62,29 +123,39 @@ class Entry:
         self.since = now
         self.conn: Peer | None = None
         self.refused = False
+        self.path: list[Group] = []  # from the coarsest prefix to the finest (the leaf)
+
+
+def source_chain(transport: asyncio.BaseTransport) -> tuple[list[str], bool]:
+    """The prefixes of a peer, coarsest first (IPv6 /48, /56, /64; IPv4 /24, /32), and
+    whether it is loopback (then one key: the address)."""
+    peer = transport.get_extra_info("peername")
+    if not isinstance(peer, tuple) or not peer:
+        return ["local"], True  # a Unix socket: the machine itself
+    try:
+        addr = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+    except ValueError:
+        return ["unknown"], False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.is_loopback:
+        return [str(addr)], True
+    if isinstance(addr, ipaddress.IPv6Address):
+        return [str(ipaddress.IPv6Network((addr, n), strict=False)) for n in (48, 56, 64)], False
+    return [str(ipaddress.IPv4Network((addr, 24), strict=False)), str(addr)], False
 
 
 def source_of(transport: asyncio.BaseTransport) -> tuple[str, bool]:
     """The source key of a peer (an address, an IPv6 /64) and whether it is loopback."""
-    peer = transport.get_extra_info("peername")
-    if not isinstance(peer, tuple) or not peer:
-        return "local", True  # a Unix socket: the machine itself
-    try:
-        addr = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
-    except ValueError:
-        return "unknown", False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    if isinstance(addr, ipaddress.IPv6Address) and not addr.is_loopback:
-        return str(ipaddress.IPv6Network((addr, 64), strict=False)), False
-    return str(addr), addr.is_loopback
+    keys, loopback = source_chain(transport)
+    return keys[-1], loopback
 
 
 class Gate:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.entries: dict[asyncio.BaseTransport, Entry] = {}
-        self.by_source: dict[str, dict[asyncio.BaseTransport, Entry]] = {}
+        self.root = Group("")
         self.admitted = 0
         self.refused = 0
         self.closing = False
@@ -113,19 +184,43 @@ class Gate:
 
     def accept(self, transport: asyncio.Transport) -> None:
         now = time.monotonic()
-        source, loopback = source_of(transport)
-        entry = Entry(transport, source, now)
+        self._bound_send_buffer(transport)
+        keys, loopback = source_chain(transport)
+        entry = Entry(transport, keys[-1], now)
         cap = self.cfg.source_connections
-        mine = self.by_source.get(source)
-        held = len(mine) if mine else 0
         capped = cap > 0 and (not loopback or self.cfg.source_cap_loopback)
-        if self.closing or (capped and held >= cap) or (
-                self.admitted >= self.cfg.max_connections and not self._evict(source, held)):
+        over = False
+        node: Group | None = self.root
+        for depth, key in enumerate(keys):
+            node = node.children.get(key) if node is not None else None
+            held = node.count if node is not None else 0
+            limit = cap if depth == len(keys) - 1 else COARSE_FACTOR * cap
+            over = over or (capped and held >= limit)
+        if self.closing or over or (
+                self.admitted >= self.cfg.max_connections and not self._evict(keys)):
             self._refuse(entry)
             return
         self.entries[transport] = entry
-        self.by_source.setdefault(source, {})[transport] = entry
+        node = self.root
+        for key in keys:
+            child = node.children.get(key)
+            if child is None:
+                child = node.children[key] = Group(key)
+            node.grow(child)
+            entry.path.append(child)
+            node = child
+        node.fresh[transport] = entry
         self.admitted += 1
+
+    def _bound_send_buffer(self, transport: asyncio.Transport) -> None:
+        """What the kernel holds for a client that does not read is memory too: bound it
+        (auto-tuned, it grows to tcp_wmem's maximum per socket, and stays so while an aborted
+        socket lingers unsent)."""
+        size = self.cfg.conn_sndbuf
+        sock = transport.get_extra_info("socket")
+        if size > 0 and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
     def _refuse(self, entry: Entry) -> None:
         if self.refused >= REFUSED_MAX:
@@ -135,18 +230,39 @@ class Gate:
         self.refused += 1
         self.entries[entry.transport] = entry
 
-    def _evict(self, source: str, held: int) -> bool:
-        """Make room for a newcomer from `source` (holding `held`): True if one was evicted."""
-        if not self.by_source:
-            return False
-        biggest = max(self.by_source, key=lambda s: len(self.by_source[s]))
-        group = self.by_source[biggest]
+    def _evict(self, keys: list[str]) -> bool:
+        """Make room for a newcomer with prefixes `keys`: True if one was evicted.
+
+        From the coarsest prefix down: where another group holds at least two more than the
+        newcomer's own, the victim is in it (its biggest sub-prefix, down to one source);
+        where the newcomer's own group is the biggest, fairness is looked for inside it. So
+        one party spread over many /64s of a /48 (or many addresses of a /24) is one big group,
+        and the honest holder of two connections is not the biggest source any more."""
+        node = self.root
+        depth = 0
+        own = True
+        while node.children:
+            big = node.biggest()
+            if big is None:
+                break
+            if own:
+                mine = node.children.get(keys[depth]) if depth < len(keys) else None
+                held = mine.count if mine is not None else 0
+                if mine is not None and held >= node.top:
+                    node, depth = mine, depth + 1
+                    continue
+                if big.count < held + 2:
+                    break
+                own = False
+            node, depth = big, depth + 1
         victim = None
-        if biggest != source and len(group) >= held + 2:
-            victim = self._victim(group, 0.0, subscribed_too=True)
+        if not own and not node.children:
+            victim = self._victim(node, 0.0, subscribed_too=True)
         if victim is None:
             quiet = time.monotonic() - self.cfg.handshake_timeout
-            victim = self._victim(self.by_source.get(source) or {}, quiet, subscribed_too=False)
+            leaf = self._leaf(keys)
+            if leaf is not None:
+                victim = self._victim(leaf, quiet, subscribed_too=False)
         if victim is None:
             return False
         self.forget(victim.transport)
@@ -156,25 +272,42 @@ class Gate:
             victim.transport.abort()
         return True
 
+    def _leaf(self, keys: list[str]) -> Group | None:
+        node: Group | None = self.root
+        for key in keys:
+            node = node.children.get(key) if node is not None else None
+        return node
+
     @staticmethod
-    def _victim(group: dict[asyncio.BaseTransport, Entry], quiet: float,
-                subscribed_too: bool) -> Entry | None:
-        """The connection of `group` that does least: not upgraded, else unsubscribed and
-        silent longest (only if silent since `quiet`, when not 0), else (if allowed) the
-        newest."""
-        best: Entry | None = None
-        best_key = 0.0
-        for entry in group.values():
+    def _victim(leaf: Group, quiet: float, subscribed_too: bool) -> Entry | None:
+        """The connection of a source that does least: not upgraded, else unsubscribed and
+        silent longest (only if silent since `quiet`, when not 0), else (if allowed) the one
+        least recently heard from. Looks at SCAN_MAX connections at most."""
+        if leaf.fresh:
+            return next(iter(leaf.fresh.values()))
+        for n, entry in enumerate(leaf.upgraded.values()):
             conn = entry.conn
-            if conn is None:
+            if n >= SCAN_MAX or conn is None or (quiet and conn.last_seen > quiet):
+                break  # least recently heard from first: the rest were heard from later
+            if not conn.subs:
                 return entry
-            if quiet and conn.last_seen > quiet:
-                continue
-            if not conn.subs and (best is None or conn.last_seen < best_key):
-                best, best_key = entry, conn.last_seen
-        if best is None and subscribed_too and group:
-            best = group[next(reversed(group))]
-        return best
+        if subscribed_too and leaf.upgraded:
+            return next(iter(leaf.upgraded.values()))
+        return None
+
+    def upgraded(self, entry: Entry, conn: Peer) -> None:
+        """The connection of `entry` is a WebSocket now."""
+        entry.conn = conn
+        if entry.path and entry.path[-1].fresh.pop(entry.transport, None) is not None:
+            entry.path[-1].upgraded[entry.transport] = entry
+
+    def heard(self, transport: asyncio.BaseTransport | None) -> None:
+        """A frame or ping came from this connection: it goes last in its source's order."""
+        if transport is None:
+            return
+        entry = self.entries.get(transport)
+        if entry is not None and entry.path and transport in entry.path[-1].upgraded:
+            entry.path[-1].upgraded.move_to_end(transport)
 
     def forget(self, transport: asyncio.BaseTransport) -> None:
         entry = self.entries.pop(transport, None)
@@ -184,11 +317,15 @@ class Gate:
             self.refused -= 1
             return
         self.admitted -= 1
-        group = self.by_source.get(entry.source)
-        if group is not None:
-            group.pop(transport, None)
-            if not group:
-                del self.by_source[entry.source]
+        if not entry.path:
+            return
+        leaf = entry.path[-1]
+        leaf.fresh.pop(transport, None)
+        leaf.upgraded.pop(transport, None)
+        parents = [self.root, *entry.path[:-1]]
+        for parent, child in reversed(list(zip(parents, entry.path, strict=True))):
+            parent.shrink(child)
+        entry.path = []
 
     # --- the web handler's view ----------------------------------------------------------------
 

@@ -44,6 +44,7 @@ HELP = {
     "ping_interval": "Seconds between WebSocket pings.",
     "max_inflight": "Concurrent requests per connection (reading pauses beyond).",
     "conn_buffer": "Bytes waiting for one client at most (reading and pushing pause beyond).",
+    "conn_sndbuf": "Kernel send buffer per accepted socket in bytes (0: the system's).",
     "stall_timeout": "Seconds a client may stay above --conn-buffer before it is closed.",
     "frame_rate": "Frames per second per connection (token bucket rate).",
     "frame_burst": "Frame bucket size per connection.",

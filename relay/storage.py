@@ -63,6 +63,8 @@ class StorageFull(StorageError):
 WRITER_OWNER: contextvars.ContextVar[object | None] = contextvars.ContextVar(
     "relay_writer_owner", default=None)
 
+#: Free disk needed to store again after the disk filled, when there is no reserve.
+NO_RESERVE_MARGIN = 4 * 1024 * 1024
 #: The file of the disk reserve, in the data directory (`SQLiteStorage`).
 RESERVE_NAME = "reserve"
 
@@ -376,6 +378,7 @@ class SQLiteStorage:
         self._pending_by: dict[object | None, int] = {}
         #: Set (by the writer thread) when the disk is full; cleared by `recover`.
         self.full = False
+        self._full_logged: float | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -438,7 +441,13 @@ class SQLiteStorage:
     # --- the disk reserve (writer thread) ---------------------------------------------------------
 
     def _make_reserve(self) -> bool:
-        """Write the reserve file; False (and no file) if the disk has no room for it."""
+        """Write the reserve file; False (and no file) if the disk has no room for it.
+
+        The file must hold real blocks: posix_fallocate where there is one; else random bytes
+        (zeros, or a sparse file, are stored as nothing by compressing filesystems such as ZFS
+        with lz4 or btrfs with compression). Checked by the blocks the file holds. (On a
+        copy-on-write filesystem deleting it may free less than its size while snapshots hold
+        it: docs/relay-protocol.md §9.)"""
         size = self._reserve_file_bytes
         if size <= 0:
             return True
@@ -447,18 +456,23 @@ class SQLiteStorage:
         except OSError:
             return False
         try:
-            if os.fstat(fd).st_size >= size:
+            if _held(fd) >= size:
                 return True
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                # No fallocate here: write the bytes (a sparse file would reserve nothing).
-                chunk = bytes(1 << 20)
+            allocated = False
+            if hasattr(os, "posix_fallocate"):  # not on macOS
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                    allocated = True
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        raise
+            if not allocated or _held(fd) < size:
+                # (Some filesystems count the blocks of what was written only once it is
+                # committed, so what this writes is not checked the same way.)
+                os.lseek(fd, 0, os.SEEK_SET)
                 left = size
                 while left > 0:
-                    left -= os.write(fd, chunk[:min(left, len(chunk))])
+                    left -= os.write(fd, os.urandom(min(left, 1 << 20)))
             os.fsync(fd)
             return True
         except OSError:
@@ -478,7 +492,11 @@ class SQLiteStorage:
             self._drop_reserve()
         if not self.full:
             self.full = True
-            log.warning("storage full: storing refused until there is room")
+            # Once a minute at most: a disk at the edge must not fill the log (review, item 8).
+            now = time.monotonic()
+            if self._full_logged is None or now - self._full_logged >= 60:
+                self._full_logged = now
+                log.warning("storage full: storing refused until there is room")
 
     def _space(self, db: sqlite3.Connection) -> tuple[int, int]:
         """Free bytes of the disk, and free bytes inside the database (pages a new row reuses;
@@ -499,6 +517,13 @@ class SQLiteStorage:
 
     def _room(self, db: sqlite3.Connection) -> bool:
         """Room again (some margin above `_low`, so the relay does not flap at the edge)."""
+        if self._reserve_bytes <= 0:
+            # No reserve: SQLite found the disk full. Storing again at once would meet the
+            # same end of the disk at the next write (full, then free, twice a second): wait
+            # for a margin of free disk, for the WAL to grow into (review, item 8).
+            disk, _ = self._space(db)
+            if disk < NO_RESERVE_MARGIN:
+                return False
         if self._reserve_bytes > 0:
             disk, pages = self._space(db)
             missing = 0 if os.path.exists(self._reserve_path) else self._reserve_file_bytes
@@ -788,7 +813,9 @@ class SQLiteStorage:
                 "SELECT id, block FROM messages WHERE mailbox = ? ORDER BY seq LIMIT ?",
                 (mailbox, limit + len(skip)))
             return [(int(r[0]), bytes(r[1])) for r in rows if r[0] not in skip][:limit]
-        return await self._run(op)
+        # Sized by what it reads into memory, so max_batch_bytes also ends a batch of reads
+        # (512 reads of a window each were 256 MiB at once; issue 15 review, item 1).
+        return await self._run(op, size=limit * _BLOCK_BYTES)
 
     def remove(self, mailbox: int, ids: list[int]) -> asyncio.Future[int]:
         def op(db: sqlite3.Connection) -> int:
@@ -910,6 +937,13 @@ def _delete_mailbox(db: sqlite3.Connection, mailbox: int) -> int:
     db.execute("DELETE FROM mailboxes WHERE id = ?", (mailbox,))
     return n
 
+
+
+def _held(fd: int) -> int:
+    """Bytes of disk a file holds (its blocks; its size where the system does not say)."""
+    st = os.fstat(fd)
+    blocks = getattr(st, "st_blocks", None)
+    return st.st_size if blocks is None else min(st.st_size, blocks * 512)
 
 
 def _is_full(exc: BaseException) -> bool:

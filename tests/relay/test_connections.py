@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 import time
 from collections.abc import Callable
 
@@ -131,5 +132,56 @@ def test_subscribed_connection_that_sends_nothing_is_closed(
         assert not pinging.closed.is_set()
         await owner.fetch(pinging)  # still served
         await pinging.close()
+
+    run(body())
+
+
+def test_places_come_back_after_resets_refusals_and_evictions(
+        relay_factory: Callable[..., RelayProcess]) -> None:
+    """The gate's counts return to 0 (review, item 10): after connections reset in the middle
+    of their upgrade, refused ones (503), evicted ones and closed ones, the relay admits
+    max_connections again, upgraded and subscribed."""
+    rp = relay_factory(max_connections=4, source_connections=4, source_cap_loopback="true")
+
+    def reset(s: socket.socket) -> None:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # RST
+
+    async def body() -> None:
+        for _ in range(3):
+            # Reset halfway through the upgrade request, and right after the accept.
+            half = [socket.create_connection(("127.0.0.1", rp.port)) for _ in range(4)]
+            for s in half[:2]:
+                s.sendall(b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
+            with pytest.raises(HandshakeFailed):  # the source's four places are held
+                await RelayClient.connect(rp.url)
+            for s in half:
+                reset(s)
+            # Evictions: another source fills the relay with places of its own.
+            held = []
+            deadline = time.monotonic() + 10
+            while len(held) < 4:
+                try:
+                    held.append(await RelayClient.connect(rp.url))
+                except HandshakeFailed:
+                    assert time.monotonic() < deadline, "a place did not come back"
+                    await asyncio.sleep(0.1)
+            others = [await RelayClient.connect(rp.url, local_addr=OTHER) for _ in range(2)]
+            for c in [*held, *others]:
+                with contextlib.suppress(Exception):
+                    await c.close()
+        # Everything gone: four places, all of them usable.
+        final = []
+        deadline = time.monotonic() + 10
+        while len(final) < 4:
+            try:
+                c = await RelayClient.connect(rp.url)
+                await (await new_owner(c)).subscribe(c)
+                final.append(c)
+            except HandshakeFailed:
+                assert time.monotonic() < deadline, "the relay lost count of its places"
+                await asyncio.sleep(0.1)
+        for c in final:
+            await c.close()
 
     run(body())
