@@ -151,6 +151,20 @@ RELAY_LOST_TEXT = (
     "aegis relay set URL (the same URL) makes new mailboxes there; contacts that cannot "
     "reach you need a new invitation"
 )
+#: When the profile's relay last held our subscriptions (ms; written on connect, hourly while
+#: connected, when the connection ends and at lock): how long this copy was away. The relay
+#: deletes a mailbox nobody used for its mailbox_ttl (HELLO_OK, relay-protocol.md §4), so a
+#: mailbox refused after an absence that long expired: _on_refused then makes new ones instead
+#: of taking the refusal for a copy restored elsewhere.
+SETTING_LAST_REACHED = "relay.last_reached"
+#: The relay's mailbox_ttl when its HELLO_OK does not say (its default: 90 days).
+DEFAULT_MAILBOX_TTL = 90 * 24 * 3600
+SETTING_ADDRESS_RENEWED = "address.renewed"  # {"at": ms}: until address.get / address.rotate
+ADDRESS_RENEWED_TEXT = (
+    "this profile was away from its relay longer than the relay keeps unused mailboxes: its "
+    "contact address expired there and a new one was made (aegis address shows it; the old "
+    "link and outstanding invitations no longer work). Contacts were given new mailboxes"
+)
 SETTING_MOVE = "relay.move"  # {"from": url, "at": ms}: contacts' mailboxes moving (relay.set)
 #: A contact that has not confirmed its new mailbox this long after a relay move (the relay's
 #: default message TTL: it was offline longer than its blocks could wait) is left behind:
@@ -260,6 +274,10 @@ class Messenger:
         # says when that is not enough to mark the profile superseded.
         self._denied: set[str] = set()
         self.relay_lost: str | None = None
+        # SETTING_LAST_REACHED as it was before the current connection (how long we were
+        # away), and the contacts given a new mailbox for an expired one on this connection.
+        self._reached_before: int | None = None
+        self._renewing: set[int] = set()
         self._moving = asyncio.Lock()  # one continue_move at a time
         self._acked_rotations: list[tuple[Contact, bytes]] = []
         # contacts.add waiting for its first contact's deposit: contact id -> outcome
@@ -292,6 +310,8 @@ class Messenger:
             log.info("new identity created")
         else:
             self.prekeys = PrekeyStore.from_bytes(state)
+        reached = store.get_setting(SETTING_LAST_REACHED)
+        self._reached_before = int(reached) if reached is not None else None
         self._reload_owned()
         self._start_link()
         self._tasks = [
@@ -363,6 +383,8 @@ class Messenger:
         self._start_link()
 
     async def on_lock(self, store: Store) -> None:
+        if self.daemon.relay_connected:
+            store.set_setting(SETTING_LAST_REACHED, _ms())  # connected until now
         await self.cover.stop()
         await self.attachments.on_lock()
         for task in self._tasks:
@@ -398,6 +420,12 @@ class Messenger:
         first_failure = not up and self.relay_reason == "connecting"
         self.daemon.relay_connected = up
         self.relay_reason = reason
+        if self.daemon.store is not None and (up or was):
+            # Connected now, or until now: the relay saw our subscriptions (they count as use).
+            now = _ms()
+            self.daemon.store.set_setting(SETTING_LAST_REACHED, now)
+            if not up:
+                self._reached_before, self._renewing = now, set()
         if not up:
             self._denied.clear()  # the evidence of one connection (_on_refused)
         if (up != was or first_failure) and self.daemon.store is not None:
@@ -441,6 +469,9 @@ class Messenger:
             self._reload_owned()
             self.cover.changed()
             return True
+        if row.role in ("address", "contact", "invitation") and self._away_past_mailbox_ttl():
+            self._expired(row, entry[1])
+            return True
         if row.role == "address":
             self._denied.add("address")
         elif row.role == "contact" and row.contact_id is not None:
@@ -452,6 +483,63 @@ class Messenger:
             return False
         self._verdict()
         return True
+
+    def _away_past_mailbox_ttl(self) -> bool:
+        """Whether this copy was away from its relay long enough for its mailboxes to expire
+        there. The relay stores a mailbox's last use rounded down to its granularity (a month
+        of the 90 days by default), which HELLO_OK does not carry: half the TTL covers any
+        granularity up to half of it. A copy restored elsewhere while this one was away that
+        long is taken for expiry too: then this copy makes new mailboxes its contacts ignore."""
+        before = self._reached_before
+        if before is None:
+            return False  # never reached (or a profile from before this setting): no evidence
+        ttl = self.link.mailbox_ttl if self.link is not None else None
+        return _ms() - before >= (ttl or DEFAULT_MAILBOX_TTL) * 1000 // 2
+
+    def _expired(self, row: MailboxRow, mb: OwnedMailbox) -> None:
+        """A mailbox of ours expired at the relay while we were away (_on_refused): the
+        address is made anew (with its invitations, which point at its bundle, gone: status
+        and an event say the link changed); a contact is given a new mailbox through the
+        ratchet (the ordinary rotation: its own mailbox is most likely still there)."""
+        self._owned.pop(mb.owner_id, None)
+        if row.role == "address":
+            with self.store.transaction():
+                for r in [row, *self.store.list_mailboxes("invitation")]:
+                    self.store.delete_mailbox(r.id)
+                    self._owned.pop(OwnedMailbox.from_bytes(r.descriptor).owner_id, None)
+                self.store.set_setting(SETTING_ADDRESS_RENEWED, {"at": _ms()})
+                self.daemon.events.emit("address.renewed", {"reason": ADDRESS_RENEWED_TEXT})
+            log.warning("the relay expired this profile's address while it was away: a new "
+                        "address is made (aegis address)")  # fmt: skip
+            self._spawn(self._renew_address())
+        elif row.role == "invitation":
+            self.store.delete_mailbox(row.id)
+        elif row.contact_id is not None and row.contact_id not in self._renewing:
+            c = self.store.get_contact(row.contact_id)
+            if c is not None and not c.blocked and ContactState.from_bytes(c.state).established:
+                self._renewing.add(c.id)
+                self._spawn(self._renew_contact_mailbox(c.id))
+
+    async def _renew_address(self) -> None:
+        with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
+            await self.ensure_address()  # else the next connection makes it (_after_connect)
+
+    async def _renew_contact_mailbox(self, contact_id: int) -> None:
+        c = self.store.get_contact(contact_id) if self.daemon.store is not None else None
+        if c is None:
+            return
+        try:
+            await self.rotate_mailbox(c.name)
+        except (*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
+            self._renewing.discard(contact_id)  # refused again on the next connection: retried
+
+    def address_renewed(self) -> str | None:
+        """status.address_renewed: the address expired at the relay and was made anew, until
+        the user asks for the new one (address.get, address.rotate)."""
+        store = self.daemon.store
+        if store is not None and store.get_setting(SETTING_ADDRESS_RENEWED):
+            return ADDRESS_RENEWED_TEXT
+        return None
 
     def _verdict(self) -> None:
         """Mark the profile superseded on strong evidence (above); on the address alone, say in
@@ -785,6 +873,7 @@ class Messenger:
                         await self._retire_mailbox(r.id)
             self.daemon.events.emit("address.rotated", {})
         _, mb = await self.ensure_address()
+        self.store.set_setting(SETTING_ADDRESS_RENEWED, None)  # the user has the new link now
         return {"link": self._link_for(wire.LINK_ADDRESS, mb, mb, b"", 0)}
 
     async def create_invitation(self, expires_in: int) -> dict[str, Any]:
@@ -1353,6 +1442,8 @@ class Messenger:
             if self.daemon.store is not None:
                 self.store.delete_stale_fragments(_ms() - STALE_FRAGMENTS_MS)
                 self._prune_events()
+                if self.daemon.relay_connected:
+                    self.store.set_setting(SETTING_LAST_REACHED, _ms())
             with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
                 await self._replenish_prekeys()
                 await self._expire_invitations()

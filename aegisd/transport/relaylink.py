@@ -128,6 +128,8 @@ class RelayLink:
         self._up = False
         self._dialing = asyncio.Semaphore(DIAL_CONCURRENCY)
         self.hello_ttl: int | None = None
+        #: The relay's mailbox_ttl (HELLO_OK; None from a relay that does not say it).
+        self.mailbox_ttl: int | None = None
         self._logged: str | None = None  # the failure last written to the log
         self._logged_up = False  # the log's last word on this link: connected
         #: Mailboxes another connection took (the relay sent END: a copy of this profile
@@ -233,6 +235,8 @@ class RelayLink:
             raise RelayUnavailable()
         if client.hello is not None:
             self.hello_ttl = int(client.hello.message_ttl)
+            ttl = getattr(client.hello, "mailbox_ttl", None)
+            self.mailbox_ttl = int(ttl) if ttl else None
         return client
 
     async def _dial_or_unavailable(self) -> RelayClient:

@@ -153,3 +153,63 @@ def test_pool_mailboxes_that_expired_while_away_are_made_again(
         assert "refused" not in alice.proc.stderr()
     finally:
         alice.stop()
+
+
+@pytest.fixture
+def expiring_mailboxes(tmp_short: Path) -> Iterator[RelayProcess]:
+    yield from _relay(tmp_short, mailbox_ttl="6", mailbox_use_granularity="1",
+                      sweep_interval="0.2")
+
+
+def _history(peer: Peer, contact: str) -> list[str]:
+    return [m["text"] for m in peer.call("messages.history", {"contact": contact})["messages"]]
+
+
+def test_a_daemon_away_past_the_mailbox_ttl_makes_new_mailboxes(
+        tmp_short: Path, expiring_mailboxes: RelayProcess) -> None:
+    """Issue 15 review item 2: a daemon away longer than the relay's mailbox_ttl finds its
+    address and contact mailboxes expired. That is expiry, not a copy restored elsewhere: it
+    makes a new address (and says the link changed) and gives each contact a new mailbox
+    through the ratchet; messages go both ways again."""
+    import sqlite3
+
+    def public_at_relay() -> int:
+        db = sqlite3.connect(expiring_mailboxes.data / "relay.sqlite3")
+        try:
+            return int(db.execute("SELECT count(*) FROM mailboxes WHERE public = 1")
+                       .fetchone()[0])
+        finally:
+            db.close()
+
+    url = f"ws://127.0.0.1:{expiring_mailboxes.port}/v1/ws"
+    alice, bob = Peer(tmp_short / "alice", url, "alice"), Peer(tmp_short / "bob", url, "bob")
+    try:
+        connect(alice, bob)
+        old_link = alice.call("address.get")["link"]
+        bob.call("address.get")
+        assert public_at_relay() == 2
+        alice.stop()  # away: her mailboxes expire; bob's (subscribed) stay
+        alice.wait_for(lambda: public_at_relay() == 1, "alice's address expired", timeout=60)
+        time.sleep(1)  # the sweep that took her address took her contact mailbox too (a wait)
+        alice.start()
+        alice.wait_connected()
+        assert "expired" in alice.wait_for(
+            lambda: alice.call("status")["address_renewed"], "the new address", timeout=60)
+        assert alice.call("status")["superseded"] is None
+        assert alice.call("address.get")["link"] != old_link
+        assert alice.call("status")["address_renewed"] is None  # the user has the new link
+        assert [e for e in alice.events() if e["type"] == "address.renewed"]
+        alice.call("messages.send", {"contact": "bob", "text": "back again"})
+        bob.wait_for(lambda: "back again" in _history(bob, "alice"), "alice's message",
+                     timeout=60)
+        # bob learns alice's new mailbox through the ratchet, then his messages reach her
+        alice.wait_for(lambda: [e for e in alice.events()
+                                if e["type"] == "contact.mailbox_rotated"],
+                       "bob's acknowledgement of the new mailbox", timeout=60)
+        bob.call("messages.send", {"contact": "alice", "text": "welcome back"})
+        alice.wait_for(lambda: "welcome back" in _history(alice, "bob"), "bob's message",
+                       timeout=60)
+        assert alice.call("status")["superseded"] is None
+    finally:
+        alice.stop()
+        bob.stop()
