@@ -819,7 +819,7 @@ class Connection:
         c = self.cfg
         return wire.HelloOk(self.challenge, wire.BLOCK_SIZE, c.max_frame, c.pow_deposit_bits,
                             c.pow_bundle_bits, c.pow_blob_bits, c.message_ttl, c.window,
-                            c.max_inflight, c.pow_create_bits)
+                            c.max_inflight, c.pow_create_bits, c.mailbox_ttl, c.blob_ttl)
 
     async def _handle(self, frame: wire.Frame) -> None:
         handler = _HANDLERS[frame.type]

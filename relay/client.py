@@ -159,6 +159,18 @@ class RelayClient:
         assert self.hello is not None
         return self.hello.challenge
 
+    @property
+    def mailbox_ttl(self) -> int:
+        """Seconds without use after which this relay deletes a mailbox (HELLO_OK)."""
+        assert self.hello is not None
+        return self.hello.mailbox_ttl
+
+    @property
+    def blob_ttl(self) -> int:
+        """Seconds after which this relay deletes an unfetched blob (HELLO_OK)."""
+        assert self.hello is not None
+        return self.hello.blob_ttl
+
     async def close(self) -> None:
         """Close the connection and everything it holds. A cancellation of the caller that
         arrives meanwhile is raised once the socket is closed, never swallowed: a loop that

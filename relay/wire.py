@@ -2,7 +2,7 @@
 
 A frame is one binary WebSocket message:
 
-    version (1 byte, = 1) | type (1 byte) | request id (4 bytes, big-endian) | body
+    version (1 byte, = 2) | type (1 byte) | request id (4 bytes, big-endian) | body
 
 Parsers here are strict: exact lengths, bounded counts, no trailing bytes. Every parse failure
 raises `FrameError` carrying the error code the relay answers with. This module is pure: no I/O,
@@ -18,7 +18,9 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
-VERSION = 1
+# 2 since issue 15 (CREATE pays proof of work, BLOB_QUOTA and HELLO_OK changed layout): a
+# version-1 client gets `bad_version` in a frame of version 2 and can say so (docs §11).
+VERSION = 2
 BLOCK_SIZE = 16384
 HEADER_LEN = 6
 ID_LEN = 16
@@ -188,7 +190,7 @@ def auth_message(challenge: bytes, frame_without_sig: bytes) -> bytes:
 
 # --- HELLO_OK ------------------------------------------------------------------------------------
 
-_HELLO_OK = struct.Struct(">32sIIBBBIHHB")
+_HELLO_OK = struct.Struct(">32sIIBBBIHHBII")
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,12 +205,14 @@ class HelloOk:
     window: int
     max_inflight: int
     pow_create_bits: int  # appended last: the fields before keep their offsets
+    mailbox_ttl: int  # seconds without use before the relay deletes a mailbox
+    blob_ttl: int  # seconds before an unfetched blob expires
 
     def encode_body(self) -> bytes:
         return _HELLO_OK.pack(self.challenge, self.block_size, self.max_frame,
                               self.pow_deposit_bits, self.pow_bundle_bits, self.pow_blob_bits,
                               self.message_ttl, self.window, self.max_inflight,
-                              self.pow_create_bits)
+                              self.pow_create_bits, self.mailbox_ttl, self.blob_ttl)
 
     @classmethod
     def parse(cls, body: bytes) -> HelloOk:

@@ -107,15 +107,15 @@ async def text_chat(request: web.Request) -> web.StreamResponse:
     return await _websocket(request, lambda data: '{"type": "welcome"}')
 
 
-async def version_2(request: web.Request) -> web.StreamResponse:
-    """A future relay: it answers our version-1 HELLO with its bad_version error, in version 2."""
+async def newer_version(request: web.Request) -> web.StreamResponse:
+    """A future relay: it answers our HELLO with its bad_version error, in a newer version."""
     frame = bytearray(wire.error_frame(0, wire.E_BAD_VERSION))
-    frame[0] = 2
+    frame[0] = wire.VERSION + 1
     return await _websocket(request, lambda data: bytes(frame))
 
 
 async def refuses_version(request: web.Request) -> web.StreamResponse:
-    """A relay that no longer speaks version 1: bad_version (rid 0), then it closes (§5)."""
+    """A relay that no longer speaks our version: bad_version (rid 0), then it closes (§5)."""
     ws = web.WebSocketResponse()
     await ws.prepare(request)
     await ws.receive()
@@ -235,8 +235,10 @@ def documented(reason: str) -> bool:
                "(not an AegisLink relay)"),
         (text_chat, "the server at this URL does not speak the relay protocol "
                     "(not an AegisLink relay)"),
-        (version_2, "the relay speaks version 2 of the relay protocol, not 1"),
-        (refuses_version, "the relay does not speak version 1 of the relay protocol"),
+        (newer_version, f"the relay speaks version {wire.VERSION + 1} of the relay protocol, "
+                        f"not {wire.VERSION}"),
+        (refuses_version, f"the relay does not speak version {wire.VERSION} of the relay "
+                          "protocol"),
     ],
 )
 def test_not_a_relay_is_reported(profile: Callable[[str], DaemonProc], handler: Handler,

@@ -60,7 +60,7 @@ def codes(frames: list[bytes]) -> list[int]:
 CASES: list[tuple[str, list[bytes | str], bool, int]] = [
     ("command before hello", [wire.encode(wire.DEPOSIT, 7, b"x")], False, wire.E_OUT_OF_ORDER),
     ("short frame", [b"\x01\x01"], False, wire.E_BAD_FRAME),
-    ("unknown version", [bytes([2, wire.HELLO, 0, 0, 0, 1])], False, wire.E_BAD_VERSION),
+    ("unknown version", [bytes([1, wire.HELLO, 0, 0, 0, 1])], False, wire.E_BAD_VERSION),
     ("hello with a body", [wire.encode(wire.HELLO, 1, b"x")], False, wire.E_BAD_FRAME),
     ("text frame", ["hello"], False, wire.E_BAD_FRAME),
     ("second hello", [wire.encode(wire.HELLO, 2)], True, wire.E_OUT_OF_ORDER),

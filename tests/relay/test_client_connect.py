@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from aiohttp import WSMsgType, web
 
 from relay.client import RelayClient
 
-from .conftest import run
+from .conftest import RelayProcess, run
 
 
 async def _silent_server() -> tuple[web.AppRunner, int, asyncio.Event, asyncio.Event]:
@@ -99,3 +100,20 @@ def test_close_never_swallows_the_callers_cancellation(relay) -> None:
         await real_close()
 
     run(go())
+
+
+
+def test_hello_ok_announces_mailbox_and_blob_ttl(
+        relay_factory: Callable[..., RelayProcess]) -> None:
+    """HELLO_OK tells a client how long an unused mailbox and an unfetched blob live (§3), so
+    the daemon need not assume the defaults."""
+    relay = relay_factory(mailbox_ttl=str(7 * 24 * 3600), blob_ttl=str(5 * 3600))
+
+    async def main() -> None:
+        c = await RelayClient.connect(relay.url)
+        try:
+            assert (c.mailbox_ttl, c.blob_ttl) == (7 * 24 * 3600, 5 * 3600)
+        finally:
+            await c.close()
+
+    run(main())
