@@ -1836,6 +1836,9 @@ class Messenger:
                 )
             state.send_to = payload.mailbox
             self.store.update_contact(c.id, state=state.to_bytes())
+            # The acknowledgement goes to the new mailbox: the old one may be gone already (it
+            # expired while the contact was away, _expired), and the new one is subscribed.
+            c = self.store.get_contact(c.id) or c
             self._enqueue(
                 c, session, wire.MailboxAckPayload(payload.rotation_id), delay=self._receipt_delay()
             )
