@@ -86,6 +86,9 @@ E_TARGET_EXISTS = 1033
 E_NOT_RETRYABLE = 1034
 
 STATES = ("uploading", "uploaded", "downloading", "complete", "failed")
+#: The key of an upload refused for want of room in Messenger's refusals (status.relay.refusing).
+BLOB_AREA = b"blob area"
+
 # Codes shared with messaging (messenger.py; not imported from there: it imports this module).
 E_NOT_FOUND, E_NOT_READY, E_BLOCKED = 1020, 1024, 1025
 
@@ -368,10 +371,9 @@ class Attachments:
                         await client.blob_quota(min(row.blocks - done, BLOB_QUOTA_MAX))
                     except RelayError as exc:
                         if exc.code == E_FULL:  # the relay's blob area is full: tell the user
-                            from .messenger import REFUSING_FULL  # (a cycle at import time)
-
-                            self.m.relay_refusing = REFUSING_FULL
+                            self.m.refused_for_room(BLOB_AREA, True)
                         raise
+                    self.m.room_again(BLOB_AREA)
                     with _local(lambda: open(spool, "rb")) as f:
                         while done < row.blocks:
                             end = min(done + WINDOW, row.blocks)

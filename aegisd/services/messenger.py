@@ -72,7 +72,7 @@ from relay.wire import (
     ITEM_X25519,
 )
 
-from .attachments import Attachments
+from .attachments import BLOB_AREA, Attachments
 from .bundle_fetch import fetch_bundle
 from .mailbox import (
     ContactState,
@@ -261,8 +261,12 @@ class Messenger:
         self.link: RelayLink | None = None
         self._top_up_pending = False  # a prekey top-up is queued (first contacts coalesce)
         self.relay_reason: str | None = "no relay configured"
-        # Why the last deposit was refused for want of room (None once one went through).
-        self.relay_refusing: str | None = None
+        # Deposits refused for want of room, by destination (a contact's mailbox, or
+        # BLOB_AREA for an upload): status.relay.refusing. An entry goes once a deposit to
+        # its destination goes through, or nothing waits for it any more; a full relay (every
+        # destination) once any deposit goes through. Not "any deposit went through": cover
+        # and other contacts' messages would make a full mailbox's warning flicker.
+        self._refusals: dict[bytes, str] = {}
         self._outbox_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._owned: dict[bytes, tuple[MailboxRow, OwnedMailbox]] = {}
@@ -436,7 +440,22 @@ class Messenger:
             self._outbox_wake.set()
             self._spawn(self._after_connect())
 
-    # --- a copy of the profile restored elsewhere ------------------------------------------
+    @property
+    def relay_refusing(self) -> str | None:
+        """Why deposits are refused for now (status.relay.refusing), or None."""
+        reasons = set(self._refusals.values())
+        return REFUSING_FULL if REFUSING_FULL in reasons else next(iter(reasons), None)
+
+    def refused_for_room(self, destination: bytes, full: bool) -> None:
+        self._refusals[destination] = REFUSING_FULL if full else REFUSING_QUEUE
+
+    def room_again(self, destination: bytes) -> None:
+        """A deposit to ``destination`` went through: it has room, and the relay too."""
+        self._refusals.pop(destination, None)
+        for key in [k for k, why in self._refusals.items() if why == REFUSING_FULL]:
+            del self._refusals[key]
+
+        # --- a copy of the profile restored elsewhere ------------------------------------------
 
     def superseded(self) -> str | None:
         """Why this copy of the profile is out of use (restored on another device), or None."""
@@ -1278,6 +1297,10 @@ class Messenger:
                 continue
             if item.destination not in held and item.destination != PENDING_DESTINATION:
                 queues.setdefault(item.destination, []).append(item)
+        for key in [k for k in self._refusals if k != BLOB_AREA]:
+            if not store._q("SELECT 1 FROM outbox WHERE destination = ? LIMIT 1",
+                            (key,)).fetchone():  # fmt: skip
+                del self._refusals[key]  # nothing waits for it any more (removed, dropped)
         results = await asyncio.gather(
             *(self._deposit_in_order(store, items) for items in queues.values())
         )
@@ -1313,8 +1336,7 @@ class Messenger:
                     if exc.code == E_RATE_LIMITED:
                         wait = max(wait, 1.0)
                     if exc.code in (E_FULL, E_QUEUE_FULL):  # no room: tell the user (status)
-                        full = exc.code == E_FULL
-                        self.relay_refusing = REFUSING_FULL if full else REFUSING_QUEUE
+                        self.refused_for_room(item.destination, exc.code == E_FULL)
                         wait = max(wait, 5.0)
                     self._settle_first_contact(item.contact_id, "pending")
                     return self._retry_later(store, item, wait)
@@ -1324,7 +1346,7 @@ class Messenger:
                         store, item, min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
                     )
                 self._deposited(store, item)
-                self.relay_refusing = None
+                self.room_again(item.destination)
                 self._settle_first_contact(item.contact_id, "sent")
             return None
         finally:

@@ -213,3 +213,28 @@ def test_a_daemon_away_past_the_mailbox_ttl_makes_new_mailboxes(
     finally:
         alice.stop()
         bob.stop()
+
+
+def test_a_full_mailbox_warning_stays_while_other_deposits_go(
+        tmp_short: Path, small_queues: RelayProcess) -> None:
+    """Review item 8: status.relay.refusing about one contact's full mailbox stays while
+    messages to another contact (or cover) go through; it goes once that mailbox has room."""
+    url = f"ws://127.0.0.1:{small_queues.port}/v1/ws"
+    alice, bob = Peer(tmp_short / "alice", url, "alice"), Peer(tmp_short / "bob", url, "bob")
+    carol = Peer(tmp_short / "carol", url, "carol")
+    try:
+        connect(alice, bob)
+        connect(alice, carol)
+        bob.stop()  # away: his mailbox at the relay fills up
+        for i in range(5):
+            alice.call("messages.send", {"contact": "bob", "text": f"m{i}"})
+        alice.wait_for(lambda: alice.call("status")["relay"]["refusing"], "the refusal")
+        alice.call("messages.send", {"contact": "carol", "text": "to carol"})
+        carol.wait_for(lambda: "to carol" in _history(carol, "alice"), "carol's message")
+        assert alice.call("status")["relay"]["refusing"] == REFUSING_QUEUE
+        bob.start()
+        alice.wait_for(lambda: alice.call("status")["relay"]["refusing"] is None, "room again",
+                       timeout=120)
+    finally:
+        for p in (alice, bob, carol):
+            p.stop()
