@@ -515,7 +515,7 @@ class Attachments:
                         while done < row.blocks:
                             end = min(done + WINDOW, row.blocks)
                             got = await asyncio.gather(*(
-                                self._fetch(client, keys, box, i, row.blocks)
+                                self._fetch(client, keys, box, i, row.blocks, row.sent_at)
                                 for i in range(done, end)
                             ))  # fmt: skip
                             _local(functools.partial(_write_at, f, done, b"".join(got)))
@@ -583,7 +583,7 @@ class Attachments:
 
     @staticmethod
     async def _fetch(client: RelayClient, keys: FileKeys, box: PrivateKey, index: int,
-                     total: int) -> bytes:
+                     total: int, sent_at: int | None = None) -> bytes:
         denied = 0
         for attempt in range(FETCH_TRIES):
             try:
@@ -599,6 +599,14 @@ class Attachments:
             # denied (the relay lost it or its copy is corrupted: it cannot open it) or a
             # block that does not open: fetch again, a bounded number of times.
             await asyncio.sleep(0.1 * (attempt + 1))
+        if denied == FETCH_TRIES and sent_at is not None and (
+            _ms() - sent_at >= client.blob_ttl * 1000
+        ):
+            # Denied, and the file older than the relay keeps blobs (HELLO_OK): expired. The
+            # time the sender gives is only believed for this wording (its blocks were put
+            # after it). A file of one block, or one whose upload crossed an expiry hour (its
+            # blocks expire at different hours), is told apart this way.
+            raise _Gone()
         if denied == FETCH_TRIES and total > 1:
             # Denied: gone or damaged at the relay (it answers both alike). Expiry takes a
             # whole file at once, damage one block: another block of the file tells which.
