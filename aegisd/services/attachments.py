@@ -43,7 +43,7 @@ from aegisd.rpc import AppError, InvalidParamsError
 from aegisd.store import attachments as db
 from aegisd.store.attachments import AttachmentRow
 from aegisd.store.db import Contact
-from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
+from aegisd.transport.relaylink import FULL_BACKOFF, UNAVAILABLE, RelayUnavailable, with_relay
 from relay.client import RelayClient, RelayError
 from relay.wire import E_DENIED, E_EXISTS, E_FULL
 
@@ -389,9 +389,14 @@ class Attachments:
                             progress.update(done)
                 finally:
                     await client.close()
-            except (RelayUnavailable, RelayError, *UNAVAILABLE):
+            except (RelayUnavailable, RelayError, *UNAVAILABLE) as exc:
                 attempt += 1
-                await asyncio.sleep(min(RETRY_MAX, 0.5 * 2 ** min(attempt, 8)))
+                wait = min(RETRY_MAX, 0.5 * 2 ** min(attempt, 8))
+                if isinstance(exc, RelayError) and exc.code == E_FULL:
+                    # The blob area is full: each try solves the quota's proof again (2**25
+                    # hashes and up, ~30 s of CPU), so wait long (status says why meanwhile).
+                    wait = FULL_BACKOFF
+                await asyncio.sleep(wait)
             except _LocalIOError:
                 self._fail(row.id, "the encrypted copy of the file is missing or unreadable")
                 return

@@ -676,9 +676,21 @@ class Messenger:
         except RelayUnavailable:
             raise relay_unavailable() from None
 
+    async def _made_ahead(self, *, public: bool) -> OwnedMailbox | None:
+        """A mailbox made at the relay BEFORE the caller takes the lock: its CREATE's proof of
+        work takes seconds (2**22 hashes on a relay with default settings, docs/protocol.md
+        §20.2), and messages.send and every receive wait for the lock. None when a private one
+        can come from the pool (cover.py) instead."""
+        if not public and cover_slots.pool_rows(self.store):
+            return None
+        return await self._new_mailbox(public=public)
+
     async def _create_mailbox(
-        self, role: str, *, public: bool, contact_id: int | None = None, **extra: Any
+        self, role: str, *, public: bool, contact_id: int | None = None,
+        made: OwnedMailbox | None = None, **extra: Any,
     ) -> tuple[int, OwnedMailbox]:
+        """Store a mailbox of ours (``made`` ahead by _made_ahead, taken from the pool, or
+        made now); the caller holds the lock."""
         if role == "contact" and not public:
             # Made ahead, at a random time, and already receiving loop cover (cover.py): the
             # relay does not see a mailbox born the moment a contact is.
@@ -693,9 +705,11 @@ class Messenger:
                 row = self.store.get_mailbox(row_id)
                 assert row is not None
                 self._owned[mb.owner_id] = (row, mb)  # subscribed already, as a pool mailbox
+                if made is not None:  # made ahead for nothing: it goes to the pool (not lost)
+                    await self._to_pool(made)
                 self.cover.changed()  # the pool wants a new one
                 return row_id, mb
-        mb = await self._new_mailbox(public=public)
+        mb = made if made is not None else await self._new_mailbox(public=public)
         row_id = self.store.add_mailbox(role, mb.to_bytes(), contact_id=contact_id, **extra)
         row = self.store.get_mailbox(row_id)
         assert row is not None
@@ -706,8 +720,15 @@ class Messenger:
         return row_id, mb
 
     async def add_pool_mailbox(self) -> None:
-        """One more mailbox for the pool (cover.py calls this at random times)."""
+        """One more mailbox for the pool (cover.py calls this at random times, without the
+        lock: the CREATE's proof is solved first, then the lock is taken to store it)."""
         mb = await self._new_mailbox(public=False)
+        async with self.lock:
+            await self._to_pool(mb)
+
+    async def _to_pool(self, mb: OwnedMailbox) -> None:
+        if self.daemon.store is None:
+            return  # locked meanwhile: the relay expires it unused
         with self.store.transaction():
             cover_slots.pool_add(self.store, mb.to_bytes())
         self._reload_owned()
@@ -795,7 +816,14 @@ class Messenger:
             found = self._address_mailbox()
             if found is not None:
                 return found
-            row_id, mb = await self._create_mailbox("address", public=True)
+        made = await self._made_ahead(public=True)  # the proof: outside the lock
+        async with self.lock:
+            found = self._address_mailbox()
+            if found is not None:  # another call made one meanwhile: this one is not needed
+                if made is not None:
+                    self._spawn(self._delete_at_relay(made))
+                return found
+            row_id, mb = await self._create_mailbox("address", public=True, made=made)
             await self._publish_bundle(mb, fresh=True)
             row = self.store.get_mailbox(row_id)
             assert row is not None
@@ -881,8 +909,9 @@ class Messenger:
     async def address_link(self, rotate: bool = False) -> dict[str, Any]:
         if rotate:
             old = self._address_mailbox()
+            made = await self._made_ahead(public=True)  # the proof: outside the lock
             async with self.lock:
-                _, mb = await self._create_mailbox("address", public=True)
+                _, mb = await self._create_mailbox("address", public=True, made=made)
                 await self._publish_bundle(mb, fresh=True)
             if old is not None:
                 await self._retire_mailbox(old[0].id)
@@ -903,9 +932,11 @@ class Messenger:
         _, address = await self.ensure_address()
         invitation_id = self.entropy.random(16)
         expires = _now() + expires_in
+        made = await self._new_mailbox(public=False)  # the proof: outside the lock
         async with self.lock:
             _, mb = await self._create_mailbox(
-                "invitation", public=False, invitation_id=invitation_id, expires_at=expires
+                "invitation", public=False, invitation_id=invitation_id, expires_at=expires,
+                made=made,
             )
         link = self._link_for(wire.LINK_INVITATION, mb, address, invitation_id, expires)
         return {"invitation": invitation_id.hex(), "link": link, "expires_at": expires}
@@ -1010,8 +1041,9 @@ class Messenger:
             raise AppError(
                 E_BAD_LINK, "bad_link", "the keys the relay served do not match the link"
             ) from None
+        made = await self._made_ahead(public=False)  # the proof: outside the lock
         async with self.lock:
-            mb_id, mb = await self._create_mailbox("contact", public=False)
+            mb_id, mb = await self._create_mailbox("contact", public=False, made=made)
             hello = wire.HelloPayload(
                 reply_to=mb.address(),
                 display_name=str(self.store.get_setting(SETTING_NAME, "")),
@@ -1507,6 +1539,8 @@ class Messenger:
                     await self._finish_rotation(c, bytes.fromhex(pending["id"]))
 
     async def rotate_mailbox(self, name: str) -> dict[str, Any]:
+        self.contact(name)  # not_found before any relay call
+        made = await self._made_ahead(public=False)  # the proof: outside the lock
         async with self.lock:
             c = self.contact(name)
             blob = self.store.get_session(c.id)
@@ -1516,7 +1550,9 @@ class Messenger:
             pending = self.store.get_setting(f"{ROTATION_KEY}{c.id}")
             if pending is not None:  # a rotation is under way: keep its old mailbox
                 old = self.store.get_mailbox(int(pending["old"])) or old
-            new_id, new = await self._create_mailbox("contact", public=False, contact_id=c.id)
+            new_id, new = await self._create_mailbox(
+                "contact", public=False, contact_id=c.id, made=made
+            )
             rotation_id = self.entropy.random(wire.MESSAGE_ID_LEN)
             with self.store.transaction():
                 self.store.set_setting(

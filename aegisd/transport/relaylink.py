@@ -78,6 +78,12 @@ class RelayUnavailable(Exception):
     """There is no working connection to the relay at the moment."""
 
 
+#: Seconds before trying again what a relay refused as `full` (error 17): each try pays a
+#: proof of work again (a CREATE's 2**22 hashes, an upload's blob quota 2**25 and more), and a
+#: full relay rarely has room a minute later (issue 15 review item 5).
+FULL_BACKOFF = 600.0
+
+
 def backoff(attempt: int) -> float:
     """Exponential backoff with full jitter, so reconnecting clients do not move in step."""
     ceiling = min(BACKOFF_MAX, BACKOFF_FIRST * (2**attempt))

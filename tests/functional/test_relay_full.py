@@ -4,6 +4,7 @@ show in status (relay.refusing) until one goes through; messages wait in the out
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -239,3 +240,38 @@ def test_a_full_mailbox_warning_stays_while_other_deposits_go(
     finally:
         for p in (alice, bob, carol):
             p.stop()
+
+
+def test_a_create_proof_does_not_hold_up_sending(tmp_short: Path,
+                                                 relay_proc: RelayProcess) -> None:
+    """Review item 5: the proof of work of a CREATE (seconds at the default 22 bits, more on a
+    relay that asks more) is solved outside the messenger lock: messages.send and receiving go
+    on while invitations.create pays. Here the relay asks 2**28 hashes (minutes): the message
+    goes while the invitation is still being paid for."""
+    import threading
+
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    alice, bob = Peer(tmp_short / "alice", url, "alice"), Peer(tmp_short / "bob", url, "bob")
+    try:
+        connect(alice, bob)
+        alice.call("address.get")
+        relay_proc.terminate()  # the same port and data, a dear CREATE
+        relay_proc.options["--pow-create-bits"] = "28"
+        relay_proc.start()
+        alice.wait_connected()
+        bob.wait_connected()
+        paying = threading.Thread(target=_call_quietly, args=(alice, "invitations.create"),
+                                  daemon=True)
+        paying.start()
+        time.sleep(1)  # invitations.create is solving its proof now (a wait, not an assertion)
+        alice.call("messages.send", {"contact": "bob", "text": "while it pays"})
+        bob.wait_for(lambda: "while it pays" in _history(bob, "alice"), "the message")
+        assert paying.is_alive()  # the proof of 2**28 hashes is not done: it held nothing up
+    finally:
+        alice.stop()
+        bob.stop()
+
+
+def _call_quietly(peer: Peer, method: str) -> None:
+    with contextlib.suppress(Exception):  # the daemon stops before the proof is done
+        peer.call(method)
