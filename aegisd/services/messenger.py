@@ -1538,15 +1538,24 @@ class Messenger:
                 async with self.lock:
                     await self._finish_rotation(c, bytes.fromhex(pending["id"]))
 
+    def _rotatable(self, name: str) -> tuple[Contact, bytes, MailboxRow]:
+        c = self.contact(name)
+        blob = self.store.get_session(c.id)
+        old = self.store.mailbox_for_contact(c.id)
+        if blob is None or old is None or not ContactState.from_bytes(c.state).established:
+            raise AppError(E_NOT_READY, "not_ready", "this contact cannot be reached yet")
+        return c, blob, old
+
     async def rotate_mailbox(self, name: str) -> dict[str, Any]:
-        self.contact(name)  # not_found before any relay call
+        self._rotatable(name)  # its errors before any relay call
         made = await self._made_ahead(public=False)  # the proof: outside the lock
         async with self.lock:
-            c = self.contact(name)
-            blob = self.store.get_session(c.id)
-            old = self.store.mailbox_for_contact(c.id)
-            if blob is None or old is None or not ContactState.from_bytes(c.state).established:
-                raise AppError(E_NOT_READY, "not_ready", "this contact cannot be reached yet")
+            try:
+                c, blob, old = self._rotatable(name)
+            except AppError:
+                if made is not None:
+                    await self._to_pool(made)  # not lost: the next contact's mailbox
+                raise
             pending = self.store.get_setting(f"{ROTATION_KEY}{c.id}")
             if pending is not None:  # a rotation is under way: keep its old mailbox
                 old = self.store.get_mailbox(int(pending["old"])) or old
