@@ -455,7 +455,7 @@ class Messenger:
         for key in [k for k, why in self._refusals.items() if why == REFUSING_FULL]:
             del self._refusals[key]
 
-        # --- a copy of the profile restored elsewhere ------------------------------------------
+    # --- a copy of the profile restored elsewhere ------------------------------------------
 
     def superseded(self) -> str | None:
         """Why this copy of the profile is out of use (restored on another device), or None."""
@@ -550,7 +550,9 @@ class Messenger:
         try:
             await self.rotate_mailbox(c.name)
         except (*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
-            self._renewing.discard(contact_id)  # refused again on the next connection: retried
+            # Retried by the ordinary rotation on the next connection or hourly pass: a
+            # mailbox that expired is older than the rotation period (_rotate_due_mailboxes).
+            self._renewing.discard(contact_id)
 
     def address_renewed(self) -> str | None:
         """status.address_renewed: the address expired at the relay and was made anew, until
