@@ -2,9 +2,9 @@
 
 Tests run relays with cheap proofs (tests/relay/conftest.py FAST); production relays ask
 `pow_create_bits` = 22 for every CREATE. This starts a relay with relay/config.py's defaults and
-one daemon, and times `invitations.create` N times (the first also makes the address: two
-CREATEs), then prints each wall time and the mean. Bounded: N+1 proofs of 2**22 hashes
-(about half a minute to a minute for N = 5).
+one daemon, and times `invitations.create` N times (one CREATE each; the first may also wait
+for the address the daemon makes when it connects), then prints each wall time and the mean.
+Bounded: N+1 proofs of 2**22 hashes (about half a minute to a minute for N = 5).
 
     python -m bench.daemon_create [-n 5]
 """
@@ -45,7 +45,7 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
             print(f"relay defaults {defaults}")
             print("invitations.create (s): " + ", ".join(f"{t:.1f}" for t in times)
-                  + f"; first makes the address too; mean of the others "
+                  + f"; the first may wait for the address; mean of the others "
                   f"{statistics.mean(times[1:] or times):.1f} s")
         finally:
             if peer is not None:
