@@ -325,6 +325,7 @@ class Daemon:
             "contacts_failed": None if store is None else self.messenger.failed_contacts(),
             "superseded": self.messenger.superseded(),
             "relay_lost": None if store is None else self.messenger.relay_lost,
+            "address_renewed": self.messenger.address_renewed(),
             "relay_move": self.messenger.move_status(),
             "subscriptions": self.events.count(ctx.connection),
         }

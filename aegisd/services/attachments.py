@@ -43,7 +43,7 @@ from aegisd.rpc import AppError, InvalidParamsError
 from aegisd.store import attachments as db
 from aegisd.store.attachments import AttachmentRow
 from aegisd.store.db import Contact
-from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
+from aegisd.transport.relaylink import FULL_BACKOFF, UNAVAILABLE, RelayUnavailable, with_relay
 from relay.client import RelayClient, RelayError
 from relay.wire import E_DENIED, E_EXISTS, E_FULL
 
@@ -87,6 +87,9 @@ E_TARGET_EXISTS = 1033
 E_NOT_RETRYABLE = 1034
 
 STATES = ("uploading", "uploaded", "downloading", "complete", "failed")
+#: The key of an upload refused for want of room in Messenger's refusals (status.relay.refusing).
+BLOB_AREA = b"blob area"
+
 # Codes shared with messaging (messenger.py; not imported from there: it imports this module).
 E_NOT_FOUND, E_NOT_READY, E_BLOCKED = 1020, 1024, 1025
 
@@ -369,10 +372,9 @@ class Attachments:
                         await client.blob_quota(min(row.blocks - done, BLOB_QUOTA_MAX))
                     except RelayError as exc:
                         if exc.code == E_FULL:  # the relay's blob area is full: tell the user
-                            from .messenger import REFUSING_FULL  # (a cycle at import time)
-
-                            self.m.relay_refusing = REFUSING_FULL
+                            self.m.refused_for_room(BLOB_AREA, True)
                         raise
+                    self.m.room_again(BLOB_AREA)
                     with _local(lambda: open(spool, "rb")) as f:
                         while done < row.blocks:
                             end = min(done + WINDOW, row.blocks)
@@ -388,9 +390,14 @@ class Attachments:
                             progress.update(done)
                 finally:
                     await client.close()
-            except (RelayUnavailable, RelayError, *UNAVAILABLE):
+            except (RelayUnavailable, RelayError, *UNAVAILABLE) as exc:
                 attempt += 1
-                await asyncio.sleep(min(RETRY_MAX, 0.5 * 2 ** min(attempt, 8)))
+                wait = min(RETRY_MAX, 0.5 * 2 ** min(attempt, 8))
+                if isinstance(exc, RelayError) and exc.code == E_FULL:
+                    # The blob area is full: each try solves the quota's proof again (2**25
+                    # hashes and up, ~30 s of CPU), so wait long (status says why meanwhile).
+                    wait = FULL_BACKOFF
+                await asyncio.sleep(wait)
             except _LocalIOError:
                 self._fail(row.id, "the encrypted copy of the file is missing or unreadable")
                 return
@@ -514,7 +521,7 @@ class Attachments:
                         while done < row.blocks:
                             end = min(done + WINDOW, row.blocks)
                             got = await asyncio.gather(*(
-                                self._fetch(client, keys, box, i, row.blocks)
+                                self._fetch(client, keys, box, i, row.blocks, row.sent_at)
                                 for i in range(done, end)
                             ))  # fmt: skip
                             _local(functools.partial(_write_at, f, done, b"".join(got)))
@@ -582,7 +589,7 @@ class Attachments:
 
     @staticmethod
     async def _fetch(client: RelayClient, keys: FileKeys, box: PrivateKey, index: int,
-                     total: int) -> bytes:
+                     total: int, sent_at: int | None = None) -> bytes:
         denied = 0
         for attempt in range(FETCH_TRIES):
             try:
@@ -598,6 +605,14 @@ class Attachments:
             # denied (the relay lost it or its copy is corrupted: it cannot open it) or a
             # block that does not open: fetch again, a bounded number of times.
             await asyncio.sleep(0.1 * (attempt + 1))
+        if denied == FETCH_TRIES and sent_at is not None and (
+            _ms() - sent_at >= client.blob_ttl * 1000
+        ):
+            # Denied, and the file older than the relay keeps blobs (HELLO_OK): expired. The
+            # time the sender gives is only believed for this wording (its blocks were put
+            # after it). A file of one block, or one whose upload crossed an expiry hour (its
+            # blocks expire at different hours), is told apart this way.
+            raise _Gone()
         if denied == FETCH_TRIES and total > 1:
             # Denied: gone or damaged at the relay (it answers both alike). Expiry takes a
             # whole file at once, damage one block: another block of the file tells which.

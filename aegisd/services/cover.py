@@ -45,7 +45,9 @@ from aegisd.core import wire
 from aegisd.core.session import Session
 from aegisd.netmode import is_local
 from aegisd.relayurl import SETTING_URL
+from aegisd.rpc import AppError
 from aegisd.store import cover as slots
+from aegisd.transport.relaylink import FULL_BACKOFF
 
 from .mailbox import ContactState
 
@@ -72,6 +74,7 @@ LOOP_NONCE = 16
 LOOP_TAG = 16
 RESCAN = 30.0
 POOL_SIZE = 2
+E_RELAY_FULL = 1014  # messenger.E_RELAY_FULL (messenger imports this module)
 #: Mean wait before making a pool mailbox, as a multiple of the level's interval (default
 #: level: 30 minutes), so that creations are spread in time and not tied to contacts.
 POOL_WAIT = 1.5
@@ -323,10 +326,13 @@ class Cover:
             if not m.daemon.relay_connected:
                 continue
             try:
-                async with m.lock:
-                    await m.add_pool_mailbox()
+                await m.add_pool_mailbox()  # the proof outside the lock; the lock to store it
             except Exception as exc:  # relay away (AppError) or worse: try at the next wait
                 log.info("no pool mailbox this time: %s", type(exc).__name__)
+                if isinstance(exc, AppError) and exc.code == E_RELAY_FULL:
+                    # Full: each try solves the CREATE's proof again (seconds of CPU), and
+                    # a full relay rarely has room minutes later: wait long before the next.
+                    await asyncio.sleep(FULL_BACKOFF)
                 continue
             self.changed()
 

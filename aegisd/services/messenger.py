@@ -74,7 +74,7 @@ from relay.wire import (
     ITEM_X25519,
 )
 
-from .attachments import Attachments
+from .attachments import BLOB_AREA, Attachments
 from .bundle_fetch import fetch_bundle
 from .mailbox import (
     ContactState,
@@ -159,6 +159,20 @@ RELAY_LOST_TEXT = (
     "the relay no longer has this profile's address mailbox (it may have lost its data): "
     "aegis relay set URL (the same URL) makes new mailboxes there; contacts that cannot "
     "reach you need a new invitation"
+)
+#: When the profile's relay last held our subscriptions (ms; written on connect, hourly while
+#: connected, when the connection ends and at lock): how long this copy was away. The relay
+#: deletes a mailbox nobody used for its mailbox_ttl (HELLO_OK, relay-protocol.md §4), so a
+#: mailbox refused after an absence that long expired: _on_refused then makes new ones instead
+#: of taking the refusal for a copy restored elsewhere.
+SETTING_LAST_REACHED = "relay.last_reached"
+#: The relay's mailbox_ttl when its HELLO_OK does not say (its default: 90 days).
+DEFAULT_MAILBOX_TTL = 90 * 24 * 3600
+SETTING_ADDRESS_RENEWED = "address.renewed"  # {"at": ms}: until address.get / address.rotate
+ADDRESS_RENEWED_TEXT = (
+    "this profile was away from its relay longer than the relay keeps unused mailboxes: its "
+    "contact address expired there and a new one was made (aegis address shows it; the old "
+    "link and outstanding invitations no longer work). Contacts were given new mailboxes"
 )
 SETTING_MOVE = "relay.move"  # {"from": url, "at": ms}: contacts' mailboxes moving (relay.set)
 #: A contact that has not confirmed its new mailbox this long after a relay move (the relay's
@@ -263,8 +277,12 @@ class Messenger:
         self.link: RelayLink | None = None
         self._top_up_pending = False  # a prekey top-up is queued (first contacts coalesce)
         self.relay_reason: str | None = "no relay configured"
-        # Why the last deposit was refused for want of room (None once one went through).
-        self.relay_refusing: str | None = None
+        # Deposits refused for want of room, by destination (a contact's mailbox, or
+        # BLOB_AREA for an upload): status.relay.refusing. An entry goes once a deposit to
+        # its destination goes through, or nothing waits for it any more; a full relay (every
+        # destination) once any deposit goes through. Not "any deposit went through": cover
+        # and other contacts' messages would make a full mailbox's warning flicker.
+        self._refusals: dict[bytes, str] = {}
         self._outbox_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._owned: dict[bytes, tuple[MailboxRow, OwnedMailbox]] = {}
@@ -276,6 +294,10 @@ class Messenger:
         # says when that is not enough to mark the profile superseded.
         self._denied: set[str] = set()
         self.relay_lost: str | None = None
+        # SETTING_LAST_REACHED as it was before the current connection (how long we were
+        # away), and the contacts given a new mailbox for an expired one on this connection.
+        self._reached_before: int | None = None
+        self._renewing: set[int] = set()
         self._moving = asyncio.Lock()  # one continue_move at a time
         self._acked_rotations: list[tuple[Contact, bytes]] = []
         # contacts.add waiting for its first contact's deposit: contact id -> outcome
@@ -308,6 +330,8 @@ class Messenger:
             log.info("new identity created")
         else:
             self.prekeys = PrekeyStore.from_bytes(state)
+        reached = store.get_setting(SETTING_LAST_REACHED)
+        self._reached_before = int(reached) if reached is not None else None
         self._reload_owned()
         self._start_link()
         self._tasks = [
@@ -379,6 +403,8 @@ class Messenger:
         self._start_link()
 
     async def on_lock(self, store: Store) -> None:
+        if self.daemon.relay_connected:
+            store.set_setting(SETTING_LAST_REACHED, _ms())  # connected until now
         await self.cover.stop()
         await self.attachments.on_lock()
         for task in self._tasks:
@@ -414,6 +440,12 @@ class Messenger:
         first_failure = not up and self.relay_reason == "connecting"
         self.daemon.relay_connected = up
         self.relay_reason = reason
+        if self.daemon.store is not None and (up or was):
+            # Connected now, or until now: the relay saw our subscriptions (they count as use).
+            now = _ms()
+            self.daemon.store.set_setting(SETTING_LAST_REACHED, now)
+            if not up:
+                self._reached_before, self._renewing = now, set()
         if not up:
             self._denied.clear()  # the evidence of one connection (_on_refused)
         if (up != was or first_failure) and self.daemon.store is not None:
@@ -423,6 +455,21 @@ class Messenger:
                 self.daemon.store.retry_failed_now()  # they failed because of the outage
             self._outbox_wake.set()
             self._spawn(self._after_connect())
+
+    @property
+    def relay_refusing(self) -> str | None:
+        """Why deposits are refused for now (status.relay.refusing), or None."""
+        reasons = set(self._refusals.values())
+        return REFUSING_FULL if REFUSING_FULL in reasons else next(iter(reasons), None)
+
+    def refused_for_room(self, destination: bytes, full: bool) -> None:
+        self._refusals[destination] = REFUSING_FULL if full else REFUSING_QUEUE
+
+    def room_again(self, destination: bytes) -> None:
+        """A deposit to ``destination`` went through: it has room, and the relay too."""
+        self._refusals.pop(destination, None)
+        for key in [k for k, why in self._refusals.items() if why == REFUSING_FULL]:
+            del self._refusals[key]
 
     # --- a copy of the profile restored elsewhere ------------------------------------------
 
@@ -457,6 +504,9 @@ class Messenger:
             self._reload_owned()
             self.cover.changed()
             return True
+        if row.role in ("address", "contact", "invitation") and self._away_past_mailbox_ttl():
+            self._expired(row, entry[1])
+            return True
         if row.role == "address":
             self._denied.add("address")
         elif row.role == "contact" and row.contact_id is not None:
@@ -468,6 +518,65 @@ class Messenger:
             return False
         self._verdict()
         return True
+
+    def _away_past_mailbox_ttl(self) -> bool:
+        """Whether this copy was away from its relay long enough for its mailboxes to expire
+        there. The relay stores a mailbox's last use rounded down to its granularity (a month
+        of the 90 days by default), which HELLO_OK does not carry: half the TTL covers any
+        granularity up to half of it. A copy restored elsewhere while this one was away that
+        long is taken for expiry too: then this copy makes new mailboxes its contacts ignore."""
+        before = self._reached_before
+        if before is None:
+            return False  # never reached (or a profile from before this setting): no evidence
+        ttl = self.link.mailbox_ttl if self.link is not None else None
+        return _ms() - before >= (ttl or DEFAULT_MAILBOX_TTL) * 1000 // 2
+
+    def _expired(self, row: MailboxRow, mb: OwnedMailbox) -> None:
+        """A mailbox of ours expired at the relay while we were away (_on_refused): the
+        address is made anew (with its invitations, which point at its bundle, gone: status
+        and an event say the link changed); a contact is given a new mailbox through the
+        ratchet (the ordinary rotation: its own mailbox is most likely still there)."""
+        self._owned.pop(mb.owner_id, None)
+        if row.role == "address":
+            with self.store.transaction():
+                for r in [row, *self.store.list_mailboxes("invitation")]:
+                    self.store.delete_mailbox(r.id)
+                    self._owned.pop(OwnedMailbox.from_bytes(r.descriptor).owner_id, None)
+                self.store.set_setting(SETTING_ADDRESS_RENEWED, {"at": _ms()})
+                self.daemon.events.emit("address.renewed", {"reason": ADDRESS_RENEWED_TEXT})
+            log.warning("the relay expired this profile's address while it was away: a new "
+                        "address is made (aegis address)")  # fmt: skip
+            self._spawn(self._renew_address())
+        elif row.role == "invitation":
+            self.store.delete_mailbox(row.id)
+        elif row.contact_id is not None and row.contact_id not in self._renewing:
+            c = self.store.get_contact(row.contact_id)
+            if c is not None and not c.blocked and ContactState.from_bytes(c.state).established:
+                self._renewing.add(c.id)
+                self._spawn(self._renew_contact_mailbox(c.id))
+
+    async def _renew_address(self) -> None:
+        with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
+            await self.ensure_address()  # else the next connection makes it (_after_connect)
+
+    async def _renew_contact_mailbox(self, contact_id: int) -> None:
+        c = self.store.get_contact(contact_id) if self.daemon.store is not None else None
+        if c is None:
+            return
+        try:
+            await self.rotate_mailbox(c.name)
+        except (*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
+            # Retried by the ordinary rotation on the next connection or hourly pass: a
+            # mailbox that expired is older than the rotation period (_rotate_due_mailboxes).
+            self._renewing.discard(contact_id)
+
+    def address_renewed(self) -> str | None:
+        """status.address_renewed: the address expired at the relay and was made anew, until
+        the user asks for the new one (address.get, address.rotate)."""
+        store = self.daemon.store
+        if store is not None and store.get_setting(SETTING_ADDRESS_RENEWED):
+            return ADDRESS_RENEWED_TEXT
+        return None
 
     def _verdict(self) -> None:
         """Mark the profile superseded on strong evidence (above); on the address alone, say in
@@ -592,9 +701,21 @@ class Messenger:
         except RelayUnavailable:
             raise relay_unavailable() from None
 
+    async def _made_ahead(self, *, public: bool) -> OwnedMailbox | None:
+        """A mailbox made at the relay BEFORE the caller takes the lock: its CREATE's proof of
+        work takes seconds (2**22 hashes on a relay with default settings, docs/protocol.md
+        §20.2), and messages.send and every receive wait for the lock. None when a private one
+        can come from the pool (cover.py) instead."""
+        if not public and cover_slots.pool_rows(self.store):
+            return None
+        return await self._new_mailbox(public=public)
+
     async def _create_mailbox(
-        self, role: str, *, public: bool, contact_id: int | None = None, **extra: Any
+        self, role: str, *, public: bool, contact_id: int | None = None,
+        made: OwnedMailbox | None = None, **extra: Any,
     ) -> tuple[int, OwnedMailbox]:
+        """Store a mailbox of ours (``made`` ahead by _made_ahead, taken from the pool, or
+        made now); the caller holds the lock."""
         if role == "contact" and not public:
             # Made ahead, at a random time, and already receiving loop cover (cover.py): the
             # relay does not see a mailbox born the moment a contact is.
@@ -609,9 +730,11 @@ class Messenger:
                 row = self.store.get_mailbox(row_id)
                 assert row is not None
                 self._owned[mb.owner_id] = (row, mb)  # subscribed already, as a pool mailbox
+                if made is not None:  # made ahead for nothing: it goes to the pool (not lost)
+                    await self._to_pool(made)
                 self.cover.changed()  # the pool wants a new one
                 return row_id, mb
-        mb = await self._new_mailbox(public=public)
+        mb = made if made is not None else await self._new_mailbox(public=public)
         row_id = self.store.add_mailbox(role, mb.to_bytes(), contact_id=contact_id, **extra)
         row = self.store.get_mailbox(row_id)
         assert row is not None
@@ -633,8 +756,15 @@ class Messenger:
             pass  # the next connection subscribes it
 
     async def add_pool_mailbox(self) -> None:
-        """One more mailbox for the pool (cover.py calls this at random times)."""
+        """One more mailbox for the pool (cover.py calls this at random times, without the
+        lock: the CREATE's proof is solved first, then the lock is taken to store it)."""
         mb = await self._new_mailbox(public=False)
+        async with self.lock:
+            await self._to_pool(mb)
+
+    async def _to_pool(self, mb: OwnedMailbox) -> None:
+        if self.daemon.store is None:
+            return  # locked meanwhile: the relay expires it unused
         with self.store.transaction():
             cover_slots.pool_add(self.store, mb.to_bytes())
         self._reload_owned()
@@ -735,7 +865,14 @@ class Messenger:
             found = self._address_mailbox()
             if found is not None:
                 return found
-            row_id, mb = await self._create_mailbox("address", public=True)
+        made = await self._made_ahead(public=True)  # the proof: outside the lock
+        async with self.lock:
+            found = self._address_mailbox()
+            if found is not None:  # another call made one meanwhile: this one is not needed
+                if made is not None:
+                    self._spawn(self._delete_at_relay(made))
+                return found
+            row_id, mb = await self._create_mailbox("address", public=True, made=made)
             await self._publish_bundle(mb, fresh=True)
             row = self.store.get_mailbox(row_id)
             assert row is not None
@@ -824,8 +961,9 @@ class Messenger:
     async def address_link(self, rotate: bool = False) -> dict[str, Any]:
         if rotate:
             old = self._address_mailbox()
+            made = await self._made_ahead(public=True)  # the proof: outside the lock
             async with self.lock:
-                _, mb = await self._create_mailbox("address", public=True)
+                _, mb = await self._create_mailbox("address", public=True, made=made)
                 await self._publish_bundle(mb, fresh=True)
             if old is not None:
                 await self._retire_mailbox(old[0].id)
@@ -835,6 +973,7 @@ class Messenger:
                         await self._retire_mailbox(r.id)
             self.daemon.events.emit("address.rotated", {})
         _, mb = await self.ensure_address()
+        self.store.set_setting(SETTING_ADDRESS_RENEWED, None)  # the user has the new link now
         return {"link": self._link_for(wire.LINK_ADDRESS, mb, mb, b"", 0)}
 
     async def create_invitation(self, expires_in: int) -> dict[str, Any]:
@@ -845,9 +984,11 @@ class Messenger:
         _, address = await self.ensure_address()
         invitation_id = self.entropy.random(16)
         expires = _now() + expires_in
+        made = await self._new_mailbox(public=False)  # the proof: outside the lock
         async with self.lock:
             _, mb = await self._create_mailbox(
-                "invitation", public=False, invitation_id=invitation_id, expires_at=expires
+                "invitation", public=False, invitation_id=invitation_id, expires_at=expires,
+                made=made,
             )
         link = self._link_for(wire.LINK_INVITATION, mb, address, invitation_id, expires)
         return {"invitation": invitation_id.hex(), "link": link, "expires_at": expires}
@@ -956,8 +1097,9 @@ class Messenger:
             raise AppError(
                 E_BAD_LINK, "bad_link", "the keys the relay served do not match the link"
             ) from None
+        made = await self._made_ahead(public=False)  # the proof: outside the lock
         async with self.lock:
-            mb_id, mb = await self._create_mailbox("contact", public=False)
+            mb_id, mb = await self._create_mailbox("contact", public=False, made=made)
             hello = wire.HelloPayload(
                 reply_to=mb.address(),
                 display_name=str(self.store.get_setting(SETTING_NAME, "")),
@@ -1247,6 +1389,10 @@ class Messenger:
                 continue
             if item.destination not in held and item.destination != PENDING_DESTINATION:
                 queues.setdefault(item.destination, []).append(item)
+        for key in [k for k in self._refusals if k != BLOB_AREA]:
+            if not store._q("SELECT 1 FROM outbox WHERE destination = ? LIMIT 1",
+                            (key,)).fetchone():  # fmt: skip
+                del self._refusals[key]  # nothing waits for it any more (removed, dropped)
         results = await asyncio.gather(
             *(self._deposit_in_order(store, items) for items in queues.values())
         )
@@ -1282,8 +1428,7 @@ class Messenger:
                     if exc.code == E_RATE_LIMITED:
                         wait = max(wait, 1.0)
                     if exc.code in (E_FULL, E_QUEUE_FULL):  # no room: tell the user (status)
-                        full = exc.code == E_FULL
-                        self.relay_refusing = REFUSING_FULL if full else REFUSING_QUEUE
+                        self.refused_for_room(item.destination, exc.code == E_FULL)
                         wait = max(wait, 5.0)
                     self._settle_first_contact(item.contact_id, "pending")
                     return self._retry_later(store, item, wait)
@@ -1296,7 +1441,7 @@ class Messenger:
                         store, item, min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
                     )
                 self._deposited(store, item)
-                self.relay_refusing = None
+                self.room_again(item.destination)
                 self._settle_first_contact(item.contact_id, "sent")
             return None
         finally:
@@ -1457,6 +1602,8 @@ class Messenger:
             if self.daemon.store is not None:
                 self.store.delete_stale_fragments(_ms() - STALE_FRAGMENTS_MS)
                 self._prune_events()
+                if self.daemon.relay_connected:
+                    self.store.set_setting(SETTING_LAST_REACHED, _ms())
             with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
                 await self._replenish_prekeys()
                 await self._expire_invitations()
@@ -1497,17 +1644,30 @@ class Messenger:
                 async with self.lock:
                     await self._finish_rotation(c, bytes.fromhex(pending["id"]))
 
+    def _rotatable(self, name: str) -> tuple[Contact, bytes, MailboxRow]:
+        c = self.contact(name)
+        blob = self.store.get_session(c.id)
+        old = self.store.mailbox_for_contact(c.id)
+        if blob is None or old is None or not ContactState.from_bytes(c.state).established:
+            raise AppError(E_NOT_READY, "not_ready", "this contact cannot be reached yet")
+        return c, blob, old
+
     async def rotate_mailbox(self, name: str) -> dict[str, Any]:
+        self._rotatable(name)  # its errors before any relay call
+        made = await self._made_ahead(public=False)  # the proof: outside the lock
         async with self.lock:
-            c = self.contact(name)
-            blob = self.store.get_session(c.id)
-            old = self.store.mailbox_for_contact(c.id)
-            if blob is None or old is None or not ContactState.from_bytes(c.state).established:
-                raise AppError(E_NOT_READY, "not_ready", "this contact cannot be reached yet")
+            try:
+                c, blob, old = self._rotatable(name)
+            except AppError:
+                if made is not None:
+                    await self._to_pool(made)  # not lost: the next contact's mailbox
+                raise
             pending = self.store.get_setting(f"{ROTATION_KEY}{c.id}")
             if pending is not None:  # a rotation is under way: keep its old mailbox
                 old = self.store.get_mailbox(int(pending["old"])) or old
-            new_id, new = await self._create_mailbox("contact", public=False, contact_id=c.id)
+            new_id, new = await self._create_mailbox(
+                "contact", public=False, contact_id=c.id, made=made
+            )
             rotation_id = self.entropy.random(wire.MESSAGE_ID_LEN)
             with self.store.transaction():
                 self.store.set_setting(
@@ -1856,6 +2016,9 @@ class Messenger:
                 )
             state.send_to = payload.mailbox
             self.store.update_contact(c.id, state=state.to_bytes())
+            # The acknowledgement goes to the new mailbox: the old one may be gone already (it
+            # expired while the contact was away, _expired), and the new one is subscribed.
+            c = self.store.get_contact(c.id) or c
             self._enqueue(
                 c, session, wire.MailboxAckPayload(payload.rotation_id), delay=self._receipt_delay()
             )

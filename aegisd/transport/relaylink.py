@@ -84,6 +84,12 @@ class RelayRefused(RelayUnavailable):
     stored before the policy, or by an older version, is held to it here)."""
 
 
+#: Seconds before trying again what a relay refused as `full` (error 17): each try pays a
+#: proof of work again (a CREATE's 2**22 hashes, an upload's blob quota 2**25 and more), and a
+#: full relay rarely has room a minute later (issue 15 review item 5).
+FULL_BACKOFF = 600.0
+
+
 def backoff(attempt: int) -> float:
     """Exponential backoff with full jitter, so reconnecting clients do not move in step."""
     ceiling = min(BACKOFF_MAX, BACKOFF_FIRST * (2**attempt))
@@ -137,6 +143,8 @@ class RelayLink:
         self._up = False
         self._dialing = asyncio.Semaphore(DIAL_CONCURRENCY)
         self.hello_ttl: int | None = None
+        #: The relay's mailbox_ttl (HELLO_OK; None from a relay that does not say it).
+        self.mailbox_ttl: int | None = None
         self._logged: str | None = None  # the failure last written to the log
         self._logged_up = False  # the log's last word on this link: connected
         #: Mailboxes another connection took (the relay sent END: a copy of this profile
@@ -242,6 +250,8 @@ class RelayLink:
             raise RelayUnavailable()
         if client.hello is not None:
             self.hello_ttl = int(client.hello.message_ttl)
+            ttl = getattr(client.hello, "mailbox_ttl", None)
+            self.mailbox_ttl = int(ttl) if ttl else None
         return client
 
     async def _dial_or_unavailable(self) -> RelayClient:
