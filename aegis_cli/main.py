@@ -483,6 +483,8 @@ def status(ctx: Ctx) -> None:
         f"relay: {relay_text(st)}{net_text}"
         + (f"\nWARNING: {st['superseded']}" if st.get("superseded") else "")
         + (f"\nWARNING: {st['relay_lost']}" if st.get("relay_lost") else "")
+        + (f"\nNOTE: {st['address_renewed']} (aegis address shows the new link)"
+           if st.get("address_renewed") else "")
         + (f"\nWARNING: {(st.get('relay') or {})['refusing']}"
            if (st.get("relay") or {}).get("refusing") else "")
         + (f"\ncontacts failed: {', '.join(map(one_line, st['contacts_failed']))}"

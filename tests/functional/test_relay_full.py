@@ -5,6 +5,8 @@ show in status (relay.refusing) until one goes through; messages wait in the out
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,6 +165,13 @@ def expiring_mailboxes(tmp_short: Path) -> Iterator[RelayProcess]:
                       sweep_interval="0.2")
 
 
+def cli(peer: Peer, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aegis_cli.main", *args, "--home", str(peer.home)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
 def _history(peer: Peer, contact: str) -> list[str]:
     return [m["text"] for m in peer.call("messages.history", {"contact": contact})["messages"]]
 
@@ -198,6 +207,8 @@ def test_a_daemon_away_past_the_mailbox_ttl_makes_new_mailboxes(
         assert "expired" in alice.wait_for(
             lambda: alice.call("status")["address_renewed"], "the new address", timeout=60)
         assert alice.call("status")["superseded"] is None
+        shown = cli(alice, "status").stdout
+        assert "NOTE:" in shown and "aegis address" in shown and "WARNING" not in shown
         assert alice.call("address.get")["link"] != old_link
         assert alice.call("status")["address_renewed"] is None  # the user has the new link
         assert [e for e in alice.events() if e["type"] == "address.renewed"]
