@@ -84,6 +84,7 @@ WORDS = {
     "isolation": "--isolation",
     "bridges": "--bridge",
     "tor_path": "--tor-path",
+    "trusted_relays": "--trust-relay",
     "level": "--level",
     "insecure_plaintext": "--insecure-plaintext-relay",
     "reveal_ip": "--reveal-ip",

@@ -8,6 +8,7 @@ One layout for these settings (docs/api.md "network.set", "relay.set"):
     aegis network                   the mode, the proxy, isolation, bridges and Tor's state
     aegis network --mode tor|proxy|direct [--proxy URL] [--isolation on|off]
                   [--bridge LINE ...] [--no-bridges] [--tor-path PATH]
+                  [--trust-relay URL ...] [--no-trusted-relays]
     aegis privacy [--level off|default|strong] [--send-jitter-max SECONDS]
                   [--read-receipts on|off] [--receipt-delay-max SECONDS]
 
@@ -66,6 +67,9 @@ def network_text(r: dict[str, Any]) -> str:
         lines.append(f"tor program: {r.get('tor_path') or 'searched on PATH'}")
         bridges = r.get("bridges") or []
         lines.append(f"bridges: {len(bridges)}" if bridges else "bridges: none")
+    trusted = r.get("trusted_relays") or []
+    if trusted:
+        lines.append("trusted relays (contacts may use them as yours): " + ", ".join(trusted))
     return "\n".join(lines)
 
 
@@ -103,6 +107,16 @@ def register(main: ModuleType) -> None:
     )
     @click.option("--no-bridges", is_flag=True, help="Stop using bridges.")
     @click.option("--tor-path", metavar="PATH", help="The tor program ('' to search PATH).")
+    @click.option(
+        "--trust-relay",
+        "trusted",
+        multiple=True,
+        metavar="URL",
+        help="A relay you trust as your own for what contacts send (e.g. one on your network: "
+        "contacts' relays may otherwise not be local, or plain ws://); repeat for several. "
+        "Replaces the list set before.",
+    )
+    @click.option("--no-trusted-relays", is_flag=True, help="Trust no relay but your own.")
     def network(
         ctx: Ctx,
         mode: str | None,
@@ -111,10 +125,14 @@ def register(main: ModuleType) -> None:
         bridges: tuple[str, ...],
         no_bridges: bool,
         tor_path: str | None,
+        trusted: tuple[str, ...],
+        no_trusted_relays: bool,
     ) -> None:
         """Show or change how the daemon reaches relays (Tor, a proxy, or directly)."""
         if bridges and no_bridges:
             raise Fail("--bridge and --no-bridges exclude each other", 2)
+        if trusted and no_trusted_relays:
+            raise Fail("--trust-relay and --no-trusted-relays exclude each other", 2)
         params: dict[str, Any] = {}
         if mode is not None:
             params["mode"] = mode
@@ -124,6 +142,8 @@ def register(main: ModuleType) -> None:
             params["isolation"] = isolation == "on"
         if bridges or no_bridges:
             params["bridges"] = list(bridges)
+        if trusted or no_trusted_relays:
+            params["trusted_relays"] = list(trusted)
         if tor_path is not None:  # made absolute here: the daemon may run elsewhere
             params["tor_path"] = os.path.abspath(os.path.expanduser(tor_path)) if tor_path else ""
         result = ctx.call("network.set", params) if params else ctx.call("network.get")

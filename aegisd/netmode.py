@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import Any
 from urllib.parse import urlsplit
 
 from aegisd.relayurl import is_loopback, is_onion
@@ -17,6 +18,10 @@ SETTING_PROXY = "network.proxy"
 SETTING_ISOLATION = "network.isolation"
 SETTING_BRIDGES = "network.bridges"
 SETTING_TOR_PATH = "network.tor_path"
+# Relays the user trusts as its own for what contacts send: their URLs pass the policy for relay
+# URLs chosen by others (relayurl.check_peer_relay_url) as the user's own relay does.
+SETTING_TRUSTED_RELAYS = "network.trusted_relays"
+MAX_TRUSTED_RELAYS = 8
 MODES = ("tor", "proxy", "direct")
 
 
@@ -120,3 +125,10 @@ def tor_missing_message() -> str:
         f"no tor program found: {INSTALL_HINT}; or choose --direct knowingly (the relay then "
         "sees your IP address on every connection, and with it when you write and read)"
     )
+
+def own_extra(store: Any) -> tuple[str, ...]:
+    """Relays that count as the user's own beside its relay: the old one of a move under way
+    and those the user trusts (network.trusted_relays)."""
+    move = (store.get_setting("relay.move") or {}).get("from")
+    trusted = store.get_setting(SETTING_TRUSTED_RELAYS) or []
+    return tuple(str(u) for u in [move, *trusted] if u)

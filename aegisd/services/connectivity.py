@@ -17,17 +17,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aegisd.netmode import (
+    MAX_TRUSTED_RELAYS,
     MODES,
     SETTING_BRIDGES,
     SETTING_ISOLATION,
     SETTING_MODE,
     SETTING_PROXY,
     SETTING_TOR_PATH,
+    SETTING_TRUSTED_RELAYS,
     NeedsTor,
     check_mode_for_relay,
     effective_mode,
     find_obfs4,
     find_tor,
+    own_extra,
     tor_missing_message,
 )
 from aegisd.relayurl import (
@@ -35,6 +38,7 @@ from aegisd.relayurl import (
     SETTING_URL,
     RelayUrlError,
     check_chosen_relay_url,
+    check_relay_url,
     endpoint_key,
     same_relay,
 )
@@ -100,9 +104,9 @@ class Connectivity:
             store.get_setting(SETTING_MODE),
             store.get_setting(SETTING_URL),
             self.tor,
-            # The old relay of a move under way is the user's own too (still drained).
-            also_own=tuple(str(u) for u in [(store.get_setting("relay.move") or {}).get("from")]
-                           if u),
+            # The old relay of a move under way is the user's own too (still drained), and so
+            # are the relays the user trusts (network.trusted_relays).
+            also_own=own_extra(store),
         )
 
     def _wanted_tor(self) -> TorConfig | None:
@@ -192,6 +196,7 @@ class Connectivity:
             "isolation": net.isolation,
             "bridges": list(store.get_setting(SETTING_BRIDGES) or []),
             "tor_path": store.get_setting(SETTING_TOR_PATH),
+            "trusted_relays": list(store.get_setting(SETTING_TRUSTED_RELAYS) or []),
             "tor": self.tor.status.to_json() if self.tor is not None else None,
         }
 
@@ -212,8 +217,22 @@ def register(registry: Registry, conn: Connectivity) -> None:
         isolation: bool | None = None,
         bridges: list[str] | None = None,
         tor_path: str | None = None,
+        trusted_relays: list[str] | None = None,
     ) -> dict[str, Any]:
         store = conn._store()
+        if trusted_relays is not None:
+            if (not isinstance(trusted_relays, list)
+                    or len(trusted_relays) > MAX_TRUSTED_RELAYS):
+                raise InvalidParamsError(
+                    "trusted_relays", f"must be a list of at most {MAX_TRUSTED_RELAYS} relay URLs")
+            trusted = []
+            for i, u in enumerate(trusted_relays):
+                try:
+                    trusted.append(check_relay_url(str(u), insecure_plaintext=True))
+                except RelayUrlError as exc:
+                    raise InvalidParamsError("trusted_relays", f"item {i}: {exc}",
+                                             index=i) from None
+            trusted_relays = trusted
         if mode is not None and mode not in MODES:
             raise InvalidParamsError("mode", "must be tor, proxy or direct")
         if isolation is not None and not isinstance(isolation, bool):
@@ -268,6 +287,8 @@ def register(registry: Registry, conn: Connectivity) -> None:
                 store.set_setting(SETTING_BRIDGES, bridges or None)
             if tor_path is not None:
                 store.set_setting(SETTING_TOR_PATH, tor_path or None)
+            if trusted_relays is not None:
+                store.set_setting(SETTING_TRUSTED_RELAYS, trusted_relays or None)
         log.info("network settings changed (mode %s)", new_mode)
         await conn.reconfigure()
         return conn.settings_json()

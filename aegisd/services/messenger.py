@@ -39,7 +39,7 @@ from aegisd.core.identity import (
 from aegisd.core.prekeys import PrekeyStore
 from aegisd.core.primitives import SystemEntropy
 from aegisd.core.session import Session, accept_first_contact, initiate_session
-from aegisd.netmode import Unreachable
+from aegisd.netmode import Unreachable, own_extra
 from aegisd.relayurl import (
     SETTING_INSECURE,
     SETTING_URL,
@@ -679,8 +679,8 @@ class Messenger:
     def _own_urls(self) -> list[str]:
         """The user's own relays: the relay, and the old one of a move under way (as
         Network.own_hosts: connectivity.network)."""
-        move = self.store.get_setting(SETTING_MOVE) or {}
-        return [str(u) for u in (self.store.get_setting(SETTING_URL), move.get("from")) if u]
+        url = self.store.get_setting(SETTING_URL)
+        return [str(u) for u in (url, *own_extra(self.store)) if u]
 
     def _relay_url(self) -> str:
         url = self.store.get_setting(SETTING_URL)

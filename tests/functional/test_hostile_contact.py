@@ -11,6 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from aegis_cli.client import RpcCallError
 from aegisd.core import wire
 from aegisd.store.db import Store
 from aegisd.store.keyring import Keyring
@@ -599,3 +602,34 @@ def test_removing_a_contact_stops_its_downloads(
         assert here.count == knocks
     finally:
         here.close()
+
+
+def test_a_relay_the_user_trusts_counts_as_its_own(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """network.trusted_relays (aegis network --trust-relay URL): a relay on the user's network
+    that contacts use passes the policy for relays chosen by others, as the user's own does;
+    without it, the same descriptor is never dialled."""
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.stop()
+    url = url_of(relay_proc)
+    lan = Listener("127.0.0.2")  # stands for a relay on the user's network
+    lan_url = f"ws://127.0.0.2:{lan.port}/v1/ws"
+    try:
+        with hostile(alice.home, "bob") as h:
+            h.deposit(url, h.payload_blocks(descriptor(lan_url)) + h.payload_blocks(
+                text("first")))
+        bob.wait_for(lambda: received(bob, "alice", "first"), "the text")
+        assert lan.count == 0 and bob.call("attachments.list")["attachments"] == []
+        with pytest.raises(RpcCallError) as e:
+            bob.call("network.set", {"trusted_relays": ["http://x"]})
+        assert e.value.code == -32602 and e.value.data["field"] == "trusted_relays"
+        got = bob.call("network.set", {"trusted_relays": [lan_url]})
+        assert got["trusted_relays"] == [lan_url]
+        with hostile(alice.home, "bob") as h:
+            h.deposit(url, h.payload_blocks(descriptor(lan_url)))
+        bob.wait_for(lambda: lan.count > 0, "the trusted relay to be dialled")
+        assert bob.call("network.get")["trusted_relays"] == [lan_url]
+    finally:
+        lan.close()
