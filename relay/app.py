@@ -573,7 +573,6 @@ class Connection:
         self._lookups = TokenBucket(self.cfg.lookup_rate, self.cfg.lookup_burst, time.monotonic())
         self._inflight = 0
         self._room: asyncio.Future[None] | None = None
-        self._paused = False  # answered `busy` over its fair share: _read_loop waits
         self._tasks: set[asyncio.Task[Any]] = set()
         self.last_frame = time.monotonic()
         # Last frame or WebSocket ping from the client (a subscribed connection's liveness).
@@ -749,8 +748,6 @@ class Connection:
                 self.last_frame = self.last_seen = time.monotonic()
                 self.relay.gate.heard(self._transport)
                 await self._frame(msg.data)
-                if self._paused:
-                    await self._wait_share()
                 # One frame per turn: aiohttp hands over a whole read's frames without yielding,
                 # so without this one connection's pipelined requests run back to back while
                 # every other connection waits (issue 15, item 8).
@@ -788,12 +785,11 @@ class Connection:
                 raise wire.FrameError(wire.E_OUT_OF_ORDER)
             if not self._frames.take(self.last_frame):
                 raise wire.FrameError(wire.E_RATE_LIMITED)
-            if frame.type in _STORING and self.over_share():
-                self._paused = True  # _read_loop waits for one of its own writes to finish
-                raise wire.FrameError(wire.E_BUSY)
         except wire.FrameError as exc:
             self.error(rid, exc.code)
             return
+        if frame.type in _STORING and self.over_share():
+            await self._wait_share()  # this frame, and reading, wait for its own writes
         if self._inflight >= self.cfg.max_inflight:
             await self._wait_room()
         self._inflight += 1
@@ -836,7 +832,7 @@ class Connection:
 
     def over_share(self) -> bool:
         """Loaded (Config.fair_load writes waiting relay-wide) and this connection holding its
-        fair share of them (Config.fair_share) already: a storing request is refused `busy`."""
+        fair share of them (Config.fair_share) already: its next storing request waits."""
         cfg = self.cfg
         if cfg.fair_load <= 0:
             return False
@@ -844,15 +840,15 @@ class Connection:
         return storage.pending >= cfg.fair_load and storage.pending_of(self) >= cfg.fair_share
 
     async def _wait_share(self) -> None:
-        """Stop reading while over its share: what it sends meanwhile waits in the socket, not
-        in the event loop (a `busy` answer would be resent at once)."""
+        """Stop reading while over its share: what it sends meanwhile waits in its socket, not
+        in the event loop or the writer. Not `busy`: a refusal would be resent at once, and
+        a client that pipelines deposits (the tests, any bulk sender) would see errors."""
         while self.over_share() and not self._closed:
             self._room = asyncio.get_running_loop().create_future()
             # Woken by its own requests' ends (_release); the timeout for writes of its own
             # that hold no request slot (a touch, a pump's), or a load gone meanwhile.
             await asyncio.wait({self._room}, timeout=0.5)
         self._room = None
-        self._paused = False
 
     def release_quota(self) -> None:
         """Give what is left of the blob quota back to the area and the budget."""
@@ -1430,7 +1426,7 @@ async def h_hello(c: Connection, f: wire.Frame) -> None:  # handled in _frame; n
     raise wire.FrameError(wire.E_OUT_OF_ORDER)
 
 
-#: Requests that store: refused `busy` over a connection's fair share (Connection.over_share).
+#: Requests that store: held over a connection's fair share (Connection.over_share).
 _STORING = frozenset({wire.DEPOSIT, wire.BLOB_PUT})
 
 _FAST: dict[int, Callable[[Connection, wire.Frame], bool]] = {
