@@ -115,8 +115,8 @@ class Config:
     max_pending_writes: int = 8192
     # Fair share of the relay while it is loaded (issue 15, item 8): with fair_load storage
     # operations waiting relay-wide, a connection that already has fair_share of its own waiting
-    # gets `busy` for a DEPOSIT or BLOB_PUT, before any crypto or storage work, and its reading
-    # pauses until one of its own is done. One client's frames then stop crowding the event loop
+    # is not read further (its next DEPOSIT or BLOB_PUT waits, before any crypto or storage
+    # work) until one of its own is done. One client's frames then stop crowding the event loop
     # and the writer while a light connection's deposit is still taken (0: off).
     fair_load: int = 16
     fair_share: int = 2

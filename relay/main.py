@@ -82,8 +82,8 @@ HELP = {
     "max_pending_writes": "Storage operations waiting at most; beyond, deposits get busy.",
     "fair_load": "Storage operations waiting relay-wide from which each connection gets a "
                  "fair share (0: off).",
-    "fair_share": "Storage operations of one connection waiting, under --fair-load, beyond "
-                  "which its deposits and blob puts get busy and its reading pauses.",
+    "fair_share": "Storage operations of one connection waiting, under --fair-load, from "
+                  "which its next deposit or blob put, and its reading, wait.",
 }
 
 
