@@ -748,6 +748,10 @@ class Connection:
                 self.last_frame = self.last_seen = time.monotonic()
                 self.relay.gate.heard(self._transport)
                 await self._frame(msg.data)
+                # One frame per turn: aiohttp hands over a whole read's frames without yielding,
+                # so without this one connection's pipelined requests run back to back while
+                # every other connection waits (issue 15, item 8).
+                await asyncio.sleep(0)
             elif msg.type == WSMsgType.PING:
                 # Answered here (autoping off) so a client's ping counts as a sign of life; the
                 # relay's own pings' answers (PONG) do not: any library sends those unasked.
@@ -784,6 +788,8 @@ class Connection:
         except wire.FrameError as exc:
             self.error(rid, exc.code)
             return
+        if frame.type in _STORING and self.over_share():
+            await self._wait_share()  # this frame, and reading, wait for its own writes
         if self._inflight >= self.cfg.max_inflight:
             await self._wait_room()
         self._inflight += 1
@@ -823,6 +829,26 @@ class Connection:
 
     def busy(self) -> bool:
         return self._inflight > 0
+
+    def over_share(self) -> bool:
+        """Loaded (Config.fair_load writes waiting relay-wide) and this connection holding its
+        fair share of them (Config.fair_share) already: its next storing request waits."""
+        cfg = self.cfg
+        if cfg.fair_load <= 0:
+            return False
+        storage = self.relay.storage
+        return storage.pending >= cfg.fair_load and storage.pending_of(self) >= cfg.fair_share
+
+    async def _wait_share(self) -> None:
+        """Stop reading while over its share: what it sends meanwhile waits in its socket, not
+        in the event loop or the writer. Not `busy`: a refusal would be resent at once, and
+        a client that pipelines deposits (the tests, any bulk sender) would see errors."""
+        while self.over_share() and not self._closed:
+            self._room = asyncio.get_running_loop().create_future()
+            # Woken by its own requests' ends (_release); the timeout for writes of its own
+            # that hold no request slot (a touch, a pump's), or a load gone meanwhile.
+            await asyncio.wait({self._room}, timeout=0.5)
+        self._room = None
 
     def release_quota(self) -> None:
         """Give what is left of the blob quota back to the area and the budget."""
@@ -1399,6 +1425,9 @@ def _blob_deleted(relay: Relay, fut: asyncio.Future[bool]) -> None:
 async def h_hello(c: Connection, f: wire.Frame) -> None:  # handled in _frame; never reached
     raise wire.FrameError(wire.E_OUT_OF_ORDER)
 
+
+#: Requests that store: held over a connection's fair share (Connection.over_share).
+_STORING = frozenset({wire.DEPOSIT, wire.BLOB_PUT})
 
 _FAST: dict[int, Callable[[Connection, wire.Frame], bool]] = {
     wire.DEPOSIT: fast_deposit,

@@ -113,3 +113,10 @@ class Config:
     # Storage operations waiting at most (each deposit holds a 16 KiB block meanwhile): beyond,
     # deposits and blob uploads get `busy`, so a flood cannot exhaust memory.
     max_pending_writes: int = 8192
+    # Fair share of the relay while it is loaded (issue 15, item 8): with fair_load storage
+    # operations waiting relay-wide, a connection that already has fair_share of its own waiting
+    # is not read further (its next DEPOSIT or BLOB_PUT waits, before any crypto or storage
+    # work) until one of its own is done. One client's frames then stop crowding the event loop
+    # and the writer while a light connection's deposit is still taken (0: off).
+    fair_load: int = 16
+    fair_share: int = 2

@@ -80,6 +80,10 @@ HELP = {
     "disk_reserve": "Bytes of disk held in reserve, released when the disk fills.",
     "max_db_bytes": "Largest database in bytes (0: the disk); reaching it is a full disk.",
     "max_pending_writes": "Storage operations waiting at most; beyond, deposits get busy.",
+    "fair_load": "Storage operations waiting relay-wide from which each connection gets a "
+                 "fair share (0: off).",
+    "fair_share": "Storage operations of one connection waiting, under --fair-load, from "
+                  "which its next deposit or blob put, and its reading, wait.",
 }
 
 
