@@ -15,7 +15,10 @@ its own) does one of issue 15's items as fast as it can:
         flight (at the relay's own price for a mailbox);
   3     connection flood: as many subscribed connections as it can open (max_connections
         lowered to 1000 so that the cap is reached in seconds), plus 400 half-open HTTP
-        connections that never finish their upgrade request, each reopened when closed;
+        connections that never finish their upgrade request, each reopened when closed; the
+        relay reached directly, the hostile address capped at source_connections 100;
+  3t    the same flood where every client is loopback, as behind an onion service or a
+        reverse proxy: no per-source cap (the relay's default for loopback);
   5     slow readers: N connections (8; quick 4), each subscribed to 40 mailboxes with 33
         queued blocks, that never read: the relay's memory beside the documented 2 MiB per
         connection (verdict "mem": peak at most 1.25 x (before + N x 2 MiB));
@@ -111,10 +114,11 @@ from relay.client import HandshakeFailed, RelayClient, RelayClosed, RelayError  
 from relay.config import Config  # noqa: E402
 
 BLOCK = wire.BLOCK_SIZE
-SCENARIOS = ("1", "3", "5", "6", "8", "disk")
+SCENARIOS = ("1", "3", "3t", "5", "6", "8", "disk")
 TITLES = {
     "1": "store flood",
     "3": "connection flood",
+    "3t": "connection flood, behind Tor or a proxy",
     "5": "slow readers",
     "6": "blob flood",
     "8": "writer hog",
@@ -903,8 +907,8 @@ async def hostile_writer(h: Hostile) -> None:
 
 
 HOSTILES: dict[str, Callable[[Hostile], Awaitable[None]]] = {
-    "1": hostile_store, "3": hostile_connections, "5": hostile_slow, "6": hostile_blob,
-    "8": hostile_writer,
+    "1": hostile_store, "3": hostile_connections, "3t": hostile_connections, "5": hostile_slow,
+    "6": hostile_blob, "8": hostile_writer,
 }
 
 
@@ -941,8 +945,15 @@ def overrides_for(name: str) -> dict[str, Any]:
     mailboxes ahead of time, which a price per mailbox cannot prevent, and so that the setup
     (the legitimate client's mailboxes too) fits in the run."""
     out: dict[str, Any] = {} if name == "1" else {"pow_create_bits": 8}
-    if name == "3":
+    if name in ("3", "3t"):
         out["max_connections"] = 1000
+    if name == "3":
+        # A relay reached directly: the hostile client's address is a source of its own (the
+        # bench runs on loopback, which the relay exempts unless told), capped at a tenth of the
+        # places. "3t": the same flood where every client arrives from loopback (an onion
+        # service, a reverse proxy): no source to cap; Tor's or the proxy's limits bound it.
+        out["source_cap_loopback"] = True
+        out["source_connections"] = 100
     if name == "6":
         out["blob_max_bytes"] = 256 * 1024 * 1024
     return out
