@@ -72,6 +72,22 @@ Before (main at 986f17a, full run, 2 cores shared with other work; p50/p99 in ms
         legitimate deposits got 0.0 % ok (internal 60); the owner acknowledged 0 (ack failures:
         internal 52); deposits succeed again NOT within 30 s; the 'att' columns are the deposits
         during the drain
+
+After (main with issue 15's fixes, full run, the same machine, quiet; scenario 3 then capped
+the hostile address at source_connections 100, 3t is the same flood with every client loopback):
+
+    scenario                                   base50  base99  att50  att99  x99   ok %   verdict
+    -----------------------------------------  ------  ------  -----  -----  ----  -----  -------
+    1 store flood                              1.9     5.2     1.9    10.3   2.0   100.0  PASS
+    3 connection flood                         2.0     5.4     3.6    25.8   4.8   100.0  FAIL
+    3t connection flood, behind Tor or a proxy 1.9     4.5     5.5    277.9  62.1  100.0  FAIL
+    5 slow readers                             1.9     4.6     1.8    4.2    0.9   100.0  PASS(mem)
+    6 blob flood                               2.1     11.5    1.7    8.0    0.7   100.0  PASS(blob)
+    8 writer hog                               2.1     4.9     5.7    13.0   2.6   100.0  PASS
+    disk full disk                             1.3     3.9     1.3    3.7    1.0   87.1   PASS
+
+    5: the relay grew 19 MB for 8 non-reading connections (bound 16 MB, 1.2x), 48 MB after (48
+        before); disk: deposits succeed again 0.6 s after the drain began
 """
 
 from __future__ import annotations
