@@ -716,6 +716,8 @@ class Messenger:
     ) -> tuple[int, OwnedMailbox]:
         """Store a mailbox of ours (``made`` ahead by _made_ahead, taken from the pool, or
         made now); the caller holds the lock."""
+        if self._stale(made):
+            made = None
         if role == "contact" and not public:
             # Made ahead, at a random time, and already receiving loop cover (cover.py): the
             # relay does not see a mailbox born the moment a contact is.
@@ -762,9 +764,19 @@ class Messenger:
         async with self.lock:
             await self._to_pool(mb)
 
+    def _stale(self, mb: OwnedMailbox | None) -> bool:
+        """A mailbox made ahead (its proof solved outside the lock) at a relay the profile has
+        left meanwhile (relay.set): deleted there, not kept. Call with the lock held."""
+        if mb is None or same_relay(mb.relay_url, self.store.get_setting(SETTING_URL)):
+            return False
+        self._spawn(self._delete_at_relay(mb))
+        return True
+
     async def _to_pool(self, mb: OwnedMailbox) -> None:
         if self.daemon.store is None:
             return  # locked meanwhile: the relay expires it unused
+        if self._stale(mb):
+            return
         with self.store.transaction():
             cover_slots.pool_add(self.store, mb.to_bytes())
         self._reload_owned()
