@@ -993,7 +993,7 @@ class Messenger:
             raise InvalidParamsError(
                 "expires_in", f"must be between 60 and {INVITE_TTL_MAX} seconds"
             )
-        _, address = await self.ensure_address()
+        await self.ensure_address()  # its errors before the proof
         invitation_id = self.entropy.random(16)
         expires = _now() + expires_in
         made = await self._new_mailbox(public=False)  # the proof: outside the lock
@@ -1002,6 +1002,8 @@ class Messenger:
                 "invitation", public=False, invitation_id=invitation_id, expires_at=expires,
                 made=made,
             )
+        # The address now, not from before the proof: a relay.set meanwhile deleted that one.
+        _, address = await self.ensure_address()
         link = self._link_for(wire.LINK_INVITATION, mb, address, invitation_id, expires)
         return {"invitation": invitation_id.hex(), "link": link, "expires_at": expires}
 

@@ -5,6 +5,7 @@ contacts moves to another relay with its contacts' mailboxes."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -13,10 +14,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from aegis_cli.client import RpcCallError
+from tests.daemon.conftest import DaemonProc
 from tests.relay.conftest import RelayProcess
 
 from .calls_support import write_tone
@@ -366,4 +369,84 @@ def test_a_relay_move_counts_contacts_and_survives_a_reconnect(
         assert alice.call("status")["superseded"] is None
         assert alice.call("status")["relay_lost"] is None
     finally:
+        new.close()
+
+
+# Holds the mailbox invitations.create made (the CREATE done, the lock not yet taken) until
+# the test creates the file AEGIS_TEST_GATE names: the moment a relay.set can come in between.
+HOLD_INVITATION_MAILBOX = """
+import asyncio, os, sys
+import aegisd.services.messenger as m
+_new_mailbox = m.Messenger._new_mailbox
+async def _held(self, *, public):
+    caller = sys._getframe(1).f_code.co_name
+    mb = await _new_mailbox(self, public=public)
+    if caller == "create_invitation":
+        while not os.path.exists(os.environ["AEGIS_TEST_GATE"]):
+            await asyncio.sleep(0.05)
+    return mb
+m.Messenger._new_mailbox = _held
+"""
+
+
+def test_an_invitation_paid_for_while_the_relay_changes_is_made_at_the_new_relay(
+    tmp_short: Path,
+) -> None:
+    """invitations.create makes its mailbox before it takes the messenger lock (the CREATE's
+    proof takes seconds); a relay.set in between (which deletes the address at the old relay)
+    must not leave that mailbox at the old relay (the clean-clone CI once found one there), nor
+    give a link to the deleted address: the invitation is made at the new relay, with the new
+    address, and works."""
+    old_dir, new_dir = tmp_short / "old", tmp_short / "new"
+    old_dir.mkdir()
+    new_dir.mkdir()
+    old, new = RelayProcess(old_dir, {}), RelayProcess(new_dir, {})
+    old.start()
+    new.start()
+    alice = bob = None
+    try:
+        alice = Peer(tmp_short / "alice", f"ws://127.0.0.1:{old.port}/v1/ws", "alice")
+        bob = Peer(tmp_short / "bob", f"ws://127.0.0.1:{new.port}/v1/ws", "bob")
+        alice.call("address.get")
+        alice.stop()
+        site, gate = tmp_short / "site", tmp_short / "gate"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(HOLD_INVITATION_MAILBOX)
+        env = {**os.environ, "AEGIS_TEST_GATE": str(gate),
+               "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+        alice.proc = DaemonProc(alice.home, [], env)
+        alice.proc.wait_ready()
+        alice.wait_connected()
+        bob.wait_connected()
+        before = alice.wait_for(lambda: relay_mailboxes(old), "alice's mailboxes")
+        result: dict[str, Any] = {}
+
+        def invite() -> None:
+            assert alice is not None
+            result.update(alice.call("invitations.create"))
+
+        paying = threading.Thread(target=invite, daemon=True)
+        paying.start()
+        alice.wait_for(lambda: relay_mailboxes(old) > before, "the invitation's CREATE")
+        r = cli(alice, "relay", "set", f"ws://127.0.0.1:{new.port}/v1/ws")
+        assert r.returncode == 0, r.stderr
+        alice.wait_for(lambda: alice.call("status")["relay_move"] is None, "the move")
+        gate.touch()
+        paying.join(60)
+        assert not paying.is_alive() and result.get("link")
+        # Nothing of alice's is left at the old relay: her address moved, and the mailbox the
+        # invitation made there was deleted, not kept.
+        alice.wait_for(lambda: relay_mailboxes(old) == 0, "the old relay to hold nothing")
+        # The invitation was made at the new relay: bob, who only knows that one, uses it.
+        bob.call("contacts.add", {"name": "alice", "link": result["link"]})
+        alice.wait_for(
+            lambda: [c for c in alice.call("contacts.list")["contacts"] if c["established"]],
+            "the invitation to be used",
+        )
+        assert relay_mailboxes(old) == 0
+    finally:
+        for p in (alice, bob):
+            if p is not None:
+                p.stop()
+        old.close()
         new.close()

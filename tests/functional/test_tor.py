@@ -307,7 +307,12 @@ def test_messages_receipts_and_a_file_through_the_exit_and_the_onion(setup: Setu
     assert len(circuits) >= 6, watch.streams
     assert len(set(circuits)) == len(circuits), watch.streams
     # Keep-alive: the subscriptions outlive the relay's idle timeout without reconnecting.
-    open_before = [c for c in s.via_exit.connections if c.closed is None]
+    # Connections already open past one idle timeout are the subscriptions: a short one (a
+    # deposit batch, a prekey top-up) still open at this moment may close by design.
+    time.sleep(IDLE_TIMEOUT + 2)
+    settled = time.time() - (IDLE_TIMEOUT + 2)
+    open_before = [c for c in s.via_exit.connections if c.closed is None and c.opened < settled]
+    assert open_before
     time.sleep(IDLE_TIMEOUT + 2)
     after = {(c.peer, c.opened): c for c in s.via_exit.connections}
     assert all(after[(c.peer, c.opened)].closed is None for c in open_before)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -23,7 +25,6 @@ from .helpers import Owner, block, new_owner
 from .test_slow_reader import small_receive_buffer
 
 WINDOW = 32
-FILLERS = 16  # mailboxes of 32 blocks: 8 MiB to fill the output with
 FETCHES = 64
 
 
@@ -82,45 +83,72 @@ def test_parallel_fetches_hold_one_window(relay_factory: Callable[..., RelayProc
 
 
 def test_fetch_above_the_bound_answers_busy(relay_factory: Callable[..., RelayProcess]) -> None:
-    rp = relay_factory(conn_buffer=64 * 1024, stall_timeout=60)
+    """FETCHes read back to back: the first ones fill the output above conn_buffer, so the
+    last finds the connection congested with blocks waiting, and must answer `busy`.
+
+    The relay pauses reading a congested connection, so the last FETCH has to be read before
+    the first ones' pushes land: all are sent corked, in one TCP segment, and the relay parses
+    them in one read. Their blocks may partly drain into the kernel's buffers, whose size is
+    not known here, so fresh connections fill those first with 0, 1, 2, ... blocks until one
+    answers `busy`. No attempt may ever answer `OK 0`."""
+    # A small kernel send buffer, so the first FETCH's blocks stay in the relay's own output
+    # (counted against conn_buffer) instead of draining into the kernel.
+    rp = relay_factory(conn_buffer=64 * 1024, conn_sndbuf=4096, stall_timeout=60)
+
+    async def attempt(filler: Owner, last: Owner, prefill: int) -> wire.Frame:
+        socks: list[socket.socket] = []
+
+        def corkable(addr_info: Any) -> socket.socket:
+            socks.append(small_receive_buffer(addr_info))
+            return socks[-1]
+
+        c = await RelayClient.connect(
+            rp.url, connector=aiohttp.TCPConnector(socket_factory=corkable))
+        await stop_reading(c)
+        try:
+            for _ in range(prefill):
+                await fetch_raw(c, filler, 1)
+                await asyncio.sleep(0.1)
+            socks[0].setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+            # Each of these pushes until the output is just above conn_buffer; the writer
+            # drains a little between them, so one is not always enough.
+            for _ in range(3):
+                await fetch_raw(c, filler, WINDOW)
+            rid = c.next_rid()
+            unsigned = last.owner_id + bytes([WINDOW])
+            sig = last.sig.sign(wire.auth_message(c.challenge,
+                                                  wire.encode(wire.FETCH, rid, unsigned)))
+            await c.send_raw(wire.encode(wire.FETCH, rid, unsigned + sig.signature))
+            socks[0].setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+            async with asyncio.timeout(20):
+                while True:
+                    msg = await c.ws.receive()
+                    assert msg.type == aiohttp.WSMsgType.BINARY
+                    f = wire.decode(msg.data)
+                    if f.rid == rid and f.type != wire.MSG:
+                        return f
+        finally:
+            with contextlib.suppress(Exception):
+                await c.close()
 
     async def body() -> None:
         feeder = await RelayClient.connect(rp.url)
         token = os.urandom(32)
-        owners = [await new_owner(feeder, token=token) for _ in range(FILLERS + 1)]
+        owners = [await new_owner(feeder, token=token) for _ in range(2)]
         for o in owners:
             await asyncio.gather(*(feeder.deposit(o.deposit_id, block(), token=token)
                                    for _ in range(WINDOW)))
-        c = await RelayClient.connect(
-            rp.url, connector=aiohttp.TCPConnector(socket_factory=small_receive_buffer))
-        await stop_reading(c)
-        # Fill the connection's output above conn_buffer (and the kernel's send buffer, which
-        # the relay bounds) without reading it.
-        for o in owners[:FILLERS]:
-            for _ in range(4):
-                await fetch_raw(c, o, WINDOW)
-                await asyncio.sleep(0.05)
-        await asyncio.sleep(1)
-        # A FETCH of the last mailbox now: its answer (not a MSG) is what we look for.
-        rid = c.next_rid()
-        unsigned = owners[-1].owner_id + bytes([WINDOW])
-        sig = owners[-1].sig.sign(wire.auth_message(c.challenge,
-                                                   wire.encode(wire.FETCH, rid, unsigned)))
-        await c.send_raw(wire.encode(wire.FETCH, rid, unsigned + sig.signature))
-        answer = None
-        async with asyncio.timeout(20):
-            while answer is None:
-                msg = await c.ws.receive()
-                assert msg.type == aiohttp.WSMsgType.BINARY
-                f = wire.decode(msg.data)
-                if f.rid == rid and f.type != wire.MSG:
-                    answer = f
-        sent_ok_zero = answer.type == wire.OK and answer.body == b"\x00\x00"
-        assert not sent_ok_zero, "OK 0 for a mailbox holding 32 blocks"
-        assert answer.type == wire.ERROR
-        assert wire.parse_error(answer.body) == wire.E_BUSY
+        answers = []
+        for prefill in range(12):
+            answer = await attempt(owners[0], owners[1], prefill)
+            answers.append((answer.type, answer.body))
+            sent_ok_zero = answer.type == wire.OK and answer.body == b"\x00\x00"
+            assert not sent_ok_zero, "OK 0 for a mailbox holding 32 blocks"
+            if answer.type == wire.ERROR:
+                assert wire.parse_error(answer.body) == wire.E_BUSY
+                break
+            await asyncio.sleep(0.5)  # the closed connection's deliveries return to the queue
+        assert answers[-1][0] == wire.ERROR, answers
         await feeder.close()
-        with contextlib.suppress(Exception):
-            await c.close()
 
     run(body())
