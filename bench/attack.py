@@ -288,9 +288,12 @@ def relay_options(overrides: dict[str, Any]) -> list[str]:
 # --- the relay ---------------------------------------------------------------------------------
 
 
+EVENT_LOOP = ["--event-loop", "auto"]  # the relay's (--event-loop of this script)
+
+
 def start_relay(data: Path, overrides: dict[str, Any]) -> Server:
     return Server([sys.executable, "-m", "relay.main", "--listen-fd", "{fd}", "--data",
-                   str(data), "--log-level", "warning", *relay_options(overrides)])
+                   str(data), "--log-level", "warning", *EVENT_LOOP, *relay_options(overrides)])
 
 
 def rss_mb(relay: Server) -> tuple[float | None, float | None]:
@@ -1315,6 +1318,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="short run (under 2 minutes)")
     p.add_argument("--scenario", default="", help="comma-separated: 1,3,5,6,8,disk (all)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                   help="the relay's event loop (aegis-relay --event-loop)")
     p.add_argument("--baseline", type=float, default=None, help="seconds alone (10; quick 3)")
     p.add_argument("--attack", type=float, default=None, help="seconds attacked (20; quick 8)")
     p.add_argument("--recover", type=float, default=None,
@@ -1325,6 +1330,7 @@ def main() -> None:
     p.add_argument("--hostile", choices=sorted(HOSTILES), help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     args = p.parse_args()
+    EVENT_LOOP[1] = args.event_loop
     defaults = {"baseline": (10, 3), "attack": (20, 8), "recover": (30, 10),
                 "slow_conns": (8, 4)}
     for k, (full, quick) in defaults.items():

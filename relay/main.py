@@ -14,6 +14,7 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Coroutine
 from typing import Any
 
 import click
@@ -34,7 +35,9 @@ HELP = {
     "pow_blob_bits": "Proof-of-work bits per 256 blocks (4 MiB) of a blob quota.",
     "pow_create_bits": "Proof-of-work bits for creating a mailbox.",
     "max_frame": "Largest accepted frame in bytes (bigger: WebSocket close 1009).",
-    "max_connections": "Concurrent connections; more are refused with HTTP 503.",
+    "max_connections": ("Concurrent connections, counted from the TCP accept; a newcomer then "
+                        "takes the place of one from the source holding most (relay/gate.py), "
+                        "else is refused (HTTP 503)."),
     "source_connections": ("Connections one source address (IPv6: /64) may hold, before the "
                            "upgrade too (0: no cap); loopback is exempt by default."),
     "source_cap_loopback": "Apply --source-connections to loopback peers too.",
@@ -133,6 +136,19 @@ async def serve(app: web.Application, host: str, port: int, sock: socket.socket 
     log.info("relay stopped")
 
 
+def _run(main: Coroutine[Any, Any, None], event_loop: str) -> None:
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                raise click.UsageError("--event-loop uvloop: uvloop is not installed") from None
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def _option(field: dataclasses.Field[Any]) -> Any:
     default = field.default
     return click.option("--" + field.name.replace("_", "-"), field.name, type=type(default),
@@ -149,8 +165,13 @@ def _command() -> click.Command:
                   help="Data directory (SQLite database).")
     @click.option("--log-level", default="info", show_default=True,
                   type=click.Choice(["debug", "info", "warning", "error"]))
+    @click.option("--event-loop", default="auto", show_default=True,
+                  type=click.Choice(["auto", "uvloop", "asyncio"]),
+                  help="Event loop: uvloop (libuv; accepts, reads and writes cost less, which "
+                       "matters under a connection flood) or Python's own; auto: uvloop if "
+                       "installed.")
     def command(host: str, port: int, listen_fd: int | None, log_level: str,
-                **options: Any) -> None:
+                event_loop: str, **options: Any) -> None:
         """aegis-relay: metadata-blind store-and-forward relay (docs/relay-protocol.md).
 
         TLS is left to a reverse proxy (contrib/relay/). The relay logs no address, port, ID,
@@ -164,7 +185,7 @@ def _command() -> click.Command:
             sock = socket.socket(fileno=listen_fd)
             sock.setblocking(False)
         try:
-            asyncio.run(serve(create_app(cfg), host, port, sock))
+            _run(serve(create_app(cfg), host, port, sock), event_loop)
         except OSError as exc:
             log.error("cannot serve: %s", exc.strerror or type(exc).__name__)
             sys.exit(1)
