@@ -50,7 +50,7 @@ REFUSED_MAX = 256
 
 
 class Peer(Protocol):
-    """What the gate needs of an upgraded connection (relay.app.Connection)."""
+    """What the gate needs of an upgraded connection (relay.connection.Connection)."""
 
     @property
     def subs(self) -> dict[int, Any]: ...
