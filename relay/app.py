@@ -36,12 +36,6 @@ log = logging.getLogger("aegis.relay")
 RELAY_KEY: web.AppKey[Relay] = web.AppKey("relay")
 
 
-def _consume(fut: asyncio.Future[Any]) -> None:
-    """Retrieve a background future's outcome (its failure needs no answer)."""
-    if not fut.cancelled():
-        fut.exception()
-
-
 # Seconds the wall clock may gain on the monotonic clock between two sweeps before it counts as
 # a jump (NTP slewing gains at most 0.5 ms a second).
 _CLOCK_SLACK = 60.0

@@ -14,7 +14,7 @@ import functools
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import WSMsgType, web
 from nacl.exceptions import BadSignatureError, CryptoError
@@ -34,7 +34,6 @@ log = logging.getLogger("aegis.relay")
 _DUMMY_VERIFY = VerifyKey(bytes.fromhex(
     "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"))
 _CLOSE_PROTOCOL = 1002
-_CLOSE_POLICY = 1008
 _CLOSE_GOING_AWAY = 1001
 # Bytes waiting for a client that does not read (Config.conn_buffer, here "high"): above it the
 # relay stops reading its requests and stops pushing to it from storage; it resumes below a
@@ -50,7 +49,10 @@ class Connection:
         self.relay = relay
         self.cfg = relay.cfg
         self.ws = ws
-        self._transport = transport if isinstance(transport, asyncio.WriteTransport) else None
+        # Duck-typed: uvloop's transports are not asyncio.WriteTransport subclasses, and the
+        # bound on what waits for this client (waiting()) must count their buffer too.
+        self._transport = (cast(asyncio.WriteTransport, transport)
+                           if hasattr(transport, "get_write_buffer_size") else None)
         self.challenge = os.urandom(wire.CHALLENGE_LEN)
         self.hello = False
         self.delivered: dict[bytes, tuple[MailboxState, int]] = {}

@@ -38,7 +38,8 @@ import ipaddress
 import socket
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from .config import Config
 
@@ -132,6 +133,13 @@ def source_chain(transport: asyncio.BaseTransport) -> tuple[list[str], bool]:
     peer = transport.get_extra_info("peername")
     if not isinstance(peer, tuple) or not peer:
         return ["local"], True  # a Unix socket: the machine itself
+    host = str(peer[0])
+    if host.count(".") == 3 and ":" not in host:
+        # IPv4 as the kernel writes it (dotted quad, canonical): string work, not ipaddress,
+        # which cost a tenth of the relay's time under a connection flood.
+        if host.startswith("127."):
+            return [host], True
+        return [host.rpartition(".")[0] + ".0/24", host], False
     try:
         addr = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
     except ValueError:
@@ -162,14 +170,12 @@ class Gate:
 
     # --- aiohttp hooks ---------------------------------------------------------------------------
 
-    def install(self, server: web.Server) -> None:
-        """Hook the accepted/lost callbacks of aiohttp's server (its request handlers call them
-        on the server object, first thing on a new connection and last on its end)."""
-        made, lost = server.connection_made, server.connection_lost
-
-        def connection_made(handler: Any, transport: asyncio.Transport) -> None:
-            made(handler, transport)
-            self.accept(transport)
+    def install(self, server: web.Server) -> Callable[[], asyncio.BaseProtocol]:
+        """The protocol factory to serve with: each accepted connection passes the gate before
+        aiohttp builds anything for it, so a connection aborted at once (a flood from a capped
+        source) costs the accept and the abort only. Also hooks the lost callback of aiohttp's
+        server (its request handlers call it last thing on a connection's end)."""
+        lost = server.connection_lost
 
         def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
             transport = handler.transport
@@ -177,12 +183,13 @@ class Gate:
             if transport is not None:
                 self.forget(transport)
 
-        server.connection_made = connection_made  # type: ignore[method-assign]
         server.connection_lost = connection_lost  # type: ignore[method-assign]
+        return lambda: _Admission(self, server)
 
     # --- admission -------------------------------------------------------------------------------
 
-    def accept(self, transport: asyncio.Transport) -> None:
+    def accept(self, transport: asyncio.Transport) -> bool:
+        """Count a connection just accepted: False if it was aborted at once."""
         now = time.monotonic()
         self._bound_send_buffer(transport)
         keys, loopback = source_chain(transport)
@@ -198,8 +205,7 @@ class Gate:
             over = over or (capped and held >= limit)
         if self.closing or over or (
                 self.admitted >= self.cfg.max_connections and not self._evict(keys)):
-            self._refuse(entry)
-            return
+            return self._refuse(entry)
         self.entries[transport] = entry
         node = self.root
         for key in keys:
@@ -211,6 +217,7 @@ class Gate:
             node = child
         node.fresh[transport] = entry
         self.admitted += 1
+        return True
 
     def _bound_send_buffer(self, transport: asyncio.Transport) -> None:
         """What the kernel holds for a client that does not read is memory too: bound it
@@ -222,13 +229,14 @@ class Gate:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
-    def _refuse(self, entry: Entry) -> None:
+    def _refuse(self, entry: Entry) -> bool:
         if self.refused >= REFUSED_MAX:
             entry.transport.abort()
-            return
+            return False
         entry.refused = True
         self.refused += 1
         self.entries[entry.transport] = entry
+        return True
 
     def _evict(self, keys: list[str]) -> bool:
         """Make room for a newcomer with prefixes `keys`: True if one was evicted.
@@ -340,3 +348,27 @@ class Gate:
         for entry in late:
             self.forget(entry.transport)
             entry.transport.abort()
+
+
+class _Admission(asyncio.Protocol):
+    """A connection's first protocol: the gate decides, then (unless it aborted the connection)
+    aiohttp's request handler takes the transport over. Building that handler, and the task it
+    starts, for a connection about to be aborted was most of what a connection flood cost."""
+
+    __slots__ = ("gate", "server")
+
+    def __init__(self, gate: Gate, server: web.Server) -> None:
+        self.gate = gate
+        self.server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A socket transport (uvloop's is not an asyncio.Transport subclass, so no isinstance).
+        transport = cast(asyncio.Transport, transport)
+        if not self.gate.accept(transport):
+            return
+        handler = self.server()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # only before the handler takes over, i.e. never: aborted connections read nothing

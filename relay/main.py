@@ -25,6 +25,10 @@ from .config import Config
 
 log = logging.getLogger("aegis.relay")
 
+# Connections the kernel queues until the relay accepts them. Under a connection flood a short
+# queue drops honest clients' SYNs (a retry a second later); the kernel caps it at somaxconn.
+BACKLOG = 1024
+
 HELP = {
     "message_ttl": "Seconds before an unacknowledged block expires (14 days).",
     "expiry_granularity": "Stored expiries are rounded up to this many seconds.",
@@ -116,22 +120,22 @@ def _raise_nofile() -> None:
 async def serve(app: web.Application, host: str, port: int, sock: socket.socket | None) -> None:
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
-    # Count and time connections from the TCP accept, before any HTTP (relay/gate.py).
+    # Count and time connections from the TCP accept, before any HTTP (relay/gate.py): the
+    # gate's protocol comes first, aiohttp's handler only for a connection it does not abort.
     assert runner.server is not None
-    app[RELAY_KEY].gate.install(runner.server)
-    site: web.BaseSite
+    factory = app[RELAY_KEY].gate.install(runner.server)
+    loop = asyncio.get_running_loop()
     if sock is not None:
-        site = web.SockSite(runner, sock, shutdown_timeout=5)
+        listener = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
     else:
-        site = web.TCPSite(runner, host, port, shutdown_timeout=5)
-    await site.start()
+        listener = await loop.create_server(factory, host, port, backlog=BACKLOG)
     log.info("relay started")
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("relay stopping")
+    listener.close()  # no new connections; the open ones are closed below (1001)
     await runner.cleanup()
     log.info("relay stopped")
 

@@ -89,22 +89,30 @@ def test_slow_headers_are_timed_out(relay_factory: Callable[..., RelayProcess]) 
         s.close()
 
 
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
 def test_full_relay_is_shared_between_sources(
-        relay_factory: Callable[..., RelayProcess]) -> None:
+        relay_factory: Callable[..., RelayProcess], event_loop: str) -> None:
     """One source holds every place (subscribed, so none is idle): a newcomer from another
-    source still gets in, in place of one of the first source's connections."""
-    rp = relay_factory(max_connections=4)
+    source still gets in, in place of the first source's connection least recently heard from.
+    On both event loops: the gate's order and each connection's buffer bound go through the
+    loop's transports, and uvloop's are no asyncio.Transport subclasses."""
+    rp = relay_factory(max_connections=4, event_loop=event_loop)
 
     async def body() -> None:
         hog = [await RelayClient.connect(rp.url) for _ in range(4)]
+        owners = []
         for c in hog:
-            await (await new_owner(c)).subscribe(c)
+            owners.append(await new_owner(c))
+            await owners[-1].subscribe(c)
+        # Heard from in this order since: 3, 0, 1; 2 is the one least recently heard from.
+        for i in (3, 0, 1):
+            await owners[i].fetch(hog[i])
         other = await RelayClient.connect(rp.url, local_addr=OTHER)
         await new_owner(other)
         await asyncio.wait_for(
             asyncio.wait([asyncio.ensure_future(c.closed.wait()) for c in hog],
                          return_when=asyncio.FIRST_COMPLETED), 10)
-        assert sum(c.closed.is_set() for c in hog) == 1
+        assert [c.closed.is_set() for c in hog] == [False, False, True, False]
         # The same source cannot take a place back from its own subscribed connections.
         with pytest.raises(HandshakeFailed):
             await RelayClient.connect(rp.url)
