@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 
 #: Refused connections waiting for their request (to be answered 503) at most.
 REFUSED_MAX = 256
+#: Bytes of a request's head held before aiohttp's handler takes the connection over (above
+#: aiohttp's own limits for one line and one header, so it is aiohttp that refuses a big head).
+HEAD_MAX = 16 * 1024
 
 
 class Peer(Protocol):
@@ -351,24 +354,46 @@ class Gate:
 
 
 class _Admission(asyncio.Protocol):
-    """A connection's first protocol: the gate decides, then (unless it aborted the connection)
-    aiohttp's request handler takes the transport over. Building that handler, and the task it
-    starts, for a connection about to be aborted was most of what a connection flood cost."""
+    """A connection's first protocol: the gate decides at the accept, and aiohttp's request
+    handler takes the transport over only once the request's head (up to its blank line) has
+    arrived. Building that handler, and the task it starts, for a connection about to be
+    aborted, or that sends part of a request and waits (held until handshake_timeout, or until a
+    newcomer evicts it), was most of what a connection flood cost; here such a connection holds
+    its bytes so far, at most HEAD_MAX."""
 
-    __slots__ = ("gate", "server")
+    __slots__ = ("gate", "head", "server", "transport")
 
     def __init__(self, gate: Gate, server: web.Server) -> None:
         self.gate = gate
         self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.head = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A socket transport (uvloop's is not an asyncio.Transport subclass, so no isinstance).
-        transport = cast(asyncio.Transport, transport)
-        if not self.gate.accept(transport):
-            return
-        handler = self.server()
-        transport.set_protocol(handler)
-        handler.connection_made(transport)
+        t = cast(asyncio.Transport, transport)
+        if self.gate.accept(t):
+            self.transport = t
 
     def data_received(self, data: bytes) -> None:
-        pass  # only before the handler takes over, i.e. never: aborted connections read nothing
+        if self.transport is None:
+            return  # aborted at the accept
+        head = self.head + data
+        # Past HEAD_MAX without its end: aiohttp answers it (431 or 400) as it would any.
+        if b"\r\n\r\n" not in head[-len(data) - 3:] and len(head) <= HEAD_MAX:
+            self.head = head
+            return
+        self.head = b""
+        handler = self.server()
+        self.transport.set_protocol(handler)
+        handler.connection_made(self.transport)
+        handler.data_received(head)
+
+    def eof_received(self) -> bool:
+        return False  # the client gave up before its request was whole: close
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        # Lost before aiohttp took over (evicted, timed out, reset): aiohttp's hook never runs.
+        if self.transport is not None:
+            self.gate.forget(self.transport)
+            self.transport = None

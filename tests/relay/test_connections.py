@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
+from relay import wire
 from relay.client import HandshakeFailed, RelayClient
 
 from .conftest import RelayProcess, run
@@ -85,6 +86,40 @@ def test_slow_headers_are_timed_out(relay_factory: Callable[..., RelayProcess]) 
     try:
         s.sendall(b"GET /v1/ws HTTP/1.1\r\nHost: x\r\n")  # and never the end of the headers
         assert closed_by_peer(s)
+    finally:
+        s.close()
+
+
+def test_a_request_head_in_pieces_then_a_frame_in_the_same_write(
+        relay_factory: Callable[..., RelayProcess]) -> None:
+    """The gate holds a request's head until its blank line before aiohttp takes over: a head
+    that arrives a byte at a time (the blank line split across writes) is answered as a whole,
+    and a WebSocket frame written with the head's last byte reaches the relay (HELLO_OK)."""
+    rp = relay_factory()
+    s = socket.create_connection(("127.0.0.1", rp.port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        head = (b"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n")
+        hello = wire.encode(wire.HELLO, 1, b"")
+        mask = b"\x01\x02\x03\x04"
+        frame = bytes([0x82, 0x80 | len(hello)]) + mask + bytes(
+            b ^ mask[i % 4] for i, b in enumerate(hello))
+        for i in range(len(head) - 1):
+            s.sendall(head[i:i + 1])
+            time.sleep(0.002)
+        s.sendall(head[-1:] + frame)
+        s.settimeout(10)
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += s.recv(4096)
+        assert got.startswith(b"HTTP/1.1 101"), got[:40]
+        rest = got.split(b"\r\n\r\n", 1)[1]
+        while len(rest) < 2 or len(rest) < 2 + (rest[1] & 0x7F):
+            rest += s.recv(4096)
+        assert rest[0] == 0x82
+        assert wire.decode(rest[2:2 + rest[1]]).type == wire.HELLO_OK
     finally:
         s.close()
 
