@@ -70,6 +70,13 @@ class Peer(Protocol):
 COARSE_FACTOR = 4
 #: Connections of one source looked at for a victim at most: a newcomer costs O(1), not O(n).
 SCAN_MAX = 256
+#: A newcomer takes the place of a connection of its own source that has not upgraded only once
+#: that one is this old (seconds; at most half of handshake_timeout). Without it a source that
+#: reopens each connection the relay closes (a half-open flood) churns thousands a second on a
+#: full relay, each newcomer evicting the one before; with it the flood's newcomers are refused
+#: and held (REFUSED_MAX) instead. Through Tor a client's request can follow its connection by a
+#: circuit's round trip, so a young connection is not an idle one.
+FRESH_MIN = 2.0
 
 
 class Group:
@@ -270,10 +277,12 @@ class Gate:
         if not own and not node.children:
             victim = self._victim(node, 0.0, subscribed_too=True)
         if victim is None:
-            quiet = time.monotonic() - self.cfg.handshake_timeout
+            now = time.monotonic()
+            quiet = now - self.cfg.handshake_timeout
             leaf = self._leaf(keys)
             if leaf is not None:
-                victim = self._victim(leaf, quiet, subscribed_too=False)
+                young = now - min(FRESH_MIN, self.cfg.handshake_timeout / 2)
+                victim = self._victim(leaf, quiet, subscribed_too=False, young=young)
         if victim is None:
             return False
         self.forget(victim.transport)
@@ -290,12 +299,15 @@ class Gate:
         return node
 
     @staticmethod
-    def _victim(leaf: Group, quiet: float, subscribed_too: bool) -> Entry | None:
-        """The connection of a source that does least: not upgraded, else unsubscribed and
-        silent longest (only if silent since `quiet`, when not 0), else (if allowed) the one
+    def _victim(leaf: Group, quiet: float, subscribed_too: bool,
+                young: float = 0.0) -> Entry | None:
+        """The connection of a source that does least: not upgraded (accepted before `young`,
+        when not 0), else unsubscribed and silent longest (only if silent since `quiet`, when not 0), else (if allowed) the one
         least recently heard from. Looks at SCAN_MAX connections at most."""
         if leaf.fresh:
-            return next(iter(leaf.fresh.values()))
+            oldest = next(iter(leaf.fresh.values()))
+            if not young or oldest.since <= young:
+                return oldest
         for n, entry in enumerate(leaf.upgraded.values()):
             conn = entry.conn
             if n >= SCAN_MAX or conn is None or (quiet and conn.last_seen > quiet):

@@ -63,15 +63,22 @@ def test_cap_per_source(relay_factory: Callable[..., RelayProcess]) -> None:
 
 def test_connections_before_the_upgrade_are_counted_and_timed_out(
         relay_factory: Callable[..., RelayProcess]) -> None:
-    """Raw TCP connections that never send a request hold a place under max_connections; a
-    newcomer takes the place of one, and the others are closed after handshake_timeout."""
-    rp = relay_factory(max_connections=4, handshake_timeout=2)
+    """Raw TCP connections that never send a request hold a place under max_connections. A
+    newcomer of the same source takes the place of one only once it has not upgraded for
+    FRESH_MIN (here half of handshake_timeout): before, it is refused, so a source that reopens
+    each connection the relay closes cannot churn them. The others are closed after
+    handshake_timeout."""
+    rp = relay_factory(max_connections=4, handshake_timeout=4)
     raw = [socket.create_connection(("127.0.0.1", rp.port)) for _ in range(4)]
     try:
         async def newcomer() -> None:
             c = await RelayClient.connect(rp.url)
             await c.close()
 
+        with pytest.raises(HandshakeFailed) as e:
+            run(newcomer())
+        assert e.value.status == 503
+        time.sleep(2.2)  # the four are older than FRESH_MIN now (min(2, 4 / 2) s)
         run(newcomer())
         # One was evicted for the newcomer, the rest time out: all end up closed.
         assert all(closed_by_peer(s) for s in raw)

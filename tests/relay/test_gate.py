@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from relay.config import Config
-from relay.gate import Gate, source_chain, source_of
+from relay.gate import FRESH_MIN, Gate, source_chain, source_of
 
 
 class Transport:
@@ -153,3 +153,32 @@ def test_a_newcomer_to_a_full_relay_looks_at_few_connections() -> None:
     assert not alive(gate, late)
     assert looked <= 256, looked
     gate.forget(late)  # type: ignore[arg-type]
+
+
+def test_a_young_connection_not_upgraded_is_taken_only_by_another_source() -> None:
+    """On a full relay a newcomer takes the place of its own source's connection that has not
+    upgraded only once that one is FRESH_MIN old (a source reopening what the relay closes
+    would otherwise churn), while a newcomer of a smaller source takes one at once."""
+    gate = Gate(Config(max_connections=3, handshake_timeout=10))
+    held = [Transport("127.0.0.2") for _ in range(3)]
+    for t in held:
+        assert gate.accept(t)  # type: ignore[arg-type]
+    same = Transport("127.0.0.2")
+    gate.accept(same)  # type: ignore[arg-type]
+    assert not alive(gate, same) and not any(t.aborted for t in held)
+    gate.forget(same)  # type: ignore[arg-type]
+    for t in held:
+        entry = gate.entry(t)  # type: ignore[arg-type]
+        assert entry is not None
+        entry.since -= FRESH_MIN + 0.1
+    same = Transport("127.0.0.2")
+    gate.accept(same)  # type: ignore[arg-type]
+    assert alive(gate, same) and held[0].aborted
+    # A smaller source's newcomer takes a place from the biggest, young as it is.
+    for t in (*held[1:], same):
+        entry = gate.entry(t)  # type: ignore[arg-type]
+        assert entry is not None
+        entry.since = time.monotonic()
+    other = Transport("127.0.0.1")
+    gate.accept(other)  # type: ignore[arg-type]
+    assert alive(gate, other) and held[1].aborted
