@@ -549,6 +549,7 @@ class Hostile:
     quick: bool
     slow_conns: int
     session: aiohttp.ClientSession
+    half_open: int = 400
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -668,7 +669,7 @@ async def hostile_connections(h: Hostile) -> None:
     """Item 3: as many subscribed connections as the relay accepts, plus half-open ones."""
     h.emit("ready")
     held: list[RelayClient] = []
-    halfo = asyncio.ensure_future(half_open(h, 400))
+    halfo = asyncio.ensure_future(half_open(h, h.half_open))
     sem = asyncio.Semaphore(64)
 
     async def one() -> None:
@@ -938,7 +939,7 @@ async def hostile_async(args: argparse.Namespace) -> None:
     stats = Stats()
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
         limit=0, local_addr=(HOSTILE_SOURCE, 0)))
-    h = Hostile(args.url, stats, stop, args.quick, args.slow_conns, session)
+    h = Hostile(args.url, stats, stop, args.quick, args.slow_conns, session, args.half_open)
     task = asyncio.ensure_future(HOSTILES[args.hostile](h))
     waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
@@ -991,7 +992,8 @@ class HostileProcess:
 
     async def start(self) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--hostile", self.name,
-               "--url", self.url, "--slow-conns", str(self.args.slow_conns)]
+               "--url", self.url, "--slow-conns", str(self.args.slow_conns),
+               "--half-open", str(self.args.half_open)]
         if self.args.quick:
             cmd.append("--quick")
         with self.log.open("wb") as err:
@@ -1325,6 +1327,8 @@ def main() -> None:
     p.add_argument("--recover", type=float, default=None,
                    help="seconds the full disk has to recover (30; quick 10)")
     p.add_argument("--slow-conns", type=int, default=None, help="item 5's connections (8; 4)")
+    p.add_argument("--half-open", type=int, default=400,
+                   help="item 3's half-open connections, each reopened when closed (400)")
     p.add_argument("--tmpfs-mb", type=int, default=0,
                    help="size of the full-disk tmpfs (64 MiB plus the relay's disk reserve)")
     p.add_argument("--hostile", choices=sorted(HOSTILES), help=argparse.SUPPRESS)

@@ -18,7 +18,7 @@ Admission of a new connection:
   (of its biggest sub-prefix, down to one source); where the newcomer's own group is the
   biggest, this is looked for one prefix down inside it. Otherwise (one source holds
   everything, e.g. all clients via Tor) a connection that does least for anyone: one not
-  yet upgraded to a WebSocket, else one without subscription silent for handshake_timeout at
+  yet upgraded to a WebSocket and accepted FRESH_MIN ago at least, else one without subscription silent for handshake_timeout at
   least, the longest silent. Subscribed connections are never evicted by a newcomer of the
   same source: each holds a mailbox of its own, and mailboxes have a price. If no connection
   qualifies, the newcomer is refused. Groups are bucketed by size and each source keeps its
@@ -26,7 +26,8 @@ Admission of a new connection:
 
 A refused connection is answered `503` once it sends its request (and aborted if it does not
 within `handshake_timeout`); beyond `REFUSED_MAX` refused ones waiting, new ones are aborted at
-once. A connection that has not upgraded to a WebSocket within `handshake_timeout` of being
+once. The gate admits a connection at the TCP accept, before aiohttp builds anything for it, and
+aiohttp's handler takes it over only once its request head is complete (_Admission). A connection that has not upgraded to a WebSocket within `handshake_timeout` of being
 accepted is aborted (slow or absent HTTP headers hold nothing for long).
 """
 
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
 #: Refused connections waiting for their request (to be answered 503) at most.
-REFUSED_MAX = 256
+REFUSED_MAX = 1024
 #: Bytes of a request's head held before aiohttp's handler takes the connection over (above
 #: aiohttp's own limits for one line and one header, so it is aiohttp that refuses a big head).
 HEAD_MAX = 16 * 1024
