@@ -11,25 +11,26 @@ set, and fairness among them is by connection (below).
 
 Admission of a new connection:
 
-* its source already holds `source_connections`, or one of its coarser prefixes
-  COARSE_FACTOR times that (0: no cap): refused;
+* its source already holds `source_connections`, or one of its coarser prefixes COARSE_FACTOR
+  times that (0: no cap): refused;
 * the relay holds `max_connections`: from the coarsest prefix down, the biggest group, if it
   holds at least two more than the newcomer's own group at that prefix, gives up a connection
   (of its biggest sub-prefix, down to one source); where the newcomer's own group is the
-  biggest, this is looked for one prefix down inside it. Otherwise (one source holds
-  everything, e.g. all clients via Tor) a connection that does least for anyone: one not
-  yet upgraded to a WebSocket and accepted FRESH_MIN ago at least, else one without subscription silent for handshake_timeout at
-  least, the longest silent. Subscribed connections are never evicted by a newcomer of the
-  same source: each holds a mailbox of its own, and mailboxes have a price. If no connection
-  qualifies, the newcomer is refused. Groups are bucketed by size and each source keeps its
-  connections least recently heard from first, so a newcomer costs O(1) (SCAN_MAX at most).
+  biggest, this is looked for one prefix down inside it. Otherwise (one source holds everything,
+  e.g. all clients via Tor) a connection that does least for anyone: one not yet upgraded to a
+  WebSocket and accepted FRESH_MIN ago at least, else one without subscription silent for
+  handshake_timeout at least, the longest silent. Subscribed connections are never evicted by a
+  newcomer of the same source: each holds a mailbox of its own, and mailboxes have a price. If
+  no connection qualifies, the newcomer is refused. Groups are bucketed by size and each source
+  keeps its connections least recently heard from first, so a newcomer costs O(1) (SCAN_MAX at
+  most).
 
 A refused connection is answered `503` once it sends its request (and aborted if it does not
 within `handshake_timeout`); beyond `REFUSED_MAX` refused ones waiting, new ones are aborted at
 once. The gate admits a connection at the TCP accept, before aiohttp builds anything for it, and
-aiohttp's handler takes it over only once its request head is complete (_Admission). A connection that has not upgraded to a WebSocket within `handshake_timeout` of being
-accepted is aborted (slow or absent HTTP headers hold nothing for long).
-"""
+aiohttp's handler takes it over only once its request head is complete (_Admission). A
+connection that has not upgraded to a WebSocket within `handshake_timeout` of being accepted is
+aborted (slow or absent HTTP headers hold nothing for long)."""
 
 from __future__ import annotations
 
@@ -302,9 +303,10 @@ class Gate:
     @staticmethod
     def _victim(leaf: Group, quiet: float, subscribed_too: bool,
                 young: float = 0.0) -> Entry | None:
-        """The connection of a source that does least: not upgraded (accepted before `young`,
-        when not 0), else unsubscribed and silent longest (only if silent since `quiet`, when not 0), else (if allowed) the one
-        least recently heard from. Looks at SCAN_MAX connections at most."""
+        """The connection of a source that does least: not upgraded (accepted before
+        `young`, when not 0), else unsubscribed and silent longest (only if silent since
+        `quiet`, when not 0), else (if allowed) the one least recently heard from. Looks at
+        SCAN_MAX connections at most."""
         if leaf.fresh:
             oldest = next(iter(leaf.fresh.values()))
             if not young or oldest.since <= young:
