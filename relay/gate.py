@@ -53,6 +53,9 @@ REFUSED_MAX = 1024
 #: Bytes of a request's head held before aiohttp's handler takes the connection over (above
 #: aiohttp's own limits for one line and one header, so it is aiohttp that refuses a big head).
 HEAD_MAX = 16 * 1024
+#: The answer to a refused connection's request (relay.app's _busy, without aiohttp).
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: 5\r\nConnection: close\r\n\r\nbusy\n")
 
 
 class Peer(Protocol):
@@ -399,6 +402,14 @@ class _Admission(asyncio.Protocol):
             self.head = head
             return
         self.head = b""
+        entry = self.gate.entries.get(self.transport)
+        if entry is not None and entry.refused and not head.startswith(b"GET /health"):
+            # Refused (limits, or shutdown): answered here, as aiohttp would, without building a
+            # handler for it: a client retrying a full relay costs it this write. /health goes
+            # on to aiohttp, which answers it as usual.
+            self.transport.write(BUSY)
+            self.transport.close()
+            return
         handler = self.server()
         self.transport.set_protocol(handler)
         handler.connection_made(self.transport)

@@ -43,6 +43,13 @@ def test_cap_per_source(relay_factory: Callable[..., RelayProcess]) -> None:
         with pytest.raises(HandshakeFailed) as e:
             await RelayClient.connect(rp.url)
         assert e.value.status == 503
+        # A health checker of the same source is still answered (over a raw socket: one
+        # request, then the relay closes).
+        reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200") and b'"status": "ok"' in answer, answer[:60]
         # Another source is not held back by this one.
         other = await RelayClient.connect(rp.url, local_addr=OTHER)
         # A connection given back makes room for the source again.
