@@ -53,6 +53,9 @@ REFUSED_MAX = 1024
 #: Bytes of a request's head held before aiohttp's handler takes the connection over (above
 #: aiohttp's own limits for one line and one header, so it is aiohttp that refuses a big head).
 HEAD_MAX = 16 * 1024
+#: Seconds before a refused connection's request is answered (held meanwhile, as one of
+#: REFUSED_MAX): a client that retries at once, or a flood of full handshakes, goes at this pace.
+REFUSE_DELAY = 1.0
 #: The answer to a refused connection's request (relay.app's _busy, without aiohttp).
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
         b"Content-Length: 5\r\nConnection: close\r\n\r\nbusy\n")
@@ -379,13 +382,14 @@ class _Admission(asyncio.Protocol):
     newcomer evicts it), was most of what a connection flood cost; here such a connection holds
     its bytes so far, at most HEAD_MAX."""
 
-    __slots__ = ("gate", "head", "server", "transport")
+    __slots__ = ("answer", "gate", "head", "server", "transport")
 
     def __init__(self, gate: Gate, server: web.Server) -> None:
         self.gate = gate
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.head = b""
+        self.answer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A socket transport (uvloop's is not an asyncio.Transport subclass, so no isinstance).
@@ -394,8 +398,8 @@ class _Admission(asyncio.Protocol):
             self.transport = t
 
     def data_received(self, data: bytes) -> None:
-        if self.transport is None:
-            return  # aborted at the accept
+        if self.transport is None or self.answer is not None:
+            return  # aborted at the accept, or refused and waiting for its answer
         head = self.head + data
         # Past HEAD_MAX without its end: aiohttp answers it (431 or 400) as it would any.
         if b"\r\n\r\n" not in head[-len(data) - 3:] and len(head) <= HEAD_MAX:
@@ -405,20 +409,28 @@ class _Admission(asyncio.Protocol):
         entry = self.gate.entries.get(self.transport)
         if entry is not None and entry.refused and not head.startswith(b"GET /health"):
             # Refused (limits, or shutdown): answered here, as aiohttp would, without building a
-            # handler for it: a client retrying a full relay costs it this write. /health goes
-            # on to aiohttp, which answers it as usual.
-            self.transport.write(BUSY)
-            self.transport.close()
+            # handler for it, and REFUSE_DELAY later (at once during shutdown): a client that
+            # retries a full relay at once retries at that pace. /health goes on to aiohttp,
+            # which answers it as usual.
+            delay = 0.0 if self.gate.closing else REFUSE_DELAY
+            self.answer = asyncio.get_running_loop().call_later(delay, self._busy)
             return
         handler = self.server()
         self.transport.set_protocol(handler)
         handler.connection_made(self.transport)
         handler.data_received(head)
 
+    def _busy(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(BUSY)
+            self.transport.close()
+
     def eof_received(self) -> bool:
         return False  # the client gave up before its request was whole: close
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self.answer is not None:
+            self.answer.cancel()
         # Lost before aiohttp took over (evicted, timed out, reset): aiohttp's hook never runs.
         if self.transport is not None:
             self.gate.forget(self.transport)
