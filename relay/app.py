@@ -445,7 +445,11 @@ async def health(request: web.Request) -> web.Response:
     relay = request.app[RELAY_KEY]
     if relay.closing:
         return web.json_response({"status": "stopping"}, status=503)
-    return web.json_response({"status": "ok", "protocol": wire.VERSION})
+    resp = web.json_response({"status": "ok", "protocol": wire.VERSION})
+    entry = relay.gate.entry(request.transport)
+    if entry is not None and entry.refused:
+        resp.force_close()  # answered, but nothing more on a refused connection
+    return resp
 
 
 def create_app(cfg: Config, storage: Storage | None = None,
@@ -463,6 +467,7 @@ def create_app(cfg: Config, storage: Storage | None = None,
     async def on_shutdown(_: web.Application) -> None:
         relay.closing = True
         relay.gate.closing = True
+        relay.gate.close_unhanded()
         for conn in list(relay.connections):
             await conn.close(_CLOSE_GOING_AWAY)
 

@@ -50,9 +50,11 @@ if TYPE_CHECKING:
 
 #: Refused connections waiting for their request (to be answered 503) at most.
 REFUSED_MAX = 1024
-#: Bytes of a request's head held before aiohttp's handler takes the connection over (above
-#: aiohttp's own limits for one line and one header, so it is aiohttp that refuses a big head).
+#: Bytes of a request's head held before aiohttp's handler takes the connection over; a bigger
+#: head is answered 431 (the relay's requests are a few hundred bytes).
 HEAD_MAX = 16 * 1024
+HEAD_TOO_BIG = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n"
+                b"Connection: close\r\n\r\n")
 #: Seconds before a refused connection's request is answered (held meanwhile, as one of
 #: REFUSED_MAX): a client that retries at once, or a flood of full handshakes, goes at this pace.
 REFUSE_DELAY = 1.0
@@ -185,6 +187,8 @@ class Gate:
         self.admitted = 0
         self.refused = 0
         self.closing = False
+        #: aiohttp's request handler -> its transport, from the hand-over to connection_lost.
+        self.handed: dict[Any, asyncio.Transport] = {}
 
     # --- aiohttp hooks ---------------------------------------------------------------------------
 
@@ -196,7 +200,9 @@ class Gate:
         lost = server.connection_lost
 
         def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
-            transport = handler.transport
+            # By the transport recorded at the hand-over: aiohttp's force_close() clears
+            # handler.transport before this runs (an error in a handler, shutdown).
+            transport = self.handed.pop(handler, None) or handler.transport
             lost(handler, exc)
             if transport is not None:
                 self.forget(transport)
@@ -308,14 +314,14 @@ class Gate:
 
     @staticmethod
     def _victim(leaf: Group, quiet: float, subscribed_too: bool,
-                young: float = 0.0) -> Entry | None:
+                young: float | None = None) -> Entry | None:
         """The connection of a source that does least: not upgraded (accepted before
-        `young`, when not 0), else unsubscribed and silent longest (only if silent since
+        `young`, when given), else unsubscribed and silent longest (only if silent since
         `quiet`, when not 0), else (if allowed) the one least recently heard from. Looks at
         SCAN_MAX connections at most."""
         if leaf.fresh:
             oldest = next(iter(leaf.fresh.values()))
-            if not young or oldest.since <= young:
+            if young is None or oldest.since <= young:
                 return oldest
         for n, entry in enumerate(leaf.upgraded.values()):
             conn = entry.conn
@@ -364,6 +370,14 @@ class Gate:
     def entry(self, transport: asyncio.BaseTransport | None) -> Entry | None:
         return self.entries.get(transport) if transport is not None else None
 
+    def close_unhanded(self) -> None:
+        """At shutdown: abort the connections aiohttp never took over (their request head is
+        not complete, or their 503 is pending); aiohttp's shutdown does not know them."""
+        for entry in list(self.entries.values()):
+            if isinstance(entry.transport.get_protocol(), _Admission):
+                self.forget(entry.transport)
+                entry.transport.abort()
+
     def sweep(self, now: float) -> None:
         """Abort connections that did not upgrade within handshake_timeout of being accepted."""
         limit = self.cfg.handshake_timeout
@@ -380,7 +394,8 @@ class _Admission(asyncio.Protocol):
     arrived. Building that handler, and the task it starts, for a connection about to be
     aborted, or that sends part of a request and waits (held until handshake_timeout, or until a
     newcomer evicts it), was most of what a connection flood cost; here such a connection holds
-    its bytes so far, at most HEAD_MAX."""
+    its bytes so far, at most HEAD_MAX (a bigger head is answered 431). A refused connection's
+    request is answered here too (503, REFUSE_DELAY later), except a health check's."""
 
     __slots__ = ("answer", "gate", "head", "server", "transport")
 
@@ -388,7 +403,7 @@ class _Admission(asyncio.Protocol):
         self.gate = gate
         self.server = server
         self.transport: asyncio.Transport | None = None
-        self.head = b""
+        self.head = bytearray()
         self.answer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -398,35 +413,50 @@ class _Admission(asyncio.Protocol):
             self.transport = t
 
     def data_received(self, data: bytes) -> None:
-        if self.transport is None or self.answer is not None:
-            return  # aborted at the accept, or refused and waiting for its answer
-        head = self.head + data
-        # Past HEAD_MAX without its end: aiohttp answers it (431 or 400) as it would any.
-        if b"\r\n\r\n" not in head[-len(data) - 3:] and len(head) <= HEAD_MAX:
-            self.head = head
+        t = self.transport
+        if t is None or self.answer is not None:
+            return  # aborted at the accept, or answered (or about to be)
+        start = max(0, len(self.head) - 3)
+        self.head += data
+        end = self.head.find(b"\r\n\r\n", start)
+        if end < 0 and len(self.head) <= HEAD_MAX:
             return
-        self.head = b""
-        entry = self.gate.entries.get(self.transport)
-        if entry is not None and entry.refused and not head.startswith(b"GET /health"):
-            # Refused (limits, or shutdown): answered here, as aiohttp would, without building a
-            # handler for it, and REFUSE_DELAY later (at once during shutdown): a client that
-            # retries a full relay at once retries at that pace. /health goes on to aiohttp,
-            # which answers it as usual.
-            delay = 0.0 if self.gate.closing else REFUSE_DELAY
-            self.answer = asyncio.get_running_loop().call_later(delay, self._busy)
+        if end < 0 or end > HEAD_MAX:
+            self._answer(HEAD_TOO_BIG, 0.0)
+            return
+        head, self.head = bytes(self.head), bytearray()
+        entry = self.gate.entries.get(t)
+        if entry is None:
+            return  # forgotten meanwhile (evicted, timed out): being aborted
+        if (entry.refused or self.gate.closing) and not _is_health_check(head):
+            # Refused (limits, or shutdown): answered without building a handler for it, and
+            # REFUSE_DELAY later (at once during shutdown): a client that retries a full relay
+            # at once retries at that pace. Never later than the handshake timeout's sweep.
+            left = entry.since + self.gate.cfg.handshake_timeout - time.monotonic() - 0.1
+            delay = 0.0 if self.gate.closing else max(0.0, min(REFUSE_DELAY, left))
+            self._answer(BUSY, delay)
             return
         handler = self.server()
-        self.transport.set_protocol(handler)
-        handler.connection_made(self.transport)
+        self.gate.handed[handler] = t
+        t.set_protocol(handler)
+        handler.connection_made(t)
         handler.data_received(head)
 
-    def _busy(self) -> None:
+    def _answer(self, answer: bytes, delay: float) -> None:
+        """Send `answer` and close, `delay` seconds from now; read nothing more meanwhile."""
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.answer = asyncio.get_running_loop().call_later(delay, self._send, answer)
+
+    def _send(self, answer: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(BUSY)
+            self.transport.write(answer)
             self.transport.close()
 
     def eof_received(self) -> bool:
-        return False  # the client gave up before its request was whole: close
+        # The client gave up before its request was whole: close; if it half-closed after a
+        # request that is being answered, keep the connection for that answer.
+        return self.answer is not None
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self.answer is not None:
@@ -435,3 +465,12 @@ class _Admission(asyncio.Protocol):
         if self.transport is not None:
             self.gate.forget(self.transport)
             self.transport = None
+
+
+def _is_health_check(head: bytes) -> bool:
+    """A GET or HEAD of exactly /health (with a query or not): aiohttp answers those even for a
+    refused connection (relay.app's health(), which closes such a connection after it)."""
+    line = head.split(b"\r\n", 1)[0]
+    method, _, rest = line.partition(b" ")
+    target = rest.partition(b" ")[0].partition(b"?")[0]
+    return method in (b"GET", b"HEAD") and target == b"/health"

@@ -104,12 +104,13 @@ def test_slow_headers_are_timed_out(relay_factory: Callable[..., RelayProcess]) 
         s.close()
 
 
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
 def test_a_request_head_in_pieces_then_a_frame_in_the_same_write(
-        relay_factory: Callable[..., RelayProcess]) -> None:
+        relay_factory: Callable[..., RelayProcess], event_loop: str) -> None:
     """The gate holds a request's head until its blank line before aiohttp takes over: a head
     that arrives a byte at a time (the blank line split across writes) is answered as a whole,
     and a WebSocket frame written with the head's last byte reaches the relay (HELLO_OK)."""
-    rp = relay_factory()
+    rp = relay_factory(event_loop=event_loop)
     s = socket.create_connection(("127.0.0.1", rp.port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
@@ -136,6 +137,51 @@ def test_a_request_head_in_pieces_then_a_frame_in_the_same_write(
         assert wire.decode(rest[2:2 + rest[1]]).type == wire.HELLO_OK
     finally:
         s.close()
+
+
+def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send `request` on a fresh connection; everything the relay answers until it closes."""
+    s = socket.create_connection(("127.0.0.1", port))
+    try:
+        s.sendall(request)
+        s.settimeout(15)
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                got += chunk
+        return got
+    finally:
+        s.close()
+
+
+UPGRADE = (b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+def test_a_refused_connection_gets_a_health_answer_and_nothing_else(
+        relay_factory: Callable[..., RelayProcess]) -> None:
+    """A refused connection (its source at its cap) is answered by the gate: 503 to anything
+    but a health check, which aiohttp answers, and then the connection ends, also when an
+    upgrade request follows in the same write. A request head over 16 KiB is answered 431."""
+    rp = relay_factory(source_connections=1, source_cap_loopback="true")
+
+    async def hold() -> RelayClient:
+        return await RelayClient.connect(rp.url)
+
+    loop = asyncio.new_event_loop()
+    try:
+        held = loop.run_until_complete(hold())
+        got = raw_exchange(rp.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" + UPGRADE)
+        assert got.startswith(b"HTTP/1.1 200") and got.count(b"HTTP/1.1 ") == 1, got[:200]
+        for path in (b"/healthX", b"/v1/ws", b"/health/"):
+            got = raw_exchange(rp.port, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert got.startswith(b"HTTP/1.1 503") and got.endswith(b"busy\n"), (path, got)
+        loop.run_until_complete(held.close())
+    finally:
+        loop.close()
+    big = b"GET /v1/ws HTTP/1.1\r\n" + b"".join(
+        b"X-Filler-%d: %s\r\n" % (i, b"a" * 90) for i in range(200)) + b"\r\n"
+    assert raw_exchange(rp.port, big).startswith(b"HTTP/1.1 431")
 
 
 @pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
