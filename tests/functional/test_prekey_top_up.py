@@ -59,6 +59,7 @@ def test_a_drained_address_is_topped_up_by_the_periodic_check(
     try:
         if isolation:
             bob.call("network.set", {"isolation": True})
+            bob.wait_connected()  # the link reconnects with the new settings
         link = wire.ContactLink.from_text(bob.call("address.get")["link"])
         address = link.bundle_address
         bob.stop()
