@@ -448,7 +448,11 @@ def test_renewal_requests_whose_bundle_the_relay_refuses(
         h.deposit(url, [h.renewal_block(now + 2, bundle)])
         h.deposit(url, h.payload_blocks(text("after the request")))
         bob.wait_for(lambda: received(bob, "alice", "after the request"), "the text after it")
-        assert queued(relay_proc, h) == 1  # the request: not acknowledged, not dropped
+        # The text's acknowledgement may still be on its way; the request stays: not
+        # acknowledged, not dropped.
+        bob.wait_for(lambda: queued(relay_proc, h) == 1, "the text acknowledged")
+        time.sleep(1)
+        assert queued(relay_proc, h) == 1
         relay_proc.terminate()
         del relay_proc.options["--bundle-fetches-per-connection"]
         relay_proc.start()
