@@ -189,11 +189,18 @@ class Phase:
     latencies: list[float] = field(default_factory=list)  # of the successful ones, seconds
     failures: dict[str, int] = field(default_factory=dict)
     events: list[tuple[float, bool]] = field(default_factory=list)  # (start, succeeded)
+    timed: list[tuple[float, float]] = field(default_factory=list)  # (start, latency)
+    #: latencies of the deposits that opened their sender's connection (handshake included)
+    connecting: list[float] = field(default_factory=list)
 
-    def record(self, start: float, latency: float | None, failure: str = "") -> None:
+    def record(self, start: float, latency: float | None, failure: str = "",
+               connected: bool = False) -> None:
         self.events.append((start, latency is not None))
         if latency is not None:
             self.latencies.append(latency)
+            self.timed.append((start, latency))
+            if connected:
+                self.connecting.append(latency)
         else:
             self.failures[failure] = self.failures.get(failure, 0) + 1
 
@@ -214,6 +221,32 @@ def verdict(base: Phase, attacked: Phase) -> tuple[float | None, str]:
     ratio = a99 / b99
     ok = ratio <= MAX_RATIO and (attacked.success or 0.0) >= MIN_SUCCESS
     return ratio, "PASS" if ok else "FAIL"
+
+
+def timeline(phase: Phase, step: float = 1.0) -> list[tuple[int, int, float]]:
+    """(second of the window, deposits started in it, their p99 latency in ms), per `step`."""
+    if not phase.timed:
+        return []
+    t0 = min(t for t, _ in phase.timed)
+    slots: dict[int, list[float]] = {}
+    for t, lat in phase.timed:
+        slots.setdefault(int((t - t0) / step), []).append(lat)
+    return [(k, len(v), (percentile(v, 99) or 0.0) * 1000) for k, v in sorted(slots.items())]
+
+
+def print_timeline(name: str, phase: Phase) -> None:
+    cells = [f"{k}s:{ms:.0f}" for k, _, ms in timeline(phase)]
+    print(f"  {name} p99 ms by second of the attack: " + " ".join(cells), flush=True)
+    conn = sorted(phase.connecting)
+    rest = sorted(phase.latencies)
+    for x in conn:
+        rest.remove(x)
+    def ms(v: list[float], p: float) -> str:
+        q = percentile(v, p)
+        return "-" if q is None else f"{q * 1000:.1f}"
+    print(f"  {name} deposits opening a connection: n={len(conn)} p50 {ms(conn, 50)} p99 "
+          f"{ms(conn, 99)} max {ms(conn, 100)}; on an open one: n={len(rest)} p50 "
+          f"{ms(rest, 50)} p99 {ms(rest, 99)} max {ms(rest, 100)}", flush=True)
 
 
 def recovery_time(events: Sequence[tuple[float, bool]], since: float, run: int = 20
@@ -347,6 +380,7 @@ class Sender:
         self.born = 0.0
         self.lock = asyncio.Lock()
         self.inflight: dict[RelayClient, int] = {}
+        self.connects = 0
 
     async def _connection(self) -> RelayClient:
         async with self.lock:
@@ -356,6 +390,7 @@ class Sender:
                 self._retire()
                 c = await RelayClient.connect(self.legit.url, session=self.legit.session)
                 self.conn, self.born = c, now
+                self.connects += 1
             return c
 
     def _retire(self) -> None:
@@ -376,6 +411,7 @@ class Sender:
     async def deposit(self, phase: Phase | None) -> None:
         start = time.perf_counter()
         c: RelayClient | None = None
+        connects = self.connects
         try:
             async with asyncio.timeout(self.legit.timeout):
                 c = await self._connection()
@@ -395,7 +431,7 @@ class Sender:
                 if not self.inflight[c]:
                     del self.inflight[c]
         if phase is not None:
-            phase.record(start, time.perf_counter() - start)
+            phase.record(start, time.perf_counter() - start, connected=self.connects != connects)
 
 
 class Legit:
@@ -1105,6 +1141,8 @@ async def run_attack(name: str, args: argparse.Namespace, tmp: Path) -> dict[str
         base_blob = legit.blob_phase = Phase()
         base = await legit.measure(args.baseline)
         legit.blob_phase = None
+        if args.timeline:
+            print_timeline(name + " baseline", base)
         rss_before, _ = rss_mb(relay)
         hostile = HostileProcess(name, url, args, tmp / f"hostile-{name}.log")
         await hostile.start()
@@ -1117,6 +1155,8 @@ async def run_attack(name: str, args: argparse.Namespace, tmp: Path) -> dict[str
         att_blob = legit.blob_phase = Phase()
         att = await legit.measure(args.attack)
         legit.blob_phase = None
+        if args.timeline:
+            print_timeline(name, att)
         stats = await hostile.stop()
         hostile = None
         await asyncio.sleep(2)
@@ -1353,6 +1393,8 @@ async def main_async(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short run (under 2 minutes)")
+    p.add_argument("--timeline", action="store_true",
+                   help="print the attacked window's p99 second by second")
     p.add_argument("--scenario", default="", help="comma-separated: 1,3,5,6,8,disk (all)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import signal
 import socket
@@ -117,6 +118,16 @@ def _raise_nofile() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _freeze_start_up_objects() -> None:
+    """Move what start-up built (modules, classes, the app) out of the collector's sight: a
+    full collection walks every tracked object, and these, about 40,000, never become garbage.
+    Under a connection flood full collections come every few seconds while the held
+    connections grow, and each stalls every client; measured in bench/attack.py 3t, the stall
+    at about a thousand connections went from 77-96 ms to about 40 ms."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(app: web.Application, host: str, port: int, sock: socket.socket | None) -> None:
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
@@ -129,6 +140,7 @@ async def serve(app: web.Application, host: str, port: int, sock: socket.socket 
         listener = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
     else:
         listener = await loop.create_server(factory, host, port, backlog=BACKLOG)
+    _freeze_start_up_objects()
     log.info("relay started")
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
