@@ -348,9 +348,9 @@ class Daemon:
             "network": self.connectivity.status(),
             "last_event_seq": None if store is None else store.last_event_seq(),
             "contacts_failed": None if store is None else self.messenger.contacts.failed(),
-            "superseded": self.messenger.superseded(),
-            "relay_lost": None if store is None else self.messenger.relay_lost,
-            "address_renewed": self.messenger.address_renewed(),
+            "superseded": self.messenger.loss.superseded(),
+            "relay_lost": None if store is None else self.messenger.loss.relay_lost,
+            "address_renewed": self.messenger.loss.address_renewed(),
             "relay_move": self.messenger.rotation.move_status(),
             "subscriptions": self.events.count(ctx.connection),
         }

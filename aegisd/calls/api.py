@@ -24,7 +24,7 @@ def register(
     registry: Registry, ctx: ServiceContext, m: Messenger, *, test_methods: bool = False
 ) -> CallService:
     service = CallService(ctx, m)
-    m.calls = service  # type: ignore[attr-defined]  # the messenger hands signaling over
+    m.calls = service  # the messenger hands signaling over
     ctx.on_unlock.append(service.on_unlock)
     ctx.on_lock.append(service.on_lock)
 

@@ -332,8 +332,8 @@ async def move_to_relay(m: Messenger, url: str, insecure_plaintext: bool) -> tup
     A deliberate user action: it also clears the mark of a copy restored elsewhere (or of a
     relay that lost the mailboxes), since the new mailboxes are this copy's own."""
     from .mailbox import OwnedMailbox
+    from .mailbox_loss import SETTING_SUPERSEDED
     from .mailboxes import SETTING_MOVE
-    from .messenger import SETTING_SUPERSEDED
 
     async with m.lock:
         store = m.store
@@ -379,8 +379,8 @@ async def move_to_relay(m: Messenger, url: str, insecure_plaintext: bool) -> tup
                     "from": move.get("from", old_url), "at": move.get("at", _ms()),
                     "insecure": move_insecure(move, old_url, old_insecure)})  # fmt: skip
         m.mailboxes.reload()
-        m.relay_lost = None
-        m._denied.clear()
+        m.loss.relay_lost = None
+        m.loss.denied.clear()
         if was_superseded:
             m.cover.start()  # stopped when the mark was set (_mark_superseded)
     log.info("relay changed")

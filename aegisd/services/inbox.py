@@ -123,10 +123,19 @@ class AddressView(Protocol):
     def request_top_up(self) -> None: ...
 
 
+class CallsView(Protocol):
+    """Call signaling's receiver (aegisd/calls/service.py CallService)."""
+
+    def on_payload(
+        self, c: Contact, payload: wire.CallPayload | wire.CallSealedPayload
+    ) -> None: ...
+
+
 class InboxHost(Protocol):
     """What the inbox uses of the messenger."""
 
     prekeys: PrekeyStore | None
+    calls: CallsView | None
 
     @property
     def ctx(self) -> ServiceContext: ...
@@ -430,7 +439,8 @@ class Inbox:
                 # Stored with the receive, acted on (relay calls) right after the commit.
                 self.m.store.set_setting(f"{ROTATION_KEY}{c.id}", {**pending, "acked": True})
                 self._acked_rotations.append((c, payload.rotation_id))
-        elif isinstance(payload, (wire.CallPayload, wire.CallSealedPayload)):
-            calls = getattr(self, "calls", None)  # aegisd/calls/service.py, set at start-up
-            if calls is not None:
-                calls.on_payload(c, payload)
+        elif (
+            isinstance(payload, (wire.CallPayload, wire.CallSealedPayload))
+            and self.m.calls is not None  # aegisd/calls/service.py, set at start-up
+        ):
+            self.m.calls.on_payload(c, payload)

@@ -99,6 +99,10 @@ class InboxView(Protocol):
     def on_block(self) -> Handler: ...
 
 
+class LossView(Protocol):
+    def on_refused(self, owner_id: bytes, code: int) -> bool: ...
+
+
 class MailboxesHost(Protocol):
     """What the mailboxes use of the messenger."""
 
@@ -118,9 +122,10 @@ class MailboxesHost(Protocol):
     def renewals(self) -> RenewalsView: ...
     @property
     def inbox(self) -> InboxView: ...
+    @property
+    def loss(self) -> LossView: ...
 
     def _on_relay_state(self, up: bool, reason: str | None) -> None: ...
-    def _on_refused(self, owner_id: bytes, code: int) -> bool: ...
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
 
@@ -144,7 +149,7 @@ class Mailboxes:
                 subscriptions=lambda: self.subscriptions(str(url)),
                 on_state=self.m._on_relay_state,
                 network=self.m.ctx.network(),
-                on_refused=self.m._on_refused,
+                on_refused=self.m.loss.on_refused,
             )
             self.link.start()
         self.reconcile_drains()
@@ -167,7 +172,7 @@ class Mailboxes:
                 subscriptions=functools.partial(self.subscriptions, url),
                 on_state=lambda up, reason: None,  # status is about the profile's relay
                 network=self.m.ctx.network(),
-                on_refused=self.m._on_refused,
+                on_refused=self.m.loss.on_refused,
                 name="old relay",  # its log lines are told apart from the profile's relay
             )
             self.drains[key] = link
