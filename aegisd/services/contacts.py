@@ -10,8 +10,9 @@
 - ``block`` drops what a blocked contact set going (partial messages, queued blocks, files);
   ``remove`` deletes the contact with its mailboxes (here and at the relay).
 
-This module imports no other service but the mailboxes and the delivery layer: what it uses
-of the messenger is ``ContactsHost``.
+Of the other services this module imports the mailboxes, the delivery layer, the bundle
+fetch and constants or helpers of the inbox, renewal and rotation (none imports it back):
+what it uses of the messenger is ``ContactsHost``.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@
   (attachments.py), call signaling (calls/service.py), cover (dropped).
 
 Everything a peer sends is hostile: bounded, strictly parsed, and nothing of a blocked contact
-is kept. This module imports no other service but the delivery layer and rotation's
-constants: what it uses of the messenger is ``InboxHost``.
+is kept. Of the other services this module imports only the mailboxes, the delivery layer
+and rotation's constants (none imports it back): what it uses of the messenger is
+``InboxHost``.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@
 - The URL policies: ``url_ok`` for a relay of ours, ``peer_url_ok`` for one someone else
   chose.
 
-This module imports no other service but the context: what it uses of the messenger is
-``MailboxesHost``.
+This module imports no other service: what it uses of the messenger (and, through it, of the
+inbox, rotation, renewals, cover and mailbox_loss) is ``MailboxesHost``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,13 @@
 """Messaging: the protocol core, the store and the relay link put together.
 
+``Messenger`` is the facade the API, calls, backups and tests hold: it owns the protocol
+lock, the identity and its prekeys, the life cycle (unlock, lock, the maintenance loop) and
+the one-to-one sends (texts, read marks, call signaling), and it holds the parts that do the
+rest (the module map is in aegisd/services/__init__.py): ``mailboxes``, ``address``,
+``contacts``, ``delivery``, ``inbox``, ``rotation``, ``loss``, and the ``attachments``,
+``renewals`` and ``cover`` services. Each part takes the messenger through a small Protocol of
+its own module (no part imports this module).
+
 Invariants (docs/protocol.md, "Mailboxes and the daemon"):
 - Receiving: the advanced ratchet state, the received message and its event commit in one
   transaction, and only then is the relay acknowledged. A crash before the commit makes the
@@ -21,20 +29,14 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from aegisd.core import wire
-from aegisd.core.identity import (
-    IdentityKeyPair,
-    new_address,
-)
+from aegisd.core.identity import IdentityKeyPair, new_address
 from aegisd.core.prekeys import PrekeyStore
 from aegisd.core.primitives import SystemEntropy
 from aegisd.core.session import Session
 from aegisd.rpc import AppError
 from aegisd.store import Store
 from aegisd.transport.network import Network
-from aegisd.transport.relaylink import (
-    UNAVAILABLE,
-    RelayUnavailable,
-)
+from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable
 from relay.client import RelayError
 
 from .address import Address
@@ -42,9 +44,7 @@ from .attachments import Attachments
 from .contacts import Contacts
 from .delivery import Delivery, DeliveryHooks, Recipient
 from .inbox import STALE_FRAGMENTS_MS, CallsView, Inbox
-from .mailbox import (
-    ContactState,
-)
+from .mailbox import ContactState
 from .mailbox_loss import SETTING_LAST_REACHED, MailboxLoss
 from .mailboxes import Mailboxes
 from .rotation import Rotation
@@ -222,14 +222,19 @@ class Messenger:
         except (*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
             pass  # the next connection tries again
 
-    # --- identity and the public address ---------------------------------------------------
+    # --- the identity and its prekeys (published by address.py) ---------------------------
 
     def identity(self) -> IdentityKeyPair:
         if self.prekeys is None:
             raise RuntimeError("store is locked")
         return self.prekeys.identity
 
-    # --- contacts ---------------------------------------------------------------------------
+    def _reload_prekeys(self) -> None:
+        """After a receive that did not commit: the prekeys as stored (what it changed in
+        memory, one-time keys it used, is undone)."""
+        state = self.store.get_identity()
+        if state is not None:
+            self.prekeys = PrekeyStore.from_bytes(state)
 
     # --- sending ----------------------------------------------------------------------------
 
@@ -296,11 +301,6 @@ class Messenger:
                 await self.rotation.rotate_due()
                 if not self.loss.superseded():
                     await self.rotation.continue_move()  # contacts that answered since, the bound
-
-    def _reload_prekeys(self) -> None:
-        state = self.store.get_identity()
-        if state is not None:
-            self.prekeys = PrekeyStore.from_bytes(state)
 
     async def send_call_payload(self, contact_id: int, payload: wire.Payload) -> None:
         """Call signaling leaves at once: no send jitter and no receipt delay (a call cannot

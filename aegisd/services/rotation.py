@@ -11,8 +11,8 @@ old mailbox keeps receiving (a drain link of the relay link's owner) until the c
 acknowledges, then it is deleted at the old relay. A contact that has not acknowledged after
 MOVE_BOUND_MS is left behind.
 
-This module imports no other service but the delivery layer: what it uses of the messenger is
-``RotationHost``.
+Of the other services this module imports only the mailboxes and the delivery layer (neither
+imports it back): what it uses of the messenger is ``RotationHost``.
 """
 
 from __future__ import annotations
