@@ -9,7 +9,9 @@ need no store answer (version, status, unlock, passphrase.change, daemon.stop).
 
 Extending (messaging, relay client): register methods on ``daemon.registry`` (see
 aegisd/rpc/methods.py), emit events with ``daemon.events.emit(type, data)``, and start or
-stop store-dependent services from ``daemon.on_unlock`` / ``daemon.on_lock`` hooks.
+stop store-dependent services from ``daemon.on_unlock`` / ``daemon.on_lock`` hooks. Services
+receive the daemon as a ``ServiceContext`` (aegisd/services/context.py) and never import
+this module.
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, droplog
 from .passphrase_strength import is_weak, problem
@@ -32,14 +33,17 @@ from .rpc import AppError, CallContext, EventBus, InvalidParamsError, Registry, 
 from .rpc import errors as E
 from .rpc.events import PATTERN_RE, TYPE_RE, EventFilter
 from .rpc.server import Connection, InheritedSocketError, inherited_socket
+from .services.context import Hook
 from .store import Keyring, KeyringError, NoPassphrase, Store, StoreError, WrongPassphrase
+
+if TYPE_CHECKING:
+    from .transport.network import Network
 
 log = logging.getLogger("aegisd")
 
 API_VERSION = 2
 MAX_EVENTS_PAGE = 1000
 
-Hook = Callable[[Store], Awaitable[None]]
 
 
 class DaemonError(Exception):
@@ -97,13 +101,15 @@ class Daemon:
         #: known once it was typed (unlock), None before. Never stored or logged: a seized disk
         #: must not point at the weak profiles.
         self.weak_passphrase: bool | None = None if self.keyring.has_passphrase else False
-        self._test_methods = test_methods
+        self.test_methods = test_methods
         self._register_core()
         # How relays are reached (network mode, the managed Tor): its hooks come first, so
         # that Tor is running before the relay link starts and stops after it.
         from .services import connectivity
 
-        self.connectivity = connectivity.Connectivity(self, test_methods=test_methods)
+        # The services get this daemon as a ServiceContext (services/context.py): the narrow
+        # members they use, never the Daemon type (no import circle).
+        self.connectivity = connectivity.Connectivity(self)
         connectivity.register(self.registry, self.connectivity)
         self.on_unlock.append(self.connectivity.on_unlock)
         self.on_lock.append(self.connectivity.on_lock)
@@ -123,9 +129,28 @@ class Daemon:
         # Calls: their hooks come after the messenger's, so a lock ends the calls first.
         from .calls.api import register as register_calls
 
-        self.calls = register_calls(self.registry, self.messenger, test_methods=test_methods)
+        self.calls = register_calls(self.registry, self, self.messenger, test_methods=test_methods)
         if test_methods:
             self.registry.register("debug.emit", self.rpc_debug_emit, unlocked=True)
+
+    # -- what the services use (services/context.py ServiceContext) ----------------------
+
+    def network(self) -> Network:
+        return self.connectivity.network()
+
+    def network_mode(self) -> str:
+        return self.connectivity.mode()
+
+    async def reconfigure(self) -> None:
+        await self.connectivity.reconfigure()
+
+    async def restart_links(self) -> None:
+        await self.messenger.mailboxes.restart_link()
+
+    async def move_relay(self, url: str, insecure_plaintext: bool) -> tuple[int, int]:
+        from .services.connectivity import move_to_relay
+
+        return await move_to_relay(self.messenger, url, insecure_plaintext)
 
     # -- state --------------------------------------------------------------------------
 
@@ -191,14 +216,14 @@ class Daemon:
         url = self.store.get_setting(SETTING_URL)
         reason = None
         if not self.relay_connected:  # Tor not (yet) working says more than "timed out"
-            reason = self.connectivity.relay_reason() or self.messenger.relay_reason
+            reason = self.connectivity.relay_reason() or self.messenger.mailboxes.relay_reason
         return {
             "configured": url is not None,
             "connected": self.relay_connected,
             "url": url,
             "reason": reason,
             # A relay that is up but full: deposits refused for want of room (they wait).
-            "refusing": self.messenger.relay_refusing,
+            "refusing": self.messenger.delivery.relay_refusing,
         }
 
     def request_stop(self) -> None:
@@ -262,7 +287,7 @@ class Daemon:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
-            if self._test_methods:  # tests: SIGUSR1 writes every task's stack to stderr
+            if self.test_methods:  # tests: SIGUSR1 writes every task's stack to stderr
                 loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
             log.info(
                 "listening on %s%s (%s)",
@@ -322,11 +347,11 @@ class Daemon:
             "relay": self.relay_status(),
             "network": self.connectivity.status(),
             "last_event_seq": None if store is None else store.last_event_seq(),
-            "contacts_failed": None if store is None else self.messenger.failed_contacts(),
-            "superseded": self.messenger.superseded(),
-            "relay_lost": None if store is None else self.messenger.relay_lost,
-            "address_renewed": self.messenger.address_renewed(),
-            "relay_move": self.messenger.move_status(),
+            "contacts_failed": None if store is None else self.messenger.contacts.failed(),
+            "superseded": self.messenger.loss.superseded(),
+            "relay_lost": None if store is None else self.messenger.loss.relay_lost,
+            "address_renewed": self.messenger.loss.address_renewed(),
+            "relay_move": self.messenger.rotation.move_status(),
             "subscriptions": self.events.count(ctx.connection),
         }
 

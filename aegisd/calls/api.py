@@ -8,6 +8,7 @@ from typing import Any
 
 from aegisd.rpc import CallContext, InvalidParamsError, Registry
 from aegisd.rpc.methods import Handler
+from aegisd.services.context import ServiceContext
 from aegisd.services.messenger import Messenger
 
 from .service import CallService
@@ -19,11 +20,13 @@ def _bool(field: str, value: Any) -> bool:
     return value
 
 
-def register(registry: Registry, m: Messenger, *, test_methods: bool = False) -> CallService:
-    service = CallService(m.daemon, m)
-    m.calls = service  # type: ignore[attr-defined]  # the messenger hands signaling over
-    m.daemon.on_unlock.append(service.on_unlock)
-    m.daemon.on_lock.append(service.on_lock)
+def register(
+    registry: Registry, ctx: ServiceContext, m: Messenger, *, test_methods: bool = False
+) -> CallService:
+    service = CallService(ctx, m)
+    m.calls = service  # the messenger hands signaling over
+    ctx.on_unlock.append(service.on_unlock)
+    ctx.on_lock.append(service.on_lock)
 
     def method(name: str) -> Callable[[Handler], Handler]:
         return registry.method(name, unlocked=True)

@@ -1,8 +1,9 @@
 """Calls: the state machine, its timeouts, the history and the events (docs/protocol.md §21).
 
-Signaling travels as ordinary ratchet payloads through the Messenger's outbox (so the relay
-sees ordinary blocks); the sealed part is aegisd/calls/signaling.py. Media is
-aegisd/calls/engine.py, imported only when a call's media starts.
+Signaling travels as ordinary ratchet payloads through the delivery layer
+(services/delivery.py), so the relay sees ordinary blocks; the sealed part is
+aegisd/calls/signaling.py. Media is aegisd/calls/engine.py, imported only when a call's media
+starts.
 
 States: outgoing  calling -> ringing -> connecting -> active -> ended
         incoming  ringing -> connecting -> active -> ended
@@ -44,7 +45,7 @@ from .candidates import public_candidates, relay_is_local
 from .signaling import CallChannel, new_call_key
 
 if TYPE_CHECKING:
-    from aegisd.daemon import Daemon
+    from aegisd.services.context import ServiceContext
     from aegisd.services.messenger import Messenger
 
     from .engine import MediaSession
@@ -134,8 +135,8 @@ class Call:
 
 
 class CallService:
-    def __init__(self, daemon: Daemon, messenger: Messenger) -> None:
-        self.daemon = daemon
+    def __init__(self, ctx: ServiceContext, messenger: Messenger) -> None:
+        self.ctx = ctx
         self.m = messenger
         self.calls: dict[bytes, Call] = {}  # the live ones
         self._tasks: set[asyncio.Task[None]] = set()
@@ -160,7 +161,7 @@ class CallService:
             # The messenger's hook (next) stops the outbox: give the HANGUP a moment to leave,
             # or the peer only notices when ICE consent runs out (~30 s). Bounded: a relay that
             # is down leaves it queued (it goes at the next unlock and is dropped there).
-            from aegisd.services.messenger import PENDING_DESTINATION
+            from aegisd.services.delivery import PENDING_DESTINATION
 
             def due() -> bool:  # blocks that can leave now (not those awaiting a contact)
                 items = store.pending_blocks(now=_ms(), limit=100)
@@ -307,7 +308,7 @@ class CallService:
                 f"{exc}: without a sound device, send a file (--play FILE) and record what "
                 "you receive (--record FILE)",
             ) from None
-        if self.daemon.store is None:  # locked while the devices were checked
+        if self.ctx.store is None:  # locked while the devices were checked
             raise AppError(LOCKED, "locked", "the profile was locked")
 
     def _check_address_consent(self, reveal_ip: bool, contact: str) -> None:
@@ -332,7 +333,7 @@ class CallService:
         reveal_ip: bool = False,
     ) -> dict[str, Any]:
         self._check_files(play, record)
-        c = self.m.contact(name)
+        c = self.m.contacts.by_name(name)
         self._check_address_consent(reveal_ip, c.name)
         if c.blocked:
             raise AppError(1025, "blocked", "this contact is blocked")
@@ -421,7 +422,7 @@ class CallService:
         if not 1 <= limit <= HISTORY_MAX:
             raise InvalidParamsError("limit", f"must be between 1 and {HISTORY_MAX}")
         # contact_id -1 matches no contact: "every contact" without building SQL text.
-        cid = self.m.contact(contact).id if contact is not None else -1
+        cid = self.m.contacts.by_name(contact).id if contact is not None else -1
         rows = self.m.store._q(
             "SELECT k.id, c.name, k.direction, k.video, k.state, k.end_reason, k.created_at, "
             "k.answered_at, k.ended_at FROM calls k JOIN contacts c ON c.id = k.contact_id "
@@ -450,7 +451,7 @@ class CallService:
         call.state = state
         if state == "ended":
             call.ended_at = _ms()
-        store = self.daemon.store
+        store = self.ctx.store
         if store is None:
             return
         with store.transaction():
@@ -470,7 +471,7 @@ class CallService:
                 data["answered_at"] = call.answered_at
             if state == "ended":
                 data["ended_at"] = call.ended_at
-            self.daemon.events.emit("call.state", data)
+            self.ctx.events.emit("call.state", data)
 
     def _arm(self, call: Call, seconds: float, reason: str) -> None:
         if call.timer is not None:
@@ -601,13 +602,13 @@ class CallService:
             self._spawn(self._send_quietly(c.id, wire.CallPayload(
                 p.call_id, wire.CALL_REJECT, reason=wire.CALL_REASON_BUSY),
                 delay=self._reply_delay()))  # fmt: skip
-            self.daemon.events.emit(
+            self.ctx.events.emit(
                 "call.missed", {"call_id": p.call_id.hex(), "contact": c.name, "reason": "busy"}
             )
             return
         self.calls[p.call_id] = incoming
         self._history_add(incoming)
-        self.daemon.events.emit(
+        self.ctx.events.emit(
             "call.incoming", {"call_id": p.call_id.hex(), "contact": c.name, "video": p.video}
         )
         self._set_state(incoming, "ringing")
@@ -624,7 +625,7 @@ class CallService:
     def _reply_delay(self) -> float:
         """The delay before an automatic answer to an INVITE (RINGING, busy): that of a
         receipt, uniform in [0.5 s, privacy.receipt_delay_max]."""
-        return self.m._receipt_delay()
+        return self.m.delivery.receipt_delay()
 
     async def _ring_later(self, call: Call) -> None:
         await asyncio.sleep(self._reply_delay())
@@ -724,7 +725,7 @@ class CallService:
         def on_media(kind: str) -> None:
             if call.state != "ended" and kind not in call.media_seen:
                 call.media_seen.add(kind)
-                self.daemon.events.emit(
+                self.ctx.events.emit(
                     "call.media", {"call_id": call.id.hex(), "contact": call.contact, "kind": kind}
                 )
 

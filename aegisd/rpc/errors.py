@@ -35,10 +35,20 @@ PERMISSION_DENIED = 1003
 NO_PASSPHRASE = 1004
 NO_SUCH_SUBSCRIPTION = 1005
 STORE_ERROR = 1006
-# Reserved for the relay client (not raised yet): 1010 relay_unavailable,
-# 1011 rate_limited (data.retry_after, seconds).
+# Messaging (docs/api.md, "Errors"); the services raise these.
 RELAY_UNAVAILABLE = 1010
 RATE_LIMITED = 1011
+#: The relay holds as much as it allows (relay-protocol.md error 17, ``full``).
+RELAY_FULL = 1014
+NOT_FOUND = 1020
+EXISTS = 1021
+BAD_LINK = 1022
+EXPIRED = 1023
+#: The contact (or the profile) cannot send now: no session yet, failed, restored elsewhere.
+NOT_READY = 1024
+BLOCKED = 1025
+TOO_LARGE = 1026
+TOO_MANY_MAILBOXES = 1048
 #: A passphrase being chosen (passphrase.change, backup.export) is below the strength rule.
 WEAK_PASSPHRASE = 1041
 
@@ -106,3 +116,27 @@ def store_error(message: str) -> AppError:
     """The store refused (a damaged keyring, a schema newer than this aegisd, ...).
     Store messages never hold secrets (aegisd/store/errors.py)."""
     return AppError(STORE_ERROR, "store_error", message)
+
+
+def not_found(what: str) -> AppError:
+    return AppError(NOT_FOUND, "not_found", f"no such {what}")
+
+
+def relay_unavailable() -> AppError:
+    return AppError(
+        RELAY_UNAVAILABLE,
+        "relay_unavailable",
+        "the relay is not reachable right now; try again later (aegis status shows why)",
+    )
+
+
+RELAY_FULL_TEXT = (
+    "the relay is full: it holds as many mailboxes or as much stored data as it allows; try "
+    "again later, or move to another relay (aegis relay set URL)"
+)
+
+
+def relay_full() -> AppError:
+    """The relay refused to store more (relay-protocol.md error 17, `full`): not a network
+    problem, so not relay_unavailable."""
+    return AppError(RELAY_FULL, "relay_full", RELAY_FULL_TEXT)

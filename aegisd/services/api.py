@@ -11,16 +11,15 @@ from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
 from aegisd.rpc.methods import Handler
 from aegisd.transport.network import ProxyUrlError, check_proxy_url
 
+from .address import INVITE_TTL_DEFAULT
+from .contacts import SETTING_NAME
+from .delivery import SETTING_RECEIPT_DELAY, SETTING_SEND_JITTER
+from .inbox import clean_name
 from .messenger import (
     E_NOT_FOUND,
-    INVITE_TTL_DEFAULT,
     SETTING_ADDRESS,
-    SETTING_NAME,
     SETTING_READ_RECEIPTS,
-    SETTING_RECEIPT_DELAY,
-    SETTING_SEND_JITTER,
     Messenger,
-    clean_name,
 )
 
 MAX_HISTORY_PAGE = 500
@@ -70,28 +69,28 @@ def register(registry: Registry, m: Messenger) -> None:
     async def invitations_create(
         ctx: CallContext, expires_in: int = INVITE_TTL_DEFAULT
     ) -> dict[str, Any]:
-        return _ms_expiry(await m.create_invitation(expires_in))
+        return _ms_expiry(await m.address.create_invitation(expires_in))
 
     @method("invitations.list")
     async def invitations_list(ctx: CallContext) -> dict[str, Any]:
-        return {"invitations": [_ms_expiry(i) for i in m.list_invitations()]}
+        return {"invitations": [_ms_expiry(i) for i in m.address.list_invitations()]}
 
     @method("invitations.revoke")
     async def invitations_revoke(ctx: CallContext, invitation: str) -> dict[str, Any]:
-        await m.revoke_invitation(invitation)
+        await m.address.revoke_invitation(invitation)
         return {"revoked": True}
 
     @method("address.get")
     async def address_get(ctx: CallContext) -> dict[str, Any]:
-        return await m.address_link()
+        return await m.address.link_text()
 
     @method("address.rotate")
     async def address_rotate(ctx: CallContext) -> dict[str, Any]:
-        return await m.address_link(rotate=True)
+        return await m.address.link_text(rotate=True)
 
     @method("requests.list")
     async def requests_list(ctx: CallContext) -> dict[str, Any]:
-        return {"requests": m.list_requests()}
+        return {"requests": m.contacts.list_requests()}
 
     @method("requests.accept")
     async def requests_accept(
@@ -99,24 +98,24 @@ def register(registry: Registry, m: Messenger) -> None:
     ) -> dict[str, Any]:
         if name is not None:
             name = _check_name("name", name)
-        return await m.accept_request(request, name)
+        return await m.contacts.accept_request(request, name)
 
     @method("requests.reject")
     async def requests_reject(ctx: CallContext, request: int) -> dict[str, Any]:
-        m.reject_request(request)
+        m.contacts.reject_request(request)
         return {"rejected": True}
 
     @method("contacts.add")
     async def contacts_add(ctx: CallContext, name: str, link: str) -> dict[str, Any]:
-        return await m.add_contact(_check_name("name", name), link)
+        return await m.contacts.add(_check_name("name", name), link)
 
     @method("contacts.list")
     async def contacts_list(ctx: CallContext) -> dict[str, Any]:
-        return {"contacts": [m.describe(c) for c in m.store.list_contacts()]}
+        return {"contacts": [m.contacts.describe(c) for c in m.store.list_contacts()]}
 
     @method("contacts.rename")
     async def contacts_rename(ctx: CallContext, name: str, new_name: str) -> dict[str, Any]:
-        c = m.contact(name)
+        c = m.contacts.by_name(name)
         new_name = _check_name("new_name", new_name)
         if m.store.contact_by_name(new_name) is not None:
             raise InvalidParamsError("new_name", "is already the name of a contact")
@@ -125,27 +124,27 @@ def register(registry: Registry, m: Messenger) -> None:
 
     @method("contacts.remove")
     async def contacts_remove(ctx: CallContext, name: str) -> dict[str, Any]:
-        await m.remove_contact(name)
+        await m.contacts.remove(name)
         return {"removed": True}
 
     @method("contacts.block")
     async def contacts_block(ctx: CallContext, name: str, blocked: bool = True) -> dict[str, Any]:
-        c = await m.block_contact(name, blocked)
+        c = await m.contacts.block(name, blocked)
         return {"name": c.name, "blocked": blocked}
 
     @method("contacts.safety_number")
     async def contacts_safety_number(ctx: CallContext, name: str) -> dict[str, Any]:
-        return m.safety(name)
+        return m.contacts.safety(name)
 
     @method("contacts.verify")
     async def contacts_verify(ctx: CallContext, name: str, verified: bool = True) -> dict[str, Any]:
-        c = m.contact(name)
+        c = m.contacts.by_name(name)
         m.store.update_contact(c.id, verified=verified)
         return {"name": c.name, "verified": verified}
 
     @method("contacts.rotate_mailbox")
     async def contacts_rotate_mailbox(ctx: CallContext, name: str) -> dict[str, Any]:
-        return await m.rotate_mailbox(name)
+        return await m.rotation.rotate(name)
 
     @method("messages.send")
     async def messages_send(ctx: CallContext, contact: str, text: str) -> dict[str, Any]:
@@ -157,7 +156,7 @@ def register(registry: Registry, m: Messenger) -> None:
     ) -> dict[str, Any]:
         if not 1 <= limit <= MAX_HISTORY_PAGE:
             raise InvalidParamsError("limit", f"must be between 1 and {MAX_HISTORY_PAGE}")
-        c = m.contact(contact)
+        c = m.contacts.by_name(contact)
         page = m.store.history(c.id, before_seq=before, limit=limit)
         return {
             "messages": [
@@ -190,7 +189,7 @@ def register(registry: Registry, m: Messenger) -> None:
 
     @method("conversations.delete")
     async def conversations_delete(ctx: CallContext, contact: str) -> dict[str, Any]:
-        c = m.contact(contact)
+        c = m.contacts.by_name(contact)
         return {"deleted": m.store.delete_conversation(c.id)}
 
     @method("settings.get")
@@ -258,7 +257,7 @@ def register(registry: Registry, m: Messenger) -> None:
                     store.set_setting(SETTING_PROXY, proxy or None)
                 if isolation is not None:
                     store.set_setting(SETTING_ISOLATION, isolation)
-            await m.daemon.connectivity.reconfigure()  # Tor and every connection anew
+            await m.ctx.reconfigure()  # Tor and every connection anew
         result: dict[str, Any] = await settings_get(ctx)
         return result
 

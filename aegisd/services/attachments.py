@@ -29,7 +29,7 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey
@@ -47,8 +47,16 @@ from aegisd.transport.relaylink import FULL_BACKOFF, UNAVAILABLE, RelayUnavailab
 from relay.client import RelayClient, RelayError
 from relay.wire import E_DENIED, E_EXISTS, E_FULL
 
+from .delivery import BLOB_AREA, Recipient
+
 if TYPE_CHECKING:
-    from .messenger import Messenger
+    from aegisd.core.primitives import Entropy
+    from aegisd.store import Store
+    from aegisd.transport.network import Network
+
+    from .context import ServiceContext
+    from .delivery import Delivery
+    from .mailboxes import Mailboxes
 
 log = logging.getLogger("aegisd.attachments")
 
@@ -87,8 +95,6 @@ E_TARGET_EXISTS = 1033
 E_NOT_RETRYABLE = 1034
 
 STATES = ("uploading", "uploaded", "downloading", "complete", "failed")
-#: The key of an upload refused for want of room in Messenger's refusals (status.relay.refusing).
-BLOB_AREA = b"blob area"
 
 # Codes shared with messaging (messenger.py; not imported from there: it imports this module).
 E_NOT_FOUND, E_NOT_READY, E_BLOCKED = 1020, 1024, 1025
@@ -112,8 +118,35 @@ def _bad_file(why: str) -> AppError:
     return AppError(E_BAD_FILE, "bad_file", why)
 
 
+class ContactsView(Protocol):
+    def by_name(self, name: str) -> Contact: ...
+
+
+class AttachmentsHost(Protocol):
+    """What files use of the messenger."""
+
+    @property
+    def ctx(self) -> ServiceContext: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def lock(self) -> asyncio.Lock: ...
+    @property
+    def delivery(self) -> Delivery: ...
+    @property
+    def mailboxes(self) -> Mailboxes: ...
+
+    def network(self) -> Network: ...
+    @property
+    def entropy(self) -> Entropy: ...
+    @property
+    def contacts(self) -> ContactsView: ...
+
+    def check_usable(self) -> None: ...
+
+
 class Attachments:
-    def __init__(self, messenger: Messenger) -> None:
+    def __init__(self, messenger: AttachmentsHost) -> None:
         self.m = messenger
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._locked = True  # no transfer starts before on_unlock or after on_lock
@@ -127,7 +160,7 @@ class Attachments:
 
     @property
     def directory(self) -> Path:
-        return self.m.daemon.paths.home / "attachments"
+        return self.m.ctx.paths.home / "attachments"
 
     def _file(self, aid: str) -> Path:
         return self.directory / f"{aid}.blocks"
@@ -249,12 +282,12 @@ class Attachments:
             raise InvalidParamsError("path", "must be an absolute path (the daemon's working "
                                      "directory is not yours)")
         m.check_usable()
-        c = m.contact(name)
+        c = m.contacts.by_name(name)
         if c.blocked:
             raise AppError(E_BLOCKED, "blocked", "this contact is blocked")
         if m.store.get_session(c.id) is None:
             raise AppError(E_NOT_READY, "not_ready", "no session with this contact")
-        relay_url = m._relay_url()
+        relay_url = m.mailboxes.relay_url()
         try:
             st = p.stat()
         except FileNotFoundError:
@@ -294,7 +327,7 @@ class Attachments:
                             "uploading", 0, None, now, now, now)  # fmt: skip
         try:
             async with m.lock:
-                c = m.contact(name)  # still there?
+                c = m.contacts.by_name(name)  # still there?
                 with m.store.transaction():
                     m.store.add_message(c.id, "out", f"[file] {fname}", status="queued",
                                         message_id=aid)  # fmt: skip
@@ -372,9 +405,9 @@ class Attachments:
                         await client.blob_quota(min(row.blocks - done, BLOB_QUOTA_MAX))
                     except RelayError as exc:
                         if exc.code == E_FULL:  # the relay's blob area is full: tell the user
-                            self.m.refused_for_room(BLOB_AREA, True)
+                            self.m.delivery.refused_for_room(BLOB_AREA, True)
                         raise
-                    self.m.room_again(BLOB_AREA)
+                    self.m.delivery.room_again(BLOB_AREA)
                     with _local(lambda: open(spool, "rb")) as f:
                         while done < row.blocks:
                             end = min(done + WINDOW, row.blocks)
@@ -426,15 +459,16 @@ class Attachments:
                 with m.store.transaction():
                     db.set_state(m.store, row.id, "uploaded")
                     if m.store.get_message(row.id) is not None:
-                        m._enqueue(c, Session.from_bytes(blob), payload, message_id=row.id,
-                                   delay=m._send_jitter())  # fmt: skip
-                    m.daemon.events.emit("attachment.completed", {
+                        m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], payload,
+                                           message_id=row.id,
+                                           delay=m.delivery.send_jitter())  # fmt: skip
+                    m.ctx.events.emit("attachment.completed", {
                         "attachment_id": row.id, "contact": c.name, "direction": "out",
                     })  # fmt: skip
             except AppError as exc:  # the contact cannot be reached (yet): say so, keep the spool
                 self._fail(row.id, exc.message)
                 return
-        m._outbox_wake.set()
+        m.delivery.wake()
         with contextlib.suppress(OSError):
             self._file(row.id).unlink()  # the sender has the original
 
@@ -445,7 +479,7 @@ class Attachments:
         c = self.store.get_contact(row.contact_id)
         with self.store.transaction():
             db.set_state(self.store, aid, "failed", reason)
-            self.m.daemon.events.emit("attachment.failed", {
+            self.m.ctx.events.emit("attachment.failed", {
                 "attachment_id": aid, "contact": c.name if c else None,
                 "direction": row.direction, "reason": reason,
             })  # fmt: skip
@@ -459,7 +493,7 @@ class Attachments:
         if m.store.get_message(aid) is not None or db.get(m.store, aid) is not None:
             return  # a duplicate id: never twice
         name = clean_file_name(p.name)
-        if not m._peer_url_ok(p.relay_url):
+        if not m.mailboxes.peer_url_ok(p.relay_url):
             droplog.dropped("dropped an attachment whose relay URL is refused")
             return
         now = _ms()
@@ -475,17 +509,17 @@ class Attachments:
         ))  # fmt: skip
         # Its message is in the history: clients (aegis listen, the notification bridge)
         # that follow message.received see the file arrive like any message.
-        m.daemon.events.emit("message.received", {
+        m.ctx.events.emit("message.received", {
             "message_id": aid, "contact": c.name, "text": f"[file] {name}",
             "sent_at": p.sent_at_ms,
         })  # fmt: skip
-        m.daemon.events.emit("attachment.received", {
+        m.ctx.events.emit("attachment.received", {
             "attachment_id": aid, "message_id": aid, "contact": c.name, "name": name,
             "size": p.size, "sent_at": p.sent_at_ms,
         })  # fmt: skip
-        m.queue_receipt(c, session, wire.RECEIPT_DELIVERED, [p.message_id])
+        m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED, [p.message_id])
         if too_large:
-            m.daemon.events.emit("attachment.failed", {
+            m.ctx.events.emit("attachment.failed", {
                 "attachment_id": aid, "contact": c.name, "direction": "in",
                 "reason": _limit_text(self.max_size()),
             })  # fmt: skip
@@ -494,7 +528,8 @@ class Attachments:
         asyncio.get_running_loop().call_soon(self._start, aid)
 
     async def _download(self, row: AttachmentRow) -> None:
-        if not self.m._peer_url_ok(row.relay_url):  # received before the policy, or it changed
+        # Received before the policy, or the policy changed since:
+        if not self.m.mailboxes.peer_url_ok(row.relay_url):
             self._fail(row.id, REFUSED_URL_TEXT)
             return
         keys = FileKeys(row.seed)
@@ -571,7 +606,7 @@ class Attachments:
         c = self.store.get_contact(row.contact_id)
         with self.store.transaction():
             db.set_state(self.store, row.id, "complete")
-            self.m.daemon.events.emit("attachment.completed", {
+            self.m.ctx.events.emit("attachment.completed", {
                 "attachment_id": row.id, "contact": c.name if c else None, "direction": "in",
                 "name": row.name, "size": row.size,
             })  # fmt: skip
@@ -659,7 +694,7 @@ class Attachments:
         return row
 
     def listing(self, name: str | None) -> list[dict[str, Any]]:
-        cid = self.m.contact(name).id if name is not None else None
+        cid = self.m.contacts.by_name(name).id if name is not None else None
         return [self.describe(r) for r in db.listing(self.store, cid)]
 
     async def save(self, aid: str, path: str, overwrite: bool) -> dict[str, Any]:
@@ -684,7 +719,7 @@ class Attachments:
             raise _bad_file("the target directory does not exist")
         # Plaintext never goes into the profile (it would sit beside the store, unencrypted,
         # and could replace the profile's own files).
-        home = os.path.realpath(self.m.daemon.paths.home)
+        home = os.path.realpath(self.m.ctx.paths.home)
         if os.path.commonpath([os.path.realpath(target.parent), home]) == home:
             raise _bad_file("a received file cannot be saved inside the profile directory")
         try:
@@ -763,7 +798,7 @@ class Attachments:
             c = self.store.get_contact(row.contact_id)
             if c is None or c.blocked:
                 raise AppError(E_BLOCKED, "blocked", "this contact is blocked")
-            if not self.m._peer_url_ok(row.relay_url):
+            if not self.m.mailboxes.peer_url_ok(row.relay_url):
                 raise AppError(E_NOT_RETRYABLE, "not_retryable", REFUSED_URL_TEXT)
         if row.direction == "out" and not self._file(aid).exists():
             raise AppError(E_NOT_RETRYABLE, "not_retryable",
@@ -793,7 +828,7 @@ class Attachments:
                 db.delete(m.store, row.id)
                 if msg is not None and m.store.set_message_status(aid, "failed"):
                     c = m.store.get_contact(row.contact_id)
-                    m.daemon.events.emit("message.status", {
+                    m.ctx.events.emit("message.status", {
                         "message_id": aid, "contact": c.name if c else None, "status": "failed",
                     })  # fmt: skip
         with contextlib.suppress(OSError):
@@ -880,7 +915,7 @@ class _Progress:
             return
         self.last = now
         c = self.svc.store.get_contact(self.row.contact_id)
-        self.svc.m.daemon.events.emit("attachment.progress", {
+        self.svc.m.ctx.events.emit("attachment.progress", {
             "attachment_id": self.row.id, "contact": c.name if c else None,
             "direction": self.row.direction, "done": done, "total": self.row.blocks,
         })  # fmt: skip

@@ -34,8 +34,10 @@ from aegisd.rpc import errors as E
 from aegisd.rpc.methods import Handler
 from aegisd.transport.network import ProxyUrlError, check_proxy_url
 
+from .contacts import SETTING_NAME
+from .inbox import clean_name
 from .mailbox import ContactState, OwnedMailbox
-from .messenger import SETTING_NAME, Messenger, clean_name
+from .messenger import Messenger
 from .renewal import SETTING_PENDING, describe_pending
 
 # Application error codes 1040-1049 (docs/api.md, "Errors").
@@ -105,12 +107,12 @@ class Backups:
             if tenth != last[0]:
                 last[0] = tenth
                 data = {"operation": operation, "stage": stage, "done": done, "total": total}
-                loop.call_soon_threadsafe(self.m.daemon.events.emit, "backup.progress", data)
+                loop.call_soon_threadsafe(self.m.ctx.events.emit, "backup.progress", data)
 
         return report
 
     def _stage(self, operation: str, stage: str) -> None:
-        self.m.daemon.events.emit(
+        self.m.ctx.events.emit(
             "backup.progress", {"operation": operation, "stage": stage, "done": 0, "total": 0}
         )
 
@@ -289,7 +291,7 @@ class Backups:
         async with m.lock:
             self._check_fresh()  # again, under the lock
             store = m.store
-            if m.daemon.connectivity.mode() != "direct":
+            if m.ctx.network_mode() != "direct":
                 # Tor or a proxy chosen on this machine: keep it (never weaken or swap it).
                 settings.pop("network.proxy", None)
                 settings.pop("network.isolation", None)
@@ -318,7 +320,7 @@ class Backups:
                         (_mailbox_in(mb).to_bytes(),),
                     )
                 for bc in contents.contacts:
-                    name = m._unique_name(clean_name(bc.name, "contact"))
+                    name = m.contacts.unique_name(clean_name(bc.name, "contact"))
                     cid = store.add_contact(
                         name,
                         identity_key=bc.identity.to_bytes(),
@@ -359,15 +361,15 @@ class Backups:
                         )
                         renewing += 1
                 store.set_setting(SETTING_PENDING, True)
-                m.daemon.events.emit(
+                m.ctx.events.emit(
                     "backup.imported",
                     {"contacts": len(contents.contacts), "messages": n_messages},
                 )
             m.prekeys = prekeys
-            m._reload_owned()
+            m.mailboxes.reload()
         # Every connection anew: the discarded identity's mailboxes are gone, and the network
         # settings may have changed. The renewals start once the relay is reached.
-        await m.daemon.connectivity.reconfigure()
+        await m.ctx.reconfigure()
         self._stage("import", "done")
         return {
             "contacts": len(contents.contacts),

@@ -57,7 +57,8 @@ from aegisd.transport.tor import (
 )
 
 if TYPE_CHECKING:
-    from aegisd.daemon import Daemon
+    from .context import ServiceContext
+    from .messenger import Messenger
 
 log = logging.getLogger("aegisd.network")
 
@@ -70,12 +71,12 @@ E_NO_TOR = 1012  # docs/api.md "Errors": mode tor, and no tor program
 
 
 class Connectivity:
-    def __init__(self, daemon: Daemon, *, test_methods: bool = False) -> None:
-        self.daemon = daemon
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
         self.tor: ManagedTor | None = None
         self._tor_config: TorConfig | None = None
         self._test_lines: tuple[str, ...] = ()
-        path = os.environ.get(TEST_TORRC_ENV) if test_methods else None
+        path = os.environ.get(TEST_TORRC_ENV) if ctx.test_methods else None
         if path:
             lines = Path(path).read_text().splitlines()
             self._test_lines = tuple(line for line in lines if line.strip())
@@ -83,7 +84,7 @@ class Connectivity:
     # --- settings ---------------------------------------------------------------------------
 
     def _store(self) -> Store:
-        store = self.daemon.store
+        store = self.ctx.store
         if store is None:
             raise RuntimeError("store is locked")
         return store
@@ -110,12 +111,12 @@ class Connectivity:
         )
 
     def _wanted_tor(self) -> TorConfig | None:
-        store = self.daemon.store
+        store = self.ctx.store
         if store is None or self.mode() != "tor" or not store.get_setting(SETTING_URL):
             return None  # locked, another mode, or no relay yet: no Tor to run
         bridges = tuple(store.get_setting(SETTING_BRIDGES) or ())
         return TorConfig(
-            data_dir=self.daemon.paths.home / TOR_DIR,
+            data_dir=self.ctx.paths.home / TOR_DIR,
             tor_path=store.get_setting(SETTING_TOR_PATH),
             bridges=bridges,
             obfs4=find_obfs4() if bridges else None,
@@ -152,16 +153,16 @@ class Connectivity:
         """After a change of the network or relay settings: Tor, then every connection. Under
         the daemon's lock: a lock (or another change) waits until this one is done, so no
         Tor or link is left running for a locked profile."""
-        async with self.daemon.auth:
-            if self.daemon.store is None:
+        async with self.ctx.auth:
+            if self.ctx.store is None:
                 return  # locked meanwhile: the next unlock starts what the settings say
             await self._apply_tor()
-            await self.daemon.messenger.restart_link()
+            await self.ctx.restart_links()
 
     def _on_tor(self, tor: ManagedTor, old: TorStatus, new: TorStatus) -> None:
-        if tor is not self.tor or self.daemon.store is None:
+        if tor is not self.tor or self.ctx.store is None:
             return  # a Tor being replaced or stopped: its news is not the profile's
-        emit = self.daemon.events.emit
+        emit = self.ctx.events.emit
         if new.state in ("bootstrapping", "ready") and (
             new.progress != old.progress or old.state not in ("bootstrapping", "ready")
         ):
@@ -175,7 +176,7 @@ class Connectivity:
 
     def status(self) -> dict[str, Any]:
         """``status.network``: the mode and, in mode tor, what the managed Tor is doing."""
-        if self.daemon.store is None:
+        if self.ctx.store is None:
             return {"mode": None, "tor": None}
         tor = self.tor.status.to_json() if self.tor is not None else None
         return {"mode": self.mode(), "tor": tor}
@@ -310,7 +311,7 @@ def register(registry: Registry, conn: Connectivity) -> None:
             raise InvalidParamsError("url", str(exc)) from None
         if mode == "tor" and find_tor(store.get_setting(SETTING_TOR_PATH)) is None:
             raise AppError(E_NO_TOR, "no_tor", tor_missing_message())
-        revoked, moving = await move_to_relay(conn.daemon, url, bool(insecure_plaintext))
+        revoked, moving = await conn.ctx.move_relay(url, bool(insecure_plaintext))
         await conn.reconfigure()
         return {"url": url, "mode": mode, "invitations_revoked": revoked,
                 "contacts_moving": moving}  # fmt: skip
@@ -319,21 +320,21 @@ def register(registry: Registry, conn: Connectivity) -> None:
 DELETE_TIMEOUT = 30.0  # seconds to delete one old mailbox at the old relay
 
 
-async def move_to_relay(daemon: Daemon, url: str, insecure_plaintext: bool) -> tuple[int, int]:
+async def move_to_relay(m: Messenger, url: str, insecure_plaintext: bool) -> tuple[int, int]:
     """Point the profile at another relay. Its address, invitation and pool mailboxes are
     deleted at the old relay now, through the network settings in force (or, if that relay
     cannot be reached, retired: deleted once it can, as after a backup import), and new ones
     are made at the new relay on the next connection. The contacts' mailboxes move by the
-    ordinary rotation (messenger.continue_move): the old ones keep receiving until each
+    ordinary rotation (rotation.py continue_move): the old ones keep receiving until each
     contact confirms its new one. Returns the number of invitations that stop working and of
     contacts whose mailboxes move.
 
     A deliberate user action: it also clears the mark of a copy restored elsewhere (or of a
     relay that lost the mailboxes), since the new mailboxes are this copy's own."""
     from .mailbox import OwnedMailbox
-    from .messenger import SETTING_MOVE, SETTING_SUPERSEDED
+    from .mailbox_loss import SETTING_SUPERSEDED
+    from .mailboxes import SETTING_MOVE
 
-    m = daemon.messenger
     async with m.lock:
         store = m.store
         old_url = store.get_setting(SETTING_URL)
@@ -346,10 +347,10 @@ async def move_to_relay(daemon: Daemon, url: str, insecure_plaintext: bool) -> t
 
         rows = [r for r in [*store.list_mailboxes(), *pool.pool_rows(store)]
                 if r.role != "contact"]  # fmt: skip
-        # Out of use first (as _retire_mailbox does): a reconnect while they are deleted must
+        # Out of use first (as Mailboxes.retire does): a reconnect while they are deleted must
         # not subscribe them again (the relay would refuse a deleted mailbox).
         for row in rows:
-            m._owned.pop(OwnedMailbox.from_bytes(row.descriptor).owner_id, None)
+            m.mailboxes.owned.pop(OwnedMailbox.from_bytes(row.descriptor).owner_id, None)
         deleted = set()
         for row in rows:  # now, while the old relay's network settings still hold
             try:
@@ -377,9 +378,9 @@ async def move_to_relay(daemon: Daemon, url: str, insecure_plaintext: bool) -> t
                 store.set_setting(SETTING_MOVE, {
                     "from": move.get("from", old_url), "at": move.get("at", _ms()),
                     "insecure": move_insecure(move, old_url, old_insecure)})  # fmt: skip
-        m._reload_owned()
-        m.relay_lost = None
-        m._denied.clear()
+        m.mailboxes.reload()
+        m.loss.relay_lost = None
+        m.loss.denied.clear()
         if was_superseded:
             m.cover.start()  # stopped when the mark was set (_mark_superseded)
     log.info("relay changed")

@@ -38,7 +38,7 @@ import hmac
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aegisd.aio import cancel_and_wait
 from aegisd.core import wire
@@ -49,10 +49,18 @@ from aegisd.rpc import AppError
 from aegisd.store import cover as slots
 from aegisd.transport.relaylink import FULL_BACKOFF
 
+from .delivery import Recipient
 from .mailbox import ContactState
 
 if TYPE_CHECKING:
-    from .messenger import Messenger
+    import asyncio
+
+    from aegisd.store import Store
+    from aegisd.transport.network import Network
+
+    from .context import ServiceContext
+    from .delivery import Delivery
+    from .mailboxes import Mailboxes
 
 log = logging.getLogger("aegisd.cover")
 
@@ -87,8 +95,26 @@ def default_level(relay_url: str | None) -> str:
     return "off" if relay_url is None or is_local(relay_url) else "default"
 
 
+class CoverHost(Protocol):
+    """What cover traffic uses of the messenger."""
+
+    @property
+    def ctx(self) -> ServiceContext: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def lock(self) -> asyncio.Lock: ...
+    @property
+    def delivery(self) -> Delivery: ...
+    @property
+    def mailboxes(self) -> Mailboxes: ...
+
+    def network(self) -> Network: ...
+
+
+
 class Cover:
-    def __init__(self, m: Messenger, *, test_methods: bool = False) -> None:
+    def __init__(self, m: CoverHost, *, test_methods: bool = False) -> None:
         self.m = m
         self._test_methods = test_methods
         self._task: asyncio.Task[None] | None = None
@@ -185,7 +211,7 @@ class Cover:
                     slots.release_all(store)
                     for cid in slots.receipt_contacts(store):
                         self._flush_receipts(cid)
-            self.m._outbox_wake.set()
+            self.m.delivery.wake()
         self._next.clear()
         self.changed()
 
@@ -206,7 +232,7 @@ class Cover:
     async def _run(self) -> None:
         while True:
             self._wake.clear()
-            interval = self.interval() if self.m.daemon.store is not None else None
+            interval = self.interval() if self.m.ctx.store is not None else None
             if interval is None:
                 self._next.clear()
                 await self._wake.wait()
@@ -270,7 +296,7 @@ class Cover:
                     self.sent["receipts"] += 1
                 elif not self._away(contact_id) and self._send(contact_id, wire.CoverPayload()):
                     self.sent["cover"] += 1
-        m._outbox_wake.set()
+        m.delivery.wake()
 
     async def _loop_tick(self, pool_row_id: int) -> None:
         """Loop cover into one of our own pool mailboxes (dropped when it comes back)."""
@@ -295,7 +321,7 @@ class Cover:
         mb = OwnedMailbox.from_bytes(descriptor)
         block = self.loop_block()
         try:
-            client, own = await with_relay(mb.relay_url, m.link, m.network())
+            client, own = await with_relay(mb.relay_url, m.mailboxes.link, m.network())
             try:
                 await client.deposit(mb.deposit_id, block, mb.token or None)
             finally:
@@ -309,7 +335,7 @@ class Cover:
         """Keep POOL_SIZE mailboxes made ahead, each after a random wait (cover on only)."""
         m = self.m
         while True:
-            interval = self.interval() if m.daemon.store is not None else None
+            interval = self.interval() if m.ctx.store is not None else None
             if interval is None or len(slots.pool_rows(m.store)) >= POOL_SIZE:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._pool_wake.wait(), RESCAN)
@@ -323,10 +349,11 @@ class Cover:
                     self._pool_wake.wait(), self._rng.expovariate(1.0 / (POOL_WAIT * interval))
                 )
                 continue
-            if not m.daemon.relay_connected:
+            if not m.ctx.relay_connected:
                 continue
             try:
-                await m.add_pool_mailbox()  # the proof outside the lock; the lock to store it
+                # The proof outside the lock; the lock to store it.
+                await m.mailboxes.add_pool_mailbox()
             except Exception as exc:  # relay away (AppError) or worse: try at the next wait
                 log.info("no pool mailbox this time: %s", type(exc).__name__)
                 if isinstance(exc, AppError) and exc.code == E_RELAY_FULL:
@@ -349,7 +376,7 @@ class Cover:
         blob = m.store.get_session(contact_id)
         if c is None or blob is None:
             return False
-        m._enqueue(c, Session.from_bytes(blob), payload, slotted=False)
+        m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], payload, slotted=False)
         return True
 
     def _flush_receipts(self, contact_id: int, *, limit_one: bool = False) -> bool:

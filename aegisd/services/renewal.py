@@ -15,10 +15,12 @@ Nothing here logs an address, an identity or content.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aegisd import droplog
 from aegisd.core import pqxdh, renewal, wire
@@ -32,10 +34,20 @@ from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
 from relay.client import RelayError
 
 from .bundle_fetch import fetch_bundle, retryable
+from .delivery import Recipient
 from .mailbox import ContactState, OwnedMailbox, address_to_bytes
 
 if TYPE_CHECKING:
-    from .messenger import Messenger
+    from aegisd.core.identity import IdentityKeyPair
+    from aegisd.core.prekeys import PrekeyStore
+    from aegisd.core.primitives import Entropy
+    from aegisd.store import Store
+    from aegisd.transport.network import Network
+
+    from .address import Address
+    from .context import ServiceContext
+    from .delivery import Delivery
+    from .mailboxes import Mailboxes
 
 log = logging.getLogger("aegisd.renewal")
 
@@ -58,8 +70,35 @@ ANSWERED_KEY = "renewal.answered."  # + contact id: the times (ms) of the tries 
 OWN_MAILBOX_RESERVE_AT = 800
 
 
+class RenewalsHost(Protocol):
+    """What session renewal uses of the messenger."""
+
+    prekeys: PrekeyStore | None
+
+    @property
+    def ctx(self) -> ServiceContext: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def lock(self) -> asyncio.Lock: ...
+    @property
+    def delivery(self) -> Delivery: ...
+    @property
+    def mailboxes(self) -> Mailboxes: ...
+
+    def network(self) -> Network: ...
+    @property
+    def entropy(self) -> Entropy: ...
+    @property
+    def address(self) -> Address: ...
+
+    def identity(self) -> IdentityKeyPair: ...
+    def _reload_prekeys(self) -> None: ...
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
+
+
 class Renewals:
-    def __init__(self, messenger: Messenger) -> None:
+    def __init__(self, messenger: RenewalsHost) -> None:
         self.m = messenger
         self._requests: list[tuple[Contact, wire.RenewPayload]] = []
         # (contact id, new mailbox row id): the old mailboxes go once the commit is in
@@ -73,7 +112,7 @@ class Renewals:
         m = self.m
         if not m.store.get_setting(SETTING_PENDING):
             return
-        _, address = await m.ensure_address()
+        _, address = await m.address.ensure()
         async with m.lock:
             store = m.store
             rows = store._q(
@@ -88,7 +127,7 @@ class Renewals:
                 state = ContactState.from_bytes(c.state)
                 if state.send_to is None:
                     continue
-                mb_id, mb = await m._create_mailbox("contact", public=False, contact_id=c.id)
+                mb_id, mb = await m.mailboxes.create("contact", public=False, contact_id=c.id)
                 renew_id = m.entropy.random(wire.MESSAGE_ID_LEN)
                 now = _ms()
                 payload = wire.RenewPayload(renew_id, now, mb.address(), address.deposit_id, name)
@@ -106,7 +145,7 @@ class Renewals:
                     )
                     store.enqueue_blocks(address_to_bytes(state.send_to), [block], contact_id=c.id)
             store.set_setting(SETTING_PENDING, None)
-        m._outbox_wake.set()
+        m.delivery.wake()
 
     async def retire_due(self) -> None:
         """Delete at the relay the old profile's mailboxes that are due (on every connection,
@@ -129,14 +168,14 @@ class Renewals:
         profile's). Raises AppError if that relay cannot be reached (the caller keeps the row);
         a relay error (already deleted) counts as done."""
         m = self.m
-        if not m._url_ok(mb.relay_url):
+        if not m.mailboxes.url_ok(mb.relay_url):
             return  # a relay the URL policy forbids: never dialled
         try:
-            if m.link is not None and same_relay(m.link.url, mb.relay_url):
-                async with m._client() as client:
+            if m.mailboxes.link is not None and same_relay(m.mailboxes.link.url, mb.relay_url):
+                async with m.mailboxes.client() as client:
                     await client.delete(mb.owner_id, mb.signing_key)
                 return
-            client, own = await with_relay(mb.relay_url, m.link, m.network())
+            client, own = await with_relay(mb.relay_url, m.mailboxes.link, m.network())
             try:
                 await client.delete(mb.owner_id, mb.signing_key)
             finally:
@@ -172,7 +211,7 @@ class Renewals:
             not isinstance(hello, wire.HelloPayload)
             or not fc.sender.same_keys(expected)
             or not hmac.compare_digest(hello.invitation_id, renew_id)
-            or not m._peer_url_ok(hello.reply_to.relay_url)
+            or not m.mailboxes.peer_url_ok(hello.reply_to.relay_url)
         ):
             store.put_identity(m.prekeys.to_bytes())  # burnt one-time keys stay burnt
             droplog.dropped("dropped a first contact that does not answer our renewal")
@@ -189,9 +228,10 @@ class Renewals:
             assert fresh is not None and mb_row is not None
             mb = OwnedMailbox.from_bytes(mb_row.descriptor)
             name = str(store.get_setting("profile.display_name", ""))
-            m._enqueue(fresh, fc.session, wire.HelloPayload(mb.address(), name, b""),
-                       slotted=False)  # the answer of a renewal, like a first contact's
-            m.daemon.events.emit("contact.session_renewed", {"contact": c.name})
+            m.delivery.enqueue([Recipient(fresh, fc.session)],
+                               wire.HelloPayload(mb.address(), name, b""),
+                               slotted=False)  # the answer of a renewal, like a first contact's
+            m.ctx.events.emit("contact.session_renewed", {"contact": c.name})
         self._retire.append((c.id, int(row[1])))
 
     # --- the contact's side -----------------------------------------------------------------
@@ -223,14 +263,14 @@ class Renewals:
             or req.created_at_ms < c.created_at
             or req.created_at_ms < now - MAX_AGE_MS
             or req.created_at_ms > now + MAX_SKEW_MS
-            or not m._peer_url_ok(req.reply_to.relay_url)
+            or not m.mailboxes.peer_url_ok(req.reply_to.relay_url)
         ):
             droplog.dropped("dropped a stale or replayed renewal request")
             return True
         if len(self._answered(c.id, now)) >= RENEWALS_PER_DAY:
             droplog.dropped("dropped a renewal request (over a contact's daily limit)")
             return True
-        if len(m._owned) >= OWN_MAILBOX_RESERVE_AT:
+        if len(m.mailboxes.owned) >= OWN_MAILBOX_RESERVE_AT:
             droplog.dropped("dropped a renewal request (too many mailboxes: kept for your own)")
             return True
         self._requests.append((c, req))
@@ -253,7 +293,7 @@ class Renewals:
         expected = PublicIdentity.from_bytes(c.identity_key)
         try:
             base, x, k = await fetch_bundle(
-                req.reply_to.relay_url, req.bundle_address, m.link, m.network()
+                req.reply_to.relay_url, req.bundle_address, m.mailboxes.link, m.network()
             )
         except AppError as exc:
             if not retryable(exc):
@@ -281,7 +321,7 @@ class Renewals:
             "SELECT new_mailbox FROM renewals WHERE contact_id = ? AND side = 'peer' "
             "AND done != 1", (c.id,),
         ).fetchone()  # fmt: skip
-        new_id, new = await m._create_mailbox("contact", public=False, contact_id=c.id)
+        new_id, new = await m.mailboxes.create("contact", public=False, contact_id=c.id)
         name = str(store.get_setting("profile.display_name", ""))
         hello = wire.HelloPayload(new.address(), name, req.renew_id)
         session, block = initiate_session(
@@ -318,11 +358,12 @@ class Renewals:
                     continue
                 if len(wire_id) != wire.MESSAGE_ID_LEN:
                     continue
-                m._enqueue(fresh, session, wire.TextPayload(wire_id, created, body), message_id=mid)
-            m.daemon.events.emit("contact.session_renewing", {"contact": c.name})
-        m._outbox_wake.set()
+                m.delivery.enqueue([Recipient(fresh, session)],
+                                   wire.TextPayload(wire_id, created, body), message_id=mid)
+            m.ctx.events.emit("contact.session_renewing", {"contact": c.name})
+        m.delivery.wake()
         if pending is not None and pending[0] is not None and int(pending[0]) != new_id:
-            await m._retire_mailbox(int(pending[0]))  # here and at the relay (or later)
+            await m.mailboxes.retire(int(pending[0]))  # here and at the relay (or later)
 
     def on_hello(self, c: Contact) -> bool:
         """The restored contact answered in the new session (inside the receive transaction):
@@ -335,7 +376,7 @@ class Renewals:
         if row is None:
             return False
         store._q("UPDATE renewals SET done = 1 WHERE contact_id = ? AND side = 'peer'", (c.id,))
-        self.m.daemon.events.emit("contact.session_renewed", {"contact": c.name})
+        self.m.ctx.events.emit("contact.session_renewed", {"contact": c.name})
         self._retire.append((c.id, int(row[0])))
         return True
 
@@ -363,11 +404,11 @@ class Renewals:
             if mb_row is not None:
                 mb = OwnedMailbox.from_bytes(mb_row.descriptor)
                 store.delete_mailbox(mb_row.id)
-                m._owned.pop(mb.owner_id, None)
-                m._spawn(m._delete_at_relay(mb))
+                m.mailboxes.owned.pop(mb.owner_id, None)
+                m._spawn(m.mailboxes.delete_at_relay(mb))
         store._q("UPDATE renewals SET done = 2 WHERE contact_id = ? AND done = 0", (c.id,))
         reason = FAILED_RESTORED if row[0] == "restored" else FAILED_PEER
-        self.m.daemon.events.emit("contact.renewal_failed", {"contact": c.name, "reason": reason})
+        self.m.ctx.events.emit("contact.renewal_failed", {"contact": c.name, "reason": reason})
         return True
 
     # --- after the receive transaction --------------------------------------------------------
@@ -392,7 +433,7 @@ class Renewals:
         store = m.store
         for r in store.list_mailboxes("contact"):
             if r.contact_id == contact_id and r.id != keep:
-                await m._retire_mailbox(r.id)
+                await m.mailboxes.retire(r.id)
         for row_id, descriptor in store._q(
             "SELECT id, descriptor FROM retired_mailboxes WHERE contact_id = ?", (contact_id,)
         ).fetchall():

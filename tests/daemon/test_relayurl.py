@@ -12,7 +12,7 @@ from aegisd.relayurl import (
     same_relay,
 )
 from aegisd.services.connectivity import move_insecure
-from aegisd.services.messenger import own_relay_ok
+from aegisd.services.mailboxes import own_relay_ok
 
 
 @pytest.mark.parametrize(

@@ -67,7 +67,7 @@ def received(peer: Peer, contact: str, t: str) -> bool:
 def test_partial_messages_are_capped_per_contact_and_dropped_when_blocked(
     peers: Callable[[str], Peer], relay_proc: RelayProcess
 ) -> None:
-    from aegisd.services.messenger import PARTIALS_PER_CONTACT
+    from aegisd.services.inbox import PARTIALS_PER_CONTACT
 
     alice, bob = peers("alice"), peers("bob")
     connect(alice, bob)
@@ -104,7 +104,7 @@ def test_contacts_filling_the_partial_total_do_not_keep_others_out(
     """Past the total of partial messages (lowered here) the oldest partial of the contact
     holding the most goes: another contact's multi-block text still arrives (review of
     issue 15, finding 9)."""
-    from aegisd.services.messenger import SETTING_MAX_PARTIALS
+    from aegisd.services.inbox import SETTING_MAX_PARTIALS
 
     alice, bob, carol = peers("alice"), peers("bob"), peers("carol")
     connect(alice, bob)
@@ -556,7 +556,7 @@ def test_a_profiles_mailboxes_are_capped(peers: Callable[[str], Peer]) -> None:
     import pytest
 
     from aegis_client.errors import RpcError
-    from aegisd.services.messenger import SETTING_MAX_MAILBOXES
+    from aegisd.services.mailboxes import SETTING_MAX_MAILBOXES
 
     bob = peers("bob")
     bob.wait_connected()

@@ -376,8 +376,8 @@ def test_a_relay_move_counts_contacts_and_survives_a_reconnect(
 # the test creates the file AEGIS_TEST_GATE names: the moment a relay.set can come in between.
 HOLD_INVITATION_MAILBOX = """
 import asyncio, os, sys
-import aegisd.services.messenger as m
-_new_mailbox = m.Messenger._new_mailbox
+import aegisd.services.mailboxes as m
+_new_mailbox = m.Mailboxes.new_mailbox
 async def _held(self, *, public):
     caller = sys._getframe(1).f_code.co_name
     mb = await _new_mailbox(self, public=public)
@@ -385,7 +385,7 @@ async def _held(self, *, public):
         while not os.path.exists(os.environ["AEGIS_TEST_GATE"]):
             await asyncio.sleep(0.05)
     return mb
-m.Messenger._new_mailbox = _held
+m.Mailboxes.new_mailbox = _held
 """
 
 

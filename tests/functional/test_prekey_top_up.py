@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from aegisd.core import wire
-from aegisd.services.messenger import ONE_TIME_LOW
+from aegisd.services.address import ONE_TIME_LOW
 from relay.client import RelayClient
 from relay.storage import deposit_key
 from tests.daemon.conftest import DaemonProc
@@ -23,7 +23,7 @@ from tests.functional.conftest import Peer
 from tests.relay.conftest import RelayProcess
 
 PATCH = """
-import aegisd.services.messenger as m
+import aegisd.services.address as m
 m.PREKEY_CHECK_MIN, m.PREKEY_CHECK_MAX = 0.5, 1.5
 """
 

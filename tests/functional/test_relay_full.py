@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from aegis_cli.client import RpcCallError
-from aegisd.services.messenger import REFUSING_QUEUE
+from aegisd.services.delivery import REFUSING_QUEUE
 from tests.functional.conftest import Peer, connect
 from tests.relay.conftest import RelayProcess
 

@@ -41,9 +41,7 @@ class FakeMessenger:
         self.entropy = E
         self.delay = delay
         self.sent: list[wire.CallPayload] = []
-
-    def _receipt_delay(self) -> float:
-        return self.delay
+        self.delivery = SimpleNamespace(receipt_delay=lambda: self.delay)
 
     async def send_call_payload(self, contact_id: int, payload: Any) -> None:
         self.sent.append(payload)

@@ -1,0 +1,447 @@
+"""The inbox: every block the relay delivers to a mailbox of ours, opened and acted on.
+
+- ``on_block`` (the relay link's handler): open the relay's sealing, then, under the
+  messenger's protocol lock, hand the block to the first-contact path (the address or an
+  invitation mailbox: a PQXDH first message, a new contact or a contact request) or to the
+  contact's ratchet session; our own loop cover is dropped unopened.
+- Receiving commits the advanced ratchet state, the received message and its event in one
+  transaction, and only then is the relay acknowledged. A crash before the commit makes the
+  relay deliver the block again; a crash after it makes the redelivered block fail to decrypt
+  (its key is spent) and it is dropped: nothing is lost, nothing is shown twice. A store
+  failure leaves the block unacknowledged (the connection drops; the relay delivers again).
+- Long messages arrive as several blocks: partial messages are kept per contact, bounded
+  (PARTIALS_PER_CONTACT, PARTIALS_TOTAL) so that a contact cannot pile them up.
+- Payloads: texts (and their delivery receipts), receipts, mailbox announcements and
+  acknowledgements (rotation.py acts on them after the commit), files' descriptors
+  (attachments.py), call signaling (calls/service.py), cover (dropped).
+
+Everything a peer sends is hostile: bounded, strictly parsed, and nothing of a blocked contact
+is kept. Of the other services this module imports only the mailboxes, the delivery layer
+and rotation's constants (none imports it back): what it uses of the messenger is
+``InboxHost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import unicodedata
+from typing import Protocol
+
+import sqlcipher3
+
+from aegisd import droplog
+from aegisd.core import wire
+from aegisd.core.errors import DecodeError, DecryptionError
+from aegisd.core.identity import PublicIdentity, keys_of
+from aegisd.core.prekeys import PrekeyStore
+from aegisd.core.primitives import Entropy
+from aegisd.core.session import Session, accept_first_contact
+from aegisd.rpc import AppError
+from aegisd.store import Store, StoreError
+from aegisd.store import cover as cover_slots
+from aegisd.store.cover import SLOT_WAIT
+from aegisd.store.db import Contact, MailboxRow
+from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, acknowledge
+from relay.client import Message, RelayClient, RelayError
+
+from .context import ServiceContext
+from .delivery import PENDING_DESTINATION, Delivery, Recipient
+from .mailbox import ContactState, OwnedMailbox, address_to_bytes
+from .mailboxes import Mailboxes
+from .rotation import ROTATION_KEY
+
+#: Failures of the store that a later attempt may not meet (disk full, I/O): never a reason to
+#: acknowledge a block.
+TRANSIENT = (sqlcipher3.Error, StoreError, OSError)
+
+# The largest payload (a text of MAX_TEXT_BYTES) spans this many blocks; a peer claiming more
+# is refused, so that partial messages cannot pile up.
+MAX_MESSAGE_FRAGMENTS = -(-(wire.MAX_TEXT_BYTES + 26) // wire.RATCHET_CAPACITY)
+STALE_FRAGMENTS_MS = 24 * 3600 * 1000
+#: Incomplete multi-block messages kept per contact, and in all (issue 15 item 13): a contact's
+#: own software has at most a few in flight (its outbox sends a message's blocks in order), so
+#: past this the contact's oldest partial goes; past the total, the oldest partial of whichever
+#: contact holds the most goes (so that a few contacts filling it cannot keep everyone else's
+#: multi-block messages out).
+PARTIALS_PER_CONTACT = 8
+PARTIALS_TOTAL = 256
+SETTING_MAX_PARTIALS = "partials.max_total"  # PARTIALS_TOTAL, lowered by tests
+#: Contact requests through the address waiting for the user (issue 15 item 14): past this,
+#: a request from a new identity is dropped (counted) until the user accepts or rejects some;
+#: one identity holds one request whatever it sends. A setting may change it.
+MAX_PENDING_REQUESTS = 50
+SETTING_MAX_REQUESTS = "requests.max_pending"
+
+
+def clean_name(name: str, fallback: str = "new contact") -> str:
+    """A display name chosen by someone else, made safe to show: no control, format (bidi
+    override) or other invisible characters, at most 64 characters."""
+    kept = "".join(
+        ch for ch in name if not unicodedata.category(ch).startswith(("C", "Z")) or ch == " "
+    )
+    kept = " ".join(kept.split())[:64]
+    return kept or fallback
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class CoverView(Protocol):
+    def active(self) -> bool: ...
+    def changed(self) -> None: ...
+    def heard(self, contact_id: int) -> None: ...
+    def is_loop(self, block: bytes) -> bool: ...
+
+
+class RenewalsView(Protocol):
+    def receive_first_contact(self, c: Contact, block: bytes) -> None: ...
+    def on_undecryptable(self, c: Contact, block: bytes) -> bool: ...
+    def on_hello(self, c: Contact) -> bool: ...
+    async def after_receive(self) -> None: ...
+    def reset(self) -> None: ...
+
+
+class AttachmentsView(Protocol):
+    def on_descriptor(self, c: Contact, session: Session, p: wire.AttachmentPayload) -> None: ...
+
+
+class RotationView(Protocol):
+    async def finish(self, c: Contact, rotation_id: bytes) -> None: ...
+
+
+class ContactsView(Protocol):
+    def with_identity(self, identity: PublicIdentity) -> Contact | None: ...
+    def establish(
+        self, name: str, identity: PublicIdentity, session: Session,
+        reply_to: wire.MailboxAddress, mb_id: int, mb: OwnedMailbox,
+    ) -> Contact: ...  # fmt: skip
+
+
+class AddressView(Protocol):
+    def request_top_up(self) -> None: ...
+
+
+class CallsView(Protocol):
+    """Call signaling's receiver (aegisd/calls/service.py CallService)."""
+
+    def on_payload(
+        self, c: Contact, payload: wire.CallPayload | wire.CallSealedPayload
+    ) -> None: ...
+
+
+class InboxHost(Protocol):
+    """What the inbox uses of the messenger."""
+
+    prekeys: PrekeyStore | None
+    calls: CallsView | None
+
+    @property
+    def ctx(self) -> ServiceContext: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def lock(self) -> asyncio.Lock: ...
+    @property
+    def entropy(self) -> Entropy: ...
+    @property
+    def delivery(self) -> Delivery: ...
+    @property
+    def cover(self) -> CoverView: ...
+    @property
+    def renewals(self) -> RenewalsView: ...
+    @property
+    def attachments(self) -> AttachmentsView: ...
+    @property
+    def rotation(self) -> RotationView: ...
+    @property
+    def mailboxes(self) -> Mailboxes: ...
+    @property
+    def address(self) -> AddressView: ...
+    @property
+    def contacts(self) -> ContactsView: ...
+
+    def _reload_prekeys(self) -> None: ...
+
+
+class Inbox:
+    def __init__(self, host: InboxHost) -> None:
+        self.m = host
+        # Rotations whose acknowledgement this receive stored: acted on (relay calls) after
+        # its commit, outside the transaction.
+        self._acked_rotations: list[tuple[Contact, bytes]] = []
+
+    async def on_block(self, client: RelayClient, msg: Message) -> None:
+        entry = self.m.mailboxes.owned.get(msg.owner_id)
+        if entry is not None:
+            row, mb = entry
+            try:
+                block = mb.open(msg.sealed)
+            except Exception:  # not sealed by our relay for this mailbox: drop it
+                droplog.dropped("dropped a delivery that did not open")
+            else:
+                async with self.m.lock:
+                    try:
+                        if row.role == cover_slots.POOL_ROLE or self.m.cover.is_loop(block):
+                            pass  # our own loop cover (a pool mailbox, or gap filling)
+                        elif row.role == "contact":
+                            if row.contact_id is not None:
+                                self._receive_from_contact(row.contact_id, block)
+                                self.m.delivery.wake()  # receipts may be due
+                                await self.m.renewals.after_receive()
+                            while self._acked_rotations:  # relay calls: outside the commit
+                                await self.m.rotation.finish(*self._acked_rotations.pop())
+                        else:
+                            await self._receive_first_contact(row, block)
+                    except AppError:
+                        # The relay went away mid-way: leave the block unacknowledged, so
+                        # the relay delivers it again after the reconnect.
+                        self.m._reload_prekeys()
+                        self._acked_rotations.clear()
+                        self.m.renewals.reset()
+                        return
+                    except TRANSIENT as exc:
+                        # The store failed (disk full, I/O): the transaction rolled back. Do
+                        # not acknowledge: drop the connection, and the relay delivers the
+                        # block again after the reconnect.
+                        self.m._reload_prekeys()
+                        self._acked_rotations.clear()
+                        self.m.renewals.reset()
+                        raise RelayUnavailable() from exc
+                    except Exception as exc:
+                        # A bug or a block no retry can open: the transaction rolled back;
+                        # acknowledge it, and log only the kind of failure.
+                        droplog.dropped(f"dropped a block: {type(exc).__name__}")
+                        self.m._reload_prekeys()
+                        self._acked_rotations.clear()
+                        self.m.renewals.reset()
+        await acknowledge(client, msg.msg_id)  # withdrawn (END): not an error, §4.3
+
+    async def _receive_first_contact(self, row: MailboxRow, block: bytes) -> None:
+        assert self.m.prekeys is not None
+        try:
+            fc = accept_first_contact(self.m.entropy, self.m.prekeys, block)
+            hello = wire.decode_payload(fc.fragment.data)
+        except (DecryptionError, DecodeError):
+            self.m._reload_prekeys()
+            droplog.dropped("dropped a first-contact block that did not open")
+            return
+        # It used one-time keys (kept burnt below, whatever follows): top the relay's up.
+        self.m.address.request_top_up()
+        if not isinstance(hello, wire.HelloPayload) or not self.m.mailboxes.peer_url_ok(
+            hello.reply_to.relay_url
+        ):
+            self.m._reload_prekeys()
+            return
+        known = self.m.contacts.with_identity(fc.sender)
+        if row.role == "invitation":
+            valid = (
+                row.invitation_id is not None
+                and hello.invitation_id == row.invitation_id
+                and (row.expires_at is None or row.expires_at >= _now())
+                and (known is None or not known.blocked)
+            )
+            if not valid:
+                self.m.store.put_identity(self.m.prekeys.to_bytes())  # one-time keys stay burnt
+                return
+            mb_id, mb = await self.m.mailboxes.create("contact", public=False)
+            with self.m.store.transaction():
+                self.m.store.put_identity(self.m.prekeys.to_bytes())
+                self.m.store.delete_mailbox(row.id)  # used: the invitation is void
+                name = hello.display_name or "new contact"
+                self.m.contacts.establish(name, fc.sender, fc.session, hello.reply_to, mb_id, mb)
+            self.m.mailboxes.reload()
+            self.m.delivery.wake()
+            with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
+                old = OwnedMailbox.from_bytes(row.descriptor)
+                async with self.m.mailboxes.client() as client:
+                    await client.delete(old.owner_id, old.signing_key)
+            return
+        with self.m.store.transaction():
+            self.m.store.put_identity(self.m.prekeys.to_bytes())  # burnt one-time keys
+            if known is not None and known.blocked:
+                return
+            pending = self.m.store.list_requests()
+            keys = fc.sender.encode()  # the keys: a re-signed record is the same identity
+            same = [r for r in pending if keys_of(r.identity_key) == keys]
+            if same:
+                # The same identity again (it retried, or floods): one request, holding the
+                # newest session, the one its sender now waits on (issue 15 item 14).
+                self.m.store.replace_request(
+                    same[0].id, clean_name(hello.display_name), fc.session.to_bytes(),
+                    address_to_bytes(hello.reply_to),
+                )  # fmt: skip
+                for extra in same[1:]:  # kept apart before requests were merged
+                    self.m.store.delete_request(extra.id)
+                droplog.dropped("merged a contact request into an earlier one of its identity")
+                return
+            limit = int(self.m.store.get_setting(SETTING_MAX_REQUESTS, MAX_PENDING_REQUESTS))
+            if len(pending) >= limit:
+                droplog.dropped("dropped a contact request (too many pending)")
+                return
+            request_id = self.m.store.add_request(
+                fc.sender.to_bytes(),
+                clean_name(hello.display_name),
+                fc.session.to_bytes(),
+                address_to_bytes(hello.reply_to),
+            )
+            self.m.ctx.events.emit(
+                "contact.request",
+                {
+                    "request": request_id,
+                    "name": clean_name(hello.display_name),
+                    "known": known is not None,
+                },
+            )
+
+    def _receive_from_contact(self, contact_id: int, block: bytes) -> None:
+        c = self.m.store.get_contact(contact_id)
+        blob = self.m.store.get_session(contact_id)
+        if c is not None and blob is None:  # restored from a backup: a renewal's answer?
+            self.m.renewals.receive_first_contact(c, block)
+            return
+        if c is None or blob is None:
+            return
+        session = Session.from_bytes(blob)
+        try:
+            fragment = session.decrypt(self.m.entropy, block)
+        except DecryptionError:
+            if self.m.renewals.on_undecryptable(c, block):
+                return
+            droplog.dropped("dropped a block that did not decrypt")
+            return
+        self.m.cover.heard(contact_id)  # online: cover to it goes on
+        with self.m.store.transaction():
+            self.m.store.put_session(contact_id, session.to_bytes())
+            if c.blocked:
+                # Nothing of a blocked contact is shown or kept (not even a partial message):
+                # the ratchet step above is all that is stored.
+                droplog.dropped("dropped a block of a blocked contact")
+                return
+            if fragment.count == 1:
+                content: bytes | None = fragment.data
+            elif fragment.count > MAX_MESSAGE_FRAGMENTS:
+                droplog.dropped("dropped a fragment of an oversized message")
+                return
+            else:
+                self._make_room_for_partial(contact_id, fragment.msg_id)
+                parts = self.m.store.put_fragment(
+                    contact_id, fragment.msg_id, fragment.index, fragment.count, fragment.data
+                )
+                content = None if parts is None else b"".join(parts)
+            if content is None:
+                return
+            try:
+                payload = wire.decode_payload(content)
+            except DecodeError:
+                droplog.dropped("dropped a payload that did not parse")
+                return
+            self._handle_payload(c, session, payload)
+
+    def _make_room_for_partial(self, contact_id: int, msg_id: bytes) -> None:
+        """Before a fragment of a message not yet kept starts one more partial message (inside
+        the receive transaction): a contact's oldest partials make room for its newest
+        (PARTIALS_PER_CONTACT); past the total for all contacts, the oldest partial of the
+        contact holding the most goes, so whoever fills it loses, not everyone else."""
+        own = self.m.store.partial_messages(contact_id)
+        if any(m == msg_id for _, m in own):
+            return
+        for _, old in own[: max(0, len(own) - PARTIALS_PER_CONTACT + 1)]:
+            self.m.store.delete_fragments(contact_id, old)
+            droplog.dropped("dropped a partial message (over a contact's limit)")
+        total = int(self.m.store.get_setting(SETTING_MAX_PARTIALS, PARTIALS_TOTAL))
+        kept = self.m.store.partial_messages()  # oldest first
+        while len(kept) >= max(1, total):
+            held: dict[int, int] = {}
+            for cid, _ in kept:
+                held[cid] = held.get(cid, 0) + 1
+            most = max(held.values())
+            victim = next((cid, m) for cid, m in kept if held[cid] == most)  # its oldest
+            self.m.store.delete_fragments(*victim)
+            kept.remove(victim)
+            droplog.dropped("dropped a partial message (over the total limit)")
+
+    def drop_partials(self, contact_id: int) -> None:
+        """A contact blocked: its incomplete messages go (they would never be shown)."""
+        n = len(self.m.store.partial_messages(contact_id))
+        self.m.store.delete_fragments(contact_id)
+        for _ in range(n):
+            droplog.dropped("dropped a partial message (contact blocked)")
+
+    def _handle_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None:
+        if isinstance(payload, wire.CoverPayload):
+            return  # cover: nothing to show, keep or answer (§24)
+        if isinstance(payload, wire.TextPayload):
+            mid = payload.message_id.hex()
+            if self.m.store.get_message(mid) is not None:
+                return  # a duplicate id: never show a message twice
+            self.m.store.add_message(
+                c.id, "in", payload.text, status="received", message_id=mid,
+                sent_at=payload.sent_at_ms,
+            )  # fmt: skip
+            self.m.ctx.events.emit(
+                "message.received",
+                {"message_id": mid, "contact": c.name, "text": payload.text,
+                 "sent_at": payload.sent_at_ms},
+            )  # fmt: skip
+            self.m.delivery.queue_receipt(
+                Recipient(c, session), wire.RECEIPT_DELIVERED, [payload.message_id]
+            )
+        elif isinstance(payload, wire.ReceiptPayload):
+            status = "delivered" if payload.kind == wire.RECEIPT_DELIVERED else "read"
+            for raw in payload.message_ids:
+                m = self.m.store.get_message(raw.hex())
+                if m is None or m.contact_id != c.id or m.direction != "out":
+                    continue
+                if self.m.store.set_message_status(m.id, status):
+                    self.m.ctx.events.emit(
+                        "message.status", {"message_id": m.id, "contact": c.name, "status": status}
+                    )
+        elif isinstance(
+            payload, (wire.HelloPayload, wire.MailboxPayload)
+        ) and not self.m.mailboxes.peer_url_ok(
+            payload.reply_to.relay_url
+            if isinstance(payload, wire.HelloPayload)
+            else payload.mailbox.relay_url
+        ):
+            droplog.dropped("dropped a mailbox address with a refused relay URL")
+        elif isinstance(payload, wire.HelloPayload):
+            state = ContactState.from_bytes(c.state)
+            state.send_to, state.established = payload.reply_to, True
+            self.m.store.update_contact(c.id, state=state.to_bytes())
+            self.m.store.readdress_outbox(
+                c.id, PENDING_DESTINATION, address_to_bytes(payload.reply_to),
+                due=SLOT_WAIT if self.m.cover.active() else 0,
+            )
+            self.m.cover.changed()
+            if not self.m.renewals.on_hello(c):
+                self.m.ctx.events.emit("contact.established", {"contact": c.name})
+        elif isinstance(payload, wire.MailboxPayload):
+            state = ContactState.from_bytes(c.state)
+            if state.send_to is not None:  # blocks still queued for the old mailbox follow
+                self.m.store.readdress_outbox(
+                    c.id, address_to_bytes(state.send_to), address_to_bytes(payload.mailbox)
+                )
+            state.send_to = payload.mailbox
+            self.m.store.update_contact(c.id, state=state.to_bytes())
+            # The acknowledgement goes to the new mailbox: the old one may be gone already (it
+            # expired while the contact was away, _expired), and the new one is subscribed.
+            c = self.m.store.get_contact(c.id) or c
+            self.m.delivery.enqueue([Recipient(c, session)],
+                                  wire.MailboxAckPayload(payload.rotation_id),
+                                  delay=self.m.delivery.receipt_delay())  # fmt: skip
+        elif isinstance(payload, wire.AttachmentPayload):
+            self.m.attachments.on_descriptor(c, session, payload)
+        elif isinstance(payload, wire.MailboxAckPayload):
+            pending = self.m.store.get_setting(f"{ROTATION_KEY}{c.id}")
+            if pending is not None and pending["id"] == payload.rotation_id.hex():
+                # Stored with the receive, acted on (relay calls) right after the commit.
+                self.m.store.set_setting(f"{ROTATION_KEY}{c.id}", {**pending, "acked": True})
+                self._acked_rotations.append((c, payload.rotation_id))
+        elif (
+            isinstance(payload, (wire.CallPayload, wire.CallSealedPayload))
+            and self.m.calls is not None  # aegisd/calls/service.py, set at start-up
+        ):
+            self.m.calls.on_payload(c, payload)

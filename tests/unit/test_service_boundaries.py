@@ -1,0 +1,55 @@
+"""The services and calls never import the daemon (they get a ServiceContext,
+aegisd/services/context.py), and no two service modules import each other (issue 16,
+"Architecture"): TYPE_CHECKING and function-level imports count too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+AEGISD = Path(__file__).resolve().parents[2] / "aegisd"
+PACKAGES = ("services", "calls")
+
+
+def _imported(path: Path) -> set[str]:
+    """Every aegisd module ``path`` imports, wherever the import statement stands."""
+    package = f"aegisd.{path.parent.name}"
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                base = node.module or ""
+            else:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, *([node.module] if node.module else [])])
+            out.add(base)
+            out |= {f"{base}.{a.name}" for a in node.names}
+    return {m for m in out if m == "aegisd" or m.startswith("aegisd.")}
+
+
+def _modules() -> dict[str, Path]:
+    return {
+        f"aegisd.{pkg}.{p.stem}": p for pkg in PACKAGES for p in sorted((AEGISD / pkg).glob("*.py"))
+    }
+
+
+def test_no_service_imports_the_daemon() -> None:
+    for name, path in _modules().items():
+        assert "aegisd.daemon" not in _imported(path), f"{name} imports aegisd.daemon"
+
+
+def test_the_context_imports_neither_the_daemon_nor_a_service() -> None:
+    imported = _imported(AEGISD / "services" / "context.py")
+    assert not {m for m in imported if m.startswith(("aegisd.daemon", "aegisd.services",
+                                                     "aegisd.calls"))}  # fmt: skip
+
+
+def test_no_two_service_modules_import_each_other() -> None:
+    modules = _modules()
+    graph = {name: _imported(path) & set(modules) for name, path in modules.items()}
+    assert len(graph) >= 10
+    for a, deps in graph.items():
+        for b in deps:
+            assert a not in graph[b], f"{a} and {b} import each other"
