@@ -35,6 +35,8 @@ CONTEST_WINDOW = 32
 MAX_HELD = 64
 #: A held-back change applies at most this many versions past the head.
 HOLD_AHEAD = 64
+#: Hashes of lost changes remembered, per group (their descendants are dropped on arrival).
+MAX_LOST = 1024
 _CREATION_HEAD = bytes(wire.GROUP_HASH_LEN)
 
 
@@ -323,19 +325,23 @@ def precedence(
 
 
 class GroupLog:
-    """A member's view of one group: the final base state and the changes of the contest
-    window (a tree rooted at the base), and the changes held back for a parent not yet seen.
+    """A member's view of one group: the final base state, the canonical chain of changes of
+    the contest window after it, the changes held back for a parent not yet seen, and the
+    hashes of changes that lost (§25.5).
 
     The head is a function of the set of changes received, not of their order: from the base,
     repeatedly take the child with the lowest `precedence` among the valid children of the
-    current node (§25.5). Valid: signature verified and `apply_change` accepts it against its
-    parent. Children of a node that lost can never be on the chain and are dropped."""
+    current node. Valid: signature verified and `apply_change` accepts it against its parent.
+    A change that loses can never win later (a node's valid children only grow, and its
+    winner is their minimum), and neither can anything built on it: both are dropped, their
+    hashes remembered so that a descendant arriving later is dropped rather than held."""
 
     def __init__(self, base: GroupState) -> None:
         self._base = base
-        self._changes: dict[bytes, wire.GroupChangeRecord] = {}  # valid, in the window
-        self._states: dict[bytes, GroupState] = {base.head: base}
+        self._changes: dict[bytes, wire.GroupChangeRecord] = {}  # the chain after the base
+        self._states: dict[bytes, GroupState] = {base.head: base}  # base and chain states
         self._held: dict[bytes, wire.GroupChangeRecord] = {}
+        self._lost: dict[bytes, int] = {}  # hash -> version it made; oldest evicted first
         self._chain: list[bytes] = []
         self._head = base
 
@@ -357,13 +363,16 @@ class GroupLog:
             raise UnknownGroup("no such group")
         verify_signature(change)
         digest = change_hash(change)
-        if digest in self._changes or digest in self._held:
+        if digest in self._changes or digest in self._held or digest in self._lost:
             raise ReplayedChange("the change is already known")
         base = self._base
         if change.parent_version < base.version or (
             change.parent_version == base.version and change.parent_hash != base.head
         ):
             raise ReplayedChange("the change applies to a final version")
+        if change.parent_hash in self._lost:
+            self._lose(digest, change.parent_version + 1)
+            return Received(Outcome.LOST, self._head, self._connect_held())
         parent = self._states.get(change.parent_hash)
         if parent is None:
             if len(self._held) >= MAX_HELD or (
@@ -372,79 +381,92 @@ class GroupLog:
                 raise OutOfWindow("the change's parent is unknown and cannot be waited for")
             self._held[digest] = change
             return Received(Outcome.HELD, self._head)
-        self._states[digest] = apply_change(parent, change)  # raises on a refusal
-        self._changes[digest] = change
-        dropped = self._connect_held()
+        state = apply_change(parent, change)  # raises on a refusal
         before = self._chain
-        self._recompute()
+        self._contest(digest, change, parent, state)
+        dropped = self._connect_held()
         undone = tuple(h for h in before if h not in self._chain) + dropped
-        outcome = Outcome.APPLIED if digest in self._chain else Outcome.LOST
+        outcome = Outcome.APPLIED if digest in self._changes else Outcome.LOST
         self._finalize()
         return Received(outcome, self._head, undone)
 
+    def _contest(
+        self, digest: bytes, change: wire.GroupChangeRecord, parent: GroupState, state: GroupState
+    ) -> None:
+        """A valid change whose parent is on the chain (the base or a chain state) meets the
+        chain's change at that parent, if any: the one with precedence stays."""
+        at = change.parent_version - self._base.version  # index of the rival in the chain
+        if at < len(self._chain):
+            rival = self._chain[at]
+            mine = precedence(parent, change, digest)
+            if mine >= precedence(parent, self._changes[rival], rival):
+                self._lose(digest, state.version)
+                return
+            for h in self._chain[at:]:  # the rival and everything built on it lose
+                del self._changes[h]
+                del self._states[h]
+                self._lose(h, change.parent_version + 1)
+            self._chain = self._chain[:at]
+        self._changes[digest] = change
+        self._states[digest] = state
+        self._chain.append(digest)
+        self._head = state
+
+    def _lose(self, digest: bytes, version: int) -> None:
+        self._lost[digest] = version
+        while len(self._lost) > MAX_LOST:
+            del self._lost[next(iter(self._lost))]
+
     def _connect_held(self) -> tuple[bytes, ...]:
+        """Held-back changes whose parent is now known: contested, or lost with their parent,
+        or dropped when invalid. Returns the hashes of those that did not join the chain."""
         dropped: list[bytes] = []
         progress = True
         while progress:
             progress = False
             for digest, change in list(self._held.items()):
+                lost = change.parent_hash in self._lost
                 parent = self._states.get(change.parent_hash)
-                if parent is None:
+                if parent is None and not lost:
                     continue
                 del self._held[digest]
                 progress = True
+                if parent is None:
+                    self._lose(digest, change.parent_version + 1)
+                    dropped.append(digest)
+                    continue
                 try:
-                    self._states[digest] = apply_change(parent, change)
+                    state = apply_change(parent, change)
                 except (ReplayedChange, OutOfWindow, NotAMember, NotPermitted, GroupFull,
                         LastOwner, InvalidChange, ForgedChange, UnknownGroup):  # fmt: skip
                     dropped.append(digest)
                     continue
-                self._changes[digest] = change
+                self._contest(digest, change, parent, state)
+                if digest not in self._changes:
+                    dropped.append(digest)
         return tuple(dropped)
-
-    def _recompute(self) -> None:
-        children: dict[bytes, list[bytes]] = {}
-        for digest, change in self._changes.items():
-            children.setdefault(change.parent_hash, []).append(digest)
-        node, chain = self._base, []
-        while kids := children.get(node.head):
-            parent = node
-            best = min(kids, key=lambda h: precedence(parent, self._changes[h], h))
-            chain.append(best)
-            node = self._states[best]
-        self._chain, self._head = chain, node
-        # Changes off the chain whose parent is on it lost for good, and so did everything
-        # built on them: keep only the chain and the losers' siblings' rivals (nothing else
-        # can ever win).
-        on_chain = {self._base.head, *chain}
-        for digest, change in list(self._changes.items()):
-            if digest not in on_chain and change.parent_hash in on_chain:
-                continue  # a loser next to the chain: kept so a replay is recognised
-            if digest not in on_chain:
-                del self._changes[digest]
-                self._states.pop(digest, None)
 
     def _finalize(self) -> None:
         while len(self._chain) > CONTEST_WINDOW:
             first = self._chain.pop(0)
-            old = self._base.head
+            del self._states[self._base.head]
+            del self._changes[first]
             self._base = self._states[first]
-            for digest, change in list(self._changes.items()):
-                if change.parent_hash == old:
-                    del self._changes[digest]
-                    if digest != first:
-                        self._states.pop(digest, None)
-            self._states.pop(old, None)
         for digest, change in list(self._held.items()):
             if change.parent_version < self._base.version:
                 del self._held[digest]
+        for digest, version in list(self._lost.items()):
+            if version <= self._base.version:
+                del self._lost[digest]
 
     # --- storage --------------------------------------------------------------------------
 
     def record(self) -> wire.GroupLogRecord:
-        """The base and the changes in an order that rebuilds the same log (parents first)."""
-        ordered = sorted(self._changes.values(), key=lambda c: c.parent_version)
-        return wire.GroupLogRecord(self._base.record(), tuple(ordered) + tuple(self._held.values()))
+        """The base, the chain in order, then the held-back changes (the hashes of lost
+        changes are not kept: a descendant of one arriving after a restart is held back
+        instead of dropped, and leaves the window with its version)."""
+        chain = tuple(self._changes[h] for h in self._chain)
+        return wire.GroupLogRecord(self._base.record(), chain + tuple(self._held.values()))
 
     @classmethod
     def from_record(cls, rec: wire.GroupLogRecord) -> GroupLog:
