@@ -274,10 +274,11 @@ def invitation_log(
     inviter: PublicIdentity,
     invitee: PublicIdentity,
 ) -> GroupLog:
-    """The log an invitee starts from (§25.7): the signed base, then each change in order,
-    every one of which must apply. The invitee must be a member of the result with its own
-    keys, and the inviter (who sent it through their pairwise session) one of its admins or
-    owners. Raises a GroupError (or nothing)."""
+    """The log an invitee holds while it answers an invitation (§25.7): the signed base, then
+    each change in order, every one of which must apply. The inviter (who sent it through
+    their pairwise session) must be one of the result's admins or owners, with the keys of
+    that session, and the invitee not yet a member: it is added once it accepts, by a change
+    that reaches it like any other. Raises one GroupError, or returns the log."""
     if len(changes) > wire.MAX_INVITE_CHANGES:
         raise InvalidChange("too many changes in an invitation")
     log = GroupLog(verify_state(base))
@@ -285,14 +286,13 @@ def invitation_log(
         if log.receive(change).outcome is not Outcome.APPLIED:
             raise InvalidChange("an invitation's changes form one chain")
     head = log.head
-    me = head.member(invitee.ed_pub)
-    if me is None or not me.identity.same_keys(invitee):
-        raise NotAMember("the invitation does not make the invitee a member")
     sender = head.member(inviter.ed_pub)
     if sender is None or not sender.identity.same_keys(inviter):
         raise NotAMember("the inviter is not a member")
     if sender.role < wire.ROLE_ADMIN:
         raise NotPermitted("only an admin or owner invites")
+    if head.member(invitee.ed_pub) is not None:
+        raise InvalidChange("the invitee is a member already")
     return log
 
 

@@ -1202,7 +1202,7 @@ class CoverPayload:
     it; the recipient drops it silently (no event, no history, no receipt)."""
 
 
-MAX_LINK_BYTES = 1024  # a contact link's bytes inside a group payload (the longest is 656)
+MAX_LINK_BYTES = 1024  # a contact link's bytes inside a group payload (the longest is 526)
 
 
 @dataclass(frozen=True)

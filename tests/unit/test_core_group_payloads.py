@@ -16,8 +16,10 @@ from aegisd.core.errors import (
     DecodeError,
     ForgedChange,
     GroupError,
+    InvalidChange,
     NotAMember,
     NotPermitted,
+    ReplayedChange,
     UnsupportedVersion,
 )
 from tests.support.groups import PEOPLE, group_of
@@ -38,12 +40,13 @@ def link(person: int = 4, kind: int = wire.LINK_INVITATION) -> wire.ContactLink:
 
 
 def invitation() -> tuple[wire.GroupInvitePayload, g.GroupLog]:
-    """The owner of a 3-member group invites PEOPLE[4]: the base it signs, then the add."""
+    """The owner of a 3-member group invites PEOPLE[4]: a base it signed earlier, and the
+    change made since (a rename)."""
     log, (owner, _admin, _member) = group_of([ADMIN, MEMBER])
     base = g.sign_state(owner, log.head)
-    log.receive(g.add_member(owner, log.head, PEOPLE[4].public))
-    changes = (g.add_member(owner, g.verify_state(base), PEOPLE[4].public),)
-    return wire.GroupInvitePayload(b"v" * 16, 5, base, changes), log
+    since = g.rename(owner, log.head, "Since", "")
+    log.receive(since)
+    return wire.GroupInvitePayload(b"v" * 16, 5, base, (since,)), log
 
 
 INVITE, INVITE_LOG = invitation()
@@ -63,7 +66,9 @@ SAMPLES: dict[str, wire.Payload] = {
     ),
     "answer declined": wire.GroupAnswerPayload(b"v" * 16, INVITE_LOG.head.group_id, False),
     "change": wire.GroupChangePayload(RENAME),
-    "change add": wire.GroupChangePayload(INVITE.changes[0]),
+    "change add": wire.GroupChangePayload(
+        g.add_member(PEOPLE[0], INVITE_LOG.head, PEOPLE[4].public)
+    ),
     "message": wire.GroupMessagePayload(INVITE_LOG.head.group_id, 4, b"m" * 16, 7, "hé"),
     "introduction": wire.GroupIntroductionPayload(INVITE_LOG.head.group_id, link()),
 }
@@ -185,40 +190,44 @@ def test_sizes() -> None:
     assert size == 2 + 32 + 8 + 16 + 8 + wire.MAX_TEXT_BYTES
     assert -(-size // wire.RATCHET_CAPACITY) == 5
     state = INVITE_LOG.head.record()
-    assert (
-        len(state.to_bytes()) == 2 + 32 + 8 + 32 + (1 + 7) + (2 + 5) + 2 + 4 * 129
-    )  # "Friends", "about"
-    change = INVITE.changes[0].to_bytes()
-    assert len(change) == 1 + 32 + 8 + 32 + 32 + 1 + 128 + 1 + 64 == 299
+    name, description = len(state.name.encode()), len(state.description.encode())
+    fixed = 2 + 32 + 8 + 32 + 1 + 2 + 2  # header, ID, version, head, three length fields
+    assert len(state.to_bytes()) == fixed + name + description + 129 * len(state.members)
+    assert fixed + 128 + 1024 + 129 * 256 == 34_255  # the largest state: 3 blocks
+    add = g.add_member(PEOPLE[0], INVITE_LOG.head, PEOPLE[6].public).to_bytes()
+    assert len(add) == 1 + 32 + 8 + 32 + 32 + 1 + 128 + 1 + 64 == 299
 
 
 # --- invitations -----------------------------------------------------------------------------
 
 
-def test_an_invitation_verifies_and_makes_the_invitee_a_member() -> None:
+def test_an_invitation_verifies_and_the_add_follows_the_acceptance() -> None:
     log = g.invitation_log(INVITE.base, INVITE.changes, PEOPLE[0].public, PEOPLE[4].public)
-    assert log.head == INVITE_LOG.head
-    # Changes made later reach the invitee like any member.
-    log.receive(RENAME)
-    assert log.head.name == "Renamed"
+    assert log.head == INVITE_LOG.head and log.head.member(PEOPLE[4].public.ed_pub) is None
+    # Accepted: the inviter adds the invitee (after another change), and sends it the changes
+    # since the invitation's head, the add last; they reach it like any member's.
+    INVITE_LOG.receive(RENAME)
+    add = g.add_member(PEOPLE[0], INVITE_LOG.head, PEOPLE[4].public)
+    INVITE_LOG.receive(add)
+    assert log.receive(add).outcome is g.Outcome.HELD  # the rename is still on its way
+    assert log.receive(RENAME).outcome is g.Outcome.APPLIED
+    assert log.head == INVITE_LOG.head and log.head.member(PEOPLE[4].public.ed_pub) is not None
     # A base signed at the current state, with no changes, works as well.
-    direct = g.invitation_log(g.sign_state(PEOPLE[0], INVITE_LOG.head), (), PEOPLE[0].public,
-                              PEOPLE[4].public)  # fmt: skip
-    assert direct.head == INVITE_LOG.head
+    direct = g.invitation_log(g.sign_state(PEOPLE[1], log.head), (), PEOPLE[1].public,
+                              PEOPLE[5].public)  # fmt: skip
+    assert direct.head == log.head
 
 
 def test_invitation_refusals() -> None:
-    owner, admin, member, invitee = PEOPLE[0], PEOPLE[1], PEOPLE[2], PEOPLE[4]
+    owner, member, invitee = PEOPLE[0], PEOPLE[2], PEOPLE[4]
 
     def refused(error: type[GroupError], *args: object) -> None:
         with pytest.raises(GroupError) as info:
             g.invitation_log(*args)  # type: ignore[arg-type]
         assert type(info.value) is error
 
-    # Not for this invitee.
-    refused(NotAMember, INVITE.base, INVITE.changes, owner.public, PEOPLE[5].public)
-    # Without the add, the invitee is not in it.
-    refused(NotAMember, INVITE.base, (), owner.public, invitee.public)
+    # The invitee is a member already.
+    refused(InvalidChange, INVITE.base, INVITE.changes, owner.public, member.public)
     # The inviter is a mere member.
     refused(NotPermitted, INVITE.base, INVITE.changes, member.public, invitee.public)
     # The inviter is not in the group at all.
@@ -232,16 +241,19 @@ def test_invitation_refusals() -> None:
     refused(ForgedChange, bad, INVITE.changes, owner.public, invitee.public)
     renamed = replace(INVITE.base, state=replace(INVITE.base.state, name="Other"))
     refused(ForgedChange, renamed, INVITE.changes, owner.public, invitee.public)
+    # Changes that do not chain from the base.
+    refused(InvalidChange, INVITE.base, (RENAME,), owner.public, invitee.public)
+    refused(ReplayedChange, INVITE.base, INVITE.changes * 2, owner.public, invitee.public)
     with pytest.raises(NotPermitted):
         g.sign_state(member, state)
-    del admin
 
 
-def test_spam_invitations_cost_a_verification_each_and_hold_nothing() -> None:
-    """Invitation spam (issue 16): an invitation from a contact is a request; verifying it
-    is bounded (a base and at most 64 changes) and a refused one leaves nothing behind."""
+def test_spam_invitations_cost_a_bounded_verification_and_hold_nothing() -> None:
+    """Invitation spam (issue 16): an invitation from a contact is a request the user answers;
+    verifying one is bounded (a base and at most 64 changes, each checked once) and a refused
+    one leaves nothing behind (the core keeps no state for it)."""
     payload = replace(INVITE, changes=INVITE.changes * wire.MAX_INVITE_CHANGES)
-    decoded = wire.decode_payload(_encoded(payload))
+    decoded = wire.decode_payload(wire.encode_payload(payload))
     assert isinstance(decoded, wire.GroupInvitePayload)
     with pytest.raises(GroupError):
         g.invitation_log(decoded.base, decoded.changes, PEOPLE[0].public, PEOPLE[4].public)
