@@ -296,6 +296,41 @@ def invitation_log(
     return log
 
 
+def introduction_offers(
+    state: GroupState, answer: wire.GroupAnswerPayload, invitee: PublicIdentity
+) -> dict[bytes, wire.ContactLink]:
+    """The inviter's check of an accepting answer (§25.7 step 2): every offer is for a member
+    of `state` other than the invitee, and its link is the invitee's (by keys). Returns the
+    link to pass to each member, by member key."""
+    if answer.group_id != state.group_id:
+        raise UnknownGroup("no such group")
+    if not answer.accepted:
+        raise InvalidChange("a declined invitation carries no offers")
+    out: dict[bytes, wire.ContactLink] = {}
+    for offer in answer.offers:
+        if state.member(offer.member) is None or offer.member == invitee.ed_pub:
+            raise NotAMember("an offer for someone who is not a member")
+        if not _identity(offer.link.identity).same_keys(invitee):
+            raise ForgedChange("an offer's link is not the invitee's")
+        out[offer.member] = offer.link
+    return out
+
+
+def introduced_member(
+    state: GroupState, introduction: wire.GroupIntroductionPayload
+) -> PublicIdentity:
+    """A member's check of an introduction (§25.7 step 4): the link's identity is, by its
+    keys, a member of `state` (NotAMember: hold it until the add arrives, or drop it). Returns
+    the identity to check the first contact's bundle against."""
+    if introduction.group_id != state.group_id:
+        raise UnknownGroup("no such group")
+    identity = _identity(introduction.link.identity)
+    member = state.member(identity.ed_pub)
+    if member is None or not member.identity.same_keys(identity):
+        raise NotAMember("the introduced identity is not a member")
+    return identity
+
+
 # --- the log: concurrency rule, held-back changes, finality ------------------------------------
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import itertools
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import DecodeError, UnsupportedVersion
 
@@ -920,7 +920,7 @@ class GroupChangeRecord:
                       description=description)  # fmt: skip
         elif op != CHANGE_LEAVE:
             raise DecodeError("unknown group change")
-        return cls(**{**out.__dict__, "sig": r.take(SIG_LEN)})
+        return replace(out, sig=r.take(SIG_LEN))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> GroupChangeRecord:

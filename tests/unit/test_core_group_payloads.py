@@ -20,6 +20,7 @@ from aegisd.core.errors import (
     NotAMember,
     NotPermitted,
     ReplayedChange,
+    UnknownGroup,
     UnsupportedVersion,
 )
 from tests.support.groups import PEOPLE, group_of
@@ -257,3 +258,44 @@ def test_spam_invitations_cost_a_bounded_verification_and_hold_nothing() -> None
     assert isinstance(decoded, wire.GroupInvitePayload)
     with pytest.raises(GroupError):
         g.invitation_log(decoded.base, decoded.changes, PEOPLE[0].public, PEOPLE[4].public)
+
+
+def test_introduction_offers_and_introductions() -> None:
+    """§25.7 steps 2 and 4: the inviter passes on only offers of the invitee's own link for
+    members; a member accepts an introduction only of a member, by keys."""
+    log, (owner, admin, member) = group_of([ADMIN, MEMBER])
+    invitee = PEOPLE[4]
+    offers = sorted(
+        (wire.IntroductionOffer(p.public.ed_pub, link(4)) for p in (admin, member)),
+        key=lambda o: o.member,
+    )
+    answer = wire.GroupAnswerPayload(b"v" * 16, log.head.group_id, True, tuple(offers))
+    got = g.introduction_offers(log.head, answer, invitee.public)
+    assert got == {o.member: o.link for o in offers}
+
+    def refused(error: type[GroupError], answer: wire.GroupAnswerPayload) -> None:
+        with pytest.raises(GroupError) as info:
+            g.introduction_offers(log.head, answer, invitee.public)
+        assert type(info.value) is error
+
+    stranger = wire.IntroductionOffer(PEOPLE[6].public.ed_pub, link(4))
+    refused(NotAMember, replace(answer, offers=(stranger,)))
+    mine = wire.IntroductionOffer(invitee.public.ed_pub, link(4))
+    refused(NotAMember, replace(answer, offers=(mine,)))
+    not_theirs = wire.IntroductionOffer(admin.public.ed_pub, link(5))
+    refused(ForgedChange, replace(answer, offers=(not_theirs,)))
+    refused(InvalidChange, replace(answer, accepted=False, offers=()))
+    refused(UnknownGroup, replace(answer, group_id=bytes(32)))
+    # The member's side: an introduction of someone not (yet) a member is refused.
+    intro = wire.GroupIntroductionPayload(log.head.group_id, link(4))
+    with pytest.raises(NotAMember):
+        g.introduced_member(log.head, intro)
+    log.receive(g.add_member(owner, log.head, invitee.public))
+    assert g.introduced_member(log.head, intro) == invitee.public
+    with pytest.raises(UnknownGroup):
+        g.introduced_member(log.head, replace(intro, group_id=bytes(32)))
+    # A link whose identity claims a member's Ed25519 key with other X25519 keys.
+    rec = invitee.public.record()
+    odd = wire.IdentityRecord(rec.ed_pub, PEOPLE[5].public.x_pub, rec.binding_sig)
+    with pytest.raises(ForgedChange):
+        g.introduced_member(log.head, replace(intro, link=replace(intro.link, identity=odd)))
