@@ -676,7 +676,7 @@ GROUP_ID_LEN = 32
 GROUP_HASH_LEN = 32  # SHA-256 of a signed change: the state's head after it
 MAX_GROUP_NAME_BYTES = 128
 MAX_GROUP_DESCRIPTION_BYTES = 1024
-#: The protocol's ceiling on members (docs/protocol.md §25.9): the same for every member, or
+#: The protocol's ceiling on members (docs/protocol.md §25.1): the same for every member, or
 #: members would disagree on whether an add is valid. A daemon setting may only lower what
 #: its own user creates or adds.
 MAX_GROUP_MEMBERS = 256
@@ -937,8 +937,8 @@ def _fixed_sig(sig: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class GroupLogRecord:
-    """Stored: a group's final base state and the changes of its window (applied, competing
-    and held back), in the order received."""
+    """Stored: a group's final base state, the canonical chain of changes after it in order,
+    then the held-back changes (docs/protocol.md §25.2)."""
 
     base: GroupStateRecord
     changes: tuple[GroupChangeRecord, ...]
