@@ -5,11 +5,14 @@ them, without the scenario."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import struct
 from pathlib import Path
 
 from aegisd.core import group as g
 from aegisd.core import wire
+from aegisd.core.primitives import ed25519_from_private, ed25519_public
 from tests.support.entropy import DeterministicEntropy
 from tests.vectors import group_scenario
 
@@ -48,3 +51,12 @@ def test_the_bytes_are_what_section_25_says() -> None:
         cat.role == wire.ROLE_OWNER
         and cat.identity.to_bytes().hex() == VECTORS["identities"]["cat"]
     )
+
+
+def test_the_draws_are_the_blocks_section_25_names() -> None:
+    """§25's vector paragraph: identities from blocks 1 to 6, the group ID is block 7."""
+    seed = bytes.fromhex(VECTORS["seed"])
+    block = [hmac.digest(seed, struct.pack(">Q", k), "sha256") for k in range(8)]
+    assert VECTORS["group_id"] == block[7].hex()
+    ann = wire.IdentityRecord.from_bytes(bytes.fromhex(VECTORS["identities"]["ann"]))
+    assert ann.ed_pub == ed25519_public(ed25519_from_private(block[1]))
