@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from aegisd.core import group as g
 from aegisd.core import wire
@@ -353,3 +355,42 @@ def test_stored_log_round_trip() -> None:
     assert again.record().to_bytes() == raw
     with pytest.raises(DecodeError):
         wire.GroupLogRecord.from_bytes(raw + b"\x00")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_change_is_applied_held_or_refused_with_nothing_changed(data: st.DataObject) -> None:
+    """Fields of a valid change replaced at random and signed again by one of the people
+    (member or not): the log applies it, holds it, or refuses it with one GroupError leaving
+    the log byte for byte as it was; it never raises anything else."""
+    log, _people = group_of([ADMIN, MEMBER])
+    state = log.head
+    keys = [p.public.ed_pub for p in PEOPLE]
+    signer = data.draw(st.sampled_from(PEOPLE))
+    fields = {
+        "group_id": data.draw(st.sampled_from([state.group_id, bytes(32)])),
+        "parent_version": data.draw(st.integers(0, state.version + 2)),
+        "parent_hash": data.draw(st.sampled_from([state.head, bytes(32), b"\x01" * 32])),
+        "author": signer.public.ed_pub,
+        "op": data.draw(st.sampled_from(wire.GROUP_CHANGE_OPS)),
+        "identity": data.draw(st.sampled_from([p.public.record() for p in PEOPLE])),
+        "target": data.draw(st.sampled_from(keys)),
+        "role": data.draw(st.sampled_from(wire.GROUP_ROLES)),
+        "name": data.draw(st.sampled_from(["Friends", "Other"])),
+        "description": data.draw(st.sampled_from(["about", ""])),
+    }
+    if fields["op"] == wire.CHANGE_ADD and fields["role"] == OWNER:
+        fields["role"] = ADMIN
+    unsigned = wire.GroupChangeRecord(**fields)  # type: ignore[arg-type]
+    change = replace(unsigned, sig=signer.sign(unsigned.signature_message()))
+    if data.draw(st.booleans()):
+        change = wire.GroupChangeRecord.from_bytes(change.to_bytes())
+    before = log.record().to_bytes()
+    try:
+        result = log.receive(change)
+    except GroupError:
+        assert log.record().to_bytes() == before
+        return
+    assert result.outcome in (g.Outcome.APPLIED, g.Outcome.HELD)
+    if result.outcome is g.Outcome.APPLIED:
+        assert log.head == g.apply_change(state, change)
