@@ -417,7 +417,7 @@ class GroupLog:
             self._held[digest] = change
             return Received(Outcome.HELD, self._head)
         state = apply_change(parent, change)  # raises on a refusal
-        before = self._chain
+        before = list(self._chain)
         self._contest(digest, change, parent, state)
         dropped = self._connect_held()
         undone = tuple(h for h in before if h not in self._chain) + dropped
