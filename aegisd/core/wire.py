@@ -10,8 +10,9 @@ This module holds raw bytes only; it imports no cryptographic primitive.
 from __future__ import annotations
 
 import base64
+import itertools
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import DecodeError, UnsupportedVersion
 
@@ -663,6 +664,315 @@ def _read_signed(r: Reader, secret_len: int) -> list[SignedPrekeyRecord]:
     ]
 
 
+# --- groups (docs/protocol.md §25): stored state, signed state, changes ------------------------
+#
+# A group exists only inside the pairwise sessions of its members; none of these bytes ever
+# reaches a relay outside a ratchet block. The wire module checks structure (lengths, ranges,
+# canonical order, text rules); aegisd/core/group.py checks signatures and authority.
+
+KIND_GROUP_STATE = 0x23
+KIND_GROUP_LOG = 0x24
+GROUP_ID_LEN = 32
+GROUP_HASH_LEN = 32  # SHA-256 of a signed change: the state's head after it
+MAX_GROUP_NAME_BYTES = 128
+MAX_GROUP_DESCRIPTION_BYTES = 1024
+#: The protocol's ceiling on members (docs/protocol.md §25.1): the same for every member, or
+#: members would disagree on whether an add is valid. A daemon setting may only lower what
+#: its own user creates or adds.
+MAX_GROUP_MEMBERS = 256
+MAX_INVITE_CHANGES = 64  # changes after the signed base an invitation may carry
+MAX_GROUP_LOG_CHANGES = 4096  # stored changes of one group's log (window and held back)
+ROLE_MEMBER = 1
+ROLE_ADMIN = 2
+ROLE_OWNER = 3
+GROUP_ROLES = (ROLE_MEMBER, ROLE_ADMIN, ROLE_OWNER)
+CHANGE_ADD = 1
+CHANGE_REMOVE = 2
+CHANGE_ROLE = 3
+CHANGE_RENAME = 4
+CHANGE_LEAVE = 5
+GROUP_CHANGE_OPS = (CHANGE_ADD, CHANGE_REMOVE, CHANGE_ROLE, CHANGE_RENAME, CHANGE_LEAVE)
+GROUP_STATE_LABEL = b"AegisLink-v1 group state"
+GROUP_CHANGE_LABEL = b"AegisLink-v1 group change"
+# Refused in group names and descriptions: a fixed list rather than a Unicode category, so
+# that members on different Python (Unicode) versions judge a rename the same way. C0 and C1
+# controls, DEL, line/paragraph separators, bidi marks, embeddings, overrides and isolates,
+# zero-width characters, word joiner and BOM. A description may hold LF and tab.
+_FORBIDDEN_TEXT = frozenset(
+    [chr(c) for c in range(0x20)] + [chr(c) for c in range(0x7F, 0xA0)]
+    + list("\u061c\u200b\u200c\u200d\u200e\u200f\u2028\u2029\u202a\u202b\u202c\u202d\u202e")
+    + list("\u2060\u2066\u2067\u2068\u2069\ufeff")
+)
+_DESCRIPTION_CONTROLS = frozenset("\n\t")
+
+
+def _bad_text_char(ch: str, allowed: frozenset[str]) -> bool:
+    return ch in _FORBIDDEN_TEXT and ch not in allowed
+
+
+def check_group_name(name: str) -> None:
+    """1 to 128 bytes of UTF-8 without a control character (the list above). Raises
+    ValueError (a local caller's mistake; decoders turn it into DecodeError)."""
+    raw = name.encode("utf-8", "strict")
+    if not 0 < len(raw) <= MAX_GROUP_NAME_BYTES:
+        raise ValueError("a group name is 1 to 128 bytes")
+    if any(_bad_text_char(ch, frozenset()) for ch in name):
+        raise ValueError("a group name holds no control character")
+
+
+def check_group_description(description: str) -> None:
+    """At most 1024 bytes of UTF-8; line feeds and tabs allowed, no other control character."""
+    if len(description.encode("utf-8", "strict")) > MAX_GROUP_DESCRIPTION_BYTES:
+        raise ValueError("a group description is at most 1024 bytes")
+    if any(_bad_text_char(ch, _DESCRIPTION_CONTROLS) for ch in description):
+        raise ValueError("a group description holds no control character but LF and tab")
+
+
+def _read_group_name(r: Reader) -> str:
+    name = _utf8(_short(r, MAX_GROUP_NAME_BYTES))
+    try:
+        check_group_name(name)
+    except ValueError:
+        raise DecodeError("malformed group name") from None
+    return name
+
+
+def _read_group_description(r: Reader) -> str:
+    n = r.u16()
+    if n > MAX_GROUP_DESCRIPTION_BYTES:
+        raise DecodeError("length field out of range")
+    description = _utf8(r.take(n))
+    try:
+        check_group_description(description)
+    except ValueError:
+        raise DecodeError("malformed group description") from None
+    return description
+
+
+def _write_group_text(w: Writer, name: str, description: str) -> None:
+    check_group_name(name)
+    check_group_description(description)
+    _put_short(w, name.encode(), MAX_GROUP_NAME_BYTES)
+    raw = description.encode()
+    w.raw(struct.pack(">H", len(raw))).raw(raw)
+
+
+def _read_role(r: Reader) -> int:
+    role = r.u8()
+    if role not in GROUP_ROLES:
+        raise DecodeError("unknown group role")
+    return role
+
+
+@dataclass(frozen=True)
+class GroupMemberRecord:
+    identity: IdentityRecord
+    role: int
+
+
+@dataclass(frozen=True)
+class GroupStateRecord:
+    """A group's state at one version. Members strictly ascending by Ed25519 key (one
+    encoding per state), 1 to MAX_GROUP_MEMBERS of them, at least one owner."""
+
+    group_id: bytes
+    version: int
+    head: bytes  # hash of the change that made this version; zeros(32) at creation
+    name: str
+    description: str
+    members: tuple[GroupMemberRecord, ...]
+
+    def __repr__(self) -> str:  # neither the group ID nor its name in a log line
+        return f"GroupStateRecord(version={self.version}, members={len(self.members)})"
+
+    def write(self, w: Writer) -> Writer:
+        keys = [m.identity.ed_pub for m in self.members]
+        if keys != sorted(set(keys)) or not 0 < len(keys) <= MAX_GROUP_MEMBERS:
+            raise ValueError("members must be 1 to 256, strictly ascending by key")
+        if not any(m.role == ROLE_OWNER for m in self.members):
+            raise ValueError("a group has an owner")
+        w.u8(VERSION).u8(KIND_GROUP_STATE)
+        w.fixed(self.group_id, GROUP_ID_LEN).u64(self.version).fixed(self.head, GROUP_HASH_LEN)
+        _write_group_text(w, self.name, self.description)
+        w.raw(struct.pack(">H", len(self.members)))
+        for m in self.members:
+            if m.role not in GROUP_ROLES:
+                raise ValueError("unknown group role")
+            w.raw(m.identity.to_bytes()).u8(m.role)
+        return w
+
+    def to_bytes(self) -> bytes:
+        return self.write(Writer()).bytes()
+
+    @classmethod
+    def read(cls, r: Reader) -> GroupStateRecord:
+        _versioned(r, KIND_GROUP_STATE)
+        group_id, version, head = r.take(GROUP_ID_LEN), r.u64(), r.take(GROUP_HASH_LEN)
+        name, description = _read_group_name(r), _read_group_description(r)
+        count = r.u16()
+        if not 0 < count <= MAX_GROUP_MEMBERS:
+            raise DecodeError("member count out of range")
+        members = tuple(GroupMemberRecord(IdentityRecord.read(r), _read_role(r))
+                        for _ in range(count))  # fmt: skip
+        keys = [m.identity.ed_pub for m in members]
+        if any(a >= b for a, b in itertools.pairwise(keys)):
+            raise DecodeError("members not strictly ascending")
+        if not any(m.role == ROLE_OWNER for m in members):
+            raise DecodeError("a group without an owner")
+        return cls(group_id, version, head, name, description, members)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> GroupStateRecord:
+        r = Reader(data)
+        out = cls.read(r)
+        r.done()
+        return out
+
+
+@dataclass(frozen=True)
+class SignedGroupState:
+    """A state signed by one of its owners or admins: the base an invitation starts from.
+    Signature input: GROUP_STATE_LABEL || state record."""
+
+    state: GroupStateRecord
+    signer: bytes  # Ed25519 public key of a member of `state`
+    sig: bytes
+
+    def write(self, w: Writer) -> Writer:
+        return self.state.write(w).fixed(self.signer, ED25519_LEN).fixed(self.sig, SIG_LEN)
+
+    @classmethod
+    def read(cls, r: Reader) -> SignedGroupState:
+        return cls(GroupStateRecord.read(r), r.take(ED25519_LEN), r.take(SIG_LEN))
+
+    def signature_message(self) -> bytes:
+        return GROUP_STATE_LABEL + self.state.to_bytes()
+
+
+@dataclass(frozen=True)
+class GroupChangeRecord:
+    """One signed membership change. `body()` is what is signed (after GROUP_CHANGE_LABEL);
+    `to_bytes()` (body || sig) is what is sent and hashed."""
+
+    group_id: bytes
+    parent_version: int
+    parent_hash: bytes
+    author: bytes  # Ed25519 public key of the author
+    op: int
+    identity: IdentityRecord | None = None  # CHANGE_ADD
+    target: bytes = b""  # CHANGE_REMOVE, CHANGE_ROLE: Ed25519 key of the member
+    role: int = 0  # CHANGE_ADD, CHANGE_ROLE
+    name: str = ""  # CHANGE_RENAME
+    description: str = ""  # CHANGE_RENAME
+    sig: bytes = b""
+
+    def __repr__(self) -> str:  # neither the group ID nor a name in a log line
+        return f"GroupChangeRecord(op={self.op}, parent_version={self.parent_version})"
+
+    def body(self) -> bytes:
+        w = Writer().u8(VERSION).fixed(self.group_id, GROUP_ID_LEN).u64(self.parent_version)
+        w.fixed(self.parent_hash, GROUP_HASH_LEN).fixed(self.author, ED25519_LEN).u8(self.op)
+        if self.op == CHANGE_ADD:
+            if self.identity is None or self.role not in (ROLE_MEMBER, ROLE_ADMIN):
+                raise ValueError("an add names an identity and the role member or admin")
+            w.raw(self.identity.to_bytes()).u8(self.role)
+        elif self.op == CHANGE_REMOVE:
+            w.fixed(self.target, ED25519_LEN)
+        elif self.op == CHANGE_ROLE:
+            if self.role not in GROUP_ROLES:
+                raise ValueError("unknown group role")
+            w.fixed(self.target, ED25519_LEN).u8(self.role)
+        elif self.op == CHANGE_RENAME:
+            _write_group_text(w, self.name, self.description)
+        elif self.op != CHANGE_LEAVE:
+            raise ValueError("unknown group change")
+        return w.bytes()
+
+    def signature_message(self) -> bytes:
+        return GROUP_CHANGE_LABEL + self.body()
+
+    def to_bytes(self) -> bytes:
+        return self.body() + _fixed_sig(self.sig)
+
+    @classmethod
+    def read(cls, r: Reader) -> GroupChangeRecord:
+        if r.u8() != VERSION:
+            raise UnsupportedVersion("unsupported group change version")
+        group_id, parent_version = r.take(GROUP_ID_LEN), r.u64()
+        parent_hash, author, op = r.take(GROUP_HASH_LEN), r.take(ED25519_LEN), r.u8()
+        out = cls(group_id, parent_version, parent_hash, author, op)
+        if op == CHANGE_ADD:
+            identity = IdentityRecord.read(r)
+            role = _read_role(r)
+            if role == ROLE_OWNER:
+                raise DecodeError("an add gives the role member or admin")
+            out = cls(group_id, parent_version, parent_hash, author, op, identity=identity,
+                      role=role)  # fmt: skip
+        elif op == CHANGE_REMOVE:
+            out = cls(group_id, parent_version, parent_hash, author, op, target=r.take(ED25519_LEN))
+        elif op == CHANGE_ROLE:
+            target = r.take(ED25519_LEN)
+            out = cls(group_id, parent_version, parent_hash, author, op, target=target,
+                      role=_read_role(r))  # fmt: skip
+        elif op == CHANGE_RENAME:
+            name, description = _read_group_name(r), _read_group_description(r)
+            out = cls(group_id, parent_version, parent_hash, author, op, name=name,
+                      description=description)  # fmt: skip
+        elif op != CHANGE_LEAVE:
+            raise DecodeError("unknown group change")
+        return replace(out, sig=r.take(SIG_LEN))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> GroupChangeRecord:
+        r = Reader(data)
+        out = cls.read(r)
+        r.done()
+        return out
+
+
+def _fixed_sig(sig: bytes) -> bytes:
+    _expect_len(sig, SIG_LEN)
+    return sig
+
+
+@dataclass(frozen=True)
+class GroupLogRecord:
+    """Stored: a group's final base state, the canonical chain of changes after it in order,
+    then the held-back changes (docs/protocol.md §25.2)."""
+
+    base: GroupStateRecord
+    changes: tuple[GroupChangeRecord, ...]
+
+    def to_bytes(self) -> bytes:
+        if len(self.changes) > MAX_GROUP_LOG_CHANGES:
+            raise ValueError("too many stored group changes")
+        w = _header(KIND_GROUP_LOG)
+        self.base.write(w)
+        w.u32(len(self.changes))
+        for c in self.changes:
+            w.varbytes(c.to_bytes())
+        return w.bytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> GroupLogRecord:
+        r = Reader(data)
+        _versioned(r, KIND_GROUP_LOG)
+        base = GroupStateRecord.read(r)
+        n = r.u32()
+        if n > MAX_GROUP_LOG_CHANGES:
+            raise DecodeError("count field out of range")
+        changes = tuple(GroupChangeRecord.from_bytes(r.varbytes(_MAX_CHANGE_LEN))
+                        for _ in range(n))  # fmt: skip
+        r.done()
+        return cls(base, changes)
+
+
+# The longest change: a rename with the longest name and description.
+_MAX_CHANGE_LEN = 1 + GROUP_ID_LEN + 8 + GROUP_HASH_LEN + ED25519_LEN + 1 + (
+    1 + MAX_GROUP_NAME_BYTES + 2 + MAX_GROUP_DESCRIPTION_BYTES
+) + SIG_LEN
+
+
 # --- application payloads (the content a Session encrypts) -------------------------------------
 #
 # content = version (1) || type (1) || fields. Every kind of payload travels in the same
@@ -678,6 +988,11 @@ PAYLOAD_CALL_SEALED = 0x07  # call signaling sealed under the per-call keys (§2
 PAYLOAD_ATTACHMENT = 0x08  # 0x08-0x09: attachments (§22)
 PAYLOAD_RENEW = 0x0A  # session renewal after a backup import (docs/protocol.md §23)
 PAYLOAD_COVER = 0x0B  # cover traffic: dropped by the recipient (docs/protocol.md §24)
+PAYLOAD_GROUP_INVITE = 0x0C  # 0x0C-0x10: groups (docs/protocol.md §25)
+PAYLOAD_GROUP_ANSWER = 0x0D
+PAYLOAD_GROUP_CHANGE = 0x0E
+PAYLOAD_GROUP_MESSAGE = 0x0F
+PAYLOAD_GROUP_INTRODUCTION = 0x10
 
 RECEIPT_DELIVERED = 1
 RECEIPT_READ = 2
@@ -887,6 +1202,162 @@ class CoverPayload:
     it; the recipient drops it silently (no event, no history, no receipt)."""
 
 
+MAX_LINK_BYTES = 1024  # a contact link's bytes inside a group payload (the longest is 526)
+
+
+@dataclass(frozen=True)
+class GroupInvitePayload:
+    """An invitation into a group (§25.7): a signed base state and the changes after it, up
+    to the state in which the invitee is a member. A request the invitee's user answers."""
+
+    invite_id: bytes
+    sent_at_ms: int
+    base: SignedGroupState
+    changes: tuple[GroupChangeRecord, ...]
+
+
+@dataclass(frozen=True)
+class IntroductionOffer:
+    """Where `member` (an existing member, by Ed25519 key) may open a session with the one who
+    made the offer: a one-time invitation link of that newcomer's."""
+
+    member: bytes
+    link: ContactLink
+
+
+@dataclass(frozen=True)
+class GroupAnswerPayload:
+    """The invitee's answer. Accepting carries one offer per member to be introduced."""
+
+    invite_id: bytes
+    group_id: bytes
+    accepted: bool
+    offers: tuple[IntroductionOffer, ...] = ()
+
+
+@dataclass(frozen=True)
+class GroupChangePayload:
+    change: GroupChangeRecord
+
+
+@dataclass(frozen=True)
+class GroupMessagePayload:
+    group_id: bytes
+    version: int  # the sender's view of the group's version when it sent
+    message_id: bytes
+    sent_at_ms: int
+    text: str
+
+    def __repr__(self) -> str:  # no text and no group ID in a log line
+        return f"GroupMessagePayload(version={self.version})"
+
+
+@dataclass(frozen=True)
+class GroupIntroductionPayload:
+    """Passed by an introducer inside its session with a member: the newcomer's one-time
+    invitation link (identity to check against, mailbox, bundle address, invitation ID)."""
+
+    group_id: bytes
+    link: ContactLink
+
+
+def _write_link(w: Writer, link: ContactLink) -> None:
+    if link.kind != LINK_INVITATION:
+        raise ValueError("an introduction carries a one-time invitation link")
+    raw = link.to_bytes()
+    if len(raw) > MAX_LINK_BYTES:
+        raise ValueError("link too long")
+    w.raw(struct.pack(">H", len(raw))).raw(raw)
+
+
+def _read_link(r: Reader) -> ContactLink:
+    n = r.u16()
+    if n > MAX_LINK_BYTES:
+        raise DecodeError("length field out of range")
+    link = ContactLink.from_bytes(r.take(n))
+    if link.kind != LINK_INVITATION:
+        raise DecodeError("an introduction carries a one-time invitation link")
+    return link
+
+
+def _encode_group(w: Writer, payload: GroupPayload) -> None:
+    if isinstance(payload, GroupInvitePayload):
+        if len(payload.changes) > MAX_INVITE_CHANGES:
+            raise ValueError("too many changes in an invitation")
+        w.u8(PAYLOAD_GROUP_INVITE).fixed(payload.invite_id, MESSAGE_ID_LEN).u64(payload.sent_at_ms)
+        payload.base.write(w).u8(len(payload.changes))
+        for change in payload.changes:
+            w.raw(change.to_bytes())
+    elif isinstance(payload, GroupAnswerPayload):
+        members = [o.member for o in payload.offers]
+        if members != sorted(set(members)) or len(members) >= MAX_GROUP_MEMBERS or (
+            members and not payload.accepted
+        ):
+            raise ValueError("offers: distinct members, ascending, fewer than 256, on accepting")
+        w.u8(PAYLOAD_GROUP_ANSWER).fixed(payload.invite_id, MESSAGE_ID_LEN)
+        w.fixed(payload.group_id, GROUP_ID_LEN).flag(payload.accepted)
+        w.raw(struct.pack(">H", len(members)))
+        for offer in payload.offers:
+            w.fixed(offer.member, ED25519_LEN)
+            _write_link(w, offer.link)
+    elif isinstance(payload, GroupChangePayload):
+        w.u8(PAYLOAD_GROUP_CHANGE).raw(payload.change.to_bytes())
+    elif isinstance(payload, GroupMessagePayload):
+        text = payload.text.encode()
+        if len(text) > MAX_TEXT_BYTES:
+            raise ValueError("text too long")
+        w.u8(PAYLOAD_GROUP_MESSAGE).fixed(payload.group_id, GROUP_ID_LEN).u64(payload.version)
+        w.fixed(payload.message_id, MESSAGE_ID_LEN).u64(payload.sent_at_ms).raw(text)
+    else:
+        w.u8(PAYLOAD_GROUP_INTRODUCTION).fixed(payload.group_id, GROUP_ID_LEN)
+        _write_link(w, payload.link)
+
+
+def _decode_group(kind: int, r: Reader, total: int) -> GroupPayload:
+    if kind == PAYLOAD_GROUP_INVITE:
+        invite_id, sent, base = r.take(MESSAGE_ID_LEN), r.u64(), SignedGroupState.read(r)
+        n = r.u8()
+        if n > MAX_INVITE_CHANGES:
+            raise DecodeError("too many changes in an invitation")
+        return GroupInvitePayload(invite_id, sent, base,
+                                  tuple(GroupChangeRecord.read(r) for _ in range(n)))  # fmt: skip
+    if kind == PAYLOAD_GROUP_ANSWER:
+        invite_id, group_id = r.take(MESSAGE_ID_LEN), r.take(GROUP_ID_LEN)
+        accepted, n = r.flag(), r.u16()
+        if n >= MAX_GROUP_MEMBERS or (n and not accepted):
+            raise DecodeError("introduction offer count out of range")
+        offers = tuple(IntroductionOffer(r.take(ED25519_LEN), _read_link(r)) for _ in range(n))
+        if any(a.member >= b.member for a, b in itertools.pairwise(offers)):
+            raise DecodeError("offers not strictly ascending")
+        return GroupAnswerPayload(invite_id, group_id, accepted, offers)
+    if kind == PAYLOAD_GROUP_CHANGE:
+        return GroupChangePayload(GroupChangeRecord.read(r))
+    if kind == PAYLOAD_GROUP_MESSAGE:
+        group_id, version = r.take(GROUP_ID_LEN), r.u64()
+        mid, sent = r.take(MESSAGE_ID_LEN), r.u64()
+        text = r.take(total - 2 - GROUP_ID_LEN - 8 - MESSAGE_ID_LEN - 8)
+        if len(text) > MAX_TEXT_BYTES:
+            raise DecodeError("text too long")
+        return GroupMessagePayload(group_id, version, mid, sent, _utf8(text))
+    return GroupIntroductionPayload(r.take(GROUP_ID_LEN), _read_link(r))
+
+
+GroupPayload = (
+    GroupInvitePayload
+    | GroupAnswerPayload
+    | GroupChangePayload
+    | GroupMessagePayload
+    | GroupIntroductionPayload
+)
+_GROUP_PAYLOAD_TYPES = (
+    PAYLOAD_GROUP_INVITE,
+    PAYLOAD_GROUP_ANSWER,
+    PAYLOAD_GROUP_CHANGE,
+    PAYLOAD_GROUP_MESSAGE,
+    PAYLOAD_GROUP_INTRODUCTION,
+)
+
+
 Payload = (
     CoverPayload
     | TextPayload
@@ -898,6 +1369,7 @@ Payload = (
     | RenewPayload
     | CallPayload
     | CallSealedPayload
+    | GroupPayload
 )
 
 
@@ -950,6 +1422,8 @@ def encode_payload(payload: Payload) -> bytes:
         w.u8(PAYLOAD_COVER)
     elif isinstance(payload, CallPayload):
         _encode_call(w, payload)
+    elif isinstance(payload, GroupPayload):
+        _encode_group(w, payload)
     else:
         if not 0 < len(payload.box) <= MAX_CALL_SEALED:
             raise ValueError("sealed call signaling out of range")
@@ -1042,6 +1516,8 @@ def decode_payload(data: bytes) -> Payload:
         out = CoverPayload()
     elif kind == PAYLOAD_CALL:
         out = _decode_call(r)
+    elif kind in _GROUP_PAYLOAD_TYPES:
+        out = _decode_group(kind, r, len(data))
     elif kind == PAYLOAD_CALL_SEALED:
         call_id, nonce, n = r.take(CALL_ID_LEN), r.take(CALL_NONCE_LEN), r.u16()
         if not 0 < n <= MAX_CALL_SEALED:

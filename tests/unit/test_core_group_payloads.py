@@ -1,0 +1,301 @@
+"""Group payloads and records (docs/protocol.md §25.8): exact round trips, strict parsing,
+and decoders that raise only DecodeError on any input; the invitation's verification."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import replace
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aegisd.core import group as g
+from aegisd.core import wire
+from aegisd.core.errors import (
+    DecodeError,
+    ForgedChange,
+    GroupError,
+    InvalidChange,
+    NotAMember,
+    NotPermitted,
+    ReplayedChange,
+    UnknownGroup,
+    UnsupportedVersion,
+)
+from tests.support.groups import PEOPLE, group_of
+
+MEMBER, ADMIN = wire.ROLE_MEMBER, wire.ROLE_ADMIN
+URL = "wss://relay.example/v1/ws"
+
+
+def link(person: int = 4, kind: int = wire.LINK_INVITATION) -> wire.ContactLink:
+    return wire.ContactLink(
+        kind,
+        PEOPLE[person].public.record(),
+        wire.MailboxAddress(URL, bytes(range(16)), b"t" * 32),
+        b"b" * 16,
+        b"i" * 16 if kind == wire.LINK_INVITATION else b"",
+        1_700_086_400,
+    )
+
+
+def invitation() -> tuple[wire.GroupInvitePayload, g.GroupLog]:
+    """The owner of a 3-member group invites PEOPLE[4]: a base it signed earlier, and the
+    change made since (a rename)."""
+    log, (owner, _admin, _member) = group_of([ADMIN, MEMBER])
+    base = g.sign_state(owner, log.head)
+    since = g.rename(owner, log.head, "Since", "")
+    log.receive(since)
+    return wire.GroupInvitePayload(b"v" * 16, 5, base, (since,)), log
+
+
+INVITE, INVITE_LOG = invitation()
+RENAME = g.rename(PEOPLE[0], INVITE_LOG.head, "Renamed", "with\na description")
+SAMPLES: dict[str, wire.Payload] = {
+    "invite": INVITE,
+    "answer accepted": wire.GroupAnswerPayload(
+        b"v" * 16,
+        INVITE_LOG.head.group_id,
+        True,
+        tuple(
+            sorted(
+                (wire.IntroductionOffer(PEOPLE[i].public.ed_pub, link()) for i in (1, 2)),
+                key=lambda o: o.member,
+            )
+        ),
+    ),
+    "answer declined": wire.GroupAnswerPayload(b"v" * 16, INVITE_LOG.head.group_id, False),
+    "change": wire.GroupChangePayload(RENAME),
+    "change add": wire.GroupChangePayload(
+        g.add_member(PEOPLE[0], INVITE_LOG.head, PEOPLE[4].public)
+    ),
+    "message": wire.GroupMessagePayload(INVITE_LOG.head.group_id, 4, b"m" * 16, 7, "hé"),
+    "introduction": wire.GroupIntroductionPayload(INVITE_LOG.head.group_id, link()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_round_trip_and_strictness(name: str) -> None:
+    payload = SAMPLES[name]
+    data = wire.encode_payload(payload)
+    assert wire.decode_payload(data) == payload
+    for cut in range(2, len(data), max(1, len(data) // 40)):
+        if name != "message" or cut < 2 + 32 + 8 + 16 + 8:  # a message's tail is its text
+            with pytest.raises(DecodeError):
+                wire.decode_payload(data[:cut])
+    if name != "message":
+        with pytest.raises(DecodeError):
+            wire.decode_payload(data + b"\x00")
+    with pytest.raises(UnsupportedVersion):
+        wire.decode_payload(b"\x02" + data[1:])
+
+
+RECORDS = {
+    "state": (wire.GroupStateRecord.from_bytes, INVITE_LOG.head.record().to_bytes()),
+    "change": (wire.GroupChangeRecord.from_bytes, RENAME.to_bytes()),
+    "log": (wire.GroupLogRecord.from_bytes, INVITE_LOG.record().to_bytes()),
+}
+PARSERS = {
+    **{name: (wire.decode_payload, wire.encode_payload(p)) for name, p in SAMPLES.items()},
+    **RECORDS,
+}
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("name", sorted(RECORDS))
+def test_records_round_trip(name: str) -> None:
+    parse, sample = RECORDS[name]
+    assert parse(sample).to_bytes() == sample  # type: ignore[attr-defined]
+    with pytest.raises(DecodeError):
+        parse(sample + b"\x00")
+    with pytest.raises(UnsupportedVersion):
+        parse(b"\x02" + sample[1:])
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+@FUZZ
+@given(data=st.binary(max_size=2048))
+def test_random_bytes_raise_only_decode_error(name: str, data: bytes) -> None:
+    parse, sample = PARSERS[name]
+    with contextlib.suppress(DecodeError):
+        parse(sample[:2] + data)
+    with contextlib.suppress(DecodeError):
+        parse(data)
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+@FUZZ
+@given(data=st.data())
+def test_mutated_valid_input_raises_only_decode_error(name: str, data: st.DataObject) -> None:
+    parse, sample = PARSERS[name]
+    mutated = bytearray(sample)
+    kind = data.draw(st.sampled_from(["flip", "truncate", "extend", "splice"]))
+    if kind == "flip":
+        for _ in range(data.draw(st.integers(1, 4))):
+            i = data.draw(st.integers(0, len(mutated) - 1))
+            mutated[i] ^= data.draw(st.integers(1, 255))
+    elif kind == "truncate":
+        del mutated[data.draw(st.integers(0, len(mutated) - 1)) :]
+    elif kind == "extend":
+        mutated += data.draw(st.binary(min_size=1, max_size=64))
+    else:
+        i = data.draw(st.integers(0, len(mutated)))
+        mutated[i:i] = data.draw(st.binary(min_size=1, max_size=16))
+    with contextlib.suppress(DecodeError):
+        parse(bytes(mutated))
+
+
+def _encoded(payload: wire.Payload) -> bytes:
+    return wire.encode_payload(payload)
+
+
+def test_structural_refusals() -> None:
+    gid = INVITE_LOG.head.group_id
+    # An introduction carries a one-time invitation link, never an address link.
+    with pytest.raises(ValueError):
+        _encoded(wire.GroupIntroductionPayload(gid, link(kind=wire.LINK_ADDRESS)))
+    raw = bytearray(_encoded(SAMPLES["introduction"]))
+    at = 2 + 32 + 2 + 1  # type, group ID, link length, the link's version byte: its kind
+    raw[at] = wire.LINK_ADDRESS
+    with pytest.raises(DecodeError):
+        wire.decode_payload(bytes(raw))
+    # Offers only on accepting, members distinct and ascending.
+    offers = SAMPLES["answer accepted"].offers  # type: ignore[union-attr]
+    for bad in (
+        wire.GroupAnswerPayload(b"v" * 16, gid, False, offers),
+        wire.GroupAnswerPayload(b"v" * 16, gid, True, offers[::-1]),
+        wire.GroupAnswerPayload(b"v" * 16, gid, True, (offers[0], offers[0])),
+    ):
+        with pytest.raises(ValueError):
+            _encoded(bad)
+    data = _encoded(SAMPLES["answer accepted"])
+    flag_at = 2 + 16 + 32
+    with pytest.raises(DecodeError):
+        wire.decode_payload(data[:flag_at] + b"\x00" + data[flag_at + 1 :])
+    # At most MAX_INVITE_CHANGES changes in an invitation.
+    many = replace(INVITE, changes=INVITE.changes * (wire.MAX_INVITE_CHANGES + 1))
+    with pytest.raises(ValueError):
+        _encoded(many)
+    enc = bytearray(_encoded(replace(INVITE, changes=())))
+    enc[-1] = wire.MAX_INVITE_CHANGES + 1
+    with pytest.raises(DecodeError):
+        wire.decode_payload(bytes(enc))
+
+
+def test_sizes() -> None:
+    """§25.8's figures: a message as long as the longest text takes as many blocks as that
+    text; a full group's invitation fits a few blocks."""
+    longest = wire.GroupMessagePayload(bytes(32), 1, bytes(16), 1, "x" * wire.MAX_TEXT_BYTES)
+    size = len(_encoded(longest))
+    assert size == 2 + 32 + 8 + 16 + 8 + wire.MAX_TEXT_BYTES
+    assert -(-size // wire.RATCHET_CAPACITY) == 5
+    state = INVITE_LOG.head.record()
+    name, description = len(state.name.encode()), len(state.description.encode())
+    fixed = 2 + 32 + 8 + 32 + 1 + 2 + 2  # header, ID, version, head, three length fields
+    assert len(state.to_bytes()) == fixed + name + description + 129 * len(state.members)
+    assert fixed + 128 + 1024 + 129 * 256 == 34_255  # the largest state: 3 blocks
+    add = g.add_member(PEOPLE[0], INVITE_LOG.head, PEOPLE[6].public).to_bytes()
+    assert len(add) == 1 + 32 + 8 + 32 + 32 + 1 + 128 + 1 + 64 == 299
+
+
+# --- invitations -----------------------------------------------------------------------------
+
+
+def test_an_invitation_verifies_and_the_add_follows_the_acceptance() -> None:
+    log = g.invitation_log(INVITE.base, INVITE.changes, PEOPLE[0].public, PEOPLE[4].public)
+    assert log.head == INVITE_LOG.head and log.head.member(PEOPLE[4].public.ed_pub) is None
+    # Accepted: the inviter adds the invitee (after another change), and sends it the changes
+    # since the invitation's head, the add last; they reach it like any member's.
+    INVITE_LOG.receive(RENAME)
+    add = g.add_member(PEOPLE[0], INVITE_LOG.head, PEOPLE[4].public)
+    INVITE_LOG.receive(add)
+    assert log.receive(add).outcome is g.Outcome.HELD  # the rename is still on its way
+    assert log.receive(RENAME).outcome is g.Outcome.APPLIED
+    assert log.head == INVITE_LOG.head and log.head.member(PEOPLE[4].public.ed_pub) is not None
+    # A base signed at the current state, with no changes, works as well.
+    direct = g.invitation_log(g.sign_state(PEOPLE[1], log.head), (), PEOPLE[1].public,
+                              PEOPLE[5].public)  # fmt: skip
+    assert direct.head == log.head
+
+
+def test_invitation_refusals() -> None:
+    owner, member, invitee = PEOPLE[0], PEOPLE[2], PEOPLE[4]
+
+    def refused(error: type[GroupError], *args: object) -> None:
+        with pytest.raises(GroupError) as info:
+            g.invitation_log(*args)  # type: ignore[arg-type]
+        assert type(info.value) is error
+
+    # The invitee is a member already.
+    refused(InvalidChange, INVITE.base, INVITE.changes, owner.public, member.public)
+    # The inviter is a mere member.
+    refused(NotPermitted, INVITE.base, INVITE.changes, member.public, invitee.public)
+    # The inviter is not in the group at all.
+    refused(NotAMember, INVITE.base, INVITE.changes, PEOPLE[6].public, invitee.public)
+    # A base signed by a member, or whose signature does not verify.
+    state = g.verify_state(INVITE.base)
+    by_member = wire.SignedGroupState(state.record(), member.public.ed_pub, b"")
+    by_member = replace(by_member, sig=member.sign(by_member.signature_message()))
+    refused(NotPermitted, by_member, INVITE.changes, owner.public, invitee.public)
+    bad = replace(INVITE.base, sig=bytes(64))
+    refused(ForgedChange, bad, INVITE.changes, owner.public, invitee.public)
+    renamed = replace(INVITE.base, state=replace(INVITE.base.state, name="Other"))
+    refused(ForgedChange, renamed, INVITE.changes, owner.public, invitee.public)
+    # Changes that do not chain from the base.
+    refused(InvalidChange, INVITE.base, (RENAME,), owner.public, invitee.public)
+    refused(ReplayedChange, INVITE.base, INVITE.changes * 2, owner.public, invitee.public)
+    with pytest.raises(NotPermitted):
+        g.sign_state(member, state)
+
+
+def test_spam_invitations_cost_a_bounded_verification_and_hold_nothing() -> None:
+    """Invitation spam (issue 16): an invitation from a contact is a request the user answers;
+    verifying one is bounded (a base and at most 64 changes, each checked once) and a refused
+    one leaves nothing behind (the core keeps no state for it)."""
+    payload = replace(INVITE, changes=INVITE.changes * wire.MAX_INVITE_CHANGES)
+    decoded = wire.decode_payload(wire.encode_payload(payload))
+    assert isinstance(decoded, wire.GroupInvitePayload)
+    with pytest.raises(GroupError):
+        g.invitation_log(decoded.base, decoded.changes, PEOPLE[0].public, PEOPLE[4].public)
+
+
+def test_introduction_offers_and_introductions() -> None:
+    """§25.7 steps 2 and 4: the inviter passes on only offers of the invitee's own link for
+    members; a member accepts an introduction only of a member, by keys."""
+    log, (owner, admin, member) = group_of([ADMIN, MEMBER])
+    invitee = PEOPLE[4]
+    offers = sorted(
+        (wire.IntroductionOffer(p.public.ed_pub, link(4)) for p in (admin, member)),
+        key=lambda o: o.member,
+    )
+    answer = wire.GroupAnswerPayload(b"v" * 16, log.head.group_id, True, tuple(offers))
+    got = g.introduction_offers(log.head, answer, invitee.public)
+    assert got == {o.member: o.link for o in offers}
+
+    def refused(error: type[GroupError], answer: wire.GroupAnswerPayload) -> None:
+        with pytest.raises(GroupError) as info:
+            g.introduction_offers(log.head, answer, invitee.public)
+        assert type(info.value) is error
+
+    stranger = wire.IntroductionOffer(PEOPLE[6].public.ed_pub, link(4))
+    refused(NotAMember, replace(answer, offers=(stranger,)))
+    mine = wire.IntroductionOffer(invitee.public.ed_pub, link(4))
+    refused(NotAMember, replace(answer, offers=(mine,)))
+    not_theirs = wire.IntroductionOffer(admin.public.ed_pub, link(5))
+    refused(ForgedChange, replace(answer, offers=(not_theirs,)))
+    refused(InvalidChange, replace(answer, accepted=False, offers=()))
+    refused(UnknownGroup, replace(answer, group_id=bytes(32)))
+    # The member's side: an introduction of someone not (yet) a member is refused.
+    intro = wire.GroupIntroductionPayload(log.head.group_id, link(4))
+    with pytest.raises(NotAMember):
+        g.introduced_member(log.head, intro)
+    log.receive(g.add_member(owner, log.head, invitee.public))
+    assert g.introduced_member(log.head, intro) == invitee.public
+    with pytest.raises(UnknownGroup):
+        g.introduced_member(log.head, replace(intro, group_id=bytes(32)))
+    # A link whose identity claims a member's Ed25519 key with other X25519 keys.
+    rec = invitee.public.record()
+    odd = wire.IdentityRecord(rec.ed_pub, PEOPLE[5].public.x_pub, rec.binding_sig)
+    with pytest.raises(ForgedChange):
+        g.introduced_member(log.head, replace(intro, link=replace(intro.link, identity=odd)))
