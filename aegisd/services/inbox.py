@@ -41,6 +41,7 @@ from aegisd.core.session import Session, accept_first_contact
 from aegisd.rpc import AppError
 from aegisd.store import Store, StoreError
 from aegisd.store import cover as cover_slots
+from aegisd.store import groups as group_store
 from aegisd.store.cover import SLOT_WAIT
 from aegisd.store.db import Contact, MailboxRow
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, acknowledge
@@ -59,6 +60,12 @@ TRANSIENT = (sqlcipher3.Error, StoreError, OSError)
 # The largest payload (a text of MAX_TEXT_BYTES) spans this many blocks; a peer claiming more
 # is refused, so that partial messages cannot pile up.
 MAX_MESSAGE_FRAGMENTS = -(-(wire.MAX_TEXT_BYTES + 26) // wire.RATCHET_CAPACITY)
+#: Group invitations and answers span up to 11 blocks (docs/protocol.md §25.8): only they may
+#: be longer than the longest text (checked once the message is whole), and a contact keeps at
+#: most LONG_PARTIALS_PER_CONTACT such partial messages (its oldest goes), inside the caps below.
+MAX_GROUP_FRAGMENTS = 11
+LONG_PARTIALS_PER_CONTACT = 2
+_LONG_PAYLOADS = (wire.GroupInvitePayload, wire.GroupAnswerPayload)
 STALE_FRAGMENTS_MS = 24 * 3600 * 1000
 #: Incomplete multi-block messages kept per contact, and in all (issue 15 item 13): a contact's
 #: own software has at most a few in flight (its outbox sends a message's blocks in order), so
@@ -322,10 +329,12 @@ class Inbox:
                 return
             if fragment.count == 1:
                 content: bytes | None = fragment.data
-            elif fragment.count > MAX_MESSAGE_FRAGMENTS:
+            elif fragment.count > MAX_GROUP_FRAGMENTS:
                 droplog.dropped("dropped a fragment of an oversized message")
                 return
             else:
+                if fragment.count > MAX_MESSAGE_FRAGMENTS:
+                    self._make_room_for_long(contact_id, fragment.msg_id)
                 self._make_room_for_partial(contact_id, fragment.msg_id)
                 parts = self.m.store.put_fragment(
                     contact_id, fragment.msg_id, fragment.index, fragment.count, fragment.data
@@ -338,7 +347,20 @@ class Inbox:
             except DecodeError:
                 droplog.dropped("dropped a payload that did not parse")
                 return
+            if fragment.count > MAX_MESSAGE_FRAGMENTS and not isinstance(payload, _LONG_PAYLOADS):
+                droplog.dropped("dropped a fragment of an oversized message")
+                return
             self._handle_payload(c, session, payload)
+
+    def _make_room_for_long(self, contact_id: int, msg_id: bytes) -> None:
+        """Before a fragment of a long message (over MAX_MESSAGE_FRAGMENTS) not yet kept: the
+        contact's oldest long partials go past LONG_PARTIALS_PER_CONTACT."""
+        longs = group_store.long_partials(self.m.store, contact_id, MAX_MESSAGE_FRAGMENTS)
+        if msg_id in longs:
+            return
+        for old in longs[: max(0, len(longs) - LONG_PARTIALS_PER_CONTACT + 1)]:
+            self.m.store.delete_fragments(contact_id, old)
+            droplog.dropped("dropped a partial message (over a contact's long-message limit)")
 
     def _make_room_for_partial(self, contact_id: int, msg_id: bytes) -> None:
         """Before a fragment of a message not yet kept starts one more partial message (inside

@@ -268,3 +268,17 @@ def statuses(store: Store, mid: str) -> dict[int, str]:
         "SELECT contact_id, status FROM group_message_status WHERE message_id = ?", (mid,)
     ).fetchall()
     return {int(r[0]): str(r[1]) for r in rows}
+
+
+# --- long partial messages (group invitations and answers, services/inbox.py) -------------
+
+
+def long_partials(store: Store, contact_id: int, over: int) -> list[bytes]:
+    """Message IDs of a contact's incomplete messages of more than ``over`` blocks, oldest
+    first."""
+    rows = store._q(
+        "SELECT msg_id FROM fragments WHERE contact_id = ? AND count > ? "
+        "GROUP BY msg_id ORDER BY min(created_at)",
+        (contact_id, over),
+    ).fetchall()
+    return [bytes(r[0]) for r in rows]
