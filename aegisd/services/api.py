@@ -9,6 +9,7 @@ from typing import Any
 from aegisd.netmode import SETTING_ISOLATION, SETTING_MODE, SETTING_PROXY, SETTING_TOR_PATH
 from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
 from aegisd.rpc.methods import Handler
+from aegisd.store.groups import group_contact_ids
 from aegisd.transport.network import ProxyUrlError, check_proxy_url
 
 from .address import INVITE_TTL_DEFAULT
@@ -111,7 +112,9 @@ def register(registry: Registry, m: Messenger) -> None:
 
     @method("contacts.list")
     async def contacts_list(ctx: CallContext) -> dict[str, Any]:
-        return {"contacts": [m.contacts.describe(c) for c in m.store.list_contacts()]}
+        hidden = group_contact_ids(m.store)  # group contacts serve their groups only
+        return {"contacts": [m.contacts.describe(c) for c in m.store.list_contacts()
+                             if c.id not in hidden]}  # fmt: skip
 
     @method("contacts.rename")
     async def contacts_rename(ctx: CallContext, name: str, new_name: str) -> dict[str, Any]:
@@ -264,3 +267,6 @@ def register(registry: Registry, m: Messenger) -> None:
     from . import attachments_api  # its methods: docs/api.md, "Attachments"
 
     attachments_api.register(registry, m)
+    from . import groups_api  # its methods: docs/api.md, "Groups"
+
+    groups_api.register(registry, m)

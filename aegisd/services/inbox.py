@@ -13,7 +13,8 @@
   (PARTIALS_PER_CONTACT, PARTIALS_TOTAL) so that a contact cannot pile them up.
 - Payloads: texts (and their delivery receipts), receipts, mailbox announcements and
   acknowledgements (rotation.py acts on them after the commit), files' descriptors
-  (attachments.py), call signaling (calls/service.py), cover (dropped).
+  (attachments.py), call signaling (calls/service.py), group payloads 0x0C-0x10 (groups.py,
+  through ``GroupsView``), cover (dropped).
 
 Everything a peer sends is hostile: bounded, strictly parsed, and nothing of a blocked contact
 is kept. Of the other services this module imports only the mailboxes, the delivery layer
@@ -139,6 +140,24 @@ class CallsView(Protocol):
     ) -> None: ...
 
 
+class GroupsView(Protocol):
+    """The groups service's receiver (groups.py): payloads 0x0C-0x10, receipts of group
+    messages, first contacts through an introduction link."""
+
+    def on_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None: ...
+    def on_receipt(self, c: Contact, message_id: bytes, status: str) -> None: ...
+    def introduction_sender_ok(
+        self, invitation_id: bytes, sender: PublicIdentity
+    ) -> bool | None: ...
+    def introduced(self, invitation_id: bytes, contact_id: int) -> None: ...
+
+
+_GROUP_PAYLOADS = (
+    wire.GroupInvitePayload, wire.GroupAnswerPayload, wire.GroupChangePayload,
+    wire.GroupMessagePayload, wire.GroupIntroductionPayload,
+)  # fmt: skip
+
+
 class InboxHost(Protocol):
     """What the inbox uses of the messenger."""
 
@@ -169,6 +188,8 @@ class InboxHost(Protocol):
     def address(self) -> AddressView: ...
     @property
     def contacts(self) -> ContactsView: ...
+    @property
+    def groups(self) -> GroupsView: ...
 
     def _reload_prekeys(self) -> None: ...
 
@@ -250,6 +271,13 @@ class Inbox:
                 and (row.expires_at is None or row.expires_at >= _now())
                 and (known is None or not known.blocked)
             )
+            # A link made for a group introduction takes the member it was made for only.
+            intro = (
+                self.m.groups.introduction_sender_ok(row.invitation_id, fc.sender)
+                if valid and row.invitation_id is not None
+                else None
+            )
+            valid = valid and intro is not False
             if not valid:
                 self.m.store.put_identity(self.m.prekeys.to_bytes())  # one-time keys stay burnt
                 return
@@ -258,7 +286,11 @@ class Inbox:
                 self.m.store.put_identity(self.m.prekeys.to_bytes())
                 self.m.store.delete_mailbox(row.id)  # used: the invitation is void
                 name = hello.display_name or "new contact"
-                self.m.contacts.establish(name, fc.sender, fc.session, hello.reply_to, mb_id, mb)
+                made = self.m.contacts.establish(
+                    name, fc.sender, fc.session, hello.reply_to, mb_id, mb
+                )
+                if intro and row.invitation_id is not None:
+                    self.m.groups.introduced(row.invitation_id, made.id)
             self.m.mailboxes.reload()
             self.m.delivery.wake()
             with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
@@ -395,6 +427,9 @@ class Inbox:
     def _handle_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None:
         if isinstance(payload, wire.CoverPayload):
             return  # cover: nothing to show, keep or answer (§24)
+        if isinstance(payload, _GROUP_PAYLOADS):
+            self.m.groups.on_payload(c, session, payload)
+            return
         if isinstance(payload, wire.TextPayload):
             mid = payload.message_id.hex()
             if self.m.store.get_message(mid) is not None:
@@ -415,7 +450,10 @@ class Inbox:
             status = "delivered" if payload.kind == wire.RECEIPT_DELIVERED else "read"
             for raw in payload.message_ids:
                 m = self.m.store.get_message(raw.hex())
-                if m is None or m.contact_id != c.id or m.direction != "out":
+                if m is None:
+                    self.m.groups.on_receipt(c, raw, status)  # a group message's, maybe
+                    continue
+                if m.contact_id != c.id or m.direction != "out":
                     continue
                 if self.m.store.set_message_status(m.id, status):
                     self.m.ctx.events.emit(
@@ -434,7 +472,9 @@ class Inbox:
             state.send_to, state.established = payload.reply_to, True
             self.m.store.update_contact(c.id, state=state.to_bytes())
             self.m.store.readdress_outbox(
-                c.id, PENDING_DESTINATION, address_to_bytes(payload.reply_to),
+                c.id,
+                PENDING_DESTINATION,
+                address_to_bytes(payload.reply_to),
                 due=SLOT_WAIT if self.m.cover.active() else 0,
             )
             self.m.cover.changed()

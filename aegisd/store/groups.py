@@ -54,7 +54,7 @@ class GroupMessageRow:
 
 
 def _group(row: tuple[object, ...]) -> GroupRow:
-    return GroupRow(int(row[0]), bytes(row[1]), bytes(row[2]), int(row[3]))  # type: ignore[arg-type, call-overload]
+    return GroupRow(int(row[0]), bytes(row[1]), bytes(row[2]), int(row[3]))  # type: ignore[call-overload]
 
 
 # --- groups and members -------------------------------------------------------------------
