@@ -55,13 +55,12 @@ INTRO_TTL = 7 * 24 * 3600
 INTRO_KEY = "group.intro."  # setting per introduction invitation: the member it is for
 ROLE_NAMES = {wire.ROLE_MEMBER: "member", wire.ROLE_ADMIN: "admin", wire.ROLE_OWNER: "owner"}
 ROLES = {v: k for k, v in ROLE_NAMES.items()}
-GROUP_REFUSED = 1060
 
 
 def refused(exc: GroupError) -> AppError:
     """One RPC error for every refusal of the core; data.reason names it (its class)."""
     reason = "".join("_" + ch.lower() if ch.isupper() else ch for ch in type(exc).__name__)
-    return AppError(GROUP_REFUSED, "group_refused", str(exc), reason=reason.lstrip("_"))
+    return AppError(E.GROUP_REFUSED, "group_refused", str(exc), reason=reason.lstrip("_"))
 
 
 def _ms() -> int:
@@ -425,7 +424,7 @@ class Groups:
     def on_receipt(self, c: Contact, message_id: bytes, status: str) -> None:
         mid = message_id.hex()
         if G.has_message(self.m.store, mid) and G.advance_status(self.m.store, mid, c.id, status):
-            self.m.ctx.events.emit("group.message.status", {"message_id": mid, "status": status})
+            self.m.ctx.events.emit("group.receipt", {"message_id": mid, "status": status})
 
     def on_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None:
         assert c.identity_key is not None
