@@ -150,24 +150,27 @@ def count_invitations(store: Store) -> int:
     return int(store._q("SELECT COUNT(*) FROM group_invitations").fetchone()[0])
 
 
-def add_sent_invite(store: Store, invite_id: bytes, ref: int, contact_id: int) -> None:
+def add_sent_invite(
+    store: Store, invite_id: bytes, ref: int, contact_id: int, version: int
+) -> None:
     store._q(
-        "INSERT OR REPLACE INTO group_invites_sent (invite_id, group_ref, contact_id, created_at)"
-        " VALUES (?, ?, ?, ?)",
-        (invite_id, ref, contact_id, _ms()),
+        "INSERT OR REPLACE INTO group_invites_sent (invite_id, group_ref, contact_id, version, "
+        "created_at) VALUES (?, ?, ?, ?, ?)",
+        (invite_id, ref, contact_id, version, _ms()),
     )
 
 
-def take_sent_invite(store: Store, invite_id: bytes, contact_id: int) -> int | None:
-    """The group an invitation we sent this contact was for (removed: one answer each)."""
+def take_sent_invite(store: Store, invite_id: bytes, contact_id: int) -> tuple[int, int] | None:
+    """The group an invitation we sent this contact was for, and the version it carried
+    (removed: one answer each)."""
     row = store._q(
-        "SELECT group_ref FROM group_invites_sent WHERE invite_id = ? AND contact_id = ?",
+        "SELECT group_ref, version FROM group_invites_sent WHERE invite_id = ? AND contact_id = ?",
         (invite_id, contact_id),
     ).fetchone()
     if row is None:
         return None
     store._q("DELETE FROM group_invites_sent WHERE invite_id = ?", (invite_id,))
-    return int(row[0])
+    return int(row[0]), int(row[1])
 
 
 # --- held payloads --------------------------------------------------------------------------

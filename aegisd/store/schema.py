@@ -290,6 +290,7 @@ def _groups(db: Any) -> None:
             invite_id   BLOB PRIMARY KEY,
             group_ref   INTEGER NOT NULL REFERENCES groups(id) ON DELETE CASCADE,
             contact_id  INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+            version     INTEGER NOT NULL,       -- of the state the invitation carried
             created_at  INTEGER NOT NULL
         );
         CREATE TABLE group_held (

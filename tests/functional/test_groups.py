@@ -23,6 +23,7 @@ from tests.support.hostile import hostile
 
 T = 60.0
 NAME = "Trips to Saturn 7f3a"
+OTHER_NAME = "Saturn trips b41c"
 
 
 def group_of(peer: Peer) -> dict[str, Any] | None:
@@ -81,12 +82,16 @@ def test_a_group_of_members_who_are_not_all_contacts(
     assert dave.call("group.invitations")["invitations"] == []
 
     # carol accepts: she and bob are introduced (a session of their own, hidden contacts).
+    # ... and a rename made after her invitation reaches her before her add (§25.7 step 3).
     alice.call("group.invite", {"group": g, "contact": "carol"})
-    carol.call("group.accept", {"invitation": invited(carol)})
+    invitation = invited(carol)
+    alice.call("group.rename", {"group": g, "name": OTHER_NAME})
+    carol.call("group.accept", {"invitation": invitation})
     for p in (alice, bob, carol):
         p.wait_for(lambda p=p: len(members(p)) == 3, f"{p.name} to see three members", T)
     bob.wait_for(lambda: members(bob)[ed["carol"]]["reachable"], "bob's session to carol", T)
     carol.wait_for(lambda: members(carol)[ed["bob"]]["reachable"], "carol's session to bob", T)
+    assert group_of(carol)["name"] == OTHER_NAME  # type: ignore[index]
     assert [c["name"] for c in bob.call("contacts.list")["contacts"]] == ["alice"]
     assert [c["name"] for c in carol.call("contacts.list")["contacts"]] == ["alice"]
 
@@ -154,10 +159,10 @@ def test_a_group_of_members_who_are_not_all_contacts(
     alice.wait_for(lambda: list(members(alice)) == [ed["alice"]], "bob to leave", T)
 
     # The relay's disk and output hold neither the group ID nor its names.
-    needles = [group_id, NAME.encode(), b"Trips"]
+    needles = [group_id, NAME.encode(), OTHER_NAME.encode(), b"Trips"]
     for path in relay_proc.data.rglob("*"):
         if path.is_file():
             raw = path.read_bytes()
             assert not any(n in raw for n in needles), path.name
     out = relay_proc.output().encode()
-    assert not any(n in out for n in [group_id.hex().encode(), NAME.encode(), b"Trips"])
+    assert not any(n in out for n in [group_id.hex().encode(), *needles[1:]])
