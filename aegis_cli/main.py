@@ -1108,9 +1108,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _register_extensions() -> None:
-    from . import calls, network
+    from . import calls, groups, network
 
     calls.register(sys.modules[__name__])
+    groups.register(sys.modules[__name__])
     network.register(sys.modules[__name__])
     network.register_privacy(sys.modules[__name__])
 
