@@ -7,6 +7,7 @@ and the relay's disk and logs hold neither the group ID nor its name."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +16,9 @@ import pytest
 
 from aegis_cli.client import RpcCallError
 from aegisd.core import wire
+from aegisd.services.mailbox import ContactState
 from aegisd.store import groups as G
+from relay.storage import deposit_key
 from tests.functional.conftest import Peer, connect
 from tests.functional.test_hostile_contact import offline_store, queued, url_of
 from tests.relay.conftest import RelayProcess
@@ -154,6 +157,15 @@ def test_a_group_of_members_who_are_not_all_contacts(
         bob.wait_for(lambda: queued(relay_proc, h) == 0, "bob to take the block", T)
     assert "forged by a non-member" not in texts(bob)
 
+    # A blocked member's group messages are dropped, and nothing is sent to it.
+    bob.call("contacts.block", {"name": "alice"})
+    assert bob.call("group.send", {"group": gb, "text": "to nobody"})["recipients"] == 0
+    alice.call("group.send", {"group": g, "text": "to a blocker"})
+    alice.wait_for(lambda: outbox_size(alice) == 0, "alice's outbox to drain", T)
+    bob.wait_for(lambda: waiting_at_relay(relay_proc, alice, "bob") == 0, "bob to take it", T)
+    assert "to a blocker" not in texts(bob)
+    bob.call("contacts.block", {"name": "alice", "blocked": False})
+
     # bob leaves: alice is alone.
     bob.call("group.leave", {"group": gb})
     alice.wait_for(lambda: list(members(alice)) == [ed["alice"]], "bob to leave", T)
@@ -166,3 +178,30 @@ def test_a_group_of_members_who_are_not_all_contacts(
             assert not any(n in raw for n in needles), path.name
     out = relay_proc.output().encode()
     assert not any(n in out for n in [group_id.hex().encode(), *needles[1:]])
+
+
+def outbox_size(peer: Peer) -> int:
+    s = offline_store(peer)
+    try:
+        return s.outbox_size()
+    finally:
+        s.close()
+
+
+def waiting_at_relay(relay: RelayProcess, peer: Peer, contact: str) -> int:
+    """Blocks waiting at the relay in the mailbox `peer` writes to for `contact`."""
+    s = offline_store(peer)
+    try:
+        c = s.contact_by_name(contact)
+        assert c is not None
+        send_to = ContactState.from_bytes(c.state).send_to
+        assert send_to is not None
+    finally:
+        s.close()
+    with sqlite3.connect(relay.data / "relay.sqlite3", timeout=10) as db:
+        row = db.execute(
+            "SELECT count(*) FROM messages JOIN mailboxes ON messages.mailbox = mailboxes.id "
+            "WHERE mailboxes.deposit_key = ?",
+            (deposit_key(send_to.deposit_id),),
+        ).fetchone()
+    return int(row[0])
