@@ -42,6 +42,7 @@ from .groups_state import (
     now_ms,
     op_name,
     refused,
+    sendable,
 )
 
 
@@ -108,7 +109,8 @@ class Groups(GroupBase):
                 "you": member.key == me.ed_pub,
                 "contact": c.name if c is not None and c.id not in hidden else None,
                 "reachable": member.key == me.ed_pub or (
-                    c is not None and self.m.store.get_session(c.id) is not None),
+                    c is not None and self.m.store.get_session(c.id) is not None
+                    and sendable(c)),
                 "safety_number": None if member.key == me.ed_pub
                 else safety_number(me, member.identity),
             })  # fmt: skip
@@ -269,6 +271,8 @@ class Groups(GroupBase):
         async with self.m.lock:
             row, p, c, log = self._invitation(invitation)
             blob = self.m.store.get_session(c.id)
+            if c.blocked:
+                raise AppError(E.BLOCKED, "blocked", "the inviter is blocked")
             if blob is None:
                 raise AppError(E.NOT_READY, "not_ready", "no session with the inviter")
             answer = wire.GroupAnswerPayload(p.invite_id, log.head.group_id, True, tuple(offers))

@@ -1,7 +1,8 @@
 """What the two halves of the groups service share (groups.py: the user's calls;
 groups_inbound.py: the payloads members send): the host they use of the messenger, each
 group's log in the store, the members' sessions, fanning a change out, and how the core's
-refusals become one RPC error. Imports no other service but the delivery layer."""
+refusals become one RPC error. Imports no other service but the delivery layer and the mailbox
+helpers."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from aegisd.store.db import Contact
 
 from .context import ServiceContext
 from .delivery import Delivery, Recipient
+from .mailbox import ContactState
 
 #: Group invitations waiting for the user; past this a new one is dropped (counted).
 MAX_PENDING_INVITATIONS = 20
@@ -110,7 +112,9 @@ class GroupBase:
     def _recipients(self, state: core.GroupState, *, also: core.GroupState | None = None
                     ) -> tuple[list[Recipient], int]:  # fmt: skip
         """A recipient for every other member with a session (of `state`, and of `also`);
-        blocked members get nothing. Returns them and how many members cannot be reached."""
+        blocked members get nothing. Returns them and how many members cannot be reached (no
+        session yet, or one whose first contact failed: one such member must not hold up the
+        others, as the delivery layer would refuse the whole call)."""
         me, out, missing, seen = self._me(), [], 0, set()
         members = list(state.members) + (list(also.members) if also else [])
         for member in members:
@@ -119,7 +123,7 @@ class GroupBase:
             seen.add(member.key)
             c = self._contact_of(member)
             blob = self.m.store.get_session(c.id) if c is not None else None
-            if c is None or blob is None:
+            if c is None or blob is None or not sendable(c):
                 missing += 1
                 continue
             if not c.blocked:
@@ -132,6 +136,11 @@ class GroupBase:
         recipients, _ = self._recipients(parent, also=log.head)
         if recipients:
             self.m.delivery.enqueue(recipients, wire.GroupChangePayload(change))
+
+
+def sendable(c: Contact) -> bool:
+    state = ContactState.from_bytes(c.state)
+    return not state.failed and state.send_to is not None
 
 
 def canonical_chain(log: core.GroupLog) -> list[wire.GroupChangeRecord]:
