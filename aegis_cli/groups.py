@@ -49,7 +49,6 @@ def register(main: ModuleType) -> None:
     cli: click.Group = main.cli
     common: Callable[[Callable[..., None]], Callable[..., None]] = main.common
     Fail: type[Exception] = main.Fail
-    when: Callable[[int], str] = units.when
 
     def ref(ctx: Ctx, group: str) -> int:
         return resolve_group(ctx, group, Fail)
@@ -167,13 +166,7 @@ def register(main: ModuleType) -> None:
     @click.argument("message")
     def group_send(ctx: Ctx, group_name: str, message: str) -> None:
         """Send MESSAGE to GROUP ('-': read it from standard input)."""
-        if message == "-":
-            message = sys.stdin.read().removesuffix("\n")
-        if not message:
-            raise Fail("the message is empty")
-        r = ctx.call("group.send", {"group": ref(ctx, group_name), "text": message})
-        extra = f" ({r['unreachable']} without a session yet)" if r["unreachable"] else ""
-        ctx.out(r, f"{r['message_id']}  to {r['recipients']} members{extra}")
+        send(ctx, group_name, message, Fail)
 
     @group.command("messages")
     @common
@@ -182,8 +175,27 @@ def register(main: ModuleType) -> None:
                   metavar="N", help="Show the last N messages.")  # fmt: skip
     def group_messages(ctx: Ctx, group_name: str, limit: int) -> None:
         """Show GROUP's messages, oldest first."""
-        r = ctx.call("group.history", {"group": ref(ctx, group_name), "limit": limit})
-        ctx.out(r, "\n".join(_line(m, when) for m in r["messages"]) or "no messages yet")
+        show_messages(ctx, group_name, limit, None, Fail)
+
+
+def send(ctx: Ctx, group: str, message: str, fail: type[Exception]) -> None:
+    """`aegis group send GROUP MESSAGE`, `aegis send --group GROUP MESSAGE`."""
+    if message == "-":
+        message = sys.stdin.read().removesuffix("\n")
+    if not message:
+        raise fail("the message is empty")
+    r = ctx.call("group.send", {"group": resolve_group(ctx, group, fail), "text": message})
+    extra = f" ({r['unreachable']} without a session yet)" if r["unreachable"] else ""
+    ctx.out(r, f"{r['message_id']}  to {r['recipients']} members{extra}")
+
+
+def show_messages(
+    ctx: Ctx, group: str, limit: int, before: int | None, fail: type[Exception]
+) -> None:
+    """`aegis group messages GROUP`, `aegis messages --group GROUP`."""
+    params = {"group": resolve_group(ctx, group, fail), "limit": limit, "before": before}
+    r = ctx.call("group.history", params)
+    ctx.out(r, "\n".join(_line(m, units.when) for m in r["messages"]) or "no messages yet")
 
 
 def _line(m: dict[str, Any], when: Callable[[int], str]) -> str:

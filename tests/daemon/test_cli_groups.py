@@ -24,6 +24,13 @@ def test_group_commands(home, short_tmp, cli_env):  # noqa: F811
         assert r.returncode == 0 and r.stdout.strip().endswith("to 0 members"), r.stdout
         r = aegis("group", "messages", "Hikers", "--home", h)
         assert "me: hello, nobody  [delivered to 0 of 0]" in r.stdout
+        r = aegis("send", "--group", "Hikers", "second", "--home", h)
+        assert r.returncode == 0 and "to 0 members" in r.stdout, r.stderr
+        r = aegis("messages", "--group", "Hikers", "--home", h)
+        assert [line.split("  ", 1)[1] for line in r.stdout.splitlines()] == [
+            "me: hello, nobody  [delivered to 0 of 0]", "me: second  [delivered to 0 of 0]"]
+        one_line_error(aegis("messages", "--home", h), 2)  # neither NAME nor --group
+        one_line_error(aegis("send", "--group", "Hikers", "a", "b", "--home", h), 2)
         r = aegis("group", "rename", "Hikers", "Walkers", "--home", h)
         assert r.stdout.strip() == "renamed to Walkers"
         line = one_line_error(aegis("group", "members", "Hikers", "--home", h))
