@@ -47,3 +47,35 @@ def test_group_rows_round_trip_and_follow_their_contact(tmp_path):
         assert G.list_groups(store) == []
     finally:
         store.close()
+
+
+def test_an_introduction_link_takes_only_the_member_it_was_made_for(tmp_path):
+    """§25.7 step 5: a first contact on an introduction link of ours is accepted only from
+    the identity of the member the link was made for; other invitations are not concerned."""
+    from aegisd.core.identity import IdentityKeyPair
+    from aegisd.core.primitives import SystemEntropy
+    from aegisd.services.groups_inbound import GroupInbound
+    from aegisd.services.groups_state import INTRO_KEY
+
+    store = create_profile(tmp_path / "p", "pass phrase", FAST)
+    try:
+
+        class Host:  # the only member the check uses
+            pass
+
+        host = Host()
+        host.store = store  # type: ignore[attr-defined]
+        member = IdentityKeyPair.generate(SystemEntropy()).public
+        other = IdentityKeyPair.generate(SystemEntropy()).public
+        inv = b"\x01" * 16
+        store.set_setting(f"{INTRO_KEY}{inv.hex()}", member.ed_pub.hex())
+        inbound = GroupInbound(host)  # type: ignore[arg-type]
+        assert inbound.introduction_sender_ok(inv, member) is True
+        assert inbound.introduction_sender_ok(inv, other) is False
+        assert inbound.introduction_sender_ok(b"\x02" * 16, other) is None
+        c = store.add_contact("member", identity_key=member.to_bytes())
+        inbound.introduced(inv, c.id)
+        assert G.group_contact_ids(store) == {c.id}
+        assert inbound.introduction_sender_ok(inv, member) is None  # used: forgotten
+    finally:
+        store.close()
