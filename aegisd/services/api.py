@@ -15,6 +15,7 @@ from aegisd.transport.network import ProxyUrlError, check_proxy_url
 from .address import INVITE_TTL_DEFAULT
 from .contacts import SETTING_NAME
 from .delivery import SETTING_RECEIPT_DELAY, SETTING_SEND_JITTER
+from .groups_state import INTRO_KEY
 from .inbox import clean_name
 from .messenger import (
     E_NOT_FOUND,
@@ -74,7 +75,10 @@ def register(registry: Registry, m: Messenger) -> None:
 
     @method("invitations.list")
     async def invitations_list(ctx: CallContext) -> dict[str, Any]:
-        return {"invitations": [_ms_expiry(i) for i in m.address.list_invitations()]}
+        return {"invitations": [  # not the one-time links made for group introductions
+            _ms_expiry(i) for i in m.address.list_invitations()
+            if m.store.get_setting(f"{INTRO_KEY}{i['invitation']}") is None
+        ]}  # fmt: skip
 
     @method("invitations.revoke")
     async def invitations_revoke(ctx: CallContext, invitation: str) -> dict[str, Any]:

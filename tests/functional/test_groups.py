@@ -90,6 +90,7 @@ def test_a_group_of_members_who_are_not_all_contacts(
     invitation = invited(carol)
     alice.call("group.rename", {"group": g, "name": OTHER_NAME})
     carol.call("group.accept", {"invitation": invitation})
+    assert carol.call("invitations.list")["invitations"] == []  # her link for bob: not shown
     for p in (alice, bob, carol):
         p.wait_for(lambda p=p: len(members(p)) == 3, f"{p.name} to see three members", T)
     bob.wait_for(lambda: members(bob)[ed["carol"]]["reachable"], "bob's session to carol", T)
