@@ -76,6 +76,7 @@ WORDS = {
     "kdf_passes": "--kdf-passes",
     "kdf_lanes": "--kdf-lanes",
     "limit": "--limit",
+    "group": "GROUP",  # --group, or the GROUP argument of `aegis group ...`
     "before": "--before",
     "since": "--since",
     "types": "--type",

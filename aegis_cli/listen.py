@@ -92,6 +92,17 @@ def describe(ev: dict[str, Any]) -> str:
         what = f"{who}: call {d.get('kind')} arriving"
     elif kind == "call.missed":
         what = f"{who}: missed call ({d.get('reason')})"
+    elif kind == "group.message":
+        sender = _text(d.get("from_contact") or str(d.get("from") or "")[:12])
+        what = f"group #{d.get('group')}  {sender}: {_text(d.get('text', ''))}"
+    elif kind == "group.invitation":
+        what = (f"group invitation {d.get('invitation')}: {_text(d.get('name'))} from "
+                f"{_text(d.get('from'))}: aegis group accept {d.get('invitation')}")  # fmt: skip
+    elif kind == "group.changed":
+        by = f" ({_text(d['contact'])})" if d.get("contact") else ""
+        what = f"group #{d.get('group')}: {d.get('change')}{by}"
+    elif kind == "group.receipt":
+        what = f"group message {short} {d.get('status')}"
     elif kind == "relay.up":
         what = "relay: connected"
     elif kind == "relay.down":

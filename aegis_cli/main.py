@@ -831,7 +831,10 @@ def verify(ctx: Ctx, name: str, yes: bool) -> None:
     "--file", "file_path", metavar="PATH", type=click.Path(dir_okay=True, path_type=str),
     help="Send this file (encrypted, as an attachment) instead of a message.",
 )  # fmt: skip
-def send(ctx: Ctx, name: str, message: str | None, file_path: str | None) -> None:
+@click.option("--group", metavar="GROUP", help="Send MESSAGE (given as NAME) to this group.")
+def send(
+    ctx: Ctx, name: str, message: str | None, file_path: str | None, group: str | None
+) -> None:
     """Send MESSAGE to NAME ('-': read the message from standard input), or a file.
 
     Prints the message id once the daemon has accepted (and stored) the message; it is
@@ -841,6 +844,13 @@ def send(ctx: Ctx, name: str, message: str | None, file_path: str | None) -> Non
     its key to NAME. On a terminal a progress bar follows the upload (Ctrl-C stops watching,
     not the upload); otherwise (and with --json) the attachment id is printed at once.
     """
+    if group is not None:  # aegis send --group GROUP MESSAGE: the one argument is the message
+        if message is not None or file_path is not None:
+            raise click.UsageError("with --group, give the MESSAGE only")
+        from . import groups
+
+        groups.send(ctx, group, name, Fail)
+        return
     if file_path is not None:
         if message is not None:
             raise click.UsageError("give a MESSAGE or --file, not both")
@@ -862,15 +872,28 @@ def send(ctx: Ctx, name: str, message: str | None, file_path: str | None) -> Non
 
 @cli.command()
 @common
-@click.argument("name")
+@click.argument("name", required=False)
 @click.option(
     "--limit", type=click.IntRange(1, 500), default=50, show_default=True, metavar="N",
     help="Show the last N messages.",
 )  # fmt: skip
 @click.option("--before", type=int, metavar="SEQ", help="Only messages older than SEQ (paging).")
 @click.option("--mark-read", is_flag=True, help="Mark the incoming messages read.")
-def messages(ctx: Ctx, name: str, limit: int, before: int | None, mark_read: bool) -> None:
-    """Show the conversation with NAME, oldest first."""
+@click.option("--group", metavar="GROUP", help="Show this group's messages instead.")
+def messages(
+    ctx: Ctx, name: str | None, limit: int, before: int | None, mark_read: bool,
+    group: str | None,
+) -> None:  # fmt: skip
+    """Show the conversation with NAME (or a group's, with --group), oldest first."""
+    if group is not None:
+        if name is not None:
+            raise click.UsageError("give NAME or --group, not both")
+        from . import groups
+
+        groups.show_messages(ctx, group, limit, before, Fail)
+        return
+    if name is None:
+        raise click.UsageError("missing NAME (or --group GROUP)")
     params: dict[str, Any] = {"contact": name, "limit": limit}
     if before is not None:
         params["before"] = before
@@ -1108,9 +1131,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _register_extensions() -> None:
-    from . import calls, network
+    from . import calls, groups, network
 
     calls.register(sys.modules[__name__])
+    groups.register(sys.modules[__name__])
     network.register(sys.modules[__name__])
     network.register_privacy(sys.modules[__name__])
 

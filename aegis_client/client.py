@@ -24,7 +24,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from aegisd.paths import resolve
 
@@ -40,6 +40,11 @@ from .types import (
     Call,
     Contact,
     Event,
+    Group,
+    GroupHistory,
+    GroupInvitation,
+    GroupSent,
+    GroupSummary,
     History,
     Identity,
     Invitation,
@@ -321,6 +326,61 @@ class Client:
     ) -> list[Event]:
         r = await self.call("events.list", {"since": since, "limit": limit, "types": types})
         return [Event.from_json(e) for e in r["events"]]
+
+    # -- groups (docs/api.md, "Groups"): a group is named by its reference ``group`` ----------
+
+    async def create_group(self, name: str, description: str = "") -> Group:
+        return cast(
+            Group, await self.call("group.create", {"name": name, "description": description})
+        )
+
+    async def invite_to_group(self, group: int, contact: str) -> dict[str, Any]:
+        return cast(
+            dict[str, Any], await self.call("group.invite", {"group": group, "contact": contact})
+        )
+
+    async def group_invitations(self) -> list[GroupInvitation]:
+        r = await self.call("group.invitations")
+        return cast(list[GroupInvitation], r["invitations"])
+
+    async def accept_group(self, invitation: int) -> Group:
+        return cast(Group, await self.call("group.accept", {"invitation": invitation}))
+
+    async def decline_group(self, invitation: int) -> None:
+        await self.call("group.decline", {"invitation": invitation})
+
+    async def groups(self) -> list[GroupSummary]:
+        return cast(list[GroupSummary], (await self.call("group.list"))["groups"])
+
+    async def group(self, group: int) -> Group:
+        return cast(Group, await self.call("group.get", {"group": group}))
+
+    async def remove_from_group(self, group: int, member: str) -> Group:
+        """``member``: an identity key (hex, as ``group`` shows it) or a contact's name."""
+        return cast(Group, await self.call("group.remove", {"group": group, "member": member}))
+
+    async def set_group_role(
+        self, group: int, member: str, role: Literal["member", "admin", "owner"]
+    ) -> Group:
+        params = {"group": group, "member": member, "role": role}
+        return cast(Group, await self.call("group.role", params))
+
+    async def rename_group(self, group: int, name: str, description: str | None = None) -> Group:
+        params = {"group": group, "name": name, "description": description}
+        return cast(Group, await self.call("group.rename", params))
+
+    async def leave_group(self, group: int) -> bool:
+        """True when the group was deleted (its only member left)."""
+        return bool((await self.call("group.leave", {"group": group}))["deleted"])
+
+    async def send_to_group(self, group: int, text: str) -> GroupSent:
+        return cast(GroupSent, await self.call("group.send", {"group": group, "text": text}))
+
+    async def group_history(
+        self, group: int, *, limit: int = 50, before: int | None = None
+    ) -> GroupHistory:
+        params: dict[str, Any] = {"group": group, "limit": limit, "before": before}
+        return cast(GroupHistory, await self.call("group.history", params))
 
     # -- calls (docs/api.md, "Calls"): play/record are absolute paths the daemon opens --------
 

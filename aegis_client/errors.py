@@ -205,6 +205,17 @@ class RevealsIp(AppError):
     code, name = 1035, "reveals_ip"
 
 
+class GroupRefused(AppError):
+    """group.*: the group's rules refuse the change or the call; ``reason`` says which
+    (not_permitted, last_owner, not_a_member, group_full, invalid_change, ...)."""
+
+    code, name = 1060, "group_refused"
+
+    @property
+    def reason(self) -> str | None:
+        return str(self.data.get("reason")) if isinstance(self.data, dict) else None
+
+
 _BY_CODE: dict[int, type[RpcError]] = {
     c.code: c for c in (ParseError, InvalidRequest, MethodNotFound, InvalidParams, InternalError)
 }
@@ -230,6 +241,7 @@ _BY_NAME: dict[str, type[AppError]] = {
         Blocked,
         TooLarge,
         RevealsIp,
+        GroupRefused,
     )
     if c.name is not None
 }

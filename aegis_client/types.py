@@ -79,6 +79,50 @@ class History(TypedDict):
     next_before: int | None
 
 
+class GroupSummary(TypedDict):
+    group: int  # this daemon's reference (the group ID never leaves the daemon)
+    name: str
+    members: int
+    role: Literal["member", "admin", "owner"] | None  # None: no longer a member
+    member: bool
+
+
+class GroupMember(TypedDict):
+    key: str  # Ed25519 identity key, hex
+    role: Literal["member", "admin", "owner"]
+    you: bool
+    contact: str | None  # the contact's name, None for a group contact (hidden)
+    reachable: bool  # a pairwise session with this member exists
+    safety_number: str | None
+
+
+class Group(TypedDict):
+    group: int
+    name: str
+    description: str
+    version: int
+    role: Literal["member", "admin", "owner"] | None
+    members: list[GroupMember]
+
+
+class GroupInvitation(TypedDict):
+    invitation: int
+    name: str
+    members: int
+    created_at: int
+
+
+class GroupSent(TypedDict):
+    message_id: str
+    recipients: int
+    unreachable: int
+
+
+class GroupHistory(TypedDict):
+    messages: list[dict[str, Any]]
+    next_before: int | None
+
+
 class Settings(TypedDict):
     read_receipts: bool
     receipt_delay_max: float

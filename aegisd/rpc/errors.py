@@ -49,6 +49,8 @@ NOT_READY = 1024
 BLOCKED = 1025
 TOO_LARGE = 1026
 TOO_MANY_MAILBOXES = 1048
+#: A group's rules refuse the change (data.reason: the core's GroupError, snake_case).
+GROUP_REFUSED = 1060
 #: A passphrase being chosen (passphrase.change, backup.export) is below the strength rule.
 WEAK_PASSPHRASE = 1041
 

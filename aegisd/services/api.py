@@ -9,11 +9,13 @@ from typing import Any
 from aegisd.netmode import SETTING_ISOLATION, SETTING_MODE, SETTING_PROXY, SETTING_TOR_PATH
 from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
 from aegisd.rpc.methods import Handler
+from aegisd.store.groups import group_contact_ids
 from aegisd.transport.network import ProxyUrlError, check_proxy_url
 
 from .address import INVITE_TTL_DEFAULT
 from .contacts import SETTING_NAME
 from .delivery import SETTING_RECEIPT_DELAY, SETTING_SEND_JITTER
+from .groups_state import INTRO_KEY
 from .inbox import clean_name
 from .messenger import (
     E_NOT_FOUND,
@@ -73,7 +75,10 @@ def register(registry: Registry, m: Messenger) -> None:
 
     @method("invitations.list")
     async def invitations_list(ctx: CallContext) -> dict[str, Any]:
-        return {"invitations": [_ms_expiry(i) for i in m.address.list_invitations()]}
+        return {"invitations": [  # not the one-time links made for group introductions
+            _ms_expiry(i) for i in m.address.list_invitations()
+            if m.store.get_setting(f"{INTRO_KEY}{i['invitation']}") is None
+        ]}  # fmt: skip
 
     @method("invitations.revoke")
     async def invitations_revoke(ctx: CallContext, invitation: str) -> dict[str, Any]:
@@ -111,7 +116,9 @@ def register(registry: Registry, m: Messenger) -> None:
 
     @method("contacts.list")
     async def contacts_list(ctx: CallContext) -> dict[str, Any]:
-        return {"contacts": [m.contacts.describe(c) for c in m.store.list_contacts()]}
+        hidden = group_contact_ids(m.store)  # group contacts serve their groups only
+        return {"contacts": [m.contacts.describe(c) for c in m.store.list_contacts()
+                             if c.id not in hidden]}  # fmt: skip
 
     @method("contacts.rename")
     async def contacts_rename(ctx: CallContext, name: str, new_name: str) -> dict[str, Any]:
@@ -264,3 +271,6 @@ def register(registry: Registry, m: Messenger) -> None:
     from . import attachments_api  # its methods: docs/api.md, "Attachments"
 
     attachments_api.register(registry, m)
+    from . import groups_api  # its methods: docs/api.md, "Groups"
+
+    groups_api.register(registry, m)

@@ -38,6 +38,7 @@ from aegisd.rpc import AppError
 from aegisd.rpc import errors as E
 from aegisd.store import Store
 from aegisd.store.db import Contact
+from aegisd.store.groups import group_contact_ids
 
 from .bundle_fetch import fetch_bundle
 from .context import ServiceContext
@@ -130,10 +131,12 @@ class Contacts:
         }
 
     def failed(self) -> list[str]:
-        """Names of the contacts whose first contact was refused for good (status shows them)."""
+        """Names of the contacts whose first contact was refused for good (status shows them;
+        not group contacts, which contacts.list does not show either)."""
+        hidden = group_contact_ids(self.m.store)
         return [c.name for c in self.m.store.list_contacts()
-                if ContactState.from_bytes(c.state).failed
-                or renewal_failure(self.m.store, c.id)]  # fmt: skip
+                if c.id not in hidden and (ContactState.from_bytes(c.state).failed
+                                           or renewal_failure(self.m.store, c.id))]  # fmt: skip
 
     async def add(self, name: str, link_text: str) -> dict[str, Any]:
         self.m.check_usable()

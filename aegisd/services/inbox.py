@@ -13,7 +13,8 @@
   (PARTIALS_PER_CONTACT, PARTIALS_TOTAL) so that a contact cannot pile them up.
 - Payloads: texts (and their delivery receipts), receipts, mailbox announcements and
   acknowledgements (rotation.py acts on them after the commit), files' descriptors
-  (attachments.py), call signaling (calls/service.py), cover (dropped).
+  (attachments.py), call signaling (calls/service.py), group payloads 0x0C-0x10 (groups.py,
+  through ``GroupsView``), cover (dropped).
 
 Everything a peer sends is hostile: bounded, strictly parsed, and nothing of a blocked contact
 is kept. Of the other services this module imports only the mailboxes, the delivery layer
@@ -41,6 +42,7 @@ from aegisd.core.session import Session, accept_first_contact
 from aegisd.rpc import AppError
 from aegisd.store import Store, StoreError
 from aegisd.store import cover as cover_slots
+from aegisd.store import groups as group_store
 from aegisd.store.cover import SLOT_WAIT
 from aegisd.store.db import Contact, MailboxRow
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, acknowledge
@@ -59,6 +61,12 @@ TRANSIENT = (sqlcipher3.Error, StoreError, OSError)
 # The largest payload (a text of MAX_TEXT_BYTES) spans this many blocks; a peer claiming more
 # is refused, so that partial messages cannot pile up.
 MAX_MESSAGE_FRAGMENTS = -(-(wire.MAX_TEXT_BYTES + 26) // wire.RATCHET_CAPACITY)
+#: Group invitations and answers span up to 11 blocks (docs/protocol.md §25.8): only they may
+#: be longer than the longest text (checked once the message is whole), and a contact keeps at
+#: most LONG_PARTIALS_PER_CONTACT such partial messages (its oldest goes), inside the caps below.
+MAX_GROUP_FRAGMENTS = 11
+LONG_PARTIALS_PER_CONTACT = 2
+_LONG_PAYLOADS = (wire.GroupInvitePayload, wire.GroupAnswerPayload)
 STALE_FRAGMENTS_MS = 24 * 3600 * 1000
 #: Incomplete multi-block messages kept per contact, and in all (issue 15 item 13): a contact's
 #: own software has at most a few in flight (its outbox sends a message's blocks in order), so
@@ -132,6 +140,24 @@ class CallsView(Protocol):
     ) -> None: ...
 
 
+class GroupsView(Protocol):
+    """The groups service's receiver (groups.py): payloads 0x0C-0x10, receipts of group
+    messages, first contacts through an introduction link."""
+
+    def on_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None: ...
+    def on_receipt(self, c: Contact, message_id: bytes, status: str) -> None: ...
+    def introduction_sender_ok(
+        self, invitation_id: bytes, sender: PublicIdentity
+    ) -> bool | None: ...
+    def introduced(self, invitation_id: bytes, contact_id: int) -> None: ...
+
+
+_GROUP_PAYLOADS = (
+    wire.GroupInvitePayload, wire.GroupAnswerPayload, wire.GroupChangePayload,
+    wire.GroupMessagePayload, wire.GroupIntroductionPayload,
+)  # fmt: skip
+
+
 class InboxHost(Protocol):
     """What the inbox uses of the messenger."""
 
@@ -162,6 +188,8 @@ class InboxHost(Protocol):
     def address(self) -> AddressView: ...
     @property
     def contacts(self) -> ContactsView: ...
+    @property
+    def groups(self) -> GroupsView: ...
 
     def _reload_prekeys(self) -> None: ...
 
@@ -243,6 +271,13 @@ class Inbox:
                 and (row.expires_at is None or row.expires_at >= _now())
                 and (known is None or not known.blocked)
             )
+            # A link made for a group introduction takes the member it was made for only.
+            intro = (
+                self.m.groups.introduction_sender_ok(row.invitation_id, fc.sender)
+                if valid and row.invitation_id is not None
+                else None
+            )
+            valid = valid and intro is not False
             if not valid:
                 self.m.store.put_identity(self.m.prekeys.to_bytes())  # one-time keys stay burnt
                 return
@@ -251,7 +286,11 @@ class Inbox:
                 self.m.store.put_identity(self.m.prekeys.to_bytes())
                 self.m.store.delete_mailbox(row.id)  # used: the invitation is void
                 name = hello.display_name or "new contact"
-                self.m.contacts.establish(name, fc.sender, fc.session, hello.reply_to, mb_id, mb)
+                made = self.m.contacts.establish(
+                    name, fc.sender, fc.session, hello.reply_to, mb_id, mb
+                )
+                if intro and row.invitation_id is not None:
+                    self.m.groups.introduced(row.invitation_id, made.id)
             self.m.mailboxes.reload()
             self.m.delivery.wake()
             with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
@@ -322,10 +361,12 @@ class Inbox:
                 return
             if fragment.count == 1:
                 content: bytes | None = fragment.data
-            elif fragment.count > MAX_MESSAGE_FRAGMENTS:
+            elif fragment.count > MAX_GROUP_FRAGMENTS:
                 droplog.dropped("dropped a fragment of an oversized message")
                 return
             else:
+                if fragment.count > MAX_MESSAGE_FRAGMENTS:
+                    self._make_room_for_long(contact_id, fragment.msg_id)
                 self._make_room_for_partial(contact_id, fragment.msg_id)
                 parts = self.m.store.put_fragment(
                     contact_id, fragment.msg_id, fragment.index, fragment.count, fragment.data
@@ -338,7 +379,20 @@ class Inbox:
             except DecodeError:
                 droplog.dropped("dropped a payload that did not parse")
                 return
+            if fragment.count > MAX_MESSAGE_FRAGMENTS and not isinstance(payload, _LONG_PAYLOADS):
+                droplog.dropped("dropped a fragment of an oversized message")
+                return
             self._handle_payload(c, session, payload)
+
+    def _make_room_for_long(self, contact_id: int, msg_id: bytes) -> None:
+        """Before a fragment of a long message (over MAX_MESSAGE_FRAGMENTS) not yet kept: the
+        contact's oldest long partials go past LONG_PARTIALS_PER_CONTACT."""
+        longs = group_store.long_partials(self.m.store, contact_id, MAX_MESSAGE_FRAGMENTS)
+        if msg_id in longs:
+            return
+        for old in longs[: max(0, len(longs) - LONG_PARTIALS_PER_CONTACT + 1)]:
+            self.m.store.delete_fragments(contact_id, old)
+            droplog.dropped("dropped a partial message (over a contact's long-message limit)")
 
     def _make_room_for_partial(self, contact_id: int, msg_id: bytes) -> None:
         """Before a fragment of a message not yet kept starts one more partial message (inside
@@ -373,6 +427,9 @@ class Inbox:
     def _handle_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None:
         if isinstance(payload, wire.CoverPayload):
             return  # cover: nothing to show, keep or answer (§24)
+        if isinstance(payload, _GROUP_PAYLOADS):
+            self.m.groups.on_payload(c, session, payload)
+            return
         if isinstance(payload, wire.TextPayload):
             mid = payload.message_id.hex()
             if self.m.store.get_message(mid) is not None:
@@ -393,7 +450,10 @@ class Inbox:
             status = "delivered" if payload.kind == wire.RECEIPT_DELIVERED else "read"
             for raw in payload.message_ids:
                 m = self.m.store.get_message(raw.hex())
-                if m is None or m.contact_id != c.id or m.direction != "out":
+                if m is None:
+                    self.m.groups.on_receipt(c, raw, status)  # a group message's, maybe
+                    continue
+                if m.contact_id != c.id or m.direction != "out":
                     continue
                 if self.m.store.set_message_status(m.id, status):
                     self.m.ctx.events.emit(
@@ -412,7 +472,9 @@ class Inbox:
             state.send_to, state.established = payload.reply_to, True
             self.m.store.update_contact(c.id, state=state.to_bytes())
             self.m.store.readdress_outbox(
-                c.id, PENDING_DESTINATION, address_to_bytes(payload.reply_to),
+                c.id,
+                PENDING_DESTINATION,
+                address_to_bytes(payload.reply_to),
                 due=SLOT_WAIT if self.m.cover.active() else 0,
             )
             self.m.cover.changed()

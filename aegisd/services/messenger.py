@@ -4,7 +4,7 @@
 lock, the identity and its prekeys, the life cycle (unlock, lock, the maintenance loop) and
 the one-to-one sends (texts, read marks, call signaling), and it holds the parts that do the
 rest (the module map is in aegisd/services/__init__.py): ``mailboxes``, ``address``,
-``contacts``, ``delivery``, ``inbox``, ``rotation``, ``loss``, and the ``attachments``,
+``contacts``, ``delivery``, ``inbox``, ``rotation``, ``loss``, ``groups``, and the ``attachments``,
 ``renewals`` and ``cover`` services. Each part takes the messenger through a small Protocol of
 its own module (no part imports this module).
 
@@ -43,6 +43,7 @@ from .address import Address
 from .attachments import Attachments
 from .contacts import Contacts
 from .delivery import Delivery, DeliveryHooks, Recipient
+from .groups import Groups
 from .inbox import STALE_FRAGMENTS_MS, CallsView, Inbox
 from .mailbox import ContactState
 from .mailbox_loss import SETTING_LAST_REACHED, MailboxLoss
@@ -93,6 +94,7 @@ class Messenger:
         self.rotation = Rotation(self)  # mailbox rotation and relay moves (rotation.py)
         self.inbox = Inbox(self)  # every block delivered to a mailbox of ours (inbox.py)
         self.attachments = Attachments(self)
+        self.groups = Groups(self)  # groups over pairwise sessions (groups.py, §25)
         from .renewal import Renewals  # session renewal after a backup import (§23)
 
         self.renewals = Renewals(self)

@@ -253,8 +253,80 @@ def _mailbox_pool(db: Any) -> None:
     )
 
 
+def _groups(db: Any) -> None:
+    """Groups (issue 16, docs/protocol.md §25): each group's log (the core's stored record:
+    final base, canonical chain, held-back changes) and its head's members; invitations we
+    sent (to match answers) and received (waiting for the user, bounded by the service);
+    group messages held for a version not reached yet; group contacts (pairwise sessions
+    opened by an introduction, hidden from the contact list).
+
+    Group history has tables of its own rather than a nullable reference in ``messages``:
+    a message there belongs to one contact and has one status, while an outgoing group
+    message goes to N members with a status each (``group_message_status``), and an
+    incoming one is the sender's, who may be a group contact only."""
+    _run(
+        db,
+        """
+        CREATE TABLE groups (
+            id          INTEGER PRIMARY KEY,
+            group_id    BLOB NOT NULL UNIQUE,   -- 32 random bytes, never outside the store
+            log         BLOB NOT NULL,          -- the core's GroupLogRecord, opaque
+            created_at  INTEGER NOT NULL,
+            updated_at  INTEGER NOT NULL
+        );
+        CREATE TABLE group_members (
+            group_ref   INTEGER NOT NULL REFERENCES groups(id) ON DELETE CASCADE,
+            member_key  BLOB NOT NULL,          -- Ed25519 identity key
+            role        INTEGER NOT NULL,       -- 1 member, 2 admin, 3 owner
+            PRIMARY KEY (group_ref, member_key)
+        ) WITHOUT ROWID;
+        CREATE TABLE group_invitations (
+            id          INTEGER PRIMARY KEY,
+            contact_id  INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+            payload     BLOB NOT NULL,          -- the invitation payload as received
+            created_at  INTEGER NOT NULL
+        );
+        CREATE TABLE group_invites_sent (
+            invite_id   BLOB PRIMARY KEY,
+            group_ref   INTEGER NOT NULL REFERENCES groups(id) ON DELETE CASCADE,
+            contact_id  INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+            version     INTEGER NOT NULL,       -- of the state the invitation carried
+            created_at  INTEGER NOT NULL
+        );
+        CREATE TABLE group_held (
+            id          INTEGER PRIMARY KEY,
+            group_ref   INTEGER NOT NULL REFERENCES groups(id) ON DELETE CASCADE,
+            contact_id  INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+            payload     BLOB NOT NULL,          -- a message or introduction, encoded
+            created_at  INTEGER NOT NULL
+        );
+        CREATE TABLE group_contacts (
+            contact_id  INTEGER PRIMARY KEY REFERENCES contacts(id) ON DELETE CASCADE
+        );
+        CREATE TABLE group_messages (
+            seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+            id          TEXT NOT NULL UNIQUE,
+            group_ref   INTEGER NOT NULL REFERENCES groups(id) ON DELETE CASCADE,
+            sender_key  BLOB,                   -- NULL: our own
+            direction   TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+            body        TEXT NOT NULL,
+            sent_at     INTEGER,
+            created_at  INTEGER NOT NULL
+        );
+        CREATE INDEX group_messages_by_group ON group_messages (group_ref, seq);
+        CREATE TABLE group_message_status (
+            message_id  TEXT NOT NULL REFERENCES group_messages(id) ON DELETE CASCADE,
+            contact_id  INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+            status      TEXT NOT NULL,          -- queued, delivered, read
+            status_at   INTEGER NOT NULL,
+            PRIMARY KEY (message_id, contact_id)
+        ) WITHOUT ROWID
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
-    _cover_receipts, _mailbox_pool,
+    _cover_receipts, _mailbox_pool, _groups,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -38,6 +38,13 @@ def test_listen_shows_peer_fields_safely() -> None:
         {"type": "contact.request", "time_ms": 1, "data": {"name": EVIL, "request": 1}},
         {"type": "attachment.received", "time_ms": 1, "data": {"contact": EVIL, "name": EVIL}},
         {"type": "some.future_event", "time_ms": 1, "data": {"x": EVIL}},
+        {"type": "group.message", "time_ms": 1,
+         "data": {"group": 1, "from_contact": EVIL, "text": EVIL}},
+        {"type": "group.message", "time_ms": 1, "data": {"group": 1, "from": EVIL, "text": "x"}},
+        {"type": "group.invitation", "time_ms": 1,
+         "data": {"invitation": 1, "name": EVIL, "from": EVIL}},
+        {"type": "group.changed", "time_ms": 1,
+         "data": {"group": 1, "change": "declined", "contact": EVIL}},
     ):
         out = describe(ev)
         assert _bad(out) == [], (ev["type"], out)

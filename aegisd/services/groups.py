@@ -1,0 +1,341 @@
+"""Groups (issue 16, docs/protocol.md §25): private groups the relay cannot see as groups.
+
+Every pair of members talks over its own pairwise session, as two contacts do; a group
+payload (0x0C-0x10) is an ordinary ratchet payload of one of those sessions. This service
+keeps each group's log (the pure core, aegisd/core/group.py) in the store, signs the user's
+changes and fans them out, answers invitations, introduces newcomers to the members that are
+not their contacts (a one-time invitation link of the newcomer's, opened as a first contact:
+the resulting contact is a *group contact*, hidden from the contact list), and sends and
+receives group messages through the one delivery layer: a text to the group is ONE call to
+``Delivery.enqueue`` with every other member as a recipient.
+
+This module holds the user's calls; payloads from members are groups_inbound.py's (the
+inbox hands them over through the ``GroupsView`` methods below), and what both use is
+groups_state.py's. Of the other services it imports those two and the delivery layer (none
+imports it back): what it uses of the messenger is ``GroupsHost``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aegisd.core import group as core
+from aegisd.core import wire
+from aegisd.core.errors import GroupError, InvalidChange, NotAMember
+from aegisd.core.identity import PublicIdentity, keys_of, safety_number
+from aegisd.core.session import Session
+from aegisd.rpc import AppError
+from aegisd.rpc import errors as E
+from aegisd.store import groups as G
+from aegisd.store.db import Contact
+
+from .delivery import Recipient
+from .groups_inbound import GroupInbound
+from .groups_state import (
+    INTRO_KEY,
+    INTRO_TTL,
+    ROLE_NAMES,
+    ROLES,
+    GroupBase,
+    GroupsHost,
+    member_rows,
+    now_ms,
+    op_name,
+    refused,
+    sendable,
+)
+
+
+class Groups(GroupBase):
+    def __init__(self, host: GroupsHost) -> None:
+        super().__init__(host)
+        self.inbound = GroupInbound(host)
+
+    # --- what the inbox hands over (GroupsView) -------------------------------------------
+
+    def on_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None:
+        self.inbound.on_payload(c, session, payload)
+
+    def on_receipt(self, c: Contact, message_id: bytes, status: str) -> None:
+        self.inbound.on_receipt(c, message_id, status)
+
+    def introduction_sender_ok(self, invitation_id: bytes, sender: PublicIdentity) -> bool | None:
+        return self.inbound.introduction_sender_ok(invitation_id, sender)
+
+    def introduced(self, invitation_id: bytes, contact_id: int) -> None:
+        self.inbound.introduced(invitation_id, contact_id)
+
+    # --- the user's calls -----------------------------------------------------------------
+
+    async def create(self, name: str, description: str = "") -> dict[str, Any]:
+        try:
+            state = core.create_group(self.m.entropy, self.m.identity(), name, description)
+        except ValueError as exc:
+            raise E.InvalidParamsError("name", str(exc)) from None
+        log = core.GroupLog(state)
+        async with self.m.lock:
+            with self.m.store.transaction():
+                ref = G.add_group(self.m.store, state.group_id, log.record().to_bytes(),
+                                  member_rows(state))  # fmt: skip
+                self.m.ctx.events.emit("group.changed", {"group": ref, "change": "created"})
+        return self.describe(ref)
+
+    def list_groups(self) -> list[dict[str, Any]]:
+        out = []
+        for row in G.list_groups(self.m.store):
+            head = core.GroupLog.from_record(wire.GroupLogRecord.from_bytes(row.log)).head
+            me = head.role_of(self._me())
+            out.append({"group": row.id, "name": head.name, "members": len(head.members),
+                        "role": ROLE_NAMES.get(me), "member": me > 0})  # fmt: skip
+        return out
+
+    def by_name(self, name: str) -> int:
+        """A group's local reference from its name (the first that has it)."""
+        for g in self.list_groups():
+            if g["name"] == name:
+                return int(g["group"])
+        raise E.not_found("group")
+
+    def describe(self, ref: int) -> dict[str, Any]:
+        _, log = self._load(ref)
+        head, me = log.head, self.m.identity().public
+        hidden = G.group_contact_ids(self.m.store)
+        members = []
+        for member in head.members:
+            c = self._contact_of(member) if member.key != me.ed_pub else None
+            members.append({
+                "key": member.key.hex(),
+                "role": ROLE_NAMES[member.role],
+                "you": member.key == me.ed_pub,
+                "contact": c.name if c is not None and c.id not in hidden else None,
+                "reachable": member.key == me.ed_pub or (
+                    c is not None and self.m.store.get_session(c.id) is not None
+                    and sendable(c)),
+                "safety_number": None if member.key == me.ed_pub
+                else safety_number(me, member.identity),
+            })  # fmt: skip
+        return {"group": ref, "name": head.name, "description": head.description,
+                "version": head.version, "role": ROLE_NAMES.get(head.role_of(me.ed_pub)),
+                "members": members}  # fmt: skip
+
+    def _member_key(self, log: core.GroupLog, member: str) -> bytes:
+        """A member named by its key (hex, as group.get shows it) or by a contact's name."""
+        for m in log.head.members:
+            if m.key.hex() == member.lower():
+                return m.key
+        c = self.m.store.contact_by_name(member)
+        if c is not None and c.identity_key is not None:
+            keys = keys_of(c.identity_key)
+            for m in log.head.members:
+                if m.identity.encode() == keys:
+                    return m.key
+        raise E.not_found("member")
+
+    async def _change(self, ref: int, make: Any) -> dict[str, Any]:
+        """Sign a change of ours on the head (`make(identity, state, log)`), apply it, store
+        it and fan it out, in one transaction; a refusal changes nothing."""
+        self.m.check_usable()
+        async with self.m.lock:
+            _, log = self._load(ref)
+            parent = log.head
+            try:
+                change = make(self.m.identity(), parent, log)
+                log.receive(change)
+            except GroupError as exc:
+                raise refused(exc) from None
+            with self.m.store.transaction():
+                self._save(ref, log)
+                self._fan_out(parent, log, change)
+                self.m.ctx.events.emit(
+                    "group.changed", {"group": ref, "change": op_name(change.op)}
+                )
+        self.m.delivery.wake()
+        return self.describe(ref)
+
+    async def remove(self, ref: int, member: str) -> dict[str, Any]:
+        _, log = self._load(ref)
+        key = self._member_key(log, member)
+        return await self._change(ref, lambda me, s, _l: core.remove_member(me, s, key))
+
+    async def set_role(self, ref: int, member: str, role: str) -> dict[str, Any]:
+        if role not in ROLES:
+            raise E.InvalidParamsError("role", "must be member, admin or owner")
+        _, log = self._load(ref)
+        key = self._member_key(log, member)
+        return await self._change(ref, lambda me, s, _l: core.set_role(me, s, key, ROLES[role]))
+
+    async def rename(self, ref: int, name: str, description: str | None) -> dict[str, Any]:
+        _, log = self._load(ref)
+        desc = log.head.description if description is None else description
+        try:
+            wire.check_group_name(name)
+            wire.check_group_description(desc)
+        except ValueError as exc:
+            raise E.InvalidParamsError("name", str(exc)) from None
+        return await self._change(ref, lambda me, s, _l: core.rename(me, s, name, desc))
+
+    async def leave(self, ref: int) -> dict[str, Any]:
+        _, log = self._load(ref)
+        if len(log.head.members) == 1 and log.head.role_of(self._me()):
+            async with self.m.lock:  # the only member deletes the group (§25.4)
+                with self.m.store.transaction():
+                    G.delete_group(self.m.store, ref)
+                    self.m.ctx.events.emit("group.changed", {"group": ref, "change": "deleted"})
+            return {"group": ref, "deleted": True}
+        await self._change(ref, lambda me, s, _l: core.leave(me, s))
+        return {"group": ref, "deleted": False}
+
+    async def invite(self, ref: int, contact: str) -> dict[str, Any]:
+        self.m.check_usable()
+        async with self.m.lock:
+            c = self.m.contacts.by_name(contact)
+            if c.blocked:
+                raise AppError(E.BLOCKED, "blocked", "this contact is blocked")
+            blob = self.m.store.get_session(c.id)
+            if blob is None or c.identity_key is None:
+                raise AppError(E.NOT_READY, "not_ready", "no session with this contact")
+            _, log = self._load(ref)
+            invitee = PublicIdentity.from_bytes(c.identity_key)
+            if log.head.member(invitee.ed_pub) is not None:
+                raise refused(InvalidChange("the contact is a member already"))
+            try:
+                base = core.sign_state(self.m.identity(), log.head)
+            except GroupError as exc:
+                raise refused(exc) from None
+            invite_id = self.m.entropy.random(16)
+            payload = wire.GroupInvitePayload(invite_id, now_ms(), base, ())
+            with self.m.store.transaction():
+                G.add_sent_invite(self.m.store, invite_id, ref, c.id, log.head.version)
+                self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], payload)
+        self.m.delivery.wake()
+        return {"group": ref, "invited": c.name}
+
+    def invitations(self) -> list[dict[str, Any]]:
+        out = []
+        for row in G.list_invitations(self.m.store):
+            p = wire.decode_payload(row.payload)
+            assert isinstance(p, wire.GroupInvitePayload)
+            c = self.m.store.get_contact(row.contact_id)
+            out.append({"invitation": row.id, "name": p.base.state.name,
+                        "from": c.name if c else None, "members": len(p.base.state.members),
+                        "created_at": row.created_at})  # fmt: skip
+        return out
+
+    async def decline(self, invitation: int) -> dict[str, Any]:
+        async with self.m.lock:
+            row, p, c, _ = self._invitation(invitation)
+            blob = self.m.store.get_session(c.id)
+            with self.m.store.transaction():
+                G.delete_invitation(self.m.store, row.id)
+                if blob is not None and not c.blocked:
+                    answer = wire.GroupAnswerPayload(p.invite_id, p.base.state.group_id, False)
+                    self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], answer)
+        self.m.delivery.wake()
+        return {"declined": True}
+
+    def _invitation(
+        self, invitation: int
+    ) -> tuple[G.GroupInvitationRow, wire.GroupInvitePayload, Contact, core.GroupLog]:
+        row = G.get_invitation(self.m.store, invitation)
+        if row is None:
+            raise E.not_found("invitation")
+        p = wire.decode_payload(row.payload)
+        c = self.m.store.get_contact(row.contact_id)
+        assert isinstance(p, wire.GroupInvitePayload) and c is not None and c.identity_key
+        try:
+            log = core.invitation_log(p.base, p.changes, PublicIdentity.from_bytes(c.identity_key),
+                                      self.m.identity().public)  # fmt: skip
+        except GroupError as exc:
+            raise refused(exc) from None
+        return row, p, c, log
+
+    async def accept(self, invitation: int) -> dict[str, Any]:
+        """Answer with an introduction offer (a one-time invitation link of ours) for every
+        member that is not our contact yet, and keep the group: we become a member when the
+        inviter's add reaches us."""
+        self.m.check_usable()
+        async with self.m.lock:
+            _, p, c, log = self._invitation(invitation)
+            if G.group_by_id(self.m.store, log.head.group_id) is not None:
+                raise AppError(E.EXISTS, "exists", "this group is already here")
+            strangers = sorted(
+                m.key for m in log.head.members
+                if m.key != self._me() and self._contact_of(m) is None
+            )  # fmt: skip
+        offers = []
+        for key in strangers:  # relay calls: outside the lock
+            made = await self.m.address.create_invitation(INTRO_TTL)
+            link = wire.ContactLink.from_text(made["link"])
+            self.m.store.set_setting(f"{INTRO_KEY}{made['invitation']}", key.hex())
+            offers.append(wire.IntroductionOffer(key, link))
+        async with self.m.lock:
+            row, p, c, log = self._invitation(invitation)
+            blob = self.m.store.get_session(c.id)
+            if c.blocked:
+                raise AppError(E.BLOCKED, "blocked", "the inviter is blocked")
+            if blob is None:
+                raise AppError(E.NOT_READY, "not_ready", "no session with the inviter")
+            answer = wire.GroupAnswerPayload(p.invite_id, log.head.group_id, True, tuple(offers))
+            with self.m.store.transaction():
+                G.delete_invitation(self.m.store, row.id)
+                ref = G.add_group(self.m.store, log.head.group_id, log.record().to_bytes(),
+                                  member_rows(log.head))  # fmt: skip
+                self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], answer)
+                self.m.ctx.events.emit("group.changed", {"group": ref, "change": "joined"})
+        self.m.delivery.wake()
+        return self.describe(ref)
+
+    async def send(self, ref: int, text: str) -> dict[str, Any]:
+        if len(text.encode()) > wire.MAX_TEXT_BYTES:
+            raise AppError(E.TOO_LARGE, "too_large",
+                           f"a message holds at most {wire.MAX_TEXT_BYTES} bytes")  # fmt: skip
+        self.m.check_usable()
+        async with self.m.lock:
+            _, log = self._load(ref)
+            head = log.head
+            if head.member(self._me()) is None:
+                raise refused(NotAMember("you are not a member of this group"))
+            recipients, missing = self._recipients(head)
+            wire_id = self.m.entropy.random(wire.MESSAGE_ID_LEN)
+            mid = wire_id.hex()
+            payload = wire.GroupMessagePayload(head.group_id, head.version, wire_id, now_ms(), text)
+            with self.m.store.transaction():
+                G.add_message(self.m.store, ref, mid, "out", text)
+                G.set_statuses(self.m.store, mid, [r.contact.id for r in recipients], "queued")
+                if recipients:  # the delivery layer is the fan-out: one call for all
+                    self.m.delivery.enqueue(
+                        recipients, payload, delay=self.m.delivery.send_jitter()
+                    )
+        self.m.delivery.wake()
+        return {"message_id": mid, "recipients": len(recipients), "unreachable": missing}
+
+    def history(self, ref: int, before: int | None, limit: int) -> dict[str, Any]:
+        _, log = self._load(ref)
+        page = G.history(self.m.store, ref, before_seq=before, limit=limit)
+        names = {m.key: self._contact_of(m) for m in log.head.members}
+        out = []
+        for msg in page:
+            item: dict[str, Any] = {
+                "message_id": msg.id, "seq": msg.seq, "direction": msg.direction,
+                "text": msg.body, "sent_at": msg.sent_at, "created_at": msg.created_at,
+            }  # fmt: skip
+            if msg.direction == "in":
+                c = names.get(msg.sender_key or b"")
+                item["from"] = (msg.sender_key or b"").hex()
+                item["from_contact"] = c.name if c is not None else None
+            else:
+                item["delivery"] = self._aggregate(msg.id)
+            out.append(item)
+        return {"messages": out, "next_before": page[0].seq if len(page) == limit else None}
+
+    def _aggregate(self, mid: str) -> dict[str, Any]:
+        """Per member, from the receipts: "delivered to 4 of 5"."""
+        st = G.statuses(self.m.store, mid)
+        names = {}
+        for cid in st:
+            c = self.m.store.get_contact(cid)
+            names[cid] = c.name if c else str(cid)
+        delivered = sum(1 for s in st.values() if s in ("delivered", "read"))
+        return {"recipients": len(st), "delivered": delivered,
+                "read": sum(1 for s in st.values() if s == "read"),
+                "members": {names[cid]: s for cid, s in st.items()}}  # fmt: skip

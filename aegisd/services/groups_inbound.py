@@ -1,0 +1,217 @@
+"""Group payloads from members (0x0C-0x10, docs/protocol.md §25), handed over by the inbox
+with the protocol lock held, inside the receive transaction. Nothing a peer sends is trusted:
+every change, base and offer is checked by the core, a refusal is dropped (counted), and what
+waits (invitations, held messages and introductions) is bounded. Imports groups_state, the
+delivery layer and the inbox's ``clean_name`` (none imports it back)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from aegisd import droplog
+from aegisd.core import group as core
+from aegisd.core import wire
+from aegisd.core.errors import DecodeError, GroupError, NotAMember
+from aegisd.core.identity import PublicIdentity
+from aegisd.core.session import Session
+from aegisd.rpc import AppError
+from aegisd.store import groups as G
+from aegisd.store.db import Contact
+
+from .delivery import Recipient
+from .groups_state import (
+    HELD_MAX_AGE_MS,
+    INTRO_KEY,
+    MAX_HELD_PER_GROUP,
+    MAX_PENDING_INVITATIONS,
+    SETTING_MAX_INVITATIONS,
+    GroupBase,
+    canonical_chain,
+    now_ms,
+    op_name,
+)
+from .inbox import clean_name
+
+
+class GroupInbound(GroupBase):
+    def on_receipt(self, c: Contact, message_id: bytes, status: str) -> None:
+        mid = message_id.hex()
+        if G.has_message(self.m.store, mid) and G.advance_status(self.m.store, mid, c.id, status):
+            self.m.ctx.events.emit("group.receipt", {"message_id": mid, "status": status})
+
+    def on_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None:
+        assert c.identity_key is not None
+        sender = PublicIdentity.from_bytes(c.identity_key)
+        try:
+            if isinstance(payload, wire.GroupInvitePayload):
+                self._on_invitation(c, sender, payload)
+            elif isinstance(payload, wire.GroupAnswerPayload):
+                self._on_answer(c, sender, payload)
+            elif isinstance(payload, wire.GroupChangePayload):
+                self._on_change(payload.change)
+            elif isinstance(payload, wire.GroupMessagePayload):
+                self._on_message(c, session, sender, payload)
+            elif isinstance(payload, wire.GroupIntroductionPayload):
+                self._on_introduction(c, payload)
+        except GroupError as exc:
+            droplog.dropped(f"dropped a group payload: {type(exc).__name__}")
+
+    def _on_invitation(self, c: Contact, sender: PublicIdentity, p: wire.GroupInvitePayload
+                       ) -> None:  # fmt: skip
+        core.invitation_log(p.base, p.changes, sender, self.m.identity().public)  # or raises
+        limit = int(self.m.store.get_setting(SETTING_MAX_INVITATIONS, MAX_PENDING_INVITATIONS))
+        if G.count_invitations(self.m.store) >= limit:
+            droplog.dropped("dropped a group invitation (too many pending)")
+            return
+        inv = G.add_invitation(self.m.store, c.id, wire.encode_payload(p))
+        self.m.ctx.events.emit("group.invitation", {
+            "invitation": inv, "name": p.base.state.name, "from": c.name,
+            "members": len(p.base.state.members)})  # fmt: skip
+
+    def _on_answer(self, c: Contact, sender: PublicIdentity, p: wire.GroupAnswerPayload) -> None:
+        sent = G.take_sent_invite(self.m.store, p.invite_id, c.id)
+        if sent is None:
+            droplog.dropped("dropped a group answer to no invitation")
+            return
+        ref, invited_at = sent
+        _, log = self._load(ref)
+        if p.group_id != log.head.group_id:
+            return
+        if not p.accepted:
+            self.m.ctx.events.emit("group.changed", {"group": ref, "change": "declined",
+                                                     "contact": c.name})  # fmt: skip
+            return
+        offers = core.introduction_offers(log.head, p, sender)
+        parent = log.head
+        change = core.add_member(self.m.identity(), parent, sender)
+        log.receive(change)
+        self._save(ref, log)
+        missed = [
+            ch for ch in canonical_chain(log) if invited_at <= ch.parent_version < parent.version
+        ]
+        if missed:  # the changes made since the invitation, before the add (§25.7 step 3)
+            blob = self.m.store.get_session(c.id)
+            assert blob is not None  # the answer just came through it
+            session = Session.from_bytes(blob)
+            for ch in missed:
+                self.m.delivery.enqueue([Recipient(c, session)], wire.GroupChangePayload(ch))
+        self._fan_out(parent, log, change)
+        for key, link in offers.items():
+            member = log.head.member(key)
+            mc = self._contact_of(member) if member is not None else None
+            blob = self.m.store.get_session(mc.id) if mc is not None else None
+            if mc is not None and blob is not None and not mc.blocked:
+                intro = wire.GroupIntroductionPayload(log.head.group_id, link)
+                self.m.delivery.enqueue([Recipient(mc, Session.from_bytes(blob))], intro)
+        self.m.ctx.events.emit("group.changed", {"group": ref, "change": "add"})
+
+    def _on_change(self, change: wire.GroupChangeRecord) -> None:
+        row = G.group_by_id(self.m.store, change.group_id)
+        if row is None:
+            droplog.dropped("dropped a change of an unknown group")
+            return
+        _, log = self._load(row.id)
+        received = log.receive(change)
+        self._save(row.id, log)
+        if received.outcome is core.Outcome.APPLIED:
+            self.m.ctx.events.emit("group.changed", {"group": row.id, "change": op_name(change.op)})
+            self._release_held(row.id, log.head)
+
+    def _on_message(self, c: Contact, session: Session, sender: PublicIdentity,
+                    p: wire.GroupMessagePayload, held: bool = False) -> None:  # fmt: skip
+        row = G.group_by_id(self.m.store, p.group_id)
+        if row is None:
+            droplog.dropped("dropped a message of an unknown group")
+            return
+        _, log = self._load(row.id)
+        verdict = core.message_disposition(log.head, sender.ed_pub, p.version)
+        member = log.head.member(sender.ed_pub)
+        if member is not None and not member.identity.same_keys(sender):
+            verdict = core.Disposition.DROP
+        if verdict is core.Disposition.HOLD and not held:
+            self._hold(row.id, c, p)
+            return
+        if verdict is not core.Disposition.DELIVER:
+            if not held:
+                droplog.dropped("dropped a group message from a non-member")
+            return
+        mid = p.message_id.hex()
+        if G.has_message(self.m.store, mid):
+            return
+        G.add_message(self.m.store, row.id, mid, "in", p.text, sender_key=sender.ed_pub,
+                      sent_at=p.sent_at_ms)  # fmt: skip
+        hidden = c.id in G.group_contact_ids(self.m.store)
+        self.m.ctx.events.emit("group.message", {
+            "group": row.id, "message_id": mid, "from": sender.ed_pub.hex(),
+            "from_contact": None if hidden else c.name, "text": p.text,
+            "sent_at": p.sent_at_ms})  # fmt: skip
+        self.m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED,
+                                      [p.message_id])  # fmt: skip
+
+    def _on_introduction(self, c: Contact, p: wire.GroupIntroductionPayload,
+                         held: bool = False) -> None:  # fmt: skip
+        row = G.group_by_id(self.m.store, p.group_id)
+        if row is None:
+            return
+        _, log = self._load(row.id)
+        try:
+            identity = core.introduced_member(log.head, p)
+        except NotAMember:
+            if not held:
+                self._hold(row.id, c, p)  # the add may be on its way
+            return
+        if identity.same_keys(self.m.identity().public) or self.m.contacts.with_identity(identity):
+            return
+        name = self.m.contacts.unique_name(clean_name(f"member {identity.ed_pub.hex()[:12]}"))
+        self.m._spawn(self._open_session(name, p.link))
+
+    async def _open_session(self, name: str, link: wire.ContactLink) -> None:
+        """A first contact through the newcomer's introduction link (§25.7 step 4); the
+        contact serves the group only (hidden from the contact list)."""
+        with contextlib.suppress(AppError, GroupError, DecodeError, OSError):
+            made = await self.m.contacts.add(name, link.to_text())
+            c = self.m.store.contact_by_name(made["name"])
+            if c is not None:
+                G.mark_group_contact(self.m.store, c.id)
+
+    def _hold(self, ref: int, c: Contact, p: wire.Payload) -> None:
+        G.drop_held_before(self.m.store, ref, now_ms() - HELD_MAX_AGE_MS)
+        if len(G.held(self.m.store, ref)) >= MAX_HELD_PER_GROUP:
+            droplog.dropped("dropped a held group payload (too many)")
+            return
+        G.hold(self.m.store, ref, c.id, wire.encode_payload(p))
+
+    def _release_held(self, ref: int, head: core.GroupState) -> None:
+        """The state moved: decide again on what waits for it."""
+        for h in G.held(self.m.store, ref):
+            c = self.m.store.get_contact(h.contact_id)
+            blob = self.m.store.get_session(h.contact_id)
+            p = wire.decode_payload(h.payload)
+            if c is None or blob is None or c.identity_key is None:
+                G.drop_held(self.m.store, h.id)
+                continue
+            sender = PublicIdentity.from_bytes(c.identity_key)
+            if isinstance(p, wire.GroupMessagePayload):
+                verdict = core.message_disposition(head, sender.ed_pub, p.version)
+                if verdict is core.Disposition.HOLD:
+                    continue
+                G.drop_held(self.m.store, h.id)
+                self._on_message(c, Session.from_bytes(blob), sender, p, held=True)
+            elif isinstance(p, wire.GroupIntroductionPayload):
+                G.drop_held(self.m.store, h.id)
+                self._on_introduction(c, p, held=True)
+
+    # --- first contacts through an introduction link of ours (the inbox asks) -------------
+
+    def introduction_sender_ok(self, invitation_id: bytes, sender: PublicIdentity) -> bool | None:
+        """None: not an introduction link. Otherwise whether the first contact's identity is
+        the member the link was made for (§25.7 step 5)."""
+        wanted = self.m.store.get_setting(f"{INTRO_KEY}{invitation_id.hex()}")
+        if wanted is None:
+            return None
+        return bool(sender.ed_pub.hex() == wanted)
+
+    def introduced(self, invitation_id: bytes, contact_id: int) -> None:
+        """The member's session is established: a group contact (inside the transaction)."""
+        self.m.store.set_setting(f"{INTRO_KEY}{invitation_id.hex()}", None)
+        G.mark_group_contact(self.m.store, contact_id)

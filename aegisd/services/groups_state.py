@@ -1,0 +1,164 @@
+"""What the two halves of the groups service share (groups.py: the user's calls;
+groups_inbound.py: the payloads members send): the host they use of the messenger, each
+group's log in the store, the members' sessions, fanning a change out, and how the core's
+refusals become one RPC error. Imports no other service but the delivery layer and the mailbox
+helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+from aegisd.core import group as core
+from aegisd.core import wire
+from aegisd.core.errors import GroupError
+from aegisd.core.identity import IdentityKeyPair, PublicIdentity
+from aegisd.core.primitives import Entropy
+from aegisd.core.session import Session
+from aegisd.rpc import AppError
+from aegisd.rpc import errors as E
+from aegisd.store import Store
+from aegisd.store import groups as G
+from aegisd.store.db import Contact
+
+from .context import ServiceContext
+from .delivery import Delivery, Recipient
+from .mailbox import ContactState
+
+#: Group invitations waiting for the user; past this a new one is dropped (counted).
+MAX_PENDING_INVITATIONS = 20
+SETTING_MAX_INVITATIONS = "groups.max_pending_invitations"
+#: Messages and introductions held per group for a version not reached yet (§25.6), and how
+#: long: anyone with a session can send one stamped just ahead.
+MAX_HELD_PER_GROUP = 64
+HELD_MAX_AGE_MS = 7 * 24 * 3600 * 1000
+#: How long an introduction link of ours stays valid (the member opens it when it is online).
+INTRO_TTL = 7 * 24 * 3600
+INTRO_KEY = "group.intro."  # setting per introduction invitation: the member it is for
+ROLE_NAMES = {wire.ROLE_MEMBER: "member", wire.ROLE_ADMIN: "admin", wire.ROLE_OWNER: "owner"}
+ROLES = {v: k for k, v in ROLE_NAMES.items()}
+
+
+def refused(exc: GroupError) -> AppError:
+    """One RPC error for every refusal of the core; data.reason names it (its class)."""
+    reason = "".join("_" + ch.lower() if ch.isupper() else ch for ch in type(exc).__name__)
+    return AppError(E.GROUP_REFUSED, "group_refused", str(exc), reason=reason.lstrip("_"))
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class ContactsView(Protocol):
+    def with_identity(self, identity: PublicIdentity) -> Contact | None: ...
+    def by_name(self, name: str) -> Contact: ...
+    def unique_name(self, wanted: str) -> str: ...
+    async def add(self, name: str, link_text: str) -> dict[str, Any]: ...
+
+
+class AddressView(Protocol):
+    async def create_invitation(self, expires_in: int) -> dict[str, Any]: ...
+
+
+class GroupsHost(Protocol):
+    """What the groups use of the messenger."""
+
+    @property
+    def ctx(self) -> ServiceContext: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def lock(self) -> asyncio.Lock: ...
+    @property
+    def entropy(self) -> Entropy: ...
+    @property
+    def delivery(self) -> Delivery: ...
+    @property
+    def contacts(self) -> ContactsView: ...
+    @property
+    def address(self) -> AddressView: ...
+
+    def identity(self) -> IdentityKeyPair: ...
+    def check_usable(self) -> None: ...
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
+
+
+class GroupBase:
+    """A group's log and its members' sessions, over the store."""
+
+    def __init__(self, host: GroupsHost) -> None:
+        self.m = host
+
+    # --- the log in the store -------------------------------------------------------------
+
+    def _load(self, ref: int) -> tuple[G.GroupRow, core.GroupLog]:
+        row = G.get_group(self.m.store, ref)
+        if row is None:
+            raise E.not_found("group")
+        return row, core.GroupLog.from_record(wire.GroupLogRecord.from_bytes(row.log))
+
+    def _save(self, ref: int, log: core.GroupLog) -> None:
+        G.put_log(self.m.store, ref, log.record().to_bytes(), member_rows(log.head))
+
+    def _me(self) -> bytes:
+        return self.m.identity().public.ed_pub
+
+    def _contact_of(self, member: core.Member) -> Contact | None:
+        c = self.m.contacts.with_identity(member.identity)
+        return c
+
+    def _recipients(self, state: core.GroupState, *, also: core.GroupState | None = None
+                    ) -> tuple[list[Recipient], int]:  # fmt: skip
+        """A recipient for every other member with a session (of `state`, and of `also`);
+        blocked members get nothing. Returns them and how many members cannot be reached (no
+        session yet, or one whose first contact failed: one such member must not hold up the
+        others, as the delivery layer would refuse the whole call)."""
+        me, out, missing, seen = self._me(), [], 0, set()
+        members = list(state.members) + (list(also.members) if also else [])
+        for member in members:
+            if member.key == me or member.key in seen:
+                continue
+            seen.add(member.key)
+            c = self._contact_of(member)
+            blob = self.m.store.get_session(c.id) if c is not None else None
+            if c is None or blob is None or not sendable(c):
+                missing += 1
+                continue
+            if not c.blocked:
+                out.append(Recipient(c, Session.from_bytes(blob)))
+        return out, missing
+
+    def _fan_out(self, parent: core.GroupState, log: core.GroupLog,
+                 change: wire.GroupChangeRecord) -> None:  # fmt: skip
+        """A change of ours goes to every member of its parent and of the new head (§25.5)."""
+        recipients, _ = self._recipients(parent, also=log.head)
+        if recipients:
+            self.m.delivery.enqueue(recipients, wire.GroupChangePayload(change))
+
+
+def sendable(c: Contact) -> bool:
+    state = ContactState.from_bytes(c.state)
+    return not state.failed and state.send_to is not None
+
+
+def canonical_chain(log: core.GroupLog) -> list[wire.GroupChangeRecord]:
+    """The canonical chain after the log's base, in order (the stored record holds it first,
+    then the held-back changes)."""
+    out, head = [], log.base.head
+    for ch in log.record().changes:
+        if ch.parent_hash != head:
+            break
+        out.append(ch)
+        head = core.change_hash(ch)
+    return out
+
+
+def member_rows(state: core.GroupState) -> list[tuple[bytes, int]]:
+    return [(m.key, m.role) for m in state.members]
+
+
+def op_name(op: int) -> str:
+    return {wire.CHANGE_ADD: "add", wire.CHANGE_REMOVE: "remove", wire.CHANGE_ROLE: "role",
+            wire.CHANGE_RENAME: "rename", wire.CHANGE_LEAVE: "leave"}.get(op, "change")  # fmt: skip

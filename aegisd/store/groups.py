@@ -1,0 +1,287 @@
+"""Store access for groups (services/groups.py; docs/protocol.md §25): each group's log and
+its head's members, invitations sent and received, held group payloads, group contacts and
+group history. Everything here lives in the SQLCipher database, encrypted at rest like the
+rest; the log is the core's record, opaque to the store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .db import Store
+
+#: Per member, outgoing: queued -> delivered -> read (a status never moves back).
+_RANK = {"queued": 0, "delivered": 1, "read": 2}
+
+
+def _ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    id: int
+    group_id: bytes
+    log: bytes
+    created_at: int
+
+
+@dataclass(frozen=True)
+class GroupInvitationRow:
+    id: int
+    contact_id: int
+    payload: bytes
+    created_at: int
+
+
+@dataclass(frozen=True)
+class HeldRow:
+    id: int
+    contact_id: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class GroupMessageRow:
+    seq: int
+    id: str
+    sender_key: bytes | None
+    direction: str
+    body: str
+    sent_at: int | None
+    created_at: int
+
+
+def _group(row: tuple[object, ...]) -> GroupRow:
+    return GroupRow(int(row[0]), bytes(row[1]), bytes(row[2]), int(row[3]))  # type: ignore[call-overload]
+
+
+# --- groups and members -------------------------------------------------------------------
+
+
+def add_group(
+    store: Store, group_id: bytes, log: bytes, members: Iterable[tuple[bytes, int]]
+) -> int:
+    now = _ms()
+    with store.transaction():
+        cur = store._q(
+            "INSERT INTO groups (group_id, log, created_at, updated_at) VALUES (?, ?, ?, ?)",
+            (group_id, log, now, now),
+        )
+        ref = int(cur.lastrowid)
+        _set_members(store, ref, members)
+    return ref
+
+
+def put_log(store: Store, ref: int, log: bytes, members: Iterable[tuple[bytes, int]]) -> None:
+    """The group's new log and its head's members, together."""
+    with store.transaction():
+        store._q("UPDATE groups SET log = ?, updated_at = ? WHERE id = ?", (log, _ms(), ref))
+        _set_members(store, ref, members)
+
+
+def _set_members(store: Store, ref: int, members: Iterable[tuple[bytes, int]]) -> None:
+    store._q("DELETE FROM group_members WHERE group_ref = ?", (ref,))
+    for key, role in members:
+        store._q(
+            "INSERT INTO group_members (group_ref, member_key, role) VALUES (?, ?, ?)",
+            (ref, key, role),
+        )
+
+
+def get_group(store: Store, ref: int) -> GroupRow | None:
+    row = store._q(
+        "SELECT id, group_id, log, created_at FROM groups WHERE id = ?", (ref,)
+    ).fetchone()
+    return None if row is None else _group(row)
+
+
+def group_by_id(store: Store, group_id: bytes) -> GroupRow | None:
+    row = store._q(
+        "SELECT id, group_id, log, created_at FROM groups WHERE group_id = ?", (group_id,)
+    ).fetchone()
+    return None if row is None else _group(row)
+
+
+def list_groups(store: Store) -> list[GroupRow]:
+    rows = store._q("SELECT id, group_id, log, created_at FROM groups ORDER BY id").fetchall()
+    return [_group(r) for r in rows]
+
+
+def delete_group(store: Store, ref: int) -> None:
+    store._q("DELETE FROM groups WHERE id = ?", (ref,))
+
+
+def groups_with_member(store: Store, member_key: bytes) -> list[int]:
+    rows = store._q(
+        "SELECT group_ref FROM group_members WHERE member_key = ?", (member_key,)
+    ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+# --- invitations ----------------------------------------------------------------------------
+
+
+def add_invitation(store: Store, contact_id: int, payload: bytes) -> int:
+    cur = store._q(
+        "INSERT INTO group_invitations (contact_id, payload, created_at) VALUES (?, ?, ?)",
+        (contact_id, payload, _ms()),
+    )
+    return int(cur.lastrowid)
+
+
+def list_invitations(store: Store) -> list[GroupInvitationRow]:
+    rows = store._q(
+        "SELECT id, contact_id, payload, created_at FROM group_invitations ORDER BY id"
+    ).fetchall()
+    return [GroupInvitationRow(int(r[0]), int(r[1]), bytes(r[2]), int(r[3])) for r in rows]
+
+
+def get_invitation(store: Store, inv: int) -> GroupInvitationRow | None:
+    return next((r for r in list_invitations(store) if r.id == inv), None)
+
+
+def delete_invitation(store: Store, inv: int) -> bool:
+    return bool(store._q("DELETE FROM group_invitations WHERE id = ?", (inv,)).rowcount)
+
+
+def count_invitations(store: Store) -> int:
+    return int(store._q("SELECT COUNT(*) FROM group_invitations").fetchone()[0])
+
+
+def add_sent_invite(
+    store: Store, invite_id: bytes, ref: int, contact_id: int, version: int
+) -> None:
+    store._q(
+        "INSERT OR REPLACE INTO group_invites_sent (invite_id, group_ref, contact_id, version, "
+        "created_at) VALUES (?, ?, ?, ?, ?)",
+        (invite_id, ref, contact_id, version, _ms()),
+    )
+
+
+def take_sent_invite(store: Store, invite_id: bytes, contact_id: int) -> tuple[int, int] | None:
+    """The group an invitation we sent this contact was for, and the version it carried
+    (removed: one answer each)."""
+    row = store._q(
+        "SELECT group_ref, version FROM group_invites_sent WHERE invite_id = ? AND contact_id = ?",
+        (invite_id, contact_id),
+    ).fetchone()
+    if row is None:
+        return None
+    store._q("DELETE FROM group_invites_sent WHERE invite_id = ?", (invite_id,))
+    return int(row[0]), int(row[1])
+
+
+# --- held payloads --------------------------------------------------------------------------
+
+
+def hold(store: Store, ref: int, contact_id: int, payload: bytes) -> None:
+    store._q(
+        "INSERT INTO group_held (group_ref, contact_id, payload, created_at) VALUES (?, ?, ?, ?)",
+        (ref, contact_id, payload, _ms()),
+    )
+
+
+def held(store: Store, ref: int) -> list[HeldRow]:
+    rows = store._q(
+        "SELECT id, contact_id, payload FROM group_held WHERE group_ref = ? ORDER BY id", (ref,)
+    ).fetchall()
+    return [HeldRow(int(r[0]), int(r[1]), bytes(r[2])) for r in rows]
+
+
+def drop_held(store: Store, held_id: int) -> None:
+    store._q("DELETE FROM group_held WHERE id = ?", (held_id,))
+
+
+def drop_held_before(store: Store, ref: int, before_ms: int) -> None:
+    store._q("DELETE FROM group_held WHERE group_ref = ? AND created_at < ?", (ref, before_ms))
+
+
+# --- group contacts (hidden from the contact list) ------------------------------------------
+
+
+def mark_group_contact(store: Store, contact_id: int) -> None:
+    store._q("INSERT OR IGNORE INTO group_contacts (contact_id) VALUES (?)", (contact_id,))
+
+
+def group_contact_ids(store: Store) -> set[int]:
+    return {int(r[0]) for r in store._q("SELECT contact_id FROM group_contacts").fetchall()}
+
+
+# --- history ----------------------------------------------------------------------------------
+
+
+def add_message(
+    store: Store, ref: int, mid: str, direction: str, body: str, *,
+    sender_key: bytes | None = None, sent_at: int | None = None,
+) -> None:  # fmt: skip
+    store._q(
+        "INSERT INTO group_messages (id, group_ref, sender_key, direction, body, sent_at, "
+        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (mid, ref, sender_key, direction, body, sent_at, _ms()),
+    )
+
+
+def has_message(store: Store, mid: str) -> bool:
+    return store._q("SELECT 1 FROM group_messages WHERE id = ?", (mid,)).fetchone() is not None
+
+
+def history(store: Store, ref: int, *, before_seq: int | None, limit: int) -> list[GroupMessageRow]:
+    rows = store._q(
+        "SELECT seq, id, sender_key, direction, body, sent_at, created_at FROM group_messages "
+        "WHERE group_ref = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+        (ref, before_seq if before_seq is not None else 2**62, limit),
+    ).fetchall()
+    return [
+        GroupMessageRow(int(r[0]), r[1], None if r[2] is None else bytes(r[2]), r[3], r[4], r[5],
+                        int(r[6]))
+        for r in reversed(rows)
+    ]  # fmt: skip
+
+
+def set_statuses(store: Store, mid: str, contact_ids: Iterable[int], status: str) -> None:
+    now = _ms()
+    for cid in contact_ids:
+        store._q(
+            "INSERT OR REPLACE INTO group_message_status (message_id, contact_id, status, "
+            "status_at) VALUES (?, ?, ?, ?)",
+            (mid, cid, status, now),
+        )
+
+
+def advance_status(store: Store, mid: str, contact_id: int, status: str) -> bool:
+    """A receipt from one member: its status moves forward only. False if unknown or not."""
+    row = store._q(
+        "SELECT status FROM group_message_status WHERE message_id = ? AND contact_id = ?",
+        (mid, contact_id),
+    ).fetchone()
+    if row is None or _RANK[status] <= _RANK.get(row[0], 0):
+        return False
+    store._q(
+        "UPDATE group_message_status SET status = ?, status_at = ? WHERE message_id = ? "
+        "AND contact_id = ?",
+        (status, _ms(), mid, contact_id),
+    )
+    return True
+
+
+def statuses(store: Store, mid: str) -> dict[int, str]:
+    rows = store._q(
+        "SELECT contact_id, status FROM group_message_status WHERE message_id = ?", (mid,)
+    ).fetchall()
+    return {int(r[0]): str(r[1]) for r in rows}
+
+
+# --- long partial messages (group invitations and answers, services/inbox.py) -------------
+
+
+def long_partials(store: Store, contact_id: int, over: int) -> list[bytes]:
+    """Message IDs of a contact's incomplete messages of more than ``over`` blocks, oldest
+    first."""
+    rows = store._q(
+        "SELECT msg_id FROM fragments WHERE contact_id = ? AND count > ? "
+        "GROUP BY msg_id ORDER BY min(created_at)",
+        (contact_id, over),
+    ).fetchall()
+    return [bytes(r[0]) for r in rows]
