@@ -8,6 +8,7 @@ whatever order the changes arrive in. Pure: no I/O, no clock; randomness is inje
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -16,6 +17,7 @@ from . import wire
 from .errors import (
     BundleError,
     ForgedChange,
+    GroupError,
     GroupFull,
     InvalidChange,
     LastOwner,
@@ -33,6 +35,9 @@ from .primitives import Entropy, ed25519_verify
 CONTEST_WINDOW = 32
 #: Changes held back because their parent has not arrived yet, per group.
 MAX_HELD = 64
+#: Of which at most this many by one author (a member of a state the log knows), so that no
+#: one fills the buffer an honest out-of-order change needs.
+MAX_HELD_PER_AUTHOR = 8
 #: A held-back change applies at most this many versions past the head.
 HOLD_AHEAD = 64
 #: Hashes of lost changes remembered, per group (their descendants are dropped on arrival).
@@ -188,6 +193,8 @@ def apply_change(state: GroupState, change: wire.GroupChangeRecord) -> GroupStat
     author = state.member(change.author)
     if author is None:
         raise NotAMember("the author is not a member")
+    if state.version + 1 >= wire.GROUP_VERSION_LIMIT:
+        raise InvalidChange("the group's version is at its limit")
     members = list(state.members)
     name, description = state.name, state.description
     op = change.op
@@ -352,11 +359,18 @@ class Received:
 
 def precedence(
     parent: GroupState, change: wire.GroupChangeRecord, digest: bytes
-) -> tuple[int, bytes]:
-    """Sort key among changes with the same parent: the lowest wins. A higher role of the
-    author in the parent state first (an owner's change beats an admin's), then the lower
-    change hash."""
-    return (-parent.role_of(change.author), digest)
+) -> tuple[int, int, bytes, bytes]:
+    """Sort key among changes with the same parent: the lowest wins (§25.5). A higher role
+    of the author in the parent state first (an owner's change beats an admin's); among
+    equal roles a removal beats any other change; then the lower SHA-256(parent head ||
+    author key), which no author can grind by re-signing (it depends on the parent and the
+    key only); last, between one author's own changes, the lower change hash."""
+    return (
+        -parent.role_of(change.author),
+        0 if change.op == wire.CHANGE_REMOVE else 1,
+        hashlib.sha256(parent.head + change.author).digest(),
+        digest,
+    )
 
 
 class GroupLog:
@@ -410,10 +424,7 @@ class GroupLog:
             return Received(Outcome.LOST, self._head, self._connect_held())
         parent = self._states.get(change.parent_hash)
         if parent is None:
-            if len(self._held) >= MAX_HELD or (
-                change.parent_version > self._head.version + HOLD_AHEAD
-            ):
-                raise OutOfWindow("the change's parent is unknown and cannot be waited for")
+            self._check_holdable(change)
             self._held[digest] = change
             return Received(Outcome.HELD, self._head)
         state = apply_change(parent, change)  # raises on a refusal
@@ -424,6 +435,19 @@ class GroupLog:
         outcome = Outcome.APPLIED if digest in self._changes else Outcome.LOST
         self._finalize()
         return Received(outcome, self._head, undone)
+
+    def _check_holdable(self, change: wire.GroupChangeRecord) -> None:
+        """A change whose parent is unknown is held only within the bounds of §25.5: its
+        author a member of a state this log knows (the base or one on the chain), at most
+        MAX_HELD_PER_AUTHOR held per author and MAX_HELD in all, its parent at most
+        HOLD_AHEAD versions past the head. Anyone can sign; only members can fill."""
+        if change.parent_version > self._head.version + HOLD_AHEAD:
+            raise OutOfWindow("the change's parent is too far ahead to wait for")
+        if not any(s.member(change.author) is not None for s in self._states.values()):
+            raise OutOfWindow("the change's parent is unknown and its author is no member")
+        by_author = sum(1 for held in self._held.values() if held.author == change.author)
+        if len(self._held) >= MAX_HELD or by_author >= MAX_HELD_PER_AUTHOR:
+            raise OutOfWindow("too many changes are waiting for their parent")
 
     def _contest(
         self, digest: bytes, change: wire.GroupChangeRecord, parent: GroupState, state: GroupState
@@ -488,7 +512,9 @@ class GroupLog:
             del self._changes[first]
             self._base = self._states[first]
         for digest, change in list(self._held.items()):
-            if change.parent_version < self._base.version:
+            # At the base's version only the base itself is a parent (known, so never held):
+            # anything else held there would be refused as final when the log is loaded.
+            if change.parent_version <= self._base.version:
                 del self._held[digest]
         for digest, version in list(self._lost.items()):
             if version <= self._base.version:
@@ -505,9 +531,13 @@ class GroupLog:
 
     @classmethod
     def from_record(cls, rec: wire.GroupLogRecord) -> GroupLog:
+        """The log a record stores. A stored change refused on loading (a held one whose
+        bounds no longer hold, say) is dropped: it would have been dropped later anyway, and
+        a group must never become unloadable."""
         log = cls(GroupState.from_record(rec.base))
         for change in rec.changes:
-            log.receive(change)
+            with contextlib.suppress(GroupError):
+                log.receive(change)
         return log
 
 

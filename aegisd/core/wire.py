@@ -680,6 +680,9 @@ MAX_GROUP_DESCRIPTION_BYTES = 1024
 #: members would disagree on whether an add is valid. A daemon setting may only lower what
 #: its own user creates or adds.
 MAX_GROUP_MEMBERS = 256
+#: Versions are below 2^63 (a state at 2^63 - 1 takes no change): the +1 of a change never
+#: overflows the u64, and a peer's record cannot be made to.
+GROUP_VERSION_LIMIT = 2**63
 MAX_INVITE_CHANGES = 64  # changes after the signed base an invitation may carry
 MAX_GROUP_LOG_CHANGES = 4096  # stored changes of one group's log (window and held back)
 ROLE_MEMBER = 1
@@ -808,6 +811,8 @@ class GroupStateRecord:
     def read(cls, r: Reader) -> GroupStateRecord:
         _versioned(r, KIND_GROUP_STATE)
         group_id, version, head = r.take(GROUP_ID_LEN), r.u64(), r.take(GROUP_HASH_LEN)
+        if version >= GROUP_VERSION_LIMIT:
+            raise DecodeError("group version out of range")
         name, description = _read_group_name(r), _read_group_description(r)
         count = r.u16()
         if not 0 < count <= MAX_GROUP_MEMBERS:

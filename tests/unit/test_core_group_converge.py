@@ -4,6 +4,7 @@ the members, all members end at the same state; and the worked examples of §25.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 
 import pytest
@@ -118,14 +119,18 @@ def deliver_in_every_order(
     return heads.pop()
 
 
+def tie_break(parent: g.GroupState, change: wire.GroupChangeRecord) -> bytes:
+    return hashlib.sha256(parent.head + change.author).digest()
+
+
 def test_two_admins_removing_each_other() -> None:
-    """§25.5, example 1: equal roles, so the lower change hash wins; the other is dropped
-    (its author is no longer a member and cannot re-base)."""
+    """§25.5, example 1: equal roles and both removals, so the lower SHA-256(parent head ||
+    author) wins; the other is dropped (its author is no longer a member, cannot re-base)."""
     a, b = PEOPLE[1], PEOPLE[2]
     a_removes_b = g.remove_member(a, START, b.public.ed_pub)
     b_removes_a = g.remove_member(b, START, a.public.ed_pub)
     head = deliver_in_every_order(START, [a_removes_b, b_removes_a])
-    winner = min((a_removes_b, b_removes_a), key=g.change_hash)
+    winner = min((a_removes_b, b_removes_a), key=lambda c: tie_break(START, c))
     loser = b if winner is a_removes_b else a
     assert head.version == START.version + 1 and head.head == g.change_hash(winner)
     assert head.member(loser.public.ed_pub) is None
@@ -152,7 +157,7 @@ def test_concurrent_add_and_rename() -> None:
     add = g.add_member(a, START, newcomer.public)
     ren = g.rename(b, START, "Renamed", "")
     head = deliver_in_every_order(START, [add, ren])
-    winner, loser = sorted((add, ren), key=g.change_hash)
+    winner, loser = sorted((add, ren), key=lambda c: tie_break(START, c))
     assert head.head == g.change_hash(winner)
     # The loser's author sees it undone (if it had been applied first) or lost.
     log = g.GroupLog(START)
@@ -177,7 +182,7 @@ def test_changes_built_on_a_losing_change_go_with_it() -> None:
     a, b = PEOPLE[1], PEOPLE[2]
     x = g.rename(a, START, "X", "")
     y = g.rename(b, START, "Y", "")
-    winner, loser = sorted((x, y), key=g.change_hash)
+    winner, loser = sorted((x, y), key=lambda c: tie_break(START, c))
     loser_author = a if loser is x else b
     on_loser = g.rename(loser_author, g.apply_change(START, loser), "Z", "")
     head = deliver_in_every_order(START, [x, y, on_loser])
@@ -218,3 +223,34 @@ def test_finality_bounds_the_window() -> None:
     assert log.base.version == START.version + 1 and log.head.version == START.version + 33
     with pytest.raises(ReplayedChange):
         log.receive(g.rename(owner, fork_at, "Too late", ""))
+
+
+def test_a_removed_admin_cannot_grind_its_way_back() -> None:
+    """Admin B removes admin A; the group moves on; A signs changes on the old parent, as
+    many as it likes: a removal beats an equal's other change whatever the hashes, so none
+    undoes anything."""
+    owner, a, b = PEOPLE[0], PEOPLE[1], PEOPLE[2]
+    log = g.GroupLog(START)
+    removal = g.remove_member(b, START, a.public.ed_pub)
+    log.receive(removal)
+    for i in range(20):
+        log.receive(g.rename(owner, log.head, f"later {i}", ""))
+    head = log.head
+    for attempt in range(64):  # re-signing varies the change hash; it must not matter
+        late = g.rename(a, START, f"back {attempt}", "")
+        assert log.receive(late).outcome is g.Outcome.LOST
+        assert log.head == head
+    assert head.member(a.public.ed_pub) is None
+
+
+def test_precedence_cannot_be_ground() -> None:
+    """Between equal roles and kinds, the tie-break is the same for every change an author
+    signs on one parent: re-signing changes the hash, not the outcome."""
+    a, b = PEOPLE[1], PEOPLE[2]
+    rival = g.rename(b, START, "Rival", "")
+    outcomes = set()
+    for name in ["x0", "x1", "x2", "x3", "x4", "x5", "x6", "x7"]:
+        mine = g.rename(a, START, name, "")
+        mine_key = g.precedence(START, mine, g.change_hash(mine))
+        outcomes.add(mine_key < g.precedence(START, rival, g.change_hash(rival)))
+    assert len(outcomes) == 1
