@@ -260,8 +260,25 @@ def _target(state: GroupState, change: wire.GroupChangeRecord, author: Member) -
 def sign_state(signer: IdentityKeyPair, state: GroupState) -> wire.SignedGroupState:
     if state.role_of(signer.public.ed_pub) < wire.ROLE_ADMIN:
         raise NotPermitted("only an admin or owner signs a group state")
+    return _signed(signer, state)
+
+
+def _signed(signer: IdentityKeyPair, state: GroupState) -> wire.SignedGroupState:
     unsigned = wire.SignedGroupState(state.record(), signer.public.ed_pub, b"")
     return replace(unsigned, sig=signer.sign(unsigned.signature_message()))
+
+
+def invitation_contents(
+    inviter: IdentityKeyPair, log: GroupLog
+) -> tuple[wire.SignedGroupState, tuple[wire.GroupChangeRecord, ...]]:
+    """What an invitation carries (§25.7 step 1): the inviter's final base (`log.base`),
+    signed by the inviter, and its whole chain after it (at most CONTEST_WINDOW changes), so
+    that the invitee's log starts with the same base and window as the inviter's; a later
+    base would make final at the invitee versions the members still contest. The inviter is
+    an admin or owner of its head (it may have been a mere member in the base)."""
+    if log.head.role_of(inviter.public.ed_pub) < wire.ROLE_ADMIN:
+        raise NotPermitted("only an admin or owner invites")
+    return _signed(inviter, log.base), log.chain()
 
 
 def verify_state(signed: wire.SignedGroupState) -> GroupState:
@@ -282,17 +299,24 @@ def invitation_log(
     invitee: PublicIdentity,
 ) -> GroupLog:
     """The log an invitee holds while it answers an invitation (§25.7): the signed base, then
-    each change in order, every one of which must apply. The inviter (who sent it through
-    their pairwise session) must be one of the result's admins or owners, with the keys of
+    each change in order (at most CONTEST_WINDOW), every one of which must apply. The base's
+    signer is an admin or owner of the base or of the result, and the inviter (who sent it
+    through their pairwise session) one of the result's admins or owners, with the keys of
     that session, and the invitee not yet a member: it is added once it accepts, by a change
-    that reaches it like any other. Raises one GroupError, or returns the log."""
-    if len(changes) > wire.MAX_INVITE_CHANGES:
-        raise InvalidChange("too many changes in an invitation")
-    log = GroupLog(verify_state(base))
+    that reaches it like any other. Raises one GroupError, or returns the log. Nothing here
+    proves the membership: the invitee trusts the inviter's claim of it."""
+    if len(changes) > CONTEST_WINDOW:
+        raise InvalidChange("more changes than the contest window in an invitation")
+    state = GroupState.from_record(base.state)
+    if not ed25519_verify(base.signer, base.sig, base.signature_message()):
+        raise ForgedChange("the base's signature does not verify")
+    log = GroupLog(state)
     for change in changes:
         if log.receive(change).outcome is not Outcome.APPLIED:
             raise InvalidChange("an invitation's changes form one chain")
     head = log.head
+    if max(state.role_of(base.signer), head.role_of(base.signer)) < wire.ROLE_ADMIN:
+        raise NotPermitted("the base is not signed by one of its admins or owners")
     sender = head.member(inviter.ed_pub)
     if sender is None or not sender.identity.same_keys(inviter):
         raise NotAMember("the inviter is not a member")
@@ -404,6 +428,10 @@ class GroupLog:
 
     def held_count(self) -> int:
         return len(self._held)
+
+    def chain(self) -> tuple[wire.GroupChangeRecord, ...]:
+        """The changes after the base, in order (what an invitation carries)."""
+        return tuple(self._changes[h] for h in self._chain)
 
     def receive(self, change: wire.GroupChangeRecord) -> Received:
         """Take a change from a peer (or one's own). Refusals raise one GroupError and change
@@ -526,8 +554,7 @@ class GroupLog:
         """The base, the chain in order, then the held-back changes (the hashes of lost
         changes are not kept: a descendant of one arriving after a restart is held back
         instead of dropped, and leaves the window with its version)."""
-        chain = tuple(self._changes[h] for h in self._chain)
-        return wire.GroupLogRecord(self._base.record(), chain + tuple(self._held.values()))
+        return wire.GroupLogRecord(self._base.record(), self.chain() + tuple(self._held.values()))
 
     @classmethod
     def from_record(cls, rec: wire.GroupLogRecord) -> GroupLog:
