@@ -1220,6 +1220,9 @@ class GroupInvitePayload:
     base: SignedGroupState
     changes: tuple[GroupChangeRecord, ...]
 
+    def __repr__(self) -> str:  # no invitation ID, group ID or member keys in a log line
+        return f"GroupInvitePayload(changes={len(self.changes)})"
+
 
 @dataclass(frozen=True)
 class IntroductionOffer:
@@ -1228,6 +1231,9 @@ class IntroductionOffer:
 
     member: bytes
     link: ContactLink
+
+    def __repr__(self) -> str:  # the link holds a send token: never in a log line
+        return "IntroductionOffer()"
 
 
 @dataclass(frozen=True)
@@ -1238,6 +1244,9 @@ class GroupAnswerPayload:
     group_id: bytes
     accepted: bool
     offers: tuple[IntroductionOffer, ...] = ()
+
+    def __repr__(self) -> str:  # no group ID, invitation ID or send token in a log line
+        return f"GroupAnswerPayload(accepted={self.accepted}, offers={len(self.offers)})"
 
 
 @dataclass(frozen=True)
@@ -1264,6 +1273,9 @@ class GroupIntroductionPayload:
 
     group_id: bytes
     link: ContactLink
+
+    def __repr__(self) -> str:  # no group ID and no send token in a log line
+        return "GroupIntroductionPayload()"
 
 
 def _write_link(w: Writer, link: ContactLink) -> None:

@@ -335,3 +335,15 @@ def test_an_invitation_carries_the_inviters_base_and_window() -> None:
     outsider = replace(outsider, sig=PEOPLE[6].sign(outsider.signature_message()))
     with pytest.raises(NotPermitted):
         g.invitation_log(outsider, changes, member.public, PEOPLE[5].public)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_reprs_hold_no_secret(name: str) -> None:
+    """No group ID, invitation ID, send token or deposit ID in a payload's repr (log lines and
+    tracebacks print reprs)."""
+    text = repr(SAMPLES[name])
+    group_id = INVITE_LOG.head.group_id
+    secrets = [group_id, b"t" * 32, bytes(range(16)), b"v" * 16, b"i" * 16]
+    for secret in secrets:
+        assert secret.hex()[:16] not in text and repr(secret)[2:18] not in text
+    assert "hé" not in text
