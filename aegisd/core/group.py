@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -348,17 +349,22 @@ def introduction_offers(
 
 
 def introduced_member(
-    state: GroupState, introduction: wire.GroupIntroductionPayload
+    state: GroupState, introduction: wire.GroupIntroductionPayload, *, introducer: bytes
 ) -> PublicIdentity:
     """A member's check of an introduction (§25.7 step 4): the link's identity is, by its
-    keys, a member of `state` (NotAMember: hold it until the add arrives, or drop it). Returns
-    the identity to check the first contact's bundle against."""
+    keys, a member of `state` (NotAMember: hold it until the add arrives, or drop it), and
+    `introducer` (the Ed25519 key of the session it came through) is an admin or owner of
+    `state`, as whoever added the newcomer was (NotPermitted: a member cannot make others
+    open sessions to someone of its choosing). Returns the identity to check the first
+    contact's bundle against."""
     if introduction.group_id != state.group_id:
         raise UnknownGroup("no such group")
     identity = _identity(introduction.link.identity)
     member = state.member(identity.ed_pub)
     if member is None or not member.identity.same_keys(identity):
         raise NotAMember("the introduced identity is not a member")
+    if state.role_of(introducer) < wire.ROLE_ADMIN:
+        raise NotPermitted("only an admin or owner introduces a member")
     return identity
 
 
@@ -428,6 +434,12 @@ class GroupLog:
 
     def held_count(self) -> int:
         return len(self._held)
+
+    def departed(self) -> frozenset[bytes]:
+        """Keys of members of a state this log knows (the base or one on the chain) who are
+        not members of the head: removed, or left (§25.6)."""
+        known = {m.key for s in self._states.values() for m in s.members}
+        return frozenset(known - {m.key for m in self._head.members})
 
     def chain(self) -> tuple[wire.GroupChangeRecord, ...]:
         """The changes after the base, in order (what an invitation carries)."""
@@ -577,17 +589,25 @@ class Disposition(Enum):
     DROP = "drop"
 
 
-def message_disposition(state: GroupState, sender: bytes, stamped_version: int) -> Disposition:
+def message_disposition(
+    state: GroupState,
+    sender: bytes,
+    stamped_version: int,
+    departed: Collection[bytes] = (),
+) -> Disposition:
     """What to do with a group message from `sender` (Ed25519 key, authenticated by the
     pairwise session it came through) stamped with the sender's view of the version (§25.6).
 
     Membership in the receiver's current state decides, never the stamp alone: a member's
     message is delivered whatever its stamp; a non-member's is held while its stamp is ahead
     of the receiver (the sender may have been added by a change still on its way), within
-    HOLD_AHEAD versions, and dropped otherwise, including a message from someone removed
-    since, whatever older version it carries."""
+    HOLD_AHEAD versions, and dropped otherwise, and always when the receiver knows the sender
+    was removed or left (`departed`, GroupLog.departed()), whatever version it carries: else
+    a removed member could keep its messages held by stamping them ahead."""
     if state.member(sender) is not None:
         return Disposition.DELIVER
+    if sender in departed:
+        return Disposition.DROP
     if state.version < stamped_version <= state.version + HOLD_AHEAD:
         return Disposition.HOLD
     return Disposition.DROP

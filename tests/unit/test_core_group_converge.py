@@ -398,6 +398,14 @@ def test_messages_in_flight_at_a_removal() -> None:
     assert g.message_disposition(removed, stranger, removed.version + g.HOLD_AHEAD) is hold
     assert g.message_disposition(removed, stranger, removed.version + g.HOLD_AHEAD + 1) is drop
     assert g.message_disposition(removed, stranger, removed.version) is drop
+    # Known to this member as removed: dropped even stamped ahead (else a removed member
+    # keeps its messages held by stamping them so).
+    log = g.GroupLog(START)
+    log.receive(g.remove_member(owner, START, key))
+    assert log.departed() == {key} and stranger not in log.departed()
+    for stamp in (removed.version + 1, removed.version + g.HOLD_AHEAD):
+        assert g.message_disposition(log.head, key, stamp, log.departed()) is drop
+        assert g.message_disposition(log.head, stranger, stamp, log.departed()) is hold
 
 
 def test_finality_bounds_the_window() -> None:

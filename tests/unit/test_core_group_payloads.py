@@ -289,17 +289,25 @@ def test_introduction_offers_and_introductions() -> None:
     refused(UnknownGroup, replace(answer, group_id=bytes(32)))
     # The member's side: an introduction of someone not (yet) a member is refused.
     intro = wire.GroupIntroductionPayload(log.head.group_id, link(4))
+    by_owner = owner.public.ed_pub
     with pytest.raises(NotAMember):
-        g.introduced_member(log.head, intro)
+        g.introduced_member(log.head, intro, introducer=by_owner)
     log.receive(g.add_member(owner, log.head, invitee.public))
-    assert g.introduced_member(log.head, intro) == invitee.public
+    assert g.introduced_member(log.head, intro, introducer=by_owner) == invitee.public
+    assert g.introduced_member(log.head, intro, introducer=admin.public.ed_pub) == invitee.public
     with pytest.raises(UnknownGroup):
-        g.introduced_member(log.head, replace(intro, group_id=bytes(32)))
+        g.introduced_member(log.head, replace(intro, group_id=bytes(32)), introducer=by_owner)
+    # Passed on by a mere member, or by someone outside the group: refused.
+    for introducer in (member.public.ed_pub, PEOPLE[6].public.ed_pub):
+        with pytest.raises(NotPermitted):
+            g.introduced_member(log.head, intro, introducer=introducer)
     # A link whose identity claims a member's Ed25519 key with other X25519 keys.
     rec = invitee.public.record()
     odd = wire.IdentityRecord(rec.ed_pub, PEOPLE[5].public.x_pub, rec.binding_sig)
     with pytest.raises(ForgedChange):
-        g.introduced_member(log.head, replace(intro, link=replace(intro.link, identity=odd)))
+        g.introduced_member(
+            log.head, replace(intro, link=replace(intro.link, identity=odd)), introducer=by_owner
+        )
 
 
 def test_an_invitation_carries_the_inviters_base_and_window() -> None:
