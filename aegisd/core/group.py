@@ -8,7 +8,9 @@ whatever order the changes arrive in. Pure: no I/O, no clock; randomness is inje
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -16,6 +18,7 @@ from . import wire
 from .errors import (
     BundleError,
     ForgedChange,
+    GroupError,
     GroupFull,
     InvalidChange,
     LastOwner,
@@ -33,6 +36,9 @@ from .primitives import Entropy, ed25519_verify
 CONTEST_WINDOW = 32
 #: Changes held back because their parent has not arrived yet, per group.
 MAX_HELD = 64
+#: Of which at most this many by one author (a member of a state the log knows), so that no
+#: one fills the buffer an honest out-of-order change needs.
+MAX_HELD_PER_AUTHOR = 8
 #: A held-back change applies at most this many versions past the head.
 HOLD_AHEAD = 64
 #: Hashes of lost changes remembered, per group (their descendants are dropped on arrival).
@@ -188,6 +194,8 @@ def apply_change(state: GroupState, change: wire.GroupChangeRecord) -> GroupStat
     author = state.member(change.author)
     if author is None:
         raise NotAMember("the author is not a member")
+    if state.version + 1 >= wire.GROUP_VERSION_LIMIT:
+        raise InvalidChange("the group's version is at its limit")
     members = list(state.members)
     name, description = state.name, state.description
     op = change.op
@@ -253,8 +261,25 @@ def _target(state: GroupState, change: wire.GroupChangeRecord, author: Member) -
 def sign_state(signer: IdentityKeyPair, state: GroupState) -> wire.SignedGroupState:
     if state.role_of(signer.public.ed_pub) < wire.ROLE_ADMIN:
         raise NotPermitted("only an admin or owner signs a group state")
+    return _signed(signer, state)
+
+
+def _signed(signer: IdentityKeyPair, state: GroupState) -> wire.SignedGroupState:
     unsigned = wire.SignedGroupState(state.record(), signer.public.ed_pub, b"")
     return replace(unsigned, sig=signer.sign(unsigned.signature_message()))
+
+
+def invitation_contents(
+    inviter: IdentityKeyPair, log: GroupLog
+) -> tuple[wire.SignedGroupState, tuple[wire.GroupChangeRecord, ...]]:
+    """What an invitation carries (§25.7 step 1): the inviter's final base (`log.base`),
+    signed by the inviter, and its whole chain after it (at most CONTEST_WINDOW changes), so
+    that the invitee's log starts with the same base and window as the inviter's; a later
+    base would make final at the invitee versions the members still contest. The inviter is
+    an admin or owner of its head (it may have been a mere member in the base)."""
+    if log.head.role_of(inviter.public.ed_pub) < wire.ROLE_ADMIN:
+        raise NotPermitted("only an admin or owner invites")
+    return _signed(inviter, log.base), log.chain()
 
 
 def verify_state(signed: wire.SignedGroupState) -> GroupState:
@@ -275,17 +300,24 @@ def invitation_log(
     invitee: PublicIdentity,
 ) -> GroupLog:
     """The log an invitee holds while it answers an invitation (§25.7): the signed base, then
-    each change in order, every one of which must apply. The inviter (who sent it through
-    their pairwise session) must be one of the result's admins or owners, with the keys of
+    each change in order (at most CONTEST_WINDOW), every one of which must apply. The base's
+    signer is an admin or owner of the base or of the result, and the inviter (who sent it
+    through their pairwise session) one of the result's admins or owners, with the keys of
     that session, and the invitee not yet a member: it is added once it accepts, by a change
-    that reaches it like any other. Raises one GroupError, or returns the log."""
-    if len(changes) > wire.MAX_INVITE_CHANGES:
-        raise InvalidChange("too many changes in an invitation")
-    log = GroupLog(verify_state(base))
+    that reaches it like any other. Raises one GroupError, or returns the log. Nothing here
+    proves the membership: the invitee trusts the inviter's claim of it."""
+    if len(changes) > CONTEST_WINDOW:
+        raise InvalidChange("more changes than the contest window in an invitation")
+    state = GroupState.from_record(base.state)
+    if not ed25519_verify(base.signer, base.sig, base.signature_message()):
+        raise ForgedChange("the base's signature does not verify")
+    log = GroupLog(state)
     for change in changes:
         if log.receive(change).outcome is not Outcome.APPLIED:
             raise InvalidChange("an invitation's changes form one chain")
     head = log.head
+    if max(state.role_of(base.signer), head.role_of(base.signer)) < wire.ROLE_ADMIN:
+        raise NotPermitted("the base is not signed by one of its admins or owners")
     sender = head.member(inviter.ed_pub)
     if sender is None or not sender.identity.same_keys(inviter):
         raise NotAMember("the inviter is not a member")
@@ -317,17 +349,22 @@ def introduction_offers(
 
 
 def introduced_member(
-    state: GroupState, introduction: wire.GroupIntroductionPayload
+    state: GroupState, introduction: wire.GroupIntroductionPayload, *, introducer: bytes
 ) -> PublicIdentity:
     """A member's check of an introduction (§25.7 step 4): the link's identity is, by its
-    keys, a member of `state` (NotAMember: hold it until the add arrives, or drop it). Returns
-    the identity to check the first contact's bundle against."""
+    keys, a member of `state` (NotAMember: hold it until the add arrives, or drop it), and
+    `introducer` (the Ed25519 key of the session it came through) is an admin or owner of
+    `state`, as whoever added the newcomer was (NotPermitted: a member cannot make others
+    open sessions to someone of its choosing). Returns the identity to check the first
+    contact's bundle against."""
     if introduction.group_id != state.group_id:
         raise UnknownGroup("no such group")
     identity = _identity(introduction.link.identity)
     member = state.member(identity.ed_pub)
     if member is None or not member.identity.same_keys(identity):
         raise NotAMember("the introduced identity is not a member")
+    if state.role_of(introducer) < wire.ROLE_ADMIN:
+        raise NotPermitted("only an admin or owner introduces a member")
     return identity
 
 
@@ -352,11 +389,18 @@ class Received:
 
 def precedence(
     parent: GroupState, change: wire.GroupChangeRecord, digest: bytes
-) -> tuple[int, bytes]:
-    """Sort key among changes with the same parent: the lowest wins. A higher role of the
-    author in the parent state first (an owner's change beats an admin's), then the lower
-    change hash."""
-    return (-parent.role_of(change.author), digest)
+) -> tuple[int, int, bytes, bytes]:
+    """Sort key among changes with the same parent: the lowest wins (§25.5). A higher role
+    of the author in the parent state first (an owner's change beats an admin's); among
+    equal roles a removal beats any other change; then the lower SHA-256(parent head ||
+    author key), which no author can grind by re-signing (it depends on the parent and the
+    key only); last, between one author's own changes, the lower change hash."""
+    return (
+        -parent.role_of(change.author),
+        0 if change.op == wire.CHANGE_REMOVE else 1,
+        hashlib.sha256(parent.head + change.author).digest(),
+        digest,
+    )
 
 
 class GroupLog:
@@ -391,6 +435,16 @@ class GroupLog:
     def held_count(self) -> int:
         return len(self._held)
 
+    def departed(self) -> frozenset[bytes]:
+        """Keys of members of a state this log knows (the base or one on the chain) who are
+        not members of the head: removed, or left (§25.6)."""
+        known = {m.key for s in self._states.values() for m in s.members}
+        return frozenset(known - {m.key for m in self._head.members})
+
+    def chain(self) -> tuple[wire.GroupChangeRecord, ...]:
+        """The changes after the base, in order (what an invitation carries)."""
+        return tuple(self._changes[h] for h in self._chain)
+
     def receive(self, change: wire.GroupChangeRecord) -> Received:
         """Take a change from a peer (or one's own). Refusals raise one GroupError and change
         nothing; a change whose parent is unknown is held back."""
@@ -410,10 +464,7 @@ class GroupLog:
             return Received(Outcome.LOST, self._head, self._connect_held())
         parent = self._states.get(change.parent_hash)
         if parent is None:
-            if len(self._held) >= MAX_HELD or (
-                change.parent_version > self._head.version + HOLD_AHEAD
-            ):
-                raise OutOfWindow("the change's parent is unknown and cannot be waited for")
+            self._check_holdable(change)
             self._held[digest] = change
             return Received(Outcome.HELD, self._head)
         state = apply_change(parent, change)  # raises on a refusal
@@ -424,6 +475,19 @@ class GroupLog:
         outcome = Outcome.APPLIED if digest in self._changes else Outcome.LOST
         self._finalize()
         return Received(outcome, self._head, undone)
+
+    def _check_holdable(self, change: wire.GroupChangeRecord) -> None:
+        """A change whose parent is unknown is held only within the bounds of §25.5: its
+        author a member of a state this log knows (the base or one on the chain), at most
+        MAX_HELD_PER_AUTHOR held per author and MAX_HELD in all, its parent at most
+        HOLD_AHEAD versions past the head. Anyone can sign; only members can fill."""
+        if change.parent_version > self._head.version + HOLD_AHEAD:
+            raise OutOfWindow("the change's parent is too far ahead to wait for")
+        if not any(s.member(change.author) is not None for s in self._states.values()):
+            raise OutOfWindow("the change's parent is unknown and its author is no member")
+        by_author = sum(1 for held in self._held.values() if held.author == change.author)
+        if len(self._held) >= MAX_HELD or by_author >= MAX_HELD_PER_AUTHOR:
+            raise OutOfWindow("too many changes are waiting for their parent")
 
     def _contest(
         self, digest: bytes, change: wire.GroupChangeRecord, parent: GroupState, state: GroupState
@@ -488,7 +552,9 @@ class GroupLog:
             del self._changes[first]
             self._base = self._states[first]
         for digest, change in list(self._held.items()):
-            if change.parent_version < self._base.version:
+            # At the base's version only the base itself is a parent (known, so never held):
+            # anything else held there would be refused as final when the log is loaded.
+            if change.parent_version <= self._base.version:
                 del self._held[digest]
         for digest, version in list(self._lost.items()):
             if version <= self._base.version:
@@ -500,14 +566,17 @@ class GroupLog:
         """The base, the chain in order, then the held-back changes (the hashes of lost
         changes are not kept: a descendant of one arriving after a restart is held back
         instead of dropped, and leaves the window with its version)."""
-        chain = tuple(self._changes[h] for h in self._chain)
-        return wire.GroupLogRecord(self._base.record(), chain + tuple(self._held.values()))
+        return wire.GroupLogRecord(self._base.record(), self.chain() + tuple(self._held.values()))
 
     @classmethod
     def from_record(cls, rec: wire.GroupLogRecord) -> GroupLog:
+        """The log a record stores. A stored change refused on loading (a held one whose
+        bounds no longer hold, say) is dropped: it would have been dropped later anyway, and
+        a group must never become unloadable."""
         log = cls(GroupState.from_record(rec.base))
         for change in rec.changes:
-            log.receive(change)
+            with contextlib.suppress(GroupError):
+                log.receive(change)
         return log
 
 
@@ -520,17 +589,25 @@ class Disposition(Enum):
     DROP = "drop"
 
 
-def message_disposition(state: GroupState, sender: bytes, stamped_version: int) -> Disposition:
+def message_disposition(
+    state: GroupState,
+    sender: bytes,
+    stamped_version: int,
+    departed: Collection[bytes] = (),
+) -> Disposition:
     """What to do with a group message from `sender` (Ed25519 key, authenticated by the
     pairwise session it came through) stamped with the sender's view of the version (§25.6).
 
     Membership in the receiver's current state decides, never the stamp alone: a member's
     message is delivered whatever its stamp; a non-member's is held while its stamp is ahead
     of the receiver (the sender may have been added by a change still on its way), within
-    HOLD_AHEAD versions, and dropped otherwise, including a message from someone removed
-    since, whatever older version it carries."""
+    HOLD_AHEAD versions, and dropped otherwise, and always when the receiver knows the sender
+    was removed or left (`departed`, GroupLog.departed()), whatever version it carries: else
+    a removed member could keep its messages held by stamping them ahead."""
     if state.member(sender) is not None:
         return Disposition.DELIVER
+    if sender in departed:
+        return Disposition.DROP
     if state.version < stamped_version <= state.version + HOLD_AHEAD:
         return Disposition.HOLD
     return Disposition.DROP

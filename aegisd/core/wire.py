@@ -680,6 +680,9 @@ MAX_GROUP_DESCRIPTION_BYTES = 1024
 #: members would disagree on whether an add is valid. A daemon setting may only lower what
 #: its own user creates or adds.
 MAX_GROUP_MEMBERS = 256
+#: Versions are below 2^63 (a state at 2^63 - 1 takes no change): the +1 of a change never
+#: overflows the u64, and a peer's record cannot be made to.
+GROUP_VERSION_LIMIT = 2**63
 MAX_INVITE_CHANGES = 64  # changes after the signed base an invitation may carry
 MAX_GROUP_LOG_CHANGES = 4096  # stored changes of one group's log (window and held back)
 ROLE_MEMBER = 1
@@ -808,6 +811,8 @@ class GroupStateRecord:
     def read(cls, r: Reader) -> GroupStateRecord:
         _versioned(r, KIND_GROUP_STATE)
         group_id, version, head = r.take(GROUP_ID_LEN), r.u64(), r.take(GROUP_HASH_LEN)
+        if version >= GROUP_VERSION_LIMIT:
+            raise DecodeError("group version out of range")
         name, description = _read_group_name(r), _read_group_description(r)
         count = r.u16()
         if not 0 < count <= MAX_GROUP_MEMBERS:
@@ -1215,6 +1220,9 @@ class GroupInvitePayload:
     base: SignedGroupState
     changes: tuple[GroupChangeRecord, ...]
 
+    def __repr__(self) -> str:  # no invitation ID, group ID or member keys in a log line
+        return f"GroupInvitePayload(changes={len(self.changes)})"
+
 
 @dataclass(frozen=True)
 class IntroductionOffer:
@@ -1223,6 +1231,9 @@ class IntroductionOffer:
 
     member: bytes
     link: ContactLink
+
+    def __repr__(self) -> str:  # the link holds a send token: never in a log line
+        return "IntroductionOffer()"
 
 
 @dataclass(frozen=True)
@@ -1233,6 +1244,9 @@ class GroupAnswerPayload:
     group_id: bytes
     accepted: bool
     offers: tuple[IntroductionOffer, ...] = ()
+
+    def __repr__(self) -> str:  # no group ID, invitation ID or send token in a log line
+        return f"GroupAnswerPayload(accepted={self.accepted}, offers={len(self.offers)})"
 
 
 @dataclass(frozen=True)
@@ -1259,6 +1273,9 @@ class GroupIntroductionPayload:
 
     group_id: bytes
     link: ContactLink
+
+    def __repr__(self) -> str:  # no group ID and no send token in a log line
+        return "GroupIntroductionPayload()"
 
 
 def _write_link(w: Writer, link: ContactLink) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -306,13 +307,102 @@ def test_held_back_until_the_parent_arrives_and_bounded() -> None:
     )
     far = replace(far, sig=owner.sign(far.signature_message()))
     refused(log, far, OutOfWindow)
-    # At most MAX_HELD held back.
+    # At most MAX_HELD_PER_AUTHOR held back per author.
+    for i in range(g.MAX_HELD_PER_AUTHOR):
+        assert log.receive(unknown_parent(owner, log.head, i)).outcome is g.Outcome.HELD
+    refused(log, unknown_parent(owner, log.head, 200), OutOfWindow)
+    # Another member still has its share.
+    assert log.receive(unknown_parent(admin, log.head, 201)).outcome is g.Outcome.HELD
+
+
+def unknown_parent(author: IdentityKeyPair, state: g.GroupState, i: int) -> wire.GroupChangeRecord:
+    """A leave by `author` signed on a parent nobody has (it is held back or refused)."""
+    junk = wire.GroupChangeRecord(state.group_id, state.version + 1, bytes([i + 1]) * 32,
+                                  author.public.ed_pub, wire.CHANGE_LEAVE)  # fmt: skip
+    return replace(junk, sig=author.sign(junk.signature_message()))
+
+
+def test_at_most_max_held_in_all() -> None:
+    owner = PEOPLE[0]
+    state = g.create_group(ENTROPY, owner, "Big")
+    for person in PEOPLE[1:]:
+        state = g.apply_change(state, g.add_member(owner, state, person.public, ADMIN))
+    log = g.GroupLog(state)
+    authors = itertools.cycle(PEOPLE)
     for i in range(g.MAX_HELD):
-        junk = replace(g.rename(owner, log.head, "J", ""), parent_hash=bytes([i + 1]) * 32,
-                       parent_version=log.head.version + 1)  # fmt: skip
-        log.receive(replace(junk, sig=owner.sign(junk.signature_message())))
-    junk = replace(g.rename(owner, log.head, "J", ""), parent_hash=b"\xff" * 32)
-    refused(log, replace(junk, sig=owner.sign(junk.signature_message())), OutOfWindow)
+        assert log.receive(unknown_parent(next(authors), log.head, i)).outcome is g.Outcome.HELD
+    refused(log, unknown_parent(PEOPLE[3], log.head, 250), OutOfWindow)
+
+
+def test_strangers_cannot_fill_the_held_back_buffer() -> None:
+    """Anyone who knows the group ID can sign; only members of a state the log knows are held
+    for, so an honest out-of-order change still finds room."""
+    log, (owner, admin) = group_of([ADMIN])
+    stranger = IdentityKeyPair.generate(ENTROPY)
+    for i in range(g.MAX_HELD):
+        refused(log, unknown_parent(stranger, log.head, i), OutOfWindow)
+    assert log.held_count() == 0
+    first = g.rename(owner, log.head, "One", "")
+    second = g.rename(admin, g.apply_change(log.head, first), "Two", "")
+    assert log.receive(second).outcome is g.Outcome.HELD
+    log.receive(first)
+    assert log.head.name == "Two"
+
+
+def test_a_removed_member_held_for_only_while_the_log_knows_it() -> None:
+    """A member removed before the base is no member of any state the log knows."""
+    log, (owner, admin) = group_of([ADMIN])
+    log.receive(g.remove_member(owner, log.head, admin.public.ed_pub))
+    assert log.receive(unknown_parent(admin, log.head, 1)).outcome is g.Outcome.HELD
+    for i in range(g.CONTEST_WINDOW):
+        log.receive(g.rename(owner, log.head, f"n{i}", ""))
+    assert log.base.member(admin.public.ed_pub) is None
+    refused(log, unknown_parent(admin, log.head, 2), OutOfWindow)
+
+
+def test_a_log_with_a_held_change_on_the_new_base_version_reloads() -> None:
+    """A change held for a parent at version v that is not the chain's is dropped when v
+    becomes final: kept, it would be refused on loading and the group never load again."""
+    owner, a = PEOPLE[0], PEOPLE[1]
+    state = g.create_group(ENTROPY, owner, "S")
+    state = g.apply_change(state, g.add_member(owner, state, a.public, ADMIN))
+    log = g.GroupLog(state)
+    x = g.rename(a, state, "X", "")  # never delivered to this member
+    y = g.rename(a, g.apply_change(state, x), "Y", "")
+    log.receive(g.rename(owner, log.head, "n0", ""))  # the owner's wins over x everywhere
+    assert log.receive(y).outcome is g.Outcome.HELD
+    for i in range(1, g.CONTEST_WINDOW + 1):
+        log.receive(g.rename(owner, log.head, f"n{i}", ""))
+    assert log.base.version == y.parent_version and log.held_count() == 0
+    again = g.GroupLog.from_record(wire.GroupLogRecord.from_bytes(log.record().to_bytes()))
+    assert again.head == log.head
+
+
+def test_a_stored_change_refused_on_loading_is_dropped() -> None:
+    log, _people = group_of([ADMIN])
+    stranger = IdentityKeyPair.generate(ENTROPY)
+    junk = unknown_parent(stranger, log.head, 7)  # held by an older version, say
+    rec = log.record()
+    stored = wire.GroupLogRecord(rec.base, (*rec.changes, junk))
+    again = g.GroupLog.from_record(wire.GroupLogRecord.from_bytes(stored.to_bytes()))
+    assert again.head == log.head and again.held_count() == 0
+
+
+def test_the_version_limit() -> None:
+    """Versions stay below 2^63: a record at the limit does not parse, and a state one short
+    of it takes no change (the +1 never overflows the u64)."""
+    owner = PEOPLE[0]
+    state = replace(g.create_group(ENTROPY, owner, "S"), version=wire.GROUP_VERSION_LIMIT - 1)
+    with pytest.raises(InvalidChange):
+        g.rename(owner, state, "T", "")
+    raw = replace(state, version=wire.GROUP_VERSION_LIMIT).record().to_bytes()
+    with pytest.raises(DecodeError):
+        wire.GroupStateRecord.from_bytes(raw)
+    big = replace(state, version=2**64 - 1).record().to_bytes()
+    with pytest.raises(DecodeError):
+        wire.GroupStateRecord.from_bytes(big)
+    below = replace(state, version=wire.GROUP_VERSION_LIMIT - 1).record().to_bytes()
+    assert wire.GroupStateRecord.from_bytes(below).version == wire.GROUP_VERSION_LIMIT - 1
 
 
 def test_a_held_change_found_invalid_is_dropped() -> None:

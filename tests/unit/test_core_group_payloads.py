@@ -213,7 +213,8 @@ def test_an_invitation_verifies_and_the_add_follows_the_acceptance() -> None:
     assert log.receive(add).outcome is g.Outcome.HELD  # the rename is still on its way
     assert log.receive(RENAME).outcome is g.Outcome.APPLIED
     assert log.head == INVITE_LOG.head and log.head.member(PEOPLE[4].public.ed_pub) is not None
-    # A base signed at the current state, with no changes, works as well.
+    # The invitee cannot tell which base the inviter holds: a base signed at the head, with no
+    # changes, verifies too (an inviter uses invitation_contents, which signs its final base).
     direct = g.invitation_log(g.sign_state(PEOPLE[1], log.head), (), PEOPLE[1].public,
                               PEOPLE[5].public)  # fmt: skip
     assert direct.head == log.head
@@ -251,8 +252,8 @@ def test_invitation_refusals() -> None:
 
 def test_spam_invitations_cost_a_bounded_verification_and_hold_nothing() -> None:
     """Invitation spam (issue 16): an invitation from a contact is a request the user answers;
-    verifying one is bounded (a base and at most 64 changes, each checked once) and a refused
-    one leaves nothing behind (the core keeps no state for it)."""
+    verifying one is bounded (a base and at most CONTEST_WINDOW changes, each checked once)
+    and a refused one leaves nothing behind (the core keeps no state for it)."""
     payload = replace(INVITE, changes=INVITE.changes * wire.MAX_INVITE_CHANGES)
     decoded = wire.decode_payload(wire.encode_payload(payload))
     assert isinstance(decoded, wire.GroupInvitePayload)
@@ -288,14 +289,69 @@ def test_introduction_offers_and_introductions() -> None:
     refused(UnknownGroup, replace(answer, group_id=bytes(32)))
     # The member's side: an introduction of someone not (yet) a member is refused.
     intro = wire.GroupIntroductionPayload(log.head.group_id, link(4))
+    by_owner = owner.public.ed_pub
     with pytest.raises(NotAMember):
-        g.introduced_member(log.head, intro)
+        g.introduced_member(log.head, intro, introducer=by_owner)
     log.receive(g.add_member(owner, log.head, invitee.public))
-    assert g.introduced_member(log.head, intro) == invitee.public
+    assert g.introduced_member(log.head, intro, introducer=by_owner) == invitee.public
+    assert g.introduced_member(log.head, intro, introducer=admin.public.ed_pub) == invitee.public
     with pytest.raises(UnknownGroup):
-        g.introduced_member(log.head, replace(intro, group_id=bytes(32)))
+        g.introduced_member(log.head, replace(intro, group_id=bytes(32)), introducer=by_owner)
+    # Passed on by a mere member, or by someone outside the group: refused.
+    for introducer in (member.public.ed_pub, PEOPLE[6].public.ed_pub):
+        with pytest.raises(NotPermitted):
+            g.introduced_member(log.head, intro, introducer=introducer)
     # A link whose identity claims a member's Ed25519 key with other X25519 keys.
     rec = invitee.public.record()
     odd = wire.IdentityRecord(rec.ed_pub, PEOPLE[5].public.x_pub, rec.binding_sig)
     with pytest.raises(ForgedChange):
-        g.introduced_member(log.head, replace(intro, link=replace(intro.link, identity=odd)))
+        g.introduced_member(
+            log.head, replace(intro, link=replace(intro.link, identity=odd)), introducer=by_owner
+        )
+
+
+def test_an_invitation_carries_the_inviters_base_and_window() -> None:
+    """§25.7 step 1: the inviter signs its final base and sends its whole chain, so that the
+    invitee contests what the members still contest; a base signed at the head would make
+    the window's versions final at the invitee, and it would diverge."""
+    log, (owner, admin, member) = group_of([ADMIN, MEMBER])
+    fork_at = log.head
+    for i in range(g.CONTEST_WINDOW + 3):  # the base moves: the window is full
+        log.receive(g.rename(owner, log.head, f"n{i}", ""))
+    # The member is made an admin inside the window: it invites, though not one in the base.
+    log.receive(g.set_role(owner, log.head, member.public.ed_pub, ADMIN))
+    contested_at = log.base
+    assert contested_at.role_of(member.public.ed_pub) == MEMBER and fork_at != contested_at
+    base, changes = g.invitation_contents(member, log)
+    assert len(changes) == g.CONTEST_WINDOW and g.GroupState.from_record(base.state) == log.base
+    invitee = g.invitation_log(base, changes, member.public, PEOPLE[4].public)
+    assert invitee.base == log.base and invitee.head == log.head
+    # A removal on the base (still contested) by the owner beats the chain's rename there, at
+    # both; the invitee made final at the head would refuse it.
+    rival = g.remove_member(owner, contested_at, admin.public.ed_pub)
+    assert log.receive(rival).outcome is g.Outcome.APPLIED
+    assert invitee.receive(rival).outcome is g.Outcome.APPLIED
+    assert invitee.head == log.head
+    # A mere member does not invite, and an invitation longer than the window is refused.
+    with pytest.raises(NotPermitted):
+        g.invitation_contents(PEOPLE[2], group_of([ADMIN, MEMBER])[0])
+    too_long = (*changes, g.rename(owner, log.head, "one more", ""))
+    with pytest.raises(InvalidChange):
+        g.invitation_log(base, too_long, member.public, PEOPLE[4].public)
+    # A base signed by someone who is an admin neither in it nor in the result is refused.
+    outsider = wire.SignedGroupState(base.state, PEOPLE[6].public.ed_pub, b"")
+    outsider = replace(outsider, sig=PEOPLE[6].sign(outsider.signature_message()))
+    with pytest.raises(NotPermitted):
+        g.invitation_log(outsider, changes, member.public, PEOPLE[5].public)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_reprs_hold_no_secret(name: str) -> None:
+    """No group ID, invitation ID, send token or deposit ID in a payload's repr (log lines and
+    tracebacks print reprs)."""
+    text = repr(SAMPLES[name])
+    group_id = INVITE_LOG.head.group_id
+    secrets = [group_id, b"t" * 32, bytes(range(16)), b"v" * 16, b"i" * 16]
+    for secret in secrets:
+        assert secret.hex()[:16] not in text and repr(secret)[2:18] not in text
+    assert "hé" not in text
