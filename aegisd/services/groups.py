@@ -199,11 +199,13 @@ class Groups(GroupBase):
             if log.head.member(invitee.ed_pub) is not None:
                 raise refused(InvalidChange("the contact is a member already"))
             try:
-                base = core.sign_state(self.m.identity(), log.head)
+                # The final base and its whole chain (§25.7 step 1): the invitee's window
+                # must start where every member's does, or it would diverge.
+                base, chain = core.invitation_contents(self.m.identity(), log)
             except GroupError as exc:
                 raise refused(exc) from None
             invite_id = self.m.entropy.random(16)
-            payload = wire.GroupInvitePayload(invite_id, now_ms(), base, ())
+            payload = wire.GroupInvitePayload(invite_id, now_ms(), base, chain)
             with self.m.store.transaction():
                 G.add_sent_invite(self.m.store, invite_id, ref, c.id, log.head.version)
                 self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], payload)

@@ -11,7 +11,7 @@ import contextlib
 from aegisd import droplog
 from aegisd.core import group as core
 from aegisd.core import wire
-from aegisd.core.errors import DecodeError, GroupError, NotAMember
+from aegisd.core.errors import DecodeError, GroupError, NotAMember, NotPermitted
 from aegisd.core.identity import PublicIdentity
 from aegisd.core.session import Session
 from aegisd.rpc import AppError
@@ -115,7 +115,7 @@ class GroupInbound(GroupBase):
         self._save(row.id, log)
         if received.outcome is core.Outcome.APPLIED:
             self.m.ctx.events.emit("group.changed", {"group": row.id, "change": op_name(change.op)})
-            self._release_held(row.id, log.head)
+            self._release_held(row.id, log.head, log.departed())
 
     def _on_message(self, c: Contact, session: Session, sender: PublicIdentity,
                     p: wire.GroupMessagePayload, held: bool = False) -> None:  # fmt: skip
@@ -124,7 +124,7 @@ class GroupInbound(GroupBase):
             droplog.dropped("dropped a message of an unknown group")
             return
         _, log = self._load(row.id)
-        verdict = core.message_disposition(log.head, sender.ed_pub, p.version)
+        verdict = core.message_disposition(log.head, sender.ed_pub, p.version, log.departed())
         member = log.head.member(sender.ed_pub)
         if member is not None and not member.identity.same_keys(sender):
             verdict = core.Disposition.DROP
@@ -154,8 +154,14 @@ class GroupInbound(GroupBase):
         if row is None:
             return
         _, log = self._load(row.id)
+        if c.identity_key is None:
+            return
+        introducer = PublicIdentity.from_bytes(c.identity_key).ed_pub
         try:
-            identity = core.introduced_member(log.head, p)
+            identity = core.introduced_member(log.head, p, introducer=introducer)
+        except NotPermitted:
+            droplog.dropped("dropped an introduction from a member who may not add")
+            return
         except NotAMember:
             if not held:
                 self._hold(row.id, c, p)  # the add may be on its way
@@ -181,7 +187,7 @@ class GroupInbound(GroupBase):
             return
         G.hold(self.m.store, ref, c.id, wire.encode_payload(p))
 
-    def _release_held(self, ref: int, head: core.GroupState) -> None:
+    def _release_held(self, ref: int, head: core.GroupState, departed: frozenset[bytes]) -> None:
         """The state moved: decide again on what waits for it."""
         for h in G.held(self.m.store, ref):
             c = self.m.store.get_contact(h.contact_id)
@@ -192,7 +198,7 @@ class GroupInbound(GroupBase):
                 continue
             sender = PublicIdentity.from_bytes(c.identity_key)
             if isinstance(p, wire.GroupMessagePayload):
-                verdict = core.message_disposition(head, sender.ed_pub, p.version)
+                verdict = core.message_disposition(head, sender.ed_pub, p.version, departed)
                 if verdict is core.Disposition.HOLD:
                     continue
                 G.drop_held(self.m.store, h.id)
