@@ -27,6 +27,13 @@ room is reported in status (``relay_refusing``); a message without a receipt pas
 TTL is marked expired. ``contacts.add`` learns how its first contact's deposit went through
 ``first_contact_waiter``.
 
+Batches (issue 16: storage and transport cost far more than the cryptography): a mailbox's
+blocks with a send token are pipelined on the connection (``DEPOSIT_WINDOW`` before the first
+answer; the relay stores them in the order it reads them), their answers handled in order one
+by one as before; and the blocks the relay accepted are removed from the outbox together, one
+transaction per pass (group commit), after their deposits: a crash in between resends them,
+and the recipient's ratchet drops the copies.
+
 This module imports no other service: what it needs from the messenger comes as the narrow
 callbacks of ``DeliveryHooks``.
 """
