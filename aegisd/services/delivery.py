@@ -179,31 +179,30 @@ class Delivery:
         and nothing of the call is kept."""
         store = self._store()
         encoded = wire.encode_payload(payload)
-        for r in recipients:
-            c, state = r.contact, ContactState.from_bytes(r.contact.state)
+        # Every recipient is checked before any session advances.
+        states = [ContactState.from_bytes(r.contact.state) for r in recipients]
+        for state in states:
             if state.failed:
                 raise AppError(E.NOT_READY, "not_ready", f"this contact failed: {state.failed}",
                                reason="contact_failed")  # fmt: skip
             if state.send_to is None:
                 raise AppError(E.NOT_READY, "not_ready", "this contact cannot be reached yet")
+        slot = slotted and self.h.cover_active()
+        due = _ms() + int(delay * 1000)
+        for r, state in zip(recipients, states, strict=True):
+            assert state.send_to is not None
             blocks = r.session.encrypt(self.h.entropy, encoded)
-            store.put_session(c.id, r.session.to_bytes())
+            store.put_session(r.contact.id, r.session.to_bytes())
             if not state.established:
                 # Until the contact answered, only the first contact may go to the link's
                 # mailbox; later blocks wait, addressed to nobody, and are readdressed when
                 # the answer comes.
-                not_before = NEVER
-            elif slotted and self.h.cover_active():
-                not_before = SLOT_WAIT
+                destination, not_before = PENDING_DESTINATION, NEVER
             else:
-                not_before = _ms() + int(delay * 1000)
-            store.enqueue_blocks(
-                address_to_bytes(state.send_to) if state.established else PENDING_DESTINATION,
-                blocks,
-                message_id=message_id,
-                contact_id=c.id,
-                not_before=not_before,
-            )
+                destination = address_to_bytes(state.send_to)
+                not_before = SLOT_WAIT if slot else due
+            store.enqueue_blocks(destination, blocks, message_id=message_id,
+                                 contact_id=r.contact.id, not_before=not_before)  # fmt: skip
 
     def queue_receipt(self, recipient: Recipient, kind: int, ids: list[bytes]) -> None:
         """A delivery or read receipt: with cover on, it waits to ride the contact's next
@@ -378,8 +377,7 @@ class Delivery:
                     return retry_at
                 item, answer = sent.popleft()
                 try:
-                    await asyncio.wait({answer})
-                    answer.result()
+                    await answer
                 except RelayError as exc:
                     if exc.code == E_DENIED:  # the mailbox is gone: retrying cannot help
                         self._deposit_refused(store, item.id, item.contact_id, item.message_id)
