@@ -380,9 +380,9 @@ class Sender:
         self.born = 0.0
         self.lock = asyncio.Lock()
         self.inflight: dict[RelayClient, int] = {}
-        self.connects = 0
 
-    async def _connection(self) -> RelayClient:
+    async def _connection(self) -> tuple[RelayClient, bool]:
+        """The sender's connection, and whether this call opened it."""
         async with self.lock:
             now = time.monotonic()
             c = self.conn
@@ -390,8 +390,8 @@ class Sender:
                 self._retire()
                 c = await RelayClient.connect(self.legit.url, session=self.legit.session)
                 self.conn, self.born = c, now
-                self.connects += 1
-            return c
+                return c, True
+            return c, False
 
     def _retire(self) -> None:
         """Replace the connection; the old one is closed once its deposits have their answer
@@ -411,10 +411,10 @@ class Sender:
     async def deposit(self, phase: Phase | None) -> None:
         start = time.perf_counter()
         c: RelayClient | None = None
-        connects = self.connects
+        opened = False
         try:
             async with asyncio.timeout(self.legit.timeout):
-                c = await self._connection()
+                c, opened = await self._connection()
                 self.inflight[c] = self.inflight.get(c, 0) + 1
                 await c.deposit(self.deposit_id, os.urandom(BLOCK), token=self.token)
         except asyncio.CancelledError:
@@ -431,7 +431,7 @@ class Sender:
                 if not self.inflight[c]:
                     del self.inflight[c]
         if phase is not None:
-            phase.record(start, time.perf_counter() - start, connected=self.connects != connects)
+            phase.record(start, time.perf_counter() - start, connected=opened)
 
 
 class Legit:

@@ -10,8 +10,9 @@ Module map (the messenger's parts first):
 
 - ``messenger.py``: ``Messenger``, the facade that holds the parts below, the protocol lock,
   the identity and its prekeys; life cycle (unlock, lock, the maintenance loop), sending a
-  text, read marks, call signaling; a copy of the profile restored elsewhere or a relay that
-  lost our mailboxes (superseded, relay_lost, expiry while away).
+  text, read marks, call signaling.
+- ``mailbox_loss.py``: a copy of the profile restored elsewhere, a relay that lost our
+  mailboxes, mailboxes expired while the daemon was away.
 - ``mailboxes.py``: the mailboxes this profile owns, the relay link and the drain links of a
   relay move; making, pooling, retiring and deleting mailboxes; the relay URL policies.
 - ``address.py``: the public address, its prekey bundle at the relay, invitations.

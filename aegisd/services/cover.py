@@ -53,8 +53,6 @@ from .delivery import Recipient
 from .mailbox import ContactState
 
 if TYPE_CHECKING:
-    import asyncio
-
     from aegisd.store import Store
     from aegisd.transport.network import Network
 

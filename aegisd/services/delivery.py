@@ -178,6 +178,10 @@ class Delivery:
         Call inside a store transaction: a recipient that cannot be reached raises not_ready
         and nothing of the call is kept."""
         store = self._store()
+        ids = [r.contact.id for r in recipients]
+        if len(set(ids)) != len(ids):
+            # Two encryptions from one loaded copy of a session would reuse its message key.
+            raise ValueError("a recipient is named twice")
         encoded = wire.encode_payload(payload)
         # Every recipient is checked before any session advances.
         states = [ContactState.from_bytes(r.contact.state) for r in recipients]
