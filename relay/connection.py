@@ -82,6 +82,9 @@ class Connection:
         self._low = self.cfg.conn_buffer // 4
         self._congested_since: float | None = None
         self.pump_lock = asyncio.Lock()
+        # The last deposit that took the slow path (handlers.h_deposit), done once it queued
+        # its block for storage or failed: deposits read after it are queued after it.
+        self._deposit_turn: asyncio.Future[None] | None = None
 
     # --- output ----------------------------------------------------------------------------------
 
@@ -309,6 +312,18 @@ class Connection:
         task = asyncio.ensure_future(self._handle(frame))
         self._tasks.add(task)
         task.add_done_callback(self._done)
+
+    def deposit_loading(self) -> bool:
+        """A deposit read earlier is still looking up its mailbox (its block not yet queued)."""
+        return self._deposit_turn is not None and not self._deposit_turn.done()
+
+    def take_deposit_turn(self) -> tuple[asyncio.Future[None] | None, asyncio.Future[None]]:
+        """For a deposit on the slow path: the turn of the one before it (to wait for before
+        queueing its block) and its own (to complete once queued, or failed)."""
+        before = self._deposit_turn
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._deposit_turn = turn
+        return before, turn
 
     async def _wait_room(self) -> None:
         """Stop reading while max_inflight requests are in progress."""

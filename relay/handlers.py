@@ -281,6 +281,8 @@ def fast_deposit(c: Connection, f: wire.Frame) -> bool:
     deposit_id, kind, auth, block = wire.parse_deposit(f.body)
     if len(block) != wire.BLOCK_SIZE:
         raise wire.FrameError(wire.E_BAD_BLOCK)
+    if c.deposit_loading():
+        return False  # behind a deposit whose mailbox is loading: stored after it (h_deposit)
     cached = c.relay.by_dkey.get(deposit_key(deposit_id))
     if cached is None or c._lookups.empty(time.monotonic()):
         return False  # h_deposit loads the mailbox (or answers an empty lookup bucket alike)
@@ -296,16 +298,26 @@ def fast_deposit(c: Connection, f: wire.Frame) -> bool:
 
 
 async def h_deposit(c: Connection, f: wire.Frame) -> None:
-    deposit_id, kind, auth, block = wire.parse_deposit(f.body)
-    if len(block) != wire.BLOCK_SIZE:
-        raise wire.FrameError(wire.E_BAD_BLOCK)
-    _deposit_pow(c, deposit_id, kind, auth, block)
-    relay = c.relay
-    mb = _deposit_auth(c, await c.mailbox(dkey=deposit_key(deposit_id)), kind, auth)
-    sealed = mb.seal(block)
-    mb.queued += 1
-    relay.queued_blocks += 1
-    fut = relay.storage.enqueue(mb.id, relay.expiry(), sealed)
+    # A connection's deposits are stored in the order they arrived, also when this one has to
+    # load its mailbox first: those read after it wait for it (and take this path), so that
+    # a client may pipeline a mailbox's blocks (the daemon's outbox does) and keep their order.
+    before, turn = c.take_deposit_turn()
+    try:
+        deposit_id, kind, auth, block = wire.parse_deposit(f.body)
+        if len(block) != wire.BLOCK_SIZE:
+            raise wire.FrameError(wire.E_BAD_BLOCK)
+        _deposit_pow(c, deposit_id, kind, auth, block)
+        relay = c.relay
+        found = await c.mailbox(dkey=deposit_key(deposit_id))
+        if before is not None and not before.done():
+            await asyncio.wait({before})
+        mb = _deposit_auth(c, found, kind, auth)
+        sealed = mb.seal(block)
+        mb.queued += 1
+        relay.queued_blocks += 1
+        fut = relay.storage.enqueue(mb.id, relay.expiry(), sealed)
+    finally:
+        turn.set_result(None)
     # As fast_deposit: the answer and the counts follow the write, which happens even if this
     # connection ends first; the task waits (holding its request slot) without cancelling it.
     fut.add_done_callback(functools.partial(c._deposit_result, f.rid, mb, block))

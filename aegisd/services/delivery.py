@@ -27,6 +27,13 @@ room is reported in status (``relay_refusing``); a message without a receipt pas
 TTL is marked expired. ``contacts.add`` learns how its first contact's deposit went through
 ``first_contact_waiter``.
 
+Batches (issue 16: storage and transport cost far more than the cryptography): a mailbox's
+blocks with a send token are pipelined on the connection (``DEPOSIT_WINDOW`` before the first
+answer; the relay stores them in the order it reads them), their answers handled in order one
+by one as before; and the blocks the relay accepted are removed from the outbox together, one
+transaction per pass (group commit), after their deposits: a crash in between resends them,
+and the recipient's ratchet drops the copies.
+
 This module imports no other service: what it needs from the messenger comes as the narrow
 callbacks of ``DeliveryHooks``.
 """
@@ -34,6 +41,7 @@ callbacks of ``DeliveryHooks``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -70,6 +78,14 @@ SETTING_RECEIPT_DELAY = "privacy.receipt_delay_max"
 SETTING_SEND_JITTER = "privacy.send_jitter_max"  # seconds; 0 (the default): send at once
 RECEIPT_DELAY_MAX = 3.0  # seconds; receipts leave after a random delay in [0.5, max]
 RETRY_MAX = 60.0
+#: Accepted blocks are forgotten together (group commit): at the end of a drain pass, or once
+#: this many wait, or this many seconds after the first of them (a pass held up by a slow
+#: destination).
+FORGET_BATCH = 512
+#: Deposits to one mailbox sent before the first answer (pipelining; the relay reads a
+#: connection's requests in order and stops reading at its max_inflight, 64 by default).
+DEPOSIT_WINDOW = 16
+FORGET_DELAY = 0.5
 DEFAULT_TTL = 14 * 24 * 3600  # the relay's default; its HELLO says the real one
 PENDING_DESTINATION = b"pending"  # outbox blocks waiting for the contact's answer
 NEVER = 2**62  # not_before of those blocks: readdressing makes them due
@@ -133,6 +149,10 @@ class Delivery:
         self._refusals: dict[bytes, str] = {}
         # contacts.add waiting for its first contact's deposit: contact id -> outcome
         self._first_contact: dict[int, asyncio.Future[str]] = {}
+        # Blocks the relay accepted and the outbox still holds: forgotten together, in one
+        # transaction (group commit): see _deposited.
+        self._accepted: list[OutboxItem] = []
+        self._forget_timer: asyncio.TimerHandle | None = None
 
     def _store(self) -> Store:
         store = self.h.store()
@@ -163,31 +183,30 @@ class Delivery:
             # Two encryptions from one loaded copy of a session would reuse its message key.
             raise ValueError("a recipient is named twice")
         encoded = wire.encode_payload(payload)
-        for r in recipients:
-            c, state = r.contact, ContactState.from_bytes(r.contact.state)
+        # Every recipient is checked before any session advances.
+        states = [ContactState.from_bytes(r.contact.state) for r in recipients]
+        for state in states:
             if state.failed:
                 raise AppError(E.NOT_READY, "not_ready", f"this contact failed: {state.failed}",
                                reason="contact_failed")  # fmt: skip
             if state.send_to is None:
                 raise AppError(E.NOT_READY, "not_ready", "this contact cannot be reached yet")
+        slot = slotted and self.h.cover_active()
+        due = _ms() + int(delay * 1000)
+        for r, state in zip(recipients, states, strict=True):
+            assert state.send_to is not None
             blocks = r.session.encrypt(self.h.entropy, encoded)
-            store.put_session(c.id, r.session.to_bytes())
+            store.put_session(r.contact.id, r.session.to_bytes())
             if not state.established:
                 # Until the contact answered, only the first contact may go to the link's
                 # mailbox; later blocks wait, addressed to nobody, and are readdressed when
                 # the answer comes.
-                not_before = NEVER
-            elif slotted and self.h.cover_active():
-                not_before = SLOT_WAIT
+                destination, not_before = PENDING_DESTINATION, NEVER
             else:
-                not_before = _ms() + int(delay * 1000)
-            store.enqueue_blocks(
-                address_to_bytes(state.send_to) if state.established else PENDING_DESTINATION,
-                blocks,
-                message_id=message_id,
-                contact_id=c.id,
-                not_before=not_before,
-            )
+                destination = address_to_bytes(state.send_to)
+                not_before = SLOT_WAIT if slot else due
+            store.enqueue_blocks(destination, blocks, message_id=message_id,
+                                 contact_id=r.contact.id, not_before=not_before)  # fmt: skip
 
     def queue_receipt(self, recipient: Recipient, kind: int, ids: list[bytes]) -> None:
         """A delivery or read receipt: with cover on, it waits to ride the contact's next
@@ -292,9 +311,14 @@ class Delivery:
             if not store._q("SELECT 1 FROM outbox WHERE destination = ? LIMIT 1",
                             (key,)).fetchone():  # fmt: skip
                 del self._refusals[key]  # nothing waits for it any more (removed, dropped)
-        results = await asyncio.gather(
-            *(self._deposit_in_order(store, items) for items in queues.values())
-        )
+        try:
+            results = await asyncio.gather(
+                *(self._deposit_in_order(store, items) for items in queues.values())
+            )
+        finally:
+            # Before anything reads the outbox again (the next pass must not resend them);
+            # also when the pass is cancelled (lock), while the store is still open.
+            self._forget_accepted()
         for retry_at in results:
             if retry_at is not None:
                 soonest = retry_at if soonest is None else min(soonest, retry_at)
@@ -309,22 +333,61 @@ class Delivery:
 
     async def _deposit_in_order(self, store: Store, items: list[OutboxItem]) -> int | None:
         """Deposit one destination's due blocks in order; on a failure, schedule its retry and
-        stop (returning when). None when all went (or were refused for good)."""
+        stop (returning when). None when all went (or were refused for good).
+
+        Deposits with a send token are pipelined: up to ``DEPOSIT_WINDOW`` are sent on the
+        connection before the first answer (the relay stores a connection's deposits in the
+        order they arrive: relay/connection.py), and their answers are handled in order,
+        each exactly as if it had been sent alone. A block refused for a passing reason (rate
+        limit, no room, connection lost) stops the destination's queue as before; a later
+        block already accepted meanwhile stays accepted (the recipient's ratchet takes blocks
+        out of order), one refused too simply waits behind it, untried. Deposits paid with a
+        proof of work (a mailbox without token) go one at a time."""
         dest = address_from_bytes(items[0].destination)
+        token = dest.send_token or None
+        window = DEPOSIT_WINDOW if token is not None else 1
         client: RelayClient | None = None
         own = False
+        sent: collections.deque[tuple[OutboxItem, asyncio.Future[None]]] = collections.deque()
+        retry_at: int | None = None
         try:
-            for item in items:
-                try:
+            queue = iter(items)
+            while True:
+                while retry_at is None and len(sent) < window:
+                    item = next(queue, None)
+                    if item is None:
+                        break
                     if client is None:
-                        client, own = await with_relay(
-                            dest.relay_url, self.h.link(), self.h.network()
-                        )
-                    await client.deposit(dest.deposit_id, item.block, dest.send_token or None)
+                        try:
+                            client, own = await with_relay(
+                                dest.relay_url, self.h.link(), self.h.network()
+                            )
+                        except RelayRefused:  # never dialled: every block goes the same way
+                            self._deposit_forbidden(store, item)
+                            for rest in queue:
+                                self._deposit_forbidden(store, rest)
+                            return None
+                        except (RelayUnavailable, *UNAVAILABLE):
+                            self._settle_first_contact(item.contact_id, "pending")
+                            return self._retry_later(
+                                store, item, min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
+                            )
+                    # A task starts at once and in order: with a token, the frame is on the
+                    # wire before the task first waits.
+                    sent.append((item, asyncio.ensure_future(
+                        client.deposit(dest.deposit_id, item.block, token)
+                    )))  # fmt: skip
+                if not sent:
+                    return retry_at
+                item, answer = sent.popleft()
+                try:
+                    await answer
                 except RelayError as exc:
                     if exc.code == E_DENIED:  # the mailbox is gone: retrying cannot help
                         self._deposit_refused(store, item.id, item.contact_id, item.message_id)
                         continue
+                    if retry_at is not None:
+                        continue  # behind a block that waits for its retry: untried, as before
                     wait = min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
                     if exc.code == E_RATE_LIMITED:
                         wait = max(wait, 1.0)
@@ -332,20 +395,23 @@ class Delivery:
                         self.refused_for_room(item.destination, exc.code == E_FULL)
                         wait = max(wait, 5.0)
                     self._settle_first_contact(item.contact_id, "pending")
-                    return self._retry_later(store, item, wait)
-                except RelayRefused:  # never dialled: every block to it goes the same way
-                    self._deposit_forbidden(store, item)
+                    retry_at = self._retry_later(store, item, wait)
                     continue
                 except (RelayUnavailable, *UNAVAILABLE):
-                    self._settle_first_contact(item.contact_id, "pending")
-                    return self._retry_later(
-                        store, item, min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
-                    )
-                self._deposited(store, item)
+                    if retry_at is None:
+                        self._settle_first_contact(item.contact_id, "pending")
+                        retry_at = self._retry_later(
+                            store, item, min(RETRY_MAX, 0.5 * 2 ** min(item.attempts, 8))
+                        )
+                    continue
+                self._deposited(item)
                 self.room_again(item.destination)
                 self._settle_first_contact(item.contact_id, "sent")
-            return None
         finally:
+            for _, answer in sent:  # cancelled: nothing is left running
+                answer.cancel()
+            if sent:
+                await asyncio.gather(*(a for _, a in sent), return_exceptions=True)
             if own and client is not None:
                 await client.close()
 
@@ -396,16 +462,41 @@ class Delivery:
         store.block_attempted(item.id, retry_at=retry_at)
         return retry_at
 
-    def _deposited(self, store: Store, item: OutboxItem) -> None:
+    def _deposited(self, item: OutboxItem) -> None:
+        """The relay accepted ``item`` (its OK means stored). The outbox forgets it with the
+        others accepted in the same pass, in one transaction (group commit): at the end of the
+        pass, or sooner when many are waiting or a slow destination keeps the pass going (so
+        their messages' "sent" does not wait for it). A crash before that resends it, and the
+        recipient's ratchet drops the copy (a message number it has already used)."""
+        self._accepted.append(item)
+        if len(self._accepted) >= FORGET_BATCH:
+            self._forget_accepted()
+        elif self._forget_timer is None:
+            self._forget_timer = asyncio.get_running_loop().call_later(
+                FORGET_DELAY, self._forget_accepted
+            )
+
+    def _forget_accepted(self) -> None:
+        if self._forget_timer is not None:
+            self._forget_timer.cancel()
+            self._forget_timer = None
+        items, self._accepted = self._accepted, []
+        store = self.h.store()
+        if not items or store is None:  # locked meanwhile: resent after the unlock
+            return
         with store.transaction():
-            store.block_deposited(item.id)
-            if (
-                item.message_id is not None
-                and store.get_message(item.message_id) is not None  # not deleted meanwhile
-                and not store.outbox_holds_message(item.message_id)
-                and store.set_message_status(item.message_id, "sent")
-            ):
-                self._status(store, item.message_id, item.contact_id, "sent")
+            store.blocks_deposited([item.id for item in items])
+            done: dict[str, int | None] = {}
+            for item in items:
+                if item.message_id is not None:
+                    done.setdefault(item.message_id, item.contact_id)
+            for message_id, contact_id in done.items():
+                if (
+                    store.get_message(message_id) is not None  # not deleted meanwhile
+                    and not store.outbox_holds_message(message_id)
+                    and store.set_message_status(message_id, "sent")
+                ):
+                    self._status(store, message_id, contact_id, "sent")
 
     def _deposit_refused(
         self, store: Store, item_id: int, contact_id: int | None, message_id: str | None

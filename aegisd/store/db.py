@@ -565,6 +565,13 @@ class Store:
         with self.transaction():
             self._q("DELETE FROM outbox WHERE id = ?", (item_id,))
 
+    def blocks_deposited(self, item_ids: list[int]) -> None:
+        """The relay acknowledged these blocks: forget them (one transaction)."""
+        with self.transaction():
+            if self._db is None:
+                raise StoreError("the store is closed")
+            self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in item_ids])
+
     def readdress_outbox(self, contact_id: int, old: bytes, new: bytes, due: int = 0) -> None:
         """Blocks queued for ``old`` go to ``new``, due at ``due``; a block waiting for a
         cover slot (store/cover.py) keeps waiting for one."""
