@@ -334,8 +334,10 @@ def test_group_invitations_and_messages(bus: SessionBus, pair: tuple[Peer, Peer]
             invitation = bob.call("group.invitations")["invitations"][0]["invitation"]
             bob.call("group.accept", {"invitation": invitation})
             wait(
-                lambda: bob.call("group.list")["groups"]
-                and bob.call("group.list")["groups"][0]["member"],
+                lambda: (
+                    bob.call("group.list")["groups"]
+                    and bob.call("group.list")["groups"][0]["member"]
+                ),
                 "bob to be a member",
             )
             alice.call("group.send", {"group": g, "text": "<i>to all</i>\x1b[2J"})
@@ -377,8 +379,9 @@ def test_group_events_through_exec(tmp_short: Path, pair: tuple[Peer, Peer]) -> 
     hook = f"{shlex.quote(sys.executable)} -c " + shlex.quote(
         f"import sys; open({str(out)!r}, 'a').write(sys.stdin.read())"
     )
+    no_bus = "unix:path=/nonexistent/bus"
     for level in ("none", "sender", "text"):
-        bridge = BridgeProc(bob.home, "unix:path=/nonexistent/bus", "--level", level, "--exec", hook)
+        bridge = BridgeProc(bob.home, no_bus, "--level", level, "--exec", hook)
         try:
             alice.call("group.send", {"group": g, "text": f"hook {level}"})
             wait(lambda lv=level: out.exists() and f'"level": "{lv}"' in out.read_text(), level)
