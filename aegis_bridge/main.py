@@ -3,7 +3,10 @@
     aegis-bridge [--home DIR] [--level none|sender|text] [--exec CMD]
 
 Private by default: at ``--level none`` a notification says "New message" and nothing else
-(no sender, no text); ``sender`` adds the contact's name; ``text`` adds the message text too.
+(no sender, no text, not even whether it came in a group); ``sender`` adds the contact's name
+(and for a group message the group's name); ``text`` adds the message text too. Group
+invitations are shown as "New group invitation", above level none with the inviter and the
+group's name.
 Notifications go to org.freedesktop.Notifications on the session D-Bus, or, with ``--exec
 CMD``, to CMD, run once per event with the event as JSON on its standard input (with only what
 the level allows). The bridge imports no cryptography: it is a client of aegisd (through
@@ -24,7 +27,7 @@ import signal
 import sys
 from pathlib import Path
 
-from aegis_client import Client, Event, EventStream, InvalidParams
+from aegis_client import AegisClientError, Client, Event, EventStream, InvalidParams
 from aegisd.paths import PathError, resolve
 
 from .notify import LEVELS, TYPES, DBusNotifier, ExecNotifier, redact, render, warn
@@ -58,11 +61,26 @@ class Bridge:
         self.busy = False  # an event is being shown
         self.stop_requested = False
 
-    async def handle(self, ev: Event) -> None:
+    async def group_name(self, client: Client, ev: Event) -> str | None:
+        """The name of a group message's group, asked of the daemon (the event names the group
+        by its reference only); None at level none (never shown) or when the group is gone."""
+        if ev.type != "group.message" or self.level == "none":
+            return None
+        ref = ev.data.get("group")
+        if not isinstance(ref, int) or isinstance(ref, bool):
+            return None
+        try:
+            name = (await client.group(ref)).get("name")
+        except AegisClientError:
+            return None  # left or deleted since (an old event, after a restart)
+        return name if isinstance(name, str) else None
+
+    async def handle(self, client: Client, ev: Event) -> None:
+        group_name = await self.group_name(client, ev)
         if self.exec is not None:
-            await self.exec.run(redact(ev, self.level))
+            await self.exec.run(redact(ev, self.level, group_name))
             return
-        n = render(ev, self.level)
+        n = render(ev, self.level, group_name)
         if n is not None and self.dbus is not None:
             await self.dbus.show(n)
 
@@ -95,7 +113,7 @@ class Bridge:
                 # next start neither repeats it nor skips it.
                 self.busy = True
                 try:
-                    await self.handle(ev)
+                    await self.handle(client, ev)
                     save_seq(self.state, ev.seq)
                 finally:
                     self.busy = False
@@ -119,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=LEVELS,
         default="none",
         help="what a notification shows: none (the default: 'New message' only), sender "
-        "(the contact's name), text (the name and the message text)",
+        "(the contact's name, and a group message's group), text (those and the message text)",
     )
     p.add_argument(
         "--exec",

@@ -15,7 +15,7 @@ from aegis_client import Event, safe_text
 
 LEVELS = ("none", "sender", "text")
 #: The events that make a notification.
-TYPES = ["message.received", "contact.request"]
+TYPES = ["message.received", "contact.request", "group.message", "group.invitation"]
 APP_NAME = "AegisLink"
 BUS_NAME = "org.freedesktop.Notifications"
 OBJECT_PATH = "/org/freedesktop/Notifications"
@@ -44,8 +44,17 @@ def _name(s: Any) -> str:
     return safe_text.one_line(" ".join(str(s).split()), limit=64, ascii_only=False)
 
 
-def render(ev: Event, level: str) -> Notification | None:
-    """The notification for ``ev`` at ``level`` (none: no sender, no text), or None."""
+def _member(ev: Event) -> str:
+    """Who sent a group message: the contact's name, or "a member" for a member known only
+    through the group (its key says nothing to a reader)."""
+    contact = ev.data.get("from_contact")
+    return _name(contact) if isinstance(contact, str) and contact else "a member"
+
+
+def render(ev: Event, level: str, group_name: str | None = None) -> Notification | None:
+    """The notification for ``ev`` at ``level`` (none: no sender, no text), or None.
+    ``group_name``: the name of a group message's group (the event carries only its
+    reference; the bridge asks the daemon, and only above level none)."""
     if ev.type == "message.received":
         if level == "none":
             return Notification("New message", "", "im.received")
@@ -53,24 +62,42 @@ def render(ev: Event, level: str) -> Notification | None:
         if level == "sender":
             return Notification(f"New message from {who}", "", "im.received")
         return Notification(who, _clean(ev.data.get("text", "")), "im.received")
+    if ev.type == "group.message":
+        # At level none a group message is a message like any other: nothing says "group".
+        if level == "none":
+            return Notification("New message", "", "im.received")
+        where = _name(group_name) if group_name else "a group"
+        if level == "sender":
+            return Notification(f"New message from {_member(ev)} in {where}", "", "im.received")
+        return Notification(f"{_member(ev)} in {where}", _clean(ev.data.get("text", "")),
+                            "im.received")  # fmt: skip
     if ev.type == "contact.request":
         if level == "none":
             return Notification("New contact request", "", "im")
         who = _name(ev.data.get("name", ""))
         return Notification(f"Contact request from {who}", "", "im")
+    if ev.type == "group.invitation":
+        if level == "none":
+            return Notification("New group invitation", "", "im")
+        who, what = _name(ev.data.get("from", "")), _name(ev.data.get("name", ""))
+        return Notification(f"Group invitation from {who}: {what}", "", "im")
     return None
 
 
-def redact(ev: Event, level: str) -> dict[str, Any]:
-    """The event as --exec receives it: only what the level allows."""
+def redact(ev: Event, level: str, group_name: str | None = None) -> dict[str, Any]:
+    """The event as --exec receives it: only what the level allows (above none, a group
+    message's data gains ``group_name``)."""
     keep: dict[str, tuple[str, ...]] = {
         "none": (),
-        "sender": ("contact", "name", "message_id", "request", "known"),
+        "sender": ("contact", "name", "message_id", "request", "known",
+                   "group", "from", "from_contact", "invitation", "members"),
         "text": tuple(ev.data),
-    }
+    }  # fmt: skip
     data = {k: v for k, v in ev.data.items() if k in keep[level]}
+    if ev.type == "group.message" and level != "none":
+        data["group_name"] = group_name
     out = {"seq": ev.seq, "type": ev.type, "time_ms": ev.time_ms, "level": level, "data": data}
-    n = render(ev, level)
+    n = render(ev, level, group_name)
     if n is not None:
         out["summary"], out["body"] = n.summary, n.body
     return out

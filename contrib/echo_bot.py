@@ -9,7 +9,11 @@ cryptography: the daemon holds the keys and does the work.
     .venv/bin/python contrib/echo_bot.py --home ~/echo-bot --accept-requests
 
 With --accept-requests it also accepts every request that arrives through its contact address
-(``aegis address --home ~/echo-bot`` prints that address). It needs only the standard library
+(``aegis address --home ~/echo-bot`` prints that address). In a group it answers in the group,
+to every member; it accepts group invitations only with --accept-groups (by default they wait
+for the operator: ``aegis group invitations``, ``aegis group accept``). It never answers its
+own messages, nor a group message that is itself an answer (one starting with the prefix): two
+bots in one group would otherwise echo each other for ever. It needs only the standard library
 and ``aegis_client``, which it takes from the clone it lives in when that is not installed (so a
 plain ``python3 contrib/echo_bot.py`` works from a clone too). It follows the daemon across
 restarts (the client library resubscribes from the last event it handled); with --state FILE
@@ -72,7 +76,29 @@ def save_state(path: Path | None, seq: int) -> None:
     os.replace(tmp, path)
 
 
-async def handle(client: Client, ev: Event, prefix: str, accept_requests: bool) -> None:
+async def own_key(client: Client, group: int) -> str | None:
+    """The bot's identity key as the group's member list shows it (hex)."""
+    members = (await client.group(group))["members"]
+    return next((m["key"] for m in members if m["you"]), None)
+
+
+async def answer_group(client: Client, ev: Event, prefix: str) -> None:
+    group, sender, text = ev.data.get("group"), ev.data.get("from"), ev.data.get("text")
+    if not isinstance(group, int) or isinstance(group, bool) or not isinstance(text, str):
+        return
+    if text.startswith(prefix):  # an answer (another bot's): answering it would never end
+        return
+    try:
+        if sender == await own_key(client, group):  # never our own
+            return
+        await client.send_to_group(group, reply_to(text, prefix))
+    except AegisClientError as exc:
+        log(f"could not answer a group message: {type(exc).__name__}")
+
+
+async def handle(
+    client: Client, ev: Event, prefix: str, accept_requests: bool, accept_groups: bool = False
+) -> None:
     if ev.type == "message.received":
         contact, text = ev.data.get("contact"), ev.data.get("text")
         if not isinstance(contact, str) or not isinstance(text, str):
@@ -82,6 +108,20 @@ async def handle(client: Client, ev: Event, prefix: str, accept_requests: bool) 
             await client.mark_read(contact, [str(ev.data.get("message_id"))])
         except AegisClientError as exc:
             log(f"could not answer a message: {type(exc).__name__}")
+    elif ev.type == "group.message":
+        await answer_group(client, ev, prefix)
+    elif ev.type == "group.invitation":
+        invitation = ev.data.get("invitation")
+        if not isinstance(invitation, int) or isinstance(invitation, bool):
+            return
+        if not accept_groups:
+            log("a group invitation waits for the operator (aegis group invitations)")
+            return
+        try:
+            await client.accept_group(invitation)
+            log("accepted a group invitation")
+        except AegisClientError as exc:
+            log(f"could not accept a group invitation: {type(exc).__name__}")
     elif ev.type == "contact.request" and accept_requests:
         request = ev.data.get("request")
         if isinstance(request, int) and not ev.data.get("known"):
@@ -92,19 +132,25 @@ async def handle(client: Client, ev: Event, prefix: str, accept_requests: bool) 
                 log(f"could not accept a request: {type(exc).__name__}")
 
 
-async def run(home: str | None, prefix: str, accept_requests: bool, state: Path | None) -> int:
+async def run(
+    home: str | None,
+    prefix: str,
+    accept_requests: bool,
+    state: Path | None,
+    accept_groups: bool = False,
+) -> int:
     try:
         client = await Client.connect(home)
     except DaemonNotRunning as exc:
         log(f"error: {exc}; start it with: aegis daemon --detach")
         return 3
-    types = ["message.received", "contact.request"]
+    types = ["message.received", "contact.request", "group.message", "group.invitation"]
     stream = client.events(types=types, since=load_state(state))
     try:
         await stream.start()  # subscribed: a message sent after the next line is answered
         log("listening")
         async for ev in stream:
-            await handle(client, ev, prefix, accept_requests)
+            await handle(client, ev, prefix, accept_requests, accept_groups)
             save_state(state, ev.seq)
         return 0
     finally:
@@ -117,11 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--home", help="the bot's profile (default: AEGIS_HOME, else XDG dirs)")
     p.add_argument("--prefix", default=PREFIX, help=f"put before each answer ({PREFIX!r})")
     p.add_argument("--accept-requests", action="store_true", help="accept contact requests")
+    p.add_argument(
+        "--accept-groups",
+        action="store_true",
+        help="accept group invitations (by default they wait for the operator)",
+    )
     p.add_argument("--state", type=Path, help="remember the last handled event in FILE")
     args = p.parse_args(argv)
 
     async def main_task() -> int:
-        task = asyncio.ensure_future(run(args.home, args.prefix, args.accept_requests, args.state))
+        task = asyncio.ensure_future(
+            run(args.home, args.prefix, args.accept_requests, args.state, args.accept_groups)
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)

@@ -311,3 +311,88 @@ def test_markup_in_the_summary_and_a_server_that_does_not_answer(
         finally:
             bridge.stop()
             server.close()
+
+
+def test_group_invitations_and_messages(bus: SessionBus, pair: tuple[Peer, Peer]) -> None:
+    """Issue 16: a group invitation and a group message make notifications with the group's
+    name and the sender, neutralised and markup-escaped as one-to-one messages are; at level
+    none a group message is "New message", nothing more."""
+    alice, bob = pair
+    # The group's name is the inviter's choice: markup in it (the daemon refuses controls).
+    g = alice.call("group.create", {"name": "<b>Trips</b> & co"})["group"]
+    server = NotificationServer(bus.address, ("body", "body-markup"))
+    errs = ""
+    try:
+        bridge = BridgeProc(bob.home, bus.address, "--level", "text")
+        try:
+            alice.call("group.invite", {"group": g, "contact": "bob"})
+            (call,) = wait(server.calls, "the invitation's notification")
+            assert call["summary"] == (
+                "Group invitation from alice: &lt;b&gt;Trips&lt;/b&gt; &amp; co"
+            )
+            assert (call["body"], call["category"]) == ("", "im")
+            invitation = bob.call("group.invitations")["invitations"][0]["invitation"]
+            bob.call("group.accept", {"invitation": invitation})
+            wait(
+                lambda: (
+                    bob.call("group.list")["groups"]
+                    and bob.call("group.list")["groups"][0]["member"]
+                ),
+                "bob to be a member",
+            )
+            alice.call("group.send", {"group": g, "text": "<i>to all</i>\x1b[2J"})
+            calls = wait(lambda: server.calls()[1:], "the group message's notification")
+            assert calls[0]["summary"] == "alice in &lt;b&gt;Trips&lt;/b&gt; &amp; co"
+            assert calls[0]["body"] == "&lt;i&gt;to all&lt;/i&gt;␛[2J"
+            assert calls[0]["category"] == "im.received"
+        finally:
+            errs += bridge.stop()
+        for level, summary in (("sender", "New message from alice in &lt;b&gt;Trips"),
+                               ("none", "New message")):  # fmt: skip
+            before = len(server.calls())
+            bridge = BridgeProc(bob.home, bus.address, "--level", level)
+            try:
+                alice.call("group.send", {"group": g, "text": f"secret at {level}"})
+                (call,) = wait(lambda b=before: server.calls()[b:], f"a notification at {level}")
+                if level == "none":
+                    assert call["summary"] == summary
+                else:
+                    assert call["summary"].startswith(summary), level
+                assert call["body"] == ""
+            finally:
+                errs += bridge.stop()
+    finally:
+        server.close()
+    for leak in ("secret", "alice", "Trips", "to all"):
+        assert leak not in errs, errs
+
+
+def test_group_events_through_exec(tmp_short: Path, pair: tuple[Peer, Peer]) -> None:
+    """--exec gets the group's name above level none, and neither name nor text at none."""
+    alice, bob = pair
+    g = alice.call("group.create", {"name": "Trips"})["group"]
+    alice.call("group.invite", {"group": g, "contact": "bob"})
+    invs = wait(lambda: bob.call("group.invitations")["invitations"], "the invitation")
+    bob.call("group.accept", {"invitation": invs[0]["invitation"]})
+    wait(lambda: bob.call("group.list")["groups"][0]["member"], "bob to be a member")
+    out = tmp_short / "exec.jsonl"
+    hook = f"{shlex.quote(sys.executable)} -c " + shlex.quote(
+        f"import sys; open({str(out)!r}, 'a').write(sys.stdin.read())"
+    )
+    no_bus = "unix:path=/nonexistent/bus"
+    for level in ("none", "sender", "text"):
+        bridge = BridgeProc(bob.home, no_bus, "--level", level, "--exec", hook)
+        try:
+            alice.call("group.send", {"group": g, "text": f"hook {level}"})
+            wait(lambda lv=level: out.exists() and f'"level": "{lv}"' in out.read_text(), level)
+        finally:
+            bridge.stop()
+    events = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [e["type"] for e in events] == ["group.message"] * 3
+    none, sender, text = events
+    assert none["data"] == {} and none["summary"] == "New message"
+    assert sender["data"]["group_name"] == "Trips" and "text" not in sender["data"]
+    assert sender["data"]["from_contact"] == "alice"
+    assert sender["summary"] == "New message from alice in Trips"
+    assert text["data"]["text"] == "hook text" and text["body"] == "hook text"
+    assert text["summary"] == "alice in Trips"

@@ -87,3 +87,50 @@ def test_echo_bot_answers_every_message(peers: Callable[[str], Peer], tmp_short:
         err += stop_bot(bot)
     for t in ("hello", "Wörter", "multiline", "away", "alice"):
         assert t not in err, err
+
+
+def group_texts(peer: Peer, group: int) -> list[tuple[str, str]]:
+    msgs = peer.call("group.history", {"group": group, "limit": 500})["messages"]
+    return [(m["direction"], m["text"]) for m in msgs]
+
+
+def test_echo_bot_in_a_group(peers: Callable[[str], Peer]) -> None:
+    """Issue 16: the bot leaves group invitations to its operator unless --accept-groups;
+    in a group it answers in the group, and never answers an answer."""
+    alice, bot_peer = peers("alice"), peers("echobot")
+    connect(alice, bot_peer)
+    bot = start_bot(bot_peer.home)
+    try:
+        waiting = alice.call("group.create", {"name": "For the operator"})["group"]
+        alice.call("group.invite", {"group": waiting, "contact": "echobot"})
+        assert bot.stderr is not None
+        line = bot.stderr.readline()
+        assert line.startswith("echo-bot: a group invitation waits for the operator"), line
+        assert len(bot_peer.call("group.invitations")["invitations"]) == 1
+        assert bot_peer.call("group.list")["groups"] == []
+    finally:
+        err = stop_bot(bot)
+    bot = start_bot(bot_peer.home, "--accept-groups")
+    try:
+        g = alice.call("group.create", {"name": "Echoes"})["group"]
+        alice.call("group.invite", {"group": g, "contact": "echobot"})
+        alice.wait_for(
+            lambda: len(alice.call("group.get", {"group": g})["members"]) == 2, "the bot's join"
+        )
+        assert [i["name"] for i in bot_peer.call("group.invitations")["invitations"]] == [
+            "For the operator"  # the earlier one still waits: accepting is for new ones
+        ]
+        alice.call("group.send", {"group": g, "text": "hello group"})
+        want = [("out", "hello group"), ("in", "echo: hello group")]
+        alice.wait_for(lambda: group_texts(alice, g) == want, "the echo in the group")
+        # An answer is not answered (two bots in a group would echo each other for ever).
+        alice.call("group.send", {"group": g, "text": "echo: from another bot"})
+        alice.call("group.send", {"group": g, "text": "last"})
+        want += [("out", "echo: from another bot"), ("out", "last"), ("in", "echo: last")]
+        alice.wait_for(lambda: group_texts(alice, g) == want, "the last echo")
+        time.sleep(1.0)
+        assert group_texts(alice, g) == want  # nothing more arrives late
+    finally:
+        err += stop_bot(bot)
+    for t in ("hello", "Echoes", "For the", "alice", "last"):
+        assert t not in err, err

@@ -21,11 +21,14 @@ ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 SECTION = README[README.index("## Your first conversation") :]
 SECTION = SECTION[: SECTION.index("\n## ", 1)]
+GROUPS = README[README.index("## Groups") :]
+GROUPS = GROUPS[: GROUPS.index("\n## ", 1)]
+LATER = "# a moment later: "
 
 
-def block(marker: str) -> list[str]:
+def block(marker: str, section: str = SECTION) -> list[str]:
     """The lines of the ```sh block that follows the marker comment."""
-    m = re.search(r"<!-- " + re.escape(marker) + r":[^\n]*-->\n```sh\n(.*?)```", SECTION, re.S)
+    m = re.search(r"<!-- " + re.escape(marker) + r":[^\n]*-->\n```sh\n(.*?)```", section, re.S)
     assert m, f"README.md has no block marked {marker}"
     return [line for line in m.group(1).splitlines() if line.strip()]
 
@@ -42,6 +45,7 @@ def test_the_first_conversation_works_as_written(tmp_short: Path) -> None:
     assert activate, "the section starts by activating the venv"
     assert (ROOT / ".venv" / "bin" / "activate").exists(), "make demo makes .venv"
     first, bot = block("quickstart"), block("quickstart-bot")
+    group = block("quickstart-group", GROUPS)
     port, base = str(free_port()), str(tmp_short / "try")
 
     def as_run(lines: list[str]) -> list[str]:
@@ -96,6 +100,19 @@ def test_the_first_conversation_works_as_written(tmp_short: Path) -> None:
         run(steps)
         assert "# a moment later: bot: echo: ping" in check
         read_until(check.split("#")[0], "bot: echo: ping")
+        # Groups, on the same profiles: each "a moment later" line is read until it shows
+        # what its comment says; the lines between run as written.
+        assert sum(LATER in line for line in group) == 3
+        steps = []
+        for line in as_run(group):
+            if LATER in line:
+                run(steps)
+                steps = []
+                command, want = line.split(LATER)
+                read_until(command.split("  #")[0], want.strip())
+            else:
+                steps.append(line)
+        assert not steps, "the group walkthrough ends by reading the messages"
     finally:
         for name in ("alice", "bob", "bot"):
             home = Path(base) / name
