@@ -247,12 +247,14 @@ class Backups:
     def _check_fresh(self) -> None:
         store = self.m.store
         has_history = store._q("SELECT 1 FROM messages LIMIT 1").fetchone() is not None
-        if store.list_contacts() or store.list_requests() or has_history:
+        # A group made here would be owned by the identity the import replaces.
+        has_groups = bool(G.list_groups(store) or G.count_invitations(store))
+        if store.list_contacts() or store.list_requests() or has_history or has_groups:
             raise AppError(
                 E_NOT_FRESH,
                 "not_fresh",
-                "a backup can only be imported into a fresh profile (no contacts, requests or "
-                "messages): create one with aegis init --home DIR",
+                "a backup can only be imported into a fresh profile (no contacts, requests, "
+                "messages or groups): create one with aegis init --home DIR",
             )
 
     async def import_(self, path: str, passphrase: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.functional.conftest import Peer, connect
-from tests.functional.test_backup import CHEAP, PASS, event_types
+from tests.functional.test_backup import CHEAP, PASS, error_of, event_types
 from tests.functional.test_groups import T, group_of, invited, key_of, members, texts
 
 NAME = "Lunar picnic 5e1d"
@@ -44,6 +44,14 @@ def test_a_member_restored_from_a_backup_keeps_its_groups(
     for secret in (NAME.encode(), b"before the backup"):
         assert secret not in raw
     carol.stop()
+
+    # A profile with a group of its own is not fresh: its group's owner is the identity the
+    # import would replace.
+    busy = peers("dave")
+    busy.wait_connected()
+    busy.call("group.create", {"name": "mine"})
+    err = error_of(busy, "backup.import", {"path": str(path), "passphrase": PASS})
+    assert err.code == 1046 and busy.call("contacts.list")["contacts"] == []
 
     new = peers("carol2")
     new.wait_connected()

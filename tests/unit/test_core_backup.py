@@ -373,3 +373,15 @@ def test_mutated_file_gives_one_typed_error(data: st.DataObject) -> None:
 def test_settings_are_json() -> None:
     c = fmt.BackupContents.from_bytes(CONTENTS)
     assert json.loads(c.settings[0][1]) is False
+
+
+def test_backup_md_states_the_group_bounds() -> None:
+    text = (Path(__file__).parent.parent.parent / "docs" / "backup.md").read_text()
+    assert "format version: `0x02` written; `0x01` and `0x02` read" in text
+    assert fmt.FORMAT_VERSION == 2 and fmt.READABLE_VERSIONS == (1, 2)
+    assert f"`var({fmt.MAX_GROUP_LOG_BYTES >> 20} MiB)`" in text
+    assert f"groups | `u32 n` (≤ {fmt.MAX_GROUPS:,})" in text
+    assert f"invitations | `u32 n` (≤ {fmt.MAX_GROUP_INVITATIONS:,})" in text
+    assert f"sent invitations | `u32 n` (≤ {fmt.MAX_SENT_INVITES:,})" in text
+    assert f"`u8` index into ({', '.join(f'`{s}`' for s in fmt.GROUP_STATUSES)})" in text
+    assert f"`var({fmt.MAX_INVITATION_BYTES >> 20} MiB)` the group invitation payload" in text
