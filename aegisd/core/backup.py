@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import struct
 import unicodedata
@@ -31,7 +32,11 @@ from .errors import DecodeError, ProtocolError, UnsupportedVersion
 from .primitives import Entropy
 
 MAGIC = b"AEGISBAK"
-FORMAT_VERSION = 1
+#: Version 2 (groups, docs/protocol.md §23) is written; every version here is read. The header's
+#: version and the contents' first byte are bumped together, so that an older daemon refuses a
+#: newer file before asking for the key derivation.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 KDF_ARGON2ID = 1
 SALT_LEN = 16
 KEY_LEN = 32
@@ -156,6 +161,7 @@ class Header:
     length: int  # plaintext bytes: the file's exact size follows, so truncation shows early
     stream_header: bytes
     mac: bytes = b""  # set when parsed; encrypt() appends it to to_bytes()
+    version: int = FORMAT_VERSION
 
     @property
     def file_size(self) -> int:
@@ -165,7 +171,7 @@ class Header:
         """The fields before the MAC (HEADER_MAC_OFFSET bytes)."""
         return (
             MAGIC
-            + bytes([FORMAT_VERSION, KDF_ARGON2ID])
+            + bytes([self.version, KDF_ARGON2ID])
             + struct.pack(">III", self.kdf.memory_kib, self.kdf.passes, self.kdf.lanes)
             + self.salt
             + struct.pack(">Q", self.length)
@@ -182,15 +188,17 @@ class Header:
             raise BackupTruncated()
         r = wire.Reader(data[:HEADER_LEN])
         r.take(len(MAGIC))
-        if r.u8() != FORMAT_VERSION:
+        version = r.u8()
+        if version not in READABLE_VERSIONS:
             raise NotABackup("this backup was written by a newer version of AegisLink")
         if r.u8() != KDF_ARGON2ID:
             raise NotABackup("this backup uses an unknown key derivation")
         kdf = KdfParams(r.u32(), r.u32(), r.u32())
         check_kdf(kdf)
         return cls(
-            kdf, r.take(SALT_LEN), r.u64(), r.take(STREAM_HEADER_LEN), r.take(HEADER_MAC_LEN)
-        )
+            kdf, r.take(SALT_LEN), r.u64(), r.take(STREAM_HEADER_LEN), r.take(HEADER_MAC_LEN),
+            version,
+        )  # fmt: skip
 
 
 # --- the encrypted stream ---------------------------------------------------------------------
@@ -331,6 +339,69 @@ class BackupContact:
     mailboxes: tuple[BackupMailbox, ...]  # our receiving mailboxes for this contact
 
 
+GROUP_STATUSES = ("queued", "delivered", "read")  # an outgoing group message, per member
+MAX_GROUPS = 10_000
+MAX_GROUP_LOG_BYTES = 8 << 20  # 4096 stored changes of at most ~1.3 KB, and the base
+MAX_GROUP_INVITATIONS = 1_000  # the service keeps at most a few dozen waiting
+MAX_INVITATION_BYTES = 1 << 20
+MAX_SENT_INVITES = 100_000
+
+
+@dataclass(frozen=True)
+class BackupGroupMessage:
+    message_id: str
+    sender_key: bytes | None  # Ed25519 key of the sender; None: our own (outgoing)
+    body: str
+    sent_at: int | None
+    created_at: int
+    statuses: tuple[tuple[int, str], ...]  # outgoing: (contact index, status) per member
+
+    def __repr__(self) -> str:
+        return "BackupGroupMessage(<hidden>)"
+
+
+@dataclass(frozen=True)
+class BackupGroup:
+    log: wire.GroupLogRecord  # as the core stores it (members: its head's)
+    created_at: int
+    messages: tuple[BackupGroupMessage, ...]
+
+    def __repr__(self) -> str:
+        return "BackupGroup(<hidden>)"
+
+
+@dataclass(frozen=True)
+class BackupInvitation:
+    """A group invitation received and not answered yet."""
+
+    contact: int  # index into BackupContents.contacts: who sent it
+    payload: wire.GroupInvitePayload
+    created_at: int
+
+    def __repr__(self) -> str:
+        return "BackupInvitation(<hidden>)"
+
+
+@dataclass(frozen=True)
+class BackupSentInvite:
+    """An invitation we sent whose answer has not come yet."""
+
+    invite_id: bytes
+    group: int  # index into BackupGroups.groups
+    contact: int  # index into BackupContents.contacts
+    version: int
+
+
+@dataclass(frozen=True)
+class BackupGroups:
+    """Contents version 2: the groups, and which contacts serve groups only (hidden)."""
+
+    group_contacts: tuple[int, ...] = ()  # indices into contacts, increasing
+    groups: tuple[BackupGroup, ...] = ()
+    invitations: tuple[BackupInvitation, ...] = ()
+    sent_invites: tuple[BackupSentInvite, ...] = ()
+
+
 @dataclass(frozen=True)
 class BackupContents:
     created_at_ms: int
@@ -342,13 +413,14 @@ class BackupContents:
     contacts: tuple[BackupContact, ...]
     mailboxes: tuple[BackupMailbox, ...]  # address and invitation mailboxes
     # Attachments (issue 7, another part) will be a list here, written after `mailboxes`; in
-    # contents version 1 the count field is present and must be 0.
+    # contents versions 1 and 2 the count field is present and must be 0.
+    groups: BackupGroups = BackupGroups()  # version 2; empty when read from version 1
 
     def __repr__(self) -> str:
         return "BackupContents(<hidden>)"
 
     def to_bytes(self) -> bytes:
-        w = wire.Writer().u8(wire.VERSION).u8(KIND_BACKUP_CONTENTS)
+        w = wire.Writer().u8(FORMAT_VERSION).u8(KIND_BACKUP_CONTENTS)
         w.u64(self.created_at_ms)
         w.fixed(self.ed_priv, 32).fixed(self.x_priv, 32).fixed(self.binding_sig, 64)
         _put_str(w, self.display_name, wire.MAX_NAME_BYTES)
@@ -368,13 +440,15 @@ class BackupContents:
                 _write_message(w, m)
             _write_mailboxes(w, c.mailboxes)
         _write_mailboxes(w, self.mailboxes)
-        w.u32(0)  # attachments: none in version 1
+        w.u32(0)  # attachments: none in versions 1 and 2
+        _write_groups(w, self.groups, len(self.contacts))
         return w.bytes()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> BackupContents:
         r = wire.Reader(data)
-        if r.u8() != wire.VERSION:
+        version = r.u8()
+        if version not in READABLE_VERSIONS:
             raise UnsupportedVersion("unsupported backup contents version")
         if r.u8() != KIND_BACKUP_CONTENTS:
             raise DecodeError("unexpected object kind")
@@ -407,11 +481,12 @@ class BackupContents:
             )  # fmt: skip
         mailboxes = _read_mailboxes(r)
         if r.u32() != 0:
-            raise DecodeError("attachments are not defined in backup contents version 1")
+            raise DecodeError("attachments are not defined in backup contents versions 1 and 2")
+        groups = _read_groups(r, len(contacts)) if version >= 2 else BackupGroups()
         r.done()
         return cls(
             created, ed_priv, x_priv, sig, display_name, tuple(settings), tuple(contacts),
-            mailboxes,
+            mailboxes, groups,
         )  # fmt: skip
 
 
@@ -525,3 +600,110 @@ def _read_mailboxes(r: wire.Reader) -> tuple[BackupMailbox, ...]:
             BackupMailbox(url, sign_seed, box_secret, owner_id, deposit_id, relay_box_pub, token)
         )
     return tuple(out)
+
+
+# --- groups (contents version 2) --------------------------------------------------------------
+
+
+def _write_groups(w: wire.Writer, g: BackupGroups, n_contacts: int) -> None:
+    if list(g.group_contacts) != sorted(set(g.group_contacts)) or any(
+        i >= n_contacts for i in g.group_contacts
+    ):
+        raise ValueError("group contacts must be increasing contact indices")
+    _count(w, len(g.group_contacts), MAX_CONTACTS)
+    for i in g.group_contacts:
+        w.u32(i)
+    _count(w, len(g.groups), MAX_GROUPS)
+    for group in g.groups:
+        _put_bytes(w, group.log.to_bytes(), MAX_GROUP_LOG_BYTES)
+        w.u64(group.created_at)
+        _count(w, len(group.messages), MAX_MESSAGES)
+        for m in group.messages:
+            _put_str(w, m.message_id, 64)
+            w.flag(m.sender_key is None)  # outgoing
+            if m.sender_key is not None:
+                w.fixed(m.sender_key, 32)
+            w.flag(m.sent_at is not None)
+            if m.sent_at is not None:
+                w.u64(m.sent_at)
+            w.u64(m.created_at)
+            _put_bytes(w, m.body.encode(), MAX_BODY_BYTES)
+            _count(w, len(m.statuses), wire.MAX_GROUP_MEMBERS)
+            for contact, status in m.statuses:
+                if contact >= n_contacts:
+                    raise ValueError("status for an unknown contact")
+                w.u32(contact).u8(GROUP_STATUSES.index(status))
+    _count(w, len(g.invitations), MAX_GROUP_INVITATIONS)
+    for inv in g.invitations:
+        if inv.contact >= n_contacts:
+            raise ValueError("invitation from an unknown contact")
+        w.u32(inv.contact)
+        _put_bytes(w, wire.encode_payload(inv.payload), MAX_INVITATION_BYTES)
+        w.u64(inv.created_at)
+    _count(w, len(g.sent_invites), MAX_SENT_INVITES)
+    for s in g.sent_invites:
+        if s.contact >= n_contacts or s.group >= len(g.groups):
+            raise ValueError("sent invitation for an unknown group or contact")
+        w.fixed(s.invite_id, wire.MESSAGE_ID_LEN).u32(s.group).u32(s.contact).u64(s.version)
+
+
+def _index(r: wire.Reader, n: int) -> int:
+    i = r.u32()
+    if i >= n:
+        raise DecodeError("index out of range")
+    return i
+
+
+def _read_groups(r: wire.Reader, n_contacts: int) -> BackupGroups:
+    hidden = tuple(_index(r, n_contacts) for _ in range(_read_count(r, MAX_CONTACTS)))
+    if any(a >= b for a, b in itertools.pairwise(hidden)):
+        raise DecodeError("group contacts not in increasing order")
+    groups: list[BackupGroup] = []
+    group_ids: set[bytes] = set()
+    message_ids: set[str] = set()
+    for _ in range(_read_count(r, MAX_GROUPS)):
+        log = wire.GroupLogRecord.from_bytes(r.varbytes(MAX_GROUP_LOG_BYTES))
+        if log.base.group_id in group_ids:
+            raise DecodeError("a group appears twice")
+        group_ids.add(log.base.group_id)
+        created_at = r.u64()
+        messages = []
+        for _ in range(_read_count(r, MAX_MESSAGES)):
+            mid = _str(r, 64)
+            if not mid or mid in message_ids:
+                raise DecodeError("empty or repeated group message id")
+            message_ids.add(mid)
+            sender = None if r.flag() else r.take(32)
+            sent_at = r.u64() if r.flag() else None
+            created, body = r.u64(), _str(r, MAX_BODY_BYTES, wide=True)
+            statuses = []
+            seen: set[int] = set()
+            for _ in range(_read_count(r, wire.MAX_GROUP_MEMBERS)):
+                contact, index = _index(r, n_contacts), r.u8()
+                if index >= len(GROUP_STATUSES) or contact in seen:
+                    raise DecodeError("unknown or repeated group message status")
+                seen.add(contact)
+                statuses.append((contact, GROUP_STATUSES[index]))
+            if sender is not None and statuses:
+                raise DecodeError("an incoming group message has no per-member status")
+            messages.append(
+                BackupGroupMessage(mid, sender, body, sent_at, created, tuple(statuses))
+            )
+        groups.append(BackupGroup(log, created_at, tuple(messages)))
+    invitations = []
+    for _ in range(_read_count(r, MAX_GROUP_INVITATIONS)):
+        contact = _index(r, n_contacts)
+        payload = wire.decode_payload(r.varbytes(MAX_INVITATION_BYTES))
+        if not isinstance(payload, wire.GroupInvitePayload):
+            raise DecodeError("not a group invitation")
+        invitations.append(BackupInvitation(contact, payload, r.u64()))
+    sent = []
+    invite_ids: set[bytes] = set()
+    for _ in range(_read_count(r, MAX_SENT_INVITES)):
+        invite_id = r.take(wire.MESSAGE_ID_LEN)
+        if invite_id in invite_ids:
+            raise DecodeError("a sent invitation appears twice")
+        invite_ids.add(invite_id)
+        group, contact = _index(r, len(groups)), _index(r, n_contacts)
+        sent.append(BackupSentInvite(invite_id, group, contact, r.u64()))
+    return BackupGroups(hidden, tuple(groups), tuple(invitations), tuple(sent))

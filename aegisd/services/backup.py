@@ -26,12 +26,16 @@ from typing import Any
 
 from aegisd import passphrase_strength
 from aegisd.core import backup as fmt
-from aegisd.core.errors import BundleError, DecodeError
+from aegisd.core import group as core_group
+from aegisd.core import wire
+from aegisd.core.errors import BundleError, DecodeError, GroupError
 from aegisd.core.identity import IdentityKeyPair, PublicIdentity
 from aegisd.core.prekeys import PrekeyStore
 from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
 from aegisd.rpc import errors as E
 from aegisd.rpc.methods import Handler
+from aegisd.store import groups as G
+from aegisd.store.db import Store
 from aegisd.transport.network import ProxyUrlError, check_proxy_url
 
 from .contacts import SETTING_NAME
@@ -127,7 +131,8 @@ class Backups:
             value = store.get_setting(name)
             if value is not None:
                 settings.append((name, json.dumps(value)))
-        contacts = []
+        contacts: list[fmt.BackupContact] = []
+        index: dict[int, int] = {}  # contact id -> its place in the backup
         n_messages = 0
         by_contact: dict[int, list[fmt.BackupMailbox]] = {}
         others = []
@@ -159,6 +164,7 @@ class Backups:
                 ).fetchall()
             )
             n_messages += len(messages)
+            index[c.id] = len(contacts)
             contacts.append(
                 fmt.BackupContact(
                     c.name,
@@ -180,6 +186,7 @@ class Backups:
             tuple(settings),
             tuple(contacts),
             tuple(others),
+            _groups_out(store, index),
         )
         return contents, n_messages
 
@@ -231,6 +238,7 @@ class Backups:
             "bytes": len(data),
             "contacts": len(contents.contacts),
             "messages": n_messages,
+            "groups": len(contents.groups.groups),
             "kdf": {"memory_kib": kdf.memory_kib, "passes": kdf.passes, "lanes": kdf.lanes},
         }
 
@@ -239,12 +247,14 @@ class Backups:
     def _check_fresh(self) -> None:
         store = self.m.store
         has_history = store._q("SELECT 1 FROM messages LIMIT 1").fetchone() is not None
-        if store.list_contacts() or store.list_requests() or has_history:
+        # A group made here would be owned by the identity the import replaces.
+        has_groups = bool(G.list_groups(store) or G.count_invitations(store))
+        if store.list_contacts() or store.list_requests() or has_history or has_groups:
             raise AppError(
                 E_NOT_FRESH,
                 "not_fresh",
-                "a backup can only be imported into a fresh profile (no contacts, requests or "
-                "messages): create one with aegis init --home DIR",
+                "a backup can only be imported into a fresh profile (no contacts, requests, "
+                "messages or groups): create one with aegis init --home DIR",
             )
 
     async def import_(self, path: str, passphrase: str) -> dict[str, Any]:
@@ -272,7 +282,9 @@ class Backups:
             )
             for c in contents.contacts:
                 PublicIdentity.from_record(c.identity)
-        except (DecodeError, BundleError, ValueError):
+            # Each log as the core loads it: its head gives the members (never the file's word).
+            logs = [core_group.GroupLog.from_record(g.log) for g in contents.groups.groups]
+        except (DecodeError, BundleError, GroupError, ValueError):
             raise AppError(
                 E_NOT_A_BACKUP, "not_a_backup", "the backup's contents are malformed"
             ) from None
@@ -301,6 +313,7 @@ class Backups:
             prekeys = PrekeyStore.create(m.entropy, identity, _ms() // 1000)
             n_messages = 0
             renewing = 0
+            cids: list[int] = []  # by the contacts' places in the backup
             with store.transaction():
                 store.put_identity(prekeys.to_bytes())
                 for row in fresh_mailboxes:
@@ -326,6 +339,7 @@ class Backups:
                         identity_key=bc.identity.to_bytes(),
                         state=ContactState(bc.send_to, False).to_bytes(),
                     ).id
+                    cids.append(cid)
                     store._q(
                         "UPDATE contacts SET verified = ?, blocked = ?, created_at = ? "
                         "WHERE id = ?",
@@ -360,11 +374,13 @@ class Backups:
                             (cid,),
                         )
                         renewing += 1
+                _groups_in(store, contents.groups, logs, cids)
                 store.set_setting(SETTING_PENDING, True)
                 m.ctx.events.emit(
                     "backup.imported",
-                    {"contacts": len(contents.contacts), "messages": n_messages},
-                )
+                    {"contacts": len(contents.contacts), "messages": n_messages,
+                     "groups": len(logs)},
+                )  # fmt: skip
             m.prekeys = prekeys
             m.mailboxes.reload()
         # Every connection anew: the discarded identity's mailboxes are gone, and the network
@@ -374,8 +390,86 @@ class Backups:
         return {
             "contacts": len(contents.contacts),
             "messages": n_messages,
+            "groups": len(logs),
             "renewing": renewing,
         }
+
+
+def _groups_out(store: Store, index: dict[int, int]) -> fmt.BackupGroups:
+    """The groups for a backup. A contact that is not exported (a set-up still under way)
+    takes with it its per-member statuses, its invitations and the ones we sent it."""
+    hidden = tuple(sorted(index[cid] for cid in G.group_contact_ids(store) if cid in index))
+    groups: list[fmt.BackupGroup] = []
+    place: dict[int, int] = {}  # group ref -> its place in the backup
+    for row in G.list_groups(store):
+        messages = []
+        for mid, sender, direction, body, sent_at, created in store._q(
+            "SELECT id, sender_key, direction, body, sent_at, created_at FROM group_messages "
+            "WHERE group_ref = ? ORDER BY seq",
+            (row.id,),
+        ).fetchall():
+            if (direction == "in") != (sender is not None):
+                continue  # not a row the service writes
+            statuses = tuple(
+                sorted((index[cid], st) for cid, st in G.statuses(store, mid).items()
+                       if cid in index)
+            ) if sender is None else ()  # fmt: skip
+            messages.append(
+                fmt.BackupGroupMessage(mid, None if sender is None else bytes(sender), body,
+                                       sent_at, created, statuses)
+            )  # fmt: skip
+        place[row.id] = len(groups)
+        groups.append(
+            fmt.BackupGroup(wire.GroupLogRecord.from_bytes(row.log), row.created_at,
+                            tuple(messages))
+        )  # fmt: skip
+    invitations = []
+    for inv in G.list_invitations(store):
+        payload = wire.decode_payload(inv.payload)
+        if inv.contact_id in index and isinstance(payload, wire.GroupInvitePayload):
+            invitations.append(fmt.BackupInvitation(index[inv.contact_id], payload, inv.created_at))
+    sent = [
+        fmt.BackupSentInvite(bytes(r[0]), place[int(r[1])], index[int(r[2])], int(r[3]))
+        for r in store._q(
+            "SELECT invite_id, group_ref, contact_id, version FROM group_invites_sent "
+            "ORDER BY created_at"
+        ).fetchall()
+        if int(r[1]) in place and int(r[2]) in index
+    ]
+    return fmt.BackupGroups(hidden, tuple(groups), tuple(invitations), tuple(sent))
+
+
+def _groups_in(
+    store: Store, backup: fmt.BackupGroups, logs: list[core_group.GroupLog], cids: list[int]
+) -> None:
+    """Restore the groups (inside the import's transaction). Group contacts stay hidden:
+    they are contacts rows, renewed like every other."""
+    for i in backup.group_contacts:
+        G.mark_group_contact(store, cids[i])
+    refs = []
+    for bg, log in zip(backup.groups, logs, strict=True):
+        ref = G.add_group(
+            store, log.head.group_id, log.record().to_bytes(),
+            [(member.key, member.role) for member in log.head.members],
+        )  # fmt: skip
+        store._q("UPDATE groups SET created_at = ? WHERE id = ?", (bg.created_at, ref))
+        refs.append(ref)
+        for msg in bg.messages:
+            store._q(
+                "INSERT INTO group_messages (id, group_ref, sender_key, direction, body, "
+                "sent_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (msg.message_id, ref, msg.sender_key, "out" if msg.sender_key is None else "in",
+                 msg.body, msg.sent_at, msg.created_at),
+            )  # fmt: skip
+            for contact, status in msg.statuses:
+                G.set_statuses(store, msg.message_id, [cids[contact]], status)
+    for inv in backup.invitations:
+        store._q(
+            "INSERT INTO group_invitations (contact_id, payload, created_at) VALUES (?, ?, ?)",
+            (cids[inv.contact], wire.encode_payload(inv.payload), inv.created_at),
+        )
+    for s in backup.sent_invites:
+        G.add_sent_invite(store, s.invite_id, refs[s.group], cids[s.contact], s.version)
 
 
 def _read_limited(path: Path) -> bytes:

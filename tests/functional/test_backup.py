@@ -80,7 +80,7 @@ def test_export_import_renews_every_contact(peers: Callable[[str], Peer], tmp_sh
     new = peers("alice2")
     new.wait_connected()
     result = new.call("backup.import", {"path": str(path), "passphrase": PASS})
-    assert result == {"contacts": 2, "messages": out["messages"], "renewing": 2}
+    assert result == {"contacts": 2, "messages": out["messages"], "groups": 0, "renewing": 2}
     assert new.call("identity.get")["display_name"] == "alice"
     assert new.call("settings.get")["read_receipts"] is False
     contacts = {c["name"]: c for c in new.call("contacts.list")["contacts"]}

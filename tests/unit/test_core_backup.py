@@ -6,25 +6,53 @@ from __future__ import annotations
 import contextlib
 import json
 import struct
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aegisd.core import backup as fmt
+from aegisd.core import group as g
 from aegisd.core import renewal, wire
 from aegisd.core.errors import DecodeError, DecryptionError, UnsupportedVersion
 from aegisd.core.identity import IdentityKeyPair
 from aegisd.core.primitives import SystemEntropy
+from tests.support.groups import group_of
 
 E = SystemEntropy()
 PASS = "correct horse battery staple"
 KDF = fmt.MIN_KDF
+VECTORS_DIR = Path(__file__).parent.parent / "vectors"
 ALICE = IdentityKeyPair.generate(E)
 BOB = IdentityKeyPair.generate(E)
 MAILBOX = wire.MailboxAddress("wss://relay.example/v1/ws", b"d" * 16, b"t" * 32)
 OWNED = fmt.BackupMailbox("wss://relay.example/v1/ws", b"s" * 32, b"b" * 32, b"o" * 16,
                           b"d" * 16, b"r" * 32, b"t" * 32)  # fmt: skip
+
+
+def sample_groups(n_contacts: int = 1) -> fmt.BackupGroups:
+    """Two groups: one with rival changes in its log, history both ways (per-member
+    status), a pending invitation and a sent one."""
+    log, (owner, admin, _member) = group_of([wire.ROLE_ADMIN, wire.ROLE_MEMBER])
+    rival = g.rename(admin, log.head, "B", "")
+    log.receive(g.rename(owner, log.head, "A", ""))
+    log.receive(rival)
+    other, _ = group_of([], name="Other")
+    base, changes = g.invitation_contents(owner, other)
+    invite = wire.GroupInvitePayload(b"i" * 16, 5, base, changes)
+    msgs = (
+        fmt.BackupGroupMessage("m1", None, "to all ü", 10, 11, ((0, "read"),)),
+        fmt.BackupGroupMessage("m2", admin.public.ed_pub, "back", 12, 13, ()),
+        fmt.BackupGroupMessage("m3", None, "queued", None, 14, ()),
+    )
+    return fmt.BackupGroups(
+        (0,) if n_contacts else (),
+        (fmt.BackupGroup(log.record(), 7, msgs), fmt.BackupGroup(other.record(), 8, ())),
+        (fmt.BackupInvitation(0, invite, 9),),
+        (fmt.BackupSentInvite(b"s" * 16, 1, 0, 3),),
+    )
 
 
 def sample_contents(messages: int = 3) -> fmt.BackupContents:
@@ -39,7 +67,7 @@ def sample_contents(messages: int = 3) -> fmt.BackupContents:
     )
     return fmt.BackupContents(
         99, ed, x, ALICE.public.binding_sig, "Alice", (("privacy.read_receipts", "false"),),
-        (contact,), (OWNED,),
+        (contact,), (OWNED,), sample_groups(),
     )  # fmt: skip
 
 
@@ -137,7 +165,7 @@ def test_kdf_parameters_checked_before_the_key_derivation(
         with pytest.raises(fmt.NotABackup, match="refused"):
             fmt.decrypt(PASS, _with_kdf(data, mem, passes, lanes))
     bad_version = bytearray(data)
-    bad_version[len(fmt.MAGIC)] = 2
+    bad_version[len(fmt.MAGIC)] = fmt.FORMAT_VERSION + 1
     with pytest.raises(fmt.NotABackup, match="newer version"):
         fmt.decrypt(PASS, bytes(bad_version))
 
@@ -153,11 +181,11 @@ def test_passphrase_is_normalised() -> None:
 
 
 def test_contents_reject_bad_status_direction_and_attachments() -> None:
-    good = sample_contents(1).to_bytes()
+    good = replace(sample_contents(1), groups=fmt.BackupGroups()).to_bytes()
     with pytest.raises(DecodeError):
-        fmt.BackupContents.from_bytes(good[:-4] + b"\x00\x00\x00\x01")  # attachments
+        fmt.BackupContents.from_bytes(good[:-20] + b"\x00\x00\x00\x01" + good[-16:])
     with pytest.raises(UnsupportedVersion):
-        fmt.BackupContents.from_bytes(b"\x02" + good[1:])
+        fmt.BackupContents.from_bytes(b"\x03" + good[1:])
     with pytest.raises(DecodeError):
         fmt.BackupContents.from_bytes(good + b"\x00")
     ed, x = ALICE.raw_private()
@@ -170,6 +198,74 @@ def test_contents_reject_bad_status_direction_and_attachments() -> None:
         fmt.BackupContents.from_bytes(
             fmt.BackupContents(1, ed, x, ALICE.public.binding_sig, "", (), (c,), ()).to_bytes()
         )
+
+
+# --- version 2 (groups) and the versions before it ------------------------------------------
+
+
+def test_a_version_1_file_written_by_the_old_code_still_reads() -> None:
+    """tests/vectors/backup_v1.bin was made by the version-1 code (backup_v1.json says which
+    commit): the header's version 1 and its contents read, with no groups."""
+    meta = json.loads((VECTORS_DIR / "backup_v1.json").read_text())
+    data = (VECTORS_DIR / "backup_v1.bin").read_bytes()
+    assert fmt.Header.from_bytes(data).version == 1
+    plain = fmt.decrypt(meta["passphrase"], data)
+    assert plain == bytes.fromhex(meta["contents_hex"]) and plain[0] == 1
+    c = fmt.BackupContents.from_bytes(plain)
+    assert c.display_name == "Alice" and c.groups == fmt.BackupGroups()
+    assert [m.body for m in c.contacts[0].messages] == ["hello ünïcode", "hi"]
+    assert c.contacts[0].messages[1].sent_at == 1001 and c.mailboxes[0].token == b"t" * 32
+    # A version-1 contents with anything after the attachments' count is refused.
+    with pytest.raises(DecodeError):
+        fmt.BackupContents.from_bytes(plain + bytes(16))
+
+
+def test_version_2_is_written_and_carries_the_groups() -> None:
+    c = sample_contents()
+    data = c.to_bytes()
+    assert data[0] == 2 and fmt.BackupContents.from_bytes(data) == c
+    assert fmt.Header.from_bytes(fmt.encrypt(E, PASS, b"", KDF)).version == 2
+    again = fmt.BackupContents.from_bytes(data).groups
+    log = g.GroupLog.from_record(again.groups[0].log)
+    assert log.record() == again.groups[0].log and len(log.head.members) == 3
+    assert again.groups[0].messages[0].statuses == ((0, "read"),)
+    assert again.invitations[0].payload.base.state.name == "Other"
+    # Version 1 contents with groups appended are not version 2: refused.
+    with pytest.raises(DecodeError):
+        fmt.BackupContents.from_bytes(b"\x01" + data[1:])
+
+
+def test_groups_section_is_strict() -> None:
+    ed, x = ALICE.raw_private()
+    base = sample_contents()
+    no_contacts = fmt.BackupContents(1, ed, x, ALICE.public.binding_sig, "", (), (), ())
+    empty = no_contacts.to_bytes()
+    assert empty[-16:] == bytes(16)  # four empty lists
+    groups = base.groups
+    one = groups.groups[0]
+    for bad in (
+        fmt.BackupGroups(group_contacts=(1,)),  # no such contact
+        fmt.BackupGroups(groups=(one, one)),  # the same group twice
+        fmt.BackupGroups(groups=(fmt.BackupGroup(one.log, 1, one.messages + one.messages[:1]),)),
+    ):
+        try:
+            raw = fmt.BackupContents(**{**base.__dict__, "groups": bad}).to_bytes()
+        except ValueError:
+            continue  # the writer refuses it too
+        with pytest.raises(DecodeError):
+            fmt.BackupContents.from_bytes(raw)
+    good = base.to_bytes()
+    one_contact = fmt.BackupContents(**{**base.__dict__, "groups": fmt.BackupGroups()}).to_bytes()
+    at = len(one_contact) - 16  # where the groups section starts
+    assert good[at : at + 8] == b"\x00\x00\x00\x01\x00\x00\x00\x00"  # group contacts: [0]
+    with pytest.raises(DecodeError):  # an index past the contacts
+        fmt.BackupContents.from_bytes(good[: at + 4] + b"\x00\x00\x00\x05" + good[at + 8 :])
+    # An invitation that is not one.
+    text = wire.encode_payload(wire.TextPayload(b"x" * 16, 1, "hi"))
+    w = wire.Writer()
+    w.u32(0).u32(0).u32(1).u32(0).varbytes(text).u64(1).u32(0)
+    with pytest.raises(DecodeError):
+        fmt.BackupContents.from_bytes(one_contact[:-16] + w.bytes())
 
 
 # --- renewal blocks ---------------------------------------------------------------------------
@@ -214,7 +310,8 @@ def test_renew_payload_is_strict() -> None:
 # --- fuzz -------------------------------------------------------------------------------------
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-CONTENTS = sample_contents().to_bytes()
+CONTENTS = sample_contents().to_bytes()  # version 2, with groups: the fuzz reaches them
+GROUPS_AT = len(replace(sample_contents(), groups=fmt.BackupGroups()).to_bytes()) - 16
 FILE = fmt.encrypt(E, PASS, CONTENTS, KDF)
 BLOCK = renewal.seal(E, ALICE, BOB.public, wire.encode_payload(RENEW))
 
@@ -236,6 +333,8 @@ def test_random_bytes(data: bytes) -> None:
     _parse_all(data)
     _parse_all(fmt.MAGIC + data)
     _parse_all(b"\x01\x30" + data)
+    _parse_all(b"\x02\x30" + data)
+    _parse_all(CONTENTS[:GROUPS_AT] + data)  # a version 2 groups section of random bytes
 
 
 @FUZZ
@@ -274,3 +373,15 @@ def test_mutated_file_gives_one_typed_error(data: st.DataObject) -> None:
 def test_settings_are_json() -> None:
     c = fmt.BackupContents.from_bytes(CONTENTS)
     assert json.loads(c.settings[0][1]) is False
+
+
+def test_backup_md_states_the_group_bounds() -> None:
+    text = (Path(__file__).parent.parent.parent / "docs" / "backup.md").read_text()
+    assert "format version: `0x02` written; `0x01` and `0x02` read" in text
+    assert fmt.FORMAT_VERSION == 2 and fmt.READABLE_VERSIONS == (1, 2)
+    assert f"`var({fmt.MAX_GROUP_LOG_BYTES >> 20} MiB)`" in text
+    assert f"groups | `u32 n` (≤ {fmt.MAX_GROUPS:,})" in text
+    assert f"invitations | `u32 n` (≤ {fmt.MAX_GROUP_INVITATIONS:,})" in text
+    assert f"sent invitations | `u32 n` (≤ {fmt.MAX_SENT_INVITES:,})" in text
+    assert f"`u8` index into ({', '.join(f'`{s}`' for s in fmt.GROUP_STATUSES)})" in text
+    assert f"`var({fmt.MAX_INVITATION_BYTES >> 20} MiB)` the group invitation payload" in text
