@@ -23,6 +23,7 @@ from .groups_state import (
     HELD_MAX_AGE_MS,
     INTRO_KEY,
     MAX_HELD_PER_GROUP,
+    MAX_HELD_PER_SENDER,
     MAX_PENDING_INVITATIONS,
     SETTING_MAX_INVITATIONS,
     GroupBase,
@@ -163,8 +164,12 @@ class GroupInbound(GroupBase):
             droplog.dropped("dropped an introduction from a member who may not add")
             return
         except NotAMember:
-            if not held:
-                self._hold(row.id, c, p)  # the add may be on its way
+            # the add may be on its way, but only from who could have made it: an admin or
+            # owner of a state the log knows who has not left (anyone else would fill the hold)
+            if not held and log.was_admin(introducer) and introducer not in log.departed():
+                self._hold(row.id, c, p)
+            else:
+                droplog.dropped("dropped an introduction naming a non-member")
             return
         if identity.same_keys(self.m.identity().public) or self.m.contacts.with_identity(identity):
             return
@@ -182,13 +187,15 @@ class GroupInbound(GroupBase):
 
     def _hold(self, ref: int, c: Contact, p: wire.Payload) -> None:
         G.drop_held_before(self.m.store, ref, now_ms() - HELD_MAX_AGE_MS)
-        if len(G.held(self.m.store, ref)) >= MAX_HELD_PER_GROUP:
+        if (len(G.held(self.m.store, ref)) >= MAX_HELD_PER_GROUP
+                or G.count_held_from(self.m.store, ref, c.id) >= MAX_HELD_PER_SENDER):
             droplog.dropped("dropped a held group payload (too many)")
             return
         G.hold(self.m.store, ref, c.id, wire.encode_payload(p))
 
     def _release_held(self, ref: int, head: core.GroupState, departed: frozenset[bytes]) -> None:
-        """The state moved: decide again on what waits for it."""
+        """The state moved: decide again on what waits for it (what waited too long goes)."""
+        G.drop_held_before(self.m.store, ref, now_ms() - HELD_MAX_AGE_MS)
         for h in G.held(self.m.store, ref):
             c = self.m.store.get_contact(h.contact_id)
             blob = self.m.store.get_session(h.contact_id)

@@ -33,6 +33,8 @@ SETTING_MAX_INVITATIONS = "groups.max_pending_invitations"
 #: Messages and introductions held per group for a version not reached yet (§25.6), and how
 #: long: anyone with a session can send one stamped just ahead.
 MAX_HELD_PER_GROUP = 64
+#: ...and per contact within a group, so that one sender cannot fill the group's share.
+MAX_HELD_PER_SENDER = 8
 HELD_MAX_AGE_MS = 7 * 24 * 3600 * 1000
 #: How long an introduction link of ours stays valid (the member opens it when it is online).
 INTRO_TTL = 7 * 24 * 3600

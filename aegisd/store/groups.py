@@ -190,6 +190,12 @@ def held(store: Store, ref: int) -> list[HeldRow]:
     return [HeldRow(int(r[0]), int(r[1]), bytes(r[2])) for r in rows]
 
 
+def count_held_from(store: Store, ref: int, contact_id: int) -> int:
+    return int(store._q(
+        "SELECT COUNT(*) FROM group_held WHERE group_ref = ? AND contact_id = ?", (ref, contact_id)
+    ).fetchone()[0])  # fmt: skip
+
+
 def drop_held(store: Store, held_id: int) -> None:
     store._q("DELETE FROM group_held WHERE id = ?", (held_id,))
 
