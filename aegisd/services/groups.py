@@ -207,7 +207,8 @@ class Groups(GroupBase):
             invite_id = self.m.entropy.random(16)
             payload = wire.GroupInvitePayload(invite_id, now_ms(), base, chain)
             with self.m.store.transaction():
-                G.add_sent_invite(self.m.store, invite_id, ref, c.id, log.head.version)
+                G.add_sent_invite(self.m.store, invite_id, ref, c.id, log.head.version,
+                                  log.base.version, [core.change_hash(ch) for ch in chain])
                 self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], payload)
         self.m.delivery.wake()
         return {"group": ref, "invited": c.name}

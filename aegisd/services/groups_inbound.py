@@ -27,7 +27,6 @@ from .groups_state import (
     MAX_PENDING_INVITATIONS,
     SETTING_MAX_INVITATIONS,
     GroupBase,
-    canonical_chain,
     now_ms,
     op_name,
 )
@@ -74,7 +73,7 @@ class GroupInbound(GroupBase):
         if sent is None:
             droplog.dropped("dropped a group answer to no invitation")
             return
-        ref, invited_at = sent
+        ref = sent.group_ref
         _, log = self._load(ref)
         if p.group_id != log.head.group_id:
             return
@@ -82,15 +81,22 @@ class GroupInbound(GroupBase):
             self.m.ctx.events.emit("group.changed", {"group": ref, "change": "declined",
                                                      "contact": c.name})  # fmt: skip
             return
+        if log.base.version != sent.base_version:
+            # the invited base is final no more at our end: the invitee's log could not
+            # take the changes since (they apply to versions it holds final); invite again
+            droplog.dropped("dropped a group answer to a stale invitation")
+            self.m.ctx.events.emit("group.changed", {"group": ref, "change": "invitation_stale",
+                                                     "contact": c.name})  # fmt: skip
+            return
         offers = core.introduction_offers(log.head, p, sender)
+        # every change of the chain the invitation did not carry, whatever its parent (a
+        # concurrent change that won on an older parent too), before the add (§25.7 step 3)
+        missed = [ch for ch in log.chain() if core.change_hash(ch) not in sent.chain]
         parent = log.head
         change = core.add_member(self.m.identity(), parent, sender)
         log.receive(change)
         self._save(ref, log)
-        missed = [
-            ch for ch in canonical_chain(log) if invited_at <= ch.parent_version < parent.version
-        ]
-        if missed:  # the changes made since the invitation, before the add (§25.7 step 3)
+        if missed:
             blob = self.m.store.get_session(c.id)
             assert blob is not None  # the answer just came through it
             session = Session.from_bytes(blob)

@@ -145,18 +145,6 @@ def sendable(c: Contact) -> bool:
     return not state.failed and state.send_to is not None
 
 
-def canonical_chain(log: core.GroupLog) -> list[wire.GroupChangeRecord]:
-    """The canonical chain after the log's base, in order (the stored record holds it first,
-    then the held-back changes)."""
-    out, head = [], log.base.head
-    for ch in log.record().changes:
-        if ch.parent_hash != head:
-            break
-        out.append(ch)
-        head = core.change_hash(ch)
-    return out
-
-
 def member_rows(state: core.GroupState) -> list[tuple[bytes, int]]:
     return [(m.key, m.role) for m in state.members]
 

@@ -151,26 +151,37 @@ def count_invitations(store: Store) -> int:
 
 
 def add_sent_invite(
-    store: Store, invite_id: bytes, ref: int, contact_id: int, version: int
-) -> None:
+    store: Store, invite_id: bytes, ref: int, contact_id: int, version: int,
+    base_version: int, chain: Iterable[bytes],
+) -> None:  # fmt: skip
+    """``chain``: the hashes of the changes the invitation carried after its base."""
     store._q(
         "INSERT OR REPLACE INTO group_invites_sent (invite_id, group_ref, contact_id, version, "
-        "created_at) VALUES (?, ?, ?, ?, ?)",
-        (invite_id, ref, contact_id, version, _ms()),
+        "created_at, base_version, chain) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (invite_id, ref, contact_id, version, _ms(), base_version, b"".join(chain)),
     )
 
 
-def take_sent_invite(store: Store, invite_id: bytes, contact_id: int) -> tuple[int, int] | None:
-    """The group an invitation we sent this contact was for, and the version it carried
-    (removed: one answer each)."""
+@dataclass(frozen=True)
+class SentInvite:
+    group_ref: int
+    base_version: int
+    chain: frozenset[bytes]  # hashes of the changes it carried
+
+
+def take_sent_invite(store: Store, invite_id: bytes, contact_id: int) -> SentInvite | None:
+    """The invitation we sent this contact with this ID (removed: one answer each)."""
     row = store._q(
-        "SELECT group_ref, version FROM group_invites_sent WHERE invite_id = ? AND contact_id = ?",
+        "SELECT group_ref, base_version, chain FROM group_invites_sent "
+        "WHERE invite_id = ? AND contact_id = ?",
         (invite_id, contact_id),
     ).fetchone()
     if row is None:
         return None
     store._q("DELETE FROM group_invites_sent WHERE invite_id = ?", (invite_id,))
-    return int(row[0]), int(row[1])
+    blob = bytes(row[2])
+    hashes = frozenset(blob[i : i + 32] for i in range(0, len(blob) - 31, 32))
+    return SentInvite(int(row[0]), int(row[1]), hashes)
 
 
 # --- held payloads --------------------------------------------------------------------------

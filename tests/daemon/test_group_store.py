@@ -23,9 +23,10 @@ def test_group_rows_round_trip_and_follow_their_contact(tmp_path):
 
         G.add_invitation(store, c.id, b"payload")
         assert G.count_invitations(store) == 1
-        G.add_sent_invite(store, b"i" * 16, ref, c.id, 7)
+        G.add_sent_invite(store, b"i" * 16, ref, c.id, 7, 5, [b"x" * 32, b"y" * 32])
         assert G.take_sent_invite(store, b"i" * 16, c.id + 1) is None
-        assert G.take_sent_invite(store, b"i" * 16, c.id) == (ref, 7)
+        assert G.take_sent_invite(store, b"i" * 16, c.id) == G.SentInvite(
+            ref, 5, frozenset({b"x" * 32, b"y" * 32}))  # fmt: skip
         assert G.take_sent_invite(store, b"i" * 16, c.id) is None  # one answer each
 
         G.add_message(store, ref, "m1", "out", "hello")
