@@ -38,6 +38,7 @@ from .groups_state import (
     ROLES,
     GroupBase,
     GroupsHost,
+    departed_keys,
     member_rows,
     now_ms,
     op_name,
@@ -149,6 +150,7 @@ class Groups(GroupBase):
                 self.m.ctx.events.emit(
                     "group.changed", {"group": ref, "change": op_name(change.op)}
                 )
+            self._prune_contacts(departed_keys(parent, log.head, self._me()))
         self.m.delivery.wake()
         return self.describe(ref)
 
@@ -181,6 +183,7 @@ class Groups(GroupBase):
                 with self.m.store.transaction():
                     G.delete_group(self.m.store, ref)
                     self.m.ctx.events.emit("group.changed", {"group": ref, "change": "deleted"})
+                self._prune_contacts(m.key for m in log.head.members)
             return {"group": ref, "deleted": True}
         await self._change(ref, lambda me, s, _l: core.leave(me, s))
         return {"group": ref, "deleted": False}

@@ -27,6 +27,7 @@ from .groups_state import (
     MAX_PENDING_INVITATIONS,
     SETTING_MAX_INVITATIONS,
     GroupBase,
+    departed_keys,
     now_ms,
     op_name,
 )
@@ -118,11 +119,13 @@ class GroupInbound(GroupBase):
             droplog.dropped("dropped a change of an unknown group")
             return
         _, log = self._load(row.id)
+        before = log.head
         received = log.receive(change)
         self._save(row.id, log)
         if received.outcome is core.Outcome.APPLIED:
             self.m.ctx.events.emit("group.changed", {"group": row.id, "change": op_name(change.op)})
             self._release_held(row.id, log.head, log.departed())
+        self._prune_contacts(departed_keys(before, log.head, self._me()))
 
     def _on_message(self, c: Contact, session: Session, sender: PublicIdentity,
                     p: wire.GroupMessagePayload, held: bool = False) -> None:  # fmt: skip

@@ -7,8 +7,9 @@ helpers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
 from aegisd.core import group as core
@@ -58,6 +59,7 @@ class ContactsView(Protocol):
     def by_name(self, name: str) -> Contact: ...
     def unique_name(self, wanted: str) -> str: ...
     async def add(self, name: str, link_text: str) -> dict[str, Any]: ...
+    async def remove(self, name: str) -> None: ...
 
 
 class AddressView(Protocol):
@@ -138,6 +140,33 @@ class GroupBase:
         recipients, _ = self._recipients(parent, also=log.head)
         if recipients:
             self.m.delivery.enqueue(recipients, wire.GroupChangePayload(change))
+
+
+    def _prune_contacts(self, keys: Iterable[bytes]) -> None:
+        """Members gone from a group (removed, left, or the group gone here): a group-only
+        contact among them that shares no group with us any more goes, with its session and
+        mailboxes (after the caller's lock is released; checked again then)."""
+        for key in keys:
+            if key == self._me() or G.shares_group(self.m.store, self._me(), key):
+                continue
+            c = next((c for c in self.m.store.list_contacts() if c.identity_key is not None
+                      and PublicIdentity.from_bytes(c.identity_key).ed_pub == key),
+                     None)  # fmt: skip
+            if c is not None and G.is_group_contact(self.m.store, c.id):
+                self.m._spawn(self._remove_contact(c.id, key))
+
+    async def _remove_contact(self, contact_id: int, key: bytes) -> None:
+        c = self.m.store.get_contact(contact_id)
+        if c is None or G.shares_group(self.m.store, self._me(), key):
+            return  # gone already, or met again in another group meanwhile
+        with contextlib.suppress(AppError):
+            await self.m.contacts.remove(c.name)
+
+
+def departed_keys(before: core.GroupState, after: core.GroupState, me: bytes) -> set[bytes]:
+    """Who left between two states; everyone, if it is us who left."""
+    gone = {m.key for m in before.members} - {m.key for m in after.members}
+    return {m.key for m in before.members} if me in gone else gone
 
 
 def sendable(c: Contact) -> bool:

@@ -156,6 +156,13 @@ _GROUP_PAYLOADS = (
     wire.GroupInvitePayload, wire.GroupAnswerPayload, wire.GroupChangePayload,
     wire.GroupMessagePayload, wire.GroupIntroductionPayload,
 )  # fmt: skip
+#: What a group-only contact (made through an introduction, hidden) may send: the group's
+#: payloads, receipts of group messages, and the session's housekeeping (its mailbox, moved
+#: or renewed). Texts, files and calls from it are dropped: it is no contact of the user's.
+_GROUP_CONTACT_PAYLOADS = (
+    *_GROUP_PAYLOADS, wire.CoverPayload, wire.ReceiptPayload, wire.HelloPayload,
+    wire.MailboxPayload, wire.MailboxAckPayload,
+)  # fmt: skip
 
 
 class InboxHost(Protocol):
@@ -427,6 +434,11 @@ class Inbox:
     def _handle_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None:
         if isinstance(payload, wire.CoverPayload):
             return  # cover: nothing to show, keep or answer (§24)
+        if not isinstance(payload, _GROUP_CONTACT_PAYLOADS) and group_store.is_group_contact(
+            self.m.store, c.id
+        ):
+            droplog.dropped("dropped a one-to-one payload from a group-only contact")
+            return
         if isinstance(payload, _GROUP_PAYLOADS):
             self.m.groups.on_payload(c, session, payload)
             return

@@ -120,6 +120,15 @@ def groups_with_member(store: Store, member_key: bytes) -> list[int]:
     return [int(r[0]) for r in rows]
 
 
+def shares_group(store: Store, me: bytes, member_key: bytes) -> bool:
+    """Whether some group here has both keys among its head's members."""
+    return store._q(
+        "SELECT 1 FROM group_members a JOIN group_members b ON a.group_ref = b.group_ref "
+        "WHERE a.member_key = ? AND b.member_key = ? LIMIT 1",
+        (me, member_key),
+    ).fetchone() is not None
+
+
 # --- invitations ----------------------------------------------------------------------------
 
 
@@ -220,6 +229,13 @@ def drop_held_before(store: Store, ref: int, before_ms: int) -> None:
 
 def mark_group_contact(store: Store, contact_id: int) -> None:
     store._q("INSERT OR IGNORE INTO group_contacts (contact_id) VALUES (?)", (contact_id,))
+
+
+def is_group_contact(store: Store, contact_id: int) -> bool:
+    return (
+        store._q("SELECT 1 FROM group_contacts WHERE contact_id = ?", (contact_id,)).fetchone()
+        is not None
+    )
 
 
 def group_contact_ids(store: Store) -> set[int]:

@@ -106,8 +106,15 @@ def test_a_group_of_members_who_are_not_all_contacts(
     assert sent["recipients"] == 2 and sent["unreachable"] == 0
     carol.wait_for(lambda: "from bob" in texts(carol), "carol to get bob's message", T)
     alice.wait_for(lambda: "from bob" in texts(alice), "alice to get bob's message", T)
+    # A group-only contact is no contact: a one-to-one text from it is dropped (sent before
+    # her group message, on the same session: taken first).
+    bob_at_carol = hidden_contacts(carol)
+    assert len(bob_at_carol) == 1
+    carol.call("messages.send", {"contact": bob_at_carol[0], "text": "direct from carol"})
     carol.call("group.send", {"group": gc, "text": "from carol"})
     bob.wait_for(lambda: "from carol" in texts(bob), "bob to get carol's message", T)
+    assert not any(e["data"].get("text") == "direct from carol"
+                   for e in bob.events(types=["message.received"]))  # fmt: skip
     # Delivery per member, aggregated from the receipts.
     bob.wait_for(
         lambda: next(m for m in bob.call("group.history", {"group": gb})["messages"]
@@ -136,27 +143,42 @@ def test_a_group_of_members_who_are_not_all_contacts(
     after = alice.call("group.send", {"group": g, "text": "after the removal"})
     assert after["recipients"] == 1
     bob.wait_for(lambda: "after the removal" in texts(bob), "bob to get it", T)
+    # ... and never reaches her (alice's outbox is empty and carol took all that waited).
+    alice.wait_for(lambda: outbox_size(alice) == 0, "alice's outbox to drain", T)
+    carol.wait_for(lambda: waiting_at_relay(relay_proc, alice, "carol") == 0, "carol's take", T)
+    assert "after the removal" not in texts(carol)
+    # bob and carol share no group any more: their group-only contacts go at both ends.
+    for p in (bob, carol):
+        p.wait_for(lambda p=p: hidden_contacts(p) == [], f"{p.name}'s group contact to go", T)
     bob.call("group.send", {"group": gb, "text": "bob after the removal"})
     alice.wait_for(lambda: "bob after the removal" in texts(alice), "alice to get it", T)
     with pytest.raises(RpcCallError) as err:
         carol.call("group.send", {"group": gc, "text": "still here?"})
     assert err.value.data["reason"] == "not_a_member"
 
-    # A message from a non-member (carol's own software, pretending) is dropped by bob.
+    # Messages from the departed carol (her own software, pretending) are dropped by alice,
+    # whatever their stamp: an old version, and head + 1 (which would otherwise be held).
     s = offline_store(carol)
     try:
         group_id = G.list_groups(s)[0].group_id
-        hidden = G.group_contact_ids(s)
-        bob_name = next(c.name for c in s.list_contacts() if c.id in hidden)
     finally:
         s.close()
     carol.stop()
-    forged = wire.GroupMessagePayload(group_id, 1, os.urandom(16), int(time.time() * 1000),
-                                      "forged by a non-member")  # fmt: skip
-    with hostile(carol.home, bob_name) as h:
-        h.deposit(url_of(relay_proc), h.payload_blocks(forged))
-        bob.wait_for(lambda: queued(relay_proc, h) == 0, "bob to take the block", T)
-    assert "forged by a non-member" not in texts(bob)
+    head = group_of(alice)["version"]  # type: ignore[index]
+    with hostile(carol.home, "alice") as h:
+        for version, text in ((1, "forged, old"), (head + 1, "forged, ahead")):
+            forged = wire.GroupMessagePayload(group_id, version, os.urandom(16),
+                                              int(time.time() * 1000), text)  # fmt: skip
+            h.deposit(url_of(relay_proc), h.payload_blocks(forged))
+        alice.wait_for(lambda: queued(relay_proc, h) == 0, "alice to take the blocks", T)
+    alice.call("group.rename", {"group": g, "name": "Trips again"})  # the head reaches head + 1
+    bob.wait_for(lambda: group_of(bob)["version"] == head + 1, "the rename at bob", T)  # type: ignore[index]
+    assert not any(t.startswith("forged") for t in texts(alice))
+    s = offline_store(alice)
+    try:
+        assert G.held(s, g) == []
+    finally:
+        s.close()
 
     # A blocked member's group messages are dropped, and nothing is sent to it.
     bob.call("contacts.block", {"name": "alice"})
@@ -179,6 +201,15 @@ def test_a_group_of_members_who_are_not_all_contacts(
             assert not any(n in raw for n in needles), path.name
     out = relay_proc.output().encode()
     assert not any(n in out for n in [group_id.hex().encode(), *needles[1:]])
+
+
+def hidden_contacts(peer: Peer) -> list[str]:
+    s = offline_store(peer)
+    try:
+        hidden = G.group_contact_ids(s)
+        return [c.name for c in s.list_contacts() if c.id in hidden]
+    finally:
+        s.close()
 
 
 def outbox_size(peer: Peer) -> int:
