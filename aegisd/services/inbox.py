@@ -156,6 +156,14 @@ _GROUP_PAYLOADS = (
     wire.GroupInvitePayload, wire.GroupAnswerPayload, wire.GroupChangePayload,
     wire.GroupMessagePayload, wire.GroupIntroductionPayload,
 )  # fmt: skip
+def _group_change(content: bytes) -> wire.GroupChangePayload | None:
+    try:
+        payload = wire.decode_payload(content)
+    except DecodeError:
+        return None
+    return payload if isinstance(payload, wire.GroupChangePayload) else None
+
+
 #: What a group-only contact (made through an introduction, hidden) may send: the group's
 #: payloads, receipts of group messages, and the session's housekeeping (its mailbox, moved
 #: or renewed). Texts, files and calls from it are dropped: it is no contact of the user's.
@@ -363,8 +371,14 @@ class Inbox:
             self.m.store.put_session(contact_id, session.to_bytes())
             if c.blocked:
                 # Nothing of a blocked contact is shown or kept (not even a partial message):
-                # the ratchet step above is all that is stored.
-                droplog.dropped("dropped a block of a blocked contact")
+                # the ratchet step above is all that is stored. Save a group change (0x0E,
+                # one block): a blocked admin's changes still make the group's state, or
+                # blocking would fork it (docs/protocol.md §25.9).
+                change = _group_change(fragment.data) if fragment.count == 1 else None
+                if change is not None:
+                    self.m.groups.on_payload(c, session, change)
+                else:
+                    droplog.dropped("dropped a block of a blocked contact")
                 return
             if fragment.count == 1:
                 content: bytes | None = fragment.data

@@ -187,6 +187,9 @@ def test_a_group_of_members_who_are_not_all_contacts(
     alice.wait_for(lambda: outbox_size(alice) == 0, "alice's outbox to drain", T)
     bob.wait_for(lambda: waiting_at_relay(relay_proc, alice, "bob") == 0, "bob to take it", T)
     assert "to a blocker" not in texts(bob)
+    # ... but its membership changes still make the group's state (no fork by a block).
+    alice.call("group.rename", {"group": g, "name": "Trips while blocked"})
+    bob.wait_for(lambda: group_of(bob)["name"] == "Trips while blocked", "the rename", T)  # type: ignore[index]
     bob.call("contacts.block", {"name": "alice", "blocked": False})
 
     # bob leaves: alice is alone.
