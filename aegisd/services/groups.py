@@ -17,6 +17,7 @@ imports it back): what it uses of the messenger is ``GroupsHost``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from aegisd.core import group as core
@@ -34,6 +35,8 @@ from .groups_inbound import GroupInbound
 from .groups_state import (
     INTRO_KEY,
     INTRO_TTL,
+    INVITATION_MAX_AGE_MS,
+    MAX_INTRODUCTIONS,
     ROLE_NAMES,
     ROLES,
     GroupBase,
@@ -217,6 +220,7 @@ class Groups(GroupBase):
         return {"group": ref, "invited": c.name}
 
     def invitations(self) -> list[dict[str, Any]]:
+        G.drop_invitations_before(self.m.store, now_ms() - INVITATION_MAX_AGE_MS)
         out = []
         for row in G.list_invitations(self.m.store):
             p = wire.decode_payload(row.payload)
@@ -243,6 +247,9 @@ class Groups(GroupBase):
         self, invitation: int
     ) -> tuple[G.GroupInvitationRow, wire.GroupInvitePayload, Contact, core.GroupLog]:
         row = G.get_invitation(self.m.store, invitation)
+        if row is not None and row.created_at < now_ms() - INVITATION_MAX_AGE_MS:
+            G.delete_invitation(self.m.store, row.id)  # expired
+            row = None
         if row is None:
             raise E.not_found("invitation")
         p = wire.decode_payload(row.payload)
@@ -268,26 +275,44 @@ class Groups(GroupBase):
                 m.key for m in log.head.members
                 if m.key != self._me() and self._contact_of(m) is None
             )  # fmt: skip
-        offers = []
-        for key in strangers:  # relay calls: outside the lock
-            made = await self.m.address.create_invitation(INTRO_TTL)
-            link = wire.ContactLink.from_text(made["link"])
-            self.m.store.set_setting(f"{INTRO_KEY}{made['invitation']}", key.hex())
-            offers.append(wire.IntroductionOffer(key, link))
-        async with self.m.lock:
-            row, p, c, log = self._invitation(invitation)
-            blob = self.m.store.get_session(c.id)
-            if c.blocked:
-                raise AppError(E.BLOCKED, "blocked", "the inviter is blocked")
-            if blob is None:
-                raise AppError(E.NOT_READY, "not_ready", "no session with the inviter")
-            answer = wire.GroupAnswerPayload(p.invite_id, log.head.group_id, True, tuple(offers))
-            with self.m.store.transaction():
-                G.delete_invitation(self.m.store, row.id)
-                ref = G.add_group(self.m.store, log.head.group_id, log.record().to_bytes(),
-                                  member_rows(log.head))  # fmt: skip
-                self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], answer)
-                self.m.ctx.events.emit("group.changed", {"group": ref, "change": "joined"})
+        if len(strangers) > MAX_INTRODUCTIONS:
+            # each is a relay invitation of ours: the inviter's claimed member list must not
+            # set what an accept costs
+            raise AppError(E.TOO_LARGE, "too_large", f"the group has more than "
+                           f"{MAX_INTRODUCTIONS} members who are not your contacts")  # fmt: skip
+        made: list[tuple[str, bytes]] = []  # (invitation, member key), revoked on a failure
+        done = False
+        try:
+            offers = []
+            for key in strangers:  # relay calls: outside the lock
+                link = await self.m.address.create_invitation(INTRO_TTL)
+                made.append((str(link["invitation"]), key))
+                offers.append(wire.IntroductionOffer(key, wire.ContactLink.from_text(link["link"])))
+            async with self.m.lock:
+                row, p, c, log = self._invitation(invitation)
+                blob = self.m.store.get_session(c.id)
+                if c.blocked:
+                    raise AppError(E.BLOCKED, "blocked", "the inviter is blocked")
+                if blob is None:
+                    raise AppError(E.NOT_READY, "not_ready", "no session with the inviter")
+                if G.group_by_id(self.m.store, log.head.group_id) is not None:
+                    raise AppError(E.EXISTS, "exists", "this group is already here")
+                answer = wire.GroupAnswerPayload(p.invite_id, log.head.group_id, True,
+                                                 tuple(offers))  # fmt: skip
+                with self.m.store.transaction():
+                    for inv, key in made:  # which member each link is for (§25.7 step 5)
+                        self.m.store.set_setting(f"{INTRO_KEY}{inv}", key.hex())
+                    G.delete_invitation(self.m.store, row.id)
+                    ref = G.add_group(self.m.store, log.head.group_id, log.record().to_bytes(),
+                                      member_rows(log.head))  # fmt: skip
+                    self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], answer)
+                    self.m.ctx.events.emit("group.changed", {"group": ref, "change": "joined"})
+            done = True
+        finally:
+            if not done:  # no link of a failed accept stays open
+                for inv, _ in made:
+                    with contextlib.suppress(AppError, OSError):
+                        await self.m.address.revoke_invitation(inv)
         self.m.delivery.wake()
         return self.describe(ref)
 

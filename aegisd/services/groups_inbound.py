@@ -22,8 +22,10 @@ from .delivery import Recipient
 from .groups_state import (
     HELD_MAX_AGE_MS,
     INTRO_KEY,
+    INVITATION_MAX_AGE_MS,
     MAX_HELD_PER_GROUP,
     MAX_HELD_PER_SENDER,
+    MAX_INVITATIONS_PER_CONTACT,
     MAX_PENDING_INVITATIONS,
     SETTING_MAX_INVITATIONS,
     GroupBase,
@@ -60,8 +62,14 @@ class GroupInbound(GroupBase):
     def _on_invitation(self, c: Contact, sender: PublicIdentity, p: wire.GroupInvitePayload
                        ) -> None:  # fmt: skip
         core.invitation_log(p.base, p.changes, sender, self.m.identity().public)  # or raises
+        G.drop_invitations_before(self.m.store, now_ms() - INVITATION_MAX_AGE_MS)
         limit = int(self.m.store.get_setting(SETTING_MAX_INVITATIONS, MAX_PENDING_INVITATIONS))
-        if G.count_invitations(self.m.store) >= limit:
+        theirs = G.invitations_of(self.m.store, c.id)
+        if len(theirs) >= MAX_INVITATIONS_PER_CONTACT:  # the contact's oldest goes
+            for old in theirs[: len(theirs) - MAX_INVITATIONS_PER_CONTACT + 1]:
+                G.delete_invitation(self.m.store, old)
+            droplog.dropped("dropped a group invitation (too many from one contact)")
+        elif G.count_invitations(self.m.store) >= limit:
             droplog.dropped("dropped a group invitation (too many pending)")
             return
         inv = G.add_invitation(self.m.store, c.id, wire.encode_payload(p))
@@ -122,6 +130,9 @@ class GroupInbound(GroupBase):
         before = log.head
         received = log.receive(change)
         self._save(row.id, log)
+        if received.undone:  # changes shown applied before lost (or found invalid) now
+            self.m.ctx.events.emit("group.changed", {"group": row.id, "change": "undone",
+                                                     "count": len(received.undone)})  # fmt: skip
         if received.outcome is core.Outcome.APPLIED:
             self.m.ctx.events.emit("group.changed", {"group": row.id, "change": op_name(change.op)})
             self._release_held(row.id, log.head, log.departed())

@@ -31,6 +31,10 @@ from .mailbox import ContactState
 #: Group invitations waiting for the user; past this a new one is dropped (counted).
 MAX_PENDING_INVITATIONS = 20
 SETTING_MAX_INVITATIONS = "groups.max_pending_invitations"
+#: ...of them from one contact (past this its oldest goes: one contact cannot fill the
+#: list), and how long one waits.
+MAX_INVITATIONS_PER_CONTACT = 3
+INVITATION_MAX_AGE_MS = 30 * 24 * 3600 * 1000
 #: Messages and introductions held per group for a version not reached yet (§25.6), and how
 #: long: anyone with a session can send one stamped just ahead.
 MAX_HELD_PER_GROUP = 64
@@ -39,6 +43,8 @@ MAX_HELD_PER_SENDER = 8
 HELD_MAX_AGE_MS = 7 * 24 * 3600 * 1000
 #: How long an introduction link of ours stays valid (the member opens it when it is online).
 INTRO_TTL = 7 * 24 * 3600
+#: Introduction links one accept may make (one relay invitation each).
+MAX_INTRODUCTIONS = 32
 INTRO_KEY = "group.intro."  # setting per introduction invitation: the member it is for
 ROLE_NAMES = {wire.ROLE_MEMBER: "member", wire.ROLE_ADMIN: "admin", wire.ROLE_OWNER: "owner"}
 ROLES = {v: k for k, v in ROLE_NAMES.items()}
@@ -64,6 +70,7 @@ class ContactsView(Protocol):
 
 class AddressView(Protocol):
     async def create_invitation(self, expires_in: int) -> dict[str, Any]: ...
+    async def revoke_invitation(self, invitation: str) -> None: ...
 
 
 class GroupsHost(Protocol):

@@ -155,6 +155,20 @@ def delete_invitation(store: Store, inv: int) -> bool:
     return bool(store._q("DELETE FROM group_invitations WHERE id = ?", (inv,)).rowcount)
 
 
+def invitations_of(store: Store, contact_id: int) -> list[int]:
+    """A contact's waiting invitations, oldest first."""
+    rows = store._q(
+        "SELECT id FROM group_invitations WHERE contact_id = ? ORDER BY id", (contact_id,)
+    ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def drop_invitations_before(store: Store, before_ms: int) -> int:
+    return int(
+        store._q("DELETE FROM group_invitations WHERE created_at < ?", (before_ms,)).rowcount
+    )
+
+
 def count_invitations(store: Store) -> int:
     return int(store._q("SELECT COUNT(*) FROM group_invitations").fetchone()[0])
 

@@ -240,3 +240,21 @@ def waiting_at_relay(relay: RelayProcess, peer: Peer, contact: str) -> int:
             (deposit_key(send_to.deposit_id),),
         ).fetchone()
     return int(row[0])
+
+
+def test_one_contact_keeps_at_most_three_invitations_waiting(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    alice, bob = peers("alice"), peers("bob")
+    connect(bob, alice)
+    names = [f"Group {i} 5d1e" for i in range(4)]
+    for name in names:
+        g = alice.call("group.create", {"name": name})["group"]
+        alice.call("group.invite", {"group": g, "contact": "bob"})
+        bob.wait_for(
+            lambda name=name: name in [i["name"] for i in
+                                       bob.call("group.invitations")["invitations"]],
+            f"the invitation to {name}", T,
+        )  # fmt: skip
+    # the oldest went: one contact cannot fill the list of waiting invitations
+    assert [i["name"] for i in bob.call("group.invitations")["invitations"]] == names[1:]
