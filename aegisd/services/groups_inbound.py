@@ -30,6 +30,7 @@ from .groups_state import (
     SETTING_MAX_INVITATIONS,
     GroupBase,
     departed_keys,
+    missed_changes,
     now_ms,
     op_name,
 )
@@ -100,7 +101,7 @@ class GroupInbound(GroupBase):
         offers = core.introduction_offers(log.head, p, sender)
         # every change of the chain the invitation did not carry, whatever its parent (a
         # concurrent change that won on an older parent too), before the add (§25.7 step 3)
-        missed = [ch for ch in log.chain() if core.change_hash(ch) not in sent.chain]
+        missed = missed_changes(log, sent.chain)
         parent = log.head
         change = core.add_member(self.m.identity(), parent, sender)
         log.receive(change)

@@ -170,6 +170,14 @@ class GroupBase:
             await self.m.contacts.remove(c.name)
 
 
+def missed_changes(log: core.GroupLog, carried: frozenset[bytes]
+                   ) -> list[wire.GroupChangeRecord]:  # fmt: skip
+    """What an invitee lacks of our chain (§25.7 step 3): every change on it that the
+    invitation did not carry (hashes), whatever its parent: a concurrent change that won on
+    an older parent than the invitation's head too."""
+    return [ch for ch in log.chain() if core.change_hash(ch) not in carried]
+
+
 def departed_keys(before: core.GroupState, after: core.GroupState, me: bytes) -> set[bytes]:
     """Who left between two states; everyone, if it is us who left."""
     gone = {m.key for m in before.members} - {m.key for m in after.members}
