@@ -6,8 +6,6 @@ delivery layer and the inbox's ``clean_name`` (none imports it back)."""
 
 from __future__ import annotations
 
-import contextlib
-
 from aegisd import droplog
 from aegisd.core import group as core
 from aegisd.core import wire
@@ -15,6 +13,7 @@ from aegisd.core.errors import DecodeError, GroupError, NotAMember, NotPermitted
 from aegisd.core.identity import PublicIdentity
 from aegisd.core.session import Session
 from aegisd.rpc import AppError
+from aegisd.rpc import errors as E
 from aegisd.store import groups as G
 from aegisd.store.db import Contact
 
@@ -22,10 +21,12 @@ from .delivery import Recipient
 from .groups_state import (
     HELD_MAX_AGE_MS,
     INTRO_KEY,
+    INTRO_TRIES,
     INVITATION_MAX_AGE_MS,
     MAX_HELD_PER_GROUP,
     MAX_HELD_PER_SENDER,
     MAX_INVITATIONS_PER_CONTACT,
+    MAX_PENDING_INTROS_PER_GROUP,
     MAX_PENDING_INVITATIONS,
     SETTING_MAX_INVITATIONS,
     GroupBase,
@@ -194,17 +195,43 @@ class GroupInbound(GroupBase):
             return
         if identity.same_keys(self.m.identity().public) or self.m.contacts.with_identity(identity):
             return
+        if G.count_pending_intros(self.m.store, row.id) >= MAX_PENDING_INTROS_PER_GROUP:
+            droplog.dropped("dropped an introduction (too many pending)")
+            return
         name = self.m.contacts.unique_name(clean_name(f"member {identity.ed_pub.hex()[:12]}"))
-        self.m._spawn(self._open_session(name, p.link))
+        # kept until its first contact is made (or given up): a passing failure loses nothing
+        intro = G.add_pending_intro(self.m.store, row.id, name, p.link.to_text())
+        self.m._spawn(self.open_session(intro))
 
-    async def _open_session(self, name: str, link: wire.ContactLink) -> None:
+    async def open_session(self, intro_id: int) -> None:
         """A first contact through the newcomer's introduction link (§25.7 step 4); the
-        contact serves the group only (hidden from the contact list)."""
-        with contextlib.suppress(AppError, GroupError, DecodeError, OSError):
-            made = await self.m.contacts.add(name, link.to_text())
-            c = self.m.store.contact_by_name(made["name"])
-            if c is not None:
-                G.mark_group_contact(self.m.store, c.id)
+        contact serves the group only (hidden from the contact list, marked so as it is
+        made). A failure counts a try; the maintenance loop tries again (retry_intros)."""
+        intro = G.get_pending_intro(self.m.store, intro_id)
+        if intro is None:
+            return
+        G.tried_pending_intro(self.m.store, intro.id)
+        try:
+            await self.m.contacts.add(intro.name, intro.link, group_only=True)
+        except AppError as exc:
+            if exc.code in (E.BAD_LINK, E.EXPIRED, E.EXISTS):  # for good: not worth a retry
+                G.drop_pending_intro(self.m.store, intro.id)
+            droplog.dropped("an introduction's first contact failed")
+            return
+        except (GroupError, DecodeError, OSError):
+            droplog.dropped("an introduction's first contact failed")
+            return
+        G.drop_pending_intro(self.m.store, intro.id)
+
+    async def retry_intros(self) -> None:
+        """The maintenance loop's: introductions whose first contact failed, tried again
+        (at most INTRO_TRIES in all)."""
+        for intro in G.pending_intros(self.m.store):
+            if intro.tries >= INTRO_TRIES:
+                G.drop_pending_intro(self.m.store, intro.id)
+                droplog.dropped("dropped an introduction (first contact failed every try)")
+            else:
+                await self.open_session(intro.id)
 
     def _hold(self, ref: int, c: Contact, p: wire.Payload) -> None:
         G.drop_held_before(self.m.store, ref, now_ms() - HELD_MAX_AGE_MS)

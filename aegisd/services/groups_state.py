@@ -45,6 +45,10 @@ HELD_MAX_AGE_MS = 7 * 24 * 3600 * 1000
 INTRO_TTL = 7 * 24 * 3600
 #: Introduction links one accept may make (one relay invitation each).
 MAX_INTRODUCTIONS = 32
+#: An introduction whose first contact failed for a passing reason is tried again by the
+#: maintenance loop, this many times in all; at most this many wait per group.
+INTRO_TRIES = 5
+MAX_PENDING_INTROS_PER_GROUP = 64
 INTRO_KEY = "group.intro."  # setting per introduction invitation: the member it is for
 ROLE_NAMES = {wire.ROLE_MEMBER: "member", wire.ROLE_ADMIN: "admin", wire.ROLE_OWNER: "owner"}
 ROLES = {v: k for k, v in ROLE_NAMES.items()}
@@ -64,7 +68,8 @@ class ContactsView(Protocol):
     def with_identity(self, identity: PublicIdentity) -> Contact | None: ...
     def by_name(self, name: str) -> Contact: ...
     def unique_name(self, wanted: str) -> str: ...
-    async def add(self, name: str, link_text: str) -> dict[str, Any]: ...
+    async def add(self, name: str, link_text: str, *, group_only: bool = False
+                  ) -> dict[str, Any]: ...  # fmt: skip
     async def remove(self, name: str) -> None: ...
 
 

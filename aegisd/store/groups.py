@@ -256,6 +256,52 @@ def group_contact_ids(store: Store) -> set[int]:
     return {int(r[0]) for r in store._q("SELECT contact_id FROM group_contacts").fetchall()}
 
 
+# --- introductions waiting for their first contact ----------------------------------------
+
+
+@dataclass(frozen=True)
+class PendingIntro:
+    id: int
+    group_ref: int
+    name: str
+    link: str
+    tries: int
+
+
+def add_pending_intro(store: Store, ref: int, name: str, link: str) -> int:
+    cur = store._q(
+        "INSERT INTO group_intros_pending (group_ref, name, link, tries, created_at) "
+        "VALUES (?, ?, ?, 0, ?)",
+        (ref, name, link, _ms()),
+    )
+    return int(cur.lastrowid)
+
+
+def pending_intros(store: Store) -> list[PendingIntro]:
+    rows = store._q(
+        "SELECT id, group_ref, name, link, tries FROM group_intros_pending ORDER BY id"
+    ).fetchall()
+    return [PendingIntro(int(r[0]), int(r[1]), str(r[2]), str(r[3]), int(r[4])) for r in rows]
+
+
+def get_pending_intro(store: Store, intro_id: int) -> PendingIntro | None:
+    return next((p for p in pending_intros(store) if p.id == intro_id), None)
+
+
+def count_pending_intros(store: Store, ref: int) -> int:
+    return int(store._q(
+        "SELECT COUNT(*) FROM group_intros_pending WHERE group_ref = ?", (ref,)
+    ).fetchone()[0])  # fmt: skip
+
+
+def tried_pending_intro(store: Store, intro_id: int) -> None:
+    store._q("UPDATE group_intros_pending SET tries = tries + 1 WHERE id = ?", (intro_id,))
+
+
+def drop_pending_intro(store: Store, intro_id: int) -> None:
+    store._q("DELETE FROM group_intros_pending WHERE id = ?", (intro_id,))
+
+
 # --- history ----------------------------------------------------------------------------------
 
 
