@@ -326,19 +326,23 @@ class Groups(GroupBase):
             head = log.head
             if head.member(self._me()) is None:
                 raise refused(NotAMember("you are not a member of this group"))
-            recipients, missing = self._recipients(head)
+            recipients, skipped, strangers = self._targets(head)
             wire_id = self.m.entropy.random(wire.MESSAGE_ID_LEN)
             mid = wire_id.hex()
             payload = wire.GroupMessagePayload(head.group_id, head.version, wire_id, now_ms(), text)
             with self.m.store.transaction():
                 G.add_message(self.m.store, ref, mid, "out", text)
                 G.set_statuses(self.m.store, mid, [r.contact.id for r in recipients], "queued")
+                for cid, status in skipped.items():  # counted in "N of M", never sent
+                    G.set_statuses(self.m.store, mid, [cid], status)
+                G.add_unsent(self.m.store, mid, strangers)
                 if recipients:  # the delivery layer is the fan-out: one call for all
                     self.m.delivery.enqueue(
                         recipients, payload, delay=self.m.delivery.send_jitter()
                     )
         self.m.delivery.wake()
-        return {"message_id": mid, "recipients": len(recipients), "unreachable": missing}
+        return {"message_id": mid, "recipients": len(recipients),
+                "unreachable": len(strangers) + len(skipped)}  # fmt: skip
 
     def history(self, ref: int, before: int | None, limit: int) -> dict[str, Any]:
         _, log = self._load(ref)
@@ -366,7 +370,8 @@ class Groups(GroupBase):
         for cid in st:
             c = self.m.store.get_contact(cid)
             names[cid] = c.name if c else str(cid)
+        members = {names[cid]: s for cid, s in st.items()}
+        members.update({key.hex(): "unreachable" for key in G.unsent(self.m.store, mid)})
         delivered = sum(1 for s in st.values() if s in ("delivered", "read"))
-        return {"recipients": len(st), "delivered": delivered,
-                "read": sum(1 for s in st.values() if s == "read"),
-                "members": {names[cid]: s for cid, s in st.items()}}  # fmt: skip
+        # every other member at send, reached or not ("delivered to 3 of 5")
+        return {"recipients": len(members), "delivered": delivered, "members": members}

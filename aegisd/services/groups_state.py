@@ -146,6 +146,28 @@ class GroupBase:
                 out.append(Recipient(c, Session.from_bytes(blob)))
         return out, missing
 
+    def _targets(self, state: core.GroupState) -> tuple[list[Recipient], dict[int, str],
+                                                       list[bytes]]:  # fmt: skip
+        """Every other member of `state`, for a group message: the recipients (a session,
+        not blocked), the status of each member with a contact it is not sent to
+        (`unreachable`, `blocked`), and the keys of members with no contact here yet."""
+        me, out, skipped, strangers = self._me(), [], {}, []
+        for member in state.members:
+            if member.key == me:
+                continue
+            c = self._contact_of(member)
+            if c is None:
+                strangers.append(member.key)
+                continue
+            blob = self.m.store.get_session(c.id)
+            if c.blocked:
+                skipped[c.id] = "blocked"
+            elif blob is None or not sendable(c):
+                skipped[c.id] = "unreachable"
+            else:
+                out.append(Recipient(c, Session.from_bytes(blob)))
+        return out, skipped, strangers
+
     def _fan_out(self, parent: core.GroupState, log: core.GroupLog,
                  change: wire.GroupChangeRecord) -> None:  # fmt: skip
         """A change of ours goes to every member of its parent and of the new head (§25.5)."""

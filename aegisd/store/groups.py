@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from .db import Store
 
-#: Per member, outgoing: queued -> delivered -> read (a status never moves back).
-_RANK = {"queued": 0, "delivered": 1, "read": 2}
+#: Per member, outgoing: queued -> delivered (a status never moves back); or, from the send
+#: on, unreachable (no session) or blocked: not sent to that member.
+_RANK = {"queued": 0, "unreachable": 0, "blocked": 0, "delivered": 1, "read": 2}
 
 
 def _ms() -> int:
@@ -357,6 +358,21 @@ def advance_status(store: Store, mid: str, contact_id: int, status: str) -> bool
         (status, _ms(), mid, contact_id),
     )
     return True
+
+
+def add_unsent(store: Store, mid: str, member_keys: Iterable[bytes]) -> None:
+    for key in member_keys:
+        store._q(
+            "INSERT OR IGNORE INTO group_message_unsent (message_id, member_key) VALUES (?, ?)",
+            (mid, key),
+        )
+
+
+def unsent(store: Store, mid: str) -> list[bytes]:
+    rows = store._q(
+        "SELECT member_key FROM group_message_unsent WHERE message_id = ?", (mid,)
+    ).fetchall()
+    return [bytes(r[0]) for r in rows]
 
 
 def statuses(store: Store, mid: str) -> dict[int, str]:

@@ -329,7 +329,10 @@ def _group_invites_and_intros(db: Any) -> None:
     """Groups after review: an invitation we sent remembers its base's version and the
     hashes of the chain it carried (the answer sends the invitee every change of the chain
     it lacks, docs/protocol.md §25.7 step 3); introductions whose first contact failed wait
-    to be tried again (bounded, services/groups_inbound.py)."""
+    to be tried again (bounded, services/groups_inbound.py); a group message counts every
+    other member at send, the ones it was not sent to included ("delivered to 3 of 5"):
+    those with a contact have a status row (`unreachable`, `blocked`), the others a row
+    here."""
     _run(
         db,
         """
@@ -342,7 +345,12 @@ def _group_invites_and_intros(db: Any) -> None:
             link        TEXT NOT NULL,          -- the newcomer's introduction link
             tries       INTEGER NOT NULL,
             created_at  INTEGER NOT NULL
-        )
+        );
+        CREATE TABLE group_message_unsent (
+            message_id  TEXT NOT NULL REFERENCES group_messages(id) ON DELETE CASCADE,
+            member_key  BLOB NOT NULL,          -- a member with no contact here yet
+            PRIMARY KEY (message_id, member_key)
+        ) WITHOUT ROWID
         """,
     )
 
