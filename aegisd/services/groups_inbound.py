@@ -41,6 +41,8 @@ from .inbox import clean_name
 class GroupInbound(GroupBase):
     def on_receipt(self, c: Contact, message_id: bytes, status: str) -> None:
         mid = message_id.hex()
+        if status != "delivered":  # group messages have delivery receipts only
+            return
         if G.has_message(self.m.store, mid) and G.advance_status(self.m.store, mid, c.id, status):
             self.m.ctx.events.emit("group.receipt", {"message_id": mid, "status": status})
 
