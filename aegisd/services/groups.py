@@ -172,11 +172,12 @@ class Groups(GroupBase):
     async def rename(self, ref: int, name: str, description: str | None) -> dict[str, Any]:
         _, log = self._load(ref)
         desc = log.head.description if description is None else description
-        try:
-            wire.check_group_name(name)
-            wire.check_group_description(desc)
-        except ValueError as exc:
-            raise E.InvalidParamsError("name", str(exc)) from None
+        for param, check, value in (("name", wire.check_group_name, name),
+                                    ("description", wire.check_group_description, desc)):
+            try:
+                check(value)
+            except ValueError as exc:
+                raise E.InvalidParamsError(param, str(exc)) from None
         return await self._change(ref, lambda me, s, _l: core.rename(me, s, name, desc))
 
     async def leave(self, ref: int) -> dict[str, Any]:
