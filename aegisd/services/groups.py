@@ -182,8 +182,11 @@ class Groups(GroupBase):
 
     async def leave(self, ref: int) -> dict[str, Any]:
         _, log = self._load(ref)
-        if len(log.head.members) == 1 and log.head.role_of(self._me()):
-            async with self.m.lock:  # the only member deletes the group (§25.4)
+        alone = len(log.head.members) == 1 and log.head.role_of(self._me())
+        if alone or not log.head.role_of(self._me()):
+            # the only member deletes the group (§25.4); one no longer a member (removed)
+            # deletes its copy, and can be invited again
+            async with self.m.lock:
                 with self.m.store.transaction():
                     G.delete_group(self.m.store, ref)
                     self.m.ctx.events.emit("group.changed", {"group": ref, "change": "deleted"})

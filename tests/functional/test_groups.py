@@ -155,10 +155,13 @@ def test_a_group_of_members_who_are_not_all_contacts(
     with pytest.raises(RpcCallError) as err:
         carol.call("group.send", {"group": gc, "text": "still here?"})
     assert err.value.data["reason"] == "not_a_member"
+    # her leave deletes her copy (she can be invited again)
+    assert carol.call("group.leave", {"group": gc}) == {"group": gc, "deleted": True}
+    assert carol.call("group.list")["groups"] == []
 
     # Messages from the departed carol (her own software, pretending) are dropped by alice,
     # whatever their stamp: an old version, and head + 1 (which would otherwise be held).
-    s = offline_store(carol)
+    s = offline_store(alice)
     try:
         group_id = G.list_groups(s)[0].group_id
     finally:
