@@ -266,3 +266,35 @@ def test_one_contact_keeps_at_most_three_invitations_waiting(
         )  # fmt: skip
     # the oldest went: one contact cannot fill the list of waiting invitations
     assert [i["name"] for i in bob.call("group.invitations")["invitations"]] == names[1:]
+
+
+def test_one_sender_cannot_fill_a_groups_held_payloads(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """Stamped ahead, a non-member's messages are held (the add may be on its way), at most 8
+    per sender per group; an introduction from someone who was never an admin or owner of
+    the group is not held at all."""
+    alice, bob, dave = peers("alice"), peers("bob"), peers("dave")
+    connect(dave, alice)
+    g = alice.call("group.create", {"name": NAME})["group"]
+    link = wire.ContactLink.from_text(bob.call("invitations.create")["link"])  # bob: no member
+    s = offline_store(alice)
+    try:
+        group_id = G.list_groups(s)[0].group_id
+    finally:
+        s.close()
+    dave.stop()
+    ahead = group_of(alice)["version"] + 1  # type: ignore[index]
+    with hostile(dave.home, "alice") as h:
+        blocks = [b for i in range(10) for b in h.payload_blocks(wire.GroupMessagePayload(
+            group_id, ahead, os.urandom(16), int(time.time() * 1000), f"ahead {i}"))]  # fmt: skip
+        blocks += h.payload_blocks(wire.GroupIntroductionPayload(group_id, link))
+        h.deposit(url_of(relay_proc), blocks)
+        alice.wait_for(lambda: queued(relay_proc, h) == 0, "alice to take the blocks", T)
+    s = offline_store(alice)
+    try:
+        held = [wire.decode_payload(r.payload) for r in G.held(s, g)]
+    finally:
+        s.close()
+    assert len(held) == 8
+    assert all(isinstance(p, wire.GroupMessagePayload) for p in held)
