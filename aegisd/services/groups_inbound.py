@@ -30,6 +30,7 @@ from .groups_state import (
     MAX_PENDING_INVITATIONS,
     SETTING_MAX_INVITATIONS,
     GroupBase,
+    GroupsHost,
     departed_keys,
     missed_changes,
     now_ms,
@@ -39,6 +40,10 @@ from .inbox import clean_name
 
 
 class GroupInbound(GroupBase):
+    def __init__(self, host: GroupsHost) -> None:
+        super().__init__(host)
+        self._opening: set[int] = set()  # pending introductions being tried now
+
     def on_receipt(self, c: Contact, message_id: bytes, status: str) -> None:
         mid = message_id.hex()
         if status != "delivered":  # group messages have delivery receipts only
@@ -210,9 +215,10 @@ class GroupInbound(GroupBase):
         contact serves the group only (hidden from the contact list, marked so as it is
         made). A failure counts a try; the maintenance loop tries again (retry_intros)."""
         intro = G.get_pending_intro(self.m.store, intro_id)
-        if intro is None:
-            return
+        if intro is None or intro.id in self._opening:
+            return  # gone, or being tried now (the first try and a retry must not overlap)
         G.tried_pending_intro(self.m.store, intro.id)
+        self._opening.add(intro.id)
         try:
             await self.m.contacts.add(intro.name, intro.link, group_only=True)
         except AppError as exc:
@@ -223,6 +229,8 @@ class GroupInbound(GroupBase):
         except (GroupError, DecodeError, OSError):
             droplog.dropped("an introduction's first contact failed")
             return
+        finally:
+            self._opening.discard(intro.id)
         G.drop_pending_intro(self.m.store, intro.id)
 
     async def retry_intros(self) -> None:
