@@ -47,6 +47,7 @@ from .groups_state import (
     op_name,
     refused,
     sendable,
+    session_failed,
 )
 
 
@@ -374,6 +375,8 @@ class Groups(GroupBase):
         for cid in st:
             c = self.m.store.get_contact(cid)
             names[cid] = c.name if c else str(cid)
+            if st[cid] == "queued" and c is not None and session_failed(c):
+                st[cid] = "failed"  # its session failed: what waits for it will not arrive
         members = {names[cid]: s for cid, s in st.items()}
         members.update({key.hex(): "unreachable" for key in G.unsent(self.m.store, mid)})
         delivered = sum(1 for s in st.values() if s in ("delivered", "read"))

@@ -211,6 +211,10 @@ def departed_keys(before: core.GroupState, after: core.GroupState, me: bytes) ->
     return {m.key for m in before.members} if me in gone else gone
 
 
+def session_failed(c: Contact) -> bool:
+    return bool(ContactState.from_bytes(c.state).failed)
+
+
 def sendable(c: Contact) -> bool:
     state = ContactState.from_bytes(c.state)
     return not state.failed and state.send_to is not None
