@@ -441,6 +441,11 @@ class GroupLog:
         known = {m.key for s in self._states.values() for m in s.members}
         return frozenset(known - {m.key for m in self._head.members})
 
+    def was_admin(self, key: bytes) -> bool:
+        """Whether `key` is an admin or owner of some state this log knows (the base or one
+        on the chain): who may have sent an introduction whose add is still on its way."""
+        return any(s.role_of(key) >= wire.ROLE_ADMIN for s in self._states.values())
+
     def chain(self) -> tuple[wire.GroupChangeRecord, ...]:
         """The changes after the base, in order (what an invitation carries)."""
         return tuple(self._changes[h] for h in self._chain)

@@ -469,7 +469,12 @@ def _groups_in(
             (cids[inv.contact], wire.encode_payload(inv.payload), inv.created_at),
         )
     for s in backup.sent_invites:
-        G.add_sent_invite(store, s.invite_id, refs[s.group], cids[s.contact], s.version)
+        # The file keeps neither the invitation's base version nor its chain (docs/backup.md
+        # §7): taken as the group's final base now and no chain, so an accepting answer gets
+        # every change of the chain resent (a duplicate is refused by the invitee, harmlessly).
+        base = logs[s.group].base.version
+        G.add_sent_invite(store, s.invite_id, refs[s.group], cids[s.contact], s.version,
+                          base, ())
 
 
 def _read_limited(path: Path) -> bytes:

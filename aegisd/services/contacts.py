@@ -38,7 +38,7 @@ from aegisd.rpc import AppError
 from aegisd.rpc import errors as E
 from aegisd.store import Store
 from aegisd.store.db import Contact
-from aegisd.store.groups import group_contact_ids
+from aegisd.store.groups import group_contact_ids, mark_group_contact
 
 from .bundle_fetch import fetch_bundle
 from .context import ServiceContext
@@ -138,7 +138,10 @@ class Contacts:
                 if c.id not in hidden and (ContactState.from_bytes(c.state).failed
                                            or renewal_failure(self.m.store, c.id))]  # fmt: skip
 
-    async def add(self, name: str, link_text: str) -> dict[str, Any]:
+    async def add(self, name: str, link_text: str, *, group_only: bool = False
+                  ) -> dict[str, Any]:  # fmt: skip
+        """``group_only``: a group contact made through an introduction (hidden from the
+        contact list), marked so in the same transaction that makes it."""
         self.m.check_usable()
         try:
             link = wire.ContactLink.from_text(link_text)
@@ -196,7 +199,10 @@ class Contacts:
                 self.m.store.set_mailbox_contact(mb_id, cid)
                 self.m.store.put_session(cid, session.to_bytes())
                 self.m.store.enqueue_blocks(address_to_bytes(link.mailbox), [block], contact_id=cid)
-                self.m.ctx.events.emit("contact.added", {"contact": name, "established": False})
+                if group_only:
+                    mark_group_contact(self.m.store, cid)
+                else:
+                    self.m.ctx.events.emit("contact.added", {"contact": name, "established": False})
             self.m.mailboxes.reload()
             # Registered before any await: the outbox cannot settle it unseen.
             waiter = self.m.delivery.first_contact_waiter(cid)

@@ -17,6 +17,7 @@ imports it back): what it uses of the messenger is ``GroupsHost``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from aegisd.core import group as core
@@ -34,15 +35,19 @@ from .groups_inbound import GroupInbound
 from .groups_state import (
     INTRO_KEY,
     INTRO_TTL,
+    INVITATION_MAX_AGE_MS,
+    MAX_INTRODUCTIONS,
     ROLE_NAMES,
     ROLES,
     GroupBase,
     GroupsHost,
+    departed_keys,
     member_rows,
     now_ms,
     op_name,
     refused,
     sendable,
+    session_failed,
 )
 
 
@@ -149,6 +154,7 @@ class Groups(GroupBase):
                 self.m.ctx.events.emit(
                     "group.changed", {"group": ref, "change": op_name(change.op)}
                 )
+            self._prune_contacts(departed_keys(parent, log.head, self._me()))
         self.m.delivery.wake()
         return self.describe(ref)
 
@@ -167,20 +173,25 @@ class Groups(GroupBase):
     async def rename(self, ref: int, name: str, description: str | None) -> dict[str, Any]:
         _, log = self._load(ref)
         desc = log.head.description if description is None else description
-        try:
-            wire.check_group_name(name)
-            wire.check_group_description(desc)
-        except ValueError as exc:
-            raise E.InvalidParamsError("name", str(exc)) from None
+        for param, check, value in (("name", wire.check_group_name, name),
+                                    ("description", wire.check_group_description, desc)):
+            try:
+                check(value)
+            except ValueError as exc:
+                raise E.InvalidParamsError(param, str(exc)) from None
         return await self._change(ref, lambda me, s, _l: core.rename(me, s, name, desc))
 
     async def leave(self, ref: int) -> dict[str, Any]:
         _, log = self._load(ref)
-        if len(log.head.members) == 1 and log.head.role_of(self._me()):
-            async with self.m.lock:  # the only member deletes the group (§25.4)
+        alone = len(log.head.members) == 1 and log.head.role_of(self._me())
+        if alone or not log.head.role_of(self._me()):
+            # the only member deletes the group (§25.4); one no longer a member (removed)
+            # deletes its copy, and can be invited again
+            async with self.m.lock:
                 with self.m.store.transaction():
                     G.delete_group(self.m.store, ref)
                     self.m.ctx.events.emit("group.changed", {"group": ref, "change": "deleted"})
+                self._prune_contacts(m.key for m in log.head.members)
             return {"group": ref, "deleted": True}
         await self._change(ref, lambda me, s, _l: core.leave(me, s))
         return {"group": ref, "deleted": False}
@@ -207,12 +218,14 @@ class Groups(GroupBase):
             invite_id = self.m.entropy.random(16)
             payload = wire.GroupInvitePayload(invite_id, now_ms(), base, chain)
             with self.m.store.transaction():
-                G.add_sent_invite(self.m.store, invite_id, ref, c.id, log.head.version)
+                G.add_sent_invite(self.m.store, invite_id, ref, c.id, log.head.version,
+                                  log.base.version, [core.change_hash(ch) for ch in chain])
                 self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], payload)
         self.m.delivery.wake()
         return {"group": ref, "invited": c.name}
 
     def invitations(self) -> list[dict[str, Any]]:
+        G.drop_invitations_before(self.m.store, now_ms() - INVITATION_MAX_AGE_MS)
         out = []
         for row in G.list_invitations(self.m.store):
             p = wire.decode_payload(row.payload)
@@ -239,6 +252,9 @@ class Groups(GroupBase):
         self, invitation: int
     ) -> tuple[G.GroupInvitationRow, wire.GroupInvitePayload, Contact, core.GroupLog]:
         row = G.get_invitation(self.m.store, invitation)
+        if row is not None and row.created_at < now_ms() - INVITATION_MAX_AGE_MS:
+            G.delete_invitation(self.m.store, row.id)  # expired
+            row = None
         if row is None:
             raise E.not_found("invitation")
         p = wire.decode_payload(row.payload)
@@ -264,26 +280,44 @@ class Groups(GroupBase):
                 m.key for m in log.head.members
                 if m.key != self._me() and self._contact_of(m) is None
             )  # fmt: skip
-        offers = []
-        for key in strangers:  # relay calls: outside the lock
-            made = await self.m.address.create_invitation(INTRO_TTL)
-            link = wire.ContactLink.from_text(made["link"])
-            self.m.store.set_setting(f"{INTRO_KEY}{made['invitation']}", key.hex())
-            offers.append(wire.IntroductionOffer(key, link))
-        async with self.m.lock:
-            row, p, c, log = self._invitation(invitation)
-            blob = self.m.store.get_session(c.id)
-            if c.blocked:
-                raise AppError(E.BLOCKED, "blocked", "the inviter is blocked")
-            if blob is None:
-                raise AppError(E.NOT_READY, "not_ready", "no session with the inviter")
-            answer = wire.GroupAnswerPayload(p.invite_id, log.head.group_id, True, tuple(offers))
-            with self.m.store.transaction():
-                G.delete_invitation(self.m.store, row.id)
-                ref = G.add_group(self.m.store, log.head.group_id, log.record().to_bytes(),
-                                  member_rows(log.head))  # fmt: skip
-                self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], answer)
-                self.m.ctx.events.emit("group.changed", {"group": ref, "change": "joined"})
+        if len(strangers) > MAX_INTRODUCTIONS:
+            # each is a relay invitation of ours: the inviter's claimed member list must not
+            # set what an accept costs
+            raise AppError(E.TOO_LARGE, "too_large", f"the group has more than "
+                           f"{MAX_INTRODUCTIONS} members who are not your contacts")  # fmt: skip
+        made: list[tuple[str, bytes]] = []  # (invitation, member key), revoked on a failure
+        done = False
+        try:
+            offers = []
+            for key in strangers:  # relay calls: outside the lock
+                link = await self.m.address.create_invitation(INTRO_TTL)
+                made.append((str(link["invitation"]), key))
+                offers.append(wire.IntroductionOffer(key, wire.ContactLink.from_text(link["link"])))
+            async with self.m.lock:
+                row, p, c, log = self._invitation(invitation)
+                blob = self.m.store.get_session(c.id)
+                if c.blocked:
+                    raise AppError(E.BLOCKED, "blocked", "the inviter is blocked")
+                if blob is None:
+                    raise AppError(E.NOT_READY, "not_ready", "no session with the inviter")
+                if G.group_by_id(self.m.store, log.head.group_id) is not None:
+                    raise AppError(E.EXISTS, "exists", "this group is already here")
+                answer = wire.GroupAnswerPayload(p.invite_id, log.head.group_id, True,
+                                                 tuple(offers))  # fmt: skip
+                with self.m.store.transaction():
+                    for inv, key in made:  # which member each link is for (§25.7 step 5)
+                        self.m.store.set_setting(f"{INTRO_KEY}{inv}", key.hex())
+                    G.delete_invitation(self.m.store, row.id)
+                    ref = G.add_group(self.m.store, log.head.group_id, log.record().to_bytes(),
+                                      member_rows(log.head))  # fmt: skip
+                    self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], answer)
+                    self.m.ctx.events.emit("group.changed", {"group": ref, "change": "joined"})
+            done = True
+        finally:
+            if not done:  # no link of a failed accept stays open
+                for inv, _ in made:
+                    with contextlib.suppress(AppError, OSError):
+                        await self.m.address.revoke_invitation(inv)
         self.m.delivery.wake()
         return self.describe(ref)
 
@@ -297,19 +331,23 @@ class Groups(GroupBase):
             head = log.head
             if head.member(self._me()) is None:
                 raise refused(NotAMember("you are not a member of this group"))
-            recipients, missing = self._recipients(head)
+            recipients, skipped, strangers = self._targets(head)
             wire_id = self.m.entropy.random(wire.MESSAGE_ID_LEN)
             mid = wire_id.hex()
             payload = wire.GroupMessagePayload(head.group_id, head.version, wire_id, now_ms(), text)
             with self.m.store.transaction():
                 G.add_message(self.m.store, ref, mid, "out", text)
                 G.set_statuses(self.m.store, mid, [r.contact.id for r in recipients], "queued")
+                for cid, status in skipped.items():  # counted in "N of M", never sent
+                    G.set_statuses(self.m.store, mid, [cid], status)
+                G.add_unsent(self.m.store, mid, strangers)
                 if recipients:  # the delivery layer is the fan-out: one call for all
                     self.m.delivery.enqueue(
                         recipients, payload, delay=self.m.delivery.send_jitter()
                     )
         self.m.delivery.wake()
-        return {"message_id": mid, "recipients": len(recipients), "unreachable": missing}
+        return {"message_id": mid, "recipients": len(recipients),
+                "unreachable": len(strangers) + len(skipped)}  # fmt: skip
 
     def history(self, ref: int, before: int | None, limit: int) -> dict[str, Any]:
         _, log = self._load(ref)
@@ -337,7 +375,10 @@ class Groups(GroupBase):
         for cid in st:
             c = self.m.store.get_contact(cid)
             names[cid] = c.name if c else str(cid)
+            if st[cid] == "queued" and c is not None and session_failed(c):
+                st[cid] = "failed"  # its session failed: what waits for it will not arrive
+        members = {names[cid]: s for cid, s in st.items()}
+        members.update({key.hex(): "unreachable" for key in G.unsent(self.m.store, mid)})
         delivered = sum(1 for s in st.values() if s in ("delivered", "read"))
-        return {"recipients": len(st), "delivered": delivered,
-                "read": sum(1 for s in st.values() if s == "read"),
-                "members": {names[cid]: s for cid, s in st.items()}}  # fmt: skip
+        # every other member at send, reached or not ("delivered to 3 of 5")
+        return {"recipients": len(members), "delivered": delivered, "members": members}

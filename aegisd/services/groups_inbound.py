@@ -6,8 +6,6 @@ delivery layer and the inbox's ``clean_name`` (none imports it back)."""
 
 from __future__ import annotations
 
-import contextlib
-
 from aegisd import droplog
 from aegisd.core import group as core
 from aegisd.core import wire
@@ -15,6 +13,7 @@ from aegisd.core.errors import DecodeError, GroupError, NotAMember, NotPermitted
 from aegisd.core.identity import PublicIdentity
 from aegisd.core.session import Session
 from aegisd.rpc import AppError
+from aegisd.rpc import errors as E
 from aegisd.store import groups as G
 from aegisd.store.db import Contact
 
@@ -22,11 +21,18 @@ from .delivery import Recipient
 from .groups_state import (
     HELD_MAX_AGE_MS,
     INTRO_KEY,
+    INTRO_TRIES,
+    INVITATION_MAX_AGE_MS,
     MAX_HELD_PER_GROUP,
+    MAX_HELD_PER_SENDER,
+    MAX_INVITATIONS_PER_CONTACT,
+    MAX_PENDING_INTROS_PER_GROUP,
     MAX_PENDING_INVITATIONS,
     SETTING_MAX_INVITATIONS,
     GroupBase,
-    canonical_chain,
+    GroupsHost,
+    departed_keys,
+    missed_changes,
     now_ms,
     op_name,
 )
@@ -34,8 +40,14 @@ from .inbox import clean_name
 
 
 class GroupInbound(GroupBase):
+    def __init__(self, host: GroupsHost) -> None:
+        super().__init__(host)
+        self._opening: set[int] = set()  # pending introductions being tried now
+
     def on_receipt(self, c: Contact, message_id: bytes, status: str) -> None:
         mid = message_id.hex()
+        if status != "delivered":  # group messages have delivery receipts only
+            return
         if G.has_message(self.m.store, mid) and G.advance_status(self.m.store, mid, c.id, status):
             self.m.ctx.events.emit("group.receipt", {"message_id": mid, "status": status})
 
@@ -59,8 +71,14 @@ class GroupInbound(GroupBase):
     def _on_invitation(self, c: Contact, sender: PublicIdentity, p: wire.GroupInvitePayload
                        ) -> None:  # fmt: skip
         core.invitation_log(p.base, p.changes, sender, self.m.identity().public)  # or raises
+        G.drop_invitations_before(self.m.store, now_ms() - INVITATION_MAX_AGE_MS)
         limit = int(self.m.store.get_setting(SETTING_MAX_INVITATIONS, MAX_PENDING_INVITATIONS))
-        if G.count_invitations(self.m.store) >= limit:
+        theirs = G.invitations_of(self.m.store, c.id)
+        if len(theirs) >= MAX_INVITATIONS_PER_CONTACT:  # the contact's oldest goes
+            for old in theirs[: len(theirs) - MAX_INVITATIONS_PER_CONTACT + 1]:
+                G.delete_invitation(self.m.store, old)
+            droplog.dropped("dropped a group invitation (too many from one contact)")
+        elif G.count_invitations(self.m.store) >= limit:
             droplog.dropped("dropped a group invitation (too many pending)")
             return
         inv = G.add_invitation(self.m.store, c.id, wire.encode_payload(p))
@@ -73,7 +91,7 @@ class GroupInbound(GroupBase):
         if sent is None:
             droplog.dropped("dropped a group answer to no invitation")
             return
-        ref, invited_at = sent
+        ref = sent.group_ref
         _, log = self._load(ref)
         if p.group_id != log.head.group_id:
             return
@@ -81,15 +99,22 @@ class GroupInbound(GroupBase):
             self.m.ctx.events.emit("group.changed", {"group": ref, "change": "declined",
                                                      "contact": c.name})  # fmt: skip
             return
+        if log.base.version != sent.base_version:
+            # the invited base is final no more at our end: the invitee's log could not
+            # take the changes since (they apply to versions it holds final); invite again
+            droplog.dropped("dropped a group answer to a stale invitation")
+            self.m.ctx.events.emit("group.changed", {"group": ref, "change": "invitation_stale",
+                                                     "contact": c.name})  # fmt: skip
+            return
         offers = core.introduction_offers(log.head, p, sender)
+        # every change of the chain the invitation did not carry, whatever its parent (a
+        # concurrent change that won on an older parent too), before the add (§25.7 step 3)
+        missed = missed_changes(log, sent.chain)
         parent = log.head
         change = core.add_member(self.m.identity(), parent, sender)
         log.receive(change)
         self._save(ref, log)
-        missed = [
-            ch for ch in canonical_chain(log) if invited_at <= ch.parent_version < parent.version
-        ]
-        if missed:  # the changes made since the invitation, before the add (§25.7 step 3)
+        if missed:
             blob = self.m.store.get_session(c.id)
             assert blob is not None  # the answer just came through it
             session = Session.from_bytes(blob)
@@ -111,11 +136,16 @@ class GroupInbound(GroupBase):
             droplog.dropped("dropped a change of an unknown group")
             return
         _, log = self._load(row.id)
+        before = log.head
         received = log.receive(change)
         self._save(row.id, log)
+        if received.undone:  # changes shown applied before lost (or found invalid) now
+            self.m.ctx.events.emit("group.changed", {"group": row.id, "change": "undone",
+                                                     "count": len(received.undone)})  # fmt: skip
         if received.outcome is core.Outcome.APPLIED:
             self.m.ctx.events.emit("group.changed", {"group": row.id, "change": op_name(change.op)})
             self._release_held(row.id, log.head, log.departed())
+        self._prune_contacts(departed_keys(before, log.head, self._me()))
 
     def _on_message(self, c: Contact, session: Session, sender: PublicIdentity,
                     p: wire.GroupMessagePayload, held: bool = False) -> None:  # fmt: skip
@@ -163,32 +193,67 @@ class GroupInbound(GroupBase):
             droplog.dropped("dropped an introduction from a member who may not add")
             return
         except NotAMember:
-            if not held:
-                self._hold(row.id, c, p)  # the add may be on its way
+            # the add may be on its way, but only from who could have made it: an admin or
+            # owner of a state the log knows who has not left (anyone else would fill the hold)
+            if not held and log.was_admin(introducer) and introducer not in log.departed():
+                self._hold(row.id, c, p)
+            else:
+                droplog.dropped("dropped an introduction naming a non-member")
             return
         if identity.same_keys(self.m.identity().public) or self.m.contacts.with_identity(identity):
             return
+        if G.count_pending_intros(self.m.store, row.id) >= MAX_PENDING_INTROS_PER_GROUP:
+            droplog.dropped("dropped an introduction (too many pending)")
+            return
         name = self.m.contacts.unique_name(clean_name(f"member {identity.ed_pub.hex()[:12]}"))
-        self.m._spawn(self._open_session(name, p.link))
+        # kept until its first contact is made (or given up): a passing failure loses nothing
+        intro = G.add_pending_intro(self.m.store, row.id, name, p.link.to_text())
+        self.m._spawn(self.open_session(intro))
 
-    async def _open_session(self, name: str, link: wire.ContactLink) -> None:
+    async def open_session(self, intro_id: int) -> None:
         """A first contact through the newcomer's introduction link (§25.7 step 4); the
-        contact serves the group only (hidden from the contact list)."""
-        with contextlib.suppress(AppError, GroupError, DecodeError, OSError):
-            made = await self.m.contacts.add(name, link.to_text())
-            c = self.m.store.contact_by_name(made["name"])
-            if c is not None:
-                G.mark_group_contact(self.m.store, c.id)
+        contact serves the group only (hidden from the contact list, marked so as it is
+        made). A failure counts a try; the maintenance loop tries again (retry_intros)."""
+        intro = G.get_pending_intro(self.m.store, intro_id)
+        if intro is None or intro.id in self._opening:
+            return  # gone, or being tried now (the first try and a retry must not overlap)
+        G.tried_pending_intro(self.m.store, intro.id)
+        self._opening.add(intro.id)
+        try:
+            await self.m.contacts.add(intro.name, intro.link, group_only=True)
+        except AppError as exc:
+            if exc.code in (E.BAD_LINK, E.EXPIRED, E.EXISTS):  # for good: not worth a retry
+                G.drop_pending_intro(self.m.store, intro.id)
+            droplog.dropped("an introduction's first contact failed")
+            return
+        except (GroupError, DecodeError, OSError):
+            droplog.dropped("an introduction's first contact failed")
+            return
+        finally:
+            self._opening.discard(intro.id)
+        G.drop_pending_intro(self.m.store, intro.id)
+
+    async def retry_intros(self) -> None:
+        """The maintenance loop's: introductions whose first contact failed, tried again
+        (at most INTRO_TRIES in all)."""
+        for intro in G.pending_intros(self.m.store):
+            if intro.tries >= INTRO_TRIES:
+                G.drop_pending_intro(self.m.store, intro.id)
+                droplog.dropped("dropped an introduction (first contact failed every try)")
+            else:
+                await self.open_session(intro.id)
 
     def _hold(self, ref: int, c: Contact, p: wire.Payload) -> None:
         G.drop_held_before(self.m.store, ref, now_ms() - HELD_MAX_AGE_MS)
-        if len(G.held(self.m.store, ref)) >= MAX_HELD_PER_GROUP:
+        if (len(G.held(self.m.store, ref)) >= MAX_HELD_PER_GROUP
+                or G.count_held_from(self.m.store, ref, c.id) >= MAX_HELD_PER_SENDER):
             droplog.dropped("dropped a held group payload (too many)")
             return
         G.hold(self.m.store, ref, c.id, wire.encode_payload(p))
 
     def _release_held(self, ref: int, head: core.GroupState, departed: frozenset[bytes]) -> None:
-        """The state moved: decide again on what waits for it."""
+        """The state moved: decide again on what waits for it (what waited too long goes)."""
+        G.drop_held_before(self.m.store, ref, now_ms() - HELD_MAX_AGE_MS)
         for h in G.held(self.m.store, ref):
             c = self.m.store.get_contact(h.contact_id)
             blob = self.m.store.get_session(h.contact_id)

@@ -7,8 +7,9 @@ helpers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
 from aegisd.core import group as core
@@ -30,12 +31,24 @@ from .mailbox import ContactState
 #: Group invitations waiting for the user; past this a new one is dropped (counted).
 MAX_PENDING_INVITATIONS = 20
 SETTING_MAX_INVITATIONS = "groups.max_pending_invitations"
+#: ...of them from one contact (past this its oldest goes: one contact cannot fill the
+#: list), and how long one waits.
+MAX_INVITATIONS_PER_CONTACT = 3
+INVITATION_MAX_AGE_MS = 30 * 24 * 3600 * 1000
 #: Messages and introductions held per group for a version not reached yet (§25.6), and how
 #: long: anyone with a session can send one stamped just ahead.
 MAX_HELD_PER_GROUP = 64
+#: ...and per contact within a group, so that one sender cannot fill the group's share.
+MAX_HELD_PER_SENDER = 8
 HELD_MAX_AGE_MS = 7 * 24 * 3600 * 1000
 #: How long an introduction link of ours stays valid (the member opens it when it is online).
 INTRO_TTL = 7 * 24 * 3600
+#: Introduction links one accept may make (one relay invitation each).
+MAX_INTRODUCTIONS = 32
+#: An introduction whose first contact failed for a passing reason is tried again by the
+#: maintenance loop, this many times in all; at most this many wait per group.
+INTRO_TRIES = 5
+MAX_PENDING_INTROS_PER_GROUP = 64
 INTRO_KEY = "group.intro."  # setting per introduction invitation: the member it is for
 ROLE_NAMES = {wire.ROLE_MEMBER: "member", wire.ROLE_ADMIN: "admin", wire.ROLE_OWNER: "owner"}
 ROLES = {v: k for k, v in ROLE_NAMES.items()}
@@ -55,11 +68,14 @@ class ContactsView(Protocol):
     def with_identity(self, identity: PublicIdentity) -> Contact | None: ...
     def by_name(self, name: str) -> Contact: ...
     def unique_name(self, wanted: str) -> str: ...
-    async def add(self, name: str, link_text: str) -> dict[str, Any]: ...
+    async def add(self, name: str, link_text: str, *, group_only: bool = False
+                  ) -> dict[str, Any]: ...  # fmt: skip
+    async def remove(self, name: str) -> None: ...
 
 
 class AddressView(Protocol):
     async def create_invitation(self, expires_in: int) -> dict[str, Any]: ...
+    async def revoke_invitation(self, invitation: str) -> None: ...
 
 
 class GroupsHost(Protocol):
@@ -130,6 +146,28 @@ class GroupBase:
                 out.append(Recipient(c, Session.from_bytes(blob)))
         return out, missing
 
+    def _targets(self, state: core.GroupState) -> tuple[list[Recipient], dict[int, str],
+                                                       list[bytes]]:  # fmt: skip
+        """Every other member of `state`, for a group message: the recipients (a session,
+        not blocked), the status of each member with a contact it is not sent to
+        (`unreachable`, `blocked`), and the keys of members with no contact here yet."""
+        me, out, skipped, strangers = self._me(), [], {}, []
+        for member in state.members:
+            if member.key == me:
+                continue
+            c = self._contact_of(member)
+            if c is None:
+                strangers.append(member.key)
+                continue
+            blob = self.m.store.get_session(c.id)
+            if c.blocked:
+                skipped[c.id] = "blocked"
+            elif blob is None or not sendable(c):
+                skipped[c.id] = "unreachable"
+            else:
+                out.append(Recipient(c, Session.from_bytes(blob)))
+        return out, skipped, strangers
+
     def _fan_out(self, parent: core.GroupState, log: core.GroupLog,
                  change: wire.GroupChangeRecord) -> None:  # fmt: skip
         """A change of ours goes to every member of its parent and of the new head (§25.5)."""
@@ -138,21 +176,48 @@ class GroupBase:
             self.m.delivery.enqueue(recipients, wire.GroupChangePayload(change))
 
 
+    def _prune_contacts(self, keys: Iterable[bytes]) -> None:
+        """Members gone from a group (removed, left, or the group gone here): a group-only
+        contact among them that shares no group with us any more goes, with its session and
+        mailboxes (after the caller's lock is released; checked again then)."""
+        for key in keys:
+            if key == self._me() or G.shares_group(self.m.store, self._me(), key):
+                continue
+            c = next((c for c in self.m.store.list_contacts() if c.identity_key is not None
+                      and PublicIdentity.from_bytes(c.identity_key).ed_pub == key),
+                     None)  # fmt: skip
+            if c is not None and G.is_group_contact(self.m.store, c.id):
+                self.m._spawn(self._remove_contact(c.id, key))
+
+    async def _remove_contact(self, contact_id: int, key: bytes) -> None:
+        c = self.m.store.get_contact(contact_id)
+        if c is None or G.shares_group(self.m.store, self._me(), key):
+            return  # gone already, or met again in another group meanwhile
+        with contextlib.suppress(AppError):
+            await self.m.contacts.remove(c.name)
+
+
+def missed_changes(log: core.GroupLog, carried: frozenset[bytes]
+                   ) -> list[wire.GroupChangeRecord]:  # fmt: skip
+    """What an invitee lacks of our chain (§25.7 step 3): every change on it that the
+    invitation did not carry (hashes), whatever its parent: a concurrent change that won on
+    an older parent than the invitation's head too."""
+    return [ch for ch in log.chain() if core.change_hash(ch) not in carried]
+
+
+def departed_keys(before: core.GroupState, after: core.GroupState, me: bytes) -> set[bytes]:
+    """Who left between two states; everyone, if it is us who left."""
+    gone = {m.key for m in before.members} - {m.key for m in after.members}
+    return {m.key for m in before.members} if me in gone else gone
+
+
+def session_failed(c: Contact) -> bool:
+    return bool(ContactState.from_bytes(c.state).failed)
+
+
 def sendable(c: Contact) -> bool:
     state = ContactState.from_bytes(c.state)
     return not state.failed and state.send_to is not None
-
-
-def canonical_chain(log: core.GroupLog) -> list[wire.GroupChangeRecord]:
-    """The canonical chain after the log's base, in order (the stored record holds it first,
-    then the held-back changes)."""
-    out, head = [], log.base.head
-    for ch in log.record().changes:
-        if ch.parent_hash != head:
-            break
-        out.append(ch)
-        head = core.change_hash(ch)
-    return out
 
 
 def member_rows(state: core.GroupState) -> list[tuple[bytes, int]]:

@@ -156,6 +156,21 @@ _GROUP_PAYLOADS = (
     wire.GroupInvitePayload, wire.GroupAnswerPayload, wire.GroupChangePayload,
     wire.GroupMessagePayload, wire.GroupIntroductionPayload,
 )  # fmt: skip
+def _group_change(content: bytes) -> wire.GroupChangePayload | None:
+    try:
+        payload = wire.decode_payload(content)
+    except DecodeError:
+        return None
+    return payload if isinstance(payload, wire.GroupChangePayload) else None
+
+
+#: What a group-only contact (made through an introduction, hidden) may send: the group's
+#: payloads, receipts of group messages, and the session's housekeeping (its mailbox, moved
+#: or renewed). Texts, files and calls from it are dropped: it is no contact of the user's.
+_GROUP_CONTACT_PAYLOADS = (
+    *_GROUP_PAYLOADS, wire.CoverPayload, wire.ReceiptPayload, wire.HelloPayload,
+    wire.MailboxPayload, wire.MailboxAckPayload,
+)  # fmt: skip
 
 
 class InboxHost(Protocol):
@@ -356,8 +371,14 @@ class Inbox:
             self.m.store.put_session(contact_id, session.to_bytes())
             if c.blocked:
                 # Nothing of a blocked contact is shown or kept (not even a partial message):
-                # the ratchet step above is all that is stored.
-                droplog.dropped("dropped a block of a blocked contact")
+                # the ratchet step above is all that is stored. Save a group change (0x0E,
+                # one block): a blocked admin's changes still make the group's state, or
+                # blocking would fork it (docs/protocol.md §25.9).
+                change = _group_change(fragment.data) if fragment.count == 1 else None
+                if change is not None:
+                    self.m.groups.on_payload(c, session, change)
+                else:
+                    droplog.dropped("dropped a block of a blocked contact")
                 return
             if fragment.count == 1:
                 content: bytes | None = fragment.data
@@ -427,6 +448,11 @@ class Inbox:
     def _handle_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None:
         if isinstance(payload, wire.CoverPayload):
             return  # cover: nothing to show, keep or answer (§24)
+        if not isinstance(payload, _GROUP_CONTACT_PAYLOADS) and group_store.is_group_contact(
+            self.m.store, c.id
+        ):
+            droplog.dropped("dropped a one-to-one payload from a group-only contact")
+            return
         if isinstance(payload, _GROUP_PAYLOADS):
             self.m.groups.on_payload(c, session, payload)
             return

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from .db import Store
 
-#: Per member, outgoing: queued -> delivered -> read (a status never moves back).
-_RANK = {"queued": 0, "delivered": 1, "read": 2}
+#: Per member, outgoing: queued -> delivered (a status never moves back); or, from the send
+#: on, unreachable (no session) or blocked: not sent to that member.
+_RANK = {"queued": 0, "unreachable": 0, "blocked": 0, "delivered": 1, "read": 2}
 
 
 def _ms() -> int:
@@ -120,6 +121,15 @@ def groups_with_member(store: Store, member_key: bytes) -> list[int]:
     return [int(r[0]) for r in rows]
 
 
+def shares_group(store: Store, me: bytes, member_key: bytes) -> bool:
+    """Whether some group here has both keys among its head's members."""
+    return store._q(
+        "SELECT 1 FROM group_members a JOIN group_members b ON a.group_ref = b.group_ref "
+        "WHERE a.member_key = ? AND b.member_key = ? LIMIT 1",
+        (me, member_key),
+    ).fetchone() is not None
+
+
 # --- invitations ----------------------------------------------------------------------------
 
 
@@ -146,31 +156,56 @@ def delete_invitation(store: Store, inv: int) -> bool:
     return bool(store._q("DELETE FROM group_invitations WHERE id = ?", (inv,)).rowcount)
 
 
+def invitations_of(store: Store, contact_id: int) -> list[int]:
+    """A contact's waiting invitations, oldest first."""
+    rows = store._q(
+        "SELECT id FROM group_invitations WHERE contact_id = ? ORDER BY id", (contact_id,)
+    ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def drop_invitations_before(store: Store, before_ms: int) -> int:
+    return int(
+        store._q("DELETE FROM group_invitations WHERE created_at < ?", (before_ms,)).rowcount
+    )
+
+
 def count_invitations(store: Store) -> int:
     return int(store._q("SELECT COUNT(*) FROM group_invitations").fetchone()[0])
 
 
 def add_sent_invite(
-    store: Store, invite_id: bytes, ref: int, contact_id: int, version: int
-) -> None:
+    store: Store, invite_id: bytes, ref: int, contact_id: int, version: int,
+    base_version: int, chain: Iterable[bytes],
+) -> None:  # fmt: skip
+    """``chain``: the hashes of the changes the invitation carried after its base."""
     store._q(
         "INSERT OR REPLACE INTO group_invites_sent (invite_id, group_ref, contact_id, version, "
-        "created_at) VALUES (?, ?, ?, ?, ?)",
-        (invite_id, ref, contact_id, version, _ms()),
+        "created_at, base_version, chain) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (invite_id, ref, contact_id, version, _ms(), base_version, b"".join(chain)),
     )
 
 
-def take_sent_invite(store: Store, invite_id: bytes, contact_id: int) -> tuple[int, int] | None:
-    """The group an invitation we sent this contact was for, and the version it carried
-    (removed: one answer each)."""
+@dataclass(frozen=True)
+class SentInvite:
+    group_ref: int
+    base_version: int
+    chain: frozenset[bytes]  # hashes of the changes it carried
+
+
+def take_sent_invite(store: Store, invite_id: bytes, contact_id: int) -> SentInvite | None:
+    """The invitation we sent this contact with this ID (removed: one answer each)."""
     row = store._q(
-        "SELECT group_ref, version FROM group_invites_sent WHERE invite_id = ? AND contact_id = ?",
+        "SELECT group_ref, base_version, chain FROM group_invites_sent "
+        "WHERE invite_id = ? AND contact_id = ?",
         (invite_id, contact_id),
     ).fetchone()
     if row is None:
         return None
     store._q("DELETE FROM group_invites_sent WHERE invite_id = ?", (invite_id,))
-    return int(row[0]), int(row[1])
+    blob = bytes(row[2])
+    hashes = frozenset(blob[i : i + 32] for i in range(0, len(blob) - 31, 32))
+    return SentInvite(int(row[0]), int(row[1]), hashes)
 
 
 # --- held payloads --------------------------------------------------------------------------
@@ -190,6 +225,12 @@ def held(store: Store, ref: int) -> list[HeldRow]:
     return [HeldRow(int(r[0]), int(r[1]), bytes(r[2])) for r in rows]
 
 
+def count_held_from(store: Store, ref: int, contact_id: int) -> int:
+    return int(store._q(
+        "SELECT COUNT(*) FROM group_held WHERE group_ref = ? AND contact_id = ?", (ref, contact_id)
+    ).fetchone()[0])  # fmt: skip
+
+
 def drop_held(store: Store, held_id: int) -> None:
     store._q("DELETE FROM group_held WHERE id = ?", (held_id,))
 
@@ -205,8 +246,61 @@ def mark_group_contact(store: Store, contact_id: int) -> None:
     store._q("INSERT OR IGNORE INTO group_contacts (contact_id) VALUES (?)", (contact_id,))
 
 
+def is_group_contact(store: Store, contact_id: int) -> bool:
+    return (
+        store._q("SELECT 1 FROM group_contacts WHERE contact_id = ?", (contact_id,)).fetchone()
+        is not None
+    )
+
+
 def group_contact_ids(store: Store) -> set[int]:
     return {int(r[0]) for r in store._q("SELECT contact_id FROM group_contacts").fetchall()}
+
+
+# --- introductions waiting for their first contact ----------------------------------------
+
+
+@dataclass(frozen=True)
+class PendingIntro:
+    id: int
+    group_ref: int
+    name: str
+    link: str
+    tries: int
+
+
+def add_pending_intro(store: Store, ref: int, name: str, link: str) -> int:
+    cur = store._q(
+        "INSERT INTO group_intros_pending (group_ref, name, link, tries, created_at) "
+        "VALUES (?, ?, ?, 0, ?)",
+        (ref, name, link, _ms()),
+    )
+    return int(cur.lastrowid)
+
+
+def pending_intros(store: Store) -> list[PendingIntro]:
+    rows = store._q(
+        "SELECT id, group_ref, name, link, tries FROM group_intros_pending ORDER BY id"
+    ).fetchall()
+    return [PendingIntro(int(r[0]), int(r[1]), str(r[2]), str(r[3]), int(r[4])) for r in rows]
+
+
+def get_pending_intro(store: Store, intro_id: int) -> PendingIntro | None:
+    return next((p for p in pending_intros(store) if p.id == intro_id), None)
+
+
+def count_pending_intros(store: Store, ref: int) -> int:
+    return int(store._q(
+        "SELECT COUNT(*) FROM group_intros_pending WHERE group_ref = ?", (ref,)
+    ).fetchone()[0])  # fmt: skip
+
+
+def tried_pending_intro(store: Store, intro_id: int) -> None:
+    store._q("UPDATE group_intros_pending SET tries = tries + 1 WHERE id = ?", (intro_id,))
+
+
+def drop_pending_intro(store: Store, intro_id: int) -> None:
+    store._q("DELETE FROM group_intros_pending WHERE id = ?", (intro_id,))
 
 
 # --- history ----------------------------------------------------------------------------------
@@ -264,6 +358,21 @@ def advance_status(store: Store, mid: str, contact_id: int, status: str) -> bool
         (status, _ms(), mid, contact_id),
     )
     return True
+
+
+def add_unsent(store: Store, mid: str, member_keys: Iterable[bytes]) -> None:
+    for key in member_keys:
+        store._q(
+            "INSERT OR IGNORE INTO group_message_unsent (message_id, member_key) VALUES (?, ?)",
+            (mid, key),
+        )
+
+
+def unsent(store: Store, mid: str) -> list[bytes]:
+    rows = store._q(
+        "SELECT member_key FROM group_message_unsent WHERE message_id = ?", (mid,)
+    ).fetchall()
+    return [bytes(r[0]) for r in rows]
 
 
 def statuses(store: Store, mid: str) -> dict[int, str]:

@@ -325,8 +325,38 @@ def _groups(db: Any) -> None:
     )
 
 
+def _group_invites_and_intros(db: Any) -> None:
+    """Groups after review: an invitation we sent remembers its base's version and the
+    hashes of the chain it carried (the answer sends the invitee every change of the chain
+    it lacks, docs/protocol.md §25.7 step 3); introductions whose first contact failed wait
+    to be tried again (bounded, services/groups_inbound.py); a group message counts every
+    other member at send, the ones it was not sent to included ("delivered to 3 of 5"):
+    those with a contact have a status row (`unreachable`, `blocked`), the others a row
+    here."""
+    _run(
+        db,
+        """
+        ALTER TABLE group_invites_sent ADD COLUMN base_version INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE group_invites_sent ADD COLUMN chain BLOB NOT NULL DEFAULT x'';
+        CREATE TABLE group_intros_pending (
+            id          INTEGER PRIMARY KEY,
+            group_ref   INTEGER NOT NULL REFERENCES groups(id) ON DELETE CASCADE,
+            name        TEXT NOT NULL,          -- the hidden contact's name to be
+            link        TEXT NOT NULL,          -- the newcomer's introduction link
+            tries       INTEGER NOT NULL,
+            created_at  INTEGER NOT NULL
+        );
+        CREATE TABLE group_message_unsent (
+            message_id  TEXT NOT NULL REFERENCES group_messages(id) ON DELETE CASCADE,
+            member_key  BLOB NOT NULL,          -- a member with no contact here yet
+            PRIMARY KEY (message_id, member_key)
+        ) WITHOUT ROWID
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
-    _cover_receipts, _mailbox_pool, _groups,
+    _cover_receipts, _mailbox_pool, _groups, _group_invites_and_intros,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -23,9 +23,10 @@ def test_group_rows_round_trip_and_follow_their_contact(tmp_path):
 
         G.add_invitation(store, c.id, b"payload")
         assert G.count_invitations(store) == 1
-        G.add_sent_invite(store, b"i" * 16, ref, c.id, 7)
+        G.add_sent_invite(store, b"i" * 16, ref, c.id, 7, 5, [b"x" * 32, b"y" * 32])
         assert G.take_sent_invite(store, b"i" * 16, c.id + 1) is None
-        assert G.take_sent_invite(store, b"i" * 16, c.id) == (ref, 7)
+        assert G.take_sent_invite(store, b"i" * 16, c.id) == G.SentInvite(
+            ref, 5, frozenset({b"x" * 32, b"y" * 32}))  # fmt: skip
         assert G.take_sent_invite(store, b"i" * 16, c.id) is None  # one answer each
 
         G.add_message(store, ref, "m1", "out", "hello")
@@ -36,15 +37,33 @@ def test_group_rows_round_trip_and_follow_their_contact(tmp_path):
         assert [m.body for m in G.history(store, ref, before_seq=None, limit=10)] == ["hello"]
 
         G.hold(store, ref, c.id, b"held")
+        assert G.count_held_from(store, ref, c.id) == 1
+        assert G.count_held_from(store, ref, c.id + 1) == 0
+        # an introduction waiting for its first contact: tries counted, gone with its group
+        intro = G.add_pending_intro(store, ref, "member ab", "aegis://link")
+        G.tried_pending_intro(store, intro)
+        assert G.pending_intros(store) == [G.PendingIntro(intro, ref, "member ab",
+                                                          "aegis://link", 1)]  # fmt: skip
+        assert G.count_pending_intros(store, ref) == 1
+        G.add_invitation(store, c.id, b"second")
+        assert G.invitations_of(store, c.id) == [r.id for r in G.list_invitations(store)]
+        assert G.drop_invitations_before(store, 0) == 0  # none that old
+        d = store.add_contact("bo", identity_key=b"k2")
+        G.put_log(store, ref, b"log3", [(b"a" * 32, 3), (b"d" * 32, 1)])
+        assert G.shares_group(store, b"a" * 32, b"d" * 32)
+        assert not G.shares_group(store, b"a" * 32, b"b" * 32)
+        G.mark_group_contact(store, d.id)
+        assert G.is_group_contact(store, d.id) and not G.is_group_contact(store, c.id)
         G.mark_group_contact(store, c.id)
-        assert G.group_contact_ids(store) == {c.id}
+        assert G.group_contact_ids(store) == {c.id, d.id}
         store.remove_contact(c.id)
         assert G.count_invitations(store) == 0
         assert G.held(store, ref) == []
         assert G.statuses(store, "m1") == {}
-        assert G.group_contact_ids(store) == set()
+        assert G.group_contact_ids(store) == {d.id}
         G.delete_group(store, ref)
         assert G.list_groups(store) == []
+        assert G.pending_intros(store) == []
     finally:
         store.close()
 

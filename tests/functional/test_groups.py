@@ -106,8 +106,15 @@ def test_a_group_of_members_who_are_not_all_contacts(
     assert sent["recipients"] == 2 and sent["unreachable"] == 0
     carol.wait_for(lambda: "from bob" in texts(carol), "carol to get bob's message", T)
     alice.wait_for(lambda: "from bob" in texts(alice), "alice to get bob's message", T)
+    # A group-only contact is no contact: a one-to-one text from it is dropped (sent before
+    # her group message, on the same session: taken first).
+    bob_at_carol = hidden_contacts(carol)
+    assert len(bob_at_carol) == 1
+    carol.call("messages.send", {"contact": bob_at_carol[0], "text": "direct from carol"})
     carol.call("group.send", {"group": gc, "text": "from carol"})
     bob.wait_for(lambda: "from carol" in texts(bob), "bob to get carol's message", T)
+    assert not any(e["data"].get("text") == "direct from carol"
+                   for e in bob.events(types=["message.received"]))  # fmt: skip
     # Delivery per member, aggregated from the receipts.
     bob.wait_for(
         lambda: next(m for m in bob.call("group.history", {"group": gb})["messages"]
@@ -136,35 +143,61 @@ def test_a_group_of_members_who_are_not_all_contacts(
     after = alice.call("group.send", {"group": g, "text": "after the removal"})
     assert after["recipients"] == 1
     bob.wait_for(lambda: "after the removal" in texts(bob), "bob to get it", T)
+    # ... and never reaches her (alice's outbox is empty and carol took all that waited).
+    alice.wait_for(lambda: outbox_size(alice) == 0, "alice's outbox to drain", T)
+    carol.wait_for(lambda: waiting_at_relay(relay_proc, alice, "carol") == 0, "carol's take", T)
+    assert "after the removal" not in texts(carol)
+    # bob and carol share no group any more: their group-only contacts go at both ends.
+    for p in (bob, carol):
+        p.wait_for(lambda p=p: hidden_contacts(p) == [], f"{p.name}'s group contact to go", T)
     bob.call("group.send", {"group": gb, "text": "bob after the removal"})
     alice.wait_for(lambda: "bob after the removal" in texts(alice), "alice to get it", T)
     with pytest.raises(RpcCallError) as err:
         carol.call("group.send", {"group": gc, "text": "still here?"})
     assert err.value.data["reason"] == "not_a_member"
+    # her leave deletes her copy (she can be invited again)
+    assert carol.call("group.leave", {"group": gc}) == {"group": gc, "deleted": True}
+    assert carol.call("group.list")["groups"] == []
 
-    # A message from a non-member (carol's own software, pretending) is dropped by bob.
-    s = offline_store(carol)
+    # Messages from the departed carol (her own software, pretending) are dropped by alice,
+    # whatever their stamp: an old version, and head + 1 (which would otherwise be held).
+    s = offline_store(alice)
     try:
         group_id = G.list_groups(s)[0].group_id
-        hidden = G.group_contact_ids(s)
-        bob_name = next(c.name for c in s.list_contacts() if c.id in hidden)
     finally:
         s.close()
     carol.stop()
-    forged = wire.GroupMessagePayload(group_id, 1, os.urandom(16), int(time.time() * 1000),
-                                      "forged by a non-member")  # fmt: skip
-    with hostile(carol.home, bob_name) as h:
-        h.deposit(url_of(relay_proc), h.payload_blocks(forged))
-        bob.wait_for(lambda: queued(relay_proc, h) == 0, "bob to take the block", T)
-    assert "forged by a non-member" not in texts(bob)
+    head = group_of(alice)["version"]  # type: ignore[index]
+    with hostile(carol.home, "alice") as h:
+        for version, text in ((1, "forged, old"), (head + 1, "forged, ahead")):
+            forged = wire.GroupMessagePayload(group_id, version, os.urandom(16),
+                                              int(time.time() * 1000), text)  # fmt: skip
+            h.deposit(url_of(relay_proc), h.payload_blocks(forged))
+        alice.wait_for(lambda: queued(relay_proc, h) == 0, "alice to take the blocks", T)
+    alice.call("group.rename", {"group": g, "name": "Trips again"})  # the head reaches head + 1
+    bob.wait_for(lambda: group_of(bob)["version"] == head + 1, "the rename at bob", T)  # type: ignore[index]
+    assert not any(t.startswith("forged") for t in texts(alice))
+    s = offline_store(alice)
+    try:
+        assert G.held(s, g) == []
+    finally:
+        s.close()
 
     # A blocked member's group messages are dropped, and nothing is sent to it.
     bob.call("contacts.block", {"name": "alice"})
-    assert bob.call("group.send", {"group": gb, "text": "to nobody"})["recipients"] == 0
+    to_nobody = bob.call("group.send", {"group": gb, "text": "to nobody"})
+    assert (to_nobody["recipients"], to_nobody["unreachable"]) == (0, 1)
+    # "delivered to 0 of 1": the blocked member counts, with its status
+    assert next(m for m in bob.call("group.history", {"group": gb})["messages"]
+                if m["text"] == "to nobody")["delivery"] == {
+        "recipients": 1, "delivered": 0, "members": {"alice": "blocked"}}  # fmt: skip
     alice.call("group.send", {"group": g, "text": "to a blocker"})
     alice.wait_for(lambda: outbox_size(alice) == 0, "alice's outbox to drain", T)
     bob.wait_for(lambda: waiting_at_relay(relay_proc, alice, "bob") == 0, "bob to take it", T)
     assert "to a blocker" not in texts(bob)
+    # ... but its membership changes still make the group's state (no fork by a block).
+    alice.call("group.rename", {"group": g, "name": "Trips while blocked"})
+    bob.wait_for(lambda: group_of(bob)["name"] == "Trips while blocked", "the rename", T)  # type: ignore[index]
     bob.call("contacts.block", {"name": "alice", "blocked": False})
 
     # bob leaves: alice is alone.
@@ -179,6 +212,15 @@ def test_a_group_of_members_who_are_not_all_contacts(
             assert not any(n in raw for n in needles), path.name
     out = relay_proc.output().encode()
     assert not any(n in out for n in [group_id.hex().encode(), *needles[1:]])
+
+
+def hidden_contacts(peer: Peer) -> list[str]:
+    s = offline_store(peer)
+    try:
+        hidden = G.group_contact_ids(s)
+        return [c.name for c in s.list_contacts() if c.id in hidden]
+    finally:
+        s.close()
 
 
 def outbox_size(peer: Peer) -> int:
@@ -206,3 +248,53 @@ def waiting_at_relay(relay: RelayProcess, peer: Peer, contact: str) -> int:
             (deposit_key(send_to.deposit_id),),
         ).fetchone()
     return int(row[0])
+
+
+def test_one_contact_keeps_at_most_three_invitations_waiting(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    alice, bob = peers("alice"), peers("bob")
+    connect(bob, alice)
+    names = [f"Group {i} 5d1e" for i in range(4)]
+    for name in names:
+        g = alice.call("group.create", {"name": name})["group"]
+        alice.call("group.invite", {"group": g, "contact": "bob"})
+        bob.wait_for(
+            lambda name=name: name in [i["name"] for i in
+                                       bob.call("group.invitations")["invitations"]],
+            f"the invitation to {name}", T,
+        )  # fmt: skip
+    # the oldest went: one contact cannot fill the list of waiting invitations
+    assert [i["name"] for i in bob.call("group.invitations")["invitations"]] == names[1:]
+
+
+def test_one_sender_cannot_fill_a_groups_held_payloads(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """Stamped ahead, a non-member's messages are held (the add may be on its way), at most 8
+    per sender per group; an introduction from someone who was never an admin or owner of
+    the group is not held at all."""
+    alice, bob, dave = peers("alice"), peers("bob"), peers("dave")
+    connect(dave, alice)
+    g = alice.call("group.create", {"name": NAME})["group"]
+    link = wire.ContactLink.from_text(bob.call("invitations.create")["link"])  # bob: no member
+    s = offline_store(alice)
+    try:
+        group_id = G.list_groups(s)[0].group_id
+    finally:
+        s.close()
+    dave.stop()
+    ahead = group_of(alice)["version"] + 1  # type: ignore[index]
+    with hostile(dave.home, "alice") as h:
+        blocks = [b for i in range(10) for b in h.payload_blocks(wire.GroupMessagePayload(
+            group_id, ahead, os.urandom(16), int(time.time() * 1000), f"ahead {i}"))]  # fmt: skip
+        blocks += h.payload_blocks(wire.GroupIntroductionPayload(group_id, link))
+        h.deposit(url_of(relay_proc), blocks)
+        alice.wait_for(lambda: queued(relay_proc, h) == 0, "alice to take the blocks", T)
+    s = offline_store(alice)
+    try:
+        held = [wire.decode_payload(r.payload) for r in G.held(s, g)]
+    finally:
+        s.close()
+    assert len(held) == 8
+    assert all(isinstance(p, wire.GroupMessagePayload) for p in held)

@@ -486,3 +486,13 @@ def test_any_change_is_applied_held_or_refused_with_nothing_changed(data: st.Dat
     if result.outcome is g.Outcome.APPLIED:  # on its parent, possibly beating a later change
         assert log.head.head == g.change_hash(change)
         assert log.head.version == change.parent_version + 1
+
+
+def test_was_admin_names_only_admins_and_owners_of_a_known_state() -> None:
+    # who may have sent an introduction the daemon holds (services/groups_inbound.py)
+    log, (owner, admin, member) = group_of([ADMIN, MEMBER])
+    assert log.was_admin(owner.public.ed_pub) and log.was_admin(admin.public.ed_pub)
+    assert not log.was_admin(member.public.ed_pub)
+    assert not log.was_admin(PEOPLE[5].public.ed_pub)
+    log.receive(g.set_role(owner, log.head, admin.public.ed_pub, MEMBER))
+    assert log.was_admin(admin.public.ed_pub)  # an admin of a state the log still knows
