@@ -379,6 +379,7 @@ class SQLiteStorage:
         #: Set (by the writer thread) when the disk is full; cleared by `recover`.
         self.full = False
         self._full_logged: float | None = None
+        self._space_logged: float | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -515,6 +516,18 @@ class SQLiteStorage:
         disk, pages = self._space(db)
         return disk < self._wal_bytes or disk + pages < self._reserve_bytes
 
+    def _checked_low(self, db: sqlite3.Connection) -> bool:
+        """`_low`, where a failed look at the disk (statvfs, e.g. the data directory renamed
+        away) counts as room: SQLite still reports a full disk by itself when it meets one."""
+        try:
+            return self._low(db)
+        except (OSError, sqlite3.Error) as exc:
+            now = time.monotonic()
+            if self._space_logged is None or now - self._space_logged >= 60:
+                self._space_logged = now
+                log.warning("storage: free space unknown (%s)", type(exc).__name__)
+            return False
+
     def _room(self, db: sqlite3.Connection) -> bool:
         """Room again (some margin above `_low`, so the relay does not flap at the edge)."""
         if self._reserve_bytes <= 0:
@@ -578,7 +591,15 @@ class SQLiteStorage:
                     self._queues.clear()
                 batch = [item for item in batch if item is not _STOP]
             if batch:
-                self._run_batch(db, loop, batch)
+                try:
+                    self._run_batch(db, loop, batch)
+                except Exception as exc:
+                    # Never let the writer thread die: every caller waiting on this batch would
+                    # wait forever, and close() with them. The batch fails; the next one runs.
+                    log.error("storage: a batch failed (%s)", type(exc).__name__)
+                    err = StorageError(type(exc).__name__)
+                    loop.call_soon_threadsafe(
+                        _deliver, [(item[1], False, err) for item in batch])
         db.close()
 
     def _put(self, owner: object | None, item: Any) -> None:
@@ -615,7 +636,7 @@ class SQLiteStorage:
         for fn, fut, own_tx, _, _ in batch:
             if own_tx:  # operations that manage their own transaction (checkpoint)
                 results.append(self._call(fn, db, fut))
-        if not self.full and self._low(db):
+        if not self.full and self._checked_low(db):
             self._went_full(release=False)
         tx = []
         for item in batch:

@@ -180,3 +180,27 @@ def test_reserve_without_fallocate_holds_real_bytes(tmp_path: Path,
         assert len(data) == size
         assert data.count(0) < size // 64, "the reserve is zeros: compressed to nothing"
         assert os.stat(d / RESERVE_NAME).st_blocks * 512 >= size
+
+
+def test_free_space_unknown_keeps_the_writer_alive(tmp_path: Path) -> None:
+    """A failing look at the disk (statvfs on a data directory renamed away) once killed the
+    writer thread: every caller then waited forever, shutdown too. Now the look counts as room
+    (SQLite still reports a full disk itself) and storing goes on."""
+    data, moved = tmp_path / "data", tmp_path / "moved"
+
+    async def main() -> None:
+        s = SQLiteStorage(str(data), reserve_bytes=8 * 1024 * 1024)
+        await s.open()
+        try:
+            box = await s.create_mailbox(b"k" * 32, b"d" * 32, b"s" * 32, b"b" * 32, b"o" * 32,
+                                         False)
+            os.rename(data, moved)
+            with pytest.raises(OSError):
+                os.statvfs(data)
+            for i in range(3):
+                await asyncio.wait_for(s.enqueue(box, 1000, b"m%d" % i), 30)
+            assert await asyncio.wait_for(s.queued_count(), 30) == 3
+        finally:
+            await asyncio.wait_for(s.close(), 30)
+
+    asyncio.run(main())
