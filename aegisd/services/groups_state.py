@@ -49,6 +49,9 @@ MAX_INTRODUCTIONS = 32
 #: maintenance loop, this many times in all; at most this many wait per group.
 INTRO_TRIES = 5
 MAX_PENDING_INTROS_PER_GROUP = 64
+#: How long a departed group contact's prune waits for its queued blocks to leave (polled).
+PRUNE_WAIT = 600.0
+PRUNE_POLL = 0.5
 INTRO_KEY = "group.intro."  # setting per introduction invitation: the member it is for
 ROLE_NAMES = {wire.ROLE_MEMBER: "member", wire.ROLE_ADMIN: "admin", wire.ROLE_OWNER: "owner"}
 ROLES = {v: k for k, v in ROLE_NAMES.items()}
@@ -190,11 +193,32 @@ class GroupBase:
                 self.m._spawn(self._remove_contact(c.id, key))
 
     async def _remove_contact(self, contact_id: int, key: bytes) -> None:
+        # What waits for it leaves first: removing a contact drops its queued blocks, and
+        # among them is the change that tells a removed member of its removal (§25.6). A
+        # contact whose blocks do not leave in time is left to the maintenance loop's sweep.
+        deadline = time.monotonic() + PRUNE_WAIT
+        while self.m.store.outbox_holds_contact(contact_id):
+            if time.monotonic() > deadline:
+                return
+            await asyncio.sleep(PRUNE_POLL)
         c = self.m.store.get_contact(contact_id)
         if c is None or G.shares_group(self.m.store, self._me(), key):
             return  # gone already, or met again in another group meanwhile
         with contextlib.suppress(AppError):
             await self.m.contacts.remove(c.name)
+
+    async def sweep_group_contacts(self) -> None:
+        """The maintenance loop's: group contacts that share no group with us any more and
+        have nothing queued (one whose prune waited too long for its blocks, or was cut
+        short by a stop) go."""
+        me = self._me()
+        for cid in G.group_contact_ids(self.m.store):
+            c = self.m.store.get_contact(cid)
+            if c is None or c.identity_key is None or self.m.store.outbox_holds_contact(cid):
+                continue
+            key = PublicIdentity.from_bytes(c.identity_key).ed_pub
+            if not G.shares_group(self.m.store, me, key):
+                await self._remove_contact(cid, key)
 
 
 def missed_changes(log: core.GroupLog, carried: frozenset[bytes]

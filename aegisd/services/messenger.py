@@ -304,6 +304,7 @@ class Messenger:
                 if not self.loss.superseded():
                     await self.rotation.continue_move()  # contacts that answered since, the bound
                 await self.groups.inbound.retry_intros()  # introductions that failed (bounded)
+                await self.groups.sweep_group_contacts()  # departed ones a prune left behind
 
     async def send_call_payload(self, contact_id: int, payload: wire.Payload) -> None:
         """Call signaling leaves at once: no send jitter and no receipt delay (a call cannot
