@@ -49,7 +49,14 @@ MAX_INTRODUCTIONS = 32
 #: maintenance loop, this many times in all; at most this many wait per group.
 INTRO_TRIES = 5
 MAX_PENDING_INTROS_PER_GROUP = 64
-#: How long a departed group contact's prune waits for its queued blocks to leave (polled).
+#: A group contact that shares no group with us any more is kept this long (profile setting,
+#: for tests), then removed with its session and mailboxes: a concurrent change that undoes
+#: its departure can only reach us through that session (§25.5, §25.9).
+PRUNE_AFTER_MS = 7 * 24 * 3600 * 1000
+SETTING_PRUNE_AFTER = "groups.prune_after_ms"
+DEPARTED_KEY = "group.departed."  # setting per group contact: since when it shares no group
+#: The longest a prune task waits (for the grace to end, then for the contact's queued blocks
+#: to leave; polled); past that the maintenance loop's sweep takes over.
 PRUNE_WAIT = 600.0
 PRUNE_POLL = 0.5
 INTRO_KEY = "group.intro."  # setting per introduction invitation: the member it is for
@@ -182,7 +189,7 @@ class GroupBase:
     def _prune_contacts(self, keys: Iterable[bytes]) -> None:
         """Members gone from a group (removed, left, or the group gone here): a group-only
         contact among them that shares no group with us any more goes, with its session and
-        mailboxes (after the caller's lock is released; checked again then)."""
+        mailboxes, once it has shared none for the grace period (`_remove_contact`)."""
         for key in keys:
             if key == self._me() or G.shares_group(self.m.store, self._me(), key):
                 continue
@@ -190,12 +197,25 @@ class GroupBase:
                       and PublicIdentity.from_bytes(c.identity_key).ed_pub == key),
                      None)  # fmt: skip
             if c is not None and G.is_group_contact(self.m.store, c.id):
+                if self.m.store.get_setting(f"{DEPARTED_KEY}{c.id}") is None:
+                    self.m.store.set_setting(f"{DEPARTED_KEY}{c.id}", now_ms())
                 self.m._spawn(self._remove_contact(c.id, key))
 
     async def _remove_contact(self, contact_id: int, key: bytes) -> None:
-        # What waits for it leaves first: removing a contact drops its queued blocks, and
-        # among them is the change that tells a removed member of its removal (§25.6). A
-        # contact whose blocks do not leave in time is left to the maintenance loop's sweep.
+        """A departed group contact goes after the grace period (§25.9): a removal can still
+        be undone by a concurrent change with precedence (§25.5), whose author is often the
+        member removed (two admins removing each other), and that change reaches us only
+        through the session we would have deleted. What waits for it leaves first: removing
+        a contact drops its queued blocks, among them the change that tells a removed member
+        of its removal. What does not fit these waits is left to the maintenance sweep."""
+        since = self.m.store.get_setting(f"{DEPARTED_KEY}{contact_id}")
+        if since is None:
+            return
+        grace = int(self.m.store.get_setting(SETTING_PRUNE_AFTER, PRUNE_AFTER_MS))
+        wait = (int(since) + grace - now_ms()) / 1000
+        if wait > PRUNE_WAIT:
+            return
+        await asyncio.sleep(max(wait, 0))
         deadline = time.monotonic() + PRUNE_WAIT
         while self.m.store.outbox_holds_contact(contact_id):
             if time.monotonic() > deadline:
@@ -203,22 +223,30 @@ class GroupBase:
             await asyncio.sleep(PRUNE_POLL)
         c = self.m.store.get_contact(contact_id)
         if c is None or G.shares_group(self.m.store, self._me(), key):
-            return  # gone already, or met again in another group meanwhile
+            # gone already, or a member again (its removal undone, or met in another group)
+            self.m.store.set_setting(f"{DEPARTED_KEY}{contact_id}", None)
+            return
         with contextlib.suppress(AppError):
             await self.m.contacts.remove(c.name)
+        if self.m.store.get_contact(contact_id) is None:
+            self.m.store.set_setting(f"{DEPARTED_KEY}{contact_id}", None)
 
     async def sweep_group_contacts(self) -> None:
-        """The maintenance loop's: group contacts that share no group with us any more and
-        have nothing queued (one whose prune waited too long for its blocks, or was cut
-        short by a stop) go."""
+        """The maintenance loop's: group contacts that share no group with us any more go
+        once their grace period is over (those a stop cut short too); one that is a member
+        again loses its mark."""
         me = self._me()
         for cid in G.group_contact_ids(self.m.store):
             c = self.m.store.get_contact(cid)
-            if c is None or c.identity_key is None or self.m.store.outbox_holds_contact(cid):
+            if c is None or c.identity_key is None:
                 continue
             key = PublicIdentity.from_bytes(c.identity_key).ed_pub
-            if not G.shares_group(self.m.store, me, key):
-                await self._remove_contact(cid, key)
+            if G.shares_group(self.m.store, me, key):
+                self.m.store.set_setting(f"{DEPARTED_KEY}{cid}", None)
+                continue
+            if self.m.store.get_setting(f"{DEPARTED_KEY}{cid}") is None:
+                self.m.store.set_setting(f"{DEPARTED_KEY}{cid}", now_ms())
+            await self._remove_contact(cid, key)
 
 
 def missed_changes(log: core.GroupLog, carried: frozenset[bytes]
