@@ -6,6 +6,8 @@ spam from a hostile contact (docs/protocol.md §25.4 to §25.9)."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,11 +25,13 @@ from tests.functional.test_groups import (
     invited,
     key_of,
     members,
+    no_grace,
     outbox_size,
     texts,
 )
-from tests.functional.test_hostile_contact import offline_store
+from tests.functional.test_hostile_contact import offline_store, queued, url_of
 from tests.relay.conftest import RelayProcess
+from tests.support.hostile import hostile
 
 T = 90.0
 
@@ -128,6 +132,8 @@ def test_five_members_messages_delivery_and_a_removal(
         assert sorted(texts(p)) == sorted(want)  # each once
 
     # Eve removed (by Ben, made an admin): she learns it; what follows never reaches her.
+    for p in everyone:
+        no_grace(p)  # group contacts that share no group go at once, not after days
     ann.call("group.role", {"group": ref(ann), "member": key_of(ben), "role": "admin"})
     ben.wait_for(lambda: group_of(ben)["role"] == "admin", "ben an admin", T)  # type: ignore[index]
     ben.call("group.remove", {"group": ref(ben), "member": key_of(eve)})
@@ -154,3 +160,198 @@ def test_five_members_messages_delivery_and_a_removal(
         eve.call("group.send", {"group": ref(eve), "text": "eve still here?"})
     assert err.value.data["reason"] == "not_a_member"
     print(f"five members, whole test {time.monotonic() - t0:.1f}s")
+
+
+# --- two admins removing each other -----------------------------------------------------------
+
+
+def test_two_admins_removing_each_other_at_once(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """Both removals are made while the relay is down (neither has the other's): every member
+    ends at the head §25.5 names (equal roles, both removals: the lower SHA-256(parent head ||
+    author key) wins), the loser learns it is out, and what it sends afterwards is refused."""
+    ann, ben, cal, dan = (peers(n) for n in ("ann", "ben", "cal", "dan"))
+    for p in (ben, cal, dan):
+        connect(p, ann)
+    gref = form(ann, [ben, cal, dan], "Two admins 0d4b")
+    for p in (ben, cal):
+        ann.call("group.role", {"group": gref, "member": key_of(p), "role": "admin"})
+    for p in (ann, ben, cal, dan):
+        p.wait_for(lambda p=p: group_of(p)["version"] == 5, f"{p.name} at version 5", T)  # type: ignore[index]
+    parent = stored_log(ann).head.head
+    # §25.5: equal roles, both removals; the lower SHA-256(parent head || author key) wins
+    winner, loser = sorted(
+        (ben, cal), key=lambda p: hashlib.sha256(parent + bytes.fromhex(key_of(p))).digest()
+    )
+    print(f"winner {winner.name}, loser {loser.name}")
+
+    relay_proc.terminate()
+    winner.call("group.remove", {"group": ref(winner), "member": key_of(loser)})
+    loser.call("group.remove", {"group": ref(loser), "member": key_of(winner)})
+    relay_proc.start()
+
+    stay = [ann, winner, dan]
+    for p in stay:
+        p.wait_for(lambda p=p: key_of(loser) not in members(p) and key_of(winner) in members(p),
+                   f"{p.name} to end without {loser.name}", T)  # fmt: skip
+    assert len({head(p) for p in stay}) == 1
+    assert head(ann)[0] == 6
+    loser.wait_for(lambda: group_of(loser)["role"] is None, f"{loser.name} to learn it is out", T)  # type: ignore[index]
+    assert head(loser) == head(ann)
+    with pytest.raises(RpcCallError) as err:
+        loser.call("group.send", {"group": ref(loser), "text": "the loser writes"})
+    assert err.value.data["reason"] == "not_a_member"
+    for p in stay:
+        sent = p.call("group.send", {"group": ref(p), "text": f"{p.name} at 6"})
+        assert sent["recipients"] == 2
+    for p in stay:
+        p.wait_for(lambda p=p: {f"{q.name} at 6" for q in stay if q is not p} <= set(texts(p)),
+                   f"{p.name} to see the others at 6", T)  # fmt: skip
+
+
+# --- a member offline during changes ----------------------------------------------------------
+
+
+def by_author(peer: Peer, author: Peer) -> list[str]:
+    key = key_of(author)
+    return [m["text"] for m in history(peer) if m["direction"] == "in" and m["from"] == key]
+
+
+def test_an_offline_member_catches_up(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """Cal's daemon is stopped while the group is renamed, gets Dan and loses Eve, and Ann and
+    Ben write; restarted, Cal holds the others' head and every message once, in order per
+    author, and is introduced to Dan, who joined meanwhile."""
+    ann, ben, cal, dan, eve = (peers(n) for n in ("ann", "ben", "cal", "dan", "eve"))
+    for p in (ben, cal, dan, eve):
+        connect(p, ann)
+    gref = form(ann, [ben, cal, eve], "Catch up 5e1a")
+    cal.stop()
+
+    ann.call("group.rename", {"group": gref, "name": "Caught up 5e1a"})
+    for i in (1, 2):
+        for p in (ann, ben):
+            p.call("group.send", {"group": ref(p), "text": f"{p.name} {i}"})
+    ann.call("group.invite", {"group": gref, "contact": "dan"})
+    dan.call("group.accept", {"invitation": invited(dan)})
+    for p in (ann, ben, eve, dan):
+        p.wait_for(lambda p=p: key_of(dan) in members(p), f"{p.name} to see dan", T)
+    ann.call("group.remove", {"group": gref, "member": key_of(eve)})
+    for p in (ann, ben):
+        p.call("group.send", {"group": ref(p), "text": f"{p.name} 3"})
+    online = [ann, ben, dan]
+    for p in online:
+        p.wait_for(lambda p=p: head(p)[0] == 6 and len(members(p)) == 4, f"{p.name} at 6", T)
+    assert len({head(p) for p in online}) == 1
+    drained([ann, ben])  # all that cal must catch up on waits at the relay
+
+    cal.start()
+    cal.wait_for(lambda: head(cal) == head(ann), "cal to reach the others' head", T)
+    assert head(cal)[1] == "Caught up 5e1a"
+    for author in (ann, ben):
+        want = [f"{author.name} {i}" for i in (1, 2, 3)]
+        cal.wait_for(lambda a=author, w=want: by_author(cal, a) == w,
+                     f"{author.name}'s messages at cal, in order", T)  # fmt: skip
+    # introduced to dan meanwhile: the session opens now that cal is back
+    cal.wait_for(lambda: members(cal)[key_of(dan)]["reachable"], "cal's session to dan", T)
+    dan.wait_for(lambda: members(dan)[key_of(cal)]["reachable"], "dan's session to cal", T)
+    sent = dan.call("group.send", {"group": ref(dan), "text": "dan to all"})
+    assert (sent["recipients"], sent["unreachable"]) == (3, 0)
+    cal.wait_for(lambda: by_author(cal, dan) == ["dan to all"], "dan's message at cal", T)
+    assert len(texts(cal)) == 7  # each once
+    sent = cal.call("group.send", {"group": ref(cal), "text": "cal is back"})
+    assert (sent["recipients"], sent["unreachable"]) == (3, 0)
+    for p in online:
+        p.wait_for(lambda p=p: "cal is back" in texts(p), f"{p.name} to hear cal", T)
+    assert "cal is back" not in texts(eve)
+
+
+# --- the last owner, and leaving --------------------------------------------------------------
+
+
+def test_the_last_owner_and_leaving(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    ann, ben, cal = (peers(n) for n in ("ann", "ben", "cal"))
+    for p in (ben, cal):
+        connect(p, ann)
+    gref = form(ann, [ben, cal], "Owners 77b0")
+    ann.call("group.role", {"group": gref, "member": key_of(cal), "role": "admin"})
+    cal.wait_for(lambda: group_of(cal)["role"] == "admin", "cal an admin", T)  # type: ignore[index]
+
+    def refused(p: Peer, method: str, params: dict[str, Any], reason: str) -> None:
+        before = head(p)
+        with pytest.raises(RpcCallError) as err:
+            p.call(method, {"group": ref(p), **params})
+        assert (err.value.error, err.value.data["reason"]) == ("group_refused", reason)
+        assert head(p) == before
+
+    # the last owner can neither leave, nor be demoted, nor be removed (by an admin)
+    refused(ann, "group.leave", {}, "last_owner")
+    refused(ann, "group.role", {"member": key_of(ann), "role": "admin"}, "last_owner")
+    refused(cal, "group.remove", {"member": key_of(ann)}, "not_permitted")
+    refused(ann, "group.remove", {"member": key_of(ann)}, "invalid_change")
+    refused(cal, "group.role", {"member": key_of(ben), "role": "owner"}, "not_permitted")
+
+    # ann names ben an owner, then leaves: everyone sees it, ben is the owner
+    ann.call("group.role", {"group": gref, "member": key_of(ben), "role": "owner"})
+    ben.wait_for(lambda: group_of(ben)["role"] == "owner", "ben an owner", T)  # type: ignore[index]
+    assert ann.call("group.leave", {"group": gref}) == {"group": gref, "deleted": False}
+    for p in (ben, cal):
+        p.wait_for(lambda p=p: key_of(ann) not in members(p), f"{p.name} to see ann leave", T)
+    assert group_of(ann)["role"] is None  # type: ignore[index]
+    assert len({head(p) for p in (ann, ben, cal)}) == 1
+    with pytest.raises(RpcCallError) as err:
+        ann.call("group.send", {"group": gref, "text": "ann, gone"})
+    assert err.value.data["reason"] == "not_a_member"
+    sent = ben.call("group.send", {"group": ref(ben), "text": "ben, owner now"})
+    assert (sent["recipients"], sent["unreachable"]) == (1, 0)
+    cal.wait_for(lambda: "ben, owner now" in texts(cal), "cal to hear ben", T)
+    drained([ben])
+    assert "ben, owner now" not in texts(ann)
+
+    # ben is the last owner now: the same rules; cal leaves; ben, alone, deletes the group
+    refused(ben, "group.leave", {}, "last_owner")
+    refused(cal, "group.remove", {"member": key_of(ben)}, "not_permitted")
+    assert cal.call("group.leave", {"group": ref(cal)})["deleted"] is False
+    ben.wait_for(lambda: list(members(ben)) == [key_of(ben)], "ben alone", T)
+    assert ben.call("group.leave", {"group": ref(ben)})["deleted"] is True
+    assert ben.call("group.list")["groups"] == []
+
+
+# --- messages in flight at a removal ----------------------------------------------------------
+
+
+def test_messages_of_a_member_who_does_not_know_it_was_removed(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """What Ben sent before his removal reached the others stays; what he sends after it,
+    not knowing (his daemon stopped, his own software stamping his old version), is
+    dropped; restarted, he learns of it and gets nothing sent since."""
+    ann, ben, cal = (peers(n) for n in ("ann", "ben", "cal"))
+    for p in (ben, cal):
+        connect(p, ann)
+    gref = form(ann, [ben, cal], "In flight 31c9")
+    ben.call("group.send", {"group": ref(ben), "text": "ben before"})
+    for p in (ann, cal):
+        p.wait_for(lambda p=p: "ben before" in texts(p), f"{p.name} to get ben's message", T)
+    group_id = stored_log(ann).head.group_id
+    stamp, ben_key = head(ben)[0], key_of(ben)
+    ben.stop()
+    ann.call("group.remove", {"group": gref, "member": ben_key})
+    cal.wait_for(lambda: ben_key not in members(cal), "cal to apply the removal", T)
+    with hostile(ben.home, "ann") as h:  # ben's own software: his last version's stamp
+        h.deposit(url_of(relay_proc), h.payload_blocks(wire.GroupMessagePayload(
+            group_id, stamp, os.urandom(16), int(time.time() * 1000), "ben after")))  # fmt: skip
+        ann.wait_for(lambda: queued(relay_proc, h) == 0, "ann to take the block", T)
+    ann.call("group.send", {"group": gref, "text": "ann after"})
+    cal.wait_for(lambda: "ann after" in texts(cal), "cal to get ann's message", T)
+    assert "ben before" in texts(ann) and "ben before" in texts(cal)
+    assert "ben after" not in texts(ann)
+    drained([ann])
+    ben.start()
+    ben.wait_for(lambda: group_of(ben)["role"] is None, "ben to learn of his removal", T)  # type: ignore[index]
+    assert head(ben) == head(ann)
+    assert "ann after" not in texts(ben)
