@@ -17,6 +17,8 @@ import pytest
 from aegis_cli.client import RpcCallError
 from aegisd.core import group as core
 from aegisd.core import wire
+from aegisd.core.prekeys import PrekeyStore
+from aegisd.core.primitives import SystemEntropy
 from aegisd.store import groups as G
 from tests.functional.conftest import Peer, connect
 from tests.functional.test_groups import (
@@ -28,8 +30,9 @@ from tests.functional.test_groups import (
     no_grace,
     outbox_size,
     texts,
+    waiting_at_relay,
 )
-from tests.functional.test_hostile_contact import offline_store, queued, url_of
+from tests.functional.test_hostile_contact import offline_store, queued, received, text, url_of
 from tests.relay.conftest import RelayProcess
 from tests.support.hostile import hostile
 
@@ -208,6 +211,18 @@ def test_two_admins_removing_each_other_at_once(
     for p in stay:
         p.wait_for(lambda p=p: {f"{q.name} at 6" for q in stay if q is not p} <= set(texts(p)),
                    f"{p.name} to see the others at 6", T)  # fmt: skip
+    # dan keeps his session with the loser for the grace period (groups_state.PRUNE_AFTER_MS)
+    assert len(hidden_contacts(dan)) == 2
+    # the loser's own software writes on anyway (its stamp: 6): the others drop it
+    group_id = stored_log(ann).head.group_id
+    loser.stop()
+    with hostile(loser.home, "ann") as h:
+        h.deposit(url_of(relay_proc), h.payload_blocks(wire.GroupMessagePayload(
+            group_id, 6, os.urandom(16), int(time.time() * 1000), "the loser again")))  # fmt: skip
+        ann.wait_for(lambda: queued(relay_proc, h) == 0, "ann to take the block", T)
+    ann.call("group.send", {"group": gref, "text": "ann after the loser"})
+    dan.wait_for(lambda: "ann after the loser" in texts(dan), "dan to hear ann", T)
+    assert "the loser again" not in texts(ann)
 
 
 # --- a member offline during changes ----------------------------------------------------------
@@ -355,3 +370,101 @@ def test_messages_of_a_member_who_does_not_know_it_was_removed(
     ben.wait_for(lambda: group_of(ben)["role"] is None, "ben to learn of his removal", T)  # type: ignore[index]
     assert head(ben) == head(ann)
     assert "ann after" not in texts(ben)
+
+
+# --- invitation spam --------------------------------------------------------------------------
+
+MARK = "EVIL-7c1f"
+
+
+def test_invitation_spam_is_capped_and_malformed_invitations_refused(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """A hostile contact's malformed invitations (undecodable, a forbidden character in the
+    name, a forged base, more changes than the window) leave nothing; then seven contacts
+    send 21 valid ones: at most 3 of one contact wait (a fourth replaces its oldest) and 20
+    in all (the 21st is dropped). The daemon answers throughout, and its log counts what it
+    refused in fixed phrases, never the invitations' text."""
+    vic = peers("vic")
+    senders = [peers(f"s{i}") for i in range(7)]
+    for s in senders:
+        connect(s, vic)
+    mal = senders[0]
+    mal.stop()
+    with hostile(mal.home, "vic") as h:
+        state = h.store.get_identity()
+        assert state is not None
+        me = PrekeyStore.from_bytes(state).identity
+
+        def invite(group: core.GroupState, changes: tuple[wire.GroupChangeRecord, ...] = ()
+                   ) -> wire.GroupInvitePayload:  # fmt: skip
+            return wire.GroupInvitePayload(os.urandom(16), int(time.time() * 1000),
+                                           core.sign_state(me, group), changes)  # fmt: skip
+
+        blocks = h.session.encrypt(h.entropy, bytes([1, 0x0C]) + os.urandom(300))  # garbage
+        named = wire.encode_payload(invite(core.create_group(SystemEntropy(), me, MARK + "abc")))
+        bidi = named.replace(MARK.encode() + b"abc", MARK.encode() + "\u202e".encode())
+        assert len(bidi) == len(named)
+        blocks += h.session.encrypt(h.entropy, bidi)  # a right-to-left override in the name
+        forged = invite(core.create_group(SystemEntropy(), me, MARK + " forged"))
+        forged = wire.GroupInvitePayload(forged.invite_id, forged.sent_at_ms,
+                                         wire.SignedGroupState(forged.base.state,
+                                                               forged.base.signer, bytes(64)),
+                                         ())  # fmt: skip
+        blocks += h.payload_blocks(forged)
+        group = core.create_group(SystemEntropy(), me, MARK + " long")
+        base, chain = group, []
+        for i in range(core.CONTEST_WINDOW + 1):  # one change more than an invitation carries
+            change = core.rename(me, group, f"{MARK} {i}", "")
+            group = core.apply_change(group, change)
+            chain.append(change)
+        blocks += h.payload_blocks(wire.GroupInvitePayload(
+            os.urandom(16), int(time.time() * 1000), core.sign_state(me, base), tuple(chain)))
+        blocks += h.payload_blocks(text("after the malformed ones"))
+        h.deposit(url_of(relay_proc), blocks)
+    vic.wait_for(lambda: received(vic, "s0", "after the malformed ones"), "the text after them", T)
+    assert vic.call("group.invitations")["invitations"] == []
+    mal.start()
+
+    def waiting() -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = vic.call("group.invitations")["invitations"]
+        return out
+
+    for i in range(3):
+        for s in senders:
+            g = s.call("group.create", {"name": f"{s.name} group {i}"})["group"]
+            s.call("group.invite", {"group": g, "contact": "vic"})
+    drained(senders)
+    for s in senders:
+        vic.wait_for(lambda s=s: waiting_at_relay(relay_proc, s, "vic") == 0,
+                     f"vic to take {s.name}'s invitations", T)  # fmt: skip
+    inv = waiting()
+    assert len(inv) == 20  # the 21st was dropped
+    per = {s.name: sum(1 for i in inv if i["from"] == s.name) for s in senders}
+    assert max(per.values()) == 3 and sum(per.values()) == 20
+    # a fourth from one contact replaces its oldest: still 3 of it, still 20 in all
+    full = next(n for n, k in per.items() if k == 3)
+    sender = next(s for s in senders if s.name == full)
+    g = sender.call("group.create", {"name": f"{full} group 3"})["group"]
+    sender.call("group.invite", {"group": g, "contact": "vic"})
+    vic.wait_for(lambda: f"{full} group 3" in [i["name"] for i in waiting()], "the fourth", T)
+    names = [i["name"] for i in waiting() if i["from"] == full]
+    assert names == [f"{full} group {i}" for i in (1, 2, 3)] and len(waiting()) == 20
+    # declining makes room for one
+    vic.call("group.decline", {"invitation": waiting()[0]["invitation"]})
+    short = next(s for s in senders if per[s.name] < 3)
+    g = short.call("group.create", {"name": f"{short.name} late"})["group"]
+    short.call("group.invite", {"group": g, "contact": "vic"})
+    vic.wait_for(lambda: f"{short.name} late" in [i["name"] for i in waiting()], "the late one", T)
+    assert len(waiting()) == 20
+    assert vic.call("status")["relay"]["connected"]
+
+    vic.stop()
+    assert vic.proc is not None
+    log = vic.proc.stderr()
+    assert "dropped a group invitation (too many pending) (1x)" in log, log
+    assert "dropped a group invitation (too many from one contact) (1x)" in log, log
+    assert "dropped a group payload: InvalidChange (1x)" in log, log  # 33 changes
+    assert "dropped a group payload: ForgedChange (1x)" in log, log
+    assert "dropped a payload that did not parse (2x)" in log, log  # garbage, the override
+    assert MARK not in log
