@@ -231,10 +231,11 @@ class GroupBase:
         if self.m.store.get_contact(contact_id) is None:
             self.m.store.set_setting(f"{DEPARTED_KEY}{contact_id}", None)
 
-    async def sweep_group_contacts(self) -> None:
-        """The maintenance loop's: group contacts that share no group with us any more go
-        once their grace period is over (those a stop cut short too); one that is a member
-        again loses its mark."""
+    def sweep_group_contacts(self) -> None:
+        """After each connection to the relay and in the maintenance loop: group contacts
+        that share no group with us any more go once their grace period is over (those whose
+        prune a stop cut short too, or that a backup brought in); one that is a member again
+        loses its mark. Each prune runs as its own task (it may wait)."""
         me = self._me()
         for cid in G.group_contact_ids(self.m.store):
             c = self.m.store.get_contact(cid)
@@ -246,7 +247,7 @@ class GroupBase:
                 continue
             if self.m.store.get_setting(f"{DEPARTED_KEY}{cid}") is None:
                 self.m.store.set_setting(f"{DEPARTED_KEY}{cid}", now_ms())
-            await self._remove_contact(cid, key)
+            self.m._spawn(self._remove_contact(cid, key))
 
 
 def missed_changes(log: core.GroupLog, carried: frozenset[bytes]

@@ -19,6 +19,7 @@ from aegisd.core import group as core
 from aegisd.core import wire
 from aegisd.core.prekeys import PrekeyStore
 from aegisd.core.primitives import SystemEntropy
+from aegisd.services.groups_state import SETTING_PRUNE_AFTER
 from aegisd.store import groups as G
 from tests.functional.conftest import Peer, connect
 from tests.functional.test_groups import (
@@ -223,6 +224,17 @@ def test_two_admins_removing_each_other_at_once(
     ann.call("group.send", {"group": gref, "text": "ann after the loser"})
     dan.wait_for(lambda: "ann after the loser" in texts(dan), "dan to hear ann", T)
     assert "the loser again" not in texts(ann)
+    # past the grace (made 0 here, the daemon stopped meanwhile): the sweep after the next
+    # connection removes dan's session with the loser, and keeps the one with the winner
+    dan.stop()
+    s = offline_store(dan)
+    try:
+        s.set_setting(SETTING_PRUNE_AFTER, 0)
+    finally:
+        s.close()
+    dan.start()
+    dan.wait_for(lambda: len(hidden_contacts(dan)) == 1, "dan's session with the loser to go", T)
+    assert members(dan)[key_of(winner)]["reachable"]
 
 
 # --- a member offline during changes ----------------------------------------------------------
