@@ -49,6 +49,16 @@ MAX_INTRODUCTIONS = 32
 #: maintenance loop, this many times in all; at most this many wait per group.
 INTRO_TRIES = 5
 MAX_PENDING_INTROS_PER_GROUP = 64
+#: A group contact that shares no group with us any more is kept this long (profile setting,
+#: for tests), then removed with its session and mailboxes: a concurrent change that undoes
+#: its departure can only reach us through that session (§25.5, §25.9).
+PRUNE_AFTER_MS = 7 * 24 * 3600 * 1000
+SETTING_PRUNE_AFTER = "groups.prune_after_ms"
+DEPARTED_KEY = "group.departed."  # setting per group contact: since when it shares no group
+#: The longest a prune task waits (for the grace to end, then for the contact's queued blocks
+#: to leave; polled); past that the maintenance loop's sweep takes over.
+PRUNE_WAIT = 600.0
+PRUNE_POLL = 0.5
 INTRO_KEY = "group.intro."  # setting per introduction invitation: the member it is for
 ROLE_NAMES = {wire.ROLE_MEMBER: "member", wire.ROLE_ADMIN: "admin", wire.ROLE_OWNER: "owner"}
 ROLES = {v: k for k, v in ROLE_NAMES.items()}
@@ -179,7 +189,7 @@ class GroupBase:
     def _prune_contacts(self, keys: Iterable[bytes]) -> None:
         """Members gone from a group (removed, left, or the group gone here): a group-only
         contact among them that shares no group with us any more goes, with its session and
-        mailboxes (after the caller's lock is released; checked again then)."""
+        mailboxes, once it has shared none for the grace period (`_remove_contact`)."""
         for key in keys:
             if key == self._me() or G.shares_group(self.m.store, self._me(), key):
                 continue
@@ -187,14 +197,57 @@ class GroupBase:
                       and PublicIdentity.from_bytes(c.identity_key).ed_pub == key),
                      None)  # fmt: skip
             if c is not None and G.is_group_contact(self.m.store, c.id):
+                if self.m.store.get_setting(f"{DEPARTED_KEY}{c.id}") is None:
+                    self.m.store.set_setting(f"{DEPARTED_KEY}{c.id}", now_ms())
                 self.m._spawn(self._remove_contact(c.id, key))
 
     async def _remove_contact(self, contact_id: int, key: bytes) -> None:
+        """A departed group contact goes after the grace period (§25.9): a removal can still
+        be undone by a concurrent change with precedence (§25.5), whose author is often the
+        member removed (two admins removing each other), and that change reaches us only
+        through the session we would have deleted. What waits for it leaves first: removing
+        a contact drops its queued blocks, among them the change that tells a removed member
+        of its removal. What does not fit these waits is left to the maintenance sweep."""
+        since = self.m.store.get_setting(f"{DEPARTED_KEY}{contact_id}")
+        if since is None:
+            return
+        grace = int(self.m.store.get_setting(SETTING_PRUNE_AFTER, PRUNE_AFTER_MS))
+        wait = (int(since) + grace - now_ms()) / 1000
+        if wait > PRUNE_WAIT:
+            return
+        await asyncio.sleep(max(wait, 0))
+        deadline = time.monotonic() + PRUNE_WAIT
+        while self.m.store.outbox_holds_contact(contact_id):
+            if time.monotonic() > deadline:
+                return
+            await asyncio.sleep(PRUNE_POLL)
         c = self.m.store.get_contact(contact_id)
         if c is None or G.shares_group(self.m.store, self._me(), key):
-            return  # gone already, or met again in another group meanwhile
+            # gone already, or a member again (its removal undone, or met in another group)
+            self.m.store.set_setting(f"{DEPARTED_KEY}{contact_id}", None)
+            return
         with contextlib.suppress(AppError):
             await self.m.contacts.remove(c.name)
+        if self.m.store.get_contact(contact_id) is None:
+            self.m.store.set_setting(f"{DEPARTED_KEY}{contact_id}", None)
+
+    def sweep_group_contacts(self) -> None:
+        """After each connection to the relay and in the maintenance loop: group contacts
+        that share no group with us any more go once their grace period is over (those whose
+        prune a stop cut short too, or that a backup brought in); one that is a member again
+        loses its mark. Each prune runs as its own task (it may wait)."""
+        me = self._me()
+        for cid in G.group_contact_ids(self.m.store):
+            c = self.m.store.get_contact(cid)
+            if c is None or c.identity_key is None:
+                continue
+            key = PublicIdentity.from_bytes(c.identity_key).ed_pub
+            if G.shares_group(self.m.store, me, key):
+                self.m.store.set_setting(f"{DEPARTED_KEY}{cid}", None)
+                continue
+            if self.m.store.get_setting(f"{DEPARTED_KEY}{cid}") is None:
+                self.m.store.set_setting(f"{DEPARTED_KEY}{cid}", now_ms())
+            self.m._spawn(self._remove_contact(cid, key))
 
 
 def missed_changes(log: core.GroupLog, carried: frozenset[bytes]

@@ -221,6 +221,7 @@ class Messenger:
             await self.renewals.resume()
             await self.renewals.retire_due()
             await self.rotation.continue_move()
+            self.groups.sweep_group_contacts()  # departed ones past their grace
         except (*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
             pass  # the next connection tries again
 
@@ -304,6 +305,7 @@ class Messenger:
                 if not self.loss.superseded():
                     await self.rotation.continue_move()  # contacts that answered since, the bound
                 await self.groups.inbound.retry_intros()  # introductions that failed (bounded)
+                self.groups.sweep_group_contacts()  # departed ones past their grace
 
     async def send_call_payload(self, contact_id: int, payload: wire.Payload) -> None:
         """Call signaling leaves at once: no send jitter and no receipt delay (a call cannot

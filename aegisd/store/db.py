@@ -589,6 +589,10 @@ class Store:
         row = self._q("SELECT 1 FROM outbox WHERE message_id = ? LIMIT 1", (message_id,))
         return row.fetchone() is not None
 
+    def outbox_holds_contact(self, contact_id: int) -> bool:
+        row = self._q("SELECT 1 FROM outbox WHERE contact_id = ? LIMIT 1", (contact_id,))
+        return row.fetchone() is not None
+
     def retry_failed_now(self) -> None:
         """Make every block that failed before due again (the relay is back)."""
         with self.transaction():

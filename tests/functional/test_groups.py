@@ -16,6 +16,7 @@ import pytest
 
 from aegis_cli.client import RpcCallError
 from aegisd.core import wire
+from aegisd.services.groups_state import SETTING_PRUNE_AFTER
 from aegisd.services.mailbox import ContactState
 from aegisd.store import groups as G
 from relay.storage import deposit_key
@@ -61,6 +62,7 @@ def test_a_group_of_members_who_are_not_all_contacts(
     alice, bob, carol, dave = peers("alice"), peers("bob"), peers("carol"), peers("dave")
     for p in (bob, carol, dave):
         connect(p, alice)  # alice knows everyone; bob and carol do not know each other
+        no_grace(p)
     ed = {p.name: key_of(p) for p in (alice, bob, carol, dave)}
 
     g = alice.call("group.create", {"name": NAME})["group"]
@@ -212,6 +214,16 @@ def test_a_group_of_members_who_are_not_all_contacts(
             assert not any(n in raw for n in needles), path.name
     out = relay_proc.output().encode()
     assert not any(n in out for n in [group_id.hex().encode(), *needles[1:]])
+
+
+def no_grace(peer: Peer) -> None:
+    """Departed group contacts go at once here, not after days (groups_state.PRUNE_AFTER_MS;
+    read when a prune starts, so the running daemon sees it)."""
+    s = offline_store(peer)
+    try:
+        s.set_setting(SETTING_PRUNE_AFTER, 0)
+    finally:
+        s.close()
 
 
 def hidden_contacts(peer: Peer) -> list[str]:
