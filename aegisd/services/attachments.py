@@ -27,7 +27,8 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -151,6 +152,9 @@ class Attachments:
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._locked = True  # no transfer starts before on_unlock or after on_lock
         self._download_slots: dict[int, asyncio.Semaphore] = {}  # by contact id
+        #: Called when an upload is complete, before the one-to-one descriptor: True when the
+        #: row was a group's copy and the hook sent its descriptor (services/group_files.py).
+        self.copy_hook: Callable[[AttachmentRow], Awaitable[bool]] | None = None
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -275,12 +279,7 @@ class Attachments:
 
     async def send(self, name: str, path: str) -> dict[str, Any]:
         m = self.m
-        if not isinstance(path, str) or not path or "\x00" in path:
-            raise InvalidParamsError("path", "must be a file path")
-        p = Path(path)
-        if not p.is_absolute():
-            raise InvalidParamsError("path", "must be an absolute path (the daemon's working "
-                                     "directory is not yours)")
+        p, limit = self.check_source(path)
         m.check_usable()
         c = m.contacts.by_name(name)
         if c.blocked:
@@ -288,6 +287,32 @@ class Attachments:
         if m.store.get_session(c.id) is None:
             raise AppError(E_NOT_READY, "not_ready", "no session with this contact")
         relay_url = m.mailboxes.relay_url()
+        spooled = await self.spool(p, limit)
+        aid = spooled.id
+        now = _ms()
+        row = spooled.row(c.id, relay_url, now)
+        try:
+            async with m.lock:
+                c = m.contacts.by_name(name)  # still there?
+                with m.store.transaction():
+                    m.store.add_message(c.id, "out", f"[file] {row.name}", status="queued",
+                                        message_id=aid)  # fmt: skip
+                    db.add(m.store, row)
+        except BaseException:
+            self.discard([aid])
+            raise
+        self._start(aid)
+        return {**self.describe(row, c), "message_id": aid}
+
+    def check_source(self, path: str) -> tuple[Path, int]:
+        """A file the user asks to send: an absolute path to a regular file within the
+        limit. Returns it and the limit (checked again while it is read)."""
+        if not isinstance(path, str) or not path or "\x00" in path:
+            raise InvalidParamsError("path", "must be a file path")
+        p = Path(path)
+        if not p.is_absolute():
+            raise InvalidParamsError("path", "must be an absolute path (the daemon's working "
+                                     "directory is not yours)")
         try:
             st = p.stat()
         except FileNotFoundError:
@@ -305,9 +330,13 @@ class Attachments:
                 f"the file is larger than the attachment limit of {limit} bytes "
                 f"(aegis attachments --max-size changes it, up to {MAX_FILE_SIZE})",
             )  # fmt: skip
-        aid_raw = m.entropy.random(wire.MESSAGE_ID_LEN)
-        aid = aid_raw.hex()
-        seed = m.entropy.random(wire.ATTACHMENT_SEED_LEN)
+        return p, limit
+
+    async def spool(self, p: Path, limit: int) -> Spooled:
+        """Encrypt the file under a fresh seed into a spool of its own (a new attachment id);
+        the caller commits its row (`Spooled.row`) or `discard`s it."""
+        aid = self.m.entropy.random(wire.MESSAGE_ID_LEN).hex()
+        seed = self.m.entropy.random(wire.ATTACHMENT_SEED_LEN)
         self.directory.mkdir(mode=0o700, exist_ok=True)
         try:
             size, digest = await asyncio.to_thread(
@@ -320,24 +349,17 @@ class Attachments:
             ) from None  # fmt: skip
         except (OSError, ValueError):
             raise _bad_file("the file cannot be read") from None
-        blocks = wire.attachment_blocks(size)
-        fname = clean_file_name(p.name)
-        now = _ms()
-        row = AttachmentRow(aid, c.id, "out", fname, size, blocks, digest, seed, relay_url,
-                            "uploading", 0, None, now, now, now)  # fmt: skip
-        try:
-            async with m.lock:
-                c = m.contacts.by_name(name)  # still there?
-                with m.store.transaction():
-                    m.store.add_message(c.id, "out", f"[file] {fname}", status="queued",
-                                        message_id=aid)  # fmt: skip
-                    db.add(m.store, row)
-        except BaseException:
+        return Spooled(aid, seed, size, digest, clean_file_name(p.name))
+
+    def discard(self, aids: list[str]) -> None:
+        """Spools whose rows were never committed."""
+        for aid in aids:
             with contextlib.suppress(OSError):
                 self._file(aid).unlink()
-            raise
+
+    def start(self, aid: str) -> None:
+        """A committed outgoing row's upload (or an incoming one's download) starts."""
         self._start(aid)
-        return {**self.describe(row, c), "message_id": aid}
 
     def _encrypt_to_spool(self, src: Path, dst: Path, seed: bytes, limit: int) -> tuple[int, bytes]:
         """Read the file once, streaming: hash it and write its blocks (padded count) to the
@@ -446,6 +468,11 @@ class Attachments:
 
     async def _uploaded(self, row: AttachmentRow) -> None:
         m = self.m
+        if self.copy_hook is not None and await self.copy_hook(row):
+            # A group's copy (services/group_files.py): its descriptor went its own way.
+            with contextlib.suppress(OSError):
+                self._file(row.id).unlink()
+            return
         async with m.lock:
             c = m.store.get_contact(row.contact_id)
             blob = m.store.get_session(row.contact_id)
@@ -492,32 +519,50 @@ class Attachments:
         aid = p.message_id.hex()
         if m.store.get_message(aid) is not None or db.get(m.store, aid) is not None:
             return  # a duplicate id: never twice
-        name = clean_file_name(p.name)
         if not m.mailboxes.peer_url_ok(p.relay_url):
             droplog.dropped("dropped an attachment whose relay URL is refused")
             return
-        now = _ms()
-        # Our own limit applies to what we fetch too: above it the file waits, failed, until
-        # the user raises the limit and retries (the relay keeps it until its TTL).
-        too_large = p.size > self.max_size()
+        name = clean_file_name(p.name)
         m.store.add_message(c.id, "in", f"[file] {name}", status="received", message_id=aid,
                             sent_at=p.sent_at_ms)  # fmt: skip
-        db.add(m.store, AttachmentRow(
-            aid, c.id, "in", name, p.size, p.blocks, p.digest, p.seed, p.relay_url,
-            "failed" if too_large else "downloading", 0,
-            _limit_text(self.max_size()) if too_large else None, p.sent_at_ms, now, now,
-        ))  # fmt: skip
         # Its message is in the history: clients (aegis listen, the notification bridge)
         # that follow message.received see the file arrive like any message.
         m.ctx.events.emit("message.received", {
             "message_id": aid, "contact": c.name, "text": f"[file] {name}",
             "sent_at": p.sent_at_ms,
         })  # fmt: skip
+        self.take_descriptor(c, p)
+        m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED, [p.message_id])
+
+    def acceptable(self, p: wire.AttachmentPayload) -> bool:
+        """A descriptor that may be taken: a new id, a relay URL the policy allows."""
+        aid = p.message_id.hex()
+        if db.get(self.store, aid) is not None:
+            return False
+        if not self.m.mailboxes.peer_url_ok(p.relay_url):
+            droplog.dropped("dropped an attachment whose relay URL is refused")
+            return False
+        return True
+
+    def take_descriptor(self, c: Contact, p: wire.AttachmentPayload) -> None:
+        """A descriptor's attachment row, events and download (the caller stored its
+        message: in the contact's or a group's history); inside the receive transaction."""
+        m = self.m
+        aid = p.message_id.hex()
+        name = clean_file_name(p.name)
+        now = _ms()
+        # Our own limit applies to what we fetch too: above it the file waits, failed, until
+        # the user raises the limit and retries (the relay keeps it until its TTL).
+        too_large = p.size > self.max_size()
+        db.add(m.store, AttachmentRow(
+            aid, c.id, "in", name, p.size, p.blocks, p.digest, p.seed, p.relay_url,
+            "failed" if too_large else "downloading", 0,
+            _limit_text(self.max_size()) if too_large else None, p.sent_at_ms, now, now,
+        ))  # fmt: skip
         m.ctx.events.emit("attachment.received", {
             "attachment_id": aid, "message_id": aid, "contact": c.name, "name": name,
             "size": p.size, "sent_at": p.sent_at_ms,
         })  # fmt: skip
-        m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED, [p.message_id])
         if too_large:
             m.ctx.events.emit("attachment.failed", {
                 "attachment_id": aid, "contact": c.name, "direction": "in",
@@ -833,6 +878,26 @@ class Attachments:
                     })  # fmt: skip
         with contextlib.suppress(OSError):
             self._file(aid).unlink()
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """A file encrypted into a spool of its own (`Attachments.spool`), its row not yet
+    committed."""
+
+    id: str
+    seed: bytes
+    size: int
+    digest: bytes
+    name: str  # cleaned
+
+    def __repr__(self) -> str:  # the seed is key material
+        return f"Spooled(id={self.id!r})"
+
+    def row(self, contact_id: int, relay_url: str, now: int) -> AttachmentRow:
+        return AttachmentRow(self.id, contact_id, "out", self.name, self.size,
+                             wire.attachment_blocks(self.size), self.digest, self.seed,
+                             relay_url, "uploading", 0, None, now, now, now)  # fmt: skip
 
 
 class _GiveUp(Exception):
