@@ -26,6 +26,7 @@ from aegisd.core.attachment import clean_file_name
 from aegisd.core.errors import NotAMember
 from aegisd.core.identity import PublicIdentity
 from aegisd.core.session import Session
+from aegisd.rpc import AppError
 from aegisd.store import attachments as A
 from aegisd.store import groups as G
 from aegisd.store.attachments import AttachmentRow
@@ -115,31 +116,37 @@ class GroupFiles(GroupBase):
             return False
         async with self.m.lock:
             ref, mid = int(meta["group"]), str(meta["message"])
-            group = G.get_group(self.m.store, ref)
             c = self.m.store.get_contact(row.contact_id)
             blob = self.m.store.get_session(row.contact_id)
+            head = None
+            if G.get_group(self.m.store, ref) is not None:
+                head = self._load(ref)[1].head
             member = None
-            if group is not None and c is not None and c.identity_key is not None:
-                _, log = self._load(ref)
-                member = log.head.member(PublicIdentity.from_bytes(c.identity_key).ed_pub)
+            if head is not None and c is not None and c.identity_key is not None:
+                member = head.member(PublicIdentity.from_bytes(c.identity_key).ed_pub)
             with self.m.store.transaction():
                 self.m.store.set_setting(key, None)
-                if (group is None or c is None or blob is None or member is None
+                if (head is None or c is None or blob is None or member is None
                         or c.blocked or not G.has_message(self.m.store, mid)):  # fmt: skip
-                    A.set_state(self.m.store, row.id, "failed", "no longer sent: the member "
-                                "left the group, or the group or its message was deleted")
+                    A.set_state(self.m.store, row.id, "failed", "not sent: the member left "
+                                "the group or is blocked, or the group or its message is gone")
                     if c is not None and G.has_message(self.m.store, mid):
-                        G.set_statuses(self.m.store, mid, [c.id], "unreachable")
-                    droplog.dropped("a group file copy not sent (the member is gone)")
+                        status = "blocked" if c.blocked else "unreachable"
+                        G.set_statuses(self.m.store, mid, [c.id], status)
+                    droplog.dropped("a group file copy not sent (its member is gone)")
                     return True
-                head = log.head
                 payload = wire.GroupFilePayload(head.group_id, head.version, wire.AttachmentPayload(
                     bytes.fromhex(mid), row.sent_at or now_ms(), row.seed, row.size, row.blocks,
                     row.digest, row.relay_url, row.name,
                 ))  # fmt: skip
+                try:  # refuses before it writes anything
+                    self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], payload,
+                                            delay=self.m.delivery.send_jitter())  # fmt: skip
+                except AppError as exc:  # the member cannot be reached (its session failed)
+                    A.set_state(self.m.store, row.id, "failed", exc.message)
+                    G.set_statuses(self.m.store, mid, [c.id], "failed")
+                    return True
                 A.set_state(self.m.store, row.id, "uploaded")
-                self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], payload,
-                                        delay=self.m.delivery.send_jitter())  # fmt: skip
                 self.m.ctx.events.emit("attachment.completed", {
                     "attachment_id": row.id, "contact": None, "direction": "out",
                     "group": ref, "message_id": mid,

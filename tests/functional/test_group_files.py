@@ -1,17 +1,20 @@
 """Files to a group (docs/protocol.md §25.10) between real daemons on a real relay: one copy
 per member, each fetched by its member alone and deleted at the relay once verified; the
 receivers see the file in the group's history and save it; a member removed gets no file sent
-after the removal."""
+after the removal; a member's descriptor is bounded like a contact's, a removed member's
+dropped."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aegisd.core import wire
+from aegisd.store import groups as G
 from tests.functional.conftest import Peer, connect
 from tests.functional.test_attachments import STORED_BLOB_LEN, blob_sizes, wait_state
 from tests.functional.test_cli_messaging import aegis, ok
@@ -24,7 +27,9 @@ from tests.functional.test_groups import (
     outbox_size,
     waiting_at_relay,
 )
+from tests.functional.test_hostile_contact import offline_store, queued, url_of
 from tests.relay.conftest import RelayProcess
+from tests.support.hostile import hostile
 
 T = 60.0
 NAME = "Photos of Europa 3c9d"
@@ -123,3 +128,30 @@ def test_a_file_to_a_group_of_three(
     got = carol.events(types=["attachment.received"])
     assert [e["data"]["name"] for e in got] == ["europa.jpg"]
     bob.wait_for(lambda: blob_sizes(relay_proc) == [], "bob's copy deleted", T)
+
+    # A member's descriptor is bounded like a contact's: one over alice's size limit is kept
+    # failed (nothing fetched); a removed member's file is dropped whatever it claims.
+    s = offline_store(alice)
+    try:
+        group_id = G.list_groups(s)[0].group_id
+    finally:
+        s.close()
+    version = group_of(alice)["version"]  # type: ignore[index]
+    big = 120_000_000  # over the default attachments.max_size (100 MB), within the format
+
+    def forged(name: str, size: int) -> wire.GroupFilePayload:
+        return wire.GroupFilePayload(group_id, version, wire.AttachmentPayload(
+            os.urandom(16), int(time.time() * 1000), os.urandom(32), size,
+            wire.attachment_blocks(size), os.urandom(32), url_of(relay_proc), name))  # fmt: skip
+
+    for peer, name, size in ((bob, "huge.bin", big), (carol, "from-the-removed.bin", 10)):
+        peer.stop()
+        with hostile(peer.home, "alice") as h:
+            h.deposit(url_of(relay_proc), h.payload_blocks(forged(name, size)))
+            alice.wait_for(lambda h=h: queued(relay_proc, h) == 0, "alice to take it", T)
+    huge = alice.wait_for(lambda: file_in_history(alice, "huge.bin"), "the huge file", T)
+    failed = alice.call("attachments.get", {"attachment_id": huge["attachment_id"]})
+    assert failed["state"] == "failed" and "limit" in failed["error"] and failed["done"] == 0
+    assert file_in_history(alice, "from-the-removed.bin") is None
+    names = [a["name"] for a in alice.call("attachments.list")["attachments"]]
+    assert "from-the-removed.bin" not in names
