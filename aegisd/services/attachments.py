@@ -458,6 +458,21 @@ class Attachments:
                 return
         await self._uploaded(row)
 
+    async def delete_blobs(self, row: AttachmentRow) -> None:
+        """An uploaded copy that will never be announced (services/group_files.py): its blobs
+        go now rather than wait for the relay's blob_ttl. Best effort: they expire anyway."""
+        keys = FileKeys(row.seed)
+        with contextlib.suppress(RelayUnavailable, RelayError, *UNAVAILABLE):
+            client = await self._connect(row.relay_url)
+            try:
+                for start in range(0, row.blocks, WINDOW):
+                    await asyncio.gather(*(
+                        client.blob_del(keys.blob_id(i), keys.capability(i))
+                        for i in range(start, min(start + WINDOW, row.blocks))
+                    ), return_exceptions=True)  # fmt: skip
+            finally:
+                await client.close()
+
     @staticmethod
     async def _put(client: RelayClient, keys: FileKeys, index: int, block: bytes) -> None:
         try:

@@ -21,6 +21,7 @@ import asyncio
 from typing import Any
 
 from aegisd import droplog
+from aegisd.core import group as core
 from aegisd.core import wire
 from aegisd.core.attachment import clean_file_name
 from aegisd.core.errors import NotAMember
@@ -114,6 +115,7 @@ class GroupFiles(GroupBase):
         meta = self.m.store.get_setting(key)
         if meta is None:
             return False
+        unsent = False
         async with self.m.lock:
             ref, mid = int(meta["group"]), str(meta["message"])
             c = self.m.store.get_contact(row.contact_id)
@@ -134,25 +136,35 @@ class GroupFiles(GroupBase):
                         status = "blocked" if c.blocked else "unreachable"
                         G.set_statuses(self.m.store, mid, [c.id], status)
                     droplog.dropped("a group file copy not sent (its member is gone)")
-                    return True
-                payload = wire.GroupFilePayload(head.group_id, head.version, wire.AttachmentPayload(
-                    bytes.fromhex(mid), row.sent_at or now_ms(), row.seed, row.size, row.blocks,
-                    row.digest, row.relay_url, row.name,
-                ))  # fmt: skip
-                try:  # refuses before it writes anything
-                    self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], payload,
-                                            delay=self.m.delivery.send_jitter())  # fmt: skip
-                except AppError as exc:  # the member cannot be reached (its session failed)
-                    A.set_state(self.m.store, row.id, "failed", exc.message)
-                    G.set_statuses(self.m.store, mid, [c.id], "failed")
-                    return True
-                A.set_state(self.m.store, row.id, "uploaded")
-                self.m.ctx.events.emit("attachment.completed", {
-                    "attachment_id": row.id, "contact": None, "direction": "out",
-                    "group": ref, "message_id": mid,
-                })  # fmt: skip
-        self.m.delivery.wake()
+                    unsent = True
+                else:
+                    self._announce(row, ref, mid, c, blob, head)
+        if unsent:  # its blobs never named to anyone: they go now
+            await self.m.attachments.delete_blobs(row)
+        else:
+            self.m.delivery.wake()
         return True
+
+    def _announce(self, row: AttachmentRow, ref: int, mid: str, c: Contact, blob: bytes,
+                  head: core.GroupState) -> None:  # fmt: skip
+        """The copy's descriptor to its member (inside the transaction)."""
+        descriptor = wire.AttachmentPayload(
+            bytes.fromhex(mid), row.sent_at or now_ms(), row.seed, row.size, row.blocks,
+            row.digest, row.relay_url, row.name,
+        )  # fmt: skip
+        payload = wire.GroupFilePayload(head.group_id, head.version, descriptor)
+        try:  # refuses before it writes anything
+            self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], payload,
+                                    delay=self.m.delivery.send_jitter())  # fmt: skip
+        except AppError as exc:  # the member cannot be reached (its session failed)
+            A.set_state(self.m.store, row.id, "failed", exc.message)
+            G.set_statuses(self.m.store, mid, [c.id], "failed")
+            return
+        A.set_state(self.m.store, row.id, "uploaded")
+        self.m.ctx.events.emit("attachment.completed", {
+            "attachment_id": row.id, "contact": None, "direction": "out",
+            "group": ref, "message_id": mid,
+        })  # fmt: skip
 
     # --- receiving (groups_inbound.py decided the sender may post) -------------------------
 

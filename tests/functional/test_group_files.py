@@ -46,12 +46,10 @@ def file_in_history(peer: Peer, name: str) -> dict[str, Any] | None:
     return next((m for m in history(peer) if m["text"] == f"[file] {name}"), None)
 
 
-def test_a_file_to_a_group_of_three(
-    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
-) -> None:
-    alice, bob, carol = peers("alice"), peers("bob"), peers("carol")
+def group_of_three(alice: Peer, bob: Peer, carol: Peer) -> tuple[int, dict[str, str]]:
+    """alice's group with bob and carol, who are not contacts: they meet through it."""
     for p in (bob, carol):
-        connect(p, alice)  # bob and carol are not contacts: they meet through the group
+        connect(p, alice)
     ed = {p.name: key_of(p) for p in (alice, bob, carol)}
     g = alice.call("group.create", {"name": NAME})["group"]
     for p in (bob, carol):
@@ -61,6 +59,14 @@ def test_a_file_to_a_group_of_three(
     for p in (alice, bob, carol):
         p.wait_for(lambda p=p: len(members(p)) == 3, f"{p.name} to see three members", T)
     bob.wait_for(lambda: members(bob)[ed["carol"]]["reachable"], "bob's session to carol", T)
+    return g, ed
+
+
+def test_a_file_to_a_group_of_three(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    alice, bob, carol = peers("alice"), peers("bob"), peers("carol")
+    g, ed = group_of_three(alice, bob, carol)
     assert hidden_contacts(bob) != []  # carol is bob's group contact only
 
     # bob sends a file (three blocks) to the group, through the CLI;
@@ -155,3 +161,34 @@ def test_a_file_to_a_group_of_three(
     assert file_in_history(alice, "from-the-removed.bin") is None
     names = [a["name"] for a in alice.call("attachments.list")["attachments"]]
     assert "from-the-removed.bin" not in names
+
+
+def test_a_member_removed_during_the_upload_gets_no_copy(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    """Membership is judged again when a copy's upload ends: a member removed meanwhile gets
+    no descriptor, the sender deletes that copy's blobs, and counts the member unreachable."""
+    alice, bob, carol = peers("alice"), peers("bob"), peers("carol")
+    g, _ = group_of_three(alice, bob, carol)
+    src = tmp_short / "plans.pdf"
+    src.write_bytes(os.urandom(40_000))
+    relay_proc.terminate()  # no copy can be uploaded before the removal
+    sent = alice.call("group.send_file", {"group": g, "path": str(src)})
+    assert sent["recipients"] == 2
+    alice.call("group.remove", {"group": g, "member": "carol"})  # applied here at once
+    relay_proc.start()  # on the same listening socket: the same URL
+    item = bob.wait_for(lambda: file_in_history(bob, "plans.pdf"), "bob's file", T)
+    wait_state(bob, item["attachment_id"], "complete")
+    copies = {alice.call("attachments.get", {"attachment_id": a})["contact"]: a
+              for a in sent["attachments"]}  # fmt: skip
+    carols = wait_state(alice, copies["carol"], "failed")
+    assert "not sent" in carols["error"]
+    # carol's copy was never named to anyone: alice deleted its blobs; bob deleted his.
+    alice.wait_for(lambda: blob_sizes(relay_proc) == [], "every blob deleted", T)
+    delivery = file_in_history(alice, "plans.pdf")["delivery"]  # type: ignore[index]
+    assert delivery["members"]["carol"] == "unreachable" and delivery["recipients"] == 2
+    carol.wait_for(lambda: group_of(carol)["role"] is None, "carol's removal", T)  # type: ignore[index]
+    alice.wait_for(lambda: outbox_size(alice) == 0, "alice's outbox to drain", T)
+    carol.wait_for(lambda: waiting_at_relay(relay_proc, alice, "carol") == 0, "carol's take", T)
+    assert file_in_history(carol, "plans.pdf") is None
+    assert carol.events(types=["attachment.received"]) == []
