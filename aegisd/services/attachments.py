@@ -155,6 +155,8 @@ class Attachments:
         #: Called when an upload is complete, before the one-to-one descriptor: True when the
         #: row was a group's copy and the hook sent its descriptor (services/group_files.py).
         self.copy_hook: Callable[[AttachmentRow], Awaitable[bool]] | None = None
+        #: Called inside the transaction that deletes a row (a group's copy forgets it).
+        self.delete_hook: Callable[[AttachmentRow], None] | None = None
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -886,6 +888,8 @@ class Attachments:
             msg = m.store.get_message(aid) if unsent else None
             with m.store.transaction():
                 db.delete(m.store, row.id)
+                if self.delete_hook is not None:
+                    self.delete_hook(row)
                 if msg is not None and m.store.set_message_status(aid, "failed"):
                     c = m.store.get_contact(row.contact_id)
                     m.ctx.events.emit("message.status", {

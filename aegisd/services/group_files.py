@@ -47,6 +47,7 @@ class GroupFiles(GroupBase):
     def __init__(self, host: GroupsHost) -> None:
         super().__init__(host)
         host.attachments.copy_hook = self.uploaded
+        host.attachments.delete_hook = self.forget
 
     # --- sending --------------------------------------------------------------------------
 
@@ -165,6 +166,18 @@ class GroupFiles(GroupBase):
             "attachment_id": row.id, "contact": None, "direction": "out",
             "group": ref, "message_id": mid,
         })  # fmt: skip
+
+    def forget(self, row: AttachmentRow) -> None:
+        """A copy deleted (attachments.delete) before its descriptor went: it never will, and
+        its member counts as failed (inside the deleting transaction)."""
+        key = f"{COPY_KEY}{row.id}"
+        meta = self.m.store.get_setting(key)
+        if meta is None:
+            return
+        self.m.store.set_setting(key, None)
+        mid = str(meta["message"])
+        if G.statuses(self.m.store, mid).get(row.contact_id) == "queued":
+            G.set_statuses(self.m.store, mid, [row.contact_id], "failed")
 
     # --- receiving (groups_inbound.py decided the sender may post) -------------------------
 

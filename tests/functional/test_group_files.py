@@ -175,6 +175,13 @@ def test_a_member_removed_during_the_upload_gets_no_copy(
     relay_proc.terminate()  # no copy can be uploaded before the removal
     sent = alice.call("group.send_file", {"group": g, "path": str(src)})
     assert sent["recipients"] == 2
+    # A second file, whose copy for bob alice deletes before it is up: bob counts as failed
+    # (and carol, removed, unreachable).
+    draft = tmp_short / "draft.txt"
+    draft.write_bytes(b"a draft\n")
+    for aid in alice.call("group.send_file", {"group": g, "path": str(draft)})["attachments"]:
+        if alice.call("attachments.get", {"attachment_id": aid})["contact"] == "bob":
+            alice.call("attachments.delete", {"attachment_id": aid})
     alice.call("group.remove", {"group": g, "member": "carol"})  # applied here at once
     relay_proc.start()  # on the same listening socket: the same URL
     item = bob.wait_for(lambda: file_in_history(bob, "plans.pdf"), "bob's file", T)
@@ -192,3 +199,10 @@ def test_a_member_removed_during_the_upload_gets_no_copy(
     carol.wait_for(lambda: waiting_at_relay(relay_proc, alice, "carol") == 0, "carol's take", T)
     assert file_in_history(carol, "plans.pdf") is None
     assert carol.events(types=["attachment.received"]) == []
+    alice.wait_for(
+        lambda: file_in_history(alice, "draft.txt")["delivery"]["members"]  # type: ignore[index]
+        == {"bob": "failed", "carol": "unreachable"}, "the draft's statuses", T,
+    )  # fmt: skip
+    alice.wait_for(lambda: blob_sizes(relay_proc) == [], "the draft's blobs deleted too", T)
+    bob.wait_for(lambda: waiting_at_relay(relay_proc, alice, "bob") == 0, "bob's take", T)
+    assert file_in_history(bob, "draft.txt") is None
