@@ -55,12 +55,13 @@ class GroupFiles(GroupBase):
         files = self.m.attachments
         p, limit = files.check_source(path)
         self.m.check_usable()
-        relay_url = self.m.mailboxes.relay_url()
         async with self.m.lock:
             _, log = self._load(ref)
             if log.head.member(self._me()) is None:
                 raise refused(NotAMember("you are not a member of this group"))
             recipients, _, _ = self._targets(log.head)
+        # the relay the copies go to (not needed when nobody is to get one)
+        relay_url = self.m.mailboxes.relay_url() if recipients else ""
         # One copy per member, encrypted before anything commits (the source may change or
         # go once the call returns); outside the lock: it reads the whole file N - 1 times.
         copies: dict[int, Spooled] = {}
