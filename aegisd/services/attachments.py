@@ -353,6 +353,10 @@ class Attachments:
             raise _bad_file("the file cannot be read") from None
         return Spooled(aid, seed, size, digest, clean_file_name(p.name))
 
+    @staticmethod
+    def bad_file(why: str) -> AppError:
+        return _bad_file(why)
+
     def discard(self, aids: list[str]) -> None:
         """Spools whose rows were never committed."""
         for aid in aids:

@@ -74,6 +74,9 @@ class GroupFiles(GroupBase):
         committed: list[str] = []
         try:
             await asyncio.gather(*(one(r.contact.id) for r in recipients))
+            if len({(c.size, c.digest) for c in copies.values()}) > 1:
+                # read N - 1 times: every member must get the same file
+                raise files.bad_file("the file changed while it was read")
             async with self.m.lock:
                 _, log = self._load(ref)
                 head = log.head
