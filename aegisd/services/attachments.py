@@ -13,7 +13,10 @@ Crash safety:
   encrypted under the file's key (the key lives only in the SQLCipher store); progress is
   committed after each window is on disk.
 
-Nothing here logs a file name, a path, an id, a key or file content.
+The files in the profile (spool, stored blocks, decrypting to a target) are
+attachment_disk.py's; a group's copies (one per member) are group_files.py's, which hooks in
+through ``copy_hook`` and ``delete_hook``. Nothing here logs a file name, a path, an id, a
+key or file content.
 """
 
 from __future__ import annotations
@@ -21,23 +24,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
-import hmac
 import logging
 import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey
 
 from aegisd import droplog
 from aegisd.core import wire
-from aegisd.core.attachment import CHUNK_LEN, MAX_FILE_SIZE, FileKeys, chunk_of, clean_file_name
+from aegisd.core.attachment import MAX_FILE_SIZE, FileKeys, clean_file_name
 from aegisd.core.errors import DecryptionError
 from aegisd.core.session import Session
 from aegisd.rpc import AppError, InvalidParamsError
@@ -48,6 +48,20 @@ from aegisd.transport.relaylink import FULL_BACKOFF, UNAVAILABLE, RelayUnavailab
 from relay.client import RelayClient, RelayError
 from relay.wire import E_DENIED, E_EXISTS, E_FULL
 
+from .attachment_disk import (
+    BLOCK,
+    Corrupt,
+    LocalIOError,
+    Spooled,
+    TooLarge,
+    encrypt_to_spool,
+    fsync_dir,
+    local,
+    read_at,
+    verify,
+    write_at,
+    write_plain,
+)
 from .delivery import BLOB_AREA, Recipient
 
 if TYPE_CHECKING:
@@ -86,7 +100,6 @@ BLOCKED_TEXT = "the contact is blocked"
 #: Downloads of one contact's files that run at once; the others wait their turn (a contact
 #: sending many descriptors gets no more connections, and cannot hold up other contacts').
 DOWNLOADS_PER_CONTACT = 2
-BLOCK = wire.BLOCK_SIZE
 
 # Application error codes 1030-1039 (docs/api.md, "Errors").
 E_BAD_FILE = 1030
@@ -101,11 +114,7 @@ STATES = ("uploading", "uploaded", "downloading", "complete", "failed")
 E_NOT_FOUND, E_NOT_READY, E_BLOCKED = 1020, 1024, 1025
 
 
-class _Corrupt(Exception):
-    """A block that stayed unreadable after FETCH_TRIES fetches (or a digest mismatch)."""
-
-
-class _Gone(_Corrupt):
+class _Gone(Corrupt):
     """The relay answered `denied` to every fetch of a block and of the next one: it no
     longer has the file (unfetched blobs expire after the relay's blob_ttl, 48 hours by
     default, relay-protocol.md §4.5)."""
@@ -342,9 +351,9 @@ class Attachments:
         self.directory.mkdir(mode=0o700, exist_ok=True)
         try:
             size, digest = await asyncio.to_thread(
-                self._encrypt_to_spool, p, self._file(aid), seed, limit
+                encrypt_to_spool, p, self._file(aid), seed, limit
             )
-        except _TooLarge:
+        except TooLarge:
             raise AppError(
                 E_FILE_TOO_LARGE, "too_large",
                 f"the file is larger than the attachment limit of {limit} bytes",
@@ -366,52 +375,6 @@ class Attachments:
     def start(self, aid: str) -> None:
         """A committed outgoing row's upload (or an incoming one's download) starts."""
         self._start(aid)
-
-    def _encrypt_to_spool(self, src: Path, dst: Path, seed: bytes, limit: int) -> tuple[int, bytes]:
-        """Read the file once, streaming: hash it and write its blocks (padded count) to the
-        spool. The block count is bound into every block, so it is fixed from the size the
-        open file has; a file that changes size while it is read is refused."""
-        keys = FileKeys(seed)
-        sha = hashlib.sha256()
-        tmp = dst.with_suffix(".part")
-        # Non-blocking open and a check of what was opened: a path swapped for a FIFO after
-        # the stat must not hang this thread. The source is opened first: no descriptor of
-        # the spool leaks when it cannot be.
-        f = open(os.open(src, os.O_RDONLY | os.O_NONBLOCK), "rb")  # noqa: SIM115 (with below)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        except BaseException:
-            f.close()
-            raise
-        try:
-            with f, os.fdopen(fd, "wb") as out:
-                st = os.fstat(f.fileno())
-                if not stat.S_ISREG(st.st_mode):
-                    raise ValueError("not a regular file")
-                size = st.st_size
-                if size > limit:
-                    raise _TooLarge()
-                total = wire.attachment_blocks(size)
-                read = 0
-                for i in range(total):
-                    want = min(CHUNK_LEN, size - read)
-                    chunk = f.read(want) if want > 0 else b""
-                    if len(chunk) != max(0, want):
-                        raise ValueError("the file changed while it was read")
-                    read += len(chunk)
-                    sha.update(chunk)
-                    out.write(keys.seal(i, total, chunk))
-                if read != size or f.read(1):
-                    raise ValueError("the file changed while it was read")
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dst)
-            _fsync_dir(dst.parent)  # the row that names it commits next
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        return size, sha.digest()
 
     async def _connect(self, url: str) -> RelayClient:
         # A connection of its own for each transfer: blob traffic is not tied (by connection)
@@ -436,10 +399,10 @@ class Attachments:
                             self.m.delivery.refused_for_room(BLOB_AREA, True)
                         raise
                     self.m.delivery.room_again(BLOB_AREA)
-                    with _local(lambda: open(spool, "rb")) as f:
+                    with local(lambda: open(spool, "rb")) as f:
                         while done < row.blocks:
                             end = min(done + WINDOW, row.blocks)
-                            data = _local(functools.partial(_read_at, f, done, end - done))
+                            data = local(functools.partial(read_at, f, done, end - done))
                             await asyncio.gather(*(
                                 self._put(client, keys, i, data[(i - done) * BLOCK:
                                                                 (i - done + 1) * BLOCK])
@@ -459,7 +422,7 @@ class Attachments:
                     # hashes and up, ~30 s of CPU), so wait long (status says why meanwhile).
                     wait = FULL_BACKOFF
                 await asyncio.sleep(wait)
-            except _LocalIOError:
+            except LocalIOError:
                 self._fail(row.id, "the encrypted copy of the file is missing or unreadable")
                 return
         await self._uploaded(row)
@@ -604,7 +567,7 @@ class Attachments:
         try:
             self.directory.mkdir(mode=0o700, exist_ok=True)
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-            _fsync_dir(self.directory)  # progress committed later must not outlive the file
+            fsync_dir(self.directory)  # progress committed later must not outlive the file
         except OSError:
             self._fail(row.id, "cannot write the file in the profile directory")
             return
@@ -618,14 +581,14 @@ class Attachments:
                     if client is None:
                         client = await self._connect(row.relay_url)
                     box = PrivateKey.generate()  # one per pass: fetches are not linkable by key
-                    with _local(lambda: open(path, "r+b")) as f:
+                    with local(lambda: open(path, "r+b")) as f:
                         while done < row.blocks:
                             end = min(done + WINDOW, row.blocks)
                             got = await asyncio.gather(*(
                                 self._fetch(client, keys, box, i, row.blocks, row.sent_at)
                                 for i in range(done, end)
                             ))  # fmt: skip
-                            _local(functools.partial(_write_at, f, done, b"".join(got)))
+                            local(functools.partial(write_at, f, done, b"".join(got)))
                             done = end
                             db.set_progress(self.store, row.id, done)
                             attempt = 0
@@ -644,8 +607,8 @@ class Attachments:
                     if attempt >= tries:
                         raise _GiveUp() from None
                     await asyncio.sleep(min(RETRY_MAX, 0.5 * 2 ** min(attempt, 8)))
-            if not await asyncio.to_thread(self._verify, path, keys, row):
-                raise _Corrupt()
+            if not await asyncio.to_thread(verify, path, keys, row):
+                raise Corrupt()
         except _Gone:
             if client is not None:
                 await client.close()
@@ -653,7 +616,7 @@ class Attachments:
                        "(after 48 hours on a relay with default settings); ask the sender to "
                        "send it again")
             return
-        except _Corrupt:
+        except Corrupt:
             if client is not None:
                 await client.close()
             self._fail(row.id, "the file arrived corrupted or incomplete (a block failed its "
@@ -664,7 +627,7 @@ class Attachments:
                 await client.close()
             self._fail(row.id, UNREACHABLE_TEXT.format(n=tries))
             return
-        except (_LocalIOError, OSError):  # OSError: the final check's read
+        except (LocalIOError, OSError):  # OSError: the final check's read
             if client is not None:
                 await client.close()
             self._fail(row.id, "cannot write the file in the profile directory")
@@ -723,15 +686,7 @@ class Attachments:
             except RelayError as exc:
                 if exc.code == E_DENIED:
                     raise _Gone() from None
-        raise _Corrupt()
-
-    @staticmethod
-    def _verify(path: Path, keys: FileKeys, row: AttachmentRow) -> bool:
-        sha = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in _plaintext(f, keys, row):
-                sha.update(chunk)
-        return hmac.compare_digest(sha.digest(), row.digest)
+        raise Corrupt()
 
     # --- listing and saving ---------------------------------------------------------------
 
@@ -789,7 +744,7 @@ class Attachments:
         if os.path.commonpath([os.path.realpath(target.parent), home]) == home:
             raise _bad_file("a received file cannot be saved inside the profile directory")
         try:
-            ok = await asyncio.to_thread(self._write_plain, row, target, overwrite)
+            ok = await asyncio.to_thread(write_plain, self._file(row.id), row, target, overwrite)
         except FileExistsError:
             raise AppError(E_TARGET_EXISTS, "exists",
                            "a file with this name exists there (use overwrite)") from None
@@ -800,58 +755,6 @@ class Attachments:
             raise AppError(E_NOT_COMPLETE, "not_complete",
                            "the stored copy is damaged; the file cannot be saved")
         return {"attachment_id": row.id, "path": str(target), "size": row.size}
-
-    def _write_plain(self, row: AttachmentRow, target: Path, overwrite: bool) -> bool:
-        keys = FileKeys(row.seed)
-        # A short name of its own: the file's name may already be 255 bytes (NAME_MAX).
-        tmp = target.with_name(f".aegis-{os.urandom(8).hex()}.part")
-        sha = hashlib.sha256()
-        try:
-            src = open(self._file(row.id), "rb")  # noqa: SIM115 (closed below)
-        except OSError:
-            return False  # the stored copy is gone: damaged, as far as the user can tell
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except BaseException:
-            src.close()
-            raise
-        try:
-            with src, os.fdopen(fd, "wb") as out:
-                try:
-                    for chunk in _plaintext(src, keys, row):
-                        sha.update(chunk)
-                        out.write(chunk)
-                except _Corrupt:  # a stored block no longer opens (bit rot, truncation)
-                    ok = False
-                else:
-                    ok = hmac.compare_digest(sha.digest(), row.digest)
-                if ok:
-                    out.flush()
-                    os.fsync(out.fileno())
-            if not ok:
-                tmp.unlink()
-                return False
-            if overwrite:
-                os.replace(tmp, target)
-            else:
-                # link() fails if the name exists (also a dangling symlink, also one made
-                # since the check above): never replaces what the user did not allow.
-                try:
-                    os.link(tmp, target, follow_symlinks=False)
-                except FileExistsError:
-                    raise
-                except OSError:  # a file system without hard links (FAT): check, then rename
-                    if os.path.lexists(target):
-                        raise FileExistsError() from None
-                    os.replace(tmp, target)
-                else:
-                    tmp.unlink()
-            _fsync_dir(target.parent)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        return True
 
     async def retry(self, aid: str) -> dict[str, Any]:
         row = self.get(aid)
@@ -903,90 +806,13 @@ class Attachments:
             self._file(aid).unlink()
 
 
-@dataclass(frozen=True)
-class Spooled:
-    """A file encrypted into a spool of its own (`Attachments.spool`), its row not yet
-    committed."""
-
-    id: str
-    seed: bytes
-    size: int
-    digest: bytes
-    name: str  # cleaned
-
-    def __repr__(self) -> str:  # the seed is key material
-        return f"Spooled(id={self.id!r})"
-
-    def row(self, contact_id: int, relay_url: str, now: int) -> AttachmentRow:
-        return AttachmentRow(self.id, contact_id, "out", self.name, self.size,
-                             wire.attachment_blocks(self.size), self.digest, self.seed,
-                             relay_url, "uploading", 0, None, now, now, now)  # fmt: skip
-
-
 class _GiveUp(Exception):
     """The contact's relay stayed unreachable for FETCH_CONNECT_TRIES connections in a row."""
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class _LocalIOError(Exception):
-    """The profile's disk failed (not the network): not something a retry over the network
-    fixes. Kept apart from OSError, which the relay link counts as 'unavailable'."""
-
-
-T = TypeVar("T")
-
-
-def _local(op: Callable[[], T]) -> T:
-    try:
-        return op()
-    except OSError as exc:
-        raise _LocalIOError() from exc
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in `path` durable (else a power loss may undo it)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_at(f: Any, index: int, count: int) -> bytes:
-    f.seek(index * BLOCK)
-    data: bytes = f.read(count * BLOCK)
-    if len(data) != count * BLOCK:
-        raise OSError("short spool")
-    return data
-
-
-def _write_at(f: Any, index: int, data: bytes) -> None:
-    f.seek(index * BLOCK)
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
 
 
 def _limit_text(limit: int) -> str:
     return (f"the file is larger than your attachment size limit of {limit} bytes "
             "(aegis attachments --max-size raises it; then aegis attachment retry)")
-
-
-def _plaintext(f: Any, keys: FileKeys, row: AttachmentRow) -> Any:
-    """The file's bytes, block by block, from the stored blocks in the open file f (filler
-    blocks are opened too: a relay cannot swap them for anything else unnoticed)."""
-    for i in range(row.blocks):
-        block = f.read(BLOCK)
-        try:
-            chunk = keys.open(i, row.blocks, block)
-        except DecryptionError:
-            raise _Corrupt() from None
-        _, n = chunk_of(row.size, i)
-        if n:
-            yield chunk[:n]
 
 
 class _Progress:

@@ -33,7 +33,7 @@ from aegisd.store import groups as G
 from aegisd.store.attachments import AttachmentRow
 from aegisd.store.db import Contact
 
-from .attachments import Spooled
+from .attachment_disk import Spooled
 from .delivery import Recipient
 from .groups_state import GroupBase, GroupsHost, now_ms, refused
 
