@@ -189,6 +189,14 @@ def send(ctx: Ctx, group: str, message: str, fail: type[Exception]) -> None:
     ctx.out(r, f"{r['message_id']}  to {r['recipients']} members{extra}")
 
 
+def send_file(ctx: Ctx, group: str, path: str, fail: type[Exception]) -> None:
+    """`aegis send --group GROUP --file PATH` (path absolute: the daemon opens it)."""
+    r = ctx.call("group.send_file", {"group": resolve_group(ctx, group, fail), "path": path})
+    extra = f" ({r['unreachable']} without a session yet)" if r["unreachable"] else ""
+    ctx.out(r, f"{r['message_id']}  [file] {one_line(r['name'])} to {r['recipients']} "
+               f"members{extra}")  # fmt: skip
+
+
 def show_messages(
     ctx: Ctx, group: str, limit: int, before: int | None, fail: type[Exception]
 ) -> None:
@@ -205,4 +213,5 @@ def _line(m: dict[str, Any], when: Callable[[int], str]) -> str:
         return (f"{when(m['created_at'])}  me: {text}  "
                 f"[delivered to {d['delivered']} of {d['recipients']}]")  # fmt: skip
     who = one_line(m["from_contact"]) if m.get("from_contact") else str(m["from"])[:12]
-    return f"{when(m['sent_at'] or m['created_at'])}  {who}: {text}"
+    saved = f"  (aegis attachment save {m['attachment_id']} DIR)" if m.get("attachment_id") else ""
+    return f"{when(m['sent_at'] or m['created_at'])}  {who}: {text}{saved}"

@@ -825,15 +825,16 @@ def verify(ctx: Ctx, name: str, yes: bool) -> None:
 
 @cli.command(short_help="Send a message or a file to NAME.")
 @common
-@click.argument("name")
+@click.argument("name", required=False)
 @click.argument("message", required=False)
 @click.option(
     "--file", "file_path", metavar="PATH", type=click.Path(dir_okay=True, path_type=str),
     help="Send this file (encrypted, as an attachment) instead of a message.",
 )  # fmt: skip
-@click.option("--group", metavar="GROUP", help="Send MESSAGE (given as NAME) to this group.")
+@click.option("--group", metavar="GROUP",
+              help="Send MESSAGE (given as NAME), or the --file, to this group.")
 def send(
-    ctx: Ctx, name: str, message: str | None, file_path: str | None, group: str | None
+    ctx: Ctx, name: str | None, message: str | None, file_path: str | None, group: str | None
 ) -> None:
     """Send MESSAGE to NAME ('-': read the message from standard input), or a file.
 
@@ -843,14 +844,24 @@ def send(
     With --file PATH the daemon encrypts the file into the profile, uploads it and then sends
     its key to NAME. On a terminal a progress bar follows the upload (Ctrl-C stops watching,
     not the upload); otherwise (and with --json) the attachment id is printed at once.
+
+    With --group GROUP, MESSAGE (the one argument) or --file PATH goes to the group; a file
+    is uploaded once per member (docs/protocol.md §25.10) and the message id is printed.
     """
     if group is not None:  # aegis send --group GROUP MESSAGE: the one argument is the message
-        if message is not None or file_path is not None:
-            raise click.UsageError("with --group, give the MESSAGE only")
         from . import groups
 
+        if file_path is not None:
+            if name is not None:
+                raise click.UsageError("with --group and --file, give no MESSAGE")
+            groups.send_file(ctx, group, os.path.abspath(file_path), Fail)
+            return
+        if message is not None or name is None:
+            raise click.UsageError("with --group, give the MESSAGE only")
         groups.send(ctx, group, name, Fail)
         return
+    if name is None:
+        raise click.UsageError("missing NAME")
     if file_path is not None:
         if message is not None:
             raise click.UsageError("give a MESSAGE or --file, not both")

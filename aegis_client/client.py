@@ -41,6 +41,7 @@ from .types import (
     Contact,
     Event,
     Group,
+    GroupFileSent,
     GroupHistory,
     GroupInvitation,
     GroupSent,
@@ -375,6 +376,12 @@ class Client:
 
     async def send_to_group(self, group: int, text: str) -> GroupSent:
         return cast(GroupSent, await self.call("group.send", {"group": group, "text": text}))
+
+    async def send_file_to_group(self, group: int, path: str) -> GroupFileSent:
+        """``path``: absolute (the daemon opens it). Each member's copy uploads in the
+        background (its attachment in ``attachments``); the member gets it when it is up."""
+        params = {"group": group, "path": path}
+        return cast(GroupFileSent, await self.call("group.send_file", params))
 
     async def group_history(
         self, group: int, *, limit: int = 50, before: int | None = None

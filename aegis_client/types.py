@@ -118,6 +118,13 @@ class GroupSent(TypedDict):
     unreachable: int
 
 
+class GroupFileSent(GroupSent):
+    """A file to a group: one copy per member, each uploading as an attachment of its own."""
+
+    name: str
+    attachments: list[str]
+
+
 class GroupHistory(TypedDict):
     messages: list[dict[str, Any]]
     next_before: int | None

@@ -993,11 +993,12 @@ PAYLOAD_CALL_SEALED = 0x07  # call signaling sealed under the per-call keys (§2
 PAYLOAD_ATTACHMENT = 0x08  # 0x08-0x09: attachments (§22)
 PAYLOAD_RENEW = 0x0A  # session renewal after a backup import (docs/protocol.md §23)
 PAYLOAD_COVER = 0x0B  # cover traffic: dropped by the recipient (docs/protocol.md §24)
-PAYLOAD_GROUP_INVITE = 0x0C  # 0x0C-0x10: groups (docs/protocol.md §25)
+PAYLOAD_GROUP_INVITE = 0x0C  # 0x0C-0x11: groups (docs/protocol.md §25)
 PAYLOAD_GROUP_ANSWER = 0x0D
 PAYLOAD_GROUP_CHANGE = 0x0E
 PAYLOAD_GROUP_MESSAGE = 0x0F
 PAYLOAD_GROUP_INTRODUCTION = 0x10
+PAYLOAD_GROUP_FILE = 0x11  # a file's descriptor to a group (docs/protocol.md §25.10)
 
 RECEIPT_DELIVERED = 1
 RECEIPT_READ = 2
@@ -1278,6 +1279,19 @@ class GroupIntroductionPayload:
         return "GroupIntroductionPayload()"
 
 
+@dataclass(frozen=True)
+class GroupFilePayload:
+    """A file to a group (§25.10): the group, the sender's version, and a descriptor (§22.3)
+    of a copy uploaded for this member alone. `file.message_id` is the group message's."""
+
+    group_id: bytes
+    version: int
+    file: AttachmentPayload
+
+    def __repr__(self) -> str:  # no group ID and no seed in a log line
+        return f"GroupFilePayload(version={self.version}, {self.file!r})"
+
+
 def _write_link(w: Writer, link: ContactLink) -> None:
     if link.kind != LINK_INVITATION:
         raise ValueError("an introduction carries a one-time invitation link")
@@ -1325,6 +1339,9 @@ def _encode_group(w: Writer, payload: GroupPayload) -> None:
             raise ValueError("text too long")
         w.u8(PAYLOAD_GROUP_MESSAGE).fixed(payload.group_id, GROUP_ID_LEN).u64(payload.version)
         w.fixed(payload.message_id, MESSAGE_ID_LEN).u64(payload.sent_at_ms).raw(text)
+    elif isinstance(payload, GroupFilePayload):
+        w.u8(PAYLOAD_GROUP_FILE).fixed(payload.group_id, GROUP_ID_LEN).u64(payload.version)
+        _write_attachment(w, payload.file)
     else:
         w.u8(PAYLOAD_GROUP_INTRODUCTION).fixed(payload.group_id, GROUP_ID_LEN)
         _write_link(w, payload.link)
@@ -1356,6 +1373,9 @@ def _decode_group(kind: int, r: Reader, total: int) -> GroupPayload:
         if len(text) > MAX_TEXT_BYTES:
             raise DecodeError("text too long")
         return GroupMessagePayload(group_id, version, mid, sent, _utf8(text))
+    if kind == PAYLOAD_GROUP_FILE:
+        group_id, version = r.take(GROUP_ID_LEN), r.u64()
+        return GroupFilePayload(group_id, version, _read_attachment(r))
     return GroupIntroductionPayload(r.take(GROUP_ID_LEN), _read_link(r))
 
 
@@ -1365,6 +1385,7 @@ GroupPayload = (
     | GroupChangePayload
     | GroupMessagePayload
     | GroupIntroductionPayload
+    | GroupFilePayload
 )
 _GROUP_PAYLOAD_TYPES = (
     PAYLOAD_GROUP_INVITE,
@@ -1372,6 +1393,7 @@ _GROUP_PAYLOAD_TYPES = (
     PAYLOAD_GROUP_CHANGE,
     PAYLOAD_GROUP_MESSAGE,
     PAYLOAD_GROUP_INTRODUCTION,
+    PAYLOAD_GROUP_FILE,
 )
 
 
@@ -1388,6 +1410,37 @@ Payload = (
     | CallSealedPayload
     | GroupPayload
 )
+
+
+def _write_attachment(w: Writer, payload: AttachmentPayload) -> None:
+    """A descriptor's fields (§22.3), in payload 0x08 and in a group's 0x11."""
+    if payload.size < 0 or payload.blocks != attachment_blocks(payload.size) or (
+        payload.blocks > ATTACHMENT_MAX_BLOCKS
+    ):
+        raise ValueError("attachment size and block count do not match")
+    if not payload.name or not payload.relay_url:
+        raise ValueError("an attachment needs a name and a relay URL")
+    w.fixed(payload.message_id, MESSAGE_ID_LEN).u64(payload.sent_at_ms)
+    w.fixed(payload.seed, ATTACHMENT_SEED_LEN).u64(payload.size).u32(payload.blocks)
+    w.fixed(payload.digest, ATTACHMENT_DIGEST_LEN)
+    _put_short(w, payload.relay_url.encode(), MAX_URL_BYTES)
+    _put_short(w, payload.name.encode(), MAX_FILE_NAME_BYTES)
+
+
+def _read_attachment(r: Reader) -> AttachmentPayload:
+    mid, sent = r.take(MESSAGE_ID_LEN), r.u64()
+    seed, size, blocks = r.take(ATTACHMENT_SEED_LEN), r.u64(), r.u32()
+    digest = r.take(ATTACHMENT_DIGEST_LEN)
+    url = _utf8(_short(r, MAX_URL_BYTES))
+    name = _utf8(_short(r, MAX_FILE_NAME_BYTES))
+    if (
+        size > ATTACHMENT_MAX_BLOCKS * ATTACHMENT_CHUNK_LEN
+        or blocks != attachment_blocks(size)
+        or not url
+        or not name
+    ):
+        raise DecodeError("malformed attachment descriptor")
+    return AttachmentPayload(mid, sent, seed, size, blocks, digest, url, name)
 
 
 def encode_payload(payload: Payload) -> bytes:
@@ -1415,17 +1468,7 @@ def encode_payload(payload: Payload) -> bytes:
         w.u8(PAYLOAD_MAILBOX).fixed(payload.rotation_id, MESSAGE_ID_LEN)
         payload.mailbox.write(w)
     elif isinstance(payload, AttachmentPayload):
-        if payload.size < 0 or payload.blocks != attachment_blocks(payload.size) or (
-            payload.blocks > ATTACHMENT_MAX_BLOCKS
-        ):
-            raise ValueError("attachment size and block count do not match")
-        if not payload.name or not payload.relay_url:
-            raise ValueError("an attachment needs a name and a relay URL")
-        w.u8(PAYLOAD_ATTACHMENT).fixed(payload.message_id, MESSAGE_ID_LEN).u64(payload.sent_at_ms)
-        w.fixed(payload.seed, ATTACHMENT_SEED_LEN).u64(payload.size).u32(payload.blocks)
-        w.fixed(payload.digest, ATTACHMENT_DIGEST_LEN)
-        _put_short(w, payload.relay_url.encode(), MAX_URL_BYTES)
-        _put_short(w, payload.name.encode(), MAX_FILE_NAME_BYTES)
+        _write_attachment(w.u8(PAYLOAD_ATTACHMENT), payload)
     elif isinstance(payload, RenewPayload):
         w.u8(PAYLOAD_RENEW).fixed(payload.renew_id, MESSAGE_ID_LEN).u64(payload.created_at_ms)
         payload.reply_to.write(w)
@@ -1510,19 +1553,7 @@ def decode_payload(data: bytes) -> Payload:
     elif kind == PAYLOAD_MAILBOX_ACK:
         out = MailboxAckPayload(r.take(MESSAGE_ID_LEN))
     elif kind == PAYLOAD_ATTACHMENT:
-        mid, sent = r.take(MESSAGE_ID_LEN), r.u64()
-        seed, size, blocks = r.take(ATTACHMENT_SEED_LEN), r.u64(), r.u32()
-        digest = r.take(ATTACHMENT_DIGEST_LEN)
-        url = _utf8(_short(r, MAX_URL_BYTES))
-        name = _utf8(_short(r, MAX_FILE_NAME_BYTES))
-        if (
-            size > ATTACHMENT_MAX_BLOCKS * ATTACHMENT_CHUNK_LEN
-            or blocks != attachment_blocks(size)
-            or not url
-            or not name
-        ):
-            raise DecodeError("malformed attachment descriptor")
-        out = AttachmentPayload(mid, sent, seed, size, blocks, digest, url, name)
+        out = _read_attachment(r)
     elif kind == PAYLOAD_RENEW:
         renew_id, created = r.take(MESSAGE_ID_LEN), r.u64()
         reply_to = MailboxAddress.read(r)

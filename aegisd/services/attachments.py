@@ -13,7 +13,10 @@ Crash safety:
   encrypted under the file's key (the key lives only in the SQLCipher store); progress is
   committed after each window is on disk.
 
-Nothing here logs a file name, a path, an id, a key or file content.
+The files in the profile (spool, stored blocks, decrypting to a target) are
+attachment_disk.py's; a group's copies (one per member) are group_files.py's, which hooks in
+through ``copy_hook`` and ``delete_hook``. Nothing here logs a file name, a path, an id, a
+key or file content.
 """
 
 from __future__ import annotations
@@ -21,22 +24,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
-import hmac
 import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey
 
 from aegisd import droplog
 from aegisd.core import wire
-from aegisd.core.attachment import CHUNK_LEN, MAX_FILE_SIZE, FileKeys, chunk_of, clean_file_name
+from aegisd.core.attachment import MAX_FILE_SIZE, FileKeys, clean_file_name
 from aegisd.core.errors import DecryptionError
 from aegisd.core.session import Session
 from aegisd.rpc import AppError, InvalidParamsError
@@ -47,6 +48,20 @@ from aegisd.transport.relaylink import FULL_BACKOFF, UNAVAILABLE, RelayUnavailab
 from relay.client import RelayClient, RelayError
 from relay.wire import E_DENIED, E_EXISTS, E_FULL
 
+from .attachment_disk import (
+    BLOCK,
+    Corrupt,
+    LocalIOError,
+    Spooled,
+    TooLarge,
+    encrypt_to_spool,
+    fsync_dir,
+    local,
+    read_at,
+    verify,
+    write_at,
+    write_plain,
+)
 from .delivery import BLOB_AREA, Recipient
 
 if TYPE_CHECKING:
@@ -85,7 +100,6 @@ BLOCKED_TEXT = "the contact is blocked"
 #: Downloads of one contact's files that run at once; the others wait their turn (a contact
 #: sending many descriptors gets no more connections, and cannot hold up other contacts').
 DOWNLOADS_PER_CONTACT = 2
-BLOCK = wire.BLOCK_SIZE
 
 # Application error codes 1030-1039 (docs/api.md, "Errors").
 E_BAD_FILE = 1030
@@ -100,11 +114,7 @@ STATES = ("uploading", "uploaded", "downloading", "complete", "failed")
 E_NOT_FOUND, E_NOT_READY, E_BLOCKED = 1020, 1024, 1025
 
 
-class _Corrupt(Exception):
-    """A block that stayed unreadable after FETCH_TRIES fetches (or a digest mismatch)."""
-
-
-class _Gone(_Corrupt):
+class _Gone(Corrupt):
     """The relay answered `denied` to every fetch of a block and of the next one: it no
     longer has the file (unfetched blobs expire after the relay's blob_ttl, 48 hours by
     default, relay-protocol.md §4.5)."""
@@ -151,6 +161,11 @@ class Attachments:
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._locked = True  # no transfer starts before on_unlock or after on_lock
         self._download_slots: dict[int, asyncio.Semaphore] = {}  # by contact id
+        #: Called when an upload is complete, before the one-to-one descriptor: True when the
+        #: row was a group's copy and the hook sent its descriptor (services/group_files.py).
+        self.copy_hook: Callable[[AttachmentRow], Awaitable[bool]] | None = None
+        #: Called inside the transaction that deletes a row (a group's copy forgets it).
+        self.delete_hook: Callable[[AttachmentRow], None] | None = None
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -275,12 +290,7 @@ class Attachments:
 
     async def send(self, name: str, path: str) -> dict[str, Any]:
         m = self.m
-        if not isinstance(path, str) or not path or "\x00" in path:
-            raise InvalidParamsError("path", "must be a file path")
-        p = Path(path)
-        if not p.is_absolute():
-            raise InvalidParamsError("path", "must be an absolute path (the daemon's working "
-                                     "directory is not yours)")
+        p, limit = self.check_source(path)
         m.check_usable()
         c = m.contacts.by_name(name)
         if c.blocked:
@@ -288,6 +298,32 @@ class Attachments:
         if m.store.get_session(c.id) is None:
             raise AppError(E_NOT_READY, "not_ready", "no session with this contact")
         relay_url = m.mailboxes.relay_url()
+        spooled = await self.spool(p, limit)
+        aid = spooled.id
+        now = _ms()
+        row = spooled.row(c.id, relay_url, now)
+        try:
+            async with m.lock:
+                c = m.contacts.by_name(name)  # still there?
+                with m.store.transaction():
+                    m.store.add_message(c.id, "out", f"[file] {row.name}", status="queued",
+                                        message_id=aid)  # fmt: skip
+                    db.add(m.store, row)
+        except BaseException:
+            self.discard([aid])
+            raise
+        self._start(aid)
+        return {**self.describe(row, c), "message_id": aid}
+
+    def check_source(self, path: str) -> tuple[Path, int]:
+        """A file the user asks to send: an absolute path to a regular file within the
+        limit. Returns it and the limit (checked again while it is read)."""
+        if not isinstance(path, str) or not path or "\x00" in path:
+            raise InvalidParamsError("path", "must be a file path")
+        p = Path(path)
+        if not p.is_absolute():
+            raise InvalidParamsError("path", "must be an absolute path (the daemon's working "
+                                     "directory is not yours)")
         try:
             st = p.stat()
         except FileNotFoundError:
@@ -305,85 +341,40 @@ class Attachments:
                 f"the file is larger than the attachment limit of {limit} bytes "
                 f"(aegis attachments --max-size changes it, up to {MAX_FILE_SIZE})",
             )  # fmt: skip
-        aid_raw = m.entropy.random(wire.MESSAGE_ID_LEN)
-        aid = aid_raw.hex()
-        seed = m.entropy.random(wire.ATTACHMENT_SEED_LEN)
+        return p, limit
+
+    async def spool(self, p: Path, limit: int) -> Spooled:
+        """Encrypt the file under a fresh seed into a spool of its own (a new attachment id);
+        the caller commits its row (`Spooled.row`) or `discard`s it."""
+        aid = self.m.entropy.random(wire.MESSAGE_ID_LEN).hex()
+        seed = self.m.entropy.random(wire.ATTACHMENT_SEED_LEN)
         self.directory.mkdir(mode=0o700, exist_ok=True)
         try:
             size, digest = await asyncio.to_thread(
-                self._encrypt_to_spool, p, self._file(aid), seed, limit
+                encrypt_to_spool, p, self._file(aid), seed, limit
             )
-        except _TooLarge:
+        except TooLarge:
             raise AppError(
                 E_FILE_TOO_LARGE, "too_large",
                 f"the file is larger than the attachment limit of {limit} bytes",
             ) from None  # fmt: skip
         except (OSError, ValueError):
             raise _bad_file("the file cannot be read") from None
-        blocks = wire.attachment_blocks(size)
-        fname = clean_file_name(p.name)
-        now = _ms()
-        row = AttachmentRow(aid, c.id, "out", fname, size, blocks, digest, seed, relay_url,
-                            "uploading", 0, None, now, now, now)  # fmt: skip
-        try:
-            async with m.lock:
-                c = m.contacts.by_name(name)  # still there?
-                with m.store.transaction():
-                    m.store.add_message(c.id, "out", f"[file] {fname}", status="queued",
-                                        message_id=aid)  # fmt: skip
-                    db.add(m.store, row)
-        except BaseException:
+        return Spooled(aid, seed, size, digest, clean_file_name(p.name))
+
+    @staticmethod
+    def bad_file(why: str) -> AppError:
+        return _bad_file(why)
+
+    def discard(self, aids: list[str]) -> None:
+        """Spools whose rows were never committed."""
+        for aid in aids:
             with contextlib.suppress(OSError):
                 self._file(aid).unlink()
-            raise
-        self._start(aid)
-        return {**self.describe(row, c), "message_id": aid}
 
-    def _encrypt_to_spool(self, src: Path, dst: Path, seed: bytes, limit: int) -> tuple[int, bytes]:
-        """Read the file once, streaming: hash it and write its blocks (padded count) to the
-        spool. The block count is bound into every block, so it is fixed from the size the
-        open file has; a file that changes size while it is read is refused."""
-        keys = FileKeys(seed)
-        sha = hashlib.sha256()
-        tmp = dst.with_suffix(".part")
-        # Non-blocking open and a check of what was opened: a path swapped for a FIFO after
-        # the stat must not hang this thread. The source is opened first: no descriptor of
-        # the spool leaks when it cannot be.
-        f = open(os.open(src, os.O_RDONLY | os.O_NONBLOCK), "rb")  # noqa: SIM115 (with below)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        except BaseException:
-            f.close()
-            raise
-        try:
-            with f, os.fdopen(fd, "wb") as out:
-                st = os.fstat(f.fileno())
-                if not stat.S_ISREG(st.st_mode):
-                    raise ValueError("not a regular file")
-                size = st.st_size
-                if size > limit:
-                    raise _TooLarge()
-                total = wire.attachment_blocks(size)
-                read = 0
-                for i in range(total):
-                    want = min(CHUNK_LEN, size - read)
-                    chunk = f.read(want) if want > 0 else b""
-                    if len(chunk) != max(0, want):
-                        raise ValueError("the file changed while it was read")
-                    read += len(chunk)
-                    sha.update(chunk)
-                    out.write(keys.seal(i, total, chunk))
-                if read != size or f.read(1):
-                    raise ValueError("the file changed while it was read")
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dst)
-            _fsync_dir(dst.parent)  # the row that names it commits next
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        return size, sha.digest()
+    def start(self, aid: str) -> None:
+        """A committed outgoing row's upload (or an incoming one's download) starts."""
+        self._start(aid)
 
     async def _connect(self, url: str) -> RelayClient:
         # A connection of its own for each transfer: blob traffic is not tied (by connection)
@@ -408,10 +399,10 @@ class Attachments:
                             self.m.delivery.refused_for_room(BLOB_AREA, True)
                         raise
                     self.m.delivery.room_again(BLOB_AREA)
-                    with _local(lambda: open(spool, "rb")) as f:
+                    with local(lambda: open(spool, "rb")) as f:
                         while done < row.blocks:
                             end = min(done + WINDOW, row.blocks)
-                            data = _local(functools.partial(_read_at, f, done, end - done))
+                            data = local(functools.partial(read_at, f, done, end - done))
                             await asyncio.gather(*(
                                 self._put(client, keys, i, data[(i - done) * BLOCK:
                                                                 (i - done + 1) * BLOCK])
@@ -431,10 +422,25 @@ class Attachments:
                     # hashes and up, ~30 s of CPU), so wait long (status says why meanwhile).
                     wait = FULL_BACKOFF
                 await asyncio.sleep(wait)
-            except _LocalIOError:
+            except LocalIOError:
                 self._fail(row.id, "the encrypted copy of the file is missing or unreadable")
                 return
         await self._uploaded(row)
+
+    async def delete_blobs(self, row: AttachmentRow) -> None:
+        """An uploaded copy that will never be announced (services/group_files.py): its blobs
+        go now rather than wait for the relay's blob_ttl. Best effort: they expire anyway."""
+        keys = FileKeys(row.seed)
+        with contextlib.suppress(RelayUnavailable, RelayError, *UNAVAILABLE):
+            client = await self._connect(row.relay_url)
+            try:
+                for start in range(0, row.blocks, WINDOW):
+                    await asyncio.gather(*(
+                        client.blob_del(keys.blob_id(i), keys.capability(i))
+                        for i in range(start, min(start + WINDOW, row.blocks))
+                    ), return_exceptions=True)  # fmt: skip
+            finally:
+                await client.close()
 
     @staticmethod
     async def _put(client: RelayClient, keys: FileKeys, index: int, block: bytes) -> None:
@@ -446,6 +452,11 @@ class Attachments:
 
     async def _uploaded(self, row: AttachmentRow) -> None:
         m = self.m
+        if self.copy_hook is not None and await self.copy_hook(row):
+            # A group's copy (services/group_files.py): its descriptor went its own way.
+            with contextlib.suppress(OSError):
+                self._file(row.id).unlink()
+            return
         async with m.lock:
             c = m.store.get_contact(row.contact_id)
             blob = m.store.get_session(row.contact_id)
@@ -492,32 +503,50 @@ class Attachments:
         aid = p.message_id.hex()
         if m.store.get_message(aid) is not None or db.get(m.store, aid) is not None:
             return  # a duplicate id: never twice
-        name = clean_file_name(p.name)
         if not m.mailboxes.peer_url_ok(p.relay_url):
             droplog.dropped("dropped an attachment whose relay URL is refused")
             return
-        now = _ms()
-        # Our own limit applies to what we fetch too: above it the file waits, failed, until
-        # the user raises the limit and retries (the relay keeps it until its TTL).
-        too_large = p.size > self.max_size()
+        name = clean_file_name(p.name)
         m.store.add_message(c.id, "in", f"[file] {name}", status="received", message_id=aid,
                             sent_at=p.sent_at_ms)  # fmt: skip
-        db.add(m.store, AttachmentRow(
-            aid, c.id, "in", name, p.size, p.blocks, p.digest, p.seed, p.relay_url,
-            "failed" if too_large else "downloading", 0,
-            _limit_text(self.max_size()) if too_large else None, p.sent_at_ms, now, now,
-        ))  # fmt: skip
         # Its message is in the history: clients (aegis listen, the notification bridge)
         # that follow message.received see the file arrive like any message.
         m.ctx.events.emit("message.received", {
             "message_id": aid, "contact": c.name, "text": f"[file] {name}",
             "sent_at": p.sent_at_ms,
         })  # fmt: skip
+        self.take_descriptor(c, p)
+        m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED, [p.message_id])
+
+    def acceptable(self, p: wire.AttachmentPayload) -> bool:
+        """A descriptor that may be taken: a new id, a relay URL the policy allows."""
+        aid = p.message_id.hex()
+        if db.get(self.store, aid) is not None:
+            return False
+        if not self.m.mailboxes.peer_url_ok(p.relay_url):
+            droplog.dropped("dropped an attachment whose relay URL is refused")
+            return False
+        return True
+
+    def take_descriptor(self, c: Contact, p: wire.AttachmentPayload) -> None:
+        """A descriptor's attachment row, events and download (the caller stored its
+        message: in the contact's or a group's history); inside the receive transaction."""
+        m = self.m
+        aid = p.message_id.hex()
+        name = clean_file_name(p.name)
+        now = _ms()
+        # Our own limit applies to what we fetch too: above it the file waits, failed, until
+        # the user raises the limit and retries (the relay keeps it until its TTL).
+        too_large = p.size > self.max_size()
+        db.add(m.store, AttachmentRow(
+            aid, c.id, "in", name, p.size, p.blocks, p.digest, p.seed, p.relay_url,
+            "failed" if too_large else "downloading", 0,
+            _limit_text(self.max_size()) if too_large else None, p.sent_at_ms, now, now,
+        ))  # fmt: skip
         m.ctx.events.emit("attachment.received", {
             "attachment_id": aid, "message_id": aid, "contact": c.name, "name": name,
             "size": p.size, "sent_at": p.sent_at_ms,
         })  # fmt: skip
-        m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED, [p.message_id])
         if too_large:
             m.ctx.events.emit("attachment.failed", {
                 "attachment_id": aid, "contact": c.name, "direction": "in",
@@ -538,7 +567,7 @@ class Attachments:
         try:
             self.directory.mkdir(mode=0o700, exist_ok=True)
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-            _fsync_dir(self.directory)  # progress committed later must not outlive the file
+            fsync_dir(self.directory)  # progress committed later must not outlive the file
         except OSError:
             self._fail(row.id, "cannot write the file in the profile directory")
             return
@@ -552,14 +581,14 @@ class Attachments:
                     if client is None:
                         client = await self._connect(row.relay_url)
                     box = PrivateKey.generate()  # one per pass: fetches are not linkable by key
-                    with _local(lambda: open(path, "r+b")) as f:
+                    with local(lambda: open(path, "r+b")) as f:
                         while done < row.blocks:
                             end = min(done + WINDOW, row.blocks)
                             got = await asyncio.gather(*(
                                 self._fetch(client, keys, box, i, row.blocks, row.sent_at)
                                 for i in range(done, end)
                             ))  # fmt: skip
-                            _local(functools.partial(_write_at, f, done, b"".join(got)))
+                            local(functools.partial(write_at, f, done, b"".join(got)))
                             done = end
                             db.set_progress(self.store, row.id, done)
                             attempt = 0
@@ -578,8 +607,8 @@ class Attachments:
                     if attempt >= tries:
                         raise _GiveUp() from None
                     await asyncio.sleep(min(RETRY_MAX, 0.5 * 2 ** min(attempt, 8)))
-            if not await asyncio.to_thread(self._verify, path, keys, row):
-                raise _Corrupt()
+            if not await asyncio.to_thread(verify, path, keys, row):
+                raise Corrupt()
         except _Gone:
             if client is not None:
                 await client.close()
@@ -587,7 +616,7 @@ class Attachments:
                        "(after 48 hours on a relay with default settings); ask the sender to "
                        "send it again")
             return
-        except _Corrupt:
+        except Corrupt:
             if client is not None:
                 await client.close()
             self._fail(row.id, "the file arrived corrupted or incomplete (a block failed its "
@@ -598,7 +627,7 @@ class Attachments:
                 await client.close()
             self._fail(row.id, UNREACHABLE_TEXT.format(n=tries))
             return
-        except (_LocalIOError, OSError):  # OSError: the final check's read
+        except (LocalIOError, OSError):  # OSError: the final check's read
             if client is not None:
                 await client.close()
             self._fail(row.id, "cannot write the file in the profile directory")
@@ -657,15 +686,7 @@ class Attachments:
             except RelayError as exc:
                 if exc.code == E_DENIED:
                     raise _Gone() from None
-        raise _Corrupt()
-
-    @staticmethod
-    def _verify(path: Path, keys: FileKeys, row: AttachmentRow) -> bool:
-        sha = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in _plaintext(f, keys, row):
-                sha.update(chunk)
-        return hmac.compare_digest(sha.digest(), row.digest)
+        raise Corrupt()
 
     # --- listing and saving ---------------------------------------------------------------
 
@@ -723,7 +744,7 @@ class Attachments:
         if os.path.commonpath([os.path.realpath(target.parent), home]) == home:
             raise _bad_file("a received file cannot be saved inside the profile directory")
         try:
-            ok = await asyncio.to_thread(self._write_plain, row, target, overwrite)
+            ok = await asyncio.to_thread(write_plain, self._file(row.id), row, target, overwrite)
         except FileExistsError:
             raise AppError(E_TARGET_EXISTS, "exists",
                            "a file with this name exists there (use overwrite)") from None
@@ -734,58 +755,6 @@ class Attachments:
             raise AppError(E_NOT_COMPLETE, "not_complete",
                            "the stored copy is damaged; the file cannot be saved")
         return {"attachment_id": row.id, "path": str(target), "size": row.size}
-
-    def _write_plain(self, row: AttachmentRow, target: Path, overwrite: bool) -> bool:
-        keys = FileKeys(row.seed)
-        # A short name of its own: the file's name may already be 255 bytes (NAME_MAX).
-        tmp = target.with_name(f".aegis-{os.urandom(8).hex()}.part")
-        sha = hashlib.sha256()
-        try:
-            src = open(self._file(row.id), "rb")  # noqa: SIM115 (closed below)
-        except OSError:
-            return False  # the stored copy is gone: damaged, as far as the user can tell
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except BaseException:
-            src.close()
-            raise
-        try:
-            with src, os.fdopen(fd, "wb") as out:
-                try:
-                    for chunk in _plaintext(src, keys, row):
-                        sha.update(chunk)
-                        out.write(chunk)
-                except _Corrupt:  # a stored block no longer opens (bit rot, truncation)
-                    ok = False
-                else:
-                    ok = hmac.compare_digest(sha.digest(), row.digest)
-                if ok:
-                    out.flush()
-                    os.fsync(out.fileno())
-            if not ok:
-                tmp.unlink()
-                return False
-            if overwrite:
-                os.replace(tmp, target)
-            else:
-                # link() fails if the name exists (also a dangling symlink, also one made
-                # since the check above): never replaces what the user did not allow.
-                try:
-                    os.link(tmp, target, follow_symlinks=False)
-                except FileExistsError:
-                    raise
-                except OSError:  # a file system without hard links (FAT): check, then rename
-                    if os.path.lexists(target):
-                        raise FileExistsError() from None
-                    os.replace(tmp, target)
-                else:
-                    tmp.unlink()
-            _fsync_dir(target.parent)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        return True
 
     async def retry(self, aid: str) -> dict[str, Any]:
         row = self.get(aid)
@@ -826,6 +795,8 @@ class Attachments:
             msg = m.store.get_message(aid) if unsent else None
             with m.store.transaction():
                 db.delete(m.store, row.id)
+                if self.delete_hook is not None:
+                    self.delete_hook(row)
                 if msg is not None and m.store.set_message_status(aid, "failed"):
                     c = m.store.get_contact(row.contact_id)
                     m.ctx.events.emit("message.status", {
@@ -839,66 +810,9 @@ class _GiveUp(Exception):
     """The contact's relay stayed unreachable for FETCH_CONNECT_TRIES connections in a row."""
 
 
-class _TooLarge(Exception):
-    pass
-
-
-class _LocalIOError(Exception):
-    """The profile's disk failed (not the network): not something a retry over the network
-    fixes. Kept apart from OSError, which the relay link counts as 'unavailable'."""
-
-
-T = TypeVar("T")
-
-
-def _local(op: Callable[[], T]) -> T:
-    try:
-        return op()
-    except OSError as exc:
-        raise _LocalIOError() from exc
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in `path` durable (else a power loss may undo it)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_at(f: Any, index: int, count: int) -> bytes:
-    f.seek(index * BLOCK)
-    data: bytes = f.read(count * BLOCK)
-    if len(data) != count * BLOCK:
-        raise OSError("short spool")
-    return data
-
-
-def _write_at(f: Any, index: int, data: bytes) -> None:
-    f.seek(index * BLOCK)
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def _limit_text(limit: int) -> str:
     return (f"the file is larger than your attachment size limit of {limit} bytes "
             "(aegis attachments --max-size raises it; then aegis attachment retry)")
-
-
-def _plaintext(f: Any, keys: FileKeys, row: AttachmentRow) -> Any:
-    """The file's bytes, block by block, from the stored blocks in the open file f (filler
-    blocks are opened too: a relay cannot swap them for anything else unnoticed)."""
-    for i in range(row.blocks):
-        block = f.read(BLOCK)
-        try:
-            chunk = keys.open(i, row.blocks, block)
-        except DecryptionError:
-            raise _Corrupt() from None
-        _, n = chunk_of(row.size, i)
-        if n:
-            yield chunk[:n]
 
 
 class _Progress:

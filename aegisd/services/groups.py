@@ -1,7 +1,7 @@
 """Groups (issue 16, docs/protocol.md §25): private groups the relay cannot see as groups.
 
 Every pair of members talks over its own pairwise session, as two contacts do; a group
-payload (0x0C-0x10) is an ordinary ratchet payload of one of those sessions. This service
+payload (0x0C-0x11) is an ordinary ratchet payload of one of those sessions. This service
 keeps each group's log (the pure core, aegisd/core/group.py) in the store, signs the user's
 changes and fans them out, answers invitations, introduces newcomers to the members that are
 not their contacts (a one-time invitation link of the newcomer's, opened as a first contact:
@@ -27,10 +27,12 @@ from aegisd.core.identity import PublicIdentity, keys_of, safety_number
 from aegisd.core.session import Session
 from aegisd.rpc import AppError
 from aegisd.rpc import errors as E
+from aegisd.store import attachments as A
 from aegisd.store import groups as G
 from aegisd.store.db import Contact
 
 from .delivery import Recipient
+from .group_files import GroupFiles
 from .groups_inbound import GroupInbound
 from .groups_state import (
     INTRO_KEY,
@@ -54,7 +56,8 @@ from .groups_state import (
 class Groups(GroupBase):
     def __init__(self, host: GroupsHost) -> None:
         super().__init__(host)
-        self.inbound = GroupInbound(host)
+        self.files = GroupFiles(host)  # files to the group: a copy per member (§25.10)
+        self.inbound = GroupInbound(host, self.files)
 
     # --- what the inbox hands over (GroupsView) -------------------------------------------
 
@@ -349,6 +352,9 @@ class Groups(GroupBase):
         return {"message_id": mid, "recipients": len(recipients),
                 "unreachable": len(strangers) + len(skipped)}  # fmt: skip
 
+    async def send_file(self, ref: int, path: str) -> dict[str, Any]:
+        return await self.files.send(ref, path)
+
     def history(self, ref: int, before: int | None, limit: int) -> dict[str, Any]:
         _, log = self._load(ref)
         page = G.history(self.m.store, ref, before_seq=before, limit=limit)
@@ -359,6 +365,8 @@ class Groups(GroupBase):
                 "message_id": msg.id, "seq": msg.seq, "direction": msg.direction,
                 "text": msg.body, "sent_at": msg.sent_at, "created_at": msg.created_at,
             }  # fmt: skip
+            if msg.direction == "in" and A.get(self.m.store, msg.id) is not None:
+                item["attachment_id"] = msg.id  # a file: saved with attachments.save
             if msg.direction == "in":
                 c = names.get(msg.sender_key or b"")
                 item["from"] = (msg.sender_key or b"").hex()

@@ -67,6 +67,10 @@ def register(registry: Registry, m: Messenger) -> None:
     async def group_send(ctx: CallContext, group: int, text: str) -> dict[str, Any]:
         return await g.send(group, text)
 
+    @registry.method("group.send_file", unlocked=True)
+    async def group_send_file(ctx: CallContext, group: int, path: str) -> dict[str, Any]:
+        return await g.send_file(group, path)
+
     @registry.method("group.history", unlocked=True)
     async def group_history(
         ctx: CallContext, group: int, before: int | None = None, limit: int = 50

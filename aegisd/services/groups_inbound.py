@@ -1,4 +1,4 @@
-"""Group payloads from members (0x0C-0x10, docs/protocol.md §25), handed over by the inbox
+"""Group payloads from members (0x0C-0x11, docs/protocol.md §25), handed over by the inbox
 with the protocol lock held, inside the receive transaction. Nothing a peer sends is trusted:
 every change, base and offer is checked by the core, a refusal is dropped (counted), and what
 waits (invitations, held messages and introductions) is bounded. Imports groups_state, the
@@ -18,6 +18,7 @@ from aegisd.store import groups as G
 from aegisd.store.db import Contact
 
 from .delivery import Recipient
+from .group_files import GroupFiles
 from .groups_state import (
     HELD_MAX_AGE_MS,
     INTRO_KEY,
@@ -40,8 +41,9 @@ from .inbox import clean_name
 
 
 class GroupInbound(GroupBase):
-    def __init__(self, host: GroupsHost) -> None:
+    def __init__(self, host: GroupsHost, files: GroupFiles) -> None:
         super().__init__(host)
+        self.files = files
         self._opening: set[int] = set()  # pending introductions being tried now
 
     def on_receipt(self, c: Contact, message_id: bytes, status: str) -> None:
@@ -61,7 +63,7 @@ class GroupInbound(GroupBase):
                 self._on_answer(c, sender, payload)
             elif isinstance(payload, wire.GroupChangePayload):
                 self._on_change(payload.change)
-            elif isinstance(payload, wire.GroupMessagePayload):
+            elif isinstance(payload, (wire.GroupMessagePayload, wire.GroupFilePayload)):
                 self._on_message(c, session, sender, payload)
             elif isinstance(payload, wire.GroupIntroductionPayload):
                 self._on_introduction(c, payload)
@@ -148,7 +150,9 @@ class GroupInbound(GroupBase):
         self._prune_contacts(departed_keys(before, log.head, self._me()))
 
     def _on_message(self, c: Contact, session: Session, sender: PublicIdentity,
-                    p: wire.GroupMessagePayload, held: bool = False) -> None:  # fmt: skip
+                    p: wire.GroupMessagePayload | wire.GroupFilePayload,
+                    held: bool = False) -> None:  # fmt: skip
+        """A text or a file (§25.10) from a member: judged alike (§25.6)."""
         row = G.group_by_id(self.m.store, p.group_id)
         if row is None:
             droplog.dropped("dropped a message of an unknown group")
@@ -164,6 +168,9 @@ class GroupInbound(GroupBase):
         if verdict is not core.Disposition.DELIVER:
             if not held:
                 droplog.dropped("dropped a group message from a non-member")
+            return
+        if isinstance(p, wire.GroupFilePayload):
+            self.files.deliver(row.id, c, session, sender, p)
             return
         mid = p.message_id.hex()
         if G.has_message(self.m.store, mid):
@@ -262,7 +269,7 @@ class GroupInbound(GroupBase):
                 G.drop_held(self.m.store, h.id)
                 continue
             sender = PublicIdentity.from_bytes(c.identity_key)
-            if isinstance(p, wire.GroupMessagePayload):
+            if isinstance(p, (wire.GroupMessagePayload, wire.GroupFilePayload)):
                 verdict = core.message_disposition(head, sender.ed_pub, p.version, departed)
                 if verdict is core.Disposition.HOLD:
                     continue

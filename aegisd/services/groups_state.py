@@ -24,6 +24,7 @@ from aegisd.store import Store
 from aegisd.store import groups as G
 from aegisd.store.db import Contact
 
+from .attachments import Attachments
 from .context import ServiceContext
 from .delivery import Delivery, Recipient
 from .mailbox import ContactState
@@ -88,6 +89,10 @@ class AddressView(Protocol):
     async def revoke_invitation(self, invitation: str) -> None: ...
 
 
+class MailboxesView(Protocol):
+    def relay_url(self) -> str: ...
+
+
 class GroupsHost(Protocol):
     """What the groups use of the messenger."""
 
@@ -105,6 +110,10 @@ class GroupsHost(Protocol):
     def contacts(self) -> ContactsView: ...
     @property
     def address(self) -> AddressView: ...
+    @property
+    def attachments(self) -> Attachments: ...
+    @property
+    def mailboxes(self) -> MailboxesView: ...
 
     def identity(self) -> IdentityKeyPair: ...
     def check_usable(self) -> None: ...

@@ -13,7 +13,7 @@
   (PARTIALS_PER_CONTACT, PARTIALS_TOTAL) so that a contact cannot pile them up.
 - Payloads: texts (and their delivery receipts), receipts, mailbox announcements and
   acknowledgements (rotation.py acts on them after the commit), files' descriptors
-  (attachments.py), call signaling (calls/service.py), group payloads 0x0C-0x10 (groups.py,
+  (attachments.py), call signaling (calls/service.py), group payloads 0x0C-0x11 (groups.py,
   through ``GroupsView``), cover (dropped).
 
 Everything a peer sends is hostile: bounded, strictly parsed, and nothing of a blocked contact
@@ -141,7 +141,7 @@ class CallsView(Protocol):
 
 
 class GroupsView(Protocol):
-    """The groups service's receiver (groups.py): payloads 0x0C-0x10, receipts of group
+    """The groups service's receiver (groups.py): payloads 0x0C-0x11, receipts of group
     messages, first contacts through an introduction link."""
 
     def on_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None: ...
@@ -154,7 +154,7 @@ class GroupsView(Protocol):
 
 _GROUP_PAYLOADS = (
     wire.GroupInvitePayload, wire.GroupAnswerPayload, wire.GroupChangePayload,
-    wire.GroupMessagePayload, wire.GroupIntroductionPayload,
+    wire.GroupMessagePayload, wire.GroupIntroductionPayload, wire.GroupFilePayload,
 )  # fmt: skip
 def _group_change(content: bytes) -> wire.GroupChangePayload | None:
     try:

@@ -31,6 +31,19 @@ def test_group_commands(home, short_tmp, cli_env):  # noqa: F811
             "me: hello, nobody  [delivered to 0 of 0]", "me: second  [delivered to 0 of 0]"]
         one_line_error(aegis("messages", "--home", h), 2)  # neither NAME nor --group
         one_line_error(aegis("send", "--group", "Hikers", "a", "b", "--home", h), 2)
+        # A file to the group: one copy per other member (none here), shown in the history.
+        photo = short_tmp / "summit.jpg"
+        photo.write_bytes(b"\xff\xd8 not much of a photo")
+        r = aegis("send", "--group", "Hikers", "--file", str(photo), "--home", h)
+        assert r.returncode == 0 and "[file] summit.jpg to 0 members" in r.stdout, r.stderr
+        r = aegis("messages", "--group", "Hikers", "--home", h)
+        assert "me: [file] summit.jpg  [delivered to 0 of 0]" in r.stdout
+        one_line_error(aegis("send", "--group", "Hikers", "--file", str(photo), "x", "--home", h),
+                       2)  # fmt: skip
+        one_line_error(aegis("send", "--home", h), 2)  # neither NAME nor --group
+        line = one_line_error(aegis("send", "--group", "Hikers", "--file",
+                                    str(short_tmp / "missing.jpg"), "--home", h))  # fmt: skip
+        assert "no such file" in line
         r = aegis("group", "rename", "Hikers", "Walkers", "--home", h)
         assert r.stdout.strip() == "renamed to Walkers"
         line = one_line_error(aegis("group", "members", "Hikers", "--home", h))

@@ -72,6 +72,9 @@ SAMPLES: dict[str, wire.Payload] = {
     ),
     "message": wire.GroupMessagePayload(INVITE_LOG.head.group_id, 4, b"m" * 16, 7, "hé"),
     "introduction": wire.GroupIntroductionPayload(INVITE_LOG.head.group_id, link()),
+    "file": wire.GroupFilePayload(INVITE_LOG.head.group_id, 4, wire.AttachmentPayload(
+        b"f" * 16, 7, b"s" * 32, 40_000, wire.attachment_blocks(40_000), b"d" * 32,
+        "wss://relay.example/v1/ws", "photo é.jpg")),
 }
 
 
@@ -355,3 +358,23 @@ def test_reprs_hold_no_secret(name: str) -> None:
     for secret in secrets:
         assert secret.hex()[:16] not in text and repr(secret)[2:18] not in text
     assert "hé" not in text
+    assert "photo" not in text and (b"s" * 32).hex()[:16] not in text  # no name, no seed
+
+
+def test_a_group_file_is_a_descriptor_behind_the_group_and_version() -> None:
+    """§25.8: 0x11 = group ID, version, then exactly the fields of a 0x08 descriptor, checked
+    alike (a block count that does not match the size is refused), one block at most."""
+    p = SAMPLES["file"]
+    assert isinstance(p, wire.GroupFilePayload)
+    data = _encoded(p)
+    assert data[:2] == bytes([wire.VERSION, wire.PAYLOAD_GROUP_FILE])
+    assert data[2:34] == p.group_id and data[34:42] == (4).to_bytes(8, "big")
+    assert data[42:] == _encoded(p.file)[2:]  # the descriptor's fields, as in 0x08
+    blocks_at = 42 + 16 + 8 + 32 + 8
+    bad = data[:blocks_at] + (p.file.blocks + 1).to_bytes(4, "big") + data[blocks_at + 4:]
+    with pytest.raises(DecodeError):
+        wire.decode_payload(bad)
+    for url, name in (("u", "n"), ("u" * 255, "n" * 255)):
+        f = replace(p.file, relay_url=url, name=name)
+        size = len(_encoded(replace(p, file=f)))
+        assert size == (146 if url == "u" else 654) and size <= wire.RATCHET_CAPACITY

@@ -1,0 +1,208 @@
+"""Files to a group (docs/protocol.md §25.10): one copy per member.
+
+The sender encrypts the file once per other member, each copy under a seed of its own, into
+its own spool; each copy is uploaded like a one-to-one file (its own connection and quota,
+attachments.py) and, once all its blocks are up, its descriptor goes to that member alone
+inside a group file payload (0x11) carrying the group message's id. Each member fetches its
+own copy, verifies it and deletes it at the relay, as for a file from a contact: no blob is
+fetched by two members, so the relay cannot link the members by the blobs they fetch, and
+nobody has to decide when a shared blob may go. The price is N - 1 uploads (bytes, time,
+proofs of work): the figures are in docs/threat-model.md and bench/group_files.py.
+
+Which copy is whose is a setting per copy (``COPY_KEY``: the group and message it belongs
+to), committed with its row and dropped once its descriptor is queued, as introductions do
+(groups_state.INTRO_KEY). Imports groups_state, attachments and the delivery layer (none of
+them imports it back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aegisd import droplog
+from aegisd.core import group as core
+from aegisd.core import wire
+from aegisd.core.attachment import clean_file_name
+from aegisd.core.errors import NotAMember
+from aegisd.core.identity import PublicIdentity
+from aegisd.core.session import Session
+from aegisd.rpc import AppError
+from aegisd.store import attachments as A
+from aegisd.store import groups as G
+from aegisd.store.attachments import AttachmentRow
+from aegisd.store.db import Contact
+
+from .attachment_disk import Spooled
+from .delivery import Recipient
+from .groups_state import GroupBase, GroupsHost, now_ms, refused
+
+#: Setting per outgoing copy, until its descriptor is queued: {"group": ref, "message": mid}.
+COPY_KEY = "group.file."
+#: Copies encrypted at once while a send prepares them (each a thread reading the file).
+SPOOL_PARALLEL = 2
+
+
+class GroupFiles(GroupBase):
+    def __init__(self, host: GroupsHost) -> None:
+        super().__init__(host)
+        host.attachments.copy_hook = self.uploaded
+        host.attachments.delete_hook = self.forget
+
+    # --- sending --------------------------------------------------------------------------
+
+    async def send(self, ref: int, path: str) -> dict[str, Any]:
+        files = self.m.attachments
+        p, limit = files.check_source(path)
+        self.m.check_usable()
+        async with self.m.lock:
+            _, log = self._load(ref)
+            if log.head.member(self._me()) is None:
+                raise refused(NotAMember("you are not a member of this group"))
+            recipients, _, _ = self._targets(log.head)
+        # the relay the copies go to (not needed when nobody is to get one)
+        relay_url = self.m.mailboxes.relay_url() if recipients else ""
+        # One copy per member, encrypted before anything commits (the source may change or
+        # go once the call returns); outside the lock: it reads the whole file N - 1 times.
+        copies: dict[int, Spooled] = {}
+        gate = asyncio.Semaphore(SPOOL_PARALLEL)
+
+        async def one(cid: int) -> None:
+            async with gate:
+                copies[cid] = await files.spool(p, limit)
+
+        committed: list[str] = []
+        try:
+            await asyncio.gather(*(one(r.contact.id) for r in recipients))
+            if len({(c.size, c.digest) for c in copies.values()}) > 1:
+                # read N - 1 times: every member must get the same file
+                raise files.bad_file("the file changed while it was read")
+            async with self.m.lock:
+                _, log = self._load(ref)
+                head = log.head
+                if head.member(self._me()) is None:
+                    raise refused(NotAMember("you are not a member of this group"))
+                # Judged again: a member removed while the copies were made gets none.
+                recipients, skipped, strangers = self._targets(head)
+                for r in recipients:
+                    if r.contact.id not in copies:  # reachable only since: counted, not sent
+                        skipped[r.contact.id] = "unreachable"
+                sent = [r for r in recipients if r.contact.id in copies]
+                mid = self.m.entropy.random(wire.MESSAGE_ID_LEN).hex()
+                name = clean_file_name(p.name)
+                now = now_ms()
+                with self.m.store.transaction():
+                    G.add_message(self.m.store, ref, mid, "out", f"[file] {name}", sent_at=now)
+                    G.set_statuses(self.m.store, mid, [r.contact.id for r in sent], "queued")
+                    for cid, status in skipped.items():
+                        G.set_statuses(self.m.store, mid, [cid], status)
+                    G.add_unsent(self.m.store, mid, strangers)
+                    for r in sent:
+                        copy = copies[r.contact.id]
+                        A.add(self.m.store, copy.row(r.contact.id, relay_url, now))
+                        self.m.store.set_setting(f"{COPY_KEY}{copy.id}",
+                                                 {"group": ref, "message": mid})  # fmt: skip
+                committed = [copies[r.contact.id].id for r in sent]
+        finally:
+            # copies not committed (a failure, or their member gone meanwhile) go
+            files.discard([c.id for c in copies.values() if c.id not in committed])
+        for aid in committed:
+            files.start(aid)
+        return {"message_id": mid, "name": name, "recipients": len(committed),
+                "unreachable": len(strangers) + len(skipped),
+                "attachments": committed}  # fmt: skip
+
+    async def uploaded(self, row: AttachmentRow) -> bool:
+        """An upload is complete (attachments.py's hook): if it is a group's copy, queue its
+        descriptor to its member, unless the member has left the group meanwhile (then the
+        copy is dropped: nothing sent after a removal reaches the removed)."""
+        key = f"{COPY_KEY}{row.id}"
+        meta = self.m.store.get_setting(key)
+        if meta is None:
+            return False
+        unsent = False
+        async with self.m.lock:
+            ref, mid = int(meta["group"]), str(meta["message"])
+            c = self.m.store.get_contact(row.contact_id)
+            blob = self.m.store.get_session(row.contact_id)
+            head = None
+            if G.get_group(self.m.store, ref) is not None:
+                head = self._load(ref)[1].head
+            member = None
+            if head is not None and c is not None and c.identity_key is not None:
+                member = head.member(PublicIdentity.from_bytes(c.identity_key).ed_pub)
+            with self.m.store.transaction():
+                self.m.store.set_setting(key, None)
+                if (head is None or c is None or blob is None or member is None
+                        or c.blocked or not G.has_message(self.m.store, mid)):  # fmt: skip
+                    A.set_state(self.m.store, row.id, "failed", "not sent: the member left "
+                                "the group or is blocked, or the group or its message is gone")
+                    if c is not None and G.has_message(self.m.store, mid):
+                        status = "blocked" if c.blocked else "unreachable"
+                        G.set_statuses(self.m.store, mid, [c.id], status)
+                    droplog.dropped("a group file copy not sent (its member is gone)")
+                    unsent = True
+                else:
+                    self._announce(row, ref, mid, c, blob, head)
+        if unsent:  # its blobs never named to anyone: they go now
+            await self.m.attachments.delete_blobs(row)
+        else:
+            self.m.delivery.wake()
+        return True
+
+    def _announce(self, row: AttachmentRow, ref: int, mid: str, c: Contact, blob: bytes,
+                  head: core.GroupState) -> None:  # fmt: skip
+        """The copy's descriptor to its member (inside the transaction)."""
+        descriptor = wire.AttachmentPayload(
+            bytes.fromhex(mid), row.sent_at or now_ms(), row.seed, row.size, row.blocks,
+            row.digest, row.relay_url, row.name,
+        )  # fmt: skip
+        payload = wire.GroupFilePayload(head.group_id, head.version, descriptor)
+        try:  # refuses before it writes anything
+            self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], payload,
+                                    delay=self.m.delivery.send_jitter())  # fmt: skip
+        except AppError as exc:  # the member cannot be reached (its session failed)
+            A.set_state(self.m.store, row.id, "failed", exc.message)
+            G.set_statuses(self.m.store, mid, [c.id], "failed")
+            return
+        A.set_state(self.m.store, row.id, "uploaded")
+        self.m.ctx.events.emit("attachment.completed", {
+            "attachment_id": row.id, "contact": None, "direction": "out",
+            "group": ref, "message_id": mid,
+        })  # fmt: skip
+
+    def forget(self, row: AttachmentRow) -> None:
+        """A copy deleted (attachments.delete) before its descriptor went: it never will, and
+        its member counts as failed (inside the deleting transaction)."""
+        key = f"{COPY_KEY}{row.id}"
+        meta = self.m.store.get_setting(key)
+        if meta is None:
+            return
+        self.m.store.set_setting(key, None)
+        mid = str(meta["message"])
+        if G.statuses(self.m.store, mid).get(row.contact_id) == "queued":
+            G.set_statuses(self.m.store, mid, [row.contact_id], "failed")
+
+    # --- receiving (groups_inbound.py decided the sender may post) -------------------------
+
+    def deliver(self, ref: int, c: Contact, session: Session, sender: PublicIdentity,
+                p: wire.GroupFilePayload) -> None:  # fmt: skip
+        """A member's file, inside the receive transaction: the group's history gains
+        ``[file] NAME``, the attachment downloads as one from a contact would (the same
+        limits: size, relay URL policy, downloads per contact)."""
+        files = self.m.attachments
+        mid = p.file.message_id.hex()
+        if G.has_message(self.m.store, mid) or not files.acceptable(p.file):
+            return
+        name = clean_file_name(p.file.name)
+        text = f"[file] {name}"
+        G.add_message(self.m.store, ref, mid, "in", text, sender_key=sender.ed_pub,
+                      sent_at=p.file.sent_at_ms)  # fmt: skip
+        hidden = c.id in G.group_contact_ids(self.m.store)
+        self.m.ctx.events.emit("group.message", {
+            "group": ref, "message_id": mid, "from": sender.ed_pub.hex(),
+            "from_contact": None if hidden else c.name, "text": text,
+            "sent_at": p.file.sent_at_ms, "attachment_id": mid})  # fmt: skip
+        files.take_descriptor(c, p.file)
+        self.m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED,
+                                      [p.file.message_id])  # fmt: skip

@@ -1,0 +1,208 @@
+"""Files to a group (docs/protocol.md §25.10) between real daemons on a real relay: one copy
+per member, each fetched by its member alone and deleted at the relay once verified; the
+receivers see the file in the group's history and save it; a member removed gets no file sent
+after the removal; a member's descriptor is bounded like a contact's, a removed member's
+dropped."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aegisd.core import wire
+from aegisd.store import groups as G
+from tests.functional.conftest import Peer, connect
+from tests.functional.test_attachments import STORED_BLOB_LEN, blob_sizes, wait_state
+from tests.functional.test_cli_messaging import aegis, ok
+from tests.functional.test_groups import (
+    group_of,
+    hidden_contacts,
+    invited,
+    key_of,
+    members,
+    outbox_size,
+    waiting_at_relay,
+)
+from tests.functional.test_hostile_contact import offline_store, queued, url_of
+from tests.relay.conftest import RelayProcess
+from tests.support.hostile import hostile
+
+T = 60.0
+NAME = "Photos of Europa 3c9d"
+
+
+def history(peer: Peer) -> list[dict[str, Any]]:
+    g = group_of(peer)
+    assert g is not None
+    out: list[dict[str, Any]] = peer.call("group.history", {"group": g["group"]})["messages"]
+    return out
+
+
+def file_in_history(peer: Peer, name: str) -> dict[str, Any] | None:
+    return next((m for m in history(peer) if m["text"] == f"[file] {name}"), None)
+
+
+def group_of_three(alice: Peer, bob: Peer, carol: Peer) -> tuple[int, dict[str, str]]:
+    """alice's group with bob and carol, who are not contacts: they meet through it."""
+    for p in (bob, carol):
+        connect(p, alice)
+    ed = {p.name: key_of(p) for p in (alice, bob, carol)}
+    g = alice.call("group.create", {"name": NAME})["group"]
+    for p in (bob, carol):
+        alice.call("group.invite", {"group": g, "contact": p.name})
+        p.call("group.accept", {"invitation": invited(p)})
+        p.wait_for(lambda p=p: ed[p.name] in members(p), f"{p.name}'s add", T)
+    for p in (alice, bob, carol):
+        p.wait_for(lambda p=p: len(members(p)) == 3, f"{p.name} to see three members", T)
+    bob.wait_for(lambda: members(bob)[ed["carol"]]["reachable"], "bob's session to carol", T)
+    return g, ed
+
+
+def test_a_file_to_a_group_of_three(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    alice, bob, carol = peers("alice"), peers("bob"), peers("carol")
+    g, ed = group_of_three(alice, bob, carol)
+    assert hidden_contacts(bob) != []  # carol is bob's group contact only
+
+    # bob sends a file (three blocks) to the group, through the CLI;
+    # alice and carol are offline meanwhile, so their copies wait at the relay.
+    data = os.urandom(2 * wire.ATTACHMENT_CHUNK_LEN + 1000)
+    src = tmp_short / "europa.jpg"
+    src.write_bytes(data)
+    alice.stop()
+    carol.stop()
+    sent = json.loads(ok(aegis(bob, "send", "--group", NAME, "--file", str(src), "--json")))
+    assert sent["recipients"] == 2 and sent["unreachable"] == 0 and sent["name"] == "europa.jpg"
+    copies = sent["attachments"]
+    assert len(copies) == 2 and len(set(copies)) == 2 and sent["message_id"] not in copies
+    blocks = wire.attachment_blocks(len(data))
+    for aid in copies:
+        wait_state(bob, aid, "uploaded")
+    # Two copies at the relay, each of the padded count, under blob ids of their own.
+    sizes = blob_sizes(relay_proc)
+    assert len(sizes) == 2 * blocks and set(sizes) == {STORED_BLOB_LEN}
+    alice.start()
+
+    # alice gets it in the group's history, fetches her copy, verifies it and deletes it:
+    # carol's copy alone stays at the relay.
+    item = alice.wait_for(lambda: file_in_history(alice, "europa.jpg"), "alice's file", T)
+    aid = item["attachment_id"]
+    assert aid == sent["message_id"] and item["from"] == ed["bob"]
+    wait_state(alice, aid, "complete")
+    alice.wait_for(lambda: len(blob_sizes(relay_proc)) == blocks, "alice's copy deleted", T)
+    saved = tmp_short / "alice.jpg"
+    alice.call("attachments.save", {"attachment_id": aid, "path": str(saved)})
+    assert saved.read_bytes() == data
+    # The CLI shows the file in the group's history, with how to save it.
+    shown = ok(aegis(alice, "messages", "--group", NAME))
+    assert "[file] europa.jpg" in shown and f"aegis attachment save {aid}" in shown
+
+    # carol comes back: she gets her own copy (bob's group contact, not hers to alice).
+    carol.start()
+    item = carol.wait_for(lambda: file_in_history(carol, "europa.jpg"), "carol's file", T)
+    wait_state(carol, item["attachment_id"], "complete")
+    saved = tmp_short / "carol.jpg"
+    carol.call("attachments.save", {"attachment_id": item["attachment_id"], "path": str(saved)})
+    assert saved.read_bytes() == data
+    carol.wait_for(lambda: blob_sizes(relay_proc) == [], "every copy deleted at the relay", T)
+    # Delivery per member, from the receipts: "delivered to 2 of 2".
+    bob.wait_for(
+        lambda: file_in_history(bob, "europa.jpg")["delivery"]["delivered"] == 2,  # type: ignore[index]
+        "receipts from both", T,
+    )  # fmt: skip
+    assert [e["data"]["attachment_id"] for e in carol.events(types=["attachment.received"])] == [
+        item["attachment_id"]]  # fmt: skip
+
+    # carol is removed; a file alice sends afterwards goes to bob alone.
+    alice.call("group.remove", {"group": g, "member": "carol"})
+    carol.wait_for(lambda: group_of(carol)["role"] is None, "carol's removal", T)  # type: ignore[index]
+    bob.wait_for(lambda: ed["carol"] not in members(bob), "bob to apply the removal", T)
+    later = tmp_short / "after.txt"
+    later.write_bytes(b"after the removal\n")
+    after = alice.call("group.send_file", {"group": g, "path": str(later)})
+    assert after["recipients"] == 1 and len(after["attachments"]) == 1
+    item = bob.wait_for(lambda: file_in_history(bob, "after.txt"), "bob's second file", T)
+    wait_state(bob, item["attachment_id"], "complete")
+    alice.wait_for(lambda: outbox_size(alice) == 0, "alice's outbox to drain", T)
+    carol.wait_for(lambda: waiting_at_relay(relay_proc, alice, "carol") == 0, "carol's take", T)
+    assert file_in_history(carol, "after.txt") is None
+    got = carol.events(types=["attachment.received"])
+    assert [e["data"]["name"] for e in got] == ["europa.jpg"]
+    bob.wait_for(lambda: blob_sizes(relay_proc) == [], "bob's copy deleted", T)
+
+    # A member's descriptor is bounded like a contact's: one over alice's size limit is kept
+    # failed (nothing fetched); a removed member's file is dropped whatever it claims.
+    s = offline_store(alice)
+    try:
+        group_id = G.list_groups(s)[0].group_id
+    finally:
+        s.close()
+    version = group_of(alice)["version"]  # type: ignore[index]
+    big = 120_000_000  # over the default attachments.max_size (100 MB), within the format
+
+    def forged(name: str, size: int) -> wire.GroupFilePayload:
+        return wire.GroupFilePayload(group_id, version, wire.AttachmentPayload(
+            os.urandom(16), int(time.time() * 1000), os.urandom(32), size,
+            wire.attachment_blocks(size), os.urandom(32), url_of(relay_proc), name))  # fmt: skip
+
+    for peer, name, size in ((bob, "huge.bin", big), (carol, "from-the-removed.bin", 10)):
+        peer.stop()
+        with hostile(peer.home, "alice") as h:
+            h.deposit(url_of(relay_proc), h.payload_blocks(forged(name, size)))
+            alice.wait_for(lambda h=h: queued(relay_proc, h) == 0, "alice to take it", T)
+    huge = alice.wait_for(lambda: file_in_history(alice, "huge.bin"), "the huge file", T)
+    failed = alice.call("attachments.get", {"attachment_id": huge["attachment_id"]})
+    assert failed["state"] == "failed" and "limit" in failed["error"] and failed["done"] == 0
+    assert file_in_history(alice, "from-the-removed.bin") is None
+    names = [a["name"] for a in alice.call("attachments.list")["attachments"]]
+    assert "from-the-removed.bin" not in names
+
+
+def test_a_member_removed_during_the_upload_gets_no_copy(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    """Membership is judged again when a copy's upload ends: a member removed meanwhile gets
+    no descriptor, the sender deletes that copy's blobs, and counts the member unreachable."""
+    alice, bob, carol = peers("alice"), peers("bob"), peers("carol")
+    g, _ = group_of_three(alice, bob, carol)
+    src = tmp_short / "plans.pdf"
+    src.write_bytes(os.urandom(40_000))
+    relay_proc.terminate()  # no copy can be uploaded before the removal
+    sent = alice.call("group.send_file", {"group": g, "path": str(src)})
+    assert sent["recipients"] == 2
+    # A second file, whose copy for bob alice deletes before it is up: bob counts as failed
+    # (and carol, removed, unreachable).
+    draft = tmp_short / "draft.txt"
+    draft.write_bytes(b"a draft\n")
+    for aid in alice.call("group.send_file", {"group": g, "path": str(draft)})["attachments"]:
+        if alice.call("attachments.get", {"attachment_id": aid})["contact"] == "bob":
+            alice.call("attachments.delete", {"attachment_id": aid})
+    alice.call("group.remove", {"group": g, "member": "carol"})  # applied here at once
+    relay_proc.start()  # on the same listening socket: the same URL
+    item = bob.wait_for(lambda: file_in_history(bob, "plans.pdf"), "bob's file", T)
+    wait_state(bob, item["attachment_id"], "complete")
+    copies = {alice.call("attachments.get", {"attachment_id": a})["contact"]: a
+              for a in sent["attachments"]}  # fmt: skip
+    carols = wait_state(alice, copies["carol"], "failed")
+    assert "not sent" in carols["error"]
+    # carol's copy was never named to anyone: alice deleted its blobs; bob deleted his.
+    alice.wait_for(lambda: blob_sizes(relay_proc) == [], "every blob deleted", T)
+    delivery = file_in_history(alice, "plans.pdf")["delivery"]  # type: ignore[index]
+    assert delivery["members"]["carol"] == "unreachable" and delivery["recipients"] == 2
+    carol.wait_for(lambda: group_of(carol)["role"] is None, "carol's removal", T)  # type: ignore[index]
+    alice.wait_for(lambda: outbox_size(alice) == 0, "alice's outbox to drain", T)
+    carol.wait_for(lambda: waiting_at_relay(relay_proc, alice, "carol") == 0, "carol's take", T)
+    assert file_in_history(carol, "plans.pdf") is None
+    assert carol.events(types=["attachment.received"]) == []
+    alice.wait_for(
+        lambda: file_in_history(alice, "draft.txt")["delivery"]["members"]  # type: ignore[index]
+        == {"bob": "failed", "carol": "unreachable"}, "the draft's statuses", T,
+    )  # fmt: skip
+    alice.wait_for(lambda: blob_sizes(relay_proc) == [], "the draft's blobs deleted too", T)
+    bob.wait_for(lambda: waiting_at_relay(relay_proc, alice, "bob") == 0, "bob's take", T)
+    assert file_in_history(bob, "draft.txt") is None
