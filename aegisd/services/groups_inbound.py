@@ -45,11 +45,11 @@ class GroupInbound(GroupBase):
         self._opening: set[int] = set()  # pending introductions being tried now
 
     def on_receipt(self, c: Contact, message_id: bytes, status: str) -> None:
-        mid = message_id.hex()
-        if status != "delivered":  # group messages have delivery receipts only
-            return
-        if G.has_message(self.m.store, mid) and G.advance_status(self.m.store, mid, c.id, status):
-            self.m.ctx.events.emit("group.receipt", {"message_id": mid, "status": status})
+        """A delivery or read receipt: matched to our own message with this id that was sent
+        to this member (the session names the member; we drew the id, so it is ours alone)."""
+        own = G.own_message_to(self.m.store, message_id, c.id)
+        if own is not None and G.advance_status(self.m.store, own[0], c.id, status):
+            self.m.ctx.events.emit("group.receipt", {"message_id": own[1], "status": status})
 
     def on_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None:
         assert c.identity_key is not None
@@ -165,11 +165,11 @@ class GroupInbound(GroupBase):
             if not held:
                 droplog.dropped("dropped a group message from a non-member")
             return
-        mid = p.message_id.hex()
-        if G.has_message(self.m.store, mid):
-            return
-        G.add_message(self.m.store, row.id, mid, "in", p.text, sender_key=sender.ed_pub,
-                      sent_at=p.sent_at_ms)  # fmt: skip
+        # one message per (group, author, id): another member's use of the id is its own
+        if G.add_message(self.m.store, row.id, p.message_id, "in", p.text,
+                         sender_key=sender.ed_pub, sent_at=p.sent_at_ms) is None:
+            return  # this author's duplicate: never shown twice
+        mid = G.api_id(sender.ed_pub, p.message_id)
         hidden = c.id in G.group_contact_ids(self.m.store)
         self.m.ctx.events.emit("group.message", {
             "group": row.id, "message_id": mid, "from": sender.ed_pub.hex(),

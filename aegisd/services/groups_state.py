@@ -49,6 +49,8 @@ MAX_INTRODUCTIONS = 32
 #: maintenance loop, this many times in all; at most this many wait per group.
 INTRO_TRIES = 5
 MAX_PENDING_INTROS_PER_GROUP = 64
+#: One setting for texts and group messages (the messenger's too): off, no read receipts.
+SETTING_READ_RECEIPTS = "privacy.read_receipts"
 INTRO_KEY = "group.intro."  # setting per introduction invitation: the member it is for
 ROLE_NAMES = {wire.ROLE_MEMBER: "member", wire.ROLE_ADMIN: "admin", wire.ROLE_OWNER: "owner"}
 ROLES = {v: k for k, v in ROLE_NAMES.items()}
