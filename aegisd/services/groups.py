@@ -36,6 +36,7 @@ from .groups_state import (
     INTRO_KEY,
     INTRO_TTL,
     INVITATION_MAX_AGE_MS,
+    JOINING_KEY,
     MAX_INTRODUCTIONS,
     ROLE_NAMES,
     ROLES,
@@ -191,6 +192,7 @@ class Groups(GroupBase):
             async with self.m.lock:
                 with self.m.store.transaction():
                     G.delete_group(self.m.store, ref)
+                    self.m.store.set_setting(f"{JOINING_KEY}{ref}", None)
                     self.m.ctx.events.emit("group.changed", {"group": ref, "change": "deleted"})
                 self._prune_contacts(m.key for m in log.head.members)
             return {"group": ref, "deleted": True}
@@ -238,12 +240,20 @@ class Groups(GroupBase):
         return out
 
     async def decline(self, invitation: int) -> dict[str, Any]:
+        """Always possible for a stored invitation, even one the rules refuse now (it must
+        not stay for want of passing a check): it is dropped, and the inviter told if still
+        a reachable contact."""
         async with self.m.lock:
-            row, p, c, _ = self._invitation(invitation)
+            row = G.get_invitation(self.m.store, invitation)
+            if row is None:
+                raise E.not_found("invitation")
+            p = wire.decode_payload(row.payload)  # stored as decoded on arrival
+            c = self.m.store.get_contact(row.contact_id)  # the row goes with its contact
+            assert isinstance(p, wire.GroupInvitePayload) and c is not None
             blob = self.m.store.get_session(c.id)
             with self.m.store.transaction():
                 G.delete_invitation(self.m.store, row.id)
-                if blob is not None and not c.blocked:
+                if blob is not None and not c.blocked and sendable(c):
                     answer = wire.GroupAnswerPayload(p.invite_id, p.base.state.group_id, False)
                     self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], answer)
         self.m.delivery.wake()
@@ -311,6 +321,10 @@ class Groups(GroupBase):
                     G.delete_invitation(self.m.store, row.id)
                     ref = G.add_group(self.m.store, log.head.group_id, log.record().to_bytes(),
                                       member_rows(log.head))  # fmt: skip
+                    # until the add arrives: the inviter may yet refuse (§25.7 step 3)
+                    self.m.store.set_setting(f"{JOINING_KEY}{ref}", {
+                        "invite": p.invite_id.hex(), "contact": c.id,
+                        "links": [inv for inv, _ in made]})  # fmt: skip
                     self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], answer)
                     self.m.ctx.events.emit("group.changed", {"group": ref, "change": "joined"})
             done = True

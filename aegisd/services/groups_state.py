@@ -52,6 +52,9 @@ MAX_PENDING_INTROS_PER_GROUP = 64
 #: One setting for texts and group messages (the messenger's too): off, no read receipts.
 SETTING_READ_RECEIPTS = "privacy.read_receipts"
 INTRO_KEY = "group.intro."  # setting per introduction invitation: the member it is for
+#: Setting per group we accepted and are not a member of yet: the invitation's ID, the
+#: inviter and our introduction links, so that the inviter's refusal can undo the accept.
+JOINING_KEY = "group.joining."
 ROLE_NAMES = {wire.ROLE_MEMBER: "member", wire.ROLE_ADMIN: "admin", wire.ROLE_OWNER: "owner"}
 ROLES = {v: k for k, v in ROLE_NAMES.items()}
 
