@@ -13,6 +13,7 @@ from typing import Any
 from aegisd.core import wire
 from aegisd.store import groups as G
 from tests.functional.conftest import Peer, connect
+from tests.functional.test_cli_messaging import aegis, ok
 from tests.functional.test_groups import group_of, invited, key_of, members
 from tests.functional.test_hostile_contact import offline_store, queued, url_of
 from tests.relay.conftest import RelayProcess
@@ -62,13 +63,15 @@ def test_read_receipts_go_to_the_author_and_ids_are_per_author(
     bob.wait_for(lambda: message(bob, "hello")["delivery"]["delivered"] == 2,  # type: ignore[index]
                  "both delivery receipts", T)  # fmt: skip
 
-    # alice reads: bob's message moves to read for alice ("read by 1 of 2")
+    # alice reads (the CLI, as `aegis messages NAME --mark-read` for a contact): bob's
+    # message moves to read for alice ("read by 1 of 2")
+    assert "hello" in ok(aegis(alice, "messages", "--group", NAME, "--mark-read"))
     ga = group_of(alice)["group"]  # type: ignore[index]
-    assert alice.call("group.read", {"group": ga})["marked"] == 1
     assert message(alice, "hello")["read"] is True  # type: ignore[index]
     assert alice.call("group.read", {"group": ga})["marked"] == 0
     bob.wait_for(lambda: message(bob, "hello")["delivery"]["read"] == 1,  # type: ignore[index]
                  "alice's read receipt", T)  # fmt: skip
+    assert "hello  [delivered to 2 of 2, read by 1]" in ok(aegis(bob, "group", "messages", NAME))
     delivery = message(bob, "hello")["delivery"]  # type: ignore[index]
     assert delivery["members"] == {"alice": "read", "carol": "delivered"}
     assert any(e["data"] == {"message_id": hello, "status": "read"}
