@@ -165,27 +165,37 @@ def test_an_invitation_the_rules_refuse_can_still_be_declined(
 def test_a_member_reusing_anothers_message_id_suppresses_nothing(
     peers: Callable[[str], Peer], relay_proc: RelayProcess
 ) -> None:
+    """carol, hostile, copies the wire ID of bob's group message into a group message of hers,
+    and that of alice's into a text to alice: alice keeps both group messages, and bob's
+    receipt for alice's message still counts."""
     alice, bob, carol = three_member_group(peers)
     gb = group_of(bob)["group"]  # type: ignore[index]
     hello = bob.call("group.send", {"group": gb, "text": "hello"})["message_id"]
     alice.wait_for(lambda: message(alice, "hello"), "alice to get hello", T)
-    # carol, hostile, sends alice a message with the wire ID of bob's "hello": both kept
+    bob_key, carol_key = key_of(bob), key_of(carol)
+    bob.stop()  # alice's message waits for him at the relay
+    ga = group_of(alice)["group"]  # type: ignore[index]
+    mine = alice.call("group.send", {"group": ga, "text": "mine"})["message_id"]
+    carol.wait_for(lambda: message(carol, "mine"), "carol to get alice's message", T)
     s = offline_store(alice)
     try:
         group_id = G.list_groups(s)[0].group_id
     finally:
         s.close()
-    carol_key = key_of(carol)
     carol.stop()
     version = group_of(alice)["version"]  # type: ignore[index]
-    copy = wire.GroupMessagePayload(group_id, version, bytes.fromhex(hello),
-                                    int(time.time() * 1000), "carol's copy")  # fmt: skip
+    now = int(time.time() * 1000)
+    copy = wire.GroupMessagePayload(group_id, version, bytes.fromhex(hello), now, "carol's copy")
+    text = wire.TextPayload(bytes.fromhex(mine), now, "a text with alice's group message id")
     with hostile(carol.home, "alice") as h:
-        h.deposit(url_of(relay_proc), h.payload_blocks(copy))
-        alice.wait_for(lambda: queued(relay_proc, h) == 0, "alice to take the block", T)
+        h.deposit(url_of(relay_proc), h.payload_blocks(copy) + h.payload_blocks(text))
+        alice.wait_for(lambda: queued(relay_proc, h) == 0, "alice to take the blocks", T)
     got = alice.wait_for(lambda: message(alice, "carol's copy"), "the copy", T)
     original = message(alice, "hello")
-    assert original is not None and original["from"] == key_of(bob)
+    assert original is not None and original["from"] == bob_key
     assert got["from"] == carol_key
     assert original["message_id"] != got["message_id"]
-    assert original["message_id"].endswith(":" + hello)
+    assert original["message_id"] == f"{bob_key}:{hello}"
+    bob.start()
+    alice.wait_for(lambda: message(alice, "mine")["delivery"]["members"]["bob"] == "delivered",  # type: ignore[index]
+                   "bob's delivery receipt", T)  # fmt: skip
