@@ -209,7 +209,7 @@ def _line(m: dict[str, Any], when: Callable[[int], str]) -> str:
     text = body(m["text"])
     if m["direction"] == "out":
         d = m["delivery"]
-        read = f", read by {d['read']}" if d.get("read") else ""
+        read = f", read by {d['read']} of {d['recipients']}" if d.get("read") else ""
         return (f"{when(m['created_at'])}  me: {text}  "
                 f"[delivered to {d['delivered']} of {d['recipients']}{read}]")  # fmt: skip
     who = one_line(m["from_contact"]) if m.get("from_contact") else str(m["from"])[:12]
