@@ -377,7 +377,8 @@ def _group_message_keys(db: Any) -> None:
             sent_at     INTEGER,
             created_at  INTEGER NOT NULL,
             read_at     INTEGER,                -- incoming: when the user read it
-            UNIQUE (group_ref, author, wire_id)
+            -- the key, in this order so that a receipt's lookup (author x'', wire id) uses it
+            UNIQUE (author, wire_id, group_ref)
         );
         CREATE TABLE group_message_status_new (
             seq         INTEGER NOT NULL REFERENCES group_messages_new(seq) ON DELETE CASCADE,
