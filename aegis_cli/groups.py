@@ -173,9 +173,10 @@ def register(main: ModuleType) -> None:
     @click.argument("group_name", metavar="GROUP")
     @click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True,
                   metavar="N", help="Show the last N messages.")  # fmt: skip
-    def group_messages(ctx: Ctx, group_name: str, limit: int) -> None:
+    @click.option("--mark-read", is_flag=True, help="Mark the incoming messages read.")
+    def group_messages(ctx: Ctx, group_name: str, limit: int, mark_read: bool) -> None:
         """Show GROUP's messages, oldest first."""
-        show_messages(ctx, group_name, limit, None, Fail)
+        show_messages(ctx, group_name, limit, None, Fail, mark_read=mark_read)
 
 
 def send(ctx: Ctx, group: str, message: str, fail: type[Exception]) -> None:
@@ -198,11 +199,17 @@ def send_file(ctx: Ctx, group: str, path: str, fail: type[Exception]) -> None:
 
 
 def show_messages(
-    ctx: Ctx, group: str, limit: int, before: int | None, fail: type[Exception]
-) -> None:
-    """`aegis group messages GROUP`, `aegis messages --group GROUP`."""
-    params = {"group": resolve_group(ctx, group, fail), "limit": limit, "before": before}
-    r = ctx.call("group.history", params)
+    ctx: Ctx, group: str, limit: int, before: int | None, fail: type[Exception], *,
+    mark_read: bool = False,
+) -> None:  # fmt: skip
+    """`aegis group messages GROUP`, `aegis messages --group GROUP` (``--mark-read``: the
+    incoming messages up to the newest one shown are marked read; one that came in since is
+    not, as it was not shown)."""
+    ref = resolve_group(ctx, group, fail)
+    r = ctx.call("group.history", {"group": ref, "limit": limit, "before": before})
+    shown_in = [m["message_id"] for m in r["messages"] if m["direction"] == "in"]
+    if mark_read and shown_in:
+        ctx.call("group.read", {"group": ref, "up_to": shown_in[-1]})
     ctx.out(r, "\n".join(_line(m, units.when) for m in r["messages"]) or "no messages yet")
 
 
@@ -210,8 +217,9 @@ def _line(m: dict[str, Any], when: Callable[[int], str]) -> str:
     text = body(m["text"])
     if m["direction"] == "out":
         d = m["delivery"]
+        read = f", read by {d['read']} of {d['recipients']}" if d.get("read") else ""
         return (f"{when(m['created_at'])}  me: {text}  "
-                f"[delivered to {d['delivered']} of {d['recipients']}]")  # fmt: skip
+                f"[delivered to {d['delivered']} of {d['recipients']}{read}]")  # fmt: skip
     who = one_line(m["from_contact"]) if m.get("from_contact") else str(m["from"])[:12]
     saved = f"  (aegis attachment save {m['attachment_id']} DIR)" if m.get("attachment_id") else ""
     return f"{when(m['sent_at'] or m['created_at'])}  {who}: {text}{saved}"

@@ -383,6 +383,12 @@ class Client:
         params = {"group": group, "path": path}
         return cast(GroupFileSent, await self.call("group.send_file", params))
 
+    async def mark_group_read(self, group: int, up_to: str | None = None) -> int:
+        """Mark the group's incoming messages read (up to the message ``up_to``, else all);
+        each author is sent a read receipt unless they are off. Returns how many."""
+        params: dict[str, Any] = {"group": group, "up_to": up_to}
+        return int((await self.call("group.read", params))["marked"])
+
     async def group_history(
         self, group: int, *, limit: int = 50, before: int | None = None
     ) -> GroupHistory:

@@ -92,6 +92,7 @@ async def answer_group(client: Client, ev: Event, prefix: str) -> None:
         if sender == await own_key(client, group):  # never our own
             return
         await client.send_to_group(group, reply_to(text, prefix))
+        await client.mark_group_read(group, str(ev.data.get("message_id")))  # as for texts
     except AegisClientError as exc:
         log(f"could not answer a group message: {type(exc).__name__}")
 

@@ -660,7 +660,6 @@ def _read_groups(r: wire.Reader, n_contacts: int) -> BackupGroups:
         raise DecodeError("group contacts not in increasing order")
     groups: list[BackupGroup] = []
     group_ids: set[bytes] = set()
-    message_ids: set[str] = set()
     for _ in range(_read_count(r, MAX_GROUPS)):
         log = wire.GroupLogRecord.from_bytes(r.varbytes(MAX_GROUP_LOG_BYTES))
         if log.base.group_id in group_ids:
@@ -668,12 +667,15 @@ def _read_groups(r: wire.Reader, n_contacts: int) -> BackupGroups:
         group_ids.add(log.base.group_id)
         created_at = r.u64()
         messages = []
+        # a message is named by its group, its sender and its id (docs/protocol.md §25.9):
+        # two senders may share an id
+        message_ids: set[tuple[bytes | None, str]] = set()
         for _ in range(_read_count(r, MAX_MESSAGES)):
             mid = _str(r, 64)
-            if not mid or mid in message_ids:
-                raise DecodeError("empty or repeated group message id")
-            message_ids.add(mid)
             sender = None if r.flag() else r.take(32)
+            if not mid or (sender, mid) in message_ids:
+                raise DecodeError("empty or repeated group message id")
+            message_ids.add((sender, mid))
             sent_at = r.u64() if r.flag() else None
             created, body = r.u64(), _str(r, MAX_BODY_BYTES, wide=True)
             statuses = []

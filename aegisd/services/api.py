@@ -15,12 +15,11 @@ from aegisd.transport.network import ProxyUrlError, check_proxy_url
 from .address import INVITE_TTL_DEFAULT
 from .contacts import SETTING_NAME
 from .delivery import SETTING_RECEIPT_DELAY, SETTING_SEND_JITTER
-from .groups_state import INTRO_KEY
+from .groups_state import INTRO_KEY, SETTING_READ_RECEIPTS
 from .inbox import clean_name
 from .messenger import (
     E_NOT_FOUND,
     SETTING_ADDRESS,
-    SETTING_READ_RECEIPTS,
     Messenger,
 )
 

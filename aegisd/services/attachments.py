@@ -518,9 +518,10 @@ class Attachments:
         self.take_descriptor(c, p)
         m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED, [p.message_id])
 
-    def acceptable(self, p: wire.AttachmentPayload) -> bool:
-        """A descriptor that may be taken: a new id, a relay URL the policy allows."""
-        aid = p.message_id.hex()
+    def acceptable(self, p: wire.AttachmentPayload, aid: str | None = None) -> bool:
+        """A descriptor that may be taken: a new id (``aid``, by default the message id in
+        hex), a relay URL the policy allows."""
+        aid = p.message_id.hex() if aid is None else aid
         if db.get(self.store, aid) is not None:
             return False
         if not self.m.mailboxes.peer_url_ok(p.relay_url):
@@ -528,11 +529,14 @@ class Attachments:
             return False
         return True
 
-    def take_descriptor(self, c: Contact, p: wire.AttachmentPayload) -> None:
+    def take_descriptor(self, c: Contact, p: wire.AttachmentPayload,
+                        aid: str | None = None) -> None:  # fmt: skip
         """A descriptor's attachment row, events and download (the caller stored its
-        message: in the contact's or a group's history); inside the receive transaction."""
+        message: in the contact's or a group's history); inside the receive transaction.
+        ``aid``: the attachment's id (by default the message id in hex; a group's file takes
+        its group message's API id, which names the author too)."""
         m = self.m
-        aid = p.message_id.hex()
+        aid = p.message_id.hex() if aid is None else aid
         name = clean_file_name(p.name)
         now = _ms()
         # Our own limit applies to what we fetch too: above it the file waits, failed, until

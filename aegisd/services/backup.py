@@ -36,6 +36,7 @@ from aegisd.rpc import errors as E
 from aegisd.rpc.methods import Handler
 from aegisd.store import groups as G
 from aegisd.store.db import Store
+from aegisd.store.schema import wire_id_of
 from aegisd.transport.network import ProxyUrlError, check_proxy_url
 
 from .contacts import SETTING_NAME
@@ -403,19 +404,20 @@ def _groups_out(store: Store, index: dict[int, int]) -> fmt.BackupGroups:
     place: dict[int, int] = {}  # group ref -> its place in the backup
     for row in G.list_groups(store):
         messages = []
-        for mid, sender, direction, body, sent_at, created in store._q(
-            "SELECT id, sender_key, direction, body, sent_at, created_at FROM group_messages "
-            "WHERE group_ref = ? ORDER BY seq",
+        for seq, author, wire_id, direction, body, sent_at, created in store._q(
+            "SELECT seq, author, wire_id, direction, body, sent_at, created_at "
+            "FROM group_messages WHERE group_ref = ? ORDER BY seq",
             (row.id,),
         ).fetchall():
+            sender = bytes(author) or None
             if (direction == "in") != (sender is not None):
                 continue  # not a row the service writes
             statuses = tuple(
-                sorted((index[cid], st) for cid, st in G.statuses(store, mid).items()
-                       if cid in index)
+                sorted((index[cid], st) for cid, st in G.statuses(store, seq).items()
+                       if cid in index and st in fmt.GROUP_STATUSES)
             ) if sender is None else ()  # fmt: skip
             messages.append(
-                fmt.BackupGroupMessage(mid, None if sender is None else bytes(sender), body,
+                fmt.BackupGroupMessage(_backup_message_id(bytes(wire_id)), sender, body,
                                        sent_at, created, statuses)
             )  # fmt: skip
         place[row.id] = len(groups)
@@ -455,14 +457,16 @@ def _groups_in(
         store._q("UPDATE groups SET created_at = ? WHERE id = ?", (bg.created_at, ref))
         refs.append(ref)
         for msg in bg.messages:
-            store._q(
-                "INSERT INTO group_messages (id, group_ref, sender_key, direction, body, "
-                "sent_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (msg.message_id, ref, msg.sender_key, "out" if msg.sender_key is None else "in",
-                 msg.body, msg.sent_at, msg.created_at),
+            # incoming: read (a restored history is not news, and sends no read receipts)
+            seq = G.add_message(
+                store, ref, wire_id_of(msg.message_id), "out" if msg.sender_key is None else "in",
+                msg.body, sender_key=msg.sender_key, sent_at=msg.sent_at,
+                created_at=msg.created_at,
+                read_at=None if msg.sender_key is None else msg.created_at,
             )  # fmt: skip
+            assert seq is not None  # the parser refuses a repeated (sender, id) in a group
             for contact, status in msg.statuses:
-                G.set_statuses(store, msg.message_id, [cids[contact]], status)
+                G.set_statuses(store, seq, [cids[contact]], status)
     for inv in backup.invitations:
         store._q(
             "INSERT INTO group_invitations (contact_id, payload, created_at) VALUES (?, ?, ?)",
@@ -475,6 +479,12 @@ def _groups_in(
         base = logs[s.group].base.version
         G.add_sent_invite(store, s.invite_id, refs[s.group], cids[s.contact], s.version,
                           base, ())
+
+
+def _backup_message_id(wire_id: bytes) -> str:
+    """The file's message ID (short(64) text, docs/backup.md): the wire id in hex, as it
+    always was; an id restored from text that was not hex, that text again."""
+    return wire_id.hex() if len(wire_id) == wire.MESSAGE_ID_LEN else wire_id.decode()
 
 
 def _read_limited(path: Path) -> bytes:

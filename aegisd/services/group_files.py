@@ -88,15 +88,18 @@ class GroupFiles(GroupBase):
                     if r.contact.id not in copies:  # reachable only since: counted, not sent
                         skipped[r.contact.id] = "unreachable"
                 sent = [r for r in recipients if r.contact.id in copies]
-                mid = self.m.entropy.random(wire.MESSAGE_ID_LEN).hex()
+                wire_id = self.m.entropy.random(wire.MESSAGE_ID_LEN)
+                mid = G.api_id(b"", wire_id)
                 name = clean_file_name(p.name)
                 now = now_ms()
                 with self.m.store.transaction():
-                    G.add_message(self.m.store, ref, mid, "out", f"[file] {name}", sent_at=now)
-                    G.set_statuses(self.m.store, mid, [r.contact.id for r in sent], "queued")
+                    seq = G.add_message(self.m.store, ref, wire_id, "out", f"[file] {name}",
+                                        sent_at=now)  # fmt: skip
+                    assert seq is not None  # 16 random bytes of ours
+                    G.set_statuses(self.m.store, seq, [r.contact.id for r in sent], "queued")
                     for cid, status in skipped.items():
-                        G.set_statuses(self.m.store, mid, [cid], status)
-                    G.add_unsent(self.m.store, mid, strangers)
+                        G.set_statuses(self.m.store, seq, [cid], status)
+                    G.add_unsent(self.m.store, seq, strangers)
                     for r in sent:
                         copy = copies[r.contact.id]
                         A.add(self.m.store, copy.row(r.contact.id, relay_url, now))
@@ -123,6 +126,7 @@ class GroupFiles(GroupBase):
         unsent = False
         async with self.m.lock:
             ref, mid = int(meta["group"]), str(meta["message"])
+            seq = G.find_message(self.m.store, ref, mid)
             c = self.m.store.get_contact(row.contact_id)
             blob = self.m.store.get_session(row.contact_id)
             head = None
@@ -134,24 +138,24 @@ class GroupFiles(GroupBase):
             with self.m.store.transaction():
                 self.m.store.set_setting(key, None)
                 if (head is None or c is None or blob is None or member is None
-                        or c.blocked or not G.has_message(self.m.store, mid)):  # fmt: skip
+                        or c.blocked or seq is None):  # fmt: skip
                     A.set_state(self.m.store, row.id, "failed", "not sent: the member left "
                                 "the group or is blocked, or the group or its message is gone")
-                    if c is not None and G.has_message(self.m.store, mid):
+                    if c is not None and seq is not None:
                         status = "blocked" if c.blocked else "unreachable"
-                        G.set_statuses(self.m.store, mid, [c.id], status)
+                        G.set_statuses(self.m.store, seq, [c.id], status)
                     droplog.dropped("a group file copy not sent (its member is gone)")
                     unsent = True
                 else:
-                    self._announce(row, ref, mid, c, blob, head)
+                    self._announce(row, ref, seq, mid, c, blob, head)
         if unsent:  # its blobs never named to anyone: they go now
             await self.m.attachments.delete_blobs(row)
         else:
             self.m.delivery.wake()
         return True
 
-    def _announce(self, row: AttachmentRow, ref: int, mid: str, c: Contact, blob: bytes,
-                  head: core.GroupState) -> None:  # fmt: skip
+    def _announce(self, row: AttachmentRow, ref: int, seq: int, mid: str, c: Contact,
+                  blob: bytes, head: core.GroupState) -> None:  # fmt: skip
         """The copy's descriptor to its member (inside the transaction)."""
         descriptor = wire.AttachmentPayload(
             bytes.fromhex(mid), row.sent_at or now_ms(), row.seed, row.size, row.blocks,
@@ -163,7 +167,7 @@ class GroupFiles(GroupBase):
                                     delay=self.m.delivery.send_jitter())  # fmt: skip
         except AppError as exc:  # the member cannot be reached (its session failed)
             A.set_state(self.m.store, row.id, "failed", exc.message)
-            G.set_statuses(self.m.store, mid, [c.id], "failed")
+            G.set_statuses(self.m.store, seq, [c.id], "failed")
             return
         A.set_state(self.m.store, row.id, "uploaded")
         self.m.ctx.events.emit("attachment.completed", {
@@ -179,9 +183,9 @@ class GroupFiles(GroupBase):
         if meta is None:
             return
         self.m.store.set_setting(key, None)
-        mid = str(meta["message"])
-        if G.statuses(self.m.store, mid).get(row.contact_id) == "queued":
-            G.set_statuses(self.m.store, mid, [row.contact_id], "failed")
+        seq = G.find_message(self.m.store, int(meta["group"]), str(meta["message"]))
+        if seq is not None and G.statuses(self.m.store, seq).get(row.contact_id) == "queued":
+            G.set_statuses(self.m.store, seq, [row.contact_id], "failed")
 
     # --- receiving (groups_inbound.py decided the sender may post) -------------------------
 
@@ -191,18 +195,21 @@ class GroupFiles(GroupBase):
         ``[file] NAME``, the attachment downloads as one from a contact would (the same
         limits: size, relay URL policy, downloads per contact)."""
         files = self.m.attachments
-        mid = p.file.message_id.hex()
-        if G.has_message(self.m.store, mid) or not files.acceptable(p.file):
+        # Named by (group, author, id) like a text (§25.9): another member's copy of the id
+        # names another file, and cannot suppress this one.
+        mid = G.api_id(sender.ed_pub, p.file.message_id)
+        if not files.acceptable(p.file, mid):
             return
         name = clean_file_name(p.file.name)
         text = f"[file] {name}"
-        G.add_message(self.m.store, ref, mid, "in", text, sender_key=sender.ed_pub,
-                      sent_at=p.file.sent_at_ms)  # fmt: skip
+        if G.add_message(self.m.store, ref, p.file.message_id, "in", text,
+                         sender_key=sender.ed_pub, sent_at=p.file.sent_at_ms) is None:
+            return  # this author's duplicate
         hidden = c.id in G.group_contact_ids(self.m.store)
         self.m.ctx.events.emit("group.message", {
             "group": ref, "message_id": mid, "from": sender.ed_pub.hex(),
             "from_contact": None if hidden else c.name, "text": text,
             "sent_at": p.file.sent_at_ms, "attachment_id": mid})  # fmt: skip
-        files.take_descriptor(c, p.file)
+        files.take_descriptor(c, p.file, mid)
         self.m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED,
                                       [p.file.message_id])  # fmt: skip

@@ -38,9 +38,11 @@ from .groups_state import (
     INTRO_KEY,
     INTRO_TTL,
     INVITATION_MAX_AGE_MS,
+    JOINING_KEY,
     MAX_INTRODUCTIONS,
     ROLE_NAMES,
     ROLES,
+    SETTING_READ_RECEIPTS,
     GroupBase,
     GroupsHost,
     departed_keys,
@@ -193,6 +195,7 @@ class Groups(GroupBase):
             async with self.m.lock:
                 with self.m.store.transaction():
                     G.delete_group(self.m.store, ref)
+                    self.m.store.set_setting(f"{JOINING_KEY}{ref}", None)
                     self.m.ctx.events.emit("group.changed", {"group": ref, "change": "deleted"})
                 self._prune_contacts(m.key for m in log.head.members)
             return {"group": ref, "deleted": True}
@@ -240,12 +243,20 @@ class Groups(GroupBase):
         return out
 
     async def decline(self, invitation: int) -> dict[str, Any]:
+        """Always possible for a stored invitation, even one the rules refuse now (it must
+        not stay for want of passing a check): it is dropped, and the inviter told if still
+        a reachable contact."""
         async with self.m.lock:
-            row, p, c, _ = self._invitation(invitation)
+            row = G.get_invitation(self.m.store, invitation)
+            if row is None:
+                raise E.not_found("invitation")
+            p = wire.decode_payload(row.payload)  # stored as decoded on arrival
+            c = self.m.store.get_contact(row.contact_id)  # the row goes with its contact
+            assert isinstance(p, wire.GroupInvitePayload) and c is not None
             blob = self.m.store.get_session(c.id)
             with self.m.store.transaction():
                 G.delete_invitation(self.m.store, row.id)
-                if blob is not None and not c.blocked:
+                if blob is not None and not c.blocked and sendable(c):
                     answer = wire.GroupAnswerPayload(p.invite_id, p.base.state.group_id, False)
                     self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], answer)
         self.m.delivery.wake()
@@ -313,6 +324,10 @@ class Groups(GroupBase):
                     G.delete_invitation(self.m.store, row.id)
                     ref = G.add_group(self.m.store, log.head.group_id, log.record().to_bytes(),
                                       member_rows(log.head))  # fmt: skip
+                    # until the add arrives: the inviter may yet refuse (§25.7 step 3)
+                    self.m.store.set_setting(f"{JOINING_KEY}{ref}", {
+                        "invite": p.invite_id.hex(), "contact": c.id,
+                        "links": [inv for inv, _ in made]})  # fmt: skip
                     self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], answer)
                     self.m.ctx.events.emit("group.changed", {"group": ref, "change": "joined"})
             done = True
@@ -336,14 +351,15 @@ class Groups(GroupBase):
                 raise refused(NotAMember("you are not a member of this group"))
             recipients, skipped, strangers = self._targets(head)
             wire_id = self.m.entropy.random(wire.MESSAGE_ID_LEN)
-            mid = wire_id.hex()
+            mid = G.api_id(b"", wire_id)
             payload = wire.GroupMessagePayload(head.group_id, head.version, wire_id, now_ms(), text)
             with self.m.store.transaction():
-                G.add_message(self.m.store, ref, mid, "out", text)
-                G.set_statuses(self.m.store, mid, [r.contact.id for r in recipients], "queued")
+                seq = G.add_message(self.m.store, ref, wire_id, "out", text)
+                assert seq is not None  # 16 random bytes of ours
+                G.set_statuses(self.m.store, seq, [r.contact.id for r in recipients], "queued")
                 for cid, status in skipped.items():  # counted in "N of M", never sent
-                    G.set_statuses(self.m.store, mid, [cid], status)
-                G.add_unsent(self.m.store, mid, strangers)
+                    G.set_statuses(self.m.store, seq, [cid], status)
+                G.add_unsent(self.m.store, seq, strangers)
                 if recipients:  # the delivery layer is the fan-out: one call for all
                     self.m.delivery.enqueue(
                         recipients, payload, delay=self.m.delivery.send_jitter()
@@ -354,6 +370,37 @@ class Groups(GroupBase):
 
     async def send_file(self, ref: int, path: str) -> dict[str, Any]:
         return await self.files.send(ref, path)
+
+    async def read(self, ref: int, up_to: str | None) -> dict[str, Any]:
+        """Mark the group's incoming messages read, up to the message ``up_to`` (all: None),
+        and send each author a read receipt for its own messages only (not every member),
+        unless read receipts are off or the author is blocked, removed or unreachable."""
+        async with self.m.lock:
+            _, log = self._load(ref)
+            last = None
+            if up_to is not None:
+                last = G.find_message(self.m.store, ref, up_to)
+                if last is None:
+                    raise E.not_found("message")
+            incoming = G.unread(self.m.store, ref, last)
+            if not incoming:
+                return {"marked": 0}
+            by_author: dict[bytes, list[bytes]] = {}
+            for msg in incoming:
+                by_author.setdefault(msg.sender_key or b"", []).append(msg.wire_id)
+            with self.m.store.transaction():
+                G.set_read(self.m.store, [msg.seq for msg in incoming])
+                if self.m.store.get_setting(SETTING_READ_RECEIPTS, True):
+                    for author, ids in by_author.items():
+                        member = log.head.member(author)  # a removed one gets nothing more
+                        c = self._contact_of(member) if member is not None else None
+                        blob = self.m.store.get_session(c.id) if c is not None else None
+                        if c is not None and blob is not None and sendable(c) and not c.blocked:
+                            # the existing receipt path: with cover on it rides the slot
+                            self.m.delivery.queue_receipt(Recipient(c, Session.from_bytes(blob)),
+                                                          wire.RECEIPT_READ, ids)  # fmt: skip
+        self.m.delivery.wake()
+        return {"marked": len(incoming)}
 
     def history(self, ref: int, before: int | None, limit: int) -> dict[str, Any]:
         _, log = self._load(ref)
@@ -371,14 +418,15 @@ class Groups(GroupBase):
                 c = names.get(msg.sender_key or b"")
                 item["from"] = (msg.sender_key or b"").hex()
                 item["from_contact"] = c.name if c is not None else None
+                item["read"] = msg.read
             else:
-                item["delivery"] = self._aggregate(msg.id)
+                item["delivery"] = self._aggregate(msg.seq)
             out.append(item)
         return {"messages": out, "next_before": page[0].seq if len(page) == limit else None}
 
-    def _aggregate(self, mid: str) -> dict[str, Any]:
-        """Per member, from the receipts: "delivered to 4 of 5"."""
-        st = G.statuses(self.m.store, mid)
+    def _aggregate(self, seq: int) -> dict[str, Any]:
+        """Per member, from the receipts: "delivered to 4 of 5", "read by 2 of 5"."""
+        st = G.statuses(self.m.store, seq)
         names = {}
         for cid in st:
             c = self.m.store.get_contact(cid)
@@ -386,7 +434,9 @@ class Groups(GroupBase):
             if st[cid] == "queued" and c is not None and session_failed(c):
                 st[cid] = "failed"  # its session failed: what waits for it will not arrive
         members = {names[cid]: s for cid, s in st.items()}
-        members.update({key.hex(): "unreachable" for key in G.unsent(self.m.store, mid)})
+        members.update({key.hex(): "unreachable" for key in G.unsent(self.m.store, seq)})
         delivered = sum(1 for s in st.values() if s in ("delivered", "read"))
+        read = sum(1 for s in st.values() if s == "read")
         # every other member at send, reached or not ("delivered to 3 of 5")
-        return {"recipients": len(members), "delivered": delivered, "members": members}
+        return {"recipients": len(members), "delivered": delivered, "read": read,
+                "members": members}  # fmt: skip

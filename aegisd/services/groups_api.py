@@ -71,6 +71,10 @@ def register(registry: Registry, m: Messenger) -> None:
     async def group_send_file(ctx: CallContext, group: int, path: str) -> dict[str, Any]:
         return await g.send_file(group, path)
 
+    @registry.method("group.read", unlocked=True)
+    async def group_read(ctx: CallContext, group: int, up_to: str | None = None) -> dict[str, Any]:
+        return await g.read(group, up_to)
+
     @registry.method("group.history", unlocked=True)
     async def group_history(
         ctx: CallContext, group: int, before: int | None = None, limit: int = 50

@@ -6,6 +6,8 @@ delivery layer and the inbox's ``clean_name`` (none imports it back)."""
 
 from __future__ import annotations
 
+import contextlib
+
 from aegisd import droplog
 from aegisd.core import group as core
 from aegisd.core import wire
@@ -24,6 +26,7 @@ from .groups_state import (
     INTRO_KEY,
     INTRO_TRIES,
     INVITATION_MAX_AGE_MS,
+    JOINING_KEY,
     MAX_HELD_PER_GROUP,
     MAX_HELD_PER_SENDER,
     MAX_INVITATIONS_PER_CONTACT,
@@ -47,11 +50,11 @@ class GroupInbound(GroupBase):
         self._opening: set[int] = set()  # pending introductions being tried now
 
     def on_receipt(self, c: Contact, message_id: bytes, status: str) -> None:
-        mid = message_id.hex()
-        if status != "delivered":  # group messages have delivery receipts only
-            return
-        if G.has_message(self.m.store, mid) and G.advance_status(self.m.store, mid, c.id, status):
-            self.m.ctx.events.emit("group.receipt", {"message_id": mid, "status": status})
+        """A delivery or read receipt: matched to our own message with this id that was sent
+        to this member (the session names the member; we drew the id, so it is ours alone)."""
+        own = G.own_message_to(self.m.store, message_id, c.id)
+        if own is not None and G.advance_status(self.m.store, own[0], c.id, status):
+            self.m.ctx.events.emit("group.receipt", {"message_id": own[1], "status": status})
 
     def on_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None:
         assert c.identity_key is not None
@@ -91,7 +94,10 @@ class GroupInbound(GroupBase):
     def _on_answer(self, c: Contact, sender: PublicIdentity, p: wire.GroupAnswerPayload) -> None:
         sent = G.take_sent_invite(self.m.store, p.invite_id, c.id)
         if sent is None:
-            droplog.dropped("dropped a group answer to no invitation")
+            if not p.accepted:
+                self._on_refusal(c, p)  # our inviter can no longer add us, maybe
+            else:
+                droplog.dropped("dropped a group answer to no invitation")
             return
         ref = sent.group_ref
         _, log = self._load(ref)
@@ -101,20 +107,32 @@ class GroupInbound(GroupBase):
             self.m.ctx.events.emit("group.changed", {"group": ref, "change": "declined",
                                                      "contact": c.name})  # fmt: skip
             return
+        if log.head.member(sender.ed_pub) is not None:
+            return  # added meanwhile (another admin's invitation): nothing to do
         if log.base.version != sent.base_version:
             # the invited base is final no more at our end: the invitee's log could not
             # take the changes since (they apply to versions it holds final); invite again
             droplog.dropped("dropped a group answer to a stale invitation")
             self.m.ctx.events.emit("group.changed", {"group": ref, "change": "invitation_stale",
                                                      "contact": c.name})  # fmt: skip
+            self._refuse(c, p)
             return
         offers = core.introduction_offers(log.head, p, sender)
         # every change of the chain the invitation did not carry, whatever its parent (a
         # concurrent change that won on an older parent too), before the add (§25.7 step 3)
         missed = missed_changes(log, sent.chain)
         parent = log.head
-        change = core.add_member(self.m.identity(), parent, sender)
-        log.receive(change)
+        try:
+            change = core.add_member(self.m.identity(), parent, sender)
+            log.receive(change)
+        except GroupError as exc:
+            # we may no longer add (demoted or removed since we invited, or the group is
+            # full): the invitee must not wait for an add that will not come
+            droplog.dropped(f"refused a group answer: {type(exc).__name__}")
+            self.m.ctx.events.emit("group.changed", {
+                "group": ref, "change": "invitation_refused", "contact": c.name})  # fmt: skip
+            self._refuse(c, p)
+            return
         self._save(ref, log)
         if missed:
             blob = self.m.store.get_session(c.id)
@@ -132,6 +150,40 @@ class GroupInbound(GroupBase):
                 self.m.delivery.enqueue([Recipient(mc, Session.from_bytes(blob))], intro)
         self.m.ctx.events.emit("group.changed", {"group": ref, "change": "add"})
 
+    def _refuse(self, c: Contact, p: wire.GroupAnswerPayload) -> None:
+        """Our refusal of an accepting answer: a group answer of ours with the invitation's
+        ID and accepted = 0 (§25.7 step 3)."""
+        blob = self.m.store.get_session(c.id)
+        if blob is not None:  # the answer just came through it
+            refusal = wire.GroupAnswerPayload(p.invite_id, p.group_id, False)
+            self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], refusal)
+
+    def _on_refusal(self, c: Contact, p: wire.GroupAnswerPayload) -> None:
+        """The inviter refused our accept: unless we are a member by now, the group we kept
+        goes, with the introduction links we made for it."""
+        row = G.group_by_id(self.m.store, p.group_id)
+        key = f"{JOINING_KEY}{row.id}" if row is not None else ""
+        joining = self.m.store.get_setting(key) if row is not None else None
+        if (row is None or joining is None or joining["invite"] != p.invite_id.hex()
+                or joining["contact"] != c.id):
+            droplog.dropped("dropped a group answer to no invitation")
+            return
+        self.m.store.set_setting(key, None)
+        _, log = self._load(row.id)
+        if log.head.role_of(self._me()):
+            return  # a member already (another admin added us): nothing to undo
+        for inv in joining["links"]:
+            self.m.store.set_setting(f"{INTRO_KEY}{inv}", None)
+            self.m._spawn(self._revoke(inv))
+        G.delete_group(self.m.store, row.id)
+        self.m.ctx.events.emit("group.changed", {"group": row.id, "change": "invitation_refused",
+                                                 "contact": c.name})  # fmt: skip
+        self._prune_contacts(m.key for m in log.head.members)
+
+    async def _revoke(self, invitation: str) -> None:
+        with contextlib.suppress(AppError, OSError):
+            await self.m.address.revoke_invitation(invitation)
+
     def _on_change(self, change: wire.GroupChangeRecord) -> None:
         row = G.group_by_id(self.m.store, change.group_id)
         if row is None:
@@ -145,6 +197,8 @@ class GroupInbound(GroupBase):
             self.m.ctx.events.emit("group.changed", {"group": row.id, "change": "undone",
                                                      "count": len(received.undone)})  # fmt: skip
         if received.outcome is core.Outcome.APPLIED:
+            if log.head.role_of(self._me()) and not before.role_of(self._me()):
+                self.m.store.set_setting(f"{JOINING_KEY}{row.id}", None)  # our add: joined
             self.m.ctx.events.emit("group.changed", {"group": row.id, "change": op_name(change.op)})
             self._release_held(row.id, log.head, log.departed())
         self._prune_contacts(departed_keys(before, log.head, self._me()))
@@ -172,11 +226,11 @@ class GroupInbound(GroupBase):
         if isinstance(p, wire.GroupFilePayload):
             self.files.deliver(row.id, c, session, sender, p)
             return
-        mid = p.message_id.hex()
-        if G.has_message(self.m.store, mid):
-            return
-        G.add_message(self.m.store, row.id, mid, "in", p.text, sender_key=sender.ed_pub,
-                      sent_at=p.sent_at_ms)  # fmt: skip
+        # one message per (group, author, id): another member's use of the id is its own
+        if G.add_message(self.m.store, row.id, p.message_id, "in", p.text,
+                         sender_key=sender.ed_pub, sent_at=p.sent_at_ms) is None:
+            return  # this author's duplicate: never shown twice
+        mid = G.api_id(sender.ed_pub, p.message_id)
         hidden = c.id in G.group_contact_ids(self.m.store)
         self.m.ctx.events.emit("group.message", {
             "group": row.id, "message_id": mid, "from": sender.ed_pub.hex(),

@@ -60,7 +60,12 @@ DEPARTED_KEY = "group.departed."  # setting per group contact: since when it sha
 #: to leave; polled); past that the maintenance loop's sweep takes over.
 PRUNE_WAIT = 600.0
 PRUNE_POLL = 0.5
+#: One setting for texts and group messages (the messenger's too): off, no read receipts.
+SETTING_READ_RECEIPTS = "privacy.read_receipts"
 INTRO_KEY = "group.intro."  # setting per introduction invitation: the member it is for
+#: Setting per group we accepted and are not a member of yet: the invitation's ID, the
+#: inviter and our introduction links, so that the inviter's refusal can undo the accept.
+JOINING_KEY = "group.joining."
 ROLE_NAMES = {wire.ROLE_MEMBER: "member", wire.ROLE_ADMIN: "admin", wire.ROLE_OWNER: "owner"}
 ROLES = {v: k for k, v in ROLE_NAMES.items()}
 

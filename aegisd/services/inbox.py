@@ -476,10 +476,10 @@ class Inbox:
             status = "delivered" if payload.kind == wire.RECEIPT_DELIVERED else "read"
             for raw in payload.message_ids:
                 m = self.m.store.get_message(raw.hex())
-                if m is None:
-                    self.m.groups.on_receipt(c, raw, status)  # a group message's, maybe
-                    continue
-                if m.contact_id != c.id or m.direction != "out":
+                if m is None or m.contact_id != c.id or m.direction != "out":
+                    # a group message's, maybe (a text of another's with this id, which a
+                    # member can copy from a group message of ours, must not hide it)
+                    self.m.groups.on_receipt(c, raw, status)
                     continue
                 if self.m.store.set_message_status(m.id, status):
                     self.m.ctx.events.emit(

@@ -44,6 +44,7 @@ from .attachments import Attachments
 from .contacts import Contacts
 from .delivery import Delivery, DeliveryHooks, Recipient
 from .groups import Groups
+from .groups_state import SETTING_READ_RECEIPTS
 from .inbox import STALE_FRAGMENTS_MS, CallsView, Inbox
 from .mailbox import ContactState
 from .mailbox_loss import SETTING_LAST_REACHED, MailboxLoss
@@ -56,7 +57,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("aegisd.messenger")
 
 SETTING_ADDRESS = "profile.address"
-SETTING_READ_RECEIPTS = "privacy.read_receipts"
 
 MAINTENANCE_INTERVAL = 3600.0
 SETTING_EVENT_RETENTION = "events.retention_days"

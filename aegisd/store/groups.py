@@ -8,11 +8,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from .db import Store
 
-#: Per member, outgoing: queued -> delivered (a status never moves back); or, from the send
-#: on, unreachable (no session) or blocked: not sent to that member.
+#: Per member, outgoing: queued -> delivered -> read (a status never moves back); or, from
+#: the send on, unreachable (no session) or blocked: not sent to that member.
 _RANK = {"queued": 0, "unreachable": 0, "blocked": 0, "delivered": 1, "read": 2}
 
 
@@ -46,12 +47,14 @@ class HeldRow:
 @dataclass(frozen=True)
 class GroupMessageRow:
     seq: int
-    id: str
-    sender_key: bytes | None
+    id: str  # the API's (api_id)
+    sender_key: bytes | None  # None: our own
+    wire_id: bytes
     direction: str
     body: str
     sent_at: int | None
     created_at: int
+    read: bool  # incoming: read by the user (group.read)
 
 
 def _group(row: tuple[object, ...]) -> GroupRow:
@@ -304,80 +307,140 @@ def drop_pending_intro(store: Store, intro_id: int) -> None:
 
 
 # --- history ----------------------------------------------------------------------------------
+# A group message is named by (group, author, wire id): the wire id is the author's choice, so
+# two authors may use one (a hostile member may copy another's on purpose). ``seq`` is its
+# local key; the API's id is ``api_id``'s.
+
+
+def api_id(author: bytes, wire_id: bytes) -> str:
+    """The id the API shows: our own message's wire id in hex (32 digits, as for a text);
+    an incoming one's author key and wire id in hex, joined by ':' (97 characters)."""
+    return wire_id.hex() if not author else f"{author.hex()}:{wire_id.hex()}"
+
+
+def parse_api_id(message_id: str) -> tuple[bytes, bytes] | None:
+    """(author, wire id) from ``api_id``'s form, None if it is not one."""
+    author, _, wire_hex = message_id.rpartition(":")
+    try:
+        return bytes.fromhex(author), bytes.fromhex(wire_hex)
+    except ValueError:
+        return None
 
 
 def add_message(
-    store: Store, ref: int, mid: str, direction: str, body: str, *,
-    sender_key: bytes | None = None, sent_at: int | None = None,
-) -> None:  # fmt: skip
-    store._q(
-        "INSERT INTO group_messages (id, group_ref, sender_key, direction, body, sent_at, "
-        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (mid, ref, sender_key, direction, body, sent_at, _ms()),
-    )
+    store: Store, ref: int, wire_id: bytes, direction: str, body: str, *,
+    sender_key: bytes | None = None, sent_at: int | None = None, read_at: int | None = None,
+    created_at: int | None = None,
+) -> int | None:  # fmt: skip
+    """The message's ``seq``; None if this author's message with this id is here already."""
+    cur = store._q(
+        "INSERT OR IGNORE INTO group_messages (group_ref, author, wire_id, direction, body, "
+        "sent_at, created_at, read_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (ref, sender_key or b"", wire_id, direction, body, sent_at,
+         _ms() if created_at is None else created_at, read_at),
+    )  # fmt: skip
+    return int(cur.lastrowid) if cur.rowcount else None
 
 
-def has_message(store: Store, mid: str) -> bool:
-    return store._q("SELECT 1 FROM group_messages WHERE id = ?", (mid,)).fetchone() is not None
+def find_message(store: Store, ref: int, message_id: str) -> int | None:
+    """The ``seq`` of the group's message with this API id."""
+    key = parse_api_id(message_id)
+    if key is None:
+        return None
+    row = store._q(
+        "SELECT seq FROM group_messages WHERE group_ref = ? AND author = ? AND wire_id = ?",
+        (ref, *key),
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def own_message_to(store: Store, wire_id: bytes, contact_id: int) -> tuple[int, str] | None:
+    """Our own message with this wire id that was counted for this contact (a receipt's
+    match: we drew the id, and the receipt came through the contact's session), as its
+    ``seq`` and API id."""
+    row = store._q(
+        "SELECT m.seq FROM group_messages m JOIN group_message_status s ON s.seq = m.seq "
+        "WHERE m.author = x'' AND m.wire_id = ? AND s.contact_id = ?",
+        (wire_id, contact_id),
+    ).fetchone()
+    return None if row is None else (int(row[0]), wire_id.hex())
 
 
 def history(store: Store, ref: int, *, before_seq: int | None, limit: int) -> list[GroupMessageRow]:
     rows = store._q(
-        "SELECT seq, id, sender_key, direction, body, sent_at, created_at FROM group_messages "
-        "WHERE group_ref = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+        "SELECT seq, author, wire_id, direction, body, sent_at, created_at, read_at "
+        "FROM group_messages WHERE group_ref = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
         (ref, before_seq if before_seq is not None else 2**62, limit),
     ).fetchall()
-    return [
-        GroupMessageRow(int(r[0]), r[1], None if r[2] is None else bytes(r[2]), r[3], r[4], r[5],
-                        int(r[6]))
-        for r in reversed(rows)
-    ]  # fmt: skip
+    return [_message(r) for r in reversed(rows)]
 
 
-def set_statuses(store: Store, mid: str, contact_ids: Iterable[int], status: str) -> None:
+def _message(r: Any) -> GroupMessageRow:
+    seq, author, wire_id, direction, body, sent_at, created_at, read_at = r
+    author, wire_id = bytes(author), bytes(wire_id)
+    return GroupMessageRow(int(seq), api_id(author, wire_id), author or None, wire_id,
+                           direction, body, sent_at, int(created_at), read_at is not None)
+
+
+def unread(store: Store, ref: int, up_to_seq: int | None = None) -> list[GroupMessageRow]:
+    """The group's incoming messages not read yet, up to ``up_to_seq`` (all: None)."""
+    rows = store._q(
+        "SELECT seq, author, wire_id, direction, body, sent_at, created_at, read_at "
+        "FROM group_messages WHERE group_ref = ? AND direction = 'in' AND read_at IS NULL "
+        "AND seq <= ? ORDER BY seq",
+        (ref, up_to_seq if up_to_seq is not None else 2**62),
+    ).fetchall()
+    return [_message(r) for r in rows]
+
+
+def set_read(store: Store, seqs: Iterable[int]) -> None:
+    now = _ms()
+    for seq in seqs:
+        store._q("UPDATE group_messages SET read_at = ? WHERE seq = ?", (now, seq))
+
+
+def set_statuses(store: Store, seq: int, contact_ids: Iterable[int], status: str) -> None:
     now = _ms()
     for cid in contact_ids:
         store._q(
-            "INSERT OR REPLACE INTO group_message_status (message_id, contact_id, status, "
-            "status_at) VALUES (?, ?, ?, ?)",
-            (mid, cid, status, now),
+            "INSERT OR REPLACE INTO group_message_status (seq, contact_id, status, status_at) "
+            "VALUES (?, ?, ?, ?)",
+            (seq, cid, status, now),
         )
 
 
-def advance_status(store: Store, mid: str, contact_id: int, status: str) -> bool:
+def advance_status(store: Store, seq: int, contact_id: int, status: str) -> bool:
     """A receipt from one member: its status moves forward only. False if unknown or not."""
     row = store._q(
-        "SELECT status FROM group_message_status WHERE message_id = ? AND contact_id = ?",
-        (mid, contact_id),
+        "SELECT status FROM group_message_status WHERE seq = ? AND contact_id = ?",
+        (seq, contact_id),
     ).fetchone()
-    if row is None or _RANK[status] <= _RANK.get(row[0], 0):
-        return False
+    if row is None or row[0] not in ("queued", "delivered") or _RANK[status] <= _RANK[row[0]]:
+        return False  # never sent to that member (unreachable, blocked): no receipt counts
     store._q(
-        "UPDATE group_message_status SET status = ?, status_at = ? WHERE message_id = ? "
+        "UPDATE group_message_status SET status = ?, status_at = ? WHERE seq = ? "
         "AND contact_id = ?",
-        (status, _ms(), mid, contact_id),
+        (status, _ms(), seq, contact_id),
     )
     return True
 
 
-def add_unsent(store: Store, mid: str, member_keys: Iterable[bytes]) -> None:
+def add_unsent(store: Store, seq: int, member_keys: Iterable[bytes]) -> None:
     for key in member_keys:
         store._q(
-            "INSERT OR IGNORE INTO group_message_unsent (message_id, member_key) VALUES (?, ?)",
-            (mid, key),
+            "INSERT OR IGNORE INTO group_message_unsent (seq, member_key) VALUES (?, ?)",
+            (seq, key),
         )
 
 
-def unsent(store: Store, mid: str) -> list[bytes]:
-    rows = store._q(
-        "SELECT member_key FROM group_message_unsent WHERE message_id = ?", (mid,)
-    ).fetchall()
+def unsent(store: Store, seq: int) -> list[bytes]:
+    rows = store._q("SELECT member_key FROM group_message_unsent WHERE seq = ?", (seq,)).fetchall()
     return [bytes(r[0]) for r in rows]
 
 
-def statuses(store: Store, mid: str) -> dict[int, str]:
+def statuses(store: Store, seq: int) -> dict[int, str]:
     rows = store._q(
-        "SELECT contact_id, status FROM group_message_status WHERE message_id = ?", (mid,)
+        "SELECT contact_id, status FROM group_message_status WHERE seq = ?", (seq,)
     ).fetchall()
     return {int(r[0]): str(r[1]) for r in rows}
 

@@ -355,8 +355,87 @@ def _group_invites_and_intros(db: Any) -> None:
     )
 
 
+def _group_message_keys(db: Any) -> None:
+    """A group message is named by (group, author, wire message id), no longer by its wire id
+    alone: a member who sent another member's message id first would have had the other's
+    message dropped as a duplicate (docs/protocol.md §25.9). ``author`` is the author's
+    Ed25519 key, empty for our own; incoming messages gain ``read_at`` (group.read; those
+    stored before count as read: no read receipts for history). Per-member status and the
+    members not sent to are keyed by the message's ``seq``. SQLite cannot change a key in
+    place: new tables, copy, drop the old ones (children first: a dropped parent deletes
+    its rows' children), rename (which rewrites the references), in this one transaction."""
+    _run(
+        db,
+        """
+        CREATE TABLE group_messages_new (
+            seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+            group_ref   INTEGER NOT NULL REFERENCES groups(id) ON DELETE CASCADE,
+            author      BLOB NOT NULL,          -- Ed25519 key, x'' for our own
+            wire_id     BLOB NOT NULL,          -- the message id in the payload (16 bytes)
+            direction   TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+            body        TEXT NOT NULL,
+            sent_at     INTEGER,
+            created_at  INTEGER NOT NULL,
+            read_at     INTEGER,                -- incoming: when the user read it
+            -- the key, in this order so that a receipt's lookup (author x'', wire id) uses it
+            UNIQUE (author, wire_id, group_ref)
+        );
+        CREATE TABLE group_message_status_new (
+            seq         INTEGER NOT NULL REFERENCES group_messages_new(seq) ON DELETE CASCADE,
+            contact_id  INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+            status      TEXT NOT NULL,          -- queued, delivered, read, unreachable, blocked
+            status_at   INTEGER NOT NULL,
+            PRIMARY KEY (seq, contact_id)
+        ) WITHOUT ROWID;
+        CREATE TABLE group_message_unsent_new (
+            seq         INTEGER NOT NULL REFERENCES group_messages_new(seq) ON DELETE CASCADE,
+            member_key  BLOB NOT NULL,          -- a member with no contact here yet
+            PRIMARY KEY (seq, member_key)
+        ) WITHOUT ROWID
+        """,
+    )
+    rows = db.execute(
+        "SELECT seq, id, group_ref, sender_key, direction, body, sent_at, created_at "
+        "FROM group_messages ORDER BY seq"
+    ).fetchall()
+    for seq, mid, ref, sender, direction, body, sent_at, created_at in rows:
+        db.execute(
+            "INSERT INTO group_messages_new (seq, group_ref, author, wire_id, direction, body, "
+            "sent_at, created_at, read_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, ref, b"" if sender is None else bytes(sender), wire_id_of(mid), direction,
+             body, sent_at, created_at, created_at if direction == "in" else None),
+        )  # fmt: skip
+    _run(
+        db,
+        """
+        INSERT INTO group_message_status_new (seq, contact_id, status, status_at)
+            SELECT m.seq, s.contact_id, s.status, s.status_at
+            FROM group_message_status s JOIN group_messages m ON m.id = s.message_id;
+        INSERT INTO group_message_unsent_new (seq, member_key)
+            SELECT m.seq, u.member_key
+            FROM group_message_unsent u JOIN group_messages m ON m.id = u.message_id;
+        DROP TABLE group_message_status;
+        DROP TABLE group_message_unsent;
+        DROP TABLE group_messages;
+        ALTER TABLE group_messages_new RENAME TO group_messages;
+        ALTER TABLE group_message_status_new RENAME TO group_message_status;
+        ALTER TABLE group_message_unsent_new RENAME TO group_message_unsent;
+        CREATE INDEX group_messages_by_group ON group_messages (group_ref, seq)
+        """,
+    )
+
+
+def wire_id_of(message_id: str) -> bytes:
+    """The wire id behind a stored or backed-up message id: 32 hex digits as the daemon writes
+    them; anything else (a backup's id is any short UTF-8 text) its UTF-8 bytes, so that it
+    stays distinct."""
+    if len(message_id) == 32 and all(ch in "0123456789abcdef" for ch in message_id):
+        return bytes.fromhex(message_id)
+    return message_id.encode()
+
+
 MIGRATIONS: list[Migration] = [
     _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
-    _cover_receipts, _mailbox_pool, _groups, _group_invites_and_intros,
+    _cover_receipts, _mailbox_pool, _groups, _group_invites_and_intros, _group_message_keys,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

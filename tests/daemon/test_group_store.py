@@ -29,11 +29,14 @@ def test_group_rows_round_trip_and_follow_their_contact(tmp_path):
             ref, 5, frozenset({b"x" * 32, b"y" * 32}))  # fmt: skip
         assert G.take_sent_invite(store, b"i" * 16, c.id) is None  # one answer each
 
-        G.add_message(store, ref, "m1", "out", "hello")
-        G.set_statuses(store, "m1", [c.id], "queued")
-        assert G.advance_status(store, "m1", c.id, "read")
-        assert not G.advance_status(store, "m1", c.id, "delivered")  # never backwards
-        assert G.statuses(store, "m1") == {c.id: "read"}
+        m1 = G.add_message(store, ref, b"1" * 16, "out", "hello")
+        assert m1 is not None
+        G.set_statuses(store, m1, [c.id], "queued")
+        assert G.own_message_to(store, b"1" * 16, c.id) == (m1, (b"1" * 16).hex())
+        assert G.own_message_to(store, b"1" * 16, c.id + 1) is None  # not sent to it
+        assert G.advance_status(store, m1, c.id, "read")
+        assert not G.advance_status(store, m1, c.id, "delivered")  # never backwards
+        assert G.statuses(store, m1) == {c.id: "read"}
         assert [m.body for m in G.history(store, ref, before_seq=None, limit=10)] == ["hello"]
 
         G.hold(store, ref, c.id, b"held")
@@ -59,7 +62,7 @@ def test_group_rows_round_trip_and_follow_their_contact(tmp_path):
         store.remove_contact(c.id)
         assert G.count_invitations(store) == 0
         assert G.held(store, ref) == []
-        assert G.statuses(store, "m1") == {}
+        assert G.statuses(store, m1) == {}
         assert G.group_contact_ids(store) == {d.id}
         G.delete_group(store, ref)
         assert G.list_groups(store) == []
@@ -88,7 +91,7 @@ def test_an_introduction_link_takes_only_the_member_it_was_made_for(tmp_path):
         other = IdentityKeyPair.generate(SystemEntropy()).public
         inv = b"\x01" * 16
         store.set_setting(f"{INTRO_KEY}{inv.hex()}", member.ed_pub.hex())
-        inbound = GroupInbound(host)  # type: ignore[arg-type]
+        inbound = GroupInbound(host, None)  # type: ignore[arg-type]
         assert inbound.introduction_sender_ok(inv, member) is True
         assert inbound.introduction_sender_ok(inv, other) is False
         assert inbound.introduction_sender_ok(b"\x02" * 16, other) is None
@@ -96,5 +99,83 @@ def test_an_introduction_link_takes_only_the_member_it_was_made_for(tmp_path):
         inbound.introduced(inv, c.id)
         assert G.group_contact_ids(store) == {c.id}
         assert inbound.introduction_sender_ok(inv, member) is None  # used: forgotten
+    finally:
+        store.close()
+
+
+def test_a_group_message_is_named_by_group_author_and_id(tmp_path):
+    """Two authors may use one wire id (a hostile member may copy another's): both messages
+    are kept, one author's repeat is not; the API ids differ; read marks go up to a message."""
+    store = create_profile(tmp_path / "p", "pass phrase", FAST)
+    try:
+        ref = G.add_group(store, b"g" * 32, b"log", [(b"a" * 32, 3)])
+        other = G.add_group(store, b"h" * 32, b"log", [(b"a" * 32, 3)])
+        wid = b"w" * 16
+        mine = G.add_message(store, ref, wid, "out", "ours")
+        ann = G.add_message(store, ref, wid, "in", "ann's", sender_key=b"a" * 32)
+        bob = G.add_message(store, ref, wid, "in", "bob's", sender_key=b"b" * 32)
+        assert None not in (mine, ann, bob)
+        assert G.add_message(store, ref, wid, "in", "ann again", sender_key=b"a" * 32) is None
+        assert G.add_message(store, other, wid, "in", "elsewhere", sender_key=b"a" * 32)
+        page = G.history(store, ref, before_seq=None, limit=10)
+        assert [m.body for m in page] == ["ours", "ann's", "bob's"]
+        ids = [m.id for m in page]
+        assert ids[0] == wid.hex() and len(set(ids)) == 3
+        assert [G.find_message(store, ref, i) for i in ids] == [mine, ann, bob]
+        assert G.find_message(store, ref, "not an id") is None
+        assert [m.seq for m in G.unread(store, ref, ann)] == [ann]
+        G.set_read(store, [ann])
+        assert [m.seq for m in G.unread(store, ref)] == [bob]
+    finally:
+        store.close()
+
+
+def test_the_migration_keys_group_messages_by_author(tmp_path, monkeypatch):
+    """A profile from the schema before (group messages keyed by their wire id alone) keeps
+    its group history, statuses and unsent members across the migration; incoming messages
+    stored before count as read."""
+    from aegisd.store import open_profile
+    from aegisd.store import schema as schema_mod
+
+    home = tmp_path / "p"
+    old = schema_mod.MIGRATIONS[: schema_mod.MIGRATIONS.index(schema_mod._group_message_keys)]
+    monkeypatch.setattr("aegisd.store.db.MIGRATIONS", old)
+    monkeypatch.setattr("aegisd.store.db.SCHEMA_VERSION", len(old))
+    store = create_profile(home, "pass phrase", FAST)
+    c = store.add_contact("ann", identity_key=b"k")
+    ref = G.add_group(store, b"g" * 32, b"log", [(b"a" * 32, 3)])
+    out_id, in_id = "ab" * 16, "cd" * 16
+    with store.transaction():
+        for mid, sender, direction in ((out_id, None, "out"), (in_id, b"a" * 32, "in")):
+            store._q(
+                "INSERT INTO group_messages (id, group_ref, sender_key, direction, body, "
+                "sent_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (mid, ref, sender, direction, f"{direction} text", 5, 7),
+            )
+        store._q("INSERT INTO group_message_status (message_id, contact_id, status, status_at) "
+                 "VALUES (?, ?, 'delivered', 9)", (out_id, c.id))  # fmt: skip
+        store._q("INSERT INTO group_message_unsent (message_id, member_key) VALUES (?, ?)",
+                 (out_id, b"z" * 32))  # fmt: skip
+    store.close()
+    monkeypatch.setattr("aegisd.store.db.MIGRATIONS", schema_mod.MIGRATIONS)
+    monkeypatch.setattr("aegisd.store.db.SCHEMA_VERSION", schema_mod.SCHEMA_VERSION)
+    store = open_profile(home, "pass phrase")
+    try:
+        assert store.schema_version == schema_mod.SCHEMA_VERSION
+        page = G.history(store, ref, before_seq=None, limit=10)
+        assert [(m.id, m.body, m.sender_key, m.sent_at, m.created_at, m.read) for m in page] == [
+            (out_id, "out text", None, 5, 7, False),
+            (f"{(b'a' * 32).hex()}:{in_id}", "in text", b"a" * 32, 5, 7, True),
+        ]
+        out = page[0].seq
+        assert G.statuses(store, out) == {c.id: "delivered"}
+        assert G.unsent(store, out) == [b"z" * 32]
+        assert G.own_message_to(store, bytes.fromhex(out_id), c.id) == (out, out_id)
+        # the references follow the renamed tables: a removed contact's status goes
+        store.remove_contact(c.id)
+        assert G.statuses(store, out) == {}
+        G.delete_group(store, ref)
+        assert store._q("SELECT count(*) FROM group_message_unsent").fetchone()[0] == 0
+        assert store._q("PRAGMA foreign_key_check").fetchall() == []
     finally:
         store.close()

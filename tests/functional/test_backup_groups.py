@@ -32,6 +32,8 @@ def test_a_member_restored_from_a_backup_keeps_its_groups(
     gb = group_of(bob)["group"]  # type: ignore[index]
     bob.call("group.send", {"group": gb, "text": "before the backup"})
     carol.wait_for(lambda: "before the backup" in texts(carol), "bob's message", T)
+    gc = group_of(carol)["group"]  # type: ignore[index]
+    before = carol.call("group.history", {"group": gc})["messages"]
     # An invitation carol has not answered yet: it is in the backup too.
     g2 = alice.call("group.create", {"name": "Second"})["group"]
     alice.call("group.invite", {"group": g2, "contact": "carol"})
@@ -62,6 +64,9 @@ def test_a_member_restored_from_a_backup_keeps_its_groups(
     assert restored is not None and restored["name"] == NAME
     assert set(members(new)) == set(ed.values())
     assert texts(new) == ["before the backup"]
+    # the same message ID (author and wire ID); read: a restored history sends no receipts
+    after = new.call("group.history", {"group": restored["group"]})["messages"]
+    assert after[0]["message_id"] == before[0]["message_id"] and after[0]["read"] is True
     assert len(new.call("group.invitations")["invitations"]) == 1
 
     # The sessions renew with both, the group contact's like the contact's.
@@ -87,6 +92,13 @@ def test_a_member_restored_from_a_backup_keeps_its_groups(
         lambda: next(m for m in new.call("group.history", {"group": gn})["messages"]
                      if m["text"] == "restored hello")["delivery"]["delivered"] == 2,
         "receipts from both", T,
+    )  # fmt: skip
+    # a read receipt over the renewed session reaches bob (and only bob's message is read)
+    assert new.call("group.read", {"group": gn})["marked"] == 2
+    bob.wait_for(  # alice has read nothing: the one read is the restored member's
+        lambda: next(m for m in bob.call("group.history", {"group": gb})["messages"]
+                     if m["text"] == "bob again")["delivery"]["read"] == 1,
+        "the restored member's read receipt", T,
     )  # fmt: skip
 
     # The restored invitation can be accepted: alice adds the restored member.

@@ -92,7 +92,8 @@ def test_a_file_to_a_group_of_three(
     # carol's copy alone stays at the relay.
     item = alice.wait_for(lambda: file_in_history(alice, "europa.jpg"), "alice's file", T)
     aid = item["attachment_id"]
-    assert aid == sent["message_id"] and item["from"] == ed["bob"]
+    # named by author and id (another member's copy of the id cannot suppress it)
+    assert aid == f"{ed['bob']}:{sent['message_id']}" and item["from"] == ed["bob"]
     wait_state(alice, aid, "complete")
     alice.wait_for(lambda: len(blob_sizes(relay_proc)) == blocks, "alice's copy deleted", T)
     saved = tmp_short / "alice.jpg"

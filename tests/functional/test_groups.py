@@ -192,7 +192,7 @@ def test_a_group_of_members_who_are_not_all_contacts(
     # "delivered to 0 of 1": the blocked member counts, with its status
     assert next(m for m in bob.call("group.history", {"group": gb})["messages"]
                 if m["text"] == "to nobody")["delivery"] == {
-        "recipients": 1, "delivered": 0, "members": {"alice": "blocked"}}  # fmt: skip
+        "recipients": 1, "delivered": 0, "read": 0, "members": {"alice": "blocked"}}  # fmt: skip
     alice.call("group.send", {"group": g, "text": "to a blocker"})
     alice.wait_for(lambda: outbox_size(alice) == 0, "alice's outbox to drain", T)
     bob.wait_for(lambda: waiting_at_relay(relay_proc, alice, "bob") == 0, "bob to take it", T)

@@ -123,6 +123,11 @@ def test_echo_bot_in_a_group(peers: Callable[[str], Peer]) -> None:
         alice.call("group.send", {"group": g, "text": "hello group"})
         want = [("out", "hello group"), ("in", "echo: hello group")]
         alice.wait_for(lambda: group_texts(alice, g) == want, "the echo in the group")
+        # ... and marks what it answered read, as for texts: "read by 1 of 1"
+        alice.wait_for(
+            lambda: alice.call("group.history", {"group": g})["messages"][0]["delivery"]["read"]
+            == 1, "the bot's read receipt",
+        )  # fmt: skip
         # An answer is not answered (two bots in a group would echo each other for ever).
         alice.call("group.send", {"group": g, "text": "echo: from another bot"})
         alice.call("group.send", {"group": g, "text": "last"})

@@ -268,6 +268,28 @@ def test_groups_section_is_strict() -> None:
         fmt.BackupContents.from_bytes(one_contact[:-16] + w.bytes())
 
 
+def test_a_group_message_id_is_unique_per_sender_not_per_section() -> None:
+    """Two members may use one message ID (docs/protocol.md §25.9): a file holding both still
+    reads, as does one ID in two groups; one sender's ID twice in a group does not. Files
+    written before (IDs unique in the whole section) are a case of this and read as before."""
+    base = sample_contents()
+    one, other = base.groups.groups
+    ann, ben = b"a" * 32, b"b" * 32
+    shared = (
+        fmt.BackupGroupMessage("5b" * 16, None, "ours", 1, 2, ((0, "read"),)),
+        fmt.BackupGroupMessage("5b" * 16, ann, "ann's", 3, 4, ()),
+        fmt.BackupGroupMessage("5b" * 16, ben, "ben's copy", 5, 6, ()),
+    )
+    both = (fmt.BackupGroup(one.log, 1, shared), fmt.BackupGroup(other.log, 2, shared[1:2]))
+    groups = fmt.BackupGroups(base.groups.group_contacts, both)
+    c = fmt.BackupContents(**{**base.__dict__, "groups": groups})
+    assert fmt.BackupContents.from_bytes(c.to_bytes()) == c
+    twice = fmt.BackupGroups(groups=(fmt.BackupGroup(one.log, 1, shared + shared[1:2]),))
+    raw = fmt.BackupContents(**{**base.__dict__, "groups": twice}).to_bytes()
+    with pytest.raises(DecodeError):
+        fmt.BackupContents.from_bytes(raw)
+
+
 # --- renewal blocks ---------------------------------------------------------------------------
 
 RENEW = wire.RenewPayload(b"r" * 16, 1_700_000_000_000, MAILBOX, b"bundle-address-1", "Alice")
