@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python bench/linkage.py [--seeds 5] [--configs direct,hidden] [--levels off]
     sudo .venv/bin/python bench/linkage.py --smoke          # 3 users, a few texts, < 1 min
+    .venv/bin/python bench/linkage.py --groups --levels off,default [--spreads 0,2,10,30]
 
 Root is needed (a network namespace per user). Per run: one real relay (`python -m relay.main`,
 cheap proofs of work) and one real daemon per user (`aegis init --no-passphrase --direct`),
@@ -25,6 +26,11 @@ and connections that close and come back together, which group mailboxes by owne
 the database's row order. Figures (bench/linkbench/metrics.py): precision
 at k and AUC at the mailbox and the user level against random guessing, the correlation of
 the per-pair counts it recovers with the truth, and how precisely it dates a text.
+
+`--groups` measures something else, without root and without daemons: how well the relay
+infers which mailboxes belong to one group from the timing of group fan-outs, with and
+without a spread of the fan-out (`privacy.group_spread_max`), for each level given, and what
+the spread costs in latency (a simulation that follows the daemon: bench/linkbench/fanout.py).
 
 Progress goes to stderr, figures to stdout (`--json FILE`: every figure of every run).
 `--scale S` observes S times longer at the same rates (S times the duration, texts and
@@ -55,7 +61,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.linkbench import adversary, metrics  # noqa: E402
+from bench.linkbench import adversary, fanout, metrics  # noqa: E402
 from bench.linkbench import workload as wl  # noqa: E402
 from bench.linkbench.world import BenchError, Call, Config, Scaled, log, run  # noqa: E402
 
@@ -101,6 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--drain", type=float, default=None,
                     help="seconds to wait for every text and receipt after the schedule "
                          "(default 60, or half the duration if longer)")  # fmt: skip
+    ap.add_argument("--groups", action="store_true",
+                    help="group inference from fan-out timing (simulated; no root needed)")
+    ap.add_argument("--spreads", default="0,2,10,30,60",
+                    help="with --groups: fan-out spreads to measure with cover off, seconds")
     ap.add_argument("--smoke", action="store_true",
                     help="3 users, 2 pairs, a few texts, one seed: a check that it all runs")
     ap.add_argument("--json", type=Path, help="write every figure of every run here")
@@ -232,6 +242,11 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.groups:
+        seeds = list(range(args.seed, args.seed + args.seeds))
+        fanout.run(seeds, [float(x) for x in args.spreads.split(",")], args.levels.split(","),
+                   fanout.Params())  # fmt: skip
+        return 0
     if os.geteuid() != 0 and not args.reanalyze:
         print("bench/linkage.py needs root: it makes a network namespace per user",
               file=sys.stderr)  # fmt: skip

@@ -84,7 +84,9 @@ SETTING_SEND_JITTER = "privacy.send_jitter_max"  # seconds; 0 (the default): sen
 #: Seconds over which one group message's copies are spread, each member's independently;
 #: cover off only (with cover on each copy already waits for its member's own slot).
 SETTING_GROUP_SPREAD = "privacy.group_spread_max"
-GROUP_SPREAD_MAX = 10.0  # the default: docs/protocol.md §25.9 has the measure behind it
+#: The default, 0: measured (bench/linkage.py --groups), a spread of seconds or minutes does not
+#: hide a group from a relay that counts coincidences over a day; cover traffic does.
+GROUP_SPREAD_MAX = 0.0
 RECEIPT_DELAY_MAX = 3.0  # seconds; receipts leave after a random delay in [0.5, max]
 RETRY_MAX = 60.0
 #: Accepted blocks are forgotten together (group commit): at the end of a drain pass, or once
