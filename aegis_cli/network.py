@@ -247,10 +247,9 @@ def timing_text(r: dict[str, Any]) -> str:
         if jitter
         else "off (texts leave at once, or at their cover slot)"
     )
-    spread = r.get("group_spread_max")
+    spread = float(r.get("group_spread_max") or 0.0)
     spread_text = (
-        "the default" if spread is None
-        else f"0 to {float(spread):g} s per member" if spread else "off"
+        f"each member's copy after a random 0 to {spread:g} s" if spread else "off (at once)"
     )
     return "\n".join([
         f"send jitter: {jitter_text}",
@@ -315,7 +314,7 @@ def register_privacy(main: ModuleType) -> None:
         result = ctx.call("privacy.set", {"level": level}) if level else ctx.call("privacy.get")
         ctx.out(
             {**result, "send_jitter_max": float(timing.get("send_jitter_max") or 0.0),
-             "group_spread_max": timing.get("group_spread_max"),
+             "group_spread_max": float(timing.get("group_spread_max") or 0.0),
              "read_receipts": timing["read_receipts"],
              "receipt_delay_max": timing["receipt_delay_max"]},
             f"{privacy_text(result)}\n\n{timing_text(timing)}",

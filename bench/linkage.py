@@ -111,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="group inference from fan-out timing (simulated; no root needed)")
     ap.add_argument("--spreads", default="0,2,10,30,60",
                     help="with --groups: fan-out spreads to measure with cover off, seconds")
+    ap.add_argument("--group-texts", type=int, nargs=2, default=(10, 40), metavar=("MIN", "MAX"),
+                    help="with --groups: messages per group per day (default 10 40)")
+    ap.add_argument("--no-bursts", action="store_true",
+                    help="with --groups: every text and group message alone, not in bursts")
     ap.add_argument("--smoke", action="store_true",
                     help="3 users, 2 pairs, a few texts, one seed: a check that it all runs")
     ap.add_argument("--json", type=Path, help="write every figure of every run here")
@@ -245,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.groups:
         seeds = list(range(args.seed, args.seed + args.seeds))
         fanout.run(seeds, [float(x) for x in args.spreads.split(",")], args.levels.split(","),
-                   fanout.Params())  # fmt: skip
+                   fanout.Params(group_texts=tuple(args.group_texts),
+                                 burst=(1, 1) if args.no_bursts else (2, 8)))  # fmt: skip
         return 0
     if os.geteuid() != 0 and not args.reanalyze:
         print("bench/linkage.py needs root: it makes a network namespace per user",
