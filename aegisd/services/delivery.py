@@ -5,19 +5,18 @@ receipts, mailbox announcements, files' descriptors, call signaling, session ren
 groups will pass N recipients, several devices per person later):
 
 - ``enqueue(recipients, payload, *, message_id=None, delay=0.0, spread=0.0, slotted=True)``:
-  inside the
-  caller's store transaction, with the messenger's protocol lock held, encrypt ``payload``
-  once for each recipient's ratchet session (a long text spans several blocks: the session
-  fragments it), store each advanced session and the exact ciphertext blocks in the durable
-  outbox. They commit together, before the first deposit; a retry resends the stored bytes.
+  inside the caller's store transaction, with the messenger's protocol lock held, encrypt
+  ``payload`` once for each recipient's ratchet session (a long text spans several blocks: the
+  session fragments it), store each advanced session and the exact ciphertext blocks in the
+  durable outbox. They commit together, before the first deposit; a retry resends the stored bytes.
   ``message_id``: the message whose status follows the blocks (``sent`` once the outbox holds
   none of them: for N recipients, once every block went). With cover traffic on, a
   ``slotted`` block waits for its contact's next cover slot (services/cover.py) instead of
   leaving after ``delay`` seconds; without cover, each recipient's blocks leave after
   ``delay`` plus their own uniform random share of ``spread`` seconds (a group's fan-out, so
   that the relay does not see N deposits at one moment), kept as the outbox's not_before.
-  A recipient whose first contact is unanswered gets its
-  blocks addressed to nobody (PENDING_DESTINATION) until its answer readdresses them.
+  A recipient whose first contact is unanswered gets its blocks addressed to nobody
+  (PENDING_DESTINATION) until its answer readdresses them.
 - ``queue_receipt(recipient, kind, ids)``: delivery or read receipts (batched with cover on).
 - ``wake()``: something was queued (or became due): drain now.
 - ``run()``: the drain loop (the messenger starts it at unlock and cancels it at lock).
