@@ -111,6 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="group inference from fan-out timing (simulated; no root needed)")
     ap.add_argument("--spreads", default="0,2,10,30,60",
                     help="with --groups: fan-out spreads to measure with cover off, seconds")
+    ap.add_argument("--with-groups", type=int, default=0, metavar="N",
+                    help="real runs: N groups of 3 or 4 members (made contacts) who send "
+                         "10 to 40 group messages each; reports the group attack too")
+    ap.add_argument("--group-spread", type=float, default=None, metavar="SECONDS",
+                    help="real runs: privacy.group_spread_max on every daemon (divided by "
+                         "--compress)")
     ap.add_argument("--group-texts", type=int, nargs=2, default=(10, 40), metavar=("MIN", "MAX"),
                     help="with --groups: messages per group per day (default 10 40)")
     ap.add_argument("--no-bursts", action="store_true",
@@ -143,6 +149,7 @@ def workload_params(args: argparse.Namespace) -> wl.Params:
         min_messages=args.messages[0], max_messages=args.messages[1], duration=args.duration,
         offline=args.offline,
         offline_length=(3.0, 5.0) if args.smoke else wl.Params.offline_length,
+        groups=args.with_groups,
     )  # fmt: skip
     return p.scaled(args.scale) if args.scale != 1 else p
 
@@ -199,6 +206,14 @@ def report(config: str, level: str, args: argparse.Namespace, p: wl.Params,
     print(f"  when: nearest deposit to a text {_fmt([x.median_ms for x in w]).strip()} ms "
           f"median, {_fmt([x.p90_ms for x in w]).strip()} ms p90 (given its conversation); "
           f"resolution (deposits per bin vs texts per bin, r >= 0.5): {res_s}")
+    gf: list[fanout.Figures] = [r["groups"] for r in runs if r.get("groups") is not None]
+    if gf:
+        gw = max(fanout.REAL_WINDOWS, key=lambda x: statistics.fmean(f.auc[x] for f in gf))
+        print(f"  groups by fan-out timing (mailbox pairs of one group, k={gf[0].k} of "
+              f"{gf[0].n}): window {gw:g} s, P@k {_fmt([f.p_at_k[gw] for f in gf]).strip()}, "
+              f"AUC {_fmt([f.auc[gw] for f in gf]).strip()}; at 0.05 s AUC "
+              f"{_fmt([f.auc[0.05] for f in gf]).strip()}; random P@k "
+              f"{statistics.fmean(f.k / f.n for f in gf):.2f}")
     comb = [r.routes["combined"] for r in results]
     p_over = statistics.fmean(c.user_p - r.random.user_p for c, r in zip(comb, results,
                                                                          strict=True))
@@ -236,8 +251,14 @@ def analyze(saved: dict[str, Any]) -> dict[str, Any]:
     log(f"  {saved['config']}, level {saved['level']}, seed {saved['seed']}: "
         f"{data.seconds:.0f} s; combined: mailbox P@k {c.mbox_p:.2f} AUC {c.mbox_auc:.2f}, "
         f"user P@k {c.user_p:.2f} AUC {c.user_auc:.2f}")
+    groups = fanout.from_run(data)
+    if groups is not None:
+        w, p_k, a = groups.best()
+        log(f"    groups by fan-out: best window {w:g} s, mailbox P@k {p_k:.2f} AUC {a:.2f} "
+            f"(random {groups.k / groups.n:.2f})")
     return {"seed": saved["seed"], "seconds": data.seconds, "result": result,
-            "active": saved["active"], "config": saved["config"], "level": saved["level"]}
+            "active": saved["active"], "config": saved["config"], "level": saved["level"],
+            "groups": groups}
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -287,7 +308,11 @@ def main(argv: list[str] | None = None) -> int:
                     base = Path(tempfile.mkdtemp(prefix="lk", dir="/tmp"))
                     log(f"{config}, level {level}, seed {seed}: {base}")
                     try:
-                        data = run(base, work, CONFIGS[config], LEVELS[level], args.compress,
+                        calls = list(LEVELS[level])
+                        if args.group_spread is not None:
+                            calls.append(Call("settings.set", {
+                                "group_spread_max": args.group_spread / args.compress}))
+                        data = run(base, work, CONFIGS[config], calls, args.compress,
                                    seed, drain)  # fmt: skip
                     finally:
                         if not args.keep:

@@ -44,7 +44,9 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
+from . import adversary, metrics
 from .metrics import auc, precision_at_k, random_p95
+from .world import RunData
 
 WINDOWS = (0.05, 0.5, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1200.0)
 RECEIPT_DELAY = (0.5, 3.0)  # aegisd/services/delivery.py: RECEIPT_DELAY_MAX, its floor
@@ -203,10 +205,39 @@ def co_occurrence(dep: dict[Mailbox, list[float]], w: float, T: float,
 
 
 def universe(pop: Population) -> tuple[list[tuple[Mailbox, Mailbox]], list[bool]]:
-    boxes = sorted(mb for a, b in pop.sessions for mb in ((a, b), (b, a)))
+    return _universe(sorted(mb for a, b in pop.sessions for mb in ((a, b), (b, a))), pop.groups)
+
+
+def _universe(boxes: list[Mailbox], groups: list[list[str]]
+              ) -> tuple[list[tuple[Mailbox, Mailbox]], list[bool]]:  # fmt: skip
     pairs = [(x, y) for x, y in itertools.combinations(boxes, 2) if set(x) != set(y)]
-    truth = [any(set(x) <= set(g) and set(y) <= set(g) for g in pop.groups) for x, y in pairs]
+    truth = [any(set(x) <= set(g) and set(y) <= set(g) for g in groups) for x, y in pairs]
     return pairs, truth
+
+
+REAL_WINDOWS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def from_run(data: RunData) -> Figures | None:
+    """The same attack on a run of real daemons (linkage.py --with-groups): the successful
+    deposits the capture shows into each contact mailbox during the messaging phase."""
+    truth = data.truth
+    if not truth.groups:
+        return None
+    view = adversary.View(data.capture, data.db)
+    dep: dict[Mailbox, list[float]] = {}
+    for (owner, contact), oid in metrics.contact_mailboxes(truth).items():
+        m = view.mailboxes.get(oid)
+        ts = [] if m is None else m.deposits
+        dep[(contact, owner)] = sorted(t for t in ts if truth.t_start <= t <= truth.t_end)
+    pairs, flags = _universe(sorted(dep), truth.groups)
+    k = sum(flags)
+    fig = Figures({}, {}, k, len(pairs))
+    for w in REAL_WINDOWS:
+        sc = co_occurrence(dep, w, truth.t_end - truth.t_start, pairs)
+        fig.p_at_k[w] = precision_at_k(sc, flags, k)
+        fig.auc[w] = auc(sc, flags)
+    return fig
 
 
 @dataclass
