@@ -31,6 +31,9 @@ the per-pair counts it recovers with the truth, and how precisely it dates a tex
 infers which mailboxes belong to one group from the timing of group fan-outs, with and
 without a spread of the fan-out (`privacy.group_spread_max`), for each level given, and what
 the spread costs in latency (a simulation that follows the daemon: bench/linkbench/fanout.py).
+`--with-groups N` adds N groups (3 or 4 members, made contacts of one another) sending group
+messages to the real runs and runs the same attack on their capture (`--group-spread S` sets
+the spread on every daemon).
 
 Progress goes to stderr, figures to stdout (`--json FILE`: every figure of every run).
 `--scale S` observes S times longer at the same rates (S times the duration, texts and
