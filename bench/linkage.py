@@ -121,7 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="real runs: privacy.group_spread_max on every daemon (divided by "
                          "--compress)")
     ap.add_argument("--group-texts", type=int, nargs=2, default=(10, 40), metavar=("MIN", "MAX"),
-                    help="with --groups: messages per group per day (default 10 40)")
+                    help="messages per group per day with --groups, per run with "
+                         "--with-groups (default 10 40; 0 0: groups made, nothing sent)")
     ap.add_argument("--no-bursts", action="store_true",
                     help="with --groups: every text and group message alone, not in bursts")
     ap.add_argument("--smoke", action="store_true",
@@ -152,7 +153,7 @@ def workload_params(args: argparse.Namespace) -> wl.Params:
         min_messages=args.messages[0], max_messages=args.messages[1], duration=args.duration,
         offline=args.offline,
         offline_length=(3.0, 5.0) if args.smoke else wl.Params.offline_length,
-        groups=args.with_groups,
+        groups=args.with_groups, group_messages=tuple(args.group_texts),
     )  # fmt: skip
     return p.scaled(args.scale) if args.scale != 1 else p
 
