@@ -213,7 +213,7 @@ def report(config: str, level: str, args: argparse.Namespace, p: wl.Params,
     gf: list[fanout.Figures] = [r["groups"] for r in runs if r.get("groups") is not None]
     if gf:
         gw = max(fanout.REAL_WINDOWS, key=lambda x: statistics.fmean(f.auc[x] for f in gf))
-        print(f"  groups by fan-out timing (mailbox pairs of one group, k={gf[0].k} of "
+        print(f"  groups by fan-out timing (mailbox pairs of one group, first seed k={gf[0].k} of "
               f"{gf[0].n}): window {gw:g} s, P@k {_fmt([f.p_at_k[gw] for f in gf]).strip()}, "
               f"AUC {_fmt([f.auc[gw] for f in gf]).strip()}; at 0.05 s AUC "
               f"{_fmt([f.auc[0.05] for f in gf]).strip()}; random P@k "
