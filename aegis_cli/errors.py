@@ -72,6 +72,7 @@ WORDS = {
     "read_receipts": "--read-receipts",
     "receipt_delay_max": "--receipt-delay-max",
     "send_jitter_max": "--send-jitter-max",
+    "group_spread_max": "--group-spread-max",
     "kdf_memory_kib": "--kdf-memory-kib",
     "kdf_passes": "--kdf-passes",
     "kdf_lanes": "--kdf-lanes",

@@ -10,6 +10,7 @@ One layout for these settings (docs/api.md "network.set", "relay.set"):
                   [--bridge LINE ...] [--no-bridges] [--tor-path PATH]
                   [--trust-relay URL ...] [--no-trusted-relays]
     aegis privacy [--level off|default|strong] [--send-jitter-max SECONDS]
+                  [--group-spread-max SECONDS]
                   [--read-receipts on|off] [--receipt-delay-max SECONDS]
 
 `aegis privacy` holds everything about what the timing of your traffic shows: cover traffic,
@@ -246,8 +247,13 @@ def timing_text(r: dict[str, Any]) -> str:
         if jitter
         else "off (texts leave at once, or at their cover slot)"
     )
+    spread = float(r.get("group_spread_max") or 0.0)
+    spread_text = (
+        f"each member's copy after a random 0 to {spread:g} s" if spread else "off (at once)"
+    )
     return "\n".join([
         f"send jitter: {jitter_text}",
+        f"group fan-out spread (cover off): {spread_text}",
         f"read receipts: {'on' if r['read_receipts'] else 'off'}",
         f"receipt delay: 0.5 to {r['receipt_delay_max']:g} s "
         "(with cover on, receipts ride the slots)",
@@ -271,11 +277,19 @@ def register_privacy(main: ModuleType) -> None:
         metavar="SECONDS",
         help="Hold each text for a random 0 to SECONDS before it leaves (0: off, the default).",
     )
+    @click.option(
+        "--group-spread-max",
+        type=click.FloatRange(0, 3600),
+        metavar="SECONDS",
+        help="With cover off, each member's copy of a group message leaves after its own "
+             "random 0 to SECONDS.",
+    )  # fmt: skip
     @units.receipt_options
     def privacy(
         ctx: Ctx,
         level: str | None,
         send_jitter_max: float | None,
+        group_spread_max: float | None,
         read_receipts: str | None,
         receipt_delay_max: float | None,
     ) -> None:
@@ -288,6 +302,8 @@ def register_privacy(main: ModuleType) -> None:
         params: dict[str, Any] = {}
         if send_jitter_max is not None:
             params["send_jitter_max"] = send_jitter_max
+        if group_spread_max is not None:
+            params["group_spread_max"] = group_spread_max
         if read_receipts is not None:
             params["read_receipts"] = read_receipts == "on"
         if receipt_delay_max is not None:
@@ -298,6 +314,7 @@ def register_privacy(main: ModuleType) -> None:
         result = ctx.call("privacy.set", {"level": level}) if level else ctx.call("privacy.get")
         ctx.out(
             {**result, "send_jitter_max": float(timing.get("send_jitter_max") or 0.0),
+             "group_spread_max": float(timing.get("group_spread_max") or 0.0),
              "read_receipts": timing["read_receipts"],
              "receipt_delay_max": timing["receipt_delay_max"]},
             f"{privacy_text(result)}\n\n{timing_text(timing)}",

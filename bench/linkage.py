@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python bench/linkage.py [--seeds 5] [--configs direct,hidden] [--levels off]
     sudo .venv/bin/python bench/linkage.py --smoke          # 3 users, a few texts, < 1 min
+    .venv/bin/python bench/linkage.py --groups --levels off,default [--spreads 0,2,10,30]
 
 Root is needed (a network namespace per user). Per run: one real relay (`python -m relay.main`,
 cheap proofs of work) and one real daemon per user (`aegis init --no-passphrase --direct`),
@@ -25,6 +26,14 @@ and connections that close and come back together, which group mailboxes by owne
 the database's row order. Figures (bench/linkbench/metrics.py): precision
 at k and AUC at the mailbox and the user level against random guessing, the correlation of
 the per-pair counts it recovers with the truth, and how precisely it dates a text.
+
+`--groups` measures something else, without root and without daemons: how well the relay
+infers which mailboxes belong to one group from the timing of group fan-outs, with and
+without a spread of the fan-out (`privacy.group_spread_max`), for each level given, and what
+the spread costs in latency (a simulation that follows the daemon: bench/linkbench/fanout.py).
+`--with-groups N` adds N groups (3 or 4 members, made contacts of one another) sending group
+messages to the real runs and runs the same attack on their capture (`--group-spread S` sets
+the spread on every daemon).
 
 Progress goes to stderr, figures to stdout (`--json FILE`: every figure of every run).
 `--scale S` observes S times longer at the same rates (S times the duration, texts and
@@ -55,7 +64,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.linkbench import adversary, metrics  # noqa: E402
+from bench.linkbench import adversary, fanout, metrics  # noqa: E402
 from bench.linkbench import workload as wl  # noqa: E402
 from bench.linkbench.world import BenchError, Call, Config, Scaled, log, run  # noqa: E402
 
@@ -101,6 +110,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--drain", type=float, default=None,
                     help="seconds to wait for every text and receipt after the schedule "
                          "(default 60, or half the duration if longer)")  # fmt: skip
+    ap.add_argument("--groups", action="store_true",
+                    help="group inference from fan-out timing (simulated; no root needed)")
+    ap.add_argument("--spreads", default="0,2,10,30,60",
+                    help="with --groups: fan-out spreads to measure with cover off, seconds")
+    ap.add_argument("--with-groups", type=int, default=0, metavar="N",
+                    help="real runs: N groups of 3 or 4 members (made contacts) who send "
+                         "10 to 40 group messages each; reports the group attack too")
+    ap.add_argument("--group-spread", type=float, default=None, metavar="SECONDS",
+                    help="real runs: privacy.group_spread_max on every daemon (divided by "
+                         "--compress)")
+    ap.add_argument("--group-texts", type=int, nargs=2, default=(10, 40), metavar=("MIN", "MAX"),
+                    help="messages per group per day with --groups, per run with "
+                         "--with-groups (default 10 40; 0 0: groups made, nothing sent)")
+    ap.add_argument("--no-bursts", action="store_true",
+                    help="with --groups: every text and group message alone, not in bursts")
     ap.add_argument("--smoke", action="store_true",
                     help="3 users, 2 pairs, a few texts, one seed: a check that it all runs")
     ap.add_argument("--json", type=Path, help="write every figure of every run here")
@@ -129,6 +153,7 @@ def workload_params(args: argparse.Namespace) -> wl.Params:
         min_messages=args.messages[0], max_messages=args.messages[1], duration=args.duration,
         offline=args.offline,
         offline_length=(3.0, 5.0) if args.smoke else wl.Params.offline_length,
+        groups=args.with_groups, group_messages=tuple(args.group_texts),
     )  # fmt: skip
     return p.scaled(args.scale) if args.scale != 1 else p
 
@@ -185,6 +210,14 @@ def report(config: str, level: str, args: argparse.Namespace, p: wl.Params,
     print(f"  when: nearest deposit to a text {_fmt([x.median_ms for x in w]).strip()} ms "
           f"median, {_fmt([x.p90_ms for x in w]).strip()} ms p90 (given its conversation); "
           f"resolution (deposits per bin vs texts per bin, r >= 0.5): {res_s}")
+    gf: list[fanout.Figures] = [r["groups"] for r in runs if r.get("groups") is not None]
+    if gf:
+        gw = max(fanout.REAL_WINDOWS, key=lambda x: statistics.fmean(f.auc[x] for f in gf))
+        print(f"  groups by fan-out timing (mailbox pairs of one group, first seed k={gf[0].k} of "
+              f"{gf[0].n}): window {gw:g} s, P@k {_fmt([f.p_at_k[gw] for f in gf]).strip()}, "
+              f"AUC {_fmt([f.auc[gw] for f in gf]).strip()}; at 0.05 s AUC "
+              f"{_fmt([f.auc[0.05] for f in gf]).strip()}; random P@k "
+              f"{statistics.fmean(f.k / f.n for f in gf):.2f}")
     comb = [r.routes["combined"] for r in results]
     p_over = statistics.fmean(c.user_p - r.random.user_p for c, r in zip(comb, results,
                                                                          strict=True))
@@ -222,8 +255,14 @@ def analyze(saved: dict[str, Any]) -> dict[str, Any]:
     log(f"  {saved['config']}, level {saved['level']}, seed {saved['seed']}: "
         f"{data.seconds:.0f} s; combined: mailbox P@k {c.mbox_p:.2f} AUC {c.mbox_auc:.2f}, "
         f"user P@k {c.user_p:.2f} AUC {c.user_auc:.2f}")
+    groups = fanout.from_run(data)
+    if groups is not None:
+        w, p_k, a = groups.best()
+        log(f"    groups by fan-out: best window {w:g} s, mailbox P@k {p_k:.2f} AUC {a:.2f} "
+            f"(random {groups.k / groups.n:.2f})")
     return {"seed": saved["seed"], "seconds": data.seconds, "result": result,
-            "active": saved["active"], "config": saved["config"], "level": saved["level"]}
+            "active": saved["active"], "config": saved["config"], "level": saved["level"],
+            "groups": groups}
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -232,6 +271,12 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.groups:
+        seeds = list(range(args.seed, args.seed + args.seeds))
+        fanout.run(seeds, [float(x) for x in args.spreads.split(",")], args.levels.split(","),
+                   fanout.Params(group_texts=tuple(args.group_texts),
+                                 burst=(1, 1) if args.no_bursts else (2, 8)))  # fmt: skip
+        return 0
     if os.geteuid() != 0 and not args.reanalyze:
         print("bench/linkage.py needs root: it makes a network namespace per user",
               file=sys.stderr)  # fmt: skip
@@ -267,7 +312,11 @@ def main(argv: list[str] | None = None) -> int:
                     base = Path(tempfile.mkdtemp(prefix="lk", dir="/tmp"))
                     log(f"{config}, level {level}, seed {seed}: {base}")
                     try:
-                        data = run(base, work, CONFIGS[config], LEVELS[level], args.compress,
+                        calls = list(LEVELS[level])
+                        if args.group_spread is not None:
+                            calls.append(Call("settings.set", {
+                                "group_spread_max": args.group_spread / args.compress}))
+                        data = run(base, work, CONFIGS[config], calls, args.compress,
                                    seed, drain)  # fmt: skip
                     finally:
                         if not args.keep:

@@ -14,7 +14,12 @@ from aegisd.transport.network import ProxyUrlError, check_proxy_url
 
 from .address import INVITE_TTL_DEFAULT
 from .contacts import SETTING_NAME
-from .delivery import SETTING_RECEIPT_DELAY, SETTING_SEND_JITTER
+from .delivery import (
+    GROUP_SPREAD_MAX,
+    SETTING_GROUP_SPREAD,
+    SETTING_RECEIPT_DELAY,
+    SETTING_SEND_JITTER,
+)
 from .groups_state import INTRO_KEY, SETTING_READ_RECEIPTS
 from .inbox import clean_name
 from .messenger import (
@@ -208,9 +213,12 @@ def register(registry: Registry, m: Messenger) -> None:
         # The network and jitter settings appear once any of them is set (absent: the
         # defaults, no proxy, no isolation, no jitter), so older clients see the same result.
         if any(store.get_setting(k) is not None for k in (SETTING_SEND_JITTER, SETTING_PROXY,
-                                                           SETTING_ISOLATION)):
+                                                           SETTING_ISOLATION,
+                                                           SETTING_GROUP_SPREAD)):
             result.update(
                 send_jitter_max=float(store.get_setting(SETTING_SEND_JITTER, 0.0)),
+                group_spread_max=float(store.get_setting(SETTING_GROUP_SPREAD,
+                                                         GROUP_SPREAD_MAX)),
                 proxy=store.get_setting(SETTING_PROXY),
                 isolation=m.network().isolation,
             )
@@ -222,6 +230,7 @@ def register(registry: Registry, m: Messenger) -> None:
         read_receipts: bool | None = None,
         receipt_delay_max: float | int | None = None,
         send_jitter_max: float | int | None = None,
+        group_spread_max: float | int | None = None,
         proxy: str | None = None,
         isolation: bool | None = None,
     ) -> dict[str, Any]:
@@ -235,8 +244,12 @@ def register(registry: Registry, m: Messenger) -> None:
             raise InvalidParamsError("isolation", "must be true or false")
         if send_jitter_max is not None and not 0 <= send_jitter_max <= 3600:
             raise InvalidParamsError("send_jitter_max", "must be between 0 and 3600")
+        if group_spread_max is not None and not 0 <= group_spread_max <= 3600:
+            raise InvalidParamsError("group_spread_max", "must be between 0 and 3600")
         if send_jitter_max is not None:
             store.set_setting(SETTING_SEND_JITTER, float(send_jitter_max))
+        if group_spread_max is not None:
+            store.set_setting(SETTING_GROUP_SPREAD, float(group_spread_max))
         if read_receipts is not None:
             store.set_setting(SETTING_READ_RECEIPTS, read_receipts)
         if receipt_delay_max is not None:

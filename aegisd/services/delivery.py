@@ -4,16 +4,19 @@ Interface (everything that sends a ratchet payload goes through it: one-to-one t
 receipts, mailbox announcements, files' descriptors, call signaling, session renewals, cover;
 groups will pass N recipients, several devices per person later):
 
-- ``enqueue(recipients, payload, *, message_id=None, delay=0.0, slotted=True)``: inside the
-  caller's store transaction, with the messenger's protocol lock held, encrypt ``payload``
-  once for each recipient's ratchet session (a long text spans several blocks: the session
-  fragments it), store each advanced session and the exact ciphertext blocks in the durable
-  outbox. They commit together, before the first deposit; a retry resends the stored bytes.
+- ``enqueue(recipients, payload, *, message_id=None, delay=0.0, spread=0.0, slotted=True)``:
+  inside the caller's store transaction, with the messenger's protocol lock held, encrypt
+  ``payload`` once for each recipient's ratchet session (a long text spans several blocks: the
+  session fragments it), store each advanced session and the exact ciphertext blocks in the
+  durable outbox. They commit together, before the first deposit; a retry resends the stored bytes.
   ``message_id``: the message whose status follows the blocks (``sent`` once the outbox holds
   none of them: for N recipients, once every block went). With cover traffic on, a
   ``slotted`` block waits for its contact's next cover slot (services/cover.py) instead of
-  leaving after ``delay`` seconds. A recipient whose first contact is unanswered gets its
-  blocks addressed to nobody (PENDING_DESTINATION) until its answer readdresses them.
+  leaving after ``delay`` seconds; without cover, each recipient's blocks leave after
+  ``delay`` plus their own uniform random share of ``spread`` seconds (a group's fan-out, so
+  that the relay does not see N deposits at one moment), kept as the outbox's not_before.
+  A recipient whose first contact is unanswered gets its blocks addressed to nobody
+  (PENDING_DESTINATION) until its answer readdresses them.
 - ``queue_receipt(recipient, kind, ids)``: delivery or read receipts (batched with cover on).
 - ``wake()``: something was queued (or became due): drain now.
 - ``run()``: the drain loop (the messenger starts it at unlock and cancels it at lock).
@@ -73,9 +76,16 @@ from .context import EventSink
 from .mailbox import ContactState, address_from_bytes, address_to_bytes
 
 log = logging.getLogger("aegisd.messenger")
+_RNG = random.SystemRandom()  # timing the relay sees: not Python's predictable generator
 
 SETTING_RECEIPT_DELAY = "privacy.receipt_delay_max"
 SETTING_SEND_JITTER = "privacy.send_jitter_max"  # seconds; 0 (the default): send at once
+#: Seconds over which one group message's copies are spread, each member's independently;
+#: cover off only (with cover on each copy already waits for its member's own slot).
+SETTING_GROUP_SPREAD = "privacy.group_spread_max"
+#: The default, 0: measured (bench/linkage.py --groups), a spread of seconds or minutes does not
+#: hide a group from a relay that counts coincidences over a day; cover traffic does.
+GROUP_SPREAD_MAX = 0.0
 RECEIPT_DELAY_MAX = 3.0  # seconds; receipts leave after a random delay in [0.5, max]
 RETRY_MAX = 60.0
 #: Accepted blocks are forgotten together (group commit): at the end of a drain pass, or once
@@ -172,6 +182,7 @@ class Delivery:
         *,
         message_id: str | None = None,
         delay: float = 0.0,
+        spread: float = 0.0,
         slotted: bool = True,
     ) -> None:
         """Encrypt ``payload`` for each recipient and queue the blocks (module docstring).
@@ -204,7 +215,9 @@ class Delivery:
                 destination, not_before = PENDING_DESTINATION, NEVER
             else:
                 destination = address_to_bytes(state.send_to)
-                not_before = SLOT_WAIT if slot else due
+                # Each copy's own draw: the fan-out's deposits are spread, not shifted together.
+                own = int(_RNG.uniform(0.0, spread) * 1000) if spread > 0 else 0
+                not_before = SLOT_WAIT if slot else due + own
             store.enqueue_blocks(destination, blocks, message_id=message_id,
                                  contact_id=r.contact.id, not_before=not_before)  # fmt: skip
 
@@ -224,6 +237,10 @@ class Delivery:
         """Optional random delay before a message leaves (privacy.send_jitter_max; 0: none)."""
         ceiling = float(self._store().get_setting(SETTING_SEND_JITTER, 0.0))
         return random.uniform(0.0, ceiling) if ceiling > 0 else 0.0
+
+    def group_spread(self) -> float:
+        """The window over which a group message's copies leave (privacy.group_spread_max)."""
+        return float(self._store().get_setting(SETTING_GROUP_SPREAD, GROUP_SPREAD_MAX))
 
     def receipt_delay(self) -> float:
         ceiling = float(self._store().get_setting(SETTING_RECEIPT_DELAY, RECEIPT_DELAY_MAX))

@@ -362,7 +362,8 @@ class Groups(GroupBase):
                 G.add_unsent(self.m.store, seq, strangers)
                 if recipients:  # the delivery layer is the fan-out: one call for all
                     self.m.delivery.enqueue(
-                        recipients, payload, delay=self.m.delivery.send_jitter()
+                        recipients, payload, delay=self.m.delivery.send_jitter(),
+                        spread=self.m.delivery.group_spread(),
                     )
         self.m.delivery.wake()
         return {"message_id": mid, "recipients": len(recipients),

@@ -26,6 +26,9 @@ class Params:
     gap: float = 3.0  # mean seconds between two texts of a burst (exponential, 0.3 s at least)
     offline: int = 1  # times each user goes offline
     offline_length: tuple[float, float] = (6.0, 15.0)
+    groups: int = 0  # groups of members who are all contacts (missing pairs added, idle)
+    group_size: tuple[int, int] = (3, 4)
+    group_messages: tuple[int, int] = (10, 40)  # per group over the run
 
     def scaled(self, scale: float) -> Params:
         """`scale` times the observation: longer, with as many more messages and absences
@@ -34,7 +37,9 @@ class Params:
             self.users, self.pairs, self.idle_fraction,
             max(1, round(self.min_messages * scale)), max(1, round(self.max_messages * scale)),
             self.duration * scale, self.burst, self.gap, round(self.offline * scale),
-            self.offline_length,
+            self.offline_length, self.groups, self.group_size,
+            (max(1, round(self.group_messages[0] * scale)),
+             max(1, round(self.group_messages[1] * scale))),
         )  # fmt: skip
 
 
@@ -60,6 +65,7 @@ class Workload:
     sends: list[Send] = field(default_factory=list)
     away: list[Away] = field(default_factory=list)
     duration: float = 0.0
+    groups: list[list[str]] = field(default_factory=list)  # a Send to "#i" goes to groups[i]
 
     def events(self, user: str) -> list[Send | Away]:
         """One user's own events in time order: what it sends, and when it goes away."""
@@ -116,4 +122,22 @@ def make(p: Params, seed: int) -> Workload:
                     w.away.append(Away(round(t, 3), u, round(length, 3)))
                     break
     w.away.sort(key=lambda x: x.t)
+
+    # Groups last, so that a workload without them is the one the same seed always made.
+    for gi in range(p.groups):
+        members = rng.sample(users, min(p.users, rng.randint(*p.group_size)))
+        w.groups.append(members)
+        known = {frozenset(pair) for pair in w.pairs}
+        for a, b in itertools.combinations(members, 2):
+            if frozenset((a, b)) not in known:
+                w.pairs.append((a, b))  # idle contacts: a group's members are contacts here
+        total = rng.randint(*p.group_messages)
+        while total > 0:
+            size = min(total, rng.randint(*p.burst))
+            total -= size
+            t = rng.uniform(0.0, p.duration * 0.9)
+            for _ in range(size):
+                w.sends.append(Send(round(min(t, p.duration), 3), rng.choice(members), f"#{gi}"))
+                t += max(0.3, min(4 * p.gap, rng.expovariate(1 / p.gap)))
+    w.sends.sort(key=lambda s: s.t)
     return w

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,8 @@ class Truth:
     profiles: dict[str, ProfileTruth]
     t_start: float  # the messaging phase
     t_end: float
+    groups: list[list[str]] = field(default_factory=list)  # each group's members
+    group_sent: list[tuple[float, str, int]] = field(default_factory=list)  # (t, sender, group)
 
 
 @dataclass
@@ -370,6 +373,39 @@ class World:
 
             wait_until(established, f"{me.name}'s contact {other}")
 
+    def make_group(self, gi: int, members: list[str]) -> dict[str, int]:
+        """The first member creates group `gi` and invites the others (all its contacts), who
+        accept; returns each member's local number for it, once everyone sees everyone."""
+        owner = self.users[members[0]]
+        name = f"g{gi}"
+        refs = {owner.name: int(owner.call("group.create", {"name": name})["group"])}
+        for m in members[1:]:
+            owner.call("group.invite", {"group": refs[owner.name], "contact": m})
+            u = self.users[m]
+
+            def invitation(u: User = u) -> Any:
+                return next((i["invitation"] for i in u.call("group.invitations")["invitations"]
+                             if i["name"] == name), None)  # fmt: skip
+
+            u.call("group.accept", {"invitation": wait_until(invitation, f"{m}'s invitation")})
+
+        def ref(u: User) -> int | None:
+            return next((int(g["group"]) for g in u.call("group.list")["groups"]
+                         if g["name"] == name), None)  # fmt: skip
+
+        for m in members[1:]:
+            u = self.users[m]
+            refs[m] = int(wait_until(partial(ref, u), f"{m} in {name}"))
+        for m in members:
+
+            def complete(m: str = m) -> bool:
+                g = self.users[m].call("group.get", {"group": refs[m]})
+                return len(g["members"]) == len(members) and all(
+                    x["reachable"] for x in g["members"] if not x.get("you"))
+
+            wait_until(complete, f"{m} to see all of {name}")
+        return refs
+
     def delivered(self, sent: list[Sent]) -> int:
         """How many of `sent` their sender sees delivered (the receipt came back)."""
         want: dict[tuple[str, str], set[str]] = {}
@@ -477,6 +513,13 @@ def run(base: Path, work: wl.Workload, config: Config, level_calls: list[Call], 
             log(f"contact {i + 1}/{len(work.pairs)}: {a} added {b}")
             time.sleep(world.rng.uniform(0.3, 1.5))
 
+        group_refs: dict[tuple[str, int], int] = {}
+        for gi, members in enumerate(work.groups):
+            for m, r in world.make_group(gi, members).items():
+                group_refs[(m, gi)] = r
+            log(f"group {gi + 1}/{len(work.groups)}: {', '.join(members)}")
+        group_sent: list[tuple[float, str, int]] = []
+
         sent: list[Sent] = []
         errors: list[BaseException] = []
         lock = threading.Lock()
@@ -490,7 +533,14 @@ def run(base: Path, work: wl.Workload, config: Config, level_calls: list[Call], 
                     delay = t0 + ev.t - time.time()
                     if delay > 0:
                         time.sleep(delay)
-                    if isinstance(ev, wl.Send):
+                    if isinstance(ev, wl.Send) and ev.recipient.startswith("#"):
+                        gi = int(ev.recipient[1:])
+                        t = time.time()
+                        user.call("group.send", {"group": group_refs[(user.name, gi)],
+                                                 "text": f"g{len(group_sent)} {t:.3f}"})
+                        with lock:
+                            group_sent.append((t, user.name, gi))
+                    elif isinstance(ev, wl.Send):
                         t = time.time()
                         mid = user.call("messages.send", {"contact": ev.recipient,
                                                           "text": f"m{len(sent)} {t:.3f}"})
@@ -531,7 +581,8 @@ def run(base: Path, work: wl.Workload, config: Config, level_calls: list[Call], 
         for u in world.users.values():
             u.stop()
         profiles = {name: read_profile(name, u.home) for name, u in world.users.items()}
-        truth = Truth(work.users, work.pairs, work.active, sent, labels, profiles, t0, t_end)
+        truth = Truth(work.users, work.pairs, work.active, sent, labels, profiles, t0, t_end,
+                      work.groups, sorted(group_sent))  # fmt: skip
         return RunData(capture, db, truth, time.monotonic() - t_run)
     finally:
         world.close()

@@ -218,6 +218,14 @@ def test_privacy_sets_jitter_and_receipts(peers: Callable[[str], Peer]) -> None:
     assert shown["level"] == "off"
     r = cli(alice, "privacy", "--send-jitter-max", "-1")
     assert r.returncode == 2 and "send-jitter-max" in r.stderr
+    # issue 16: the group fan-out's spread, the same way
+    r = cli(alice, "privacy", "--group-spread-max", "30")
+    assert r.returncode == 0, r.stderr
+    assert "group fan-out spread (cover off): each member's copy after a random 0 to 30 s" \
+        in r.stdout  # fmt: skip
+    assert alice.call("settings.get")["group_spread_max"] == 30.0
+    r = cli(alice, "privacy", "--group-spread-max", "3601")
+    assert r.returncode == 2 and "group-spread-max" in r.stderr
 
 
 def test_a_profile_without_a_relay_or_with_a_wrong_one_is_repaired(

@@ -129,3 +129,27 @@ def test_the_page_reader_finds_every_row_and_the_order_its_cells_were_written(
     assert set(places) == set(keys + more)
     assert len({p.page for p in places.values()}) > 20
     db.close()
+
+
+def test_fanout_simulation_times_deposits_as_the_daemon_does() -> None:
+    """bench/linkage.py --groups: cover off, a group's copies land together (spread 0) or each
+    within [0, spread]; cover on, the deposits are the slots whatever is sent (the same with
+    the group messages as without); and the attack finds a group by its bursts."""
+    from bench.linkbench import fanout
+
+    p = fanout.Params(users=10, contacts=12, groups=(2, 3, 5), duration=6 * 3600.0)
+    pop = fanout.make(p, 3)
+    assert pop.group_sends > 0
+    sessions = set(pop.sessions)  # members who are not contacts get a session of their own
+    assert all(fanout._session(a, b) in sessions for g in pop.groups for a in g for b in g
+               if a != b)  # fmt: skip
+    together = fanout.deposits(pop, p, cover=False, spread=0.0, seed=3)
+    assert max(together.until_last) <= fanout.CONCURRENT
+    spread = fanout.deposits(pop, p, cover=False, spread=30.0, seed=3)
+    assert max(spread.per_member) <= 30.0 and max(spread.until_last) > fanout.CONCURRENT
+    with_groups = fanout.deposits(pop, p, cover=True, spread=0.0, seed=3)
+    without = fanout.deposits(pop, p, cover=True, spread=0.0, seed=3, with_groups=False)
+    assert with_groups.deposits == without.deposits
+    assert min(with_groups.per_member) > 0  # each copy waited for a slot
+    burst = fanout.attack(pop, together, p)
+    assert burst.best()[2] > 0.8
