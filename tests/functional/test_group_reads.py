@@ -2,7 +2,8 @@
 completed (issue 16), between real daemons on a real relay: a reader's read receipt reaches
 the author only, and not at all with read receipts off; a member who reuses another's message
 ID suppresses nothing; an inviter demoted before the answer refuses it and the invitee drops
-the group; an invitation the rules refuse can still be declined."""
+the group; an offer for a member removed since the invitation is left out; an invitation the
+rules refuse can still be declined."""
 
 from __future__ import annotations
 
@@ -125,6 +126,30 @@ def test_a_demoted_inviter_refuses_the_answer_and_a_refused_invitation_can_be_de
     assert changed(bob, "invitation_refused")
     assert len(members(alice)) == 2 and len(members(bob)) == 2
     carol.wait_for(lambda: invitation_mailboxes(carol) == 0, "her link revoked", T)
+
+
+def test_an_offer_for_a_member_removed_since_the_invitation_is_left_out(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """§25.7 step 3: carol's accept offers a link for bob, whom alice removed after inviting
+    her; alice leaves that offer out and adds carol (before, the answer was taken and then
+    dropped: carol kept a group she was never added to, and could not be invited again)."""
+    alice, bob, carol = peers("alice"), peers("bob"), peers("carol")
+    connect(bob, alice)
+    connect(carol, alice)  # carol does not know bob: her accept makes a link for him
+    g = alice.call("group.create", {"name": NAME})["group"]
+    alice.call("group.invite", {"group": g, "contact": "bob"})
+    bob.call("group.accept", {"invitation": invited(bob)})
+    alice.wait_for(lambda: len(members(alice)) == 2, "alice to add bob", T)
+    alice.call("group.invite", {"group": g, "contact": "carol"})
+    invitation = invited(carol)
+    alice.call("group.remove", {"group": g, "member": "bob"})
+    assert len(members(alice)) == 1
+    carol.call("group.accept", {"invitation": invitation})
+    carol.wait_for(lambda: key_of(carol) in members(carol), "carol's add", T)
+    alice.wait_for(lambda: key_of(carol) in members(alice), "alice to add carol", T)
+    assert key_of(bob) not in members(carol) and len(members(carol)) == 2
+    assert not changed(carol, "invitation_refused")
 
 
 def invitation_mailboxes(peer: Peer) -> int:
