@@ -39,6 +39,7 @@ from aegisd.store.db import Store
 from aegisd.transport.network import ProxyUrlError, check_proxy_url
 
 from .contacts import SETTING_NAME
+from .groups_state import stored_invitation
 from .inbox import clean_name
 from .mailbox import ContactState, OwnedMailbox
 from .messenger import Messenger
@@ -426,8 +427,8 @@ def _groups_out(store: Store, index: dict[int, int]) -> fmt.BackupGroups:
         )  # fmt: skip
     invitations = []
     for inv in G.list_invitations(store):
-        payload = wire.decode_payload(inv.payload)
-        if inv.contact_id in index and isinstance(payload, wire.GroupInvitePayload):
+        payload = stored_invitation(inv.payload)  # one damaged on disk is left out
+        if inv.contact_id in index and payload is not None:
             invitations.append(fmt.BackupInvitation(index[inv.contact_id], payload, inv.created_at))
     sent = [
         fmt.BackupSentInvite(bytes(r[0]), place[int(r[1])], index[int(r[2])], int(r[3]))

@@ -176,7 +176,7 @@ class GroupInbound(GroupBase):
             return  # a member already (another admin added us): nothing to undo
         for inv in joining["links"]:
             self.m.store.set_setting(f"{INTRO_KEY}{inv}", None)
-            self.m._spawn(self._revoke(inv))
+            self.m.spawn(self._revoke(inv))
         G.delete_group(self.m.store, row.id)
         self.m.ctx.events.emit("group.changed", {"group": row.id, "change": "invitation_refused",
                                                  "contact": c.name})  # fmt: skip
@@ -271,7 +271,7 @@ class GroupInbound(GroupBase):
         name = self.m.contacts.unique_name(clean_name(f"member {identity.ed_pub.hex()[:12]}"))
         # kept until its first contact is made (or given up): a passing failure loses nothing
         intro = G.add_pending_intro(self.m.store, row.id, name, p.link.to_text())
-        self.m._spawn(self.open_session(intro))
+        self.m.spawn(self.open_session(intro))
 
     async def open_session(self, intro_id: int) -> None:
         """A first contact through the newcomer's introduction link (§25.7 step 4); the

@@ -11,6 +11,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
+from aegis_cli.client import RpcCallError
 from aegisd.core import wire
 from aegisd.store import groups as G
 from tests.functional.conftest import Peer, connect
@@ -186,6 +189,38 @@ def test_an_invitation_the_rules_refuse_can_still_be_declined(
     assert carol.call("group.decline", {"invitation": inv}) == {"declined": True}
     assert carol.call("group.invitations")["invitations"] == []
     alice.wait_for(lambda: changed(alice, "declined"), "the decline", T)
+
+
+def test_a_stored_invitation_that_does_not_decode_is_declined_or_dropped(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """An invitation damaged in the store (it no longer decodes): decline deletes it (no
+    answer: there is nothing to name), accept says not_found and deletes it, the listing
+    leaves it out (each of these failed on an assert before)."""
+    alice, carol = peers("alice"), peers("carol")
+    connect(carol, alice)
+    g = alice.call("group.create", {"name": NAME})["group"]
+
+    def damaged() -> int:
+        alice.call("group.invite", {"group": g, "contact": "carol"})
+        inv = invited(carol)
+        s = offline_store(carol)
+        try:
+            s._q("UPDATE group_invitations SET payload = ? WHERE id = ?", (b"\x01\x0c!", inv))
+        finally:
+            s.close()
+        return inv
+
+    inv = damaged()
+    assert carol.call("group.decline", {"invitation": inv}) == {"declined": True}
+    assert carol.call("group.invitations")["invitations"] == []
+    inv = damaged()
+    with pytest.raises(RpcCallError) as err:
+        carol.call("group.accept", {"invitation": inv})
+    assert err.value.error == "not_found"
+    inv = damaged()
+    assert carol.call("group.invitations")["invitations"] == []
+    assert carol.call("group.list")["groups"] == []
 
 
 def test_a_member_reusing_anothers_message_id_suppresses_nothing(
