@@ -32,11 +32,13 @@ from .errors import DecodeError, ProtocolError, UnsupportedVersion
 from .primitives import Entropy
 
 MAGIC = b"AEGISBAK"
-#: Version 2 (groups, docs/protocol.md §23) is written; every version here is read. The header's
+#: Version 3 is written; every version here is read. Version 2 added the groups (docs/protocol.md
+#: §23); version 3 has version 2's layout with group message IDs unique per (group, sender)
+#: rather than in the whole section, which a version-2 reader refused as damaged. The header's
 #: version and the contents' first byte are bumped together, so that an older daemon refuses a
-#: newer file before asking for the key derivation.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: newer file ("too new") before asking for the key derivation.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 KDF_ARGON2ID = 1
 SALT_LEN = 16
 KEY_LEN = 32
@@ -394,7 +396,7 @@ class BackupSentInvite:
 
 @dataclass(frozen=True)
 class BackupGroups:
-    """Contents version 2: the groups, and which contacts serve groups only (hidden)."""
+    """Contents versions 2 and 3: the groups, and which contacts serve groups only (hidden)."""
 
     group_contacts: tuple[int, ...] = ()  # indices into contacts, increasing
     groups: tuple[BackupGroup, ...] = ()
@@ -413,8 +415,8 @@ class BackupContents:
     contacts: tuple[BackupContact, ...]
     mailboxes: tuple[BackupMailbox, ...]  # address and invitation mailboxes
     # Attachments (issue 7, another part) will be a list here, written after `mailboxes`; in
-    # contents versions 1 and 2 the count field is present and must be 0.
-    groups: BackupGroups = BackupGroups()  # version 2; empty when read from version 1
+    # contents versions 1 to 3 the count field is present and must be 0.
+    groups: BackupGroups = BackupGroups()  # versions 2 and 3; empty when read from version 1
 
     def __repr__(self) -> str:
         return "BackupContents(<hidden>)"
@@ -440,7 +442,7 @@ class BackupContents:
                 _write_message(w, m)
             _write_mailboxes(w, c.mailboxes)
         _write_mailboxes(w, self.mailboxes)
-        w.u32(0)  # attachments: none in versions 1 and 2
+        w.u32(0)  # attachments: none in versions 1 to 3
         _write_groups(w, self.groups, len(self.contacts))
         return w.bytes()
 
@@ -481,7 +483,7 @@ class BackupContents:
             )  # fmt: skip
         mailboxes = _read_mailboxes(r)
         if r.u32() != 0:
-            raise DecodeError("attachments are not defined in backup contents versions 1 and 2")
+            raise DecodeError("attachments are not defined in backup contents versions 1 to 3")
         groups = _read_groups(r, len(contacts)) if version >= 2 else BackupGroups()
         r.done()
         return cls(
@@ -602,7 +604,7 @@ def _read_mailboxes(r: wire.Reader) -> tuple[BackupMailbox, ...]:
     return tuple(out)
 
 
-# --- groups (contents version 2) --------------------------------------------------------------
+# --- groups (contents versions 2 and 3) -----------------------------------------------------------
 
 
 def _write_groups(w: wire.Writer, g: BackupGroups, n_contacts: int) -> None:

@@ -185,7 +185,7 @@ def test_contents_reject_bad_status_direction_and_attachments() -> None:
     with pytest.raises(DecodeError):
         fmt.BackupContents.from_bytes(good[:-20] + b"\x00\x00\x00\x01" + good[-16:])
     with pytest.raises(UnsupportedVersion):
-        fmt.BackupContents.from_bytes(b"\x03" + good[1:])
+        fmt.BackupContents.from_bytes(bytes([fmt.FORMAT_VERSION + 1]) + good[1:])
     with pytest.raises(DecodeError):
         fmt.BackupContents.from_bytes(good + b"\x00")
     ed, x = ALICE.raw_private()
@@ -200,7 +200,7 @@ def test_contents_reject_bad_status_direction_and_attachments() -> None:
         )
 
 
-# --- version 2 (groups) and the versions before it ------------------------------------------
+# --- versions 2 and 3 (groups) and the version before them -----------------------------------
 
 
 def test_a_version_1_file_written_by_the_old_code_still_reads() -> None:
@@ -220,17 +220,19 @@ def test_a_version_1_file_written_by_the_old_code_still_reads() -> None:
         fmt.BackupContents.from_bytes(plain + bytes(16))
 
 
-def test_version_2_is_written_and_carries_the_groups() -> None:
+def test_version_3_is_written_and_carries_the_groups() -> None:
     c = sample_contents()
     data = c.to_bytes()
-    assert data[0] == 2 and fmt.BackupContents.from_bytes(data) == c
-    assert fmt.Header.from_bytes(fmt.encrypt(E, PASS, b"", KDF)).version == 2
+    assert data[0] == 3 and fmt.BackupContents.from_bytes(data) == c
+    assert fmt.Header.from_bytes(fmt.encrypt(E, PASS, b"", KDF)).version == 3
+    # version 2 has the same layout (it held IDs unique in the whole section): it reads
+    assert fmt.BackupContents.from_bytes(b"\x02" + data[1:]) == c
     again = fmt.BackupContents.from_bytes(data).groups
     log = g.GroupLog.from_record(again.groups[0].log)
     assert log.record() == again.groups[0].log and len(log.head.members) == 3
     assert again.groups[0].messages[0].statuses == ((0, "read"),)
     assert again.invitations[0].payload.base.state.name == "Other"
-    # Version 1 contents with groups appended are not version 2: refused.
+    # Version 1 contents with groups appended are not version 2 or 3: refused.
     with pytest.raises(DecodeError):
         fmt.BackupContents.from_bytes(b"\x01" + data[1:])
 
@@ -332,7 +334,7 @@ def test_renew_payload_is_strict() -> None:
 # --- fuzz -------------------------------------------------------------------------------------
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-CONTENTS = sample_contents().to_bytes()  # version 2, with groups: the fuzz reaches them
+CONTENTS = sample_contents().to_bytes()  # version 3, with groups: the fuzz reaches them
 GROUPS_AT = len(replace(sample_contents(), groups=fmt.BackupGroups()).to_bytes()) - 16
 FILE = fmt.encrypt(E, PASS, CONTENTS, KDF)
 BLOCK = renewal.seal(E, ALICE, BOB.public, wire.encode_payload(RENEW))
@@ -399,8 +401,8 @@ def test_settings_are_json() -> None:
 
 def test_backup_md_states_the_group_bounds() -> None:
     text = (Path(__file__).parent.parent.parent / "docs" / "backup.md").read_text()
-    assert "format version: `0x02` written; `0x01` and `0x02` read" in text
-    assert fmt.FORMAT_VERSION == 2 and fmt.READABLE_VERSIONS == (1, 2)
+    assert "format version: `0x03` written; `0x01`, `0x02` and `0x03` read" in text
+    assert fmt.FORMAT_VERSION == 3 and fmt.READABLE_VERSIONS == (1, 2, 3)
     assert f"`var({fmt.MAX_GROUP_LOG_BYTES >> 20} MiB)`" in text
     assert f"groups | `u32 n` (≤ {fmt.MAX_GROUPS:,})" in text
     assert f"invitations | `u32 n` (≤ {fmt.MAX_GROUP_INVITATIONS:,})" in text
