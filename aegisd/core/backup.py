@@ -33,8 +33,8 @@ from .primitives import Entropy
 
 MAGIC = b"AEGISBAK"
 #: Version 3 is written; every version here is read. Version 2 added the groups (docs/protocol.md
-#: §23); version 3 has version 2's layout with group message IDs unique per (group, sender)
-#: rather than in the whole section, which a version-2 reader refused as damaged. The header's
+#: §23); version 3 has group message IDs unique per (group, sender) rather than in the whole
+#: section, which a version-2 reader refused as damaged, and the groups being joined. The header's
 #: version and the contents' first byte are bumped together, so that an older daemon refuses a
 #: newer file ("too new") before asking for the key derivation.
 FORMAT_VERSION = 3
@@ -395,6 +395,16 @@ class BackupSentInvite:
 
 
 @dataclass(frozen=True)
+class BackupJoining:
+    """A group we accepted an invitation to and are not a member of yet (version 3): what
+    lets the inviter's refusal (docs/protocol.md §25.7 step 3) undo the accept."""
+
+    group: int  # index into BackupGroups.groups
+    invite_id: bytes
+    contact: int  # the inviter: index into BackupContents.contacts
+
+
+@dataclass(frozen=True)
 class BackupGroups:
     """Contents versions 2 and 3: the groups, and which contacts serve groups only (hidden)."""
 
@@ -402,6 +412,7 @@ class BackupGroups:
     groups: tuple[BackupGroup, ...] = ()
     invitations: tuple[BackupInvitation, ...] = ()
     sent_invites: tuple[BackupSentInvite, ...] = ()
+    joining: tuple[BackupJoining, ...] = ()  # version 3; empty when read from version 2
 
 
 @dataclass(frozen=True)
@@ -484,7 +495,7 @@ class BackupContents:
         mailboxes = _read_mailboxes(r)
         if r.u32() != 0:
             raise DecodeError("attachments are not defined in backup contents versions 1 to 3")
-        groups = _read_groups(r, len(contacts)) if version >= 2 else BackupGroups()
+        groups = _read_groups(r, len(contacts), version) if version >= 2 else BackupGroups()
         r.done()
         return cls(
             created, ed_priv, x_priv, sig, display_name, tuple(settings), tuple(contacts),
@@ -647,6 +658,13 @@ def _write_groups(w: wire.Writer, g: BackupGroups, n_contacts: int) -> None:
         if s.contact >= n_contacts or s.group >= len(g.groups):
             raise ValueError("sent invitation for an unknown group or contact")
         w.fixed(s.invite_id, wire.MESSAGE_ID_LEN).u32(s.group).u32(s.contact).u64(s.version)
+    if len({j.group for j in g.joining}) != len(g.joining):
+        raise ValueError("a group joined twice")
+    _count(w, len(g.joining), MAX_GROUPS)
+    for j in g.joining:
+        if j.contact >= n_contacts or j.group >= len(g.groups):
+            raise ValueError("joining an unknown group or through an unknown contact")
+        w.u32(j.group).fixed(j.invite_id, wire.MESSAGE_ID_LEN).u32(j.contact)
 
 
 def _index(r: wire.Reader, n: int) -> int:
@@ -656,7 +674,7 @@ def _index(r: wire.Reader, n: int) -> int:
     return i
 
 
-def _read_groups(r: wire.Reader, n_contacts: int) -> BackupGroups:
+def _read_groups(r: wire.Reader, n_contacts: int, version: int) -> BackupGroups:
     hidden = tuple(_index(r, n_contacts) for _ in range(_read_count(r, MAX_CONTACTS)))
     if any(a >= b for a, b in itertools.pairwise(hidden)):
         raise DecodeError("group contacts not in increasing order")
@@ -710,4 +728,13 @@ def _read_groups(r: wire.Reader, n_contacts: int) -> BackupGroups:
         invite_ids.add(invite_id)
         group, contact = _index(r, len(groups)), _index(r, n_contacts)
         sent.append(BackupSentInvite(invite_id, group, contact, r.u64()))
-    return BackupGroups(hidden, tuple(groups), tuple(invitations), tuple(sent))
+    joining = []
+    joined: set[int] = set()
+    for _ in range(_read_count(r, MAX_GROUPS) if version >= 3 else 0):
+        group = _index(r, len(groups))
+        if group in joined:
+            raise DecodeError("a group joined twice")
+        joined.add(group)
+        invite_id = r.take(wire.MESSAGE_ID_LEN)
+        joining.append(BackupJoining(group, invite_id, _index(r, n_contacts)))
+    return BackupGroups(hidden, tuple(groups), tuple(invitations), tuple(sent), tuple(joining))

@@ -39,7 +39,7 @@ from aegisd.store.db import Store
 from aegisd.transport.network import ProxyUrlError, check_proxy_url
 
 from .contacts import SETTING_NAME
-from .groups_state import stored_invitation
+from .groups_state import JOINING_KEY, stored_invitation
 from .inbox import clean_name
 from .mailbox import ContactState, OwnedMailbox
 from .messenger import Messenger
@@ -438,7 +438,13 @@ def _groups_out(store: Store, index: dict[int, int]) -> fmt.BackupGroups:
         ).fetchall()
         if int(r[1]) in place and int(r[2]) in index
     ]
-    return fmt.BackupGroups(hidden, tuple(groups), tuple(invitations), tuple(sent))
+    joining = []
+    for ref, i in place.items():
+        j = store.get_setting(f"{JOINING_KEY}{ref}")
+        if isinstance(j, dict) and j.get("contact") in index:
+            joining.append(fmt.BackupJoining(i, bytes.fromhex(j["invite"]), index[j["contact"]]))
+    return fmt.BackupGroups(hidden, tuple(groups), tuple(invitations), tuple(sent),
+                            tuple(joining))  # fmt: skip
 
 
 def _groups_in(
@@ -482,6 +488,11 @@ def _groups_in(
         base = logs[s.group].base.version
         G.add_sent_invite(store, s.invite_id, refs[s.group], cids[s.contact], s.version,
                           base, ())
+    for j in backup.joining:
+        # the introduction links made at the accept are not restored (their mailboxes go at
+        # the import): a refusal has none to revoke
+        store.set_setting(f"{JOINING_KEY}{refs[j.group]}",
+                          {"invite": j.invite_id.hex(), "contact": cids[j.contact], "links": []})
 
 
 def _read_limited(path: Path) -> bytes:

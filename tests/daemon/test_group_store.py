@@ -234,9 +234,10 @@ def test_wire_id_of_is_one_to_one():
 def test_a_backup_with_a_text_id_and_its_hex_restores_and_exports_both(tmp_path):
     """A backup's group history holding a text id of 16 characters and the hex of its UTF-8
     (two ids to the file's parser) imports as two messages (it failed an assert) and exports
-    the same two ids again."""
+    the same two ids again; a group being joined keeps what undoes the accept."""
     from aegisd.core import backup as fmt
     from aegisd.services.backup import _groups_in, _groups_out
+    from aegisd.services.groups_state import JOINING_KEY
     from tests.support.groups import group_of
 
     log, _people = group_of([])
@@ -258,5 +259,23 @@ def test_a_backup_with_a_text_id_and_its_hex_restores_and_exports_both(tmp_path)
         assert all(G.statuses(store, m.seq) == {c.id: "delivered"} for m in page)
         out = _groups_out(store, {c.id: 0})
         assert [m.message_id for m in out.groups[0].messages] == [m.message_id for m in msgs]
+        assert out.joining == ()
+        # accepted and not added yet (group.joining.*): in the file, and back after an import
+        # (its introduction links are not: their mailboxes go at the import)
+        store.set_setting(f"{JOINING_KEY}{ref.id}",
+                          {"invite": "ab" * 16, "contact": c.id, "links": ["x"]})  # fmt: skip
+        out = _groups_out(store, {c.id: 0})
+        assert out.joining == (fmt.BackupJoining(0, b"\xab" * 16, 0),)
     finally:
         store.close()
+    other = create_profile(tmp_path / "q", "pass phrase", FAST)
+    try:
+        d = other.add_contact("inviter", identity_key=b"k")
+        with other.transaction():
+            _groups_in(other, out, [log], [d.id])
+        ref = G.group_by_id(other, log.head.group_id)
+        assert ref is not None
+        assert other.get_setting(f"{JOINING_KEY}{ref.id}") == {
+            "invite": "ab" * 16, "contact": d.id, "links": []}  # fmt: skip
+    finally:
+        other.close()
