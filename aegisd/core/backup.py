@@ -32,11 +32,13 @@ from .errors import DecodeError, ProtocolError, UnsupportedVersion
 from .primitives import Entropy
 
 MAGIC = b"AEGISBAK"
-#: Version 2 (groups, docs/protocol.md §23) is written; every version here is read. The header's
+#: Version 3 is written; every version here is read. Version 2 added the groups (docs/protocol.md
+#: §23); version 3 has group message IDs unique per (group, sender) rather than in the whole
+#: section, which a version-2 reader refused as damaged, and the groups being joined. The header's
 #: version and the contents' first byte are bumped together, so that an older daemon refuses a
-#: newer file before asking for the key derivation.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: newer file ("too new") before asking for the key derivation.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 KDF_ARGON2ID = 1
 SALT_LEN = 16
 KEY_LEN = 32
@@ -393,13 +395,24 @@ class BackupSentInvite:
 
 
 @dataclass(frozen=True)
+class BackupJoining:
+    """A group we accepted an invitation to and are not a member of yet (version 3): what
+    lets the inviter's refusal (docs/protocol.md §25.7 step 3) undo the accept."""
+
+    group: int  # index into BackupGroups.groups
+    invite_id: bytes
+    contact: int  # the inviter: index into BackupContents.contacts
+
+
+@dataclass(frozen=True)
 class BackupGroups:
-    """Contents version 2: the groups, and which contacts serve groups only (hidden)."""
+    """Contents versions 2 and 3: the groups, and which contacts serve groups only (hidden)."""
 
     group_contacts: tuple[int, ...] = ()  # indices into contacts, increasing
     groups: tuple[BackupGroup, ...] = ()
     invitations: tuple[BackupInvitation, ...] = ()
     sent_invites: tuple[BackupSentInvite, ...] = ()
+    joining: tuple[BackupJoining, ...] = ()  # version 3; empty when read from version 2
 
 
 @dataclass(frozen=True)
@@ -413,8 +426,8 @@ class BackupContents:
     contacts: tuple[BackupContact, ...]
     mailboxes: tuple[BackupMailbox, ...]  # address and invitation mailboxes
     # Attachments (issue 7, another part) will be a list here, written after `mailboxes`; in
-    # contents versions 1 and 2 the count field is present and must be 0.
-    groups: BackupGroups = BackupGroups()  # version 2; empty when read from version 1
+    # contents versions 1 to 3 the count field is present and must be 0.
+    groups: BackupGroups = BackupGroups()  # versions 2 and 3; empty when read from version 1
 
     def __repr__(self) -> str:
         return "BackupContents(<hidden>)"
@@ -440,7 +453,7 @@ class BackupContents:
                 _write_message(w, m)
             _write_mailboxes(w, c.mailboxes)
         _write_mailboxes(w, self.mailboxes)
-        w.u32(0)  # attachments: none in versions 1 and 2
+        w.u32(0)  # attachments: none in versions 1 to 3
         _write_groups(w, self.groups, len(self.contacts))
         return w.bytes()
 
@@ -481,8 +494,8 @@ class BackupContents:
             )  # fmt: skip
         mailboxes = _read_mailboxes(r)
         if r.u32() != 0:
-            raise DecodeError("attachments are not defined in backup contents versions 1 and 2")
-        groups = _read_groups(r, len(contacts)) if version >= 2 else BackupGroups()
+            raise DecodeError("attachments are not defined in backup contents versions 1 to 3")
+        groups = _read_groups(r, len(contacts), version) if version >= 2 else BackupGroups()
         r.done()
         return cls(
             created, ed_priv, x_priv, sig, display_name, tuple(settings), tuple(contacts),
@@ -602,7 +615,7 @@ def _read_mailboxes(r: wire.Reader) -> tuple[BackupMailbox, ...]:
     return tuple(out)
 
 
-# --- groups (contents version 2) --------------------------------------------------------------
+# --- groups (contents versions 2 and 3) -----------------------------------------------------------
 
 
 def _write_groups(w: wire.Writer, g: BackupGroups, n_contacts: int) -> None:
@@ -645,6 +658,13 @@ def _write_groups(w: wire.Writer, g: BackupGroups, n_contacts: int) -> None:
         if s.contact >= n_contacts or s.group >= len(g.groups):
             raise ValueError("sent invitation for an unknown group or contact")
         w.fixed(s.invite_id, wire.MESSAGE_ID_LEN).u32(s.group).u32(s.contact).u64(s.version)
+    if len({j.group for j in g.joining}) != len(g.joining):
+        raise ValueError("a group joined twice")
+    _count(w, len(g.joining), MAX_GROUPS)
+    for j in g.joining:
+        if j.contact >= n_contacts or j.group >= len(g.groups):
+            raise ValueError("joining an unknown group or through an unknown contact")
+        w.u32(j.group).fixed(j.invite_id, wire.MESSAGE_ID_LEN).u32(j.contact)
 
 
 def _index(r: wire.Reader, n: int) -> int:
@@ -654,7 +674,7 @@ def _index(r: wire.Reader, n: int) -> int:
     return i
 
 
-def _read_groups(r: wire.Reader, n_contacts: int) -> BackupGroups:
+def _read_groups(r: wire.Reader, n_contacts: int, version: int) -> BackupGroups:
     hidden = tuple(_index(r, n_contacts) for _ in range(_read_count(r, MAX_CONTACTS)))
     if any(a >= b for a, b in itertools.pairwise(hidden)):
         raise DecodeError("group contacts not in increasing order")
@@ -708,4 +728,13 @@ def _read_groups(r: wire.Reader, n_contacts: int) -> BackupGroups:
         invite_ids.add(invite_id)
         group, contact = _index(r, len(groups)), _index(r, n_contacts)
         sent.append(BackupSentInvite(invite_id, group, contact, r.u64()))
-    return BackupGroups(hidden, tuple(groups), tuple(invitations), tuple(sent))
+    joining = []
+    joined: set[int] = set()
+    for _ in range(_read_count(r, MAX_GROUPS) if version >= 3 else 0):
+        group = _index(r, len(groups))
+        if group in joined:
+            raise DecodeError("a group joined twice")
+        joined.add(group)
+        invite_id = r.take(wire.MESSAGE_ID_LEN)
+        joining.append(BackupJoining(group, invite_id, _index(r, n_contacts)))
+    return BackupGroups(hidden, tuple(groups), tuple(invitations), tuple(sent), tuple(joining))

@@ -329,17 +329,22 @@ def invitation_log(
 
 
 def introduction_offers(
-    state: GroupState, answer: wire.GroupAnswerPayload, invitee: PublicIdentity
+    state: GroupState, answer: wire.GroupAnswerPayload, invitee: PublicIdentity,
+    departed: frozenset[bytes] = frozenset(),
 ) -> dict[bytes, wire.ContactLink]:
     """The inviter's check of an accepting answer (§25.7 step 2): every offer is for a member
-    of `state` other than the invitee, and its link is the invitee's (by keys). Returns the
-    link to pass to each member, by member key."""
+    of `state` other than the invitee, and its link is the invitee's (by keys). An offer for
+    a key in `departed` (a member removed or gone since the invitation) is left out: the
+    invitee offered it in good faith, and there is no one to introduce. Returns the link to
+    pass to each member, by member key."""
     if answer.group_id != state.group_id:
         raise UnknownGroup("no such group")
     if not answer.accepted:
         raise InvalidChange("a declined invitation carries no offers")
     out: dict[bytes, wire.ContactLink] = {}
     for offer in answer.offers:
+        if offer.member in departed and state.member(offer.member) is None:
+            continue
         if state.member(offer.member) is None or offer.member == invitee.ed_pub:
             raise NotAMember("an offer for someone who is not a member")
         if not _identity(offer.link.identity).same_keys(invitee):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from aegisd import droplog
 from aegisd.core import group as core
 from aegisd.core import wire
 from aegisd.core.errors import GroupError, InvalidChange, NotAMember
@@ -52,6 +53,7 @@ from .groups_state import (
     refused,
     sendable,
     session_failed,
+    stored_invitation,
 )
 
 
@@ -234,8 +236,11 @@ class Groups(GroupBase):
         G.drop_invitations_before(self.m.store, now_ms() - INVITATION_MAX_AGE_MS)
         out = []
         for row in G.list_invitations(self.m.store):
-            p = wire.decode_payload(row.payload)
-            assert isinstance(p, wire.GroupInvitePayload)
+            p = stored_invitation(row.payload)
+            if p is None:  # damaged in the store: nothing to show or answer
+                G.delete_invitation(self.m.store, row.id)
+                droplog.dropped("dropped a stored group invitation that does not decode")
+                continue
             c = self.m.store.get_contact(row.contact_id)
             out.append({"invitation": row.id, "name": p.base.state.name,
                         "from": c.name if c else None, "members": len(p.base.state.members),
@@ -250,13 +255,14 @@ class Groups(GroupBase):
             row = G.get_invitation(self.m.store, invitation)
             if row is None:
                 raise E.not_found("invitation")
-            p = wire.decode_payload(row.payload)  # stored as decoded on arrival
-            c = self.m.store.get_contact(row.contact_id)  # the row goes with its contact
-            assert isinstance(p, wire.GroupInvitePayload) and c is not None
-            blob = self.m.store.get_session(c.id)
             with self.m.store.transaction():
-                G.delete_invitation(self.m.store, row.id)
-                if blob is not None and not c.blocked and sendable(c):
+                G.delete_invitation(self.m.store, row.id)  # first: nothing below keeps it
+                # stored as decoded on arrival; one damaged since is dropped, unanswered
+                p = stored_invitation(row.payload)
+                c = self.m.store.get_contact(row.contact_id)  # the row goes with its contact
+                blob = self.m.store.get_session(c.id) if c is not None else None
+                if (p is not None and c is not None and blob is not None and not c.blocked
+                        and sendable(c)):  # fmt: skip
                     answer = wire.GroupAnswerPayload(p.invite_id, p.base.state.group_id, False)
                     self.m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], answer)
         self.m.delivery.wake()
@@ -271,9 +277,11 @@ class Groups(GroupBase):
             row = None
         if row is None:
             raise E.not_found("invitation")
-        p = wire.decode_payload(row.payload)
+        p = stored_invitation(row.payload)
         c = self.m.store.get_contact(row.contact_id)
-        assert isinstance(p, wire.GroupInvitePayload) and c is not None and c.identity_key
+        if p is None or c is None or not c.identity_key:
+            G.delete_invitation(self.m.store, row.id)  # damaged in the store
+            raise E.not_found("invitation")
         try:
             log = core.invitation_log(p.base, p.changes, PublicIdentity.from_bytes(c.identity_key),
                                       self.m.identity().public)  # fmt: skip
@@ -441,3 +449,4 @@ class Groups(GroupBase):
         # every other member at send, reached or not ("delivered to 3 of 5")
         return {"recipients": len(members), "delivered": delivered, "read": read,
                 "members": members}  # fmt: skip
+

@@ -117,17 +117,19 @@ class GroupInbound(GroupBase):
                                                      "contact": c.name})  # fmt: skip
             self._refuse(c, p)
             return
-        offers = core.introduction_offers(log.head, p, sender)
         # every change of the chain the invitation did not carry, whatever its parent (a
         # concurrent change that won on an older parent too), before the add (§25.7 step 3)
         missed = missed_changes(log, sent.chain)
         parent = log.head
         try:
+            # offers for members gone since the invitation are left out, not refused
+            offers = core.introduction_offers(log.head, p, sender, log.departed())
             change = core.add_member(self.m.identity(), parent, sender)
             log.receive(change)
         except GroupError as exc:
-            # we may no longer add (demoted or removed since we invited, or the group is
-            # full): the invitee must not wait for an add that will not come
+            # the sent invitation is taken: any refusal is answered, so that the invitee never
+            # waits for an add that will not come (we may no longer add: demoted or removed
+            # since we invited, or the group is full; or the answer's offers are refused)
             droplog.dropped(f"refused a group answer: {type(exc).__name__}")
             self.m.ctx.events.emit("group.changed", {
                 "group": ref, "change": "invitation_refused", "contact": c.name})  # fmt: skip
@@ -174,7 +176,7 @@ class GroupInbound(GroupBase):
             return  # a member already (another admin added us): nothing to undo
         for inv in joining["links"]:
             self.m.store.set_setting(f"{INTRO_KEY}{inv}", None)
-            self.m._spawn(self._revoke(inv))
+            self.m.spawn(self._revoke(inv))
         G.delete_group(self.m.store, row.id)
         self.m.ctx.events.emit("group.changed", {"group": row.id, "change": "invitation_refused",
                                                  "contact": c.name})  # fmt: skip
@@ -269,7 +271,7 @@ class GroupInbound(GroupBase):
         name = self.m.contacts.unique_name(clean_name(f"member {identity.ed_pub.hex()[:12]}"))
         # kept until its first contact is made (or given up): a passing failure loses nothing
         intro = G.add_pending_intro(self.m.store, row.id, name, p.link.to_text())
-        self.m._spawn(self.open_session(intro))
+        self.m.spawn(self.open_session(intro))
 
     async def open_session(self, intro_id: int) -> None:
         """A first contact through the newcomer's introduction link (§25.7 step 4); the

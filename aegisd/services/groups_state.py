@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from aegisd.core import group as core
 from aegisd.core import wire
-from aegisd.core.errors import GroupError
+from aegisd.core.errors import DecodeError, GroupError
 from aegisd.core.identity import IdentityKeyPair, PublicIdentity
 from aegisd.core.primitives import Entropy
 from aegisd.core.session import Session
@@ -80,6 +80,16 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def stored_invitation(payload: bytes) -> wire.GroupInvitePayload | None:
+    """A stored invitation's payload (decoded on arrival); None if it does not decode as one
+    (damaged on disk): the daemon must be able to drop it, never fail on it."""
+    try:
+        p = wire.decode_payload(payload)
+    except (DecodeError, ValueError):
+        return None
+    return p if isinstance(p, wire.GroupInvitePayload) else None
+
+
 class ContactsView(Protocol):
     def with_identity(self, identity: PublicIdentity) -> Contact | None: ...
     def by_name(self, name: str) -> Contact: ...
@@ -122,7 +132,7 @@ class GroupsHost(Protocol):
 
     def identity(self) -> IdentityKeyPair: ...
     def check_usable(self) -> None: ...
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
 
 class GroupBase:
@@ -213,7 +223,7 @@ class GroupBase:
             if c is not None and G.is_group_contact(self.m.store, c.id):
                 if self.m.store.get_setting(f"{DEPARTED_KEY}{c.id}") is None:
                     self.m.store.set_setting(f"{DEPARTED_KEY}{c.id}", now_ms())
-                self.m._spawn(self._remove_contact(c.id, key))
+                self.m.spawn(self._remove_contact(c.id, key))
 
     async def _remove_contact(self, contact_id: int, key: bytes) -> None:
         """A departed group contact goes after the grace period (§25.9): a removal can still
@@ -261,7 +271,7 @@ class GroupBase:
                 continue
             if self.m.store.get_setting(f"{DEPARTED_KEY}{cid}") is None:
                 self.m.store.set_setting(f"{DEPARTED_KEY}{cid}", now_ms())
-            self.m._spawn(self._remove_contact(cid, key))
+            self.m.spawn(self._remove_contact(cid, key))
 
 
 def missed_changes(log: core.GroupLog, carried: frozenset[bytes]

@@ -204,10 +204,13 @@ class Messenger:
     def check_usable(self) -> None:
         self.loss.check_usable()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """A background task that on_lock cancels; finished ones are forgotten."""
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A background task that on_lock cancels; finished ones are forgotten. Public: the
+        groups service starts its tasks through it (GroupsHost)."""
         self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(asyncio.create_task(coro))
+
+    _spawn = spawn  # the older services' hosts still name it so
 
     async def _after_connect(self) -> None:
         if self.loss.superseded():

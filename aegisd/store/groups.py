@@ -327,6 +327,29 @@ def parse_api_id(message_id: str) -> tuple[bytes, bytes] | None:
         return None
 
 
+#: Ahead of a text id that is not a wire id's hex: a byte UTF-8 never uses.
+_TEXT_TAG = b"\xff"
+
+
+def wire_id_of(message_id: str) -> bytes:
+    """The stored wire id for a backup's message id (docs/backup.md §2): 32 lowercase hex
+    digits, as the daemon writes them, their 16 bytes; any other text 0xFF, its UTF-8, then
+    0xFF up to 17 bytes. One to one: UTF-8 never holds 0xFF, and a text's form is never 16
+    bytes long, so "abcdefghijklmnop" and "6162...70" (its hex) stay two messages."""
+    if len(message_id) == 32 and all(ch in "0123456789abcdef" for ch in message_id):
+        return bytes.fromhex(message_id)
+    return (_TEXT_TAG + message_id.encode()).ljust(17, _TEXT_TAG)
+
+
+def text_id_of(wire_id: bytes) -> str:
+    """``wire_id_of``'s inverse: the backup's message id of a stored wire id."""
+    if len(wire_id) == 16:
+        return wire_id.hex()
+    if wire_id.startswith(_TEXT_TAG):
+        return wire_id.rstrip(_TEXT_TAG)[1:].decode()
+    return wire_id.decode(errors="replace")  # not written since: plain UTF-8 of a text id
+
+
 def add_message(
     store: Store, ref: int, wire_id: bytes, direction: str, body: str, *,
     sender_key: bytes | None = None, sent_at: int | None = None, read_at: int | None = None,

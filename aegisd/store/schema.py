@@ -11,6 +11,7 @@ blobs: the store does not know their format, the protocol core does.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -398,22 +399,36 @@ def _group_message_keys(db: Any) -> None:
         "SELECT seq, id, group_ref, sender_key, direction, body, sent_at, created_at "
         "FROM group_messages ORDER BY seq"
     ).fetchall()
+    skipped = 0
     for seq, mid, ref, sender, direction, body, sent_at, created_at in rows:
-        db.execute(
-            "INSERT INTO group_messages_new (seq, group_ref, author, wire_id, direction, body, "
-            "sent_at, created_at, read_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (seq, ref, b"" if sender is None else bytes(sender), wire_id_of(mid), direction,
+        # OR IGNORE: a row whose new key is taken already is skipped (counted), never an
+        # error that would fail this migration on every open
+        cur = db.execute(
+            "INSERT OR IGNORE INTO group_messages_new (seq, group_ref, author, wire_id, "
+            "direction, body, sent_at, created_at, read_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, ref, b"" if sender is None else bytes(sender), _wire_id_v11(mid), direction,
              body, sent_at, created_at, created_at if direction == "in" else None),
         )  # fmt: skip
+        skipped += cur.rowcount == 0
+    if skipped:
+        logging.getLogger("aegisd").warning(
+            "schema migration: %d repeated group messages skipped", skipped)  # fmt: skip
+    # AUTOINCREMENT's high-water mark: dropping the old table drops it, and a seq handed out
+    # once (to a message deleted since) must not be handed out again
+    mark = db.execute(
+        "SELECT seq FROM sqlite_sequence WHERE name = 'group_messages'"
+    ).fetchone()
     _run(
         db,
         """
         INSERT INTO group_message_status_new (seq, contact_id, status, status_at)
             SELECT m.seq, s.contact_id, s.status, s.status_at
-            FROM group_message_status s JOIN group_messages m ON m.id = s.message_id;
+            FROM group_message_status s JOIN group_messages m ON m.id = s.message_id
+            WHERE m.seq IN (SELECT seq FROM group_messages_new);
         INSERT INTO group_message_unsent_new (seq, member_key)
             SELECT m.seq, u.member_key
-            FROM group_message_unsent u JOIN group_messages m ON m.id = u.message_id;
+            FROM group_message_unsent u JOIN group_messages m ON m.id = u.message_id
+            WHERE m.seq IN (SELECT seq FROM group_messages_new);
         DROP TABLE group_message_status;
         DROP TABLE group_message_unsent;
         DROP TABLE group_messages;
@@ -423,15 +438,23 @@ def _group_message_keys(db: Any) -> None:
         CREATE INDEX group_messages_by_group ON group_messages (group_ref, seq)
         """,
     )
+    if mark is not None:
+        db.execute("DELETE FROM sqlite_sequence WHERE name = 'group_messages'")
+        db.execute(
+            "INSERT INTO sqlite_sequence (name, seq) SELECT 'group_messages', "
+            "max(?, coalesce((SELECT max(seq) FROM group_messages), 0))",
+            (int(mark[0]),),
+        )
 
 
-def wire_id_of(message_id: str) -> bytes:
-    """The wire id behind a stored or backed-up message id: 32 hex digits as the daemon writes
-    them; anything else (a backup's id is any short UTF-8 text) its UTF-8 bytes, so that it
-    stays distinct."""
+def _wire_id_v11(message_id: str) -> bytes:
+    """Frozen copy of store/groups.py's ``wire_id_of`` as of this migration (migrations never
+    change with the code): 32 lowercase hex digits their 16 bytes; any other text (a backup's
+    id is any short UTF-8 text) 0xFF, its UTF-8, then 0xFF up to 17 bytes. One to one: UTF-8
+    never holds 0xFF and the text form is never 16 bytes long."""
     if len(message_id) == 32 and all(ch in "0123456789abcdef" for ch in message_id):
         return bytes.fromhex(message_id)
-    return message_id.encode()
+    return (b"\xff" + message_id.encode()).ljust(17, b"\xff")
 
 
 MIGRATIONS: list[Migration] = [

@@ -2,7 +2,8 @@
 completed (issue 16), between real daemons on a real relay: a reader's read receipt reaches
 the author only, and not at all with read receipts off; a member who reuses another's message
 ID suppresses nothing; an inviter demoted before the answer refuses it and the invitee drops
-the group; an invitation the rules refuse can still be declined."""
+the group; an offer for a member removed since the invitation is left out; an invitation the
+rules refuse can still be declined."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
+from aegis_cli.client import RpcCallError
 from aegisd.core import wire
 from aegisd.store import groups as G
 from tests.functional.conftest import Peer, connect
@@ -127,6 +131,30 @@ def test_a_demoted_inviter_refuses_the_answer_and_a_refused_invitation_can_be_de
     carol.wait_for(lambda: invitation_mailboxes(carol) == 0, "her link revoked", T)
 
 
+def test_an_offer_for_a_member_removed_since_the_invitation_is_left_out(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """§25.7 step 3: carol's accept offers a link for bob, whom alice removed after inviting
+    her; alice leaves that offer out and adds carol (before, the answer was taken and then
+    dropped: carol kept a group she was never added to, and could not be invited again)."""
+    alice, bob, carol = peers("alice"), peers("bob"), peers("carol")
+    connect(bob, alice)
+    connect(carol, alice)  # carol does not know bob: her accept makes a link for him
+    g = alice.call("group.create", {"name": NAME})["group"]
+    alice.call("group.invite", {"group": g, "contact": "bob"})
+    bob.call("group.accept", {"invitation": invited(bob)})
+    alice.wait_for(lambda: len(members(alice)) == 2, "alice to add bob", T)
+    alice.call("group.invite", {"group": g, "contact": "carol"})
+    invitation = invited(carol)
+    alice.call("group.remove", {"group": g, "member": "bob"})
+    assert len(members(alice)) == 1
+    carol.call("group.accept", {"invitation": invitation})
+    carol.wait_for(lambda: key_of(carol) in members(carol), "carol's add", T)
+    alice.wait_for(lambda: key_of(carol) in members(alice), "alice to add carol", T)
+    assert key_of(bob) not in members(carol) and len(members(carol)) == 2
+    assert not changed(carol, "invitation_refused")
+
+
 def invitation_mailboxes(peer: Peer) -> int:
     s = offline_store(peer)
     try:
@@ -161,6 +189,38 @@ def test_an_invitation_the_rules_refuse_can_still_be_declined(
     assert carol.call("group.decline", {"invitation": inv}) == {"declined": True}
     assert carol.call("group.invitations")["invitations"] == []
     alice.wait_for(lambda: changed(alice, "declined"), "the decline", T)
+
+
+def test_a_stored_invitation_that_does_not_decode_is_declined_or_dropped(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """An invitation damaged in the store (it no longer decodes): decline deletes it (no
+    answer: there is nothing to name), accept says not_found and deletes it, the listing
+    leaves it out (each of these failed on an assert before)."""
+    alice, carol = peers("alice"), peers("carol")
+    connect(carol, alice)
+    g = alice.call("group.create", {"name": NAME})["group"]
+
+    def damaged() -> int:
+        alice.call("group.invite", {"group": g, "contact": "carol"})
+        inv = invited(carol)
+        s = offline_store(carol)
+        try:
+            s._q("UPDATE group_invitations SET payload = ? WHERE id = ?", (b"\x01\x0c!", inv))
+        finally:
+            s.close()
+        return inv
+
+    inv = damaged()
+    assert carol.call("group.decline", {"invitation": inv}) == {"declined": True}
+    assert carol.call("group.invitations")["invitations"] == []
+    inv = damaged()
+    with pytest.raises(RpcCallError) as err:
+        carol.call("group.accept", {"invitation": inv})
+    assert err.value.error == "not_found"
+    inv = damaged()
+    assert carol.call("group.invitations")["invitations"] == []
+    assert carol.call("group.list")["groups"] == []
 
 
 def test_a_member_reusing_anothers_message_id_suppresses_nothing(

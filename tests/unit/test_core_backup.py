@@ -52,6 +52,7 @@ def sample_groups(n_contacts: int = 1) -> fmt.BackupGroups:
         (fmt.BackupGroup(log.record(), 7, msgs), fmt.BackupGroup(other.record(), 8, ())),
         (fmt.BackupInvitation(0, invite, 9),),
         (fmt.BackupSentInvite(b"s" * 16, 1, 0, 3),),
+        (fmt.BackupJoining(1, b"j" * 16, 0),),
     )
 
 
@@ -183,9 +184,9 @@ def test_passphrase_is_normalised() -> None:
 def test_contents_reject_bad_status_direction_and_attachments() -> None:
     good = replace(sample_contents(1), groups=fmt.BackupGroups()).to_bytes()
     with pytest.raises(DecodeError):
-        fmt.BackupContents.from_bytes(good[:-20] + b"\x00\x00\x00\x01" + good[-16:])
+        fmt.BackupContents.from_bytes(good[:-24] + b"\x00\x00\x00\x01" + good[-20:])
     with pytest.raises(UnsupportedVersion):
-        fmt.BackupContents.from_bytes(b"\x03" + good[1:])
+        fmt.BackupContents.from_bytes(bytes([fmt.FORMAT_VERSION + 1]) + good[1:])
     with pytest.raises(DecodeError):
         fmt.BackupContents.from_bytes(good + b"\x00")
     ed, x = ALICE.raw_private()
@@ -200,7 +201,7 @@ def test_contents_reject_bad_status_direction_and_attachments() -> None:
         )
 
 
-# --- version 2 (groups) and the versions before it ------------------------------------------
+# --- versions 2 and 3 (groups) and the version before them -----------------------------------
 
 
 def test_a_version_1_file_written_by_the_old_code_still_reads() -> None:
@@ -220,17 +221,28 @@ def test_a_version_1_file_written_by_the_old_code_still_reads() -> None:
         fmt.BackupContents.from_bytes(plain + bytes(16))
 
 
-def test_version_2_is_written_and_carries_the_groups() -> None:
+def test_version_3_is_written_and_carries_the_groups() -> None:
     c = sample_contents()
     data = c.to_bytes()
-    assert data[0] == 2 and fmt.BackupContents.from_bytes(data) == c
-    assert fmt.Header.from_bytes(fmt.encrypt(E, PASS, b"", KDF)).version == 2
+    assert data[0] == 3 and fmt.BackupContents.from_bytes(data) == c
+    assert fmt.Header.from_bytes(fmt.encrypt(E, PASS, b"", KDF)).version == 3
+    # version 2: no joining list at the end (and IDs unique in the whole section); it reads
+    v2 = replace(c, groups=replace(c.groups, joining=()))
+    assert fmt.BackupContents.from_bytes(b"\x02" + v2.to_bytes()[1:-4]) == v2
+    with pytest.raises(DecodeError):  # a version-3 file without the list is truncated
+        fmt.BackupContents.from_bytes(v2.to_bytes()[:-4])
+    twice = replace(c.groups, joining=c.groups.joining * 2)
+    with pytest.raises(ValueError):
+        replace(c, groups=twice).to_bytes()
+    with pytest.raises(DecodeError):  # the same group joined twice
+        fmt.BackupContents.from_bytes(data[:-28] + b"\x00\x00\x00\x02" + data[-24:] * 2)
     again = fmt.BackupContents.from_bytes(data).groups
     log = g.GroupLog.from_record(again.groups[0].log)
     assert log.record() == again.groups[0].log and len(log.head.members) == 3
     assert again.groups[0].messages[0].statuses == ((0, "read"),)
     assert again.invitations[0].payload.base.state.name == "Other"
-    # Version 1 contents with groups appended are not version 2: refused.
+    assert again.joining == (fmt.BackupJoining(1, b"j" * 16, 0),)
+    # Version 1 contents with groups appended are not version 2 or 3: refused.
     with pytest.raises(DecodeError):
         fmt.BackupContents.from_bytes(b"\x01" + data[1:])
 
@@ -240,7 +252,7 @@ def test_groups_section_is_strict() -> None:
     base = sample_contents()
     no_contacts = fmt.BackupContents(1, ed, x, ALICE.public.binding_sig, "", (), (), ())
     empty = no_contacts.to_bytes()
-    assert empty[-16:] == bytes(16)  # four empty lists
+    assert empty[-20:] == bytes(20)  # five empty lists
     groups = base.groups
     one = groups.groups[0]
     for bad in (
@@ -256,16 +268,16 @@ def test_groups_section_is_strict() -> None:
             fmt.BackupContents.from_bytes(raw)
     good = base.to_bytes()
     one_contact = fmt.BackupContents(**{**base.__dict__, "groups": fmt.BackupGroups()}).to_bytes()
-    at = len(one_contact) - 16  # where the groups section starts
+    at = len(one_contact) - 20  # where the groups section starts
     assert good[at : at + 8] == b"\x00\x00\x00\x01\x00\x00\x00\x00"  # group contacts: [0]
     with pytest.raises(DecodeError):  # an index past the contacts
         fmt.BackupContents.from_bytes(good[: at + 4] + b"\x00\x00\x00\x05" + good[at + 8 :])
     # An invitation that is not one.
     text = wire.encode_payload(wire.TextPayload(b"x" * 16, 1, "hi"))
     w = wire.Writer()
-    w.u32(0).u32(0).u32(1).u32(0).varbytes(text).u64(1).u32(0)
+    w.u32(0).u32(0).u32(1).u32(0).varbytes(text).u64(1).u32(0).u32(0)
     with pytest.raises(DecodeError):
-        fmt.BackupContents.from_bytes(one_contact[:-16] + w.bytes())
+        fmt.BackupContents.from_bytes(one_contact[:-20] + w.bytes())
 
 
 def test_a_group_message_id_is_unique_per_sender_not_per_section() -> None:
@@ -332,8 +344,8 @@ def test_renew_payload_is_strict() -> None:
 # --- fuzz -------------------------------------------------------------------------------------
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-CONTENTS = sample_contents().to_bytes()  # version 2, with groups: the fuzz reaches them
-GROUPS_AT = len(replace(sample_contents(), groups=fmt.BackupGroups()).to_bytes()) - 16
+CONTENTS = sample_contents().to_bytes()  # version 3, with groups: the fuzz reaches them
+GROUPS_AT = len(replace(sample_contents(), groups=fmt.BackupGroups()).to_bytes()) - 20
 FILE = fmt.encrypt(E, PASS, CONTENTS, KDF)
 BLOCK = renewal.seal(E, ALICE, BOB.public, wire.encode_payload(RENEW))
 
@@ -356,7 +368,7 @@ def test_random_bytes(data: bytes) -> None:
     _parse_all(fmt.MAGIC + data)
     _parse_all(b"\x01\x30" + data)
     _parse_all(b"\x02\x30" + data)
-    _parse_all(CONTENTS[:GROUPS_AT] + data)  # a version 2 groups section of random bytes
+    _parse_all(CONTENTS[:GROUPS_AT] + data)  # a groups section of random bytes
 
 
 @FUZZ
@@ -399,8 +411,8 @@ def test_settings_are_json() -> None:
 
 def test_backup_md_states_the_group_bounds() -> None:
     text = (Path(__file__).parent.parent.parent / "docs" / "backup.md").read_text()
-    assert "format version: `0x02` written; `0x01` and `0x02` read" in text
-    assert fmt.FORMAT_VERSION == 2 and fmt.READABLE_VERSIONS == (1, 2)
+    assert "format version: `0x03` written; `0x01`, `0x02` and `0x03` read" in text
+    assert fmt.FORMAT_VERSION == 3 and fmt.READABLE_VERSIONS == (1, 2, 3)
     assert f"`var({fmt.MAX_GROUP_LOG_BYTES >> 20} MiB)`" in text
     assert f"groups | `u32 n` (≤ {fmt.MAX_GROUPS:,})" in text
     assert f"invitations | `u32 n` (≤ {fmt.MAX_GROUP_INVITATIONS:,})" in text

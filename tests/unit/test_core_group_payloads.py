@@ -284,6 +284,10 @@ def test_introduction_offers_and_introductions() -> None:
 
     stranger = wire.IntroductionOffer(PEOPLE[6].public.ed_pub, link(4))
     refused(NotAMember, replace(answer, offers=(stranger,)))
+    # a member gone since the invitation: the offer is left out, the rest stands
+    gone = frozenset({stranger.member})
+    both = replace(answer, offers=tuple(sorted((*offers, stranger), key=lambda o: o.member)))
+    assert g.introduction_offers(log.head, both, invitee.public, gone) == got
     mine = wire.IntroductionOffer(invitee.public.ed_pub, link(4))
     refused(NotAMember, replace(answer, offers=(mine,)))
     not_theirs = wire.IntroductionOffer(admin.public.ed_pub, link(5))
