@@ -47,6 +47,8 @@ HELP = {
                            "upgrade too (0: no cap); loopback is exempt by default."),
     "source_cap_loopback": "Apply --source-connections to loopback peers too.",
     "handshake_timeout": "Seconds for a new connection to upgrade and send HELLO.",
+    "setups_per_turn": ("New connections handed to the HTTP server per turn of the event loop, "
+                        "in arrival order; the rest wait (0: no bound)."),
     "idle_timeout": "Seconds a connection without subscription may stay silent.",
     "subscribed_idle_timeout": "Seconds a subscribed connection may send nothing (no ping).",
     "ping_interval": "Seconds between WebSocket pings.",
