@@ -28,7 +28,8 @@ Admission of a new connection:
 A refused connection is answered `503` once it sends its request (and aborted if it does not
 within `handshake_timeout`); beyond `REFUSED_MAX` refused ones waiting, new ones are aborted at
 once. The gate admits a connection at the TCP accept, before aiohttp builds anything for it, and
-aiohttp's handler takes it over only once its request head is complete (_Admission). A
+aiohttp's handler takes it over only once its request head is complete (_Admission), and then
+at the pace of the turnstile (relay/turnstile.py: setups_per_turn per turn of the loop). A
 connection that has not upgraded to a WebSocket within `handshake_timeout` of being accepted is
 aborted (slow or absent HTTP headers hold nothing for long)."""
 
