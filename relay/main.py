@@ -136,8 +136,9 @@ def _freeze_start_up_objects() -> None:
     # them reach the middle generation and every 70,000 may start a full collection (one per
     # ramp of 1000 connections, 20 to 60 ms). With these a full one comes at most once per
     # 1,000,000 allocations, a middle one once per 100,000 (one during such a ramp, 35 to
-    # 105 ms), and a young one takes a few milliseconds; cyclic garbage waits a little longer.
-    # bench/attack.py 3t: p99 0.8x to 2.2x over eight runs, 1.2x to 4.1x without (threat model
+    # 136 ms, walking only what survived since the last: bounded however many connections are
+    # held), and a young one takes a few milliseconds; cyclic garbage waits a little longer.
+    # bench/attack.py 3t: p99 0.8x to 2.2x over ten runs, 1.2x to 4.1x without it (threat model
     # §4.7).
     gc.set_threshold(YOUNG_GC, *gc.get_threshold()[1:])
 
