@@ -32,6 +32,9 @@ class Config:
     # Seconds for a new connection to send HELLO, and (counted from the TCP accept) to complete
     # the HTTP upgrade before it.
     handshake_timeout: float = 10.0
+    # New connections set up (handed to the HTTP server, whose upgrade, HELLO and SUBSCRIBE
+    # follow) per turn of the event loop, in arrival order (relay/turnstile.py; 0: no bound).
+    setups_per_turn: int = 2
     idle_timeout: float = 120.0
     # A subscribed connection that sends nothing (no frame, no WebSocket ping) this long is
     # closed; the daemon pings every 20 s (aegisd/transport/relaylink.py, HEARTBEAT).

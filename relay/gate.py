@@ -28,7 +28,8 @@ Admission of a new connection:
 A refused connection is answered `503` once it sends its request (and aborted if it does not
 within `handshake_timeout`); beyond `REFUSED_MAX` refused ones waiting, new ones are aborted at
 once. The gate admits a connection at the TCP accept, before aiohttp builds anything for it, and
-aiohttp's handler takes it over only once its request head is complete (_Admission). A
+aiohttp's handler takes it over only once its request head is complete (_Admission), and then
+at the pace of the turnstile (relay/turnstile.py: setups_per_turn per turn of the loop). A
 connection that has not upgraded to a WebSocket within `handshake_timeout` of being accepted is
 aborted (slow or absent HTTP headers hold nothing for long)."""
 
@@ -44,6 +45,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from .config import Config
+from .turnstile import Turnstile
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -189,6 +191,8 @@ class Gate:
         self.closing = False
         #: aiohttp's request handler -> its transport, from the hand-over to connection_lost.
         self.handed: dict[Any, asyncio.Transport] = {}
+        #: Hand-overs to aiohttp wait here: cfg.setups_per_turn per turn of the event loop.
+        self.turnstile = Turnstile(cfg.setups_per_turn)
 
     # --- aiohttp hooks ---------------------------------------------------------------------------
 
@@ -397,7 +401,7 @@ class _Admission(asyncio.Protocol):
     its bytes so far, at most HEAD_MAX (a bigger head is answered 431). A refused connection's
     request is answered here too (503, REFUSE_DELAY later), except a health check's."""
 
-    __slots__ = ("answer", "gate", "head", "server", "transport")
+    __slots__ = ("answer", "gate", "head", "queued", "server", "transport")
 
     def __init__(self, gate: Gate, server: web.Server) -> None:
         self.gate = gate
@@ -405,6 +409,7 @@ class _Admission(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.head = bytearray()
         self.answer: asyncio.TimerHandle | None = None
+        self.queued = False  # its head complete, waiting at the turnstile
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A socket transport (uvloop's is not an asyncio.Transport subclass, so no isinstance).
@@ -416,6 +421,9 @@ class _Admission(asyncio.Protocol):
         t = self.transport
         if t is None or self.answer is not None:
             return  # aborted at the accept, or answered (or about to be)
+        if self.queued:
+            self.head += data  # arrived before the pause took effect: handed over with the head
+            return
         start = max(0, len(self.head) - 3)
         self.head += data
         end = self.head.find(b"\r\n\r\n", start)
@@ -436,10 +444,23 @@ class _Admission(asyncio.Protocol):
             delay = 0.0 if self.gate.closing else max(0.0, min(REFUSE_DELAY, left))
             self._answer(BUSY, delay)
             return
+        # Set up at the turnstile's pace (relay/turnstile.py), reading nothing meanwhile.
+        self.queued = True
+        self.head = bytearray(head)
+        t.pause_reading()
+        self.gate.turnstile.enter(self._hand_over)
+
+    def _hand_over(self) -> None:
+        """The turnstile's turn: aiohttp's request handler takes the connection over."""
+        t = self.transport
+        if t is None or t.is_closing() or self.gate.entries.get(t) is None:
+            return  # ended, evicted or timed out while it waited
+        head, self.head = bytes(self.head), bytearray()
         handler = self.server()
         self.gate.handed[handler] = t
         t.set_protocol(handler)
         handler.connection_made(t)
+        t.resume_reading()
         handler.data_received(head)
 
     def _answer(self, answer: bytes, delay: float) -> None:

@@ -78,6 +78,12 @@ async def h_subscribe(c: Connection, f: wire.Frame) -> None:
     mb.sub = sub
     c.subs[mb.id] = sub
     c.ok(f.rid)
+    if mb.queued <= 0:
+        # Nothing stored nor being stored (deposits count before their write): no read of the
+        # queue. A connection flood subscribes empty mailboxes by the thousand, and each read
+        # waited in the writer's queue beside everyone's deposits (bench/attack.py 3t).
+        sub.backlog = False
+        return
     await relay.pump(sub)
 
 

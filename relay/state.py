@@ -10,8 +10,12 @@ import hmac
 import os
 from typing import TYPE_CHECKING
 
-from nacl.bindings import crypto_box_easy_afternm, crypto_box_open_easy_afternm
-from nacl.public import Box, PrivateKey, PublicKey
+from nacl.bindings import (
+    crypto_box_beforenm,
+    crypto_box_easy_afternm,
+    crypto_box_open_easy_afternm,
+)
+from nacl.public import Box
 from nacl.signing import VerifyKey
 
 from . import wire
@@ -86,16 +90,19 @@ RANDOM = RandomPool()
 class MailboxState:
     """The in-memory view of one mailbox (rebuilt from storage when needed)."""
 
-    __slots__ = ("bundle_bucket", "deleted", "deposit_bucket", "dkey", "id", "key", "okey",
-                 "public", "queued", "sub", "tokens", "used", "verify")
+    __slots__ = ("_box_keys", "_key", "bundle_bucket", "deleted", "deposit_bucket", "dkey",
+                 "id", "okey", "public", "queued", "sub", "tokens", "used", "verify")
 
     def __init__(self, row: MailboxRow, cfg: Config, now: float) -> None:
         self.id = row.id
         self.okey = row.owner_key
         self.dkey = row.deposit_key
         self.verify = VerifyKey(row.sig_pub)
-        # NaCl box with the Curve25519 shared key computed once per mailbox.
-        self.key = Box(PrivateKey(row.box_secret), PublicKey(row.owner_box_pub)).shared_key()
+        # The NaCl box's Curve25519 shared key, computed at the first seal: a SUBSCRIBE of an
+        # empty mailbox seals nothing, and the key (about 80 µs) was a tenth of a connection's
+        # set-up under a connection flood (bench/attack.py 3t).
+        self._box_keys = (row.owner_box_pub, row.box_secret)
+        self._key: bytes | None = None
         self.public = row.public
         self.tokens = row.tokens
         self.queued = row.queued
@@ -104,6 +111,12 @@ class MailboxState:
         self.bundle_bucket = TokenBucket(cfg.bundle_fetch_rate, cfg.bundle_fetch_burst, now)
         self.sub: Subscription | None = None
         self.deleted = False
+
+    @property
+    def key(self) -> bytes:
+        if self._key is None:
+            self._key = crypto_box_beforenm(*self._box_keys)
+        return self._key
 
     def seal(self, block: bytes) -> bytes:
         """Re-encrypt a block for the owner: nonce(24) | crypto_box(block) (§4.3). Called once
