@@ -214,12 +214,16 @@ class Attachments:
         rows that go with it (`forget_rows` inside the removal, `discard` once committed)."""
         rows = db.listing(self.store, contact_id, limit=-1)
         for row in rows:
-            task = self._workers.pop(row.id, None)
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await self._stop(row.id)
         return rows
+
+    async def _stop(self, aid: str) -> None:
+        """A transfer's worker stopped (and awaited), if it runs."""
+        task = self._workers.pop(aid, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     def forget_rows(self, rows: list[AttachmentRow]) -> None:
         """Rows deleted with their contact (inside that transaction): what hooks on them
@@ -234,11 +238,7 @@ class Attachments:
         for row in db.listing(self.store, contact_id, limit=-1):
             if row.direction != "in" or row.state != "downloading":
                 continue
-            task = self._workers.pop(row.id, None)
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await self._stop(row.id)
             self._fail(row.id, reason)
 
     def shown(self, c: Contact | None) -> str | None:
@@ -794,11 +794,7 @@ class Attachments:
 
     async def delete(self, aid: str) -> None:
         row = self.get(aid)
-        task = self._workers.pop(aid, None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._stop(aid)
         m = self.m
         async with m.lock:
             row = self.get(aid)

@@ -229,10 +229,9 @@ class GroupFiles(GroupBase):
                             sender_key=sender.ed_pub, sent_at=p.file.sent_at_ms)  # fmt: skip
         if seq is None:
             return  # this author's duplicate
-        hidden = c.id in G.group_contact_ids(self.m.store)
         self.m.ctx.events.emit("group.message", {
             "group": ref, "message_id": mid, "from": sender.ed_pub.hex(),
-            "from_contact": None if hidden else c.name, "text": text,
+            "from_contact": files.shown(c), "text": text,
             "sent_at": p.file.sent_at_ms, "attachment_id": mid})  # fmt: skip
         count, size = A.pending_group_files(self.m.store, c.id)
         # The first pending file is bounded by max_size alone (a limit above the byte cap
