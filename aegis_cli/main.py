@@ -994,8 +994,10 @@ def attachment_line(a: dict[str, Any]) -> str:
         state += f" {100 * a['done'] // max(1, a['blocks'])}%"
     if a["error"]:
         state += f": {one_line(a['error'])}"
+    # null: a group member the user never added as a contact (its name stays hidden)
+    who = one_line(a["contact"]) if a["contact"] is not None else "(a group member)"
     return (
-        f"{a['attachment_id']}  {_when(a['created_at'])}  {arrow} {one_line(a['contact'])}  "
+        f"{a['attachment_id']}  {_when(a['created_at'])}  {arrow} {who}  "
         f"{one_line(a['name'])}  {_size(a['size'])}  [{state}]"
     )
 

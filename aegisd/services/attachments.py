@@ -42,6 +42,7 @@ from aegisd.core.errors import DecryptionError
 from aegisd.core.session import Session
 from aegisd.rpc import AppError, InvalidParamsError
 from aegisd.store import attachments as db
+from aegisd.store import groups as G
 from aegisd.store.attachments import AttachmentRow
 from aegisd.store.db import Contact
 from aegisd.transport.relaylink import FULL_BACKOFF, UNAVAILABLE, RelayUnavailable, with_relay
@@ -208,17 +209,28 @@ class Attachments:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
 
-    async def stop_contact(self, contact_id: int) -> list[str]:
+    async def stop_contact(self, contact_id: int) -> list[AttachmentRow]:
         """Before a contact is removed (messenger lock held): stop its transfers; returns the
-        ids whose files go once the removal committed."""
-        aids = [r.id for r in db.listing(self.store, contact_id, limit=-1)]
-        for aid in aids:
-            task = self._workers.pop(aid, None)
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        return aids
+        rows that go with it (`forget_rows` inside the removal, `discard` once committed)."""
+        rows = db.listing(self.store, contact_id, limit=-1)
+        for row in rows:
+            await self._stop(row.id)
+        return rows
+
+    async def _stop(self, aid: str) -> None:
+        """A transfer's worker stopped (and awaited), if it runs."""
+        task = self._workers.pop(aid, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def forget_rows(self, rows: list[AttachmentRow]) -> None:
+        """Rows deleted with their contact (inside that transaction): what hooks on them
+        (a group's copy: its setting, its member's status) goes too."""
+        if self.delete_hook is not None:
+            for row in rows:
+                self.delete_hook(row)
 
     async def stop_downloads(self, contact_id: int, reason: str) -> None:
         """A contact blocked (messenger lock held): its files stop downloading, failed with
@@ -226,17 +238,13 @@ class Attachments:
         for row in db.listing(self.store, contact_id, limit=-1):
             if row.direction != "in" or row.state != "downloading":
                 continue
-            task = self._workers.pop(row.id, None)
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await self._stop(row.id)
             self._fail(row.id, reason)
 
-    def remove_files(self, aids: list[str]) -> None:
-        for aid in aids:
-            with contextlib.suppress(OSError):
-                self._file(aid).unlink()
+    def shown(self, c: Contact | None) -> str | None:
+        """A contact's name as events and listings show it: None for a group contact (one
+        the user never added, hidden as `group.message` hides it) and a removed one."""
+        return None if c is None or G.is_group_contact(self.store, c.id) else c.name
 
     def _start(self, aid: str) -> None:
         if self._locked:
@@ -343,10 +351,13 @@ class Attachments:
             )  # fmt: skip
         return p, limit
 
-    async def spool(self, p: Path, limit: int) -> Spooled:
-        """Encrypt the file under a fresh seed into a spool of its own (a new attachment id);
-        the caller commits its row (`Spooled.row`) or `discard`s it."""
-        aid = self.m.entropy.random(wire.MESSAGE_ID_LEN).hex()
+    def new_id(self) -> str:
+        return self.m.entropy.random(wire.MESSAGE_ID_LEN).hex()
+
+    async def spool(self, p: Path, limit: int, aid: str | None = None) -> Spooled:
+        """Encrypt the file under a fresh seed into a spool of its own (``aid``, by default a
+        new attachment id); the caller commits its row (`Spooled.row`) or `discard`s it."""
+        aid = self.new_id() if aid is None else aid
         seed = self.m.entropy.random(wire.ATTACHMENT_SEED_LEN)
         self.directory.mkdir(mode=0o700, exist_ok=True)
         try:
@@ -367,7 +378,8 @@ class Attachments:
         return _bad_file(why)
 
     def discard(self, aids: list[str]) -> None:
-        """Spools whose rows were never committed."""
+        """The files (spools, stored blocks) of these ids, whose rows never committed or are
+        gone."""
         for aid in aids:
             with contextlib.suppress(OSError):
                 self._file(aid).unlink()
@@ -430,17 +442,21 @@ class Attachments:
     async def delete_blobs(self, row: AttachmentRow) -> None:
         """An uploaded copy that will never be announced (services/group_files.py): its blobs
         go now rather than wait for the relay's blob_ttl. Best effort: they expire anyway."""
-        keys = FileKeys(row.seed)
         with contextlib.suppress(RelayUnavailable, RelayError, *UNAVAILABLE):
             client = await self._connect(row.relay_url)
             try:
-                for start in range(0, row.blocks, WINDOW):
-                    await asyncio.gather(*(
-                        client.blob_del(keys.blob_id(i), keys.capability(i))
-                        for i in range(start, min(start + WINDOW, row.blocks))
-                    ), return_exceptions=True)  # fmt: skip
+                await self._delete_blobs(client, row)
             finally:
                 await client.close()
+
+    @staticmethod
+    async def _delete_blobs(client: RelayClient, row: AttachmentRow) -> None:
+        keys = FileKeys(row.seed)
+        for start in range(0, row.blocks, WINDOW):
+            await asyncio.gather(*(
+                client.blob_del(keys.blob_id(i), keys.capability(i))
+                for i in range(start, min(start + WINDOW, row.blocks))
+            ), return_exceptions=True)  # fmt: skip
 
     @staticmethod
     async def _put(client: RelayClient, keys: FileKeys, index: int, block: bytes) -> None:
@@ -491,7 +507,7 @@ class Attachments:
         with self.store.transaction():
             db.set_state(self.store, aid, "failed", reason)
             self.m.ctx.events.emit("attachment.failed", {
-                "attachment_id": aid, "contact": c.name if c else None,
+                "attachment_id": aid, "contact": self.shown(c),
                 "direction": row.direction, "reason": reason,
             })  # fmt: skip
 
@@ -501,11 +517,8 @@ class Attachments:
         """Inside the receive transaction (messenger lock held)."""
         m = self.m
         aid = p.message_id.hex()
-        if m.store.get_message(aid) is not None or db.get(m.store, aid) is not None:
-            return  # a duplicate id: never twice
-        if not m.mailboxes.peer_url_ok(p.relay_url):
-            droplog.dropped("dropped an attachment whose relay URL is refused")
-            return
+        if m.store.get_message(aid) is not None or not self.acceptable(p):
+            return  # a duplicate id (never twice), or a refused relay URL
         name = clean_file_name(p.name)
         m.store.add_message(c.id, "in", f"[file] {name}", status="received", message_id=aid,
                             sent_at=p.sent_at_ms)  # fmt: skip
@@ -529,32 +542,32 @@ class Attachments:
             return False
         return True
 
-    def take_descriptor(self, c: Contact, p: wire.AttachmentPayload,
-                        aid: str | None = None) -> None:  # fmt: skip
+    def take_descriptor(self, c: Contact, p: wire.AttachmentPayload, aid: str | None = None,
+                        refused: str | None = None) -> None:  # fmt: skip
         """A descriptor's attachment row, events and download (the caller stored its
         message: in the contact's or a group's history); inside the receive transaction.
         ``aid``: the attachment's id (by default the message id in hex; a group's file takes
-        its group message's API id, which names the author too)."""
+        its group message's API id, which names the author too). ``refused``: why it is kept
+        failed, never fetched (a group member over its pending files)."""
         m = self.m
         aid = p.message_id.hex() if aid is None else aid
         name = clean_file_name(p.name)
         now = _ms()
         # Our own limit applies to what we fetch too: above it the file waits, failed, until
         # the user raises the limit and retries (the relay keeps it until its TTL).
-        too_large = p.size > self.max_size()
+        reason = _limit_text(self.max_size()) if p.size > self.max_size() else refused
         db.add(m.store, AttachmentRow(
             aid, c.id, "in", name, p.size, p.blocks, p.digest, p.seed, p.relay_url,
-            "failed" if too_large else "downloading", 0,
-            _limit_text(self.max_size()) if too_large else None, p.sent_at_ms, now, now,
+            "failed" if reason else "downloading", 0, reason, p.sent_at_ms, now, now,
         ))  # fmt: skip
         m.ctx.events.emit("attachment.received", {
-            "attachment_id": aid, "message_id": aid, "contact": c.name, "name": name,
+            "attachment_id": aid, "message_id": aid, "contact": self.shown(c), "name": name,
             "size": p.size, "sent_at": p.sent_at_ms,
         })  # fmt: skip
-        if too_large:
+        if reason:
             m.ctx.events.emit("attachment.failed", {
-                "attachment_id": aid, "contact": c.name, "direction": "in",
-                "reason": _limit_text(self.max_size()),
+                "attachment_id": aid, "contact": self.shown(c), "direction": "in",
+                "reason": reason,
             })  # fmt: skip
             return
         # Started once the transaction committed (the worker reads the row).
@@ -640,18 +653,14 @@ class Attachments:
         with self.store.transaction():
             db.set_state(self.store, row.id, "complete")
             self.m.ctx.events.emit("attachment.completed", {
-                "attachment_id": row.id, "contact": c.name if c else None, "direction": "in",
+                "attachment_id": row.id, "contact": self.shown(c), "direction": "in",
                 "name": row.name, "size": row.size,
             })  # fmt: skip
         # Verified and kept: the relay's copy goes now (else it expires with the TTL).
         with contextlib.suppress(RelayUnavailable, RelayError, *UNAVAILABLE):
             if client is None:
                 client = await self._connect(row.relay_url)
-            for start in range(0, row.blocks, WINDOW):
-                await asyncio.gather(*(
-                    client.blob_del(keys.blob_id(i), keys.capability(i))
-                    for i in range(start, min(start + WINDOW, row.blocks))
-                ), return_exceptions=True)  # fmt: skip
+            await self._delete_blobs(client, row)
         if client is not None:
             await client.close()
 
@@ -699,7 +708,7 @@ class Attachments:
             c = self.store.get_contact(row.contact_id)
         return {
             "attachment_id": row.id,
-            "contact": c.name if c else None,
+            "contact": self.shown(c),
             "direction": row.direction,
             "name": row.name,
             "size": row.size,
@@ -785,11 +794,7 @@ class Attachments:
 
     async def delete(self, aid: str) -> None:
         row = self.get(aid)
-        task = self._workers.pop(aid, None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._stop(aid)
         m = self.m
         async with m.lock:
             row = self.get(aid)
@@ -834,6 +839,6 @@ class _Progress:
         self.last = now
         c = self.svc.store.get_contact(self.row.contact_id)
         self.svc.m.ctx.events.emit("attachment.progress", {
-            "attachment_id": self.row.id, "contact": c.name if c else None,
+            "attachment_id": self.row.id, "contact": self.svc.shown(c),
             "direction": self.row.direction, "done": done, "total": self.row.blocks,
         })  # fmt: skip

@@ -37,6 +37,7 @@ from aegisd.relayurl import RelayUrlError, check_peer_relay_url
 from aegisd.rpc import AppError
 from aegisd.rpc import errors as E
 from aegisd.store import Store
+from aegisd.store.attachments import AttachmentRow
 from aegisd.store.db import Contact
 from aegisd.store.groups import group_contact_ids, mark_group_contact
 
@@ -56,9 +57,10 @@ FIRST_CONTACT_WAIT = 15.0  # well inside the CLI's 60 s, after a bundle fetch th
 
 
 class AttachmentsView(Protocol):
-    async def stop_contact(self, contact_id: int) -> list[str]: ...
+    async def stop_contact(self, contact_id: int) -> list[AttachmentRow]: ...
     async def stop_downloads(self, contact_id: int, reason: str) -> None: ...
-    def remove_files(self, aids: list[str]) -> None: ...
+    def forget_rows(self, rows: list[AttachmentRow]) -> None: ...
+    def discard(self, aids: list[str]) -> None: ...
 
 
 class InboxView(Protocol):
@@ -324,10 +326,11 @@ class Contacts:
             rows = [r for r in self.m.store.list_mailboxes("contact") if r.contact_id == c.id]
             files = await self.m.attachments.stop_contact(c.id)
             with self.m.store.transaction():
+                self.m.attachments.forget_rows(files)  # a group copy's setting goes with it
                 self.m.store.remove_contact(c.id)  # its mailbox rows go with it
                 self.m.store.set_setting(f"{ROTATION_KEY}{c.id}", None)
                 self.m.store.set_setting(f"renewal.answered.{c.id}", None)  # renewal.ANSWERED_KEY
-            self.m.attachments.remove_files(files)  # their rows went with the contact
+            self.m.attachments.discard([r.id for r in files])  # rows went with the contact
             for r in rows:
                 mb = OwnedMailbox.from_bytes(r.descriptor)
                 self.m.mailboxes.owned.pop(mb.owner_id, None)

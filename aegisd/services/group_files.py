@@ -39,6 +39,14 @@ from .groups_state import GroupBase, GroupsHost, now_ms, refused
 
 #: Setting per outgoing copy, until its descriptor is queued: {"group": ref, "message": mid}.
 COPY_KEY = "group.file."
+#: A member's received files still downloading, at most (count, bytes): a group contact is
+#: one the user never added; beyond, a file is kept failed, never fetched (docs/api.md).
+SETTING_PENDING_FILES = "groups.files.max_pending"
+SETTING_PENDING_BYTES = "groups.files.max_pending_bytes"
+MAX_PENDING_FILES = 10
+MAX_PENDING_BYTES = 250_000_000
+TOO_MANY_TEXT = ("too many files from this member: its earlier files are still downloading "
+                 "(aegis attachment retry fetches it once they are done)")
 #: Copies encrypted at once while a send prepares them (each a thread reading the file).
 SPOOL_PARALLEL = 2
 
@@ -64,16 +72,25 @@ class GroupFiles(GroupBase):
         relay_url = self.m.mailboxes.relay_url() if recipients else ""
         # One copy per member, encrypted before anything commits (the source may change or
         # go once the call returns); outside the lock: it reads the whole file N - 1 times.
+        # Every copy's id is chosen before any is written, so that whatever happens (a copy
+        # that fails, the call cancelled) every spool made is discarded, none left behind.
+        ids = {r.contact.id: files.new_id() for r in recipients}
         copies: dict[int, Spooled] = {}
         gate = asyncio.Semaphore(SPOOL_PARALLEL)
 
         async def one(cid: int) -> None:
             async with gate:
-                copies[cid] = await files.spool(p, limit)
+                copies[cid] = await files.spool(p, limit, ids[cid])
 
+        # return_exceptions: a failure does not leave the others writing unseen; shield: a
+        # cancelled call lets the copies under way end (a thread cannot be stopped), and
+        # discards them then.
+        work = asyncio.gather(*(one(cid) for cid in ids), return_exceptions=True)
         committed: list[str] = []
         try:
-            await asyncio.gather(*(one(r.contact.id) for r in recipients))
+            for result in await asyncio.shield(work):
+                if isinstance(result, BaseException):
+                    raise result
             if len({(c.size, c.digest) for c in copies.values()}) > 1:
                 # read N - 1 times: every member must get the same file
                 raise files.bad_file("the file changed while it was read")
@@ -108,7 +125,11 @@ class GroupFiles(GroupBase):
                 committed = [copies[r.contact.id].id for r in sent]
         finally:
             # copies not committed (a failure, or their member gone meanwhile) go
-            files.discard([c.id for c in copies.values() if c.id not in committed])
+            left = [aid for aid in ids.values() if aid not in committed]
+            if work.done():
+                files.discard(left)
+            else:  # cancelled while copies are written: they go once written
+                work.add_done_callback(lambda _: files.discard(left))
         for aid in committed:
             files.start(aid)
         return {"message_id": mid, "name": name, "recipients": len(committed),
@@ -147,7 +168,7 @@ class GroupFiles(GroupBase):
                     droplog.dropped("a group file copy not sent (its member is gone)")
                     unsent = True
                 else:
-                    self._announce(row, ref, seq, mid, c, blob, head)
+                    unsent = not self._announce(row, ref, seq, mid, c, blob, head)
         if unsent:  # its blobs never named to anyone: they go now
             await self.m.attachments.delete_blobs(row)
         else:
@@ -155,8 +176,9 @@ class GroupFiles(GroupBase):
         return True
 
     def _announce(self, row: AttachmentRow, ref: int, seq: int, mid: str, c: Contact,
-                  blob: bytes, head: core.GroupState) -> None:  # fmt: skip
-        """The copy's descriptor to its member (inside the transaction)."""
+                  blob: bytes, head: core.GroupState) -> bool:  # fmt: skip
+        """The copy's descriptor to its member (inside the transaction); False when it
+        cannot be sent (the copy failed: its blobs are to go)."""
         descriptor = wire.AttachmentPayload(
             bytes.fromhex(mid), row.sent_at or now_ms(), row.seed, row.size, row.blocks,
             row.digest, row.relay_url, row.name,
@@ -168,12 +190,13 @@ class GroupFiles(GroupBase):
         except AppError as exc:  # the member cannot be reached (its session failed)
             A.set_state(self.m.store, row.id, "failed", exc.message)
             G.set_statuses(self.m.store, seq, [c.id], "failed")
-            return
+            return False
         A.set_state(self.m.store, row.id, "uploaded")
         self.m.ctx.events.emit("attachment.completed", {
             "attachment_id": row.id, "contact": None, "direction": "out",
             "group": ref, "message_id": mid,
         })  # fmt: skip
+        return True
 
     def forget(self, row: AttachmentRow) -> None:
         """A copy deleted (attachments.delete) before its descriptor went: it never will, and
@@ -202,14 +225,22 @@ class GroupFiles(GroupBase):
             return
         name = clean_file_name(p.file.name)
         text = f"[file] {name}"
-        if G.add_message(self.m.store, ref, p.file.message_id, "in", text,
-                         sender_key=sender.ed_pub, sent_at=p.file.sent_at_ms) is None:
+        seq = G.add_message(self.m.store, ref, p.file.message_id, "in", text,
+                            sender_key=sender.ed_pub, sent_at=p.file.sent_at_ms)  # fmt: skip
+        if seq is None:
             return  # this author's duplicate
-        hidden = c.id in G.group_contact_ids(self.m.store)
         self.m.ctx.events.emit("group.message", {
             "group": ref, "message_id": mid, "from": sender.ed_pub.hex(),
-            "from_contact": None if hidden else c.name, "text": text,
+            "from_contact": files.shown(c), "text": text,
             "sent_at": p.file.sent_at_ms, "attachment_id": mid})  # fmt: skip
-        files.take_descriptor(c, p.file, mid)
+        count, size = A.pending_group_files(self.m.store, c.id)
+        # The first pending file is bounded by max_size alone (a limit above the byte cap
+        # must not refuse every large file); the next ones by the member's caps.
+        store = self.m.store
+        most = int(store.get_setting(SETTING_PENDING_FILES, MAX_PENDING_FILES))
+        most_bytes = int(store.get_setting(SETTING_PENDING_BYTES, MAX_PENDING_BYTES))
+        over = count >= most or (count > 0 and size + p.file.size > most_bytes)
+        files.take_descriptor(c, p.file, mid, refused=TOO_MANY_TEXT if over else None)
+        A.link_group_message(self.m.store, mid, seq)
         self.m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED,
                                       [p.file.message_id])  # fmt: skip

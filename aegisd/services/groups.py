@@ -421,8 +421,9 @@ class Groups(GroupBase):
                 "message_id": msg.id, "seq": msg.seq, "direction": msg.direction,
                 "text": msg.body, "sent_at": msg.sent_at, "created_at": msg.created_at,
             }  # fmt: skip
-            if msg.direction == "in" and A.get(self.m.store, msg.id) is not None:
-                item["attachment_id"] = msg.id  # a file: saved with attachments.save
+            aid = A.of_group_message(self.m.store, msg.seq) if msg.direction == "in" else None
+            if aid is not None:
+                item["attachment_id"] = aid  # a file: saved with attachments.save
             if msg.direction == "in":
                 c = names.get(msg.sender_key or b"")
                 item["from"] = (msg.sender_key or b"").hex()

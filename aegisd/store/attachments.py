@@ -118,3 +118,25 @@ def with_files(store: Store) -> set[str]:
             "OR state IN ('uploading', 'failed')"
         ).fetchall()
     }
+
+
+def link_group_message(store: Store, attachment_id: str, seq: int) -> None:
+    """A received group file: its row names its group message (schema `_group_file_links`)."""
+    with store.transaction():
+        store._q("UPDATE attachments SET group_seq = ? WHERE id = ?", (seq, attachment_id))
+
+
+def of_group_message(store: Store, seq: int) -> str | None:
+    """The attachment id of a group message that is a received file, else None."""
+    r = store._q("SELECT id FROM attachments WHERE group_seq = ?", (seq,)).fetchone()
+    return None if r is None else str(r[0])
+
+
+def pending_group_files(store: Store, contact_id: int) -> tuple[int, int]:
+    """A member's received group files still downloading: how many, how many bytes."""
+    r = store._q(
+        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM attachments WHERE contact_id = ? "
+        "AND direction = 'in' AND state = 'downloading' AND group_seq IS NOT NULL",
+        (contact_id,),
+    ).fetchone()
+    return int(r[0]), int(r[1])

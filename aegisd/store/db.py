@@ -243,7 +243,12 @@ class Store:
         return default if row is None else json.loads(row[0])
 
     def set_setting(self, name: str, value: Any) -> None:
+        """``None`` deletes the setting (get_setting then answers its default): per-contact,
+        per-copy and per-invitation entries must not outlive what they describe."""
         with self.transaction():
+            if value is None:
+                self._q("DELETE FROM settings WHERE name = ?", (name,))
+                return
             self._q(
                 "INSERT INTO settings (name, value) VALUES (?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET value = excluded.value",

@@ -457,8 +457,29 @@ def _wire_id_v11(message_id: str) -> bytes:
     return (b"\xff" + message_id.encode()).ljust(17, b"\xff")
 
 
+def _group_file_links(db: Any) -> None:
+    """A received group file's attachment row names its group message (``group_seq``): the
+    history marks that message alone as a file (another message, in another group, may carry
+    the same author and id), and a member's pending files are counted (services/
+    group_files.py). Settings set to null are deleted (`Store.set_setting` deletes them now:
+    per-contact and per-copy entries must not outlive what they describe), and so are the
+    entries of group file copies whose row went with a removed contact."""
+    _run(
+        db,
+        """
+        ALTER TABLE attachments ADD COLUMN
+            group_seq INTEGER REFERENCES group_messages(seq) ON DELETE SET NULL;
+        CREATE INDEX attachments_by_group_seq ON attachments (group_seq);
+        DELETE FROM settings WHERE value = 'null';
+        DELETE FROM settings WHERE name LIKE 'group.file.%'
+            AND substr(name, 12) NOT IN (SELECT id FROM attachments)
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
     _cover_receipts, _mailbox_pool, _groups, _group_invites_and_intros, _group_message_keys,
+    _group_file_links,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

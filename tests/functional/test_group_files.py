@@ -6,6 +6,7 @@ dropped."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from aegisd.core import wire
+from aegisd.services.mailbox import ContactState
 from aegisd.store import groups as G
 from tests.functional.conftest import Peer, connect
 from tests.functional.test_attachments import STORED_BLOB_LEN, blob_sizes, wait_state
@@ -27,7 +29,7 @@ from tests.functional.test_groups import (
     outbox_size,
     waiting_at_relay,
 )
-from tests.functional.test_hostile_contact import offline_store, queued, url_of
+from tests.functional.test_hostile_contact import Listener, offline_store, queued, url_of
 from tests.relay.conftest import RelayProcess
 from tests.support.hostile import hostile
 
@@ -207,3 +209,154 @@ def test_a_member_removed_during_the_upload_gets_no_copy(
     alice.wait_for(lambda: blob_sizes(relay_proc) == [], "the draft's blobs deleted too", T)
     bob.wait_for(lambda: waiting_at_relay(relay_proc, alice, "bob") == 0, "bob's take", T)
     assert file_in_history(bob, "draft.txt") is None
+
+
+def group_id_of(peer: Peer, index: int = 0) -> bytes:
+    s = offline_store(peer)
+    try:
+        return G.list_groups(s)[index].group_id
+    finally:
+        s.close()
+
+
+def forged_file(group_id: bytes, version: int, message_id: bytes, url: str,
+                name: str, size: int = 10) -> wire.GroupFilePayload:  # fmt: skip
+    return wire.GroupFilePayload(group_id, version, wire.AttachmentPayload(
+        message_id, int(time.time() * 1000), os.urandom(32), size, wire.attachment_blocks(size),
+        os.urandom(32), url, name))  # fmt: skip
+
+
+def test_a_member_copying_a_files_id_suppresses_nothing(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    """carol, hostile, sends alice a file of hers under the id of bob's file before bob's
+    descriptor reaches alice: alice still gets, fetches and saves bob's file, and bob sees it
+    delivered. The same author and id as a text in another group is not a file there."""
+    alice, bob, carol = peers("alice"), peers("bob"), peers("carol")
+    g, ed = group_of_three(alice, bob, carol)
+    src = tmp_short / "orbit.bin"
+    data = os.urandom(30_000)
+    src.write_bytes(data)
+    relay_proc.terminate()  # bob's copies cannot go up yet: his descriptor waits
+    sent = bob.call("group.send_file", {"group": g, "path": str(src)})
+    mid = bytes.fromhex(sent["message_id"])
+    bob.stop()
+    relay_proc.start()
+    # A second group, alice's with carol alone, for the same id in another group.
+    g2 = alice.call("group.create", {"name": "Second 71fe"})["group"]
+    alice.call("group.invite", {"group": g2, "contact": "carol"})
+    carol.call("group.accept", {"invitation": invited(carol)})
+    alice.wait_for(lambda: len(alice.call("group.get", {"group": g2})["members"]) == 2,
+                   "carol in the second group", T)  # fmt: skip
+    s = offline_store(alice)
+    try:
+        by_ref = {row.id: row.group_id for row in G.list_groups(s)}
+    finally:
+        s.close()
+    v1 = alice.call("group.get", {"group": g})["version"]
+    v2 = alice.call("group.get", {"group": g2})["version"]
+    carol.stop()
+    squat = forged_file(by_ref[g], v1, mid, url_of(relay_proc), "squat.bin")
+    text = wire.GroupMessagePayload(by_ref[g2], v2, mid, int(time.time() * 1000), "same id")
+    with hostile(carol.home, "alice") as h:
+        h.deposit(url_of(relay_proc), h.payload_blocks(squat) + h.payload_blocks(text))
+        alice.wait_for(lambda: queued(relay_proc, h) == 0, "alice to take carol's", T)
+    def in_group(ref: int, text: str) -> dict[str, Any] | None:
+        messages = alice.call("group.history", {"group": ref})["messages"]
+        return next((m for m in messages if m["text"] == text), None)
+
+    got = alice.wait_for(lambda: in_group(g, "[file] squat.bin"), "carol's file", T)
+    assert got["attachment_id"] == f"{ed['carol']}:{sent['message_id']}"
+    other = alice.wait_for(lambda: in_group(g2, "same id"), "carol's text", T)
+    # carol's file has a row under the same API id: the text is no file for all that
+    assert other["message_id"] == got["attachment_id"] and "attachment_id" not in other
+
+    bob.start()
+    item = alice.wait_for(lambda: in_group(g, "[file] orbit.bin"), "bob's file", T)
+    assert item["attachment_id"] == f"{ed['bob']}:{sent['message_id']}"
+    wait_state(alice, item["attachment_id"], "complete")
+    saved = tmp_short / "saved.bin"
+    alice.call("attachments.save", {"attachment_id": item["attachment_id"], "path": str(saved)})
+    assert saved.read_bytes() == data
+    bob.wait_for(
+        lambda: file_in_history(bob, "orbit.bin")["delivery"]["members"].get("alice")  # type: ignore[index]
+        == "delivered", "alice's delivery receipt", T,
+    )  # fmt: skip
+
+
+def test_a_members_pending_files_are_capped_and_its_name_stays_hidden(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """carol, a group contact of bob's only, pushes him files whose relay never answers: past
+    bob's cap on a member's pending files (lowered to 2 here) a file is kept failed, never
+    fetched; listings and events name carol as nobody (null), as group.message does."""
+    alice, bob, carol = peers("alice"), peers("bob"), peers("carol")
+    g, _ = group_of_three(alice, bob, carol)
+    hidden = hidden_contacts(carol)
+    assert len(hidden) == 1  # bob, as carol knows him
+    s = offline_store(bob)
+    try:
+        s.set_setting("groups.files.max_pending", 2)
+    finally:
+        s.close()
+    group_id = group_id_of(bob)
+    version = bob.call("group.get", {"group": g})["version"]
+    here = Listener("127.0.0.1")  # the relay carol names: nothing answers there
+    url = f"ws://127.0.0.1:{here.port}/v1/ws"
+    try:
+        carol.stop()
+        files = [forged_file(group_id, version, os.urandom(16), url, f"push{i}.bin")
+                 for i in range(3)]  # fmt: skip
+        with hostile(carol.home, hidden[0]) as h:
+            h.deposit(url_of(relay_proc), [b for f in files for b in h.payload_blocks(f)])
+            bob.wait_for(lambda: queued(relay_proc, h) == 0, "bob to take carol's", T)
+        listed = bob.wait_for(
+            lambda: (lambda a: a if len(a) == 3 else None)(
+                bob.call("attachments.list")["attachments"]), "three files listed", T)  # fmt: skip
+        states = {a["name"]: a["state"] for a in listed}
+        assert states == {"push0.bin": "downloading", "push1.bin": "downloading",
+                          "push2.bin": "failed"}  # fmt: skip
+        third = next(a for a in listed if a["name"] == "push2.bin")
+        assert "too many files from this member" in third["error"] and third["done"] == 0
+        assert {a["contact"] for a in listed} == {None}
+        received = bob.events(types=["attachment.received"])
+        assert len(received) == 3 and {e["data"]["contact"] for e in received} == {None}
+        bob.wait_for(lambda: here.count >= 1, "the two allowed downloads to knock", T)
+        # The CLI shows such a file without a name for its sender.
+        shown = ok(aegis(bob, "attachments"))
+        assert "(a group member)" in shown and "None" not in shown
+    finally:
+        here.close()
+
+
+def test_a_copy_whose_descriptor_cannot_go_has_its_blobs_deleted(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    """bob's contact fails while his copy uploads: the copy fails and its blobs go from the
+    relay at once. A member's contact removed before its copy went: its copy's entry goes
+    with it (no setting left behind)."""
+    alice, bob, carol = peers("alice"), peers("bob"), peers("carol")
+    g, _ = group_of_three(alice, bob, carol)
+    src = tmp_short / "notes.txt"
+    src.write_bytes(os.urandom(20_000))
+    bob.stop()
+    relay_proc.terminate()
+    sent = alice.call("group.send_file", {"group": g, "path": str(src)})
+    copies = {alice.call("attachments.get", {"attachment_id": a})["contact"]: a
+              for a in sent["attachments"]}  # fmt: skip
+    alice.call("contacts.remove", {"name": "carol"})
+    s = offline_store(alice)
+    try:
+        left = [r[0] for r in s._q("SELECT name FROM settings WHERE name LIKE 'group.file.%'")]
+        assert left == [f"group.file.{copies['bob']}"]
+        c = next(c for c in s.list_contacts() if c.name == "bob")
+        state = ContactState.from_bytes(c.state)
+        s.update_contact(c.id, state=dataclasses.replace(state, failed="refused").to_bytes())
+    finally:
+        s.close()
+    relay_proc.start()
+    failed = wait_state(alice, copies["bob"], "failed")
+    assert "failed" in failed["error"]
+    alice.wait_for(lambda: blob_sizes(relay_proc) == [], "the failed copy's blobs deleted", T)
+    delivery = file_in_history(alice, "notes.txt")["delivery"]  # type: ignore[index]
+    assert delivery["members"]["bob"] == "failed"

@@ -24,6 +24,18 @@ def test_attachment_lines_show_peer_fields_safely() -> None:
     assert "<U+202E>" in out and "␛]0;t␇" in out
 
 
+def test_a_hidden_group_members_file_has_no_name() -> None:
+    """attachments.list gives null for a group member never added as a contact."""
+    a = {"attachment_id": "ab", "direction": "in", "state": "complete", "done": 1,
+         "blocks": 1, "error": None, "created_at": 1_700_000_000_000, "contact": None,
+         "name": "f.bin", "size": 100}  # fmt: skip
+    out = attachment_line(a)
+    assert "<- (a group member)  f.bin" in out and "None" not in out
+    ev = {"type": "attachment.received", "time_ms": 1,
+          "data": {"contact": None, "name": "f.bin", "attachment_id": "ab", "size": 100}}
+    assert "None" not in describe(ev)
+
+
 def test_message_lines_show_peer_text_safely() -> None:
     m = {"direction": "in", "text": EVIL + "\n2026-12-03 14:05  me -> bob: x", "sent_at": 1,
          "created_at": 1, "status": "received"}  # fmt: skip
