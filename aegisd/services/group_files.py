@@ -221,7 +221,11 @@ class GroupFiles(GroupBase):
         # Named by (group, author, id) like a text (§25.9): another member's copy of the id
         # names another file, and cannot suppress this one.
         mid = G.api_id(sender.ed_pub, p.file.message_id)
-        if not files.acceptable(p.file, mid):
+        # The attachment's id is local and random: it names the spool file on disk, which
+        # must not show who sent it (the author's key is in ``mid``); the row points to its
+        # group message instead (``link_group_message``).
+        aid = self.m.entropy.random(wire.MESSAGE_ID_LEN).hex()
+        if not files.acceptable(p.file, aid):
             return
         name = clean_file_name(p.file.name)
         text = f"[file] {name}"
@@ -232,7 +236,7 @@ class GroupFiles(GroupBase):
         self.m.ctx.events.emit("group.message", {
             "group": ref, "message_id": mid, "from": sender.ed_pub.hex(),
             "from_contact": files.shown(c), "text": text,
-            "sent_at": p.file.sent_at_ms, "attachment_id": mid})  # fmt: skip
+            "sent_at": p.file.sent_at_ms, "attachment_id": aid})  # fmt: skip
         count, size = A.pending_group_files(self.m.store, c.id)
         # The first pending file is bounded by max_size alone (a limit above the byte cap
         # must not refuse every large file); the next ones by the member's caps.
@@ -240,7 +244,7 @@ class GroupFiles(GroupBase):
         most = int(store.get_setting(SETTING_PENDING_FILES, MAX_PENDING_FILES))
         most_bytes = int(store.get_setting(SETTING_PENDING_BYTES, MAX_PENDING_BYTES))
         over = count >= most or (count > 0 and size + p.file.size > most_bytes)
-        files.take_descriptor(c, p.file, mid, refused=TOO_MANY_TEXT if over else None)
-        A.link_group_message(self.m.store, mid, seq)
+        files.take_descriptor(c, p.file, aid, refused=TOO_MANY_TEXT if over else None)
+        A.link_group_message(self.m.store, aid, seq)
         self.m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED,
                                       [p.file.message_id])  # fmt: skip

@@ -94,8 +94,11 @@ def test_a_file_to_a_group_of_three(
     # carol's copy alone stays at the relay.
     item = alice.wait_for(lambda: file_in_history(alice, "europa.jpg"), "alice's file", T)
     aid = item["attachment_id"]
-    # named by author and id (another member's copy of the id cannot suppress it)
-    assert aid == f"{ed['bob']}:{sent['message_id']}" and item["from"] == ed["bob"]
+    # the message is named by author and id (another member's copy of the id cannot suppress
+    # it); the attachment by a random local id: its spool on disk does not name the sender
+    assert item["message_id"] == f"{ed['bob']}:{sent['message_id']}" and item["from"] == ed["bob"]
+    assert len(aid) == 32 and int(aid, 16) >= 0 and aid != sent["message_id"]
+    assert not any(ed["bob"] in p.name for p in (alice.home / "attachments").iterdir())
     wait_state(alice, aid, "complete")
     alice.wait_for(lambda: len(blob_sizes(relay_proc)) == blocks, "alice's copy deleted", T)
     saved = tmp_short / "alice.jpg"
@@ -266,14 +269,15 @@ def test_a_member_copying_a_files_id_suppresses_nothing(
         return next((m for m in messages if m["text"] == text), None)
 
     got = alice.wait_for(lambda: in_group(g, "[file] squat.bin"), "carol's file", T)
-    assert got["attachment_id"] == f"{ed['carol']}:{sent['message_id']}"
+    assert got["message_id"] == f"{ed['carol']}:{sent['message_id']}"
     other = alice.wait_for(lambda: in_group(g2, "same id"), "carol's text", T)
-    # carol's file has a row under the same API id: the text is no file for all that
-    assert other["message_id"] == got["attachment_id"] and "attachment_id" not in other
+    # the same author and id in another group: the text is no file for all that
+    assert other["message_id"] == got["message_id"] and "attachment_id" not in other
 
     bob.start()
     item = alice.wait_for(lambda: in_group(g, "[file] orbit.bin"), "bob's file", T)
-    assert item["attachment_id"] == f"{ed['bob']}:{sent['message_id']}"
+    assert item["message_id"] == f"{ed['bob']}:{sent['message_id']}"
+    assert item["attachment_id"] != got["attachment_id"]
     wait_state(alice, item["attachment_id"], "complete")
     saved = tmp_short / "saved.bin"
     alice.call("attachments.save", {"attachment_id": item["attachment_id"], "path": str(saved)})
