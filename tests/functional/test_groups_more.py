@@ -19,7 +19,7 @@ from aegisd.core import group as core
 from aegisd.core import wire
 from aegisd.core.prekeys import PrekeyStore
 from aegisd.core.primitives import SystemEntropy
-from aegisd.services.groups_state import SETTING_PRUNE_AFTER
+from aegisd.services.delivery import PENDING_DESTINATION
 from aegisd.store import groups as G
 from tests.functional.conftest import Peer, connect
 from tests.functional.test_groups import (
@@ -193,7 +193,15 @@ def test_two_admins_removing_each_other_at_once(
     relay_proc.terminate()
     winner.call("group.remove", {"group": ref(winner), "member": key_of(loser)})
     loser.call("group.remove", {"group": ref(loser), "member": key_of(winner)})
+    # The winner's change held back until Dan applied the loser's: Dan removes the winner
+    # first, keeps his session with it for the grace (groups_state.PRUNE_AFTER_MS), and the
+    # winner's change, which undoes that removal, reaches him through it (§25.5, §25.9).
+    wk = key_of(winner)
+    winner.stop()
     relay_proc.start()
+    dan.wait_for(lambda: wk not in members(dan), "dan to apply the loser's change", T)
+    assert len(hidden_contacts(dan)) == 2
+    winner.start()
 
     stay = [ann, winner, dan]
     for p in stay:
@@ -224,17 +232,57 @@ def test_two_admins_removing_each_other_at_once(
     ann.call("group.send", {"group": gref, "text": "ann after the loser"})
     dan.wait_for(lambda: "ann after the loser" in texts(dan), "dan to hear ann", T)
     assert "the loser again" not in texts(ann)
-    # past the grace (made 0 here, the daemon stopped meanwhile): the sweep after the next
+    # past the deadline (moved here, the daemon stopped meanwhile): the sweep after the next
     # connection removes dan's session with the loser, and keeps the one with the winner
+    # (which lost its mark when the winner's change made it a member again)
     dan.stop()
     s = offline_store(dan)
     try:
-        s.set_setting(SETTING_PRUNE_AFTER, 0)
+        marks = [G.departed(s, cid) for cid in G.group_contact_ids(s)]
+        assert sorted(m is None for m in marks) == [False, True]
+        s._q("UPDATE group_contacts SET remove_at = 0 WHERE remove_at IS NOT NULL")
     finally:
         s.close()
     dan.start()
     dan.wait_for(lambda: len(hidden_contacts(dan)) == 1, "dan's session with the loser to go", T)
     assert members(dan)[key_of(winner)]["reachable"]
+
+
+def test_a_departed_contact_that_never_answered_goes_anyway(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """Cal opens a session with Ben (introduced) and writes to him; Ben never answers (his
+    daemon stopped before Cal opened it), so Cal's block waits for his answer for good
+    (delivery.PENDING_DESTINATION). Ann removes Ben: Cal's group contact with him goes after
+    the grace all the same, with the block."""
+    ann, cal, ben = peers("ann"), peers("cal"), peers("ben")
+    connect(cal, ann)
+    connect(ben, ann)
+    gref = form(ann, [cal], "Never answered 3f7a")
+    cal.stop()  # Ben's introduction link reaches Cal only once Ben is gone
+    ann.call("group.invite", {"group": gref, "contact": "ben"})
+    ben.call("group.accept", {"invitation": invited(ben)})
+    ben.wait_for(lambda: outbox_size(ben) == 0, "ben's answer to leave", T)
+    bk = key_of(ben)
+    ann.wait_for(lambda: bk in members(ann), "ann to add ben", T)
+    drained([ann])
+    ben.stop()
+    cal.start()
+    cal.wait_for(lambda: bk in members(cal) and len(hidden_contacts(cal)) == 1,
+                 "cal to open a session with ben", T)  # fmt: skip
+    cal.call("group.send", {"group": gref, "text": "hi ben"})
+    s = offline_store(cal)
+    try:  # the block to Ben waits for his answer (the one to Ann leaves)
+        (hidden,) = G.group_contact_ids(s)
+        rows = s._q("SELECT destination FROM outbox WHERE contact_id = ?", (hidden,)).fetchall()
+        assert [bytes(r[0]) for r in rows] == [PENDING_DESTINATION]
+    finally:
+        s.close()
+    no_grace(cal)
+    ann.call("group.remove", {"group": gref, "member": bk})
+    cal.wait_for(lambda: bk not in members(cal), "cal to apply the removal", T)
+    cal.wait_for(lambda: hidden_contacts(cal) == [], "cal's contact with ben to go", T)
+    assert outbox_size(cal) == 0
 
 
 # --- a member offline during changes ----------------------------------------------------------
