@@ -44,7 +44,7 @@ SPOOL_PARALLEL = 2
 
 
 class GroupFiles(GroupBase):
-    def __init__(self, host: GroupsHost, pruner: DepartedContacts) -> None:
+    def __init__(self, host: GroupsHost, pruner: DepartedContacts | None = None) -> None:
         super().__init__(host, pruner)
         host.attachments.copy_hook = self.uploaded
         host.attachments.delete_hook = self.forget

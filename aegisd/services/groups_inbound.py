@@ -45,7 +45,8 @@ from .inbox import clean_name
 
 
 class GroupInbound(GroupBase):
-    def __init__(self, host: GroupsHost, files: GroupFiles, pruner: DepartedContacts) -> None:
+    def __init__(self, host: GroupsHost, files: GroupFiles,
+                 pruner: DepartedContacts | None = None) -> None:  # fmt: skip
         super().__init__(host, pruner)
         self.files = files
         self._opening: set[int] = set()  # pending introductions being tried now
