@@ -313,7 +313,8 @@ class DepartedContacts:
 
     async def _remove_when_due(self, contact_id: int) -> None:
         """Waits (at most PRUNE_WAIT; the sweeps take over past that) for the deadline, for
-        a relay connection that read the mailbox after it, and for the contact's queued
+        a relay connection whose after-connect steps ran (none: it ends, and the sweep after
+        the next connection starts it again), and for the contact's queued
         blocks that can leave (the change telling a removed member of its removal among
         them); PRUNE_LIMIT past the deadline it goes anyway (a relay that never comes back,
         a member that never answered its first contact). Removal drops what is still
@@ -332,10 +333,9 @@ class DepartedContacts:
                 continue
             limit = int(self.m.store.get_setting(SETTING_PRUNE_LIMIT, PRUNE_LIMIT_MS))
             forced = now > mark[1] + limit
-            if forced or (
-                self.read_from is not None
-                and not self.m.store.outbox_holds_contact(contact_id, PENDING_DESTINATION)
-            ):  # fmt: skip
+            if not forced and self.read_from is None:
+                return  # offline: the sweep after the next connection starts it again
+            if forced or not self.m.store.outbox_holds_contact(contact_id, PENDING_DESTINATION):
                 await self._remove(contact_id)
                 return
             await asyncio.sleep(PRUNE_POLL)
