@@ -281,6 +281,24 @@ def test_two_admins_removing_each_other_at_once(
         h.deposit(url_of(relay_proc), h.payload_blocks(wire.GroupMessagePayload(
             group_id, 6, os.urandom(16), int(time.time() * 1000), "the loser again")))  # fmt: skip
         ann.wait_for(lambda: queued(relay_proc, h) == 0, "ann to take the block", T)
+    # ...and invites Dan, with whom it shares no group now: Dan keeps the session only for a
+    # change undoing the removal, and drops the invitation (§25.9)
+    dk = key_of(dan)
+    s = offline_store(loser)
+    try:
+        (to_dan,) = [c.name for c in s.list_contacts() if c.identity_key
+                     and PublicIdentity.from_bytes(c.identity_key).ed_pub.hex() == dk]  # fmt: skip
+        state = s.get_identity()
+        assert state is not None
+        me = PrekeyStore.from_bytes(state).identity
+    finally:
+        s.close()
+    with hostile(loser.home, to_dan) as h:
+        h.deposit(url_of(relay_proc), h.payload_blocks(wire.GroupInvitePayload(
+            os.urandom(16), int(time.time() * 1000),
+            core.sign_state(me, core.create_group(SystemEntropy(), me, "From the loser")), ())))
+        dan.wait_for(lambda: queued(relay_proc, h) == 0, "dan to take the invitation", T)
+    assert dan.call("group.invitations")["invitations"] == []
     ann.call("group.send", {"group": gref, "text": "ann after the loser"})
     dan.wait_for(lambda: "ann after the loser" in texts(dan), "dan to hear ann", T)
     assert "the loser again" not in texts(ann)
