@@ -322,16 +322,19 @@ class Contacts:
 
     async def remove(self, name: str) -> None:
         async with self.m.lock:
-            c = self.by_name(name)
-            rows = [r for r in self.m.store.list_mailboxes("contact") if r.contact_id == c.id]
-            files = await self.m.attachments.stop_contact(c.id)
-            with self.m.store.transaction():
-                self.m.attachments.forget_rows(files)  # a group copy's setting goes with it
-                self.m.store.remove_contact(c.id)  # its mailbox rows go with it
-                self.m.store.set_setting(f"{ROTATION_KEY}{c.id}", None)
-                self.m.store.set_setting(f"renewal.answered.{c.id}", None)  # renewal.ANSWERED_KEY
-            self.m.attachments.discard([r.id for r in files])  # rows went with the contact
-            for r in rows:
-                mb = OwnedMailbox.from_bytes(r.descriptor)
-                self.m.mailboxes.owned.pop(mb.owner_id, None)
-                await self.m.mailboxes.delete_at_relay(mb)
+            await self.remove_locked(self.by_name(name))
+
+    async def remove_locked(self, c: Contact) -> None:
+        """Remove ``c`` (the caller holds the messenger's lock and checked it still goes)."""
+        rows = [r for r in self.m.store.list_mailboxes("contact") if r.contact_id == c.id]
+        files = await self.m.attachments.stop_contact(c.id)
+        with self.m.store.transaction():
+            self.m.attachments.forget_rows(files)  # a group copy's setting goes with it
+            self.m.store.remove_contact(c.id)  # its mailbox rows go with it
+            self.m.store.set_setting(f"{ROTATION_KEY}{c.id}", None)
+            self.m.store.set_setting(f"renewal.answered.{c.id}", None)  # renewal.ANSWERED_KEY
+        self.m.attachments.discard([r.id for r in files])  # rows went with the contact
+        for r in rows:
+            mb = OwnedMailbox.from_bytes(r.descriptor)
+            self.m.mailboxes.owned.pop(mb.owner_id, None)
+            await self.m.mailboxes.delete_at_relay(mb)

@@ -35,7 +35,7 @@ from aegisd.store.db import Contact
 
 from .attachment_disk import Spooled
 from .delivery import Recipient
-from .groups_state import GroupBase, GroupsHost, now_ms, refused
+from .groups_state import DepartedContacts, GroupBase, GroupsHost, now_ms, refused
 
 #: Setting per outgoing copy, until its descriptor is queued: {"group": ref, "message": mid}.
 COPY_KEY = "group.file."
@@ -52,8 +52,8 @@ SPOOL_PARALLEL = 2
 
 
 class GroupFiles(GroupBase):
-    def __init__(self, host: GroupsHost) -> None:
-        super().__init__(host)
+    def __init__(self, host: GroupsHost, pruner: DepartedContacts | None = None) -> None:
+        super().__init__(host, pruner)
         host.attachments.copy_hook = self.uploaded
         host.attachments.delete_hook = self.forget
 

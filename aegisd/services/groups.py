@@ -60,8 +60,8 @@ from .groups_state import (
 class Groups(GroupBase):
     def __init__(self, host: GroupsHost) -> None:
         super().__init__(host)
-        self.files = GroupFiles(host)  # files to the group: a copy per member (§25.10)
-        self.inbound = GroupInbound(host, self.files)
+        self.files = GroupFiles(host, self.pruner)  # files to the group: a copy per member (§25.10)
+        self.inbound = GroupInbound(host, self.files, self.pruner)
 
     # --- what the inbox hands over (GroupsView) -------------------------------------------
 

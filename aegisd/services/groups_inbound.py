@@ -33,6 +33,7 @@ from .groups_state import (
     MAX_PENDING_INTROS_PER_GROUP,
     MAX_PENDING_INVITATIONS,
     SETTING_MAX_INVITATIONS,
+    DepartedContacts,
     GroupBase,
     GroupsHost,
     departed_keys,
@@ -44,8 +45,9 @@ from .inbox import clean_name
 
 
 class GroupInbound(GroupBase):
-    def __init__(self, host: GroupsHost, files: GroupFiles) -> None:
-        super().__init__(host)
+    def __init__(self, host: GroupsHost, files: GroupFiles,
+                 pruner: DepartedContacts | None = None) -> None:  # fmt: skip
+        super().__init__(host, pruner)
         self.files = files
         self._opening: set[int] = set()  # pending introductions being tried now
 
@@ -65,7 +67,7 @@ class GroupInbound(GroupBase):
             elif isinstance(payload, wire.GroupAnswerPayload):
                 self._on_answer(c, sender, payload)
             elif isinstance(payload, wire.GroupChangePayload):
-                self._on_change(payload.change)
+                self._on_change(payload.change, sender.ed_pub)
             elif isinstance(payload, (wire.GroupMessagePayload, wire.GroupFilePayload)):
                 self._on_message(c, session, sender, payload)
             elif isinstance(payload, wire.GroupIntroductionPayload):
@@ -75,6 +77,11 @@ class GroupInbound(GroupBase):
 
     def _on_invitation(self, c: Contact, sender: PublicIdentity, p: wire.GroupInvitePayload
                        ) -> None:  # fmt: skip
+        if G.is_group_contact(self.m.store, c.id) and not G.shares_group(
+            self.m.store, self._me(), sender.ed_pub
+        ):  # kept only for a change undoing its departure (§25.9): no contact of the user's
+            droplog.dropped("dropped a group invitation from a departed group contact")
+            return
         core.invitation_log(p.base, p.changes, sender, self.m.identity().public)  # or raises
         G.drop_invitations_before(self.m.store, now_ms() - INVITATION_MAX_AGE_MS)
         limit = int(self.m.store.get_setting(SETTING_MAX_INVITATIONS, MAX_PENDING_INVITATIONS))
@@ -186,13 +193,20 @@ class GroupInbound(GroupBase):
         with contextlib.suppress(AppError, OSError):
             await self.m.address.revoke_invitation(invitation)
 
-    def _on_change(self, change: wire.GroupChangeRecord) -> None:
+    def _on_change(self, change: wire.GroupChangeRecord, sender: bytes) -> None:
         row = G.group_by_id(self.m.store, change.group_id)
         if row is None:
             droplog.dropped("dropped a change of an unknown group")
             return
         _, log = self._load(row.id)
         before = log.head
+        if sender in log.departed():
+            # A member gone from this group sends only what it built before it learned so:
+            # a change on a state it was a member of (§25.9).
+            last = log.last_member_version(sender)
+            if last is None or change.parent_version > last:
+                droplog.dropped("dropped a change from a departed member")
+                return
         received = log.receive(change)
         self._save(row.id, log)
         if received.undone:  # changes shown applied before lost (or found invalid) now

@@ -7,7 +7,6 @@ helpers."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
@@ -26,7 +25,7 @@ from aegisd.store.db import Contact
 
 from .attachments import Attachments
 from .context import ServiceContext
-from .delivery import Delivery, Recipient
+from .delivery import PENDING_DESTINATION, Delivery, Recipient
 from .mailbox import ContactState
 
 #: Group invitations waiting for the user; past this a new one is dropped (counted).
@@ -55,9 +54,16 @@ MAX_PENDING_INTROS_PER_GROUP = 64
 #: its departure can only reach us through that session (§25.5, §25.9).
 PRUNE_AFTER_MS = 7 * 24 * 3600 * 1000
 SETTING_PRUNE_AFTER = "groups.prune_after_ms"
-DEPARTED_KEY = "group.departed."  # setting per group contact: since when it shares no group
-#: The longest a prune task waits (for the grace to end, then for the contact's queued blocks
-#: to leave; polled); past that the maintenance loop's sweep takes over.
+#: Each departed contact's deadline gets a uniform random delay up to this (profile setting):
+#: the remaining members do not delete a departed member's pair mailboxes at one moment, nor
+#: does the departed member delete all of its own at once (docs/threat-model.md).
+PRUNE_SPREAD_MS = 24 * 3600 * 1000
+SETTING_PRUNE_SPREAD = "groups.prune_spread_ms"
+#: Past its deadline plus this a departed contact goes even if blocks for it still wait or no
+#: connection read its mailbox since (profile setting, for tests).
+PRUNE_LIMIT_MS = 7 * 24 * 3600 * 1000
+SETTING_PRUNE_LIMIT = "groups.prune_limit_ms"
+#: The longest a removal task waits (polled); past that the sweeps start another.
 PRUNE_WAIT = 600.0
 PRUNE_POLL = 0.5
 #: One setting for texts and group messages (the messenger's too): off, no read receipts.
@@ -97,6 +103,7 @@ class ContactsView(Protocol):
     async def add(self, name: str, link_text: str, *, group_only: bool = False
                   ) -> dict[str, Any]: ...  # fmt: skip
     async def remove(self, name: str) -> None: ...
+    async def remove_locked(self, c: Contact) -> None: ...
 
 
 class AddressView(Protocol):
@@ -138,8 +145,10 @@ class GroupsHost(Protocol):
 class GroupBase:
     """A group's log and its members' sessions, over the store."""
 
-    def __init__(self, host: GroupsHost) -> None:
+    def __init__(self, host: GroupsHost, pruner: DepartedContacts | None = None) -> None:
         self.m = host
+        # one per daemon: Groups makes it and hands it to its other halves
+        self.pruner = pruner if pruner is not None else DepartedContacts(host)
 
     # --- the log in the store -------------------------------------------------------------
 
@@ -151,6 +160,7 @@ class GroupBase:
 
     def _save(self, ref: int, log: core.GroupLog) -> None:
         G.put_log(self.m.store, ref, log.record().to_bytes(), member_rows(log.head))
+        self.pruner.returned(m.key for m in log.head.members)
 
     def _me(self) -> bytes:
         return self.m.identity().public.ed_pub
@@ -209,69 +219,149 @@ class GroupBase:
         if recipients:
             self.m.delivery.enqueue(recipients, wire.GroupChangePayload(change))
 
-
     def _prune_contacts(self, keys: Iterable[bytes]) -> None:
-        """Members gone from a group (removed, left, or the group gone here): a group-only
-        contact among them that shares no group with us any more goes, with its session and
-        mailboxes, once it has shared none for the grace period (`_remove_contact`)."""
-        for key in keys:
-            if key == self._me() or G.shares_group(self.m.store, self._me(), key):
-                continue
-            c = next((c for c in self.m.store.list_contacts() if c.identity_key is not None
-                      and PublicIdentity.from_bytes(c.identity_key).ed_pub == key),
-                     None)  # fmt: skip
-            if c is not None and G.is_group_contact(self.m.store, c.id):
-                if self.m.store.get_setting(f"{DEPARTED_KEY}{c.id}") is None:
-                    self.m.store.set_setting(f"{DEPARTED_KEY}{c.id}", now_ms())
-                self.m.spawn(self._remove_contact(c.id, key))
+        self.pruner.departed(keys)
 
-    async def _remove_contact(self, contact_id: int, key: bytes) -> None:
-        """A departed group contact goes after the grace period (§25.9): a removal can still
-        be undone by a concurrent change with precedence (§25.5), whose author is often the
-        member removed (two admins removing each other), and that change reaches us only
-        through the session we would have deleted. What waits for it leaves first: removing
-        a contact drops its queued blocks, among them the change that tells a removed member
-        of its removal. What does not fit these waits is left to the maintenance sweep."""
-        since = self.m.store.get_setting(f"{DEPARTED_KEY}{contact_id}")
-        if since is None:
-            return
+
+class DepartedContacts:
+    """Group contacts that share no group with us any more (§25.9): each goes, with its
+    session and mailboxes, past a deadline stored in its own group_contacts row (the grace
+    plus a random spread): a removal can still be undone by a concurrent change with
+    precedence (§25.5), whose author is often the member removed (two admins removing each
+    other), and that change reaches us only through the session we would have deleted. One
+    instance per daemon (groups.py makes it; both halves of the service use it): at most one
+    removal task per contact."""
+
+    def __init__(self, host: GroupsHost) -> None:
+        self.m = host
+        self._running: set[int] = set()  # contacts with a removal task
+        #: When the current relay connection's after-connect steps ran (None while down or
+        #: before they ran): a removal past its deadline waits for such a connection. Its
+        #: subscriptions pushed what was queued before it came up (a change that arrived
+        #: during the grace while we were offline) and push what arrives while it stays up,
+        #: so the mailbox is deleted only after what reached the relay by the deadline.
+        self.read_from: int | None = None
+
+    def _me(self) -> bytes:
+        return self.m.identity().public.ed_pub
+
+    def relay_state(self, up: bool) -> None:
+        if not up:
+            self.read_from = None
+
+    def connected(self) -> None:
+        """The after-connect steps ran on this connection (their relay round trips came after
+        the subscriptions, whose queued blocks the relay pushes first)."""
+        if self.m.ctx.relay_connected:
+            self.read_from = now_ms()
+        self.sweep()
+
+    def _deadline(self, since: int) -> int:
         grace = int(self.m.store.get_setting(SETTING_PRUNE_AFTER, PRUNE_AFTER_MS))
-        wait = (int(since) + grace - now_ms()) / 1000
-        if wait > PRUNE_WAIT:
-            return
-        await asyncio.sleep(max(wait, 0))
-        deadline = time.monotonic() + PRUNE_WAIT
-        while self.m.store.outbox_holds_contact(contact_id):
-            if time.monotonic() > deadline:
-                return
-            await asyncio.sleep(PRUNE_POLL)
-        c = self.m.store.get_contact(contact_id)
-        if c is None or G.shares_group(self.m.store, self._me(), key):
-            # gone already, or a member again (its removal undone, or met in another group)
-            self.m.store.set_setting(f"{DEPARTED_KEY}{contact_id}", None)
-            return
-        with contextlib.suppress(AppError):
-            await self.m.contacts.remove(c.name)
-        if self.m.store.get_contact(contact_id) is None:
-            self.m.store.set_setting(f"{DEPARTED_KEY}{contact_id}", None)
+        spread = int(self.m.store.get_setting(SETTING_PRUNE_SPREAD, PRUNE_SPREAD_MS))
+        jitter = int.from_bytes(self.m.entropy.random(8), "big") % (spread + 1) if spread else 0
+        return since + grace + jitter
 
-    def sweep_group_contacts(self) -> None:
-        """After each connection to the relay and in the maintenance loop: group contacts
-        that share no group with us any more go once their grace period is over (those whose
-        prune a stop cut short too, or that a backup brought in); one that is a member again
-        loses its mark. Each prune runs as its own task (it may wait)."""
+    def _key_of(self, c: Contact) -> bytes | None:
+        return None if c.identity_key is None else PublicIdentity.from_bytes(c.identity_key).ed_pub
+
+    def departed(self, keys: Iterable[bytes]) -> None:
+        """Members gone from a group (removed, left, or the group gone here): a group-only
+        contact among them that shares no group with us any more gets a new deadline (each
+        departure overwrites the last one's) and a removal task."""
+        me = self._me()
+        wanted = {k for k in keys if k != me and not G.shares_group(self.m.store, me, k)}
+        if not wanted:
+            return
+        for c in self.m.store.list_contacts():
+            key = self._key_of(c)
+            if key in wanted and G.is_group_contact(self.m.store, c.id):
+                now = now_ms()
+                G.mark_departed(self.m.store, c.id, now, self._deadline(now))
+                self._start(c.id)
+
+    def returned(self, keys: Iterable[bytes]) -> None:
+        """Members of a group's new head: a departed group contact among them is one again
+        (its removal undone, or met in another group): its mark goes."""
+        wanted = set(keys)
+        for cid in G.group_contact_ids(self.m.store):
+            c = self.m.store.get_contact(cid)
+            if c is not None and self._key_of(c) in wanted:
+                G.clear_departed(self.m.store, cid)
+
+    def sweep(self) -> None:
+        """After each connection to the relay and in the maintenance loop: a group contact
+        that shares no group with us and has no mark gets one (a backup brought it in, or a
+        crash came between); one that is a member again loses its mark; each marked one
+        gets its removal task unless it has one."""
         me = self._me()
         for cid in G.group_contact_ids(self.m.store):
             c = self.m.store.get_contact(cid)
-            if c is None or c.identity_key is None:
+            key = None if c is None else self._key_of(c)
+            if key is None:
                 continue
-            key = PublicIdentity.from_bytes(c.identity_key).ed_pub
             if G.shares_group(self.m.store, me, key):
-                self.m.store.set_setting(f"{DEPARTED_KEY}{cid}", None)
+                G.clear_departed(self.m.store, cid)
                 continue
-            if self.m.store.get_setting(f"{DEPARTED_KEY}{cid}") is None:
-                self.m.store.set_setting(f"{DEPARTED_KEY}{cid}", now_ms())
-            self.m.spawn(self._remove_contact(cid, key))
+            if G.departed(self.m.store, cid) is None:
+                now = now_ms()
+                G.mark_departed(self.m.store, cid, now, self._deadline(now))
+            self._start(cid)
+
+    def _start(self, contact_id: int) -> None:
+        if contact_id in self._running:
+            return
+        self._running.add(contact_id)
+
+        async def run() -> None:
+            try:
+                await self._remove_when_due(contact_id)
+            finally:  # also when on_lock cancels it
+                self._running.discard(contact_id)
+
+        self.m.spawn(run())
+
+    async def _remove_when_due(self, contact_id: int) -> None:
+        """Waits (at most PRUNE_WAIT; the sweeps take over past that) for the deadline, for
+        a relay connection whose after-connect steps ran (none: it ends, and the sweep after
+        the next connection starts it again), and for the contact's queued
+        blocks that can leave (the change telling a removed member of its removal among
+        them); PRUNE_LIMIT past the deadline it goes anyway (a relay that never comes back,
+        a member that never answered its first contact). Removal drops what is still
+        queued."""
+        until = time.monotonic() + PRUNE_WAIT
+        while time.monotonic() < until:
+            mark = G.departed(self.m.store, contact_id)
+            if mark is None:
+                return  # a member again, or gone
+            now = now_ms()
+            wait = (mark[1] - now) / 1000
+            if wait > 0:
+                if wait > PRUNE_WAIT:
+                    return
+                await asyncio.sleep(wait)
+                continue
+            limit = int(self.m.store.get_setting(SETTING_PRUNE_LIMIT, PRUNE_LIMIT_MS))
+            forced = now > mark[1] + limit
+            if not forced and self.read_from is None:
+                return  # offline: the sweep after the next connection starts it again
+            if forced or not self.m.store.outbox_holds_contact(contact_id, PENDING_DESTINATION):
+                await self._remove(contact_id)
+                return
+            await asyncio.sleep(PRUNE_POLL)
+
+    async def _remove(self, contact_id: int) -> None:
+        """Check and remove in one step under the messenger's lock: a change that made it a
+        member again cannot come between."""
+        async with self.m.lock:
+            c = self.m.store.get_contact(contact_id)
+            key = None if c is None else self._key_of(c)
+            if c is None or key is None or G.departed(self.m.store, contact_id) is None:
+                return
+            if G.shares_group(self.m.store, self._me(), key):
+                G.clear_departed(self.m.store, contact_id)
+                return
+            await self.m.contacts.remove_locked(c)  # its mark goes with its row
 
 
 def missed_changes(log: core.GroupLog, carried: frozenset[bytes]

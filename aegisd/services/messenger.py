@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from aegisd.core import wire
@@ -178,6 +178,7 @@ class Messenger:
         was = self.ctx.relay_connected
         first_failure = not up and self.mailboxes.relay_reason == "connecting"
         self.ctx.relay_connected = up
+        self.groups.pruner.relay_state(up)
         self.mailboxes.relay_reason = reason
         if self.ctx.store is not None and (up or was):
             # Connected now, or until now: the relay saw our subscriptions (they count as use).
@@ -224,9 +225,10 @@ class Messenger:
             await self.renewals.resume()
             await self.renewals.retire_due()
             await self.rotation.continue_move()
-            self.groups.sweep_group_contacts()  # departed ones past their grace
         except (*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
             pass  # the next connection tries again
+        if self.ctx.store is not None:
+            self.groups.pruner.connected()  # departed group contacts: this connection read them
 
     # --- the identity and its prekeys (published by address.py) ---------------------------
 
@@ -301,14 +303,25 @@ class Messenger:
                 self._prune_events()
                 if self.ctx.relay_connected:
                     self.store.set_setting(SETTING_LAST_REACHED, _ms())
-            with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
-                await self.address.replenish_prekeys()
-                await self.address.expire_invitations()
-                await self.rotation.rotate_due()
-                if not self.loss.superseded():
-                    await self.rotation.continue_move()  # contacts that answered since, the bound
-                await self.groups.inbound.retry_intros()  # introductions that failed (bounded)
-                self.groups.sweep_group_contacts()  # departed ones past their grace
+            # Each step on its own: one that raises (the relay down) does not skip the others.
+            steps: list[Callable[[], Awaitable[None]]] = [
+                self.address.replenish_prekeys, self.address.expire_invitations,
+                self.rotation.rotate_due,
+                self._continue_move,  # contacts that answered since, the bound
+                self.groups.inbound.retry_intros,  # introductions that failed (bounded)
+                self._sweep_departed,  # departed group contacts past their deadline
+            ]  # fmt: skip
+            for step in steps:
+                with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
+                    await step()
+
+    async def _continue_move(self) -> None:
+        if not self.loss.superseded():
+            await self.rotation.continue_move()
+
+    async def _sweep_departed(self) -> None:
+        if self.ctx.store is not None:
+            self.groups.pruner.sweep()
 
     async def send_call_payload(self, contact_id: int, payload: wire.Payload) -> None:
         """Call signaling leaves at once: no send jitter and no receipt delay (a call cannot

@@ -594,8 +594,13 @@ class Store:
         row = self._q("SELECT 1 FROM outbox WHERE message_id = ? LIMIT 1", (message_id,))
         return row.fetchone() is not None
 
-    def outbox_holds_contact(self, contact_id: int) -> bool:
-        row = self._q("SELECT 1 FROM outbox WHERE contact_id = ? LIMIT 1", (contact_id,))
+    def outbox_holds_contact(self, contact_id: int, unaddressed: bytes | None = None) -> bool:
+        """Whether blocks for the contact wait, not counting those addressed ``unaddressed``
+        (delivery.py's PENDING_DESTINATION: they leave only if the contact ever answers)."""
+        row = self._q(
+            "SELECT 1 FROM outbox WHERE contact_id = ? AND destination IS NOT ? LIMIT 1",
+            (contact_id, unaddressed),
+        )
         return row.fetchone() is not None
 
     def retry_failed_now(self) -> None:

@@ -260,6 +260,33 @@ def group_contact_ids(store: Store) -> set[int]:
     return {int(r[0]) for r in store._q("SELECT contact_id FROM group_contacts").fetchall()}
 
 
+def mark_departed(store: Store, contact_id: int, at: int, remove_at: int) -> None:
+    """A group contact shares no group with us any more (since ``at``): it goes past
+    ``remove_at``. Each departure overwrites the last one's mark."""
+    store._q(
+        "UPDATE group_contacts SET departed_at = ?, remove_at = ? WHERE contact_id = ?",
+        (at, remove_at, contact_id),
+    )
+
+
+def clear_departed(store: Store, contact_id: int) -> None:
+    """A member again (its removal undone, or met in another group): no deadline."""
+    store._q(
+        "UPDATE group_contacts SET departed_at = NULL, remove_at = NULL WHERE contact_id = ?",
+        (contact_id,),
+    )
+
+
+def departed(store: Store, contact_id: int) -> tuple[int, int] | None:
+    """(departed_at, remove_at) of a departed group contact, None if it is not one."""
+    row = store._q(
+        "SELECT departed_at, remove_at FROM group_contacts WHERE contact_id = ? "
+        "AND remove_at IS NOT NULL",
+        (contact_id,),
+    ).fetchone()
+    return None if row is None else (int(row[0]), int(row[1]))
+
+
 # --- introductions waiting for their first contact ----------------------------------------
 
 

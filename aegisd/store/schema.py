@@ -477,9 +477,26 @@ def _group_file_links(db: Any) -> None:
     )
 
 
+def _group_contact_departures(db: Any) -> None:
+    """A group contact that shares no group with us any more carries its departure here, in
+    its own row (services/groups_state.py): it dies with the contact (a later contact that
+    reuses the id starts with none), each departure overwrites it and a return clears it.
+    ``departed_at``: when we applied the departure; ``remove_at``: the deadline past which it
+    goes (the grace plus a random spread, docs/threat-model.md "Leaving a group")."""
+    _run(
+        db,
+        """
+        ALTER TABLE group_contacts ADD COLUMN departed_at INTEGER;
+        ALTER TABLE group_contacts ADD COLUMN remove_at INTEGER
+        """,
+    )
+    # Marks kept as settings before: the next sweep marks those contacts again (a new grace).
+    db.execute("DELETE FROM settings WHERE name LIKE 'group.departed.%'")
+
+
 MIGRATIONS: list[Migration] = [
     _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
     _cover_receipts, _mailbox_pool, _groups, _group_invites_and_intros, _group_message_keys,
-    _group_file_links,
+    _group_file_links, _group_contact_departures,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

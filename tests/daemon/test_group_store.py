@@ -279,3 +279,29 @@ def test_a_backup_with_a_text_id_and_its_hex_restores_and_exports_both(tmp_path)
             "invite": "ab" * 16, "contact": d.id, "links": []}  # fmt: skip
     finally:
         other.close()
+
+
+def test_a_departure_mark_dies_with_its_contact_and_is_overwritten(tmp_path):
+    """A departed group contact's deadline lives in its group_contacts row: each departure
+    overwrites it, a return clears it, and a later contact that reuses the id (no
+    AUTOINCREMENT) starts without one (services/groups_state.py DepartedContacts)."""
+    store = create_profile(tmp_path / "p", "pass phrase", FAST)
+    try:
+        c = store.add_contact("member", identity_key=b"k")
+        G.mark_group_contact(store, c.id)
+        assert G.departed(store, c.id) is None
+        G.mark_departed(store, c.id, 100, 200)
+        G.mark_departed(store, c.id, 300, 400)  # removed again: the new departure counts
+        assert G.departed(store, c.id) == (300, 400)
+        G.clear_departed(store, c.id)
+        assert G.departed(store, c.id) is None
+        G.mark_departed(store, c.id, 500, 600)
+        store.remove_contact(c.id)
+        d = store.add_contact("another", identity_key=b"k2")
+        assert d.id == c.id  # the id is reused
+        G.mark_group_contact(store, d.id)
+        assert G.departed(store, d.id) is None
+        G.mark_departed(store, d.id + 1, 1, 2)  # not a group contact: nothing to mark
+        assert G.departed(store, d.id + 1) is None
+    finally:
+        store.close()

@@ -16,7 +16,7 @@ import pytest
 
 from aegis_cli.client import RpcCallError
 from aegisd.core import wire
-from aegisd.services.groups_state import SETTING_PRUNE_AFTER
+from aegisd.services.groups_state import SETTING_PRUNE_AFTER, SETTING_PRUNE_SPREAD
 from aegisd.services.mailbox import ContactState
 from aegisd.store import groups as G
 from relay.storage import deposit_key
@@ -217,11 +217,12 @@ def test_a_group_of_members_who_are_not_all_contacts(
 
 
 def no_grace(peer: Peer) -> None:
-    """Departed group contacts go at once here, not after days (groups_state.PRUNE_AFTER_MS;
-    read when a prune starts, so the running daemon sees it)."""
+    """Departed group contacts go at once here, not after days (groups_state.PRUNE_AFTER_MS
+    and PRUNE_SPREAD_MS; read at each departure, so the running daemon sees them)."""
     s = offline_store(peer)
     try:
         s.set_setting(SETTING_PRUNE_AFTER, 0)
+        s.set_setting(SETTING_PRUNE_SPREAD, 0)
     finally:
         s.close()
 

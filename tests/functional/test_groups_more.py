@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,10 +18,14 @@ import pytest
 from aegis_cli.client import RpcCallError
 from aegisd.core import group as core
 from aegisd.core import wire
+from aegisd.core.identity import PublicIdentity
 from aegisd.core.prekeys import PrekeyStore
 from aegisd.core.primitives import SystemEntropy
+from aegisd.services.delivery import PENDING_DESTINATION
 from aegisd.services.groups_state import SETTING_PRUNE_AFTER
+from aegisd.services.mailbox import ContactState
 from aegisd.store import groups as G
+from relay.storage import deposit_key
 from tests.functional.conftest import Peer, connect
 from tests.functional.test_groups import (
     group_of,
@@ -93,6 +98,39 @@ def form(owner: Peer, others: list[Peer], name: str) -> int:
     return gref
 
 
+def writes_to(peer: Peer, key: str) -> bytes:
+    """The deposit id of the mailbox `peer` writes to for the member with this key."""
+    s = offline_store(peer)
+    try:
+        for c in s.list_contacts():
+            if c.identity_key and PublicIdentity.from_bytes(c.identity_key).ed_pub.hex() == key:
+                send_to = ContactState.from_bytes(c.state).send_to
+                assert send_to is not None
+                return bytes(send_to.deposit_id)
+    finally:
+        s.close()
+    raise AssertionError(f"{peer.name} has no contact with {key}")
+
+
+def waiting_in(relay: RelayProcess, deposit_ids: list[bytes]) -> int:
+    """Blocks waiting at the relay in these mailboxes: the relay's own view."""
+    with sqlite3.connect(relay.data / "relay.sqlite3", timeout=10) as db:
+        return sum(int(db.execute(
+            "SELECT count(*) FROM messages JOIN mailboxes ON messages.mailbox = mailboxes.id "
+            "WHERE mailboxes.deposit_key = ?", (deposit_key(d),)).fetchone()[0])
+            for d in deposit_ids)  # fmt: skip
+
+
+def hidden_keys(peer: Peer) -> set[str]:
+    s = offline_store(peer)
+    try:
+        hidden = G.group_contact_ids(s)
+        return {PublicIdentity.from_bytes(c.identity_key).ed_pub.hex()
+                for c in s.list_contacts() if c.id in hidden and c.identity_key}  # fmt: skip
+    finally:
+        s.close()
+
+
 def drained(peers: list[Peer]) -> None:
     for p in peers:
         p.wait_for(lambda p=p: outbox_size(p) == 0, f"{p.name}'s outbox to drain", T)
@@ -136,16 +174,21 @@ def test_five_members_messages_delivery_and_a_removal(
         assert sorted(texts(p)) == sorted(want)  # each once
 
     # Eve removed (by Ben, made an admin): she learns it; what follows never reaches her.
-    for p in everyone:
+    four = everyone[:4]
+    for p in four:
         no_grace(p)  # group contacts that share no group go at once, not after days
+    ek = key_of(eve)
+    to_eve = [writes_to(p, ek) for p in four]  # the mailboxes each of the four writes to
     ann.call("group.role", {"group": ref(ann), "member": key_of(ben), "role": "admin"})
     ben.wait_for(lambda: group_of(ben)["role"] == "admin", "ben an admin", T)  # type: ignore[index]
-    ben.call("group.remove", {"group": ref(ben), "member": key_of(eve)})
+    ben.call("group.remove", {"group": ref(ben), "member": ek})
     eve.wait_for(lambda: group_of(eve)["role"] is None, "eve's removal", T)  # type: ignore[index]
-    four = everyone[:4]
     for p in four:
         p.wait_for(lambda p=p: len(members(p)) == 4, f"{p.name} to apply the removal", T)
     assert len({head(p) for p in four}) == 1
+    drained(four)
+    eve.stop()  # from here on, what is sent to her waits at the relay
+    before = waiting_in(relay_proc, to_eve)
     for p in four:
         sent = p.call("group.send", {"group": ref(p), "text": f"{p.name} after eve"})
         assert (sent["recipients"], sent["unreachable"]) == (3, 0)
@@ -157,7 +200,16 @@ def test_five_members_messages_delivery_and_a_removal(
                          if m["direction"] == "out"][-1] == 3, f"{p.name}: 3 of 3", T,
         )  # fmt: skip
     drained(four)
-    # eve's group contacts (dan, ben's is a contact...): gone at both ends, nothing waits
+    assert waiting_in(relay_proc, to_eve) == before  # nothing of the four's went to eve
+    for p in (ben, cal, dan):  # their sessions with eve went (her mailboxes with them)
+        p.wait_for(lambda p=p: ek not in hidden_keys(p), f"{p.name}: eve gone", T)
+    # eve's own group contacts go at her deadlines (moved here): after her next connection
+    s = offline_store(eve)
+    try:
+        s._q("UPDATE group_contacts SET remove_at = 0 WHERE remove_at IS NOT NULL")
+    finally:
+        s.close()
+    eve.start()
     eve.wait_for(lambda: len(hidden_contacts(eve)) == 0, "eve's group contacts to go", T)
     assert not after & set(texts(eve))
     with pytest.raises(RpcCallError) as err:
@@ -193,7 +245,15 @@ def test_two_admins_removing_each_other_at_once(
     relay_proc.terminate()
     winner.call("group.remove", {"group": ref(winner), "member": key_of(loser)})
     loser.call("group.remove", {"group": ref(loser), "member": key_of(winner)})
+    # The winner's change held back until Dan applied the loser's: Dan removes the winner
+    # first, keeps his session with it for the grace (groups_state.PRUNE_AFTER_MS), and the
+    # winner's change, which undoes that removal, reaches him through it (§25.5, §25.9).
+    wk = key_of(winner)
+    winner.stop()
     relay_proc.start()
+    dan.wait_for(lambda: wk not in members(dan), "dan to apply the loser's change", T)
+    assert len(hidden_contacts(dan)) == 2
+    winner.start()
 
     stay = [ann, winner, dan]
     for p in stay:
@@ -221,20 +281,89 @@ def test_two_admins_removing_each_other_at_once(
         h.deposit(url_of(relay_proc), h.payload_blocks(wire.GroupMessagePayload(
             group_id, 6, os.urandom(16), int(time.time() * 1000), "the loser again")))  # fmt: skip
         ann.wait_for(lambda: queued(relay_proc, h) == 0, "ann to take the block", T)
+    # ...and invites Dan, with whom it shares no group now: Dan keeps the session only for a
+    # change undoing the removal, and drops the invitation (§25.9)
+    dk = key_of(dan)
+    s = offline_store(loser)
+    try:
+        (to_dan,) = [c.name for c in s.list_contacts() if c.identity_key
+                     and PublicIdentity.from_bytes(c.identity_key).ed_pub.hex() == dk]  # fmt: skip
+        state = s.get_identity()
+        assert state is not None
+        me = PrekeyStore.from_bytes(state).identity
+    finally:
+        s.close()
+    with hostile(loser.home, to_dan) as h:
+        h.deposit(url_of(relay_proc), h.payload_blocks(wire.GroupInvitePayload(
+            os.urandom(16), int(time.time() * 1000),
+            core.sign_state(me, core.create_group(SystemEntropy(), me, "From the loser")), ())))
+        dan.wait_for(lambda: queued(relay_proc, h) == 0, "dan to take the invitation", T)
+    assert dan.call("group.invitations")["invitations"] == []
     ann.call("group.send", {"group": gref, "text": "ann after the loser"})
     dan.wait_for(lambda: "ann after the loser" in texts(dan), "dan to hear ann", T)
     assert "the loser again" not in texts(ann)
-    # past the grace (made 0 here, the daemon stopped meanwhile): the sweep after the next
+    # past the deadline (moved here, the daemon stopped meanwhile): the sweep after the next
     # connection removes dan's session with the loser, and keeps the one with the winner
+    # (which lost its mark when the winner's change made it a member again)
     dan.stop()
     s = offline_store(dan)
     try:
-        s.set_setting(SETTING_PRUNE_AFTER, 0)
+        marks = [G.departed(s, cid) for cid in G.group_contact_ids(s)]
+        assert sorted(m is None for m in marks) == [False, True]
+        s._q("UPDATE group_contacts SET remove_at = 0 WHERE remove_at IS NOT NULL")
     finally:
         s.close()
     dan.start()
     dan.wait_for(lambda: len(hidden_contacts(dan)) == 1, "dan's session with the loser to go", T)
     assert members(dan)[key_of(winner)]["reachable"]
+
+
+def test_a_departed_contact_that_never_answered_goes_anyway(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """Cal opens a session with Ben (introduced) and writes to him; Ben never answers (his
+    daemon stopped before Cal opened it), so Cal's block waits for his answer for good
+    (delivery.PENDING_DESTINATION). Ann removes Ben: Cal's group contact with him goes after
+    the grace all the same, with the block."""
+    ann, cal, ben = peers("ann"), peers("cal"), peers("ben")
+    connect(cal, ann)
+    connect(ben, ann)
+    gref = form(ann, [cal], "Never answered 3f7a")
+    cal.stop()  # Ben's introduction link reaches Cal only once Ben is gone
+    ann.call("group.invite", {"group": gref, "contact": "ben"})
+    ben.call("group.accept", {"invitation": invited(ben)})
+    ben.wait_for(lambda: outbox_size(ben) == 0, "ben's answer to leave", T)
+    bk = key_of(ben)
+    ann.wait_for(lambda: bk in members(ann), "ann to add ben", T)
+    drained([ann])
+    ben.stop()
+    cal.start()
+    cal.wait_for(lambda: bk in members(cal) and len(hidden_contacts(cal)) == 1,
+                 "cal to open a session with ben", T)  # fmt: skip
+    cal.call("group.send", {"group": gref, "text": "hi ben"})
+    s = offline_store(cal)
+    try:  # the block to Ben waits for his answer (the one to Ann leaves)
+        (hidden,) = G.group_contact_ids(s)
+        rows = s._q("SELECT destination FROM outbox WHERE contact_id = ?", (hidden,)).fetchall()
+        assert [bytes(r[0]) for r in rows] == [PENDING_DESTINATION]
+    finally:
+        s.close()
+    no_grace(cal)
+    s = offline_store(cal)
+    try:
+        s.set_setting(SETTING_PRUNE_AFTER, 5000)
+    finally:
+        s.close()
+    ann.call("group.remove", {"group": gref, "member": bk})
+    cal.wait_for(lambda: bk not in members(cal), "cal to apply the removal", T)
+    # A deadline that passes while the relay is down: Cal keeps the contact (a change that
+    # reached the relay meanwhile could undo the removal) until a connection read its mailbox.
+    relay_proc.terminate()
+    time.sleep(7)
+    assert len(hidden_contacts(cal)) == 1
+    relay_proc.start()
+    cal.wait_for(lambda: hidden_contacts(cal) == [], "cal's contact with ben to go", T)
+    assert outbox_size(cal) == 0
 
 
 # --- a member offline during changes ----------------------------------------------------------
@@ -373,8 +502,13 @@ def test_messages_of_a_member_who_does_not_know_it_was_removed(
         h.deposit(url_of(relay_proc), h.payload_blocks(wire.GroupMessagePayload(
             group_id, stamp, os.urandom(16), int(time.time() * 1000), "ben after")))  # fmt: skip
         ann.wait_for(lambda: queued(relay_proc, h) == 0, "ann to take the block", T)
+    drained([ann])
+    to_ben = [writes_to(ann, ben_key)]
+    before = waiting_in(relay_proc, to_ben)  # the removal, maybe a receipt
     ann.call("group.send", {"group": gref, "text": "ann after"})
     cal.wait_for(lambda: "ann after" in texts(cal), "cal to get ann's message", T)
+    drained([ann])
+    assert waiting_in(relay_proc, to_ben) == before  # nothing of it went to ben
     assert "ben before" in texts(ann) and "ben before" in texts(cal)
     assert "ben after" not in texts(ann)
     drained([ann])
