@@ -120,6 +120,30 @@ variant run alternately with the others, `--scenario 3t --timeline`; x99 per run
     young ones (not kept) kept every collection under 17 ms, but measured no better. Scenarios
     3, 1, 5 and 8 after it, once each: 3 1.2x, 1 3.0x (PASS at the bar, baseline p99 11 ms on
     the loaded machine), 5 0.8x (mem PASS), 8 2.1x; all PASS.
+
+On a quiet machine (load below 1, nothing else running), main after the merge, 2026-12-04:
+`--scenario 3t --timeline` three times: 1.5x, 1.3x, 1.6x (att99 5.7 to 6.7 ms, 100 % ok; the
+previous main on a quiet machine: 4.5x, 2.9x, 4.5x). The full run (231 s):
+
+    scenario                                    base50  base99  att50  att99  x99  ok %   verdict
+    ------------------------------------------  ------  ------  -----  -----  ---  -----  -------
+    1 store flood                               1.7     4.7     1.4    16.6   3.5  100.0  FAIL
+    3 connection flood                          1.6     4.6     1.5    4.9    1.1  100.0  PASS
+    3t connection flood, behind Tor or a proxy  1.6     4.1     1.5    6.6    1.6  100.0  PASS
+    5 slow readers                              1.5     4.1     1.5    4.5    1.1  100.0  PASS(mem)
+    6 blob flood                                1.6     4.5     1.4    32.9   7.4  100.0  FAIL(blob PASS)
+    8 writer hog                                1.5     4.0     3.5    7.5    1.9  100.0  PASS
+    disk full disk                              1.1     3.5     1.3    5.4    1.6  84.7   PASS
+
+    Scenarios 1 and 6 sit at the bar, run by run, on this quiet machine, before the turnstile
+    as after it: 1 gave 2.3x and 2.1x on the commit before it, 3.7x, 6.6x, 1.8x, 3.5x and
+    2.2x after, 2.1x and 5.6x with setups_per_turn 0, 3.7x and 8.0x with the default young
+    collection; 6 gave 0.5x and 0.9x before (baselines of 25 to 31 ms), 3.3x, 1.5x and 7.4x
+    after. What stalls scenario 1 is the disk, not the loop: a probe timing the writer's group
+    commits showed ten commits of 9 to 64 ms in one attack (one of them a batch of a single
+    deposit), the WAL's fsync under the flood's churn of deposits and secure deletions, and
+    one full collection of 14 ms. A deposit that shares such a commit waits for it; bounding
+    that needs a bound on the write rate one connection can impose, not yet built.
 """
 
 from __future__ import annotations
