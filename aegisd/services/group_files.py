@@ -24,7 +24,6 @@ from aegisd import droplog
 from aegisd.core import group as core
 from aegisd.core import wire
 from aegisd.core.attachment import clean_file_name
-from aegisd.core.errors import NotAMember
 from aegisd.core.identity import PublicIdentity
 from aegisd.core.session import Session
 from aegisd.rpc import AppError
@@ -35,7 +34,7 @@ from aegisd.store.db import Contact
 
 from .attachment_disk import Spooled
 from .delivery import Recipient
-from .groups_state import DepartedContacts, GroupBase, GroupsHost, now_ms, refused
+from .groups_state import DepartedContacts, GroupBase, GroupsHost, now_ms
 
 #: Setting per outgoing copy, until its descriptor is queued: {"group": ref, "message": mid}.
 COPY_KEY = "group.file."
@@ -64,10 +63,7 @@ class GroupFiles(GroupBase):
         p, limit = files.check_source(path)
         self.m.check_usable()
         async with self.m.lock:
-            _, log = self._load(ref)
-            if log.head.member(self._me()) is None:
-                raise refused(NotAMember("you are not a member of this group"))
-            recipients, _, _ = self._targets(log.head)
+            recipients, _, _ = self._targets(self._my_head(ref))
         # the relay the copies go to (not needed when nobody is to get one)
         relay_url = self.m.mailboxes.relay_url() if recipients else ""
         # One copy per member, encrypted before anything commits (the source may change or
@@ -95,10 +91,7 @@ class GroupFiles(GroupBase):
                 # read N - 1 times: every member must get the same file
                 raise files.bad_file("the file changed while it was read")
             async with self.m.lock:
-                _, log = self._load(ref)
-                head = log.head
-                if head.member(self._me()) is None:
-                    raise refused(NotAMember("you are not a member of this group"))
+                head = self._my_head(ref)
                 # Judged again: a member removed while the copies were made gets none.
                 recipients, skipped, strangers = self._targets(head)
                 for r in recipients:

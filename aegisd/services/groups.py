@@ -23,7 +23,7 @@ from typing import Any
 from aegisd import droplog
 from aegisd.core import group as core
 from aegisd.core import wire
-from aegisd.core.errors import GroupError, InvalidChange, NotAMember
+from aegisd.core.errors import GroupError, InvalidChange
 from aegisd.core.identity import PublicIdentity, keys_of, safety_number
 from aegisd.core.session import Session
 from aegisd.rpc import AppError
@@ -353,10 +353,7 @@ class Groups(GroupBase):
                            f"a message holds at most {wire.MAX_TEXT_BYTES} bytes")  # fmt: skip
         self.m.check_usable()
         async with self.m.lock:
-            _, log = self._load(ref)
-            head = log.head
-            if head.member(self._me()) is None:
-                raise refused(NotAMember("you are not a member of this group"))
+            head = self._my_head(ref)
             recipients, skipped, strangers = self._targets(head)
             wire_id = self.m.entropy.random(wire.MESSAGE_ID_LEN)
             mid = G.api_id(b"", wire_id)

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from aegisd.core import group as core
 from aegisd.core import wire
-from aegisd.core.errors import DecodeError, GroupError
+from aegisd.core.errors import DecodeError, GroupError, NotAMember
 from aegisd.core.identity import IdentityKeyPair, PublicIdentity
 from aegisd.core.primitives import Entropy
 from aegisd.core.session import Session
@@ -157,6 +157,13 @@ class GroupBase:
         if row is None:
             raise E.not_found("group")
         return row, core.GroupLog.from_record(wire.GroupLogRecord.from_bytes(row.log))
+
+    def _my_head(self, ref: int) -> core.GroupState:
+        """The group's state now, refused unless we are one of its members (under the lock)."""
+        head = self._load(ref)[1].head
+        if head.member(self._me()) is None:
+            raise refused(NotAMember("you are not a member of this group"))
+        return head
 
     def _save(self, ref: int, log: core.GroupLog) -> None:
         G.put_log(self.m.store, ref, log.record().to_bytes(), member_rows(log.head))
