@@ -297,7 +297,9 @@ class Relay:
     def _cache(self, mb: MailboxState) -> None:
         if len(self.by_id) >= self.cache_max:
             for old in list(itertools.islice(self.by_id.values(), 64)):
-                if old.sub is None:
+                # Never one with a deposit's write in flight: a SUBSCRIBE would load a second
+                # object for the mailbox, and the write's push would miss it (and its count).
+                if old.sub is None and not old.writing:
                     self._uncache(old)
         self.by_okey[mb.okey] = mb
         self.by_dkey[mb.dkey] = mb

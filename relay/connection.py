@@ -385,6 +385,7 @@ class Connection:
                         fut: asyncio.Future[int]) -> None:
         """A deposit's outcome: counted, answered (if the connection is still there), pushed."""
         relay = self.relay
+        mb.writing -= 1
         if fut.cancelled():
             relay.unqueued(mb, 1)
             return

@@ -18,12 +18,13 @@ Admission of a new connection:
   (of its biggest sub-prefix, down to one source); where the newcomer's own group is the
   biggest, this is looked for one prefix down inside it. Otherwise (one source holds everything,
   e.g. all clients via Tor) a connection that does least for anyone: one not yet upgraded to a
-  WebSocket and accepted FRESH_MIN ago at least, else one without subscription silent for
-  handshake_timeout at least, the longest silent. Subscribed connections are never evicted by a
-  newcomer of the same source: each holds a mailbox of its own, and mailboxes have a price. If
-  no connection qualifies, the newcomer is refused. Groups are bucketed by size and each source
-  keeps its connections least recently heard from first, so a newcomer costs O(1) (SCAN_MAX at
-  most).
+  WebSocket and accepted FRESH_MIN ago at least (one whose request head is incomplete first,
+  then one whose head is complete and waits at the turnstile), else one without subscription
+  silent for handshake_timeout at least, the longest silent. Subscribed connections are never
+  evicted by a newcomer of the same source: each holds a mailbox of its own, and mailboxes have
+  a price. If no connection qualifies, the newcomer is refused. Groups are bucketed by size and
+  each source keeps its connections least recently heard from first, so a newcomer costs O(1)
+  (SCAN_MAX at most).
 
 A refused connection is answered `503` once it sends its request (and aborted if it does not
 within `handshake_timeout`); beyond `REFUSED_MAX` refused ones waiting, new ones are aborted at
@@ -45,7 +46,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from .config import Config
-from .turnstile import Turnstile
+from .turnstile import Ticket, Turnstile
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -94,9 +95,10 @@ FRESH_MIN = 2.0
 class Group:
     """The connections under one prefix: a count, its sub-prefixes bucketed by their counts
     (the biggest found at once), and at the finest prefix the connections themselves, those
-    not yet upgraded apart, the upgraded ones least recently heard from first."""
+    not yet upgraded apart (those whose request head is incomplete apart from those waiting at
+    the turnstile), the upgraded ones least recently heard from first."""
 
-    __slots__ = ("buckets", "children", "count", "fresh", "key", "top", "upgraded")
+    __slots__ = ("buckets", "children", "count", "fresh", "key", "top", "upgraded", "waiting")
 
     def __init__(self, key: str) -> None:
         self.key = key
@@ -105,6 +107,7 @@ class Group:
         self.buckets: dict[int, dict[Group, None]] = {}
         self.top = 0
         self.fresh: dict[asyncio.BaseTransport, Entry] = {}
+        self.waiting: dict[asyncio.BaseTransport, Entry] = {}
         self.upgraded: OrderedDict[asyncio.BaseTransport, Entry] = OrderedDict()
 
     def biggest(self) -> Group | None:
@@ -323,10 +326,13 @@ class Gate:
         `young`, when given), else unsubscribed and silent longest (only if silent since
         `quiet`, when not 0), else (if allowed) the one least recently heard from. Looks at
         SCAN_MAX connections at most."""
-        if leaf.fresh:
-            oldest = next(iter(leaf.fresh.values()))
-            if young is None or oldest.since <= young:
-                return oldest
+        # Half-open ones before those waiting at the turnstile: their request is whole, and
+        # the wait is the relay's doing, not theirs.
+        for pending in (leaf.fresh, leaf.waiting):
+            if pending:
+                oldest = next(iter(pending.values()))
+                if young is None or oldest.since <= young:
+                    return oldest
         for n, entry in enumerate(leaf.upgraded.values()):
             conn = entry.conn
             if n >= SCAN_MAX or conn is None or (quiet and conn.last_seen > quiet):
@@ -340,8 +346,16 @@ class Gate:
     def upgraded(self, entry: Entry, conn: Peer) -> None:
         """The connection of `entry` is a WebSocket now."""
         entry.conn = conn
+        if entry.path:
+            leaf = entry.path[-1]
+            if (leaf.fresh.pop(entry.transport, None) is not None
+                    or leaf.waiting.pop(entry.transport, None) is not None):
+                leaf.upgraded[entry.transport] = entry
+
+    def head_complete(self, entry: Entry) -> None:
+        """The connection of `entry` sent its request head and waits at the turnstile."""
         if entry.path and entry.path[-1].fresh.pop(entry.transport, None) is not None:
-            entry.path[-1].upgraded[entry.transport] = entry
+            entry.path[-1].waiting[entry.transport] = entry
 
     def heard(self, transport: asyncio.BaseTransport | None) -> None:
         """A frame or ping came from this connection: it goes last in its source's order."""
@@ -363,6 +377,7 @@ class Gate:
             return
         leaf = entry.path[-1]
         leaf.fresh.pop(transport, None)
+        leaf.waiting.pop(transport, None)
         leaf.upgraded.pop(transport, None)
         parents = [self.root, *entry.path[:-1]]
         for parent, child in reversed(list(zip(parents, entry.path, strict=True))):
@@ -401,7 +416,7 @@ class _Admission(asyncio.Protocol):
     its bytes so far, at most HEAD_MAX (a bigger head is answered 431). A refused connection's
     request is answered here too (503, REFUSE_DELAY later), except a health check's."""
 
-    __slots__ = ("answer", "gate", "head", "queued", "server", "transport")
+    __slots__ = ("answer", "gate", "head", "queued", "server", "ticket", "transport")
 
     def __init__(self, gate: Gate, server: web.Server) -> None:
         self.gate = gate
@@ -410,6 +425,7 @@ class _Admission(asyncio.Protocol):
         self.head = bytearray()
         self.answer: asyncio.TimerHandle | None = None
         self.queued = False  # its head complete, waiting at the turnstile
+        self.ticket: Ticket | None = None  # its place there
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A socket transport (uvloop's is not an asyncio.Transport subclass, so no isinstance).
@@ -448,13 +464,15 @@ class _Admission(asyncio.Protocol):
         self.queued = True
         self.head = bytearray(head)
         t.pause_reading()
-        self.gate.turnstile.enter(self._hand_over)
+        self.gate.head_complete(entry)
+        self.ticket = self.gate.turnstile.enter(self._hand_over)
 
-    def _hand_over(self) -> None:
+    def _hand_over(self) -> bool:
         """The turnstile's turn: aiohttp's request handler takes the connection over."""
+        self.ticket = None
         t = self.transport
         if t is None or t.is_closing() or self.gate.entries.get(t) is None:
-            return  # ended, evicted or timed out while it waited
+            return False  # ended, evicted or timed out while it waited
         head, self.head = bytes(self.head), bytearray()
         handler = self.server()
         self.gate.handed[handler] = t
@@ -462,6 +480,7 @@ class _Admission(asyncio.Protocol):
         handler.connection_made(t)
         t.resume_reading()
         handler.data_received(head)
+        return True
 
     def _answer(self, answer: bytes, delay: float) -> None:
         """Send `answer` and close, `delay` seconds from now; read nothing more meanwhile."""
@@ -482,6 +501,9 @@ class _Admission(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         if self.answer is not None:
             self.answer.cancel()
+        if self.ticket is not None:  # ended while it waited at the turnstile
+            self.gate.turnstile.cancel(self.ticket)
+            self.ticket = None
         # Lost before aiohttp took over (evicted, timed out, reset): aiohttp's hook never runs.
         if self.transport is not None:
             self.gate.forget(self.transport)

@@ -298,6 +298,7 @@ def fast_deposit(c: Connection, f: wire.Frame) -> bool:
     # delivery is sealed afresh: Connection.push).
     fut = c.relay.storage.enqueue(mb.id, c.relay.expiry(), mb.seal(block))
     mb.queued += 1
+    mb.writing += 1
     c.relay.queued_blocks += 1
     fut.add_done_callback(functools.partial(c._deposit_done, f.rid, mb, block))
     return True
@@ -320,6 +321,7 @@ async def h_deposit(c: Connection, f: wire.Frame) -> None:
         mb = _deposit_auth(c, found, kind, auth)
         sealed = mb.seal(block)
         mb.queued += 1
+        mb.writing += 1
         relay.queued_blocks += 1
         fut = relay.storage.enqueue(mb.id, relay.expiry(), sealed)
     finally:

@@ -91,7 +91,8 @@ class MailboxState:
     """The in-memory view of one mailbox (rebuilt from storage when needed)."""
 
     __slots__ = ("_box_keys", "_key", "bundle_bucket", "deleted", "deposit_bucket", "dkey",
-                 "id", "okey", "public", "queued", "sub", "tokens", "used", "verify")
+                 "id", "okey", "public", "queued", "sub", "tokens", "used", "verify",
+                 "writing")
 
     def __init__(self, row: MailboxRow, cfg: Config, now: float) -> None:
         self.id = row.id
@@ -106,6 +107,9 @@ class MailboxState:
         self.public = row.public
         self.tokens = row.tokens
         self.queued = row.queued
+        # Deposits whose write is in flight: the cache keeps the mailbox until they land, or
+        # the write's push (Relay.stored) would act on an object a SUBSCRIBE no longer sees.
+        self.writing = 0
         self.used = row.used
         self.deposit_bucket = TokenBucket(cfg.deposit_rate, cfg.deposit_burst, now)
         self.bundle_bucket = TokenBucket(cfg.bundle_fetch_rate, cfg.bundle_fetch_burst, now)

@@ -7,13 +7,14 @@ relay process over real sockets."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import pytest
 
 from relay.config import Config
-from relay.gate import FRESH_MIN, Gate, source_chain, source_of
+from relay.gate import FRESH_MIN, Gate, _Admission, source_chain, source_of
 
 
 class Transport:
@@ -182,3 +183,71 @@ def test_a_young_connection_not_upgraded_is_taken_only_by_another_source() -> No
     other = Transport("127.0.0.1")
     gate.accept(other)  # type: ignore[arg-type]
     assert alive(gate, other) and held[1].aborted
+
+
+class AdmittedTransport(Transport):
+    """What _Admission uses of a socket transport."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__(host)
+        self.protocol: Any = None
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> Any:
+        return self.protocol
+
+
+def test_half_open_connections_are_evicted_before_those_waiting_at_the_turnstile() -> None:
+    """On a full relay a newcomer of the same source takes the place of a connection whose
+    request head is incomplete first; one whose head is complete and waits at the turnstile
+    only once no such one is old enough. Evicted while it waits, its place in the turnstile's
+    queue goes, and it is never handed to aiohttp."""
+
+    async def main() -> None:
+        gate = Gate(Config(max_connections=3, handshake_timeout=10, setups_per_turn=1))
+        handed: list[object] = []
+
+        def server() -> Any:
+            handed.append(object())
+            raise AssertionError("a connection evicted while it waited was set up")
+
+        def arrive(head: bytes) -> tuple[AdmittedTransport, _Admission]:
+            t = AdmittedTransport("127.0.0.2")
+            adm = _Admission(gate, server)  # type: ignore[arg-type]
+            adm.connection_made(t)  # type: ignore[arg-type]
+            if head:
+                adm.data_received(head)
+            return t, adm
+
+        assert gate.turnstile.enter(lambda: True) is None  # this turn's place is taken
+        waiting, waiting_adm = arrive(b"GET /v1/ws HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert waiting_adm.queued and len(gate.turnstile) == 1
+        half = [arrive(b"GET /v1/ws HT")[0] for _ in range(2)]
+        for t in (waiting, *half):
+            entry = gate.entry(t)  # type: ignore[arg-type]
+            assert entry is not None
+            entry.since -= FRESH_MIN + 0.1
+        for n in range(2):
+            newcomer, _ = arrive(b"")
+            assert alive(gate, newcomer) and half[n].aborted and not waiting.aborted
+        # Only young half-open ones are left beside it: the waiting one goes now.
+        last, _ = arrive(b"")
+        assert alive(gate, last) and waiting.aborted
+        waiting_adm.connection_lost(None)  # what the aborted transport reports
+        assert len(gate.turnstile) == 0
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not handed
+
+    asyncio.run(main())

@@ -37,11 +37,12 @@ def test_order_and_bound_per_turn() -> None:
         gate = Turnstile(2)
         served: list[tuple[int, int]] = []
 
-        def arrival(i: int) -> Callable[[], None]:
-            def cb() -> None:
+        def arrival(i: int) -> Callable[[], bool]:
+            def cb() -> bool:
                 served.append((i, turn))
                 if i == 3:
                     raise RuntimeError("one connection's set-up failed")
+                return True
             return cb
 
         start = turn
@@ -63,7 +64,7 @@ def test_order_and_bound_per_turn() -> None:
         free = Turnstile(0)
         done: list[int] = []
         for i in range(5):
-            free.enter(lambda i=i: done.append(i))
+            free.enter(lambda i=i: done.append(i) is None)
         assert done == [0, 1, 2, 3, 4]
 
     loop = asyncio.new_event_loop()
@@ -72,6 +73,62 @@ def test_order_and_bound_per_turn() -> None:
         loop.run_until_complete(main())
     finally:
         loop.close()
+
+
+def test_the_departed_use_up_no_place_and_the_queue_stays_bounded() -> None:
+    """Waiting connections that ended (a cancelled ticket: evicted or timed out; or a callback
+    finding its connection gone at its turn) let the live ones behind them through in the same
+    turn; and cancelled tickets are dropped from the queue, not kept until their turn."""
+
+    async def main() -> None:
+        turn = 0
+        ticking = True
+
+        def tick() -> None:
+            nonlocal turn
+            turn += 1
+            if ticking:
+                asyncio.get_running_loop().call_soon(tick)
+
+        tick()
+        gate = Turnstile(2)
+        served: list[tuple[str, int]] = []
+
+        def arrival(name: str, live: bool = True) -> Callable[[], bool]:
+            def cb() -> bool:
+                if live:
+                    served.append((name, turn))
+                return live
+            return cb
+
+        gate.enter(arrival("a"))
+        gate.enter(arrival("b"))  # this turn is full now
+        assert gate.enter(arrival("gone", live=False)) is not None
+        evicted = gate.enter(arrival("evicted"))
+        for name in ("c", "d", "e"):
+            gate.enter(arrival(name))
+        assert evicted is not None
+        gate.cancel(evicted)
+        assert len(gate) == 4
+        start = turn
+        for _ in range(5):
+            await asyncio.sleep(0)
+        ticking = False
+        names = [n for n, _ in served]
+        assert names == ["a", "b", "c", "d", "e"] and gate.passed == 5
+        by_name = dict(served)
+        assert by_name["c"] == by_name["d"] == start + 1 and by_name["e"] == start + 2
+
+        # Thousands evicted while they wait: the queue holds about twice the live ones.
+        assert gate.enter(arrival("f")) is None and gate.enter(arrival("g")) is None
+        tickets = [gate.enter(arrival("late")) for _ in range(4000)]
+        for n, ticket in enumerate(tickets[:-10]):
+            assert ticket is not None
+            gate.cancel(ticket)
+            assert len(gate._waiting) <= 2 * len(gate) + 2, n
+        assert len(gate) == 10
+
+    asyncio.run(main())
 
 
 def masked(payload: bytes) -> bytes:
