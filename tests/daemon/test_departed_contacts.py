@@ -92,3 +92,46 @@ def test_a_task_cancelled_before_its_first_step_does_not_block_the_next(tmp_path
         asyncio.run(scenario())
     finally:
         store.close()
+
+
+def test_a_departed_admins_change_on_a_state_not_seen_yet_converges(tmp_path):
+    """§25.9 through the inbound path (GroupInbound.on_payload, a real store): owner O,
+    admins X, Y, member Z (us) at v. O renames on v; X removes Y on v; Y, having O's first,
+    renames on v+1. Z gets X's, Y's, then O's: Y's comes while Y is departed here and names a
+    parent Z has not seen; it is held, not dropped, and Z ends at the head of every order."""
+    from aegisd.core import group as g
+    from aegisd.core import wire
+    from aegisd.services.groups_inbound import GroupInbound
+    from aegisd.services.groups_state import member_rows
+
+    o, x, y, z = PEOPLE[0], PEOPLE[1], PEOPLE[2], PEOPLE[3]
+    state = g.create_group(ENTROPY, o, "Start")
+    for person, role in ((x, wire.ROLE_ADMIN), (y, wire.ROLE_ADMIN), (z, wire.ROLE_MEMBER)):
+        state = g.apply_change(state, g.add_member(o, state, person.public, role))
+    o_renames = g.rename(o, state, "Red", "")
+    x_removes_y = g.remove_member(x, state, y.public.ed_pub)
+    y_renames = g.rename(y, g.apply_change(state, o_renames), "Green", "")
+    expected = g.GroupLog(state)
+    for change in (o_renames, y_renames, x_removes_y):  # Y's own order
+        expected.receive(change)
+    store = create_profile(tmp_path / "p", "pass phrase", FAST)
+    try:
+        ref = G.add_group(store, state.group_id, g.GroupLog(state).record().to_bytes(),
+                          member_rows(state))  # fmt: skip
+        host = Host(store)
+        host.identity = lambda: z  # type: ignore[method-assign]
+        host.ctx.events = SimpleNamespace(emit=lambda *a: None)  # type: ignore[attr-defined]
+        host.spawn = lambda coro: coro.close()  # type: ignore[method-assign]
+        inbound = GroupInbound(host, files=None)  # type: ignore[arg-type]
+        contacts = {p: store.add_contact(n, identity_key=p.public.to_bytes())
+                    for p, n in ((o, "o"), (x, "x"), (y, "y"))}  # fmt: skip
+        for author, change in ((x, x_removes_y), (y, y_renames), (o, o_renames)):
+            payload = wire.GroupChangePayload(change)
+            inbound.on_payload(contacts[author], None, payload)  # type: ignore[arg-type]
+        row = G.get_group(store, ref)
+        assert row is not None
+        head = g.GroupLog.from_record(wire.GroupLogRecord.from_bytes(row.log)).head
+        assert head == expected.head and head.name == "Green"
+        assert head.member(y.public.ed_pub) is not None
+    finally:
+        store.close()
