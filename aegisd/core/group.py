@@ -446,12 +446,6 @@ class GroupLog:
         known = {m.key for s in self._states.values() for m in s.members}
         return frozenset(known - {m.key for m in self._head.members})
 
-    def last_member_version(self, key: bytes) -> int | None:
-        """The highest version of a state this log knows with `key` a member (None if none):
-        for a departed member, the last state it may have built a change on (§25.9)."""
-        versions = [s.version for s in self._states.values() if s.role_of(key)]
-        return max(versions) if versions else None
-
     def was_admin(self, key: bytes) -> bool:
         """Whether `key` is an admin or owner of some state this log knows (the base or one
         on the chain): who may have sent an introduction whose add is still on its way."""

@@ -67,7 +67,7 @@ class GroupInbound(GroupBase):
             elif isinstance(payload, wire.GroupAnswerPayload):
                 self._on_answer(c, sender, payload)
             elif isinstance(payload, wire.GroupChangePayload):
-                self._on_change(payload.change, sender.ed_pub)
+                self._on_change(payload.change)
             elif isinstance(payload, (wire.GroupMessagePayload, wire.GroupFilePayload)):
                 self._on_message(c, session, sender, payload)
             elif isinstance(payload, wire.GroupIntroductionPayload):
@@ -193,20 +193,16 @@ class GroupInbound(GroupBase):
         with contextlib.suppress(AppError, OSError):
             await self.m.address.revoke_invitation(invitation)
 
-    def _on_change(self, change: wire.GroupChangeRecord, sender: bytes) -> None:
+    def _on_change(self, change: wire.GroupChangeRecord) -> None:
         row = G.group_by_id(self.m.store, change.group_id)
         if row is None:
             droplog.dropped("dropped a change of an unknown group")
             return
         _, log = self._load(row.id)
         before = log.head
-        if sender in log.departed():
-            # A member gone from this group sends only what it built before it learned so:
-            # a change on a state it was a member of (§25.9).
-            last = log.last_member_version(sender)
-            if last is None or change.parent_version > last:
-                droplog.dropped("dropped a change from a departed member")
-                return
+        # Taken from anyone, a departed member too (§25.9): the log refuses a change whose
+        # author is not a member of its parent, and holds one whose parent has not come yet
+        # (which may be the change undoing the departure).
         received = log.receive(change)
         self._save(row.id, log)
         if received.undone:  # changes shown applied before lost (or found invalid) now

@@ -248,18 +248,37 @@ class DepartedContacts:
         #: during the grace while we were offline) and push what arrives while it stays up,
         #: so the mailbox is deleted only after what reached the relay by the deadline.
         self.read_from: int | None = None
+        #: The current connection (a fresh object each time the link reports up; None once
+        #: it ends): after-connect steps of an earlier connection do not mark this one read.
+        self._connection: object | None = None
 
     def _me(self) -> bytes:
         return self.m.identity().public.ed_pub
 
     def relay_state(self, up: bool) -> None:
-        if not up:
-            self.read_from = None
+        self.read_from = None
+        self._connection = object() if up else None
 
-    def connected(self) -> None:
-        """The after-connect steps ran on this connection (their relay round trips came after
-        the subscriptions, whose queued blocks the relay pushes first)."""
-        if self.m.ctx.relay_connected:
+    def connection(self) -> object | None:
+        """What the after-connect steps starting now pass to connected()."""
+        return self._connection
+
+    def link_ended(self) -> None:
+        """The link stopped without reporting down (a lock, new network settings)."""
+        self.relay_state(False)
+
+    def on_lock(self) -> None:
+        """The removal tasks were cancelled (one cancelled before its first step never ran
+        its finally): none is running any more."""
+        self._running.clear()
+        self.link_ended()
+
+    def connected(self, connection: object | None) -> None:
+        """The after-connect steps ran on `connection` (their relay round trips came after
+        the subscriptions, whose queued blocks the relay pushes first): marked read if it is
+        still the current one."""
+        if connection is not None and connection is self._connection \
+                and self.m.ctx.relay_connected:  # fmt: skip
             self.read_from = now_ms()
         self.sweep()
 

@@ -126,6 +126,7 @@ class MailboxesHost(Protocol):
     def loss(self) -> LossView: ...
 
     def _on_relay_state(self, up: bool, reason: str | None) -> None: ...
+    def _link_ended(self) -> None: ...
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
 
@@ -185,13 +186,17 @@ class Mailboxes:
         for link in drains:
             await link.stop()
 
-    async def restart_link(self) -> None:
-        """After a change of the network settings: every connection is made anew."""
+    async def stop_link(self) -> None:
+        """Stops the profile's relay link; it reports no down, so the host is told here."""
         if self.link is not None:
             await self.link.stop()
             self.link = None
+        self.m._link_ended()
+
+    async def restart_link(self) -> None:
+        """After a change of the network settings: every connection is made anew."""
+        await self.stop_link()
         await self.stop_drains()
-        self.m.ctx.relay_connected = False
         self.start_link()
 
     def reload(self) -> None:

@@ -163,16 +163,19 @@ class Messenger:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
-        if self.mailboxes.link is not None:
-            await self.mailboxes.link.stop()
-            self.mailboxes.link = None
+        self.groups.pruner.on_lock()  # its tasks were cancelled above
+        await self.mailboxes.stop_link()
         await self.mailboxes.stop_drains()
-        self.ctx.relay_connected = False
         async with self.lock:
             self.prekeys = None
             self.mailboxes.owned.clear()
             self.loss.denied.clear()
             self.loss.relay_lost = None
+
+    def _link_ended(self) -> None:
+        """The relay link was stopped (it reports no down then): not connected any more."""
+        self.ctx.relay_connected = False
+        self.groups.pruner.link_ended()
 
     def _on_relay_state(self, up: bool, reason: str | None) -> None:
         was = self.ctx.relay_connected
@@ -214,6 +217,7 @@ class Messenger:
     _spawn = spawn  # the older services' hosts still name it so
 
     async def _after_connect(self) -> None:
+        connection = self.groups.pruner.connection()  # the one these steps run on
         if self.loss.superseded():
             return  # every relay call would be refused: the mailboxes are gone
         try:
@@ -228,7 +232,7 @@ class Messenger:
         except (*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
             pass  # the next connection tries again
         if self.ctx.store is not None:
-            self.groups.pruner.connected()  # departed group contacts: this connection read them
+            self.groups.pruner.connected(connection)  # departed group contacts: it read them
 
     # --- the identity and its prekeys (published by address.py) ---------------------------
 

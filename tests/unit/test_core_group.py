@@ -496,18 +496,3 @@ def test_was_admin_names_only_admins_and_owners_of_a_known_state() -> None:
     assert not log.was_admin(PEOPLE[5].public.ed_pub)
     log.receive(g.set_role(owner, log.head, admin.public.ed_pub, MEMBER))
     assert log.was_admin(admin.public.ed_pub)  # an admin of a state the log still knows
-
-
-def test_the_last_version_a_departed_member_was_in() -> None:
-    """What the daemon takes from a member gone from the group: changes built on a state it
-    was a member of, up to the last one (GroupLog.last_member_version, §25.9)."""
-    log, (owner, admin) = group_of([ADMIN])
-    key = admin.public.ed_pub
-    before = log.head.version
-    assert log.last_member_version(key) == before
-    log.receive(g.rename(owner, log.head, "n", ""))
-    log.receive(g.remove_member(owner, log.head, key))
-    assert log.last_member_version(key) == before + 1
-    log.receive(g.rename(owner, log.head, "m", ""))
-    assert log.last_member_version(key) == before + 1  # not in the states after
-    assert log.last_member_version(b"\x00" * 32) is None

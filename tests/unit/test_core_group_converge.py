@@ -453,3 +453,23 @@ def test_precedence_cannot_be_ground() -> None:
         mine_key = g.precedence(START, mine, g.change_hash(mine))
         outcomes.add(mine_key < g.precedence(START, rival, g.change_hash(rival)))
     assert len(outcomes) == 1
+
+
+def test_a_change_from_a_member_departed_here_but_back_by_precedence() -> None:
+    """§25.9: owner O, admins X, Y at v. O renames on v; X removes Y on v; Y gets O's first
+    and renames on v+1. Z, receiving X's, Y's then O's, sees Y departed when Y's change
+    comes, built on a state it never saw Y a member of: held (its parent is unknown), it
+    applies once O's arrives (O beats X), and Z ends where every other order ends."""
+    o, x, y, z = PEOPLE[0], PEOPLE[1], PEOPLE[2], PEOPLE[3]
+    o_renames = g.rename(o, START, "Red", "")
+    x_removes_y = g.remove_member(x, START, y.public.ed_pub)
+    y_renames = g.rename(y, g.apply_change(START, o_renames), "Green", "")
+    log = g.GroupLog(START)
+    log.receive(x_removes_y)
+    assert y.public.ed_pub in log.departed()
+    assert y_renames.parent_version > START.version  # past any state Z saw Y a member of
+    assert log.receive(y_renames).outcome is g.Outcome.HELD
+    log.receive(o_renames)
+    assert log.head.name == "Green" and log.head.member(y.public.ed_pub) is not None
+    assert log.head.member(z.public.ed_pub) is not None
+    assert deliver_in_every_order(START, [x_removes_y, y_renames, o_renames]) == log.head
