@@ -46,6 +46,11 @@ member: four encrypted pages per block, and the WAL), the removal's (about 0.11 
 ``secure_delete`` on, removing a block rewrites its pages), and the inserts (0.05 ms); the
 deposits themselves (one frame each, pipelined) about 0.1 ms. ``--profile`` prints where.
 
+On a quiet machine (load below 1, nothing else running; 2026-12-04, main with groups wired into
+the daemon and read receipts), medians of 7: sender CPU per member 0.308 ms (of which the
+enqueue 0.141 ms), the relay accepted all 100 in 47.8 ms (2,091 blocks/s), core encrypt alone
+0.016 ms per member; one-to-one 1,093 texts/s at 0.755 ms of CPU each. The target is met there.
+
 Nothing here is asserted: it is a measurement, not a test.
 """
 
