@@ -315,15 +315,24 @@ async def h_deposit(c: Connection, f: wire.Frame) -> None:
             raise wire.FrameError(wire.E_BAD_BLOCK)
         _deposit_pow(c, deposit_id, kind, auth, block)
         relay = c.relay
-        found = await c.mailbox(dkey=deposit_key(deposit_id))
+        dkey = deposit_key(deposit_id)
+        found = await c.mailbox(dkey=dkey)
         if before is not None and not before.done():
             await asyncio.wait({before})
+        # While this waited, a full cache may have let the mailbox go (no write pinned it yet)
+        # and the owner's SUBSCRIBE loaded another object for it: the write must count and push
+        # on the object cached now (from the synchronous steps below on, `writing` pins it).
+        # Loaded again if none is cached, at the relay's cost (no lookup token of the client).
+        for _ in range(3):
+            if found is None or found.deleted or relay.by_id.get(found.id) is found:
+                break
+            found = relay.by_id.get(found.id) or await relay.mailbox(dkey=dkey)
         mb = _deposit_auth(c, found, kind, auth)
-        sealed = mb.seal(block)
+        # Queued first (as fast_deposit): one refused at once ("storage closed") counts nothing.
+        fut = relay.storage.enqueue(mb.id, relay.expiry(), mb.seal(block))
         mb.queued += 1
         mb.writing += 1
         relay.queued_blocks += 1
-        fut = relay.storage.enqueue(mb.id, relay.expiry(), sealed)
     finally:
         turn.set_result(None)
     # As fast_deposit: the answer and the counts follow the write, which happens even if this

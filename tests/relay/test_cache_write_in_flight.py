@@ -83,3 +83,67 @@ def test_a_block_written_while_the_cache_is_full_reaches_every_subscription(
             await runner.cleanup()
 
     run(body())
+
+
+def test_a_pipelined_deposit_waiting_its_turn_writes_on_the_mailbox_cached_now(
+        tmp_path: Path) -> None:
+    """The slow path (h_deposit): a deposit to a cached mailbox Y waits behind the same
+    connection's deposit whose mailbox X is loading; meanwhile a full cache lets Y go and the
+    owner's SUBSCRIBE loads another object for it. The write must count and push on that one
+    (it was acknowledged, then reached no subscription)."""
+    async def body() -> None:
+        cfg = Config(data_dir=str(tmp_path), pow_deposit_bits=0, pow_create_bits=0)
+        app = create_app(cfg)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/ws"
+        relay = app[RELAY_KEY]
+        conns: list[RelayClient] = []
+
+        async def connect() -> RelayClient:
+            conns.append(await RelayClient.connect(url))
+            return conns[-1]
+
+        try:
+            c = await connect()
+            ty, tx = os.urandom(32), os.urandom(32)
+            y = await new_owner(c, token=ty)
+            x = await new_owner(c, token=tx)
+            other = await new_owner(c)
+            for mb in list(relay.by_id.values()):
+                relay._uncache(mb)
+            zero, second = block(b"zero"), block(b"B")
+            await (await connect()).deposit(y.deposit_id, zero, token=ty)
+            assert len(relay.by_id) == 1  # Y alone, cached by that deposit
+            relay.cache_max = 1
+            orig = relay.storage.load_mailbox
+            gate = asyncio.Event()
+
+            async def slow(**kw: bytes | None) -> object:
+                await gate.wait()
+                return await orig(**kw)
+
+            relay.storage.load_mailbox = slow  # type: ignore[method-assign,assignment]
+            d = await connect()
+            a = asyncio.create_task(d.deposit(x.deposit_id, block(b"A"), token=tx))
+            while not relay._loading:  # X is loading: the next deposit waits its turn
+                await asyncio.sleep(0.01)
+            b = asyncio.create_task(d.deposit(y.deposit_id, second, token=ty))
+            await asyncio.sleep(0.1)  # (ordering only) B holds the Y object while it waits
+            relay.storage.load_mailbox = orig  # type: ignore[method-assign]
+            await other.subscribe(await connect())  # the cache is full: Y goes
+            first = await connect()
+            await y.subscribe(first)  # loads another object for Y
+            gate.set()
+            await a
+            await b
+            got = [y.open(await next_message(first, 10)) for _ in range(2)]
+            assert sorted(got) == sorted([zero, second])
+        finally:
+            for conn in conns:
+                await conn.close()
+            await runner.cleanup()
+
+    run(body())
