@@ -301,6 +301,8 @@ class Relay:
                 # object for the mailbox, and the write's push would miss it (and its count).
                 if old.sub is None and not old.writing:
                     self._uncache(old)
+                else:  # held: to the back, or 64 held ones in front would stop all eviction
+                    self.by_id[old.id] = self.by_id.pop(old.id)
         self.by_okey[mb.okey] = mb
         self.by_dkey[mb.dkey] = mb
         self.by_id[mb.id] = mb

@@ -147,3 +147,31 @@ def test_a_pipelined_deposit_waiting_its_turn_writes_on_the_mailbox_cached_now(
             await runner.cleanup()
 
     run(body())
+
+
+def test_held_mailboxes_at_the_front_do_not_stop_eviction(tmp_path: Path) -> None:
+    """The cache looked only at its 64 oldest entries for one to let go: 64 subscribed
+    mailboxes there (long-lived subscribers after a restart) stopped every eviction, and the
+    cache grew without bound."""
+    from nacl.signing import SigningKey
+
+    from relay.app import Relay
+    from relay.state import MailboxState
+    from relay.storage import MailboxRow
+
+    relay = Relay(Config(data_dir=str(tmp_path)))
+    relay.cache_max = 100
+    sig = bytes(SigningKey.generate().verify_key)
+
+    def state(i: int) -> MailboxState:
+        row = MailboxRow(i, b"o%d" % i, b"d%d" % i, sig, b"s" * 32, b"b" * 32, False, (), 0)
+        return MailboxState(row, relay.cfg, 0.0)
+
+    for i in range(64):
+        mb = state(i)
+        mb.sub = object()  # type: ignore[assignment]
+        relay._cache(mb)
+    for i in range(64, 2000):
+        relay._cache(state(i))
+    assert len(relay.by_id) <= relay.cache_max + 64
+    assert all(i in relay.by_id for i in range(64))  # held ones stay
