@@ -165,10 +165,40 @@ class RecordingProxy:
         with self._lock:
             return [bytes(b).partition(b"\r\n\r\n")[2] for b in self.streams]
 
+    def frames(self) -> list[bytes]:
+        """Every WebSocket frame's payload either way, unmasked (a client's frames are masked
+        on the wire; the relay reads them unmasked): what the relay itself receives and sends."""
+        out: list[bytes] = []
+        for stream in self.payload_bytes():
+            out.extend(_ws_payloads(stream))
+        return out
+
     def close(self) -> None:
         self._closed = True
         self._flowing.set()
         self.sock.close()
+
+
+def _ws_payloads(data: bytes) -> list[bytes]:
+    """The payloads of the complete RFC 6455 frames in ``data`` (a partial last one is left)."""
+    out, i = [], 0
+    while i + 2 <= len(data):
+        masked, n = data[i + 1] & 0x80, data[i + 1] & 0x7F
+        j = i + 2
+        if n == 126:
+            n, j = int.from_bytes(data[j : j + 2], "big"), j + 2
+        elif n == 127:
+            n, j = int.from_bytes(data[j : j + 8], "big"), j + 8
+        key = data[j : j + 4] if masked else b""
+        j += 4 if masked else 0
+        if j + n > len(data):
+            break
+        body = data[j : j + n]
+        if masked:
+            body = bytes(b ^ key[k % 4] for k, b in enumerate(body))
+        out.append(body)
+        i = j + n
+    return out
 
 
 class Coturn:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from aegisd.services.groups_state import SETTING_PRUNE_AFTER, SETTING_PRUNE_SPRE
 from aegisd.services.mailbox import ContactState
 from aegisd.store import groups as G
 from relay.storage import deposit_key
+from tests.functional.calls_support import RecordingProxy
 from tests.functional.conftest import Peer, connect
 from tests.functional.test_hostile_contact import offline_store, queued, url_of
 from tests.relay.conftest import RelayProcess
@@ -56,9 +58,32 @@ def invited(peer: Peer) -> int:
     return int(invs[0]["invitation"])
 
 
+@pytest.fixture
+def recorded(
+    tmp_short: Path, relay_proc: RelayProcess
+) -> Iterator[tuple[Callable[[str], Peer], RecordingProxy]]:
+    """Peers whose every relay connection passes a recording proxy: the relay's own view of
+    their frames."""
+    proxy = RecordingProxy(relay_proc.port)
+    made: list[Peer] = []
+    url = f"ws://127.0.0.1:{proxy.port}/v1/ws"
+
+    def make(name: str) -> Peer:
+        made.append(Peer(tmp_short / name, url, name))
+        return made[-1]
+
+    try:
+        yield make, proxy
+    finally:
+        for p in made:
+            p.stop()
+        proxy.close()
+
+
 def test_a_group_of_members_who_are_not_all_contacts(
-    peers: Callable[[str], Peer], relay_proc: RelayProcess
+    recorded: tuple[Callable[[str], Peer], RecordingProxy], relay_proc: RelayProcess
 ) -> None:
+    peers, proxy = recorded
     alice, bob, carol, dave = peers("alice"), peers("bob"), peers("carol"), peers("dave")
     for p in (bob, carol, dave):
         connect(p, alice)  # alice knows everyone; bob and carol do not know each other
@@ -206,14 +231,23 @@ def test_a_group_of_members_who_are_not_all_contacts(
     bob.call("group.leave", {"group": gb})
     alice.wait_for(lambda: list(members(alice)) == [ed["alice"]], "bob to leave", T)
 
-    # The relay's disk and output hold neither the group ID nor its names.
+    # The relay's disk, its output and every frame it received or sent hold neither the group
+    # ID nor its names, nor the member list: a member's identity key is at the relay only in
+    # its own address bundle (docs/threat-model.md §2), so no frame holds two of them, and no
+    # key is ever written out in hex.
+    keys = [bytes.fromhex(k) for k in ed.values()]
     needles = [group_id, NAME.encode(), OTHER_NAME.encode(), b"Trips"]
+    hexes = [n.hex().encode() for n in (group_id, *keys)]
     for path in relay_proc.data.rglob("*"):
         if path.is_file():
             raw = path.read_bytes()
-            assert not any(n in raw for n in needles), path.name
+            assert not any(n in raw for n in needles + hexes), path.name
     out = relay_proc.output().encode()
-    assert not any(n in out for n in [group_id.hex().encode(), *needles[1:]])
+    assert not any(n in out for n in needles + hexes)
+    frames = proxy.frames()
+    assert sum(len(f) for f in frames) > 10 * 16384  # the group's traffic went through it
+    assert not any(n in f for f in frames for n in needles + hexes)
+    assert all(sum(k in f for k in keys) <= 1 for f in frames)
 
 
 def no_grace(peer: Peer) -> None:
