@@ -153,6 +153,19 @@ previous main on a quiet machine: 4.5x, 2.9x, 4.5x). The full run (231 s):
     The day's final code (a pipelined deposit writes on the mailbox cached now; held mailboxes
     move to the cache's back), quiet: 3t 1.9x, 1.6x, 1.5x; 1 1.5x, 1.9x; 6 4.0x, 6.4x FAIL
     (blob puts 100 %).
+
+WAL checkpoints on a thread of their own (relay/checkpointer.py, every 4 MiB committed), the next
+day on a quiet machine, the change (new) and the commit before it (old) run alternately; x99:
+
+    scenario        new                        old
+    6 blob flood    0.2 1.9 2.1 2.4 0.8 2.2    2.5 2.7 1.3 4.9 3.1 (6.3 3.8 earlier that day)
+    1 store flood   1.5 2.9 2.2                3.5 4.9 4.1
+    8 writer hog    2.2
+    3t              1.3 3.4 1.8 1.4
+
+    A probe timing every commit (scenario 6, old) found nine commits of 20 to 45 ms in the 20 s,
+    each the one that crossed SQLite's automatic checkpoint threshold (the WAL at 32 MiB);
+    every other commit took under 5 ms.
 """
 
 from __future__ import annotations

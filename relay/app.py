@@ -59,7 +59,7 @@ class Relay:
         self.storage: Storage = storage or SQLiteStorage(
             cfg.data_dir, cfg.max_batch, clock, cfg.mailbox_use_granularity,
             reserve_bytes=cfg.disk_reserve, max_db_bytes=cfg.max_db_bytes,
-            max_batch_bytes=cfg.max_batch_bytes)
+            max_batch_bytes=cfg.max_batch_bytes, checkpoint_bytes=cfg.checkpoint_bytes)
         self.gate = Gate(cfg)
         self.clock = clock
         self.by_okey: dict[bytes, MailboxState] = {}

@@ -107,6 +107,9 @@ class Config:
     # ... and bytes written per group commit: the commit under way is what a new operation
     # waits for, so this bounds everyone's wait while one client floods the writer.
     max_batch_bytes: int = 1024 * 1024
+    # WAL checkpoints run on a thread of their own after this many bytes committed, instead of
+    # inside the commit that fills the WAL (relay/checkpointer.py; 0: SQLite's own only).
+    checkpoint_bytes: int = 4 * 1024 * 1024
     # Bytes kept free for the database (disk, and free pages in it): below, storing more gets
     # `full` while acknowledgements and deletions still run; an eighth is held in a reserve file,
     # released if the disk fills all the same; the WAL is kept under half (relay/storage.py).

@@ -89,6 +89,7 @@ HELP = {
     "lookup_burst": "Uncached mailbox lookup bucket size per connection.",
     "max_batch": "Storage operations per group commit.",
     "max_batch_bytes": "Bytes written per group commit at most (about; one operation at least).",
+    "checkpoint_bytes": "Bytes committed between background WAL checkpoints (0: off).",
     "disk_reserve": "Bytes of disk held in reserve, released when the disk fills.",
     "max_db_bytes": "Largest database in bytes (0: the disk); reaching it is a full disk.",
     "max_pending_writes": "Storage operations waiting at most; beyond, deposits get busy.",
