@@ -84,7 +84,7 @@ def register(registry: Registry, m: Messenger) -> None:
         names: dict[int, str] = {}
         if any(kind == "group" for kind, _ in hits):  # parses each group's log: only if needed
             names = {int(g["group"]): str(g["name"]) for g in m.groups.list_groups()}
-        results = []
+        results: list[dict[str, Any]] = []
         for kind, seq in hits[:limit]:
             if kind == "contact":
                 msg = C.message_by_seq(m.store, seq)
