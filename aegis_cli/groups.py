@@ -8,11 +8,12 @@ contact's name or its key (``aegis group members`` shows both)::
     aegis group members GROUP                aegis group rename GROUP NEW_NAME
     aegis group remove GROUP MEMBER          aegis group role GROUP MEMBER member|admin|owner
     aegis group leave GROUP                  aegis group send GROUP MESSAGE
-    aegis group messages GROUP [--limit N]
+    aegis group messages GROUP [--limit N] [--before SEQ] [--no-mark-read]
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import Callable
 from types import ModuleType
@@ -173,10 +174,15 @@ def register(main: ModuleType) -> None:
     @click.argument("group_name", metavar="GROUP")
     @click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True,
                   metavar="N", help="Show the last N messages.")  # fmt: skip
-    @click.option("--mark-read", is_flag=True, help="Mark the incoming messages read.")
-    def group_messages(ctx: Ctx, group_name: str, limit: int, mark_read: bool) -> None:
-        """Show GROUP's messages, oldest first."""
-        show_messages(ctx, group_name, limit, None, Fail, mark_read=mark_read)
+    @click.option("--before", type=int, metavar="SEQ",
+                  help="Only messages older than SEQ (paging).")  # fmt: skip
+    @click.option("--mark-read/--no-mark-read", default=True, show_default=True,
+                  help="Mark the incoming messages shown read.")  # fmt: skip
+    def group_messages(
+        ctx: Ctx, group_name: str, limit: int, before: int | None, mark_read: bool
+    ) -> None:
+        """Show GROUP's messages, oldest first; the incoming ones shown are marked read."""
+        show_messages(ctx, group_name, limit, before, Fail, mark_read=mark_read)
 
 
 def send(ctx: Ctx, group: str, message: str, fail: type[Exception]) -> None:
@@ -200,17 +206,21 @@ def send_file(ctx: Ctx, group: str, path: str, fail: type[Exception]) -> None:
 
 def show_messages(
     ctx: Ctx, group: str, limit: int, before: int | None, fail: type[Exception], *,
-    mark_read: bool = False,
+    mark_read: bool = True,
 ) -> None:  # fmt: skip
-    """`aegis group messages GROUP`, `aegis messages --group GROUP` (``--mark-read``: the
-    incoming messages up to the newest one shown are marked read; one that came in since is
-    not, as it was not shown)."""
+    """`aegis group messages GROUP`, `aegis messages --group GROUP` (``mark_read``: the
+    incoming messages up to the newest one shown are marked read, as group.read's ``up_to``
+    does; one that came in since is not, as it was not shown)."""
+    from .conversations import page_back_hint
+
     ref = resolve_group(ctx, group, fail)
     r = ctx.call("group.history", {"group": ref, "limit": limit, "before": before})
-    shown_in = [m["message_id"] for m in r["messages"] if m["direction"] == "in"]
-    if mark_read and shown_in:
-        ctx.call("group.read", {"group": ref, "up_to": shown_in[-1]})
+    unread = [m["message_id"] for m in r["messages"] if m["direction"] == "in" and not m["read"]]
+    if mark_read and unread:
+        ctx.call("group.read", {"group": ref, "up_to": unread[-1]})
     ctx.out(r, "\n".join(_line(m, units.when) for m in r["messages"]) or "no messages yet")
+    if r["next_before"] is not None and not ctx.as_json:
+        page_back_hint(ctx, f"group messages {shlex.quote(f'#{ref}')}", r["next_before"], limit)
 
 
 def _line(m: dict[str, Any], when: Callable[[int], str]) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -270,7 +271,8 @@ def cli(home: str | None, as_json: bool) -> None:
 
     --home and --json go before or after the command's name. Lists (messages,
     attachments, requests, invitations, calls) are in the order things happened, oldest
-    first, as in a chat log; contacts are in the order of their names. Times are local."""
+    first, as in a chat log; contacts are in the order of their names; conversations and
+    search results are newest first. Times are local."""
 
 
 @cli.command()
@@ -889,13 +891,20 @@ def send(
     help="Show the last N messages.",
 )  # fmt: skip
 @click.option("--before", type=int, metavar="SEQ", help="Only messages older than SEQ (paging).")
-@click.option("--mark-read", is_flag=True, help="Mark the incoming messages read.")
+@click.option(
+    "--mark-read/--no-mark-read", default=True, show_default=True,
+    help="Mark the incoming messages shown read (the sender sees \"read\" if read receipts "
+    "are on).",
+)  # fmt: skip
 @click.option("--group", metavar="GROUP", help="Show this group's messages instead.")
 def messages(
     ctx: Ctx, name: str | None, limit: int, before: int | None, mark_read: bool,
     group: str | None,
 ) -> None:  # fmt: skip
-    """Show the conversation with NAME (or a group's, with --group), oldest first."""
+    """Show the conversation with NAME (or a group's, with --group), oldest first.
+
+    The incoming messages shown are marked read (--no-mark-read: not). When older messages
+    exist, a line on stderr gives the command that shows them."""
     if group is not None:
         if name is not None:
             raise click.UsageError("give NAME or --group, not both")
@@ -910,8 +919,10 @@ def messages(
         params["before"] = before
     with ctx.client() as c:
         result = c.call("messages.history", params)
-        if mark_read:
-            c.call("messages.mark_read", {"contact": name})
+        unread = [m["message_id"] for m in result["messages"]
+                  if m["direction"] == "in" and m["status"] == "received"]  # fmt: skip
+        if mark_read and unread:  # those shown only: one that came in since was not seen
+            c.call("messages.mark_read", {"contact": name, "message_ids": unread})
     # The contact's text as safe_text shows it: no control reaches the terminal, and each
     # line after a message's first is indented, so none passes for a message header.
     who = one_line(name)
@@ -921,6 +932,10 @@ def messages(
     width = safe_text.terminal_width()
     shown = [safe_text.fit(line, width) for line in shown]
     ctx.out(result, "\n".join(shown) if shown else f"no messages with {who}")
+    if result["next_before"] is not None and not ctx.as_json:
+        from .conversations import page_back_hint
+
+        page_back_hint(ctx, f"messages {shlex.quote(name)}", result["next_before"], limit)
 
 
 def message_line(m: dict[str, Any], who: str) -> str:
@@ -1144,9 +1159,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _register_extensions() -> None:
-    from . import calls, groups, network
+    from . import calls, conversations, groups, network
 
     calls.register(sys.modules[__name__])
+    conversations.register(sys.modules[__name__])
     groups.register(sys.modules[__name__])
     network.register(sys.modules[__name__])
     network.register_privacy(sys.modules[__name__])

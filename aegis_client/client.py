@@ -39,6 +39,7 @@ from .errors import (
 from .types import (
     Call,
     Contact,
+    Conversation,
     Event,
     Group,
     GroupFileSent,
@@ -50,6 +51,7 @@ from .types import (
     Identity,
     Invitation,
     Request,
+    SearchResults,
     Sent,
     Settings,
     Status,
@@ -318,6 +320,24 @@ class Client:
         if message_ids is not None:
             params["message_ids"] = message_ids
         return int((await self.call("messages.mark_read", params))["marked"])
+
+    async def conversations(self) -> list[Conversation]:
+        """Every conversation (contacts and groups) with its unread count and last message,
+        the most recently active first."""
+        return cast(list[Conversation], (await self.call("conversations.list"))["conversations"])
+
+    async def search(
+        self, query: str, *, contact: str | None = None, group: int | None = None,
+        limit: int = 20, offset: int = 0,
+    ) -> SearchResults:  # fmt: skip
+        """Messages holding every word and "quoted phrase" of ``query``, newest first;
+        ``InvalidParams`` (field ``query``) when it has nothing to search for."""
+        params: dict[str, Any] = {"query": query, "limit": limit, "offset": offset}
+        if contact is not None:
+            params["contact"] = contact
+        if group is not None:
+            params["group"] = group
+        return cast(SearchResults, await self.call("messages.search", params))
 
     async def settings(self) -> Settings:
         return cast(Settings, await self.call("settings.get"))

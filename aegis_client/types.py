@@ -79,6 +79,40 @@ class History(TypedDict):
     next_before: int | None
 
 
+class LastMessage(TypedDict, total=False):
+    message_id: str
+    direction: Literal["in", "out"]
+    preview: str  # the text shortened to one line: the sender's characters, show it safely
+    sent_at: int | None
+    created_at: int
+    status: str  # one-to-one only
+    #: group, incoming only: the sender's key (hex) and contact name (None: not a contact)
+    from_contact: str | None
+
+
+class Conversation(TypedDict):
+    kind: Literal["contact", "group"]
+    contact: str | None  # the contact's name (kind "contact")
+    group: int | None  # the group's reference (kind "group")
+    name: str  # the contact's or the group's name
+    unread: int  # incoming messages not marked read
+    last_message: LastMessage | None
+    last_activity: int  # the last message's time, else when the conversation began (ms)
+
+
+class SearchHit(TypedDict):
+    kind: Literal["contact", "group"]
+    contact: str | None
+    group: int | None
+    group_name: str | None
+    message: dict[str, Any]  # as messages.history (or group.history) shows it
+
+
+class SearchResults(TypedDict):
+    results: list[SearchHit]  # newest first
+    next_offset: int | None  # the offset of the next page, None when this is the last
+
+
 class GroupSummary(TypedDict):
     group: int  # this daemon's reference (the group ID never leaves the daemon)
     name: str

@@ -30,5 +30,7 @@ Module map (the messenger's parts first):
 - ``backup.py``: encrypted backup export and import, and their methods.
 - ``connectivity.py``: network modes, the managed Tor, ``network.*`` and ``relay.set``.
 - ``api.py``, ``privacy_api.py``: the messaging and privacy JSON-RPC methods.
+- ``conversations_api.py``: ``conversations.list`` and ``messages.search`` (the FTS5 index:
+  aegisd/store/search.py); ``message_view.py``: a stored message as the API shows it.
 - ``context.py``: ``ServiceContext``, what the services take from the daemon.
 """

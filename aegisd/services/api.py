@@ -22,6 +22,7 @@ from .delivery import (
 )
 from .groups_state import INTRO_KEY, SETTING_READ_RECEIPTS
 from .inbox import clean_name
+from .message_view import message_object
 from .messenger import (
     E_NOT_FOUND,
     SETTING_ADDRESS,
@@ -168,22 +169,13 @@ def register(registry: Registry, m: Messenger) -> None:
         if not 1 <= limit <= MAX_HISTORY_PAGE:
             raise InvalidParamsError("limit", f"must be between 1 and {MAX_HISTORY_PAGE}")
         c = m.contacts.by_name(contact)
-        page = m.store.history(c.id, before_seq=before, limit=limit)
+        # one more than asked: whether an older page exists (next_before null when not)
+        page = m.store.history(c.id, before_seq=before, limit=limit + 1)
+        more = len(page) > limit
+        page = page[1:] if more else page
         return {
-            "messages": [
-                {
-                    "message_id": msg.id,
-                    "seq": msg.seq,
-                    "direction": msg.direction,
-                    "text": msg.body,
-                    "status": msg.status,
-                    "sent_at": msg.sent_at,
-                    "created_at": msg.created_at,
-                    "status_at": msg.status_at,
-                }
-                for msg in page
-            ],
-            "next_before": page[0].seq if len(page) == limit else None,
+            "messages": [message_object(msg) for msg in page],
+            "next_before": page[0].seq if more else None,
         }
 
     @method("messages.mark_read")
@@ -286,3 +278,6 @@ def register(registry: Registry, m: Messenger) -> None:
     from . import groups_api  # its methods: docs/api.md, "Groups"
 
     groups_api.register(registry, m)
+    from . import conversations_api  # conversations.list, messages.search
+
+    conversations_api.register(registry, m)

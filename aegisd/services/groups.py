@@ -410,7 +410,9 @@ class Groups(GroupBase):
 
     def history(self, ref: int, before: int | None, limit: int) -> dict[str, Any]:
         _, log = self._load(ref)
-        page = G.history(self.m.store, ref, before_seq=before, limit=limit)
+        page = G.history(self.m.store, ref, before_seq=before, limit=limit + 1)
+        more = len(page) > limit  # one more than asked: whether an older page exists
+        page = page[1:] if more else page
         names = {m.key: self._contact_of(m) for m in log.head.members}
         out = []
         for msg in page:
@@ -429,7 +431,7 @@ class Groups(GroupBase):
             else:
                 item["delivery"] = self._aggregate(msg.seq)
             out.append(item)
-        return {"messages": out, "next_before": page[0].seq if len(page) == limit else None}
+        return {"messages": out, "next_before": page[0].seq if more else None}
 
     def _aggregate(self, seq: int) -> dict[str, Any]:
         """Per member, from the receipts: "delivered to 4 of 5", "read by 2 of 5"."""

@@ -22,7 +22,7 @@ from typing import Any
 import sqlcipher3
 
 from .errors import NoProfile, SchemaError, StoreError
-from .schema import MESSAGE_STATUSES, MIGRATIONS, SCHEMA_VERSION
+from .schema import MESSAGE_STATUSES, MIGRATIONS, SCHEMA_VERSION, ensure_search_triggers
 
 Clock = Callable[[], int]
 
@@ -185,6 +185,8 @@ class Store:
             with self.transaction():
                 MIGRATIONS[target - 1](db)
                 db.execute("UPDATE schema_version SET version = ?", (target,))
+        with self.transaction():
+            ensure_search_triggers(db)
 
     @property
     def schema_version(self) -> int:

@@ -494,9 +494,64 @@ def _group_contact_departures(db: Any) -> None:
     db.execute("DELETE FROM settings WHERE name LIKE 'group.departed.%'")
 
 
+def _message_search_index(db: Any) -> None:
+    """Full-text search (issue 17): an FTS5 index of each message table, kept in step by
+    triggers on it: an INSERT indexes the text, a DELETE (a cascade included) drops it, an
+    UPDATE of the text (an edit, or a text blanked) indexes the new one in its place. Other
+    code never writes to the index: it changes the message rows with plain SQL. Existing
+    messages are indexed here. (Trigger bodies hold ';', hence no _run.)
+
+    One FTS5 table per message table, inside the encrypted store (docs/threat-model.md
+    "Search"), over the table's ``body`` by its ``seq`` (external content: the text is kept in
+    the message table only). FTS5's secure-delete option (SQLite 3.44 or later; the bundled
+    SQLCipher has 3.53) removes a deleted row's tokens from the index pages at once, where
+    FTS5 would otherwise keep them beside a delete marker until segments happen to merge.
+    (A contentless_delete table would not do: it marks deleted rowids in a tombstone and
+    leaves their tokens in place.) A deletion gives FTS5 the old text, exactly as indexed."""
+    for table, fts in SEARCHED:
+        db.execute(
+            f"CREATE VIRTUAL TABLE {fts} USING fts5(body, content='{table}', "
+            "content_rowid='seq', tokenize='unicode61 remove_diacritics 2')"
+        )
+        db.execute(f"INSERT INTO {fts} ({fts}, rank) VALUES ('secure-delete', 1)")  # noqa: S608
+        _search_triggers(db, table, fts)
+        db.execute(f"INSERT INTO {fts} ({fts}) VALUES ('rebuild')")  # noqa: S608
+
+
+#: The message tables and their FTS5 indexes (names fixed here, never from input).
+SEARCHED = (("messages", "messages_fts"), ("group_messages", "group_messages_fts"))
+
+
+def _search_triggers(db: Any, table: str, fts: str) -> None:
+    index = f"INSERT INTO {fts} (rowid, body) VALUES (new.seq, new.body)"  # noqa: S608
+    forget = f"INSERT INTO {fts} ({fts}, rowid, body) VALUES ('delete', old.seq, old.body)"  # noqa: S608
+    db.execute(f"CREATE TRIGGER {fts}_insert AFTER INSERT ON {table} BEGIN {index}; END")
+    db.execute(f"CREATE TRIGGER {fts}_delete AFTER DELETE ON {table} BEGIN {forget}; END")
+    db.execute(f"CREATE TRIGGER {fts}_update AFTER UPDATE OF body, seq ON {table} "
+               f"BEGIN {forget}; {index}; END")  # fmt: skip
+
+
+def ensure_search_triggers(db: Any) -> None:
+    """Run at every open, after the migrations: a migration that rebuilds a message table
+    (new table, copy, drop, rename: how SQLite changes a CHECK or a key) drops the table's
+    triggers with it, and the index would silently fall out of step. Missing triggers are
+    made again and that index rebuilt from the table (a delete-all first: what it held of
+    the old rows goes with secure-delete)."""
+    names = {r[0] for r in db.execute("SELECT name FROM sqlite_master").fetchall()}
+    for table, fts in SEARCHED:
+        wanted = {f"{fts}_insert", f"{fts}_delete", f"{fts}_update"}
+        if fts not in names or wanted <= names:
+            continue  # before the index's migration, or intact
+        for trigger in wanted & names:
+            db.execute(f"DROP TRIGGER {trigger}")
+        _search_triggers(db, table, fts)
+        db.execute(f"INSERT INTO {fts} ({fts}) VALUES ('delete-all')")  # noqa: S608
+        db.execute(f"INSERT INTO {fts} ({fts}) VALUES ('rebuild')")  # noqa: S608
+
+
 MIGRATIONS: list[Migration] = [
     _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
     _cover_receipts, _mailbox_pool, _groups, _group_invites_and_intros, _group_message_keys,
-    _group_file_links, _group_contact_departures,
+    _group_file_links, _group_contact_departures, _message_search_index,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

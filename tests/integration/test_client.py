@@ -53,6 +53,11 @@ def test_typed_results_and_errors(spawn, short_tmp: Path) -> None:
             with pytest.raises(NotFound):
                 await c.send("nobody", "hello")
             assert await c.contacts() == []
+            assert await c.conversations() == []
+            assert await c.search("hello") == {"results": [], "next_offset": None}
+            with pytest.raises(InvalidParams) as bad:
+                await c.search('"" !!')  # nothing to search for: a clear -32602
+            assert bad.value.field == "query"
             # Several calls at once on one connection: answered to the right callers.
             results = await asyncio.gather(
                 *[c.call("debug.emit", {"type": "debug.n", "data": {"i": i}}) for i in range(20)]

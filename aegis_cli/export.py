@@ -1,0 +1,210 @@
+"""``aegis export``: one conversation, a group's, or all of them, to a file the user reads
+(text) or a program reads (JSON: the message objects `messages.history` and `group.history`
+return, whatever fields they carry).
+
+The file is plaintext: its mode is 0600 and it is created anew (O_EXCL, no symlink
+followed); an existing file is replaced only with --force, through a new 0600 file renamed
+over it. In the text form, what a peer chose goes through aegis_client.safe_text as on the
+terminal: no escape sequence, carriage return or bidi override reaches the file as it is,
+and a message's later lines are indented, so none passes for another message."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from aegis_client.safe_text import body, one_line
+
+if TYPE_CHECKING:
+    from .main import Ctx
+
+EXPORT_VERSION = 1
+PAGE = 500
+
+#: The fields every message object has (docs/api.md), rendered by the text form's own rules;
+#: any other field (added by a later feature: an edit, reactions, a reply) is rendered
+#: generically after the text.
+_BASE = frozenset({"message_id", "seq", "direction", "text", "status", "sent_at",
+                   "created_at", "status_at", "from", "from_contact", "read", "delivery",
+                   "attachment_id"})  # fmt: skip
+
+
+def _pages(ctx: Ctx, method: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every message of one conversation, oldest first."""
+    out: list[dict[str, Any]] = []
+    before = None
+    with ctx.client() as c:
+        while True:
+            r = c.call(method, {**params, "limit": PAGE, "before": before})
+            out[:0] = r["messages"]
+            before = r["next_before"]
+            if before is None:
+                return out
+
+
+def collect(ctx: Ctx, name: str | None, group: int | None, everything: bool
+            ) -> list[dict[str, Any]]:  # fmt: skip
+    convs: list[dict[str, Any]] = []
+    contacts = [name] if name is not None else []
+    groups: list[tuple[int, str]] = []
+    if everything:
+        contacts = [str(c["name"]) for c in ctx.call("contacts.list")["contacts"]]
+    if everything or group is not None:
+        groups = [(int(g["group"]), str(g["name"])) for g in ctx.call("group.list")["groups"]
+                  if everything or g["group"] == group]  # fmt: skip
+    for contact in contacts:
+        convs.append({"kind": "contact", "contact": contact,
+                      "messages": _pages(ctx, "messages.history", {"contact": contact})})
+    for ref, gname in groups:
+        convs.append({"kind": "group", "group": ref, "name": gname,
+                      "messages": _pages(ctx, "group.history", {"group": ref})})
+    return convs
+
+
+def _day(ms: int) -> str:
+    return time.strftime("%Y-%m-%d", time.localtime(ms / 1000))
+
+
+def _clock(ms: int) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ms / 1000))
+
+
+def _extra(value: Any, depth: int = 0) -> str:
+    """A field's value in words: a mapping as "key: value, ...", a list comma-separated."""
+    if isinstance(value, dict):
+        inner = ", ".join(f"{k}: {_extra(v, depth + 1)}" for k, v in value.items())
+        return f"({inner})" if depth else inner
+    if isinstance(value, list):
+        inner = ", ".join(_extra(v, depth + 1) for v in value)
+        return f"({inner})" if depth else inner
+    return str(value)
+
+
+def message_text(m: dict[str, Any], peer: str | None) -> str:
+    """One message of the text form (``peer``: the contact's name, for a 1:1 message)."""
+    when = m.get("sent_at") or m["created_at"]
+    if m["direction"] == "out":
+        who = "me"
+    elif peer is not None:
+        who = one_line(peer, ascii_only=False)
+    else:
+        who = one_line(m.get("from_contact") or str(m.get("from", ""))[:12], ascii_only=False)
+    marks = []
+    if m.get("edited") or m.get("edited_at"):
+        marks.append("(edited)")
+    if m.get("deleted"):
+        marks.append("(deleted)")
+    for key in sorted(set(m) - _BASE - {"edited", "edited_at", "deleted"}):
+        if m[key] not in (None, False, "", [], {}):
+            marks.append(f"[{key}: {one_line(_extra(m[key]), 200, ascii_only=False)}]")
+    status = f"  [{m['status']}]" if m["direction"] == "out" and "status" in m else ""
+    tail = (" " + " ".join(marks)) if marks else ""
+    return f"{_clock(when)}  {who}: {body(m['text'], ascii_only=False)}{tail}{status}"
+
+
+def render_text(convs: list[dict[str, Any]], now_ms: int) -> str:
+    out = [f"AegisLink export, {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now_ms / 1000))}"
+           " (local times)"]  # fmt: skip
+    for conv in convs:
+        if conv["kind"] == "contact":
+            peer = conv["contact"]
+            title = f"Conversation with {one_line(peer, ascii_only=False)}"
+        else:
+            title, peer = f"Group #{conv['group']} {one_line(conv['name'], ascii_only=False)}", None
+        out += ["", f"== {title} =="]
+        day = None
+        for m in conv["messages"]:
+            d = _day(m.get("sent_at") or m["created_at"])
+            if d != day:
+                out += ["", f"--- {d} ---"]
+                day = d
+            out.append(message_text(m, peer))
+        if not conv["messages"]:
+            out.append("(no messages)")
+    return "\n".join(out) + "\n"
+
+
+def write_private(path: Path, data: bytes, force: bool, fail: type[Exception]) -> None:
+    """Write ``data`` to a new file of mode 0600; with ``force``, an existing file is replaced
+    by renaming a new one over it (its old mode and any link it was do not carry over)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    target = path
+    if force and (path.exists() or path.is_symlink()):
+        if path.is_dir():
+            raise fail(f"{one_line(str(path))} is a directory")
+        target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(target, flags, 0o600)
+    except FileExistsError:
+        raise fail(f"{one_line(str(path))} exists: add --force to replace it") from None
+    except OSError as exc:
+        raise fail(f"cannot create {one_line(str(path))}: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if target != path:
+            os.replace(target, path)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+
+
+def register(main: ModuleType) -> None:
+    cli: click.Group = main.cli
+    common: Callable[[Callable[..., None]], Callable[..., None]] = main.common
+    Fail: type[Exception] = main.Fail
+
+    @cli.command("export", short_help="Write conversations to a text or JSON file (0600).")
+    @common
+    @click.argument("name", required=False)
+    @click.option("--group", metavar="GROUP", help="Export this group's conversation.")
+    @click.option("--all", "everything", is_flag=True, help="Export every conversation.")
+    @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+                  show_default=True, help="Readable text, or JSON (the API's objects).")
+    @click.option("--output", metavar="FILE", required=True, type=click.Path(path_type=str),
+                  help="The file to write (created with mode 0600).")
+    @click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+    def export(ctx: Ctx, name: str | None, group: str | None, everything: bool, fmt: str,
+               output: str, force: bool) -> None:  # fmt: skip
+        """Write the conversation with NAME, a group's (--group) or all of them (--all) to
+        FILE as readable text or JSON. The file is plaintext (mode 0600): keep it safe.
+
+        An existing FILE is refused unless --force is given."""
+        if sum((name is not None, group is not None, everything)) != 1:
+            raise click.UsageError("give NAME, --group GROUP or --all (one of them)")
+        path = Path(os.path.abspath(os.path.expanduser(output)))
+        if not force and (path.exists() or path.is_symlink()):
+            raise Fail(f"{one_line(str(path))} exists: add --force to replace it")
+        ref = None
+        if group is not None:
+            from .groups import resolve_group
+
+            ref = resolve_group(ctx, group, Fail)
+        if name is not None:
+            ctx.call("messages.history", {"contact": name, "limit": 1})  # not_found first
+        convs = collect(ctx, name, ref, everything)
+        now = time.time_ns() // 1_000_000
+        if fmt == "json":
+            doc = {"aegislink_export": EXPORT_VERSION, "exported_at": now,
+                   "conversations": convs}  # fmt: skip
+            data = (json.dumps(doc, indent=1)  # ASCII: no raw control or C1 byte in the file
+                     + "\n").encode()
+        else:
+            data = render_text(convs, now).encode()
+        write_private(path, data, force, Fail)
+        n = sum(len(c["messages"]) for c in convs)
+        result = {"path": str(path), "conversations": len(convs), "messages": n,
+                  "format": fmt}  # fmt: skip
+        ctx.out(result, f"wrote {n} messages of {len(convs)} conversations to "
+                        f"{one_line(str(path))}")  # fmt: skip

@@ -1,0 +1,113 @@
+"""`conversations.list` and `messages.search` (docs/api.md): every conversation, one-to-one
+and group, with its unread count and last message; and full-text search across all of them
+(the FTS5 index inside the encrypted store, aegisd/store/search.py)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import sqlcipher3
+
+from aegisd.rpc import CallContext, InvalidParamsError, Registry
+from aegisd.rpc import errors as E
+from aegisd.store import conversations as C
+from aegisd.store import groups as G
+from aegisd.store import search as S
+
+from .message_view import message_object, preview
+
+if TYPE_CHECKING:
+    from .messenger import Messenger
+
+MAX_SEARCH_PAGE = 100
+
+
+def register(registry: Registry, m: Messenger) -> None:
+    def group_message(ref: int, seq: int) -> dict[str, Any] | None:
+        """A group message as group.history shows it (its sender named, its delivery)."""
+        page = m.groups.history(ref, seq + 1, 1)["messages"]
+        return page[0] if page and page[0]["seq"] == seq else None
+
+    @registry.method("conversations.list", unlocked=True)
+    async def conversations_list(ctx: CallContext) -> dict[str, Any]:
+        out: list[dict[str, Any]] = []
+        for s in C.contact_summaries(m.store):
+            last = None
+            if s.last is not None:
+                last = {**_last(message_object(s.last)), "status": s.last.status}
+            active = s.last.created_at if s.last else s.created_at
+            out.append({"kind": "contact", "contact": s.name, "group": None, "name": s.name,
+                        "unread": s.unread, "last_message": last,
+                        "last_activity": active})  # fmt: skip
+        for g in m.groups.list_groups():
+            ref = int(g["group"])
+            page = m.groups.history(ref, None, 1)["messages"]
+            last = None
+            if page:
+                last = _last(page[0])
+                if page[0]["direction"] == "in":
+                    last["from"] = page[0]["from"]
+                    last["from_contact"] = page[0].get("from_contact")
+            row = G.get_group(m.store, ref)
+            created = row.created_at if row is not None else 0
+            out.append({"kind": "group", "contact": None, "group": ref, "name": g["name"],
+                        "unread": C.group_unread(m.store, ref), "last_message": last,
+                        "last_activity": last["created_at"] if last else created})  # fmt: skip
+        out.sort(key=lambda x: (-x["last_activity"], x["name"]))
+        return {"conversations": out}
+
+    @registry.method("messages.search", unlocked=True)
+    async def messages_search(
+        ctx: CallContext, query: str, contact: str | None = None, group: int | None = None,
+        limit: int = 20, offset: int = 0,
+    ) -> dict[str, Any]:  # fmt: skip
+        if not 1 <= limit <= MAX_SEARCH_PAGE:
+            raise InvalidParamsError("limit", f"must be between 1 and {MAX_SEARCH_PAGE}")
+        if offset < 0:
+            raise InvalidParamsError("offset", "must not be negative")
+        if contact is not None and group is not None:
+            raise InvalidParamsError("group", "give contact or group, not both")
+        try:
+            match = S.fts_query(query)
+        except S.BadQuery as exc:
+            raise InvalidParamsError("query", str(exc)) from None
+        contact_id = m.contacts.by_name(contact).id if contact is not None else None
+        if group is not None and G.get_group(m.store, group) is None:
+            raise E.not_found("group")
+        try:
+            hits = S.search(m.store, match, contact_id=contact_id, group_ref=group,
+                            limit=limit + 1, offset=offset)  # fmt: skip
+        except sqlcipher3.OperationalError:
+            # fts_query quotes every term, so this is not expected; still never a 500
+            raise InvalidParamsError("query", "cannot be searched") from None
+        more = len(hits) > limit
+        names: dict[int, str] = {}
+        if any(kind == "group" for kind, _ in hits):  # parses each group's log: only if needed
+            names = {int(g["group"]): str(g["name"]) for g in m.groups.list_groups()}
+        results: list[dict[str, Any]] = []
+        for kind, seq in hits[:limit]:
+            if kind == "contact":
+                msg = C.message_by_seq(m.store, seq)
+                c = m.store.get_contact(msg.contact_id) if msg is not None else None
+                if msg is None or c is None:
+                    continue
+                results.append({"kind": "contact", "contact": c.name, "group": None,
+                                "group_name": None, "message": message_object(msg)})  # fmt: skip
+            else:
+                ref = C.group_of_message(m.store, seq)
+                item = group_message(ref, seq) if ref is not None else None
+                if ref is None or item is None:
+                    continue
+                results.append({"kind": "group", "contact": None, "group": ref,
+                                "group_name": names.get(ref), "message": item})  # fmt: skip
+        return {"results": results, "next_offset": offset + limit if more else None}
+
+
+def _last(msg: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "message_id": msg["message_id"],
+        "direction": msg["direction"],
+        "preview": preview(msg["text"]),
+        "sent_at": msg["sent_at"],
+        "created_at": msg["created_at"],
+    }

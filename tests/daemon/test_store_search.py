@@ -1,0 +1,136 @@
+"""The search index (store/search.py, schema `_message_search_index`) on a real SQLCipher
+store: the migration indexes the history it finds; triggers keep the index in step with an
+insert, an edit (UPDATE of the text), a blanked text, a deletion and a cascade (contact or
+group removed), whoever makes them; a deleted word is in no page of the file, decrypted."""
+
+from __future__ import annotations
+
+import pytest
+
+from aegisd.store import KdfParams, Keyring, create_profile, open_profile
+from aegisd.store import groups as G
+from aegisd.store import schema as schema_mod
+from aegisd.store import search as S
+from tests.sqlcipher_pages import holds
+
+FAST = KdfParams(memory_kib=1024, time_cost=1, parallelism=1)
+
+
+def hits(store, query, **kw):
+    return S.search(store, S.fts_query(query), limit=50, **kw)
+
+
+def test_the_migration_indexes_the_history_it_finds(tmp_path, monkeypatch):
+    home = tmp_path / "p"
+    old = schema_mod.MIGRATIONS[: schema_mod.MIGRATIONS.index(schema_mod._message_search_index)]
+    monkeypatch.setattr("aegisd.store.db.MIGRATIONS", old)
+    monkeypatch.setattr("aegisd.store.db.SCHEMA_VERSION", len(old))
+    store = create_profile(home, None, FAST)
+    c = store.add_contact("ann")
+    m = store.add_message(c.id, "in", "an old Crème brûlée", status="received")
+    ref = G.add_group(store, b"g" * 32, b"log", [(b"a" * 32, 3)])
+    g = G.add_message(store, ref, b"1" * 16, "out", "old group words")
+    store.close()
+    monkeypatch.setattr("aegisd.store.db.MIGRATIONS", schema_mod.MIGRATIONS)
+    monkeypatch.setattr("aegisd.store.db.SCHEMA_VERSION", schema_mod.SCHEMA_VERSION)
+    store = open_profile(home, None)
+    try:
+        assert store.schema_version == schema_mod.SCHEMA_VERSION
+        assert hits(store, "creme BRULEE") == [("contact", m.seq)]
+        assert hits(store, '"group words"') == [("group", g)]
+        assert hits(store, "old") == [("group", g), ("contact", m.seq)]  # newest first
+    finally:
+        store.close()
+
+
+def test_triggers_follow_edits_deletions_and_cascades(tmp_path):
+    store = create_profile(tmp_path / "p", None, FAST)
+    try:
+        ann, bob = store.add_contact("ann"), store.add_contact("bob")
+        a = store.add_message(ann.id, "in", "first draft", status="received")
+        b = store.add_message(bob.id, "out", "bob's draft")
+        assert hits(store, "draft") == [("contact", b.seq), ("contact", a.seq)]
+        assert hits(store, "draft", contact_id=ann.id) == [("contact", a.seq)]
+        # an edit by plain SQL (as the edits feature does): new words in, old words out
+        store._q("UPDATE messages SET body = 'second version' WHERE id = ?", (a.id,))
+        assert hits(store, "first") == [] and hits(store, "second") == [("contact", a.seq)]
+        store._q("UPDATE messages SET body = '' WHERE id = ?", (a.id,))  # blanked
+        assert hits(store, "second") == []
+        store.delete_message(b.id)
+        assert hits(store, "draft") == []
+        c = store.add_message(ann.id, "in", "cascade one", status="received")
+        store.remove_contact(ann.id)  # its messages go by ON DELETE CASCADE
+        assert hits(store, "cascade") == [] and store.get_message(c.id) is None
+        ref = G.add_group(store, b"g" * 32, b"log", [(b"a" * 32, 3)])
+        G.add_message(store, ref, b"1" * 16, "in", "cascade two", sender_key=b"a" * 32)
+        assert hits(store, "cascade") == [("group", hits(store, "two")[0][1])]
+        assert hits(store, "cascade", group_ref=ref + 1) == []
+        G.delete_group(store, ref)
+        assert hits(store, "cascade") == []
+        rows = store._q("SELECT count(*) FROM messages_fts_docsize").fetchone()[0]
+        assert rows == 0  # nothing of the deleted rows left in the index
+    finally:
+        store.close()
+
+
+def test_a_deleted_word_is_in_no_page_of_the_file(tmp_path):
+    home = tmp_path / "p"
+    store = create_profile(home, None, FAST)
+    c = store.add_contact("ann")
+    for i in range(300):  # an index of many segments, merged as FTS5 does
+        store.add_message(c.id, "in", f"filler words number {i} lorem ipsum", status="received")
+    rare = store.add_message(c.id, "in", "a qqzvlorptex here", status="received")
+    store.add_message(c.id, "in", "one more after it", status="received")
+    store.close()
+    key = Keyring.load(home / "keyring.json").unlock(None)
+    db = home / "aegis.db"
+    assert holds(db, key, b"qqzvlorptex")  # the check sees it while it is there
+    store = open_profile(home, None)
+    store.delete_message(rare.id)
+    assert hits(store, "qqzvlorptex") == []
+    store.close()
+    assert not holds(db, key, b"qqzvlorptex")
+    assert holds(db, key, b"one more after it")
+
+
+@pytest.mark.parametrize("query", ["", "  ", "!!", "*", '""', "x" * 513, "a " * 17])
+def test_queries_with_nothing_to_search_or_too_much_are_refused(query):
+    with pytest.raises(S.BadQuery):
+        S.fts_query(query)
+
+
+def test_user_syntax_is_quoted_never_fts5_syntax():
+    assert S.fts_query('fox OR "brown dog" -x NEAR(a b) bre*') == (
+        '"fox" "OR" "brown dog" "-x" "NEAR(a" "b)" "bre"*')
+    assert S.fts_query('say "a ""quoted"" word') == '"say" "a " "quoted" " word"'
+    assert S.fts_query("a\x00b") == '"a" "b"'
+
+
+def test_a_later_rebuild_of_a_message_table_gets_its_triggers_back(tmp_path, monkeypatch):
+    """A migration that rebuilds `messages` (new table, copy, drop, rename) drops the
+    triggers with the old table; the next open makes them again and rebuilds the index."""
+    home = tmp_path / "p"
+    store = create_profile(home, None, FAST)
+    c = store.add_contact("ann")
+    kept = store.add_message(c.id, "in", "kept words", status="received")
+    gone = store.add_message(c.id, "in", "dropped words", status="received")
+    store.close()
+
+    def rebuild(db):
+        sql = db.execute("SELECT sql FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
+        db.execute(sql.replace("CREATE TABLE messages", "CREATE TABLE messages_new", 1))
+        db.execute("INSERT INTO messages_new SELECT * FROM messages WHERE id != ?", (gone.id,))
+        db.execute("DROP TABLE messages")
+        db.execute("ALTER TABLE messages_new RENAME TO messages")
+
+    monkeypatch.setattr("aegisd.store.db.MIGRATIONS", [*schema_mod.MIGRATIONS, rebuild])
+    monkeypatch.setattr("aegisd.store.db.SCHEMA_VERSION", schema_mod.SCHEMA_VERSION + 1)
+    store = open_profile(home, None)
+    try:
+        assert hits(store, "words") == [("contact", kept.seq)]  # the dropped row's tokens went
+        new = store.add_message(c.id, "in", "fresh words", status="received")
+        assert hits(store, "fresh") == [("contact", new.seq)]  # the insert trigger is back
+        store.delete_message(new.id)
+        assert hits(store, "fresh") == []
+    finally:
+        store.close()
