@@ -9,6 +9,8 @@ from typing import Any
 from aegisd.netmode import SETTING_ISOLATION, SETTING_MODE, SETTING_PROXY, SETTING_TOR_PATH
 from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
 from aegisd.rpc.methods import Handler
+from aegisd.store import actions as actions_store
+from aegisd.store.actions import Extras
 from aegisd.store.groups import group_contact_ids
 from aegisd.transport.network import ProxyUrlError, check_proxy_url
 
@@ -23,7 +25,6 @@ from .delivery import (
 from .groups_state import INTRO_KEY, SETTING_READ_RECEIPTS
 from .inbox import clean_name
 from .messenger import (
-    E_NOT_FOUND,
     SETTING_ADDRESS,
     Messenger,
 )
@@ -31,6 +32,26 @@ from .messenger import (
 MAX_HISTORY_PAGE = 500
 MAX_NAME = 64
 
+
+
+def _action_fields(extras: Extras | None, reactions: dict[str, str]) -> dict[str, Any]:
+    """A message's reply, edit, deletion and reactions (docs/api.md, messages.history)."""
+    counts: dict[str, int] = {}
+    for emoji in reactions.values():
+        counts[emoji] = counts.get(emoji, 0) + 1
+    reply = None
+    if extras is not None and extras.reply_to is not None:
+        reply = {"message_id": extras.reply_to, "text": extras.quoted}
+    return {
+        "reply_to": reply,
+        "edited_at": None if extras is None else extras.edited_at,
+        "edits": 0 if extras is None else extras.edits,
+        "deleted": False if extras is None else extras.deleted,
+        "reactions": [
+            {"emoji": e, "count": n, "mine": reactions.get("out") == e}
+            for e, n in sorted(counts.items())
+        ],
+    }
 
 
 def _ms_expiry(invitation: dict[str, Any]) -> dict[str, Any]:
@@ -169,6 +190,9 @@ def register(registry: Registry, m: Messenger) -> None:
             raise InvalidParamsError("limit", f"must be between 1 and {MAX_HISTORY_PAGE}")
         c = m.contacts.by_name(contact)
         page = m.store.history(c.id, before_seq=before, limit=limit)
+        ids = [msg.id for msg in page]
+        extras = actions_store.extras(m.store, ids)
+        reactions = actions_store.reactions(m.store, ids)
         return {
             "messages": [
                 {
@@ -180,11 +204,26 @@ def register(registry: Registry, m: Messenger) -> None:
                     "sent_at": msg.sent_at,
                     "created_at": msg.created_at,
                     "status_at": msg.status_at,
+                    **_action_fields(extras.get(msg.id), reactions.get(msg.id, {})),
                 }
                 for msg in page
             ],
             "next_before": page[0].seq if len(page) == limit else None,
         }
+
+    @method("messages.reply")
+    async def messages_reply(
+        ctx: CallContext, contact: str, message_id: str, text: str
+    ) -> dict[str, Any]:
+        return await m.actions.reply(contact, message_id, text)
+
+    @method("messages.react")
+    async def messages_react(ctx: CallContext, message_id: str, emoji: str) -> dict[str, Any]:
+        return await m.actions.react(message_id, emoji)
+
+    @method("messages.edit")
+    async def messages_edit(ctx: CallContext, message_id: str, text: str) -> dict[str, Any]:
+        return await m.actions.edit(message_id, text)
 
     @method("messages.mark_read")
     async def messages_mark_read(
@@ -193,10 +232,10 @@ def register(registry: Registry, m: Messenger) -> None:
         return await m.mark_read(contact, message_ids)
 
     @method("messages.delete")
-    async def messages_delete(ctx: CallContext, message_id: str) -> dict[str, Any]:
-        if not m.store.delete_message(message_id):
-            raise AppError(E_NOT_FOUND, "not_found", "no such message")
-        return {"deleted": True}
+    async def messages_delete(
+        ctx: CallContext, message_id: str, for_everyone: bool = False
+    ) -> dict[str, Any]:
+        return await m.actions.delete(message_id, for_everyone)
 
     @method("conversations.delete")
     async def conversations_delete(ctx: CallContext, contact: str) -> dict[str, Any]:
