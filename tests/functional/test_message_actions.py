@@ -290,3 +290,33 @@ def test_delete_for_everyone_removes_the_text_and_its_events(
     assert r.returncode == 0 and "deleted here" in r.stdout, r.stderr
     assert message(alice, "bob", other) is None
     assert message(bob, "alice", other) is not None
+
+
+def test_actions_on_another_conversations_message_are_refused(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """A contact that learnt the id of a message of another conversation (carol's, to bob)
+    cannot quote, react to, edit or delete it at bob's."""
+    alice, bob, carol = peers("alice"), peers("bob"), peers("carol")
+    connect(alice, bob)
+    connect(carol, bob)
+    cid = send(carol, "bob", "carol's words")
+    arrived(bob, "carol", cid)
+    target = bytes.fromhex(cid)
+    alice.stop()
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    with hostile(alice.home, "bob") as h:
+        blocks = h.payload_blocks(wire.ReplyPayload(os.urandom(16), now_ms(), target, "across"))
+        blocks += h.payload_blocks(wire.ReactionPayload(target, "👎"))
+        blocks += h.payload_blocks(wire.EditPayload(target, now_ms(), "rewritten"))
+        blocks += h.payload_blocks(wire.DeletePayload(target))
+        blocks += h.payload_blocks(wire.TextPayload(os.urandom(16), now_ms(), "marker"))
+        h.deposit(url, blocks)
+    bob.wait_for(lambda: by_text(bob, "alice", "marker"), "the hostile blocks")
+    assert by_text(bob, "alice", "across") is None
+    kept = message(bob, "carol", cid)
+    assert kept is not None and kept["text"] == "carol's words" and not kept["deleted"]
+    assert kept["reactions"] == [] and kept["edits"] == 0
+    shown = json.dumps(bob.events())
+    assert "across" not in shown and "rewritten" not in shown
+    assert not bob.events(types=["message.reaction", "message.edited", "message.deleted"])
