@@ -49,6 +49,14 @@ def describe(ev: dict[str, Any]) -> str:
     what: str
     if kind == "message.received":
         what = f"{who}: {_text(d.get('text', ''))}"
+    elif kind == "message.edited":
+        what = f"{who}: edited message {short}: {_text(d.get('text', ''))}"
+    elif kind == "message.reaction":
+        emoji = d.get("emoji")
+        what = (f"{who}: reacted {_text(emoji)} to message {short}" if emoji
+                else f"{who}: removed a reaction to message {short}")  # fmt: skip
+    elif kind == "message.deleted":
+        what = f"{who}: deleted message {short} for everyone"
     elif kind == "message.status":
         what = f"me -> {who}: message {short} {d.get('status')}"
     elif kind == "contact.added":

@@ -29,7 +29,7 @@ from aegisd.paths import PathError, ProfilePaths, check_socket_path, resolve
 from aegisd.relayurl import RelayUrlError, check_chosen_relay_url
 from aegisd.secretfile import SecretFileError, read_first_line
 
-from . import units
+from . import actions, units
 from .client import Client, DaemonNotRunning, RpcCallError
 from .errors import (
     EXIT_ERROR,
@@ -897,9 +897,10 @@ def send(
     "are on).",
 )  # fmt: skip
 @click.option("--group", metavar="GROUP", help="Show this group's messages instead.")
+@click.option("--ids", is_flag=True, help="Start each message with its id (for reply, react...).")
 def messages(
     ctx: Ctx, name: str | None, limit: int, before: int | None, mark_read: bool,
-    group: str | None,
+    group: str | None, ids: bool = False,
 ) -> None:  # fmt: skip
     """Show the conversation with NAME (or a group's, with --group), oldest first.
 
@@ -926,7 +927,8 @@ def messages(
     # The contact's text as safe_text shows it: no control reaches the terminal, and each
     # line after a message's first is indented, so none passes for a message header.
     who = one_line(name)
-    shown = [message_line(m, who) for m in result["messages"]]
+    shown = [(f"{m['message_id']}  " if ids else "") + message_line(m, who)
+             for m in result["messages"]]  # fmt: skip
     # On a terminal, wrapped to its width by us (continuations indented): its own soft wrap
     # could start a row at column 0 with a forged header (safe_text.fit).
     width = safe_text.terminal_width()
@@ -939,11 +941,13 @@ def messages(
 
 
 def message_line(m: dict[str, Any], who: str) -> str:
-    """One message of `aegis messages` (``who`` already through one_line)."""
-    text = body(m["text"])
+    """One message of `aegis messages` (``who`` already through one_line): a reply's quote,
+    "(deleted)" for a message deleted for everyone, the edit mark and reactions after it."""
+    text = "(deleted)" if m.get("deleted") else actions.quote(m) + body(m["text"])
+    extra = actions.marks(m, _when)
     if m["direction"] == "out":
-        return f"{_when(m['created_at'])}  me -> {who}: {text}  [{m['status']}]"
-    return f"{_when(m['sent_at'] or m['created_at'])}  {who}: {text}"
+        return f"{_when(m['created_at'])}  me -> {who}: {text}  [{m['status']}]{extra}"
+    return f"{_when(m['sent_at'] or m['created_at'])}  {who}: {text}{extra}"
 
 
 PROGRESS_MIN = 1 << 20  # files from this size get a progress bar on a terminal
@@ -1159,10 +1163,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _register_extensions() -> None:
-    from . import calls, conversations, groups, network
+    from . import actions, calls, conversations, groups, network
 
     calls.register(sys.modules[__name__])
     conversations.register(sys.modules[__name__])
+    actions.register(sys.modules[__name__])
     groups.register(sys.modules[__name__])
     network.register(sys.modules[__name__])
     network.register_privacy(sys.modules[__name__])

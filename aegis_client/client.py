@@ -307,6 +307,25 @@ class Client:
     async def send(self, contact: str, text: str) -> Sent:
         return cast(Sent, await self.call("messages.send", {"contact": contact, "text": text}))
 
+    async def reply(self, contact: str, message_id: str, text: str) -> Sent:
+        """A text quoting ``message_id`` of the conversation (messages.reply)."""
+        params = {"contact": contact, "message_id": message_id, "text": text}
+        return cast(Sent, await self.call("messages.reply", params))
+
+    async def react(self, message_id: str, emoji: str) -> None:
+        """Set your reaction to a message; ``""`` removes it (messages.react)."""
+        await self.call("messages.react", {"message_id": message_id, "emoji": emoji})
+
+    async def edit(self, message_id: str, text: str) -> int:
+        """Edit one of your messages; returns when it was edited, ms (messages.edit)."""
+        result = await self.call("messages.edit", {"message_id": message_id, "text": text})
+        return int(result["edited_at"])
+
+    async def delete(self, message_id: str, *, for_everyone: bool = False) -> None:
+        """Delete a message here, or (``for_everyone``, your own) at the contact's too."""
+        await self.call("messages.delete", {"message_id": message_id,
+                                            "for_everyone": for_everyone})  # fmt: skip
+
     async def history(
         self, contact: str, *, limit: int = 50, before: int | None = None
     ) -> History:

@@ -205,6 +205,13 @@ class RevealsIp(AppError):
     code, name = 1035, "reveals_ip"
 
 
+class NotAllowed(AppError):
+    """messages.edit / react / reply / delete for everyone: not allowed on this message (not
+    yours, a file, deleted for everyone, or past the 24-hour edit window)."""
+
+    code, name = 1050, "not_allowed"
+
+
 class GroupRefused(AppError):
     """group.*: the group's rules refuse the change or the call; ``reason`` says which
     (not_permitted, last_owner, not_a_member, group_full, invalid_change, ...)."""
@@ -241,6 +248,7 @@ _BY_NAME: dict[str, type[AppError]] = {
         Blocked,
         TooLarge,
         RevealsIp,
+        NotAllowed,
         GroupRefused,
     )
     if c.name is not None

@@ -63,6 +63,17 @@ class Sent(TypedDict):
     status: str
 
 
+class Quote(TypedDict):
+    message_id: str
+    text: str | None  # None: the original was not found here, or deleted for everyone
+
+
+class Reaction(TypedDict):
+    emoji: str
+    count: int
+    mine: bool
+
+
 class Message(TypedDict):
     message_id: str
     seq: int
@@ -72,6 +83,11 @@ class Message(TypedDict):
     sent_at: int | None
     created_at: int
     status_at: int
+    reply_to: Quote | None
+    edited_at: int | None
+    edits: int
+    deleted: bool
+    reactions: list[Reaction]
 
 
 class History(TypedDict):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import itertools
 import struct
+import unicodedata
 from dataclasses import dataclass, field, replace
 
 from .errors import DecodeError, UnsupportedVersion
@@ -999,12 +1000,20 @@ PAYLOAD_GROUP_CHANGE = 0x0E
 PAYLOAD_GROUP_MESSAGE = 0x0F
 PAYLOAD_GROUP_INTRODUCTION = 0x10
 PAYLOAD_GROUP_FILE = 0x11  # a file's descriptor to a group (docs/protocol.md §25.10)
+PAYLOAD_REPLY = 0x12  # 0x12-0x15: replies, reactions, edits, deletions (docs/protocol.md §26)
+PAYLOAD_REACTION = 0x13
+PAYLOAD_EDIT = 0x14
+PAYLOAD_DELETE = 0x15
 
 RECEIPT_DELIVERED = 1
 RECEIPT_READ = 2
 
 MESSAGE_ID_LEN = 16
 MAX_TEXT_BYTES = 64 * 1024
+#: A reaction: at most this many bytes of UTF-8 and REACTION_MAX_CHARS code points (an emoji
+#: with skin tone and ZWJ sequences fits; a sentence does not), docs/protocol.md §26.2.
+MAX_REACTION_BYTES = 32
+REACTION_MAX_CHARS = 10
 MAX_RECEIPT_IDS = 512
 MAX_NAME_BYTES = 64
 MAX_URL_BYTES = 255
@@ -1105,6 +1114,63 @@ class TextPayload:
     message_id: bytes
     sent_at_ms: int
     text: str
+
+
+@dataclass(frozen=True)
+class ReplyPayload:
+    """A text quoting a message of the same conversation by its wire id (§26.1)."""
+
+    message_id: bytes
+    sent_at_ms: int
+    quoted_id: bytes
+    text: str
+
+
+@dataclass(frozen=True)
+class ReactionPayload:
+    """The sender's one reaction to a message; empty: its reaction removed (§26.2)."""
+
+    target_id: bytes
+    emoji: str
+
+
+@dataclass(frozen=True)
+class EditPayload:
+    """A new text for one of the sender's own texts (§26.3)."""
+
+    target_id: bytes
+    edited_at_ms: int
+    text: str
+
+
+@dataclass(frozen=True)
+class DeletePayload:
+    """Delete for everyone: one of the sender's own messages (§26.4)."""
+
+    target_id: bytes
+
+
+ActionPayload = ReplyPayload | ReactionPayload | EditPayload | DeletePayload
+
+
+def check_reaction(emoji: str) -> None:
+    """A reaction is empty (removal) or a short string of symbols: at most MAX_REACTION_BYTES
+    of UTF-8 and REACTION_MAX_CHARS code points, with no control, format (other than the
+    zero-width joiner), separator, private-use, surrogate or unassigned code point, and not
+    starting with a combining mark. Not a full UAX #29 grapheme check (the standard library
+    has none): a bound on what a peer can make the screen show."""
+    if not emoji:
+        return
+    if len(emoji.encode("utf-8", "surrogatepass")) > MAX_REACTION_BYTES:
+        raise ValueError("reaction too long")
+    if len(emoji) > REACTION_MAX_CHARS:
+        raise ValueError("reaction too long")
+    for ch in emoji:
+        cat = unicodedata.category(ch)
+        if cat[0] in "CZ" and ch != "\u200d":
+            raise ValueError("reaction holds a control, format or separator character")
+    if unicodedata.category(emoji[0])[0] == "M" or emoji[0] == "\u200d":
+        raise ValueError("reaction starts with a combining mark")
 
 
 @dataclass(frozen=True)
@@ -1409,6 +1475,7 @@ Payload = (
     | CallPayload
     | CallSealedPayload
     | GroupPayload
+    | ActionPayload
 )
 
 
@@ -1484,6 +1551,8 @@ def encode_payload(payload: Payload) -> bytes:
         _encode_call(w, payload)
     elif isinstance(payload, GroupPayload):
         _encode_group(w, payload)
+    elif isinstance(payload, ActionPayload):
+        _encode_action(w, payload)
     else:
         if not 0 < len(payload.box) <= MAX_CALL_SEALED:
             raise ValueError("sealed call signaling out of range")
@@ -1491,6 +1560,52 @@ def encode_payload(payload: Payload) -> bytes:
         w.fixed(payload.nonce, CALL_NONCE_LEN).raw(struct.pack(">H", len(payload.box)))
         w.raw(payload.box)
     return w.bytes()
+
+
+def _text_bytes(text: str) -> bytes:
+    b = text.encode()
+    if len(b) > MAX_TEXT_BYTES:
+        raise ValueError("text too long")
+    return b
+
+
+def _encode_action(w: Writer, p: ActionPayload) -> None:
+    if isinstance(p, ReplyPayload):
+        w.u8(PAYLOAD_REPLY).fixed(p.message_id, MESSAGE_ID_LEN).u64(p.sent_at_ms)
+        w.fixed(p.quoted_id, MESSAGE_ID_LEN).raw(_text_bytes(p.text))
+    elif isinstance(p, ReactionPayload):
+        check_reaction(p.emoji)
+        w.u8(PAYLOAD_REACTION).fixed(p.target_id, MESSAGE_ID_LEN)
+        _put_short(w, p.emoji.encode(), MAX_REACTION_BYTES)
+    elif isinstance(p, EditPayload):
+        w.u8(PAYLOAD_EDIT).fixed(p.target_id, MESSAGE_ID_LEN).u64(p.edited_at_ms)
+        w.raw(_text_bytes(p.text))
+    else:
+        w.u8(PAYLOAD_DELETE).fixed(p.target_id, MESSAGE_ID_LEN)
+
+
+def _rest_text(r: Reader, n: int) -> str:
+    if n > MAX_TEXT_BYTES:
+        raise DecodeError("text too long")
+    return _utf8(r.take(n))
+
+
+def _decode_action(kind: int, r: Reader, total: int) -> ActionPayload:
+    if kind == PAYLOAD_REPLY:
+        mid, sent, quoted = r.take(MESSAGE_ID_LEN), r.u64(), r.take(MESSAGE_ID_LEN)
+        return ReplyPayload(mid, sent, quoted, _rest_text(r, total - 2 - 2 * MESSAGE_ID_LEN - 8))
+    if kind == PAYLOAD_REACTION:
+        target = r.take(MESSAGE_ID_LEN)
+        emoji = _utf8(_short(r, MAX_REACTION_BYTES))
+        try:
+            check_reaction(emoji)
+        except ValueError as exc:
+            raise DecodeError(str(exc)) from None
+        return ReactionPayload(target, emoji)
+    if kind == PAYLOAD_EDIT:
+        target, at = r.take(MESSAGE_ID_LEN), r.u64()
+        return EditPayload(target, at, _rest_text(r, total - 2 - MESSAGE_ID_LEN - 8))
+    return DeletePayload(r.take(MESSAGE_ID_LEN))
 
 
 def _encode_call(w: Writer, p: CallPayload) -> None:
@@ -1566,6 +1681,8 @@ def decode_payload(data: bytes) -> Payload:
         out = _decode_call(r)
     elif kind in _GROUP_PAYLOAD_TYPES:
         out = _decode_group(kind, r, len(data))
+    elif kind in (PAYLOAD_REPLY, PAYLOAD_REACTION, PAYLOAD_EDIT, PAYLOAD_DELETE):
+        out = _decode_action(kind, r, len(data))
     elif kind == PAYLOAD_CALL_SEALED:
         call_id, nonce, n = r.take(CALL_ID_LEN), r.take(CALL_NONCE_LEN), r.u16()
         if not 0 < n <= MAX_CALL_SEALED:

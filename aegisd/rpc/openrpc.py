@@ -76,6 +76,7 @@ APP_ERRORS = [
     (1046, "not_fresh"),
     (1047, "io_error"),
     (1048, "too_many_mailboxes"),
+    (1050, "not_allowed"),
     (1060, "group_refused"),
 ]
 

@@ -25,6 +25,7 @@ Module map (the messenger's parts first):
 - ``mailbox.py``: the stored forms of a mailbox of ours and of a contact's state.
 - ``bundle_fetch.py``: fetching a contact's prekey bundle, its errors.
 - ``attachments.py``, ``attachments_api.py``: files (docs/protocol.md §22) and their methods.
+- ``actions.py``: replies, reactions, edits and deletions of one-to-one messages (§26).
 - ``renewal.py``: session renewal after a backup import (§23).
 - ``cover.py``: cover traffic and the slots real blocks wait for (§24).
 - ``backup.py``: encrypted backup export and import, and their methods.

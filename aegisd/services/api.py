@@ -22,9 +22,8 @@ from .delivery import (
 )
 from .groups_state import INTRO_KEY, SETTING_READ_RECEIPTS
 from .inbox import clean_name
-from .message_view import message_object
+from .message_view import message_objects
 from .messenger import (
-    E_NOT_FOUND,
     SETTING_ADDRESS,
     Messenger,
 )
@@ -174,9 +173,23 @@ def register(registry: Registry, m: Messenger) -> None:
         more = len(page) > limit
         page = page[1:] if more else page
         return {
-            "messages": [message_object(msg) for msg in page],
+            "messages": message_objects(m.store, page),
             "next_before": page[0].seq if more else None,
         }
+
+    @method("messages.reply")
+    async def messages_reply(
+        ctx: CallContext, contact: str, message_id: str, text: str
+    ) -> dict[str, Any]:
+        return await m.actions.reply(contact, message_id, text)
+
+    @method("messages.react")
+    async def messages_react(ctx: CallContext, message_id: str, emoji: str) -> dict[str, Any]:
+        return await m.actions.react(message_id, emoji)
+
+    @method("messages.edit")
+    async def messages_edit(ctx: CallContext, message_id: str, text: str) -> dict[str, Any]:
+        return await m.actions.edit(message_id, text)
 
     @method("messages.mark_read")
     async def messages_mark_read(
@@ -185,10 +198,10 @@ def register(registry: Registry, m: Messenger) -> None:
         return await m.mark_read(contact, message_ids)
 
     @method("messages.delete")
-    async def messages_delete(ctx: CallContext, message_id: str) -> dict[str, Any]:
-        if not m.store.delete_message(message_id):
-            raise AppError(E_NOT_FOUND, "not_found", "no such message")
-        return {"deleted": True}
+    async def messages_delete(
+        ctx: CallContext, message_id: str, for_everyone: bool = False
+    ) -> dict[str, Any]:
+        return await m.actions.delete(message_id, for_everyone)
 
     @method("conversations.delete")
     async def conversations_delete(ctx: CallContext, contact: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from aegisd.store import conversations as C
 from aegisd.store import groups as G
 from aegisd.store import search as S
 
-from .message_view import message_object, preview
+from .message_view import message_object, message_objects, preview
 
 if TYPE_CHECKING:
     from .messenger import Messenger
@@ -92,7 +92,8 @@ def register(registry: Registry, m: Messenger) -> None:
                 if msg is None or c is None:
                     continue
                 results.append({"kind": "contact", "contact": c.name, "group": None,
-                                "group_name": None, "message": message_object(msg)})  # fmt: skip
+                                "group_name": None,
+                                "message": message_objects(m.store, [msg])[0]})  # fmt: skip
             else:
                 ref = C.group_of_message(m.store, seq)
                 item = group_message(ref, seq) if ref is not None else None

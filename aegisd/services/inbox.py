@@ -58,9 +58,9 @@ from .rotation import ROTATION_KEY
 #: acknowledge a block.
 TRANSIENT = (sqlcipher3.Error, StoreError, OSError)
 
-# The largest payload (a text of MAX_TEXT_BYTES) spans this many blocks; a peer claiming more
-# is refused, so that partial messages cannot pile up.
-MAX_MESSAGE_FRAGMENTS = -(-(wire.MAX_TEXT_BYTES + 26) // wire.RATCHET_CAPACITY)
+# The largest payload (a reply of MAX_TEXT_BYTES, 42 bytes of header) spans this many blocks;
+# a peer claiming more is refused, so that partial messages cannot pile up.
+MAX_MESSAGE_FRAGMENTS = -(-(wire.MAX_TEXT_BYTES + 42) // wire.RATCHET_CAPACITY)
 #: Group invitations and answers span up to 11 blocks (docs/protocol.md §25.8): only they may
 #: be longer than the longest text (checked once the message is whole), and a contact keeps at
 #: most LONG_PARTIALS_PER_CONTACT such partial messages (its oldest goes), inside the caps below.
@@ -140,6 +140,13 @@ class CallsView(Protocol):
     ) -> None: ...
 
 
+class ActionsView(Protocol):
+    """Replies, reactions, edits and deletions (actions.py, docs/protocol.md §26)."""
+
+    def on_payload(self, c: Contact, session: Session, payload: wire.ActionPayload) -> None: ...
+    def on_text(self, c: Contact, message_id: str) -> None: ...
+
+
 class GroupsView(Protocol):
     """The groups service's receiver (groups.py): payloads 0x0C-0x11, receipts of group
     messages, first contacts through an introduction link."""
@@ -205,6 +212,8 @@ class InboxHost(Protocol):
     def contacts(self) -> ContactsView: ...
     @property
     def groups(self) -> GroupsView: ...
+    @property
+    def actions(self) -> ActionsView: ...
 
     def _reload_prekeys(self) -> None: ...
 
@@ -472,6 +481,9 @@ class Inbox:
             self.m.delivery.queue_receipt(
                 Recipient(c, session), wire.RECEIPT_DELIVERED, [payload.message_id]
             )
+            self.m.actions.on_text(c, mid)  # actions that came before it (§26.5)
+        elif isinstance(payload, wire.ActionPayload):
+            self.m.actions.on_payload(c, session, payload)
         elif isinstance(payload, wire.ReceiptPayload):
             status = "delivered" if payload.kind == wire.RECEIPT_DELIVERED else "read"
             for raw in payload.message_ids:

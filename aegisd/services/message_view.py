@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from aegisd.store import Message
+from aegisd.store import Message, Store
+from aegisd.store import actions as actions_store
+from aegisd.store.actions import Extras
 
 #: A conversation's last message is shown as at most this many characters of its text.
 PREVIEW_CHARS = 80
@@ -22,6 +24,35 @@ def message_object(msg: Message) -> dict[str, Any]:
         "sent_at": msg.sent_at,
         "created_at": msg.created_at,
         "status_at": msg.status_at,
+    }
+
+
+def message_objects(store: Store, msgs: list[Message]) -> list[dict[str, Any]]:
+    """`message_object` with each message's reply, edit, deletion and reactions."""
+    ids = [msg.id for msg in msgs]
+    extras = actions_store.extras(store, ids)
+    reactions = actions_store.reactions(store, ids)
+    return [{**message_object(msg), **action_fields(extras.get(msg.id), reactions.get(msg.id, {}))}
+            for msg in msgs]  # fmt: skip
+
+
+def action_fields(extras: Extras | None, reactions: dict[str, str]) -> dict[str, Any]:
+    """A message's reply, edit, deletion and reactions (docs/api.md, messages.history)."""
+    counts: dict[str, int] = {}
+    for emoji in reactions.values():
+        counts[emoji] = counts.get(emoji, 0) + 1
+    reply = None
+    if extras is not None and extras.reply_to is not None:
+        reply = {"message_id": extras.reply_to, "text": extras.quoted}
+    return {
+        "reply_to": reply,
+        "edited_at": None if extras is None else extras.edited_at,
+        "edits": 0 if extras is None else extras.edits,
+        "deleted": False if extras is None else extras.deleted,
+        "reactions": [
+            {"emoji": e, "count": n, "mine": reactions.get("out") == e}
+            for e, n in sorted(counts.items())
+        ],
     }
 
 

@@ -4,9 +4,9 @@
 lock, the identity and its prekeys, the life cycle (unlock, lock, the maintenance loop) and
 the one-to-one sends (texts, read marks, call signaling), and it holds the parts that do the
 rest (the module map is in aegisd/services/__init__.py): ``mailboxes``, ``address``,
-``contacts``, ``delivery``, ``inbox``, ``rotation``, ``loss``, ``groups``, and the ``attachments``,
-``renewals`` and ``cover`` services. Each part takes the messenger through a small Protocol of
-its own module (no part imports this module).
+``contacts``, ``delivery``, ``inbox``, ``rotation``, ``loss``, ``groups``, ``actions``, and the
+``attachments``, ``renewals`` and ``cover`` services. Each part takes the messenger through a
+small Protocol of its own module (no part imports this module).
 
 Invariants (docs/protocol.md, "Mailboxes and the daemon"):
 - Receiving: the advanced ratchet state, the received message and its event commit in one
@@ -39,6 +39,7 @@ from aegisd.transport.network import Network
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable
 from relay.client import RelayError
 
+from .actions import Actions
 from .address import Address
 from .attachments import Attachments
 from .contacts import Contacts
@@ -95,6 +96,7 @@ class Messenger:
         self.inbox = Inbox(self)  # every block delivered to a mailbox of ours (inbox.py)
         self.attachments = Attachments(self)
         self.groups = Groups(self)  # groups over pairwise sessions (groups.py, §25)
+        self.actions = Actions(self)  # replies, reactions, edits, deletions (actions.py, §26)
         from .renewal import Renewals  # session renewal after a backup import (§23)
 
         self.renewals = Renewals(self)

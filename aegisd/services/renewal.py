@@ -346,10 +346,12 @@ class Renewals:
             fresh = store.get_contact(c.id)
             assert fresh is not None
             # Texts the old device never confirmed (no delivery receipt) go again, with the
-            # same message IDs: the restored side shows each one once.
+            # same message IDs: the restored side shows each one once (a reply as a plain text;
+            # one deleted for everyone not at all).
             for mid, body, created in store._q(
                 "SELECT id, body, created_at FROM messages WHERE contact_id = ? "
-                "AND direction = 'out' AND status IN ('queued', 'sent') ORDER BY seq",
+                "AND direction = 'out' AND status IN ('queued', 'sent') AND deleted = 0 "
+                "ORDER BY seq",
                 (c.id,),
             ).fetchall():
                 try:

@@ -549,9 +549,48 @@ def ensure_search_triggers(db: Any) -> None:
         db.execute(f"INSERT INTO {fts} ({fts}) VALUES ('rebuild')")  # noqa: S608
 
 
+def _message_actions(db: Any) -> None:
+    """Replies, reactions, edits and deletions of one-to-one messages (docs/protocol.md §26):
+    a message may quote another (``reply_to``, its id, and ``quoted``, its text as we had it
+    when the reply was stored or sent; NULL: not found or deleted since by its author), be
+    edited (``body`` is the latest text only, no earlier version is kept; ``edits`` counts
+    them, ``edited_at`` is our clock when the last one was applied, ``edit_sent_at`` the
+    sender's clock in it, used only to apply reordered edits in order), or deleted for
+    everyone (``deleted``: the text is blanked, the row stays as a mark). ``reactions``: one per
+    side per message. ``pending_actions``: a reaction, edit or deletion whose message has not
+    arrived yet (bounded per contact, services/actions.py)."""
+    _run(
+        db,
+        """
+        ALTER TABLE messages ADD COLUMN reply_to TEXT;
+        ALTER TABLE messages ADD COLUMN quoted TEXT;
+        ALTER TABLE messages ADD COLUMN edited_at INTEGER;
+        ALTER TABLE messages ADD COLUMN edit_sent_at INTEGER;
+        ALTER TABLE messages ADD COLUMN edits INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE messages ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX messages_by_reply_to ON messages (reply_to);
+        CREATE TABLE reactions (
+            message_id  TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+            direction   TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+            emoji       TEXT NOT NULL,
+            created_at  INTEGER NOT NULL,
+            PRIMARY KEY (message_id, direction)
+        ) WITHOUT ROWID;
+        CREATE TABLE pending_actions (
+            id          INTEGER PRIMARY KEY,
+            contact_id  INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+            target      TEXT NOT NULL,          -- the wire id (hex) it waits for
+            payload     BLOB NOT NULL,          -- the payload, encoded
+            created_at  INTEGER NOT NULL
+        );
+        CREATE INDEX pending_actions_by_target ON pending_actions (contact_id, target)
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
     _cover_receipts, _mailbox_pool, _groups, _group_invites_and_intros, _group_message_keys,
-    _group_file_links, _group_contact_departures, _message_search_index,
+    _group_file_links, _group_contact_departures, _message_search_index, _message_actions,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -60,3 +60,27 @@ def test_listen_shows_peer_fields_safely() -> None:
     ):
         out = describe(ev)
         assert _bad(out) == [], (ev["type"], out)
+
+
+def test_quotes_reactions_and_marks_show_peer_fields_safely() -> None:
+    """Replies, reactions, edits and deletions (aegis_cli/actions.py): the quoted text and the
+    emoji are the contact's choice, shown through safe_text on the message's one line."""
+    m = {"direction": "in", "text": "answer", "sent_at": 1, "created_at": 1,
+         "status": "received", "reply_to": {"message_id": "ab", "text": EVIL + "\nforged"},
+         "edited_at": 2, "deleted": False,
+         "reactions": [{"emoji": EVIL, "count": 1, "mine": False},
+                       {"emoji": "x", "count": 2, "mine": True}]}  # fmt: skip
+    out = message_line(m, "bob")
+    assert _bad(out) == [], out
+    assert "\n" not in out.split("answer")[0]  # the quote stays on the header's line
+    assert "(edited " in out and "x 2*" in out
+    gone = {**m, "deleted": True, "text": "", "reply_to": None, "reactions": []}
+    assert message_line(gone, "bob").endswith("bob: (deleted)")
+    missing = {**m, "reply_to": {"message_id": "ab", "text": None}}
+    assert "[reply to a message not found or deleted] answer" in message_line(missing, "bob")
+    for ev in (
+        {"type": "message.edited", "time_ms": 1, "data": {"contact": EVIL, "text": EVIL}},
+        {"type": "message.reaction", "time_ms": 1, "data": {"contact": EVIL, "emoji": EVIL}},
+        {"type": "message.deleted", "time_ms": 1, "data": {"contact": EVIL}},
+    ):
+        assert _bad(describe(ev)) == [], ev

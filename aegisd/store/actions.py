@@ -1,0 +1,160 @@
+"""Store access for replies, reactions, edits and deletions of one-to-one messages
+(services/actions.py; docs/protocol.md §26). Plain UPDATE/DELETE of message rows: the search
+index follows them through its triggers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .db import Store
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What a message carries besides its text (messages.history)."""
+
+    reply_to: str | None
+    quoted: str | None
+    edited_at: int | None
+    edits: int
+    deleted: bool
+    edit_sent_at: int | None = None
+
+
+def extras(store: Store, message_ids: list[str]) -> dict[str, Extras]:
+    out: dict[str, Extras] = {}
+    for i in range(0, len(message_ids), 500):  # under SQLite's bound on parameters
+        chunk = message_ids[i : i + 500]
+        marks = ",".join("?" * len(chunk))
+        rows = store._q(
+            "SELECT id, reply_to, quoted, edited_at, edits, deleted, edit_sent_at "  # noqa: S608
+            f"FROM messages WHERE id IN ({marks})",
+            tuple(chunk),
+        ).fetchall()
+        for mid, reply_to, quoted, edited_at, edits, deleted, sent in rows:
+            out[mid] = Extras(reply_to, quoted, edited_at, int(edits), bool(deleted), sent)
+    return out
+
+
+def reactions(store: Store, message_ids: list[str]) -> dict[str, dict[str, str]]:
+    """Per message: direction ('in': the contact's, 'out': ours) -> emoji."""
+    out: dict[str, dict[str, str]] = {}
+    for i in range(0, len(message_ids), 500):
+        chunk = message_ids[i : i + 500]
+        marks = ",".join("?" * len(chunk))
+        rows = store._q(
+            f"SELECT message_id, direction, emoji FROM reactions WHERE message_id IN ({marks})",  # noqa: S608
+            tuple(chunk),
+        ).fetchall()
+        for mid, direction, emoji in rows:
+            out.setdefault(mid, {})[direction] = emoji
+    return out
+
+
+def set_reply(store: Store, message_id: str, reply_to: str, quoted: str | None) -> None:
+    store._q(
+        "UPDATE messages SET reply_to = ?, quoted = ? WHERE id = ?", (reply_to, quoted, message_id)
+    )
+
+
+def set_reaction(store: Store, message_id: str, direction: str, emoji: str, now: int) -> bool:
+    """Set (or, empty, remove) one side's reaction. False: nothing changed."""
+    if not emoji:
+        cur = store._q(
+            "DELETE FROM reactions WHERE message_id = ? AND direction = ?", (message_id, direction)
+        )
+        return bool(cur.rowcount)
+    row = store._q(
+        "SELECT emoji FROM reactions WHERE message_id = ? AND direction = ?",
+        (message_id, direction),
+    ).fetchone()
+    if row is not None and row[0] == emoji:
+        return False
+    store._q(
+        "INSERT OR REPLACE INTO reactions (message_id, direction, emoji, created_at) "
+        "VALUES (?, ?, ?, ?)",
+        (message_id, direction, emoji, now),
+    )
+    return True
+
+
+def edit(store: Store, message_id: str, text: str, now: int, sent_at: int | None) -> None:
+    """The latest text replaces the message's (no earlier version is kept). Events that carried
+    the text follow: a received message's event gets the new text, earlier edits' go."""
+    store._q(
+        "UPDATE messages SET body = ?, edited_at = ?, edit_sent_at = ?, edits = edits + 1 "
+        "WHERE id = ?",
+        (text, now, sent_at, message_id),
+    )
+    store._q(
+        "UPDATE events SET data = json_set(data, '$.text', ?) WHERE type = 'message.received' "
+        "AND json_extract(data, '$.message_id') = ?",
+        (text, message_id),
+    )
+    store._q(
+        "DELETE FROM events WHERE type = 'message.edited' "
+        "AND json_extract(data, '$.message_id') = ?",
+        (message_id,),
+    )
+
+
+def mark_deleted(store: Store, message_id: str, contact_id: int) -> None:
+    """Delete for everyone: the text, its quote, its reactions and every event that carried it
+    go; the row stays as the "deleted" mark. Replies quoting it lose their copy of its text."""
+    store._q(
+        "DELETE FROM events WHERE (type LIKE 'message.%' "
+        "AND json_extract(data, '$.message_id') = ?) OR (type LIKE 'attachment.%' "
+        "AND json_extract(data, '$.attachment_id') = ?)",
+        (message_id, message_id),
+    )
+    store._q(
+        "UPDATE messages SET body = '', quoted = NULL, deleted = 1, edited_at = NULL, "
+        "edit_sent_at = NULL, edits = 0 WHERE id = ?",
+        (message_id,),
+    )
+    store._q("DELETE FROM reactions WHERE message_id = ?", (message_id,))
+    store._q(
+        "UPDATE messages SET quoted = NULL WHERE reply_to = ? AND contact_id = ?",
+        (message_id, contact_id),
+    )
+
+
+# -- actions waiting for their message (docs/protocol.md §26.5) ---------------------------------
+
+
+def hold(store: Store, contact_id: int, target: str, payload: bytes, now: int, *,
+         per_contact: int, max_age_ms: int) -> int:  # fmt: skip
+    """Keep an action for a message not here yet; the contact's oldest go past ``per_contact``
+    and any older than ``max_age_ms``. Returns how many were dropped to make room."""
+    store._q(
+        "DELETE FROM pending_actions WHERE contact_id = ? AND created_at < ?",
+        (contact_id, now - max_age_ms),
+    )
+    ids = [
+        r[0]
+        for r in store._q(
+            "SELECT id FROM pending_actions WHERE contact_id = ? ORDER BY id", (contact_id,)
+        ).fetchall()
+    ]
+    excess = ids[: max(0, len(ids) - per_contact + 1)]
+    for old in excess:
+        store._q("DELETE FROM pending_actions WHERE id = ?", (old,))
+    store._q(
+        "INSERT INTO pending_actions (contact_id, target, payload, created_at) VALUES (?, ?, ?, ?)",
+        (contact_id, target, payload, now),
+    )
+    return len(excess)
+
+
+def take_pending(store: Store, contact_id: int, target: str) -> list[tuple[bytes, int]]:
+    """The actions held for ``target`` (payload, when held), oldest first; they are removed."""
+    rows: list[Any] = store._q(
+        "SELECT id, payload, created_at FROM pending_actions WHERE contact_id = ? AND target = ? "
+        "ORDER BY id",
+        (contact_id, target),
+    ).fetchall()
+    store._q(
+        "DELETE FROM pending_actions WHERE contact_id = ? AND target = ?", (contact_id, target)
+    )
+    return [(bytes(p), int(at)) for _, p, at in rows]
