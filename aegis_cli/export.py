@@ -23,6 +23,9 @@ import click
 
 from aegis_client.safe_text import body, one_line
 
+from .actions import marks as action_marks
+from .actions import quote
+
 if TYPE_CHECKING:
     from .main import Ctx
 
@@ -35,6 +38,10 @@ PAGE = 500
 _BASE = frozenset({"message_id", "seq", "direction", "text", "status", "sent_at",
                    "created_at", "status_at", "from", "from_contact", "read", "delivery",
                    "attachment_id"})  # fmt: skip
+
+
+#: Fields with a rendering of their own (aegis_cli/actions.py, as `aegis messages` shows them).
+_SHOWN = frozenset({"reply_to", "edited_at", "edits", "reactions", "deleted"})
 
 
 def _pages(ctx: Ctx, method: str, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -98,16 +105,16 @@ def message_text(m: dict[str, Any], peer: str | None) -> str:
     else:
         who = one_line(m.get("from_contact") or str(m.get("from", ""))[:12], ascii_only=False)
     marks = []
-    if m.get("edited") or m.get("edited_at"):
-        marks.append("(edited)")
     if m.get("deleted"):
         marks.append("(deleted)")
-    for key in sorted(set(m) - _BASE - {"edited", "edited_at", "deleted"}):
+    for key in sorted(set(m) - _BASE - _SHOWN):
         if m[key] not in (None, False, "", [], {}):
             marks.append(f"[{key}: {one_line(_extra(m[key]), 200, ascii_only=False)}]")
     status = f"  [{m['status']}]" if m["direction"] == "out" and "status" in m else ""
     tail = (" " + " ".join(marks)) if marks else ""
-    return f"{_clock(when)}  {who}: {body(m['text'], ascii_only=False)}{tail}{status}"
+    # A reply's quote, the edit mark and the reactions as `aegis messages` shows them.
+    text = quote(m) + body(m["text"], ascii_only=False)
+    return f"{_clock(when)}  {who}: {text}{action_marks(m, _clock)}{tail}{status}"
 
 
 def render_text(convs: list[dict[str, Any]], now_ms: int) -> str:

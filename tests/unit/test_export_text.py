@@ -10,13 +10,19 @@ from aegis_cli.export import message_text, render_text
 def test_extra_fields_are_rendered_and_neutralised() -> None:
     m = {"message_id": "ab" * 16, "seq": 3, "direction": "in", "text": "hi\x1b[2J",
          "status": "read", "sent_at": None, "created_at": 1_795_000_000_000,
-         "status_at": 1_795_000_000_000, "edited": True,
-         "reactions": {"\U0001f44d": 2}, "reply_to": {"text": "quoted\x1b]0;x\x07"}}  # fmt: skip
+         "status_at": 1_795_000_000_000, "edited_at": 1_795_000_060_000, "edits": 1,
+         "deleted": False,
+         "reactions": [{"emoji": "\U0001f44d", "count": 2, "mine": True}],
+         "reply_to": {"message_id": "cd" * 16, "text": "quoted\x1b]0;x\x07"},
+         "future_field": {"k": "v\x1b[1m"}}  # fmt: skip
     line = message_text(m, "bob")
-    assert "bob: hi␛[2J (edited)" in line
-    assert "[reactions: \U0001f44d: 2]" in line
-    assert "[reply_to: text: quoted␛]0;x␇]" in line
+    assert "bob: [reply to \u201cquoted\u241b]0;x\u2407\u201d] hi\u241b[2J  (edited " in line
+    assert "[\U0001f44d 2*]" in line
+    assert "[future_field: k: v\u241b[1m]" in line  # a field unknown here: generic, neutralised
     assert "\x1b" not in line and "\x07" not in line
+    deleted = message_text({**m, "text": "", "deleted": True, "reactions": [], "reply_to": None},
+                           "bob")  # fmt: skip
+    assert "(deleted)" in deleted and "(edited" not in deleted
 
 
 def test_days_get_headers_and_empty_conversations_say_so() -> None:
