@@ -16,6 +16,7 @@ from aegisd.services.typing_indicators import INTERVAL
 from tests.functional.conftest import Peer, connect
 from tests.functional.test_attachments import wait_state
 from tests.functional.test_cli_messaging import aegis, ok
+from tests.functional.test_cover import make  # noqa: F401 (a fixture: daemons with test methods)
 
 # A hostile caption: an escape sequence (clipboard write), a carriage return forging a line,
 # a bidi override; shown through safe_text, never raw.
@@ -189,3 +190,26 @@ def test_typing_only_when_both_sides_have_it_on_and_rate_limited(
     assert alice.call("messages.typing", {"contact": "bob", "typing": True})["reason"] == "off"
     assert json.loads(ok(aegis(alice, "typing-indicators", "--json")))["enabled"] is False
     assert ok(aegis(bob, "typing-indicators")).strip() == "typing indicators on"
+
+
+def test_typing_is_not_slotted_under_cover_its_answer_is(
+    make: Callable[[str], Peer],
+) -> None:
+    """With cover traffic on (slots an hour apart), a "typing" leaves at once: a block added
+    to the cover schedule (docs/threat-model.md), while a text and the slotted "on" answer
+    wait for their slots."""
+    alice, bob = make("alice"), make("bob")
+    connect(alice, bob)
+    for p in (alice, bob):
+        p.call("privacy.set", {"level": "default", "interval": 3600})
+        p.call("typing.config", {"enabled": True})
+    assert _config(alice)["counts"]["sent"] == 0  # neither knew the other's choice
+    text = alice.call("messages.send", {"contact": "bob", "text": "waits for a slot"})
+    assert alice.call("messages.typing", {"contact": "bob", "typing": True})["sent"] is True
+    bob.wait_for(lambda: _typing_events(bob), "the typing event, long before any slot")
+    assert _config(bob)["counts"]["sent"] == 1  # the "on" answer, queued for a slot
+    time.sleep(1.0)
+    assert bob.call("messages.history", {"contact": "alice"})["messages"] == []
+    status = alice.call("messages.history", {"contact": "bob"})["messages"][0]
+    assert (status["message_id"], status["status"]) == (text["message_id"], "queued")
+    assert _config(alice)["counts"]["received"] == 0  # the answer waits for Bob's slot
