@@ -101,9 +101,9 @@ def test_caption_and_three_files_in_one_send(
     assert len(alice.call("attachments.list", {"contact": "bob"})["attachments"]) == before
 
     # The CLI: two files and a caption in one command, the ids one a line.
-    out = ok(aegis(alice, "send", "bob", "--file", str(files[0]), "--file", str(files[1]),
+    printed = ok(aegis(alice, "send", "bob", "--file", str(files[0]), "--file", str(files[1]),
                    "--caption", "cli pair"))  # fmt: skip
-    cli_ids = out.split()
+    cli_ids = printed.split()
     assert len(cli_ids) == 2
     got2 = bob.wait_for(
         lambda: len(r := [a for a in _received(bob, "alice") if a["attachment_id"] in cli_ids])
@@ -193,7 +193,7 @@ def test_typing_only_when_both_sides_have_it_on_and_rate_limited(
 
 
 def test_typing_is_not_slotted_under_cover_its_answer_is(
-    make: Callable[[str], Peer],
+    make: Callable[[str], Peer],  # noqa: F811 (the fixture imported above)
 ) -> None:
     """With cover traffic on (slots an hour apart), a "typing" leaves at once: a block added
     to the cover schedule (docs/threat-model.md), while a text and the slotted "on" answer
