@@ -66,6 +66,8 @@ def connection_lost(what: str) -> dict[str, Any]:
 #: API params -> what the user types for them on the command line.
 WORDS = {
     "max_size": "--max-size",
+    "caption": "--caption",
+    "paths": "--file",
     "overwrite": "--overwrite",
     "force": "--force",
     "expires_in": "--expires",

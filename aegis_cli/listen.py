@@ -81,6 +81,12 @@ def describe(ev: dict[str, Any]) -> str:
     elif kind == "attachment.received":
         what = (f"{who}: file {_text(d.get('name'))} ({size_text(int(d.get('size') or 0))}) "
                 f"arriving, id {d.get('attachment_id')}")  # fmt: skip
+        if int(d.get("batch_count") or 1) > 1:
+            what += f" ({int(d.get('batch_index') or 0) + 1} of {int(d['batch_count'])})"
+        if d.get("caption"):
+            what += f": {_text(d.get('caption'))}"
+    elif kind == "contact.typing":
+        what = f"{who}: {'typing' if d.get('typing') else 'stopped typing'}"
     elif kind == "attachment.progress":
         arrow = "me -> " if d.get("direction") == "out" else ""
         what = f"{arrow}{who}: file {short} {d.get('done')}/{d.get('total')} blocks"

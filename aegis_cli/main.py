@@ -830,14 +830,19 @@ def verify(ctx: Ctx, name: str, yes: bool) -> None:
 @click.argument("name", required=False)
 @click.argument("message", required=False)
 @click.option(
-    "--file", "file_path", metavar="PATH", type=click.Path(dir_okay=True, path_type=str),
-    help="Send this file (encrypted, as an attachment) instead of a message.",
+    "--file", "file_paths", metavar="PATH", multiple=True,
+    type=click.Path(dir_okay=True, path_type=str),
+    help="Send this file (encrypted, as an attachment) instead of a message; repeat it to "
+    "send several files together.",
 )  # fmt: skip
+@click.option("--caption", metavar="TEXT",
+              help="With --file: a caption shown with the file (with several, the first).")
 @click.option("--group", metavar="GROUP",
               help="Send MESSAGE (given as NAME), or the --file, to this group.")
 def send(
-    ctx: Ctx, name: str | None, message: str | None, file_path: str | None, group: str | None
-) -> None:
+    ctx: Ctx, name: str | None, message: str | None, file_paths: tuple[str, ...],
+    caption: str | None, group: str | None,
+) -> None:  # fmt: skip
     """Send MESSAGE to NAME ('-': read the message from standard input), or a file.
 
     Prints the message id once the daemon has accepted (and stored) the message; it is
@@ -849,13 +854,22 @@ def send(
 
     With --group GROUP, MESSAGE (the one argument) or --file PATH goes to the group; a file
     is uploaded once per member (docs/protocol.md §25.10) and the message id is printed.
+
+    --caption TEXT goes with the file; --file given several times (up to 32) sends the files
+    together, each its own upload, the caption with the first; the attachment ids are
+    printed, one a line. Neither is available with --group yet.
     """
+    file_path = file_paths[0] if len(file_paths) == 1 else None
+    if caption is not None and not file_paths:
+        raise click.UsageError("--caption goes with --file")
     if group is not None:  # aegis send --group GROUP MESSAGE: the one argument is the message
         from . import groups
 
-        if file_path is not None:
+        if file_paths:
             if name is not None:
                 raise click.UsageError("with --group and --file, give no MESSAGE")
+            if file_path is None or caption is not None:
+                raise click.UsageError("a group takes one --file, without --caption")
             groups.send_file(ctx, group, os.path.abspath(file_path), Fail)
             return
         if message is not None or name is None:
@@ -864,10 +878,15 @@ def send(
         return
     if name is None:
         raise click.UsageError("missing NAME")
-    if file_path is not None:
+    if file_paths:
         if message is not None:
             raise click.UsageError("give a MESSAGE or --file, not both")
-        _send_file(ctx, name, file_path)
+        if file_path is None:
+            from . import files
+
+            files.send_batch(ctx, name, list(file_paths), caption)
+            return
+        _send_file(ctx, name, file_path, caption)
         return
     if message is None:
         raise click.UsageError("missing MESSAGE (or --file PATH)")
@@ -953,9 +972,12 @@ def message_line(m: dict[str, Any], who: str) -> str:
 PROGRESS_MIN = 1 << 20  # files from this size get a progress bar on a terminal
 
 
-def _send_file(ctx: Ctx, name: str, file_path: str) -> None:
+def _send_file(ctx: Ctx, name: str, file_path: str, caption: str | None = None) -> None:
     path = os.path.abspath(file_path)  # the daemon's working directory is not ours
-    result = ctx.call("attachments.send", {"contact": name, "path": path})
+    params = {"contact": name, "path": path}
+    if caption is not None:
+        params["caption"] = caption
+    result = ctx.call("attachments.send", params)
     aid = str(result["attachment_id"])
     if ctx.as_json or not sys.stderr.isatty() or result["size"] < PROGRESS_MIN:
         ctx.out(result, aid)
@@ -1163,12 +1185,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _register_extensions() -> None:
-    from . import actions, calls, conversations, groups, network
+    from . import actions, calls, conversations, groups, network, typing_indicators
 
     calls.register(sys.modules[__name__])
     conversations.register(sys.modules[__name__])
     actions.register(sys.modules[__name__])
     groups.register(sys.modules[__name__])
+    typing_indicators.register(sys.modules[__name__])
     network.register(sys.modules[__name__])
     network.register_privacy(sys.modules[__name__])
 

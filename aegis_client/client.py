@@ -37,10 +37,12 @@ from .errors import (
     from_error_object,
 )
 from .types import (
+    BatchSent,
     Call,
     Contact,
     Conversation,
     Event,
+    FileSent,
     Group,
     GroupFileSent,
     GroupHistory,
@@ -56,6 +58,8 @@ from .types import (
     Settings,
     Status,
     Subscribed,
+    TypingConfig,
+    TypingSent,
     Version,
 )
 
@@ -357,6 +361,27 @@ class Client:
         if group is not None:
             params["group"] = group
         return cast(SearchResults, await self.call("messages.search", params))
+    async def send_file(self, contact: str, path: str, caption: str | None = None) -> FileSent:
+        """``path``: absolute (the daemon opens it); ``caption``: at most 2048 bytes."""
+        params = {"contact": contact, "path": path, "caption": caption}
+        return cast(FileSent, await self.call("attachments.send", params))
+
+    async def send_files(
+        self, contact: str, paths: list[str], caption: str | None = None
+    ) -> BatchSent:
+        """Up to 32 files in one send, each its own upload; the caption goes with the first."""
+        params = {"contact": contact, "paths": paths, "caption": caption}
+        return cast(BatchSent, await self.call("attachments.send_batch", params))
+
+    async def typing(self, contact: str, typing: bool) -> TypingSent:
+        """Tell the contact the user is typing (True) or stopped (False); the daemon sends
+        only when both sides have typing indicators on, at most one "typing" per 5 s."""
+        params = {"contact": contact, "typing": typing}
+        return cast(TypingSent, await self.call("messages.typing", params))
+
+    async def typing_config(self, enabled: bool | None = None) -> TypingConfig:
+        params = {} if enabled is None else {"enabled": enabled}
+        return cast(TypingConfig, await self.call("typing.config", params))
 
     async def settings(self) -> Settings:
         return cast(Settings, await self.call("settings.get"))

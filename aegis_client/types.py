@@ -175,6 +175,53 @@ class GroupFileSent(GroupSent):
     attachments: list[str]
 
 
+class Attachment(TypedDict):
+    """A file sent or received (``attachments.get``; docs/api.md, "Attachments")."""
+
+    attachment_id: str
+    contact: str | None
+    direction: Literal["in", "out"]
+    name: str
+    size: int
+    blocks: int
+    done: int
+    state: str
+    error: str | None
+    sent_at: int | None
+    created_at: int
+    updated_at: int
+    caption: str  # "" for none; peer-supplied: show it through aegis_client.safe_text
+    batch_id: str | None  # files sent together share it; None: sent alone
+    batch_index: int
+    batch_count: int
+
+
+class FileSent(Attachment):
+    message_id: str
+
+
+class BatchSent(TypedDict):
+    """``attachments.send_batch``: one attachment per file, in the order given."""
+
+    batch_id: str | None
+    attachments: list[FileSent]
+
+
+class TypingSent(TypedDict):
+    """``messages.typing``: whether a block went; if not, why (off, contact_off,
+    rate_limited, not_typing)."""
+
+    sent: bool
+    reason: str | None
+
+
+class TypingConfig(TypedDict):
+    enabled: bool
+    interval: float
+    lapse: float
+    counts: dict[str, int]
+
+
 class GroupHistory(TypedDict):
     messages: list[dict[str, Any]]
     next_before: int | None

@@ -142,6 +142,9 @@ class Writer:
     def u8(self, v: int) -> Writer:
         return self.raw(struct.pack(">B", v))
 
+    def u16(self, v: int) -> Writer:
+        return self.raw(struct.pack(">H", v))
+
     def u32(self, v: int) -> Writer:
         return self.raw(struct.pack(">I", v))
 
@@ -1004,6 +1007,8 @@ PAYLOAD_REPLY = 0x12  # 0x12-0x15: replies, reactions, edits, deletions (docs/pr
 PAYLOAD_REACTION = 0x13
 PAYLOAD_EDIT = 0x14
 PAYLOAD_DELETE = 0x15
+PAYLOAD_ATTACHMENT_EXTRA = 0x17  # a descriptor with a caption and its place in a batch (§22.3)
+PAYLOAD_TYPING = 0x18  # typing indicators and the sender's choice of them (§22.6)
 
 RECEIPT_DELIVERED = 1
 RECEIPT_READ = 2
@@ -1025,6 +1030,11 @@ MAX_MAILBOX_FIELD = 64
 RELAY_ID_LEN = 16
 RELAY_TOKEN_LEN = 32
 MAX_FILE_NAME_BYTES = 255
+MAX_CAPTION_BYTES = 2048  # a file's caption, UTF-8 (§22.3)
+MAX_BATCH_FILES = 32  # files sent together in one batch (§22.3)
+BATCH_ID_LEN = MESSAGE_ID_LEN
+TYPING_ENABLED = 0x01  # payload 0x18's flags: the sender has typing indicators on
+TYPING_NOW = 0x02  # ... and is typing now (only with TYPING_ENABLED)
 ATTACHMENT_SEED_LEN = 32
 ATTACHMENT_DIGEST_LEN = 32
 ATTACHMENT_CHUNK_LEN = BLOCK_SIZE - 1 - TAG_LEN  # plaintext bytes per blob block
@@ -1214,6 +1224,17 @@ class AttachmentPayload:
     digest: bytes  # SHA-256 of the plaintext file
     relay_url: str
     name: str
+    #: Payload 0x17 only (0x08 carries none): the caption shown with the file, and the file's
+    #: place among files sent together (``batch_id`` empty: not part of a batch).
+    caption: str = ""
+    batch_id: bytes = b""
+    batch_index: int = 0
+    batch_count: int = 1
+
+    @property
+    def extra(self) -> bool:
+        """Needs payload 0x17: a caption, or a place in a batch."""
+        return bool(self.caption) or bool(self.batch_id)
 
     def __repr__(self) -> str:  # the seed is a key: never in a log or a traceback
         return f"AttachmentPayload(size={self.size}, blocks={self.blocks})"
@@ -1266,6 +1287,15 @@ class CallSealedPayload:
     call_id: bytes
     nonce: bytes
     box: bytes  # crypto_box ciphertext (tag included)
+
+
+@dataclass(frozen=True)
+class TypingPayload:
+    """Typing indicators (§22.6): ``enabled`` tells the contact the sender has them on (False:
+    switched off, stop sending); ``typing``: typing now (True) or stopped (False)."""
+
+    enabled: bool
+    typing: bool
 
 
 @dataclass(frozen=True)
@@ -1476,11 +1506,14 @@ Payload = (
     | CallSealedPayload
     | GroupPayload
     | ActionPayload
+    | TypingPayload
 )
 
 
 def _write_attachment(w: Writer, payload: AttachmentPayload) -> None:
     """A descriptor's fields (§22.3), in payload 0x08 and in a group's 0x11."""
+    if payload.extra:  # a caption or a batch travels only in 0x17 (never silently dropped)
+        raise ValueError("a caption or a batch needs payload 0x17")
     if payload.size < 0 or payload.blocks != attachment_blocks(payload.size) or (
         payload.blocks > ATTACHMENT_MAX_BLOCKS
     ):
@@ -1492,6 +1525,35 @@ def _write_attachment(w: Writer, payload: AttachmentPayload) -> None:
     w.fixed(payload.digest, ATTACHMENT_DIGEST_LEN)
     _put_short(w, payload.relay_url.encode(), MAX_URL_BYTES)
     _put_short(w, payload.name.encode(), MAX_FILE_NAME_BYTES)
+
+
+def _check_extra(caption: bytes, batch_id: bytes, index: int, count: int) -> None:
+    if len(caption) > MAX_CAPTION_BYTES:
+        raise ValueError("caption too long")
+    if len(batch_id) != BATCH_ID_LEN or not 1 <= count <= MAX_BATCH_FILES or index >= count:
+        raise ValueError("malformed batch")
+
+
+def _write_extra(w: Writer, payload: AttachmentPayload) -> None:
+    """Payload 0x17: the descriptor's fields, then its caption and batch (§22.3)."""
+    caption = payload.caption.encode()
+    batch_id = payload.batch_id or payload.message_id  # a lone captioned file: its own batch
+    _check_extra(caption, batch_id, payload.batch_index, payload.batch_count)
+    _write_attachment(w, replace(payload, caption="", batch_id=b""))
+    w.u16(len(caption)).raw(caption)
+    w.fixed(batch_id, BATCH_ID_LEN).u8(payload.batch_index).u8(payload.batch_count)
+
+
+def _read_extra(r: Reader) -> AttachmentPayload:
+    base = _read_attachment(r)
+    caption = r.take(r.u16())
+    batch_id, index, count = r.take(BATCH_ID_LEN), r.u8(), r.u8()
+    try:
+        _check_extra(caption, batch_id, index, count)
+    except ValueError:
+        raise DecodeError("malformed attachment caption or batch") from None
+    return replace(base, caption=_utf8(caption), batch_id=batch_id, batch_index=index,
+                   batch_count=count)  # fmt: skip
 
 
 def _read_attachment(r: Reader) -> AttachmentPayload:
@@ -1535,7 +1597,15 @@ def encode_payload(payload: Payload) -> bytes:
         w.u8(PAYLOAD_MAILBOX).fixed(payload.rotation_id, MESSAGE_ID_LEN)
         payload.mailbox.write(w)
     elif isinstance(payload, AttachmentPayload):
-        _write_attachment(w.u8(PAYLOAD_ATTACHMENT), payload)
+        if payload.extra:
+            _write_extra(w.u8(PAYLOAD_ATTACHMENT_EXTRA), payload)
+        else:
+            _write_attachment(w.u8(PAYLOAD_ATTACHMENT), payload)
+    elif isinstance(payload, TypingPayload):
+        if payload.typing and not payload.enabled:
+            raise ValueError("typing needs typing indicators on")
+        flags = (TYPING_ENABLED if payload.enabled else 0) | (TYPING_NOW if payload.typing else 0)
+        w.u8(PAYLOAD_TYPING).u8(flags)
     elif isinstance(payload, RenewPayload):
         w.u8(PAYLOAD_RENEW).fixed(payload.renew_id, MESSAGE_ID_LEN).u64(payload.created_at_ms)
         payload.reply_to.write(w)
@@ -1669,6 +1739,13 @@ def decode_payload(data: bytes) -> Payload:
         out = MailboxAckPayload(r.take(MESSAGE_ID_LEN))
     elif kind == PAYLOAD_ATTACHMENT:
         out = _read_attachment(r)
+    elif kind == PAYLOAD_ATTACHMENT_EXTRA:
+        out = _read_extra(r)
+    elif kind == PAYLOAD_TYPING:
+        flags = r.u8()
+        if flags & ~(TYPING_ENABLED | TYPING_NOW) or flags == TYPING_NOW:
+            raise DecodeError("malformed typing flags")
+        out = TypingPayload(bool(flags & TYPING_ENABLED), bool(flags & TYPING_NOW))
     elif kind == PAYLOAD_RENEW:
         renew_id, created = r.take(MESSAGE_ID_LEN), r.u64()
         reply_to = MailboxAddress.read(r)

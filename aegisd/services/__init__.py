@@ -26,6 +26,7 @@ Module map (the messenger's parts first):
 - ``bundle_fetch.py``: fetching a contact's prekey bundle, its errors.
 - ``attachments.py``, ``attachments_api.py``: files (docs/protocol.md §22) and their methods.
 - ``actions.py``: replies, reactions, edits and deletions of one-to-one messages (§26).
+- ``typing_indicators.py``, ``typing_api.py``: typing indicators (§22.6) and their methods.
 - ``renewal.py``: session renewal after a backup import (§23).
 - ``cover.py``: cover traffic and the slots real blocks wait for (§24).
 - ``backup.py``: encrypted backup export and import, and their methods.

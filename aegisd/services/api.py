@@ -288,6 +288,9 @@ def register(registry: Registry, m: Messenger) -> None:
     from . import attachments_api  # its methods: docs/api.md, "Attachments"
 
     attachments_api.register(registry, m)
+    from . import typing_api  # messages.typing, typing.config: docs/api.md, "Typing"
+
+    typing_api.register(registry, m)
     from . import groups_api  # its methods: docs/api.md, "Groups"
 
     groups_api.register(registry, m)

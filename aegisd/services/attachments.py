@@ -296,9 +296,20 @@ class Attachments:
 
     # --- sending --------------------------------------------------------------------------
 
-    async def send(self, name: str, path: str) -> dict[str, Any]:
+    async def send(self, name: str, path: str, caption: str = "") -> dict[str, Any]:
+        """One file, with an optional caption."""
+        r = await self.send_many(name, [path], caption)
+        return dict(r["attachments"][0])
+
+    async def send_many(self, name: str, paths: list[str], caption: str = "") -> dict[str, Any]:
+        """Files sent together (§22.3): each its own upload (all start at once), one batch;
+        the caption rides on the first. Every file is spooled before anything is stored, and
+        all rows and messages commit together: the send happens whole or not at all."""
         m = self.m
-        p, limit = self.check_source(path)
+        if not isinstance(paths, list) or not 1 <= len(paths) <= wire.MAX_BATCH_FILES:
+            raise InvalidParamsError("paths", f"must list 1 to {wire.MAX_BATCH_FILES} files")
+        caption = check_caption(caption)
+        sources = [self.check_source(p) for p in paths]
         m.check_usable()
         c = m.contacts.by_name(name)
         if c.blocked:
@@ -306,22 +317,38 @@ class Attachments:
         if m.store.get_session(c.id) is None:
             raise AppError(E_NOT_READY, "not_ready", "no session with this contact")
         relay_url = m.mailboxes.relay_url()
-        spooled = await self.spool(p, limit)
-        aid = spooled.id
+        spooled: list[Spooled] = []
+        try:
+            for p, limit in sources:
+                spooled.append(await self.spool(p, limit))
+        except BaseException:
+            self.discard([s.id for s in spooled])
+            raise
+        aids = [s.id for s in spooled]
+        batch = aids[0] if len(aids) > 1 else None
         now = _ms()
-        row = spooled.row(c.id, relay_url, now)
+        rows = [s.row(c.id, relay_url, now) for s in spooled]
         try:
             async with m.lock:
                 c = m.contacts.by_name(name)  # still there?
                 with m.store.transaction():
-                    m.store.add_message(c.id, "out", f"[file] {row.name}", status="queued",
-                                        message_id=aid)  # fmt: skip
-                    db.add(m.store, row)
+                    for i, row in enumerate(rows):
+                        text = file_text(row.name, caption if i == 0 else "")
+                        m.store.add_message(c.id, "out", text, status="queued",
+                                            message_id=row.id)  # fmt: skip
+                        db.add(m.store, row)
+                        if batch is not None or (i == 0 and caption):
+                            db.set_extras(m.store, row.id, db.Extras(
+                                caption if i == 0 else "", batch, i, len(rows)))  # fmt: skip
         except BaseException:
-            self.discard([aid])
+            self.discard(aids)
             raise
-        self._start(aid)
-        return {**self.describe(row, c), "message_id": aid}
+        for aid in aids:
+            self._start(aid)
+        return {
+            "batch_id": batch,
+            "attachments": [{**self.describe(row, c), "message_id": row.id} for row in rows],
+        }
 
     def check_source(self, path: str) -> tuple[Path, int]:
         """A file the user asks to send: an absolute path to a regular file within the
@@ -478,9 +505,12 @@ class Attachments:
             blob = m.store.get_session(row.contact_id)
             if c is None or blob is None or db.get(m.store, row.id) is None:
                 return  # the contact was removed meanwhile (its rows went with it)
+            ex = db.extras(m.store, row.id)
             payload = wire.AttachmentPayload(
                 bytes.fromhex(row.id), row.sent_at or _ms(), row.seed, row.size, row.blocks,
-                row.digest, row.relay_url, row.name,
+                row.digest, row.relay_url, row.name, ex.caption,
+                bytes.fromhex(ex.batch_id) if ex.batch_id else b"", ex.batch_index,
+                ex.batch_count,
             )  # fmt: skip
             try:
                 with m.store.transaction():
@@ -520,13 +550,14 @@ class Attachments:
         if m.store.get_message(aid) is not None or not self.acceptable(p):
             return  # a duplicate id (never twice), or a refused relay URL
         name = clean_file_name(p.name)
-        m.store.add_message(c.id, "in", f"[file] {name}", status="received", message_id=aid,
+        text = file_text(name, p.caption)
+        m.store.add_message(c.id, "in", text, status="received", message_id=aid,
                             sent_at=p.sent_at_ms)  # fmt: skip
         # Its message is in the history: clients (aegis listen, the notification bridge)
         # that follow message.received see the file arrive like any message.
         m.ctx.events.emit("message.received", {
-            "message_id": aid, "contact": c.name, "text": f"[file] {name}",
-            "sent_at": p.sent_at_ms,
+            "message_id": aid, "contact": c.name, "text": text, "sent_at": p.sent_at_ms,
+            **({"caption": p.caption} if p.caption else {}),
         })  # fmt: skip
         self.take_descriptor(c, p)
         m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED, [p.message_id])
@@ -560,9 +591,12 @@ class Attachments:
             aid, c.id, "in", name, p.size, p.blocks, p.digest, p.seed, p.relay_url,
             "failed" if reason else "downloading", 0, reason, p.sent_at_ms, now, now,
         ))  # fmt: skip
+        ex = _extras_of(p)
+        if p.extra:
+            db.set_extras(m.store, aid, ex)
         m.ctx.events.emit("attachment.received", {
             "attachment_id": aid, "message_id": aid, "contact": self.shown(c), "name": name,
-            "size": p.size, "sent_at": p.sent_at_ms,
+            "size": p.size, "sent_at": p.sent_at_ms, **_extras_fields(ex),
         })  # fmt: skip
         if reason:
             m.ctx.events.emit("attachment.failed", {
@@ -719,6 +753,7 @@ class Attachments:
             "sent_at": row.sent_at,
             "created_at": row.created_at,
             "updated_at": row.updated_at,
+            **_extras_fields(db.extras(self.store, row.id)),
         }
 
     def get(self, aid: str) -> AttachmentRow:
@@ -813,6 +848,42 @@ class Attachments:
                     })  # fmt: skip
         with contextlib.suppress(OSError):
             self._file(aid).unlink()
+
+
+def check_caption(caption: Any) -> str:
+    """A caption the user gives (§22.3): text of at most MAX_CAPTION_BYTES in UTF-8."""
+    if caption is None:
+        return ""
+    if not isinstance(caption, str):
+        raise InvalidParamsError("caption", "must be a string")
+    try:
+        n = len(caption.encode())
+    except UnicodeEncodeError:
+        raise InvalidParamsError("caption", "must be valid text (no lone surrogates)") from None
+    if n > wire.MAX_CAPTION_BYTES:
+        raise InvalidParamsError("caption", f"must be at most {wire.MAX_CAPTION_BYTES} bytes "
+                                 "in UTF-8")  # fmt: skip
+    return caption
+
+
+def file_text(name: str, caption: str) -> str:
+    """A file's message in the history (and in message.received): its name, then on the next
+    line its caption, if any, so that history, search and exports carry the caption."""
+    return f"[file] {name}\n{caption}" if caption else f"[file] {name}"
+
+
+def _extras_of(p: wire.AttachmentPayload) -> db.Extras:
+    if not p.extra:
+        return db.Extras()
+    lone = p.batch_count == 1  # a captioned file alone: no batch to show
+    return db.Extras(p.caption, None if lone else p.batch_id.hex(), p.batch_index, p.batch_count)
+
+
+def _extras_fields(ex: db.Extras) -> dict[str, Any]:
+    """What describe() and attachment.received add: the caption ("" for none) and the batch
+    (``batch_id`` null for a file sent alone)."""
+    return {"caption": ex.caption, "batch_id": ex.batch_id, "batch_index": ex.batch_index,
+            "batch_count": ex.batch_count}  # fmt: skip
 
 
 class _GiveUp(Exception):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from aegisd.core.wire import MAX_BATCH_FILES
 from aegisd.rpc import CallContext, InvalidParamsError, Registry
+
+from .attachments import check_caption
 
 if TYPE_CHECKING:
     from .messenger import Messenger
@@ -22,8 +25,18 @@ def register(registry: Registry, m: Messenger) -> None:
     a = m.attachments
 
     @registry.method("attachments.send", unlocked=True)
-    async def attachments_send(ctx: CallContext, contact: str, path: str) -> dict[str, Any]:
-        return await a.send(contact, _path(path))
+    async def attachments_send(
+        ctx: CallContext, contact: str, path: str, caption: str | None = None
+    ) -> dict[str, Any]:
+        return await a.send(contact, _path(path), check_caption(caption))
+
+    @registry.method("attachments.send_batch", unlocked=True)
+    async def attachments_send_batch(
+        ctx: CallContext, contact: str, paths: list[str], caption: str | None = None
+    ) -> dict[str, Any]:
+        if not isinstance(paths, list) or not 1 <= len(paths) <= MAX_BATCH_FILES:
+            raise InvalidParamsError("paths", f"must list 1 to {MAX_BATCH_FILES} files")
+        return await a.send_many(contact, [_path(p) for p in paths], check_caption(caption))
 
     @registry.method("attachments.list", unlocked=True)
     async def attachments_list(ctx: CallContext, contact: str | None = None) -> dict[str, Any]:

@@ -63,6 +63,7 @@ RESTORABLE: dict[str, tuple[type, ...]] = {
     "privacy.receipt_delay_max": (int, float),
     "privacy.send_jitter_max": (int, float),
     "privacy.group_spread_max": (int, float),
+    "privacy.typing_indicators": (bool,),
     "privacy.mailbox_rotation": (int, float),
     "events.retention_days": (int, float),
     "network.proxy": (str,),

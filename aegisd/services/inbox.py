@@ -116,6 +116,10 @@ class AttachmentsView(Protocol):
     def on_descriptor(self, c: Contact, session: Session, p: wire.AttachmentPayload) -> None: ...
 
 
+class TypingView(Protocol):
+    def on_payload(self, c: Contact, session: Session, p: wire.TypingPayload) -> None: ...
+
+
 class RotationView(Protocol):
     async def finish(self, c: Contact, rotation_id: bytes) -> None: ...
 
@@ -204,6 +208,8 @@ class InboxHost(Protocol):
     def attachments(self) -> AttachmentsView: ...
     @property
     def rotation(self) -> RotationView: ...
+    @property
+    def typing(self) -> TypingView: ...
     @property
     def mailboxes(self) -> Mailboxes: ...
     @property
@@ -534,6 +540,8 @@ class Inbox:
                                   delay=self.m.delivery.receipt_delay())  # fmt: skip
         elif isinstance(payload, wire.AttachmentPayload):
             self.m.attachments.on_descriptor(c, session, payload)
+        elif isinstance(payload, wire.TypingPayload):
+            self.m.typing.on_payload(c, session, payload)
         elif isinstance(payload, wire.MailboxAckPayload):
             pending = self.m.store.get_setting(f"{ROTATION_KEY}{c.id}")
             if pending is not None and pending["id"] == payload.rotation_id.hex():

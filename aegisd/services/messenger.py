@@ -51,6 +51,7 @@ from .mailbox import ContactState
 from .mailbox_loss import SETTING_LAST_REACHED, MailboxLoss
 from .mailboxes import Mailboxes
 from .rotation import Rotation
+from .typing_indicators import Typing
 
 if TYPE_CHECKING:
     from .context import ServiceContext
@@ -95,6 +96,7 @@ class Messenger:
         self.rotation = Rotation(self)  # mailbox rotation and relay moves (rotation.py)
         self.inbox = Inbox(self)  # every block delivered to a mailbox of ours (inbox.py)
         self.attachments = Attachments(self)
+        self.typing = Typing(self)  # typing indicators (typing_indicators.py, §22.6)
         self.groups = Groups(self)  # groups over pairwise sessions (groups.py, §25)
         self.actions = Actions(self)  # replies, reactions, edits, deletions (actions.py, §26)
         from .renewal import Renewals  # session renewal after a backup import (§23)

@@ -140,3 +140,32 @@ def pending_group_files(store: Store, contact_id: int) -> tuple[int, int]:
         (contact_id,),
     ).fetchone()
     return int(r[0]), int(r[1])
+
+
+@dataclass(frozen=True)
+class Extras:
+    """A file's caption and its place in a batch (schema `_file_captions_and_typing`)."""
+
+    caption: str = ""
+    batch_id: str | None = None
+    batch_index: int = 0
+    batch_count: int = 1
+
+
+def set_extras(store: Store, attachment_id: str, extras: Extras) -> None:
+    with store.transaction():
+        store._q(
+            "INSERT OR REPLACE INTO attachment_extras (attachment_id, caption, batch_id, "
+            "batch_index, batch_count) VALUES (?, ?, ?, ?, ?)",
+            (attachment_id, extras.caption, extras.batch_id, extras.batch_index,
+             extras.batch_count),
+        )  # fmt: skip
+
+
+def extras(store: Store, attachment_id: str) -> Extras:
+    r = store._q(
+        "SELECT caption, batch_id, batch_index, batch_count FROM attachment_extras "
+        "WHERE attachment_id = ?",
+        (attachment_id,),
+    ).fetchone()
+    return Extras() if r is None else Extras(r[0], r[1], r[2], r[3])

@@ -588,9 +588,34 @@ def _message_actions(db: Any) -> None:
     )
 
 
+def _file_captions_and_typing(db: Any) -> None:
+    """Issue 17 (files): a file's caption and its place among files sent together
+    (docs/protocol.md §22.3), one row per attachment that has either, gone with it; and per
+    contact, typing indicators' state (§22.6): whether the contact told us it has them on, and
+    whether we told it ours are on. Both die with their attachment or contact."""
+    _run(
+        db,
+        """
+        CREATE TABLE attachment_extras (
+            attachment_id TEXT PRIMARY KEY REFERENCES attachments(id) ON DELETE CASCADE,
+            caption       TEXT NOT NULL DEFAULT '',
+            batch_id      TEXT,               -- hex, NULL when not part of a batch
+            batch_index   INTEGER NOT NULL DEFAULT 0,
+            batch_count   INTEGER NOT NULL DEFAULT 1
+        );
+        CREATE TABLE typing_state (
+            contact_id  INTEGER PRIMARY KEY REFERENCES contacts(id) ON DELETE CASCADE,
+            peer_on     INTEGER NOT NULL DEFAULT 0,  -- the contact's last word: on
+            told_on     INTEGER NOT NULL DEFAULT 0   -- we told the contact ours are on
+        )
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
     _cover_receipts, _mailbox_pool, _groups, _group_invites_and_intros, _group_message_keys,
     _group_file_links, _group_contact_departures, _message_search_index, _message_actions,
+    _file_captions_and_typing,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

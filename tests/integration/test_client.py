@@ -185,3 +185,30 @@ def test_thin_clients_import_no_crypto(module: str) -> None:
     assert not bad, bad
     daemon_internals = [m for m in mods if m.startswith("aegisd.") and m != "aegisd.paths"]
     assert not daemon_internals, daemon_internals
+
+
+def test_file_caption_batch_and_typing_wrappers(spawn, short_tmp: Path) -> None:
+    """The typed wrappers of issue 17 (files) reach the daemon's methods and their errors."""
+    d = spawn()
+    src = short_tmp / "a.txt"
+    src.write_text("a")
+
+    async def scenario() -> None:
+        async with await Client.connect(d.home) as c:
+            await c.unlock(PASSPHRASE)
+            cfg = await c.typing_config()
+            assert cfg["enabled"] is False and cfg["interval"] == 5.0
+            assert (await c.typing_config(True))["enabled"] is True
+            assert (await c.typing_config(False))["counts"]["sent"] == 0
+            with pytest.raises(NotFound):
+                await c.typing("nobody", True)
+            with pytest.raises(InvalidParams) as bad:
+                await c.send_file("nobody", str(src), caption="x" * 2049)
+            assert bad.value.field == "caption"
+            with pytest.raises(InvalidParams) as bad:
+                await c.send_files("nobody", [str(src)] * 33)
+            assert bad.value.field == "paths"
+            with pytest.raises(NotFound):
+                await c.send_files("nobody", [str(src), str(src)], caption="two")
+
+    asyncio.run(scenario())

@@ -1,0 +1,208 @@
+"""Typing indicators (docs/protocol.md §22.6; what they show the relay: docs/threat-model.md
+"Typing indicators").
+
+Off by default (setting ``privacy.typing_indicators``). A side that has them off sends no
+typing payload (one exception: when the user switches them off, the contacts told "on" get one
+"off", so that they stop sending theirs) and drops every one it receives without an event
+(keeping only the contact's choice). Switching on sends "on" to the contacts whose last word
+was "on", so that a side switching on later is heard without having to type first.
+Each side learns the other's choice inside the encryption, from the flags of payload 0x18:
+
+- the first ``messages.typing(contact, true)`` after switching on sends "on, typing" (the
+  contact has not heard our choice yet); a contact that has them on answers once with "on"
+  (no typing), as a slotted block (with cover traffic on it takes a cover block's place);
+- from then on, "typing" goes only to a contact whose last word was "on": at most one per
+  INTERVAL per contact, and one "stopped" (``messages.typing(contact, false)``) after a
+  "typing" that went.
+
+These blocks are not slotted: a "typing" late by a cover interval (minutes) would be worthless,
+so with cover traffic on each is one block more than the cover schedule, which is what the
+threat model states. The receiver shows at most one ``contact.typing`` event per contact per
+INTERVAL, and ends a shown "typing" itself after LAPSE seconds without a refresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aegisd.core import wire
+from aegisd.core.session import Session
+from aegisd.rpc import AppError, InvalidParamsError
+from aegisd.store import groups as G
+from aegisd.store import typing_state as ts
+from aegisd.store.db import Contact
+
+from .delivery import Recipient
+
+if TYPE_CHECKING:
+    from aegisd.store import Store
+
+    from .context import ServiceContext
+    from .delivery import Delivery
+
+SETTING_ENABLED = "privacy.typing_indicators"
+#: At most one "typing" block per contact per this many seconds (the sender), and at most one
+#: contact.typing event per contact per this many seconds (the receiver).
+INTERVAL = 5.0
+#: A shown "typing" ends (event with typing false, lapsed true) this long after the last one.
+LAPSE = 8.0
+
+E_NOT_READY, E_BLOCKED = 1024, 1025  # as messenger.py's (not imported: it imports this)
+
+
+class ContactsView(Protocol):
+    def by_name(self, name: str) -> Contact: ...
+
+
+class TypingHost(Protocol):
+    @property
+    def ctx(self) -> ServiceContext: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def lock(self) -> asyncio.Lock: ...
+    @property
+    def delivery(self) -> Delivery: ...
+    @property
+    def contacts(self) -> ContactsView: ...
+
+    def check_usable(self) -> None: ...
+
+
+class Typing:
+    def __init__(self, host: TypingHost) -> None:
+        self.m = host
+        self._sent: dict[int, float] = {}  # contact id: when its last "typing" went (monotonic)
+        self._active: set[int] = set()  # a "typing" went, no "stopped" yet
+        self._shown: dict[int, float] = {}  # contact id: when its shown "typing" was last shown
+        #: What went and what came (the daemon's own counters: ``typing.config`` shows them).
+        self.counts = {"sent": 0, "received": 0, "dropped": 0}
+
+    def enabled(self) -> bool:
+        return bool(self.m.store.get_setting(SETTING_ENABLED, False))
+
+    def describe(self) -> dict[str, Any]:
+        return {"enabled": self.enabled(), "interval": INTERVAL, "lapse": LAPSE,
+                "counts": dict(self.counts)}  # fmt: skip
+
+    async def configure(self, enabled: bool | None) -> dict[str, Any]:
+        if enabled is not None and not isinstance(enabled, bool):
+            raise InvalidParamsError("enabled", "must be true or false")
+        if enabled is None or enabled == self.enabled():
+            return self.describe()
+        m = self.m
+        async with m.lock:
+            with m.store.transaction():
+                m.store.set_setting(SETTING_ENABLED, enabled)
+                # Off: those told "on" hear "off", so they stop sending. On: those that said
+                # they are on hear "on", so both send from now on. Slotted: no hurry.
+                for cid in ts.told(m.store) if not enabled else ts.peers_on(m.store):
+                    peer_on, _ = ts.get(m.store, cid)
+                    c = m.store.get_contact(cid)
+                    blob = m.store.get_session(cid)
+                    if c is None or blob is None or c.blocked:
+                        ts.put(m.store, cid, peer_on, False)
+                        continue
+                    try:
+                        m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))],
+                                           wire.TypingPayload(enabled, False),
+                                           delay=m.delivery.receipt_delay())  # fmt: skip
+                    except AppError:
+                        ts.put(m.store, cid, peer_on, False)
+                        continue  # cannot be reached now: told at its first "typing"
+                    ts.put(m.store, cid, peer_on, enabled)
+                    self.counts["sent"] += 1
+            if not enabled:
+                self._sent.clear()
+                self._active.clear()
+                self._shown.clear()
+        m.delivery.wake()
+        return self.describe()
+
+    async def send(self, name: str, typing: bool) -> dict[str, Any]:
+        """``messages.typing``: whether a block went, and if not, why."""
+        if not isinstance(typing, bool):
+            raise InvalidParamsError("typing", "must be true or false")
+        m = self.m
+        m.check_usable()
+        c = m.contacts.by_name(name)
+        if G.is_group_contact(m.store, c.id):
+            raise AppError(1020, "not_found", "no such contact")
+        if c.blocked:
+            raise AppError(E_BLOCKED, "blocked", "this contact is blocked")
+        if not self.enabled():
+            return {"sent": False, "reason": "off"}
+        async with m.lock:
+            blob = m.store.get_session(c.id)
+            if blob is None:
+                raise AppError(E_NOT_READY, "not_ready", "no session with this contact")
+            peer_on, told_on = ts.get(m.store, c.id)
+            now = time.monotonic()
+            if typing:
+                if told_on and not peer_on:
+                    return {"sent": False, "reason": "contact_off"}
+                last = self._sent.get(c.id)
+                if last is not None and now - last < INTERVAL:
+                    return {"sent": False, "reason": "rate_limited"}
+            elif c.id not in self._active or not peer_on:
+                return {"sent": False, "reason": "not_typing"}
+            with m.store.transaction():
+                m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))],
+                                   wire.TypingPayload(True, typing), slotted=False)  # fmt: skip
+                ts.put(m.store, c.id, peer_on, True)
+            self.counts["sent"] += 1
+            if typing:
+                self._sent[c.id] = now
+                self._active.add(c.id)
+            else:
+                # _sent stays: "typing" again within INTERVAL waits (at most two blocks per
+                # INTERVAL, whatever a frontend calls)
+                self._active.discard(c.id)
+        m.delivery.wake()
+        return {"sent": True, "reason": None}
+
+    def on_payload(self, c: Contact, session: Session, p: wire.TypingPayload) -> None:
+        """Inside the receive transaction (messenger lock held)."""
+        m = self.m
+        _, told_on = ts.get(m.store, c.id)
+        if not self.enabled():
+            # Ours are off: the contact's choice is kept (not shown), nothing answers.
+            ts.put(m.store, c.id, p.enabled, told_on)
+            self.counts["dropped"] += 1
+            return
+        self.counts["received"] += 1
+        if p.enabled and not told_on:
+            # The contact has them on and has not heard ours: one "on" back (slotted).
+            m.delivery.enqueue([Recipient(c, session)], wire.TypingPayload(True, False),
+                               delay=m.delivery.receipt_delay())  # fmt: skip
+            self.counts["sent"] += 1
+            told_on = True
+        ts.put(m.store, c.id, p.enabled, told_on)
+        now = time.monotonic()
+        shown = self._shown.get(c.id)
+        if p.enabled and p.typing:
+            if shown is not None and now - shown < INTERVAL:
+                self._shown[c.id] = now  # refreshed, not shown again
+                return
+            self._shown[c.id] = now
+            m.ctx.events.emit("contact.typing", {"contact": c.name, "typing": True})
+            asyncio.get_running_loop().call_later(LAPSE, self._lapse, c.id, c.name)
+        elif shown is not None:
+            del self._shown[c.id]
+            m.ctx.events.emit("contact.typing", {"contact": c.name, "typing": False})
+
+    def _lapse(self, contact_id: int, name: str) -> None:
+        shown = self._shown.get(contact_id)
+        if shown is None or time.monotonic() - shown < LAPSE - 0.05:
+            if shown is not None:  # refreshed meanwhile: look again when that one lapses
+                asyncio.get_running_loop().call_later(
+                    LAPSE - (time.monotonic() - shown), self._lapse, contact_id, name
+                )
+            return
+        del self._shown[contact_id]
+        if self.m.ctx.store is None:
+            return  # locked meanwhile
+        self.m.ctx.events.emit("contact.typing", {"contact": name, "typing": False,
+                                                  "lapsed": True})  # fmt: skip

@@ -1,0 +1,215 @@
+"""Issue 17 (files): captions, several files in one send, typing indicators; a real relay
+process and two real daemons with real SQLCipher profiles, on loopback (docs/protocol.md
+§22.3, §22.4, §22.6)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aegis_cli.listen import describe
+from aegisd.services.typing_indicators import INTERVAL
+from tests.functional.conftest import Peer, connect
+from tests.functional.test_attachments import wait_state
+from tests.functional.test_cli_messaging import aegis, ok
+from tests.functional.test_cover import make  # noqa: F401 (a fixture: daemons with test methods)
+
+# A hostile caption: an escape sequence (clipboard write), a carriage return forging a line,
+# a bidi override; shown through safe_text, never raw.
+HOSTILE = "look \x1b]52;c;ZXZpbA==\x07 here\rme -> bob: forged \u202eevil"
+
+
+def _received(peer: Peer, name: str) -> list[dict[str, Any]]:
+    return [a for a in peer.call("attachments.list", {"contact": name})["attachments"]
+            if a["direction"] == "in"]  # fmt: skip
+
+
+def test_caption_and_three_files_in_one_send(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    one = tmp_short / "one.txt"
+    one.write_bytes(b"first file\n")
+
+    sent = alice.call("attachments.send", {"contact": "bob", "path": str(one),
+                                           "caption": HOSTILE})  # fmt: skip
+    assert sent["caption"] == HOSTILE and sent["batch_id"] is None
+    got = bob.wait_for(lambda: _received(bob, "alice"), "the captioned file")
+    assert got[0]["attachment_id"] == sent["attachment_id"]
+    assert got[0]["caption"] == HOSTILE and got[0]["batch_id"] is None
+    assert got[0]["batch_count"] == 1
+    wait_state(bob, sent["attachment_id"], "complete")
+    # The history carries it under the file's name; the events too.
+    texts = [m["text"] for m in bob.call("messages.history", {"contact": "alice"})["messages"]]
+    assert texts == [f"[file] one.txt\n{HOSTILE}"]
+    ev = bob.events(types=["message.received", "attachment.received"])
+    assert [e["data"].get("caption") for e in ev] == [HOSTILE, HOSTILE]
+    # Shown safely: no control reaches the terminal, the forged line is indented under it.
+    shown = ok(aegis(bob, "messages", "alice"))
+    assert "\x1b" not in shown and "\r" not in shown and "\u202e" not in shown
+    assert "␛]52;c;ZXZpbA==␇ here␍me -> bob: forged <U+202E>evil" in shown
+    # aegis listen's line for the file (its describe, on the daemon's real event).
+    line = describe(ev[-1])
+    assert "\x1b" not in line and "\r" not in line and "one.txt" in line and "␛]52" in line
+
+    # Three files in one send, one caption (on the first).
+    files = []
+    for i, size in enumerate((10, 40_000, 70_000)):
+        p = tmp_short / f"f{i}.bin"
+        p.write_bytes(os.urandom(size))
+        files.append(p)
+    batch = alice.call("attachments.send_batch", {
+        "contact": "bob", "paths": [str(p) for p in files], "caption": "three of them",
+    })  # fmt: skip
+    bid = batch["batch_id"]
+    assert bid == batch["attachments"][0]["attachment_id"]
+    assert [a["batch_index"] for a in batch["attachments"]] == [0, 1, 2]
+    ids = [a["attachment_id"] for a in batch["attachments"]]
+    arrived = bob.wait_for(
+        lambda: len(r := [a for a in _received(bob, "alice") if a["batch_id"] == bid]) == 3 and r,
+        "the three files",
+    )
+    by_index = sorted(arrived, key=lambda a: a["batch_index"])
+    assert [a["attachment_id"] for a in by_index] == ids
+    assert [a["name"] for a in by_index] == ["f0.bin", "f1.bin", "f2.bin"]
+    assert [a["size"] for a in by_index] == [10, 40_000, 70_000]
+    assert [a["caption"] for a in by_index] == ["three of them", "", ""]
+    assert {a["batch_count"] for a in by_index} == {3}
+    for aid, src in zip(ids, files, strict=True):
+        wait_state(bob, aid, "complete")
+        out = tmp_short / f"saved-{aid}"
+        bob.call("attachments.save", {"attachment_id": aid, "path": str(out)})
+        assert out.read_bytes() == src.read_bytes()
+    # The sender's history has them in order, the caption with the first.
+    mine = [m["text"] for m in alice.call("messages.history", {"contact": "bob"})["messages"]]
+    assert mine[-3:] == ["[file] f0.bin\nthree of them", "[file] f1.bin", "[file] f2.bin"]
+
+    # Bad input is refused before anything is stored: a caption over the bound, a missing
+    # file among several (the others are not sent either), 33 files.
+    before = len(alice.call("attachments.list", {"contact": "bob"})["attachments"])
+    r = aegis(alice, "send", "bob", "--file", str(one), "--caption", "x" * 2049)
+    assert r.returncode != 0 and "--caption must be at most 2048 bytes" in r.stderr
+    r = aegis(alice, "send", "bob", "--file", str(one), "--file", str(tmp_short / "nope"))
+    assert r.returncode != 0 and "no such file" in r.stderr
+    r = aegis(alice, "send", "bob", *[a for _ in range(33) for a in ("--file", str(one))])
+    assert r.returncode != 0 and "--file must list 1 to 32 files" in r.stderr
+    assert len(alice.call("attachments.list", {"contact": "bob"})["attachments"]) == before
+
+    # The CLI: two files and a caption in one command, the ids one a line.
+    printed = ok(aegis(alice, "send", "bob", "--file", str(files[0]), "--file", str(files[1]),
+                   "--caption", "cli pair"))  # fmt: skip
+    cli_ids = printed.split()
+    assert len(cli_ids) == 2
+    got2 = bob.wait_for(
+        lambda: len(r := [a for a in _received(bob, "alice") if a["attachment_id"] in cli_ids])
+        == 2 and r, "the CLI's two files",
+    )
+    assert {a["caption"] for a in got2} == {"cli pair", ""}
+    shown_ev = [describe(e) for e in bob.events(types=["attachment.received"])
+                if e["data"]["attachment_id"] in cli_ids]  # fmt: skip
+    assert any("(1 of 2): cli pair" in s for s in shown_ev)
+    assert any("(2 of 2)" in s for s in shown_ev)
+
+
+def _config(peer: Peer) -> dict[str, Any]:
+    out: dict[str, Any] = peer.call("typing.config")
+    return out
+
+
+def _typing_events(peer: Peer) -> list[dict[str, Any]]:
+    return [e["data"] for e in peer.events(types=["contact.typing"])]
+
+
+def test_typing_only_when_both_sides_have_it_on_and_rate_limited(
+    peers: Callable[[str], Peer],
+) -> None:
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    # Off by default: nothing goes.
+    assert _config(alice)["enabled"] is False and _config(bob)["enabled"] is False
+    assert alice.call("messages.typing", {"contact": "bob", "typing": True}) == {
+        "sent": False, "reason": "off"}  # fmt: skip
+    assert _config(alice)["counts"]["sent"] == 0
+
+    # Alice on, Bob off: Alice's first "typing" tells Bob her choice (one block); Bob drops it
+    # (no event) and sends nothing back; Alice sends no more.
+    assert alice.call("typing.config", {"enabled": True})["enabled"] is True
+    assert alice.call("messages.typing", {"contact": "bob", "typing": True})["sent"] is True
+    bob.wait_for(lambda: _config(bob)["counts"]["dropped"] == 1, "Bob to drop it")
+    for _ in range(10):
+        r = alice.call("messages.typing", {"contact": "bob", "typing": True})
+        assert r == {"sent": False, "reason": "contact_off"}
+    time.sleep(INTERVAL + 0.2)  # past the rate limit of that first one (used below)
+    assert _config(alice)["counts"]["sent"] == 1
+    assert _config(bob)["counts"] == {"sent": 0, "received": 0, "dropped": 1}
+    assert _typing_events(bob) == [] and _typing_events(alice) == []
+    # Bob, off, cannot send either.
+    assert bob.call("messages.typing", {"contact": "alice", "typing": True})["reason"] == "off"
+
+    # Bob switches on: he knows Alice is on, so he tells her at once (one block).
+    bob.call("typing.config", {"enabled": True})
+    alice.wait_for(lambda: _config(alice)["counts"]["received"] == 1, "Bob's 'on'")
+    assert _typing_events(alice) == []  # an "on" is no "typing"
+    assert _config(bob)["counts"]["sent"] == 1
+
+    # Now both are on: many typing calls, a bounded number of blocks (one per 5 s: the
+    # bound is taken from the time the calls took, not assumed) and of events at Bob's.
+    start = time.monotonic()
+    results = [alice.call("messages.typing", {"contact": "bob", "typing": True})
+               for _ in range(20)]  # fmt: skip
+    bound = 1 + int((time.monotonic() - start) / INTERVAL)
+    went = [r["sent"] for r in results].count(True)
+    assert results[0]["sent"] is True and 1 <= went <= bound
+    assert {r["reason"] for r in results[1:]} <= {"rate_limited", None}
+    bob.wait_for(lambda: _typing_events(bob), "Bob's typing event")
+    assert alice.call("messages.typing", {"contact": "bob", "typing": False})["sent"] is True
+    bob.wait_for(lambda: _typing_events(bob)[-1]["typing"] is False, "the 'stopped'")
+    sent_by_alice = _config(alice)["counts"]["sent"]
+    assert sent_by_alice == 1 + went + 1
+    bob.wait_for(lambda: _config(bob)["counts"]["received"] == sent_by_alice - 1,
+                 "every block Alice sent (the first was dropped: Bob was off)")  # fmt: skip
+    events = [(e["contact"], e["typing"]) for e in _typing_events(bob)]
+    assert events[0] == ("alice", True) and events[-1] == ("alice", False)
+    assert len(events) <= 2 * went
+
+    # aegis listen shows it (its describe, on the daemon's real events).
+    shown = [describe(e) for e in bob.events(types=["contact.typing"])]
+    assert shown[0].endswith("alice: typing") and shown[-1].endswith("alice: stopped typing")
+
+    # Alice switches off: Bob hears "off" (one more block) and stops sending to her.
+    alice.call("typing.config", {"enabled": False})
+    assert _config(alice)["counts"]["sent"] == sent_by_alice + 1
+    bob.wait_for(lambda: _config(bob)["counts"]["received"] == sent_by_alice, "Alice's 'off'")
+    assert bob.call("messages.typing", {"contact": "alice", "typing": True}) == {
+        "sent": False, "reason": "contact_off"}  # fmt: skip
+    assert alice.call("messages.typing", {"contact": "bob", "typing": True})["reason"] == "off"
+    assert json.loads(ok(aegis(alice, "typing-indicators", "--json")))["enabled"] is False
+    assert ok(aegis(bob, "typing-indicators")).strip() == "typing indicators on"
+
+
+def test_typing_is_not_slotted_under_cover_its_answer_is(
+    make: Callable[[str], Peer],  # noqa: F811 (the fixture imported above)
+) -> None:
+    """With cover traffic on (slots an hour apart), a "typing" leaves at once: a block added
+    to the cover schedule (docs/threat-model.md), while a text and the slotted "on" answer
+    wait for their slots."""
+    alice, bob = make("alice"), make("bob")
+    connect(alice, bob)
+    for p in (alice, bob):
+        p.call("privacy.set", {"level": "default", "interval": 3600})
+        p.call("typing.config", {"enabled": True})
+    assert _config(alice)["counts"]["sent"] == 0  # neither knew the other's choice
+    text = alice.call("messages.send", {"contact": "bob", "text": "waits for a slot"})
+    assert alice.call("messages.typing", {"contact": "bob", "typing": True})["sent"] is True
+    bob.wait_for(lambda: _typing_events(bob), "the typing event, long before any slot")
+    assert _config(bob)["counts"]["sent"] == 1  # the "on" answer, queued for a slot
+    time.sleep(1.0)
+    assert bob.call("messages.history", {"contact": "alice"})["messages"] == []
+    status = alice.call("messages.history", {"contact": "bob"})["messages"][0]
+    assert (status["message_id"], status["status"]) == (text["message_id"], "queued")
+    assert _config(alice)["counts"]["received"] == 0  # the answer waits for Bob's slot
