@@ -912,6 +912,7 @@ def messages(
         result = c.call("messages.history", params)
         if mark_read:
             c.call("messages.mark_read", {"contact": name})
+        timer = c.call("conversations.get_timer", {"contact": name})
     # The contact's text as safe_text shows it: no control reaches the terminal, and each
     # line after a message's first is indented, so none passes for a message header.
     who = one_line(name)
@@ -920,15 +921,28 @@ def messages(
     # could start a row at column 0 with a forged header (safe_text.fit).
     width = safe_text.terminal_width()
     shown = [safe_text.fit(line, width) for line in shown]
+    if timer["seconds"]:
+        from .disappear import timer_text
+
+        shown.insert(0, f"(disappearing messages: {timer_text(int(timer['seconds']))})")
     ctx.out(result, "\n".join(shown) if shown else f"no messages with {who}")
 
 
 def message_line(m: dict[str, Any], who: str) -> str:
     """One message of `aegis messages` (``who`` already through one_line)."""
+    if m.get("timer_change") is not None:  # a change of the disappearing timer (§26)
+        from .disappear import timer_text
+
+        setter = "you" if m["direction"] == "out" else who
+        value = timer_text(int(m["timer_change"]))
+        return f"{_when(m['created_at'])}  {setter} set disappearing messages to {value}"
     text = body(m["text"])
+    goes = ""
+    if m.get("expires_at"):
+        goes = f"  (disappears {time.strftime('%H:%M:%S', time.localtime(m['expires_at'] / 1000))})"
     if m["direction"] == "out":
-        return f"{_when(m['created_at'])}  me -> {who}: {text}  [{m['status']}]"
-    return f"{_when(m['sent_at'] or m['created_at'])}  {who}: {text}"
+        return f"{_when(m['created_at'])}  me -> {who}: {text}  [{m['status']}]{goes}"
+    return f"{_when(m['sent_at'] or m['created_at'])}  {who}: {text}{goes}"
 
 
 PROGRESS_MIN = 1 << 20  # files from this size get a progress bar on a terminal
@@ -1144,9 +1158,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _register_extensions() -> None:
-    from . import calls, groups, network
+    from . import calls, disappear, groups, network
 
     calls.register(sys.modules[__name__])
+    disappear.register(sys.modules[__name__])
     groups.register(sys.modules[__name__])
     network.register(sys.modules[__name__])
     network.register_privacy(sys.modules[__name__])

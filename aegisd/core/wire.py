@@ -999,11 +999,15 @@ PAYLOAD_GROUP_CHANGE = 0x0E
 PAYLOAD_GROUP_MESSAGE = 0x0F
 PAYLOAD_GROUP_INTRODUCTION = 0x10
 PAYLOAD_GROUP_FILE = 0x11  # a file's descriptor to a group (docs/protocol.md §25.10)
+PAYLOAD_TIMER = 0x16  # a conversation's disappearing-message timer (docs/protocol.md §26)
 
 RECEIPT_DELIVERED = 1
 RECEIPT_READ = 2
 
 MESSAGE_ID_LEN = 16
+#: A disappearing-message timer: 0 (off) or TIMER_MIN_S..TIMER_MAX_S seconds (§26).
+TIMER_MIN_S = 1
+TIMER_MAX_S = 4 * 7 * 86_400
 MAX_TEXT_BYTES = 64 * 1024
 MAX_RECEIPT_IDS = 512
 MAX_NAME_BYTES = 64
@@ -1105,6 +1109,19 @@ class TextPayload:
     message_id: bytes
     sent_at_ms: int
     text: str
+
+
+@dataclass(frozen=True)
+class TimerPayload:
+    """The conversation's disappearing-message timer from now on (§26): ``seconds`` 0 is off;
+    ``changed_at_ms`` orders concurrent changes."""
+
+    changed_at_ms: int
+    seconds: int
+
+
+def timer_ok(seconds: int) -> bool:
+    return seconds == 0 or TIMER_MIN_S <= seconds <= TIMER_MAX_S
 
 
 @dataclass(frozen=True)
@@ -1400,6 +1417,7 @@ _GROUP_PAYLOAD_TYPES = (
 Payload = (
     CoverPayload
     | TextPayload
+    | TimerPayload
     | ReceiptPayload
     | HelloPayload
     | MailboxPayload
@@ -1480,6 +1498,10 @@ def encode_payload(payload: Payload) -> bytes:
         w.u8(PAYLOAD_MAILBOX_ACK).fixed(payload.rotation_id, MESSAGE_ID_LEN)
     elif isinstance(payload, CoverPayload):
         w.u8(PAYLOAD_COVER)
+    elif isinstance(payload, TimerPayload):
+        if not timer_ok(payload.seconds):
+            raise ValueError("timer out of range")
+        w.u8(PAYLOAD_TIMER).u64(payload.changed_at_ms).u32(payload.seconds)
     elif isinstance(payload, CallPayload):
         _encode_call(w, payload)
     elif isinstance(payload, GroupPayload):
@@ -1562,6 +1584,11 @@ def decode_payload(data: bytes) -> Payload:
                            _utf8(_short(r, MAX_NAME_BYTES)))  # fmt: skip
     elif kind == PAYLOAD_COVER:
         out = CoverPayload()
+    elif kind == PAYLOAD_TIMER:
+        changed, seconds = r.u64(), r.u32()
+        if not timer_ok(seconds):
+            raise DecodeError("timer out of range")
+        out = TimerPayload(changed, seconds)
     elif kind == PAYLOAD_CALL:
         out = _decode_call(r)
     elif kind in _GROUP_PAYLOAD_TYPES:

@@ -520,13 +520,13 @@ class Attachments:
         if m.store.get_message(aid) is not None or not self.acceptable(p):
             return  # a duplicate id (never twice), or a refused relay URL
         name = clean_file_name(p.name)
-        m.store.add_message(c.id, "in", f"[file] {name}", status="received", message_id=aid,
-                            sent_at=p.sent_at_ms)  # fmt: skip
+        msg = m.store.add_message(c.id, "in", f"[file] {name}", status="received",
+                                  message_id=aid, sent_at=p.sent_at_ms)  # fmt: skip
         # Its message is in the history: clients (aegis listen, the notification bridge)
         # that follow message.received see the file arrive like any message.
         m.ctx.events.emit("message.received", {
             "message_id": aid, "contact": c.name, "text": f"[file] {name}",
-            "sent_at": p.sent_at_ms,
+            "sent_at": p.sent_at_ms, "timer": msg.timer_s,
         })  # fmt: skip
         self.take_descriptor(c, p)
         m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED, [p.message_id])

@@ -23,7 +23,9 @@ def register(registry: Registry, m: Messenger) -> None:
 
     @registry.method("attachments.send", unlocked=True)
     async def attachments_send(ctx: CallContext, contact: str, path: str) -> dict[str, Any]:
-        return await a.send(contact, _path(path))
+        result = await a.send(contact, _path(path))
+        m.disappearing.wake()  # its deadline, if the conversation has a timer
+        return result
 
     @registry.method("attachments.list", unlocked=True)
     async def attachments_list(ctx: CallContext, contact: str | None = None) -> dict[str, Any]:
