@@ -250,3 +250,46 @@ def test_a_backup_carries_the_timers_but_no_timed_message(
     assert "before any timer" in got and "timed, not in backups" not in got
     assert timer_of(new, "bob") == 3600
     assert new.call("settings.get")["disappearing_default"] == 300
+
+
+def test_changes_made_at_once_converge_and_a_bad_timer_is_refused(
+    peers: Callable[[str], Peer], relay_proc: Any
+) -> None:
+    import struct
+
+    from aegisd.core import wire
+    from tests.support.hostile import hostile
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    # Both change it before either hears of the other's change: both end on the same value.
+    alice.call("conversations.set_timer", {"contact": "bob", "seconds": 60})
+    bob.call("conversations.set_timer", {"contact": "alice", "seconds": 120})
+    def changes() -> list[dict[str, Any]]:
+        return alice.events(types=["conversation.timer"]) + bob.events(
+            types=["conversation.timer"]
+        )
+
+    alice.wait_for(lambda: any(e["data"]["by"] == "contact" for e in changes()),
+                   "the changes to cross")  # fmt: skip
+    alice.wait_for(lambda: timer_of(alice, "bob") == timer_of(bob, "alice"), "the same timer")
+    agreed = timer_of(alice, "bob")
+    assert agreed in (60, 120)
+
+    # A contact's software that sends a timer out of range: dropped, nothing changes, no event.
+    before = len(bob.events(types=["conversation.timer"]))
+    alice.stop()
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    with hostile(alice.home, "bob") as h:
+        now = time.time_ns() // 1_000_000 + 10**9  # later than anything: it would win
+        bad = bytes([wire.VERSION, wire.PAYLOAD_TIMER]) + struct.pack(
+            ">QI", now, wire.TIMER_MAX_S + 1
+        )
+        after = wire.TextPayload(os.urandom(wire.MESSAGE_ID_LEN), now, "after the bad timer")
+        h.deposit(url, h.session.encrypt(h.entropy, bad) + h.payload_blocks(after))
+    bob.wait_for(
+        lambda: any(m["text"] == "after the bad timer" for m in history(bob, "alice")),
+        "the text after the bad timer",
+    )
+    assert timer_of(bob, "alice") == agreed
+    assert len(bob.events(types=["conversation.timer"])) == before
