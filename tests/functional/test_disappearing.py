@@ -293,3 +293,31 @@ def test_changes_made_at_once_converge_and_a_bad_timer_is_refused(
     )
     assert timer_of(bob, "alice") == agreed
     assert len(bob.events(types=["conversation.timer"])) == before
+
+
+def test_a_deadline_passed_while_locked_is_met_at_unlock(peers: Callable[[str], Peer]) -> None:
+    passphrase = "wobble quintet marrow dune"
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.call("passphrase.change", {"new_passphrase": passphrase})
+    alice.call("conversations.set_timer", {"contact": "bob", "seconds": 10})
+    mid = alice.call("messages.send", {"contact": "bob", "text": "gone while locked"})[
+        "message_id"
+    ]
+    alice.call("lock")
+    key = Keyring.load(alice.home / "keyring.json").unlock(passphrase)
+
+    def stored() -> Any:
+        s = Store.open(alice.home / "aegis.db", key)
+        try:
+            return s.get_message(mid)
+        finally:
+            s.close()
+
+    msg = stored()
+    assert msg is not None and msg.expires_at is not None, "erased before the lock"
+    deadline = msg.expires_at
+    alice.wait_for(lambda: time.time() * 1000 > deadline + 200, "the deadline to pass", 30)
+    assert stored() is not None  # locked: nothing could erase it
+    alice.call("unlock", {"passphrase": passphrase})
+    alice.wait_for(lambda: message(alice, "bob", mid) is None, "the erasure at unlock")
