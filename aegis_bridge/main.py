@@ -76,6 +76,12 @@ class Bridge:
         return name if isinstance(name, str) else None
 
     async def handle(self, client: Client, ev: Event) -> None:
+        if ev.type == "message.expired":
+            # Not a notification: it closes the expired message's (--exec: not run; the
+            # command was given the timer, data.timer, at level sender and text).
+            if self.dbus is not None:
+                await self.dbus.close_message(ev.data.get("message_id"))
+            return
         group_name = await self.group_name(client, ev)
         if self.exec is not None:
             await self.exec.run(redact(ev, self.level, group_name))

@@ -14,8 +14,12 @@ from typing import Any
 from aegis_client import Event, safe_text
 
 LEVELS = ("none", "sender", "text")
-#: The events that make a notification.
-TYPES = ["message.received", "contact.request", "group.message", "group.invitation"]
+#: The events that make a notification, and the one that closes a notification (a message
+#: with a disappearing timer that expired).
+TYPES = ["message.received", "contact.request", "group.message", "group.invitation",
+         "message.expired"]  # fmt: skip
+#: Notifications of disappearing messages kept open, by message id, to close at expiry.
+MAX_TRACKED = 256
 APP_NAME = "AegisLink"
 BUS_NAME = "org.freedesktop.Notifications"
 OBJECT_PATH = "/org/freedesktop/Notifications"
@@ -29,6 +33,20 @@ class Notification:
     summary: str
     body: str
     category: str
+    #: A message with a disappearing timer: the notification's expiry (ms; -1: the server's
+    #: default) and the message it shows, closed when the message expires.
+    expire_ms: int = -1
+    message_id: str | None = None
+
+
+def _timer_ms(ev: Event) -> int:
+    """A message's disappearing timer in ms (at least 1), or -1 for none: its notification
+    closes after at most that long, the least time the message itself lasts (it runs once the
+    message is read)."""
+    timer = ev.data.get("timer")
+    if not isinstance(timer, int) or isinstance(timer, bool) or timer <= 0:
+        return -1
+    return min(timer, 2**31 // 1000 - 1) * 1000
 
 
 def _clean(s: Any) -> str:
@@ -56,12 +74,16 @@ def render(ev: Event, level: str, group_name: str | None = None) -> Notification
     ``group_name``: the name of a group message's group (the event carries only its
     reference; the bridge asks the daemon, and only above level none)."""
     if ev.type == "message.received":
+        expire, mid = _timer_ms(ev), ev.data.get("message_id")
+        tracked = mid if expire > 0 and isinstance(mid, str) else None
         if level == "none":
-            return Notification("New message", "", "im.received")
-        who = _name(ev.data.get("contact", ""))
-        if level == "sender":
-            return Notification(f"New message from {who}", "", "im.received")
-        return Notification(who, _clean(ev.data.get("text", "")), "im.received")
+            summary, body = "New message", ""
+        elif level == "sender":
+            summary, body = f"New message from {_name(ev.data.get('contact', ''))}", ""
+        else:
+            summary = _name(ev.data.get("contact", ""))
+            body = _clean(ev.data.get("text", ""))
+        return Notification(summary, body, "im.received", expire, tracked)
     if ev.type == "group.message":
         # At level none a group message is a message like any other: nothing says "group".
         if level == "none":
@@ -89,7 +111,7 @@ def redact(ev: Event, level: str, group_name: str | None = None) -> dict[str, An
     message's data gains ``group_name``)."""
     keep: dict[str, tuple[str, ...]] = {
         "none": (),
-        "sender": ("contact", "name", "message_id", "request", "known",
+        "sender": ("contact", "name", "message_id", "request", "known", "timer",
                    "group", "from", "from_contact", "invitation", "members"),
         "text": tuple(ev.data),
     }  # fmt: skip
@@ -117,6 +139,7 @@ class DBusNotifier:
         self._bus: Any = None
         self._warned = False
         self._markup: bool | None = None  # the server reads markup in bodies (per connection)
+        self._shown: dict[str, int] = {}  # message id -> notification id (disappearing ones)
 
     async def _connect(self) -> Any:
         from dbus_fast.aio import MessageBus
@@ -173,7 +196,7 @@ class DBusNotifier:
             interface=BUS_NAME,
             member="Notify",
             signature="susssasa{sv}i",
-            body=[APP_NAME, 0, "", summary, body, [], hints, -1],
+            body=[APP_NAME, 0, "", summary, body, [], hints, n.expire_ms],
         )
         try:
             reply = await asyncio.wait_for(bus.call(msg), NOTIFY_TIMEOUT)
@@ -188,7 +211,24 @@ class DBusNotifier:
             self._fail(f"no notification server on the session D-Bus ({BUS_NAME}: {name})")
             return False
         self._warned = False
+        if n.message_id is not None and reply.body and isinstance(reply.body[0], int):
+            self._shown[n.message_id] = reply.body[0]
+            while len(self._shown) > MAX_TRACKED:  # the oldest have timed out by now, or will
+                del self._shown[next(iter(self._shown))]
         return True
+
+    async def close_message(self, message_id: Any) -> None:
+        """The message expired: its notification, if still shown, is closed."""
+        from dbus_fast import Message
+
+        nid = self._shown.pop(message_id, None) if isinstance(message_id, str) else None
+        if nid is None or self._bus is None:
+            return
+        with contextlib.suppress(Exception):  # gone already, or no server: nothing to close
+            await asyncio.wait_for(self._bus.call(Message(
+                destination=BUS_NAME, path=OBJECT_PATH, interface=BUS_NAME,
+                member="CloseNotification", signature="u", body=[nid],
+            )), NOTIFY_TIMEOUT)  # fmt: skip
 
     async def close(self) -> None:
         if self._bus is not None:

@@ -59,6 +59,15 @@ def describe(ev: dict[str, Any]) -> str:
         what = f"{who}: deleted message {short} for everyone"
     elif kind == "message.status":
         what = f"me -> {who}: message {short} {d.get('status')}"
+    elif kind == "message.expired":
+        what = f"{who}: message {short} disappeared (its timer ran out)"
+    elif kind == "conversation.timer":
+        from .disappear import timer_text
+
+        setter = "you" if d.get("by") == "self" else who
+        seconds = d.get("seconds")
+        value = timer_text(seconds) if isinstance(seconds, int) else "?"
+        what = f"{who}: {setter} set disappearing messages to {value}"
     elif kind == "contact.added":
         state = "you can send" if d.get("established") else "waiting for their answer"
         what = f"{who}: added as a contact ({state})"

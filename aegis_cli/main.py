@@ -943,6 +943,7 @@ def messages(
                   if m["direction"] == "in" and m["status"] == "received"]  # fmt: skip
         if mark_read and unread:  # those shown only: one that came in since was not seen
             c.call("messages.mark_read", {"contact": name, "message_ids": unread})
+        timer = c.call("conversations.get_timer", {"contact": name})
     # The contact's text as safe_text shows it: no control reaches the terminal, and each
     # line after a message's first is indented, so none passes for a message header.
     who = one_line(name)
@@ -952,6 +953,10 @@ def messages(
     # could start a row at column 0 with a forged header (safe_text.fit).
     width = safe_text.terminal_width()
     shown = [safe_text.fit(line, width) for line in shown]
+    if timer["seconds"]:
+        from .disappear import timer_text
+
+        shown.insert(0, f"(disappearing messages: {timer_text(int(timer['seconds']))})")
     ctx.out(result, "\n".join(shown) if shown else f"no messages with {who}")
     if result["next_before"] is not None and not ctx.as_json:
         from .conversations import page_back_hint
@@ -961,9 +966,19 @@ def messages(
 
 def message_line(m: dict[str, Any], who: str) -> str:
     """One message of `aegis messages` (``who`` already through one_line): a reply's quote,
-    "(deleted)" for a message deleted for everyone, the edit mark and reactions after it."""
+    "(deleted)" for a message deleted for everyone, the edit mark and reactions after it, and
+    when it disappears; or a line recording a change of the disappearing timer."""
+    if m.get("timer_change") is not None:  # a change of the disappearing timer (§27)
+        from .disappear import timer_text
+
+        setter = "you" if m["direction"] == "out" else who
+        value = timer_text(int(m["timer_change"]))
+        return f"{_when(m['created_at'])}  {setter} set disappearing messages to {value}"
     text = "(deleted)" if m.get("deleted") else actions.quote(m) + body(m["text"])
     extra = actions.marks(m, _when)
+    if m.get("expires_at"):
+        goes = time.localtime(m["expires_at"] / 1000)
+        extra += f"  (disappears {time.strftime('%H:%M:%S', goes)})"
     if m["direction"] == "out":
         return f"{_when(m['created_at'])}  me -> {who}: {text}  [{m['status']}]{extra}"
     return f"{_when(m['sent_at'] or m['created_at'])}  {who}: {text}{extra}"
@@ -1185,11 +1200,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _register_extensions() -> None:
-    from . import actions, calls, conversations, groups, network, typing_indicators
+    from . import actions, calls, conversations, disappear, groups, network, typing_indicators
 
     calls.register(sys.modules[__name__])
     conversations.register(sys.modules[__name__])
     actions.register(sys.modules[__name__])
+    disappear.register(sys.modules[__name__])
     groups.register(sys.modules[__name__])
     typing_indicators.register(sys.modules[__name__])
     network.register(sys.modules[__name__])

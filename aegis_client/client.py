@@ -58,6 +58,7 @@ from .types import (
     Settings,
     Status,
     Subscribed,
+    Timer,
     TypingConfig,
     TypingSent,
     Version,
@@ -385,6 +386,14 @@ class Client:
 
     async def settings(self) -> Settings:
         return cast(Settings, await self.call("settings.get"))
+
+    async def set_timer(self, contact: str, seconds: int) -> Timer:
+        """Set the conversation's disappearing-message timer (0: off); both sides see it."""
+        params = {"contact": contact, "seconds": seconds}
+        return cast(Timer, await self.call("conversations.set_timer", params))
+
+    async def get_timer(self, contact: str) -> Timer:
+        return cast(Timer, await self.call("conversations.get_timer", {"contact": contact}))
 
     async def events_list(
         self, since: int = 0, limit: int = 100, types: list[str] | None = None

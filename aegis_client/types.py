@@ -4,7 +4,7 @@ are the plain JSON objects the daemon sent, so nothing is lost when the daemon a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 
 class Version(TypedDict):
@@ -49,6 +49,7 @@ class Contact(TypedDict):
     blocked: bool
     established: bool
     created_at: int
+    timer: int  # disappearing messages: seconds, 0 off
 
 
 class Request(TypedDict):
@@ -88,6 +89,18 @@ class Message(TypedDict):
     edits: int
     deleted: bool
     reactions: list[Reaction]
+    expires_at: int | None  # disappearing: when it goes (ms); None: no deadline (yet)
+    timer: int  # the message's disappearing timer, seconds (0: none)
+    timer_change: NotRequired[int]  # only on a line recording a timer change: the new value
+
+
+class Timer(TypedDict):
+    """A conversation's disappearing-message timer."""
+
+    contact: str
+    seconds: int  # 0: off
+    label: str
+    changed_at: int | None
 
 
 class History(TypedDict):
@@ -230,6 +243,7 @@ class GroupHistory(TypedDict):
 class Settings(TypedDict):
     read_receipts: bool
     receipt_delay_max: float
+    disappearing_default: int  # seconds, 0 off
 
 
 class Subscribed(TypedDict):

@@ -1007,6 +1007,7 @@ PAYLOAD_REPLY = 0x12  # 0x12-0x15: replies, reactions, edits, deletions (docs/pr
 PAYLOAD_REACTION = 0x13
 PAYLOAD_EDIT = 0x14
 PAYLOAD_DELETE = 0x15
+PAYLOAD_TIMER = 0x16  # a conversation's disappearing-message timer (docs/protocol.md §27)
 PAYLOAD_ATTACHMENT_EXTRA = 0x17  # a descriptor with a caption and its place in a batch (§22.3)
 PAYLOAD_TYPING = 0x18  # typing indicators and the sender's choice of them (§22.6)
 
@@ -1014,6 +1015,9 @@ RECEIPT_DELIVERED = 1
 RECEIPT_READ = 2
 
 MESSAGE_ID_LEN = 16
+#: A disappearing-message timer: 0 (off) or TIMER_MIN_S..TIMER_MAX_S seconds (§27).
+TIMER_MIN_S = 1
+TIMER_MAX_S = 4 * 7 * 86_400
 MAX_TEXT_BYTES = 64 * 1024
 #: A reaction: at most this many bytes of UTF-8 and REACTION_MAX_CHARS code points (an emoji
 #: with skin tone and ZWJ sequences fits; a sentence does not), docs/protocol.md §26.2.
@@ -1181,6 +1185,19 @@ def check_reaction(emoji: str) -> None:
             raise ValueError("reaction holds a control, format or separator character")
     if unicodedata.category(emoji[0])[0] == "M" or emoji[0] == "\u200d":
         raise ValueError("reaction starts with a combining mark")
+
+
+@dataclass(frozen=True)
+class TimerPayload:
+    """The conversation's disappearing-message timer from now on (§27): ``seconds`` 0 is off;
+    ``changed_at_ms`` orders concurrent changes."""
+
+    changed_at_ms: int
+    seconds: int
+
+
+def timer_ok(seconds: int) -> bool:
+    return seconds == 0 or TIMER_MIN_S <= seconds <= TIMER_MAX_S
 
 
 @dataclass(frozen=True)
@@ -1496,6 +1513,7 @@ _GROUP_PAYLOAD_TYPES = (
 Payload = (
     CoverPayload
     | TextPayload
+    | TimerPayload
     | ReceiptPayload
     | HelloPayload
     | MailboxPayload
@@ -1617,6 +1635,10 @@ def encode_payload(payload: Payload) -> bytes:
         w.u8(PAYLOAD_MAILBOX_ACK).fixed(payload.rotation_id, MESSAGE_ID_LEN)
     elif isinstance(payload, CoverPayload):
         w.u8(PAYLOAD_COVER)
+    elif isinstance(payload, TimerPayload):
+        if not timer_ok(payload.seconds):
+            raise ValueError("timer out of range")
+        w.u8(PAYLOAD_TIMER).u64(payload.changed_at_ms).u32(payload.seconds)
     elif isinstance(payload, CallPayload):
         _encode_call(w, payload)
     elif isinstance(payload, GroupPayload):
@@ -1754,6 +1776,11 @@ def decode_payload(data: bytes) -> Payload:
                            _utf8(_short(r, MAX_NAME_BYTES)))  # fmt: skip
     elif kind == PAYLOAD_COVER:
         out = CoverPayload()
+    elif kind == PAYLOAD_TIMER:
+        changed, seconds = r.u64(), r.u32()
+        if not timer_ok(seconds):
+            raise DecodeError("timer out of range")
+        out = TimerPayload(changed, seconds)
     elif kind == PAYLOAD_CALL:
         out = _decode_call(r)
     elif kind in _GROUP_PAYLOAD_TYPES:

@@ -29,6 +29,8 @@ Module map (the messenger's parts first):
 - ``typing_indicators.py``, ``typing_api.py``: typing indicators (§22.6) and their methods.
 - ``renewal.py``: session renewal after a backup import (§23).
 - ``cover.py``: cover traffic and the slots real blocks wait for (§24).
+- ``disappearing.py``, ``disappearing_api.py``: disappearing-message timers and the erasure
+  of expired messages (docs/protocol.md §27), and their methods.
 - ``backup.py``: encrypted backup export and import, and their methods.
 - ``connectivity.py``: network modes, the managed Tor, ``network.*`` and ``relay.set``.
 - ``api.py``, ``privacy_api.py``: the messaging and privacy JSON-RPC methods.

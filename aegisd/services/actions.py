@@ -3,7 +3,7 @@
 Each is an ordinary payload (0x12-0x15) sent through the delivery service like a text: in the
 same fixed-size ratchet blocks, so the relay cannot tell one from a text. Receiving happens
 inside the receive transaction (inbox.py), the protocol lock held. Everything a peer sends is
-checked here against the conversation it came in (docs/protocol.md §26.6): an action on a
+checked here against the conversation it came in (docs/protocol.md §26): an action on a
 message of another conversation, an edit or deletion of a message that is not the sender's,
 an edit past the window, is dropped (counted) with no state change and no event.
 

@@ -20,6 +20,8 @@ from .delivery import (
     SETTING_RECEIPT_DELAY,
     SETTING_SEND_JITTER,
 )
+from .disappearing import SETTING_DEFAULT as SETTING_DISAPPEARING
+from .disappearing import check_seconds as check_timer
 from .groups_state import INTRO_KEY, SETTING_READ_RECEIPTS
 from .inbox import clean_name
 from .message_view import message_objects
@@ -214,6 +216,7 @@ def register(registry: Registry, m: Messenger) -> None:
         result = {
             "read_receipts": bool(store.get_setting(SETTING_READ_RECEIPTS, True)),
             "receipt_delay_max": float(store.get_setting(SETTING_RECEIPT_DELAY, 3.0)),
+            "disappearing_default": int(store.get_setting(SETTING_DISAPPEARING, 0) or 0),
         }
         # The network and jitter settings appear once any of them is set (absent: the
         # defaults, no proxy, no isolation, no jitter), so older clients see the same result.
@@ -238,8 +241,11 @@ def register(registry: Registry, m: Messenger) -> None:
         group_spread_max: float | int | None = None,
         proxy: str | None = None,
         isolation: bool | None = None,
+        disappearing_default: int | None = None,
     ) -> dict[str, Any]:
         store = m.store
+        if disappearing_default is not None:
+            check_timer("disappearing_default", disappearing_default)
         if proxy is not None and proxy != "":
             try:
                 proxy = check_proxy_url(proxy)
@@ -257,6 +263,8 @@ def register(registry: Registry, m: Messenger) -> None:
             store.set_setting(SETTING_GROUP_SPREAD, float(group_spread_max))
         if read_receipts is not None:
             store.set_setting(SETTING_READ_RECEIPTS, read_receipts)
+        if disappearing_default is not None:  # 0 (off): the default's default
+            store.set_setting(SETTING_DISAPPEARING, disappearing_default or None)
         if receipt_delay_max is not None:
             if not 0.5 <= receipt_delay_max <= 3600:
                 raise InvalidParamsError("receipt_delay_max", "must be between 0.5 and 3600")
@@ -291,6 +299,10 @@ def register(registry: Registry, m: Messenger) -> None:
     from . import typing_api  # messages.typing, typing.config: docs/api.md, "Typing"
 
     typing_api.register(registry, m)
+
+    from . import disappearing_api  # its methods: docs/api.md, "Disappearing messages"
+
+    disappearing_api.register(registry, m)
     from . import groups_api  # its methods: docs/api.md, "Groups"
 
     groups_api.register(registry, m)

@@ -551,13 +551,13 @@ class Attachments:
             return  # a duplicate id (never twice), or a refused relay URL
         name = clean_file_name(p.name)
         text = file_text(name, p.caption)
-        m.store.add_message(c.id, "in", text, status="received", message_id=aid,
-                            sent_at=p.sent_at_ms)  # fmt: skip
+        msg = m.store.add_message(c.id, "in", text, status="received", message_id=aid,
+                                  sent_at=p.sent_at_ms)  # fmt: skip
         # Its message is in the history: clients (aegis listen, the notification bridge)
         # that follow message.received see the file arrive like any message.
         m.ctx.events.emit("message.received", {
             "message_id": aid, "contact": c.name, "text": text, "sent_at": p.sent_at_ms,
-            **({"caption": p.caption} if p.caption else {}),
+            "timer": msg.timer_s, **({"caption": p.caption} if p.caption else {}),
         })  # fmt: skip
         self.take_descriptor(c, p)
         m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED, [p.message_id])

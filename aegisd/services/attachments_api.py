@@ -28,7 +28,9 @@ def register(registry: Registry, m: Messenger) -> None:
     async def attachments_send(
         ctx: CallContext, contact: str, path: str, caption: str | None = None
     ) -> dict[str, Any]:
-        return await a.send(contact, _path(path), check_caption(caption))
+        result = await a.send(contact, _path(path), check_caption(caption))
+        m.disappearing.wake()  # its deadline, if the conversation has a timer
+        return result
 
     @registry.method("attachments.send_batch", unlocked=True)
     async def attachments_send_batch(
@@ -36,7 +38,9 @@ def register(registry: Registry, m: Messenger) -> None:
     ) -> dict[str, Any]:
         if not isinstance(paths, list) or not 1 <= len(paths) <= MAX_BATCH_FILES:
             raise InvalidParamsError("paths", f"must list 1 to {MAX_BATCH_FILES} files")
-        return await a.send_many(contact, [_path(p) for p in paths], check_caption(caption))
+        result = await a.send_many(contact, [_path(p) for p in paths], check_caption(caption))
+        m.disappearing.wake()
+        return result
 
     @registry.method("attachments.list", unlocked=True)
     async def attachments_list(ctx: CallContext, contact: str | None = None) -> dict[str, Any]:

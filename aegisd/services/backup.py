@@ -58,6 +58,7 @@ E_BACKUP_IO = 1047
 #: Settings worth carrying to a new device (and their types). The relay URL and the network
 #: mode are the new profile's own choice (aegis init); network.proxy is restored only when the
 #: new profile connects directly (never weaken or swap what the user chose on this machine).
+SETTING_TIMERS = "messages.disappearing_timers"
 RESTORABLE: dict[str, tuple[type, ...]] = {
     "privacy.read_receipts": (bool,),
     "privacy.receipt_delay_max": (int, float),
@@ -68,6 +69,11 @@ RESTORABLE: dict[str, tuple[type, ...]] = {
     "events.retention_days": (int, float),
     "network.proxy": (str,),
     "network.isolation": (bool,),
+    "messages.disappearing_default": (int,),
+    # Not a stored setting: the conversations' timers, [[contact's place, seconds, changed_at
+    # ms], ...] (docs/protocol.md §27), carried here so the file format (and its version)
+    # stays as it is.
+    SETTING_TIMERS: (list,),
 }
 MAX_FILE_BYTES = 4 << 30
 
@@ -161,8 +167,10 @@ class Backups:
             messages = tuple(
                 fmt.BackupMessage(r[0], r[1] == "out", r[2], r[3], r[4], r[5], r[6])
                 for r in store._q(
+                    # A message with a disappearing timer is never in a backup: the file may
+                    # outlive its deadline anywhere (docs/threat-model.md, §27).
                     "SELECT id, direction, body, status, sent_at, created_at, status_at "
-                    "FROM messages WHERE contact_id = ? ORDER BY seq",
+                    "FROM messages WHERE contact_id = ? AND timer_s = 0 ORDER BY seq",
                     (c.id,),
                 ).fetchall()
             )
@@ -180,6 +188,10 @@ class Backups:
                     tuple(by_contact.get(c.id, ())),
                 )
             )
+        timers = [[index[cid], *store.get_timer(cid)] for cid in index]
+        timers = [t for t in timers if t[1]]
+        if timers and len(json.dumps(timers)) <= fmt.MAX_SETTING_VALUE:
+            settings.append((SETTING_TIMERS, json.dumps(timers)))
         contents = fmt.BackupContents(
             _ms(),
             ed_priv,
@@ -328,6 +340,7 @@ class Backups:
                     )
                 store._q("DELETE FROM outbox")
                 store.set_setting(SETTING_NAME, clean_name(contents.display_name, ""))
+                timers = settings.pop(SETTING_TIMERS, [])
                 for name, value in settings.items():
                     store.set_setting(name, value)
                 for mb in contents.mailboxes:
@@ -377,6 +390,11 @@ class Backups:
                             (cid,),
                         )
                         renewing += 1
+                for t in timers:  # hostile like the rest: only well-formed entries
+                    if (isinstance(t, list) and len(t) == 3
+                            and all(type(v) is int for v in t) and 0 <= t[0] < len(cids)
+                            and wire.timer_ok(t[1]) and 0 <= t[2] < 2**63):
+                        store.set_timer(cids[t[0]], t[1], t[2])
                 _groups_in(store, contents.groups, logs, cids)
                 store.set_setting(SETTING_PENDING, True)
                 m.ctx.events.emit(

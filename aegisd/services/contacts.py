@@ -67,6 +67,10 @@ class InboxView(Protocol):
     def drop_partials(self, contact_id: int) -> None: ...
 
 
+class DisappearingView(Protocol):
+    def apply_default(self, c: Contact, session: Session) -> None: ...
+
+
 class ContactsHost(Protocol):
     """What the contacts use of the messenger."""
 
@@ -86,6 +90,8 @@ class ContactsHost(Protocol):
     def attachments(self) -> AttachmentsView: ...
     @property
     def inbox(self) -> InboxView: ...
+    @property
+    def disappearing(self) -> DisappearingView: ...
 
     def identity(self) -> IdentityKeyPair: ...
     def check_usable(self) -> None: ...
@@ -130,6 +136,7 @@ class Contacts:
             "established": state.established,
             "failed": state.failed or renewal_failure(self.m.store, c.id),
             "created_at": c.created_at,
+            "timer": self.m.store.get_timer(c.id)[0],  # disappearing messages (§27), 0: off
         }
 
     def failed(self) -> list[str]:
@@ -205,6 +212,9 @@ class Contacts:
                     mark_group_contact(self.m.store, cid)
                 else:
                     self.m.ctx.events.emit("contact.added", {"contact": name, "established": False})
+                    made_c = self.m.store.get_contact(cid)
+                    assert made_c is not None
+                    self.m.disappearing.apply_default(made_c, session)
             self.m.mailboxes.reload()
             # Registered before any await: the outbox cannot settle it unseen.
             waiter = self.m.delivery.first_contact_waiter(cid)
@@ -254,14 +264,16 @@ class Contacts:
             with self.m.store.transaction():
                 if not self.m.store.delete_request(request_id):
                     raise E.not_found("request")
+                session = Session.from_bytes(row.session)
                 contact = self.establish(
                     name or row.display_name,
                     identity,
-                    Session.from_bytes(row.session),
+                    session,
                     address_from_bytes(row.reply_to),
                     mb_id,
                     mb,
                 )
+                self.m.disappearing.apply_default(contact, session)
             self.m.mailboxes.reload()
         self.m.delivery.wake()
         return self.describe(contact)

@@ -184,6 +184,11 @@ _GROUP_CONTACT_PAYLOADS = (
 )  # fmt: skip
 
 
+class DisappearingView(Protocol):
+    def on_payload(self, c: Contact, p: wire.TimerPayload) -> None: ...
+    def apply_default(self, c: Contact, session: Session) -> None: ...
+
+
 class InboxHost(Protocol):
     """What the inbox uses of the messenger."""
 
@@ -220,6 +225,8 @@ class InboxHost(Protocol):
     def groups(self) -> GroupsView: ...
     @property
     def actions(self) -> ActionsView: ...
+    @property
+    def disappearing(self) -> DisappearingView: ...
 
     def _reload_prekeys(self) -> None: ...
 
@@ -321,6 +328,8 @@ class Inbox:
                 )
                 if intro and row.invitation_id is not None:
                     self.m.groups.introduced(row.invitation_id, made.id)
+                else:  # a contact of the user's: the default timer of new conversations
+                    self.m.disappearing.apply_default(made, fc.session)
             self.m.mailboxes.reload()
             self.m.delivery.wake()
             with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
@@ -475,14 +484,14 @@ class Inbox:
             mid = payload.message_id.hex()
             if self.m.store.get_message(mid) is not None:
                 return  # a duplicate id: never show a message twice
-            self.m.store.add_message(
+            msg = self.m.store.add_message(
                 c.id, "in", payload.text, status="received", message_id=mid,
                 sent_at=payload.sent_at_ms,
             )  # fmt: skip
             self.m.ctx.events.emit(
                 "message.received",
                 {"message_id": mid, "contact": c.name, "text": payload.text,
-                 "sent_at": payload.sent_at_ms},
+                 "sent_at": payload.sent_at_ms, "timer": msg.timer_s},
             )  # fmt: skip
             self.m.delivery.queue_receipt(
                 Recipient(c, session), wire.RECEIPT_DELIVERED, [payload.message_id]
@@ -542,6 +551,8 @@ class Inbox:
             self.m.attachments.on_descriptor(c, session, payload)
         elif isinstance(payload, wire.TypingPayload):
             self.m.typing.on_payload(c, session, payload)
+        elif isinstance(payload, wire.TimerPayload):
+            self.m.disappearing.on_payload(c, payload)
         elif isinstance(payload, wire.MailboxAckPayload):
             pending = self.m.store.get_setting(f"{ROTATION_KEY}{c.id}")
             if pending is not None and pending["id"] == payload.rotation_id.hex():

@@ -24,6 +24,10 @@ def message_object(msg: Message) -> dict[str, Any]:
         "sent_at": msg.sent_at,
         "created_at": msg.created_at,
         "status_at": msg.status_at,
+        # Disappearing messages (docs/protocol.md §27): when it goes (ms; None: no deadline yet).
+        "expires_at": msg.expires_at,
+        "timer": msg.timer_s,
+        **({} if msg.timer_change is None else {"timer_change": msg.timer_change}),
     }
 
 

@@ -44,6 +44,7 @@ from .address import Address
 from .attachments import Attachments
 from .contacts import Contacts
 from .delivery import Delivery, DeliveryHooks, Recipient
+from .disappearing import Disappearing
 from .groups import Groups
 from .groups_state import SETTING_READ_RECEIPTS
 from .inbox import STALE_FRAGMENTS_MS, CallsView, Inbox
@@ -97,6 +98,7 @@ class Messenger:
         self.inbox = Inbox(self)  # every block delivered to a mailbox of ours (inbox.py)
         self.attachments = Attachments(self)
         self.typing = Typing(self)  # typing indicators (typing_indicators.py, §22.6)
+        self.disappearing = Disappearing(self)  # conversation timers, erasure (§27)
         self.groups = Groups(self)  # groups over pairwise sessions (groups.py, §25)
         self.actions = Actions(self)  # replies, reactions, edits, deletions (actions.py, §26)
         from .renewal import Renewals  # session renewal after a backup import (§23)
@@ -147,6 +149,8 @@ class Messenger:
             asyncio.create_task(self.delivery.run(), name="outbox"),
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
             asyncio.create_task(self.address.prekey_loop(), name="prekeys"),
+            # First of all it erases what expired while the daemon was stopped or locked.
+            asyncio.create_task(self.disappearing.run(), name="disappearing"),
         ]
         if not self.loss.superseded():  # cover for contacts that moved on to a restored copy: no
             self.cover.start()
@@ -277,6 +281,7 @@ class Messenger:
                 self.delivery.enqueue([Recipient(c, session)], payload, message_id=mid,
                                       delay=self.delivery.send_jitter())
         self.delivery.wake()
+        self.disappearing.wake()  # its deadline, if the conversation has a timer
         return {"message_id": mid, "status": "queued"}
 
     async def mark_read(self, name: str, message_ids: list[str] | None) -> dict[str, Any]:
@@ -295,6 +300,7 @@ class Messenger:
                     recipient = Recipient(c, Session.from_bytes(blob))
                     self.delivery.queue_receipt(recipient, wire.RECEIPT_READ, ids)
         self.delivery.wake()
+        self.disappearing.wake()  # read: their timers, if any, run from now
         return {"marked": len(incoming)}
 
     def _prune_events(self) -> None:

@@ -114,6 +114,12 @@ def mark_deleted(store: Store, message_id: str, contact_id: int) -> None:
         (message_id,),
     )
     store._q("DELETE FROM reactions WHERE message_id = ?", (message_id,))
+    forget_quotes(store, message_id, contact_id)
+
+
+def forget_quotes(store: Store, message_id: str, contact_id: int) -> None:
+    """Empty the copies of a message's text kept by the replies that quote it (deleted for
+    everyone, or erased by its disappearing timer); the quotes then show as deleted."""
     store._q(
         "UPDATE messages SET quoted = NULL WHERE reply_to = ? AND contact_id = ?",
         (message_id, contact_id),

@@ -59,6 +59,18 @@ class Message:
     sent_at: int | None
     created_at: int
     status_at: int
+    #: Disappearing messages (docs/protocol.md §27): the message's timer in seconds (0: none),
+    #: its deadline in ms (None: not running yet, or no timer), and for a line recording a
+    #: change of the conversation's timer, the new value.
+    timer_s: int = 0
+    expires_at: int | None = None
+    timer_change: int | None = None
+
+
+_MESSAGE_SELECT = (
+    "SELECT seq, id, contact_id, direction, body, status, sent_at, created_at, status_at, "
+    "timer_s, expires_at, timer_change "
+)
 
 
 @dataclass(frozen=True)
@@ -365,6 +377,7 @@ class Store:
         status: str | None = None,
         message_id: str | None = None,
         sent_at: int | None = None,
+        timer_change: int | None = None,
     ) -> Message:
         """Store a message; ``message_id`` defaults to a new random id (hex, 128 bits)."""
         if direction not in ("in", "out"):
@@ -376,10 +389,16 @@ class Store:
         mid = message_id or secrets.token_hex(16)
         now = self._clock()
         with self.transaction():
+            # The conversation's timer as it is now applies to the message (§27): one's own
+            # runs from now (queued), an incoming one from when it is marked read.
+            timer = 0 if timer_change is not None else self.get_timer(contact_id)[0]
+            expires = now + timer * 1000 if timer and direction == "out" else None
             self._q(
                 "INSERT INTO messages (id, contact_id, direction, body, status, sent_at, "
-                "created_at, status_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (mid, contact_id, direction, body, status, sent_at, now, now),
+                "created_at, status_at, timer_s, expires_at, timer_change) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (mid, contact_id, direction, body, status, sent_at, now, now, timer, expires,
+                 timer_change),
             )
             msg = self.get_message(mid)
         assert msg is not None
@@ -387,8 +406,8 @@ class Store:
 
     def get_message(self, message_id: str) -> Message | None:
         row = self._q(
-            "SELECT seq, id, contact_id, direction, body, status, sent_at, created_at, status_at "
-            "FROM messages WHERE id = ?",
+            _MESSAGE_SELECT
+            + "FROM messages WHERE id = ?",
             (message_id,),
         ).fetchone()
         return None if row is None else self._message(row)
@@ -407,17 +426,21 @@ class Store:
                 raise ValueError(f"status {status!r} does not apply to this message")
             if ranks[status] <= ranks[msg.status]:
                 return False
+            now = self._clock()
+            # An incoming message's timer runs from when it is read (§27).
             self._q(
-                "UPDATE messages SET status = ?, status_at = ? WHERE id = ?",
-                (status, self._clock(), message_id),
+                "UPDATE messages SET status = ?, status_at = ?, expires_at = CASE "
+                "WHEN ? = 'read' AND direction = 'in' AND timer_s > 0 AND expires_at IS NULL "
+                "THEN ? + timer_s * 1000 ELSE expires_at END WHERE id = ?",
+                (status, now, status, now, message_id),
             )
         return True
 
     def unread(self, contact_id: int) -> list[Message]:
         """Incoming messages from the contact not yet marked read, oldest first."""
         rows = self._q(
-            "SELECT seq, id, contact_id, direction, body, status, sent_at, created_at, status_at "
-            "FROM messages WHERE contact_id = ? AND direction = 'in' AND status = 'received' "
+            _MESSAGE_SELECT
+            + "FROM messages WHERE contact_id = ? AND direction = 'in' AND status = 'received' "
             "ORDER BY seq",
             (contact_id,),
         ).fetchall()
@@ -431,8 +454,8 @@ class Store:
     def sent_before(self, cutoff_ms: int, *, limit: int = 500) -> list[Message]:
         """Outgoing messages deposited (status 'sent') before ``cutoff_ms`` and never confirmed."""
         rows = self._q(
-            "SELECT seq, id, contact_id, direction, body, status, sent_at, created_at, status_at "
-            "FROM messages WHERE direction = 'out' AND status = 'sent' AND status_at < ? "
+            _MESSAGE_SELECT
+            + "FROM messages WHERE direction = 'out' AND status = 'sent' AND status_at < ? "
             "ORDER BY seq LIMIT ?",
             (cutoff_ms, limit),
         ).fetchall()
@@ -443,8 +466,8 @@ class Store:
     ) -> list[Message]:
         """Up to ``limit`` messages with the contact, newest last, older than ``before_seq``."""
         rows = self._q(
-            "SELECT seq, id, contact_id, direction, body, status, sent_at, created_at, status_at "
-            "FROM messages WHERE contact_id = ? AND seq < ? "
+            _MESSAGE_SELECT
+            + "FROM messages WHERE contact_id = ? AND seq < ? "
             "ORDER BY seq DESC LIMIT ?",
             (contact_id, before_seq if before_seq is not None else 2**62, limit),
         ).fetchall()
@@ -457,6 +480,43 @@ class Store:
             self._forget_events(message_id)
             cur = self._q("DELETE FROM messages WHERE id = ?", (message_id,))
         return bool(cur.rowcount)
+
+    def expired_messages(self, now_ms: int, *, limit: int = 500) -> list[Message]:
+        """Messages whose disappearing timer ran out by ``now_ms``, soonest first."""
+        rows = self._q(
+            _MESSAGE_SELECT + "FROM messages WHERE expires_at IS NOT NULL AND expires_at <= ? "
+            "ORDER BY expires_at LIMIT ?",
+            (now_ms, limit),
+        ).fetchall()
+        return [self._message(r) for r in rows]
+
+    def next_expiry(self) -> int | None:
+        """The earliest running deadline (ms), or None."""
+        row = self._q("SELECT min(expires_at) FROM messages").fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file and empty it: after an erasure, the earlier
+        versions of the erased pages (with their text) must not live on in the WAL."""
+        if self._db is None:
+            raise StoreError("the store is closed")
+        with contextlib.suppress(sqlcipher3.Error):  # busy (a reader): the next erasure's
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def get_timer(self, contact_id: int) -> tuple[int, int]:
+        """A conversation's disappearing timer: (seconds, 0 off; the sender's time of its last
+        change in ms)."""
+        row = self._q(
+            "SELECT timer_s, timer_changed_at FROM contacts WHERE id = ?", (contact_id,)
+        ).fetchone()
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+    def set_timer(self, contact_id: int, seconds: int, changed_at: int) -> None:
+        with self.transaction():
+            self._q(
+                "UPDATE contacts SET timer_s = ?, timer_changed_at = ? WHERE id = ?",
+                (seconds, changed_at, contact_id),
+            )
 
     def delete_conversation(self, contact_id: int) -> int:
         with self.transaction():

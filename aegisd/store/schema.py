@@ -612,10 +612,28 @@ def _file_captions_and_typing(db: Any) -> None:
     )
 
 
+def _disappearing_messages(db: Any) -> None:
+    """Disappearing messages (docs/protocol.md §27): a contact's conversation timer (seconds,
+    0 off) with the sender's time of its last change (orders concurrent changes); a message's
+    timer, fixed when it is stored, its deadline (ms, set when it is sent or read) and, for a
+    line recording a timer change, the new value."""
+    _run(
+        db,
+        """
+        ALTER TABLE contacts ADD COLUMN timer_s INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE contacts ADD COLUMN timer_changed_at INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE messages ADD COLUMN timer_s INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE messages ADD COLUMN expires_at INTEGER;
+        ALTER TABLE messages ADD COLUMN timer_change INTEGER;
+        CREATE INDEX messages_by_expiry ON messages (expires_at) WHERE expires_at IS NOT NULL
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
     _cover_receipts, _mailbox_pool, _groups, _group_invites_and_intros, _group_message_keys,
     _group_file_links, _group_contact_departures, _message_search_index, _message_actions,
-    _file_captions_and_typing,
+    _file_captions_and_typing, _disappearing_messages,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -231,7 +231,7 @@ def test_cli_small_file_limits_and_bad_input(
     assert "<- alice" in ok(aegis(bob, "attachments"))
     # The file's message arrived like any message (clients and notifications follow these).
     got = [e["data"] for e in bob.events(types=["message.received"])]
-    assert {"message_id": aid, "contact": "alice", "text": "[file] notes.txt"} in [
+    assert {"message_id": aid, "contact": "alice", "text": "[file] notes.txt", "timer": 0} in [
         {k: v for k, v in d.items() if k != "sent_at"} for d in got]  # fmt: skip
 
     # Bad input: one clear error each, nothing sent.

@@ -72,6 +72,7 @@ class Notifications(ServiceInterface):
         super().__init__("org.freedesktop.Notifications")
         self.capabilities = list(capabilities)
         self.calls: list[dict[str, Any]] = []
+        self.closed: list[int] = []  # CloseNotification's ids
         self.lock = threading.Lock()
 
     @method()
@@ -93,6 +94,7 @@ class Notifications(ServiceInterface):
                     "summary": summary,
                     "body": body,
                     "category": hints["category"].value if "category" in hints else None,
+                    "expire_timeout": expire_timeout,
                 }
             )
             return len(self.calls)
@@ -109,7 +111,8 @@ class Notifications(ServiceInterface):
 
     @method()
     def CloseNotification(self, id: "u") -> None:
-        return None
+        with self.lock:
+            self.closed.append(id)
 
     def recorded(self) -> list[dict[str, Any]]:
         with self.lock:

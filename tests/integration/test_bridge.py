@@ -396,3 +396,32 @@ def test_group_events_through_exec(tmp_short: Path, pair: tuple[Peer, Peer]) -> 
     assert sender["summary"] == "New message from alice in Trips"
     assert text["data"]["text"] == "hook text" and text["body"] == "hook text"
     assert text["summary"] == "alice in Trips"
+
+
+def test_a_disappearing_message_notification_expires_and_is_closed(
+    bus: SessionBus, pair: tuple[Peer, Peer]
+) -> None:
+    """docs/protocol.md §27: the notification of a message with a timer carries an expiry of
+    at most the timer and is closed when the message is erased; one without keeps the
+    server's default."""
+    alice, bob = pair
+    server = NotificationServer(bus.address)
+    bridge = BridgeProc(bob.home, bus.address)
+    try:
+        send(alice, "no timer")
+        plain = wait(lambda: server.calls()[0:1], "the plain notification")[0]
+        assert plain["expire_timeout"] == -1
+        alice.call("conversations.set_timer", {"contact": "bob", "seconds": 2})
+        bob.wait_for(
+            lambda: bob.call("conversations.get_timer", {"contact": "alice"})["seconds"] == 2,
+            "the timer",
+        )
+        send(alice, "with a timer")
+        call = wait(lambda: server.calls()[1:2], "the timed notification")[0]
+        assert call["expire_timeout"] == 2000 and call["summary"] == "New message"
+        assert server.iface.closed == []
+        bob.call("messages.mark_read", {"contact": "alice"})  # its timer runs from now
+        wait(lambda: server.iface.closed == [2], "the notification closed at expiry")
+    finally:
+        bridge.stop()
+        server.close()

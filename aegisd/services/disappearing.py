@@ -1,0 +1,198 @@
+"""Disappearing messages (docs/protocol.md §27): a timer per one-to-one conversation, set by
+either side (payload 0x16), and the erasure of messages whose timer ran out.
+
+A message takes the conversation's timer as it is when the message is stored (store/db.py
+``add_message``); its deadline runs from when it is queued (one's own) or marked read
+(incoming). ``run`` erases what is due: the message row, its events, and a file's attachment
+row and encrypted copy, under secure_delete. It runs from unlock, so deadlines that passed
+while the daemon was stopped or locked are met at the next unlock. Groups: not yet (1:1 only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aegisd import droplog
+from aegisd.core import wire
+from aegisd.core.session import Session
+from aegisd.rpc import AppError, InvalidParamsError
+from aegisd.store import Contact, Store
+from aegisd.store import actions as actions_db
+from aegisd.store import attachments as att_db
+
+from .delivery import Delivery, Recipient
+from .mailbox import ContactState
+
+if TYPE_CHECKING:
+    from .context import ServiceContext
+
+SETTING_DEFAULT = "messages.disappearing_default"
+#: The longest sleep between looks at the next deadline (a deadline set by a path that does
+#: not wake the loop is met at most this late).
+MAX_WAIT_S = 60.0
+E_NOT_READY = 1024
+
+_UNITS = ((7 * 86_400, "week"), (86_400, "day"), (3600, "hour"), (60, "minute"), (1, "second"))
+
+
+def label(seconds: int) -> str:
+    """'off', '1 hour', '2 days', '90 seconds': what a history line and the CLI show."""
+    if seconds == 0:
+        return "off"
+    for size, unit in _UNITS:
+        if seconds % size == 0:
+            n = seconds // size
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{seconds} seconds"  # unreachable: every value is a whole number of seconds
+
+
+def check_seconds(field: str, seconds: Any) -> int:
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not wire.timer_ok(seconds):
+        raise InvalidParamsError(
+            field, f"must be 0 (off) or {wire.TIMER_MIN_S} to {wire.TIMER_MAX_S} seconds"
+        )
+    return seconds
+
+
+def wins(new: tuple[int, int], current: tuple[int, int]) -> bool:
+    """Whether a change (changed_at ms, seconds) replaces the one in force: the later change
+    wins; at equal times the larger value (either side orders the pair alike, so both end
+    with the same timer); an equal pair changes nothing (§27)."""
+    return new > current
+
+
+def _ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class ContactsView(Protocol):
+    def by_name(self, name: str) -> Contact: ...
+
+
+class AttachmentsView(Protocol):
+    async def delete(self, aid: str) -> None: ...
+
+
+class DisappearingHost(Protocol):
+    @property
+    def ctx(self) -> ServiceContext: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def lock(self) -> asyncio.Lock: ...
+    @property
+    def delivery(self) -> Delivery: ...
+    @property
+    def contacts(self) -> ContactsView: ...
+    @property
+    def attachments(self) -> AttachmentsView: ...
+
+
+class Disappearing:
+    def __init__(self, host: DisappearingHost) -> None:
+        self.m = host
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """A new deadline may be sooner than the one the loop sleeps towards."""
+        self._wake.set()
+
+    def describe(self, c: Contact) -> dict[str, Any]:
+        seconds, changed_at = self.m.store.get_timer(c.id)
+        return {"contact": c.name, "seconds": seconds, "label": label(seconds),
+                "changed_at": changed_at or None}  # fmt: skip
+
+    # --- setting the timer ----------------------------------------------------------------
+
+    async def set(self, name: str, seconds: int) -> dict[str, Any]:
+        seconds = check_seconds("seconds", seconds)
+        async with self.m.lock:
+            c = self.m.contacts.by_name(name)
+            blob = self.m.store.get_session(c.id)
+            if blob is None or ContactState.from_bytes(c.state).failed:
+                raise AppError(E_NOT_READY, "not_ready", "no session with this contact")
+            with self.m.store.transaction():
+                self._announce(c, Session.from_bytes(blob), seconds)
+        self.m.delivery.wake()
+        return self.describe(c)
+
+    def apply_default(self, c: Contact, session: Session) -> None:
+        """A contact just added or accepted (inside its transaction): the default timer of
+        new conversations, announced to the peer, if it is not off."""
+        seconds = int(self.m.store.get_setting(SETTING_DEFAULT, 0) or 0)
+        if seconds and wire.timer_ok(seconds):
+            self._announce(c, session, seconds)
+
+    def _announce(self, c: Contact, session: Session, seconds: int) -> None:
+        # Our change must win at the peer as it wins here: later than the change in force,
+        # even if the peer's clock (which stamped that one) runs ahead of ours.
+        changed_at = max(_ms(), self.m.store.get_timer(c.id)[1] + 1)
+        self.m.delivery.enqueue([Recipient(c, session)], wire.TimerPayload(changed_at, seconds),
+                                delay=self.m.delivery.send_jitter())  # fmt: skip
+        self._record(c, seconds, changed_at, by_peer=False)
+
+    def on_payload(self, c: Contact, p: wire.TimerPayload) -> None:
+        """The peer's change (inside the receive's transaction). The later change wins; at
+        equal times the larger value; an equal pair changes nothing (§27)."""
+        seconds, changed_at = self.m.store.get_timer(c.id)
+        if not wins((p.changed_at_ms, p.seconds), (changed_at, seconds)):
+            return
+        self._record(c, p.seconds, p.changed_at_ms, by_peer=True)
+
+    def _record(self, c: Contact, seconds: int, changed_at: int, *, by_peer: bool) -> None:
+        store = self.m.store
+        store.set_timer(c.id, seconds, changed_at)
+        direction = "in" if by_peer else "out"
+        msg = store.add_message(c.id, direction, f"[timer] {label(seconds)}",
+                                status="read" if by_peer else "delivered",
+                                timer_change=seconds)  # fmt: skip
+        self.m.ctx.events.emit("conversation.timer", {
+            "contact": c.name, "seconds": seconds, "by": "contact" if by_peer else "self",
+            "message_id": msg.id,
+        })  # fmt: skip
+
+    # --- erasure --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Erase what is due, then sleep until the next deadline (or a wake, or MAX_WAIT_S)."""
+        while True:
+            nxt = None
+            self._wake.clear()  # before looking: a wake from now on is not lost
+            try:
+                if self.m.ctx.store is not None:
+                    await self.expire_due()
+                    nxt = self.m.store.next_expiry()
+            except Exception as exc:  # a bug: report it, try again later, never stop erasing
+                droplog.dropped(f"disappearing messages: erasure failed: {type(exc).__name__}")
+            wait = MAX_WAIT_S if nxt is None else min(MAX_WAIT_S, max(0.0, (nxt - _ms()) / 1000))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+    async def expire_due(self) -> int:
+        """Erase every message whose deadline passed; returns how many went."""
+        done = 0
+        while True:
+            due = self.m.store.expired_messages(_ms(), limit=100)
+            if not due:
+                if done:
+                    self.m.store.checkpoint()
+                return done
+            for msg in due:
+                if att_db.get(self.m.store, msg.id) is not None:
+                    # The file's row and its encrypted copy (a spool, or the received blocks).
+                    with contextlib.suppress(AppError):
+                        await self.m.attachments.delete(msg.id)
+                async with self.m.lock:
+                    c = self.m.store.get_contact(msg.contact_id)
+                    with self.m.store.transaction():
+                        # Replies keep a copy of the text they quote (actions.py): a
+                        # quote must not outlive the message it quotes past its deadline.
+                        actions_db.forget_quotes(self.m.store, msg.id, msg.contact_id)
+                        if self.m.store.delete_message(msg.id):
+                            self.m.ctx.events.emit("message.expired", {
+                                "message_id": msg.id, "contact": c.name if c else None,
+                            })  # fmt: skip
+                done += 1
