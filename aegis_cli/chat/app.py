@@ -1,0 +1,518 @@
+"""The ``aegis chat`` application: the conversation list, the open conversation, the compose
+box and the status line, kept current by the daemon's event stream.
+
+The event stream is followed by ``follow_events`` with its cursor: when the daemon stops the
+status line says so, the stream is opened again with back-off, and it resumes after the last
+event handled, so no message is missed or shown twice. Every error path ends inside Textual's
+run loop, which restores the terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical
+from textual.widgets import ListView, Static
+
+from aegis_client import (
+    AegisClientError,
+    Client,
+    ConnectionLost,
+    DaemonNotRunning,
+    Event,
+    Locked,
+    WrongPassphrase,
+)
+
+from . import render
+from .model import Conversation, contact_key, group_key, load_conversations
+from .screens import AskScreen, HelpScreen, InfoScreen
+from .widgets import Compose, ConversationItem, DaySeparator, MessageLog, MessageRow
+
+#: Back-off between attempts to reach a stopped daemon (seconds), as aegis_client's.
+FIRST_DELAY = 0.05
+MAX_DELAY = 2.0
+#: Events after which the list is loaded again (a contact or group came, went or changed).
+GROUP_CHANGES = ("group.changed", "group.invitation")
+#: message.status events kept for rows not shown yet.
+EARLY_MAX = 256
+#: Messages per history page.
+PAGE = 50
+
+CSS = """
+#main { height: 1fr; }
+#convs { width: 32; min-width: 24; border-right: solid $primary-darken-2; }
+#right { width: 1fr; }
+#title { height: 1; background: $primary-darken-3; }
+#log { height: 1fr; }
+MessageRow { margin: 0 0 1 0; }
+MessageRow.out { color: $text-muted; }
+DaySeparator { color: $accent; text-align: center; }
+#compose { height: 4; }
+#status { height: 1; background: $primary-darken-3; }
+#help, #info { width: 90%; height: auto; max-height: 90%; border: round $accent;
+    background: $surface; padding: 0 1; }
+#ask { width: 80%; height: auto; border: round $accent; background: $surface; padding: 0 1; }
+HelpScreen, AskScreen, InfoScreen { align: center middle; }
+"""
+
+
+def _error_text(exc: BaseException) -> str:
+    # The daemon's messages name no secret (docs/api.md); still shown as inert text.
+    return render.name(str(exc) or type(exc).__name__, 200)
+
+
+class ChatApp(App[None]):
+    CSS = CSS
+    TITLE = "aegis chat"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("f1,question_mark", "help", "help", priority=False),
+        Binding("ctrl+g", "jump", "jump"),
+        Binding("ctrl+r", "requests", "requests"),
+        Binding("ctrl+o", "invite", "invitation"),
+        Binding("ctrl+a", "add_contact", "add contact"),
+        Binding("escape", "go_back", "back"),
+        Binding("pageup", "older", "older", show=False),
+        Binding("q", "quit_unless_typing", "quit", show=False),
+    ]
+
+    def __init__(self, socket: Path) -> None:
+        super().__init__()
+        self.client = Client(socket)
+        self.convs: dict[str, Conversation] = {}
+        self.items: dict[str, ConversationItem] = {}
+        self.open_key: str | None = None
+        self.messages: list[dict[str, Any]] = []  # the open conversation's, oldest first
+        self.rows: dict[str, MessageRow] = {}
+        self.next_before: int | None = None
+        self.early_status: dict[str, str] = {}  # message.status before send() returned
+        self.locked = False
+        self.daemon_up = False
+        self.relay: dict[str, Any] = {}
+        self.pending_requests = 0
+        #: The last event handled (the stream's cursor), for tests and the status line.
+        self.cursor: int | None = None
+        self.subscriptions = 0
+        self.ready = asyncio.Event()
+
+    # -- layout -------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="main"):
+            yield ListView(id="convs")
+            with Vertical(id="right"):
+                yield Static(render.plain("no conversation open"), id="title", markup=False)
+                yield MessageLog(id="log")
+                yield Compose(id="compose", placeholder="Enter sends · Ctrl+N new line · F1 keys")
+        yield Static(render.plain("connecting…"), id="status", markup=False)
+
+    def on_mount(self) -> None:
+        self.run_worker(self.follow_events(), name="events", exclusive=True)
+
+    async def on_unmount(self) -> None:
+        await self.client.close()
+
+    # -- the status line ----------------------------------------------------------------
+
+    def show_status(self, note: str | None = None) -> None:
+        if not self.daemon_up:
+            text = note or "daemon not running: reconnecting…"
+        elif self.locked:
+            text = "locked"
+        else:
+            r = self.relay
+            if r.get("connected"):
+                text = "relay connected"
+            else:
+                reason = r.get("reason")
+                text = "relay not connected" + (f": {render.name(reason, 60)}" if reason else "")
+            if self.pending_requests:
+                text += f" · {self.pending_requests} contact request(s): Ctrl+R"
+        self.query_one("#status", Static).update(render.plain(f" {text} · F1 keys"))
+
+    async def refresh_status(self) -> None:
+        st = await self.client.status()
+        self.locked = bool(st["locked"])
+        self.relay = dict(st["relay"])
+        if not self.locked:
+            self.pending_requests = len(await self.client.requests())
+        self.show_status()
+
+    # -- events -------------------------------------------------------------------------
+
+    async def follow_events(self) -> None:
+        """Subscribe, load, then handle events; across daemon restarts, from the cursor."""
+        delay = FIRST_DELAY
+        loaded = False
+        while True:
+            stream = self.client.events(since=self.cursor, reconnect=False)
+            try:
+                await self.client.close()  # a stopped daemon left the request link dead
+                await stream.start()
+                self.subscriptions += 1
+                self.daemon_up = True
+                delay = FIRST_DELAY
+                await self.refresh_status()
+                if self.locked:
+                    await self.unlock()
+                if not loaded:
+                    # Subscribed first, loaded second: nothing falls between the two (an event
+                    # for a message already loaded is recognised by its id).
+                    await self.load()
+                    loaded = True
+                self.ready.set()
+                async for ev in stream:
+                    self.cursor = stream.last_seq
+                    await self.handle(ev)
+            except Locked:
+                self.daemon_up, self.locked = True, True
+                self.show_status()
+                await self.unlock()
+            except (DaemonNotRunning, ConnectionLost, OSError):
+                self.daemon_up = False
+                self.show_status()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_DELAY)
+            finally:
+                if stream.last_seq is not None:
+                    self.cursor = stream.last_seq
+                await stream.aclose()
+
+    async def unlock(self) -> None:
+        prompt = "The profile is locked. Passphrase:"
+        while True:
+            answer = await self.push_screen_wait(AskScreen(prompt, password=True))
+            if answer is None:
+                self.show_status()
+                return
+            try:
+                await self.client.unlock(answer)
+            except WrongPassphrase:
+                prompt = "Wrong passphrase. Passphrase:"
+                continue
+            self.locked = False
+            self.show_status()
+            return
+
+    async def handle(self, ev: Event) -> None:
+        d = ev.data
+        t = ev.type
+        if t == "message.received":
+            await self.incoming(contact_key(str(d.get("contact"))), {
+                "message_id": d.get("message_id"), "direction": "in", "text": d.get("text"),
+                "status": "received", "created_at": ev.time_ms,
+            })  # fmt: skip
+        elif t == "group.message":
+            await self.incoming(group_key(int(d.get("group") or 0)), {
+                "message_id": d.get("message_id"), "direction": "in", "text": d.get("text"),
+                "from_contact": d.get("from_contact"), "from": d.get("from"),
+                "created_at": ev.time_ms,
+            })  # fmt: skip
+        elif t == "message.status":
+            mid, status = str(d.get("message_id")), str(d.get("status"))
+            row = self.rows.get(mid)
+            if row is not None:
+                row.set_status(status)
+            else:  # perhaps ours, before send() returned; bounded: others' are never used
+                self.early_status[mid] = status
+                while len(self.early_status) > EARLY_MAX:
+                    del self.early_status[next(iter(self.early_status))]
+        elif t in ("relay.up", "relay.down"):
+            self.relay = {"connected": t == "relay.up", "reason": d.get("reason")}
+            self.show_status()
+        elif t == "daemon.locked":
+            self.locked = True
+            self.show_status()
+            self.run_worker(self.unlock(), exclusive=False)
+        elif t == "daemon.unlocked" or t.startswith("contact.") or t in GROUP_CHANGES:
+            await self.refresh_status()
+            await self.load()
+
+    async def incoming(self, key: str, msg: dict[str, Any]) -> None:
+        conv = self.convs.get(key)
+        if conv is None:
+            await self.load()
+            conv = self.convs.get(key)
+            if conv is None:
+                return
+        mid = str(msg.get("message_id"))
+        if key == self.open_key:
+            if mid in self.rows:
+                return  # loaded with the history already
+            self.messages.append(msg)
+            await self.add_row(msg, at_end=True)
+            conv.note_message(str(msg.get("text") or ""), int(msg["created_at"]), False)
+            await self.mark_read(conv)
+        elif mid not in conv.seen:
+            conv.seen.add(mid)
+            conv.note_message(str(msg.get("text") or ""), int(msg["created_at"]), True)
+        self.redraw_list()
+
+    # -- the conversation list ----------------------------------------------------------
+
+    async def load(self) -> None:
+        convs = await load_conversations(self.client)
+        self.convs = {c.key: c for c in convs}
+        self.redraw_list()
+
+    def redraw_list(self) -> None:
+        lv = self.query_one("#convs", ListView)
+        order = sorted(self.convs.values(), key=lambda c: c.last_at, reverse=True)
+        keys = [c.key for c in order]
+        if keys == [i.conv.key for i in lv.query(ConversationItem)]:
+            for c in order:  # the same order: update the rows in place
+                item = self.items[c.key]
+                item.conv = c
+                item.refresh_text()
+            return
+        selected = self.selected_key()
+        lv.clear()
+        self.items = {c.key: ConversationItem(c) for c in order}
+        lv.extend(self.items.values())
+        if selected in keys:
+            lv.index = keys.index(selected)
+
+    def selected_key(self) -> str | None:
+        lv = self.query_one("#convs", ListView)
+        item = lv.highlighted_child
+        return item.conv.key if isinstance(item, ConversationItem) else None
+
+    async def on_list_view_selected(self, event: ListView.Selected) -> None:
+        if isinstance(event.item, ConversationItem):
+            await self.open(event.item.conv.key)
+
+    # -- the open conversation ----------------------------------------------------------
+
+    async def open(self, key: str) -> None:
+        conv = self.convs[key]
+        self.open_key = key
+        self.messages, self.rows, self.next_before = [], {}, None
+        title = ("# " if conv.kind == "group" else "") + render.name(conv.name, 60)
+        self.query_one("#title", Static).update(render.plain(f" {title}"))
+        await self.fetch_page()
+        await self.rebuild()
+        self.query_one("#log", MessageLog).scroll_end(animate=False)
+        await self.mark_read(conv)
+        self.query_one("#compose", Compose).focus()
+
+    async def fetch_page(self) -> bool:
+        conv = self.convs[self.open_key] if self.open_key else None
+        if conv is None:
+            return False
+        if conv.kind == "group":
+            assert conv.group is not None
+            page: Any = await self.client.group_history(
+                conv.group, limit=PAGE, before=self.next_before
+            )
+        else:
+            page = await self.client.history(conv.name, limit=PAGE, before=self.next_before)
+        known = {str(m.get("message_id")) for m in self.messages}
+        older = [m for m in page["messages"] if str(m.get("message_id")) not in known]
+        self.messages[:0] = older
+        self.next_before = page["next_before"]
+        return bool(older)
+
+    def who(self, msg: dict[str, Any]) -> str:
+        if msg.get("direction") == "out":
+            return "me"
+        conv = self.convs.get(self.open_key or "")
+        if conv is not None and conv.kind == "group":
+            fc = msg.get("from_contact")
+            return render.name(fc, 24) if fc else render.name(str(msg.get("from") or "?")[:8])
+        return render.name(conv.name if conv else "?", 24)
+
+    def new_row(self, msg: dict[str, Any]) -> MessageRow:
+        mid = str(msg.get("message_id"))
+        if mid in self.early_status:
+            msg = {**msg, "status": self.early_status.pop(mid)}
+        row = MessageRow(msg, self.who(msg))
+        self.rows[mid] = row
+        return row
+
+    async def rebuild(self) -> None:
+        log = self.query_one("#log", MessageLog)
+        await log.remove_children()
+        self.rows = {}
+        widgets: list[Any] = []
+        last_day = ""
+        for m in self.messages:
+            at = int(m.get("created_at") or 0)
+            if render.day(at) != last_day:
+                last_day = render.day(at)
+                widgets.append(DaySeparator(at))
+            widgets.append(self.new_row(m))
+        await log.mount_all(widgets)
+
+    async def add_row(self, msg: dict[str, Any], at_end: bool) -> None:
+        log = self.query_one("#log", MessageLog)
+        at = int(msg.get("created_at") or 0)
+        prev = self.messages[-2] if len(self.messages) > 1 else None
+        widgets: list[Any] = []
+        if prev is None or render.day(int(prev.get("created_at") or 0)) != render.day(at):
+            widgets.append(DaySeparator(at))
+        widgets.append(self.new_row(msg))
+        stick = log.is_vertical_scroll_end
+        await log.mount_all(widgets)
+        if stick or at_end:
+            log.scroll_end(animate=False)
+
+    async def mark_read(self, conv: Conversation) -> None:
+        if conv.unread == 0 and not conv.unread_more:
+            return
+        try:
+            if conv.kind == "group":
+                assert conv.group is not None
+                await self.client.mark_group_read(conv.group)
+            else:
+                await self.client.mark_read(conv.name)
+        except AegisClientError:
+            return
+        conv.unread, conv.unread_more = 0, False
+        self.redraw_list()
+
+    async def on_message_log_at_top(self, _: MessageLog.AtTop) -> None:
+        await self.action_older()
+
+    async def action_older(self) -> None:
+        if self.open_key is None or self.next_before is None:
+            return
+        first = next(iter(self.rows.values()), None)
+        if await self.fetch_page():
+            await self.rebuild()
+            if first is not None:
+                mid = first.message_id
+                log = self.query_one("#log", MessageLog)
+                row = self.rows.get(mid)
+                if row is not None:
+                    self.call_after_refresh(log.scroll_to_widget, row, top=True, animate=False)
+
+    async def on_compose_send(self, event: Compose.Send) -> None:
+        conv = self.convs.get(self.open_key or "")
+        if conv is None:
+            self.notify("Open a conversation first (Tab to the list, Enter).", markup=False)
+            return
+        try:
+            if conv.kind == "group":
+                assert conv.group is not None
+                sent: Any = await self.client.send_to_group(conv.group, event.text)
+                msg: dict[str, Any] = {"delivery": {"recipients": sent["recipients"]}}
+            else:
+                sent = await self.client.send(conv.name, event.text)
+                msg = {"status": sent["status"]}
+        except AegisClientError as exc:
+            self.query_one("#compose", Compose).insert(event.text)  # not lost
+            self.notify(_error_text(exc), severity="error", markup=False)
+            return
+        msg.update(
+            message_id=sent["message_id"], direction="out", text=event.text,
+            created_at=int(time.time() * 1000),
+        )  # fmt: skip
+        self.messages.append(msg)
+        await self.add_row(msg, at_end=True)
+        conv.note_message(event.text, int(msg["created_at"]), False)
+        self.redraw_list()
+
+    # -- actions --------------------------------------------------------------------------
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_go_back(self) -> None:
+        self.query_one("#convs", ListView).focus()
+
+    def action_quit_unless_typing(self) -> None:
+        if not isinstance(self.focused, Compose):
+            self.exit()
+
+    def action_jump(self) -> None:
+        self.run_worker(self._jump())
+
+    async def _jump(self) -> None:
+        answer = await self.push_screen_wait(AskScreen("Jump to (a name or part of one):"))
+        if not answer:
+            return
+        want = answer.casefold()
+        convs = sorted(self.convs.values(), key=lambda c: c.last_at, reverse=True)
+        match = next((c for c in convs if c.name.casefold().startswith(want)), None) or next(
+            (c for c in convs if want in c.name.casefold()), None
+        )
+        if match is None:
+            self.notify("No conversation by that name.", markup=False)
+            return
+        lv = self.query_one("#convs", ListView)
+        keys = [i.conv.key for i in lv.query(ConversationItem)]
+        if match.key in keys:
+            lv.index = keys.index(match.key)
+        await self.open(match.key)
+
+    def action_requests(self) -> None:
+        self.run_worker(self._requests())
+
+    async def _requests(self) -> None:
+        try:
+            reqs = await self.client.requests()
+            if not reqs:
+                self.notify("No contact request waits.", markup=False)
+                return
+            for r in reqs:
+                who = render.name(r["name"], 40)
+                prompt = (
+                    f"Contact request from “{who}”\nsafety number {render.name(r['safety_number'])}"
+                    "\n\nType a name to accept as that contact, or - to reject (Esc: later)."
+                )
+                answer = await self.push_screen_wait(AskScreen(prompt, value=r["name"][:64]))
+                if answer is None:
+                    continue
+                if answer.strip() == "-":
+                    await self.client.call("requests.reject", {"request": r["request"]})
+                else:
+                    await self.client.accept(r["request"], answer.strip() or None)
+            await self.refresh_status()
+            await self.load()
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
+
+    def action_invite(self) -> None:
+        self.run_worker(self._invite())
+
+    async def _invite(self) -> None:
+        try:
+            inv = await self.client.create_invitation()
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
+            return
+        text = (
+            "A one-time invitation: give this link to one person (aegis invite --qr shows it"
+            f" as a QR code).\n\n{inv['link']}"
+        )
+        await self.push_screen_wait(InfoScreen(render.name(text, 4000)))
+
+    def action_add_contact(self) -> None:
+        self.run_worker(self._add_contact())
+
+    async def _add_contact(self) -> None:
+        link = await self.push_screen_wait(AskScreen("Add a contact: paste their link"))
+        if not link:
+            return
+        name = await self.push_screen_wait(AskScreen("The name you give this contact:"))
+        if not name:
+            return
+        try:
+            await self.client.add_contact(name.strip(), link.strip())
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
+            return
+        await self.load()
+
+
+def run(socket: Path) -> None:
+    """Run the client until the user quits; the terminal is restored on every way out."""
+    app = ChatApp(socket)
+    with contextlib.suppress(KeyboardInterrupt):
+        app.run()

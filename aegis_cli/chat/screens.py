@@ -1,0 +1,83 @@
+"""Modal screens: the key map, the passphrase, jumping to a conversation, a line of input."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Input, Static
+
+from . import render
+
+#: The one key map (the help screen shows it; README.md "Chat in the terminal" repeats it).
+KEYS = [
+    ("F1 or ?", "this help"),
+    ("Tab / Shift+Tab", "move between the list, the messages and the compose box"),
+    ("Up / Down", "move in the conversation list; scroll the messages"),
+    ("Enter", "open the conversation (in the list); send (in the compose box)"),
+    ("Ctrl+N or Alt+Enter", "a new line in the compose box"),
+    ("Ctrl+G", "jump to a conversation by name (prefix, else any part)"),
+    ("Ctrl+R", "contact requests: accept (a) or reject (r)"),
+    ("Ctrl+O", "a one-time invitation link"),
+    ("Ctrl+A", "add a contact from a link"),
+    ("PageUp", "older messages (also by scrolling to the top)"),
+    ("Esc", "back (close a dialog; from the messages to the list)"),
+    ("Ctrl+Q", "quit"),
+]
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,f1,question_mark,q", "dismiss", "close")
+    ]
+
+    def compose(self) -> ComposeResult:
+        width = max(len(k) for k, _ in KEYS)
+        text = "Keys\n\n" + "\n".join(f"{k.ljust(width)}  {v}" for k, v in KEYS)
+        yield Static(render.plain(text + "\n\nEsc closes."), id="help", markup=False)
+
+
+class AskScreen(ModalScreen[str | None]):
+    """One line of input: Enter gives it, Esc gives None. ``password``: not echoed."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "cancel")]
+
+    def __init__(self, prompt: str, *, password: bool = False, value: str = "") -> None:
+        super().__init__()
+        self.prompt = prompt
+        self.password = password
+        self.value = value
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="ask"):
+            yield Static(render.plain(self.prompt), markup=False, id="ask-prompt")
+            yield Input(value=self.value, password=self.password, id="ask-input")
+            yield Static(render.plain(""), markup=False, id="ask-error")
+
+    def on_mount(self) -> None:
+        self.query_one(Input).focus()
+
+    def show_error(self, text: str) -> None:
+        self.query_one("#ask-error", Static).update(render.plain(text))
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class InfoScreen(ModalScreen[None]):
+    """Text the user reads and copies (an invitation link); Esc or Enter closes it."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,enter", "dismiss", "close")]
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def compose(self) -> ComposeResult:
+        yield Static(render.plain(self.text + "\n\nEsc closes."), id="info", markup=False)
