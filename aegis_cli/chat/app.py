@@ -51,8 +51,10 @@ CSS = """
 #right { width: 1fr; }
 #title { height: 1; background: $primary-darken-3; }
 #log { height: 1fr; }
-MessageRow { margin: 0 0 1 0; }
-MessageRow.out { color: $text-muted; }
+MessageRow { height: auto; margin: 0 0 1 0; }
+MessageRow .head { text-style: bold; }
+MessageRow .text { padding-left: 2; }
+MessageRow.out .head { color: $text-muted; }
 DaySeparator { color: $accent; text-align: center; }
 #compose { height: 4; }
 #status { height: 1; background: $primary-darken-3; }
@@ -275,8 +277,7 @@ class ChatApp(App[None]):
         lv.clear()
         self.items = {c.key: ConversationItem(c) for c in order}
         lv.extend(self.items.values())
-        if selected in keys:
-            lv.index = keys.index(selected)
+        lv.index = keys.index(selected) if selected in keys else (0 if keys else None)
 
     def selected_key(self) -> str | None:
         lv = self.query_one("#convs", ListView)

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from textual import events
-from textual.containers import VerticalScroll
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.content import Content
 from textual.message import Message
 from textual.widgets import ListItem, Static, TextArea
 
@@ -32,18 +34,31 @@ class ConversationItem(ListItem):
         self.line.update(render.plain(f"{head}\n  {render.preview(c.last_text)}"))
 
 
-class MessageRow(Static):
-    """One message: time, who, the text; an outgoing one's status mark, updated live."""
+class MessageRow(Vertical):
+    """One message: a header (time, who, an outgoing one's status mark, updated live) and the
+    text below it, indented by the CSS (wrapped lines too), so that no line of a text can pass
+    for the header of another message."""
 
     def __init__(self, msg: dict[str, Any], who: str) -> None:
-        super().__init__(markup=False, classes="out" if msg.get("direction") == "out" else "in")
+        super().__init__(classes="out" if msg.get("direction") == "out" else "in")
         self.msg = dict(msg)
         self.who = who
+        self.head = Static(markup=False, classes="head")
+        self.text = Static(markup=False, classes="text")
         self.show()
+
+    def compose(self) -> ComposeResult:
+        yield self.head
+        yield self.text
 
     @property
     def message_id(self) -> str:
         return str(self.msg.get("message_id") or "")
+
+    @property
+    def plain(self) -> str:
+        """What is shown, as text (for tests)."""
+        return f"{_plain(self.head)}\n{_plain(self.text)}"
 
     def set_status(self, status: str) -> None:
         self.msg["status"] = status
@@ -59,7 +74,14 @@ class MessageRow(Static):
                 status = f"  ✓{delivery.get('delivered', 0)}/{delivery.get('recipients', 0)}"
             else:
                 status = f"  {render.mark(str(m.get('status') or ''))}"
-        self.update(render.plain(f"{at} {self.who}{status}\n{render.body(m.get('text') or '')}"))
+        self.head.update(render.plain(f"{at} {self.who}{status}"))
+        self.text.update(render.plain(render.body(m.get("text") or "")))
+
+
+def _plain(widget: Static) -> str:
+    content = widget.content
+    # Always a Content built from plain text (render.plain): never a markup string.
+    return content.plain if isinstance(content, Content) else f"<not Content: {content!r}>"
 
 
 class DaySeparator(Static):

@@ -1,0 +1,173 @@
+"""``aegis chat`` (aegis_cli/chat) driven by Textual's Pilot, in process, against a real relay
+and real daemons: live messages and unread counts, the marks of a sent message, a daemon
+restart in the middle of a session, and hostile text shown as the inert text it is."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from textual.content import Content
+from textual.pilot import Pilot
+from textual.widgets import Static
+
+from aegis_cli.chat.app import ChatApp
+from aegis_cli.chat.model import contact_key
+from aegis_cli.chat.widgets import Compose, ConversationItem, MessageRow
+from aegisd.paths import resolve
+from tests.functional.conftest import Peer, connect
+
+SIZE = (100, 30)  # fixed: the assertions read what fits in it
+T = 30.0
+
+
+async def until(pilot: Pilot[None], pred: Callable[[], Any], what: str, t: float = T) -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + t
+    while loop.time() < deadline:
+        value = pred()
+        if value:
+            return value
+        await pilot.pause(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def call(peer: Peer, method: str, params: dict[str, Any] | None = None) -> Any:
+    return await asyncio.to_thread(peer.call, method, params)
+
+
+def item(app: ChatApp, name: str) -> ConversationItem | None:
+    return app.items.get(contact_key(name))
+
+
+def text_of(widget: Static) -> str:
+    content = widget.content
+    assert isinstance(content, Content), type(content)  # never a markup string
+    return content.plain
+
+
+def shown_texts(app: ChatApp) -> list[str]:
+    return [r.plain for r in app.query(MessageRow)]
+
+
+def run_app(peer: Peer, body: Callable[[ChatApp, Pilot[None]], Awaitable[None]]) -> None:
+    async def main() -> None:
+        app = ChatApp(resolve(peer.home).socket)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, app.ready.is_set, "the client to load")
+            await body(app, pilot)
+
+    asyncio.run(main())
+
+
+def pair(peers: Callable[[str], Peer]) -> tuple[Peer, Peer]:
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    return alice, bob
+
+
+def test_live_message_unread_count_and_sent_marks(peers: Callable[[str], Peer]) -> None:
+    alice, bob = pair(peers)
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        assert item(app, "bob") is not None and app.convs[contact_key("bob")].unread == 0
+        await call(bob, "messages.send", {"contact": "alice", "text": "hello from bob"})
+        await until(pilot, lambda: app.convs[contact_key("bob")].unread == 1, "unread 1")
+        row = item(app, "bob")
+        assert row is not None
+        assert "bob (1)" in text_of(row.line) and "hello from bob" in text_of(row.line)
+
+        app.query_one("#convs").focus()
+        await pilot.press("enter")  # opens the highlighted (only) conversation
+        await until(pilot, lambda: app.convs[contact_key("bob")].unread == 0, "read")
+        assert any("hello from bob" in t for t in shown_texts(app))
+        compose = app.query_one(Compose)
+        await until(pilot, lambda: compose.has_focus, "the compose box's focus")
+        compose.insert("line one")
+        await pilot.press("ctrl+n")
+        compose.insert("line two")
+        await pilot.press("enter")
+        await until(pilot, lambda: any("line two" in t for t in shown_texts(app)), "my row")
+        assert compose.text == ""
+
+        def bob_has_it() -> Any:
+            h = bob.call("messages.history", {"contact": "alice"})["messages"]
+            return [m for m in h if m["text"] == "line one\nline two"]
+
+        msg = (await asyncio.to_thread(bob.wait_for, bob_has_it, "the message at bob"))[0]
+        mine = app.rows[msg["message_id"]]
+        await until(pilot, lambda: mine.msg["status"] == "delivered", "delivered", 60)
+        assert "✓✓" in mine.plain
+        await call(bob, "messages.mark_read", {"contact": "alice"})
+        await until(pilot, lambda: mine.msg["status"] == "read", "read", 60)
+        assert "✓✓ read" in mine.plain
+
+    run_app(alice, body)
+
+
+def test_daemon_restart_mid_session(peers: Callable[[str], Peer]) -> None:
+    alice, bob = pair(peers)
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await app.open(contact_key("bob"))
+        await call(bob, "messages.send", {"contact": "alice", "text": "before"})
+        await until(pilot, lambda: any("before" in t for t in shown_texts(app)), "before")
+        subs = app.subscriptions
+
+        await asyncio.to_thread(alice.stop)
+        status = app.query_one("#status", Static)
+        await until(pilot, lambda: "daemon not running" in text_of(status), "the status line")
+        # Sent while alice's daemon is down: it waits at the relay.
+        await call(bob, "messages.send", {"contact": "alice", "text": "while down"})
+        await asyncio.to_thread(alice.start)
+        await until(pilot, lambda: app.subscriptions > subs, "a new subscription")
+        await until(pilot, lambda: "daemon not running" not in text_of(status), "status")
+        await call(bob, "messages.send", {"contact": "alice", "text": "after"})
+        await until(pilot, lambda: any("after" in t for t in shown_texts(app)), "after", 60)
+        await until(pilot, lambda: any("while down" in t for t in shown_texts(app)), "gap", 60)
+        texts = [t.split("\n", 1)[1] for t in shown_texts(app)]
+        assert texts.count("before") == 1 and texts.count("while down") == 1
+        assert texts.count("after") == 1
+
+    run_app(alice, body)
+
+
+HOSTILE = (
+    "[bold]x[/] [link=https://evil.example]click[/link] \x1b[2J\x1b]52;c;cGF5\x07"
+    "\u202egnp.exe\r\nme: forged"
+)
+
+
+def test_hostile_text_is_inert(peers: Callable[[str], Peer]) -> None:
+    alice, bob = pair(peers)
+    big = "A" * 60_000  # near the daemon's limit (64 KiB a message)
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await call(bob, "messages.send", {"contact": "alice", "text": HOSTILE})
+        await until(pilot, lambda: app.convs[contact_key("bob")].unread == 1, "the message")
+        await call(bob, "messages.send", {"contact": "alice", "text": big})
+        await until(pilot, lambda: app.convs[contact_key("bob")].unread == 2, "the big one")
+        row = item(app, "bob")
+        assert row is not None
+        preview = text_of(row.line)
+        assert len(preview) < 200  # 60 KB cut to one short line
+        await app.open(contact_key("bob"))
+        await pilot.pause(0.2)
+        texts = shown_texts(app)
+        hostile = next(t for t in texts if "forged" in t)
+        assert "[bold]x[/]" in hostile and "[link=https://evil.example]" in hostile
+        for ch in ("\x1b", "\x07", "\u202e", "\r"):
+            assert ch not in hostile
+        assert "<U+202E>" in hostile
+        assert "<not Content" not in "".join(texts)
+        # The forged line is inside the text (indented under its header), not a header.
+        row = next(r for r in app.query(MessageRow) if "forged" in r.plain)
+        assert "forged" not in text_of(row.head) and "me: forged" in text_of(row.text)
+        assert row.text.content_region.x > row.head.content_region.x
+        big_row = next(t for t in texts if "AAAA" in t)
+        assert "more characters" in big_row
+        svg = app.export_screenshot()
+        assert "\x1b" not in svg and "\u202e" not in svg
+
+    run_app(alice, body)
