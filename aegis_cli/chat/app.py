@@ -79,6 +79,7 @@ class ChatApp(App[None]):
         Binding("ctrl+r", "requests", "requests"),
         Binding("ctrl+o", "invite", "invitation"),
         Binding("ctrl+a", "add_contact", "add contact"),
+        Binding("ctrl+u", "unlock", "unlock"),
         Binding("escape", "go_back", "back"),
         Binding("pageup", "older", "older", show=False),
         Binding("q", "quit_unless_typing", "quit", show=False),
@@ -95,6 +96,9 @@ class ChatApp(App[None]):
         self.next_before: int | None = None
         self.early_status: dict[str, str] = {}  # message.status before send() returned
         self.locked = False
+        self.has_passphrase = True
+        self.unlocking = False
+        self.wake = asyncio.Event()
         self.daemon_up = False
         self.relay: dict[str, Any] = {}
         self.pending_requests = 0
@@ -126,7 +130,7 @@ class ChatApp(App[None]):
         if not self.daemon_up:
             text = note or "daemon not running: reconnecting…"
         elif self.locked:
-            text = "locked"
+            text = "locked: Ctrl+U to unlock"
         else:
             r = self.relay
             if r.get("connected"):
@@ -141,6 +145,7 @@ class ChatApp(App[None]):
     async def refresh_status(self) -> None:
         st = await self.client.status()
         self.locked = bool(st["locked"])
+        self.has_passphrase = bool(st["has_passphrase"])
         self.relay = dict(st["relay"])
         if not self.locked:
             self.pending_requests = len(await self.client.requests())
@@ -187,20 +192,42 @@ class ChatApp(App[None]):
                 await stream.aclose()
 
     async def unlock(self) -> None:
-        prompt = "The profile is locked. Passphrase:"
+        """Ask for the passphrase until it unlocks; Esc leaves it locked until Ctrl+U."""
+        if self.unlocking:
+            return
+        self.unlocking = True
+        try:
+            if not await self._unlock():
+                self.wake.clear()
+                await self.wake.wait()  # Ctrl+U
+        finally:
+            self.unlocking = False
+
+    def action_unlock(self) -> None:
+        self.wake.set()
+        if self.locked and not self.unlocking:
+            self.run_worker(self.unlock())
+
+    async def _unlock(self) -> bool:
+        if not self.has_passphrase:  # its key is in a file: nothing to ask
+            await self.client.unlock()
+            self.locked = False
+            self.show_status()
+            return True
+        prompt = "The profile is locked. Passphrase (not shown):"
         while True:
             answer = await self.push_screen_wait(AskScreen(prompt, password=True))
             if answer is None:
                 self.show_status()
-                return
+                return False
             try:
                 await self.client.unlock(answer)
             except WrongPassphrase:
-                prompt = "Wrong passphrase. Passphrase:"
+                prompt = "Wrong passphrase. Passphrase (not shown):"
                 continue
             self.locked = False
             self.show_status()
-            return
+            return True
 
     async def handle(self, ev: Event) -> None:
         d = ev.data

@@ -23,6 +23,7 @@ KEYS = [
     ("Ctrl+R", "contact requests: accept (a) or reject (r)"),
     ("Ctrl+O", "a one-time invitation link"),
     ("Ctrl+A", "add a contact from a link"),
+    ("Ctrl+U", "unlock a locked profile (asks for the passphrase)"),
     ("PageUp", "older messages (also by scrolling to the top)"),
     ("Esc", "back (close a dialog; from the messages to the list)"),
     ("Ctrl+Q", "quit"),

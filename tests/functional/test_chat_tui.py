@@ -5,17 +5,22 @@ restart in the middle of a session, and hostile text shown as the inert text it 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from textual.content import Content
 from textual.pilot import Pilot
-from textual.widgets import Static
+from textual.widgets import Input, Static
 
 from aegis_cli.chat.app import ChatApp
 from aegis_cli.chat.model import contact_key
+from aegis_cli.chat.screens import KEYS, AskScreen, HelpScreen, InfoScreen
 from aegis_cli.chat.widgets import Compose, ConversationItem, MessageRow
 from aegisd.paths import resolve
+from tests.daemon.conftest import FAST_KDF_ARGS, PASSPHRASE, DaemonProc
 from tests.functional.conftest import Peer, connect
 
 SIZE = (100, 30)  # fixed: the assertions read what fits in it
@@ -171,3 +176,113 @@ def test_hostile_text_is_inert(peers: Callable[[str], Peer]) -> None:
         assert "\x1b" not in svg and "\u202e" not in svg
 
     run_app(alice, body)
+
+
+def test_small_terminal_help_jump_request_and_invitation(peers: Callable[[str], Peer]) -> None:
+    alice, bob, carol = peers("alice"), peers("bob"), peers("carol")
+    connect(alice, bob)
+    carol.wait_connected()
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await pilot.press("f1")
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen), "the help screen")
+        helptext = text_of(app.screen.query_one("#help", Static))
+        for key, _ in KEYS:
+            assert key in helptext
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, HelpScreen), "help closed")
+
+        # Carol asks alice (through alice's contact address); alice accepts in the client.
+        link = (await call(alice, "address.get"))["link"]
+        await call(carol, "contacts.add", {"name": "alice", "link": link})
+        status = app.query_one("#status", Static)
+        await until(pilot, lambda: "1 contact request" in text_of(status), "the request", 60)
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: isinstance(app.screen, AskScreen), "the request dialog")
+        ask = app.screen.query_one(Input)
+        ask.value = "carol"
+        await pilot.press("enter")
+        await until(pilot, lambda: contact_key("carol") in app.convs, "carol in the list")
+        await asyncio.to_thread(
+            carol.wait_for,
+            lambda: carol.call("contacts.list")["contacts"][0]["established"],
+            "the acceptance",
+        )
+        await call(carol, "messages.send", {"contact": "alice", "text": "hi alice"})
+        await until(pilot, lambda: app.convs[contact_key("carol")].unread == 1, "carol's text")
+
+        await pilot.press("ctrl+g")
+        await until(pilot, lambda: isinstance(app.screen, AskScreen), "the jump dialog")
+        app.screen.query_one(Input).value = "ca"
+        await pilot.press("enter")
+        await until(pilot, lambda: app.open_key == contact_key("carol"), "carol open")
+        await until(pilot, lambda: any("hi alice" in t for t in shown_texts(app)), "the text")
+        compose = app.query_one(Compose)
+        await until(pilot, lambda: compose.has_focus, "the compose box")
+        await pilot.press("question_mark", "q")  # typed, not the help key or quit
+        await pilot.pause(0.1)
+        assert compose.text == "?q" and not isinstance(app.screen, HelpScreen)
+        compose.clear()
+
+        await pilot.press("ctrl+o")
+        await until(pilot, lambda: isinstance(app.screen, InfoScreen), "the invitation")
+        shown = text_of(app.screen.query_one("#info", Static))
+        assert "aegis:" in shown or "://" in shown
+        await pilot.press("escape")
+        await pilot.press("escape")  # back to the list
+        await until(pilot, lambda: app.focused is app.query_one("#convs"), "the list")
+        await pilot.press("q")
+        await until(pilot, lambda: not app.is_running, "quit")
+
+    async def main() -> None:
+        app = ChatApp(resolve(alice.home).socket)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, app.ready.is_set, "the client to load")
+            await body(app, pilot)
+
+    asyncio.run(main())
+
+
+def test_a_locked_profile_asks_for_the_passphrase(tmp_short: Path) -> None:
+    home = tmp_short / "locked"
+    pf = tmp_short / "pass"
+    pf.write_text(PASSPHRASE + "\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "aegis_cli.main", "init", "--home", str(home),
+         "--passphrase-file", str(pf), *FAST_KDF_ARGS],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    daemon = DaemonProc(home, [], None)
+    daemon.wait_ready()
+
+    async def main() -> None:
+        app = ChatApp(resolve(home).socket)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, AskScreen), "the prompt")
+            ask = app.screen.query_one(Input)
+            assert ask.password  # not echoed
+            assert "locked" in text_of(app.query_one("#status", Static))
+            await pilot.press("escape")  # later: it stays locked until Ctrl+U
+            await until(pilot, lambda: not isinstance(app.screen, AskScreen), "no prompt")
+            assert "Ctrl+U" in text_of(app.query_one("#status", Static))
+            await pilot.press("ctrl+u")
+            await until(pilot, lambda: isinstance(app.screen, AskScreen), "the prompt again")
+            await pilot.press(*"wrong passphrase")
+            await pilot.press("enter")
+            await until(
+                pilot,
+                lambda: "Wrong passphrase" in text_of(app.screen.query_one("#ask-prompt", Static)),
+                "a second prompt",
+            )
+            app.screen.query_one(Input).value = PASSPHRASE
+            await pilot.press("enter")
+            await until(pilot, app.ready.is_set, "the client to load")
+            with daemon.client() as c:
+                assert c.call("status")["locked"] is False
+            assert "locked" not in text_of(app.query_one("#status", Static))
+
+    try:
+        asyncio.run(main())
+    finally:
+        daemon.stop()
