@@ -78,10 +78,12 @@ class ChatApp(App[None]):
         Binding("ctrl+g", "jump", "jump"),
         Binding("ctrl+r", "requests", "requests"),
         Binding("ctrl+o", "invite", "invitation"),
-        Binding("ctrl+a", "add_contact", "add contact"),
-        Binding("ctrl+u", "unlock", "unlock"),
+        Binding("ctrl+t", "add_contact", "add contact"),
+        Binding("ctrl+l", "unlock", "unlock"),
+        Binding("f2", "rename", "rename"),
+        Binding("ctrl+b", "block", "block"),
+        Binding("ctrl+s", "safety", "safety number"),
         Binding("escape", "go_back", "back"),
-        Binding("pageup", "older", "older", show=False),
         Binding("q", "quit_unless_typing", "quit", show=False),
     ]
 
@@ -130,7 +132,7 @@ class ChatApp(App[None]):
         if not self.daemon_up:
             text = note or "daemon not running: reconnecting…"
         elif self.locked:
-            text = "locked: Ctrl+U to unlock"
+            text = "locked: Ctrl+L to unlock"
         else:
             r = self.relay
             if r.get("connected"):
@@ -192,14 +194,14 @@ class ChatApp(App[None]):
                 await stream.aclose()
 
     async def unlock(self) -> None:
-        """Ask for the passphrase until it unlocks; Esc leaves it locked until Ctrl+U."""
+        """Ask for the passphrase until it unlocks; Esc leaves it locked until Ctrl+L."""
         if self.unlocking:
             return
         self.unlocking = True
         try:
             if not await self._unlock():
                 self.wake.clear()
-                await self.wake.wait()  # Ctrl+U
+                await self.wake.wait()  # Ctrl+L
         finally:
             self.unlocking = False
 
@@ -520,6 +522,71 @@ class ChatApp(App[None]):
             f" as a QR code).\n\n{inv['link']}"
         )
         await self.push_screen_wait(InfoScreen(render.name(text, 4000)))
+
+    def target(self) -> Conversation | None:
+        """The contact an action is about: the open conversation, else the highlighted one."""
+        conv = self.convs.get(self.open_key or "") or self.convs.get(self.selected_key() or "")
+        if conv is None or conv.kind != "contact":
+            self.notify("Open or highlight a contact first.", markup=False)
+            return None
+        return conv
+
+    def action_rename(self) -> None:
+        self.run_worker(self._contact_action("rename"))
+
+    def action_block(self) -> None:
+        self.run_worker(self._contact_action("block"))
+
+    def action_safety(self) -> None:
+        self.run_worker(self._contact_action("safety"))
+
+    async def _contact_action(self, what: str) -> None:
+        conv = self.target()
+        if conv is None:
+            return
+        shown = render.name(conv.name, 64)
+        try:
+            if what == "rename":
+                new = await self.push_screen_wait(AskScreen(f"Rename “{shown}” to:"))
+                if not new or not new.strip():
+                    return
+                await self.client.call(
+                    "contacts.rename", {"name": conv.name, "new_name": new.strip()}
+                )
+                if self.open_key == conv.key:
+                    self.open_key = contact_key(new.strip())
+            elif what == "block":
+                verb = "Unblock" if conv.blocked else "Block"
+                answer = await self.push_screen_wait(
+                    AskScreen(f"{verb} “{shown}”? Type yes to confirm.")
+                )
+                if (answer or "").strip().lower() != "yes":
+                    return
+                await self.client.call(
+                    "contacts.block", {"name": conv.name, "blocked": not conv.blocked}
+                )
+            else:
+                sn = await self.client.call("contacts.safety_number", {"name": conv.name})
+                state = "verified" if conv.verified else "not verified"
+                prompt = (
+                    f"Safety number with “{shown}” ({state}):\n\n"
+                    f"{render.name(sn['formatted'].replace(chr(10), '  '), 100)}\n\n"
+                    "Compare it with theirs (in person or on a call). The same? Type yes to"
+                    " mark them verified (no: clear the mark; Esc: leave it)."
+                )
+                answer = (await self.push_screen_wait(AskScreen(prompt)) or "").strip().lower()
+                if answer not in ("yes", "no"):
+                    return
+                await self.client.call(
+                    "contacts.verify", {"name": conv.name, "verified": answer == "yes"}
+                )
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
+            return
+        await self.load()
+        if self.open_key in self.convs:
+            title = render.name(self.convs[self.open_key].name, 60)
+            self.query_one("#title", Static).update(render.plain(f" {title}"))
 
     def action_add_contact(self) -> None:
         self.run_worker(self._add_contact())

@@ -24,6 +24,7 @@ class Conversation:
     last_text: str = ""
     last_at: int = 0  # ms since the epoch; 0: no message yet
     blocked: bool = False
+    verified: bool = False
     established: bool = True
     group: int | None = None
     #: Ids of the incoming messages counted already (an event may repeat a loaded one).
@@ -54,6 +55,7 @@ async def load_conversations(client: Client) -> list[Conversation]:
     for c in await client.contacts():
         conv = Conversation(
             contact_key(c["name"]), c["name"], "contact", blocked=bool(c["blocked"]),
+            verified=bool(c["verified"]),
             established=bool(c["established"]), last_at=int(c["created_at"]),
         )  # fmt: skip
         page = await client.history(c["name"], limit=PAGE)

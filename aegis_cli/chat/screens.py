@@ -13,6 +13,7 @@ from textual.widgets import Input, Static
 from . import render
 
 #: The one key map (the help screen shows it; README.md "Chat in the terminal" repeats it).
+#: No key here is one the compose box uses itself (Ctrl+A, E, K, U, W... edit the line).
 KEYS = [
     ("F1 or ?", "this help"),
     ("Tab / Shift+Tab", "move between the list, the messages and the compose box"),
@@ -22,9 +23,12 @@ KEYS = [
     ("Ctrl+G", "jump to a conversation by name (prefix, else any part)"),
     ("Ctrl+R", "contact requests: accept (a) or reject (r)"),
     ("Ctrl+O", "a one-time invitation link"),
-    ("Ctrl+A", "add a contact from a link"),
-    ("Ctrl+U", "unlock a locked profile (asks for the passphrase)"),
-    ("PageUp", "older messages (also by scrolling to the top)"),
+    ("Ctrl+T", "add a contact from a link"),
+    ("F2", "rename the contact (the open one, else the highlighted one)"),
+    ("Ctrl+B", "block or unblock the contact (asks first)"),
+    ("Ctrl+S", "the safety number: compare it, then mark the contact verified"),
+    ("Ctrl+L", "unlock a locked profile (asks for the passphrase)"),
+    ("PageUp / scroll up", "in the messages: older ones load at the top"),
     ("Esc", "back (close a dialog; from the messages to the list)"),
     ("Ctrl+Q", "quit"),
 ]

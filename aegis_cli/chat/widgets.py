@@ -30,7 +30,8 @@ class ConversationItem(ListItem):
         unread = f" ({c.unread}{'+' if c.unread_more else ''})" if c.unread else ""
         tag = "# " if c.kind == "group" else ""
         flags = " [blocked]" if c.blocked else "" if c.established else " [waiting]"
-        head = f"{tag}{render.name(c.name, 24)}{unread}{flags}  {render.when(c.last_at)}"
+        mark = " ✔" if c.verified else ""
+        head = f"{tag}{render.name(c.name, 24)}{mark}{unread}{flags}  {render.when(c.last_at)}"
         self.line.update(render.plain(f"{head}\n  {render.preview(c.last_text)}"))
 
 

@@ -18,7 +18,7 @@ from textual.widgets import Input, Static
 from aegis_cli.chat.app import ChatApp
 from aegis_cli.chat.model import contact_key
 from aegis_cli.chat.screens import KEYS, AskScreen, HelpScreen, InfoScreen
-from aegis_cli.chat.widgets import Compose, ConversationItem, MessageRow
+from aegis_cli.chat.widgets import Compose, ConversationItem, MessageLog, MessageRow
 from aegisd.paths import resolve
 from tests.daemon.conftest import FAST_KDF_ARGS, PASSPHRASE, DaemonProc
 from tests.functional.conftest import Peer, connect
@@ -263,10 +263,10 @@ def test_a_locked_profile_asks_for_the_passphrase(tmp_short: Path) -> None:
             ask = app.screen.query_one(Input)
             assert ask.password  # not echoed
             assert "locked" in text_of(app.query_one("#status", Static))
-            await pilot.press("escape")  # later: it stays locked until Ctrl+U
+            await pilot.press("escape")  # later: it stays locked until Ctrl+L
             await until(pilot, lambda: not isinstance(app.screen, AskScreen), "no prompt")
-            assert "Ctrl+U" in text_of(app.query_one("#status", Static))
-            await pilot.press("ctrl+u")
+            assert "Ctrl+L" in text_of(app.query_one("#status", Static))
+            await pilot.press("ctrl+l")
             await until(pilot, lambda: isinstance(app.screen, AskScreen), "the prompt again")
             await pilot.press(*"wrong passphrase")
             await pilot.press("enter")
@@ -286,3 +286,87 @@ def test_a_locked_profile_asks_for_the_passphrase(tmp_short: Path) -> None:
         asyncio.run(main())
     finally:
         daemon.stop()
+
+
+async def answer(app: ChatApp, pilot: Pilot[None], text: str) -> str:
+    """Type ``text`` in the open dialog and press Enter; the dialog's prompt."""
+    await until(pilot, lambda: isinstance(app.screen, AskScreen), "a dialog")
+    dialog = app.screen
+    prompt = text_of(dialog.query_one("#ask-prompt", Static))
+    dialog.query_one(Input).value = text
+    await pilot.press("enter")
+    await until(pilot, lambda: app.screen is not dialog, "the dialog closed")
+    return prompt
+
+
+def test_add_verify_rename_block(peers: Callable[[str], Peer]) -> None:
+    alice, bob, carol = peers("alice"), peers("bob"), peers("carol")
+    connect(alice, bob)
+    carol.wait_connected()
+
+    def contact(name: str) -> dict[str, Any] | None:
+        return next((c for c in alice.call("contacts.list")["contacts"] if c["name"] == name), None)
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        link = (await call(carol, "invitations.create"))["link"]
+        await pilot.press("ctrl+t")
+        await answer(app, pilot, link)
+        await answer(app, pilot, "carol")
+        await until(pilot, lambda: contact_key("carol") in app.convs, "carol in the list")
+
+        await app.open(contact_key("bob"))
+        expected = (await call(alice, "contacts.safety_number", {"name": "bob"}))["formatted"]
+        await pilot.press("ctrl+s")
+        prompt = await answer(app, pilot, "yes")
+        assert expected.split("\n")[0] in prompt
+        await until(pilot, lambda: app.convs[contact_key("bob")].verified, "verified")
+        assert (await asyncio.to_thread(contact, "bob") or {})["verified"] is True
+
+        await pilot.press("f2")
+        await answer(app, pilot, "robert")
+        await until(pilot, lambda: contact_key("robert") in app.convs, "renamed")
+        assert app.open_key == contact_key("robert")
+
+        await pilot.press("ctrl+b")
+        await answer(app, pilot, "yes")
+        await until(pilot, lambda: app.convs[contact_key("robert")].blocked, "blocked")
+        assert (await asyncio.to_thread(contact, "robert") or {})["blocked"] is True
+
+    run_app(alice, body)
+
+
+def test_no_key_of_the_map_is_taken_by_the_text_boxes() -> None:
+    from textual.widgets import TextArea
+
+    def keys(bindings: Any) -> set[str]:
+        return {k for b in bindings for k in b.key.split(",")}
+
+    own = keys(TextArea.BINDINGS) | keys(Input.BINDINGS)
+    ours = keys(ChatApp.BINDINGS)
+    assert not ours & own, ours & own
+
+
+def test_older_history_loads_at_the_top(peers: Callable[[str], Peer]) -> None:
+    alice, bob = pair(peers)
+    for i in range(60):
+        bob.call("messages.send", {"contact": "alice", "text": f"number {i}"})
+    alice.wait_for(
+        lambda: len(alice.call("messages.history", {"contact": "bob", "limit": 100})["messages"])
+        == 60,
+        "60 messages",
+        60,
+    )
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        conv = app.convs[contact_key("bob")]
+        assert conv.unread == 50 and conv.unread_more
+        assert "bob (50+)" in text_of(app.items[contact_key("bob")].line)
+        await app.open(contact_key("bob"))
+        await pilot.pause(0.2)
+        assert len(app.rows) == 50
+        app.query_one(MessageLog).scroll_home(animate=False)
+        await until(pilot, lambda: len(app.rows) == 60, "the older page")
+        texts = [t.split("\n", 1)[1] for t in shown_texts(app)]
+        assert texts == [f"number {i}" for i in range(60)]
+
+    run_app(alice, body)
