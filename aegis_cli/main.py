@@ -570,7 +570,9 @@ def chat(ctx: Ctx) -> None:
     # Textual is imported here only: no other command loads it.
     from .chat.app import run
 
-    run(ctx.paths.socket)
+    failure = run(ctx.paths.socket)
+    if failure is not None:
+        raise Fail(failure)
 
 
 @cli.command(short_help="Print events as they happen, until interrupted.")

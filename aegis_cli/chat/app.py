@@ -108,6 +108,25 @@ class ChatApp(App[None]):
         self.cursor: int | None = None
         self.subscriptions = 0
         self.ready = asyncio.Event()
+        #: Why the client stopped, when an unexpected error stopped it (no text, no locals).
+        self.failure: str | None = None
+
+    # -- an unexpected error -------------------------------------------------------------
+
+    def _fatal_error(self) -> None:
+        # Textual's own prints a traceback with every frame's locals, where a message text or
+        # the passphrase may be: only the error's type and where it happened are kept.
+        exc = self._exception
+        where = ""
+        tb = exc.__traceback__ if exc is not None else None
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None:
+            where = f" at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
+        name = type(exc).__name__ if exc is not None else "error"
+        self.failure = f"aegis chat stopped after an unexpected {name}{where}"
+        self.bell()
+        self._close_messages_no_wait()
 
     # -- layout -------------------------------------------------------------------------
 
@@ -606,8 +625,10 @@ class ChatApp(App[None]):
         await self.load()
 
 
-def run(socket: Path) -> None:
-    """Run the client until the user quits; the terminal is restored on every way out."""
+def run(socket: Path) -> str | None:
+    """Run the client until the user quits; the terminal is restored on every way out (Textual
+    does it, on an error too). Returns why it stopped after an unexpected error, else None."""
     app = ChatApp(socket)
     with contextlib.suppress(KeyboardInterrupt):
         app.run()
+    return app.failure

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from textual.content import Content
 from textual.pilot import Pilot
 from textual.widgets import Input, Static
@@ -370,3 +371,26 @@ def test_older_history_loads_at_the_top(peers: Callable[[str], Peer]) -> None:
         assert texts == [f"number {i}" for i in range(60)]
 
     run_app(alice, body)
+
+
+def test_an_unexpected_error_shows_no_locals(tmp_short: Path) -> None:
+    # No daemon: the client waits for one; a handler fails with a secret in its frame.
+    async def main() -> ChatApp:
+        app = ChatApp(tmp_short / "none.sock")
+
+        def boom() -> None:
+            secret = "the passphrase is hunter2"
+            raise RuntimeError(len(secret))
+
+        with pytest.raises(RuntimeError):
+            async with app.run_test(size=(80, 24)) as pilot:
+                status = app.query_one("#status", Static)
+                await until(pilot, lambda: "daemon not running" in text_of(status), "status")
+                app.call_later(boom)
+                await pilot.pause(0.5)
+        return app
+
+    app = asyncio.run(main())
+    assert app.failure is not None and "RuntimeError" in app.failure
+    assert "test_chat_tui.py" in app.failure
+    assert not app._exit_renderables  # Textual's traceback with locals is never printed
