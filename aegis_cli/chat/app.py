@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -72,6 +73,7 @@ def _error_text(exc: BaseException) -> str:
 
 class ChatApp(App[None]):
     CSS = CSS
+    ENABLE_COMMAND_PALETTE = False  # its commands (themes, screenshots) are not this client's
     TITLE = "aegis chat"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("f1,question_mark", "help", "help", priority=False),
@@ -83,6 +85,8 @@ class ChatApp(App[None]):
         Binding("f2", "rename", "rename"),
         Binding("ctrl+b", "block", "block"),
         Binding("ctrl+s", "safety", "safety number"),
+        Binding("ctrl+f", "send_file", "send a file"),
+        Binding("f4", "save_file", "save a file"),
         Binding("escape", "go_back", "back"),
         Binding("q", "quit_unless_typing", "quit", show=False),
     ]
@@ -273,6 +277,18 @@ class ChatApp(App[None]):
                 self.early_status[mid] = status
                 while len(self.early_status) > EARLY_MAX:
                     del self.early_status[next(iter(self.early_status))]
+        elif t.startswith("attachment."):
+            row = self.rows.get(str(d.get("attachment_id")))
+            if row is None:
+                return
+            if t == "attachment.progress":
+                done, total = int(d.get("done") or 0), int(d.get("total") or 0)
+                pct = 100 * done // total if total else 0
+                row.set_transfer(f"{pct}% ({done}/{total} blocks)")
+            elif t == "attachment.completed":
+                row.set_transfer("complete")
+            elif t == "attachment.failed":
+                row.set_transfer(f"failed: {render.name(d.get('reason') or '', 60)}")
         elif t in ("relay.up", "relay.down"):
             self.relay = {"connected": t == "relay.up", "reason": d.get("reason")}
             self.show_status()
@@ -606,6 +622,65 @@ class ChatApp(App[None]):
         if self.open_key in self.convs:
             title = render.name(self.convs[self.open_key].name, 60)
             self.query_one("#title", Static).update(render.plain(f" {title}"))
+
+    def action_send_file(self) -> None:
+        self.run_worker(self._send_file())
+
+    async def _send_file(self) -> None:
+        conv = self.target()
+        if conv is None:
+            return
+        if self.open_key != conv.key:
+            await self.open(conv.key)
+        path = await self.push_screen_wait(AskScreen("Send a file: its path"))
+        if not path or not path.strip():
+            return
+        full = os.path.abspath(os.path.expanduser(path.strip()))
+        try:
+            sent = await self.client.call("attachments.send", {"contact": conv.name, "path": full})
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
+            return
+        text = f"[file] {sent.get('name') or os.path.basename(full)}"
+        msg = {
+            "message_id": sent["message_id"], "direction": "out", "text": text,
+            "status": "queued", "created_at": int(time.time() * 1000),
+        }  # fmt: skip
+        if sent["message_id"] not in self.rows:
+            self.messages.append(msg)
+            await self.add_row(msg, at_end=True)
+        self.rows[sent["message_id"]].set_transfer("uploading")
+        conv.note_message(text, int(msg["created_at"]), False)
+        self.redraw_list()
+
+    def action_save_file(self) -> None:
+        self.run_worker(self._save_file())
+
+    async def _save_file(self) -> None:
+        """Save the newest file received in the open conversation."""
+        conv = self.convs.get(self.open_key or "")
+        files = [
+            m for m in self.messages
+            if m.get("direction") == "in" and str(m.get("text") or "").startswith("[file] ")
+        ]  # fmt: skip
+        if conv is None or not files:
+            self.notify("No received file in this conversation.", markup=False)
+            return
+        m = files[-1]
+        aid = str(m.get("attachment_id") or m.get("message_id"))
+        shown = render.name(str(m.get("text"))[7:], 60)
+        where = await self.push_screen_wait(
+            AskScreen(f"Save “{shown}” to (a directory or a file name):", value=os.getcwd())
+        )
+        if not where or not where.strip():
+            return
+        full = os.path.abspath(os.path.expanduser(where.strip()))
+        try:
+            r = await self.client.call("attachments.save", {"attachment_id": aid, "path": full})
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
+            return
+        self.notify(f"Saved as {render.name(r['path'], 200)}", markup=False)
 
     def action_add_contact(self) -> None:
         self.run_worker(self._add_contact())

@@ -27,6 +27,8 @@ KEYS = [
     ("F2", "rename the contact (the open one, else the highlighted one)"),
     ("Ctrl+B", "block or unblock the contact (asks first)"),
     ("Ctrl+S", "the safety number: compare it, then mark the contact verified"),
+    ("Ctrl+F", "send a file to the contact (its progress shows on the message)"),
+    ("F4", "save the newest file received in the open conversation"),
     ("Ctrl+L", "unlock a locked profile (asks for the passphrase)"),
     ("PageUp / scroll up", "in the messages: older ones load at the top"),
     ("Esc", "back (close a dialog; from the messages to the list)"),

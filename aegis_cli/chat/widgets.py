@@ -44,6 +44,7 @@ class MessageRow(Vertical):
         super().__init__(classes="out" if msg.get("direction") == "out" else "in")
         self.msg = dict(msg)
         self.who = who
+        self.transfer = ""  # a file's transfer: "3/10 blocks", "complete", "failed: ..."
         self.head = Static(markup=False, classes="head")
         self.text = Static(markup=False, classes="text")
         self.show()
@@ -61,6 +62,10 @@ class MessageRow(Vertical):
         """What is shown, as text (for tests)."""
         return f"{_plain(self.head)}\n{_plain(self.text)}"
 
+    def set_transfer(self, text: str) -> None:
+        self.transfer = text
+        self.show()
+
     def set_status(self, status: str) -> None:
         self.msg["status"] = status
         self.show()
@@ -75,7 +80,8 @@ class MessageRow(Vertical):
                 status = f"  ✓{delivery.get('delivered', 0)}/{delivery.get('recipients', 0)}"
             else:
                 status = f"  {render.mark(str(m.get('status') or ''))}"
-        self.head.update(render.plain(f"{at} {self.who}{status}"))
+        transfer = f"  [{self.transfer}]" if self.transfer else ""
+        self.head.update(render.plain(f"{at} {self.who}{status}{transfer}"))
         self.text.update(render.plain(render.body(m.get("text") or "")))
 
 

@@ -394,3 +394,42 @@ def test_an_unexpected_error_shows_no_locals(tmp_short: Path) -> None:
     assert app.failure is not None and "RuntimeError" in app.failure
     assert "test_chat_tui.py" in app.failure
     assert not app._exit_renderables  # Textual's traceback with locals is never printed
+
+
+def test_send_a_file_with_progress_and_save_one(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    alice, bob = pair(peers)
+    src = tmp_short / "report.bin"
+    src.write_bytes(bytes(range(256)) * 1200)  # 300 KB: several blocks
+    out = tmp_short / "saved"
+    out.mkdir()
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await app.open(contact_key("bob"))
+        await pilot.press("ctrl+f")
+        await answer(app, pilot, str(src))
+        row = await until(
+            pilot, lambda: next((r for r in app.query(MessageRow) if "report.bin" in r.plain),
+                                None), "the file's message")  # fmt: skip
+        await until(pilot, lambda: row.transfer == "complete", "the upload", 60)
+
+        def bob_has_it() -> Any:
+            files = bob.call("attachments.list", {})["attachments"]
+            return [f for f in files if f["name"] == "report.bin" and f["state"] == "complete"]
+
+        await asyncio.to_thread(bob.wait_for, bob_has_it, "the file at bob", 60)
+
+        # Bob sends one back; alice saves it from the client.
+        back = tmp_short / "back.txt"
+        back.write_text("from bob\n")
+        await call(bob, "attachments.send", {"contact": "alice", "path": str(back)})
+        await until(pilot, lambda: any("[file] back.txt" in t for t in shown_texts(app)), "file")
+        incoming = next(r for r in app.query(MessageRow) if "back.txt" in r.plain)
+        await until(pilot, lambda: incoming.transfer == "complete", "the download", 60)
+        await pilot.press("f4")
+        await answer(app, pilot, str(out))
+        await until(pilot, lambda: (out / "back.txt").exists(), "the saved file")
+        assert (out / "back.txt").read_text() == "from bob\n"
+
+    run_app(alice, body)
