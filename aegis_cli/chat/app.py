@@ -33,7 +33,7 @@ from aegis_client import (
 
 from . import render
 from .model import Conversation, contact_key, group_key, load_conversations
-from .screens import AskScreen, HelpScreen, InfoScreen
+from .screens import AskScreen, CallScreen, HelpScreen, InfoScreen
 from .widgets import Compose, ConversationItem, DaySeparator, MessageLog, MessageRow
 
 #: Back-off between attempts to reach a stopped daemon (seconds), as aegis_client's.
@@ -62,7 +62,7 @@ DaySeparator { color: $accent; text-align: center; }
 #help, #info { width: 90%; height: auto; max-height: 90%; border: round $accent;
     background: $surface; padding: 0 1; }
 #ask { width: 80%; height: auto; border: round $accent; background: $surface; padding: 0 1; }
-HelpScreen, AskScreen, InfoScreen { align: center middle; }
+HelpScreen, AskScreen, InfoScreen, CallScreen { align: center middle; }
 """
 
 
@@ -87,6 +87,7 @@ class ChatApp(App[None]):
         Binding("ctrl+s", "safety", "safety number"),
         Binding("ctrl+f", "send_file", "send a file"),
         Binding("f4", "save_file", "save a file"),
+        Binding("f8", "hang_up", "hang up"),
         Binding("escape", "go_back", "back"),
         Binding("q", "quit_unless_typing", "quit", show=False),
     ]
@@ -108,6 +109,8 @@ class ChatApp(App[None]):
         self.daemon_up = False
         self.relay: dict[str, Any] = {}
         self.pending_requests = 0
+        #: The call under way ({"call_id", "contact", "state"}), None when there is none.
+        self.call: dict[str, Any] | None = None
         #: The last event handled (the stream's cursor), for tests and the status line.
         self.cursor: int | None = None
         self.subscriptions = 0
@@ -163,6 +166,9 @@ class ChatApp(App[None]):
             else:
                 reason = r.get("reason")
                 text = "relay not connected" + (f": {render.name(reason, 60)}" if reason else "")
+            if self.call is not None:
+                who = render.name(self.call.get("contact") or "?", 24)
+                text += f" · call with {who}: {self.call.get('state')} (F8 hangs up)"
             if self.pending_requests:
                 text += f" · {self.pending_requests} contact request(s): Ctrl+R"
         self.query_one("#status", Static).update(render.plain(f" {text} · F1 keys"))
@@ -289,6 +295,21 @@ class ChatApp(App[None]):
                 row.set_transfer("complete")
             elif t == "attachment.failed":
                 row.set_transfer(f"failed: {render.name(d.get('reason') or '', 60)}")
+        elif t == "call.incoming":
+            self.call = {"call_id": d.get("call_id"), "contact": d.get("contact"),
+                         "state": "ringing"}  # fmt: skip
+            self.show_status()
+            self.run_worker(self._incoming_call(dict(d)))
+        elif t == "call.state":
+            if d.get("state") == "ended":
+                if self.call is not None and self.call.get("call_id") == d.get("call_id"):
+                    self.call = None
+                    reason = render.name(d.get("reason") or "", 40)
+                    self.notify(f"The call ended ({reason}).", markup=False)
+            else:
+                self.call = {"call_id": d.get("call_id"), "contact": d.get("contact"),
+                             "state": d.get("state")}  # fmt: skip
+            self.show_status()
         elif t in ("relay.up", "relay.down"):
             self.relay = {"connected": t == "relay.up", "reason": d.get("reason")}
             self.show_status()
@@ -681,6 +702,33 @@ class ChatApp(App[None]):
             self.notify(_error_text(exc), severity="error", markup=False)
             return
         self.notify(f"Saved as {render.name(r['path'], 200)}", markup=False)
+
+    async def _incoming_call(self, d: dict[str, Any]) -> None:
+        who = render.name(d.get("contact") or "?", 40)
+        choice = await self.push_screen_wait(CallScreen(who, bool(d.get("video"))))
+        call_id = d.get("call_id")
+        if self.call is None or self.call.get("call_id") != call_id:
+            return  # it ended meanwhile
+        try:
+            if choice == "answer":
+                await self.client.answer_call(str(call_id))
+            elif choice == "decline":
+                await self.client.reject_call(str(call_id))
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
+
+    async def action_hang_up(self) -> None:
+        if self.call is None:
+            self.notify("No call.", markup=False)
+            return
+        call_id = str(self.call.get("call_id"))
+        try:
+            if self.call.get("state") == "ringing":
+                await self.client.reject_call(call_id)
+            else:
+                await self.client.hangup(call_id)
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
 
     def action_add_contact(self) -> None:
         self.run_worker(self._add_contact())

@@ -29,6 +29,8 @@ KEYS = [
     ("Ctrl+S", "the safety number: compare it, then mark the contact verified"),
     ("Ctrl+F", "send a file to the contact (its progress shows on the message)"),
     ("F4", "save the newest file received in the open conversation"),
+    ("a / d", "an incoming call: answer / decline"),
+    ("F8", "hang up (or decline) the call"),
     ("Ctrl+L", "unlock a locked profile (asks for the passphrase)"),
     ("PageUp / scroll up", "in the messages: older ones load at the top"),
     ("Esc", "back (close a dialog; from the messages to the list)"),
@@ -75,6 +77,29 @@ class AskScreen(ModalScreen[str | None]):
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+class CallScreen(ModalScreen[str | None]):
+    """An incoming call: ``a`` answers, ``d`` declines, Esc lets it ring (F8 hangs up later)."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("a", "choose('answer')", "answer"),
+        Binding("d", "choose('decline')", "decline"),
+        Binding("escape", "choose(None)", "later"),
+    ]
+
+    def __init__(self, who: str, video: bool) -> None:
+        super().__init__()
+        self.text = (
+            f"{'Video call' if video else 'Call'} from “{who}”\n\n"
+            "a: answer   d: decline   Esc: let it ring (F8 then ends it)"
+        )
+
+    def compose(self) -> ComposeResult:
+        yield Static(render.plain(self.text), id="info", markup=False)
+
+    def action_choose(self, what: str | None) -> None:
+        self.dismiss(what)
 
 
 class InfoScreen(ModalScreen[None]):

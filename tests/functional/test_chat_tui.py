@@ -18,11 +18,13 @@ from textual.widgets import Input, Static
 
 from aegis_cli.chat.app import ChatApp
 from aegis_cli.chat.model import contact_key
-from aegis_cli.chat.screens import KEYS, AskScreen, HelpScreen, InfoScreen
+from aegis_cli.chat.screens import KEYS, AskScreen, CallScreen, HelpScreen, InfoScreen
 from aegis_cli.chat.widgets import Compose, ConversationItem, MessageLog, MessageRow
 from aegisd.paths import resolve
 from tests.daemon.conftest import FAST_KDF_ARGS, PASSPHRASE, DaemonProc
 from tests.functional.conftest import Peer, connect
+from tests.functional.sound_server import PulseAudio
+from tests.relay.conftest import RelayProcess
 
 SIZE = (100, 30)  # fixed: the assertions read what fits in it
 T = 30.0
@@ -433,3 +435,43 @@ def test_send_a_file_with_progress_and_save_one(
         assert (out / "back.txt").read_text() == "from bob\n"
 
     run_app(alice, body)
+
+
+def test_incoming_call_answer_then_hang_up_and_decline(
+    tmp_short: Path, relay_proc: RelayProcess, sound: PulseAudio
+) -> None:
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    people: list[Peer] = []
+    try:
+        for name in ("alice", "bob"):
+            p = Peer(tmp_short / name, url, name)
+            people.append(p)
+            p.stop()  # again with the test PulseAudio as microphone and speaker
+            p.proc = DaemonProc(p.home, [], sound.daemon_env(name))
+            p.proc.wait_ready()
+            p.call("calls.configure", {"host_candidates": "loopback"})
+        alice, bob = people
+        connect(alice, bob)
+
+        async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+            status = app.query_one("#status", Static)
+            first = (await call(bob, "calls.start", {"contact": "alice"}))["call_id"]
+            await until(pilot, lambda: isinstance(app.screen, CallScreen), "the call", 60)
+            await pilot.press("a")
+            await until(pilot, lambda: "call with bob: active" in text_of(status), "active", 60)
+            await pilot.press("f8")
+            await until(pilot, lambda: app.call is None, "the end", 60)
+            calls = (await call(alice, "calls.history", {"limit": 1}))["calls"]
+            assert (calls[0]["call_id"], calls[0]["reason"]) == (first, "hangup")
+
+            second = (await call(bob, "calls.start", {"contact": "alice"}))["call_id"]
+            await until(pilot, lambda: isinstance(app.screen, CallScreen), "the 2nd call", 60)
+            await pilot.press("d")
+            await until(pilot, lambda: app.call is None, "declined", 60)
+            calls = (await call(alice, "calls.history", {"limit": 1}))["calls"]
+            assert calls[0]["call_id"] == second and calls[0]["answered_at"] is None
+
+        run_app(alice, body)
+    finally:
+        for p in people:
+            p.stop()
