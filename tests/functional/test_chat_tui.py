@@ -475,3 +475,52 @@ def test_incoming_call_answer_then_hang_up_and_decline(
     finally:
         for p in people:
             p.stop()
+
+
+def test_a_group_in_the_list_live_and_sent(peers: Callable[[str], Peer]) -> None:
+    alice, bob = pair(peers)
+    g = alice.call("group.create", {"name": "[b]team[/b]"})["group"]
+    alice.call("group.invite", {"group": g, "contact": "bob"})
+    inv = bob.wait_for(lambda: bob.call("group.invitations")["invitations"], "an invitation")
+    bg = bob.call("group.accept", {"invitation": inv[0]["invitation"]})["group"]
+    alice.wait_for(
+        lambda: len(alice.call("group.get", {"group": g})["members"]) == 2, "bob in the group"
+    )
+    key = f"g:{g}"
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        assert key in app.convs
+        await call(bob, "group.send", {"group": bg, "text": "hi team"})
+        await until(pilot, lambda: app.convs[key].unread == 1, "the group's unread count", 60)
+        line = text_of(app.items[key].line)
+        assert "# [b]team[/b] (1)" in line and "hi team" in line
+        await app.open(key)
+        await until(pilot, lambda: app.convs[key].unread == 0, "read")
+        assert any("bob" in t and "hi team" in t for t in shown_texts(app))
+        await pilot.press(*"hello bob")
+        await pilot.press("enter")
+
+        def bob_has_it() -> Any:
+            h = bob.call("group.history", {"group": bg})["messages"]
+            return [m for m in h if m["text"] == "hello bob"]
+
+        await asyncio.to_thread(bob.wait_for, bob_has_it, "the group message at bob", 60)
+
+    run_app(alice, body)
+
+
+def test_the_command_without_a_terminal_or_a_daemon(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    def chat(home: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "aegis_cli.main", "chat", "--home", str(home)],
+            capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    r = chat(tmp_short / "nobody")
+    assert r.returncode != 0 and "aegis init" in r.stderr and len(r.stderr.splitlines()) == 1
+    alice = peers("alice")
+    r = chat(alice.home)
+    assert r.returncode != 0 and "needs a terminal" in r.stderr
+    assert "\x1b" not in r.stdout  # nothing drawn
