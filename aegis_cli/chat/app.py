@@ -59,7 +59,9 @@ MessageRow.out .head { color: $text-muted; }
 DaySeparator { color: $accent; text-align: center; }
 #compose { height: 4; }
 #status { height: 1; background: $primary-darken-3; }
-#help, #info { width: 90%; height: auto; max-height: 90%; border: round $accent;
+#help-box { width: 90%; height: auto; max-height: 90%; border: round $accent;
+    background: $surface; padding: 0 1; }
+#info { width: 90%; height: auto; max-height: 90%; border: round $accent;
     background: $surface; padding: 0 1; }
 #ask { width: 80%; height: auto; border: round $accent; background: $surface; padding: 0 1; }
 HelpScreen, AskScreen, InfoScreen, CallScreen { align: center middle; }

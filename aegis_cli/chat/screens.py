@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Vertical
+from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Input, Static
 
@@ -45,8 +45,14 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         width = max(len(k) for k, _ in KEYS)
-        text = "Keys\n\n" + "\n".join(f"{k.ljust(width)}  {v}" for k, v in KEYS)
-        yield Static(render.plain(text + "\n\nEsc closes."), id="help", markup=False)
+        text = "Keys (Esc closes; arrows scroll)\n\n" + "\n".join(
+            f"{k.ljust(width)}  {v}" for k, v in KEYS
+        )
+        with VerticalScroll(id="help-box"):  # taller than 24 rows: it scrolls
+            yield Static(render.plain(text), id="help", markup=False)
+
+    def on_mount(self) -> None:
+        self.query_one("#help-box").focus()
 
 
 class AskScreen(ModalScreen[str | None]):
