@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from textual import events
 from textual.content import Content
 from textual.pilot import Pilot
 from textual.widgets import Input, Static
@@ -225,6 +226,11 @@ def test_small_terminal_help_jump_request_and_invitation(peers: Callable[[str], 
         await pilot.press("question_mark", "q")  # typed, not the help key or quit
         await pilot.pause(0.1)
         assert compose.text == "?q" and not isinstance(app.screen, HelpScreen)
+        compose.clear()
+        pasted = "\n".join(f"line {i} " + "x" * 90 for i in range(200))  # ~20 KB, 200 lines
+        app.post_message(events.Paste(pasted))  # as the terminal driver delivers it
+        await until(pilot, lambda: compose.text == pasted, "the paste, whole and not sent")
+        assert not any("line 199" in t for t in shown_texts(app))
         compose.clear()
 
         await pilot.press("ctrl+o")
