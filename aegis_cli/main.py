@@ -560,6 +560,23 @@ def passphrase(
     ctx.out(result, "passphrase changed" if new is not None else "passphrase removed")
 
 
+@cli.command(short_help="The full-screen chat client (F1 lists its keys).")
+@common
+def chat(ctx: Ctx) -> None:
+    """A full-screen client: conversations, messages as they arrive, contact requests,
+    invitations and the daemon's state. F1 or ? lists the keys; Ctrl+Q quits. It needs the
+    daemon running (aegis daemon) and waits for it when it stops."""
+    ctx.client().close()  # the daemon is running and the socket is ours, or a clear error
+    if not sys.stdout.isatty() or not sys.stdin.isatty():
+        raise Fail("aegis chat needs a terminal (for scripts: aegis send, aegis listen)")
+    # Textual is imported here only: no other command loads it.
+    from .chat.app import run
+
+    failure = run(ctx.paths.socket)
+    if failure is not None:
+        raise Fail(failure)
+
+
 @cli.command(short_help="Print events as they happen, until interrupted.")
 @common
 @click.option("--since", type=int, metavar="SEQ", help="First replay the events after SEQ.")

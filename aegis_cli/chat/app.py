@@ -1,0 +1,759 @@
+"""The ``aegis chat`` application: the conversation list, the open conversation, the compose
+box and the status line, kept current by the daemon's event stream.
+
+The event stream is followed by ``follow_events`` with its cursor: when the daemon stops the
+status line says so, the stream is opened again with back-off, and it resumes after the last
+event handled, so no message is missed or shown twice. Every error path ends inside Textual's
+run loop, which restores the terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical
+from textual.widgets import ListView, Static
+
+from aegis_client import (
+    AegisClientError,
+    Client,
+    ConnectionLost,
+    DaemonNotRunning,
+    Event,
+    Locked,
+    WrongPassphrase,
+)
+
+from . import render
+from .model import Conversation, contact_key, group_key, load_conversations
+from .screens import AskScreen, CallScreen, HelpScreen, InfoScreen
+from .widgets import Compose, ConversationItem, DaySeparator, MessageLog, MessageRow
+
+#: Back-off between attempts to reach a stopped daemon (seconds), as aegis_client's.
+FIRST_DELAY = 0.05
+MAX_DELAY = 2.0
+#: Events after which the list is loaded again (a contact or group came, went or changed).
+GROUP_CHANGES = ("group.changed", "group.invitation")
+#: message.status events kept for rows not shown yet.
+EARLY_MAX = 256
+#: Messages per history page.
+PAGE = 50
+
+CSS = """
+#main { height: 1fr; }
+#convs { width: 32; min-width: 24; border-right: solid $primary-darken-2; }
+#right { width: 1fr; }
+#title { height: 1; background: $primary-darken-3; }
+#log { height: 1fr; }
+MessageRow { height: auto; margin: 0 0 1 0; }
+MessageRow .head { text-style: bold; }
+MessageRow .text { padding-left: 2; }
+MessageRow.out .head { color: $text-muted; }
+DaySeparator { color: $accent; text-align: center; }
+#compose { height: 4; }
+#status { height: 1; background: $primary-darken-3; }
+#help-box { width: 90%; height: auto; max-height: 90%; border: round $accent;
+    background: $surface; padding: 0 1; }
+#info { width: 90%; height: auto; max-height: 90%; border: round $accent;
+    background: $surface; padding: 0 1; }
+#ask { width: 80%; height: auto; border: round $accent; background: $surface; padding: 0 1; }
+HelpScreen, AskScreen, InfoScreen, CallScreen { align: center middle; }
+"""
+
+
+def _error_text(exc: BaseException) -> str:
+    # The daemon's messages name no secret (docs/api.md); still shown as inert text.
+    return render.name(str(exc) or type(exc).__name__, 200)
+
+
+class ChatApp(App[None]):
+    CSS = CSS
+    ENABLE_COMMAND_PALETTE = False  # its commands (themes, screenshots) are not this client's
+    TITLE = "aegis chat"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("f1,question_mark", "help", "help", priority=False),
+        Binding("ctrl+g", "jump", "jump"),
+        Binding("ctrl+r", "requests", "requests"),
+        Binding("ctrl+o", "invite", "invitation"),
+        Binding("ctrl+t", "add_contact", "add contact"),
+        Binding("ctrl+l", "unlock", "unlock"),
+        Binding("f2", "rename", "rename"),
+        Binding("ctrl+b", "block", "block"),
+        Binding("ctrl+s", "safety", "safety number"),
+        Binding("ctrl+f", "send_file", "send a file"),
+        Binding("f4", "save_file", "save a file"),
+        Binding("f8", "hang_up", "hang up"),
+        Binding("escape", "go_back", "back"),
+        Binding("q", "quit_unless_typing", "quit", show=False),
+    ]
+
+    def __init__(self, socket: Path) -> None:
+        super().__init__()
+        self.client = Client(socket)
+        self.convs: dict[str, Conversation] = {}
+        self.items: dict[str, ConversationItem] = {}
+        self.open_key: str | None = None
+        self.messages: list[dict[str, Any]] = []  # the open conversation's, oldest first
+        self.rows: dict[str, MessageRow] = {}
+        self.next_before: int | None = None
+        self.early_status: dict[str, str] = {}  # message.status before send() returned
+        self.locked = False
+        self.has_passphrase = True
+        self.unlocking = False
+        self.wake = asyncio.Event()
+        self.daemon_up = False
+        self.relay: dict[str, Any] = {}
+        self.pending_requests = 0
+        #: The call under way ({"call_id", "contact", "state"}), None when there is none.
+        self.call: dict[str, Any] | None = None
+        #: The last event handled (the stream's cursor), for tests and the status line.
+        self.cursor: int | None = None
+        self.subscriptions = 0
+        self.ready = asyncio.Event()
+        #: Why the client stopped, when an unexpected error stopped it (no text, no locals).
+        self.failure: str | None = None
+
+    # -- an unexpected error -------------------------------------------------------------
+
+    def _fatal_error(self) -> None:
+        # Textual's own prints a traceback with every frame's locals, where a message text or
+        # the passphrase may be: only the error's type and where it happened are kept.
+        exc = self._exception
+        where = ""
+        tb = exc.__traceback__ if exc is not None else None
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None:
+            where = f" at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
+        name = type(exc).__name__ if exc is not None else "error"
+        self.failure = f"aegis chat stopped after an unexpected {name}{where}"
+        self.bell()
+        self._close_messages_no_wait()
+
+    # -- layout -------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="main"):
+            yield ListView(id="convs")
+            with Vertical(id="right"):
+                yield Static(render.plain("no conversation open"), id="title", markup=False)
+                yield MessageLog(id="log")
+                yield Compose(id="compose", placeholder="Enter sends · Ctrl+N new line · F1 keys")
+        yield Static(render.plain("connecting…"), id="status", markup=False)
+
+    def on_mount(self) -> None:
+        self.run_worker(self.follow_events(), name="events", exclusive=True)
+
+    async def on_unmount(self) -> None:
+        await self.client.close()
+
+    # -- the status line ----------------------------------------------------------------
+
+    def show_status(self, note: str | None = None) -> None:
+        if not self.daemon_up:
+            text = note or "daemon not running: reconnecting…"
+        elif self.locked:
+            text = "locked: Ctrl+L to unlock"
+        else:
+            r = self.relay
+            if r.get("connected"):
+                text = "relay connected"
+            else:
+                reason = r.get("reason")
+                text = "relay not connected" + (f": {render.name(reason, 60)}" if reason else "")
+            if self.call is not None:
+                who = render.name(self.call.get("contact") or "?", 24)
+                text += f" · call with {who}: {self.call.get('state')} (F8 hangs up)"
+            if self.pending_requests:
+                text += f" · {self.pending_requests} contact request(s): Ctrl+R"
+        self.query_one("#status", Static).update(render.plain(f" {text} · F1 keys"))
+
+    async def refresh_status(self) -> None:
+        st = await self.client.status()
+        self.locked = bool(st["locked"])
+        self.has_passphrase = bool(st["has_passphrase"])
+        self.relay = dict(st["relay"])
+        if not self.locked:
+            self.pending_requests = len(await self.client.requests())
+        self.show_status()
+
+    # -- events -------------------------------------------------------------------------
+
+    async def follow_events(self) -> None:
+        """Subscribe, load, then handle events; across daemon restarts, from the cursor."""
+        delay = FIRST_DELAY
+        loaded = False
+        while True:
+            stream = self.client.events(since=self.cursor, reconnect=False)
+            try:
+                await self.client.close()  # a stopped daemon left the request link dead
+                await stream.start()
+                self.subscriptions += 1
+                self.daemon_up = True
+                delay = FIRST_DELAY
+                await self.refresh_status()
+                if self.locked:
+                    await self.unlock()
+                if not loaded:
+                    # Subscribed first, loaded second: nothing falls between the two (an event
+                    # for a message already loaded is recognised by its id).
+                    await self.load()
+                    loaded = True
+                self.ready.set()
+                async for ev in stream:
+                    self.cursor = stream.last_seq
+                    await self.handle(ev)
+            except Locked:
+                self.daemon_up, self.locked = True, True
+                self.show_status()
+                await self.unlock()
+            except (DaemonNotRunning, ConnectionLost, OSError):
+                self.daemon_up = False
+                self.show_status()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_DELAY)
+            finally:
+                if stream.last_seq is not None:
+                    self.cursor = stream.last_seq
+                await stream.aclose()
+
+    async def unlock(self) -> None:
+        """Ask for the passphrase until it unlocks; Esc leaves it locked until Ctrl+L."""
+        if self.unlocking:
+            return
+        self.unlocking = True
+        try:
+            if not await self._unlock():
+                self.wake.clear()
+                await self.wake.wait()  # Ctrl+L
+        finally:
+            self.unlocking = False
+
+    def action_unlock(self) -> None:
+        self.wake.set()
+        if self.locked and not self.unlocking:
+            self.run_worker(self.unlock())
+
+    async def _unlock(self) -> bool:
+        if not self.has_passphrase:  # its key is in a file: nothing to ask
+            await self.client.unlock()
+            self.locked = False
+            self.show_status()
+            return True
+        prompt = "The profile is locked. Passphrase (not shown):"
+        while True:
+            answer = await self.push_screen_wait(AskScreen(prompt, password=True))
+            if answer is None:
+                self.show_status()
+                return False
+            try:
+                await self.client.unlock(answer)
+            except WrongPassphrase:
+                prompt = "Wrong passphrase. Passphrase (not shown):"
+                continue
+            self.locked = False
+            self.show_status()
+            return True
+
+    async def handle(self, ev: Event) -> None:
+        d = ev.data
+        t = ev.type
+        if t == "message.received":
+            await self.incoming(contact_key(str(d.get("contact"))), {
+                "message_id": d.get("message_id"), "direction": "in", "text": d.get("text"),
+                "status": "received", "created_at": ev.time_ms,
+            })  # fmt: skip
+        elif t == "group.message":
+            await self.incoming(group_key(int(d.get("group") or 0)), {
+                "message_id": d.get("message_id"), "direction": "in", "text": d.get("text"),
+                "from_contact": d.get("from_contact"), "from": d.get("from"),
+                "created_at": ev.time_ms,
+            })  # fmt: skip
+        elif t == "message.status":
+            mid, status = str(d.get("message_id")), str(d.get("status"))
+            row = self.rows.get(mid)
+            if row is not None:
+                row.set_status(status)
+            else:  # perhaps ours, before send() returned; bounded: others' are never used
+                self.early_status[mid] = status
+                while len(self.early_status) > EARLY_MAX:
+                    del self.early_status[next(iter(self.early_status))]
+        elif t.startswith("attachment."):
+            row = self.rows.get(str(d.get("attachment_id")))
+            if row is None:
+                return
+            if t == "attachment.progress":
+                done, total = int(d.get("done") or 0), int(d.get("total") or 0)
+                pct = 100 * done // total if total else 0
+                row.set_transfer(f"{pct}% ({done}/{total} blocks)")
+            elif t == "attachment.completed":
+                row.set_transfer("complete")
+            elif t == "attachment.failed":
+                row.set_transfer(f"failed: {render.name(d.get('reason') or '', 60)}")
+        elif t == "call.incoming":
+            self.call = {"call_id": d.get("call_id"), "contact": d.get("contact"),
+                         "state": "ringing"}  # fmt: skip
+            self.show_status()
+            self.run_worker(self._incoming_call(dict(d)))
+        elif t == "call.state":
+            if d.get("state") == "ended":
+                if self.call is not None and self.call.get("call_id") == d.get("call_id"):
+                    self.call = None
+                    reason = render.name(d.get("reason") or "", 40)
+                    self.notify(f"The call ended ({reason}).", markup=False)
+            else:
+                self.call = {"call_id": d.get("call_id"), "contact": d.get("contact"),
+                             "state": d.get("state")}  # fmt: skip
+            self.show_status()
+        elif t in ("relay.up", "relay.down"):
+            self.relay = {"connected": t == "relay.up", "reason": d.get("reason")}
+            self.show_status()
+        elif t == "daemon.locked":
+            self.locked = True
+            self.show_status()
+            self.run_worker(self.unlock(), exclusive=False)
+        elif t == "daemon.unlocked" or t.startswith("contact.") or t in GROUP_CHANGES:
+            await self.refresh_status()
+            await self.load()
+
+    async def incoming(self, key: str, msg: dict[str, Any]) -> None:
+        conv = self.convs.get(key)
+        if conv is None:
+            await self.load()
+            conv = self.convs.get(key)
+            if conv is None:
+                return
+        mid = str(msg.get("message_id"))
+        if key == self.open_key:
+            if mid in self.rows:
+                return  # loaded with the history already
+            self.messages.append(msg)
+            await self.add_row(msg, at_end=True)
+            conv.note_message(str(msg.get("text") or ""), int(msg["created_at"]), False)
+            await self.mark_read(conv)
+        elif mid not in conv.seen:
+            conv.seen.add(mid)
+            conv.note_message(str(msg.get("text") or ""), int(msg["created_at"]), True)
+        self.redraw_list()
+
+    # -- the conversation list ----------------------------------------------------------
+
+    async def load(self) -> None:
+        convs = await load_conversations(self.client)
+        self.convs = {c.key: c for c in convs}
+        self.redraw_list()
+
+    def redraw_list(self) -> None:
+        lv = self.query_one("#convs", ListView)
+        order = sorted(self.convs.values(), key=lambda c: c.last_at, reverse=True)
+        keys = [c.key for c in order]
+        if keys == [i.conv.key for i in lv.query(ConversationItem)]:
+            for c in order:  # the same order: update the rows in place
+                item = self.items[c.key]
+                item.conv = c
+                item.refresh_text()
+            return
+        selected = self.selected_key()
+        lv.clear()
+        self.items = {c.key: ConversationItem(c) for c in order}
+        lv.extend(self.items.values())
+        lv.index = keys.index(selected) if selected in keys else (0 if keys else None)
+
+    def selected_key(self) -> str | None:
+        lv = self.query_one("#convs", ListView)
+        item = lv.highlighted_child
+        return item.conv.key if isinstance(item, ConversationItem) else None
+
+    async def on_list_view_selected(self, event: ListView.Selected) -> None:
+        if isinstance(event.item, ConversationItem):
+            await self.open(event.item.conv.key)
+
+    # -- the open conversation ----------------------------------------------------------
+
+    async def open(self, key: str) -> None:
+        conv = self.convs[key]
+        self.open_key = key
+        self.messages, self.rows, self.next_before = [], {}, None
+        title = ("# " if conv.kind == "group" else "") + render.name(conv.name, 60)
+        self.query_one("#title", Static).update(render.plain(f" {title}"))
+        await self.fetch_page()
+        await self.rebuild()
+        self.query_one("#log", MessageLog).scroll_end(animate=False)
+        await self.mark_read(conv)
+        self.query_one("#compose", Compose).focus()
+
+    async def fetch_page(self) -> bool:
+        conv = self.convs[self.open_key] if self.open_key else None
+        if conv is None:
+            return False
+        if conv.kind == "group":
+            assert conv.group is not None
+            page: Any = await self.client.group_history(
+                conv.group, limit=PAGE, before=self.next_before
+            )
+        else:
+            page = await self.client.history(conv.name, limit=PAGE, before=self.next_before)
+        known = {str(m.get("message_id")) for m in self.messages}
+        older = [m for m in page["messages"] if str(m.get("message_id")) not in known]
+        self.messages[:0] = older
+        self.next_before = page["next_before"]
+        return bool(older)
+
+    def who(self, msg: dict[str, Any]) -> str:
+        if msg.get("direction") == "out":
+            return "me"
+        conv = self.convs.get(self.open_key or "")
+        if conv is not None and conv.kind == "group":
+            fc = msg.get("from_contact")
+            return render.name(fc, 24) if fc else render.name(str(msg.get("from") or "?")[:8])
+        return render.name(conv.name if conv else "?", 24)
+
+    def new_row(self, msg: dict[str, Any]) -> MessageRow:
+        mid = str(msg.get("message_id"))
+        if mid in self.early_status:
+            msg = {**msg, "status": self.early_status.pop(mid)}
+        row = MessageRow(msg, self.who(msg))
+        self.rows[mid] = row
+        return row
+
+    async def rebuild(self) -> None:
+        log = self.query_one("#log", MessageLog)
+        await log.remove_children()
+        self.rows = {}
+        widgets: list[Any] = []
+        last_day = ""
+        for m in self.messages:
+            at = int(m.get("created_at") or 0)
+            if render.day(at) != last_day:
+                last_day = render.day(at)
+                widgets.append(DaySeparator(at))
+            widgets.append(self.new_row(m))
+        await log.mount_all(widgets)
+
+    async def add_row(self, msg: dict[str, Any], at_end: bool) -> None:
+        log = self.query_one("#log", MessageLog)
+        at = int(msg.get("created_at") or 0)
+        prev = self.messages[-2] if len(self.messages) > 1 else None
+        widgets: list[Any] = []
+        if prev is None or render.day(int(prev.get("created_at") or 0)) != render.day(at):
+            widgets.append(DaySeparator(at))
+        widgets.append(self.new_row(msg))
+        stick = log.is_vertical_scroll_end
+        await log.mount_all(widgets)
+        if stick or at_end:
+            log.scroll_end(animate=False)
+
+    async def mark_read(self, conv: Conversation) -> None:
+        if conv.unread == 0 and not conv.unread_more:
+            return
+        try:
+            if conv.kind == "group":
+                assert conv.group is not None
+                await self.client.mark_group_read(conv.group)
+            else:
+                await self.client.mark_read(conv.name)
+        except AegisClientError:
+            return
+        conv.unread, conv.unread_more = 0, False
+        self.redraw_list()
+
+    async def on_message_log_at_top(self, _: MessageLog.AtTop) -> None:
+        await self.action_older()
+
+    async def action_older(self) -> None:
+        if self.open_key is None or self.next_before is None:
+            return
+        first = next(iter(self.rows.values()), None)
+        if await self.fetch_page():
+            await self.rebuild()
+            if first is not None:
+                mid = first.message_id
+                log = self.query_one("#log", MessageLog)
+                row = self.rows.get(mid)
+                if row is not None:
+                    self.call_after_refresh(log.scroll_to_widget, row, top=True, animate=False)
+
+    async def on_compose_send(self, event: Compose.Send) -> None:
+        conv = self.convs.get(self.open_key or "")
+        if conv is None:
+            self.notify("Open a conversation first (Tab to the list, Enter).", markup=False)
+            return
+        try:
+            if conv.kind == "group":
+                assert conv.group is not None
+                sent: Any = await self.client.send_to_group(conv.group, event.text)
+                msg: dict[str, Any] = {"delivery": {"recipients": sent["recipients"]}}
+            else:
+                sent = await self.client.send(conv.name, event.text)
+                msg = {"status": sent["status"]}
+        except AegisClientError as exc:
+            self.query_one("#compose", Compose).insert(event.text)  # not lost
+            self.notify(_error_text(exc), severity="error", markup=False)
+            return
+        msg.update(
+            message_id=sent["message_id"], direction="out", text=event.text,
+            created_at=int(time.time() * 1000),
+        )  # fmt: skip
+        self.messages.append(msg)
+        await self.add_row(msg, at_end=True)
+        conv.note_message(event.text, int(msg["created_at"]), False)
+        self.redraw_list()
+
+    # -- actions --------------------------------------------------------------------------
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_go_back(self) -> None:
+        self.query_one("#convs", ListView).focus()
+
+    def action_quit_unless_typing(self) -> None:
+        if not isinstance(self.focused, Compose):
+            self.exit()
+
+    def action_jump(self) -> None:
+        self.run_worker(self._jump())
+
+    async def _jump(self) -> None:
+        answer = await self.push_screen_wait(AskScreen("Jump to (a name or part of one):"))
+        if not answer:
+            return
+        want = answer.casefold()
+        convs = sorted(self.convs.values(), key=lambda c: c.last_at, reverse=True)
+        match = next((c for c in convs if c.name.casefold().startswith(want)), None) or next(
+            (c for c in convs if want in c.name.casefold()), None
+        )
+        if match is None:
+            self.notify("No conversation by that name.", markup=False)
+            return
+        lv = self.query_one("#convs", ListView)
+        keys = [i.conv.key for i in lv.query(ConversationItem)]
+        if match.key in keys:
+            lv.index = keys.index(match.key)
+        await self.open(match.key)
+
+    def action_requests(self) -> None:
+        self.run_worker(self._requests())
+
+    async def _requests(self) -> None:
+        try:
+            reqs = await self.client.requests()
+            if not reqs:
+                self.notify("No contact request waits.", markup=False)
+                return
+            for r in reqs:
+                who = render.name(r["name"], 40)
+                prompt = (
+                    f"Contact request from “{who}”\nsafety number {render.name(r['safety_number'])}"
+                    "\n\nType a name to accept as that contact, or - to reject (Esc: later)."
+                )
+                answer = await self.push_screen_wait(AskScreen(prompt, value=r["name"][:64]))
+                if answer is None:
+                    continue
+                if answer.strip() == "-":
+                    await self.client.call("requests.reject", {"request": r["request"]})
+                else:
+                    await self.client.accept(r["request"], answer.strip() or None)
+            await self.refresh_status()
+            await self.load()
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
+
+    def action_invite(self) -> None:
+        self.run_worker(self._invite())
+
+    async def _invite(self) -> None:
+        try:
+            inv = await self.client.create_invitation()
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
+            return
+        text = (
+            "A one-time invitation: give this link to one person (aegis invite --qr shows it"
+            f" as a QR code).\n\n{inv['link']}"
+        )
+        await self.push_screen_wait(InfoScreen(render.name(text, 4000)))
+
+    def target(self) -> Conversation | None:
+        """The contact an action is about: the open conversation, else the highlighted one."""
+        conv = self.convs.get(self.open_key or "") or self.convs.get(self.selected_key() or "")
+        if conv is None or conv.kind != "contact":
+            self.notify("Open or highlight a contact first.", markup=False)
+            return None
+        return conv
+
+    def action_rename(self) -> None:
+        self.run_worker(self._contact_action("rename"))
+
+    def action_block(self) -> None:
+        self.run_worker(self._contact_action("block"))
+
+    def action_safety(self) -> None:
+        self.run_worker(self._contact_action("safety"))
+
+    async def _contact_action(self, what: str) -> None:
+        conv = self.target()
+        if conv is None:
+            return
+        shown = render.name(conv.name, 64)
+        try:
+            if what == "rename":
+                new = await self.push_screen_wait(AskScreen(f"Rename “{shown}” to:"))
+                if not new or not new.strip():
+                    return
+                await self.client.call(
+                    "contacts.rename", {"name": conv.name, "new_name": new.strip()}
+                )
+                if self.open_key == conv.key:
+                    self.open_key = contact_key(new.strip())
+            elif what == "block":
+                verb = "Unblock" if conv.blocked else "Block"
+                answer = await self.push_screen_wait(
+                    AskScreen(f"{verb} “{shown}”? Type yes to confirm.")
+                )
+                if (answer or "").strip().lower() != "yes":
+                    return
+                await self.client.call(
+                    "contacts.block", {"name": conv.name, "blocked": not conv.blocked}
+                )
+            else:
+                sn = await self.client.call("contacts.safety_number", {"name": conv.name})
+                state = "verified" if conv.verified else "not verified"
+                prompt = (
+                    f"Safety number with “{shown}” ({state}):\n\n"
+                    f"{render.name(sn['formatted'].replace(chr(10), '  '), 100)}\n\n"
+                    "Compare it with theirs (in person or on a call). The same? Type yes to"
+                    " mark them verified (no: clear the mark; Esc: leave it)."
+                )
+                answer = (await self.push_screen_wait(AskScreen(prompt)) or "").strip().lower()
+                if answer not in ("yes", "no"):
+                    return
+                await self.client.call(
+                    "contacts.verify", {"name": conv.name, "verified": answer == "yes"}
+                )
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
+            return
+        await self.load()
+        if self.open_key in self.convs:
+            title = render.name(self.convs[self.open_key].name, 60)
+            self.query_one("#title", Static).update(render.plain(f" {title}"))
+
+    def action_send_file(self) -> None:
+        self.run_worker(self._send_file())
+
+    async def _send_file(self) -> None:
+        conv = self.target()
+        if conv is None:
+            return
+        if self.open_key != conv.key:
+            await self.open(conv.key)
+        path = await self.push_screen_wait(AskScreen("Send a file: its path"))
+        if not path or not path.strip():
+            return
+        full = os.path.abspath(os.path.expanduser(path.strip()))
+        try:
+            sent = await self.client.call("attachments.send", {"contact": conv.name, "path": full})
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
+            return
+        text = f"[file] {sent.get('name') or os.path.basename(full)}"
+        msg = {
+            "message_id": sent["message_id"], "direction": "out", "text": text,
+            "status": "queued", "created_at": int(time.time() * 1000),
+        }  # fmt: skip
+        if sent["message_id"] not in self.rows:
+            self.messages.append(msg)
+            await self.add_row(msg, at_end=True)
+        self.rows[sent["message_id"]].set_transfer("uploading")
+        conv.note_message(text, int(msg["created_at"]), False)
+        self.redraw_list()
+
+    def action_save_file(self) -> None:
+        self.run_worker(self._save_file())
+
+    async def _save_file(self) -> None:
+        """Save the newest file received in the open conversation."""
+        conv = self.convs.get(self.open_key or "")
+        files = [
+            m for m in self.messages
+            if m.get("direction") == "in" and str(m.get("text") or "").startswith("[file] ")
+        ]  # fmt: skip
+        if conv is None or not files:
+            self.notify("No received file in this conversation.", markup=False)
+            return
+        m = files[-1]
+        aid = str(m.get("attachment_id") or m.get("message_id"))
+        shown = render.name(str(m.get("text"))[7:], 60)
+        where = await self.push_screen_wait(
+            AskScreen(f"Save “{shown}” to (a directory or a file name):", value=os.getcwd())
+        )
+        if not where or not where.strip():
+            return
+        full = os.path.abspath(os.path.expanduser(where.strip()))
+        try:
+            r = await self.client.call("attachments.save", {"attachment_id": aid, "path": full})
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
+            return
+        self.notify(f"Saved as {render.name(r['path'], 200)}", markup=False)
+
+    async def _incoming_call(self, d: dict[str, Any]) -> None:
+        who = render.name(d.get("contact") or "?", 40)
+        choice = await self.push_screen_wait(CallScreen(who, bool(d.get("video"))))
+        call_id = d.get("call_id")
+        if self.call is None or self.call.get("call_id") != call_id:
+            return  # it ended meanwhile
+        try:
+            if choice == "answer":
+                await self.client.answer_call(str(call_id))
+            elif choice == "decline":
+                await self.client.reject_call(str(call_id))
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
+
+    async def action_hang_up(self) -> None:
+        if self.call is None:
+            self.notify("No call.", markup=False)
+            return
+        call_id = str(self.call.get("call_id"))
+        try:
+            if self.call.get("state") == "ringing":
+                await self.client.reject_call(call_id)
+            else:
+                await self.client.hangup(call_id)
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
+
+    def action_add_contact(self) -> None:
+        self.run_worker(self._add_contact())
+
+    async def _add_contact(self) -> None:
+        link = await self.push_screen_wait(AskScreen("Add a contact: paste their link"))
+        if not link:
+            return
+        name = await self.push_screen_wait(AskScreen("The name you give this contact:"))
+        if not name:
+            return
+        try:
+            await self.client.add_contact(name.strip(), link.strip())
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
+            return
+        await self.load()
+
+
+def run(socket: Path) -> str | None:
+    """Run the client until the user quits; the terminal is restored on every way out (Textual
+    does it, on an error too). Returns why it stopped after an unexpected error, else None."""
+    app = ChatApp(socket)
+    with contextlib.suppress(KeyboardInterrupt):
+        app.run()
+    return app.failure

@@ -1,0 +1,133 @@
+"""The client's widgets: the conversation list's rows, the message log and the compose box.
+Every peer-supplied string arrives here already made safe (``render``) and is shown through
+``render.plain``: never as markup."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from textual import events
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.content import Content
+from textual.message import Message
+from textual.widgets import ListItem, Static, TextArea
+
+from . import render
+from .model import Conversation
+
+
+class ConversationItem(ListItem):
+    def __init__(self, conv: Conversation) -> None:
+        self.conv = conv
+        self.line = Static(markup=False)
+        super().__init__(self.line)
+        self.refresh_text()
+
+    def refresh_text(self) -> None:
+        c = self.conv
+        unread = f" ({c.unread}{'+' if c.unread_more else ''})" if c.unread else ""
+        tag = "# " if c.kind == "group" else ""
+        flags = " [blocked]" if c.blocked else "" if c.established else " [waiting]"
+        mark = " ✔" if c.verified else ""
+        head = f"{tag}{render.name(c.name, 24)}{mark}{unread}{flags}  {render.when(c.last_at)}"
+        self.line.update(render.plain(f"{head}\n  {render.preview(c.last_text)}"))
+
+
+class MessageRow(Vertical):
+    """One message: a header (time, who, an outgoing one's status mark, updated live) and the
+    text below it, indented by the CSS (wrapped lines too), so that no line of a text can pass
+    for the header of another message."""
+
+    def __init__(self, msg: dict[str, Any], who: str) -> None:
+        super().__init__(classes="out" if msg.get("direction") == "out" else "in")
+        self.msg = dict(msg)
+        self.who = who
+        self.transfer = ""  # a file's transfer: "3/10 blocks", "complete", "failed: ..."
+        self.head = Static(markup=False, classes="head")
+        self.text = Static(markup=False, classes="text")
+        self.show()
+
+    def compose(self) -> ComposeResult:
+        yield self.head
+        yield self.text
+
+    @property
+    def message_id(self) -> str:
+        return str(self.msg.get("message_id") or "")
+
+    @property
+    def plain(self) -> str:
+        """What is shown, as text (for tests)."""
+        return f"{_plain(self.head)}\n{_plain(self.text)}"
+
+    def set_transfer(self, text: str) -> None:
+        self.transfer = text
+        self.show()
+
+    def set_status(self, status: str) -> None:
+        self.msg["status"] = status
+        self.show()
+
+    def show(self) -> None:
+        m = self.msg
+        at = render.clock(int(m.get("created_at") or 0))
+        status = ""
+        if m.get("direction") == "out":
+            delivery = m.get("delivery")
+            if isinstance(delivery, dict):  # a group message: receipts counted per member
+                status = f"  ✓{delivery.get('delivered', 0)}/{delivery.get('recipients', 0)}"
+            else:
+                status = f"  {render.mark(str(m.get('status') or ''))}"
+        transfer = f"  [{self.transfer}]" if self.transfer else ""
+        self.head.update(render.plain(f"{at} {self.who}{status}{transfer}"))
+        self.text.update(render.plain(render.body(m.get("text") or "")))
+
+
+def _plain(widget: Static) -> str:
+    content = widget.content
+    # Always a Content built from plain text (render.plain): never a markup string.
+    return content.plain if isinstance(content, Content) else f"<not Content: {content!r}>"
+
+
+class DaySeparator(Static):
+    def __init__(self, ms: int) -> None:
+        super().__init__(render.plain(f"── {render.day(ms)} ──"), markup=False)
+
+
+class MessageLog(VerticalScroll):
+    """The conversation view; scrolled to its top, it asks for the older page."""
+
+    @dataclass
+    class AtTop(Message):
+        pass
+
+    def watch_scroll_y(self, old_value: float, new_value: float) -> None:
+        super().watch_scroll_y(old_value, new_value)
+        if new_value <= 0 and old_value > 0:
+            self.post_message(self.AtTop())
+
+
+class Compose(TextArea):
+    """Enter sends; Ctrl+N (or Alt+Enter) starts a new line; a paste goes in whole."""
+
+    @dataclass
+    class Send(Message):
+        text: str
+
+    async def _on_key(self, event: events.Key) -> None:
+        if event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            text = self.text
+            if text.strip():
+                self.post_message(self.Send(text))
+                self.clear()
+            return
+        if event.key in ("ctrl+n", "alt+enter", "shift+enter"):
+            event.stop()
+            event.prevent_default()
+            self.insert("\n")
+            return
+        await super()._on_key(event)

@@ -1,0 +1,532 @@
+"""``aegis chat`` (aegis_cli/chat) driven by Textual's Pilot, in process, against a real relay
+and real daemons: live messages and unread counts, the marks of a sent message, a daemon
+restart in the middle of a session, and hostile text shown as the inert text it is."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from textual import events
+from textual.content import Content
+from textual.pilot import Pilot
+from textual.widgets import Input, Static
+
+from aegis_cli.chat.app import ChatApp
+from aegis_cli.chat.model import contact_key
+from aegis_cli.chat.screens import KEYS, AskScreen, CallScreen, HelpScreen, InfoScreen
+from aegis_cli.chat.widgets import Compose, ConversationItem, MessageLog, MessageRow
+from aegisd.paths import resolve
+from tests.daemon.conftest import FAST_KDF_ARGS, PASSPHRASE, DaemonProc
+from tests.functional.conftest import Peer, connect
+from tests.functional.sound_server import PulseAudio
+from tests.relay.conftest import RelayProcess
+
+SIZE = (100, 30)  # fixed: the assertions read what fits in it
+T = 30.0
+
+
+async def until(pilot: Pilot[None], pred: Callable[[], Any], what: str, t: float = T) -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + t
+    while loop.time() < deadline:
+        value = pred()
+        if value:
+            return value
+        await pilot.pause(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def call(peer: Peer, method: str, params: dict[str, Any] | None = None) -> Any:
+    return await asyncio.to_thread(peer.call, method, params)
+
+
+def item(app: ChatApp, name: str) -> ConversationItem | None:
+    return app.items.get(contact_key(name))
+
+
+def text_of(widget: Static) -> str:
+    content = widget.content
+    assert isinstance(content, Content), type(content)  # never a markup string
+    return content.plain
+
+
+def shown_texts(app: ChatApp) -> list[str]:
+    return [r.plain for r in app.query(MessageRow)]
+
+
+def run_app(peer: Peer, body: Callable[[ChatApp, Pilot[None]], Awaitable[None]]) -> None:
+    async def main() -> None:
+        app = ChatApp(resolve(peer.home).socket)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, app.ready.is_set, "the client to load")
+            await body(app, pilot)
+
+    asyncio.run(main())
+
+
+def pair(peers: Callable[[str], Peer]) -> tuple[Peer, Peer]:
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    return alice, bob
+
+
+def test_live_message_unread_count_and_sent_marks(peers: Callable[[str], Peer]) -> None:
+    alice, bob = pair(peers)
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        assert item(app, "bob") is not None and app.convs[contact_key("bob")].unread == 0
+        await call(bob, "messages.send", {"contact": "alice", "text": "hello from bob"})
+        await until(pilot, lambda: app.convs[contact_key("bob")].unread == 1, "unread 1")
+        row = item(app, "bob")
+        assert row is not None
+        assert "bob (1)" in text_of(row.line) and "hello from bob" in text_of(row.line)
+
+        app.query_one("#convs").focus()
+        await pilot.press("enter")  # opens the highlighted (only) conversation
+        await until(pilot, lambda: app.convs[contact_key("bob")].unread == 0, "read")
+        assert any("hello from bob" in t for t in shown_texts(app))
+        compose = app.query_one(Compose)
+        await until(pilot, lambda: compose.has_focus, "the compose box's focus")
+        compose.insert("line one")
+        await pilot.press("ctrl+n")
+        compose.insert("line two")
+        await pilot.press("enter")
+        await until(pilot, lambda: any("line two" in t for t in shown_texts(app)), "my row")
+        assert compose.text == ""
+
+        def bob_has_it() -> Any:
+            h = bob.call("messages.history", {"contact": "alice"})["messages"]
+            return [m for m in h if m["text"] == "line one\nline two"]
+
+        msg = (await asyncio.to_thread(bob.wait_for, bob_has_it, "the message at bob"))[0]
+        mine = app.rows[msg["message_id"]]
+        await until(pilot, lambda: mine.msg["status"] == "delivered", "delivered", 60)
+        assert "✓✓" in mine.plain
+        await call(bob, "messages.mark_read", {"contact": "alice"})
+        await until(pilot, lambda: mine.msg["status"] == "read", "read", 60)
+        assert "✓✓ read" in mine.plain
+
+    run_app(alice, body)
+
+
+def test_daemon_restart_mid_session(peers: Callable[[str], Peer]) -> None:
+    alice, bob = pair(peers)
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await app.open(contact_key("bob"))
+        await call(bob, "messages.send", {"contact": "alice", "text": "before"})
+        await until(pilot, lambda: any("before" in t for t in shown_texts(app)), "before")
+        subs = app.subscriptions
+
+        await asyncio.to_thread(alice.stop)
+        status = app.query_one("#status", Static)
+        await until(pilot, lambda: "daemon not running" in text_of(status), "the status line")
+        # Sent while alice's daemon is down: it waits at the relay.
+        await call(bob, "messages.send", {"contact": "alice", "text": "while down"})
+        await asyncio.to_thread(alice.start)
+        await until(pilot, lambda: app.subscriptions > subs, "a new subscription")
+        await until(pilot, lambda: "daemon not running" not in text_of(status), "status")
+        await call(bob, "messages.send", {"contact": "alice", "text": "after"})
+        await until(pilot, lambda: any("after" in t for t in shown_texts(app)), "after", 60)
+        await until(pilot, lambda: any("while down" in t for t in shown_texts(app)), "gap", 60)
+        texts = [t.split("\n", 1)[1] for t in shown_texts(app)]
+        assert texts.count("before") == 1 and texts.count("while down") == 1
+        assert texts.count("after") == 1
+
+    run_app(alice, body)
+
+
+HOSTILE = (
+    "[bold]x[/] [link=https://evil.example]click[/link] \x1b[2J\x1b]52;c;cGF5\x07"
+    "\u202egnp.exe\r\nme: forged"
+)
+
+
+def test_hostile_text_is_inert(peers: Callable[[str], Peer]) -> None:
+    alice, bob = pair(peers)
+    big = "A" * 60_000  # near the daemon's limit (64 KiB a message)
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await call(bob, "messages.send", {"contact": "alice", "text": HOSTILE})
+        await until(pilot, lambda: app.convs[contact_key("bob")].unread == 1, "the message")
+        await call(bob, "messages.send", {"contact": "alice", "text": big})
+        await until(pilot, lambda: app.convs[contact_key("bob")].unread == 2, "the big one")
+        row = item(app, "bob")
+        assert row is not None
+        preview = text_of(row.line)
+        assert len(preview) < 200  # 60 KB cut to one short line
+        await app.open(contact_key("bob"))
+        await pilot.pause(0.2)
+        texts = shown_texts(app)
+        hostile = next(t for t in texts if "forged" in t)
+        assert "[bold]x[/]" in hostile and "[link=https://evil.example]" in hostile
+        for ch in ("\x1b", "\x07", "\u202e", "\r"):
+            assert ch not in hostile
+        assert "<U+202E>" in hostile
+        assert "<not Content" not in "".join(texts)
+        # The forged line is inside the text (indented under its header), not a header.
+        row = next(r for r in app.query(MessageRow) if "forged" in r.plain)
+        assert "forged" not in text_of(row.head) and "me: forged" in text_of(row.text)
+        assert row.text.content_region.x > row.head.content_region.x
+        big_row = next(t for t in texts if "AAAA" in t)
+        assert "more characters" in big_row
+        svg = app.export_screenshot()
+        assert "\x1b" not in svg and "\u202e" not in svg
+
+    run_app(alice, body)
+
+
+def test_small_terminal_help_jump_request_and_invitation(peers: Callable[[str], Peer]) -> None:
+    alice, bob, carol = peers("alice"), peers("bob"), peers("carol")
+    connect(alice, bob)
+    carol.wait_connected()
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await pilot.press("f1")
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen), "the help screen")
+        helptext = text_of(app.screen.query_one("#help", Static))
+        for key, _ in KEYS:
+            assert key in helptext
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, HelpScreen), "help closed")
+
+        # Carol asks alice (through alice's contact address); alice accepts in the client.
+        link = (await call(alice, "address.get"))["link"]
+        await call(carol, "contacts.add", {"name": "alice", "link": link})
+        status = app.query_one("#status", Static)
+        await until(pilot, lambda: "1 contact request" in text_of(status), "the request", 60)
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: isinstance(app.screen, AskScreen), "the request dialog")
+        ask = app.screen.query_one(Input)
+        ask.value = "carol"
+        await pilot.press("enter")
+        await until(pilot, lambda: contact_key("carol") in app.convs, "carol in the list")
+        await asyncio.to_thread(
+            carol.wait_for,
+            lambda: carol.call("contacts.list")["contacts"][0]["established"],
+            "the acceptance",
+        )
+        await call(carol, "messages.send", {"contact": "alice", "text": "hi alice"})
+        await until(pilot, lambda: app.convs[contact_key("carol")].unread == 1, "carol's text")
+
+        await pilot.press("ctrl+g")
+        await until(pilot, lambda: isinstance(app.screen, AskScreen), "the jump dialog")
+        app.screen.query_one(Input).value = "ca"
+        await pilot.press("enter")
+        await until(pilot, lambda: app.open_key == contact_key("carol"), "carol open")
+        await until(pilot, lambda: any("hi alice" in t for t in shown_texts(app)), "the text")
+        compose = app.query_one(Compose)
+        await until(pilot, lambda: compose.has_focus, "the compose box")
+        await pilot.press("question_mark", "q")  # typed, not the help key or quit
+        await pilot.pause(0.1)
+        assert compose.text == "?q" and not isinstance(app.screen, HelpScreen)
+        compose.clear()
+        pasted = "\n".join(f"line {i} " + "x" * 90 for i in range(200))  # ~20 KB, 200 lines
+        app.post_message(events.Paste(pasted))  # as the terminal driver delivers it
+        await until(pilot, lambda: compose.text == pasted, "the paste, whole and not sent")
+        assert not any("line 199" in t for t in shown_texts(app))
+        compose.clear()
+
+        await pilot.press("ctrl+o")
+        await until(pilot, lambda: isinstance(app.screen, InfoScreen), "the invitation")
+        shown = text_of(app.screen.query_one("#info", Static))
+        assert "aegis:" in shown or "://" in shown
+        await pilot.press("escape")
+        await pilot.press("escape")  # back to the list
+        await until(pilot, lambda: app.focused is app.query_one("#convs"), "the list")
+        await pilot.press("q")
+        await until(pilot, lambda: not app.is_running, "quit")
+
+    async def main() -> None:
+        app = ChatApp(resolve(alice.home).socket)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, app.ready.is_set, "the client to load")
+            await body(app, pilot)
+
+    asyncio.run(main())
+
+
+def test_a_locked_profile_asks_for_the_passphrase(tmp_short: Path) -> None:
+    home = tmp_short / "locked"
+    pf = tmp_short / "pass"
+    pf.write_text(PASSPHRASE + "\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "aegis_cli.main", "init", "--home", str(home),
+         "--passphrase-file", str(pf), *FAST_KDF_ARGS],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    daemon = DaemonProc(home, [], None)
+    daemon.wait_ready()
+
+    async def main() -> None:
+        app = ChatApp(resolve(home).socket)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, AskScreen), "the prompt")
+            ask = app.screen.query_one(Input)
+            assert ask.password  # not echoed
+            assert "locked" in text_of(app.query_one("#status", Static))
+            await pilot.press("escape")  # later: it stays locked until Ctrl+L
+            await until(pilot, lambda: not isinstance(app.screen, AskScreen), "no prompt")
+            assert "Ctrl+L" in text_of(app.query_one("#status", Static))
+            await pilot.press("ctrl+l")
+            await until(pilot, lambda: isinstance(app.screen, AskScreen), "the prompt again")
+            await pilot.press(*"wrong passphrase")
+            await pilot.press("enter")
+            await until(
+                pilot,
+                lambda: "Wrong passphrase" in text_of(app.screen.query_one("#ask-prompt", Static)),
+                "a second prompt",
+            )
+            app.screen.query_one(Input).value = PASSPHRASE
+            await pilot.press("enter")
+            await until(pilot, app.ready.is_set, "the client to load")
+            with daemon.client() as c:
+                assert c.call("status")["locked"] is False
+            assert "locked" not in text_of(app.query_one("#status", Static))
+
+    try:
+        asyncio.run(main())
+    finally:
+        daemon.stop()
+
+
+async def answer(app: ChatApp, pilot: Pilot[None], text: str) -> str:
+    """Type ``text`` in the open dialog and press Enter; the dialog's prompt."""
+    await until(pilot, lambda: isinstance(app.screen, AskScreen), "a dialog")
+    dialog = app.screen
+    prompt = text_of(dialog.query_one("#ask-prompt", Static))
+    dialog.query_one(Input).value = text
+    await pilot.press("enter")
+    await until(pilot, lambda: app.screen is not dialog, "the dialog closed")
+    return prompt
+
+
+def test_add_verify_rename_block(peers: Callable[[str], Peer]) -> None:
+    alice, bob, carol = peers("alice"), peers("bob"), peers("carol")
+    connect(alice, bob)
+    carol.wait_connected()
+
+    def contact(name: str) -> dict[str, Any] | None:
+        return next((c for c in alice.call("contacts.list")["contacts"] if c["name"] == name), None)
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        link = (await call(carol, "invitations.create"))["link"]
+        await pilot.press("ctrl+t")
+        await answer(app, pilot, link)
+        await answer(app, pilot, "carol")
+        await until(pilot, lambda: contact_key("carol") in app.convs, "carol in the list")
+
+        await app.open(contact_key("bob"))
+        expected = (await call(alice, "contacts.safety_number", {"name": "bob"}))["formatted"]
+        await pilot.press("ctrl+s")
+        prompt = await answer(app, pilot, "yes")
+        assert expected.split("\n")[0] in prompt
+        await until(pilot, lambda: app.convs[contact_key("bob")].verified, "verified")
+        assert (await asyncio.to_thread(contact, "bob") or {})["verified"] is True
+
+        await pilot.press("f2")
+        await answer(app, pilot, "robert")
+        await until(pilot, lambda: contact_key("robert") in app.convs, "renamed")
+        assert app.open_key == contact_key("robert")
+
+        await pilot.press("ctrl+b")
+        await answer(app, pilot, "yes")
+        await until(pilot, lambda: app.convs[contact_key("robert")].blocked, "blocked")
+        assert (await asyncio.to_thread(contact, "robert") or {})["blocked"] is True
+
+    run_app(alice, body)
+
+
+def test_no_key_of_the_map_is_taken_by_the_text_boxes() -> None:
+    from textual.widgets import TextArea
+
+    def keys(bindings: Any) -> set[str]:
+        return {k for b in bindings for k in b.key.split(",")}
+
+    own = keys(TextArea.BINDINGS) | keys(Input.BINDINGS)
+    ours = keys(ChatApp.BINDINGS)
+    assert not ours & own, ours & own
+
+
+def test_older_history_loads_at_the_top(peers: Callable[[str], Peer]) -> None:
+    alice, bob = pair(peers)
+    for i in range(60):
+        bob.call("messages.send", {"contact": "alice", "text": f"number {i}"})
+    alice.wait_for(
+        lambda: len(alice.call("messages.history", {"contact": "bob", "limit": 100})["messages"])
+        == 60,
+        "60 messages",
+        60,
+    )
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        conv = app.convs[contact_key("bob")]
+        assert conv.unread == 50 and conv.unread_more
+        assert "bob (50+)" in text_of(app.items[contact_key("bob")].line)
+        await app.open(contact_key("bob"))
+        await pilot.pause(0.2)
+        assert len(app.rows) == 50
+        app.query_one(MessageLog).scroll_home(animate=False)
+        await until(pilot, lambda: len(app.rows) == 60, "the older page")
+        texts = [t.split("\n", 1)[1] for t in shown_texts(app)]
+        assert texts == [f"number {i}" for i in range(60)]
+
+    run_app(alice, body)
+
+
+def test_an_unexpected_error_shows_no_locals(tmp_short: Path) -> None:
+    # No daemon: the client waits for one; a handler fails with a secret in its frame.
+    async def main() -> ChatApp:
+        app = ChatApp(tmp_short / "none.sock")
+
+        def boom() -> None:
+            secret = "the passphrase is hunter2"
+            raise RuntimeError(len(secret))
+
+        with pytest.raises(RuntimeError):
+            async with app.run_test(size=(80, 24)) as pilot:
+                status = app.query_one("#status", Static)
+                await until(pilot, lambda: "daemon not running" in text_of(status), "status")
+                app.call_later(boom)
+                await pilot.pause(0.5)
+        return app
+
+    app = asyncio.run(main())
+    assert app.failure is not None and "RuntimeError" in app.failure
+    assert "test_chat_tui.py" in app.failure
+    assert not app._exit_renderables  # Textual's traceback with locals is never printed
+
+
+def test_send_a_file_with_progress_and_save_one(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    alice, bob = pair(peers)
+    src = tmp_short / "report.bin"
+    src.write_bytes(bytes(range(256)) * 1200)  # 300 KB: several blocks
+    out = tmp_short / "saved"
+    out.mkdir()
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await app.open(contact_key("bob"))
+        await pilot.press("ctrl+f")
+        await answer(app, pilot, str(src))
+        row = await until(
+            pilot, lambda: next((r for r in app.query(MessageRow) if "report.bin" in r.plain),
+                                None), "the file's message")  # fmt: skip
+        await until(pilot, lambda: row.transfer == "complete", "the upload", 60)
+
+        def bob_has_it() -> Any:
+            files = bob.call("attachments.list", {})["attachments"]
+            return [f for f in files if f["name"] == "report.bin" and f["state"] == "complete"]
+
+        await asyncio.to_thread(bob.wait_for, bob_has_it, "the file at bob", 60)
+
+        # Bob sends one back; alice saves it from the client.
+        back = tmp_short / "back.txt"
+        back.write_text("from bob\n")
+        await call(bob, "attachments.send", {"contact": "alice", "path": str(back)})
+        await until(pilot, lambda: any("[file] back.txt" in t for t in shown_texts(app)), "file")
+        incoming = next(r for r in app.query(MessageRow) if "back.txt" in r.plain)
+        await until(pilot, lambda: incoming.transfer == "complete", "the download", 60)
+        await pilot.press("f4")
+        await answer(app, pilot, str(out))
+        await until(pilot, lambda: (out / "back.txt").exists(), "the saved file")
+        assert (out / "back.txt").read_text() == "from bob\n"
+
+    run_app(alice, body)
+
+
+def test_incoming_call_answer_then_hang_up_and_decline(
+    tmp_short: Path, relay_proc: RelayProcess, sound: PulseAudio
+) -> None:
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    people: list[Peer] = []
+    try:
+        for name in ("alice", "bob"):
+            p = Peer(tmp_short / name, url, name)
+            people.append(p)
+            p.stop()  # again with the test PulseAudio as microphone and speaker
+            p.proc = DaemonProc(p.home, [], sound.daemon_env(name))
+            p.proc.wait_ready()
+            p.call("calls.configure", {"host_candidates": "loopback"})
+        alice, bob = people
+        connect(alice, bob)
+
+        async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+            status = app.query_one("#status", Static)
+            first = (await call(bob, "calls.start", {"contact": "alice"}))["call_id"]
+            await until(pilot, lambda: isinstance(app.screen, CallScreen), "the call", 60)
+            await pilot.press("a")
+            await until(pilot, lambda: "call with bob: active" in text_of(status), "active", 60)
+            await pilot.press("f8")
+            await until(pilot, lambda: app.call is None, "the end", 60)
+            calls = (await call(alice, "calls.history", {"limit": 1}))["calls"]
+            assert (calls[0]["call_id"], calls[0]["reason"]) == (first, "hangup")
+
+            second = (await call(bob, "calls.start", {"contact": "alice"}))["call_id"]
+            await until(pilot, lambda: isinstance(app.screen, CallScreen), "the 2nd call", 60)
+            await pilot.press("d")
+            await until(pilot, lambda: app.call is None, "declined", 60)
+            calls = (await call(alice, "calls.history", {"limit": 1}))["calls"]
+            assert calls[0]["call_id"] == second and calls[0]["answered_at"] is None
+
+        run_app(alice, body)
+    finally:
+        for p in people:
+            p.stop()
+
+
+def test_a_group_in_the_list_live_and_sent(peers: Callable[[str], Peer]) -> None:
+    alice, bob = pair(peers)
+    g = alice.call("group.create", {"name": "[b]team[/b]"})["group"]
+    alice.call("group.invite", {"group": g, "contact": "bob"})
+    inv = bob.wait_for(lambda: bob.call("group.invitations")["invitations"], "an invitation")
+    bg = bob.call("group.accept", {"invitation": inv[0]["invitation"]})["group"]
+    alice.wait_for(
+        lambda: len(alice.call("group.get", {"group": g})["members"]) == 2, "bob in the group"
+    )
+    key = f"g:{g}"
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        assert key in app.convs
+        await call(bob, "group.send", {"group": bg, "text": "hi team"})
+        await until(pilot, lambda: app.convs[key].unread == 1, "the group's unread count", 60)
+        line = text_of(app.items[key].line)
+        assert "# [b]team[/b] (1)" in line and "hi team" in line
+        await app.open(key)
+        await until(pilot, lambda: app.convs[key].unread == 0, "read")
+        assert any("bob" in t and "hi team" in t for t in shown_texts(app))
+        await pilot.press(*"hello bob")
+        await pilot.press("enter")
+
+        def bob_has_it() -> Any:
+            h = bob.call("group.history", {"group": bg})["messages"]
+            return [m for m in h if m["text"] == "hello bob"]
+
+        await asyncio.to_thread(bob.wait_for, bob_has_it, "the group message at bob", 60)
+
+    run_app(alice, body)
+
+
+def test_the_command_without_a_terminal_or_a_daemon(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    def chat(home: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "aegis_cli.main", "chat", "--home", str(home)],
+            capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    r = chat(tmp_short / "nobody")
+    assert r.returncode != 0 and "aegis init" in r.stderr and len(r.stderr.splitlines()) == 1
+    alice = peers("alice")
+    r = chat(alice.home)
+    assert r.returncode != 0 and "needs a terminal" in r.stderr
+    assert "\x1b" not in r.stdout  # nothing drawn
