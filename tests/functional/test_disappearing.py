@@ -14,47 +14,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from aegis_cli.client import RpcCallError
 from aegisd.store.db import Store
 from aegisd.store.keyring import Keyring
+from tests import sqlcipher_pages
 from tests.functional.conftest import Peer, connect
 from tests.functional.test_cli_messaging import aegis, ok
-
-PAGE = 4096  # SQLCipher 4's default page size, which the store keeps
-RESERVE = 80  # per page: the IV (16) and the HMAC-SHA512 (64)
 
 
 def _key(peer: Peer) -> bytes:
     return Keyring.load(peer.home / "keyring.json").unlock(None)
 
 
-def _decrypt(key: bytes, page: bytes, first: bool) -> bytes:
-    """One SQLCipher 4 page under the raw key: AES-256-CBC, its IV in the reserved tail. The
-    first page starts with the salt (16 bytes), not encrypted."""
-    iv = page[PAGE - RESERVE : PAGE - RESERVE + 16]
-    d = Cipher(algorithms.AES(key), modes.CBC(iv)).decryptor()
-    return d.update(page[16 if first else 0 : PAGE - RESERVE]) + d.finalize()
-
-
 def plain_pages(peer: Peer) -> bytes:
     """Every page of the database file and every frame of its WAL, decrypted: live, free and
-    stale pages alike."""
-    key = _key(peer)
-    db = (peer.home / "aegis.db").read_bytes()
-    assert len(db) % PAGE == 0
-    head = _decrypt(key, db[:PAGE], True)
+    stale pages alike (tests/sqlcipher_pages.py)."""
+    out = list(sqlcipher_pages.pages(peer.home / "aegis.db", _key(peer)))
     # The header after the salt: page size 4096, reserve 80, payload fractions 64/32/32.
-    assert head[:2] == b"\x10\x00" and head[4:8] == b"\x50\x40\x20\x20", "not decrypted"
-    out = [head] + [_decrypt(key, db[i : i + PAGE], False) for i in range(PAGE, len(db), PAGE)]
-    wal = peer.home / "aegis.db-wal"
-    data = wal.read_bytes() if wal.exists() else b""
-    off = 32  # the WAL header; then frames of a 24-byte header and a page
-    while off + 24 + PAGE <= len(data):
-        pgno = int.from_bytes(data[off : off + 4], "big")
-        out.append(_decrypt(key, data[off + 24 : off + 24 + PAGE], pgno == 1))
-        off += 24 + PAGE
+    assert out[0][:2] == b"\x10\x00" and out[0][4:8] == b"\x50\x40\x20\x20", "not decrypted"
     return b"".join(out)
 
 
