@@ -79,6 +79,7 @@ WORDS = {
     "kdf_passes": "--kdf-passes",
     "kdf_lanes": "--kdf-lanes",
     "limit": "--limit",
+    "offset": "--offset",
     "group": "GROUP",  # --group, or the GROUP argument of `aegis group ...`
     "before": "--before",
     "since": "--since",
