@@ -134,3 +134,65 @@ def test_a_later_rebuild_of_a_message_table_gets_its_triggers_back(tmp_path, mon
         assert hits(store, "fresh") == []
     finally:
         store.close()
+
+
+def _idx_terms(store, fts="messages_fts"):
+    return {bytes(r[0]) for r in store._q(f"SELECT term FROM {fts}_idx").fetchall()}
+
+
+def _pin_store(home, n=2858):
+    """The review's reproduction: words sharing long prefixes, then `optimize`, so that
+    some whole words are `%_idx` terms (a leaf page's first term)."""
+    store = create_profile(home, None, FAST)
+    c = store.add_contact("ann")
+    with store.transaction():
+        ids = {
+            f"pin{i:06d}".encode(): store.add_message(
+                c.id, "in", f"my code is pin{i:06d}", status="received").id
+            for i in range(0, n * 3, 3)
+        }  # fmt: skip
+    store._q("INSERT INTO messages_fts (messages_fts) VALUES ('optimize')")
+    whole = sorted(t for t in _idx_terms(store) if t.startswith(b"0pin") and len(t) == 10)
+    assert whole, "no whole word among the _idx terms: the reproduction does not hold"
+    word = whole[len(whole) // 2][1:]  # the leading '0' is the column's prefix byte
+    return store, ids, word
+
+
+def test_a_deleted_word_leaves_the_idx_table_at_the_rebuild(tmp_path):
+    home = tmp_path / "p"
+    store, ids, word = _pin_store(home)
+    key = Keyring.load(home / "keyring.json").unlock(None)
+    db = home / "aegis.db"
+    try:
+        assert not store.search_dirty()
+        store.delete_message(ids[word])
+        assert hits(store, word.decode()) == []
+        # secure-delete dropped it from the segments, not from _idx: the rebuild's reason
+        assert b"0" + word in _idx_terms(store) and store.search_dirty()
+        assert store.rebuild_dirty_search() == 1
+        assert b"0" + word not in _idx_terms(store) and not store.search_dirty()
+        assert not holds(db, key, word)  # the checkpoint took the old pages out of the WAL
+        assert hits(store, "pin000003") != []  # the rest still found
+    finally:
+        store.close()
+
+
+def test_a_deletion_before_a_crash_is_rebuilt_at_the_next_open(tmp_path):
+    home = tmp_path / "p"
+    store, ids, word = _pin_store(home)
+    key = Keyring.load(home / "keyring.json").unlock(None)
+    store.delete_message(ids[word])
+    crashed = tmp_path / "crashed"  # the files as a kill would leave them: no close
+    crashed.mkdir()
+    for f in home.iterdir():
+        if f.is_file():
+            (crashed / f.name).write_bytes(f.read_bytes())
+            (crashed / f.name).chmod(0o600)
+    store.close()
+    assert not holds(home / "aegis.db", key, word)  # close rebuilds before the checkpoint
+    store = open_profile(crashed, None)
+    try:
+        assert not store.search_dirty() and b"0" + word not in _idx_terms(store)
+    finally:
+        store.close()
+    assert not holds(crashed / "aegis.db", key, word)
