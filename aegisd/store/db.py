@@ -113,6 +113,29 @@ class OutboxItem:
     attempts: int
 
 
+#: FTS5's secure-delete option, which the search index relies on (store/schema.py
+#: `_message_search_index`), came with SQLite 3.44.
+MIN_SQLITE = (3, 44, 0)
+
+
+def _check_sqlite(conn: Any) -> None:
+    """Refuse an SQLCipher whose SQLite is too old or lacks FTS5, before any migration: the
+    search index would fail, or keep deleted words (docs/threat-model.md §4.8)."""
+    text = str(conn.execute("SELECT sqlite_version()").fetchone()[0])
+    version = tuple(int(p) for p in text.split(".")[:3] if p.isdigit())
+    if version < MIN_SQLITE:
+        raise StoreError(
+            f"this SQLCipher has SQLite {text}; AegisLink needs SQLite "
+            f"{'.'.join(map(str, MIN_SQLITE))} or later (for FTS5's secure-delete)"
+        )
+    try:
+        conn.execute("SELECT fts5_source_id()").fetchone()  # a function FTS5 registers
+    except sqlcipher3.OperationalError:
+        raise StoreError(
+            "this SQLCipher was built without FTS5, which AegisLink's search needs"
+        ) from None
+
+
 class Store:
     """An open, unlocked SQLCipher database."""
 
@@ -149,6 +172,7 @@ class Store:
                 conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
             except sqlcipher3.DatabaseError:
                 raise StoreError("the database key does not open the database") from None
+            _check_sqlite(conn)
             conn.execute("PRAGMA secure_delete = ON")
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA temp_store = MEMORY")  # no plaintext temp files

@@ -104,6 +104,7 @@ def test_user_syntax_is_quoted_never_fts5_syntax():
         '"fox" "OR" "brown dog" "-x" "NEAR(a" "b)" "bre"*')
     assert S.fts_query('say "a ""quoted"" word') == '"say" "a " "quoted" " word"'
     assert S.fts_query("a\x00b") == '"a" "b"'
+    assert S.fts_query("a\ud800b") == '"a" "b"'  # a lone surrogate: no UTF-8 carries it
 
 
 def test_a_later_rebuild_of_a_message_table_gets_its_triggers_back(tmp_path, monkeypatch):
@@ -196,3 +197,13 @@ def test_a_deletion_before_a_crash_is_rebuilt_at_the_next_open(tmp_path):
     finally:
         store.close()
     assert not holds(crashed / "aegis.db", key, word)
+
+
+def test_an_sqlite_too_old_for_secure_delete_is_refused_clearly(tmp_path, monkeypatch):
+    from aegisd.store.errors import StoreError
+
+    home = tmp_path / "p"
+    create_profile(home, None, FAST).close()
+    monkeypatch.setattr("aegisd.store.db.MIN_SQLITE", (99, 0, 0))
+    with pytest.raises(StoreError, match=r"needs SQLite 99\.0\.0 or later"):
+        open_profile(home, None)

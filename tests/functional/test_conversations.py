@@ -182,7 +182,9 @@ def test_search_finds_words_and_phrases_newest_first_and_forgets_a_deleted_messa
         except RpcCallError as exc:  # pragma: no cover - must not happen
             raise AssertionError(f"{q!r}: {exc}") from None
     assert found("fox OR") == []  # "or" is a word like any other here
-    for q in ["", "   ", "!!! ???", "*", "x" * 600, " ".join(["w"] * 20)]:
+    # a lone surrogate ("\ud800" in the JSON) separates words, as a control does: no -32603
+    assert found("fox\ud800") == found("fox") != []
+    for q in ["", "   ", "!!! ???", "*", "x" * 600, " ".join(["w"] * 20), "\udc80\ud800"]:
         with pytest.raises(RpcCallError) as err:
             alice.call("messages.search", {"query": q})
         assert err.value.code == -32602 and err.value.data.get("field") == "query", q
