@@ -377,10 +377,13 @@ class Groups(GroupBase):
     async def send_file(self, ref: int, path: str) -> dict[str, Any]:
         return await self.files.send(ref, path)
 
-    async def read(self, ref: int, up_to: str | None) -> dict[str, Any]:
+    async def read(
+        self, ref: int, up_to: str | None, message_ids: list[str] | None = None
+    ) -> dict[str, Any]:
         """Mark the group's incoming messages read, up to the message ``up_to`` (all: None),
-        and send each author a read receipt for its own messages only (not every member),
-        unless read receipts are off or the author is blocked, removed or unreachable."""
+        only those among ``message_ids`` when given (others are ignored), and send each author
+        a read receipt for its own messages only (not every member), unless read receipts are
+        off or the author is blocked, removed or unreachable."""
         async with self.m.lock:
             _, log = self._load(ref)
             last = None
@@ -389,6 +392,9 @@ class Groups(GroupBase):
                 if last is None:
                     raise E.not_found("message")
             incoming = G.unread(self.m.store, ref, last)
+            if message_ids is not None:
+                wanted = set(message_ids)
+                incoming = [msg for msg in incoming if msg.id in wanted]
             if not incoming:
                 return {"marked": 0}
             by_author: dict[bytes, list[bytes]] = {}

@@ -128,6 +128,19 @@ def test_conversations_unread_counts_and_reading_marks_read(
 
     bob.wait_for(read_by_alice, "alice's group read receipt", T)
 
+    # Exactly what is shown is marked: `--limit 1` shows the newest of 3, 2 stay unread.
+    for i in range(3):
+        bob.call("group.send", {"group": g_bob, "text": f"plan {i}"})
+        time.sleep(0.01)
+    alice.wait_for(lambda: by_name(alice)["Club 5e1"]["unread"] == 3, "3 group messages", T)
+    shown = ok(aegis(alice, "messages", "--group", "Club 5e1", "--limit", "1"))
+    assert "plan 2" in shown and "plan 1" not in shown and "plan 0" not in shown
+    assert by_name(alice)["Club 5e1"]["unread"] == 2
+    ok(aegis(alice, "group", "messages", "Club 5e1", "--limit", "1"))  # the same one again
+    assert by_name(alice)["Club 5e1"]["unread"] == 2
+    ok(aegis(alice, "group", "messages", "Club 5e1", "--limit", "3"))
+    assert by_name(alice)["Club 5e1"]["unread"] == 0
+
     # Paging back: the hint on stderr is a command that shows the older page.
     for i in range(3):
         alice.call("messages.send", {"contact": "carol", "text": f"page {i}"})
