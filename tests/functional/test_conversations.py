@@ -315,6 +315,11 @@ def test_export_text_and_json_private_refusing_and_forced(
     ok(aegis(alice, "export", "--all", "--output", str(link), "--force"))
     assert victim.read_text() == "keep" and not link.is_symlink()
     assert link.stat().st_mode & 0o777 == 0o600
+    # A directory in the way, even with --force: a clear error, no temporary copy left.
+    (tmp_short / "adir").mkdir()
+    r = aegis(alice, "export", "--all", "--output", str(tmp_short / "adir"), "--force")
+    assert r.returncode == 1 and "is a directory" in r.stderr and "Traceback" not in r.stderr
+    assert not [p for p in os.listdir(tmp_short) if p.endswith(".tmp")]
     # One of NAME, --group, --all; an unknown contact is an error before any file is made.
     assert aegis(alice, "export", "--output", str(tmp_short / "x")).returncode == 2
     assert aegis(alice, "export", "nobody", "--output", str(tmp_short / "y")).returncode == 1
