@@ -87,7 +87,7 @@ def register(registry: Registry, m: Messenger) -> None:
         results: list[dict[str, Any]] = []
         for kind, seq in hits[:limit]:
             if kind == "contact":
-                msg = C.message_by_seq(m.store, seq)
+                msg = m.store.message_by_seq(seq)
                 c = m.store.get_contact(msg.contact_id) if msg is not None else None
                 if msg is None or c is None:
                     continue

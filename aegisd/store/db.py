@@ -457,6 +457,15 @@ class Store:
         ).fetchone()
         return None if row is None else self._message(row)
 
+    def message_by_seq(self, seq: int) -> Message | None:
+        """A message by its ``seq`` (the search index's and the conversations list's key)."""
+        row = self._q(
+            "SELECT seq, id, contact_id, direction, body, status, sent_at, created_at, status_at "
+            "FROM messages WHERE seq = ?",
+            (seq,),
+        ).fetchone()
+        return None if row is None else self._message(row)
+
     def set_message_status(self, message_id: str, status: str) -> bool:
         """Advance a message's status. Returns False (and changes nothing) when the message
         already has this status or a later one, so duplicate receipts are harmless."""
