@@ -44,7 +44,3 @@ def group_unread(store: Store, ref: int) -> int:
     ).fetchone()
     return int(row[0])
 
-
-def group_of_message(store: Store, seq: int) -> int | None:
-    row = store._q("SELECT group_ref FROM group_messages WHERE seq = ?", (seq,)).fetchone()
-    return None if row is None else int(row[0])
