@@ -63,8 +63,8 @@ SETTING_ADDRESS = "profile.address"
 MAINTENANCE_INTERVAL = 3600.0
 #: How often a search index a deletion or an edit touched is rebuilt, the bound on how long
 #: a deleted word can stay in FTS5's ``%_idx`` (docs/threat-model.md §4.8). A rebuild and
-#: its checkpoint took 0.06 s for 20,000 messages and 0.6 s for 200,000 (bench figures in
-#: the threat model); lock and stop rebuild first in any case (Store.close).
+#: its checkpoint took 0.12 s for 20,000 messages and 1.2 s for 200,000 (bench/search_index.py,
+#: figures in the threat model); lock and stop rebuild first in any case (Store.close).
 SEARCH_REBUILD_INTERVAL = 30.0
 SETTING_EVENT_RETENTION = "events.retention_days"
 EVENT_RETENTION_DAYS = 30
