@@ -4,7 +4,9 @@ return, whatever fields they carry).
 
 The file is plaintext: its mode is 0600 and it is created anew (O_EXCL, no symlink
 followed); an existing file is replaced only with --force, through a new 0600 file renamed
-over it. In the text form, what a peer chose goes through aegis_client.safe_text as on the
+over it (unnamed while it is written where the file system has O_TMPFILE, so a kill leaves
+no hidden copy; else a hidden temporary file, removed on any failure), then the directory
+synced. In the text form, what a peer chose goes through aegis_client.safe_text as on the
 terminal: no escape sequence, carriage return or bidi override reaches the file as it is,
 and a message's later lines are indented, so none passes for another message."""
 
@@ -140,31 +142,97 @@ def render_text(convs: list[dict[str, Any]], now_ms: int) -> str:
 
 
 def write_private(path: Path, data: bytes, force: bool, fail: type[Exception]) -> None:
-    """Write ``data`` to a new file of mode 0600; with ``force``, an existing file is replaced
-    by renaming a new one over it (its old mode and any link it was do not carry over)."""
+    """Write ``data`` to a new file of mode 0600; with ``force``, to a new file renamed over
+    FILE, whatever is there by then (its old mode and any link it was do not carry over)."""
+    if not force:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            raise fail(f"{one_line(str(path))} exists: add --force to replace it") from None
+        except OSError as exc:
+            raise fail(f"cannot create {one_line(str(path))}: {exc.strerror}") from None
+        try:
+            _write(fd, data)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        _sync_dir(path.parent)
+        return
+    fd, temp = _temp_file(path, fail)
+    try:
+        _write(fd, data)
+        if temp is None:  # unnamed until now: a kill before here leaves nothing behind
+            temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+            try:
+                _name(fd, temp)
+            except OSError as exc:
+                temp = None  # nothing was named
+                raise fail(f"cannot create a file beside {one_line(str(path))}: "
+                           f"{exc.strerror}") from None  # fmt: skip
+        try:
+            os.replace(temp, path)
+        except IsADirectoryError:
+            raise fail(f"{one_line(str(path))} is a directory") from None
+        except OSError as exc:
+            raise fail(f"cannot replace {one_line(str(path))}: {exc.strerror}") from None
+        temp = None
+        _sync_dir(path.parent)
+    finally:
+        os.close(fd)
+        if temp is not None:
+            temp.unlink(missing_ok=True)
+
+
+def _temp_file(path: Path, fail: type[Exception]) -> tuple[int, Path | None]:
+    """A new 0600 file in FILE's directory: unnamed (O_TMPFILE, Linux) where the file system
+    allows it, so the plaintext has a name only for the instant before the rename; else a
+    hidden name, removed on any failure (a kill leaves it)."""
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    if tmpfile:
+        try:
+            return os.open(path.parent, os.O_WRONLY | tmpfile, 0o600), None
+        except OSError:
+            pass  # a file system without it: a named temp file
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    target = path
-    if force and (path.exists() or path.is_symlink()):
-        if path.is_dir():
-            raise fail(f"{one_line(str(path))} is a directory")
-        target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(target, flags, 0o600)
-    except FileExistsError:
-        raise fail(f"{one_line(str(path))} exists: add --force to replace it") from None
+        return os.open(temp, flags, 0o600), temp
     except OSError as exc:
-        raise fail(f"cannot create {one_line(str(path))}: {exc.strerror}") from None
+        raise fail(f"cannot create a file beside {one_line(str(path))}: {exc.strerror}") from None
+
+
+def _name(fd: int, temp: Path) -> None:
+    """Give the unnamed file ``fd`` the name ``temp``: linkat with AT_SYMLINK_FOLLOW on its
+    /proc link (os.link uses plain link(2), which would link the /proc link itself, unless a
+    directory fd is given)."""
+    directory = os.open(temp.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if target != path:
-            os.replace(target, path)
-    except BaseException:
-        target.unlink(missing_ok=True)
-        raise
+        os.link(f"/proc/self/fd/{fd}", temp.name, dst_dir_fd=directory, follow_symlinks=True)
+    finally:
+        os.close(directory)
+
+
+def _write(fd: int, data: bytes) -> None:
+    os.fchmod(fd, 0o600)  # whatever the umask
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
+def _sync_dir(directory: Path) -> None:
+    """The new name on disk too, not only the data (a crash would otherwise lose the rename)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def register(main: ModuleType) -> None:

@@ -208,16 +208,16 @@ def show_messages(
     ctx: Ctx, group: str, limit: int, before: int | None, fail: type[Exception], *,
     mark_read: bool = True,
 ) -> None:  # fmt: skip
-    """`aegis group messages GROUP`, `aegis messages --group GROUP` (``mark_read``: the
-    incoming messages up to the newest one shown are marked read, as group.read's ``up_to``
-    does; one that came in since is not, as it was not shown)."""
+    """`aegis group messages GROUP`, `aegis messages --group GROUP` (``mark_read``: exactly
+    the unread incoming messages shown are marked read, by group.read's ``message_ids``: not
+    an older one left out by ``--limit``, nor one that came in since)."""
     from .conversations import page_back_hint
 
     ref = resolve_group(ctx, group, fail)
     r = ctx.call("group.history", {"group": ref, "limit": limit, "before": before})
     unread = [m["message_id"] for m in r["messages"] if m["direction"] == "in" and not m["read"]]
     if mark_read and unread:
-        ctx.call("group.read", {"group": ref, "up_to": unread[-1]})
+        ctx.call("group.read", {"group": ref, "message_ids": unread})
     ctx.out(r, "\n".join(_line(m, units.when) for m in r["messages"]) or "no messages yet")
     if r["next_before"] is not None and not ctx.as_json:
         page_back_hint(ctx, f"group messages {shlex.quote(f'#{ref}')}", r["next_before"], limit)

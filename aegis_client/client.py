@@ -456,10 +456,15 @@ class Client:
         params = {"group": group, "path": path}
         return cast(GroupFileSent, await self.call("group.send_file", params))
 
-    async def mark_group_read(self, group: int, up_to: str | None = None) -> int:
-        """Mark the group's incoming messages read (up to the message ``up_to``, else all);
-        each author is sent a read receipt unless they are off. Returns how many."""
+    async def mark_group_read(
+        self, group: int, up_to: str | None = None, message_ids: list[str] | None = None
+    ) -> int:
+        """Mark the group's incoming messages read (up to the message ``up_to``, else all;
+        only those among ``message_ids`` when given); each author is sent a read receipt
+        unless they are off. Returns how many."""
         params: dict[str, Any] = {"group": group, "up_to": up_to}
+        if message_ids is not None:
+            params["message_ids"] = message_ids
         return int((await self.call("group.read", params))["marked"])
 
     async def group_history(

@@ -108,15 +108,24 @@ class History(TypedDict):
     next_before: int | None
 
 
-class LastMessage(TypedDict, total=False):
-    message_id: str
-    direction: Literal["in", "out"]
-    preview: str  # the text shortened to one line: the sender's characters, show it safely
-    sent_at: int | None
-    created_at: int
-    status: str  # one-to-one only
-    #: group, incoming only: the sender's key (hex) and contact name (None: not a contact)
-    from_contact: str | None
+#: The newest message of a conversation (functional form: "from" is a Python keyword).
+#: ``preview`` is the text shortened to one line, the sender's characters: show it safely;
+#: ``status`` one-to-one only; group, incoming only: ``from`` the sender's key (hex) and
+#: ``from_contact`` its contact name (None: not a contact).
+LastMessage = TypedDict(
+    "LastMessage",
+    {
+        "message_id": str,
+        "direction": Literal["in", "out"],
+        "preview": str,
+        "sent_at": int | None,
+        "created_at": int,
+        "status": str,
+        "from": str,
+        "from_contact": str | None,
+    },
+    total=False,
+)
 
 
 class Conversation(TypedDict):

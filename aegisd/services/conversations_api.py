@@ -23,11 +23,6 @@ MAX_SEARCH_PAGE = 100
 
 
 def register(registry: Registry, m: Messenger) -> None:
-    def group_message(ref: int, seq: int) -> dict[str, Any] | None:
-        """A group message as group.history shows it (its sender named, its delivery)."""
-        page = m.groups.history(ref, seq + 1, 1)["messages"]
-        return page[0] if page and page[0]["seq"] == seq else None
-
     @registry.method("conversations.list", unlocked=True)
     async def conversations_list(ctx: CallContext) -> dict[str, Any]:
         out: list[dict[str, Any]] = []
@@ -39,9 +34,9 @@ def register(registry: Registry, m: Messenger) -> None:
             out.append({"kind": "contact", "contact": s.name, "group": None, "name": s.name,
                         "unread": s.unread, "last_message": last,
                         "last_activity": active})  # fmt: skip
-        for g in m.groups.list_groups():
-            ref = int(g["group"])
-            page = m.groups.history(ref, None, 1)["messages"]
+        for ref, (name, log) in m.groups.logs().items():  # each log parsed once
+            rows = G.history(m.store, ref, before_seq=None, limit=1)
+            page = m.groups.message_items(log, rows)
             last = None
             if page:
                 last = _last(page[0])
@@ -50,7 +45,7 @@ def register(registry: Registry, m: Messenger) -> None:
                     last["from_contact"] = page[0].get("from_contact")
             row = G.get_group(m.store, ref)
             created = row.created_at if row is not None else 0
-            out.append({"kind": "group", "contact": None, "group": ref, "name": g["name"],
+            out.append({"kind": "group", "contact": None, "group": ref, "name": name,
                         "unread": C.group_unread(m.store, ref), "last_message": last,
                         "last_activity": last["created_at"] if last else created})  # fmt: skip
         out.sort(key=lambda x: (-x["last_activity"], x["name"]))
@@ -81,13 +76,13 @@ def register(registry: Registry, m: Messenger) -> None:
             # fts_query quotes every term, so this is not expected; still never a 500
             raise InvalidParamsError("query", "cannot be searched") from None
         more = len(hits) > limit
-        names: dict[int, str] = {}
+        logs = {}
         if any(kind == "group" for kind, _ in hits):  # parses each group's log: only if needed
-            names = {int(g["group"]): str(g["name"]) for g in m.groups.list_groups()}
+            logs = m.groups.logs()
         results: list[dict[str, Any]] = []
         for kind, seq in hits[:limit]:
             if kind == "contact":
-                msg = C.message_by_seq(m.store, seq)
+                msg = m.store.message_by_seq(seq)
                 c = m.store.get_contact(msg.contact_id) if msg is not None else None
                 if msg is None or c is None:
                     continue
@@ -95,12 +90,14 @@ def register(registry: Registry, m: Messenger) -> None:
                                 "group_name": None,
                                 "message": message_objects(m.store, [msg])[0]})  # fmt: skip
             else:
-                ref = C.group_of_message(m.store, seq)
-                item = group_message(ref, seq) if ref is not None else None
-                if ref is None or item is None:
+                found = G.message_at(m.store, seq)
+                if found is None or found[0] not in logs:
                     continue
+                ref, row = found
+                name, log = logs[ref]
+                item = m.groups.message_items(log, [row])[0]
                 results.append({"kind": "group", "contact": None, "group": ref,
-                                "group_name": names.get(ref), "message": item})  # fmt: skip
+                                "group_name": name, "message": item})  # fmt: skip
         return {"results": results, "next_offset": offset + limit if more else None}
 
 

@@ -377,10 +377,13 @@ class Groups(GroupBase):
     async def send_file(self, ref: int, path: str) -> dict[str, Any]:
         return await self.files.send(ref, path)
 
-    async def read(self, ref: int, up_to: str | None) -> dict[str, Any]:
+    async def read(
+        self, ref: int, up_to: str | None, message_ids: list[str] | None = None
+    ) -> dict[str, Any]:
         """Mark the group's incoming messages read, up to the message ``up_to`` (all: None),
-        and send each author a read receipt for its own messages only (not every member),
-        unless read receipts are off or the author is blocked, removed or unreachable."""
+        only those among ``message_ids`` when given (others are ignored), and send each author
+        a read receipt for its own messages only (not every member), unless read receipts are
+        off or the author is blocked, removed or unreachable."""
         async with self.m.lock:
             _, log = self._load(ref)
             last = None
@@ -389,6 +392,9 @@ class Groups(GroupBase):
                 if last is None:
                     raise E.not_found("message")
             incoming = G.unread(self.m.store, ref, last)
+            if message_ids is not None:
+                wanted = set(message_ids)
+                incoming = [msg for msg in incoming if msg.id in wanted]
             if not incoming:
                 return {"marked": 0}
             by_author: dict[bytes, list[bytes]] = {}
@@ -413,6 +419,14 @@ class Groups(GroupBase):
         page = G.history(self.m.store, ref, before_seq=before, limit=limit + 1)
         more = len(page) > limit  # one more than asked: whether an older page exists
         page = page[1:] if more else page
+        out = self.message_items(log, page)
+        return {"messages": out, "next_before": page[0].seq if more else None}
+
+    def message_items(
+        self, log: core.GroupLog, page: list[G.GroupMessageRow]
+    ) -> list[dict[str, Any]]:
+        """The messages as group.history shows them, their senders named from ``log``'s head
+        (parsed once by the caller, however many messages)."""
         names = {m.key: self._contact_of(m) for m in log.head.members}
         out = []
         for msg in page:
@@ -431,7 +445,16 @@ class Groups(GroupBase):
             else:
                 item["delivery"] = self._aggregate(msg.seq)
             out.append(item)
-        return {"messages": out, "next_before": page[0].seq if more else None}
+        return out
+
+    def logs(self) -> dict[int, tuple[str, core.GroupLog]]:
+        """Every group's name and log, each parsed once: for callers that show many groups'
+        messages (conversations.list, messages.search)."""
+        out = {}
+        for row in G.list_groups(self.m.store):
+            log = core.GroupLog.from_record(wire.GroupLogRecord.from_bytes(row.log))
+            out[row.id] = (log.head.name, log)
+        return out
 
     def _aggregate(self, seq: int) -> dict[str, Any]:
         """Per member, from the receipts: "delivered to 4 of 5", "read by 2 of 5"."""

@@ -72,8 +72,11 @@ def register(registry: Registry, m: Messenger) -> None:
         return await g.send_file(group, path)
 
     @registry.method("group.read", unlocked=True)
-    async def group_read(ctx: CallContext, group: int, up_to: str | None = None) -> dict[str, Any]:
-        return await g.read(group, up_to)
+    async def group_read(
+        ctx: CallContext, group: int, up_to: str | None = None,
+        message_ids: list[str] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        return await g.read(group, up_to, message_ids)
 
     @registry.method("group.history", unlocked=True)
     async def group_history(

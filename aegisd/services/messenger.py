@@ -62,6 +62,11 @@ log = logging.getLogger("aegisd.messenger")
 SETTING_ADDRESS = "profile.address"
 
 MAINTENANCE_INTERVAL = 3600.0
+#: How often a search index a deletion or an edit touched is rebuilt, the bound on how long
+#: a deleted word can stay in FTS5's ``%_idx`` (docs/threat-model.md §4.8). A rebuild and
+#: its checkpoint took 0.12 s for 20,000 messages and 1.2 s for 200,000 (bench/search_index.py,
+#: figures in the threat model); lock and stop rebuild first in any case (Store.close).
+SEARCH_REBUILD_INTERVAL = 30.0
 SETTING_EVENT_RETENTION = "events.retention_days"
 EVENT_RETENTION_DAYS = 30
 
@@ -148,6 +153,7 @@ class Messenger:
         self._tasks = [
             asyncio.create_task(self.delivery.run(), name="outbox"),
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
+            asyncio.create_task(self._search_rebuild_loop(), name="search-rebuild"),
             asyncio.create_task(self.address.prekey_loop(), name="prekeys"),
             # First of all it erases what expired while the daemon was stopped or locked.
             asyncio.create_task(self.disappearing.run(), name="disappearing"),
@@ -308,6 +314,13 @@ class Messenger:
         later than that are told of the gap by events.subscribe and read messages.history."""
         days = float(self.store.get_setting(SETTING_EVENT_RETENTION, EVENT_RETENTION_DAYS))
         self.store.prune_events_before(_ms() - int(days * 86_400_000))
+
+    async def _search_rebuild_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SEARCH_REBUILD_INTERVAL)
+            store = self.ctx.store
+            if store is not None and store.search_dirty():
+                store.rebuild_dirty_search()
 
     async def _maintenance_loop(self) -> None:
         while True:

@@ -30,18 +30,9 @@ def contact_summaries(store: Store) -> list[ContactSummary]:
     ).fetchall()
     return [
         ContactSummary(int(r[0]), str(r[1]), int(r[2]), int(r[3]),
-                       None if r[4] is None else message_by_seq(store, int(r[4])))
+                       None if r[4] is None else store.message_by_seq(int(r[4])))
         for r in rows
     ]  # fmt: skip
-
-
-def message_by_seq(store: Store, seq: int) -> Message | None:
-    row = store._q(
-        "SELECT seq, id, contact_id, direction, body, status, sent_at, created_at, status_at "
-        "FROM messages WHERE seq = ?",
-        (seq,),
-    ).fetchone()
-    return None if row is None else Message(*row)
 
 
 def group_unread(store: Store, ref: int) -> int:
@@ -53,7 +44,3 @@ def group_unread(store: Store, ref: int) -> int:
     ).fetchone()
     return int(row[0])
 
-
-def group_of_message(store: Store, seq: int) -> int | None:
-    row = store._q("SELECT group_ref FROM group_messages WHERE seq = ?", (seq,)).fetchone()
-    return None if row is None else int(row[0])

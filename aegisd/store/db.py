@@ -22,7 +22,15 @@ from typing import Any
 import sqlcipher3
 
 from .errors import NoProfile, SchemaError, StoreError
-from .schema import MESSAGE_STATUSES, MIGRATIONS, SCHEMA_VERSION, ensure_search_triggers
+from .schema import (
+    MESSAGE_STATUSES,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    SEARCHED,
+    ensure_search_triggers,
+)
+
+SEARCHED_INDEXES = frozenset(fts for _, fts in SEARCHED)
 
 Clock = Callable[[], int]
 
@@ -117,6 +125,29 @@ class OutboxItem:
     attempts: int
 
 
+#: FTS5's secure-delete option, which the search index relies on (store/schema.py
+#: `_message_search_index`), came with SQLite 3.44.
+MIN_SQLITE = (3, 44, 0)
+
+
+def _check_sqlite(conn: Any) -> None:
+    """Refuse an SQLCipher whose SQLite is too old or lacks FTS5, before any migration: the
+    search index would fail, or keep deleted words (docs/threat-model.md §4.8)."""
+    text = str(conn.execute("SELECT sqlite_version()").fetchone()[0])
+    version = tuple(int(p) for p in text.split(".")[:3] if p.isdigit())
+    if version < MIN_SQLITE:
+        raise StoreError(
+            f"this SQLCipher has SQLite {text}; AegisLink needs SQLite "
+            f"{'.'.join(map(str, MIN_SQLITE))} or later (for FTS5's secure-delete)"
+        )
+    try:
+        conn.execute("SELECT fts5_source_id()").fetchone()  # a function FTS5 registers
+    except sqlcipher3.OperationalError:
+        raise StoreError(
+            "this SQLCipher was built without FTS5, which AegisLink's search needs"
+        ) from None
+
+
 class Store:
     """An open, unlocked SQLCipher database."""
 
@@ -153,6 +184,7 @@ class Store:
                 conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
             except sqlcipher3.DatabaseError:
                 raise StoreError("the database key does not open the database") from None
+            _check_sqlite(conn)
             conn.execute("PRAGMA secure_delete = ON")
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA temp_store = MEMORY")  # no plaintext temp files
@@ -162,6 +194,7 @@ class Store:
                 path.chmod(0o600)
             store = cls(conn, path, clock or _now_ms)
             store._migrate()
+            store.rebuild_dirty_search()  # marked before a crash: the last run did not
         except BaseException:
             conn.close()
             raise
@@ -169,6 +202,9 @@ class Store:
 
     def close(self) -> None:
         if self._db is not None:
+            with contextlib.suppress(sqlcipher3.Error):
+                # before the WAL is emptied: what a rebuild overwrites must not stay there
+                self.rebuild_dirty_search(checkpoint=False)
             with contextlib.suppress(sqlcipher3.Error):
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.close()
@@ -199,6 +235,34 @@ class Store:
                 db.execute("UPDATE schema_version SET version = ?", (target,))
         with self.transaction():
             ensure_search_triggers(db)
+
+    def search_dirty(self) -> bool:
+        """Whether a search index has had a row deleted or edited since its last rebuild."""
+        if not self._has_dirty_mark():
+            return False
+        return self._q("SELECT 1 FROM fts_dirty LIMIT 1").fetchone() is not None
+
+    def _has_dirty_mark(self) -> bool:
+        sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'fts_dirty'"
+        return self._q(sql).fetchone() is not None
+
+    def rebuild_dirty_search(self, *, checkpoint: bool = True) -> int:
+        """Rebuild each search index a deletion or an edit has touched (store/schema.py
+        `_search_index_dirty`: the only way to drop a deleted word from FTS5's ``%_idx``),
+        then, with ``checkpoint``, empty the WAL, where the old pages' copies were. The
+        number of indexes rebuilt."""
+        if not self._has_dirty_mark():
+            return 0  # a schema before the mark (only while migrating, in tests)
+        with self.transaction():
+            names = [str(r[0]) for r in self._q("SELECT fts FROM fts_dirty").fetchall()]
+            for fts in names:
+                if fts not in SEARCHED_INDEXES:
+                    raise StoreError("an unknown search index is marked for rebuilding")
+                self._q(f"INSERT INTO {fts} ({fts}) VALUES ('rebuild')")  # noqa: S608
+            self._q("DELETE FROM fts_dirty")
+        if names and checkpoint:
+            self._q("PRAGMA wal_checkpoint(TRUNCATE)")
+        return len(names)
 
     @property
     def schema_version(self) -> int:
@@ -409,6 +473,15 @@ class Store:
             _MESSAGE_SELECT
             + "FROM messages WHERE id = ?",
             (message_id,),
+        ).fetchone()
+        return None if row is None else self._message(row)
+
+    def message_by_seq(self, seq: int) -> Message | None:
+        """A message by its ``seq`` (the search index's and the conversations list's key)."""
+        row = self._q(
+            "SELECT seq, id, contact_id, direction, body, status, sent_at, created_at, status_at "
+            "FROM messages WHERE seq = ?",
+            (seq,),
         ).fetchone()
         return None if row is None else self._message(row)
 

@@ -425,6 +425,16 @@ def history(store: Store, ref: int, *, before_seq: int | None, limit: int) -> li
     return [_message(r) for r in reversed(rows)]
 
 
+def message_at(store: Store, seq: int) -> tuple[int, GroupMessageRow] | None:
+    """A group message by its ``seq`` (the search index's key), with its group's reference."""
+    row = store._q(
+        "SELECT group_ref, seq, author, wire_id, direction, body, sent_at, created_at, read_at "
+        "FROM group_messages WHERE seq = ?",
+        (seq,),
+    ).fetchone()
+    return None if row is None else (int(row[0]), _message(row[1:]))
+
+
 def _message(r: Any) -> GroupMessageRow:
     seq, author, wire_id, direction, body, sent_at, created_at, read_at = r
     author, wire_id = bytes(author), bytes(wire_id)

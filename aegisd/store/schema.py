@@ -547,6 +547,36 @@ def ensure_search_triggers(db: Any) -> None:
         _search_triggers(db, table, fts)
         db.execute(f"INSERT INTO {fts} ({fts}) VALUES ('delete-all')")  # noqa: S608
         db.execute(f"INSERT INTO {fts} ({fts}) VALUES ('rebuild')")  # noqa: S608
+    if "fts_dirty" not in names:
+        return  # before the dirty mark's migration
+    for table, fts in SEARCHED:
+        wanted = {f"{fts}_dirty_delete", f"{fts}_dirty_update"}
+        if wanted <= names:
+            continue
+        for trigger in wanted & names:
+            db.execute(f"DROP TRIGGER {trigger}")
+        _dirty_triggers(db, table, fts)
+        db.execute("INSERT OR IGNORE INTO fts_dirty (fts) VALUES (?)", (fts,))
+
+
+def _dirty_triggers(db: Any, table: str, fts: str) -> None:
+    mark = f"INSERT OR IGNORE INTO fts_dirty (fts) VALUES ('{fts}')"  # noqa: S608
+    db.execute(f"CREATE TRIGGER {fts}_dirty_delete AFTER DELETE ON {table} BEGIN {mark}; END")
+    db.execute(f"CREATE TRIGGER {fts}_dirty_update AFTER UPDATE OF body, seq ON {table} "
+               f"BEGIN {mark}; END")  # fmt: skip
+
+
+def _search_index_dirty(db: Any) -> None:
+    """What secure-delete misses (docs/threat-model.md §4.8): FTS5 keeps, for each leaf page
+    of its index, the page's first term (or the shortest prefix that tells it from the last
+    term of the page before) in the ``%_idx`` table, and a deletion never updates it, so a
+    deleted word can stay there whole. ``fts_dirty`` names each index a deletion or an edit
+    of its table has touched since its last rebuild: triggers set it in the transaction of
+    the change itself, so a crash cannot lose it; the store rebuilds the index named there
+    (Store.rebuild_dirty_search) and then clears the row."""
+    db.execute("CREATE TABLE fts_dirty (fts TEXT PRIMARY KEY) WITHOUT ROWID")
+    for table, fts in SEARCHED:
+        _dirty_triggers(db, table, fts)
 
 
 def _message_actions(db: Any) -> None:
@@ -634,6 +664,6 @@ MIGRATIONS: list[Migration] = [
     _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
     _cover_receipts, _mailbox_pool, _groups, _group_invites_and_intros, _group_message_keys,
     _group_file_links, _group_contact_departures, _message_search_index, _message_actions,
-    _file_captions_and_typing, _disappearing_messages,
+    _file_captions_and_typing, _disappearing_messages, _search_index_dirty,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

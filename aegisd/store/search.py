@@ -17,6 +17,7 @@ from .db import Store
 MAX_QUERY = 512
 MAX_TERMS = 16
 
+_SEPARATE = frozenset({"Cc", "Cs"})
 _TERM = re.compile(r'"([^"]*)"?|(\S+)')
 
 
@@ -45,8 +46,10 @@ def fts_query(text: str) -> str:
     A term is quoted (its own quotes doubled), so no FTS5 operator can come from the user."""
     if len(text) > MAX_QUERY:
         raise BadQuery(f"is longer than {MAX_QUERY} characters")
-    # controls separate words (a NUL would end FTS5's string early: a syntax error)
-    text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text)
+    # controls separate words (a NUL would end FTS5's string early: a syntax error), and so
+    # do lone surrogates (JSON's "\ud800"), which no UTF-8 can carry to SQLite; every other
+    # code point, unassigned or private-use included, encodes
+    text = "".join(" " if unicodedata.category(ch) in _SEPARATE else ch for ch in text)
     terms = []
     for m in _TERM.finditer(text):
         phrase, word = m.group(1), m.group(2)

@@ -5,9 +5,12 @@ group removed), whoever makes them; a deleted word is in no page of the file, de
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from aegisd.store import KdfParams, Keyring, create_profile, open_profile
+from aegisd.store import actions as A
 from aegisd.store import groups as G
 from aegisd.store import schema as schema_mod
 from aegisd.store import search as S
@@ -28,6 +31,7 @@ def test_the_migration_indexes_the_history_it_finds(tmp_path, monkeypatch):
     store = create_profile(home, None, FAST)
     c = store.add_contact("ann")
     m = store.add_message(c.id, "in", "an old Crème brûlée", status="received")
+    time.sleep(0.01)  # "newest first" needs distinct times: both rows have seq 1
     ref = G.add_group(store, b"g" * 32, b"log", [(b"a" * 32, 3)])
     g = G.add_message(store, ref, b"1" * 16, "out", "old group words")
     store.close()
@@ -104,6 +108,7 @@ def test_user_syntax_is_quoted_never_fts5_syntax():
         '"fox" "OR" "brown dog" "-x" "NEAR(a" "b)" "bre"*')
     assert S.fts_query('say "a ""quoted"" word') == '"say" "a " "quoted" " word"'
     assert S.fts_query("a\x00b") == '"a" "b"'
+    assert S.fts_query("a\ud800b") == '"a" "b"'  # a lone surrogate: no UTF-8 carries it
 
 
 def test_a_later_rebuild_of_a_message_table_gets_its_triggers_back(tmp_path, monkeypatch):
@@ -128,9 +133,155 @@ def test_a_later_rebuild_of_a_message_table_gets_its_triggers_back(tmp_path, mon
     store = open_profile(home, None)
     try:
         assert hits(store, "words") == [("contact", kept.seq)]  # the dropped row's tokens went
+        assert _docsize(store) == {kept.seq}  # in the index itself, not only through the join
         new = store.add_message(c.id, "in", "fresh words", status="received")
         assert hits(store, "fresh") == [("contact", new.seq)]  # the insert trigger is back
         store.delete_message(new.id)
-        assert hits(store, "fresh") == []
+        assert hits(store, "fresh") == [] and _docsize(store) == {kept.seq}
+        assert not _in_index(store, "messages_fts", b"fresh")  # the delete trigger is back
     finally:
         store.close()
+
+
+def _idx_terms(store, fts="messages_fts"):
+    return {bytes(r[0]) for r in store._q(f"SELECT term FROM {fts}_idx").fetchall()}
+
+
+def _pin_store(home, n=2858):
+    """The review's reproduction: words sharing long prefixes, then `optimize`, so that
+    some whole words are `%_idx` terms (a leaf page's first term)."""
+    store = create_profile(home, None, FAST)
+    c = store.add_contact("ann")
+    with store.transaction():
+        ids = {
+            f"pin{i:06d}".encode(): store.add_message(
+                c.id, "in", f"my code is pin{i:06d}", status="received").id
+            for i in range(0, n * 3, 3)
+        }  # fmt: skip
+    store._q("INSERT INTO messages_fts (messages_fts) VALUES ('optimize')")
+    whole = sorted(t for t in _idx_terms(store) if t.startswith(b"0pin") and len(t) == 10)
+    assert whole, "no whole word among the _idx terms: the reproduction does not hold"
+    word = whole[len(whole) // 2][1:]  # the leading '0' is the column's prefix byte
+    return store, ids, word
+
+
+def test_a_deleted_word_leaves_the_idx_table_at_the_rebuild(tmp_path):
+    home = tmp_path / "p"
+    store, ids, word = _pin_store(home)
+    key = Keyring.load(home / "keyring.json").unlock(None)
+    db = home / "aegis.db"
+    try:
+        assert not store.search_dirty()
+        store.delete_message(ids[word])
+        assert hits(store, word.decode()) == []
+        # secure-delete dropped it from the segments, not from _idx: the rebuild's reason
+        assert b"0" + word in _idx_terms(store) and store.search_dirty()
+        assert store.rebuild_dirty_search() == 1
+        assert b"0" + word not in _idx_terms(store) and not store.search_dirty()
+        assert not holds(db, key, word)  # the checkpoint took the old pages out of the WAL
+        assert hits(store, "pin000003") != []  # the rest still found
+    finally:
+        store.close()
+
+
+def test_a_deletion_before_a_crash_is_rebuilt_at_the_next_open(tmp_path):
+    home = tmp_path / "p"
+    store, ids, word = _pin_store(home)
+    key = Keyring.load(home / "keyring.json").unlock(None)
+    store.delete_message(ids[word])
+    crashed = tmp_path / "crashed"  # the files as a kill would leave them: no close
+    crashed.mkdir()
+    for f in home.iterdir():
+        if f.is_file():
+            (crashed / f.name).write_bytes(f.read_bytes())
+            (crashed / f.name).chmod(0o600)
+    store.close()
+    assert not holds(home / "aegis.db", key, word)  # close rebuilds before the checkpoint
+    store = open_profile(crashed, None)
+    try:
+        assert not store.search_dirty() and b"0" + word not in _idx_terms(store)
+    finally:
+        store.close()
+    assert not holds(crashed / "aegis.db", key, word)
+
+
+def test_an_sqlite_too_old_for_secure_delete_is_refused_clearly(tmp_path, monkeypatch):
+    from aegisd.store.errors import StoreError
+
+    home = tmp_path / "p"
+    create_profile(home, None, FAST).close()
+    monkeypatch.setattr("aegisd.store.db.MIN_SQLITE", (99, 0, 0))
+    with pytest.raises(StoreError, match=r"needs SQLite 99\.0\.0 or later"):
+        open_profile(home, None)
+
+
+def _docsize(store, fts="messages_fts"):
+    return {int(r[0]) for r in store._q(f"SELECT id FROM {fts}_docsize").fetchall()}
+
+
+def _in_index(store, fts, word):
+    """Whether any row of the index's shadow tables (segments, _idx terms) holds ``word``."""
+    blocks = store._q(f"SELECT block FROM {fts}_data").fetchall()
+    in_data = any(word in bytes(b[0]) for b in blocks)
+    return in_data or any(word in t for t in _idx_terms(store, fts))
+
+
+def _delete_message(store, m, c):
+    store.delete_message(m.id)
+
+
+def _delete_conversation(store, m, c):
+    store.delete_conversation(c.id)
+
+
+def _remove_contact(store, m, c):
+    store.remove_contact(c.id)
+
+
+def _delete_for_everyone(store, m, c):
+    A.mark_deleted(store, m.id, c.id)
+
+
+def _edit(store, m, c):
+    A.edit(store, m.id, "other text now", 1, None)
+
+
+@pytest.mark.parametrize(
+    "path", [_delete_message, _delete_conversation, _remove_contact, _delete_for_everyone, _edit]
+)
+def test_every_deletion_path_takes_the_word_out_of_messages_fts(tmp_path, path):
+    """Checked in the index's own tables and in the decrypted pages, not through a search
+    (which joins on the message table and would pass with the index out of step)."""
+    home = tmp_path / "p"
+    store = create_profile(home, None, FAST)
+    key = Keyring.load(home / "keyring.json").unlock(None)
+    keep = store.add_contact("keep")
+    kept = store.add_message(keep.id, "in", "unrelated kept words", status="received")
+    c = store.add_contact("ann")
+    m = store.add_message(c.id, "in", "the zqxwvojute word", status="received")
+    assert _in_index(store, "messages_fts", b"zqxwvojute") and m.seq in _docsize(store)
+    path(store, m, c)
+    if path is _edit or path is _delete_for_everyone:  # the row stays, its old words go
+        assert _docsize(store) == {kept.seq, m.seq}
+    else:
+        assert _docsize(store) == {kept.seq}
+    assert not _in_index(store, "messages_fts", b"zqxwvojute") and store.search_dirty()
+    store.close()  # rebuilds, then truncates the WAL
+    assert not holds(home / "aegis.db", key, b"zqxwvojute")
+    assert holds(home / "aegis.db", key, b"unrelated kept words")
+
+
+def test_a_group_deletion_takes_its_words_out_of_group_messages_fts(tmp_path):
+    home = tmp_path / "p"
+    store = create_profile(home, None, FAST)
+    key = Keyring.load(home / "keyring.json").unlock(None)
+    other = G.add_group(store, b"h" * 32, b"log", [(b"a" * 32, 3)])
+    kept = G.add_message(store, other, b"2" * 16, "out", "unrelated kept words")
+    ref = G.add_group(store, b"g" * 32, b"log", [(b"a" * 32, 3)])
+    G.add_message(store, ref, b"1" * 16, "in", "the zqxwvojute word", sender_key=b"a" * 32)
+    assert _in_index(store, "group_messages_fts", b"zqxwvojute")
+    G.delete_group(store, ref)
+    assert _docsize(store, "group_messages_fts") == {kept}
+    assert not _in_index(store, "group_messages_fts", b"zqxwvojute") and store.search_dirty()
+    store.close()
+    assert not holds(home / "aegis.db", key, b"zqxwvojute")

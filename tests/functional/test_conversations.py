@@ -128,6 +128,19 @@ def test_conversations_unread_counts_and_reading_marks_read(
 
     bob.wait_for(read_by_alice, "alice's group read receipt", T)
 
+    # Exactly what is shown is marked: `--limit 1` shows the newest of 3, 2 stay unread.
+    for i in range(3):
+        bob.call("group.send", {"group": g_bob, "text": f"plan {i}"})
+        time.sleep(0.01)
+    alice.wait_for(lambda: by_name(alice)["Club 5e1"]["unread"] == 3, "3 group messages", T)
+    shown = ok(aegis(alice, "messages", "--group", "Club 5e1", "--limit", "1"))
+    assert "plan 2" in shown and "plan 1" not in shown and "plan 0" not in shown
+    assert by_name(alice)["Club 5e1"]["unread"] == 2
+    ok(aegis(alice, "group", "messages", "Club 5e1", "--limit", "1"))  # the same one again
+    assert by_name(alice)["Club 5e1"]["unread"] == 2
+    ok(aegis(alice, "group", "messages", "Club 5e1", "--limit", "3"))
+    assert by_name(alice)["Club 5e1"]["unread"] == 0
+
     # Paging back: the hint on stderr is a command that shows the older page.
     for i in range(3):
         alice.call("messages.send", {"contact": "carol", "text": f"page {i}"})
@@ -182,7 +195,9 @@ def test_search_finds_words_and_phrases_newest_first_and_forgets_a_deleted_messa
         except RpcCallError as exc:  # pragma: no cover - must not happen
             raise AssertionError(f"{q!r}: {exc}") from None
     assert found("fox OR") == []  # "or" is a word like any other here
-    for q in ["", "   ", "!!! ???", "*", "x" * 600, " ".join(["w"] * 20)]:
+    # a lone surrogate ("\ud800" in the JSON) separates words, as a control does: no -32603
+    assert found("fox\ud800") == found("fox") != []
+    for q in ["", "   ", "!!! ???", "*", "x" * 600, " ".join(["w"] * 20), "\udc80\ud800"]:
         with pytest.raises(RpcCallError) as err:
             alice.call("messages.search", {"query": q})
         assert err.value.code == -32602 and err.value.data.get("field") == "query", q
@@ -300,6 +315,11 @@ def test_export_text_and_json_private_refusing_and_forced(
     ok(aegis(alice, "export", "--all", "--output", str(link), "--force"))
     assert victim.read_text() == "keep" and not link.is_symlink()
     assert link.stat().st_mode & 0o777 == 0o600
+    # A directory in the way, even with --force: a clear error, no temporary copy left.
+    (tmp_short / "adir").mkdir()
+    r = aegis(alice, "export", "--all", "--output", str(tmp_short / "adir"), "--force")
+    assert r.returncode == 1 and "is a directory" in r.stderr and "Traceback" not in r.stderr
+    assert not [p for p in os.listdir(tmp_short) if p.endswith(".tmp")]
     # One of NAME, --group, --all; an unknown contact is an error before any file is made.
     assert aegis(alice, "export", "--output", str(tmp_short / "x")).returncode == 2
     assert aegis(alice, "export", "nobody", "--output", str(tmp_short / "y")).returncode == 1
