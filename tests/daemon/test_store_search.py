@@ -30,7 +30,12 @@ def test_the_migration_indexes_the_history_it_finds(tmp_path, monkeypatch):
     monkeypatch.setattr("aegisd.store.db.SCHEMA_VERSION", len(old))
     store = create_profile(home, None, FAST)
     c = store.add_contact("ann")
-    m = store.add_message(c.id, "in", "an old Crème brûlée", status="received")
+    # Raw SQL: today's Store.add_message writes columns that later migrations add.
+    old_seq = store._q(
+        "INSERT INTO messages (id, contact_id, direction, body, status, created_at, status_at)"
+        " VALUES ('aa', ?, 'in', 'an old Crème brûlée', 'received', ?, ?)",
+        (c.id, int(time.time() * 1000), int(time.time() * 1000)),
+    ).lastrowid
     time.sleep(0.01)  # "newest first" needs distinct times: both rows have seq 1
     ref = G.add_group(store, b"g" * 32, b"log", [(b"a" * 32, 3)])
     g = G.add_message(store, ref, b"1" * 16, "out", "old group words")
@@ -40,9 +45,9 @@ def test_the_migration_indexes_the_history_it_finds(tmp_path, monkeypatch):
     store = open_profile(home, None)
     try:
         assert store.schema_version == schema_mod.SCHEMA_VERSION
-        assert hits(store, "creme BRULEE") == [("contact", m.seq)]
+        assert hits(store, "creme BRULEE") == [("contact", old_seq)]
         assert hits(store, '"group words"') == [("group", g)]
-        assert hits(store, "old") == [("group", g), ("contact", m.seq)]  # newest first
+        assert hits(store, "old") == [("group", g), ("contact", old_seq)]  # newest first
     finally:
         store.close()
 
