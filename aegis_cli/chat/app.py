@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,6 +21,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.widgets import ListView, Static
+from textual.worker import WorkerFailed
 
 from aegis_client import (
     AegisClientError,
@@ -125,7 +127,9 @@ class ChatApp(App[None]):
     def _fatal_error(self) -> None:
         # Textual's own prints a traceback with every frame's locals, where a message text or
         # the passphrase may be: only the error's type and where it happened are kept.
-        exc = self._exception
+        exc: BaseException | None = self._exception
+        if isinstance(exc, WorkerFailed):  # a worker's error, wrapped without a traceback
+            exc = exc.error
         where = ""
         tb = exc.__traceback__ if exc is not None else None
         while tb is not None and tb.tb_next is not None:
@@ -150,6 +154,12 @@ class ChatApp(App[None]):
 
     def on_mount(self) -> None:
         self.run_worker(self.follow_events(), name="events", exclusive=True)
+        # Textual restores the terminal on its own exits only: a SIGTERM or SIGHUP (the
+        # terminal closed, `kill`) ends the app the same way, so the screen is given back.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self.exit)
 
     async def on_unmount(self) -> None:
         await self.client.close()
@@ -208,8 +218,10 @@ class ChatApp(App[None]):
                     loaded = True
                 self.ready.set()
                 async for ev in stream:
-                    self.cursor = stream.last_seq
+                    # The cursor moves once the event is handled: one cut short by the daemon
+                    # going away is handed out again (handling is idempotent: ids seen).
                     await self.handle(ev)
+                    self.cursor = stream.last_seq
             except Locked:
                 self.daemon_up, self.locked = True, True
                 self.show_status()
@@ -219,9 +231,11 @@ class ChatApp(App[None]):
                 self.show_status()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_DELAY)
+            except AegisClientError as exc:  # anything else: say so, subscribe again
+                self.show_status(f"daemon error ({type(exc).__name__}): retrying…")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_DELAY)
             finally:
-                if stream.last_seq is not None:
-                    self.cursor = stream.last_seq
                 await stream.aclose()
 
     async def unlock(self) -> None:
@@ -253,10 +267,20 @@ class ChatApp(App[None]):
             if answer is None:
                 self.show_status()
                 return False
+            if not answer:
+                prompt = "The passphrase is empty. Passphrase (not shown):"
+                continue
             try:
                 await self.client.unlock(answer)
             except WrongPassphrase:
                 prompt = "Wrong passphrase. Passphrase (not shown):"
+                continue
+            except (DaemonNotRunning, ConnectionLost):
+                self.daemon_up = False  # follow_events reconnects, and asks again if locked
+                self.show_status()
+                return False
+            except AegisClientError as exc:
+                prompt = f"Not unlocked ({type(exc).__name__}). Passphrase (not shown):"
                 continue
             self.locked = False
             self.show_status()
@@ -336,7 +360,10 @@ class ChatApp(App[None]):
                 return  # loaded with the history already
             self.messages.append(msg)
             await self.add_row(msg, at_end=True)
-            conv.note_message(str(msg.get("text") or ""), int(msg["created_at"]), False)
+            # Shown in the open conversation: counted unread, so that mark_read tells the
+            # daemon (and the sender sees "read"), then cleared.
+            theirs = msg.get("direction", "in") == "in"
+            conv.note_message(str(msg.get("text") or ""), int(msg["created_at"]), theirs)
             await self.mark_read(conv)
         elif mid not in conv.seen:
             conv.seen.add(mid)

@@ -29,7 +29,7 @@ KEYS = [
     ("Ctrl+S", "the safety number: compare it, then mark the contact verified"),
     ("Ctrl+F", "send a file to the contact (its progress shows on the message)"),
     ("F4", "save the newest file received in the open conversation"),
-    ("a / d", "an incoming call: answer / decline"),
+    ("F7 / F9", "an incoming call: answer / decline (no letter key: typing never answers)"),
     ("F8", "hang up (or decline) the call"),
     ("Ctrl+L", "unlock a locked profile (asks for the passphrase)"),
     ("PageUp / scroll up", "in the messages: older ones load at the top"),
@@ -86,11 +86,15 @@ class AskScreen(ModalScreen[str | None]):
 
 
 class CallScreen(ModalScreen[str | None]):
-    """An incoming call: ``a`` answers, ``d`` declines, Esc lets it ring (F8 hangs up later)."""
+    """An incoming call: F7 answers, F9 declines, Esc lets it ring (F8 hangs up later).
+
+    No printable key answers: the call takes the focus when it rings, and a letter the user
+    was typing into the compose box must not switch the microphone on (the caller picks the
+    moment)."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("a", "choose('answer')", "answer"),
-        Binding("d", "choose('decline')", "decline"),
+        Binding("f7", "choose('answer')", "answer"),
+        Binding("f9", "choose('decline')", "decline"),
         Binding("escape", "choose(None)", "later"),
     ]
 
@@ -98,7 +102,7 @@ class CallScreen(ModalScreen[str | None]):
         super().__init__()
         self.text = (
             f"{'Video call' if video else 'Call'} from “{who}”\n\n"
-            "a: answer   d: decline   Esc: let it ring (F8 then ends it)"
+            "F7: answer   F9: decline   Esc: let it ring (F8 then ends it)"
         )
 
     def compose(self) -> ComposeResult:

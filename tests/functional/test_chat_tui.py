@@ -16,6 +16,7 @@ from textual import events
 from textual.content import Content
 from textual.pilot import Pilot
 from textual.widgets import Input, Static
+from textual.worker import WorkerFailed
 
 from aegis_cli.chat.app import ChatApp
 from aegis_cli.chat.model import contact_key
@@ -111,6 +112,26 @@ def test_live_message_unread_count_and_sent_marks(peers: Callable[[str], Peer]) 
         await call(bob, "messages.mark_read", {"contact": "alice"})
         await until(pilot, lambda: mine.msg["status"] == "read", "read", 60)
         assert "✓✓ read" in mine.plain
+
+    run_app(alice, body)
+
+
+def test_a_message_arriving_in_the_open_conversation_is_marked_read(
+    peers: Callable[[str], Peer],
+) -> None:
+    alice, bob = pair(peers)
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await app.open(contact_key("bob"))
+        sent = await call(bob, "messages.send", {"contact": "alice", "text": "live one"})
+        await until(pilot, lambda: any("live one" in t for t in shown_texts(app)), "live one")
+
+        def status_at_bob() -> Any:
+            h = bob.call("messages.history", {"contact": "alice"})["messages"]
+            return next(m["status"] for m in h if m["message_id"] == sent["message_id"])
+
+        await asyncio.to_thread(bob.wait_for, lambda: status_at_bob() == "read", "read at bob")
+        assert app.convs[contact_key("bob")].unread == 0
 
     run_app(alice, body)
 
@@ -381,8 +402,12 @@ def test_older_history_loads_at_the_top(peers: Callable[[str], Peer]) -> None:
     run_app(alice, body)
 
 
-def test_an_unexpected_error_shows_no_locals(tmp_short: Path) -> None:
-    # No daemon: the client waits for one; a handler fails with a secret in its frame.
+@pytest.mark.parametrize("where", ["handler", "worker"])
+def test_an_unexpected_error_shows_no_locals(
+    tmp_short: Path, capfd: pytest.CaptureFixture[str], where: str
+) -> None:
+    # No daemon: the client waits for one; a handler (or a worker, whose error Textual wraps)
+    # fails with a secret in its frame. Textual's own report would print the frame's locals.
     async def main() -> ChatApp:
         app = ChatApp(tmp_short / "none.sock")
 
@@ -390,18 +415,26 @@ def test_an_unexpected_error_shows_no_locals(tmp_short: Path) -> None:
             secret = "the passphrase is hunter2"
             raise RuntimeError(len(secret))
 
-        with pytest.raises(RuntimeError):
+        async def boom_later() -> None:
+            boom()
+
+        with pytest.raises((RuntimeError, WorkerFailed)):
             async with app.run_test(size=(80, 24)) as pilot:
                 status = app.query_one("#status", Static)
                 await until(pilot, lambda: "daemon not running" in text_of(status), "status")
-                app.call_later(boom)
-                await pilot.pause(0.5)
+                if where == "worker":
+                    app.run_worker(boom_later())
+                else:
+                    app.call_later(boom)
+                for _ in range(200):  # until the app stops (it ends this block)
+                    await pilot.pause(0.05)
         return app
 
     app = asyncio.run(main())
     assert app.failure is not None and "RuntimeError" in app.failure
     assert "test_chat_tui.py" in app.failure
-    assert not app._exit_renderables  # Textual's traceback with locals is never printed
+    err = capfd.readouterr().err
+    assert "hunter2" not in err and "hunter2" not in app.failure
 
 
 def test_send_a_file_with_progress_and_save_one(
@@ -463,7 +496,9 @@ def test_incoming_call_answer_then_hang_up_and_decline(
             status = app.query_one("#status", Static)
             first = (await call(bob, "calls.start", {"contact": "alice"}))["call_id"]
             await until(pilot, lambda: isinstance(app.screen, CallScreen), "the call", 60)
-            await pilot.press("a")
+            await pilot.press("a", "n", "d")  # typing on: letters do not answer or decline
+            assert isinstance(app.screen, CallScreen)
+            await pilot.press("f7")
             await until(pilot, lambda: "call with bob: active" in text_of(status), "active", 60)
             await pilot.press("f8")
             await until(pilot, lambda: app.call is None, "the end", 60)
@@ -472,7 +507,7 @@ def test_incoming_call_answer_then_hang_up_and_decline(
 
             second = (await call(bob, "calls.start", {"contact": "alice"}))["call_id"]
             await until(pilot, lambda: isinstance(app.screen, CallScreen), "the 2nd call", 60)
-            await pilot.press("d")
+            await pilot.press("f9")
             await until(pilot, lambda: app.call is None, "declined", 60)
             calls = (await call(alice, "calls.history", {"limit": 1}))["calls"]
             assert calls[0]["call_id"] == second and calls[0]["answered_at"] is None
