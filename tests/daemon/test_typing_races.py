@@ -70,10 +70,10 @@ def test_a_typing_queued_behind_switching_off_does_not_go(store: Store) -> None:
         t = Typing(host)
         async with host.lock:  # both calls queue on the lock: switching off first
             off = asyncio.ensure_future(t.configure(False))
-            while not host.lock._waiters:  # type: ignore[attr-defined]
+            while not host.lock._waiters:
                 await asyncio.sleep(0)
             typing = asyncio.ensure_future(t.send("bob", True))
-            while len(host.lock._waiters) < 2:  # type: ignore[attr-defined, arg-type]
+            while len(host.lock._waiters) < 2:
                 await asyncio.sleep(0)
         return await off, await typing
 
