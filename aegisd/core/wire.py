@@ -1564,7 +1564,10 @@ def _write_extra(w: Writer, payload: AttachmentPayload) -> None:
 
 def _read_extra(r: Reader) -> AttachmentPayload:
     base = _read_attachment(r)
-    caption = r.take(r.u16())
+    n = r.u16()
+    if n > MAX_CAPTION_BYTES:  # refused on its length, before its bytes are taken
+        raise DecodeError("malformed attachment caption or batch")
+    caption = r.take(n)
     batch_id, index, count = r.take(BATCH_ID_LEN), r.u8(), r.u8()
     try:
         _check_extra(caption, batch_id, index, count)

@@ -9,6 +9,7 @@ from typing import Any
 from aegisd.netmode import SETTING_ISOLATION, SETTING_MODE, SETTING_PROXY, SETTING_TOR_PATH
 from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
 from aegisd.rpc.methods import Handler
+from aegisd.store import attachments as attachment_store
 from aegisd.store.groups import group_contact_ids
 from aegisd.transport.network import ProxyUrlError, check_proxy_url
 
@@ -203,11 +204,14 @@ def register(registry: Registry, m: Messenger) -> None:
     async def messages_delete(
         ctx: CallContext, message_id: str, for_everyone: bool = False
     ) -> dict[str, Any]:
+        if for_everyone is False and isinstance(message_id, str):
+            await m.attachments.forget([message_id])  # a file's row, caption and copy go too
         return await m.actions.delete(message_id, for_everyone)
 
     @method("conversations.delete")
     async def conversations_delete(ctx: CallContext, contact: str) -> dict[str, Any]:
         c = m.contacts.by_name(contact)
+        await m.attachments.forget(attachment_store.of_conversation(m.store, c.id))
         return {"deleted": m.store.delete_conversation(c.id)}
 
     @method("settings.get")

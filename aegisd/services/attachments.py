@@ -77,6 +77,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("aegisd.attachments")
 
 SETTING_MAX_SIZE = "attachments.max_size"
+MAX_PATH = 4096  # bytes of a path the API takes (send, save)
 DEFAULT_MAX_SIZE = 100_000_000  # bytes (100 MB); at most MAX_FILE_SIZE (one relay quota)
 WINDOW = 32  # blocks in flight per transfer; progress is committed per window
 FETCH_TRIES = 3  # fetches of a block that fails to open before the file is reported failed
@@ -296,12 +297,14 @@ class Attachments:
 
     # --- sending --------------------------------------------------------------------------
 
-    async def send(self, name: str, path: str, caption: str = "") -> dict[str, Any]:
+    async def send(self, name: str, path: str, caption: str | None = "") -> dict[str, Any]:
         """One file, with an optional caption."""
         r = await self.send_many(name, [path], caption)
         return dict(r["attachments"][0])
 
-    async def send_many(self, name: str, paths: list[str], caption: str = "") -> dict[str, Any]:
+    async def send_many(
+        self, name: str, paths: list[str], caption: str | None = ""
+    ) -> dict[str, Any]:
         """Files sent together (§22.3): each its own upload (all start at once), one batch;
         the caption rides on the first. Every file is spooled before anything is stored, and
         all rows and messages commit together: the send happens whole or not at all."""
@@ -353,7 +356,7 @@ class Attachments:
     def check_source(self, path: str) -> tuple[Path, int]:
         """A file the user asks to send: an absolute path to a regular file within the
         limit. Returns it and the limit (checked again while it is read)."""
-        if not isinstance(path, str) or not path or "\x00" in path:
+        if not isinstance(path, str) or not path or len(path) > MAX_PATH or "\x00" in path:
             raise InvalidParamsError("path", "must be a file path")
         p = Path(path)
         if not p.is_absolute():
@@ -387,10 +390,15 @@ class Attachments:
         aid = self.new_id() if aid is None else aid
         seed = self.m.entropy.random(wire.ATTACHMENT_SEED_LEN)
         self.directory.mkdir(mode=0o700, exist_ok=True)
+        dst = self._file(aid)
+        work = asyncio.ensure_future(asyncio.to_thread(encrypt_to_spool, p, dst, seed, limit))
         try:
-            size, digest = await asyncio.to_thread(
-                encrypt_to_spool, p, self._file(aid), seed, limit
-            )
+            size, digest = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # The thread cannot be stopped: the spool it may still write goes once it ends
+            # (the caller's discard has run by then).
+            work.add_done_callback(lambda _: _unlink_after(work, dst))
+            raise
         except TooLarge:
             raise AppError(
                 E_FILE_TOO_LARGE, "too_large",
@@ -506,6 +514,10 @@ class Attachments:
             if c is None or blob is None or db.get(m.store, row.id) is None:
                 return  # the contact was removed meanwhile (its rows went with it)
             ex = db.extras(m.store, row.id)
+            if not ex.caption:
+                # A batch's file without a caption goes as a plain 0x08, which an older
+                # receiver reads too (it drops 0x17): its place in the batch is not told.
+                ex = db.Extras()
             payload = wire.AttachmentPayload(
                 bytes.fromhex(row.id), row.sent_at or _ms(), row.seed, row.size, row.blocks,
                 row.digest, row.relay_url, row.name, ex.caption,
@@ -774,7 +786,7 @@ class Attachments:
         if row.state != "complete":
             raise AppError(E_NOT_COMPLETE, "not_complete",
                            f"the file is not complete yet (state: {row.state})")
-        if not isinstance(path, str) or not path or "\x00" in path:
+        if not isinstance(path, str) or not path or len(path) > MAX_PATH or "\x00" in path:
             raise InvalidParamsError("path", "must be a file path")
         target = Path(path)
         if not target.is_absolute():
@@ -848,6 +860,22 @@ class Attachments:
                     })  # fmt: skip
         with contextlib.suppress(OSError):
             self._file(aid).unlink()
+
+
+    async def forget(self, aids: list[str]) -> None:
+        """Files whose messages the user deletes ("delete for me", a whole conversation): each
+        goes as with attachments.delete (row, caption and batch, spool or received blocks)."""
+        for aid in aids:
+            if db.get(self.store, aid) is not None:
+                with contextlib.suppress(AppError):  # gone meanwhile
+                    await self.delete(aid)
+
+
+def _unlink_after(work: asyncio.Future[Any], dst: Path) -> None:
+    if not work.cancelled():
+        work.exception()  # retrieved: a failed spool of a cancelled call is no error
+    with contextlib.suppress(OSError):
+        dst.unlink()
 
 
 def check_caption(caption: Any) -> str:

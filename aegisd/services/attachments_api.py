@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from aegisd.core.wire import MAX_BATCH_FILES
 from aegisd.rpc import CallContext, InvalidParamsError, Registry
 
-from .attachments import check_caption
+from .attachments import MAX_PATH
 
 if TYPE_CHECKING:
     from .messenger import Messenger
-
-MAX_PATH = 4096
 
 
 def _path(value: Any) -> str:
@@ -24,11 +21,12 @@ def _path(value: Any) -> str:
 def register(registry: Registry, m: Messenger) -> None:
     a = m.attachments
 
+    # The paths, their count and the caption are checked once, by the service (send_many).
     @registry.method("attachments.send", unlocked=True)
     async def attachments_send(
         ctx: CallContext, contact: str, path: str, caption: str | None = None
     ) -> dict[str, Any]:
-        result = await a.send(contact, _path(path), check_caption(caption))
+        result = await a.send(contact, path, caption)
         m.disappearing.wake()  # its deadline, if the conversation has a timer
         return result
 
@@ -36,9 +34,7 @@ def register(registry: Registry, m: Messenger) -> None:
     async def attachments_send_batch(
         ctx: CallContext, contact: str, paths: list[str], caption: str | None = None
     ) -> dict[str, Any]:
-        if not isinstance(paths, list) or not 1 <= len(paths) <= MAX_BATCH_FILES:
-            raise InvalidParamsError("paths", f"must list 1 to {MAX_BATCH_FILES} files")
-        result = await a.send_many(contact, [_path(p) for p in paths], check_caption(caption))
+        result = await a.send_many(contact, paths, caption)
         m.disappearing.wake()
         return result
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aegisd.core import wire
 from aegisd.core.session import Session
 from aegisd.rpc import AppError, InvalidParamsError
+from aegisd.rpc import errors as E
 from aegisd.store import groups as G
 from aegisd.store import typing_state as ts
 from aegisd.store.db import Contact
@@ -48,8 +49,6 @@ SETTING_ENABLED = "privacy.typing_indicators"
 INTERVAL = 5.0
 #: A shown "typing" ends (event with typing false, lapsed true) this long after the last one.
 LAPSE = 8.0
-
-E_NOT_READY, E_BLOCKED = 1024, 1025  # as messenger.py's (not imported: it imports this)
 
 
 class ContactsView(Protocol):
@@ -76,7 +75,13 @@ class Typing:
         self.m = host
         self._sent: dict[int, float] = {}  # contact id: when its last "typing" went (monotonic)
         self._active: set[int] = set()  # a "typing" went, no "stopped" yet
-        self._shown: dict[int, float] = {}  # contact id: when its shown "typing" was last shown
+        # The receiver. When a "typing" was last shown is kept apart from whether one shows
+        # now: a "stopped" ends the showing, not the rate limit (a peer alternating 0x03 and
+        # 0x01 gets one shown "typing" per INTERVAL, not one per block).
+        self._shown_at: dict[int, float] = {}  # contact id: when a "typing" was last shown
+        self._showing: set[int] = set()  # a shown "typing" not yet ended
+        self._heard: dict[int, float] = {}  # contact id: the last TYPING received (the lapse)
+        self._lapses: dict[int, asyncio.TimerHandle] = {}  # one lapse timer per contact
         #: What went and what came (the daemon's own counters: ``typing.config`` shows them).
         self.counts = {"sent": 0, "received": 0, "dropped": 0}
 
@@ -96,8 +101,11 @@ class Typing:
         async with m.lock:
             with m.store.transaction():
                 m.store.set_setting(SETTING_ENABLED, enabled)
-                # Off: those told "on" hear "off", so they stop sending. On: those that said
-                # they are on hear "on", so both send from now on. Slotted: no hurry.
+                # Off: those told "on" hear "off", unslotted (with cover on a slot can be
+                # minutes away, and until it lands they keep sending theirs; its timing shows
+                # only that a setting changed). On: those that said they are on hear "on",
+                # slotted: no hurry. Either way each contact's copy leaves after its own
+                # delay (receipt delay, then privacy.group_spread_max), as a group's fan-out.
                 for cid in ts.told(m.store) if not enabled else ts.peers_on(m.store):
                     peer_on, _ = ts.get(m.store, cid)
                     c = m.store.get_contact(cid)
@@ -108,16 +116,22 @@ class Typing:
                     try:
                         m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))],
                                            wire.TypingPayload(enabled, False),
-                                           delay=m.delivery.receipt_delay())  # fmt: skip
+                                           delay=m.delivery.receipt_delay(),
+                                           spread=m.delivery.group_spread(),
+                                           slotted=enabled)  # fmt: skip
                     except AppError:
                         ts.put(m.store, cid, peer_on, False)
                         continue  # cannot be reached now: told at its first "typing"
                     ts.put(m.store, cid, peer_on, enabled)
                     self.counts["sent"] += 1
             if not enabled:
-                self._sent.clear()
+                # _sent stays: switching off and on again does not restart the rate limit.
                 self._active.clear()
-                self._shown.clear()
+                self._showing.clear()
+                self._heard.clear()
+                for timer in self._lapses.values():
+                    timer.cancel()
+                self._lapses.clear()
         m.delivery.wake()
         return self.describe()
 
@@ -129,15 +143,19 @@ class Typing:
         m.check_usable()
         c = m.contacts.by_name(name)
         if G.is_group_contact(m.store, c.id):
-            raise AppError(1020, "not_found", "no such contact")
+            raise AppError(E.NOT_FOUND, "not_found", "no such contact")
         if c.blocked:
-            raise AppError(E_BLOCKED, "blocked", "this contact is blocked")
+            raise AppError(E.BLOCKED, "blocked", "this contact is blocked")
         if not self.enabled():
             return {"sent": False, "reason": "off"}
         async with m.lock:
+            # Again under the lock: a typing.config(false) queued on it ahead of this call
+            # has switched them off and told the contact so.
+            if not self.enabled():
+                return {"sent": False, "reason": "off"}
             blob = m.store.get_session(c.id)
             if blob is None:
-                raise AppError(E_NOT_READY, "not_ready", "no session with this contact")
+                raise AppError(E.NOT_READY, "not_ready", "no session with this contact")
             peer_on, told_on = ts.get(m.store, c.id)
             now = time.monotonic()
             if typing:
@@ -181,27 +199,40 @@ class Typing:
             told_on = True
         ts.put(m.store, c.id, p.enabled, told_on)
         now = time.monotonic()
-        shown = self._shown.get(c.id)
         if p.enabled and p.typing:
-            if shown is not None and now - shown < INTERVAL:
-                self._shown[c.id] = now  # refreshed, not shown again
-                return
-            self._shown[c.id] = now
+            self._heard[c.id] = now
+            if c.id in self._showing:
+                return  # refreshed: its lapse counts from now
+            last = self._shown_at.get(c.id)
+            if last is not None and now - last < INTERVAL:
+                return  # absorbed: at most one shown "typing" per INTERVAL
+            self._shown_at[c.id] = now
+            self._showing.add(c.id)
             m.ctx.events.emit("contact.typing", {"contact": c.name, "typing": True})
-            asyncio.get_running_loop().call_later(LAPSE, self._lapse, c.id, c.name)
-        elif shown is not None:
-            del self._shown[c.id]
+            if c.id not in self._lapses:
+                self._lapses[c.id] = asyncio.get_running_loop().call_later(
+                    LAPSE, self._lapse, c.id, c.name)  # fmt: skip
+        elif c.id in self._showing:
+            self._end(c.id)
             m.ctx.events.emit("contact.typing", {"contact": c.name, "typing": False})
 
+    def _end(self, contact_id: int) -> None:
+        self._showing.discard(contact_id)
+        self._heard.pop(contact_id, None)
+        timer = self._lapses.pop(contact_id, None)
+        if timer is not None:
+            timer.cancel()
+
     def _lapse(self, contact_id: int, name: str) -> None:
-        shown = self._shown.get(contact_id)
-        if shown is None or time.monotonic() - shown < LAPSE - 0.05:
-            if shown is not None:  # refreshed meanwhile: look again when that one lapses
-                asyncio.get_running_loop().call_later(
-                    LAPSE - (time.monotonic() - shown), self._lapse, contact_id, name
-                )
+        self._lapses.pop(contact_id, None)
+        if contact_id not in self._showing:
             return
-        del self._shown[contact_id]
+        left = LAPSE - (time.monotonic() - self._heard.get(contact_id, 0.0))
+        if left > 0.05:  # refreshed meanwhile: look again when that one lapses
+            self._lapses[contact_id] = asyncio.get_running_loop().call_later(
+                left, self._lapse, contact_id, name)  # fmt: skip
+            return
+        self._end(contact_id)
         if self.m.ctx.store is None:
             return  # locked meanwhile
         self.m.ctx.events.emit("contact.typing", {"contact": name, "typing": False,

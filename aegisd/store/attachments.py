@@ -108,6 +108,15 @@ def delete(store: Store, attachment_id: str) -> bool:
     return bool(cur.rowcount)
 
 
+def of_conversation(store: Store, contact_id: int) -> list[str]:
+    """The files that are messages of this contact's conversation (a group's copies, which
+    serve group messages, are not)."""
+    return [str(r[0]) for r in store._q(
+        "SELECT a.id FROM attachments a JOIN messages m ON m.id = a.id WHERE m.contact_id = ?",
+        (contact_id,),
+    ).fetchall()]  # fmt: skip
+
+
 def with_files(store: Store) -> set[str]:
     """Ids whose encrypted copy in the profile is still needed: every received file (kept
     encrypted), and sent files whose upload has not finished (the spool to upload from)."""

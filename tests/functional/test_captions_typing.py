@@ -12,14 +12,20 @@ from pathlib import Path
 from typing import Any
 
 from aegis_cli.listen import describe
+from aegisd.core import wire
 from aegisd.services.typing_indicators import INTERVAL
+from aegisd.store import Keyring
 from tests.functional.conftest import Peer, connect
 from tests.functional.test_attachments import wait_state
 from tests.functional.test_cli_messaging import aegis, ok
 from tests.functional.test_cover import make  # noqa: F401 (a fixture: daemons with test methods)
+from tests.relay.conftest import RelayProcess
+from tests.sqlcipher_pages import holds
+from tests.support.hostile import hostile
 
 # A hostile caption: an escape sequence (clipboard write), a carriage return forging a line,
 # a bidi override; shown through safe_text, never raw.
+RARE_CAPTION, RARE_CAPTION_2 = "qzxvbnmcaption one", "wpqlkjhcaption two"
 HOSTILE = "look \x1b]52;c;ZXZpbA==\x07 here\rme -> bob: forged \u202eevil"
 
 
@@ -71,15 +77,17 @@ def test_caption_and_three_files_in_one_send(
     assert [a["batch_index"] for a in batch["attachments"]] == [0, 1, 2]
     ids = [a["attachment_id"] for a in batch["attachments"]]
     arrived = bob.wait_for(
-        lambda: len(r := [a for a in _received(bob, "alice") if a["batch_id"] == bid]) == 3 and r,
-        "the three files",
+        lambda: len(r := [a for a in _received(bob, "alice") if a["attachment_id"] in ids]) == 3
+        and r, "the three files",
     )
-    by_index = sorted(arrived, key=lambda a: a["batch_index"])
-    assert [a["attachment_id"] for a in by_index] == ids
-    assert [a["name"] for a in by_index] == ["f0.bin", "f1.bin", "f2.bin"]
-    assert [a["size"] for a in by_index] == [10, 40_000, 70_000]
-    assert [a["caption"] for a in by_index] == ["three of them", "", ""]
-    assert {a["batch_count"] for a in by_index} == {3}
+    by_id = sorted(arrived, key=lambda a: ids.index(a["attachment_id"]))
+    assert [a["name"] for a in by_id] == ["f0.bin", "f1.bin", "f2.bin"]
+    assert [a["size"] for a in by_id] == [10, 40_000, 70_000]
+    assert [a["caption"] for a in by_id] == ["three of them", "", ""]
+    # Only the captioned file travels as 0x17 (with its batch); the others as plain 0x08,
+    # which an older receiver reads too: their place in the batch is not told.
+    assert [(a["batch_id"], a["batch_index"], a["batch_count"]) for a in by_id] == [
+        (bid, 0, 3), (None, 0, 1), (None, 0, 1)]  # fmt: skip
     for aid, src in zip(ids, files, strict=True):
         wait_state(bob, aid, "complete")
         out = tmp_short / f"saved-{aid}"
@@ -113,7 +121,16 @@ def test_caption_and_three_files_in_one_send(
     shown_ev = [describe(e) for e in bob.events(types=["attachment.received"])
                 if e["data"]["attachment_id"] in cli_ids]  # fmt: skip
     assert any("(1 of 2): cli pair" in s for s in shown_ev)
-    assert any("(2 of 2)" in s for s in shown_ev)
+
+    # A batch without a caption: every file a plain 0x08.
+    plain = alice.call("attachments.send_batch", {
+        "contact": "bob", "paths": [str(files[0]), str(files[1])]})["attachments"]  # fmt: skip
+    plain_ids = [a["attachment_id"] for a in plain]
+    got3 = bob.wait_for(
+        lambda: len(r := [a for a in _received(bob, "alice") if a["attachment_id"] in plain_ids])
+        == 2 and r, "the uncaptioned pair",
+    )
+    assert [(a["caption"], a["batch_id"]) for a in got3] == [("", None), ("", None)]
 
 
 def _config(peer: Peer) -> dict[str, Any]:
@@ -208,8 +225,75 @@ def test_typing_is_not_slotted_under_cover_its_answer_is(
     assert alice.call("messages.typing", {"contact": "bob", "typing": True})["sent"] is True
     bob.wait_for(lambda: _typing_events(bob), "the typing event, long before any slot")
     assert _config(bob)["counts"]["sent"] == 1  # the "on" answer, queued for a slot
-    time.sleep(1.0)
+    # No sleep: the text is not at Bob's, and after that look Alice still has it queued (not
+    # deposited: "sent" is set on deposit), so it could not have arrived before the look.
     assert bob.call("messages.history", {"contact": "alice"})["messages"] == []
     status = alice.call("messages.history", {"contact": "bob"})["messages"][0]
     assert (status["message_id"], status["status"]) == (text["message_id"], "queued")
     assert _config(alice)["counts"]["received"] == 0  # the answer waits for Bob's slot
+
+
+def test_deleting_a_files_message_deletes_the_file_and_its_caption(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    """"Delete for me" and conversations.delete take a file's attachment row, its caption
+    (attachment_extras) and its received blocks with the message, down to the store's pages."""
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    src = tmp_short / "doc.txt"
+    src.write_bytes(b"some file\n")
+    ids = []
+    for caption in (RARE_CAPTION, RARE_CAPTION_2):
+        sent = alice.call("attachments.send", {"contact": "bob", "path": str(src),
+                                               "caption": caption})  # fmt: skip
+        ids.append(sent["attachment_id"])
+    for aid in ids:
+        wait_state(bob, aid, "complete")
+    assert {a["caption"] for a in _received(bob, "alice")} == {RARE_CAPTION, RARE_CAPTION_2}
+    blocks = [bob.home / "attachments" / f"{aid}.blocks" for aid in ids]
+    assert all(p.exists() for p in blocks)
+    key = Keyring.load(bob.home / "keyring.json").unlock(None)
+    db = bob.home / "aegis.db"
+    bob.stop()
+    for rare in (RARE_CAPTION, RARE_CAPTION_2):
+        assert holds(db, key, rare.encode()), "the checker must see the caption first"
+    bob.start()
+
+    assert bob.call("messages.delete", {"message_id": ids[0]}) == {
+        "deleted": True, "for_everyone": False}  # fmt: skip
+    assert [a["attachment_id"] for a in _received(bob, "alice")] == [ids[1]]
+    assert not blocks[0].exists() and blocks[1].exists()
+    assert bob.call("conversations.delete", {"contact": "alice"})["deleted"] == 1
+    assert _received(bob, "alice") == [] and not blocks[1].exists()
+    bob.stop()
+    for rare in (RARE_CAPTION, RARE_CAPTION_2):
+        assert not holds(db, key, rare.encode()), "a page of the store still holds a caption"
+    bob.start()
+    assert alice.call("attachments.list", {"contact": "bob"})["attachments"]  # hers stay
+
+
+def test_a_peer_alternating_typing_and_stopped_is_shown_once_per_interval(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """A hostile contact's raw 0x18 payloads: "typing", "stopped", "typing", ... in one
+    deposit. A "stopped" ends what shows, not the rate limit: one shown "typing" per 5 s."""
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    bob.call("typing.config", {"enabled": True})
+    alice.stop()
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    marker = os.urandom(16)
+    with hostile(alice.home, "bob") as h:
+        blocks: list[bytes] = []
+        for _ in range(6):
+            blocks += h.payload_blocks(wire.TypingPayload(True, True))
+            blocks += h.payload_blocks(wire.TypingPayload(True, False))
+        blocks += h.payload_blocks(wire.TextPayload(marker, int(time.time() * 1000), "marker"))
+        start = time.monotonic()
+        h.deposit(url, blocks)
+    bob.wait_for(lambda: bob.call("messages.history", {"contact": "alice"})["messages"],
+                 "the marker after the typing blocks")  # fmt: skip
+    bound = 1 + int((time.monotonic() - start) / INTERVAL)  # from the time taken, not assumed
+    shown = [e["typing"] for e in _typing_events(bob)]
+    assert _config(bob)["counts"]["received"] == 12
+    assert 1 <= shown.count(True) <= bound and shown.count(False) <= shown.count(True)

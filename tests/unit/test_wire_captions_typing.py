@@ -66,6 +66,10 @@ def test_caption_bounds() -> None:
     data[at : at + 2] = struct.pack(">H", wire.MAX_CAPTION_BYTES + 1)
     with pytest.raises(DecodeError):
         wire.decode_payload(bytes(data) + b"x" * wire.MAX_CAPTION_BYTES)
+    # The length alone refuses it (nothing of the caption need follow): not a truncation.
+    data[at : at + 2] = struct.pack(">H", 0xFFFF)
+    with pytest.raises(DecodeError, match="malformed attachment caption"):
+        wire.decode_payload(bytes(data[: at + 2]))
 
 
 def test_caption_invalid_utf8_refused() -> None:

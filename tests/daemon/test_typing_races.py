@@ -1,0 +1,117 @@
+"""Typing indicators (aegisd/services/typing_indicators.py) in-process, against a real
+SQLCipher store, the real delivery layer and real ratchet sessions: the orderings a real
+daemon makes rare (two calls queued on the messenger lock) made certain by holding the lock,
+and a peer's blocks handed in one after another (review of issue 17, findings 1 and 2)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from aegisd.core import wire
+from aegisd.core.session import Session
+from aegisd.services.typing_indicators import SETTING_ENABLED, Typing
+from aegisd.store import Store, create_profile
+from aegisd.store import typing_state as ts
+from aegisd.store.db import Contact
+from tests.daemon.test_delivery import Events, _contact, _delivery, _open
+from tests.support.parties import make_pair
+
+
+class Host:
+    def __init__(self, store: Store) -> None:
+        self.events = Events()
+        self.ctx = SimpleNamespace(events=self.events, store=store)
+        self.store = store
+        self.lock = asyncio.Lock()
+        self.delivery = _delivery(store)
+        self.contacts = SimpleNamespace(by_name=self._by_name)
+
+    def _by_name(self, name: str) -> Contact:
+        c = self.store.contact_by_name(name)
+        assert c is not None
+        return c
+
+    def check_usable(self) -> None:
+        pass
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Any:
+    s = create_profile(tmp_path / "p", None)
+    yield s
+    s.close()
+
+
+def _both_on(store: Store) -> tuple[Contact, Session]:
+    """Bob, with whom each side has told the other its indicators are on; Bob's session."""
+    bob, _ = _contact(store, "bob", 1)
+    pair = make_pair()
+    store.put_session(bob.id, pair.a.to_bytes())
+    store.set_setting(SETTING_ENABLED, True)
+    ts.put(store, bob.id, True, True)
+    return bob, pair.b
+
+
+def _sent(store: Store, peer: Session) -> list[wire.Payload]:
+    """What left for Bob, each block as his session opens it."""
+    return [_open(peer, [i.block]) for i in store.pending_blocks(now=2**62, limit=100)]
+
+
+def test_a_typing_queued_behind_switching_off_does_not_go(store: Store) -> None:
+    bob, peer = _both_on(store)
+
+    async def go() -> tuple[dict[str, Any], dict[str, Any]]:
+        host = Host(store)
+        t = Typing(host)
+        async with host.lock:  # both calls queue on the lock: switching off first
+            off = asyncio.ensure_future(t.configure(False))
+            while not host.lock._waiters:
+                await asyncio.sleep(0)
+            typing = asyncio.ensure_future(t.send("bob", True))
+            while len(host.lock._waiters) < 2:
+                await asyncio.sleep(0)
+        return await off, await typing
+
+    described, result = asyncio.run(go())
+    assert described["enabled"] is False
+    assert result == {"sent": False, "reason": "off"}
+    assert ts.get(store, bob.id) == (True, False)  # not told "on" again while off
+    assert _sent(store, peer) == [wire.TypingPayload(False, False)]  # the "off", nothing else
+
+
+def test_switching_off_and_on_does_not_restart_the_senders_rate_limit(store: Store) -> None:
+    _both_on(store)
+
+    async def go() -> list[dict[str, Any]]:
+        t = Typing(Host(store))
+        first = await t.send("bob", True)
+        await t.configure(False)
+        await t.configure(True)
+        return [first, await t.send("bob", True)]
+
+    first, again = asyncio.run(go())
+    assert first["sent"] is True
+    # Called within INTERVAL of the first (microseconds apart, in-process).
+    assert again == {"sent": False, "reason": "rate_limited"}
+
+
+def test_alternating_typing_and_stopped_shows_one_typing_per_interval(store: Store) -> None:
+    bob, _ = _both_on(store)
+    host = Host(store)
+
+    async def go() -> None:
+        t = Typing(host)
+        session = Session.from_bytes(store.get_session(bob.id) or b"")
+        for _ in range(5):  # what a hostile peer can send: "typing", "stopped", ...
+            t.on_payload(bob, session, wire.TypingPayload(True, True))
+            t.on_payload(bob, session, wire.TypingPayload(True, False))
+
+    asyncio.run(go())
+    shown = [d for kind, d in host.events.emitted if kind == "contact.typing"]
+    # Handed in microseconds apart: within one INTERVAL, one "typing" and its end.
+    assert shown == [{"contact": "bob", "typing": True}, {"contact": "bob", "typing": False}]
