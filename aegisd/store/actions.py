@@ -181,7 +181,6 @@ def prune_pending(store: Store, before: int) -> int:
     return int(store._q("DELETE FROM pending_actions WHERE created_at < ?", (before,)).rowcount)
 
 
-
 @dataclass(frozen=True)
 class OwnAction:
     """One of our actions as the store has it now, to be sent again (session renewal, §23)."""

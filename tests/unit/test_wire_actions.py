@@ -90,7 +90,7 @@ ACCEPTED = [
     "🏳\ufe0f\u200d🌈", "🇫🇷", "©\ufe0f", "™", "⭐", "↩\ufe0f", "♥\ufe0f", "☺",
     "\U0001faff",  # unassigned today, in an emoji block: maybe a later emoji
     "😀" * 16,
-]
+]  # fmt: skip
 REFUSED = [
     "bit.ly/x1y", "FREEMONEY!", "שלום", "привет", "你好", "ok", "1", "#", "1\u20e3",
     "I really like this message, thanks",  # a sentence
@@ -99,7 +99,7 @@ REFUSED = [
     "\U0001f3f4\U000e0067",  # an unterminated tag sequence
     "👍\U000e0067\U000e007f",  # tags after another emoji
     "\u2060", "\u00a0", "\u2028", "\U000f0000", "\U0001fb00", "👍 👍", "\u00a8",
-]
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("emoji", ACCEPTED)
