@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import itertools
 import struct
-import unicodedata
 from dataclasses import dataclass, field, replace
 
 from .errors import DecodeError, UnsupportedVersion
@@ -1019,10 +1018,11 @@ MESSAGE_ID_LEN = 16
 TIMER_MIN_S = 1
 TIMER_MAX_S = 4 * 7 * 86_400
 MAX_TEXT_BYTES = 64 * 1024
-#: A reaction: at most this many bytes of UTF-8 and REACTION_MAX_CHARS code points (an emoji
-#: with skin tone and ZWJ sequences fits; a sentence does not), docs/protocol.md §26.2.
-MAX_REACTION_BYTES = 32
-REACTION_MAX_CHARS = 10
+#: A reaction: at most this many bytes of UTF-8 and REACTION_MAX_CHARS code points (a kiss
+#: with two skin tones, 35 bytes, and a family of four with skin tones, 41, fit; a sentence
+#: does not), docs/protocol.md §26.2.
+MAX_REACTION_BYTES = 64
+REACTION_MAX_CHARS = 16
 MAX_RECEIPT_IDS = 512
 MAX_NAME_BYTES = 64
 MAX_URL_BYTES = 255
@@ -1167,24 +1167,66 @@ class DeletePayload:
 ActionPayload = ReplyPayload | ReactionPayload | EditPayload | DeletePayload
 
 
+#: The code points a reaction may hold (§26.2), as inclusive ranges: the blocks where Unicode
+#: puts emoji, taken whole so that emoji newer than any table this code has pass, and nothing
+#: that spells words in a script. A fixed list, so every implementation, whatever its Unicode
+#: version, accepts and refuses the same strings.
+REACTION_RANGES: tuple[tuple[int, int], ...] = (
+    (0x00A9, 0x00A9), (0x00AE, 0x00AE), (0x203C, 0x203C), (0x2049, 0x2049),
+    (0x2122, 0x2122), (0x2139, 0x2139), (0x2194, 0x21FF), (0x2300, 0x23FF),
+    (0x24C2, 0x24C2), (0x25A0, 0x27BF), (0x2900, 0x297F), (0x2B00, 0x2BFF),
+    (0x3030, 0x3030), (0x303D, 0x303D), (0x3297, 0x3297), (0x3299, 0x3299),
+    (0x1F000, 0x1FAFF), (0x1FC00, 0x1FFFD),
+)  # fmt: skip
+_ZWJ, _VS16, _KEYCAP = 0x200D, 0xFE0F, 0x20E3
+_KEYCAP_BASES = frozenset(b"#*0123456789")
+_BLACK_FLAG, _TAG_FIRST, _TAG_CANCEL = 0x1F3F4, 0xE0020, 0xE007F
+
+
+def _reaction_symbol(cp: int) -> bool:
+    return any(lo <= cp <= hi for lo, hi in REACTION_RANGES)
+
+
 def check_reaction(emoji: str) -> None:
-    """A reaction is empty (removal) or a short string of symbols: at most MAX_REACTION_BYTES
-    of UTF-8 and REACTION_MAX_CHARS code points, with no control, format (other than the
-    zero-width joiner), separator, private-use, surrogate or unassigned code point, and not
-    starting with a combining mark. Not a full UAX #29 grapheme check (the standard library
-    has none): a bound on what a peer can make the screen show."""
+    """A reaction is empty (removal) or a short run of emoji, checked against the fixed rule of
+    docs/protocol.md §26.2 (code point ranges, no Unicode database: the result must not depend
+    on the interpreter's Unicode version). A bound on what a peer can make the screen show,
+    not a check that the sequence is a recommended emoji."""
     if not emoji:
         return
-    if len(emoji.encode("utf-8", "surrogatepass")) > MAX_REACTION_BYTES:
-        raise ValueError("reaction too long")
     if len(emoji) > REACTION_MAX_CHARS:
         raise ValueError("reaction too long")
-    for ch in emoji:
-        cat = unicodedata.category(ch)
-        if cat[0] in "CZ" and ch != "\u200d":
-            raise ValueError("reaction holds a control, format or separator character")
-    if unicodedata.category(emoji[0])[0] == "M" or emoji[0] == "\u200d":
-        raise ValueError("reaction starts with a combining mark")
+    cps = [ord(ch) for ch in emoji]
+    for i, cp in enumerate(cps):
+        prev = cps[i - 1] if i else None
+        nxt = cps[i + 1] if i + 1 < len(cps) else None
+        if _reaction_symbol(cp):
+            continue
+        if cp in _KEYCAP_BASES:
+            if cps[i + 1 : i + 3] != [_VS16, _KEYCAP]:
+                raise ValueError("reaction holds letters, digits or punctuation")
+        elif cp == _KEYCAP:
+            if i < 2 or prev != _VS16 or cps[i - 2] not in _KEYCAP_BASES:
+                raise ValueError("reaction holds a misplaced keycap mark")
+        elif cp == _VS16:
+            if prev is None or prev in (_ZWJ, _VS16):
+                raise ValueError("reaction holds a misplaced variation selector")
+        elif cp == _ZWJ:
+            if prev is None or nxt is None or prev == _ZWJ or nxt == _ZWJ:
+                raise ValueError("reaction holds a misplaced joiner")
+        elif _TAG_FIRST <= cp < _TAG_CANCEL:
+            # A subdivision flag: U+1F3F4, tag characters, U+E007F.
+            if prev is None or not (prev == _BLACK_FLAG or _TAG_FIRST <= prev < _TAG_CANCEL):
+                raise ValueError("reaction holds a misplaced tag")
+            if nxt is None or not _TAG_FIRST <= nxt <= _TAG_CANCEL:
+                raise ValueError("reaction holds an unterminated tag sequence")
+        elif cp == _TAG_CANCEL:
+            if prev is None or not _TAG_FIRST <= prev < _TAG_CANCEL:
+                raise ValueError("reaction holds a misplaced tag")
+        else:
+            raise ValueError("reaction holds a character that is not an emoji")
+    if len(emoji.encode()) > MAX_REACTION_BYTES:
+        raise ValueError("reaction too long")
 
 
 @dataclass(frozen=True)

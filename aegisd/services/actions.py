@@ -175,10 +175,14 @@ class Actions:
             if now - msg.created_at > EDIT_WINDOW_MS:
                 raise not_allowed("a message can be edited for 24 hours after it was sent")
             session = self._session(c)
+            # The recipient keeps the edit with the greatest edited_at_ms: greater than the
+            # last one sent even if this clock went back since.
+            last = actions_store.extras(self.m.store, [msg.id])[msg.id].edit_sent_at
+            order = now if last is None else max(now, last + 1)
             with self.m.store.transaction():
-                actions_store.edit(self.m.store, msg.id, text, now, now)
+                actions_store.edit(self.m.store, msg.id, text, now, order)
                 self.m.delivery.enqueue([Recipient(c, session)],
-                                        wire.EditPayload(wire_id, now, text),
+                                        wire.EditPayload(wire_id, order, text),
                                         delay=self.m.delivery.send_jitter())  # fmt: skip
         self.m.delivery.wake()
         return {"message_id": msg.id, "edited_at": now}
@@ -203,6 +207,11 @@ class Actions:
         self.m.delivery.wake()
         return {"deleted": True, "for_everyone": True}
 
+    def prune_held(self) -> None:
+        """The maintenance loop's: held actions past their 24 hours go (§26.5)."""
+        with self.m.store.transaction():
+            actions_store.prune_pending(self.m.store, _ms() - PENDING_MAX_AGE_MS)
+
     # --- receiving (inside the receive transaction) ---------------------------------------
 
     def on_payload(self, c: Contact, session: Session, p: wire.ActionPayload) -> None:
@@ -224,7 +233,8 @@ class Actions:
 
     def on_text(self, c: Contact, message_id: str) -> None:
         """A text (or reply) of the contact just stored: the actions held for it, in order."""
-        for raw, _ in actions_store.take_pending(self.m.store, c.id, message_id):
+        since = _ms() - PENDING_MAX_AGE_MS
+        for raw, _ in actions_store.take_pending(self.m.store, c.id, message_id, since=since):
             try:
                 p = wire.decode_payload(raw)
             except DecodeError:

@@ -549,6 +549,8 @@ class Inbox:
                                   delay=self.m.delivery.receipt_delay())  # fmt: skip
         elif isinstance(payload, wire.AttachmentPayload):
             self.m.attachments.on_descriptor(c, session, payload)
+            # A reaction to the file may have come first (§26.5).
+            self.m.actions.on_text(c, payload.message_id.hex())
         elif isinstance(payload, wire.TypingPayload):
             self.m.typing.on_payload(c, session, payload)
         elif isinstance(payload, wire.TimerPayload):

@@ -328,6 +328,7 @@ class Messenger:
             if self.ctx.store is not None:
                 self.store.delete_stale_fragments(_ms() - STALE_FRAGMENTS_MS)
                 self._prune_events()
+                self.actions.prune_held()
                 if self.ctx.relay_connected:
                     self.store.set_setting(SETTING_LAST_REACHED, _ms())
             # Each step on its own: one that raises (the relay down) does not skip the others.

@@ -29,6 +29,7 @@ from aegisd.core.identity import PublicIdentity
 from aegisd.core.session import accept_first_contact, initiate_session
 from aegisd.relayurl import same_relay
 from aegisd.rpc import AppError
+from aegisd.store import actions as actions_store
 from aegisd.store.db import Contact
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
 from relay.client import RelayError
@@ -68,6 +69,9 @@ ANSWERED_KEY = "renewal.answered."  # + contact id: the times (ms) of the tries 
 #: the relay's per-connection limits (1000 subscriptions and creations by default) stays for
 #: the user's own operations (invitations, contacts, rotation).
 OWN_MAILBOX_RESERVE_AT = 800
+#: Our reactions, edits and deletions sent again in a renewed session (from the conversation's
+#: newest messages that carry one): bounded, a restore must not set off a flood of blocks.
+RESEND_ACTIONS = 64
 
 
 class RenewalsHost(Protocol):
@@ -346,22 +350,35 @@ class Renewals:
             fresh = store.get_contact(c.id)
             assert fresh is not None
             # Texts the old device never confirmed (no delivery receipt) go again, with the
-            # same message IDs: the restored side shows each one once (a reply as a plain text;
-            # one deleted for everyone not at all).
-            for mid, body, created in store._q(
-                "SELECT id, body, created_at FROM messages WHERE contact_id = ? "
+            # same message IDs: the restored side shows each one once (a reply as a reply; one
+            # deleted for everyone not at all).
+            for mid, body, created, reply_to in store._q(
+                "SELECT id, body, created_at, reply_to FROM messages WHERE contact_id = ? "
                 "AND direction = 'out' AND status IN ('queued', 'sent') AND deleted = 0 "
                 "ORDER BY seq",
                 (c.id,),
             ).fetchall():
-                try:
-                    wire_id = bytes.fromhex(mid)
-                except ValueError:
+                wire_id, quoted_id = _wire_id(mid), _wire_id(reply_to)
+                if wire_id is None:
                     continue
-                if len(wire_id) != wire.MESSAGE_ID_LEN:
+                text: wire.Payload = (
+                    wire.TextPayload(wire_id, created, body) if quoted_id is None
+                    else wire.ReplyPayload(wire_id, created, quoted_id, body)
+                )  # fmt: skip
+                m.delivery.enqueue([Recipient(fresh, session)], text, message_id=mid)
+            # Our reactions, edits and deletions, rebuilt from what is stored: those queued in
+            # the old session or deposited after the backup are lost to the restored side,
+            # and the backup keeps none of them (docs/backup.md).
+            for a in actions_store.own_actions(store, c.id, RESEND_ACTIONS):
+                target = _wire_id(a.message_id)
+                if target is None:
                     continue
-                m.delivery.enqueue([Recipient(fresh, session)],
-                                   wire.TextPayload(wire_id, created, body), message_id=mid)
+                action: wire.Payload = (
+                    wire.DeletePayload(target) if a.kind == "delete"
+                    else wire.ReactionPayload(target, a.text) if a.kind == "react"
+                    else wire.EditPayload(target, a.edit_sent_at or _ms(), a.text)
+                )  # fmt: skip
+                m.delivery.enqueue([Recipient(fresh, session)], action)
             m.ctx.events.emit("contact.session_renewing", {"contact": c.name})
         m.delivery.wake()
         if pending is not None and pending[0] is not None and int(pending[0]) != new_id:
@@ -444,6 +461,16 @@ class Renewals:
             except AppError:
                 return  # the relay is away: retire_due() tries again on the next connection
             store._q("DELETE FROM retired_mailboxes WHERE id = ?", (row_id,))
+
+
+def _wire_id(message_id: str | None) -> bytes | None:
+    """A one-to-one message's wire id (its id is the 16 bytes in hex), or None."""
+    if message_id is None or len(message_id) != 2 * wire.MESSAGE_ID_LEN:
+        return None
+    try:
+        return bytes.fromhex(message_id)
+    except ValueError:
+        return None
 
 
 def _ms() -> int:

@@ -81,11 +81,18 @@ def set_reaction(store: Store, message_id: str, direction: str, emoji: str, now:
 
 def edit(store: Store, message_id: str, text: str, now: int, sent_at: int | None) -> None:
     """The latest text replaces the message's (no earlier version is kept). Events that carried
-    the text follow: a received message's event gets the new text, earlier edits' go."""
+    the text follow: a received message's event gets the new text, earlier edits' go; so do
+    the copies kept by replies quoting it (they then show the latest text)."""
     store._q(
         "UPDATE messages SET body = ?, edited_at = ?, edit_sent_at = ?, edits = edits + 1 "
         "WHERE id = ?",
         (text, now, sent_at, message_id),
+    )
+    # Only copies that exist: a reply stored before its quoted message keeps "not found".
+    store._q(
+        "UPDATE messages SET quoted = ? WHERE reply_to = ? AND quoted IS NOT NULL "
+        "AND contact_id = (SELECT contact_id FROM messages WHERE id = ?)",
+        (text, message_id, message_id),
     )
     store._q(
         "UPDATE events SET data = json_set(data, '$.text', ?) WHERE type = 'message.received' "
@@ -153,14 +160,54 @@ def hold(store: Store, contact_id: int, target: str, payload: bytes, now: int, *
     return len(excess)
 
 
-def take_pending(store: Store, contact_id: int, target: str) -> list[tuple[bytes, int]]:
-    """The actions held for ``target`` (payload, when held), oldest first; they are removed."""
+def take_pending(
+    store: Store, contact_id: int, target: str, *, since: int
+) -> list[tuple[bytes, int]]:
+    """The actions held for ``target`` (payload, when held) at or after ``since``, oldest
+    first; they are removed, and so are older ones (past the age limit, never applied)."""
     rows: list[Any] = store._q(
         "SELECT id, payload, created_at FROM pending_actions WHERE contact_id = ? AND target = ? "
-        "ORDER BY id",
-        (contact_id, target),
+        "AND created_at >= ? ORDER BY id",
+        (contact_id, target, since),
     ).fetchall()
     store._q(
         "DELETE FROM pending_actions WHERE contact_id = ? AND target = ?", (contact_id, target)
     )
     return [(bytes(p), int(at)) for _, p, at in rows]
+
+
+def prune_pending(store: Store, before: int) -> int:
+    """Held actions older than ``before`` go (the maintenance loop's; §26.5)."""
+    return int(store._q("DELETE FROM pending_actions WHERE created_at < ?", (before,)).rowcount)
+
+
+@dataclass(frozen=True)
+class OwnAction:
+    """One of our actions as the store has it now, to be sent again (session renewal, §23)."""
+
+    message_id: str
+    kind: str  # "delete" | "edit" | "react"
+    text: str  # the edited text, or the emoji
+    edit_sent_at: int | None
+
+
+def own_actions(store: Store, contact_id: int, limit: int) -> list[OwnAction]:
+    """Our deletions for everyone, edits and reactions in one conversation, from its newest
+    ``limit`` messages that carry one, oldest first."""
+    rows: list[Any] = store._q(
+        "SELECT m.seq, m.id, m.direction, m.deleted, m.edits, m.body, m.edit_sent_at, r.emoji "
+        "FROM messages m LEFT JOIN reactions r ON r.message_id = m.id AND r.direction = 'out' "
+        "WHERE m.contact_id = ? AND ((m.direction = 'out' AND (m.deleted = 1 OR m.edits > 0)) "
+        "OR (m.deleted = 0 AND r.emoji IS NOT NULL)) ORDER BY m.seq DESC LIMIT ?",
+        (contact_id, limit),
+    ).fetchall()
+    out: list[OwnAction] = []
+    for _, mid, direction, deleted, edits, body, sent_at, emoji in reversed(rows):
+        if deleted:
+            out.append(OwnAction(mid, "delete", "", None))
+            continue
+        if direction == "out" and edits:
+            out.append(OwnAction(mid, "edit", body, sent_at))
+        if emoji is not None:
+            out.append(OwnAction(mid, "react", emoji, None))
+    return out

@@ -552,6 +552,8 @@ class Store:
         with self.transaction():
             self._forget_events(message_id)
             cur = self._q("DELETE FROM messages WHERE id = ?", (message_id,))
+            # Actions held for it (§26.5) would otherwise wait for it; they go with it.
+            self._q("DELETE FROM pending_actions WHERE target = ?", (message_id,))
         return bool(cur.rowcount)
 
     def expired_messages(self, now_ms: int, *, limit: int = 500) -> list[Message]:
@@ -595,6 +597,7 @@ class Store:
         with self.transaction():
             self._forget_events_of(contact_id)
             cur = self._q("DELETE FROM messages WHERE contact_id = ?", (contact_id,))
+            self._q("DELETE FROM pending_actions WHERE contact_id = ?", (contact_id,))
         return int(cur.rowcount)
 
     def _forget_events(self, message_id: str) -> None:

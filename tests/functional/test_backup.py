@@ -480,3 +480,44 @@ def test_old_device_still_running_learns_it_on_its_next_send(
     assert [m["status"] for m in msgs if m["message_id"] == sent["message_id"]] == ["failed"]
     assert error_of(alice, "messages.send", {"contact": "bob", "text": "x"}).code == 1024
     assert not received(bob, "alice", "from the old device")
+
+
+def test_renewal_sends_again_the_reactions_edits_deletions_and_replies(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    """What bob did after alice's backup, deposited to her lost device, reaches the restored
+    one, rebuilt from bob's store (docs/protocol.md §23, §26): the backup has none of it."""
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    hers = alice.call("messages.send", {"contact": "bob", "text": "alice's words"})["message_id"]
+    edited = bob.call("messages.send", {"contact": "alice", "text": "bob's draft"})["message_id"]
+    gone = bob.call("messages.send", {"contact": "alice", "text": "bob's regret"})["message_id"]
+
+    def one(peer: Peer, contact: str, mid: str) -> dict[str, Any] | None:
+        msgs = peer.call("messages.history", {"contact": contact, "limit": 500})["messages"]
+        return next((m for m in msgs if m["message_id"] == mid), None)
+
+    for mid in (edited, gone):
+        alice.wait_for(lambda x=mid: one(alice, "bob", x), "bob's texts")
+    bob.wait_for(lambda: one(bob, "alice", hers), "alice's text")
+    bob.wait_for(lambda: one(bob, "alice", edited)["status"] == "delivered", "the receipt")  # type: ignore[index]
+    path = tmp_short / "alice.aegisbackup"
+    alice.call("backup.export", {"path": str(path), "passphrase": PASS, **CHEAP})
+    alice.stop()
+    bob.call("messages.react", {"message_id": hers, "emoji": "🩷"})
+    bob.call("messages.edit", {"message_id": edited, "text": "bob's final text"})
+    bob.call("messages.delete", {"message_id": gone, "for_everyone": True})
+    reply = bob.call("messages.reply", {"contact": "alice", "message_id": hers,
+                                        "text": "answering you"})["message_id"]  # fmt: skip
+
+    new = peers("alice2")
+    new.wait_connected()
+    new.call("backup.import", {"path": str(path), "passphrase": PASS})
+    got = new.wait_for(lambda: one(new, "bob", reply), "the re-sent reply")
+    assert got["reply_to"] == {"message_id": hers, "text": "alice's words"}
+    new.wait_for(lambda: one(new, "bob", edited)["edits"] == 1, "the re-sent edit")  # type: ignore[index]
+    assert one(new, "bob", edited)["text"] == "bob's final text"  # type: ignore[index]
+    new.wait_for(lambda: one(new, "bob", gone)["deleted"], "the re-sent deletion")  # type: ignore[index]
+    new.wait_for(lambda: one(new, "bob", hers)["reactions"], "the re-sent reaction")  # type: ignore[index]
+    assert one(new, "bob", hers)["reactions"] == [{"emoji": "🩷", "count": 1, "mine": False}]  # type: ignore[index]
+    assert "bob's regret" not in json.dumps(new.events())

@@ -145,7 +145,7 @@ def test_reactions_are_replaced_removed_and_counted(peers: Callable[[str], Peer]
     kinds = [e["data"]["emoji"] for e in alice.events(types=["message.reaction"])]
     assert kinds == ["👍", "❤️", None]
     # Hostile values are refused by the API before anything is sent.
-    for bad in ("👍" * 9, "\x1b[2J", "\u202e", "eleven char"):
+    for bad in ("👍" * 17, "\x1b[2J", "\u202e", "eleven char", "bit.ly/x1y"):
         assert error_of(lambda b=bad: bob.call(  # type: ignore[misc]
             "messages.react", {"message_id": mid, "emoji": b})) == "invalid_params"  # fmt: skip
     r = cli(alice, "messages", "bob")

@@ -52,8 +52,9 @@ def _reaction(raw_emoji: bytes) -> bytes:
 @pytest.mark.parametrize(
     "raw_emoji",
     [
-        "👍".encode() * 9,  # 36 bytes: over MAX_REACTION_BYTES
-        b"a" * 11,  # 11 code points
+        "👍".encode() * 17,  # 17 code points, 68 bytes
+        "😀".encode() * 16 + b"!",  # 17 code points
+        b"a" * 11,  # letters
         b"\xff\xfe",  # invalid UTF-8
         b"\xed\xa0\x80",  # an encoded surrogate
         b"\x1b[2J",  # an escape sequence
@@ -72,12 +73,52 @@ def test_hostile_reactions_are_refused(raw_emoji: bytes) -> None:
 
 
 def test_a_reaction_length_byte_over_the_bound_is_refused() -> None:
-    # 33 bytes announced and present: refused by the length check before any decoding.
+    # 65 bytes announced and present: refused by the length check before any decoding.
     with pytest.raises(DecodeError):
-        wire.decode_payload(b"\x01\x13" + MID + bytes([33]) + b"a" * 33)
+        wire.decode_payload(b"\x01\x13" + MID + bytes([65]) + "😀".encode() * 16 + b"!")
 
 
-@pytest.mark.parametrize("emoji", ["a" * 11, "👍" * 9, "\x07", "\u202e"])
+# The rule of §26.2 uses no Unicode database: these pass whatever the interpreter's version
+# (Python 3.11's tables, Unicode 14, call the first two unassigned).
+ACCEPTED = [
+    "\U0001fa77",  # 🩷 pink heart, Unicode 15
+    "\U0001fae8",  # 🫨 shaking face, Unicode 15
+    "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f",  # Scotland
+    "🧑🏻\u200d❤\ufe0f\u200d💋\u200d🧑🏼",  # a kiss with two skin tones: 35 bytes
+    "👨🏻\u200d👩🏻\u200d👧🏻\u200d👦🏻",  # a family with skin tones: 41 bytes, 11 code points
+    "1\ufe0f\u20e3", "#\ufe0f\u20e3",  # keycaps
+    "🏳\ufe0f\u200d🌈", "🇫🇷", "©\ufe0f", "™", "⭐", "↩\ufe0f", "♥\ufe0f", "☺",
+    "\U0001faff",  # unassigned today, in an emoji block: maybe a later emoji
+    "😀" * 16,
+]  # fmt: skip
+REFUSED = [
+    "bit.ly/x1y", "FREEMONEY!", "שלום", "привет", "你好", "ok", "1", "#", "1\u20e3",
+    "I really like this message, thanks",  # a sentence
+    "😀" * 17, "\ufe0f", "👍\u200d", "👍\u200d\u200d👍", "\u20e3", "👍\ufe0f\ufe0f",
+    "\U000e0067\U000e007f",  # tags not after the black flag
+    "\U0001f3f4\U000e0067",  # an unterminated tag sequence
+    "👍\U000e0067\U000e007f",  # tags after another emoji
+    "\u2060", "\u00a0", "\u2028", "\U000f0000", "\U0001fb00", "👍 👍", "\u00a8",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("emoji", ACCEPTED)
+def test_emoji_of_any_unicode_version_are_accepted(emoji: str) -> None:
+    raw = wire.encode_payload(wire.ReactionPayload(MID, emoji))
+    assert wire.decode_payload(raw) == wire.ReactionPayload(MID, emoji)
+
+
+@pytest.mark.parametrize("emoji", REFUSED)
+def test_text_and_stray_marks_are_refused(emoji: str) -> None:
+    with pytest.raises(ValueError):
+        wire.check_reaction(emoji)
+    raw = emoji.encode()
+    if len(raw) <= 255:
+        with pytest.raises(DecodeError):
+            wire.decode_payload(b"\x01\x13" + MID + bytes([len(raw)]) + raw)
+
+
+@pytest.mark.parametrize("emoji", ["a" * 11, "👍" * 17, "\x07", "\u202e"])
 def test_the_encoder_refuses_what_the_decoder_would(emoji: str) -> None:
     with pytest.raises(ValueError):
         wire.encode_payload(wire.ReactionPayload(MID, emoji))
