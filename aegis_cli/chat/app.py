@@ -435,6 +435,8 @@ class ChatApp(App[None]):
         self.open_key = key
         self.messages, self.rows, self.next_before = [], {}, None
         self.selected = None
+        if self.editing is not None:  # the edited text is not a draft for another conversation
+            self.query_one("#compose", Compose).clear()
         self.set_context(None, None)
         self.show_title()
         await self.fetch_page()

@@ -423,14 +423,16 @@ def test_send_a_file_with_progress_and_save_one(
     alice, bob = pair(peers)
     src = tmp_short / "report.bin"
     src.write_bytes(bytes(range(256)) * 1200)  # 300 KB: several blocks
+    second = tmp_short / "notes.txt"
+    second.write_text("two files in one send\n")
     out = tmp_short / "saved"
     out.mkdir()
 
     async def body(app: ChatApp, pilot: Pilot[None]) -> None:
         await app.open(contact_key("bob"))
         await pilot.press("ctrl+f")
-        await answer(app, pilot, str(src))
-        await answer(app, pilot, "the [b]report[/b]")  # a caption
+        await answer(app, pilot, f'"{src}" "{second}"')  # two files in one send
+        await answer(app, pilot, "the [b]report[/b]")  # a caption, with the first
         row = await until(
             pilot, lambda: next((r for r in app.query(MessageRow) if "report.bin" in r.plain),
                                 None), "the file's message")  # fmt: skip
@@ -443,6 +445,15 @@ def test_send_a_file_with_progress_and_save_one(
         got = await asyncio.to_thread(bob.wait_for, bob_has_it, "the file at bob", 60)
         assert got[0]["caption"] == "the [b]report[/b]"
         assert "the [b]report[/b]" in row.plain
+
+        def both() -> Any:
+            files = bob.call("attachments.list", {})["attachments"]
+            return [f for f in files if f["batch_id"] == got[0]["batch_id"]]
+
+        batch = await asyncio.to_thread(bob.wait_for, lambda: len(both()) == 2, "the 2nd", 60)
+        assert batch and got[0]["batch_id"] is not None
+        assert sorted(f["name"] for f in both()) == ["notes.txt", "report.bin"]
+        assert any("[file] notes.txt" in t for t in shown_texts(app))
 
         # Bob sends one back; alice saves it from the client.
         back = tmp_short / "back.txt"
@@ -619,9 +630,12 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
         await until(pilot, lambda: "(deleted)" in theirs.plain, "blanked", 60)
         assert "at 3" not in theirs.plain
 
-        # Alice deletes her own reply for everyone (x, confirmed).
-        app.select(got["message_id"])
-        app.query_one(MessageLog).focus()
+        # Alice deletes her own reply for everyone: a click selects it, x (confirmed).
+        app.select(None)
+        app.query_one(MessageLog).scroll_to_widget(mine, animate=False)
+        await pilot.pause()
+        await pilot.click(mine.head)
+        await until(pilot, lambda: app.selected == got["message_id"], "selected by a click")
         await pilot.press("x")
         await answer(app, pilot, "everyone")
         await until(pilot, lambda: "(deleted)" in mine.plain, "deleted here")
