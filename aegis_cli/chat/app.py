@@ -389,7 +389,9 @@ class ChatApp(App[None]):
                 return  # loaded with the history already
             self.messages.append(msg)
             await self.add_row(msg, at_end=True)
-            conv.note_message(str(msg.get("text") or ""), int(msg["created_at"]), False)
+            # Counted, then marked read at once: the daemon learns it was read (receipts,
+            # a disappearing timer's start), and a reload shows no unread.
+            conv.note_message(str(msg.get("text") or ""), int(msg["created_at"]), True)
             await self.mark_read(conv)
         elif mid not in conv.seen:
             conv.seen.add(mid)

@@ -655,6 +655,14 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
         title = app.query_one("#title", Static)
         await until(pilot, lambda: "⏱ 1 hour" in text_of(title), "the timer in the header")
         await until(pilot, lambda: row_with(app, "set disappearing messages: 1 hour"), "line")
+        # Bob makes it 2 s: his next message shows its deadline, then goes from view.
+        await call(bob, "conversations.set_timer", {"contact": "alice", "seconds": 2})
+        await until(pilot, lambda: "⏱ 2 seconds" in text_of(title), "bob's timer, live", 60)
+        brief = await call(bob, "messages.send", {"contact": "alice", "text": "gone soon"})
+        await until(pilot, lambda: brief["message_id"] in app.rows, "the brief one", 60)
+        assert "⏱" in app.rows[brief["message_id"]].plain
+        await until(pilot, lambda: row_with(app, "gone soon") is None, "it expired", 90)
+        assert brief["message_id"] not in app.rows
         await call(bob, "conversations.set_timer", {"contact": "alice", "seconds": 0})
         await until(pilot, lambda: "⏱" not in text_of(title), "the timer off, live", 60)
 
