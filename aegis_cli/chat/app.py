@@ -309,7 +309,7 @@ class ChatApp(App[None]):
                 "message_id": d.get("message_id"), "direction": "in", "text": d.get("text"),
                 "status": "received", "created_at": ev.time_ms, "timer": d.get("timer") or 0,
                 "reply_to": None if reply is None else {
-                    "message_id": reply, "text": self.text_of(str(reply))},
+                    "message_id": reply, "text": self.quoted(str(reply))},
             })  # fmt: skip
             self.show_title()
         elif t == "group.message":
@@ -619,9 +619,13 @@ class ChatApp(App[None]):
             bar.update(render.plain("✎ editing your message: Enter saves (Esc: cancel)"))
         bar.display = reply_to is not None or editing is not None
 
-    def text_of(self, message_id: str) -> str | None:
+    def quoted(self, message_id: str) -> str | None:
+        """A live reply's quote (the event has only its id): the text on screen; for one not
+        on screen, a note (the history has the text: it shows when the conversation opens)."""
         row = self.rows.get(message_id)
-        return None if row is None or row.msg.get("deleted") else str(row.msg.get("text") or "")
+        if row is None:
+            return "(an earlier message)"
+        return None if row.msg.get("deleted") else str(row.msg.get("text") or "")
 
     # -- what happens to a message after it came ------------------------------------------
 

@@ -619,6 +619,12 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
         edited = await asyncio.to_thread(bob.wait_for, bob_msg("yes, at one"), "the edit", 60)
         assert edited["edited_at"] is not None
 
+        # Bob's reply to it arrives live with its quote.
+        params = {"contact": "alice", "message_id": got["message_id"], "text": "great"}
+        await call(bob, "messages.reply", params)
+        back = await until(pilot, lambda: row_with(app, "great"), "bob's reply", 60)
+        assert "┃ yes, at one" in back.plain
+
         # Bob edits, then deletes for everyone: both show live.
         oops = await call(bob, "messages.send", {"contact": "alice", "text": "meet at two"})
         await until(pilot, lambda: oops["message_id"] in app.rows, "bob's text", 60)
@@ -639,6 +645,7 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
         await pilot.press("x")
         await answer(app, pilot, "everyone")
         await until(pilot, lambda: "(deleted)" in mine.plain, "deleted here")
+        assert "┃ (the quoted message is not here)" in back.plain  # its quote went too
         await asyncio.to_thread(
             bob.wait_for, lambda: (bob_msg("")() or {}).get("deleted"), "deleted at bob", 60
         )
