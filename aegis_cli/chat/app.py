@@ -576,6 +576,7 @@ class ChatApp(App[None]):
                 msg = {"status": sent["status"]}
             if conv.kind == "contact":
                 self.set_context(None, None)
+                self.select(None)
                 if self.typing_on:
                     self.typing_sent = 0.0
                     self.run_worker(self._typing(conv.name, False))
@@ -613,10 +614,10 @@ class ChatApp(App[None]):
         self.reply_to, self.editing = reply_to, editing
         bar = self.query_one("#context", Static)
         if reply_to is not None:
-            shown = render.preview(reply_to.get("text") or "")
-            bar.update(render.plain(f"↱ reply to: ┃ {shown}  (Esc: no reply)"))
+            shown = render.name(render.preview(reply_to.get("text") or ""), 30)
+            bar.update(render.plain(f"↱ reply to ┃ {shown}"))
         elif editing is not None:
-            bar.update(render.plain("✎ editing your message: Enter saves (Esc: cancel)"))
+            bar.update(render.plain("✎ editing: Enter saves, Esc cancels"))
         bar.display = reply_to is not None or editing is not None
 
     def quoted(self, message_id: str) -> str | None:
