@@ -650,6 +650,16 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
             bob.wait_for, lambda: (bob_msg("")() or {}).get("deleted"), "deleted at bob", 60
         )
 
+        # Alice deletes bob's reply for herself only: gone here, from her history too.
+        app.select(back.message_id)
+        app.query_one(MessageLog).focus()
+        await pilot.press("x")
+        prompt = await answer(app, pilot, "me")
+        assert "everyone" not in prompt  # not hers: for her only
+        await until(pilot, lambda: row_with(app, "great") is None, "gone from view")
+        h = (await call(alice, "messages.history", {"contact": "bob"}))["messages"]
+        assert back.message_id not in {m["message_id"] for m in h}
+
         # The disappearing timer, from F5: bob's daemon has it; the header and a line show it.
         await pilot.press("f5")
         await answer(app, pilot, "2")
