@@ -653,6 +653,10 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
         # Alice deletes bob's reply for herself only: gone here, from her history too.
         app.select(back.message_id)
         app.query_one(MessageLog).focus()
+        await pilot.press("up")  # Up / Down move the selection through the messages
+        await until(pilot, lambda: app.selected == got["message_id"], "the one above")
+        await pilot.press("down")
+        await until(pilot, lambda: app.selected == back.message_id, "back down")
         await pilot.press("x")
         prompt = await answer(app, pilot, "me")
         assert "everyone" not in prompt  # not hers: for her only
