@@ -389,9 +389,10 @@ class ChatApp(App[None]):
                 return  # loaded with the history already
             self.messages.append(msg)
             await self.add_row(msg, at_end=True)
-            # Counted, then marked read at once: the daemon learns it was read (receipts,
-            # a disappearing timer's start), and a reload shows no unread.
-            conv.note_message(str(msg.get("text") or ""), int(msg["created_at"]), True)
+            # Shown in the open conversation: counted unread, so that mark_read tells the
+            # daemon (and the sender sees "read"), then cleared.
+            theirs = msg.get("direction", "in") == "in"
+            conv.note_message(str(msg.get("text") or ""), int(msg["created_at"]), theirs)
             await self.mark_read(conv)
         elif mid not in conv.seen:
             conv.seen.add(mid)
