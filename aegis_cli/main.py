@@ -626,15 +626,12 @@ def _print_link(ctx: Ctx, result: dict[str, Any], qr: bool, note: str) -> None:
 
 
 def _qr_text(link: str) -> str:
-    import io
+    from aegis_client.qr import QRUnavailable, qr_text  # lazily: only `--qr` pays for it
 
     try:
-        import segno  # lazily: only `--qr` pays for it
-    except ImportError:
+        return qr_text(link)
+    except QRUnavailable:
         raise Fail("--qr needs the segno package: pip install segno") from None
-    buf = io.StringIO()
-    segno.make(link, error="m").terminal(out=buf, compact=True, border=2)
-    return buf.getvalue()
 
 
 @cli.command()

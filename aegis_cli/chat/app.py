@@ -29,13 +29,23 @@ from aegis_client import (
     ConnectionLost,
     DaemonNotRunning,
     Event,
+    InvalidParams,
     Locked,
     WrongPassphrase,
 )
+from aegis_client.qr import QRUnavailable, qr_text
 
 from . import render
 from .model import Conversation, contact_key, group_key, load_conversations
-from .screens import AskScreen, CallScreen, HelpScreen, InfoScreen
+from .screens import (
+    AskScreen,
+    CallScreen,
+    HelpScreen,
+    InfoScreen,
+    SearchScreen,
+    picked_emoji,
+    react_prompt,
+)
 from .widgets import Compose, ConversationItem, DaySeparator, MessageLog, MessageRow
 
 #: Back-off between attempts to reach a stopped daemon (seconds), as aegis_client's.
@@ -47,6 +57,12 @@ GROUP_CHANGES = ("group.changed", "group.invitation")
 EARLY_MAX = 256
 #: Messages per history page.
 PAGE = 50
+#: How long after sending one's own message it can still be edited (the daemon's rule), ms.
+EDIT_WINDOW_MS = 24 * 3600 * 1000
+#: Least seconds between two messages.typing calls (the daemon sends at most one per 5 s).
+TYPING_EVERY = 1.0
+#: Search hits shown.
+SEARCH_LIMIT = 50
 
 CSS = """
 #main { height: 1fr; }
@@ -57,16 +73,24 @@ CSS = """
 MessageRow { height: auto; margin: 0 0 1 0; }
 MessageRow .head { text-style: bold; }
 MessageRow .text { padding-left: 2; }
+MessageRow .quote { padding-left: 2; color: $text-muted; }
+MessageRow .reacts { padding-left: 2; color: $accent; }
+MessageRow.selected { background: $boost; border-left: thick $accent; }
+#context { height: auto; max-height: 2; color: $text-muted; display: none; }
+#search { width: 90%; height: 90%; border: round $accent; background: $surface; padding: 0 1; }
+#search-results { height: 1fr; }
+#info-box { width: 90%; height: auto; max-height: 90%; border: round $accent;
+    background: $surface; padding: 0 1; }
 MessageRow.out .head { color: $text-muted; }
 DaySeparator { color: $accent; text-align: center; }
 #compose { height: 4; }
 #status { height: 1; background: $primary-darken-3; }
 #help-box { width: 90%; height: auto; max-height: 90%; border: round $accent;
     background: $surface; padding: 0 1; }
-#info { width: 90%; height: auto; max-height: 90%; border: round $accent;
-    background: $surface; padding: 0 1; }
 #ask { width: 80%; height: auto; border: round $accent; background: $surface; padding: 0 1; }
-HelpScreen, AskScreen, InfoScreen, CallScreen { align: center middle; }
+HelpScreen, AskScreen, InfoScreen, CallScreen, SearchScreen { align: center middle; }
+CallScreen #info { width: 90%; height: auto; border: round $accent; background: $surface;
+    padding: 0 1; }
 """
 
 
@@ -92,6 +116,8 @@ class ChatApp(App[None]):
         Binding("ctrl+f", "send_file", "send a file"),
         Binding("f4", "save_file", "save a file"),
         Binding("f8", "hang_up", "hang up"),
+        Binding("f3", "search", "search"),
+        Binding("f5", "timer", "disappearing timer"),
         Binding("escape", "go_back", "back"),
         Binding("q", "quit_unless_typing", "quit", show=False),
     ]
@@ -121,6 +147,15 @@ class ChatApp(App[None]):
         self.ready = asyncio.Event()
         #: Why the client stopped, when an unexpected error stopped it (no text, no locals).
         self.failure: str | None = None
+        #: The selected message's id (in the open conversation), for reply/react/edit/delete.
+        self.selected: str | None = None
+        #: The message the compose box answers (a reply) or replaces (an edit), if any.
+        self.reply_to: dict[str, Any] | None = None
+        self.editing: dict[str, Any] | None = None
+        #: typing.config's "enabled"; contacts typing now; when messages.typing last went.
+        self.typing_on = False
+        self.typing: set[str] = set()
+        self.typing_sent = 0.0
 
     # -- an unexpected error -------------------------------------------------------------
 
@@ -149,6 +184,7 @@ class ChatApp(App[None]):
             with Vertical(id="right"):
                 yield Static(render.plain("no conversation open"), id="title", markup=False)
                 yield MessageLog(id="log")
+                yield Static(render.plain(""), id="context", markup=False)
                 yield Compose(id="compose", placeholder="Enter sends · Ctrl+N new line · F1 keys")
         yield Static(render.plain("connecting…"), id="status", markup=False)
 
@@ -192,6 +228,7 @@ class ChatApp(App[None]):
         self.relay = dict(st["relay"])
         if not self.locked:
             self.pending_requests = len(await self.client.requests())
+            self.typing_on = bool((await self.client.typing_config())["enabled"])
         self.show_status()
 
     # -- events -------------------------------------------------------------------------
@@ -290,16 +327,32 @@ class ChatApp(App[None]):
         d = ev.data
         t = ev.type
         if t == "message.received":
+            self.typing.discard(str(d.get("contact")))  # a message ends its typing
+            reply = d.get("reply_to")
             await self.incoming(contact_key(str(d.get("contact"))), {
                 "message_id": d.get("message_id"), "direction": "in", "text": d.get("text"),
-                "status": "received", "created_at": ev.time_ms,
+                "status": "received", "created_at": ev.time_ms, "timer": d.get("timer") or 0,
+                "reply_to": None if reply is None else {
+                    "message_id": reply, "text": self.quoted(str(reply))},
             })  # fmt: skip
+            self.show_title()
         elif t == "group.message":
             await self.incoming(group_key(int(d.get("group") or 0)), {
                 "message_id": d.get("message_id"), "direction": "in", "text": d.get("text"),
                 "from_contact": d.get("from_contact"), "from": d.get("from"),
                 "created_at": ev.time_ms,
             })  # fmt: skip
+        elif t in ("message.edited", "message.reaction", "message.deleted", "message.expired"):
+            await self.message_changed(t, d)
+        elif t == "conversation.timer":
+            await self.timer_changed(d, ev.time_ms)
+        elif t == "contact.typing":
+            who = str(d.get("contact"))
+            if d.get("typing"):
+                self.typing.add(who)
+            else:
+                self.typing.discard(who)
+            self.show_title()
         elif t == "message.status":
             mid, status = str(d.get("message_id")), str(d.get("status"))
             row = self.rows.get(mid)
@@ -408,8 +461,11 @@ class ChatApp(App[None]):
         conv = self.convs[key]
         self.open_key = key
         self.messages, self.rows, self.next_before = [], {}, None
-        title = ("# " if conv.kind == "group" else "") + render.name(conv.name, 60)
-        self.query_one("#title", Static).update(render.plain(f" {title}"))
+        self.selected = None
+        if self.editing is not None:  # the edited text is not a draft for another conversation
+            self.query_one("#compose", Compose).clear()
+        self.set_context(None, None)
+        self.show_title()
         await self.fetch_page()
         await self.rebuild()
         self.query_one("#log", MessageLog).scroll_end(animate=False)
@@ -463,6 +519,8 @@ class ChatApp(App[None]):
                 widgets.append(DaySeparator(at))
             widgets.append(self.new_row(m))
         await log.mount_all(widgets)
+        if self.selected in self.rows:
+            self.rows[self.selected].add_class("selected")
 
     async def add_row(self, msg: dict[str, Any], at_end: bool) -> None:
         log = self.query_one("#log", MessageLog)
@@ -478,7 +536,7 @@ class ChatApp(App[None]):
             log.scroll_end(animate=False)
 
     async def mark_read(self, conv: Conversation) -> None:
-        if conv.unread == 0 and not conv.unread_more:
+        if conv.unread == 0:
             return
         try:
             if conv.kind == "group":
@@ -488,7 +546,15 @@ class ChatApp(App[None]):
                 await self.client.mark_read(conv.name)
         except AegisClientError:
             return
-        conv.unread, conv.unread_more = 0, False
+        conv.unread = 0
+        if conv.key == self.open_key:  # an incoming message's timer starts when it is read
+            now = int(time.time() * 1000)
+            for row in self.rows.values():
+                m = row.msg
+                if m.get("direction") == "in" and int(m.get("timer") or 0) and not m.get(
+                    "expires_at"
+                ):
+                    row.update_msg(expires_at=now + int(m["timer"]) * 1000)
         self.redraw_list()
 
     async def on_message_log_at_top(self, _: MessageLog.AtTop) -> None:
@@ -512,14 +578,36 @@ class ChatApp(App[None]):
         if conv is None:
             self.notify("Open a conversation first (Tab to the list, Enter).", markup=False)
             return
+        reply = self.reply_to
         try:
+            if self.editing is not None:
+                mid = str(self.editing.get("message_id"))
+                edited_at = await self.client.edit(mid, event.text)
+                self.set_context(None, None)
+                if mid in self.rows:
+                    self.rows[mid].update_msg(text=event.text, edited_at=edited_at)
+                return
             if conv.kind == "group":
                 assert conv.group is not None
                 sent: Any = await self.client.send_to_group(conv.group, event.text)
                 msg: dict[str, Any] = {"delivery": {"recipients": sent["recipients"]}}
+            elif reply is not None:
+                rid = str(reply.get("message_id"))
+                sent = await self.client.reply(conv.name, rid, event.text)
+                msg = {"status": sent["status"],
+                       "reply_to": {"message_id": rid, "text": reply.get("text")}}  # fmt: skip
             else:
                 sent = await self.client.send(conv.name, event.text)
                 msg = {"status": sent["status"]}
+            if conv.kind == "contact":
+                self.set_context(None, None)
+                self.select(None)
+                if self.typing_on:
+                    self.typing_sent = 0.0
+                    self.run_worker(self._typing(conv.name, False))
+                if conv.timer:
+                    msg.update(timer=conv.timer, expires_at=int(time.time() * 1000)
+                               + conv.timer * 1000)  # fmt: skip
         except AegisClientError as exc:
             self.query_one("#compose", Compose).insert(event.text)  # not lost
             self.notify(_error_text(exc), severity="error", markup=False)
@@ -533,12 +621,303 @@ class ChatApp(App[None]):
         conv.note_message(event.text, int(msg["created_at"]), False)
         self.redraw_list()
 
+    def show_title(self) -> None:
+        conv = self.convs.get(self.open_key or "")
+        if conv is None:
+            text = "no conversation open"
+        else:
+            text = ("# " if conv.kind == "group" else "") + render.name(conv.name, 40)
+            if conv.kind == "contact":
+                if conv.timer:
+                    text += f" · ⏱ {render.timer(conv.timer)} (F5)"
+                if conv.name in self.typing:
+                    text += f" · {render.name(conv.name, 24)} is typing…"
+        self.query_one("#title", Static).update(render.plain(f" {text}"))
+
+    def set_context(self, reply_to: dict[str, Any] | None, editing: dict[str, Any] | None) -> None:
+        """The line above the compose box: the quote of a reply, or the message being edited."""
+        self.reply_to, self.editing = reply_to, editing
+        bar = self.query_one("#context", Static)
+        if reply_to is not None:
+            shown = render.name(render.preview(reply_to.get("text") or ""), 30)
+            bar.update(render.plain(f"↱ reply to ┃ {shown}"))
+        elif editing is not None:
+            bar.update(render.plain("✎ editing: Enter saves, Esc cancels"))
+        bar.display = reply_to is not None or editing is not None
+
+    def quoted(self, message_id: str) -> str | None:
+        """A live reply's quote (the event has only its id): the text on screen; for one not
+        on screen, a note (the history has the text: it shows when the conversation opens)."""
+        row = self.rows.get(message_id)
+        if row is None:
+            return "(an earlier message)"
+        return None if row.msg.get("deleted") else str(row.msg.get("text") or "")
+
+    # -- what happens to a message after it came ------------------------------------------
+
+    async def message_changed(self, t: str, d: dict[str, Any]) -> None:
+        mid = str(d.get("message_id"))
+        row = self.rows.get(mid)
+        if t == "message.expired" or (t == "message.deleted" and row is None):
+            if row is not None:
+                await self.drop_row(mid)
+            await self.load()  # the list's preview may have been it
+            return
+        if row is None:
+            return  # not on screen: the history has it when it is opened
+        if t == "message.edited":
+            row.update_msg(text=d.get("text") or "", edited_at=d.get("edited_at"))
+        elif t == "message.reaction":
+            row.update_msg(reactions=_theirs(row.msg.get("reactions"), d.get("emoji")))
+        else:  # message.deleted: blank it, here and in the replies quoting it
+            row.update_msg(deleted=True, text="", reactions=[])
+            for other in self.rows.values():
+                q = other.msg.get("reply_to")
+                if isinstance(q, dict) and q.get("message_id") == mid:
+                    other.update_msg(reply_to={"message_id": mid, "text": None})
+
+    async def drop_row(self, mid: str) -> None:
+        row = self.rows.pop(mid, None)
+        self.messages = [m for m in self.messages if str(m.get("message_id")) != mid]
+        if self.selected == mid:
+            self.selected = None
+        if row is not None:
+            await row.remove()
+
+    async def timer_changed(self, d: dict[str, Any], at: int) -> None:
+        key = contact_key(str(d.get("contact")))
+        conv = self.convs.get(key)
+        if conv is None:
+            return
+        conv.timer = int(d.get("seconds") or 0)
+        self.show_title()
+        mid = str(d.get("message_id") or "")
+        if key == self.open_key and mid and mid not in self.rows:
+            msg = {
+                "message_id": mid, "direction": "out" if d.get("by") == "self" else "in",
+                "text": "", "timer_change": conv.timer, "created_at": at,
+            }  # fmt: skip
+            self.messages.append(msg)
+            await self.add_row(msg, at_end=True)
+
+    # -- the selected message ---------------------------------------------------------------
+
+    def select(self, mid: str | None) -> None:
+        if self.selected in self.rows:
+            self.rows[self.selected].remove_class("selected")
+        self.selected = mid if mid in self.rows else None
+        if self.selected is not None:
+            row = self.rows[self.selected]
+            row.add_class("selected")
+            self.query_one("#log", MessageLog).scroll_to_widget(row, animate=False)
+
+    def selectable(self) -> list[str]:
+        return [mid for mid, r in self.rows.items() if "timer_change" not in r.msg]
+
+    def action_select_move(self, delta: int) -> None:
+        ids = self.selectable()
+        if not ids:
+            return
+        if self.selected not in ids:
+            self.select(ids[-1])
+            return
+        i = ids.index(self.selected) + delta
+        if i >= len(ids):  # past the newest: back to the compose box
+            self.select(None)
+            self.query_one("#compose", Compose).focus()
+            return
+        self.select(ids[max(0, i)])
+
+    def on_compose_select_last(self, _: Compose.SelectLast) -> None:
+        ids = self.selectable()
+        if ids:
+            self.select(ids[-1])
+            self.query_one("#log", MessageLog).focus()
+
+    def on_message_row_clicked(self, event: MessageRow.Clicked) -> None:
+        if "timer_change" not in event.row.msg:
+            self.select(event.row.message_id)
+            self.query_one("#log", MessageLog).focus()
+
+    def chosen(self) -> tuple[Conversation, dict[str, Any]] | None:
+        """The open one-to-one conversation and its selected message, else a note why not."""
+        conv = self.convs.get(self.open_key or "")
+        row = self.rows.get(self.selected or "")
+        if conv is None or row is None:
+            self.notify("Select a message first (Up from the compose box, or click).",
+                        markup=False)  # fmt: skip
+            return None
+        if conv.kind != "contact":
+            self.notify("Not in groups yet: only in a conversation with a contact.", markup=False)
+            return None
+        if row.msg.get("deleted"):
+            self.notify("That message was deleted.", markup=False)
+            return None
+        return conv, row.msg
+
+    def action_reply(self) -> None:
+        got = self.chosen()
+        if got is None:
+            return
+        self.set_context(got[1], None)
+        self.query_one("#compose", Compose).focus()
+
+    def action_edit(self) -> None:
+        got = self.chosen()
+        if got is None:
+            return
+        m = got[1]
+        text = str(m.get("text") or "")
+        if m.get("direction") != "out" or text.startswith("[file] "):
+            self.notify("Only your own texts can be edited.", markup=False)
+            return
+        if int(time.time() * 1000) - int(m.get("created_at") or 0) > EDIT_WINDOW_MS:
+            self.notify("Too old to edit: a message can be edited for 24 hours.", markup=False)
+            return
+        compose = self.query_one("#compose", Compose)
+        compose.clear()
+        compose.insert(text)
+        self.set_context(None, m)
+        compose.focus()
+
+    def action_react(self) -> None:
+        self.run_worker(self._react())
+
+    async def _react(self) -> None:
+        got = self.chosen()
+        if got is None:
+            return
+        m = got[1]
+        answer = await self.push_screen_wait(AskScreen(react_prompt()))
+        if answer is None:
+            return
+        emoji = picked_emoji(answer)
+        mid = str(m.get("message_id"))
+        try:
+            await self.client.react(mid, emoji)
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
+            return
+        if mid in self.rows:
+            row = self.rows[mid]
+            row.update_msg(reactions=_mine(row.msg.get("reactions"), emoji or None))
+
+    def action_delete_message(self) -> None:
+        self.run_worker(self._delete())
+
+    async def _delete(self) -> None:
+        got = self.chosen()
+        if got is None:
+            return
+        m = got[1]
+        mine = m.get("direction") == "out" and not str(m.get("text") or "").startswith("[file] ")
+        prompt = "Delete this message? Type me (from this device only)" + (
+            ", or everyone (also at the contact's, if their client obeys)" if mine else ""
+        ) + ". Esc: keep it."
+        answer = (await self.push_screen_wait(AskScreen(prompt)) or "").strip().lower()
+        if answer not in (("me", "everyone") if mine else ("me",)):
+            return
+        mid = str(m.get("message_id"))
+        try:
+            await self.client.delete(mid, for_everyone=answer == "everyone")
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
+            return
+        if answer == "everyone":
+            await self.message_changed("message.deleted", {"message_id": mid})
+        else:
+            await self.drop_row(mid)
+            await self.load()
+
+    # -- search, the timer, typing ---------------------------------------------------------
+
+    def action_search(self) -> None:
+        self.run_worker(self._search())
+
+    async def find(self, query: str) -> list[tuple[dict[str, Any], str]]:
+        try:
+            found = await self.client.search(query, limit=SEARCH_LIMIT)
+        except InvalidParams as exc:
+            raise ValueError(str(exc) or "nothing to search for") from None
+        out = []
+        for hit in found["results"]:
+            h: dict[str, Any] = dict(hit)
+            m = h["message"]
+            where = (f"# {render.name(h.get('group_name') or '?', 24)}" if h["kind"] == "group"
+                     else render.name(h.get("contact") or "?", 24))  # fmt: skip
+            at = render.when(int(m.get("created_at") or 0))
+            out.append((h, f"{where}  {at}\n  {render.preview(m.get('text') or '')}"))
+        return out
+
+    async def _search(self) -> None:
+        hit = await self.push_screen_wait(SearchScreen(self.find))
+        if hit is None:
+            return
+        key = (group_key(int(hit["group"])) if hit["kind"] == "group"
+               else contact_key(str(hit["contact"])))  # fmt: skip
+        if key not in self.convs:
+            await self.load()
+            if key not in self.convs:
+                return
+        await self.open(key)
+        mid = str(hit["message"].get("message_id"))
+        while mid not in self.rows and self.next_before is not None:  # an older page
+            if not await self.fetch_page():
+                break
+            await self.rebuild()
+        if mid in self.rows:
+            self.call_after_refresh(self.select, mid)
+
+    def action_timer(self) -> None:
+        self.run_worker(self._timer())
+
+    async def _timer(self) -> None:
+        conv = self.convs.get(self.open_key or "")
+        if conv is None or conv.kind != "contact":
+            self.notify("Open a conversation with a contact first.", markup=False)
+            return
+        choices = "  ".join(f"{i} {render.timer(v)}" for i, v in enumerate(render.TIMERS))
+        answer = await self.push_screen_wait(AskScreen(
+            f"Disappearing messages with “{render.name(conv.name, 40)}” (now"
+            f" {render.timer(conv.timer)}):\n{choices}\n\nA number (Esc: leave it)."
+        ))  # fmt: skip
+        a = (answer or "").strip()
+        if not a.isdigit() or int(a) >= len(render.TIMERS):
+            return
+        try:
+            got = await self.client.set_timer(conv.name, render.TIMERS[int(a)])
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
+            return
+        conv.timer = int(got["seconds"])
+        self.show_title()  # the timer line comes with the conversation.timer event
+
+    def on_text_area_changed(self, event: Compose.Changed) -> None:
+        conv = self.convs.get(self.open_key or "")
+        if not self.typing_on or conv is None or conv.kind != "contact" or self.editing:
+            return
+        if not event.text_area.text:
+            return
+        now = time.monotonic()
+        if now - self.typing_sent >= TYPING_EVERY:  # the daemon rate-limits; fewer calls
+            self.typing_sent = now
+            self.run_worker(self._typing(conv.name, True))
+
+    async def _typing(self, contact: str, typing: bool) -> None:
+        with contextlib.suppress(AegisClientError):
+            await self.client.typing(contact, typing)
+
     # -- actions --------------------------------------------------------------------------
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
     def action_go_back(self) -> None:
+        if self.reply_to is not None or self.editing is not None:
+            if self.editing is not None:
+                self.query_one("#compose", Compose).clear()
+            self.set_context(None, None)
+            return
         self.query_one("#convs", ListView).focus()
 
     def action_quit_unless_typing(self) -> None:
@@ -602,11 +981,16 @@ class ChatApp(App[None]):
         except AegisClientError as exc:
             self.notify(_error_text(exc), severity="error", markup=False)
             return
+        link = render.name(inv["link"], 4000)
+        try:
+            qr = qr_text(link)
+        except QRUnavailable as exc:
+            qr = f"({exc})\n"
         text = (
-            "A one-time invitation: give this link to one person (aegis invite --qr shows it"
-            f" as a QR code).\n\n{inv['link']}"
+            "A one-time invitation: give this link to one person, or let them scan the code"
+            f" (arrows scroll).\n\n{link}\n\n{qr}"
         )
-        await self.push_screen_wait(InfoScreen(render.name(text, 4000)))
+        await self.push_screen_wait(InfoScreen(text))
 
     def target(self) -> Conversation | None:
         """The contact an action is about: the open conversation, else the highlighted one."""
@@ -669,9 +1053,7 @@ class ChatApp(App[None]):
             self.notify(_error_text(exc), severity="error", markup=False)
             return
         await self.load()
-        if self.open_key in self.convs:
-            title = render.name(self.convs[self.open_key].name, 60)
-            self.query_one("#title", Static).update(render.plain(f" {title}"))
+        self.show_title()
 
     def action_send_file(self) -> None:
         self.run_worker(self._send_file())
@@ -682,25 +1064,42 @@ class ChatApp(App[None]):
             return
         if self.open_key != conv.key:
             await self.open(conv.key)
-        path = await self.push_screen_wait(AskScreen("Send a file: its path"))
+        path = await self.push_screen_wait(AskScreen(
+            "Send files: a path (several: each in quotes, separated by spaces)"))  # fmt: skip
         if not path or not path.strip():
             return
-        full = os.path.abspath(os.path.expanduser(path.strip()))
+        paths = _paths(path)
+        if not paths:
+            self.notify("No path given (check the quotes).", markup=False)
+            return
+        caption = await self.push_screen_wait(AskScreen("A caption (optional: Enter for none)"))
+        if caption is None:
+            return
         try:
-            sent = await self.client.call("attachments.send", {"contact": conv.name, "path": full})
+            if len(paths) == 1:
+                files: list[Any] = [await self.client.send_file(conv.name, paths[0],
+                                                                 caption or None)]  # fmt: skip
+            else:
+                files = list((await self.client.send_files(conv.name, paths,
+                                                            caption or None))["attachments"])
         except AegisClientError as exc:
             self.notify(_error_text(exc), severity="error", markup=False)
             return
-        text = f"[file] {sent.get('name') or os.path.basename(full)}"
-        msg = {
-            "message_id": sent["message_id"], "direction": "out", "text": text,
-            "status": "queued", "created_at": int(time.time() * 1000),
-        }  # fmt: skip
-        if sent["message_id"] not in self.rows:
-            self.messages.append(msg)
-            await self.add_row(msg, at_end=True)
-        self.rows[sent["message_id"]].set_transfer("uploading")
-        conv.note_message(text, int(msg["created_at"]), False)
+        for i, sent in enumerate(files):
+            text = f"[file] {sent.get('name') or '?'}"
+            if i == 0 and caption:
+                text += f"\n{caption}"
+            msg = {
+                "message_id": sent["message_id"], "direction": "out", "text": text,
+                "status": "queued", "created_at": int(time.time() * 1000),
+            }  # fmt: skip
+            if sent["message_id"] not in self.rows:
+                self.messages.append(msg)
+                await self.add_row(msg, at_end=True)
+            row = self.rows[sent["message_id"]]
+            if not row.transfer:  # its progress may have come first
+                row.set_transfer("uploading")
+            conv.note_message(text, int(msg["created_at"]), False)
         self.redraw_list()
 
     def action_save_file(self) -> None:
@@ -775,6 +1174,49 @@ class ChatApp(App[None]):
             self.notify(_error_text(exc), severity="error", markup=False)
             return
         await self.load()
+
+
+def _paths(answer: str) -> list[str]:
+    """One path, or several in double quotes: absolute, as the daemon wants them."""
+    one = answer.strip()
+    parts = [p for p in one.split('"')[1::2] if p.strip()] if '"' in one else [one]
+    return [os.path.abspath(os.path.expanduser(p.strip())) for p in parts]
+
+
+def _theirs(reactions: Any, emoji: Any) -> list[dict[str, Any]]:
+    """The reactions after the contact set (or removed: None) its one reaction."""
+    out = []
+    for r in reactions if isinstance(reactions, list) else []:
+        others = int(r.get("count") or 0) - (1 if r.get("mine") else 0)
+        if others > 0:  # this count holds the contact's reaction (one-to-one: one other)
+            r = {**r, "count": int(r["count"]) - 1}
+        if int(r.get("count") or 0) > 0:
+            out.append(dict(r))
+    if emoji:
+        return _add(out, str(emoji), mine=False)
+    return out
+
+
+def _mine(reactions: Any, emoji: str | None) -> list[dict[str, Any]]:
+    """The reactions after one's own one was set (or removed: None)."""
+    out = []
+    for r in reactions if isinstance(reactions, list) else []:
+        if r.get("mine"):
+            r = {**r, "count": int(r.get("count") or 0) - 1, "mine": False}
+        if int(r.get("count") or 0) > 0:
+            out.append(dict(r))
+    return _add(out, emoji, mine=True) if emoji else out
+
+
+def _add(reactions: list[dict[str, Any]], emoji: str, *, mine: bool) -> list[dict[str, Any]]:
+    for r in reactions:
+        if r.get("emoji") == emoji:
+            r["count"] = int(r.get("count") or 0) + 1
+            r["mine"] = bool(r.get("mine")) or mine
+            break
+    else:
+        reactions.append({"emoji": emoji, "count": 1, "mine": mine})
+    return sorted(reactions, key=lambda r: str(r.get("emoji")))
 
 
 def run(socket: Path) -> str | None:

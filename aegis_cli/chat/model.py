@@ -1,6 +1,5 @@
-"""Conversations as the client shows them, assembled from today's API (contacts.list,
-group.list and a page of history each). ``load_conversations`` is the one place a daemon's
-``conversations.list`` (issue 17) will replace."""
+"""Conversations as the client shows them: one ``conversations.list`` (unread counts, the last
+message, newest activity first) and one ``contacts.list`` (the flags a contact's row shows)."""
 
 from __future__ import annotations
 
@@ -9,10 +8,6 @@ from typing import Any
 
 from aegis_client import Client
 
-#: Messages read per conversation to find the last one and count the unread ones; beyond,
-#: the count shows as "PAGE+".
-PAGE = 50
-
 
 @dataclass
 class Conversation:
@@ -20,14 +15,15 @@ class Conversation:
     name: str
     kind: str  # "contact" | "group"
     unread: int = 0
-    unread_more: bool = False  # more unread than PAGE
     last_text: str = ""
     last_at: int = 0  # ms since the epoch; 0: no message yet
     blocked: bool = False
     verified: bool = False
     established: bool = True
     group: int | None = None
-    #: Ids of the incoming messages counted already (an event may repeat a loaded one).
+    #: The disappearing timer in seconds (0: off); a contact's only.
+    timer: int = 0
+    #: Ids of the incoming messages counted already (an event may repeat the loaded last one).
     seen: set[str] = field(default_factory=set)
 
     def note_message(self, text: str, at: int, incoming: bool) -> None:
@@ -45,40 +41,27 @@ def group_key(ref: int) -> str:
     return f"g:{ref}"
 
 
-def _unread(messages: list[dict[str, Any]]) -> int:
-    return sum(1 for m in messages if m.get("direction") == "in" and m.get("status") == "received")
-
-
 async def load_conversations(client: Client) -> list[Conversation]:
-    """Every contact and group, newest activity first."""
+    """Every contact and group, newest activity first (the daemon's order)."""
+    contacts = {c["name"]: c for c in await client.contacts()}
     out: list[Conversation] = []
-    for c in await client.contacts():
-        conv = Conversation(
-            contact_key(c["name"]), c["name"], "contact", blocked=bool(c["blocked"]),
-            verified=bool(c["verified"]),
-            established=bool(c["established"]), last_at=int(c["created_at"]),
-        )  # fmt: skip
-        page = await client.history(c["name"], limit=PAGE)
-        msgs: list[dict[str, Any]] = list(page["messages"])  # type: ignore[arg-type]
-        if msgs:
-            last = msgs[-1]
-            conv.last_text = str(last.get("text") or "")
-            conv.last_at = int(last.get("created_at") or conv.last_at)
-        conv.unread = _unread(msgs)
-        conv.seen = {str(m.get("message_id")) for m in msgs}
-        conv.unread_more = conv.unread >= PAGE and page["next_before"] is not None
+    for v in await client.conversations():
+        last: dict[str, Any] = dict(v["last_message"] or {})
+        if v["kind"] == "group":
+            ref = int(v["group"] or 0)
+            conv = Conversation(group_key(ref), v["name"], "group", group=ref)
+        else:
+            name = str(v["contact"])
+            c: dict[str, Any] = dict(contacts.get(name) or {})
+            conv = Conversation(
+                contact_key(name), name, "contact", blocked=bool(c.get("blocked")),
+                verified=bool(c.get("verified")), established=bool(c.get("established", True)),
+                timer=int(c.get("timer") or 0),
+            )  # fmt: skip
+        conv.unread = int(v["unread"])
+        conv.last_at = int(v["last_activity"])
+        conv.last_text = str(last.get("preview") or "")
+        if last.get("message_id"):
+            conv.seen.add(str(last["message_id"]))
         out.append(conv)
-    for g in await client.groups():
-        conv = Conversation(group_key(g["group"]), g["name"], "group", group=g["group"])
-        gpage = await client.group_history(g["group"], limit=PAGE)
-        if gpage["messages"]:
-            last_g = gpage["messages"][-1]
-            conv.last_text = str(last_g.get("text") or "")
-            conv.last_at = int(last_g.get("created_at") or 0)
-        conv.seen = {str(m.get("message_id")) for m in gpage["messages"]}
-        conv.unread = sum(
-            1 for m in gpage["messages"] if m.get("direction") == "in" and not m.get("read")
-        )
-        out.append(conv)
-    out.sort(key=lambda x: x.last_at, reverse=True)
     return out

@@ -70,3 +70,39 @@ def when(ms: int) -> str:
 
 def mark(status: str) -> str:
     return MARKS.get(status, name(status, 12))
+
+
+_UNITS = ((7 * 86_400, "week"), (86_400, "day"), (3600, "hour"), (60, "minute"), (1, "second"))
+#: The disappearing timers one key cycles through (seconds; 0 off).
+TIMERS = (0, 300, 3600, 86_400, 604_800)
+
+
+def timer(seconds: int) -> str:
+    """A disappearing timer for people: "off", "5 minutes", "1 hour"..."""
+    if seconds <= 0:
+        return "off"
+    for size, unit in _UNITS:
+        if seconds % size == 0:
+            n = seconds // size
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{seconds} seconds"  # not reached: every whole number of seconds fits "second"
+
+
+def deadline(ms: int) -> str:
+    """When a disappearing message goes: the hour today, else the date and hour."""
+    if day(ms) == day(int(time.time() * 1000)):
+        return clock(ms)
+    return time.strftime("%d %b %H:%M", time.localtime(ms / 1000))
+
+
+def reactions(items: object) -> str:
+    """``[{"emoji", "count", "mine"}]`` as one line: "👍 2 · ❤ 1 (you)". Each emoji is the
+    reactor's text: shown through safe_text like any other."""
+    if not isinstance(items, list):
+        return ""
+    parts = []
+    for r in items[:20]:  # the daemon bounds them; so does the screen
+        if isinstance(r, dict) and int(r.get("count") or 0) > 0:
+            mine = " (you)" if r.get("mine") else ""
+            parts.append(f"{name(r.get('emoji') or '', 12)} {int(r['count'])}{mine}")
+    return " · ".join(parts)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
 
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Input, Static
+from textual.widgets import Input, ListItem, ListView, Static
 
 from . import render
 
@@ -17,23 +18,31 @@ from . import render
 KEYS = [
     ("F1 or ?", "this help"),
     ("Tab / Shift+Tab", "move between the list, the messages and the compose box"),
-    ("Up / Down", "move in the conversation list; scroll the messages"),
+    ("Up / Down", "move in the conversation list; in the messages, select one"),
+    ("Up (empty compose box)", "select the newest message (then Up / Down move)"),
+    ("r", "on a selected message: reply (its quote shows above the compose box)"),
+    ("+", "on a selected message: react (a common emoji by number, or any)"),
+    ("e", "on a selected message of yours: edit it (within 24 hours)"),
+    ("x or Delete", "on a selected message: delete it, for you or for everyone"),
+    ("click", "on a message: select it"),
+    ("F3", "search every conversation; Enter on a result opens it"),
+    ("F5", "the disappearing timer: off / 5 min / 1 h / 1 day / 1 week"),
     ("Enter", "open the conversation (in the list); send (in the compose box)"),
     ("Ctrl+N or Alt+Enter", "a new line in the compose box"),
     ("Ctrl+G", "jump to a conversation by name (prefix, else any part)"),
     ("Ctrl+R", "contact requests: accept (a) or reject (r)"),
-    ("Ctrl+O", "a one-time invitation link"),
+    ("Ctrl+O", "a one-time invitation: its link and QR code (arrows scroll)"),
     ("Ctrl+T", "add a contact from a link"),
     ("F2", "rename the contact (the open one, else the highlighted one)"),
     ("Ctrl+B", "block or unblock the contact (asks first)"),
     ("Ctrl+S", "the safety number: compare it, then mark the contact verified"),
-    ("Ctrl+F", "send a file to the contact (its progress shows on the message)"),
+    ("Ctrl+F", "send files to the contact, with a caption (progress shows on the message)"),
     ("F4", "save the newest file received in the open conversation"),
     ("F7 / F9", "an incoming call: answer / decline (no letter key: typing never answers)"),
     ("F8", "hang up (or decline) the call"),
     ("Ctrl+L", "unlock a locked profile (asks for the passphrase)"),
     ("PageUp / scroll up", "in the messages: older ones load at the top"),
-    ("Esc", "back (close a dialog; from the messages to the list)"),
+    ("Esc", "back (close a dialog; drop a reply or edit; from the messages to the list)"),
     ("Ctrl+Q", "quit"),
 ]
 
@@ -113,7 +122,8 @@ class CallScreen(ModalScreen[str | None]):
 
 
 class InfoScreen(ModalScreen[None]):
-    """Text the user reads and copies (an invitation link); Esc or Enter closes it."""
+    """Text the user reads and copies (an invitation link, its QR code); Esc or Enter closes
+    it; taller than the terminal (a QR code in 80x24), it scrolls."""
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,enter", "dismiss", "close")]
 
@@ -122,4 +132,79 @@ class InfoScreen(ModalScreen[None]):
         self.text = text
 
     def compose(self) -> ComposeResult:
-        yield Static(render.plain(self.text + "\n\nEsc closes."), id="info", markup=False)
+        with VerticalScroll(id="info-box"):
+            yield Static(render.plain(self.text + "\n\nEsc closes."), id="info", markup=False)
+
+    def on_mount(self) -> None:
+        self.query_one("#info-box").focus()
+
+
+#: Reactions offered by number in the picker (any other can be typed).
+EMOJI = ("👍", "❤️", "😂", "😮", "😢", "🙏")
+
+
+def react_prompt() -> str:
+    offered = "   ".join(f"{i} {e}" for i, e in enumerate(EMOJI, 1))
+    return f"React: {offered}\n\nA number, or type any emoji; empty removes yours (Esc: none)."
+
+
+def picked_emoji(answer: str) -> str:
+    """The picker's answer as the emoji to send ("" removes)."""
+    a = answer.strip()
+    if a.isdigit() and 1 <= int(a) <= len(EMOJI):
+        return EMOJI[int(a) - 1]
+    return a
+
+
+class SearchHit(ListItem):
+    def __init__(self, hit: dict[str, Any], line: str) -> None:
+        self.hit = hit
+        self.plain_line = line
+        super().__init__(Static(render.plain(line), markup=False))
+
+
+class SearchScreen(ModalScreen[dict[str, Any] | None]):
+    """A search box and its results (conversation, time, text); Enter in the box searches,
+    Enter on a result gives it; Esc gives None."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "cancel")]
+
+    def __init__(
+        self, search: Callable[[str], Awaitable[list[tuple[dict[str, Any], str]]]]
+    ) -> None:
+        super().__init__()
+        self.search = search
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="search"):
+            yield Static(render.plain("Search every conversation (Enter):"), markup=False)
+            yield Input(id="search-input")
+            yield Static(render.plain(""), markup=False, id="search-note")
+            yield ListView(id="search-results")
+
+    def on_mount(self) -> None:
+        self.query_one(Input).focus()
+
+    async def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        note = self.query_one("#search-note", Static)
+        results = self.query_one("#search-results", ListView)
+        await results.clear()
+        try:
+            hits = await self.search(event.value)
+        except ValueError as exc:  # the query has nothing to search for, or too much
+            note.update(render.plain(render.name(str(exc), 200)))
+            return
+        note.update(render.plain(f"{len(hits)} found{'' if not hits else ': Enter opens one'}"))
+        await results.extend(SearchHit(hit, line) for hit, line in hits)
+        if hits:
+            results.index = 0
+            results.focus()
+
+    def on_list_view_selected(self, event: ListView.Selected) -> None:
+        event.stop()
+        if isinstance(event.item, SearchHit):
+            self.dismiss(event.item.hit)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)

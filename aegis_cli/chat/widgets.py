@@ -5,10 +5,11 @@ Every peer-supplied string arrives here already made safe (``render``) and is sh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from textual import events
 from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
 from textual.containers import Vertical, VerticalScroll
 from textual.content import Content
 from textual.message import Message
@@ -27,7 +28,7 @@ class ConversationItem(ListItem):
 
     def refresh_text(self) -> None:
         c = self.conv
-        unread = f" ({c.unread}{'+' if c.unread_more else ''})" if c.unread else ""
+        unread = f" ({c.unread})" if c.unread else ""
         tag = "# " if c.kind == "group" else ""
         flags = " [blocked]" if c.blocked else "" if c.established else " [waiting]"
         mark = " ✔" if c.verified else ""
@@ -36,9 +37,14 @@ class ConversationItem(ListItem):
 
 
 class MessageRow(Vertical):
-    """One message: a header (time, who, an outgoing one's status mark, updated live) and the
-    text below it, indented by the CSS (wrapped lines too), so that no line of a text can pass
-    for the header of another message."""
+    """One message: a header (time, who, an outgoing one's status mark, "edited", when it
+    disappears; updated live), the quote of a reply, the text indented by the CSS (wrapped
+    lines too, so that no line of a text can pass for the header of another message), and the
+    reactions with their counts. A click selects it (for reply, react, edit, delete)."""
+
+    @dataclass
+    class Clicked(Message):
+        row: MessageRow
 
     def __init__(self, msg: dict[str, Any], who: str) -> None:
         super().__init__(classes="out" if msg.get("direction") == "out" else "in")
@@ -46,12 +52,16 @@ class MessageRow(Vertical):
         self.who = who
         self.transfer = ""  # a file's transfer: "3/10 blocks", "complete", "failed: ..."
         self.head = Static(markup=False, classes="head")
+        self.quote = Static(markup=False, classes="quote")
         self.text = Static(markup=False, classes="text")
+        self.reacts = Static(markup=False, classes="reacts")
         self.show()
 
     def compose(self) -> ComposeResult:
         yield self.head
+        yield self.quote
         yield self.text
+        yield self.reacts
 
     @property
     def message_id(self) -> str:
@@ -59,8 +69,14 @@ class MessageRow(Vertical):
 
     @property
     def plain(self) -> str:
-        """What is shown, as text (for tests)."""
-        return f"{_plain(self.head)}\n{_plain(self.text)}"
+        """What is shown, as text (for tests): the header, then each non-empty part."""
+        parts = [_plain(self.head)]
+        parts += [_plain(w) for w in (self.quote, self.text, self.reacts) if w.display]
+        return "\n".join(parts)
+
+    def on_click(self, event: events.Click) -> None:
+        event.stop()
+        self.post_message(self.Clicked(self))
 
     def set_transfer(self, text: str) -> None:
         self.transfer = text
@@ -70,9 +86,20 @@ class MessageRow(Vertical):
         self.msg["status"] = status
         self.show()
 
+    def update_msg(self, **changes: Any) -> None:
+        self.msg.update(changes)
+        self.show()
+
     def show(self) -> None:
         m = self.msg
         at = render.clock(int(m.get("created_at") or 0))
+        if "timer_change" in m:  # a line recording a change of the disappearing timer
+            by = "you" if m.get("direction") == "out" else self.who
+            label = render.timer(int(m.get("timer_change") or 0))
+            self.head.update(render.plain(f"{at} ⏱ {by} set disappearing messages: {label}"))
+            for w in (self.quote, self.text, self.reacts):
+                w.display = False
+            return
         status = ""
         if m.get("direction") == "out":
             delivery = m.get("delivery")
@@ -81,8 +108,27 @@ class MessageRow(Vertical):
             else:
                 status = f"  {render.mark(str(m.get('status') or ''))}"
         transfer = f"  [{self.transfer}]" if self.transfer else ""
-        self.head.update(render.plain(f"{at} {self.who}{status}{transfer}"))
-        self.text.update(render.plain(render.body(m.get("text") or "")))
+        notes = ""
+        if m.get("edited_at") and not m.get("deleted"):
+            notes += "  edited"
+        if m.get("expires_at"):
+            notes += f"  ⏱ goes at {render.deadline(int(m['expires_at']))}"
+        elif int(m.get("timer") or 0) > 0:
+            notes += f"  ⏱ {render.timer(int(m['timer']))} after it is read"
+        self.head.update(render.plain(f"{at} {self.who}{status}{transfer}{notes}"))
+        quote = m.get("reply_to")
+        self.quote.display = isinstance(quote, dict)
+        if isinstance(quote, dict):
+            qt = quote.get("text")
+            shown = render.preview(qt) if qt else "(the quoted message is not here)"
+            self.quote.update(render.plain(f"┃ {shown}"))
+        if m.get("deleted"):
+            self.text.update(render.plain("(deleted)"))
+        else:
+            self.text.update(render.plain(render.body(m.get("text") or "")))
+        line = "" if m.get("deleted") else render.reactions(m.get("reactions"))
+        self.reacts.display = bool(line)
+        self.reacts.update(render.plain(line))
 
 
 def _plain(widget: Static) -> str:
@@ -97,7 +143,17 @@ class DaySeparator(Static):
 
 
 class MessageLog(VerticalScroll):
-    """The conversation view; scrolled to its top, it asks for the older page."""
+    """The conversation view; scrolled to its top, it asks for the older page. Focused, Up and
+    Down move the selection through the messages, and a key acts on the selected one."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("up", "app.select_move(-1)", "previous message", show=False),
+        Binding("down", "app.select_move(1)", "next message", show=False),
+        Binding("r", "app.reply", "reply"),
+        Binding("plus,equals_sign", "app.react", "react"),
+        Binding("e", "app.edit", "edit"),
+        Binding("x,delete", "app.delete_message", "delete"),
+    ]
 
     @dataclass
     class AtTop(Message):
@@ -116,6 +172,10 @@ class Compose(TextArea):
     class Send(Message):
         text: str
 
+    @dataclass
+    class SelectLast(Message):
+        """Up in an empty box: select the newest message."""
+
     async def _on_key(self, event: events.Key) -> None:
         if event.key == "enter":
             event.stop()
@@ -124,6 +184,11 @@ class Compose(TextArea):
             if text.strip():
                 self.post_message(self.Send(text))
                 self.clear()
+            return
+        if event.key == "up" and not self.text:
+            event.stop()
+            event.prevent_default()
+            self.post_message(self.SelectLast())
             return
         if event.key in ("ctrl+n", "alt+enter", "shift+enter"):
             event.stop()

@@ -20,7 +20,15 @@ from textual.worker import WorkerFailed
 
 from aegis_cli.chat.app import ChatApp
 from aegis_cli.chat.model import contact_key
-from aegis_cli.chat.screens import KEYS, AskScreen, CallScreen, HelpScreen, InfoScreen
+from aegis_cli.chat.screens import (
+    KEYS,
+    AskScreen,
+    CallScreen,
+    HelpScreen,
+    InfoScreen,
+    SearchHit,
+    SearchScreen,
+)
 from aegis_cli.chat.widgets import Compose, ConversationItem, MessageLog, MessageRow
 from aegisd.paths import resolve
 from tests.daemon.conftest import FAST_KDF_ARGS, PASSPHRASE, DaemonProc
@@ -258,6 +266,11 @@ def test_small_terminal_help_jump_request_and_invitation(peers: Callable[[str], 
         await until(pilot, lambda: isinstance(app.screen, InfoScreen), "the invitation")
         shown = text_of(app.screen.query_one("#info", Static))
         assert "aegis:" in shown or "://" in shown
+        assert "▄" in shown and "█" in shown  # the QR code, drawn in text
+        box = app.screen.query_one("#info-box")
+        assert box.max_scroll_y > 0  # taller than 24 rows: it scrolls
+        await pilot.press("down", "down")
+        await until(pilot, lambda: box.scroll_y > 0, "the code scrolled")
         await pilot.press("escape")
         await pilot.press("escape")  # back to the list
         await until(pilot, lambda: app.focused is app.query_one("#convs"), "the list")
@@ -389,8 +402,8 @@ def test_older_history_loads_at_the_top(peers: Callable[[str], Peer]) -> None:
 
     async def body(app: ChatApp, pilot: Pilot[None]) -> None:
         conv = app.convs[contact_key("bob")]
-        assert conv.unread == 50 and conv.unread_more
-        assert "bob (50+)" in text_of(app.items[contact_key("bob")].line)
+        assert conv.unread == 60  # conversations.list counts them all
+        assert "bob (60)" in text_of(app.items[contact_key("bob")].line)
         await app.open(contact_key("bob"))
         await pilot.pause(0.2)
         assert len(app.rows) == 50
@@ -443,13 +456,16 @@ def test_send_a_file_with_progress_and_save_one(
     alice, bob = pair(peers)
     src = tmp_short / "report.bin"
     src.write_bytes(bytes(range(256)) * 1200)  # 300 KB: several blocks
+    second = tmp_short / "notes.txt"
+    second.write_text("two files in one send\n")
     out = tmp_short / "saved"
     out.mkdir()
 
     async def body(app: ChatApp, pilot: Pilot[None]) -> None:
         await app.open(contact_key("bob"))
         await pilot.press("ctrl+f")
-        await answer(app, pilot, str(src))
+        await answer(app, pilot, f'"{src}" "{second}"')  # two files in one send
+        await answer(app, pilot, "the [b]report[/b]")  # a caption, with the first
         row = await until(
             pilot, lambda: next((r for r in app.query(MessageRow) if "report.bin" in r.plain),
                                 None), "the file's message")  # fmt: skip
@@ -459,7 +475,21 @@ def test_send_a_file_with_progress_and_save_one(
             files = bob.call("attachments.list", {})["attachments"]
             return [f for f in files if f["name"] == "report.bin" and f["state"] == "complete"]
 
-        await asyncio.to_thread(bob.wait_for, bob_has_it, "the file at bob", 60)
+        got = await asyncio.to_thread(bob.wait_for, bob_has_it, "the file at bob", 60)
+        assert got[0]["caption"] == "the [b]report[/b]"
+        assert "the [b]report[/b]" in row.plain
+
+        def notes_at_bob() -> Any:
+            files = bob.call("attachments.list", {})["attachments"]
+            return [f for f in files if f["name"] == "notes.txt" and f["state"] == "complete"]
+
+        await asyncio.to_thread(bob.wait_for, notes_at_bob, "the second file at bob", 60)
+        # One send: the sender's rows share the batch (the receiver may list the uncaptioned
+        # file as sent alone: docs/api.md attachments.send_batch).
+        sent = (await call(alice, "attachments.list", {}))["attachments"]
+        assert len({f["batch_id"] for f in sent}) == 1 and sent[0]["batch_id"] is not None
+        assert sorted(f["name"] for f in sent) == ["notes.txt", "report.bin"]
+        assert any("[file] notes.txt" in t for t in shown_texts(app))
 
         # Bob sends one back; alice saves it from the client.
         back = tmp_short / "back.txt"
@@ -565,3 +595,160 @@ def test_the_command_without_a_terminal_or_a_daemon(
     r = chat(alice.home)
     assert r.returncode != 0 and "needs a terminal" in r.stderr
     assert "\x1b" not in r.stdout  # nothing drawn
+
+
+def row_with(app: ChatApp, text: str) -> MessageRow | None:
+    return next((r for r in app.query(MessageRow) if text in r.plain), None)
+
+
+def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], Peer]) -> None:
+    alice, bob = pair(peers)
+    for p in (alice, bob):
+        p.call("typing.config", {"enabled": True})
+
+    def bob_msg(text: str) -> Callable[[], Any]:
+        def find() -> Any:
+            h = bob.call("messages.history", {"contact": "alice"})["messages"]
+            return next((m for m in h if m["text"] == text), None)
+
+        return find
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await until(pilot, lambda: app.typing_on, "typing indicators on")
+        q = await call(bob, "messages.send", {"contact": "alice", "text": "lunch at one?"})
+        await until(pilot, lambda: app.convs[contact_key("bob")].unread == 1, "the question")
+        await app.open(contact_key("bob"))
+        compose = app.query_one(Compose)
+        await until(pilot, lambda: compose.has_focus, "the compose box")
+
+        # Reply: Up from the empty box selects the newest message, r quotes it.
+        await pilot.press("up")
+        await until(pilot, lambda: app.selected == q["message_id"], "the selection")
+        await pilot.press("r")
+        context = app.query_one("#context", Static)
+        await until(pilot, lambda: "lunch at one?" in text_of(context), "the quote bar")
+        await pilot.press(*"yes")
+        await pilot.press("enter")
+        got = await asyncio.to_thread(bob.wait_for, bob_msg("yes"), "the reply at bob", 60)
+        assert got["reply_to"] == {"message_id": q["message_id"], "text": "lunch at one?"}
+        mine = app.rows[got["message_id"]]
+        assert "┃ lunch at one?" in mine.plain and not context.display
+
+        # Bob reacts to the reply: it shows live, with its count; alice adds hers (picker: 1).
+        await call(bob, "messages.react", {"message_id": got["message_id"], "emoji": "👍"})
+        await until(pilot, lambda: "👍 1" in mine.plain, "bob's reaction", 60)
+        app.select(got["message_id"])
+        app.query_one(MessageLog).focus()
+        await pilot.press("plus")
+        await answer(app, pilot, "1")
+        await until(pilot, lambda: "👍 2 (you)" in mine.plain, "two reactions")
+        h = (await call(alice, "messages.history", {"contact": "bob"}))["messages"]
+        assert next(m for m in h if m["message_id"] == got["message_id"])["reactions"] == [
+            {"emoji": "👍", "count": 2, "mine": True}
+        ]
+
+        # Alice edits her reply (e); bob sees the new text marked edited.
+        await pilot.press("e")
+        await until(pilot, lambda: compose.text == "yes" and compose.has_focus, "edit mode")
+        compose.clear()
+        compose.insert("yes, at one")
+        await pilot.press("enter")
+        await until(pilot, lambda: "edited" in mine.plain and "yes, at one" in mine.plain, "ed")
+        edited = await asyncio.to_thread(bob.wait_for, bob_msg("yes, at one"), "the edit", 60)
+        assert edited["edited_at"] is not None
+
+        # Bob's reply to it arrives live with its quote.
+        params = {"contact": "alice", "message_id": got["message_id"], "text": "great"}
+        await call(bob, "messages.reply", params)
+        back = await until(pilot, lambda: row_with(app, "great"), "bob's reply", 60)
+        assert "┃ yes, at one" in back.plain
+
+        # Bob edits, then deletes for everyone: both show live.
+        oops = await call(bob, "messages.send", {"contact": "alice", "text": "meet at two"})
+        await until(pilot, lambda: oops["message_id"] in app.rows, "bob's text", 60)
+        theirs = app.rows[oops["message_id"]]
+        await call(bob, "messages.edit", {"message_id": oops["message_id"], "text": "at 3"})
+        await until(pilot, lambda: "at 3" in theirs.plain and "edited" in theirs.plain, "edit")
+        await call(bob, "messages.delete",
+                   {"message_id": oops["message_id"], "for_everyone": True})  # fmt: skip
+        await until(pilot, lambda: "(deleted)" in theirs.plain, "blanked", 60)
+        assert "at 3" not in theirs.plain
+
+        # Alice deletes her own reply for everyone: a click selects it, x (confirmed).
+        app.select(None)
+        app.query_one(MessageLog).scroll_to_widget(mine, animate=False)
+        await pilot.pause()
+        await pilot.click(mine.head)
+        await until(pilot, lambda: app.selected == got["message_id"], "selected by a click")
+        await pilot.press("x")
+        await answer(app, pilot, "everyone")
+        await until(pilot, lambda: "(deleted)" in mine.plain, "deleted here")
+        assert "┃ (the quoted message is not here)" in back.plain  # its quote went too
+        await asyncio.to_thread(
+            bob.wait_for, lambda: (bob_msg("")() or {}).get("deleted"), "deleted at bob", 60
+        )
+
+        # Alice deletes bob's reply for herself only: gone here, from her history too.
+        app.select(back.message_id)
+        app.query_one(MessageLog).focus()
+        await pilot.press("up")  # Up / Down move the selection through the messages
+        await until(pilot, lambda: app.selected == got["message_id"], "the one above")
+        await pilot.press("down")
+        await until(pilot, lambda: app.selected == back.message_id, "back down")
+        await pilot.press("x")
+        prompt = await answer(app, pilot, "me")
+        assert "everyone" not in prompt  # not hers: for her only
+        await until(pilot, lambda: row_with(app, "great") is None, "gone from view")
+        h = (await call(alice, "messages.history", {"contact": "bob"}))["messages"]
+        assert back.message_id not in {m["message_id"] for m in h}
+
+        # The disappearing timer, from F5: bob's daemon has it; the header and a line show it.
+        await pilot.press("f5")
+        await answer(app, pilot, "2")
+        timer = await asyncio.to_thread(
+            bob.wait_for,
+            lambda: bob.call("conversations.get_timer", {"contact": "alice"})["seconds"] == 3600,
+            "the timer at bob", 60,
+        )  # fmt: skip
+        assert timer
+        title = app.query_one("#title", Static)
+        await until(pilot, lambda: "⏱ 1 hour" in text_of(title), "the timer in the header")
+        await until(pilot, lambda: row_with(app, "set disappearing messages: 1 hour"), "line")
+        # Bob makes it 2 s: his next message shows its deadline, then goes from view.
+        await call(bob, "conversations.set_timer", {"contact": "alice", "seconds": 2})
+        await until(pilot, lambda: "⏱ 2 seconds" in text_of(title), "bob's timer, live", 60)
+        brief = await call(bob, "messages.send", {"contact": "alice", "text": "gone soon"})
+        await until(pilot, lambda: brief["message_id"] in app.rows, "the brief one", 60)
+        assert "⏱" in app.rows[brief["message_id"]].plain
+        await until(pilot, lambda: row_with(app, "gone soon") is None, "it expired", 90)
+        assert brief["message_id"] not in app.rows
+        await call(bob, "conversations.set_timer", {"contact": "alice", "seconds": 0})
+        await until(pilot, lambda: "⏱" not in text_of(title), "the timer off, live", 60)
+
+        # Typing: bob types, alice's header says so; alice types, bob's daemon hears it.
+        await call(bob, "messages.typing", {"contact": "alice", "typing": True})
+        await until(pilot, lambda: "bob is typing…" in text_of(title), "bob typing", 60)
+        app.query_one(Compose).focus()
+        await pilot.press(*"hm")
+
+        def bob_heard() -> Any:
+            evs = bob.call("events.list", {"types": ["contact.typing"]})["events"]
+            return [e for e in evs if e["data"]["typing"]]
+
+        await asyncio.to_thread(bob.wait_for, bob_heard, "alice typing at bob", 60)
+        compose.clear()
+
+        # Search: F3, a word, Enter; Enter on the hit opens the conversation at the message.
+        await app.open(contact_key("bob"))
+        app.query_one("#convs").focus()
+        await pilot.press("f3")
+        await until(pilot, lambda: isinstance(app.screen, SearchScreen), "the search box")
+        app.screen.query_one(Input).value = "lunch"
+        await pilot.press("enter")
+        await until(pilot, lambda: len(app.screen.query(SearchHit)) == 1, "one hit")
+        assert "bob" in app.screen.query_one(SearchHit).plain_line
+        await pilot.press("enter")
+        await until(pilot, lambda: app.selected == q["message_id"], "the hit selected")
+        assert app.open_key == contact_key("bob")
+
+    run_app(alice, body)

@@ -12,7 +12,8 @@ from pathlib import Path
 CHAT = Path(__file__).resolve().parents[2] / "aegis_cli" / "chat"
 HEAVY = ("cryptography", "nacl", "sqlcipher3", "sqlite3", "aiohttp", "aiortc", "argon2")
 STDLIB_USED = {
-    "__future__", "asyncio", "contextlib", "dataclasses", "os", "pathlib", "time", "typing",
+    "__future__", "asyncio", "collections", "contextlib", "dataclasses", "os", "pathlib",
+    "signal", "time", "typing",
 }  # fmt: skip
 
 
