@@ -39,6 +39,7 @@ from aegisd.store.db import Store
 from aegisd.transport.network import ProxyUrlError, check_proxy_url
 
 from .contacts import SETTING_NAME
+from .disappearing import MAX_SKEW_MS
 from .groups_state import JOINING_KEY, stored_invitation
 from .inbox import clean_name
 from .mailbox import ContactState, OwnedMailbox
@@ -394,7 +395,8 @@ class Backups:
                     if (isinstance(t, list) and len(t) == 3
                             and all(type(v) is int for v in t) and 0 <= t[0] < len(cids)
                             and wire.timer_ok(t[1]) and 0 <= t[2] < 2**63):
-                        store.set_timer(cids[t[0]], t[1], t[2])
+                        # A stamp far ahead would beat every later change (§27.2).
+                        store.set_timer(cids[t[0]], t[1], min(t[2], _ms() + MAX_SKEW_MS))
                 _groups_in(store, contents.groups, logs, cids)
                 store.set_setting(SETTING_PENDING, True)
                 m.ctx.events.emit(

@@ -11,6 +11,7 @@ while the daemon was stopped or locked are met at the next unlock. Groups: not y
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from typing import TYPE_CHECKING, Any, Protocol
@@ -34,6 +35,14 @@ SETTING_DEFAULT = "messages.disappearing_default"
 #: not wake the loop is met at most this late).
 MAX_WAIT_S = 60.0
 E_NOT_READY = 1024
+#: How far ahead of our clock a contact's changed_at may be (§27.2): later ones are dropped,
+#: so a contact cannot stamp a change no later change of ours could beat.
+MAX_SKEW_MS = 86_400_000
+#: The largest changed_at stored or sent (a u64 on the wire, a signed 64-bit integer in SQLite).
+STAMP_MAX = 2**63 - 1
+#: Visible changes (a history line's new value, an event) per contact per hour; beyond, a
+#: received change is still applied and its line rewritten, but no event is emitted (§27.2).
+VISIBLE_PER_HOUR = 10
 
 _UNITS = ((7 * 86_400, "week"), (86_400, "day"), (3600, "hour"), (60, "minute"), (1, "second"))
 
@@ -95,6 +104,8 @@ class Disappearing:
     def __init__(self, host: DisappearingHost) -> None:
         self.m = host
         self._wake = asyncio.Event()
+        # contact id -> times (ms) of its recent visible changes, for VISIBLE_PER_HOUR.
+        self._recent: dict[int, collections.deque[int]] = {}
 
     def wake(self) -> None:
         """A new deadline may be sooner than the one the loop sleeps towards."""
@@ -129,7 +140,11 @@ class Disappearing:
     def _announce(self, c: Contact, session: Session, seconds: int) -> None:
         # Our change must win at the peer as it wins here: later than the change in force,
         # even if the peer's clock (which stamped that one) runs ahead of ours.
-        changed_at = max(_ms(), self.m.store.get_timer(c.id)[1] + 1)
+        # A stamp in force beyond MAX_SKEW_MS (stored before that bound) is not followed:
+        # own stamps stay near our clock, far below STAMP_MAX.
+        now = _ms()
+        in_force = min(self.m.store.get_timer(c.id)[1], now + MAX_SKEW_MS)
+        changed_at = min(max(now, in_force + 1), STAMP_MAX)
         self.m.delivery.enqueue([Recipient(c, session)], wire.TimerPayload(changed_at, seconds),
                                 delay=self.m.delivery.send_jitter())  # fmt: skip
         self._record(c, seconds, changed_at, by_peer=False)
@@ -137,22 +152,41 @@ class Disappearing:
     def on_payload(self, c: Contact, p: wire.TimerPayload) -> None:
         """The peer's change (inside the receive's transaction). The later change wins; at
         equal times the larger value; an equal pair changes nothing (§27)."""
+        now = _ms()
+        if p.changed_at_ms > now + MAX_SKEW_MS:
+            droplog.dropped("dropped a timer change stamped more than a day ahead")
+            return
         seconds, changed_at = self.m.store.get_timer(c.id)
         if not wins((p.changed_at_ms, p.seconds), (changed_at, seconds)):
             return
-        self._record(c, p.seconds, p.changed_at_ms, by_peer=True)
+        if p.seconds == seconds:  # only the stamp moves: nothing to show
+            self.m.store.set_timer(c.id, seconds, p.changed_at_ms)
+            return
+        recent = self._recent.setdefault(c.id, collections.deque())
+        while recent and recent[0] <= now - 3_600_000:
+            recent.popleft()
+        visible = len(recent) < VISIBLE_PER_HOUR
+        if visible:
+            recent.append(now)
+        else:
+            droplog.dropped("a contact's timer changes past the hourly limit: no event")
+        self._record(c, p.seconds, p.changed_at_ms, by_peer=True, emit=visible)
 
-    def _record(self, c: Contact, seconds: int, changed_at: int, *, by_peer: bool) -> None:
+    def _record(
+        self, c: Contact, seconds: int, changed_at: int, *, by_peer: bool, emit: bool = True
+    ) -> None:
         store = self.m.store
         store.set_timer(c.id, seconds, changed_at)
-        direction = "in" if by_peer else "out"
-        msg = store.add_message(c.id, direction, f"[timer] {label(seconds)}",
-                                status="read" if by_peer else "delivered",
-                                timer_change=seconds)  # fmt: skip
-        self.m.ctx.events.emit("conversation.timer", {
-            "contact": c.name, "seconds": seconds, "by": "contact" if by_peer else "self",
-            "message_id": msg.id,
-        })  # fmt: skip
+        direction, body = ("in" if by_peer else "out"), f"[timer] {label(seconds)}"
+        status = "read" if by_peer else "delivered"
+        msg = store.merge_timer_line(c.id, direction, body, status, seconds)
+        if msg is None:
+            msg = store.add_message(c.id, direction, body, status=status, timer_change=seconds)
+        if emit:
+            self.m.ctx.events.emit("conversation.timer", {
+                "contact": c.name, "seconds": seconds, "by": "contact" if by_peer else "self",
+                "message_id": msg.id,
+            })  # fmt: skip
 
     # --- erasure --------------------------------------------------------------------------
 

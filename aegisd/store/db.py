@@ -468,6 +468,28 @@ class Store:
         assert msg is not None
         return msg
 
+    def merge_timer_line(
+        self, contact_id: int, direction: str, body: str, status: str, seconds: int
+    ) -> Message | None:
+        """The conversation's last message, if it is a timer line, rewritten to record this
+        change instead (consecutive changes with no message between them make one line,
+        §27.2: a contact changing the timer over and over cannot fill the history); None if
+        the last message is not a timer line."""
+        with self.transaction():
+            row = self._q(
+                "SELECT id, timer_change FROM messages WHERE contact_id = ? "
+                "ORDER BY seq DESC LIMIT 1", (contact_id,),
+            ).fetchone()  # fmt: skip
+            if row is None or row[1] is None:
+                return None
+            now = self._clock()
+            self._q(
+                "UPDATE messages SET direction = ?, body = ?, status = ?, timer_change = ?, "
+                "created_at = ?, status_at = ? WHERE id = ?",
+                (direction, body, status, seconds, now, now, row[0]),
+            )
+            return self.get_message(str(row[0]))
+
     def get_message(self, message_id: str) -> Message | None:
         row = self._q(
             _MESSAGE_SELECT

@@ -326,3 +326,41 @@ def test_a_quote_goes_with_the_message_it_quotes(peers: Callable[[str], Peer]) -
     bob.stop()
     assert b"quotable secret" not in plain_pages(alice)
     assert b"quotable secret" not in plain_pages(bob)
+
+
+def test_a_hostile_contact_can_neither_lock_nor_flood_the_timer(
+    peers: Callable[[str], Peer], relay_proc: Any
+) -> None:
+    from aegisd.core import wire
+    from tests.support.hostile import hostile
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.stop()
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    now = time.time_ns() // 1_000_000
+    with hostile(alice.home, "bob") as h:
+        # The largest stamp: it would beat every later change, and overflow ours.
+        blocks = h.payload_blocks(wire.TimerPayload(2**63 - 1, 1))
+        blocks += h.payload_blocks(wire.TimerPayload(now + 86_400_000 + 60_000, 1))
+        # 30 changes of value in a row, then 20 of the stamp alone.
+        for i in range(30):
+            blocks += h.payload_blocks(wire.TimerPayload(now + i, 3600 if i % 2 else 60))
+        for i in range(20):
+            blocks += h.payload_blocks(wire.TimerPayload(now + 100 + i, 3600))
+        blocks += h.payload_blocks(
+            wire.TextPayload(os.urandom(wire.MESSAGE_ID_LEN), now, "after the timers"))
+        h.deposit(url, blocks)
+    bob.wait_for(lambda: any(m["text"] == "after the timers" for m in history(bob, "alice")),
+                 "the text after the timers")  # fmt: skip
+    assert timer_of(bob, "alice") == 3600
+    # One line for the 30 changes (nothing between them), ten events (the hourly limit), none
+    # for a stamp alone or the refused stamps.
+    lines = [m for m in history(bob, "alice") if "timer_change" in m]
+    assert [(m["direction"], m["timer_change"]) for m in lines] == [("in", 3600)]
+    assert len(bob.events(types=["conversation.timer"])) == 10
+    # Our own change still wins and is stamped near our clock (no overflow).
+    got = bob.call("conversations.set_timer", {"contact": "alice", "seconds": 0})
+    assert got["seconds"] == 0
+    assert got["changed_at"] < time.time_ns() // 1_000_000 + 60_000
+    assert [m["timer_change"] for m in history(bob, "alice") if "timer_change" in m] == [3600, 0]
