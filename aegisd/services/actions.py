@@ -255,7 +255,7 @@ class Actions:
         self.m.ctx.events.emit(
             "message.received",
             {"message_id": mid, "contact": c.name, "text": p.text, "sent_at": p.sent_at_ms,
-             "reply_to": p.quoted_id.hex()},
+             "reply_to": p.quoted_id.hex(), "timer": self.m.store.get_timer(c.id)[0]},
         )  # fmt: skip
         self.m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED, [p.message_id])
         self.on_text(c, mid)

@@ -364,3 +364,17 @@ def test_a_hostile_contact_can_neither_lock_nor_flood_the_timer(
     assert got["seconds"] == 0
     assert got["changed_at"] < time.time_ns() // 1_000_000 + 60_000
     assert [m["timer_change"] for m in history(bob, "alice") if "timer_change" in m] == [3600, 0]
+
+
+def test_an_own_reply_wakes_the_erasure(peers: Callable[[str], Peer]) -> None:
+    """A reply's deadline is met when due, not at the erasure loop's next look (up to 60 s
+    later: the loop sleeps that long when no deadline runs)."""
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    mid = alice.call("messages.send", {"contact": "bob", "text": "untimed"})["message_id"]
+    bob.wait_for(lambda: message(bob, "alice", mid), "the text")
+    bob.call("conversations.set_timer", {"contact": "alice", "seconds": 1})
+    rid = bob.call("messages.reply", {"contact": "alice", "message_id": mid,
+                                      "text": "a timed reply"})["message_id"]  # fmt: skip
+    assert message(bob, "alice", rid) is not None
+    bob.wait_for(lambda: message(bob, "alice", rid) is None, "the reply's erasure", timeout=20)
