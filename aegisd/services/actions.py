@@ -31,6 +31,7 @@ from aegisd.store.db import Contact, Message
 
 from .context import ServiceContext
 from .delivery import Delivery, Recipient
+from .disappearing import erased
 
 #: How long after a message an edit of it is taken: the recipient checks it against its own
 #: receipt time of the message, the sender against its sending time (stricter). Like Signal's
@@ -211,6 +212,8 @@ class Actions:
             return
         target_id = p.target_id.hex()
         target = self.m.store.get_message(target_id)
+        if target is None and erased(self.m.store, c.id, target_id):
+            return  # erased at its deadline (§27.4): nothing to hold it for
         if target is None:
             # Maybe its message is still on the way (§26.5): held, bounded, applied when it comes.
             dropped = actions_store.hold(

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aegisd import droplog
@@ -43,6 +44,27 @@ STAMP_MAX = 2**63 - 1
 #: Visible changes (a history line's new value, an event) per contact per hour; beyond, a
 #: received change is still applied and its line rewritten, but no event is emitted (§27.2).
 VISIBLE_PER_HOUR = 10
+
+#: Erased ids kept per contact: an action (edit, reaction, deletion) arriving for one later is
+#: dropped, not held for its message (a held edit keeps its new text for a day, §26.5).
+ERASED_KEPT = 256
+_erased: weakref.WeakKeyDictionary[Store, dict[int, collections.OrderedDict[str, None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def erased(store: Store, contact_id: int, message_id: str) -> bool:
+    """Whether ``message_id`` of this contact was erased at its deadline since the store was
+    opened (the last ERASED_KEPT of the contact's)."""
+    return message_id in _erased.get(store, {}).get(contact_id, {})
+
+
+def _note_erased(store: Store, contact_id: int, message_id: str) -> None:
+    ids = _erased.setdefault(store, {}).setdefault(contact_id, collections.OrderedDict())
+    ids[message_id] = None
+    while len(ids) > ERASED_KEPT:
+        ids.popitem(last=False)
+
 
 _UNITS = ((7 * 86_400, "week"), (86_400, "day"), (3600, "hour"), (60, "minute"), (1, "second"))
 
@@ -225,6 +247,9 @@ class Disappearing:
                         # Replies keep a copy of the text they quote (actions.py): a
                         # quote must not outlive the message it quotes past its deadline.
                         actions_db.forget_quotes(self.m.store, msg.id, msg.contact_id)
+                        # Actions held for it (their text too) and any arriving later.
+                        actions_db.take_pending(self.m.store, msg.contact_id, msg.id)
+                        _note_erased(self.m.store, msg.contact_id, msg.id)
                         if self.m.store.delete_message(msg.id):
                             self.m.ctx.events.emit("message.expired", {
                                 "message_id": msg.id, "contact": c.name if c else None,

@@ -378,3 +378,38 @@ def test_an_own_reply_wakes_the_erasure(peers: Callable[[str], Peer]) -> None:
                                       "text": "a timed reply"})["message_id"]  # fmt: skip
     assert message(bob, "alice", rid) is not None
     bob.wait_for(lambda: message(bob, "alice", rid) is None, "the reply's erasure", timeout=20)
+
+
+def test_an_action_for_an_erased_message_is_not_held(
+    peers: Callable[[str], Peer], relay_proc: Any
+) -> None:
+    """An edit arriving after its message was erased is dropped, not held for a day with its
+    new text (docs/protocol.md §26.5, §27.4)."""
+    from aegisd.core import wire
+    from tests.functional.test_message_actions import offline_store
+    from tests.support.hostile import hostile
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.call("conversations.set_timer", {"contact": "bob", "seconds": 1})
+    bob.wait_for(lambda: timer_of(bob, "alice") == 1, "the timer")
+    mid = alice.call("messages.send", {"contact": "bob", "text": "short-lived"})["message_id"]
+    bob.wait_for(lambda: message(bob, "alice", mid), "the timed text")
+    bob.call("messages.mark_read", {"contact": "alice"})
+    bob.wait_for(lambda: message(bob, "alice", mid) is None, "the erasure")
+    alice.stop()
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    now = time.time_ns() // 1_000_000
+    with hostile(alice.home, "bob") as h:
+        blocks = h.payload_blocks(wire.EditPayload(bytes.fromhex(mid), now, "late new text"))
+        blocks += h.payload_blocks(wire.ReactionPayload(bytes.fromhex(mid), "🎉"))
+        blocks += h.payload_blocks(
+            wire.TextPayload(os.urandom(wire.MESSAGE_ID_LEN), now, "after the edit"))
+        h.deposit(url, blocks)
+    bob.wait_for(lambda: any(m["text"] == "after the edit" for m in history(bob, "alice")),
+                 "the text after the edit")  # fmt: skip
+    s = offline_store(bob)
+    try:
+        assert s._q("SELECT count(*) FROM pending_actions").fetchone()[0] == 0
+    finally:
+        s.close()
