@@ -36,6 +36,7 @@ SETTING_DEFAULT = "messages.disappearing_default"
 #: not wake the loop is met at most this late).
 MAX_WAIT_S = 60.0
 E_NOT_READY = 1024
+CHECKPOINT_TRIES = 5
 #: How far ahead of our clock a contact's changed_at may be (§27.2): later ones are dropped,
 #: so a contact cannot stamp a change no later change of ours could beat.
 MAX_SKEW_MS = 86_400_000
@@ -126,6 +127,7 @@ class Disappearing:
     def __init__(self, host: DisappearingHost) -> None:
         self.m = host
         self._wake = asyncio.Event()
+        self._checkpoint_due = True
         # contact id -> times (ms) of its recent visible changes, for VISIBLE_PER_HOUR.
         self._recent: dict[int, collections.deque[int]] = {}
 
@@ -214,18 +216,35 @@ class Disappearing:
 
     async def run(self) -> None:
         """Erase what is due, then sleep until the next deadline (or a wake, or MAX_WAIT_S)."""
+        # The first pass checkpoints whatever it erases: an erasure committed before a crash
+        # (kill -9 before its checkpoint) left the erased page's old copy in the file.
+        self._checkpoint_due = True
         while True:
             nxt = None
             self._wake.clear()  # before looking: a wake from now on is not lost
             try:
                 if self.m.ctx.store is not None:
                     await self.expire_due()
+                    if self._checkpoint_due:
+                        self._checkpoint_due = not await self._checkpoint()
                     nxt = self.m.store.next_expiry()
             except Exception as exc:  # a bug: report it, try again later, never stop erasing
                 droplog.dropped(f"disappearing messages: erasure failed: {type(exc).__name__}")
             wait = MAX_WAIT_S if nxt is None else min(MAX_WAIT_S, max(0.0, (nxt - _ms()) / 1000))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
+
+    async def _checkpoint(self) -> bool:
+        """The WAL checkpoint after erasures, tried a few times if busy (a reader); if it still
+        cannot finish, the loop's next pass tries again."""
+        for attempt in range(CHECKPOINT_TRIES):
+            if attempt:
+                await asyncio.sleep(0.2)
+            async with self.m.lock:
+                if self.m.store.checkpoint():
+                    return True
+        droplog.dropped("disappearing messages: the WAL checkpoint stayed busy")
+        return False
 
     async def expire_due(self) -> int:
         """Erase every message whose deadline passed; returns how many went."""
@@ -234,7 +253,7 @@ class Disappearing:
             due = self.m.store.expired_messages(_ms(), limit=100)
             if not due:
                 if done:
-                    self.m.store.checkpoint()
+                    self._checkpoint_due = True  # run() checkpoints after this pass
                 return done
             for msg in due:
                 if att_db.get(self.m.store, msg.id) is not None:

@@ -590,13 +590,19 @@ class Store:
         row = self._q("SELECT min(expires_at) FROM messages").fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> bool:
         """Copy the WAL into the database file and empty it: after an erasure, the earlier
-        versions of the erased pages (with their text) must not live on in the WAL."""
+        versions of the erased pages (with their text) must not live on in the WAL, nor the
+        erased page's old copy in the file. False if it could not finish (busy: a reader or
+        writer held it back; the caller tries again)."""
         if self._db is None:
             raise StoreError("the store is closed")
-        with contextlib.suppress(sqlcipher3.Error):  # busy (a reader): the next erasure's
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        try:
+            row = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlcipher3.Error:
+            return False
+        # (busy, frames in the WAL, frames copied): busy 1 means it did not run to the end.
+        return row is None or int(row[0]) == 0
 
     def get_timer(self, contact_id: int) -> tuple[int, int]:
         """A conversation's disappearing timer: (seconds, 0 off; the sender's time of its last

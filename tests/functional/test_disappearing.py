@@ -413,3 +413,39 @@ def test_an_action_for_an_erased_message_is_not_held(
         assert s._q("SELECT count(*) FROM pending_actions").fetchone()[0] == 0
     finally:
         s.close()
+
+
+_KILLED_ERASURE = """
+import os, sys
+from pathlib import Path
+from aegisd.store.db import Store
+from aegisd.store.keyring import Keyring
+home = Path(sys.argv[1])
+s = Store.open(home / "aegis.db", Keyring.load(home / "keyring.json").unlock(None))
+# An erasure of what the search index does not hold (an event's text; a message's own
+# deletion marks the index for a rebuild, whose checkpoint at the next open would hide this).
+mid = "ab" * 16
+s.append_event("message.received", {"message_id": mid, "text": "killed before its checkpoint"})
+s.checkpoint()  # the text is in the database file
+with s.transaction():
+    s._forget_events(mid)  # the erasure commits (zeroed pages in the WAL), then kill -9
+os._exit(0)
+"""
+
+
+def test_an_erasure_killed_before_its_checkpoint_is_checkpointed_at_unlock(
+    peers: Callable[[str], Peer],
+) -> None:
+    import subprocess
+    import sys
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.stop()
+    subprocess.run([sys.executable, "-c", _KILLED_ERASURE, str(alice.home)], check=True,
+                   env={**os.environ, "PYTHONPATH": os.getcwd()})  # fmt: skip
+    db, needle = alice.home / "aegis.db", b"killed before its checkpoint"
+    assert sqlcipher_pages.holds(db, _key(alice), needle)  # the old page, in the file
+    alice.start()
+    alice.wait_for(lambda: not sqlcipher_pages.holds(db, _key(alice), needle),
+                   "the checkpoint at unlock")  # fmt: skip
