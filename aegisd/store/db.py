@@ -710,6 +710,18 @@ class Store:
                 ids.append(int(cur.lastrowid))
         return ids
 
+    def last_not_before(self, contact_id: int, destination: bytes, below: int) -> int:
+        """The latest not_before (under ``below``: the outbox's sentinels) of the blocks queued
+        to this contact and destination and not tried yet, 0 if none: a later block is due
+        no earlier, so a contact receives payloads in the order they were queued (a timer
+        change before the texts sent under it, §27.3)."""
+        row = self._q(
+            "SELECT max(not_before) FROM outbox WHERE contact_id = ? AND destination = ? "
+            "AND attempts = 0 AND not_before < ?",
+            (contact_id, bytes(destination), below),
+        ).fetchone()
+        return 0 if row is None or row[0] is None else int(row[0])
+
     def pending_blocks(self, *, now: int | None = None, limit: int = 100) -> list[OutboxItem]:
         """Blocks due for deposit (not_before <= now), oldest first."""
         rows = self._q(

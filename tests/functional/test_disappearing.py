@@ -449,3 +449,19 @@ def test_an_erasure_killed_before_its_checkpoint_is_checkpointed_at_unlock(
     alice.start()
     alice.wait_for(lambda: not sqlcipher_pages.holds(db, _key(alice), needle),
                    "the checkpoint at unlock")  # fmt: skip
+
+
+def test_texts_sent_after_a_timer_change_arrive_after_it_despite_send_jitter(
+    peers: Callable[[str], Peer],
+) -> None:
+    """With send jitter each block draws its own delay; blocks to one contact still leave in
+    the order they were queued, so texts sent right after a timer change carry it at the
+    recipient too (docs/protocol.md §27.3)."""
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.call("settings.set", {"send_jitter_max": 2})
+    alice.call("conversations.set_timer", {"contact": "bob", "seconds": 3600})
+    mids = [alice.call("messages.send", {"contact": "bob", "text": f"text {i}"})["message_id"]
+            for i in range(5)]  # fmt: skip
+    bob.wait_for(lambda: all(message(bob, "alice", m) for m in mids), "the texts", timeout=30)
+    assert [message(bob, "alice", m)["timer"] for m in mids] == [3600] * 5  # type: ignore[index]
