@@ -465,3 +465,39 @@ def test_texts_sent_after_a_timer_change_arrive_after_it_despite_send_jitter(
             for i in range(5)]  # fmt: skip
     bob.wait_for(lambda: all(message(bob, "alice", m) for m in mids), "the texts", timeout=30)
     assert [message(bob, "alice", m)["timer"] for m in mids] == [3600] * 5  # type: ignore[index]
+
+
+def test_a_backup_carries_every_timer_and_no_stamp_far_ahead(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    """Timers past one backup setting's 4096 bytes go in further settings, none left out;
+    a stamp far ahead in a (hostile) backup is brought down to a day ahead (§27.2)."""
+    from tests.functional.test_backup import CHEAP, PASS
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.stop()
+    s = Store.open(alice.home / "aegis.db", _key(alice))
+    try:  # 300 blocked copies of bob (blocked: no renewal after the import), each timed
+        c = s.contact_by_name("bob")
+        assert c is not None
+        now = time.time_ns() // 1_000_000
+        s.set_timer(c.id, 60, 2**63 - 1)
+        for i in range(300):
+            made = s.add_contact(f"copy{i}", identity_key=c.identity_key, state=c.state)
+            with s.transaction():
+                s._q("UPDATE contacts SET blocked = 1 WHERE id = ?", (made.id,))
+            s.set_timer(made.id, 61 + i, now + i)
+    finally:
+        s.close()
+    alice.start()
+    path = tmp_short / "alice.aegisbackup"
+    alice.call("backup.export", {"path": str(path), "passphrase": PASS, **CHEAP})
+    alice.stop()
+    new = peers("alice2")
+    new.wait_connected()
+    new.call("backup.import", {"path": str(path), "passphrase": PASS})
+    assert [timer_of(new, f"copy{i}") for i in range(300)] == [61 + i for i in range(300)]
+    got = new.call("conversations.get_timer", {"contact": "bob"})
+    assert got["seconds"] == 60
+    assert got["changed_at"] <= time.time_ns() // 1_000_000 + 86_400_000
