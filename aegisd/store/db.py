@@ -471,22 +471,22 @@ class Store:
     def merge_timer_line(
         self, contact_id: int, direction: str, body: str, status: str, seconds: int
     ) -> Message | None:
-        """The conversation's last message, if it is a timer line, rewritten to record this
-        change instead (consecutive changes with no message between them make one line,
-        §27.2: a contact changing the timer over and over cannot fill the history); None if
-        the last message is not a timer line."""
+        """The conversation's last message, if it is a timer line of the same side, rewritten
+        to record this change instead (consecutive changes by one side with no message between
+        them make one line, §27.2: a contact changing the timer over and over cannot fill the
+        history); None if the last message is not such a line."""
         with self.transaction():
             row = self._q(
-                "SELECT id, timer_change FROM messages WHERE contact_id = ? "
+                "SELECT id, timer_change, direction FROM messages WHERE contact_id = ? "
                 "ORDER BY seq DESC LIMIT 1", (contact_id,),
             ).fetchone()  # fmt: skip
-            if row is None or row[1] is None:
+            if row is None or row[1] is None or row[2] != direction:
                 return None
             now = self._clock()
             self._q(
-                "UPDATE messages SET direction = ?, body = ?, status = ?, timer_change = ?, "
+                "UPDATE messages SET body = ?, status = ?, timer_change = ?, "
                 "created_at = ?, status_at = ? WHERE id = ?",
-                (direction, body, status, seconds, now, now, row[0]),
+                (body, status, seconds, now, now, row[0]),
             )
             return self.get_message(str(row[0]))
 
