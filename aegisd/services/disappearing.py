@@ -266,8 +266,11 @@ class Disappearing:
                         # Replies keep a copy of the text they quote (actions.py): a
                         # quote must not outlive the message it quotes past its deadline.
                         actions_db.forget_quotes(self.m.store, msg.id, msg.contact_id)
-                        # Actions held for it (their text too) and any arriving later.
-                        actions_db.take_pending(self.m.store, msg.contact_id, msg.id)
+                        # Actions held for it (an edit's text too) and any arriving later.
+                        self.m.store._q(
+                            "DELETE FROM pending_actions WHERE contact_id = ? AND target = ?",
+                            (msg.contact_id, msg.id),
+                        )
                         _note_erased(self.m.store, msg.contact_id, msg.id)
                         if self.m.store.delete_message(msg.id):
                             self.m.ctx.events.emit("message.expired", {
