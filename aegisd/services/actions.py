@@ -31,6 +31,7 @@ from aegisd.store.db import Contact, Message
 
 from .context import ServiceContext
 from .delivery import Delivery, Recipient
+from .disappearing import erased
 
 #: How long after a message an edit of it is taken: the recipient checks it against its own
 #: receipt time of the message, the sender against its sending time (stricter). Like Signal's
@@ -220,6 +221,8 @@ class Actions:
             return
         target_id = p.target_id.hex()
         target = self.m.store.get_message(target_id)
+        if target is None and erased(self.m.store, c.id, target_id):
+            return  # erased at its deadline (§27.4): nothing to hold it for
         if target is None:
             # Maybe its message is still on the way (§26.5): held, bounded, applied when it comes.
             dropped = actions_store.hold(
@@ -265,7 +268,7 @@ class Actions:
         self.m.ctx.events.emit(
             "message.received",
             {"message_id": mid, "contact": c.name, "text": p.text, "sent_at": p.sent_at_ms,
-             "reply_to": p.quoted_id.hex()},
+             "reply_to": p.quoted_id.hex(), "timer": self.m.store.get_timer(c.id)[0]},
         )  # fmt: skip
         self.m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED, [p.message_id])
         self.on_text(c, mid)

@@ -184,7 +184,9 @@ def register(registry: Registry, m: Messenger) -> None:
     async def messages_reply(
         ctx: CallContext, contact: str, message_id: str, text: str
     ) -> dict[str, Any]:
-        return await m.actions.reply(contact, message_id, text)
+        result = await m.actions.reply(contact, message_id, text)
+        m.disappearing.wake()  # its deadline, if the conversation has a timer
+        return result
 
     @method("messages.react")
     async def messages_react(ctx: CallContext, message_id: str, emoji: str) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from aegisd.store.db import Store
 from aegisd.transport.network import ProxyUrlError, check_proxy_url
 
 from .contacts import SETTING_NAME
+from .disappearing import MAX_SKEW_MS
 from .groups_state import JOINING_KEY, stored_invitation
 from .inbox import clean_name
 from .mailbox import ContactState, OwnedMailbox
@@ -76,6 +77,34 @@ RESTORABLE: dict[str, tuple[type, ...]] = {
     SETTING_TIMERS: (list,),
 }
 MAX_FILE_BYTES = 4 << 30
+
+
+def _timers_name(i: int) -> str:
+    """The setting carrying the i-th part of the timers: SETTING_TIMERS, then
+    SETTING_TIMERS.1, .2, ... (docs/backup.md)."""
+    return SETTING_TIMERS if i == 0 else f"{SETTING_TIMERS}.{i}"
+
+
+def _is_timers_name(name: str) -> bool:
+    tail = name.removeprefix(SETTING_TIMERS + ".")
+    return tail != name and tail.isdigit() and tail[0] != "0" and len(tail) <= 3
+
+
+def _timer_chunks(timers: list[list[int]]) -> list[str]:
+    """The timers as JSON lists of at most MAX_SETTING_VALUE bytes each: none is left out."""
+    chunks: list[str] = []
+    part: list[str] = []
+    size = 2  # "[]"
+    for t in timers:
+        item = json.dumps(t)
+        if part and size + 2 + len(item) > fmt.MAX_SETTING_VALUE:  # ", " before it
+            chunks.append("[" + ", ".join(part) + "]")
+            part, size = [], 2
+        size += len(item) + (2 if part else 0)
+        part.append(item)
+    if part:
+        chunks.append("[" + ", ".join(part) + "]")
+    return chunks
 
 
 def _ms() -> int:
@@ -189,9 +218,12 @@ class Backups:
                 )
             )
         timers = [[index[cid], *store.get_timer(cid)] for cid in index]
-        timers = [t for t in timers if t[1]]
-        if timers and len(json.dumps(timers)) <= fmt.MAX_SETTING_VALUE:
-            settings.append((SETTING_TIMERS, json.dumps(timers)))
+        chunks = _timer_chunks([t for t in timers if t[1]])
+        if len(settings) + len(chunks) > fmt.MAX_SETTINGS:  # ~30,000 timed conversations
+            raise AppError(E.TOO_LARGE, "too_large",
+                           "too many conversations with a disappearing timer for one backup")
+        for i, chunk in enumerate(chunks):
+            settings.append((_timers_name(i), chunk))
         contents = fmt.BackupContents(
             _ms(),
             ed_priv,
@@ -304,10 +336,13 @@ class Backups:
                 E_NOT_A_BACKUP, "not_a_backup", "the backup's contents are malformed"
             ) from None
         settings: dict[str, Any] = {}
+        timer_chunks: list[list[Any]] = []  # the timers' second and later settings
         for name, value in contents.settings:
             parsed = json.loads(value)
             if name in RESTORABLE and isinstance(parsed, RESTORABLE[name]):
                 settings[name] = parsed
+            elif _is_timers_name(name) and isinstance(parsed, list):
+                timer_chunks.append(parsed)
         if "network.proxy" in settings:
             try:  # a proxy URL the daemon would refuse is not carried over
                 settings["network.proxy"] = check_proxy_url(settings["network.proxy"])
@@ -340,7 +375,9 @@ class Backups:
                     )
                 store._q("DELETE FROM outbox")
                 store.set_setting(SETTING_NAME, clean_name(contents.display_name, ""))
-                timers = settings.pop(SETTING_TIMERS, [])
+                timers = settings.pop(SETTING_TIMERS, []) + [
+                    t for chunk in timer_chunks for t in chunk
+                ]
                 for name, value in settings.items():
                     store.set_setting(name, value)
                 for mb in contents.mailboxes:
@@ -394,7 +431,8 @@ class Backups:
                     if (isinstance(t, list) and len(t) == 3
                             and all(type(v) is int for v in t) and 0 <= t[0] < len(cids)
                             and wire.timer_ok(t[1]) and 0 <= t[2] < 2**63):
-                        store.set_timer(cids[t[0]], t[1], t[2])
+                        # A stamp far ahead would beat every later change (§27.2).
+                        store.set_timer(cids[t[0]], t[1], min(t[2], _ms() + MAX_SKEW_MS))
                 _groups_in(store, contents.groups, logs, cids)
                 store.set_setting(SETTING_PENDING, True)
                 m.ctx.events.emit(

@@ -217,7 +217,11 @@ class Delivery:
                 destination = address_to_bytes(state.send_to)
                 # Each copy's own draw: the fan-out's deposits are spread, not shifted together.
                 own = int(_RNG.uniform(0.0, spread) * 1000) if spread > 0 else 0
-                not_before = SLOT_WAIT if slot else due + own
+                # Never before a block queued earlier to this contact (send jitter draws
+                # differ): the peer gets payloads in order (a timer before its texts, §27.3).
+                not_before = SLOT_WAIT if slot else max(
+                    due + own, store.last_not_before(r.contact.id, destination, SLOT_WAIT)
+                )
             store.enqueue_blocks(destination, blocks, message_id=message_id,
                                  contact_id=r.contact.id, not_before=not_before)  # fmt: skip
 

@@ -11,8 +11,10 @@ while the daemon was stopped or locked are met at the next unlock. Groups: not y
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aegisd import droplog
@@ -34,6 +36,36 @@ SETTING_DEFAULT = "messages.disappearing_default"
 #: not wake the loop is met at most this late).
 MAX_WAIT_S = 60.0
 E_NOT_READY = 1024
+CHECKPOINT_TRIES = 5
+#: How far ahead of our clock a contact's changed_at may be (§27.2): later ones are dropped,
+#: so a contact cannot stamp a change no later change of ours could beat.
+MAX_SKEW_MS = 86_400_000
+#: The largest changed_at stored or sent (a u64 on the wire, a signed 64-bit integer in SQLite).
+STAMP_MAX = 2**63 - 1
+#: Visible changes (a history line's new value, an event) per contact per hour; beyond, a
+#: received change is still applied and its line rewritten, but no event is emitted (§27.2).
+VISIBLE_PER_HOUR = 10
+
+#: Erased ids kept per contact: an action (edit, reaction, deletion) arriving for one later is
+#: dropped, not held for its message (a held edit keeps its new text for a day, §26.5).
+ERASED_KEPT = 256
+_erased: weakref.WeakKeyDictionary[Store, dict[int, collections.OrderedDict[str, None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def erased(store: Store, contact_id: int, message_id: str) -> bool:
+    """Whether ``message_id`` of this contact was erased at its deadline since the store was
+    opened (the last ERASED_KEPT of the contact's)."""
+    return message_id in _erased.get(store, {}).get(contact_id, {})
+
+
+def _note_erased(store: Store, contact_id: int, message_id: str) -> None:
+    ids = _erased.setdefault(store, {}).setdefault(contact_id, collections.OrderedDict())
+    ids[message_id] = None
+    while len(ids) > ERASED_KEPT:
+        ids.popitem(last=False)
+
 
 _UNITS = ((7 * 86_400, "week"), (86_400, "day"), (3600, "hour"), (60, "minute"), (1, "second"))
 
@@ -95,6 +127,9 @@ class Disappearing:
     def __init__(self, host: DisappearingHost) -> None:
         self.m = host
         self._wake = asyncio.Event()
+        self._checkpoint_due = True
+        # contact id -> times (ms) of its recent visible changes, for VISIBLE_PER_HOUR.
+        self._recent: dict[int, collections.deque[int]] = {}
 
     def wake(self) -> None:
         """A new deadline may be sooner than the one the loop sleeps towards."""
@@ -129,7 +164,11 @@ class Disappearing:
     def _announce(self, c: Contact, session: Session, seconds: int) -> None:
         # Our change must win at the peer as it wins here: later than the change in force,
         # even if the peer's clock (which stamped that one) runs ahead of ours.
-        changed_at = max(_ms(), self.m.store.get_timer(c.id)[1] + 1)
+        # A stamp in force beyond MAX_SKEW_MS (stored before that bound) is not followed:
+        # own stamps stay near our clock, far below STAMP_MAX.
+        now = _ms()
+        in_force = min(self.m.store.get_timer(c.id)[1], now + MAX_SKEW_MS)
+        changed_at = min(max(now, in_force + 1), STAMP_MAX)
         self.m.delivery.enqueue([Recipient(c, session)], wire.TimerPayload(changed_at, seconds),
                                 delay=self.m.delivery.send_jitter())  # fmt: skip
         self._record(c, seconds, changed_at, by_peer=False)
@@ -137,39 +176,75 @@ class Disappearing:
     def on_payload(self, c: Contact, p: wire.TimerPayload) -> None:
         """The peer's change (inside the receive's transaction). The later change wins; at
         equal times the larger value; an equal pair changes nothing (§27)."""
+        now = _ms()
+        if p.changed_at_ms > now + MAX_SKEW_MS:
+            droplog.dropped("dropped a timer change stamped more than a day ahead")
+            return
         seconds, changed_at = self.m.store.get_timer(c.id)
         if not wins((p.changed_at_ms, p.seconds), (changed_at, seconds)):
             return
-        self._record(c, p.seconds, p.changed_at_ms, by_peer=True)
+        if p.seconds == seconds:  # only the stamp moves: nothing to show
+            self.m.store.set_timer(c.id, seconds, p.changed_at_ms)
+            return
+        recent = self._recent.setdefault(c.id, collections.deque())
+        while recent and recent[0] <= now - 3_600_000:
+            recent.popleft()
+        visible = len(recent) < VISIBLE_PER_HOUR
+        if visible:
+            recent.append(now)
+        else:
+            droplog.dropped("a contact's timer changes past the hourly limit: no event")
+        self._record(c, p.seconds, p.changed_at_ms, by_peer=True, emit=visible)
 
-    def _record(self, c: Contact, seconds: int, changed_at: int, *, by_peer: bool) -> None:
+    def _record(
+        self, c: Contact, seconds: int, changed_at: int, *, by_peer: bool, emit: bool = True
+    ) -> None:
         store = self.m.store
         store.set_timer(c.id, seconds, changed_at)
-        direction = "in" if by_peer else "out"
-        msg = store.add_message(c.id, direction, f"[timer] {label(seconds)}",
-                                status="read" if by_peer else "delivered",
-                                timer_change=seconds)  # fmt: skip
-        self.m.ctx.events.emit("conversation.timer", {
-            "contact": c.name, "seconds": seconds, "by": "contact" if by_peer else "self",
-            "message_id": msg.id,
-        })  # fmt: skip
+        direction, body = ("in" if by_peer else "out"), f"[timer] {label(seconds)}"
+        status = "read" if by_peer else "delivered"
+        msg = store.merge_timer_line(c.id, direction, body, status, seconds)
+        if msg is None:
+            msg = store.add_message(c.id, direction, body, status=status, timer_change=seconds)
+        if emit:
+            self.m.ctx.events.emit("conversation.timer", {
+                "contact": c.name, "seconds": seconds, "by": "contact" if by_peer else "self",
+                "message_id": msg.id,
+            })  # fmt: skip
 
     # --- erasure --------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Erase what is due, then sleep until the next deadline (or a wake, or MAX_WAIT_S)."""
+        # The first pass checkpoints whatever it erases: an erasure committed before a crash
+        # (kill -9 before its checkpoint) left the erased page's old copy in the file.
+        self._checkpoint_due = True
         while True:
             nxt = None
             self._wake.clear()  # before looking: a wake from now on is not lost
             try:
                 if self.m.ctx.store is not None:
                     await self.expire_due()
+                    if self._checkpoint_due:
+                        self._checkpoint_due = not await self._checkpoint()
                     nxt = self.m.store.next_expiry()
             except Exception as exc:  # a bug: report it, try again later, never stop erasing
                 droplog.dropped(f"disappearing messages: erasure failed: {type(exc).__name__}")
             wait = MAX_WAIT_S if nxt is None else min(MAX_WAIT_S, max(0.0, (nxt - _ms()) / 1000))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
+
+    async def _checkpoint(self) -> bool:
+        """The WAL checkpoint after erasures, tried a few times if busy (a reader); if it still
+        cannot finish, the loop's next pass tries again."""
+        for attempt in range(CHECKPOINT_TRIES):
+            if attempt:
+                await asyncio.sleep(0.2)
+            async with self.m.lock:
+                if self.m.store.checkpoint():
+                    return True
+        droplog.dropped("disappearing messages: the WAL checkpoint stayed busy")
+        return False
 
     async def expire_due(self) -> int:
         """Erase every message whose deadline passed; returns how many went."""
@@ -178,7 +253,7 @@ class Disappearing:
             due = self.m.store.expired_messages(_ms(), limit=100)
             if not due:
                 if done:
-                    self.m.store.checkpoint()
+                    self._checkpoint_due = True  # run() checkpoints after this pass
                 return done
             for msg in due:
                 if att_db.get(self.m.store, msg.id) is not None:
@@ -191,6 +266,12 @@ class Disappearing:
                         # Replies keep a copy of the text they quote (actions.py): a
                         # quote must not outlive the message it quotes past its deadline.
                         actions_db.forget_quotes(self.m.store, msg.id, msg.contact_id)
+                        # Actions held for it (an edit's text too) and any arriving later.
+                        self.m.store._q(
+                            "DELETE FROM pending_actions WHERE contact_id = ? AND target = ?",
+                            (msg.contact_id, msg.id),
+                        )
+                        _note_erased(self.m.store, msg.contact_id, msg.id)
                         if self.m.store.delete_message(msg.id):
                             self.m.ctx.events.emit("message.expired", {
                                 "message_id": msg.id, "contact": c.name if c else None,

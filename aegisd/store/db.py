@@ -468,6 +468,28 @@ class Store:
         assert msg is not None
         return msg
 
+    def merge_timer_line(
+        self, contact_id: int, direction: str, body: str, status: str, seconds: int
+    ) -> Message | None:
+        """The conversation's last message, if it is a timer line of the same side, rewritten
+        to record this change instead (consecutive changes by one side with no message between
+        them make one line, §27.2: a contact changing the timer over and over cannot fill the
+        history); None if the last message is not such a line."""
+        with self.transaction():
+            row = self._q(
+                "SELECT id, timer_change, direction FROM messages WHERE contact_id = ? "
+                "ORDER BY seq DESC LIMIT 1", (contact_id,),
+            ).fetchone()  # fmt: skip
+            if row is None or row[1] is None or row[2] != direction:
+                return None
+            now = self._clock()
+            self._q(
+                "UPDATE messages SET body = ?, status = ?, timer_change = ?, "
+                "created_at = ?, status_at = ? WHERE id = ?",
+                (body, status, seconds, now, now, row[0]),
+            )
+            return self.get_message(str(row[0]))
+
     def get_message(self, message_id: str) -> Message | None:
         row = self._q(
             _MESSAGE_SELECT
@@ -570,13 +592,19 @@ class Store:
         row = self._q("SELECT min(expires_at) FROM messages").fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> bool:
         """Copy the WAL into the database file and empty it: after an erasure, the earlier
-        versions of the erased pages (with their text) must not live on in the WAL."""
+        versions of the erased pages (with their text) must not live on in the WAL, nor the
+        erased page's old copy in the file. False if it could not finish (busy: a reader or
+        writer held it back; the caller tries again)."""
         if self._db is None:
             raise StoreError("the store is closed")
-        with contextlib.suppress(sqlcipher3.Error):  # busy (a reader): the next erasure's
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        try:
+            row = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlcipher3.Error:
+            return False
+        # (busy, frames in the WAL, frames copied): busy 1 means it did not run to the end.
+        return row is None or int(row[0]) == 0
 
     def get_timer(self, contact_id: int) -> tuple[int, int]:
         """A conversation's disappearing timer: (seconds, 0 off; the sender's time of its last
@@ -684,6 +712,18 @@ class Store:
                 )
                 ids.append(int(cur.lastrowid))
         return ids
+
+    def last_not_before(self, contact_id: int, destination: bytes, below: int) -> int:
+        """The latest not_before (under ``below``: the outbox's sentinels) of the blocks queued
+        to this contact and destination and not tried yet, 0 if none: a later block is due
+        no earlier, so a contact receives payloads in the order they were queued (a timer
+        change before the texts sent under it, §27.3)."""
+        row = self._q(
+            "SELECT max(not_before) FROM outbox WHERE contact_id = ? AND destination = ? "
+            "AND attempts = 0 AND not_before < ?",
+            (contact_id, bytes(destination), below),
+        ).fetchone()
+        return 0 if row is None or row[0] is None else int(row[0])
 
     def pending_blocks(self, *, now: int | None = None, limit: int = 100) -> list[OutboxItem]:
         """Blocks due for deposit (not_before <= now), oldest first."""

@@ -326,3 +326,178 @@ def test_a_quote_goes_with_the_message_it_quotes(peers: Callable[[str], Peer]) -
     bob.stop()
     assert b"quotable secret" not in plain_pages(alice)
     assert b"quotable secret" not in plain_pages(bob)
+
+
+def test_a_hostile_contact_can_neither_lock_nor_flood_the_timer(
+    peers: Callable[[str], Peer], relay_proc: Any
+) -> None:
+    from aegisd.core import wire
+    from tests.support.hostile import hostile
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.stop()
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    now = time.time_ns() // 1_000_000
+    with hostile(alice.home, "bob") as h:
+        # The largest stamp: it would beat every later change, and overflow ours.
+        blocks = h.payload_blocks(wire.TimerPayload(2**63 - 1, 1))
+        blocks += h.payload_blocks(wire.TimerPayload(now + 86_400_000 + 60_000, 1))
+        # 30 changes of value in a row, then 20 of the stamp alone.
+        for i in range(30):
+            blocks += h.payload_blocks(wire.TimerPayload(now + i, 3600 if i % 2 else 60))
+        for i in range(20):
+            blocks += h.payload_blocks(wire.TimerPayload(now + 100 + i, 3600))
+        blocks += h.payload_blocks(
+            wire.TextPayload(os.urandom(wire.MESSAGE_ID_LEN), now, "after the timers"))
+        h.deposit(url, blocks)
+    bob.wait_for(lambda: any(m["text"] == "after the timers" for m in history(bob, "alice")),
+                 "the text after the timers")  # fmt: skip
+    assert timer_of(bob, "alice") == 3600
+    # One line for the 30 changes (nothing between them), ten events (the hourly limit), none
+    # for a stamp alone or the refused stamps.
+    lines = [m for m in history(bob, "alice") if "timer_change" in m]
+    assert [(m["direction"], m["timer_change"]) for m in lines] == [("in", 3600)]
+    assert len(bob.events(types=["conversation.timer"])) == 10
+    # Our own change still wins and is stamped near our clock (no overflow).
+    got = bob.call("conversations.set_timer", {"contact": "alice", "seconds": 0})
+    assert got["seconds"] == 0
+    assert got["changed_at"] < time.time_ns() // 1_000_000 + 60_000
+    assert [m["timer_change"] for m in history(bob, "alice") if "timer_change" in m] == [3600, 0]
+
+
+def test_an_own_reply_wakes_the_erasure(peers: Callable[[str], Peer]) -> None:
+    """A reply's deadline is met when due, not at the erasure loop's next look (up to 60 s
+    later: the loop sleeps that long when no deadline runs)."""
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    mid = alice.call("messages.send", {"contact": "bob", "text": "untimed"})["message_id"]
+    bob.wait_for(lambda: message(bob, "alice", mid), "the text")
+    bob.call("conversations.set_timer", {"contact": "alice", "seconds": 1})
+    rid = bob.call("messages.reply", {"contact": "alice", "message_id": mid,
+                                      "text": "a timed reply"})["message_id"]  # fmt: skip
+    assert message(bob, "alice", rid) is not None
+    bob.wait_for(lambda: message(bob, "alice", rid) is None, "the reply's erasure", timeout=20)
+
+
+def test_an_action_for_an_erased_message_is_not_held(
+    peers: Callable[[str], Peer], relay_proc: Any
+) -> None:
+    """An edit arriving after its message was erased is dropped, not held for a day with its
+    new text (docs/protocol.md §26.5, §27.4)."""
+    from aegisd.core import wire
+    from tests.functional.test_message_actions import offline_store
+    from tests.support.hostile import hostile
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.call("conversations.set_timer", {"contact": "bob", "seconds": 1})
+    bob.wait_for(lambda: timer_of(bob, "alice") == 1, "the timer")
+    mid = alice.call("messages.send", {"contact": "bob", "text": "short-lived"})["message_id"]
+    bob.wait_for(lambda: message(bob, "alice", mid), "the timed text")
+    bob.call("messages.mark_read", {"contact": "alice"})
+    bob.wait_for(lambda: message(bob, "alice", mid) is None, "the erasure")
+    alice.stop()
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    now = time.time_ns() // 1_000_000
+    with hostile(alice.home, "bob") as h:
+        blocks = h.payload_blocks(wire.EditPayload(bytes.fromhex(mid), now, "late new text"))
+        blocks += h.payload_blocks(wire.ReactionPayload(bytes.fromhex(mid), "🎉"))
+        blocks += h.payload_blocks(
+            wire.TextPayload(os.urandom(wire.MESSAGE_ID_LEN), now, "after the edit"))
+        h.deposit(url, blocks)
+    bob.wait_for(lambda: any(m["text"] == "after the edit" for m in history(bob, "alice")),
+                 "the text after the edit")  # fmt: skip
+    s = offline_store(bob)
+    try:
+        assert s._q("SELECT count(*) FROM pending_actions").fetchone()[0] == 0
+    finally:
+        s.close()
+
+
+_KILLED_ERASURE = """
+import os, sys
+from pathlib import Path
+from aegisd.store.db import Store
+from aegisd.store.keyring import Keyring
+home = Path(sys.argv[1])
+s = Store.open(home / "aegis.db", Keyring.load(home / "keyring.json").unlock(None))
+# An erasure of what the search index does not hold (an event's text; a message's own
+# deletion marks the index for a rebuild, whose checkpoint at the next open would hide this).
+mid = "ab" * 16
+s.append_event("message.received", {"message_id": mid, "text": "killed before its checkpoint"})
+s.checkpoint()  # the text is in the database file
+with s.transaction():
+    s._forget_events(mid)  # the erasure commits (zeroed pages in the WAL), then kill -9
+os._exit(0)
+"""
+
+
+def test_an_erasure_killed_before_its_checkpoint_is_checkpointed_at_unlock(
+    peers: Callable[[str], Peer],
+) -> None:
+    import subprocess
+    import sys
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.stop()
+    subprocess.run([sys.executable, "-c", _KILLED_ERASURE, str(alice.home)], check=True,
+                   env={**os.environ, "PYTHONPATH": os.getcwd()})  # fmt: skip
+    db, needle = alice.home / "aegis.db", b"killed before its checkpoint"
+    assert sqlcipher_pages.holds(db, _key(alice), needle)  # the old page, in the file
+    alice.start()
+    alice.wait_for(lambda: not sqlcipher_pages.holds(db, _key(alice), needle),
+                   "the checkpoint at unlock")  # fmt: skip
+
+
+def test_texts_sent_after_a_timer_change_arrive_after_it_despite_send_jitter(
+    peers: Callable[[str], Peer],
+) -> None:
+    """With send jitter each block draws its own delay; blocks to one contact still leave in
+    the order they were queued, so texts sent right after a timer change carry it at the
+    recipient too (docs/protocol.md §27.3)."""
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.call("settings.set", {"send_jitter_max": 2})
+    alice.call("conversations.set_timer", {"contact": "bob", "seconds": 3600})
+    mids = [alice.call("messages.send", {"contact": "bob", "text": f"text {i}"})["message_id"]
+            for i in range(5)]  # fmt: skip
+    bob.wait_for(lambda: all(message(bob, "alice", m) for m in mids), "the texts", timeout=30)
+    assert [message(bob, "alice", m)["timer"] for m in mids] == [3600] * 5  # type: ignore[index]
+
+
+def test_a_backup_carries_every_timer_and_no_stamp_far_ahead(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    """Timers past one backup setting's 4096 bytes go in further settings, none left out;
+    a stamp far ahead in a (hostile) backup is brought down to a day ahead (§27.2)."""
+    from tests.functional.test_backup import CHEAP, PASS
+
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    alice.stop()
+    s = Store.open(alice.home / "aegis.db", _key(alice))
+    try:  # 300 blocked copies of bob (blocked: no renewal after the import), each timed
+        c = s.contact_by_name("bob")
+        assert c is not None
+        now = time.time_ns() // 1_000_000
+        s.set_timer(c.id, 60, 2**63 - 1)
+        for i in range(300):
+            made = s.add_contact(f"copy{i}", identity_key=c.identity_key, state=c.state)
+            with s.transaction():
+                s._q("UPDATE contacts SET blocked = 1 WHERE id = ?", (made.id,))
+            s.set_timer(made.id, 61 + i, now + i)
+    finally:
+        s.close()
+    alice.start()
+    path = tmp_short / "alice.aegisbackup"
+    alice.call("backup.export", {"path": str(path), "passphrase": PASS, **CHEAP})
+    alice.stop()
+    new = peers("alice2")
+    new.wait_connected()
+    new.call("backup.import", {"path": str(path), "passphrase": PASS})
+    assert [timer_of(new, f"copy{i}") for i in range(300)] == [61 + i for i in range(300)]
+    got = new.call("conversations.get_timer", {"contact": "bob"})
+    assert got["seconds"] == 60
+    assert got["changed_at"] <= time.time_ns() // 1_000_000 + 86_400_000

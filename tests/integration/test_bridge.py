@@ -422,6 +422,14 @@ def test_a_disappearing_message_notification_expires_and_is_closed(
         assert server.iface.closed == []
         bob.call("messages.mark_read", {"contact": "alice"})  # its timer runs from now
         wait(lambda: server.iface.closed == [2], "the notification closed at expiry")
+        # A reply takes the timer too: its notification expires and is closed alike.
+        mid = alice.call("messages.send", {"contact": "bob", "text": "to reply to"})["message_id"]
+        wait(lambda: server.calls()[2:3], "the third notification")
+        alice.call("messages.reply", {"contact": "bob", "message_id": mid, "text": "a reply"})
+        reply = wait(lambda: server.calls()[3:4], "the reply's notification")[0]
+        assert reply["expire_timeout"] == 2000
+        bob.call("messages.mark_read", {"contact": "alice"})
+        wait(lambda: sorted(server.iface.closed) == [2, 3, 4], "both closed at expiry")
     finally:
         bridge.stop()
         server.close()
