@@ -119,6 +119,12 @@ class ChatApp(App[None]):
         Binding("f3", "search", "search"),
         Binding("f5", "timer", "disappearing timer"),
         Binding("escape", "go_back", "back"),
+        # The selected message's actions: Alt keys, never a letter someone may be typing.
+        Binding("alt+r", "reply", "reply", priority=True),
+        Binding("alt+e", "edit", "edit", priority=True),
+        Binding("alt+x", "delete_message", "delete", priority=True),
+        Binding("alt+equals_sign,alt+plus", "react", "react", priority=True),
+        Binding("ctrl+q", "quit", "quit", priority=True),
         Binding("q", "quit_unless_typing", "quit", show=False),
     ]
 
@@ -706,6 +712,7 @@ class ChatApp(App[None]):
         if self.selected in self.rows:
             self.rows[self.selected].remove_class("selected")
         self.selected = mid if mid in self.rows else None
+        self.query_one("#compose", Compose).selecting = self.selected is not None
         if self.selected is not None:
             row = self.rows[self.selected]
             row.add_class("selected")
@@ -722,22 +729,18 @@ class ChatApp(App[None]):
             self.select(ids[-1])
             return
         i = ids.index(self.selected) + delta
-        if i >= len(ids):  # past the newest: back to the compose box
+        if i >= len(ids):  # past the newest: no selection, the compose box's arrows again
             self.select(None)
-            self.query_one("#compose", Compose).focus()
             return
         self.select(ids[max(0, i)])
 
-    def on_compose_select_last(self, _: Compose.SelectLast) -> None:
-        ids = self.selectable()
-        if ids:
-            self.select(ids[-1])
-            self.query_one("#log", MessageLog).focus()
+    def on_compose_select_move(self, event: Compose.SelectMove) -> None:
+        self.action_select_move(event.delta)
 
     def on_message_row_clicked(self, event: MessageRow.Clicked) -> None:
         if "timer_change" not in event.row.msg:
             self.select(event.row.message_id)
-            self.query_one("#log", MessageLog).focus()
+            self.query_one("#compose", Compose).focus()
 
     def chosen(self) -> tuple[Conversation, dict[str, Any]] | None:
         """The open one-to-one conversation and its selected message, else a note why not."""
@@ -760,6 +763,7 @@ class ChatApp(App[None]):
         if got is None:
             return
         self.set_context(got[1], None)
+        self.select(None)  # the compose box's arrows move in the reply again
         self.query_one("#compose", Compose).focus()
 
     def action_edit(self) -> None:
@@ -778,6 +782,7 @@ class ChatApp(App[None]):
         compose.clear()
         compose.insert(text)
         self.set_context(None, m)
+        self.select(None)  # the arrows move in the text being edited
         compose.focus()
 
     def action_react(self) -> None:
@@ -913,6 +918,9 @@ class ChatApp(App[None]):
         self.push_screen(HelpScreen())
 
     def action_go_back(self) -> None:
+        if self.selected is not None:  # first Esc: drop the selection
+            self.select(None)
+            return
         if self.reply_to is not None or self.editing is not None:
             if self.editing is not None:
                 self.query_one("#compose", Compose).clear()
@@ -921,7 +929,9 @@ class ChatApp(App[None]):
         self.query_one("#convs", ListView).focus()
 
     def action_quit_unless_typing(self) -> None:
-        if not isinstance(self.focused, Compose):
+        # A bare q quits only from the list with no conversation open: with one open the user
+        # may be typing anywhere (Ctrl+Q quits always).
+        if self.open_key is None and not isinstance(self.focused, Compose):
             self.exit()
 
     def action_jump(self) -> None:

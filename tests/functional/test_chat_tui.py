@@ -274,7 +274,10 @@ def test_small_terminal_help_jump_request_and_invitation(peers: Callable[[str], 
         await pilot.press("escape")
         await pilot.press("escape")  # back to the list
         await until(pilot, lambda: app.focused is app.query_one("#convs"), "the list")
-        await pilot.press("q")
+        await pilot.press("q")  # a conversation is open: a bare q does not quit
+        await pilot.pause(0.1)
+        assert app.is_running
+        await pilot.press("ctrl+q")
         await until(pilot, lambda: not app.is_running, "quit")
 
     async def main() -> None:
@@ -374,6 +377,32 @@ def test_add_verify_rename_block(peers: Callable[[str], Peer]) -> None:
         await answer(app, pilot, "yes")
         await until(pilot, lambda: app.convs[contact_key("robert")].blocked, "blocked")
         assert (await asyncio.to_thread(contact, "robert") or {})["blocked"] is True
+
+    run_app(alice, body)
+
+
+def test_typing_after_up_edits_nothing_and_does_not_quit(peers: Callable[[str], Peer]) -> None:
+    alice, _bob = pair(peers)
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await app.open(contact_key("bob"))
+        compose = app.query_one(Compose)
+        await until(pilot, lambda: compose.has_focus, "the compose box")
+        await pilot.press(*"first")
+        await pilot.press("enter")
+        mine = await until(pilot, lambda: row_with(app, "first"), "my message")
+        await pilot.press("up")
+        await until(pilot, lambda: app.selected == mine.message_id, "the selection")
+        await pilot.press(*"excellent quick")
+        await pilot.pause(0.3)
+        assert app.is_running and compose.has_focus
+        assert compose.text == "excellent quick"
+        assert app.editing is None and app.reply_to is None
+        h = (await call(alice, "messages.history", {"contact": "bob"}))["messages"]
+        assert [(m["text"], m["edited_at"]) for m in h] == [("first", None)]
+        assert "edited" not in mine.plain
+        await pilot.press("down")  # past the newest: no selection, arrows are the box's again
+        await until(pilot, lambda: app.selected is None, "no selection")
 
     run_app(alice, body)
 
@@ -621,10 +650,10 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
         compose = app.query_one(Compose)
         await until(pilot, lambda: compose.has_focus, "the compose box")
 
-        # Reply: Up from the empty box selects the newest message, r quotes it.
+        # Reply: Up from the empty box selects the newest message, Alt+R quotes it.
         await pilot.press("up")
         await until(pilot, lambda: app.selected == q["message_id"], "the selection")
-        await pilot.press("r")
+        await pilot.press("alt+r")
         context = app.query_one("#context", Static)
         await until(pilot, lambda: "lunch at one?" in text_of(context), "the quote bar")
         await pilot.press(*"yes")
@@ -638,8 +667,7 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
         await call(bob, "messages.react", {"message_id": got["message_id"], "emoji": "👍"})
         await until(pilot, lambda: "👍 1" in mine.plain, "bob's reaction", 60)
         app.select(got["message_id"])
-        app.query_one(MessageLog).focus()
-        await pilot.press("plus")
+        await pilot.press("alt+equals_sign")
         await answer(app, pilot, "1")
         await until(pilot, lambda: "👍 2 (you)" in mine.plain, "two reactions")
         h = (await call(alice, "messages.history", {"contact": "bob"}))["messages"]
@@ -647,8 +675,8 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
             {"emoji": "👍", "count": 2, "mine": True}
         ]
 
-        # Alice edits her reply (e); bob sees the new text marked edited.
-        await pilot.press("e")
+        # Alice edits her reply (Alt+E); bob sees the new text marked edited.
+        await pilot.press("alt+e")
         await until(pilot, lambda: compose.text == "yes" and compose.has_focus, "edit mode")
         compose.clear()
         compose.insert("yes, at one")
@@ -680,7 +708,8 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
         await pilot.pause()
         await pilot.click(mine.head)
         await until(pilot, lambda: app.selected == got["message_id"], "selected by a click")
-        await pilot.press("x")
+        assert compose.has_focus  # a click selects; the compose box keeps the focus
+        await pilot.press("alt+x")
         await answer(app, pilot, "everyone")
         await until(pilot, lambda: "(deleted)" in mine.plain, "deleted here")
         assert "┃ (the quoted message is not here)" in back.plain  # its quote went too
@@ -695,7 +724,7 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
         await until(pilot, lambda: app.selected == got["message_id"], "the one above")
         await pilot.press("down")
         await until(pilot, lambda: app.selected == back.message_id, "back down")
-        await pilot.press("x")
+        await pilot.press("delete")
         prompt = await answer(app, pilot, "me")
         assert "everyone" not in prompt  # not hers: for her only
         await until(pilot, lambda: row_with(app, "great") is None, "gone from view")
