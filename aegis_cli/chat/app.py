@@ -832,7 +832,8 @@ class ChatApp(App[None]):
             await self.message_changed("message.deleted", {"message_id": mid})
         else:
             await self.drop_row(mid)
-            await self.load()
+            with contextlib.suppress(AegisClientError):  # the list catches up on the next event
+                await self.load()
 
     # -- search, the timer, typing ---------------------------------------------------------
 
@@ -844,6 +845,8 @@ class ChatApp(App[None]):
             found = await self.client.search(query, limit=SEARCH_LIMIT)
         except InvalidParams as exc:
             raise ValueError(str(exc) or "nothing to search for") from None
+        except AegisClientError as exc:  # the daemon stopped or locked: said in the box
+            raise ValueError(f"not searched: {_error_text(exc)}") from None
         out = []
         for hit in found["results"]:
             h: dict[str, Any] = dict(hit)
@@ -860,16 +863,27 @@ class ChatApp(App[None]):
             return
         key = (group_key(int(hit["group"])) if hit["kind"] == "group"
                else contact_key(str(hit["contact"])))  # fmt: skip
-        if key not in self.convs:
-            await self.load()
-            if key not in self.convs:
-                return
-        await self.open(key)
         mid = str(hit["message"].get("message_id"))
-        while mid not in self.rows and self.next_before is not None:  # an older page
-            if not await self.fetch_page():
-                break
-            await self.rebuild()
+        try:
+            if key not in self.convs:
+                await self.load()
+                if key not in self.convs:
+                    return
+            await self.open(key)
+            fetched = False
+            # Older pages until the hit's; the rows are built once, after them (not page
+            # after page: quadratic in the pages).
+            while self.next_before is not None and mid not in {
+                str(m.get("message_id")) for m in self.messages
+            }:
+                if not await self.fetch_page():
+                    break
+                fetched = True
+            if fetched:
+                await self.rebuild()
+        except AegisClientError as exc:  # the daemon stopped or locked meanwhile
+            self.notify(_error_text(exc), severity="error", markup=False)
+            return
         if mid in self.rows:
             self.call_after_refresh(self.select, mid)
 

@@ -407,6 +407,28 @@ def test_typing_after_up_edits_nothing_and_does_not_quit(peers: Callable[[str], 
     run_app(alice, body)
 
 
+def test_search_with_the_daemon_stopped_keeps_the_client(peers: Callable[[str], Peer]) -> None:
+    alice, _bob = pair(peers)
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await asyncio.to_thread(alice.stop)
+        status = app.query_one("#status", Static)
+        await until(pilot, lambda: "daemon not running" in text_of(status), "the status line")
+        await pilot.press("f3")
+        await until(pilot, lambda: isinstance(app.screen, SearchScreen), "the search box")
+        app.screen.query_one(Input).value = "lunch"
+        await pilot.press("enter")
+        note = app.screen.query_one("#search-note", Static)
+        await until(pilot, lambda: "not searched" in text_of(note), "the error in the box")
+        await pilot.pause(0.2)
+        assert app.is_running and isinstance(app.screen, SearchScreen)
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, SearchScreen), "closed")
+        assert app.is_running
+
+    run_app(alice, body)
+
+
 def test_no_key_of_the_map_is_taken_by_the_text_boxes() -> None:
     from textual.widgets import TextArea
 
