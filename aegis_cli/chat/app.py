@@ -590,8 +590,8 @@ class ChatApp(App[None]):
                 mid = str(self.editing.get("message_id"))
                 edited_at = await self.client.edit(mid, event.text)
                 self.set_context(None, None)
-                if mid in self.rows:
-                    self.rows[mid].update_msg(text=event.text, edited_at=edited_at)
+                self.patch(mid, text=event.text, edited_at=edited_at)
+                self.requote(mid, event.text)
                 return
             if conv.kind == "group":
                 assert conv.group is not None
@@ -664,6 +664,9 @@ class ChatApp(App[None]):
     async def message_changed(self, t: str, d: dict[str, Any]) -> None:
         mid = str(d.get("message_id"))
         row = self.rows.get(mid)
+        if t in ("message.expired", "message.deleted"):
+            # Its text goes from every place on screen: the replies quoting it, the reply bar.
+            self.requote(mid, None)
         if t == "message.expired" or (t == "message.deleted" and row is None):
             if row is not None:
                 await self.drop_row(mid)
@@ -672,15 +675,45 @@ class ChatApp(App[None]):
         if row is None:
             return  # not on screen: the history has it when it is opened
         if t == "message.edited":
-            row.update_msg(text=d.get("text") or "", edited_at=d.get("edited_at"))
+            text = str(d.get("text") or "")
+            self.patch(mid, text=text, edited_at=d.get("edited_at"))
+            self.requote(mid, text)
         elif t == "message.reaction":
             row.update_msg(reactions=_theirs(row.msg.get("reactions"), d.get("emoji")))
-        else:  # message.deleted: blank it, here and in the replies quoting it
-            row.update_msg(deleted=True, text="", reactions=[])
-            for other in self.rows.values():
-                q = other.msg.get("reply_to")
-                if isinstance(q, dict) and q.get("message_id") == mid:
-                    other.update_msg(reply_to={"message_id": mid, "text": None})
+        else:  # message.deleted: blank it (its quotes went above)
+            self.patch(mid, deleted=True, text="", reactions=[])
+
+    def patch(self, mid: str, **changes: Any) -> None:
+        """A message changed: its row, and its entry in the history a rebuild shows again."""
+        if mid in self.rows:
+            self.rows[mid].update_msg(**changes)
+        for m in self.messages:
+            if str(m.get("message_id")) == mid:
+                m.update(changes)
+
+    def requote(self, mid: str, text: str | None) -> None:
+        """The quotes of message ``mid`` show ``text`` now (None: it is gone, deleted or
+        expired): in the replies on screen, in the history kept for a rebuild, and in the
+        reply bar (a gone target closes it: the reply would quote nothing)."""
+        quote = {"message_id": mid, "text": text}
+        for m in self.messages:
+            q = m.get("reply_to")
+            if isinstance(q, dict) and str(q.get("message_id")) == mid:
+                m["reply_to"] = dict(quote)
+        for other in self.rows.values():
+            q = other.msg.get("reply_to")
+            if isinstance(q, dict) and str(q.get("message_id")) == mid:
+                other.update_msg(reply_to=dict(quote))
+        if self.reply_to is not None and str(self.reply_to.get("message_id")) == mid:
+            if text is None:
+                self.set_context(None, self.editing)
+            else:
+                self.set_context({**self.reply_to, "text": text}, self.editing)
+        if self.editing is not None and str(self.editing.get("message_id")) == mid and (
+            text is None
+        ):  # the message being edited went: the edit has nothing to replace
+            self.query_one("#compose", Compose).clear()
+            self.set_context(self.reply_to, None)
 
     async def drop_row(self, mid: str) -> None:
         row = self.rows.pop(mid, None)
@@ -831,6 +864,7 @@ class ChatApp(App[None]):
         if answer == "everyone":
             await self.message_changed("message.deleted", {"message_id": mid})
         else:
+            self.requote(mid, None)
             await self.drop_row(mid)
             with contextlib.suppress(AegisClientError):  # the list catches up on the next event
                 await self.load()

@@ -429,6 +429,51 @@ def test_search_with_the_daemon_stopped_keeps_the_client(peers: Callable[[str], 
     run_app(alice, body)
 
 
+def test_a_gone_or_edited_message_leaves_no_stale_quote(peers: Callable[[str], Peer]) -> None:
+    alice, bob = pair(peers)
+
+    def alice_has(text: str) -> Callable[[], Any]:
+        def find() -> Any:
+            h = alice.call("messages.history", {"contact": "bob"})["messages"]
+            return next((m for m in h if m["text"] == text), None)
+
+        return find
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await call(bob, "conversations.set_timer", {"contact": "alice", "seconds": 8})
+        secret = await call(bob, "messages.send", {"contact": "alice", "text": "secret plan"})
+        await call(bob, "conversations.set_timer", {"contact": "alice", "seconds": 0})
+        params = {"contact": "alice", "message_id": secret["message_id"], "text": "see above"}
+        await call(bob, "messages.reply", params)
+        await asyncio.to_thread(alice.wait_for, alice_has("see above"), "the reply", 60)
+        # Opened: read, so its 8 s start; alice starts a reply to it meanwhile.
+        await app.open(contact_key("bob"))
+        reply = await until(pilot, lambda: row_with(app, "see above"), "the reply's row")
+        assert "┃ secret plan" in reply.plain
+        app.select(secret["message_id"])
+        await pilot.press("alt+r")
+        context = app.query_one("#context", Static)
+        await until(pilot, lambda: "secret plan" in text_of(context), "the reply bar")
+        await until(pilot, lambda: secret["message_id"] not in app.rows, "expired", 60)
+        await pilot.pause(0.1)
+        assert not any("secret plan" in t for t in shown_texts(app))
+        assert "┃ (the quoted message is not here)" in reply.plain
+        assert not context.display and app.reply_to is None
+        await app.rebuild()  # as when an older page loads: the text does not come back
+        assert not any("secret plan" in t for t in shown_texts(app))
+
+        # An edit shows in the quotes on screen too.
+        first = await call(bob, "messages.send", {"contact": "alice", "text": "at noon"})
+        params = {"contact": "alice", "message_id": first["message_id"], "text": "ok?"}
+        await call(bob, "messages.reply", params)
+        again = await until(pilot, lambda: row_with(app, "ok?"), "the second reply", 60)
+        assert "┃ at noon" in again.plain
+        await call(bob, "messages.edit", {"message_id": first["message_id"], "text": "at one"})
+        await until(pilot, lambda: "┃ at one" in again.plain, "the quote edited", 60)
+
+    run_app(alice, body)
+
+
 def test_no_key_of_the_map_is_taken_by_the_text_boxes() -> None:
     from textual.widgets import TextArea
 
