@@ -149,6 +149,9 @@ class ChatApp(App[None]):
         self.call: dict[str, Any] | None = None
         #: The last event handled (the stream's cursor), for tests and the status line.
         self.cursor: int | None = None
+        #: The daemon's last event when the list was loaded: the unread counts include every
+        #: message event up to it (one replayed after a reload is not counted twice).
+        self.counted_upto = 0
         self.subscriptions = 0
         self.ready = asyncio.Event()
         #: Why the client stopped, when an unexpected error stopped it (no text, no locals).
@@ -335,7 +338,7 @@ class ChatApp(App[None]):
         if t == "message.received":
             self.typing.discard(str(d.get("contact")))  # a message ends its typing
             reply = d.get("reply_to")
-            await self.incoming(contact_key(str(d.get("contact"))), {
+            await self.incoming(ev.seq, contact_key(str(d.get("contact"))), {
                 "message_id": d.get("message_id"), "direction": "in", "text": d.get("text"),
                 "status": "received", "created_at": ev.time_ms, "timer": d.get("timer") or 0,
                 "reply_to": None if reply is None else {
@@ -343,7 +346,7 @@ class ChatApp(App[None]):
             })  # fmt: skip
             self.show_title()
         elif t == "group.message":
-            await self.incoming(group_key(int(d.get("group") or 0)), {
+            await self.incoming(ev.seq, group_key(int(d.get("group") or 0)), {
                 "message_id": d.get("message_id"), "direction": "in", "text": d.get("text"),
                 "from_contact": d.get("from_contact"), "from": d.get("from"),
                 "created_at": ev.time_ms,
@@ -406,7 +409,7 @@ class ChatApp(App[None]):
             await self.refresh_status()
             await self.load()
 
-    async def incoming(self, key: str, msg: dict[str, Any]) -> None:
+    async def incoming(self, seq: int, key: str, msg: dict[str, Any]) -> None:
         conv = self.convs.get(key)
         if conv is None:
             await self.load()
@@ -424,7 +427,9 @@ class ChatApp(App[None]):
             theirs = msg.get("direction", "in") == "in"
             conv.note_message(str(msg.get("text") or ""), int(msg["created_at"]), theirs)
             await self.mark_read(conv)
-        elif mid not in conv.seen:
+        elif seq > self.counted_upto and mid not in conv.seen:
+            # Not counted by the last load (an event at or below its cursor was: its message
+            # was in conversations.list's count), nor already by an earlier event.
             conv.seen.add(mid)
             conv.note_message(str(msg.get("text") or ""), int(msg["created_at"]), True)
         self.redraw_list()
@@ -432,7 +437,11 @@ class ChatApp(App[None]):
     # -- the conversation list ----------------------------------------------------------
 
     async def load(self) -> None:
+        # The daemon's event cursor first, the counts second: every message event at or below
+        # it is in the counts (one after it may be too: the seen ids catch the last one).
+        upto = (await self.client.status())["last_event_seq"]
         convs = await load_conversations(self.client)
+        self.counted_upto = int(upto or 0)
         self.convs = {c.key: c for c in convs}
         self.redraw_list()
 

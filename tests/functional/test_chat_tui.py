@@ -30,6 +30,7 @@ from aegis_cli.chat.screens import (
     SearchScreen,
 )
 from aegis_cli.chat.widgets import Compose, ConversationItem, MessageLog, MessageRow
+from aegis_client import Event
 from aegisd.paths import resolve
 from tests.daemon.conftest import FAST_KDF_ARGS, PASSPHRASE, DaemonProc
 from tests.functional.conftest import Peer, connect
@@ -470,6 +471,32 @@ def test_a_gone_or_edited_message_leaves_no_stale_quote(peers: Callable[[str], P
         assert "┃ at noon" in again.plain
         await call(bob, "messages.edit", {"message_id": first["message_id"], "text": "at one"})
         await until(pilot, lambda: "┃ at one" in again.plain, "the quote edited", 60)
+
+    run_app(alice, body)
+
+
+def test_unread_counts_do_not_double_after_a_reload(peers: Callable[[str], Peer]) -> None:
+    alice, bob = pair(peers)
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        for i in range(3):
+            await call(bob, "messages.send", {"contact": "alice", "text": f"queued {i}"})
+        await until(pilot, lambda: app.convs[contact_key("bob")].unread == 3, "3 unread", 60)
+        # A reload (as on daemon.unlocked or a contact event), then the same events handed
+        # out again (as after a resubscription from a cursor behind them): counted once.
+        await app.load()
+        assert app.convs[contact_key("bob")].unread == 3
+        got = await call(alice, "events.list", {"types": ["message.received"]})
+        assert len(got["events"]) == 3
+        for e in got["events"]:
+            await app.handle(Event.from_json(e))
+        await pilot.pause(0.1)
+        assert app.convs[contact_key("bob")].unread == 3
+        row = item(app, "bob")
+        assert row is not None and "bob (3)" in text_of(row.line)
+        # A new message after the reload still counts.
+        await call(bob, "messages.send", {"contact": "alice", "text": "one more"})
+        await until(pilot, lambda: app.convs[contact_key("bob")].unread == 4, "4 unread", 60)
 
     run_app(alice, body)
 
