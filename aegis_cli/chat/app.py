@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -165,6 +166,7 @@ class ChatApp(App[None]):
         self.typing_on = False
         self.typing: set[str] = set()
         self.typing_sent = 0.0
+        self.typing_lock = asyncio.Lock()
 
     # -- an unexpected error -------------------------------------------------------------
 
@@ -624,7 +626,7 @@ class ChatApp(App[None]):
                     msg.update(timer=conv.timer, expires_at=int(time.time() * 1000)
                                + conv.timer * 1000)  # fmt: skip
         except AegisClientError as exc:
-            self.query_one("#compose", Compose).insert(event.text)  # not lost
+            self.query_one("#compose", Compose).put_back(event.text)  # not lost
             self.notify(_error_text(exc), severity="error", markup=False)
             return
         msg.update(
@@ -955,10 +957,18 @@ class ChatApp(App[None]):
         self.show_title()  # the timer line comes with the conversation.timer event
 
     def on_text_area_changed(self, event: Compose.Changed) -> None:
+        text = event.text_area.text
+        area = event.text_area
+        if isinstance(area, Compose) and area.quiet_text is not None:
+            # Still the text put back by the client (each of its Changed reads the text as
+            # it is now): no notice; once the user changes it, notices again.
+            if text == area.quiet_text:
+                return
+            area.quiet_text = None
         conv = self.convs.get(self.open_key or "")
         if not self.typing_on or conv is None or conv.kind != "contact" or self.editing:
             return
-        if not event.text_area.text:
+        if not text:
             return
         now = time.monotonic()
         if now - self.typing_sent >= TYPING_EVERY:  # the daemon rate-limits; fewer calls
@@ -966,8 +976,11 @@ class ChatApp(App[None]):
             self.run_worker(self._typing(conv.name, True))
 
     async def _typing(self, contact: str, typing: bool) -> None:
-        with contextlib.suppress(AegisClientError):
-            await self.client.typing(contact, typing)
+        # One at a time, in the order asked (asyncio's lock is FIFO): a "stopped" never goes
+        # ahead of a "typing" still in flight, which would leave the contact seeing "typing".
+        async with self.typing_lock:
+            with contextlib.suppress(AegisClientError):
+                await self.client.typing(contact, typing)
 
     # -- actions --------------------------------------------------------------------------
 
@@ -1244,10 +1257,17 @@ class ChatApp(App[None]):
 
 
 def _paths(answer: str) -> list[str]:
-    """One path, or several in double quotes: absolute, as the daemon wants them."""
+    """One path (spaces and all), or several separated by spaces, those with spaces quoted (as
+    in a shell): absolute, as the daemon wants them. Unbalanced quotes: none."""
     one = answer.strip()
-    parts = [p for p in one.split('"')[1::2] if p.strip()] if '"' in one else [one]
-    return [os.path.abspath(os.path.expanduser(p.strip())) for p in parts]
+    if '"' in one or "'" in one:
+        try:
+            parts = shlex.split(one)
+        except ValueError:
+            return []
+    else:
+        parts = [one]
+    return [os.path.abspath(os.path.expanduser(p)) for p in parts if p.strip()]
 
 
 def _theirs(reactions: Any, emoji: Any) -> list[dict[str, Any]]:

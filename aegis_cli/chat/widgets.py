@@ -180,6 +180,12 @@ class Compose(TextArea):
 
     #: A message is selected (the app sets it): Up / Down move the selection.
     selecting = False
+    #: Text the client put back itself (not typed): its change sends no typing notice.
+    quiet_text: str | None = None
+
+    def put_back(self, text: str) -> None:
+        self.insert(text)
+        self.quiet_text = self.text
 
     async def _on_key(self, event: events.Key) -> None:
         if event.key == "enter":

@@ -501,6 +501,38 @@ def test_unread_counts_do_not_double_after_a_reload(peers: Callable[[str], Peer]
     run_app(alice, body)
 
 
+def test_text_put_back_after_a_failed_send_sends_no_typing_notice(
+    peers: Callable[[str], Peer],
+) -> None:
+    alice, _bob = pair(peers)
+    alice.call("typing.config", {"enabled": True})
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await until(pilot, lambda: app.typing_on, "typing indicators on")
+        await app.open(contact_key("bob"))
+        compose = app.query_one(Compose)
+        too_big = "B" * 70_000  # over the daemon's limit: the send fails, the text comes back
+        compose.insert(too_big)
+        await until(pilot, lambda: app.typing_sent > 0, "the typed text's notice")
+        app.typing_sent = 0.0
+        await pilot.press("enter")
+        await until(pilot, lambda: compose.text == too_big, "the text put back", 60)
+        await pilot.pause(0.2)
+        assert app.typing_sent == 0.0  # no notice for text the client put back
+        await pilot.press("x")  # typed: a notice again
+        await until(pilot, lambda: app.typing_sent > 0, "the notice for typing")
+
+    run_app(alice, body)
+
+
+def test_file_paths_as_in_a_shell() -> None:
+    from aegis_cli.chat.app import _paths
+
+    assert _paths("/tmp/one file.txt") == ["/tmp/one file.txt"]  # one, unquoted: whole
+    assert _paths('"/tmp/a b" /tmp/c \'/tmp/d e\'') == ["/tmp/a b", "/tmp/c", "/tmp/d e"]
+    assert _paths('"/tmp/unbalanced') == []
+
+
 def test_no_key_of_the_map_is_taken_by_the_text_boxes() -> None:
     from textual.widgets import TextArea
 
