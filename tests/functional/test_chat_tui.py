@@ -533,6 +533,62 @@ def test_file_paths_as_in_a_shell() -> None:
     assert _paths('"/tmp/unbalanced') == []
 
 
+def test_hostile_quotes_captions_search_lines_and_group_names_are_inert(
+    peers: Callable[[str], Peer], tmp_path: Path
+) -> None:
+    alice, bob = pair(peers)
+    g = bob.call("group.create", {"name": "[b]crew[/b] [link=x]y[/link]"})["group"]
+    bob.call("group.invite", {"group": g, "contact": "alice"})
+    inv = alice.wait_for(lambda: alice.call("group.invitations")["invitations"], "the invitation")
+    ag = alice.call("group.accept", {"invitation": inv[0]["invitation"]})["group"]
+    bob.wait_for(
+        lambda: len(bob.call("group.get", {"group": g})["members"]) == 2, "alice in the group"
+    )
+    evil = tmp_path / "evil.txt"
+    evil.write_text("x\n")
+
+    def clean(text: str) -> None:
+        for ch in ("\x1b", "\x07", "\u202e", "\r"):
+            assert ch not in text, repr(ch)
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        first = await call(bob, "messages.send", {"contact": "alice", "text": HOSTILE})
+        params = {"contact": "alice", "message_id": first["message_id"], "text": "quoting"}
+        await call(bob, "messages.reply", params)
+        await call(bob, "attachments.send",
+                   {"contact": "alice", "path": str(evil), "caption": HOSTILE})  # fmt: skip
+        await call(bob, "group.send", {"group": g, "text": HOSTILE})
+        await until(pilot, lambda: app.convs[contact_key("bob")].unread >= 3, "bob's", 60)
+        await until(pilot, lambda: app.convs.get(f"g:{ag}") and app.convs[f"g:{ag}"].unread,
+                    "the group's", 60)  # fmt: skip
+        group_row = app.items[f"g:{ag}"]
+        assert "# [b]crew[/b] [link=x]" in text_of(group_row.line)  # as text (cut to fit)
+        clean(text_of(group_row.line))
+        await app.open(contact_key("bob"))
+        reply = await until(pilot, lambda: row_with(app, "quoting"), "the reply")
+        assert "┃ [bold]x[/]" in reply.plain  # the quote: as text, markup shown not obeyed
+        clean(reply.plain)
+        caption = await until(pilot, lambda: row_with(app, "[file] evil.txt"), "the file", 60)
+        assert "[link=https://evil.example]" in caption.plain
+        clean(caption.plain)
+        texts = shown_texts(app)
+        assert "<not Content" not in "".join(texts)
+        await pilot.press("f3")
+        await until(pilot, lambda: isinstance(app.screen, SearchScreen), "the search box")
+        app.screen.query_one(Input).value = "forged"
+        await pilot.press("enter")
+        await until(pilot, lambda: len(app.screen.query(SearchHit)) >= 3, "the hits", 30)
+        for hit in app.screen.query(SearchHit):
+            shown = text_of(hit.query_one(Static))
+            clean(shown)
+            assert "\n" not in shown.split("\n", 1)[1]  # the text: one line under its header
+        assert any("# [b]crew[/b]" in h.plain_line for h in app.screen.query(SearchHit))
+        svg = app.export_screenshot()
+        assert "\x1b" not in svg and "\u202e" not in svg
+
+    run_app(alice, body)
+
+
 def test_no_key_of_the_map_is_taken_by_the_text_boxes() -> None:
     from textual.widgets import TextArea
 
