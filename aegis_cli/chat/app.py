@@ -477,8 +477,8 @@ class ChatApp(App[None]):
     async def open(self, key: str) -> None:
         conv = self.convs[key]
         self.open_key = key
+        self.select(None)  # also gives the compose box's Up / Down back
         self.messages, self.rows, self.next_before = [], {}, None
-        self.selected = None
         if self.editing is not None:  # the edited text is not a draft for another conversation
             self.query_one("#compose", Compose).clear()
         self.set_context(None, None)
@@ -727,10 +727,10 @@ class ChatApp(App[None]):
             self.set_context(self.reply_to, None)
 
     async def drop_row(self, mid: str) -> None:
+        if self.selected == mid:
+            self.select(None)
         row = self.rows.pop(mid, None)
         self.messages = [m for m in self.messages if str(m.get("message_id")) != mid]
-        if self.selected == mid:
-            self.selected = None
         if row is not None:
             await row.remove()
 

@@ -404,6 +404,10 @@ def test_typing_after_up_edits_nothing_and_does_not_quit(peers: Callable[[str], 
         assert "edited" not in mine.plain
         await pilot.press("down")  # past the newest: no selection, arrows are the box's again
         await until(pilot, lambda: app.selected is None, "no selection")
+        assert not compose.selecting
+        app.select(mine.message_id)
+        await app.open(contact_key("bob"))  # opened again: no selection left behind
+        assert app.selected is None and not compose.selecting
 
     run_app(alice, body)
 
