@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -119,6 +120,12 @@ class ChatApp(App[None]):
         Binding("f3", "search", "search"),
         Binding("f5", "timer", "disappearing timer"),
         Binding("escape", "go_back", "back"),
+        # The selected message's actions: Alt keys, never a letter someone may be typing.
+        Binding("alt+r", "reply", "reply", priority=True),
+        Binding("alt+e", "edit", "edit", priority=True),
+        Binding("alt+x", "delete_message", "delete", priority=True),
+        Binding("alt+equals_sign,alt+plus", "react", "react", priority=True),
+        Binding("ctrl+q", "quit", "quit", priority=True),
         Binding("q", "quit_unless_typing", "quit", show=False),
     ]
 
@@ -143,6 +150,9 @@ class ChatApp(App[None]):
         self.call: dict[str, Any] | None = None
         #: The last event handled (the stream's cursor), for tests and the status line.
         self.cursor: int | None = None
+        #: The daemon's last event when the list was loaded: the unread counts include every
+        #: message event up to it (one replayed after a reload is not counted twice).
+        self.counted_upto = 0
         self.subscriptions = 0
         self.ready = asyncio.Event()
         #: Why the client stopped, when an unexpected error stopped it (no text, no locals).
@@ -156,6 +166,7 @@ class ChatApp(App[None]):
         self.typing_on = False
         self.typing: set[str] = set()
         self.typing_sent = 0.0
+        self.typing_lock = asyncio.Lock()
 
     # -- an unexpected error -------------------------------------------------------------
 
@@ -329,7 +340,7 @@ class ChatApp(App[None]):
         if t == "message.received":
             self.typing.discard(str(d.get("contact")))  # a message ends its typing
             reply = d.get("reply_to")
-            await self.incoming(contact_key(str(d.get("contact"))), {
+            await self.incoming(ev.seq, contact_key(str(d.get("contact"))), {
                 "message_id": d.get("message_id"), "direction": "in", "text": d.get("text"),
                 "status": "received", "created_at": ev.time_ms, "timer": d.get("timer") or 0,
                 "reply_to": None if reply is None else {
@@ -337,7 +348,7 @@ class ChatApp(App[None]):
             })  # fmt: skip
             self.show_title()
         elif t == "group.message":
-            await self.incoming(group_key(int(d.get("group") or 0)), {
+            await self.incoming(ev.seq, group_key(int(d.get("group") or 0)), {
                 "message_id": d.get("message_id"), "direction": "in", "text": d.get("text"),
                 "from_contact": d.get("from_contact"), "from": d.get("from"),
                 "created_at": ev.time_ms,
@@ -400,7 +411,7 @@ class ChatApp(App[None]):
             await self.refresh_status()
             await self.load()
 
-    async def incoming(self, key: str, msg: dict[str, Any]) -> None:
+    async def incoming(self, seq: int, key: str, msg: dict[str, Any]) -> None:
         conv = self.convs.get(key)
         if conv is None:
             await self.load()
@@ -418,7 +429,9 @@ class ChatApp(App[None]):
             theirs = msg.get("direction", "in") == "in"
             conv.note_message(str(msg.get("text") or ""), int(msg["created_at"]), theirs)
             await self.mark_read(conv)
-        elif mid not in conv.seen:
+        elif seq > self.counted_upto and mid not in conv.seen:
+            # Not counted by the last load (an event at or below its cursor was: its message
+            # was in conversations.list's count), nor already by an earlier event.
             conv.seen.add(mid)
             conv.note_message(str(msg.get("text") or ""), int(msg["created_at"]), True)
         self.redraw_list()
@@ -426,7 +439,11 @@ class ChatApp(App[None]):
     # -- the conversation list ----------------------------------------------------------
 
     async def load(self) -> None:
+        # The daemon's event cursor first, the counts second: every message event at or below
+        # it is in the counts (one after it may be too: the seen ids catch the last one).
+        upto = (await self.client.status())["last_event_seq"]
         convs = await load_conversations(self.client)
+        self.counted_upto = int(upto or 0)
         self.convs = {c.key: c for c in convs}
         self.redraw_list()
 
@@ -460,8 +477,8 @@ class ChatApp(App[None]):
     async def open(self, key: str) -> None:
         conv = self.convs[key]
         self.open_key = key
+        self.select(None)  # also gives the compose box's Up / Down back
         self.messages, self.rows, self.next_before = [], {}, None
-        self.selected = None
         if self.editing is not None:  # the edited text is not a draft for another conversation
             self.query_one("#compose", Compose).clear()
         self.set_context(None, None)
@@ -584,8 +601,8 @@ class ChatApp(App[None]):
                 mid = str(self.editing.get("message_id"))
                 edited_at = await self.client.edit(mid, event.text)
                 self.set_context(None, None)
-                if mid in self.rows:
-                    self.rows[mid].update_msg(text=event.text, edited_at=edited_at)
+                self.patch(mid, text=event.text, edited_at=edited_at)
+                self.requote(mid, event.text)
                 return
             if conv.kind == "group":
                 assert conv.group is not None
@@ -609,7 +626,7 @@ class ChatApp(App[None]):
                     msg.update(timer=conv.timer, expires_at=int(time.time() * 1000)
                                + conv.timer * 1000)  # fmt: skip
         except AegisClientError as exc:
-            self.query_one("#compose", Compose).insert(event.text)  # not lost
+            self.query_one("#compose", Compose).put_back(event.text)  # not lost
             self.notify(_error_text(exc), severity="error", markup=False)
             return
         msg.update(
@@ -658,6 +675,9 @@ class ChatApp(App[None]):
     async def message_changed(self, t: str, d: dict[str, Any]) -> None:
         mid = str(d.get("message_id"))
         row = self.rows.get(mid)
+        if t in ("message.expired", "message.deleted"):
+            # Its text goes from every place on screen: the replies quoting it, the reply bar.
+            self.requote(mid, None)
         if t == "message.expired" or (t == "message.deleted" and row is None):
             if row is not None:
                 await self.drop_row(mid)
@@ -666,21 +686,51 @@ class ChatApp(App[None]):
         if row is None:
             return  # not on screen: the history has it when it is opened
         if t == "message.edited":
-            row.update_msg(text=d.get("text") or "", edited_at=d.get("edited_at"))
+            text = str(d.get("text") or "")
+            self.patch(mid, text=text, edited_at=d.get("edited_at"))
+            self.requote(mid, text)
         elif t == "message.reaction":
             row.update_msg(reactions=_theirs(row.msg.get("reactions"), d.get("emoji")))
-        else:  # message.deleted: blank it, here and in the replies quoting it
-            row.update_msg(deleted=True, text="", reactions=[])
-            for other in self.rows.values():
-                q = other.msg.get("reply_to")
-                if isinstance(q, dict) and q.get("message_id") == mid:
-                    other.update_msg(reply_to={"message_id": mid, "text": None})
+        else:  # message.deleted: blank it (its quotes went above)
+            self.patch(mid, deleted=True, text="", reactions=[])
+
+    def patch(self, mid: str, **changes: Any) -> None:
+        """A message changed: its row, and its entry in the history a rebuild shows again."""
+        if mid in self.rows:
+            self.rows[mid].update_msg(**changes)
+        for m in self.messages:
+            if str(m.get("message_id")) == mid:
+                m.update(changes)
+
+    def requote(self, mid: str, text: str | None) -> None:
+        """The quotes of message ``mid`` show ``text`` now (None: it is gone, deleted or
+        expired): in the replies on screen, in the history kept for a rebuild, and in the
+        reply bar (a gone target closes it: the reply would quote nothing)."""
+        quote = {"message_id": mid, "text": text}
+        for m in self.messages:
+            q = m.get("reply_to")
+            if isinstance(q, dict) and str(q.get("message_id")) == mid:
+                m["reply_to"] = dict(quote)
+        for other in self.rows.values():
+            q = other.msg.get("reply_to")
+            if isinstance(q, dict) and str(q.get("message_id")) == mid:
+                other.update_msg(reply_to=dict(quote))
+        if self.reply_to is not None and str(self.reply_to.get("message_id")) == mid:
+            if text is None:
+                self.set_context(None, self.editing)
+            else:
+                self.set_context({**self.reply_to, "text": text}, self.editing)
+        if self.editing is not None and str(self.editing.get("message_id")) == mid and (
+            text is None
+        ):  # the message being edited went: the edit has nothing to replace
+            self.query_one("#compose", Compose).clear()
+            self.set_context(self.reply_to, None)
 
     async def drop_row(self, mid: str) -> None:
+        if self.selected == mid:
+            self.select(None)
         row = self.rows.pop(mid, None)
         self.messages = [m for m in self.messages if str(m.get("message_id")) != mid]
-        if self.selected == mid:
-            self.selected = None
         if row is not None:
             await row.remove()
 
@@ -706,6 +756,7 @@ class ChatApp(App[None]):
         if self.selected in self.rows:
             self.rows[self.selected].remove_class("selected")
         self.selected = mid if mid in self.rows else None
+        self.query_one("#compose", Compose).selecting = self.selected is not None
         if self.selected is not None:
             row = self.rows[self.selected]
             row.add_class("selected")
@@ -722,22 +773,18 @@ class ChatApp(App[None]):
             self.select(ids[-1])
             return
         i = ids.index(self.selected) + delta
-        if i >= len(ids):  # past the newest: back to the compose box
+        if i >= len(ids):  # past the newest: no selection, the compose box's arrows again
             self.select(None)
-            self.query_one("#compose", Compose).focus()
             return
         self.select(ids[max(0, i)])
 
-    def on_compose_select_last(self, _: Compose.SelectLast) -> None:
-        ids = self.selectable()
-        if ids:
-            self.select(ids[-1])
-            self.query_one("#log", MessageLog).focus()
+    def on_compose_select_move(self, event: Compose.SelectMove) -> None:
+        self.action_select_move(event.delta)
 
     def on_message_row_clicked(self, event: MessageRow.Clicked) -> None:
         if "timer_change" not in event.row.msg:
             self.select(event.row.message_id)
-            self.query_one("#log", MessageLog).focus()
+            self.query_one("#compose", Compose).focus()
 
     def chosen(self) -> tuple[Conversation, dict[str, Any]] | None:
         """The open one-to-one conversation and its selected message, else a note why not."""
@@ -760,6 +807,7 @@ class ChatApp(App[None]):
         if got is None:
             return
         self.set_context(got[1], None)
+        self.select(None)  # the compose box's arrows move in the reply again
         self.query_one("#compose", Compose).focus()
 
     def action_edit(self) -> None:
@@ -778,6 +826,7 @@ class ChatApp(App[None]):
         compose.clear()
         compose.insert(text)
         self.set_context(None, m)
+        self.select(None)  # the arrows move in the text being edited
         compose.focus()
 
     def action_react(self) -> None:
@@ -826,8 +875,10 @@ class ChatApp(App[None]):
         if answer == "everyone":
             await self.message_changed("message.deleted", {"message_id": mid})
         else:
+            self.requote(mid, None)
             await self.drop_row(mid)
-            await self.load()
+            with contextlib.suppress(AegisClientError):  # the list catches up on the next event
+                await self.load()
 
     # -- search, the timer, typing ---------------------------------------------------------
 
@@ -839,6 +890,8 @@ class ChatApp(App[None]):
             found = await self.client.search(query, limit=SEARCH_LIMIT)
         except InvalidParams as exc:
             raise ValueError(str(exc) or "nothing to search for") from None
+        except AegisClientError as exc:  # the daemon stopped or locked: said in the box
+            raise ValueError(f"not searched: {_error_text(exc)}") from None
         out = []
         for hit in found["results"]:
             h: dict[str, Any] = dict(hit)
@@ -855,16 +908,27 @@ class ChatApp(App[None]):
             return
         key = (group_key(int(hit["group"])) if hit["kind"] == "group"
                else contact_key(str(hit["contact"])))  # fmt: skip
-        if key not in self.convs:
-            await self.load()
-            if key not in self.convs:
-                return
-        await self.open(key)
         mid = str(hit["message"].get("message_id"))
-        while mid not in self.rows and self.next_before is not None:  # an older page
-            if not await self.fetch_page():
-                break
-            await self.rebuild()
+        try:
+            if key not in self.convs:
+                await self.load()
+                if key not in self.convs:
+                    return
+            await self.open(key)
+            fetched = False
+            # Older pages until the hit's; the rows are built once, after them (not page
+            # after page: quadratic in the pages).
+            while self.next_before is not None and mid not in {
+                str(m.get("message_id")) for m in self.messages
+            }:
+                if not await self.fetch_page():
+                    break
+                fetched = True
+            if fetched:
+                await self.rebuild()
+        except AegisClientError as exc:  # the daemon stopped or locked meanwhile
+            self.notify(_error_text(exc), severity="error", markup=False)
+            return
         if mid in self.rows:
             self.call_after_refresh(self.select, mid)
 
@@ -893,10 +957,18 @@ class ChatApp(App[None]):
         self.show_title()  # the timer line comes with the conversation.timer event
 
     def on_text_area_changed(self, event: Compose.Changed) -> None:
+        text = event.text_area.text
+        area = event.text_area
+        if isinstance(area, Compose) and area.quiet_text is not None:
+            # Still the text put back by the client (each of its Changed reads the text as
+            # it is now): no notice; once the user changes it, notices again.
+            if text == area.quiet_text:
+                return
+            area.quiet_text = None
         conv = self.convs.get(self.open_key or "")
         if not self.typing_on or conv is None or conv.kind != "contact" or self.editing:
             return
-        if not event.text_area.text:
+        if not text:
             return
         now = time.monotonic()
         if now - self.typing_sent >= TYPING_EVERY:  # the daemon rate-limits; fewer calls
@@ -904,8 +976,11 @@ class ChatApp(App[None]):
             self.run_worker(self._typing(conv.name, True))
 
     async def _typing(self, contact: str, typing: bool) -> None:
-        with contextlib.suppress(AegisClientError):
-            await self.client.typing(contact, typing)
+        # One at a time, in the order asked (asyncio's lock is FIFO): a "stopped" never goes
+        # ahead of a "typing" still in flight, which would leave the contact seeing "typing".
+        async with self.typing_lock:
+            with contextlib.suppress(AegisClientError):
+                await self.client.typing(contact, typing)
 
     # -- actions --------------------------------------------------------------------------
 
@@ -913,6 +988,9 @@ class ChatApp(App[None]):
         self.push_screen(HelpScreen())
 
     def action_go_back(self) -> None:
+        if self.selected is not None:  # first Esc: drop the selection
+            self.select(None)
+            return
         if self.reply_to is not None or self.editing is not None:
             if self.editing is not None:
                 self.query_one("#compose", Compose).clear()
@@ -921,7 +999,9 @@ class ChatApp(App[None]):
         self.query_one("#convs", ListView).focus()
 
     def action_quit_unless_typing(self) -> None:
-        if not isinstance(self.focused, Compose):
+        # A bare q quits only from the list with no conversation open: with one open the user
+        # may be typing anywhere (Ctrl+Q quits always).
+        if self.open_key is None and not isinstance(self.focused, Compose):
             self.exit()
 
     def action_jump(self) -> None:
@@ -1177,10 +1257,17 @@ class ChatApp(App[None]):
 
 
 def _paths(answer: str) -> list[str]:
-    """One path, or several in double quotes: absolute, as the daemon wants them."""
+    """One path (spaces and all), or several separated by spaces, those with spaces quoted (as
+    in a shell): absolute, as the daemon wants them. Unbalanced quotes: none."""
     one = answer.strip()
-    parts = [p for p in one.split('"')[1::2] if p.strip()] if '"' in one else [one]
-    return [os.path.abspath(os.path.expanduser(p.strip())) for p in parts]
+    if '"' in one or "'" in one:
+        try:
+            parts = shlex.split(one)
+        except ValueError:
+            return []
+    else:
+        parts = [one]
+    return [os.path.abspath(os.path.expanduser(p)) for p in parts if p.strip()]
 
 
 def _theirs(reactions: Any, emoji: Any) -> list[dict[str, Any]]:

@@ -14,17 +14,19 @@ from textual.widgets import Input, ListItem, ListView, Static
 from . import render
 
 #: The one key map (the help screen shows it; README.md "Chat in the terminal" repeats it).
-#: No key here is one the compose box uses itself (Ctrl+A, E, K, U, W... edit the line).
+#: No key here is one the compose box uses itself (Ctrl+A, E, K, U, W... edit the line), and
+#: no bare letter acts on a message or quits where a user may be typing.
 KEYS = [
     ("F1 or ?", "this help"),
     ("Tab / Shift+Tab", "move between the list, the messages and the compose box"),
     ("Up / Down", "move in the conversation list; in the messages, select one"),
-    ("Up (empty compose box)", "select the newest message (then Up / Down move)"),
-    ("r", "on a selected message: reply (its quote shows above the compose box)"),
-    ("+", "on a selected message: react (a common emoji by number, or any)"),
-    ("e", "on a selected message of yours: edit it (within 24 hours)"),
-    ("x or Delete", "on a selected message: delete it, for you or for everyone"),
-    ("click", "on a message: select it"),
+    ("Up (empty compose box)", "select the newest message; Up / Down then move, Esc drops it"),
+    ("Alt+R", "on the selected message: reply (its quote shows above the compose box)"),
+    ("Alt+= or Alt++", "on the selected message: react (a common emoji by number, or any)"),
+    ("Alt+E", "on the selected message of yours: edit it (within 24 hours)"),
+    ("Alt+X", "on the selected message: delete it, for you or for everyone (Delete too, in"
+     " the messages)"),
+    ("click", "on a message: select it (the compose box keeps the focus)"),
     ("F3", "search every conversation; Enter on a result opens it"),
     ("F5", "the disappearing timer: off / 5 min / 1 h / 1 day / 1 week"),
     ("Enter", "open the conversation (in the list); send (in the compose box)"),
@@ -43,7 +45,7 @@ KEYS = [
     ("Ctrl+L", "unlock a locked profile (asks for the passphrase)"),
     ("PageUp / scroll up", "in the messages: older ones load at the top"),
     ("Esc", "back (close a dialog; drop a reply or edit; from the messages to the list)"),
-    ("Ctrl+Q", "quit"),
+    ("Ctrl+Q", "quit (q too, in the list before a conversation is opened)"),
 ]
 
 

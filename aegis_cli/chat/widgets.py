@@ -144,15 +144,14 @@ class DaySeparator(Static):
 
 class MessageLog(VerticalScroll):
     """The conversation view; scrolled to its top, it asks for the older page. Focused, Up and
-    Down move the selection through the messages, and a key acts on the selected one."""
+    Down move the selection through the messages. The actions on the selected one are the
+    app's Alt keys: no bare letter acts here, since a user who believes they are typing in the
+    compose box must not edit, delete or quit by typing a word."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("up", "app.select_move(-1)", "previous message", show=False),
         Binding("down", "app.select_move(1)", "next message", show=False),
-        Binding("r", "app.reply", "reply"),
-        Binding("plus,equals_sign", "app.react", "react"),
-        Binding("e", "app.edit", "edit"),
-        Binding("x,delete", "app.delete_message", "delete"),
+        Binding("delete", "app.delete_message", "delete"),
     ]
 
     @dataclass
@@ -173,8 +172,20 @@ class Compose(TextArea):
         text: str
 
     @dataclass
-    class SelectLast(Message):
-        """Up in an empty box: select the newest message."""
+    class SelectMove(Message):
+        """Up in an empty box (or while a message is selected), Down while one is: move the
+        selection among the messages; the focus stays here, so typing still types."""
+
+        delta: int
+
+    #: A message is selected (the app sets it): Up / Down move the selection.
+    selecting = False
+    #: Text the client put back itself (not typed): its change sends no typing notice.
+    quiet_text: str | None = None
+
+    def put_back(self, text: str) -> None:
+        self.insert(text)
+        self.quiet_text = self.text
 
     async def _on_key(self, event: events.Key) -> None:
         if event.key == "enter":
@@ -185,10 +196,12 @@ class Compose(TextArea):
                 self.post_message(self.Send(text))
                 self.clear()
             return
-        if event.key == "up" and not self.text:
+        if (event.key == "up" and (self.selecting or not self.text)) or (
+            event.key == "down" and self.selecting
+        ):
             event.stop()
             event.prevent_default()
-            self.post_message(self.SelectLast())
+            self.post_message(self.SelectMove(-1 if event.key == "up" else 1))
             return
         if event.key in ("ctrl+n", "alt+enter", "shift+enter"):
             event.stop()

@@ -30,6 +30,7 @@ from aegis_cli.chat.screens import (
     SearchScreen,
 )
 from aegis_cli.chat.widgets import Compose, ConversationItem, MessageLog, MessageRow
+from aegis_client import Event
 from aegisd.paths import resolve
 from tests.daemon.conftest import FAST_KDF_ARGS, PASSPHRASE, DaemonProc
 from tests.functional.conftest import Peer, connect
@@ -274,7 +275,10 @@ def test_small_terminal_help_jump_request_and_invitation(peers: Callable[[str], 
         await pilot.press("escape")
         await pilot.press("escape")  # back to the list
         await until(pilot, lambda: app.focused is app.query_one("#convs"), "the list")
-        await pilot.press("q")
+        await pilot.press("q")  # a conversation is open: a bare q does not quit
+        await pilot.pause(0.1)
+        assert app.is_running
+        await pilot.press("ctrl+q")
         await until(pilot, lambda: not app.is_running, "quit")
 
     async def main() -> None:
@@ -374,6 +378,217 @@ def test_add_verify_rename_block(peers: Callable[[str], Peer]) -> None:
         await answer(app, pilot, "yes")
         await until(pilot, lambda: app.convs[contact_key("robert")].blocked, "blocked")
         assert (await asyncio.to_thread(contact, "robert") or {})["blocked"] is True
+
+    run_app(alice, body)
+
+
+def test_typing_after_up_edits_nothing_and_does_not_quit(peers: Callable[[str], Peer]) -> None:
+    alice, _bob = pair(peers)
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await app.open(contact_key("bob"))
+        compose = app.query_one(Compose)
+        await until(pilot, lambda: compose.has_focus, "the compose box")
+        await pilot.press(*"first")
+        await pilot.press("enter")
+        mine = await until(pilot, lambda: row_with(app, "first"), "my message")
+        await pilot.press("up")
+        await until(pilot, lambda: app.selected == mine.message_id, "the selection")
+        await pilot.press(*"excellent quick")
+        await pilot.pause(0.3)
+        assert app.is_running and compose.has_focus
+        assert compose.text == "excellent quick"
+        assert app.editing is None and app.reply_to is None
+        h = (await call(alice, "messages.history", {"contact": "bob"}))["messages"]
+        assert [(m["text"], m["edited_at"]) for m in h] == [("first", None)]
+        assert "edited" not in mine.plain
+        await pilot.press("down")  # past the newest: no selection, arrows are the box's again
+        await until(pilot, lambda: app.selected is None, "no selection")
+        assert not compose.selecting
+        app.select(mine.message_id)
+        await app.open(contact_key("bob"))  # opened again: no selection left behind
+        assert app.selected is None and not compose.selecting
+
+    run_app(alice, body)
+
+
+def test_search_with_the_daemon_stopped_keeps_the_client(peers: Callable[[str], Peer]) -> None:
+    alice, _bob = pair(peers)
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await asyncio.to_thread(alice.stop)
+        status = app.query_one("#status", Static)
+        await until(pilot, lambda: "daemon not running" in text_of(status), "the status line")
+        await pilot.press("f3")
+        await until(pilot, lambda: isinstance(app.screen, SearchScreen), "the search box")
+        app.screen.query_one(Input).value = "lunch"
+        await pilot.press("enter")
+        note = app.screen.query_one("#search-note", Static)
+        await until(pilot, lambda: "not searched" in text_of(note), "the error in the box")
+        await pilot.pause(0.2)
+        assert app.is_running and isinstance(app.screen, SearchScreen)
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, SearchScreen), "closed")
+        assert app.is_running
+
+    run_app(alice, body)
+
+
+def test_a_gone_or_edited_message_leaves_no_stale_quote(peers: Callable[[str], Peer]) -> None:
+    alice, bob = pair(peers)
+
+    def alice_has(text: str) -> Callable[[], Any]:
+        def find() -> Any:
+            h = alice.call("messages.history", {"contact": "bob"})["messages"]
+            return next((m for m in h if m["text"] == text), None)
+
+        return find
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await call(bob, "conversations.set_timer", {"contact": "alice", "seconds": 8})
+        secret = await call(bob, "messages.send", {"contact": "alice", "text": "secret plan"})
+        await call(bob, "conversations.set_timer", {"contact": "alice", "seconds": 0})
+        params = {"contact": "alice", "message_id": secret["message_id"], "text": "see above"}
+        await call(bob, "messages.reply", params)
+        await asyncio.to_thread(alice.wait_for, alice_has("see above"), "the reply", 60)
+        # Opened: read, so its 8 s start; alice starts a reply to it meanwhile.
+        await app.open(contact_key("bob"))
+        reply = await until(pilot, lambda: row_with(app, "see above"), "the reply's row")
+        assert "┃ secret plan" in reply.plain
+        app.select(secret["message_id"])
+        await pilot.press("alt+r")
+        context = app.query_one("#context", Static)
+        await until(pilot, lambda: "secret plan" in text_of(context), "the reply bar")
+        await until(pilot, lambda: secret["message_id"] not in app.rows, "expired", 60)
+        await pilot.pause(0.1)
+        assert not any("secret plan" in t for t in shown_texts(app))
+        assert "┃ (the quoted message is not here)" in reply.plain
+        assert not context.display and app.reply_to is None
+        await app.rebuild()  # as when an older page loads: the text does not come back
+        assert not any("secret plan" in t for t in shown_texts(app))
+
+        # An edit shows in the quotes on screen too.
+        first = await call(bob, "messages.send", {"contact": "alice", "text": "at noon"})
+        params = {"contact": "alice", "message_id": first["message_id"], "text": "ok?"}
+        await call(bob, "messages.reply", params)
+        again = await until(pilot, lambda: row_with(app, "ok?"), "the second reply", 60)
+        assert "┃ at noon" in again.plain
+        await call(bob, "messages.edit", {"message_id": first["message_id"], "text": "at one"})
+        await until(pilot, lambda: "┃ at one" in again.plain, "the quote edited", 60)
+
+    run_app(alice, body)
+
+
+def test_unread_counts_do_not_double_after_a_reload(peers: Callable[[str], Peer]) -> None:
+    alice, bob = pair(peers)
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        for i in range(3):
+            await call(bob, "messages.send", {"contact": "alice", "text": f"queued {i}"})
+        await until(pilot, lambda: app.convs[contact_key("bob")].unread == 3, "3 unread", 60)
+        # A reload (as on daemon.unlocked or a contact event), then the same events handed
+        # out again (as after a resubscription from a cursor behind them): counted once.
+        await app.load()
+        assert app.convs[contact_key("bob")].unread == 3
+        got = await call(alice, "events.list", {"types": ["message.received"]})
+        assert len(got["events"]) == 3
+        for e in got["events"]:
+            await app.handle(Event.from_json(e))
+        await pilot.pause(0.1)
+        assert app.convs[contact_key("bob")].unread == 3
+        row = item(app, "bob")
+        assert row is not None and "bob (3)" in text_of(row.line)
+        # A new message after the reload still counts.
+        await call(bob, "messages.send", {"contact": "alice", "text": "one more"})
+        await until(pilot, lambda: app.convs[contact_key("bob")].unread == 4, "4 unread", 60)
+
+    run_app(alice, body)
+
+
+def test_text_put_back_after_a_failed_send_sends_no_typing_notice(
+    peers: Callable[[str], Peer],
+) -> None:
+    alice, _bob = pair(peers)
+    alice.call("typing.config", {"enabled": True})
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await until(pilot, lambda: app.typing_on, "typing indicators on")
+        await app.open(contact_key("bob"))
+        compose = app.query_one(Compose)
+        too_big = "B" * 70_000  # over the daemon's limit: the send fails, the text comes back
+        compose.insert(too_big)
+        await until(pilot, lambda: app.typing_sent > 0, "the typed text's notice")
+        app.typing_sent = 0.0
+        await pilot.press("enter")
+        await until(pilot, lambda: compose.text == too_big, "the text put back", 60)
+        await pilot.pause(0.2)
+        assert app.typing_sent == 0.0  # no notice for text the client put back
+        await pilot.press("x")  # typed: a notice again
+        await until(pilot, lambda: app.typing_sent > 0, "the notice for typing")
+
+    run_app(alice, body)
+
+
+def test_file_paths_as_in_a_shell() -> None:
+    from aegis_cli.chat.app import _paths
+
+    assert _paths("/tmp/one file.txt") == ["/tmp/one file.txt"]  # one, unquoted: whole
+    assert _paths('"/tmp/a b" /tmp/c \'/tmp/d e\'') == ["/tmp/a b", "/tmp/c", "/tmp/d e"]
+    assert _paths('"/tmp/unbalanced') == []
+
+
+def test_hostile_quotes_captions_search_lines_and_group_names_are_inert(
+    peers: Callable[[str], Peer], tmp_path: Path
+) -> None:
+    alice, bob = pair(peers)
+    g = bob.call("group.create", {"name": "[b]crew[/b] [link=x]y[/link]"})["group"]
+    bob.call("group.invite", {"group": g, "contact": "alice"})
+    inv = alice.wait_for(lambda: alice.call("group.invitations")["invitations"], "the invitation")
+    ag = alice.call("group.accept", {"invitation": inv[0]["invitation"]})["group"]
+    bob.wait_for(
+        lambda: len(bob.call("group.get", {"group": g})["members"]) == 2, "alice in the group"
+    )
+    evil = tmp_path / "evil.txt"
+    evil.write_text("x\n")
+
+    def clean(text: str) -> None:
+        for ch in ("\x1b", "\x07", "\u202e", "\r"):
+            assert ch not in text, repr(ch)
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        first = await call(bob, "messages.send", {"contact": "alice", "text": HOSTILE})
+        params = {"contact": "alice", "message_id": first["message_id"], "text": "quoting"}
+        await call(bob, "messages.reply", params)
+        await call(bob, "attachments.send",
+                   {"contact": "alice", "path": str(evil), "caption": HOSTILE})  # fmt: skip
+        await call(bob, "group.send", {"group": g, "text": HOSTILE})
+        await until(pilot, lambda: app.convs[contact_key("bob")].unread >= 3, "bob's", 60)
+        await until(pilot, lambda: app.convs.get(f"g:{ag}") and app.convs[f"g:{ag}"].unread,
+                    "the group's", 60)  # fmt: skip
+        group_row = app.items[f"g:{ag}"]
+        assert "# [b]crew[/b] [link=x]" in text_of(group_row.line)  # as text (cut to fit)
+        clean(text_of(group_row.line))
+        await app.open(contact_key("bob"))
+        reply = await until(pilot, lambda: row_with(app, "quoting"), "the reply")
+        assert "┃ [bold]x[/]" in reply.plain  # the quote: as text, markup shown not obeyed
+        clean(reply.plain)
+        caption = await until(pilot, lambda: row_with(app, "[file] evil.txt"), "the file", 60)
+        assert "[link=https://evil.example]" in caption.plain
+        clean(caption.plain)
+        texts = shown_texts(app)
+        assert "<not Content" not in "".join(texts)
+        await pilot.press("f3")
+        await until(pilot, lambda: isinstance(app.screen, SearchScreen), "the search box")
+        app.screen.query_one(Input).value = "forged"
+        await pilot.press("enter")
+        await until(pilot, lambda: len(app.screen.query(SearchHit)) >= 3, "the hits", 30)
+        for hit in app.screen.query(SearchHit):
+            shown = text_of(hit.query_one(Static))
+            clean(shown)
+            assert "\n" not in shown.split("\n", 1)[1]  # the text: one line under its header
+        assert any("# [b]crew[/b]" in h.plain_line for h in app.screen.query(SearchHit))
+        svg = app.export_screenshot()
+        assert "\x1b" not in svg and "\u202e" not in svg
 
     run_app(alice, body)
 
@@ -621,10 +836,10 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
         compose = app.query_one(Compose)
         await until(pilot, lambda: compose.has_focus, "the compose box")
 
-        # Reply: Up from the empty box selects the newest message, r quotes it.
+        # Reply: Up from the empty box selects the newest message, Alt+R quotes it.
         await pilot.press("up")
         await until(pilot, lambda: app.selected == q["message_id"], "the selection")
-        await pilot.press("r")
+        await pilot.press("alt+r")
         context = app.query_one("#context", Static)
         await until(pilot, lambda: "lunch at one?" in text_of(context), "the quote bar")
         await pilot.press(*"yes")
@@ -638,8 +853,7 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
         await call(bob, "messages.react", {"message_id": got["message_id"], "emoji": "👍"})
         await until(pilot, lambda: "👍 1" in mine.plain, "bob's reaction", 60)
         app.select(got["message_id"])
-        app.query_one(MessageLog).focus()
-        await pilot.press("plus")
+        await pilot.press("alt+equals_sign")
         await answer(app, pilot, "1")
         await until(pilot, lambda: "👍 2 (you)" in mine.plain, "two reactions")
         h = (await call(alice, "messages.history", {"contact": "bob"}))["messages"]
@@ -647,8 +861,8 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
             {"emoji": "👍", "count": 2, "mine": True}
         ]
 
-        # Alice edits her reply (e); bob sees the new text marked edited.
-        await pilot.press("e")
+        # Alice edits her reply (Alt+E); bob sees the new text marked edited.
+        await pilot.press("alt+e")
         await until(pilot, lambda: compose.text == "yes" and compose.has_focus, "edit mode")
         compose.clear()
         compose.insert("yes, at one")
@@ -680,7 +894,8 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
         await pilot.pause()
         await pilot.click(mine.head)
         await until(pilot, lambda: app.selected == got["message_id"], "selected by a click")
-        await pilot.press("x")
+        assert compose.has_focus  # a click selects; the compose box keeps the focus
+        await pilot.press("alt+x")
         await answer(app, pilot, "everyone")
         await until(pilot, lambda: "(deleted)" in mine.plain, "deleted here")
         assert "┃ (the quoted message is not here)" in back.plain  # its quote went too
@@ -695,7 +910,7 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
         await until(pilot, lambda: app.selected == got["message_id"], "the one above")
         await pilot.press("down")
         await until(pilot, lambda: app.selected == back.message_id, "back down")
-        await pilot.press("x")
+        await pilot.press("delete")
         prompt = await answer(app, pilot, "me")
         assert "everyone" not in prompt  # not hers: for her only
         await until(pilot, lambda: row_with(app, "great") is None, "gone from view")
