@@ -13,7 +13,7 @@ CHAT = Path(__file__).resolve().parents[2] / "aegis_cli" / "chat"
 HEAVY = ("cryptography", "nacl", "sqlcipher3", "sqlite3", "aiohttp", "aiortc", "argon2")
 STDLIB_USED = {
     "__future__", "asyncio", "collections", "contextlib", "dataclasses", "os", "pathlib",
-    "signal", "time", "typing",
+    "shlex", "signal", "time", "typing",
 }  # fmt: skip
 
 
