@@ -139,7 +139,9 @@ class Actions:
                 mid = self.m.store.add_message(
                     c.id, "out", text, status="queued", message_id=wire_id.hex()
                 ).id
-                actions_store.set_reply(self.m.store, mid, quoted.id, quoted.body)
+                actions_store.set_reply(
+                    self.m.store, mid, quoted.id, quoted.body, quoted.direction
+                )
                 self.m.delivery.enqueue([Recipient(c, session)], payload, message_id=mid,
                                         delay=self.m.delivery.send_jitter())  # fmt: skip
         self.m.delivery.wake()
@@ -221,6 +223,11 @@ class Actions:
         target_id = p.target_id.hex()
         target = self.m.store.get_message(target_id)
         if target is None:
+            # Deleted for me here: replies' copies of it still follow (§26.4).
+            if isinstance(p, wire.DeletePayload):
+                actions_store.absent_target(self.m.store, c.id, target_id, None)
+            elif isinstance(p, wire.EditPayload):
+                actions_store.absent_target(self.m.store, c.id, target_id, p.text)
             # Maybe its message is still on the way (§26.5): held, bounded, applied when it comes.
             dropped = actions_store.hold(
                 self.m.store, c.id, target_id, wire.encode_payload(p), _ms(),
@@ -260,7 +267,8 @@ class Actions:
             text = quoted.body
         self.m.store.add_message(c.id, "in", p.text, status="received", message_id=mid,
                                  sent_at=p.sent_at_ms)  # fmt: skip
-        actions_store.set_reply(self.m.store, mid, p.quoted_id.hex(), text)
+        actions_store.set_reply(self.m.store, mid, p.quoted_id.hex(), text,
+                                None if quoted is None else quoted.direction)  # fmt: skip
         # The event names the quoted message, never its text (one copy fewer to erase).
         self.m.ctx.events.emit(
             "message.received",

@@ -52,9 +52,13 @@ def reactions(store: Store, message_ids: list[str]) -> dict[str, dict[str, str]]
     return out
 
 
-def set_reply(store: Store, message_id: str, reply_to: str, quoted: str | None) -> None:
+def set_reply(
+    store: Store, message_id: str, reply_to: str, quoted: str | None, quoted_dir: str | None
+) -> None:
+    """``quoted_dir``: the quoted message's direction (None: not found)."""
     store._q(
-        "UPDATE messages SET reply_to = ?, quoted = ? WHERE id = ?", (reply_to, quoted, message_id)
+        "UPDATE messages SET reply_to = ?, quoted = ?, quoted_dir = ? WHERE id = ?",
+        (reply_to, quoted, quoted_dir, message_id),
     )
 
 
@@ -130,6 +134,17 @@ def forget_quotes(store: Store, message_id: str, contact_id: int) -> None:
     store._q(
         "UPDATE messages SET quoted = NULL WHERE reply_to = ? AND contact_id = ?",
         (message_id, contact_id),
+    )
+
+
+def absent_target(store: Store, contact_id: int, target: str, text: str | None) -> None:
+    """A contact's deletion for everyone (``text`` None) or edit of a message we no longer
+    have (deleted for me): the copies of it kept by replies in its conversation follow, but
+    only copies of the contact's own messages (a peer cannot touch quotes of ours)."""
+    store._q(
+        "UPDATE messages SET quoted = ? WHERE reply_to = ? AND contact_id = ? "
+        "AND quoted_dir = 'in' AND quoted IS NOT NULL",
+        (text, target, contact_id),
     )
 
 

@@ -164,3 +164,35 @@ def actions_store_limit() -> int:
     from aegisd.services.actions import PENDING_PER_CONTACT
 
     return PENDING_PER_CONTACT
+
+
+def test_a_deletion_or_edit_reaches_the_quotes_of_a_message_deleted_for_me(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    pin, typo = send(alice, "bob", "my pin is 4711"), send(alice, "bob", "the frist words")
+    arrived(bob, "alice", pin)
+    arrived(bob, "alice", typo)
+    own = send(bob, "alice", "bob's own words")
+    arrived(alice, "bob", own)
+    for quoted in (pin, typo, own):
+        r = bob.call("messages.reply", {"contact": "alice", "message_id": quoted, "text": "ok"})
+        arrived(alice, "bob", r["message_id"])
+    for mid in (pin, typo, own):  # bob: delete for me, the quotes keep their copies
+        bob.call("messages.delete", {"message_id": mid})
+    alice.call("messages.edit", {"message_id": typo, "text": "the first words"})
+    alice.call("messages.delete", {"message_id": pin, "for_everyone": True})
+    bob.wait_for(lambda: "my pin is 4711" not in quoted_copies(bob), "the deletion")
+    bob.wait_for(lambda: "the first words" in quoted_copies(bob), "the edit")
+    assert sorted(quoted_copies(bob)) == ["bob's own words", "the first words"]
+    # A peer cannot touch the quotes of our own messages, deleted for me or not.
+    alice.stop()
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    with hostile(alice.home, "bob") as h:
+        blocks = h.payload_blocks(wire.EditPayload(bytes.fromhex(own), now_ms(), "forged"))
+        blocks += h.payload_blocks(wire.DeletePayload(bytes.fromhex(own)))
+        blocks += h.payload_blocks(wire.TextPayload(os.urandom(16), now_ms(), "marker"))
+        h.deposit(url, blocks)
+    bob.wait_for(lambda: by_text(bob, "alice", "marker"), "the hostile blocks")
+    assert sorted(quoted_copies(bob)) == ["bob's own words", "the first words"]
