@@ -307,7 +307,11 @@ class Actions:
             actions_store.mark_deleted(self.m.store, target.id, c.id)
             self.m.ctx.events.emit("message.deleted", {"message_id": target.id, "contact": c.name})
             return
-        if now - target.created_at > EDIT_WINDOW_MS:
+        # Past 24 hours since it was stored here, an edit still counts when its own stamp is
+        # within 24 hours of the message's: one sent again after a renewal (§23, §26.3).
+        if now - target.created_at > EDIT_WINDOW_MS and (
+            target.sent_at is None or p.edited_at_ms - target.sent_at > EDIT_WINDOW_MS
+        ):
             droplog.dropped("dropped an edit past the edit window")
             return
         if extras.edit_sent_at is not None and p.edited_at_ms <= extras.edit_sent_at:

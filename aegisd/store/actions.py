@@ -206,21 +206,25 @@ class OwnAction:
     edit_sent_at: int | None
 
 
-def own_actions(store: Store, contact_id: int, limit: int) -> list[OwnAction]:
-    """Our deletions for everyone, edits and reactions in one conversation, from its newest
-    ``limit`` messages that carry one, oldest first."""
+def own_actions(store: Store, contact_id: int, limit: int, deletions: int) -> list[OwnAction]:
+    """Our deletions for everyone in one conversation, the newest ``deletions`` of them, oldest
+    first; then our edits and reactions, from its newest ``limit`` messages that carry one
+    (not deleted), oldest first. Deletions under their own larger bound: an older one left
+    out would bring a text back on the restored side."""
+    gone = store._q(
+        "SELECT id FROM messages WHERE contact_id = ? AND direction = 'out' AND deleted = 1 "
+        "ORDER BY seq DESC LIMIT ?",
+        (contact_id, deletions),
+    ).fetchall()
+    out = [OwnAction(str(r[0]), "delete", "", None) for r in reversed(gone)]
     rows: list[Any] = store._q(
-        "SELECT m.seq, m.id, m.direction, m.deleted, m.edits, m.body, m.edit_sent_at, r.emoji "
+        "SELECT m.seq, m.id, m.direction, m.edits, m.body, m.edit_sent_at, r.emoji "
         "FROM messages m LEFT JOIN reactions r ON r.message_id = m.id AND r.direction = 'out' "
-        "WHERE m.contact_id = ? AND ((m.direction = 'out' AND (m.deleted = 1 OR m.edits > 0)) "
-        "OR (m.deleted = 0 AND r.emoji IS NOT NULL)) ORDER BY m.seq DESC LIMIT ?",
+        "WHERE m.contact_id = ? AND m.deleted = 0 AND ((m.direction = 'out' AND m.edits > 0) "
+        "OR r.emoji IS NOT NULL) ORDER BY m.seq DESC LIMIT ?",
         (contact_id, limit),
     ).fetchall()
-    out: list[OwnAction] = []
-    for _, mid, direction, deleted, edits, body, sent_at, emoji in reversed(rows):
-        if deleted:
-            out.append(OwnAction(mid, "delete", "", None))
-            continue
+    for _, mid, direction, edits, body, sent_at, emoji in reversed(rows):
         if direction == "out" and edits:
             out.append(OwnAction(mid, "edit", body, sent_at))
         if emoji is not None:
