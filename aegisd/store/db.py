@@ -265,7 +265,8 @@ class Store:
             for fts in rebuilt:
                 self._q(f"INSERT INTO {fts} ({fts}) VALUES ('rebuild')")  # noqa: S608
             self._q("DELETE FROM fts_dirty")
-        if rebuilt and checkpoint:
+        # Even with no rebuild: the deletion's own old pages (its text) go from the WAL.
+        if names and checkpoint:
             self._q("PRAGMA wal_checkpoint(TRUNCATE)")
         return len(rebuilt)
 
