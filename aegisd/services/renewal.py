@@ -378,6 +378,11 @@ class Renewals:
                 target = _wire_id(a.message_id)
                 if target is None:
                     continue
+                if a.kind == "react":
+                    try:  # stored under an older, looser rule (§26.2): not sent again
+                        wire.check_reaction(a.text)
+                    except ValueError:
+                        continue
                 action: wire.Payload = (
                     wire.DeletePayload(target) if a.kind == "delete"
                     else wire.ReactionPayload(target, a.text) if a.kind == "react"
