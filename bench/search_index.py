@@ -8,7 +8,8 @@ random texts (3 to 15 words of a 5,000-word vocabulary), then opens it at the cu
 migration's time, the time of a search (a common word, a two-word query, a word that is in
 no message; best of 20), and the time of a deletion with FTS5's secure-delete on, beside the
 same store with it switched off (the baseline, same run), and the time of the rebuild and
-WAL checkpoint that follows deletions (store/schema.py `_search_index_dirty`). Each deletion
+WAL checkpoint that follows deletions (store/schema.py `_search_index_dirty`) beside the
+check that decides whether one is needed (Store.search_leaks). Each deletion
 is its own transaction (synchronous=FULL: an fsync each, as in the daemon). A measurement:
 nothing is asserted.
 """
@@ -58,7 +59,12 @@ def main() -> None:
             for _ in range(args.messages):
                 text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 15)))
                 text_bytes += len(text.encode())
-                store.add_message(contact.id, "in", text, status="received")
+                # Rows as that schema has them (Store.add_message writes today's columns).
+                store._q(
+                    "INSERT INTO messages (id, contact_id, direction, body, status, created_at, "
+                    "status_at) VALUES (?, ?, 'in', ?, 'received', 0, 0)",
+                    (os.urandom(16).hex(), contact.id, text),
+                )
         store.close()
         without = path.stat().st_size
         setattr(store_db, "MIGRATIONS", schema.MIGRATIONS)  # noqa: B010
@@ -79,11 +85,24 @@ def main() -> None:
                 hits = S.search(store, match, limit=20)
                 best = min(best, time.perf_counter() - start)
             print(f"search {query!r}: {best * 1000:.2f} ms, {len(hits)} hits")
+        store.delete_message(store._q("SELECT id FROM messages LIMIT 1").fetchone()[0])
+        start = time.perf_counter()
+        leaks = store.search_leaks("messages_fts")
+        checked = time.perf_counter() - start
+        print(f"one deletion: the check of the index's %_idx terms against the live ones took "
+              f"{checked * 1000:.1f} ms (a rebuild needed: {leaks})")  # fmt: skip
         on = _deletions(store, 200)
         start = time.perf_counter()
-        store.rebuild_dirty_search()  # what the deletions above leave the daemon to do
+        leaks = store.search_leaks("messages_fts")
+        checked = time.perf_counter() - start
+        start = time.perf_counter()
+        with store.transaction():
+            store._q("INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')")
+        store.checkpoint()
         rebuilt = time.perf_counter() - start
-        print(f"rebuild of the index after deletions, then the WAL truncated: {rebuilt:.2f} s")
+        print(f"200 deletions: the check took {checked * 1000:.1f} ms (a rebuild needed: "
+              f"{leaks}); the rebuild of the index and the WAL truncated: {rebuilt:.2f} s")
+        store.rebuild_dirty_search()
         store._q("INSERT INTO messages_fts (messages_fts, rank) VALUES ('secure-delete', 0)")
         off = _deletions(store, 200)
         print(f"one deletion: {on:.2f} ms with secure-delete, {off:.2f} ms without (baseline)")

@@ -1176,11 +1176,18 @@ REACTION_RANGES: tuple[tuple[int, int], ...] = (
     (0x2122, 0x2122), (0x2139, 0x2139), (0x2194, 0x21FF), (0x2300, 0x23FF),
     (0x24C2, 0x24C2), (0x25A0, 0x27BF), (0x2900, 0x297F), (0x2B00, 0x2BFF),
     (0x3030, 0x3030), (0x303D, 0x303D), (0x3297, 0x3297), (0x3299, 0x3299),
-    (0x1F000, 0x1FAFF), (0x1FC00, 0x1FFFD),
+    # U+1F100-1F1FF is mostly enclosed letters and digits (a peer could spell words with
+    # them): only its emoji pass (🅰 🅱 🅾 🅿 🆎 🆑-🆚); regional indicators only as one flag.
+    (0x1F000, 0x1F0FF), (0x1F170, 0x1F171), (0x1F17E, 0x1F17F), (0x1F18E, 0x1F18E),
+    (0x1F191, 0x1F19A), (0x1F200, 0x1FAFF), (0x1FC00, 0x1FFFD),
 )  # fmt: skip
 _ZWJ, _VS16, _KEYCAP = 0x200D, 0xFE0F, 0x20E3
 _KEYCAP_BASES = frozenset(b"#*0123456789")
-_BLACK_FLAG, _TAG_FIRST, _TAG_CANCEL = 0x1F3F4, 0xE0020, 0xE007F
+_BLACK_FLAG, _TAG_CANCEL = 0x1F3F4, 0xE007F
+#: Tag characters of a subdivision flag: lowercase a-z and 0-9 (gbsct, usca, ...).
+_FLAG_TAGS = frozenset(range(0xE0061, 0xE007B)) | frozenset(range(0xE0030, 0xE003A))
+_RI_FIRST, _RI_LAST = 0x1F1E6, 0x1F1FF
+_TONE_FIRST, _TONE_LAST = 0x1F3FB, 0x1F3FF
 
 
 def _reaction_symbol(cp: int) -> bool:
@@ -1188,45 +1195,41 @@ def _reaction_symbol(cp: int) -> bool:
 
 
 def check_reaction(emoji: str) -> None:
-    """A reaction is empty (removal) or a short run of emoji, checked against the fixed rule of
+    """A reaction is empty (removal) or ONE emoji, checked against the fixed grammar of
     docs/protocol.md §26.2 (code point ranges, no Unicode database: the result must not depend
-    on the interpreter's Unicode version). A bound on what a peer can make the screen show,
-    not a check that the sequence is a recommended emoji."""
+    on the interpreter's Unicode version). A bound on what a peer can make the screen show
+    (no word spelled with symbols), not a check that the sequence is a recommended emoji."""
     if not emoji:
         return
-    if len(emoji) > REACTION_MAX_CHARS:
+    if len(emoji) > REACTION_MAX_CHARS or len(emoji.encode()) > MAX_REACTION_BYTES:
         raise ValueError("reaction too long")
     cps = [ord(ch) for ch in emoji]
-    for i, cp in enumerate(cps):
-        prev = cps[i - 1] if i else None
-        nxt = cps[i + 1] if i + 1 < len(cps) else None
-        if _reaction_symbol(cp):
-            continue
-        if cp in _KEYCAP_BASES:
-            if cps[i + 1 : i + 3] != [_VS16, _KEYCAP]:
-                raise ValueError("reaction holds letters, digits or punctuation")
-        elif cp == _KEYCAP:
-            if i < 2 or prev != _VS16 or cps[i - 2] not in _KEYCAP_BASES:
-                raise ValueError("reaction holds a misplaced keycap mark")
-        elif cp == _VS16:
-            if prev is None or prev in (_ZWJ, _VS16):
-                raise ValueError("reaction holds a misplaced variation selector")
-        elif cp == _ZWJ:
-            if prev is None or nxt is None or prev == _ZWJ or nxt == _ZWJ:
-                raise ValueError("reaction holds a misplaced joiner")
-        elif _TAG_FIRST <= cp < _TAG_CANCEL:
-            # A subdivision flag: U+1F3F4, tag characters, U+E007F.
-            if prev is None or not (prev == _BLACK_FLAG or _TAG_FIRST <= prev < _TAG_CANCEL):
-                raise ValueError("reaction holds a misplaced tag")
-            if nxt is None or not _TAG_FIRST <= nxt <= _TAG_CANCEL:
-                raise ValueError("reaction holds an unterminated tag sequence")
-        elif cp == _TAG_CANCEL:
-            if prev is None or not _TAG_FIRST <= prev < _TAG_CANCEL:
-                raise ValueError("reaction holds a misplaced tag")
-        else:
+    n = len(cps)
+    if cps[0] in _KEYCAP_BASES:
+        if cps[1:] != [_VS16, _KEYCAP]:
+            raise ValueError("reaction holds letters, digits or punctuation")
+        return
+    if _RI_FIRST <= cps[0] <= _RI_LAST:
+        if n != 2 or not _RI_FIRST <= cps[1] <= _RI_LAST:
+            raise ValueError("reaction holds regional indicators that are not one flag")
+        return
+    if cps[0] == _BLACK_FLAG and n > 1 and cps[1] in _FLAG_TAGS:
+        if not 4 <= n <= 8 or cps[-1] != _TAG_CANCEL or not set(cps[1:-1]) <= _FLAG_TAGS:
+            raise ValueError("reaction holds a malformed tag sequence")
+        return
+    # Symbols joined by U+200D, each optionally followed by U+FE0F or a skin tone.
+    i = 0
+    while True:
+        if not _reaction_symbol(cps[i]) or _TONE_FIRST <= cps[i] <= _TONE_LAST:
             raise ValueError("reaction holds a character that is not an emoji")
-    if len(emoji.encode()) > MAX_REACTION_BYTES:
-        raise ValueError("reaction too long")
+        i += 1
+        if i < n and (cps[i] == _VS16 or _TONE_FIRST <= cps[i] <= _TONE_LAST):
+            i += 1
+        if i == n:
+            return
+        if cps[i] != _ZWJ or i + 1 == n:
+            raise ValueError("reaction holds more than one emoji or a misplaced mark")
+        i += 1
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,9 @@ class Actions:
                 mid = self.m.store.add_message(
                     c.id, "out", text, status="queued", message_id=wire_id.hex()
                 ).id
-                actions_store.set_reply(self.m.store, mid, quoted.id, quoted.body)
+                actions_store.set_reply(
+                    self.m.store, mid, quoted.id, quoted.body, quoted.direction
+                )
                 self.m.delivery.enqueue([Recipient(c, session)], payload, message_id=mid,
                                         delay=self.m.delivery.send_jitter())  # fmt: skip
         self.m.delivery.wake()
@@ -224,6 +226,11 @@ class Actions:
         if target is None and erased(self.m.store, c.id, target_id):
             return  # erased at its deadline (§27.4): nothing to hold it for
         if target is None:
+            # Deleted for me here: replies' copies of it still follow (§26.4).
+            if isinstance(p, wire.DeletePayload):
+                actions_store.absent_target(self.m.store, c.id, target_id, None)
+            elif isinstance(p, wire.EditPayload):
+                actions_store.absent_target(self.m.store, c.id, target_id, p.text)
             # Maybe its message is still on the way (§26.5): held, bounded, applied when it comes.
             dropped = actions_store.hold(
                 self.m.store, c.id, target_id, wire.encode_payload(p), _ms(),
@@ -263,7 +270,8 @@ class Actions:
             text = quoted.body
         self.m.store.add_message(c.id, "in", p.text, status="received", message_id=mid,
                                  sent_at=p.sent_at_ms)  # fmt: skip
-        actions_store.set_reply(self.m.store, mid, p.quoted_id.hex(), text)
+        actions_store.set_reply(self.m.store, mid, p.quoted_id.hex(), text,
+                                None if quoted is None else quoted.direction)  # fmt: skip
         # The event names the quoted message, never its text (one copy fewer to erase).
         self.m.ctx.events.emit(
             "message.received",
@@ -302,7 +310,11 @@ class Actions:
             actions_store.mark_deleted(self.m.store, target.id, c.id)
             self.m.ctx.events.emit("message.deleted", {"message_id": target.id, "contact": c.name})
             return
-        if now - target.created_at > EDIT_WINDOW_MS:
+        # Past 24 hours since it was stored here, an edit still counts when its own stamp is
+        # within 24 hours of the message's: one sent again after a renewal (§23, §26.3).
+        if now - target.created_at > EDIT_WINDOW_MS and (
+            target.sent_at is None or p.edited_at_ms - target.sent_at > EDIT_WINDOW_MS
+        ):
             droplog.dropped("dropped an edit past the edit window")
             return
         if extras.edit_sent_at is not None and p.edited_at_ms <= extras.edit_sent_at:

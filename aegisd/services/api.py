@@ -214,7 +214,13 @@ def register(registry: Registry, m: Messenger) -> None:
     async def conversations_delete(ctx: CallContext, contact: str) -> dict[str, Any]:
         c = m.contacts.by_name(contact)
         await m.attachments.forget(attachment_store.of_conversation(m.store, c.id))
-        return {"deleted": m.store.delete_conversation(c.id)}
+        # A file that arrived meanwhile: listed and its message deleted under the lock (no
+        # other can come in between), then its row, transfer and copy go like the others.
+        async with m.lock:
+            late = attachment_store.of_conversation(m.store, c.id)
+            deleted = m.store.delete_conversation(c.id)
+        await m.attachments.forget(late)
+        return {"deleted": deleted}
 
     @method("settings.get")
     async def settings_get(ctx: CallContext) -> dict[str, Any]:

@@ -28,13 +28,15 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+import sqlcipher3
+
 from aegisd.core import wire
 from aegisd.core.identity import IdentityKeyPair, new_address
 from aegisd.core.prekeys import PrekeyStore
 from aegisd.core.primitives import SystemEntropy
 from aegisd.core.session import Session
 from aegisd.rpc import AppError
-from aegisd.store import Store
+from aegisd.store import Store, StoreError
 from aegisd.transport.network import Network
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable
 from relay.client import RelayError
@@ -319,8 +321,14 @@ class Messenger:
         while True:
             await asyncio.sleep(SEARCH_REBUILD_INTERVAL)
             store = self.ctx.store
-            if store is not None and store.search_dirty():
-                store.rebuild_dirty_search()
+            # An error (a full disk, a damaged index) must not end the loop: logged without
+            # any text, tried again at the next round.
+            try:
+                if store is not None and store.search_dirty():
+                    store.rebuild_dirty_search()
+            except (sqlcipher3.Error, StoreError) as exc:
+                log.warning("rebuilding the search index failed (%s); trying again later",
+                            type(exc).__name__)  # fmt: skip
 
     async def _maintenance_loop(self) -> None:
         while True:

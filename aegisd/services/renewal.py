@@ -72,6 +72,9 @@ OWN_MAILBOX_RESERVE_AT = 800
 #: Our reactions, edits and deletions sent again in a renewed session (from the conversation's
 #: newest messages that carry one): bounded, a restore must not set off a flood of blocks.
 RESEND_ACTIONS = 64
+#: Our deletions for everyone sent again, first and under their own bound: a deletion left out
+#: brings a text back on the restored side, a reaction or an edit left out loses less.
+RESEND_DELETIONS = 1000
 
 
 class RenewalsHost(Protocol):
@@ -369,10 +372,17 @@ class Renewals:
             # Our reactions, edits and deletions, rebuilt from what is stored: those queued in
             # the old session or deposited after the backup are lost to the restored side,
             # and the backup keeps none of them (docs/backup.md).
-            for a in actions_store.own_actions(store, c.id, RESEND_ACTIONS):
+            for a in actions_store.own_actions(
+                store, c.id, RESEND_ACTIONS, RESEND_DELETIONS
+            ):
                 target = _wire_id(a.message_id)
                 if target is None:
                     continue
+                if a.kind == "react":
+                    try:  # stored under an older, looser rule (§26.2): not sent again
+                        wire.check_reaction(a.text)
+                    except ValueError:
+                        continue
                 action: wire.Payload = (
                     wire.DeletePayload(target) if a.kind == "delete"
                     else wire.ReactionPayload(target, a.text) if a.kind == "react"

@@ -52,9 +52,13 @@ def reactions(store: Store, message_ids: list[str]) -> dict[str, dict[str, str]]
     return out
 
 
-def set_reply(store: Store, message_id: str, reply_to: str, quoted: str | None) -> None:
+def set_reply(
+    store: Store, message_id: str, reply_to: str, quoted: str | None, quoted_dir: str | None
+) -> None:
+    """``quoted_dir``: the quoted message's direction (None: not found)."""
     store._q(
-        "UPDATE messages SET reply_to = ?, quoted = ? WHERE id = ?", (reply_to, quoted, message_id)
+        "UPDATE messages SET reply_to = ?, quoted = ?, quoted_dir = ? WHERE id = ?",
+        (reply_to, quoted, quoted_dir, message_id),
     )
 
 
@@ -133,6 +137,17 @@ def forget_quotes(store: Store, message_id: str, contact_id: int) -> None:
     )
 
 
+def absent_target(store: Store, contact_id: int, target: str, text: str | None) -> None:
+    """A contact's deletion for everyone (``text`` None) or edit of a message we no longer
+    have (deleted for me): the copies of it kept by replies in its conversation follow, but
+    only copies of the contact's own messages (a peer cannot touch quotes of ours)."""
+    store._q(
+        "UPDATE messages SET quoted = ? WHERE reply_to = ? AND contact_id = ? "
+        "AND quoted_dir = 'in' AND quoted IS NOT NULL",
+        (text, target, contact_id),
+    )
+
+
 # -- actions waiting for their message (docs/protocol.md §26.5) ---------------------------------
 
 
@@ -191,21 +206,25 @@ class OwnAction:
     edit_sent_at: int | None
 
 
-def own_actions(store: Store, contact_id: int, limit: int) -> list[OwnAction]:
-    """Our deletions for everyone, edits and reactions in one conversation, from its newest
-    ``limit`` messages that carry one, oldest first."""
+def own_actions(store: Store, contact_id: int, limit: int, deletions: int) -> list[OwnAction]:
+    """Our deletions for everyone in one conversation, the newest ``deletions`` of them, oldest
+    first; then our edits and reactions, from its newest ``limit`` messages that carry one
+    (not deleted), oldest first. Deletions under their own larger bound: an older one left
+    out would bring a text back on the restored side."""
+    gone = store._q(
+        "SELECT id FROM messages WHERE contact_id = ? AND direction = 'out' AND deleted = 1 "
+        "ORDER BY seq DESC LIMIT ?",
+        (contact_id, deletions),
+    ).fetchall()
+    out = [OwnAction(str(r[0]), "delete", "", None) for r in reversed(gone)]
     rows: list[Any] = store._q(
-        "SELECT m.seq, m.id, m.direction, m.deleted, m.edits, m.body, m.edit_sent_at, r.emoji "
+        "SELECT m.seq, m.id, m.direction, m.edits, m.body, m.edit_sent_at, r.emoji "
         "FROM messages m LEFT JOIN reactions r ON r.message_id = m.id AND r.direction = 'out' "
-        "WHERE m.contact_id = ? AND ((m.direction = 'out' AND (m.deleted = 1 OR m.edits > 0)) "
-        "OR (m.deleted = 0 AND r.emoji IS NOT NULL)) ORDER BY m.seq DESC LIMIT ?",
+        "WHERE m.contact_id = ? AND m.deleted = 0 AND ((m.direction = 'out' AND m.edits > 0) "
+        "OR r.emoji IS NOT NULL) ORDER BY m.seq DESC LIMIT ?",
         (contact_id, limit),
     ).fetchall()
-    out: list[OwnAction] = []
-    for _, mid, direction, deleted, edits, body, sent_at, emoji in reversed(rows):
-        if deleted:
-            out.append(OwnAction(mid, "delete", "", None))
-            continue
+    for _, mid, direction, edits, body, sent_at, emoji in reversed(rows):
         if direction == "out" and edits:
             out.append(OwnAction(mid, "edit", body, sent_at))
         if emoji is not None:

@@ -195,6 +195,9 @@ class Store:
             store = cls(conn, path, clock or _now_ms)
             store._migrate()
             store.rebuild_dirty_search()  # marked before a crash: the last run did not
+            # A kill between a rebuild's (or an erasure's) commit and its checkpoint leaves the
+            # old page images in the -wal: emptied here, before anything else runs.
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except BaseException:
             conn.close()
             raise
@@ -258,11 +261,40 @@ class Store:
             for fts in names:
                 if fts not in SEARCHED_INDEXES:
                     raise StoreError("an unknown search index is marked for rebuilding")
+            rebuilt = [fts for fts in names if self.search_leaks(fts)]
+            for fts in rebuilt:
                 self._q(f"INSERT INTO {fts} ({fts}) VALUES ('rebuild')")  # noqa: S608
             self._q("DELETE FROM fts_dirty")
+        # Even with no rebuild: the deletion's own old pages (its text) go from the WAL.
         if names and checkpoint:
             self._q("PRAGMA wal_checkpoint(TRUNCATE)")
-        return len(names)
+        return len(rebuilt)
+
+    def search_leaks(self, fts: str) -> bool:
+        """Whether the index's ``%_idx`` keeps a term (the first term of a leaf page, or a
+        prefix of it) that is no longer a prefix of any term of a live row: a deleted or
+        edited-away word, or a part of it that no message has. Only then is a rebuild
+        needed; the leaf pages themselves are overwritten by secure-delete. Reads the
+        index's terms through a temporary fts5vocab table (memory: temp_store)."""
+        if fts not in SEARCHED_INDEXES:
+            raise StoreError("an unknown search index")
+        vocab = f"{fts}_vocab"
+        self._q(f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.{vocab} "
+                f"USING fts5vocab(main, {fts}, row)")  # fmt: skip
+        idx = self._q(f"SELECT DISTINCT term FROM {fts}_idx").fetchall()  # noqa: S608
+        for (term,) in idx:
+            prefix = bytes(term)[1:]  # the first byte names FTS5's index (0: the main one)
+            if not prefix:
+                continue
+            # Terms compare as bytes: every term starting with the prefix is in [p, p||ff).
+            live = self._q(
+                f"SELECT 1 FROM temp.{vocab} WHERE term >= CAST(? AS TEXT) "  # noqa: S608
+                "AND term < CAST(? AS TEXT) LIMIT 1",
+                (prefix, prefix + b"\xff"),
+            ).fetchone()
+            if live is None:
+                return True
+        return False
 
     @property
     def schema_version(self) -> int:

@@ -660,10 +660,26 @@ def _disappearing_messages(db: Any) -> None:
     )
 
 
+def _quoted_direction(db: Any) -> None:
+    """Whose message a reply's quote copies (``quoted_dir``, 'in' or 'out', NULL when unknown):
+    a contact's deletion for everyone or edit of a message we no longer have (deleted for me)
+    still reaches the copies of it, but only of the contact's own messages (protocol §26.4).
+    Existing replies take it from the quoted message when it is still there."""
+    _run(
+        db,
+        """
+        ALTER TABLE messages ADD COLUMN quoted_dir TEXT;
+        UPDATE messages SET quoted_dir = (SELECT q.direction FROM messages q
+                                          WHERE q.id = messages.reply_to)
+            WHERE reply_to IS NOT NULL
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
     _cover_receipts, _mailbox_pool, _groups, _group_invites_and_intros, _group_message_keys,
     _group_file_links, _group_contact_departures, _message_search_index, _message_actions,
-    _file_captions_and_typing, _disappearing_messages, _search_index_dirty,
+    _file_captions_and_typing, _disappearing_messages, _search_index_dirty, _quoted_direction,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

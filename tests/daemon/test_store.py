@@ -394,3 +394,28 @@ def test_network_mode_migration_keeps_what_old_profiles_did(tmp_path, monkeypatc
     fresh = create_profile(tmp_path / "new", None)  # a new profile: its init decides
     assert fresh.get_setting("network.mode") is None
     fresh.close()
+
+
+def test_renewal_resends_every_deletion_first_then_the_newest_edits_and_reactions(tmp_path):
+    from aegisd.store import actions as A
+
+    store = Store.open(tmp_path / "a.db", os.urandom(32), create=True)
+    try:
+        c = store.add_contact("bob")
+        old = store.add_message(c.id, "out", "an old regret", status="sent")
+        A.mark_deleted(store, old.id, c.id)
+        newer = []
+        for i in range(80):  # more messages with a reaction than the window of 64
+            m = store.add_message(c.id, "in", f"text {i}", status="received")
+            A.set_reaction(store, m.id, "out", "👍", 1)
+            newer.append(m.id)
+        edited = store.add_message(c.id, "out", "draft", status="sent")
+        A.edit(store, edited.id, "final", 2, 3)
+        got = A.own_actions(store, c.id, 64, 1000)
+        assert got[0] == A.OwnAction(old.id, "delete", "", None)  # older than the window
+        rest = got[1:]
+        assert len(rest) == 64 and rest[-1] == A.OwnAction(edited.id, "edit", "final", 3)
+        assert [a.message_id for a in rest[:-1]] == newer[-63:]
+        assert A.own_actions(store, c.id, 64, 0)[0].kind != "delete"  # their own bound
+    finally:
+        store.close()

@@ -290,3 +290,71 @@ def test_a_group_deletion_takes_its_words_out_of_group_messages_fts(tmp_path):
     assert not _in_index(store, "group_messages_fts", b"zqxwvojute") and store.search_dirty()
     store.close()
     assert not holds(home / "aegis.db", key, b"zqxwvojute")
+
+
+def test_a_deletion_that_leaves_no_dead_idx_term_rebuilds_nothing(tmp_path):
+    store, ids, word = _pin_store(tmp_path / "p")
+    try:
+        # A word that is no %_idx term, and whose prefixes there are other words' too: the
+        # deletion leaks nothing, so the 30 s loop does not rewrite the whole index for it.
+        terms = _idx_terms(store)
+        other = next(w for w in sorted(ids) if b"0" + w not in terms and all(
+            any(o != w and o.startswith(t[1:]) for o in ids)
+            for t in terms if t[1:] and w.startswith(t[1:])))  # fmt: skip
+        store.delete_message(ids[other])
+        assert store.search_dirty() and not store.search_leaks("messages_fts")
+        assert store.rebuild_dirty_search() == 0 and not store.search_dirty()
+        store.delete_message(ids[word])  # a whole word among the terms: rebuilt
+        assert store.search_leaks("messages_fts")
+        assert store.rebuild_dirty_search() == 1 and b"0" + word not in _idx_terms(store)
+        assert not store.search_leaks("messages_fts")
+    finally:
+        store.close()
+
+
+def test_the_wal_is_emptied_at_every_open(tmp_path):
+    home = tmp_path / "p"
+    store = create_profile(home, None, FAST)
+    c = store.add_contact("ann")
+    store.add_message(c.id, "in", "in the wal", status="received")
+    killed = tmp_path / "killed"  # the files as a kill would leave them: no close
+    killed.mkdir()
+    for f in home.iterdir():
+        if f.is_file():
+            (killed / f.name).write_bytes(f.read_bytes())
+            (killed / f.name).chmod(0o600)
+    store.close()
+    assert (killed / "aegis.db-wal").stat().st_size > 0
+    store = open_profile(killed, None)
+    try:
+        assert (killed / "aegis.db-wal").stat().st_size == 0
+    finally:
+        store.close()
+
+
+def test_the_rebuild_loop_survives_an_error(tmp_path, monkeypatch, caplog):
+    import asyncio
+    from types import SimpleNamespace
+
+    from aegisd.services import messenger
+
+    store = create_profile(tmp_path / "p", None, FAST)
+    try:
+        with store.transaction():  # a mark no rebuild can serve: every round fails
+            store._q("INSERT INTO fts_dirty (fts) VALUES ('not_an_index')")
+        monkeypatch.setattr(messenger, "SEARCH_REBUILD_INTERVAL", 0.01)
+        host = SimpleNamespace(ctx=SimpleNamespace(store=store))
+
+        async def run() -> None:
+            loop = asyncio.ensure_future(messenger.Messenger._search_rebuild_loop(host))
+            await asyncio.sleep(0.2)
+            assert not loop.done()  # still running: the error was logged, not raised
+            loop.cancel()
+
+        asyncio.run(run())
+        failures = [r for r in caplog.records if "search index failed" in r.getMessage()]
+        assert len(failures) >= 2 and all("not_an_index" not in r.getMessage() for r in failures)
+    finally:
+        with store.transaction():
+            store._q("DELETE FROM fts_dirty")
+        store.close()

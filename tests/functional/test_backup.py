@@ -505,6 +505,17 @@ def test_renewal_sends_again_the_reactions_edits_deletions_and_replies(
     alice.call("backup.export", {"path": str(path), "passphrase": PASS, **CHEAP})
     alice.stop()
     bob.call("messages.react", {"message_id": hers, "emoji": "🩷"})
+    # A reaction stored under the looser rule before (§26.2 now refuses a run of emoji): not
+    # sent again, and the rest of the renewal goes on.
+    from tests.functional.test_message_actions import offline_store
+
+    s = offline_store(bob)
+    try:
+        with s.transaction():
+            s._q("INSERT INTO reactions (message_id, direction, emoji, created_at) "
+                 "VALUES (?, 'out', '😀😀', 1)", (edited,))  # fmt: skip
+    finally:
+        s.close()
     bob.call("messages.edit", {"message_id": edited, "text": "bob's final text"})
     bob.call("messages.delete", {"message_id": gone, "for_everyone": True})
     reply = bob.call("messages.reply", {"contact": "alice", "message_id": hers,
@@ -520,4 +531,5 @@ def test_renewal_sends_again_the_reactions_edits_deletions_and_replies(
     new.wait_for(lambda: one(new, "bob", gone)["deleted"], "the re-sent deletion")  # type: ignore[index]
     new.wait_for(lambda: one(new, "bob", hers)["reactions"], "the re-sent reaction")  # type: ignore[index]
     assert one(new, "bob", hers)["reactions"] == [{"emoji": "🩷", "count": 1, "mine": False}]  # type: ignore[index]
+    assert one(new, "bob", edited)["reactions"] == []  # type: ignore[index]
     assert "bob's regret" not in json.dumps(new.events())

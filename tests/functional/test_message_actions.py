@@ -188,11 +188,11 @@ def test_edits_within_the_window_and_the_refused_ones(
     bob.wait_for(lambda: message(bob, "alice", doomed)["deleted"], "the deletion")  # type: ignore[index]
     old = send(alice, "bob", "an old message")
     arrived(bob, "alice", old)
-    s = offline_store(bob)  # received 25 hours ago, as far as bob's daemon knows
+    s = offline_store(bob)  # sent and received 25 hours ago, as far as bob's daemon knows
     try:
         with s.transaction():
-            s._q("UPDATE messages SET created_at = created_at - ? WHERE id = ?",
-                 (25 * 3600 * 1000, old))  # fmt: skip
+            s._q("UPDATE messages SET created_at = created_at - ?, sent_at = sent_at - ? "
+                 "WHERE id = ?", (25 * 3600 * 1000, 25 * 3600 * 1000, old))  # fmt: skip
     finally:
         s.close()
 

@@ -164,3 +164,70 @@ def actions_store_limit() -> int:
     from aegisd.services.actions import PENDING_PER_CONTACT
 
     return PENDING_PER_CONTACT
+
+
+def test_a_deletion_or_edit_reaches_the_quotes_of_a_message_deleted_for_me(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    pin, typo = send(alice, "bob", "my pin is 4711"), send(alice, "bob", "the frist words")
+    arrived(bob, "alice", pin)
+    arrived(bob, "alice", typo)
+    own = send(bob, "alice", "bob's own words")
+    arrived(alice, "bob", own)
+    for quoted in (pin, typo, own):
+        r = bob.call("messages.reply", {"contact": "alice", "message_id": quoted, "text": "ok"})
+        arrived(alice, "bob", r["message_id"])
+    for mid in (pin, typo, own):  # bob: delete for me, the quotes keep their copies
+        bob.call("messages.delete", {"message_id": mid})
+    alice.call("messages.edit", {"message_id": typo, "text": "the first words"})
+    alice.call("messages.delete", {"message_id": pin, "for_everyone": True})
+    bob.wait_for(lambda: "my pin is 4711" not in quoted_copies(bob), "the deletion")
+    bob.wait_for(lambda: "the first words" in quoted_copies(bob), "the edit")
+    assert sorted(quoted_copies(bob)) == ["bob's own words", "the first words"]
+    # A peer cannot touch the quotes of our own messages, deleted for me or not.
+    alice.stop()
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    with hostile(alice.home, "bob") as h:
+        blocks = h.payload_blocks(wire.EditPayload(bytes.fromhex(own), now_ms(), "forged"))
+        blocks += h.payload_blocks(wire.DeletePayload(bytes.fromhex(own)))
+        blocks += h.payload_blocks(wire.TextPayload(os.urandom(16), now_ms(), "marker"))
+        h.deposit(url, blocks)
+    bob.wait_for(lambda: by_text(bob, "alice", "marker"), "the hostile blocks")
+    assert sorted(quoted_copies(bob)) == ["bob's own words", "the first words"]
+
+
+def test_an_edit_stamped_within_a_day_of_its_message_counts_after_a_day_here(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """An edit sent again after a renewal (§23) reaches a restored side that has had its
+    message for more than 24 hours: its window counts from the edit's own stamp against the
+    message's ``sent_at``; one stamped more than 24 hours after it still goes nowhere."""
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    sent = now_ms() - 30 * HOUR_MS
+    early, late = os.urandom(16), os.urandom(16)
+    alice.stop()
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    with hostile(alice.home, "bob") as h:
+        blocks = h.payload_blocks(wire.TextPayload(early, sent, "draft one"))
+        blocks += h.payload_blocks(wire.TextPayload(late, sent, "draft two"))
+        h.deposit(url, blocks)
+    for mid in (early, late):
+        bob.wait_for(lambda x=mid: message(bob, "alice", x.hex()), "the texts")
+    s = offline_store(bob)  # stored here 30 hours ago (restored from a backup, say)
+    try:
+        with s.transaction():
+            s._q("UPDATE messages SET created_at = ? WHERE contact_id IS NOT NULL "
+                 "AND body LIKE 'draft %'", (sent,))  # fmt: skip
+    finally:
+        s.close()
+    with hostile(alice.home, "bob") as h:
+        blocks = h.payload_blocks(wire.EditPayload(early, sent + HOUR_MS, "final one"))
+        blocks += h.payload_blocks(wire.EditPayload(late, sent + 25 * HOUR_MS, "final two"))
+        blocks += h.payload_blocks(wire.TextPayload(os.urandom(16), now_ms(), "marker"))
+        h.deposit(url, blocks)
+    bob.wait_for(lambda: by_text(bob, "alice", "marker"), "the hostile blocks")
+    assert message(bob, "alice", early.hex())["text"] == "final one"  # type: ignore[index]
+    assert message(bob, "alice", late.hex())["text"] == "draft two"  # type: ignore[index]

@@ -89,7 +89,9 @@ ACCEPTED = [
     "1\ufe0f\u20e3", "#\ufe0f\u20e3",  # keycaps
     "🏳\ufe0f\u200d🌈", "🇫🇷", "©\ufe0f", "™", "⭐", "↩\ufe0f", "♥\ufe0f", "☺",
     "\U0001faff",  # unassigned today, in an emoji block: maybe a later emoji
-    "😀" * 16,
+    "👍🏽", "🆓", "🅰\ufe0f", "🆚", "🏴", "🇺🇸",
+    "\U0001f3f4\U000e0075\U000e0073\U000e0063\U000e0061\U000e007f",  # California: usca
+    "👍\u200d" * 7 + "👍",  # one (joined) sequence of 15 code points
 ]  # fmt: skip
 REFUSED = [
     "bit.ly/x1y", "FREEMONEY!", "שלום", "привет", "你好", "ok", "1", "#", "1\u20e3",
@@ -99,6 +101,16 @@ REFUSED = [
     "\U0001f3f4\U000e0067",  # an unterminated tag sequence
     "👍\U000e0067\U000e007f",  # tags after another emoji
     "\u2060", "\u00a0", "\u2028", "\U000f0000", "\U0001fb00", "👍 👍", "\u00a8",
+    # The reviewer's four: enclosed letters, regional indicators spelling a word, tags
+    # carrying a link, a run of emoji not joined (a count that reads as a message).
+    "".join(chr(0x1F130 + ord(c) - 65) for c in "FREEMONEY"),
+    "".join(chr(0x1F1E6 + ord(c) - 65) for c in "FREE"),
+    "\U0001f3f4" + "".join(chr(0xE0000 + ord(c)) for c in "bit.ly/x1y") + "\U000e007f",
+    "👍" * 16, "😀😀", "🇫🇷🇩🇪", "🇫", "👍🇫🇷", "🏻", "🏻👍", "\U0001f150", "\U0001f110",
+    "\U0001f3f4\U000e0067\U000e007f",  # one tag: too short
+    "\U0001f3f4\U000e0047\U000e0042\U000e007f",  # uppercase tags
+    "\U0001f3f4" + "\U000e0061" * 7 + "\U000e007f",  # seven tags
+    "1\ufe0f\u20e3\u200d👍", "👍\u200d", "👍🏽🏽", "👍\ufe0f🏽",
 ]  # fmt: skip
 
 
