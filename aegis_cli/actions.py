@@ -45,7 +45,9 @@ def marks(m: dict[str, Any], when: Callable[[int], str]) -> str:
     return out
 
 
-def _read_text(text: str, Fail: type[Exception]) -> str:
+def read_text(text: str, Fail: type[Exception]) -> str:
+    """A message given as an argument, or `-`: standard input (one trailing newline dropped);
+    never empty."""
     if text == "-":
         try:
             text = sys.stdin.read()
@@ -72,7 +74,7 @@ def register(main: ModuleType) -> None:
         """Send MESSAGE to NAME quoting the message MESSAGE_ID of the conversation (the ids are
         in `aegis messages NAME --ids`); '-' reads MESSAGE from standard input."""
         result = ctx.call("messages.reply", {"contact": name, "message_id": message_id,
-                                             "text": _read_text(message, Fail)})  # fmt: skip
+                                             "text": read_text(message, Fail)})  # fmt: skip
         ctx.out(result, str(result["message_id"]))
 
     @cli.command(short_help="React to a message with an emoji (--remove: take it back).")
@@ -95,7 +97,7 @@ def register(main: ModuleType) -> None:
         """Replace the text of your message MESSAGE_ID with MESSAGE ('-': standard input), here
         and at the contact's, who sees it marked edited. Earlier versions are not kept."""
         result = ctx.call("messages.edit", {"message_id": message_id,
-                                            "text": _read_text(message, Fail)})  # fmt: skip
+                                            "text": read_text(message, Fail)})  # fmt: skip
         ctx.out(result, "edited")
 
     @cli.command(short_help="Delete a message here (--everyone: at the contact's too).")

@@ -904,14 +904,7 @@ def send(
         return
     if message is None:
         raise click.UsageError("missing MESSAGE (or --file PATH)")
-    if message == "-":
-        try:
-            message = sys.stdin.read()
-        except UnicodeDecodeError:
-            raise Fail("standard input is not UTF-8 text") from None
-        message = message.removesuffix("\n").removesuffix("\r")
-    if not message:
-        raise Fail("the message is empty")
+    message = actions.read_text(message, Fail)
     result = ctx.call("messages.send", {"contact": name, "text": message})
     ctx.out(result, str(result["message_id"]))
 
