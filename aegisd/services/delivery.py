@@ -217,11 +217,15 @@ class Delivery:
                 destination = address_to_bytes(state.send_to)
                 # Each copy's own draw: the fan-out's deposits are spread, not shifted together.
                 own = int(_RNG.uniform(0.0, spread) * 1000) if spread > 0 else 0
-                # Never before a block queued earlier to this contact (send jitter draws
-                # differ): the peer gets payloads in order (a timer before its texts, §27.3).
-                not_before = SLOT_WAIT if slot else max(
-                    due + own, store.last_not_before(r.contact.id, destination, SLOT_WAIT)
-                )
+                # A delayed block (send jitter, a receipt's delay) goes no earlier than a block
+                # queued before it to this contact (jitter draws differ): the peer gets payloads
+                # in order (a timer before its texts, §27.3). A block without delay is not held
+                # behind a delayed receipt: it goes at once, as it always did.
+                not_before = SLOT_WAIT if slot else due + own
+                if not slot and delay > 0:
+                    not_before = max(
+                        not_before, store.last_not_before(r.contact.id, destination, SLOT_WAIT)
+                    )
             store.enqueue_blocks(destination, blocks, message_id=message_id,
                                  contact_id=r.contact.id, not_before=not_before)  # fmt: skip
 
