@@ -13,7 +13,9 @@ With --accept-requests it also accepts every request that arrives through its co
 to every member; it accepts group invitations only with --accept-groups (by default they wait
 for the operator: ``aegis group invitations``, ``aegis group accept``). It never answers its
 own messages, nor a group message that is itself an answer (one starting with the prefix): two
-bots in one group would otherwise echo each other for ever. It needs only the standard library
+bots in one group would otherwise echo each other for ever. A contact's reply is answered as a
+reply quoting it, and a contact's reaction to a message is mirrored: the bot sets the same
+reaction on that message (and removes it when the contact does). It needs only the standard library
 and ``aegis_client``, which it takes from the clone it lives in when that is not installed (so a
 plain ``python3 contrib/echo_bot.py`` works from a clone too). It follows the daemon across
 restarts (the client library resubscribes from the last event it handled); with --state FILE
@@ -104,11 +106,23 @@ async def handle(
         contact, text = ev.data.get("contact"), ev.data.get("text")
         if not isinstance(contact, str) or not isinstance(text, str):
             return
+        message_id, quoted = str(ev.data.get("message_id")), ev.data.get("reply_to")
         try:
-            await client.send(contact, reply_to(text, prefix))
-            await client.mark_read(contact, [str(ev.data.get("message_id"))])
+            if isinstance(quoted, str):  # a reply: the answer quotes it, as a person would
+                await client.reply(contact, message_id, reply_to(text, prefix))
+            else:
+                await client.send(contact, reply_to(text, prefix))
+            await client.mark_read(contact, [message_id])
         except AegisClientError as exc:
             log(f"could not answer a message: {type(exc).__name__}")
+    elif ev.type == "message.reaction":
+        target, emoji = ev.data.get("message_id"), ev.data.get("emoji")
+        if not isinstance(target, str) or not (emoji is None or isinstance(emoji, str)):
+            return
+        try:  # the same reaction beside the contact's (only a contact's raise this event)
+            await client.react(target, emoji or "")
+        except AegisClientError as exc:
+            log(f"could not mirror a reaction: {type(exc).__name__}")
     elif ev.type == "group.message":
         await answer_group(client, ev, prefix)
     elif ev.type == "group.invitation":
@@ -145,7 +159,8 @@ async def run(
     except DaemonNotRunning as exc:
         log(f"error: {exc}; start it with: aegis daemon --detach")
         return 3
-    types = ["message.received", "contact.request", "group.message", "group.invitation"]
+    types = ["message.received", "message.reaction", "contact.request", "group.message",
+             "group.invitation"]
     stream = client.events(types=types, since=load_state(state))
     try:
         await stream.start()  # subscribed: a message sent after the next line is answered

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .conftest import Peer, connect
 
@@ -138,4 +139,44 @@ def test_echo_bot_in_a_group(peers: Callable[[str], Peer]) -> None:
     finally:
         err += stop_bot(bot)
     for t in ("hello", "Echoes", "For the", "alice", "last"):
+        assert t not in err, err
+
+
+def test_echo_bot_answers_a_reply_with_a_reply_and_mirrors_reactions(
+    peers: Callable[[str], Peer],
+) -> None:
+    """Issue 17: a bot sees replies and reactions. A reply is answered as a reply quoting it;
+    a reaction is mirrored on the same message (and removed with it)."""
+    alice, bot_peer = peers("alice"), peers("echobot")
+    connect(alice, bot_peer)
+    bot = start_bot(bot_peer.home)
+    try:
+
+        def history() -> list[dict[str, Any]]:
+            out: list[dict[str, Any]] = alice.call(
+                "messages.history", {"contact": "echobot", "limit": 500})["messages"]
+            return out
+
+        alice.call("messages.send", {"contact": "echobot", "text": "hi"})
+        echo = alice.wait_for(
+            lambda: next((m for m in history() if m["text"] == "echo: hi"), None), "the echo")
+        alice.call("messages.reply",
+                   {"contact": "echobot", "message_id": echo["message_id"], "text": "about that"})
+        answer = alice.wait_for(
+            lambda: next((m for m in history() if m["text"] == "echo: about that"), None),
+            "the answer to the reply")
+        assert answer["reply_to"] is not None
+        assert answer["reply_to"]["text"] == "about that"  # it quotes the reply, not the echo
+
+        def reactions() -> list[dict[str, Any]]:
+            return next(m for m in history() if m["message_id"] == echo["message_id"])["reactions"]
+
+        alice.call("messages.react", {"message_id": echo["message_id"], "emoji": "👍"})
+        alice.wait_for(lambda: reactions() == [{"emoji": "👍", "count": 2, "mine": True}],
+                       "the bot's mirrored reaction")
+        alice.call("messages.react", {"message_id": echo["message_id"], "emoji": ""})
+        alice.wait_for(lambda: reactions() == [], "the mirrored reaction removed")
+    finally:
+        err = stop_bot(bot)
+    for t in ("about that", "hi", "👍", "alice"):
         assert t not in err, err
