@@ -433,3 +433,30 @@ def test_a_disappearing_message_notification_expires_and_is_closed(
     finally:
         bridge.stop()
         server.close()
+
+
+def test_a_reaction_an_edit_or_a_deletion_is_not_announced(
+    bus: SessionBus, pair: tuple[Peer, Peer]
+) -> None:
+    """Issue 17: the bridge announces new messages only. A reaction, an edit and a deletion
+    for everyone, each sent before a plain text, raise no notification of their own: the
+    text's is the next one (one session delivers in order, so they arrived before it)."""
+    alice, bob = pair
+    server = NotificationServer(bus.address)
+    bridge = BridgeProc(bob.home, bus.address, "--level", "text")
+    try:
+        mid = alice.call("messages.send", {"contact": "bob", "text": "first"})["message_id"]
+        assert wait(lambda: server.calls()[0:1], "the first notification")[0]["body"] == "first"
+        alice.call("messages.edit", {"message_id": mid, "text": "first, edited"})
+        alice.call("messages.react", {"message_id": mid, "emoji": "👍"})
+        alice.call("messages.delete", {"message_id": mid, "for_everyone": True})
+        send(alice, "second")
+        second = wait(lambda: server.calls()[1:2], "the second notification")[0]
+        assert second["body"] == "second"
+        time.sleep(1.0)  # anything announced late would show now (a wait, not an assertion)
+        assert len(server.calls()) == 2
+        first = bob.call("messages.history", {"contact": "alice"})["messages"][0]
+        assert first["deleted"]  # the deletion did arrive, and said nothing
+    finally:
+        bridge.stop()
+        server.close()
