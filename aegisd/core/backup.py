@@ -32,13 +32,15 @@ from .errors import DecodeError, ProtocolError, UnsupportedVersion
 from .primitives import Entropy
 
 MAGIC = b"AEGISBAK"
-#: Version 3 is written; every version here is read. Version 2 added the groups (docs/protocol.md
+#: Version 4 is written; every version here is read. Version 2 added the groups (docs/protocol.md
 #: §23); version 3 has group message IDs unique per (group, sender) rather than in the whole
 #: section, which a version-2 reader refused as damaged, and the groups being joined. The header's
 #: version and the contents' first byte are bumped together, so that an older daemon refuses a
 #: newer file ("too new") before asking for the key derivation.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+#: Version 4 adds what a message carries besides its text (replies' quotes, edit and deletion
+#: marks, reactions: docs/protocol.md §26).
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 KDF_ARGON2ID = 1
 SALT_LEN = 16
 KEY_LEN = 32
@@ -315,6 +317,41 @@ class BackupMailbox:
         return "BackupMailbox(<hidden>)"
 
 
+QUOTED_DIRECTIONS = (None, "in", "out")  # a reply's quoted message: not found, theirs, ours
+MAX_REACTIONS = 256  # one per person: two in a conversation, one per member in a group
+_EXTRA_REPLY, _EXTRA_EDITED, _EXTRA_DELETED = 1, 2, 4
+
+
+@dataclass(frozen=True)
+class BackupReaction:
+    """One person's reaction. ``reactor`` None: ours; in a conversation b"" is the contact's;
+    in a group, the member's Ed25519 key."""
+
+    reactor: bytes | None
+    emoji: str
+    created_at: int
+
+
+@dataclass(frozen=True)
+class BackupExtras:
+    """What a message carries besides its text (contents version 4; docs/protocol.md §26)."""
+
+    reply_to: str | None = None  # the quoted message's ID in the same conversation
+    quoted: str | None = None  # the reply's copy of the quoted text (None: not found or deleted)
+    quoted_dir: str | None = None  # "in" / "out": whose message it copies; None: not found
+    edited_at: int | None = None
+    edits: int = 0
+    edit_sent_at: int | None = None
+    deleted: bool = False
+    reactions: tuple[BackupReaction, ...] = ()
+
+    def __repr__(self) -> str:
+        return "BackupExtras(<hidden>)"
+
+
+NO_EXTRAS = BackupExtras()
+
+
 @dataclass(frozen=True)
 class BackupMessage:
     message_id: str
@@ -324,6 +361,7 @@ class BackupMessage:
     sent_at: int | None
     created_at: int
     status_at: int
+    extras: BackupExtras = NO_EXTRAS
 
     def __repr__(self) -> str:
         return "BackupMessage(<hidden>)"
@@ -357,6 +395,7 @@ class BackupGroupMessage:
     sent_at: int | None
     created_at: int
     statuses: tuple[tuple[int, str], ...]  # outgoing: (contact index, status) per member
+    extras: BackupExtras = NO_EXTRAS
 
     def __repr__(self) -> str:
         return "BackupGroupMessage(<hidden>)"
@@ -426,14 +465,18 @@ class BackupContents:
     contacts: tuple[BackupContact, ...]
     mailboxes: tuple[BackupMailbox, ...]  # address and invitation mailboxes
     # Attachments (issue 7, another part) will be a list here, written after `mailboxes`; in
-    # contents versions 1 to 3 the count field is present and must be 0.
+    # contents versions 1 to 4 the count field is present and must be 0.
     groups: BackupGroups = BackupGroups()  # versions 2 and 3; empty when read from version 1
 
     def __repr__(self) -> str:
         return "BackupContents(<hidden>)"
 
-    def to_bytes(self) -> bytes:
-        w = wire.Writer().u8(FORMAT_VERSION).u8(KIND_BACKUP_CONTENTS)
+    def to_bytes(self, version: int = FORMAT_VERSION) -> bytes:
+        """The contents in ``version`` 4 (written by the daemon) or 3 (for tests of older
+        readers and files; a message with extras cannot be written in it)."""
+        if version not in (3, FORMAT_VERSION):
+            raise ValueError("only contents versions 3 and 4 are written")
+        w = wire.Writer().u8(version).u8(KIND_BACKUP_CONTENTS)
         w.u64(self.created_at_ms)
         w.fixed(self.ed_priv, 32).fixed(self.x_priv, 32).fixed(self.binding_sig, 64)
         _put_str(w, self.display_name, wire.MAX_NAME_BYTES)
@@ -451,10 +494,11 @@ class BackupContents:
             _count(w, len(c.messages), MAX_MESSAGES)
             for m in c.messages:
                 _write_message(w, m)
+                _write_extras(w, m.extras, version, group=False)
             _write_mailboxes(w, c.mailboxes)
         _write_mailboxes(w, self.mailboxes)
-        w.u32(0)  # attachments: none in versions 1 to 3
-        _write_groups(w, self.groups, len(self.contacts))
+        w.u32(0)  # attachments: none in versions 1 to 4
+        _write_groups(w, self.groups, len(self.contacts), version)
         return w.bytes()
 
     @classmethod
@@ -485,7 +529,9 @@ class BackupContents:
             identity = wire.IdentityRecord.read(r)
             verified, blocked, created_at = r.flag(), r.flag(), r.u64()
             send_to = wire.MailboxAddress.read(r) if r.flag() else None
-            messages = tuple(_read_message(r) for _ in range(_read_count(r, MAX_MESSAGES)))
+            messages = tuple(
+                _read_message(r, version) for _ in range(_read_count(r, MAX_MESSAGES))
+            )
             contacts.append(
                 BackupContact(
                     name, identity, verified, blocked, created_at, send_to, messages,
@@ -494,7 +540,7 @@ class BackupContents:
             )  # fmt: skip
         mailboxes = _read_mailboxes(r)
         if r.u32() != 0:
-            raise DecodeError("attachments are not defined in backup contents versions 1 to 3")
+            raise DecodeError("attachments are not defined in backup contents versions 1 to 4")
         groups = _read_groups(r, len(contacts), version) if version >= 2 else BackupGroups()
         r.done()
         return cls(
@@ -558,7 +604,7 @@ def _write_message(w: wire.Writer, m: BackupMessage) -> None:
     _put_bytes(w, m.body.encode(), MAX_BODY_BYTES)
 
 
-def _read_message(r: wire.Reader) -> BackupMessage:
+def _read_message(r: wire.Reader, version: int) -> BackupMessage:
     mid = _str(r, 64)
     if not mid:
         raise DecodeError("empty message id")
@@ -572,7 +618,79 @@ def _read_message(r: wire.Reader) -> BackupMessage:
     sent_at = r.u64() if r.flag() else None
     created_at, status_at = r.u64(), r.u64()
     body = _str(r, MAX_BODY_BYTES, wide=True)
-    return BackupMessage(mid, outgoing, body, status, sent_at, created_at, status_at)
+    extras = _read_extras(r, body, group=False) if version >= 4 else NO_EXTRAS
+    return BackupMessage(mid, outgoing, body, status, sent_at, created_at, status_at, extras)
+
+
+def _write_extras(w: wire.Writer, x: BackupExtras, version: int, *, group: bool) -> None:
+    """Contents version 4, after a message's body (docs/backup.md §2, "Extras")."""
+    if version < 4:
+        if x != NO_EXTRAS:
+            raise ValueError("a message's extras need contents version 4")
+        return
+    flags = ((_EXTRA_REPLY if x.reply_to is not None else 0)
+             | (_EXTRA_EDITED if x.edited_at is not None else 0)
+             | (_EXTRA_DELETED if x.deleted else 0))  # fmt: skip
+    w.u8(flags)
+    if x.reply_to is not None:
+        if not x.reply_to or x.quoted_dir not in QUOTED_DIRECTIONS:
+            raise ValueError("a reply names the message it quotes")
+        _put_str(w, x.reply_to, 64)
+        w.u8(QUOTED_DIRECTIONS.index(x.quoted_dir)).flag(x.quoted is not None)
+        if x.quoted is not None:
+            _put_bytes(w, x.quoted.encode(), MAX_BODY_BYTES)
+    if x.edited_at is not None:
+        w.u64(x.edited_at).u32(max(1, x.edits)).flag(x.edit_sent_at is not None)
+        if x.edit_sent_at is not None:
+            w.u64(x.edit_sent_at)
+    _count(w, len(x.reactions), MAX_REACTIONS)
+    for rx in x.reactions:
+        w.flag(rx.reactor is None)  # ours
+        if rx.reactor is not None and group:
+            w.fixed(rx.reactor, 32)
+        _put_str(w, rx.emoji, wire.MAX_REACTION_BYTES)
+        w.u64(rx.created_at)
+
+
+def _read_extras(r: wire.Reader, body: str, *, group: bool) -> BackupExtras:
+    flags = r.u8()
+    if flags & ~(_EXTRA_REPLY | _EXTRA_EDITED | _EXTRA_DELETED):
+        raise DecodeError("unknown message extras")
+    reply_to = quoted = quoted_dir = None
+    if flags & _EXTRA_REPLY:
+        reply_to = _str(r, 64)
+        d = r.u8()
+        if not reply_to or d >= len(QUOTED_DIRECTIONS):
+            raise DecodeError("a malformed reply")
+        quoted_dir = QUOTED_DIRECTIONS[d]
+        quoted = _str(r, MAX_BODY_BYTES, wide=True) if r.flag() else None
+        if quoted is not None and quoted_dir is None:
+            raise DecodeError("a quote of a message not found")
+    edited_at = edit_sent_at = None
+    edits = 0
+    if flags & _EXTRA_EDITED:
+        edited_at, edits = r.u64(), r.u32()
+        edit_sent_at = r.u64() if r.flag() else None
+        if edits == 0:
+            raise DecodeError("an edit mark with no edit")
+    deleted = bool(flags & _EXTRA_DELETED)
+    reactions: list[BackupReaction] = []
+    reactors: set[bytes | None] = set()
+    for _ in range(_read_count(r, MAX_REACTIONS if group else 2)):
+        reactor = None if r.flag() else (r.take(32) if group else b"")
+        emoji = _str(r, wire.MAX_REACTION_BYTES)
+        try:
+            wire.check_reaction(emoji)
+        except ValueError:
+            raise DecodeError("not a reaction") from None
+        if not emoji or reactor in reactors:
+            raise DecodeError("an empty or repeated reaction")
+        reactors.add(reactor)
+        reactions.append(BackupReaction(reactor, emoji, r.u64()))
+    if deleted and (body or edited_at is not None or quoted is not None or reactions):
+        raise DecodeError("a deleted message keeps only its mark")
+    return BackupExtras(reply_to, quoted, quoted_dir, edited_at, edits, edit_sent_at, deleted,
+                        tuple(reactions))  # fmt: skip
 
 
 def _write_mailboxes(w: wire.Writer, items: tuple[BackupMailbox, ...]) -> None:
@@ -618,7 +736,7 @@ def _read_mailboxes(r: wire.Reader) -> tuple[BackupMailbox, ...]:
 # --- groups (contents versions 2 and 3) -----------------------------------------------------------
 
 
-def _write_groups(w: wire.Writer, g: BackupGroups, n_contacts: int) -> None:
+def _write_groups(w: wire.Writer, g: BackupGroups, n_contacts: int, version: int) -> None:
     if list(g.group_contacts) != sorted(set(g.group_contacts)) or any(
         i >= n_contacts for i in g.group_contacts
     ):
@@ -646,6 +764,7 @@ def _write_groups(w: wire.Writer, g: BackupGroups, n_contacts: int) -> None:
                 if contact >= n_contacts:
                     raise ValueError("status for an unknown contact")
                 w.u32(contact).u8(GROUP_STATUSES.index(status))
+            _write_extras(w, m.extras, version, group=True)
     _count(w, len(g.invitations), MAX_GROUP_INVITATIONS)
     for inv in g.invitations:
         if inv.contact >= n_contacts:
@@ -708,8 +827,9 @@ def _read_groups(r: wire.Reader, n_contacts: int, version: int) -> BackupGroups:
                 statuses.append((contact, GROUP_STATUSES[index]))
             if sender is not None and statuses:
                 raise DecodeError("an incoming group message has no per-member status")
+            extras = _read_extras(r, body, group=True) if version >= 4 else NO_EXTRAS
             messages.append(
-                BackupGroupMessage(mid, sender, body, sent_at, created, tuple(statuses))
+                BackupGroupMessage(mid, sender, body, sent_at, created, tuple(statuses), extras)
             )
         groups.append(BackupGroup(log, created_at, tuple(messages)))
     invitations = []

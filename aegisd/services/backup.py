@@ -193,16 +193,22 @@ class Backups:
             )
             if c.identity_key is None or not (state.established or renewing):
                 continue  # a contact set-up still under way cannot be renewed: not exported
+            reactions = _reactions_out(store, c.id)
             messages = tuple(
-                fmt.BackupMessage(r[0], r[1] == "out", r[2], r[3], r[4], r[5], r[6])
+                fmt.BackupMessage(r[0], r[1] == "out", r[2], r[3], r[4], r[5], r[6],
+                                  _extras_out(r[7:], reactions.get(r[0], ())))
                 for r in store._q(
                     # A message with a disappearing timer is never in a backup: the file may
-                    # outlive its deadline anywhere (docs/threat-model.md, §27).
-                    "SELECT id, direction, body, status, sent_at, created_at, status_at "
-                    "FROM messages WHERE contact_id = ? AND timer_s = 0 ORDER BY seq",
+                    # outlive its deadline anywhere (docs/threat-model.md, §27); nor is the
+                    # copy of its text in a reply that quotes it (`timed`).
+                    "SELECT m.id, m.direction, m.body, m.status, m.sent_at, m.created_at, "
+                    "m.status_at, m.reply_to, m.quoted, m.quoted_dir, m.edited_at, m.edits, "
+                    "m.edit_sent_at, m.deleted, q.timer_s > 0 AS timed FROM messages m "
+                    "LEFT JOIN messages q ON q.id = m.reply_to AND q.contact_id = m.contact_id "
+                    "WHERE m.contact_id = ? AND m.timer_s = 0 ORDER BY m.seq",
                     (c.id,),
                 ).fetchall()
-            )
+            )  # fmt: skip
             n_messages += len(messages)
             index[c.id] = len(contacts)
             contacts.append(
@@ -402,15 +408,26 @@ class Backups:
                         # A queued message's blocks were sealed in the old session, which is
                         # not in the backup: it did not leave, and says so.
                         status = "failed" if msg.status == "queued" else msg.status
-                        store._q(
+                        x = msg.extras
+                        added = store._q(
                             "INSERT OR IGNORE INTO messages (id, contact_id, direction, body, "
-                            "status, sent_at, created_at, status_at) "
-                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            "status, sent_at, created_at, status_at, reply_to, quoted, "
+                            "quoted_dir, edited_at, edits, edit_sent_at, deleted) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (
                                 msg.message_id, cid, "out" if msg.outgoing else "in", msg.body,
-                                status, msg.sent_at, msg.created_at, msg.status_at,
+                                status, msg.sent_at, msg.created_at, msg.status_at, x.reply_to,
+                                x.quoted, x.quoted_dir, x.edited_at, x.edits, x.edit_sent_at,
+                                int(x.deleted),
                             ),
-                        )  # fmt: skip
+                        ).rowcount  # fmt: skip
+                        for rx in x.reactions if added else ():
+                            store._q(
+                                "INSERT OR IGNORE INTO reactions (message_id, direction, emoji, "
+                                "created_at) VALUES (?, ?, ?, ?)",
+                                (msg.message_id, "out" if rx.reactor is None else "in",
+                                 rx.emoji, rx.created_at),
+                            )  # fmt: skip
                         n_messages += 1
                     renew = bc.send_to is not None and not bc.blocked
                     for mb in bc.mailboxes:
@@ -452,6 +469,44 @@ class Backups:
             "groups": len(logs),
             "renewing": renewing,
         }
+
+
+def _reactions_out(store: Store, contact_id: int) -> dict[str, list[fmt.BackupReaction]]:
+    """The reactions on a contact's exported messages (backup contents version 4)."""
+    out: dict[str, list[fmt.BackupReaction]] = {}
+    for mid, direction, emoji, at in store._q(
+        "SELECT r.message_id, r.direction, r.emoji, r.created_at FROM reactions r "
+        "JOIN messages m ON m.id = r.message_id WHERE m.contact_id = ? AND m.timer_s = 0 "
+        "ORDER BY r.message_id, r.direction",
+        (contact_id,),
+    ).fetchall():
+        try:  # one stored before §26.2's present rule, which the file's reader would refuse
+            wire.check_reaction(emoji)
+        except ValueError:
+            continue
+        if emoji:
+            out.setdefault(mid, []).append(
+                fmt.BackupReaction(None if direction == "out" else b"", emoji, at))
+    return out
+
+
+def _extras_out(row: tuple[Any, ...], reactions: list[fmt.BackupReaction] | tuple[()]
+                ) -> fmt.BackupExtras:  # fmt: skip
+    """A message's extras from its row's (reply_to, quoted, quoted_dir, edited_at, edits,
+    edit_sent_at, deleted, timed): ``timed``, the quoted message has a disappearing timer, so
+    its text stays out of the file (the quote then reads as deleted after an import)."""
+    reply_to, quoted, quoted_dir, edited_at, edits, edit_sent_at, deleted, timed = row
+    if deleted:  # the mark alone (docs/backup.md §2 "Extras")
+        return fmt.BackupExtras(reply_to=reply_to, quoted_dir=quoted_dir, deleted=True)
+    return fmt.BackupExtras(
+        reply_to=reply_to,
+        quoted=None if timed or quoted_dir is None else quoted,
+        quoted_dir=quoted_dir,
+        edited_at=edited_at,
+        edits=int(edits) if edited_at is not None else 0,
+        edit_sent_at=edit_sent_at if edited_at is not None else None,
+        reactions=tuple(reactions),
+    )
 
 
 def _groups_out(store: Store, index: dict[int, int]) -> fmt.BackupGroups:

@@ -533,3 +533,79 @@ def test_renewal_sends_again_the_reactions_edits_deletions_and_replies(
     assert one(new, "bob", hers)["reactions"] == [{"emoji": "🩷", "count": 1, "mine": False}]  # type: ignore[index]
     assert one(new, "bob", edited)["reactions"] == []  # type: ignore[index]
     assert "bob's regret" not in json.dumps(new.events())
+
+
+def test_the_file_carries_replies_edits_deletions_and_reactions(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    """Backup version 4 (docs/backup.md §2 "Extras"): the restored history has the quotes, edit
+    marks, deletion marks and reactions of both sides, restored from the file alone (the
+    contact is stopped: nothing is sent again by a renewal). A quote of a message with a
+    disappearing timer stays out of the file, with the timed message; so does a reaction the
+    present rule refuses."""
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+
+    def one(peer: Peer, mid: str) -> dict[str, Any] | None:
+        msgs = peer.call("messages.history", {"contact": "bob", "limit": 500})["messages"]
+        return next((m for m in msgs if m["message_id"] == mid), None)
+
+    his = bob.call("messages.send", {"contact": "alice", "text": "bob says hi"})["message_id"]
+    draft = bob.call("messages.send", {"contact": "alice", "text": "bob draft"})["message_id"]
+    alice.wait_for(lambda: one(alice, draft), "bob's texts")
+    answer = alice.call("messages.reply", {"contact": "bob", "message_id": his,
+                                           "text": "alice answers"})["message_id"]  # fmt: skip
+    typo = alice.call("messages.send", {"contact": "bob", "text": "alice typo"})["message_id"]
+    alice.call("messages.edit", {"message_id": typo, "text": "alice fixed"})
+    regret = alice.call("messages.send", {"contact": "bob", "text": "alice regret"})["message_id"]
+    alice.call("messages.delete", {"message_id": regret, "for_everyone": True})
+    alice.call("messages.react", {"message_id": his, "emoji": "👍"})
+    bob.wait_for(lambda: bob.call("messages.history", {"contact": "alice"})["messages"][-1][
+        "deleted"], "alice's actions at bob")  # fmt: skip
+    bob.call("messages.react", {"message_id": typo, "emoji": "❤️"})
+    bob.call("messages.edit", {"message_id": draft, "text": "bob final"})
+    alice.wait_for(lambda: one(alice, draft)["edits"] == 1  # type: ignore[index]
+                   and one(alice, typo)["reactions"], "bob's edit and reaction")  # type: ignore[index]
+    alice.call("conversations.set_timer", {"contact": "bob", "seconds": 3600})
+    timed = alice.call("messages.send", {"contact": "bob", "text": "secret timed words"})
+    alice.call("conversations.set_timer", {"contact": "bob", "seconds": 0})
+    about = alice.call("messages.reply", {"contact": "bob", "message_id": timed["message_id"],
+                                          "text": "about the timed one"})["message_id"]  # fmt: skip
+    alice.stop()
+    from tests.functional.test_message_actions import offline_store
+
+    s = offline_store(alice)
+    try:
+        with s.transaction():  # stored under the looser rule before §26.2's present one
+            s._q("INSERT INTO reactions (message_id, direction, emoji, created_at) "
+                 "VALUES (?, 'in', '😀😀', 1)", (draft,))  # fmt: skip
+    finally:
+        s.close()
+    alice.start()
+    path = tmp_short / "alice.aegisbackup"
+    alice.call("backup.export", {"path": str(path), "passphrase": PASS, **CHEAP})
+    plain = fmt.decrypt(PASS, path.read_bytes())
+    assert plain[0] == 4
+    for gone in ("secret timed words", "alice regret", "alice typo", "bob draft", "😀😀"):
+        assert gone.encode() not in plain, gone
+    bob.stop()  # nothing re-sent: what follows comes from the file
+
+    new = peers("alice2")
+    new.call("backup.import", {"path": str(path), "passphrase": PASS})
+    got = one(new, answer)
+    assert got is not None and got["reply_to"] == {"message_id": his, "text": "bob says hi"}
+    assert one(new, his)["reactions"] == [{"emoji": "👍", "count": 1, "mine": True}]  # type: ignore[index]
+    fixed = one(new, typo)
+    assert fixed is not None and fixed["text"] == "alice fixed" and fixed["edits"] == 1
+    assert fixed["edited_at"] == one(alice, typo)["edited_at"]  # type: ignore[index]
+    assert fixed["reactions"] == [{"emoji": "❤️", "count": 1, "mine": False}]
+    final = one(new, draft)
+    assert final is not None and final["text"] == "bob final" and final["edits"] == 1
+    assert final["reactions"] == []  # the refused one stayed out
+    deleted = one(new, regret)
+    assert deleted is not None and deleted["deleted"] and deleted["text"] == ""
+    assert one(new, timed["message_id"]) is None
+    quoting = one(new, about)
+    assert quoting is not None and quoting["reply_to"]["text"] is None
+    assert "secret timed words" not in json.dumps(new.call(
+        "messages.history", {"contact": "bob", "limit": 500}))  # fmt: skip

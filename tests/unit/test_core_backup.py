@@ -221,16 +221,16 @@ def test_a_version_1_file_written_by_the_old_code_still_reads() -> None:
         fmt.BackupContents.from_bytes(plain + bytes(16))
 
 
-def test_version_3_is_written_and_carries_the_groups() -> None:
+def test_version_3_carries_the_groups() -> None:
     c = sample_contents()
-    data = c.to_bytes()
+    data = c.to_bytes(3)
     assert data[0] == 3 and fmt.BackupContents.from_bytes(data) == c
-    assert fmt.Header.from_bytes(fmt.encrypt(E, PASS, b"", KDF)).version == 3
+    assert fmt.Header.from_bytes(fmt.encrypt(E, PASS, b"", KDF)).version == 4
     # version 2: no joining list at the end (and IDs unique in the whole section); it reads
     v2 = replace(c, groups=replace(c.groups, joining=()))
-    assert fmt.BackupContents.from_bytes(b"\x02" + v2.to_bytes()[1:-4]) == v2
+    assert fmt.BackupContents.from_bytes(b"\x02" + v2.to_bytes(3)[1:-4]) == v2
     with pytest.raises(DecodeError):  # a version-3 file without the list is truncated
-        fmt.BackupContents.from_bytes(v2.to_bytes()[:-4])
+        fmt.BackupContents.from_bytes(v2.to_bytes(3)[:-4])
     twice = replace(c.groups, joining=c.groups.joining * 2)
     with pytest.raises(ValueError):
         replace(c, groups=twice).to_bytes()
@@ -245,6 +245,98 @@ def test_version_3_is_written_and_carries_the_groups() -> None:
     # Version 1 contents with groups appended are not version 2 or 3: refused.
     with pytest.raises(DecodeError):
         fmt.BackupContents.from_bytes(b"\x01" + data[1:])
+
+
+def test_a_version_3_file_written_by_the_old_code_still_reads() -> None:
+    """tests/vectors/backup_v3.bin was made by the version-3 code (backup_v3.json says which
+    commit): it reads, every message with no extras."""
+    meta = json.loads((VECTORS_DIR / "backup_v3.json").read_text())
+    data = (VECTORS_DIR / "backup_v3.bin").read_bytes()
+    assert fmt.Header.from_bytes(data).version == 3
+    plain = fmt.decrypt(meta["passphrase"], data)
+    assert plain == bytes.fromhex(meta["contents_hex"]) and plain[0] == 3
+    c = fmt.BackupContents.from_bytes(plain)
+    assert [m.body for m in c.contacts[0].messages] == [f"text {i} ünïcode" for i in range(3)]
+    assert [m.body for m in c.groups.groups[0].messages] == ["to all ü", "back", "queued"]
+    every = [*c.contacts[0].messages, *c.groups.groups[0].messages]
+    assert all(m.extras == fmt.NO_EXTRAS for m in every)
+    assert c.groups.joining == (fmt.BackupJoining(1, b"j" * 16, 0),)
+    assert fmt.BackupContents.from_bytes(c.to_bytes(3)) == c
+
+
+def with_extras() -> fmt.BackupContents:
+    """Version 4: a reply, an edited text, a deletion mark and reactions on both sides, in a
+    conversation and in a group."""
+    c = sample_contents()
+    ms = c.contacts[0].messages
+    rx = (fmt.BackupReaction(None, "👍", 5), fmt.BackupReaction(b"", "❤️", 6))
+    ms = (
+        replace(ms[0], extras=fmt.BackupExtras(edited_at=77, edits=2, edit_sent_at=70,
+                                               reactions=rx)),
+        replace(ms[1], extras=fmt.BackupExtras(reply_to=ms[0].message_id, quoted="quote ü",
+                                               quoted_dir="out")),
+        replace(ms[2], body="", extras=fmt.BackupExtras(deleted=True)),
+    )  # fmt: skip
+    gm = c.groups.groups[0].messages
+    member = gm[1].sender_key
+    assert member is not None
+    gm = (
+        replace(gm[0], extras=fmt.BackupExtras(
+            reactions=(fmt.BackupReaction(member, "🎉", 8), fmt.BackupReaction(None, "🎉", 9)))),
+        replace(gm[1], extras=fmt.BackupExtras(reply_to="m1", quoted=None, quoted_dir=None)),
+        gm[2],
+    )  # fmt: skip
+    groups = replace(c.groups, groups=(replace(c.groups.groups[0], messages=gm),
+                                       *c.groups.groups[1:]))  # fmt: skip
+    return replace(c, contacts=(replace(c.contacts[0], messages=ms),), groups=groups)
+
+
+def test_version_4_carries_replies_edits_deletions_and_reactions() -> None:
+    c = with_extras()
+    data = c.to_bytes()
+    assert data[0] == 4 and fmt.BackupContents.from_bytes(data) == c
+    with pytest.raises(ValueError):  # version 3 has no place for them
+        c.to_bytes(3)
+    plain = sample_contents()
+    assert fmt.BackupContents.from_bytes(plain.to_bytes()) == plain
+
+
+def test_extras_are_strict() -> None:
+    c = sample_contents(1)
+    m = c.contacts[0].messages[0]
+
+    def encoded(x: fmt.BackupExtras, body: str | None = None) -> bytes:
+        msg = replace(m, extras=x, body=m.body if body is None else body)
+        return replace(c, contacts=(replace(c.contacts[0], messages=(msg,)),)).to_bytes()
+
+    def refused(data: bytes) -> None:
+        with pytest.raises(DecodeError):
+            fmt.BackupContents.from_bytes(data)
+
+    plain = encoded(fmt.NO_EXTRAS)
+    at = plain.index(m.body.encode()) + len(m.body.encode())  # the flags byte
+    assert plain[at:at + 5] == b"\x00" + bytes(4)
+    refused(plain[:at] + b"\x08" + plain[at + 1:])  # an unknown flag
+    refused(plain[:at] + b"\x02" + plain[at + 1:])  # edited, with nothing after
+    # a deleted message with a body, or with reactions
+    refused(encoded(fmt.BackupExtras(deleted=True)))
+    refused(encoded(fmt.BackupExtras(deleted=True, reactions=(fmt.BackupReaction(None, "👍", 1),)),
+                    body=""))
+    # two reactions by one side, an empty one, or one that is not one emoji
+    refused(encoded(fmt.BackupExtras(reactions=(fmt.BackupReaction(None, "👍", 1),) * 2)))
+    for emoji in ("", "ab", "👍👍"):
+        bad = encoded(fmt.BackupExtras(reactions=(fmt.BackupReaction(None, "👎", 1),)))
+        refused(bad.replace("👎".encode(), emoji.encode()).replace(
+            b"\x04" + "👎".encode(), bytes([len(emoji.encode())]) + emoji.encode()))
+    # more than two reactions in a conversation
+    three = encoded(fmt.BackupExtras(reactions=(fmt.BackupReaction(None, "👍", 1),
+                                                fmt.BackupReaction(b"", "👎", 2))))
+    refused(three.replace(b"\x00\x00\x00\x02\x01", b"\x00\x00\x00\x03\x01", 1))
+    # an edit mark with no edit; a quote of a message not found
+    zero = encoded(fmt.BackupExtras(edited_at=5, edits=1))
+    refused(zero.replace(bytes(7) + b"\x05\x00\x00\x00\x01", bytes(7) + b"\x05" + bytes(4)))
+    refused(encoded(fmt.BackupExtras(reply_to="x", quoted="q", quoted_dir="in")).replace(
+        b"\x01x\x01\x01", b"\x01x\x00\x01"))
 
 
 def test_groups_section_is_strict() -> None:
@@ -344,7 +436,7 @@ def test_renew_payload_is_strict() -> None:
 # --- fuzz -------------------------------------------------------------------------------------
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-CONTENTS = sample_contents().to_bytes()  # version 3, with groups: the fuzz reaches them
+CONTENTS = with_extras().to_bytes()  # version 4, with groups and extras: the fuzz reaches them
 GROUPS_AT = len(replace(sample_contents(), groups=fmt.BackupGroups()).to_bytes()) - 20
 FILE = fmt.encrypt(E, PASS, CONTENTS, KDF)
 BLOCK = renewal.seal(E, ALICE, BOB.public, wire.encode_payload(RENEW))
@@ -411,8 +503,9 @@ def test_settings_are_json() -> None:
 
 def test_backup_md_states_the_group_bounds() -> None:
     text = (Path(__file__).parent.parent.parent / "docs" / "backup.md").read_text()
-    assert "format version: `0x03` written; `0x01`, `0x02` and `0x03` read" in text
-    assert fmt.FORMAT_VERSION == 3 and fmt.READABLE_VERSIONS == (1, 2, 3)
+    assert "format version: `0x04` written; `0x01`, `0x02`, `0x03` and `0x04` read" in text
+    assert fmt.FORMAT_VERSION == 4 and fmt.READABLE_VERSIONS == (1, 2, 3, 4)
+    assert f"(≤ {fmt.MAX_REACTIONS}; in a conversation ≤ 2)" in text
     assert f"`var({fmt.MAX_GROUP_LOG_BYTES >> 20} MiB)`" in text
     assert f"groups | `u32 n` (≤ {fmt.MAX_GROUPS:,})" in text
     assert f"invitations | `u32 n` (≤ {fmt.MAX_GROUP_INVITATIONS:,})" in text
