@@ -1,0 +1,667 @@
+"""Several devices per person (docs/devices.md): the device link, the linking handshake, the
+confirmation code and the signed device list.
+
+Every device of a person holds the same identity key (copied to a new device inside the sealed
+link exchange), so the safety number never changes; each device has its own device ID, prekeys,
+ratchet sessions and mailboxes. The identity signs the list of the person's devices; a contact
+fans out to the newest list it holds.
+
+Linking, between the existing device E and the new device N (docs/devices.md §4):
+
+    link      E -> N out of band: E's link mailbox, link_secret (32), E's ephemeral X25519 e_pub
+    request   N -> E: n_pub || Seal(k_req;  ek_N || commit(n_nonce) || N's reply mailbox)
+    accept    E -> N: Seal(k_acc;  ML-KEM ciphertext to ek_N)
+    reveal    N -> E: Seal(k_n2e;  n_nonce)                       both now show the code
+    profile   E -> N: Seal(k_e2n;  identity keys, device list, profile)  after E's user confirms
+    done      N -> E: Seal(k_n2e;  the device list with N, signed by N)   after N's user confirms
+
+Every message is one or more blocks of BLOCK_SIZE bytes whose only fixed byte is the version,
+like every other block. N commits to n_nonce before it sees E's ciphertext, and the code
+depends on n_nonce, so a man in the middle who knows the link cannot grind its ciphertext to
+make the two codes equal: his chance is 1 in 10^6 per link.
+
+Pure: no I/O; randomness through `Entropy`, time as an argument (`now`, seconds since the epoch).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from . import primitives as p
+from . import wire
+from .errors import DecodeError, DecryptionError, ProtocolError, StateError, UnsupportedVersion
+from .identity import IdentityKeyPair, PublicIdentity
+from .primitives import Entropy
+from .wire import MailboxAddress, Reader, Writer
+
+LINK_DEVICE = 3  # link kind after the contact links' 1 (invitation) and 2 (address)
+KIND_DEVICE_LIST = 0x30
+PAYLOAD_DEVICE_LIST = 0x40  # placed out of the way of wire's payload numbers until wired in
+DEVICE_ID_LEN = 16
+LINK_SECRET_LEN = 32
+NONCE_SECRET_LEN = 32  # N's committed nonce
+MAX_DEVICES = 6  # the first device and at most 5 linked ones: a protocol bound on fan-out
+LINK_TTL = 600  # seconds a device link is valid
+MAX_PROFILE_BLOCKS = 4096  # 64 MiB of profile, as many blocks as one message may span
+MAX_TEXT_LEN = 2048  # a device link's text form
+CODE_DIGITS = 6
+LIST_VERSION_LIMIT = 2**63
+
+DEVICE_LIST_LABEL = b"AegisLink-v1 device list"
+_REQUEST_LABEL = b"AegisLink-v1 device link request"
+_ACCEPT_LABEL = b"AegisLink-v1 device link accept"
+_SESSION_LABEL = b"AegisLink-v1 device link session"
+_COMMIT_LABEL = b"AegisLink-v1 device link commit"
+_CODE_LABEL = b"AegisLink-v1 device link code"
+
+# Step bytes, first byte of every sealed content: a block of one step never opens as another.
+STEP_REQUEST = 1
+STEP_ACCEPT = 2
+STEP_REVEAL = 3
+STEP_PROFILE = 4
+STEP_DONE = 5
+
+_V = bytes([wire.VERSION])
+_SALT = bytes(32)
+# request: version || n_pub || AEAD(k_req, zeros, content, ad = version || n_pub)
+REQUEST_CONTENT_LEN = wire.BLOCK_SIZE - 1 - wire.X25519_LEN - wire.TAG_LEN
+# accept: version || AEAD(k_acc, zeros, content, ad = version)
+ACCEPT_CONTENT_LEN = wire.BLOCK_SIZE - 1 - wire.TAG_LEN
+# reveal, profile, done: version || nonce || AEAD(k, nonce, content, ad = version || nonce)
+SESSION_CONTENT_LEN = wire.BLOCK_SIZE - 1 - wire.NONCE_LEN - wire.TAG_LEN
+PROFILE_CHUNK_LEN = SESSION_CONTENT_LEN - 1 - 4 - 4  # step || u32 index || u32 count || chunk
+
+
+class DeviceError(ProtocolError):
+    """A device link or device list is refused; nothing changed."""
+
+
+class LinkExpired(DeviceError):
+    """The device link's ten minutes are over."""
+
+
+class LinkUsed(DeviceError):
+    """The device link was used already (a link works once), or the step is out of order."""
+
+
+class ForgedDeviceList(DeviceError):
+    """The device list is not signed by the identity it claims to be of."""
+
+
+class StaleDeviceList(DeviceError):
+    """The device list does not beat the one held (lower version, or the same list)."""
+
+
+class TooManyDevices(DeviceError):
+    """The device list would hold more than MAX_DEVICES devices."""
+
+
+# --- the device list ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceEntry:
+    """One device of a person: where its contacts deposit to it and fetch its prekey bundle."""
+
+    device_id: bytes
+    mailbox: MailboxAddress
+    bundle_address: bytes
+    added_at: int  # seconds since the epoch
+
+    def write(self, w: Writer) -> None:
+        w.fixed(self.device_id, DEVICE_ID_LEN)
+        self.mailbox.write(w)
+        if len(self.bundle_address) != wire.RELAY_ID_LEN:
+            raise ValueError("a bundle address is 16 bytes")
+        w.u8(wire.RELAY_ID_LEN).raw(self.bundle_address).u64(self.added_at)
+
+    @classmethod
+    def read(cls, r: Reader) -> DeviceEntry:
+        device_id = r.take(DEVICE_ID_LEN)
+        mailbox = MailboxAddress.read(r)
+        if r.u8() != wire.RELAY_ID_LEN:
+            raise DecodeError("a bundle address is 16 bytes")
+        return cls(device_id, mailbox, r.take(wire.RELAY_ID_LEN), r.u64())
+
+
+def _body(version: int, devices: tuple[DeviceEntry, ...]) -> bytes:
+    if not 1 <= version < LIST_VERSION_LIMIT:
+        raise ValueError("device list version out of range")
+    if not 1 <= len(devices) <= MAX_DEVICES:
+        raise TooManyDevices("a device list holds 1 to MAX_DEVICES devices")
+    ids = [d.device_id for d in devices]
+    if ids != sorted(set(ids)):
+        raise ValueError("devices must be sorted by device ID, without duplicates")
+    w = Writer().u8(wire.VERSION).u8(KIND_DEVICE_LIST).u64(version).u8(len(devices))
+    for d in devices:
+        d.write(w)
+    return w.bytes()
+
+
+def _signed_message(identity: PublicIdentity, body: bytes) -> bytes:
+    return DEVICE_LIST_LABEL + identity.encode() + body
+
+
+@dataclass(frozen=True)
+class DeviceList:
+    """The identity's signed list of its devices, sorted by device ID. A parsed list is not yet
+    verified: `verify` (or `accept`) checks it against the identity it claims to be of."""
+
+    version: int
+    devices: tuple[DeviceEntry, ...]
+    signature: bytes
+
+    @classmethod
+    def sign(
+        cls, identity: IdentityKeyPair, version: int, devices: Sequence[DeviceEntry]
+    ) -> DeviceList:
+        ordered = tuple(sorted(devices, key=lambda d: d.device_id))
+        body = _body(version, ordered)
+        return cls(version, ordered, identity.sign(_signed_message(identity.public, body)))
+
+    def body(self) -> bytes:
+        return _body(self.version, self.devices)
+
+    def to_bytes(self) -> bytes:
+        return self.body() + self.signature
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> DeviceList:
+        r = Reader(data)
+        if r.u8() != wire.VERSION:
+            raise UnsupportedVersion("unsupported device list version")
+        if r.u8() != KIND_DEVICE_LIST:
+            raise DecodeError("not a device list")
+        version = r.u64()
+        if not 1 <= version < LIST_VERSION_LIMIT:
+            raise DecodeError("device list version out of range")
+        count = r.u8()
+        if not 1 <= count <= MAX_DEVICES:
+            raise DecodeError("device count out of range")
+        devices = tuple(DeviceEntry.read(r) for _ in range(count))
+        ids = [d.device_id for d in devices]
+        if ids != sorted(set(ids)):
+            raise DecodeError("devices not in canonical order")
+        out = cls(version, devices, r.take(wire.SIG_LEN))
+        r.done()
+        return out
+
+    def verify(self, identity: PublicIdentity) -> None:
+        if not identity.verify(self.signature, _signed_message(identity, self.body())):
+            raise ForgedDeviceList("device list not signed by the identity")
+
+    def digest(self) -> bytes:
+        """SHA-256 of the signed body: the tie-break between two lists of one version."""
+        return hashlib.sha256(self.body()).digest()
+
+    def beats(self, other: DeviceList) -> bool:
+        """The winner rule: the higher version; at one version, the greater digest."""
+        return (self.version, self.digest()) > (other.version, other.digest())
+
+    def ids(self) -> frozenset[bytes]:
+        return frozenset(d.device_id for d in self.devices)
+
+    def entry(self, device_id: bytes) -> DeviceEntry | None:
+        return next((d for d in self.devices if d.device_id == device_id), None)
+
+
+def accept(
+    identity: PublicIdentity, current: DeviceList | None, incoming: DeviceList
+) -> DeviceList:
+    """The list a contact (or one of the person's devices) holds after receiving `incoming`:
+    `incoming` when it is signed by `identity` and beats `current`. Every holder of the same
+    set of lists ends with the same one (the maximum under `beats`), in any order of arrival."""
+    incoming.verify(identity)
+    if current is not None and not incoming.beats(current):
+        raise StaleDeviceList("device list does not beat the one held")
+    return incoming
+
+
+def rebase(
+    identity: IdentityKeyPair, parent: DeviceList, mine: DeviceList, winner: DeviceList
+) -> DeviceList | None:
+    """A device signed `mine` on `parent` and lost to `winner` (signed concurrently by another
+    device). Its change (the devices it added and removed) is applied again on `winner` and
+    signed as the next version; None when `winner` already holds that change."""
+    added = [d for d in mine.devices if d.device_id not in parent.ids()]
+    removed = parent.ids() - mine.ids()
+    kept = [d for d in winner.devices if d.device_id not in removed]
+    devices = kept + [d for d in added if d.device_id not in winner.ids()]
+    if frozenset(d.device_id for d in devices) == winner.ids():
+        return None
+    if len(devices) > MAX_DEVICES:
+        raise TooManyDevices("the rebased list would hold more than MAX_DEVICES devices")
+    if not devices:
+        raise StateError("a device list keeps at least one device")
+    return DeviceList.sign(identity, winner.version + 1, devices)
+
+
+def encode_list_payload(device_list: DeviceList) -> bytes:
+    """The payload that tells a contact (inside a ratchet session) the person's device list."""
+    return _V + bytes([PAYLOAD_DEVICE_LIST]) + device_list.to_bytes()
+
+
+def decode_list_payload(data: bytes) -> DeviceList:
+    r = Reader(data)
+    if r.u8() != wire.VERSION:
+        raise UnsupportedVersion("unsupported payload version")
+    if r.u8() != PAYLOAD_DEVICE_LIST:
+        raise DecodeError("not a device list payload")
+    return DeviceList.from_bytes(data[2:])
+
+
+# --- the device link ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceLink:
+    """What `aegis device link` shows: E's one-time link mailbox, the link secret, E's
+    ephemeral X25519 key and the expiry. Whoever holds it can try to link one device."""
+
+    mailbox: MailboxAddress
+    link_secret: bytes
+    e_pub: bytes
+    expires: int  # seconds since the epoch
+
+    def to_bytes(self) -> bytes:
+        if len(self.mailbox.send_token) != wire.RELAY_TOKEN_LEN:
+            raise ValueError("a link mailbox takes a send token")
+        w = Writer().u8(wire.VERSION).u8(LINK_DEVICE)
+        self.mailbox.write(w)
+        w.fixed(self.link_secret, LINK_SECRET_LEN).fixed(self.e_pub, wire.X25519_LEN)
+        return w.u64(self.expires).bytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> DeviceLink:
+        r = Reader(data)
+        if r.u8() != wire.VERSION:
+            raise UnsupportedVersion("unsupported link version")
+        if r.u8() != LINK_DEVICE:
+            raise DecodeError("not a device link")
+        mailbox = MailboxAddress.read(r)
+        if len(mailbox.send_token) != wire.RELAY_TOKEN_LEN:
+            raise DecodeError("a link mailbox takes a send token")
+        out = cls(mailbox, r.take(LINK_SECRET_LEN), r.take(wire.X25519_LEN), r.u64())
+        r.done()
+        return out
+
+    def to_text(self) -> str:
+        return wire.LINK_SCHEME + base64.urlsafe_b64encode(self.to_bytes()).rstrip(b"=").decode()
+
+    @classmethod
+    def from_text(cls, text: str) -> DeviceLink:
+        text = text.strip()
+        if not text.startswith(wire.LINK_SCHEME) or len(text) > MAX_TEXT_LEN:
+            raise DecodeError("not an AegisLink device link")
+        body = text[len(wire.LINK_SCHEME) :]
+        if not body or not body.isascii() or not all(c.isalnum() or c in "-_" for c in body):
+            raise DecodeError("not an AegisLink device link")
+        try:
+            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        except ValueError:
+            raise DecodeError("not an AegisLink device link") from None
+        if base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != body:
+            raise DecodeError("non-canonical link encoding")
+        return cls.from_bytes(raw)
+
+    def __repr__(self) -> str:  # the link secret never shows
+        return f"DeviceLink(mailbox={self.mailbox.relay_url!r}, expires={self.expires})"
+
+
+# --- the profile a linked device receives ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """What E gives N: the identity's private keys, the current device list and the rest of the
+    profile (contacts, groups, settings: the daemon's opaque bytes, docs/devices.md §6)."""
+
+    ed_priv: bytes
+    x_priv: bytes
+    binding_sig: bytes
+    device_list: DeviceList
+    profile: bytes
+
+    def to_bytes(self) -> bytes:
+        w = Writer().u8(wire.VERSION)
+        w.fixed(self.ed_priv, wire.ED25519_LEN).fixed(self.x_priv, wire.X25519_LEN)
+        w.fixed(self.binding_sig, wire.SIG_LEN)
+        listed = self.device_list.to_bytes()
+        w.u16(len(listed)).raw(listed)
+        return w.varbytes(self.profile).bytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> LinkProfile:
+        r = Reader(data)
+        if r.u8() != wire.VERSION:
+            raise UnsupportedVersion("unsupported profile version")
+        ed, x, sig = r.take(wire.ED25519_LEN), r.take(wire.X25519_LEN), r.take(wire.SIG_LEN)
+        device_list = DeviceList.from_bytes(r.take(r.u16()))
+        out = cls(ed, x, sig, device_list, r.varbytes(MAX_PROFILE_BLOCKS * PROFILE_CHUNK_LEN))
+        r.done()
+        return out
+
+    def identity(self) -> IdentityKeyPair:
+        """The identity these keys make; the device list must be signed by it."""
+        try:
+            pair = IdentityKeyPair.from_raw(self.ed_priv, self.x_priv, self.binding_sig)
+        except (ProtocolError, ValueError):
+            raise DecryptionError() from None
+        self.device_list.verify(pair.public)
+        return pair
+
+    def __repr__(self) -> str:
+        return f"LinkProfile(<private>, list version {self.device_list.version})"
+
+
+# --- the handshake ------------------------------------------------------------------------------
+
+
+def _pad(content: bytes, n: int) -> bytes:
+    if len(content) > n:
+        raise ValueError("content too large for one block")
+    return content + bytes(n - len(content))
+
+
+def _unpad(content: bytes, used: int) -> None:
+    # Padding is zeros: anything else is a block from someone else (only key holders seal).
+    if any(content[used:]):
+        raise DecryptionError()
+
+
+def _commit(n_nonce: bytes) -> bytes:
+    return hashlib.sha256(_COMMIT_LABEL + n_nonce).digest()
+
+
+def _request_key(link: DeviceLink, dh: bytes, n_pub: bytes) -> bytes:
+    return p.hkdf(dh, link.link_secret, _REQUEST_LABEL + link.e_pub + n_pub, wire.KEY_LEN)
+
+
+def _accept_key(link: DeviceLink, dh: bytes, transcript: bytes) -> bytes:
+    th = hashlib.sha256(transcript).digest()
+    return p.hkdf(dh, link.link_secret, _ACCEPT_LABEL + th, wire.KEY_LEN)
+
+
+@dataclass(frozen=True)
+class _Keys:
+    n2e: bytes
+    e2n: bytes
+    code_key: bytes
+
+
+def _session_keys(link: DeviceLink, dh: bytes, ss: bytes, transcript: bytes) -> _Keys:
+    th = hashlib.sha256(transcript).digest()
+    okm = p.hkdf(link.link_secret + dh + ss, _SALT, _SESSION_LABEL + th, 3 * wire.KEY_LEN)
+    return _Keys(okm[:32], okm[32:64], okm[64:])
+
+
+def confirmation_code(code_key: bytes, n_nonce: bytes) -> str:
+    """Six decimal digits shown on both screens, as "123 456" (bias below 2^-40)."""
+    mac = p.hmac_sha256(code_key, _CODE_LABEL + n_nonce)
+    number = int.from_bytes(mac[:8], "big") % 10**CODE_DIGITS
+    digits = f"{number:0{CODE_DIGITS}d}"
+    return f"{digits[:3]} {digits[3:]}"
+
+
+def _seal_session(entropy: Entropy, key: bytes, content: bytes) -> bytes:
+    nonce = entropy.random(wire.NONCE_LEN)
+    prefix = _V + nonce
+    block = prefix + p.aead(key).encrypt(nonce, _pad(content, SESSION_CONTENT_LEN), prefix)
+    assert len(block) == wire.BLOCK_SIZE
+    return block
+
+
+def _open_session(key: bytes, block: bytes, step: int) -> bytes:
+    if len(block) != wire.BLOCK_SIZE or block[0] != wire.VERSION:
+        raise DecryptionError()
+    prefix = block[: 1 + wire.NONCE_LEN]
+    content = p.open_with(p.aead(key), prefix[1:], block[len(prefix) :], prefix)
+    if content is None or content[0] != step:
+        raise DecryptionError()
+    return content
+
+
+class LinkOffer:
+    """The existing device E's side of one link. Held in memory only: a restart voids the link
+    (the ephemeral key is never stored), which costs the user a new link at most."""
+
+    def __init__(self, link: DeviceLink, e_priv: bytes, created_at: int) -> None:
+        self.link = link
+        self._e = e_priv  # raw scalar: the core's key objects stay inside primitives
+        self.created_at = created_at
+        self.reply_to: MailboxAddress | None = None  # N's reply mailbox, once a request opened
+        self.code: str | None = None
+        self._keys: _Keys | None = None
+        self._commit = b""
+        self._confirmed = False
+        self._profile_sent = False
+        self.finished = False
+
+    @classmethod
+    def create(
+        cls, entropy: Entropy, mailbox: MailboxAddress, now: int, ttl: int = LINK_TTL
+    ) -> LinkOffer:
+        e = entropy.x25519_private()
+        link = DeviceLink(mailbox, entropy.random(LINK_SECRET_LEN), p.x25519_public(e), now + ttl)
+        return cls(link, p.x25519_private_raw(e), now)
+
+    def _live(self, now: int) -> None:
+        if now >= self.link.expires:
+            raise LinkExpired("the device link has expired")
+
+    def accept_request(self, entropy: Entropy, block: bytes, now: int) -> bytes:
+        """Open N's request; answer with the accept block (to `reply_to`). A block that does
+        not open under the link leaves the link usable; one that opens uses it up."""
+        self._live(now)
+        if self._keys is not None or self.finished:
+            raise LinkUsed("the device link was used already")
+        if len(block) != wire.BLOCK_SIZE or block[0] != wire.VERSION:
+            raise DecryptionError()
+        n_pub = block[1 : 1 + wire.X25519_LEN]
+        dh = p.dh(p.x25519_from_private(self._e), n_pub)
+        prefix = block[: 1 + wire.X25519_LEN]
+        content = p.open_once(_request_key(self.link, dh, n_pub), block[len(prefix) :], prefix)
+        try:
+            r = Reader(content)
+            if r.u8() != STEP_REQUEST:
+                raise DecryptionError()
+            ek, commit = r.take(wire.MLKEM_EK_LEN), r.take(wire.KEY_LEN)
+            reply_to = MailboxAddress.read(r)
+            used = 1 + wire.MLKEM_EK_LEN + wire.KEY_LEN + len(reply_to.write(Writer()).bytes())
+        except (DecodeError, ValueError):
+            raise DecryptionError() from None
+        _unpad(content, used)
+        ss, ct = entropy.encapsulate(p.mlkem_load_ek(ek))
+        transcript = self.link.to_bytes() + n_pub + content[:used]
+        k_acc = _accept_key(self.link, dh, transcript)
+        answer = _V + p.seal_once(k_acc, _pad(bytes([STEP_ACCEPT]) + ct, ACCEPT_CONTENT_LEN), _V)
+        self._keys = _session_keys(self.link, dh, ss, transcript + ct)
+        self._commit = commit
+        self.reply_to = reply_to
+        return answer
+
+    def receive_reveal(self, block: bytes) -> str:
+        """Open N's reveal; the code to show on E's screen."""
+        if self._keys is None or self.code is not None:
+            raise LinkUsed("no reveal is expected now")
+        content = _open_session(self._keys.n2e, block, STEP_REVEAL)
+        n_nonce = content[1 : 1 + NONCE_SECRET_LEN]
+        _unpad(content, 1 + NONCE_SECRET_LEN)
+        if not p.constant_time_equal(_commit(n_nonce), self._commit):
+            raise DecryptionError()
+        self.code = confirmation_code(self._keys.code_key, n_nonce)
+        return self.code
+
+    def confirm(self) -> None:
+        """The user saw the same code on both screens (called only after they said so)."""
+        if self.code is None:
+            raise StateError("there is no code to confirm yet")
+        self._confirmed = True
+
+    def profile_blocks(self, entropy: Entropy, profile: LinkProfile) -> list[bytes]:
+        """The profile, sealed for N, in a Padmé-padded number of blocks; only once confirmed."""
+        if not self._confirmed or self._keys is None:
+            raise StateError("the code was not confirmed on this device")
+        if self._profile_sent:
+            raise LinkUsed("the profile was sent already")
+        data = profile.to_bytes()
+        stream = struct.pack(">I", len(data)) + data
+        count = wire.padme(max(1, -(-len(stream) // PROFILE_CHUNK_LEN)))
+        if count > MAX_PROFILE_BLOCKS:
+            raise StateError("the profile is too large to link")
+        stream += bytes(count * PROFILE_CHUNK_LEN - len(stream))
+        blocks = []
+        for i in range(count):
+            chunk = stream[i * PROFILE_CHUNK_LEN : (i + 1) * PROFILE_CHUNK_LEN]
+            head = struct.pack(">BII", STEP_PROFILE, i, count)
+            blocks.append(_seal_session(entropy, self._keys.e2n, head + chunk))
+        self._profile_sent = True
+        return blocks
+
+    def receive_done(
+        self, identity: PublicIdentity, current: DeviceList, block: bytes
+    ) -> DeviceList:
+        """N's closing block: the device list with N added, signed by N (it holds the identity
+        now). Accepted when it is `current` plus exactly one device and beats it."""
+        if not self._profile_sent or self._keys is None or self.finished:
+            raise LinkUsed("no closing block is expected now")
+        content = _open_session(self._keys.n2e, block, STEP_DONE)
+        try:
+            r = Reader(content[1:])
+            n = r.u16()
+            new = DeviceList.from_bytes(r.take(n))
+        except DecodeError:
+            raise DecryptionError() from None
+        _unpad(content, 3 + n)
+        accept(identity, current, new)
+        if not (current.ids() < new.ids() and len(new.ids() - current.ids()) == 1):
+            raise StaleDeviceList("the new list must add exactly the linked device")
+        self.finished = True
+        return new
+
+    def __repr__(self) -> str:
+        return "LinkOffer(<private>)"
+
+
+class LinkJoin:
+    """The new device N's side of one link."""
+
+    def __init__(self, link: DeviceLink) -> None:
+        self.link = link
+        self._n: bytes | None = None  # raw X25519 scalar
+        self._kem: bytes | None = None  # ML-KEM-768 seed
+        self._nonce = b""
+        self._transcript = b""
+        self._keys: _Keys | None = None
+        self.code: str | None = None
+        self._chunks: dict[int, bytes] = {}
+        self._count = 0
+        self.profile: LinkProfile | None = None
+        self._confirmed = False
+        self.finished = False
+
+    @classmethod
+    def start(
+        cls, entropy: Entropy, link: DeviceLink, reply_to: MailboxAddress, now: int
+    ) -> tuple[LinkJoin, bytes]:
+        """The request block (to the link's mailbox); N's reply mailbox goes inside it."""
+        if now >= link.expires:
+            raise LinkExpired("the device link has expired")
+        self = cls(link)
+        n = entropy.x25519_private()
+        kem = entropy.mlkem_private()
+        self._n, self._kem = p.x25519_private_raw(n), p.mlkem_seed(kem)
+        self._nonce = entropy.random(NONCE_SECRET_LEN)
+        n_pub = p.x25519_public(n)
+        w = Writer().u8(STEP_REQUEST).raw(p.mlkem_ek(kem)).raw(_commit(self._nonce))
+        inner = reply_to.write(w).bytes()
+        dh = p.dh(n, link.e_pub)
+        prefix = _V + n_pub
+        sealed = p.seal_once(
+            _request_key(link, dh, n_pub), _pad(inner, REQUEST_CONTENT_LEN), prefix
+        )
+        self._transcript = link.to_bytes() + n_pub + inner
+        block = prefix + sealed
+        assert len(block) == wire.BLOCK_SIZE
+        return self, block
+
+    def receive_accept(self, entropy: Entropy, block: bytes) -> bytes:
+        """Open E's accept; the reveal block (to the link's mailbox). `code` is set."""
+        if self._n is None or self._kem is None or self._keys is not None:
+            raise LinkUsed("no accept is expected now")
+        if len(block) != wire.BLOCK_SIZE or block[0] != wire.VERSION:
+            raise DecryptionError()
+        dh = p.dh(p.x25519_from_private(self._n), self.link.e_pub)
+        content = p.open_once(_accept_key(self.link, dh, self._transcript), block[1:], _V)
+        if content[0] != STEP_ACCEPT:
+            raise DecryptionError()
+        ct = content[1 : 1 + wire.MLKEM_CT_LEN]
+        _unpad(content, 1 + wire.MLKEM_CT_LEN)
+        ss = p.mlkem_decapsulate(p.mlkem_from_seed(self._kem), ct)
+        self._keys = _session_keys(self.link, dh, ss, self._transcript + ct)
+        self.code = confirmation_code(self._keys.code_key, self._nonce)
+        return _seal_session(entropy, self._keys.n2e, bytes([STEP_REVEAL]) + self._nonce)
+
+    def add_profile_block(self, block: bytes) -> LinkProfile | None:
+        """One of E's profile blocks, in any order; the profile once all have come. It is held,
+        not applied, until the user confirms the code on this device too."""
+        if self._keys is None or self.profile is not None:
+            raise LinkUsed("no profile block is expected now")
+        content = _open_session(self._keys.e2n, block, STEP_PROFILE)
+        index, count = struct.unpack(">II", content[1:9])
+        if not 0 < count <= MAX_PROFILE_BLOCKS or index >= count:
+            raise DecryptionError()
+        if self._count and count != self._count:
+            raise DecryptionError()
+        self._count = count
+        self._chunks[index] = content[9:]
+        if len(self._chunks) < count:
+            return None
+        stream = b"".join(self._chunks[i] for i in range(count))
+        self._chunks = {}
+        (n,) = struct.unpack(">I", stream[:4])
+        if n > len(stream) - 4:
+            raise DecryptionError()
+        _unpad(stream, 4 + n)
+        try:
+            profile = LinkProfile.from_bytes(stream[4 : 4 + n])
+            profile.identity()
+        except (DecodeError, DeviceError):
+            raise DecryptionError() from None
+        self.profile = profile
+        return profile
+
+    def confirm(self) -> None:
+        if self.profile is None:
+            raise StateError("the profile has not arrived")
+        self._confirmed = True
+
+    def done_block(
+        self, entropy: Entropy, me: DeviceEntry
+    ) -> tuple[IdentityKeyPair, DeviceList, bytes]:
+        """After the user confirmed on N: the identity, the device list with N added (signed
+        here, the next version) and the closing block for E."""
+        if not self._confirmed or self.profile is None or self._keys is None or self.finished:
+            raise StateError("the code was not confirmed on this device")
+        identity = self.profile.identity()
+        current = self.profile.device_list
+        if me.device_id in current.ids():
+            raise StateError("this device ID is in the list already")
+        if len(current.devices) >= MAX_DEVICES:
+            raise TooManyDevices("the person has MAX_DEVICES devices already")
+        new = DeviceList.sign(identity, current.version + 1, [*current.devices, me])
+        listed = new.to_bytes()
+        content = Writer().u8(STEP_DONE).u16(len(listed)).raw(listed).bytes()
+        self.finished = True
+        return identity, new, _seal_session(entropy, self._keys.n2e, content)
+
+    def __repr__(self) -> str:
+        return "LinkJoin(<private>)"
+
+
+def new_device_id(entropy: Entropy) -> bytes:
+    return entropy.random(DEVICE_ID_LEN)
