@@ -503,3 +503,24 @@ def test_random_blocks_fail_every_step_with_one_error(data: bytes) -> None:
     link.request()
     with pytest.raises(DecryptionError):
         link.join.receive_accept(link.n_rng, block)
+
+
+# --- docs/devices.md against the code --------------------------------------------------------
+
+
+def test_the_design_documents_constants_and_labels_are_the_codes() -> None:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "devices.md").read_text()
+    section = text.split("## 2. Constants", 1)[1].split("\n## ", 1)[0]
+    names = re.findall(r"^\| `([A-Z_]+)` \| ([^|]+) \|", section, re.MULTILINE)
+    assert len(names) >= 9
+    for name, value in names:
+        number = int(value.split()[0].strip("`").replace(",", ""), 0)
+        assert getattr(d, name) == number, name
+    labels = re.findall(r'^\| [^|]+ \| `"([^"]+)"` \| (\d+) \|', section, re.MULTILINE)
+    code_labels = {v for k, v in vars(d).items() if k.endswith("_LABEL") and isinstance(v, bytes)}
+    assert {label.encode() for label, _ in labels} == code_labels
+    for label, length in labels:
+        assert len(label) == int(length)
