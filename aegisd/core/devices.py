@@ -386,7 +386,7 @@ def _accept_key(link: DeviceLink, dh: bytes, transcript: bytes) -> bytes:
     return p.hkdf(dh, link.link_secret, _ACCEPT_LABEL + th, wire.KEY_LEN)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class _Keys:
     n2e: bytes
     e2n: bytes
@@ -471,6 +471,8 @@ class LinkOffer:
                 raise DecryptionError()
             ek, commit = r.take(wire.MLKEM_EK_LEN), r.take(wire.KEY_LEN)
             reply_to = MailboxAddress.read(r)
+            if len(reply_to.send_token) != wire.RELAY_TOKEN_LEN:
+                raise DecryptionError()
             used = 1 + wire.MLKEM_EK_LEN + wire.KEY_LEN + len(reply_to.write(Writer()).bytes())
         except (DecodeError, ValueError):
             raise DecryptionError() from None
@@ -538,7 +540,8 @@ class LinkOffer:
             raise DecryptionError() from None
         _unpad(content, 3 + n)
         accept(identity, current, new)
-        if not (current.ids() < new.ids() and len(new.ids() - current.ids()) == 1):
+        kept = all(new.entry(x.device_id) == x for x in current.devices)
+        if not (kept and len(new.ids() - current.ids()) == 1):
             raise StaleDeviceList("the new list must add exactly the linked device")
         self.finished = True
         return new
@@ -571,6 +574,8 @@ class LinkJoin:
         """The request block (to the link's mailbox); N's reply mailbox goes inside it."""
         if now >= link.expires:
             raise LinkExpired("the device link has expired")
+        if len(reply_to.send_token) != wire.RELAY_TOKEN_LEN:
+            raise ValueError("the reply mailbox takes a send token")
         self = cls(link)
         n = entropy.x25519_private()
         kem = entropy.mlkem_private()

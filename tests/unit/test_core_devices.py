@@ -273,6 +273,26 @@ def test_the_closing_list_must_add_exactly_the_new_device() -> None:
         link.offer.receive_done(IDENTITY.public, newer, done)
 
 
+def test_the_closing_list_may_not_change_the_other_devices() -> None:
+    link = Link()
+    link.received()
+    link.join.confirm()
+    identity, _, _ = link.join.done_block(link.n_rng, device(9))
+    moved = replace(device(1), mailbox=mailbox(5))
+    altered = d.DeviceList.sign(identity, 2, [moved, device(9)])
+    content = wire.Writer().u8(d.STEP_DONE).u16(len(altered.to_bytes())).raw(altered.to_bytes())
+    block = d._seal_session(link.n_rng, link.join._keys.n2e, content.bytes())  # type: ignore[union-attr]
+    with pytest.raises(d.StaleDeviceList):
+        link.offer.receive_done(IDENTITY.public, FIRST, block)
+    assert not link.offer.finished
+
+
+def test_a_reply_mailbox_without_a_token_is_refused() -> None:
+    link = Link()
+    with pytest.raises(ValueError):
+        d.LinkJoin.start(link.n_rng, link.offer.link, mailbox(8, token=False), NOW)
+
+
 def test_a_seventh_device_cannot_link() -> None:
     full = d.DeviceList.sign(IDENTITY, 3, [device(i) for i in range(1, 7)])
     link = Link()
