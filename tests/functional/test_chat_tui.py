@@ -5,6 +5,9 @@ restart in the middle of a session, and hostile text shown as the inert text it 
 from __future__ import annotations
 
 import asyncio
+import html
+import os
+import re
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -12,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.cells import cell_len
 from textual import events
 from textual.content import Content
 from textual.pilot import Pilot
@@ -70,10 +74,14 @@ def shown_texts(app: ChatApp) -> list[str]:
     return [r.plain for r in app.query(MessageRow)]
 
 
-def run_app(peer: Peer, body: Callable[[ChatApp, Pilot[None]], Awaitable[None]]) -> None:
+def run_app(
+    peer: Peer,
+    body: Callable[[ChatApp, Pilot[None]], Awaitable[None]],
+    size: tuple[int, int] = SIZE,
+) -> None:
     async def main() -> None:
         app = ChatApp(resolve(peer.home).socket)
-        async with app.run_test(size=SIZE) as pilot:
+        async with app.run_test(size=size) as pilot:
             await until(pilot, app.ready.is_set, "the client to load")
             await body(app, pilot)
 
@@ -1162,3 +1170,108 @@ def test_older_file_saved_settings_daemon_gone_mid_open_and_contact_removed(
         assert (await call(alice, "contacts.list"))["contacts"] == []
 
     run_app(alice, body)
+
+
+_SVG_TEXT = re.compile(
+    r'<text [^>]*?x="([\d.]+)"[^>]*?clip-path="url\(#[\w-]+-line-(\d+)\)"[^>]*>(.*?)</text>'
+)
+
+
+#: The width of a cell in Textual's SVG export (pixels).
+CELL = 12.2
+
+
+def svg_rows(svg: str) -> list[str]:
+    """The text of a Textual SVG screenshot, one string per terminal row: each run of text at
+    its column (x over the cell width), blank cells as spaces; empty rows left out."""
+    rows: dict[int, list[tuple[int, str]]] = {}
+    for m in _SVG_TEXT.finditer(svg):
+        text = html.unescape(m[3]).replace("\xa0", " ").rstrip("\n")
+        rows.setdefault(int(m[2]), []).append((round(float(m[1]) / CELL), text))
+    out = []
+    for _, parts in sorted(rows.items()):
+        line = ""
+        for col, text in sorted(parts):
+            line += " " * max(0, col - cell_len(line)) + text
+        if line.strip():
+            out.append(line.rstrip())
+    return out
+
+
+def test_screenshots_of_the_main_screens_at_80x24(peers: Callable[[str], Peer]) -> None:
+    """The main screen, the key map and a dialog as Textual's SVG export draws them at 80x24,
+    read back as text. AEGIS_CHAT_SVG=PATH also writes the main screen there (docs/chat.svg,
+    README.md "Chat in the terminal", is made so)."""
+    alice, bob = pair(peers)
+    for p in (alice, bob):
+        p.call("typing.config", {"enabled": True})
+    g = alice.call("group.create", {"name": "Book club"})["group"]
+    alice.call("group.invite", {"group": g, "contact": "bob"})
+    inv = bob.wait_for(lambda: bob.call("group.invitations")["invitations"], "an invitation")
+    bg = bob.call("group.accept", {"invitation": inv[0]["invitation"]})["group"]
+    alice.wait_for(
+        lambda: len(alice.call("group.get", {"group": g})["members"]) == 2, "bob in the group"
+    )
+    bob.call("group.send", {"group": bg, "text": "Next month: The Dispossessed"})
+    q = bob.call("messages.send", {"contact": "alice", "text": "Are we still on for Saturday?"})
+    alice.wait_for(
+        lambda: len(alice.call("messages.history", {"contact": "bob"})["messages"]) == 1, "it"
+    )
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await until(pilot, lambda: app.convs[f"g:{g}"].unread == 1, "the group's message", 60)
+        await app.open(contact_key("bob"))
+        app.select(q["message_id"])
+        await pilot.press("alt+r")
+        await pilot.press(*"Yes, 10 am at the station")
+        await pilot.press("enter")
+        await until(pilot, lambda: len(app.rows) == 2, "the reply")
+        mine = next(r for r in app.query(MessageRow) if "station" in r.plain)
+        await until(pilot, lambda: mine.msg["status"] in ("delivered", "read"), "delivered", 60)
+        await call(bob, "messages.react", {"message_id": mine.message_id, "emoji": "👍"})
+        await until(pilot, lambda: "👍 1" in mine.plain, "the reaction", 60)
+        await call(bob, "messages.typing", {"contact": "alice", "typing": True})
+        title = app.query_one("#title", Static)
+        await until(pilot, lambda: "bob is typing…" in text_of(title), "bob typing", 60)
+        await pilot.pause(0.1)
+
+        svg = app.export_screenshot(title="aegis chat")
+        rows = svg_rows(svg)
+        assert len(rows) <= 24 and all(cell_len(r) <= 80 for r in rows)
+        screen = "\n".join(rows)
+        assert rows[0].startswith("bob ") and "│ bob · bob is typing…" in rows[0]
+        assert "# Book club (1)" in screen and "Next month: The Dispossessed" in screen
+        assert "Are we still on for Saturday?" in screen and "Yes, 10 am at the station" in screen
+        assert "┃ Are we still on for Saturday?" in screen and "👍 1" in screen
+        assert "Enter sends · Ctrl+N new line · F1 keys" in screen
+        assert rows[-1].strip().startswith("relay connected") and "F1 keys" in rows[-1]
+        assert "aegis:" not in svg and str(alice.home) not in svg  # no link or path in it
+        assert "://" not in screen
+        if os.environ.get("AEGIS_CHAT_SVG"):
+            Path(os.environ["AEGIS_CHAT_SVG"]).write_text(svg)
+
+        await pilot.press("f1")
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen), "the key map")
+        await pilot.pause(0.1)
+        helptext = "\n".join(svg_rows(app.export_screenshot()))
+        assert "│ Keys (Esc closes; arrows scroll)" in helptext  # a box over the main screen
+        assert "│ F1 or ?                 this help" in helptext and "Alt+R" in helptext
+        await pilot.press("escape")
+
+        await pilot.press("alt+g")  # the open conversation is a contact's: a new group
+        await until(pilot, lambda: isinstance(app.screen, AskScreen), "the dialog")
+        await pilot.pause(0.1)
+        dialog = "\n".join(svg_rows(app.export_screenshot()))
+        assert "A new group: its name (Esc: none)" in dialog
+        await pilot.press("escape")
+        await app.open(f"g:{g}")
+        await pilot.press("alt+g")
+        await until(pilot, lambda: isinstance(app.screen, AskScreen), "the group")
+        await pilot.pause(0.1)
+        dialog = "\n".join(svg_rows(app.export_screenshot()))
+        assert "Group “Book club” · you: owner" in dialog
+        assert "me (owner)" in dialog and "bob (member)" in dialog
+        assert "invite NAME · remove N" in dialog
+        await pilot.press("escape")
+
+    run_app(alice, body, size=(80, 24))
