@@ -722,6 +722,7 @@ def test_send_a_file_with_progress_and_save_one(
         incoming = next(r for r in app.query(MessageRow) if "back.txt" in r.plain)
         await until(pilot, lambda: incoming.transfer == "complete", "the download", 60)
         await pilot.press("f4")
+        await answer(app, pilot, "")  # Enter: the newest
         await answer(app, pilot, str(out))
         await until(pilot, lambda: (out / "back.txt").exists(), "the saved file")
         assert (out / "back.txt").read_text() == "from bob\n"
