@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
 from textual.widgets import ListView, Static
 from textual.worker import WorkerFailed
 
@@ -66,6 +67,8 @@ EDIT_WINDOW_MS = 24 * 3600 * 1000
 TYPING_EVERY = 1.0
 #: Search hits shown.
 SEARCH_LIMIT = 50
+#: Actions of the main screen only (not while a dialog is open).
+MAIN_SCREEN_ONLY = ("groups", "start_call", "remove_contact", "settings")
 #: The note of an action the daemon went away in the middle of.
 NOT_REACHABLE = "daemon not reachable: not done (try again once it is back)"
 
@@ -121,7 +124,7 @@ class ChatApp(App[None]):
         Binding("ctrl+f", "send_file", "send a file"),
         Binding("f4", "save_file", "save a file"),
         Binding("alt+g", "groups", "groups", priority=True),
-        Binding("ctrl+p", "start_call", "call", priority=True),
+        Binding("ctrl+p", "start_call", "call"),
         Binding("alt+d", "remove_contact", "remove the contact", priority=True),
         Binding("f12", "settings", "settings"),
         Binding("f8", "hang_up", "hang up"),
@@ -658,7 +661,9 @@ class ChatApp(App[None]):
             text = "no conversation open"
         else:
             text = ("# " if conv.kind == "group" else "") + render.name(conv.name, 40)
-            if conv.kind == "contact":
+            if conv.kind == "group":
+                text += " · members (Alt+G)"
+            else:
                 if conv.timer:
                     text += f" · ⏱ {render.timer(conv.timer)} (F5)"
                 if conv.name in self.typing:
@@ -997,6 +1002,11 @@ class ChatApp(App[None]):
                 await self.client.typing(contact, typing)
 
     # -- actions --------------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # A dialog's keys are its own: Alt+D typed while a dialog asks something does not
+        # open "remove the contact" over it (nor a group, a call or the settings).
+        return not (action in MAIN_SCREEN_ONLY and isinstance(self.screen, ModalScreen))
 
     def act(self, work: Coroutine[Any, Any, None]) -> None:
         """Run a user's action as a worker, guarded (``guarded``)."""

@@ -1161,6 +1161,11 @@ def test_older_file_saved_settings_daemon_gone_mid_open_and_contact_removed(
 
         # Alt+D removes the contact (asked first): gone from the daemon and the list.
         await pilot.press("alt+d")
+        await until(pilot, lambda: isinstance(app.screen, AskScreen), "the question")
+        dialog = app.screen
+        await pilot.press("alt+d", "f12", "ctrl+p")  # a dialog's keys: nothing over it
+        await pilot.pause(0.1)
+        assert app.screen is dialog
         prompt = await answer(app, pilot, "no")
         assert "Remove “bob”" in prompt
         assert contact_key("bob") in app.convs
@@ -1266,6 +1271,7 @@ def test_screenshots_of_the_main_screens_at_80x24(peers: Callable[[str], Peer]) 
         assert "A new group: its name (Esc: none)" in dialog
         await pilot.press("escape")
         await app.open(f"g:{g}")
+        assert "# Book club · members (Alt+G)" in text_of(app.query_one("#title", Static))
         await pilot.press("alt+g")
         await until(pilot, lambda: isinstance(app.screen, AskScreen), "the group")
         await pilot.pause(0.1)
