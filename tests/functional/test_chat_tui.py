@@ -1,6 +1,8 @@
 """``aegis chat`` (aegis_cli/chat) driven by Textual's Pilot, in process, against a real relay
 and real daemons: live messages and unread counts, the marks of a sent message, a daemon
-restart in the middle of a session, and hostile text shown as the inert text it is."""
+restart in the middle of a session, and hostile text shown as the inert text it is; groups
+managed, calls made, files saved and contacts removed from it; the main screens as Textual's
+SVG export draws them at 80x24."""
 
 from __future__ import annotations
 
