@@ -15,12 +15,14 @@ import os
 import shlex
 import signal
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
 from textual.widgets import ListView, Static
 from textual.worker import WorkerFailed
 
@@ -32,11 +34,12 @@ from aegis_client import (
     Event,
     InvalidParams,
     Locked,
+    RevealsIp,
     WrongPassphrase,
 )
 from aegis_client.qr import QRUnavailable, qr_text
 
-from . import render
+from . import menus, render
 from .model import Conversation, contact_key, group_key, load_conversations
 from .screens import (
     AskScreen,
@@ -64,6 +67,10 @@ EDIT_WINDOW_MS = 24 * 3600 * 1000
 TYPING_EVERY = 1.0
 #: Search hits shown.
 SEARCH_LIMIT = 50
+#: Actions of the main screen only (not while a dialog is open).
+MAIN_SCREEN_ONLY = ("groups", "start_call", "remove_contact", "settings")
+#: The note of an action the daemon went away in the middle of.
+NOT_REACHABLE = "daemon not reachable: not done (try again once it is back)"
 
 CSS = """
 #main { height: 1fr; }
@@ -116,6 +123,10 @@ class ChatApp(App[None]):
         Binding("ctrl+s", "safety", "safety number"),
         Binding("ctrl+f", "send_file", "send a file"),
         Binding("f4", "save_file", "save a file"),
+        Binding("alt+g", "groups", "groups", priority=True),
+        Binding("ctrl+p", "start_call", "call"),
+        Binding("alt+d", "remove_contact", "remove the contact", priority=True),
+        Binding("f12", "settings", "settings"),
         Binding("f8", "hang_up", "hang up"),
         Binding("f3", "search", "search"),
         Binding("f5", "timer", "disappearing timer"),
@@ -146,6 +157,7 @@ class ChatApp(App[None]):
         self.daemon_up = False
         self.relay: dict[str, Any] = {}
         self.pending_requests = 0
+        self.pending_groups = 0
         #: The call under way ({"call_id", "contact", "state"}), None when there is none.
         self.call: dict[str, Any] | None = None
         #: The last event handled (the stream's cursor), for tests and the status line.
@@ -230,6 +242,8 @@ class ChatApp(App[None]):
                 text += f" · call with {who}: {self.call.get('state')} (F8 hangs up)"
             if self.pending_requests:
                 text += f" · {self.pending_requests} contact request(s): Ctrl+R"
+            if self.pending_groups:
+                text += f" · {self.pending_groups} group invitation(s): Ctrl+R"
         self.query_one("#status", Static).update(render.plain(f" {text} · F1 keys"))
 
     async def refresh_status(self) -> None:
@@ -239,6 +253,7 @@ class ChatApp(App[None]):
         self.relay = dict(st["relay"])
         if not self.locked:
             self.pending_requests = len(await self.client.requests())
+            self.pending_groups = len(await self.client.group_invitations())
             self.typing_on = bool((await self.client.typing_config())["enabled"])
         self.show_status()
 
@@ -387,9 +402,9 @@ class ChatApp(App[None]):
                 row.set_transfer(f"failed: {render.name(d.get('reason') or '', 60)}")
         elif t == "call.incoming":
             self.call = {"call_id": d.get("call_id"), "contact": d.get("contact"),
-                         "state": "ringing"}  # fmt: skip
+                         "state": "ringing", "direction": "in"}  # fmt: skip
             self.show_status()
-            self.run_worker(self._incoming_call(dict(d)))
+            self.act(self._incoming_call(dict(d)))
         elif t == "call.state":
             if d.get("state") == "ended":
                 if self.call is not None and self.call.get("call_id") == d.get("call_id"):
@@ -398,7 +413,7 @@ class ChatApp(App[None]):
                     self.notify(f"The call ended ({reason}).", markup=False)
             else:
                 self.call = {"call_id": d.get("call_id"), "contact": d.get("contact"),
-                             "state": d.get("state")}  # fmt: skip
+                             "state": d.get("state"), "direction": d.get("direction")}  # fmt: skip
             self.show_status()
         elif t in ("relay.up", "relay.down"):
             self.relay = {"connected": t == "relay.up", "reason": d.get("reason")}
@@ -470,7 +485,7 @@ class ChatApp(App[None]):
 
     async def on_list_view_selected(self, event: ListView.Selected) -> None:
         if isinstance(event.item, ConversationItem):
-            await self.open(event.item.conv.key)
+            await self.guarded(self.open(event.item.conv.key))
 
     # -- the open conversation ----------------------------------------------------------
 
@@ -483,8 +498,10 @@ class ChatApp(App[None]):
             self.query_one("#compose", Compose).clear()
         self.set_context(None, None)
         self.show_title()
-        await self.fetch_page()
-        await self.rebuild()
+        try:
+            await self.fetch_page()
+        finally:  # the daemon gone meanwhile: an empty view, not the last conversation's
+            await self.rebuild()
         self.query_one("#log", MessageLog).scroll_end(animate=False)
         await self.mark_read(conv)
         self.query_one("#compose", Compose).focus()
@@ -575,7 +592,7 @@ class ChatApp(App[None]):
         self.redraw_list()
 
     async def on_message_log_at_top(self, _: MessageLog.AtTop) -> None:
-        await self.action_older()
+        await self.guarded(self.action_older())
 
     async def action_older(self) -> None:
         if self.open_key is None or self.next_before is None:
@@ -644,7 +661,9 @@ class ChatApp(App[None]):
             text = "no conversation open"
         else:
             text = ("# " if conv.kind == "group" else "") + render.name(conv.name, 40)
-            if conv.kind == "contact":
+            if conv.kind == "group":
+                text += " · members (Alt+G)"
+            else:
                 if conv.timer:
                     text += f" · ⏱ {render.timer(conv.timer)} (F5)"
                 if conv.name in self.typing:
@@ -830,7 +849,7 @@ class ChatApp(App[None]):
         compose.focus()
 
     def action_react(self) -> None:
-        self.run_worker(self._react())
+        self.act(self._react())
 
     async def _react(self) -> None:
         got = self.chosen()
@@ -852,7 +871,7 @@ class ChatApp(App[None]):
             row.update_msg(reactions=_mine(row.msg.get("reactions"), emoji or None))
 
     def action_delete_message(self) -> None:
-        self.run_worker(self._delete())
+        self.act(self._delete())
 
     async def _delete(self) -> None:
         got = self.chosen()
@@ -883,7 +902,7 @@ class ChatApp(App[None]):
     # -- search, the timer, typing ---------------------------------------------------------
 
     def action_search(self) -> None:
-        self.run_worker(self._search())
+        self.act(self._search())
 
     async def find(self, query: str) -> list[tuple[dict[str, Any], str]]:
         try:
@@ -933,7 +952,7 @@ class ChatApp(App[None]):
             self.call_after_refresh(self.select, mid)
 
     def action_timer(self) -> None:
-        self.run_worker(self._timer())
+        self.act(self._timer())
 
     async def _timer(self) -> None:
         conv = self.convs.get(self.open_key or "")
@@ -984,6 +1003,26 @@ class ChatApp(App[None]):
 
     # -- actions --------------------------------------------------------------------------
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # A dialog's keys are its own: Alt+D typed while a dialog asks something does not
+        # open "remove the contact" over it (nor a group, a call or the settings).
+        return not (action in MAIN_SCREEN_ONLY and isinstance(self.screen, ModalScreen))
+
+    def act(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a user's action as a worker, guarded (``guarded``)."""
+        self.run_worker(self.guarded(work))
+
+    async def guarded(self, work: Coroutine[Any, Any, None]) -> None:
+        """Await an action: the daemon stopping or locking in the middle of it is a note, never
+        an error that ends the client (follow_events says so in the status line and
+        reconnects; the action can be done again then)."""
+        try:
+            await work
+        except (DaemonNotRunning, ConnectionLost, OSError):
+            self.notify(NOT_REACHABLE, severity="error", markup=False)
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
+
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
@@ -1005,7 +1044,7 @@ class ChatApp(App[None]):
             self.exit()
 
     def action_jump(self) -> None:
-        self.run_worker(self._jump())
+        self.act(self._jump())
 
     async def _jump(self) -> None:
         answer = await self.push_screen_wait(AskScreen("Jump to (a name or part of one):"))
@@ -1026,13 +1065,15 @@ class ChatApp(App[None]):
         await self.open(match.key)
 
     def action_requests(self) -> None:
-        self.run_worker(self._requests())
+        self.act(self._requests())
 
     async def _requests(self) -> None:
+        """Contact requests first, then group invitations, one dialog each."""
         try:
             reqs = await self.client.requests()
-            if not reqs:
-                self.notify("No contact request waits.", markup=False)
+            invs = await self.client.group_invitations()
+            if not reqs and not invs:
+                self.notify("No contact request or group invitation waits.", markup=False)
                 return
             for r in reqs:
                 who = render.name(r["name"], 40)
@@ -1047,13 +1088,25 @@ class ChatApp(App[None]):
                     await self.client.call("requests.reject", {"request": r["request"]})
                 else:
                     await self.client.accept(r["request"], answer.strip() or None)
+            for inv in invs:
+                i: dict[str, Any] = dict(inv)
+                prompt = (
+                    f"Invitation to the group “{render.name(i.get('name') or '?', 40)}” from"
+                    f" “{render.name(i.get('from') or '?', 40)}” ({int(i.get('members') or 0)}"
+                    " members)\n\nType yes to join, or - to decline (Esc: later)."
+                )
+                answer = (await self.push_screen_wait(AskScreen(prompt)) or "").strip().lower()
+                if answer == "yes":
+                    await self.client.accept_group(int(i["invitation"]))
+                elif answer == "-":
+                    await self.client.decline_group(int(i["invitation"]))
             await self.refresh_status()
             await self.load()
         except AegisClientError as exc:
             self.notify(_error_text(exc), severity="error", markup=False)
 
     def action_invite(self) -> None:
-        self.run_worker(self._invite())
+        self.act(self._invite())
 
     async def _invite(self) -> None:
         try:
@@ -1081,13 +1134,13 @@ class ChatApp(App[None]):
         return conv
 
     def action_rename(self) -> None:
-        self.run_worker(self._contact_action("rename"))
+        self.act(self._contact_action("rename"))
 
     def action_block(self) -> None:
-        self.run_worker(self._contact_action("block"))
+        self.act(self._contact_action("block"))
 
     def action_safety(self) -> None:
-        self.run_worker(self._contact_action("safety"))
+        self.act(self._contact_action("safety"))
 
     async def _contact_action(self, what: str) -> None:
         conv = self.target()
@@ -1136,7 +1189,7 @@ class ChatApp(App[None]):
         self.show_title()
 
     def action_send_file(self) -> None:
-        self.run_worker(self._send_file())
+        self.act(self._send_file())
 
     async def _send_file(self) -> None:
         conv = self.target()
@@ -1183,33 +1236,249 @@ class ChatApp(App[None]):
         self.redraw_list()
 
     def action_save_file(self) -> None:
-        self.run_worker(self._save_file())
+        self.act(self._save_file())
 
     async def _save_file(self) -> None:
-        """Save the newest file received in the open conversation."""
+        """Save a file received in the open conversation: any of them, chosen by number (the
+        newest by default), to a path asked for."""
         conv = self.convs.get(self.open_key or "")
-        files = [
-            m for m in self.messages
-            if m.get("direction") == "in" and str(m.get("text") or "").startswith("[file] ")
-        ]  # fmt: skip
-        if conv is None or not files:
+        if conv is None:
+            self.notify("Open a conversation first.", markup=False)
+            return
+        if conv.kind == "contact":  # every file of the contact, not only the loaded page's
+            got = await self.client.call("attachments.list", {"contact": conv.name})
+            files = [dict(a) for a in got["attachments"] if a.get("direction") == "in"]
+        else:  # a group's: those of its loaded history (attachments.list knows no group)
+            files = [
+                {"attachment_id": m.get("attachment_id") or m.get("message_id"),
+                 "name": str(m.get("text"))[7:], "created_at": m.get("created_at"),
+                 "state": "received"}
+                for m in self.messages
+                if m.get("direction") == "in" and str(m.get("text") or "").startswith("[file] ")
+            ]  # fmt: skip
+        if not files:
             self.notify("No received file in this conversation.", markup=False)
             return
-        m = files[-1]
-        aid = str(m.get("attachment_id") or m.get("message_id"))
-        shown = render.name(str(m.get("text"))[7:], 60)
+        answer = await self.push_screen_wait(AskScreen(menus.files_prompt(files)))
+        if answer is None:
+            return
+        f = menus.pick(files, answer)
+        if f is None:
+            self.notify("No file with that number.", markup=False)
+            return
+        if f.get("state") not in ("complete", "received"):
+            self.notify(f"Not received yet: {menus.file_state(f)}.", markup=False)
+            return
+        shown = render.name(f.get("name") or "?", 60)
         where = await self.push_screen_wait(
             AskScreen(f"Save “{shown}” to (a directory or a file name):", value=os.getcwd())
         )
         if not where or not where.strip():
             return
         full = os.path.abspath(os.path.expanduser(where.strip()))
+        self.notify(f"Saving “{shown}”…", markup=False)
         try:
-            r = await self.client.call("attachments.save", {"attachment_id": aid, "path": full})
+            r = await self.client.call(
+                "attachments.save", {"attachment_id": str(f["attachment_id"]), "path": full}
+            )
+        except (DaemonNotRunning, ConnectionLost):
+            raise
         except AegisClientError as exc:
             self.notify(_error_text(exc), severity="error", markup=False)
             return
-        self.notify(f"Saved as {render.name(r['path'], 200)}", markup=False)
+        self.notify(f"Saved as {render.name(r['path'], 200)} ({menus.size(int(r['size']))})",
+                    markup=False)  # fmt: skip
+
+    # -- groups, calls, removing a contact, settings ------------------------------------------
+
+    def action_groups(self) -> None:
+        self.act(self._groups())
+
+    async def _groups(self) -> None:
+        """The open (else highlighted) group: its members and roles, and commands on it; with
+        no group there, a new group. One line per command, the group shown again after it."""
+        conv = self.convs.get(self.open_key or "") or self.convs.get(self.selected_key() or "")
+        ref = conv.group if conv is not None and conv.kind == "group" else None
+        if ref is None:
+            ref = await self._new_group()
+            if ref is None:
+                return
+        note = ""
+        while True:
+            g: dict[str, Any] = dict(await self.client.group(ref))
+            keys = {str(m.get("contact")) for m in g.get("members") or [] if m.get("contact")}
+            invitable = [
+                c["name"] for c in await self.client.contacts()
+                if c.get("established") and not c.get("blocked") and c["name"] not in keys
+            ] if g.get("role") in ("admin", "owner") else []  # fmt: skip
+            answer = await self.push_screen_wait(
+                AskScreen(menus.group_prompt(g, invitable, note))
+            )
+            if answer is None or not answer.strip():
+                return
+            cmd = menus.parse(answer)
+            if cmd is None:
+                note = "Not a command: invite, remove, admin, member, owner, rename, leave, new."
+                continue
+            try:
+                note = await self._group_command(ref, g, cmd)
+            except (DaemonNotRunning, ConnectionLost):
+                raise
+            except AegisClientError as exc:
+                note = f"Not done: {_error_text(exc)}"
+                continue
+            if cmd.verb == "leave" and note.startswith("Left"):
+                self.notify(note, markup=False)
+                return
+            if cmd.verb == "new":
+                ref = int(note)
+                note = "Created: invite your contacts to it."
+
+    async def _new_group(self) -> int | None:
+        name = await self.push_screen_wait(AskScreen("A new group: its name (Esc: none)"))
+        if not name or not name.strip():
+            return None
+        g = await self.client.create_group(name.strip())
+        await self.load()
+        await self.open(group_key(int(g["group"])))
+        return int(g["group"])
+
+    async def _group_command(self, ref: int, g: dict[str, Any], cmd: menus.Command) -> str:
+        """Do one command; returns the note shown under the group (for "new": its ref)."""
+        if cmd.verb == "new":
+            if not cmd.arg:
+                return "new NAME: the name of the new group."
+            made = await self.client.create_group(cmd.arg)
+            await self.load()
+            await self.open(group_key(int(made["group"])))
+            return str(made["group"])
+        if cmd.verb == "leave":
+            gone = render.name(g.get("name") or "?", 40)
+            sure = await self.push_screen_wait(AskScreen(f"Leave “{gone}”? Type yes to confirm."))
+            if (sure or "").strip().lower() != "yes":
+                return ""
+            await self.client.leave_group(ref)
+            if self.open_key == group_key(ref):
+                await self.close_conversation()
+            await self.load()
+            return f"Left the group “{render.name(g.get('name') or '?', 40)}”."
+        if cmd.verb == "rename":
+            if not cmd.arg:
+                return "rename NAME: the group's new name."
+            await self.client.rename_group(ref, cmd.arg)
+            await self.load()
+            self.show_title()
+            return "Renamed."
+        if cmd.verb == "invite":
+            if not cmd.arg:
+                return "invite NAME: one of your contacts."
+            await self.client.invite_to_group(ref, cmd.arg)
+            return f"Invited “{render.name(cmd.arg, 40)}”: a member once they accept."
+        member = menus.member_ref(g, cmd.arg)
+        if member is None:
+            return f"{cmd.verb} N: a member's number in the list (or a contact's name)."
+        if cmd.verb == "remove":
+            await self.client.remove_from_group(ref, member)
+            return "Removed."
+        role: Literal["member", "admin", "owner"] = (
+            "admin" if cmd.verb == "admin" else "owner" if cmd.verb == "owner" else "member"
+        )
+        await self.client.set_group_role(ref, member, role)
+        return f"Now {role}."
+
+    async def close_conversation(self) -> None:
+        """No conversation open (it was removed, or left)."""
+        self.open_key = None
+        self.select(None)
+        self.messages, self.next_before = [], None
+        self.set_context(None, None)
+        await self.rebuild()
+        self.show_title()
+
+    def action_start_call(self) -> None:
+        self.act(self._start_call())
+
+    async def _start_call(self) -> None:
+        conv = self.target()
+        if conv is None:
+            return
+        if self.call is not None:
+            self.notify("A call is under way: F8 hangs up.", markup=False)
+            return
+        shown = render.name(conv.name, 40)
+        answer = await self.push_screen_wait(AskScreen(
+            f"Call “{shown}”? Enter: a voice call · v, Enter: a video call (Esc: no)\n"
+            "(The daemon's microphone and speaker: those of the machine it runs on.)"))  # fmt: skip
+        if answer is None:
+            return
+        video = answer.strip().lower().startswith("v")
+        try:
+            c = await self.client.start_call(conv.name, video=video)
+        except RevealsIp:
+            sure = await self.push_screen_wait(AskScreen(
+                "This call would show your IP address to the contact (relays are reached"
+                " through Tor or a proxy, and no TURN server hides it). Type yes to call"
+                " anyway."))  # fmt: skip
+            if (sure or "").strip().lower() != "yes":
+                return
+            c = await self.client.start_call(conv.name, video=video, reveal_ip=True)
+        if self.call is None or self.call.get("call_id") != c["call_id"]:
+            self.call = {"call_id": c["call_id"], "contact": c["contact"], "state": c["state"],
+                         "direction": "out"}  # fmt: skip
+        self.show_status()
+
+    def action_remove_contact(self) -> None:
+        self.act(self._remove_contact())
+
+    async def _remove_contact(self) -> None:
+        conv = self.target()
+        if conv is None:
+            return
+        shown = render.name(conv.name, 40)
+        answer = await self.push_screen_wait(AskScreen(
+            f"Remove “{shown}”? Their messages and files go from this device, and your mailbox"
+            " for them at the relay: what they send afterwards goes nowhere. Type yes to"
+            " remove (Esc: keep)."))  # fmt: skip
+        if (answer or "").strip().lower() != "yes":
+            return
+        await self.client.call("contacts.remove", {"name": conv.name})
+        if self.open_key == conv.key:
+            await self.close_conversation()
+        await self.load()
+        self.notify(f"Removed “{shown}”.", markup=False)
+
+    def action_settings(self) -> None:
+        self.act(self._settings())
+
+    async def _settings(self) -> None:
+        note = ""
+        while True:
+            typing_on = bool((await self.client.typing_config())["enabled"])
+            default = int((await self.client.settings()).get("disappearing_default") or 0)
+            answer = await self.push_screen_wait(
+                AskScreen(menus.settings_prompt(typing_on, default, note))
+            )
+            a = (answer or "").strip()
+            if a == "1":
+                got = await self.client.typing_config(not typing_on)
+                self.typing_on = bool(got["enabled"])  # in force here at once
+                note = f"Typing indicators {'on' if self.typing_on else 'off'}."
+            elif a == "2":
+                pick = await self.push_screen_wait(AskScreen(
+                    f"The disappearing timer of new conversations (now {render.timer(default)})"
+                    f":\n{menus.timer_choices()}\n\nA number (Esc: leave it)."))  # fmt: skip
+                p = (pick or "").strip()
+                if not p.isdigit() or int(p) >= len(render.TIMERS):
+                    note = ""
+                    continue
+                await self.client.call(
+                    "settings.set", {"disappearing_default": render.TIMERS[int(p)]}
+                )
+                note = f"New conversations start with {render.timer(render.TIMERS[int(p)])}."
+            elif answer is None or not a:
+                return
+            else:
+                note = "1 or 2."
 
     async def _incoming_call(self, d: dict[str, Any]) -> None:
         who = render.name(d.get("contact") or "?", 40)
@@ -1231,7 +1500,7 @@ class ChatApp(App[None]):
             return
         call_id = str(self.call.get("call_id"))
         try:
-            if self.call.get("state") == "ringing":
+            if self.call.get("state") == "ringing" and self.call.get("direction") == "in":
                 await self.client.reject_call(call_id)
             else:
                 await self.client.hangup(call_id)
@@ -1239,7 +1508,7 @@ class ChatApp(App[None]):
             self.notify(_error_text(exc), severity="error", markup=False)
 
     def action_add_contact(self) -> None:
-        self.run_worker(self._add_contact())
+        self.act(self._add_contact())
 
     async def _add_contact(self) -> None:
         link = await self.push_screen_wait(AskScreen("Add a contact: paste their link"))

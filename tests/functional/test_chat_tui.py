@@ -1,10 +1,15 @@
 """``aegis chat`` (aegis_cli/chat) driven by Textual's Pilot, in process, against a real relay
 and real daemons: live messages and unread counts, the marks of a sent message, a daemon
-restart in the middle of a session, and hostile text shown as the inert text it is."""
+restart in the middle of a session, and hostile text shown as the inert text it is; groups
+managed, calls made, files saved and contacts removed from it; the main screens as Textual's
+SVG export draws them at 80x24."""
 
 from __future__ import annotations
 
 import asyncio
+import html
+import os
+import re
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -12,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.cells import cell_len
 from textual import events
 from textual.content import Content
 from textual.pilot import Pilot
@@ -70,10 +76,14 @@ def shown_texts(app: ChatApp) -> list[str]:
     return [r.plain for r in app.query(MessageRow)]
 
 
-def run_app(peer: Peer, body: Callable[[ChatApp, Pilot[None]], Awaitable[None]]) -> None:
+def run_app(
+    peer: Peer,
+    body: Callable[[ChatApp, Pilot[None]], Awaitable[None]],
+    size: tuple[int, int] = SIZE,
+) -> None:
     async def main() -> None:
         app = ChatApp(resolve(peer.home).socket)
-        async with app.run_test(size=SIZE) as pilot:
+        async with app.run_test(size=size) as pilot:
             await until(pilot, app.ready.is_set, "the client to load")
             await body(app, pilot)
 
@@ -714,6 +724,7 @@ def test_send_a_file_with_progress_and_save_one(
         incoming = next(r for r in app.query(MessageRow) if "back.txt" in r.plain)
         await until(pilot, lambda: incoming.transfer == "complete", "the download", 60)
         await pilot.press("f4")
+        await answer(app, pilot, "")  # Enter: the newest
         await answer(app, pilot, str(out))
         await until(pilot, lambda: (out / "back.txt").exists(), "the saved file")
         assert (out / "back.txt").read_text() == "from bob\n"
@@ -967,3 +978,309 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
         assert app.open_key == contact_key("bob")
 
     run_app(alice, body)
+
+
+def notes(app: ChatApp) -> list[str]:
+    return [str(n.message) for n in app._notifications]
+
+
+def test_groups_managed_from_the_client(peers: Callable[[str], Peer]) -> None:
+    alice, bob = pair(peers)
+    trips = bob.call("group.create", {"name": "Trips"})["group"]
+    bob.call("group.invite", {"group": trips, "contact": "alice"})
+
+    def bobs_group(name: str) -> Callable[[], Any]:
+        def find() -> Any:
+            groups = bob.call("group.list")["groups"]
+            return next((g for g in groups if g["name"] == name), None)
+
+        return find
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        # Bob's invitation: counted in the status line, accepted with Ctrl+R.
+        status = app.query_one("#status", Static)
+        await until(pilot, lambda: "1 group invitation" in text_of(status), "the invitation", 60)
+        await pilot.press("ctrl+r")
+        prompt = await answer(app, pilot, "yes")
+        assert "Trips" in prompt and "bob" in prompt
+        await asyncio.to_thread(
+            bob.wait_for,
+            lambda: len(bob.call("group.get", {"group": trips})["members"]) == 2,
+            "alice in bob's group", 60,
+        )  # fmt: skip
+
+        # A new group from the client (Alt+G with no group open), bob invited from the list.
+        await app.open(contact_key("bob"))
+        await pilot.press("alt+g")
+        await answer(app, pilot, "Book club")
+        key = await until(pilot, lambda: app.open_key if app.open_key != contact_key("bob")
+                          else None, "the new group open")  # fmt: skip
+        ref = app.convs[key].group
+        assert ref is not None and app.convs[key].name == "Book club"
+        prompt = await answer(app, pilot, "invite bob")
+        assert "me (owner)" in prompt and "Contacts to invite: bob" in prompt
+        await until(pilot, lambda: isinstance(app.screen, AskScreen), "the group again")
+        assert "Invited “bob”" in text_of(app.screen.query_one("#ask-prompt", Static))
+        await pilot.press("escape")
+        inv = await asyncio.to_thread(
+            bob.wait_for, lambda: bob.call("group.invitations")["invitations"], "bob's", 60
+        )
+        assert inv[0]["name"] == "Book club"
+        await call(bob, "group.accept", {"invitation": inv[0]["invitation"]})
+        members = await asyncio.to_thread(
+            alice.wait_for,
+            lambda: [m for m in alice.call("group.get", {"group": ref})["members"]
+                     if m["contact"] == "bob"],
+            "bob in the group", 60,
+        )  # fmt: skip
+        order = (await call(alice, "group.get", {"group": ref}))["members"]
+        n = 1 + next(i for i, m in enumerate(order) if m["contact"] == "bob")
+        assert members
+
+        # Members and roles shown; bob made admin, then removed; bob's daemon sees both.
+        await pilot.press("alt+g")
+        prompt = await answer(app, pilot, f"admin {n}")
+        assert f"{n} bob (member)" in prompt
+        theirs = await asyncio.to_thread(bob.wait_for, bobs_group("Book club"), "bob's copy", 60)
+        await asyncio.to_thread(
+            bob.wait_for,
+            lambda: bob.call("group.get", {"group": theirs["group"]})["role"] == "admin",
+            "bob made admin", 60,
+        )  # fmt: skip
+        prompt = await answer(app, pilot, f"remove {n}")
+        assert f"{n} bob (admin)" in prompt
+        await asyncio.to_thread(
+            bob.wait_for,
+            lambda: not bob.call("group.list")["groups"][-1]["member"]
+            or bob.call("group.get", {"group": theirs["group"]})["role"] is None,
+            "bob removed", 60,
+        )  # fmt: skip
+        prompt = await answer(app, pilot, "leave")
+        assert "bob" not in prompt.split("\n", 2)[1]  # the member list: only me now
+        await answer(app, pilot, "yes")
+        await until(pilot, lambda: key not in app.convs and app.open_key is None, "left")
+        assert "Left the group “Book club”." in notes(app)
+
+    run_app(alice, body)
+
+
+def test_a_call_started_from_the_client_rings_and_hangs_up(
+    tmp_short: Path, relay_proc: RelayProcess, sound: PulseAudio
+) -> None:
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    people: list[Peer] = []
+    try:
+        for name in ("alice", "bob"):
+            p = Peer(tmp_short / name, url, name)
+            people.append(p)
+            p.stop()  # again with the test PulseAudio as microphone and speaker
+            p.proc = DaemonProc(p.home, [], sound.daemon_env(name))
+            p.proc.wait_ready()
+            p.call("calls.configure", {"host_candidates": "loopback"})
+        alice, bob = people
+        connect(alice, bob)
+
+        async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+            status = app.query_one("#status", Static)
+            await app.open(contact_key("bob"))
+            await pilot.press("ctrl+p")
+            prompt = await answer(app, pilot, "")  # Enter: a voice call
+            assert "Call “bob”" in prompt
+            await until(pilot, lambda: "call with bob: ringing" in text_of(status), "ring", 60)
+            ringing = await asyncio.to_thread(
+                bob.wait_for, lambda: bob.call("calls.list")["calls"], "the call at bob", 60
+            )
+            assert ringing[0]["state"] == "ringing" and ringing[0]["contact"] == "alice"
+            assert not ringing[0]["video"]
+            await pilot.press("f8")
+            await until(pilot, lambda: app.call is None, "the end", 60)
+            await asyncio.to_thread(
+                bob.wait_for, lambda: not bob.call("calls.list")["calls"], "ended at bob", 60
+            )
+            calls = (await call(alice, "calls.history", {"limit": 1}))["calls"]
+            assert calls[0]["direction"] == "out" and calls[0]["answered_at"] is None
+
+        run_app(alice, body)
+    finally:
+        for p in people:
+            p.stop()
+
+
+def test_older_file_saved_settings_daemon_gone_mid_open_and_contact_removed(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    alice, bob = pair(peers)
+    for name in ("first.txt", "second.txt"):
+        (tmp_short / name).write_text(f"{name} from bob\n")
+        bob.call("attachments.send", {"contact": "alice", "path": str(tmp_short / name)})
+    alice.wait_for(
+        lambda: [a["state"] for a in alice.call("attachments.list")["attachments"]]
+        == ["complete", "complete"],
+        "both files at alice", 60,
+    )  # fmt: skip
+    out = tmp_short / "saved"
+    out.mkdir()
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        # F4 lists every received file; the older one (1) is saved where asked.
+        await app.open(contact_key("bob"))
+        await pilot.press("f4")
+        prompt = await answer(app, pilot, "1")
+        assert "1 first.txt" in prompt and "2 second.txt" in prompt and "complete" in prompt
+        await answer(app, pilot, str(out))
+        await until(pilot, lambda: (out / "first.txt").exists(), "the older file saved")
+        assert (out / "first.txt").read_text() == "first.txt from bob\n"
+        assert not (out / "second.txt").exists()
+        await until(pilot, lambda: any(n.startswith("Saved as") for n in notes(app)), "note")
+
+        # F12: typing indicators on, new conversations' timer 1 day; the daemon has both.
+        await pilot.press("f12")
+        prompt = await answer(app, pilot, "1")
+        assert "typing indicators: off" in prompt
+        prompt = await answer(app, pilot, "2")
+        assert "typing indicators: on" in prompt and app.typing_on
+        await answer(app, pilot, "3")
+        prompt = await answer(app, pilot, "")
+        assert "new conversations: 1 day" in prompt
+        assert (await call(alice, "typing.config"))["enabled"] is True
+        assert (await call(alice, "settings.get"))["disappearing_default"] == 86400
+
+        # The daemon stops; opening the conversation then, and a dialog's action, are notes.
+        await asyncio.to_thread(alice.stop)
+        lv = app.query_one("#convs")
+        lv.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: any("daemon not reachable" in n for n in notes(app)), "nr")
+        app.clear_notifications()
+        await pilot.press("f12")
+        await until(pilot, lambda: any("daemon not reachable" in n for n in notes(app)), "nr2")
+        assert app.is_running
+        subs = app.subscriptions
+        await asyncio.to_thread(alice.start)
+        await until(pilot, lambda: app.subscriptions > subs, "reconnected", 60)
+        await app.open(contact_key("bob"))
+        assert any("first.txt" in t for t in shown_texts(app))
+
+        # Alt+D removes the contact (asked first): gone from the daemon and the list.
+        await pilot.press("alt+d")
+        await until(pilot, lambda: isinstance(app.screen, AskScreen), "the question")
+        dialog = app.screen
+        await pilot.press("alt+d", "f12", "ctrl+p")  # a dialog's keys: nothing over it
+        await pilot.pause(0.1)
+        assert app.screen is dialog
+        prompt = await answer(app, pilot, "no")
+        assert "Remove “bob”" in prompt
+        assert contact_key("bob") in app.convs
+        await pilot.press("alt+d")
+        await answer(app, pilot, "yes")
+        await until(pilot, lambda: contact_key("bob") not in app.convs, "bob gone")
+        assert app.open_key is None
+        assert (await call(alice, "contacts.list"))["contacts"] == []
+
+    run_app(alice, body)
+
+
+_SVG_TEXT = re.compile(
+    r'<text [^>]*?x="([\d.]+)"[^>]*?clip-path="url\(#[\w-]+-line-(\d+)\)"[^>]*>(.*?)</text>'
+)
+
+
+#: The width of a cell in Textual's SVG export (pixels).
+CELL = 12.2
+
+
+def svg_rows(svg: str) -> list[str]:
+    """The text of a Textual SVG screenshot, one string per terminal row: each run of text at
+    its column (x over the cell width), blank cells as spaces; empty rows left out."""
+    rows: dict[int, list[tuple[int, str]]] = {}
+    for m in _SVG_TEXT.finditer(svg):
+        text = html.unescape(m[3]).replace("\xa0", " ").rstrip("\n")
+        rows.setdefault(int(m[2]), []).append((round(float(m[1]) / CELL), text))
+    out = []
+    for _, parts in sorted(rows.items()):
+        line = ""
+        for col, text in sorted(parts):
+            line += " " * max(0, col - cell_len(line)) + text
+        if line.strip():
+            out.append(line.rstrip())
+    return out
+
+
+def test_screenshots_of_the_main_screens_at_80x24(peers: Callable[[str], Peer]) -> None:
+    """The main screen, the key map and a dialog as Textual's SVG export draws them at 80x24,
+    read back as text. AEGIS_CHAT_SVG=PATH also writes the main screen there (docs/chat.svg,
+    README.md "Chat in the terminal", is made so)."""
+    alice, bob = pair(peers)
+    for p in (alice, bob):
+        p.call("typing.config", {"enabled": True})
+    g = alice.call("group.create", {"name": "Book club"})["group"]
+    alice.call("group.invite", {"group": g, "contact": "bob"})
+    inv = bob.wait_for(lambda: bob.call("group.invitations")["invitations"], "an invitation")
+    bg = bob.call("group.accept", {"invitation": inv[0]["invitation"]})["group"]
+    alice.wait_for(
+        lambda: len(alice.call("group.get", {"group": g})["members"]) == 2, "bob in the group"
+    )
+    bob.call("group.send", {"group": bg, "text": "Next month: The Dispossessed"})
+    q = bob.call("messages.send", {"contact": "alice", "text": "Are we still on for Saturday?"})
+    alice.wait_for(
+        lambda: len(alice.call("messages.history", {"contact": "bob"})["messages"]) == 1, "it"
+    )
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await until(pilot, lambda: app.convs[f"g:{g}"].unread == 1, "the group's message", 60)
+        await app.open(contact_key("bob"))
+        app.select(q["message_id"])
+        await pilot.press("alt+r")
+        await pilot.press(*"Yes, 10 am at the station")
+        await pilot.press("enter")
+        await until(pilot, lambda: len(app.rows) == 2, "the reply")
+        mine = next(r for r in app.query(MessageRow) if "station" in r.plain)
+        await until(pilot, lambda: mine.msg["status"] in ("delivered", "read"), "delivered", 60)
+        await call(bob, "messages.react", {"message_id": mine.message_id, "emoji": "👍"})
+        await until(pilot, lambda: "👍 1" in mine.plain, "the reaction", 60)
+        await call(bob, "messages.typing", {"contact": "alice", "typing": True})
+        title = app.query_one("#title", Static)
+        await until(pilot, lambda: "bob is typing…" in text_of(title), "bob typing", 60)
+        await pilot.pause(0.1)
+
+        svg = app.export_screenshot(title="aegis chat")
+        rows = svg_rows(svg)
+        assert len(rows) <= 24 and all(cell_len(r) <= 80 for r in rows)
+        screen = "\n".join(rows)
+        assert rows[0].startswith("bob ") and "│ bob · bob is typing…" in rows[0]
+        assert "# Book club (1)" in screen and "Next month: The Dispossessed" in screen
+        assert "Are we still on for Saturday?" in screen and "Yes, 10 am at the station" in screen
+        assert "┃ Are we still on for Saturday?" in screen and "👍 1" in screen
+        assert "Enter sends · Ctrl+N new line · F1 keys" in screen
+        assert rows[-1].strip().startswith("relay connected") and "F1 keys" in rows[-1]
+        assert "aegis:" not in svg and str(alice.home) not in svg  # no link or path in it
+        assert "://" not in screen
+        if os.environ.get("AEGIS_CHAT_SVG"):
+            Path(os.environ["AEGIS_CHAT_SVG"]).write_text(svg)
+
+        await pilot.press("f1")
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen), "the key map")
+        await pilot.pause(0.1)
+        helptext = "\n".join(svg_rows(app.export_screenshot()))
+        assert "│ Keys (Esc closes; arrows scroll)" in helptext  # a box over the main screen
+        assert "│ F1 or ?                 this help" in helptext and "Alt+R" in helptext
+        await pilot.press("escape")
+
+        await pilot.press("alt+g")  # the open conversation is a contact's: a new group
+        await until(pilot, lambda: isinstance(app.screen, AskScreen), "the dialog")
+        await pilot.pause(0.1)
+        dialog = "\n".join(svg_rows(app.export_screenshot()))
+        assert "A new group: its name (Esc: none)" in dialog
+        await pilot.press("escape")
+        await app.open(f"g:{g}")
+        assert "# Book club · members (Alt+G)" in text_of(app.query_one("#title", Static))
+        await pilot.press("alt+g")
+        await until(pilot, lambda: isinstance(app.screen, AskScreen), "the group")
+        await pilot.pause(0.1)
+        dialog = "\n".join(svg_rows(app.export_screenshot()))
+        assert "Group “Book club” · you: owner" in dialog
+        assert "me (owner)" in dialog and "bob (member)" in dialog
+        assert "invite NAME · remove N" in dialog
+        await pilot.press("escape")
+
+    run_app(alice, body, size=(80, 24))

@@ -1,0 +1,128 @@
+"""The text of the chat's one-line dialogs that manage things (a group, the files to save,
+the settings) and how their answers are read. Pure: the app asks the daemon and shows these
+through ``screens.AskScreen``; every peer-supplied string goes through ``render`` here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import render
+
+#: Members, contacts and files listed in a dialog (the rest: "… and N more"); it fits 80x24.
+LISTED = 10
+
+
+@dataclass
+class Command:
+    verb: str  # "invite", "remove", "admin", "member", "owner", "rename", "leave", "new"
+    arg: str
+
+
+GROUP_VERBS = ("invite", "remove", "admin", "member", "owner", "rename", "leave", "new")
+
+
+def member_label(m: dict[str, Any]) -> str:
+    if m.get("you"):
+        return "me"
+    if m.get("contact"):
+        return render.name(m["contact"], 24)
+    return render.name(str(m.get("key") or "?")[:12], 12) + "…"
+
+
+def group_prompt(g: dict[str, Any], invitable: list[str], note: str = "") -> str:
+    """A group's members (numbered: a command names one by number or contact name), your role
+    and the commands."""
+    members = list(g.get("members") or [])
+    lines = [f"Group “{render.name(g.get('name') or '?', 40)}” · you: {g.get('role') or 'left'}"]
+    for i, m in enumerate(members[:LISTED], 1):
+        reach = "" if m.get("reachable", True) else " (not reachable yet)"
+        lines.append(f" {i:>2} {member_label(m)} ({render.name(m.get('role') or '?', 8)}){reach}")
+    if len(members) > LISTED:
+        lines.append(f"    … and {len(members) - LISTED} more")
+    if invitable:
+        names = ", ".join(render.name(n, 20) for n in invitable[:LISTED])
+        more = f" … and {len(invitable) - LISTED} more" if len(invitable) > LISTED else ""
+        lines.append(f"Contacts to invite: {names}{more}")
+    lines.append(
+        "invite NAME · remove N · admin N · member N · owner N · rename NAME · leave ·"
+        " new NAME (another group) · Esc closes"
+    )
+    if note:
+        lines.append(render.name(note, 200))
+    return "\n".join(lines)
+
+
+def parse(answer: str, verbs: tuple[str, ...] = GROUP_VERBS) -> Command | None:
+    verb, _, arg = answer.strip().partition(" ")
+    verb = verb.lower()
+    if verb not in verbs:
+        return None
+    return Command(verb, arg.strip())
+
+
+def member_ref(g: dict[str, Any], arg: str) -> str | None:
+    """A command's member: its number in the list (its key), else a contact's name as typed."""
+    members = list(g.get("members") or [])
+    if arg.isdigit():
+        i = int(arg)
+        return str(members[i - 1]["key"]) if 1 <= i <= len(members) else None
+    return arg or None
+
+
+def size(n: int) -> str:
+    for unit, step in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= step:
+            return f"{n / step:.1f} {unit}"
+    return f"{n} B"
+
+
+def file_state(a: dict[str, Any]) -> str:
+    state = str(a.get("state") or "")
+    if state == "downloading":
+        blocks = int(a.get("blocks") or 0)
+        pct = 100 * int(a.get("done") or 0) // blocks if blocks else 0
+        return f"downloading {pct}%"
+    return render.name(state, 12)
+
+
+def files_prompt(files: list[dict[str, Any]]) -> str:
+    """The received files of a conversation, newest last, numbered from 1 (newest: the
+    highest); only the newest LISTED are shown."""
+    lines = ["Save which file? (newest last)"]
+    first = max(0, len(files) - LISTED)
+    if first:
+        lines.append(f"    ({first} older ones not listed: type their number)")
+    for i, a in enumerate(files[first:], first + 1):
+        lines.append(
+            f" {i:>3} {render.name(a.get('name') or '?', 36)}  {size(int(a.get('size') or 0))}"
+            f"  {file_state(a)}  {render.when(int(a.get('created_at') or 0))}"
+        )
+    lines.append("A number (Enter: the newest; Esc: none).")
+    return "\n".join(lines)
+
+
+def pick(files: list[dict[str, Any]], answer: str) -> dict[str, Any] | None:
+    a = answer.strip()
+    if not a:
+        return files[-1] if files else None
+    if a.isdigit() and 1 <= int(a) <= len(files):
+        return files[int(a) - 1]
+    return None
+
+
+def settings_prompt(typing_on: bool, default_timer: int, note: str = "") -> str:
+    lines = [
+        "Settings",
+        f"  1  typing indicators: {'on' if typing_on else 'off'} (1 switches them)",
+        f"  2  disappearing timer of new conversations: {render.timer(default_timer)}"
+        " (2 chooses it)",
+        "A number (Esc closes).",
+    ]
+    if note:
+        lines.append(render.name(note, 200))
+    return "\n".join(lines)
+
+
+def timer_choices() -> str:
+    return "  ".join(f"{i} {render.timer(v)}" for i, v in enumerate(render.TIMERS))
