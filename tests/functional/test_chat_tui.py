@@ -943,12 +943,12 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
         # Typing: bob types, alice's header says so; alice types, bob's daemon hears it.
         await call(bob, "messages.typing", {"contact": "alice", "typing": True})
         await until(pilot, lambda: "bob is typing…" in text_of(title), "bob typing", 60)
+        heard = await asyncio.to_thread(bob.live, ["contact.typing"])  # live: never stored
         app.query_one(Compose).focus()
         await pilot.press(*"hm")
 
         def bob_heard() -> Any:
-            evs = bob.call("events.list", {"types": ["contact.typing"]})["events"]
-            return [e for e in evs if e["data"]["typing"]]
+            return [d for d in heard.data() if d["typing"]]
 
         await asyncio.to_thread(bob.wait_for, bob_heard, "alice typing at bob", 60)
         compose.clear()
