@@ -820,6 +820,9 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
     alice, bob = pair(peers)
     for p in (alice, bob):
         p.call("typing.config", {"enabled": True})
+    # contact.typing is live (never stored): bob's client listens from the start, as a
+    # frontend would, to hear the first "typing" of alice's (her reply below).
+    heard = bob.live(["contact.typing"])
 
     def bob_msg(text: str) -> Callable[[], Any]:
         def find() -> Any:
@@ -940,10 +943,10 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
         await call(bob, "conversations.set_timer", {"contact": "alice", "seconds": 0})
         await until(pilot, lambda: "⏱" not in text_of(title), "the timer off, live", 60)
 
-        # Typing: bob types, alice's header says so; alice types, bob's daemon hears it.
+        # Typing: bob types, alice's header says so; alice types, bob's client hears it (her
+        # first "typing", at the reply above: these keys may fall within its 5 s).
         await call(bob, "messages.typing", {"contact": "alice", "typing": True})
         await until(pilot, lambda: "bob is typing…" in text_of(title), "bob typing", 60)
-        heard = await asyncio.to_thread(bob.live, ["contact.typing"])  # live: never stored
         app.query_one(Compose).focus()
         await pilot.press(*"hm")
 
