@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -233,6 +237,21 @@ def test_typing_is_not_slotted_under_cover_its_answer_is(
     alice, bob = make("alice"), make("bob")
     connect(alice, bob)
     live_b = bob.live(["contact.typing"])
+    # aegis listen --json as well: it must print the live event (not take it for one it
+    # printed already: its seq is no number of its own). A stored debug event replayed from
+    # --since tells when it has subscribed.
+    since = bob.call("status")["last_event_seq"]
+    bob.call("debug.emit", {"type": "debug.listening"})
+    listen = subprocess.Popen(
+        [sys.executable, "-m", "aegis_cli.main", "--json", "listen", "--since", str(since),
+         "--type", "debug.*", "--type", "contact.typing", "--home", str(bob.home)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=dict(os.environ),
+    )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    assert listen.stdout is not None
+    threading.Thread(target=lambda: [lines.put(x) for x in listen.stdout or []],
+                     daemon=True).start()  # fmt: skip
+    assert json.loads(lines.get(timeout=30))["type"] == "debug.listening"
     for p in (alice, bob):
         p.call("privacy.set", {"level": "default", "interval": 3600})
         p.call("typing.config", {"enabled": True})
@@ -247,6 +266,13 @@ def test_typing_is_not_slotted_under_cover_its_answer_is(
     status = alice.call("messages.history", {"contact": "bob"})["messages"][0]
     assert (status["message_id"], status["status"]) == (text["message_id"], "queued")
     assert _config(alice)["counts"]["received"] == 0  # the answer waits for Bob's slot
+    try:
+        shown = json.loads(lines.get(timeout=30))
+    finally:
+        listen.terminate()
+        listen.communicate(timeout=20)
+    assert shown["type"] == "contact.typing" and shown["live"] is True
+    assert shown["data"] == {"contact": "alice", "typing": True}
 
 
 def test_deleting_a_files_message_deletes_the_file_and_its_caption(
