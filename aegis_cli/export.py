@@ -4,11 +4,12 @@ return, whatever fields they carry).
 
 The file is plaintext: its mode is 0600 and it is created anew (O_EXCL, no symlink
 followed); an existing file is replaced only with --force, through a new 0600 file renamed
-over it (unnamed while it is written where the file system has O_TMPFILE, so a kill leaves
-no hidden copy; else a hidden temporary file, removed on any failure), then the directory
-synced. In the text form, what a peer chose goes through aegis_client.safe_text as on the
-terminal: no escape sequence, carriage return or bidi override reaches the file as it is,
-and a message's later lines are indented, so none passes for another message."""
+over it (unnamed while it is written where the file system has O_TMPFILE and /proc is
+mounted to name it, so a kill leaves no hidden copy; else a hidden temporary file, removed on
+any failure), then the directory synced. In the text form, what a peer chose goes through
+aegis_client.safe_text as on the terminal: no escape sequence, carriage return or bidi
+override reaches the file as it is, and a message's later lines are indented, so none passes
+for another message."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
 EXPORT_VERSION = 1
 PAGE = 500
+#: Where an unnamed (O_TMPFILE) file is given a name from (_name).
+PROC_FDS = "/proc/self/fd"
 
 #: The fields every message object has (docs/api.md), rendered by the text form's own rules;
 #: any other field (added by a later feature: an edit, reactions, a reply) is rendered
@@ -191,7 +194,9 @@ def _temp_file(path: Path, fail: type[Exception]) -> tuple[int, Path | None]:
     allows it, so the plaintext has a name only for the instant before the rename; else a
     hidden name, removed on any failure (a kill leaves it)."""
     tmpfile = getattr(os, "O_TMPFILE", 0)
-    if tmpfile:
+    # Naming it takes /proc/self/fd (_name); without /proc (a chroot, a container, a sandbox)
+    # the named temp file is the only way.
+    if tmpfile and os.path.isdir(PROC_FDS):
         try:
             return os.open(path.parent, os.O_WRONLY | tmpfile, 0o600), None
         except OSError:
@@ -207,10 +212,10 @@ def _temp_file(path: Path, fail: type[Exception]) -> tuple[int, Path | None]:
 def _name(fd: int, temp: Path) -> None:
     """Give the unnamed file ``fd`` the name ``temp``: linkat with AT_SYMLINK_FOLLOW on its
     /proc link (os.link uses plain link(2), which would link the /proc link itself, unless a
-    directory fd is given)."""
+    directory fd is given). linkat's other way, AT_EMPTY_PATH, needs CAP_DAC_READ_SEARCH."""
     directory = os.open(temp.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        os.link(f"/proc/self/fd/{fd}", temp.name, dst_dir_fd=directory, follow_symlinks=True)
+        os.link(f"{PROC_FDS}/{fd}", temp.name, dst_dir_fd=directory, follow_symlinks=True)
     finally:
         os.close(directory)
 

@@ -3,8 +3,10 @@
 The cursor works as in ``aegis_client.EventStream``: the subscription starts after ``--since``
 (or now), the last printed event's seq is remembered, and after the daemon stops, restarts
 or is locked the CLI subscribes again with ``since`` set to it, so that every event is printed
-once, in order. Lines for people give the local time, who and what; ``--json`` prints each
-event as ``events.list`` gives it (``{"seq", "type", "time_ms", "data"}``), one per line.
+once, in order (live events, such as ``contact.typing``, are printed as they come and are not
+counted: docs/api.md, "Live events"). Lines for people give the local time, who and what;
+``--json`` prints each event as ``events.list`` gives it (``{"seq", "type", "time_ms",
+"data"}``, and ``"live": true`` for a live one), one per line.
 """
 
 from __future__ import annotations
@@ -200,6 +202,9 @@ def follow(
                     if note.get("method") != "event" or not isinstance(ev, dict):
                         continue
                     if ev.get("subscription") not in (None, sub_id):
+                        continue
+                    if ev.get("live") is True:  # never stored (contact.typing): not counted
+                        emit(ev)
                         continue
                     seq = ev.get("seq")
                     if isinstance(seq, int) and seq <= last:

@@ -589,7 +589,8 @@ def listen(ctx: Ctx, since: int | None, types: tuple[str, ...]) -> None:
     A line gives the local time, who and what happened; with --json, each event is one JSON
     object (seq, type, time_ms, data). When the daemon stops or restarts, listen says so on
     standard error, waits for it and goes on after the last event it printed: none is
-    printed twice or missed. Ctrl-C ends it (exit status 0)."""
+    printed twice or missed (typing indicators are live: shown as they come, never stored,
+    so missed while listen is not running). Ctrl-C ends it (exit status 0)."""
     from .listen import describe, follow
 
     params: dict[str, Any] = {"types": list(types)} if types else {}

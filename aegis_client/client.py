@@ -521,7 +521,8 @@ class Client:
 
 
 class EventStream(AsyncIterator[Event]):
-    """``async for ev in stream``: events in sequence order, each once, across reconnects.
+    """``async for ev in stream``: events in sequence order, each once, across reconnects
+    (live events, ``ev.live``, as they come while connected: lost while not).
 
     ``last_seq`` is the sequence number of the last event handed out; the stream resubscribes
     with ``since=last_seq`` after a reconnect. While the daemon is down or locked it retries,
@@ -585,6 +586,8 @@ class EventStream(AsyncIterator[Event]):
                 ev = Event.from_json(params)
             except (KeyError, TypeError, ValueError):
                 raise ProtocolError("an event without a valid seq or type") from None
+            if ev.live:
+                return ev  # never stored: not counted, never replayed, so never twice
             if self.last_seq is not None and ev.seq <= self.last_seq:
                 continue  # already handed out: never twice
             self.last_seq = ev.seq

@@ -263,12 +263,15 @@ class Subscribed(TypedDict):
 
 @dataclass(frozen=True)
 class Event:
-    """One event (docs/api.md, "Events"). ``seq`` strictly increases over the profile's life."""
+    """One event (docs/api.md, "Events"). ``seq`` strictly increases over the profile's life,
+    except in a live event (``live``: never stored, such as ``contact.typing``), whose ``seq``
+    is no number of its own and no place to resume from (docs/api.md, "Live events")."""
 
     seq: int
     type: str
     time_ms: int
     data: dict[str, Any] = field(default_factory=dict)
+    live: bool = False
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Event:
@@ -278,10 +281,14 @@ class Event:
             type=str(obj["type"]),
             time_ms=int(obj.get("time_ms") or 0),
             data=data if isinstance(data, dict) else {},
+            live=obj.get("live") is True,
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {"seq": self.seq, "type": self.type, "time_ms": self.time_ms, "data": self.data}
+        out = {"seq": self.seq, "type": self.type, "time_ms": self.time_ms, "data": self.data}
+        if self.live:
+            out["live"] = True
+        return out
 
 
 class Call(TypedDict, total=False):

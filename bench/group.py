@@ -122,6 +122,9 @@ class Events:
     def emit(self, type: str, data: dict[str, Any] | None = None) -> None:
         pass
 
+    def emit_live(self, type: str, data: dict[str, Any] | None = None) -> None:
+        pass
+
 
 def member_session() -> Session:
     """The sender's ratchet session with a fresh member (PQXDH first contact, in process)."""

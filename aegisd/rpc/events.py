@@ -9,6 +9,11 @@ from its own cursor and writes to its own connection, so
 * a slow or stalled client only stalls its own task: ``emit`` never waits for anyone, and
   what the client has not read yet waits in the database, not in memory;
 * events are never lost because no client was listening.
+
+A few events are *live* (``emit_live``): what must not reach the disk (``contact.typing``:
+when a contact typed) goes only to the subscriptions open at that moment, straight into their
+queues, never into the table: no sequence number of its own, not in ``events.list``, not
+replayed after a reconnect, lost for a client not connected (docs/api.md, "Live events").
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import collections
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +38,10 @@ PAGE = 256
 #: On lock, each subscription takes up to this many undelivered events into memory so that
 #: "daemon.locked" reaches it while the store is closed; the rest waits for the next unlock.
 FLUSH_ON_LOCK = 1000
+#: A subscription's queue takes a live event only while it holds fewer than this many: a
+#: client that does not read loses live events (worthless late), and the daemon's memory
+#: stays bounded.
+LIVE_QUEUE = 64
 
 Sender = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -52,6 +62,15 @@ class EventFilter:
         return False
 
 
+@dataclass(frozen=True)
+class LiveEvent:
+    """An event for the live subscriptions only (``EventBus.emit_live``): never stored."""
+
+    type: str
+    created_at: int
+    data: dict[str, Any]
+
+
 @dataclass(eq=False)
 class Subscription:
     id: str
@@ -59,7 +78,7 @@ class Subscription:
     send: Sender
     filter: EventFilter
     cursor: int
-    pending: collections.deque[Event] = field(default_factory=collections.deque)
+    pending: collections.deque[Event | LiveEvent] = field(default_factory=collections.deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
@@ -113,6 +132,23 @@ class EventBus:
         ev = self._store.append_event(type, dict(data or {}))
         self._wake_all()
         return ev
+
+    def emit_live(self, type: str, data: dict[str, Any] | None = None) -> None:
+        """Hand an event to the subscriptions open now, whose filter takes it; store nothing.
+
+        Each gets it ahead of stored events it has not been sent yet (it is about now). A
+        subscription with LIVE_QUEUE events queued already does not get it. Raises
+        RuntimeError while locked, as ``emit`` does.
+        """
+        if not TYPE_RE.match(type):
+            raise ValueError("event types are dotted lowercase names, like message.received")
+        if self._store is None:
+            raise RuntimeError("events need the store: the profile is locked")
+        ev = LiveEvent(type, int(time.time() * 1000), dict(data or {}))
+        for sub in self._subs.values():
+            if sub.filter.matches(type) and len(sub.pending) < LIVE_QUEUE:
+                sub.pending.append(ev)
+                sub.wake.set()
 
     # -- consuming ----------------------------------------------------------------------
 
@@ -193,11 +229,18 @@ class EventBus:
             self._subs.pop(sub.id, None)
 
     @staticmethod
-    async def _deliver(sub: Subscription, ev: Event) -> None:
+    async def _deliver(sub: Subscription, ev: Event | LiveEvent) -> None:
+        if isinstance(ev, LiveEvent):
+            # No number of its own: it carries the subscription's cursor (it may repeat, and
+            # is no place to resume from); "live" tells the client not to count it.
+            body = {"seq": sub.cursor, "type": ev.type, "time_ms": ev.created_at,
+                    "data": ev.data, "live": True}  # fmt: skip
+        else:
+            body = ev.to_json()
         await sub.send(
             {
                 "jsonrpc": "2.0",
                 "method": "event",
-                "params": {"subscription": sub.id, **ev.to_json()},
+                "params": {"subscription": sub.id, **body},
             }
         )

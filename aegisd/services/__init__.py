@@ -35,6 +35,7 @@ Module map (the messenger's parts first):
 - ``connectivity.py``: network modes, the managed Tor, ``network.*`` and ``relay.set``.
 - ``api.py``, ``privacy_api.py``: the messaging and privacy JSON-RPC methods.
 - ``conversations_api.py``: ``conversations.list`` and ``messages.search`` (the FTS5 index:
-  aegisd/store/search.py); ``message_view.py``: a stored message as the API shows it.
+  aegisd/store/search.py); ``message_view.py``: a stored message as the API shows it;
+  ``group_logs.py``: every group's log, parsed again only when it changed (for those two).
 - ``context.py``: ``ServiceContext``, what the services take from the daemon.
 """

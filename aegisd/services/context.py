@@ -29,6 +29,9 @@ class EventSink(Protocol):
 
     def emit(self, type: str, data: dict[str, Any] | None = None) -> Any: ...
 
+    def emit_live(self, type: str, data: dict[str, Any] | None = None) -> None:
+        """To the subscriptions open now only, never stored (what must not reach the disk)."""
+
 
 class ServiceContext(Protocol):
     """The daemon, as far as the services use it."""

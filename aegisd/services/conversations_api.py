@@ -34,17 +34,21 @@ def register(registry: Registry, m: Messenger) -> None:
             out.append({"kind": "contact", "contact": s.name, "group": None, "name": s.name,
                         "unread": s.unread, "last_message": last,
                         "last_activity": active})  # fmt: skip
-        for ref, (name, log) in m.groups.logs().items():  # each log parsed once
+        # Each log parsed only when it changed (group_logs.py); of the newest message, only
+        # what a list line shows (group.history's delivery counts would cost a query per
+        # member).
+        for ref, (name, log, created) in m.group_logs.all(m.store).items():
             rows = G.history(m.store, ref, before_seq=None, limit=1)
-            page = m.groups.message_items(log, rows)
             last = None
-            if page:
-                last = _last(page[0])
-                if page[0]["direction"] == "in":
-                    last["from"] = page[0]["from"]
-                    last["from_contact"] = page[0].get("from_contact")
-            row = G.get_group(m.store, ref)
-            created = row.created_at if row is not None else 0
+            if rows:
+                msg = rows[0]
+                last = _last({"message_id": msg.id, "direction": msg.direction, "text": msg.body,
+                              "sent_at": msg.sent_at, "created_at": msg.created_at})  # fmt: skip
+                if msg.direction == "in":
+                    member = log.head.member(msg.sender_key or b"")
+                    c = m.contacts.with_identity(member.identity) if member else None
+                    last["from"] = (msg.sender_key or b"").hex()
+                    last["from_contact"] = c.name if c is not None else None
             out.append({"kind": "group", "contact": None, "group": ref, "name": name,
                         "unread": C.group_unread(m.store, ref), "last_message": last,
                         "last_activity": last["created_at"] if last else created})  # fmt: skip
@@ -77,8 +81,8 @@ def register(registry: Registry, m: Messenger) -> None:
             raise InvalidParamsError("query", "cannot be searched") from None
         more = len(hits) > limit
         logs = {}
-        if any(kind == "group" for kind, _ in hits):  # parses each group's log: only if needed
-            logs = m.groups.logs()
+        if any(kind == "group" for kind, _ in hits):  # each log parsed only when it changed
+            logs = m.group_logs.all(m.store)
         results: list[dict[str, Any]] = []
         for kind, seq in hits[:limit]:
             if kind == "contact":
@@ -94,7 +98,7 @@ def register(registry: Registry, m: Messenger) -> None:
                 if found is None or found[0] not in logs:
                     continue
                 ref, row = found
-                name, log = logs[ref]
+                name, log, _ = logs[ref]
                 item = m.groups.message_items(log, [row])[0]
                 results.append({"kind": "group", "contact": None, "group": ref,
                                 "group_name": name, "message": item})  # fmt: skip

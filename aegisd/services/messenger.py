@@ -47,6 +47,7 @@ from .attachments import Attachments
 from .contacts import Contacts
 from .delivery import Delivery, DeliveryHooks, Recipient
 from .disappearing import Disappearing
+from .group_logs import GroupLogs
 from .groups import Groups
 from .groups_state import SETTING_READ_RECEIPTS
 from .inbox import STALE_FRAGMENTS_MS, CallsView, Inbox
@@ -105,6 +106,7 @@ class Messenger:
         self.inbox = Inbox(self)  # every block delivered to a mailbox of ours (inbox.py)
         self.attachments = Attachments(self)
         self.typing = Typing(self)  # typing indicators (typing_indicators.py, §22.6)
+        self.group_logs = GroupLogs()  # parsed once per change: conversations.list, search
         self.disappearing = Disappearing(self)  # conversation timers, erasure (§27)
         self.groups = Groups(self)  # groups over pairwise sessions (groups.py, §25)
         self.actions = Actions(self)  # replies, reactions, edits, deletions (actions.py, §26)
@@ -184,6 +186,7 @@ class Messenger:
         await self.mailboxes.stop_drains()
         async with self.lock:
             self.prekeys = None
+            self.group_logs.clear()
             self.mailboxes.owned.clear()
             self.loss.denied.clear()
             self.loss.relay_lost = None

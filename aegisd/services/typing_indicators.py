@@ -18,7 +18,9 @@ Each side learns the other's choice inside the encryption, from the flags of pay
 These blocks are not slotted: a "typing" late by a cover interval (minutes) would be worthless,
 so with cover traffic on each is one block more than the cover schedule, which is what the
 threat model states. The receiver shows at most one ``contact.typing`` event per contact per
-INTERVAL, and ends a shown "typing" itself after LAPSE seconds without a refresh.
+INTERVAL, and ends a shown "typing" itself after LAPSE seconds without a refresh. Those
+events are live (``emit_live``): they reach the subscriptions open at that moment and are
+never written to the store, which would otherwise keep when each contact typed.
 """
 
 from __future__ import annotations
@@ -208,13 +210,13 @@ class Typing:
                 return  # absorbed: at most one shown "typing" per INTERVAL
             self._shown_at[c.id] = now
             self._showing.add(c.id)
-            m.ctx.events.emit("contact.typing", {"contact": c.name, "typing": True})
+            m.ctx.events.emit_live("contact.typing", {"contact": c.name, "typing": True})
             if c.id not in self._lapses:
                 self._lapses[c.id] = asyncio.get_running_loop().call_later(
                     LAPSE, self._lapse, c.id, c.name)  # fmt: skip
         elif c.id in self._showing:
             self._end(c.id)
-            m.ctx.events.emit("contact.typing", {"contact": c.name, "typing": False})
+            m.ctx.events.emit_live("contact.typing", {"contact": c.name, "typing": False})
 
     def _end(self, contact_id: int) -> None:
         self._showing.discard(contact_id)
@@ -235,5 +237,5 @@ class Typing:
         self._end(contact_id)
         if self.m.ctx.store is None:
             return  # locked meanwhile
-        self.m.ctx.events.emit("contact.typing", {"contact": name, "typing": False,
+        self.m.ctx.events.emit_live("contact.typing", {"contact": name, "typing": False,
                                                   "lapsed": True})  # fmt: skip

@@ -6,7 +6,11 @@ Public API::
     Keyring.load(home / KEYRING_NAME).unlock(passphrase) -> key  (slow: Argon2id)
     Store.open(home / DB_NAME, key) -> Store
 
-See keyring.py for the key at rest and db.py for the tables and methods.
+See keyring.py for the key at rest and db.py for the tables and methods. A feature's tables
+have a module of their own (conversations.py, search.py, cover.py, attachments.py,
+typing_state.py, ...): functions taking the Store, whose SQL goes through ``Store.query`` and
+whose writes run inside ``store.transaction()``. Code outside this package calls those
+functions and the Store's methods, never SQL.
 """
 
 from __future__ import annotations

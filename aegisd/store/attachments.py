@@ -49,7 +49,7 @@ def _ms() -> int:
 
 def add(store: Store, row: AttachmentRow) -> None:
     with store.transaction():
-        store._q(
+        store.query(
             "INSERT INTO attachments (id, contact_id, direction, name, size, blocks, digest, "
             "seed, relay_url, state, done, error, sent_at, created_at, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -60,18 +60,18 @@ def add(store: Store, row: AttachmentRow) -> None:
 
 
 def get(store: Store, attachment_id: str) -> AttachmentRow | None:
-    r = store._q(_SELECT + "WHERE id = ?", (attachment_id,)).fetchone()
+    r = store.query(_SELECT + "WHERE id = ?", (attachment_id,)).fetchone()
     return None if r is None else _row(r)
 
 
 def listing(store: Store, contact_id: int | None = None, limit: int = 500) -> list[AttachmentRow]:
     """The newest `limit` attachments, oldest first (a long history must not hide new files)."""
     if contact_id is None:
-        rows = store._q(
+        rows = store.query(
             _SELECT + "ORDER BY created_at DESC, id DESC LIMIT ?", (limit,)
         ).fetchall()
     else:
-        rows = store._q(
+        rows = store.query(
             _SELECT + "WHERE contact_id = ? ORDER BY created_at DESC, id DESC LIMIT ?",
             (contact_id, limit),
         ).fetchall()
@@ -80,7 +80,7 @@ def listing(store: Store, contact_id: int | None = None, limit: int = 500) -> li
 
 def unfinished(store: Store) -> list[AttachmentRow]:
     """Transfers to resume: uploads and downloads under way."""
-    rows = store._q(
+    rows = store.query(
         _SELECT + "WHERE state IN ('uploading', 'downloading') ORDER BY created_at"
     ).fetchall()
     return [_row(r) for r in rows]
@@ -88,7 +88,7 @@ def unfinished(store: Store) -> list[AttachmentRow]:
 
 def set_progress(store: Store, attachment_id: str, done: int) -> None:
     with store.transaction():
-        store._q(
+        store.query(
             "UPDATE attachments SET done = ?, updated_at = ? WHERE id = ?",
             (done, _ms(), attachment_id),
         )
@@ -96,7 +96,7 @@ def set_progress(store: Store, attachment_id: str, done: int) -> None:
 
 def set_state(store: Store, attachment_id: str, state: str, error: str | None = None) -> None:
     with store.transaction():
-        store._q(
+        store.query(
             "UPDATE attachments SET state = ?, error = ?, updated_at = ? WHERE id = ?",
             (state, error, _ms(), attachment_id),
         )
@@ -104,14 +104,14 @@ def set_state(store: Store, attachment_id: str, state: str, error: str | None = 
 
 def delete(store: Store, attachment_id: str) -> bool:
     with store.transaction():
-        cur = store._q("DELETE FROM attachments WHERE id = ?", (attachment_id,))
+        cur = store.query("DELETE FROM attachments WHERE id = ?", (attachment_id,))
     return bool(cur.rowcount)
 
 
 def of_conversation(store: Store, contact_id: int) -> list[str]:
     """The files that are messages of this contact's conversation (a group's copies, which
     serve group messages, are not)."""
-    return [str(r[0]) for r in store._q(
+    return [str(r[0]) for r in store.query(
         "SELECT a.id FROM attachments a JOIN messages m ON m.id = a.id WHERE m.contact_id = ?",
         (contact_id,),
     ).fetchall()]  # fmt: skip
@@ -122,7 +122,7 @@ def with_files(store: Store) -> set[str]:
     encrypted), and sent files whose upload has not finished (the spool to upload from)."""
     return {
         r[0]
-        for r in store._q(
+        for r in store.query(
             "SELECT id FROM attachments WHERE direction = 'in' "
             "OR state IN ('uploading', 'failed')"
         ).fetchall()
@@ -132,18 +132,18 @@ def with_files(store: Store) -> set[str]:
 def link_group_message(store: Store, attachment_id: str, seq: int) -> None:
     """A received group file: its row names its group message (schema `_group_file_links`)."""
     with store.transaction():
-        store._q("UPDATE attachments SET group_seq = ? WHERE id = ?", (seq, attachment_id))
+        store.query("UPDATE attachments SET group_seq = ? WHERE id = ?", (seq, attachment_id))
 
 
 def of_group_message(store: Store, seq: int) -> str | None:
     """The attachment id of a group message that is a received file, else None."""
-    r = store._q("SELECT id FROM attachments WHERE group_seq = ?", (seq,)).fetchone()
+    r = store.query("SELECT id FROM attachments WHERE group_seq = ?", (seq,)).fetchone()
     return None if r is None else str(r[0])
 
 
 def pending_group_files(store: Store, contact_id: int) -> tuple[int, int]:
     """A member's received group files still downloading: how many, how many bytes."""
-    r = store._q(
+    r = store.query(
         "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM attachments WHERE contact_id = ? "
         "AND direction = 'in' AND state = 'downloading' AND group_seq IS NOT NULL",
         (contact_id,),
@@ -163,7 +163,7 @@ class Extras:
 
 def set_extras(store: Store, attachment_id: str, extras: Extras) -> None:
     with store.transaction():
-        store._q(
+        store.query(
             "INSERT OR REPLACE INTO attachment_extras (attachment_id, caption, batch_id, "
             "batch_index, batch_count) VALUES (?, ?, ?, ?, ?)",
             (attachment_id, extras.caption, extras.batch_id, extras.batch_index,
@@ -172,7 +172,7 @@ def set_extras(store: Store, attachment_id: str, extras: Extras) -> None:
 
 
 def extras(store: Store, attachment_id: str) -> Extras:
-    r = store._q(
+    r = store.query(
         "SELECT caption, batch_id, batch_index, batch_count FROM attachment_extras "
         "WHERE attachment_id = ?",
         (attachment_id,),

@@ -21,7 +21,7 @@ class ContactSummary:
 def contact_summaries(store: Store) -> list[ContactSummary]:
     """Every contact but those hidden for their groups, with its unread count (incoming
     messages not marked read) and its newest message."""
-    rows = store._q(
+    rows = store.query(
         "SELECT c.id, c.name, c.created_at, "
         "(SELECT count(*) FROM messages m WHERE m.contact_id = c.id AND m.direction = 'in' "
         "AND m.status = 'received'), "
@@ -37,7 +37,7 @@ def contact_summaries(store: Store) -> list[ContactSummary]:
 
 def group_unread(store: Store, ref: int) -> int:
     """The group's incoming messages not marked read (group.read)."""
-    row = store._q(
+    row = store.query(
         "SELECT count(*) FROM group_messages WHERE group_ref = ? AND direction = 'in' "
         "AND read_at IS NULL",
         (ref,),

@@ -15,27 +15,27 @@ SLOT_WAIT = 2**61
 
 def release_one(store: Store, contact_id: int, now: int) -> bool:
     """Make the oldest block waiting for a slot of this contact due now; False if none."""
-    row = store._q(
+    row = store.query(
         "SELECT id FROM outbox WHERE contact_id = ? AND not_before = ? ORDER BY id LIMIT 1",
         (contact_id, SLOT_WAIT),
     ).fetchone()
     if row is None:
         return False
-    store._q("UPDATE outbox SET not_before = ? WHERE id = ?", (now, row[0]))
+    store.query("UPDATE outbox SET not_before = ? WHERE id = ?", (now, row[0]))
     return True
 
 
 def release_all(store: Store) -> int:
     """Every block waiting for a slot becomes due (cover turned off)."""
     return int(
-        store._q("UPDATE outbox SET not_before = 0 WHERE not_before = ?", (SLOT_WAIT,)).rowcount
+        store.query("UPDATE outbox SET not_before = 0 WHERE not_before = ?", (SLOT_WAIT,)).rowcount
     )
 
 
 def add_receipts(store: Store, contact_id: int, kind: int, message_ids: list[bytes]) -> None:
     with store.transaction():
         for mid in message_ids:
-            store._q(
+            store.query(
                 "INSERT OR IGNORE INTO pending_receipts (contact_id, kind, message_id) "
                 "VALUES (?, ?, ?)",
                 (contact_id, kind, mid),
@@ -47,14 +47,14 @@ def take_receipts(store: Store, contact_id: int, limit: int) -> tuple[int, list[
     say more), removed from the table; None if none wait. Call inside the transaction that
     queues the block carrying them."""
     for kind in (2, 1):
-        rows = store._q(
+        rows = store.query(
             "SELECT message_id FROM pending_receipts WHERE contact_id = ? AND kind = ? LIMIT ?",
             (contact_id, kind, limit),
         ).fetchall()
         if rows:
             ids = [bytes(r[0]) for r in rows]
             for mid in ids:
-                store._q(
+                store.query(
                     "DELETE FROM pending_receipts WHERE contact_id = ? AND kind = ? "
                     "AND message_id = ?",
                     (contact_id, kind, mid),
@@ -65,7 +65,7 @@ def take_receipts(store: Store, contact_id: int, limit: int) -> tuple[int, list[
 
 def receipt_contacts(store: Store) -> list[int]:
     """Contacts with receipts waiting."""
-    rows = store._q("SELECT DISTINCT contact_id FROM pending_receipts").fetchall()
+    rows = store.query("SELECT DISTINCT contact_id FROM pending_receipts").fetchall()
     return [int(r[0]) for r in rows]
 
 
@@ -75,13 +75,13 @@ POOL_ROLE = "pool"
 
 
 def pool_rows(store: Store) -> list[MailboxRow]:
-    rows = store._q("SELECT id, descriptor, created_at FROM mailbox_pool ORDER BY id").fetchall()
+    rows = store.query("SELECT id, descriptor, created_at FROM mailbox_pool ORDER BY id").fetchall()
     return [MailboxRow(-int(r[0]), POOL_ROLE, None, bytes(r[1]), None, None, int(r[2]))
             for r in rows]  # fmt: skip
 
 
 def pool_add(store: Store, descriptor: bytes) -> None:
-    store._q(
+    store.query(
         "INSERT INTO mailbox_pool (descriptor, created_at) VALUES (?, ?)",
         (descriptor, int(time.time())),
     )
@@ -89,12 +89,12 @@ def pool_add(store: Store, descriptor: bytes) -> None:
 
 def pool_take(store: Store) -> bytes | None:
     """The oldest pool mailbox, removed from the pool (inside the caller's transaction)."""
-    row = store._q("SELECT id, descriptor FROM mailbox_pool ORDER BY id LIMIT 1").fetchone()
+    row = store.query("SELECT id, descriptor FROM mailbox_pool ORDER BY id LIMIT 1").fetchone()
     if row is None:
         return None
-    store._q("DELETE FROM mailbox_pool WHERE id = ?", (row[0],))
+    store.query("DELETE FROM mailbox_pool WHERE id = ?", (row[0],))
     return bytes(row[1])
 
 
 def pool_remove(store: Store, pool_row_id: int) -> None:
-    store._q("DELETE FROM mailbox_pool WHERE id = ?", (-pool_row_id,))
+    store.query("DELETE FROM mailbox_pool WHERE id = ?", (-pool_row_id,))

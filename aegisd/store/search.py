@@ -75,5 +75,5 @@ def search(
     """The messages that match, newest first (by the time this profile stored them), as
     ("contact", seq) or ("group", seq); contacts hidden for their groups are left out. With
     ``contact_id`` only that contact's, with ``group_ref`` only that group's."""
-    rows = store._q(_SEARCH, (match, contact_id, group_ref, limit, offset)).fetchall()
+    rows = store.query(_SEARCH, (match, contact_id, group_ref, limit, offset)).fetchall()
     return [(str(r[0]), int(r[1])) for r in rows]

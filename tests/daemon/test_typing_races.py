@@ -14,22 +14,33 @@ import pytest
 
 from aegisd.core import wire
 from aegisd.core.session import Session
+from aegisd.rpc.events import EventBus
 from aegisd.services.typing_indicators import SETTING_ENABLED, Typing
 from aegisd.store import Store, create_profile
 from aegisd.store import typing_state as ts
 from aegisd.store.db import Contact
-from tests.daemon.test_delivery import Events, _contact, _delivery, _open
+from tests.daemon.test_delivery import _contact, _delivery, _open
 from tests.support.parties import make_pair
 
 
 class Host:
     def __init__(self, store: Store) -> None:
-        self.events = Events()
+        # The daemon's real event bus on the real store; ``live`` is what one subscriber
+        # (events.subscribe, from now, every type) was sent.
+        self.events = EventBus()
+        self.events.attach(store)
+        self.live: list[dict[str, Any]] = []
         self.ctx = SimpleNamespace(events=self.events, store=store)
         self.store = store
         self.lock = asyncio.Lock()
         self.delivery = _delivery(store)
         self.contacts = SimpleNamespace(by_name=self._by_name)
+
+    def subscribe(self) -> None:
+        async def send(note: dict[str, Any]) -> None:
+            self.live.append(note["params"])
+
+        self.events.subscribe(self, send, None, None).ready.set()
 
     def _by_name(self, name: str) -> Contact:
         c = self.store.contact_by_name(name)
@@ -105,13 +116,42 @@ def test_alternating_typing_and_stopped_shows_one_typing_per_interval(store: Sto
     host = Host(store)
 
     async def go() -> None:
+        host.subscribe()
         t = Typing(host)
         session = Session.from_bytes(store.get_session(bob.id) or b"")
         for _ in range(5):  # what a hostile peer can send: "typing", "stopped", ...
             t.on_payload(bob, session, wire.TypingPayload(True, True))
             t.on_payload(bob, session, wire.TypingPayload(True, False))
+        while len(host.live) < 2:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # anything more would be in by now
+        await host.events.close()
 
     asyncio.run(go())
-    shown = [d for kind, d in host.events.emitted if kind == "contact.typing"]
+    shown = [e["data"] for e in host.live if e["type"] == "contact.typing"]
     # Handed in microseconds apart: within one INTERVAL, one "typing" and its end.
     assert shown == [{"contact": "bob", "typing": True}, {"contact": "bob", "typing": False}]
+    assert all(e["live"] is True and e["seq"] == store.last_event_seq() for e in host.live)
+
+
+def test_typing_events_reach_live_subscribers_and_never_the_store(store: Store) -> None:
+    """contact.typing says when a contact typed: only subscriptions open at that moment get
+    it; the events table (events.list, the replay after a reconnect, the disk) never does."""
+    bob, _ = _both_on(store)
+    host = Host(store)
+    before = store.last_event_seq()
+
+    async def go() -> None:
+        t = Typing(host)
+        session = Session.from_bytes(store.get_session(bob.id) or b"")
+        t.on_payload(bob, session, wire.TypingPayload(True, True))  # no one listens: lost
+        await asyncio.sleep(0.05)
+        host.subscribe()
+        t.on_payload(bob, session, wire.TypingPayload(True, False))  # ends the shown one
+        while not host.live:
+            await asyncio.sleep(0.01)
+        await host.events.close()
+
+    asyncio.run(go())
+    assert [e["data"] for e in host.live] == [{"contact": "bob", "typing": False}]
+    assert store.last_event_seq() == before and store.events_after(0) == []

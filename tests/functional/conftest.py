@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -66,11 +67,40 @@ class Peer:
     def wait_connected(self) -> None:
         self.wait_for(lambda: self.call("status")["relay"]["connected"], "the relay")
 
+    def live(self, types: list[str]) -> LiveEvents:
+        """A subscription from now on, read by a thread: what a connected client is sent,
+        live events (contact.typing, never stored: not in ``events``) included."""
+        assert self.proc is not None
+        return LiveEvents(self.proc.client(timeout=None), types)
+
     def events(self, since: int = 0, types: list[str] | None = None) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = self.call(
             "events.list", {"since": since, "limit": 1000, "types": types}
         )["events"]
         return out
+
+
+class LiveEvents:
+    """One ``events.subscribe`` on its own connection; ``got`` is every event's params, in
+    the order sent. It ends when the daemon closes the connection."""
+
+    def __init__(self, client: Any, types: list[str]) -> None:
+        self.client = client
+        self.got: list[dict[str, Any]] = []
+        client.call("events.subscribe", {"types": types})
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for note in self.client.notifications():
+                params = note.get("params")
+                if note.get("method") == "event" and isinstance(params, dict):
+                    self.got.append(params)
+        except (OSError, ValueError):
+            pass  # the daemon went away
+
+    def data(self) -> list[dict[str, Any]]:
+        return [e["data"] for e in list(self.got)]
 
 
 @pytest.fixture

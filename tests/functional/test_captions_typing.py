@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +19,7 @@ from aegis_cli.listen import describe
 from aegisd.core import wire
 from aegisd.services.typing_indicators import INTERVAL
 from aegisd.store import Keyring
-from tests.functional.conftest import Peer, connect
+from tests.functional.conftest import LiveEvents, Peer, connect
 from tests.functional.test_attachments import wait_state
 from tests.functional.test_cli_messaging import aegis, ok
 from tests.functional.test_cover import make  # noqa: F401 (a fixture: daemons with test methods)
@@ -138,8 +142,9 @@ def _config(peer: Peer) -> dict[str, Any]:
     return out
 
 
-def _typing_events(peer: Peer) -> list[dict[str, Any]]:
-    return [e["data"] for e in peer.events(types=["contact.typing"])]
+def _typing_events(live: LiveEvents) -> list[dict[str, Any]]:
+    """What a connected client was sent: contact.typing is live, never stored (docs/api.md)."""
+    return live.data()
 
 
 def test_typing_only_when_both_sides_have_it_on_and_rate_limited(
@@ -147,6 +152,7 @@ def test_typing_only_when_both_sides_have_it_on_and_rate_limited(
 ) -> None:
     alice, bob = peers("alice"), peers("bob")
     connect(alice, bob)
+    live_a, live_b = alice.live(["contact.typing"]), bob.live(["contact.typing"])
     # Off by default: nothing goes.
     assert _config(alice)["enabled"] is False and _config(bob)["enabled"] is False
     assert alice.call("messages.typing", {"contact": "bob", "typing": True}) == {
@@ -164,14 +170,14 @@ def test_typing_only_when_both_sides_have_it_on_and_rate_limited(
     time.sleep(INTERVAL + 0.2)  # past the rate limit of that first one (used below)
     assert _config(alice)["counts"]["sent"] == 1
     assert _config(bob)["counts"] == {"sent": 0, "received": 0, "dropped": 1}
-    assert _typing_events(bob) == [] and _typing_events(alice) == []
+    assert _typing_events(live_b) == [] and _typing_events(live_a) == []
     # Bob, off, cannot send either.
     assert bob.call("messages.typing", {"contact": "alice", "typing": True})["reason"] == "off"
 
     # Bob switches on: he knows Alice is on, so he tells her at once (one block).
     bob.call("typing.config", {"enabled": True})
     alice.wait_for(lambda: _config(alice)["counts"]["received"] == 1, "Bob's 'on'")
-    assert _typing_events(alice) == []  # an "on" is no "typing"
+    assert _typing_events(live_a) == []  # an "on" is no "typing"
     assert _config(bob)["counts"]["sent"] == 1
 
     # Now both are on: many typing calls, a bounded number of blocks (one per 5 s: the
@@ -183,19 +189,26 @@ def test_typing_only_when_both_sides_have_it_on_and_rate_limited(
     went = [r["sent"] for r in results].count(True)
     assert results[0]["sent"] is True and 1 <= went <= bound
     assert {r["reason"] for r in results[1:]} <= {"rate_limited", None}
-    bob.wait_for(lambda: _typing_events(bob), "Bob's typing event")
+    bob.wait_for(lambda: _typing_events(live_b), "Bob's typing event")
     assert alice.call("messages.typing", {"contact": "bob", "typing": False})["sent"] is True
-    bob.wait_for(lambda: _typing_events(bob)[-1]["typing"] is False, "the 'stopped'")
+    bob.wait_for(lambda: _typing_events(live_b)[-1]["typing"] is False, "the 'stopped'")
     sent_by_alice = _config(alice)["counts"]["sent"]
     assert sent_by_alice == 1 + went + 1
     bob.wait_for(lambda: _config(bob)["counts"]["received"] == sent_by_alice - 1,
                  "every block Alice sent (the first was dropped: Bob was off)")  # fmt: skip
-    events = [(e["contact"], e["typing"]) for e in _typing_events(bob)]
+    events = [(e["contact"], e["typing"]) for e in _typing_events(live_b)]
     assert events[0] == ("alice", True) and events[-1] == ("alice", False)
     assert len(events) <= 2 * went
+    # Live, never stored: marked so, not in events.list (nor replayed), seq no number of its own.
+    assert all(e["live"] is True for e in live_b.got)
+    assert all(e["seq"] <= bob.call("status")["last_event_seq"] for e in live_b.got)
+    assert bob.events(types=["contact.typing"]) == []
+    late = bob.live(["contact.typing"])  # subscribes after them: gets none of them
+    time.sleep(0.5)
+    assert late.got == []
 
     # aegis listen shows it (its describe, on the daemon's real events).
-    shown = [describe(e) for e in bob.events(types=["contact.typing"])]
+    shown = [describe(e) for e in live_b.got]
     assert shown[0].endswith("alice: typing") and shown[-1].endswith("alice: stopped typing")
 
     # Alice switches off: Bob hears "off" (one more block) and stops sending to her.
@@ -208,6 +221,12 @@ def test_typing_only_when_both_sides_have_it_on_and_rate_limited(
     assert json.loads(ok(aegis(alice, "typing-indicators", "--json")))["enabled"] is False
     assert ok(aegis(bob, "typing-indicators")).strip() == "typing indicators on"
 
+    # No page of Bob's store (database, WAL, free pages) holds a typing event.
+    key = Keyring.load(bob.home / "keyring.json").unlock(None)
+    bob.stop()
+    assert holds(bob.home / "aegis.db", key, b"daemon.unlocked"), "the checker sees events"
+    assert not holds(bob.home / "aegis.db", key, b"contact.typing")
+
 
 def test_typing_is_not_slotted_under_cover_its_answer_is(
     make: Callable[[str], Peer],  # noqa: F811 (the fixture imported above)
@@ -217,13 +236,29 @@ def test_typing_is_not_slotted_under_cover_its_answer_is(
     wait for their slots."""
     alice, bob = make("alice"), make("bob")
     connect(alice, bob)
+    live_b = bob.live(["contact.typing"])
+    # aegis listen --json as well: it must print the live event (not take it for one it
+    # printed already: its seq is no number of its own). A stored debug event replayed from
+    # --since tells when it has subscribed.
+    since = bob.call("status")["last_event_seq"]
+    bob.call("debug.emit", {"type": "debug.listening"})
+    listen = subprocess.Popen(
+        [sys.executable, "-m", "aegis_cli.main", "--json", "listen", "--since", str(since),
+         "--type", "debug.*", "--type", "contact.typing", "--home", str(bob.home)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=dict(os.environ),
+    )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    assert listen.stdout is not None
+    threading.Thread(target=lambda: [lines.put(x) for x in listen.stdout or []],
+                     daemon=True).start()  # fmt: skip
+    assert json.loads(lines.get(timeout=30))["type"] == "debug.listening"
     for p in (alice, bob):
         p.call("privacy.set", {"level": "default", "interval": 3600})
         p.call("typing.config", {"enabled": True})
     assert _config(alice)["counts"]["sent"] == 0  # neither knew the other's choice
     text = alice.call("messages.send", {"contact": "bob", "text": "waits for a slot"})
     assert alice.call("messages.typing", {"contact": "bob", "typing": True})["sent"] is True
-    bob.wait_for(lambda: _typing_events(bob), "the typing event, long before any slot")
+    bob.wait_for(lambda: _typing_events(live_b), "the typing event, long before any slot")
     assert _config(bob)["counts"]["sent"] == 1  # the "on" answer, queued for a slot
     # No sleep: the text is not at Bob's, and after that look Alice still has it queued (not
     # deposited: "sent" is set on deposit), so it could not have arrived before the look.
@@ -231,6 +266,13 @@ def test_typing_is_not_slotted_under_cover_its_answer_is(
     status = alice.call("messages.history", {"contact": "bob"})["messages"][0]
     assert (status["message_id"], status["status"]) == (text["message_id"], "queued")
     assert _config(alice)["counts"]["received"] == 0  # the answer waits for Bob's slot
+    try:
+        shown = json.loads(lines.get(timeout=30))
+    finally:
+        listen.terminate()
+        listen.communicate(timeout=20)
+    assert shown["type"] == "contact.typing" and shown["live"] is True
+    assert shown["data"] == {"contact": "alice", "typing": True}
 
 
 def test_deleting_a_files_message_deletes_the_file_and_its_caption(
@@ -280,6 +322,7 @@ def test_a_peer_alternating_typing_and_stopped_is_shown_once_per_interval(
     alice, bob = peers("alice"), peers("bob")
     connect(alice, bob)
     bob.call("typing.config", {"enabled": True})
+    live_b = bob.live(["contact.typing"])
     alice.stop()
     url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
     marker = os.urandom(16)
@@ -294,6 +337,6 @@ def test_a_peer_alternating_typing_and_stopped_is_shown_once_per_interval(
     bob.wait_for(lambda: bob.call("messages.history", {"contact": "alice"})["messages"],
                  "the marker after the typing blocks")  # fmt: skip
     bound = 1 + int((time.monotonic() - start) / INTERVAL)  # from the time taken, not assumed
-    shown = [e["typing"] for e in _typing_events(bob)]
+    shown = [e["typing"] for e in _typing_events(live_b)]
     assert _config(bob)["counts"]["received"] == 12
     assert 1 <= shown.count(True) <= bound and shown.count(False) <= shown.count(True)

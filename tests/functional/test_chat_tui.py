@@ -831,6 +831,9 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
     alice, bob = pair(peers)
     for p in (alice, bob):
         p.call("typing.config", {"enabled": True})
+    # contact.typing is live (never stored): bob's client listens from the start, as a
+    # frontend would, to hear the first "typing" of alice's (her reply below).
+    heard = bob.live(["contact.typing"])
 
     def bob_msg(text: str) -> Callable[[], Any]:
         def find() -> Any:
@@ -951,15 +954,15 @@ def test_reply_react_edit_delete_timer_search_and_typing(peers: Callable[[str], 
         await call(bob, "conversations.set_timer", {"contact": "alice", "seconds": 0})
         await until(pilot, lambda: "⏱" not in text_of(title), "the timer off, live", 60)
 
-        # Typing: bob types, alice's header says so; alice types, bob's daemon hears it.
+        # Typing: bob types, alice's header says so; alice types, bob's client hears it (her
+        # first "typing", at the reply above: these keys may fall within its 5 s).
         await call(bob, "messages.typing", {"contact": "alice", "typing": True})
         await until(pilot, lambda: "bob is typing…" in text_of(title), "bob typing", 60)
         app.query_one(Compose).focus()
         await pilot.press(*"hm")
 
         def bob_heard() -> Any:
-            evs = bob.call("events.list", {"types": ["contact.typing"]})["events"]
-            return [e for e in evs if e["data"]["typing"]]
+            return [d for d in heard.data() if d["typing"]]
 
         await asyncio.to_thread(bob.wait_for, bob_heard, "alice typing at bob", 60)
         compose.clear()

@@ -655,9 +655,10 @@ def test_setting_keys_named_in_docs_exist(doc: str) -> None:
     assert not unknown, f"docs/{doc} names settings the code does not have: {sorted(unknown)}"
 
 
-def _emitted_event_types() -> set[str]:
-    """Event types the daemon emits: string literals handed to an `emit` (directly, through a
-    conditional, or to a callback that calls `emit`)."""
+def _emitted_event_types(emits: tuple[str, ...] = ("emit", "emit_live")) -> set[str]:
+    """Event types the daemon emits: string literals handed to an `emit` or `emit_live`
+    (directly, through a conditional, or to a callback that calls it); only to the ``emits``
+    named."""
     found: set[str] = set()
 
     def literals(node: ast.expr) -> list[str]:
@@ -671,11 +672,11 @@ def _emitted_event_types() -> set[str]:
         for node in ast.walk(ast.parse(f.read_text())):
             if not isinstance(node, ast.Call):
                 continue
-            direct = (isinstance(node.func, ast.Attribute) and node.func.attr == "emit") or (
-                isinstance(node.func, ast.Name) and node.func.id == "emit"
+            direct = (isinstance(node.func, ast.Attribute) and node.func.attr in emits) or (
+                isinstance(node.func, ast.Name) and node.func.id in emits
             )
             args = node.args if direct else node.args[1:]
-            via = any(isinstance(a, ast.Attribute) and a.attr == "emit" for a in node.args[:1])
+            via = any(isinstance(a, ast.Attribute) and a.attr in emits for a in node.args[:1])
             if direct or via:
                 for value in literals(args[0]) if args else []:
                     if re.fullmatch(r"[a-z]+\.[a-z_]+", value):
@@ -691,6 +692,18 @@ def test_api_events_table_matches_the_events_emitted() -> None:
         f"emitted, not documented: {sorted(emitted - documented)}; "
         f"documented, never emitted: {sorted(documented - emitted)}"
     )
+
+
+def test_api_marks_live_the_events_never_stored() -> None:
+    """An event sent with emit_live (never stored) says **live** in the events table, and is
+    named in "Live events"; no stored one says so."""
+    rows = table_rows(section(_api(), "Events"), "type")
+    marked = {r[0].strip("`") for r in rows if "**live**" in " ".join(r)}
+    live = _emitted_event_types(("emit_live",))
+    assert live and marked == live
+    assert not live & _emitted_event_types(("emit",))
+    live_section = section(_api(), "Live events")
+    assert all(f"`{t}`" in live_section for t in live)
 
 
 def test_backup_byte_ranges_are_inclusive() -> None:

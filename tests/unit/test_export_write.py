@@ -5,6 +5,9 @@ temporary copy of the plaintext, and while the data is written it has no name at
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +66,37 @@ def test_while_the_data_is_written_it_has_no_name(tmp_path, monkeypatch):
         sorted(os.listdir(tmp_path))), write(fd, data)))  # fmt: skip
     export.write_private(out, b"secret export", True, Fail)
     assert seen == [["out.txt"]] and out.read_bytes() == b"secret export"
+
+
+def test_force_works_without_proc(tmp_path):
+    """Naming an O_TMPFILE file takes /proc/self/fd: without /proc (a chroot, a container)
+    --force writes through the named temp file instead of failing. Run for real in a mount
+    namespace whose /proc is an empty tmpfs."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) to make a namespace without /proc")
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip("cannot make a mount namespace here (user namespaces off)")
+    out = tmp_path / "out.txt"
+    out.write_text("old")
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "assert not os.path.exists('/proc/self/fd')\n"
+        "from aegis_cli import export\n"
+        "class Fail(Exception): pass\n"
+        "try:\n"
+        "    export.write_private(Path(sys.argv[1]), b'secret export', True, Fail)\n"
+        "except Fail as exc:\n"
+        "    sys.exit(f'failed: {exc}')\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", 'mount -t tmpfs none /proc && exec "$@"', "sh",
+         sys.executable, "-c", script, str(out)],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == b"secret export" and out.stat().st_mode & 0o777 == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["out.txt"]  # no temporary file left

@@ -56,3 +56,39 @@ def test_no_service_modules_import_each_other_round_a_circle() -> None:
         order.prepare()
     except graphlib.CycleError as exc:
         raise AssertionError(f"modules import each other round a circle: {exc.args[1]}") from None
+
+
+#: Modules outside the store that still call the Store's private ``_q`` (SQL in a service):
+#: this list only shrinks. The store's own table modules use ``Store.query`` (issue 17:
+#: conversations.py and search.py called ``_q``); actions.py and groups.py there are left to
+#: move (work on groups was under way in them).
+PRIVATE_QUERY_LEFT = {
+    "aegisd/calls/service.py",
+    "aegisd/services/backup.py",
+    "aegisd/services/connectivity.py",
+    "aegisd/services/delivery.py",
+    "aegisd/services/disappearing.py",
+    "aegisd/services/mailbox_loss.py",
+    "aegisd/services/mailboxes.py",
+    "aegisd/services/renewal.py",
+    "aegisd/store/actions.py",
+    "aegisd/store/groups.py",
+}
+
+
+def test_no_module_but_the_stores_own_calls_its_private_query() -> None:
+    """``Store._q`` is the Store class's own: its table modules use ``Store.query``
+    (aegisd/store/__init__.py), and no new caller of ``_q`` appears elsewhere."""
+    root = AEGISD.parent
+    found = set()
+    for path in sorted(AEGISD.rglob("*.py")):
+        rel = str(path.relative_to(root))
+        if rel != "aegisd/store/db.py" and any(
+            isinstance(node, ast.Attribute) and node.attr == "_q"
+            for node in ast.walk(ast.parse(path.read_text()))
+        ):
+            found.add(rel)
+    new = sorted(found - PRIVATE_QUERY_LEFT)
+    assert not new, f"Store._q called outside the Store (use Store.query, or a method): {new}"
+    for m in ("conversations", "search", "typing_state", "cover", "attachments"):
+        assert f"aegisd/store/{m}.py" not in found

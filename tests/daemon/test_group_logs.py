@@ -1,0 +1,66 @@
+"""The parsed group logs conversations.list and messages.search use (services/group_logs.py),
+on a real SQLCipher store with real signed logs: a log is parsed once, and again only when its
+stored bytes change; a deleted group goes; lock clears them (issue 17: conversations.list
+parsed every group's log on every call)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aegisd.core import group as core
+from aegisd.core.identity import IdentityKeyPair
+from aegisd.core.primitives import SystemEntropy
+from aegisd.services.group_logs import GroupLogs
+from aegisd.store import KdfParams, Store, create_profile
+from aegisd.store import groups as G
+
+FAST = KdfParams(memory_kib=1024, time_cost=1, parallelism=1)
+
+
+def _group(store: Store, name: str, members: int) -> tuple[int, IdentityKeyPair, core.GroupLog]:
+    entropy = SystemEntropy()
+    owner = IdentityKeyPair.generate(entropy)
+    log = core.GroupLog(core.create_group(entropy, owner, name))
+    for _ in range(members - 1):
+        log.receive(core.add_member(owner, log.head, IdentityKeyPair.generate(entropy).public))
+    rows = [(m.key, m.role) for m in log.head.members]
+    return G.add_group(store, log.head.group_id, log.record().to_bytes(), rows), owner, log
+
+
+def test_each_log_is_parsed_once_and_again_only_when_it_changes(tmp_path: Path) -> None:
+    store = create_profile(tmp_path / "p", "pass phrase", FAST)
+    try:
+        refs = {}
+        for name in ("one", "two", "three"):
+            ref, owner, log = _group(store, name, 4)
+            refs[name] = (ref, owner, log)
+        logs = GroupLogs()
+        first = logs.all(store)
+        assert {ref: p.name for ref, p in first.items()} == {
+            r: n for n, (r, _, _) in refs.items()}  # fmt: skip
+        assert all(len(p.log.head.members) == 4 for p in first.values())
+        assert logs.parses == 3
+        for _ in range(5):  # the calls after the first parse nothing
+            again = logs.all(store)
+            assert {r: p.log for r, p in again.items()} == {r: p.log for r, p in first.items()}
+        assert logs.parses == 3
+
+        # One group renamed (its stored log changes): that one is parsed again, and shows it.
+        ref, owner, log = refs["two"]
+        log.receive(core.rename(owner, log.head, "deux", ""))
+        G.put_log(store, ref, log.record().to_bytes(), [(m.key, m.role) for m in log.head.members])
+        got = logs.all(store)
+        assert logs.parses == 4 and got[ref].name == "deux"
+
+        # One deleted: gone from the next call (and not kept).
+        gone = refs["one"][0]
+        with store.transaction():
+            G.delete_group(store, gone)
+        assert gone not in logs.all(store) and logs.parses == 4
+
+        # Lock: nothing kept; the next unlock parses anew.
+        logs.clear()
+        assert set(logs.all(store)) == {refs["two"][0], refs["three"][0]}
+        assert logs.parses == 6
+    finally:
+        store.close()
