@@ -59,7 +59,7 @@ class DaemonProc:
                 time.sleep(0.02)
         raise AssertionError("aegisd did not start")
 
-    def client(self, timeout: float = 20) -> Client:
+    def client(self, timeout: float | None = 20) -> Client:
         return Client(self.sock, timeout=timeout)
 
     def stderr(self) -> str:
