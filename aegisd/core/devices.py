@@ -2,9 +2,11 @@
 confirmation code and the signed device list.
 
 Every device of a person holds the same identity key (copied to a new device inside the sealed
-link exchange), so the safety number never changes; each device has its own device ID, prekeys,
-ratchet sessions and mailboxes. The identity signs the list of the person's devices; a contact
-fans out to the newest list it holds.
+link exchange), so the safety number never changes; each device has its own device ID, its own
+Ed25519 device key, prekeys, ratchet sessions and mailboxes. The identity signs the list of the
+person's devices, each entry with its device key; a device proves that key in every hello and
+bundle (`device_proof`), so holding the identity key is not enough to pass for a listed device.
+A contact fans out to the newest list it holds.
 
 Linking, between the existing device E and the new device N (docs/devices.md §4):
 
@@ -13,7 +15,8 @@ Linking, between the existing device E and the new device N (docs/devices.md §4
     accept    E -> N: Seal(k_acc;  ML-KEM ciphertext to ek_N)
     reveal    N -> E: Seal(k_n2e;  n_nonce)                       both now show the code
     profile   E -> N: Seal(k_e2n;  identity keys, device list, profile)  after E's user confirms
-    done      N -> E: Seal(k_n2e;  the device list with N, signed by N)   after N's user confirms
+    done      N -> E: Seal(k_n2e;  N's entry, with its device key)      after N's user confirms
+    final     E -> N: Seal(k_e2n;  accepted + E's current list with N, signed by E; or refused)
 
 Every message is one or more blocks of BLOCK_SIZE bytes whose only fixed byte is the version,
 like every other block. N commits to n_nonce before it sees E's ciphertext, and the code
@@ -50,6 +53,12 @@ MAX_PROFILE_BLOCKS = 4096  # 64 MiB of profile, as many blocks as one message ma
 MAX_TEXT_LEN = 2048  # a device link's text form
 CODE_DIGITS = 6
 LIST_VERSION_LIMIT = 2**63
+VERSIONS_PER_SECOND = 1000  # a list version is at least the signer's clock in milliseconds
+MAX_LIST_SKEW = 86_400  # seconds a list's version may run ahead of the holder's clock
+FINAL_GRACE = 60  # seconds after expiry N still takes E's final block (sent before expiry)
+PAYLOAD_DEVICE_HELLO = 0x41  # provisional, as PAYLOAD_DEVICE_LIST
+PROOF_HELLO = 1
+PROOF_BUNDLE = 2
 
 DEVICE_LIST_LABEL = b"AegisLink-v1 device list"
 _REQUEST_LABEL = b"AegisLink-v1 device link request"
@@ -57,6 +66,7 @@ _ACCEPT_LABEL = b"AegisLink-v1 device link accept"
 _SESSION_LABEL = b"AegisLink-v1 device link session"
 _COMMIT_LABEL = b"AegisLink-v1 device link commit"
 _CODE_LABEL = b"AegisLink-v1 device link code"
+DEVICE_PROOF_LABEL = b"AegisLink-v1 device proof"
 
 # Step bytes, first byte of every sealed content: a block of one step never opens as another.
 STEP_REQUEST = 1
@@ -64,6 +74,11 @@ STEP_ACCEPT = 2
 STEP_REVEAL = 3
 STEP_PROFILE = 4
 STEP_DONE = 5
+STEP_FINAL = 6
+
+FINAL_ACCEPTED = 0
+FINAL_FULL = 1  # E's current list holds MAX_DEVICES devices
+FINAL_TAKEN = 2  # N's device ID or device key is in E's current list already
 
 _V = bytes([wire.VERSION])
 _SALT = bytes(32)
@@ -100,32 +115,64 @@ class TooManyDevices(DeviceError):
     """The device list would hold more than MAX_DEVICES devices."""
 
 
+class FutureDeviceList(DeviceError):
+    """The device list's version runs more than MAX_LIST_SKEW ahead of the holder's clock."""
+
+
+class NotConcurrent(DeviceError):
+    """A rebase of lists that are not concurrent (the winner's version is not the loser's)."""
+
+
+class LinkRefused(DeviceError):
+    """E refused to add the new device to its current list (its device ID is taken)."""
+
+
+class UnlistedDevice(DeviceError):
+    """A hello or bundle from a device ID that is not in the list held for the identity."""
+
+
+class ForgedDeviceProof(DeviceError):
+    """A hello or bundle not signed by the device key listed for its device ID."""
+
+
 # --- the device list ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class DeviceEntry:
-    """One device of a person: where its contacts deposit to it and fetch its prekey bundle."""
+    """One device of a person: its device key (Ed25519 public, which its hellos and bundle
+    prove), where its contacts deposit to it and fetch its prekey bundle."""
 
     device_id: bytes
     mailbox: MailboxAddress
     bundle_address: bytes
     added_at: int  # seconds since the epoch
+    device_key: bytes
 
-    def write(self, w: Writer) -> None:
-        w.fixed(self.device_id, DEVICE_ID_LEN)
+    def write(self, w: Writer) -> Writer:
+        w.fixed(self.device_id, DEVICE_ID_LEN).fixed(self.device_key, wire.ED25519_LEN)
         self.mailbox.write(w)
         if len(self.bundle_address) != wire.RELAY_ID_LEN:
             raise ValueError("a bundle address is 16 bytes")
-        w.u8(wire.RELAY_ID_LEN).raw(self.bundle_address).u64(self.added_at)
+        return w.u8(wire.RELAY_ID_LEN).raw(self.bundle_address).u64(self.added_at)
 
     @classmethod
     def read(cls, r: Reader) -> DeviceEntry:
-        device_id = r.take(DEVICE_ID_LEN)
+        device_id, device_key = r.take(DEVICE_ID_LEN), r.take(wire.ED25519_LEN)
         mailbox = MailboxAddress.read(r)
         if r.u8() != wire.RELAY_ID_LEN:
             raise DecodeError("a bundle address is 16 bytes")
-        return cls(device_id, mailbox, r.take(wire.RELAY_ID_LEN), r.u64())
+        return cls(device_id, mailbox, r.take(wire.RELAY_ID_LEN), r.u64(), device_key)
+
+    def to_bytes(self) -> bytes:
+        return self.write(Writer()).bytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> DeviceEntry:
+        r = Reader(data)
+        out = cls.read(r)
+        r.done()
+        return out
 
 
 def _body(version: int, devices: tuple[DeviceEntry, ...]) -> bytes:
@@ -209,35 +256,81 @@ class DeviceList:
         return next((d for d in self.devices if d.device_id == device_id), None)
 
 
+def next_version(current: DeviceList | None, now: int) -> int:
+    """The version of a list signed now on `current`: one more than it, and at least the clock
+    in milliseconds. So a later backup import (a list on an old parent) still beats an earlier
+    one, and an honest version never runs far ahead of time (`accept` bounds it)."""
+    version = max(1 if current is None else current.version + 1, now * VERSIONS_PER_SECOND)
+    if version >= LIST_VERSION_LIMIT:
+        raise FutureDeviceList("device list version out of range")
+    return version
+
+
 def accept(
-    identity: PublicIdentity, current: DeviceList | None, incoming: DeviceList
+    identity: PublicIdentity, current: DeviceList | None, incoming: DeviceList, now: int
 ) -> DeviceList:
     """The list a contact (or one of the person's devices) holds after receiving `incoming`:
-    `incoming` when it is signed by `identity` and beats `current`. Every holder of the same
-    set of lists ends with the same one (the maximum under `beats`), in any order of arrival."""
+    `incoming` when it is signed by `identity`, beats `current` and its version is not more
+    than MAX_LIST_SKEW ahead of `now` (so no holder of the identity key can pin the list with
+    a version no one can beat). Every holder of the same set of lists ends with the same one
+    (the maximum under `beats`), in any order of arrival, once its clock has passed them."""
     incoming.verify(identity)
+    if incoming.version > (now + MAX_LIST_SKEW) * VERSIONS_PER_SECOND:
+        raise FutureDeviceList("device list version runs ahead of this clock")
     if current is not None and not incoming.beats(current):
         raise StaleDeviceList("device list does not beat the one held")
     return incoming
 
 
+@dataclass(frozen=True)
+class ListChange:
+    """What `new` changes relative to `old`, by device ID."""
+
+    added: frozenset[bytes]
+    removed: frozenset[bytes]
+    changed: frozenset[bytes]  # in both, with another entry (a rotated mailbox)
+
+
+def diff(old: DeviceList, new: DeviceList) -> ListChange:
+    changed = {x.device_id for x in new.devices if old.entry(x.device_id) not in (None, x)}
+    return ListChange(new.ids() - old.ids(), old.ids() - new.ids(), frozenset(changed))
+
+
+def readded(removed: frozenset[bytes], new: DeviceList) -> frozenset[bytes]:
+    """The device IDs in `new` that a list this device held earlier had removed: the person's
+    own devices accept such a list (every holder must converge) but alert the user
+    (docs/devices.md §7)."""
+    return removed & new.ids()
+
+
 def rebase(
-    identity: IdentityKeyPair, parent: DeviceList, mine: DeviceList, winner: DeviceList
+    identity: IdentityKeyPair, parent: DeviceList, mine: DeviceList, winner: DeviceList, now: int
 ) -> DeviceList | None:
-    """A device signed `mine` on `parent` and lost to `winner` (signed concurrently by another
-    device). Its change (the devices it added and removed) is applied again on `winner` and
-    signed as the next version; None when `winner` already holds that change."""
-    added = [d for d in mine.devices if d.device_id not in parent.ids()]
-    removed = parent.ids() - mine.ids()
-    kept = [d for d in winner.devices if d.device_id not in removed]
-    devices = kept + [d for d in added if d.device_id not in winner.ids()]
-    if frozenset(d.device_id for d in devices) == winner.ids():
+    """A device signed `mine` on `parent` and lost to `winner`, signed concurrently by another
+    device at the same version. Its change (the devices it added, removed or changed) is
+    applied again on `winner` and signed as the next version; None when `winner` already holds
+    that change. Lists that are not concurrent are not rebased (`NotConcurrent`): a newer list
+    is simply accepted, so that a device that re-adds itself cannot make the others re-sign
+    forever."""
+    if winner.version != mine.version or parent.version >= mine.version:
+        raise NotConcurrent("only a list that lost at its own version is rebased")
+    if winner == mine:
+        return None
+    if not winner.beats(mine):
+        raise NotConcurrent("this list won: there is nothing to rebase")
+    change = diff(parent, mine)
+    kept = [d for d in winner.devices if d.device_id not in change.removed]
+    replaced = {d.device_id: d for d in mine.devices if d.device_id in change.changed}
+    devices = [replaced.get(d.device_id, d) for d in kept]
+    devices += [mine_d for mine_d in mine.devices if mine_d.device_id in change.added
+                and mine_d.device_id not in winner.ids()]  # fmt: skip
+    if sorted(devices, key=lambda d: d.device_id) == list(winner.devices):
         return None
     if len(devices) > MAX_DEVICES:
         raise TooManyDevices("the rebased list would hold more than MAX_DEVICES devices")
     if not devices:
         raise StateError("a device list keeps at least one device")
-    return DeviceList.sign(identity, winner.version + 1, devices)
+    return DeviceList.sign(identity, next_version(winner, now), devices)
 
 
 def encode_list_payload(device_list: DeviceList) -> bytes:
@@ -252,6 +345,130 @@ def decode_list_payload(data: bytes) -> DeviceList:
     if r.u8() != PAYLOAD_DEVICE_LIST:
         raise DecodeError("not a device list payload")
     return DeviceList.from_bytes(data[2:])
+
+
+# --- device keys and their proofs -------------------------------------------------------------
+
+
+def new_device_key(entropy: Entropy) -> tuple[bytes, bytes]:
+    """A device's own Ed25519 key pair (raw private, public). Never leaves the device: not in
+    a link's profile, not synced, not in a backup (an import draws a new one)."""
+    priv = entropy.ed25519_private()
+    return p.ed25519_private_raw(priv), p.ed25519_public(priv)
+
+
+def _proof_message(
+    identity: PublicIdentity, device_id: bytes, purpose: int, message: bytes
+) -> bytes:
+    if len(device_id) != DEVICE_ID_LEN:
+        raise ValueError("a device ID is 16 bytes")
+    digest = hashlib.sha256(message).digest()
+    return DEVICE_PROOF_LABEL + identity.encode() + device_id + bytes([purpose]) + digest
+
+
+def device_proof(
+    device_priv: bytes, identity: PublicIdentity, device_id: bytes, purpose: int, message: bytes
+) -> bytes:
+    """The device key's signature over `message` for one purpose (PROOF_HELLO, PROOF_BUNDLE)."""
+    key = p.ed25519_from_private(device_priv)
+    return key.sign(_proof_message(identity, device_id, purpose, message))
+
+
+def check_device_proof(
+    identity: PublicIdentity,
+    held: DeviceList,
+    device_id: bytes,
+    purpose: int,
+    message: bytes,
+    signature: bytes,
+) -> DeviceEntry:
+    """The entry of `device_id` in the list held for `identity`, when `signature` is its listed
+    device key's over `message`: `UnlistedDevice` if it is not listed (the daemon holds the
+    message until a list names it, §5.2), `ForgedDeviceProof` if the key does not match."""
+    entry = held.entry(device_id)
+    if entry is None:
+        raise UnlistedDevice("the device is not in the list held")
+    signed = _proof_message(identity, device_id, purpose, message)
+    if len(signature) != wire.SIG_LEN or not p.ed25519_verify(entry.device_key, signature, signed):
+        raise ForgedDeviceProof("not signed by the listed device key")
+    return entry
+
+
+def device_bundle(
+    device_priv: bytes, identity: PublicIdentity, device_id: bytes, base: bytes
+) -> bytes:
+    """What a device publishes at its bundle address: the bundle base (docs/protocol.md §6.2)
+    followed by its device ID and the device key's proof over the base."""
+    proof = device_proof(device_priv, identity, device_id, PROOF_BUNDLE, base)
+    return base + device_id + proof
+
+
+def check_device_bundle(
+    identity: PublicIdentity, held: DeviceList, device_id: bytes, data: bytes
+) -> bytes:
+    """The bundle base of `data` fetched at `device_id`'s bundle address, when its device ID is
+    that one and the listed device key signed it; verify_bundle (§6) still checks the base."""
+    tail = DEVICE_ID_LEN + wire.SIG_LEN
+    if len(data) <= tail:
+        raise DecodeError("a device bundle is a bundle base, a device ID and a proof")
+    base, got_id, proof = data[:-tail], data[-tail : -wire.SIG_LEN], data[-wire.SIG_LEN :]
+    if got_id != device_id:
+        raise ForgedDeviceProof("the bundle is another device's")
+    check_device_proof(identity, held, device_id, PROOF_BUNDLE, base, proof)
+    return base
+
+
+@dataclass(frozen=True)
+class DeviceHello:
+    """The first payload of a session a device opens (with a contact device or its own): which
+    listed device it is, where to answer it, the list version it holds, and its device key's
+    proof over all that and the session's `EK_A.pub` (docs/protocol.md §7.1), so a hello is
+    not replayed into another session."""
+
+    device_id: bytes
+    reply: MailboxAddress
+    list_version: int
+    signature: bytes
+
+    def _signed(self) -> bytes:
+        w = Writer().u8(wire.VERSION).u8(PAYLOAD_DEVICE_HELLO).fixed(self.device_id, DEVICE_ID_LEN)
+        return self.reply.write(w).u64(self.list_version).bytes()
+
+    @classmethod
+    def sign(
+        cls,
+        device_priv: bytes,
+        identity: PublicIdentity,
+        device_id: bytes,
+        reply: MailboxAddress,
+        list_version: int,
+        session_ek: bytes,
+    ) -> DeviceHello:
+        unsigned = cls(device_id, reply, list_version, b"")
+        message = session_ek + unsigned._signed()
+        sig = device_proof(device_priv, identity, device_id, PROOF_HELLO, message)
+        return cls(device_id, reply, list_version, sig)
+
+    def check(self, identity: PublicIdentity, held: DeviceList, session_ek: bytes) -> DeviceEntry:
+        """The sender's entry, when the hello is its listed device key's for this session."""
+        message = session_ek + self._signed()
+        return check_device_proof(
+            identity, held, self.device_id, PROOF_HELLO, message, self.signature
+        )
+
+    def to_bytes(self) -> bytes:
+        return self._signed() + self.signature
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> DeviceHello:
+        r = Reader(data)
+        if r.u8() != wire.VERSION:
+            raise UnsupportedVersion("unsupported payload version")
+        if r.u8() != PAYLOAD_DEVICE_HELLO:
+            raise DecodeError("not a device hello")
+        out = cls(r.take(DEVICE_ID_LEN), MailboxAddress.read(r), r.u64(), r.take(wire.SIG_LEN))
+        r.done()
+        return out
 
 
 # --- the device link ----------------------------------------------------------------------------
@@ -425,9 +642,15 @@ def _open_session(key: bytes, block: bytes, step: int) -> bytes:
     return content
 
 
+def _final_content(status: int, device_list: DeviceList | None) -> bytes:
+    listed = b"" if device_list is None else device_list.to_bytes()
+    return Writer().u8(STEP_FINAL).u8(status).u16(len(listed)).raw(listed).bytes()
+
+
 class LinkOffer:
     """The existing device E's side of one link. Held in memory only: a restart voids the link
-    (the ephemeral key is never stored), which costs the user a new link at most."""
+    (the ephemeral key is never stored), which costs the user a new link at most. Every step
+    takes `now` and refuses after the link's expiry (`LinkExpired`)."""
 
     def __init__(self, link: DeviceLink, e_priv: bytes, created_at: int) -> None:
         self.link = link
@@ -436,6 +659,7 @@ class LinkOffer:
         self.reply_to: MailboxAddress | None = None  # N's reply mailbox, once a request opened
         self.code: str | None = None
         self._keys: _Keys | None = None
+        self._used = False
         self._commit = b""
         self._confirmed = False
         self._profile_sent = False
@@ -455,9 +679,11 @@ class LinkOffer:
 
     def accept_request(self, entropy: Entropy, block: bytes, now: int) -> bytes:
         """Open N's request; answer with the accept block (to `reply_to`). A block that does
-        not open under the link leaves the link usable; one that opens uses it up."""
+        not open under the link leaves the link usable (the relay, who sees the link mailbox's
+        token, cannot burn it); one that opens uses it up, even if what it holds is refused
+        (only a holder of the link secret can seal one)."""
         self._live(now)
-        if self._keys is not None or self.finished:
+        if self._used or self.finished:
             raise LinkUsed("the device link was used already")
         if len(block) != wire.BLOCK_SIZE or block[0] != wire.VERSION:
             raise DecryptionError()
@@ -465,17 +691,23 @@ class LinkOffer:
         dh = p.dh(p.x25519_from_private(self._e), n_pub)
         prefix = block[: 1 + wire.X25519_LEN]
         content = p.open_once(_request_key(self.link, dh, n_pub), block[len(prefix) :], prefix)
+        self._used = True
         try:
             r = Reader(content)
             if r.u8() != STEP_REQUEST:
                 raise DecryptionError()
             ek, commit = r.take(wire.MLKEM_EK_LEN), r.take(wire.KEY_LEN)
             reply_to = MailboxAddress.read(r)
-            if len(reply_to.send_token) != wire.RELAY_TOKEN_LEN:
-                raise DecryptionError()
             used = 1 + wire.MLKEM_EK_LEN + wire.KEY_LEN + len(reply_to.write(Writer()).bytes())
         except (DecodeError, ValueError):
             raise DecryptionError() from None
+        # The reply mailbox is on the link's relay, spelled as in the link: a link holder
+        # cannot make E connect to a relay of his choosing.
+        if (
+            len(reply_to.send_token) != wire.RELAY_TOKEN_LEN
+            or reply_to.relay_url != self.link.mailbox.relay_url
+        ):
+            raise DecryptionError()
         _unpad(content, used)
         ss, ct = entropy.encapsulate(p.mlkem_load_ek(ek))
         transcript = self.link.to_bytes() + n_pub + content[:used]
@@ -486,8 +718,10 @@ class LinkOffer:
         self.reply_to = reply_to
         return answer
 
-    def receive_reveal(self, block: bytes) -> str:
-        """Open N's reveal; the code to show on E's screen."""
+    def receive_reveal(self, block: bytes, now: int) -> str:
+        """Open N's reveal; the code to show on E's screen, with the prompt "confirm only if
+        the new device shows this code" (docs/devices.md §4.4)."""
+        self._live(now)
         if self._keys is None or self.code is not None:
             raise LinkUsed("no reveal is expected now")
         content = _open_session(self._keys.n2e, block, STEP_REVEAL)
@@ -498,18 +732,23 @@ class LinkOffer:
         self.code = confirmation_code(self._keys.code_key, n_nonce)
         return self.code
 
-    def confirm(self) -> None:
+    def confirm(self, now: int) -> None:
         """The user saw the same code on both screens (called only after they said so)."""
+        self._live(now)
         if self.code is None:
             raise StateError("there is no code to confirm yet")
         self._confirmed = True
 
-    def profile_blocks(self, entropy: Entropy, profile: LinkProfile) -> list[bytes]:
-        """The profile, sealed for N, in a Padmé-padded number of blocks; only once confirmed."""
+    def profile_blocks(self, entropy: Entropy, profile: LinkProfile, now: int) -> list[bytes]:
+        """The profile, sealed for N, in a Padmé-padded number of blocks; only once confirmed,
+        and only if the list has room for N (the identity key is never sent for nothing)."""
+        self._live(now)
         if not self._confirmed or self._keys is None:
             raise StateError("the code was not confirmed on this device")
         if self._profile_sent:
             raise LinkUsed("the profile was sent already")
+        if len(profile.device_list.devices) >= MAX_DEVICES:
+            raise TooManyDevices("the person has MAX_DEVICES devices already")
         data = profile.to_bytes()
         stream = struct.pack(">I", len(data)) + data
         count = wire.padme(max(1, -(-len(stream) // PROFILE_CHUNK_LEN)))
@@ -525,33 +764,49 @@ class LinkOffer:
         return blocks
 
     def receive_done(
-        self, identity: PublicIdentity, current: DeviceList, block: bytes
-    ) -> DeviceList:
-        """N's closing block: the device list with N added, signed by N (it holds the identity
-        now). Accepted when it is `current` plus exactly one device and beats it."""
+        self,
+        entropy: Entropy,
+        identity: IdentityKeyPair,
+        current: DeviceList,
+        block: bytes,
+        now: int,
+    ) -> tuple[DeviceList | None, bytes]:
+        """N's closing block, its entry. E adds it to `current` (the list E holds NOW, which
+        may have changed since the profile left) and signs the next version; the result and
+        the final block for N (to `reply_to`), which says accepted (with that list) or refused
+        (the list is full, or N's device ID or key is taken): then the list is None."""
+        self._live(now)
         if not self._profile_sent or self._keys is None or self.finished:
             raise LinkUsed("no closing block is expected now")
         content = _open_session(self._keys.n2e, block, STEP_DONE)
         try:
             r = Reader(content[1:])
             n = r.u16()
-            new = DeviceList.from_bytes(r.take(n))
-        except DecodeError:
+            entry = DeviceEntry.from_bytes(r.take(n))
+        except (DecodeError, ValueError):
             raise DecryptionError() from None
         _unpad(content, 3 + n)
-        accept(identity, current, new)
-        kept = all(new.entry(x.device_id) == x for x in current.devices)
-        if not (kept and len(new.ids() - current.ids()) == 1):
-            raise StaleDeviceList("the new list must add exactly the linked device")
+        new: DeviceList | None = None
+        if len(current.devices) >= MAX_DEVICES:
+            status = FINAL_FULL
+        elif entry.device_id in current.ids() or any(
+            x.device_key == entry.device_key for x in current.devices
+        ):
+            status = FINAL_TAKEN
+        else:
+            status = FINAL_ACCEPTED
+            new = DeviceList.sign(identity, next_version(current, now), [*current.devices, entry])
         self.finished = True
-        return new
+        return new, _seal_session(entropy, self._keys.e2n, _final_content(status, new))
 
     def __repr__(self) -> str:
         return "LinkOffer(<private>)"
 
 
 class LinkJoin:
-    """The new device N's side of one link."""
+    """The new device N's side of one link. Every step takes `now` and refuses after the link's
+    expiry (`LinkExpired`); E's final block, sent before expiry, is taken for FINAL_GRACE more
+    seconds."""
 
     def __init__(self, link: DeviceLink) -> None:
         self.link = link
@@ -565,17 +820,25 @@ class LinkJoin:
         self._count = 0
         self.profile: LinkProfile | None = None
         self._confirmed = False
+        self._me: DeviceEntry | None = None
         self.finished = False
+
+    def _live(self, now: int, grace: int = 0) -> None:
+        if now >= self.link.expires + grace:
+            raise LinkExpired("the device link has expired")
 
     @classmethod
     def start(
         cls, entropy: Entropy, link: DeviceLink, reply_to: MailboxAddress, now: int
     ) -> tuple[LinkJoin, bytes]:
-        """The request block (to the link's mailbox); N's reply mailbox goes inside it."""
+        """The request block (to the link's mailbox); N's reply mailbox, on the link's relay
+        (the same URL), goes inside it."""
         if now >= link.expires:
             raise LinkExpired("the device link has expired")
         if len(reply_to.send_token) != wire.RELAY_TOKEN_LEN:
             raise ValueError("the reply mailbox takes a send token")
+        if reply_to.relay_url != link.mailbox.relay_url:
+            raise ValueError("the reply mailbox is on the link's relay")
         self = cls(link)
         n = entropy.x25519_private()
         kem = entropy.mlkem_private()
@@ -594,8 +857,9 @@ class LinkJoin:
         assert len(block) == wire.BLOCK_SIZE
         return self, block
 
-    def receive_accept(self, entropy: Entropy, block: bytes) -> bytes:
+    def receive_accept(self, entropy: Entropy, block: bytes, now: int) -> bytes:
         """Open E's accept; the reveal block (to the link's mailbox). `code` is set."""
+        self._live(now)
         if self._n is None or self._kem is None or self._keys is not None:
             raise LinkUsed("no accept is expected now")
         if len(block) != wire.BLOCK_SIZE or block[0] != wire.VERSION:
@@ -611,9 +875,10 @@ class LinkJoin:
         self.code = confirmation_code(self._keys.code_key, self._nonce)
         return _seal_session(entropy, self._keys.n2e, bytes([STEP_REVEAL]) + self._nonce)
 
-    def add_profile_block(self, block: bytes) -> LinkProfile | None:
+    def add_profile_block(self, block: bytes, now: int) -> LinkProfile | None:
         """One of E's profile blocks, in any order; the profile once all have come. It is held,
-        not applied, until the user confirms the code on this device too."""
+        not applied, until E's final block accepts this device."""
+        self._live(now)
         if self._keys is None or self.profile is not None:
             raise LinkUsed("no profile block is expected now")
         content = _open_session(self._keys.e2n, block, STEP_PROFILE)
@@ -640,29 +905,55 @@ class LinkJoin:
         self.profile = profile
         return profile
 
-    def confirm(self) -> None:
+    def confirm(self, now: int) -> None:
+        self._live(now)
         if self.profile is None:
             raise StateError("the profile has not arrived")
         self._confirmed = True
 
-    def done_block(
-        self, entropy: Entropy, me: DeviceEntry
-    ) -> tuple[IdentityKeyPair, DeviceList, bytes]:
-        """After the user confirmed on N: the identity, the device list with N added (signed
-        here, the next version) and the closing block for E."""
-        if not self._confirmed or self.profile is None or self._keys is None or self.finished:
+    def done_block(self, entropy: Entropy, me: DeviceEntry, now: int) -> bytes:
+        """After the user confirmed on N: the closing block for E, carrying this device's entry
+        (its device ID, device key, device mailbox and bundle address). N is in no list until
+        E's final block (`receive_final`)."""
+        self._live(now)
+        if self._me is not None or self.finished:
+            raise LinkUsed("the closing block was made already")
+        if not self._confirmed or self.profile is None or self._keys is None:
             raise StateError("the code was not confirmed on this device")
-        identity = self.profile.identity()
-        current = self.profile.device_list
-        if me.device_id in current.ids():
-            raise StateError("this device ID is in the list already")
-        if len(current.devices) >= MAX_DEVICES:
-            raise TooManyDevices("the person has MAX_DEVICES devices already")
-        new = DeviceList.sign(identity, current.version + 1, [*current.devices, me])
-        listed = new.to_bytes()
-        content = Writer().u8(STEP_DONE).u16(len(listed)).raw(listed).bytes()
+        entry = me.to_bytes()
+        content = Writer().u8(STEP_DONE).u16(len(entry)).raw(entry).bytes()
+        self._me = me
+        return _seal_session(entropy, self._keys.n2e, content)
+
+    def receive_final(self, block: bytes, now: int) -> tuple[IdentityKeyPair, DeviceList]:
+        """E's final block: the identity and E's list with this device, signed by E, when E
+        accepted; `TooManyDevices` or `LinkRefused` when it refused (then the daemon forgets
+        the profile, the identity key with it)."""
+        self._live(now, FINAL_GRACE)
+        if self._me is None or self.profile is None or self._keys is None or self.finished:
+            raise LinkUsed("no final block is expected now")
+        content = _open_session(self._keys.e2n, block, STEP_FINAL)
+        try:
+            r = Reader(content[1:])
+            status, n = r.u8(), r.u16()
+            listed = r.take(n)
+        except DecodeError:
+            raise DecryptionError() from None
+        _unpad(content, 4 + n)
         self.finished = True
-        return identity, new, _seal_session(entropy, self._keys.n2e, content)
+        if status == FINAL_FULL and not listed:
+            raise TooManyDevices("the person has MAX_DEVICES devices already")
+        if status != FINAL_ACCEPTED or not listed:
+            raise LinkRefused("the existing device refused this device")
+        identity = self.profile.identity()
+        try:
+            new = DeviceList.from_bytes(listed)
+            accept(identity.public, self.profile.device_list, new, now)
+        except (DecodeError, DeviceError):
+            raise DecryptionError() from None
+        if new.entry(self._me.device_id) != self._me:
+            raise DecryptionError()
+        return identity, new
 
     def __repr__(self) -> str:
         return "LinkJoin(<private>)"

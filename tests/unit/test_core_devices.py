@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aegisd.core import devices as d
+from aegisd.core import primitives as p
 from aegisd.core import wire
 from aegisd.core.errors import DecodeError, DecryptionError, StateError, UnsupportedVersion
 from aegisd.core.identity import IdentityKeyPair
@@ -32,8 +33,13 @@ def mailbox(i: int, token: bool = True) -> wire.MailboxAddress:
     return wire.MailboxAddress(URL, bytes([i]) * 16, bytes([i]) * 32 if token else b"")
 
 
+DEVICE_KEYS = {i: d.new_device_key(DeterministicEntropy(bytes([i]) * 4)) for i in range(1, 12)}
+
+
 def device(i: int) -> d.DeviceEntry:
-    return d.DeviceEntry(bytes([i]) * 16, mailbox(i, token=i % 2 == 0), bytes([i + 1]) * 16, NOW)
+    return d.DeviceEntry(
+        bytes([i]) * 16, mailbox(i, token=i % 2 == 0), bytes([i + 1]) * 16, NOW, DEVICE_KEYS[i][1]
+    )
 
 
 FIRST = d.DeviceList.sign(IDENTITY, 1, [device(1)])
@@ -61,22 +67,29 @@ class Link:
 
     def codes(self) -> tuple[str, str]:
         accept = self.offer.accept_request(self.e_rng, self.request(), NOW + 2)
-        reveal = self.join.receive_accept(self.n_rng, accept)
-        code_e = self.offer.receive_reveal(reveal)
+        reveal = self.join.receive_accept(self.n_rng, accept, NOW + 3)
+        code_e = self.offer.receive_reveal(reveal, NOW + 4)
         assert self.join.code is not None
         return code_e, self.join.code
 
-    def profile_blocks(self, extra: bytes = b"x") -> list[bytes]:
+    def profile_blocks(self, extra: bytes = b"x", lst: d.DeviceList = FIRST) -> list[bytes]:
         self.codes()
-        self.offer.confirm()
-        return self.offer.profile_blocks(self.e_rng, profile(extra))
+        self.offer.confirm(NOW + 5)
+        return self.offer.profile_blocks(
+            self.e_rng, replace(profile(extra), device_list=lst), NOW + 6
+        )
 
-    def received(self, extra: bytes = b"x") -> d.LinkProfile:
+    def received(self, extra: bytes = b"x", lst: d.DeviceList = FIRST) -> d.LinkProfile:
         out = None
-        for block in self.profile_blocks(extra):
-            out = self.join.add_profile_block(block) or out
+        for block in self.profile_blocks(extra, lst):
+            out = self.join.add_profile_block(block, NOW + 7) or out
         assert out is not None
         return out
+
+    def done(self, me: int = 9) -> bytes:
+        self.received()
+        self.join.confirm(NOW + 8)
+        return self.join.done_block(self.n_rng, device(me), NOW + 9)
 
 
 def flip(block: bytes, at: int) -> bytes:
@@ -96,19 +109,22 @@ def test_a_full_link_gives_both_sides_the_same_keys_code_and_profile() -> None:
     assert len(code_e) == 7 and code_e[3] == " " and code_e.replace(" ", "").isdigit()
     assert link.offer._keys == link.join._keys  # the session keys themselves
     assert link.offer.reply_to == mailbox(8)
-    link.offer.confirm()
-    blocks = link.offer.profile_blocks(link.e_rng, profile(b"p" * 40_000))
+    link.offer.confirm(NOW + 5)
+    blocks = link.offer.profile_blocks(link.e_rng, profile(b"p" * 40_000), NOW + 6)
     assert len(blocks) == wire.padme(3) and {len(b) for b in blocks} == {wire.BLOCK_SIZE}
     got = None
     for block in reversed(blocks):  # any order
-        got = link.join.add_profile_block(block) or got
+        got = link.join.add_profile_block(block, NOW + 7) or got
     assert got == profile(b"p" * 40_000)
-    link.join.confirm()
+    link.join.confirm(NOW + 8)
     me = device(9)
-    identity, new, done = link.join.done_block(link.n_rng, me)
-    assert identity.public.same_keys(IDENTITY.public)
-    assert new.version == 2 and new.ids() == {device(1).device_id, me.device_id}
-    assert link.offer.receive_done(IDENTITY.public, FIRST, done) == new
+    done = link.join.done_block(link.n_rng, me, NOW + 9)
+    new, final = link.offer.receive_done(link.e_rng, IDENTITY, FIRST, done, NOW + 10)
+    assert new is not None and new.ids() == {device(1).device_id, me.device_id}
+    assert new.version == (NOW + 10) * d.VERSIONS_PER_SECOND and new.entry(me.device_id) == me
+    new.verify(IDENTITY.public)
+    identity, got_list = link.join.receive_final(final, NOW + 11)
+    assert identity.public.same_keys(IDENTITY.public) and got_list == new
     assert link.offer.finished and link.join.finished
 
 
@@ -116,7 +132,7 @@ def test_every_handshake_block_is_one_block_with_only_the_version_fixed() -> Non
     link = Link()
     request = link.request()
     accept = link.offer.accept_request(link.e_rng, request, NOW + 2)
-    reveal = link.join.receive_accept(link.n_rng, accept)
+    reveal = link.join.receive_accept(link.n_rng, accept, NOW + 3)
     for block in (request, accept, reveal):
         assert len(block) == wire.BLOCK_SIZE and block[0] == wire.VERSION
 
@@ -144,26 +160,30 @@ def test_a_tampered_accept_or_reveal_fails(at: int) -> None:
     link = Link()
     accept = link.offer.accept_request(link.e_rng, link.request(), NOW + 2)
     with pytest.raises(DecryptionError):
-        link.join.receive_accept(link.n_rng, flip(accept, at))
-    reveal = link.join.receive_accept(link.n_rng, accept)
+        link.join.receive_accept(link.n_rng, flip(accept, at), NOW + 3)
+    reveal = link.join.receive_accept(link.n_rng, accept, NOW + 3)
     with pytest.raises(DecryptionError):
-        link.offer.receive_reveal(flip(reveal, at))
+        link.offer.receive_reveal(flip(reveal, at), NOW + 4)
     assert link.offer.code is None
-    assert link.offer.receive_reveal(reveal) == link.join.code
+    assert link.offer.receive_reveal(reveal, NOW + 4) == link.join.code
 
 
 def test_a_tampered_profile_or_closing_block_fails() -> None:
     link = Link()
     blocks = link.profile_blocks()
     with pytest.raises(DecryptionError):
-        link.join.add_profile_block(flip(blocks[0], 100))
-    assert link.join.add_profile_block(blocks[0]) is not None
-    link.join.confirm()
-    _, _, done = link.join.done_block(link.n_rng, device(9))
+        link.join.add_profile_block(flip(blocks[0], 100), NOW + 7)
+    assert link.join.add_profile_block(blocks[0], NOW + 7) is not None
+    link.join.confirm(NOW + 8)
+    done = link.join.done_block(link.n_rng, device(9), NOW + 9)
     with pytest.raises(DecryptionError):
-        link.offer.receive_done(IDENTITY.public, FIRST, flip(done, 50))
+        link.offer.receive_done(link.e_rng, IDENTITY, FIRST, flip(done, 50), NOW + 10)
     assert not link.offer.finished
-    link.offer.receive_done(IDENTITY.public, FIRST, done)
+    _, final = link.offer.receive_done(link.e_rng, IDENTITY, FIRST, done, NOW + 10)
+    with pytest.raises(DecryptionError):
+        link.join.receive_final(flip(final, 60), NOW + 11)
+    assert not link.join.finished
+    link.join.receive_final(final, NOW + 11)
 
 
 def test_a_wrong_link_secret_fails_with_the_same_error() -> None:
@@ -177,38 +197,60 @@ def test_a_wrong_link_secret_fails_with_the_same_error() -> None:
 def test_blocks_of_one_step_do_not_open_as_another() -> None:
     link = Link()
     link.codes()
-    link.offer.confirm()
-    block = link.offer.profile_blocks(link.e_rng, profile())[0]
+    link.offer.confirm(NOW + 5)
+    block = link.offer.profile_blocks(link.e_rng, profile(), NOW + 6)[0]
     with pytest.raises(DecryptionError):  # e2n key: N's own reveal key does not open it
         d._open_session(link.offer._keys.n2e, block, d.STEP_PROFILE)  # type: ignore[union-attr]
     with pytest.raises(DecryptionError):
         d._open_session(link.offer._keys.e2n, block, d.STEP_DONE)  # type: ignore[union-attr]
 
 
-def test_a_man_in_the_middle_who_replaces_ns_keys_yields_different_codes() -> None:
-    # Mallory knows the link (it leaked) and answers in N's place: E's session is with her.
+def _reveal_of(join: d.LinkJoin, n_nonce: bytes) -> bytes:
+    assert join._keys is not None
+    return d._seal_session(
+        DeterministicEntropy(b"R"), join._keys.n2e, bytes([d.STEP_REVEAL]) + n_nonce
+    )
+
+
+def test_a_reveal_of_another_nonce_than_the_committed_one_is_refused() -> None:
     link = Link()
-    request_n = link.request()
+    accept = link.offer.accept_request(link.e_rng, link.request(), NOW + 2)
+    genuine = link.join.receive_accept(link.n_rng, accept, NOW + 3)
+    # Sealed under the right key, step and padding: only the nonce is not the committed one.
+    with pytest.raises(DecryptionError):
+        link.offer.receive_reveal(_reveal_of(link.join, bytes(32)), NOW + 4)
+    assert link.offer.code is None
+    assert link.offer.receive_reveal(genuine, NOW + 4) == link.join.code
+
+
+def test_a_man_in_the_middle_cannot_choose_his_nonce_after_es_ciphertext() -> None:
+    # Mallory holds the leaked link and answers E in N's place; N was shown a link of hers.
+    link = Link()
     mallory_rng = DeterministicEntropy(b"M")
     mallory_n, request_m = d.LinkJoin.start(mallory_rng, link.offer.link, mailbox(9), NOW + 1)
     accept = link.offer.accept_request(link.e_rng, request_m, NOW + 2)
-    code_e = link.offer.receive_reveal(mallory_n.receive_accept(mallory_rng, accept))
-    # N never opens E's answer (it was made for Mallory's keys)...
-    with pytest.raises(DecryptionError):
-        link.join.receive_accept(link.n_rng, accept)
-    # ...and Mallory cannot answer N's request under E's link: she lacks E's ephemeral key.
+    mallory_n.receive_accept(mallory_rng, accept, NOW + 3)
     mallory_e = d.LinkOffer.create(mallory_rng, mailbox(7), NOW)
-    mallory_e_with_secret = d.LinkOffer(
-        replace(mallory_e.link, link_secret=link.offer.link.link_secret), mallory_e._e, NOW
+    swapped = Link()
+    swapped.offer, swapped.text = mallory_e, mallory_e.link.to_text()
+    _, code_n = swapped.codes()
+    # E's ciphertext is fixed now: to make E show N's code she would pick the nonce now. Any
+    # nonce but the one she committed to before seeing it is refused.
+    with pytest.raises(DecryptionError):
+        link.offer.receive_reveal(_reveal_of(mallory_n, bytes(32)), NOW + 4)
+    code_e = link.offer.receive_reveal(_reveal_of(mallory_n, mallory_n._nonce), NOW + 4)
+    assert code_e != code_n
+    # A device that used E's real link never opens E's answer to Mallory...
+    real_n, _ = d.LinkJoin.start(DeterministicEntropy(b"N"), link.offer.link, mailbox(8), NOW)
+    with pytest.raises(DecryptionError):
+        real_n.receive_accept(link.n_rng, accept, NOW + 3)
+    # ...and Mallory cannot answer a request made under E's link: she lacks E's ephemeral key.
+    real = Link()
+    mallory_with_secret = d.LinkOffer(
+        replace(mallory_e.link, link_secret=real.offer.link.link_secret), mallory_e._e, NOW
     )
     with pytest.raises(DecryptionError):
-        mallory_e_with_secret.accept_request(mallory_rng, request_n, NOW + 2)
-    # If she also showed N a link of her own, N's code comes from another session than E's.
-    swapped = Link()
-    swapped.offer = mallory_e
-    swapped.text = mallory_e.link.to_text()
-    _, code_n = swapped.codes()
-    assert code_e != code_n
+        mallory_with_secret.accept_request(mallory_rng, real.request(), NOW + 2)
 
 
 def test_a_link_works_once() -> None:
@@ -222,6 +264,48 @@ def test_a_link_works_once() -> None:
         link.offer.accept_request(link.e_rng, other, NOW + 3)
 
 
+def _request_with(link: Link, inner: bytes) -> bytes:
+    """A request sealed under the link (what a holder of the link can make), any content."""
+    rng = DeterministicEntropy(b"H")
+    n = rng.x25519_private()
+    n_pub = p.x25519_public(n)
+    key = d._request_key(link.offer.link, p.dh(n, link.offer.link.e_pub), n_pub)
+    prefix = bytes([wire.VERSION]) + n_pub
+    return prefix + p.seal_once(key, d._pad(inner, d.REQUEST_CONTENT_LEN), prefix)
+
+
+def _inner(ek: bytes, reply: wire.MailboxAddress) -> bytes:
+    w = wire.Writer().u8(d.STEP_REQUEST).raw(ek).raw(d._commit(bytes(32)))
+    return reply.write(w).bytes()
+
+
+def test_a_request_that_opens_uses_the_link_up_even_when_refused() -> None:
+    good_ek = p.mlkem_ek(DeterministicEntropy(b"K").mlkem_private())
+    elsewhere = wire.MailboxAddress("wss://other.example/v1/ws", bytes(16), bytes(32))
+    for inner in (
+        _inner(b"\xff" * wire.MLKEM_EK_LEN, mailbox(8)),  # an ML-KEM key that does not load
+        _inner(good_ek, elsewhere),  # a reply mailbox on another relay than the link's
+        _inner(good_ek, mailbox(8, token=False)),  # a reply mailbox without a token
+    ):
+        link = Link()
+        with pytest.raises(DecryptionError):
+            link.offer.accept_request(link.e_rng, _request_with(link, inner), NOW + 2)
+        assert link.offer.reply_to is None
+        with pytest.raises(d.LinkUsed):
+            link.offer.accept_request(link.e_rng, link.request(), NOW + 3)
+    # The same content with a good key and the link's relay is taken.
+    link = Link()
+    link.offer.accept_request(link.e_rng, _request_with(link, _inner(good_ek, mailbox(8))), NOW)
+    assert link.offer.reply_to == mailbox(8)
+
+
+def test_n_puts_its_reply_mailbox_on_the_links_relay() -> None:
+    link = Link()
+    elsewhere = wire.MailboxAddress("wss://other.example/v1/ws", bytes(16), bytes(32))
+    with pytest.raises(ValueError):
+        d.LinkJoin.start(link.n_rng, link.offer.link, elsewhere, NOW)
+
+
 def test_an_expired_link_is_refused_on_both_sides() -> None:
     link = Link()
     assert link.offer.link.expires == NOW + d.LINK_TTL
@@ -233,76 +317,141 @@ def test_an_expired_link_is_refused_on_both_sides() -> None:
     assert link.offer.reply_to is None
 
 
+END = NOW + d.LINK_TTL
+
+
+def test_every_step_of_both_sides_refuses_after_expiry() -> None:
+    link = Link()
+    accept = link.offer.accept_request(link.e_rng, link.request(), NOW + 2)
+    with pytest.raises(d.LinkExpired):
+        link.join.receive_accept(link.n_rng, accept, END)
+    reveal = link.join.receive_accept(link.n_rng, accept, END - 1)
+    with pytest.raises(d.LinkExpired):
+        link.offer.receive_reveal(reveal, END)
+    link.offer.receive_reveal(reveal, END - 1)
+    with pytest.raises(d.LinkExpired):
+        link.offer.confirm(END)
+    link.offer.confirm(END - 1)
+    with pytest.raises(d.LinkExpired):  # the identity key never leaves after expiry
+        link.offer.profile_blocks(link.e_rng, profile(), END)
+    (block,) = link.offer.profile_blocks(link.e_rng, profile(), END - 1)
+    with pytest.raises(d.LinkExpired):
+        link.join.add_profile_block(block, END)
+    link.join.add_profile_block(block, END - 1)
+    with pytest.raises(d.LinkExpired):
+        link.join.confirm(END)
+    link.join.confirm(END - 1)
+    with pytest.raises(d.LinkExpired):
+        link.join.done_block(link.n_rng, device(9), END)
+    done = link.join.done_block(link.n_rng, device(9), END - 1)
+    with pytest.raises(d.LinkExpired):  # E signs no list after expiry
+        link.offer.receive_done(link.e_rng, IDENTITY, FIRST, done, END)
+    new, final = link.offer.receive_done(link.e_rng, IDENTITY, FIRST, done, END - 1)
+    assert new is not None
+    # E sent its final before expiry: N takes it for FINAL_GRACE more seconds, not later.
+    with pytest.raises(d.LinkExpired):
+        link.join.receive_final(final, END + d.FINAL_GRACE)
+    assert link.join.receive_final(final, END + d.FINAL_GRACE - 1)[1] == new
+
+
 def test_nothing_leaves_before_the_user_confirms_and_steps_keep_their_order() -> None:
     link = Link()
     with pytest.raises(StateError):
-        link.offer.confirm()  # no code yet
+        link.offer.confirm(NOW)  # no code yet
     link.codes()
     with pytest.raises(StateError):
-        link.offer.profile_blocks(link.e_rng, profile())
-    link.offer.confirm()
-    blocks = link.offer.profile_blocks(link.e_rng, profile())
+        link.offer.profile_blocks(link.e_rng, profile(), NOW + 5)
+    link.offer.confirm(NOW + 5)
+    blocks = link.offer.profile_blocks(link.e_rng, profile(), NOW + 6)
     with pytest.raises(d.LinkUsed):
-        link.offer.profile_blocks(link.e_rng, profile())
+        link.offer.profile_blocks(link.e_rng, profile(), NOW + 6)
     with pytest.raises(d.LinkUsed):
-        link.join.receive_accept(link.n_rng, blocks[0])
-    link.join.add_profile_block(blocks[0])
+        link.join.receive_accept(link.n_rng, blocks[0], NOW + 6)
+    link.join.add_profile_block(blocks[0], NOW + 7)
     with pytest.raises(StateError):
-        link.join.done_block(link.n_rng, device(9))  # N's user has not confirmed
+        link.join.done_block(link.n_rng, device(9), NOW + 8)  # N's user has not confirmed
     with pytest.raises(d.LinkUsed):
-        link.join.add_profile_block(blocks[0])
+        link.join.add_profile_block(blocks[0], NOW + 8)
+    link.join.confirm(NOW + 8)
+    done = link.join.done_block(link.n_rng, device(9), NOW + 9)
+    with pytest.raises(d.LinkUsed):  # the closing block is made once
+        link.join.done_block(link.n_rng, device(9), NOW + 9)
+    _, final = link.offer.receive_done(link.e_rng, IDENTITY, FIRST, done, NOW + 10)
+    with pytest.raises(d.LinkUsed):
+        link.offer.receive_done(link.e_rng, IDENTITY, FIRST, done, NOW + 10)
+    link.join.receive_final(final, NOW + 11)
+    with pytest.raises(d.LinkUsed):
+        link.join.receive_final(final, NOW + 11)
 
 
 def test_a_profile_whose_list_is_not_the_identitys_is_refused() -> None:
     link = Link()
-    link.codes()
-    link.offer.confirm()
-    forged = replace(profile(), device_list=d.DeviceList.sign(STRANGER, 1, [device(1)]))
-    (block,) = link.offer.profile_blocks(link.e_rng, forged)
+    forged = d.DeviceList.sign(STRANGER, 1, [device(1)])
+    (block,) = link.profile_blocks(lst=forged)
     with pytest.raises(DecryptionError):
-        link.join.add_profile_block(block)
+        link.join.add_profile_block(block, NOW + 7)
 
 
-def test_the_closing_list_must_add_exactly_the_new_device() -> None:
+def test_e_adds_the_new_device_to_the_list_it_holds_at_the_end() -> None:
     link = Link()
-    link.received()
-    link.join.confirm()
-    _, _, done = link.join.done_block(link.n_rng, device(9))
-    newer = d.DeviceList.sign(IDENTITY, 5, [device(1), device(3)])
-    with pytest.raises(d.StaleDeviceList):  # E meanwhile holds a newer list
-        link.offer.receive_done(IDENTITY.public, newer, done)
+    done = link.done()
+    # Meanwhile another link completed: E now holds device 3 too. E adds N to THAT list.
+    meanwhile = d.DeviceList.sign(IDENTITY, NOW * 1000, [device(1), device(3)])
+    new, final = link.offer.receive_done(link.e_rng, IDENTITY, meanwhile, done, NOW + 10)
+    assert new is not None and new.beats(meanwhile)
+    assert list(new.devices) == [device(1), device(3), device(9)]
+    assert link.join.receive_final(final, NOW + 11)[1] == new
 
 
-def test_the_closing_list_may_not_change_the_other_devices() -> None:
+def test_a_closing_block_with_two_entries_adds_nothing() -> None:
     link = Link()
-    link.received()
-    link.join.confirm()
-    identity, _, _ = link.join.done_block(link.n_rng, device(9))
-    moved = replace(device(1), mailbox=mailbox(5))
-    altered = d.DeviceList.sign(identity, 2, [moved, device(9)])
-    content = wire.Writer().u8(d.STEP_DONE).u16(len(altered.to_bytes())).raw(altered.to_bytes())
-    block = d._seal_session(link.n_rng, link.join._keys.n2e, content.bytes())  # type: ignore[union-attr]
-    with pytest.raises(d.StaleDeviceList):
-        link.offer.receive_done(IDENTITY.public, FIRST, block)
+    link.done()
+    two = device(9).to_bytes() + device(10).to_bytes()
+    content = wire.Writer().u8(d.STEP_DONE).u16(len(two)).raw(two).bytes()
+    block = d._seal_session(link.n_rng, link.join._keys.n2e, content)  # type: ignore[union-attr]
+    with pytest.raises(DecryptionError):
+        link.offer.receive_done(link.e_rng, IDENTITY, FIRST, block, NOW + 10)
     assert not link.offer.finished
+
+
+def test_e_refuses_a_new_device_when_the_list_it_holds_is_full() -> None:
+    link = Link()
+    done = link.done()
+    full = d.DeviceList.sign(IDENTITY, NOW * 1000, [device(i) for i in range(1, 7)])
+    new, final = link.offer.receive_done(link.e_rng, IDENTITY, full, done, NOW + 10)
+    assert new is None and link.offer.finished
+    with pytest.raises(d.TooManyDevices):  # N is told, and drops the profile
+        link.join.receive_final(final, NOW + 11)
+    taken = Link()
+    done = taken.done(me=1)  # a device ID that is in E's list already
+    new, final = taken.offer.receive_done(taken.e_rng, IDENTITY, FIRST, done, NOW + 10)
+    assert new is None
+    with pytest.raises(d.LinkRefused):
+        taken.join.receive_final(final, NOW + 11)
+
+
+def test_e_sends_no_identity_key_when_the_list_is_full() -> None:
+    full = d.DeviceList.sign(IDENTITY, 3, [device(i) for i in range(1, 7)])
+    link = Link()
+    with pytest.raises(d.TooManyDevices):
+        link.profile_blocks(lst=full)
+
+
+def test_a_final_block_whose_list_lacks_the_new_device_is_refused() -> None:
+    link = Link()
+    done = link.done()
+    other = d.DeviceList.sign(IDENTITY, NOW * 1000, [device(1), device(10)])
+    content = d._final_content(d.FINAL_ACCEPTED, other)
+    final = d._seal_session(link.e_rng, link.offer._keys.e2n, content)  # type: ignore[union-attr]
+    assert done
+    with pytest.raises(DecryptionError):
+        link.join.receive_final(final, NOW + 11)
 
 
 def test_a_reply_mailbox_without_a_token_is_refused() -> None:
     link = Link()
     with pytest.raises(ValueError):
         d.LinkJoin.start(link.n_rng, link.offer.link, mailbox(8, token=False), NOW)
-
-
-def test_a_seventh_device_cannot_link() -> None:
-    full = d.DeviceList.sign(IDENTITY, 3, [device(i) for i in range(1, 7)])
-    link = Link()
-    link.codes()
-    link.offer.confirm()
-    for block in link.offer.profile_blocks(link.e_rng, replace(profile(), device_list=full)):
-        link.join.add_profile_block(block)
-    link.join.confirm()
-    with pytest.raises(d.TooManyDevices):
-        link.join.done_block(link.n_rng, device(9))
 
 
 def test_the_code_depends_on_ns_committed_nonce() -> None:
@@ -327,10 +476,10 @@ def test_a_list_round_trips_and_verifies() -> None:
 def test_a_list_not_signed_by_the_identity_is_refused() -> None:
     by_stranger = d.DeviceList.sign(STRANGER, 2, [device(1), device(2)])
     with pytest.raises(d.ForgedDeviceList):
-        d.accept(IDENTITY.public, FIRST, by_stranger)
+        d.accept(IDENTITY.public, FIRST, by_stranger, NOW)
     altered = replace(d.DeviceList.sign(IDENTITY, 2, [device(1)]), version=3)
     with pytest.raises(d.ForgedDeviceList):
-        d.accept(IDENTITY.public, FIRST, altered)
+        d.accept(IDENTITY.public, FIRST, altered, NOW)
     swapped = replace(FIRST, devices=(device(2),))
     with pytest.raises(d.ForgedDeviceList):
         swapped.verify(IDENTITY.public)
@@ -338,19 +487,19 @@ def test_a_list_not_signed_by_the_identity_is_refused() -> None:
 
 def test_a_higher_version_wins_and_a_lower_or_the_same_is_refused() -> None:
     v2 = d.DeviceList.sign(IDENTITY, 2, [device(1), device(2)])
-    assert d.accept(IDENTITY.public, FIRST, v2) == v2
+    assert d.accept(IDENTITY.public, FIRST, v2, NOW) == v2
     with pytest.raises(d.StaleDeviceList):
-        d.accept(IDENTITY.public, v2, FIRST)
+        d.accept(IDENTITY.public, v2, FIRST, NOW)
     with pytest.raises(d.StaleDeviceList):
-        d.accept(IDENTITY.public, v2, v2)
-    assert d.accept(IDENTITY.public, None, FIRST) == FIRST
+        d.accept(IDENTITY.public, v2, v2, NOW)
+    assert d.accept(IDENTITY.public, None, FIRST, NOW) == FIRST
 
 
 def _hold(lists: list[d.DeviceList]) -> d.DeviceList:
     held: d.DeviceList | None = None
     for lst in lists:
         with contextlib.suppress(d.StaleDeviceList):
-            held = d.accept(IDENTITY.public, held, lst)
+            held = d.accept(IDENTITY.public, held, lst, NOW)
     assert held is not None
     return held
 
@@ -365,10 +514,11 @@ def test_concurrent_lists_converge_and_the_loser_rebases() -> None:
     assert {_hold(list(order)) for order in permutations([parent, a, b])} == {winner}
     # The loser's device signs its change again on the winner; the winner's device has nothing
     # to re-sign; every holder then ends with both changes.
-    merged = d.rebase(IDENTITY, parent, loser, winner)
-    assert merged is not None and merged.version == 4
+    merged = d.rebase(IDENTITY, parent, loser, winner, NOW)
+    assert merged is not None and merged.version == NOW * d.VERSIONS_PER_SECOND
     assert merged.ids() == {device(i).device_id for i in (1, 2, 4)}
-    assert d.rebase(IDENTITY, parent, winner, merged) is None
+    with pytest.raises(d.NotConcurrent):  # the winner's device has nothing to rebase
+        d.rebase(IDENTITY, parent, winner, loser, NOW)
     assert {_hold(list(order)) for order in permutations([parent, a, b, merged])} == {merged}
 
 
@@ -376,7 +526,119 @@ def test_a_rebase_that_the_winner_already_holds_signs_nothing() -> None:
     parent = d.DeviceList.sign(IDENTITY, 2, [device(1), device(2)])
     a = d.DeviceList.sign(IDENTITY, 3, [device(1)])
     b = d.DeviceList.sign(IDENTITY, 3, [device(1)])  # the same change, the same bytes
-    assert a == b and d.rebase(IDENTITY, parent, a, b) is None
+    assert a == b and d.rebase(IDENTITY, parent, a, b, NOW) is None
+
+
+def test_a_list_version_is_at_least_the_clock_and_may_not_run_ahead_of_it() -> None:
+    assert d.next_version(None, NOW) == NOW * 1000
+    ahead = d.DeviceList.sign(IDENTITY, (NOW + 5) * 1000, [device(1)])
+    assert d.next_version(ahead, NOW) == (NOW + 5) * 1000 + 1  # one more than the parent
+    # Any holder of the identity key could sign 2^63 - 1 and pin the list for good: refused.
+    top = d.DeviceList.sign(IDENTITY, d.LIST_VERSION_LIMIT - 1, [device(1), device(2)])
+    with pytest.raises(d.FutureDeviceList):
+        d.accept(IDENTITY.public, FIRST, top, NOW)
+    limit = (NOW + d.MAX_LIST_SKEW) * 1000
+    edge = d.DeviceList.sign(IDENTITY, limit, [device(1)])
+    assert d.accept(IDENTITY.public, FIRST, edge, NOW) == edge
+    with pytest.raises(d.FutureDeviceList):
+        d.accept(IDENTITY.public, FIRST, replace_version(edge, limit + 1), NOW)
+    with pytest.raises(d.FutureDeviceList):  # a rebase onto it fails with a DeviceError
+        d.next_version(top, NOW)
+
+
+def replace_version(lst: d.DeviceList, version: int) -> d.DeviceList:
+    return d.DeviceList.sign(IDENTITY, version, lst.devices)
+
+
+def test_a_later_import_of_the_same_backup_beats_the_earlier() -> None:
+    backup = d.DeviceList.sign(IDENTITY, NOW * 1000, [device(1), device(2)])
+    # Two machines import the same backup, a minute apart: each signs itself alone.
+    first = d.DeviceList.sign(IDENTITY, d.next_version(backup, NOW + 3600), [device(3)])
+    second = d.DeviceList.sign(IDENTITY, d.next_version(backup, NOW + 3660), [device(4)])
+    assert second.beats(first) and first.beats(backup)
+    # A change the old devices made after the backup, before the import, loses to it too.
+    later = d.DeviceList.sign(IDENTITY, d.next_version(backup, NOW + 60), [device(1)])
+    assert first.beats(later)
+    assert _hold([backup, second, later, first]) == second
+
+
+def test_only_concurrent_lists_are_rebased() -> None:
+    # Device 1 removes device 2 (X, lost); X, which holds the identity key, re-adds itself on
+    # top. The newer list is accepted, not rebased: no device re-signs forever.
+    v1 = d.DeviceList.sign(IDENTITY, 1, [device(1), device(2)])
+    a_mine = d.DeviceList.sign(IDENTITY, 2, [device(1)])
+    x_mine = d.DeviceList.sign(IDENTITY, 3, [device(1), device(2)])
+    with pytest.raises(d.NotConcurrent):
+        d.rebase(IDENTITY, v1, a_mine, x_mine, NOW)
+    assert d.accept(IDENTITY.public, a_mine, x_mine, NOW) == x_mine
+    # The person's own devices alert: a device they removed is back.
+    change = d.diff(v1, a_mine)
+    assert change.removed == {device(2).device_id} and not change.added
+    assert d.readded(change.removed, x_mine) == {device(2).device_id}
+    assert d.readded(change.removed, a_mine) == frozenset()
+
+
+def test_a_rebase_carries_a_changed_entry_too() -> None:
+    parent = d.DeviceList.sign(IDENTITY, 2, [device(1), device(2)])
+    moved = replace(device(2), mailbox=mailbox(12))  # device 2 rotated its device mailbox
+    a = d.DeviceList.sign(IDENTITY, 3, [device(1), moved])
+    b = d.DeviceList.sign(IDENTITY, 3, [device(1), device(2), device(4)])
+    loser, winner = (a, b) if b.beats(a) else (b, a)
+    merged = d.rebase(IDENTITY, parent, loser, winner, NOW)
+    assert merged is not None
+    assert list(merged.devices) == [device(1), moved, device(4)]
+    assert d.diff(parent, merged) == d.ListChange(
+        frozenset({device(4).device_id}), frozenset(), frozenset({device(2).device_id})
+    )
+
+
+# --- device keys ------------------------------------------------------------------------------
+
+LISTED = d.DeviceList.sign(IDENTITY, 5, [device(1), device(2)])
+EK = b"\x11" * 32  # the session's EK_A.pub
+
+
+def hello(i: int, key: int | None = None, ek: bytes = EK) -> d.DeviceHello:
+    priv = DEVICE_KEYS[key if key is not None else i][0]
+    return d.DeviceHello.sign(priv, IDENTITY.public, device(i).device_id, mailbox(i), 5, ek)
+
+
+def test_a_hello_proves_the_listed_device_key() -> None:
+    got = d.DeviceHello.from_bytes(hello(2).to_bytes())
+    assert got.check(IDENTITY.public, LISTED, EK) == device(2)
+
+
+def test_a_removed_device_holding_the_identity_key_cannot_pass_for_a_listed_one() -> None:
+    # Device 3 was removed; it still holds the identity key but only its own device key.
+    with pytest.raises(d.ForgedDeviceProof):
+        hello(2, key=3).check(IDENTITY.public, LISTED, EK)
+    with pytest.raises(d.UnlistedDevice):  # as itself, it is in no list
+        hello(3).check(IDENTITY.public, LISTED, EK)
+    with pytest.raises(d.ForgedDeviceProof):  # an old hello of device 2 in another session
+        hello(2).check(IDENTITY.public, LISTED, b"\x22" * 32)
+    with pytest.raises(d.ForgedDeviceProof):  # another identity's list entry does not help
+        hello(2).check(STRANGER.public, d.DeviceList.sign(STRANGER, 5, [device(2)]), EK)
+    altered = replace(hello(2), list_version=6)
+    with pytest.raises(d.ForgedDeviceProof):
+        altered.check(IDENTITY.public, LISTED, EK)
+
+
+def test_a_bundle_proves_the_listed_device_key() -> None:
+    base = b"bundle base" * 100
+    data = d.device_bundle(DEVICE_KEYS[2][0], IDENTITY.public, device(2).device_id, base)
+    assert d.check_device_bundle(IDENTITY.public, LISTED, device(2).device_id, data) == base
+    planted = d.device_bundle(DEVICE_KEYS[3][0], IDENTITY.public, device(2).device_id, base)
+    with pytest.raises(d.ForgedDeviceProof):  # planted at device 2's address by device 3
+        d.check_device_bundle(IDENTITY.public, LISTED, device(2).device_id, planted)
+    with pytest.raises(d.ForgedDeviceProof):  # device 1's bundle served as device 2's
+        d.check_device_bundle(
+            IDENTITY.public,
+            LISTED,
+            device(2).device_id,
+            d.device_bundle(DEVICE_KEYS[1][0], IDENTITY.public, device(1).device_id, base),
+        )
+    with pytest.raises(DecodeError):
+        d.check_device_bundle(IDENTITY.public, LISTED, device(2).device_id, data[:80])
 
 
 def test_more_than_max_devices_is_refused() -> None:
@@ -393,8 +655,9 @@ def test_more_than_max_devices_is_refused() -> None:
     parent = d.DeviceList.sign(IDENTITY, 2, [device(i) for i in range(1, 6)])
     a = d.DeviceList.sign(IDENTITY, 3, [device(i) for i in range(1, 7)])
     b = d.DeviceList.sign(IDENTITY, 3, [*(device(i) for i in range(1, 6)), device(8)])
+    loser, winner = (a, b) if b.beats(a) else (b, a)
     with pytest.raises(d.TooManyDevices):
-        d.rebase(IDENTITY, parent, a, b)
+        d.rebase(IDENTITY, parent, loser, winner, NOW)
 
 
 def test_structural_refusals() -> None:
@@ -455,6 +718,12 @@ PARSERS: dict[str, tuple[Callable[[bytes], Any], bytes]] = {
         d.DeviceList.sign(IDENTITY, 9, [device(1), device(2)]).to_bytes(),
     ),
     "payload": (d.decode_list_payload, d.encode_list_payload(FIRST)),
+    "hello": (
+        d.DeviceHello.from_bytes,
+        d.DeviceHello.sign(
+            DEVICE_KEYS[2][0], IDENTITY.public, bytes(16), mailbox(2), 7, bytes(32)
+        ).to_bytes(),
+    ),
     "profile": (d.LinkProfile.from_bytes, profile().to_bytes()),
 }
 
@@ -522,7 +791,7 @@ def test_random_blocks_fail_every_step_with_one_error(data: bytes) -> None:
         link.offer.accept_request(link.e_rng, block, NOW + 2)
     link.request()
     with pytest.raises(DecryptionError):
-        link.join.receive_accept(link.n_rng, block)
+        link.join.receive_accept(link.n_rng, block, NOW + 3)
 
 
 # --- docs/devices.md against the code --------------------------------------------------------
