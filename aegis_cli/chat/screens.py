@@ -157,9 +157,9 @@ def react_prompt() -> str:
 def picked_emoji(answer: str) -> str:
     """The picker's answer as the emoji to send ("" removes)."""
     a = answer.strip()
-    if a.isdigit() and 1 <= int(a) <= len(EMOJI):
+    if a.isascii() and a.isdigit() and 1 <= int(a) <= len(EMOJI):
         return EMOJI[int(a) - 1]
-    return a
+    return a  # "²" or "①" too: sent as typed (the daemon checks it is one emoji)
 
 
 class SearchHit(ListItem):
