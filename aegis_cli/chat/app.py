@@ -67,10 +67,15 @@ EDIT_WINDOW_MS = 24 * 3600 * 1000
 TYPING_EVERY = 1.0
 #: Search hits shown.
 SEARCH_LIMIT = 50
-#: Actions of the main screen only (not while a dialog is open).
-MAIN_SCREEN_ONLY = ("groups", "start_call", "remove_contact", "settings")
+#: Actions of the main screen only (not while a dialog is open): every priority binding's but
+#: quit (a priority key reaches the app past a dialog: Alt+X would ask over "Remove bob?", Alt+E
+#: replace the hidden draft), and those that open a dialog.
+MAIN_SCREEN_ONLY = ("groups", "start_call", "remove_contact", "settings", "reply", "edit",
+                    "delete_message", "react")  # fmt: skip
 #: The note of an action the daemon went away in the middle of.
-NOT_REACHABLE = "daemon not reachable: not done (try again once it is back)"
+#: The note of an action the daemon went away in the middle of (it may have done it before the
+#: link broke: the user looks before doing it again).
+NOT_REACHABLE = "daemon not reachable: the action may not be done (check once it is back)"
 
 CSS = """
 #main { height: 1fr; }
@@ -255,6 +260,7 @@ class ChatApp(App[None]):
             self.pending_requests = len(await self.client.requests())
             self.pending_groups = len(await self.client.group_invitations())
             self.typing_on = bool((await self.client.typing_config())["enabled"])
+            await self.sync_calls()
         self.show_status()
 
     # -- events -------------------------------------------------------------------------
@@ -366,7 +372,7 @@ class ChatApp(App[None]):
             await self.incoming(ev.seq, group_key(int(d.get("group") or 0)), {
                 "message_id": d.get("message_id"), "direction": "in", "text": d.get("text"),
                 "from_contact": d.get("from_contact"), "from": d.get("from"),
-                "created_at": ev.time_ms,
+                "created_at": ev.time_ms, "attachment_id": d.get("attachment_id"),
             })  # fmt: skip
         elif t in ("message.edited", "message.reaction", "message.deleted", "message.expired"):
             await self.message_changed(t, d)
@@ -491,17 +497,21 @@ class ChatApp(App[None]):
 
     async def open(self, key: str) -> None:
         conv = self.convs[key]
+        before = (self.open_key, self.messages, self.next_before)
         self.open_key = key
         self.select(None)  # also gives the compose box's Up / Down back
         self.messages, self.rows, self.next_before = [], {}, None
+        try:
+            await self.fetch_page()
+        except BaseException:  # the daemon gone meanwhile: the conversation open before stays
+            self.open_key, self.messages, self.next_before = before
+            raise
+        finally:
+            await self.rebuild()
+            self.show_title()
         if self.editing is not None:  # the edited text is not a draft for another conversation
             self.query_one("#compose", Compose).clear()
         self.set_context(None, None)
-        self.show_title()
-        try:
-            await self.fetch_page()
-        finally:  # the daemon gone meanwhile: an empty view, not the last conversation's
-            await self.rebuild()
         self.query_one("#log", MessageLog).scroll_end(animate=False)
         await self.mark_read(conv)
         self.query_one("#compose", Compose).focus()
@@ -964,11 +974,11 @@ class ChatApp(App[None]):
             f"Disappearing messages with “{render.name(conv.name, 40)}” (now"
             f" {render.timer(conv.timer)}):\n{choices}\n\nA number (Esc: leave it)."
         ))  # fmt: skip
-        a = (answer or "").strip()
-        if not a.isdigit() or int(a) >= len(render.TIMERS):
+        i = menus.number(answer or "")
+        if i is None or i >= len(render.TIMERS):
             return
         try:
-            got = await self.client.set_timer(conv.name, render.TIMERS[int(a)])
+            got = await self.client.set_timer(conv.name, render.TIMERS[i])
         except AegisClientError as exc:
             self.notify(_error_text(exc), severity="error", markup=False)
             return
@@ -1022,6 +1032,10 @@ class ChatApp(App[None]):
             self.notify(NOT_REACHABLE, severity="error", markup=False)
         except AegisClientError as exc:
             self.notify(_error_text(exc), severity="error", markup=False)
+        except Exception as exc:  # a bug in an action: reported, the client stays up
+            # Its type only: an error's text may hold what the user typed.
+            self.notify(f"not done: an unexpected {type(exc).__name__}", severity="error",
+                        markup=False)  # fmt: skip
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
@@ -1248,14 +1262,13 @@ class ChatApp(App[None]):
         if conv.kind == "contact":  # every file of the contact, not only the loaded page's
             got = await self.client.call("attachments.list", {"contact": conv.name})
             files = [dict(a) for a in got["attachments"] if a.get("direction") == "in"]
-        else:  # a group's: those of its loaded history (attachments.list knows no group)
-            files = [
-                {"attachment_id": m.get("attachment_id") or m.get("message_id"),
-                 "name": str(m.get("text"))[7:], "created_at": m.get("created_at"),
-                 "state": "received"}
-                for m in self.messages
-                if m.get("direction") == "in" and str(m.get("text") or "").startswith("[file] ")
-            ]  # fmt: skip
+        else:  # a group's: those of its loaded history (attachments.list knows no group), as
+            # attachments.list has them (their state); a text that looks like a file is not one
+            ids = [str(m["attachment_id"]) for m in self.messages
+                   if m.get("direction") == "in" and m.get("attachment_id")]  # fmt: skip
+            got = await self.client.call("attachments.list", {}) if ids else {"attachments": []}
+            by_id = {str(a.get("attachment_id")): dict(a) for a in got["attachments"]}
+            files = [by_id[i] for i in ids if i in by_id]
         if not files:
             self.notify("No received file in this conversation.", markup=False)
             return
@@ -1295,10 +1308,14 @@ class ChatApp(App[None]):
         self.act(self._groups())
 
     async def _groups(self) -> None:
-        """The open (else highlighted) group: its members and roles, and commands on it; with
-        no group there, a new group. One line per command, the group shown again after it."""
-        conv = self.convs.get(self.open_key or "") or self.convs.get(self.selected_key() or "")
-        ref = conv.group if conv is not None and conv.kind == "group" else None
+        """The open group, else the highlighted one: its members and roles, and commands on it;
+        with no group there, a new group. One line per command, the group shown again after."""
+        ref = None
+        for key in (self.open_key, self.selected_key()):
+            conv = self.convs.get(key or "")
+            if conv is not None and conv.kind == "group":
+                ref = conv.group
+                break
         if ref is None:
             ref = await self._new_group()
             if ref is None:
@@ -1321,7 +1338,7 @@ class ChatApp(App[None]):
                 note = "Not a command: invite, remove, admin, member, owner, rename, leave, new."
                 continue
             try:
-                note = await self._group_command(ref, g, cmd)
+                note, made = await self._group_command(ref, g, cmd)
             except (DaemonNotRunning, ConnectionLost):
                 raise
             except AegisClientError as exc:
@@ -1330,9 +1347,8 @@ class ChatApp(App[None]):
             if cmd.verb == "leave" and note.startswith("Left"):
                 self.notify(note, markup=False)
                 return
-            if cmd.verb == "new":
-                ref = int(note)
-                note = "Created: invite your contacts to it."
+            if made is not None:  # "new NAME": the new group is shown from now on
+                ref = made
 
     async def _new_group(self) -> int | None:
         name = await self.push_screen_wait(AskScreen("A new group: its name (Esc: none)"))
@@ -1343,48 +1359,59 @@ class ChatApp(App[None]):
         await self.open(group_key(int(g["group"])))
         return int(g["group"])
 
-    async def _group_command(self, ref: int, g: dict[str, Any], cmd: menus.Command) -> str:
-        """Do one command; returns the note shown under the group (for "new": its ref)."""
+    async def _group_command(
+        self, ref: int, g: dict[str, Any], cmd: menus.Command
+    ) -> tuple[str, int | None]:
+        """Do one command; returns the note shown under the group and, after "new", the new
+        group's ref (the group shown next)."""
         if cmd.verb == "new":
             if not cmd.arg:
-                return "new NAME: the name of the new group."
+                return "new NAME: the name of the new group.", None
             made = await self.client.create_group(cmd.arg)
             await self.load()
             await self.open(group_key(int(made["group"])))
-            return str(made["group"])
+            return "Created: invite your contacts to it.", int(made["group"])
         if cmd.verb == "leave":
             gone = render.name(g.get("name") or "?", 40)
-            sure = await self.push_screen_wait(AskScreen(f"Leave “{gone}”? Type yes to confirm."))
-            if (sure or "").strip().lower() != "yes":
-                return ""
+            if not await self._confirm(f"Leave “{gone}”? Type yes to confirm."):
+                return "", None
             await self.client.leave_group(ref)
             if self.open_key == group_key(ref):
                 await self.close_conversation()
             await self.load()
-            return f"Left the group “{render.name(g.get('name') or '?', 40)}”."
+            return f"Left the group “{gone}”.", None
         if cmd.verb == "rename":
             if not cmd.arg:
-                return "rename NAME: the group's new name."
+                return "rename NAME: the group's new name.", None
             await self.client.rename_group(ref, cmd.arg)
             await self.load()
             self.show_title()
-            return "Renamed."
+            return "Renamed.", None
         if cmd.verb == "invite":
             if not cmd.arg:
-                return "invite NAME: one of your contacts."
+                return "invite NAME: one of your contacts.", None
             await self.client.invite_to_group(ref, cmd.arg)
-            return f"Invited “{render.name(cmd.arg, 40)}”: a member once they accept."
-        member = menus.member_ref(g, cmd.arg)
-        if member is None:
-            return f"{cmd.verb} N: a member's number in the list (or a contact's name)."
+            return f"Invited “{render.name(cmd.arg, 40)}”: a member once they accept.", None
+        found = menus.member_ref(g, cmd.arg)
+        if found is None:
+            return (f"{cmd.verb} N: a member's number in the list (1 to {menus.LISTED}), or a"
+                    " contact's name.", None)  # fmt: skip
+        member, label = found
+        # A typo in N acts on another member: the question names the one it would be.
+        what = ("Remove" if cmd.verb == "remove" else f"Make {cmd.verb}:") + f" “{label}”"
+        if not await self._confirm(f"{what}? Type yes to confirm."):
+            return "Not done.", None
         if cmd.verb == "remove":
             await self.client.remove_from_group(ref, member)
-            return "Removed."
+            return f"Removed “{label}”.", None
         role: Literal["member", "admin", "owner"] = (
             "admin" if cmd.verb == "admin" else "owner" if cmd.verb == "owner" else "member"
         )
         await self.client.set_group_role(ref, member, role)
-        return f"Now {role}."
+        return f"“{label}” is now {role}.", None
+
+    async def _confirm(self, prompt: str) -> bool:
+        return (await self.push_screen_wait(AskScreen(prompt)) or "").strip().lower() == "yes"
 
     async def close_conversation(self) -> None:
         """No conversation open (it was removed, or left)."""
@@ -1406,26 +1433,45 @@ class ChatApp(App[None]):
             self.notify("A call is under way: F8 hangs up.", markup=False)
             return
         shown = render.name(conv.name, 40)
+        # A word, not a key: Ctrl+P pressed by mistake in the middle of a sentence must not
+        # call with the rest of it (a call shows the user's IP and opens the microphone).
         answer = await self.push_screen_wait(AskScreen(
-            f"Call “{shown}”? Enter: a voice call · v, Enter: a video call (Esc: no)\n"
-            "(The daemon's microphone and speaker: those of the machine it runs on.)"))  # fmt: skip
-        if answer is None:
+            f"Call “{shown}”? Type voice (a voice call) or video (a video call); anything else:"
+            " no call.\n(The daemon's microphone and speaker: those of the machine it runs"
+            " on.)"))  # fmt: skip
+        kind = (answer or "").strip().lower()
+        if kind not in ("voice", "video"):
+            self.notify("No call.", markup=False)
             return
-        video = answer.strip().lower().startswith("v")
+        video = kind == "video"
         try:
             c = await self.client.start_call(conv.name, video=video)
         except RevealsIp:
-            sure = await self.push_screen_wait(AskScreen(
-                "This call would show your IP address to the contact (relays are reached"
-                " through Tor or a proxy, and no TURN server hides it). Type yes to call"
-                " anyway."))  # fmt: skip
-            if (sure or "").strip().lower() != "yes":
+            if not await self._ip_consent("This call"):
                 return
             c = await self.client.start_call(conv.name, video=video, reveal_ip=True)
-        if self.call is None or self.call.get("call_id") != c["call_id"]:
+        # The call's events may have come first (then self.call has it), or an incoming call
+        # rung meanwhile: neither is replaced; a call already over is not kept.
+        if self.call is None and c["state"] != "ended":
             self.call = {"call_id": c["call_id"], "contact": c["contact"], "state": c["state"],
                          "direction": "out"}  # fmt: skip
         self.show_status()
+
+    async def _ip_consent(self, what: str) -> bool:
+        return await self._confirm(
+            f"{what} would show your IP address to the contact (relays are reached through Tor"
+            " or a proxy, and no TURN server hides it). Type yes to go on anyway."
+        )
+
+    async def sync_calls(self) -> None:
+        """The call under way as the daemon has it (calls.list): after a reconnect (a daemon
+        stopped mid-call sent no "ended"), or when an action found the call gone."""
+        live = [dict(c) for c in await self.client.calls() if c.get("state") != "ended"]
+        mine = self.call.get("call_id") if self.call is not None else None
+        c = next((c for c in live if c.get("call_id") == mine), live[0] if live else None)
+        self.call = None if c is None else {
+            "call_id": c.get("call_id"), "contact": c.get("contact"), "state": c.get("state"),
+            "direction": c.get("direction")}  # fmt: skip
 
     def action_remove_contact(self) -> None:
         self.act(self._remove_contact())
@@ -1467,14 +1513,12 @@ class ChatApp(App[None]):
                 pick = await self.push_screen_wait(AskScreen(
                     f"The disappearing timer of new conversations (now {render.timer(default)})"
                     f":\n{menus.timer_choices()}\n\nA number (Esc: leave it)."))  # fmt: skip
-                p = (pick or "").strip()
-                if not p.isdigit() or int(p) >= len(render.TIMERS):
+                i = menus.number(pick or "")
+                if i is None or i >= len(render.TIMERS):
                     note = ""
                     continue
-                await self.client.call(
-                    "settings.set", {"disappearing_default": render.TIMERS[int(p)]}
-                )
-                note = f"New conversations start with {render.timer(render.TIMERS[int(p)])}."
+                await self.client.call("settings.set", {"disappearing_default": render.TIMERS[i]})
+                note = f"New conversations start with {render.timer(render.TIMERS[i])}."
             elif answer is None or not a:
                 return
             else:
@@ -1488,13 +1532,23 @@ class ChatApp(App[None]):
             return  # it ended meanwhile
         try:
             if choice == "answer":
-                await self.client.answer_call(str(call_id))
+                try:
+                    await self.client.answer_call(str(call_id))
+                except RevealsIp:  # the consent calls.start asks for, for answering too
+                    if await self._ip_consent("Answering"):
+                        await self.client.answer_call(str(call_id), reveal_ip=True)
             elif choice == "decline":
                 await self.client.reject_call(str(call_id))
+        except (DaemonNotRunning, ConnectionLost):
+            raise
         except AegisClientError as exc:
             self.notify(_error_text(exc), severity="error", markup=False)
+            await self.sync_calls()
 
     async def action_hang_up(self) -> None:
+        await self.guarded(self._hang_up())
+
+    async def _hang_up(self) -> None:
         if self.call is None:
             self.notify("No call.", markup=False)
             return
@@ -1504,8 +1558,12 @@ class ChatApp(App[None]):
                 await self.client.reject_call(call_id)
             else:
                 await self.client.hangup(call_id)
-        except AegisClientError as exc:
+        except (DaemonNotRunning, ConnectionLost):
+            raise
+        except AegisClientError as exc:  # not_found: over already; call_state: it moved on
             self.notify(_error_text(exc), severity="error", markup=False)
+            await self.sync_calls()
+            self.show_status()
 
     def action_add_contact(self) -> None:
         self.act(self._add_contact())

@@ -61,13 +61,26 @@ def parse(answer: str, verbs: tuple[str, ...] = GROUP_VERBS) -> Command | None:
     return Command(verb, arg.strip())
 
 
-def member_ref(g: dict[str, Any], arg: str) -> str | None:
-    """A command's member: its number in the list (its key), else a contact's name as typed."""
+def number(answer: str) -> int | None:
+    """An answer that is a number in ASCII digits (``str.isdigit`` also takes ``²`` and ``①``,
+    which ``int`` rejects), else None."""
+    a = answer.strip()
+    return int(a) if a.isascii() and a.isdigit() else None
+
+
+def member_ref(g: dict[str, Any], arg: str) -> tuple[str, str] | None:
+    """A command's member, as (the reference the daemon takes, its label for a question): its
+    number in the list (only those listed: a member the user cannot see is not acted on), else
+    a contact's name as typed."""
     members = list(g.get("members") or [])
-    if arg.isdigit():
-        i = int(arg)
-        return str(members[i - 1]["key"]) if 1 <= i <= len(members) else None
-    return arg or None
+    i = number(arg)
+    if i is not None:
+        if not 1 <= i <= min(len(members), LISTED):
+            return None
+        return str(members[i - 1]["key"]), member_label(members[i - 1])
+    if not arg.strip() or arg.strip().isdigit():  # no member, or a number in other digits
+        return None
+    return arg.strip(), render.name(arg.strip(), 24)
 
 
 def size(n: int) -> str:
@@ -103,12 +116,10 @@ def files_prompt(files: list[dict[str, Any]]) -> str:
 
 
 def pick(files: list[dict[str, Any]], answer: str) -> dict[str, Any] | None:
-    a = answer.strip()
-    if not a:
+    if not answer.strip():
         return files[-1] if files else None
-    if a.isdigit() and 1 <= int(a) <= len(files):
-        return files[int(a) - 1]
-    return None
+    i = number(answer)
+    return files[i - 1] if i is not None and 1 <= i <= len(files) else None
 
 
 def settings_prompt(typing_on: bool, default_timer: int, note: str = "") -> str:

@@ -41,8 +41,9 @@ KEYS = [
     ("Ctrl+F", "send files to the contact, with a caption (progress shows on the message)"),
     ("F4", "save a file received in the open conversation (any: by number; Enter: newest)"),
     ("Alt+D", "remove the contact, its messages and files (asks first)"),
-    ("Alt+G", "the group: members and roles; invite, remove, admin, rename, leave; new group"),
-    ("Ctrl+P", "call the contact (voice, or video); its state shows in the status line"),
+    ("Alt+G", "the open (else highlighted) group: members and roles; invite, remove, admin,"
+     " rename, leave; with none there, a new group"),
+    ("Ctrl+P", "call the contact: type voice or video; its state shows in the status line"),
     ("F7 / F9", "an incoming call: answer / decline (no letter key: typing never answers)"),
     ("F8", "hang up (or decline, or cancel) the call"),
     ("F12", "settings: typing indicators; the timer new conversations start with"),
@@ -157,9 +158,9 @@ def react_prompt() -> str:
 def picked_emoji(answer: str) -> str:
     """The picker's answer as the emoji to send ("" removes)."""
     a = answer.strip()
-    if a.isdigit() and 1 <= int(a) <= len(EMOJI):
+    if a.isascii() and a.isdigit() and 1 <= int(a) <= len(EMOJI):
         return EMOJI[int(a) - 1]
-    return a
+    return a  # "²" or "①" too: sent as typed (the daemon checks it is one emoji)
 
 
 class SearchHit(ListItem):

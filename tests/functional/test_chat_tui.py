@@ -21,7 +21,7 @@ from rich.cells import cell_len
 from textual import events
 from textual.content import Content
 from textual.pilot import Pilot
-from textual.widgets import Input, Static
+from textual.widgets import Input, ListView, Static
 from textual.worker import WorkerFailed
 
 from aegis_cli.chat.app import ChatApp
@@ -44,6 +44,7 @@ from tests.functional.sound_server import PulseAudio
 from tests.relay.conftest import RelayProcess
 
 SIZE = (100, 30)  # fixed: the assertions read what fits in it
+DEAD_PROXY = "socks5://127.0.0.1:1"  # relays through a proxy (nothing listens): calls ask first
 T = 30.0
 
 
@@ -774,7 +775,9 @@ def test_incoming_call_answer_then_hang_up_and_decline(
             p.stop()
 
 
-def test_a_group_in_the_list_live_and_sent(peers: Callable[[str], Peer]) -> None:
+def test_a_group_in_the_list_live_and_sent(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
     alice, bob = pair(peers)
     g = alice.call("group.create", {"name": "[b]team[/b]"})["group"]
     alice.call("group.invite", {"group": g, "contact": "bob"})
@@ -802,6 +805,25 @@ def test_a_group_in_the_list_live_and_sent(peers: Callable[[str], Peer]) -> None
             return [m for m in h if m["text"] == "hello bob"]
 
         await asyncio.to_thread(bob.wait_for, bob_has_it, "the group message at bob", 60)
+
+        # F4 lists the group's received files as attachments.list has them: a text that
+        # reads like a file is not one.
+        real = tmp_short / "real.txt"
+        real.write_text("a group file\n")
+        await call(bob, "group.send", {"group": bg, "text": "[file] fake.txt"})
+        await call(bob, "group.send_file", {"group": bg, "path": str(real)})
+
+        def alice_has_it() -> Any:
+            files = alice.call("attachments.list", {})["attachments"]
+            return [f for f in files if f["name"] == "real.txt" and f["state"] == "complete"]
+
+        await asyncio.to_thread(alice.wait_for, alice_has_it, "the group file at alice", 60)
+        await until(pilot, lambda: row_with(app, "fake.txt") and row_with(app, "real.txt"), "both")
+        await pilot.press("f4")
+        await until(pilot, lambda: isinstance(app.screen, AskScreen), "the files")
+        prompt = text_of(app.screen.query_one("#ask-prompt", Static))
+        assert "  1 real.txt" in prompt and "complete" in prompt and "fake" not in prompt
+        await pilot.press("escape")
 
     run_app(alice, body)
 
@@ -1012,8 +1034,35 @@ def test_groups_managed_from_the_client(peers: Callable[[str], Peer]) -> None:
             "alice in bob's group", 60,
         )  # fmt: skip
 
-        # A new group from the client (Alt+G with no group open), bob invited from the list.
+        # A contact's conversation open and a group highlighted: Alt+G shows that group.
+        # "new" without a name, or a member number in other digits, is a note (no crash).
+        await until(pilot, lambda: "g:" in "".join(app.items), "the group listed")
         await app.open(contact_key("bob"))
+        lv = app.query_one("#convs", ListView)
+        keys = [i.conv.key for i in lv.query(ConversationItem)]
+        lv.index = next(i for i, k in enumerate(keys) if k.startswith("g:"))
+        await pilot.press("alt+g")
+        prompt = await answer(app, pilot, "new")
+        assert "Group “Trips”" in prompt and "bob (owner)" in prompt
+        prompt = await answer(app, pilot, "remove ²")
+        assert "new NAME: the name of the new group." in prompt
+        await until(pilot, lambda: isinstance(app.screen, AskScreen), "the group again")
+        assert "remove N: a member's number" in text_of(app.screen.query_one("#ask-prompt", Static))
+        await pilot.press("escape")
+        assert app.is_running
+
+        # Any other error in an action is a note naming its type only; the client goes on.
+        async def broken() -> None:
+            raise ValueError("the text typed")
+
+        app.act(broken())
+        await until(pilot, lambda: "not done: an unexpected ValueError" in notes(app), "note")
+        assert app.is_running and not any("the text typed" in n for n in notes(app))
+
+        # A new group from the client (Alt+G with no group open nor highlighted), bob invited
+        # from the list.
+        keys = [i.conv.key for i in lv.query(ConversationItem)]
+        lv.index = keys.index(contact_key("bob"))
         await pilot.press("alt+g")
         await answer(app, pilot, "Book club")
         key = await until(pilot, lambda: app.open_key if app.open_key != contact_key("bob")
@@ -1044,6 +1093,8 @@ def test_groups_managed_from_the_client(peers: Callable[[str], Peer]) -> None:
         await pilot.press("alt+g")
         prompt = await answer(app, pilot, f"admin {n}")
         assert f"{n} bob (member)" in prompt
+        prompt = await answer(app, pilot, "yes")  # asked first, naming the member
+        assert "Make admin: “bob”?" in prompt
         theirs = await asyncio.to_thread(bob.wait_for, bobs_group("Book club"), "bob's copy", 60)
         await asyncio.to_thread(
             bob.wait_for,
@@ -1052,6 +1103,8 @@ def test_groups_managed_from_the_client(peers: Callable[[str], Peer]) -> None:
         )  # fmt: skip
         prompt = await answer(app, pilot, f"remove {n}")
         assert f"{n} bob (admin)" in prompt
+        prompt = await answer(app, pilot, "yes")
+        assert "Remove “bob”?" in prompt
         await asyncio.to_thread(
             bob.wait_for,
             lambda: not bob.call("group.list")["groups"][-1]["member"]
@@ -1086,9 +1139,14 @@ def test_a_call_started_from_the_client_rings_and_hangs_up(
         async def body(app: ChatApp, pilot: Pilot[None]) -> None:
             status = app.query_one("#status", Static)
             await app.open(contact_key("bob"))
+            # Ctrl+P pressed in the middle of a sentence: the rest of it places no call.
             await pilot.press("ctrl+p")
-            prompt = await answer(app, pilot, "")  # Enter: a voice call
+            prompt = await answer(app, pilot, "see you later")
             assert "Call “bob”" in prompt
+            await until(pilot, lambda: "No call." in notes(app), "no call")
+            assert app.call is None and (await call(alice, "calls.list"))["calls"] == []
+            await pilot.press("ctrl+p")
+            await answer(app, pilot, "voice")
             await until(pilot, lambda: "call with bob: ringing" in text_of(status), "ring", 60)
             ringing = await asyncio.to_thread(
                 bob.wait_for, lambda: bob.call("calls.list")["calls"], "the call at bob", 60
@@ -1102,6 +1160,36 @@ def test_a_call_started_from_the_client_rings_and_hangs_up(
             )
             calls = (await call(alice, "calls.history", {"limit": 1}))["calls"]
             assert calls[0]["direction"] == "out" and calls[0]["answered_at"] is None
+
+            # Answering, with the relays reached through a proxy: the IP address consent, then
+            # the answer (calls.accept with reveal_ip).
+            await call(bob, "calls.start", {"contact": "alice"})
+            await until(pilot, lambda: isinstance(app.screen, CallScreen), "bob's call", 60)
+            await call(alice, "network.set", {"proxy": DEAD_PROXY})
+            await pilot.press("f7")
+            prompt = await answer(app, pilot, "yes")
+            assert "Answering would show your IP address" in prompt
+            await until(pilot, lambda: "call with bob: connecting" in text_of(status), "ans", 60)
+            await pilot.press("f8")
+            await until(pilot, lambda: app.call is None, "hung up", 60)
+
+            # Calling out that way asks the same; the call starts (its INVITE waits).
+            await pilot.press("ctrl+p")
+            await answer(app, pilot, "video")
+            prompt = await answer(app, pilot, "yes")
+            assert "This call would show your IP address" in prompt
+            await until(pilot, lambda: app.call is not None, "calling", 60)
+            assert (await call(alice, "calls.list"))["calls"][0]["video"] is True
+
+            # The daemon killed mid-call sends no "ended": after the reconnect the client asks
+            # the daemon (calls.list), and the call it remembered is gone.
+            subs = app.subscriptions
+            await asyncio.to_thread(alice.kill)
+            alice.proc = DaemonProc(alice.home, [], sound.daemon_env("alice"))
+            await asyncio.to_thread(alice.proc.wait_ready)
+            await until(pilot, lambda: app.subscriptions > subs, "reconnected", 60)
+            await until(pilot, lambda: app.call is None, "no call after the restart")
+            assert "call with" not in text_of(status)
 
         run_app(alice, body)
     finally:
@@ -1154,6 +1242,8 @@ def test_older_file_saved_settings_daemon_gone_mid_open_and_contact_removed(
         lv.focus()
         await pilot.press("enter")
         await until(pilot, lambda: any("daemon not reachable" in n for n in notes(app)), "nr")
+        # The conversation open before stays, its messages too (not an empty view).
+        assert app.open_key == contact_key("bob") and row_with(app, "first.txt") is not None
         app.clear_notifications()
         await pilot.press("f12")
         await until(pilot, lambda: any("daemon not reachable" in n for n in notes(app)), "nr2")
@@ -1164,13 +1254,21 @@ def test_older_file_saved_settings_daemon_gone_mid_open_and_contact_removed(
         await app.open(contact_key("bob"))
         assert any("first.txt" in t for t in shown_texts(app))
 
-        # Alt+D removes the contact (asked first): gone from the daemon and the list.
+        # Alt+D removes the contact (asked first): gone from the daemon and the list. Over its
+        # question the keys that reach the app past a dialog (priority bindings) do nothing:
+        # no dialog over it (Alt+G, Alt+X, Alt+D), no reply set, the hidden draft kept (Alt+E).
+        app.select(app.selectable()[-1])
+        compose = app.query_one(Compose)
+        compose.insert("a draft")
         await pilot.press("alt+d")
         await until(pilot, lambda: isinstance(app.screen, AskScreen), "the question")
         dialog = app.screen
-        await pilot.press("alt+d", "f12", "ctrl+p")  # a dialog's keys: nothing over it
-        await pilot.pause(0.1)
-        assert app.screen is dialog
+        workers, seen = set(app.workers), notes(app)
+        await pilot.press("alt+g", "alt+x", "alt+e", "alt+r", "alt+equals_sign", "alt+d")
+        assert set(app.workers) == workers  # none started: each would be a dialog or a call
+        assert app.screen is dialog and notes(app) == seen
+        assert app.reply_to is None and app.editing is None and compose.text == "a draft"
+        assert dialog.query_one(Input).value == ""
         prompt = await answer(app, pilot, "no")
         assert "Remove “bob”" in prompt
         assert contact_key("bob") in app.convs

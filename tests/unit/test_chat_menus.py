@@ -4,6 +4,8 @@ read (the Pilot tests in tests/functional/test_chat_tui.py drive them against re
 from __future__ import annotations
 
 from aegis_cli.chat import menus
+from aegis_cli.chat.app import MAIN_SCREEN_ONLY, ChatApp
+from aegis_cli.chat.screens import picked_emoji
 
 HOSTILE = "\x1b[2J[bold]x[/]\u202eevil\n"
 
@@ -39,9 +41,29 @@ def test_commands_and_member_references() -> None:
     cmd = menus.parse("  Invite  carol smith ")
     assert cmd == menus.Command("invite", "carol smith")
     assert menus.parse("explode 1") is None
-    assert menus.member_ref(g, "2") == "bb" * 32
+    assert menus.member_ref(g, "2") == ("bb" * 32, "bob")
     assert menus.member_ref(g, "3") is None and menus.member_ref(g, "0") is None
-    assert menus.member_ref(g, "bob") == "bob" and menus.member_ref(g, "") is None
+    assert menus.member_ref(g, "bob") == ("bob", "bob") and menus.member_ref(g, "") is None
+    # Digits int() rejects (str.isdigit takes them): no member, never a ValueError.
+    for odd in ("²", "①", "٢", "1²"):
+        assert menus.number(odd) is None and menus.member_ref(g, odd) is None
+
+
+def test_only_listed_members_are_referred_to_by_number() -> None:
+    many = [{"key": f"{i:064x}", "role": "member", "contact": f"c{i}"} for i in range(25)]
+    assert menus.member_ref(group(many), "10") == (f"{9:064x}", "c9")
+    assert menus.member_ref(group(many), "11") is None  # not shown: not acted on
+
+
+def test_odd_digits_in_the_other_number_fields() -> None:
+    files = [{"attachment_id": "1", "name": "a", "state": "complete"}]
+    assert menus.pick(files, "²") is None and menus.pick(files, " 1 ") is files[0]
+    assert picked_emoji("①") == "①" and picked_emoji("1") == "👍"
+    assert menus.number(" 3 ") == 3 and menus.number("-1") is None
+    # Every key that reaches the app past a dialog (a priority binding) acts on the main
+    # screen only, but quitting.
+    priority = {b.action for b in ChatApp.BINDINGS if getattr(b, "priority", False)}
+    assert priority - {"quit"} <= set(MAIN_SCREEN_ONLY)
 
 
 def test_files_prompt_and_pick() -> None:
