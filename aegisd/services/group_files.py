@@ -55,6 +55,8 @@ class GroupFiles(GroupBase):
         super().__init__(host, pruner)
         host.attachments.copy_hook = self.uploaded
         host.attachments.delete_hook = self.forget
+        # groups_inbound.py sets it: the group actions held for a message just stored
+        self.actions_hook: Any = lambda ref, author, wire_id: None
 
     # --- sending --------------------------------------------------------------------------
 
@@ -113,6 +115,9 @@ class GroupFiles(GroupBase):
                     for r in sent:
                         copy = copies[r.contact.id]
                         A.add(self.m.store, copy.row(r.contact.id, relay_url, now))
+                        # the copy names its message: a file is not edited, and its copies
+                        # go with the message (deleted, or erased by its timer)
+                        A.link_group_message(self.m.store, copy.id, seq)
                         self.m.store.set_setting(f"{COPY_KEY}{copy.id}",
                                                  {"group": ref, "message": mid})  # fmt: skip
                 committed = [copies[r.contact.id].id for r in sent]
@@ -239,5 +244,6 @@ class GroupFiles(GroupBase):
         over = count >= most or (count > 0 and size + p.file.size > most_bytes)
         files.take_descriptor(c, p.file, aid, refused=TOO_MANY_TEXT if over else None)
         A.link_group_message(self.m.store, aid, seq)
+        self.actions_hook(ref, sender.ed_pub, p.file.message_id)  # actions held for it
         self.m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED,
                                       [p.file.message_id])  # fmt: skip
