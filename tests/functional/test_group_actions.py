@@ -1,0 +1,151 @@
+"""Replies, reactions, edits, deletions and timers in a group (docs/protocol.md §25.11), between
+three real daemons on a real relay: a reply and a reaction of one member seen by the others;
+the author's edit applied everywhere and kept in step by the search index (a rare word); delete
+for everyone; a timer set by one member erasing a message at every member (the decrypted
+store pages hold its text nowhere); then a hostile member's forged edit of another's message
+refused, and an edit arriving before its message applied when the message comes."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aegisd.core import wire
+from tests.functional.conftest import Peer
+from tests.functional.test_disappearing import plain_pages
+from tests.functional.test_group_files import group_id_of
+from tests.functional.test_group_reads import three_member_group
+from tests.functional.test_groups import group_of, key_of
+from tests.functional.test_hostile_contact import queued, url_of
+from tests.relay.conftest import RelayProcess
+from tests.support.hostile import hostile
+
+T = 60.0
+
+
+def ref(peer: Peer) -> int:
+    g = group_of(peer)
+    assert g is not None
+    return int(g["group"])
+
+
+def history(peer: Peer) -> list[dict[str, Any]]:
+    return list(peer.call("group.history", {"group": ref(peer)})["messages"])
+
+
+def find(peer: Peer, key: str, value: Any) -> dict[str, Any] | None:
+    return next((m for m in history(peer) if m.get(key) == value), None)
+
+
+def found(peer: Peer, word: str) -> list[str]:
+    hits = peer.call("messages.search", {"query": word, "group": ref(peer)})["results"]
+    return [h["message"]["text"] for h in hits]
+
+
+def test_replies_reactions_edits_deletions_and_a_timer_in_a_group(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    alice, bob, carol = three_member_group(peers)
+    keys = {p.name: key_of(p) for p in (alice, bob, carol)}
+    sent = alice.call("group.send", {"group": ref(alice), "text": "original plumage"})
+    # every member names alice's message by (author, id): hers in her own form
+    ids = {"alice": sent["message_id"],
+           **{p.name: f"{keys['alice']}:{sent['message_id']}" for p in (bob, carol)}}  # fmt: skip
+    for p in (bob, carol):
+        p.wait_for(lambda p=p: find(p, "message_id", ids[p.name]), f"{p.name} to get it", T)
+
+    # bob replies, carol reacts: each seen by the two others
+    reply = bob.call("messages.reply", {"group": ref(bob), "message_id": ids["bob"],
+                                        "text": "a reply to it"})  # fmt: skip
+    assert reply["recipients"] == 2 and reply["group"] == ref(bob)
+    carol.call("messages.react", {"group": ref(carol), "message_id": ids["carol"],
+                                  "emoji": "\U0001f44d"})  # fmt: skip
+    for p in (alice, carol):
+        got = p.wait_for(lambda p=p: find(p, "text", "a reply to it"), f"{p.name}: reply", T)
+        assert got["reply_to"] == {"message_id": ids[p.name], "text": "original plumage"}
+        assert got["from"] == keys["bob"]
+    for p in (alice, bob):
+        p.wait_for(lambda p=p: find(p, "message_id", ids[p.name])["reactions"]  # type: ignore[index]
+                   == [{"emoji": "\U0001f44d", "count": 1, "mine": False}],
+                   f"{p.name}: carol's reaction", T)  # fmt: skip
+    reacted = alice.events(types=["message.reaction"])[-1]["data"]
+    assert reacted["group"] == ref(alice) and reacted["from"] == keys["carol"]
+    assert find(carol, "message_id", ids["carol"])["reactions"][0]["mine"] is True  # type: ignore[index]
+
+    # alice edits her message: applied at both, the reply's quote follows, and the search
+    # index finds the new rare word and not the old one
+    alice.call("messages.edit", {"group": ref(alice), "message_id": ids["alice"],
+                                 "text": "edited zeppelin"})  # fmt: skip
+    for p in (bob, carol):
+        p.wait_for(lambda p=p: find(p, "message_id", ids[p.name])["text"]  # type: ignore[index]
+                   == "edited zeppelin", f"{p.name}: the edit", T)  # fmt: skip
+        assert find(p, "message_id", ids[p.name])["edits"] == 1  # type: ignore[index]
+    for p in (alice, bob, carol):
+        assert found(p, "zeppelin") == ["edited zeppelin"], p.name
+        assert found(p, "plumage") == [], p.name
+    assert find(carol, "text", "a reply to it")["reply_to"]["text"] == "edited zeppelin"  # type: ignore[index]
+
+    # bob deletes his reply for everyone
+    bob.call("messages.delete", {"group": ref(bob), "message_id": reply["message_id"],
+                                 "for_everyone": True})  # fmt: skip
+    reply_ids = {p.name: f"{keys['bob']}:{reply['message_id']}" for p in (alice, carol)}
+    for p in (alice, carol):
+        p.wait_for(lambda p=p: find(p, "message_id", reply_ids[p.name])["deleted"],  # type: ignore[index]
+                   f"{p.name}: the deletion", T)  # fmt: skip
+        assert find(p, "message_id", reply_ids[p.name])["text"] == ""  # type: ignore[index]
+        assert not any(e["data"].get("text") == "a reply to it"
+                       for e in p.events(types=["group.message"]))  # fmt: skip
+
+    # carol sets a 2-second timer; alice's next message disappears at all three once read
+    carol.call("conversations.set_timer", {"group": ref(carol), "seconds": 2})
+    for p in (alice, bob):
+        p.wait_for(lambda p=p: p.call("conversations.get_timer", {"group": ref(p)})["seconds"]
+                   == 2, f"{p.name}: the timer", T)  # fmt: skip
+        change = p.events(types=["conversation.timer"])[-1]["data"]
+        assert change["group"] == ref(p) and change["by"] == keys["carol"]
+    secret = "ephemeral quokka"
+    alice.call("group.send", {"group": ref(alice), "text": secret})
+    for p in (bob, carol):
+        p.wait_for(lambda p=p: find(p, "text", secret), f"{p.name}: the message", T)
+        p.call("group.read", {"group": ref(p)})  # an incoming message's deadline runs from here
+    for p in (alice, bob, carol):
+        p.wait_for(lambda p=p: find(p, "text", secret) is None, f"{p.name}: erased", T)
+        assert found(p, "quokka") == []
+        assert any(e["data"].get("group") == ref(p) for e in p.events(types=["message.expired"]))
+        p.wait_for(lambda p=p: secret.encode() not in plain_pages(p), f"{p.name}: pages", T)
+    assert b"edited zeppelin" in plain_pages(bob)  # the pages were read right
+
+
+def test_a_forged_edit_is_refused_and_an_early_edit_waits_for_its_message(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """carol, hostile, sends bob an edit of alice's message naming alice as its author (bob
+    refuses: an edit is only ever the sender's own), then an edit of her own text before the
+    text itself (reordered delivery: bob holds the edit and applies it when the text comes)."""
+    alice, bob, carol = three_member_group(peers)
+    sent = alice.call("group.send", {"group": ref(alice), "text": "alice wrote this"})
+    mine = f"{key_of(alice)}:{sent['message_id']}"
+    bob.wait_for(lambda: find(bob, "message_id", mine), "bob to get it", T)
+    gid, version = group_id_of(carol), bob.call("group.get", {"group": ref(bob)})["version"]
+    alice_key, carol_key = bytes.fromhex(key_of(alice)), bytes.fromhex(key_of(carol))
+    now = int(time.time() * 1000)
+    forged = wire.GroupActionPayload(gid, version, alice_key, wire.EditPayload(
+        bytes.fromhex(sent["message_id"]), now, "carol's words"))  # fmt: skip
+    own_id = os.urandom(16)
+    early = wire.GroupActionPayload(gid, version, carol_key,
+                                    wire.EditPayload(own_id, now + 1, "carol's second thought"))
+    text = wire.GroupMessagePayload(gid, version, own_id, now, "carol's first thought")
+    carol.stop()
+    with hostile(carol.home, "bob") as h:
+        blocks = h.payload_blocks(forged) + h.payload_blocks(early) + h.payload_blocks(text)
+        h.deposit(url_of(relay_proc), blocks)
+        bob.wait_for(lambda: queued(relay_proc, h) == 0, "bob to take carol's", T)
+    late = f"{key_of(carol)}:{own_id.hex()}"
+    got = bob.wait_for(lambda: find(bob, "message_id", late), "carol's text", T)
+    assert got["text"] == "carol's second thought" and got["edits"] == 1
+    kept = find(bob, "message_id", mine)
+    assert kept is not None and kept["text"] == "alice wrote this" and kept["edits"] == 0
+    edits = [e["data"] for e in bob.events(types=["message.edited"])]
+    assert [e["message_id"] for e in edits] == [late]
