@@ -129,7 +129,8 @@ def test_a_forged_edit_is_refused_and_an_early_edit_waits_for_its_message(
     mine = f"{key_of(alice)}:{sent['message_id']}"
     bob.wait_for(lambda: find(bob, "message_id", mine), "bob to get it", T)
     gid, version = group_id_of(carol), bob.call("group.get", {"group": ref(bob)})["version"]
-    alice_key, carol_key = bytes.fromhex(key_of(alice)), bytes.fromhex(key_of(carol))
+    carol_hex = key_of(carol)
+    alice_key, carol_key = bytes.fromhex(key_of(alice)), bytes.fromhex(carol_hex)
     now = int(time.time() * 1000)
     forged = wire.GroupActionPayload(gid, version, alice_key, wire.EditPayload(
         bytes.fromhex(sent["message_id"]), now, "carol's words"))  # fmt: skip
@@ -142,7 +143,7 @@ def test_a_forged_edit_is_refused_and_an_early_edit_waits_for_its_message(
         blocks = h.payload_blocks(forged) + h.payload_blocks(early) + h.payload_blocks(text)
         h.deposit(url_of(relay_proc), blocks)
         bob.wait_for(lambda: queued(relay_proc, h) == 0, "bob to take carol's", T)
-    late = f"{key_of(carol)}:{own_id.hex()}"
+    late = f"{carol_hex}:{own_id.hex()}"
     got = bob.wait_for(lambda: find(bob, "message_id", late), "carol's text", T)
     assert got["text"] == "carol's second thought" and got["edits"] == 1
     kept = find(bob, "message_id", mine)
