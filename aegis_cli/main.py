@@ -937,7 +937,7 @@ def messages(
             raise click.UsageError("give NAME or --group, not both")
         from . import groups
 
-        groups.show_messages(ctx, group, limit, before, Fail, mark_read=mark_read)
+        groups.show_messages(ctx, group, limit, before, Fail, mark_read=mark_read, ids=ids)
         return
     if name is None:
         raise click.UsageError("missing NAME (or --group GROUP)")
