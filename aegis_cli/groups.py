@@ -198,9 +198,14 @@ def send(ctx: Ctx, group: str, message: str, fail: type[Exception]) -> None:
     ctx.out(r, f"{r['message_id']}  to {r['recipients']} members{extra}")
 
 
-def send_file(ctx: Ctx, group: str, path: str, fail: type[Exception]) -> None:
-    """`aegis send --group GROUP --file PATH` (path absolute: the daemon opens it)."""
-    r = ctx.call("group.send_file", {"group": resolve_group(ctx, group, fail), "path": path})
+def send_file(ctx: Ctx, group: str, path: str, fail: type[Exception],
+              caption: str | None = None) -> None:  # fmt: skip
+    """`aegis send --group GROUP --file PATH [--caption TEXT]` (path absolute: the daemon
+    opens it)."""
+    params: dict[str, Any] = {"group": resolve_group(ctx, group, fail), "path": path}
+    if caption is not None:
+        params["caption"] = caption
+    r = ctx.call("group.send_file", params)
     extra = f" ({r['unreachable']} without a session yet)" if r["unreachable"] else ""
     ctx.out(r, f"{r['message_id']}  [file] {one_line(r['name'])} to {r['recipients']} "
                f"members{extra}")  # fmt: skip

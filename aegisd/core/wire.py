@@ -1010,6 +1010,7 @@ PAYLOAD_TIMER = 0x16  # a conversation's disappearing-message timer (docs/protoc
 PAYLOAD_ATTACHMENT_EXTRA = 0x17  # a descriptor with a caption and its place in a batch (§22.3)
 PAYLOAD_TYPING = 0x18  # typing indicators and the sender's choice of them (§22.6)
 PAYLOAD_GROUP_ACTION = 0x19  # a reply, reaction, edit, deletion or timer in a group (§25.11)
+PAYLOAD_GROUP_FILE_EXTRA = 0x1A  # a group file with a caption (§25.10)
 
 RECEIPT_DELIVERED = 1
 RECEIPT_READ = 2
@@ -1515,8 +1516,10 @@ def _encode_group(w: Writer, payload: GroupPayload) -> None:
         w.u8(PAYLOAD_GROUP_MESSAGE).fixed(payload.group_id, GROUP_ID_LEN).u64(payload.version)
         w.fixed(payload.message_id, MESSAGE_ID_LEN).u64(payload.sent_at_ms).raw(text)
     elif isinstance(payload, GroupFilePayload):
-        w.u8(PAYLOAD_GROUP_FILE).fixed(payload.group_id, GROUP_ID_LEN).u64(payload.version)
-        _write_attachment(w, payload.file)
+        # with a caption (or a batch place): the fields of a 0x17 descriptor, as 0x1A
+        kind = PAYLOAD_GROUP_FILE_EXTRA if payload.file.extra else PAYLOAD_GROUP_FILE
+        w.u8(kind).fixed(payload.group_id, GROUP_ID_LEN).u64(payload.version)
+        (_write_extra if payload.file.extra else _write_attachment)(w, payload.file)
     else:
         w.u8(PAYLOAD_GROUP_INTRODUCTION).fixed(payload.group_id, GROUP_ID_LEN)
         _write_link(w, payload.link)
@@ -1551,6 +1554,9 @@ def _decode_group(kind: int, r: Reader, total: int) -> GroupPayload:
     if kind == PAYLOAD_GROUP_FILE:
         group_id, version = r.take(GROUP_ID_LEN), r.u64()
         return GroupFilePayload(group_id, version, _read_attachment(r))
+    if kind == PAYLOAD_GROUP_FILE_EXTRA:
+        group_id, version = r.take(GROUP_ID_LEN), r.u64()
+        return GroupFilePayload(group_id, version, _read_extra(r))
     return GroupIntroductionPayload(r.take(GROUP_ID_LEN), _read_link(r))
 
 
@@ -1569,6 +1575,7 @@ _GROUP_PAYLOAD_TYPES = (
     PAYLOAD_GROUP_MESSAGE,
     PAYLOAD_GROUP_INTRODUCTION,
     PAYLOAD_GROUP_FILE,
+    PAYLOAD_GROUP_FILE_EXTRA,
 )
 
 

@@ -378,8 +378,8 @@ class Groups(GroupBase):
         return {"message_id": mid, "recipients": len(recipients),
                 "unreachable": len(strangers) + len(skipped)}  # fmt: skip
 
-    async def send_file(self, ref: int, path: str) -> dict[str, Any]:
-        return await self.files.send(ref, path)
+    async def send_file(self, ref: int, path: str, caption: str | None = None) -> dict[str, Any]:
+        return await self.files.send(ref, path, caption)
 
     async def read(
         self, ref: int, up_to: str | None, message_ids: list[str] | None = None

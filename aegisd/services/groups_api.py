@@ -68,8 +68,10 @@ def register(registry: Registry, m: Messenger) -> None:
         return await g.send(group, text)
 
     @registry.method("group.send_file", unlocked=True)
-    async def group_send_file(ctx: CallContext, group: int, path: str) -> dict[str, Any]:
-        return await g.send_file(group, path)
+    async def group_send_file(
+        ctx: CallContext, group: int, path: str, caption: str | None = None
+    ) -> dict[str, Any]:
+        return await g.send_file(group, path, caption)
 
     @registry.method("group.read", unlocked=True)
     async def group_read(

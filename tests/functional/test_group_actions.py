@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aegisd.core import wire
@@ -45,7 +46,7 @@ def found(peer: Peer, word: str) -> list[str]:
 
 
 def test_replies_reactions_edits_deletions_and_a_timer_in_a_group(
-    peers: Callable[[str], Peer], relay_proc: RelayProcess
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
 ) -> None:
     alice, bob, carol = three_member_group(peers)
     keys = {p.name: key_of(p) for p in (alice, bob, carol)}
@@ -97,6 +98,20 @@ def test_replies_reactions_edits_deletions_and_a_timer_in_a_group(
         assert find(p, "message_id", reply_ids[p.name])["text"] == ""  # type: ignore[index]
         assert not any(e["data"].get("text") == "a reply to it"
                        for e in p.events(types=["group.message"]))  # fmt: skip
+
+    # a caption on a group file: carol's copy of it shows it, and so does her event
+    src = tmp_short / "harbour.txt"
+    src.write_bytes(b"a small file")
+    shared = bob.call("group.send_file", {"group": ref(bob), "path": str(src),
+                                          "caption": "the harbour at dawn"})  # fmt: skip
+    assert shared["caption"] == "the harbour at dawn"
+    got = carol.wait_for(lambda: find(carol, "text", "[file] harbour.txt\nthe harbour at dawn"),
+                         "carol: the captioned file", T)  # fmt: skip
+    assert "attachment_id" in got
+    assert any(e["data"].get("caption") == "the harbour at dawn"
+               for e in carol.events(types=["group.message"]))  # fmt: skip
+    assert carol.call("attachments.get", {"attachment_id": got["attachment_id"]})[
+        "caption"] == "the harbour at dawn"
 
     # carol sets a 2-second timer; alice's next message disappears at all three once read
     carol.call("conversations.set_timer", {"group": ref(carol), "seconds": 2})

@@ -75,6 +75,9 @@ SAMPLES: dict[str, wire.Payload] = {
     "file": wire.GroupFilePayload(INVITE_LOG.head.group_id, 4, wire.AttachmentPayload(
         b"f" * 16, 7, b"s" * 32, 40_000, wire.attachment_blocks(40_000), b"d" * 32,
         "wss://relay.example/v1/ws", "photo é.jpg")),
+    "file with caption": wire.GroupFilePayload(INVITE_LOG.head.group_id, 4, wire.AttachmentPayload(
+        b"f" * 16, 7, b"s" * 32, 40_000, wire.attachment_blocks(40_000), b"d" * 32,
+        "wss://relay.example/v1/ws", "photo é.jpg", "the harbour at dawn", b"f" * 16)),
     **{f"action {kind}": wire.GroupActionPayload(
         INVITE_LOG.head.group_id, 4, bytes(32) if kind == "timer" else PEOPLE[1].public.ed_pub,
         action) for kind, action in (
@@ -435,3 +438,22 @@ def test_a_group_action_is_a_one_to_one_action_behind_the_group_version_and_auth
     data = _encoded(reaction)
     with pytest.raises(DecodeError):
         wire.decode_payload(data[:-4] + b"abcd")
+
+
+def test_a_captioned_group_file_is_a_0x17_descriptor_behind_the_group_and_version() -> None:
+    """§25.8: 0x1A = group ID, version, then exactly the fields of a 0x17 descriptor (caption
+    and batch); a file without a caption stays a 0x11."""
+    p = SAMPLES["file with caption"]
+    assert isinstance(p, wire.GroupFilePayload)
+    data = _encoded(p)
+    assert data[:2] == bytes([wire.VERSION, wire.PAYLOAD_GROUP_FILE_EXTRA])
+    assert data[42:] == _encoded(p.file)[2:]  # the fields of the 0x17
+    assert _encoded(p.file)[1] == wire.PAYLOAD_ATTACHMENT_EXTRA
+    assert wire.decode_payload(data) == p and p.file.caption == "the harbour at dawn"
+    plain = SAMPLES["file"]
+    assert _encoded(plain)[1] == wire.PAYLOAD_GROUP_FILE
+    # a caption over 2048 bytes is refused on its length
+    at = 42 + len(_encoded(plain.file)) - 2  # type: ignore[attr-defined]
+    with pytest.raises(DecodeError):
+        wire.decode_payload(data[:at] + (wire.MAX_CAPTION_BYTES + 1).to_bytes(2, "big")
+                            + data[at + 2:])
