@@ -66,6 +66,7 @@ class Groups(GroupBase):
         self.files = GroupFiles(host, self.pruner)  # files to the group: a copy per member (§25.10)
         self.actions = GroupActions(host, self.pruner)  # replies, reactions, ... (§25.11)
         self.inbound = GroupInbound(host, self.files, self.actions, self.pruner)
+        self.files.actions_hook = self.actions.on_message  # held for a file just stored
 
     # --- what the inbox hands over (GroupsView) -------------------------------------------
 

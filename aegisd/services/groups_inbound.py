@@ -46,12 +46,11 @@ from .inbox import clean_name
 
 
 class GroupInbound(GroupBase):
-    def __init__(self, host: GroupsHost, files: GroupFiles, actions: GroupActions,
+    def __init__(self, host: GroupsHost, files: GroupFiles, actions: GroupActions | None = None,
                  pruner: DepartedContacts | None = None) -> None:  # fmt: skip
         super().__init__(host, pruner)
         self.files = files
-        self.actions = actions
-        files.actions_hook = actions.on_message
+        self.actions = actions if actions is not None else GroupActions(host, pruner)
         self._opening: set[int] = set()  # pending introductions being tried now
 
     def on_receipt(self, c: Contact, message_id: bytes, status: str) -> None:
