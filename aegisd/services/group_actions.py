@@ -8,8 +8,8 @@ one-to-one conversations (actions.py): a message is named by (author, group mess
 an edit or a deletion for everyone only by its author (the session's identity, never a
 field); one reaction per member per message; a timer change by any member. What breaks a
 rule is dropped (counted) with no state change and no event. groups_inbound.py has already
-judged the sender a member (§25.6) before ``deliver``. Imports groups_state and the delivery
-layer (none imports it back).
+judged the sender a member (§25.6) before ``deliver``. Imports groups_state, disappearing
+(its labels) and the delivery layer (none imports it back).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from aegisd.store import groups as G
 from aegisd.store.db import Contact
 
 from .delivery import Recipient
+from .disappearing import label
 from .groups_state import DepartedContacts, GroupBase, GroupsHost, now_ms
 
 #: As for one-to-one messages (actions.py, disappearing.py): the edit window, the actions
@@ -56,14 +57,6 @@ def _check_text(text: str) -> None:
         raise AppError(
             E.TOO_LARGE, "too_large", f"a message holds at most {wire.MAX_TEXT_BYTES} bytes"
         )
-
-
-def timer_label(seconds: int) -> str:
-    for size, unit in ((7 * 86_400, "week"), (86_400, "day"), (3600, "hour"), (60, "minute")):
-        if seconds and seconds % size == 0:
-            n = seconds // size
-            return f"{n} {unit}{'s' if n != 1 else ''}"
-    return "off" if seconds == 0 else f"{seconds} seconds"
 
 
 class GroupActions(GroupBase):
@@ -198,7 +191,7 @@ class GroupActions(GroupBase):
         self._load(ref)  # not found: refused
         seconds, changed_at = GA.get_timer(self.m.store, ref)
         return {"group": ref, "contact": None, "seconds": seconds,
-                "label": timer_label(seconds), "changed_at": changed_at or None}  # fmt: skip
+                "label": label(seconds), "changed_at": changed_at or None}  # fmt: skip
 
     async def set_timer(self, ref: int, seconds: int) -> dict[str, Any]:
         """Any member may set it (as either side of a one-to-one conversation): shown to all."""
@@ -219,7 +212,7 @@ class GroupActions(GroupBase):
         GA.set_timer(self.m.store, ref, seconds, changed_at)
         # a line of its own, never sent (its id is local): "[timer] 1 hour"
         seq = G.add_message(self.m.store, ref, self.m.entropy.random(wire.MESSAGE_ID_LEN),
-                            "out" if by is None else "in", f"[timer] {timer_label(seconds)}",
+                            "out" if by is None else "in", f"[timer] {label(seconds)}",
                             sender_key=by, read_at=now_ms())  # fmt: skip
         assert seq is not None
         GA.mark_timer_line(self.m.store, seq, seconds)
