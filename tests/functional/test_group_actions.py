@@ -15,9 +15,10 @@ from typing import Any
 
 from aegisd.core import wire
 from tests.functional.conftest import Peer
+from tests.functional.test_cli_messaging import aegis, ok
 from tests.functional.test_disappearing import plain_pages
 from tests.functional.test_group_files import group_id_of
-from tests.functional.test_group_reads import three_member_group
+from tests.functional.test_group_reads import NAME, three_member_group
 from tests.functional.test_groups import group_of, key_of
 from tests.functional.test_hostile_contact import queued, url_of
 from tests.relay.conftest import RelayProcess
@@ -61,8 +62,7 @@ def test_replies_reactions_edits_deletions_and_a_timer_in_a_group(
     reply = bob.call("messages.reply", {"group": ref(bob), "message_id": ids["bob"],
                                         "text": "a reply to it"})  # fmt: skip
     assert reply["recipients"] == 2 and reply["group"] == ref(bob)
-    carol.call("messages.react", {"group": ref(carol), "message_id": ids["carol"],
-                                  "emoji": "\U0001f44d"})  # fmt: skip
+    ok(aegis(carol, "react", ids["carol"], "\U0001f44d", "--group", NAME))  # the CLI's way
     for p in (alice, carol):
         got = p.wait_for(lambda p=p: find(p, "text", "a reply to it"), f"{p.name}: reply", T)
         assert got["reply_to"] == {"message_id": ids[p.name], "text": "original plumage"}
@@ -74,6 +74,9 @@ def test_replies_reactions_edits_deletions_and_a_timer_in_a_group(
     reacted = alice.events(types=["message.reaction"])[-1]["data"]
     assert reacted["group"] == ref(alice) and reacted["from"] == keys["carol"]
     assert find(carol, "message_id", ids["carol"])["reactions"][0]["mine"] is True  # type: ignore[index]
+    shown = ok(aegis(alice, "messages", "--group", NAME, "--ids"))
+    assert f"{ids['alice']}  " in shown and "[\U0001f44d 1]" in shown
+    assert "[reply to \u201coriginal plumage\u201d] a reply to it" in shown
 
     # alice edits her message: applied at both, the reply's quote follows, and the search
     # index finds the new rare word and not the old one
@@ -114,7 +117,7 @@ def test_replies_reactions_edits_deletions_and_a_timer_in_a_group(
         "caption"] == "the harbour at dawn"
 
     # carol sets a 2-second timer; alice's next message disappears at all three once read
-    carol.call("conversations.set_timer", {"group": ref(carol), "seconds": 2})
+    assert "2 seconds" in ok(aegis(carol, "disappear", "--group", NAME, "2s"))
     for p in (alice, bob):
         p.wait_for(lambda p=p: p.call("conversations.get_timer", {"group": ref(p)})["seconds"]
                    == 2, f"{p.name}: the timer", T)  # fmt: skip
@@ -153,9 +156,14 @@ def test_a_forged_edit_is_refused_and_an_early_edit_waits_for_its_message(
     early = wire.GroupActionPayload(gid, version, carol_key,
                                     wire.EditPayload(own_id, now + 1, "carol's second thought"))
     text = wire.GroupMessagePayload(gid, version, own_id, now, "carol's first thought")
+    target = bytes.fromhex(sent["message_id"])
+    # deletions of alice's message: naming alice (refused), naming herself (no such message
+    # of hers: held, never applied)
+    deletes = [wire.GroupActionPayload(gid, version, key, wire.DeletePayload(target))
+               for key in (alice_key, carol_key)]  # fmt: skip
     carol.stop()
     with hostile(carol.home, "bob") as h:
-        blocks = h.payload_blocks(forged) + h.payload_blocks(early) + h.payload_blocks(text)
+        blocks = [b for p in (forged, *deletes, early, text) for b in h.payload_blocks(p)]
         h.deposit(url_of(relay_proc), blocks)
         bob.wait_for(lambda: queued(relay_proc, h) == 0, "bob to take carol's", T)
     late = f"{carol_hex}:{own_id.hex()}"
@@ -165,3 +173,4 @@ def test_a_forged_edit_is_refused_and_an_early_edit_waits_for_its_message(
     assert kept is not None and kept["text"] == "alice wrote this" and kept["edits"] == 0
     edits = [e["data"] for e in bob.events(types=["message.edited"])]
     assert [e["message_id"] for e in edits] == [late]
+    assert kept["deleted"] is False and bob.events(types=["message.deleted"]) == []
