@@ -306,13 +306,14 @@ class Disappearing:
                     self._checkpoint_due = True
                 return done
             for ref, seq, api_id in due:
-                for aid in att_db.of_group_seq(self.m.store, seq):
+                aids = att_db.of_group_seq(self.m.store, seq)
+                for aid in aids:
                     with contextlib.suppress(AppError):
                         await self.m.attachments.delete(aid)
                 async with self.m.lock:
                     with self.m.store.transaction():
                         self.m.groups.actions.note_erased(ref, api_id)
-                        if group_db.erase(self.m.store, ref, seq, api_id):
+                        if group_db.erase(self.m.store, ref, seq, api_id, aids):
                             self.m.ctx.events.emit("message.expired", {
                                 "message_id": api_id, "contact": None, "group": ref,
                             })  # fmt: skip

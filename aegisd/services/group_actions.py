@@ -176,7 +176,7 @@ class GroupActions(GroupBase):
                 await self.m.attachments.forget([aid])
             async with self.m.lock:
                 with self.m.store.transaction():
-                    GA.erase(self.m.store, ref, seq, row.id)
+                    GA.erase(self.m.store, ref, seq, row.id, aids)
             return {"deleted": True, "for_everyone": False, "group": ref}
         self.m.check_usable()
         async with self.m.lock:

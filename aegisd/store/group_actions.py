@@ -230,10 +230,17 @@ def next_expiry(store: Store) -> int | None:
     return None if row is None or row[0] is None else int(row[0])
 
 
-def erase(store: Store, ref: int, seq: int, api_id: str) -> bool:
-    """A message at its deadline: its row (reactions and statuses cascade), every event that
-    carried it, the quotes of it and the actions held for it."""
+def erase(store: Store, ref: int, seq: int, api_id: str, attachments: list[str]) -> bool:
+    """A message at its deadline (or deleted for me): its row (reactions and statuses
+    cascade), every event that carried it (its file's ``attachments``' too: they carry the
+    file's name and caption), the quotes of it and the actions held for it."""
     _forget_events(store, ref, api_id)
+    for aid in attachments:
+        store._q(
+            "DELETE FROM events WHERE type LIKE 'attachment.%' "
+            "AND json_extract(data, '$.attachment_id') = ?",
+            (aid,),
+        )
     forget_quotes(store, ref, api_id)
     row = store._q("SELECT author, wire_id FROM group_messages WHERE seq = ?", (seq,)).fetchone()
     if row is not None:

@@ -13,8 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from aegis_cli.client import RpcCallError
 from aegisd.core import wire
 from tests.functional.conftest import Peer
+from tests.functional.test_attachments import wait_state
 from tests.functional.test_cli_messaging import aegis, ok
 from tests.functional.test_disappearing import plain_pages
 from tests.functional.test_group_files import group_id_of
@@ -116,23 +120,42 @@ def test_replies_reactions_edits_deletions_and_a_timer_in_a_group(
     assert carol.call("attachments.get", {"attachment_id": got["attachment_id"]})[
         "caption"] == "the harbour at dawn"
 
-    # carol sets a 2-second timer; alice's next message disappears at all three once read
-    assert "2 seconds" in ok(aegis(carol, "disappear", "--group", NAME, "2s"))
+    # carol sets a 20-second timer; alice's next message disappears at all three once read
+    # (long enough for alice's file copies to be up before her own copy's deadline cancels
+    # them: her deadline runs from the send)
+    assert "20 seconds" in ok(aegis(carol, "disappear", "--group", NAME, "20s"))
     for p in (alice, bob):
         p.wait_for(lambda p=p: p.call("conversations.get_timer", {"group": ref(p)})["seconds"]
-                   == 2, f"{p.name}: the timer", T)  # fmt: skip
+                   == 20, f"{p.name}: the timer", T)  # fmt: skip
         change = p.events(types=["conversation.timer"])[-1]["data"]
         assert change["group"] == ref(p) and change["by"] == keys["carol"]
     secret = "ephemeral quokka"
     alice.call("group.send", {"group": ref(alice), "text": secret})
+    # and a timed file with a caption: its copy and its events go with it
+    timed = tmp_short / "wombat.txt"
+    timed.write_bytes(b"wombat bytes " * 100)
+    alice.call("group.send_file", {"group": ref(alice), "path": str(timed),
+                                   "caption": "a wombat caption"})  # fmt: skip
+    file_text = "[file] wombat.txt\na wombat caption"
+    aid = {}
     for p in (bob, carol):
         p.wait_for(lambda p=p: find(p, "text", secret), f"{p.name}: the message", T)
+        got = p.wait_for(lambda p=p: find(p, "text", file_text), f"{p.name}: the file", T)
+        aid[p.name] = got["attachment_id"]
+        wait_state(p, aid[p.name], "complete")
         p.call("group.read", {"group": ref(p)})  # an incoming message's deadline runs from here
     for p in (alice, bob, carol):
         p.wait_for(lambda p=p: find(p, "text", secret) is None, f"{p.name}: erased", T)
-        assert found(p, "quokka") == []
+        p.wait_for(lambda p=p: find(p, "text", file_text) is None, f"{p.name}: file gone", T)
+        assert found(p, "quokka") == [] and found(p, "wombat") == []
+        if p.name in aid:
+            with pytest.raises(RpcCallError):
+                p.call("attachments.get", {"attachment_id": aid[p.name]})
+            assert not any(e["data"].get("attachment_id") == aid[p.name] for e in p.events())
+            assert not (p.home / "attachments" / f"{aid[p.name]}.blocks").exists()
         assert any(e["data"].get("group") == ref(p) for e in p.events(types=["message.expired"]))
-        p.wait_for(lambda p=p: secret.encode() not in plain_pages(p), f"{p.name}: pages", T)
+        p.wait_for(lambda p=p: secret.encode() not in plain_pages(p)
+                   and b"a wombat caption" not in plain_pages(p), f"{p.name}: pages", T)
     assert b"edited zeppelin" in plain_pages(bob)  # the pages were read right
 
 
