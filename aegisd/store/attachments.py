@@ -143,7 +143,7 @@ def of_group_message(store: Store, seq: int) -> str | None:
 
 def of_group_seq(store: Store, seq: int) -> list[str]:
     """Every attachment of a group message: a received file, or our copies of a file sent."""
-    return [str(r[0]) for r in store._q(
+    return [str(r[0]) for r in store.query(
         "SELECT id FROM attachments WHERE group_seq = ?", (seq,)).fetchall()]  # fmt: skip
 
 

@@ -327,10 +327,16 @@ class Store:
         self._depth = 0
         self._db.execute("COMMIT")
 
-    def _q(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        """Run one SQL statement on the open store (its cursor). For the store's table
+        modules (conversations.py, search.py, cover.py, ...: aegisd/store/__init__.py), which
+        keep their tables' SQL out of this file; code outside aegisd/store calls their
+        functions or this class's methods, never SQL. StoreError when the store is closed."""
         if self._db is None:
             raise StoreError("the store is closed")
         return self._db.execute(sql, args)
+
+    _q = query  # the short name this class's own methods use
 
     # -- identity and settings ----------------------------------------------------------
 
