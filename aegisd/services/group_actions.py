@@ -75,8 +75,11 @@ class GroupActions(GroupBase):
         return found[1].seq, found[1]
 
     def _not_deleted(self, seq: int) -> None:
-        if GA.extras(self.m.store, [seq])[seq].deleted:
+        extras = GA.extras(self.m.store, [seq])[seq]
+        if extras.deleted:
             raise not_allowed("the message was deleted")
+        if extras.timer_change is not None:  # a local line: its id was never sent
+            raise not_allowed("a timer change is not a message")
 
     def _author(self, row: G.GroupMessageRow) -> bytes:
         """The message's author as the wire names it: our own key for ours."""
