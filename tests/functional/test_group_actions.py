@@ -3,7 +3,8 @@ three real daemons on a real relay: a reply and a reaction of one member seen by
 the author's edit applied everywhere and kept in step by the search index (a rare word); delete
 for everyone; a timer set by one member erasing a message at every member (the decrypted
 store pages hold its text nowhere); then a hostile member's forged edit of another's message
-refused, and an edit arriving before its message applied when the message comes."""
+refused, and an edit arriving before its message applied when the message comes; a removed
+member's reaction dropped."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from tests.functional.test_cli_messaging import aegis, ok
 from tests.functional.test_disappearing import plain_pages
 from tests.functional.test_group_files import group_id_of
 from tests.functional.test_group_reads import NAME, three_member_group
-from tests.functional.test_groups import group_of, key_of
+from tests.functional.test_groups import group_of, key_of, members
 from tests.functional.test_hostile_contact import queued, url_of
 from tests.relay.conftest import RelayProcess
 from tests.support.hostile import hostile
@@ -164,7 +165,8 @@ def test_a_forged_edit_is_refused_and_an_early_edit_waits_for_its_message(
 ) -> None:
     """carol, hostile, sends bob an edit of alice's message naming alice as its author (bob
     refuses: an edit is only ever the sender's own), then an edit of her own text before the
-    text itself (reordered delivery: bob holds the edit and applies it when the text comes)."""
+    text itself (reordered delivery: bob holds the edit and applies it when the text comes);
+    deletions of alice's message refused; once removed, her reaction dropped."""
     alice, bob, carol = three_member_group(peers)
     sent = alice.call("group.send", {"group": ref(alice), "text": "alice wrote this"})
     mine = f"{key_of(alice)}:{sent['message_id']}"
@@ -197,3 +199,18 @@ def test_a_forged_edit_is_refused_and_an_early_edit_waits_for_its_message(
     edits = [e["data"] for e in bob.events(types=["message.edited"])]
     assert [e["message_id"] for e in edits] == [late]
     assert kept["deleted"] is False and bob.events(types=["message.deleted"]) == []
+
+    # removed, carol's actions are dropped like her texts (§25.6): a reaction, then a text
+    # of hers to bob alone (one-to-one: shown), which tells that the reaction was handled
+    alice.call("group.remove", {"group": ref(alice), "member": carol_hex})
+    bob.wait_for(lambda: carol_hex not in members(bob), "carol's removal at bob", T)
+    after = bob.call("group.get", {"group": ref(bob)})["version"]
+    reaction = wire.GroupActionPayload(gid, after, alice_key, wire.ReactionPayload(
+        target, "\U0001f44d"))  # fmt: skip
+    marker = wire.TextPayload(os.urandom(16), int(time.time() * 1000), "after the reaction")
+    with hostile(carol.home, "bob") as h:
+        h.deposit(url_of(relay_proc), h.payload_blocks(reaction) + h.payload_blocks(marker))
+    bob.wait_for(lambda: any(m["text"] == "after the reaction" for m in bob.call(
+        "messages.history", {"contact": "carol"})["messages"]), "carol's text", T)  # fmt: skip
+    assert find(bob, "message_id", mine)["reactions"] == []  # type: ignore[index]
+    assert bob.events(types=["message.reaction"]) == []
