@@ -2,9 +2,9 @@
 three real daemons on a real relay: a reply and a reaction of one member seen by the others;
 the author's edit applied everywhere and kept in step by the search index (a rare word); delete
 for everyone; a caption on a group file; a timer set by one member erasing a text and a
-captioned file at every member (the decrypted store pages hold them nowhere); then a hostile member's forged edit of another's message
-refused, and an edit arriving before its message applied when the message comes; a removed
-member's reaction dropped."""
+captioned file at every member (the decrypted store pages hold them nowhere); then a hostile
+member's forged edit of another's message refused, and an edit arriving before its message
+applied when the message comes; a removed member's reaction dropped."""
 
 from __future__ import annotations
 
