@@ -51,13 +51,32 @@ def register(main: ModuleType) -> None:
     @click.argument("duration", required=False)
     @click.option("--default", "default", metavar="DURATION",
                   help="Set the timer new conversations start with (off by default).")
+    @click.option("--group", metavar="GROUP",
+                  help="GROUP's timer (a name or #N), instead of NAME's: any member sets it.")
     def disappear(ctx: Ctx, name: str | None, duration: str | None,
-                  default: str | None) -> None:  # fmt: skip
-        """Show or set the disappearing-message timer of the conversation with NAME.
+                  default: str | None, group: str | None) -> None:  # fmt: skip
+        """Show or set the disappearing-message timer of the conversation with NAME (or of a
+        group: `aegis disappear --group GROUP [DURATION]`).
 
-        DURATION: off, 5m, 1h, 1d, 1w, or seconds (1 s to 4 weeks). Both sides see the
-        change; a message disappears that long after it was sent (yours) or read (theirs).
+        DURATION: off, 5m, 1h, 1d, 1w, or seconds (1 s to 4 weeks). Both sides (every member)
+        see the change; a message disappears that long after it was sent (yours) or read
+        (theirs).
         """
+        if group is not None:
+            if default is not None or duration is not None:
+                raise click.UsageError("with --group give at most a DURATION")
+            from .groups import resolve_group
+
+            params: dict[str, Any] = {"group": resolve_group(ctx, group, main.Fail)}
+            got: dict[str, Any]
+            if name is None:
+                got = ctx.call("conversations.get_timer", params)
+            else:
+                got = ctx.call("conversations.set_timer",
+                               {**params, "seconds": parse_timer(name)})  # fmt: skip
+            ctx.out(got, f"disappearing messages in {one_line(group)}: "
+                         f"{timer_text(int(got['seconds']))}")  # fmt: skip
+            return
         if default is not None:
             if name is not None:
                 raise click.UsageError("--default applies to new conversations: give no NAME")
@@ -71,7 +90,6 @@ def register(main: ModuleType) -> None:
             ctx.out(result, f"new conversations: disappearing messages {timer_text(seconds)}")
             return
         who = one_line(name)
-        got: dict[str, Any]
         if duration is None:
             got = ctx.call("conversations.get_timer", {"contact": name})
         else:

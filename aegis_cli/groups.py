@@ -178,11 +178,13 @@ def register(main: ModuleType) -> None:
                   help="Only messages older than SEQ (paging).")  # fmt: skip
     @click.option("--mark-read/--no-mark-read", default=True, show_default=True,
                   help="Mark the incoming messages shown read.")  # fmt: skip
+    @click.option("--ids", is_flag=True,
+                  help="Start each line with the message's id (for reply, react, edit, delete).")
     def group_messages(
-        ctx: Ctx, group_name: str, limit: int, before: int | None, mark_read: bool
+        ctx: Ctx, group_name: str, limit: int, before: int | None, mark_read: bool, ids: bool
     ) -> None:
         """Show GROUP's messages, oldest first; the incoming ones shown are marked read."""
-        show_messages(ctx, group_name, limit, before, Fail, mark_read=mark_read)
+        show_messages(ctx, group_name, limit, before, Fail, mark_read=mark_read, ids=ids)
 
 
 def send(ctx: Ctx, group: str, message: str, fail: type[Exception]) -> None:
@@ -196,9 +198,14 @@ def send(ctx: Ctx, group: str, message: str, fail: type[Exception]) -> None:
     ctx.out(r, f"{r['message_id']}  to {r['recipients']} members{extra}")
 
 
-def send_file(ctx: Ctx, group: str, path: str, fail: type[Exception]) -> None:
-    """`aegis send --group GROUP --file PATH` (path absolute: the daemon opens it)."""
-    r = ctx.call("group.send_file", {"group": resolve_group(ctx, group, fail), "path": path})
+def send_file(ctx: Ctx, group: str, path: str, fail: type[Exception],
+              caption: str | None = None) -> None:  # fmt: skip
+    """`aegis send --group GROUP --file PATH [--caption TEXT]` (path absolute: the daemon
+    opens it)."""
+    params: dict[str, Any] = {"group": resolve_group(ctx, group, fail), "path": path}
+    if caption is not None:
+        params["caption"] = caption
+    r = ctx.call("group.send_file", params)
     extra = f" ({r['unreachable']} without a session yet)" if r["unreachable"] else ""
     ctx.out(r, f"{r['message_id']}  [file] {one_line(r['name'])} to {r['recipients']} "
                f"members{extra}")  # fmt: skip
@@ -206,7 +213,7 @@ def send_file(ctx: Ctx, group: str, path: str, fail: type[Exception]) -> None:
 
 def show_messages(
     ctx: Ctx, group: str, limit: int, before: int | None, fail: type[Exception], *,
-    mark_read: bool = True,
+    mark_read: bool = True, ids: bool = False,
 ) -> None:  # fmt: skip
     """`aegis group messages GROUP`, `aegis messages --group GROUP` (``mark_read``: exactly
     the unread incoming messages shown are marked read, by group.read's ``message_ids``: not
@@ -218,18 +225,23 @@ def show_messages(
     unread = [m["message_id"] for m in r["messages"] if m["direction"] == "in" and not m["read"]]
     if mark_read and unread:
         ctx.call("group.read", {"group": ref, "message_ids": unread})
-    ctx.out(r, "\n".join(_line(m, units.when) for m in r["messages"]) or "no messages yet")
+    lines = ((f"{m['message_id']}  " if ids else "") + _line(m, units.when) for m in r["messages"])
+    ctx.out(r, "\n".join(lines) or "no messages yet")
     if r["next_before"] is not None and not ctx.as_json:
         page_back_hint(ctx, f"group messages {shlex.quote(f'#{ref}')}", r["next_before"], limit)
 
 
 def _line(m: dict[str, Any], when: Callable[[int], str]) -> str:
-    text = body(m["text"])
+    from .actions import marks, quote
+
+    # a reply's quote, the deleted and edited marks and the reactions, as for a contact's
+    text = "(deleted)" if m.get("deleted") else quote(m) + body(m["text"])
+    extra = marks(m, when)
     if m["direction"] == "out":
-        d = m["delivery"]
+        d = m.get("delivery") or {"read": 0, "delivered": 0, "recipients": 0}
         read = f", read by {d['read']} of {d['recipients']}" if d.get("read") else ""
-        return (f"{when(m['created_at'])}  me: {text}  "
+        return (f"{when(m['created_at'])}  me: {text}{extra}  "
                 f"[delivered to {d['delivered']} of {d['recipients']}{read}]")  # fmt: skip
     who = one_line(m["from_contact"]) if m.get("from_contact") else str(m["from"])[:12]
     saved = f"  (aegis attachment save {m['attachment_id']} DIR)" if m.get("attachment_id") else ""
-    return f"{when(m['sent_at'] or m['created_at'])}  {who}: {text}{saved}"
+    return f"{when(m['sent_at'] or m['created_at'])}  {who}: {text}{extra}{saved}"

@@ -872,7 +872,7 @@ def send(
 
     --caption TEXT goes with the file; --file given several times (up to 32) sends the files
     together, each its own upload, the caption with the first; the attachment ids are
-    printed, one a line. Neither is available with --group yet.
+    printed, one a line. With --group: one --file, with a --caption if wanted.
     """
     file_path = file_paths[0] if len(file_paths) == 1 else None
     if caption is not None and not file_paths:
@@ -883,9 +883,9 @@ def send(
         if file_paths:
             if name is not None:
                 raise click.UsageError("with --group and --file, give no MESSAGE")
-            if file_path is None or caption is not None:
-                raise click.UsageError("a group takes one --file, without --caption")
-            groups.send_file(ctx, group, os.path.abspath(file_path), Fail)
+            if file_path is None:
+                raise click.UsageError("a group takes one --file")
+            groups.send_file(ctx, group, os.path.abspath(file_path), Fail, caption)
             return
         if message is not None or name is None:
             raise click.UsageError("with --group, give the MESSAGE only")
@@ -938,7 +938,7 @@ def messages(
             raise click.UsageError("give NAME or --group, not both")
         from . import groups
 
-        groups.show_messages(ctx, group, limit, before, Fail, mark_read=mark_read)
+        groups.show_messages(ctx, group, limit, before, Fail, mark_read=mark_read, ids=ids)
         return
     if name is None:
         raise click.UsageError("missing NAME (or --group GROUP)")

@@ -47,6 +47,7 @@ from .types import (
     GroupFileSent,
     GroupHistory,
     GroupInvitation,
+    GroupReplySent,
     GroupSent,
     GroupSummary,
     History,
@@ -317,19 +318,29 @@ class Client:
         params = {"contact": contact, "message_id": message_id, "text": text}
         return cast(Sent, await self.call("messages.reply", params))
 
-    async def react(self, message_id: str, emoji: str) -> None:
-        """Set your reaction to a message; ``""`` removes it (messages.react)."""
-        await self.call("messages.react", {"message_id": message_id, "emoji": emoji})
+    async def group_reply(self, group: int, message_id: str, text: str) -> GroupReplySent:
+        """A group message quoting ``message_id`` of the group (messages.reply, ``group``)."""
+        params = {"group": group, "message_id": message_id, "text": text}
+        return cast(GroupReplySent, await self.call("messages.reply", params))
 
-    async def edit(self, message_id: str, text: str) -> int:
+    async def react(self, message_id: str, emoji: str, *, group: int | None = None) -> None:
+        """Set your reaction to a message (with ``group``: a message of that group); ``""``
+        removes it (messages.react)."""
+        params: dict[str, Any] = {"message_id": message_id, "emoji": emoji}
+        await self.call("messages.react", _in_group(params, group))
+
+    async def edit(self, message_id: str, text: str, *, group: int | None = None) -> int:
         """Edit one of your messages; returns when it was edited, ms (messages.edit)."""
-        result = await self.call("messages.edit", {"message_id": message_id, "text": text})
+        params: dict[str, Any] = {"message_id": message_id, "text": text}
+        result = await self.call("messages.edit", _in_group(params, group))
         return int(result["edited_at"])
 
-    async def delete(self, message_id: str, *, for_everyone: bool = False) -> None:
-        """Delete a message here, or (``for_everyone``, your own) at the contact's too."""
-        await self.call("messages.delete", {"message_id": message_id,
-                                            "for_everyone": for_everyone})  # fmt: skip
+    async def delete(self, message_id: str, *, for_everyone: bool = False,
+                     group: int | None = None) -> None:  # fmt: skip
+        """Delete a message here, or (``for_everyone``, your own) at the contact's (every
+        member's) too."""
+        params: dict[str, Any] = {"message_id": message_id, "for_everyone": for_everyone}
+        await self.call("messages.delete", _in_group(params, group))
 
     async def history(
         self, contact: str, *, limit: int = 50, before: int | None = None
@@ -394,6 +405,14 @@ class Client:
 
     async def get_timer(self, contact: str) -> Timer:
         return cast(Timer, await self.call("conversations.get_timer", {"contact": contact}))
+
+    async def set_group_timer(self, group: int, seconds: int) -> Timer:
+        """Set a group's disappearing-message timer (0: off); any member may, all see it."""
+        params = {"group": group, "seconds": seconds}
+        return cast(Timer, await self.call("conversations.set_timer", params))
+
+    async def get_group_timer(self, group: int) -> Timer:
+        return cast(Timer, await self.call("conversations.get_timer", {"group": group}))
 
     async def events_list(
         self, since: int = 0, limit: int = 100, types: list[str] | None = None
@@ -632,3 +651,8 @@ class EventStream(AsyncIterator[Event]):
     async def aclose(self) -> None:
         self._closed = True
         await self._drop()
+
+
+def _in_group(params: dict[str, Any], group: int | None) -> dict[str, Any]:
+    """``params`` with ``group`` when a group's message is meant."""
+    return params if group is None else {**params, "group": group}

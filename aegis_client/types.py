@@ -95,9 +95,11 @@ class Message(TypedDict):
 
 
 class Timer(TypedDict):
-    """A conversation's disappearing-message timer."""
+    """A conversation's disappearing-message timer (a contact's, or a group's: ``contact``
+    None and ``group`` its reference)."""
 
-    contact: str
+    contact: str | None
+    group: NotRequired[int]
     seconds: int  # 0: off
     label: str
     changed_at: int | None
@@ -188,6 +190,12 @@ class GroupSent(TypedDict):
     message_id: str
     recipients: int
     unreachable: int
+
+
+class GroupReplySent(GroupSent):
+    """``messages.reply`` in a group: a group message quoting another of the group."""
+
+    group: int
 
 
 class GroupFileSent(GroupSent):

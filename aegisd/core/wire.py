@@ -1009,6 +1009,8 @@ PAYLOAD_DELETE = 0x15
 PAYLOAD_TIMER = 0x16  # a conversation's disappearing-message timer (docs/protocol.md §27)
 PAYLOAD_ATTACHMENT_EXTRA = 0x17  # a descriptor with a caption and its place in a batch (§22.3)
 PAYLOAD_TYPING = 0x18  # typing indicators and the sender's choice of them (§22.6)
+PAYLOAD_GROUP_ACTION = 0x19  # a reply, reaction, edit, deletion or timer in a group (§25.11)
+PAYLOAD_GROUP_FILE_EXTRA = 0x1A  # a group file with a caption (§25.10)
 
 RECEIPT_DELIVERED = 1
 RECEIPT_READ = 2
@@ -1243,6 +1245,22 @@ class TimerPayload:
 
 def timer_ok(seconds: int) -> bool:
     return seconds == 0 or TIMER_MIN_S <= seconds <= TIMER_MAX_S
+
+
+@dataclass(frozen=True)
+class GroupActionPayload:
+    """A reply, reaction, edit, deletion or timer change in a group (§25.11): the group, the
+    sender's version, the author of the message it names (a reply's quoted message; zeros for
+    a timer, which names none) and the one-to-one payload itself (§26, §27), whose 16-byte ids
+    are the group message ids of ``author``'s messages."""
+
+    group_id: bytes
+    version: int
+    author: bytes
+    action: ActionPayload | TimerPayload
+
+    def __repr__(self) -> str:  # no text, no group ID and no key in a log line
+        return f"GroupActionPayload(version={self.version}, {type(self.action).__name__})"
 
 
 @dataclass(frozen=True)
@@ -1498,8 +1516,10 @@ def _encode_group(w: Writer, payload: GroupPayload) -> None:
         w.u8(PAYLOAD_GROUP_MESSAGE).fixed(payload.group_id, GROUP_ID_LEN).u64(payload.version)
         w.fixed(payload.message_id, MESSAGE_ID_LEN).u64(payload.sent_at_ms).raw(text)
     elif isinstance(payload, GroupFilePayload):
-        w.u8(PAYLOAD_GROUP_FILE).fixed(payload.group_id, GROUP_ID_LEN).u64(payload.version)
-        _write_attachment(w, payload.file)
+        # with a caption (or a batch place): the fields of a 0x17 descriptor, as 0x1A
+        kind = PAYLOAD_GROUP_FILE_EXTRA if payload.file.extra else PAYLOAD_GROUP_FILE
+        w.u8(kind).fixed(payload.group_id, GROUP_ID_LEN).u64(payload.version)
+        (_write_extra if payload.file.extra else _write_attachment)(w, payload.file)
     else:
         w.u8(PAYLOAD_GROUP_INTRODUCTION).fixed(payload.group_id, GROUP_ID_LEN)
         _write_link(w, payload.link)
@@ -1534,6 +1554,9 @@ def _decode_group(kind: int, r: Reader, total: int) -> GroupPayload:
     if kind == PAYLOAD_GROUP_FILE:
         group_id, version = r.take(GROUP_ID_LEN), r.u64()
         return GroupFilePayload(group_id, version, _read_attachment(r))
+    if kind == PAYLOAD_GROUP_FILE_EXTRA:
+        group_id, version = r.take(GROUP_ID_LEN), r.u64()
+        return GroupFilePayload(group_id, version, _read_extra(r))
     return GroupIntroductionPayload(r.take(GROUP_ID_LEN), _read_link(r))
 
 
@@ -1552,6 +1575,7 @@ _GROUP_PAYLOAD_TYPES = (
     PAYLOAD_GROUP_MESSAGE,
     PAYLOAD_GROUP_INTRODUCTION,
     PAYLOAD_GROUP_FILE,
+    PAYLOAD_GROUP_FILE_EXTRA,
 )
 
 
@@ -1569,6 +1593,7 @@ Payload = (
     | CallSealedPayload
     | GroupPayload
     | ActionPayload
+    | GroupActionPayload
     | TypingPayload
 )
 
@@ -1693,6 +1718,8 @@ def encode_payload(payload: Payload) -> bytes:
         _encode_group(w, payload)
     elif isinstance(payload, ActionPayload):
         _encode_action(w, payload)
+    elif isinstance(payload, GroupActionPayload):
+        _encode_group_action(w, payload)
     else:
         if not 0 < len(payload.box) <= MAX_CALL_SEALED:
             raise ValueError("sealed call signaling out of range")
@@ -1746,6 +1773,45 @@ def _decode_action(kind: int, r: Reader, total: int) -> ActionPayload:
         target, at = r.take(MESSAGE_ID_LEN), r.u64()
         return EditPayload(target, at, _rest_text(r, total - 2 - MESSAGE_ID_LEN - 8))
     return DeletePayload(r.take(MESSAGE_ID_LEN))
+
+
+_NO_AUTHOR = bytes(ED25519_LEN)
+#: Before a group action's inner payload type: version, type, group ID, version, author.
+_GROUP_ACTION_PREFIX = 2 + GROUP_ID_LEN + 8 + ED25519_LEN
+
+
+def _encode_group_action(w: Writer, p: GroupActionPayload) -> None:
+    timer = isinstance(p.action, TimerPayload)
+    if timer != (p.author == _NO_AUTHOR):
+        raise ValueError("a group action names an author unless it is a timer")
+    w.u8(PAYLOAD_GROUP_ACTION).fixed(p.group_id, GROUP_ID_LEN).u64(p.version)
+    w.fixed(p.author, ED25519_LEN)
+    if isinstance(p.action, TimerPayload):
+        if not timer_ok(p.action.seconds):
+            raise ValueError("timer out of range")
+        w.u8(PAYLOAD_TIMER).u64(p.action.changed_at_ms).u32(p.action.seconds)
+    else:
+        _encode_action(w, p.action)
+
+
+def _decode_group_action(r: Reader, total: int) -> GroupActionPayload:
+    group_id, version, author = r.take(GROUP_ID_LEN), r.u64(), r.take(ED25519_LEN)
+    kind = r.u8()
+    action: ActionPayload | TimerPayload
+    if kind == PAYLOAD_TIMER:
+        changed, seconds = r.u64(), r.u32()
+        if not timer_ok(seconds):
+            raise DecodeError("timer out of range")
+        action = TimerPayload(changed, seconds)
+    elif kind in (PAYLOAD_REPLY, PAYLOAD_REACTION, PAYLOAD_EDIT, PAYLOAD_DELETE):
+        # the inner payload's length as _decode_action counts it: with a version byte and
+        # its type, as if it stood alone
+        action = _decode_action(kind, r, total - _GROUP_ACTION_PREFIX - 1 + 2)
+    else:
+        raise DecodeError("unknown group action")
+    if (kind == PAYLOAD_TIMER) != (author == _NO_AUTHOR):
+        raise DecodeError("a group action names an author unless it is a timer")
+    return GroupActionPayload(group_id, version, author, action)
 
 
 def _encode_call(w: Writer, p: CallPayload) -> None:
@@ -1835,6 +1901,8 @@ def decode_payload(data: bytes) -> Payload:
         out = _decode_group(kind, r, len(data))
     elif kind in (PAYLOAD_REPLY, PAYLOAD_REACTION, PAYLOAD_EDIT, PAYLOAD_DELETE):
         out = _decode_action(kind, r, len(data))
+    elif kind == PAYLOAD_GROUP_ACTION:
+        out = _decode_group_action(r, len(data))
     elif kind == PAYLOAD_CALL_SEALED:
         call_id, nonce, n = r.take(CALL_ID_LEN), r.take(CALL_NONCE_LEN), r.u16()
         if not 0 < n <= MAX_CALL_SEALED:

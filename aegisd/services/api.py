@@ -23,6 +23,7 @@ from .delivery import (
 )
 from .disappearing import SETTING_DEFAULT as SETTING_DISAPPEARING
 from .disappearing import check_seconds as check_timer
+from .disappearing_api import one_conversation
 from .groups_state import INTRO_KEY, SETTING_READ_RECEIPTS
 from .inbox import clean_name
 from .message_view import message_objects
@@ -182,18 +183,31 @@ def register(registry: Registry, m: Messenger) -> None:
 
     @method("messages.reply")
     async def messages_reply(
-        ctx: CallContext, contact: str, message_id: str, text: str
-    ) -> dict[str, Any]:
-        result = await m.actions.reply(contact, message_id, text)
+        ctx: CallContext, message_id: str, text: str, contact: str | None = None,
+        group: int | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        target = one_conversation(contact, group)
+        if isinstance(target, int):
+            result = await m.groups.actions.reply(target, message_id, text)
+        else:
+            result = await m.actions.reply(target, message_id, text)
         m.disappearing.wake()  # its deadline, if the conversation has a timer
         return result
 
     @method("messages.react")
-    async def messages_react(ctx: CallContext, message_id: str, emoji: str) -> dict[str, Any]:
+    async def messages_react(
+        ctx: CallContext, message_id: str, emoji: str, group: int | None = None
+    ) -> dict[str, Any]:
+        if group is not None:
+            return await m.groups.actions.react(group, message_id, emoji)
         return await m.actions.react(message_id, emoji)
 
     @method("messages.edit")
-    async def messages_edit(ctx: CallContext, message_id: str, text: str) -> dict[str, Any]:
+    async def messages_edit(
+        ctx: CallContext, message_id: str, text: str, group: int | None = None
+    ) -> dict[str, Any]:
+        if group is not None:
+            return await m.groups.actions.edit(group, message_id, text)
         return await m.actions.edit(message_id, text)
 
     @method("messages.mark_read")
@@ -204,8 +218,10 @@ def register(registry: Registry, m: Messenger) -> None:
 
     @method("messages.delete")
     async def messages_delete(
-        ctx: CallContext, message_id: str, for_everyone: bool = False
+        ctx: CallContext, message_id: str, for_everyone: bool = False, group: int | None = None
     ) -> dict[str, Any]:
+        if group is not None:
+            return await m.groups.actions.delete(group, message_id, for_everyone is True)
         if for_everyone is False and isinstance(message_id, str):
             await m.attachments.forget([message_id])  # a file's row, caption and copy go too
         return await m.actions.delete(message_id, for_everyone)

@@ -34,6 +34,7 @@ from aegisd.core.prekeys import PrekeyStore
 from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
 from aegisd.rpc import errors as E
 from aegisd.rpc.methods import Handler
+from aegisd.store import group_actions as group_db
 from aegisd.store import groups as G
 from aegisd.store.db import Store
 from aegisd.transport.network import ProxyUrlError, check_proxy_url
@@ -60,6 +61,8 @@ E_BACKUP_IO = 1047
 #: mode are the new profile's own choice (aegis init); network.proxy is restored only when the
 #: new profile connects directly (never weaken or swap what the user chose on this machine).
 SETTING_TIMERS = "messages.disappearing_timers"
+#: The groups' timers likewise: [[group's place, seconds, changed_at ms], ...] (§25.11).
+SETTING_GROUP_TIMERS = "messages.group_disappearing_timers"
 RESTORABLE: dict[str, tuple[type, ...]] = {
     "privacy.read_receipts": (bool,),
     "privacy.receipt_delay_max": (int, float),
@@ -75,18 +78,19 @@ RESTORABLE: dict[str, tuple[type, ...]] = {
     # ms], ...] (docs/protocol.md §27), carried here so the file format (and its version)
     # stays as it is.
     SETTING_TIMERS: (list,),
+    SETTING_GROUP_TIMERS: (list,),
 }
 MAX_FILE_BYTES = 4 << 30
 
 
-def _timers_name(i: int) -> str:
+def _timers_name(i: int, base: str = SETTING_TIMERS) -> str:
     """The setting carrying the i-th part of the timers: SETTING_TIMERS, then
-    SETTING_TIMERS.1, .2, ... (docs/backup.md)."""
-    return SETTING_TIMERS if i == 0 else f"{SETTING_TIMERS}.{i}"
+    SETTING_TIMERS.1, .2, ... (docs/backup.md); the groups' alike under their own name."""
+    return base if i == 0 else f"{base}.{i}"
 
 
-def _is_timers_name(name: str) -> bool:
-    tail = name.removeprefix(SETTING_TIMERS + ".")
+def _is_timers_name(name: str, base: str = SETTING_TIMERS) -> bool:
+    tail = name.removeprefix(base + ".")
     return tail != name and tail.isdigit() and tail[0] != "0" and len(tail) <= 3
 
 
@@ -225,11 +229,17 @@ class Backups:
             )
         timers = [[index[cid], *store.get_timer(cid)] for cid in index]
         chunks = _timer_chunks([t for t in timers if t[1]])
-        if len(settings) + len(chunks) > fmt.MAX_SETTINGS:  # ~30,000 timed conversations
+        # the groups' timers, by their places in the backup (the order of G.list_groups)
+        group_timers = [[i, *group_db.get_timer(store, row.id)]
+                        for i, row in enumerate(G.list_groups(store))]  # fmt: skip
+        group_chunks = _timer_chunks([t for t in group_timers if t[1]])
+        if len(settings) + len(chunks) + len(group_chunks) > fmt.MAX_SETTINGS:
             raise AppError(E.TOO_LARGE, "too_large",
                            "too many conversations with a disappearing timer for one backup")
         for i, chunk in enumerate(chunks):
             settings.append((_timers_name(i), chunk))
+        for i, chunk in enumerate(group_chunks):
+            settings.append((_timers_name(i, SETTING_GROUP_TIMERS), chunk))
         contents = fmt.BackupContents(
             _ms(),
             ed_priv,
@@ -343,12 +353,15 @@ class Backups:
             ) from None
         settings: dict[str, Any] = {}
         timer_chunks: list[list[Any]] = []  # the timers' second and later settings
+        group_chunks: list[list[Any]] = []
         for name, value in contents.settings:
             parsed = json.loads(value)
             if name in RESTORABLE and isinstance(parsed, RESTORABLE[name]):
                 settings[name] = parsed
             elif _is_timers_name(name) and isinstance(parsed, list):
                 timer_chunks.append(parsed)
+            elif _is_timers_name(name, SETTING_GROUP_TIMERS) and isinstance(parsed, list):
+                group_chunks.append(parsed)
         if "network.proxy" in settings:
             try:  # a proxy URL the daemon would refuse is not carried over
                 settings["network.proxy"] = check_proxy_url(settings["network.proxy"])
@@ -383,6 +396,9 @@ class Backups:
                 store.set_setting(SETTING_NAME, clean_name(contents.display_name, ""))
                 timers = settings.pop(SETTING_TIMERS, []) + [
                     t for chunk in timer_chunks for t in chunk
+                ]
+                group_timers = settings.pop(SETTING_GROUP_TIMERS, []) + [
+                    t for chunk in group_chunks for t in chunk
                 ]
                 for name, value in settings.items():
                     store.set_setting(name, value)
@@ -450,7 +466,13 @@ class Backups:
                             and wire.timer_ok(t[1]) and 0 <= t[2] < 2**63):
                         # A stamp far ahead would beat every later change (§27.2).
                         store.set_timer(cids[t[0]], t[1], min(t[2], _ms() + MAX_SKEW_MS))
-                _groups_in(store, contents.groups, logs, cids)
+                refs = _groups_in(store, contents.groups, logs, cids)
+                for t in group_timers:  # checked as the contacts' timers are
+                    if (isinstance(t, list) and len(t) == 3
+                            and all(type(v) is int for v in t) and 0 <= t[0] < len(refs)
+                            and wire.timer_ok(t[1]) and 0 <= t[2] < 2**63):
+                        group_db.set_timer(store, refs[t[0]], t[1],
+                                           min(t[2], _ms() + MAX_SKEW_MS))  # fmt: skip
                 store.set_setting(SETTING_PENDING, True)
                 m.ctx.events.emit(
                     "backup.imported",
@@ -518,8 +540,9 @@ def _groups_out(store: Store, index: dict[int, int]) -> fmt.BackupGroups:
     for row in G.list_groups(store):
         messages = []
         for seq, author, wire_id, direction, body, sent_at, created in store._q(
+            # as for a contact's: a message with a disappearing timer is never in a backup
             "SELECT seq, author, wire_id, direction, body, sent_at, created_at "
-            "FROM group_messages WHERE group_ref = ? ORDER BY seq",
+            "FROM group_messages WHERE group_ref = ? AND timer_s = 0 ORDER BY seq",
             (row.id,),
         ).fetchall():
             sender = bytes(author) or None
@@ -562,8 +585,9 @@ def _groups_out(store: Store, index: dict[int, int]) -> fmt.BackupGroups:
 
 def _groups_in(
     store: Store, backup: fmt.BackupGroups, logs: list[core_group.GroupLog], cids: list[int]
-) -> None:
-    """Restore the groups (inside the import's transaction). Group contacts stay hidden:
+) -> list[int]:
+    """Restore the groups (inside the import's transaction), returning their references by
+    their places in the backup. Group contacts stay hidden:
     they are contacts rows, renewed like every other."""
     for i in backup.group_contacts:
         G.mark_group_contact(store, cids[i])
@@ -606,6 +630,7 @@ def _groups_in(
         # the import): a refusal has none to revoke
         store.set_setting(f"{JOINING_KEY}{refs[j.group]}",
                           {"invite": j.invite_id.hex(), "contact": cids[j.contact], "links": []})
+    return refs
 
 
 def _read_limited(path: Path) -> bytes:

@@ -5,7 +5,9 @@ A message takes the conversation's timer as it is when the message is stored (st
 ``add_message``); its deadline runs from when it is queued (one's own) or marked read
 (incoming). ``run`` erases what is due: the message row, its events, and a file's attachment
 row and encrypted copy, under secure_delete. It runs from unlock, so deadlines that passed
-while the daemon was stopped or locked are met at the next unlock. Groups: not yet (1:1 only).
+while the daemon was stopped or locked are met at the next unlock. Group messages take their
+group's timer (group_actions.py, §25.11) and are erased here alike: the row, its events, its
+quotes and its file's attachment rows and copies.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from aegisd.rpc import AppError, InvalidParamsError
 from aegisd.store import Contact, Store
 from aegisd.store import actions as actions_db
 from aegisd.store import attachments as att_db
+from aegisd.store import group_actions as group_db
 
 from .delivery import Delivery, Recipient
 from .mailbox import ContactState
@@ -108,6 +111,15 @@ class AttachmentsView(Protocol):
     async def delete(self, aid: str) -> None: ...
 
 
+class GroupActionsView(Protocol):
+    def note_erased(self, ref: int, api_id: str) -> None: ...
+
+
+class GroupsView(Protocol):
+    @property
+    def actions(self) -> GroupActionsView: ...
+
+
 class DisappearingHost(Protocol):
     @property
     def ctx(self) -> ServiceContext: ...
@@ -121,6 +133,8 @@ class DisappearingHost(Protocol):
     def contacts(self) -> ContactsView: ...
     @property
     def attachments(self) -> AttachmentsView: ...
+    @property
+    def groups(self) -> GroupsView: ...
 
 
 class Disappearing:
@@ -227,7 +241,9 @@ class Disappearing:
                     await self.expire_due()
                     if self._checkpoint_due:
                         self._checkpoint_due = not await self._checkpoint()
-                    nxt = self.m.store.next_expiry()
+                    nxt = min((t for t in (self.m.store.next_expiry(),
+                                           group_db.next_expiry(self.m.store)) if t is not None),
+                              default=None)  # fmt: skip
             except Exception as exc:  # a bug: report it, try again later, never stop erasing
                 droplog.dropped(f"disappearing messages: erasure failed: {type(exc).__name__}")
             wait = MAX_WAIT_S if nxt is None else min(MAX_WAIT_S, max(0.0, (nxt - _ms()) / 1000))
@@ -248,7 +264,7 @@ class Disappearing:
 
     async def expire_due(self) -> int:
         """Erase every message whose deadline passed; returns how many went."""
-        done = 0
+        done = await self._expire_group_messages()
         while True:
             due = self.m.store.expired_messages(_ms(), limit=100)
             if not due:
@@ -275,5 +291,30 @@ class Disappearing:
                         if self.m.store.delete_message(msg.id):
                             self.m.ctx.events.emit("message.expired", {
                                 "message_id": msg.id, "contact": c.name if c else None,
+                            })  # fmt: skip
+                done += 1
+
+    async def _expire_group_messages(self) -> int:
+        """Group messages past their deadline (§25.11): a file's attachment rows and copies
+        first (their link to the message goes with its row), then the row, its events, its
+        quotes and the actions held for it."""
+        done = 0
+        while True:
+            due = group_db.expired(self.m.store, _ms(), limit=100)
+            if not due:
+                if done:
+                    self._checkpoint_due = True
+                return done
+            for ref, seq, api_id in due:
+                aids = att_db.of_group_seq(self.m.store, seq)
+                for aid in aids:
+                    with contextlib.suppress(AppError):
+                        await self.m.attachments.delete(aid)
+                async with self.m.lock:
+                    with self.m.store.transaction():
+                        self.m.groups.actions.note_erased(ref, api_id)
+                        if group_db.erase(self.m.store, ref, seq, api_id, aids):
+                            self.m.ctx.events.emit("message.expired", {
+                                "message_id": api_id, "contact": None, "group": ref,
                             })  # fmt: skip
                 done += 1

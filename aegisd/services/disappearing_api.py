@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from aegisd.rpc import CallContext, Registry
+from aegisd.rpc import CallContext, InvalidParamsError, Registry
+
+from .disappearing import check_seconds
 
 if TYPE_CHECKING:
     from .messenger import Messenger
@@ -15,10 +17,28 @@ def register(registry: Registry, m: Messenger) -> None:
 
     @registry.method("conversations.set_timer", unlocked=True)
     async def conversations_set_timer(
-        ctx: CallContext, contact: str, seconds: int
+        ctx: CallContext, seconds: int, contact: str | None = None, group: int | None = None
     ) -> dict[str, Any]:
-        return await d.set(contact, seconds)
+        target = one_conversation(contact, group)
+        if isinstance(target, int):
+            return await m.groups.actions.set_timer(target, check_seconds("seconds", seconds))
+        return await d.set(target, seconds)
 
     @registry.method("conversations.get_timer", unlocked=True)
-    async def conversations_get_timer(ctx: CallContext, contact: str) -> dict[str, Any]:
-        return d.describe(m.contacts.by_name(contact))
+    async def conversations_get_timer(
+        ctx: CallContext, contact: str | None = None, group: int | None = None
+    ) -> dict[str, Any]:
+        target = one_conversation(contact, group)
+        if isinstance(target, int):
+            return m.groups.actions.describe_timer(target)
+        return d.describe(m.contacts.by_name(target))
+
+
+def one_conversation(contact: str | None, group: int | None) -> str | int:
+    """A conversation is a contact's (its name) or a group's (its reference): exactly one of
+    the two is given."""
+    if contact is not None and group is None:
+        return contact
+    if contact is None and group is not None:
+        return group
+    raise InvalidParamsError("contact", "give a contact or a group (not both)")

@@ -33,6 +33,7 @@ from aegisd.store.attachments import AttachmentRow
 from aegisd.store.db import Contact
 
 from .attachment_disk import Spooled
+from .attachments import check_caption, file_text
 from .delivery import Recipient
 from .groups_state import DepartedContacts, GroupBase, GroupsHost, now_ms
 
@@ -55,11 +56,14 @@ class GroupFiles(GroupBase):
         super().__init__(host, pruner)
         host.attachments.copy_hook = self.uploaded
         host.attachments.delete_hook = self.forget
+        # groups_inbound.py sets it: the group actions held for a message just stored
+        self.actions_hook: Any = lambda ref, author, wire_id: None
 
     # --- sending --------------------------------------------------------------------------
 
-    async def send(self, ref: int, path: str) -> dict[str, Any]:
+    async def send(self, ref: int, path: str, caption: str | None = None) -> dict[str, Any]:
         files = self.m.attachments
+        caption = check_caption(caption)
         p, limit = files.check_source(path)
         self.m.check_usable()
         async with self.m.lock:
@@ -103,8 +107,8 @@ class GroupFiles(GroupBase):
                 name = clean_file_name(p.name)
                 now = now_ms()
                 with self.m.store.transaction():
-                    seq = G.add_message(self.m.store, ref, wire_id, "out", f"[file] {name}",
-                                        sent_at=now)  # fmt: skip
+                    seq = G.add_message(self.m.store, ref, wire_id, "out",
+                                        file_text(name, caption), sent_at=now)  # fmt: skip
                     assert seq is not None  # 16 random bytes of ours
                     G.set_statuses(self.m.store, seq, [r.contact.id for r in sent], "queued")
                     for cid, status in skipped.items():
@@ -113,6 +117,11 @@ class GroupFiles(GroupBase):
                     for r in sent:
                         copy = copies[r.contact.id]
                         A.add(self.m.store, copy.row(r.contact.id, relay_url, now))
+                        # the copy names its message: a file is not edited, and its copies
+                        # go with the message (deleted, or erased by its timer)
+                        A.link_group_message(self.m.store, copy.id, seq)
+                        if caption:  # each copy's descriptor carries it (0x1A, §25.10)
+                            A.set_extras(self.m.store, copy.id, A.Extras(caption))
                         self.m.store.set_setting(f"{COPY_KEY}{copy.id}",
                                                  {"group": ref, "message": mid})  # fmt: skip
                 committed = [copies[r.contact.id].id for r in sent]
@@ -125,7 +134,8 @@ class GroupFiles(GroupBase):
                 work.add_done_callback(lambda _: files.discard(left))
         for aid in committed:
             files.start(aid)
-        return {"message_id": mid, "name": name, "recipients": len(committed),
+        return {"message_id": mid, "name": name, "caption": caption,
+                "recipients": len(committed),
                 "unreachable": len(strangers) + len(skipped),
                 "attachments": committed}  # fmt: skip
 
@@ -174,7 +184,7 @@ class GroupFiles(GroupBase):
         cannot be sent (the copy failed: its blobs are to go)."""
         descriptor = wire.AttachmentPayload(
             bytes.fromhex(mid), row.sent_at or now_ms(), row.seed, row.size, row.blocks,
-            row.digest, row.relay_url, row.name,
+            row.digest, row.relay_url, row.name, A.extras(self.m.store, row.id).caption,
         )  # fmt: skip
         payload = wire.GroupFilePayload(head.group_id, head.version, descriptor)
         try:  # refuses before it writes anything
@@ -221,7 +231,7 @@ class GroupFiles(GroupBase):
         if not files.acceptable(p.file, aid):
             return
         name = clean_file_name(p.file.name)
-        text = f"[file] {name}"
+        text = file_text(name, p.file.caption)  # as a contact's: history and search show it
         seq = G.add_message(self.m.store, ref, p.file.message_id, "in", text,
                             sender_key=sender.ed_pub, sent_at=p.file.sent_at_ms)  # fmt: skip
         if seq is None:
@@ -229,7 +239,8 @@ class GroupFiles(GroupBase):
         self.m.ctx.events.emit("group.message", {
             "group": ref, "message_id": mid, "from": sender.ed_pub.hex(),
             "from_contact": files.shown(c), "text": text,
-            "sent_at": p.file.sent_at_ms, "attachment_id": aid})  # fmt: skip
+            "sent_at": p.file.sent_at_ms, "attachment_id": aid,
+            **({"caption": p.file.caption} if p.file.caption else {})})  # fmt: skip
         count, size = A.pending_group_files(self.m.store, c.id)
         # The first pending file is bounded by max_size alone (a limit above the byte cap
         # must not refuse every large file); the next ones by the member's caps.
@@ -239,5 +250,6 @@ class GroupFiles(GroupBase):
         over = count >= most or (count > 0 and size + p.file.size > most_bytes)
         files.take_descriptor(c, p.file, aid, refused=TOO_MANY_TEXT if over else None)
         A.link_group_message(self.m.store, aid, seq)
+        self.actions_hook(ref, sender.ed_pub, p.file.message_id)  # actions held for it
         self.m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED,
                                       [p.file.message_id])  # fmt: skip

@@ -29,10 +29,12 @@ from aegisd.core.session import Session
 from aegisd.rpc import AppError
 from aegisd.rpc import errors as E
 from aegisd.store import attachments as A
+from aegisd.store import group_actions as GA
 from aegisd.store import groups as G
 from aegisd.store.db import Contact
 
 from .delivery import Recipient
+from .group_actions import GroupActions
 from .group_files import GroupFiles
 from .groups_inbound import GroupInbound
 from .groups_state import (
@@ -55,13 +57,16 @@ from .groups_state import (
     session_failed,
     stored_invitation,
 )
+from .message_view import group_action_fields
 
 
 class Groups(GroupBase):
     def __init__(self, host: GroupsHost) -> None:
         super().__init__(host)
         self.files = GroupFiles(host, self.pruner)  # files to the group: a copy per member (§25.10)
-        self.inbound = GroupInbound(host, self.files, self.pruner)
+        self.actions = GroupActions(host, self.pruner)  # replies, reactions, ... (§25.11)
+        self.inbound = GroupInbound(host, self.files, self.actions, self.pruner)
+        self.files.actions_hook = self.actions.on_message  # held for a file just stored
 
     # --- what the inbox hands over (GroupsView) -------------------------------------------
 
@@ -374,8 +379,8 @@ class Groups(GroupBase):
         return {"message_id": mid, "recipients": len(recipients),
                 "unreachable": len(strangers) + len(skipped)}  # fmt: skip
 
-    async def send_file(self, ref: int, path: str) -> dict[str, Any]:
-        return await self.files.send(ref, path)
+    async def send_file(self, ref: int, path: str, caption: str | None = None) -> dict[str, Any]:
+        return await self.files.send(ref, path, caption)
 
     async def read(
         self, ref: int, up_to: str | None, message_ids: list[str] | None = None
@@ -428,11 +433,14 @@ class Groups(GroupBase):
         """The messages as group.history shows them, their senders named from ``log``'s head
         (parsed once by the caller, however many messages)."""
         names = {m.key: self._contact_of(m) for m in log.head.members}
+        seqs = [msg.seq for msg in page]
+        extras, reactions = GA.extras(self.m.store, seqs), GA.reactions(self.m.store, seqs)
         out = []
         for msg in page:
             item: dict[str, Any] = {
                 "message_id": msg.id, "seq": msg.seq, "direction": msg.direction,
                 "text": msg.body, "sent_at": msg.sent_at, "created_at": msg.created_at,
+                **group_action_fields(extras.get(msg.seq), reactions.get(msg.seq, {})),
             }  # fmt: skip
             aid = A.of_group_message(self.m.store, msg.seq) if msg.direction == "in" else None
             if aid is not None:

@@ -65,18 +65,26 @@ def register(registry: Registry, m: Messenger) -> None:
 
     @registry.method("group.send", unlocked=True)
     async def group_send(ctx: CallContext, group: int, text: str) -> dict[str, Any]:
-        return await g.send(group, text)
+        result = await g.send(group, text)
+        m.disappearing.wake()  # its deadline, if the group has a timer (§25.11)
+        return result
 
     @registry.method("group.send_file", unlocked=True)
-    async def group_send_file(ctx: CallContext, group: int, path: str) -> dict[str, Any]:
-        return await g.send_file(group, path)
+    async def group_send_file(
+        ctx: CallContext, group: int, path: str, caption: str | None = None
+    ) -> dict[str, Any]:
+        result = await g.send_file(group, path, caption)
+        m.disappearing.wake()
+        return result
 
     @registry.method("group.read", unlocked=True)
     async def group_read(
         ctx: CallContext, group: int, up_to: str | None = None,
         message_ids: list[str] | None = None,
     ) -> dict[str, Any]:  # fmt: skip
-        return await g.read(group, up_to, message_ids)
+        result = await g.read(group, up_to, message_ids)
+        m.disappearing.wake()  # read: an incoming message's deadline starts
+        return result
 
     @registry.method("group.history", unlocked=True)
     async def group_history(

@@ -20,6 +20,7 @@ from aegisd.store import groups as G
 from aegisd.store.db import Contact
 
 from .delivery import Recipient
+from .group_actions import GroupActions
 from .group_files import GroupFiles
 from .groups_state import (
     HELD_MAX_AGE_MS,
@@ -45,10 +46,11 @@ from .inbox import clean_name
 
 
 class GroupInbound(GroupBase):
-    def __init__(self, host: GroupsHost, files: GroupFiles,
+    def __init__(self, host: GroupsHost, files: GroupFiles, actions: GroupActions | None = None,
                  pruner: DepartedContacts | None = None) -> None:  # fmt: skip
         super().__init__(host, pruner)
         self.files = files
+        self.actions = actions if actions is not None else GroupActions(host, pruner)
         self._opening: set[int] = set()  # pending introductions being tried now
 
     def on_receipt(self, c: Contact, message_id: bytes, status: str) -> None:
@@ -68,7 +70,8 @@ class GroupInbound(GroupBase):
                 self._on_answer(c, sender, payload)
             elif isinstance(payload, wire.GroupChangePayload):
                 self._on_change(payload.change)
-            elif isinstance(payload, (wire.GroupMessagePayload, wire.GroupFilePayload)):
+            elif isinstance(payload, (wire.GroupMessagePayload, wire.GroupFilePayload,
+                                      wire.GroupActionPayload)):  # fmt: skip
                 self._on_message(c, session, sender, payload)
             elif isinstance(payload, wire.GroupIntroductionPayload):
                 self._on_introduction(c, payload)
@@ -216,9 +219,9 @@ class GroupInbound(GroupBase):
         self._prune_contacts(departed_keys(before, log.head, self._me()))
 
     def _on_message(self, c: Contact, session: Session, sender: PublicIdentity,
-                    p: wire.GroupMessagePayload | wire.GroupFilePayload,
+                    p: wire.GroupMessagePayload | wire.GroupFilePayload | wire.GroupActionPayload,
                     held: bool = False) -> None:  # fmt: skip
-        """A text or a file (§25.10) from a member: judged alike (§25.6)."""
+        """A text, a file (§25.10) or an action (§25.11) from a member: judged alike (§25.6)."""
         row = G.group_by_id(self.m.store, p.group_id)
         if row is None:
             droplog.dropped("dropped a message of an unknown group")
@@ -238,6 +241,9 @@ class GroupInbound(GroupBase):
         if isinstance(p, wire.GroupFilePayload):
             self.files.deliver(row.id, c, session, sender, p)
             return
+        if isinstance(p, wire.GroupActionPayload):
+            self.actions.deliver(row.id, c, session, sender, p)
+            return
         # one message per (group, author, id): another member's use of the id is its own
         if G.add_message(self.m.store, row.id, p.message_id, "in", p.text,
                          sender_key=sender.ed_pub, sent_at=p.sent_at_ms) is None:
@@ -250,6 +256,7 @@ class GroupInbound(GroupBase):
             "sent_at": p.sent_at_ms})  # fmt: skip
         self.m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED,
                                       [p.message_id])  # fmt: skip
+        self.actions.on_message(row.id, sender.ed_pub, p.message_id)  # held for it (§25.11)
 
     def _on_introduction(self, c: Contact, p: wire.GroupIntroductionPayload,
                          held: bool = False) -> None:  # fmt: skip
@@ -335,7 +342,8 @@ class GroupInbound(GroupBase):
                 G.drop_held(self.m.store, h.id)
                 continue
             sender = PublicIdentity.from_bytes(c.identity_key)
-            if isinstance(p, (wire.GroupMessagePayload, wire.GroupFilePayload)):
+            if isinstance(p, (wire.GroupMessagePayload, wire.GroupFilePayload,
+                              wire.GroupActionPayload)):  # fmt: skip
                 verdict = core.message_disposition(head, sender.ed_pub, p.version, departed)
                 if verdict is core.Disposition.HOLD:
                     continue

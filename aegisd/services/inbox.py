@@ -166,6 +166,7 @@ class GroupsView(Protocol):
 _GROUP_PAYLOADS = (
     wire.GroupInvitePayload, wire.GroupAnswerPayload, wire.GroupChangePayload,
     wire.GroupMessagePayload, wire.GroupIntroductionPayload, wire.GroupFilePayload,
+    wire.GroupActionPayload,
 )  # fmt: skip
 def _group_change(content: bytes) -> wire.GroupChangePayload | None:
     try:

@@ -9,6 +9,7 @@ from typing import Any
 from aegisd.store import Message, Store
 from aegisd.store import actions as actions_store
 from aegisd.store.actions import Extras
+from aegisd.store.group_actions import GroupExtras
 
 #: A conversation's last message is shown as at most this many characters of its text.
 PREVIEW_CHARS = 80
@@ -58,6 +59,20 @@ def action_fields(extras: Extras | None, reactions: dict[str, str]) -> dict[str,
             for e, n in sorted(counts.items())
         ],
     }
+
+
+def group_action_fields(extras: GroupExtras | None, reactions: dict[bytes, str]
+                        ) -> dict[str, Any]:  # fmt: skip
+    """A group message's reply, edit, deletion, reactions and timer, as ``action_fields`` and
+    ``message_object`` show them for a one-to-one message (docs/api.md, group.history)."""
+    mine = {("out" if member == b"" else member.hex()): e for member, e in reactions.items()}
+    fields = action_fields(None if extras is None else Extras(
+        extras.reply_to, extras.quoted, extras.edited_at, extras.edits, extras.deleted), mine)
+    fields["expires_at"] = None if extras is None else extras.expires_at
+    fields["timer"] = 0 if extras is None else extras.timer_s
+    if extras is not None and extras.timer_change is not None:
+        fields["timer_change"] = extras.timer_change
+    return fields
 
 
 def preview(text: str) -> str:

@@ -340,6 +340,7 @@ class Messenger:
                 self.store.delete_stale_fragments(_ms() - STALE_FRAGMENTS_MS)
                 self._prune_events()
                 self.actions.prune_held()
+                self.groups.actions.prune_held()
                 if self.ctx.relay_connected:
                     self.store.set_setting(SETTING_LAST_REACHED, _ms())
             # Each step on its own: one that raises (the relay down) does not skip the others.

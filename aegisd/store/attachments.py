@@ -141,6 +141,12 @@ def of_group_message(store: Store, seq: int) -> str | None:
     return None if r is None else str(r[0])
 
 
+def of_group_seq(store: Store, seq: int) -> list[str]:
+    """Every attachment of a group message: a received file, or our copies of a file sent."""
+    return [str(r[0]) for r in store.query(
+        "SELECT id FROM attachments WHERE group_seq = ?", (seq,)).fetchall()]  # fmt: skip
+
+
 def pending_group_files(store: Store, contact_id: int) -> tuple[int, int]:
     """A member's received group files still downloading: how many, how many bytes."""
     r = store.query(

@@ -382,12 +382,17 @@ def add_message(
     sender_key: bytes | None = None, sent_at: int | None = None, read_at: int | None = None,
     created_at: int | None = None,
 ) -> int | None:  # fmt: skip
-    """The message's ``seq``; None if this author's message with this id is here already."""
+    """The message's ``seq``; None if this author's message with this id is here already.
+    The group's timer as it is now applies to it (§25.11): one's own runs from now, an
+    incoming one from when it is marked read."""
+    now = _ms() if created_at is None else created_at
+    row = store._q("SELECT timer_s FROM groups WHERE id = ?", (ref,)).fetchone()
+    timer = int(row[0]) if row is not None else 0
     cur = store._q(
         "INSERT OR IGNORE INTO group_messages (group_ref, author, wire_id, direction, body, "
-        "sent_at, created_at, read_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (ref, sender_key or b"", wire_id, direction, body, sent_at,
-         _ms() if created_at is None else created_at, read_at),
+        "sent_at, created_at, read_at, timer_s, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (ref, sender_key or b"", wire_id, direction, body, sent_at, now, read_at, timer,
+         now + timer * 1000 if timer and direction == "out" else None),
     )  # fmt: skip
     return int(cur.lastrowid) if cur.rowcount else None
 
@@ -456,7 +461,11 @@ def unread(store: Store, ref: int, up_to_seq: int | None = None) -> list[GroupMe
 def set_read(store: Store, seqs: Iterable[int]) -> None:
     now = _ms()
     for seq in seqs:
-        store._q("UPDATE group_messages SET read_at = ? WHERE seq = ?", (now, seq))
+        store._q(
+            "UPDATE group_messages SET read_at = ?, expires_at = CASE WHEN timer_s > 0 "
+            "AND expires_at IS NULL THEN ? + timer_s * 1000 ELSE expires_at END WHERE seq = ?",
+            (now, now, seq),
+        )
 
 
 def set_statuses(store: Store, seq: int, contact_ids: Iterable[int], status: str) -> None:

@@ -676,10 +676,58 @@ def _quoted_direction(db: Any) -> None:
     )
 
 
+def _group_message_actions(db: Any) -> None:
+    """Replies, reactions, edits, deletions and timers in groups (docs/protocol.md §25.11),
+    as ``_message_actions`` and ``_disappearing_messages`` for one-to-one messages: a group
+    message may quote another of its group (``reply_to``: its API id; ``quoted``: its text as
+    we had it; ``quoted_author``: its author's key, empty for ours), be edited or deleted for
+    everyone, carry a timer and a deadline. ``group_reactions``: one per member per message
+    (``member`` empty: ours). ``group_pending_actions``: an action whose message has not come
+    yet (bounded per group, services/group_actions.py). A group's timer and its change's
+    stamp are columns of ``groups``."""
+    _run(
+        db,
+        """
+        ALTER TABLE group_messages ADD COLUMN reply_to TEXT;
+        ALTER TABLE group_messages ADD COLUMN quoted TEXT;
+        ALTER TABLE group_messages ADD COLUMN quoted_author BLOB;
+        ALTER TABLE group_messages ADD COLUMN edited_at INTEGER;
+        ALTER TABLE group_messages ADD COLUMN edit_sent_at INTEGER;
+        ALTER TABLE group_messages ADD COLUMN edits INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE group_messages ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE group_messages ADD COLUMN timer_s INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE group_messages ADD COLUMN expires_at INTEGER;
+        ALTER TABLE group_messages ADD COLUMN timer_change INTEGER;
+        CREATE INDEX group_messages_by_expiry ON group_messages (expires_at)
+            WHERE expires_at IS NOT NULL;
+        ALTER TABLE groups ADD COLUMN timer_s INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE groups ADD COLUMN timer_changed_at INTEGER NOT NULL DEFAULT 0;
+        CREATE TABLE group_reactions (
+            seq         INTEGER NOT NULL REFERENCES group_messages(seq) ON DELETE CASCADE,
+            member      BLOB NOT NULL,
+            emoji       TEXT NOT NULL,
+            created_at  INTEGER NOT NULL,
+            PRIMARY KEY (seq, member)
+        ) WITHOUT ROWID;
+        CREATE TABLE group_pending_actions (
+            id          INTEGER PRIMARY KEY,
+            group_ref   INTEGER NOT NULL REFERENCES groups(id) ON DELETE CASCADE,
+            contact_id  INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+            author      BLOB NOT NULL,          -- the awaited message's author (empty: ours)
+            target      BLOB NOT NULL,          -- its wire id
+            payload     BLOB NOT NULL,          -- the group action, encoded
+            created_at  INTEGER NOT NULL
+        );
+        CREATE INDEX group_pending_by_target ON group_pending_actions (group_ref, author, target)
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
     _cover_receipts, _mailbox_pool, _groups, _group_invites_and_intros, _group_message_keys,
     _group_file_links, _group_contact_departures, _message_search_index, _message_actions,
     _file_captions_and_typing, _disappearing_messages, _search_index_dirty, _quoted_direction,
+    _group_message_actions,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -38,7 +38,12 @@ def test_the_migration_indexes_the_history_it_finds(tmp_path, monkeypatch):
     ).lastrowid
     time.sleep(0.01)  # "newest first" needs distinct times: both rows have seq 1
     ref = G.add_group(store, b"g" * 32, b"log", [(b"a" * 32, 3)])
-    g = G.add_message(store, ref, b"1" * 16, "out", "old group words")
+    # raw SQL too: G.add_message writes the timer columns of a later migration
+    g = store._q(
+        "INSERT INTO group_messages (group_ref, author, wire_id, direction, body, created_at)"
+        " VALUES (?, x'', ?, 'out', 'old group words', ?)",
+        (ref, b"1" * 16, int(time.time() * 1000)),
+    ).lastrowid
     store.close()
     monkeypatch.setattr("aegisd.store.db.MIGRATIONS", schema_mod.MIGRATIONS)
     monkeypatch.setattr("aegisd.store.db.SCHEMA_VERSION", schema_mod.SCHEMA_VERSION)

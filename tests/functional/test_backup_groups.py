@@ -34,6 +34,12 @@ def test_a_member_restored_from_a_backup_keeps_its_groups(
     carol.wait_for(lambda: "before the backup" in texts(carol), "bob's message", T)
     gc = group_of(carol)["group"]  # type: ignore[index]
     before = carol.call("group.history", {"group": gc})["messages"]
+    # The group's timer is carried, a message that has one is not (docs/backup.md §2).
+    carol.call("conversations.set_timer", {"group": gc, "seconds": 604800})
+    bob.wait_for(lambda: bob.call("conversations.get_timer", {"group": gb})["seconds"]
+                 == 604800, "carol's timer", T)  # fmt: skip
+    bob.call("group.send", {"group": gb, "text": "timed words"})
+    carol.wait_for(lambda: "timed words" in texts(carol), "bob's timed message", T)
     # An invitation carol has not answered yet: it is in the backup too.
     g2 = alice.call("group.create", {"name": "Second"})["group"]
     alice.call("group.invite", {"group": g2, "contact": "carol"})
@@ -63,7 +69,8 @@ def test_a_member_restored_from_a_backup_keeps_its_groups(
     restored = group_of(new)
     assert restored is not None and restored["name"] == NAME
     assert set(members(new)) == set(ed.values())
-    assert texts(new) == ["before the backup"]
+    assert texts(new) == ["before the backup", "[timer] 1 week"]
+    assert new.call("conversations.get_timer", {"group": restored["group"]})["seconds"] == 604800
     # the same message ID (author and wire ID); read: a restored history sends no receipts
     after = new.call("group.history", {"group": restored["group"]})["messages"]
     assert after[0]["message_id"] == before[0]["message_id"] and after[0]["read"] is True

@@ -75,7 +75,23 @@ SAMPLES: dict[str, wire.Payload] = {
     "file": wire.GroupFilePayload(INVITE_LOG.head.group_id, 4, wire.AttachmentPayload(
         b"f" * 16, 7, b"s" * 32, 40_000, wire.attachment_blocks(40_000), b"d" * 32,
         "wss://relay.example/v1/ws", "photo é.jpg")),
+    "file with caption": wire.GroupFilePayload(INVITE_LOG.head.group_id, 4, wire.AttachmentPayload(
+        b"f" * 16, 7, b"s" * 32, 40_000, wire.attachment_blocks(40_000), b"d" * 32,
+        "wss://relay.example/v1/ws", "photo é.jpg", "the harbour at dawn", b"f" * 16)),
+    **{f"action {kind}": wire.GroupActionPayload(
+        INVITE_LOG.head.group_id, 4, bytes(32) if kind == "timer" else PEOPLE[1].public.ed_pub,
+        action) for kind, action in (
+            ("reply", wire.ReplyPayload(b"r" * 16, 7, b"m" * 16, "hé")),
+            ("reaction", wire.ReactionPayload(b"m" * 16, "\U0001f44d")),
+            ("reaction removed", wire.ReactionPayload(b"m" * 16, "")),
+            ("edit", wire.EditPayload(b"m" * 16, 9, "hé")),
+            ("delete", wire.DeletePayload(b"m" * 16)),
+            ("timer", wire.TimerPayload(9, 300)),
+        )},
 }
+#: Where a payload's trailing text starts (the text is the rest: any cut after it parses).
+TEXT_TAIL = {"message": 2 + 32 + 8 + 16 + 8, "action reply": 2 + 32 + 8 + 32 + 1 + 16 + 8 + 16,
+             "action edit": 2 + 32 + 8 + 32 + 1 + 16 + 8}
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))
@@ -84,10 +100,10 @@ def test_round_trip_and_strictness(name: str) -> None:
     data = wire.encode_payload(payload)
     assert wire.decode_payload(data) == payload
     for cut in range(2, len(data), max(1, len(data) // 40)):
-        if name != "message" or cut < 2 + 32 + 8 + 16 + 8:  # a message's tail is its text
+        if name not in TEXT_TAIL or cut < TEXT_TAIL[name]:  # a text tail: any cut of it parses
             with pytest.raises(DecodeError):
                 wire.decode_payload(data[:cut])
-    if name != "message":
+    if name not in TEXT_TAIL:
         with pytest.raises(DecodeError):
             wire.decode_payload(data + b"\x00")
     with pytest.raises(UnsupportedVersion):
@@ -382,3 +398,62 @@ def test_a_group_file_is_a_descriptor_behind_the_group_and_version() -> None:
         f = replace(p.file, relay_url=url, name=name)
         size = len(_encoded(replace(p, file=f)))
         assert size == (146 if url == "u" else 654) and size <= wire.RATCHET_CAPACITY
+
+
+def test_a_group_action_is_a_one_to_one_action_behind_the_group_version_and_author() -> None:
+    """§25.11: 0x19 = group ID, version, author, then a whole 0x12-0x16 payload's type and
+    fields exactly as one-to-one; a timer names no author (zeros), every other kind one."""
+    gid, author = INVITE_LOG.head.group_id, PEOPLE[1].public.ed_pub
+    for kind in ("reply", "reaction", "edit", "delete", "timer"):
+        p = SAMPLES[f"action {kind}"]
+        assert isinstance(p, wire.GroupActionPayload)
+        data = _encoded(p)
+        assert data[:2] == bytes([wire.VERSION, wire.PAYLOAD_GROUP_ACTION])
+        assert data[2:34] == gid and data[34:42] == (4).to_bytes(8, "big")
+        assert data[42:74] == (bytes(32) if kind == "timer" else author)
+        assert data[74:] == _encoded(p.action)[1:]  # the inner payload, without its version
+    reaction, timer = SAMPLES["action reaction"], SAMPLES["action timer"]
+    assert isinstance(reaction, wire.GroupActionPayload)
+    assert isinstance(timer, wire.GroupActionPayload)
+    with pytest.raises(ValueError):  # a reaction names its message's author
+        _encoded(replace(reaction, author=bytes(32)))
+    with pytest.raises(ValueError):  # a timer names none
+        _encoded(replace(timer, author=author))
+    data = _encoded(reaction)
+    with pytest.raises(DecodeError):
+        wire.decode_payload(data[:42] + bytes(32) + data[74:])
+    data = _encoded(timer)
+    with pytest.raises(DecodeError):
+        wire.decode_payload(data[:42] + author + data[74:])
+    # only 0x12-0x16 inside: a text, a group message or another wrapper is refused
+    for inner in (wire.PAYLOAD_TEXT, wire.PAYLOAD_GROUP_MESSAGE, wire.PAYLOAD_GROUP_ACTION,
+                  wire.PAYLOAD_ATTACHMENT_EXTRA):
+        with pytest.raises(DecodeError):
+            wire.decode_payload(data[:74] + bytes([inner]) + data[75:])
+    # a timer outside the allowed values, and a reaction that is not one emoji
+    bad_timer = replace(timer.action, seconds=wire.TIMER_MAX_S)
+    data = _encoded(replace(timer, action=bad_timer))
+    with pytest.raises(DecodeError):
+        wire.decode_payload(data[:-4] + (wire.TIMER_MAX_S + 1).to_bytes(4, "big"))
+    data = _encoded(reaction)
+    with pytest.raises(DecodeError):
+        wire.decode_payload(data[:-4] + b"abcd")
+
+
+def test_a_captioned_group_file_is_a_0x17_descriptor_behind_the_group_and_version() -> None:
+    """§25.8: 0x1A = group ID, version, then exactly the fields of a 0x17 descriptor (caption
+    and batch); a file without a caption stays a 0x11."""
+    p = SAMPLES["file with caption"]
+    assert isinstance(p, wire.GroupFilePayload)
+    data = _encoded(p)
+    assert data[:2] == bytes([wire.VERSION, wire.PAYLOAD_GROUP_FILE_EXTRA])
+    assert data[42:] == _encoded(p.file)[2:]  # the fields of the 0x17
+    assert _encoded(p.file)[1] == wire.PAYLOAD_ATTACHMENT_EXTRA
+    assert wire.decode_payload(data) == p and p.file.caption == "the harbour at dawn"
+    plain = SAMPLES["file"]
+    assert _encoded(plain)[1] == wire.PAYLOAD_GROUP_FILE
+    # a caption over 2048 bytes is refused on its length
+    at = 42 + len(_encoded(plain.file)) - 2  # type: ignore[attr-defined]
+    with pytest.raises(DecodeError):
+        wire.decode_payload(data[:at] + (wire.MAX_CAPTION_BYTES + 1).to_bytes(2, "big")
+                            + data[at + 2:])

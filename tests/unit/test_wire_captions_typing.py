@@ -91,11 +91,14 @@ def test_bad_batch_refused(index: int, count: int) -> None:
         wire.encode_payload(descriptor(batch_id=bytes(16), batch_index=index, batch_count=count))
 
 
-def test_group_descriptor_refuses_extras() -> None:
-    """A group's 0x11 has no caption field: a caption is refused, never silently dropped."""
+def test_group_descriptor_with_extras_is_a_0x1a() -> None:
+    """A group's 0x11 has no caption field: a caption goes as 0x1A (docs/protocol.md §25.8),
+    never silently dropped."""
     p = wire.GroupFilePayload(bytes(32), 1, descriptor(caption="x"))
-    with pytest.raises(ValueError):
-        wire.encode_payload(p)
+    data = wire.encode_payload(p)
+    back = wire.decode_payload(data)
+    assert data[1] == wire.PAYLOAD_GROUP_FILE_EXTRA and isinstance(back, wire.GroupFilePayload)
+    assert back.file.caption == "x" and back.file.batch_count == 1  # a lone file: its own batch
 
 
 def test_typing_round_trip_and_flags() -> None:

@@ -1,0 +1,216 @@
+"""Replies, reactions, edits, deletions and timers in a group (docs/protocol.md §25.11), between
+three real daemons on a real relay: a reply and a reaction of one member seen by the others;
+the author's edit applied everywhere and kept in step by the search index (a rare word); delete
+for everyone; a caption on a group file; a timer set by one member erasing a text and a
+captioned file at every member (the decrypted store pages hold them nowhere); then a hostile
+member's forged edit of another's message refused, and an edit arriving before its message
+applied when the message comes; a removed member's reaction dropped."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aegis_cli.client import RpcCallError
+from aegisd.core import wire
+from tests.functional.conftest import Peer
+from tests.functional.test_attachments import wait_state
+from tests.functional.test_cli_messaging import aegis, ok
+from tests.functional.test_disappearing import plain_pages
+from tests.functional.test_group_files import group_id_of
+from tests.functional.test_group_reads import NAME, three_member_group
+from tests.functional.test_groups import group_of, key_of, members
+from tests.functional.test_hostile_contact import queued, url_of
+from tests.relay.conftest import RelayProcess
+from tests.support.hostile import hostile
+
+T = 60.0
+
+
+def ref(peer: Peer) -> int:
+    g = group_of(peer)
+    assert g is not None
+    return int(g["group"])
+
+
+def history(peer: Peer) -> list[dict[str, Any]]:
+    return list(peer.call("group.history", {"group": ref(peer)})["messages"])
+
+
+def find(peer: Peer, key: str, value: Any) -> dict[str, Any] | None:
+    return next((m for m in history(peer) if m.get(key) == value), None)
+
+
+def found(peer: Peer, word: str) -> list[str]:
+    hits = peer.call("messages.search", {"query": word, "group": ref(peer)})["results"]
+    return [h["message"]["text"] for h in hits]
+
+
+def test_replies_reactions_edits_deletions_and_a_timer_in_a_group(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    alice, bob, carol = three_member_group(peers)
+    keys = {p.name: key_of(p) for p in (alice, bob, carol)}
+    sent = alice.call("group.send", {"group": ref(alice), "text": "original plumage"})
+    # every member names alice's message by (author, id): hers in her own form
+    ids = {"alice": sent["message_id"],
+           **{p.name: f"{keys['alice']}:{sent['message_id']}" for p in (bob, carol)}}  # fmt: skip
+    for p in (bob, carol):
+        p.wait_for(lambda p=p: find(p, "message_id", ids[p.name]), f"{p.name} to get it", T)
+
+    # bob replies, carol reacts: each seen by the two others
+    reply = bob.call("messages.reply", {"group": ref(bob), "message_id": ids["bob"],
+                                        "text": "a reply to it"})  # fmt: skip
+    assert reply["recipients"] == 2 and reply["group"] == ref(bob)
+    ok(aegis(carol, "react", ids["carol"], "\U0001f44d", "--group", NAME))  # the CLI's way
+    for p in (alice, carol):
+        got = p.wait_for(lambda p=p: find(p, "text", "a reply to it"), f"{p.name}: reply", T)
+        assert got["reply_to"] == {"message_id": ids[p.name], "text": "original plumage"}
+        assert got["from"] == keys["bob"]
+    for p in (alice, bob):
+        p.wait_for(lambda p=p: find(p, "message_id", ids[p.name])["reactions"]  # type: ignore[index]
+                   == [{"emoji": "\U0001f44d", "count": 1, "mine": False}],
+                   f"{p.name}: carol's reaction", T)  # fmt: skip
+    reacted = alice.events(types=["message.reaction"])[-1]["data"]
+    assert reacted["group"] == ref(alice) and reacted["from"] == keys["carol"]
+    assert find(carol, "message_id", ids["carol"])["reactions"][0]["mine"] is True  # type: ignore[index]
+    shown = ok(aegis(alice, "messages", "--group", NAME, "--ids"))
+    assert f"{ids['alice']}  " in shown and "[\U0001f44d 1]" in shown
+    assert "[reply to \u201coriginal plumage\u201d] a reply to it" in shown
+
+    # alice edits her message: applied at both, the reply's quote follows, and the search
+    # index finds the new rare word and not the old one
+    alice.call("messages.edit", {"group": ref(alice), "message_id": ids["alice"],
+                                 "text": "edited zeppelin"})  # fmt: skip
+    for p in (bob, carol):
+        p.wait_for(lambda p=p: find(p, "message_id", ids[p.name])["text"]  # type: ignore[index]
+                   == "edited zeppelin", f"{p.name}: the edit", T)  # fmt: skip
+        assert find(p, "message_id", ids[p.name])["edits"] == 1  # type: ignore[index]
+    for p in (alice, bob, carol):
+        assert found(p, "zeppelin") == ["edited zeppelin"], p.name
+        assert found(p, "plumage") == [], p.name
+    assert find(carol, "text", "a reply to it")["reply_to"]["text"] == "edited zeppelin"  # type: ignore[index]
+
+    # bob deletes his reply for everyone
+    bob.call("messages.delete", {"group": ref(bob), "message_id": reply["message_id"],
+                                 "for_everyone": True})  # fmt: skip
+    reply_ids = {p.name: f"{keys['bob']}:{reply['message_id']}" for p in (alice, carol)}
+    for p in (alice, carol):
+        p.wait_for(lambda p=p: find(p, "message_id", reply_ids[p.name])["deleted"],  # type: ignore[index]
+                   f"{p.name}: the deletion", T)  # fmt: skip
+        assert find(p, "message_id", reply_ids[p.name])["text"] == ""  # type: ignore[index]
+        assert not any(e["data"].get("text") == "a reply to it"
+                       for e in p.events(types=["group.message"]))  # fmt: skip
+
+    # a caption on a group file: carol's copy of it shows it, and so does her event
+    src = tmp_short / "harbour.txt"
+    src.write_bytes(b"a small file")
+    shared = bob.call("group.send_file", {"group": ref(bob), "path": str(src),
+                                          "caption": "the harbour at dawn"})  # fmt: skip
+    assert shared["caption"] == "the harbour at dawn"
+    got = carol.wait_for(lambda: find(carol, "text", "[file] harbour.txt\nthe harbour at dawn"),
+                         "carol: the captioned file", T)  # fmt: skip
+    assert "attachment_id" in got
+    assert any(e["data"].get("caption") == "the harbour at dawn"
+               for e in carol.events(types=["group.message"]))  # fmt: skip
+    assert carol.call("attachments.get", {"attachment_id": got["attachment_id"]})[
+        "caption"] == "the harbour at dawn"
+
+    # carol sets a 20-second timer; alice's next message disappears at all three once read
+    # (long enough for alice's file copies to be up before her own copy's deadline cancels
+    # them: her deadline runs from the send)
+    assert "20 seconds" in ok(aegis(carol, "disappear", "--group", NAME, "20s"))
+    for p in (alice, bob):
+        p.wait_for(lambda p=p: p.call("conversations.get_timer", {"group": ref(p)})["seconds"]
+                   == 20, f"{p.name}: the timer", T)  # fmt: skip
+        change = p.events(types=["conversation.timer"])[-1]["data"]
+        assert change["group"] == ref(p) and change["by"] == keys["carol"]
+    secret = "ephemeral quokka"
+    alice.call("group.send", {"group": ref(alice), "text": secret})
+    # and a timed file with a caption: its copy and its events go with it
+    timed = tmp_short / "wombat.txt"
+    timed.write_bytes(b"wombat bytes " * 100)
+    alice.call("group.send_file", {"group": ref(alice), "path": str(timed),
+                                   "caption": "a wombat caption"})  # fmt: skip
+    file_text = "[file] wombat.txt\na wombat caption"
+    aid = {}
+    for p in (bob, carol):
+        p.wait_for(lambda p=p: find(p, "text", secret), f"{p.name}: the message", T)
+        got = p.wait_for(lambda p=p: find(p, "text", file_text), f"{p.name}: the file", T)
+        aid[p.name] = got["attachment_id"]
+        wait_state(p, aid[p.name], "complete")
+        p.call("group.read", {"group": ref(p)})  # an incoming message's deadline runs from here
+    for p in (alice, bob, carol):
+        p.wait_for(lambda p=p: find(p, "text", secret) is None, f"{p.name}: erased", T)
+        p.wait_for(lambda p=p: find(p, "text", file_text) is None, f"{p.name}: file gone", T)
+        assert found(p, "quokka") == [] and found(p, "wombat") == []
+        if p.name in aid:
+            with pytest.raises(RpcCallError):
+                p.call("attachments.get", {"attachment_id": aid[p.name]})
+            assert not any(e["data"].get("attachment_id") == aid[p.name] for e in p.events())
+            assert not (p.home / "attachments" / f"{aid[p.name]}.blocks").exists()
+        assert any(e["data"].get("group") == ref(p) for e in p.events(types=["message.expired"]))
+        p.wait_for(lambda p=p: secret.encode() not in plain_pages(p)
+                   and b"a wombat caption" not in plain_pages(p), f"{p.name}: pages", T)
+    assert b"edited zeppelin" in plain_pages(bob)  # the pages were read right
+
+
+def test_a_forged_edit_is_refused_and_an_early_edit_waits_for_its_message(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """carol, hostile, sends bob an edit of alice's message naming alice as its author (bob
+    refuses: an edit is only ever the sender's own), then an edit of her own text before the
+    text itself (reordered delivery: bob holds the edit and applies it when the text comes);
+    deletions of alice's message refused; once removed, her reaction dropped."""
+    alice, bob, carol = three_member_group(peers)
+    sent = alice.call("group.send", {"group": ref(alice), "text": "alice wrote this"})
+    mine = f"{key_of(alice)}:{sent['message_id']}"
+    bob.wait_for(lambda: find(bob, "message_id", mine), "bob to get it", T)
+    gid, version = group_id_of(carol), bob.call("group.get", {"group": ref(bob)})["version"]
+    carol_hex = key_of(carol)
+    alice_key, carol_key = bytes.fromhex(key_of(alice)), bytes.fromhex(carol_hex)
+    now = int(time.time() * 1000)
+    forged = wire.GroupActionPayload(gid, version, alice_key, wire.EditPayload(
+        bytes.fromhex(sent["message_id"]), now, "carol's words"))  # fmt: skip
+    own_id = os.urandom(16)
+    early = wire.GroupActionPayload(gid, version, carol_key,
+                                    wire.EditPayload(own_id, now + 1, "carol's second thought"))
+    text = wire.GroupMessagePayload(gid, version, own_id, now, "carol's first thought")
+    target = bytes.fromhex(sent["message_id"])
+    # deletions of alice's message: naming alice (refused), naming herself (no such message
+    # of hers: held, never applied)
+    deletes = [wire.GroupActionPayload(gid, version, key, wire.DeletePayload(target))
+               for key in (alice_key, carol_key)]  # fmt: skip
+    carol.stop()
+    with hostile(carol.home, "bob") as h:
+        blocks = [b for p in (forged, *deletes, early, text) for b in h.payload_blocks(p)]
+        h.deposit(url_of(relay_proc), blocks)
+        bob.wait_for(lambda: queued(relay_proc, h) == 0, "bob to take carol's", T)
+    late = f"{carol_hex}:{own_id.hex()}"
+    got = bob.wait_for(lambda: find(bob, "message_id", late), "carol's text", T)
+    assert got["text"] == "carol's second thought" and got["edits"] == 1
+    kept = find(bob, "message_id", mine)
+    assert kept is not None and kept["text"] == "alice wrote this" and kept["edits"] == 0
+    edits = [e["data"] for e in bob.events(types=["message.edited"])]
+    assert [e["message_id"] for e in edits] == [late]
+    assert kept["deleted"] is False and bob.events(types=["message.deleted"]) == []
+
+    # removed, carol's actions are dropped like her texts (§25.6): a reaction, then a text
+    # of hers to bob alone (one-to-one: shown), which tells that the reaction was handled
+    alice.call("group.remove", {"group": ref(alice), "member": carol_hex})
+    bob.wait_for(lambda: carol_hex not in members(bob), "carol's removal at bob", T)
+    after = bob.call("group.get", {"group": ref(bob)})["version"]
+    reaction = wire.GroupActionPayload(gid, after, alice_key, wire.ReactionPayload(
+        target, "\U0001f44d"))  # fmt: skip
+    marker = wire.TextPayload(os.urandom(16), int(time.time() * 1000), "after the reaction")
+    with hostile(carol.home, "bob") as h:
+        h.deposit(url_of(relay_proc), h.payload_blocks(reaction) + h.payload_blocks(marker))
+    bob.wait_for(lambda: any(m["text"] == "after the reaction" for m in bob.call(
+        "messages.history", {"contact": "carol"})["messages"]), "carol's text", T)  # fmt: skip
+    assert find(bob, "message_id", mine)["reactions"] == []  # type: ignore[index]
+    assert bob.events(types=["message.reaction"]) == []
