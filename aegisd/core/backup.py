@@ -319,6 +319,7 @@ class BackupMailbox:
 
 QUOTED_DIRECTIONS = (None, "in", "out")  # a reply's quoted message: not found, theirs, ours
 MAX_REACTIONS = 256  # one per person: two in a conversation, one per member in a group
+MAX_QUOTED_ID = 128  # a group message's API id is 97 characters (author:wire id in hex)
 _EXTRA_REPLY, _EXTRA_EDITED, _EXTRA_DELETED = 1, 2, 4
 
 
@@ -635,7 +636,7 @@ def _write_extras(w: wire.Writer, x: BackupExtras, version: int, *, group: bool)
     if x.reply_to is not None:
         if not x.reply_to or x.quoted_dir not in QUOTED_DIRECTIONS:
             raise ValueError("a reply names the message it quotes")
-        _put_str(w, x.reply_to, 64)
+        _put_str(w, x.reply_to, MAX_QUOTED_ID)
         w.u8(QUOTED_DIRECTIONS.index(x.quoted_dir)).flag(x.quoted is not None)
         if x.quoted is not None:
             _put_bytes(w, x.quoted.encode(), MAX_BODY_BYTES)
@@ -658,7 +659,7 @@ def _read_extras(r: wire.Reader, body: str, *, group: bool) -> BackupExtras:
         raise DecodeError("unknown message extras")
     reply_to = quoted = quoted_dir = None
     if flags & _EXTRA_REPLY:
-        reply_to = _str(r, 64)
+        reply_to = _str(r, MAX_QUOTED_ID)
         d = r.u8()
         if not reply_to or d >= len(QUOTED_DIRECTIONS):
             raise DecodeError("a malformed reply")

@@ -531,6 +531,49 @@ def _extras_out(row: tuple[Any, ...], reactions: list[fmt.BackupReaction] | tupl
     )
 
 
+def _group_reactions_out(store: Store, ref: int) -> dict[int, list[fmt.BackupReaction]]:
+    """The reactions on a group's exported messages, by message seq (contents version 4)."""
+    out: dict[int, list[fmt.BackupReaction]] = {}
+    for seq, member, emoji, at in store._q(
+        "SELECT r.seq, r.member, r.emoji, r.created_at FROM group_reactions r "
+        "JOIN group_messages m ON m.seq = r.seq WHERE m.group_ref = ? AND m.timer_s = 0 "
+        "ORDER BY r.seq, r.member",
+        (ref,),
+    ).fetchall():
+        key = bytes(member)
+        try:
+            wire.check_reaction(emoji)
+        except ValueError:
+            continue
+        if emoji and len(key) in (0, 32):
+            out.setdefault(int(seq), []).append(fmt.BackupReaction(key or None, emoji, at))
+    return out
+
+
+def _group_extras_in(store: Store, seq: int, x: fmt.BackupExtras) -> None:
+    """A restored group message's quote, marks and reactions (contents version 4)."""
+    if x == fmt.NO_EXTRAS:
+        return
+    quoted_author: bytes | None = None
+    if x.quoted_dir == "out":
+        quoted_author = b""
+    elif x.quoted_dir == "in" and x.reply_to is not None:
+        parsed = G.parse_api_id(x.reply_to)
+        quoted_author = parsed[0] if parsed is not None and len(parsed[0]) == 32 else None
+    store._q(
+        "UPDATE group_messages SET reply_to = ?, quoted = ?, quoted_author = ?, edited_at = ?, "
+        "edits = ?, edit_sent_at = ?, deleted = ? WHERE seq = ?",
+        (x.reply_to, x.quoted if quoted_author is not None else None, quoted_author,
+         x.edited_at, x.edits, x.edit_sent_at, int(x.deleted), seq),
+    )  # fmt: skip
+    for rx in x.reactions:
+        store._q(
+            "INSERT OR IGNORE INTO group_reactions (seq, member, emoji, created_at) "
+            "VALUES (?, ?, ?, ?)",
+            (seq, rx.reactor or b"", rx.emoji, rx.created_at),
+        )
+
+
 def _groups_out(store: Store, index: dict[int, int]) -> fmt.BackupGroups:
     """The groups for a backup. A contact that is not exported (a set-up still under way)
     takes with it its per-member statuses, its invitations and the ones we sent it."""
@@ -539,13 +582,30 @@ def _groups_out(store: Store, index: dict[int, int]) -> fmt.BackupGroups:
     place: dict[int, int] = {}  # group ref -> its place in the backup
     for row in G.list_groups(store):
         messages = []
-        for seq, author, wire_id, direction, body, sent_at, created in store._q(
+        timed = {
+            G.api_id(bytes(a), bytes(w))
+            for a, w in store._q(
+                "SELECT author, wire_id FROM group_messages WHERE group_ref = ? AND timer_s > 0",
+                (row.id,),
+            ).fetchall()
+        }
+        reactions = _group_reactions_out(store, row.id)
+        for (seq, author, wire_id, direction, body, sent_at, created, reply_to, quoted,
+             quoted_author, edited_at, edits, edit_sent_at, deleted) in store._q(
             # as for a contact's: a message with a disappearing timer is never in a backup
-            "SELECT seq, author, wire_id, direction, body, sent_at, created_at "
+            "SELECT seq, author, wire_id, direction, body, sent_at, created_at, reply_to, "
+            "quoted, quoted_author, edited_at, edits, edit_sent_at, deleted "
             "FROM group_messages WHERE group_ref = ? AND timer_s = 0 ORDER BY seq",
             (row.id,),
-        ).fetchall():
+        ).fetchall():  # fmt: skip
             sender = bytes(author) or None
+            quoted_dir = (None if quoted_author is None
+                          else "out" if not bytes(quoted_author) else "in")  # fmt: skip
+            extras = _extras_out(
+                (reply_to, quoted, quoted_dir, edited_at, edits, edit_sent_at, deleted,
+                 reply_to in timed),
+                reactions.get(int(seq), ()),
+            )  # fmt: skip
             if (direction == "in") != (sender is not None):
                 continue  # not a row the service writes
             statuses = tuple(
@@ -554,7 +614,7 @@ def _groups_out(store: Store, index: dict[int, int]) -> fmt.BackupGroups:
             ) if sender is None else ()  # fmt: skip
             messages.append(
                 fmt.BackupGroupMessage(G.text_id_of(bytes(wire_id)), sender, body,
-                                       sent_at, created, statuses)
+                                       sent_at, created, statuses, extras)
             )  # fmt: skip
         place[row.id] = len(groups)
         groups.append(
@@ -613,6 +673,7 @@ def _groups_in(
                 continue
             for contact, status in msg.statuses:
                 G.set_statuses(store, seq, [cids[contact]], status)
+            _group_extras_in(store, seq, msg.extras)
     for inv in backup.invitations:
         store._q(
             "INSERT INTO group_invitations (contact_id, payload, created_at) VALUES (?, ?, ?)",
