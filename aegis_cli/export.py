@@ -168,13 +168,17 @@ def write_private(path: Path, data: bytes, force: bool, fail: type[Exception]) -
     try:
         _write(fd, data)
         if temp is None:  # unnamed until now: a kill before here leaves nothing behind
-            temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+            named = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
             try:
-                _name(fd, temp)
-            except OSError as exc:
-                temp = None  # nothing was named
-                raise fail(f"cannot create a file beside {one_line(str(path))}: "
-                           f"{exc.strerror}") from None  # fmt: skip
+                _name(fd, named)
+                temp = named
+            except OSError:
+                # /proc is there but linkat refused (a sandbox, a /proc of another kind):
+                # the unnamed file goes with its fd; the data goes to a named one instead.
+                os.close(fd)
+                fd = -1
+                fd, temp = _named_temp(path, fail)
+                _write(fd, data)
         try:
             os.replace(temp, path)
         except IsADirectoryError:
@@ -184,7 +188,8 @@ def write_private(path: Path, data: bytes, force: bool, fail: type[Exception]) -
         temp = None
         _sync_dir(path.parent)
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         if temp is not None:
             temp.unlink(missing_ok=True)
 
@@ -201,6 +206,10 @@ def _temp_file(path: Path, fail: type[Exception]) -> tuple[int, Path | None]:
             return os.open(path.parent, os.O_WRONLY | tmpfile, 0o600), None
         except OSError:
             pass  # a file system without it: a named temp file
+    return _named_temp(path, fail)
+
+
+def _named_temp(path: Path, fail: type[Exception]) -> tuple[int, Path]:
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:

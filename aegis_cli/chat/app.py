@@ -276,6 +276,8 @@ class ChatApp(App[None]):
                 await stream.start()
                 self.subscriptions += 1
                 self.daemon_up = True
+                # contact.typing is live: a "stopped" (or lapse) sent while away is lost.
+                self.typing.clear()
                 delay = FIRST_DELAY
                 await self.refresh_status()
                 if self.locked:

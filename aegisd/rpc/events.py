@@ -78,6 +78,10 @@ class Subscription:
     send: Sender
     filter: EventFilter
     cursor: int
+    #: The last stored event this subscription was sent or passed over (filtered out) in
+    #: order: ``cursor`` can run ahead of it (detach() queues stored events behind live
+    #: ones), and a live event carries this, never a number ahead of what was sent.
+    sent: int = 0
     pending: collections.deque[Event | LiveEvent] = field(default_factory=collections.deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -167,7 +171,8 @@ class EventBus:
             raise RuntimeError("locked")
         cursor = self._store.last_event_seq() if since is None else since
         self._counter += 1
-        sub = Subscription(str(self._counter), owner, send, EventFilter(patterns), cursor)
+        sub = Subscription(str(self._counter), owner, send, EventFilter(patterns), cursor,
+                           sent=cursor)  # fmt: skip
         self._subs[sub.id] = sub
         sub.task = asyncio.get_running_loop().create_task(self._pump(sub))
         return sub
@@ -216,6 +221,8 @@ class EventBus:
                             sub.cursor = ev.seq
                             if sub.filter.matches(ev.type):
                                 await self._deliver(sub, ev)
+                            else:
+                                sub.sent = ev.seq  # nothing queued behind: passed in order
                         continue
                 # Nothing to send. No await between the check above and clear(): no lost wake.
                 sub.wake.clear()
@@ -231,12 +238,13 @@ class EventBus:
     @staticmethod
     async def _deliver(sub: Subscription, ev: Event | LiveEvent) -> None:
         if isinstance(ev, LiveEvent):
-            # No number of its own: it carries the subscription's cursor (it may repeat, and
+            # No number of its own: it carries the last stored seq sent (it may repeat, and
             # is no place to resume from); "live" tells the client not to count it.
-            body = {"seq": sub.cursor, "type": ev.type, "time_ms": ev.created_at,
+            body = {"seq": sub.sent, "type": ev.type, "time_ms": ev.created_at,
                     "data": ev.data, "live": True}  # fmt: skip
         else:
             body = ev.to_json()
+            sub.sent = ev.seq
         await sub.send(
             {
                 "jsonrpc": "2.0",

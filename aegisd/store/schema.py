@@ -723,11 +723,19 @@ def _group_message_actions(db: Any) -> None:
     )
 
 
+def _drop_stored_typing_events(db: Any) -> None:
+    """contact.typing became a live event, never stored (docs/api.md "Live events"): the ones
+    stored before (each says when a contact typed) go. secure_delete is on, and opening the
+    store empties the WAL after the migrations: no page keeps them."""
+    _run(db, "DELETE FROM events WHERE type = 'contact.typing'")
+
+
 MIGRATIONS: list[Migration] = [
     _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
     _cover_receipts, _mailbox_pool, _groups, _group_invites_and_intros, _group_message_keys,
     _group_file_links, _group_contact_departures, _message_search_index, _message_actions,
     _file_captions_and_typing, _disappearing_messages, _search_index_dirty, _quoted_direction,
     _group_message_actions,
+    _drop_stored_typing_events,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -5,11 +5,14 @@ parsed every group's log on every call)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from aegisd.core import group as core
 from aegisd.core.identity import IdentityKeyPair
 from aegisd.core.primitives import SystemEntropy
+from aegisd.daemon import Daemon
+from aegisd.paths import ProfilePaths
 from aegisd.services.group_logs import GroupLogs
 from aegisd.store import KdfParams, Store, create_profile
 from aegisd.store import groups as G
@@ -64,3 +67,57 @@ def test_each_log_is_parsed_once_and_again_only_when_it_changes(tmp_path: Path) 
         assert logs.parses == 6
     finally:
         store.close()
+
+
+def test_a_row_id_reused_for_a_group_made_again_is_not_taken_from_the_cache(
+    tmp_path: Path,
+) -> None:
+    """SQLite reuses the row id of the last group deleted: the same group deleted and made
+    again (its log unchanged, bytes equal) is a new row with its own creation time, which
+    conversations.list shows; the cache must not hand out the old one (finding L5)."""
+    store = create_profile(tmp_path / "p", "pass phrase", FAST)
+    try:
+        ref, _, log = _group(store, "again", 2)
+        logs = GroupLogs()
+        before = logs.all(store)[ref].created_at
+        with store.transaction():
+            G.delete_group(store, ref)
+        members = [(m.key, m.role) for m in log.head.members]
+        again = G.add_group(store, log.head.group_id, log.record().to_bytes(), members)
+        assert again == ref  # the id is reused: the case at hand
+        # Made later (set here, not waited for): another time than the first.
+        store.query("UPDATE groups SET created_at = ? WHERE id = ?", (before + 60_000, again))
+        assert logs.all(store)[ref].created_at == before + 60_000
+        assert logs.parses == 2
+    finally:
+        store.close()
+
+
+def test_a_lock_clears_the_parsed_logs(tmp_path: Path) -> None:
+    """A real in-process daemon (no relay configured): the messenger's parsed logs (names,
+    members' keys, decrypted) do not outlive a lock; the next unlock parses anew (L6)."""
+    home = tmp_path / "p"
+    create_profile(home, None, FAST).close()
+    paths = ProfilePaths(home, tmp_path / "sock", True)
+
+    async def go() -> tuple[int, int, int]:
+        d = Daemon(paths)
+        await d.unlock(None)
+        try:
+            assert d.store is not None
+            _group(d.store, "kept", 3)
+            logs = d.messenger.group_logs
+            assert len(logs.all(d.store)) == 1
+            parsed = logs.parses
+            await d.lock()
+            held = len(logs._parsed)
+            await d.unlock(None)
+            assert d.store is not None
+            logs.all(d.store)
+            return parsed, held, logs.parses
+        finally:
+            await d.lock()
+            await d.events.close()
+
+    parsed, held, after = asyncio.run(go())
+    assert parsed == 1 and held == 0 and after == 2

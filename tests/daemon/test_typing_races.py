@@ -30,6 +30,7 @@ class Host:
         self.events = EventBus()
         self.events.attach(store)
         self.live: list[dict[str, Any]] = []
+        self.sent = asyncio.Event()  # set at each event sent to the subscriber
         self.ctx = SimpleNamespace(events=self.events, store=store)
         self.store = store
         self.lock = asyncio.Lock()
@@ -39,8 +40,21 @@ class Host:
     def subscribe(self) -> None:
         async def send(note: dict[str, Any]) -> None:
             self.live.append(note["params"])
+            self.sent.set()
 
         self.events.subscribe(self, send, None, None).ready.set()
+
+    async def until_sent(self, type: str) -> None:
+        """Until an event of ``type`` was sent to the subscriber (no sleep: each send wakes)."""
+        while not any(e["type"] == type for e in self.live):
+            self.sent.clear()
+            await self.sent.wait()
+
+    async def all_sent(self) -> None:
+        """Until every live event queued so far was sent: a stored event emitted now comes
+        after them (a subscription sends what is queued before what is stored)."""
+        self.events.emit("debug.marker")
+        await self.until_sent("debug.marker")
 
     def _by_name(self, name: str) -> Contact:
         c = self.store.contact_by_name(name)
@@ -122,16 +136,17 @@ def test_alternating_typing_and_stopped_shows_one_typing_per_interval(store: Sto
         for _ in range(5):  # what a hostile peer can send: "typing", "stopped", ...
             t.on_payload(bob, session, wire.TypingPayload(True, True))
             t.on_payload(bob, session, wire.TypingPayload(True, False))
-        while len(host.live) < 2:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)  # anything more would be in by now
+        await host.all_sent()
         await host.events.close()
 
+    before = store.last_event_seq()
     asyncio.run(go())
-    shown = [e["data"] for e in host.live if e["type"] == "contact.typing"]
+    live = [e for e in host.live if e["type"] == "contact.typing"]
     # Handed in microseconds apart: within one INTERVAL, one "typing" and its end.
-    assert shown == [{"contact": "bob", "typing": True}, {"contact": "bob", "typing": False}]
-    assert all(e["live"] is True and e["seq"] == store.last_event_seq() for e in host.live)
+    assert [e["data"] for e in live] == [{"contact": "bob", "typing": True},
+                                         {"contact": "bob", "typing": False}]  # fmt: skip
+    assert all(e["live"] is True and e["seq"] == before for e in live)
+    assert [e["type"] for e in host.live] == ["contact.typing"] * 2 + ["debug.marker"]
 
 
 def test_typing_events_reach_live_subscribers_and_never_the_store(store: Store) -> None:
@@ -145,11 +160,9 @@ def test_typing_events_reach_live_subscribers_and_never_the_store(store: Store) 
         t = Typing(host)
         session = Session.from_bytes(store.get_session(bob.id) or b"")
         t.on_payload(bob, session, wire.TypingPayload(True, True))  # no one listens: lost
-        await asyncio.sleep(0.05)
         host.subscribe()
         t.on_payload(bob, session, wire.TypingPayload(True, False))  # ends the shown one
-        while not host.live:
-            await asyncio.sleep(0.01)
+        await host.until_sent("contact.typing")
         await host.events.close()
 
     asyncio.run(go())

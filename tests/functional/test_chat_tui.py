@@ -1237,6 +1237,7 @@ def test_older_file_saved_settings_daemon_gone_mid_open_and_contact_removed(
         assert (await call(alice, "settings.get"))["disappearing_default"] == 86400
 
         # The daemon stops; opening the conversation then, and a dialog's action, are notes.
+        app.typing.add("bob")  # shown "typing": its live "stopped" is lost while away
         await asyncio.to_thread(alice.stop)
         lv = app.query_one("#convs")
         lv.focus()
@@ -1252,6 +1253,7 @@ def test_older_file_saved_settings_daemon_gone_mid_open_and_contact_removed(
         await asyncio.to_thread(alice.start)
         await until(pilot, lambda: app.subscriptions > subs, "reconnected", 60)
         await app.open(contact_key("bob"))
+        assert app.typing == set() and "typing…" not in text_of(app.query_one("#title", Static))
         assert any("first.txt" in t for t in shown_texts(app))
 
         # Alt+D removes the contact (asked first): gone from the daemon and the list. Over its

@@ -68,10 +68,12 @@ def test_while_the_data_is_written_it_has_no_name(tmp_path, monkeypatch):
     assert seen == [["out.txt"]] and out.read_bytes() == b"secret export"
 
 
-def test_force_works_without_proc(tmp_path):
+@pytest.mark.parametrize("proc", ["none", "fd_without_links"])
+def test_force_works_without_proc(tmp_path, proc):
     """Naming an O_TMPFILE file takes /proc/self/fd: without /proc (a chroot, a container)
-    --force writes through the named temp file instead of failing. Run for real in a mount
-    namespace whose /proc is an empty tmpfs."""
+    --force writes through the named temp file instead of failing; so it does when
+    /proc/self/fd is there but linkat fails on it (a sandbox's /proc). Run for real in a mount
+    namespace whose /proc is an empty tmpfs (or one holding an empty self/fd directory)."""
     if shutil.which("unshare") is None:
         pytest.skip("no unshare(1) to make a namespace without /proc")
     probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, check=False)
@@ -82,7 +84,7 @@ def test_force_works_without_proc(tmp_path):
     script = (
         "import os, sys\n"
         "from pathlib import Path\n"
-        "assert not os.path.exists('/proc/self/fd')\n"
+        f"assert os.path.isdir('/proc/self/fd') is {proc != 'none'}\n"
         "from aegis_cli import export\n"
         "class Fail(Exception): pass\n"
         "try:\n"
@@ -91,8 +93,9 @@ def test_force_works_without_proc(tmp_path):
         "    sys.exit(f'failed: {exc}')\n"
     )
     root = Path(__file__).resolve().parents[2]
+    mkdir = "" if proc == "none" else "mkdir -p /proc/self/fd &&"
     r = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", 'mount -t tmpfs none /proc && exec "$@"', "sh",
+        ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs none /proc && {mkdir} exec "$@"', "sh",
          sys.executable, "-c", script, str(out)],
         capture_output=True, text=True, timeout=60, check=False,
         env={**os.environ, "PYTHONPATH": str(root)},

@@ -92,3 +92,20 @@ def test_no_module_but_the_stores_own_calls_its_private_query() -> None:
     assert not new, f"Store._q called outside the Store (use Store.query, or a method): {new}"
     for m in ("conversations", "search", "typing_state", "cover", "attachments"):
         assert f"aegisd/store/{m}.py" not in found
+
+
+def test_no_module_outside_the_store_runs_sql_through_its_public_query() -> None:
+    """``Store.query`` is for the store's table modules (aegisd/store/*.py): a service (or any
+    module of aegisd outside the store) calls their functions or the Store's methods, never
+    SQL of its own. No caller outside aegisd/store when this was written; none may appear."""
+    root = AEGISD.parent
+    found = []
+    for path in sorted(AEGISD.rglob("*.py")):
+        rel = str(path.relative_to(root))
+        if rel.startswith("aegisd/store/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "query"):  # fmt: skip
+                found.append(f"{rel}:{node.lineno}")
+    assert not found, f"SQL through Store.query outside aegisd/store: {found}"
