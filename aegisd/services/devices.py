@@ -50,11 +50,11 @@ from .messenger import Messenger
 log = logging.getLogger("aegisd.devices")
 
 # Application error codes 1090-1099 (docs/api.md, "Errors").
-E_BAD_LINK = 1090
+E_DEVICE_LINK = 1090
 E_LINK_EXPIRED = 1091
 E_LINK_STATE = 1092
 E_TOO_MANY_DEVICES = 1093
-E_NOT_FRESH = 1094
+E_JOIN_NOT_FRESH = 1094
 E_NO_SUCH_DEVICE = 1095
 
 SETTING_SELF = "devices.self"  # this device's ID, hex
@@ -294,7 +294,7 @@ class Devices:
                 reply = offer.reply_to
                 assert reply is not None
                 if not same_relay(reply.relay_url, mb.relay_url):
-                    raise AppError(E_BAD_LINK, "bad_link", "the new device's reply mailbox is "
+                    raise AppError(E_DEVICE_LINK, "bad_link", "the new device's reply mailbox is "
                                    "not on the link's relay")  # fmt: skip
                 await client.deposit(reply.deposit_id, answer, reply.send_token)
                 break
@@ -364,14 +364,14 @@ class Devices:
         has_history = store._q("SELECT 1 FROM messages LIMIT 1").fetchone() is not None
         if (store.list_contacts() or store.list_requests() or has_history
                 or G.list_groups(store) or self.held() is not None):  # fmt: skip
-            raise AppError(E_NOT_FRESH, "not_fresh", "only a fresh profile can join as a new "
+            raise AppError(E_JOIN_NOT_FRESH, "not_fresh", "only a fresh profile can join as a new "
                            "device: create one with aegis init --link LINK")  # fmt: skip
 
     async def join(self, text: str) -> dict[str, Any]:
         try:
             device_link = dv.DeviceLink.from_text(text)
         except (DecodeError, ProtocolError, ValueError):
-            raise AppError(E_BAD_LINK, "bad_link", "not an AegisLink device link") from None
+            raise AppError(E_DEVICE_LINK, "bad_link", "not an AegisLink device link") from None
         if _now() >= device_link.expires:
             raise AppError(E_LINK_EXPIRED, "expired", "the device link has expired")
         if self._pending() is not None:
@@ -380,7 +380,7 @@ class Devices:
         url = device_link.mailbox.relay_url
         own = self.m.store.get_setting(SETTING_URL)
         if not (same_relay(url, own) or self.m.mailboxes.peer_url_ok(url)):
-            raise AppError(E_BAD_LINK, "bad_link", "the link's relay breaks the policy for "
+            raise AppError(E_DEVICE_LINK, "bad_link", "the link's relay breaks the policy for "
                            "relay URLs from others")  # fmt: skip
         client = await self._client(url)
         try:
@@ -462,7 +462,7 @@ class Devices:
             for c in contents.contacts:
                 PublicIdentity.from_record(c.identity)
         except (DecodeError, ProtocolError, ValueError):
-            raise AppError(E_BAD_LINK, "bad_profile", "the profile received is malformed") from None
+            raise AppError(E_DEVICE_LINK, "bad_profile", "the profile received is malformed") from None
         identity = profile.identity()
         m = self.m
         async with m.lock:
