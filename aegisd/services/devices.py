@@ -278,6 +278,9 @@ class Devices:
             pass
         except (AppError, RelayError, *UNAVAILABLE) as exc:
             self._set(link, "failed", _reason(exc))
+        except Exception as exc:  # the profile locked meanwhile, a bug: the link ends, said
+            log.warning("a device link ended on an unexpected %s", type(exc).__name__)
+            self._set(link, "failed", "internal error (see the daemon's log)")
         finally:
             await self._end(client, mb)
 
@@ -412,6 +415,9 @@ class Devices:
             pass
         except (AppError, RelayError, *UNAVAILABLE) as exc:
             self._set(link, "failed", _reason(exc))
+        except Exception as exc:  # the profile locked meanwhile, a bug: the link ends, said
+            log.warning("a device link ended on an unexpected %s", type(exc).__name__)
+            self._set(link, "failed", "internal error (see the daemon's log)")
         finally:
             await self._end(client, mb)
 
@@ -462,7 +468,9 @@ class Devices:
             for c in contents.contacts:
                 PublicIdentity.from_record(c.identity)
         except (DecodeError, ProtocolError, ValueError):
-            raise AppError(E_DEVICE_LINK, "bad_profile", "the profile received is malformed") from None
+            raise AppError(
+                E_DEVICE_LINK, "bad_profile", "the profile received is malformed"
+            ) from None
         identity = profile.identity()
         m = self.m
         async with m.lock:
