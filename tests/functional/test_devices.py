@@ -5,6 +5,7 @@ identity, contacts and settings; a declined code, an expired link and a reused o
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
 import subprocess
@@ -182,3 +183,26 @@ def test_cli_link_and_what_the_relay_sees(
         sizes = [r[0] for r in db.execute("SELECT len FROM seen")]
     # request, accept, reveal, at least one profile block, done: each one block of the one size
     assert len(sizes) >= 5 and set(sizes) == {SEALED_BLOCK_LEN}
+
+
+def test_a_tampered_link_does_not_burn_the_link(peers: Callable[[str], Peer]) -> None:
+    """A request under a wrong link secret (what the relay, which holds the link mailbox's
+    token, could deposit) does not open at E: the link stays usable for the real device."""
+    alice = peers("alice")
+    alice.wait_connected()
+    link = alice.call("devices.link")["link"]
+    body = link[len("aegis:") :]
+    raw = bytearray(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    raw[-8 - 32 - 5] ^= 1  # a bit of the link secret
+    tampered = "aegis:" + base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()
+    forger, new = peers("forger"), peers("alice2")
+    forger.wait_connected()
+    assert forger.call("devices.join", {"link": tampered})["state"] == "waiting"
+    time.sleep(2)
+    assert state(alice)["state"] == "waiting" and state(forger)["state"] == "waiting"
+    new.wait_connected()
+    new.call("devices.join", {"link": link})
+    assert wait_state(alice, "code")["code"] == wait_state(new, "code")["code"]
+    assert state(forger)["state"] == "waiting"
+    alice.call("devices.cancel")
+    assert state(alice)["state"] == "declined"
