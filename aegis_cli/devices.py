@@ -104,8 +104,14 @@ def register(main: ModuleType) -> None:
     @device.command("link", short_help="Link a new device (prints a one-time link).")
     @common
     @click.option("--qr", is_flag=True, help="Also print the link as a QR code.")
-    @click.option("--expires", type=click.IntRange(10, 600), default=600, show_default=True,
-                  metavar="SECONDS", help="The link is void after this many seconds.")
+    @click.option(
+        "--expires",
+        type=click.IntRange(10, 600),
+        default=600,
+        show_default=True,
+        metavar="SECONDS",
+        help="The link is void after this many seconds.",
+    )
     @click.option("--yes", is_flag=True, help="Confirm the code without asking.")
     def link(ctx: Ctx, qr: bool, expires: int, yes: bool) -> None:
         """Print a one-time link for `aegis init --link LINK` on the new machine, wait for it,

@@ -134,8 +134,10 @@ class Devices:
         current = self.held()
         me = self.m.store.get_setting(SETTING_SELF)
         if current is None:  # one device, that never linked: itself
-            return {"version": 0, "devices": [
-                {"id": me or "", "this_device": True, "added_at": None, "relay": None}]}
+            return {
+                "version": 0,
+                "devices": [{"id": me or "", "this_device": True, "added_at": None, "relay": None}],
+            }
         return {"version": current.version, "devices": [
             {"id": d.device_id.hex(), "this_device": d.device_id.hex() == me,
              "added_at": d.added_at, "relay": d.mailbox.relay_url}
@@ -151,8 +153,11 @@ class Devices:
             if current is None or current.entry(raw) is None:
                 raise AppError(E_NO_SUCH_DEVICE, "not_found", "no such device in the list")
             if raw == self.self_id():
-                raise AppError(E_NO_SUCH_DEVICE, "this_device",
-                               "this device cannot remove itself: remove it from another one")
+                raise AppError(
+                    E_NO_SUCH_DEVICE,
+                    "this_device",
+                    "this device cannot remove itself: remove it from another one",
+                )
             kept = [d for d in current.devices if d.device_id != raw]
             new = dv.DeviceList.sign(self.m.identity(), current.version + 1, kept)
             self._store_list(new)
@@ -251,8 +256,11 @@ class Devices:
             raise AppError(E_LINK_STATE, "busy", "a device link is under way: cancel it first")
         current = await self.own_list()
         if len(current.devices) >= dv.MAX_DEVICES:
-            raise AppError(E_TOO_MANY_DEVICES, "too_many_devices",
-                           f"this profile has {dv.MAX_DEVICES} devices already")
+            raise AppError(
+                E_TOO_MANY_DEVICES,
+                "too_many_devices",
+                f"this profile has {dv.MAX_DEVICES} devices already",
+            )
         url = self.m.mailboxes.relay_url()
         client = await self._client(url)
         try:
