@@ -163,7 +163,11 @@ def test_cli_link_and_what_the_relay_sees(
         link = offer.stdout.readline().strip()
         assert link.startswith("aegis:")
         url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
-        joined = aegis(home, "init", "--no-passphrase", "--relay", url, "--link", link, "--yes")
+        secret = tmp_short / "pass"
+        secret.write_text("correct horse battery staple orbit\n")
+        joined = aegis(home, "init", "--passphrase-file", str(secret), "--relay", url,
+                       "--kdf-memory-kib", "1024", "--kdf-time-cost", "1",
+                       "--kdf-parallelism", "1", "--link", link, "--yes")  # fmt: skip
         assert joined.returncode == 0, joined.stderr
         assert "Confirmation code:" in joined.stderr and "Linked" in joined.stdout
         _, err = offer.communicate(timeout=60)
