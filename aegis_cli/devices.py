@@ -4,6 +4,7 @@ with ``devices.status`` and asks the user to compare the codes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -39,7 +40,17 @@ def _wait(ctx: Ctx, states: tuple[str, ...]) -> dict[str, Any]:
 
 
 def follow(ctx: Ctx, yes: bool) -> dict[str, Any]:
-    """Wait for the code, ask the user to compare it, confirm, and wait for the end."""
+    """Wait for the code, ask the user to compare it, confirm, and wait for the end. An
+    interrupt ends the link in the daemon too (it would otherwise run on unattended)."""
+    try:
+        return _follow(ctx, yes)
+    except (KeyboardInterrupt, click.Abort):
+        with contextlib.suppress(Exception):  # ended meanwhile: nothing to cancel
+            ctx.call("devices.cancel")
+        raise
+
+
+def _follow(ctx: Ctx, yes: bool) -> dict[str, Any]:
     link = _wait(ctx, ("code",))
     if link["state"] == "code":
         code = str(link["code"])
@@ -113,9 +124,13 @@ def register(main: ModuleType) -> None:
         help="The link is void after this many seconds.",
     )
     @click.option("--yes", is_flag=True, help="Confirm the code without asking.")
-    def link(ctx: Ctx, qr: bool, expires: int, yes: bool) -> None:
+    @click.option("--cancel", is_flag=True, help="End the link under way instead.")
+    def link(ctx: Ctx, qr: bool, expires: int, yes: bool, cancel: bool) -> None:
         """Print a one-time link for `aegis init --link LINK` on the new machine, wait for it,
         show the confirmation code and send the profile once you confirm it."""
+        if cancel:
+            ctx.out(ctx.call("devices.cancel"), "The device link was ended.")
+            return
         result = ctx.call("devices.link", {"expires_in": expires})
         text = str(result["link"])
         if qr:
@@ -126,6 +141,20 @@ def register(main: ModuleType) -> None:
         sys.stderr.flush()
         done = follow(ctx, yes)
         ctx.out(done, "The new device is linked.")
+
+    @device.command("join", short_help="Join a profile as a new device (a fresh profile).")
+    @common
+    @click.argument("link_text", metavar="LINK")
+    @click.option("--yes", is_flag=True, help="Confirm the code without asking.")
+    def join(ctx: Ctx, link_text: str, yes: bool) -> None:
+        """What `aegis init --link` does once the profile exists and its daemon runs: join
+        the profile the LINK came from, show the code, and install the profile once you
+        confirm it. Only into a fresh profile (no contacts, messages or groups)."""
+        ctx.call("devices.join", {"link": link_text})
+        click.echo("Joining: the existing device shows a code once this request reaches it.",
+                   err=True)  # fmt: skip
+        done = follow(ctx, yes)
+        ctx.out(done, "Linked: this device holds the profile now.")
 
     @device.command("list", short_help="The profile's devices (this one marked *).")
     @common

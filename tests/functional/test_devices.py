@@ -128,6 +128,12 @@ def test_an_expired_link_is_refused(peers: Callable[[str], Peer]) -> None:
     assert error_of(new, "devices.join", {"link": link}).code == 1091
     assert error_of(new, "devices.join", {"link": "aegis:AAAA"}).code == 1090
     assert alice.wait_for(lambda: state(alice)["state"] == "expired", "expiry")
+    # The CLI says the same, in one line, and changes nothing.
+    joined = aegis(new.home, "device", "join", link, "--yes")
+    assert joined.returncode == 1 and "expired" in joined.stderr
+    cancelled = aegis(alice.home, "device", "link", "--cancel")
+    assert cancelled.returncode == 1 and "no device link" in cancelled.stderr
+    assert new.call("devices.list")["version"] == 0
 
 
 SEALED_BLOCK_LEN = wire.BLOCK_SIZE + 24 + 16  # a queued block, re-encrypted to its owner
