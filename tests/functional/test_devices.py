@@ -41,6 +41,11 @@ def error_of(peer: Peer, method: str, params: dict[str, Any]) -> RpcCallError:
     return info.value
 
 
+def texts(peer: Peer, contact: str) -> list[tuple[str, str]]:
+    msgs = peer.call("messages.history", {"contact": contact, "limit": 500})["messages"]
+    return [(m["direction"], m["text"]) for m in msgs]
+
+
 def start_link(alice: Peer, new: Peer, **params: Any) -> str:
     link: str = alice.call("devices.link", params)["link"]
     assert link.startswith("aegis:")
@@ -79,6 +84,15 @@ def test_link_installs_the_identity_contacts_and_settings(peers: Callable[[str],
     mine_e = [d["id"] for d in on_e["devices"] if d["this_device"]]
     mine_n = [d["id"] for d in on_n["devices"] if d["this_device"]]
     assert len(mine_e) == len(mine_n) == 1 and mine_e != mine_n
+
+    # The first device goes on as before: bob's text reaches it, its answer reaches bob.
+    bob.call("messages.send", {"contact": "alice", "text": "after the link"})
+    alice.wait_for(lambda: ("in", "after the link") in texts(alice, "bob"), "bob's text")
+    alice.call("messages.send", {"contact": "bob", "text": "still here"})
+    bob.wait_for(lambda: ("in", "still here") in texts(bob, "alice"), "alice's text")
+    # The new device has no session with bob yet (no fan-out): it says so, sends nothing.
+    assert not contacts[0]["established"]
+    assert error_of(new, "messages.send", {"contact": "bob", "text": "x"}).code == 1024
 
     # A link works once: its mailbox is gone at the relay.
     third = peers("alice3")
