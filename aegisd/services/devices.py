@@ -30,6 +30,7 @@ from typing import Any
 
 from aegisd.core import backup as fmt
 from aegisd.core import devices as dv
+from aegisd.core import primitives as p
 from aegisd.core import wire
 from aegisd.core.errors import DecodeError, DecryptionError, ProtocolError
 from aegisd.core.identity import PublicIdentity
@@ -37,6 +38,7 @@ from aegisd.core.prekeys import PrekeyStore
 from aegisd.relayurl import SETTING_URL, same_relay
 from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
 from aegisd.rpc import errors as E
+from aegisd.store import devices as store_devices
 from aegisd.store import groups as G
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
 from relay.client import RelayClient, RelayError
@@ -59,6 +61,7 @@ E_NO_SUCH_DEVICE = 1095
 
 SETTING_SELF = "devices.self"  # this device's ID, hex
 SETTING_LIST = "devices.list"  # the device list held, hex of its bytes (docs/devices.md §3.1)
+SETTING_KEY = "devices.key"  # this device's own Ed25519 key, raw private, hex (never sent)
 POLL = 0.25  # seconds between two FETCHes of a link's mailbox
 TTL_MIN = 10
 #: Settings the new device does not take: the network is the machine's own choice.
@@ -105,6 +108,16 @@ class Devices:
             return device_id
         return bytes.fromhex(str(value))
 
+    def device_key(self) -> bytes:
+        """This device's public device key (docs/devices.md: its hellos and bundle prove it);
+        drawn on first need, kept in the store, never in a link's profile or a backup."""
+        value = self.m.store.get_setting(SETTING_KEY)
+        if value is None:
+            priv, pub = dv.new_device_key(self.m.entropy)
+            self.m.store.set_setting(SETTING_KEY, priv.hex())
+            return pub
+        return _ed_public(bytes.fromhex(str(value)))
+
     def held(self) -> dv.DeviceList | None:
         value = self.m.store.get_setting(SETTING_LIST)
         return None if value is None else dv.DeviceList.from_bytes(bytes.fromhex(str(value)))
@@ -115,7 +128,12 @@ class Devices:
     async def _entry(self) -> dv.DeviceEntry:
         """This device in a list: its address mailbox is its device mailbox (§3.1)."""
         _, mb = await self.m.address.ensure()
-        return dv.DeviceEntry(self.self_id(), mb.address(), mb.deposit_id, _now())
+        return self._entry_for(mb)
+
+    def _entry_for(self, mb: OwnedMailbox) -> dv.DeviceEntry:
+        return dv.DeviceEntry(
+            self.self_id(), mb.address(), mb.deposit_id, _now(), self.device_key()
+        )
 
     async def own_list(self) -> dv.DeviceList:
         """The list held; a profile that never linked signs version 1 with itself."""
@@ -126,7 +144,8 @@ class Devices:
         async with self.m.lock:
             current = self.held()
             if current is None:
-                current = dv.DeviceList.sign(self.m.identity(), 1, [entry])
+                version = dv.next_version(None, _now())
+                current = dv.DeviceList.sign(self.m.identity(), version, [entry])
                 self._store_list(current)
             return current
 
@@ -159,7 +178,7 @@ class Devices:
                     "this device cannot remove itself: remove it from another one",
                 )
             kept = [d for d in current.devices if d.device_id != raw]
-            new = dv.DeviceList.sign(self.m.identity(), current.version + 1, kept)
+            new = dv.DeviceList.sign(self.m.identity(), dv.next_version(current, _now()), kept)
             self._store_list(new)
         # Its mailboxes' owner keys live on that device only (their sync is not built): the
         # relay keeps them until they expire unused (docs/devices.md §7, what works today).
@@ -170,7 +189,8 @@ class Devices:
     def _pending(self) -> _Link | None:
         link = self.link
         if link is not None and link.state in ("waiting", "code", "confirmed"):
-            if _now() >= link.expires:
+            # N takes E's final block for FINAL_GRACE more (docs/devices.md §4.3).
+            if _now() >= link.expires + (dv.FINAL_GRACE if link.role == "join" else 0):
                 link.state = "expired"
                 return None
             return link
@@ -314,26 +334,37 @@ class Devices:
         while offer.code is None:
             for block in await self._blocks(client, mb):
                 with contextlib.suppress(DecryptionError, dv.LinkUsed):
-                    link.code = offer.receive_reveal(block)
+                    link.code = offer.receive_reveal(block, _now())
                     break
             else:
                 await asyncio.sleep(POLL)
         self._set(link, "code")
         await link.confirmed.wait()
-        offer.confirm()
+        offer.confirm(_now())
         async with self.m.lock:
             current = await self._current_locked()
             profile = self._profile(current)
-        for block in offer.profile_blocks(self.m.entropy, profile):
+        for block in offer.profile_blocks(self.m.entropy, profile, _now()):
             await client.deposit(reply.deposit_id, block, reply.send_token)
         while not offer.finished:
             for block in await self._blocks(client, mb):
                 try:
                     async with self.m.lock:
-                        new = offer.receive_done(self.m.identity().public, current, block)
-                        self._store_list(new)
-                except (DecryptionError, dv.LinkUsed, dv.DeviceError):
+                        # The list held NOW (it may have changed since the profile left).
+                        new, final = offer.receive_done(
+                            self.m.entropy, self.m.identity(), await self._current_locked(),
+                            block, _now(),
+                        )  # fmt: skip
+                        if new is not None:
+                            self._store_list(new)
+                except (DecryptionError, dv.LinkUsed):
                     continue
+                await client.deposit(reply.deposit_id, final, reply.send_token)
+                if new is None:
+                    raise AppError(
+                        E_TOO_MANY_DEVICES, "too_many_devices",
+                        "the new device was refused: the list is full, or its ID or key is taken",
+                    )  # fmt: skip
                 break
             else:
                 await asyncio.sleep(POLL)
@@ -372,7 +403,7 @@ class Devices:
 
     def _check_fresh(self) -> None:
         store = self.m.store
-        has_history = store._q("SELECT 1 FROM messages LIMIT 1").fetchone() is not None
+        has_history = store_devices.has_messages(store)
         if (store.list_contacts() or store.list_requests() or has_history
                 or G.list_groups(store) or self.held() is not None):  # fmt: skip
             raise AppError(E_JOIN_NOT_FRESH, "not_fresh", "only a fresh profile can join as a new "
@@ -416,7 +447,7 @@ class Devices:
     ) -> None:
         try:
             await asyncio.wait_for(self._join_steps(link, join, client, mb),
-                                   max(0, link.expires - _now()))  # fmt: skip
+                                   max(0, link.expires + dv.FINAL_GRACE - _now()))  # fmt: skip
         except TimeoutError:
             self._set(link, "expired", "the link's ten minutes are over")
         except asyncio.CancelledError:
@@ -436,7 +467,7 @@ class Devices:
         while join.code is None:
             for block in await self._blocks(client, mb):
                 try:
-                    reveal = join.receive_accept(self.m.entropy, block)
+                    reveal = join.receive_accept(self.m.entropy, block, _now())
                 except (DecryptionError, dv.LinkUsed, ProtocolError, ValueError):
                     continue
                 await client.deposit(target.deposit_id, reveal, target.send_token)
@@ -448,27 +479,43 @@ class Devices:
         while join.profile is None:
             for block in await self._blocks(client, mb):
                 with contextlib.suppress(DecryptionError, dv.LinkUsed):
-                    join.add_profile_block(block)
+                    join.add_profile_block(block, _now())
             if join.profile is None:
                 await asyncio.sleep(POLL)
         await link.confirmed.wait()
-        join.confirm()
-        contacts = await self._install(join.profile)
-        # The address (this device's own mailbox, bundle and prekeys) comes once the relay
-        # link is up again under the new identity (Messenger._after_connect).
-        while self.m.address.mailbox() is None:
-            await asyncio.sleep(POLL)
-        me = await self._entry()
-        _, new, done = join.done_block(self.m.entropy, me)
-        async with self.m.lock:
-            self._store_list(new)
-        await client.deposit(target.deposit_id, done, target.send_token)
+        join.confirm(_now())
+        # This device's own mailbox (its address, where its bundle goes once the identity is
+        # installed), made now but stored only if E accepts this device.
+        made = await self.m.mailboxes.new_mailbox(public=True)
+        try:
+            done = join.done_block(self.m.entropy, self._entry_for(made), _now())
+            await client.deposit(target.deposit_id, done, target.send_token)
+            final: tuple[Any, dv.DeviceList] | None = None
+            while final is None:
+                for block in await self._blocks(client, mb):
+                    try:
+                        final = join.receive_final(block, _now())
+                    except (DecryptionError, dv.LinkUsed):
+                        continue
+                    break
+                else:
+                    await asyncio.sleep(POLL)
+        except BaseException as exc:  # refused (full, taken), expired: nothing installed
+            self.m._spawn(self.m.mailboxes.delete_at_relay(made))
+            if isinstance(exc, dv.DeviceError):
+                raise AppError(E_TOO_MANY_DEVICES, "too_many_devices",
+                               "the existing device refused this device") from None  # fmt: skip
+            raise
+        _, new = final
+        contacts = await self._install(join.profile, new, made)
         link.reason = None
         self._set(link, "done")
         self.m.ctx.events.emit("devices.joined", {"contacts": contacts,
                                                   "devices": len(new.devices)})  # fmt: skip
 
-    async def _install(self, profile: dv.LinkProfile) -> int:
+    async def _install(
+        self, profile: dv.LinkProfile, new: dv.DeviceList, made: OwnedMailbox
+    ) -> int:
         """The profile into this fresh store, as a backup import does (services/backup.py),
         but without history, mailboxes or renewals: every session is this device's own."""
         try:
@@ -490,8 +537,7 @@ class Devices:
                 store.put_identity(prekeys.to_bytes())
                 for row in fresh_mailboxes:  # they carried the discarded identity's bundle
                     store.delete_mailbox(row.id)
-                    store._q("INSERT INTO retired_mailboxes (contact_id, descriptor) "
-                             "VALUES (NULL, ?)", (row.descriptor,))  # fmt: skip
+                    store_devices.retire_mailbox(store, row.descriptor)
                 store.set_setting(SETTING_NAME, clean_name(contents.display_name, ""))
                 for name, value in contents.settings:
                     parsed = json.loads(value)
@@ -504,14 +550,21 @@ class Devices:
                         identity_key=bc.identity.to_bytes(),
                         state=ContactState(None, False).to_bytes(),
                     ).id
-                    store._q("UPDATE contacts SET verified = ?, blocked = ?, created_at = ? "
-                             "WHERE id = ?", (int(bc.verified), int(bc.blocked), bc.created_at,
-                                              cid))  # fmt: skip
-                self._store_list(profile.device_list)
+                    store_devices.set_contact_flags(
+                        store, cid, bc.verified, bc.blocked, bc.created_at
+                    )
+                self._store_list(new)
             m.prekeys = prekeys
             m.mailboxes.reload()
+            # The device mailbox the list names: this profile's address, with its bundle.
+            _, address = await m.mailboxes.create("address", public=True, made=made)
+            await m.address.publish_bundle(address, fresh=True)
         await m.ctx.reconfigure()
         return len(contents.contacts)
+
+
+def _ed_public(priv: bytes) -> bytes:
+    return p.ed25519_public(p.ed25519_from_private(priv))
 
 
 def _reason(exc: BaseException) -> str:

@@ -76,9 +76,9 @@ def test_link_installs_the_identity_contacts_and_settings(peers: Callable[[str],
     assert new.call("contacts.safety_number", {"name": "bob"}) == safety
     assert new.call("settings.get")["read_receipts"] is False
     assert new.call("identity.get")["display_name"] == "alice"
-    # One list on both, version 2, each marking itself.
+    # One list on both (its version is clock-based: docs/devices.md), each marking itself.
     on_e, on_n = alice.call("devices.list"), new.call("devices.list")
-    assert on_e["version"] == on_n["version"] == 2
+    assert on_e["version"] == on_n["version"] > 0
     ids = {d["id"] for d in on_e["devices"]}
     assert ids == {d["id"] for d in on_n["devices"]} and len(ids) == 2
     mine_e = [d["id"] for d in on_e["devices"] if d["this_device"]]
@@ -103,7 +103,7 @@ def test_link_installs_the_identity_contacts_and_settings(peers: Callable[[str],
 
     # Removing the new device from the first: a new list without it.
     out = alice.call("devices.remove", {"id": mine_n[0]})
-    assert out["version"] == 3 and out["devices"] == 1
+    assert out["version"] > on_e["version"] and out["devices"] == 1
     assert error_of(alice, "devices.remove", {"id": mine_e[0]}).code == 1095
 
 
@@ -130,7 +130,7 @@ def test_a_declined_code_installs_nothing(peers: Callable[[str], Peer], decliner
     assert new.call("contacts.list")["contacts"] == []
     assert new.call("devices.list")["version"] == 0
     assert new.call("identity.get")["display_name"] == "alice2"
-    assert alice.call("devices.list")["version"] == 1
+    assert len(alice.call("devices.list")["devices"]) == 1
 
 
 def test_an_expired_link_is_refused(peers: Callable[[str], Peer]) -> None:
@@ -196,9 +196,9 @@ def test_cli_link_and_what_the_relay_sees(
         code_n = joined.stderr.split("Confirmation code: ")[1][:7]
         assert f"Confirmation code: {code_n}" in err
         listed = json.loads(aegis(home, "device", "list", "--json").stdout)
-        assert listed["version"] == 2 and len(listed["devices"]) == 2
+        assert len(listed["devices"]) == 2
         mine = aegis(alice.home, "device", "list").stdout
-        assert mine.count("*") == 1 and "version 2" in mine
+        assert mine.count("*") == 1 and f"version {listed['version']}" in mine
     finally:
         if offer.poll() is None:
             offer.kill()
