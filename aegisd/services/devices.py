@@ -37,6 +37,7 @@ from aegisd.core.prekeys import PrekeyStore
 from aegisd.relayurl import SETTING_URL, same_relay
 from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
 from aegisd.rpc import errors as E
+from aegisd.store import devices as store_devices
 from aegisd.store import groups as G
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
 from relay.client import RelayClient, RelayError
@@ -372,7 +373,7 @@ class Devices:
 
     def _check_fresh(self) -> None:
         store = self.m.store
-        has_history = store._q("SELECT 1 FROM messages LIMIT 1").fetchone() is not None
+        has_history = store_devices.has_messages(store)
         if (store.list_contacts() or store.list_requests() or has_history
                 or G.list_groups(store) or self.held() is not None):  # fmt: skip
             raise AppError(E_JOIN_NOT_FRESH, "not_fresh", "only a fresh profile can join as a new "
@@ -490,8 +491,7 @@ class Devices:
                 store.put_identity(prekeys.to_bytes())
                 for row in fresh_mailboxes:  # they carried the discarded identity's bundle
                     store.delete_mailbox(row.id)
-                    store._q("INSERT INTO retired_mailboxes (contact_id, descriptor) "
-                             "VALUES (NULL, ?)", (row.descriptor,))  # fmt: skip
+                    store_devices.retire_mailbox(store, row.descriptor)
                 store.set_setting(SETTING_NAME, clean_name(contents.display_name, ""))
                 for name, value in contents.settings:
                     parsed = json.loads(value)
@@ -504,9 +504,9 @@ class Devices:
                         identity_key=bc.identity.to_bytes(),
                         state=ContactState(None, False).to_bytes(),
                     ).id
-                    store._q("UPDATE contacts SET verified = ?, blocked = ?, created_at = ? "
-                             "WHERE id = ?", (int(bc.verified), int(bc.blocked), bc.created_at,
-                                              cid))  # fmt: skip
+                    store_devices.set_contact_flags(
+                        store, cid, bc.verified, bc.blocked, bc.created_at
+                    )
                 self._store_list(profile.device_list)
             m.prekeys = prekeys
             m.mailboxes.reload()
