@@ -307,6 +307,13 @@ def cli(home: str | None, as_json: bool) -> None:
     help="Connect to relays without Tor: the relay sees your IP address.",
 )
 @click.option("--tor-path", metavar="PATH", help="The tor program (default: searched).")
+@click.option(
+    "--link",
+    "link_text",
+    metavar="LINK",
+    help="Join a profile as a new device: the link `aegis device link` printed (needs --relay).",
+)
+@click.option("--yes", is_flag=True, help="With --link: confirm the code without asking.")
 @click.option("--kdf-memory-kib", type=int, hidden=True)
 @click.option("--kdf-time-cost", type=int, hidden=True)
 @click.option("--kdf-parallelism", type=int, hidden=True)
@@ -320,6 +327,8 @@ def init(
     proxy: str | None,
     direct: bool,
     tor_path: str | None,
+    link_text: str | None,
+    yes: bool,
     kdf_memory_kib: int | None,
     kdf_time_cost: int | None,
     kdf_parallelism: int | None,
@@ -336,6 +345,8 @@ def init(
         raise Fail("--passphrase-file and --no-passphrase exclude each other", EXIT_USAGE)
     if sum((use_tor, proxy is not None, direct)) > 1:
         raise Fail("--tor, --proxy and --direct exclude each other", EXIT_USAGE)
+    if link_text is not None and relay is None:
+        raise Fail("--link needs --relay (this device's relay)", EXIT_USAGE)
     if (ctx.paths.keyring).exists():
         raise Fail(f"a profile already exists in {ctx.paths.home}")
     check_socket_path(ctx.paths.socket)
@@ -353,6 +364,7 @@ def init(
             raise Fail(tor_missing_message())  # aegisd checks it again
     argv = ctx.aegisd_argv("init")
     stdin = None
+    pw = None
     if no_passphrase:
         argv.append("--no-passphrase")
     else:
@@ -389,6 +401,12 @@ def init(
         lines = proc.stderr.strip().splitlines()
         msg = lines[-1].removeprefix("aegisd: error: ") if lines else "aegisd init failed"
         raise Fail(msg)
+    if link_text is not None:
+        from .devices import join_new_device
+
+        click.echo(f"Created a profile in {ctx.paths.home}; starting its daemon.", err=True)
+        join_new_device(ctx, link_text, pw, yes, lambda: _answers(ctx.paths))
+        return
     ctx.out(
         {"home": str(ctx.paths.home), "has_passphrase": not no_passphrase},
         f"Created a profile in {ctx.paths.home}"
@@ -1208,7 +1226,18 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _register_extensions() -> None:
-    from . import actions, calls, conversations, disappear, groups, network, typing_indicators
+    from . import (
+        actions,
+        calls,
+        conversations,
+        devices,
+        disappear,
+        groups,
+        network,
+        typing_indicators,
+    )
+
+    devices.register(sys.modules[__name__])
 
     calls.register(sys.modules[__name__])
     conversations.register(sys.modules[__name__])

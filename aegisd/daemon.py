@@ -123,6 +123,9 @@ class Daemon:
         from .services import privacy_api
 
         backup_api.register(self.registry, self.messenger)
+        from .services import devices as devices_api
+
+        devices_api.register(self.registry, self.messenger)
         privacy_api.register(self.registry, self.messenger, test_methods=test_methods)
         self.on_unlock.append(self.messenger.on_unlock)
         self.on_lock.append(self.messenger.on_lock)

@@ -78,6 +78,17 @@ APP_ERRORS = [
     (1048, "too_many_mailboxes"),
     (1050, "not_allowed"),
     (1060, "group_refused"),
+    (1090, "bad_link"),
+    (1090, "bad_profile"),
+    (1091, "expired"),
+    (1091, "gone"),
+    (1092, "no_link"),
+    (1092, "no_code"),
+    (1092, "busy"),
+    (1093, "too_many_devices"),
+    (1094, "not_fresh"),
+    (1095, "not_found"),
+    (1095, "this_device"),
 ]
 
 

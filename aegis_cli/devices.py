@@ -1,0 +1,180 @@
+"""``aegis device link|list|remove`` and the new device's side of ``aegis init --link``
+(docs/api.md, "Devices"). Thin: JSON-RPC only; the link runs in the daemon, this follows it
+with ``devices.status`` and asks the user to compare the codes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from .errors import Fail
+
+if TYPE_CHECKING:
+    from .main import Ctx
+
+POLL = 0.3
+ENDED = ("done", "declined", "expired", "failed")
+
+
+def _status(ctx: Ctx) -> dict[str, Any]:
+    link: dict[str, Any] | None = ctx.call("devices.status")["link"]
+    if link is None:
+        raise Fail("no device link is under way")
+    return link
+
+
+def _wait(ctx: Ctx, states: tuple[str, ...]) -> dict[str, Any]:
+    while True:
+        link = _status(ctx)
+        if link["state"] in states or link["state"] in ENDED:
+            return link
+        time.sleep(POLL)
+
+
+def follow(ctx: Ctx, yes: bool) -> dict[str, Any]:
+    """Wait for the code, ask the user to compare it, confirm, and wait for the end. An
+    interrupt ends the link in the daemon too (it would otherwise run on unattended)."""
+    try:
+        return _follow(ctx, yes)
+    except (KeyboardInterrupt, click.Abort):
+        with contextlib.suppress(Exception):  # ended meanwhile: nothing to cancel
+            ctx.call("devices.cancel")
+        raise
+
+
+def _follow(ctx: Ctx, yes: bool) -> dict[str, Any]:
+    link = _wait(ctx, ("code",))
+    if link["state"] == "code":
+        code = str(link["code"])
+        click.echo(f"Confirmation code: {code}", err=True)
+        ok = yes or click.confirm(
+            "Does the other device show the same code?", default=False, err=True
+        )
+        ctx.call("devices.confirm", {"accept": ok})
+        if not ok:
+            raise Fail("the codes differ: the link was ended, nothing was sent")
+        link = _wait(ctx, ())
+    if link["state"] != "done":
+        raise Fail(f"the link did not complete ({link['state']}"
+                   + (f": {link['reason']}" if link.get("reason") else "") + ")")  # fmt: skip
+    return link
+
+
+def join_new_device(
+    ctx: Ctx, link_text: str, passphrase: str | None, yes: bool,
+    started: Callable[[], bool],
+) -> None:  # fmt: skip
+    """``aegis init --link``: start the new profile's daemon, join, confirm, wait."""
+    argv = ctx.aegisd_argv("run")
+    fd = os.open(ctx.paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "ab") as log:
+        proc = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+            start_new_session=True, close_fds=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not started() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not started():
+        raise Fail(f"aegisd did not start; see {ctx.paths.log}")
+    if passphrase is not None:
+        ctx.call("unlock", {"passphrase": passphrase})
+    deadline = time.monotonic() + 60
+    while not ctx.call("status")["relay"]["connected"]:
+        if time.monotonic() > deadline:
+            raise Fail("the relay could not be reached: see aegis status")
+        time.sleep(POLL)
+    ctx.call("devices.join", {"link": link_text})
+    click.echo("Joining: the existing device shows a code once this request reaches it.",
+               err=True)  # fmt: skip
+    done = follow(ctx, yes)
+    listed = ctx.call("devices.list")
+    ctx.out({"link": done, "devices": listed},
+            f"Linked: this device is one of {len(listed['devices'])} devices of the profile. "
+            f"The daemon runs (pid {proc.pid}).")  # fmt: skip
+
+
+def register(main: ModuleType) -> None:
+    """Add the commands to the CLI (given the main module, as aegis_cli/calls.py explains)."""
+    cli: click.Group = main.cli
+    common: Callable[[Callable[..., None]], Callable[..., None]] = main.common
+
+    @cli.group(short_help="Link another device to this profile; list or remove devices.")
+    def device() -> None:
+        """Several devices per person (docs/devices.md). Contacts do not yet reach a linked
+        device: see README, "Several devices"."""
+
+    @device.command("link", short_help="Link a new device (prints a one-time link).")
+    @common
+    @click.option("--qr", is_flag=True, help="Also print the link as a QR code.")
+    @click.option(
+        "--expires",
+        type=click.IntRange(10, 600),
+        default=600,
+        show_default=True,
+        metavar="SECONDS",
+        help="The link is void after this many seconds.",
+    )
+    @click.option("--yes", is_flag=True, help="Confirm the code without asking.")
+    @click.option("--cancel", is_flag=True, help="End the link under way instead.")
+    def link(ctx: Ctx, qr: bool, expires: int, yes: bool, cancel: bool) -> None:
+        """Print a one-time link for `aegis init --link LINK` on the new machine, wait for it,
+        show the confirmation code and send the profile once you confirm it."""
+        if cancel:
+            ctx.out(ctx.call("devices.cancel"), "The device link was ended.")
+            return
+        result = ctx.call("devices.link", {"expires_in": expires})
+        text = str(result["link"])
+        if qr:
+            click.echo(main._qr_text(text), nl=False, err=ctx.as_json)
+        click.echo(text, err=ctx.as_json)
+        click.echo("On the new machine run: aegis init --link LINK --relay URL "
+                   "(the link is a secret; it works once)", err=True)  # fmt: skip
+        sys.stderr.flush()
+        done = follow(ctx, yes)
+        ctx.out(done, "The new device is linked.")
+
+    @device.command("join", short_help="Join a profile as a new device (a fresh profile).")
+    @common
+    @click.argument("link_text", metavar="LINK")
+    @click.option("--yes", is_flag=True, help="Confirm the code without asking.")
+    def join(ctx: Ctx, link_text: str, yes: bool) -> None:
+        """What `aegis init --link` does once the profile exists and its daemon runs: join
+        the profile the LINK came from, show the code, and install the profile once you
+        confirm it. Only into a fresh profile (no contacts, messages or groups)."""
+        ctx.call("devices.join", {"link": link_text})
+        click.echo("Joining: the existing device shows a code once this request reaches it.",
+                   err=True)  # fmt: skip
+        done = follow(ctx, yes)
+        ctx.out(done, "Linked: this device holds the profile now.")
+
+    @device.command("list", short_help="The profile's devices (this one marked *).")
+    @common
+    def list_(ctx: Ctx) -> None:
+        """The signed device list; * marks this device."""
+        result = ctx.call("devices.list")
+        lines = [f"device list version {result['version']}"]
+        for d in result["devices"]:
+            added = main._when(d["added_at"] * 1000) if d["added_at"] else "-"
+            lines.append(f"{'*' if d['this_device'] else ' '} {d['id']}  added {added}")
+        ctx.out(result, "\n".join(lines))
+
+    @device.command("remove", short_help="Remove a device from the list.")
+    @common
+    @click.argument("device_id", metavar="ID")
+    def remove(ctx: Ctx, device_id: str) -> None:
+        """Sign a device list without ID. Protects against a lost device, not a compromised
+        one (it keeps the identity key: the remedy is a new profile). Today the removal
+        changes this device's list only: contacts do not learn of it yet, and the removed
+        device's mailboxes stay at the relay."""
+        result = ctx.call("devices.remove", {"id": device_id})
+        ctx.out(result, f"Removed; the list is now version {result['version']} with "
+                        f"{result['devices']} device(s).")  # fmt: skip

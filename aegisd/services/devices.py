@@ -1,0 +1,617 @@
+"""Several devices per person, as far as the daemon goes today (docs/devices.md §4, §7):
+linking a new device to this profile (`devices.link`, the existing device E) or this fresh
+profile to an existing one (`devices.join`, the new device N), the confirmation code both
+screens show (`devices.confirm` on each), the signed device list (`devices.list`) and
+`devices.remove`.
+
+The link's messages run over mailboxes of their own on the link's relay, on a connection of
+their own (not the profile's receiving link): the link mailbox (E's, made with a send token and
+never stored: a restart voids the link, as the core's LinkOffer is in memory only) and N's
+reply mailbox. Both are polled with FETCH and deleted at the relay when the link ends.
+
+What the new device receives (`P.profile`, docs/devices.md §4.2): the backup format's contents
+(docs/backup.md §2) with the display name, the settings that are the profile's, and every
+established contact (name, identity, verified, blocked) with no messages, no mailboxes and no
+`send_to`: the sessions and mailboxes are per device, and the fan-out that would open them is
+not built yet, so the new device knows its contacts but cannot write to them yet.
+
+Nothing here logs a link, a code, a key or a name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aegisd.core import backup as fmt
+from aegisd.core import devices as dv
+from aegisd.core import primitives as p
+from aegisd.core import wire
+from aegisd.core.errors import DecodeError, DecryptionError, ProtocolError
+from aegisd.core.identity import PublicIdentity
+from aegisd.core.prekeys import PrekeyStore
+from aegisd.relayurl import SETTING_URL, same_relay
+from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
+from aegisd.rpc import errors as E
+from aegisd.store import devices as store_devices
+from aegisd.store import groups as G
+from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
+from relay.client import RelayClient, RelayError
+
+from .backup import RESTORABLE, SETTING_TIMERS
+from .contacts import SETTING_NAME
+from .inbox import clean_name
+from .mailbox import ContactState, OwnedMailbox, box_public, new_keys
+from .messenger import Messenger
+
+log = logging.getLogger("aegisd.devices")
+
+# Application error codes 1090-1099 (docs/api.md, "Errors").
+E_DEVICE_LINK = 1090
+E_LINK_EXPIRED = 1091
+E_LINK_STATE = 1092
+E_TOO_MANY_DEVICES = 1093
+E_JOIN_NOT_FRESH = 1094
+E_NO_SUCH_DEVICE = 1095
+
+SETTING_SELF = "devices.self"  # this device's ID, hex
+SETTING_LIST = "devices.list"  # the device list held, hex of its bytes (docs/devices.md §3.1)
+SETTING_KEY = "devices.key"  # this device's own Ed25519 key, raw private, hex (never sent)
+POLL = 0.25  # seconds between two FETCHes of a link's mailbox
+TTL_MIN = 10
+#: Settings the new device does not take: the network is the machine's own choice.
+NOT_CARRIED = ("network.proxy", "network.isolation", SETTING_TIMERS)
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class _Link:
+    """One link under way, on either side."""
+
+    role: str  # "offer" (E) or "join" (N)
+    expires: int
+    state: str = "waiting"  # waiting, code, confirmed, done, declined, expired, failed
+    code: str | None = None
+    reason: str | None = None
+    confirmed: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    def view(self) -> dict[str, Any]:
+        return {"role": self.role, "state": self.state, "code": self.code,
+                "expires": self.expires, "reason": self.reason}  # fmt: skip
+
+
+class Devices:
+    def __init__(self, messenger: Messenger) -> None:
+        self.m = messenger
+        self.link: _Link | None = None
+
+    # --- the device list ------------------------------------------------------------------
+
+    def self_id(self) -> bytes:
+        value = self.m.store.get_setting(SETTING_SELF)
+        if value is None:
+            device_id = dv.new_device_id(self.m.entropy)
+            self.m.store.set_setting(SETTING_SELF, device_id.hex())
+            return device_id
+        return bytes.fromhex(str(value))
+
+    def device_key(self) -> bytes:
+        """This device's public device key (docs/devices.md: its hellos and bundle prove it);
+        drawn on first need, kept in the store, never in a link's profile or a backup."""
+        value = self.m.store.get_setting(SETTING_KEY)
+        if value is None:
+            priv, pub = dv.new_device_key(self.m.entropy)
+            self.m.store.set_setting(SETTING_KEY, priv.hex())
+            return pub
+        return _ed_public(bytes.fromhex(str(value)))
+
+    def held(self) -> dv.DeviceList | None:
+        value = self.m.store.get_setting(SETTING_LIST)
+        return None if value is None else dv.DeviceList.from_bytes(bytes.fromhex(str(value)))
+
+    def _store_list(self, device_list: dv.DeviceList) -> None:
+        self.m.store.set_setting(SETTING_LIST, device_list.to_bytes().hex())
+
+    async def _entry(self) -> dv.DeviceEntry:
+        """This device in a list: its address mailbox is its device mailbox (§3.1)."""
+        _, mb = await self.m.address.ensure()
+        return self._entry_for(mb)
+
+    def _entry_for(self, mb: OwnedMailbox) -> dv.DeviceEntry:
+        return dv.DeviceEntry(
+            self.self_id(), mb.address(), mb.deposit_id, _now(), self.device_key()
+        )
+
+    async def own_list(self) -> dv.DeviceList:
+        """The list held; a profile that never linked signs version 1 with itself."""
+        current = self.held()
+        if current is not None:
+            return current
+        entry = await self._entry()
+        async with self.m.lock:
+            current = self.held()
+            if current is None:
+                version = dv.next_version(None, _now())
+                current = dv.DeviceList.sign(self.m.identity(), version, [entry])
+                self._store_list(current)
+            return current
+
+    def list_view(self) -> dict[str, Any]:
+        current = self.held()
+        me = self.m.store.get_setting(SETTING_SELF)
+        if current is None:  # one device, that never linked: itself
+            return {
+                "version": 0,
+                "devices": [{"id": me or "", "this_device": True, "added_at": None, "relay": None}],
+            }
+        return {"version": current.version, "devices": [
+            {"id": d.device_id.hex(), "this_device": d.device_id.hex() == me,
+             "added_at": d.added_at, "relay": d.mailbox.relay_url}
+            for d in current.devices]}  # fmt: skip
+
+    async def remove(self, device_id: str) -> dict[str, Any]:
+        try:
+            raw = bytes.fromhex(device_id)
+        except ValueError:
+            raise InvalidParamsError("id", "must be a device ID (32 hex digits)") from None
+        async with self.m.lock:
+            current = self.held()
+            if current is None or current.entry(raw) is None:
+                raise AppError(E_NO_SUCH_DEVICE, "not_found", "no such device in the list")
+            if raw == self.self_id():
+                raise AppError(
+                    E_NO_SUCH_DEVICE,
+                    "this_device",
+                    "this device cannot remove itself: remove it from another one",
+                )
+            kept = [d for d in current.devices if d.device_id != raw]
+            new = dv.DeviceList.sign(self.m.identity(), dv.next_version(current, _now()), kept)
+            self._store_list(new)
+        # Its mailboxes' owner keys live on that device only (their sync is not built): the
+        # relay keeps them until they expire unused (docs/devices.md §7, what works today).
+        return {"version": new.version, "devices": len(new.devices), "mailboxes_deleted": False}
+
+    # --- common ---------------------------------------------------------------------------
+
+    def _pending(self) -> _Link | None:
+        link = self.link
+        if link is not None and link.state in ("waiting", "code", "confirmed"):
+            # N takes E's final block for FINAL_GRACE more (docs/devices.md §4.3).
+            if _now() >= link.expires + (dv.FINAL_GRACE if link.role == "join" else 0):
+                link.state = "expired"
+                return None
+            return link
+        return None
+
+    def _emit(self, link: _Link) -> None:
+        self.m.ctx.events.emit("devices.link", link.view())
+
+    def _set(self, link: _Link, state: str, reason: str | None = None) -> None:
+        link.state, link.reason = state, reason
+        self._emit(link)
+
+    async def _client(self, url: str) -> RelayClient:
+        try:
+            client, _ = await with_relay(url, None, self.m.ctx.network())
+        except (*UNAVAILABLE, RelayUnavailable):
+            raise E.relay_unavailable() from None
+        return client
+
+    async def _make_mailbox(self, client: RelayClient, url: str) -> OwnedMailbox:
+        """A private mailbox of the link's own (with its proof of work), never stored."""
+        sign_seed, box_secret = new_keys()
+        token = self.m.entropy.random(32)
+        key = OwnedMailbox(url, sign_seed, b"", b"", b"", b"", b"").signing_key
+        try:
+            made = await client.create(key, box_public(box_secret))
+            mb = OwnedMailbox(url, sign_seed, box_secret, made.owner_id, made.deposit_id,
+                              made.relay_box_pub, token)  # fmt: skip
+            await client.token_add(mb.owner_id, mb.signing_key, token)
+        except RelayError:
+            raise E.relay_unavailable() from None
+        except UNAVAILABLE:
+            raise E.relay_unavailable() from None
+        return mb
+
+    async def _blocks(self, client: RelayClient, mb: OwnedMailbox) -> list[bytes]:
+        msgs = await client.fetch(mb.owner_id, mb.signing_key)
+        if msgs:
+            await client.ack([x.msg_id for x in msgs])
+        out = []
+        for x in msgs:
+            with contextlib.suppress(Exception):  # not sealed to this mailbox: not ours
+                out.append(mb.open(x.sealed))
+        return out
+
+    async def _end(self, client: RelayClient, mb: OwnedMailbox | None) -> None:
+        if mb is not None:
+            with contextlib.suppress(RelayError, *UNAVAILABLE):
+                await client.delete(mb.owner_id, mb.signing_key)
+        with contextlib.suppress(Exception):
+            await client.close()
+
+    async def cancel(self) -> dict[str, Any]:
+        link = self._pending()
+        if link is None:
+            raise AppError(E_LINK_STATE, "no_link", "no device link is under way")
+        if link.task is not None:
+            link.task.cancel()
+        self._set(link, "declined", "cancelled")
+        return link.view()
+
+    async def confirm(self, accept: bool) -> dict[str, Any]:
+        link = self._pending()
+        if link is None or link.state != "code":
+            raise AppError(E_LINK_STATE, "no_code", "no confirmation code is shown now")
+        if not accept:
+            if link.task is not None:
+                link.task.cancel()
+            self._set(link, "declined", "the codes differ")
+            return link.view()
+        self._set(link, "confirmed")
+        link.confirmed.set()
+        return link.view()
+
+    def status(self) -> dict[str, Any]:
+        self._pending()  # marks an expired one
+        return {"link": None if self.link is None else self.link.view()}
+
+    # --- E: the device in use -------------------------------------------------------------
+
+    async def offer(self, expires_in: int) -> dict[str, Any]:
+        if self._pending() is not None:
+            raise AppError(E_LINK_STATE, "busy", "a device link is under way: cancel it first")
+        current = await self.own_list()
+        if len(current.devices) >= dv.MAX_DEVICES:
+            raise AppError(
+                E_TOO_MANY_DEVICES,
+                "too_many_devices",
+                f"this profile has {dv.MAX_DEVICES} devices already",
+            )
+        url = self.m.mailboxes.relay_url()
+        client = await self._client(url)
+        try:
+            mb = await self._make_mailbox(client, url)
+        except BaseException:
+            await self._end(client, None)
+            raise
+        offer = dv.LinkOffer.create(self.m.entropy, mb.address(), _now(), expires_in)
+        link = _Link("offer", offer.link.expires)
+        self.link = link
+        link.task = asyncio.create_task(self._run_offer(link, offer, client, mb))
+        return {"link": offer.link.to_text(), "expires": offer.link.expires}
+
+    async def _run_offer(
+        self, link: _Link, offer: dv.LinkOffer, client: RelayClient, mb: OwnedMailbox
+    ) -> None:
+        try:
+            await asyncio.wait_for(self._offer_steps(link, offer, client, mb),
+                                   max(0, link.expires - _now()))  # fmt: skip
+        except TimeoutError:
+            self._set(link, "expired", "the link's ten minutes are over")
+        except asyncio.CancelledError:
+            pass
+        except (AppError, RelayError, *UNAVAILABLE) as exc:
+            self._set(link, "failed", _reason(exc))
+        except Exception as exc:  # the profile locked meanwhile, a bug: the link ends, said
+            log.warning("a device link ended on an unexpected %s", type(exc).__name__)
+            self._set(link, "failed", "internal error (see the daemon's log)")
+        finally:
+            await self._end(client, mb)
+
+    async def _offer_steps(
+        self, link: _Link, offer: dv.LinkOffer, client: RelayClient, mb: OwnedMailbox
+    ) -> None:
+        reply: wire.MailboxAddress | None = None
+        while reply is None:  # the request: blocks that do not open leave the link usable
+            for block in await self._blocks(client, mb):
+                try:
+                    answer = offer.accept_request(self.m.entropy, block, _now())
+                except (DecryptionError, dv.LinkUsed):
+                    continue
+                reply = offer.reply_to
+                assert reply is not None
+                if not same_relay(reply.relay_url, mb.relay_url):
+                    raise AppError(E_DEVICE_LINK, "bad_link", "the new device's reply mailbox is "
+                                   "not on the link's relay")  # fmt: skip
+                await client.deposit(reply.deposit_id, answer, reply.send_token)
+                break
+            else:
+                await asyncio.sleep(POLL)
+        while offer.code is None:
+            for block in await self._blocks(client, mb):
+                with contextlib.suppress(DecryptionError, dv.LinkUsed):
+                    link.code = offer.receive_reveal(block, _now())
+                    break
+            else:
+                await asyncio.sleep(POLL)
+        self._set(link, "code")
+        await link.confirmed.wait()
+        offer.confirm(_now())
+        async with self.m.lock:
+            current = await self._current_locked()
+            profile = self._profile(current)
+        for block in offer.profile_blocks(self.m.entropy, profile, _now()):
+            await client.deposit(reply.deposit_id, block, reply.send_token)
+        while not offer.finished:
+            for block in await self._blocks(client, mb):
+                try:
+                    async with self.m.lock:
+                        # The list held NOW (it may have changed since the profile left).
+                        new, final = offer.receive_done(
+                            self.m.entropy, self.m.identity(), await self._current_locked(),
+                            block, _now(),
+                        )  # fmt: skip
+                        if new is not None:
+                            self._store_list(new)
+                except (DecryptionError, dv.LinkUsed):
+                    continue
+                await client.deposit(reply.deposit_id, final, reply.send_token)
+                if new is None:
+                    raise AppError(
+                        E_TOO_MANY_DEVICES, "too_many_devices",
+                        "the new device was refused: the list is full, or its ID or key is taken",
+                    )  # fmt: skip
+                break
+            else:
+                await asyncio.sleep(POLL)
+        self._set(link, "done")
+
+    async def _current_locked(self) -> dv.DeviceList:
+        current = self.held()
+        assert current is not None  # own_list signed it before the link was made
+        return current
+
+    def _profile(self, current: dv.DeviceList) -> dv.LinkProfile:
+        store = self.m.store
+        ed_priv, x_priv = self.m.identity().raw_private()
+        settings = []
+        for name in RESTORABLE:
+            value = store.get_setting(name)
+            if value is not None and name not in NOT_CARRIED:
+                settings.append((name, json.dumps(value)))
+        hidden = set(G.group_contact_ids(store))
+        contacts = []
+        for c in store.list_contacts():
+            state = ContactState.from_bytes(c.state)
+            if c.identity_key is None or not state.established or c.id in hidden:
+                continue
+            contacts.append(fmt.BackupContact(
+                c.name, PublicIdentity.from_bytes(c.identity_key).record(), c.verified,
+                c.blocked, c.created_at, None, (), ()))  # fmt: skip
+        contents = fmt.BackupContents(
+            _ms(), ed_priv, x_priv, self.m.identity().public.binding_sig,
+            str(store.get_setting(SETTING_NAME, "")), tuple(settings), tuple(contacts), (),
+        )  # fmt: skip
+        return dv.LinkProfile(ed_priv, x_priv, self.m.identity().public.binding_sig, current,
+                              contents.to_bytes())  # fmt: skip
+
+    # --- N: the new device ----------------------------------------------------------------
+
+    def _check_fresh(self) -> None:
+        store = self.m.store
+        has_history = store_devices.has_messages(store)
+        if (store.list_contacts() or store.list_requests() or has_history
+                or G.list_groups(store) or self.held() is not None):  # fmt: skip
+            raise AppError(E_JOIN_NOT_FRESH, "not_fresh", "only a fresh profile can join as a new "
+                           "device: create one with aegis init --link LINK")  # fmt: skip
+
+    async def join(self, text: str) -> dict[str, Any]:
+        try:
+            device_link = dv.DeviceLink.from_text(text)
+        except (DecodeError, ProtocolError, ValueError):
+            raise AppError(E_DEVICE_LINK, "bad_link", "not an AegisLink device link") from None
+        if _now() >= device_link.expires:
+            raise AppError(E_LINK_EXPIRED, "expired", "the device link has expired")
+        if self._pending() is not None:
+            raise AppError(E_LINK_STATE, "busy", "a device link is under way: cancel it first")
+        self._check_fresh()
+        url = device_link.mailbox.relay_url
+        own = self.m.store.get_setting(SETTING_URL)
+        if not (same_relay(url, own) or self.m.mailboxes.peer_url_ok(url)):
+            raise AppError(E_DEVICE_LINK, "bad_link", "the link's relay breaks the policy for "
+                           "relay URLs from others")  # fmt: skip
+        client = await self._client(url)
+        try:
+            mb = await self._make_mailbox(client, url)
+            join, block = dv.LinkJoin.start(self.m.entropy, device_link, mb.address(), _now())
+            try:
+                await client.deposit(device_link.mailbox.deposit_id, block,
+                                     device_link.mailbox.send_token)  # fmt: skip
+            except RelayError:
+                raise AppError(E_LINK_EXPIRED, "gone", "the device link was used already or "
+                               "has expired") from None  # fmt: skip
+        except BaseException:
+            await self._end(client, locals().get("mb"))
+            raise
+        link = _Link("join", device_link.expires)
+        self.link = link
+        link.task = asyncio.create_task(self._run_join(link, join, client, mb))
+        return link.view()
+
+    async def _run_join(
+        self, link: _Link, join: dv.LinkJoin, client: RelayClient, mb: OwnedMailbox
+    ) -> None:
+        try:
+            await asyncio.wait_for(self._join_steps(link, join, client, mb),
+                                   max(0, link.expires + dv.FINAL_GRACE - _now()))  # fmt: skip
+        except TimeoutError:
+            self._set(link, "expired", "the link's ten minutes are over")
+        except asyncio.CancelledError:
+            pass
+        except (AppError, RelayError, *UNAVAILABLE) as exc:
+            self._set(link, "failed", _reason(exc))
+        except Exception as exc:  # the profile locked meanwhile, a bug: the link ends, said
+            log.warning("a device link ended on an unexpected %s", type(exc).__name__)
+            self._set(link, "failed", "internal error (see the daemon's log)")
+        finally:
+            await self._end(client, mb)
+
+    async def _join_steps(
+        self, link: _Link, join: dv.LinkJoin, client: RelayClient, mb: OwnedMailbox
+    ) -> None:
+        target = join.link.mailbox
+        while join.code is None:
+            for block in await self._blocks(client, mb):
+                try:
+                    reveal = join.receive_accept(self.m.entropy, block, _now())
+                except (DecryptionError, dv.LinkUsed, ProtocolError, ValueError):
+                    continue
+                await client.deposit(target.deposit_id, reveal, target.send_token)
+                break
+            else:
+                await asyncio.sleep(POLL)
+        link.code = join.code
+        self._set(link, "code")
+        while join.profile is None:
+            for block in await self._blocks(client, mb):
+                with contextlib.suppress(DecryptionError, dv.LinkUsed):
+                    join.add_profile_block(block, _now())
+            if join.profile is None:
+                await asyncio.sleep(POLL)
+        await link.confirmed.wait()
+        join.confirm(_now())
+        # This device's own mailbox (its address, where its bundle goes once the identity is
+        # installed), made now but stored only if E accepts this device.
+        made = await self.m.mailboxes.new_mailbox(public=True)
+        try:
+            done = join.done_block(self.m.entropy, self._entry_for(made), _now())
+            await client.deposit(target.deposit_id, done, target.send_token)
+            final: tuple[Any, dv.DeviceList] | None = None
+            while final is None:
+                for block in await self._blocks(client, mb):
+                    try:
+                        final = join.receive_final(block, _now())
+                    except (DecryptionError, dv.LinkUsed):
+                        continue
+                    break
+                else:
+                    await asyncio.sleep(POLL)
+        except BaseException as exc:  # refused (full, taken), expired: nothing installed
+            self.m._spawn(self.m.mailboxes.delete_at_relay(made))
+            if isinstance(exc, dv.DeviceError):
+                raise AppError(E_TOO_MANY_DEVICES, "too_many_devices",
+                               "the existing device refused this device") from None  # fmt: skip
+            raise
+        _, new = final
+        contacts = await self._install(join.profile, new, made)
+        link.reason = None
+        self._set(link, "done")
+        self.m.ctx.events.emit("devices.joined", {"contacts": contacts,
+                                                  "devices": len(new.devices)})  # fmt: skip
+
+    async def _install(
+        self, profile: dv.LinkProfile, new: dv.DeviceList, made: OwnedMailbox
+    ) -> int:
+        """The profile into this fresh store, as a backup import does (services/backup.py),
+        but without history, mailboxes or renewals: every session is this device's own."""
+        try:
+            contents = fmt.BackupContents.from_bytes(profile.profile)
+            for c in contents.contacts:
+                PublicIdentity.from_record(c.identity)
+        except (DecodeError, ProtocolError, ValueError):
+            raise AppError(
+                E_DEVICE_LINK, "bad_profile", "the profile received is malformed"
+            ) from None
+        identity = profile.identity()
+        m = self.m
+        async with m.lock:
+            self._check_fresh()
+            store = m.store
+            prekeys = PrekeyStore.create(m.entropy, identity, _now())
+            fresh_mailboxes = store.list_mailboxes()
+            with store.transaction():
+                store.put_identity(prekeys.to_bytes())
+                for row in fresh_mailboxes:  # they carried the discarded identity's bundle
+                    store.delete_mailbox(row.id)
+                    store_devices.retire_mailbox(store, row.descriptor)
+                store.set_setting(SETTING_NAME, clean_name(contents.display_name, ""))
+                for name, value in contents.settings:
+                    parsed = json.loads(value)
+                    if (name in RESTORABLE and name not in NOT_CARRIED
+                            and isinstance(parsed, RESTORABLE[name])):  # fmt: skip
+                        store.set_setting(name, parsed)
+                for bc in contents.contacts:
+                    cid = store.add_contact(
+                        m.contacts.unique_name(clean_name(bc.name, "contact")),
+                        identity_key=bc.identity.to_bytes(),
+                        state=ContactState(None, False).to_bytes(),
+                    ).id
+                    store_devices.set_contact_flags(
+                        store, cid, bc.verified, bc.blocked, bc.created_at
+                    )
+                self._store_list(new)
+            m.prekeys = prekeys
+            m.mailboxes.reload()
+            # The device mailbox the list names: this profile's address, with its bundle.
+            _, address = await m.mailboxes.create("address", public=True, made=made)
+            await m.address.publish_bundle(address, fresh=True)
+        await m.ctx.reconfigure()
+        return len(contents.contacts)
+
+
+def _ed_public(priv: bytes) -> bytes:
+    return p.ed25519_public(p.ed25519_from_private(priv))
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, AppError):
+        return exc.message
+    if isinstance(exc, RelayError):
+        return f"the relay refused (error {exc.code})"
+    return "the relay could not be reached"
+
+
+def register(registry: Registry, m: Messenger) -> Devices:
+    devices = Devices(m)
+
+    @registry.method("devices.link")
+    async def devices_link(ctx: CallContext, expires_in: int = dv.LINK_TTL) -> dict[str, Any]:
+        if type(expires_in) is not int or not TTL_MIN <= expires_in <= dv.LINK_TTL:
+            raise InvalidParamsError("expires_in", f"must be {TTL_MIN} to {dv.LINK_TTL} seconds")
+        return await devices.offer(expires_in)
+
+    @registry.method("devices.join")
+    async def devices_join(ctx: CallContext, link: str) -> dict[str, Any]:
+        if not isinstance(link, str):
+            raise InvalidParamsError("link", "must be a string")
+        return await devices.join(link)
+
+    @registry.method("devices.status")
+    async def devices_status(ctx: CallContext) -> dict[str, Any]:
+        return devices.status()
+
+    @registry.method("devices.confirm")
+    async def devices_confirm(ctx: CallContext, accept: bool) -> dict[str, Any]:
+        if not isinstance(accept, bool):
+            raise InvalidParamsError("accept", "must be true or false")
+        return await devices.confirm(accept)
+
+    @registry.method("devices.cancel")
+    async def devices_cancel(ctx: CallContext) -> dict[str, Any]:
+        return await devices.cancel()
+
+    @registry.method("devices.list")
+    async def devices_list(ctx: CallContext) -> dict[str, Any]:
+        return devices.list_view()
+
+    @registry.method("devices.remove")
+    async def devices_remove(ctx: CallContext, id: str) -> dict[str, Any]:
+        if not isinstance(id, str):
+            raise InvalidParamsError("id", "must be a string")
+        return await devices.remove(id)
+
+    return devices
