@@ -34,6 +34,23 @@ def test_a_member_restored_from_a_backup_keeps_its_groups(
     carol.wait_for(lambda: "before the backup" in texts(carol), "bob's message", T)
     gc = group_of(carol)["group"]  # type: ignore[index]
     before = carol.call("group.history", {"group": gc})["messages"]
+    # Backup version 4: a group message's quote, edit mark and reactions travel in the file.
+    bobs = before[0]["message_id"]
+    bob.call("group.send", {"group": gb, "text": "a draft"})
+    carol.wait_for(lambda: "a draft" in texts(carol), "bob's draft", T)
+    draft = next(m for m in carol.call("group.history", {"group": gc})["messages"]
+                 if m["text"] == "a draft")["message_id"]  # fmt: skip
+    mine = next(m for m in bob.call("group.history", {"group": gb})["messages"]
+                if m["text"] == "a draft")["message_id"]  # fmt: skip
+    bob.call("messages.edit", {"group": gb, "message_id": mine, "text": "bob's final"})
+    bob.call("messages.react", {"group": gb, "message_id": mine, "emoji": "🎉"})
+    carol.wait_for(lambda: next(m for m in carol.call("group.history", {"group": gc})["messages"]
+                                if m["message_id"] == draft)["reactions"], "bob's reaction",
+                   T)  # fmt: skip
+    carol.call("messages.react", {"group": gc, "message_id": bobs, "emoji": "👍"})
+    answer = carol.call("messages.reply", {"group": gc, "message_id": bobs,
+                                           "text": "carol answers"})["message_id"]  # fmt: skip
+    before = carol.call("group.history", {"group": gc})["messages"]
     # The group's timer is carried, a message that has one is not (docs/backup.md §2).
     carol.call("conversations.set_timer", {"group": gc, "seconds": 604800})
     bob.wait_for(lambda: bob.call("conversations.get_timer", {"group": gb})["seconds"]
@@ -69,7 +86,13 @@ def test_a_member_restored_from_a_backup_keeps_its_groups(
     restored = group_of(new)
     assert restored is not None and restored["name"] == NAME
     assert set(members(new)) == set(ed.values())
-    assert texts(new) == ["before the backup", "[timer] 1 week"]
+    assert texts(new) == ["before the backup", "bob's final", "carol answers", "[timer] 1 week"]
+    got = {m["message_id"]: m for m in new.call("group.history", {"group": restored["group"]})[
+        "messages"]}  # fmt: skip
+    assert got[answer]["reply_to"] == {"message_id": bobs, "text": "before the backup"}
+    assert got[bobs]["reactions"] == [{"emoji": "👍", "count": 1, "mine": True}]
+    assert got[draft]["edits"] == 1 and got[draft]["edited_at"] is not None
+    assert got[draft]["reactions"] == [{"emoji": "🎉", "count": 1, "mine": False}]
     assert new.call("conversations.get_timer", {"group": restored["group"]})["seconds"] == 604800
     # the same message ID (author and wire ID); read: a restored history sends no receipts
     after = new.call("group.history", {"group": restored["group"]})["messages"]
