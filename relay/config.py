@@ -8,6 +8,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Config:
     data_dir: str = "./relay-data"
+    # Where the relay stores: "" for SQLite in data_dir (one process); a postgresql:// URL for a
+    # database several relay nodes share (relay/storage_pg.py, docs/relay-protocol.md §8.1).
+    store: str = ""
     # Queued blocks expire after this many seconds (default 14 days); blobs after blob_ttl.
     message_ttl: int = 14 * 24 * 3600
     # Expiry is stored rounded up to this many seconds, so it does not reveal arrival times.

@@ -87,6 +87,8 @@ HELP = {
     "pow_per_connection": "Proofs of work one connection may spend.",
     "lookup_rate": "Uncached mailbox lookups per second per connection.",
     "lookup_burst": "Uncached mailbox lookup bucket size per connection.",
+    "store": "Storage: empty for SQLite in --data; postgresql://... for a database several "
+             "relay nodes share (each node then counts caps in the database).",
     "max_batch": "Storage operations per group commit.",
     "max_batch_bytes": "Bytes written per group commit at most (about; one operation at least).",
     "checkpoint_bytes": "Bytes committed between background WAL checkpoints (0: off).",
