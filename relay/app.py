@@ -49,7 +49,8 @@ def _make_storage(cfg: Config, clock: Callable[[], float]) -> Storage:
         from .storage_pg import PostgresStorage  # asyncpg only where it is used
 
         return PostgresStorage(cfg.store, queue_limit=cfg.queue_limit,
-                               max_mailboxes=cfg.max_mailboxes)
+                               max_mailboxes=cfg.max_mailboxes,
+                               rewrite_rows=cfg.pg_rewrite_rows)
     if cfg.store:
         raise ValueError("--store: a postgresql:// URL or nothing")
     return SQLiteStorage(

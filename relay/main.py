@@ -89,6 +89,8 @@ HELP = {
     "lookup_burst": "Uncached mailbox lookup bucket size per connection.",
     "store": "Storage: empty for SQLite in --data; postgresql://... for a database several "
              "relay nodes share (each node then counts caps in the database).",
+    "pg_rewrite_rows": "PostgreSQL: a table of at most this many rows is rewritten (VACUUM "
+                       "FULL) at every checkpoint, so deleted blocks leave its files.",
     "max_batch": "Storage operations per group commit.",
     "max_batch_bytes": "Bytes written per group commit at most (about; one operation at least).",
     "checkpoint_bytes": "Bytes committed between background WAL checkpoints (0: off).",

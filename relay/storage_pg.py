@@ -130,12 +130,13 @@ class PostgresStorage:
     shared = True
 
     def __init__(self, dsn: str, *, queue_limit: int = 1024, max_mailboxes: int = 0,
-                 pool_size: int = 8, vacuum: bool = True) -> None:
+                 pool_size: int = 8, vacuum: bool = True, rewrite_rows: int = 4096) -> None:
         self._dsn = dsn
         self._queue_limit = queue_limit
         self._max_mailboxes = max_mailboxes
         self._pool_size = pool_size
         self._vacuum = vacuum
+        self._rewrite_rows = rewrite_rows
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._own_pids: set[int] = set()
@@ -535,17 +536,24 @@ class PostgresStorage:
     # --- maintenance -----------------------------------------------------------------------------
 
     async def checkpoint(self) -> None:
-        """Make deleted blocks' space free (VACUUM: their dead row versions leave the tables'
-        pages, and empty pages at a table's end leave its files), then, where the relay's role
-        may (superuser or pg_checkpoint and pg_switch_wal granted), end the WAL segment and
-        checkpoint, so segments holding deleted blocks are recycled or removed
+        """Make deleted blocks' space free (VACUUM), rewriting a table of at most
+        `rewrite_rows` rows (VACUUM FULL) so that no deleted row's bytes stay in its files;
+        then, where the relay's role may (superuser, or pg_checkpoint and pg_switch_wal
+        granted), end the WAL segment and checkpoint, so the segments holding deleted blocks
+        are removed (with wal_recycle=off; recycled otherwise)
         (docs/threat-model.md: PostgreSQL)."""
         if not self._vacuum:
             return
 
         async def op(con: asyncpg.Connection) -> None:
             for table in ("messages", "bundle_items", "blobs"):
-                await con.execute(f"VACUUM {table}")
+                # VACUUM frees a dead row's space but leaves its bytes in the page until a new
+                # row reuses it; a small table is rewritten instead (VACUUM FULL: new files,
+                # the old ones unlinked), holding its lock for as long as copying its few live
+                # rows takes (deposits wait meanwhile, they do not fail).
+                rows = await con.fetchval(f"SELECT count(*) FROM {table}")  # noqa: S608
+                full = "FULL " if rows <= self._rewrite_rows else ""
+                await con.execute(f"VACUUM {full}{table}")
             with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
                 await con.execute("SELECT pg_switch_wal()")
                 await con.execute("CHECKPOINT")

@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import asyncpg
 
@@ -43,9 +44,10 @@ class PostgresServer:
 
     #: Settings the relay's design counts on (contrib/relay/postgresql.conf says why): WAL
     #: segments are removed, not recycled, once a checkpoint no longer needs them.
-    SETTINGS = {"wal_recycle": "off", "min_wal_size": "32MB", "max_wal_size": "64MB",
-                "synchronous_commit": "on", "fsync": "on", "log_min_messages": "warning",
-                "max_connections": "200", "shared_buffers": "32MB"}
+    SETTINGS: ClassVar[dict[str, str]] = {
+        "wal_recycle": "off", "min_wal_size": "32MB", "max_wal_size": "64MB",
+        "synchronous_commit": "on", "fsync": "on", "log_min_messages": "warning",
+        "max_connections": "200", "shared_buffers": "32MB"}
 
     def __init__(self) -> None:
         initdb, postgres = find_bin("initdb"), find_bin("postgres")
@@ -92,7 +94,7 @@ class PostgresServer:
             if self.proc.poll() is not None:
                 raise RuntimeError("postgres exited:\n" + self.log_path.read_text())
             with contextlib.suppress(OSError, asyncpg.PostgresError):
-                asyncio.run(self._query("SELECT 1"))
+                asyncio.run(self.aquery("SELECT 1"))
                 return
             time.sleep(0.1)
         raise RuntimeError("postgres did not start:\n" + self.log_path.read_text())
@@ -104,7 +106,7 @@ class PostgresServer:
         self.proc.send_signal(signal.SIGQUIT if immediate else signal.SIGINT)
         self.proc.wait(60)
 
-    async def _query(self, sql: str, db: str = "postgres") -> list[asyncpg.Record]:
+    async def aquery(self, sql: str, db: str = "postgres") -> list[asyncpg.Record]:
         con = await asyncpg.connect(self.dsn(db), timeout=5)
         try:
             return list(await con.fetch(sql))
@@ -112,7 +114,7 @@ class PostgresServer:
             await con.close()
 
     def query(self, sql: str, db: str = "postgres") -> list[asyncpg.Record]:
-        return asyncio.run(self._query(sql, db))
+        return asyncio.run(self.aquery(sql, db))
 
     def new_database(self) -> str:
         """A fresh, empty database; its DSN."""
