@@ -449,7 +449,7 @@ class Connection:
 
     def storage_error(self, rid: int, exc: BaseException) -> None:
         if isinstance(exc, QueueFull):
-            self.error(rid, wire.E_QUEUE_FULL)  # a shared store's limit (handlers._queue_limit)
+            self.error(rid, wire.E_QUEUE_FULL)  # a shared store's limit (handlers._enqueue)
             return
         if isinstance(exc, StorageFull | TooMany):
             self.error(rid, wire.E_FULL)  # logged once by the storage, not per request

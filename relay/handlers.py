@@ -275,7 +275,7 @@ def _deposit_auth(c: Connection, mb: MailboxState | None, kind: int,
     if not mb.deposit_bucket.take(c.last_frame):
         raise wire.FrameError(wire.E_RATE_LIMITED)
     # Several nodes: this node's count of the queue misses the others' deposits and acks, so
-    # the store checks the limit in the writing transaction (_queue_limit).
+    # the store checks the limit in the writing transaction (_enqueue).
     shared = c.relay.storage.shared
     if not shared and mb.queued >= c.cfg.queue_limit:
         raise wire.FrameError(wire.E_QUEUE_FULL)
@@ -287,11 +287,14 @@ def _deposit_auth(c: Connection, mb: MailboxState | None, kind: int,
     return mb
 
 
-def _queue_limit(c: Connection) -> int:
-    """The queue limit a shared store checks (0 for one that needs none: _deposit_auth did)."""
-    if not c.relay.storage.shared:
-        return 0
-    return c.cfg.crowded_queue_limit if c.relay.crowded() else c.cfg.queue_limit
+def _enqueue(c: Connection, mb: MailboxState, block: bytes) -> asyncio.Future[int]:
+    """Store a deposit sealed for the owner. A shared store checks the queue's limit itself
+    (the one a crowded budget lowers), where _deposit_auth could not."""
+    storage = c.relay.storage
+    if not storage.shared:
+        return storage.enqueue(mb.id, c.relay.expiry(), mb.seal(block))
+    limit = c.cfg.crowded_queue_limit if c.relay.crowded() else c.cfg.queue_limit
+    return storage.enqueue(mb.id, c.relay.expiry(), mb.seal(block), limit)
 
 
 def fast_deposit(c: Connection, f: wire.Frame) -> bool:
@@ -308,7 +311,7 @@ def fast_deposit(c: Connection, f: wire.Frame) -> bool:
     mb = _deposit_auth(c, cached, kind, auth)
     # Re-encrypt for the owner: the stored bytes share nothing with the deposit (and each
     # delivery is sealed afresh: Connection.push).
-    fut = c.relay.storage.enqueue(mb.id, c.relay.expiry(), mb.seal(block), _queue_limit(c))
+    fut = _enqueue(c, mb, block)
     mb.queued += 1
     mb.writing += 1
     c.relay.queued_blocks += 1
@@ -341,7 +344,7 @@ async def h_deposit(c: Connection, f: wire.Frame) -> None:
             found = relay.by_id.get(found.id) or await relay.mailbox(dkey=dkey)
         mb = _deposit_auth(c, found, kind, auth)
         # Queued first (as fast_deposit): one refused at once ("storage closed") counts nothing.
-        fut = relay.storage.enqueue(mb.id, relay.expiry(), mb.seal(block), _queue_limit(c))
+        fut = _enqueue(c, mb, block)
         mb.queued += 1
         mb.writing += 1
         relay.queued_blocks += 1

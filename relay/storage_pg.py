@@ -142,6 +142,8 @@ class PostgresStorage:
         self._own_pids: set[int] = set()
         self._watch: Callable[[str, int], None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Each mailbox's last deposit submitted and not yet done (enqueue).
+        self._enqueues: dict[int, asyncio.Future[int]] = {}
         self.pending = 0
         self._pending_by: dict[object | None, int] = {}
         self.full = False
@@ -233,7 +235,8 @@ class PostgresStorage:
     # --- running operations ----------------------------------------------------------------------
 
     def _submit(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, tx: bool = True,
-                grows: bool = False) -> asyncio.Future[T]:
+                grows: bool = False, after: asyncio.Future[Any] | None = None
+                ) -> asyncio.Future[T]:
         if self._pool is None:
             raise StorageError("storage closed")
         loop = asyncio.get_running_loop()
@@ -246,12 +249,15 @@ class PostgresStorage:
         self._pending_by[owner] = self._pending_by.get(owner, 0) + 1
         # A task of its own: a caller that is cancelled does not cancel the operation (as with
         # SQLiteStorage, what counts it follows the operation, not the caller).
-        task = loop.create_task(self._op(fn, tx))
+        task = loop.create_task(self._op(fn, tx, after))
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._finished, owner, fut))
         return fut
 
-    async def _op(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], tx: bool) -> T:
+    async def _op(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], tx: bool,
+                  after: asyncio.Future[Any] | None = None) -> T:
+        if after is not None:
+            await asyncio.wait({after})
         pool = self._pool
         if pool is None:
             raise StorageError("storage closed")
@@ -411,7 +417,19 @@ class PostgresStorage:
                     break
             await _notify(con, "d", mailbox)
             return key
-        return self._submit(op, grows=True)
+        # After this node's previous deposit to the mailbox: the pool's connections would
+        # commit pipelined deposits in any order, and a mailbox's blocks must keep the order
+        # they were sent in (the daemon's outbox pipelines them; tests/relay/
+        # test_pipelined_order.py).
+        before = self._enqueues.get(mailbox)
+        fut = self._submit(op, grows=True, after=before)
+        self._enqueues[mailbox] = fut
+        fut.add_done_callback(functools.partial(self._enqueued, mailbox))
+        return fut
+
+    def _enqueued(self, mailbox: int, fut: asyncio.Future[Any]) -> None:
+        if self._enqueues.get(mailbox) is fut:
+            del self._enqueues[mailbox]
 
     async def queued(self, mailbox: int, skip: Collection[int],
                      limit: int) -> list[tuple[int, bytes]]:
