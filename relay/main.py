@@ -112,7 +112,10 @@ def _setup_logging(level: str) -> None:
     root.setLevel(logging.WARNING)
     log.setLevel(getattr(logging, level.upper()))
     for name in ("aiohttp", "aiohttp.access", "aiohttp.server", "aiohttp.web",
-                 "aiohttp.websocket", "aiohttp.internal", "aiohttp.client", "asyncio"):
+                 "aiohttp.websocket", "aiohttp.internal", "aiohttp.client", "asyncio",
+                 # asyncpg's pool logs tracebacks while the database is away: the relay's own
+                 # lines (maintenance failed: TYPE) say it without them.
+                 "asyncpg", "asyncpg.pool"):
         lg = logging.getLogger(name)
         lg.disabled = True
         lg.propagate = False

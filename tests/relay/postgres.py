@@ -69,6 +69,15 @@ class PostgresServer:
                         "-E", "UTF8", "--no-instructions"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                        **self.as_user)  # type: ignore[call-overload]
+        # The settings contrib/relay/postgresql.conf gives operators, as they would add them
+        # (copied in: the server's user may not read the checkout); SETTINGS override a few.
+        contrib = Path(__file__).resolve().parents[2] / "contrib" / "relay" / "postgresql.conf"
+        conf = self.data / "aegis-relay.conf"
+        shutil.copyfile(contrib, conf)
+        with open(self.data / "postgresql.conf", "a") as f:
+            f.write("\ninclude 'aegis-relay.conf'\n")
+        if self.as_user:
+            shutil.chown(conf, "nobody", "nogroup")
         self.proc: subprocess.Popen[bytes] | None = None
         self._dbs = itertools.count()
         self.start()
