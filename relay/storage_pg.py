@@ -99,6 +99,33 @@ CREATE TABLE IF NOT EXISTS blobs (
 );
 ALTER TABLE blobs ALTER COLUMN block SET STORAGE EXTERNAL;
 CREATE INDEX IF NOT EXISTS blobs_expiry ON blobs(expiry);
+-- A deposit in one round trip (one statement: its own transaction). Each statement of a
+-- PL/pgSQL function takes a fresh snapshot, so the count and the last order key are read after
+-- the mailbox's row lock is held: deposits from several nodes queue on that lock. Returns the
+-- key, or 0: the key is taken (draw again), -1: no such mailbox, -2: the queue is full, -3: the
+-- order keys would overflow (the caller renumbers).
+CREATE OR REPLACE FUNCTION relay_enqueue(p_mailbox bigint, p_key bigint, p_first bigint,
+        p_step bigint, p_expiry bigint, p_block bytea, p_limit bigint) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE n bigint; last_seq bigint; next_seq bigint;
+BEGIN
+    PERFORM 1 FROM mailboxes WHERE id = p_mailbox FOR UPDATE;
+    IF NOT FOUND THEN RETURN -1; END IF;
+    SELECT count(*), max(seq) INTO n, last_seq FROM messages WHERE mailbox = p_mailbox;
+    IF n >= p_limit THEN RETURN -2; END IF;
+    IF last_seq IS NULL THEN
+        next_seq := p_first;
+    ELSIF last_seq > 9223372036854775807 - p_step THEN
+        RETURN -3;
+    ELSE
+        next_seq := last_seq + p_step;
+    END IF;
+    INSERT INTO messages (id, mailbox, seq, expiry, block)
+        VALUES (p_key, p_mailbox, next_seq, p_expiry, p_block) ON CONFLICT (id) DO NOTHING;
+    IF NOT FOUND THEN RETURN 0; END IF;
+    PERFORM pg_notify('aegis_relay', 'd' || p_mailbox);
+    RETURN p_key;
+END $$;
 """
 
 # The connection's settings: commits wait for the WAL flush (the relay answers OK only then);
@@ -116,6 +143,16 @@ _LOAD = ("SELECT id, owner_key, deposit_key, sig_pub, box_secret, owner_box_pub,
          " used, (SELECT count(*) FROM messages WHERE mailbox = mailboxes.id) FROM mailboxes")
 _LOAD_BY_OWNER = _LOAD + " WHERE owner_key = $1"
 _LOAD_BY_DEPOSIT = _LOAD + " WHERE deposit_key = $1"
+
+
+class _Connection(asyncpg.Connection):  # type: ignore[misc]
+    """A pool connection given back without asyncpg's reset query (`RESET ALL`, `UNLISTEN *`,
+    ...): a round trip per operation, for session state the relay never leaves behind (its
+    locks are transaction-scoped, it listens on a connection of its own, its settings are the
+    connection's startup parameters)."""
+
+    def get_reset_query(self) -> str:
+        return ""
 
 
 def _random_key() -> int:
@@ -159,6 +196,7 @@ class PostgresStorage:
         try:
             self._pool = await asyncpg.create_pool(
                 self._dsn, min_size=1, max_size=self._pool_size, server_settings=_SETTINGS,
+                connection_class=_Connection,
                 init=self._init_connection, timeout=10)
             async with self._pool.acquire() as con, con.transaction():
                 await con.execute("SELECT pg_advisory_xact_lock($1)", _CREATE_LOCK + 1)
@@ -392,37 +430,30 @@ class PostgresStorage:
         cap = limit or self._queue_limit
 
         async def op(con: asyncpg.Connection) -> int:
-            if await con.fetchval("SELECT 1 FROM mailboxes WHERE id = $1 FOR UPDATE",
-                                  mailbox) is None:
-                raise QueueFull("mailbox gone")  # deleted on another node meanwhile
-            count, last = await con.fetchrow(
-                "SELECT count(*), max(seq) FROM messages WHERE mailbox = $1", mailbox)
-            if count >= cap:
-                raise QueueFull("queue full")
-            if last is None:
-                seq = secrets.randbelow(SEQ_START)
-            else:
-                seq = last + secrets.randbelow(SEQ_STEP) + 1
-                if seq > KEY_MAX:
-                    await _renumber(con, mailbox)
-                    seq = int(await con.fetchval(
-                        "SELECT max(seq) FROM messages WHERE mailbox = $1", mailbox)) + 1
             while True:
                 key = _random_key()
-                done = await con.fetchval(
-                    "INSERT INTO messages (id, mailbox, seq, expiry, block)"
-                    " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING RETURNING id",
-                    key, mailbox, seq, expiry, sealed)
-                if done is not None:
-                    break
-            await _notify(con, "d", mailbox)
-            return key
+                got = await con.fetchval(
+                    "SELECT relay_enqueue($1, $2, $3, $4, $5, $6, $7)", mailbox, key,
+                    secrets.randbelow(SEQ_START), secrets.randbelow(SEQ_STEP) + 1, expiry,
+                    sealed, cap)
+                if got == key:
+                    return key
+                if got == -1:
+                    raise QueueFull("mailbox gone")  # deleted on another node meanwhile
+                if got == -2:
+                    raise QueueFull("queue full")
+                if got == -3:  # some 2^30 blocks without the queue ever emptying
+                    async with con.transaction():
+                        await con.execute("SELECT 1 FROM mailboxes WHERE id = $1 FOR UPDATE",
+                                          mailbox)
+                        await _renumber(con, mailbox)
+                # 0: the key was taken; -3: renumbered. Again.
         # After this node's previous deposit to the mailbox: the pool's connections would
         # commit pipelined deposits in any order, and a mailbox's blocks must keep the order
         # they were sent in (the daemon's outbox pipelines them; tests/relay/
         # test_pipelined_order.py).
         before = self._enqueues.get(mailbox)
-        fut = self._submit(op, grows=True, after=before)
+        fut = self._submit(op, tx=False, grows=True, after=before)
         self._enqueues[mailbox] = fut
         fut.add_done_callback(functools.partial(self._enqueued, mailbox))
         return fut
@@ -448,7 +479,7 @@ class PostgresStorage:
                 "DELETE FROM messages WHERE mailbox = $1 AND id = ANY($2::bigint[])",
                 mailbox, ids)
             return int(status.split()[-1])
-        return self._submit(op)
+        return self._submit(op, tx=False)  # one statement: a transaction of its own
 
     async def expire(self, now: int) -> tuple[dict[int, int], int]:
         async def op(con: asyncpg.Connection) -> tuple[dict[int, int], int]:
