@@ -290,15 +290,13 @@ class Relay:
 
     async def recount(self) -> None:
         """Several nodes: the relay-wide counts from the store (what this node counts misses
-        the others' writes). Only while none of this node's writes is in flight, which a fresh
-        count would forget."""
-        if self.storage.pending:
-            return
+        the others' writes and acknowledgements), plus this node's deposits in flight, which
+        the count may not hold yet (those of other nodes it misses until the next sweep)."""
         mailboxes = await self.storage.mailbox_count()
         queued = await self.storage.queued_count()
         blobs = await self.storage.blob_count()
-        if not self.storage.pending:
-            self.mailboxes, self.queued_blocks, self.blob_blocks = mailboxes, queued, blobs
+        writing = sum(mb.writing for mb in self.by_id.values())
+        self.mailboxes, self.queued_blocks, self.blob_blocks = mailboxes, queued + writing, blobs
 
     def remote(self, kind: str, mailbox: int) -> None:
         """Another node committed a deposit (`d`), changed or deleted a mailbox (`m`), or took
@@ -307,8 +305,8 @@ class Relay:
         if mb is None:
             return
         if kind == "d":
+            # (Not in queued_blocks: the other nodes' writes are counted at each sweep.)
             mb.queued += 1
-            self.queued_blocks += 1
             sub = mb.sub
             if sub is not None and sub.active:
                 sub.gen += 1
