@@ -38,7 +38,11 @@ unit: $(VENV)/.installed-test
 #   libportaudio2: the daemon's microphone and speaker in calls (PortAudio, through the Python
 #     package sounddevice); libasound2-plugins: ALSA's pulse plugin, PortAudio's way to
 #     PulseAudio / PipeWire; pulseaudio, pulseaudio-utils (pactl, parec): the calls tests start
-#     their own PulseAudio with virtual microphones and speakers (no sound card needed).
+#     their own PulseAudio with virtual microphones and speakers (no sound card needed);
+#   postgresql (initdb, postgres under /usr/lib/postgresql/*/bin): the relay's tests on
+#     PostgreSQL start their own server on 127.0.0.1 (as `nobody` when run as root; the
+#     package's cluster service is kept from starting by policy-rc.d below); haproxy: the load
+#     balancer in front of several relay nodes in those tests.
 # One apt-get for whatever is missing, under a temporary policy-rc.d (exit 101: "action
 # forbidden") that keeps the packages' postinst scripts from starting system-wide services
 # (Debian's tor enables and starts tor.service; coturn, dbus and pulseaudio come with services
@@ -54,6 +58,8 @@ system-deps:
 		missing="$$missing libasound2-plugins"; \
 	command -v pulseaudio >/dev/null || missing="$$missing pulseaudio"; \
 	{ command -v pactl && command -v parec; } >/dev/null || missing="$$missing pulseaudio-utils"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v haproxy >/dev/null || missing="$$missing haproxy"; \
 	if [ "$$(id -u)" = 0 ] && [ -n "$$missing" ]; then \
 		if [ ! -e /usr/sbin/policy-rc.d ]; then \
 			trap 'rm -f /usr/sbin/policy-rc.d' EXIT; trap 'exit 130' INT TERM; \

@@ -1,6 +1,7 @@
 """Relay benchmark: throughput and deposit-to-delivery latency against a bare forwarder.
 
     .venv/bin/python bench/relay.py [--pairs 50] [--messages 200] [--inflight 8] [--idle 5000]
+                                    [--store postgresql]
 
 N sender/receiver pairs on loopback: each sender deposits M blocks of the protocol's block size
 (at most `--inflight` awaiting their acknowledgement), each receiver is subscribed and
@@ -8,7 +9,9 @@ acknowledges what it gets. The same workload runs, in the same run, against:
 
   * aegis-relay (a subprocess: SQLite WAL, synchronous=FULL, group commit, re-encryption), and
   * a bare aiohttp WebSocket forwarder (a subprocess: no storage, no checks, no crypto), the
-    ceiling.
+    ceiling;
+  * with `--store postgresql`, also aegis-relay on PostgreSQL: one node, and two nodes on one
+    database with half the pairs' sender and receiver on different nodes.
 
 It prints deposits per second and p50/p99 latency for both and the ratio; then it opens
 `--idle` connections to a fresh relay, each subscribed to its own mailbox, and prints the relay's
@@ -120,8 +123,9 @@ class Server:
         self.sock.close()
 
 
-def start_relay(data: str) -> Server:
+def start_relay(data: str, store: str = "") -> Server:
     return Server([sys.executable, "-m", "relay.main", "--listen-fd", "{fd}", "--data", data,
+                   "--store", store, "--storage-budget", str(1 << 34),
                    "--log-level", "warning", "--deposit-rate", "1000000", "--deposit-burst",
                    "1000000", "--frame-rate", "1000000", "--frame-burst", "1000000",
                    "--max-connections", "20000", "--subscriptions-per-connection", "10",
@@ -142,17 +146,20 @@ def stamped() -> bytes:
     return struct.pack(">d", time.perf_counter()) + os.urandom(BLOCK - 8)
 
 
-async def relay_workload(url: str, pairs: int, messages: int, inflight: int
+async def relay_workload(url: str | list[str], pairs: int, messages: int, inflight: int
                          ) -> tuple[float, list[float]]:
+    """`url`: one relay, or several nodes of one: pair i's receiver is on node i mod n and its
+    sender on node (i // n) mod n, so with two nodes half the pairs cross nodes."""
+    urls = [url] if isinstance(url, str) else url
     conn = aiohttp.TCPConnector(limit=0)
     session = aiohttp.ClientSession(connector=conn)
     latencies: list[float] = []
     total = pairs * messages
     token = os.urandom(32)
     setup = []
-    for _ in range(pairs):
-        r = await RelayClient.connect(url, session=session)
-        s = await RelayClient.connect(url, session=session)
+    for i in range(pairs):
+        r = await RelayClient.connect(urls[i % len(urls)], session=session)
+        s = await RelayClient.connect(urls[i // len(urls) % len(urls)], session=session)
         sig, box = SigningKey.generate(), PrivateKey.generate()
         created = await r.create(sig, bytes(box.public_key))
         await r.token_add(created.owner_id, sig, token)
@@ -274,30 +281,48 @@ async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         relay = start_relay(os.path.join(tmp, "data"))
         fwd = Server([sys.executable, str(Path(__file__).resolve()), "--forwarder", "{fd}"])
+        runs: dict[str, list[Server]] = {"forwarder": [fwd], "relay": [relay]}
+        labels = {"forwarder": "bare aiohttp WebSocket forwarder (no storage)",
+                  "relay": "aegis-relay (durability: SQLite WAL, synchronous=FULL, group commit)"}
+        pg = None
+        if args.store == "postgresql":
+            # A PostgreSQL server of its own, set up as the relay's tests set theirs up
+            # (contrib/relay/postgresql.conf); one database for one node, one for two.
+            from tests.relay.postgres import PostgresServer
+            # (Its helpers run their own event loops: in a thread.)
+            pg = await asyncio.to_thread(PostgresServer)
+            one = await asyncio.to_thread(pg.new_database)
+            two = await asyncio.to_thread(pg.new_database)
+            runs["pg1"] = [start_relay(os.path.join(tmp, "pg1"), one)]
+            runs["pg2"] = [start_relay(os.path.join(tmp, f"pg2-{i}"), two) for i in range(2)]
+            labels["pg1"] = "aegis-relay on PostgreSQL, one node"
+            labels["pg2"] = ("aegis-relay on PostgreSQL, two nodes on one database (half the "
+                             "pairs cross nodes: pushed through NOTIFY)")
         try:
-            await relay.wait_ready("/health")
-            await fwd.wait_ready("/ws")
-            rates: dict[str, list[float]] = {"forwarder": [], "relay": []}
-            lats: dict[str, list[float]] = {"forwarder": [], "relay": []}
-            cpus: dict[str, list[float]] = {"forwarder": [], "relay": []}
-            # Rounds alternate between the two, so a noisy neighbour hits both alike.
+            for srvs in runs.values():
+                for srv in srvs:
+                    await srv.wait_ready("/ws" if srv is fwd else "/health")
+            rates: dict[str, list[float]] = {name: [] for name in runs}
+            lats: dict[str, list[float]] = {name: [] for name in runs}
+            cpus: dict[str, list[float]] = {name: [] for name in runs}
+            # Rounds alternate between them, so a noisy neighbour hits all alike.
             for _ in range(args.rounds):
-                for name, srv in (("forwarder", fwd), ("relay", relay)):
-                    cpu0 = srv.cpu_s()
-                    if name == "relay":
+                for name, srvs in runs.items():
+                    cpu0 = sum(srv.cpu_s() for srv in srvs)
+                    if name != "forwarder":
                         rate, lat = await relay_workload(
-                            f"http://127.0.0.1:{srv.port}/v1/ws", args.pairs, args.messages,
-                            args.inflight)
+                            [f"http://127.0.0.1:{srv.port}/v1/ws" for srv in srvs], args.pairs,
+                            args.messages, args.inflight)
                     else:
                         rate, lat = await forwarder_workload(
-                            f"http://127.0.0.1:{srv.port}/ws", args.pairs, args.messages,
+                            f"http://127.0.0.1:{fwd.port}/ws", args.pairs, args.messages,
                             args.inflight)
                     rates[name].append(rate)
                     lats[name] += lat
-                    cpus[name].append((srv.cpu_s() - cpu0) / (args.pairs * args.messages))
-            for name in ("forwarder", "relay"):
-                label = ("aegis-relay (durability: SQLite WAL, synchronous=FULL, group commit)"
-                         if name == "relay" else "bare aiohttp WebSocket forwarder (no storage)")
+                    cpus[name].append((sum(srv.cpu_s() for srv in srvs) - cpu0)
+                                      / (args.pairs * args.messages))
+            for name in runs:
+                label = labels[name]
                 rs = ", ".join(f"{r:,.0f}" for r in rates[name])
                 print(f"{label}: {statistics.median(rates[name]):,.0f} deposits/s "
                       f"(median of {rs}), deposit-to-delivery p50 "
@@ -306,9 +331,15 @@ async def main_async(args: argparse.Namespace) -> None:
                       f" server CPU {statistics.median(cpus[name]) * 1e6:.0f} us per deposit")
             ratio = statistics.median(rates["relay"]) / statistics.median(rates["forwarder"])
             print(f"relay / forwarder throughput (medians): {ratio:.0%}")
+            if pg is not None:
+                print("(server CPU of the PostgreSQL rows: the relay nodes' only, not the "
+                      "database's processes)")
         finally:
-            relay.stop()
-            fwd.stop()
+            for srvs in runs.values():
+                for srv in srvs:
+                    srv.stop()
+            if pg is not None:
+                pg.close()
         if args.idle:
             relay = start_relay(os.path.join(tmp, "idle"))
             try:
@@ -336,6 +367,9 @@ def main() -> None:
     p.add_argument("--inflight", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians printed")
     p.add_argument("--idle", type=int, default=5000, help="idle subscribed connections (0: skip)")
+    p.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite",
+                   help="postgresql: also the relay on PostgreSQL (a server of its own, "
+                        "Debian's postgresql package), one node and two, in the same run")
     asyncio.run(main_async(p.parse_args()))
 
 

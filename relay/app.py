@@ -44,6 +44,21 @@ _CLOCK_SLACK = 60.0
 _EXPIRY_BLOCKS = 1024
 
 
+def _make_storage(cfg: Config, clock: Callable[[], float]) -> Storage:
+    if cfg.store.startswith(("postgresql://", "postgres://")):
+        from .storage_pg import PostgresStorage  # asyncpg only where it is used
+
+        return PostgresStorage(cfg.store, queue_limit=cfg.queue_limit,
+                               max_mailboxes=cfg.max_mailboxes,
+                               rewrite_rows=cfg.pg_rewrite_rows)
+    if cfg.store:
+        raise ValueError("--store: a postgresql:// URL or nothing")
+    return SQLiteStorage(
+        cfg.data_dir, cfg.max_batch, clock, cfg.mailbox_use_granularity,
+        reserve_bytes=cfg.disk_reserve, max_db_bytes=cfg.max_db_bytes,
+        max_batch_bytes=cfg.max_batch_bytes, checkpoint_bytes=cfg.checkpoint_bytes)
+
+
 class Relay:
     """Process-wide state: configuration, storage, the mailbox cache, connections."""
 
@@ -56,10 +71,7 @@ class Relay:
         # after a forward jump of the wall clock (sweep).
         self.expiry_from = 0.0
         self._clocks = (0.0, 0.0)  # (wall, monotonic) at the last sweep
-        self.storage: Storage = storage or SQLiteStorage(
-            cfg.data_dir, cfg.max_batch, clock, cfg.mailbox_use_granularity,
-            reserve_bytes=cfg.disk_reserve, max_db_bytes=cfg.max_db_bytes,
-            max_batch_bytes=cfg.max_batch_bytes, checkpoint_bytes=cfg.checkpoint_bytes)
+        self.storage: Storage = storage or _make_storage(cfg, clock)
         self.gate = Gate(cfg)
         self.clock = clock
         self.by_okey: dict[bytes, MailboxState] = {}
@@ -93,8 +105,13 @@ class Relay:
         self.started = self.clock()
         self.expiry_from = self.monotonic() + self.expiry_grace()
         self._clocks = (self.started, self.monotonic())
+        self.storage.watch(self.remote)
         budget = self.cfg.storage_budget
-        if budget <= 0:
+        if budget <= 0 and self.storage.shared:
+            # The database's disk is not this node's to measure: every mailbox full (set
+            # --storage-budget); the database's own full disk still refuses (StorageFull).
+            budget = self.cfg.max_mailboxes * self.cfg.queue_limit * wire.BLOCK_SIZE
+        elif budget <= 0:
             # Half of what the relay may use on its disk: the free space plus what its files
             # hold already (a disk shared with others is not the relay's to fill).
             st = os.statvfs(self.cfg.data_dir)
@@ -134,7 +151,14 @@ class Relay:
                     self.trim_wanted = False
                     next_trim = now + 5.0
                     memory.give_back()
+                if await self.storage.check_listener():
+                    # Notifications between the lost listener and the new one were missed:
+                    # every subscribed queue is read again.
+                    log.warning("storage notifications resumed")
+                    self.reread_all()
                 if now >= next_sweep:
+                    if self.storage.shared:
+                        await self.recount()
                     await self.sweep()
                     next_sweep = now + self.cfg.sweep_interval
                 if now >= next_ckpt:
@@ -261,6 +285,64 @@ class Relay:
         """A coarse expiry: now + ttl rounded up to the granularity (hides arrival times)."""
         g = max(1, self.cfg.expiry_granularity)
         return int(math.ceil((self.clock() + self.cfg.message_ttl) / g) * g)
+
+    # --- other nodes (a shared store) ---------------------------------------------------------
+
+    async def recount(self) -> None:
+        """Several nodes: the relay-wide counts from the store (what this node counts misses
+        the others' writes and acknowledgements), plus this node's deposits in flight, which
+        the count may not hold yet (those of other nodes it misses until the next sweep)."""
+        mailboxes = await self.storage.mailbox_count()
+        queued = await self.storage.queued_count()
+        blobs = await self.storage.blob_count()
+        writing = sum(mb.writing for mb in self.by_id.values())
+        self.mailboxes, self.queued_blocks, self.blob_blocks = mailboxes, queued + writing, blobs
+
+    def remote(self, kind: str, mailbox: int) -> None:
+        """Another node committed a deposit (`d`), changed or deleted a mailbox (`m`), or took
+        its subscription (`s`)."""
+        mb = self.by_id.get(mailbox)
+        if mb is None:
+            return
+        if kind == "d":
+            # (Not in queued_blocks: the other nodes' writes are counted at each sweep.)
+            mb.queued += 1
+            sub = mb.sub
+            if sub is not None and sub.active:
+                sub.gen += 1
+                sub.backlog = True
+                if sub.conn.congested():
+                    sub.conn.push_deferred = True
+                else:
+                    self.spawn(self.pump(sub))  # a pump under way reads again (sub.again)
+        elif kind == "s":
+            if mb.sub is not None:
+                self.end_subscription(mb.sub, notify=True)
+        elif kind == "m":
+            self.spawn(self._reload(mb))
+
+    async def _reload(self, mb: MailboxState) -> None:
+        try:
+            row = await self.storage.load_mailbox(okey=mb.okey)
+        except StorageError:
+            if mb.sub is None and not mb.writing:
+                self._uncache(mb)  # loaded afresh at its next use
+            return
+        if row is None:
+            mb.deleted = True
+            if mb.sub is not None:
+                self.end_subscription(mb.sub, notify=True)
+            self._uncache(mb)
+            return
+        mb.tokens = row.tokens
+        mb.queued = row.queued + mb.writing
+
+    def reread_all(self) -> None:
+        for conn in list(self.connections):
+            for sub in list(conn.subs.values()):
+                sub.backlog = True
+                if not sub.pumping:
+                    self.spawn(self.pump(sub))
 
     # --- the mailbox cache -----------------------------------------------------------------------
 

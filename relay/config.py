@@ -8,6 +8,13 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Config:
     data_dir: str = "./relay-data"
+    # Where the relay stores: "" for SQLite in data_dir (one process); a postgresql:// URL for a
+    # database several relay nodes share (relay/storage_pg.py, docs/relay-protocol.md §8.1).
+    store: str = ""
+    # PostgreSQL: at every checkpoint_interval the relay VACUUMs its tables, and rewrites one
+    # holding at most this many rows (VACUUM FULL), so deleted blocks leave its files; a larger
+    # one keeps them in freed space until new rows reuse it (docs/threat-model.md).
+    pg_rewrite_rows: int = 4096
     # Queued blocks expire after this many seconds (default 14 days); blobs after blob_ttl.
     message_ttl: int = 14 * 24 * 3600
     # Expiry is stored rounded up to this many seconds, so it does not reveal arrival times.

@@ -24,7 +24,7 @@ from . import pow as pow_
 from . import wire
 from .handlers import _FAST, _HANDLERS, _STORING, _unqueue_removed
 from .state import RANDOM, Denied, MailboxState, Subscription, TokenBucket
-from .storage import WRITER_OWNER, StorageError, StorageFull, owner_key
+from .storage import WRITER_OWNER, QueueFull, StorageError, StorageFull, TooMany, owner_key
 
 if TYPE_CHECKING:
     from .app import Relay
@@ -448,7 +448,10 @@ class Connection:
         self.send(wire.encode(wire.OK, rid, body))
 
     def storage_error(self, rid: int, exc: BaseException) -> None:
-        if isinstance(exc, StorageFull):
+        if isinstance(exc, QueueFull):
+            self.error(rid, wire.E_QUEUE_FULL)  # a shared store's limit (handlers._enqueue)
+            return
+        if isinstance(exc, StorageFull | TooMany):
             self.error(rid, wire.E_FULL)  # logged once by the storage, not per request
             return
         log.warning("storage error: %s", type(exc).__name__)

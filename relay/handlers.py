@@ -78,7 +78,9 @@ async def h_subscribe(c: Connection, f: wire.Frame) -> None:
     mb.sub = sub
     c.subs[mb.id] = sub
     c.ok(f.rid)
-    if mb.queued <= 0:
+    # Another node holding the mailbox's subscription ends it there (END): it moved here.
+    relay.storage.announce("s", mb.id)
+    if mb.queued <= 0 and not relay.storage.shared:
         # Nothing stored nor being stored (deposits count before their write): no read of the
         # queue. A connection flood subscribes empty mailboxes by the thousand, and each read
         # waited in the writer's queue beside everyone's deposits (bench/attack.py 3t).
@@ -272,14 +274,27 @@ def _deposit_auth(c: Connection, mb: MailboxState | None, kind: int,
         raise Denied()
     if not mb.deposit_bucket.take(c.last_frame):
         raise wire.FrameError(wire.E_RATE_LIMITED)
-    if mb.queued >= c.cfg.queue_limit:
+    # Several nodes: this node's count of the queue misses the others' deposits and acks, so
+    # the store checks the limit in the writing transaction (_enqueue).
+    shared = c.relay.storage.shared
+    if not shared and mb.queued >= c.cfg.queue_limit:
         raise wire.FrameError(wire.E_QUEUE_FULL)
     if c.relay.full():
         raise wire.FrameError(wire.E_FULL)
-    if mb.queued >= c.cfg.crowded_queue_limit and c.relay.crowded():
+    if not shared and mb.queued >= c.cfg.crowded_queue_limit and c.relay.crowded():
         raise wire.FrameError(wire.E_QUEUE_FULL)  # this queue, not the relay: others still fit
     c.check_room()
     return mb
+
+
+def _enqueue(c: Connection, mb: MailboxState, block: bytes) -> asyncio.Future[int]:
+    """Store a deposit sealed for the owner. A shared store checks the queue's limit itself
+    (the one a crowded budget lowers), where _deposit_auth could not."""
+    storage = c.relay.storage
+    if not storage.shared:
+        return storage.enqueue(mb.id, c.relay.expiry(), mb.seal(block))
+    limit = c.cfg.crowded_queue_limit if c.relay.crowded() else c.cfg.queue_limit
+    return storage.enqueue(mb.id, c.relay.expiry(), mb.seal(block), limit)
 
 
 def fast_deposit(c: Connection, f: wire.Frame) -> bool:
@@ -296,7 +311,7 @@ def fast_deposit(c: Connection, f: wire.Frame) -> bool:
     mb = _deposit_auth(c, cached, kind, auth)
     # Re-encrypt for the owner: the stored bytes share nothing with the deposit (and each
     # delivery is sealed afresh: Connection.push).
-    fut = c.relay.storage.enqueue(mb.id, c.relay.expiry(), mb.seal(block))
+    fut = _enqueue(c, mb, block)
     mb.queued += 1
     mb.writing += 1
     c.relay.queued_blocks += 1
@@ -329,7 +344,7 @@ async def h_deposit(c: Connection, f: wire.Frame) -> None:
             found = relay.by_id.get(found.id) or await relay.mailbox(dkey=dkey)
         mb = _deposit_auth(c, found, kind, auth)
         # Queued first (as fast_deposit): one refused at once ("storage closed") counts nothing.
-        fut = relay.storage.enqueue(mb.id, relay.expiry(), mb.seal(block))
+        fut = _enqueue(c, mb, block)
         mb.queued += 1
         mb.writing += 1
         relay.queued_blocks += 1

@@ -87,6 +87,10 @@ HELP = {
     "pow_per_connection": "Proofs of work one connection may spend.",
     "lookup_rate": "Uncached mailbox lookups per second per connection.",
     "lookup_burst": "Uncached mailbox lookup bucket size per connection.",
+    "store": "Storage: empty for SQLite in --data; postgresql://... for a database several "
+             "relay nodes share (each node then counts caps in the database).",
+    "pg_rewrite_rows": "PostgreSQL: a table of at most this many rows is rewritten (VACUUM "
+                       "FULL) at every checkpoint, so deleted blocks leave its files.",
     "max_batch": "Storage operations per group commit.",
     "max_batch_bytes": "Bytes written per group commit at most (about; one operation at least).",
     "checkpoint_bytes": "Bytes committed between background WAL checkpoints (0: off).",
@@ -108,7 +112,10 @@ def _setup_logging(level: str) -> None:
     root.setLevel(logging.WARNING)
     log.setLevel(getattr(logging, level.upper()))
     for name in ("aiohttp", "aiohttp.access", "aiohttp.server", "aiohttp.web",
-                 "aiohttp.websocket", "aiohttp.internal", "aiohttp.client", "asyncio"):
+                 "aiohttp.websocket", "aiohttp.internal", "aiohttp.client", "asyncio",
+                 # asyncpg's pool logs tracebacks while the database is away: the relay's own
+                 # lines (maintenance failed: TYPE) say it without them.
+                 "asyncpg", "asyncpg.pool"):
         lg = logging.getLogger(name)
         lg.disabled = True
         lg.propagate = False

@@ -59,6 +59,15 @@ class StorageFull(StorageError):
     still run, on the space of the released reserve (`SQLiteStorage.full`)."""
 
 
+class QueueFull(StorageError):
+    """A shared store (several nodes) found the mailbox's queue at its limit, or the mailbox
+    gone, inside the writing transaction: nothing was stored."""
+
+
+class TooMany(StorageError):
+    """A shared store found the relay-wide cap on mailboxes reached: nothing was stored."""
+
+
 #: Whom a storage operation is for (the relay sets its connection here). The writer thread takes
 #: operations round-robin by owner, so one client with many operations waiting cannot make
 #: another's wait behind all of them (operations of no owner share one turn).
@@ -86,6 +95,9 @@ class MailboxRow:
 
 
 class Storage(Protocol):
+    #: Several relay nodes share the store (PostgreSQL): per-node counts are not the truth, the
+    #: store checks queue limits and caps itself and reports other nodes' writes (`watch`).
+    shared: bool
     #: Operations submitted and not yet finished (the relay refuses writes beyond a bound).
     pending: int
     #: The disk is full: operations that store more fail with StorageFull until `recover`.
@@ -111,7 +123,8 @@ class Storage(Protocol):
     async def set_tokens(self, mailbox: int, tokens: tuple[bytes, ...]) -> None: ...
     # enqueue and remove return a future rather than being coroutines, so the hot paths can
     # attach a callback instead of running a task per frame.
-    def enqueue(self, mailbox: int, expiry: int, sealed: bytes) -> asyncio.Future[int]: ...
+    def enqueue(self, mailbox: int, expiry: int, sealed: bytes,
+                limit: int = 0) -> asyncio.Future[int]: ...
     async def queued(self, mailbox: int, skip: Collection[int],
                      limit: int) -> list[tuple[int, bytes]]: ...
     def remove(self, mailbox: int, ids: list[int]) -> asyncio.Future[int]: ...
@@ -129,6 +142,11 @@ class Storage(Protocol):
     async def get_blob(self, bkey: bytes) -> tuple[bytes, bytes] | None: ...
     def delete_blob(self, bkey: bytes) -> asyncio.Future[bool]: ...
     async def checkpoint(self) -> None: ...
+    # Several nodes: `watch` hears the other nodes' deposits (`d`), mailbox changes (`m`) and
+    # subscriptions (`s`) by mailbox row key; `announce` tells them of this node's.
+    def watch(self, callback: Callable[[str, int], None]) -> None: ...
+    def announce(self, kind: str, mailbox: int) -> None: ...
+    async def check_listener(self) -> bool: ...
 
 
 # Every row key is a random integer (`new_key`), never a sequence: the order of keys says
@@ -386,6 +404,17 @@ class SQLiteStorage:
         self.full = False
         self._full_logged: float | None = None
         self._space_logged: float | None = None
+
+    shared = False
+
+    def watch(self, callback: Callable[[str, int], None]) -> None:
+        """One process: there are no other nodes to hear."""
+
+    def announce(self, kind: str, mailbox: int) -> None:
+        """One process: nobody to tell."""
+
+    async def check_listener(self) -> bool:
+        return False
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -827,9 +856,11 @@ class SQLiteStorage:
 
     # --- queued blocks ---------------------------------------------------------------------------
 
-    def enqueue(self, mailbox: int, expiry: int, sealed: bytes) -> asyncio.Future[int]:
+    def enqueue(self, mailbox: int, expiry: int, sealed: bytes,
+                limit: int = 0) -> asyncio.Future[int]:
         """Queue a block; the result is its handle: its row key, never that of another block
-        while it is queued (order keys can repeat once a block is gone: not handles)."""
+        while it is queued (order keys can repeat once a block is gone: not handles). `limit`
+        is for shared stores: one process's counts are exact here (the relay checks them)."""
         def op(db: sqlite3.Connection) -> int:
             key = new_key(db, "messages")
             db.execute("INSERT INTO messages (id, mailbox, seq, expiry, block)"

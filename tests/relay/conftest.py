@@ -1,5 +1,9 @@
 """Fixtures: the relay as a real subprocess on an ephemeral 127.0.0.1 port.
 
+Its storage backend is SQLite unless a test is marked `both_backends`: then it runs once on
+SQLite and once on a PostgreSQL database of its own (one server per session, tests/relay/
+postgres.py).
+
 The test binds and listens on the socket itself and hands it to the relay (`--listen-fd`), so
 the port is known without the relay printing it, and a restarted relay (after kill -9) serves the
 very same port.
@@ -18,6 +22,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+
+from .postgres import PostgresServer
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -96,13 +102,45 @@ class RelayProcess:
         self.sock.close()
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+            "both_backends"):
+        metafunc.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    try:
+        server = PostgresServer()
+    except FileNotFoundError as exc:
+        pytest.fail(f"PostgreSQL is not installed: {exc} (make system-deps, as root)")
+    yield server
+    server.close()
+
+
 @pytest.fixture
-def relay_factory(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def store(backend: str, request: pytest.FixtureRequest) -> str:
+    """The relay's --store: "" (SQLite) or a fresh PostgreSQL database of this test."""
+    if backend == "sqlite":
+        return ""
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.new_database()
+
+
+@pytest.fixture
+def relay_factory(tmp_path: Path, store: str) -> Iterator[Callable[..., RelayProcess]]:
     made: list[RelayProcess] = []
 
     def make(**options: str) -> RelayProcess:
         sub = tmp_path / f"relay{len(made)}"
         sub.mkdir()
+        if store:
+            options = {"store": store, **options}
         rp = RelayProcess(sub, {"--" + k.replace("_", "-"): str(v) for k, v in options.items()})
         made.append(rp)
         rp.start()

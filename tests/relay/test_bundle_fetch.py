@@ -11,6 +11,8 @@ import contextlib
 import os
 from collections.abc import Callable
 
+import pytest
+
 from relay import wire
 from relay.client import RelayClient, RelayError
 from tests.relay.conftest import RelayProcess, run
@@ -22,6 +24,7 @@ OPTIONS = {"pow_bundle_bits": "4", "bundle_fetch_burst": str(BURST),
            "bundle_fetch_rate": "0.0001"}  # fmt: skip
 
 
+@pytest.mark.both_backends
 def test_a_drainer_starves_nobody(relay_factory: Callable[..., RelayProcess]) -> None:
     rp = relay_factory(**OPTIONS)
 
@@ -51,6 +54,7 @@ def test_a_drainer_starves_nobody(relay_factory: Callable[..., RelayProcess]) ->
     run(body())
 
 
+@pytest.mark.both_backends
 def test_existing_and_deleted_mailboxes_answer_alike(
     relay_factory: Callable[..., RelayProcess],
 ) -> None:
@@ -105,6 +109,7 @@ async def _answer(call: object) -> int:
         return exc.code
 
 
+@pytest.mark.both_backends
 def test_an_empty_lookup_bucket_tells_nothing(
     relay_factory: Callable[..., RelayProcess],
 ) -> None:

@@ -39,6 +39,7 @@ def test_relay_imports_nothing_from_daemon() -> None:
                            for n in names), path
 
 
+@pytest.mark.both_backends
 def test_lifecycle_push_ack_delete(relay: RelayProcess) -> None:
     async def body() -> None:
         owner_c = await RelayClient.connect(relay.url)
@@ -73,6 +74,7 @@ def test_lifecycle_push_ack_delete(relay: RelayProcess) -> None:
     run(body())
 
 
+@pytest.mark.both_backends
 def test_offline_queue_then_subscribe_in_order(relay: RelayProcess) -> None:
     async def body() -> None:
         c = await RelayClient.connect(relay.url)
@@ -99,6 +101,7 @@ def test_offline_queue_then_subscribe_in_order(relay: RelayProcess) -> None:
     run(body())
 
 
+@pytest.mark.both_backends
 def test_window_and_backlog_drain(relay: RelayProcess) -> None:
     async def body() -> None:
         c = await RelayClient.connect(relay.url)
@@ -124,6 +127,7 @@ def test_window_and_backlog_drain(relay: RelayProcess) -> None:
     run(body())
 
 
+@pytest.mark.both_backends
 def test_token_and_pow_checks(relay: RelayProcess) -> None:
     async def body() -> None:
         c = await RelayClient.connect(relay.url)
@@ -168,6 +172,7 @@ def bad_nonce(bits: int, challenge: bytes, purpose: int, target: bytes, h: bytes
             return nonce
 
 
+@pytest.mark.both_backends
 def test_pow_reuse_rejected(relay: RelayProcess) -> None:
     async def body() -> None:
         c = await RelayClient.connect(relay.url)
@@ -195,6 +200,7 @@ def test_pow_reuse_rejected(relay: RelayProcess) -> None:
     run(body())
 
 
+@pytest.mark.both_backends
 def test_subscription_moves_to_newer_connection(relay: RelayProcess) -> None:
     async def body() -> None:
         c1 = await RelayClient.connect(relay.url)
@@ -214,6 +220,7 @@ def test_subscription_moves_to_newer_connection(relay: RelayProcess) -> None:
     run(body())
 
 
+@pytest.mark.both_backends
 def test_bundle_fetch_consumes_one_time_items(relay: RelayProcess) -> None:
     async def body() -> None:
         c = await RelayClient.connect(relay.url)
@@ -255,6 +262,7 @@ def test_bundle_fetch_consumes_one_time_items(relay: RelayProcess) -> None:
     run(body())
 
 
+@pytest.mark.both_backends
 def test_blob_area(relay: RelayProcess) -> None:
     async def body() -> None:
         up = await RelayClient.connect(relay.url)

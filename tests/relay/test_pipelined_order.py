@@ -8,6 +8,8 @@ import asyncio
 import os
 from collections.abc import Callable
 
+import pytest
+
 from relay.client import RelayClient
 from tests.relay.conftest import RelayProcess, run
 from tests.relay.helpers import block, new_owner
@@ -16,6 +18,7 @@ MAILBOXES = 2
 PER_MAILBOX = 100
 
 
+@pytest.mark.both_backends
 def test_pipelined_deposits_to_unloaded_mailboxes_keep_their_order(
         relay_factory: Callable[..., RelayProcess]) -> None:
     rp = relay_factory(max_inflight=64, frame_burst=10_000, lookup_burst=10_000)

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from relay.client import RelayClient
 from tests.relay.conftest import RelayProcess, run
 from tests.relay.helpers import block, new_owner, next_message
 
 
+@pytest.mark.both_backends
 def test_push_continues_after_queue_drained(relay: RelayProcess) -> None:
     async def main() -> None:
         url = relay.url.replace("http://", "ws://")

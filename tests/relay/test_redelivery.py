@@ -33,6 +33,7 @@ def assert_unlinkable(*ms: Message) -> None:
             assert not shared_run(m.sealed, other.sealed), "two deliveries share bytes"
 
 
+@pytest.mark.both_backends
 def test_moved_subscription_redelivers_resealed_and_withdraws_old_ids(
         relay: RelayProcess) -> None:
     async def body() -> None:
@@ -75,6 +76,7 @@ def test_moved_subscription_redelivers_resealed_and_withdraws_old_ids(
     run(body())
 
 
+@pytest.mark.both_backends
 def test_ack_before_the_move_deletes_the_block(relay: RelayProcess) -> None:
     async def body() -> None:
         c1 = await RelayClient.connect(relay.url)
@@ -96,6 +98,7 @@ def test_ack_before_the_move_deletes_the_block(relay: RelayProcess) -> None:
     run(body())
 
 
+@pytest.mark.both_backends
 def test_fetch_and_reconnection_deliveries_are_resealed(relay: RelayProcess) -> None:
     async def body() -> None:
         c1 = await RelayClient.connect(relay.url)

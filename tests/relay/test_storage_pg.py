@@ -1,0 +1,135 @@
+"""PostgresStorage on a real server: the same storage properties test_no_order.py checks on
+SQLite (random row keys, one mailbox's order only, handles that never repeat while queued, order
+keys renumbered before they overflow), and what PostgreSQL itself orders (xmin, ctid: stated in
+docs/threat-model.md, shown here so the statement stays true)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+import pytest
+
+from relay import storage as st
+from relay import storage_pg
+from relay.storage_pg import PostgresStorage
+
+from .postgres import PostgresServer
+from .test_no_order import N, assert_unordered, dkey, okey
+
+T = TypeVar("T")
+
+
+def run_pg(server: PostgresServer, body: Callable[[PostgresStorage, asyncpg.Connection],
+                                                  Awaitable[T]], **kw: Any) -> T:
+    dsn = server.new_database()
+
+    async def main() -> T:
+        s = PostgresStorage(dsn, **kw)
+        await s.open()
+        con = await asyncpg.connect(dsn)
+        try:
+            return await body(s, con)
+        finally:
+            await con.close()
+            await s.close()
+
+    return asyncio.run(main())
+
+
+def test_no_row_key_or_column_orders_rows_by_creation(postgres_server: PostgresServer) -> None:
+    async def body(s: PostgresStorage, con: asyncpg.Connection) -> None:
+        boxes = [await s.create_mailbox(okey(i), dkey(i), b"s" * 32, b"b" * 32, b"o" * 32,
+                                        False) for i in range(N)]  # fmt: skip
+        firsts = [await s.enqueue(b, 1000, b"%d" % i) for i, b in enumerate(boxes)]
+        for i in range(3 * N):
+            await s.enqueue(boxes[i % N], 1000, b"m%d" % i)
+        for i, b in enumerate(boxes):
+            await s.set_bundle_base(b, b"base")
+            assert await s.add_bundle_items(b, 1, [b"i%d" % i], 10) == (1, 0)
+        for i in range(N):
+            assert await s.put_blob(st.blob_key(b"%d" % i), b"c" * 32, 1000, b"x")
+        assert_unordered(boxes, "mailbox keys")
+        msgs = {bytes(r[0]): r[1] for r in await con.fetch("SELECT block, id FROM messages")}
+        assert_unordered([int(msgs[b"m%d" % i]) for i in range(3 * N)], "block keys")
+        seqs = {bytes(r[0]): r[1] for r in await con.fetch("SELECT block, seq FROM messages")}
+        assert_unordered([int(seqs[b"%d" % i]) for i in range(N)], "first order keys")
+        assert_unordered(firsts, "handles")
+        items = {bytes(r[0]): r[1] for r in await con.fetch("SELECT item, id FROM bundle_items")}
+        assert_unordered([int(items[b"i%d" % i]) for i in range(N)], "bundle item keys")
+        # No sequence anywhere; the only order is PostgreSQL's own (threat model): a row's
+        # xmin grows with the transaction that wrote it.
+        assert await con.fetchval("SELECT count(*) FROM pg_sequences") == 0
+        xmins = {bytes(r[0]): int(r[1]) for r in await con.fetch(
+            "SELECT block, xmin::text::bigint FROM messages")}
+        ordered = [xmins[b"m%d" % i] for i in range(3 * N)]
+        assert ordered == sorted(ordered)
+        # The relay's role stores nothing it could not: no time column, no address type.
+        types = {r[0] for r in await con.fetch(
+            "SELECT data_type FROM information_schema.columns WHERE table_schema = 'public'")}
+        assert types <= {"bigint", "bytea", "boolean", "integer"}, types
+
+    run_pg(postgres_server, body)
+
+
+def test_one_mailbox_keeps_its_order_and_handles_never_repeat(
+        postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body(s: PostgresStorage, con: asyncpg.Connection) -> None:
+        box = await s.create_mailbox(okey(1), dkey(1), b"s", b"b", b"o", False)
+        other = await s.create_mailbox(okey(2), dkey(2), b"s", b"b", b"o", False)
+        blocks = [os.urandom(8) for _ in range(20)]
+        for i, b in enumerate(blocks):
+            await s.enqueue(box, 1000, b)
+            await s.enqueue(other, 1000, b"o%d" % i)
+        got = await s.queued(box, (), 100)
+        assert [b for _, b in got] == blocks
+        handles = [h for h, _ in got]
+        assert [b for _, b in await s.queued(box, set(handles[:5]), 3)] == blocks[5:8]
+        assert await s.remove(box, handles[:10]) == 10
+        assert [b for _, b in await s.queued(box, (), 100)] == blocks[10:]
+        assert len(await s.queued(other, (), 100)) == 20
+        # Order keys may repeat once a block is gone (forced: every step 1); handles not.
+        monkeypatch.setattr(storage_pg, "SEQ_STEP", 1)
+        for h, _ in await s.queued(box, (), 100):
+            await s.remove(box, [h])
+        await s.enqueue(box, 1000, b"a")
+        b = await s.enqueue(box, 1000, b"b")
+        assert await s.remove(box, [b]) == 1
+        await s.enqueue(box, 1000, b"c")
+        assert await s.remove(box, [b]) == 0  # the late ACK of b
+        assert [x for _, x in await s.queued(box, (), 10)] == [b"a", b"c"]
+        # Renumbered before an order key would overflow.
+        await con.execute("UPDATE messages SET seq = $1 WHERE mailbox = $2 AND block = 'c'",
+                          st.KEY_MAX - 5, box)
+        await s.enqueue(box, 1000, b"d")
+        await s.enqueue(box, 1000, b"e")
+        assert [x for _, x in await s.queued(box, (), 10)] == [b"a", b"c", b"d", b"e"]
+
+    run_pg(postgres_server, body)
+
+
+def test_limits_are_checked_in_the_writing_transaction(postgres_server: PostgresServer) -> None:
+    async def body(s: PostgresStorage, con: asyncpg.Connection) -> None:
+        box = await s.create_mailbox(okey(1), dkey(1), b"s", b"b", b"o", False)
+        # Concurrent deposits from two nodes: exactly the limit is stored.
+        node2 = PostgresStorage(s._dsn, queue_limit=5)
+        await node2.open()
+        results = await asyncio.gather(*(n.enqueue(box, 1000, b"%d" % i)
+                                         for i in range(6) for n in (s, node2)),
+                                       return_exceptions=True)
+        await node2.close()
+        assert sum(isinstance(r, int) for r in results) == 5
+        assert all(isinstance(r, int | st.QueueFull) for r in results)
+        assert await con.fetchval("SELECT count(*) FROM messages") == 5
+        await s.create_mailbox(okey(2), dkey(2), b"s", b"b", b"o", False)
+        with pytest.raises(st.TooMany):
+            await s.create_mailbox(okey(3), dkey(3), b"s", b"b", b"o", False)
+        await s.delete_mailbox(box)
+        with pytest.raises(st.QueueFull):  # deleted meanwhile (another node): not stored
+            await s.enqueue(box, 1000, b"late")
+        assert s.pending == 0
+
+    run_pg(postgres_server, body, queue_limit=5, max_mailboxes=2)
