@@ -133,7 +133,7 @@ class ChatApp(App[None]):
         Binding("alt+g", "groups", "groups", priority=True),
         Binding("ctrl+p", "start_call", "call"),
         Binding("alt+d", "remove_contact", "remove the contact", priority=True),
-        Binding("f6", "devices", "devices"),
+        Binding("alt+v", "devices", "devices", priority=True),
         Binding("f12", "settings", "settings"),
         Binding("f8", "hang_up", "hang up"),
         Binding("f3", "search", "search"),
@@ -187,7 +187,7 @@ class ChatApp(App[None]):
         self.typing: set[str] = set()
         self.typing_sent = 0.0
         self.typing_lock = asyncio.Lock()
-        #: The device link shown (F6, link), fed the daemon's devices.link events.
+        #: The device link shown (Alt+V, link), fed the daemon's devices.link events.
         self.link_screen: LinkScreen | None = None
 
     # -- an unexpected error -------------------------------------------------------------

@@ -47,7 +47,7 @@ KEYS = [
     ("Ctrl+P", "call the contact: type voice or video; its state shows in the status line"),
     ("F7 / F9", "an incoming call: answer / decline (no letter key: typing never answers)"),
     ("F8", "hang up (or decline, or cancel) the call"),
-    ("F6", "devices: this profile's devices; link a new one (its link, QR code, then F7 only"
+    ("Alt+V", "devices: this profile's devices; link a new one (its link, QR code, then F7 only"
      " if both show the same code); remove one"),
     ("F12", "settings: typing indicators; the timer new conversations start with"),
     ("Ctrl+L", "unlock a locked profile (asks for the passphrase)"),

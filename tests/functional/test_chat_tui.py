@@ -1535,7 +1535,7 @@ def test_link_a_device_from_the_client_confirmed_then_declined(
         return screen
 
     async def body(app: ChatApp, pilot: Pilot[None]) -> None:
-        await pilot.press("f6")
+        await pilot.press("alt+v")
         await until(pilot, lambda: isinstance(app.screen, AskScreen), "the devices")
         shown = text_of(app.screen.query_one("#ask-prompt", Static))
         assert "(this device)" in shown and " 2 " not in shown
