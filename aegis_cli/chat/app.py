@@ -1109,7 +1109,10 @@ class ChatApp(App[None]):
     def action_quit_unless_typing(self) -> None:
         # A bare q quits only from the list with no conversation open: with one open the user
         # may be typing anywhere (Ctrl+Q quits always).
-        if self.open_key is None and not isinstance(self.focused, Compose):
+        # Nor over a dialog (the device link's: a q typed there leaves the link waiting).
+        if self.open_key is None and not isinstance(self.focused, Compose) and not isinstance(
+            self.screen, ModalScreen
+        ):
             self.exit()
 
     def action_jump(self) -> None:

@@ -1540,11 +1540,17 @@ def test_link_a_device_from_the_client_confirmed_then_declined(
         shown = text_of(app.screen.query_one("#ask-prompt", Static))
         assert "(this device)" in shown and " 2 " not in shown
         screen = await link(app, pilot, new)
+        # At 80x24 the QR code does not fit: it scrolls (the code stays at the top).
+        box = screen.query_one("#info-box")
+        assert box.max_scroll_y > 0 and box.scroll_y == 0
+        await pilot.press("down", "down")
+        await until(pilot, lambda: box.scroll_y > 0, "the QR code scrolled")
 
         # Typing never confirms (nor does Enter): only F7, while the code shows.
-        await pilot.press(*"yes", "enter", "y")
+        await pilot.press(*"yes", "enter", "y", "q")
         await pilot.pause(0.2)
         assert screen.state["state"] == "code" and not screen.answered
+        assert app.is_running and app.screen is screen  # q over a dialog does not quit
         await call(new, "devices.confirm", {"accept": True})
         await pilot.press("f7")
         await until(pilot, lambda: screen.state.get("state") == "done", "linked", 60)
@@ -1582,4 +1588,4 @@ def test_link_a_device_from_the_client_confirmed_then_declined(
             alice.wait_for, lambda: len(alice.call("devices.list")["devices"]) == 1, "removed"
         )
 
-    run_app(alice, body)
+    run_app(alice, body, size=(80, 24))
