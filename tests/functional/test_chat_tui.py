@@ -1,8 +1,9 @@
 """``aegis chat`` (aegis_cli/chat) driven by Textual's Pilot, in process, against a real relay
 and real daemons: live messages and unread counts, the marks of a sent message, a daemon
 restart in the middle of a session, and hostile text shown as the inert text it is; groups
-managed, calls made, files saved and contacts removed from it; the main screens as Textual's
-SVG export draws them at 80x24."""
+managed (and replied to, reacted to, edited, deleted and timed), calls made, files saved,
+contacts removed and a device linked from it; the main screens as Textual's SVG export draws
+them at 80x24."""
 
 from __future__ import annotations
 
@@ -1460,10 +1461,17 @@ def test_reply_react_edit_delete_timer_and_caption_in_a_group(
         edited = await asyncio.to_thread(bob.wait_for, bob_msg("sure, Friday"), "the edit", 60)
         assert edited["edited_at"] is not None
 
+        # Bob edits his question: live here, in the quote of the reply too.
+        edit = {"group": bg, "message_id": q["message_id"], "text": "plans, Friday?"}
+        await call(bob, "messages.edit", edit)
+        await until(pilot, lambda: "┃ plans, Friday?" in mine.plain, "bob's edit, quoted", 60)
+        theirs = row_with(app, "edited")
+        assert theirs is not None and "bob" in theirs.plain and "plans, Friday?" in theirs.plain
+
         # Bob deletes his question for everyone: blanked here, and the quote goes.
         await call(bob, "messages.delete",
                    {"group": bg, "message_id": q["message_id"], "for_everyone": True})  # fmt: skip
-        await until(pilot, lambda: row_with(app, "plans?") is None, "bob's deletion", 60)
+        await until(pilot, lambda: row_with(app, "plans") is None, "bob's deletion", 60)
         assert any(t.endswith("(deleted)") for t in shown_texts(app))
 
         # Alice deletes her reply for everyone (Alt+X, everyone): deleted at bob's too.
