@@ -469,10 +469,14 @@ class Client:
     async def send_to_group(self, group: int, text: str) -> GroupSent:
         return cast(GroupSent, await self.call("group.send", {"group": group, "text": text}))
 
-    async def send_file_to_group(self, group: int, path: str) -> GroupFileSent:
+    async def send_file_to_group(
+        self, group: int, path: str, caption: str | None = None
+    ) -> GroupFileSent:
         """``path``: absolute (the daemon opens it). Each member's copy uploads in the
         background (its attachment in ``attachments``); the member gets it when it is up."""
-        params = {"group": group, "path": path}
+        params: dict[str, Any] = {"group": group, "path": path}
+        if caption:
+            params["caption"] = caption
         return cast(GroupFileSent, await self.call("group.send_file", params))
 
     async def mark_group_read(

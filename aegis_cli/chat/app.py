@@ -46,6 +46,7 @@ from .screens import (
     CallScreen,
     HelpScreen,
     InfoScreen,
+    LinkScreen,
     SearchScreen,
     picked_emoji,
     react_prompt,
@@ -71,7 +72,7 @@ SEARCH_LIMIT = 50
 #: quit (a priority key reaches the app past a dialog: Alt+X would ask over "Remove bob?", Alt+E
 #: replace the hidden draft), and those that open a dialog.
 MAIN_SCREEN_ONLY = ("groups", "start_call", "remove_contact", "settings", "reply", "edit",
-                    "delete_message", "react")  # fmt: skip
+                    "delete_message", "react", "devices")  # fmt: skip
 #: The note of an action the daemon went away in the middle of.
 #: The note of an action the daemon went away in the middle of (it may have done it before the
 #: link broke: the user looks before doing it again).
@@ -101,7 +102,8 @@ DaySeparator { color: $accent; text-align: center; }
 #help-box { width: 90%; height: auto; max-height: 90%; border: round $accent;
     background: $surface; padding: 0 1; }
 #ask { width: 80%; height: auto; border: round $accent; background: $surface; padding: 0 1; }
-HelpScreen, AskScreen, InfoScreen, CallScreen, SearchScreen { align: center middle; }
+HelpScreen, AskScreen, InfoScreen, CallScreen, SearchScreen, LinkScreen {
+    align: center middle; }
 CallScreen #info { width: 90%; height: auto; border: round $accent; background: $surface;
     padding: 0 1; }
 """
@@ -131,6 +133,7 @@ class ChatApp(App[None]):
         Binding("alt+g", "groups", "groups", priority=True),
         Binding("ctrl+p", "start_call", "call"),
         Binding("alt+d", "remove_contact", "remove the contact", priority=True),
+        Binding("alt+v", "devices", "devices", priority=True),
         Binding("f12", "settings", "settings"),
         Binding("f8", "hang_up", "hang up"),
         Binding("f3", "search", "search"),
@@ -184,6 +187,8 @@ class ChatApp(App[None]):
         self.typing: set[str] = set()
         self.typing_sent = 0.0
         self.typing_lock = asyncio.Lock()
+        #: The device link shown (Alt+V, link), fed the daemon's devices.link events.
+        self.link_screen: LinkScreen | None = None
 
     # -- an unexpected error -------------------------------------------------------------
 
@@ -371,10 +376,17 @@ class ChatApp(App[None]):
             })  # fmt: skip
             self.show_title()
         elif t == "group.message":
-            await self.incoming(ev.seq, group_key(int(d.get("group") or 0)), {
+            key = group_key(int(d.get("group") or 0))
+            reply = d.get("reply_to")
+            # The group's timer as this client knows it (the open group's: read at open).
+            timer = self.convs[key].timer if key in self.convs else 0
+            await self.incoming(ev.seq, key, {
                 "message_id": d.get("message_id"), "direction": "in", "text": d.get("text"),
                 "from_contact": d.get("from_contact"), "from": d.get("from"),
                 "created_at": ev.time_ms, "attachment_id": d.get("attachment_id"),
+                "timer": timer,
+                "reply_to": None if reply is None else {
+                    "message_id": reply, "text": self.quoted(str(reply))},
             })  # fmt: skip
         elif t in ("message.edited", "message.reaction", "message.deleted", "message.expired"):
             await self.message_changed(t, d)
@@ -423,6 +435,13 @@ class ChatApp(App[None]):
                 self.call = {"call_id": d.get("call_id"), "contact": d.get("contact"),
                              "state": d.get("state"), "direction": d.get("direction")}  # fmt: skip
             self.show_status()
+        elif t == "devices.link":
+            if self.link_screen is not None:
+                self.link_screen.show_state(dict(d))
+        elif t == "devices.joined":
+            self.notify(f"This device joined the profile ({int(d.get('devices') or 0)} devices).",
+                        markup=False)  # fmt: skip
+            await self.load()
         elif t in ("relay.up", "relay.down"):
             self.relay = {"connected": t == "relay.up", "reason": d.get("reason")}
             self.show_status()
@@ -504,6 +523,8 @@ class ChatApp(App[None]):
         self.select(None)  # also gives the compose box's Up / Down back
         self.messages, self.rows, self.next_before = [], {}, None
         try:
+            if conv.group is not None:  # conversations.list does not carry a group's timer
+                conv.timer = int((await self.client.get_group_timer(conv.group))["seconds"])
             await self.fetch_page()
         except BaseException:  # the daemon gone meanwhile: the conversation open before stays
             self.open_key, self.messages, self.next_before = before
@@ -628,15 +649,21 @@ class ChatApp(App[None]):
         try:
             if self.editing is not None:
                 mid = str(self.editing.get("message_id"))
-                edited_at = await self.client.edit(mid, event.text)
+                edited_at = await self.client.edit(mid, event.text, group=conv.group)
                 self.set_context(None, None)
                 self.patch(mid, text=event.text, edited_at=edited_at)
                 self.requote(mid, event.text)
                 return
             if conv.kind == "group":
                 assert conv.group is not None
-                sent: Any = await self.client.send_to_group(conv.group, event.text)
+                if reply is not None:
+                    rid = str(reply.get("message_id"))
+                    sent: Any = await self.client.group_reply(conv.group, rid, event.text)
+                else:
+                    sent = await self.client.send_to_group(conv.group, event.text)
                 msg: dict[str, Any] = {"delivery": {"recipients": sent["recipients"]}}
+                if reply is not None:
+                    msg["reply_to"] = {"message_id": rid, "text": reply.get("text")}
             elif reply is not None:
                 rid = str(reply.get("message_id"))
                 sent = await self.client.reply(conv.name, rid, event.text)
@@ -645,15 +672,14 @@ class ChatApp(App[None]):
             else:
                 sent = await self.client.send(conv.name, event.text)
                 msg = {"status": sent["status"]}
-            if conv.kind == "contact":
-                self.set_context(None, None)
-                self.select(None)
-                if self.typing_on:
-                    self.typing_sent = 0.0
-                    self.run_worker(self._typing(conv.name, False))
-                if conv.timer:
-                    msg.update(timer=conv.timer, expires_at=int(time.time() * 1000)
-                               + conv.timer * 1000)  # fmt: skip
+            self.set_context(None, None)
+            self.select(None)
+            if conv.kind == "contact" and self.typing_on:
+                self.typing_sent = 0.0
+                self.run_worker(self._typing(conv.name, False))
+            if conv.timer:
+                msg.update(timer=conv.timer, expires_at=int(time.time() * 1000)
+                           + conv.timer * 1000)  # fmt: skip
         except AegisClientError as exc:
             self.query_one("#compose", Compose).put_back(event.text)  # not lost
             self.notify(_error_text(exc), severity="error", markup=False)
@@ -673,11 +699,11 @@ class ChatApp(App[None]):
             text = "no conversation open"
         else:
             text = ("# " if conv.kind == "group" else "") + render.name(conv.name, 40)
+            if conv.timer:
+                text += f" · ⏱ {render.timer(conv.timer)} (F5)"
             if conv.kind == "group":
                 text += " · members (Alt+G)"
             else:
-                if conv.timer:
-                    text += f" · ⏱ {render.timer(conv.timer)} (F5)"
                 if conv.name in self.typing:
                     text += f" · {render.name(conv.name, 24)} is typing…"
         self.query_one("#title", Static).update(render.plain(f" {text}"))
@@ -705,8 +731,11 @@ class ChatApp(App[None]):
 
     async def message_changed(self, t: str, d: dict[str, Any]) -> None:
         mid = str(d.get("message_id"))
-        row = self.rows.get(mid)
-        if t in ("message.expired", "message.deleted"):
+        # A group's event names a message of that group (its ids are unique there only):
+        # the rows on screen are another conversation's unless that group is open.
+        in_view = d.get("group") is None or self.open_key == group_key(int(d["group"]))
+        row = self.rows.get(mid) if in_view else None
+        if t in ("message.expired", "message.deleted") and in_view:
             # Its text goes from every place on screen: the replies quoting it, the reply bar.
             self.requote(mid, None)
         if t == "message.expired" or (t == "message.deleted" and row is None):
@@ -720,10 +749,29 @@ class ChatApp(App[None]):
             text = str(d.get("text") or "")
             self.patch(mid, text=text, edited_at=d.get("edited_at"))
             self.requote(mid, text)
+        elif t == "message.reaction" and d.get("group") is not None:
+            # One reaction per member, and the event does not say what this member's was
+            # before: the daemon's counts for this message.
+            await self.refresh_group_message(mid)
         elif t == "message.reaction":
             row.update_msg(reactions=_theirs(row.msg.get("reactions"), d.get("emoji")))
         else:  # message.deleted: blank it (its quotes went above)
             self.patch(mid, deleted=True, text="", reactions=[])
+
+    async def refresh_group_message(self, mid: str) -> None:
+        """The open group's message ``mid`` as group.history has it now (its reactions): by
+        its seq when known (one message), else among the newest page."""
+        conv = self.convs.get(self.open_key or "")
+        row = self.rows.get(mid)
+        if conv is None or conv.group is None or row is None:
+            return
+        seq = row.msg.get("seq")
+        page: Any = await self.client.group_history(
+            conv.group, limit=1 if seq else PAGE, before=int(seq) + 1 if seq else None
+        )
+        for m in page["messages"]:
+            if str(m.get("message_id")) == mid:
+                self.patch(mid, reactions=list(m.get("reactions") or []), seq=m.get("seq"))
 
     def patch(self, mid: str, **changes: Any) -> None:
         """A message changed: its row, and its entry in the history a rebuild shows again."""
@@ -766,7 +814,8 @@ class ChatApp(App[None]):
             await row.remove()
 
     async def timer_changed(self, d: dict[str, Any], at: int) -> None:
-        key = contact_key(str(d.get("contact")))
+        group = d.get("group")
+        key = group_key(int(group)) if group is not None else contact_key(str(d.get("contact")))
         conv = self.convs.get(key)
         if conv is None:
             return
@@ -777,6 +826,7 @@ class ChatApp(App[None]):
             msg = {
                 "message_id": mid, "direction": "out" if d.get("by") == "self" else "in",
                 "text": "", "timer_change": conv.timer, "created_at": at,
+                "from_contact": d.get("from_contact"), "from": d.get("by"),
             }  # fmt: skip
             self.messages.append(msg)
             await self.add_row(msg, at_end=True)
@@ -818,15 +868,13 @@ class ChatApp(App[None]):
             self.query_one("#compose", Compose).focus()
 
     def chosen(self) -> tuple[Conversation, dict[str, Any]] | None:
-        """The open one-to-one conversation and its selected message, else a note why not."""
+        """The open conversation (a contact's or a group's) and its selected message, else a
+        note why not."""
         conv = self.convs.get(self.open_key or "")
         row = self.rows.get(self.selected or "")
         if conv is None or row is None:
             self.notify("Select a message first (Up from the compose box, or click).",
                         markup=False)  # fmt: skip
-            return None
-        if conv.kind != "contact":
-            self.notify("Not in groups yet: only in a conversation with a contact.", markup=False)
             return None
         if row.msg.get("deleted"):
             self.notify("That message was deleted.", markup=False)
@@ -874,7 +922,7 @@ class ChatApp(App[None]):
         emoji = picked_emoji(answer)
         mid = str(m.get("message_id"))
         try:
-            await self.client.react(mid, emoji)
+            await self.client.react(mid, emoji, group=got[0].group)
         except AegisClientError as exc:
             self.notify(_error_text(exc), severity="error", markup=False)
             return
@@ -891,15 +939,16 @@ class ChatApp(App[None]):
             return
         m = got[1]
         mine = m.get("direction") == "out" and not str(m.get("text") or "").startswith("[file] ")
+        where = "every member's" if got[0].kind == "group" else "the contact's"
         prompt = "Delete this message? Type me (from this device only)" + (
-            ", or everyone (also at the contact's, if their client obeys)" if mine else ""
+            f", or everyone (also at {where}, if their client obeys)" if mine else ""
         ) + ". Esc: keep it."
         answer = (await self.push_screen_wait(AskScreen(prompt)) or "").strip().lower()
         if answer not in (("me", "everyone") if mine else ("me",)):
             return
         mid = str(m.get("message_id"))
         try:
-            await self.client.delete(mid, for_everyone=answer == "everyone")
+            await self.client.delete(mid, for_everyone=answer == "everyone", group=got[0].group)
         except AegisClientError as exc:
             self.notify(_error_text(exc), severity="error", markup=False)
             return
@@ -968,19 +1017,23 @@ class ChatApp(App[None]):
 
     async def _timer(self) -> None:
         conv = self.convs.get(self.open_key or "")
-        if conv is None or conv.kind != "contact":
-            self.notify("Open a conversation with a contact first.", markup=False)
+        if conv is None:
+            self.notify("Open a conversation first.", markup=False)
             return
         choices = "  ".join(f"{i} {render.timer(v)}" for i, v in enumerate(render.TIMERS))
         answer = await self.push_screen_wait(AskScreen(
-            f"Disappearing messages with “{render.name(conv.name, 40)}” (now"
+            f"Disappearing messages {'in' if conv.kind == 'group' else 'with'}"
+            f" “{render.name(conv.name, 40)}” (now"
             f" {render.timer(conv.timer)}):\n{choices}\n\nA number (Esc: leave it)."
         ))  # fmt: skip
         i = menus.number(answer or "")
         if i is None or i >= len(render.TIMERS):
             return
         try:
-            got = await self.client.set_timer(conv.name, render.TIMERS[i])
+            if conv.group is not None:  # any member may; every member shows the change
+                got = await self.client.set_group_timer(conv.group, render.TIMERS[i])
+            else:
+                got = await self.client.set_timer(conv.name, render.TIMERS[i])
         except AegisClientError as exc:
             self.notify(_error_text(exc), severity="error", markup=False)
             return
@@ -1056,7 +1109,10 @@ class ChatApp(App[None]):
     def action_quit_unless_typing(self) -> None:
         # A bare q quits only from the list with no conversation open: with one open the user
         # may be typing anywhere (Ctrl+Q quits always).
-        if self.open_key is None and not isinstance(self.focused, Compose):
+        # Nor over a dialog (the device link's: a q typed there leaves the link waiting).
+        if self.open_key is None and not isinstance(self.focused, Compose) and not isinstance(
+            self.screen, ModalScreen
+        ):
             self.exit()
 
     def action_jump(self) -> None:
@@ -1208,7 +1264,9 @@ class ChatApp(App[None]):
         self.act(self._send_file())
 
     async def _send_file(self) -> None:
-        conv = self.target()
+        opened = self.convs.get(self.open_key or "")
+        # The open group, else the contact (open or highlighted).
+        conv = opened if opened is not None and opened.kind == "group" else self.target()
         if conv is None:
             return
         if self.open_key != conv.key:
@@ -1225,9 +1283,14 @@ class ChatApp(App[None]):
         if caption is None:
             return
         try:
-            if len(paths) == 1:
-                files: list[Any] = [await self.client.send_file(conv.name, paths[0],
-                                                                 caption or None)]  # fmt: skip
+            if conv.group is not None:  # one group message per file; the caption on the first
+                files: list[Any] = [
+                    await self.client.send_file_to_group(conv.group, p,
+                                                         caption if i == 0 and caption else None)
+                    for i, p in enumerate(paths)
+                ]  # fmt: skip
+            elif len(paths) == 1:
+                files = [await self.client.send_file(conv.name, paths[0], caption or None)]
             else:
                 files = list((await self.client.send_files(conv.name, paths,
                                                             caption or None))["attachments"])
@@ -1238,15 +1301,19 @@ class ChatApp(App[None]):
             text = f"[file] {sent.get('name') or '?'}"
             if i == 0 and caption:
                 text += f"\n{caption}"
-            msg = {
+            msg: dict[str, Any] = {
                 "message_id": sent["message_id"], "direction": "out", "text": text,
                 "status": "queued", "created_at": int(time.time() * 1000),
             }  # fmt: skip
+            if conv.group is not None:
+                msg["delivery"] = {"recipients": sent["recipients"]}
             if sent["message_id"] not in self.rows:
                 self.messages.append(msg)
                 await self.add_row(msg, at_end=True)
             row = self.rows[sent["message_id"]]
-            if not row.transfer:  # its progress may have come first
+            # A group's file uploads as one copy per member (attachments of their own): its
+            # receipts count on the message instead.
+            if not row.transfer and conv.group is None:  # its progress may have come first
                 row.set_transfer("uploading")
             conv.note_message(text, int(msg["created_at"]), False)
         self.redraw_list()
@@ -1525,6 +1592,93 @@ class ChatApp(App[None]):
                 return
             else:
                 note = "1 or 2."
+
+    def action_devices(self) -> None:
+        self.act(self._devices())
+
+    async def _devices(self) -> None:
+        """The profile's devices (this one marked), and commands: link a new one, remove one
+        (a question naming it first)."""
+        note = ""
+        while True:
+            listed: dict[str, Any] = dict(await self.client.call("devices.list", {}))
+            answer = await self.push_screen_wait(
+                AskScreen(menus.devices_prompt(listed, note))
+            )
+            if answer is None or not answer.strip():
+                return
+            cmd = menus.parse(answer, menus.DEVICE_VERBS)
+            if cmd is None:
+                note = "Not a command: link, or remove N."
+                continue
+            try:
+                note = await (self._link() if cmd.verb == "link" else self._remove_device(
+                    listed, cmd.arg))  # fmt: skip
+            except (DaemonNotRunning, ConnectionLost):
+                raise
+            except AegisClientError as exc:
+                note = f"Not done: {_error_text(exc)}"
+
+    async def _remove_device(self, listed: dict[str, Any], arg: str) -> str:
+        d = menus.device_ref(listed, arg)
+        if d is None:
+            return f"remove N: a device's number in the list (1 to {menus.LISTED})."
+        if d.get("this_device"):
+            return "This device is the one in use: remove it from another one."
+        label = menus.device_label(d)
+        if not await self._confirm(
+            f"Remove the device “{label}” from the list? Its mailboxes stay at the relay and"
+            " contacts are not told yet (today only this device's list changes). Type yes to"
+            " confirm."
+        ):
+            return "Not removed."
+        await self.client.call("devices.remove", {"id": str(d["id"])})
+        return f"Removed “{label}” from the list."
+
+    async def _link(self) -> str:
+        """A link for a new device, shown with its QR code until the link is over; the code
+        the new device answers with, confirmed by F7 only (LinkScreen)."""
+        self.notify("Making the link at the relay (a few seconds)…", markup=False)
+        r = await self.client.call("devices.link", {})
+        link = render.name(r["link"], 4000)
+        try:
+            qr = qr_text(link)
+        except QRUnavailable as exc:
+            qr = f"({exc})\n"
+        until = render.deadline(int(r["expires"]) * 1000)
+        text = f"The link (a secret: it works once, until {until}):\n\n{link}\n\n{qr}"
+        screen = LinkScreen(text, self._link_answer, self._link_cancel)
+        self.link_screen = screen
+        try:
+            self.run_worker(self._link_sync(screen))  # a state reached before it showed
+            await self.push_screen_wait(screen)
+        finally:
+            self.link_screen = None
+        ends = {"done": "A new device was linked.", "declined": "The link was declined.",
+                "expired": "The link expired."}  # fmt: skip
+        return ends.get(str(screen.state.get("state")), "The link ended.")
+
+    async def _link_sync(self, screen: LinkScreen) -> None:
+        with contextlib.suppress(AegisClientError):
+            st = (await self.client.call("devices.status", {}))["link"]
+            if st is not None:
+                screen.show_state(dict(st))
+
+    async def _link_answer(self, accept: bool) -> None:
+        try:
+            st = await self.client.call("devices.confirm", {"accept": accept})
+        except AegisClientError as exc:
+            self.notify(_error_text(exc), severity="error", markup=False)
+            if self.link_screen is not None:  # where the link is now (over, perhaps)
+                await self._link_sync(self.link_screen)
+            return
+        if self.link_screen is not None:
+            self.link_screen.show_state(dict(st))
+
+    async def _link_cancel(self) -> None:
+        # Over already (a race with its last event): nothing to cancel.
+        with contextlib.suppress(AegisClientError):
+            await self.client.call("devices.cancel", {})
 
     async def _incoming_call(self, d: dict[str, Any]) -> None:
         who = render.name(d.get("contact") or "?", 40)

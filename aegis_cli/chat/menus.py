@@ -137,3 +137,41 @@ def settings_prompt(typing_on: bool, default_timer: int, note: str = "") -> str:
 
 def timer_choices() -> str:
     return "  ".join(f"{i} {render.timer(v)}" for i, v in enumerate(render.TIMERS))
+
+
+DEVICE_VERBS = ("link", "remove")
+
+
+def device_label(d: dict[str, Any]) -> str:
+    """A device as a person tells it apart: its ID's start, when it was added, its relay."""
+    label = render.name(str(d.get("id") or "?")[:12], 12)
+    if d.get("added_at"):
+        label += f" added {render.when(int(d['added_at']))}"
+    if d.get("relay"):
+        label += f" on {render.name(d['relay'], 40)}"
+    return label + (" (this device)" if d.get("this_device") else "")
+
+
+def devices_prompt(listed: dict[str, Any], note: str = "") -> str:
+    """The profile's devices (numbered: remove names one by number) and the commands."""
+    devices = list(listed.get("devices") or [])
+    lines = [f"This profile's devices (list version {int(listed.get('version') or 0)})"]
+    for i, d in enumerate(devices[:LISTED], 1):
+        lines.append(f" {i:>2} {'*' if d.get('this_device') else ' '} {device_label(d)}")
+    lines.append(
+        "link (a new device: its link and QR code) · remove N · Esc closes\n"
+        "Today a linked device gets the identity, contacts and settings; contacts do not learn"
+        " of it yet (their messages reach the first device only) and nothing syncs."
+    )
+    if note:
+        lines.append(render.name(note, 200))
+    return "\n".join(lines)
+
+
+def device_ref(listed: dict[str, Any], arg: str) -> dict[str, Any] | None:
+    """The device numbered ``arg`` in the list shown, else None."""
+    devices = list(listed.get("devices") or [])
+    i = number(arg)
+    if i is None or not 1 <= i <= min(len(devices), LISTED):
+        return None
+    return dict(devices[i - 1])

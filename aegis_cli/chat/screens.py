@@ -38,7 +38,8 @@ KEYS = [
     ("F2", "rename the contact (the open one, else the highlighted one)"),
     ("Ctrl+B", "block or unblock the contact (asks first)"),
     ("Ctrl+S", "the safety number: compare it, then mark the contact verified"),
-    ("Ctrl+F", "send files to the contact, with a caption (progress shows on the message)"),
+    ("Ctrl+F", "send files to the contact or the open group, with a caption (a contact's:"
+     " progress shows on the message)"),
     ("F4", "save a file received in the open conversation (any: by number; Enter: newest)"),
     ("Alt+D", "remove the contact, its messages and files (asks first)"),
     ("Alt+G", "the open (else highlighted) group: members and roles; invite, remove, admin,"
@@ -46,6 +47,8 @@ KEYS = [
     ("Ctrl+P", "call the contact: type voice or video; its state shows in the status line"),
     ("F7 / F9", "an incoming call: answer / decline (no letter key: typing never answers)"),
     ("F8", "hang up (or decline, or cancel) the call"),
+    ("Alt+V", "devices: this profile's devices; link a new one (its link, QR code, then F7 only"
+     " if both show the same code); remove one"),
     ("F12", "settings: typing indicators; the timer new conversations start with"),
     ("Ctrl+L", "unlock a locked profile (asks for the passphrase)"),
     ("PageUp / scroll up", "in the messages: older ones load at the top"),
@@ -126,6 +129,101 @@ class CallScreen(ModalScreen[str | None]):
 
     def action_choose(self, what: str | None) -> None:
         self.dismiss(what)
+
+
+#: A device link's states in the order they come (a late answer never moves one back).
+LINK_ORDER = {"waiting": 0, "code": 1, "confirmed": 2}
+LINK_OVER = ("done", "declined", "expired", "failed")
+
+
+def link_state_text(st: dict[str, Any]) -> str:
+    """What the link screen says of a device link's state (devices.status, devices.link)."""
+    state = str(st.get("state") or "")
+    if state == "waiting":
+        return ("Waiting for the new device: on it, run\n"
+                "  aegis init --home DIR --relay URL --link LINK\n"
+                "with the link below (it works once, for minutes). Esc: cancel the link.")
+    if state == "code":
+        code = render.name(st.get("code") or "?", 12)
+        return (f"Code: {code}\n\nDoes the NEW device show this same code?\n"
+                "  F7: yes, the same code: link it (it gets your identity and contacts)\n"
+                "  F9: no, a different code: decline (someone else may hold the link)\n"
+                "  Esc: cancel the link")  # fmt: skip
+    if state == "confirmed":
+        return "Confirmed here: waiting for the new device to confirm too. Esc: cancel."
+    if state == "done":
+        return "Linked: the new device has your identity and contacts. Esc closes."
+    if state == "declined":
+        return "Declined: nothing was sent. Esc closes."
+    if state == "expired":
+        return "The link expired: nothing was sent. Esc closes."
+    reason = render.name(st.get("reason") or "", 80)
+    return f"The link failed{': ' + reason if reason else ''}. Esc closes."
+
+
+class LinkScreen(ModalScreen[None]):
+    """Linking a new device: the state at the top, then the link and its QR code (it scrolls
+    in 80x24). Only F7 confirms, and only while a code is shown: no printable key confirms
+    (text typed into it by mistake, or a pasted link, must never hand the profile over).
+    Esc cancels the link unless it is over. The app feeds it the daemon's ``devices.link``
+    states (``show_state``) and does the answers (``answer``, ``cancel``)."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("f7", "answer(True)", "same code: link"),
+        Binding("f9", "answer(False)", "different code: decline"),
+        Binding("escape", "close", "cancel / close"),
+    ]
+
+    def __init__(
+        self, text: str, answer: Callable[[bool], Awaitable[None]],
+        cancel: Callable[[], Awaitable[None]],
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.text = text
+        self.answer = answer
+        self.cancel = cancel
+        self.state: dict[str, Any] = {"state": "waiting"}
+        self.answered = False
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="info-box"):
+            yield Static(render.plain(link_state_text(self.state)), id="link-state",
+                         markup=False)  # fmt: skip
+            yield Static(render.plain(self.text), id="info", markup=False)
+
+    def on_mount(self) -> None:
+        self.query_one("#info-box").focus()
+
+    @property
+    def over(self) -> bool:
+        return self.state.get("state") in LINK_OVER
+
+    def show_state(self, st: dict[str, Any] | None) -> None:
+        if st is None or self.over:
+            return
+        new = str(st.get("state") or "")
+        if LINK_ORDER.get(new, 9) < LINK_ORDER.get(str(self.state.get("state")), 9):
+            return  # an answer that came after a later event
+        self.state = dict(st)
+        self.query_one("#link-state", Static).update(render.plain(link_state_text(self.state)))
+        if new == "code":
+            self.query_one("#info-box", VerticalScroll).scroll_home(animate=False)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "answer":
+            return self.state.get("state") == "code" and not self.answered
+        return True
+
+    async def action_answer(self, accept: bool) -> None:
+        if self.state.get("state") != "code" or self.answered:
+            return
+        self.answered = True
+        await self.answer(accept)
+
+    async def action_close(self) -> None:
+        if not self.over:
+            await self.cancel()
+        self.dismiss(None)
 
 
 class InfoScreen(ModalScreen[None]):

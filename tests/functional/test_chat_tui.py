@@ -1,8 +1,9 @@
 """``aegis chat`` (aegis_cli/chat) driven by Textual's Pilot, in process, against a real relay
 and real daemons: live messages and unread counts, the marks of a sent message, a daemon
 restart in the middle of a session, and hostile text shown as the inert text it is; groups
-managed, calls made, files saved and contacts removed from it; the main screens as Textual's
-SVG export draws them at 80x24."""
+managed (and replied to, reacted to, edited, deleted and timed), calls made, files saved,
+contacts removed and a device linked from it; the main screens as Textual's SVG export draws
+them at 80x24."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from aegis_cli.chat.screens import (
     CallScreen,
     HelpScreen,
     InfoScreen,
+    LinkScreen,
     SearchHit,
     SearchScreen,
 )
@@ -1385,5 +1387,213 @@ def test_screenshots_of_the_main_screens_at_80x24(peers: Callable[[str], Peer]) 
         assert "me (owner)" in dialog and "bob (member)" in dialog
         assert "invite NAME · remove N" in dialog
         await pilot.press("escape")
+
+    run_app(alice, body, size=(80, 24))
+
+
+def group_of_two(alice: Peer, bob: Peer, name: str) -> tuple[int, int]:
+    """A group alice made with bob in it: (alice's reference, bob's)."""
+    g = alice.call("group.create", {"name": name})["group"]
+    alice.call("group.invite", {"group": g, "contact": "bob"})
+    inv = bob.wait_for(lambda: bob.call("group.invitations")["invitations"], "an invitation")
+    bg = bob.call("group.accept", {"invitation": inv[0]["invitation"]})["group"]
+    alice.wait_for(
+        lambda: len(alice.call("group.get", {"group": g})["members"]) == 2, "bob in the group"
+    )
+    return g, bg
+
+
+def test_reply_react_edit_delete_timer_and_caption_in_a_group(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    alice, bob = pair(peers)
+    g, bg = group_of_two(alice, bob, "Trips")
+    key = f"g:{g}"
+
+    def bob_msg(text: str) -> Callable[[], Any]:
+        def find() -> Any:
+            h = bob.call("group.history", {"group": bg})["messages"]
+            return next((m for m in h if m["text"] == text), None)
+
+        return find
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        q = await call(bob, "group.send", {"group": bg, "text": "plans?"})
+        await until(pilot, lambda: app.convs[key].unread == 1, "bob's question", 60)
+        await app.open(key)
+        compose = app.query_one(Compose)
+        await until(pilot, lambda: compose.has_focus, "the compose box")
+
+        # Reply (Up selects the newest, Alt+R quotes it): bob's copy quotes his message.
+        await pilot.press("up")
+        await until(pilot, lambda: app.selected is not None, "the selection")
+        await pilot.press("alt+r")
+        context = app.query_one("#context", Static)
+        await until(pilot, lambda: "plans?" in text_of(context), "the quote bar")
+        await pilot.press(*"sure")
+        await pilot.press("enter")
+        got = await asyncio.to_thread(bob.wait_for, bob_msg("sure"), "the reply at bob", 60)
+        assert got["reply_to"] == {"message_id": q["message_id"], "text": "plans?"}
+        mine = await until(pilot, lambda: row_with(app, "sure"), "my reply")
+        assert "┃ plans?" in mine.plain and not context.display
+
+        # Bob reacts to it: live here; alice adds hers (picker: 1): bob counts two.
+        await call(bob, "messages.react",
+                   {"group": bg, "message_id": got["message_id"], "emoji": "👍"})  # fmt: skip
+        await until(pilot, lambda: "👍 1" in mine.plain, "bob's reaction", 60)
+        app.select(mine.message_id)
+        await pilot.press("alt+equals_sign")
+        await answer(app, pilot, "1")
+        await until(pilot, lambda: "👍 2 (you)" in mine.plain, "two reactions")
+        await asyncio.to_thread(
+            bob.wait_for, lambda: (bob_msg("sure")() or {}).get("reactions") == [
+                {"emoji": "👍", "count": 2, "mine": True}], "both reactions at bob", 60,
+        )  # fmt: skip
+
+        # Alice edits her reply (Alt+E): bob's copy has the new text, marked edited.
+        app.select(mine.message_id)
+        await pilot.press("alt+e")
+        await until(pilot, lambda: compose.text == "sure" and compose.has_focus, "edit mode")
+        compose.clear()
+        compose.insert("sure, Friday")
+        await pilot.press("enter")
+        await until(pilot, lambda: "edited" in mine.plain and "sure, Friday" in mine.plain, "ed")
+        edited = await asyncio.to_thread(bob.wait_for, bob_msg("sure, Friday"), "the edit", 60)
+        assert edited["edited_at"] is not None
+
+        # Bob edits his question: live here, in the quote of the reply too.
+        edit = {"group": bg, "message_id": q["message_id"], "text": "plans, Friday?"}
+        await call(bob, "messages.edit", edit)
+        await until(pilot, lambda: "┃ plans, Friday?" in mine.plain, "bob's edit, quoted", 60)
+        theirs = row_with(app, "edited")
+        assert theirs is not None and "bob" in theirs.plain and "plans, Friday?" in theirs.plain
+
+        # Bob deletes his question for everyone: blanked here, and the quote goes.
+        await call(bob, "messages.delete",
+                   {"group": bg, "message_id": q["message_id"], "for_everyone": True})  # fmt: skip
+        await until(pilot, lambda: row_with(app, "plans") is None, "bob's deletion", 60)
+        assert any(t.endswith("(deleted)") for t in shown_texts(app))
+
+        # Alice deletes her reply for everyone (Alt+X, everyone): deleted at bob's too.
+        app.select(mine.message_id)
+        await pilot.press("alt+x")
+        prompt = await answer(app, pilot, "everyone")
+        assert "every member's" in prompt
+        await until(pilot, lambda: "(deleted)" in mine.plain, "deleted here")
+        await asyncio.to_thread(
+            bob.wait_for,
+            lambda: next(m for m in bob.call("group.history", {"group": bg})["messages"]
+                         if m["message_id"] == got["message_id"])["deleted"],
+            "deleted at bob", 60,
+        )  # fmt: skip
+
+        # The group's timer from F5: bob's daemon has it; the header and a line show it.
+        await pilot.press("f5")
+        await answer(app, pilot, "2")
+        await asyncio.to_thread(
+            bob.wait_for,
+            lambda: bob.call("conversations.get_timer", {"group": bg})["seconds"] == 3600,
+            "the group timer at bob", 60,
+        )  # fmt: skip
+        title = app.query_one("#title", Static)
+        await until(pilot, lambda: "⏱ 1 hour" in text_of(title), "the timer in the header")
+        await until(pilot, lambda: row_with(app, "set disappearing messages: 1 hour"), "line")
+        mid = (await call(bob, "group.send", {"group": bg, "text": "timed"}))["message_id"]
+        row = await until(pilot, lambda: row_with(app, "timed"), "bob's timed message", 60)
+        assert "⏱" in row.plain and mid in row.message_id
+        await call(bob, "conversations.set_timer", {"group": bg, "seconds": 0})
+        await until(pilot, lambda: "⏱" not in text_of(title), "bob's timer off, live", 60)
+        await until(pilot, lambda: row_with(app, "bob set disappearing messages: off"), "his")
+
+        # A file with a caption (Ctrl+F in the open group): bob's message carries both.
+        f = tmp_short / "map.txt"
+        f.write_text("north\n")
+        await pilot.press("ctrl+f")
+        await answer(app, pilot, str(f))
+        await answer(app, pilot, "the route")
+        await asyncio.to_thread(bob.wait_for, bob_msg("[file] map.txt\nthe route"), "file", 60)
+
+    run_app(alice, body)
+
+
+def link_screen(app: ChatApp) -> LinkScreen | None:
+    return app.screen if isinstance(app.screen, LinkScreen) else None
+
+
+def test_link_a_device_from_the_client_confirmed_then_declined(
+    peers: Callable[[str], Peer],
+) -> None:
+    alice = peers("alice")
+    alice.wait_connected()
+    new, other = peers("alice2"), peers("alice3")
+
+    async def link(app: ChatApp, pilot: Pilot[None], joiner: Peer) -> LinkScreen:
+        """From the devices dialog: link; the joiner joins by RPC; the code shows."""
+        prompt = await answer(app, pilot, "link")
+        assert "This profile's devices" in prompt
+        screen = await until(pilot, lambda: link_screen(app), "the link screen", 60)
+        found = re.search(r"aegis:\S+", text_of(screen.query_one("#info", Static)))
+        assert found is not None
+        await asyncio.to_thread(joiner.wait_connected)
+        await call(joiner, "devices.join", {"link": found.group(0)})
+        await until(pilot, lambda: screen.state.get("state") == "code", "the code", 60)
+        theirs = (await call(joiner, "devices.status"))["link"]
+        assert theirs["state"] == "code"
+        assert f"Code: {theirs['code']}" in text_of(screen.query_one("#link-state", Static))
+        return screen
+
+    async def body(app: ChatApp, pilot: Pilot[None]) -> None:
+        await pilot.press("alt+v")
+        await until(pilot, lambda: isinstance(app.screen, AskScreen), "the devices")
+        shown = text_of(app.screen.query_one("#ask-prompt", Static))
+        assert "(this device)" in shown and " 2 " not in shown
+        screen = await link(app, pilot, new)
+        # At 80x24 the QR code does not fit: it scrolls (the code stays at the top).
+        box = screen.query_one("#info-box")
+        assert box.max_scroll_y > 0 and box.scroll_y == 0
+        await pilot.press("down", "down")
+        await until(pilot, lambda: box.scroll_y > 0, "the QR code scrolled")
+
+        # Typing never confirms (nor does Enter): only F7, while the code shows.
+        await pilot.press(*"yes", "enter", "y", "q")
+        await pilot.pause(0.2)
+        assert screen.state["state"] == "code" and not screen.answered
+        assert app.is_running and app.screen is screen  # q over a dialog does not quit
+        await call(new, "devices.confirm", {"accept": True})
+        await pilot.press("f7")
+        await until(pilot, lambda: screen.state.get("state") == "done", "linked", 60)
+        await asyncio.to_thread(
+            new.wait_for, lambda: len(new.call("devices.list")["devices"]) == 2, "2 devices", 90
+        )
+        await pilot.press("escape")
+
+        # The list again, with the new device: a second link, declined with F9.
+        await until(pilot, lambda: isinstance(app.screen, AskScreen), "the devices again")
+        listed = text_of(app.screen.query_one("#ask-prompt", Static))
+        assert "A new device was linked." in listed and " 2 " in listed
+        screen = await link(app, pilot, other)
+        await pilot.press("f9")
+        await until(pilot, lambda: screen.state.get("state") == "declined", "declined here")
+        assert (await call(alice, "devices.status"))["link"]["state"] == "declined"
+        assert "Declined" in text_of(screen.query_one("#link-state", Static))
+        # The new device says yes: the profile never comes (docs/api.md, devices.confirm).
+        await call(other, "devices.confirm", {"accept": True})
+        await pilot.pause(2)
+        assert (await call(other, "devices.status"))["link"]["state"] == "confirmed"
+        assert (await call(other, "devices.list"))["version"] == 0
+        assert (await call(other, "contacts.list"))["contacts"] == []
+        assert len((await call(alice, "devices.list"))["devices"]) == 2
+        await pilot.press("escape")
+
+        # Removing the linked device: the question names it.
+        ours = (await call(alice, "devices.list"))["devices"]
+        n = next(i for i, d in enumerate(ours, 1) if not d["this_device"])
+        await until(pilot, lambda: isinstance(app.screen, AskScreen), "the devices once more")
+        await answer(app, pilot, f"remove {n}")
+        question = await answer(app, pilot, "yes")
+        assert ours[n - 1]["id"][:12] in question and "Remove the device" in question
+        await asyncio.to_thread(
+            alice.wait_for, lambda: len(alice.call("devices.list")["devices"]) == 1, "removed"
+        )
 
     run_app(alice, body, size=(80, 24))
