@@ -193,12 +193,16 @@ def test_postgres_restarted_mid_stream(relay_factory: Callable[..., RelayProcess
         s = run(body())
         assert s.ok_while_down == []  # never OK for what could not be stored
         assert s.acked <= s.received
+        said = []
         for n in nodes:
             assert n.proc is not None and n.proc.poll() is None  # recovered, not restarted
             # It said so in the relay's fixed lines only (exception types, no traceback).
             lines = n.output().splitlines()
-            assert any("failed" in line or "storage error" in line for line in lines)
+            said += [line for line in lines if "failed" in line or "storage error" in line]
             assert all(line.startswith("aegis-relay: ") for line in lines), lines
+        # The node that took the refused deposits said so; the other (a subscription only) may
+        # not have touched the database while it was away.
+        assert said
     finally:
         with contextlib.suppress(Exception):
             server.close()
