@@ -16,6 +16,7 @@ from aegisd.core.identity import PublicIdentity
 from aegisd.core.session import Session
 from aegisd.rpc import AppError
 from aegisd.rpc import errors as E
+from aegisd.store import group_actions as GA
 from aegisd.store import groups as G
 from aegisd.store.db import Contact
 
@@ -58,7 +59,10 @@ class GroupInbound(GroupBase):
         to this member (the session names the member; we drew the id, so it is ours alone)."""
         own = G.own_message_to(self.m.store, message_id, c.id)
         if own is not None and G.advance_status(self.m.store, own[0], c.id, status):
-            self.m.ctx.events.emit("group.receipt", {"message_id": own[1], "status": status})
+            # with its group: erasure and deletion for everyone forget it with the message's
+            at = G.message_at(self.m.store, own[0])
+            self.m.ctx.events.emit("group.receipt", {"group": at[0] if at else None,
+                                                     "message_id": own[1], "status": status})
 
     def on_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None:
         assert c.identity_key is not None
@@ -253,7 +257,7 @@ class GroupInbound(GroupBase):
         self.m.ctx.events.emit("group.message", {
             "group": row.id, "message_id": mid, "from": sender.ed_pub.hex(),
             "from_contact": None if hidden else c.name, "text": p.text,
-            "sent_at": p.sent_at_ms})  # fmt: skip
+            "sent_at": p.sent_at_ms, "timer": GA.get_timer(self.m.store, row.id)[0]})  # fmt: skip
         self.m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED,
                                       [p.message_id])  # fmt: skip
         self.actions.on_message(row.id, sender.ed_pub, p.message_id)  # held for it (§25.11)
