@@ -31,7 +31,7 @@ from aegisd.store.db import Contact
 
 from .delivery import Recipient
 from .disappearing import label
-from .groups_state import DepartedContacts, GroupBase, GroupsHost, now_ms
+from .groups_state import DepartedContacts, GroupBase, GroupsHost, now_ms, sendable
 
 #: As for one-to-one messages (actions.py, disappearing.py): the edit window, the actions
 #: held for a message not arrived yet (per sender in a group, per group, and how long), a
@@ -231,6 +231,29 @@ class GroupActions(GroupBase):
                 "group": ref, "contact": None, "seconds": seconds,
                 "by": "self" if by is None else by.hex(), "from_contact": from_contact,
                 "message_id": at[1].id if at else None})  # fmt: skip
+
+    def share_timer(self, c: Contact, only: int | None = None) -> None:
+        """The timer in force (its pair, even off and never set: every add and new session
+        sends the same) to a member we just added or whose session just became ready
+        (inside its transaction), for each group (or ``only``) we both are members of: a
+        change it missed (it joined later, or had no session with the member who made it)
+        reaches it thus; one it has already changes nothing (§25.11)."""
+        blob = self.m.store.get_session(c.id)
+        if blob is None or c.identity_key is None or c.blocked or not sendable(c):
+            return
+        ident = PublicIdentity.from_bytes(c.identity_key)
+        refs = [only] if only is not None else [g.id for g in G.list_groups(self.m.store)]
+        session = Session.from_bytes(blob)
+        for ref in refs:
+            head = self._load(ref)[1].head
+            member = head.member(ident.ed_pub)
+            if (head.member(self._me()) is None or member is None
+                    or not member.identity.same_keys(ident)):  # fmt: skip
+                continue
+            seconds, changed_at = GA.get_timer(self.m.store, ref)
+            self.m.delivery.enqueue([Recipient(c, session)], wire.GroupActionPayload(
+                head.group_id, head.version, bytes(wire.ED25519_LEN),
+                wire.TimerPayload(changed_at, seconds)))  # fmt: skip
 
     def prune_held(self) -> None:
         with self.m.store.transaction():

@@ -157,6 +157,7 @@ class GroupInbound(GroupBase):
             for ch in missed:
                 self.m.delivery.enqueue([Recipient(c, session)], wire.GroupChangePayload(ch))
         self._fan_out(parent, log, change)
+        self.actions.share_timer(c, ref)  # a timer set before it joined (§25.11)
         for key, link in offers.items():
             member = log.head.member(key)
             mc = self._contact_of(member) if member is not None else None
@@ -316,6 +317,12 @@ class GroupInbound(GroupBase):
         finally:
             self._opening.discard(intro.id)
         G.drop_pending_intro(self.m.store, intro.id)
+        async with self.m.lock:  # a timer change it had no session for (§25.11)
+            c = self.m.store.contact_by_name(intro.name)
+            if c is not None:
+                with self.m.store.transaction():
+                    self.actions.share_timer(c, intro.group_ref)
+            self.m.delivery.wake()
 
     async def retry_intros(self) -> None:
         """The maintenance loop's: introductions whose first contact failed, tried again
@@ -371,3 +378,6 @@ class GroupInbound(GroupBase):
         """The member's session is established: a group contact (inside the transaction)."""
         self.m.store.set_setting(f"{INTRO_KEY}{invitation_id.hex()}", None)
         G.mark_group_contact(self.m.store, contact_id)
+        c = self.m.store.get_contact(contact_id)
+        if c is not None:  # a timer change it had no session for (§25.11)
+            self.actions.share_timer(c)
