@@ -255,6 +255,18 @@ def expired(store: Store, now_ms: int, *, limit: int) -> list[tuple[int, int, st
     return out
 
 
+def wait_for_uploads(store: Store, seq: int, now: int, *, grace_ms: int, recheck_ms: int) -> bool:
+    """Our file at its deadline whose copies are still uploading to members: its deadline
+    moves ``recheck_ms`` on (the copies would go with it, never reaching them), up to
+    ``grace_ms`` past the one it took. Whether it was put off."""
+    return bool(store.query(
+        "UPDATE group_messages SET expires_at = ? WHERE seq = ? AND direction = 'out' "
+        "AND created_at + timer_s * 1000 + ? > ? AND EXISTS (SELECT 1 FROM attachments "
+        "WHERE group_seq = ? AND direction = 'out' AND state = 'uploading')",
+        (now + recheck_ms, seq, grace_ms, now, seq),
+    ).rowcount)  # fmt: skip
+
+
 def next_expiry(store: Store) -> int | None:
     row = store.query("SELECT min(expires_at) FROM group_messages").fetchone()
     return None if row is None or row[0] is None else int(row[0])

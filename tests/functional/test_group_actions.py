@@ -122,8 +122,8 @@ def test_replies_reactions_edits_deletions_and_a_timer_in_a_group(
         "caption"] == "the harbour at dawn"
 
     # carol sets a 20-second timer; alice's next message disappears at all three once read
-    # (long enough for alice's file copies to be up before her own copy's deadline cancels
-    # them: her deadline runs from the send)
+    # (alice's own file waits past its deadline while its copies are still uploading, so a
+    # slow upload is not cut off: disappearing.py UPLOAD_GRACE_MS)
     assert "20 seconds" in ok(aegis(carol, "disappear", "--group", NAME, "20s"))
     for p in (alice, bob):
         p.wait_for(lambda p=p: p.call("conversations.get_timer", {"group": ref(p)})["seconds"]
@@ -266,12 +266,13 @@ def test_a_forged_edit_is_refused_and_an_early_edit_waits_for_its_message(
 
 
 def test_a_member_added_later_gets_the_timer_and_receipts_go_with_their_message(
-    peers: Callable[[str], Peer], relay_proc: RelayProcess
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
 ) -> None:
     """alice and bob: bob's reaction replaced, then removed; a receipt's event names its group
     and goes with a message deleted for everyone. alice sets a timer, then adds carol (who
     has no session with bob: introduced): carol gets the timer in force, and her copy of the
-    next message takes it (and so does her group.message event, for the bridge's expiry)."""
+    next message takes it (and so does her group.message event, for the bridge's expiry). A
+    file under a one-second timer reaches both although its upload outlasts the timer."""
     alice, bob = peers("alice"), peers("bob")
     connect(bob, alice)
     g = alice.call("group.create", {"name": NAME})["group"]
@@ -323,3 +324,16 @@ def test_a_member_added_later_gets_the_timer_and_receipts_go_with_their_message(
     carol.call("group.read", {"group": ref(carol)})
     assert find(carol, "text", "timed text")["expires_at"] is not None  # type: ignore[index]
 
+    # a one-second timer and a file of some size: alice's copies take longer than that to
+    # go up, and her own copy waits for them past its deadline (not cut off), then goes
+    alice.call("conversations.set_timer", {"group": g, "seconds": 1})
+    for p in (bob, carol):
+        p.wait_for(lambda p=p: p.call("conversations.get_timer", {"group": ref(p)})["seconds"]
+                   == 1, f"{p.name}: the short timer", T)  # fmt: skip
+    big = tmp_short / "slow.bin"
+    big.write_bytes(os.urandom(3 * 1024 * 1024))
+    alice.call("group.send_file", {"group": g, "path": str(big)})
+    for p in (bob, carol):
+        got = p.wait_for(lambda p=p: find(p, "text", "[file] slow.bin"), f"{p.name}: file", T)
+        wait_state(p, got["attachment_id"], "complete")
+    alice.wait_for(lambda: find(alice, "text", "[file] slow.bin") is None, "alice: erased", T)
