@@ -4,7 +4,12 @@ the author's edit applied everywhere and kept in step by the search index (a rar
 for everyone; a caption on a group file; a timer set by one member erasing a text and a
 captioned file at every member (the decrypted store pages hold them nowhere); then a hostile
 member's forged edit of another's message refused, and an edit arriving before its message
-applied when the message comes; a removed member's reaction dropped."""
+applied when the message comes; a member's flood of timer changes leaving a true history line
+and another member's change its line and event; held actions bounded per member; a removed
+member's reaction dropped, and one held before its removal dropped when its message comes;
+then a member added after the timer was set gets it, a reaction replaced and removed, a
+receipt's event going with its message, and a file under a one-second timer reaching both
+members."""
 
 from __future__ import annotations
 
