@@ -245,6 +245,8 @@ class GroupActions(GroupBase):
         refs = [only] if only is not None else [g.id for g in G.list_groups(self.m.store)]
         session = Session.from_bytes(blob)
         for ref in refs:
+            if G.get_group(self.m.store, ref) is None:
+                continue  # gone since (left, or the invitation refused)
             head = self._load(ref)[1].head
             member = head.member(ident.ed_pub)
             if (head.member(self._me()) is None or member is None
