@@ -85,14 +85,18 @@ def render(ev: Event, level: str, group_name: str | None = None) -> Notification
             body = _clean(ev.data.get("text", ""))
         return Notification(summary, body, "im.received", expire, tracked)
     if ev.type == "group.message":
+        # its timer as a contact's message's: the notification expires and is closed alike
+        expire, mid = _timer_ms(ev), ev.data.get("message_id")
+        tracked = mid if expire > 0 and isinstance(mid, str) else None
         # At level none a group message is a message like any other: nothing says "group".
         if level == "none":
-            return Notification("New message", "", "im.received")
+            return Notification("New message", "", "im.received", expire, tracked)
         where = _name(group_name) if group_name else "a group"
         if level == "sender":
-            return Notification(f"New message from {_member(ev)} in {where}", "", "im.received")
+            return Notification(f"New message from {_member(ev)} in {where}", "", "im.received",
+                                expire, tracked)  # fmt: skip
         return Notification(f"{_member(ev)} in {where}", _clean(ev.data.get("text", "")),
-                            "im.received")  # fmt: skip
+                            "im.received", expire, tracked)  # fmt: skip
     if ev.type == "contact.request":
         if level == "none":
             return Notification("New contact request", "", "im")

@@ -37,6 +37,17 @@ Handler = Callable[..., Awaitable[Any]]
 _MISSING = inspect.Parameter.empty
 
 
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+#: The default of a parameter that is required all the same: lets a method keep its
+#: positional order when an optional parameter was added before required ones (positional
+#: params bind in the function's order, so a method's order never changes).
+REQUIRED: Any = _Required()
+
+
 @dataclass
 class CallContext:
     """What a method gets besides its params: the daemon and the calling connection."""
@@ -109,7 +120,7 @@ class MethodSpec:
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 raise TypeError(f"{name}: *args/**kwargs are not allowed in RPC methods")
             tp = hints.get(p.name, Any)
-            spec.params.append((p.name, tp, p.default))
+            spec.params.append((p.name, tp, _MISSING if p.default is REQUIRED else p.default))
         return spec
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aegisd.netmode import SETTING_ISOLATION, SETTING_MODE, SETTING_PROXY, SETTING_TOR_PATH
-from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
+from aegisd.rpc import REQUIRED, AppError, CallContext, InvalidParamsError, Registry
 from aegisd.rpc.methods import Handler
 from aegisd.store import attachments as attachment_store
 from aegisd.store.groups import group_contact_ids
@@ -183,9 +183,10 @@ def register(registry: Registry, m: Messenger) -> None:
 
     @method("messages.reply")
     async def messages_reply(
-        ctx: CallContext, message_id: str, text: str, contact: str | None = None,
-        group: int | None = None,
+        ctx: CallContext, contact: str | None = None, message_id: str = REQUIRED,
+        text: str = REQUIRED, group: int | None = None,
     ) -> dict[str, Any]:  # fmt: skip
+        # (contact, message_id, text) was the positional order before groups: kept
         target = one_conversation(contact, group)
         if isinstance(target, int):
             result = await m.groups.actions.reply(target, message_id, text)

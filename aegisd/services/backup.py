@@ -204,12 +204,15 @@ class Backups:
                 for r in store._q(
                     # A message with a disappearing timer is never in a backup: the file may
                     # outlive its deadline anywhere (docs/threat-model.md, §27); nor is the
-                    # copy of its text in a reply that quotes it (`timed`).
+                    # copy of its text in a reply that quotes it (`timed`). Nor a timer line:
+                    # history of the timer (carried itself in SETTING_TIMERS), it would come
+                    # back as a plain text one could quote or react to, with a local id.
                     "SELECT m.id, m.direction, m.body, m.status, m.sent_at, m.created_at, "
                     "m.status_at, m.reply_to, m.quoted, m.quoted_dir, m.edited_at, m.edits, "
                     "m.edit_sent_at, m.deleted, q.timer_s > 0 AS timed FROM messages m "
                     "LEFT JOIN messages q ON q.id = m.reply_to AND q.contact_id = m.contact_id "
-                    "WHERE m.contact_id = ? AND m.timer_s = 0 ORDER BY m.seq",
+                    "WHERE m.contact_id = ? AND m.timer_s = 0 AND m.timer_change IS NULL "
+                    "ORDER BY m.seq",
                     (c.id,),
                 ).fetchall()
             )  # fmt: skip
@@ -592,10 +595,12 @@ def _groups_out(store: Store, index: dict[int, int]) -> fmt.BackupGroups:
         reactions = _group_reactions_out(store, row.id)
         for (seq, author, wire_id, direction, body, sent_at, created, reply_to, quoted,
              quoted_author, edited_at, edits, edit_sent_at, deleted) in store._q(
-            # as for a contact's: a message with a disappearing timer is never in a backup
+            # as for a contact's: a message with a disappearing timer is never in a backup,
+            # nor a timer line (the group's timer is in SETTING_GROUP_TIMERS)
             "SELECT seq, author, wire_id, direction, body, sent_at, created_at, reply_to, "
             "quoted, quoted_author, edited_at, edits, edit_sent_at, deleted "
-            "FROM group_messages WHERE group_ref = ? AND timer_s = 0 ORDER BY seq",
+            "FROM group_messages WHERE group_ref = ? AND timer_s = 0 "
+            "AND timer_change IS NULL ORDER BY seq",
             (row.id,),
         ).fetchall():  # fmt: skip
             sender = bytes(author) or None

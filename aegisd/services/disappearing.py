@@ -49,6 +49,11 @@ STAMP_MAX = 2**63 - 1
 #: received change is still applied and its line rewritten, but no event is emitted (§27.2).
 VISIBLE_PER_HOUR = 10
 
+#: Our group file whose copies are still uploading at its deadline is kept (looked at again
+#: every UPLOAD_RECHECK_MS) until they are up, at most UPLOAD_GRACE_MS past the deadline.
+UPLOAD_GRACE_MS = 3_600_000
+UPLOAD_RECHECK_MS = 2_000
+
 #: Erased ids kept per contact: an action (edit, reaction, deletion) arriving for one later is
 #: dropped, not held for its message (a held edit keeps its new text for a day, §26.5).
 ERASED_KEPT = 256
@@ -306,6 +311,13 @@ class Disappearing:
                     self._checkpoint_due = True
                 return done
             for ref, seq, api_id in due:
+                async with self.m.lock:
+                    with self.m.store.transaction():
+                        waits = group_db.wait_for_uploads(
+                            self.m.store, seq, _ms(), grace_ms=UPLOAD_GRACE_MS,
+                            recheck_ms=UPLOAD_RECHECK_MS)  # fmt: skip
+                if waits:  # its copies still going up to the members (§25.11)
+                    continue
                 aids = att_db.of_group_seq(self.m.store, seq)
                 for aid in aids:
                     with contextlib.suppress(AppError):

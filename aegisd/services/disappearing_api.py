@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from aegisd.rpc import CallContext, InvalidParamsError, Registry
+from aegisd.rpc import REQUIRED, CallContext, InvalidParamsError, Registry
 
 from .disappearing import check_seconds
 
@@ -17,8 +17,10 @@ def register(registry: Registry, m: Messenger) -> None:
 
     @registry.method("conversations.set_timer", unlocked=True)
     async def conversations_set_timer(
-        ctx: CallContext, seconds: int, contact: str | None = None, group: int | None = None
-    ) -> dict[str, Any]:
+        ctx: CallContext, contact: str | None = None, seconds: int = REQUIRED,
+        group: int | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        # (contact, seconds) was the positional order before groups: kept
         target = one_conversation(contact, group)
         if isinstance(target, int):
             return await m.groups.actions.set_timer(target, check_seconds("seconds", seconds))

@@ -31,12 +31,13 @@ from aegisd.store.db import Contact
 
 from .delivery import Recipient
 from .disappearing import label
-from .groups_state import DepartedContacts, GroupBase, GroupsHost, now_ms
+from .groups_state import DepartedContacts, GroupBase, GroupsHost, now_ms, sendable
 
 #: As for one-to-one messages (actions.py, disappearing.py): the edit window, the actions
-#: held for a message not arrived yet (per group, and how long), a timer stamp's skew bound
-#: and the visible timer changes per group per hour.
+#: held for a message not arrived yet (per sender in a group, per group, and how long), a
+#: timer stamp's skew bound and the timer change events per sender in a group per hour.
 EDIT_WINDOW_MS = 24 * 3600 * 1000
+PENDING_PER_SENDER = 16
 PENDING_PER_GROUP = 64
 PENDING_MAX_AGE_MS = 24 * 3600 * 1000
 MAX_SKEW_MS = 86_400_000
@@ -62,7 +63,7 @@ def _check_text(text: str) -> None:
 class GroupActions(GroupBase):
     def __init__(self, host: GroupsHost, pruner: DepartedContacts | None = None) -> None:
         super().__init__(host, pruner)
-        self._recent: dict[int, collections.deque[int]] = {}
+        self._recent: dict[tuple[int, bytes], collections.deque[int]] = {}
         self._erased: collections.OrderedDict[tuple[int, str], None] = collections.OrderedDict()
 
     # --- helpers --------------------------------------------------------------------------
@@ -213,18 +214,48 @@ class GroupActions(GroupBase):
     def _record_timer(self, ref: int, seconds: int, changed_at: int, by: bytes | None,
                       emit: bool = True, from_contact: str | None = None) -> None:  # fmt: skip
         GA.set_timer(self.m.store, ref, seconds, changed_at)
-        # a line of its own, never sent (its id is local): "[timer] 1 hour"
-        seq = G.add_message(self.m.store, ref, self.m.entropy.random(wire.MESSAGE_ID_LEN),
-                            "out" if by is None else "in", f"[timer] {label(seconds)}",
-                            sender_key=by, read_at=now_ms())  # fmt: skip
-        assert seq is not None
-        GA.mark_timer_line(self.m.store, seq, seconds)
+        # a line of its own, never sent (its id is local): "[timer] 1 hour"; one member's
+        # consecutive changes rewrite its line (as one-to-one, §27.2): the history always
+        # shows the timer in force, and a member changing it over and over fills nothing
+        body, now = f"[timer] {label(seconds)}", now_ms()
+        seq = GA.merge_timer_line(self.m.store, ref, by or b"", body, seconds, now)
+        if seq is None:
+            seq = G.add_message(self.m.store, ref, self.m.entropy.random(wire.MESSAGE_ID_LEN),
+                                "out" if by is None else "in", body,
+                                sender_key=by, read_at=now)  # fmt: skip
+            assert seq is not None
+            GA.mark_timer_line(self.m.store, seq, seconds)
         if emit:
             at = G.message_at(self.m.store, seq)
             self.m.ctx.events.emit("conversation.timer", {
                 "group": ref, "contact": None, "seconds": seconds,
                 "by": "self" if by is None else by.hex(), "from_contact": from_contact,
                 "message_id": at[1].id if at else None})  # fmt: skip
+
+    def share_timer(self, c: Contact, only: int | None = None) -> None:
+        """The timer in force (its pair, even off and never set: every add and new session
+        sends the same) to a member we just added or whose session just became ready
+        (inside its transaction), for each group (or ``only``) we both are members of: a
+        change it missed (it joined later, or had no session with the member who made it)
+        reaches it thus; one it has already changes nothing (§25.11)."""
+        blob = self.m.store.get_session(c.id)
+        if blob is None or c.identity_key is None or c.blocked or not sendable(c):
+            return
+        ident = PublicIdentity.from_bytes(c.identity_key)
+        refs = [only] if only is not None else [g.id for g in G.list_groups(self.m.store)]
+        session = Session.from_bytes(blob)
+        for ref in refs:
+            if G.get_group(self.m.store, ref) is None:
+                continue  # gone since (left, or the invitation refused)
+            head = self._load(ref)[1].head
+            member = head.member(ident.ed_pub)
+            if (head.member(self._me()) is None or member is None
+                    or not member.identity.same_keys(ident)):  # fmt: skip
+                continue
+            seconds, changed_at = GA.get_timer(self.m.store, ref)
+            self.m.delivery.enqueue([Recipient(c, session)], wire.GroupActionPayload(
+                head.group_id, head.version, bytes(wire.ED25519_LEN),
+                wire.TimerPayload(changed_at, seconds)))  # fmt: skip
 
     def prune_held(self) -> None:
         with self.m.store.transaction():
@@ -258,9 +289,10 @@ class GroupActions(GroupBase):
                 return  # erased at its deadline: nothing to hold it for
             dropped = GA.hold(self.m.store, ref, c.id, author, a.target_id,
                               wire.encode_payload(p), now_ms(), per_group=PENDING_PER_GROUP,
+                              per_sender=PENDING_PER_SENDER,
                               max_age_ms=PENDING_MAX_AGE_MS)  # fmt: skip
             for _ in range(dropped):
-                droplog.dropped("dropped a held group action (over a group's limit)")
+                droplog.dropped("dropped a held group action (over a sender's or a group's limit)")
             return
         self._apply(ref, seq, api_id, sender, a, shown)
 
@@ -276,16 +308,17 @@ class GroupActions(GroupBase):
         if a.seconds == seconds:
             GA.set_timer(self.m.store, ref, seconds, a.changed_at_ms)
             return
-        recent = self._recent.setdefault(ref, collections.deque())
+        # the line is always written (or rewritten); only the events are counted, per
+        # (group, sender): one member cannot silence the others' changes (§25.11)
+        recent = self._recent.setdefault((ref, sender.ed_pub), collections.deque())
         while recent and recent[0] <= now - 3_600_000:
             recent.popleft()
         visible = len(recent) < VISIBLE_PER_HOUR
         if visible:
             recent.append(now)
-            self._record_timer(ref, a.seconds, a.changed_at_ms, sender.ed_pub, True, shown)
-        else:  # applied, but neither a line nor an event: a member cannot flood the history
-            droplog.dropped("a group's timer changes past the hourly limit: no line, no event")
-            GA.set_timer(self.m.store, ref, a.seconds, a.changed_at_ms)
+        else:
+            droplog.dropped("a member's group timer changes past the hourly limit: no event")
+        self._record_timer(ref, a.seconds, a.changed_at_ms, sender.ed_pub, visible, shown)
 
     def _on_reply(self, ref: int, c: Contact, session: Session, sender: PublicIdentity,
                   quoted_author: bytes, a: wire.ReplyPayload,
@@ -305,7 +338,8 @@ class GroupActions(GroupBase):
         mid = G.api_id(sender.ed_pub, a.message_id)
         self.m.ctx.events.emit("group.message", {
             "group": ref, "message_id": mid, "from": sender.ed_pub.hex(), "from_contact": shown,
-            "text": a.text, "sent_at": a.sent_at_ms, "reply_to": quoted_api})  # fmt: skip
+            "text": a.text, "sent_at": a.sent_at_ms, "reply_to": quoted_api,
+            "timer": GA.get_timer(self.m.store, ref)[0]})  # fmt: skip
         self.m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED,
                                       [a.message_id])  # fmt: skip
         self.on_message(ref, sender.ed_pub, a.message_id)

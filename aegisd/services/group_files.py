@@ -28,6 +28,7 @@ from aegisd.core.identity import PublicIdentity
 from aegisd.core.session import Session
 from aegisd.rpc import AppError
 from aegisd.store import attachments as A
+from aegisd.store import group_actions as GA
 from aegisd.store import groups as G
 from aegisd.store.attachments import AttachmentRow
 from aegisd.store.db import Contact
@@ -240,6 +241,7 @@ class GroupFiles(GroupBase):
             "group": ref, "message_id": mid, "from": sender.ed_pub.hex(),
             "from_contact": files.shown(c), "text": text,
             "sent_at": p.file.sent_at_ms, "attachment_id": aid,
+            "timer": GA.get_timer(self.m.store, ref)[0],
             **({"caption": p.file.caption} if p.file.caption else {})})  # fmt: skip
         count, size = A.pending_group_files(self.m.store, c.id)
         # The first pending file is bounded by max_size alone (a limit above the byte cap

@@ -16,6 +16,7 @@ from aegisd.core.identity import PublicIdentity
 from aegisd.core.session import Session
 from aegisd.rpc import AppError
 from aegisd.rpc import errors as E
+from aegisd.store import group_actions as GA
 from aegisd.store import groups as G
 from aegisd.store.db import Contact
 
@@ -58,7 +59,10 @@ class GroupInbound(GroupBase):
         to this member (the session names the member; we drew the id, so it is ours alone)."""
         own = G.own_message_to(self.m.store, message_id, c.id)
         if own is not None and G.advance_status(self.m.store, own[0], c.id, status):
-            self.m.ctx.events.emit("group.receipt", {"message_id": own[1], "status": status})
+            # with its group: erasure and deletion for everyone forget it with the message's
+            at = G.message_at(self.m.store, own[0])
+            self.m.ctx.events.emit("group.receipt", {"group": at[0] if at else None,
+                                                     "message_id": own[1], "status": status})
 
     def on_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None:
         assert c.identity_key is not None
@@ -153,6 +157,7 @@ class GroupInbound(GroupBase):
             for ch in missed:
                 self.m.delivery.enqueue([Recipient(c, session)], wire.GroupChangePayload(ch))
         self._fan_out(parent, log, change)
+        self.actions.share_timer(c, ref)  # a timer set before it joined (§25.11)
         for key, link in offers.items():
             member = log.head.member(key)
             mc = self._contact_of(member) if member is not None else None
@@ -253,7 +258,7 @@ class GroupInbound(GroupBase):
         self.m.ctx.events.emit("group.message", {
             "group": row.id, "message_id": mid, "from": sender.ed_pub.hex(),
             "from_contact": None if hidden else c.name, "text": p.text,
-            "sent_at": p.sent_at_ms})  # fmt: skip
+            "sent_at": p.sent_at_ms, "timer": GA.get_timer(self.m.store, row.id)[0]})  # fmt: skip
         self.m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED,
                                       [p.message_id])  # fmt: skip
         self.actions.on_message(row.id, sender.ed_pub, p.message_id)  # held for it (§25.11)
@@ -312,6 +317,12 @@ class GroupInbound(GroupBase):
         finally:
             self._opening.discard(intro.id)
         G.drop_pending_intro(self.m.store, intro.id)
+        async with self.m.lock:  # a timer change it had no session for (§25.11)
+            c = self.m.store.contact_by_name(intro.name)
+            if c is not None:
+                with self.m.store.transaction():
+                    self.actions.share_timer(c, intro.group_ref)
+            self.m.delivery.wake()
 
     async def retry_intros(self) -> None:
         """The maintenance loop's: introductions whose first contact failed, tried again
@@ -367,3 +378,6 @@ class GroupInbound(GroupBase):
         """The member's session is established: a group contact (inside the transaction)."""
         self.m.store.set_setting(f"{INTRO_KEY}{invitation_id.hex()}", None)
         G.mark_group_contact(self.m.store, contact_id)
+        c = self.m.store.get_contact(contact_id)
+        if c is not None:  # a timer change it had no session for (§25.11)
+            self.actions.share_timer(c)

@@ -141,20 +141,30 @@ def forget_quotes(store: Store, ref: int, api_id: str) -> None:
 
 
 def hold(store: Store, ref: int, contact_id: int, author: bytes, target: bytes, payload: bytes,
-         now: int, *, per_group: int, max_age_ms: int) -> int:  # fmt: skip
-    """Keep an action for a message not here yet; the group's oldest go past ``per_group``
-    and any older than ``max_age_ms``. Returns how many were dropped to make room."""
+         now: int, *, per_group: int, per_sender: int, max_age_ms: int) -> int:  # fmt: skip
+    """Keep an action for a message not here yet. Past ``per_sender`` the sender's own oldest
+    go (one member cannot push out the others' held actions), past ``per_group`` the group's
+    oldest, and any older than ``max_age_ms``. Returns how many were dropped to make room."""
     store.query(
         "DELETE FROM group_pending_actions WHERE group_ref = ? AND created_at < ?",
         (ref, now - max_age_ms),
     )
+    own = [
+        r[0]
+        for r in store.query(
+            "SELECT id FROM group_pending_actions WHERE group_ref = ? AND contact_id = ? "
+            "ORDER BY id", (ref, contact_id),
+        ).fetchall()
+    ]  # fmt: skip
+    excess = own[: max(0, len(own) - per_sender + 1)]
     ids = [
         r[0]
         for r in store.query(
             "SELECT id FROM group_pending_actions WHERE group_ref = ? ORDER BY id", (ref,)
         ).fetchall()
+        if r[0] not in excess
     ]
-    excess = ids[: max(0, len(ids) - per_group + 1)]
+    excess += ids[: max(0, len(ids) - per_group + 1)]
     for old in excess:
         store.query("DELETE FROM group_pending_actions WHERE id = ?", (old,))
     store.query(
@@ -213,6 +223,24 @@ def mark_timer_line(store: Store, seq: int, seconds: int) -> None:
     )
 
 
+def merge_timer_line(store: Store, ref: int, author: bytes, body: str, seconds: int,
+                     now: int) -> int | None:  # fmt: skip
+    """The group's last message, if it is a timer line of the same member (``author``, empty:
+    ours), rewritten to record this change instead (as store/db.py ``merge_timer_line``: one
+    member's consecutive changes make one line); its ``seq``, or None if it is not such a line."""
+    row = store.query(
+        "SELECT seq, timer_change, author FROM group_messages WHERE group_ref = ? "
+        "ORDER BY seq DESC LIMIT 1", (ref,),
+    ).fetchone()  # fmt: skip
+    if row is None or row[1] is None or bytes(row[2]) != author:
+        return None
+    store.query(
+        "UPDATE group_messages SET body = ?, timer_change = ?, created_at = ? WHERE seq = ?",
+        (body, seconds, now, row[0]),
+    )
+    return int(row[0])
+
+
 def expired(store: Store, now_ms: int, *, limit: int) -> list[tuple[int, int, str]]:
     """Group messages whose timer ran out by ``now_ms``: (group, seq, API id), soonest first."""
     rows = store.query(
@@ -225,6 +253,18 @@ def expired(store: Store, now_ms: int, *, limit: int) -> list[tuple[int, int, st
         a, w = bytes(author), bytes(wire_id)
         out.append((int(ref), int(seq), w.hex() if not a else f"{a.hex()}:{w.hex()}"))
     return out
+
+
+def wait_for_uploads(store: Store, seq: int, now: int, *, grace_ms: int, recheck_ms: int) -> bool:
+    """Our file at its deadline whose copies are still uploading to members: its deadline
+    moves ``recheck_ms`` on (the copies would go with it, never reaching them), up to
+    ``grace_ms`` past the one it took. Whether it was put off."""
+    return bool(store.query(
+        "UPDATE group_messages SET expires_at = ? WHERE seq = ? AND direction = 'out' "
+        "AND created_at + timer_s * 1000 + ? > ? AND EXISTS (SELECT 1 FROM attachments "
+        "WHERE group_seq = ? AND direction = 'out' AND state = 'uploading')",
+        (now + recheck_ms, seq, grace_ms, now, seq),
+    ).rowcount)  # fmt: skip
 
 
 def next_expiry(store: Store) -> int | None:

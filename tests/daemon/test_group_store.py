@@ -305,3 +305,68 @@ def test_a_departure_mark_dies_with_its_contact_and_is_overwritten(tmp_path):
         assert G.departed(store, d.id + 1) is None
     finally:
         store.close()
+
+
+def test_held_actions_are_bounded_per_sender_before_the_group(tmp_path):
+    """A member's held actions past 16 push out its own oldest, never another's; the group's
+    64 still caps them all (store/group_actions.py ``hold``, §25.11)."""
+    from aegisd.store import group_actions as GA
+
+    store = create_profile(tmp_path / "p", "pass phrase", FAST)
+    try:
+        ann, eve = store.add_contact("ann"), store.add_contact("eve")
+        ref = G.add_group(store, b"g" * 32, b"log", [(b"a" * 32, 3)])
+
+        def hold(cid: int, n: int) -> int:
+            return GA.hold(store, ref, cid, b"x" * 32, n.to_bytes(16, "big"), b"p", 1000 + n,
+                           per_group=64, per_sender=16, max_age_ms=10**9)  # fmt: skip
+
+        assert hold(ann.id, 0) == 0
+        dropped = sum(hold(eve.id, n) for n in range(1, 41))
+        assert dropped == 40 - 16
+        left = store.query("SELECT contact_id, target FROM group_pending_actions ORDER BY id")
+        rows = [(int(c), int.from_bytes(bytes(t), "big")) for c, t in left.fetchall()]
+        assert rows == [(ann.id, 0)] + [(eve.id, n) for n in range(25, 41)]
+        # the group's cap: 64 senders' worth of one each, the oldest goes
+        others = [store.add_contact(f"m{i}") for i in range(64)]
+        assert sum(hold(o.id, 100 + i) for i, o in enumerate(others)) == 17
+        assert store.query("SELECT count(*) FROM group_pending_actions").fetchone()[0] == 64
+    finally:
+        store.close()
+
+
+def test_a_timer_line_is_rewritten_by_its_member_and_a_file_waits_for_its_uploads(tmp_path):
+    """One member's consecutive timer changes rewrite its line (another's, or a message
+    between, starts a new one); our file at its deadline with a copy still uploading is put
+    off, up to the grace."""
+    from aegisd.store import attachments as A
+    from aegisd.store import group_actions as GA
+    from aegisd.store.attachments import AttachmentRow
+
+    store = create_profile(tmp_path / "p", "pass phrase", FAST)
+    try:
+        bob = store.add_contact("bob")
+        ref = G.add_group(store, b"g" * 32, b"log", [(b"a" * 32, 3)])
+        first = G.add_message(store, ref, b"1" * 16, "in", "[timer] 1 minute", sender_key=b"c" * 32)
+        assert first is not None
+        GA.mark_timer_line(store, first, 60)
+        assert GA.merge_timer_line(store, ref, b"c" * 32, "[timer] off", 0, 5) == first
+        assert GA.merge_timer_line(store, ref, b"d" * 32, "[timer] off", 0, 5) is None
+        assert GA.merge_timer_line(store, ref, b"", "[timer] off", 0, 5) is None
+        G.add_message(store, ref, b"2" * 16, "in", "a text", sender_key=b"c" * 32)
+        assert GA.merge_timer_line(store, ref, b"c" * 32, "[timer] off", 0, 5) is None
+
+        GA.set_timer(store, ref, 1, 1)
+        seq = G.add_message(store, ref, b"3" * 16, "out", "[file] f", created_at=1000)
+        assert seq is not None
+        A.add(store, AttachmentRow("e" * 32, bob.id, "out", "f", 1, 1, bytes(32), bytes(32),
+                                   "wss://relay.example", "uploading", 0, None, 1000, 1000,
+                                   1000))  # fmt: skip
+        A.link_group_message(store, "e" * 32, seq)
+        assert GA.wait_for_uploads(store, seq, 2000, grace_ms=10_000, recheck_ms=2000)
+        assert GA.extras(store, [seq])[seq].expires_at == 4000
+        assert not GA.wait_for_uploads(store, seq, 12_001, grace_ms=10_000, recheck_ms=2000)
+        A.set_state(store, "e" * 32, "uploaded")
+        assert not GA.wait_for_uploads(store, seq, 3000, grace_ms=10_000, recheck_ms=2000)
+    finally:
+        store.close()

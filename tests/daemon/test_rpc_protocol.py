@@ -90,6 +90,19 @@ def test_invalid_params_name_the_field(conn):
 def test_positional_params(conn):
     assert conn.call("unlock", [PASSPHRASE])["locked"] is False
     assert conn.call("events.list", [0, 1])["events"][0]["type"] == "daemon.unlocked"
+    # the order before groups was kept, `group` added last (review of issue 17, L10)
+    with pytest.raises(RpcCallError) as err:
+        conn.call("conversations.set_timer", ["nobody", 3600])
+    assert err.value.code == 1020  # bound as (contact, seconds): no such contact
+    with pytest.raises(RpcCallError) as err:
+        conn.call("conversations.set_timer", ["nobody"])
+    assert err.value.code == -32602 and err.value.data["field"] == "seconds"  # still required
+    with pytest.raises(RpcCallError) as err:
+        conn.call("messages.reply", ["nobody", "ab" * 16])
+    assert err.value.code == -32602 and err.value.data["field"] == "text"
+    with pytest.raises(RpcCallError) as err:
+        conn.call("messages.reply", ["nobody", "ab" * 16, "hello"])
+    assert err.value.code == 1020
 
 
 def test_notifications_get_no_response(conn):

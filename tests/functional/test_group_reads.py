@@ -79,7 +79,7 @@ def test_read_receipts_go_to_the_author_and_ids_are_per_author(
     assert "hello  [delivered to 2 of 2, read by 1 of 2]" in shown
     delivery = message(bob, "hello")["delivery"]  # type: ignore[index]
     assert delivery["members"] == {"alice": "read", "carol": "delivered"}
-    assert any(e["data"] == {"message_id": hello, "status": "read"}
+    assert any(e["data"] == {"group": gb, "message_id": hello, "status": "read"}
                for e in bob.events(types=["group.receipt"]))  # fmt: skip
 
     # carol reads with read receipts off: marked, nothing sent. Then, receipts on again, a
