@@ -63,6 +63,10 @@ E_NO_SUCH_DEVICE = 1095
 SETTING_SELF = "devices.self"  # this device's ID, hex
 SETTING_LIST = "devices.list"  # the device list held, hex of its bytes (docs/devices.md §3.1)
 SETTING_KEY = "devices.key"  # this device's own Ed25519 key, raw private, hex (never sent)
+#: The link's own mailbox (E's link mailbox, N's reply mailbox) while a link runs, so that one
+#: a restart orphaned is deleted at the relay on the next connection (not left to its TTL, a
+#: link that waits for nobody). Its owner key only; the link secret is never stored.
+SETTING_LINK_MB = "devices.link_mailbox"
 POLL = 0.25  # seconds between two FETCHes of a link's mailbox
 TTL_MIN = 10
 #: Settings the new device does not take: the network is the machine's own choice.
@@ -227,6 +231,7 @@ class Devices:
             made = await client.create(key, box_public(box_secret))
             mb = OwnedMailbox(url, sign_seed, box_secret, made.owner_id, made.deposit_id,
                               made.relay_box_pub, token)  # fmt: skip
+            self.m.store.set_setting(SETTING_LINK_MB, mb.to_bytes().hex())
             await client.token_add(mb.owner_id, mb.signing_key, token)
         except RelayError:
             raise E.relay_unavailable() from None
@@ -246,10 +251,27 @@ class Devices:
 
     async def _end(self, client: RelayClient, mb: OwnedMailbox | None) -> None:
         if mb is not None:
+            gone = False
             with contextlib.suppress(RelayError, *UNAVAILABLE):
                 await client.delete(mb.owner_id, mb.signing_key)
+                gone = True
+            with contextlib.suppress(Exception):  # locked meanwhile: on_unlock retires it
+                self._retire_link_mailbox(None if gone else mb.to_bytes())
         with contextlib.suppress(Exception):
             await client.close()
+
+    def _retire_link_mailbox(self, descriptor: bytes | None) -> None:
+        """Forget the link's mailbox; one not deleted yet is deleted on a later connection."""
+        with self.m.store.transaction():
+            if descriptor is not None:
+                store_devices.retire_mailbox(self.m.store, descriptor)
+            self.m.store.set_setting(SETTING_LINK_MB, None)
+
+    async def on_unlock(self, store: object) -> None:
+        """A link mailbox a restart (or a lock) left behind: to delete at its relay."""
+        left = self.m.store.get_setting(SETTING_LINK_MB)
+        if left is not None:
+            self._retire_link_mailbox(bytes.fromhex(str(left)))
 
     async def cancel(self) -> dict[str, Any]:
         link = self._pending()
@@ -718,5 +740,4 @@ def register(registry: Registry, m: Messenger) -> Devices:
             raise InvalidParamsError("id", "must be a string")
         return await devices.remove(id)
 
-    m.ctx.on_lock.append(devices.on_lock)
     return devices

@@ -351,3 +351,57 @@ def test_one_link_at_a_time_and_a_failed_init_link_leaves_nothing(
     assert out.returncode == 1 and "not an AegisLink device link" in out.stderr
     assert "WARNING: --no-passphrase" in out.stderr
     assert not home.exists()
+
+
+def test_a_restart_voids_the_link_at_the_relay(peers: Callable[[str], Peer]) -> None:
+    """E restarts mid-link: the link's mailbox, left behind, is deleted at the relay on the
+    next connection, so a new device that tries the link is told at once (not left waiting
+    ten minutes for an E that forgot it)."""
+    alice, new = peers("alice"), peers("alice2")
+    alice.wait_connected()
+    link = alice.call("devices.link")["link"]
+    alice.kill()  # no clean end: the mailbox stays at the relay
+    alice.start()
+    alice.wait_connected()
+    assert alice.call("devices.status")["link"] is None
+    new.wait_connected()
+
+    def refused() -> bool:
+        try:
+            new.call("devices.join", {"link": link})
+        except RpcCallError as exc:
+            assert exc.code == 1091
+            return True
+        new.call("devices.cancel")
+        return False
+
+    new.wait_for(refused, "the left link mailbox deleted at the relay")
+
+
+def test_a_lock_ends_the_link(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    """A lock mid-link ends it (failed, said), and the slot is free after the unlock."""
+    home, secret = tmp_short / "locker", tmp_short / "pw"
+    secret.write_text("correct horse battery staple orbit\n")
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    made = aegis(home, "init", "--passphrase-file", str(secret), "--relay", url,
+                 "--kdf-memory-kib", "1024", "--kdf-time-cost", "1", "--kdf-parallelism", "1")
+    assert made.returncode == 0, made.stderr
+    alice = Peer.__new__(Peer)  # a Peer with a passphrase (the fixture's have none)
+    alice.home, alice.name, alice.proc = home, "locker", None
+    alice.start()
+    try:
+        alice.call("unlock", {"passphrase": "correct horse battery staple orbit"})
+        alice.wait_connected()
+        new = peers("alice2")
+        start_link(alice, new)
+        wait_state(alice, "code")
+        alice.call("lock")
+        alice.call("unlock", {"passphrase": "correct horse battery staple orbit"})
+        assert state(alice)["state"] == "failed"
+        assert state(alice)["reason"] == "the profile was locked"
+        alice.wait_connected()
+        assert alice.call("devices.link")["link"].startswith("aegis:")
+    finally:
+        alice.stop()
