@@ -67,6 +67,9 @@ SETTING_KEY = "devices.key"  # this device's own Ed25519 key, raw private, hex (
 #: a restart orphaned is deleted at the relay on the next connection (not left to its TTL, a
 #: link that waits for nobody). Its owner key only; the link secret is never stored.
 SETTING_LINK_MB = "devices.link_mailbox"
+#: How many devices may be linked to the first one (settings.set max_linked_devices, 1 to 5);
+#: the protocol's bound is MAX_DEVICES in all.
+SETTING_MAX_LINKED = "devices.max_linked"
 POLL = 0.25  # seconds between two FETCHes of a link's mailbox
 TTL_MIN = 10
 #: Settings the new device does not take: the network is the machine's own choice.
@@ -341,6 +344,16 @@ class Devices:
 
     # --- E: the device in use -------------------------------------------------------------
 
+    def _limit(self) -> int:
+        linked = self.m.store.get_setting(SETTING_MAX_LINKED)
+        return dv.MAX_DEVICES if linked is None else min(dv.MAX_DEVICES, 1 + int(linked))
+
+    def _check_room(self, current: dv.DeviceList) -> None:
+        limit = self._limit()
+        if len(current.devices) >= limit:
+            raise AppError(E_TOO_MANY_DEVICES, "too_many_devices", f"this profile has {limit} "
+                           "devices already (settings max_linked_devices)")  # fmt: skip
+
     def _reserve(self, role: str, expires: int) -> _Link:
         """The one link slot, taken before the first await (two calls at once: one is busy)."""
         if self._pending() is not None:
@@ -358,12 +371,7 @@ class Devices:
         link = self._reserve("offer", _now() + expires_in)
         try:
             current = await self.own_list()
-            if len(current.devices) >= dv.MAX_DEVICES:
-                raise AppError(
-                    E_TOO_MANY_DEVICES,
-                    "too_many_devices",
-                    f"this profile has {dv.MAX_DEVICES} devices already",
-                )
+            self._check_room(current)
             url = self.m.mailboxes.relay_url()
             client = await self._client(url)
             try:
@@ -428,6 +436,7 @@ class Devices:
         offer.confirm(_now())
         async with self.m.lock:
             current = await self._current_locked()
+            self._check_room(current)  # the identity key is never sent for nothing
             profile = self._profile(current)
         for block in offer.profile_blocks(self.m.entropy, profile, _now()):
             await client.deposit(reply.deposit_id, block, reply.send_token)

@@ -124,6 +124,12 @@ def test_link_installs_the_identity_contacts_and_settings(peers: Callable[[str],
     assert not contacts[0]["established"]
     assert error_of(new, "messages.send", {"contact": "bob", "text": "x"}).code == 1024
 
+    # The setting max_linked_devices (1 to 5) bounds the list below the protocol's 6.
+    assert error_of(alice, "settings.set", {"max_linked_devices": 6}).code == -32602
+    assert alice.call("settings.set", {"max_linked_devices": 1})["max_linked_devices"] == 1
+    assert error_of(alice, "devices.link", {}).code == 1093
+    alice.call("settings.set", {"max_linked_devices": 5})
+
     # A link works once: its mailbox is gone at the relay.
     third = peers("alice3")
     third.wait_connected()
