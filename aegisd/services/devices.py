@@ -681,8 +681,8 @@ class Devices:
                 _, address = await m.mailboxes.create("address", public=True, made=made)
                 await m.address.publish_bundle(address, fresh=True)
             except (AppError, RelayError, RelayUnavailable, *UNAVAILABLE):
-                warning = ("installed, but the address could not be made or published yet: "
-                           "aegis address makes it again")  # fmt: skip
+                warning = ("installed, but the address could not be made or its bundle "
+                           "published yet: the daemon tries again on its next connection")
         with contextlib.suppress(AppError, RelayUnavailable, *UNAVAILABLE):
             await m.ctx.reconfigure()
         return len(contents.contacts), warning

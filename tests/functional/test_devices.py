@@ -411,3 +411,32 @@ def test_a_lock_ends_the_link(
         assert alice.call("devices.link")["link"].startswith("aegis:")
     finally:
         alice.stop()
+
+
+def test_a_failure_after_the_install_ends_done_with_a_warning(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    """The new device's own relay refuses its bundle (one prekey item per kind): the profile
+    is installed all the same, so the link ends done, with a warning, not failed."""
+    sub = tmp_short / "relayb"
+    sub.mkdir()
+    relay_b = RelayProcess(sub, {"--bundle-items-per-kind": "1"})
+    relay_b.start()
+    new: Peer | None = None
+    try:
+        alice = peers("alice")
+        alice.wait_connected()
+        new = Peer(tmp_short / "nb", f"ws://127.0.0.1:{relay_b.port}/v1/ws", "nb")
+        new.wait_connected()
+        link = alice.call("devices.link")["link"]
+        new.call("devices.join", {"link": link})
+        confirm_both(alice, new)
+        wait_state(alice, "done")
+        done = wait_state(new, "done")
+        assert done["reason"] and "address" in done["reason"]
+        assert new.call("identity.get")["display_name"] == "alice"
+        assert error_of(new, "devices.cancel", {}).code == 1092
+    finally:
+        if new is not None:
+            new.stop()
+        relay_b.close()
