@@ -1,11 +1,12 @@
 """``aegis device link|list|remove`` and the new device's side of ``aegis init --link``
 (docs/api.md, "Devices"). Thin: JSON-RPC only; the link runs in the daemon, this follows it
-with ``devices.status`` and asks the user to compare the codes."""
+with ``devices.status``: the new device shows the code, the existing device's user types it."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +23,24 @@ if TYPE_CHECKING:
 
 POLL = 0.3
 ENDED = ("done", "declined", "expired", "failed")
+GIVES_KEY = (
+    "Typing the code gives the new device this profile's identity key: it can then read and "
+    "write as you. Type it only if you started this link on a device of your own."
+)
+
+
+def read_link(value: str | None) -> str:
+    """LINK from standard input (``-``, or none given and no terminal) or a prompt that does
+    not echo: a link in argv would be visible to every user of the machine (ps)."""
+    if value is not None and value != "-":
+        return value
+    if value == "-" or not sys.stdin.isatty():
+        text = sys.stdin.readline().strip()
+    else:
+        text = str(click.prompt("Device link", hide_input=True, err=True)).strip()
+    if not text:
+        raise Fail("no device link given")
+    return text
 
 
 def _status(ctx: Ctx) -> dict[str, Any]:
@@ -52,27 +71,98 @@ def follow(ctx: Ctx, yes: bool) -> dict[str, Any]:
 
 def _follow(ctx: Ctx, yes: bool) -> dict[str, Any]:
     link = _wait(ctx, ("code",))
-    if link["state"] == "code":
+    if link["state"] == "code" and link["role"] == "offer":
+        # The existing device sends the identity key on its user's word alone: that word is
+        # the code the new device shows, typed (no --yes: docs/devices.md §4.5).
+        click.echo(GIVES_KEY, err=True)
+        typed = str(click.prompt("Code the new device shows (empty: refuse)", default="",
+                                 show_default=False, err=True)).strip()  # fmt: skip
+        if not typed:
+            ctx.call("devices.confirm", {"accept": False})
+            raise Fail("refused: the link was ended, nothing was sent")
+        link = ctx.call("devices.confirm", {"code": typed})
+        if link["state"] == "declined":
+            raise Fail("that is not the code the new device shows: the link was ended, "
+                       "nothing was sent")  # fmt: skip
+        link = _wait(ctx, ())
+    elif link["state"] == "code":
         code = str(link["code"])
-        click.echo(f"Confirmation code: {code}", err=True)
+        click.echo(f"Confirmation code: {code}  (type it on the existing device)", err=True)
         ok = yes or click.confirm(
-            "Does the other device show the same code?", default=False, err=True
-        )
+            "Take the profile from the existing device once its user typed this code?",
+            default=True, err=True,
+        )  # fmt: skip
         ctx.call("devices.confirm", {"accept": ok})
         if not ok:
-            raise Fail("the codes differ: the link was ended, nothing was sent")
+            raise Fail("declined: the link was ended, nothing was installed")
         link = _wait(ctx, ())
     if link["state"] != "done":
         raise Fail(f"the link did not complete ({link['state']}"
                    + (f": {link['reason']}" if link.get("reason") else "") + ")")  # fmt: skip
+    if link.get("reason"):  # done, with a warning (installed; what followed failed)
+        click.echo(f"NOTE: {link['reason']}", err=True)
     return link
 
 
 def join_new_device(
     ctx: Ctx, link_text: str, passphrase: str | None, yes: bool,
-    started: Callable[[], bool],
+    started: Callable[[], bool], before: set[str] | None,
 ) -> None:  # fmt: skip
-    """``aegis init --link``: start the new profile's daemon, join, confirm, wait."""
+    """``aegis init --link``: start the new profile's daemon, join, confirm, wait. A failure
+    before the profile was installed stops that daemon and deletes what this command made in
+    the home (``before``: the names it held before, None if it made the home): the throwaway
+    profile would only refuse the next try (not fresh, or "a profile already exists")."""
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        proc = _join_new_device(ctx, link_text, passphrase, yes, started)
+    except BaseException:
+        if not _installed(ctx):
+            _undo(ctx, proc, started, before)
+        raise
+
+
+def _installed(ctx: Ctx) -> bool:
+    with contextlib.suppress(Exception):
+        link = ctx.call("devices.status")["link"]
+        return link is not None and link["state"] in ("installing", "done")
+    return False  # no daemon answers: nothing was installed by it
+
+
+def _undo(
+    ctx: Ctx, proc: subprocess.Popen[bytes] | None, started: Callable[[], bool],
+    before: set[str] | None,
+) -> None:  # fmt: skip
+    with contextlib.suppress(Exception):
+        ctx.call("daemon.stop")
+    if proc is not None:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    elif started():
+        click.echo(f"The daemon of {ctx.paths.home} still runs: aegis stop, then remove it.",
+                   err=True)  # fmt: skip
+        return
+    home = ctx.paths.home
+    if before is None:
+        shutil.rmtree(home, ignore_errors=True)
+    else:
+        for name in set(os.listdir(home)) - before:
+            path = home / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+    click.echo(f"Nothing was linked: the profile this command created in {home} was removed.",
+               err=True)  # fmt: skip
+
+
+def _join_new_device(
+    ctx: Ctx, link_text: str, passphrase: str | None, yes: bool,
+    started: Callable[[], bool],
+) -> subprocess.Popen[bytes]:  # fmt: skip
     argv = ctx.aegisd_argv("run")
     fd = os.open(ctx.paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "ab") as log:
@@ -100,6 +190,7 @@ def join_new_device(
     ctx.out({"link": done, "devices": listed},
             f"Linked: this device is one of {len(listed['devices'])} devices of the profile. "
             f"The daemon runs (pid {proc.pid}).")  # fmt: skip
+    return proc
 
 
 def register(main: ModuleType) -> None:
@@ -123,11 +214,11 @@ def register(main: ModuleType) -> None:
         metavar="SECONDS",
         help="The link is void after this many seconds.",
     )
-    @click.option("--yes", is_flag=True, help="Confirm the code without asking.")
     @click.option("--cancel", is_flag=True, help="End the link under way instead.")
-    def link(ctx: Ctx, qr: bool, expires: int, yes: bool, cancel: bool) -> None:
-        """Print a one-time link for `aegis init --link LINK` on the new machine, wait for it,
-        show the confirmation code and send the profile once you confirm it."""
+    def link(ctx: Ctx, qr: bool, expires: int, cancel: bool) -> None:
+        """Print a one-time link for `aegis init --link -` on the new machine, wait for it,
+        and send the profile once you typed the code the new device shows (there is no
+        --yes: typing that code is what gives the new device the identity key)."""
         if cancel:
             ctx.out(ctx.call("devices.cancel"), "The device link was ended.")
             return
@@ -136,21 +227,22 @@ def register(main: ModuleType) -> None:
         if qr:
             click.echo(main._qr_text(text), nl=False, err=ctx.as_json)
         click.echo(text, err=ctx.as_json)
-        click.echo("On the new machine run: aegis init --link LINK --relay URL "
-                   "(the link is a secret; it works once)", err=True)  # fmt: skip
+        click.echo("On the new machine run: aegis init --link - --relay URL and paste the link "
+                   "(it is a secret; it works once)", err=True)  # fmt: skip
         sys.stderr.flush()
-        done = follow(ctx, yes)
+        done = follow(ctx, False)
         ctx.out(done, "The new device is linked.")
 
     @device.command("join", short_help="Join a profile as a new device (a fresh profile).")
     @common
-    @click.argument("link_text", metavar="LINK")
-    @click.option("--yes", is_flag=True, help="Confirm the code without asking.")
-    def join(ctx: Ctx, link_text: str, yes: bool) -> None:
+    @click.argument("link_text", metavar="[LINK]", required=False)
+    @click.option("--yes", is_flag=True, help="Take the profile without asking.")
+    def join(ctx: Ctx, link_text: str | None, yes: bool) -> None:
         """What `aegis init --link` does once the profile exists and its daemon runs: join
-        the profile the LINK came from, show the code, and install the profile once you
-        confirm it. Only into a fresh profile (no contacts, messages or groups)."""
-        ctx.call("devices.join", {"link": link_text})
+        the profile the LINK came from, show the code to type on the existing device, and
+        install the profile. Only into a fresh profile (no contacts, messages or groups).
+        LINK `-` or none: read from standard input (or asked without echo), out of argv."""
+        ctx.call("devices.join", {"link": read_link(link_text)})
         click.echo("Joining: the existing device shows a code once this request reaches it.",
                    err=True)  # fmt: skip
         done = follow(ctx, yes)

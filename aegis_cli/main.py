@@ -311,9 +311,10 @@ def cli(home: str | None, as_json: bool) -> None:
     "--link",
     "link_text",
     metavar="LINK",
-    help="Join a profile as a new device: the link `aegis device link` printed (needs --relay).",
+    help="Join a profile as a new device: the link `aegis device link` printed (needs --relay); "
+    "`-` reads it from standard input (a link in argv is visible to the machine's users).",
 )
-@click.option("--yes", is_flag=True, help="With --link: confirm the code without asking.")
+@click.option("--yes", is_flag=True, help="With --link: take the profile without asking.")
 @click.option("--kdf-memory-kib", type=int, hidden=True)
 @click.option("--kdf-time-cost", type=int, hidden=True)
 @click.option("--kdf-parallelism", type=int, hidden=True)
@@ -365,6 +366,15 @@ def init(
     argv = ctx.aegisd_argv("init")
     stdin = None
     pw = None
+    if link_text is not None:
+        from .devices import read_link
+
+        link_text = read_link(link_text)
+        if no_passphrase:
+            click.echo("WARNING: --no-passphrase: this machine will keep the profile's identity "
+                       "keys with no passphrase; anyone who reads its disk holds them.",
+                       err=True)  # fmt: skip
+    home_before = set(os.listdir(ctx.paths.home)) if ctx.paths.home.is_dir() else None
     if no_passphrase:
         argv.append("--no-passphrase")
     else:
@@ -405,7 +415,7 @@ def init(
         from .devices import join_new_device
 
         click.echo(f"Created a profile in {ctx.paths.home}; starting its daemon.", err=True)
-        join_new_device(ctx, link_text, pw, yes, lambda: _answers(ctx.paths))
+        join_new_device(ctx, link_text, pw, yes, lambda: _answers(ctx.paths), home_before)
         return
     ctx.out(
         {"home": str(ctx.paths.home), "has_passphrase": not no_passphrase},

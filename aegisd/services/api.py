@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from aegisd.core.devices import MAX_DEVICES
 from aegisd.netmode import SETTING_ISOLATION, SETTING_MODE, SETTING_PROXY, SETTING_TOR_PATH
 from aegisd.rpc import REQUIRED, AppError, CallContext, InvalidParamsError, Registry
 from aegisd.rpc.methods import Handler
@@ -21,6 +22,7 @@ from .delivery import (
     SETTING_RECEIPT_DELAY,
     SETTING_SEND_JITTER,
 )
+from .devices import SETTING_MAX_LINKED
 from .disappearing import SETTING_DEFAULT as SETTING_DISAPPEARING
 from .disappearing import check_seconds as check_timer
 from .disappearing_api import one_conversation
@@ -259,6 +261,9 @@ def register(registry: Registry, m: Messenger) -> None:
                 proxy=store.get_setting(SETTING_PROXY),
                 isolation=m.network().isolation,
             )
+        linked = store.get_setting(SETTING_MAX_LINKED)
+        if linked is not None:  # shown once set, as the network settings above
+            result["max_linked_devices"] = int(linked)
         return result
 
     @method("settings.set")
@@ -271,8 +276,16 @@ def register(registry: Registry, m: Messenger) -> None:
         proxy: str | None = None,
         isolation: bool | None = None,
         disappearing_default: int | None = None,
+        max_linked_devices: int | None = None,
     ) -> dict[str, Any]:
         store = m.store
+        if max_linked_devices is not None and (
+            type(max_linked_devices) is not int
+            or not 1 <= max_linked_devices <= MAX_DEVICES - 1
+        ):
+            raise InvalidParamsError("max_linked_devices", f"must be 1 to {MAX_DEVICES - 1}")
+        if max_linked_devices is not None:
+            store.set_setting(SETTING_MAX_LINKED, max_linked_devices)
         if disappearing_default is not None:
             check_timer("disappearing_default", disappearing_default)
         if proxy is not None and proxy != "":

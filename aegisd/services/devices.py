@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import time
@@ -62,6 +63,13 @@ E_NO_SUCH_DEVICE = 1095
 SETTING_SELF = "devices.self"  # this device's ID, hex
 SETTING_LIST = "devices.list"  # the device list held, hex of its bytes (docs/devices.md §3.1)
 SETTING_KEY = "devices.key"  # this device's own Ed25519 key, raw private, hex (never sent)
+#: The link's own mailbox (E's link mailbox, N's reply mailbox) while a link runs, so that one
+#: a restart orphaned is deleted at the relay on the next connection (not left to its TTL, a
+#: link that waits for nobody). Its owner key only; the link secret is never stored.
+SETTING_LINK_MB = "devices.link_mailbox"
+#: How many devices may be linked to the first one (settings.set max_linked_devices, 1 to 5);
+#: the protocol's bound is MAX_DEVICES in all.
+SETTING_MAX_LINKED = "devices.max_linked"
 POLL = 0.25  # seconds between two FETCHes of a link's mailbox
 TTL_MIN = 10
 #: Settings the new device does not take: the network is the machine's own choice.
@@ -82,14 +90,16 @@ class _Link:
 
     role: str  # "offer" (E) or "join" (N)
     expires: int
-    state: str = "waiting"  # waiting, code, confirmed, done, declined, expired, failed
-    code: str | None = None
+    # waiting, code, confirmed, installing (N), done, declined, expired, failed
+    state: str = "waiting"
+    code: str | None = None  # on E never shown: its user types the code N shows
     reason: str | None = None
     confirmed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
     def view(self) -> dict[str, Any]:
-        return {"role": self.role, "state": self.state, "code": self.code,
+        code = self.code if self.role == "join" else None
+        return {"role": self.role, "state": self.state, "code": code,
                 "expires": self.expires, "reason": self.reason}  # fmt: skip
 
 
@@ -188,6 +198,8 @@ class Devices:
 
     def _pending(self) -> _Link | None:
         link = self.link
+        if link is not None and link.state == "installing":
+            return link  # past every deadline's reach: it ends done
         if link is not None and link.state in ("waiting", "code", "confirmed"):
             # N takes E's final block for FINAL_GRACE more (docs/devices.md §4.3).
             if _now() >= link.expires + (dv.FINAL_GRACE if link.role == "join" else 0):
@@ -197,7 +209,10 @@ class Devices:
         return None
 
     def _emit(self, link: _Link) -> None:
-        self.m.ctx.events.emit("devices.link", link.view())
+        # Live: a link's state and code never reach the disk (docs/api.md, "Live events").
+        # While locked there is nobody to tell (on_lock ends the link first).
+        with contextlib.suppress(RuntimeError):
+            self.m.ctx.events.emit_live("devices.link", link.view())
 
     def _set(self, link: _Link, state: str, reason: str | None = None) -> None:
         link.state, link.reason = state, reason
@@ -219,6 +234,7 @@ class Devices:
             made = await client.create(key, box_public(box_secret))
             mb = OwnedMailbox(url, sign_seed, box_secret, made.owner_id, made.deposit_id,
                               made.relay_box_pub, token)  # fmt: skip
+            self.m.store.set_setting(SETTING_LINK_MB, mb.to_bytes().hex())
             await client.token_add(mb.owner_id, mb.signing_key, token)
         except RelayError:
             raise E.relay_unavailable() from None
@@ -238,32 +254,89 @@ class Devices:
 
     async def _end(self, client: RelayClient, mb: OwnedMailbox | None) -> None:
         if mb is not None:
+            gone = False
             with contextlib.suppress(RelayError, *UNAVAILABLE):
                 await client.delete(mb.owner_id, mb.signing_key)
+                gone = True
+            with contextlib.suppress(Exception):  # locked meanwhile: on_unlock retires it
+                self._retire_link_mailbox(None if gone else mb.to_bytes())
         with contextlib.suppress(Exception):
             await client.close()
+
+    def _retire_link_mailbox(self, descriptor: bytes | None) -> None:
+        """Forget the link's mailbox; one not deleted yet is deleted on a later connection."""
+        with self.m.store.transaction():
+            if descriptor is not None:
+                store_devices.retire_mailbox(self.m.store, descriptor)
+            self.m.store.set_setting(SETTING_LINK_MB, None)
+
+    async def on_unlock(self, store: object) -> None:
+        """A link mailbox a restart (or a lock) left behind: to delete at its relay."""
+        left = self.m.store.get_setting(SETTING_LINK_MB)
+        if left is not None:
+            self._retire_link_mailbox(bytes.fromhex(str(left)))
 
     async def cancel(self) -> dict[str, Any]:
         link = self._pending()
         if link is None:
             raise AppError(E_LINK_STATE, "no_link", "no device link is under way")
-        if link.task is not None:
-            link.task.cancel()
-        self._set(link, "declined", "cancelled")
+        if link.state == "installing":
+            raise AppError(E_LINK_STATE, "installing", "the profile is being installed: the "
+                           "link can no longer be cancelled")  # fmt: skip
+        self._decline(link, "cancelled")
         return link.view()
 
-    async def confirm(self, accept: bool) -> dict[str, Any]:
+    def _decline(self, link: _Link, reason: str) -> None:
+        if link.task is not None:
+            link.task.cancel()
+        self._set(link, "declined", reason)
+
+    async def confirm(self, accept: bool | None, code: str | None) -> dict[str, Any]:
         link = self._pending()
         if link is None or link.state != "code":
             raise AppError(E_LINK_STATE, "no_code", "no confirmation code is shown now")
-        if not accept:
-            if link.task is not None:
-                link.task.cancel()
-            self._set(link, "declined", "the codes differ")
+        if accept is False:
+            self._decline(link, "the codes differ")
             return link.view()
+        if code is None and link.role == "offer":
+            # E's confirmation alone sends the identity key: its user types the code N shows,
+            # which a holder of the link playing N cannot make E show (docs/devices.md §4.5).
+            raise InvalidParamsError("code", "on the device in use, type the code the new "
+                                     "device shows")  # fmt: skip
+        if code is not None:
+            assert link.code is not None
+            typed = "".join(ch for ch in code if ch.isdigit())[: 2 * dv.CODE_DIGITS]
+            wanted = link.code.replace(" ", "")
+            if not hmac.compare_digest(typed.encode(), wanted.encode()):
+                self._decline(link, "the code typed differs: the link was ended")
+                return link.view()
+        elif accept is not True:
+            raise InvalidParamsError("accept", "must be true or false (or give code)")
         self._set(link, "confirmed")
         link.confirmed.set()
         return link.view()
+
+    async def _await_user(self, link: _Link, client: RelayClient, mb: OwnedMailbox) -> None:
+        """Wait for this side's user, FETCHing the link's mailbox as every other step does: a
+        relay closes a connection with no subscription after its idle timeout without a frame
+        (pings do not count), and the pattern stays the one of the whole link. Nothing is due
+        meanwhile; what comes is left queued (not acknowledged) for the next step."""
+        while not link.confirmed.is_set():
+            await client.fetch(mb.owner_id, mb.signing_key)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(link.confirmed.wait(), POLL)
+
+    async def on_lock(self, store: object) -> None:
+        """A lock ends a link under way (its state is in memory; the store closes); an install
+        under way finishes first (it holds the messenger's lock the lock waits for anyway)."""
+        link = self.link
+        if link is None or link.task is None or link.task.done():
+            return
+        if link.state != "installing":
+            self._set(link, "failed", "the profile was locked")
+            link.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await link.task
 
     def status(self) -> dict[str, Any]:
         self._pending()  # marks an expired one
@@ -271,26 +344,46 @@ class Devices:
 
     # --- E: the device in use -------------------------------------------------------------
 
-    async def offer(self, expires_in: int) -> dict[str, Any]:
+    def _limit(self) -> int:
+        linked = self.m.store.get_setting(SETTING_MAX_LINKED)
+        return dv.MAX_DEVICES if linked is None else min(dv.MAX_DEVICES, 1 + int(linked))
+
+    def _check_room(self, current: dv.DeviceList) -> None:
+        limit = self._limit()
+        if len(current.devices) >= limit:
+            raise AppError(E_TOO_MANY_DEVICES, "too_many_devices", f"this profile has {limit} "
+                           "devices already (settings max_linked_devices)")  # fmt: skip
+
+    def _reserve(self, role: str, expires: int) -> _Link:
+        """The one link slot, taken before the first await (two calls at once: one is busy)."""
         if self._pending() is not None:
             raise AppError(E_LINK_STATE, "busy", "a device link is under way: cancel it first")
-        current = await self.own_list()
-        if len(current.devices) >= dv.MAX_DEVICES:
-            raise AppError(
-                E_TOO_MANY_DEVICES,
-                "too_many_devices",
-                f"this profile has {dv.MAX_DEVICES} devices already",
-            )
-        url = self.m.mailboxes.relay_url()
-        client = await self._client(url)
+        link = _Link(role, expires)
+        self.link = link
+        return link
+
+    def _release(self, link: _Link) -> None:
+        """A link that failed before it started: the slot is free again, no state is kept."""
+        if self.link is link:
+            self.link = None
+
+    async def offer(self, expires_in: int) -> dict[str, Any]:
+        link = self._reserve("offer", _now() + expires_in)
         try:
-            mb = await self._make_mailbox(client, url)
+            current = await self.own_list()
+            self._check_room(current)
+            url = self.m.mailboxes.relay_url()
+            client = await self._client(url)
+            try:
+                mb = await self._make_mailbox(client, url)
+            except BaseException:
+                await self._end(client, None)
+                raise
         except BaseException:
-            await self._end(client, None)
+            self._release(link)
             raise
         offer = dv.LinkOffer.create(self.m.entropy, mb.address(), _now(), expires_in)
-        link = _Link("offer", offer.link.expires)
-        self.link = link
+        link.expires = offer.link.expires
         link.task = asyncio.create_task(self._run_offer(link, offer, client, mb))
         return {"link": offer.link.to_text(), "expires": offer.link.expires}
 
@@ -304,9 +397,9 @@ class Devices:
             self._set(link, "expired", "the link's ten minutes are over")
         except asyncio.CancelledError:
             pass
-        except (AppError, RelayError, *UNAVAILABLE) as exc:
+        except (AppError, RelayError, *UNAVAILABLE, dv.DeviceError) as exc:
             self._set(link, "failed", _reason(exc))
-        except Exception as exc:  # the profile locked meanwhile, a bug: the link ends, said
+        except Exception as exc:  # a bug: the link ends, said
             log.warning("a device link ended on an unexpected %s", type(exc).__name__)
             self._set(link, "failed", "internal error (see the daemon's log)")
         finally:
@@ -339,27 +432,29 @@ class Devices:
             else:
                 await asyncio.sleep(POLL)
         self._set(link, "code")
-        await link.confirmed.wait()
+        await self._await_user(link, client, mb)
         offer.confirm(_now())
         async with self.m.lock:
             current = await self._current_locked()
+            self._check_room(current)  # the identity key is never sent for nothing
             profile = self._profile(current)
         for block in offer.profile_blocks(self.m.entropy, profile, _now()):
             await client.deposit(reply.deposit_id, block, reply.send_token)
         while not offer.finished:
             for block in await self._blocks(client, mb):
-                try:
-                    async with self.m.lock:
+                async with self.m.lock:
+                    try:
                         # The list held NOW (it may have changed since the profile left).
                         new, final = offer.receive_done(
                             self.m.entropy, self.m.identity(), await self._current_locked(),
                             block, _now(),
                         )  # fmt: skip
-                        if new is not None:
-                            self._store_list(new)
-                except (DecryptionError, dv.LinkUsed):
-                    continue
-                await client.deposit(reply.deposit_id, final, reply.send_token)
+                    except (DecryptionError, dv.LinkUsed):
+                        continue
+                    # Listed only once N can have it: a failed deposit lists nothing.
+                    await client.deposit(reply.deposit_id, final, reply.send_token)
+                    if new is not None:
+                        self._store_list(new)
                 if new is None:
                     raise AppError(
                         E_TOO_MANY_DEVICES, "too_many_devices",
@@ -416,29 +511,31 @@ class Devices:
             raise AppError(E_DEVICE_LINK, "bad_link", "not an AegisLink device link") from None
         if _now() >= device_link.expires:
             raise AppError(E_LINK_EXPIRED, "expired", "the device link has expired")
-        if self._pending() is not None:
-            raise AppError(E_LINK_STATE, "busy", "a device link is under way: cancel it first")
         self._check_fresh()
         url = device_link.mailbox.relay_url
         own = self.m.store.get_setting(SETTING_URL)
         if not (same_relay(url, own) or self.m.mailboxes.peer_url_ok(url)):
             raise AppError(E_DEVICE_LINK, "bad_link", "the link's relay breaks the policy for "
                            "relay URLs from others")  # fmt: skip
-        client = await self._client(url)
+        link = self._reserve("join", device_link.expires)
         try:
-            mb = await self._make_mailbox(client, url)
-            join, block = dv.LinkJoin.start(self.m.entropy, device_link, mb.address(), _now())
+            client = await self._client(url)
             try:
-                await client.deposit(device_link.mailbox.deposit_id, block,
-                                     device_link.mailbox.send_token)  # fmt: skip
-            except RelayError:
-                raise AppError(E_LINK_EXPIRED, "gone", "the device link was used already or "
-                               "has expired") from None  # fmt: skip
+                mb = await self._make_mailbox(client, url)
+                join, block = dv.LinkJoin.start(self.m.entropy, device_link, mb.address(),
+                                                _now())  # fmt: skip
+                try:
+                    await client.deposit(device_link.mailbox.deposit_id, block,
+                                         device_link.mailbox.send_token)  # fmt: skip
+                except RelayError:
+                    raise AppError(E_LINK_EXPIRED, "gone", "the device link was used already "
+                                   "or has expired") from None  # fmt: skip
+            except BaseException:
+                await self._end(client, locals().get("mb"))
+                raise
         except BaseException:
-            await self._end(client, locals().get("mb"))
+            self._release(link)
             raise
-        link = _Link("join", device_link.expires)
-        self.link = link
         link.task = asyncio.create_task(self._run_join(link, join, client, mb))
         return link.view()
 
@@ -446,23 +543,48 @@ class Devices:
         self, link: _Link, join: dv.LinkJoin, client: RelayClient, mb: OwnedMailbox
     ) -> None:
         try:
-            await asyncio.wait_for(self._join_steps(link, join, client, mb),
-                                   max(0, link.expires + dv.FINAL_GRACE - _now()))  # fmt: skip
+            try:
+                got = await asyncio.wait_for(self._join_steps(link, join, client, mb),
+                                             max(0, link.expires + dv.FINAL_GRACE - _now()))
+            finally:
+                await self._end(client, mb)
         except TimeoutError:
             self._set(link, "expired", "the link's ten minutes are over")
+            return
         except asyncio.CancelledError:
-            pass
-        except (AppError, RelayError, *UNAVAILABLE) as exc:
+            return
+        except (AppError, RelayError, *UNAVAILABLE, dv.DeviceError) as exc:
             self._set(link, "failed", _reason(exc))
-        except Exception as exc:  # the profile locked meanwhile, a bug: the link ends, said
+            return
+        except Exception as exc:  # a bug: the link ends, said
             log.warning("a device link ended on an unexpected %s", type(exc).__name__)
             self._set(link, "failed", "internal error (see the daemon's log)")
-        finally:
-            await self._end(client, mb)
+            return
+        # E listed this device: from here the link ends done (no cancel, no deadline; shielded
+        # from this task's cancellation), with a warning if what follows the install fails.
+        self._set(link, "installing")
+        profile, new, made = got
+        install = asyncio.ensure_future(self._install(profile, new, made))
+        try:
+            contacts, warning = await asyncio.shield(install)
+        except asyncio.CancelledError:
+            contacts, warning = await install
+        except AppError as exc:  # refused before anything was written (malformed, not fresh)
+            self.m._spawn(self.m.mailboxes.delete_at_relay(made))
+            self._set(link, "failed", _reason(exc))
+            return
+        except Exception as exc:
+            log.warning("a device link's install ended on an unexpected %s", type(exc).__name__)
+            self._set(link, "failed", "internal error (see the daemon's log)")
+            return
+        self._set(link, "done", warning)
+        with contextlib.suppress(RuntimeError):
+            self.m.ctx.events.emit("devices.joined", {"contacts": contacts,
+                                                      "devices": len(new.devices)})  # fmt: skip
 
     async def _join_steps(
         self, link: _Link, join: dv.LinkJoin, client: RelayClient, mb: OwnedMailbox
-    ) -> None:
+    ) -> tuple[dv.LinkProfile, dv.DeviceList, OwnedMailbox]:
         target = join.link.mailbox
         while join.code is None:
             for block in await self._blocks(client, mb):
@@ -482,7 +604,7 @@ class Devices:
                     join.add_profile_block(block, _now())
             if join.profile is None:
                 await asyncio.sleep(POLL)
-        await link.confirmed.wait()
+        await self._await_user(link, client, mb)
         join.confirm(_now())
         # This device's own mailbox (its address, where its bundle goes once the identity is
         # installed), made now but stored only if E accepts this device.
@@ -507,15 +629,11 @@ class Devices:
                                "the existing device refused this device") from None  # fmt: skip
             raise
         _, new = final
-        contacts = await self._install(join.profile, new, made)
-        link.reason = None
-        self._set(link, "done")
-        self.m.ctx.events.emit("devices.joined", {"contacts": contacts,
-                                                  "devices": len(new.devices)})  # fmt: skip
+        return join.profile, new, made
 
     async def _install(
         self, profile: dv.LinkProfile, new: dv.DeviceList, made: OwnedMailbox
-    ) -> int:
+    ) -> tuple[int, str | None]:
         """The profile into this fresh store, as a backup import does (services/backup.py),
         but without history, mailboxes or renewals: every session is this device's own."""
         try:
@@ -556,11 +674,18 @@ class Devices:
                 self._store_list(new)
             m.prekeys = prekeys
             m.mailboxes.reload()
-            # The device mailbox the list names: this profile's address, with its bundle.
-            _, address = await m.mailboxes.create("address", public=True, made=made)
-            await m.address.publish_bundle(address, fresh=True)
-        await m.ctx.reconfigure()
-        return len(contents.contacts)
+            # The device mailbox the list names: this profile's address, with its bundle. The
+            # profile is installed already: a failure here is a warning, not a failed link.
+            warning = None
+            try:
+                _, address = await m.mailboxes.create("address", public=True, made=made)
+                await m.address.publish_bundle(address, fresh=True)
+            except (AppError, RelayError, RelayUnavailable, *UNAVAILABLE):
+                warning = ("installed, but the address could not be made or its bundle "
+                           "published yet: the daemon tries again on its next connection")
+        with contextlib.suppress(AppError, RelayUnavailable, *UNAVAILABLE):
+            await m.ctx.reconfigure()
+        return len(contents.contacts), warning
 
 
 def _ed_public(priv: bytes) -> bytes:
@@ -570,6 +695,12 @@ def _ed_public(priv: bytes) -> bytes:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, AppError):
         return exc.message
+    if isinstance(exc, dv.TooManyDevices):
+        return f"the profile has {dv.MAX_DEVICES} devices already"
+    if isinstance(exc, dv.LinkExpired):
+        return "the link's ten minutes are over"
+    if isinstance(exc, dv.DeviceError):
+        return "the other device's answer was refused"
     if isinstance(exc, RelayError):
         return f"the relay refused (error {exc.code})"
     return "the relay could not be reached"
@@ -595,10 +726,14 @@ def register(registry: Registry, m: Messenger) -> Devices:
         return devices.status()
 
     @registry.method("devices.confirm")
-    async def devices_confirm(ctx: CallContext, accept: bool) -> dict[str, Any]:
-        if not isinstance(accept, bool):
+    async def devices_confirm(
+        ctx: CallContext, accept: bool | None = None, code: str | None = None
+    ) -> dict[str, Any]:
+        if accept is not None and not isinstance(accept, bool):
             raise InvalidParamsError("accept", "must be true or false")
-        return await devices.confirm(accept)
+        if code is not None and (not isinstance(code, str) or len(code) > 32):
+            raise InvalidParamsError("code", "must be the code the new device shows")
+        return await devices.confirm(accept, code)
 
     @registry.method("devices.cancel")
     async def devices_cancel(ctx: CallContext) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,31 @@ def texts(peer: Peer, contact: str) -> list[tuple[str, str]]:
     return [(m["direction"], m["text"]) for m in msgs]
 
 
+def watch_blocks(relay: RelayProcess) -> Callable[[], int]:
+    """How many blocks the relay has queued since this call (a trigger on its store)."""
+    with sqlite3.connect(relay.data / "relay.sqlite3", timeout=10) as db:
+        db.executescript(
+            "CREATE TABLE IF NOT EXISTS seen (len INTEGER);"
+            "CREATE TRIGGER IF NOT EXISTS seen_t AFTER INSERT ON messages "
+            "BEGIN INSERT INTO seen VALUES (length(NEW.block)); END;"
+        )
+
+    def count() -> int:
+        with sqlite3.connect(relay.data / "relay.sqlite3", timeout=10) as db:
+            return int(db.execute("SELECT count(*) FROM seen").fetchone()[0])
+
+    return count
+
+
+def confirm_both(alice: Peer, new: Peer) -> str:
+    """N shows the code; E's user types it (E never shows it)."""
+    assert wait_state(alice, "code")["code"] is None
+    code: str = wait_state(new, "code")["code"]
+    assert alice.call("devices.confirm", {"code": code})["state"] == "confirmed"
+    new.call("devices.confirm", {"accept": True})
+    return code
+
+
 def start_link(alice: Peer, new: Peer, **params: Any) -> str:
     link: str = alice.call("devices.link", params)["link"]
     assert link.startswith("aegis:")
@@ -63,12 +89,16 @@ def test_link_installs_the_identity_contacts_and_settings(peers: Callable[[str],
 
     new = peers("alice2")
     link = start_link(alice, new)
-    code_e, code_n = wait_state(alice, "code")["code"], wait_state(new, "code")["code"]
-    assert code_e == code_n and len(code_e) == 7
-    alice.call("devices.confirm", {"accept": True})
-    new.call("devices.confirm", {"accept": True})
+    wait_state(alice, "code")
+    # On E the code is typed, never taken on trust: no code, no profile.
+    assert error_of(alice, "devices.confirm", {"accept": True}).code == -32602
+    assert len(confirm_both(alice, new)) == 7
     wait_state(alice, "done")
     wait_state(new, "done")
+    # The link's state and code never reach the disk: no devices.link event is stored.
+    for peer in (alice, new):
+        stored = peer.call("events.list", {"limit": 1000})["events"]
+        assert [e for e in stored if e["type"] == "devices.link"] == []
 
     # The same identity: the safety number with bob is unchanged on the new device.
     contacts = new.call("contacts.list")["contacts"]
@@ -94,6 +124,12 @@ def test_link_installs_the_identity_contacts_and_settings(peers: Callable[[str],
     assert not contacts[0]["established"]
     assert error_of(new, "messages.send", {"contact": "bob", "text": "x"}).code == 1024
 
+    # The setting max_linked_devices (1 to 5) bounds the list below the protocol's 6.
+    assert error_of(alice, "settings.set", {"max_linked_devices": 6}).code == -32602
+    assert alice.call("settings.set", {"max_linked_devices": 1})["max_linked_devices"] == 1
+    assert error_of(alice, "devices.link", {}).code == 1093
+    alice.call("settings.set", {"max_linked_devices": 5})
+
     # A link works once: its mailbox is gone at the relay.
     third = peers("alice3")
     third.wait_connected()
@@ -107,25 +143,35 @@ def test_link_installs_the_identity_contacts_and_settings(peers: Callable[[str],
     assert error_of(alice, "devices.remove", {"id": mine_e[0]}).code == 1095
 
 
-@pytest.mark.parametrize("decliner", ["existing", "new"])
-def test_a_declined_code_installs_nothing(peers: Callable[[str], Peer], decliner: str) -> None:
+@pytest.mark.parametrize("decliner", ["existing", "wrong code", "new"])
+def test_a_declined_code_installs_nothing(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, decliner: str
+) -> None:
     alice, bob = peers("alice"), peers("bob")
     connect(alice, bob)
     new = peers("alice2")
+    blocks = watch_blocks(relay_proc)
     start_link(alice, new)
     wait_state(alice, "code")
-    wait_state(new, "code")
-    (alice if decliner == "existing" else new).call("devices.confirm", {"accept": False})
+    code = wait_state(new, "code")["code"]
+    assert blocks() == 3  # request, accept, reveal
     if decliner == "new":
-        # The other screen said yes: its profile goes to a mailbox N has deleted, and E
-        # waits for a closing block that never comes, until the link expires.
-        alice.call("devices.confirm", {"accept": True})
-        time.sleep(2)
-        assert state(alice)["state"] in ("confirmed", "failed")
+        new.call("devices.confirm", {"accept": False})
+        time.sleep(1)  # N deletes its reply mailbox
+        # E's user typed the right code: its profile deposit is refused (the mailbox is gone).
+        alice.call("devices.confirm", {"code": code})
+        assert wait_state(alice, "failed")["reason"]
         assert state(new)["state"] == "declined"
     else:
+        if decliner == "existing":
+            alice.call("devices.confirm", {"accept": False})
+        else:  # a wrong code is a no: the link ends at once
+            wrong = f"{(int(code.replace(' ', '')) + 1) % 10**6:06d}"
+            assert alice.call("devices.confirm", {"code": wrong})["state"] == "declined"
+        assert state(alice)["state"] == "declined"
         new.call("devices.confirm", {"accept": True})
-        time.sleep(2)  # the profile never comes: N stays confirmed, waiting, until expiry
+        time.sleep(1)
+        assert blocks() == 3  # no profile block ever left E
         assert state(new)["state"] == "confirmed"
     assert new.call("contacts.list")["contacts"] == []
     assert new.call("devices.list")["version"] == 0
@@ -143,7 +189,7 @@ def test_an_expired_link_is_refused(peers: Callable[[str], Peer]) -> None:
     assert error_of(new, "devices.join", {"link": "aegis:AAAA"}).code == 1090
     assert alice.wait_for(lambda: state(alice)["state"] == "expired", "expiry")
     # The CLI says the same, in one line, and changes nothing.
-    joined = aegis(new.home, "device", "join", link, "--yes")
+    joined = aegis(new.home, "device", "join", "-", "--yes", input=link + "\n")
     assert joined.returncode == 1 and "expired" in joined.stderr
     cancelled = aegis(alice.home, "device", "link", "--cancel")
     assert cancelled.returncode == 1 and "no device link" in cancelled.stderr
@@ -173,35 +219,51 @@ def test_cli_link_and_what_the_relay_sees(
             "BEGIN INSERT INTO seen VALUES (length(NEW.block)); END;"
         )
     offer = subprocess.Popen(
-        [sys.executable, "-m", "aegis_cli.main", "device", "link", "--yes",
+        [sys.executable, "-m", "aegis_cli.main", "device", "link",
          "--home", str(alice.home)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     home = tmp_short / "alice2"
+    joiner: subprocess.Popen[str] | None = None
     try:
-        assert offer.stdout is not None
+        assert offer.stdout is not None and offer.stdin is not None
         link = offer.stdout.readline().strip()
         assert link.startswith("aegis:")
         url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
         secret = tmp_short / "pass"
         secret.write_text("correct horse battery staple orbit\n")
-        joined = aegis(home, "init", "--passphrase-file", str(secret), "--relay", url,
-                       "--kdf-memory-kib", "1024", "--kdf-time-cost", "1",
-                       "--kdf-parallelism", "1", "--link", link, "--yes")  # fmt: skip
-        assert joined.returncode == 0, joined.stderr
-        assert "Confirmation code:" in joined.stderr and "Linked" in joined.stdout
+        joiner = subprocess.Popen(
+            [sys.executable, "-m", "aegis_cli.main", "init", "--home", str(home),
+             "--passphrase-file", str(secret), "--relay", url, "--kdf-memory-kib", "1024",
+             "--kdf-time-cost", "1", "--kdf-parallelism", "1", "--link", "-", "--yes"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert joiner.stdin is not None and joiner.stderr is not None
+        joiner.stdin.write(link + "\n")  # the link out of argv
+        joiner.stdin.flush()
+        line = ""
+        while "Confirmation code: " not in line:
+            line = joiner.stderr.readline()
+            assert line, "the new device showed no code"
+        code_n = line.split("Confirmation code: ")[1][:7]
+        # E's user is asked to TYPE the code, told what typing it gives away.
+        offer.stdin.write(code_n + "\n")
+        offer.stdin.flush()
+        out_n, err_n = joiner.communicate(timeout=90)
+        assert joiner.returncode == 0, err_n
+        assert "Linked" in out_n
         _, err = offer.communicate(timeout=60)
         assert offer.returncode == 0, err
-        # Both screens showed the same code.
-        code_n = joined.stderr.split("Confirmation code: ")[1][:7]
-        assert f"Confirmation code: {code_n}" in err
+        assert "identity key" in err and "Code the new device shows" in err
+        assert code_n not in err  # E never shows the code
         listed = json.loads(aegis(home, "device", "list", "--json").stdout)
         assert len(listed["devices"]) == 2
         mine = aegis(alice.home, "device", "list").stdout
         assert mine.count("*") == 1 and f"version {listed['version']}" in mine
     finally:
-        if offer.poll() is None:
-            offer.kill()
+        for proc in (offer, joiner):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
         aegis(home, "stop")
     with sqlite3.connect(relay_proc.data / "relay.sqlite3", timeout=10) as db:
         sizes = [r[0] for r in db.execute("SELECT len FROM seen")]
@@ -226,7 +288,155 @@ def test_a_tampered_link_does_not_burn_the_link(peers: Callable[[str], Peer]) ->
     assert state(alice)["state"] == "waiting" and state(forger)["state"] == "waiting"
     new.wait_connected()
     new.call("devices.join", {"link": link})
-    assert wait_state(alice, "code")["code"] == wait_state(new, "code")["code"]
+    wait_state(alice, "code")
+    wait_state(new, "code")
     assert state(forger)["state"] == "waiting"
     alice.call("devices.cancel")
     assert state(alice)["state"] == "declined"
+
+
+def test_a_slow_user_at_the_code_step(tmp_short: Path) -> None:
+    """A relay that drops a silent connection after 5 s, users who take 9 s to confirm: the
+    link's connections keep polling while they wait, and the link completes."""
+    sub = tmp_short / "slowrelay"
+    sub.mkdir()
+    relay = RelayProcess(sub, {"--idle-timeout": "5"})
+    relay.start()
+    made: list[Peer] = []
+    try:
+        url = f"ws://127.0.0.1:{relay.port}/v1/ws"
+        alice, new = Peer(tmp_short / "alice", url, "alice"), Peer(tmp_short / "n", url, "n")
+        made += [alice, new]
+        alice.wait_connected()
+        start_link(alice, new)
+        wait_state(alice, "code")
+        code = wait_state(new, "code")["code"]
+        time.sleep(9)  # the humans compare, longer than the relay's idle timeout
+        alice.call("devices.confirm", {"code": code})
+        wait_state(new, "code")
+        time.sleep(7)  # N's user is slow too (N waits with the whole profile)
+        new.call("devices.confirm", {"accept": True})
+        wait_state(alice, "done")
+        assert wait_state(new, "done")["reason"] is None
+        assert new.call("identity.get")["display_name"] == "alice"
+    finally:
+        for p in made:
+            p.stop()
+        relay.close()
+
+
+def test_one_link_at_a_time_and_a_failed_init_link_leaves_nothing(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    alice = peers("alice")
+    alice.wait_connected()
+    alice.call("devices.link")  # makes the address and the list: the race below is the link's
+    alice.call("devices.cancel")
+    results: list[Any] = []
+
+    def link() -> None:
+        try:
+            results.append(alice.call("devices.link"))
+        except RpcCallError as exc:
+            results.append(exc.code)
+
+    threads = [threading.Thread(target=link) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(str(r) for r in results if isinstance(r, int)) == ["1092"], results
+    alice.call("devices.cancel")
+
+    # A failed `aegis init --link` removes the profile it made and stops its daemon: the
+    # next try starts from nothing.
+    home = tmp_short / "gone"
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    out = aegis(home, "init", "--no-passphrase", "--relay", url, "--link", "-", "--yes",
+                input="aegis:AAAA\n")  # fmt: skip
+    assert out.returncode == 1 and "not an AegisLink device link" in out.stderr
+    assert "WARNING: --no-passphrase" in out.stderr
+    assert not home.exists()
+
+
+def test_a_restart_voids_the_link_at_the_relay(peers: Callable[[str], Peer]) -> None:
+    """E restarts mid-link: the link's mailbox, left behind, is deleted at the relay on the
+    next connection, so a new device that tries the link is told at once (not left waiting
+    ten minutes for an E that forgot it)."""
+    alice, new = peers("alice"), peers("alice2")
+    alice.wait_connected()
+    link = alice.call("devices.link")["link"]
+    alice.kill()  # no clean end: the mailbox stays at the relay
+    alice.start()
+    alice.wait_connected()
+    assert alice.call("devices.status")["link"] is None
+    new.wait_connected()
+
+    def refused() -> bool:
+        try:
+            new.call("devices.join", {"link": link})
+        except RpcCallError as exc:
+            assert exc.code == 1091
+            return True
+        new.call("devices.cancel")
+        return False
+
+    new.wait_for(refused, "the left link mailbox deleted at the relay")
+
+
+def test_a_lock_ends_the_link(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    """A lock mid-link ends it (failed, said), and the slot is free after the unlock."""
+    home, secret = tmp_short / "locker", tmp_short / "pw"
+    secret.write_text("correct horse battery staple orbit\n")
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    made = aegis(home, "init", "--passphrase-file", str(secret), "--relay", url,
+                 "--kdf-memory-kib", "1024", "--kdf-time-cost", "1", "--kdf-parallelism", "1")
+    assert made.returncode == 0, made.stderr
+    alice = Peer.__new__(Peer)  # a Peer with a passphrase (the fixture's have none)
+    alice.home, alice.name, alice.proc = home, "locker", None
+    alice.start()
+    try:
+        alice.call("unlock", {"passphrase": "correct horse battery staple orbit"})
+        alice.wait_connected()
+        new = peers("alice2")
+        start_link(alice, new)
+        wait_state(alice, "code")
+        alice.call("lock")
+        alice.call("unlock", {"passphrase": "correct horse battery staple orbit"})
+        assert state(alice)["state"] == "failed"
+        assert state(alice)["reason"] == "the profile was locked"
+        alice.wait_connected()
+        assert alice.call("devices.link")["link"].startswith("aegis:")
+    finally:
+        alice.stop()
+
+
+def test_a_failure_after_the_install_ends_done_with_a_warning(
+    peers: Callable[[str], Peer], tmp_short: Path
+) -> None:
+    """The new device's own relay refuses its bundle (one prekey item per kind): the profile
+    is installed all the same, so the link ends done, with a warning, not failed."""
+    sub = tmp_short / "relayb"
+    sub.mkdir()
+    relay_b = RelayProcess(sub, {"--bundle-items-per-kind": "1"})
+    relay_b.start()
+    new: Peer | None = None
+    try:
+        alice = peers("alice")
+        alice.wait_connected()
+        new = Peer(tmp_short / "nb", f"ws://127.0.0.1:{relay_b.port}/v1/ws", "nb")
+        new.wait_connected()
+        link = alice.call("devices.link")["link"]
+        new.call("devices.join", {"link": link})
+        confirm_both(alice, new)
+        wait_state(alice, "done")
+        done = wait_state(new, "done")
+        assert done["reason"] and "address" in done["reason"]
+        assert new.call("identity.get")["display_name"] == "alice"
+        assert error_of(new, "devices.cancel", {}).code == 1092
+    finally:
+        if new is not None:
+            new.stop()
+        relay_b.close()
