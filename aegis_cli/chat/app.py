@@ -1637,7 +1637,7 @@ class ChatApp(App[None]):
 
     async def _link(self) -> str:
         """A link for a new device, shown with its QR code until the link is over; the code
-        the new device answers with, confirmed by F7 only (LinkScreen)."""
+        the new device shows, typed here (LinkScreen)."""
         self.notify("Making the link at the relay (a few seconds)…", markup=False)
         r = await self.client.call("devices.link", {})
         link = render.name(r["link"], 4000)
@@ -1664,9 +1664,11 @@ class ChatApp(App[None]):
             if st is not None:
                 screen.show_state(dict(st))
 
-    async def _link_answer(self, accept: bool) -> None:
+    async def _link_answer(self, code: str | None) -> None:
+        """The code typed (the daemon compares it with the new device's), or None: decline."""
+        params: dict[str, Any] = {"code": code} if code is not None else {"accept": False}
         try:
-            st = await self.client.call("devices.confirm", {"accept": accept})
+            st = await self.client.call("devices.confirm", params)
         except AegisClientError as exc:
             self.notify(_error_text(exc), severity="error", markup=False)
             if self.link_screen is not None:  # where the link is now (over, perhaps)

@@ -47,8 +47,8 @@ KEYS = [
     ("Ctrl+P", "call the contact: type voice or video; its state shows in the status line"),
     ("F7 / F9", "an incoming call: answer / decline (no letter key: typing never answers)"),
     ("F8", "hang up (or decline, or cancel) the call"),
-    ("Alt+V", "devices: this profile's devices; link a new one (its link, QR code, then F7 only"
-     " if both show the same code); remove one"),
+    ("Alt+V", "devices: this profile's devices; link a new one (its link, QR code, then type"
+     " the code the new device shows); remove one"),
     ("F12", "settings: typing indicators; the timer new conversations start with"),
     ("Ctrl+L", "unlock a locked profile (asks for the passphrase)"),
     ("PageUp / scroll up", "in the messages: older ones load at the top"),
@@ -144,11 +144,10 @@ def link_state_text(st: dict[str, Any]) -> str:
                 "  aegis init --home DIR --relay URL --link LINK\n"
                 "with the link below (it works once, for minutes). Esc: cancel the link.")
     if state == "code":
-        code = render.name(st.get("code") or "?", 12)
-        return (f"Code: {code}\n\nDoes the NEW device show this same code?\n"
-                "  F7: yes, the same code: link it (it gets your identity and contacts)\n"
-                "  F9: no, a different code: decline (someone else may hold the link)\n"
-                "  Esc: cancel the link")  # fmt: skip
+        return ("The new device shows a code of 6 digits. Type it below and press Enter: that\n"
+                "gives the new device this profile's identity key and contacts. Only the\n"
+                "code the NEW device shows links it; a wrong code ends the link (someone\n"
+                "else may hold the link).  F9: decline   Esc: cancel the link")  # fmt: skip
     if state == "confirmed":
         return "Confirmed here: waiting for the new device to confirm too. Esc: cancel."
     if state == "done":
@@ -161,21 +160,33 @@ def link_state_text(st: dict[str, Any]) -> str:
     return f"The link failed{': ' + reason if reason else ''}. Esc closes."
 
 
+#: The code a new device shows (docs/devices.md §4.3): what the code field accepts.
+LINK_CODE_DIGITS = 6
+
+
+def link_code(typed: str) -> str | None:
+    """The code as typed (spaces allowed), or None if it is not 6 ASCII digits: anything else
+    is never sent (a stray Enter or a pasted link must not end, or answer, the link)."""
+    digits = "".join(typed.split())
+    ok = len(digits) == LINK_CODE_DIGITS and digits.isascii() and digits.isdigit()
+    return digits if ok else None
+
+
 class LinkScreen(ModalScreen[None]):
     """Linking a new device: the state at the top, then the link and its QR code (it scrolls
-    in 80x24). Only F7 confirms, and only while a code is shown: no printable key confirms
-    (text typed into it by mistake, or a pasted link, must never hand the profile over).
-    Esc cancels the link unless it is over. The app feeds it the daemon's ``devices.link``
-    states (``show_state``) and does the answers (``answer``, ``cancel``)."""
+    in 80x24). Once the new device has answered, a field takes the code the NEW device shows
+    (this device never shows it: docs/api.md, devices.confirm); Enter sends it, and only 6
+    digits are ever sent. F9 declines, Esc cancels the link unless it is over. The app feeds
+    it the daemon's ``devices.link`` states (``show_state``) and does the answers
+    (``answer`` with the code, or None to decline; ``cancel``)."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("f7", "answer(True)", "same code: link"),
-        Binding("f9", "answer(False)", "different code: decline"),
+        Binding("f9", "decline", "decline"),
         Binding("escape", "close", "cancel / close"),
     ]
 
     def __init__(
-        self, text: str, answer: Callable[[bool], Awaitable[None]],
+        self, text: str, answer: Callable[[str | None], Awaitable[None]],
         cancel: Callable[[], Awaitable[None]],
     ) -> None:  # fmt: skip
         super().__init__()
@@ -189,9 +200,12 @@ class LinkScreen(ModalScreen[None]):
         with VerticalScroll(id="info-box"):
             yield Static(render.plain(link_state_text(self.state)), id="link-state",
                          markup=False)  # fmt: skip
+            yield Input(placeholder="the code the new device shows", id="link-code",
+                        max_length=16)  # fmt: skip
             yield Static(render.plain(self.text), id="info", markup=False)
 
     def on_mount(self) -> None:
+        self.query_one("#link-code", Input).display = False
         self.query_one("#info-box").focus()
 
     @property
@@ -206,19 +220,35 @@ class LinkScreen(ModalScreen[None]):
             return  # an answer that came after a later event
         self.state = dict(st)
         self.query_one("#link-state", Static).update(render.plain(link_state_text(self.state)))
-        if new == "code":
+        field = self.query_one("#link-code", Input)
+        field.display = new == "code" and not self.answered
+        if field.display:
             self.query_one("#info-box", VerticalScroll).scroll_home(animate=False)
+            field.focus()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action == "answer":
+        if action == "decline":
             return self.state.get("state") == "code" and not self.answered
         return True
 
-    async def action_answer(self, accept: bool) -> None:
+    async def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        if self.state.get("state") != "code" or self.answered:
+            return
+        code = link_code(event.value)
+        if code is None:
+            self.notify("Type the 6 digits the new device shows.", markup=False)
+            return
+        self.answered = True
+        event.input.display = False
+        await self.answer(code)
+
+    async def action_decline(self) -> None:
         if self.state.get("state") != "code" or self.answered:
             return
         self.answered = True
-        await self.answer(accept)
+        self.query_one("#link-code", Input).display = False
+        await self.answer(None)
 
     async def action_close(self) -> None:
         if not self.over:

@@ -1538,8 +1538,11 @@ def test_link_a_device_from_the_client_confirmed_then_declined(
         await call(joiner, "devices.join", {"link": found.group(0)})
         await until(pilot, lambda: screen.state.get("state") == "code", "the code", 60)
         theirs = (await call(joiner, "devices.status"))["link"]
-        assert theirs["state"] == "code"
-        assert f"Code: {theirs['code']}" in text_of(screen.query_one("#link-state", Static))
+        digits = theirs["code"].replace(" ", "")  # shown in two groups of three
+        assert theirs["state"] == "code" and len(digits) == 6 and digits.isdigit()
+        shown = text_of(screen.query_one("#link-state", Static))
+        assert "Type it below" in shown and digits[:3] not in shown  # only N shows it
+        screen.code = digits  # type: ignore[attr-defined]
         return screen
 
     async def body(app: ChatApp, pilot: Pilot[None]) -> None:
@@ -1554,13 +1557,18 @@ def test_link_a_device_from_the_client_confirmed_then_declined(
         await pilot.press("down", "down")
         await until(pilot, lambda: box.scroll_y > 0, "the QR code scrolled")
 
-        # Typing never confirms (nor does Enter): only F7, while the code shows.
-        await pilot.press(*"yes", "enter", "y", "q")
+        # Only the 6 digits the new device shows are ever sent: a stray word, Enter or a
+        # pasted link neither answers nor ends the link.
+        field = screen.query_one("#link-code", Input)
+        assert field.display and app.focused is field
+        await pilot.press(*"yes", "enter", "y", "q", "enter")
         await pilot.pause(0.2)
         assert screen.state["state"] == "code" and not screen.answered
         assert app.is_running and app.screen is screen  # q over a dialog does not quit
+        assert (await call(alice, "devices.status"))["link"]["state"] == "code"
+        field.value = ""
         await call(new, "devices.confirm", {"accept": True})
-        await pilot.press("f7")
+        await pilot.press(*screen.code, "enter")  # type: ignore[attr-defined]
         await until(pilot, lambda: screen.state.get("state") == "done", "linked", 60)
         await asyncio.to_thread(
             new.wait_for, lambda: len(new.call("devices.list")["devices"]) == 2, "2 devices", 90
