@@ -71,6 +71,8 @@ SEARCH_LIMIT = 50
 #: Actions of the main screen only (not while a dialog is open): every priority binding's but
 #: quit (a priority key reaches the app past a dialog: Alt+X would ask over "Remove bob?", Alt+E
 #: replace the hidden draft), and those that open a dialog.
+#: The worker group of the user's actions (``act``), apart from typing and event workers.
+ACTION_WORKERS = "action"
 MAIN_SCREEN_ONLY = ("groups", "start_call", "remove_contact", "settings", "reply", "edit",
                     "delete_message", "react", "devices")  # fmt: skip
 #: The note of an action the daemon went away in the middle of.
@@ -1075,7 +1077,7 @@ class ChatApp(App[None]):
 
     def act(self, work: Coroutine[Any, Any, None]) -> None:
         """Run a user's action as a worker, guarded (``guarded``)."""
-        self.run_worker(self.guarded(work))
+        self.run_worker(self.guarded(work), group=ACTION_WORKERS)
 
     async def guarded(self, work: Coroutine[Any, Any, None]) -> None:
         """Await an action: the daemon stopping or locking in the middle of it is a note, never
