@@ -11,10 +11,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import click
+
+from aegisd.paths import DB_NAME, KEYRING_NAME, LOCK_NAME, LOG_NAME, PID_NAME, SOCKET_NAME
 
 from .errors import Fail
 
@@ -112,12 +115,12 @@ def join_new_device(
     before the profile was installed stops that daemon and deletes what this command made in
     the home (``before``: the names it held before, None if it made the home): the throwaway
     profile would only refuse the next try (not fresh, or "a profile already exists")."""
-    proc: subprocess.Popen[bytes] | None = None
+    procs: list[subprocess.Popen[bytes]] = []  # filled once started: _undo waits for it
     try:
-        proc = _join_new_device(ctx, link_text, passphrase, yes, started)
+        _join_new_device(ctx, link_text, passphrase, yes, started, procs)
     except BaseException:
         if not _installed(ctx):
-            _undo(ctx, proc, started, before)
+            _undo(ctx, procs[0] if procs else None, started, before)
         raise
 
 
@@ -148,7 +151,9 @@ def _undo(
     if before is None:
         shutil.rmtree(home, ignore_errors=True)
     else:
-        for name in set(os.listdir(home)) - before:
+        # Only the names a profile uses (aegisd/paths.py, the store's journal, the daemon's
+        # folders): anything else that appeared meanwhile belongs to another program.
+        for name in _profile_names(home) - before:
             path = home / name
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
@@ -159,10 +164,23 @@ def _undo(
                err=True)  # fmt: skip
 
 
+#: What init and the daemon create in a home besides aegisd/paths.py's files: the database's
+#: journal files, the attachments and Tor folders (services/attachments.py, connectivity.py).
+_PROFILE_EXTRA = ("aegis.db-wal", "aegis.db-shm", "aegis.db-journal", "attachments", "tor")
+
+
+def _profile_names(home: Path) -> set[str]:
+    names = {DB_NAME, KEYRING_NAME, LOCK_NAME, PID_NAME, LOG_NAME, SOCKET_NAME, *_PROFILE_EXTRA}
+    with contextlib.suppress(OSError):  # the keyring's atomic write (store/keyring.py)
+        names |= {n for n in os.listdir(home)
+                  if n.startswith(f".{KEYRING_NAME}.") and n.endswith(".tmp")}  # fmt: skip
+    return {n for n in names if os.path.lexists(home / n)}
+
+
 def _join_new_device(
     ctx: Ctx, link_text: str, passphrase: str | None, yes: bool,
-    started: Callable[[], bool],
-) -> subprocess.Popen[bytes]:  # fmt: skip
+    started: Callable[[], bool], procs: list[subprocess.Popen[bytes]],
+) -> None:  # fmt: skip
     argv = ctx.aegisd_argv("run")
     fd = os.open(ctx.paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "ab") as log:
@@ -170,6 +188,7 @@ def _join_new_device(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
             start_new_session=True, close_fds=True,
         )  # fmt: skip
+    procs.append(proc)
     deadline = time.monotonic() + 30
     while not started() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -190,7 +209,6 @@ def _join_new_device(
     ctx.out({"link": done, "devices": listed},
             f"Linked: this device is one of {len(listed['devices'])} devices of the profile. "
             f"The daemon runs (pid {proc.pid}).")  # fmt: skip
-    return proc
 
 
 def register(main: ModuleType) -> None:
