@@ -26,8 +26,9 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aegisd.core import backup as fmt
 from aegisd.core import devices as dv
@@ -259,22 +260,24 @@ class Devices:
                 await client.delete(mb.owner_id, mb.signing_key)
                 gone = True
             with contextlib.suppress(Exception):  # locked meanwhile: on_unlock retires it
-                self._retire_link_mailbox(None if gone else mb.to_bytes())
+                self._retire_link_mailbox(mb.to_bytes(), gone)
         with contextlib.suppress(Exception):
             await client.close()
 
-    def _retire_link_mailbox(self, descriptor: bytes | None) -> None:
-        """Forget the link's mailbox; one not deleted yet is deleted on a later connection."""
+    def _retire_link_mailbox(self, descriptor: bytes, gone: bool) -> None:
+        """Forget the link's mailbox; one not deleted yet is deleted on a later connection.
+        The setting is cleared only if it still names this one (not a later link's)."""
         with self.m.store.transaction():
-            if descriptor is not None:
+            if not gone:
                 store_devices.retire_mailbox(self.m.store, descriptor)
-            self.m.store.set_setting(SETTING_LINK_MB, None)
+            if self.m.store.get_setting(SETTING_LINK_MB) == descriptor.hex():
+                self.m.store.set_setting(SETTING_LINK_MB, None)
 
     async def on_unlock(self, store: object) -> None:
         """A link mailbox a restart (or a lock) left behind: to delete at its relay."""
         left = self.m.store.get_setting(SETTING_LINK_MB)
         if left is not None:
-            self._retire_link_mailbox(bytes.fromhex(str(left)))
+            self._retire_link_mailbox(bytes.fromhex(str(left)), False)
 
     async def cancel(self) -> dict[str, Any]:
         link = self._pending()
@@ -330,6 +333,9 @@ class Devices:
         """A lock ends a link under way (its state is in memory; the store closes); an install
         under way finishes first (it holds the messenger's lock the lock waits for anyway)."""
         link = self.link
+        if link is not None and link.task is None and link.state == "waiting":
+            self._set(link, "failed", "the profile was locked")  # being set up: it stops there
+            return
         if link is None or link.task is None or link.task.done():
             return
         if link.state != "installing":
@@ -363,9 +369,18 @@ class Devices:
         return link
 
     def _release(self, link: _Link) -> None:
-        """A link that failed before it started: the slot is free again, no state is kept."""
-        if self.link is link:
+        """A link that failed before it started: the slot is free again, no state is kept
+        (one cancelled or locked meanwhile keeps its state, for devices.status to say)."""
+        if self.link is link and link.state == "waiting":
             self.link = None
+
+    def _still_set_up(self, link: _Link) -> None:
+        """After the awaits that set a link up: a cancel or a lock meanwhile (there was no task
+        to cancel yet) ends it here, before its task starts or its text is given out."""
+        if self.link is not link or link.state != "waiting":
+            raise AppError(E_LINK_STATE, "ended", "the device link was "
+                           f"{link.state if link.state != 'waiting' else 'replaced'} while it "
+                           "was being set up")  # fmt: skip
 
     async def offer(self, expires_in: int) -> dict[str, Any]:
         link = self._reserve("offer", _now() + expires_in)
@@ -374,10 +389,12 @@ class Devices:
             self._check_room(current)
             url = self.m.mailboxes.relay_url()
             client = await self._client(url)
+            mb = None
             try:
                 mb = await self._make_mailbox(client, url)
+                self._still_set_up(link)
             except BaseException:
-                await self._end(client, None)
+                await self._end(client, mb)
                 raise
         except BaseException:
             self._release(link)
@@ -530,6 +547,7 @@ class Devices:
                 except RelayError:
                     raise AppError(E_LINK_EXPIRED, "gone", "the device link was used already "
                                    "or has expired") from None  # fmt: skip
+                self._still_set_up(link)
             except BaseException:
                 await self._end(client, locals().get("mb"))
                 raise
@@ -543,41 +561,35 @@ class Devices:
         self, link: _Link, join: dv.LinkJoin, client: RelayClient, mb: OwnedMailbox
     ) -> None:
         try:
-            try:
-                got = await asyncio.wait_for(self._join_steps(link, join, client, mb),
-                                             max(0, link.expires + dv.FINAL_GRACE - _now()))
-            finally:
-                await self._end(client, mb)
-        except TimeoutError:
-            self._set(link, "expired", "the link's ten minutes are over")
-            return
-        except asyncio.CancelledError:
-            return
-        except (AppError, RelayError, *UNAVAILABLE, dv.DeviceError) as exc:
-            self._set(link, "failed", _reason(exc))
-            return
-        except Exception as exc:  # a bug: the link ends, said
-            log.warning("a device link ended on an unexpected %s", type(exc).__name__)
-            self._set(link, "failed", "internal error (see the daemon's log)")
-            return
-        # E listed this device: from here the link ends done (no cancel, no deadline; shielded
-        # from this task's cancellation), with a warning if what follows the install fails.
-        self._set(link, "installing")
+            deadline = max(0, link.expires + dv.FINAL_GRACE - _now())
+            got = await asyncio.wait_for(self._join_steps(link, join, client, mb), deadline)
+        except BaseException as exc:
+            await self._end(client, mb)
+            if isinstance(exc, TimeoutError):
+                self._set(link, "expired", "the link's ten minutes are over")
+            elif isinstance(exc, (AppError, RelayError, *UNAVAILABLE, dv.DeviceError)):
+                self._set(link, "failed", _reason(exc))
+            elif isinstance(exc, Exception):  # a bug: the link ends, said
+                log.warning("a device link ended on an unexpected %s", type(exc).__name__)
+                self._set(link, "failed", "internal error (see the daemon's log)")
+            return  # cancelled: whoever cancelled set the state
+        # E listed this device (_join_steps set `installing` as it took the final block): from
+        # here nothing cancels the link and the state always ends, done (with a warning if
+        # what follows the install fails) or failed (the profile refused before any write).
         profile, new, made = got
-        install = asyncio.ensure_future(self._install(profile, new, made))
         try:
-            contacts, warning = await asyncio.shield(install)
-        except asyncio.CancelledError:
-            contacts, warning = await install
+            await _through(self._end(client, mb))
+            contacts, warning = await _through(self._install(profile, new, made))
         except AppError as exc:  # refused before anything was written (malformed, not fresh)
             self.m._spawn(self.m.mailboxes.delete_at_relay(made))
             self._set(link, "failed", _reason(exc))
             return
-        except Exception as exc:
+        except BaseException as exc:
             log.warning("a device link's install ended on an unexpected %s", type(exc).__name__)
             self._set(link, "failed", "internal error (see the daemon's log)")
             return
         self._set(link, "done", warning)
+        self.m._spawn(self._reconfigure())
         with contextlib.suppress(RuntimeError):
             self.m.ctx.events.emit("devices.joined", {"contacts": contacts,
                                                       "devices": len(new.devices)})  # fmt: skip
@@ -619,6 +631,8 @@ class Devices:
                         final = join.receive_final(block, _now())
                     except (DecryptionError, dv.LinkUsed):
                         continue
+                    # E lists this device now: no cancel, lock or deadline may lose it.
+                    self._set(link, "installing")
                     break
                 else:
                     await asyncio.sleep(POLL)
@@ -683,9 +697,26 @@ class Devices:
             except (AppError, RelayError, RelayUnavailable, *UNAVAILABLE):
                 warning = ("installed, but the address could not be made or its bundle "
                            "published yet: the daemon tries again on its next connection")
-        with contextlib.suppress(AppError, RelayUnavailable, *UNAVAILABLE):
-            await m.ctx.reconfigure()
         return len(contents.contacts), warning
+
+    async def _reconfigure(self) -> None:
+        """The installed settings' network and relay, in a task of its own: it takes the
+        daemon's lock, which a lock holds while it waits for the link's task (on_lock)."""
+        with contextlib.suppress(AppError, RelayUnavailable, *UNAVAILABLE):
+            await self.m.ctx.reconfigure()
+
+
+T = TypeVar("T")
+
+
+async def _through(aw: Coroutine[Any, Any, T]) -> T:
+    """Run ``aw`` to its end whatever cancels the caller (a step that must not stop half-way);
+    the cancellation is dropped: the caller's own state says how it ended."""
+    task = asyncio.ensure_future(aw)
+    while not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(task)
+    return task.result()
 
 
 def _ed_public(priv: bytes) -> bytes:

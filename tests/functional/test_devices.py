@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -440,3 +442,90 @@ def test_a_failure_after_the_install_ends_done_with_a_warning(
         if new is not None:
             new.stop()
         relay_b.close()
+
+
+def test_a_stop_while_the_new_device_installs_does_not_hang(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    """The new device's daemon stopped while it installs: the stop ends (the install's
+    reconfigure takes the daemon's lock, which the stop holds while it waits for the link: it
+    runs after the link now, not inside it), and the profile is installed whole. The new
+    device's own relay is paused once its device mailbox is made, so the install (which makes
+    the address there) waits while the stop is asked for."""
+    sub = tmp_short / "relayn"
+    sub.mkdir()
+    relay_n = RelayProcess(sub, {})
+    relay_n.start()
+    new: Peer | None = None
+    try:
+        alice = peers("alice")
+        alice.wait_connected()
+        new = Peer(tmp_short / "nn", f"ws://127.0.0.1:{relay_n.port}/v1/ws", "nn")
+        new.wait_connected()
+        blocks = watch_blocks(relay_proc)
+
+        def mailboxes() -> int:
+            with sqlite3.connect(relay_n.data / "relay.sqlite3", timeout=10) as db:
+                return int(db.execute("SELECT count(*) FROM mailboxes").fetchone()[0])
+
+        start_link(alice, new)
+        confirm_both(alice, new)
+        made, seen = mailboxes(), blocks()
+        # N's device mailbox made at its relay, then its `done` block deposited at the link's
+        # relay (so the make was answered): pause N's relay before E's final block reaches N.
+        while not (mailboxes() > made and blocks() > seen):
+            seen = blocks() if mailboxes() == made else seen
+            assert state(new)["state"] in ("confirmed", "code"), state(new)
+        assert relay_n.proc is not None
+        relay_n.proc.send_signal(signal.SIGSTOP)
+        try:
+            got = wait_state(new, "installing")
+            assert got["reason"] is None
+            new.call("daemon.stop")
+        finally:
+            relay_n.proc.send_signal(signal.SIGCONT)
+        assert new.proc is not None
+        new.proc.proc.wait(60)  # before the fix: the daemon never exits
+        new.start()
+        assert new.call("identity.get")["display_name"] == "alice"
+        assert len(new.call("devices.list")["devices"]) == 2
+    finally:
+        if new is not None:
+            new.stop()
+        relay_n.close()
+
+
+def test_a_failed_init_link_removes_only_the_profiles_files(
+    relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    """`aegis init --link` into an existing folder: what another program puts there while the
+    command runs (here while it reads the passphrase) survives the cleanup of a failed link;
+    the profile's own files go, and its daemon was stopped first."""
+    home = tmp_short / "shared"
+    home.mkdir()
+    (home / "before.txt").write_text("kept")
+    fifo = tmp_short / "pwfifo"
+    os.mkfifo(fifo)
+    url = f"ws://127.0.0.1:{relay_proc.port}/v1/ws"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aegis_cli.main", "init", "--home", str(home),
+         "--passphrase-file", str(fifo), "--relay", url, "--kdf-memory-kib", "1024",
+         "--kdf-time-cost", "1", "--kdf-parallelism", "1", "--link", "-", "--yes"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write("aegis:AAAA\n")
+        proc.stdin.close()
+        proc.stdin = None  # given: communicate() below only reads
+        with open(fifo, "w") as w:  # blocks until the command reads its passphrase
+            (home / "other.txt").write_text("another program's")
+            (home / "otherdir").mkdir()
+            w.write("correct horse battery staple orbit\n")
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and "not an AegisLink device link" in err, err
+    assert "still runs" not in err
+    assert sorted(os.listdir(home)) == ["before.txt", "other.txt", "otherdir"]
