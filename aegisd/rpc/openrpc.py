@@ -86,6 +86,7 @@ APP_ERRORS = [
     (1092, "no_code"),
     (1092, "busy"),
     (1092, "installing"),
+    (1092, "ended"),
     (1093, "too_many_devices"),
     (1094, "not_fresh"),
     (1095, "not_found"),
