@@ -529,3 +529,49 @@ def test_a_failed_init_link_removes_only_the_profiles_files(
     assert proc.returncode == 1 and "not an AegisLink device link" in err, err
     assert "still runs" not in err
     assert sorted(os.listdir(home)) == ["before.txt", "other.txt", "otherdir"]
+
+
+def test_a_cancel_while_the_link_is_set_up_ends_it(peers: Callable[[str], Peer]) -> None:
+    """devices.cancel sent again and again while devices.link runs (a profile's first link
+    makes its address and list first: the set-up takes a while). Once a cancel is accepted the
+    link is over: devices.link fails `ended` if it was still setting up, and a link text it
+    gave out is refused (`gone`), never answered with a code."""
+    alice, new = peers("alice"), peers("alice2")
+    alice.wait_connected()
+    new.wait_connected()
+    results: list[Any] = []
+
+    def link() -> None:
+        try:
+            results.append(alice.call("devices.link"))
+        except RpcCallError as exc:
+            results.append(exc)
+
+    thread = threading.Thread(target=link)
+    thread.start()
+    cancelled = False
+    while not cancelled:
+        try:
+            alice.call("devices.cancel")
+            cancelled = True
+        except RpcCallError as exc:
+            assert exc.code == 1092
+            assert thread.is_alive() or not results or isinstance(results[0], RpcCallError)
+    thread.join(60)
+    assert state(alice)["state"] == "declined"
+    got = results[0]
+    if isinstance(got, RpcCallError):  # cancelled while it was being set up
+        assert got.code == 1092 and "being set up" in str(got), got
+        return
+
+    def refused() -> bool:
+        try:
+            new.call("devices.join", {"link": got["link"]})
+        except RpcCallError as exc:
+            assert exc.code == 1091
+            return True
+        new.call("devices.cancel")
+        return False
+
+    new.wait_for(refused, "the cancelled link's mailbox deleted at the relay")
+    assert state(alice)["state"] == "declined"
