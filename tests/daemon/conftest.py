@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +46,16 @@ class DaemonProc:
             stderr=subprocess.PIPE,
             env=env,
         )
+        # Read as it comes: a daemon whose log passes the pipe's 64 KiB before the test reads it
+        # would block on its next line (at its stop, say) and be killed as hung.
+        self._chunks: list[bytes] = []
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for chunk in iter(lambda: self.proc.stderr.read1(65536), b""):  # type: ignore[union-attr]
+            self._chunks.append(chunk)
 
     def wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -67,9 +78,10 @@ class DaemonProc:
         if self.proc.poll() is None:
             return ""
         if self._err is None:
-            assert self.proc.stderr is not None
-            self._err = self.proc.stderr.read().decode(errors="replace")
-            self.proc.stderr.close()
+            self._reader.join(10)
+            self._err = b"".join(self._chunks).decode(errors="replace")
+            if self.proc.stderr is not None:
+                self.proc.stderr.close()
         return self._err
 
     def stop(self) -> None:
