@@ -54,7 +54,8 @@ class DaemonProc:
 
     def _drain(self) -> None:
         assert self.proc.stderr is not None
-        for chunk in iter(lambda: self.proc.stderr.read1(65536), b""):  # type: ignore[union-attr]
+        fd = self.proc.stderr.fileno()
+        for chunk in iter(lambda: os.read(fd, 65536), b""):
             self._chunks.append(chunk)
 
     def wait_ready(self, timeout: float = 30) -> None:
