@@ -27,7 +27,7 @@ typecheck: $(VENV)/.installed-test
 	$(PY) -m mypy $(wildcard aegisd aegis_cli aegis_client aegis_bridge relay bench contrib/*.py)
 
 unit: $(VENV)/.installed-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 # Debian packages some tests need, installed when running as root (CI is); elsewhere those
 # tests say they were skipped and why, or fail saying what to install:

@@ -14,7 +14,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -337,6 +337,15 @@ class Store:
         return self._db.execute(sql, args)
 
     _q = query  # the short name this class's own methods use
+
+    def query_in(self, sql: str, keys: Sequence[Any]) -> list[Any]:
+        """The rows of ``sql``, whose ``{marks}`` is the placeholder list of an ``IN``, over
+        every key of ``keys``: run in chunks of 500 keys, under SQLite's bound on parameters."""
+        rows: list[Any] = []
+        for i in range(0, len(keys), 500):
+            chunk = tuple(keys[i : i + 500])
+            rows += self.query(sql.format(marks=",".join("?" * len(chunk))), chunk).fetchall()
+        return rows
 
     # -- identity and settings ----------------------------------------------------------
 

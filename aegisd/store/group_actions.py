@@ -28,33 +28,26 @@ class GroupExtras:
 
 
 def extras(store: Store, seqs: list[int]) -> dict[int, GroupExtras]:
-    out: dict[int, GroupExtras] = {}
-    for i in range(0, len(seqs), 500):  # under SQLite's bound on parameters
-        chunk = seqs[i : i + 500]
-        marks = ",".join("?" * len(chunk))
-        rows = store.query(
-            "SELECT seq, reply_to, quoted, edited_at, edits, deleted, edit_sent_at, "  # noqa: S608
-            f"timer_s, expires_at, timer_change FROM group_messages WHERE seq IN ({marks})",
-            tuple(chunk),
-        ).fetchall()
-        for seq, reply_to, quoted, edited_at, edits, deleted, sent, timer, exp, change in rows:
-            out[int(seq)] = GroupExtras(reply_to, quoted, edited_at, int(edits), bool(deleted),
-                                        sent, int(timer), exp, change)  # fmt: skip
-    return out
+    rows = store.query_in(
+        "SELECT seq, reply_to, quoted, edited_at, edits, deleted, edit_sent_at, "
+        "timer_s, expires_at, timer_change FROM group_messages WHERE seq IN ({marks})",
+        seqs,
+    )
+    return {
+        int(seq): GroupExtras(reply_to, quoted, edited_at, int(edits), bool(deleted), sent,
+                              int(timer), exp, change)
+        for seq, reply_to, quoted, edited_at, edits, deleted, sent, timer, exp, change in rows
+    }  # fmt: skip
 
 
 def reactions(store: Store, seqs: list[int]) -> dict[int, dict[bytes, str]]:
     """Per message: member key (empty: ours) -> emoji."""
     out: dict[int, dict[bytes, str]] = {}
-    for i in range(0, len(seqs), 500):
-        chunk = seqs[i : i + 500]
-        marks = ",".join("?" * len(chunk))
-        rows = store.query(
-            f"SELECT seq, member, emoji FROM group_reactions WHERE seq IN ({marks})",  # noqa: S608
-            tuple(chunk),
-        ).fetchall()
-        for seq, member, emoji in rows:
-            out.setdefault(int(seq), {})[bytes(member)] = emoji
+    rows = store.query_in(
+        "SELECT seq, member, emoji FROM group_reactions WHERE seq IN ({marks})", seqs
+    )
+    for seq, member, emoji in rows:
+        out.setdefault(int(seq), {})[bytes(member)] = emoji
     return out
 
 

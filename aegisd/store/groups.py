@@ -69,7 +69,7 @@ def add_group(
 ) -> int:
     now = _ms()
     with store.transaction():
-        cur = store._q(
+        cur = store.query(
             "INSERT INTO groups (group_id, log, created_at, updated_at) VALUES (?, ?, ?, ?)",
             (group_id, log, now, now),
         )
@@ -81,44 +81,44 @@ def add_group(
 def put_log(store: Store, ref: int, log: bytes, members: Iterable[tuple[bytes, int]]) -> None:
     """The group's new log and its head's members, together."""
     with store.transaction():
-        store._q("UPDATE groups SET log = ?, updated_at = ? WHERE id = ?", (log, _ms(), ref))
+        store.query("UPDATE groups SET log = ?, updated_at = ? WHERE id = ?", (log, _ms(), ref))
         _set_members(store, ref, members)
 
 
 def _set_members(store: Store, ref: int, members: Iterable[tuple[bytes, int]]) -> None:
-    store._q("DELETE FROM group_members WHERE group_ref = ?", (ref,))
+    store.query("DELETE FROM group_members WHERE group_ref = ?", (ref,))
     for key, role in members:
-        store._q(
+        store.query(
             "INSERT INTO group_members (group_ref, member_key, role) VALUES (?, ?, ?)",
             (ref, key, role),
         )
 
 
 def get_group(store: Store, ref: int) -> GroupRow | None:
-    row = store._q(
+    row = store.query(
         "SELECT id, group_id, log, created_at FROM groups WHERE id = ?", (ref,)
     ).fetchone()
     return None if row is None else _group(row)
 
 
 def group_by_id(store: Store, group_id: bytes) -> GroupRow | None:
-    row = store._q(
+    row = store.query(
         "SELECT id, group_id, log, created_at FROM groups WHERE group_id = ?", (group_id,)
     ).fetchone()
     return None if row is None else _group(row)
 
 
 def list_groups(store: Store) -> list[GroupRow]:
-    rows = store._q("SELECT id, group_id, log, created_at FROM groups ORDER BY id").fetchall()
+    rows = store.query("SELECT id, group_id, log, created_at FROM groups ORDER BY id").fetchall()
     return [_group(r) for r in rows]
 
 
 def delete_group(store: Store, ref: int) -> None:
-    store._q("DELETE FROM groups WHERE id = ?", (ref,))
+    store.query("DELETE FROM groups WHERE id = ?", (ref,))
 
 
 def groups_with_member(store: Store, member_key: bytes) -> list[int]:
-    rows = store._q(
+    rows = store.query(
         "SELECT group_ref FROM group_members WHERE member_key = ?", (member_key,)
     ).fetchall()
     return [int(r[0]) for r in rows]
@@ -126,7 +126,7 @@ def groups_with_member(store: Store, member_key: bytes) -> list[int]:
 
 def shares_group(store: Store, me: bytes, member_key: bytes) -> bool:
     """Whether some group here has both keys among its head's members."""
-    return store._q(
+    return store.query(
         "SELECT 1 FROM group_members a JOIN group_members b ON a.group_ref = b.group_ref "
         "WHERE a.member_key = ? AND b.member_key = ? LIMIT 1",
         (me, member_key),
@@ -137,7 +137,7 @@ def shares_group(store: Store, me: bytes, member_key: bytes) -> bool:
 
 
 def add_invitation(store: Store, contact_id: int, payload: bytes) -> int:
-    cur = store._q(
+    cur = store.query(
         "INSERT INTO group_invitations (contact_id, payload, created_at) VALUES (?, ?, ?)",
         (contact_id, payload, _ms()),
     )
@@ -145,7 +145,7 @@ def add_invitation(store: Store, contact_id: int, payload: bytes) -> int:
 
 
 def list_invitations(store: Store) -> list[GroupInvitationRow]:
-    rows = store._q(
+    rows = store.query(
         "SELECT id, contact_id, payload, created_at FROM group_invitations ORDER BY id"
     ).fetchall()
     return [GroupInvitationRow(int(r[0]), int(r[1]), bytes(r[2]), int(r[3])) for r in rows]
@@ -156,12 +156,12 @@ def get_invitation(store: Store, inv: int) -> GroupInvitationRow | None:
 
 
 def delete_invitation(store: Store, inv: int) -> bool:
-    return bool(store._q("DELETE FROM group_invitations WHERE id = ?", (inv,)).rowcount)
+    return bool(store.query("DELETE FROM group_invitations WHERE id = ?", (inv,)).rowcount)
 
 
 def invitations_of(store: Store, contact_id: int) -> list[int]:
     """A contact's waiting invitations, oldest first."""
-    rows = store._q(
+    rows = store.query(
         "SELECT id FROM group_invitations WHERE contact_id = ? ORDER BY id", (contact_id,)
     ).fetchall()
     return [int(r[0]) for r in rows]
@@ -169,12 +169,12 @@ def invitations_of(store: Store, contact_id: int) -> list[int]:
 
 def drop_invitations_before(store: Store, before_ms: int) -> int:
     return int(
-        store._q("DELETE FROM group_invitations WHERE created_at < ?", (before_ms,)).rowcount
+        store.query("DELETE FROM group_invitations WHERE created_at < ?", (before_ms,)).rowcount
     )
 
 
 def count_invitations(store: Store) -> int:
-    return int(store._q("SELECT COUNT(*) FROM group_invitations").fetchone()[0])
+    return int(store.query("SELECT COUNT(*) FROM group_invitations").fetchone()[0])
 
 
 def add_sent_invite(
@@ -182,7 +182,7 @@ def add_sent_invite(
     base_version: int, chain: Iterable[bytes],
 ) -> None:  # fmt: skip
     """``chain``: the hashes of the changes the invitation carried after its base."""
-    store._q(
+    store.query(
         "INSERT OR REPLACE INTO group_invites_sent (invite_id, group_ref, contact_id, version, "
         "created_at, base_version, chain) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (invite_id, ref, contact_id, version, _ms(), base_version, b"".join(chain)),
@@ -198,14 +198,14 @@ class SentInvite:
 
 def take_sent_invite(store: Store, invite_id: bytes, contact_id: int) -> SentInvite | None:
     """The invitation we sent this contact with this ID (removed: one answer each)."""
-    row = store._q(
+    row = store.query(
         "SELECT group_ref, base_version, chain FROM group_invites_sent "
         "WHERE invite_id = ? AND contact_id = ?",
         (invite_id, contact_id),
     ).fetchone()
     if row is None:
         return None
-    store._q("DELETE FROM group_invites_sent WHERE invite_id = ?", (invite_id,))
+    store.query("DELETE FROM group_invites_sent WHERE invite_id = ?", (invite_id,))
     blob = bytes(row[2])
     hashes = frozenset(blob[i : i + 32] for i in range(0, len(blob) - 31, 32))
     return SentInvite(int(row[0]), int(row[1]), hashes)
@@ -215,55 +215,55 @@ def take_sent_invite(store: Store, invite_id: bytes, contact_id: int) -> SentInv
 
 
 def hold(store: Store, ref: int, contact_id: int, payload: bytes) -> None:
-    store._q(
+    store.query(
         "INSERT INTO group_held (group_ref, contact_id, payload, created_at) VALUES (?, ?, ?, ?)",
         (ref, contact_id, payload, _ms()),
     )
 
 
 def held(store: Store, ref: int) -> list[HeldRow]:
-    rows = store._q(
+    rows = store.query(
         "SELECT id, contact_id, payload FROM group_held WHERE group_ref = ? ORDER BY id", (ref,)
     ).fetchall()
     return [HeldRow(int(r[0]), int(r[1]), bytes(r[2])) for r in rows]
 
 
 def count_held_from(store: Store, ref: int, contact_id: int) -> int:
-    return int(store._q(
+    return int(store.query(
         "SELECT COUNT(*) FROM group_held WHERE group_ref = ? AND contact_id = ?", (ref, contact_id)
     ).fetchone()[0])  # fmt: skip
 
 
 def drop_held(store: Store, held_id: int) -> None:
-    store._q("DELETE FROM group_held WHERE id = ?", (held_id,))
+    store.query("DELETE FROM group_held WHERE id = ?", (held_id,))
 
 
 def drop_held_before(store: Store, ref: int, before_ms: int) -> None:
-    store._q("DELETE FROM group_held WHERE group_ref = ? AND created_at < ?", (ref, before_ms))
+    store.query("DELETE FROM group_held WHERE group_ref = ? AND created_at < ?", (ref, before_ms))
 
 
 # --- group contacts (hidden from the contact list) ------------------------------------------
 
 
 def mark_group_contact(store: Store, contact_id: int) -> None:
-    store._q("INSERT OR IGNORE INTO group_contacts (contact_id) VALUES (?)", (contact_id,))
+    store.query("INSERT OR IGNORE INTO group_contacts (contact_id) VALUES (?)", (contact_id,))
 
 
 def is_group_contact(store: Store, contact_id: int) -> bool:
     return (
-        store._q("SELECT 1 FROM group_contacts WHERE contact_id = ?", (contact_id,)).fetchone()
+        store.query("SELECT 1 FROM group_contacts WHERE contact_id = ?", (contact_id,)).fetchone()
         is not None
     )
 
 
 def group_contact_ids(store: Store) -> set[int]:
-    return {int(r[0]) for r in store._q("SELECT contact_id FROM group_contacts").fetchall()}
+    return {int(r[0]) for r in store.query("SELECT contact_id FROM group_contacts").fetchall()}
 
 
 def mark_departed(store: Store, contact_id: int, at: int, remove_at: int) -> None:
     """A group contact shares no group with us any more (since ``at``): it goes past
     ``remove_at``. Each departure overwrites the last one's mark."""
-    store._q(
+    store.query(
         "UPDATE group_contacts SET departed_at = ?, remove_at = ? WHERE contact_id = ?",
         (at, remove_at, contact_id),
     )
@@ -271,7 +271,7 @@ def mark_departed(store: Store, contact_id: int, at: int, remove_at: int) -> Non
 
 def clear_departed(store: Store, contact_id: int) -> None:
     """A member again (its removal undone, or met in another group): no deadline."""
-    store._q(
+    store.query(
         "UPDATE group_contacts SET departed_at = NULL, remove_at = NULL WHERE contact_id = ?",
         (contact_id,),
     )
@@ -279,7 +279,7 @@ def clear_departed(store: Store, contact_id: int) -> None:
 
 def departed(store: Store, contact_id: int) -> tuple[int, int] | None:
     """(departed_at, remove_at) of a departed group contact, None if it is not one."""
-    row = store._q(
+    row = store.query(
         "SELECT departed_at, remove_at FROM group_contacts WHERE contact_id = ? "
         "AND remove_at IS NOT NULL",
         (contact_id,),
@@ -300,7 +300,7 @@ class PendingIntro:
 
 
 def add_pending_intro(store: Store, ref: int, name: str, link: str) -> int:
-    cur = store._q(
+    cur = store.query(
         "INSERT INTO group_intros_pending (group_ref, name, link, tries, created_at) "
         "VALUES (?, ?, ?, 0, ?)",
         (ref, name, link, _ms()),
@@ -309,7 +309,7 @@ def add_pending_intro(store: Store, ref: int, name: str, link: str) -> int:
 
 
 def pending_intros(store: Store) -> list[PendingIntro]:
-    rows = store._q(
+    rows = store.query(
         "SELECT id, group_ref, name, link, tries FROM group_intros_pending ORDER BY id"
     ).fetchall()
     return [PendingIntro(int(r[0]), int(r[1]), str(r[2]), str(r[3]), int(r[4])) for r in rows]
@@ -320,17 +320,17 @@ def get_pending_intro(store: Store, intro_id: int) -> PendingIntro | None:
 
 
 def count_pending_intros(store: Store, ref: int) -> int:
-    return int(store._q(
+    return int(store.query(
         "SELECT COUNT(*) FROM group_intros_pending WHERE group_ref = ?", (ref,)
     ).fetchone()[0])  # fmt: skip
 
 
 def tried_pending_intro(store: Store, intro_id: int) -> None:
-    store._q("UPDATE group_intros_pending SET tries = tries + 1 WHERE id = ?", (intro_id,))
+    store.query("UPDATE group_intros_pending SET tries = tries + 1 WHERE id = ?", (intro_id,))
 
 
 def drop_pending_intro(store: Store, intro_id: int) -> None:
-    store._q("DELETE FROM group_intros_pending WHERE id = ?", (intro_id,))
+    store.query("DELETE FROM group_intros_pending WHERE id = ?", (intro_id,))
 
 
 # --- history ----------------------------------------------------------------------------------
@@ -386,9 +386,9 @@ def add_message(
     The group's timer as it is now applies to it (§25.11): one's own runs from now, an
     incoming one from when it is marked read."""
     now = _ms() if created_at is None else created_at
-    row = store._q("SELECT timer_s FROM groups WHERE id = ?", (ref,)).fetchone()
+    row = store.query("SELECT timer_s FROM groups WHERE id = ?", (ref,)).fetchone()
     timer = int(row[0]) if row is not None else 0
-    cur = store._q(
+    cur = store.query(
         "INSERT OR IGNORE INTO group_messages (group_ref, author, wire_id, direction, body, "
         "sent_at, created_at, read_at, timer_s, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (ref, sender_key or b"", wire_id, direction, body, sent_at, now, read_at, timer,
@@ -402,7 +402,7 @@ def find_message(store: Store, ref: int, message_id: str) -> int | None:
     key = parse_api_id(message_id)
     if key is None:
         return None
-    row = store._q(
+    row = store.query(
         "SELECT seq FROM group_messages WHERE group_ref = ? AND author = ? AND wire_id = ?",
         (ref, *key),
     ).fetchone()
@@ -413,7 +413,7 @@ def own_message_to(store: Store, wire_id: bytes, contact_id: int) -> tuple[int, 
     """Our own message with this wire id that was counted for this contact (a receipt's
     match: we drew the id, and the receipt came through the contact's session), as its
     ``seq`` and API id."""
-    row = store._q(
+    row = store.query(
         "SELECT m.seq FROM group_messages m JOIN group_message_status s ON s.seq = m.seq "
         "WHERE m.author = x'' AND m.wire_id = ? AND s.contact_id = ?",
         (wire_id, contact_id),
@@ -422,7 +422,7 @@ def own_message_to(store: Store, wire_id: bytes, contact_id: int) -> tuple[int, 
 
 
 def history(store: Store, ref: int, *, before_seq: int | None, limit: int) -> list[GroupMessageRow]:
-    rows = store._q(
+    rows = store.query(
         "SELECT seq, author, wire_id, direction, body, sent_at, created_at, read_at "
         "FROM group_messages WHERE group_ref = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
         (ref, before_seq if before_seq is not None else 2**62, limit),
@@ -432,7 +432,7 @@ def history(store: Store, ref: int, *, before_seq: int | None, limit: int) -> li
 
 def message_at(store: Store, seq: int) -> tuple[int, GroupMessageRow] | None:
     """A group message by its ``seq`` (the search index's key), with its group's reference."""
-    row = store._q(
+    row = store.query(
         "SELECT group_ref, seq, author, wire_id, direction, body, sent_at, created_at, read_at "
         "FROM group_messages WHERE seq = ?",
         (seq,),
@@ -449,7 +449,7 @@ def _message(r: Any) -> GroupMessageRow:
 
 def unread(store: Store, ref: int, up_to_seq: int | None = None) -> list[GroupMessageRow]:
     """The group's incoming messages not read yet, up to ``up_to_seq`` (all: None)."""
-    rows = store._q(
+    rows = store.query(
         "SELECT seq, author, wire_id, direction, body, sent_at, created_at, read_at "
         "FROM group_messages WHERE group_ref = ? AND direction = 'in' AND read_at IS NULL "
         "AND seq <= ? ORDER BY seq",
@@ -461,7 +461,7 @@ def unread(store: Store, ref: int, up_to_seq: int | None = None) -> list[GroupMe
 def set_read(store: Store, seqs: Iterable[int]) -> None:
     now = _ms()
     for seq in seqs:
-        store._q(
+        store.query(
             "UPDATE group_messages SET read_at = ?, expires_at = CASE WHEN timer_s > 0 "
             "AND expires_at IS NULL THEN ? + timer_s * 1000 ELSE expires_at END WHERE seq = ?",
             (now, now, seq),
@@ -471,7 +471,7 @@ def set_read(store: Store, seqs: Iterable[int]) -> None:
 def set_statuses(store: Store, seq: int, contact_ids: Iterable[int], status: str) -> None:
     now = _ms()
     for cid in contact_ids:
-        store._q(
+        store.query(
             "INSERT OR REPLACE INTO group_message_status (seq, contact_id, status, status_at) "
             "VALUES (?, ?, ?, ?)",
             (seq, cid, status, now),
@@ -480,13 +480,13 @@ def set_statuses(store: Store, seq: int, contact_ids: Iterable[int], status: str
 
 def advance_status(store: Store, seq: int, contact_id: int, status: str) -> bool:
     """A receipt from one member: its status moves forward only. False if unknown or not."""
-    row = store._q(
+    row = store.query(
         "SELECT status FROM group_message_status WHERE seq = ? AND contact_id = ?",
         (seq, contact_id),
     ).fetchone()
     if row is None or row[0] not in ("queued", "delivered") or _RANK[status] <= _RANK[row[0]]:
         return False  # never sent to that member (unreachable, blocked): no receipt counts
-    store._q(
+    store.query(
         "UPDATE group_message_status SET status = ?, status_at = ? WHERE seq = ? "
         "AND contact_id = ?",
         (status, _ms(), seq, contact_id),
@@ -496,19 +496,21 @@ def advance_status(store: Store, seq: int, contact_id: int, status: str) -> bool
 
 def add_unsent(store: Store, seq: int, member_keys: Iterable[bytes]) -> None:
     for key in member_keys:
-        store._q(
+        store.query(
             "INSERT OR IGNORE INTO group_message_unsent (seq, member_key) VALUES (?, ?)",
             (seq, key),
         )
 
 
 def unsent(store: Store, seq: int) -> list[bytes]:
-    rows = store._q("SELECT member_key FROM group_message_unsent WHERE seq = ?", (seq,)).fetchall()
+    rows = store.query(
+        "SELECT member_key FROM group_message_unsent WHERE seq = ?", (seq,)
+    ).fetchall()
     return [bytes(r[0]) for r in rows]
 
 
 def statuses(store: Store, seq: int) -> dict[int, str]:
-    rows = store._q(
+    rows = store.query(
         "SELECT contact_id, status FROM group_message_status WHERE seq = ?", (seq,)
     ).fetchall()
     return {int(r[0]): str(r[1]) for r in rows}
@@ -520,7 +522,7 @@ def statuses(store: Store, seq: int) -> dict[int, str]:
 def long_partials(store: Store, contact_id: int, over: int) -> list[bytes]:
     """Message IDs of a contact's incomplete messages of more than ``over`` blocks, oldest
     first."""
-    rows = store._q(
+    rows = store.query(
         "SELECT msg_id FROM fragments WHERE contact_id = ? AND count > ? "
         "GROUP BY msg_id ORDER BY min(created_at)",
         (contact_id, over),
