@@ -233,3 +233,34 @@ def test_per_mailbox_rates_hold_across_nodes(
         await ca.close()
 
     run(alone())
+
+
+def test_blob_quotas_fit_the_area_across_nodes(
+        relay_factory: Callable[..., RelayProcess]) -> None:
+    """Blob quotas reserve room in the blob area until used or released, in the memory of the
+    node that granted them: each of two nodes grants at most half of the free area, so the
+    quotas granted on both fit in it (one node's own reservations would let twice as many)."""
+    unit = wire.BLOB_POW_UNIT
+    quotas = 4
+    options = {"blob_max_bytes": quotas * unit * wire.BLOCK_SIZE}
+    a = relay_factory(**options)
+    b = relay_factory(**options)
+    _wait_output(b, NODES_CHANGED, 1)
+    _wait_output(a, NODES_CHANGED, 1)
+
+    async def body() -> int:
+        conns = []
+        granted = 0
+        for node in (a, b) * quotas:  # a quota per connection: held while it lives
+            c = await RelayClient.connect(node.url)
+            conns.append(c)
+            try:
+                assert await c.blob_quota(unit) == unit
+                granted += 1
+            except RelayError as exc:
+                assert exc.code == wire.E_FULL
+        for c in conns:
+            await c.close()
+        return granted
+
+    assert run(body()) == quotas
