@@ -88,6 +88,9 @@ class Relay:
         self.blob_blocks = 0
         self.blob_reserved = 0
         self.budget_blocks = 0
+        # Live nodes sharing the store (relay_nodes): each applies 1/nodes of the per-mailbox
+        # rates (MailboxState.share). One for SQLite.
+        self.nodes = 1
         self.started = 0.0
         self.connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -106,6 +109,8 @@ class Relay:
         self.expiry_from = self.monotonic() + self.expiry_grace()
         self._clocks = (self.started, self.monotonic())
         self.storage.watch(self.remote)
+        if self.storage.shared:
+            await self.heartbeat(announce=True)
         budget = self.cfg.storage_budget
         if budget <= 0 and self.storage.shared:
             # The database's disk is not this node's to measure: every mailbox full (set
@@ -130,6 +135,9 @@ class Relay:
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
+        if self.storage.shared:
+            with contextlib.suppress(StorageError):
+                await self.storage.retire()
         await self.storage.close()
 
     def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
@@ -297,10 +305,31 @@ class Relay:
         blobs = await self.storage.blob_count()
         writing = sum(mb.writing for mb in self.by_id.values())
         self.mailboxes, self.queued_blocks, self.blob_blocks = mailboxes, queued + writing, blobs
+        await self.heartbeat()
+
+    async def heartbeat(self, announce: bool = False) -> None:
+        """Say this node is live (for three sweep intervals) and take its share of the
+        per-mailbox rates among the live nodes: a client spreading one mailbox's deposits over
+        N nodes gets the configured rate in all, not N times it. A node killed without
+        retiring counts until its row expires, so meanwhile the others admit less, not more."""
+        ttl = max(3, math.ceil(3 * self.cfg.sweep_interval))
+        try:
+            nodes = max(1, await self.storage.heartbeat(ttl, announce))
+        except StorageError as exc:
+            log.warning("heartbeat failed: %s", exc)
+            return
+        if nodes != self.nodes:
+            self.nodes = nodes
+            log.info("relay nodes sharing the store changed")
+            for mb in self.by_id.values():
+                mb.share(self.cfg, nodes)
 
     def remote(self, kind: str, mailbox: int) -> None:
         """Another node committed a deposit (`d`), changed or deleted a mailbox (`m`), or took
-        its subscription (`s`)."""
+        its subscription (`s`); or a node started or stopped (`n`)."""
+        if kind == "n":
+            self.spawn(self.heartbeat())
+            return
         mb = self.by_id.get(mailbox)
         if mb is None:
             return
@@ -365,7 +394,7 @@ class Relay:
             if row is not None:
                 mb = self.by_id.get(row.id)
                 if mb is None:
-                    mb = MailboxState(row, self.cfg, time.monotonic())
+                    mb = MailboxState(row, self.cfg, time.monotonic(), self.nodes)
                     self._cache(mb)
             fut.set_result(mb)
             return mb

@@ -387,7 +387,10 @@ async def h_blob_quota(c: Connection, f: wire.Frame) -> None:
     relay = c.relay
     c.release_quota()  # a new quota replaces what is left of the last (even if refused)
     area = c.cfg.blob_max_bytes // wire.BLOCK_SIZE
-    if relay.blob_blocks + relay.blob_reserved + blocks > area or relay.full(blocks):
+    # Several nodes (a shared store): each reserves at most 1/N of the free area, so quotas
+    # granted on all the nodes together fit in it (§8.1).
+    reserved = (relay.blob_reserved + blocks) * relay.nodes
+    if relay.blob_blocks + reserved > area or relay.full(blocks):
         raise wire.FrameError(wire.E_FULL)
     c.blob_quota = blocks
     c.blob_quota_granted = c.blob_quota_used = time.monotonic()

@@ -67,12 +67,13 @@ HELP = {
     "subscriptions_per_connection": "Subscriptions one connection may hold.",
     "queue_limit": "Blocks queued per mailbox.",
     "window": "Unacknowledged blocks in flight per mailbox and connection.",
-    "deposit_rate": "Deposits per second per mailbox (token bucket rate).",
+    "deposit_rate": "Deposits per second per mailbox (token bucket rate; with --store "
+                    "postgresql:// relay-wide: each of N live nodes applies 1/N, its burst too).",
     "deposit_burst": "Deposit bucket size per mailbox.",
     "tokens_per_mailbox": "Send-capability tokens per mailbox.",
     "bundle_items_per_kind": "One-time prekey items per kind and mailbox.",
     "bundle_fetch_rate": "One-time prekey items handed out per second per mailbox (beyond: "
-                         "the bundle base alone).",
+                         "the bundle base alone; relay-wide, as --deposit-rate).",
     "bundle_fetch_burst": "One-time item bucket size per mailbox.",
     "bundle_fetches_per_connection": "Bundle fetches one connection may make.",
     "blob_quota_blocks": "Blob blocks one proof-of-work quota admits.",

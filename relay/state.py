@@ -94,7 +94,7 @@ class MailboxState:
                  "id", "okey", "public", "queued", "sub", "tokens", "used", "verify",
                  "writing")
 
-    def __init__(self, row: MailboxRow, cfg: Config, now: float) -> None:
+    def __init__(self, row: MailboxRow, cfg: Config, now: float, nodes: int = 1) -> None:
         self.id = row.id
         self.okey = row.owner_key
         self.dkey = row.deposit_key
@@ -113,8 +113,22 @@ class MailboxState:
         self.used = row.used
         self.deposit_bucket = TokenBucket(cfg.deposit_rate, cfg.deposit_burst, now)
         self.bundle_bucket = TokenBucket(cfg.bundle_fetch_rate, cfg.bundle_fetch_burst, now)
+        if nodes > 1:
+            self.share(cfg, nodes)
         self.sub: Subscription | None = None
         self.deleted = False
+
+    def share(self, cfg: Config, nodes: int) -> None:
+        """This node's share of the mailbox's rates when `nodes` nodes serve it (a shared
+        store, docs/relay-protocol.md §8.1): a client reaching every node gets the configured
+        rate in all, not that many times it. Burst too (at least one: a deposit stays
+        possible)."""
+        for bucket, rate, burst in ((self.deposit_bucket, cfg.deposit_rate, cfg.deposit_burst),
+                                    (self.bundle_bucket, cfg.bundle_fetch_rate,
+                                     cfg.bundle_fetch_burst)):
+            bucket.rate = rate / nodes
+            bucket.burst = min(float(burst), max(1.0, burst / nodes))
+            bucket.tokens = min(bucket.tokens, bucket.burst)
 
     @property
     def key(self) -> bytes:

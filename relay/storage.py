@@ -147,6 +147,11 @@ class Storage(Protocol):
     def watch(self, callback: Callable[[str, int], None]) -> None: ...
     def announce(self, kind: str, mailbox: int) -> None: ...
     async def check_listener(self) -> bool: ...
+    # Several nodes: `heartbeat` marks this node live for `ttl` seconds and returns how many
+    # nodes are live (with `announce`, the others hear `n` and count again); `retire` says it
+    # is gone.
+    async def heartbeat(self, ttl: int, announce: bool = False) -> int: ...
+    async def retire(self) -> None: ...
 
 
 # Every row key is a random integer (`new_key`), never a sequence: the order of keys says
@@ -415,6 +420,12 @@ class SQLiteStorage:
 
     async def check_listener(self) -> bool:
         return False
+
+    async def heartbeat(self, ttl: int, announce: bool = False) -> int:
+        return 1  # one process: this one
+
+    async def retire(self) -> None:
+        """One process: nobody to tell."""
 
     # --- lifecycle -------------------------------------------------------------------------------
 

@@ -20,6 +20,9 @@ Across nodes, what one node's memory cannot know is in the database or announced
   or a deletion with `m<key>`; a subscription with `s<key>` (the node holding the mailbox's
   subscription ends it: the subscription moved). The payload is that random row key only,
   already visible to anyone who can read the tables; see docs/threat-model.md.
+- the live nodes are rows of `relay_nodes` (a random key and a coarse expiry by the database's
+  clock, refreshed at every sweep): each node applies 1/N of the per-mailbox rates. A node
+  joining or leaving notifies `n0`.
 """
 
 from __future__ import annotations
@@ -99,6 +102,10 @@ CREATE TABLE IF NOT EXISTS blobs (
 );
 ALTER TABLE blobs ALTER COLUMN block SET STORAGE EXTERNAL;
 CREATE INDEX IF NOT EXISTS blobs_expiry ON blobs(expiry);
+-- The live nodes (heartbeat): a random key per node process and when its row stops counting,
+-- in seconds of the database's clock rounded up to the node's sweep interval. Nothing about
+-- clients or mailboxes.
+CREATE TABLE IF NOT EXISTS relay_nodes (node bigint PRIMARY KEY, expires bigint NOT NULL);
 -- A deposit in one round trip (one statement: its own transaction). Each statement of a
 -- PL/pgSQL function takes a fresh snapshot, so the count and the last order key are read after
 -- the mailbox's row lock is held: deposits from several nodes queue on that lock. Returns the
@@ -189,6 +196,7 @@ class PostgresStorage:
         #: Set when the listening connection was lost and made again: notifications between
         #: the two were missed (the relay then re-reads every subscribed queue).
         self.relistened = False
+        self._node = _random_key()  # this process's row in relay_nodes
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -269,6 +277,31 @@ class PostgresStorage:
         except (asyncpg.PostgresError, *_AWAY):
             return False
         return True
+
+    async def heartbeat(self, ttl: int, announce: bool = False) -> int:
+        """Mark this node live for `ttl` seconds (rounded up to a third of it, by the database's
+        clock: the nodes' own clocks may differ), drop the rows of nodes that stopped beating,
+        and count the live ones (this one included)."""
+        grain = max(1, ttl // 3)
+
+        async def op(con: asyncpg.Connection) -> int:
+            now = int(await con.fetchval("SELECT extract(epoch FROM now())::bigint"))
+            await con.execute("DELETE FROM relay_nodes WHERE expires < $1", now)
+            await con.execute(
+                "INSERT INTO relay_nodes (node, expires) VALUES ($1, $2)"
+                " ON CONFLICT (node) DO UPDATE SET expires = excluded.expires",
+                self._node, -(-(now + ttl) // grain) * grain)
+            if announce:
+                await _notify(con, "n", 0)
+            return int(await con.fetchval("SELECT count(*) FROM relay_nodes"))
+        return await self._run(op)
+
+    async def retire(self) -> None:
+        """This node stops: the others count again without waiting for its row to expire."""
+        async def op(con: asyncpg.Connection) -> None:
+            await con.execute("DELETE FROM relay_nodes WHERE node = $1", self._node)
+            await _notify(con, "n", 0)
+        await self._run(op)
 
     # --- running operations ----------------------------------------------------------------------
 

@@ -1,4 +1,6 @@
-"""Fixtures for the whole suite: the private Tor network on loopback (tests/tornet.py)."""
+"""Fixtures for the whole suite: the private Tor network on loopback (tests/tornet.py), and
+one PostgreSQL server (tests/relay/postgres.py) for the relay's tests and the daemons' tests
+through relay nodes on it."""
 
 from __future__ import annotations
 
@@ -10,7 +12,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.relay.postgres import PostgresServer
 from tests.tornet import TorNetwork, TorNetworkError, missing_programs
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """Started by the first test that asks for it; `new_database()` gives each test its own."""
+    try:
+        server = PostgresServer()
+    except FileNotFoundError as exc:
+        pytest.fail(f"PostgreSQL is not installed: {exc} (make system-deps, as root)")
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")

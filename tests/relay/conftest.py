@@ -2,7 +2,8 @@
 
 Its storage backend is SQLite unless a test is marked `both_backends`: then it runs once on
 SQLite and once on a PostgreSQL database of its own (one server per session, tests/relay/
-postgres.py).
+postgres.py; its fixture `postgres_server` is in tests/conftest.py, shared with the functional
+tests).
 
 The test binds and listens on the socket itself and hands it to the relay (`--listen-fd`), so
 the port is known without the relay printing it, and a restarted relay (after kill -9) serves the
@@ -106,16 +107,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
             "both_backends"):
         metafunc.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    try:
-        server = PostgresServer()
-    except FileNotFoundError as exc:
-        pytest.fail(f"PostgreSQL is not installed: {exc} (make system-deps, as root)")
-    yield server
-    server.close()
 
 
 @pytest.fixture

@@ -164,3 +164,103 @@ def test_an_acknowledged_block_leaves_the_data_directory(
             break
         assert time.monotonic() < deadline, f"still on disk: {left}"
         time.sleep(0.5)
+
+
+NODES_CHANGED = "relay nodes sharing the store changed"
+
+
+def _wait_output(node: RelayProcess, line: str, times: int) -> None:
+    """Until `node` said `line` `times` times (a condition, not a delay)."""
+    deadline = time.monotonic() + 30
+    while node.output().count(line) < times:
+        assert time.monotonic() < deadline, f"not said {times} times: {line}"
+        time.sleep(0.05)
+
+
+def test_per_mailbox_rates_hold_across_nodes(
+        relay_factory: Callable[..., RelayProcess]) -> None:
+    """A sender spreading one mailbox's deposits (and bundle fetches) over two nodes as fast as
+    it can gets about the configured rate, not twice it: each node applies half of it (the
+    live nodes are counted in relay_nodes). Counted, not timed: the accepted deposits are at
+    most the burst plus the rate times the time the attempts took (plus one), where a bucket
+    per node would let twice as many in. Once one node stops, the other has it all again."""
+    rate, burst, attempts, items = 1.0, 4, 40, 3
+    options = {"deposit_rate": rate, "deposit_burst": burst, "bundle_fetch_rate": 0.0001,
+               "bundle_fetch_burst": items, "pow_bundle_bits": 4}
+    a = relay_factory(**options)
+    b = relay_factory(**options)
+    _wait_output(b, NODES_CHANGED, 1)  # B counted two nodes at its start,
+    _wait_output(a, NODES_CHANGED, 1)  # A when B's start was announced
+
+    async def spread(owner_c: RelayClient, conns: list[RelayClient]) -> tuple[int, float]:
+        token = os.urandom(32)
+        o = await new_owner(owner_c, token=token)
+        accepted = 0
+        start = time.monotonic()
+        for i in range(attempts):
+            try:
+                await conns[i % len(conns)].deposit(o.deposit_id, block(), token=token)
+                accepted += 1
+            except RelayError as exc:
+                assert exc.code == wire.E_RATE_LIMITED
+        return accepted, time.monotonic() - start
+
+    async def body() -> None:
+        ca, cb = await RelayClient.connect(a.url), await RelayClient.connect(b.url)
+        accepted, took = await spread(ca, [ca, cb])
+        assert burst <= accepted <= burst + rate * took + 1, (accepted, took)
+
+        # Bundle fetches: the one-time items handed out over both nodes are the burst's worth.
+        o = await new_owner(ca, public=True)
+        await ca.bundle_base(o.owner_id, o.sig, os.urandom(100))
+        await ca.bundle_add(o.owner_id, o.sig, wire.ITEM_X25519,
+                            [os.urandom(38) for _ in range(10)])
+        got = [await c.bundle_fetch(o.deposit_id) for c in (ca, cb) * (items + 1)]
+        assert sum(g[1] is not None for g in got) <= items
+        await ca.close()
+        await cb.close()
+
+    run(body())
+
+    # B stops (it retires its row and says so): A alone applies the whole rate again.
+    assert b.terminate() == 0
+    _wait_output(a, NODES_CHANGED, 2)
+
+    async def alone() -> None:
+        ca = await RelayClient.connect(a.url)
+        accepted, took = await spread(ca, [ca])
+        assert burst <= accepted <= burst + rate * took + 1, (accepted, took)
+        await ca.close()
+
+    run(alone())
+
+
+def test_blob_quotas_fit_the_area_across_nodes(
+        relay_factory: Callable[..., RelayProcess]) -> None:
+    """Blob quotas reserve room in the blob area until used or released, in the memory of the
+    node that granted them: each of two nodes grants at most half of the free area, so the
+    quotas granted on both fit in it (one node's own reservations would let twice as many)."""
+    unit = wire.BLOB_POW_UNIT
+    quotas = 4
+    options = {"blob_max_bytes": quotas * unit * wire.BLOCK_SIZE}
+    a = relay_factory(**options)
+    b = relay_factory(**options)
+    _wait_output(b, NODES_CHANGED, 1)
+    _wait_output(a, NODES_CHANGED, 1)
+
+    async def body() -> int:
+        conns = []
+        granted = 0
+        for node in (a, b) * quotas:  # a quota per connection: held while it lives
+            c = await RelayClient.connect(node.url)
+            conns.append(c)
+            try:
+                assert await c.blob_quota(unit) == unit
+                granted += 1
+            except RelayError as exc:
+                assert exc.code == wire.E_FULL
+        for c in conns:
+            await c.close()
+        return granted
+
+    assert run(body()) == quotas
