@@ -220,6 +220,7 @@ class PostgresStorage:
         # the task announcing them.
         self._unannounced: dict[int, None] = {}
         self._announcer: asyncio.Task[None] | None = None
+        self._closing_now = asyncio.Event()
         # The other nodes' listening connections seen last (server process ids), and when.
         self._nodes: set[int] | None = None
         self._nodes_checked = 0.0
@@ -283,6 +284,7 @@ class PostgresStorage:
 
     async def close(self) -> None:
         self._closing = True
+        self._closing_now.set()
         if self._announcer is not None:
             # What was committed is announced before leaving (bounded: the database may be
             # away; the other nodes then read their queues again as this node's listener goes).
@@ -370,7 +372,8 @@ class PostgresStorage:
         # gather for the next one.
         while self._unannounced:
             if not self._closing:
-                await asyncio.sleep(self._batch)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._closing_now.wait(), self._batch)
             keys = list(self._unannounced)
             self._unannounced.clear()
             try:

@@ -6,6 +6,7 @@ acknowledged block's bytes are searched for in PostgreSQL's data directory."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -77,6 +78,33 @@ def test_deposit_on_one_node_is_pushed_on_another(
             await asyncio.sleep(0.1)
         for c in (owner_c, sender, owner_b, depositor_a):
             await c.close()
+
+    run(body())
+
+
+def test_a_node_killed_before_announcing_its_deposits(
+        relay_factory: Callable[..., RelayProcess]) -> None:
+    """Node A answers OK once a deposit is committed and announces it later, in a batch (a
+    window of ten minutes here: never before it dies). Killed (-9) in between, its
+    announcement is never sent: node B sees A's listening connection go and reads every
+    subscribed queue again, so the block is pushed all the same."""
+    a, b = relay_factory(pg_notify_batch_ms=600_000), relay_factory()
+
+    async def body() -> None:
+        owner_c = await RelayClient.connect(b.url)
+        sender = await RelayClient.connect(a.url)
+        token = os.urandom(32)
+        alice = await new_owner(owner_c, token=token)
+        await alice.subscribe(owner_c)
+        blk = block(b"committed, never announced")
+        await sender.deposit(alice.deposit_id, blk, token=token)  # OK: committed
+        a.kill9()
+        m = await next_message(owner_c, timeout=30)
+        assert alice.open(m) == blk
+        await owner_c.ack([m.msg_id])
+        await owner_c.close()
+        with contextlib.suppress(Exception):
+            await sender.close()
 
     run(body())
 

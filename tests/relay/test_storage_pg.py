@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -190,5 +191,59 @@ def test_a_schema_1_database_is_migrated(postgres_server: PostgresServer) -> Non
                 await s.close()
         finally:
             await con.close()
+
+    asyncio.run(main())
+
+
+def test_deposits_are_announced_in_batches(postgres_server: PostgresServer) -> None:
+    """A node announces the mailboxes that got deposits within its batch window in one
+    notification, after their commits, with nothing but `d` and the mailboxes' row keys; with
+    a window of 0 each deposit's own transaction notifies. A payload stays within PostgreSQL's
+    8000 bytes however many mailboxes wait."""
+    longest = storage_pg._payloads("d", [st.KEY_MAX] * 1000)
+    assert len(longest) == 3 and max(map(len, longest)) <= 8000
+    dsn = postgres_server.new_database()
+
+    async def main() -> None:
+        # A window of a minute: only closing sends the batch (no race with the clock).
+        a = PostgresStorage(dsn, notify_batch_ms=60_000)
+        b = PostgresStorage(dsn, notify_batch_ms=0)
+        await a.open()
+        await b.open()
+        heard: list[tuple[str, int]] = []
+        b.watch(lambda kind, mailbox: heard.append((kind, mailbox)))
+        payloads: list[str] = []
+        con = await asyncpg.connect(dsn)
+        await con.add_listener(storage_pg.CHANNEL, lambda *args: payloads.append(args[3]))
+        try:
+            boxes = [await a.create_mailbox(okey(i), dkey(i), b"s", b"b", b"o", False)
+                     for i in range(3)]
+            await asyncio.gather(*(a.enqueue(x, 1000, b"%d" % i)
+                                   for i, x in enumerate(boxes * 2)))
+            # Committed (the futures are done), not announced yet.
+            assert await con.fetchval("SELECT count(*) FROM messages") == 6
+            await con.execute("SELECT 1")  # a round trip: a notification sent would be here
+            assert payloads == [] and heard == []
+            await a.close()
+            deadline = time.monotonic() + 10
+            while not heard:
+                assert time.monotonic() < deadline, "the batch never came"
+                await asyncio.sleep(0.05)
+            assert len(payloads) == 1
+            assert sorted(heard) == sorted(("d", x) for x in boxes)
+            assert payloads[0][0] == "d"
+            assert sorted(int(k) for k in payloads[0][1:].split(",")) == sorted(boxes)
+            # Unbatched: one notification per deposit, in its commit.
+            await b.enqueue(boxes[0], 1000, b"x")
+            await b.enqueue(boxes[1], 1000, b"y")
+            deadline = time.monotonic() + 10
+            while len(payloads) < 3:
+                assert time.monotonic() < deadline, "no notification"
+                await con.execute("SELECT 1")
+                await asyncio.sleep(0.05)
+            assert payloads[1:] == [f"d{boxes[0]}", f"d{boxes[1]}"]
+        finally:
+            await con.close()
+            await b.close()
 
     asyncio.run(main())
