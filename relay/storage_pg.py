@@ -16,9 +16,10 @@ Across nodes, what one node's memory cannot know is in the database or announced
 - the queue limit of a mailbox and the cap on mailboxes are checked inside the writing
   transaction (the mailbox's row locked, creations serialised by an advisory lock), so two
   nodes cannot both pass them (`QueueFull`, `TooMany`);
-- committed deposits are announced on channel `aegis_relay` as `d<mailbox row key>[,<key>...]`:
-  a node gathers the mailboxes that got a block within `notify_batch_ms` and announces them
-  in one notification (0: each deposit's own transaction notifies, as `relay_enqueue` does).
+- committed deposits are announced on channel `aegis_relay` as `d<mailbox row key>[,<key>...]`
+  (a mailbox's key once per block): a node gathers the deposits committed within
+  `notify_batch_ms` and announces them in one notification (0: each deposit's own transaction
+  notifies, as `relay_enqueue` does).
   A token change or a deletion is `m<key>`; a subscription `s<key>` (the node holding the
   mailbox's subscription ends it: the subscription moved). Payloads are random row keys only,
   already visible to anyone who can read the tables; see docs/threat-model.md.
@@ -216,9 +217,9 @@ class PostgresStorage:
         self._vacuum = vacuum
         self._rewrite_rows = rewrite_rows
         self._batch = max(0.0, notify_batch_ms) / 1000
-        # Mailboxes whose committed deposits this node has not announced yet (in order), and
-        # the task announcing them.
-        self._unannounced: dict[int, None] = {}
+        # Mailboxes whose committed deposits this node has not announced yet (in order), with
+        # their number of such deposits, and the task announcing them.
+        self._unannounced: dict[int, int] = {}
         self._announcer: asyncio.Task[None] | None = None
         self._closing_now = asyncio.Event()
         # The other nodes' listening connections seen last (server process ids), and when.
@@ -363,7 +364,7 @@ class PostgresStorage:
 
     def _announce_deposit(self, mailbox: int) -> None:
         """After a deposit's commit: announce it with the others of the next few ms."""
-        self._unannounced[mailbox] = None
+        self._unannounced[mailbox] = self._unannounced.get(mailbox, 0) + 1
         if self._announcer is None or self._announcer.done():
             self._announcer = asyncio.get_running_loop().create_task(self._announce_batches())
 
@@ -374,8 +375,9 @@ class PostgresStorage:
             if not self._closing:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._closing_now.wait(), self._batch)
-            keys = list(self._unannounced)
-            self._unannounced.clear()
+            # A mailbox's key once per block, as unbatched: the nodes count its blocks.
+            keys = [k for k, n in self._unannounced.items() for _ in range(n)]
+            waiting, self._unannounced = self._unannounced, {}
             try:
                 pool = self._pool
                 if pool is None:
@@ -386,8 +388,8 @@ class PostgresStorage:
                         _payloads("d", keys))
             except (asyncpg.PostgresError, *_AWAY):
                 # Not announced: again, until the database answers (or this node closes).
-                for k in keys:
-                    self._unannounced[k] = None
+                for k, n in waiting.items():
+                    self._unannounced[k] = self._unannounced.get(k, 0) + n
                 if self._closing:
                     return
                 await asyncio.sleep(0.5)
