@@ -11,7 +11,10 @@ acknowledges what it gets. The same workload runs, in the same run, against:
   * a bare aiohttp WebSocket forwarder (a subprocess: no storage, no checks, no crypto), the
     ceiling;
   * with `--store postgresql`, also aegis-relay on PostgreSQL: one node, and two nodes on one
-    database with half the pairs' sender and receiver on different nodes.
+    database with half the pairs' sender and receiver on different nodes (their latency also
+    printed apart), each with its deposits announced in batches (`--pg-notify-batch-ms`) and
+    one by one (0); and how long the maintenance's rewrite of the key table takes at 100,000
+    rows.
 
 It prints deposits per second and p50/p99 latency for both and the ratio; then it opens
 `--idle` connections to a fresh relay, each subscribed to its own mailbox, and prints the relay's
@@ -123,9 +126,10 @@ class Server:
         self.sock.close()
 
 
-def start_relay(data: str, store: str = "") -> Server:
+def start_relay(data: str, store: str = "", batch_ms: float | None = None) -> Server:
+    extra = [] if batch_ms is None else ["--pg-notify-batch-ms", str(batch_ms)]
     return Server([sys.executable, "-m", "relay.main", "--listen-fd", "{fd}", "--data", data,
-                   "--store", store, "--storage-budget", str(1 << 34),
+                   "--store", store, "--storage-budget", str(1 << 34), *extra,
                    "--log-level", "warning", "--deposit-rate", "1000000", "--deposit-burst",
                    "1000000", "--frame-rate", "1000000", "--frame-burst", "1000000",
                    "--max-connections", "20000", "--subscriptions-per-connection", "10",
@@ -146,10 +150,11 @@ def stamped() -> bytes:
     return struct.pack(">d", time.perf_counter()) + os.urandom(BLOCK - 8)
 
 
-async def relay_workload(url: str | list[str], pairs: int, messages: int, inflight: int
-                         ) -> tuple[float, list[float]]:
+async def relay_workload(url: str | list[str], pairs: int, messages: int, inflight: int,
+                         crossed: list[float] | None = None) -> tuple[float, list[float]]:
     """`url`: one relay, or several nodes of one: pair i's receiver is on node i mod n and its
-    sender on node (i // n) mod n, so with two nodes half the pairs cross nodes."""
+    sender on node (i // n) mod n, so with two nodes half the pairs cross nodes (their
+    latencies are also added to `crossed`)."""
     urls = [url] if isinstance(url, str) else url
     conn = aiohttp.TCPConnector(limit=0)
     session = aiohttp.ClientSession(connector=conn)
@@ -164,9 +169,10 @@ async def relay_workload(url: str | list[str], pairs: int, messages: int, inflig
         created = await r.create(sig, bytes(box.public_key))
         await r.token_add(created.owner_id, sig, token)
         await r.subscribe(created.owner_id, sig)
-        setup.append((r, s, created, box))
+        setup.append((r, s, created, box, i % len(urls) != i // len(urls) % len(urls)))
 
-    async def receive(r: RelayClient, created: object, box: PrivateKey, relay_pub: bytes) -> None:
+    async def receive(r: RelayClient, created: object, box: PrivateKey, relay_pub: bytes,
+                      cross: bool) -> None:
         from nacl.public import Box, PublicKey
         opener = Box(box, PublicKey(relay_pub))
         acks: list[asyncio.Future[None]] = []
@@ -178,6 +184,8 @@ async def relay_workload(url: str | list[str], pairs: int, messages: int, inflig
             for m in batch:
                 t = struct.unpack(">d", opener.decrypt(m.sealed)[:8])[0]
                 latencies.append(time.perf_counter() - t)
+                if cross and crossed is not None:
+                    crossed.append(latencies[-1])
             got += len(batch)
             # Acknowledge in batches, without waiting: as a real client would.
             acks.append(asyncio.ensure_future(r.ack([m.msg_id for m in batch])))
@@ -193,11 +201,11 @@ async def relay_workload(url: str | list[str], pairs: int, messages: int, inflig
         await asyncio.gather(*(one() for _ in range(messages)))
 
     t0 = time.perf_counter()
-    tasks = [receive(r, c, box, c.relay_box_pub) for r, _, c, box in setup]
-    tasks += [send(s, c.deposit_id) for _, s, c, _ in setup]
+    tasks = [receive(r, c, box, c.relay_box_pub, x) for r, _, c, box, x in setup]
+    tasks += [send(s, c.deposit_id) for _, s, c, _, _ in setup]
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - t0
-    for r, s, _, _ in setup:
+    for r, s, _, _, _ in setup:
         await r.close()
         await s.close()
     await session.close()
@@ -291,13 +299,19 @@ async def main_async(args: argparse.Namespace) -> None:
             from tests.relay.postgres import PostgresServer
             # (Its helpers run their own event loops: in a thread.)
             pg = await asyncio.to_thread(PostgresServer)
-            one = await asyncio.to_thread(pg.new_database)
-            two = await asyncio.to_thread(pg.new_database)
-            runs["pg1"] = [start_relay(os.path.join(tmp, "pg1"), one)]
-            runs["pg2"] = [start_relay(os.path.join(tmp, f"pg2-{i}"), two) for i in range(2)]
-            labels["pg1"] = "aegis-relay on PostgreSQL, one node"
-            labels["pg2"] = ("aegis-relay on PostgreSQL, two nodes on one database (half the "
-                             "pairs cross nodes: pushed through NOTIFY)")
+            for batch in (args.pg_notify_batch_ms, 0.0):
+                how = f"notifications batched {batch:g} ms" if batch else "a NOTIFY per deposit"
+                one = await asyncio.to_thread(pg.new_database)
+                two = await asyncio.to_thread(pg.new_database)
+                runs[f"pg1/{batch:g}"] = [start_relay(os.path.join(tmp, f"pg1-{batch:g}"), one,
+                                                      batch)]
+                runs[f"pg2/{batch:g}"] = [
+                    start_relay(os.path.join(tmp, f"pg2-{batch:g}-{i}"), two, batch)
+                    for i in range(2)]
+                labels[f"pg1/{batch:g}"] = f"aegis-relay on PostgreSQL, one node, {how}"
+                labels[f"pg2/{batch:g}"] = (
+                    f"aegis-relay on PostgreSQL, two nodes on one database, {how} (half the "
+                    "pairs cross nodes: pushed through NOTIFY)")
         try:
             for srvs in runs.values():
                 for srv in srvs:
@@ -305,6 +319,7 @@ async def main_async(args: argparse.Namespace) -> None:
             rates: dict[str, list[float]] = {name: [] for name in runs}
             lats: dict[str, list[float]] = {name: [] for name in runs}
             cpus: dict[str, list[float]] = {name: [] for name in runs}
+            crossed: dict[str, list[float]] = {name: [] for name in runs}
             # Rounds alternate between them, so a noisy neighbour hits all alike.
             for _ in range(args.rounds):
                 for name, srvs in runs.items():
@@ -312,7 +327,7 @@ async def main_async(args: argparse.Namespace) -> None:
                     if name != "forwarder":
                         rate, lat = await relay_workload(
                             [f"http://127.0.0.1:{srv.port}/v1/ws" for srv in srvs], args.pairs,
-                            args.messages, args.inflight)
+                            args.messages, args.inflight, crossed[name])
                     else:
                         rate, lat = await forwarder_workload(
                             f"http://127.0.0.1:{fwd.port}/ws", args.pairs, args.messages,
@@ -329,11 +344,15 @@ async def main_async(args: argparse.Namespace) -> None:
                       f"{pct(lats[name], 50) * 1000:.1f} ms, "
                       f"p99 {pct(lats[name], 99) * 1000:.1f} ms,"
                       f" server CPU {statistics.median(cpus[name]) * 1e6:.0f} us per deposit")
+                if crossed[name]:
+                    print(f"  of which across nodes: p50 {pct(crossed[name], 50) * 1000:.1f} ms,"
+                          f" p99 {pct(crossed[name], 99) * 1000:.1f} ms")
             ratio = statistics.median(rates["relay"]) / statistics.median(rates["forwarder"])
             print(f"relay / forwarder throughput (medians): {ratio:.0%}")
             if pg is not None:
                 print("(server CPU of the PostgreSQL rows: the relay nodes' only, not the "
                       "database's processes)")
+                print(await asyncio.to_thread(key_table_rewrite, pg))
         finally:
             for srvs in runs.values():
                 for srv in srvs:
@@ -357,6 +376,38 @@ async def main_async(args: argparse.Namespace) -> None:
                 relay.stop()
 
 
+def key_table_rewrite(pg: object) -> str:
+    """The maintenance's VACUUM FULL of the key table at 100,000 live rows (and 1,000 deleted),
+    in a database of its own."""
+    from relay.storage_pg import PostgresStorage
+    from tests.relay.postgres import PostgresServer
+    assert isinstance(pg, PostgresServer)
+    dsn = pg.new_database()
+
+    async def measure() -> str:
+        import asyncpg
+        s = PostgresStorage(dsn)
+        await s.open()
+        await s.close()
+        con = await asyncpg.connect(dsn)
+        try:
+            await con.execute("INSERT INTO message_keys SELECT g, sha256(g::text::bytea)"
+                              " FROM generate_series(1, 101000) g")
+            await con.execute("DELETE FROM message_keys WHERE id > 100000")
+            size = await con.fetchval("SELECT pg_total_relation_size('message_keys')")
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                await con.execute("VACUUM FULL message_keys")
+                times.append(time.perf_counter() - t0)
+        finally:
+            await con.close()
+        return (f"key table rewrite (VACUUM FULL message_keys, 100,000 rows, {size / 2**20:.1f}"
+                f" MiB): median {statistics.median(times) * 1000:.0f} ms of 3")
+
+    return asyncio.run(measure())
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--forwarder":
         forwarder_main(int(sys.argv[2]))
@@ -370,6 +421,9 @@ def main() -> None:
     p.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite",
                    help="postgresql: also the relay on PostgreSQL (a server of its own, "
                         "Debian's postgresql package), one node and two, in the same run")
+    p.add_argument("--pg-notify-batch-ms", type=float, default=5.0,
+                   help="the relay's --pg-notify-batch-ms for the batched PostgreSQL rows "
+                        "(the same run also measures 0: a NOTIFY per deposit)")
     asyncio.run(main_async(p.parse_args()))
 
 

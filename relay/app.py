@@ -50,7 +50,8 @@ def _make_storage(cfg: Config, clock: Callable[[], float]) -> Storage:
 
         return PostgresStorage(cfg.store, queue_limit=cfg.queue_limit,
                                max_mailboxes=cfg.max_mailboxes,
-                               rewrite_rows=cfg.pg_rewrite_rows)
+                               rewrite_rows=cfg.pg_rewrite_rows,
+                               notify_batch_ms=cfg.pg_notify_batch_ms)
     if cfg.store:
         raise ValueError("--store: a postgresql:// URL or nothing")
     return SQLiteStorage(

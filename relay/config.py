@@ -15,6 +15,9 @@ class Config:
     # holding at most this many rows (VACUUM FULL), so deleted blocks leave its files; a larger
     # one keeps them in freed space until new rows reuse it (docs/threat-model.md).
     pg_rewrite_rows: int = 4096
+    # PostgreSQL: a node announces the deposits committed within this many milliseconds in one
+    # notification (a NOTIFY serialises commits); 0: each deposit notifies in its own commit.
+    pg_notify_batch_ms: float = 5.0
     # Queued blocks expire after this many seconds (default 14 days); blobs after blob_ttl.
     message_ttl: int = 14 * 24 * 3600
     # Expiry is stored rounded up to this many seconds, so it does not reveal arrival times.

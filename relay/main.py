@@ -92,6 +92,9 @@ HELP = {
              "relay nodes share (each node then counts caps in the database).",
     "pg_rewrite_rows": "PostgreSQL: a table of at most this many rows is rewritten (VACUUM "
                        "FULL) at every checkpoint, so deleted blocks leave its files.",
+    "pg_notify_batch_ms": "PostgreSQL: deposits committed within this many ms are announced "
+                          "to the other nodes in one notification (0: one each, in the "
+                          "deposit's commit).",
     "max_batch": "Storage operations per group commit.",
     "max_batch_bytes": "Bytes written per group commit at most (about; one operation at least).",
     "checkpoint_bytes": "Bytes committed between background WAL checkpoints (0: off).",

@@ -16,13 +16,21 @@ Across nodes, what one node's memory cannot know is in the database or announced
 - the queue limit of a mailbox and the cap on mailboxes are checked inside the writing
   transaction (the mailbox's row locked, creations serialised by an advisory lock), so two
   nodes cannot both pass them (`QueueFull`, `TooMany`);
-- a committed deposit notifies channel `aegis_relay` with `d<mailbox row key>`; a token change
-  or a deletion with `m<key>`; a subscription with `s<key>` (the node holding the mailbox's
-  subscription ends it: the subscription moved). The payload is that random row key only,
+- committed deposits are announced on channel `aegis_relay` as `d<mailbox row key>[,<key>...]`
+  (a mailbox's key once per block): a node gathers the deposits committed within
+  `notify_batch_ms` and announces them in one notification (0: each deposit's own transaction
+  notifies, as `relay_enqueue` does).
+  A token change or a deletion is `m<key>`; a subscription `s<key>` (the node holding the
+  mailbox's subscription ends it: the subscription moved). Payloads are random row keys only,
   already visible to anyone who can read the tables; see docs/threat-model.md.
 - the live nodes are rows of `relay_nodes` (a random key and a coarse expiry by the database's
   clock, refreshed at every sweep): each node applies 1/N of the per-mailbox rates. A node
   joining or leaving notifies `n0`.
+
+A block (queued or blob) is stored encrypted under a random key of its own, kept in a narrow
+table (`message_keys`, `blob_keys`) that every checkpoint rewrites whatever its size; deleting
+a block deletes its key in the same statement. A deleted block's ciphertext may stay in a large
+table's freed space, its key does not stay in the live files beyond one checkpoint interval.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
 
 import asyncpg
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from .storage import (
     KEY_MAX,
@@ -54,7 +63,15 @@ log = logging.getLogger("aegis.relay")
 T = TypeVar("T")
 
 CHANNEL = "aegis_relay"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# A notification's payload is at most 8000 bytes (PostgreSQL's limit): `d` and up to 390 keys
+# of at most 19 digits with their commas.
+_PAYLOAD_KEYS = 390
+# Every key encrypts one block only, so a fixed nonce is safe.
+_NONCE = bytes(12)
+# The listening connections carry this name, so that a node sees another node go away
+# (check_listener).
+_LISTENER_NAME = "aegis-relay listen"
 # Creations take this advisory lock, so the count of mailboxes they check is exact across nodes.
 _CREATE_LOCK = 0x6165676973  # "aegis"
 
@@ -106,13 +123,20 @@ CREATE INDEX IF NOT EXISTS blobs_expiry ON blobs(expiry);
 -- in seconds of the database's clock rounded up to the node's sweep interval. Nothing about
 -- clients or mailboxes.
 CREATE TABLE IF NOT EXISTS relay_nodes (node bigint PRIMARY KEY, expires bigint NOT NULL);
+-- Each block's key (schema 2), deleted with its block; these narrow tables are rewritten at
+-- every checkpoint (VACUUM FULL), so a deleted block's key leaves the live files.
+CREATE TABLE IF NOT EXISTS message_keys (id bigint PRIMARY KEY, secret bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS blob_keys (id bigint PRIMARY KEY, secret bytea NOT NULL);
 -- A deposit in one round trip (one statement: its own transaction). Each statement of a
 -- PL/pgSQL function takes a fresh snapshot, so the count and the last order key are read after
 -- the mailbox's row lock is held: deposits from several nodes queue on that lock. Returns the
 -- key, or 0: the key is taken (draw again), -1: no such mailbox, -2: the queue is full, -3: the
--- order keys would overflow (the caller renumbers).
+-- order keys would overflow (the caller renumbers). `p_block` is encrypted under `p_secret`,
+-- stored beside it in message_keys. `p_notify`: announce the deposit in its own transaction
+-- (the node's notifications unbatched), else the node announces it in a batch.
 CREATE OR REPLACE FUNCTION relay_enqueue(p_mailbox bigint, p_key bigint, p_first bigint,
-        p_step bigint, p_expiry bigint, p_block bytea, p_limit bigint) RETURNS bigint
+        p_step bigint, p_expiry bigint, p_block bytea, p_limit bigint, p_secret bytea,
+        p_notify boolean) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE n bigint; last_seq bigint; next_seq bigint;
 BEGIN
@@ -130,7 +154,10 @@ BEGIN
     INSERT INTO messages (id, mailbox, seq, expiry, block)
         VALUES (p_key, p_mailbox, next_seq, p_expiry, p_block) ON CONFLICT (id) DO NOTHING;
     IF NOT FOUND THEN RETURN 0; END IF;
-    PERFORM pg_notify('aegis_relay', 'd' || p_mailbox);
+    INSERT INTO message_keys (id, secret) VALUES (p_key, p_secret);
+    IF p_notify THEN
+        PERFORM pg_notify('aegis_relay', 'd' || p_mailbox);
+    END IF;
     RETURN p_key;
 END $$;
 """
@@ -166,6 +193,20 @@ def _random_key() -> int:
     return secrets.randbelow(KEY_MAX) + 1
 
 
+def seal(secret: bytes, block: bytes) -> bytes:
+    """A block as stored: encrypted under its own key (ChaCha20-Poly1305)."""
+    return ChaCha20Poly1305(secret).encrypt(_NONCE, block, None)
+
+
+def unseal(secret: bytes, stored: bytes) -> bytes:
+    return ChaCha20Poly1305(secret).decrypt(_NONCE, stored, None)
+
+
+def _payloads(kind: str, keys: list[int]) -> list[str]:
+    return [kind + ",".join(map(str, keys[i:i + _PAYLOAD_KEYS]))
+            for i in range(0, len(keys), _PAYLOAD_KEYS)]
+
+
 class PostgresStorage:
     """PostgreSQL backend: a pool of connections, one transaction per operation (the server's
     group commit batches the WAL flushes of concurrent commits), LISTEN on one more connection.
@@ -174,13 +215,24 @@ class PostgresStorage:
     shared = True
 
     def __init__(self, dsn: str, *, queue_limit: int = 1024, max_mailboxes: int = 0,
-                 pool_size: int = 8, vacuum: bool = True, rewrite_rows: int = 4096) -> None:
+                 pool_size: int = 8, vacuum: bool = True, rewrite_rows: int = 4096,
+                 notify_batch_ms: float = 5.0) -> None:
         self._dsn = dsn
         self._queue_limit = queue_limit
         self._max_mailboxes = max_mailboxes
         self._pool_size = pool_size
         self._vacuum = vacuum
         self._rewrite_rows = rewrite_rows
+        self._batch = max(0.0, notify_batch_ms) / 1000
+        # Mailboxes whose committed deposits this node has not announced yet (in order), with
+        # their number of such deposits, and the task announcing them.
+        self._unannounced: dict[int, int] = {}
+        self._announcer: asyncio.Task[None] | None = None
+        self._closing_now = asyncio.Event()
+        # The other nodes' listening connections seen last (server process ids), and when.
+        self._nodes: set[int] | None = None
+        self._nodes_checked = 0.0
+        self._closing = False
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._own_pids: set[int] = set()
@@ -201,6 +253,7 @@ class PostgresStorage:
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def open(self) -> None:
+        migrated = False
         try:
             self._pool = await asyncpg.create_pool(
                 self._dsn, min_size=1, max_size=self._pool_size, server_settings=_SETTINGS,
@@ -212,8 +265,16 @@ class PostgresStorage:
                 row = await con.fetchrow("SELECT version FROM relay_schema")
                 if row is None:
                     await con.execute("INSERT INTO relay_schema VALUES ($1)", SCHEMA_VERSION)
+                elif row[0] == 1:
+                    await _migrate_1_2(con)
+                    migrated = True
                 elif row[0] != SCHEMA_VERSION:
                     raise StorageError("unsupported relay database schema version")
+            if migrated:
+                # The plaintext blocks of schema 1 are dead rows now: written out of the files.
+                async with self._pool.acquire() as con:
+                    await con.execute("VACUUM FULL messages")
+                    await con.execute("VACUUM FULL blobs")
             await self._listen()
         except (asyncpg.PostgresError, *_AWAY) as exc:
             raise StorageError(type(exc).__name__) from None
@@ -224,11 +285,20 @@ class PostgresStorage:
         con.add_termination_listener(lambda _c: self._own_pids.discard(pid))
 
     async def _listen(self) -> None:
-        con = await asyncpg.connect(self._dsn, server_settings=_SETTINGS, timeout=10)
+        con = await asyncpg.connect(
+            self._dsn, server_settings={**_SETTINGS, "application_name": _LISTENER_NAME},
+            timeout=10)
         await con.add_listener(CHANNEL, self._notified)
         self._listener = con
 
     async def close(self) -> None:
+        self._closing = True
+        self._closing_now.set()
+        if self._announcer is not None:
+            # What was committed is announced before leaving (bounded: the database may be
+            # away; the other nodes then read their queues again as this node's listener goes).
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self._announcer, 5)
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
@@ -249,10 +319,11 @@ class PostgresStorage:
         if pid in self._own_pids or self._watch is None:
             return  # this node's own: already acted upon
         try:
-            kind, mailbox = payload[0], int(payload[1:])
+            kind, mailboxes = payload[0], [int(k) for k in payload[1:].split(",")]
         except (IndexError, ValueError):
             return
-        self._watch(kind, mailbox)
+        for mailbox in mailboxes:
+            self._watch(kind, mailbox)
 
     def announce(self, kind: str, mailbox: int) -> None:
         """Tell the other nodes (`s`: this node took the mailbox's subscription)."""
@@ -269,13 +340,17 @@ class PostgresStorage:
         return True
 
     async def check_listener(self) -> bool:
-        """Make the listening connection again if it was lost; True if it was."""
+        """Make the listening connection again if it was lost; True if it was, or if another
+        node's listening connection went away (with batched notifications: a node that died
+        between a deposit's commit and its batch never announced it; the caller reads every
+        subscribed queue again)."""
         if self._listener is not None and not self._listener.is_closed():
-            return False
+            return await self._node_gone()
         try:
             await self._listen()
         except (asyncpg.PostgresError, *_AWAY):
             return False
+        self._nodes = None
         return True
 
     async def heartbeat(self, ttl: int, announce: bool = False) -> int:
@@ -302,6 +377,54 @@ class PostgresStorage:
             await con.execute("DELETE FROM relay_nodes WHERE node = $1", self._node)
             await _notify(con, "n", 0)
         await self._run(op)
+    async def _node_gone(self) -> bool:
+        if not self._batch or self._listener is None:
+            return False
+        now = time.monotonic()
+        if now - self._nodes_checked < 1.0:
+            return False
+        self._nodes_checked = now
+        try:
+            pids = {int(r[0]) for r in await self._listener.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
+                " AND datname = current_database()", _LISTENER_NAME)}
+        except (asyncpg.PostgresError, *_AWAY):
+            return False  # the listener is lost: the next call makes it again
+        gone = self._nodes is not None and not self._nodes <= pids
+        self._nodes = pids
+        return gone
+
+    def _announce_deposit(self, mailbox: int) -> None:
+        """After a deposit's commit: announce it with the others of the next few ms."""
+        self._unannounced[mailbox] = self._unannounced.get(mailbox, 0) + 1
+        if self._announcer is None or self._announcer.done():
+            self._announcer = asyncio.get_running_loop().create_task(self._announce_batches())
+
+    async def _announce_batches(self) -> None:
+        # One notifying transaction at a time per node: the deposits committed meanwhile
+        # gather for the next one.
+        while self._unannounced:
+            if not self._closing:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._closing_now.wait(), self._batch)
+            # A mailbox's key once per block, as unbatched: the nodes count its blocks.
+            keys = [k for k, n in self._unannounced.items() for _ in range(n)]
+            waiting, self._unannounced = self._unannounced, {}
+            try:
+                pool = self._pool
+                if pool is None:
+                    return
+                async with pool.acquire(timeout=10) as con:
+                    await con.execute(
+                        "SELECT pg_notify($1, p) FROM unnest($2::text[]) p", CHANNEL,
+                        _payloads("d", keys))
+            except (asyncpg.PostgresError, *_AWAY):
+                # Not announced: again, until the database answers (or this node closes).
+                for k, n in waiting.items():
+                    self._unannounced[k] = self._unannounced.get(k, 0) + n
+                if self._closing:
+                    return
+                await asyncio.sleep(0.5)
 
     # --- running operations ----------------------------------------------------------------------
 
@@ -461,15 +584,19 @@ class PostgresStorage:
         one, and the queue's limit (`limit`, else the configured queue_limit) holds across
         nodes (QueueFull). Other nodes hear of it once committed."""
         cap = limit or self._queue_limit
+        secret = secrets.token_bytes(32)
+        stored = seal(secret, sealed)
 
         async def op(con: asyncpg.Connection) -> int:
             while True:
                 key = _random_key()
                 got = await con.fetchval(
-                    "SELECT relay_enqueue($1, $2, $3, $4, $5, $6, $7)", mailbox, key,
+                    "SELECT relay_enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9)", mailbox, key,
                     secrets.randbelow(SEQ_START), secrets.randbelow(SEQ_STEP) + 1, expiry,
-                    sealed, cap)
+                    stored, cap, secret, not self._batch)
                 if got == key:
+                    if self._batch:
+                        self._announce_deposit(mailbox)  # committed: announced after
                     return key
                 if got == -1:
                     raise QueueFull("mailbox gone")  # deleted on another node meanwhile
@@ -501,25 +628,32 @@ class PostgresStorage:
 
         async def op(con: asyncpg.Connection) -> list[tuple[int, bytes]]:
             rows = await con.fetch(
-                "SELECT id, block FROM messages WHERE mailbox = $1 ORDER BY seq LIMIT $2",
+                "SELECT m.id, m.block, k.secret FROM messages m JOIN message_keys k"
+                " ON k.id = m.id WHERE m.mailbox = $1 ORDER BY m.seq LIMIT $2",
                 mailbox, limit + len(skip))
-            return [(int(r[0]), bytes(r[1])) for r in rows if r[0] not in skip][:limit]
+            return [(int(r[0]), unseal(bytes(r[2]), bytes(r[1])))
+                    for r in rows if r[0] not in skip][:limit]
         return await self._run(op, tx=False)
 
     def remove(self, mailbox: int, ids: list[int]) -> asyncio.Future[int]:
         async def op(con: asyncpg.Connection) -> int:
+            # The block and its key in one statement.
             status = await con.execute(
-                "DELETE FROM messages WHERE mailbox = $1 AND id = ANY($2::bigint[])",
-                mailbox, ids)
+                "WITH gone AS (DELETE FROM messages WHERE mailbox = $1"
+                " AND id = ANY($2::bigint[]) RETURNING id)"
+                " DELETE FROM message_keys WHERE id IN (SELECT id FROM gone)", mailbox, ids)
             return int(status.split()[-1])
         return self._submit(op, tx=False)  # one statement: a transaction of its own
 
     async def expire(self, now: int) -> tuple[dict[int, int], int]:
         async def op(con: asyncpg.Connection) -> tuple[dict[int, int], int]:
             rows = await con.fetch(
-                "WITH gone AS (DELETE FROM messages WHERE expiry <= $1 RETURNING mailbox)"
+                "WITH gone AS (DELETE FROM messages WHERE expiry <= $1 RETURNING id, mailbox),"
+                " k AS (DELETE FROM message_keys WHERE id IN (SELECT id FROM gone))"
                 " SELECT mailbox, count(*) FROM gone GROUP BY mailbox", now)
-            status = await con.execute("DELETE FROM blobs WHERE expiry <= $1", now)
+            status = await con.execute(
+                "WITH gone AS (DELETE FROM blobs WHERE expiry <= $1 RETURNING id)"
+                " DELETE FROM blob_keys WHERE id IN (SELECT id FROM gone)", now)
             return {int(r[0]): int(r[1]) for r in rows}, int(status.split()[-1])
         return await self._run(op)
 
@@ -589,14 +723,18 @@ class PostgresStorage:
 
     def put_blob(self, bkey: bytes, cap_hash: bytes, expiry: int,
                  block: bytes) -> asyncio.Future[bool]:
+        secret = secrets.token_bytes(32)
+        stored = seal(secret, block)
+
         async def op(con: asyncpg.Connection) -> bool:
             while True:
                 try:
                     async with con.transaction():  # a savepoint: a taken key is drawn again
                         await con.execute(
-                            "INSERT INTO blobs (id, key, cap_hash, expiry, block)"
-                            " VALUES ($1, $2, $3, $4, $5)",
-                            _random_key(), bkey, cap_hash, expiry, block)
+                            "WITH b AS (INSERT INTO blobs (id, key, cap_hash, expiry, block)"
+                            " VALUES ($1, $2, $3, $4, $5) RETURNING id)"
+                            " INSERT INTO blob_keys (id, secret) SELECT id, $6 FROM b",
+                            _random_key(), bkey, cap_hash, expiry, stored, secret)
                     return True
                 except asyncpg.UniqueViolationError as exc:
                     if exc.constraint_name == "blobs_key_key":
@@ -605,29 +743,38 @@ class PostgresStorage:
 
     async def get_blob(self, bkey: bytes) -> tuple[bytes, bytes] | None:
         async def op(con: asyncpg.Connection) -> tuple[bytes, bytes] | None:
-            row = await con.fetchrow("SELECT cap_hash, block FROM blobs WHERE key = $1", bkey)
-            return None if row is None else (bytes(row[0]), bytes(row[1]))
+            row = await con.fetchrow(
+                "SELECT b.cap_hash, b.block, k.secret FROM blobs b JOIN blob_keys k"
+                " ON k.id = b.id WHERE b.key = $1", bkey)
+            return None if row is None else (bytes(row[0]), unseal(bytes(row[2]),
+                                                                   bytes(row[1])))
         return await self._run(op, tx=False)
 
     def delete_blob(self, bkey: bytes) -> asyncio.Future[bool]:
         async def op(con: asyncpg.Connection) -> bool:
-            status = await con.execute("DELETE FROM blobs WHERE key = $1", bkey)
+            status = await con.execute(
+                "WITH gone AS (DELETE FROM blobs WHERE key = $1 RETURNING id)"
+                " DELETE FROM blob_keys WHERE id IN (SELECT id FROM gone)", bkey)
             return bool(int(status.split()[-1]))
         return self._submit(op)
 
     # --- maintenance -----------------------------------------------------------------------------
 
     async def checkpoint(self) -> None:
-        """Make deleted blocks' space free (VACUUM), rewriting a table of at most
-        `rewrite_rows` rows (VACUUM FULL) so that no deleted row's bytes stay in its files;
-        then, where the relay's role may (superuser, or pg_checkpoint and pg_switch_wal
-        granted), end the WAL segment and checkpoint, so the segments holding deleted blocks
-        are removed (with wal_recycle=off; recycled otherwise)
-        (docs/threat-model.md: PostgreSQL)."""
+        """Rewrite the blocks' key tables whatever their size (VACUUM FULL: a deleted block's
+        key leaves the files, so its ciphertext, wherever it stays, is unreadable); make
+        deleted blocks' space free (VACUUM), rewriting a table of at most `rewrite_rows` rows
+        (VACUUM FULL) so that no deleted row's bytes stay in its files; then, where the
+        relay's role may (superuser, or pg_checkpoint and pg_switch_wal granted), end the WAL
+        segment and checkpoint, so the segments holding deleted blocks are removed (with
+        wal_recycle=off; recycled otherwise) (docs/threat-model.md: PostgreSQL)."""
         if not self._vacuum:
             return
 
         async def op(con: asyncpg.Connection) -> None:
+            for table in ("message_keys", "blob_keys"):
+                # About 80 bytes a live row: cheap at any size (docs/relay-protocol.md §8.1).
+                await con.execute(f"VACUUM FULL {table}")
             for table in ("messages", "bundle_items", "blobs"):
                 # VACUUM frees a dead row's space but leaves its bytes in the page until a new
                 # row reuses it; a small table is rewritten instead (VACUUM FULL: new files,
@@ -648,7 +795,9 @@ async def _notify(con: asyncpg.Connection, kind: str, mailbox: int) -> None:
 
 
 async def _delete_mailbox(con: asyncpg.Connection, mailbox: int) -> int:
-    status = await con.execute("DELETE FROM messages WHERE mailbox = $1", mailbox)
+    status = await con.execute(
+        "WITH gone AS (DELETE FROM messages WHERE mailbox = $1 RETURNING id)"
+        " DELETE FROM message_keys WHERE id IN (SELECT id FROM gone)", mailbox)
     await con.execute("DELETE FROM bundle_items WHERE mailbox = $1", mailbox)
     await con.execute("DELETE FROM bundles WHERE mailbox = $1", mailbox)
     await con.execute("DELETE FROM mailboxes WHERE id = $1", mailbox)
@@ -663,3 +812,27 @@ async def _renumber(con: asyncpg.Connection, mailbox: int) -> None:
                           [(-1 - i, rid) for i, rid in enumerate(rows)])
     await con.executemany("UPDATE messages SET seq = $1 WHERE id = $2",
                           [(i + 1, rid) for i, rid in enumerate(rows)])
+
+
+async def _migrate_1_2(con: asyncpg.Connection) -> None:
+    """Schema 1 to 2: every stored block encrypted under a key of its own (message_keys,
+    blob_keys, made by _SCHEMA); relay_enqueue's schema-1 form dropped."""
+    await con.execute("DROP FUNCTION IF EXISTS relay_enqueue(bigint, bigint, bigint, bigint,"
+                      " bigint, bytea, bigint)")
+    for table, keys in (("messages", "message_keys"), ("blobs", "blob_keys")):
+        after = 0
+        while True:  # 256 blocks (4 MiB) at a time, in the one transaction
+            rows = await con.fetch(f"SELECT id, block FROM {table} WHERE id > $1"  # noqa: S608
+                                   " ORDER BY id LIMIT 256", after)
+            if not rows:
+                break
+            after = int(rows[-1][0])
+            sealed = []
+            for r in rows:
+                secret = secrets.token_bytes(32)
+                sealed.append((int(r[0]), seal(secret, bytes(r[1])), secret))
+            await con.executemany(f"UPDATE {table} SET block = $2 WHERE id = $1",  # noqa: S608
+                                  [(i, b) for i, b, _ in sealed])
+            await con.executemany(f"INSERT INTO {keys} (id, secret)"  # noqa: S608
+                                  " VALUES ($1, $2)", [(i, k) for i, _, k in sealed])
+    await con.execute("UPDATE relay_schema SET version = $1", SCHEMA_VERSION)

@@ -6,6 +6,7 @@ acknowledged block's bytes are searched for in PostgreSQL's data directory."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import wire
+from relay import storage_pg, wire
 from relay.client import RelayClient, RelayError
 
 from .conftest import RelayProcess, run
@@ -81,6 +82,33 @@ def test_deposit_on_one_node_is_pushed_on_another(
     run(body())
 
 
+def test_a_node_killed_before_announcing_its_deposits(
+        relay_factory: Callable[..., RelayProcess]) -> None:
+    """Node A answers OK once a deposit is committed and announces it later, in a batch (a
+    window of ten minutes here: never before it dies). Killed (-9) in between, its
+    announcement is never sent: node B sees A's listening connection go and reads every
+    subscribed queue again, so the block is pushed all the same."""
+    a, b = relay_factory(pg_notify_batch_ms=600_000), relay_factory()
+
+    async def body() -> None:
+        owner_c = await RelayClient.connect(b.url)
+        sender = await RelayClient.connect(a.url)
+        token = os.urandom(32)
+        alice = await new_owner(owner_c, token=token)
+        await alice.subscribe(owner_c)
+        blk = block(b"committed, never announced")
+        await sender.deposit(alice.deposit_id, blk, token=token)  # OK: committed
+        a.kill9()
+        m = await next_message(owner_c, timeout=30)
+        assert alice.open(m) == blk
+        await owner_c.ack([m.msg_id])
+        await owner_c.close()
+        with contextlib.suppress(Exception):
+            await sender.close()
+
+    run(body())
+
+
 def test_queue_limit_and_mailbox_cap_hold_across_nodes(
         relay_factory: Callable[..., RelayProcess]) -> None:
     a = relay_factory(queue_limit=4, max_mailboxes=3)
@@ -120,46 +148,68 @@ def _files_holding(root: Path, needle: bytes) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("keep_other", [False, True])
+@pytest.mark.parametrize("case", ["alone", "keep_other", "large"])
 def test_an_acknowledged_block_leaves_the_data_directory(
         relay_factory: Callable[..., RelayProcess], store: str,
-        postgres_server: PostgresServer, keep_other: bool) -> None:
-    """The relay's maintenance (every checkpoint_interval) rewrites its small tables (VACUUM
-    FULL, pg_rewrite_rows), then, its role being a superuser here, runs pg_switch_wal() and
-    CHECKPOINT; the server runs with wal_recycle=off. After that an acknowledged block's bytes
-    are in no file of the data directory: not in the tables' files (rewritten without it; the
-    old files unlinked) nor in pg_wal (the segments holding it removed). `keep_other`: another
-    block stays queued after it, so the table's emptied end cannot be what removed it (with
-    plain VACUUM its bytes stay in the page's freed space: measured, docs/threat-model.md).
-    The bound: one checkpoint_interval after the ACK while tables hold at most
-    pg_rewrite_rows rows."""
-    relay = relay_factory(checkpoint_interval=0.5)
+        postgres_server: PostgresServer, case: str) -> None:
+    """The relay's maintenance (every checkpoint_interval) rewrites the key tables whatever
+    their size and its small tables (VACUUM FULL, pg_rewrite_rows), then, its role being a
+    superuser here, runs pg_switch_wal() and CHECKPOINT; the server runs with wal_recycle=off.
+    After that an acknowledged block's key and its bytes as the relay serves them are in no
+    file of the data directory: not in the tables' files (rewritten without them; the old
+    files unlinked) nor in pg_wal (the segments holding them removed).
+
+    `keep_other`: another block stays queued after it, so the table's emptied end cannot be
+    what removed it (with plain VACUUM its bytes stay in the page's freed space: measured,
+    docs/threat-model.md). Then its stored ciphertext is gone too. `large`: `messages` holds
+    more than pg_rewrite_rows rows (2 here) and `message_keys` more than 4096, so only the
+    key table is rewritten: the ciphertext may stay in freed space, its key must not (this
+    fails if the key table is rewritten only when small). The bound: one checkpoint_interval
+    after the ACK."""
+    large = case == "large"
+    relay = relay_factory(checkpoint_interval=0.5, **({"pg_rewrite_rows": 2} if large else {}))
     db = store.rsplit("/", 1)[1]
 
-    async def body() -> bytes:
+    async def body() -> tuple[bytes, bytes, bytes]:
         c = await RelayClient.connect(relay.url)
         o = await new_owner(c, public=True)
+        if large:
+            # Filler keys: a key table of any size is rewritten.
+            await postgres_server.aquery(
+                "INSERT INTO message_keys SELECT -g, sha256(g::text::bytea)"
+                " FROM generate_series(1, 5000) g", db)
+            # Blocks that stay, written before: a page's live rows compacted by VACUUM
+            # (toward the page's end) do not cover the acknowledged key's place, written last.
+            other = await new_owner(c, public=True)
+            for _ in range(3):
+                await c.deposit(other.deposit_id, block())
         await c.deposit(o.deposit_id, block())
-        stored = await postgres_server.aquery("SELECT block FROM messages", db)
-        assert len(stored) == 1
-        sealed = bytes(stored[0][0])
-        await postgres_server.aquery("CHECKPOINT")  # it reached the table's file
-        assert _files_holding(postgres_server.data, sealed[100:164])  # the search finds it
-        if keep_other:
+        rows = await postgres_server.aquery(
+            "SELECT m.block, k.secret FROM messages m JOIN message_keys k ON k.id = m.id"
+            " WHERE m.mailbox = (SELECT max(mailbox) FROM messages m2"
+            "   GROUP BY mailbox HAVING count(*) = 1 LIMIT 1)", db)
+        assert len(rows) == 1
+        stored, secret = bytes(rows[0][0]), bytes(rows[0][1])
+        served = storage_pg.unseal(secret, stored)
+        await postgres_server.aquery("CHECKPOINT")  # it reached the tables' files
+        assert _files_holding(postgres_server.data, secret)  # the search finds it
+        assert _files_holding(postgres_server.data, stored[100:164])
+        if case == "keep_other":
             other = await new_owner(c, public=True)
             await c.deposit(other.deposit_id, block())
         await o.subscribe(c)
         m = await next_message(c)
         await c.ack([m.msg_id])
         await c.close()
-        return sealed
+        return stored, secret, served
 
-    sealed = run(body())
-    needle = sealed[100:164]  # 64 bytes of ciphertext: found nowhere by chance
+    stored, secret, served = run(body())
+    # 64 bytes of ciphertext or of the block: found nowhere by chance.
+    needles = [secret, served[100:164]] + ([] if large else [stored[100:164]])
     data = postgres_server.data
     deadline = time.monotonic() + 30
     while True:
-        left = _files_holding(data, needle)
+        left = [f for n in needles for f in _files_holding(data, n)]
         if not left:
             break
         assert time.monotonic() < deadline, f"still on disk: {left}"

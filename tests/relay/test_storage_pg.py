@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -40,6 +41,14 @@ def run_pg(server: PostgresServer, body: Callable[[PostgresStorage, asyncpg.Conn
     return asyncio.run(main())
 
 
+async def plain_messages(con: asyncpg.Connection) -> dict[bytes, tuple[int, int, int]]:
+    """Every queued block, decrypted with its key: its row key, order key and xmin."""
+    return {storage_pg.unseal(bytes(r[4]), bytes(r[3])): (int(r[0]), int(r[1]), int(r[2]))
+            for r in await con.fetch(
+                "SELECT m.id, m.seq, m.xmin::text::bigint, m.block, k.secret FROM messages m"
+                " JOIN message_keys k ON k.id = m.id")}
+
+
 def test_no_row_key_or_column_orders_rows_by_creation(postgres_server: PostgresServer) -> None:
     async def body(s: PostgresStorage, con: asyncpg.Connection) -> None:
         boxes = [await s.create_mailbox(okey(i), dkey(i), b"s" * 32, b"b" * 32, b"o" * 32,
@@ -53,19 +62,16 @@ def test_no_row_key_or_column_orders_rows_by_creation(postgres_server: PostgresS
         for i in range(N):
             assert await s.put_blob(st.blob_key(b"%d" % i), b"c" * 32, 1000, b"x")
         assert_unordered(boxes, "mailbox keys")
-        msgs = {bytes(r[0]): r[1] for r in await con.fetch("SELECT block, id FROM messages")}
-        assert_unordered([int(msgs[b"m%d" % i]) for i in range(3 * N)], "block keys")
-        seqs = {bytes(r[0]): r[1] for r in await con.fetch("SELECT block, seq FROM messages")}
-        assert_unordered([int(seqs[b"%d" % i]) for i in range(N)], "first order keys")
+        stored = await plain_messages(con)
+        assert_unordered([stored[b"m%d" % i][0] for i in range(3 * N)], "block keys")
+        assert_unordered([stored[b"%d" % i][1] for i in range(N)], "first order keys")
         assert_unordered(firsts, "handles")
         items = {bytes(r[0]): r[1] for r in await con.fetch("SELECT item, id FROM bundle_items")}
         assert_unordered([int(items[b"i%d" % i]) for i in range(N)], "bundle item keys")
         # No sequence anywhere; the only order is PostgreSQL's own (threat model): a row's
         # xmin grows with the transaction that wrote it.
         assert await con.fetchval("SELECT count(*) FROM pg_sequences") == 0
-        xmins = {bytes(r[0]): int(r[1]) for r in await con.fetch(
-            "SELECT block, xmin::text::bigint FROM messages")}
-        ordered = [xmins[b"m%d" % i] for i in range(3 * N)]
+        ordered = [stored[b"m%d" % i][2] for i in range(3 * N)]
         assert ordered == sorted(ordered)
         # The relay's role stores nothing it could not: no time column, no address type.
         types = {r[0] for r in await con.fetch(
@@ -102,8 +108,8 @@ def test_one_mailbox_keeps_its_order_and_handles_never_repeat(
         assert await s.remove(box, [b]) == 0  # the late ACK of b
         assert [x for _, x in await s.queued(box, (), 10)] == [b"a", b"c"]
         # Renumbered before an order key would overflow.
-        await con.execute("UPDATE messages SET seq = $1 WHERE mailbox = $2 AND block = 'c'",
-                          st.KEY_MAX - 5, box)
+        await con.execute("UPDATE messages SET seq = $1 WHERE id = $2",
+                          st.KEY_MAX - 5, (await plain_messages(con))[b"c"][0])
         await s.enqueue(box, 1000, b"d")
         await s.enqueue(box, 1000, b"e")
         assert [x for _, x in await s.queued(box, (), 10)] == [b"a", b"c", b"d", b"e"]
@@ -133,3 +139,112 @@ def test_limits_are_checked_in_the_writing_transaction(postgres_server: Postgres
         assert s.pending == 0
 
     run_pg(postgres_server, body, queue_limit=5, max_mailboxes=2)
+
+
+def test_a_schema_1_database_is_migrated(postgres_server: PostgresServer) -> None:
+    """Schema 1 stored blocks in the clear (its tables are schema 2's but for the key tables
+    and relay_enqueue's arguments): opening it encrypts every queued block and blob under a
+    key of its own, drops the old relay_enqueue, and the relay reads what it had."""
+    dsn = postgres_server.new_database()
+
+    async def main() -> None:
+        s = PostgresStorage(dsn)
+        await s.open()
+        box = await s.create_mailbox(okey(1), dkey(1), b"s", b"b", b"o", False)
+        await s.close()
+        con = await asyncpg.connect(dsn)
+        try:
+            # Back to schema 1, with what a schema-1 relay had stored.
+            await con.execute(
+                "DROP TABLE message_keys; DROP TABLE blob_keys;"
+                " DROP FUNCTION relay_enqueue(bigint, bigint, bigint, bigint, bigint, bytea,"
+                " bigint, bytea, boolean);"
+                " CREATE FUNCTION relay_enqueue(bigint, bigint, bigint, bigint, bigint, bytea,"
+                " bigint) RETURNS bigint LANGUAGE sql AS 'SELECT 0::bigint';"
+                " UPDATE relay_schema SET version = 1")
+            olds = [b"old block %d" % i + os.urandom(300) for i in range(300)]
+            await con.executemany(
+                "INSERT INTO messages (id, mailbox, seq, expiry, block)"
+                " VALUES ($1, $2, $3, 1000, $4)",
+                [(10_000 + i, box, 5 + i, b) for i, b in enumerate(olds)])
+            await con.execute("INSERT INTO blobs (id, key, cap_hash, expiry, block)"
+                              " VALUES (7, $1, $2, 1000, 'old blob')",
+                              st.blob_key(b"b"), b"c" * 32)
+            s = PostgresStorage(dsn)
+            await s.open()
+            try:
+                assert [b for _, b in await s.queued(box, (), 1000)] == olds
+                assert await s.get_blob(st.blob_key(b"b")) == (b"c" * 32, b"old blob")
+                assert await con.fetchval("SELECT version FROM relay_schema") == 2
+                assert await con.fetchval(
+                    "SELECT count(*) FROM pg_proc WHERE proname = 'relay_enqueue'") == 1
+                # Nothing in the clear is left in the rows, and every block has its key.
+                assert await con.fetchval(
+                    "SELECT count(*) FROM messages WHERE position('old block' in block) > 0"
+                    " OR id NOT IN (SELECT id FROM message_keys)") == 0
+                assert await con.fetchval("SELECT count(*) FROM blob_keys") == 1
+                h = await s.enqueue(box, 1000, b"new")
+                assert (await s.queued(box, (), 1000))[-1] == (h, b"new")
+                assert await s.remove(box, [h]) == 1
+                assert await con.fetchval("SELECT count(*) FROM message_keys") == 300
+            finally:
+                await s.close()
+        finally:
+            await con.close()
+
+    asyncio.run(main())
+
+
+def test_deposits_are_announced_in_batches(postgres_server: PostgresServer) -> None:
+    """A node announces the deposits committed within its batch window in one notification
+    (each mailbox's key once per block), after their commits, with nothing but `d` and the
+    mailboxes' row keys; with a window of 0 each deposit's own transaction notifies. A payload
+    stays within PostgreSQL's 8000 bytes however many mailboxes wait."""
+    longest = storage_pg._payloads("d", [st.KEY_MAX] * 1000)
+    assert len(longest) == 3 and max(map(len, longest)) <= 8000
+    dsn = postgres_server.new_database()
+
+    async def main() -> None:
+        # A window of a minute: only closing sends the batch (no race with the clock).
+        a = PostgresStorage(dsn, notify_batch_ms=60_000)
+        b = PostgresStorage(dsn, notify_batch_ms=0)
+        await a.open()
+        await b.open()
+        heard: list[tuple[str, int]] = []
+        b.watch(lambda kind, mailbox: heard.append((kind, mailbox)))
+        payloads: list[str] = []
+        con = await asyncpg.connect(dsn)
+        await con.add_listener(storage_pg.CHANNEL, lambda *args: payloads.append(args[3]))
+        try:
+            boxes = [await a.create_mailbox(okey(i), dkey(i), b"s", b"b", b"o", False)
+                     for i in range(3)]
+            await asyncio.gather(*(a.enqueue(x, 1000, b"%d" % i)
+                                   for i, x in enumerate(boxes * 2)))
+            # Committed (the futures are done), not announced yet.
+            assert await con.fetchval("SELECT count(*) FROM messages") == 6
+            await con.execute("SELECT 1")  # a round trip: a notification sent would be here
+            assert payloads == [] and heard == []
+            await a.close()
+            deadline = time.monotonic() + 10
+            while not heard:
+                assert time.monotonic() < deadline, "the batch never came"
+                await asyncio.sleep(0.05)
+            assert len(payloads) == 1
+            # Each mailbox's key once per block: the nodes count a mailbox's blocks.
+            assert sorted(heard) == sorted(("d", x) for x in boxes * 2)
+            assert payloads[0][0] == "d"
+            assert sorted(int(k) for k in payloads[0][1:].split(",")) == sorted(boxes * 2)
+            # Unbatched: one notification per deposit, in its commit.
+            await b.enqueue(boxes[0], 1000, b"x")
+            await b.enqueue(boxes[1], 1000, b"y")
+            deadline = time.monotonic() + 10
+            while len(payloads) < 3:
+                assert time.monotonic() < deadline, "no notification"
+                await con.execute("SELECT 1")
+                await asyncio.sleep(0.05)
+            assert payloads[1:] == [f"d{boxes[0]}", f"d{boxes[1]}"]
+        finally:
+            await con.close()
+            await b.close()
+
+    asyncio.run(main())
