@@ -216,6 +216,7 @@ class Devices:
         if link is not None and link.state in ("waiting", "code", "confirmed"):
             if _now() >= link.expires + link.grace:
                 link.state = "expired"
+                link.reason = _expired_reason(link)
                 return None
             return link
         return None
@@ -445,8 +446,7 @@ class Devices:
             await asyncio.wait_for(self._offer_listing(link, offer, client, mb),
                                    max(0, link.expires + link.grace - _now()))  # fmt: skip
         except TimeoutError:
-            self._set(link, "expired", NOT_INSTALLED if link.grace else
-                      "the link's ten minutes are over")  # fmt: skip
+            self._set(link, "expired", _expired_reason(link))
         except asyncio.CancelledError:
             pass
         except (AppError, RelayError, *UNAVAILABLE, dv.DeviceError) as exc:
@@ -848,6 +848,12 @@ async def _through(aw: Coroutine[Any, Any, T]) -> T:
 
 def _ed_public(priv: bytes) -> bytes:
     return p.ed25519_public(p.ed25519_from_private(priv))
+
+
+def _expired_reason(link: _Link) -> str:
+    if link.role == "offer" and link.grace:  # E sent its final; N never said it installed
+        return NOT_INSTALLED
+    return "the link's ten minutes are over"
 
 
 def _reason(exc: BaseException) -> str:

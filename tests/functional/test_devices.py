@@ -575,3 +575,82 @@ def test_a_cancel_while_the_link_is_set_up_ends_it(peers: Callable[[str], Peer])
 
     new.wait_for(refused, "the cancelled link's mailbox deleted at the relay")
     assert state(alice)["state"] == "declined"
+
+
+def test_a_second_device_on_a_used_link_is_refused_at_once(peers: Callable[[str], Peer]) -> None:
+    """A second device with the link while it runs is answered "used" by the device in use
+    (not left waiting for the link's ten minutes), and the running link completes."""
+    alice = peers("alice")
+    alice.wait_connected()
+    new, other = peers("alice2"), peers("other")
+    link = start_link(alice, new)
+    wait_state(alice, "code")  # E waits for its user: it still answers the second device
+    other.wait_connected()
+    assert other.call("devices.join", {"link": link})["state"] == "waiting"
+    refused = wait_state(other, "failed")  # well inside the link's 600 s
+    assert refused["reason"] == "this link was already used" and refused["code"] is None
+    assert state(alice)["state"] == "code" and state(new)["state"] == "code"
+    confirm_both(alice, new)
+    wait_state(alice, "done")
+    assert wait_state(new, "done")["reason"] is None
+    assert len(alice.call("devices.list")["devices"]) == 2
+    assert new.call("devices.list")["unconfirmed"] is False
+    assert new.call("identity.get")["display_name"] == "alice"
+    assert other.call("devices.list")["version"] == 0  # nothing installed there
+    assert other.call("identity.get")["display_name"] == "other"
+
+
+def deposits_by_mailbox(relay: RelayProcess) -> Callable[[], list[int]]:
+    """The mailbox of every block the relay queues from this call on, in order."""
+    with sqlite3.connect(relay.data / "relay.sqlite3", timeout=10) as db:
+        db.executescript(
+            "CREATE TABLE IF NOT EXISTS seen_mb (mailbox INTEGER);"
+            "CREATE TRIGGER IF NOT EXISTS seen_mb_t AFTER INSERT ON messages "
+            "BEGIN INSERT INTO seen_mb VALUES (NEW.mailbox); END;"
+        )
+        start = int(db.execute("SELECT count(*) FROM seen_mb").fetchone()[0])
+
+    def seen() -> list[int]:
+        with sqlite3.connect(relay.data / "relay.sqlite3", timeout=10) as db:
+            rows = db.execute("SELECT mailbox FROM seen_mb ORDER BY rowid").fetchall()
+        return [int(r[0]) for r in rows[start:]]
+
+    return seen
+
+
+def test_a_new_device_killed_before_its_final_is_never_listed(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """N is killed (-9) after its closing block, before it fetched E's final: E lists it only
+    once N says it installed the profile, so after the link's end E's list is its own alone,
+    and N, restarted, has installed nothing."""
+    alice, new = peers("alice"), peers("alice2")
+    alice.wait_connected()
+    new.wait_connected()
+    seen = deposits_by_mailbox(relay_proc)
+    start_link(alice, new, expires_in=20)
+    confirm_both(alice, new)
+    # The link mailbox (the first one deposited into) takes the request, the reveal, then N's
+    # closing block: N is paused at once, before E can have answered it.
+    new.wait_for(lambda: (s := seen()) and s.count(s[0]) >= 3, "N's closing block", 60)
+    assert new.proc is not None
+    new.proc.proc.send_signal(signal.SIGSTOP)
+    try:
+        blocks = seen()
+        assert blocks.count(blocks[0]) == 3, blocks
+        done_at = len(blocks)
+        # E's final goes to N's reply mailbox; N never fetches it.
+        alice.wait_for(lambda: len(seen()) > done_at, "E's final", 60)
+        assert seen()[done_at] != blocks[0]
+    finally:
+        new.kill()
+    assert state(alice)["state"] == "confirmed"
+    assert len(alice.call("devices.list")["devices"]) == 1  # not listed on the final
+    ended = alice.wait_for(
+        lambda: (s := state(alice))["state"] != "confirmed" and s, "the link's end", 150
+    )
+    assert ended["state"] == "expired" and "not listed" in ended["reason"]
+    assert len(alice.call("devices.list")["devices"]) == 1
+    new.start()
+    assert new.call("devices.list")["version"] == 0
+    assert new.call("identity.get")["display_name"] == "alice2"
