@@ -275,6 +275,9 @@ def register(main: ModuleType) -> None:
         for d in result["devices"]:
             added = main._when(d["added_at"] * 1000) if d["added_at"] else "-"
             lines.append(f"{'*' if d['this_device'] else ' '} {d['id']}  added {added}")
+        if result.get("unconfirmed"):
+            lines.append("The device in use never confirmed that it lists this device: check "
+                         "aegis device list there.")  # fmt: skip
         ctx.out(result, "\n".join(lines))
 
     @device.command("remove", short_help="Remove a device from the list.")
