@@ -654,3 +654,40 @@ def test_a_new_device_killed_before_its_final_is_never_listed(
     new.start()
     assert new.call("devices.list")["version"] == 0
     assert new.call("identity.get")["display_name"] == "alice2"
+
+
+def test_the_device_in_use_killed_after_its_final_lists_nothing_and_n_says_so(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """E is killed (-9) after its final, before it took N's "installed": E never lists N; N is
+    installed and says, at the link's end and after a restart, that E did not confirm."""
+    alice, new = peers("alice"), peers("alice2")
+    alice.wait_connected()
+    new.wait_connected()
+    seen = deposits_by_mailbox(relay_proc)
+    start_link(alice, new)
+    confirm_both(alice, new)
+    new.wait_for(lambda: (s := seen()) and s.count(s[0]) >= 3, "N's closing block", 60)
+    done_at = len(seen())
+    # E's final (the next block, into N's reply mailbox): E is paused before N's answer.
+    alice.wait_for(lambda: len(seen()) > done_at, "E's final", 60)
+    assert alice.proc is not None
+    alice.proc.proc.send_signal(signal.SIGSTOP)
+    try:
+        blocks = seen()
+        assert blocks[done_at] != blocks[0] and blocks.count(blocks[0]) == 3, blocks
+        wait_state(new, "listing")  # installed, "installed" deposited, waiting for "listed"
+        assert seen().count(blocks[0]) == 4
+    finally:
+        alice.kill()
+    assert new.call("devices.list")["unconfirmed"] is True
+    new.call("daemon.stop")  # ends the wait: done, with the warning
+    assert new.proc is not None
+    new.proc.proc.wait(60)
+    new.start()
+    listed = new.call("devices.list")
+    assert listed["unconfirmed"] is True and len(listed["devices"]) == 2
+    assert new.call("identity.get")["display_name"] == "alice"
+    assert "never confirmed" in aegis(new.home, "device", "list").stdout
+    alice.start()
+    assert len(alice.call("devices.list")["devices"]) == 1  # N never listed on E
