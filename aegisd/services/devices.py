@@ -66,10 +66,12 @@ SETTING_LIST = "devices.list"  # the device list held, hex of its bytes (docs/de
 SETTING_KEY = "devices.key"  # this device's own Ed25519 key, raw private, hex (never sent)
 #: Set with the install, cleared once E's "listed" came: E may not list this device.
 SETTING_UNCONFIRMED = "devices.unconfirmed"
-#: The link's own mailbox (E's link mailbox, N's reply mailbox) while a link runs, so that one
-#: a restart orphaned is deleted at the relay on the next connection (not left to its TTL, a
-#: link that waits for nobody). Its owner key only; the link secret is never stored.
+#: Every mailbox a link made and a crash would leave (E's link mailbox, N's reply mailbox and
+#: N's device mailbox until the install stores it), a list of descriptors in hex, so that
+#: each one a restart orphaned is deleted at the relay on the next connection (not left to
+#: its TTL, a link that waits for nobody). Owner keys only; the link secret is never stored.
 SETTING_LINK_MB = "devices.link_mailbox"
+MAX_LINK_MAILBOXES = 16  # a bound on the list: one link at a time makes at most 3 at once
 #: How many devices may be linked to the first one (settings.set max_linked_devices, 1 to 5);
 #: the protocol's bound is MAX_DEVICES in all.
 SETTING_MAX_LINKED = "devices.max_linked"
@@ -247,7 +249,7 @@ class Devices:
             made = await client.create(key, box_public(box_secret))
             mb = OwnedMailbox(url, sign_seed, box_secret, made.owner_id, made.deposit_id,
                               made.relay_box_pub, token)  # fmt: skip
-            self.m.store.set_setting(SETTING_LINK_MB, mb.to_bytes().hex())
+            self._remember_link_mailbox(mb.to_bytes())
             await client.token_add(mb.owner_id, mb.signing_key, token)
         except RelayError:
             raise E.relay_unavailable() from None
@@ -276,20 +278,46 @@ class Devices:
         with contextlib.suppress(Exception):
             await client.close()
 
+    def _link_mailboxes(self) -> list[str]:
+        value = self.m.store.get_setting(SETTING_LINK_MB)
+        if value is None:
+            return []
+        if isinstance(value, str):  # written before it was a list: one descriptor
+            return [value]
+        return [str(x) for x in value]
+
+    def _remember_link_mailbox(self, descriptor: bytes) -> None:
+        with self.m.store.transaction():
+            held = self._link_mailboxes()
+            if descriptor.hex() not in held:
+                held = [*held, descriptor.hex()][-MAX_LINK_MAILBOXES:]
+                self.m.store.set_setting(SETTING_LINK_MB, held)
+
+    def _forget_link_mailbox(self, descriptor: bytes) -> None:
+        """Drop one descriptor from the list (inside the caller's transaction, if any)."""
+        held = self._link_mailboxes()
+        if descriptor.hex() in held:
+            rest = [x for x in held if x != descriptor.hex()]
+            self.m.store.set_setting(SETTING_LINK_MB, rest or None)
+
     def _retire_link_mailbox(self, descriptor: bytes, gone: bool) -> None:
-        """Forget the link's mailbox; one not deleted yet is deleted on a later connection.
-        The setting is cleared only if it still names this one (not a later link's)."""
+        """Forget a link's mailbox; one not deleted yet is deleted on a later connection.
+        Only this one leaves the list (another link's stays)."""
         with self.m.store.transaction():
             if not gone:
                 store_devices.retire_mailbox(self.m.store, descriptor)
-            if self.m.store.get_setting(SETTING_LINK_MB) == descriptor.hex():
-                self.m.store.set_setting(SETTING_LINK_MB, None)
+            self._forget_link_mailbox(descriptor)
+
+    async def _drop_made(self, made: OwnedMailbox) -> None:
+        """N's device mailbox, not installed: deleted at its relay (or queued), then forgot."""
+        await self.m.mailboxes.delete_at_relay(made)
+        with contextlib.suppress(Exception):  # locked meanwhile: on_unlock retires it
+            self._forget_link_mailbox(made.to_bytes())
 
     async def on_unlock(self, store: object) -> None:
-        """A link mailbox a restart (or a lock) left behind: to delete at its relay."""
-        left = self.m.store.get_setting(SETTING_LINK_MB)
-        if left is not None:
-            self._retire_link_mailbox(bytes.fromhex(str(left)), False)
+        """Every link mailbox a restart (or a lock) left behind: to delete at its relay."""
+        for left in self._link_mailboxes():
+            self._retire_link_mailbox(bytes.fromhex(left), False)
 
     async def cancel(self) -> dict[str, Any]:
         link = self._pending()
@@ -659,7 +687,7 @@ class Devices:
                 contacts, warning = await _through(self._install(profile, new, made))
             except AppError as exc:  # refused before anything was written (malformed)
                 await _through(self._end(client, mb))
-                self.m._spawn(self.m.mailboxes.delete_at_relay(made))
+                self.m._spawn(self._drop_made(made))
                 self._set(link, "failed", _reason(exc))
                 return
             except BaseException as exc:
@@ -724,6 +752,7 @@ class Devices:
         # installed), made now but stored only if E accepts this device.
         made = await self.m.mailboxes.new_mailbox(public=True)
         try:
+            self._remember_link_mailbox(made.to_bytes())  # a crash before the install leaves it
             done = join.done_block(self.m.entropy, self._entry_for(made), _now())
             await client.deposit(target.deposit_id, done, target.send_token)
             final: tuple[Any, dv.DeviceList] | None = None
@@ -739,7 +768,7 @@ class Devices:
                 else:
                     await asyncio.sleep(POLL)
         except BaseException as exc:  # refused (full, taken), expired: nothing installed
-            self.m._spawn(self.m.mailboxes.delete_at_relay(made))
+            self.m._spawn(self._drop_made(made))
             if isinstance(exc, dv.DeviceError):
                 raise AppError(E_TOO_MANY_DEVICES, "too_many_devices",
                                "the existing device refused this device") from None  # fmt: skip
@@ -813,6 +842,7 @@ class Devices:
                 self._store_list(new)
                 # Until E says it listed this device (docs/devices.md §4.3): devices.list says so.
                 store.set_setting(SETTING_UNCONFIRMED, True)
+                self._forget_link_mailbox(made.to_bytes())  # this profile's address now
             m.prekeys = prekeys
             m.mailboxes.reload()
             # The device mailbox the list names: this profile's address, with its bundle. The

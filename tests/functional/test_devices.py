@@ -622,13 +622,20 @@ def test_a_new_device_killed_before_its_final_is_never_listed(
     peers: Callable[[str], Peer], relay_proc: RelayProcess
 ) -> None:
     """N is killed (-9) after its closing block, before it fetched E's final: E lists it only
-    once N says it installed the profile, so after the link's end E's list is its own alone,
-    and N, restarted, has installed nothing."""
+    once N says it installed the profile, so after the link's end E's list is its own alone;
+    N, restarted, has installed nothing, and deletes at the relay both mailboxes the link left
+    (its reply mailbox and its device mailbox: devices.link_mailbox lists every one)."""
     alice, new = peers("alice"), peers("alice2")
     alice.wait_connected()
     new.wait_connected()
     seen = deposits_by_mailbox(relay_proc)
+
+    def relay_mailboxes() -> set[int]:
+        with sqlite3.connect(relay_proc.data / "relay.sqlite3", timeout=10) as db:
+            return {int(r[0]) for r in db.execute("SELECT id FROM mailboxes")}
+
     start_link(alice, new, expires_in=20)
+    before = relay_mailboxes()  # with the link and reply mailboxes, not N's device mailbox
     confirm_both(alice, new)
     # The link mailbox (the first one deposited into) takes the request, the reveal, then N's
     # closing block: N is paused at once, before E can have answered it.
@@ -644,6 +651,9 @@ def test_a_new_device_killed_before_its_final_is_never_listed(
         assert seen()[done_at] != blocks[0]
     finally:
         new.kill()
+    reply = blocks[1]  # the accept's mailbox
+    left = {reply} | (relay_mailboxes() - before)
+    assert len(left) == 2 and left <= relay_mailboxes()
     assert state(alice)["state"] == "confirmed"
     assert len(alice.call("devices.list")["devices"]) == 1  # not listed on the final
     ended = alice.wait_for(
@@ -654,6 +664,7 @@ def test_a_new_device_killed_before_its_final_is_never_listed(
     new.start()
     assert new.call("devices.list")["version"] == 0
     assert new.call("identity.get")["display_name"] == "alice2"
+    new.wait_for(lambda: not left & relay_mailboxes(), "the link's mailboxes deleted", 60)
 
 
 def test_the_device_in_use_killed_after_its_final_lists_nothing_and_n_says_so(
