@@ -127,7 +127,7 @@ def join_new_device(
 def _installed(ctx: Ctx) -> bool:
     with contextlib.suppress(Exception):
         link = ctx.call("devices.status")["link"]
-        return link is not None and link["state"] in ("installing", "done")
+        return link is not None and link["state"] in ("installing", "listing", "done")
     return False  # no daemon answers: nothing was installed by it
 
 
