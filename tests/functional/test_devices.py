@@ -618,6 +618,45 @@ def deposits_by_mailbox(relay: RelayProcess) -> Callable[[], list[int]]:
     return seen
 
 
+def relay_mailboxes(relay: RelayProcess) -> set[int]:
+    with sqlite3.connect(relay.data / "relay.sqlite3", timeout=10) as db:
+        return {int(r[0]) for r in db.execute("SELECT id FROM mailboxes")}
+
+
+def up_to_the_final(
+    alice: Peer, new: Peer, relay: RelayProcess, **params: Any
+) -> tuple[Callable[[], list[int]], int, int, set[int]]:
+    """A link run until E deposited its final, with N paused (SIGSTOP) since just after its
+    closing block, so it has not fetched the final. The order is forced, not raced: E is
+    paused before N's closing block, N once it is queued, and E goes on only then. Returns
+    the deposits' mailboxes, the link mailbox, N's reply mailbox and N's device mailbox."""
+    seen = deposits_by_mailbox(relay)
+    start_link(alice, new, **params)
+    wait_state(alice, "code")
+    code = wait_state(new, "code")["code"]
+    alice.call("devices.confirm", {"code": code})
+    # The request, then the accept (into N's reply mailbox), the reveal, the profile (one
+    # block for this small profile) into the reply mailbox: then E is paused.
+    alice.wait_for(lambda: (s := seen()) and len(s) > 1 and s.count(s[1]) >= 2, "profile", 60)
+    assert alice.proc is not None and new.proc is not None
+    alice.proc.proc.send_signal(signal.SIGSTOP)
+    try:
+        blocks = seen()
+        link_mb, reply = blocks[0], blocks[1]
+        assert blocks.count(link_mb) == 2, blocks
+        before = relay_mailboxes(relay)
+        new.call("devices.confirm", {"accept": True})
+        new.wait_for(lambda: seen().count(link_mb) >= 3, "N's closing block", 60)
+        new.proc.proc.send_signal(signal.SIGSTOP)
+        device_mb = relay_mailboxes(relay) - before  # made by N just before its closing block
+        done_at = len(seen())
+    finally:
+        alice.proc.proc.send_signal(signal.SIGCONT)
+    alice.wait_for(lambda: len(seen()) > done_at, "E's final", 60)
+    assert seen()[done_at] == reply and len(device_mb) == 1
+    return seen, link_mb, reply, device_mb
+
+
 def test_a_new_device_killed_before_its_final_is_never_listed(
     peers: Callable[[str], Peer], relay_proc: RelayProcess
 ) -> None:
@@ -628,32 +667,12 @@ def test_a_new_device_killed_before_its_final_is_never_listed(
     alice, new = peers("alice"), peers("alice2")
     alice.wait_connected()
     new.wait_connected()
-    seen = deposits_by_mailbox(relay_proc)
-
-    def relay_mailboxes() -> set[int]:
-        with sqlite3.connect(relay_proc.data / "relay.sqlite3", timeout=10) as db:
-            return {int(r[0]) for r in db.execute("SELECT id FROM mailboxes")}
-
-    start_link(alice, new, expires_in=20)
-    before = relay_mailboxes()  # with the link and reply mailboxes, not N's device mailbox
-    confirm_both(alice, new)
-    # The link mailbox (the first one deposited into) takes the request, the reveal, then N's
-    # closing block: N is paused at once, before E can have answered it.
-    new.wait_for(lambda: (s := seen()) and s.count(s[0]) >= 3, "N's closing block", 60)
-    assert new.proc is not None
-    new.proc.proc.send_signal(signal.SIGSTOP)
     try:
-        blocks = seen()
-        assert blocks.count(blocks[0]) == 3, blocks
-        done_at = len(blocks)
-        # E's final goes to N's reply mailbox; N never fetches it.
-        alice.wait_for(lambda: len(seen()) > done_at, "E's final", 60)
-        assert seen()[done_at] != blocks[0]
+        _, _, reply, device_mb = up_to_the_final(alice, new, relay_proc, expires_in=20)
     finally:
         new.kill()
-    reply = blocks[1]  # the accept's mailbox
-    left = {reply} | (relay_mailboxes() - before)
-    assert len(left) == 2 and left <= relay_mailboxes()
+    left = {reply} | device_mb
+    assert left <= relay_mailboxes(relay_proc)
     assert state(alice)["state"] == "confirmed"
     assert len(alice.call("devices.list")["devices"]) == 1  # not listed on the final
     ended = alice.wait_for(
@@ -664,7 +683,7 @@ def test_a_new_device_killed_before_its_final_is_never_listed(
     new.start()
     assert new.call("devices.list")["version"] == 0
     assert new.call("identity.get")["display_name"] == "alice2"
-    new.wait_for(lambda: not left & relay_mailboxes(), "the link's mailboxes deleted", 60)
+    new.wait_for(lambda: not left & relay_mailboxes(relay_proc), "the mailboxes deleted", 60)
 
 
 def test_the_device_in_use_killed_after_its_final_lists_nothing_and_n_says_so(
@@ -675,25 +694,18 @@ def test_the_device_in_use_killed_after_its_final_lists_nothing_and_n_says_so(
     alice, new = peers("alice"), peers("alice2")
     alice.wait_connected()
     new.wait_connected()
-    seen = deposits_by_mailbox(relay_proc)
-    start_link(alice, new)
-    confirm_both(alice, new)
-    new.wait_for(lambda: (s := seen()) and s.count(s[0]) >= 3, "N's closing block", 60)
-    done_at = len(seen())
-    # E's final (the next block, into N's reply mailbox): E is paused before N's answer.
-    alice.wait_for(lambda: len(seen()) > done_at, "E's final", 60)
-    assert alice.proc is not None
-    alice.proc.proc.send_signal(signal.SIGSTOP)
+    assert alice.proc is not None and new.proc is not None
     try:
-        blocks = seen()
-        assert blocks[done_at] != blocks[0] and blocks.count(blocks[0]) == 3, blocks
+        seen, link_mb, _, _ = up_to_the_final(alice, new, relay_proc)
+        alice.proc.proc.send_signal(signal.SIGSTOP)  # before N can answer
+        new.proc.proc.send_signal(signal.SIGCONT)
         wait_state(new, "listing")  # installed, "installed" deposited, waiting for "listed"
-        assert seen().count(blocks[0]) == 4
+        assert seen().count(link_mb) == 4
     finally:
         alice.kill()
+        new.proc.proc.send_signal(signal.SIGCONT)
     assert new.call("devices.list")["unconfirmed"] is True
     new.call("daemon.stop")  # ends the wait: done, with the warning
-    assert new.proc is not None
     new.proc.proc.wait(60)
     new.start()
     listed = new.call("devices.list")
