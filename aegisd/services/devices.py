@@ -493,7 +493,10 @@ class Devices:
             for block in await self._offer_blocks(client, mb, offer):
                 try:
                     answer = offer.accept_request(self.m.entropy, block, _now())
-                except (DecryptionError, dv.LinkUsed):
+                except dv.LinkUsed:  # a further request in the fetch that used the link
+                    await self._refuse(client, mb, offer, block)
+                    continue
+                except DecryptionError:
                     continue
                 reply = offer.reply_to
                 assert reply is not None
@@ -501,8 +504,7 @@ class Devices:
                     raise AppError(E_DEVICE_LINK, "bad_link", "the new device's reply mailbox is "
                                    "not on the link's relay")  # fmt: skip
                 await client.deposit(reply.deposit_id, answer, reply.send_token)
-                break
-            else:
+            if reply is None:
                 await asyncio.sleep(POLL)
         while offer.code is None:
             for block in await self._offer_blocks(client, mb, offer):
@@ -574,17 +576,21 @@ class Devices:
         second device holding it) is answered "used" into its own reply mailbox at once
         (`LinkOffer.refuse_request`, at most MAX_REFUSALS per link) and dropped, so it fails
         at once instead of waiting for the expiry (docs/devices.md §4.2)."""
-        out = []
-        for block in await self._blocks(client, mb):
-            try:
-                to, used = offer.refuse_request(block, _now())
-            except (DecryptionError, dv.DeviceError, StateError):
-                out.append(block)
-                continue
-            if same_relay(to.relay_url, mb.relay_url):  # the core checked it: this client's
-                with contextlib.suppress(RelayError, *UNAVAILABLE):
-                    await client.deposit(to.deposit_id, used, to.send_token)
-        return out
+        return [b for b in await self._blocks(client, mb)
+                if not await self._refuse(client, mb, offer, b)]  # fmt: skip
+
+    async def _refuse(
+        self, client: RelayClient, mb: OwnedMailbox, offer: dv.LinkOffer, block: bytes
+    ) -> bool:
+        """True when `block` was a further request, answered "used"."""
+        try:
+            to, used = offer.refuse_request(block, _now())
+        except (DecryptionError, dv.DeviceError, StateError):
+            return False
+        if same_relay(to.relay_url, mb.relay_url):  # the core checked it: this client's relay
+            with contextlib.suppress(RelayError, *UNAVAILABLE):
+                await client.deposit(to.deposit_id, used, to.send_token)
+        return True
 
     async def _current_locked(self) -> dv.DeviceList:
         current = self.held()
@@ -700,6 +706,10 @@ class Devices:
             listed = await _through(self._say_installed(join, client))
         finally:
             link.installed.set()
+        # Installed: the daemon reconnects under the identity now, not after E's answer (in a
+        # task of its own: it takes the daemon's lock, which a lock or a stop holds while it
+        # waits for the link).
+        self.m._spawn(self._reconfigure())
         if listed:
             link.grace = 2 * dv.FINAL_GRACE
             self._set(link, "listing")
@@ -717,7 +727,6 @@ class Devices:
                 self.m.store.set_setting(SETTING_UNCONFIRMED, None)
         self._set(link, "done", "; ".join(x for x in (warning, None if listed else UNCONFIRMED)
                                           if x) or None)  # fmt: skip
-        self.m._spawn(self._reconfigure())
         with contextlib.suppress(RuntimeError):
             self.m.ctx.events.emit("devices.joined", {"contacts": contacts,
                                                       "devices": len(new.devices)})  # fmt: skip
