@@ -127,7 +127,7 @@ def join_new_device(
 def _installed(ctx: Ctx) -> bool:
     with contextlib.suppress(Exception):
         link = ctx.call("devices.status")["link"]
-        return link is not None and link["state"] in ("installing", "done")
+        return link is not None and link["state"] in ("installing", "listing", "done")
     return False  # no daemon answers: nothing was installed by it
 
 
@@ -275,6 +275,9 @@ def register(main: ModuleType) -> None:
         for d in result["devices"]:
             added = main._when(d["added_at"] * 1000) if d["added_at"] else "-"
             lines.append(f"{'*' if d['this_device'] else ' '} {d['id']}  added {added}")
+        if result.get("unconfirmed"):
+            lines.append("The device in use never confirmed that it lists this device: check "
+                         "aegis device list there.")  # fmt: skip
         ctx.out(result, "\n".join(lines))
 
     @device.command("remove", short_help="Remove a device from the list.")

@@ -154,6 +154,9 @@ def link_state_text(st: dict[str, Any]) -> str:
         return "Linked: the new device has your identity and contacts. Esc closes."
     if state == "declined":
         return "Declined: nothing was sent. Esc closes."
+    if state == "expired" and "not listed" in str(st.get("reason") or ""):
+        return ("The link expired: the new device never said it installed the profile, so it\n"
+                "is not listed. Esc closes.")  # fmt: skip
     if state == "expired":
         return "The link expired: nothing was sent. Esc closes."
     reason = render.name(st.get("reason") or "", 80)

@@ -17,6 +17,12 @@ Linking, between the existing device E and the new device N (docs/devices.md §4
     profile   E -> N: Seal(k_e2n;  identity keys, device list, profile)  after E's user confirms
     done      N -> E: Seal(k_n2e;  N's entry, with its device key)      after N's user confirms
     final     E -> N: Seal(k_e2n;  accepted + E's current list with N, signed by E; or refused)
+    installed N -> E: Seal(k_n2e;  installed)          N committed the profile; E lists N only now
+    listed    E -> N: Seal(k_e2n;  listed)             E stored the list with N
+
+A further request that opens while the link runs (a second device with the same link) is
+answered with a "used" block into its own reply mailbox, sealed under a key of that request
+alone, so the second device fails at once and learns nothing but "used".
 
 Every message is one or more blocks of BLOCK_SIZE bytes whose only fixed byte is the version,
 like every other block. N commits to n_nonce before it sees E's ciphertext, and the code
@@ -56,6 +62,7 @@ LIST_VERSION_LIMIT = 2**63
 VERSIONS_PER_SECOND = 1000  # a list version is at least the signer's clock in milliseconds
 MAX_LIST_SKEW = 86_400  # seconds a list's version may run ahead of the holder's clock
 FINAL_GRACE = 60  # seconds after expiry N still takes E's final block (sent before expiry)
+MAX_REFUSALS = 16  # "used" answers E sends per link; later requests are dropped unanswered
 PAYLOAD_DEVICE_HELLO = 0x41  # provisional, as PAYLOAD_DEVICE_LIST
 PROOF_HELLO = 1
 PROOF_BUNDLE = 2
@@ -63,6 +70,7 @@ PROOF_BUNDLE = 2
 DEVICE_LIST_LABEL = b"AegisLink-v1 device list"
 _REQUEST_LABEL = b"AegisLink-v1 device link request"
 _ACCEPT_LABEL = b"AegisLink-v1 device link accept"
+_USED_LABEL = b"AegisLink-v1 device link used"
 _SESSION_LABEL = b"AegisLink-v1 device link session"
 _COMMIT_LABEL = b"AegisLink-v1 device link commit"
 _CODE_LABEL = b"AegisLink-v1 device link code"
@@ -75,6 +83,9 @@ STEP_REVEAL = 3
 STEP_PROFILE = 4
 STEP_DONE = 5
 STEP_FINAL = 6
+STEP_USED = 7  # E's answer to a further request: the link was used already
+STEP_INSTALLED = 8
+STEP_LISTED = 9
 
 FINAL_ACCEPTED = 0
 FINAL_FULL = 1  # E's current list holds MAX_DEVICES devices
@@ -101,6 +112,9 @@ class LinkExpired(DeviceError):
 
 class LinkUsed(DeviceError):
     """The device link was used already (a link works once), or the step is out of order."""
+
+    def __init__(self, message: str = "this link was already used") -> None:
+        super().__init__(message)
 
 
 class ForgedDeviceList(DeviceError):
@@ -603,6 +617,12 @@ def _accept_key(link: DeviceLink, dh: bytes, transcript: bytes) -> bytes:
     return p.hkdf(dh, link.link_secret, _ACCEPT_LABEL + th, wire.KEY_LEN)
 
 
+def _used_key(link: DeviceLink, dh: bytes, transcript: bytes) -> bytes:
+    # Only E (e) and the requester (n) can make it: the relay cannot tell a waiting N "used".
+    th = hashlib.sha256(transcript).digest()
+    return p.hkdf(dh, link.link_secret, _USED_LABEL + th, wire.KEY_LEN)
+
+
 @dataclass(frozen=True, repr=False)
 class _Keys:
     n2e: bytes
@@ -663,6 +683,12 @@ class LinkOffer:
         self._commit = b""
         self._confirmed = False
         self._profile_sent = False
+        self._n_pub = b""  # the request that used the link
+        self._refusals = 0
+        # After the final: (the list it was signed on, N's entry, the list signed), kept until
+        # N says it installed the profile; only then does E list N.
+        self._pending: tuple[DeviceList, DeviceEntry, DeviceList] | None = None
+        self.installed = False
         self.finished = False
 
     @classmethod
@@ -673,25 +699,23 @@ class LinkOffer:
         link = DeviceLink(mailbox, entropy.random(LINK_SECRET_LEN), p.x25519_public(e), now + ttl)
         return cls(link, p.x25519_private_raw(e), now)
 
-    def _live(self, now: int) -> None:
-        if now >= self.link.expires:
+    def _live(self, now: int, grace: int = 0) -> None:
+        if now >= self.link.expires + grace:
             raise LinkExpired("the device link has expired")
 
-    def accept_request(self, entropy: Entropy, block: bytes, now: int) -> bytes:
-        """Open N's request; answer with the accept block (to `reply_to`). A block that does
-        not open under the link leaves the link usable (the relay, who sees the link mailbox's
-        token, cannot burn it); one that opens uses it up, even if what it holds is refused
-        (only a holder of the link secret can seal one)."""
-        self._live(now)
-        if self._used or self.finished:
-            raise LinkUsed("the device link was used already")
+    def _open_request(self, block: bytes) -> tuple[bytes, bytes, bytes]:
+        """(n_pub, dh, content) of a block that opens as a request under this link."""
         if len(block) != wire.BLOCK_SIZE or block[0] != wire.VERSION:
             raise DecryptionError()
         n_pub = block[1 : 1 + wire.X25519_LEN]
         dh = p.dh(p.x25519_from_private(self._e), n_pub)
         prefix = block[: 1 + wire.X25519_LEN]
         content = p.open_once(_request_key(self.link, dh, n_pub), block[len(prefix) :], prefix)
-        self._used = True
+        return n_pub, dh, content
+
+    def _read_inner(self, content: bytes) -> tuple[bytes, bytes, MailboxAddress, int]:
+        """(ek, commit, reply mailbox, bytes used) of an opened request; DecryptionError for
+        anything malformed, a reply mailbox without a token, on another relay, or padding."""
         try:
             r = Reader(content)
             if r.u8() != STEP_REQUEST:
@@ -709,6 +733,20 @@ class LinkOffer:
         ):
             raise DecryptionError()
         _unpad(content, used)
+        return ek, commit, reply_to, used
+
+    def accept_request(self, entropy: Entropy, block: bytes, now: int) -> bytes:
+        """Open N's request; answer with the accept block (to `reply_to`). A block that does
+        not open under the link leaves the link usable (the relay, who sees the link mailbox's
+        token, cannot burn it); one that opens uses it up, even if what it holds is refused
+        (only a holder of the link secret can seal one)."""
+        self._live(now)
+        if self._used or self.finished:
+            raise LinkUsed("the device link was used already")
+        n_pub, dh, content = self._open_request(block)
+        self._used = True
+        self._n_pub = n_pub
+        ek, commit, reply_to, used = self._read_inner(content)
         ss, ct = entropy.encapsulate(p.mlkem_load_ek(ek))
         transcript = self.link.to_bytes() + n_pub + content[:used]
         k_acc = _accept_key(self.link, dh, transcript)
@@ -717,6 +755,29 @@ class LinkOffer:
         self._commit = commit
         self.reply_to = reply_to
         return answer
+
+    def refuse_request(self, block: bytes, now: int) -> tuple[MailboxAddress, bytes]:
+        """A further request while the link runs (a second device holding the link): the
+        "used" block and the requester's reply mailbox to deposit it into, so it fails at once
+        instead of waiting for the expiry. Nothing of the running link changes, and the answer
+        carries nothing but "used" (its key is the requester's request's alone). A replay of
+        the request that used the link is not answered (the real N must never read "used"),
+        nor is anything past MAX_REFUSALS answers (`LinkUsed`: drop it); a block that does
+        not open as a well-formed request is `DecryptionError`, before the link was used
+        `StateError` (`accept_request` takes it)."""
+        self._live(now, FINAL_GRACE)
+        if not self._used:
+            raise StateError("the link is not used yet")
+        if self._refusals >= MAX_REFUSALS:
+            raise LinkUsed("no more requests are answered on this link")
+        n_pub, dh, content = self._open_request(block)
+        if n_pub == self._n_pub:
+            raise LinkUsed("the request that used the link, replayed")
+        _, _, reply_to, used = self._read_inner(content)
+        transcript = self.link.to_bytes() + n_pub + content[:used]
+        self._refusals += 1
+        answer = _pad(bytes([STEP_USED]), ACCEPT_CONTENT_LEN)
+        return reply_to, _V + p.seal_once(_used_key(self.link, dh, transcript), answer, _V)
 
     def receive_reveal(self, block: bytes, now: int) -> str:
         """Open N's reveal; the code to show on E's screen, with the prompt "confirm only if
@@ -774,7 +835,9 @@ class LinkOffer:
         """N's closing block, its entry. E adds it to `current` (the list E holds NOW, which
         may have changed since the profile left) and signs the next version; the result and
         the final block for N (to `reply_to`), which says accepted (with that list) or refused
-        (the list is full, or N's device ID or key is taken): then the list is None."""
+        (the list is full, or N's device ID or key is taken): then the list is None. E does
+        not store the list yet: only once N says it installed the profile
+        (`receive_installed`), so a new device that never took its final is never listed."""
         self._live(now)
         if not self._profile_sent or self._keys is None or self.finished:
             raise LinkUsed("no closing block is expected now")
@@ -796,8 +859,43 @@ class LinkOffer:
         else:
             status = FINAL_ACCEPTED
             new = DeviceList.sign(identity, next_version(current, now), [*current.devices, entry])
+            self._pending = (current, entry, new)
         self.finished = True
         return new, _seal_session(entropy, self._keys.e2n, _final_content(status, new))
+
+    def receive_installed(
+        self,
+        entropy: Entropy,
+        identity: IdentityKeyPair,
+        current: DeviceList,
+        block: bytes,
+        now: int,
+    ) -> tuple[DeviceList, bytes]:
+        """N's "installed" block, taken until the link's expiry plus FINAL_GRACE: the list to
+        store now, with N, and the "listed" block for N. The list is the one the final carried
+        when E still holds the list it was signed on; if E's list changed meanwhile (a
+        removal), N's entry is added to the list held now and signed again, as the next
+        version of both (`TooManyDevices` or `LinkRefused` if it no longer fits: nothing
+        listed)."""
+        self._live(now, FINAL_GRACE)
+        if self._pending is None or self._keys is None or self.installed:
+            raise LinkUsed("no installed block is expected now")
+        content = _open_session(self._keys.n2e, block, STEP_INSTALLED)
+        _unpad(content, 1)
+        base, entry, signed = self._pending
+        listed = signed
+        if current != base:
+            if len(current.devices) >= MAX_DEVICES:
+                raise TooManyDevices("the person has MAX_DEVICES devices already")
+            if entry.device_id in current.ids() or any(
+                x.device_key == entry.device_key for x in current.devices
+            ):
+                raise LinkRefused("the new device's ID or key is taken")
+            newest = signed if signed.version > current.version else current
+            devices = [*current.devices, entry]
+            listed = DeviceList.sign(identity, next_version(newest, now), devices)
+        self.installed = True
+        return listed, _seal_session(entropy, self._keys.e2n, bytes([STEP_LISTED]))
 
     def __repr__(self) -> str:
         return "LinkOffer(<private>)"
@@ -822,6 +920,9 @@ class LinkJoin:
         self._confirmed = False
         self._me: DeviceEntry | None = None
         self.finished = False
+        self._accepted = False  # E's final listed this device
+        self._installed_sent = False
+        self.listed = False  # E said it stored the list with this device
 
     def _live(self, now: int, grace: int = 0) -> None:
         if now >= self.link.expires + grace:
@@ -865,7 +966,15 @@ class LinkJoin:
         if len(block) != wire.BLOCK_SIZE or block[0] != wire.VERSION:
             raise DecryptionError()
         dh = p.dh(p.x25519_from_private(self._n), self.link.e_pub)
-        content = p.open_once(_accept_key(self.link, dh, self._transcript), block[1:], _V)
+        try:
+            content = p.open_once(_accept_key(self.link, dh, self._transcript), block[1:], _V)
+        except DecryptionError:
+            used = p.open_once(_used_key(self.link, dh, self._transcript), block[1:], _V)
+            if used[0] != STEP_USED:
+                raise DecryptionError() from None
+            _unpad(used, 1)
+            self.finished = True
+            raise LinkUsed("this link was already used") from None
         if content[0] != STEP_ACCEPT:
             raise DecryptionError()
         ct = content[1 : 1 + wire.MLKEM_CT_LEN]
@@ -953,7 +1062,26 @@ class LinkJoin:
             raise DecryptionError() from None
         if new.entry(self._me.device_id) != self._me:
             raise DecryptionError()
+        self._accepted = True
         return identity, new
+
+    def installed_block(self, entropy: Entropy) -> bytes:
+        """After an accepted final, once the profile is committed: the block that tells E to
+        list this device. Not bound to a time: E takes it until expiry plus FINAL_GRACE."""
+        if not self._accepted or self._keys is None or self._installed_sent:
+            raise LinkUsed("no installed block is due now")
+        self._installed_sent = True
+        return _seal_session(entropy, self._keys.n2e, bytes([STEP_INSTALLED]))
+
+    def receive_listed(self, block: bytes, now: int) -> None:
+        """E's "listed" block: E stored the list with this device (taken until the expiry
+        plus twice FINAL_GRACE: E sends it at most FINAL_GRACE after the expiry)."""
+        self._live(now, 2 * FINAL_GRACE)
+        if not self._installed_sent or self._keys is None or self.listed:
+            raise LinkUsed("no listed block is expected now")
+        content = _open_session(self._keys.e2n, block, STEP_LISTED)
+        _unpad(content, 1)
+        self.listed = True
 
     def __repr__(self) -> str:
         return "LinkJoin(<private>)"

@@ -82,6 +82,7 @@ APP_ERRORS = [
     (1090, "bad_profile"),
     (1091, "expired"),
     (1091, "gone"),
+    (1091, "used"),
     (1092, "no_link"),
     (1092, "no_code"),
     (1092, "busy"),

@@ -34,7 +34,7 @@ from aegisd.core import backup as fmt
 from aegisd.core import devices as dv
 from aegisd.core import primitives as p
 from aegisd.core import wire
-from aegisd.core.errors import DecodeError, DecryptionError, ProtocolError
+from aegisd.core.errors import DecodeError, DecryptionError, ProtocolError, StateError
 from aegisd.core.identity import PublicIdentity
 from aegisd.core.prekeys import PrekeyStore
 from aegisd.relayurl import SETTING_URL, same_relay
@@ -64,10 +64,14 @@ E_NO_SUCH_DEVICE = 1095
 SETTING_SELF = "devices.self"  # this device's ID, hex
 SETTING_LIST = "devices.list"  # the device list held, hex of its bytes (docs/devices.md §3.1)
 SETTING_KEY = "devices.key"  # this device's own Ed25519 key, raw private, hex (never sent)
-#: The link's own mailbox (E's link mailbox, N's reply mailbox) while a link runs, so that one
-#: a restart orphaned is deleted at the relay on the next connection (not left to its TTL, a
-#: link that waits for nobody). Its owner key only; the link secret is never stored.
+#: Set with the install, cleared once E's "listed" came: E may not list this device.
+SETTING_UNCONFIRMED = "devices.unconfirmed"
+#: Every mailbox a link made and a crash would leave (E's link mailbox, N's reply mailbox and
+#: N's device mailbox until the install stores it), a list of descriptors in hex, so that
+#: each one a restart orphaned is deleted at the relay on the next connection (not left to
+#: its TTL, a link that waits for nobody). Owner keys only; the link secret is never stored.
 SETTING_LINK_MB = "devices.link_mailbox"
+MAX_LINK_MAILBOXES = 16  # a bound on the list: one link at a time makes at most 3 at once
 #: How many devices may be linked to the first one (settings.set max_linked_devices, 1 to 5);
 #: the protocol's bound is MAX_DEVICES in all.
 SETTING_MAX_LINKED = "devices.max_linked"
@@ -75,6 +79,10 @@ POLL = 0.25  # seconds between two FETCHes of a link's mailbox
 TTL_MIN = 10
 #: Settings the new device does not take: the network is the machine's own choice.
 NOT_CARRIED = ("network.proxy", "network.isolation", SETTING_TIMERS)
+NOT_INSTALLED = "the new device did not say it installed the profile: it is not listed"
+UNCONFIRMED = ("the device in use did not confirm that it lists this device: see aegis device "
+               "list there (if this device is missing, remove this profile and link again)")
+INSTALLED_WAIT = 15  # seconds N's "installed" deposit may take, past every cancel
 
 
 def _now() -> int:
@@ -91,12 +99,16 @@ class _Link:
 
     role: str  # "offer" (E) or "join" (N)
     expires: int
-    # waiting, code, confirmed, installing (N), done, declined, expired, failed
+    # waiting, code, confirmed, installing (N), listing (N), done, declined, expired, failed
     state: str = "waiting"
     code: str | None = None  # on E never shown: its user types the code N shows
     reason: str | None = None
     confirmed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    # Seconds past `expires` the run still waits: N for E's final (then its "listed"), E for
+    # N's "installed" once the final left (docs/devices.md §4.3).
+    grace: int = 0
+    installed: asyncio.Event = field(default_factory=asyncio.Event)  # N: "installed" was tried
 
     def view(self) -> dict[str, Any]:
         code = self.code if self.role == "join" else None
@@ -166,9 +178,11 @@ class Devices:
         if current is None:  # one device, that never linked: itself
             return {
                 "version": 0,
+                "unconfirmed": False,
                 "devices": [{"id": me or "", "this_device": True, "added_at": None, "relay": None}],
             }
-        return {"version": current.version, "devices": [
+        unconfirmed = bool(self.m.store.get_setting(SETTING_UNCONFIRMED))
+        return {"version": current.version, "unconfirmed": unconfirmed, "devices": [
             {"id": d.device_id.hex(), "this_device": d.device_id.hex() == me,
              "added_at": d.added_at, "relay": d.mailbox.relay_url}
             for d in current.devices]}  # fmt: skip
@@ -199,12 +213,12 @@ class Devices:
 
     def _pending(self) -> _Link | None:
         link = self.link
-        if link is not None and link.state == "installing":
-            return link  # past every deadline's reach: it ends done
+        if link is not None and link.state in ("installing", "listing"):
+            return link  # installed or installing: its own task ends it done
         if link is not None and link.state in ("waiting", "code", "confirmed"):
-            # N takes E's final block for FINAL_GRACE more (docs/devices.md §4.3).
-            if _now() >= link.expires + (dv.FINAL_GRACE if link.role == "join" else 0):
+            if _now() >= link.expires + link.grace:
                 link.state = "expired"
+                link.reason = _expired_reason(link)
                 return None
             return link
         return None
@@ -235,7 +249,7 @@ class Devices:
             made = await client.create(key, box_public(box_secret))
             mb = OwnedMailbox(url, sign_seed, box_secret, made.owner_id, made.deposit_id,
                               made.relay_box_pub, token)  # fmt: skip
-            self.m.store.set_setting(SETTING_LINK_MB, mb.to_bytes().hex())
+            self._remember_link_mailbox(mb.to_bytes())
             await client.token_add(mb.owner_id, mb.signing_key, token)
         except RelayError:
             raise E.relay_unavailable() from None
@@ -264,26 +278,52 @@ class Devices:
         with contextlib.suppress(Exception):
             await client.close()
 
+    def _link_mailboxes(self) -> list[str]:
+        value = self.m.store.get_setting(SETTING_LINK_MB)
+        if value is None:
+            return []
+        if isinstance(value, str):  # written before it was a list: one descriptor
+            return [value]
+        return [str(x) for x in value]
+
+    def _remember_link_mailbox(self, descriptor: bytes) -> None:
+        with self.m.store.transaction():
+            held = self._link_mailboxes()
+            if descriptor.hex() not in held:
+                held = [*held, descriptor.hex()][-MAX_LINK_MAILBOXES:]
+                self.m.store.set_setting(SETTING_LINK_MB, held)
+
+    def _forget_link_mailbox(self, descriptor: bytes) -> None:
+        """Drop one descriptor from the list (inside the caller's transaction, if any)."""
+        held = self._link_mailboxes()
+        if descriptor.hex() in held:
+            rest = [x for x in held if x != descriptor.hex()]
+            self.m.store.set_setting(SETTING_LINK_MB, rest or None)
+
     def _retire_link_mailbox(self, descriptor: bytes, gone: bool) -> None:
-        """Forget the link's mailbox; one not deleted yet is deleted on a later connection.
-        The setting is cleared only if it still names this one (not a later link's)."""
+        """Forget a link's mailbox; one not deleted yet is deleted on a later connection.
+        Only this one leaves the list (another link's stays)."""
         with self.m.store.transaction():
             if not gone:
                 store_devices.retire_mailbox(self.m.store, descriptor)
-            if self.m.store.get_setting(SETTING_LINK_MB) == descriptor.hex():
-                self.m.store.set_setting(SETTING_LINK_MB, None)
+            self._forget_link_mailbox(descriptor)
+
+    async def _drop_made(self, made: OwnedMailbox) -> None:
+        """N's device mailbox, not installed: deleted at its relay (or queued), then forgot."""
+        await self.m.mailboxes.delete_at_relay(made)
+        with contextlib.suppress(Exception):  # locked meanwhile: on_unlock retires it
+            self._forget_link_mailbox(made.to_bytes())
 
     async def on_unlock(self, store: object) -> None:
-        """A link mailbox a restart (or a lock) left behind: to delete at its relay."""
-        left = self.m.store.get_setting(SETTING_LINK_MB)
-        if left is not None:
-            self._retire_link_mailbox(bytes.fromhex(str(left)), False)
+        """Every link mailbox a restart (or a lock) left behind: to delete at its relay."""
+        for left in self._link_mailboxes():
+            self._retire_link_mailbox(bytes.fromhex(left), False)
 
     async def cancel(self) -> dict[str, Any]:
         link = self._pending()
         if link is None:
             raise AppError(E_LINK_STATE, "no_link", "no device link is under way")
-        if link.state == "installing":
+        if link.state in ("installing", "listing"):
             raise AppError(E_LINK_STATE, "installing", "the profile is being installed: the "
                            "link can no longer be cancelled")  # fmt: skip
         self._decline(link, "cancelled")
@@ -319,13 +359,24 @@ class Devices:
         link.confirmed.set()
         return link.view()
 
-    async def _await_user(self, link: _Link, client: RelayClient, mb: OwnedMailbox) -> None:
+    async def _await_user(
+        self,
+        link: _Link,
+        client: RelayClient,
+        mb: OwnedMailbox,
+        offer: dv.LinkOffer | None = None,
+    ) -> None:
         """Wait for this side's user, FETCHing the link's mailbox as every other step does: a
         relay closes a connection with no subscription after its idle timeout without a frame
         (pings do not count), and the pattern stays the one of the whole link. Nothing is due
-        meanwhile; what comes is left queued (not acknowledged) for the next step."""
+        meanwhile; on N what comes is left queued (not acknowledged) for the next step; on E
+        (`offer`) a second device's request is answered "used" at once and the rest dropped
+        (N sends nothing more before E's profile)."""
         while not link.confirmed.is_set():
-            await client.fetch(mb.owner_id, mb.signing_key)
+            if offer is not None:
+                await self._offer_blocks(client, mb, offer)
+            else:
+                await client.fetch(mb.owner_id, mb.signing_key)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(link.confirmed.wait(), POLL)
 
@@ -338,8 +389,15 @@ class Devices:
             return
         if link is None or link.task is None or link.task.done():
             return
-        if link.state != "installing":
-            self._set(link, "failed", "the profile was locked")
+        if link.state == "installing":  # its install and "installed" run to their end first
+            waiter = asyncio.ensure_future(link.installed.wait())
+            await asyncio.wait({link.task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+        if not link.task.done():
+            if link.state in ("installing", "listing"):  # installed: E may not list it, said
+                self._set(link, "done", UNCONFIRMED)
+            else:
+                self._set(link, "failed", "the profile was locked")
             link.task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await link.task
@@ -364,7 +422,8 @@ class Devices:
         """The one link slot, taken before the first await (two calls at once: one is busy)."""
         if self._pending() is not None:
             raise AppError(E_LINK_STATE, "busy", "a device link is under way: cancel it first")
-        link = _Link(role, expires)
+        # N takes E's final block for FINAL_GRACE more (docs/devices.md §4.3).
+        link = _Link(role, expires, grace=dv.FINAL_GRACE if role == "join" else 0)
         self.link = link
         return link
 
@@ -410,8 +469,12 @@ class Devices:
         try:
             await asyncio.wait_for(self._offer_steps(link, offer, client, mb),
                                    max(0, link.expires - _now()))  # fmt: skip
+            # The final left: N is listed only once it says it installed the profile.
+            link.grace = dv.FINAL_GRACE
+            await asyncio.wait_for(self._offer_listing(link, offer, client, mb),
+                                   max(0, link.expires + link.grace - _now()))  # fmt: skip
         except TimeoutError:
-            self._set(link, "expired", "the link's ten minutes are over")
+            self._set(link, "expired", _expired_reason(link))
         except asyncio.CancelledError:
             pass
         except (AppError, RelayError, *UNAVAILABLE, dv.DeviceError) as exc:
@@ -427,10 +490,13 @@ class Devices:
     ) -> None:
         reply: wire.MailboxAddress | None = None
         while reply is None:  # the request: blocks that do not open leave the link usable
-            for block in await self._blocks(client, mb):
+            for block in await self._offer_blocks(client, mb, offer):
                 try:
                     answer = offer.accept_request(self.m.entropy, block, _now())
-                except (DecryptionError, dv.LinkUsed):
+                except dv.LinkUsed:  # a further request in the fetch that used the link
+                    await self._refuse(client, mb, offer, block)
+                    continue
+                except DecryptionError:
                     continue
                 reply = offer.reply_to
                 assert reply is not None
@@ -438,18 +504,17 @@ class Devices:
                     raise AppError(E_DEVICE_LINK, "bad_link", "the new device's reply mailbox is "
                                    "not on the link's relay")  # fmt: skip
                 await client.deposit(reply.deposit_id, answer, reply.send_token)
-                break
-            else:
+            if reply is None:
                 await asyncio.sleep(POLL)
         while offer.code is None:
-            for block in await self._blocks(client, mb):
+            for block in await self._offer_blocks(client, mb, offer):
                 with contextlib.suppress(DecryptionError, dv.LinkUsed):
                     link.code = offer.receive_reveal(block, _now())
                     break
             else:
                 await asyncio.sleep(POLL)
         self._set(link, "code")
-        await self._await_user(link, client, mb)
+        await self._await_user(link, client, mb, offer)
         offer.confirm(_now())
         async with self.m.lock:
             current = await self._current_locked()
@@ -458,7 +523,7 @@ class Devices:
         for block in offer.profile_blocks(self.m.entropy, profile, _now()):
             await client.deposit(reply.deposit_id, block, reply.send_token)
         while not offer.finished:
-            for block in await self._blocks(client, mb):
+            for block in await self._offer_blocks(client, mb, offer):
                 async with self.m.lock:
                     try:
                         # The list held NOW (it may have changed since the profile left).
@@ -468,10 +533,8 @@ class Devices:
                         )  # fmt: skip
                     except (DecryptionError, dv.LinkUsed):
                         continue
-                    # Listed only once N can have it: a failed deposit lists nothing.
-                    await client.deposit(reply.deposit_id, final, reply.send_token)
-                    if new is not None:
-                        self._store_list(new)
+                # Not stored yet: N is listed once it says it installed (_offer_listing).
+                await client.deposit(reply.deposit_id, final, reply.send_token)
                 if new is None:
                     raise AppError(
                         E_TOO_MANY_DEVICES, "too_many_devices",
@@ -480,7 +543,54 @@ class Devices:
                 break
             else:
                 await asyncio.sleep(POLL)
-        self._set(link, "done")
+
+    async def _offer_listing(
+        self, link: _Link, offer: dv.LinkOffer, client: RelayClient, mb: OwnedMailbox
+    ) -> None:
+        """N's "installed": only now is N listed (the list held now, with N), then "listed"
+        back. A crash or a lock before it lists nothing (docs/devices.md §4.3)."""
+        reply = offer.reply_to
+        assert reply is not None
+        while True:
+            for block in await self._offer_blocks(client, mb, offer):
+                async with self.m.lock:
+                    try:
+                        listed, answer = offer.receive_installed(
+                            self.m.entropy, self.m.identity(), await self._current_locked(),
+                            block, _now(),
+                        )  # fmt: skip
+                    except (DecryptionError, dv.LinkUsed):
+                        continue
+                    self._store_list(listed)
+                # N says "not confirmed" if this never reaches it; E lists N either way.
+                with contextlib.suppress(RelayError, *UNAVAILABLE):
+                    await client.deposit(reply.deposit_id, answer, reply.send_token)
+                self._set(link, "done")
+                return
+            await asyncio.sleep(POLL)
+
+    async def _offer_blocks(
+        self, client: RelayClient, mb: OwnedMailbox, offer: dv.LinkOffer
+    ) -> list[bytes]:
+        """The link mailbox's blocks for E's step; a further request on the used link (a
+        second device holding it) is answered "used" into its own reply mailbox at once
+        (`LinkOffer.refuse_request`, at most MAX_REFUSALS per link) and dropped, so it fails
+        at once instead of waiting for the expiry (docs/devices.md §4.2)."""
+        return [b for b in await self._blocks(client, mb)
+                if not await self._refuse(client, mb, offer, b)]  # fmt: skip
+
+    async def _refuse(
+        self, client: RelayClient, mb: OwnedMailbox, offer: dv.LinkOffer, block: bytes
+    ) -> bool:
+        """True when `block` was a further request, answered "used"."""
+        try:
+            to, used = offer.refuse_request(block, _now())
+        except (DecryptionError, dv.DeviceError, StateError):
+            return False
+        if same_relay(to.relay_url, mb.relay_url):  # the core checked it: this client's relay
+            with contextlib.suppress(RelayError, *UNAVAILABLE):
+                await client.deposit(to.deposit_id, used, to.send_token)
+        return True
 
     async def _current_locked(self) -> dv.DeviceList:
         current = self.held()
@@ -561,7 +671,7 @@ class Devices:
         self, link: _Link, join: dv.LinkJoin, client: RelayClient, mb: OwnedMailbox
     ) -> None:
         try:
-            deadline = max(0, link.expires + dv.FINAL_GRACE - _now())
+            deadline = max(0, link.expires + link.grace - _now())
             got = await asyncio.wait_for(self._join_steps(link, join, client, mb), deadline)
         except BaseException as exc:
             await self._end(client, mb)
@@ -573,23 +683,50 @@ class Devices:
                 log.warning("a device link ended on an unexpected %s", type(exc).__name__)
                 self._set(link, "failed", "internal error (see the daemon's log)")
             return  # cancelled: whoever cancelled set the state
-        # E listed this device (_join_steps set `installing` as it took the final block): from
-        # here nothing cancels the link and the state always ends, done (with a warning if
-        # what follows the install fails) or failed (the profile refused before any write).
+        # E accepted this device (_join_steps set `installing` as it took the final block):
+        # from here until "installed" is deposited nothing cancels the link, and the state
+        # always ends, done (with a warning if what follows the install fails, or if E never
+        # says it listed this device) or failed (the profile refused before any write).
         profile, new, made = got
         try:
-            await _through(self._end(client, mb))
-            contacts, warning = await _through(self._install(profile, new, made))
-        except AppError as exc:  # refused before anything was written (malformed, not fresh)
-            self.m._spawn(self.m.mailboxes.delete_at_relay(made))
-            self._set(link, "failed", _reason(exc))
-            return
-        except BaseException as exc:
-            log.warning("a device link's install ended on an unexpected %s", type(exc).__name__)
-            self._set(link, "failed", "internal error (see the daemon's log)")
-            return
-        self._set(link, "done", warning)
+            try:
+                contacts, warning = await _through(self._install(profile, new, made))
+            except AppError as exc:  # refused before anything was written (malformed)
+                await _through(self._end(client, mb))
+                self.m._spawn(self._drop_made(made))
+                self._set(link, "failed", _reason(exc))
+                return
+            except BaseException as exc:
+                await _through(self._end(client, mb))
+                log.warning("a device link's install ended on an unexpected %s",
+                            type(exc).__name__)  # fmt: skip
+                self._set(link, "failed", "internal error (see the daemon's log)")
+                return
+            # Only now may E list this device: "installed", then wait for "listed".
+            listed = await _through(self._say_installed(join, client))
+        finally:
+            link.installed.set()
+        # Installed: the daemon reconnects under the identity now, not after E's answer (in a
+        # task of its own: it takes the daemon's lock, which a lock or a stop holds while it
+        # waits for the link).
         self.m._spawn(self._reconfigure())
+        if listed:
+            link.grace = 2 * dv.FINAL_GRACE
+            self._set(link, "listing")
+            try:
+                deadline = max(0, link.expires + link.grace - _now())
+                listed = await asyncio.wait_for(self._await_listed(join, client, mb), deadline)
+            except asyncio.CancelledError:  # a lock or a stop: on_lock said "done, unconfirmed"
+                await self._end(client, mb)
+                return
+            except (TimeoutError, RelayError, *UNAVAILABLE):
+                listed = False
+        await self._end(client, mb)
+        if listed:
+            with contextlib.suppress(Exception):  # locked meanwhile: the flag stays, said so
+                self.m.store.set_setting(SETTING_UNCONFIRMED, None)
+        self._set(link, "done", "; ".join(x for x in (warning, None if listed else UNCONFIRMED)
+                                          if x) or None)  # fmt: skip
         with contextlib.suppress(RuntimeError):
             self.m.ctx.events.emit("devices.joined", {"contacts": contacts,
                                                       "devices": len(new.devices)})  # fmt: skip
@@ -602,7 +739,9 @@ class Devices:
             for block in await self._blocks(client, mb):
                 try:
                     reveal = join.receive_accept(self.m.entropy, block, _now())
-                except (DecryptionError, dv.LinkUsed, ProtocolError, ValueError):
+                except dv.LinkUsed:  # E's answer to a second device: another one took the link
+                    raise AppError(E_LINK_EXPIRED, "used", "this link was already used") from None
+                except (DecryptionError, ProtocolError, ValueError):
                     continue
                 await client.deposit(target.deposit_id, reveal, target.send_token)
                 break
@@ -622,6 +761,7 @@ class Devices:
         # installed), made now but stored only if E accepts this device.
         made = await self.m.mailboxes.new_mailbox(public=True)
         try:
+            self._remember_link_mailbox(made.to_bytes())  # a crash before the install leaves it
             done = join.done_block(self.m.entropy, self._entry_for(made), _now())
             await client.deposit(target.deposit_id, done, target.send_token)
             final: tuple[Any, dv.DeviceList] | None = None
@@ -637,13 +777,36 @@ class Devices:
                 else:
                     await asyncio.sleep(POLL)
         except BaseException as exc:  # refused (full, taken), expired: nothing installed
-            self.m._spawn(self.m.mailboxes.delete_at_relay(made))
+            self.m._spawn(self._drop_made(made))
             if isinstance(exc, dv.DeviceError):
                 raise AppError(E_TOO_MANY_DEVICES, "too_many_devices",
                                "the existing device refused this device") from None  # fmt: skip
             raise
         _, new = final
         return join.profile, new, made
+
+    async def _say_installed(self, join: dv.LinkJoin, client: RelayClient) -> bool:
+        """N's "installed" into the link mailbox, bounded; False when it could not go (E
+        ended the link: its mailbox is gone, so E lists nothing)."""
+        target = join.link.mailbox
+        block = join.installed_block(self.m.entropy)
+        try:
+            await asyncio.wait_for(
+                client.deposit(target.deposit_id, block, target.send_token), INSTALLED_WAIT
+            )
+        except (TimeoutError, RelayError, *UNAVAILABLE):
+            return False
+        return True
+
+    async def _await_listed(
+        self, join: dv.LinkJoin, client: RelayClient, mb: OwnedMailbox
+    ) -> bool:
+        while True:
+            for block in await self._blocks(client, mb):
+                with contextlib.suppress(DecryptionError, dv.LinkUsed):
+                    join.receive_listed(block, _now())
+                    return True
+            await asyncio.sleep(POLL)
 
     async def _install(
         self, profile: dv.LinkProfile, new: dv.DeviceList, made: OwnedMailbox
@@ -686,6 +849,9 @@ class Devices:
                         store, cid, bc.verified, bc.blocked, bc.created_at
                     )
                 self._store_list(new)
+                # Until E says it listed this device (docs/devices.md §4.3): devices.list says so.
+                store.set_setting(SETTING_UNCONFIRMED, True)
+                self._forget_link_mailbox(made.to_bytes())  # this profile's address now
             m.prekeys = prekeys
             m.mailboxes.reload()
             # The device mailbox the list names: this profile's address, with its bundle. The
@@ -721,6 +887,12 @@ async def _through(aw: Coroutine[Any, Any, T]) -> T:
 
 def _ed_public(priv: bytes) -> bytes:
     return p.ed25519_public(p.ed25519_from_private(priv))
+
+
+def _expired_reason(link: _Link) -> str:
+    if link.role == "offer" and link.grace:  # E sent its final; N never said it installed
+        return NOT_INSTALLED
+    return "the link's ten minutes are over"
 
 
 def _reason(exc: BaseException) -> str:

@@ -575,3 +575,142 @@ def test_a_cancel_while_the_link_is_set_up_ends_it(peers: Callable[[str], Peer])
 
     new.wait_for(refused, "the cancelled link's mailbox deleted at the relay")
     assert state(alice)["state"] == "declined"
+
+
+def test_a_second_device_on_a_used_link_is_refused_at_once(peers: Callable[[str], Peer]) -> None:
+    """A second device with the link while it runs is answered "used" by the device in use
+    (not left waiting for the link's ten minutes), and the running link completes."""
+    alice = peers("alice")
+    alice.wait_connected()
+    new, other = peers("alice2"), peers("other")
+    link = start_link(alice, new)
+    wait_state(alice, "code")  # E waits for its user: it still answers the second device
+    other.wait_connected()
+    assert other.call("devices.join", {"link": link})["state"] == "waiting"
+    refused = wait_state(other, "failed")  # well inside the link's 600 s
+    assert refused["reason"] == "this link was already used" and refused["code"] is None
+    assert state(alice)["state"] == "code" and state(new)["state"] == "code"
+    confirm_both(alice, new)
+    wait_state(alice, "done")
+    assert wait_state(new, "done")["reason"] is None
+    assert len(alice.call("devices.list")["devices"]) == 2
+    assert new.call("devices.list")["unconfirmed"] is False
+    assert new.call("identity.get")["display_name"] == "alice"
+    assert other.call("devices.list")["version"] == 0  # nothing installed there
+    assert other.call("identity.get")["display_name"] == "other"
+
+
+def deposits_by_mailbox(relay: RelayProcess) -> Callable[[], list[int]]:
+    """The mailbox of every block the relay queues from this call on, in order."""
+    with sqlite3.connect(relay.data / "relay.sqlite3", timeout=10) as db:
+        db.executescript(
+            "CREATE TABLE IF NOT EXISTS seen_mb (mailbox INTEGER);"
+            "CREATE TRIGGER IF NOT EXISTS seen_mb_t AFTER INSERT ON messages "
+            "BEGIN INSERT INTO seen_mb VALUES (NEW.mailbox); END;"
+        )
+        start = int(db.execute("SELECT count(*) FROM seen_mb").fetchone()[0])
+
+    def seen() -> list[int]:
+        with sqlite3.connect(relay.data / "relay.sqlite3", timeout=10) as db:
+            rows = db.execute("SELECT mailbox FROM seen_mb ORDER BY rowid").fetchall()
+        return [int(r[0]) for r in rows[start:]]
+
+    return seen
+
+
+def relay_mailboxes(relay: RelayProcess) -> set[int]:
+    with sqlite3.connect(relay.data / "relay.sqlite3", timeout=10) as db:
+        return {int(r[0]) for r in db.execute("SELECT id FROM mailboxes")}
+
+
+def up_to_the_final(
+    alice: Peer, new: Peer, relay: RelayProcess, **params: Any
+) -> tuple[Callable[[], list[int]], int, int, set[int]]:
+    """A link run until E deposited its final, with N paused (SIGSTOP) since just after its
+    closing block, so it has not fetched the final. The order is forced, not raced: E is
+    paused before N's closing block, N once it is queued, and E goes on only then. Returns
+    the deposits' mailboxes, the link mailbox, N's reply mailbox and N's device mailbox."""
+    seen = deposits_by_mailbox(relay)
+    start_link(alice, new, **params)
+    wait_state(alice, "code")
+    code = wait_state(new, "code")["code"]
+    alice.call("devices.confirm", {"code": code})
+    # The request, then the accept (into N's reply mailbox), the reveal, the profile (one
+    # block for this small profile) into the reply mailbox: then E is paused.
+    alice.wait_for(lambda: (s := seen()) and len(s) > 1 and s.count(s[1]) >= 2, "profile", 60)
+    assert alice.proc is not None and new.proc is not None
+    alice.proc.proc.send_signal(signal.SIGSTOP)
+    try:
+        blocks = seen()
+        link_mb, reply = blocks[0], blocks[1]
+        assert blocks.count(link_mb) == 2, blocks
+        before = relay_mailboxes(relay)
+        new.call("devices.confirm", {"accept": True})
+        new.wait_for(lambda: seen().count(link_mb) >= 3, "N's closing block", 60)
+        new.proc.proc.send_signal(signal.SIGSTOP)
+        device_mb = relay_mailboxes(relay) - before  # made by N just before its closing block
+        done_at = len(seen())
+    finally:
+        alice.proc.proc.send_signal(signal.SIGCONT)
+    alice.wait_for(lambda: len(seen()) > done_at, "E's final", 60)
+    assert seen()[done_at] == reply and len(device_mb) == 1
+    return seen, link_mb, reply, device_mb
+
+
+def test_a_new_device_killed_before_its_final_is_never_listed(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """N is killed (-9) after its closing block, before it fetched E's final: E lists it only
+    once N says it installed the profile, so after the link's end E's list is its own alone;
+    N, restarted, has installed nothing, and deletes at the relay both mailboxes the link left
+    (its reply mailbox and its device mailbox: devices.link_mailbox lists every one)."""
+    alice, new = peers("alice"), peers("alice2")
+    alice.wait_connected()
+    new.wait_connected()
+    try:
+        _, _, reply, device_mb = up_to_the_final(alice, new, relay_proc, expires_in=20)
+    finally:
+        new.kill()
+    left = {reply} | device_mb
+    assert left <= relay_mailboxes(relay_proc)
+    assert state(alice)["state"] == "confirmed"
+    assert len(alice.call("devices.list")["devices"]) == 1  # not listed on the final
+    ended = alice.wait_for(
+        lambda: (s := state(alice))["state"] != "confirmed" and s, "the link's end", 150
+    )
+    assert ended["state"] == "expired" and "not listed" in ended["reason"]
+    assert len(alice.call("devices.list")["devices"]) == 1
+    new.start()
+    assert new.call("devices.list")["version"] == 0
+    assert new.call("identity.get")["display_name"] == "alice2"
+    new.wait_for(lambda: not left & relay_mailboxes(relay_proc), "the mailboxes deleted", 60)
+
+
+def test_the_device_in_use_killed_after_its_final_lists_nothing_and_n_says_so(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """E is killed (-9) after its final, before it took N's "installed": E never lists N; N is
+    installed and says, at the link's end and after a restart, that E did not confirm."""
+    alice, new = peers("alice"), peers("alice2")
+    alice.wait_connected()
+    new.wait_connected()
+    assert alice.proc is not None and new.proc is not None
+    try:
+        seen, link_mb, _, _ = up_to_the_final(alice, new, relay_proc)
+        alice.proc.proc.send_signal(signal.SIGSTOP)  # before N can answer
+        new.proc.proc.send_signal(signal.SIGCONT)
+        wait_state(new, "listing")  # installed, "installed" deposited, waiting for "listed"
+        assert seen().count(link_mb) == 4
+    finally:
+        alice.kill()
+        new.proc.proc.send_signal(signal.SIGCONT)
+    assert new.call("devices.list")["unconfirmed"] is True
+    new.call("daemon.stop")  # ends the wait: done, with the warning
+    new.proc.proc.wait(60)
+    new.start()
+    listed = new.call("devices.list")
+    assert listed["unconfirmed"] is True and len(listed["devices"]) == 2
+    assert new.call("identity.get")["display_name"] == "alice"
+    assert "never confirmed" in aegis(new.home, "device", "list").stdout
+    alice.start()
+    assert len(alice.call("devices.list")["devices"]) == 1  # N never listed on E

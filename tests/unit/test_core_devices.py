@@ -813,3 +813,171 @@ def test_the_design_documents_constants_and_labels_are_the_codes() -> None:
     assert {label.encode() for label, _ in labels} == code_labels
     for label, length in labels:
         assert len(label) == int(length)
+
+
+# --- a second device on a used link; the new device's "installed" and E's "listed" -------------
+
+
+def _second(link: Link, seed: bytes = b"N2", reply: int = 9) -> tuple[d.LinkJoin, bytes]:
+    return d.LinkJoin.start(DeterministicEntropy(seed), link.offer.link, mailbox(reply), NOW)
+
+
+def test_a_second_device_is_told_at_once_that_the_link_was_used() -> None:
+    link = Link()
+    link.offer.accept_request(link.e_rng, link.request(), NOW + 2)
+    keys = link.offer._keys
+    second, request = _second(link)
+    reply, used = link.offer.refuse_request(request, NOW + 3)
+    assert reply == mailbox(9) and len(used) == wire.BLOCK_SIZE and used[0] == wire.VERSION
+    with pytest.raises(d.LinkUsed, match="this link was already used"):
+        second.receive_accept(DeterministicEntropy(b"x"), used, NOW + 4)
+    assert second.finished and second.code is None
+    # The running link is unharmed: its keys, its reply mailbox, every later step.
+    assert link.offer._keys == keys and link.offer.reply_to == mailbox(8)
+
+
+def test_a_refusal_leaves_the_running_link_to_complete() -> None:
+    link = Link()
+    accept = link.offer.accept_request(link.e_rng, link.request(), NOW + 2)
+    _, request = _second(link)
+    link.offer.refuse_request(request, NOW + 2)
+    reveal = link.join.receive_accept(link.n_rng, accept, NOW + 3)
+    _, request = _second(link, b"N3", 10)
+    link.offer.refuse_request(request, NOW + 3)  # while the user decides
+    assert link.offer.receive_reveal(reveal, NOW + 4) == link.join.code
+    link.offer.confirm(NOW + 5)
+    for block in link.offer.profile_blocks(link.e_rng, profile(), NOW + 6):
+        link.join.add_profile_block(block, NOW + 7)
+    link.join.confirm(NOW + 8)
+    done = link.join.done_block(link.n_rng, device(9), NOW + 9)
+    new, final = link.offer.receive_done(link.e_rng, IDENTITY, FIRST, done, NOW + 10)
+    _, request = _second(link, b"N4", 11)
+    link.offer.refuse_request(request, NOW + 10)  # while E waits for "installed"
+    assert link.join.receive_final(final, NOW + 11)[1] == new
+
+
+def test_the_used_answer_opens_for_its_requester_only_and_never_as_an_accept() -> None:
+    link = Link()
+    link.offer.accept_request(link.e_rng, link.request(), NOW + 2)
+    _, request = _second(link)
+    _, used = link.offer.refuse_request(request, NOW + 3)
+    third, _ = _second(link, b"N3", 10)
+    with pytest.raises(DecryptionError):  # another requester's answer: not "used" for it
+        third.receive_accept(DeterministicEntropy(b"x"), used, NOW + 4)
+    with pytest.raises(DecryptionError):  # the first N never reads it as anything
+        link.join.receive_accept(link.n_rng, used, NOW + 4)
+    assert not link.join.finished
+    second, request = _second(link, b"N5", 12)
+    _, used = link.offer.refuse_request(request, NOW + 3)
+    with pytest.raises(DecryptionError):  # tampered: the relay cannot forge "used"
+        second.receive_accept(DeterministicEntropy(b"x"), flip(used, 40), NOW + 4)
+    assert not second.finished
+
+
+def test_a_replayed_first_request_is_not_answered_and_answers_are_bounded() -> None:
+    link = Link()
+    request = link.request()
+    with pytest.raises(StateError):  # before the link is used: accept_request's
+        link.offer.refuse_request(request, NOW + 1)
+    link.offer.accept_request(link.e_rng, request, NOW + 2)
+    with pytest.raises(d.LinkUsed):  # a replay: the real N must never read "used"
+        link.offer.refuse_request(request, NOW + 3)
+    with pytest.raises(DecryptionError):  # a block that is no request
+        link.offer.refuse_request(flip(request, 50), NOW + 3)
+    _, other = _second(link)
+    for _ in range(d.MAX_REFUSALS):
+        link.offer.refuse_request(other, NOW + 3)
+    with pytest.raises(d.LinkUsed):
+        link.offer.refuse_request(other, NOW + 3)
+    with pytest.raises(d.LinkExpired):
+        Link().offer.refuse_request(other, END + d.FINAL_GRACE)
+
+
+def test_a_malformed_request_under_the_link_gets_no_answer() -> None:
+    link = Link()
+    link.offer.accept_request(link.e_rng, link.request(), NOW + 2)
+    good_ek = p.mlkem_ek(DeterministicEntropy(b"K").mlkem_private())
+    elsewhere = wire.MailboxAddress("wss://other.example/v1/ws", bytes(16), bytes(32))
+    for inner in (_inner(good_ek, elsewhere), _inner(good_ek, mailbox(8, token=False))):
+        with pytest.raises(DecryptionError):  # E never deposits on another relay
+            link.offer.refuse_request(_request_with(link, inner), NOW + 3)
+
+
+def _finished(link: Link, current: d.DeviceList = FIRST) -> d.DeviceList:
+    done = link.done()
+    new, final = link.offer.receive_done(link.e_rng, IDENTITY, current, done, NOW + 10)
+    assert new is not None and link.join.receive_final(final, NOW + 11)[1] == new
+    return new
+
+
+def test_e_lists_the_new_device_only_once_it_says_it_installed() -> None:
+    link = Link()
+    new = _finished(link)
+    with pytest.raises(d.LinkUsed):  # no "listed" before "installed"
+        link.join.receive_listed(bytes(wire.BLOCK_SIZE), NOW + 12)
+    installed = link.join.installed_block(link.n_rng)
+    with pytest.raises(d.LinkUsed):
+        link.join.installed_block(link.n_rng)
+    with pytest.raises(DecryptionError):
+        link.offer.receive_installed(link.e_rng, IDENTITY, FIRST, flip(installed, 30), NOW + 12)
+    assert not link.offer.installed
+    listed, ack = link.offer.receive_installed(link.e_rng, IDENTITY, FIRST, installed, NOW + 12)
+    assert listed == new and link.offer.installed
+    with pytest.raises(d.LinkUsed):
+        link.offer.receive_installed(link.e_rng, IDENTITY, FIRST, installed, NOW + 13)
+    link.join.receive_listed(ack, NOW + 13)
+    assert link.join.listed
+    with pytest.raises(d.LinkUsed):
+        link.join.receive_listed(ack, NOW + 14)
+
+
+def test_installed_and_listed_blocks_keep_their_steps_and_deadlines() -> None:
+    link = Link()
+    _finished(link)
+    installed = link.join.installed_block(link.n_rng)
+    keys = link.join._keys
+    assert keys is not None
+    for step in (d.STEP_REVEAL, d.STEP_DONE):  # an "installed" opens as no other step
+        with pytest.raises(DecryptionError):
+            d._open_session(keys.n2e, installed, step)
+    with pytest.raises(d.LinkExpired):
+        link.offer.receive_installed(link.e_rng, IDENTITY, FIRST, installed, END + d.FINAL_GRACE)
+    _, ack = link.offer.receive_installed(
+        link.e_rng, IDENTITY, FIRST, installed, END + d.FINAL_GRACE - 1
+    )
+    with pytest.raises(d.LinkExpired):
+        link.join.receive_listed(ack, END + 2 * d.FINAL_GRACE)
+    link.join.receive_listed(ack, END + 2 * d.FINAL_GRACE - 1)
+
+
+def test_a_list_changed_between_final_and_installed_is_signed_again_with_the_new_device() -> None:
+    link = Link()
+    with_three = d.DeviceList.sign(IDENTITY, NOW * 1000, [device(1), device(3)])
+    new = _finished(link, with_three)
+    # Meanwhile E's user removed device 3: E lists N on the list it holds now.
+    removed = d.DeviceList.sign(IDENTITY, new.version, [device(1)])
+    installed = link.join.installed_block(link.n_rng)
+    listed, _ = link.offer.receive_installed(link.e_rng, IDENTITY, removed, installed, NOW + 12)
+    assert list(listed.devices) == [device(1), device(9)]
+    assert listed.beats(new) and listed.beats(removed)
+    listed.verify(IDENTITY.public)
+    full = Link()
+    _finished(full)
+    six = d.DeviceList.sign(IDENTITY, NOW * 1000 + 5, [device(i) for i in range(1, 7)])
+    with pytest.raises(d.TooManyDevices):
+        full.offer.receive_installed(
+            full.e_rng, IDENTITY, six, full.join.installed_block(full.n_rng), NOW + 12
+        )
+    assert not full.offer.installed
+
+
+def test_a_refused_final_gives_no_installed_block() -> None:
+    link = Link()
+    done = link.done(me=1)  # a device ID E lists already
+    _, final = link.offer.receive_done(link.e_rng, IDENTITY, FIRST, done, NOW + 10)
+    with pytest.raises(d.LinkRefused):
+        link.join.receive_final(final, NOW + 11)
+    with pytest.raises(d.LinkUsed):
+        link.join.installed_block(link.n_rng)
+    with pytest.raises(d.LinkUsed):  # and E never lists it
+        link.offer.receive_installed(link.e_rng, IDENTITY, FIRST, bytes(wire.BLOCK_SIZE), NOW + 12)
