@@ -53,6 +53,7 @@ async def stop_reading(c: RelayClient) -> None:
         await c._reader
 
 
+@pytest.mark.both_backends
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
 def test_parallel_fetches_hold_one_window(relay_factory: Callable[..., RelayProcess]) -> None:
     rp = relay_factory()
@@ -82,6 +83,7 @@ def test_parallel_fetches_hold_one_window(relay_factory: Callable[..., RelayProc
     run(body())
 
 
+@pytest.mark.both_backends
 def test_fetch_above_the_bound_answers_busy(relay_factory: Callable[..., RelayProcess]) -> None:
     """FETCHes read back to back: the first ones fill the output above conn_buffer, so the
     last finds the connection congested with blocks waiting, and must answer `busy`.
