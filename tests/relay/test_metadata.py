@@ -197,8 +197,7 @@ def test_no_logs_scan_from_127_0_0_2(relay_factory: Callable[..., RelayProcess],
 def test_expiry_with_injected_clock(tmp_path: Path, store: str) -> None:
     now = [1_000_000.0]
     cfg = Config(data_dir=str(tmp_path / "data"), store=store, message_ttl=100,
-                 expiry_granularity=10,
-                 sweep_interval=1e6, pow_deposit_bits=0)
+                 expiry_granularity=10, sweep_interval=1e6, pow_deposit_bits=0)
 
     async def body() -> None:
         app = create_app(cfg, clock=lambda: now[0])
