@@ -83,7 +83,6 @@ def test_parallel_fetches_hold_one_window(relay_factory: Callable[..., RelayProc
     run(body())
 
 
-@pytest.mark.both_backends
 def test_fetch_above_the_bound_answers_busy(relay_factory: Callable[..., RelayProcess]) -> None:
     """FETCHes read back to back: the first ones fill the output above conn_buffer, so the
     last finds the connection congested with blocks waiting, and must answer `busy`.
