@@ -22,7 +22,7 @@ UNITS = {"aegis-relay@.service": "aegis-relay@8765.service",
 def _exec_start(unit: Path) -> list[str]:
     text = unit.read_text().replace("\\\n", " ")
     (line,) = re.findall(r"^ExecStart=(.*)$", text, re.M)
-    return line.split()
+    return str(line).split()
 
 
 @pytest.mark.parametrize("name", sorted(UNITS))
