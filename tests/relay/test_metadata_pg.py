@@ -84,7 +84,8 @@ def test_postgres_keeps_no_client_address_port_or_time(
             secrets.extend([*forms(blob_id), *forms(cap)])
             await sender.blob_put(blob_id, cap, block())
             await other.blob_get(blob_id, cap, PrivateKey.generate())
-            await alice.subscribe(await connect(b))  # the subscription moves to node B
+            moved = await connect(b)
+            await alice.subscribe(moved)  # the subscription moves to node B
             await other.token_add(bob.owner_id, bob.sig, os.urandom(32))
             mailbox_keys.update(int(r[0]) for r in await listener.fetch(
                 "SELECT id FROM mailboxes"))
@@ -101,7 +102,7 @@ def test_postgres_keeps_no_client_address_port_or_time(
             while f"m{gone_key}" not in payloads:
                 assert time.monotonic() < deadline, payloads
                 await asyncio.sleep(0.05)
-            for c in (owner_c, sender, other):
+            for c in (owner_c, sender, other, moved):
                 await c.close()
         finally:
             await listener.close()
