@@ -60,6 +60,8 @@ system-deps:
 	{ command -v pactl && command -v parec; } >/dev/null || missing="$$missing pulseaudio-utils"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v haproxy >/dev/null || missing="$$missing haproxy"; \
+	{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null || missing="$$missing nginx"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	if [ "$$(id -u)" = 0 ] && [ -n "$$missing" ]; then \
 		if [ ! -e /usr/sbin/policy-rc.d ]; then \
 			trap 'rm -f /usr/sbin/policy-rc.d' EXIT; trap 'exit 130' INT TERM; \

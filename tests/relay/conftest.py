@@ -3,7 +3,25 @@
 Its storage backend is SQLite unless a test is marked `both_backends`: then it runs once on
 SQLite and once on a PostgreSQL database of its own (one server per session, tests/relay/
 postgres.py; its fixture `postgres_server` is in tests/conftest.py, shared with the functional
-tests).
+tests). Every test of storage through a relay (a process, or an app in-process) is so
+marked; the multi-node, load balancer and PostgreSQL-metadata tests run on PostgreSQL only.
+Left on SQLite, and why:
+
+* about SQLite itself: test_disk_full (--max-db-bytes is SQLite's page count; a small tmpfs
+  under its file; its --disk-reserve file), test_checkpointer (its WAL file), test_no_order,
+  test_mailbox_expiry and test_storage_price's schema test (its file format, schema upgrades
+  and query plans; test_storage_pg.py checks the same properties on PostgreSQL),
+  test_writer_fairness and test_dropped_connection's pending test (its writer thread),
+  test_cache_write_in_flight's eviction test (an in-memory cache, no storage);
+* test_fetch_bound's `busy` test: it needs the last of four pipelined FETCHes handled before
+  the first ones' blocks drain into the kernel; on PostgreSQL each FETCH's read is a round trip
+  to the server, the output drains meanwhile, and the last FETCH finds room (in about half of
+  the runs on this loaded machine it answered `OK 1` or `OK 2` on all 12 fresh connections:
+  never `OK 0`, the property tested, but never `busy` either). The code it tests
+  (handlers.h_fetch) is the same on both backends;
+* no storage at all: connections, handshakes and frames before any mailbox (test_connections,
+  test_gate, test_turnstile, test_client_connect, test_bad_input's frame, timeout and
+  connection-cap tests), the help text and documents (test_lifecycle), --host/--port.
 
 The test binds and listens on the socket itself and hands it to the relay (`--listen-fd`), so
 the port is known without the relay printing it, and a restarted relay (after kill -9) serves the

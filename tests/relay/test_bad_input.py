@@ -90,6 +90,7 @@ def test_oversized_frame_closes_1009(relay: RelayProcess) -> None:
     assert close == 1009
 
 
+@pytest.mark.both_backends
 def test_recoverable_errors_keep_connection(relay: RelayProcess) -> None:
     async def body() -> None:
         c = await RelayClient.connect(relay.url)
@@ -178,6 +179,7 @@ def test_connection_cap(relay_factory: Callable[..., RelayProcess]) -> None:
     run(body())
 
 
+@pytest.mark.both_backends
 def test_queue_limit_and_rate_limit(relay_factory: Callable[..., RelayProcess]) -> None:
     rp = relay_factory(queue_limit=3, deposit_burst=5, deposit_rate=0.001)
 
@@ -225,6 +227,7 @@ def test_items_roundtrip(data: bytes) -> None:
     assert wire.parse_items(wire.encode_items(wire.ITEM_MLKEM, items)) == (wire.ITEM_MLKEM, items)
 
 
+@pytest.mark.both_backends
 def test_live_fuzz_never_crashes(relay: RelayProcess) -> None:
     @settings(max_examples=60, deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -250,6 +253,7 @@ def _rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.both_backends
 def test_client_that_does_not_read_is_not_buffered_without_bound(relay: RelayProcess) -> None:
     """Thousands of 16 KiB answers requested without reading: the relay stops reading too."""
     from nacl.public import PrivateKey
@@ -284,6 +288,7 @@ def test_client_that_does_not_read_is_not_buffered_without_bound(relay: RelayPro
     run(body())
 
 
+@pytest.mark.both_backends
 def test_saturated_storage_answers_busy(relay_factory: Callable[..., RelayProcess]) -> None:
     rp = relay_factory(max_pending_writes=0)  # every write finds the storage "saturated"
 

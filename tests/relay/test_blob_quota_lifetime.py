@@ -33,6 +33,7 @@ async def _put(c: RelayClient) -> None:
     await c.blob_put(os.urandom(16), os.urandom(32), block())
 
 
+@pytest.mark.both_backends
 def test_an_idle_blob_quota_is_released(relay_factory: Callable[..., RelayProcess]) -> None:
     rp = relay_factory(blob_max_bytes=8 * BLOCK, blob_quota_idle=1, blob_quota_lifetime=600)
 
@@ -54,6 +55,7 @@ def test_an_idle_blob_quota_is_released(relay_factory: Callable[..., RelayProces
     run(body())
 
 
+@pytest.mark.both_backends
 def test_a_used_blob_quota_ends_with_its_lifetime(
         relay_factory: Callable[..., RelayProcess]) -> None:
     """A holder that keeps putting (never idle) still loses the rest of its quota at the end

@@ -10,6 +10,7 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 
 from relay.app import RELAY_KEY, create_app
@@ -20,10 +21,11 @@ from .conftest import run
 from .helpers import block, new_owner, next_message
 
 
+@pytest.mark.both_backends
 def test_a_block_written_while_the_cache_is_full_reaches_every_subscription(
-        tmp_path: Path) -> None:
+        tmp_path: Path, store: str) -> None:
     async def body() -> None:
-        cfg = Config(data_dir=str(tmp_path), pow_deposit_bits=0, pow_create_bits=0)
+        cfg = Config(data_dir=str(tmp_path), store=store, pow_deposit_bits=0, pow_create_bits=0)
         app = create_app(cfg)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
@@ -48,12 +50,13 @@ def test_a_block_written_while_the_cache_is_full_reaches_every_subscription(
             orig = relay.storage.enqueue
             gate = asyncio.Event()
 
-            def slow(mailbox: int, expiry: int, sealed: bytes) -> asyncio.Future[int]:
+            def slow(mailbox: int, expiry: int, sealed: bytes,
+                     limit: int = 0) -> asyncio.Future[int]:
                 out: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
                 async def later() -> None:
                     await gate.wait()
-                    out.set_result(await orig(mailbox, expiry, sealed))
+                    out.set_result(await orig(mailbox, expiry, sealed, limit))
                 relay.spawn(later())
                 return out
 
@@ -63,6 +66,7 @@ def test_a_block_written_while_the_cache_is_full_reaches_every_subscription(
                                                                 token=token))
             while relay.storage.enqueue is slow and not any(
                     mb.writing for mb in relay.by_id.values()):
+                assert not dep.done(), dep.result()  # (a deposit that failed: why)
                 await asyncio.sleep(0.01)
             relay.storage.enqueue = orig  # type: ignore[method-assign]
             await other.subscribe(await connect())  # loads another mailbox: the cache is full
@@ -85,14 +89,15 @@ def test_a_block_written_while_the_cache_is_full_reaches_every_subscription(
     run(body())
 
 
+@pytest.mark.both_backends
 def test_a_pipelined_deposit_waiting_its_turn_writes_on_the_mailbox_cached_now(
-        tmp_path: Path) -> None:
+        tmp_path: Path, store: str) -> None:
     """The slow path (h_deposit): a deposit to a cached mailbox Y waits behind the same
     connection's deposit whose mailbox X is loading; meanwhile a full cache lets Y go and the
     owner's SUBSCRIBE loads another object for it. The write must count and push on that one
     (it was acknowledged, then reached no subscription)."""
     async def body() -> None:
-        cfg = Config(data_dir=str(tmp_path), pow_deposit_bits=0, pow_create_bits=0)
+        cfg = Config(data_dir=str(tmp_path), store=store, pow_deposit_bits=0, pow_create_bits=0)
         app = create_app(cfg)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
@@ -129,6 +134,7 @@ def test_a_pipelined_deposit_waiting_its_turn_writes_on_the_mailbox_cached_now(
             d = await connect()
             a = asyncio.create_task(d.deposit(x.deposit_id, block(b"A"), token=tx))
             while not relay._loading:  # X is loading: the next deposit waits its turn
+                assert not a.done(), a.result()
                 await asyncio.sleep(0.01)
             b = asyncio.create_task(d.deposit(y.deposit_id, second, token=ty))
             await asyncio.sleep(0.1)  # (ordering only) B holds the Y object while it waits

@@ -7,6 +7,8 @@ import os
 import struct
 from collections.abc import Callable
 
+import pytest
+
 from relay.client import RelayClient
 
 from .conftest import RelayProcess, run
@@ -15,6 +17,7 @@ from .helpers import Owner, block, new_owner
 WRITERS = 8
 
 
+@pytest.mark.both_backends
 def test_kill_9_loses_no_acknowledged_deposit(
         relay_factory: Callable[..., RelayProcess]) -> None:
     rp = relay_factory(deposit_rate=100000, deposit_burst=100000)

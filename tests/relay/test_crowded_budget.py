@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+import pytest
+
 from relay import wire
 from relay.client import RelayClient, RelayError
 from tests.relay.conftest import RelayProcess, run
@@ -29,6 +31,7 @@ async def _fill(c: RelayClient, mb: Owner, token: bytes) -> tuple[int, int]:
         n += 1
 
 
+@pytest.mark.both_backends
 def test_a_crowded_budget_still_takes_short_queues(
         relay_factory: Callable[..., RelayProcess]) -> None:
     rp = relay_factory(storage_budget=16 * BLOCK, queue_limit=100, crowded_fraction=0.5,
@@ -56,6 +59,7 @@ def test_a_crowded_budget_still_takes_short_queues(
     run(body())
 
 
+@pytest.mark.both_backends
 def test_a_full_budget_stays_full_across_a_restart(
         relay_factory: Callable[..., RelayProcess]) -> None:
     """The counts are rebuilt from storage at start: a restart neither forgets what is stored

@@ -16,22 +16,16 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from nacl.signing import SigningKey
 
 from relay import wire
 from relay.client import RelayClient, RelayError
 from tests.relay.conftest import RelayProcess, run
 from tests.relay.helpers import block, new_owner
+from tests.relay.relaydb import count as _count
 
 BLOCK = wire.BLOCK_SIZE
-
-
-def _count(rp: RelayProcess, table: str) -> int:
-    db = sqlite3.connect(f"file:{rp.data / 'relay.sqlite3'}?mode=ro", uri=True)
-    try:
-        return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
-    finally:
-        db.close()
 
 
 async def _until(check: Callable[[], Awaitable[bool]], seconds: float = 30.0) -> None:
@@ -55,6 +49,7 @@ async def _granted(c: RelayClient, blocks: int) -> bool:
         return False
 
 
+@pytest.mark.both_backends
 def test_blob_puts_cut_off_by_a_closed_connection_stay_counted(
         relay_factory: Callable[..., RelayProcess]) -> None:
     """The reviewer's repro: a 64-block area, rounds of a 16-block quota, 16 puts and a close."""
@@ -90,6 +85,7 @@ def test_blob_puts_cut_off_by_a_closed_connection_stay_counted(
     run(body())
 
 
+@pytest.mark.both_backends
 def test_ack_and_delete_cut_off_by_a_closed_connection_free_their_blocks(
         relay_factory: Callable[..., RelayProcess]) -> None:
     """Rounds of an ACK of two mailboxes' blocks and a DELETE, each sent just before the
@@ -198,6 +194,7 @@ async def _until_sync(check: Callable[[], bool], seconds: float = 30.0) -> None:
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.both_backends
 def test_blob_deletes_cut_off_by_a_closed_connection_free_their_room(
         relay_factory: Callable[..., RelayProcess]) -> None:
     """BLOB_DELs sent just before a close: the blobs they deleted leave the area's count."""
@@ -246,6 +243,7 @@ def test_blob_deletes_cut_off_by_a_closed_connection_free_their_room(
     run(body())
 
 
+@pytest.mark.both_backends
 def test_deposits_cut_off_by_a_closed_connection_stay_counted(
         relay_factory: Callable[..., RelayProcess]) -> None:
     """Deposits to mailboxes the relay has not loaded yet (its task path, after a restart),

@@ -11,6 +11,8 @@ import asyncio
 import os
 from collections.abc import Callable
 
+import pytest
+
 from relay import wire
 from relay.client import RelayClient, RelayError
 from relay.config import Config
@@ -64,6 +66,7 @@ async def _flood_then_marker(rp: RelayProcess) -> tuple[list[str], list[str]]:
     return order, light_codes
 
 
+@pytest.mark.both_backends
 def test_a_connection_over_its_share_is_not_read_until_its_writes_are_done(
         relay_factory: Callable[..., RelayProcess]) -> None:
     rp = relay_factory(fair_load=1, fair_share=1)
@@ -76,6 +79,7 @@ def test_a_connection_over_its_share_is_not_read_until_its_writes_are_done(
     assert light == ["ok"] * 3  # one deposit at a time, from another connection: taken
 
 
+@pytest.mark.both_backends
 def test_off_when_fair_load_is_zero(relay_factory: Callable[..., RelayProcess]) -> None:
     rp = relay_factory(fair_load=0, fair_share=1)
     order, light = run(_flood_then_marker(rp))

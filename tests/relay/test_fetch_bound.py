@@ -53,6 +53,7 @@ async def stop_reading(c: RelayClient) -> None:
         await c._reader
 
 
+@pytest.mark.both_backends
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
 def test_parallel_fetches_hold_one_window(relay_factory: Callable[..., RelayProcess]) -> None:
     rp = relay_factory()

@@ -297,6 +297,7 @@ def test_blob_area(relay: RelayProcess) -> None:
     run(body())
 
 
+@pytest.mark.both_backends
 def test_health_and_sigterm(relay: RelayProcess) -> None:
     import urllib.request
 
@@ -356,6 +357,7 @@ def test_protocol_document_covers_frames_errors_options() -> None:
 
 
 
+@pytest.mark.both_backends
 def test_pipelined_requests_beyond_max_inflight(
         relay_factory: Callable[..., RelayProcess]) -> None:
     rp = relay_factory(max_inflight=4)

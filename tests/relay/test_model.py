@@ -8,6 +8,7 @@ import asyncio
 import os
 import random
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -84,6 +85,7 @@ async def scenario(url: str, seed: int) -> None:
     await asyncio.sleep(0)
 
 
+@pytest.mark.both_backends
 def test_random_sequences_match_model(relay: RelayProcess) -> None:
     @settings(max_examples=30, deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import sqlite3
 
 import pytest
 
 from relay import wire
 from relay.client import Message, RelayClient, RelayError
 
+from . import relaydb
 from .conftest import RelayProcess, run
 from .helpers import Owner, block, new_owner, next_message
 
@@ -130,6 +130,7 @@ def test_fetch_and_reconnection_deliveries_are_resealed(relay: RelayProcess) -> 
     run(body())
 
 
+@pytest.mark.both_backends
 def test_delivered_bytes_are_never_the_stored_bytes(relay: RelayProcess) -> None:
     """The copy at rest is sealed too, but a delivery is never that copy: seizing the disk
     does not give the bytes that went over the wire to the owner."""
@@ -145,17 +146,14 @@ def test_delivered_bytes_are_never_the_stored_bytes(relay: RelayProcess) -> None
 
     owner_id, m = run(body())
     okey = hashlib.sha256(b"aegis-relay owner\x00" + owner_id).digest()
-    db = sqlite3.connect(f"file:{relay.data / 'relay.sqlite3'}?mode=ro", uri=True)
-    try:
-        (stored,) = db.execute(
-            "SELECT block FROM messages JOIN mailboxes ON messages.mailbox = mailboxes.id"
-            " WHERE owner_key = ?", (okey,)).fetchone()
-    finally:
-        db.close()
+    ((stored,),) = relaydb.query(
+        relay, "SELECT block FROM messages JOIN mailboxes ON messages.mailbox = mailboxes.id"
+        " WHERE owner_key = ?", okey)
     assert len(stored) == wire.SEALED_BLOCK_LEN  # sealed at rest (never the plain block)
     assert not shared_run(bytes(stored), m.sealed)
 
 
+@pytest.mark.both_backends
 def test_a_stored_block_that_does_not_open_is_dropped(relay: RelayProcess) -> None:
     """Re-sealing opens the stored copy: one altered on disk is dropped (and logged by type
     only), and the blocks after it are still delivered."""
@@ -172,19 +170,13 @@ def test_a_stored_block_that_does_not_open_is_dropped(relay: RelayProcess) -> No
 
     _, second, o = run(deposit())
     assert relay.terminate() == 0
-    db = sqlite3.connect(relay.data / "relay.sqlite3")
-    try:
-        okey = hashlib.sha256(b"aegis-relay owner\x00" + o.owner_id).digest()
-        (rowid, stored) = db.execute(
-            "SELECT messages.id, block FROM messages JOIN mailboxes"
-            " ON messages.mailbox = mailboxes.id WHERE owner_key = ? ORDER BY seq LIMIT 1",
-            (okey,)).fetchone()
-        altered = bytearray(stored)
-        altered[100] ^= 1
-        db.execute("UPDATE messages SET block = ? WHERE id = ?", (bytes(altered), rowid))
-        db.commit()
-    finally:
-        db.close()
+    okey = hashlib.sha256(b"aegis-relay owner\x00" + o.owner_id).digest()
+    ((rowid, stored),) = relaydb.query(
+        relay, "SELECT messages.id, block FROM messages JOIN mailboxes"
+        " ON messages.mailbox = mailboxes.id WHERE owner_key = ? ORDER BY seq LIMIT 1", okey)
+    altered = bytearray(stored)
+    altered[100] ^= 1
+    relaydb.query(relay, "UPDATE messages SET block = ? WHERE id = ?", bytes(altered), rowid)
     relay.start()
 
     async def receive() -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import pytest
 
 from relay import wire
 from relay.client import RelayClient
@@ -46,6 +47,7 @@ async def subscribe_without_reading(c: RelayClient, owners: list[Owner]) -> None
         await c.send_raw(wire.encode(wire.SUBSCRIBE, rid, o.owner_id + sig.signature))
 
 
+@pytest.mark.both_backends
 def test_client_that_does_not_read_is_bounded_then_closed(
         relay_factory: Callable[..., RelayProcess]) -> None:
     rp = relay_factory(conn_buffer=64 * 1024, stall_timeout=2)

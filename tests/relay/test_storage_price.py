@@ -55,6 +55,7 @@ def test_defaults_are_sized_for_storage() -> None:
     assert wire.HelloOk.parse(hello.encode_body()).pow_create_bits == 8
 
 
+@pytest.mark.both_backends
 def test_create_needs_a_proof_of_work_bound_to_its_keys(
         relay_factory: Callable[..., RelayProcess]) -> None:
     rp = relay_factory(pow_create_bits=12)
@@ -83,6 +84,7 @@ def test_create_needs_a_proof_of_work_bound_to_its_keys(
     run(body())
 
 
+@pytest.mark.both_backends
 def test_relay_wide_storage_budget_answers_full(
         relay_factory: Callable[..., RelayProcess]) -> None:
     """Free mailboxes do not multiply storage: past the budget every deposit gets `full`,
@@ -112,6 +114,7 @@ def test_relay_wide_storage_budget_answers_full(
     assert "relay storage full" not in rp.output()  # an answer, not a log line
 
 
+@pytest.mark.both_backends
 def test_mailbox_table_full_answers_full_and_unused_mailboxes_expire(
         relay_factory: Callable[..., RelayProcess]) -> None:
     """A full mailbox table is `full` (not a per-connection `limit`); a mailbox whose owner
@@ -167,6 +170,7 @@ def _weak_nonce(bits: int, want: int, challenge: bytes, blocks: int) -> bytes:
             return nonce
 
 
+@pytest.mark.both_backends
 def test_blob_quota_price_grows_with_its_size(
         relay_factory: Callable[..., RelayProcess]) -> None:
     rp = relay_factory(pow_blob_bits=6)
@@ -195,6 +199,7 @@ def test_blob_quota_price_grows_with_its_size(
     run(body())
 
 
+@pytest.mark.both_backends
 def test_blob_quotas_are_reserved_in_the_area_until_used_or_released(
         relay_factory: Callable[..., RelayProcess]) -> None:
     """The area counts uploads granted and in flight, not only those stored: two quotas
@@ -227,6 +232,7 @@ def test_blob_quotas_are_reserved_in_the_area_until_used_or_released(
     run(body())
 
 
+@pytest.mark.both_backends
 def test_unfetched_blobs_expire_long_before_queued_blocks(
         relay_factory: Callable[..., RelayProcess]) -> None:
     rp = relay_factory(blob_ttl=2, expiry_granularity=1, sweep_interval=0.2,
