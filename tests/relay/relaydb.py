@@ -55,3 +55,17 @@ def query(rp: RelayProcess, sql: str, *args: Any) -> list[tuple[Any, ...]]:
 
 def count(rp: RelayProcess, table: str) -> int:
     return int(query(rp, f"SELECT count(*) FROM {table}")[0][0])
+
+
+def stored_blocks(rp: RelayProcess, owner_key: bytes) -> list[bytes]:
+    """A mailbox's queued blocks as the relay's own at-rest box holds them, in queue order (on
+    PostgreSQL, opened from the database's encryption at rest: docs/relay-protocol.md §8.1)."""
+    if not rp.options.get("--store"):
+        return [bytes(r[0]) for r in query(
+            rp, "SELECT block FROM messages JOIN mailboxes ON messages.mailbox = mailboxes.id"
+            " WHERE owner_key = ? ORDER BY seq", owner_key)]
+    from relay.storage_pg import unseal
+    return [unseal(bytes(secret), bytes(block)) for block, secret in query(
+        rp, "SELECT m.block, k.secret FROM messages m JOIN message_keys k ON k.id = m.id"
+        " JOIN mailboxes b ON m.mailbox = b.id WHERE b.owner_key = ? ORDER BY m.seq",
+        owner_key)]

@@ -56,7 +56,10 @@ def holds(data: bytes, needle: bytes) -> bool:
 def scan(paths: list[Path], needles: dict[str, list[bytes]]) -> list[str]:
     found = []
     for p in paths:
-        data = p.read_bytes()
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            continue  # a server's temporary file (pg_internal.init...) gone since listed
         for label, variants in needles.items():
             for v in variants:
                 if v and holds(data, v):

@@ -146,9 +146,7 @@ def test_delivered_bytes_are_never_the_stored_bytes(relay: RelayProcess) -> None
 
     owner_id, m = run(body())
     okey = hashlib.sha256(b"aegis-relay owner\x00" + owner_id).digest()
-    ((stored,),) = relaydb.query(
-        relay, "SELECT block FROM messages JOIN mailboxes ON messages.mailbox = mailboxes.id"
-        " WHERE owner_key = ?", okey)
+    (stored,) = relaydb.stored_blocks(relay, okey)
     assert len(stored) == wire.SEALED_BLOCK_LEN  # sealed at rest (never the plain block)
     assert not shared_run(bytes(stored), m.sealed)
 
