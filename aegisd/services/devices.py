@@ -129,6 +129,11 @@ class Devices:
             return pub
         return _ed_public(bytes.fromhex(str(value)))
 
+    def device_private(self) -> bytes:
+        """This device's device key, raw private: what signs its hellos (never sent)."""
+        self.device_key()
+        return bytes.fromhex(str(self.m.store.get_setting(SETTING_KEY)))
+
     def held(self) -> dv.DeviceList | None:
         value = self.m.store.get_setting(SETTING_LIST)
         return None if value is None else dv.DeviceList.from_bytes(bytes.fromhex(str(value)))
@@ -191,9 +196,12 @@ class Devices:
             kept = [d for d in current.devices if d.device_id != raw]
             new = dv.DeviceList.sign(self.m.identity(), dv.next_version(current, _now()), kept)
             self._store_list(new)
+            # The contacts learn of it and drop their sessions with it (docs/devices.md §5.3).
+            told = self.m.fanout.send_list(new, self.self_id(), self.device_private())
         # Its mailboxes' owner keys live on that device only (their sync is not built): the
         # relay keeps them until they expire unused (docs/devices.md §7, what works today).
-        return {"version": new.version, "devices": len(new.devices), "mailboxes_deleted": False}
+        return {"version": new.version, "devices": len(new.devices), "mailboxes_deleted": False,
+                "contacts_told": told}  # fmt: skip
 
     # --- common ---------------------------------------------------------------------------
 
@@ -472,6 +480,8 @@ class Devices:
                     await client.deposit(reply.deposit_id, final, reply.send_token)
                     if new is not None:
                         self._store_list(new)
+                        # The contacts open sessions with N (docs/devices.md §5.3).
+                        self.m.fanout.send_list(new, self.self_id(), self.device_private())
                 if new is None:
                     raise AppError(
                         E_TOO_MANY_DEVICES, "too_many_devices",
