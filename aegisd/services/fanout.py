@@ -39,12 +39,13 @@ from aegisd.core.session import Session, initiate_session
 from aegisd.rpc import AppError
 from aegisd.store import Store
 from aegisd.store import contact_devices as cd
+from aegisd.store import groups as group_store
 from aegisd.store.db import Contact
 
 from .bundle_fetch import fetch_bundle
 from .context import ServiceContext
 from .delivery import Delivery, Recipient
-from .mailbox import ContactState, OwnedMailbox, address_to_bytes
+from .mailbox import ContactState, OwnedMailbox, address_from_bytes, address_to_bytes
 from .mailboxes import Mailboxes
 
 log = logging.getLogger("aegisd.fanout")
@@ -129,8 +130,10 @@ class Fanout:
         awaiting: dict[str, int] = {}
         with store.transaction():
             for c in store.list_contacts():
-                if only is not None and c.id not in only:
-                    continue
+                if (only is not None and c.id not in only) or group_store.is_group_contact(
+                    store, c.id
+                ):
+                    continue  # a member known through a group only: groups are not fanned out
                 blob = store.get_session(c.id)
                 state = ContactState.from_bytes(c.state)
                 row = store.mailbox_for_contact(c.id)
@@ -167,12 +170,16 @@ class Fanout:
                 droplog.dropped(_REFUSED[type(exc)])
                 return
             cd.put_list(store, c.id, new.to_bytes(), new.version, _now())
-            keep = new.ids()
-            if held is not None and held.session_device is not None:
-                keep -= {held.session_device}
-            if cd.drop_device_sessions(store, c.id, keep):
+            legacy = None if held is None else held.session_device
+            changed = False
+            if legacy is not None and legacy not in new.ids():
+                session, legacy = self._replace_row_session(c, session, device, legacy)
+                changed = True
+            keep = new.ids() - ({legacy} if legacy is not None else set())
+            if cd.drop_device_sessions(store, c.id, keep) or changed:
                 self.m.ctx.events.emit("contact.devices", {"contact": c.name,
                                                            "devices": len(new.devices)})
+            c = store.get_contact(c.id) or c
             self.m.delivery.enqueue([Recipient(c, session)], dv.ListAck.of(new),
                                     delay=self.m.delivery.receipt_delay())  # fmt: skip
             self.m.spawn(self.open_sessions(c.id))
@@ -207,6 +214,30 @@ class Fanout:
                 return
             self._answered.add((c.id, current.version))
             self.m.delivery.enqueue([Recipient(c, session)], current)
+
+    def _replace_row_session(
+        self, c: Contact, session: Session, device: bytes | None, legacy: bytes
+    ) -> tuple[Session, bytes]:
+        """The device of the contact's session row (``legacy``) left its list: the session
+        of a listed device that answered (the one this list came in, if it did) takes the
+        row's place, with its mailbox, so that nothing more goes to the removed device. None
+        answered yet: the row stays as it is until one does (``device_answered``)."""
+        store = self.m.store
+        others = [s for s in cd.device_sessions(store, c.id) if s.send_to is not None]
+        others.sort(key=lambda s: s.device_id != device)
+        if not others:
+            return session, legacy
+        chosen = others[0]
+        store.put_session(c.id, chosen.state)
+        state = ContactState.from_bytes(c.state)
+        assert chosen.send_to is not None
+        state.send_to = address_from_bytes(chosen.send_to)
+        store.update_contact(c.id, state=state.to_bytes())
+        cd.set_session_device(store, c.id, chosen.device_id)
+        cd.drop_device_sessions(store, c.id, frozenset(
+            s.device_id for s in cd.device_sessions(store, c.id) if s.device_id != chosen.device_id
+        ))  # fmt: skip
+        return Session.from_bytes(chosen.state), chosen.device_id
 
     def _own_list(self) -> dv.DeviceList | None:
         value = self.m.store.get_setting(SETTING_OWN_LIST)
@@ -295,7 +326,14 @@ class Fanout:
 
     def device_answered(self, c: Contact, device_id: bytes, reply_to: wire.MailboxAddress) -> None:
         """A contact device answered our first contact: deposit to it from now on."""
-        cd.set_device_send_to(self.m.store, c.id, device_id, address_to_bytes(reply_to))
-        held = cd.held_list(self.m.store, c.id)
-        count = 1 if held is None else len(dv.DeviceList.from_bytes(held.data).devices)
+        store = self.m.store
+        cd.set_device_send_to(store, c.id, device_id, address_to_bytes(reply_to))
+        held = cd.held_list(store, c.id)
+        listed = None if held is None else dv.DeviceList.from_bytes(held.data)
+        if held is not None and listed is not None and held.session_device not in listed.ids():
+            blob = store.get_session(c.id)
+            if blob is not None and held.session_device is not None:
+                self._replace_row_session(c, Session.from_bytes(blob), device_id,
+                                          held.session_device)  # fmt: skip
+        count = 1 if listed is None else len(listed.devices)
         self.m.ctx.events.emit("contact.devices", {"contact": c.name, "devices": count})

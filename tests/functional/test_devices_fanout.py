@@ -95,3 +95,21 @@ def test_a_contact_fans_out_to_every_device(peers: Callable[[str], Peer]) -> Non
     assert bob.proc is not None
     log = bob.proc.stderr()
     assert re.search(r"refused a device list not signed by the contact \(1x\)", log), log[-2000:]
+
+
+def test_the_first_device_removed_by_the_second(peers: Callable[[str], Peer]) -> None:
+    """A2 removes A1, the device Bob's first session is with: the session with A2 takes its
+    place, and Bob's messages reach A2 only."""
+    a1, bob = peers("alice"), peers("bob")
+    connect(a1, bob)
+    a2 = peers("alice2")
+    _link(a1, a2)
+    bob.wait_for(lambda: [e for e in _devices_events(bob) if e["devices"] == 2], "A2's answer")
+    a1_id = next(d["id"] for d in a1.call("devices.list")["devices"] if d["this_device"])
+    assert a2.call("devices.remove", {"id": a1_id})["contacts_told"] == 1
+    bob.wait_for(lambda: _devices_events(bob)[-1]["devices"] == 1, "the removal")
+    bob.call("messages.send", {"contact": "alice", "text": "only the laptop"})
+    a2.wait_for(lambda: ("in", "only the laptop") in texts(a2, "bob"), "bob's text on A2")
+    a2.call("messages.send", {"contact": "bob", "text": "laptop here"})
+    bob.wait_for(lambda: ("in", "laptop here") in texts(bob, "alice"), "A2's text")
+    assert ("in", "only the laptop") not in texts(a1, "bob")
