@@ -237,10 +237,11 @@ class Delivery:
             store.enqueue_blocks(destination, blocks, message_id=message_id,
                                  contact_id=r.contact.id, not_before=not_before)  # fmt: skip
             if devices and state.established:
-                self._to_devices(store, r.contact.id, encoded, message_id, slot, due, spread)
+                self._to_devices(store, r.contact.id, encoded, message_id, slot, due, spread,
+                                 delay)  # fmt: skip
 
     def _to_devices(self, store: Store, contact_id: int, encoded: bytes, message_id: str | None,
-                    slot: bool, due: int, spread: float) -> None:  # fmt: skip
+                    slot: bool, due: int, spread: float, delay: float) -> None:  # fmt: skip
         """The same payload once for each of the contact's other devices that answered, each
         in its own session, to its own mailbox, after its own share of ``spread``."""
         for ds in cd.device_sessions(store, contact_id):
@@ -251,9 +252,13 @@ class Delivery:
             now = _ms() // 1000
             cd.put_device_session(store, contact_id, ds.device_id, session.to_bytes(), now)
             own = int(_RNG.uniform(0.0, spread) * 1000) if spread > 0 else 0
+            not_before = SLOT_WAIT if slot else due + own
+            if not slot and delay > 0:  # in order behind what was queued to it, as in enqueue
+                not_before = max(
+                    not_before, store.last_not_before(contact_id, ds.send_to, SLOT_WAIT)
+                )
             store.enqueue_blocks(ds.send_to, blocks, message_id=message_id,
-                                 contact_id=contact_id,
-                                 not_before=SLOT_WAIT if slot else due + own)  # fmt: skip
+                                 contact_id=contact_id, not_before=not_before)  # fmt: skip
 
     def queue_receipt(self, recipient: Recipient, kind: int, ids: list[bytes]) -> None:
         """A delivery or read receipt: with cover on, it waits to ride the contact's next
