@@ -184,6 +184,8 @@ class Fanout:
                                     delay=self.m.delivery.receipt_delay())  # fmt: skip
             self.m.spawn(self.open_sessions(c.id))
         elif isinstance(payload, dv.DeviceHello):
+            if device is not None and payload.device_id == device:
+                return  # a list's signer names itself in every session: this one is known
             if device is not None or current is None:
                 droplog.dropped("dropped a device hello out of place")
                 return
@@ -322,6 +324,26 @@ class Fanout:
                 self.m.store.enqueue_blocks(
                     address_to_bytes(entry.mailbox), [block], contact_id=contact_id
                 )
+        self.m.delivery.wake()
+
+    def device_rotated(self, c: Contact, device_id: bytes, p: wire.MailboxPayload) -> None:
+        """A contact device moved its mailbox for us (§20.6): its blocks go to the new one,
+        and the acknowledgement goes in its session only (inside the receive's transaction)."""
+        store = self.m.store
+        ds = next((s for s in cd.device_sessions(store, c.id) if s.device_id == device_id), None)
+        if ds is None:
+            return
+        new = address_to_bytes(p.mailbox)
+        if ds.send_to is not None:
+            store.readdress_outbox(c.id, ds.send_to, new)
+        cd.set_device_send_to(store, c.id, device_id, new)
+        session = Session.from_bytes(ds.state)
+        ack = wire.encode_payload(wire.MailboxAckPayload(p.rotation_id))
+        blocks = session.encrypt(self.m.entropy, ack)
+        cd.put_device_session(store, c.id, device_id, session.to_bytes(), _now())
+        delay_ms = int(self.m.delivery.receipt_delay() * 1000)
+        store.enqueue_blocks(new, blocks, contact_id=c.id,
+                             not_before=time.time_ns() // 1_000_000 + delay_ms)  # fmt: skip
         self.m.delivery.wake()
 
     def device_answered(self, c: Contact, device_id: bytes, reply_to: wire.MailboxAddress) -> None:

@@ -106,6 +106,7 @@ class FanoutView(Protocol):
     def device_answered(
         self, c: Contact, device_id: bytes, reply_to: wire.MailboxAddress
     ) -> None: ...
+    def device_rotated(self, c: Contact, device_id: bytes, p: wire.MailboxPayload) -> None: ...
 
 
 #: This profile's own device list (services/devices.py): a device that joined by a link holds
@@ -360,6 +361,7 @@ class Inbox:
             known is not None
             and not known.blocked
             and self.m.store.get_session(known.id) is None
+            and self.m.store.mailbox_for_contact(known.id) is None  # not a restored contact
             and self.m.store.get_setting(SETTING_OWN_LIST) is not None
         ):
             await self._device_session(known, fc.session, hello)
@@ -507,14 +509,18 @@ class Inbox:
             if device is not None and isinstance(
                 payload, (wire.HelloPayload, wire.MailboxPayload, wire.MailboxAckPayload)
             ):
-                # A contact device's own routing: its answer names its mailbox; its rotation
-                # is not built for device sessions yet (docs/devices.md §14).
-                if isinstance(payload, wire.HelloPayload) and self.m.mailboxes.peer_url_ok(
-                    payload.reply_to.relay_url
-                ):
+                # A contact device's own routing: its answer and its rotations name its
+                # mailbox; an acknowledgement of our rotation counts from the contact's
+                # session row only (the first device's).
+                url = (payload.reply_to.relay_url if isinstance(payload, wire.HelloPayload)
+                       else payload.mailbox.relay_url if isinstance(payload, wire.MailboxPayload)
+                       else None)  # fmt: skip
+                if url is not None and not self.m.mailboxes.peer_url_ok(url):
+                    droplog.dropped("dropped a mailbox address with a refused relay URL")
+                elif isinstance(payload, wire.HelloPayload):
                     self.m.fanout.device_answered(c, device, payload.reply_to)
-                else:
-                    droplog.dropped("dropped a contact device's mailbox change")
+                elif isinstance(payload, wire.MailboxPayload):
+                    self.m.fanout.device_rotated(c, device, payload)
                 return
             if fragment.count > MAX_MESSAGE_FRAGMENTS and not isinstance(payload, _LONG_PAYLOADS):
                 droplog.dropped("dropped a fragment of an oversized message")

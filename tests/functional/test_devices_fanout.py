@@ -105,6 +105,17 @@ def test_the_first_device_removed_by_the_second(peers: Callable[[str], Peer]) ->
     a2 = peers("alice2")
     _link(a1, a2)
     bob.wait_for(lambda: [e for e in _devices_events(bob) if e["devices"] == 2], "A2's answer")
+    # Mailbox rotations on both sides: A2's in its own session with Bob (acknowledged there),
+    # Bob's to every device of Alice's (done at the first device's acknowledgement).
+    a2.call("contacts.rotate_mailbox", {"name": "bob"})
+    a2.wait_for(lambda: a2.events(types=["contact.mailbox_rotated"]), "Bob's acknowledgement")
+    bob.call("contacts.rotate_mailbox", {"name": "alice"})
+    bob.wait_for(lambda: bob.events(types=["contact.mailbox_rotated"]), "Alice's")
+    bob.call("messages.send", {"contact": "alice", "text": "after the rotations"})
+    for device in (a1, a2):
+        device.wait_for(lambda d=device: ("in", "after the rotations") in texts(d, "bob"), "it")
+    a2.call("messages.send", {"contact": "bob", "text": "rotated laptop"})
+    bob.wait_for(lambda: ("in", "rotated laptop") in texts(bob, "alice"), "A2's text")
     a1_id = next(d["id"] for d in a1.call("devices.list")["devices"] if d["this_device"])
     assert a2.call("devices.remove", {"id": a1_id})["contacts_told"] == 1
     bob.wait_for(lambda: _devices_events(bob)[-1]["devices"] == 1, "the removal")
