@@ -83,6 +83,9 @@ def describe(ev: dict[str, Any]) -> str:
         what = f"{who}: could not be added: {_text(d.get('reason'))}"
     elif kind == "contact.mailbox_rotated":
         what = f"{who}: mailbox rotated"
+    elif kind == "contact.devices":
+        n = d.get("devices")
+        what = f"{who}: now on {n} device{'' if n == 1 else 's'} (messages to them reach each)"
     elif kind == "contact.session_renewing":
         what = f"{who}: renewing the session after a backup restore"
     elif kind == "contact.session_renewed":

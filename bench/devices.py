@@ -11,7 +11,10 @@ run:
   * linking a new device to alice, `--runs` times (at most 5: a profile has at most 6
     devices), each into a fresh profile with its daemon already connected: from calling
     `devices.link` on alice to both sides reporting `done`, the codes confirmed on both at
-    once (by RPC: the human pauses are left out). Also the time until both show the code.
+    once (by RPC: the human pauses are left out). Also the time until both show the code;
+  * the fan-out (docs/devices.md §5): bob's `messages.send` to `message.received` on each of
+    alice's devices, once bob's daemon has a session with each, beside the same latency
+    measured before the first link (alice on one device), `--messages` each.
 
 Nothing here is asserted: it is a measurement, not a test. The link's own mailboxes are polled
 every 0.25 s (aegisd/services/devices.py POLL), which bounds how fast each step is seen.
@@ -20,10 +23,13 @@ every 0.25 s (aegisd/services/devices.py POLL), which bounds how fast each step 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import shutil
+import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +76,56 @@ def link_once(stage: Stage, name: str) -> tuple[float, float]:
     return t_code * 1000, (time.perf_counter() - t0) * 1000
 
 
+def _established_everywhere(stage: Stage, names: list[str]) -> bool:
+    for name in names:
+        contacts = _call(stage.home(name), "contacts.list")["contacts"]
+        if not contacts or not contacts[0]["established"]:
+            return False
+    return True
+
+
+def _everywhere(arrived: dict[str, dict[str, float]], mid: str) -> bool:
+    return all(mid in got for got in arrived.values())
+
+
+def bob_to_devices(stage: Stage, names: list[str], messages: int) -> dict[str, list[float]]:
+    """Bob sends; the time until each of alice's devices (``names``) emits message.received,
+    each read by a thread of its own (so that no device waits for another's read)."""
+    arrived: dict[str, dict[str, float]] = {n: {} for n in names}
+    clients = [Client(stage.home(n) / "aegisd.sock", timeout=None) for n in names]
+
+    def read(name: str, client: Client) -> None:
+        client.call("events.subscribe", {"types": ["message.received"]})
+        ready.release()
+        with contextlib.suppress(OSError, ValueError):  # until the socket is shut down
+            for note in client.notifications():
+                data = note["params"]["data"]
+                arrived[name][data["message_id"]] = time.perf_counter()
+
+    ready = threading.Semaphore(0)
+    for n, c in zip(names, clients, strict=True):
+        threading.Thread(target=read, args=(n, c), daemon=True).start()
+    for _ in names:
+        ready.acquire()
+    out: dict[str, list[float]] = {n: [] for n in names}
+    try:
+        with Client(stage.home("bob") / "aegisd.sock", timeout=30) as bob:
+            for i in range(messages + 1):
+                t0 = time.perf_counter()
+                mid = bob.call("messages.send", {"contact": "alice", "text": f"fan {i}"})[
+                    "message_id"
+                ]
+                wait_until(functools.partial(_everywhere, arrived, mid), "every device")
+                if i:  # the first one warms up
+                    for n in names:
+                        out[n].append((arrived[n][mid] - t0) * 1000)
+    finally:
+        for c in clients:  # wakes its reader thread, blocked on the socket, then closes
+            with contextlib.suppress(OSError):
+                c._sock.shutdown(socket.SHUT_RDWR)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5, help="links to make (1 to 5)")
@@ -87,13 +143,23 @@ def main() -> None:
             aegis(stage.home(name), "name", name)
         connect(stage)
         print(f"baseline  send -> message.received   {med(send_to_event(stage, args.messages))}")
+        one = bob_to_devices(stage, ["alice"], args.messages)["alice"]
+        print(f"bob -> alice, one device             {med(one)}")
         codes, totals = [], []
         for i in range(runs):
             code_ms, total_ms = link_once(stage, f"new{i}")
             codes.append(code_ms)
             totals.append(total_ms)
-        print(f"link: devices.link -> both show code {med(codes)}")
         print(f"link: devices.link -> both done      {med(totals)}")
+        print(f"link: devices.link -> both show code {med(codes)}")
+        names = ["alice", *(f"new{i}" for i in range(runs))]
+        # Bob learns each list, fetches each new device's bundle, and the device answers.
+        wait_until(lambda: _established_everywhere(stage, names[1:]), "bob's sessions")
+        wait_until(lambda: len(_call(stage.home("bob"), "events.list", {
+            "types": ["contact.devices"], "limit": 100})["events"]) >= runs, "the answers")
+        for name, xs in bob_to_devices(stage, names, args.messages).items():
+            label = "first device" if name == "alice" else f"linked device {name}"
+            print(f"bob -> alice, {len(names)} devices: {label:20} {med(xs)}")
     finally:
         stage.stop_all()
         shutil.rmtree(base, ignore_errors=True)

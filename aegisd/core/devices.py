@@ -49,7 +49,7 @@ from .wire import MailboxAddress, Reader, Writer
 
 LINK_DEVICE = 3  # link kind after the contact links' 1 (invitation) and 2 (address)
 KIND_DEVICE_LIST = 0x30
-PAYLOAD_DEVICE_LIST = 0x40  # placed out of the way of wire's payload numbers until wired in
+PAYLOAD_DEVICE_LIST = wire.PAYLOAD_DEVICE_LIST  # the device payloads' numbers are wire's
 DEVICE_ID_LEN = 16
 LINK_SECRET_LEN = 32
 NONCE_SECRET_LEN = 32  # N's committed nonce
@@ -63,7 +63,9 @@ VERSIONS_PER_SECOND = 1000  # a list version is at least the signer's clock in m
 MAX_LIST_SKEW = 86_400  # seconds a list's version may run ahead of the holder's clock
 FINAL_GRACE = 60  # seconds after expiry N still takes E's final block (sent before expiry)
 MAX_REFUSALS = 16  # "used" answers E sends per link; later requests are dropped unanswered
-PAYLOAD_DEVICE_HELLO = 0x41  # provisional, as PAYLOAD_DEVICE_LIST
+PAYLOAD_DEVICE_HELLO = wire.PAYLOAD_DEVICE_HELLO
+PAYLOAD_DEVICE_LIST_ACK = wire.PAYLOAD_DEVICE_LIST_ACK
+PAYLOAD_DEVICE_LIST_REQUEST = wire.PAYLOAD_DEVICE_LIST_REQUEST
 PROOF_HELLO = 1
 PROOF_BUNDLE = 2
 
@@ -483,6 +485,68 @@ class DeviceHello:
         out = cls(r.take(DEVICE_ID_LEN), MailboxAddress.read(r), r.u64(), r.take(wire.SIG_LEN))
         r.done()
         return out
+
+
+@dataclass(frozen=True)
+class ListAck:
+    """A contact's acknowledgement of the list it now holds (0x42), sent to every listed
+    device: the signer stops re-sending, and a device that does not hold that list asks for it
+    (`ListRequest`), so every device of the person sees each list its contacts hold."""
+
+    version: int
+    digest: bytes  # SHA-256 of the list's signed body (DeviceList.digest)
+
+    @classmethod
+    def of(cls, device_list: DeviceList) -> ListAck:
+        return cls(device_list.version, device_list.digest())
+
+    def names(self, device_list: DeviceList | None) -> bool:
+        return device_list is not None and (device_list.version, device_list.digest()) == (
+            self.version, self.digest)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ListRequest:
+    """A device of the person asks the contact for the list an acknowledgement named (0x43);
+    the contact answers with the list it holds, which is that one or beats it."""
+
+    version: int
+    digest: bytes
+
+
+DevicePayload = DeviceList | DeviceHello | ListAck | ListRequest
+
+
+def encode_device_payload(payload: DevicePayload) -> bytes:
+    if isinstance(payload, DeviceList):
+        return encode_list_payload(payload)
+    if isinstance(payload, DeviceHello):
+        return payload.to_bytes()
+    kind = PAYLOAD_DEVICE_LIST_ACK if isinstance(payload, ListAck) else PAYLOAD_DEVICE_LIST_REQUEST
+    if not 1 <= payload.version < LIST_VERSION_LIMIT:
+        raise ValueError("device list version out of range")
+    w = Writer().u8(wire.VERSION).u8(kind).u64(payload.version)
+    return w.fixed(payload.digest, 32).bytes()
+
+
+def decode_device_payload(data: bytes) -> DevicePayload:
+    """One of the device payloads 0x40-0x43 (docs/protocol.md §28), parsed strictly: raises
+    only DecodeError / UnsupportedVersion. A list is not verified here (`accept` does)."""
+    r = Reader(data)
+    if r.u8() != wire.VERSION:
+        raise UnsupportedVersion("unsupported payload version")
+    kind = r.u8()
+    if kind == PAYLOAD_DEVICE_LIST:
+        return decode_list_payload(data)
+    if kind == PAYLOAD_DEVICE_HELLO:
+        return DeviceHello.from_bytes(data)
+    if kind not in (PAYLOAD_DEVICE_LIST_ACK, PAYLOAD_DEVICE_LIST_REQUEST):
+        raise DecodeError("not a device payload")
+    version, digest = r.u64(), r.take(32)
+    r.done()
+    if not 1 <= version < LIST_VERSION_LIMIT:
+        raise DecodeError("device list version out of range")
+    return (ListAck if kind == PAYLOAD_DEVICE_LIST_ACK else ListRequest)(version, digest)
 
 
 # --- the device link ----------------------------------------------------------------------------

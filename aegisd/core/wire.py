@@ -1011,6 +1011,23 @@ PAYLOAD_ATTACHMENT_EXTRA = 0x17  # a descriptor with a caption and its place in 
 PAYLOAD_TYPING = 0x18  # typing indicators and the sender's choice of them (§22.6)
 PAYLOAD_GROUP_ACTION = 0x19  # a reply, reaction, edit, deletion or timer in a group (§25.11)
 PAYLOAD_GROUP_FILE_EXTRA = 0x1A  # a group file with a caption (§25.10)
+# 0x40-0x43: several devices (docs/protocol.md §28). Their formats are core/devices.py's (the
+# device list's with them), decoded by devices.decode_device_payload: decode_payload refuses
+# them, so a service that takes only the payloads above never sees one by mistake.
+PAYLOAD_DEVICE_LIST = 0x40
+PAYLOAD_DEVICE_HELLO = 0x41
+PAYLOAD_DEVICE_LIST_ACK = 0x42
+PAYLOAD_DEVICE_LIST_REQUEST = 0x43
+DEVICE_PAYLOAD_TYPES = frozenset(
+    {PAYLOAD_DEVICE_LIST, PAYLOAD_DEVICE_HELLO, PAYLOAD_DEVICE_LIST_ACK,
+     PAYLOAD_DEVICE_LIST_REQUEST}
+)  # fmt: skip
+
+
+def is_device_payload(data: bytes) -> bool:
+    """Whether `data` claims to be a device payload (0x40-0x43, devices.decode_device_payload)."""
+    return len(data) >= 2 and data[0] == VERSION and data[1] in DEVICE_PAYLOAD_TYPES
+
 
 RECEIPT_DELIVERED = 1
 RECEIPT_READ = 2

@@ -52,12 +52,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from aegisd.core import devices as dv
 from aegisd.core import wire
 from aegisd.core.primitives import Entropy
 from aegisd.core.session import Session
 from aegisd.rpc import AppError
 from aegisd.rpc import errors as E
 from aegisd.store import Store
+from aegisd.store import contact_devices as cd
 from aegisd.store import cover as cover_slots
 from aegisd.store.cover import SLOT_WAIT
 from aegisd.store.db import Contact, OutboxItem
@@ -178,22 +180,28 @@ class Delivery:
     def enqueue(
         self,
         recipients: Sequence[Recipient],
-        payload: wire.Payload,
+        payload: wire.Payload | dv.DevicePayload,
         *,
         message_id: str | None = None,
         delay: float = 0.0,
         spread: float = 0.0,
         slotted: bool = True,
+        devices: bool = True,
     ) -> None:
         """Encrypt ``payload`` for each recipient and queue the blocks (module docstring).
         Call inside a store transaction: a recipient that cannot be reached raises not_ready
-        and nothing of the call is kept."""
+        and nothing of the call is kept. ``devices``: also once for each other device of the
+        recipient that answered (docs/devices.md §5.3); False for a payload meant for the
+        session given only (a device hello)."""
         store = self._store()
         ids = [r.contact.id for r in recipients]
         if len(set(ids)) != len(ids):
             # Two encryptions from one loaded copy of a session would reuse its message key.
             raise ValueError("a recipient is named twice")
-        encoded = wire.encode_payload(payload)
+        if isinstance(payload, (dv.DeviceList, dv.DeviceHello, dv.ListAck, dv.ListRequest)):
+            encoded = dv.encode_device_payload(payload)
+        else:
+            encoded = wire.encode_payload(payload)
         # Every recipient is checked before any session advances.
         states = [ContactState.from_bytes(r.contact.state) for r in recipients]
         for state in states:
@@ -228,6 +236,29 @@ class Delivery:
                     )
             store.enqueue_blocks(destination, blocks, message_id=message_id,
                                  contact_id=r.contact.id, not_before=not_before)  # fmt: skip
+            if devices and state.established:
+                self._to_devices(store, r.contact.id, encoded, message_id, slot, due, spread,
+                                 delay)  # fmt: skip
+
+    def _to_devices(self, store: Store, contact_id: int, encoded: bytes, message_id: str | None,
+                    slot: bool, due: int, spread: float, delay: float) -> None:  # fmt: skip
+        """The same payload once for each of the contact's other devices that answered, each
+        in its own session, to its own mailbox, after its own share of ``spread``."""
+        for ds in cd.device_sessions(store, contact_id):
+            if ds.send_to is None:
+                continue  # its answer has not come: it gets what is sent after it
+            session = Session.from_bytes(ds.state)
+            blocks = session.encrypt(self.h.entropy, encoded)
+            now = _ms() // 1000
+            cd.put_device_session(store, contact_id, ds.device_id, session.to_bytes(), now)
+            own = int(_RNG.uniform(0.0, spread) * 1000) if spread > 0 else 0
+            not_before = SLOT_WAIT if slot else due + own
+            if not slot and delay > 0:  # in order behind what was queued to it, as in enqueue
+                not_before = max(
+                    not_before, store.last_not_before(contact_id, ds.send_to, SLOT_WAIT)
+                )
+            store.enqueue_blocks(ds.send_to, blocks, message_id=message_id,
+                                 contact_id=contact_id, not_before=not_before)  # fmt: skip
 
     def queue_receipt(self, recipient: Recipient, kind: int, ids: list[bytes]) -> None:
         """A delivery or read receipt: with cover on, it waits to ride the contact's next

@@ -141,6 +141,11 @@ class Devices:
             return pub
         return _ed_public(bytes.fromhex(str(value)))
 
+    def device_private(self) -> bytes:
+        """This device's device key, raw private: what signs its hellos (never sent)."""
+        self.device_key()
+        return bytes.fromhex(str(self.m.store.get_setting(SETTING_KEY)))
+
     def held(self) -> dv.DeviceList | None:
         value = self.m.store.get_setting(SETTING_LIST)
         return None if value is None else dv.DeviceList.from_bytes(bytes.fromhex(str(value)))
@@ -205,9 +210,12 @@ class Devices:
             kept = [d for d in current.devices if d.device_id != raw]
             new = dv.DeviceList.sign(self.m.identity(), dv.next_version(current, _now()), kept)
             self._store_list(new)
+            # The contacts learn of it and drop their sessions with it (docs/devices.md §5.3).
+            told = self.m.fanout.send_list(new, self.self_id(), self.device_private())
         # Its mailboxes' owner keys live on that device only (their sync is not built): the
         # relay keeps them until they expire unused (docs/devices.md §7, what works today).
-        return {"version": new.version, "devices": len(new.devices), "mailboxes_deleted": False}
+        return {"version": new.version, "devices": len(new.devices), "mailboxes_deleted": False,
+                "contacts_told": told}  # fmt: skip
 
     # --- common ---------------------------------------------------------------------------
 
@@ -562,6 +570,8 @@ class Devices:
                     except (DecryptionError, dv.LinkUsed):
                         continue
                     self._store_list(listed)
+                    # The contacts open sessions with N (docs/devices.md §5.3).
+                    self.m.fanout.send_list(listed, self.self_id(), self.device_private())
                 # N says "not confirmed" if this never reaches it; E lists N either way.
                 with contextlib.suppress(RelayError, *UNAVAILABLE):
                     await client.deposit(reply.deposit_id, answer, reply.send_token)

@@ -33,6 +33,7 @@ from typing import Protocol
 import sqlcipher3
 
 from aegisd import droplog
+from aegisd.core import devices as dv
 from aegisd.core import wire
 from aegisd.core.errors import DecodeError, DecryptionError
 from aegisd.core.identity import PublicIdentity, keys_of
@@ -41,6 +42,7 @@ from aegisd.core.primitives import Entropy
 from aegisd.core.session import Session, accept_first_contact
 from aegisd.rpc import AppError
 from aegisd.store import Store, StoreError
+from aegisd.store import contact_devices as cd
 from aegisd.store import cover as cover_slots
 from aegisd.store import groups as group_store
 from aegisd.store.cover import SLOT_WAIT
@@ -95,6 +97,21 @@ def clean_name(name: str, fallback: str = "new contact") -> str:
 
 def _now() -> int:
     return int(time.time())
+
+
+class FanoutView(Protocol):
+    def on_payload(
+        self, c: Contact, session: Session, payload: dv.DevicePayload, device: bytes | None
+    ) -> None: ...
+    def device_answered(
+        self, c: Contact, device_id: bytes, reply_to: wire.MailboxAddress
+    ) -> None: ...
+    def device_rotated(self, c: Contact, device_id: bytes, p: wire.MailboxPayload) -> None: ...
+
+
+#: This profile's own device list (services/devices.py): a device that joined by a link holds
+#: one, and its contacts came without sessions.
+SETTING_OWN_LIST = "devices.list"
 
 
 class CoverView(Protocol):
@@ -228,6 +245,8 @@ class InboxHost(Protocol):
     def actions(self) -> ActionsView: ...
     @property
     def disappearing(self) -> DisappearingView: ...
+    @property
+    def fanout(self) -> FanoutView: ...
 
     def _reload_prekeys(self) -> None: ...
 
@@ -338,6 +357,15 @@ class Inbox:
                 async with self.m.mailboxes.client() as client:
                     await client.delete(old.owner_id, old.signing_key)
             return
+        if (
+            known is not None
+            and not known.blocked
+            and self.m.store.get_session(known.id) is None
+            and self.m.store.mailbox_for_contact(known.id) is None  # not a restored contact
+            and self.m.store.get_setting(SETTING_OWN_LIST) is not None
+        ):
+            await self._device_session(known, fc.session, hello)
+            return
         with self.m.store.transaction():
             self.m.store.put_identity(self.m.prekeys.to_bytes())  # burnt one-time keys
             if known is not None and known.blocked:
@@ -375,6 +403,44 @@ class Inbox:
                 },
             )
 
+    async def _device_session(
+        self, c: Contact, session: Session, hello: wire.HelloPayload
+    ) -> None:
+        """A contact this linked device knows without a session (its profile came by a link)
+        opened one with it, having learned of it from the person's device list (docs/devices.md
+        §5.2): the contact's session, answered with a mailbox of this device's own."""
+        assert self.m.prekeys is not None
+        mb_id, mb = await self.m.mailboxes.create("contact", public=False)
+        with self.m.store.transaction():
+            self.m.store.put_identity(self.m.prekeys.to_bytes())
+            self.m.store.set_mailbox_contact(mb_id, c.id)
+            self.m.store.update_contact(
+                c.id, state=ContactState(hello.reply_to, True).to_bytes()
+            )
+            own_name = str(self.m.store.get_setting("profile.display_name", ""))
+            answer = wire.HelloPayload(mb.address(), own_name, b"")
+            blocks = session.encrypt(self.m.entropy, wire.encode_payload(answer))
+            self.m.store.put_session(c.id, session.to_bytes())
+            self.m.store.enqueue_blocks(address_to_bytes(hello.reply_to), blocks, contact_id=c.id)
+            self.m.ctx.events.emit("contact.established", {"contact": c.name})
+        self.m.mailboxes.reload()
+        self.m.cover.changed()
+        self.m.delivery.wake()
+
+    def _decrypt_device(
+        self, contact_id: int, block: bytes
+    ) -> tuple[bytes, Session, wire.Fragment] | None:
+        """A block that the contact's own session did not open, tried in the sessions with
+        the contact's other devices (at most MAX_DEVICES - 1): which one opened it."""
+        for ds in cd.device_sessions(self.m.store, contact_id):
+            session = Session.from_bytes(ds.state)
+            try:
+                fragment = session.decrypt(self.m.entropy, block)
+            except DecryptionError:
+                continue
+            return ds.device_id, session, fragment
+        return None
+
     def _receive_from_contact(self, contact_id: int, block: bytes) -> None:
         c = self.m.store.get_contact(contact_id)
         blob = self.m.store.get_session(contact_id)
@@ -384,16 +450,25 @@ class Inbox:
         if c is None or blob is None:
             return
         session = Session.from_bytes(blob)
+        device: bytes | None = None
         try:
             fragment = session.decrypt(self.m.entropy, block)
         except DecryptionError:
-            if self.m.renewals.on_undecryptable(c, block):
+            found = self._decrypt_device(contact_id, block)
+            if found is None:
+                if self.m.renewals.on_undecryptable(c, block):
+                    return
+                droplog.dropped("dropped a block that did not decrypt")
                 return
-            droplog.dropped("dropped a block that did not decrypt")
-            return
+            device, dsession, fragment = found
+            # The contact's own session answers (receipts go to every device): unchanged.
+            session = Session.from_bytes(blob)
         self.m.cover.heard(contact_id)  # online: cover to it goes on
         with self.m.store.transaction():
-            self.m.store.put_session(contact_id, session.to_bytes())
+            if device is None:
+                self.m.store.put_session(contact_id, session.to_bytes())
+            else:
+                cd.put_device_session(self.m.store, contact_id, device, dsession.to_bytes(), _now())
             if c.blocked:
                 # Nothing of a blocked contact is shown or kept (not even a partial message):
                 # the ratchet step above is all that is stored. Save a group change (0x0E,
@@ -421,9 +496,31 @@ class Inbox:
             if content is None:
                 return
             try:
+                if wire.is_device_payload(content):
+                    if not group_store.is_group_contact(self.m.store, c.id):
+                        self.m.fanout.on_payload(
+                            c, session, dv.decode_device_payload(content), device
+                        )
+                    return
                 payload = wire.decode_payload(content)
             except DecodeError:
                 droplog.dropped("dropped a payload that did not parse")
+                return
+            if device is not None and isinstance(
+                payload, (wire.HelloPayload, wire.MailboxPayload, wire.MailboxAckPayload)
+            ):
+                # A contact device's own routing: its answer and its rotations name its
+                # mailbox; an acknowledgement of our rotation counts from the contact's
+                # session row only (the first device's).
+                url = (payload.reply_to.relay_url if isinstance(payload, wire.HelloPayload)
+                       else payload.mailbox.relay_url if isinstance(payload, wire.MailboxPayload)
+                       else None)  # fmt: skip
+                if url is not None and not self.m.mailboxes.peer_url_ok(url):
+                    droplog.dropped("dropped a mailbox address with a refused relay URL")
+                elif isinstance(payload, wire.HelloPayload):
+                    self.m.fanout.device_answered(c, device, payload.reply_to)
+                elif isinstance(payload, wire.MailboxPayload):
+                    self.m.fanout.device_rotated(c, device, payload)
                 return
             if fragment.count > MAX_MESSAGE_FRAGMENTS and not isinstance(payload, _LONG_PAYLOADS):
                 droplog.dropped("dropped a fragment of an oversized message")

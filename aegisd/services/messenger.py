@@ -47,6 +47,7 @@ from .attachments import Attachments
 from .contacts import Contacts
 from .delivery import Delivery, DeliveryHooks, Recipient
 from .disappearing import Disappearing
+from .fanout import Fanout
 from .group_logs import GroupLogs
 from .groups import Groups
 from .groups_state import SETTING_READ_RECEIPTS
@@ -110,6 +111,7 @@ class Messenger:
         self.disappearing = Disappearing(self)  # conversation timers, erasure (§27)
         self.groups = Groups(self)  # groups over pairwise sessions (groups.py, §25)
         self.actions = Actions(self)  # replies, reactions, edits, deletions (actions.py, §26)
+        self.fanout = Fanout(self)  # contacts' device lists and device sessions (fanout.py)
         from .renewal import Renewals  # session renewal after a backup import (§23)
 
         self.renewals = Renewals(self)
@@ -165,6 +167,8 @@ class Messenger:
         if not self.loss.superseded():  # cover for contacts that moved on to a restored copy: no
             self.cover.start()
         await self.attachments.on_unlock()
+        self.spawn(self.fanout.resend())  # a device list the contacts have not acknowledged
+        self.spawn(self.fanout.open_all())  # sessions with contacts' devices not opened yet
 
     def network(self) -> Network:
         """How relays are reached now (services/connectivity.py)."""

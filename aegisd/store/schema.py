@@ -730,12 +730,41 @@ def _drop_stored_typing_events(db: Any) -> None:
     _run(db, "DELETE FROM events WHERE type = 'contact.typing'")
 
 
+def _contact_devices(db: Any) -> None:
+    """Several devices per person (docs/devices.md §5): the device list each contact holds
+    (its signed bytes and version; a contact without a row is one device, as before), and a
+    ratchet session per (contact, device) besides the contact's row in ``sessions``, with the
+    mailbox of that device (its reply mailbox for us) that the contact's messages to it go to.
+    ``session_device`` names the listed device the ``sessions`` row is with (NULL: not known
+    yet, or no list); the rows of ``device_sessions`` never name that one."""
+    _run(
+        db,
+        """
+        CREATE TABLE contact_devices (
+            contact_id     INTEGER PRIMARY KEY REFERENCES contacts(id) ON DELETE CASCADE,
+            list           BLOB NOT NULL,       -- signed device list, docs/protocol.md §28.1
+            version        INTEGER NOT NULL,
+            session_device BLOB,                -- device ID of the sessions row, or NULL
+            updated_at     INTEGER NOT NULL
+        );
+        CREATE TABLE device_sessions (
+            contact_id  INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+            device_id   BLOB NOT NULL,
+            state       BLOB NOT NULL,          -- ratchet session with that device, opaque
+            send_to     BLOB,                   -- its mailbox for us (NULL: not answered yet)
+            updated_at  INTEGER NOT NULL,
+            PRIMARY KEY (contact_id, device_id)
+        ) WITHOUT ROWID
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
     _cover_receipts, _mailbox_pool, _groups, _group_invites_and_intros, _group_message_keys,
     _group_file_links, _group_contact_departures, _message_search_index, _message_actions,
     _file_captions_and_typing, _disappearing_messages, _search_index_dirty, _quoted_direction,
     _group_message_actions,
-    _drop_stored_typing_events,
+    _drop_stored_typing_events, _contact_devices,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

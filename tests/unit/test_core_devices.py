@@ -725,6 +725,21 @@ PARSERS: dict[str, tuple[Callable[[bytes], Any], bytes]] = {
         ).to_bytes(),
     ),
     "profile": (d.LinkProfile.from_bytes, profile().to_bytes()),
+    "device payload: list": (d.decode_device_payload, d.encode_list_payload(FIRST)),
+    "device payload: hello": (
+        d.decode_device_payload,
+        d.DeviceHello.sign(
+            DEVICE_KEYS[2][0], IDENTITY.public, bytes(16), mailbox(2), 7, bytes(32)
+        ).to_bytes(),
+    ),
+    "device payload: ack": (
+        d.decode_device_payload,
+        d.encode_device_payload(d.ListAck.of(FIRST)),
+    ),
+    "device payload: request": (
+        d.decode_device_payload,
+        d.encode_device_payload(d.ListRequest(FIRST.version, FIRST.digest())),
+    ),
 }
 
 
@@ -981,3 +996,21 @@ def test_a_refused_final_gives_no_installed_block() -> None:
         link.join.installed_block(link.n_rng)
     with pytest.raises(d.LinkUsed):  # and E never lists it
         link.offer.receive_installed(link.e_rng, IDENTITY, FIRST, bytes(wire.BLOCK_SIZE), NOW + 12)
+
+
+def test_device_payloads_round_trip_and_are_wires_numbers() -> None:
+    hello_ = hello(2)
+    for payload in (FIRST, hello_, d.ListAck.of(FIRST), d.ListRequest(3, bytes(range(32)))):
+        data = d.encode_device_payload(payload)
+        assert wire.is_device_payload(data)
+        assert d.decode_device_payload(data) == payload
+        with pytest.raises(DecodeError):  # the ordinary payload parser refuses them
+            wire.decode_payload(data)
+    assert d.encode_device_payload(d.ListAck.of(FIRST))[:2] == bytes([1, 0x42])
+    assert d.encode_device_payload(d.ListRequest(1, bytes(32)))[:2] == bytes([1, 0x43])
+    assert d.ListAck.of(FIRST).names(FIRST) and not d.ListAck(1, bytes(32)).names(FIRST)
+    assert not wire.is_device_payload(wire.encode_payload(wire.CoverPayload()))
+    with pytest.raises(DecodeError):  # version 0 is no list's
+        d.decode_device_payload(bytes([1, 0x42]) + bytes(8 + 32))
+    with pytest.raises(DecodeError):
+        d.decode_device_payload(bytes([1, 0x44]) + bytes(40))

@@ -1,0 +1,361 @@
+"""Contacts with several devices (docs/devices.md §5): the device lists, and a session with each
+of a contact's devices.
+
+- The person's side. The device that signed a list (a link that completed on it, a
+  ``devices.remove``) sends it (``0x40``) to every contact it has a session with, followed by
+  a device hello in that same session (``0x41`` bound to ``LEGACY_EK``, docs/protocol.md §28.4):
+  it tells the contact which listed device the session it already had is with.
+- The contact's side. A list received in a contact's session is checked under the contact's
+  identity (``devices.accept``: forged, from the future or stale is refused, counted, nothing
+  changed), stored, acknowledged (``0x42``, to every device it has a session with), and the
+  sessions of devices no longer listed are dropped. For every listed device it has no session
+  with, it fetches the device's bundle at its ``bundle_address`` and opens one (PQXDH, a
+  first contact to the device mailbox, whose hello carries its mailbox for the person: the same
+  contact mailbox every device of the person deposits to). The device answers in the session,
+  with its own mailbox: from then on the delivery layer encrypts everything for that contact
+  once per device (services/delivery.py).
+- A device that joined by a link (its contacts came without sessions) takes such a first
+  contact from a contact it knows as that contact's session (inbox.py), answering with a
+  mailbox of its own.
+
+Nothing here logs a list, a device ID or a contact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+from aegisd import droplog
+from aegisd.core import devices as dv
+from aegisd.core import pqxdh, wire
+from aegisd.core.errors import BundleError, DecodeError
+from aegisd.core.identity import IdentityKeyPair, PublicIdentity
+from aegisd.core.primitives import Entropy
+from aegisd.core.session import Session, initiate_session
+from aegisd.rpc import AppError
+from aegisd.store import Store
+from aegisd.store import contact_devices as cd
+from aegisd.store import groups as group_store
+from aegisd.store.db import Contact
+
+from .bundle_fetch import fetch_bundle
+from .context import ServiceContext
+from .delivery import Delivery, Recipient
+from .mailbox import ContactState, OwnedMailbox, address_from_bytes, address_to_bytes
+from .mailboxes import Mailboxes
+
+log = logging.getLogger("aegisd.fanout")
+
+#: What a device hello sent in a session opened before the person had a list binds in place of
+#: the session's EK_A.pub (docs/protocol.md §28.4).
+LEGACY_EK = bytes(32)
+#: This profile's own device list, this device's ID and device key (services/devices.py
+#: writes them: docs/devices.md §4.5).
+SETTING_OWN_LIST = "devices.list"
+SETTING_SELF = "devices.self"
+SETTING_KEY = "devices.key"
+#: The contacts a list this device sent has not been acknowledged by yet: {contact id: version}.
+#: Sent again at the next unlock (a stop before the deposits, a contact's lost block).
+SETTING_AWAITING = "devices.awaiting"
+SETTING_NAME = "profile.display_name"
+#: Seconds between the attempts to open a session with a contact's device whose bundle is not
+#: at the relay yet.
+OPEN_RETRIES = (1.0, 2.0, 5.0, 15.0, 60.0)
+_REFUSED = {
+    dv.ForgedDeviceList: "refused a device list not signed by the contact",
+    dv.FutureDeviceList: "refused a device list from the future",
+    dv.StaleDeviceList: "refused a stale device list",
+}
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class FanoutHost(Protocol):
+    @property
+    def ctx(self) -> ServiceContext: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def lock(self) -> asyncio.Lock: ...
+    @property
+    def entropy(self) -> Entropy: ...
+    @property
+    def mailboxes(self) -> Mailboxes: ...
+    @property
+    def delivery(self) -> Delivery: ...
+    def identity(self) -> IdentityKeyPair: ...
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
+
+
+class Fanout:
+    def __init__(self, host: FanoutHost) -> None:
+        self.m = host
+        # Lists answered to a request, per (contact, version): once each (§28.3).
+        self._answered: set[tuple[int, int]] = set()
+        self._opening: set[int] = set()  # contacts whose device sessions are being opened
+
+    # --- the person's side ---------------------------------------------------------------
+
+    def send_list(self, device_list: dv.DeviceList, self_id: bytes, device_priv: bytes) -> int:
+        """Queue the list this device signed to every established contact, with the hello
+        that names this device as the one of the session (inside the caller's lock); how many
+        contacts. A contact that cannot be reached now is skipped."""
+        return self._queue(device_list, self_id, device_priv, None)
+
+    async def resend(self) -> None:
+        """At unlock: the list held goes again to the contacts that have not acknowledged the
+        one this device sent (§5.3: the signer re-sends until acknowledged)."""
+        async with self.m.lock:
+            store = self.m.ctx.store
+            if store is None:
+                return
+            awaiting = store.get_setting(SETTING_AWAITING)
+            own, me, key = (store.get_setting(n) for n in (SETTING_OWN_LIST, SETTING_SELF,
+                                                            SETTING_KEY))  # fmt: skip
+            if not awaiting or own is None or me is None or key is None:
+                return
+            device_list = dv.DeviceList.from_bytes(bytes.fromhex(str(own)))
+            self._queue(device_list, bytes.fromhex(str(me)), bytes.fromhex(str(key)),
+                        {int(cid) for cid in awaiting})  # fmt: skip
+
+    def _queue(self, device_list: dv.DeviceList, self_id: bytes, device_priv: bytes,
+               only: set[int] | None) -> int:  # fmt: skip
+        store, identity = self.m.store, self.m.identity()
+        awaiting: dict[str, int] = {}
+        with store.transaction():
+            for c in store.list_contacts():
+                if (only is not None and c.id not in only) or group_store.is_group_contact(
+                    store, c.id
+                ):
+                    continue  # a member known through a group only: groups are not fanned out
+                blob = store.get_session(c.id)
+                state = ContactState.from_bytes(c.state)
+                row = store.mailbox_for_contact(c.id)
+                if blob is None or not state.established or state.failed or row is None:
+                    continue
+                session = Session.from_bytes(blob)
+                reply = OwnedMailbox.from_bytes(row.descriptor).address()
+                hello = dv.DeviceHello.sign(device_priv, identity.public, self_id, reply,
+                                            device_list.version, LEGACY_EK)  # fmt: skip
+                self.m.delivery.enqueue([Recipient(c, session)], device_list)
+                self.m.delivery.enqueue([Recipient(c, session)], hello, devices=False)
+                awaiting[str(c.id)] = device_list.version
+            store.set_setting(SETTING_AWAITING, awaiting)
+        self.m.delivery.wake()
+        return len(awaiting)
+
+    # --- payloads from a contact ---------------------------------------------------------
+
+    def on_payload(
+        self, c: Contact, session: Session, payload: dv.DevicePayload, device: bytes | None
+    ) -> None:
+        """A device payload from contact ``c`` (inside the receive's transaction); ``device``:
+        the device whose session it came in, None for the contact's own session row."""
+        if c.identity_key is None:
+            return
+        identity = PublicIdentity.from_bytes(c.identity_key)
+        store = self.m.store
+        held = cd.held_list(store, c.id)
+        current = None if held is None else dv.DeviceList.from_bytes(held.data)
+        if isinstance(payload, dv.DeviceList):
+            try:
+                new = dv.accept(identity, current, payload, _now())
+            except (dv.ForgedDeviceList, dv.FutureDeviceList, dv.StaleDeviceList) as exc:
+                droplog.dropped(_REFUSED[type(exc)])
+                return
+            cd.put_list(store, c.id, new.to_bytes(), new.version, _now())
+            legacy = None if held is None else held.session_device
+            changed = False
+            if legacy is not None and legacy not in new.ids():
+                session, legacy = self._replace_row_session(c, session, device, legacy)
+                changed = True
+            keep = new.ids() - ({legacy} if legacy is not None else set())
+            if cd.drop_device_sessions(store, c.id, keep) or changed:
+                self.m.ctx.events.emit("contact.devices", {"contact": c.name,
+                                                           "devices": len(new.devices)})
+            c = store.get_contact(c.id) or c
+            self.m.delivery.enqueue([Recipient(c, session)], dv.ListAck.of(new),
+                                    delay=self.m.delivery.receipt_delay())  # fmt: skip
+            self.m.spawn(self.open_sessions(c.id))
+        elif isinstance(payload, dv.DeviceHello):
+            if device is not None and payload.device_id == device:
+                return  # a list's signer names itself in every session: this one is known
+            if device is not None or current is None:
+                droplog.dropped("dropped a device hello out of place")
+                return
+            try:
+                entry = payload.check(identity, current, LEGACY_EK)
+            except (dv.UnlistedDevice, dv.ForgedDeviceProof):
+                droplog.dropped("dropped a device hello that does not prove a listed device")
+                return
+            if held is not None and held.session_device is None:
+                cd.set_session_device(store, c.id, entry.device_id)
+                # A session opened with that device meanwhile is the same device's twice.
+                cd.drop_device_sessions(store, c.id, current.ids() - {entry.device_id})
+                self.m.spawn(self.open_sessions(c.id))
+        elif isinstance(payload, dv.ListAck):
+            own = self._own_list()
+            awaiting = store.get_setting(SETTING_AWAITING)
+            if payload.names(own) and awaiting and str(c.id) in awaiting:
+                store.set_setting(SETTING_AWAITING,
+                                  {k: v for k, v in awaiting.items() if k != str(c.id)})
+            newer = own is None or (payload.version, payload.digest) > (own.version, own.digest())
+            if newer:
+                # The contact holds a list this device has not seen: ask for it (§28.3).
+                request = dv.ListRequest(payload.version, payload.digest)
+                self.m.delivery.enqueue([Recipient(c, session)], request,
+                                        delay=self.m.delivery.receipt_delay())  # fmt: skip
+        elif isinstance(payload, dv.ListRequest):
+            if current is None or (c.id, current.version) in self._answered:
+                return
+            self._answered.add((c.id, current.version))
+            self.m.delivery.enqueue([Recipient(c, session)], current)
+
+    def _replace_row_session(
+        self, c: Contact, session: Session, device: bytes | None, legacy: bytes
+    ) -> tuple[Session, bytes]:
+        """The device of the contact's session row (``legacy``) left its list: the session
+        of a listed device that answered (the one this list came in, if it did) takes the
+        row's place, with its mailbox, so that nothing more goes to the removed device. None
+        answered yet: the row stays as it is until one does (``device_answered``)."""
+        store = self.m.store
+        others = [s for s in cd.device_sessions(store, c.id) if s.send_to is not None]
+        others.sort(key=lambda s: s.device_id != device)
+        if not others:
+            return session, legacy
+        chosen = others[0]
+        store.put_session(c.id, chosen.state)
+        state = ContactState.from_bytes(c.state)
+        assert chosen.send_to is not None
+        state.send_to = address_from_bytes(chosen.send_to)
+        store.update_contact(c.id, state=state.to_bytes())
+        cd.set_session_device(store, c.id, chosen.device_id)
+        cd.drop_device_sessions(store, c.id, frozenset(
+            s.device_id for s in cd.device_sessions(store, c.id) if s.device_id != chosen.device_id
+        ))  # fmt: skip
+        return Session.from_bytes(chosen.state), chosen.device_id
+
+    def _own_list(self) -> dv.DeviceList | None:
+        value = self.m.store.get_setting(SETTING_OWN_LIST)
+        return None if value is None else dv.DeviceList.from_bytes(bytes.fromhex(str(value)))
+
+    # --- sessions with a contact's devices -------------------------------------------------
+
+    async def open_sessions(self, contact_id: int) -> None:
+        """Open a session with every device of the contact's list this device has none with
+        (§5.2): its bundle fetched at its bundle address, a first contact to its device
+        mailbox. Waits for the hello that names the device of the contact's session row. A
+        device whose bundle is not there yet (a list travels faster than its new device
+        publishes) is tried again, after OPEN_RETRIES' waits, then at the next unlock."""
+        if contact_id in self._opening:
+            return
+        self._opening.add(contact_id)
+        try:
+            for wait in (*OPEN_RETRIES, None):
+                failed = False
+                for entry in self._missing(contact_id):
+                    try:
+                        await self._open(contact_id, entry)
+                    except (AppError, DecodeError, BundleError):
+                        failed = True
+                if not failed or wait is None:
+                    if failed:
+                        droplog.dropped("could not open a session with a contact's device")
+                    return
+                await asyncio.sleep(wait)
+        finally:
+            self._opening.discard(contact_id)
+
+    async def open_all(self) -> None:
+        """At unlock: the sessions a stop or an absent bundle left unopened."""
+        store = self.m.ctx.store
+        if store is None:
+            return
+        for c in store.list_contacts():
+            if self._missing(c.id):
+                self.m.spawn(self.open_sessions(c.id))
+
+    def _missing(self, contact_id: int) -> list[dv.DeviceEntry]:
+        store = self.m.ctx.store
+        if store is None:
+            return []
+        held = cd.held_list(store, contact_id)
+        if held is None or held.session_device is None:
+            return []
+        have = {s.device_id for s in cd.device_sessions(store, contact_id)}
+        have.add(held.session_device)
+        return [e for e in dv.DeviceList.from_bytes(held.data).devices if e.device_id not in have]
+
+    async def _open(self, contact_id: int, entry: dv.DeviceEntry) -> None:
+        c = self.m.store.get_contact(contact_id)
+        if c is None or c.identity_key is None or c.blocked:
+            return
+        identity = PublicIdentity.from_bytes(c.identity_key)
+        if not self.m.mailboxes.peer_url_ok(entry.mailbox.relay_url):
+            droplog.dropped("a contact device's relay URL is refused")
+            return
+        base, x, m = await fetch_bundle(entry.mailbox.relay_url, entry.bundle_address,
+                                        self.m.mailboxes.link, self.m.ctx.network())  # fmt: skip
+        bundle = pqxdh.verify_bundle(base, x, m, expected=identity)
+        async with self.m.lock:
+            if entry not in self._missing(contact_id):
+                return  # listed no more, or opened meanwhile
+            row = self.m.store.mailbox_for_contact(contact_id)
+            if row is None:
+                return
+            hello = wire.HelloPayload(
+                OwnedMailbox.from_bytes(row.descriptor).address(),
+                str(self.m.store.get_setting(SETTING_NAME, "")),
+                b"",
+            )
+            session, block = initiate_session(
+                self.m.entropy, self.m.identity(), bundle, wire.encode_payload(hello)
+            )
+            with self.m.store.transaction():
+                cd.put_device_session(
+                    self.m.store, contact_id, entry.device_id, session.to_bytes(), _now()
+                )
+                self.m.store.enqueue_blocks(
+                    address_to_bytes(entry.mailbox), [block], contact_id=contact_id
+                )
+        self.m.delivery.wake()
+
+    def device_rotated(self, c: Contact, device_id: bytes, p: wire.MailboxPayload) -> None:
+        """A contact device moved its mailbox for us (§20.6): its blocks go to the new one,
+        and the acknowledgement goes in its session only (inside the receive's transaction)."""
+        store = self.m.store
+        ds = next((s for s in cd.device_sessions(store, c.id) if s.device_id == device_id), None)
+        if ds is None:
+            return
+        new = address_to_bytes(p.mailbox)
+        if ds.send_to is not None:
+            store.readdress_outbox(c.id, ds.send_to, new)
+        cd.set_device_send_to(store, c.id, device_id, new)
+        session = Session.from_bytes(ds.state)
+        ack = wire.encode_payload(wire.MailboxAckPayload(p.rotation_id))
+        blocks = session.encrypt(self.m.entropy, ack)
+        cd.put_device_session(store, c.id, device_id, session.to_bytes(), _now())
+        delay_ms = int(self.m.delivery.receipt_delay() * 1000)
+        store.enqueue_blocks(new, blocks, contact_id=c.id,
+                             not_before=time.time_ns() // 1_000_000 + delay_ms)  # fmt: skip
+        self.m.delivery.wake()
+
+    def device_answered(self, c: Contact, device_id: bytes, reply_to: wire.MailboxAddress) -> None:
+        """A contact device answered our first contact: deposit to it from now on."""
+        store = self.m.store
+        cd.set_device_send_to(store, c.id, device_id, address_to_bytes(reply_to))
+        held = cd.held_list(store, c.id)
+        listed = None if held is None else dv.DeviceList.from_bytes(held.data)
+        if held is not None and listed is not None and held.session_device not in listed.ids():
+            blob = store.get_session(c.id)
+            if blob is not None and held.session_device is not None:
+                self._replace_row_session(c, Session.from_bytes(blob), device_id,
+                                          held.session_device)  # fmt: skip
+        count = 1 if listed is None else len(listed.devices)
+        self.m.ctx.events.emit("contact.devices", {"contact": c.name, "devices": count})

@@ -1,0 +1,126 @@
+"""A contact fans out to every device of a person (docs/devices.md §5): a real relay, three
+daemons (Alice on A1 and A2, linked with devices.link, and Bob). Bob learns Alice's list from
+A1, opens a session with A2, and from then on his messages reach both; A2 writes to Bob as
+Alice; a removal stops Bob's deposits to the removed device; a list not signed by Alice's
+identity is refused with nothing changed."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from aegisd.core import devices as dv
+from aegisd.core.identity import IdentityKeyPair
+from aegisd.core.primitives import SystemEntropy
+from aegisd.store import open_profile
+from tests.functional.conftest import Peer, connect
+from tests.functional.test_devices import confirm_both, start_link, texts, wait_state
+
+
+def _devices_events(peer: Peer) -> list[dict[str, Any]]:
+    return [e["data"] for e in peer.events(types=["contact.devices"])]
+
+
+def _link(a1: Peer, a2: Peer) -> None:
+    start_link(a1, a2)
+    confirm_both(a1, a2)
+    wait_state(a1, "done")
+    wait_state(a2, "done")
+
+
+def _forge_list_on(peer: Peer, contact: str) -> None:
+    """With the daemon stopped: its held list replaced by one of a higher version signed by
+    another identity, and marked unacknowledged by ``contact`` (so the next unlock sends it)."""
+    store = open_profile(peer.home, None)
+    try:
+        held = dv.DeviceList.from_bytes(bytes.fromhex(str(store.get_setting("devices.list"))))
+        other = IdentityKeyPair.generate(SystemEntropy())
+        forged = dv.DeviceList.sign(other, held.version + 1, held.devices)
+        cid = store.contact_by_name(contact)
+        assert cid is not None
+        with store.transaction():
+            store.set_setting("devices.list", forged.to_bytes().hex())
+            store.set_setting("devices.awaiting", {str(cid.id): forged.version})
+    finally:
+        store.close()
+
+
+def test_a_contact_fans_out_to_every_device(peers: Callable[[str], Peer]) -> None:
+    a1, bob = peers("alice"), peers("bob")
+    connect(a1, bob)
+    safety = bob.call("contacts.safety_number", {"name": "alice"})
+    a2 = peers("alice2")
+    _link(a1, a2)
+    # Bob gets the list from A1, opens a session with A2, which answers: two devices.
+    a2.wait_for(lambda: a2.call("contacts.list")["contacts"][0]["established"], "bob's session")
+    bob.wait_for(lambda: [e for e in _devices_events(bob) if e["devices"] == 2], "A2's answer")
+
+    # One message from Bob: on both of Alice's devices.
+    bob.call("messages.send", {"contact": "alice", "text": "to all of you"})
+    a1.wait_for(lambda: ("in", "to all of you") in texts(a1, "bob"), "bob's text on A1")
+    a2.wait_for(lambda: ("in", "to all of you") in texts(a2, "bob"), "bob's text on A2")
+
+    # A2 writes to Bob: Bob shows it as from Alice, the same contact, the same safety number.
+    a2.call("messages.send", {"contact": "bob", "text": "from the laptop"})
+    bob.wait_for(lambda: ("in", "from the laptop") in texts(bob, "alice"), "A2's text")
+    assert [c["name"] for c in bob.call("contacts.list")["contacts"]] == ["alice"]
+    assert bob.call("contacts.safety_number", {"name": "alice"}) == safety
+    # A1 still works both ways.
+    a1.call("messages.send", {"contact": "bob", "text": "from the desktop"})
+    bob.wait_for(lambda: ("in", "from the desktop") in texts(bob, "alice"), "A1's text")
+
+    # A1 removes A2: Bob drops its session (one device again) and stops sending to it.
+    a2_id = next(d["id"] for d in a2.call("devices.list")["devices"] if d["this_device"])
+    assert a1.call("devices.remove", {"id": a2_id})["contacts_told"] == 1
+    bob.wait_for(lambda: _devices_events(bob)[-1]["devices"] == 1, "the removal")
+    bob.call("messages.send", {"contact": "alice", "text": "after the removal"})
+    a1.wait_for(lambda: ("in", "after the removal") in texts(a1, "bob"), "bob's text on A1")
+
+    # A list that Alice's identity did not sign (A1's store forged, sent at its next unlock):
+    # refused, counted, nothing changed.
+    a1.stop()
+    _forge_list_on(a1, "bob")
+    a1.start()
+    a1.wait_connected()
+    bob.call("messages.send", {"contact": "alice", "text": "still one device"})
+    a1.wait_for(lambda: ("in", "still one device") in texts(a1, "bob"), "bob's text on A1")
+    a1.call("messages.send", {"contact": "bob", "text": "after the forgery"})
+    bob.wait_for(lambda: ("in", "after the forgery") in texts(bob, "alice"), "A1's text")
+    # The removed device got nothing since its removal.
+    seen = [t for _d, t in texts(a2, "bob")]
+    assert "after the removal" not in seen and "still one device" not in seen
+    assert _devices_events(bob)[-1]["devices"] == 1
+    bob.stop()  # the daemon logs what it refused, counted, at its stop
+    assert bob.proc is not None
+    log = bob.proc.stderr()
+    assert re.search(r"refused a device list not signed by the contact \(1x\)", log), log[-2000:]
+
+
+def test_the_first_device_removed_by_the_second(peers: Callable[[str], Peer]) -> None:
+    """A2 removes A1, the device Bob's first session is with: the session with A2 takes its
+    place, and Bob's messages reach A2 only."""
+    a1, bob = peers("alice"), peers("bob")
+    connect(a1, bob)
+    a2 = peers("alice2")
+    _link(a1, a2)
+    bob.wait_for(lambda: [e for e in _devices_events(bob) if e["devices"] == 2], "A2's answer")
+    # Mailbox rotations on both sides: A2's in its own session with Bob (acknowledged there),
+    # Bob's to every device of Alice's (done at the first device's acknowledgement).
+    a2.call("contacts.rotate_mailbox", {"name": "bob"})
+    a2.wait_for(lambda: a2.events(types=["contact.mailbox_rotated"]), "Bob's acknowledgement")
+    bob.call("contacts.rotate_mailbox", {"name": "alice"})
+    bob.wait_for(lambda: bob.events(types=["contact.mailbox_rotated"]), "Alice's")
+    bob.call("messages.send", {"contact": "alice", "text": "after the rotations"})
+    for device in (a1, a2):
+        device.wait_for(lambda d=device: ("in", "after the rotations") in texts(d, "bob"), "it")
+    a2.call("messages.send", {"contact": "bob", "text": "rotated laptop"})
+    bob.wait_for(lambda: ("in", "rotated laptop") in texts(bob, "alice"), "A2's text")
+    a1_id = next(d["id"] for d in a1.call("devices.list")["devices"] if d["this_device"])
+    assert a2.call("devices.remove", {"id": a1_id})["contacts_told"] == 1
+    bob.wait_for(lambda: _devices_events(bob)[-1]["devices"] == 1, "the removal")
+    bob.call("messages.send", {"contact": "alice", "text": "only the laptop"})
+    a2.wait_for(lambda: ("in", "only the laptop") in texts(a2, "bob"), "bob's text on A2")
+    a2.call("messages.send", {"contact": "bob", "text": "laptop here"})
+    bob.wait_for(lambda: ("in", "laptop here") in texts(bob, "alice"), "A2's text")
+    assert ("in", "only the laptop") not in texts(a1, "bob")
