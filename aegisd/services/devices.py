@@ -55,6 +55,8 @@ from .mailbox import (
     box_public,
     caps_from_bytes,
     caps_to_bytes,
+    delete_public,
+    new_delete_seed,
     new_keys,
 )
 from .messenger import Messenger
@@ -352,12 +354,16 @@ class Devices:
     async def _make_mailbox(self, client: RelayClient, url: str) -> OwnedMailbox:
         """A private mailbox of the link's own (with its proof of work), never stored."""
         sign_seed, box_secret = new_keys()
+        # A delete key nobody is given: so the relay cannot tell a link's mailboxes from the
+        # profile's other mailboxes by its absence.
+        delete_seed = new_delete_seed()
         token = self.m.entropy.random(32)
         key = OwnedMailbox(url, sign_seed, b"", b"", b"", b"", b"").signing_key
         try:
-            made = await client.create(key, box_public(box_secret))
+            made = await client.create(key, box_public(box_secret),
+                                       delete_pub=delete_public(delete_seed))  # fmt: skip
             mb = OwnedMailbox(url, sign_seed, box_secret, made.owner_id, made.deposit_id,
-                              made.relay_box_pub, token)  # fmt: skip
+                              made.relay_box_pub, token, delete_seed)  # fmt: skip
             self._remember_link_mailbox(mb.to_bytes())
             await client.token_add(mb.owner_id, mb.signing_key, token)
         except RelayError:
