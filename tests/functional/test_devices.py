@@ -814,6 +814,11 @@ def test_a_removal_while_the_relay_is_away_deletes_at_the_next_connection(
     new.start()
     new.wait_connected()
     assert _at_relay(relay_proc, alice_mb)
-    out = new.call("devices.remove", {"id": alice_id})
-    assert out["mailboxes_deleted"] == 1
+    r = subprocess.run(
+        [sys.executable, "-m", "aegis_cli.main", "device", "remove", alice_id,
+         "--home", str(new.home)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "1 of its mailboxes deleted at the relay." in r.stdout
     assert not _at_relay(relay_proc, alice_mb)
