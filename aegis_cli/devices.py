@@ -284,10 +284,15 @@ def register(main: ModuleType) -> None:
     @common
     @click.argument("device_id", metavar="ID")
     def remove(ctx: Ctx, device_id: str) -> None:
-        """Sign a device list without ID. Protects against a lost device, not a compromised
-        one (it keeps the identity key: the remedy is a new profile). Today the removal
-        changes this device's list only: contacts do not learn of it yet, and the removed
-        device's mailboxes stay at the relay."""
+        """Sign a device list without ID and delete at the relay the removed device's
+        mailboxes this device holds delete keys for (its device mailbox, if it was linked
+        from here or linked this one); the relay away: on the next connection. Protects
+        against a lost device, not a compromised one (it keeps the identity key: the remedy
+        is a new profile). The new list goes to your contacts, who then stop sending to it."""
         result = ctx.call("devices.remove", {"id": device_id})
+        queued = result["mailboxes_queued"]
         ctx.out(result, f"Removed; the list is now version {result['version']} with "
-                        f"{result['devices']} device(s).")  # fmt: skip
+                        f"{result['devices']} device(s); {result['mailboxes_deleted']} of its "
+                        "mailboxes deleted at the relay"
+                        + (f", {queued} on the next connection" if queued else "")
+                        + f"; {result['contacts_told']} contact(s) told.")  # fmt: skip

@@ -286,15 +286,19 @@ class RelayClient:
 
     # --- owner commands ---------------------------------------------------------------------
 
-    async def create(self, key: SigningKey, box_pub: bytes, public: bool = False) -> Created:
-        """CREATE, paid with a proof of work bound to the two keys (§4, §6)."""
+    async def create(self, key: SigningKey, box_pub: bytes, public: bool = False,
+                     delete_pub: bytes | None = None) -> Created:
+        """CREATE, paid with a proof of work bound to the keys (§4, §6); `delete_pub`: the
+        mailbox's delete-only key (§4.1), if it gets one."""
         assert self.hello is not None
-        sig_pub, flags = bytes(key.verify_key), 1 if public else 0
+        sig_pub = bytes(key.verify_key)
+        flags = (wire.CREATE_PUBLIC if public else 0) | (
+            wire.CREATE_DELETE_KEY if delete_pub is not None else 0)
         nonce = await asyncio.to_thread(self._pow, self.hello.pow_create_bits, wire.POW_CREATE,
                                         pow_.ZERO_TARGET,
-                                        wire.create_pow_hash(sig_pub, box_pub, flags))
+                                        wire.create_pow_hash(sig_pub, box_pub, flags, delete_pub))
         rid = self.next_rid()
-        unsigned = sig_pub + box_pub + bytes([flags]) + nonce
+        unsigned = sig_pub + box_pub + bytes([flags]) + (delete_pub or b"") + nonce
         sig = key.sign(wire.auth_message(self.challenge,
                                          wire.encode(wire.CREATE, rid, unsigned))).signature
         f = await self.request(wire.CREATE, unsigned + sig, rid=rid)

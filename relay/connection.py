@@ -501,18 +501,28 @@ class Connection:
         self._lookups.take(now)
         return await relay.mailbox(okey=okey, dkey=dkey)
 
-    async def owner(self, frame: wire.Frame, min_args: int,
-                    max_args: int) -> tuple[MailboxState, bytes, bytes]:
-        """Authorise an owner command; a missing mailbox and a bad signature look the same."""
+    async def owner(self, frame: wire.Frame, min_args: int, max_args: int,
+                    delete: bool = False) -> tuple[MailboxState, bytes, bytes]:
+        """Authorise an owner command; a missing mailbox and a bad signature look the same.
+        `delete`: a DELETE, which the mailbox's delete key signs as well as its owner key."""
         owner_id, args, sig = wire.split_signed(frame.body, min_args, max_args)
         mb = await self.mailbox(okey=owner_key(owner_id))
         signed = wire.auth_message(self.challenge,
                                    wire.encode(frame.type, frame.rid, frame.body[:-wire.SIG_LEN]))
-        verify = mb.verify if mb is not None and not mb.deleted else _DUMMY_VERIFY
-        try:
-            verify.verify(signed, sig)
-        except (BadSignatureError, ValueError, CryptoError):
-            raise Denied() from None
+        live = mb is not None and not mb.deleted
+        keys = [mb.verify if mb is not None and live else _DUMMY_VERIFY]
+        if delete:  # always two checks: the time does not say whether there is a delete key
+            keys.append(mb.del_verify if mb is not None and live and mb.del_verify is not None
+                        else _DUMMY_VERIFY)
+        good = False
+        for key in keys:
+            try:
+                key.verify(signed, sig)
+                good = True
+            except (BadSignatureError, ValueError, CryptoError):
+                pass
+        if not good:
+            raise Denied()
         if mb is None or mb.deleted:
             raise Denied()
         if mb.used < self.relay.use_period():

@@ -36,9 +36,9 @@ Handler = Callable[["Connection", wire.Frame], Awaitable[None]]
 
 
 async def h_create(c: Connection, f: wire.Frame) -> None:
-    sig_pub, box_pub, flags, nonce, sig = wire.parse_create(f.body)
+    sig_pub, box_pub, flags, del_pub, nonce, sig = wire.parse_create(f.body)
     c._check_pow(c.cfg.pow_create_bits, wire.POW_CREATE, pow_.ZERO_TARGET,
-                 wire.create_pow_hash(sig_pub, box_pub, flags), nonce)
+                 wire.create_pow_hash(sig_pub, box_pub, flags, del_pub), nonce)
     try:
         VerifyKey(sig_pub).verify(
             wire.auth_message(c.challenge, wire.encode(f.type, f.rid, f.body[:-wire.SIG_LEN])),
@@ -56,8 +56,9 @@ async def h_create(c: Connection, f: wire.Frame) -> None:
     relay.mailboxes += 1
     owner_id, deposit_id = os.urandom(wire.ID_LEN), os.urandom(wire.ID_LEN)
     fut = relay.storage.create_mailbox(owner_key(owner_id), deposit_key(deposit_id), sig_pub,
-                                       bytes(secret), box_pub, bool(flags & 1),
-                                       relay.use_period())
+                                       bytes(secret), box_pub,
+                                       bool(flags & wire.CREATE_PUBLIC), relay.use_period(),
+                                       del_pub)
     fut.add_done_callback(functools.partial(_created, relay))
     await asyncio.shield(fut)  # the connection may end meanwhile: the count follows the write
     c.send(wire.encode(wire.CREATED, f.rid, owner_id + deposit_id + bytes(secret.public_key)))
@@ -155,7 +156,8 @@ async def h_ack(c: Connection, f: wire.Frame) -> None:
 
 
 async def h_delete(c: Connection, f: wire.Frame) -> None:
-    mb, _, _ = await c.owner(f, 0, 0)
+    # The one command the mailbox's delete key (if it has one) authorises too (§4.1).
+    mb, _, _ = await c.owner(f, 0, 0, delete=True)
     relay = c.relay
     mb.deleted = True
     if mb.sub is not None:

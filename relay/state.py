@@ -90,8 +90,8 @@ RANDOM = RandomPool()
 class MailboxState:
     """The in-memory view of one mailbox (rebuilt from storage when needed)."""
 
-    __slots__ = ("_box_keys", "_key", "bundle_bucket", "deleted", "deposit_bucket", "dkey",
-                 "id", "okey", "public", "queued", "sub", "tokens", "used", "verify",
+    __slots__ = ("_box_keys", "_key", "bundle_bucket", "del_verify", "deleted", "deposit_bucket",
+                 "dkey", "id", "okey", "public", "queued", "sub", "tokens", "used", "verify",
                  "writing")
 
     def __init__(self, row: MailboxRow, cfg: Config, now: float, nodes: int = 1) -> None:
@@ -99,6 +99,8 @@ class MailboxState:
         self.okey = row.owner_key
         self.dkey = row.deposit_key
         self.verify = VerifyKey(row.sig_pub)
+        # A key that signs DELETE and nothing else (relay-protocol.md §4.1), if it has one.
+        self.del_verify = VerifyKey(row.del_pub) if row.del_pub is not None else None
         # The NaCl box's Curve25519 shared key, computed at the first seal: a SUBSCRIBE of an
         # empty mailbox seals nothing, and the key (about 80 µs) was a tenth of a connection's
         # set-up under a connection flood (bench/attack.py 3t).

@@ -33,7 +33,7 @@ from typing import Any, Protocol, TypeVar
 
 from relay.checkpointer import Checkpointer
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 log = logging.getLogger("aegis.relay")
 T = TypeVar("T")
 
@@ -92,6 +92,7 @@ class MailboxRow:
     tokens: tuple[bytes, ...]
     queued: int
     used: int = 0  # the owner's last use, rounded down to mailbox_use_granularity
+    del_pub: bytes | None = None  # the delete-only key (relay-protocol.md §4.1), if any
 
 
 class Storage(Protocol):
@@ -111,8 +112,8 @@ class Storage(Protocol):
     async def mailbox_count(self) -> int: ...
     # These return the operation's future: the relay counts on its outcome (_submit).
     def create_mailbox(self, okey: bytes, dkey: bytes, sig_pub: bytes, box_secret: bytes,
-                       owner_box_pub: bytes, public: bool,
-                       used: int = 0) -> asyncio.Future[int]: ...
+                       owner_box_pub: bytes, public: bool, used: int = 0,
+                       del_pub: bytes | None = None) -> asyncio.Future[int]: ...
     async def load_mailbox(self, *, okey: bytes | None = None,
                            dkey: bytes | None = None) -> MailboxRow | None: ...
     def delete_mailbox(self, mailbox: int) -> asyncio.Future[int]: ...
@@ -205,6 +206,23 @@ def schema_3(used: int) -> str:
 
 
 _USED_INDEX = "CREATE INDEX IF NOT EXISTS mailboxes_used ON mailboxes(used)"
+
+# Schema 4 adds each mailbox's delete-only key (NULL: none, as every mailbox of schema 3 and
+# every one an older client creates). A nullable column without a default: no row rewritten.
+SCHEMA_4 = "ALTER TABLE mailboxes ADD COLUMN del_pub BLOB"
+
+
+def upgrade_from_3(db: sqlite3.Connection) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(_USED_INDEX)  # a schema 3 made before the index was part of it
+        db.execute(SCHEMA_4)
+        db.execute("PRAGMA user_version=4")
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            db.execute("ROLLBACK")
+        raise
 
 
 def upgrade_from_2(db: sqlite3.Connection, used: int) -> None:
@@ -470,16 +488,16 @@ class SQLiteStorage:
         used = int(self._clock()) // self._use_granularity * self._use_granularity
         if version == 0:
             db.executescript(
-                f"BEGIN IMMEDIATE;\n{_SCHEMA}\n{schema_3(0)}\n"
+                f"BEGIN IMMEDIATE;\n{_SCHEMA}\n{schema_3(0)}\n{SCHEMA_4};\n"
                 f"PRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;")
-        elif version in (1, 2):
+        elif version in (1, 2, 3):
             if version == 1:
                 upgrade_from_1(db)
-            upgrade_from_2(db, used)
+            if version < 3:
+                upgrade_from_2(db, used)
+            upgrade_from_3(db)
         elif version != SCHEMA_VERSION:
             raise StorageError("unsupported relay database schema version")
-        else:  # a schema 3 made before the index was part of it
-            db.execute(_USED_INDEX)
         if self._max_db_bytes > 0:
             # Reaching it is a full disk (SQLITE_FULL): an operator's cap, and how the tests
             # fill the "disk" without a small file system.
@@ -798,14 +816,16 @@ class SQLiteStorage:
             db.execute("SELECT count(*) FROM mailboxes").fetchone()[0]))
 
     def create_mailbox(self, okey: bytes, dkey: bytes, sig_pub: bytes, box_secret: bytes,
-                       owner_box_pub: bytes, public: bool,
-                       used: int = 0) -> asyncio.Future[int]:
+                       owner_box_pub: bytes, public: bool, used: int = 0,
+                       del_pub: bytes | None = None) -> asyncio.Future[int]:
         def op(db: sqlite3.Connection) -> int:
             key = new_key(db, "mailboxes")
             db.execute(
                 "INSERT INTO mailboxes (id, owner_key, deposit_key, sig_pub, box_secret,"
-                " owner_box_pub, public, tokens, used) VALUES (?, ?, ?, ?, ?, ?, ?, x'', ?)",
-                (key, okey, dkey, sig_pub, box_secret, owner_box_pub, int(public), used))
+                " owner_box_pub, public, tokens, used, del_pub)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, x'', ?, ?)",
+                (key, okey, dkey, sig_pub, box_secret, owner_box_pub, int(public), used,
+                 del_pub))
             return key
         return self._submit(op, grows=True)
 
@@ -813,7 +833,7 @@ class SQLiteStorage:
                            dkey: bytes | None = None) -> MailboxRow | None:
         def op(db: sqlite3.Connection) -> MailboxRow | None:
             cols = ("SELECT id, owner_key, deposit_key, sig_pub, box_secret, owner_box_pub,"
-                    " public, tokens, used FROM mailboxes WHERE ")
+                    " public, tokens, used, del_pub FROM mailboxes WHERE ")
             if okey is not None:
                 row = db.execute(cols + "owner_key = ?", (okey,)).fetchone()
             else:
@@ -824,7 +844,8 @@ class SQLiteStorage:
                                 (row[0],)).fetchone()[0]
             tokens = tuple(row[7][i:i + 32] for i in range(0, len(row[7]), 32))
             return MailboxRow(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]),
-                              tokens, int(queued), int(row[8]))
+                              tokens, int(queued), int(row[8]),
+                              None if row[9] is None else bytes(row[9]))
         return await self._run(op)
 
     def delete_mailbox(self, mailbox: int) -> asyncio.Future[int]:

@@ -93,6 +93,9 @@ CREATE TABLE IF NOT EXISTS mailboxes (
     used bigint NOT NULL
 );
 CREATE INDEX IF NOT EXISTS mailboxes_used ON mailboxes(used);
+-- The delete-only key (NULL: none). Added in place, in schema 2: a node that predates it
+-- neither reads nor writes the column, and its mailboxes simply have none.
+ALTER TABLE mailboxes ADD COLUMN IF NOT EXISTS del_pub bytea;
 CREATE TABLE IF NOT EXISTS messages (
     id bigint PRIMARY KEY,
     mailbox bigint NOT NULL,
@@ -175,7 +178,8 @@ _AWAY = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
 
 
 _LOAD = ("SELECT id, owner_key, deposit_key, sig_pub, box_secret, owner_box_pub, public, tokens,"
-         " used, (SELECT count(*) FROM messages WHERE mailbox = mailboxes.id) FROM mailboxes")
+         " used, (SELECT count(*) FROM messages WHERE mailbox = mailboxes.id), del_pub"
+         " FROM mailboxes")
 _LOAD_BY_OWNER = _LOAD + " WHERE owner_key = $1"
 _LOAD_BY_DEPOSIT = _LOAD + " WHERE deposit_key = $1"
 
@@ -514,8 +518,8 @@ class PostgresStorage:
         return await self._run(lambda con: con.fetchval("SELECT count(*) FROM mailboxes"))
 
     def create_mailbox(self, okey: bytes, dkey: bytes, sig_pub: bytes, box_secret: bytes,
-                       owner_box_pub: bytes, public: bool,
-                       used: int = 0) -> asyncio.Future[int]:
+                       owner_box_pub: bytes, public: bool, used: int = 0,
+                       del_pub: bytes | None = None) -> asyncio.Future[int]:
         async def op(con: asyncpg.Connection) -> int:
             if self._max_mailboxes > 0:
                 await con.execute("SELECT pg_advisory_xact_lock($1)", _CREATE_LOCK)
@@ -525,10 +529,10 @@ class PostgresStorage:
                 key = _random_key()
                 done = await con.fetchval(
                     "INSERT INTO mailboxes (id, owner_key, deposit_key, sig_pub, box_secret,"
-                    " owner_box_pub, public, tokens, used)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, '', $8)"
+                    " owner_box_pub, public, tokens, used, del_pub)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, '', $8, $9)"
                     " ON CONFLICT (id) DO NOTHING RETURNING id",
-                    key, okey, dkey, sig_pub, box_secret, owner_box_pub, public, used)
+                    key, okey, dkey, sig_pub, box_secret, owner_box_pub, public, used, del_pub)
                 if done is not None:
                     return key
         return self._submit(op, grows=True)
@@ -545,7 +549,7 @@ class PostgresStorage:
             tokens = tuple(tok[i:i + 32] for i in range(0, len(tok), 32))
             return MailboxRow(row[0], bytes(row[1]), bytes(row[2]), bytes(row[3]),
                               bytes(row[4]), bytes(row[5]), bool(row[6]), tokens, int(row[9]),
-                              int(row[8]))
+                              int(row[8]), None if row[10] is None else bytes(row[10]))
         return await self._run(op, tx=False)
 
     def delete_mailbox(self, mailbox: int) -> asyncio.Future[int]:

@@ -232,19 +232,33 @@ def split_signed(body: bytes, min_args: int, max_args: int) -> tuple[bytes, byte
     return body[:ID_LEN], body[ID_LEN:-SIG_LEN], body[-SIG_LEN:]
 
 
-def parse_create(body: bytes) -> tuple[bytes, bytes, int, bytes, bytes]:
-    """sig_pub(32) | box_pub(32) | flags(1) | nonce(16) | sig(64)."""
-    if len(body) != KEY_LEN * 2 + 1 + NONCE_LEN + SIG_LEN:
+#: CREATE's flags: bit 0 public, bit 1 a delete key follows them (docs/relay-protocol.md §4).
+CREATE_PUBLIC = 0x01
+CREATE_DELETE_KEY = 0x02
+
+
+def parse_create(body: bytes) -> tuple[bytes, bytes, int, bytes | None, bytes, bytes]:
+    """sig_pub(32) | box_pub(32) | flags(1) | [del_pub(32) if flags bit 1] | nonce(16) | sig(64).
+
+    A client that predates delete keys sends flags bit 1 clear and the shorter body."""
+    if len(body) < 65:
         raise FrameError(E_BAD_FRAME)
     flags = body[64]
-    if flags & ~0x01:
+    if flags & ~(CREATE_PUBLIC | CREATE_DELETE_KEY):
         raise FrameError(E_BAD_FRAME)
-    return body[:32], body[32:64], flags, body[65:65 + NONCE_LEN], body[65 + NONCE_LEN:]
+    extra = KEY_LEN if flags & CREATE_DELETE_KEY else 0
+    if len(body) != KEY_LEN * 2 + 1 + extra + NONCE_LEN + SIG_LEN:
+        raise FrameError(E_BAD_FRAME)
+    del_pub = body[65:65 + extra] if extra else None
+    rest = body[65 + extra:]
+    return body[:32], body[32:64], flags, del_pub, rest[:NONCE_LEN], rest[NONCE_LEN:]
 
 
-def create_pow_hash(sig_pub: bytes, box_pub: bytes, flags: int) -> bytes:
-    """The payload hash a CREATE's proof of work is bound to: the mailbox it pays for."""
-    return hashlib.sha256(sig_pub + box_pub + bytes([flags])).digest()
+def create_pow_hash(sig_pub: bytes, box_pub: bytes, flags: int,
+                    del_pub: bytes | None = None) -> bytes:
+    """The payload hash a CREATE's proof of work is bound to: the mailbox it pays for (with its
+    delete key, when it has one)."""
+    return hashlib.sha256(sig_pub + box_pub + bytes([flags]) + (del_pub or b"")).digest()
 
 
 def blob_pow_bits(base_bits: int, blocks: int) -> int:

@@ -63,6 +63,7 @@ VERSIONS_PER_SECOND = 1000  # a list version is at least the signer's clock in m
 MAX_LIST_SKEW = 86_400  # seconds a list's version may run ahead of the holder's clock
 FINAL_GRACE = 60  # seconds after expiry N still takes E's final block (sent before expiry)
 MAX_REFUSALS = 16  # "used" answers E sends per link; later requests are dropped unanswered
+MAX_INSTALLED_EXTRA = 8192  # bytes N's "installed" may carry (its mailboxes' delete keys)
 PAYLOAD_DEVICE_HELLO = wire.PAYLOAD_DEVICE_HELLO
 PAYLOAD_DEVICE_LIST_ACK = wire.PAYLOAD_DEVICE_LIST_ACK
 PAYLOAD_DEVICE_LIST_REQUEST = wire.PAYLOAD_DEVICE_LIST_REQUEST
@@ -754,6 +755,9 @@ class LinkOffer:
         self._pending: tuple[DeviceList, DeviceEntry, DeviceList] | None = None
         self.installed = False
         self.finished = False
+        # What N's "installed" carried besides its step: the daemon's opaque bytes (the delete
+        # keys of N's mailboxes, docs/devices.md §4.2); empty from an N that sends none.
+        self.installed_extra = b""
 
     @classmethod
     def create(
@@ -945,7 +949,12 @@ class LinkOffer:
         if self._pending is None or self._keys is None or self.installed:
             raise LinkUsed("no installed block is expected now")
         content = _open_session(self._keys.n2e, block, STEP_INSTALLED)
-        _unpad(content, 1)
+        # 0x08 || u16 len || extra (len): an N that sends no extra has zeros there (len 0).
+        (size,) = struct.unpack_from(">H", content, 1)
+        if size > MAX_INSTALLED_EXTRA:
+            raise DecryptionError()
+        _unpad(content, 3 + size)
+        extra = content[3:3 + size]
         base, entry, signed = self._pending
         listed = signed
         if current != base:
@@ -959,7 +968,13 @@ class LinkOffer:
             devices = [*current.devices, entry]
             listed = DeviceList.sign(identity, next_version(newest, now), devices)
         self.installed = True
+        self.installed_extra = extra
         return listed, _seal_session(entropy, self._keys.e2n, bytes([STEP_LISTED]))
+
+    @property
+    def joined(self) -> DeviceEntry | None:
+        """N's entry, once its DONE was accepted (the device the link adds)."""
+        return None if self._pending is None else self._pending[1]
 
     def __repr__(self) -> str:
         return "LinkOffer(<private>)"
@@ -1129,13 +1144,18 @@ class LinkJoin:
         self._accepted = True
         return identity, new
 
-    def installed_block(self, entropy: Entropy) -> bytes:
+    def installed_block(self, entropy: Entropy, extra: bytes = b"") -> bytes:
         """After an accepted final, once the profile is committed: the block that tells E to
-        list this device. Not bound to a time: E takes it until expiry plus FINAL_GRACE."""
+        list this device, with `extra` (the daemon's bytes: its mailboxes' delete keys, at
+        most MAX_INSTALLED_EXTRA). Not bound to a time: E takes it until expiry plus
+        FINAL_GRACE."""
+        if len(extra) > MAX_INSTALLED_EXTRA:
+            raise ValueError("too much to say in one installed block")
         if not self._accepted or self._keys is None or self._installed_sent:
             raise LinkUsed("no installed block is due now")
         self._installed_sent = True
-        return _seal_session(entropy, self._keys.n2e, bytes([STEP_INSTALLED]))
+        content = Writer().u8(STEP_INSTALLED).u16(len(extra)).raw(extra).bytes()
+        return _seal_session(entropy, self._keys.n2e, content)
 
     def receive_listed(self, block: bytes, now: int) -> None:
         """E's "listed" block: E stored the list with this device (taken until the expiry

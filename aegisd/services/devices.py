@@ -48,7 +48,17 @@ from relay.client import RelayClient, RelayError
 from .backup import RESTORABLE, SETTING_TIMERS
 from .contacts import SETTING_NAME
 from .inbox import clean_name
-from .mailbox import ContactState, OwnedMailbox, box_public, new_keys
+from .mailbox import (
+    ContactState,
+    DeleteCap,
+    OwnedMailbox,
+    box_public,
+    caps_from_bytes,
+    caps_to_bytes,
+    delete_public,
+    new_delete_seed,
+    new_keys,
+)
 from .messenger import Messenger
 
 log = logging.getLogger("aegisd.devices")
@@ -75,6 +85,11 @@ MAX_LINK_MAILBOXES = 16  # a bound on the list: one link at a time makes at most
 #: How many devices may be linked to the first one (settings.set max_linked_devices, 1 to 5);
 #: the protocol's bound is MAX_DEVICES in all.
 SETTING_MAX_LINKED = "devices.max_linked"
+#: The delete capabilities this device holds for its other devices' mailboxes (docs/devices.md
+#: §6, §7): {device ID hex: [DeleteCap.to_json(), ...]}; `devices.remove` uses and drops them.
+#: A link's profile carries E's own under the same name, as a setting N never installs as one.
+SETTING_DELETE_KEYS = "devices.delete_keys"
+MAX_CAPS_PER_DEVICE = 16  # capabilities taken from one device (hostile input: bounded)
 POLL = 0.25  # seconds between two FETCHes of a link's mailbox
 TTL_MIN = 10
 #: Settings the new device does not take: the network is the machine's own choice.
@@ -83,6 +98,41 @@ NOT_INSTALLED = "the new device did not say it installed the profile: it is not 
 UNCONFIRMED = ("the device in use did not confirm that it lists this device: see aegis device "
                "list there (if this device is missing, remove this profile and link again)")
 INSTALLED_WAIT = 15  # seconds N's "installed" deposit may take, past every cancel
+
+
+def _joined_caps(offer: dv.LinkOffer) -> tuple[bytes, list[DeleteCap]]:
+    """The device N's "installed" just listed, and the delete capabilities it carried (none
+    if malformed: N is listed all the same, only its mailboxes cannot be deleted from here)."""
+    entry = offer.joined
+    assert entry is not None  # receive_installed succeeded
+    try:
+        return entry.device_id, caps_from_bytes(offer.installed_extra, MAX_CAPS_PER_DEVICE)
+    except ValueError:
+        return entry.device_id, []
+
+
+def _profile_caps(
+    contents: fmt.BackupContents, listed: dv.DeviceList, me: bytes
+) -> list[tuple[bytes, list[DeleteCap]]]:
+    """E's delete capabilities from the profile: only for devices of the list, never this
+    one; a malformed value is ignored (the link goes on: they only serve a later removal)."""
+    out = []
+    for name, value in contents.settings:
+        if name != SETTING_DELETE_KEYS:
+            continue
+        try:
+            doc = json.loads(value)
+            if not isinstance(doc, dict):
+                continue
+            for key, items in list(doc.items())[:dv.MAX_DEVICES]:
+                device_id = bytes.fromhex(key)
+                if device_id == me or listed.entry(device_id) is None:
+                    continue
+                out.append((device_id, caps_from_bytes(json.dumps(items).encode(),
+                                                       MAX_CAPS_PER_DEVICE)))  # fmt: skip
+        except (ValueError, TypeError):
+            continue
+    return out
 
 
 def _now() -> int:
@@ -209,13 +259,73 @@ class Devices:
                 )
             kept = [d for d in current.devices if d.device_id != raw]
             new = dv.DeviceList.sign(self.m.identity(), dv.next_version(current, _now()), kept)
-            self._store_list(new)
-            # The contacts learn of it and drop their sessions with it (docs/devices.md §5.3).
-            told = self.m.fanout.send_list(new, self.self_id(), self.device_private())
-        # Its mailboxes' owner keys live on that device only (their sync is not built): the
-        # relay keeps them until they expire unused (docs/devices.md §7, what works today).
-        return {"version": new.version, "devices": len(new.devices), "mailboxes_deleted": False,
-                "contacts_told": told}  # fmt: skip
+            # Its mailboxes this device holds delete keys for go into the queue of mailboxes
+            # to delete (kept across restarts) in the list's own transaction; deleted at once
+            # below, or on the next connection if the relay is away (docs/devices.md §7).
+            with self.m.store.transaction():
+                self._store_list(new)
+                caps = self._take_caps(raw)
+                queued = [store_devices.retire_mailbox(self.m.store, c.as_mailbox().to_bytes())
+                          for c in caps]  # fmt: skip
+                # The contacts learn of it and drop their sessions with it (docs/devices.md §5.3).
+                told = self.m.fanout.send_list(new, self.self_id(), self.device_private())
+        deleted = await self._delete_now(queued)
+        return {"version": new.version, "devices": len(new.devices),
+                "mailboxes_deleted": deleted,
+                "mailboxes_queued": len(queued) - deleted, "contacts_told": told}  # fmt: skip
+
+    async def _delete_now(self, queued: list[tuple[int, bytes]]) -> int:
+        """Delete queued mailboxes at their relay now, in order; the first relay away leaves
+        the rest queued (renewal.py retire_due takes them on the next connection)."""
+        done = 0
+        for row_id, descriptor in queued:
+            try:
+                await self.m.renewals._delete_old(OwnedMailbox.from_bytes(descriptor))
+            except AppError:
+                break
+            with contextlib.suppress(Exception):  # locked meanwhile: retire_due deletes again
+                store_devices.unretire_mailbox(self.m.store, row_id)
+            done += 1
+        return done
+
+    # --- delete keys (docs/devices.md §6) -------------------------------------------------
+
+    def _caps(self) -> dict[str, list[Any]]:
+        value = self.m.store.get_setting(SETTING_DELETE_KEYS)
+        return dict(value) if isinstance(value, dict) else {}
+
+    def _take_caps(self, device_id: bytes) -> list[DeleteCap]:
+        """The delete capabilities held for a device, dropped from the store (in the caller's
+        transaction)."""
+        held = self._caps()
+        mine = held.pop(device_id.hex(), [])
+        self.m.store.set_setting(SETTING_DELETE_KEYS, held or None)
+        out = []
+        for item in mine:
+            with contextlib.suppress(ValueError):
+                out.append(DeleteCap.from_json(item))
+        return out
+
+    def _keep_caps(self, device_id: bytes, caps: list[DeleteCap]) -> None:
+        """Store the delete capabilities a device gave for its mailboxes (replacing the ones
+        it gave before)."""
+        if not caps:
+            return
+        held = self._caps()
+        held[device_id.hex()] = [c.to_json() for c in caps[:MAX_CAPS_PER_DEVICE]]
+        self.m.store.set_setting(SETTING_DELETE_KEYS, held)
+
+    def _own_caps(self, current: dv.DeviceList) -> list[DeleteCap]:
+        """This device's delete capability for its device mailbox (the one the list names),
+        if that mailbox has a delete key (one made before delete keys has none)."""
+        entry = current.entry(self.self_id())
+        if entry is None:
+            return []
+        for _, mb in self.m.mailboxes.owned.values():
+            if mb.deposit_id == entry.mailbox.deposit_id:
+                cap = mb.delete_cap()
+                return [] if cap is None else [cap]
+        return []
 
     # --- common ---------------------------------------------------------------------------
 
@@ -251,12 +361,16 @@ class Devices:
     async def _make_mailbox(self, client: RelayClient, url: str) -> OwnedMailbox:
         """A private mailbox of the link's own (with its proof of work), never stored."""
         sign_seed, box_secret = new_keys()
+        # A delete key nobody is given: so the relay cannot tell a link's mailboxes from the
+        # profile's other mailboxes by its absence.
+        delete_seed = new_delete_seed()
         token = self.m.entropy.random(32)
         key = OwnedMailbox(url, sign_seed, b"", b"", b"", b"", b"").signing_key
         try:
-            made = await client.create(key, box_public(box_secret))
+            made = await client.create(key, box_public(box_secret),
+                                       delete_pub=delete_public(delete_seed))  # fmt: skip
             mb = OwnedMailbox(url, sign_seed, box_secret, made.owner_id, made.deposit_id,
-                              made.relay_box_pub, token)  # fmt: skip
+                              made.relay_box_pub, token, delete_seed)  # fmt: skip
             self._remember_link_mailbox(mb.to_bytes())
             await client.token_add(mb.owner_id, mb.signing_key, token)
         except RelayError:
@@ -569,7 +683,9 @@ class Devices:
                         )  # fmt: skip
                     except (DecryptionError, dv.LinkUsed):
                         continue
-                    self._store_list(listed)
+                    with self.m.store.transaction():
+                        self._store_list(listed)
+                        self._keep_caps(*_joined_caps(offer))
                     # The contacts open sessions with N (docs/devices.md §5.3).
                     self.m.fanout.send_list(listed, self.self_id(), self.device_private())
                 # N says "not confirmed" if this never reaches it; E lists N either way.
@@ -615,6 +731,10 @@ class Devices:
             value = store.get_setting(name)
             if value is not None and name not in NOT_CARRIED:
                 settings.append((name, json.dumps(value)))
+        caps = self._own_caps(current)
+        if caps:  # E's device mailbox's delete key, for N (never installed as a setting)
+            settings.append((SETTING_DELETE_KEYS, json.dumps(
+                {self.self_id().hex(): [c.to_json() for c in caps]})))
         hidden = set(G.group_contact_ids(store))
         contacts = []
         for c in store.list_contacts():
@@ -713,7 +833,7 @@ class Devices:
                 self._set(link, "failed", "internal error (see the daemon's log)")
                 return
             # Only now may E list this device: "installed", then wait for "listed".
-            listed = await _through(self._say_installed(join, client))
+            listed = await _through(self._say_installed(join, client, made))
         finally:
             link.installed.set()
         # Installed: the daemon reconnects under the identity now, not after E's answer (in a
@@ -795,11 +915,15 @@ class Devices:
         _, new = final
         return join.profile, new, made
 
-    async def _say_installed(self, join: dv.LinkJoin, client: RelayClient) -> bool:
+    async def _say_installed(
+        self, join: dv.LinkJoin, client: RelayClient, made: OwnedMailbox
+    ) -> bool:
         """N's "installed" into the link mailbox, bounded; False when it could not go (E
-        ended the link: its mailbox is gone, so E lists nothing)."""
+        ended the link: its mailbox is gone, so E lists nothing). It carries the delete key of
+        this device's device mailbox, so E can delete it if it removes this device."""
         target = join.link.mailbox
-        block = join.installed_block(self.m.entropy)
+        cap = made.delete_cap()
+        block = join.installed_block(self.m.entropy, caps_to_bytes([cap] if cap else []))
         try:
             await asyncio.wait_for(
                 client.deposit(target.deposit_id, block, target.send_token), INSTALLED_WAIT
@@ -859,6 +983,8 @@ class Devices:
                         store, cid, bc.verified, bc.blocked, bc.created_at
                     )
                 self._store_list(new)
+                for device_id, caps in _profile_caps(contents, new, self.self_id()):
+                    self._keep_caps(device_id, caps)
                 # Until E says it listed this device (docs/devices.md §4.3): devices.list says so.
                 store.set_setting(SETTING_UNCONFIRMED, True)
                 self._forget_link_mailbox(made.to_bytes())  # this profile's address now

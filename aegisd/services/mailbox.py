@@ -26,10 +26,21 @@ class OwnedMailbox:
     deposit_id: bytes
     relay_box_pub: bytes
     token: bytes  # the send-capability token handed to the contact; empty: proof-of-work
+    # The mailbox's delete-only Ed25519 key (relay-protocol.md §4.1), handed to this profile's
+    # other devices; empty for a mailbox made before delete keys (then only this device can
+    # delete it).
+    delete_seed: bytes = b""
 
     @property
     def signing_key(self) -> SigningKey:
         return SigningKey(self.sign_seed)
+
+    def delete_cap(self) -> DeleteCap | None:
+        """What another device needs to delete this mailbox (and nothing else); None if it
+        has no delete key."""
+        if not self.delete_seed:
+            return None
+        return DeleteCap(self.relay_url, self.owner_id, self.delete_seed)
 
     def open(self, sealed: bytes) -> bytes:
         """Undo the relay's re-encryption of a delivered block."""
@@ -50,6 +61,7 @@ class OwnedMailbox:
                 "deposit_id": self.deposit_id.hex(),
                 "relay_box_pub": self.relay_box_pub.hex(),
                 "token": self.token.hex(),
+                **({"delete_seed": self.delete_seed.hex()} if self.delete_seed else {}),
             }
         ).encode()
 
@@ -64,10 +76,67 @@ class OwnedMailbox:
             bytes.fromhex(d["deposit_id"]),
             bytes.fromhex(d["relay_box_pub"]),
             bytes.fromhex(d["token"]),
+            bytes.fromhex(d.get("delete_seed", "")),
         )
 
     def __repr__(self) -> str:
         return "OwnedMailbox(<hidden>)"
+
+
+MAX_CAP_URL = 512  # a relay URL in a delete capability (hostile input: bounded)
+
+
+@dataclass(frozen=True)
+class DeleteCap:
+    """The capability to delete one mailbox of another device of this profile at its relay:
+    its owner ID and its delete key (docs/devices.md §6, §7). It reads nothing."""
+
+    relay_url: str
+    owner_id: bytes
+    delete_seed: bytes
+
+    def to_json(self) -> dict[str, str]:
+        return {"relay_url": self.relay_url, "owner_id": self.owner_id.hex(),
+                "delete_key": self.delete_seed.hex()}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, d: Any) -> DeleteCap:
+        """Strict: a device's bytes are checked as any peer's (ValueError if malformed)."""
+        if not isinstance(d, dict) or set(d) != {"relay_url", "owner_id", "delete_key"}:
+            raise ValueError("not a delete capability")
+        url, owner_id, key = d["relay_url"], d["owner_id"], d["delete_key"]
+        if not all(isinstance(x, str) for x in (url, owner_id, key)) or not (
+            0 < len(url) <= MAX_CAP_URL
+        ):
+            raise ValueError("not a delete capability")
+        out = cls(url, bytes.fromhex(owner_id), bytes.fromhex(key))
+        if len(out.owner_id) != 16 or len(out.delete_seed) != 32:
+            raise ValueError("not a delete capability")
+        return out
+
+    def as_mailbox(self) -> OwnedMailbox:
+        """A descriptor whose signing key is the delete key: what the retired-mailbox queue
+        deletes with (renewal.py retire_due), so a deletion the relay did not take yet waits
+        there, across restarts."""
+        return OwnedMailbox(self.relay_url, self.delete_seed, b"", self.owner_id, b"", b"", b"")
+
+    def __repr__(self) -> str:
+        return "DeleteCap(<hidden>)"
+
+
+def caps_to_bytes(caps: list[DeleteCap]) -> bytes:
+    return json.dumps([c.to_json() for c in caps]).encode()
+
+
+def caps_from_bytes(data: bytes, limit: int = 16) -> list[DeleteCap]:
+    """At most `limit` capabilities; ValueError if malformed or more."""
+    try:
+        items = json.loads(data) if data else []
+    except ValueError:
+        raise ValueError("not a list of delete capabilities") from None
+    if not isinstance(items, list) or len(items) > limit:
+        raise ValueError("not a list of delete capabilities")
+    return [DeleteCap.from_json(x) for x in items]
 
 
 def address_to_bytes(a: wire.MailboxAddress) -> bytes:
@@ -113,6 +182,15 @@ class ContactState:
             bool(d.get("established")),
             d.get("failed") or None,
         )
+
+
+def new_delete_seed() -> bytes:
+    """A fresh delete-only key for a mailbox (its seed)."""
+    return bytes(SigningKey.generate())
+
+
+def delete_public(delete_seed: bytes) -> bytes:
+    return bytes(SigningKey(delete_seed).verify_key)
 
 
 def new_keys() -> tuple[bytes, bytes]:

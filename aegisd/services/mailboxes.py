@@ -51,7 +51,7 @@ from relay.client import RelayClient, RelayError
 from relay.wire import E_FULL, E_LIMIT, E_RATE_LIMITED
 
 from .context import ServiceContext
-from .mailbox import OwnedMailbox, box_public, new_keys
+from .mailbox import OwnedMailbox, box_public, delete_public, new_delete_seed, new_keys
 
 log = logging.getLogger("aegisd.messenger")
 
@@ -346,6 +346,9 @@ class Mailboxes:
                 "receives on: revoke unused invitations or remove contacts",
             )  # fmt: skip
         sign_seed, box_secret = new_keys()
+        # Every mailbox gets a delete-only key, so the profile's other devices can delete it
+        # (docs/devices.md §6, §7) without the owner key.
+        delete_seed = new_delete_seed()
         token = b"" if public else self.m.entropy.random(32)
 
         async def make(client: RelayClient) -> OwnedMailbox:
@@ -353,6 +356,7 @@ class Mailboxes:
                 OwnedMailbox(self.relay_url(), sign_seed, b"", b"", b"", b"", b"").signing_key,
                 box_public(box_secret),
                 public=public,
+                delete_pub=delete_public(delete_seed),
             )
             mb = OwnedMailbox(
                 self.relay_url(),
@@ -362,6 +366,7 @@ class Mailboxes:
                 created.deposit_id,
                 created.relay_box_pub,
                 token,
+                delete_seed,
             )
             if token:
                 await client.token_add(mb.owner_id, mb.signing_key, token)

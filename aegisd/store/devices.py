@@ -11,11 +11,17 @@ def has_messages(store: Store) -> bool:
     return store.query("SELECT 1 FROM messages LIMIT 1").fetchone() is not None
 
 
-def retire_mailbox(store: Store, descriptor: bytes) -> None:
-    """A mailbox of ours to delete at its relay (now or on a later connection)."""
-    store.query(
+def retire_mailbox(store: Store, descriptor: bytes) -> tuple[int, bytes]:
+    """A mailbox of ours to delete at its relay (now or on a later connection): its row."""
+    cur = store.query(
         "INSERT INTO retired_mailboxes (contact_id, descriptor) VALUES (NULL, ?)", (descriptor,)
     )
+    return int(cur.lastrowid), descriptor
+
+
+def unretire_mailbox(store: Store, row_id: int) -> None:
+    """A queued mailbox deleted at its relay: out of the queue."""
+    store.query("DELETE FROM retired_mailboxes WHERE id = ?", (row_id,))
 
 
 def set_contact_flags(

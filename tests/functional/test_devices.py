@@ -712,3 +712,111 @@ def test_the_device_in_use_killed_after_its_final_lists_nothing_and_n_says_so(
     assert "never confirmed" in aegis(new.home, "device", "list").stdout
     alice.start()
     assert len(alice.call("devices.list")["devices"]) == 1  # N never listed on E
+
+
+def _device_mailbox(peer: Peer) -> bytes:
+    """The deposit ID of a device's device mailbox (its address, docs/devices.md §4.5)."""
+    link = wire.ContactLink.from_text(peer.call("address.get")["link"])
+    return link.mailbox.deposit_id
+
+
+def _at_relay(relay: RelayProcess, deposit_id: bytes) -> bool:
+    from relay.storage import deposit_key
+
+    with sqlite3.connect(relay.data / "relay.sqlite3", timeout=10) as db:
+        return db.execute("SELECT 1 FROM mailboxes WHERE deposit_key = ?",
+                          (deposit_key(deposit_id),)).fetchone() is not None  # fmt: skip
+
+
+def _raw_deposit_refused(relay: RelayProcess, deposit_id: bytes) -> bool:
+    """A stranger's deposit (paid with a proof of work, as into any public mailbox) is
+    refused as into a mailbox that does not exist."""
+    import asyncio
+
+    from relay.client import RelayClient, RelayError
+    from relay.wire import E_DENIED
+
+    async def go() -> bool:
+        c = await RelayClient.connect(relay.url)
+        try:
+            await c.deposit(deposit_id, os.urandom(wire.BLOCK_SIZE))
+        except RelayError as exc:
+            return exc.code == E_DENIED
+        finally:
+            await c.close()
+        return False
+
+    return asyncio.run(go())
+
+
+def _linked(alice: Peer, new: Peer) -> tuple[str, str]:
+    """A whole link; the device IDs of E and N."""
+    alice.wait_connected()
+    start_link(alice, new)
+    confirm_both(alice, new)
+    wait_state(alice, "done")
+    wait_state(new, "done")
+    devices = alice.call("devices.list")["devices"]
+    mine = [d["id"] for d in devices if d["this_device"]]
+    other = [d["id"] for d in devices if not d["this_device"]]
+    assert len(mine) == len(other) == 1
+    return mine[0], other[0]
+
+
+def test_removing_an_offline_device_deletes_its_mailbox_at_the_relay_at_once(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """A1 links A2, A2 is stopped, A1 removes it: A2's device mailbox is deleted at the relay
+    at once with the delete key A2's "installed" gave (A1 never had its owner key); a deposit
+    there is refused as into no mailbox; A2 restarted receives nothing through it."""
+    alice, new = peers("alice"), peers("alice2")
+    _, new_id = _linked(alice, new)
+    device_mb = _device_mailbox(new)
+    assert _at_relay(relay_proc, device_mb)
+    new.stop()
+    out = alice.call("devices.remove", {"id": new_id})
+    assert (out["mailboxes_deleted"], out["mailboxes_queued"], out["devices"]) == (1, 0, 1)
+    assert not _at_relay(relay_proc, device_mb)
+    assert _raw_deposit_refused(relay_proc, device_mb)
+    # A second removal has nothing left to delete (the capabilities went with the first).
+    assert error_of(alice, "devices.remove", {"id": new_id}).code == 1095
+    new.start()
+    new.wait_connected()
+    assert not _at_relay(relay_proc, device_mb)  # nothing brought it back
+    assert _raw_deposit_refused(relay_proc, device_mb)
+    assert new.call("contacts.list")["contacts"] == []
+    assert len(new.call("devices.list")["devices"]) == 2  # it was told nothing (no fan-out yet)
+
+
+def test_a_removal_while_the_relay_is_away_deletes_at_the_next_connection(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """The relay away: the deletion is queued (in the store), survives a restart of the
+    daemon, and is done on its next connection. The other way round too: N holds E's device
+    mailbox's delete key (from the link's profile) and can delete it."""
+    alice, new = peers("alice"), peers("alice2")
+    alice_id, new_id = _linked(alice, new)
+    new_mb, alice_mb = _device_mailbox(new), _device_mailbox(alice)
+    new.stop()
+    relay_proc.terminate()
+    out = alice.call("devices.remove", {"id": new_id})
+    assert (out["mailboxes_deleted"], out["mailboxes_queued"]) == (0, 1)
+    alice.stop()
+    relay_proc.start()
+    assert _at_relay(relay_proc, new_mb)
+    alice.start()
+    alice.wait_for(lambda: not _at_relay(relay_proc, new_mb), "the queued deletion", 60)
+    assert _raw_deposit_refused(relay_proc, new_mb)
+    # N removes E (a list of its own: the devices do not sync lists yet): E's device mailbox
+    # goes with the delete key E's profile gave N.
+    new.start()
+    new.wait_connected()
+    assert _at_relay(relay_proc, alice_mb)
+    r = subprocess.run(
+        [sys.executable, "-m", "aegis_cli.main", "device", "remove", alice_id,
+         "--home", str(new.home)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "1 of its mailboxes deleted at the relay." in r.stdout
+    assert not _at_relay(relay_proc, alice_mb)

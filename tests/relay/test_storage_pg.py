@@ -248,3 +248,34 @@ def test_deposits_are_announced_in_batches(postgres_server: PostgresServer) -> N
             await b.close()
 
     asyncio.run(main())
+
+
+def test_a_database_without_the_delete_key_column_gets_it(
+        postgres_server: PostgresServer) -> None:
+    """A schema-2 database made before delete keys (no `del_pub`): opening it adds the column
+    in place; its mailboxes have none, new ones keep theirs."""
+    dsn = postgres_server.new_database()
+
+    async def main() -> None:
+        s = PostgresStorage(dsn)
+        await s.open()
+        await s.create_mailbox(okey(1), dkey(1), b"s", b"b", b"o", False)
+        await s.close()
+        con = await asyncpg.connect(dsn)
+        try:
+            await con.execute("ALTER TABLE mailboxes DROP COLUMN del_pub")
+            s = PostgresStorage(dsn)
+            await s.open()
+            try:
+                old = await s.load_mailbox(okey=okey(1))
+                assert old is not None and old.del_pub is None
+                await s.create_mailbox(okey(2), dkey(2), b"s", b"b", b"o", False, 0, b"k" * 32)
+                new = await s.load_mailbox(dkey=dkey(2))
+                assert new is not None and new.del_pub == b"k" * 32
+                assert await con.fetchval("SELECT version FROM relay_schema") == 2
+            finally:
+                await s.close()
+        finally:
+            await con.close()
+
+    asyncio.run(main())

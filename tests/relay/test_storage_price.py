@@ -293,5 +293,5 @@ def test_a_schema_2_database_gets_last_use_columns_counting_as_used_now(tmp_path
     row = run(body())
     assert row is not None and row.id == 7 and row.used == 1_000_000
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone() == (st.SCHEMA_VERSION,) == (3,)
+    assert db.execute("PRAGMA user_version").fetchone() == (st.SCHEMA_VERSION,) == (4,)
     db.close()

@@ -5,6 +5,7 @@ strict parsers that raise only DecodeError on any input."""
 from __future__ import annotations
 
 import contextlib
+import struct
 from collections.abc import Callable
 from dataclasses import replace
 from itertools import permutations
@@ -944,6 +945,37 @@ def test_e_lists_the_new_device_only_once_it_says_it_installed() -> None:
     assert link.join.listed
     with pytest.raises(d.LinkUsed):
         link.join.receive_listed(ack, NOW + 14)
+
+
+def test_installed_carries_the_new_devices_extra_bytes() -> None:
+    """N's "installed" carries the daemon's bytes (its mailboxes' delete keys); an N that
+    sends none (the old block: the step, then zeros) gives E empty bytes; a length past the
+    bound or non-zero padding after the bytes is refused, nothing listed."""
+    link = Link()
+    _finished(link)
+    extra = b'[{"k": 1}]'
+    installed = link.join.installed_block(link.n_rng, extra)
+    link.offer.receive_installed(link.e_rng, IDENTITY, FIRST, installed, NOW + 12)
+    assert link.offer.installed_extra == extra
+    assert link.offer.joined == device(9)
+    old = Link()
+    _finished(old)
+    plain = d._seal_session(old.n_rng, old.join._keys.n2e,  # type: ignore[union-attr]
+                            bytes([d.STEP_INSTALLED]))
+    old.offer.receive_installed(old.e_rng, IDENTITY, FIRST, plain, NOW + 12)
+    assert old.offer.installed and old.offer.installed_extra == b""
+    for content in (bytes([d.STEP_INSTALLED]) + struct.pack(">H", d.MAX_INSTALLED_EXTRA + 1),
+                    bytes([d.STEP_INSTALLED]) + struct.pack(">H", 1) + b"ab"):
+        bad = Link()
+        _finished(bad)
+        block = d._seal_session(bad.n_rng, bad.join._keys.n2e, content)  # type: ignore[union-attr]
+        with pytest.raises(DecryptionError):
+            bad.offer.receive_installed(bad.e_rng, IDENTITY, FIRST, block, NOW + 12)
+        assert not bad.offer.installed
+    late = Link()
+    _finished(late)
+    with pytest.raises(ValueError):
+        late.join.installed_block(late.n_rng, bytes(d.MAX_INSTALLED_EXTRA + 1))
 
 
 def test_installed_and_listed_blocks_keep_their_steps_and_deadlines() -> None:
