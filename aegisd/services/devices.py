@@ -189,6 +189,15 @@ class Devices:
              "added_at": d.added_at, "relay": d.mailbox.relay_url}
             for d in current.devices]}  # fmt: skip
 
+    def confirm_listed(self) -> dict[str, Any]:
+        """The user saw this device in the list of the device in use (`aegis device list`
+        there): `unconfirmed` is a false alarm, dismissed. Nothing is sent or checked: only
+        the user can see the other device's list today (docs/devices.md §4.3)."""
+        if self.held() is None:
+            raise AppError(E_NO_SUCH_DEVICE, "not_found", "this device never joined by a link")
+        self.m.store.set_setting(SETTING_UNCONFIRMED, None)
+        return self.list_view()
+
     async def remove(self, device_id: str) -> dict[str, Any]:
         try:
             raw = bytes.fromhex(device_id)
@@ -741,12 +750,12 @@ class Devices:
                         listed = await self._await_listed(join, client, mb)
                 except (TimeoutError, RelayError, *UNAVAILABLE):
                     listed = False
-            await self._end(client, mb)
-            if listed:
+            if listed:  # before _end's relay work: a lock meanwhile would keep the flag
                 with contextlib.suppress(Exception):  # locked meanwhile: the flag stays, said
                     self.m.store.set_setting(SETTING_UNCONFIRMED, None)
             else:
                 warnings.append(UNCONFIRMED)
+            await self._end(client, mb)
             self._set(link, "done", "; ".join(warnings) or None)
             with contextlib.suppress(RuntimeError):
                 self.m.ctx.events.emit("devices.joined", {"contacts": contacts,
@@ -944,7 +953,7 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, AppError):
         return exc.message
     if isinstance(exc, dv.TooManyDevices):
-        return f"the profile has {dv.MAX_DEVICES} devices already"
+        return "the device list is full (MAX_DEVICES, or the setting max_linked_devices)"
     if isinstance(exc, dv.LinkExpired):
         return "the link's ten minutes are over"
     if isinstance(exc, dv.DeviceError):
@@ -990,6 +999,10 @@ def register(registry: Registry, m: Messenger) -> Devices:
     @registry.method("devices.list")
     async def devices_list(ctx: CallContext) -> dict[str, Any]:
         return devices.list_view()
+
+    @registry.method("devices.confirm_listed")
+    async def devices_confirm_listed(ctx: CallContext) -> dict[str, Any]:
+        return devices.confirm_listed()
 
     @registry.method("devices.remove")
     async def devices_remove(ctx: CallContext, id: str) -> dict[str, Any]:

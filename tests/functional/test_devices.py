@@ -714,3 +714,88 @@ def test_the_device_in_use_killed_after_its_final_lists_nothing_and_n_says_so(
     assert "never confirmed" in aegis(new.home, "device", "list").stdout
     alice.start()
     assert len(alice.call("devices.list")["devices"]) == 1  # N never listed on E
+
+
+PASSPHRASE = "correct horse battery staple orbit"
+
+
+def locked_peer(home: Path, relay: RelayProcess, name: str) -> Peer:
+    """A Peer whose profile has a passphrase (the fixture's have none), started, unlocked."""
+    secret = home.parent / f"{name}.pw"
+    secret.write_text(PASSPHRASE + "\n")
+    made = aegis(home, "init", "--passphrase-file", str(secret), "--relay",
+                 f"ws://127.0.0.1:{relay.port}/v1/ws", "--kdf-memory-kib", "1024",
+                 "--kdf-time-cost", "1", "--kdf-parallelism", "1")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    peer = Peer.__new__(Peer)
+    peer.home, peer.name, peer.proc = home, name, None
+    peer.start()
+    peer.call("unlock", {"passphrase": PASSPHRASE})
+    peer.wait_connected()
+    return peer
+
+
+def test_a_lock_while_n_waits_for_listed_ends_done_unconfirmed_and_e_lists_it(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    """N locked while `listing` (E paused, so LISTED has not come): the lock returns, the
+    link ends `done` with the warning, `unconfirmed` is set; E, resumed, takes INSTALLED and
+    lists N (the false alarm of docs/devices.md §4.3), and the user dismisses the warning on N
+    (`aegis device confirm-listed`, which before the fix did not exist: the flag stayed)."""
+    alice = peers("alice")
+    alice.wait_connected()
+    new = locked_peer(tmp_short / "nlock", relay_proc, "nlock")
+    assert alice.proc is not None and new.proc is not None
+    try:
+        up_to_the_final(alice, new, relay_proc)
+        alice.proc.proc.send_signal(signal.SIGSTOP)  # before N's "installed" is taken
+        new.proc.proc.send_signal(signal.SIGCONT)
+        wait_state(new, "listing")
+        new.call("lock")
+        new.call("unlock", {"passphrase": PASSPHRASE})
+        ended = state(new)
+        assert ended["state"] == "done" and "did not confirm" in ended["reason"], ended
+        assert new.call("devices.list")["unconfirmed"] is True
+        alice.proc.proc.send_signal(signal.SIGCONT)
+        assert wait_state(alice, "done")["reason"] is None
+        assert len(alice.call("devices.list")["devices"]) == 2  # E listed N all the same
+        assert "confirm-listed" in aegis(new.home, "device", "list").stdout
+        cleared = aegis(new.home, "device", "confirm-listed")
+        assert cleared.returncode == 0, cleared.stderr
+        listed = new.call("devices.list")
+        assert listed["unconfirmed"] is False and len(listed["devices"]) == 2
+        assert "never confirmed" not in aegis(new.home, "device", "list").stdout
+    finally:
+        alice.proc.proc.send_signal(signal.SIGCONT)
+        new.stop()
+
+
+def test_a_failed_init_link_keeps_a_profile_its_dead_daemon_may_have_installed(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`aegis init --link` whose daemon died (-9) after the install (here while `listing`):
+    no daemon answers, so the command cannot know whether the install committed. Before the
+    fix it took that for "nothing installed" and deleted the installed profile; now it keeps
+    it and says what to check. The profile, restarted, holds the identity and the list."""
+    from aegis_cli.devices import after_failure
+    from aegis_cli.main import Ctx
+
+    alice, new = peers("alice"), peers("alice2")
+    alice.wait_connected()
+    new.wait_connected()
+    assert alice.proc is not None and new.proc is not None
+    try:
+        up_to_the_final(alice, new, relay_proc)
+        alice.proc.proc.send_signal(signal.SIGSTOP)
+        new.proc.proc.send_signal(signal.SIGCONT)
+        wait_state(new, "listing")
+        new.kill()
+    finally:
+        alice.proc.proc.send_signal(signal.SIGCONT)
+    before = set(os.listdir(new.home)) - {"aegis.db"}  # an undo would delete the database
+    after_failure(Ctx(str(new.home), False), None, lambda: False, before, True)
+    assert "may have been installed, so it was kept" in capsys.readouterr().err
+    assert (new.home / "aegis.db").exists()
+    new.start()
+    assert new.call("identity.get")["display_name"] == "alice"
+    assert len(new.call("devices.list")["devices"]) == 2
