@@ -799,3 +799,49 @@ def test_a_failed_init_link_keeps_a_profile_its_dead_daemon_may_have_installed(
     new.start()
     assert new.call("identity.get")["display_name"] == "alice"
     assert len(new.call("devices.list")["devices"]) == 2
+
+
+def test_installed_leaves_before_the_new_devices_relay_work(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    """N's own relay is paused (SIGSTOP) once its device mailbox is made: N's install commits,
+    INSTALLED goes to the link's relay at once and E lists N, while N still waits on its own
+    relay for the bundle (`installing`). Before the fix INSTALLED waited for that relay work,
+    spending E's INSTALLED window (E could not be done while N was still installing)."""
+    sub = tmp_short / "relayi"
+    sub.mkdir()
+    relay_n = RelayProcess(sub, {})
+    relay_n.start()
+    new: Peer | None = None
+    try:
+        alice = peers("alice")
+        alice.wait_connected()
+        new = Peer(tmp_short / "ni", f"ws://127.0.0.1:{relay_n.port}/v1/ws", "ni")
+        new.wait_connected()
+        blocks = watch_blocks(relay_proc)
+
+        def mailboxes() -> int:
+            with sqlite3.connect(relay_n.data / "relay.sqlite3", timeout=10) as db:
+                return int(db.execute("SELECT count(*) FROM mailboxes").fetchone()[0])
+
+        start_link(alice, new)
+        confirm_both(alice, new)
+        made, seen = mailboxes(), blocks()
+        while not (mailboxes() > made and blocks() > seen):  # as in the stop test above
+            seen = blocks() if mailboxes() == made else seen
+            assert state(new)["state"] in ("confirmed", "code"), state(new)
+        assert relay_n.proc is not None
+        relay_n.proc.send_signal(signal.SIGSTOP)
+        try:
+            assert wait_state(alice, "done")["reason"] is None
+            assert state(new)["state"] == "installing"  # its bundle: still at its paused relay
+            assert len(alice.call("devices.list")["devices"]) == 2
+        finally:
+            relay_n.proc.send_signal(signal.SIGCONT)
+        done = wait_state(new, "done")
+        assert new.call("identity.get")["display_name"] == "alice"
+        assert done["reason"] is None or "bundle" in done["reason"], done
+    finally:
+        if new is not None:
+            new.stop()
+        relay_n.close()
