@@ -845,3 +845,32 @@ def test_installed_leaves_before_the_new_devices_relay_work(
         if new is not None:
             new.stop()
         relay_n.close()
+
+
+def test_a_second_request_in_the_fetch_that_used_the_link_is_answered_used(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """E paused while two devices send their requests, so one FETCH brings both: the first
+    uses the link, the second is answered "used" at once (the LinkUsed branch of E's request
+    step), and the first goes on to its code."""
+    alice = peers("alice")
+    alice.wait_connected()
+    new, other = peers("alice2"), peers("other")
+    new.wait_connected()
+    other.wait_connected()
+    seen = deposits_by_mailbox(relay_proc)
+    link = alice.call("devices.link")["link"]
+    assert alice.proc is not None
+    alice.proc.proc.send_signal(signal.SIGSTOP)
+    try:
+        new.call("devices.join", {"link": link})
+        new.wait_for(lambda: len(seen()) == 1, "the first request", 60)
+        other.call("devices.join", {"link": link})
+        other.wait_for(lambda: len(seen()) == 2, "the second request", 60)
+        assert len(set(seen())) == 1  # both in the link mailbox, none fetched yet
+    finally:
+        alice.proc.proc.send_signal(signal.SIGCONT)
+    refused = wait_state(other, "failed")
+    assert refused["reason"] == "this link was already used"
+    assert wait_state(new, "code")["code"] is not None
+    assert state(alice)["state"] == "code"
