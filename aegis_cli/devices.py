@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 POLL = 0.3
 ENDED = ("done", "declined", "expired", "failed")
+INSTALLED = ("installing", "listing", "done")  # the new device's states once E's final came
 GIVES_KEY = (
     "Typing the code gives the new device this profile's identity key: it can then read and "
     "write as you. Type it only if you started this link on a device of your own."
@@ -114,21 +115,53 @@ def join_new_device(
     """``aegis init --link``: start the new profile's daemon, join, confirm, wait. A failure
     before the profile was installed stops that daemon and deletes what this command made in
     the home (``before``: the names it held before, None if it made the home): the throwaway
-    profile would only refuse the next try (not fresh, or "a profile already exists")."""
+    profile would only refuse the next try (not fresh, or "a profile already exists"). A
+    profile that is, or may be, installed is never deleted (docs/devices.md §4.5)."""
     procs: list[subprocess.Popen[bytes]] = []  # filled once started: _undo waits for it
+    asked: list[bool] = []  # set once devices.join was asked: from then an install may commit
     try:
-        _join_new_device(ctx, link_text, passphrase, yes, started, procs)
+        _join_new_device(ctx, link_text, passphrase, yes, started, procs, asked)
     except BaseException:
-        if not _installed(ctx):
-            _undo(ctx, procs[0] if procs else None, started, before)
+        after_failure(ctx, procs[0] if procs else None, started, before, bool(asked))
         raise
 
 
-def _installed(ctx: Ctx) -> bool:
-    with contextlib.suppress(Exception):
+def after_failure(
+    ctx: Ctx, proc: subprocess.Popen[bytes] | None, started: Callable[[], bool],
+    before: set[str] | None, asked: bool,
+) -> None:  # fmt: skip
+    """Undo only what surely holds no installed profile: the join never asked, or the daemon
+    says so (its link state and its store's device list). A daemon that does not answer (it
+    died during the install, say) may have committed it: the profile is kept, and said."""
+    state = _install_state(ctx) if asked else "not installed"
+    if state == "not installed":
+        _undo(ctx, proc, started, before)
+        return
+    home = ctx.paths.home
+    if state == "installed":
+        click.echo(f"The profile is installed in {home} (what followed failed): see "
+                   f"aegis device list{ctx.paths.home_option()}.", err=True)  # fmt: skip
+        return
+    click.echo(
+        f"The daemon of {home} stopped during the link: the profile may have been installed, "
+        f"so it was kept. Start it (aegis start{ctx.paths.home_option()}) and run aegis "
+        "device list: version 0 means nothing was linked (remove the profile, then link "
+        "again); otherwise this device holds the profile.", err=True,
+    )  # fmt: skip
+
+
+def _install_state(ctx: Ctx) -> str:
+    """One of "installed", "not installed", "unknown" (no daemon answers, or locked). The
+    install writes the device list in its transaction, and only a fresh profile (no list)
+    can join: a list held means installed, whatever the link's state (a restart forgets it)."""
+    try:
         link = ctx.call("devices.status")["link"]
-        return link is not None and link["state"] in ("installing", "listing", "done")
-    return False  # no daemon answers: nothing was installed by it
+        listed = ctx.call("devices.list")
+    except Exception:
+        return "unknown"
+    if listed["version"] or (link is not None and link["state"] in INSTALLED):
+        return "installed"
+    return "not installed"
 
 
 def _undo(
@@ -179,7 +212,7 @@ def _profile_names(home: Path) -> set[str]:
 
 def _join_new_device(
     ctx: Ctx, link_text: str, passphrase: str | None, yes: bool,
-    started: Callable[[], bool], procs: list[subprocess.Popen[bytes]],
+    started: Callable[[], bool], procs: list[subprocess.Popen[bytes]], asked: list[bool],
 ) -> None:  # fmt: skip
     argv = ctx.aegisd_argv("run")
     fd = os.open(ctx.paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -201,6 +234,7 @@ def _join_new_device(
         if time.monotonic() > deadline:
             raise Fail("the relay could not be reached: see aegis status")
         time.sleep(POLL)
+    asked.append(True)  # before the call: its answer may be lost after the daemon took it
     ctx.call("devices.join", {"link": link_text})
     click.echo("Joining: the existing device shows a code once this request reaches it.",
                err=True)  # fmt: skip
@@ -277,8 +311,17 @@ def register(main: ModuleType) -> None:
             lines.append(f"{'*' if d['this_device'] else ' '} {d['id']}  added {added}")
         if result.get("unconfirmed"):
             lines.append("The device in use never confirmed that it lists this device: check "
-                         "aegis device list there.")  # fmt: skip
+                         "aegis device list there; once this device is in it, run aegis "
+                         "device confirm-listed.")  # fmt: skip
         ctx.out(result, "\n".join(lines))
+
+    @device.command("confirm-listed", short_help="Dismiss the `unconfirmed` warning.")
+    @common
+    def confirm_listed(ctx: Ctx) -> None:
+        """You saw this device in `aegis device list` on the device in use: clear the warning
+        that it never confirmed listing this device."""
+        result = ctx.call("devices.confirm_listed")
+        ctx.out(result, "This device is no longer marked unconfirmed.")
 
     @device.command("remove", short_help="Remove a device from the list.")
     @common

@@ -899,11 +899,13 @@ class LinkOffer:
         current: DeviceList,
         block: bytes,
         now: int,
+        limit: int = MAX_DEVICES,
     ) -> tuple[DeviceList | None, bytes]:
         """N's closing block, its entry. E adds it to `current` (the list E holds NOW, which
         may have changed since the profile left) and signs the next version; the result and
         the final block for N (to `reply_to`), which says accepted (with that list) or refused
-        (the list is full, or N's device ID or key is taken): then the list is None. E does
+        (the list is full: `limit` devices, the user's own bound, at most MAX_DEVICES; or N's
+        device ID or key is taken): then the list is None. E does
         not store the list yet: only once N says it installed the profile
         (`receive_installed`), so a new device that never took its final is never listed."""
         self._live(now)
@@ -918,7 +920,7 @@ class LinkOffer:
             raise DecryptionError() from None
         _unpad(content, 3 + n)
         new: DeviceList | None = None
-        if len(current.devices) >= MAX_DEVICES:
+        if len(current.devices) >= min(limit, MAX_DEVICES):
             status = FINAL_FULL
         elif entry.device_id in current.ids() or any(
             x.device_key == entry.device_key for x in current.devices
@@ -938,13 +940,14 @@ class LinkOffer:
         current: DeviceList,
         block: bytes,
         now: int,
+        limit: int = MAX_DEVICES,
     ) -> tuple[DeviceList, bytes]:
         """N's "installed" block, taken until the link's expiry plus FINAL_GRACE: the list to
         store now, with N, and the "listed" block for N. The list is the one the final carried
         when E still holds the list it was signed on; if E's list changed meanwhile (a
         removal), N's entry is added to the list held now and signed again, as the next
-        version of both (`TooManyDevices` or `LinkRefused` if it no longer fits: nothing
-        listed)."""
+        version of both (`TooManyDevices` if it holds `limit` devices, the user's own bound,
+        at most MAX_DEVICES, or `LinkRefused` if it holds N's ID or key: nothing listed)."""
         self._live(now, FINAL_GRACE)
         if self._pending is None or self._keys is None or self.installed:
             raise LinkUsed("no installed block is expected now")
@@ -958,7 +961,7 @@ class LinkOffer:
         base, entry, signed = self._pending
         listed = signed
         if current != base:
-            if len(current.devices) >= MAX_DEVICES:
+            if len(current.devices) >= min(limit, MAX_DEVICES):
                 raise TooManyDevices("the person has MAX_DEVICES devices already")
             if entry.device_id in current.ids() or any(
                 x.device_key == entry.device_key for x in current.devices

@@ -98,6 +98,8 @@ NOT_INSTALLED = "the new device did not say it installed the profile: it is not 
 UNCONFIRMED = ("the device in use did not confirm that it lists this device: see aegis device "
                "list there (if this device is missing, remove this profile and link again)")
 INSTALLED_WAIT = 15  # seconds N's "installed" deposit may take, past every cancel
+LOCK_SLACK = 5  # seconds a lock also gives the install (local: one transaction) before that
+RELAY_SLOW = "the relay did not answer in time"
 
 
 def _joined_caps(offer: dv.LinkOffer) -> tuple[bytes, list[DeleteCap]]:
@@ -241,6 +243,15 @@ class Devices:
             {"id": d.device_id.hex(), "this_device": d.device_id.hex() == me,
              "added_at": d.added_at, "relay": d.mailbox.relay_url}
             for d in current.devices]}  # fmt: skip
+
+    def confirm_listed(self) -> dict[str, Any]:
+        """The user saw this device in the list of the device in use (`aegis device list`
+        there): `unconfirmed` is a false alarm, dismissed. Nothing is sent or checked: only
+        the user can see the other device's list today (docs/devices.md §4.3)."""
+        if self.held() is None:
+            raise AppError(E_NO_SUCH_DEVICE, "not_found", "this device never joined by a link")
+        self.m.store.set_setting(SETTING_UNCONFIRMED, None)
+        return self.list_view()
 
     async def remove(self, device_id: str) -> dict[str, Any]:
         try:
@@ -512,8 +523,11 @@ class Devices:
         if link is None or link.task is None or link.task.done():
             return
         if link.state == "installing":  # its install and "installed" run to their end first
+            # Bounded: the install is local (one transaction), "installed" one deposit of at
+            # most INSTALLED_WAIT; the address's relay work comes after (docs/devices.md §4.3).
             waiter = asyncio.ensure_future(link.installed.wait())
-            await asyncio.wait({link.task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({link.task, waiter}, timeout=INSTALLED_WAIT + LOCK_SLACK,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
             waiter.cancel()
         if not link.task.done():
             if link.state in ("installing", "listing"):  # installed: E may not list it, said
@@ -588,14 +602,21 @@ class Devices:
     async def _run_offer(
         self, link: _Link, offer: dv.LinkOffer, client: RelayClient, mb: OwnedMailbox
     ) -> None:
+        limit: asyncio.Timeout | None = None
         try:
-            await asyncio.wait_for(self._offer_steps(link, offer, client, mb),
-                                   max(0, link.expires - _now()))  # fmt: skip
+            async with asyncio.timeout(max(0, link.expires - _now())) as limit:
+                await self._offer_steps(link, offer, client, mb)
             # The final left: N is listed only once it says it installed the profile.
             link.grace = dv.FINAL_GRACE
-            await asyncio.wait_for(self._offer_listing(link, offer, client, mb),
-                                   max(0, link.expires + link.grace - _now()))  # fmt: skip
+            async with asyncio.timeout(max(0, link.expires + link.grace - _now())) as limit:
+                await self._offer_listing(link, offer, client, mb)
         except TimeoutError:
+            # The link's own deadline, or a relay request's timeout (said apart: not expiry).
+            if limit is not None and limit.expired():
+                self._set(link, "expired", _expired_reason(link))
+            else:
+                self._set(link, "failed", RELAY_SLOW)
+        except dv.LinkExpired:  # a block in the deadline's last second
             self._set(link, "expired", _expired_reason(link))
         except asyncio.CancelledError:
             pass
@@ -651,7 +672,7 @@ class Devices:
                         # The list held NOW (it may have changed since the profile left).
                         new, final = offer.receive_done(
                             self.m.entropy, self.m.identity(), await self._current_locked(),
-                            block, _now(),
+                            block, _now(), self._limit(),
                         )  # fmt: skip
                     except (DecryptionError, dv.LinkUsed):
                         continue
@@ -679,7 +700,7 @@ class Devices:
                     try:
                         listed, answer = offer.receive_installed(
                             self.m.entropy, self.m.identity(), await self._current_locked(),
-                            block, _now(),
+                            block, _now(), self._limit(),
                         )  # fmt: skip
                     except (DecryptionError, dv.LinkUsed):
                         continue
@@ -800,13 +821,17 @@ class Devices:
     async def _run_join(
         self, link: _Link, join: dv.LinkJoin, client: RelayClient, mb: OwnedMailbox
     ) -> None:
+        limit: asyncio.Timeout | None = None
         try:
-            deadline = max(0, link.expires + link.grace - _now())
-            got = await asyncio.wait_for(self._join_steps(link, join, client, mb), deadline)
+            async with asyncio.timeout(max(0, link.expires + link.grace - _now())) as limit:
+                got = await self._join_steps(link, join, client, mb)
         except BaseException as exc:
             await self._end(client, mb)
-            if isinstance(exc, TimeoutError):
-                self._set(link, "expired", "the link's ten minutes are over")
+            ran_out = isinstance(exc, TimeoutError) and limit is not None and limit.expired()
+            if ran_out or isinstance(exc, dv.LinkExpired):  # LinkExpired: a block in the
+                self._set(link, "expired", "the link's ten minutes are over")  # last second
+            elif isinstance(exc, TimeoutError):  # a relay request's own timeout
+                self._set(link, "failed", RELAY_SLOW)
             elif isinstance(exc, (AppError, RelayError, *UNAVAILABLE, dv.DeviceError)):
                 self._set(link, "failed", _reason(exc))
             elif isinstance(exc, Exception):  # a bug: the link ends, said
@@ -815,51 +840,67 @@ class Devices:
             return  # cancelled: whoever cancelled set the state
         # E accepted this device (_join_steps set `installing` as it took the final block):
         # from here until "installed" is deposited nothing cancels the link, and the state
-        # always ends, done (with a warning if what follows the install fails, or if E never
-        # says it listed this device) or failed (the profile refused before any write).
+        # always ends (the `finally`), done (with a warning if what follows the install fails,
+        # or if E never says it listed this device) or failed (the profile refused before any
+        # write).
         profile, new, made = got
+        listed, warnings, contacts = False, [], 0
         try:
             try:
-                contacts, warning = await _through(self._install(profile, new, made))
-            except AppError as exc:  # refused before anything was written (malformed)
-                await _through(self._end(client, mb))
-                self.m._spawn(self._drop_made(made))
-                self._set(link, "failed", _reason(exc))
-                return
-            except BaseException as exc:
-                await _through(self._end(client, mb))
-                log.warning("a device link's install ended on an unexpected %s",
+                try:
+                    contacts = await _through(self._install(profile, new, made))
+                except AppError as exc:  # refused before anything was written (malformed)
+                    await _through(self._end(client, mb))
+                    self.m._spawn(self._drop_made(made))
+                    self._set(link, "failed", _reason(exc))
+                    return
+                except BaseException as exc:  # the transaction rolled back: nothing written
+                    await _through(self._end(client, mb))
+                    log.warning("a device link's install ended on an unexpected %s",
+                                type(exc).__name__)  # fmt: skip
+                    self._set(link, "failed", "internal error (see the daemon's log)")
+                    return
+                # Only now may E list this device: "installed" at once, right after the
+                # commit (E's wait for it is bounded), the relay work for the address after.
+                said = await _through(self._say_installed(join, client, made))
+            finally:
+                link.installed.set()
+            warning = await self._publish(made)
+            if warning:
+                warnings.append(warning)
+            # Installed: the daemon reconnects under the identity now, not after E's answer
+            # (in a task of its own: it takes the daemon's lock, which a lock or a stop holds
+            # while it waits for the link).
+            self.m._spawn(self._reconfigure())
+            if said:
+                link.grace = 2 * dv.FINAL_GRACE
+                self._set(link, "listing")
+                try:
+                    async with asyncio.timeout(max(0, link.expires + link.grace - _now())):
+                        listed = await self._await_listed(join, client, mb)
+                except (TimeoutError, RelayError, *UNAVAILABLE):
+                    listed = False
+            if listed:  # before _end's relay work: a lock meanwhile would keep the flag
+                with contextlib.suppress(Exception):  # locked meanwhile: the flag stays, said
+                    self.m.store.set_setting(SETTING_UNCONFIRMED, None)
+            else:
+                warnings.append(UNCONFIRMED)
+            await self._end(client, mb)
+            self._set(link, "done", "; ".join(warnings) or None)
+            with contextlib.suppress(RuntimeError):
+                self.m.ctx.events.emit("devices.joined", {"contacts": contacts,
+                                                          "devices": len(new.devices)})  # fmt: skip
+        except (asyncio.CancelledError, Exception) as exc:
+            # A lock or a stop (on_lock said "done, unconfirmed"), or a bug after the install:
+            # installed all the same, so never left `installing` or `listing` (busy for good).
+            if isinstance(exc, Exception):
+                log.warning("a device link ended after its install on an unexpected %s",
                             type(exc).__name__)  # fmt: skip
-                self._set(link, "failed", "internal error (see the daemon's log)")
-                return
-            # Only now may E list this device: "installed", then wait for "listed".
-            listed = await _through(self._say_installed(join, client, made))
-        finally:
-            link.installed.set()
-        # Installed: the daemon reconnects under the identity now, not after E's answer (in a
-        # task of its own: it takes the daemon's lock, which a lock or a stop holds while it
-        # waits for the link).
-        self.m._spawn(self._reconfigure())
-        if listed:
-            link.grace = 2 * dv.FINAL_GRACE
-            self._set(link, "listing")
-            try:
-                deadline = max(0, link.expires + link.grace - _now())
-                listed = await asyncio.wait_for(self._await_listed(join, client, mb), deadline)
-            except asyncio.CancelledError:  # a lock or a stop: on_lock said "done, unconfirmed"
-                await self._end(client, mb)
-                return
-            except (TimeoutError, RelayError, *UNAVAILABLE):
-                listed = False
-        await self._end(client, mb)
-        if listed:
-            with contextlib.suppress(Exception):  # locked meanwhile: the flag stays, said so
-                self.m.store.set_setting(SETTING_UNCONFIRMED, None)
-        self._set(link, "done", "; ".join(x for x in (warning, None if listed else UNCONFIRMED)
-                                          if x) or None)  # fmt: skip
-        with contextlib.suppress(RuntimeError):
-            self.m.ctx.events.emit("devices.joined", {"contacts": contacts,
-                                                      "devices": len(new.devices)})  # fmt: skip
+            await _through(self._end(client, mb))
+            if link.state in ("installing", "listing"):
+                self._set(link, "done", "; ".join([*warnings, UNCONFIRMED]))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
 
     async def _join_steps(
         self, link: _Link, join: dv.LinkJoin, client: RelayClient, mb: OwnedMailbox
@@ -908,7 +949,7 @@ class Devices:
                     await asyncio.sleep(POLL)
         except BaseException as exc:  # refused (full, taken), expired: nothing installed
             self.m._spawn(self._drop_made(made))
-            if isinstance(exc, dv.DeviceError):
+            if isinstance(exc, dv.DeviceError) and not isinstance(exc, dv.LinkExpired):
                 raise AppError(E_TOO_MANY_DEVICES, "too_many_devices",
                                "the existing device refused this device") from None  # fmt: skip
             raise
@@ -935,16 +976,22 @@ class Devices:
     async def _await_listed(
         self, join: dv.LinkJoin, client: RelayClient, mb: OwnedMailbox
     ) -> bool:
+        """E's "listed"; False once it can no longer come (the core refuses it past
+        `expires + 2·FINAL_GRACE`: a block fetched in that last second too)."""
         while True:
             for block in await self._blocks(client, mb):
-                with contextlib.suppress(DecryptionError, dv.LinkUsed):
+                try:
                     join.receive_listed(block, _now())
-                    return True
+                except (DecryptionError, dv.LinkUsed):
+                    continue
+                except dv.DeviceError:  # LinkExpired: not listed, as far as N knows
+                    return False
+                return True
             await asyncio.sleep(POLL)
 
     async def _install(
         self, profile: dv.LinkProfile, new: dv.DeviceList, made: OwnedMailbox
-    ) -> tuple[int, str | None]:
+    ) -> int:
         """The profile into this fresh store, as a backup import does (services/backup.py),
         but without history, mailboxes or renewals: every session is this device's own."""
         try:
@@ -987,19 +1034,30 @@ class Devices:
                     self._keep_caps(device_id, caps)
                 # Until E says it listed this device (docs/devices.md §4.3): devices.list says so.
                 store.set_setting(SETTING_UNCONFIRMED, True)
-                self._forget_link_mailbox(made.to_bytes())  # this profile's address now
+                # This profile's address now, in the same transaction as it leaves the
+                # link's list: a crash between the two would lose its owner key.
+                store.add_mailbox("address", made.to_bytes())
+                self._forget_link_mailbox(made.to_bytes())
             m.prekeys = prekeys
-            m.mailboxes.reload()
-            # The device mailbox the list names: this profile's address, with its bundle. The
-            # profile is installed already: a failure here is a warning, not a failed link.
-            warning = None
-            try:
-                _, address = await m.mailboxes.create("address", public=True, made=made)
-                await m.address.publish_bundle(address, fresh=True)
-            except (AppError, RelayError, RelayUnavailable, *UNAVAILABLE):
-                warning = ("installed, but the address could not be made or its bundle "
-                           "published yet: the daemon tries again on its next connection")
-        return len(contents.contacts), warning
+            try:  # committed: from here a failure may not say "nothing installed"
+                m.mailboxes.reload()
+            except Exception as exc:  # the next unlock reloads them
+                log.warning("after a device link's install, reloading the mailboxes failed "
+                            "(%s)", type(exc).__name__)  # fmt: skip
+        return len(contents.contacts)
+
+    async def _publish(self, made: OwnedMailbox) -> str | None:
+        """After the install and "installed": the address mailbox (stored by the install)
+        subscribed and the identity's bundle published there; relay work, so a failure is a
+        warning, not a failed link (the profile is installed)."""
+        try:
+            async with self.m.lock:
+                await self.m.mailboxes.subscribe_new(made)
+                await self.m.address.publish_bundle(made, fresh=True)
+        except (AppError, RelayError, RelayUnavailable, *UNAVAILABLE):
+            return ("installed, but the address's bundle could not be published yet: the "
+                    "daemon tries again on its next connection")  # fmt: skip
+        return None
 
     async def _reconfigure(self) -> None:
         """The installed settings' network and relay, in a task of its own: it takes the
@@ -1035,7 +1093,7 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, AppError):
         return exc.message
     if isinstance(exc, dv.TooManyDevices):
-        return f"the profile has {dv.MAX_DEVICES} devices already"
+        return "the device list is full (MAX_DEVICES, or the setting max_linked_devices)"
     if isinstance(exc, dv.LinkExpired):
         return "the link's ten minutes are over"
     if isinstance(exc, dv.DeviceError):
@@ -1081,6 +1139,10 @@ def register(registry: Registry, m: Messenger) -> Devices:
     @registry.method("devices.list")
     async def devices_list(ctx: CallContext) -> dict[str, Any]:
         return devices.list_view()
+
+    @registry.method("devices.confirm_listed")
+    async def devices_confirm_listed(ctx: CallContext) -> dict[str, Any]:
+        return devices.confirm_listed()
 
     @registry.method("devices.remove")
     async def devices_remove(ctx: CallContext, id: str) -> dict[str, Any]:

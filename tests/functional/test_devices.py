@@ -820,3 +820,163 @@ def test_a_removal_while_the_relay_is_away_deletes_at_the_next_connection(
     assert r.returncode == 0, r.stderr
     assert "1 of its mailboxes deleted at the relay." in r.stdout
     assert not _at_relay(relay_proc, alice_mb)
+
+
+PASSPHRASE = "correct horse battery staple orbit"
+
+
+def locked_peer(home: Path, relay: RelayProcess, name: str) -> Peer:
+    """A Peer whose profile has a passphrase (the fixture's have none), started, unlocked."""
+    secret = home.parent / f"{name}.pw"
+    secret.write_text(PASSPHRASE + "\n")
+    made = aegis(home, "init", "--passphrase-file", str(secret), "--relay",
+                 f"ws://127.0.0.1:{relay.port}/v1/ws", "--kdf-memory-kib", "1024",
+                 "--kdf-time-cost", "1", "--kdf-parallelism", "1")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    peer = Peer.__new__(Peer)
+    peer.home, peer.name, peer.proc = home, name, None
+    peer.start()
+    peer.call("unlock", {"passphrase": PASSPHRASE})
+    peer.wait_connected()
+    return peer
+
+
+def test_a_lock_while_n_waits_for_listed_ends_done_unconfirmed_and_e_lists_it(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    """N locked while `listing` (E paused, so LISTED has not come): the lock returns, the
+    link ends `done` with the warning, `unconfirmed` is set; E, resumed, takes INSTALLED and
+    lists N (the false alarm of docs/devices.md §4.3), and the user dismisses the warning on N
+    (`aegis device confirm-listed`, which before the fix did not exist: the flag stayed)."""
+    alice = peers("alice")
+    alice.wait_connected()
+    new = locked_peer(tmp_short / "nlock", relay_proc, "nlock")
+    assert alice.proc is not None and new.proc is not None
+    try:
+        up_to_the_final(alice, new, relay_proc)
+        alice.proc.proc.send_signal(signal.SIGSTOP)  # before N's "installed" is taken
+        new.proc.proc.send_signal(signal.SIGCONT)
+        wait_state(new, "listing")
+        new.call("lock")
+        new.call("unlock", {"passphrase": PASSPHRASE})
+        ended = state(new)
+        assert ended["state"] == "done" and "did not confirm" in ended["reason"], ended
+        assert new.call("devices.list")["unconfirmed"] is True
+        alice.proc.proc.send_signal(signal.SIGCONT)
+        assert wait_state(alice, "done")["reason"] is None
+        assert len(alice.call("devices.list")["devices"]) == 2  # E listed N all the same
+        assert "confirm-listed" in aegis(new.home, "device", "list").stdout
+        cleared = aegis(new.home, "device", "confirm-listed")
+        assert cleared.returncode == 0, cleared.stderr
+        listed = new.call("devices.list")
+        assert listed["unconfirmed"] is False and len(listed["devices"]) == 2
+        assert "never confirmed" not in aegis(new.home, "device", "list").stdout
+    finally:
+        alice.proc.proc.send_signal(signal.SIGCONT)
+        new.stop()
+
+
+def test_a_failed_init_link_keeps_a_profile_its_dead_daemon_may_have_installed(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`aegis init --link` whose daemon died (-9) after the install (here while `listing`):
+    no daemon answers, so the command cannot know whether the install committed. Before the
+    fix it took that for "nothing installed" and deleted the installed profile; now it keeps
+    it and says what to check. The profile, restarted, holds the identity and the list."""
+    from aegis_cli.devices import after_failure
+    from aegis_cli.main import Ctx
+
+    alice, new = peers("alice"), peers("alice2")
+    alice.wait_connected()
+    new.wait_connected()
+    assert alice.proc is not None and new.proc is not None
+    try:
+        up_to_the_final(alice, new, relay_proc)
+        alice.proc.proc.send_signal(signal.SIGSTOP)
+        new.proc.proc.send_signal(signal.SIGCONT)
+        wait_state(new, "listing")
+        new.kill()
+    finally:
+        alice.proc.proc.send_signal(signal.SIGCONT)
+    before = set(os.listdir(new.home)) - {"aegis.db"}  # an undo would delete the database
+    after_failure(Ctx(str(new.home), False), None, lambda: False, before, True)
+    assert "may have been installed, so it was kept" in capsys.readouterr().err
+    assert (new.home / "aegis.db").exists()
+    new.start()
+    assert new.call("identity.get")["display_name"] == "alice"
+    assert len(new.call("devices.list")["devices"]) == 2
+
+
+def test_installed_leaves_before_the_new_devices_relay_work(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    """N's own relay is paused (SIGSTOP) once its device mailbox is made: N's install commits,
+    INSTALLED goes to the link's relay at once and E lists N, while N still waits on its own
+    relay for the bundle (`installing`). Before the fix INSTALLED waited for that relay work,
+    spending E's INSTALLED window (E could not be done while N was still installing)."""
+    sub = tmp_short / "relayi"
+    sub.mkdir()
+    relay_n = RelayProcess(sub, {})
+    relay_n.start()
+    new: Peer | None = None
+    try:
+        alice = peers("alice")
+        alice.wait_connected()
+        new = Peer(tmp_short / "ni", f"ws://127.0.0.1:{relay_n.port}/v1/ws", "ni")
+        new.wait_connected()
+        blocks = watch_blocks(relay_proc)
+
+        def mailboxes() -> int:
+            with sqlite3.connect(relay_n.data / "relay.sqlite3", timeout=10) as db:
+                return int(db.execute("SELECT count(*) FROM mailboxes").fetchone()[0])
+
+        start_link(alice, new)
+        confirm_both(alice, new)
+        made, seen = mailboxes(), blocks()
+        while not (mailboxes() > made and blocks() > seen):  # as in the stop test above
+            seen = blocks() if mailboxes() == made else seen
+            assert state(new)["state"] in ("confirmed", "code"), state(new)
+        assert relay_n.proc is not None
+        relay_n.proc.send_signal(signal.SIGSTOP)
+        try:
+            assert wait_state(alice, "done")["reason"] is None
+            assert state(new)["state"] == "installing"  # its bundle: still at its paused relay
+            assert len(alice.call("devices.list")["devices"]) == 2
+        finally:
+            relay_n.proc.send_signal(signal.SIGCONT)
+        done = wait_state(new, "done")
+        assert new.call("identity.get")["display_name"] == "alice"
+        assert done["reason"] is None or "bundle" in done["reason"], done
+    finally:
+        if new is not None:
+            new.stop()
+        relay_n.close()
+
+
+def test_a_second_request_in_the_fetch_that_used_the_link_is_answered_used(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """E paused while two devices send their requests, so one FETCH brings both: the first
+    uses the link, the second is answered "used" at once (the LinkUsed branch of E's request
+    step), and the first goes on to its code."""
+    alice = peers("alice")
+    alice.wait_connected()
+    new, other = peers("alice2"), peers("other")
+    new.wait_connected()
+    other.wait_connected()
+    seen = deposits_by_mailbox(relay_proc)
+    link = alice.call("devices.link")["link"]
+    assert alice.proc is not None
+    alice.proc.proc.send_signal(signal.SIGSTOP)
+    try:
+        new.call("devices.join", {"link": link})
+        new.wait_for(lambda: len(seen()) == 1, "the first request", 60)
+        other.call("devices.join", {"link": link})
+        other.wait_for(lambda: len(seen()) == 2, "the second request", 60)
+        assert len(set(seen())) == 1  # both in the link mailbox, none fetched yet
+    finally:
+        alice.proc.proc.send_signal(signal.SIGCONT)
+    refused = wait_state(other, "failed")
+    assert refused["reason"] == "this link was already used"
+    assert wait_state(new, "code")["code"] is not None
+    assert state(alice)["state"] == "code"

@@ -1046,3 +1046,84 @@ def test_device_payloads_round_trip_and_are_wires_numbers() -> None:
         d.decode_device_payload(bytes([1, 0x42]) + bytes(8 + 32))
     with pytest.raises(DecodeError):
         d.decode_device_payload(bytes([1, 0x44]) + bytes(40))
+
+
+def test_a_further_request_is_answered_used_through_the_grace_only() -> None:
+    """E answers USED until its run's end, `expires + FINAL_GRACE` (refuse_request's grace),
+    while a request itself is taken only until `expires` (accept_request's)."""
+    link = Link()
+    _finished(link)
+    second, request = _second(link)
+    with pytest.raises(d.LinkExpired):  # a first request past the expiry: never accepted
+        Link().offer.accept_request(link.e_rng, request, END)
+    reply, used = link.offer.refuse_request(request, END + d.FINAL_GRACE - 1)
+    assert reply == mailbox(9)
+    with pytest.raises(d.LinkUsed, match="already used"):
+        second.receive_accept(DeterministicEntropy(b"x"), used, NOW + 4)
+    with pytest.raises(d.LinkExpired):
+        link.offer.refuse_request(request, END + d.FINAL_GRACE)
+
+
+def test_a_further_request_in_the_fetch_that_used_the_link_is_answered_used() -> None:
+    """Two requests fetched together: the first uses the link, the second is LinkUsed for
+    accept_request and answered by refuse_request (what the daemon does with it)."""
+    link = Link()
+    first = link.request()
+    second, other = _second(link)
+    link.offer.accept_request(link.e_rng, first, NOW + 2)
+    with pytest.raises(d.LinkUsed):
+        link.offer.accept_request(link.e_rng, other, NOW + 2)
+    reply, used = link.offer.refuse_request(other, NOW + 2)
+    assert reply == mailbox(9) and link.offer.reply_to == mailbox(8)
+    with pytest.raises(d.LinkUsed):
+        second.receive_accept(DeterministicEntropy(b"x"), used, NOW + 3)
+
+
+def test_installed_re_checks_the_id_and_key_on_the_list_held_then() -> None:
+    """E's list changed between the final and "installed" to one that holds N's ID, or N's
+    device key under another ID: nothing is listed (LinkRefused)."""
+    for clash in (device(9), replace(device(3), device_key=device(9).device_key)):
+        link = Link()
+        new = _finished(link)
+        changed = d.DeviceList.sign(IDENTITY, new.version + 1, [device(1), clash])
+        with pytest.raises(d.LinkRefused):
+            link.offer.receive_installed(
+                link.e_rng, IDENTITY, changed, link.join.installed_block(link.n_rng), NOW + 12
+            )
+        assert not link.offer.installed
+
+
+def test_installed_signs_above_both_the_final_and_the_list_held() -> None:
+    """The re-signed list's version is next_version of the newer of the two: a list held now
+    that is newer than the final's list (E signed another since), or older (a concurrent
+    one that lost to it on E: `newest = signed if ...`)."""
+    for offset in (5_000, -5):
+        link = Link()
+        new = _finished(link)
+        changed = d.DeviceList.sign(IDENTITY, new.version + offset, [device(1), device(3)])
+        listed, _ = link.offer.receive_installed(
+            link.e_rng, IDENTITY, changed, link.join.installed_block(link.n_rng), NOW + 12
+        )
+        assert listed.beats(new) and listed.beats(changed)
+        assert listed.version == d.next_version(new if offset < 0 else changed, NOW + 12)
+        assert list(listed.devices) == [device(1), device(3), device(9)]
+
+
+def test_the_users_limit_bounds_the_final_and_the_re_signed_list() -> None:
+    """`limit` (the user's devices.max_linked + 1) refuses as MAX_DEVICES does: at the final
+    (full), and at "installed" when the list held then reached it."""
+    link = Link()
+    done = link.done()
+    new, final = link.offer.receive_done(link.e_rng, IDENTITY, FIRST, done, NOW + 10, limit=1)
+    assert new is None
+    with pytest.raises(d.TooManyDevices):
+        link.join.receive_final(final, NOW + 11)
+    link = Link()
+    new = _finished(link)
+    two = d.DeviceList.sign(IDENTITY, new.version + 1, [device(1), device(3)])
+    installed = link.join.installed_block(link.n_rng)
+    with pytest.raises(d.TooManyDevices):
+        link.offer.receive_installed(link.e_rng, IDENTITY, two, installed, NOW + 12, limit=2)
+    assert not link.offer.installed
+    listed, _ = link.offer.receive_installed(link.e_rng, IDENTITY, two, installed, NOW + 12, 3)
+    assert len(listed.devices) == 3
