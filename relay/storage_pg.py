@@ -80,6 +80,9 @@ _CREATE_LOCK = 0x6165676973  # "aegis"
 # ciphertext), so a block's bytes live in the TOAST table and its row in `messages` is small.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS relay_schema (version integer NOT NULL);
+-- True from the migration's own commit until `messages` and `blobs` were rewritten (VACUUM
+-- FULL): schema 1's blocks in the clear may still be in their files meanwhile.
+ALTER TABLE relay_schema ADD COLUMN IF NOT EXISTS rewrite boolean NOT NULL DEFAULT false;
 CREATE TABLE IF NOT EXISTS mailboxes (
     id bigint PRIMARY KEY,
     owner_key bytea NOT NULL UNIQUE,
@@ -253,7 +256,6 @@ class PostgresStorage:
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        migrated = False
         try:
             self._pool = await asyncpg.create_pool(
                 self._dsn, min_size=1, max_size=self._pool_size, server_settings=_SETTINGS,
@@ -267,17 +269,33 @@ class PostgresStorage:
                     await con.execute("INSERT INTO relay_schema VALUES ($1)", SCHEMA_VERSION)
                 elif row[0] == 1:
                     await _migrate_1_2(con)
-                    migrated = True
                 elif row[0] != SCHEMA_VERSION:
                     raise StorageError("unsupported relay database schema version")
-            if migrated:
-                # The plaintext blocks of schema 1 are dead rows now: written out of the files.
-                async with self._pool.acquire() as con:
-                    await con.execute("VACUUM FULL messages")
-                    await con.execute("VACUUM FULL blobs")
+            await self._rewrite_pending()
             await self._listen()
         except (asyncpg.PostgresError, *_AWAY) as exc:
             raise StorageError(type(exc).__name__) from None
+
+    async def _rewrite_pending(self) -> None:
+        """Finish a migration from schema 1: its blocks in the clear are dead rows, written
+        out of the table files by a rewrite (VACUUM FULL). The migration's own transaction set
+        `rewrite`; it is cleared only once both rewrites are done, so a rewrite interrupted (a
+        node killed, the database away) runs again at the next open, of any node. On a
+        connection of its own without statement_timeout: a large table takes long."""
+        con = await asyncpg.connect(
+            self._dsn, server_settings={**_SETTINGS, "statement_timeout": "0"}, timeout=10)
+        try:
+            if not await con.fetchval("SELECT rewrite FROM relay_schema"):
+                return
+            # One node at a time (the others wait, then find it done).
+            await con.execute("SELECT pg_advisory_lock($1)", _CREATE_LOCK + 1)
+            if await con.fetchval("SELECT rewrite FROM relay_schema"):
+                await con.execute("VACUUM FULL messages")
+                await con.execute("VACUUM FULL blobs")
+                await con.execute("UPDATE relay_schema SET rewrite = false")
+        finally:
+            with contextlib.suppress(Exception):
+                await con.close(timeout=5)  # the session's advisory lock goes with it
 
     async def _init_connection(self, con: asyncpg.Connection) -> None:
         pid = con.get_server_pid()
@@ -835,4 +853,5 @@ async def _migrate_1_2(con: asyncpg.Connection) -> None:
                                   [(i, b) for i, b, _ in sealed])
             await con.executemany(f"INSERT INTO {keys} (id, secret)"  # noqa: S608
                                   " VALUES ($1, $2)", [(i, k) for i, _, k in sealed])
-    await con.execute("UPDATE relay_schema SET version = $1", SCHEMA_VERSION)
+    # In the same transaction: the rewrite that removes the clear blocks is owed until done.
+    await con.execute("UPDATE relay_schema SET version = $1, rewrite = true", SCHEMA_VERSION)

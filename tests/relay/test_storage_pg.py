@@ -19,6 +19,7 @@ from relay import storage_pg
 from relay.storage_pg import PostgresStorage
 
 from .postgres import PostgresServer
+from .test_multinode import _files_holding
 from .test_no_order import N, assert_unordered, dkey, okey
 
 T = TypeVar("T")
@@ -189,6 +190,64 @@ def test_a_schema_1_database_is_migrated(postgres_server: PostgresServer) -> Non
                 assert await con.fetchval("SELECT count(*) FROM message_keys") == 300
             finally:
                 await s.close()
+        finally:
+            await con.close()
+
+    asyncio.run(main())
+
+
+def test_an_interrupted_migration_rewrite_runs_again(
+        postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The migration from schema 1 commits first and rewrites `messages` (VACUUM FULL) after:
+    a node killed (or a timeout) between the two left schema 1's clear blocks in the table's
+    files for good. The migration's transaction records the rewrite as owed; the next open,
+    of any node, does it, and only then clears it."""
+    dsn = postgres_server.new_database()
+    marker = b"SCHEMA-1-CLEAR-" + os.urandom(8).hex().encode()
+
+    async def main() -> None:
+        s = PostgresStorage(dsn, rewrite_rows=2)
+        await s.open()
+        box = await s.create_mailbox(okey(1), dkey(1), b"s", b"b", b"o", False)
+        await s.close()
+        con = await asyncpg.connect(dsn)
+        try:
+            await con.execute(
+                "DROP TABLE message_keys; DROP TABLE blob_keys;"
+                " DROP FUNCTION relay_enqueue(bigint, bigint, bigint, bigint, bigint, bytea,"
+                " bigint, bytea, boolean);"
+                " CREATE FUNCTION relay_enqueue(bigint, bigint, bigint, bigint, bigint, bytea,"
+                " bigint) RETURNS bigint LANGUAGE sql AS 'SELECT 0::bigint';"
+                " UPDATE relay_schema SET version = 1")
+            await con.executemany(
+                "INSERT INTO messages (id, mailbox, seq, expiry, block)"
+                " VALUES ($1, $2, $3, 1000, $4)",
+                [(10_000 + i, box, 5 + i, marker + os.urandom(16000)) for i in range(10)])
+            await con.execute("CHECKPOINT")
+            assert _files_holding(postgres_server.data, marker)
+            # The rewrite fails once, after the migration's commit.
+            execute = asyncpg.Connection.execute
+
+            async def failing(self: asyncpg.Connection, query: str, *a: Any, **k: Any) -> Any:
+                if query.startswith("VACUUM FULL messages"):
+                    raise asyncpg.QueryCanceledError("canceling statement due to timeout")
+                return await execute(self, query, *a, **k)
+            monkeypatch.setattr(asyncpg.Connection, "execute", failing)
+            s = PostgresStorage(dsn, rewrite_rows=2)
+            with pytest.raises(st.StorageError):
+                await s.open()
+            await s.close()
+            monkeypatch.setattr(asyncpg.Connection, "execute", execute)
+            assert await con.fetchval("SELECT version FROM relay_schema") == 2
+            assert await con.fetchval("SELECT rewrite FROM relay_schema")
+            s = PostgresStorage(dsn, rewrite_rows=2)
+            await s.open()  # the owed rewrite runs
+            await s.close()
+            assert not await con.fetchval("SELECT rewrite FROM relay_schema")
+            await con.execute("CHECKPOINT")
+            left = [f for f in _files_holding(postgres_server.data, marker)
+                    if not f.startswith("pg_wal")]  # the WAL: until its segments go (§4.11)
+            assert left == []
         finally:
             await con.close()
 
