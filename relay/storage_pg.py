@@ -25,7 +25,8 @@ Across nodes, what one node's memory cannot know is in the database or announced
   already visible to anyone who can read the tables; see docs/threat-model.md.
 - the live nodes are rows of `relay_nodes` (a random key and a coarse expiry by the database's
   clock, refreshed at every sweep): each node applies 1/N of the per-mailbox rates. A node
-  joining or leaving notifies `n0`.
+  joining or leaving notifies `n0`; a listening connection, once made, notifies `n<its server
+  process id>`, so that the other nodes watch it (check_listener).
 
 A block (queued or blob) is stored encrypted under a random key of its own, kept in a narrow
 table (`message_keys`, `blob_keys`) that every checkpoint rewrites whatever its size; deleting
@@ -232,8 +233,9 @@ class PostgresStorage:
         self._unannounced: dict[int, int] = {}
         self._announcer: asyncio.Task[None] | None = None
         self._closing_now = asyncio.Event()
-        # The other nodes' listening connections seen last (server process ids), and when.
-        self._nodes: set[int] | None = None
+        # The nodes' listening connections seen last (server process ids), with those
+        # announced since (`n<pid>`), and when pg_stat_activity was last read.
+        self._nodes: set[int] = set()
         self._nodes_checked = 0.0
         self._closing = False
         self._pool: asyncpg.Pool | None = None
@@ -308,6 +310,10 @@ class PostgresStorage:
             timeout=10)
         await con.add_listener(CHANNEL, self._notified)
         self._listener = con
+        # Before the node serves, once it hears: the other nodes add this listening connection
+        # to those they watch, even if it is gone before they next read pg_stat_activity (a
+        # node killed within a second of its start still has its deposits read again).
+        await con.execute("SELECT pg_notify($1, $2)", CHANNEL, f"n{con.get_server_pid()}")
 
     async def close(self) -> None:
         self._closing = True
@@ -333,12 +339,16 @@ class PostgresStorage:
         """Call `callback(kind, mailbox)` for every notification of another node."""
         self._watch = callback
 
-    def _notified(self, _con: Any, pid: int, _channel: str, payload: str) -> None:
-        if pid in self._own_pids or self._watch is None:
+    def _notified(self, con: Any, pid: int, _channel: str, payload: str) -> None:
+        if pid in self._own_pids or pid == con.get_server_pid():
             return  # this node's own: already acted upon
         try:
             kind, mailboxes = payload[0], [int(k) for k in payload[1:].split(",")]
         except (IndexError, ValueError):
+            return
+        if kind == "n" and mailboxes[0] > 0:
+            self._nodes.add(mailboxes[0])  # a node's listening connection, watched from now
+        if self._watch is None:
             return
         for mailbox in mailboxes:
             self._watch(kind, mailbox)
@@ -368,7 +378,7 @@ class PostgresStorage:
             await self._listen()
         except (asyncpg.PostgresError, *_AWAY):
             return False
-        self._nodes = None
+        self._nodes = set()
         return True
 
     async def heartbeat(self, ttl: int, announce: bool = False) -> int:
@@ -396,7 +406,8 @@ class PostgresStorage:
             await _notify(con, "n", 0)
         await self._run(op)
     async def _node_gone(self) -> bool:
-        if not self._batch or self._listener is None:
+        # Whatever this node's own window: another node's may be longer.
+        if self._listener is None:
             return False
         now = time.monotonic()
         if now - self._nodes_checked < 1.0:
@@ -408,7 +419,7 @@ class PostgresStorage:
                 " AND datname = current_database()", _LISTENER_NAME)}
         except (asyncpg.PostgresError, *_AWAY):
             return False  # the listener is lost: the next call makes it again
-        gone = self._nodes is not None and not self._nodes <= pids
+        gone = not self._nodes <= pids
         self._nodes = pids
         return gone
 

@@ -307,3 +307,47 @@ def test_deposits_are_announced_in_batches(postgres_server: PostgresServer) -> N
             await b.close()
 
     asyncio.run(main())
+
+
+def test_a_node_gone_within_a_second_of_its_start_is_noticed(
+        postgres_server: PostgresServer) -> None:
+    """A node that started after another node last read pg_stat_activity, took a deposit (its
+    announcement batched) and died within the second was never seen by that node, whose queues
+    were then not read again: a lost push. Its listening connection announces itself (`n<pid>`)
+    before it serves, so the other node watches it from then on, and checks whatever its own
+    batch window (0 here)."""
+    dsn = postgres_server.new_database()
+
+    async def main() -> None:
+        b = PostgresStorage(dsn, notify_batch_ms=0)
+        await b.open()
+        heard: list[tuple[str, int]] = []
+        b.watch(lambda kind, key: heard.append((kind, key)))
+        box = await b.create_mailbox(okey(1), dkey(1), b"s", b"b", b"o", False)
+        assert not await b.check_listener()  # B's view: only itself
+        a = PostgresStorage(dsn, notify_batch_ms=600_000)  # announces only when closing
+        await a.open()
+        assert a._listener is not None
+        deadline = time.monotonic() + 10
+        while not any(kind == "n" for kind, _ in heard):
+            assert time.monotonic() < deadline, "the new node was not announced"
+            await asyncio.sleep(0.02)
+        await a.enqueue(box, 1000, b"committed, never announced")
+        # Killed: its backends end (as when its sockets close).
+        con = await asyncpg.connect(dsn)
+        try:
+            await con.execute("SELECT pg_terminate_backend(p) FROM unnest($1::int[]) p",
+                              list(a._own_pids | {a._listener.get_server_pid()}))
+        finally:
+            await con.close()
+        assert a._announcer is not None
+        a._announcer.cancel()
+        deadline = time.monotonic() + 10
+        while not await b.check_listener():
+            assert time.monotonic() < deadline, "node B never noticed node A go"
+            await asyncio.sleep(0.2)
+        assert not any(kind == "d" for kind, _ in heard)  # no announcement: the re-read did it
+        await a.close()
+        await b.close()
+
+    asyncio.run(main())
