@@ -51,7 +51,8 @@ def _make_storage(cfg: Config, clock: Callable[[], float]) -> Storage:
         return PostgresStorage(cfg.store, queue_limit=cfg.queue_limit,
                                max_mailboxes=cfg.max_mailboxes,
                                rewrite_rows=cfg.pg_rewrite_rows,
-                               notify_batch_ms=cfg.pg_notify_batch_ms)
+                               notify_batch_ms=cfg.pg_notify_batch_ms,
+                               checkpoint_interval=cfg.checkpoint_interval)
     if cfg.store:
         raise ValueError("--store: a postgresql:// URL or nothing")
     return SQLiteStorage(

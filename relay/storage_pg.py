@@ -220,13 +220,14 @@ class PostgresStorage:
 
     def __init__(self, dsn: str, *, queue_limit: int = 1024, max_mailboxes: int = 0,
                  pool_size: int = 8, vacuum: bool = True, rewrite_rows: int = 4096,
-                 notify_batch_ms: float = 5.0) -> None:
+                 notify_batch_ms: float = 5.0, checkpoint_interval: float = 60.0) -> None:
         self._dsn = dsn
         self._queue_limit = queue_limit
         self._max_mailboxes = max_mailboxes
         self._pool_size = pool_size
         self._vacuum = vacuum
         self._rewrite_rows = rewrite_rows
+        self._interval = checkpoint_interval
         self._batch = max(0.0, notify_batch_ms) / 1000
         # Mailboxes whose committed deposits this node has not announced yet (in order), with
         # their number of such deposits, and the task announcing them.
@@ -801,6 +802,7 @@ class PostgresStorage:
             return
 
         async def op(con: asyncpg.Connection) -> None:
+            await self._warn_old_snapshot(con)
             for table in ("message_keys", "blob_keys"):
                 # About 80 bytes a live row: cheap at any size (docs/relay-protocol.md §8.1).
                 await con.execute(f"VACUUM FULL {table}")
@@ -816,6 +818,21 @@ class PostgresStorage:
                 await con.execute("SELECT pg_switch_wal()")
                 await con.execute("CHECKPOINT")
         await self._run(op, tx=False)
+
+    async def _warn_old_snapshot(self, con: asyncpg.Connection) -> None:
+        """VACUUM FULL copies the row versions that a snapshot still open anywhere on the
+        server may see (its `backend_xmin`, whatever the database), deleted keys included: the
+        rewrite removes a deleted block's key only once every older snapshot ended (docs/
+        threat-model.md §4.11). Say so when one is older than the interval. pg_stat_activity
+        shows another role's backend_xmin only to a role with pg_read_all_stats (or superuser);
+        prepared transactions and replication slots hold the horizon too, unseen here."""
+        age = await con.fetchval(
+            "SELECT extract(epoch FROM now() - min(coalesce(xact_start, query_start)))::bigint"
+            " FROM pg_stat_activity WHERE backend_xmin IS NOT NULL"
+            " AND pid <> pg_backend_pid() AND backend_type <> 'autovacuum worker'")
+        if age is not None and age > self._interval:
+            log.warning("storage: a snapshot open for %d s keeps deleted blocks' keys in the"
+                        " rewritten key tables until it ends", age)
 
 
 async def _notify(con: asyncpg.Connection, kind: str, mailbox: int) -> None:

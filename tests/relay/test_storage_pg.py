@@ -6,7 +6,9 @@ docs/threat-model.md, shown here so the statement stays true)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -351,3 +353,43 @@ def test_a_node_gone_within_a_second_of_its_start_is_noticed(
         await b.close()
 
     asyncio.run(main())
+
+
+def test_a_checkpoint_warns_of_an_old_snapshot(
+        postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A snapshot open anywhere on the server (here another database's repeatable-read
+    transaction) keeps the deleted keys in the rewritten key tables (VACUUM FULL copies what
+    it may still see): a checkpoint says so, with the snapshot's age in seconds only, once
+    that is older than the checkpoint interval; and no more once it ended."""
+    dsn = postgres_server.new_database()
+    text = "keeps deleted blocks' keys"
+
+    async def main() -> None:
+        s = PostgresStorage(dsn, checkpoint_interval=1)
+        await s.open()
+        box = await s.create_mailbox(okey(1), dkey(1), b"s", b"b", b"o", False)
+        other = await asyncpg.connect(postgres_server.admin_dsn)
+        try:
+            await s.checkpoint()
+            assert text not in caplog.text
+            tr = other.transaction(isolation="repeatable_read")
+            await tr.start()
+            await other.fetchval("SELECT txid_current()")
+            h = await s.enqueue(box, 1000, b"acked")
+            assert await s.remove(box, [h]) == 1
+            await asyncio.sleep(2.2)
+            await s.checkpoint()
+            warned = [r.getMessage() for r in caplog.records if text in r.getMessage()]
+            assert len(warned) == 1
+            assert re.fullmatch(r"storage: a snapshot open for \d+ s " + text
+                                + " in the rewritten key tables until it ends", warned[0])
+            await tr.rollback()
+            caplog.clear()
+            await s.checkpoint()
+            assert text not in caplog.text
+        finally:
+            await other.close()
+            await s.close()
+
+    with caplog.at_level(logging.WARNING, logger="aegis.relay"):
+        asyncio.run(main())
