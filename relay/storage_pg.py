@@ -384,18 +384,20 @@ class PostgresStorage:
 
     async def heartbeat(self, ttl: int, announce: bool = False) -> int:
         """Mark this node live for `ttl` seconds (rounded up to a third of it, by the database's
-        clock: the nodes' own clocks may differ), drop the rows of nodes that stopped beating,
-        and count the live ones (this one included)."""
+        clock: the nodes' own clocks may differ), drop the rows of nodes that stopped beating
+        (and then notify `n0`, as `announce` does), and count the live ones (this one
+        included)."""
         grain = max(1, ttl // 3)
 
         async def op(con: asyncpg.Connection) -> int:
             now = int(await con.fetchval("SELECT extract(epoch FROM now())::bigint"))
-            await con.execute("DELETE FROM relay_nodes WHERE expires < $1", now)
+            expired = await con.execute("DELETE FROM relay_nodes WHERE expires < $1", now)
             await con.execute(
                 "INSERT INTO relay_nodes (node, expires) VALUES ($1, $2)"
                 " ON CONFLICT (node) DO UPDATE SET expires = excluded.expires",
                 self._node, -(-(now + ttl) // grain) * grain)
-            if announce:
+            # A node killed without retiring: every node counts again now, not at its sweep.
+            if announce or expired != "DELETE 0":
                 await _notify(con, "n", 0)
             return int(await con.fetchval("SELECT count(*) FROM relay_nodes"))
         return await self._run(op)

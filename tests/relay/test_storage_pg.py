@@ -393,3 +393,33 @@ def test_a_checkpoint_warns_of_an_old_snapshot(
 
     with caplog.at_level(logging.WARNING, logger="aegis.relay"):
         asyncio.run(main())
+
+
+def test_a_heartbeat_that_drops_a_dead_node_notifies(postgres_server: PostgresServer) -> None:
+    """A node killed without retiring counts until its row expires; the first heartbeat of any
+    node after that deletes the row and notifies `n0`, so every node counts again at once
+    rather than at its own sweep."""
+    dsn = postgres_server.new_database()
+
+    async def main() -> None:
+        s = PostgresStorage(dsn)
+        await s.open()
+        payloads: list[str] = []
+        con = await asyncpg.connect(dsn)
+        await con.add_listener(storage_pg.CHANNEL, lambda *args: payloads.append(args[3]))
+        try:
+            assert await s.heartbeat(9) == 1
+            await con.execute("SELECT 1")
+            assert payloads == []  # nothing dropped, nothing announced
+            await con.execute("INSERT INTO relay_nodes VALUES (42, 1)")  # expired long ago
+            assert await s.heartbeat(9) == 1
+            deadline = time.monotonic() + 10
+            while payloads != ["n0"]:
+                assert time.monotonic() < deadline, payloads
+                await con.execute("SELECT 1")
+                await asyncio.sleep(0.05)
+        finally:
+            await con.close()
+            await s.close()
+
+    asyncio.run(main())
