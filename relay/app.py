@@ -301,13 +301,14 @@ class Relay:
     async def recount(self) -> None:
         """Several nodes: the relay-wide counts from the store (what this node counts misses
         the others' writes and acknowledgements), plus this node's deposits in flight, which
-        the count may not hold yet (those of other nodes it misses until the next sweep)."""
+        the count may not hold yet (those of other nodes it misses until the next sweep). The
+        heartbeat first: the share it sets and the counts are of the same moment."""
+        await self.heartbeat()
         mailboxes = await self.storage.mailbox_count()
         queued = await self.storage.queued_count()
         blobs = await self.storage.blob_count()
         writing = sum(mb.writing for mb in self.by_id.values())
         self.mailboxes, self.queued_blocks, self.blob_blocks = mailboxes, queued + writing, blobs
-        await self.heartbeat()
 
     async def heartbeat(self, announce: bool = False) -> None:
         """Say this node is live (for three sweep intervals) and take its share of the
@@ -323,8 +324,9 @@ class Relay:
         if nodes != self.nodes:
             self.nodes = nodes
             log.info("relay nodes sharing the store changed")
+            now = time.monotonic()  # the buckets' clock
             for mb in self.by_id.values():
-                mb.share(self.cfg, nodes)
+                mb.share(self.cfg, nodes, now)
 
     def remote(self, kind: str, mailbox: int) -> None:
         """Another node committed a deposit (`d`), changed or deleted a mailbox (`m`), or took
