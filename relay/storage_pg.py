@@ -271,6 +271,13 @@ class PostgresStorage:
                 if row is None:
                     await con.execute("INSERT INTO relay_schema VALUES ($1)", SCHEMA_VERSION)
                 elif row[0] == 1:
+                    # Schema-1 nodes still running would write clear blocks into schema 2.
+                    if await con.fetchval(
+                            "SELECT count(*) FROM pg_stat_activity WHERE datname ="
+                            " current_database() AND application_name LIKE 'aegis-relay%'"
+                            " AND pid <> ALL($1::int[])", list(self._own_pids)):
+                        raise StorageError("other relay nodes use this database: stop them"
+                                           " all before its schema is upgraded")
                     await _migrate_1_2(con)
                 elif row[0] != SCHEMA_VERSION:
                     raise StorageError("unsupported relay database schema version")

@@ -9,8 +9,11 @@ import asyncio
 import logging
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
@@ -144,6 +147,19 @@ def test_limits_are_checked_in_the_writing_transaction(postgres_server: Postgres
     run_pg(postgres_server, body, queue_limit=5, max_mailboxes=2)
 
 
+async def to_schema_1(con: asyncpg.Connection) -> None:
+    """Back to schema 1: its tables are schema 2's but for the key tables and relay_enqueue's
+    arguments (and relay_schema's `rewrite`, which schema 2 adds if missing)."""
+    await con.execute(
+        "DROP TABLE message_keys; DROP TABLE blob_keys;"
+        " DROP FUNCTION relay_enqueue(bigint, bigint, bigint, bigint, bigint, bytea,"
+        " bigint, bytea, boolean);"
+        " CREATE FUNCTION relay_enqueue(bigint, bigint, bigint, bigint, bigint, bytea,"
+        " bigint) RETURNS bigint LANGUAGE sql AS 'SELECT 0::bigint';"
+        " ALTER TABLE relay_schema DROP COLUMN rewrite;"
+        " UPDATE relay_schema SET version = 1")
+
+
 def test_a_schema_1_database_is_migrated(postgres_server: PostgresServer) -> None:
     """Schema 1 stored blocks in the clear (its tables are schema 2's but for the key tables
     and relay_enqueue's arguments): opening it encrypts every queued block and blob under a
@@ -158,13 +174,7 @@ def test_a_schema_1_database_is_migrated(postgres_server: PostgresServer) -> Non
         con = await asyncpg.connect(dsn)
         try:
             # Back to schema 1, with what a schema-1 relay had stored.
-            await con.execute(
-                "DROP TABLE message_keys; DROP TABLE blob_keys;"
-                " DROP FUNCTION relay_enqueue(bigint, bigint, bigint, bigint, bigint, bytea,"
-                " bigint, bytea, boolean);"
-                " CREATE FUNCTION relay_enqueue(bigint, bigint, bigint, bigint, bigint, bytea,"
-                " bigint) RETURNS bigint LANGUAGE sql AS 'SELECT 0::bigint';"
-                " UPDATE relay_schema SET version = 1")
+            await to_schema_1(con)
             olds = [b"old block %d" % i + os.urandom(300) for i in range(300)]
             await con.executemany(
                 "INSERT INTO messages (id, mailbox, seq, expiry, block)"
@@ -214,13 +224,7 @@ def test_an_interrupted_migration_rewrite_runs_again(
         await s.close()
         con = await asyncpg.connect(dsn)
         try:
-            await con.execute(
-                "DROP TABLE message_keys; DROP TABLE blob_keys;"
-                " DROP FUNCTION relay_enqueue(bigint, bigint, bigint, bigint, bigint, bytea,"
-                " bigint, bytea, boolean);"
-                " CREATE FUNCTION relay_enqueue(bigint, bigint, bigint, bigint, bigint, bytea,"
-                " bigint) RETURNS bigint LANGUAGE sql AS 'SELECT 0::bigint';"
-                " UPDATE relay_schema SET version = 1")
+            await to_schema_1(con)
             await con.executemany(
                 "INSERT INTO messages (id, mailbox, seq, expiry, block)"
                 " VALUES ($1, $2, $3, 1000, $4)",
@@ -423,3 +427,50 @@ def test_a_heartbeat_that_drops_a_dead_node_notifies(postgres_server: PostgresSe
             await s.close()
 
     asyncio.run(main())
+
+
+def test_no_migration_while_other_nodes_use_the_database(
+        postgres_server: PostgresServer, tmp_path: Path) -> None:
+    """Nodes of schema 1 and 2 must not share a database (a schema-1 node would store clear
+    blocks without keys): a node finding a schema-1 database while other relay sessions are
+    on it refuses to upgrade it, says why, and exits non-zero; alone, it upgrades."""
+    dsn = postgres_server.new_database()
+
+    async def prepare() -> None:
+        s = PostgresStorage(dsn)
+        await s.open()
+        await s.close()
+        con = await asyncpg.connect(dsn)
+        try:
+            await to_schema_1(con)
+        finally:
+            await con.close()
+
+    asyncio.run(prepare())
+    old_node = asyncio.new_event_loop()
+    other = old_node.run_until_complete(asyncpg.connect(
+        dsn, server_settings={"application_name": "aegis-relay"}))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "relay.main", "--store", dsn, "--host", "127.0.0.1",
+             "--port", "0", "--data", str(tmp_path / "data")],
+            cwd=Path(__file__).resolve().parents[2], capture_output=True, timeout=60,
+            check=False)
+        assert done.returncode == 1
+        out = (done.stdout + done.stderr).decode()
+        assert "cannot open the store: other relay nodes use this database" in out, out
+        assert "Traceback" not in out
+        assert postgres_server.query("SELECT version FROM relay_schema",
+                                     dsn.rsplit("/", 1)[1])[0][0] == 1
+    finally:
+        old_node.run_until_complete(other.close())
+        old_node.close()
+
+    async def alone() -> None:
+        s = PostgresStorage(dsn)
+        await s.open()
+        await s.close()
+
+    asyncio.run(alone())
+    assert postgres_server.query("SELECT version FROM relay_schema",
+                                 dsn.rsplit("/", 1)[1])[0][0] == 2
