@@ -165,7 +165,7 @@ class Relay:
                     # Notifications between the lost listener and the new one were missed:
                     # every subscribed queue is read again.
                     log.warning("storage notifications resumed")
-                    self.reread_all()
+                    await self.reread_all()
                 if now >= next_sweep:
                     if self.storage.shared:
                         await self.recount()
@@ -370,9 +370,16 @@ class Relay:
         mb.tokens = row.tokens
         mb.queued = row.queued + mb.writing
 
-    def reread_all(self) -> None:
-        for conn in list(self.connections):
-            for sub in list(conn.subs.values()):
+    async def reread_all(self) -> None:
+        """Announcements may have been missed: read again the subscribed queues that hold
+        blocks (a node's restart would otherwise make every node read every queue)."""
+        subs = [sub for conn in list(self.connections) for sub in list(conn.subs.values())]
+        try:
+            held = await self.storage.holding(list({sub.mb.id for sub in subs}))
+        except StorageError:
+            held = {sub.mb.id for sub in subs}
+        for sub in subs:
+            if sub.mb.id in held and sub.active:
                 sub.backlog = True
                 if not sub.pumping:
                     self.spawn(self.pump(sub))

@@ -389,6 +389,13 @@ class PostgresStorage:
         self._nodes = set()
         return True
 
+    async def holding(self, mailboxes: list[int]) -> set[int]:
+        """Which of these mailboxes hold queued blocks: one index lookup each, in one query."""
+        rows = await self._run(lambda con: con.fetch(
+            "SELECT u.box FROM unnest($1::bigint[]) AS u(box) WHERE EXISTS"
+            " (SELECT 1 FROM messages m WHERE m.mailbox = u.box)", mailboxes), tx=False)
+        return {int(r[0]) for r in rows}
+
     async def heartbeat(self, ttl: int, announce: bool = False) -> int:
         """Mark this node live for `ttl` seconds (rounded up to a third of it, by the database's
         clock: the nodes' own clocks may differ), drop the rows of nodes that stopped beating

@@ -474,3 +474,20 @@ def test_no_migration_while_other_nodes_use_the_database(
     asyncio.run(alone())
     assert postgres_server.query("SELECT version FROM relay_schema",
                                  dsn.rsplit("/", 1)[1])[0][0] == 2
+
+
+def test_holding_names_the_mailboxes_with_queued_blocks(
+        postgres_server: PostgresServer) -> None:
+    """What a node re-reads after a node went (or its listener was lost): only the subscribed
+    mailboxes that hold blocks, found in one query, not every subscribed queue."""
+    async def body(s: PostgresStorage, _con: asyncpg.Connection) -> None:
+        boxes = [await s.create_mailbox(okey(i), dkey(i), b"s", b"b", b"o", False)
+                 for i in range(4)]
+        h = await s.enqueue(boxes[1], 1000, b"x")
+        await s.enqueue(boxes[3], 1000, b"y")
+        assert await s.holding(boxes) == {boxes[1], boxes[3]}
+        assert await s.remove(boxes[1], [h]) == 1
+        assert await s.holding(boxes) == {boxes[3]}
+        assert await s.holding([]) == set()
+
+    run_pg(postgres_server, body)
