@@ -19,8 +19,8 @@ from nacl.public import PrivateKey
 
 from relay import wire
 from relay.client import RelayClient
+from relay.pg_notify import CHANNEL
 from relay.storage import owner_key
-from relay.storage_pg import CHANNEL
 
 from .conftest import RelayProcess, run
 from .helpers import block, new_owner, next_message

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 
+from relay import pg_notify, storage_pg
 from relay import storage as st
-from relay import storage_pg
 from relay.storage_pg import PostgresStorage
 
 from .postgres import PostgresServer
@@ -265,7 +265,7 @@ def test_deposits_are_announced_in_batches(postgres_server: PostgresServer) -> N
     (each mailbox's key once per block), after their commits, with nothing but `d` and the
     mailboxes' row keys; with a window of 0 each deposit's own transaction notifies. A payload
     stays within PostgreSQL's 8000 bytes however many mailboxes wait."""
-    longest = storage_pg._payloads("d", [st.KEY_MAX] * 1000)
+    longest = pg_notify.payloads("d", [st.KEY_MAX] * 1000)
     assert len(longest) == 3 and max(map(len, longest)) <= 8000
     dsn = postgres_server.new_database()
 
@@ -279,7 +279,7 @@ def test_deposits_are_announced_in_batches(postgres_server: PostgresServer) -> N
         b.watch(lambda kind, mailbox: heard.append((kind, mailbox)))
         payloads: list[str] = []
         con = await asyncpg.connect(dsn)
-        await con.add_listener(storage_pg.CHANNEL, lambda *args: payloads.append(args[3]))
+        await con.add_listener(pg_notify.CHANNEL, lambda *args: payloads.append(args[3]))
         try:
             boxes = [await a.create_mailbox(okey(i), dkey(i), b"s", b"b", b"o", False)
                      for i in range(3)]
@@ -333,7 +333,8 @@ def test_a_node_gone_within_a_second_of_its_start_is_noticed(
         assert not await b.check_listener()  # B's view: only itself
         a = PostgresStorage(dsn, notify_batch_ms=600_000)  # announces only when closing
         await a.open()
-        assert a._listener is not None
+        listening = a._listener.connection
+        assert listening is not None
         deadline = time.monotonic() + 10
         while not any(kind == "n" for kind, _ in heard):
             assert time.monotonic() < deadline, "the new node was not announced"
@@ -343,11 +344,11 @@ def test_a_node_gone_within_a_second_of_its_start_is_noticed(
         con = await asyncpg.connect(dsn)
         try:
             await con.execute("SELECT pg_terminate_backend(p) FROM unnest($1::int[]) p",
-                              list(a._own_pids | {a._listener.get_server_pid()}))
+                              list(a._own_pids | {listening.get_server_pid()}))
         finally:
             await con.close()
-        assert a._announcer is not None
-        a._announcer.cancel()
+        assert a._announcer.task is not None
+        a._announcer.task.cancel()
         deadline = time.monotonic() + 10
         while not await b.check_listener():
             assert time.monotonic() < deadline, "node B never noticed node A go"
@@ -410,7 +411,7 @@ def test_a_heartbeat_that_drops_a_dead_node_notifies(postgres_server: PostgresSe
         await s.open()
         payloads: list[str] = []
         con = await asyncpg.connect(dsn)
-        await con.add_listener(storage_pg.CHANNEL, lambda *args: payloads.append(args[3]))
+        await con.add_listener(pg_notify.CHANNEL, lambda *args: payloads.append(args[3]))
         try:
             assert await s.heartbeat(9) == 1
             await con.execute("SELECT 1")
