@@ -51,7 +51,8 @@ def _make_storage(cfg: Config, clock: Callable[[], float]) -> Storage:
         return PostgresStorage(cfg.store, queue_limit=cfg.queue_limit,
                                max_mailboxes=cfg.max_mailboxes,
                                rewrite_rows=cfg.pg_rewrite_rows,
-                               notify_batch_ms=cfg.pg_notify_batch_ms)
+                               notify_batch_ms=cfg.pg_notify_batch_ms,
+                               checkpoint_interval=cfg.checkpoint_interval)
     if cfg.store:
         raise ValueError("--store: a postgresql:// URL or nothing")
     return SQLiteStorage(
@@ -164,7 +165,7 @@ class Relay:
                     # Notifications between the lost listener and the new one were missed:
                     # every subscribed queue is read again.
                     log.warning("storage notifications resumed")
-                    self.reread_all()
+                    await self.reread_all()
                 if now >= next_sweep:
                     if self.storage.shared:
                         await self.recount()
@@ -300,13 +301,14 @@ class Relay:
     async def recount(self) -> None:
         """Several nodes: the relay-wide counts from the store (what this node counts misses
         the others' writes and acknowledgements), plus this node's deposits in flight, which
-        the count may not hold yet (those of other nodes it misses until the next sweep)."""
+        the count may not hold yet (those of other nodes it misses until the next sweep). The
+        heartbeat first: the share it sets and the counts are of the same moment."""
+        await self.heartbeat()
         mailboxes = await self.storage.mailbox_count()
         queued = await self.storage.queued_count()
         blobs = await self.storage.blob_count()
         writing = sum(mb.writing for mb in self.by_id.values())
         self.mailboxes, self.queued_blocks, self.blob_blocks = mailboxes, queued + writing, blobs
-        await self.heartbeat()
 
     async def heartbeat(self, announce: bool = False) -> None:
         """Say this node is live (for three sweep intervals) and take its share of the
@@ -322,8 +324,9 @@ class Relay:
         if nodes != self.nodes:
             self.nodes = nodes
             log.info("relay nodes sharing the store changed")
+            now = time.monotonic()  # the buckets' clock
             for mb in self.by_id.values():
-                mb.share(self.cfg, nodes)
+                mb.share(self.cfg, nodes, now)
 
     def remote(self, kind: str, mailbox: int) -> None:
         """Another node committed a deposit (`d`), changed or deleted a mailbox (`m`), or took
@@ -367,9 +370,16 @@ class Relay:
         mb.tokens = row.tokens
         mb.queued = row.queued + mb.writing
 
-    def reread_all(self) -> None:
-        for conn in list(self.connections):
-            for sub in list(conn.subs.values()):
+    async def reread_all(self) -> None:
+        """Announcements may have been missed: read again the subscribed queues that hold
+        blocks (a node's restart would otherwise make every node read every queue)."""
+        subs = [sub for conn in list(self.connections) for sub in list(conn.subs.values())]
+        try:
+            held = await self.storage.holding(list({sub.mb.id for sub in subs}))
+        except StorageError:
+            held = {sub.mb.id for sub in subs}
+        for sub in subs:
+            if sub.mb.id in held and sub.active:
                 sub.backlog = True
                 if not sub.pumping:
                     self.spawn(self.pump(sub))

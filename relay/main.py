@@ -23,6 +23,7 @@ from aiohttp import web
 
 from .app import RELAY_KEY, create_app
 from .config import Config
+from .storage import StorageError
 
 log = logging.getLogger("aegis.relay")
 
@@ -231,6 +232,9 @@ def _command() -> click.Command:
             _run(serve(create_app(cfg), host, port, sock), event_loop)
         except OSError as exc:
             log.error("cannot serve: %s", exc.strerror or type(exc).__name__)
+            sys.exit(1)
+        except StorageError as exc:  # its text is fixed or an exception's type name
+            log.error("cannot open the store: %s", exc)
             sys.exit(1)
 
     for field in dataclasses.fields(Config):

@@ -42,9 +42,13 @@ class TokenBucket:
         self.tokens = float(burst)
         self.stamp = now
 
-    def take(self, now: float) -> bool:
+    def settle(self, now: float) -> None:
+        """Add what the rate earned since the last call (before the rate changes)."""
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
+
+    def take(self, now: float) -> bool:
+        self.settle(now)
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             return True
@@ -116,18 +120,19 @@ class MailboxState:
         self.deposit_bucket = TokenBucket(cfg.deposit_rate, cfg.deposit_burst, now)
         self.bundle_bucket = TokenBucket(cfg.bundle_fetch_rate, cfg.bundle_fetch_burst, now)
         if nodes > 1:
-            self.share(cfg, nodes)
+            self.share(cfg, nodes, now)
         self.sub: Subscription | None = None
         self.deleted = False
 
-    def share(self, cfg: Config, nodes: int) -> None:
+    def share(self, cfg: Config, nodes: int, now: float) -> None:
         """This node's share of the mailbox's rates when `nodes` nodes serve it (a shared
         store, docs/relay-protocol.md §8.1): a client reaching every node gets the configured
         rate in all, not that many times it. Burst too (at least one: a deposit stays
-        possible)."""
+        possible). What the buckets earned until `now` is earned at the old rate."""
         for bucket, rate, burst in ((self.deposit_bucket, cfg.deposit_rate, cfg.deposit_burst),
                                     (self.bundle_bucket, cfg.bundle_fetch_rate,
                                      cfg.bundle_fetch_burst)):
+            bucket.settle(now)
             bucket.rate = rate / nodes
             bucket.burst = min(float(burst), max(1.0, burst / nodes))
             bucket.tokens = min(bucket.tokens, bucket.burst)

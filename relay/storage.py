@@ -148,6 +148,9 @@ class Storage(Protocol):
     def watch(self, callback: Callable[[str, int], None]) -> None: ...
     def announce(self, kind: str, mailbox: int) -> None: ...
     async def check_listener(self) -> bool: ...
+    # Which of these mailboxes hold queued blocks (what a node re-reads when it may have missed
+    # another node's announcements).
+    async def holding(self, mailboxes: list[int]) -> set[int]: ...
     # Several nodes: `heartbeat` marks this node live for `ttl` seconds and returns how many
     # nodes are live (with `announce`, the others hear `n` and count again); `retire` says it
     # is gone.
@@ -438,6 +441,10 @@ class SQLiteStorage:
 
     async def check_listener(self) -> bool:
         return False
+
+    async def holding(self, mailboxes: list[int]) -> set[int]:
+        """One process: never asked (it misses no announcement); every one."""
+        return set(mailboxes)
 
     async def heartbeat(self, ttl: int, announce: bool = False) -> int:
         return 1  # one process: this one

@@ -25,12 +25,15 @@ Across nodes, what one node's memory cannot know is in the database or announced
   already visible to anyone who can read the tables; see docs/threat-model.md.
 - the live nodes are rows of `relay_nodes` (a random key and a coarse expiry by the database's
   clock, refreshed at every sweep): each node applies 1/N of the per-mailbox rates. A node
-  joining or leaving notifies `n0`.
+  joining or leaving notifies `n0`; a listening connection, once made, notifies `n<its server
+  process id>`, so that the other nodes watch it (check_listener). The announcements, their
+  batching and the nodes' liveness are in relay/pg_notify.py.
 
 A block (queued or blob) is stored encrypted under a random key of its own, kept in a narrow
 table (`message_keys`, `blob_keys`) that every checkpoint rewrites whatever its size; deleting
 a block deletes its key in the same statement. A deleted block's ciphertext may stay in a large
-table's freed space, its key does not stay in the live files beyond one checkpoint interval.
+table's freed space, its key does not stay in the live files beyond one checkpoint interval
+while no older snapshot is open on the server (checkpoint).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import asyncpg
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from . import pg_notify
 from .storage import (
     KEY_MAX,
     SEQ_START,
@@ -63,16 +67,9 @@ from .storage import (
 log = logging.getLogger("aegis.relay")
 T = TypeVar("T")
 
-CHANNEL = "aegis_relay"
 SCHEMA_VERSION = 2
-# A notification's payload is at most 8000 bytes (PostgreSQL's limit): `d` and up to 390 keys
-# of at most 19 digits with their commas.
-_PAYLOAD_KEYS = 390
 # Every key encrypts one block only, so a fixed nonce is safe.
 _NONCE = bytes(12)
-# The listening connections carry this name, so that a node sees another node go away
-# (check_listener).
-_LISTENER_NAME = "aegis-relay listen"
 # Creations take this advisory lock, so the count of mailboxes they check is exact across nodes.
 _CREATE_LOCK = 0x6165676973  # "aegis"
 
@@ -81,6 +78,9 @@ _CREATE_LOCK = 0x6165676973  # "aegis"
 # ciphertext), so a block's bytes live in the TOAST table and its row in `messages` is small.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS relay_schema (version integer NOT NULL);
+-- True from the migration's own commit until `messages` and `blobs` were rewritten (VACUUM
+-- FULL): schema 1's blocks in the clear may still be in their files meanwhile.
+ALTER TABLE relay_schema ADD COLUMN IF NOT EXISTS rewrite boolean NOT NULL DEFAULT false;
 CREATE TABLE IF NOT EXISTS mailboxes (
     id bigint PRIMARY KEY,
     owner_key bytea NOT NULL UNIQUE,
@@ -172,9 +172,7 @@ END $$;
 _SETTINGS = {"synchronous_commit": "on", "application_name": "aegis-relay",
              "statement_timeout": "30000"}
 
-# What counts as the database being away (restarted, unreachable): the operation failed.
-_AWAY = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
-         asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
+_AWAY = pg_notify.AWAY
 
 
 _LOAD = ("SELECT id, owner_key, deposit_key, sig_pub, box_secret, owner_box_pub, public, tokens,"
@@ -212,11 +210,6 @@ def unseal(secret: bytes, stored: bytes) -> bytes:
         return stored
 
 
-def _payloads(kind: str, keys: list[int]) -> list[str]:
-    return [kind + ",".join(map(str, keys[i:i + _PAYLOAD_KEYS]))
-            for i in range(0, len(keys), _PAYLOAD_KEYS)]
-
-
 class PostgresStorage:
     """PostgreSQL backend: a pool of connections, one transaction per operation (the server's
     group commit batches the WAL flushes of concurrent commits), LISTEN on one more connection.
@@ -226,27 +219,19 @@ class PostgresStorage:
 
     def __init__(self, dsn: str, *, queue_limit: int = 1024, max_mailboxes: int = 0,
                  pool_size: int = 8, vacuum: bool = True, rewrite_rows: int = 4096,
-                 notify_batch_ms: float = 5.0) -> None:
+                 notify_batch_ms: float = 5.0, checkpoint_interval: float = 60.0) -> None:
         self._dsn = dsn
         self._queue_limit = queue_limit
         self._max_mailboxes = max_mailboxes
         self._pool_size = pool_size
         self._vacuum = vacuum
         self._rewrite_rows = rewrite_rows
+        self._interval = checkpoint_interval
         self._batch = max(0.0, notify_batch_ms) / 1000
-        # Mailboxes whose committed deposits this node has not announced yet (in order), with
-        # their number of such deposits, and the task announcing them.
-        self._unannounced: dict[int, int] = {}
-        self._announcer: asyncio.Task[None] | None = None
-        self._closing_now = asyncio.Event()
-        # The other nodes' listening connections seen last (server process ids), and when.
-        self._nodes: set[int] | None = None
-        self._nodes_checked = 0.0
-        self._closing = False
         self._pool: asyncpg.Pool | None = None
-        self._listener: asyncpg.Connection | None = None
         self._own_pids: set[int] = set()
-        self._watch: Callable[[str, int], None] | None = None
+        self._announcer = pg_notify.Announcer(self._batch, lambda: self._pool)
+        self._listener = pg_notify.Listener(dsn, _SETTINGS, self._own_pids)
         self._tasks: set[asyncio.Task[Any]] = set()
         # Each mailbox's last deposit submitted and not yet done (enqueue).
         self._enqueues: dict[int, asyncio.Future[int]] = {}
@@ -263,7 +248,6 @@ class PostgresStorage:
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        migrated = False
         try:
             self._pool = await asyncpg.create_pool(
                 self._dsn, min_size=1, max_size=self._pool_size, server_settings=_SETTINGS,
@@ -276,46 +260,53 @@ class PostgresStorage:
                 if row is None:
                     await con.execute("INSERT INTO relay_schema VALUES ($1)", SCHEMA_VERSION)
                 elif row[0] == 1:
+                    # Schema-1 nodes still running would write clear blocks into schema 2.
+                    if await con.fetchval(
+                            "SELECT count(*) FROM pg_stat_activity WHERE datname ="
+                            " current_database() AND application_name LIKE 'aegis-relay%'"
+                            " AND pid <> ALL($1::int[])", list(self._own_pids)):
+                        raise StorageError("other relay nodes use this database: stop them"
+                                           " all before its schema is upgraded")
                     await _migrate_1_2(con)
-                    migrated = True
                 elif row[0] != SCHEMA_VERSION:
                     raise StorageError("unsupported relay database schema version")
-            if migrated:
-                # The plaintext blocks of schema 1 are dead rows now: written out of the files.
-                async with self._pool.acquire() as con:
-                    await con.execute("VACUUM FULL messages")
-                    await con.execute("VACUUM FULL blobs")
-            await self._listen()
+            await self._rewrite_pending()
+            await self._listener.listen()
         except (asyncpg.PostgresError, *_AWAY) as exc:
             raise StorageError(type(exc).__name__) from None
+
+    async def _rewrite_pending(self) -> None:
+        """Finish a migration from schema 1: its blocks in the clear are dead rows, written
+        out of the table files by a rewrite (VACUUM FULL). The migration's own transaction set
+        `rewrite`; it is cleared only once both rewrites are done, so a rewrite interrupted (a
+        node killed, the database away) runs again at the next open, of any node. On a
+        connection of its own without statement_timeout: a large table takes long."""
+        con = await asyncpg.connect(
+            self._dsn, server_settings={**_SETTINGS, "statement_timeout": "0"}, timeout=10)
+        try:
+            if not await con.fetchval("SELECT rewrite FROM relay_schema"):
+                return
+            # One node at a time (the others wait, then find it done).
+            await con.execute("SELECT pg_advisory_lock($1)", _CREATE_LOCK + 1)
+            if await con.fetchval("SELECT rewrite FROM relay_schema"):
+                await con.execute("VACUUM FULL messages")
+                await con.execute("VACUUM FULL blobs")
+                await con.execute("UPDATE relay_schema SET rewrite = false")
+        finally:
+            with contextlib.suppress(Exception):
+                await con.close(timeout=5)  # the session's advisory lock goes with it
 
     async def _init_connection(self, con: asyncpg.Connection) -> None:
         pid = con.get_server_pid()
         self._own_pids.add(pid)
         con.add_termination_listener(lambda _c: self._own_pids.discard(pid))
 
-    async def _listen(self) -> None:
-        con = await asyncpg.connect(
-            self._dsn, server_settings={**_SETTINGS, "application_name": _LISTENER_NAME},
-            timeout=10)
-        await con.add_listener(CHANNEL, self._notified)
-        self._listener = con
-
     async def close(self) -> None:
-        self._closing = True
-        self._closing_now.set()
-        if self._announcer is not None:
-            # What was committed is announced before leaving (bounded: the database may be
-            # away; the other nodes then read their queues again as this node's listener goes).
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(self._announcer, 5)
+        await self._announcer.close()
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
-        if self._listener is not None:
-            with contextlib.suppress(Exception):
-                await self._listener.close(timeout=5)
-            self._listener = None
+        await self._listener.close()
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pool.close(), 10)
@@ -323,22 +314,12 @@ class PostgresStorage:
 
     def watch(self, callback: Callable[[str, int], None]) -> None:
         """Call `callback(kind, mailbox)` for every notification of another node."""
-        self._watch = callback
-
-    def _notified(self, _con: Any, pid: int, _channel: str, payload: str) -> None:
-        if pid in self._own_pids or self._watch is None:
-            return  # this node's own: already acted upon
-        try:
-            kind, mailboxes = payload[0], [int(k) for k in payload[1:].split(",")]
-        except (IndexError, ValueError):
-            return
-        for mailbox in mailboxes:
-            self._watch(kind, mailbox)
+        self._listener.watch(callback)
 
     def announce(self, kind: str, mailbox: int) -> None:
         """Tell the other nodes (`s`: this node took the mailbox's subscription)."""
         async def op(con: asyncpg.Connection) -> None:
-            await con.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{kind}{mailbox}")
+            await pg_notify.notify(con, kind, mailbox)
         fut = self._submit(op)
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
@@ -351,90 +332,24 @@ class PostgresStorage:
 
     async def check_listener(self) -> bool:
         """Make the listening connection again if it was lost; True if it was, or if another
-        node's listening connection went away (with batched notifications: a node that died
-        between a deposit's commit and its batch never announced it; the caller reads every
-        subscribed queue again)."""
-        if self._listener is not None and not self._listener.is_closed():
-            return await self._node_gone()
-        try:
-            await self._listen()
-        except (asyncpg.PostgresError, *_AWAY):
-            return False
-        self._nodes = None
-        return True
+        node's listening connection went away (pg_notify.Listener.check)."""
+        return await self._listener.check()
+
+    async def holding(self, mailboxes: list[int]) -> set[int]:
+        """Which of these mailboxes hold queued blocks: one index lookup each, in one query."""
+        rows = await self._run(lambda con: con.fetch(
+            "SELECT u.box FROM unnest($1::bigint[]) AS u(box) WHERE EXISTS"
+            " (SELECT 1 FROM messages m WHERE m.mailbox = u.box)", mailboxes), tx=False)
+        return {int(r[0]) for r in rows}
 
     async def heartbeat(self, ttl: int, announce: bool = False) -> int:
-        """Mark this node live for `ttl` seconds (rounded up to a third of it, by the database's
-        clock: the nodes' own clocks may differ), drop the rows of nodes that stopped beating,
-        and count the live ones (this one included)."""
-        grain = max(1, ttl // 3)
-
-        async def op(con: asyncpg.Connection) -> int:
-            now = int(await con.fetchval("SELECT extract(epoch FROM now())::bigint"))
-            await con.execute("DELETE FROM relay_nodes WHERE expires < $1", now)
-            await con.execute(
-                "INSERT INTO relay_nodes (node, expires) VALUES ($1, $2)"
-                " ON CONFLICT (node) DO UPDATE SET expires = excluded.expires",
-                self._node, -(-(now + ttl) // grain) * grain)
-            if announce:
-                await _notify(con, "n", 0)
-            return int(await con.fetchval("SELECT count(*) FROM relay_nodes"))
-        return await self._run(op)
+        """Mark this node live for `ttl` seconds and count the live nodes, this one included
+        (pg_notify.heartbeat)."""
+        return await self._run(lambda con: pg_notify.heartbeat(con, self._node, ttl, announce))
 
     async def retire(self) -> None:
         """This node stops: the others count again without waiting for its row to expire."""
-        async def op(con: asyncpg.Connection) -> None:
-            await con.execute("DELETE FROM relay_nodes WHERE node = $1", self._node)
-            await _notify(con, "n", 0)
-        await self._run(op)
-    async def _node_gone(self) -> bool:
-        if not self._batch or self._listener is None:
-            return False
-        now = time.monotonic()
-        if now - self._nodes_checked < 1.0:
-            return False
-        self._nodes_checked = now
-        try:
-            pids = {int(r[0]) for r in await self._listener.fetch(
-                "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
-                " AND datname = current_database()", _LISTENER_NAME)}
-        except (asyncpg.PostgresError, *_AWAY):
-            return False  # the listener is lost: the next call makes it again
-        gone = self._nodes is not None and not self._nodes <= pids
-        self._nodes = pids
-        return gone
-
-    def _announce_deposit(self, mailbox: int) -> None:
-        """After a deposit's commit: announce it with the others of the next few ms."""
-        self._unannounced[mailbox] = self._unannounced.get(mailbox, 0) + 1
-        if self._announcer is None or self._announcer.done():
-            self._announcer = asyncio.get_running_loop().create_task(self._announce_batches())
-
-    async def _announce_batches(self) -> None:
-        # One notifying transaction at a time per node: the deposits committed meanwhile
-        # gather for the next one.
-        while self._unannounced:
-            if not self._closing:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._closing_now.wait(), self._batch)
-            # A mailbox's key once per block, as unbatched: the nodes count its blocks.
-            keys = [k for k, n in self._unannounced.items() for _ in range(n)]
-            waiting, self._unannounced = self._unannounced, {}
-            try:
-                pool = self._pool
-                if pool is None:
-                    return
-                async with pool.acquire(timeout=10) as con:
-                    await con.execute(
-                        "SELECT pg_notify($1, p) FROM unnest($2::text[]) p", CHANNEL,
-                        _payloads("d", keys))
-            except (asyncpg.PostgresError, *_AWAY):
-                # Not announced: again, until the database answers (or this node closes).
-                for k, n in waiting.items():
-                    self._unannounced[k] = self._unannounced.get(k, 0) + n
-                if self._closing:
-                    return
-                await asyncio.sleep(0.5)
+        await self._run(lambda con: pg_notify.retire(con, self._node))
 
     # --- running operations ----------------------------------------------------------------------
 
@@ -583,7 +498,7 @@ class PostgresStorage:
         async def op(con: asyncpg.Connection) -> None:
             await con.execute("UPDATE mailboxes SET tokens = $1 WHERE id = $2",
                               b"".join(sorted(tokens)), mailbox)
-            await _notify(con, "m", mailbox)
+            await pg_notify.notify(con, "m", mailbox)
         await self._run(op)
 
     # --- queued blocks ---------------------------------------------------------------------------
@@ -606,7 +521,7 @@ class PostgresStorage:
                     stored, cap, secret, not self._batch)
                 if got == key:
                     if self._batch:
-                        self._announce_deposit(mailbox)  # committed: announced after
+                        self._announcer.deposit(mailbox)  # committed: announced after
                     return key
                 if got == -1:
                     raise QueueFull("mailbox gone")  # deleted on another node meanwhile
@@ -782,6 +697,7 @@ class PostgresStorage:
             return
 
         async def op(con: asyncpg.Connection) -> None:
+            await self._warn_old_snapshot(con)
             for table in ("message_keys", "blob_keys"):
                 # About 80 bytes a live row: cheap at any size (docs/relay-protocol.md §8.1).
                 await con.execute(f"VACUUM FULL {table}")
@@ -798,10 +714,20 @@ class PostgresStorage:
                 await con.execute("CHECKPOINT")
         await self._run(op, tx=False)
 
-
-async def _notify(con: asyncpg.Connection, kind: str, mailbox: int) -> None:
-    # Delivered at commit, and only if the transaction commits.
-    await con.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{kind}{mailbox}")
+    async def _warn_old_snapshot(self, con: asyncpg.Connection) -> None:
+        """VACUUM FULL copies the row versions that a snapshot still open anywhere on the
+        server may see (its `backend_xmin`, whatever the database), deleted keys included: the
+        rewrite removes a deleted block's key only once every older snapshot ended (docs/
+        threat-model.md §4.11). Say so when one is older than the interval. pg_stat_activity
+        shows another role's backend_xmin only to a role with pg_read_all_stats (or superuser);
+        prepared transactions and replication slots hold the horizon too, unseen here."""
+        age = await con.fetchval(
+            "SELECT extract(epoch FROM now() - min(coalesce(xact_start, query_start)))::bigint"
+            " FROM pg_stat_activity WHERE backend_xmin IS NOT NULL"
+            " AND pid <> pg_backend_pid() AND backend_type <> 'autovacuum worker'")
+        if age is not None and age > self._interval:
+            log.warning("storage: a snapshot open for %d s keeps deleted blocks' keys in the"
+                        " rewritten key tables until it ends", age)
 
 
 async def _delete_mailbox(con: asyncpg.Connection, mailbox: int) -> int:
@@ -811,7 +737,7 @@ async def _delete_mailbox(con: asyncpg.Connection, mailbox: int) -> int:
     await con.execute("DELETE FROM bundle_items WHERE mailbox = $1", mailbox)
     await con.execute("DELETE FROM bundles WHERE mailbox = $1", mailbox)
     await con.execute("DELETE FROM mailboxes WHERE id = $1", mailbox)
-    await _notify(con, "m", mailbox)
+    await pg_notify.notify(con, "m", mailbox)
     return int(status.split()[-1])
 
 
@@ -845,4 +771,5 @@ async def _migrate_1_2(con: asyncpg.Connection) -> None:
                                   [(i, b) for i, b, _ in sealed])
             await con.executemany(f"INSERT INTO {keys} (id, secret)"  # noqa: S608
                                   " VALUES ($1, $2)", [(i, k) for i, _, k in sealed])
-    await con.execute("UPDATE relay_schema SET version = $1", SCHEMA_VERSION)
+    # In the same transaction: the rewrite that removes the clear blocks is owed until done.
+    await con.execute("UPDATE relay_schema SET version = $1, rewrite = true", SCHEMA_VERSION)

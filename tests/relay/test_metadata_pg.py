@@ -19,8 +19,8 @@ from nacl.public import PrivateKey
 
 from relay import wire
 from relay.client import RelayClient
+from relay.pg_notify import CHANNEL
 from relay.storage import owner_key
-from relay.storage_pg import CHANNEL
 
 from .conftest import RelayProcess, run
 from .helpers import block, new_owner, next_message
@@ -33,8 +33,9 @@ pytestmark = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 #: no address type.
 TYPES = {"bigint", "bytea", "boolean", "integer"}
 #: A payload on the relay's channel (§8.1): a kind letter and mailboxes' row keys in decimal
-#: (several, comma-separated, for a batch of deposits), or `n0` (a node started or stopped).
-PAYLOAD = re.compile(r"([dms])([0-9]+(?:,[0-9]+)*)|n0")
+#: (several, comma-separated, for a batch of deposits), `n0` (a node's count changed) or `n`
+#: and the server process id of a node's listening connection (a node started listening).
+PAYLOAD = re.compile(r"([dms])([0-9]+(?:,[0-9]+)*)|n([0-9]+)")
 #: A node's heartbeat row (relay_nodes.expires) is the database's clock in seconds, rounded up
 #: to a third of three sweep intervals (the default sweep: 60 s): a node's, not a client's.
 NODE_GRAIN = 60
@@ -98,7 +99,7 @@ def test_postgres_keeps_no_client_address_port_or_time(
             await other.delete(gone.owner_id, gone.sig)
             # What the server shows of the nodes' connections while clients are on them.
             activity.extend(await listener.fetch(
-                "SELECT application_name, client_addr::text, client_hostname, client_port,"
+                "SELECT pid, application_name, client_addr::text, client_hostname, client_port,"
                 " query FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()"
                 " AND backend_type = 'client backend'",
                 db))
@@ -120,7 +121,10 @@ def test_postgres_keeps_no_client_address_port_or_time(
     for p in payloads:
         m = PAYLOAD.fullmatch(p)
         assert m is not None, p
-        if p != "n0":
+        if m.group(3) is not None:
+            listening = {r["pid"] for r in activity if r["application_name"].endswith("listen")}
+            assert m.group(3) == "0" or int(m.group(3)) in listening, p
+        else:
             assert {int(k) for k in m.group(2).split(",")} <= mailbox_keys, p
     kinds = {p[0] for p in payloads}
     assert {"d", "m", "s"} <= kinds, kinds

@@ -191,9 +191,17 @@ def test_an_acknowledged_block_leaves_the_data_directory(
         assert len(rows) == 1
         stored, secret = bytes(rows[0][0]), bytes(rows[0][1])
         served = storage_pg.unseal(secret, stored)
-        await postgres_server.aquery("CHECKPOINT")  # it reached the tables' files
-        assert _files_holding(postgres_server.data, secret)  # the search finds it
-        assert _files_holding(postgres_server.data, stored[100:164])
+        # The search finds them once they reached the files. Again if not: the relay's own
+        # maintenance (every 0.5 s) may unlink a rewritten file between the scan of pg_wal
+        # and that of the tables, before the new file is written.
+        deadline = time.monotonic() + 10
+        while True:
+            await postgres_server.aquery("CHECKPOINT")
+            if (_files_holding(postgres_server.data, secret)
+                    and _files_holding(postgres_server.data, stored[100:164])):
+                break
+            assert time.monotonic() < deadline, "the search never found the block"
+            await asyncio.sleep(0.2)
         if case == "keep_other":
             other = await new_owner(c, public=True)
             await c.deposit(other.deposit_id, block())

@@ -6,19 +6,25 @@ docs/threat-model.md, shown here so the statement stays true)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 import pytest
 
+from relay import pg_notify, storage_pg
 from relay import storage as st
-from relay import storage_pg
 from relay.storage_pg import PostgresStorage
 
 from .postgres import PostgresServer
+from .test_multinode import _files_holding
 from .test_no_order import N, assert_unordered, dkey, okey
 
 T = TypeVar("T")
@@ -141,6 +147,19 @@ def test_limits_are_checked_in_the_writing_transaction(postgres_server: Postgres
     run_pg(postgres_server, body, queue_limit=5, max_mailboxes=2)
 
 
+async def to_schema_1(con: asyncpg.Connection) -> None:
+    """Back to schema 1: its tables are schema 2's but for the key tables and relay_enqueue's
+    arguments (and relay_schema's `rewrite`, which schema 2 adds if missing)."""
+    await con.execute(
+        "DROP TABLE message_keys; DROP TABLE blob_keys;"
+        " DROP FUNCTION relay_enqueue(bigint, bigint, bigint, bigint, bigint, bytea,"
+        " bigint, bytea, boolean);"
+        " CREATE FUNCTION relay_enqueue(bigint, bigint, bigint, bigint, bigint, bytea,"
+        " bigint) RETURNS bigint LANGUAGE sql AS 'SELECT 0::bigint';"
+        " ALTER TABLE relay_schema DROP COLUMN rewrite;"
+        " UPDATE relay_schema SET version = 1")
+
+
 def test_a_schema_1_database_is_migrated(postgres_server: PostgresServer) -> None:
     """Schema 1 stored blocks in the clear (its tables are schema 2's but for the key tables
     and relay_enqueue's arguments): opening it encrypts every queued block and blob under a
@@ -155,13 +174,7 @@ def test_a_schema_1_database_is_migrated(postgres_server: PostgresServer) -> Non
         con = await asyncpg.connect(dsn)
         try:
             # Back to schema 1, with what a schema-1 relay had stored.
-            await con.execute(
-                "DROP TABLE message_keys; DROP TABLE blob_keys;"
-                " DROP FUNCTION relay_enqueue(bigint, bigint, bigint, bigint, bigint, bytea,"
-                " bigint, bytea, boolean);"
-                " CREATE FUNCTION relay_enqueue(bigint, bigint, bigint, bigint, bigint, bytea,"
-                " bigint) RETURNS bigint LANGUAGE sql AS 'SELECT 0::bigint';"
-                " UPDATE relay_schema SET version = 1")
+            await to_schema_1(con)
             olds = [b"old block %d" % i + os.urandom(300) for i in range(300)]
             await con.executemany(
                 "INSERT INTO messages (id, mailbox, seq, expiry, block)"
@@ -195,12 +208,64 @@ def test_a_schema_1_database_is_migrated(postgres_server: PostgresServer) -> Non
     asyncio.run(main())
 
 
+def test_an_interrupted_migration_rewrite_runs_again(
+        postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The migration from schema 1 commits first and rewrites `messages` (VACUUM FULL) after:
+    a node killed (or a timeout) between the two left schema 1's clear blocks in the table's
+    files for good. The migration's transaction records the rewrite as owed; the next open,
+    of any node, does it, and only then clears it."""
+    dsn = postgres_server.new_database()
+    marker = b"SCHEMA-1-CLEAR-" + os.urandom(8).hex().encode()
+
+    async def main() -> None:
+        s = PostgresStorage(dsn, rewrite_rows=2)
+        await s.open()
+        box = await s.create_mailbox(okey(1), dkey(1), b"s", b"b", b"o", False)
+        await s.close()
+        con = await asyncpg.connect(dsn)
+        try:
+            await to_schema_1(con)
+            await con.executemany(
+                "INSERT INTO messages (id, mailbox, seq, expiry, block)"
+                " VALUES ($1, $2, $3, 1000, $4)",
+                [(10_000 + i, box, 5 + i, marker + os.urandom(16000)) for i in range(10)])
+            await con.execute("CHECKPOINT")
+            assert _files_holding(postgres_server.data, marker)
+            # The rewrite fails once, after the migration's commit.
+            execute = asyncpg.Connection.execute
+
+            async def failing(self: asyncpg.Connection, query: str, *a: Any, **k: Any) -> Any:
+                if query.startswith("VACUUM FULL messages"):
+                    raise asyncpg.QueryCanceledError("canceling statement due to timeout")
+                return await execute(self, query, *a, **k)
+            monkeypatch.setattr(asyncpg.Connection, "execute", failing)
+            s = PostgresStorage(dsn, rewrite_rows=2)
+            with pytest.raises(st.StorageError):
+                await s.open()
+            await s.close()
+            monkeypatch.setattr(asyncpg.Connection, "execute", execute)
+            assert await con.fetchval("SELECT version FROM relay_schema") == 2
+            assert await con.fetchval("SELECT rewrite FROM relay_schema")
+            s = PostgresStorage(dsn, rewrite_rows=2)
+            await s.open()  # the owed rewrite runs
+            await s.close()
+            assert not await con.fetchval("SELECT rewrite FROM relay_schema")
+            await con.execute("CHECKPOINT")
+            left = [f for f in _files_holding(postgres_server.data, marker)
+                    if not f.startswith("pg_wal")]  # the WAL: until its segments go (§4.11)
+            assert left == []
+        finally:
+            await con.close()
+
+    asyncio.run(main())
+
+
 def test_deposits_are_announced_in_batches(postgres_server: PostgresServer) -> None:
     """A node announces the deposits committed within its batch window in one notification
     (each mailbox's key once per block), after their commits, with nothing but `d` and the
     mailboxes' row keys; with a window of 0 each deposit's own transaction notifies. A payload
     stays within PostgreSQL's 8000 bytes however many mailboxes wait."""
-    longest = storage_pg._payloads("d", [st.KEY_MAX] * 1000)
+    longest = pg_notify.payloads("d", [st.KEY_MAX] * 1000)
     assert len(longest) == 3 and max(map(len, longest)) <= 8000
     dsn = postgres_server.new_database()
 
@@ -214,7 +279,7 @@ def test_deposits_are_announced_in_batches(postgres_server: PostgresServer) -> N
         b.watch(lambda kind, mailbox: heard.append((kind, mailbox)))
         payloads: list[str] = []
         con = await asyncpg.connect(dsn)
-        await con.add_listener(storage_pg.CHANNEL, lambda *args: payloads.append(args[3]))
+        await con.add_listener(pg_notify.CHANNEL, lambda *args: payloads.append(args[3]))
         try:
             boxes = [await a.create_mailbox(okey(i), dkey(i), b"s", b"b", b"o", False)
                      for i in range(3)]
@@ -248,6 +313,185 @@ def test_deposits_are_announced_in_batches(postgres_server: PostgresServer) -> N
             await b.close()
 
     asyncio.run(main())
+
+
+def test_a_node_gone_within_a_second_of_its_start_is_noticed(
+        postgres_server: PostgresServer) -> None:
+    """A node that started after another node last read pg_stat_activity, took a deposit (its
+    announcement batched) and died within the second was never seen by that node, whose queues
+    were then not read again: a lost push. Its listening connection announces itself (`n<pid>`)
+    before it serves, so the other node watches it from then on, and checks whatever its own
+    batch window (0 here)."""
+    dsn = postgres_server.new_database()
+
+    async def main() -> None:
+        b = PostgresStorage(dsn, notify_batch_ms=0)
+        await b.open()
+        heard: list[tuple[str, int]] = []
+        b.watch(lambda kind, key: heard.append((kind, key)))
+        box = await b.create_mailbox(okey(1), dkey(1), b"s", b"b", b"o", False)
+        assert not await b.check_listener()  # B's view: only itself
+        a = PostgresStorage(dsn, notify_batch_ms=600_000)  # announces only when closing
+        await a.open()
+        listening = a._listener.connection
+        assert listening is not None
+        deadline = time.monotonic() + 10
+        while not any(kind == "n" for kind, _ in heard):
+            assert time.monotonic() < deadline, "the new node was not announced"
+            await asyncio.sleep(0.02)
+        await a.enqueue(box, 1000, b"committed, never announced")
+        # Killed: its backends end (as when its sockets close).
+        con = await asyncpg.connect(dsn)
+        try:
+            await con.execute("SELECT pg_terminate_backend(p) FROM unnest($1::int[]) p",
+                              list(a._own_pids | {listening.get_server_pid()}))
+        finally:
+            await con.close()
+        assert a._announcer.task is not None
+        a._announcer.task.cancel()
+        deadline = time.monotonic() + 10
+        while not await b.check_listener():
+            assert time.monotonic() < deadline, "node B never noticed node A go"
+            await asyncio.sleep(0.2)
+        assert not any(kind == "d" for kind, _ in heard)  # no announcement: the re-read did it
+        await a.close()
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_checkpoint_warns_of_an_old_snapshot(
+        postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A snapshot open anywhere on the server (here another database's repeatable-read
+    transaction) keeps the deleted keys in the rewritten key tables (VACUUM FULL copies what
+    it may still see): a checkpoint says so, with the snapshot's age in seconds only, once
+    that is older than the checkpoint interval; and no more once it ended."""
+    dsn = postgres_server.new_database()
+    text = "keeps deleted blocks' keys"
+
+    async def main() -> None:
+        s = PostgresStorage(dsn, checkpoint_interval=1)
+        await s.open()
+        box = await s.create_mailbox(okey(1), dkey(1), b"s", b"b", b"o", False)
+        other = await asyncpg.connect(postgres_server.admin_dsn)
+        try:
+            await s.checkpoint()
+            assert text not in caplog.text
+            tr = other.transaction(isolation="repeatable_read")
+            await tr.start()
+            await other.fetchval("SELECT txid_current()")
+            h = await s.enqueue(box, 1000, b"acked")
+            assert await s.remove(box, [h]) == 1
+            await asyncio.sleep(2.2)
+            await s.checkpoint()
+            warned = [r.getMessage() for r in caplog.records if text in r.getMessage()]
+            assert len(warned) == 1
+            assert re.fullmatch(r"storage: a snapshot open for \d+ s " + text
+                                + " in the rewritten key tables until it ends", warned[0])
+            await tr.rollback()
+            caplog.clear()
+            await s.checkpoint()
+            assert text not in caplog.text
+        finally:
+            await other.close()
+            await s.close()
+
+    with caplog.at_level(logging.WARNING, logger="aegis.relay"):
+        asyncio.run(main())
+
+
+def test_a_heartbeat_that_drops_a_dead_node_notifies(postgres_server: PostgresServer) -> None:
+    """A node killed without retiring counts until its row expires; the first heartbeat of any
+    node after that deletes the row and notifies `n0`, so every node counts again at once
+    rather than at its own sweep."""
+    dsn = postgres_server.new_database()
+
+    async def main() -> None:
+        s = PostgresStorage(dsn)
+        await s.open()
+        payloads: list[str] = []
+        con = await asyncpg.connect(dsn)
+        await con.add_listener(pg_notify.CHANNEL, lambda *args: payloads.append(args[3]))
+        try:
+            assert await s.heartbeat(9) == 1
+            await con.execute("SELECT 1")
+            assert payloads == []  # nothing dropped, nothing announced
+            await con.execute("INSERT INTO relay_nodes VALUES (42, 1)")  # expired long ago
+            assert await s.heartbeat(9) == 1
+            deadline = time.monotonic() + 10
+            while payloads != ["n0"]:
+                assert time.monotonic() < deadline, payloads
+                await con.execute("SELECT 1")
+                await asyncio.sleep(0.05)
+        finally:
+            await con.close()
+            await s.close()
+
+    asyncio.run(main())
+
+
+def test_no_migration_while_other_nodes_use_the_database(
+        postgres_server: PostgresServer, tmp_path: Path) -> None:
+    """Nodes of schema 1 and 2 must not share a database (a schema-1 node would store clear
+    blocks without keys): a node finding a schema-1 database while other relay sessions are
+    on it refuses to upgrade it, says why, and exits non-zero; alone, it upgrades."""
+    dsn = postgres_server.new_database()
+
+    async def prepare() -> None:
+        s = PostgresStorage(dsn)
+        await s.open()
+        await s.close()
+        con = await asyncpg.connect(dsn)
+        try:
+            await to_schema_1(con)
+        finally:
+            await con.close()
+
+    asyncio.run(prepare())
+    old_node = asyncio.new_event_loop()
+    other = old_node.run_until_complete(asyncpg.connect(
+        dsn, server_settings={"application_name": "aegis-relay"}))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "relay.main", "--store", dsn, "--host", "127.0.0.1",
+             "--port", "0", "--data", str(tmp_path / "data")],
+            cwd=Path(__file__).resolve().parents[2], capture_output=True, timeout=60,
+            check=False)
+        assert done.returncode == 1
+        out = (done.stdout + done.stderr).decode()
+        assert "cannot open the store: other relay nodes use this database" in out, out
+        assert "Traceback" not in out
+        assert postgres_server.query("SELECT version FROM relay_schema",
+                                     dsn.rsplit("/", 1)[1])[0][0] == 1
+    finally:
+        old_node.run_until_complete(other.close())
+        old_node.close()
+
+    async def alone() -> None:
+        s = PostgresStorage(dsn)
+        await s.open()
+        await s.close()
+
+    asyncio.run(alone())
+    assert postgres_server.query("SELECT version FROM relay_schema",
+                                 dsn.rsplit("/", 1)[1])[0][0] == 2
+
+
+def test_holding_names_the_mailboxes_with_queued_blocks(
+        postgres_server: PostgresServer) -> None:
+    """What a node re-reads after a node went (or its listener was lost): only the subscribed
+    mailboxes that hold blocks, found in one query, not every subscribed queue."""
+    async def body(s: PostgresStorage, _con: asyncpg.Connection) -> None:
+        boxes = [await s.create_mailbox(okey(i), dkey(i), b"s", b"b", b"o", False)
+                 for i in range(4)]
+        h = await s.enqueue(boxes[1], 1000, b"x")
+        await s.enqueue(boxes[3], 1000, b"y")
+        assert await s.holding(boxes) == {boxes[1], boxes[3]}
+        assert await s.remove(boxes[1], [h]) == 1
+        assert await s.holding(boxes) == {boxes[3]}
+        assert await s.holding([]) == set()
+
+    run_pg(postgres_server, body)
 
 
 def test_a_database_without_the_delete_key_column_gets_it(
