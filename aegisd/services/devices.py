@@ -87,8 +87,9 @@ MAX_LINK_MAILBOXES = 16  # a bound on the list: one link at a time makes at most
 SETTING_MAX_LINKED = "devices.max_linked"
 #: The delete capabilities this device holds for its other devices' mailboxes (docs/devices.md
 #: §6, §7): {device ID hex: [DeleteCap.to_json(), ...]}; `devices.remove` uses and drops them.
-#: A link's profile carries E's own under the same name, as a setting N never installs as one.
-SETTING_DELETE_KEYS = "devices.delete_keys"
+#: A link's profile carries E's own under the same name, as a setting N never installs as one;
+#: always (`{}` when E has none): it is also the marker that E reads N's "installed" bytes.
+SETTING_DELETE_KEYS = dv.DELETE_KEYS_SETTING
 MAX_CAPS_PER_DEVICE = 16  # capabilities taken from one device (hostile input: bounded)
 POLL = 0.25  # seconds between two FETCHes of a link's mailbox
 TTL_MIN = 10
@@ -731,10 +732,11 @@ class Devices:
             value = store.get_setting(name)
             if value is not None and name not in NOT_CARRIED:
                 settings.append((name, json.dumps(value)))
+        # E's device mailbox's delete key, for N (never installed as a setting); present even
+        # when empty: it tells N that this E reads the keys in N's "installed" (§4.2).
         caps = self._own_caps(current)
-        if caps:  # E's device mailbox's delete key, for N (never installed as a setting)
-            settings.append((SETTING_DELETE_KEYS, json.dumps(
-                {self.self_id().hex(): [c.to_json() for c in caps]})))
+        own = {self.self_id().hex(): [c.to_json() for c in caps]} if caps else {}
+        settings.append((SETTING_DELETE_KEYS, json.dumps(own)))
         hidden = set(G.group_contact_ids(store))
         contacts = []
         for c in store.list_contacts():
