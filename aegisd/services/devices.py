@@ -270,24 +270,30 @@ class Devices:
                           for c in caps]  # fmt: skip
                 # The contacts learn of it and drop their sessions with it (docs/devices.md §5.3).
                 told = self.m.fanout.send_list(new, self.self_id(), self.device_private())
-        deleted = await self._delete_now(queued)
+        deleted, refused = await self._delete_now(queued)
         return {"version": new.version, "devices": len(new.devices),
-                "mailboxes_deleted": deleted,
-                "mailboxes_queued": len(queued) - deleted, "contacts_told": told}  # fmt: skip
+                "mailboxes_deleted": deleted, "mailboxes_refused": refused,
+                "mailboxes_queued": len(queued) - deleted - refused,
+                "contacts_told": told}  # fmt: skip
 
-    async def _delete_now(self, queued: list[tuple[int, bytes]]) -> int:
-        """Delete queued mailboxes at their relay now, in order; the first relay away leaves
-        the rest queued (renewal.py retire_due takes them on the next connection)."""
-        done = 0
+    async def _delete_now(self, queued: list[tuple[int, bytes]]) -> tuple[int, int]:
+        """Delete queued mailboxes at their relay now, in order: how many are gone and how
+        many are on a relay the URL policy refuses. A row (with its delete key) leaves the
+        queue only once its mailbox is gone; the first relay away or saying "not now" leaves
+        the rest queued (renewal.py retire_due takes them on the next connection), a refused
+        URL stays queued (for when the policy allows it) and the next is tried."""
+        done = refused = 0
         for row_id, descriptor in queued:
-            try:
-                await self.m.renewals._delete_old(OwnedMailbox.from_bytes(descriptor))
-            except AppError:
+            result = await self.m.renewals.relay_delete(OwnedMailbox.from_bytes(descriptor))
+            if result == "away":
                 break
+            if result == "refused":
+                refused += 1
+                continue
             with contextlib.suppress(Exception):  # locked meanwhile: retire_due deletes again
                 store_devices.unretire_mailbox(self.m.store, row_id)
             done += 1
-        return done
+        return done, refused
 
     # --- delete keys (docs/devices.md §6) -------------------------------------------------
 
