@@ -334,8 +334,11 @@ def register(main: ModuleType) -> None:
         is a new profile). The new list goes to your contacts, who then stop sending to it."""
         result = ctx.call("devices.remove", {"id": device_id})
         queued = result["mailboxes_queued"]
+        refused = result.get("mailboxes_refused", 0)
         ctx.out(result, f"Removed; the list is now version {result['version']} with "
                         f"{result['devices']} device(s); {result['mailboxes_deleted']} of its "
                         "mailboxes deleted at the relay"
                         + (f", {queued} on the next connection" if queued else "")
+                        + (f", {refused} kept for later: their relay's URL is refused by this"
+                           " profile's relay settings" if refused else "")
                         + f"; {result['contacts_told']} contact(s) told.")  # fmt: skip

@@ -76,6 +76,8 @@ _CREATE_LOCK = 0x6165676973  # "aegis"
 # Every row key is a random bigint drawn by the relay (never a sequence); `seq` orders one
 # mailbox's blocks only. Blocks are stored out of line (TOAST, uncompressed: they are
 # ciphertext), so a block's bytes live in the TOAST table and its row in `messages` is small.
+_HAS_DEL_PUB = ("SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema ="
+                " current_schema() AND table_name = 'mailboxes' AND column_name = 'del_pub')")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS relay_schema (version integer NOT NULL);
 -- True from the migration's own commit until `messages` and `blobs` were rewritten (VACUUM
@@ -93,9 +95,9 @@ CREATE TABLE IF NOT EXISTS mailboxes (
     used bigint NOT NULL
 );
 CREATE INDEX IF NOT EXISTS mailboxes_used ON mailboxes(used);
--- The delete-only key (NULL: none). Added in place, in schema 2: a node that predates it
--- neither reads nor writes the column, and its mailboxes simply have none.
-ALTER TABLE mailboxes ADD COLUMN IF NOT EXISTS del_pub bytea;
+-- The delete-only key (`del_pub`, NULL: none) is added in place by open(), in schema 2, only
+-- when missing: a node that predates it neither reads nor writes the column, and its
+-- mailboxes simply have none.
 CREATE TABLE IF NOT EXISTS messages (
     id bigint PRIMARY KEY,
     mailbox bigint NOT NULL,
@@ -256,6 +258,12 @@ class PostgresStorage:
             async with self._pool.acquire() as con, con.transaction():
                 await con.execute("SELECT pg_advisory_xact_lock($1)", _CREATE_LOCK + 1)
                 await con.execute(_SCHEMA)
+                # Looked up first: ALTER TABLE takes ACCESS EXCLUSIVE even when the column
+                # exists, so every node start would queue behind any open transaction on
+                # mailboxes and stall every other query on it meanwhile.
+                if not await con.fetchval(_HAS_DEL_PUB):
+                    await con.execute("ALTER TABLE mailboxes ADD COLUMN IF NOT EXISTS"
+                                      " del_pub bytea")
                 row = await con.fetchrow("SELECT version FROM relay_schema")
                 if row is None:
                     await con.execute("INSERT INTO relay_schema VALUES ($1)", SCHEMA_VERSION)

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 from . import primitives as p
 from . import wire
+from .backup import BackupContents
 from .errors import DecodeError, DecryptionError, ProtocolError, StateError, UnsupportedVersion
 from .identity import IdentityKeyPair, PublicIdentity
 from .primitives import Entropy
@@ -64,6 +65,11 @@ MAX_LIST_SKEW = 86_400  # seconds a list's version may run ahead of the holder's
 FINAL_GRACE = 60  # seconds after expiry N still takes E's final block (sent before expiry)
 MAX_REFUSALS = 16  # "used" answers E sends per link; later requests are dropped unanswered
 MAX_INSTALLED_EXTRA = 8192  # bytes N's "installed" may carry (its mailboxes' delete keys)
+#: The profile setting (docs/devices.md §4.2, §6) whose presence says that E reads the bytes
+#: N's "installed" carries: such an E always sends it (JSON, `{}` when it has no key to give).
+#: An E from before delete keys refuses anything but zeros after the step byte and never sends
+#: it, so N sends it no bytes (it would never list N otherwise).
+DELETE_KEYS_SETTING = "devices.delete_keys"
 PAYLOAD_DEVICE_HELLO = wire.PAYLOAD_DEVICE_HELLO
 PAYLOAD_DEVICE_LIST_ACK = wire.PAYLOAD_DEVICE_LIST_ACK
 PAYLOAD_DEVICE_LIST_REQUEST = wire.PAYLOAD_DEVICE_LIST_REQUEST
@@ -650,6 +656,15 @@ class LinkProfile:
         self.device_list.verify(pair.public)
         return pair
 
+    def takes_installed_extra(self) -> bool:
+        """Whether E reads the bytes of N's "installed": the profile (backup contents) carries
+        the DELETE_KEYS_SETTING marker. A profile that cannot be read says no."""
+        try:
+            contents = BackupContents.from_bytes(self.profile)
+        except (DecodeError, ProtocolError, ValueError):
+            return False
+        return any(name == DELETE_KEYS_SETTING for name, _ in contents.settings)
+
     def __repr__(self) -> str:
         return f"LinkProfile(<private>, list version {self.device_list.version})"
 
@@ -1150,12 +1165,16 @@ class LinkJoin:
     def installed_block(self, entropy: Entropy, extra: bytes = b"") -> bytes:
         """After an accepted final, once the profile is committed: the block that tells E to
         list this device, with `extra` (the daemon's bytes: its mailboxes' delete keys, at
-        most MAX_INSTALLED_EXTRA). Not bound to a time: E takes it until expiry plus
-        FINAL_GRACE."""
+        most MAX_INSTALLED_EXTRA) only if E's profile says E reads them
+        (`LinkProfile.takes_installed_extra`); otherwise none, as an older E expects. Not
+        bound to a time: E takes it until expiry plus FINAL_GRACE."""
         if len(extra) > MAX_INSTALLED_EXTRA:
             raise ValueError("too much to say in one installed block")
         if not self._accepted or self._keys is None or self._installed_sent:
             raise LinkUsed("no installed block is due now")
+        assert self.profile is not None  # accepted: the profile came
+        if not self.profile.takes_installed_extra():
+            extra = b""
         self._installed_sent = True
         content = Writer().u8(STEP_INSTALLED).u16(len(extra)).raw(extra).bytes()
         return _seal_session(entropy, self._keys.n2e, content)

@@ -355,9 +355,9 @@ async def move_to_relay(m: Messenger, url: str, insecure_plaintext: bool) -> tup
         for row in rows:  # now, while the old relay's network settings still hold
             try:
                 mb = OwnedMailbox.from_bytes(row.descriptor)
-                await asyncio.wait_for(m.renewals._delete_old(mb), DELETE_TIMEOUT)
-                deleted.add(row.id)
-            except (AppError, TimeoutError):
+                if await asyncio.wait_for(m.renewals.relay_delete(mb), DELETE_TIMEOUT) != "away":
+                    deleted.add(row.id)  # a URL the policy refuses counts as done here
+            except TimeoutError:
                 pass
         with store.transaction():
             for row in rows:

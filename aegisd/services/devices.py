@@ -87,8 +87,9 @@ MAX_LINK_MAILBOXES = 16  # a bound on the list: one link at a time makes at most
 SETTING_MAX_LINKED = "devices.max_linked"
 #: The delete capabilities this device holds for its other devices' mailboxes (docs/devices.md
 #: §6, §7): {device ID hex: [DeleteCap.to_json(), ...]}; `devices.remove` uses and drops them.
-#: A link's profile carries E's own under the same name, as a setting N never installs as one.
-SETTING_DELETE_KEYS = "devices.delete_keys"
+#: A link's profile carries E's own under the same name, as a setting N never installs as one;
+#: always (`{}` when E has none): it is also the marker that E reads N's "installed" bytes.
+SETTING_DELETE_KEYS = dv.DELETE_KEYS_SETTING
 MAX_CAPS_PER_DEVICE = 16  # capabilities taken from one device (hostile input: bounded)
 POLL = 0.25  # seconds between two FETCHes of a link's mailbox
 TTL_MIN = 10
@@ -280,24 +281,30 @@ class Devices:
                           for c in caps]  # fmt: skip
                 # The contacts learn of it and drop their sessions with it (docs/devices.md §5.3).
                 told = self.m.fanout.send_list(new, self.self_id(), self.device_private())
-        deleted = await self._delete_now(queued)
+        deleted, refused = await self._delete_now(queued)
         return {"version": new.version, "devices": len(new.devices),
-                "mailboxes_deleted": deleted,
-                "mailboxes_queued": len(queued) - deleted, "contacts_told": told}  # fmt: skip
+                "mailboxes_deleted": deleted, "mailboxes_refused": refused,
+                "mailboxes_queued": len(queued) - deleted - refused,
+                "contacts_told": told}  # fmt: skip
 
-    async def _delete_now(self, queued: list[tuple[int, bytes]]) -> int:
-        """Delete queued mailboxes at their relay now, in order; the first relay away leaves
-        the rest queued (renewal.py retire_due takes them on the next connection)."""
-        done = 0
+    async def _delete_now(self, queued: list[tuple[int, bytes]]) -> tuple[int, int]:
+        """Delete queued mailboxes at their relay now, in order: how many are gone and how
+        many are on a relay the URL policy refuses. A row (with its delete key) leaves the
+        queue only once its mailbox is gone; the first relay away or saying "not now" leaves
+        the rest queued (renewal.py retire_due takes them on the next connection), a refused
+        URL stays queued (for when the policy allows it) and the next is tried."""
+        done = refused = 0
         for row_id, descriptor in queued:
-            try:
-                await self.m.renewals._delete_old(OwnedMailbox.from_bytes(descriptor))
-            except AppError:
+            result = await self.m.renewals.relay_delete(OwnedMailbox.from_bytes(descriptor))
+            if result == "away":
                 break
+            if result == "refused":
+                refused += 1
+                continue
             with contextlib.suppress(Exception):  # locked meanwhile: retire_due deletes again
                 store_devices.unretire_mailbox(self.m.store, row_id)
             done += 1
-        return done
+        return done, refused
 
     # --- delete keys (docs/devices.md §6) -------------------------------------------------
 
@@ -752,10 +759,11 @@ class Devices:
             value = store.get_setting(name)
             if value is not None and name not in NOT_CARRIED:
                 settings.append((name, json.dumps(value)))
+        # E's device mailbox's delete key, for N (never installed as a setting); present even
+        # when empty: it tells N that this E reads the keys in N's "installed" (§4.2).
         caps = self._own_caps(current)
-        if caps:  # E's device mailbox's delete key, for N (never installed as a setting)
-            settings.append((SETTING_DELETE_KEYS, json.dumps(
-                {self.self_id().hex(): [c.to_json() for c in caps]})))
+        own = {self.self_id().hex(): [c.to_json() for c in caps]} if caps else {}
+        settings.append((SETTING_DELETE_KEYS, json.dumps(own)))
         hidden = set(G.group_contact_ids(store))
         contacts = []
         for c in store.list_contacts():

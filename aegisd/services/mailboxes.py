@@ -91,7 +91,7 @@ class MoveView(Protocol):
 
 
 class RenewalsView(Protocol):
-    async def _delete_old(self, mb: OwnedMailbox) -> None: ...
+    async def relay_delete(self, mb: OwnedMailbox) -> str: ...
 
 
 class InboxView(Protocol):
@@ -411,14 +411,11 @@ class Mailboxes:
     async def delete_at_relay(self, mb: OwnedMailbox) -> None:
         """Delete at the mailbox's own relay (after a move, not this profile's); one that
         cannot be reached now is deleted on a later connection (renewal.py retire_due)."""
-        try:
-            await self.m.renewals._delete_old(mb)
-        except AppError:
-            if self.m.ctx.store is not None:
-                self.m.store._q(
-                    "INSERT INTO retired_mailboxes (contact_id, descriptor) VALUES (NULL, ?)",
-                    (mb.to_bytes(),),
-                )
+        if await self.m.renewals.relay_delete(mb) == "away" and self.m.ctx.store is not None:
+            self.m.store._q(
+                "INSERT INTO retired_mailboxes (contact_id, descriptor) VALUES (NULL, ?)",
+                (mb.to_bytes(),),
+            )
 
     def drop_contact_mailbox(self, store: Store, contact_id: int) -> None:
         """An unanswered first contact failed for good (delivery.py): the mailbox made for its

@@ -20,7 +20,7 @@ import hmac
 import logging
 import time
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from aegisd import droplog
 from aegisd.core import pqxdh, renewal, wire
@@ -33,6 +33,7 @@ from aegisd.store import actions as actions_store
 from aegisd.store.db import Contact
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
 from relay.client import RelayError
+from relay.wire import E_BUSY, E_INTERNAL, E_LIMIT, E_RATE_LIMITED
 
 from .bundle_fetch import fetch_bundle, retryable
 from .delivery import Recipient
@@ -51,6 +52,11 @@ if TYPE_CHECKING:
     from .mailboxes import Mailboxes
 
 log = logging.getLogger("aegisd.renewal")
+
+#: What Renewals.relay_delete says of a mailbox it was asked to delete at its relay.
+DeleteResult = Literal["deleted", "refused", "away"]
+#: Relay answers to a DELETE that mean "not now": the mailbox may still be there.
+TRY_LATER = frozenset({E_RATE_LIMITED, E_LIMIT, E_BUSY, E_INTERNAL})
 
 SETTING_PENDING = "backup.renewal_pending"
 #: A renewal request older than this (the relay's default message TTL) or more than a day
@@ -167,31 +173,39 @@ class Renewals:
                 "OR EXISTS (SELECT 1 FROM renewals n WHERE n.contact_id = r.contact_id "
                 "AND n.side = 'restored' AND n.done = 1) ORDER BY id"
             ).fetchall():
-                await self._delete_old(OwnedMailbox.from_bytes(bytes(descriptor)))
-                store._q("DELETE FROM retired_mailboxes WHERE id = ?", (row_id,))
+                done = await self.relay_delete(OwnedMailbox.from_bytes(bytes(descriptor)))
+                if done == "away":
+                    raise AppError(1010, "relay_unavailable", "the relay is not reachable")
+                if done == "deleted":  # a URL the policy refuses stays queued, key and all
+                    store._q("DELETE FROM retired_mailboxes WHERE id = ?", (row_id,))
 
-    async def _delete_old(self, mb: OwnedMailbox) -> None:
-        """Delete one of the old profile's mailboxes at its own relay (which may not be this
-        profile's). Raises AppError if that relay cannot be reached (the caller keeps the row);
-        a relay error (already deleted) counts as done."""
+    async def relay_delete(self, mb: OwnedMailbox) -> DeleteResult:
+        """DELETE one of our mailboxes at its own relay (which may not be this profile's), with
+        its owner key or its delete key: "deleted" once the relay answered OK or `denied` (no
+        such mailbox: gone already, or a key it does not take: a relay or node from before
+        delete keys answers that too, and asking again would never change it), "refused" for
+        a relay URL the policy forbids (never dialled: the mailbox may live on), "away" when
+        the relay cannot be reached or says "not now" (`rate_limited`, `limit`, `busy`,
+        `internal`): the mailbox may live on, ask again later."""
         m = self.m
         if not m.mailboxes.url_ok(mb.relay_url):
-            return  # a relay the URL policy forbids: never dialled
+            return "refused"
         try:
             if m.mailboxes.link is not None and same_relay(m.mailboxes.link.url, mb.relay_url):
                 async with m.mailboxes.client() as client:
                     await client.delete(mb.owner_id, mb.signing_key)
-                return
+                return "deleted"
             client, own = await with_relay(mb.relay_url, m.mailboxes.link, m.network())
             try:
                 await client.delete(mb.owner_id, mb.signing_key)
             finally:
                 if own:
                     await client.close()
-        except RelayError:
-            return
-        except (RelayUnavailable, *UNAVAILABLE):
-            raise AppError(1010, "relay_unavailable", "the relay is not reachable") from None
+        except RelayError as exc:
+            return "away" if exc.code in TRY_LATER else "deleted"
+        except (AppError, RelayUnavailable, *UNAVAILABLE):  # AppError: this relay not linked now
+            return "away"
+        return "deleted"
 
     def receive_first_contact(self, c: Contact, block: bytes) -> None:
         """A block on a mailbox of a contact we have no session with: the answer to our
@@ -466,10 +480,8 @@ class Renewals:
         for row_id, descriptor in store._q(
             "SELECT id, descriptor FROM retired_mailboxes WHERE contact_id = ?", (contact_id,)
         ).fetchall():
-            try:
-                await self._delete_old(OwnedMailbox.from_bytes(bytes(descriptor)))
-            except AppError:
-                return  # the relay is away: retire_due() tries again on the next connection
+            if await self.relay_delete(OwnedMailbox.from_bytes(bytes(descriptor))) == "away":
+                return  # retire_due() tries again on the next connection
             store._q("DELETE FROM retired_mailboxes WHERE id = ?", (row_id,))
 
 

@@ -763,29 +763,71 @@ def _linked(alice: Peer, new: Peer) -> tuple[str, str]:
     return mine[0], other[0]
 
 
+def _queued_for(relay: RelayProcess, peer: Peer, but: bytes) -> int:
+    """Blocks queued at the relay in the mailboxes of the peer's store but one (the daemon
+    stopped)."""
+    from aegisd.services.mailbox import OwnedMailbox
+    from aegisd.store import open_profile
+    from relay.storage import deposit_key
+
+    store = open_profile(peer.home, None)
+    try:
+        keys = [deposit_key(OwnedMailbox.from_bytes(r.descriptor).deposit_id)
+                for r in store.list_mailboxes()
+                if OwnedMailbox.from_bytes(r.descriptor).deposit_id != but]  # fmt: skip
+    finally:
+        store.close()
+    with sqlite3.connect(relay.data / "relay.sqlite3", timeout=10) as db:
+        return sum(db.execute("SELECT count(*) FROM messages m JOIN mailboxes b ON "
+                              "b.id = m.mailbox WHERE b.deposit_key = ?", (k,)).fetchone()[0]
+                   for k in keys)  # fmt: skip
+
+
 def test_removing_an_offline_device_deletes_its_mailbox_at_the_relay_at_once(
     peers: Callable[[str], Peer], relay_proc: RelayProcess
 ) -> None:
     """A1 links A2, A2 is stopped, A1 removes it: A2's device mailbox is deleted at the relay
     at once with the delete key A2's "installed" gave (A1 never had its owner key); a deposit
-    there is refused as into no mailbox; A2 restarted receives nothing through it."""
-    alice, new = peers("alice"), peers("alice2")
+    there is refused as into no mailbox. Bob, told of the removal (fan-out), sends to A1
+    only: A2 restarted receives what Bob sent before the removal, not what he sent after."""
+    alice, bob = peers("alice"), peers("bob")
+    connect(alice, bob)
+    new = peers("alice2")
     _, new_id = _linked(alice, new)
+    # Bob learns of A2 and opens a session with it (docs/devices.md §5.3).
+    new.wait_for(lambda: new.call("contacts.list")["contacts"][0]["established"], "bob")
+    bob.wait_for(lambda: [e for e in bob.events(types=["contact.devices"])
+                          if e["data"]["devices"] == 2], "A2's session")  # fmt: skip
     device_mb = _device_mailbox(new)
     assert _at_relay(relay_proc, device_mb)
     new.stop()
+    # A2's other mailboxes (those of its sessions): what is queued there while it is away.
+    empty = _queued_for(relay_proc, new, device_mb)
+    bob.call("messages.send", {"contact": "alice", "text": "before the removal"})
+    alice.wait_for(lambda: ("in", "before the removal") in texts(alice, "bob"), "A1")
+    bob.wait_for(lambda: _queued_for(relay_proc, new, device_mb) > empty, "the text for A2")
+    queued = _queued_for(relay_proc, new, device_mb)
     out = alice.call("devices.remove", {"id": new_id})
     assert (out["mailboxes_deleted"], out["mailboxes_queued"], out["devices"]) == (1, 0, 1)
+    assert (out["mailboxes_refused"], out["contacts_told"]) == (0, 1)
     assert not _at_relay(relay_proc, device_mb)
     assert _raw_deposit_refused(relay_proc, device_mb)
     # A second removal has nothing left to delete (the capabilities went with the first).
     assert error_of(alice, "devices.remove", {"id": new_id}).code == 1095
+    bob.wait_for(lambda: bob.events(types=["contact.devices"])[-1]["data"]["devices"] == 1,
+                 "the removal")  # fmt: skip
+    bob.call("messages.send", {"contact": "alice", "text": "after the removal"})
+    alice.wait_for(lambda: ("in", "after the removal") in texts(alice, "bob"), "A1")
+    assert _queued_for(relay_proc, new, device_mb) == queued  # nothing more for A2
     new.start()
     new.wait_connected()
+    # What was queued for it comes; the later text never was (Bob has no session with it).
+    new.wait_for(lambda: ("in", "before the removal") in texts(new, "bob"), "the earlier text")
+    assert ("in", "after the removal") not in texts(new, "bob")
     assert not _at_relay(relay_proc, device_mb)  # nothing brought it back
     assert _raw_deposit_refused(relay_proc, device_mb)
-    assert new.call("contacts.list")["contacts"] == []
-    assert len(new.call("devices.list")["devices"]) == 2  # it was told nothing (no fan-out yet)
+    # A2 still holds its own list: a removed device is not sent the list that removes it.
+    assert len(new.call("devices.list")["devices"]) == 2
 
 
 def test_a_removal_while_the_relay_is_away_deletes_at_the_next_connection(

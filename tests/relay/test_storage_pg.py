@@ -523,3 +523,42 @@ def test_a_database_without_the_delete_key_column_gets_it(
             await con.close()
 
     asyncio.run(main())
+
+
+def test_a_node_start_does_not_wait_for_a_reader_of_mailboxes(
+        postgres_server: PostgresServer) -> None:
+    """A transaction reading mailboxes is open while another node starts: open() takes no lock
+    that waits for it (an ALTER TABLE at every start would, and stall the cluster behind it).
+    The starting node's lock_timeout turns such a wait into an error rather than a hang."""
+    dsn = postgres_server.new_database()
+
+    async def main() -> None:
+        first = PostgresStorage(dsn)
+        await first.open()
+        await first.create_mailbox(okey(1), dkey(1), b"s", b"b", b"o", False)
+        reader = await asyncpg.connect(dsn)
+        try:
+            tx = reader.transaction()
+            await tx.start()
+            await reader.fetch("SELECT * FROM mailboxes")
+            old = storage_pg._SETTINGS.get("lock_timeout")
+            storage_pg._SETTINGS["lock_timeout"] = "2000"
+            try:
+                second = PostgresStorage(dsn)
+                await second.open()  # StorageError(LockNotAvailableError) if it had to wait
+            finally:
+                if old is None:
+                    del storage_pg._SETTINGS["lock_timeout"]
+                else:
+                    storage_pg._SETTINGS["lock_timeout"] = old
+            try:
+                got = await second.load_mailbox(okey=okey(1))
+                assert got is not None
+            finally:
+                await second.close()
+            await tx.rollback()
+        finally:
+            await reader.close()
+            await first.close()
+
+    asyncio.run(main())

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from aegisd.core import devices as d
 from aegisd.core import primitives as p
 from aegisd.core import wire
+from aegisd.core.backup import BackupContents
 from aegisd.core.errors import DecodeError, DecryptionError, StateError, UnsupportedVersion
 from aegisd.core.identity import IdentityKeyPair
 from tests.support.entropy import DeterministicEntropy
@@ -87,8 +88,8 @@ class Link:
         assert out is not None
         return out
 
-    def done(self, me: int = 9) -> bytes:
-        self.received()
+    def done(self, me: int = 9, extra: bytes = b"x") -> bytes:
+        self.received(extra)
         self.join.confirm(NOW + 8)
         return self.join.done_block(self.n_rng, device(me), NOW + 9)
 
@@ -919,8 +920,15 @@ def test_a_malformed_request_under_the_link_gets_no_answer() -> None:
             link.offer.refuse_request(_request_with(link, inner), NOW + 3)
 
 
-def _finished(link: Link, current: d.DeviceList = FIRST) -> d.DeviceList:
-    done = link.done()
+def marked(settings: tuple[tuple[str, str], ...] = ((d.DELETE_KEYS_SETTING, "{}"),)) -> bytes:
+    """A profile's contents (the backup format) with these settings: by default the marker of
+    an E that reads N's "installed" bytes, with no key of its own."""
+    ed, x = IDENTITY.raw_private()
+    return BackupContents(1, ed, x, IDENTITY.public.binding_sig, "me", settings, (), ()).to_bytes()
+
+
+def _finished(link: Link, current: d.DeviceList = FIRST, extra: bytes = b"x") -> d.DeviceList:
+    done = link.done(extra=extra)
     new, final = link.offer.receive_done(link.e_rng, IDENTITY, current, done, NOW + 10)
     assert new is not None and link.join.receive_final(final, NOW + 11)[1] == new
     return new
@@ -952,7 +960,7 @@ def test_installed_carries_the_new_devices_extra_bytes() -> None:
     sends none (the old block: the step, then zeros) gives E empty bytes; a length past the
     bound or non-zero padding after the bytes is refused, nothing listed."""
     link = Link()
-    _finished(link)
+    _finished(link, extra=marked())
     extra = b'[{"k": 1}]'
     installed = link.join.installed_block(link.n_rng, extra)
     link.offer.receive_installed(link.e_rng, IDENTITY, FIRST, installed, NOW + 12)
@@ -976,6 +984,37 @@ def test_installed_carries_the_new_devices_extra_bytes() -> None:
     _finished(late)
     with pytest.raises(ValueError):
         late.join.installed_block(late.n_rng, bytes(d.MAX_INSTALLED_EXTRA + 1))
+
+
+def _older_e_reads(block: bytes, link: Link) -> bytes:
+    """The content of N's "installed" as an E from before delete keys checks it: the step
+    byte, then only zero padding (else it never lists N)."""
+    content = d._open_session(link.offer._keys.n2e, block,  # type: ignore[union-attr]
+                              d.STEP_INSTALLED)
+    if any(content[1:]):
+        raise DecryptionError()
+    return content
+
+
+def test_n_sends_its_keys_only_to_an_e_whose_profile_says_it_reads_them() -> None:
+    """Without the marker in the profile (an older E, or a profile that is no backup contents)
+    N's "installed" carries no bytes, so an older E lists it; with the marker (even with
+    no key of E's: `{}`) it carries them."""
+    extra = b'[{"k": 1}]'
+    for contents in (b"x", marked((("other.setting", "1"),))):
+        old = Link()
+        _finished(old, extra=contents)
+        assert old.join.profile is not None and not old.join.profile.takes_installed_extra()
+        block = old.join.installed_block(old.n_rng, extra)
+        _older_e_reads(block, old)  # an older E takes it
+        old.offer.receive_installed(old.e_rng, IDENTITY, FIRST, block, NOW + 12)
+        assert old.offer.installed and old.offer.installed_extra == b""
+    new = Link()
+    _finished(new, extra=marked())
+    assert new.join.profile is not None and new.join.profile.takes_installed_extra()
+    block = new.join.installed_block(new.n_rng, extra)
+    new.offer.receive_installed(new.e_rng, IDENTITY, FIRST, block, NOW + 12)
+    assert new.offer.installed_extra == extra
 
 
 def test_installed_and_listed_blocks_keep_their_steps_and_deadlines() -> None:

@@ -1,0 +1,85 @@
+"""Renewals.relay_delete against a real relay (docs/devices.md §4.5): what a DELETE's answer
+means for the mailbox's queue row. OK and `denied` are "deleted" (gone, or a key this relay
+will never take); `rate_limited` (as `limit`, `busy`, `internal`) is "away", the mailbox may
+live on and the row must stay; a URL the policy refuses is "refused", never dialled. The
+messenger is a stand-in for the few things relay_delete reads (the URL policy and the
+profile's relay link); the relay and its answers are real."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+from nacl.public import PrivateKey
+from nacl.signing import SigningKey
+
+from aegisd.services.mailbox import OwnedMailbox
+from aegisd.services.renewal import Renewals
+from relay import storage as st
+from relay.client import RelayClient
+from tests.relay.conftest import RelayProcess, run
+
+
+def _to_delete(url: str, owner_id: bytes, key: SigningKey) -> OwnedMailbox:
+    # As a queued deletion holds it: the delete key in place of the owner key.
+    return OwnedMailbox(url, bytes(key), b"", owner_id, b"", b"", b"")
+
+
+def test_relay_delete_says_deleted_refused_or_away(tmp_path: Path) -> None:
+    # Two uncached lookups per connection, refilled only after hours: the third is refused.
+    relay = RelayProcess(tmp_path, {"--lookup-rate": "0.0001", "--lookup-burst": "2"})
+    relay.start()
+    url = f"ws://127.0.0.1:{relay.port}/v1/ws"
+    allowed = {"ok": True}
+
+    async def relay_has(owner_id: bytes) -> bool:
+        with sqlite3.connect(relay.data / "relay.sqlite3", timeout=10) as db:
+            return db.execute("SELECT 1 FROM mailboxes WHERE owner_key = ?",
+                              (st.owner_key(owner_id),)).fetchone() is not None  # fmt: skip
+
+    async def body() -> None:
+        c = await RelayClient.connect(relay.url)
+        link: Any = SimpleNamespace(url=url)
+
+        @contextlib.asynccontextmanager
+        async def client(about: bytes | None = None) -> AsyncIterator[RelayClient]:
+            yield c
+
+        mailboxes: Any = SimpleNamespace(url_ok=lambda u: allowed["ok"], link=link,
+                                         client=client)  # fmt: skip
+        renewals = Renewals(cast(Any, SimpleNamespace(mailboxes=mailboxes)))
+        try:
+            sig, dk = SigningKey.generate(), SigningKey.generate()
+            made = await c.create(sig, bytes(PrivateKey.generate().public_key),
+                                  delete_pub=bytes(dk.verify_key))  # fmt: skip
+            mb = _to_delete(url, made.owner_id, dk)
+            allowed["ok"] = False  # the policy refuses the URL: nothing is sent
+            assert await renewals.relay_delete(mb) == "refused"
+            allowed["ok"] = True
+            assert await renewals.relay_delete(mb) == "deleted"  # OK
+            assert await relay_has(made.owner_id) is False
+            # Made-up mailboxes: `denied` ("deleted") until the lookup bucket is empty.
+            answers = [await renewals.relay_delete(
+                _to_delete(url, os.urandom(16), SigningKey.generate())) for _ in range(3)]
+            assert answers[0] == "deleted" and answers[-1] == "away"
+            # The bucket is empty: rate_limited. The mailbox may live on: ask again later.
+            sig2, dk2 = SigningKey.generate(), SigningKey.generate()
+            c2 = await RelayClient.connect(relay.url)
+            made2 = await c2.create(sig2, bytes(PrivateKey.generate().public_key),
+                                    delete_pub=bytes(dk2.verify_key))  # fmt: skip
+            await c2.close()
+            live = _to_delete(url, made2.owner_id, dk2)
+            assert await renewals.relay_delete(live) == "away"
+            assert await relay_has(made2.owner_id) is True  # not deleted: "away" was right
+        finally:
+            await c.close()
+
+    try:
+        run(body())
+    finally:
+        relay.close()
