@@ -9,6 +9,11 @@ at a constant rate whether the two people talk or not: real messages take the pl
 instead of adding to it, and receipts no longer echo messages one to one. The cost is latency:
 a message waits for its contact's next tick (exponential, mean the level's interval).
 
+A contact with several devices (docs/devices.md §5) shares its ticks with them: at a tick, its
+mailbox and each answered device's mailbox get one block each, every one chosen as above from
+what waits for that mailbox (receipts go to all of them; cover to those nothing real took), so
+each of a person's device mailboxes sees the same rate (docs/protocol.md §24, "Several devices").
+
 Mailboxes for contacts to come are made ahead, at random times (POOL_SIZE of them, a new one
 after an exponential wait when one is taken), and each receives loop cover: the daemon deposits
 into it, through a connection of its own, at the same rate as a contact would. So a new contact's
