@@ -39,6 +39,9 @@ class Config:
     # source_cap_loopback: behind those every client has the proxy's address (relay/gate.py).
     source_connections: int = 1000
     source_cap_loopback: bool = False
+    # Accept a CREATE with a delete-only key (§4.1). Off: such a CREATE is answered bad_frame,
+    # as a relay from before delete keys does (its mailboxes can be deleted by the owner key only).
+    delete_keys: bool = True
     # Seconds for a new connection to send HELLO, and (counted from the TCP accept) to complete
     # the HTTP upgrade before it.
     handshake_timeout: float = 10.0

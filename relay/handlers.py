@@ -37,6 +37,8 @@ Handler = Callable[["Connection", wire.Frame], Awaitable[None]]
 
 async def h_create(c: Connection, f: wire.Frame) -> None:
     sig_pub, box_pub, flags, del_pub, nonce, sig = wire.parse_create(f.body)
+    if del_pub is not None and not c.cfg.delete_keys:
+        raise wire.FrameError(wire.E_BAD_FRAME)  # --delete-keys false: as an older relay
     c._check_pow(c.cfg.pow_create_bits, wire.POW_CREATE, pow_.ZERO_TARGET,
                  wire.create_pow_hash(sig_pub, box_pub, flags, del_pub), nonce)
     try:

@@ -49,6 +49,9 @@ HELP = {
     "source_connections": ("Connections one source address (IPv6: /64) may hold, before the "
                            "upgrade too (0: no cap); loopback is exempt by default."),
     "source_cap_loopback": "Apply --source-connections to loopback peers too.",
+    "delete_keys": "Accept mailboxes with a delete-only key (CREATE flags bit 1); false: refuse "
+                   "them with bad_frame as a relay before delete keys does, so that only the "
+                   "owner key can delete a mailbox (clients fall back to CREATE without one).",
     "handshake_timeout": "Seconds for a new connection to upgrade and send HELLO.",
     "setups_per_turn": ("New connections handed to the HTTP server per turn of the event loop, "
                         "in arrival order; the rest wait (0: no bound)."),

@@ -9,6 +9,11 @@ at a constant rate whether the two people talk or not: real messages take the pl
 instead of adding to it, and receipts no longer echo messages one to one. The cost is latency:
 a message waits for its contact's next tick (exponential, mean the level's interval).
 
+A contact with several devices (docs/devices.md §5) shares its ticks with them: at a tick, its
+mailbox and each answered device's mailbox get one block each, every one chosen as above from
+what waits for that mailbox (receipts go to all of them; cover to those nothing real took), so
+each of a person's device mailboxes sees the same rate (docs/protocol.md §24, "Several devices").
+
 Mailboxes for contacts to come are made ahead, at random times (POOL_SIZE of them, a new one
 after an exponential wait when one is taken), and each receives loop cover: the daemon deposits
 into it, through a connection of its own, at the same rate as a contact would. So a new contact's
@@ -127,7 +132,9 @@ class Cover:
         self._loop_key: bytes | None = None
         self._rng = random.SystemRandom()
         #: Counters for tests and `privacy.get`: blocks sent at ticks, by what they carried.
-        self.sent = {"real": 0, "receipts": 0, "cover": 0, "loop": 0, "fill": 0}
+        #: "slots": contact slots that deposited (a slot of a contact with N devices deposits
+        #: N blocks, which may differ in kind: real to one device, cover to another).
+        self.sent = {"real": 0, "receipts": 0, "cover": 0, "loop": 0, "fill": 0, "slots": 0}
 
     # --- settings ---------------------------------------------------------------------------
 
@@ -288,13 +295,39 @@ class Cover:
             store = m.store
             now_ms = time.time_ns() // 1_000_000
             with store.transaction():
-                if slots.release_one(store, contact_id, now_ms):
-                    self.sent["real"] += 1
-                elif self._flush_receipts(contact_id, limit_one=True):
-                    self.sent["receipts"] += 1
-                elif not self._away(contact_id) and self._send(contact_id, wire.CoverPayload()):
-                    self.sent["cover"] += 1
+                self._slot(contact_id, now_ms)
         m.delivery.wake()
+
+    def _slot(self, contact_id: int, now_ms: int) -> None:
+        """One slot of a contact: exactly one block into its mailbox and into each of its
+        other devices' (docs/protocol.md §24, "Several devices"): the oldest real block
+        waiting for that mailbox, else the waiting receipts (to every device: those whose
+        mailbox a real block took get them at their next slot), else cover."""
+        store = self.m.store
+        c = store.get_contact(contact_id)
+        blob = store.get_session(contact_id)
+        if c is None or blob is None:
+            return
+        dests = self.m.delivery.slot_destinations(c)
+        free = {d for d in dests if not slots.release_one(store, contact_id, now_ms, d)}
+        slots.release_stray(store, contact_id, now_ms, dests)
+        if len(free) < len(dests):
+            self.sent["real"] += 1
+            self.sent["slots"] += 1
+        if not free:
+            return
+        session = Session.from_bytes(blob)
+        batch = slots.take_receipts(store, contact_id, wire.MAX_RECEIPT_IDS)
+        if batch is not None:
+            payload = wire.ReceiptPayload(batch[0], tuple(batch[1]))
+            self.m.delivery.enqueue_slot(c, session, payload, now_to=free, later_too=True)
+            self.sent["receipts"] += 1
+            self.sent["slots"] += len(free) == len(dests)
+        elif not self._away(contact_id):
+            self.m.delivery.enqueue_slot(c, session, wire.CoverPayload(), now_to=free,
+                                         later_too=False)  # fmt: skip
+            self.sent["cover"] += 1
+            self.sent["slots"] += len(free) == len(dests)
 
     async def _loop_tick(self, pool_row_id: int) -> None:
         """Loop cover into one of our own pool mailboxes (dropped when it comes back)."""

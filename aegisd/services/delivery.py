@@ -260,6 +260,47 @@ class Delivery:
             store.enqueue_blocks(ds.send_to, blocks, message_id=message_id,
                                  contact_id=contact_id, not_before=not_before)  # fmt: skip
 
+    def slot_destinations(self, contact: Contact) -> list[bytes]:
+        """Where each slot of this contact deposits one block (docs/protocol.md §24): its
+        mailbox, then the mailbox of each of its other devices that answered."""
+        state = ContactState.from_bytes(contact.state)
+        if state.send_to is None or not state.established or state.failed:
+            return []
+        out = [address_to_bytes(state.send_to)]
+        for ds in cd.device_sessions(self._store(), contact.id):
+            if ds.send_to is not None and ds.send_to not in out:
+                out.append(ds.send_to)
+        return out
+
+    def enqueue_slot(self, contact: Contact, session: Session, payload: wire.Payload, *,
+                     now_to: set[bytes], later_too: bool) -> None:  # fmt: skip
+        """A slot's block (cover, or a receipt batch): encrypted for the contact's session
+        and each of its devices' whose mailbox is in ``now_to`` (the destinations no real block
+        took in this slot), due now; with ``later_too``, also for the others, waiting for their
+        next slot behind what waits there. Inside the caller's transaction."""
+        store = self._store()
+        encoded = wire.encode_payload(payload)
+        due = _ms()
+        state = ContactState.from_bytes(contact.state)
+        if state.send_to is None or not state.established or state.failed:
+            return
+        row = address_to_bytes(state.send_to)
+        if row in now_to or later_too:
+            blocks = session.encrypt(self.h.entropy, encoded)
+            store.put_session(contact.id, session.to_bytes())
+            store.enqueue_blocks(row, blocks, contact_id=contact.id,
+                                 not_before=due if row in now_to else SLOT_WAIT)  # fmt: skip
+        for ds in cd.device_sessions(store, contact.id):
+            if ds.send_to is None or ds.send_to == row:
+                continue
+            if ds.send_to not in now_to and not later_too:
+                continue
+            dev = Session.from_bytes(ds.state)
+            blocks = dev.encrypt(self.h.entropy, encoded)
+            cd.put_device_session(store, contact.id, ds.device_id, dev.to_bytes(), due // 1000)
+            store.enqueue_blocks(ds.send_to, blocks, contact_id=contact.id,
+                                 not_before=due if ds.send_to in now_to else SLOT_WAIT)  # fmt: skip
+
     def queue_receipt(self, recipient: Recipient, kind: int, ids: list[bytes]) -> None:
         """A delivery or read receipt: with cover on, it waits to ride the contact's next
         slot with the others (no block per message, no echo of the message's timing); with

@@ -48,7 +48,7 @@ from aegisd.transport.relaylink import (
     with_relay,
 )
 from relay.client import RelayClient, RelayError
-from relay.wire import E_FULL, E_LIMIT, E_RATE_LIMITED
+from relay.wire import E_BAD_FRAME, E_FULL, E_LIMIT, E_RATE_LIMITED
 
 from .context import ServiceContext
 from .mailbox import OwnedMailbox, box_public, delete_public, new_delete_seed, new_keys
@@ -139,6 +139,9 @@ class Mailboxes:
         # After a relay move: one link per other relay that still holds mailboxes of ours,
         # receiving on them until every contact has switched (or the bound passed).
         self.drains: dict[str, RelayLink] = {}
+        # Relays (URLs) that refused a CREATE with a delete key, for this run: an older relay
+        # (new_mailbox); a restart tries again, in case it was upgraded.
+        self.no_delete_keys: set[str] = set()
 
     def start_link(self) -> None:
         url = self.m.store.get_setting(SETTING_URL)
@@ -347,19 +350,20 @@ class Mailboxes:
             )  # fmt: skip
         sign_seed, box_secret = new_keys()
         # Every mailbox gets a delete-only key, so the profile's other devices can delete it
-        # (docs/devices.md §6, §7) without the owner key.
-        delete_seed = new_delete_seed()
+        # (docs/devices.md §6, §7) without the owner key; except at a relay that refused one.
+        url = self.relay_url()
+        delete_seed = b"" if url in self.no_delete_keys else new_delete_seed()
         token = b"" if public else self.m.entropy.random(32)
 
         async def make(client: RelayClient) -> OwnedMailbox:
             created = await client.create(
-                OwnedMailbox(self.relay_url(), sign_seed, b"", b"", b"", b"", b"").signing_key,
+                OwnedMailbox(url, sign_seed, b"", b"", b"", b"", b"").signing_key,
                 box_public(box_secret),
                 public=public,
-                delete_pub=delete_public(delete_seed),
+                delete_pub=delete_public(delete_seed) if delete_seed else None,
             )
             mb = OwnedMailbox(
-                self.relay_url(),
+                url,
                 sign_seed,
                 box_secret,
                 created.owner_id,
@@ -372,20 +376,39 @@ class Mailboxes:
                 await client.token_add(mb.owner_id, mb.signing_key, token)
             return mb
 
+        def older_relay(exc: RelayError) -> bool:
+            """A relay from before delete keys answers a CREATE with one ``bad_frame`` (and
+            closes the connection, docs/relay-protocol.md §11): remembered for its URL for
+            this run, and the mailbox made again without one on a connection of its own."""
+            nonlocal delete_seed
+            if exc.code != E_BAD_FRAME or not delete_seed:
+                return False
+            self.no_delete_keys.add(url)
+            delete_seed = b""
+            log.warning("the relay refused a mailbox with a delete key (a relay older than "
+                        "delete keys): mailboxes there are made without one, and no other "
+                        "device of this profile can delete them")  # fmt: skip
+            return True
+
         try:
             try:
                 async with self.client() as client:
                     return await make(client)
             except RelayError as exc:
-                if exc.code != E_LIMIT:
+                if exc.code != E_LIMIT and not older_relay(exc):
                     raise
             # The link's connection made as many mailboxes as the relay lets one connection
-            # make (issue 15 item 12): a short-lived connection of its own makes this one.
-            own, _ = await with_relay(self.relay_url(), None, self.m.ctx.network())
-            try:
-                return await make(own)
-            finally:
-                await own.close()
+            # make (issue 15 item 12), or the relay closed it (an older relay's bad_frame): a
+            # short-lived connection of its own makes this one.
+            while True:  # twice at most: older_relay holds once
+                own, _ = await with_relay(url, None, self.m.ctx.network())
+                try:
+                    return await make(own)
+                except RelayError as exc:
+                    if not older_relay(exc):
+                        raise
+                finally:
+                    await own.close()
         except RelayError as exc:
             if exc.code == E_FULL:  # its mailbox table or storage is full: say so
                 raise E.relay_full() from None

@@ -13,11 +13,29 @@ from .db import MailboxRow, Store
 SLOT_WAIT = 2**61
 
 
-def release_one(store: Store, contact_id: int, now: int) -> bool:
-    """Make the oldest block waiting for a slot of this contact due now; False if none."""
+def release_one(store: Store, contact_id: int, now: int, destination: bytes) -> bool:
+    """Make the oldest block waiting for a slot of this contact to ``destination`` (its
+    mailbox, or one of its devices') due now; False if none."""
     row = store.query(
-        "SELECT id FROM outbox WHERE contact_id = ? AND not_before = ? ORDER BY id LIMIT 1",
-        (contact_id, SLOT_WAIT),
+        "SELECT id FROM outbox WHERE contact_id = ? AND destination = ? AND not_before = ? "
+        "ORDER BY id LIMIT 1",
+        (contact_id, bytes(destination), SLOT_WAIT),
+    ).fetchone()
+    if row is None:
+        return False
+    store.query("UPDATE outbox SET not_before = ? WHERE id = ?", (now, row[0]))
+    return True
+
+
+def release_stray(store: Store, contact_id: int, now: int, scheduled: list[bytes]) -> bool:
+    """Make due the oldest block waiting for a slot of this contact to a destination its slots
+    no longer serve (a device that left the contact's list meanwhile), so it does not wait
+    for ever; False if none."""
+    marks = ", ".join("?" for _ in scheduled) or "NULL"
+    row = store.query(
+        f"SELECT id FROM outbox WHERE contact_id = ? AND not_before = ? "  # noqa: S608 - marks
+        f"AND destination NOT IN ({marks}) ORDER BY id LIMIT 1",
+        (contact_id, SLOT_WAIT, *(bytes(d) for d in scheduled)),
     ).fetchone()
     if row is None:
         return False
