@@ -124,3 +124,115 @@ def test_the_first_device_removed_by_the_second(peers: Callable[[str], Peer]) ->
     a2.call("messages.send", {"contact": "bob", "text": "laptop here"})
     bob.wait_for(lambda: ("in", "laptop here") in texts(bob, "alice"), "A2's text")
     assert ("in", "only the laptop") not in texts(a1, "bob")
+
+
+def _delete_contact_mailbox(peer: Peer, contact: str) -> None:
+    """With the daemon stopped: its mailbox for ``contact`` deleted at the relay (what a
+    removal or a lost device leaves: the contact's deposits there are refused for good)."""
+    import asyncio
+
+    from aegisd.services.mailbox import OwnedMailbox
+    from relay.client import RelayClient
+
+    store = open_profile(peer.home, None)
+    try:
+        c = store.contact_by_name(contact)
+        assert c is not None
+        row = store.mailbox_for_contact(c.id)
+        assert row is not None
+        mb = OwnedMailbox.from_bytes(row.descriptor)
+    finally:
+        store.close()
+
+    async def go() -> None:
+        client = await RelayClient.connect(mb.relay_url)
+        try:
+            await client.delete(mb.owner_id, mb.signing_key)
+        finally:
+            await client.close()
+
+    asyncio.run(go())
+
+
+def _status_events(peer: Peer, message_id: str) -> list[str]:
+    return [e["data"]["status"] for e in peer.events(types=["message.status"])
+            if e["data"]["message_id"] == message_id]  # fmt: skip
+
+
+def test_a_refused_device_copy_fails_that_device_only(peers: Callable[[str], Peer]) -> None:
+    """Bob's copy for A2 is refused (A2's mailbox for him is gone): the message is sent (A1's
+    copy went), not failed, and nothing more goes to A2 (docs/devices.md §5.4)."""
+    a1, bob = peers("alice"), peers("bob")
+    connect(a1, bob)
+    a2 = peers("alice2")
+    _link(a1, a2)
+    bob.wait_for(lambda: [e for e in _devices_events(bob) if e["devices"] == 2], "A2's answer")
+    a2.wait_for(lambda: a2.call("contacts.list")["contacts"][0]["established"], "bob's session")
+    a2.stop()
+    _delete_contact_mailbox(a2, "bob")
+    sent = bob.call("messages.send", {"contact": "alice", "text": "one copy refused"})
+    a1.wait_for(lambda: ("in", "one copy refused") in texts(a1, "bob"), "bob's text on A1")
+    # "sent" comes once no copy waits: A2's was refused by then.
+    bob.wait_for(lambda: "sent" in _status_events(bob, sent["message_id"]), "sent")
+    assert "failed" not in _status_events(bob, sent["message_id"])
+    assert not bob.events(types=["contact.failed"])
+    bob.call("messages.send", {"contact": "alice", "text": "still to A1"})
+    a1.wait_for(lambda: ("in", "still to A1") in texts(a1, "bob"), "bob's next text on A1")
+
+
+def test_a_contact_added_after_the_link_gets_the_list(peers: Callable[[str], Peer]) -> None:
+    """Alice links A2 while her first contact to Bob waits for him (a contact not established
+    when the list went): Bob gets her list when he answers, and (A2 taking his first contact)
+    reaches both devices. A1's
+    acknowledgement lost (its list sent again at its next unlock): Bob acknowledges the list
+    he holds again, and counts no refusal."""
+    a1, bob = peers("alice"), peers("bob")
+    a1.wait_connected()
+    bob.wait_connected()
+    link = bob.call("invitations.create")["link"]
+    bob.stop()
+    a1.call("contacts.add", {"name": "bob", "link": link})
+    a2 = peers("alice2")
+    _link(a1, a2)
+    assert not a1.call("contacts.list")["contacts"][0]["established"]
+    bob.start()
+    a1.wait_for(lambda: a1.call("contacts.list")["contacts"][0]["established"], "the answer")
+    # Bob got the list when he answered: he opens a session with A2, which, not knowing
+    # him (a link carries established contacts only), shows it as a request; accepted, it is
+    # Bob's session with A2.
+    a2.wait_for(lambda: a2.call("requests.list")["requests"], "bob's first contact")
+    request = a2.call("requests.list")["requests"][0]["request"]
+    a2.call("requests.accept", {"request": request, "name": "bob"})
+    bob.wait_for(lambda: [e for e in _devices_events(bob) if e["devices"] == 2], "A2's answer")
+    bob.call("messages.send", {"contact": "alice", "text": "to both of you"})
+    for device in (a1, a2):
+        device.wait_for(lambda d=device: ("in", "to both of you") in texts(d, "bob"), "it")
+
+    # The acknowledgement lost: A1 sends the list again at its next unlock.
+    a1.stop()
+    store = open_profile(a1.home, None)
+    try:
+        held = dv.DeviceList.from_bytes(bytes.fromhex(str(store.get_setting("devices.list"))))
+        c = store.contact_by_name("bob")
+        assert c is not None
+        store.set_setting("devices.awaiting", {str(c.id): held.version})
+    finally:
+        store.close()
+    a1.start()
+    a1.wait_connected()
+    # Bob's read receipt goes after his acknowledgement (a delayed block keeps its order).
+    bob.call("settings.set", {"receipt_delay_max": 0.5})
+    sent = a1.call("messages.send", {"contact": "bob", "text": "after the restart"})
+    bob.wait_for(lambda: ("in", "after the restart") in texts(bob, "alice"), "A1's text")
+    bob.call("messages.mark_read", {"contact": "alice"})
+    a1.wait_for(lambda: "read" in _status_events(a1, sent["message_id"]), "the read receipt")
+    a1.stop()
+    store = open_profile(a1.home, None)
+    try:
+        assert not store.get_setting("devices.awaiting")  # acknowledged: not sent again
+    finally:
+        store.close()
+    bob.stop()
+    assert bob.proc is not None
+    log = bob.proc.stderr()
+    assert "refused a stale device list" not in log, log[-2000:]
