@@ -7,6 +7,7 @@ identity is refused with nothing changed."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,14 @@ from aegisd.core.identity import IdentityKeyPair
 from aegisd.core.primitives import SystemEntropy
 from aegisd.store import open_profile
 from tests.functional.conftest import Peer, connect
-from tests.functional.test_devices import confirm_both, start_link, texts, wait_state
+from tests.functional.test_devices import (
+    confirm_both,
+    start_link,
+    texts,
+    wait_state,
+    watch_blocks,
+)
+from tests.relay.conftest import RelayProcess
 
 
 def _devices_events(peer: Peer) -> list[dict[str, Any]]:
@@ -236,3 +244,55 @@ def test_a_contact_added_after_the_link_gets_the_list(peers: Callable[[str], Pee
     assert bob.proc is not None
     log = bob.proc.stderr()
     assert "refused a stale device list" not in log, log[-2000:]
+
+
+def _acks_from(peer: Peer, contact: str, acks: list[dv.ListAck]) -> None:
+    """With the daemon stopped: ``acks`` queued in its session with ``contact`` (what a
+    hostile contact can send: acknowledgements of lists that do not exist)."""
+    from aegisd.core.session import Session
+    from aegisd.services.mailbox import ContactState, address_to_bytes
+
+    store = open_profile(peer.home, None)
+    try:
+        c = store.contact_by_name(contact)
+        assert c is not None
+        blob = store.get_session(c.id)
+        state = ContactState.from_bytes(c.state)
+        assert blob is not None and state.send_to is not None
+        session = Session.from_bytes(blob)
+        with store.transaction():
+            for ack in acks:
+                blocks = session.encrypt(SystemEntropy(), dv.encode_device_payload(ack))
+                store.enqueue_blocks(address_to_bytes(state.send_to), blocks, contact_id=c.id)
+            store.put_session(c.id, session.to_bytes())
+    finally:
+        store.close()
+
+
+def test_hostile_acknowledgements_ask_once(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """Twelve acknowledgements of one list Alice does not hold, and three of lists from the
+    far future: she asks Bob for the list once (not once per acknowledgement)."""
+    a1, bob = peers("alice"), peers("bob")
+    connect(a1, bob)
+    a1.call("settings.set", {"receipt_delay_max": 0.5})
+    bob.stop()
+    version = int(time.time() * 1000) + 5_000
+    acks = [dv.ListAck(version, bytes(32))] * 12 + [
+        dv.ListAck((int(time.time()) + 2 * dv.MAX_LIST_SKEW) * 1000 + i, bytes(32))
+        for i in range(3)
+    ]
+    _acks_from(bob, "alice", acks)
+    blocks = watch_blocks(relay_proc)
+    bob.start()
+    bob.wait_connected()
+    sent = bob.call("messages.send", {"contact": "alice", "text": "after the acknowledgements"})
+    a1.wait_for(lambda: ("in", "after the acknowledgements") in texts(a1, "bob"), "the text")
+    # A1's read receipt is queued after its requests and goes after them (a delayed block
+    # keeps its order behind the delayed blocks before it).
+    a1.call("messages.mark_read", {"contact": "bob"})
+    bob.wait_for(lambda: "read" in _status_events(bob, sent["message_id"]), "the read receipt")
+    # Bob's 15 acknowledgements and text, A1's one request and receipt, Bob's answer (his
+    # ack of nothing more): far below the 15 requests answered one by one.
+    assert blocks() <= len(acks) + 6, blocks()
