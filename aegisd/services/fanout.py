@@ -7,13 +7,18 @@ of a contact's devices.
   it tells the contact which listed device the session it already had is with.
 - The contact's side. A list received in a contact's session is checked under the contact's
   identity (``devices.accept``: forged, from the future or stale is refused, counted, nothing
-  changed), stored, acknowledged (``0x42``, to every device it has a session with), and the
+  changed; the list held, again, is acknowledged again in its session: our acknowledgement
+  was lost), stored, acknowledged (``0x42``, to every device it has a session with), and the
   sessions of devices no longer listed are dropped. For every listed device it has no session
   with, it fetches the device's bundle at its ``bundle_address`` and opens one (PQXDH, a
   first contact to the device mailbox, whose hello carries its mailbox for the person: the same
   contact mailbox every device of the person deposits to). The device answers in the session,
   with its own mailbox: from then on the delivery layer encrypts everything for that contact
   once per device (services/delivery.py).
+- Requests (``0x43``) and their answers go in the one session they answer, at most one per
+  list named (settings kept in the store): a hostile contact's acknowledgements cannot make
+  this device send more blocks than it sent. A contact established after the list went gets
+  it then (``send_held``).
 - A device that joined by a link (its contacts came without sessions) takes such a first
   contact from a contact it knows as that contact's session (inbox.py), answering with a
   mailbox of its own.
