@@ -44,7 +44,7 @@ from aegisd.store.groups import group_contact_ids, mark_group_contact
 from .bundle_fetch import fetch_bundle
 from .context import ServiceContext
 from .delivery import LINK_NO_LONGER_VALID, Delivery
-from .inbox import clean_name
+from .inbox import FanoutView, clean_name
 from .mailbox import ContactState, OwnedMailbox, address_from_bytes, address_to_bytes
 from .mailboxes import Mailboxes
 from .renewal import failure as renewal_failure
@@ -92,6 +92,8 @@ class ContactsHost(Protocol):
     def inbox(self) -> InboxView: ...
     @property
     def disappearing(self) -> DisappearingView: ...
+    @property
+    def fanout(self) -> FanoutView: ...
 
     def identity(self) -> IdentityKeyPair: ...
     def check_usable(self) -> None: ...
@@ -302,6 +304,8 @@ class Contacts:
         blocks = session.encrypt(self.m.entropy, wire.encode_payload(hello))
         self.m.store.put_session(cid, session.to_bytes())
         self.m.store.enqueue_blocks(address_to_bytes(reply_to), blocks, contact_id=cid)
+        # A contact added after this device's list went gets the list now (§5.3).
+        self.m.fanout.send_held(cid)
         self.m.ctx.events.emit("contact.added", {"contact": name, "established": True})
         c = self.m.store.get_contact(cid)
         assert c is not None

@@ -481,7 +481,8 @@ class Delivery:
                     await answer
                 except RelayError as exc:
                     if exc.code == E_DENIED:  # the mailbox is gone: retrying cannot help
-                        self._deposit_refused(store, item.id, item.contact_id, item.message_id)
+                        self._deposit_refused(store, item.id, item.contact_id, item.message_id,
+                                              item.destination)  # fmt: skip
                         continue
                     if retry_at is not None:
                         continue  # behind a block that waits for its retry: untried, as before
@@ -596,7 +597,12 @@ class Delivery:
                     self._status(store, message_id, contact_id, "sent")
 
     def _deposit_refused(
-        self, store: Store, item_id: int, contact_id: int | None, message_id: str | None
+        self,
+        store: Store,
+        item_id: int,
+        contact_id: int | None,
+        message_id: str | None,
+        destination: bytes | None = None,
     ) -> None:
         """The relay refused a deposit for good (no such mailbox, or the token is not valid
         there: the relay gives one answer for both)."""
@@ -606,6 +612,15 @@ class Delivery:
             if contact is not None and self.h.renewal_refused(contact):
                 return  # a renewal after a backup import: the contact and history stay
             state = ContactState.from_bytes(contact.state) if contact is not None else None
+            if (
+                contact is not None
+                and state is not None
+                and state.established
+                and destination is not None
+                and (state.send_to is None or destination != address_to_bytes(state.send_to))
+            ):
+                self._device_copy_refused(store, contact.id, message_id, destination)
+                return
             if contact is not None and state is not None and not state.established:
                 # The first contact went to an invitation that is used, revoked or expired, or
                 # to an address that was rotated: the contact can never answer. Its mailbox
@@ -634,6 +649,24 @@ class Delivery:
                 and store.set_message_status(message_id, "failed")
             ):
                 self._status(store, message_id, contact_id if contact else None, "failed")
+
+    def _device_copy_refused(
+        self, store: Store, contact_id: int, message_id: str | None, destination: bytes
+    ) -> None:
+        """A copy for one of the contact's other devices was refused (its mailbox is gone: a
+        device removed, a first contact to a mailbox that went): that device's failure only
+        (docs/devices.md §5.4). Nothing more is deposited there; the message is sent if
+        another copy went. No loss probe: our own mailboxes are not in question."""
+        for ds in cd.device_sessions(store, contact_id):
+            if ds.send_to == destination:
+                cd.set_device_send_to(store, contact_id, ds.device_id, None)
+        if (
+            message_id is not None
+            and store.get_message(message_id) is not None
+            and not store.outbox_holds_message(message_id)
+            and store.set_message_status(message_id, "sent")
+        ):
+            self._status(store, message_id, contact_id, "sent")
 
     def _relay_ttl(self) -> int:
         link = self.h.link()

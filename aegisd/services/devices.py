@@ -714,8 +714,10 @@ class Devices:
                     with self.m.store.transaction():
                         self._store_list(listed)
                         self._keep_caps(*_joined_caps(offer))
-                    # The contacts open sessions with N (docs/devices.md §5.3).
-                    self.m.fanout.send_list(listed, self.self_id(), self.device_private())
+                        # The contacts open sessions with N (docs/devices.md §5.3); queued
+                        # (and marked awaiting) in the list's transaction: a crash between
+                        # the two would leave the list held and never sent.
+                        self.m.fanout.send_list(listed, self.self_id(), self.device_private())
                 # N says "not confirmed" if this never reaches it; E lists N either way.
                 with contextlib.suppress(RelayError, *UNAVAILABLE):
                     await client.deposit(reply.deposit_id, answer, reply.send_token)

@@ -7,13 +7,18 @@ of a contact's devices.
   it tells the contact which listed device the session it already had is with.
 - The contact's side. A list received in a contact's session is checked under the contact's
   identity (``devices.accept``: forged, from the future or stale is refused, counted, nothing
-  changed), stored, acknowledged (``0x42``, to every device it has a session with), and the
+  changed; the list held, again, is acknowledged again in its session: our acknowledgement
+  was lost), stored, acknowledged (``0x42``, to every device it has a session with), and the
   sessions of devices no longer listed are dropped. For every listed device it has no session
   with, it fetches the device's bundle at its ``bundle_address`` and opens one (PQXDH, a
   first contact to the device mailbox, whose hello carries its mailbox for the person: the same
   contact mailbox every device of the person deposits to). The device answers in the session,
   with its own mailbox: from then on the delivery layer encrypts everything for that contact
   once per device (services/delivery.py).
+- Requests (``0x43``) and their answers go in the one session they answer, at most one per
+  list named (settings kept in the store): a hostile contact's acknowledgements cannot make
+  this device send more blocks than it sent. A contact established after the list went gets
+  it then (``send_held``).
 - A device that joined by a link (its contacts came without sessions) takes such a first
   contact from a contact it knows as that contact's session (inbox.py), answering with a
   mailbox of its own.
@@ -61,6 +66,11 @@ SETTING_KEY = "devices.key"
 #: The contacts a list this device sent has not been acknowledged by yet: {contact id: version}.
 #: Sent again at the next unlock (a stop before the deposits, a contact's lost block).
 SETTING_AWAITING = "devices.awaiting"
+#: The list requests this device sent (§28.3): {contact id: [version, digest hex]}, the highest
+#: asked of each contact. An acknowledgement naming no higher list asks nothing.
+SETTING_REQUESTED = "devices.requested"
+#: The list requests answered: {contact id: version of the list sent}. Once per version.
+SETTING_ANSWERED = "devices.answered"
 SETTING_NAME = "profile.display_name"
 #: Seconds between the attempts to open a session with a contact's device whose bundle is not
 #: at the relay yet.
@@ -96,8 +106,6 @@ class FanoutHost(Protocol):
 class Fanout:
     def __init__(self, host: FanoutHost) -> None:
         self.m = host
-        # Lists answered to a request, per (contact, version): once each (§28.3).
-        self._answered: set[tuple[int, int]] = set()
         self._opening: set[int] = set()  # contacts whose device sessions are being opened
 
     # --- the person's side ---------------------------------------------------------------
@@ -107,6 +115,17 @@ class Fanout:
         that names this device as the one of the session (inside the caller's lock); how many
         contacts. A contact that cannot be reached now is skipped."""
         return self._queue(device_list, self_id, device_priv, None)
+
+    def send_held(self, contact_id: int) -> None:
+        """A contact established after this device's list went (or added later): the list
+        held, with the hello, goes to it now (inside the caller's transaction)."""
+        store = self.m.store
+        own, me, key = (store.get_setting(n) for n in (SETTING_OWN_LIST, SETTING_SELF,
+                                                        SETTING_KEY))  # fmt: skip
+        if own is None or me is None or key is None:
+            return
+        device_list = dv.DeviceList.from_bytes(bytes.fromhex(str(own)))
+        self._queue(device_list, bytes.fromhex(str(me)), bytes.fromhex(str(key)), {contact_id})
 
     async def resend(self) -> None:
         """At unlock: the list held goes again to the contacts that have not acknowledged the
@@ -127,7 +146,10 @@ class Fanout:
     def _queue(self, device_list: dv.DeviceList, self_id: bytes, device_priv: bytes,
                only: set[int] | None) -> int:  # fmt: skip
         store, identity = self.m.store, self.m.identity()
-        awaiting: dict[str, int] = {}
+        # A new list replaces who awaits it; a resend (or one contact) adds to those awaiting.
+        held = store.get_setting(SETTING_AWAITING) if only is not None else None
+        awaiting: dict[str, int] = dict(held) if held else {}
+        told = 0
         with store.transaction():
             for c in store.list_contacts():
                 if (only is not None and c.id not in only) or group_store.is_group_contact(
@@ -146,9 +168,10 @@ class Fanout:
                 self.m.delivery.enqueue([Recipient(c, session)], device_list)
                 self.m.delivery.enqueue([Recipient(c, session)], hello, devices=False)
                 awaiting[str(c.id)] = device_list.version
+                told += 1
             store.set_setting(SETTING_AWAITING, awaiting)
         self.m.delivery.wake()
-        return len(awaiting)
+        return told
 
     # --- payloads from a contact ---------------------------------------------------------
 
@@ -164,6 +187,18 @@ class Fanout:
         held = cd.held_list(store, c.id)
         current = None if held is None else dv.DeviceList.from_bytes(held.data)
         if isinstance(payload, dv.DeviceList):
+            if current is not None and (payload.version, payload.digest()) == (
+                current.version, current.digest()
+            ):  # fmt: skip
+                # The list held, again: our acknowledgement was lost (the signer re-sends
+                # until acknowledged). Acknowledged again; not a refusal, nothing changed.
+                try:
+                    payload.verify(identity)
+                except dv.ForgedDeviceList:
+                    droplog.dropped(_REFUSED[dv.ForgedDeviceList])
+                    return
+                self._send_in(c, session, device, dv.ListAck.of(current))
+                return
             try:
                 new = dv.accept(identity, current, payload, _now())
             except (dv.ForgedDeviceList, dv.FutureDeviceList, dv.StaleDeviceList) as exc:
@@ -205,17 +240,47 @@ class Fanout:
             if payload.names(own) and awaiting and str(c.id) in awaiting:
                 store.set_setting(SETTING_AWAITING,
                                   {k: v for k, v in awaiting.items() if k != str(c.id)})
-            newer = own is None or (payload.version, payload.digest) > (own.version, own.digest())
-            if newer:
-                # The contact holds a list this device has not seen: ask for it (§28.3).
-                request = dv.ListRequest(payload.version, payload.digest)
-                self.m.delivery.enqueue([Recipient(c, session)], request,
-                                        delay=self.m.delivery.receipt_delay())  # fmt: skip
+            named = (payload.version, payload.digest)
+            newer = own is None or named > (own.version, own.digest())
+            if newer and payload.version <= (_now() + dv.MAX_LIST_SKEW) * dv.VERSIONS_PER_SECOND:
+                # The contact holds a list this device has not seen: ask for it (§28.3), once
+                # per list named and only for one above the highest asked of this contact
+                # (kept in the store), in the session the acknowledgement came in only.
+                requested = dict(store.get_setting(SETTING_REQUESTED) or {})
+                last = requested.get(str(c.id))
+                if last is None or named > (int(last[0]), bytes.fromhex(str(last[1]))):
+                    requested[str(c.id)] = [payload.version, payload.digest.hex()]
+                    store.set_setting(SETTING_REQUESTED, requested)
+                    self._send_in(c, session, device,
+                                  dv.ListRequest(payload.version, payload.digest))  # fmt: skip
         elif isinstance(payload, dv.ListRequest):
-            if current is None or (c.id, current.version) in self._answered:
-                return
-            self._answered.add((c.id, current.version))
-            self.m.delivery.enqueue([Recipient(c, session)], current)
+            answered = dict(store.get_setting(SETTING_ANSWERED) or {})
+            if current is None or answered.get(str(c.id)) == current.version:
+                return  # once per (contact, version), across restarts
+            answered[str(c.id)] = current.version
+            store.set_setting(SETTING_ANSWERED, answered)
+            self._send_in(c, session, device, current)
+
+    def _send_in(
+        self, c: Contact, session: Session, device: bytes | None, payload: dv.DevicePayload
+    ) -> None:
+        """``payload`` in the one session a payload came in: the contact's row (``device``
+        None) or the session with that device, to its mailbox (inside the caller's
+        transaction). A device that has not answered yet gets nothing."""
+        delay = self.m.delivery.receipt_delay()
+        if device is None:
+            self.m.delivery.enqueue([Recipient(c, session)], payload, delay=delay, devices=False)
+            return
+        store = self.m.store
+        ds = next((s for s in cd.device_sessions(store, c.id) if s.device_id == device), None)
+        if ds is None or ds.send_to is None:
+            return
+        dsession = Session.from_bytes(ds.state)
+        blocks = dsession.encrypt(self.m.entropy, dv.encode_device_payload(payload))
+        cd.put_device_session(store, c.id, device, dsession.to_bytes(), _now())
+        due = time.time_ns() // 1_000_000 + int(delay * 1000)
+        store.enqueue_blocks(ds.send_to, blocks, contact_id=c.id, not_before=due)
+        self.m.delivery.wake()
 
     def _replace_row_session(
         self, c: Contact, session: Session, device: bytes | None, legacy: bytes

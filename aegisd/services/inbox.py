@@ -107,6 +107,7 @@ class FanoutView(Protocol):
         self, c: Contact, device_id: bytes, reply_to: wire.MailboxAddress
     ) -> None: ...
     def device_rotated(self, c: Contact, device_id: bytes, p: wire.MailboxPayload) -> None: ...
+    def send_held(self, contact_id: int) -> None: ...
 
 
 #: This profile's own device list (services/devices.py): a device that joined by a link holds
@@ -631,6 +632,8 @@ class Inbox:
             self.m.cover.changed()
             if not self.m.renewals.on_hello(c):
                 self.m.ctx.events.emit("contact.established", {"contact": c.name})
+            # Established after this device's list went: it gets the list now (§5.3).
+            self.m.fanout.send_held(c.id)
         elif isinstance(payload, wire.MailboxPayload):
             state = ContactState.from_bytes(c.state)
             if state.send_to is not None:  # blocks still queued for the old mailbox follow

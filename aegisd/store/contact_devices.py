@@ -72,7 +72,10 @@ def put_device_session(
     )
 
 
-def set_device_send_to(store: Store, contact_id: int, device_id: bytes, send_to: bytes) -> None:
+def set_device_send_to(
+    store: Store, contact_id: int, device_id: bytes, send_to: bytes | None
+) -> None:
+    """The device's mailbox for us; None: nothing goes to it (its mailbox was refused)."""
     store.query(
         "UPDATE device_sessions SET send_to = ? WHERE contact_id = ? AND device_id = ?",
         (send_to, contact_id, device_id),

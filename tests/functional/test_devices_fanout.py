@@ -6,7 +6,10 @@ identity is refused with nothing changed."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +18,14 @@ from aegisd.core.identity import IdentityKeyPair
 from aegisd.core.primitives import SystemEntropy
 from aegisd.store import open_profile
 from tests.functional.conftest import Peer, connect
-from tests.functional.test_devices import confirm_both, start_link, texts, wait_state
+from tests.functional.test_devices import (
+    confirm_both,
+    start_link,
+    texts,
+    wait_state,
+    watch_blocks,
+)
+from tests.relay.conftest import RelayProcess
 
 
 def _devices_events(peer: Peer) -> list[dict[str, Any]]:
@@ -31,12 +41,14 @@ def _link(a1: Peer, a2: Peer) -> None:
 
 def _forge_list_on(peer: Peer, contact: str) -> None:
     """With the daemon stopped: its held list replaced by one of a higher version signed by
-    another identity, and marked unacknowledged by ``contact`` (so the next unlock sends it)."""
+    another identity, naming one device more (accepted, it would change what the contact
+    does), and marked unacknowledged by ``contact`` (so the next unlock sends it)."""
     store = open_profile(peer.home, None)
     try:
         held = dv.DeviceList.from_bytes(bytes.fromhex(str(store.get_setting("devices.list"))))
         other = IdentityKeyPair.generate(SystemEntropy())
-        forged = dv.DeviceList.sign(other, held.version + 1, held.devices)
+        extra = dataclasses.replace(held.devices[0], device_id=os.urandom(16))
+        forged = dv.DeviceList.sign(other, held.version + 1, [*held.devices, extra])
         cid = store.contact_by_name(contact)
         assert cid is not None
         with store.transaction():
@@ -79,6 +91,7 @@ def test_a_contact_fans_out_to_every_device(peers: Callable[[str], Peer]) -> Non
 
     # A list that Alice's identity did not sign (A1's store forged, sent at its next unlock):
     # refused, counted, nothing changed.
+    told = len(_devices_events(bob))
     a1.stop()
     _forge_list_on(a1, "bob")
     a1.start()
@@ -90,7 +103,7 @@ def test_a_contact_fans_out_to_every_device(peers: Callable[[str], Peer]) -> Non
     # The removed device got nothing since its removal.
     seen = [t for _d, t in texts(a2, "bob")]
     assert "after the removal" not in seen and "still one device" not in seen
-    assert _devices_events(bob)[-1]["devices"] == 1
+    assert len(_devices_events(bob)) == told  # nothing changed
     bob.stop()  # the daemon logs what it refused, counted, at its stop
     assert bob.proc is not None
     log = bob.proc.stderr()
@@ -124,3 +137,167 @@ def test_the_first_device_removed_by_the_second(peers: Callable[[str], Peer]) ->
     a2.call("messages.send", {"contact": "bob", "text": "laptop here"})
     bob.wait_for(lambda: ("in", "laptop here") in texts(bob, "alice"), "A2's text")
     assert ("in", "only the laptop") not in texts(a1, "bob")
+
+
+def _delete_contact_mailbox(peer: Peer, contact: str) -> None:
+    """With the daemon stopped: its mailbox for ``contact`` deleted at the relay (what a
+    removal or a lost device leaves: the contact's deposits there are refused for good)."""
+    import asyncio
+
+    from aegisd.services.mailbox import OwnedMailbox
+    from relay.client import RelayClient
+
+    store = open_profile(peer.home, None)
+    try:
+        c = store.contact_by_name(contact)
+        assert c is not None
+        row = store.mailbox_for_contact(c.id)
+        assert row is not None
+        mb = OwnedMailbox.from_bytes(row.descriptor)
+    finally:
+        store.close()
+
+    async def go() -> None:
+        client = await RelayClient.connect(mb.relay_url)
+        try:
+            await client.delete(mb.owner_id, mb.signing_key)
+        finally:
+            await client.close()
+
+    asyncio.run(go())
+
+
+def _status_events(peer: Peer, message_id: str) -> list[str]:
+    return [e["data"]["status"] for e in peer.events(types=["message.status"])
+            if e["data"]["message_id"] == message_id]  # fmt: skip
+
+
+def test_a_refused_device_copy_fails_that_device_only(peers: Callable[[str], Peer]) -> None:
+    """Bob's copy for A2 is refused (A2's mailbox for him is gone): the message is sent (A1's
+    copy went), not failed, and nothing more goes to A2 (docs/devices.md §5.4)."""
+    a1, bob = peers("alice"), peers("bob")
+    connect(a1, bob)
+    a2 = peers("alice2")
+    _link(a1, a2)
+    bob.wait_for(lambda: [e for e in _devices_events(bob) if e["devices"] == 2], "A2's answer")
+    a2.wait_for(lambda: a2.call("contacts.list")["contacts"][0]["established"], "bob's session")
+    a2.stop()
+    _delete_contact_mailbox(a2, "bob")
+    sent = bob.call("messages.send", {"contact": "alice", "text": "one copy refused"})
+    a1.wait_for(lambda: ("in", "one copy refused") in texts(a1, "bob"), "bob's text on A1")
+    # "sent" comes once no copy waits: A2's was refused by then.
+    bob.wait_for(lambda: "sent" in _status_events(bob, sent["message_id"]), "sent")
+    assert "failed" not in _status_events(bob, sent["message_id"])
+    assert not bob.events(types=["contact.failed"])
+    bob.call("messages.send", {"contact": "alice", "text": "still to A1"})
+    a1.wait_for(lambda: ("in", "still to A1") in texts(a1, "bob"), "bob's next text on A1")
+
+
+def test_a_contact_added_after_the_link_gets_the_list(peers: Callable[[str], Peer]) -> None:
+    """Alice links A2 while her first contact to Bob waits for him (a contact not established
+    when the list went): Bob gets her list when he answers, and (A2 taking his first contact)
+    reaches both devices. A1's
+    acknowledgement lost (its list sent again at its next unlock): Bob acknowledges the list
+    he holds again, and counts no refusal."""
+    a1, bob = peers("alice"), peers("bob")
+    a1.wait_connected()
+    bob.wait_connected()
+    link = bob.call("invitations.create")["link"]
+    bob.stop()
+    a1.call("contacts.add", {"name": "bob", "link": link})
+    a2 = peers("alice2")
+    _link(a1, a2)
+    assert not a1.call("contacts.list")["contacts"][0]["established"]
+    bob.start()
+    a1.wait_for(lambda: a1.call("contacts.list")["contacts"][0]["established"], "the answer")
+    # Bob got the list when he answered: he opens a session with A2, which, not knowing
+    # him (a link carries established contacts only), shows it as a request; accepted, it is
+    # Bob's session with A2.
+    a2.wait_for(lambda: a2.call("requests.list")["requests"], "bob's first contact")
+    request = a2.call("requests.list")["requests"][0]["request"]
+    a2.call("requests.accept", {"request": request, "name": "bob"})
+    bob.wait_for(lambda: [e for e in _devices_events(bob) if e["devices"] == 2], "A2's answer")
+    bob.call("messages.send", {"contact": "alice", "text": "to both of you"})
+    for device in (a1, a2):
+        device.wait_for(lambda d=device: ("in", "to both of you") in texts(d, "bob"), "it")
+
+    # The acknowledgement lost: A1 sends the list again at its next unlock.
+    a1.stop()
+    store = open_profile(a1.home, None)
+    try:
+        held = dv.DeviceList.from_bytes(bytes.fromhex(str(store.get_setting("devices.list"))))
+        c = store.contact_by_name("bob")
+        assert c is not None
+        store.set_setting("devices.awaiting", {str(c.id): held.version})
+    finally:
+        store.close()
+    a1.start()
+    a1.wait_connected()
+    # Bob's read receipt goes after his acknowledgement (a delayed block keeps its order).
+    bob.call("settings.set", {"receipt_delay_max": 0.5})
+    sent = a1.call("messages.send", {"contact": "bob", "text": "after the restart"})
+    bob.wait_for(lambda: ("in", "after the restart") in texts(bob, "alice"), "A1's text")
+    bob.call("messages.mark_read", {"contact": "alice"})
+    a1.wait_for(lambda: "read" in _status_events(a1, sent["message_id"]), "the read receipt")
+    a1.stop()
+    store = open_profile(a1.home, None)
+    try:
+        assert not store.get_setting("devices.awaiting")  # acknowledged: not sent again
+    finally:
+        store.close()
+    bob.stop()
+    assert bob.proc is not None
+    log = bob.proc.stderr()
+    assert "refused a stale device list" not in log, log[-2000:]
+
+
+def _acks_from(peer: Peer, contact: str, acks: list[dv.ListAck]) -> None:
+    """With the daemon stopped: ``acks`` queued in its session with ``contact`` (what a
+    hostile contact can send: acknowledgements of lists that do not exist)."""
+    from aegisd.core.session import Session
+    from aegisd.services.mailbox import ContactState, address_to_bytes
+
+    store = open_profile(peer.home, None)
+    try:
+        c = store.contact_by_name(contact)
+        assert c is not None
+        blob = store.get_session(c.id)
+        state = ContactState.from_bytes(c.state)
+        assert blob is not None and state.send_to is not None
+        session = Session.from_bytes(blob)
+        with store.transaction():
+            for ack in acks:
+                blocks = session.encrypt(SystemEntropy(), dv.encode_device_payload(ack))
+                store.enqueue_blocks(address_to_bytes(state.send_to), blocks, contact_id=c.id)
+            store.put_session(c.id, session.to_bytes())
+    finally:
+        store.close()
+
+
+def test_hostile_acknowledgements_ask_once(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess
+) -> None:
+    """Twelve acknowledgements of one list Alice does not hold, and three of lists from the
+    far future: she asks Bob for the list once (not once per acknowledgement)."""
+    a1, bob = peers("alice"), peers("bob")
+    connect(a1, bob)
+    a1.call("settings.set", {"receipt_delay_max": 0.5})
+    bob.stop()
+    version = int(time.time() * 1000) + 5_000
+    acks = [dv.ListAck(version, bytes(32))] * 12 + [
+        dv.ListAck((int(time.time()) + 2 * dv.MAX_LIST_SKEW) * 1000 + i, bytes(32))
+        for i in range(3)
+    ]
+    _acks_from(bob, "alice", acks)
+    blocks = watch_blocks(relay_proc)
+    bob.start()
+    bob.wait_connected()
+    sent = bob.call("messages.send", {"contact": "alice", "text": "after the acknowledgements"})
+    a1.wait_for(lambda: ("in", "after the acknowledgements") in texts(a1, "bob"), "the text")
+    # A1's read receipt is queued after its requests and goes after them (a delayed block
+    # keeps its order behind the delayed blocks before it).
+    a1.call("messages.mark_read", {"contact": "bob"})
+    bob.wait_for(lambda: "read" in _status_events(bob, sent["message_id"]), "the read receipt")
+    # Bob's 15 acknowledgements and text, A1's one request and receipt, Bob's answer (his
+    # ack of nothing more): far below the 15 requests answered one by one.
+    assert blocks() <= len(acks) + 6, blocks()
