@@ -20,6 +20,10 @@ from tests.relay.conftest import RelayProcess
 from .sound_server import PulseAudio, pulseaudio
 
 T_READY = 30.0
+# A contact's session with a newly listed device: its opening is retried 1, 2, 5, 15 and 60 s
+# after a bundle the device has not published yet (services/fanout.py OPEN_RETRIES), so on a
+# loaded machine it may come only after the 60 s retry.
+T_DEVICE = 120.0
 
 
 class Peer:

@@ -19,7 +19,7 @@ from tests.daemon.conftest import DaemonProc
 from tests.functional.test_devices import confirm_both, start_link, texts, wait_state
 from tests.relay.conftest import RelayProcess
 
-from .conftest import Peer, connect
+from .conftest import T_DEVICE, Peer, connect
 
 FAST = 0.3  # Bob's mean seconds between slots while counting
 STILL = 3600.0  # Bob's interval between the counts: no slot comes
@@ -111,7 +111,7 @@ def test_every_device_mailbox_gets_one_block_per_slot(
     wait_state(a1, "done")
     wait_state(a2, "done")
     bob.wait_for(lambda: [e for e in bob.events(types=["contact.devices"])
-                          if e["data"]["devices"] == 2], "A2's answer")  # fmt: skip
+                          if e["data"]["devices"] == 2], "A2's answer", T_DEVICE)  # fmt: skip
     boxes = {}
     for p in (a1, a2):  # the relay's rows of each device's mailbox for Bob
         p.stop()

@@ -22,7 +22,7 @@ import pytest
 
 from aegis_cli.client import RpcCallError
 from aegisd.core import wire
-from tests.functional.conftest import Peer, connect
+from tests.functional.conftest import T_DEVICE, Peer, connect
 from tests.relay.conftest import RelayProcess
 
 
@@ -797,7 +797,7 @@ def test_removing_an_offline_device_deletes_its_mailbox_at_the_relay_at_once(
     # Bob learns of A2 and opens a session with it (docs/devices.md §5.3).
     new.wait_for(lambda: new.call("contacts.list")["contacts"][0]["established"], "bob")
     bob.wait_for(lambda: [e for e in bob.events(types=["contact.devices"])
-                          if e["data"]["devices"] == 2], "A2's session")  # fmt: skip
+                          if e["data"]["devices"] == 2], "A2's session", T_DEVICE)  # fmt: skip
     device_mb = _device_mailbox(new)
     assert _at_relay(relay_proc, device_mb)
     new.stop()

@@ -17,7 +17,7 @@ from aegisd.core import devices as dv
 from aegisd.core.identity import IdentityKeyPair
 from aegisd.core.primitives import SystemEntropy
 from aegisd.store import open_profile
-from tests.functional.conftest import Peer, connect
+from tests.functional.conftest import T_DEVICE, Peer, connect
 from tests.functional.test_devices import (
     confirm_both,
     start_link,
@@ -30,6 +30,12 @@ from tests.relay.conftest import RelayProcess
 
 def _devices_events(peer: Peer) -> list[dict[str, Any]]:
     return [e["data"] for e in peer.events(types=["contact.devices"])]
+
+
+def _wait_two_devices(bob: Peer) -> None:
+    """Bob holds Alice's list of two and A2 answered his session (retried: T_DEVICE)."""
+    bob.wait_for(lambda: [e for e in _devices_events(bob) if e["devices"] == 2], "A2's answer",
+                 T_DEVICE)  # fmt: skip
 
 
 def _link(a1: Peer, a2: Peer) -> None:
@@ -65,8 +71,9 @@ def test_a_contact_fans_out_to_every_device(peers: Callable[[str], Peer]) -> Non
     a2 = peers("alice2")
     _link(a1, a2)
     # Bob gets the list from A1, opens a session with A2, which answers: two devices.
-    a2.wait_for(lambda: a2.call("contacts.list")["contacts"][0]["established"], "bob's session")
-    bob.wait_for(lambda: [e for e in _devices_events(bob) if e["devices"] == 2], "A2's answer")
+    a2.wait_for(lambda: a2.call("contacts.list")["contacts"][0]["established"], "bob's session",
+                T_DEVICE)
+    _wait_two_devices(bob)
 
     # One message from Bob: on both of Alice's devices.
     bob.call("messages.send", {"contact": "alice", "text": "to all of you"})
@@ -117,7 +124,7 @@ def test_the_first_device_removed_by_the_second(peers: Callable[[str], Peer]) ->
     connect(a1, bob)
     a2 = peers("alice2")
     _link(a1, a2)
-    bob.wait_for(lambda: [e for e in _devices_events(bob) if e["devices"] == 2], "A2's answer")
+    _wait_two_devices(bob)
     # Mailbox rotations on both sides: A2's in its own session with Bob (acknowledged there),
     # Bob's to every device of Alice's (done at the first device's acknowledgement).
     a2.call("contacts.rotate_mailbox", {"name": "bob"})
@@ -179,8 +186,9 @@ def test_a_refused_device_copy_fails_that_device_only(peers: Callable[[str], Pee
     connect(a1, bob)
     a2 = peers("alice2")
     _link(a1, a2)
-    bob.wait_for(lambda: [e for e in _devices_events(bob) if e["devices"] == 2], "A2's answer")
-    a2.wait_for(lambda: a2.call("contacts.list")["contacts"][0]["established"], "bob's session")
+    _wait_two_devices(bob)
+    a2.wait_for(lambda: a2.call("contacts.list")["contacts"][0]["established"], "bob's session",
+                T_DEVICE)
     a2.stop()
     _delete_contact_mailbox(a2, "bob")
     sent = bob.call("messages.send", {"contact": "alice", "text": "one copy refused"})
@@ -216,7 +224,7 @@ def test_a_contact_added_after_the_link_gets_the_list(peers: Callable[[str], Pee
     a2.wait_for(lambda: a2.call("requests.list")["requests"], "bob's first contact")
     request = a2.call("requests.list")["requests"][0]["request"]
     a2.call("requests.accept", {"request": request, "name": "bob"})
-    bob.wait_for(lambda: [e for e in _devices_events(bob) if e["devices"] == 2], "A2's answer")
+    _wait_two_devices(bob)
     bob.call("messages.send", {"contact": "alice", "text": "to both of you"})
     for device in (a1, a2):
         device.wait_for(lambda d=device: ("in", "to both of you") in texts(d, "bob"), "it")
