@@ -1021,4 +1021,4 @@ def test_a_second_request_in_the_fetch_that_used_the_link_is_answered_used(
     refused = wait_state(other, "failed")
     assert refused["reason"] == "this link was already used"
     assert wait_state(new, "code")["code"] is not None
-    assert state(alice)["state"] == "code"
+    wait_state(alice, "code")  # E's after it fetched N's reveal: a poll after N's "code"
