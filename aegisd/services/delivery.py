@@ -116,6 +116,11 @@ REFUSING_QUEUE = (
 )
 
 
+#: The contact's session row as a device (Messenger.send_call_payload's ``to``, the device a
+#: payload came in for the calls service): its other devices are named by their IDs (16 bytes).
+ROW_DEVICE = b""
+
+
 @dataclass(frozen=True)
 class Recipient:
     """One ratchet session to encrypt for: the contact row (its state says where its blocks
@@ -259,6 +264,27 @@ class Delivery:
                 )
             store.enqueue_blocks(ds.send_to, blocks, message_id=message_id,
                                  contact_id=contact_id, not_before=not_before)  # fmt: skip
+
+    def answered_devices(self, contact_id: int) -> list[bytes]:
+        """The IDs of the contact's other devices whose session answered (those ``enqueue``
+        also encrypts for)."""
+        return [ds.device_id for ds in cd.device_sessions(self._store(), contact_id)
+                if ds.send_to is not None]  # fmt: skip
+
+    def enqueue_device(self, contact_id: int, device_id: bytes, payload: wire.Payload) -> bool:
+        """``payload`` in the session with one device of the contact only, to its mailbox, due
+        now (call signaling tied to one device: docs/devices.md §9). Inside the caller's
+        transaction. False if that device has no answered session (removed meanwhile)."""
+        store = self._store()
+        ds = next((s for s in cd.device_sessions(store, contact_id) if s.device_id == device_id),
+                  None)  # fmt: skip
+        if ds is None or ds.send_to is None:
+            return False
+        session = Session.from_bytes(ds.state)
+        blocks = session.encrypt(self.h.entropy, wire.encode_payload(payload))
+        cd.put_device_session(store, contact_id, device_id, session.to_bytes(), _ms() // 1000)
+        store.enqueue_blocks(ds.send_to, blocks, contact_id=contact_id, not_before=_ms())
+        return True
 
     def slot_destinations(self, contact: Contact) -> list[bytes]:
         """Where each slot of this contact deposits one block (docs/protocol.md §24): its

@@ -41,10 +41,15 @@ class FakeMessenger:
         self.entropy = E
         self.delay = delay
         self.sent: list[wire.CallPayload] = []
+        self.to: list[list[bytes] | None] = []  # each send's sessions (None: every device)
         self.delivery = SimpleNamespace(receipt_delay=lambda: self.delay)
 
-    async def send_call_payload(self, contact_id: int, payload: Any) -> None:
+    async def send_call_payload(
+        self, contact_id: int, payload: Any, to: list[bytes] | None = None
+    ) -> list[bytes]:
         self.sent.append(payload)
+        self.to.append(to)
+        return [b""] if to is None else list(to)
 
 
 def service(delay: float) -> tuple[CallService, FakeMessenger]:
