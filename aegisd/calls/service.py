@@ -17,9 +17,10 @@ ends so on both sides), answered_elsewhere (another device of ours took the call
 
 Several devices (docs/devices.md §9): an INVITE goes in the session with each of the contact's
 devices; every other message of a call goes in the session of one device only, and what comes
-for a call is taken only from the device(s) it was sent to: the first ACCEPT binds the call to
-its device, the others get a CANCEL "answered elsewhere"; the call ends rejected (busy) only
-once every invited device declined (answered busy).
+for a call is taken only from the device(s) it was sent to: the first ACCEPT with a good key
+binds the call to its device, the others get a CANCEL "answered elsewhere" (a device whose
+ACCEPT has a bad key is out, as if it had declined); the call ends only once no invited device
+may still answer: rejected if one declined, else busy if one was busy, else failed.
 
 Every await is a point where another step (a timer, the peer's HANGUP, a lock) may have ended the
 call: state changes happen before awaits, and each step looks at the state again after one.
@@ -44,7 +45,7 @@ from aegisd.core.errors import ProtocolError
 from aegisd.relayurl import SETTING_URL as SETTING_RELAY_URL
 from aegisd.rpc import AppError, InvalidParamsError
 from aegisd.rpc.errors import LOCKED
-from aegisd.services.delivery import ROW_DEVICE
+from aegisd.store.contact_devices import ROW_DEVICE
 from aegisd.store.db import Contact
 
 from . import signaling
@@ -85,8 +86,9 @@ TURN_URL_RE = re.compile(r"^turns?:[A-Za-z0-9.\-\[\]:]+(\?transport=(udp|tcp))?$
 
 LIVE = ("calling", "ringing", "connecting", "active")
 UNANSWERED = ("calling", "ringing")  # an outgoing call waiting for the callee
-# An invited device's state, as the caller knows it (Call.invited).
-INVITED, RANG, DECLINED, BUSY = "invited", "ringing", "rejected", "busy"
+# An invited device's state, as the caller knows it (Call.invited); FAILED: its ACCEPT had a bad
+# key (a broken or hostile device: out of the call, as if it had declined).
+INVITED, RANG, DECLINED, BUSY, FAILED = "invited", "ringing", "rejected", "busy", "failed"
 WAITING = (INVITED, RANG)  # a device that may still answer
 
 
@@ -554,10 +556,10 @@ class CallService:
 
     def on_payload(
         self, c: Contact, payload: wire.CallPayload | wire.CallSealedPayload,
-        device: bytes | None = None,
+        device: bytes = ROW_DEVICE,
     ) -> None:
-        """``device``: the contact's device whose session it came in (None: the row)."""
-        tag = ROW_DEVICE if device is None else device
+        """``device``: the contact's device whose session it came in (ROW_DEVICE: the row)."""
+        tag = device
         call = self.calls.get(payload.call_id)
         if call is not None and call.contact_id != c.id:
             droplog.dropped("dropped call signaling from another contact")
@@ -587,12 +589,8 @@ class CallService:
         elif payload.kind == wire.CALL_REJECT and call.direction == "out" and (
             call.state in UNANSWERED
         ) and call.invited.get(tag) in WAITING:
-            busy = payload.reason == wire.CALL_REASON_BUSY
-            call.invited[tag] = BUSY if busy else DECLINED
-            answers = set(call.invited.values())
-            if not answers & set(WAITING):  # every device declined or was busy
-                reason = "busy" if answers == {BUSY} else "rejected"
-                self._spawn(self._end(call, reason, notify=False))
+            self._device_out(call, tag, BUSY if payload.reason == wire.CALL_REASON_BUSY
+                             else DECLINED)  # fmt: skip
         elif payload.kind == wire.CALL_CANCEL and call.direction == "in":
             if payload.reason == wire.CALL_REASON_ANSWERED_ELSEWHERE:
                 reason = "answered_elsewhere"
@@ -601,6 +599,17 @@ class CallService:
             self._spawn(self._end(call, reason, notify=False))
         else:
             droplog.dropped("dropped call signaling out of order")
+
+    def _device_out(self, call: Call, tag: bytes, answer: str) -> None:
+        """An invited device will not answer (``answer``: DECLINED, BUSY or FAILED): the call
+        goes on ringing on the others, and ends once none may answer any more: rejected if one
+        declined, else busy if one was busy, else failed (every ACCEPT had a bad key)."""
+        call.invited[tag] = answer
+        answers = set(call.invited.values())
+        if answers & set(WAITING):
+            return
+        reason = "rejected" if DECLINED in answers else "busy" if BUSY in answers else "failed"
+        self._spawn(self._end(call, reason, notify=False))
 
     @staticmethod
     def _from_its_device(call: Call, tag: bytes) -> bool:
@@ -647,11 +656,17 @@ class CallService:
             # (the peer answers it busy); without this both calls would end busy. The
             # contact's other devices that ring for ours stop (CANCEL).
             ours = live[0]
+            cancel = wire.CallPayload(ours.id, wire.CALL_CANCEL)
             others = [t for t in self._targets(ours) if t != tag]
             self._finish(ours, "crossed", notify=False)
-            if others:
-                self._spawn(self._send_quietly(c.id, wire.CallPayload(ours.id, wire.CALL_CANCEL),
-                                               to=others))  # fmt: skip
+            if not ours.invited:
+                # Its INVITE is still waiting for the messenger's lock (the inbox holds it), so
+                # where it goes is not known yet: the CANCEL queues behind it on that lock and
+                # goes in every session it goes in (the crossing device drops it: it ended ours
+                # itself, crossed).
+                self._spawn(self._send_quietly(c.id, cancel, to=None))
+            elif others:
+                self._spawn(self._send_quietly(c.id, cancel, to=others))
         elif crossed:
             # Ours has the lower id: it goes on; the peer ends its own call when our INVITE
             # arrives there. It is still answered busy, so it ends even if that INVITE is late.
@@ -703,8 +718,10 @@ class CallService:
         return row is not None
 
     async def _send_quietly(
-        self, contact_id: int, payload: wire.Payload, delay: float = 0.0, *, to: list[bytes]
+        self, contact_id: int, payload: wire.Payload, delay: float = 0.0, *,
+        to: list[bytes] | None,
     ) -> None:
+        """``to`` as in Messenger.send_call_payload (None: the row and every answered device)."""
         if delay > 0:
             await asyncio.sleep(delay)
         with contextlib.suppress(AppError, RuntimeError):
@@ -712,18 +729,23 @@ class CallService:
 
     def _on_accept(self, call: Call, p: wire.CallPayload, tag: bytes) -> None:
         assert call.secret is not None
-        # The first ACCEPT takes the call: from here on only this device's session counts.
+        try:
+            channel = CallChannel(call.id, call.secret, p.key, caller=True)
+        except ProtocolError:
+            # A bad key: that device does not take the call (the others go on ringing); it
+            # thinks it answered, so a CANCEL stops it connecting.
+            droplog.dropped("dropped a call ACCEPT with a bad key")
+            self._spawn(self._send_quietly(call.contact_id,
+                                           wire.CallPayload(call.id, wire.CALL_CANCEL), to=[tag]))
+            self._device_out(call, tag, FAILED)
+            return
+        # The first good ACCEPT takes the call: from here on only this device's session counts.
         others = [t for t in self._targets(call) if t != tag]
-        call.device = tag
+        call.device, call.channel = tag, channel
         if others:
             self._spawn(self._send_quietly(call.contact_id, wire.CallPayload(
                 call.id, wire.CALL_CANCEL, reason=wire.CALL_REASON_ANSWERED_ELSEWHERE),
                 to=others))  # fmt: skip
-        try:
-            call.channel = CallChannel(call.id, call.secret, p.key, caller=True)
-        except ProtocolError:
-            self._spawn(self._end(call, "failed", notify=True))
-            return
         call.peer_public = p.key
         call.answered_at = _ms()
         self._set_state(call, "connecting")

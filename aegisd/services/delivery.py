@@ -116,11 +116,6 @@ REFUSING_QUEUE = (
 )
 
 
-#: The contact's session row as a device (Messenger.send_call_payload's ``to``, the device a
-#: payload came in for the calls service): its other devices are named by their IDs (16 bytes).
-ROW_DEVICE = b""
-
-
 @dataclass(frozen=True)
 class Recipient:
     """One ratchet session to encrypt for: the contact row (its state says where its blocks
@@ -250,20 +245,25 @@ class Delivery:
         """The same payload once for each of the contact's other devices that answered, each
         in its own session, to its own mailbox, after its own share of ``spread``."""
         for ds in cd.device_sessions(store, contact_id):
-            if ds.send_to is None:
-                continue  # its answer has not come: it gets what is sent after it
-            session = Session.from_bytes(ds.state)
-            blocks = session.encrypt(self.h.entropy, encoded)
-            now = _ms() // 1000
-            cd.put_device_session(store, contact_id, ds.device_id, session.to_bytes(), now)
-            own = int(_RNG.uniform(0.0, spread) * 1000) if spread > 0 else 0
-            not_before = SLOT_WAIT if slot else due + own
-            if not slot and delay > 0:  # in order behind what was queued to it, as in enqueue
-                not_before = max(
-                    not_before, store.last_not_before(contact_id, ds.send_to, SLOT_WAIT)
-                )
-            store.enqueue_blocks(ds.send_to, blocks, message_id=message_id,
-                                 contact_id=contact_id, not_before=not_before)  # fmt: skip
+            if ds.send_to is not None:  # else its answer has not come: it gets what follows it
+                self._to_device(store, contact_id, ds, encoded, message_id, slot, due, spread,
+                                delay)  # fmt: skip
+
+    def _to_device(self, store: Store, contact_id: int, ds: cd.DeviceSession, encoded: bytes,
+                   message_id: str | None, slot: bool, due: int, spread: float,
+                   delay: float) -> None:  # fmt: skip
+        """``encoded`` in the session with one device that answered, to its mailbox."""
+        assert ds.send_to is not None
+        session = Session.from_bytes(ds.state)
+        blocks = session.encrypt(self.h.entropy, encoded)
+        now = _ms() // 1000
+        cd.put_device_session(store, contact_id, ds.device_id, session.to_bytes(), now)
+        own = int(_RNG.uniform(0.0, spread) * 1000) if spread > 0 else 0
+        not_before = SLOT_WAIT if slot else due + own
+        if not slot and delay > 0:  # in order behind what was queued to it, as in enqueue
+            not_before = max(not_before, store.last_not_before(contact_id, ds.send_to, SLOT_WAIT))
+        store.enqueue_blocks(ds.send_to, blocks, message_id=message_id,
+                             contact_id=contact_id, not_before=not_before)  # fmt: skip
 
     def answered_devices(self, contact_id: int) -> list[bytes]:
         """The IDs of the contact's other devices whose session answered (those ``enqueue``
@@ -280,10 +280,8 @@ class Delivery:
                   None)  # fmt: skip
         if ds is None or ds.send_to is None:
             return False
-        session = Session.from_bytes(ds.state)
-        blocks = session.encrypt(self.h.entropy, wire.encode_payload(payload))
-        cd.put_device_session(store, contact_id, device_id, session.to_bytes(), _ms() // 1000)
-        store.enqueue_blocks(ds.send_to, blocks, contact_id=contact_id, not_before=_ms())
+        self._to_device(store, contact_id, ds, wire.encode_payload(payload), None, False, _ms(),
+                        0.0, 0.0)  # fmt: skip
         return True
 
     def slot_destinations(self, contact: Contact) -> list[bytes]:

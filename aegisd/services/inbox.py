@@ -158,8 +158,7 @@ class CallsView(Protocol):
     """Call signaling's receiver (aegisd/calls/service.py CallService)."""
 
     def on_payload(
-        self, c: Contact, payload: wire.CallPayload | wire.CallSealedPayload,
-        device: bytes | None = None,
+        self, c: Contact, payload: wire.CallPayload | wire.CallSealedPayload, device: bytes
     ) -> None: ...
 
 
@@ -671,4 +670,5 @@ class Inbox:
             isinstance(payload, (wire.CallPayload, wire.CallSealedPayload))
             and self.m.calls is not None  # aegisd/calls/service.py, set at start-up
         ):
-            self.m.calls.on_payload(c, payload, device)
+            # The calls service names the row's session as a device too (cd.ROW_DEVICE).
+            self.m.calls.on_payload(c, payload, cd.ROW_DEVICE if device is None else device)

@@ -37,6 +37,7 @@ from aegisd.core.primitives import SystemEntropy
 from aegisd.core.session import Session
 from aegisd.rpc import AppError
 from aegisd.store import Store, StoreError
+from aegisd.store.contact_devices import ROW_DEVICE
 from aegisd.transport.network import Network
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable
 from relay.client import RelayError
@@ -45,7 +46,7 @@ from .actions import Actions
 from .address import Address
 from .attachments import Attachments
 from .contacts import Contacts
-from .delivery import ROW_DEVICE, Delivery, DeliveryHooks, Recipient
+from .delivery import Delivery, DeliveryHooks, Recipient
 from .disappearing import Disappearing
 from .fanout import Fanout
 from .group_logs import GroupLogs
@@ -373,8 +374,9 @@ class Messenger:
         """Call signaling leaves at once: no send jitter and no receipt delay (a call cannot
         wait), in ordinary blocks through the ordinary outbox (docs/threat-model.md: what the
         timing of a call reveals). ``to``: the sessions to send in, each ``ROW_DEVICE`` (the
-        contact's session row) or the ID of one of its other devices; None: the row and every
-        device that answered (an INVITE). Returns those it went in (docs/devices.md §9)."""
+        contact's session row) or the ID of one of its other devices, each once (a repeat is
+        dropped); None: the row and every device that answered (an INVITE). Returns those it
+        went in (docs/devices.md §9)."""
         self.loss.check_usable()
         async with self.lock:
             c = self.store.get_contact(contact_id)
@@ -382,8 +384,10 @@ class Messenger:
             if c is None or blob is None or not ContactState.from_bytes(c.state).established:
                 raise AppError(E_NOT_READY, "not_ready", "this contact cannot be reached yet")
             with self.store.transaction():
-                targets = ([ROW_DEVICE, *self.delivery.answered_devices(c.id)] if to is None
-                           else list(to))  # fmt: skip
+                # Each session once: two encryptions from one loaded copy would reuse its key.
+                targets = list(dict.fromkeys(
+                    [ROW_DEVICE, *self.delivery.answered_devices(c.id)] if to is None else to
+                ))  # fmt: skip
                 went: list[bytes] = []
                 for device in targets:
                     if device == ROW_DEVICE:

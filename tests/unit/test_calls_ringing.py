@@ -17,6 +17,7 @@ from typing import Any
 from aegisd.calls.service import CallService
 from aegisd.core import wire
 from aegisd.core.primitives import SystemEntropy
+from aegisd.store.contact_devices import ROW_DEVICE
 
 E = SystemEntropy()
 
@@ -49,7 +50,7 @@ class FakeMessenger:
     ) -> list[bytes]:
         self.sent.append(payload)
         self.to.append(to)
-        return [b""] if to is None else list(to)
+        return [ROW_DEVICE] if to is None else list(to)
 
 
 def service(delay: float) -> tuple[CallService, FakeMessenger]:
