@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.functional.conftest import T_DEVICE, Peer, connect
+from tests.functional.test_devices import texts
 from tests.functional.test_devices_fanout import _link, _wait_two_devices
 
 from .calls_support import analyse, write_tone
@@ -92,6 +93,13 @@ def test_a_call_rings_on_every_device_the_first_answer_takes_it(
     call_id = bob.call("calls.start", {"contact": "alice", **media(bob, "3")})["call_id"]
     both_ring(a1, a2, call_id)
     a1.call("calls.reject", {"call_id": call_id})
+    # A barrier: A1's text leaves after its REJECT in the same session, so once Bob has the text
+    # he has had the REJECT (else A2's ACCEPT could come first and prove nothing).
+    a1.call("messages.send", {"contact": "bob", "text": "declined on A1"})
+    bob.wait_for(lambda: ("in", "declined on A1") in texts(bob, "alice"), "A1's text", T_CALL)
+    live = bob.call("calls.list")["calls"]  # still ringing on A2 (its RINGING may be late)
+    assert [c["call_id"] for c in live] == [call_id]
+    assert live[0]["state"] in ("calling", "ringing")
     a2.call("calls.accept", {"call_id": call_id, **media(a2, "3")})
     event(bob, "call.state", call_id=call_id, state="active")
     event(a2, "call.state", call_id=call_id, state="active")
