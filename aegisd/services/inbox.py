@@ -158,7 +158,7 @@ class CallsView(Protocol):
     """Call signaling's receiver (aegisd/calls/service.py CallService)."""
 
     def on_payload(
-        self, c: Contact, payload: wire.CallPayload | wire.CallSealedPayload
+        self, c: Contact, payload: wire.CallPayload | wire.CallSealedPayload, device: bytes
     ) -> None: ...
 
 
@@ -526,7 +526,7 @@ class Inbox:
             if fragment.count > MAX_MESSAGE_FRAGMENTS and not isinstance(payload, _LONG_PAYLOADS):
                 droplog.dropped("dropped a fragment of an oversized message")
                 return
-            self._handle_payload(c, session, payload)
+            self._handle_payload(c, session, payload, device)
 
     def _make_room_for_long(self, contact_id: int, msg_id: bytes) -> None:
         """Before a fragment of a long message (over MAX_MESSAGE_FRAGMENTS) not yet kept: the
@@ -568,7 +568,11 @@ class Inbox:
         for _ in range(n):
             droplog.dropped("dropped a partial message (contact blocked)")
 
-    def _handle_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None:
+    def _handle_payload(
+        self, c: Contact, session: Session, payload: wire.Payload, device: bytes | None = None
+    ) -> None:
+        """``device``: the contact's device whose session it came in, None for the row (only
+        call signaling looks at it: docs/devices.md §9)."""
         if isinstance(payload, wire.CoverPayload):
             return  # cover: nothing to show, keep or answer (§24)
         if not isinstance(payload, _GROUP_CONTACT_PAYLOADS) and group_store.is_group_contact(
@@ -666,4 +670,5 @@ class Inbox:
             isinstance(payload, (wire.CallPayload, wire.CallSealedPayload))
             and self.m.calls is not None  # aegisd/calls/service.py, set at start-up
         ):
-            self.m.calls.on_payload(c, payload)
+            # The calls service names the row's session as a device too (cd.ROW_DEVICE).
+            self.m.calls.on_payload(c, payload, cd.ROW_DEVICE if device is None else device)
