@@ -322,8 +322,9 @@ class Inbox:
         # It used one-time keys (kept burnt below, whatever follows): top the relay's up.
         self.m.address.request_top_up()
         if device_hello is not None:
-            await self._first_contact_of_device(row, block, fc, device_hello)
-            return
+            hello = await self._first_contact_of_device(row, block, fc, device_hello)
+            if hello is None:
+                return
         if not isinstance(hello, wire.HelloPayload) or not self.m.mailboxes.peer_url_ok(
             hello.reply_to.relay_url
         ):
@@ -414,12 +415,16 @@ class Inbox:
 
     async def _first_contact_of_device(
         self, row: MailboxRow, block: bytes, fc: FirstContact, payload: dv.DevicePayload
-    ) -> None:
+    ) -> wire.HelloPayload | None:
         """A first contact whose first payload is a device hello (docs/protocol.md §28.4): a
         session with a device of a known contact, checked under that contact's list
-        (fanout.py), never a contact request; from anyone else, dropped."""
+        (fanout.py), never a contact request. From an identity that is no contact (one added
+        on another device of this person: contacts are not synced yet), a contact request as
+        a hello (0x03) without a name would make: returned for that path."""
         assert self.m.prekeys is not None
         known = self.m.contacts.with_identity(fc.sender)
+        if isinstance(payload, dv.DeviceHello) and known is None:
+            return wire.HelloPayload(payload.reply, "", b"")
         if (
             not isinstance(payload, dv.DeviceHello)
             or row.role != "address"
@@ -428,14 +433,15 @@ class Inbox:
             or not self.m.mailboxes.peer_url_ok(payload.reply.relay_url)
         ):
             self.m.store.put_identity(self.m.prekeys.to_bytes())  # one-time keys stay burnt
-            droplog.dropped("dropped a device hello from no contact's device")
-            return
+            droplog.dropped("dropped a device hello out of place")
+            return None
         ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
         with self.m.store.transaction():
             self.m.store.put_identity(self.m.prekeys.to_bytes())
             as_row, device_id = self.m.fanout.device_first_contact(known, fc.session, payload, ek)
         if as_row:
             await self._device_session(known, fc.session, payload.reply, device_id)
+        return None
 
     async def _device_session(
         self, c: Contact, session: Session, reply_to: wire.MailboxAddress,

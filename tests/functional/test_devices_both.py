@@ -84,3 +84,30 @@ def test_both_people_with_two_devices(peers: Callable[[str], Peer]) -> None:
         assert _count(a2, "bob", f"after the removal from {s.name}") == 0
     for peer in (a1, b1, b2):
         assert peer.call("requests.list")["requests"] == [], peer.name
+
+
+def _accept_request(peer: Peer, name: str) -> None:
+    peer.wait_for(lambda: peer.call("requests.list")["requests"], "the first contact", T_DEVICE)
+    request = peer.call("requests.list")["requests"][0]["request"]
+    peer.call("requests.accept", {"request": request, "name": name})
+
+
+def test_both_linked_before_they_meet(peers: Callable[[str], Peer]) -> None:
+    """Both link their second device first, then A1 and B1 meet: each second device gets a
+    contact request (contacts are not synced between one's devices yet), accepted; then A2
+    and B2, each learning the other's list, open sessions with each other at once, and one
+    of the two stands (the one the lower device ID opened)."""
+    a1, b1 = peers("alice"), peers("bob")
+    a2, b2 = peers("alice2"), peers("bob2")
+    _link(a1, a2)
+    _link(b1, b2)
+    connect(a1, b1)
+    _accept_request(a2, "bob")  # B1's session with A2, its hello unchecked there
+    _accept_request(b2, "alice")
+    for peer in (a1, a2, b1, b2):
+        _sessions_with(peer, 2)
+    alice, bob = [a1, a2], [b1, b2]
+    _each_reaches(alice, "bob", bob, "alice", "hello")
+    _each_reaches(bob, "alice", alice, "bob", "hi")
+    for peer in (a1, a2, b1, b2):
+        assert peer.call("requests.list")["requests"] == [], peer.name
