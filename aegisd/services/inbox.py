@@ -54,7 +54,7 @@ from .context import ServiceContext
 from .delivery import PENDING_DESTINATION, Delivery, Recipient
 from .mailbox import ContactState, OwnedMailbox, address_to_bytes
 from .mailboxes import Mailboxes
-from .rotation import ROTATION_KEY
+from .rotation import ROTATION_KEY, awaiting_devices
 
 #: Failures of the store that a later attempt may not meet (disk full, I/O): never a reason to
 #: acknowledge a block.
@@ -563,11 +563,32 @@ class Inbox:
                     self.m.fanout.device_answered(c, device, payload.reply_to)
                 elif isinstance(payload, wire.MailboxPayload):
                     self.m.fanout.device_rotated(c, device, payload)
+                else:
+                    self._rotation_acked(c, device, payload.rotation_id)
                 return
             if fragment.count > MAX_MESSAGE_FRAGMENTS and not isinstance(payload, _LONG_PAYLOADS):
                 droplog.dropped("dropped a fragment of an oversized message")
                 return
             self._handle_payload(c, session, payload)
+
+    def _rotation_acked(self, c: Contact, device: bytes | None, rotation_id: bytes) -> None:
+        """An acknowledgement of our rotation of the mailbox for ``c``, in its session row
+        (``device`` None) or in the session with one of its other devices: the old mailbox
+        goes once the row and every device the rotation went to acknowledged it, so that no
+        device of the contact deposits into a deleted mailbox. Stored with the receive, acted
+        on (relay calls) right after the commit."""
+        key = f"{ROTATION_KEY}{c.id}"
+        pending = self.m.store.get_setting(key)
+        if pending is None or pending["id"] != rotation_id.hex():
+            return
+        if device is None:
+            pending = {**pending, "acked": True}
+        else:
+            pending = {**pending, "devices": [d for d in pending.get("devices", [])
+                                              if d != device.hex()]}  # fmt: skip
+        self.m.store.set_setting(key, pending)
+        if pending.get("acked") and not awaiting_devices(self.m.store, c.id, pending):
+            self._acked_rotations.append((c, rotation_id))
 
     def _make_room_for_long(self, contact_id: int, msg_id: bytes) -> None:
         """Before a fragment of a long message (over MAX_MESSAGE_FRAGMENTS) not yet kept: the
@@ -698,11 +719,7 @@ class Inbox:
         elif isinstance(payload, wire.TimerPayload):
             self.m.disappearing.on_payload(c, payload)
         elif isinstance(payload, wire.MailboxAckPayload):
-            pending = self.m.store.get_setting(f"{ROTATION_KEY}{c.id}")
-            if pending is not None and pending["id"] == payload.rotation_id.hex():
-                # Stored with the receive, acted on (relay calls) right after the commit.
-                self.m.store.set_setting(f"{ROTATION_KEY}{c.id}", {**pending, "acked": True})
-                self._acked_rotations.append((c, payload.rotation_id))
+            self._rotation_acked(c, None, payload.rotation_id)
         elif (
             isinstance(payload, (wire.CallPayload, wire.CallSealedPayload))
             and self.m.calls is not None  # aegisd/calls/service.py, set at start-up

@@ -111,3 +111,30 @@ def test_both_linked_before_they_meet(peers: Callable[[str], Peer]) -> None:
     _each_reaches(bob, "alice", alice, "bob", "hi")
     for peer in (a1, a2, b1, b2):
         assert peer.call("requests.list")["requests"] == [], peer.name
+
+
+def test_a_rotation_waits_for_every_device(peers: Callable[[str], Peer]) -> None:
+    """Bob moves his mailbox for Alice while A2 is stopped: A1's acknowledgement does not
+    retire the old mailbox (A2 still deposits there until it learns the new one); A2's, once
+    it is back, does, and A2's messages reach Bob."""
+    a1, b1 = peers("alice"), peers("bob")
+    connect(a1, b1)
+    a2 = peers("alice2")
+    _link(a1, a2)
+    _sessions_with(b1, 2)
+    a1.call("settings.set", {"receipt_delay_max": 0.5})
+    a2.stop()
+    b1.call("contacts.rotate_mailbox", {"name": "alice"})
+    sent = b1.call("messages.send", {"contact": "alice", "text": "moved"})
+    a1.wait_for(lambda: ("in", "moved") in texts(a1, "bob"), "the text after the rotation")
+    a1.call("messages.mark_read", {"contact": "bob"})
+    # A1's read receipt goes after its acknowledgement (the same mailbox, in order).
+    b1.wait_for(lambda: "read" in _status_events(b1, sent["message_id"]), "A1's read receipt")
+    assert not b1.events(types=["contact.mailbox_rotated"])  # A2 has not acknowledged
+    a2.start()
+    b1.wait_for(lambda: b1.events(types=["contact.mailbox_rotated"]), "A2's acknowledgement",
+                T_DEVICE)  # fmt: skip
+    a2.call("messages.send", {"contact": "bob", "text": "from the laptop, after the move"})
+    b1.wait_for(lambda: ("in", "from the laptop, after the move") in texts(b1, "alice"), "A2's")
+    a1.call("messages.send", {"contact": "bob", "text": "from the desktop, after the move"})
+    b1.wait_for(lambda: ("in", "from the desktop, after the move") in texts(b1, "alice"), "A1's")
