@@ -559,6 +559,9 @@ class Fanout:
     def device_answered(self, c: Contact, device_id: bytes, reply_to: wire.MailboxAddress) -> None:
         """A contact device answered our first contact: deposit to it from now on."""
         store = self.m.store
+        before = next((s for s in cd.device_sessions(store, c.id) if s.device_id == device_id),
+                      None)  # fmt: skip
+        first = before is None or before.send_to is None  # not a repeated answer
         cd.set_device_send_to(store, c.id, device_id, address_to_bytes(reply_to))
         held = cd.held_list(store, c.id)
         listed = None if held is None else dv.DeviceList.from_bytes(held.data)
@@ -571,11 +574,12 @@ class Fanout:
         self.m.ctx.events.emit("contact.devices", {"contact": c.name, "devices": count})
         # Our list, and the hello naming this device bound to no session, in the session just
         # answered: a device of the contact that held no list of ours when our first contact
-        # came took it unchecked (or holds it) until it has the list (§5.5).
+        # came took it unchecked (or holds it) until it has the list (§5.5). Once per answer
+        # that gave the session its mailbox: a contact repeating its answer gets nothing more.
         own, me, key = (store.get_setting(n) for n in (SETTING_OWN_LIST, SETTING_SELF,
                                                         SETTING_KEY))  # fmt: skip
         blob, ours = store.get_session(c.id), store.mailbox_for_contact(c.id)
-        if None not in (own, me, key, blob, ours):
+        if first and None not in (own, me, key, blob, ours):
             assert blob is not None and ours is not None
             mine = dv.DeviceList.from_bytes(bytes.fromhex(str(own)))
             reply = OwnedMailbox.from_bytes(ours.descriptor).address()
