@@ -3,8 +3,9 @@ of a contact's devices.
 
 - The person's side. The device that signed a list (a link that completed on it, a
   ``devices.remove``) sends it (``0x40``) to every contact it has a session with, followed by
-  a device hello in that same session (``0x41`` bound to ``LEGACY_EK``, docs/protocol.md §28.4):
-  it tells the contact which listed device the session it already had is with.
+  a device hello (``0x41`` bound to ``LEGACY_EK``, docs/protocol.md §28.4), in every session
+  it has with that contact (the row and each device's): it tells each device of the contact
+  which of our devices its session with us is with.
 - The contact's side. A list received in a contact's session is checked under the contact's
   identity (``devices.accept``: forged, from the future or stale is refused, counted, nothing
   changed; the list held, again, is acknowledged again in its session: our acknowledgement
@@ -12,9 +13,15 @@ of a contact's devices.
   sessions of devices no longer listed are dropped. For every listed device it has no session
   with, it fetches the device's bundle at its ``bundle_address`` and opens one (PQXDH, a
   first contact to the device mailbox, whose hello carries its mailbox for the person: the same
-  contact mailbox every device of the person deposits to). The device answers in the session,
-  with its own mailbox: from then on the delivery layer encrypts everything for that contact
-  once per device (services/delivery.py).
+  contact mailbox every device of the person deposits to; a device hello bound to the
+  session's EK_A.pub when this device has a list of its own). Every device holding the list
+  does so, not only the one whose row got it. The device answers in the session, with its own
+  mailbox: from then on the delivery layer encrypts everything for that contact once per
+  device (services/delivery.py); a device with a list then sends its list and a hello there.
+- Sessions a contact's device opens with this one (``device_first_contact``): its device
+  hello checked under the contact's list; proven, that device's session (never a request);
+  unlisted, held (``SETTING_HELD``) until a list names it; forged, dropped. Two sessions for
+  one pair opened at once: the one the lower device ID opened stands, on both sides.
 - Requests (``0x43``) and their answers go in the one session they answer, at most one per
   list named (settings kept in the store): a hostile contact's acknowledgements cannot make
   this device send more blocks than it sent. A contact established after the list went gets
@@ -527,7 +534,6 @@ class Fanout:
             return wire.encode_payload(wire.HelloPayload(reply, name, b""))
         version = dv.DeviceList.from_bytes(bytes.fromhex(str(own))).version
         public = self.m.identity().public
-
         priv, self_id = bytes.fromhex(str(key)), bytes.fromhex(str(me))
 
         def hello(ek: bytes) -> bytes:
