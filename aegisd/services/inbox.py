@@ -39,7 +39,7 @@ from aegisd.core.errors import DecodeError, DecryptionError
 from aegisd.core.identity import PublicIdentity, keys_of
 from aegisd.core.prekeys import PrekeyStore
 from aegisd.core.primitives import Entropy
-from aegisd.core.session import Session, accept_first_contact
+from aegisd.core.session import FirstContact, Session, accept_first_contact
 from aegisd.rpc import AppError
 from aegisd.store import Store, StoreError
 from aegisd.store import contact_devices as cd
@@ -54,7 +54,7 @@ from .context import ServiceContext
 from .delivery import PENDING_DESTINATION, Delivery, Recipient
 from .mailbox import ContactState, OwnedMailbox, address_to_bytes
 from .mailboxes import Mailboxes
-from .rotation import ROTATION_KEY
+from .rotation import ROTATION_KEY, awaiting_devices
 
 #: Failures of the store that a later attempt may not meet (disk full, I/O): never a reason to
 #: acknowledge a block.
@@ -108,6 +108,9 @@ class FanoutView(Protocol):
     ) -> None: ...
     def device_rotated(self, c: Contact, device_id: bytes, p: wire.MailboxPayload) -> None: ...
     def send_held(self, contact_id: int) -> None: ...
+    def device_first_contact(
+        self, c: Contact, session: Session, hello: dv.DeviceHello, ek: bytes
+    ) -> tuple[bool, bytes | None]: ...
 
 
 #: This profile's own device list (services/devices.py): a device that joined by a link holds
@@ -309,13 +312,19 @@ class Inbox:
         assert self.m.prekeys is not None
         try:
             fc = accept_first_contact(self.m.entropy, self.m.prekeys, block)
-            hello = wire.decode_payload(fc.fragment.data)
+            data = fc.fragment.data
+            device_hello = dv.decode_device_payload(data) if wire.is_device_payload(data) else None
+            hello = wire.decode_payload(data) if device_hello is None else None
         except (DecryptionError, DecodeError):
             self.m._reload_prekeys()
             droplog.dropped("dropped a first-contact block that did not open")
             return
         # It used one-time keys (kept burnt below, whatever follows): top the relay's up.
         self.m.address.request_top_up()
+        if device_hello is not None:
+            hello = await self._first_contact_of_device(row, block, fc, device_hello)
+            if hello is None:
+                return
         if not isinstance(hello, wire.HelloPayload) or not self.m.mailboxes.peer_url_ok(
             hello.reply_to.relay_url
         ):
@@ -365,7 +374,7 @@ class Inbox:
             and self.m.store.mailbox_for_contact(known.id) is None  # not a restored contact
             and self.m.store.get_setting(SETTING_OWN_LIST) is not None
         ):
-            await self._device_session(known, fc.session, hello)
+            await self._device_session(known, fc.session, hello.reply_to, None)
             return
         with self.m.store.transaction():
             self.m.store.put_identity(self.m.prekeys.to_bytes())  # burnt one-time keys
@@ -404,25 +413,57 @@ class Inbox:
                 },
             )
 
+    async def _first_contact_of_device(
+        self, row: MailboxRow, block: bytes, fc: FirstContact, payload: dv.DevicePayload
+    ) -> wire.HelloPayload | None:
+        """A first contact whose first payload is a device hello (docs/protocol.md §28.4): a
+        session with a device of a known contact, checked under that contact's list
+        (fanout.py), never a contact request. From an identity that is no contact (one added
+        on another device of this person: contacts are not synced yet), a contact request as
+        a hello (0x03) without a name would make: returned for that path."""
+        assert self.m.prekeys is not None
+        known = self.m.contacts.with_identity(fc.sender)
+        if isinstance(payload, dv.DeviceHello) and known is None:
+            return wire.HelloPayload(payload.reply, "", b"")
+        if (
+            not isinstance(payload, dv.DeviceHello)
+            or row.role != "address"
+            or known is None
+            or known.blocked
+            or not self.m.mailboxes.peer_url_ok(payload.reply.relay_url)
+        ):
+            self.m.store.put_identity(self.m.prekeys.to_bytes())  # one-time keys stay burnt
+            droplog.dropped("dropped a device hello out of place")
+            return None
+        ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
+        with self.m.store.transaction():
+            self.m.store.put_identity(self.m.prekeys.to_bytes())
+            as_row, device_id = self.m.fanout.device_first_contact(known, fc.session, payload, ek)
+        if as_row:
+            await self._device_session(known, fc.session, payload.reply, device_id)
+        return None
+
     async def _device_session(
-        self, c: Contact, session: Session, hello: wire.HelloPayload
-    ) -> None:
+        self, c: Contact, session: Session, reply_to: wire.MailboxAddress,
+        device_id: bytes | None,
+    ) -> None:  # fmt: skip
         """A contact this linked device knows without a session (its profile came by a link)
         opened one with it, having learned of it from the person's device list (docs/devices.md
-        §5.2): the contact's session, answered with a mailbox of this device's own."""
+        §5.2): the contact's session (with ``device_id``, when its hello proved it), answered
+        with a mailbox of this device's own."""
         assert self.m.prekeys is not None
         mb_id, mb = await self.m.mailboxes.create("contact", public=False)
         with self.m.store.transaction():
             self.m.store.put_identity(self.m.prekeys.to_bytes())
             self.m.store.set_mailbox_contact(mb_id, c.id)
-            self.m.store.update_contact(
-                c.id, state=ContactState(hello.reply_to, True).to_bytes()
-            )
+            self.m.store.update_contact(c.id, state=ContactState(reply_to, True).to_bytes())
             own_name = str(self.m.store.get_setting("profile.display_name", ""))
             answer = wire.HelloPayload(mb.address(), own_name, b"")
             blocks = session.encrypt(self.m.entropy, wire.encode_payload(answer))
             self.m.store.put_session(c.id, session.to_bytes())
-            self.m.store.enqueue_blocks(address_to_bytes(hello.reply_to), blocks, contact_id=c.id)
+            if device_id is not None:
+                cd.set_session_device(self.m.store, c.id, device_id)
+            self.m.store.enqueue_blocks(address_to_bytes(reply_to), blocks, contact_id=c.id)
             self.m.ctx.events.emit("contact.established", {"contact": c.name})
         self.m.mailboxes.reload()
         self.m.cover.changed()
@@ -522,11 +563,32 @@ class Inbox:
                     self.m.fanout.device_answered(c, device, payload.reply_to)
                 elif isinstance(payload, wire.MailboxPayload):
                     self.m.fanout.device_rotated(c, device, payload)
+                else:
+                    self._rotation_acked(c, device, payload.rotation_id)
                 return
             if fragment.count > MAX_MESSAGE_FRAGMENTS and not isinstance(payload, _LONG_PAYLOADS):
                 droplog.dropped("dropped a fragment of an oversized message")
                 return
             self._handle_payload(c, session, payload, device)
+
+    def _rotation_acked(self, c: Contact, device: bytes | None, rotation_id: bytes) -> None:
+        """An acknowledgement of our rotation of the mailbox for ``c``, in its session row
+        (``device`` None) or in the session with one of its other devices: the old mailbox
+        goes once the row and every device the rotation went to acknowledged it, so that no
+        device of the contact deposits into a deleted mailbox. Stored with the receive, acted
+        on (relay calls) right after the commit."""
+        key = f"{ROTATION_KEY}{c.id}"
+        pending = self.m.store.get_setting(key)
+        if pending is None or pending["id"] != rotation_id.hex():
+            return
+        if device is None:
+            pending = {**pending, "acked": True}
+        else:
+            pending = {**pending, "devices": [d for d in pending.get("devices", [])
+                                              if d != device.hex()]}  # fmt: skip
+        self.m.store.set_setting(key, pending)
+        if pending.get("acked") and not awaiting_devices(self.m.store, c.id, pending):
+            self._acked_rotations.append((c, rotation_id))
 
     def _make_room_for_long(self, contact_id: int, msg_id: bytes) -> None:
         """Before a fragment of a long message (over MAX_MESSAGE_FRAGMENTS) not yet kept: the
@@ -661,11 +723,7 @@ class Inbox:
         elif isinstance(payload, wire.TimerPayload):
             self.m.disappearing.on_payload(c, payload)
         elif isinstance(payload, wire.MailboxAckPayload):
-            pending = self.m.store.get_setting(f"{ROTATION_KEY}{c.id}")
-            if pending is not None and pending["id"] == payload.rotation_id.hex():
-                # Stored with the receive, acted on (relay calls) right after the commit.
-                self.m.store.set_setting(f"{ROTATION_KEY}{c.id}", {**pending, "acked": True})
-                self._acked_rotations.append((c, payload.rotation_id))
+            self._rotation_acked(c, None, payload.rotation_id)
         elif (
             isinstance(payload, (wire.CallPayload, wire.CallSealedPayload))
             and self.m.calls is not None  # aegisd/calls/service.py, set at start-up
