@@ -14,7 +14,13 @@ from pathlib import Path
 
 from tests.functional.conftest import T_DEVICE, Peer, connect
 from tests.functional.test_attachments import blob_sizes, wait_state
-from tests.functional.test_devices_fanout import _devices_events, _link, _wait_two_devices
+from tests.functional.test_devices_fanout import (
+    _delete_contact_mailbox,
+    _devices_events,
+    _link,
+    _status_events,
+    _wait_two_devices,
+)
 from tests.relay.conftest import RelayProcess
 
 
@@ -79,3 +85,32 @@ def test_a_file_reaches_both_devices(
     wait_state(a1, aid2, "complete")
     a1.wait_for(lambda: len(blob_sizes(relay_proc)) == blocks, "the second file's blobs deleted")
     assert _saved(a1, aid2, out / "notes.txt") == src2.read_bytes()
+
+
+def test_a_refused_device_copy_of_a_file(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    """Bob's descriptor for A2 is refused (A2's mailbox for him is gone, docs/devices.md §5.4):
+    A1 gets the file, Bob's send is not failed, his spool goes, nothing is uploaded again, and
+    A1, with A2 still listed, leaves the blobs at the relay."""
+    a1, bob = peers("alice"), peers("bob")
+    connect(a1, bob)
+    a2 = peers("alice2")
+    _link(a1, a2)
+    a2.wait_for(lambda: a2.call("contacts.list")["contacts"][0]["established"], "bob's session",
+                T_DEVICE)  # fmt: skip
+    _wait_two_devices(bob)
+    a2.stop()
+    _delete_contact_mailbox(a2, "bob")
+    src = tmp_short / "report.pdf"
+    data = os.urandom(50_000)
+    src.write_bytes(data)
+    aid, blocks = _send(bob, src)
+    wait_state(a1, aid, "complete")
+    out = tmp_short / "a1.pdf"
+    assert _saved(a1, aid, out) == data
+    bob.wait_for(lambda: "sent" in _status_events(bob, aid), "sent")
+    assert "failed" not in _status_events(bob, aid)
+    assert bob.call("attachments.get", {"attachment_id": aid})["state"] == "uploaded"
+    assert not (bob.home / "attachments" / f"{aid}.blocks").exists()  # the spool went
+    assert len(blob_sizes(relay_proc)) == blocks  # one upload; A1 kept them for A2
