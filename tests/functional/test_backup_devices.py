@@ -8,14 +8,17 @@ drops his sessions with A1 and A2, takes A3's list, and his next message reaches
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from aegisd.core import backup as fmt
 from aegisd.core import devices as dv
+from aegisd.core.identity import IdentityKeyPair
+from aegisd.core.primitives import SystemEntropy
 from aegisd.store import contact_devices as cd
 from aegisd.store import open_profile
 from tests.functional.conftest import T_DEVICE, Peer, connect
-from tests.functional.test_backup import CHEAP, PASS, received
+from tests.functional.test_backup import CHEAP, PASS, error_of, received
 from tests.functional.test_devices import (
     _at_relay,
     _device_mailbox,
@@ -64,6 +67,16 @@ def test_an_import_is_a_new_first_device_and_the_old_ones_stop_receiving(
 
     a3 = peers("alice3")
     a3.wait_connected()
+    # A file whose list another identity signed: refused as malformed, nothing written.
+    contents = fmt.BackupContents.from_bytes(fmt.decrypt(PASS, data))
+    forged = dv.DeviceList.sign(IdentityKeyPair.generate(SystemEntropy()), listed.version,
+                                listed.devices)  # fmt: skip
+    bad = replace(contents, devices=replace(devices, device_list=forged.to_bytes()))
+    bad_path = tmp_short / "forged.aegisbackup"
+    bad_path.write_bytes(fmt.encrypt(SystemEntropy(), PASS, bad.to_bytes(), fmt.MIN_KDF))
+    err = error_of(a3, "backup.import", {"path": str(bad_path), "passphrase": PASS})
+    assert err.code == 1042 and err.data["error"] == "not_a_backup"
+    assert a3.call("contacts.list")["contacts"] == [] and a3.call("devices.list")["version"] == 0
     result = a3.call("backup.import", {"path": str(path), "passphrase": PASS})
     assert result["contacts"] == 1 and result["renewing"] == 1
     # A new first device: a new ID, alone in its list, at a version above the backup's.
