@@ -21,6 +21,8 @@ from typing import Protocol
 from aegisd.core import backup as fmt
 from aegisd.core import devices as dv
 from aegisd.core import primitives as p
+from aegisd.core import wire
+from aegisd.core.errors import DecodeError
 from aegisd.core.identity import IdentityKeyPair, PublicIdentity
 from aegisd.core.primitives import Entropy
 from aegisd.store import Store
@@ -52,27 +54,30 @@ class ResetHost(Protocol):
 def export(store: Store) -> fmt.BackupDevices:
     """The devices section of a backup of this profile."""
     held = store.get_setting(SETTING_OWN_LIST)
-    if held is None:
+    try:
+        current = None if held is None else dv.DeviceList.from_bytes(bytes.fromhex(str(held)))
+    except (ValueError, DecodeError):
+        current = None  # not one the daemon wrote: the backup is still made, without it
+    if current is None:
         return fmt.BackupDevices()
-    current = dv.DeviceList.from_bytes(bytes.fromhex(str(held)))
     me = store.get_setting(SETTING_SELF)
     doc = store.get_setting(dv.DELETE_KEYS_SETTING)
-    sets = []
-    for key, items in sorted(doc.items()) if isinstance(doc, dict) else []:
+    sets: dict[bytes, tuple[fmt.BackupDeleteCap, ...]] = {}
+    for key, items in doc.items() if isinstance(doc, dict) else []:
         with contextlib.suppress(ValueError, TypeError):
             device_id = bytes.fromhex(key)
-            if key == me or current.entry(device_id) is None or not isinstance(items, list):
+            if device_id.hex() == me or current.entry(device_id) is None:
                 continue  # this device's own mailboxes are in the file with their owner keys
             caps = []
-            for item in items[: fmt.MAX_CAPS_PER_DEVICE]:
+            for item in list(items)[: fmt.MAX_CAPS_PER_DEVICE]:
                 with contextlib.suppress(ValueError):
                     cap = DeleteCap.from_json(item)
-                    if len(cap.relay_url.encode()) <= 255:  # the file's bound (wire.MAX_URL_BYTES)
+                    if len(cap.relay_url.encode()) <= wire.MAX_URL_BYTES:  # the file's bound
                         caps.append(fmt.BackupDeleteCap(cap.relay_url, cap.owner_id,
                                                         cap.delete_seed))  # fmt: skip
             if caps:
-                sets.append((device_id, tuple(caps)))
-    return fmt.BackupDevices(current.to_bytes(), tuple(sets))
+                sets[device_id] = tuple(caps)
+    return fmt.BackupDevices(current.to_bytes(), tuple(sorted(sets.items())))
 
 
 def check(devices: fmt.BackupDevices, identity: PublicIdentity) -> dv.DeviceList | None:
