@@ -780,7 +780,7 @@ class Devices:
             str(store.get_setting(SETTING_NAME, "")), tuple(settings), tuple(contacts), (),
         )  # fmt: skip
         return dv.LinkProfile(ed_priv, x_priv, self.m.identity().public.binding_sig, current,
-                              contents.to_bytes())  # fmt: skip
+                              contents.to_bytes(4))  # fmt: skip  # 4: older devices read it, §4.2
 
     # --- N: the new device ----------------------------------------------------------------
 

@@ -5,9 +5,14 @@ out, never the backup)."""
 
 from __future__ import annotations
 
+import types
+from typing import Any
+
 from aegisd.core import backup as fmt
 from aegisd.core import devices as dv
+from aegisd.core.primitives import SystemEntropy
 from aegisd.services import device_reset
+from aegisd.services import devices as sd
 from aegisd.store import KdfParams, create_profile
 from tests.unit.test_core_backup import ALICE, ALICE_LIST
 
@@ -36,5 +41,20 @@ def test_the_export_takes_the_list_and_the_other_devices_delete_keys(tmp_path):
         # A list the daemon did not write: the backup is made without devices.
         store.set_setting("devices.list", "00")
         assert device_reset.export(store) == fmt.BackupDevices()
+    finally:
+        store.close()
+
+
+def test_a_link_profile_is_written_as_contents_version_4(tmp_path):
+    """A link's profile has no devices section (docs/devices.md §4.2): it is written in
+    contents version 4, which a new device on the code before version 5 reads (it refuses a
+    version 5 as unsupported, and the link as a bad profile)."""
+    store = create_profile(tmp_path / "p", None, FAST)
+    try:
+        m: Any = types.SimpleNamespace(store=store, identity=lambda: ALICE, entropy=SystemEntropy(),
+                                       mailboxes=types.SimpleNamespace(owned={}))  # fmt: skip
+        profile = sd.Devices(m)._profile(ALICE_LIST)
+        assert profile.profile[0] == 4
+        assert fmt.BackupContents.from_bytes(profile.profile).devices == fmt.BackupDevices()
     finally:
         store.close()
