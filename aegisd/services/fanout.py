@@ -288,9 +288,14 @@ class Fanout:
         """The device of the contact's session row (``legacy``) left its list: the session
         of a listed device that answered (the one this list came in, if it did) takes the
         row's place, with its mailbox, so that nothing more goes to the removed device. None
-        answered yet: the row stays as it is until one does (``device_answered``)."""
+        answered yet: the row stays as it is until one does (``device_answered``). Only a
+        device of the list held now: a contact whose sessions with unlisted devices survived
+        a reset (docs/devices.md §10) must not give the row back to one of them."""
         store = self.m.store
-        others = [s for s in cd.device_sessions(store, c.id) if s.send_to is not None]
+        held = cd.held_list(store, c.id)
+        listed = set() if held is None else dv.DeviceList.from_bytes(held.data).ids()
+        others = [s for s in cd.device_sessions(store, c.id)
+                  if s.send_to is not None and s.device_id in listed]  # fmt: skip
         others.sort(key=lambda s: s.device_id != device)
         if not others:
             return session, legacy
