@@ -15,6 +15,7 @@ Nothing here logs a list, a device ID or a key.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Protocol
 
@@ -30,6 +31,8 @@ from aegisd.store import devices as store_devices
 
 from .fanout import SETTING_KEY, SETTING_OWN_LIST, SETTING_SELF, Fanout
 from .mailbox import DeleteCap, OwnedMailbox
+
+log = logging.getLogger("aegisd.device_reset")
 
 #: Set by an import, cleared once the restored device signed its list: the version of the
 #: backup's list (0: the file held none), which the new list must beat.
@@ -51,6 +54,27 @@ class ResetHost(Protocol):
     def identity(self) -> IdentityKeyPair: ...
 
 
+def _held_caps(store: Store) -> dict[bytes, list[DeleteCap]]:
+    """The delete capabilities held for the other devices' mailboxes, by device (this
+    device's own left out: its mailboxes are deleted with their owner keys); a malformed one
+    is left out."""
+    me = store.get_setting(SETTING_SELF)
+    doc = store.get_setting(dv.DELETE_KEYS_SETTING)
+    out: dict[bytes, list[DeleteCap]] = {}
+    for key, items in doc.items() if isinstance(doc, dict) else []:
+        with contextlib.suppress(ValueError, TypeError):
+            device_id = bytes.fromhex(key)
+            if device_id.hex() == me:
+                continue
+            caps = []
+            for item in list(items)[: fmt.MAX_CAPS_PER_DEVICE]:
+                with contextlib.suppress(ValueError):
+                    caps.append(DeleteCap.from_json(item))
+            if caps:
+                out[device_id] = caps
+    return out
+
+
 def export(store: Store) -> fmt.BackupDevices:
     """The devices section of a backup of this profile."""
     held = store.get_setting(SETTING_OWN_LIST)
@@ -60,23 +84,17 @@ def export(store: Store) -> fmt.BackupDevices:
         current = None  # not one the daemon wrote: the backup is still made, without it
     if current is None:
         return fmt.BackupDevices()
-    me = store.get_setting(SETTING_SELF)
-    doc = store.get_setting(dv.DELETE_KEYS_SETTING)
     sets: dict[bytes, tuple[fmt.BackupDeleteCap, ...]] = {}
-    for key, items in doc.items() if isinstance(doc, dict) else []:
-        with contextlib.suppress(ValueError, TypeError):
-            device_id = bytes.fromhex(key)
-            if device_id.hex() == me or current.entry(device_id) is None:
-                continue  # this device's own mailboxes are in the file with their owner keys
-            caps = []
-            for item in list(items)[: fmt.MAX_CAPS_PER_DEVICE]:
-                with contextlib.suppress(ValueError):
-                    cap = DeleteCap.from_json(item)
-                    if len(cap.relay_url.encode()) <= wire.MAX_URL_BYTES:  # the file's bound
-                        caps.append(fmt.BackupDeleteCap(cap.relay_url, cap.owner_id,
-                                                        cap.delete_seed))  # fmt: skip
-            if caps:
-                sets[device_id] = tuple(caps)
+    for device_id, held_caps in _held_caps(store).items():
+        if current.entry(device_id) is None:
+            continue
+        caps = tuple(
+            fmt.BackupDeleteCap(cap.relay_url, cap.owner_id, cap.delete_seed)
+            for cap in held_caps
+            if len(cap.relay_url.encode()) <= wire.MAX_URL_BYTES
+        )  # the file's bound
+        if caps:
+            sets[device_id] = caps
     return fmt.BackupDevices(current.to_bytes(), tuple(sorted(sets.items())))
 
 
@@ -100,13 +118,19 @@ def restore(host: ResetHost, devices: fmt.BackupDevices, listed: dv.DeviceList |
     settings, their mailboxes queued for deletion, the list to sign marked. How many
     mailboxes were queued."""
     store = host.store
+    queued = 0
+    # A device this fresh profile linked before the import stops receiving too, as at a
+    # removal: the capabilities held for it are queued before they are forgotten.
+    for caps in _held_caps(store).values():
+        for held_cap in caps:
+            store_devices.retire_mailbox(store, held_cap.as_mailbox().to_bytes())
+            queued += 1
     for name in DEVICE_SETTINGS:
         store.set_setting(name, None)
     priv, _ = dv.new_device_key(host.entropy)
     store.set_setting(SETTING_SELF, dv.new_device_id(host.entropy).hex())
     store.set_setting(SETTING_KEY, priv.hex())
     store.set_setting(SETTING_RESET, 0 if listed is None else listed.version)
-    queued = 0
     for _, caps in devices.delete_keys:
         for cap in caps:
             mb = DeleteCap(cap.relay_url, cap.owner_id, cap.delete_key).as_mailbox()
@@ -129,7 +153,15 @@ def sign_list(host: ResetHost, address: OwnedMailbox) -> None:
     own = store.get_setting(SETTING_OWN_LIST)
     held = None if own is None else dv.DeviceList.from_bytes(bytes.fromhex(str(own)))
     now = int(time.time())
-    version = min(max(dv.next_version(held, now), int(after) + 1), dv.LIST_VERSION_LIMIT - 1)
+    # Above the backup's list, but never so far ahead of the clock that a contact refuses it
+    # (§3.2's MAX_LIST_SKEW, half of it left for the contacts' clocks): a backup whose list
+    # a clock far ahead signed would otherwise leave every contact on the old devices' list.
+    ceiling = (now + dv.MAX_LIST_SKEW // 2) * dv.VERSIONS_PER_SECOND
+    if int(after) + 1 > ceiling:
+        log.warning("the backup's device list runs ahead of this clock: the restored list's "
+                    "version is capped at half a day ahead (docs/backup.md §7)")  # fmt: skip
+    version = max(dv.next_version(held, now), min(int(after) + 1, ceiling))
+    version = min(version, dv.LIST_VERSION_LIMIT - 1)
     public = p.ed25519_public(p.ed25519_from_private(priv))
     entry = dv.DeviceEntry(me, address.address(), address.deposit_id, now, public)
     others = [] if held is None else [d for d in held.devices if d.device_id != me]
