@@ -121,8 +121,8 @@ def restore(host: ResetHost, devices: fmt.BackupDevices, listed: dv.DeviceList |
     queued = 0
     # A device this fresh profile linked before the import stops receiving too, as at a
     # removal: the capabilities held for it are queued before they are forgotten.
-    for caps in _held_caps(store).values():
-        for held_cap in caps:
+    for linked in _held_caps(store).values():
+        for held_cap in linked:
             store_devices.retire_mailbox(store, held_cap.as_mailbox().to_bytes())
             queued += 1
     for name in DEVICE_SETTINGS:
