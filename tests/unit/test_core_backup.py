@@ -359,6 +359,16 @@ def test_version_5_carries_the_device_list_and_delete_keys() -> None:
     assert fmt.MAX_CAPS_PER_DEVICE == devices_service.MAX_CAPS_PER_DEVICE
 
 
+def test_version_5_refuses_a_non_zero_attachments_count() -> None:
+    """The attachments' count stays 0 in version 5: one before the groups and devices
+    sections (20 and 5 bytes when empty) is refused, as in versions 1 to 4."""
+    good = replace(sample_contents(1), groups=fmt.BackupGroups()).to_bytes()
+    assert good[0] == 5 and good[-29:-25] == bytes(4)
+    fmt.BackupContents.from_bytes(good)
+    with pytest.raises(DecodeError, match="attachments"):
+        fmt.BackupContents.from_bytes(good[:-29] + b"\x00\x00\x00\x01" + good[-25:])
+
+
 def test_devices_section_is_strict() -> None:
     base = replace(sample_contents(), devices=fmt.BackupDevices())
     head = base.to_bytes()[:-5]
