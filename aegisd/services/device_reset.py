@@ -28,8 +28,18 @@ from aegisd.core.identity import IdentityKeyPair, PublicIdentity
 from aegisd.core.primitives import Entropy
 from aegisd.store import Store
 from aegisd.store import devices as store_devices
+from aegisd.store.devices import (
+    SETTING_ANSWERED,
+    SETTING_AWAITING,
+    SETTING_DELETE_KEYS,
+    SETTING_KEY,
+    SETTING_OWN_LIST,
+    SETTING_REQUESTED,
+    SETTING_SELF,
+    SETTING_UNCONFIRMED,
+)
 
-from .fanout import SETTING_KEY, SETTING_OWN_LIST, SETTING_SELF, Fanout
+from .fanout import Fanout
 from .mailbox import DeleteCap, OwnedMailbox
 
 log = logging.getLogger("aegisd.device_reset")
@@ -39,8 +49,8 @@ log = logging.getLogger("aegisd.device_reset")
 SETTING_RESET = "backup.device_reset"
 #: Settings of the old profile's devices that the restored device does not keep.
 DEVICE_SETTINGS = (
-    SETTING_OWN_LIST, dv.DELETE_KEYS_SETTING, "devices.awaiting", "devices.requested",
-    "devices.answered", "devices.unconfirmed",
+    SETTING_OWN_LIST, SETTING_DELETE_KEYS, SETTING_AWAITING, SETTING_REQUESTED, SETTING_ANSWERED,
+    SETTING_UNCONFIRMED,
 )  # fmt: skip
 
 

@@ -46,6 +46,14 @@ from aegisd.store import Store
 from aegisd.store import contact_devices as cd
 from aegisd.store import groups as group_store
 from aegisd.store.db import Contact
+from aegisd.store.devices import (
+    SETTING_ANSWERED,
+    SETTING_AWAITING,
+    SETTING_KEY,
+    SETTING_OWN_LIST,
+    SETTING_REQUESTED,
+    SETTING_SELF,
+)
 
 from .bundle_fetch import fetch_bundle
 from .context import ServiceContext
@@ -58,19 +66,6 @@ log = logging.getLogger("aegisd.fanout")
 #: What a device hello sent in a session opened before the person had a list binds in place of
 #: the session's EK_A.pub (docs/protocol.md §28.4).
 LEGACY_EK = bytes(32)
-#: This profile's own device list, this device's ID and device key (services/devices.py
-#: writes them: docs/devices.md §4.5).
-SETTING_OWN_LIST = "devices.list"
-SETTING_SELF = "devices.self"
-SETTING_KEY = "devices.key"
-#: The contacts a list this device sent has not been acknowledged by yet: {contact id: version}.
-#: Sent again at the next unlock (a stop before the deposits, a contact's lost block).
-SETTING_AWAITING = "devices.awaiting"
-#: The list requests this device sent (§28.3): {contact id: [version, digest hex]}, the highest
-#: asked of each contact. An acknowledgement naming no higher list asks nothing.
-SETTING_REQUESTED = "devices.requested"
-#: The list requests answered: {contact id: version of the list sent}. Once per version.
-SETTING_ANSWERED = "devices.answered"
 SETTING_NAME = "profile.display_name"
 #: Seconds between the attempts to open a session with a contact's device whose bundle is not
 #: at the relay yet.
