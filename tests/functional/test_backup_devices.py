@@ -122,3 +122,51 @@ def test_an_import_is_a_new_first_device_and_the_old_ones_stop_receiving(
         assert cd.device_sessions(store, c.id) == []
     finally:
         store.close()
+
+
+def test_a_kill_after_the_import_still_signs_the_list_before_any_renewal(
+    peers: Callable[[str], Peer], relay_proc: RelayProcess, tmp_short: Path
+) -> None:
+    """kill -9 between the import's commit and the list's signing (the relay away, so the
+    first connection, where the list is signed, never came): the reset survives in the store,
+    no renewal request was built, and after the restart the restored device signs its list,
+    which reaches the contact in the renewed session."""
+    a1, bob = peers("alice"), peers("bob")
+    connect(a1, bob)
+    path = tmp_short / "alice.aegisbackup"
+    a1.call("backup.export", {"path": str(path), "passphrase": PASS, **CHEAP})
+    a1.stop()
+    a3 = peers("alice3")
+    a3.wait_connected()
+    relay_proc.terminate()
+    result = a3.call("backup.import", {"path": str(path), "passphrase": PASS})
+    assert result["renewing"] == 1
+    assert a3.proc is not None
+    a3.proc.kill()  # SIGKILL
+    store = open_profile(a3.home, None)
+    try:
+        assert store.get_setting("backup.device_reset") == 0  # the file held no list
+        assert store.get_setting("devices.list") is None
+        rows = store._q("SELECT renew_id FROM renewals WHERE side = 'restored'").fetchall()
+        assert [r[0] for r in rows] == [None]  # no request built, none left
+    finally:
+        store.close()
+    relay_proc.start()
+    a3.start()
+    mine = a3.wait_for(lambda: (v := a3.call("devices.list"))["version"] > 0 and v,
+                       "the restored device's list", 60)  # fmt: skip
+    assert [d["this_device"] for d in mine["devices"]] == [True]
+    for peer in (bob, a3):
+        peer.wait_for(lambda p=peer: _renewed(p), "the renewed session", 90)
+    # The list went before anything A3 sends in the session: its text arrived, so did the list.
+    a3.call("messages.send", {"contact": "bob", "text": "restored after a kill"})
+    bob.wait_for(lambda: received(bob, "alice", "restored after a kill"), "A3's text", 60)
+    bob.stop()
+    store = open_profile(bob.home, None)
+    try:
+        c = store.contact_by_name("alice")
+        assert c is not None
+        held = cd.held_list(store, c.id)
+        assert held is not None and held.version == mine["version"]
+    finally:
+        store.close()
