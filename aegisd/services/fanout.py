@@ -53,6 +53,14 @@ from aegisd.store import Store
 from aegisd.store import contact_devices as cd
 from aegisd.store import groups as group_store
 from aegisd.store.db import Contact
+from aegisd.store.devices import (
+    SETTING_ANSWERED,
+    SETTING_AWAITING,
+    SETTING_KEY,
+    SETTING_OWN_LIST,
+    SETTING_REQUESTED,
+    SETTING_SELF,
+)
 
 from .bundle_fetch import fetch_bundle
 from .context import ServiceContext
@@ -65,19 +73,6 @@ log = logging.getLogger("aegisd.fanout")
 #: What a device hello sent in a session opened before the person had a list binds in place of
 #: the session's EK_A.pub (docs/protocol.md §28.4).
 LEGACY_EK = bytes(32)
-#: This profile's own device list, this device's ID and device key (services/devices.py
-#: writes them: docs/devices.md §4.5).
-SETTING_OWN_LIST = "devices.list"
-SETTING_SELF = "devices.self"
-SETTING_KEY = "devices.key"
-#: The contacts a list this device sent has not been acknowledged by yet: {contact id: version}.
-#: Sent again at the next unlock (a stop before the deposits, a contact's lost block).
-SETTING_AWAITING = "devices.awaiting"
-#: The list requests this device sent (§28.3): {contact id: [version, digest hex]}, the highest
-#: asked of each contact. An acknowledgement naming no higher list asks nothing.
-SETTING_REQUESTED = "devices.requested"
-#: The list requests answered: {contact id: version of the list sent}. Once per version.
-SETTING_ANSWERED = "devices.answered"
 SETTING_NAME = "profile.display_name"
 #: Sessions a contact's device opened whose hello names a device the list held does not (yet):
 #: {contact id: [[device hex, hello hex, EK_A.pub hex, session hex, held since], ...]}, at most
@@ -309,9 +304,14 @@ class Fanout:
         """The device of the contact's session row (``legacy``) left its list: the session
         of a listed device that answered (the one this list came in, if it did) takes the
         row's place, with its mailbox, so that nothing more goes to the removed device. None
-        answered yet: the row stays as it is until one does (``device_answered``)."""
+        answered yet: the row stays as it is until one does (``device_answered``). Only a
+        device of the list held now: a contact whose sessions with unlisted devices survived
+        a reset (docs/devices.md §10) must not give the row back to one of them."""
         store = self.m.store
-        others = [s for s in cd.device_sessions(store, c.id) if s.send_to is not None]
+        held = cd.held_list(store, c.id)
+        listed = set() if held is None else dv.DeviceList.from_bytes(held.data).ids()
+        others = [s for s in cd.device_sessions(store, c.id)
+                  if s.send_to is not None and s.device_id in listed]  # fmt: skip
         others.sort(key=lambda s: s.device_id != device)
         if not others:
             return session, legacy

@@ -47,6 +47,7 @@ from aegisd.store import cover as cover_slots
 from aegisd.store import groups as group_store
 from aegisd.store.cover import SLOT_WAIT
 from aegisd.store.db import Contact, MailboxRow
+from aegisd.store.devices import SETTING_OWN_LIST  # a device that joined by a link holds one
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, acknowledge
 from relay.client import Message, RelayClient, RelayError
 
@@ -111,11 +112,6 @@ class FanoutView(Protocol):
     def device_first_contact(
         self, c: Contact, session: Session, hello: dv.DeviceHello, ek: bytes
     ) -> tuple[bool, bytes | None]: ...
-
-
-#: This profile's own device list (services/devices.py): a device that joined by a link holds
-#: one, and its contacts came without sessions.
-SETTING_OWN_LIST = "devices.list"
 
 
 class CoverView(Protocol):
