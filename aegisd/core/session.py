@@ -9,6 +9,7 @@ Which one a received block is follows from the mailbox it arrived at (docs/proto
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import pqxdh, wire
@@ -106,9 +107,21 @@ def initiate_session(
 
     `content` (at most FIRST_CONTACT_CAPACITY bytes) travels inside the first ratchet message.
     """
+    return initiate_session_bound(entropy, identity, bundle, lambda _ek: content)
+
+
+def initiate_session_bound(
+    entropy: Entropy,
+    identity: IdentityKeyPair,
+    bundle: pqxdh.VerifiedBundle,
+    content_for: Callable[[bytes], bytes],
+) -> tuple[Session, bytes]:
+    """As initiate_session, with content made from the session's `EK_A.pub` (a device hello
+    binds it, docs/protocol.md §28.4)."""
+    keys = pqxdh.initiate(entropy, identity, bundle)
+    content = content_for(keys.prefix.ephemeral_pub)
     if len(content) > wire.FIRST_CONTACT_CAPACITY:
         raise StateError("first-contact content is too large for one block")
-    keys = pqxdh.initiate(entropy, identity, bundle)
     ratchet = Ratchet.init_initiator(entropy, keys.sk, bundle.spk_pub)
     ad_v = keys.ad + _VERSION_BYTE
     fragment = wire.Fragment(entropy.random(wire.MSG_ID_LEN), 0, 1, content)

@@ -39,7 +39,7 @@ from aegisd.core.errors import DecodeError, DecryptionError
 from aegisd.core.identity import PublicIdentity, keys_of
 from aegisd.core.prekeys import PrekeyStore
 from aegisd.core.primitives import Entropy
-from aegisd.core.session import Session, accept_first_contact
+from aegisd.core.session import FirstContact, Session, accept_first_contact
 from aegisd.rpc import AppError
 from aegisd.store import Store, StoreError
 from aegisd.store import contact_devices as cd
@@ -113,6 +113,12 @@ class FanoutView(Protocol):
 #: This profile's own device list (services/devices.py): a device that joined by a link holds
 #: one, and its contacts came without sessions.
 SETTING_OWN_LIST = "devices.list"
+
+
+class OwnSyncView(Protocol):
+    def is_own(self, sender: PublicIdentity) -> bool: ...
+    async def on_first_contact(self, fc: FirstContact, block: bytes) -> None: ...
+    def receive(self, mailbox_id: int, block: bytes) -> None: ...
 
 
 class CoverView(Protocol):
@@ -248,6 +254,8 @@ class InboxHost(Protocol):
     def disappearing(self) -> DisappearingView: ...
     @property
     def fanout(self) -> FanoutView: ...
+    @property
+    def own_sync(self) -> OwnSyncView: ...
 
     def _reload_prekeys(self) -> None: ...
 
@@ -277,6 +285,8 @@ class Inbox:
                                 self._receive_from_contact(row.contact_id, block)
                                 self.m.delivery.wake()  # receipts may be due
                                 await self.m.renewals.after_receive()
+                            else:  # a sync mailbox: one of our own devices (own_sync.py)
+                                self.m.own_sync.receive(row.id, block)
                             while self._acked_rotations:  # relay calls: outside the commit
                                 await self.m.rotation.finish(*self._acked_rotations.pop())
                         else:
@@ -309,6 +319,10 @@ class Inbox:
         assert self.m.prekeys is not None
         try:
             fc = accept_first_contact(self.m.entropy, self.m.prekeys, block)
+            if self.m.own_sync.is_own(fc.sender):  # one of our own devices: a sync session
+                self.m.address.request_top_up()
+                await self.m.own_sync.on_first_contact(fc, block)
+                return
             hello = wire.decode_payload(fc.fragment.data)
         except (DecryptionError, DecodeError):
             self.m._reload_prekeys()

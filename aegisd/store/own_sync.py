@@ -1,0 +1,108 @@
+"""Sync sessions with this profile's other devices (docs/devices.md §6): one row per device,
+the ratchet session (opaque), the mailbox of ours its payloads arrive in, its mailbox for us,
+and the fragments of multi-block payloads. services/own_sync.py decides; this only stores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .db import Store
+
+#: Incomplete multi-block sync payloads kept per device (its oldest goes past this).
+FRAGMENTS_PER_DEVICE = 8
+
+
+@dataclass(frozen=True)
+class SyncRow:
+    device_id: bytes
+    state: bytes | None  # None once the device was removed
+    mailbox_id: int | None
+    send_to: bytes | None
+    session_ek: bytes
+    removed: bool
+
+
+_SELECT = "SELECT device_id, state, mailbox_id, send_to, session_ek, removed FROM own_sync"
+
+
+def _row(r: Any) -> SyncRow:
+    return SyncRow(bytes(r[0]), None if r[1] is None else bytes(r[1]),
+                   None if r[2] is None else int(r[2]), None if r[3] is None else bytes(r[3]),
+                   bytes(r[4]), bool(r[5]))  # fmt: skip
+
+
+def rows(store: Store) -> list[SyncRow]:
+    return [_row(r) for r in store.query(_SELECT + " ORDER BY device_id").fetchall()]
+
+
+def get(store: Store, device_id: bytes) -> SyncRow | None:
+    r = store.query(_SELECT + " WHERE device_id = ?", (device_id,)).fetchone()
+    return None if r is None else _row(r)
+
+
+def by_mailbox(store: Store, mailbox_id: int) -> SyncRow | None:
+    r = store.query(_SELECT + " WHERE mailbox_id = ?", (mailbox_id,)).fetchone()
+    return None if r is None else _row(r)
+
+
+def put(store: Store, device_id: bytes, state: bytes, mailbox_id: int, send_to: bytes | None,
+        session_ek: bytes, now: int) -> None:  # fmt: skip
+    """A new sync session with the device (a newer one replaces the older)."""
+    store.query(
+        "INSERT INTO own_sync (device_id, state, mailbox_id, send_to, session_ek, removed, "
+        "updated_at) VALUES (?, ?, ?, ?, ?, 0, ?) ON CONFLICT (device_id) DO UPDATE SET "
+        "state = excluded.state, mailbox_id = excluded.mailbox_id, send_to = excluded.send_to, "
+        "session_ek = excluded.session_ek, removed = 0, updated_at = excluded.updated_at",
+        (device_id, state, mailbox_id, send_to, session_ek, now),
+    )
+
+
+def set_state(store: Store, device_id: bytes, state: bytes, now: int) -> None:
+    store.query("UPDATE own_sync SET state = ?, updated_at = ? WHERE device_id = ?",
+                (state, now, device_id))  # fmt: skip
+
+
+def set_send_to(store: Store, device_id: bytes, send_to: bytes) -> None:
+    store.query("UPDATE own_sync SET send_to = ? WHERE device_id = ?", (send_to, device_id))
+
+
+def mark_removed(store: Store, device_id: bytes, now: int) -> None:
+    """The device left the list: its session is erased, its row kept so that what it still
+    deposits into our mailbox for it is recognised, refused and counted."""
+    store.query(
+        "UPDATE own_sync SET state = NULL, send_to = NULL, removed = 1, updated_at = ? "
+        "WHERE device_id = ?",
+        (now, device_id),
+    )
+    store.query("DELETE FROM sync_fragments WHERE device_id = ?", (device_id,))
+
+
+def put_fragment(store: Store, device_id: bytes, msg_id: bytes, index: int, count: int,
+                 data: bytes, now: int) -> list[bytes] | None:  # fmt: skip
+    """Keep one fragment; the whole payload's parts once every one is here (then forgotten)."""
+    partial = store.query(
+        "SELECT msg_id FROM sync_fragments WHERE device_id = ? GROUP BY msg_id "
+        "ORDER BY MIN(created_at), msg_id",
+        (device_id,),
+    ).fetchall()
+    known = [bytes(r[0]) for r in partial]
+    if msg_id not in known:
+        for old in known[: max(0, len(known) - FRAGMENTS_PER_DEVICE + 1)]:
+            store.query("DELETE FROM sync_fragments WHERE device_id = ? AND msg_id = ?",
+                        (device_id, old))  # fmt: skip
+    store.query(
+        "INSERT OR IGNORE INTO sync_fragments (device_id, msg_id, idx, count, data, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (device_id, msg_id, index, count, data, now),
+    )
+    parts = store.query(
+        "SELECT idx, count, data FROM sync_fragments WHERE device_id = ? AND msg_id = ? "
+        "ORDER BY idx",
+        (device_id, msg_id),
+    ).fetchall()
+    if len(parts) != count or any(int(p[1]) != count for p in parts):
+        return None
+    store.query("DELETE FROM sync_fragments WHERE device_id = ? AND msg_id = ?",
+                (device_id, msg_id))  # fmt: skip
+    return [bytes(p[2]) for p in parts]
