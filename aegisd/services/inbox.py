@@ -119,6 +119,7 @@ class OwnSyncView(Protocol):
     def is_own(self, sender: PublicIdentity) -> bool: ...
     async def on_first_contact(self, fc: FirstContact, block: bytes) -> None: ...
     def receive(self, mailbox_id: int, block: bytes) -> None: ...
+    def contact_changed(self, c: Contact, *, removed: bool = False) -> None: ...
 
 
 class CoverView(Protocol):
@@ -365,6 +366,7 @@ class Inbox:
                     self.m.groups.introduced(row.invitation_id, made.id)
                 else:  # a contact of the user's: the default timer of new conversations
                     self.m.disappearing.apply_default(made, fc.session)
+                    self.m.own_sync.contact_changed(made)  # on the other own devices too
             self.m.mailboxes.reload()
             self.m.delivery.wake()
             with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):

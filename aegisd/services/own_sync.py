@@ -22,6 +22,7 @@ when there is one). Nothing here logs a device ID, a contact or a text.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Coroutine
 from typing import Any, Protocol
@@ -31,20 +32,22 @@ from aegisd.core import devices as dv
 from aegisd.core import pqxdh, wire
 from aegisd.core import sync as sy
 from aegisd.core.errors import BundleError, DecodeError, DecryptionError
-from aegisd.core.identity import IdentityKeyPair, PublicIdentity
+from aegisd.core.identity import IdentityKeyPair, PublicIdentity, keys_of
 from aegisd.core.prekeys import PrekeyStore
 from aegisd.core.primitives import Entropy
 from aegisd.core.session import FirstContact, Session, initiate_session_bound
 from aegisd.rpc import AppError
 from aegisd.store import Store
 from aegisd.store import devices as store_devices
+from aegisd.store import groups as group_store
 from aegisd.store import own_sync as rows
 from aegisd.store.db import Contact
 
 from .bundle_fetch import fetch_bundle
 from .context import ServiceContext
 from .delivery import Delivery
-from .mailbox import address_to_bytes
+from .inbox import clean_name
+from .mailbox import ContactState, address_to_bytes
 from .mailboxes import Mailboxes
 
 SETTING_OWN_LIST = "devices.list"
@@ -64,6 +67,9 @@ def _now() -> int:
 
 class ContactsView(Protocol):
     def with_identity(self, identity: PublicIdentity) -> Contact | None: ...
+    def unique_name(self, wanted: str) -> str: ...
+    async def accept_request(self, request_id: int, name: str | None) -> dict[str, Any]: ...
+    async def remove_locked(self, c: Contact) -> None: ...
 
 
 class OwnSyncHost(Protocol):
@@ -94,6 +100,8 @@ class OwnSync:
         self._again = False
         #: First contacts from a device not in our list yet, but naming a newer list.
         self._held: list[tuple[FirstContact, bytes]] = []
+        #: Contacts (their keys) a synced change is being applied to: not sent back.
+        self._applying: set[bytes] = set()
 
     # --- this device and its list ----------------------------------------------------------
 
@@ -312,8 +320,14 @@ class OwnSync:
         payload2 = sy.decode_sync_payload(content)
         try:
             c = self.m.contacts.with_identity(PublicIdentity.from_bytes(payload2.contact))
-        except DecodeError:
-            c = None
+        except (DecodeError, BundleError):
+            droplog.dropped("dropped a sync payload about an unknown contact")
+            return
+        if c is not None and group_store.is_group_contact(store, c.id):
+            c = None  # a group's member only: not synced as a contact
+        if isinstance(payload2, sy.ContactItem):
+            self._contact(payload2, c)
+            return
         if c is None:
             droplog.dropped("dropped a sync payload about an unknown contact")
             return
@@ -339,6 +353,60 @@ class OwnSync:
             if marked:
                 self.m.ctx.events.emit("conversation.read", {"contact": c.name,
                                                              "marked": marked})  # fmt: skip
+
+    def _contact(self, p: sy.ContactItem, c: Contact | None) -> None:
+        """A contact as another device last changed it: taken if newer than what this device
+        holds by ``(changed_at_ms, device_id)``, else ignored."""
+        store = self.m.store
+        keys = keys_of(p.contact)
+        assert keys is not None  # the record parsed
+        held = rows.contact_clock(store, keys)
+        if held is not None and (p.changed_at_ms, p.device_id) <= held:
+            return  # an older change, or this one again
+        rows.set_contact_clock(store, keys, p.changed_at_ms, p.device_id)
+        if p.removed:
+            if c is not None:
+                self.m.spawn(self._remove(c.id, keys))
+            return
+        if c is None:
+            request = next((r for r in store.list_requests() if keys_of(r.identity_key) == keys),
+                           None)  # fmt: skip
+            if request is not None:
+                # The contact reached this device first (its request): it is the contact now.
+                self.m.spawn(self._accept(request.id, p.name, keys))
+                return
+            name = self.m.contacts.unique_name(clean_name(p.name, "contact"))
+            cid = store.add_contact(name, identity_key=p.contact,
+                                    state=ContactState(None, False).to_bytes()).id  # fmt: skip
+            store.update_contact(cid, verified=p.verified, blocked=p.blocked)
+            self.m.ctx.events.emit("contact.added", {"contact": name, "established": False})
+            return
+        fields: dict[str, Any] = {"verified": p.verified, "blocked": p.blocked}
+        wanted = clean_name(p.name, c.name)
+        if wanted != c.name and store.contact_by_name(wanted) is None:
+            fields["name"] = wanted
+        store.update_contact(c.id, **fields)
+        if p.blocked and not c.blocked:
+            self.m.delivery.drop_outbox_of(store, {c.id})
+
+    async def _remove(self, contact_id: int, keys: bytes) -> None:
+        async with self.m.lock:
+            c = self.m.store.get_contact(contact_id)
+            if c is None:
+                return
+            self._applying.add(keys)
+            try:
+                await self.m.contacts.remove_locked(c)
+            finally:
+                self._applying.discard(keys)
+
+    async def _accept(self, request_id: int, name: str, keys: bytes) -> None:
+        self._applying.add(keys)
+        try:
+            with contextlib.suppress(AppError):  # taken or removed meanwhile
+                await self.m.contacts.accept_request(request_id, name)
+        finally:
+            self._applying.discard(keys)
 
     def _own_list(self, incoming: dv.DeviceList, current: dv.DeviceList) -> None:
         if (incoming.version, incoming.digest()) == (current.version, current.digest()):
@@ -388,6 +456,28 @@ class OwnSync:
         if c.identity_key is None:
             return
         self._send(sy.encode_sync_payload(sy.ReadUpTo(c.identity_key, bytes.fromhex(newest))))
+
+    def contact_changed(self, c: Contact, *, removed: bool = False) -> None:
+        """The user added, renamed, verified, blocked or removed ``c`` on this device (inside
+        or outside a transaction, with no await in between): the other devices follow."""
+        store = self.m.ctx.store
+        own = None if store is None else self._own()
+        if store is None or own is None or c.identity_key is None:
+            return
+        if group_store.is_group_contact(store, c.id):
+            return
+        keys = keys_of(c.identity_key)
+        if keys is None or keys in self._applying:
+            return
+        now_ms = time.time_ns() // 1_000_000
+        held = rows.contact_clock(store, keys)
+        if held is not None and held[0] >= now_ms:
+            now_ms = held[0] + 1  # a clock behind the last change still makes a newer one
+        item = sy.ContactItem(c.identity_key, now_ms, own[1], c.name, c.verified, c.blocked,
+                              removed)  # fmt: skip
+        with store.transaction():
+            rows.set_contact_clock(store, keys, now_ms, own[1])
+            self._send(sy.encode_sync_payload(item))
 
     def list_changed(self, new: dv.DeviceList, *, send: bool = True) -> None:
         """The own list held changed (inside the caller's transaction): sessions of devices no

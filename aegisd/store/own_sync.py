@@ -106,3 +106,19 @@ def put_fragment(store: Store, device_id: bytes, msg_id: bytes, index: int, coun
     store.query("DELETE FROM sync_fragments WHERE device_id = ? AND msg_id = ?",
                 (device_id, msg_id))  # fmt: skip
     return [bytes(p[2]) for p in parts]
+
+
+def contact_clock(store: Store, keys: bytes) -> tuple[int, bytes] | None:
+    """The newest change of a contact (by its keys) this device made or took."""
+    r = store.query("SELECT changed_at_ms, device_id FROM sync_contacts WHERE identity = ?",
+                    (keys,)).fetchone()  # fmt: skip
+    return None if r is None else (int(r[0]), bytes(r[1]))
+
+
+def set_contact_clock(store: Store, keys: bytes, changed_at_ms: int, device_id: bytes) -> None:
+    store.query(
+        "INSERT INTO sync_contacts (identity, changed_at_ms, device_id) VALUES (?, ?, ?) "
+        "ON CONFLICT (identity) DO UPDATE SET changed_at_ms = excluded.changed_at_ms, "
+        "device_id = excluded.device_id",
+        (keys, changed_at_ms, device_id),
+    )

@@ -765,7 +765,8 @@ def _own_sync(db: Any) -> None:
     deposits into (a row of ``mailboxes``, role 'contact' with no contact), its mailbox for us,
     the opener's ``EK_A.pub`` (the answer's hello binds it), and whether the device was
     removed (its session erased; what still arrives is refused and counted). Fragments of
-    multi-block sync payloads wait in ``sync_fragments``."""
+    multi-block sync payloads wait in ``sync_fragments``. ``sync_contacts``: the newest change
+    of each contact made or taken (last writer wins by ``(changed_at_ms, device_id)``)."""
     _run(
         db,
         """
@@ -786,6 +787,11 @@ def _own_sync(db: Any) -> None:
             data        BLOB NOT NULL,
             created_at  INTEGER NOT NULL,
             PRIMARY KEY (device_id, msg_id, idx)
+        ) WITHOUT ROWID;
+        CREATE TABLE sync_contacts (
+            identity      BLOB PRIMARY KEY,     -- the contact's keys, Encode(IK)
+            changed_at_ms INTEGER NOT NULL,     -- the newest change taken, and its device
+            device_id     BLOB NOT NULL
         ) WITHOUT ROWID
         """,
     )

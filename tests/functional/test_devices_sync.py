@@ -112,3 +112,38 @@ def test_a_removed_device_sync_is_refused(peers: Callable[[str], Peer]) -> None:
     assert a1.proc is not None
     assert "refused a sync payload from a removed device" in a1.proc.stderr()
     assert ("out", "after the removal") not in texts(a2, "bob")
+
+
+def _contact(peer: Peer, name: str) -> dict[str, Any] | None:
+    return next((c for c in peer.call("contacts.list")["contacts"] if c["name"] == name), None)
+
+
+def test_contacts_follow_across_own_devices(peers: Callable[[str], Peer]) -> None:
+    """A contact added on A1 appears on A2, which can then write to it; renamed, verified and
+    blocked on one device, removed on the other: each change shows on both."""
+    a1, a2, bob = _linked(peers)
+    carol = peers("carol")
+    connect(a1, carol)  # A1 adds Carol by her invitation
+    a2.wait_for(lambda: _contact(a2, "carol"), "carol on A2")
+    # Carol learns Alice's list from A1 and opens a session with A2: A2 writes to her.
+    a2.wait_for(lambda: (c := _contact(a2, "carol")) and c["established"], "carol's session",
+                T_DEVICE)  # fmt: skip
+    a2.call("messages.send", {"contact": "carol", "text": "hi from the laptop"})
+    carol.wait_for(lambda: ("in", "hi from the laptop") in texts(carol, "alice"), "A2's text")
+    a1.wait_for(lambda: ("out", "hi from the laptop") in texts(a1, "carol"), "the transcript")
+
+    a1.call("contacts.rename", {"name": "carol", "new_name": "Carol B"})
+    a2.wait_for(lambda: _contact(a2, "Carol B"), "the rename on A2")
+    a2.call("contacts.verify", {"name": "Carol B", "verified": True})
+    a1.wait_for(lambda: (c := _contact(a1, "Carol B")) and c["verified"], "verified on A1")
+    a1.call("contacts.block", {"name": "bob", "blocked": True})
+    a2.wait_for(lambda: (c := _contact(a2, "bob")) and c["blocked"], "blocked on A2")
+    a2.call("contacts.block", {"name": "bob", "blocked": False})
+    a1.wait_for(lambda: (c := _contact(a1, "bob")) and not c["blocked"], "unblocked on A1")
+    a2.call("contacts.remove", {"name": "Carol B"})
+    a1.wait_for(lambda: _contact(a1, "Carol B") is None, "the removal on A1")
+    # Nothing echoes back: the contact stays gone on both, Bob stays as he is.
+    assert _contact(a2, "Carol B") is None
+    for device in (a1, a2):
+        bob_there = _contact(device, "bob")
+        assert bob_there is not None and not bob_there["blocked"]

@@ -25,10 +25,12 @@ IDENTITY = IdentityKeyPair.generate(RNG)
 CONTACT = IdentityKeyPair.generate(DeterministicEntropy(b"contact")).public.to_bytes()
 SENT = sy.SentTranscript(CONTACT, bytes(range(16)), 1_700_000_000_000, "héllo")
 READ = sy.ReadUpTo(CONTACT, bytes(16))
+ITEM = sy.ContactItem(CONTACT, 1_700_000_000_123, bytes(range(16)), "Bob ☕", True, False, False)
 
 
 def test_sync_payloads_round_trip_with_their_numbers() -> None:
-    for payload, kind in ((SENT, 0x44), (READ, 0x45)):
+    gone = sy.ContactItem(CONTACT, 1, bytes(16), "", False, True, True)
+    for payload, kind in ((SENT, 0x44), (READ, 0x45), (ITEM, 0x46), (gone, 0x46)):
         data = sy.encode_sync_payload(payload)
         assert data[:2] == bytes([1, kind])
         assert wire.is_sync_payload(data) and not wire.is_device_payload(data)
@@ -50,7 +52,19 @@ def test_sync_payloads_are_parsed_strictly() -> None:
     with pytest.raises(UnsupportedVersion):
         sy.decode_sync_payload(b"\x02" + read[1:])
     with pytest.raises(DecodeError):
-        sy.decode_sync_payload(bytes([1, 0x46]) + read[2:])
+        sy.decode_sync_payload(bytes([1, 0x47]) + read[2:])
+    item = sy.encode_sync_payload(ITEM)
+    flags_at = 2 + wire.IDENTITY_LEN + 8 + 16
+    assert item[flags_at] == 1
+    with pytest.raises(DecodeError):  # an unknown flag
+        sy.decode_sync_payload(item[:flags_at] + b"\x08" + item[flags_at + 1 :])
+    with pytest.raises(DecodeError):
+        sy.decode_sync_payload(item + b"\x00")
+    with pytest.raises(DecodeError):
+        sy.decode_sync_payload(item[:-1])
+    long_name = item[: flags_at + 1] + (sy.MAX_NAME_BYTES + 1).to_bytes(2, "big")
+    with pytest.raises(DecodeError):
+        sy.decode_sync_payload(long_name + b"a" * (sy.MAX_NAME_BYTES + 1))
     sent = sy.encode_sync_payload(SENT)
     with pytest.raises(DecodeError):  # not UTF-8
         sy.decode_sync_payload(sent + b"\xff")
@@ -65,7 +79,7 @@ def test_sync_payloads_are_parsed_strictly() -> None:
         sy.encode_sync_payload(sy.SentTranscript(CONTACT, bytes(16), 0, "a" * 70_000))
 
 
-@pytest.mark.parametrize("sample", [SENT, READ])
+@pytest.mark.parametrize("sample", [SENT, READ, ITEM])
 @FUZZ
 @given(data=st.data())
 def test_mutated_sync_payloads_raise_only_decode_error(
@@ -83,7 +97,7 @@ def test_mutated_sync_payloads_raise_only_decode_error(
 @FUZZ
 @given(data=st.binary(max_size=512))
 def test_random_bytes_raise_only_decode_error(data: bytes) -> None:
-    for prefix in (b"", bytes([1, 0x44]), bytes([1, 0x45])):
+    for prefix in (b"", bytes([1, 0x44]), bytes([1, 0x45]), bytes([1, 0x46])):
         with contextlib.suppress(DecodeError):
             sy.decode_sync_payload(prefix + data)
 
