@@ -121,7 +121,7 @@ def _contact(peer: Peer, name: str) -> dict[str, Any] | None:
 def test_contacts_follow_across_own_devices(peers: Callable[[str], Peer]) -> None:
     """A contact added on A1 appears on A2, which can then write to it; renamed, verified and
     blocked on one device, removed on the other: each change shows on both."""
-    a1, a2, bob = _linked(peers)
+    a1, a2, _bob = _linked(peers)
     carol = peers("carol")
     connect(a1, carol)  # A1 adds Carol by her invitation
     a2.wait_for(lambda: _contact(a2, "carol"), "carol on A2")
