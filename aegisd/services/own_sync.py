@@ -7,12 +7,13 @@
   for it. The other device (inbox.py: a first contact from our own identity) checks the hello
   against its own newest list, keeps the session as the sync session with that device and
   answers in it with a hello of its own (same ``EK_A.pub``) naming its sync mailbox.
-- Payloads (core/sync.py, 0x44-0x45; and the own list, 0x40): taken only in a sync session
+- Payloads (core/sync.py, 0x44-0x46; and the own list, 0x40): taken only in a sync session
   whose device is in the newest own list held; a device dropped from the list has its
   session erased, and what it still deposits into our mailbox for it is refused, counted and
   changes nothing.
-- What is synced: a text sent to a contact (a sent transcript), and "read up to" a message of
-  a conversation. Each leaves after a random delay (the receipt delay, privacy.receipt_delay_max)
+- What is synced: a text sent to a contact (a sent transcript), "read up to" a message of a
+  conversation, and contacts (added, renamed, verified, blocked, removed: last writer wins by
+  ``(changed_at_ms, device_id)``). Each leaves after a random delay (the receipt delay, privacy.receipt_delay_max)
   so that the relay does not see a sync deposit right after each deposit to a contact.
 
 Sync mailboxes are rows of ``mailboxes`` with role 'contact' and no contact (from the pool
