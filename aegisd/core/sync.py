@@ -1,6 +1,5 @@
 """Sync payloads between one's own devices (docs/devices.md §6, docs/protocol.md §28.6, 0x44 to
-0x46): pure
-formats, strict parsers raising only DecodeError / UnsupportedVersion.
+0x46): pure formats, strict parsers raising only DecodeError / UnsupportedVersion.
 
 They travel only in a sync session (a ratchet session between two devices of the same
 identity, opened with a device hello); the ordinary and the device payload parsers refuse

@@ -13,8 +13,9 @@
   changes nothing.
 - What is synced: a text sent to a contact (a sent transcript), "read up to" a message of a
   conversation, and contacts (added, renamed, verified, blocked, removed: last writer wins by
-  ``(changed_at_ms, device_id)``). Each leaves after a random delay (the receipt delay, privacy.receipt_delay_max)
-  so that the relay does not see a sync deposit right after each deposit to a contact.
+  ``(changed_at_ms, device_id)``). Each leaves after a random delay (the receipt delay,
+  privacy.receipt_delay_max) so that the relay does not see a sync deposit right after each
+  deposit to a contact.
 
 Sync mailboxes are rows of ``mailboxes`` with role 'contact' and no contact (from the pool
 when there is one). Nothing here logs a device ID, a contact or a text.
