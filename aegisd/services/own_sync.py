@@ -47,7 +47,7 @@ from aegisd.store.db import Contact
 
 from .bundle_fetch import fetch_bundle
 from .context import ServiceContext
-from .delivery import Delivery
+from .delivery import NEVER, Delivery
 from .inbox import clean_name
 from .mailbox import ContactState, address_to_bytes
 from .mailboxes import Mailboxes
@@ -190,6 +190,7 @@ class OwnSync:
             store = self.m.store
             with store.transaction():
                 self._retire_old(entry.device_id)
+                self._flush(session, entry.device_id, None)
                 rows.put(store, entry.device_id, session.to_bytes(), mb_id, None, ek, _now())
                 store.enqueue_blocks(address_to_bytes(entry.mailbox), [block])
         self.m.delivery.wake()
@@ -198,6 +199,7 @@ class OwnSync:
         """A newer session replaces an older one: the older one's mailbox is deleted at the
         relay (now or on a later connection: renewal.py drains the queue)."""
         old = rows.get(self.m.store, device_id)
+        rows.drop_pending(self.m.store, device_id)  # sealed in the older session: useless now
         if old is None or old.mailbox_id is None:
             return
         row = self.m.store.get_mailbox(old.mailbox_id)
@@ -247,8 +249,9 @@ class OwnSync:
             store.put_identity(prekeys.to_bytes())
             self._retire_old(entry.device_id)
             send_to = address_to_bytes(hello.reply)
-            rows.put(store, entry.device_id, session.to_bytes(), mb_id, send_to, ek, _now())
             store.enqueue_blocks(send_to, blocks)
+            self._flush(session, entry.device_id, send_to)
+            rows.put(store, entry.device_id, session.to_bytes(), mb_id, send_to, ek, _now())
             self.m.ctx.events.emit("devices.sync", {"device": entry.device_id.hex(),
                                                     "state": "open"})  # fmt: skip
         self.m.mailboxes.reload()
@@ -308,7 +311,11 @@ class OwnSync:
                 except (dv.UnlistedDevice, dv.ForgedDeviceProof):
                     droplog.dropped("refused a sync session not proven by a listed own device")
                     return
-                rows.set_send_to(store, row.device_id, address_to_bytes(payload.reply))
+                send_to = address_to_bytes(payload.reply)
+                rows.set_send_to(store, row.device_id, send_to)
+                due = time.time_ns() // 1_000_000 + int(self.m.delivery.receipt_delay() * 1000)
+                rows.release_pending(store, row.device_id, send_to, due)
+                self.m.delivery.wake()
                 self.m.ctx.events.emit("devices.sync", {"device": row.device_id.hex(),
                                                         "state": "open"})  # fmt: skip
             elif isinstance(payload, dv.DeviceList):
@@ -430,21 +437,34 @@ class OwnSync:
         own = None if store is None else self._own()
         if store is None or own is None:
             return
-        listed = own[0].ids()
-        sent = False
-        for row in rows.rows(store):
-            if row.removed or row.state is None or row.send_to is None:
-                continue
-            if row.device_id not in listed:
+        listed, me = own[0].ids(), own[1]
+        live = {r.device_id: r for r in rows.rows(store) if not r.removed and r.state is not None}
+        for device_id in sorted(listed - {me}):
+            row = live.get(device_id)
+            if row is None or row.state is None:
+                # No session yet (the link just completed): kept until one opens (_flush).
+                rows.wait_for_session(store, device_id, data, _now())
                 continue
             session = Session.from_bytes(row.state)
-            blocks = session.encrypt(self.m.entropy, data)
-            rows.set_state(store, row.device_id, session.to_bytes(), _now())
-            due = time.time_ns() // 1_000_000 + int(self.m.delivery.receipt_delay() * 1000)
-            store.enqueue_blocks(row.send_to, blocks, not_before=due)
-            sent = True
-        if sent:
-            self.m.delivery.wake()
+            self._seal(session, device_id, row.send_to, data)
+            rows.set_state(store, device_id, session.to_bytes(), _now())
+        self.m.delivery.wake()
+
+    def _seal(self, session: Session, device_id: bytes, send_to: bytes | None,
+              data: bytes) -> None:  # fmt: skip
+        blocks = session.encrypt(self.m.entropy, data)
+        if send_to is None:  # not answered yet: waits for the answer (_on_content)
+            store = self.m.store
+            store.enqueue_blocks(rows.pending_destination(device_id), blocks, not_before=NEVER)
+            return
+        due = time.time_ns() // 1_000_000 + int(self.m.delivery.receipt_delay() * 1000)
+        self.m.store.enqueue_blocks(send_to, blocks, not_before=due)
+
+    def _flush(self, session: Session, device_id: bytes, send_to: bytes | None) -> None:
+        """A session with the device just opened: what waited for one goes in it (inside
+        the caller's transaction, before the caller stores the session)."""
+        for data in rows.take_waiting(self.m.store, device_id):
+            self._seal(session, device_id, send_to, data)
 
     def sent(self, c: Contact, message_id: bytes, sent_at_ms: int, text: str) -> None:
         """A text this device sent to ``c`` (messages.send, inside its transaction)."""

@@ -11,6 +11,8 @@ from .db import Store
 
 #: Incomplete multi-block sync payloads kept per device (its oldest goes past this).
 FRAGMENTS_PER_DEVICE = 8
+#: Sync payloads kept for a listed device until a session with it opens (its oldest go).
+WAITING_PER_DEVICE = 500
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ def mark_removed(store: Store, device_id: bytes, now: int) -> None:
         (now, device_id),
     )
     store.query("DELETE FROM sync_fragments WHERE device_id = ?", (device_id,))
+    store.query("DELETE FROM sync_waiting WHERE device_id = ?", (device_id,))
+    drop_pending(store, device_id)
 
 
 def put_fragment(store: Store, device_id: bytes, msg_id: bytes, index: int, count: int,
@@ -122,3 +126,42 @@ def set_contact_clock(store: Store, keys: bytes, changed_at_ms: int, device_id: 
         "device_id = excluded.device_id",
         (keys, changed_at_ms, device_id),
     )
+
+
+def pending_destination(device_id: bytes) -> bytes:
+    """Where sync blocks for a device that has not answered yet wait in the outbox (never due
+    until its answer readdresses them, as a contact's first blocks: delivery.py)."""
+    return b"sync-pending:" + device_id
+
+
+def release_pending(store: Store, device_id: bytes, send_to: bytes, due_ms: int) -> None:
+    store.query(
+        "UPDATE outbox SET destination = ?, not_before = ? "
+        "WHERE contact_id IS NULL AND destination = ?",
+        (send_to, due_ms, pending_destination(device_id)),
+    )
+
+
+def drop_pending(store: Store, device_id: bytes) -> None:
+    store.query("DELETE FROM outbox WHERE contact_id IS NULL AND destination = ?",
+                (pending_destination(device_id),))  # fmt: skip
+
+
+def wait_for_session(store: Store, device_id: bytes, data: bytes, now: int) -> None:
+    """A payload for a listed device this device holds no session with yet."""
+    store.query("INSERT INTO sync_waiting (device_id, data, created_at) VALUES (?, ?, ?)",
+                (device_id, data, now))  # fmt: skip
+    store.query(
+        "DELETE FROM sync_waiting WHERE device_id = ? AND id NOT IN (SELECT id FROM "
+        "sync_waiting WHERE device_id = ? ORDER BY id DESC LIMIT ?)",
+        (device_id, device_id, WAITING_PER_DEVICE),
+    )
+
+
+def take_waiting(store: Store, device_id: bytes) -> list[bytes]:
+    """The payloads waiting for the device, oldest first, forgotten."""
+    out = [bytes(r[0]) for r in store.query(
+        "SELECT data FROM sync_waiting WHERE device_id = ? ORDER BY id", (device_id,)
+    ).fetchall()]  # fmt: skip
+    store.query("DELETE FROM sync_waiting WHERE device_id = ?", (device_id,))
+    return out

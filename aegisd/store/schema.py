@@ -765,7 +765,8 @@ def _own_sync(db: Any) -> None:
     deposits into (a row of ``mailboxes``, role 'contact' with no contact), its mailbox for us,
     the opener's ``EK_A.pub`` (the answer's hello binds it), and whether the device was
     removed (its session erased; what still arrives is refused and counted). Fragments of
-    multi-block sync payloads wait in ``sync_fragments``. ``sync_contacts``: the newest change
+    multi-block sync payloads wait in ``sync_fragments``; payloads for a listed device with no
+    session yet in ``sync_waiting``. ``sync_contacts``: the newest change
     of each contact made or taken (last writer wins by ``(changed_at_ms, device_id)``)."""
     _run(
         db,
@@ -788,6 +789,12 @@ def _own_sync(db: Any) -> None:
             created_at  INTEGER NOT NULL,
             PRIMARY KEY (device_id, msg_id, idx)
         ) WITHOUT ROWID;
+        CREATE TABLE sync_waiting (
+            id          INTEGER PRIMARY KEY,
+            device_id   BLOB NOT NULL,          -- a listed device with no sync session yet
+            data        BLOB NOT NULL,          -- the sync payload, sealed once one opens
+            created_at  INTEGER NOT NULL
+        );
         CREATE TABLE sync_contacts (
             identity      BLOB PRIMARY KEY,     -- the contact's keys, Encode(IK)
             changed_at_ms INTEGER NOT NULL,     -- the newest change taken, and its device

@@ -41,6 +41,10 @@ def _linked(peers: Callable[[str], Peer]) -> tuple[Peer, Peer, Peer]:
     wait_state(a1, "done")
     wait_state(a2, "done")
     ids = {_this_id(a1), _this_id(a2)}
+    # The device that opens the sync session (the lower ID) writes at once, most likely
+    # before the other's answer: its transcript waits for that answer, then leaves.
+    opener, other = (a1, a2) if _this_id(a1) < _this_id(a2) else (a2, a1)
+    opener.call("messages.send", {"contact": "bob", "text": "right after the link"})
     for me, other in ((a1, a2), (a2, a1)):
         me.wait_for(lambda me=me, other=other: _this_id(other) in
                     {e["device"] for e in _sync_events(me, "open")}, "the sync session",
@@ -50,6 +54,8 @@ def _linked(peers: Callable[[str], Peer]) -> tuple[Peer, Peer, Peer]:
                 T_DEVICE)
     bob.wait_for(lambda: [e for e in bob.events(types=["contact.devices"])
                           if e["data"]["devices"] == 2], "A2's answer", T_DEVICE)  # fmt: skip
+    other.wait_for(lambda: ("out", "right after the link") in texts(other, "bob"),
+                   "the transcript sent before the answer")  # fmt: skip
     return a1, a2, bob
 
 
