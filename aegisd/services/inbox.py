@@ -120,6 +120,7 @@ class OwnSyncView(Protocol):
     async def on_first_contact(self, fc: FirstContact, block: bytes) -> None: ...
     def receive(self, mailbox_id: int, block: bytes) -> None: ...
     def contact_changed(self, c: Contact, *, removed: bool = False) -> None: ...
+    def received(self, c: Contact, message_id: str) -> None: ...
 
 
 class CoverView(Protocol):
@@ -612,6 +613,7 @@ class Inbox:
                 Recipient(c, session), wire.RECEIPT_DELIVERED, [payload.message_id]
             )
             self.m.actions.on_text(c, mid)  # actions that came before it (§26.5)
+            self.m.own_sync.received(c, mid)  # read on another device before it came here
         elif isinstance(payload, wire.ActionPayload):
             self.m.actions.on_payload(c, session, payload)
         elif isinstance(payload, wire.ReceiptPayload):

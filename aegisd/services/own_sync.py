@@ -351,17 +351,44 @@ class OwnSync:
                 "sent_at": payload2.sent_at_ms,
             })  # fmt: skip
         else:
-            target = store.get_message(payload2.message_id.hex())
-            if target is None or target.contact_id != c.id or target.direction != "in":
+            mid = payload2.message_id.hex()
+            target = store.get_message(mid)
+            if target is None:
+                # Not received here yet (the relay delivers each mailbox in its own order):
+                # applied when it arrives (``received``).
+                keys = keys_of(payload2.contact)
+                assert keys is not None
+                rows.keep_read(store, mid, keys, _now())
+                return
+            if target.contact_id != c.id or target.direction != "in":
                 droplog.dropped("dropped a read mark for a message not held")
                 return
-            marked = 0
-            for m in store.unread(c.id):
-                if m.seq <= target.seq and store.set_message_status(m.id, "read"):
-                    marked += 1
-            if marked:
-                self.m.ctx.events.emit("conversation.read", {"contact": c.name,
-                                                             "marked": marked})  # fmt: skip
+            self._mark_read(c, target.seq, None)
+
+    def _mark_read(self, c: Contact, seq: int, sent_at: int | None) -> None:
+        """Received messages of ``c`` up to ``seq`` (and, for a mark that came before its
+        message, sent no later than ``sent_at`` by the contact's clock) are read."""
+        store = self.m.store
+        marked = 0
+        for m in store.unread(c.id):
+            if m.seq > seq or (sent_at is not None and (m.sent_at or 0) > sent_at):
+                continue
+            if store.set_message_status(m.id, "read"):
+                marked += 1
+        if marked:
+            self.m.ctx.events.emit("conversation.read", {"contact": c.name,
+                                                         "marked": marked})  # fmt: skip
+
+    def received(self, c: Contact, message_id: str) -> None:
+        """A message from ``c`` was stored (inbox.py, inside the receive's transaction): a
+        read mark that came before it over sync applies now."""
+        store = self.m.store
+        keys = rows.take_read(store, message_id)
+        if keys is None or keys != keys_of(c.identity_key):
+            return
+        m = store.get_message(message_id)
+        if m is not None:
+            self._mark_read(c, m.seq, m.sent_at)
 
     def _contact(self, p: sy.ContactItem, c: Contact | None) -> None:
         """A contact as another device last changed it: taken if newer than what this device

@@ -13,6 +13,8 @@ from .db import Store
 FRAGMENTS_PER_DEVICE = 8
 #: Sync payloads kept for a listed device until a session with it opens (its oldest go).
 WAITING_PER_DEVICE = 500
+#: Read marks kept for messages not received yet (the oldest go past this).
+READS_KEPT = 256
 
 
 @dataclass(frozen=True)
@@ -165,3 +167,24 @@ def take_waiting(store: Store, device_id: bytes) -> list[bytes]:
     ).fetchall()]  # fmt: skip
     store.query("DELETE FROM sync_waiting WHERE device_id = ?", (device_id,))
     return out
+
+
+def keep_read(store: Store, message_id: str, contact: bytes, now: int) -> None:
+    """A read mark for a message this device has not received yet (it comes later)."""
+    store.query("INSERT OR REPLACE INTO sync_reads (message_id, contact, created_at) "
+                "VALUES (?, ?, ?)", (message_id, contact, now))  # fmt: skip
+    store.query(
+        "DELETE FROM sync_reads WHERE message_id NOT IN (SELECT message_id FROM sync_reads "
+        "ORDER BY created_at DESC, message_id LIMIT ?)",
+        (READS_KEPT,),
+    )
+
+
+def take_read(store: Store, message_id: str) -> bytes | None:
+    """The contact's keys of a read mark kept for ``message_id``, forgotten; None: none."""
+    r = store.query("SELECT contact FROM sync_reads WHERE message_id = ?",
+                    (message_id,)).fetchone()  # fmt: skip
+    if r is None:
+        return None
+    store.query("DELETE FROM sync_reads WHERE message_id = ?", (message_id,))
+    return bytes(r[0])

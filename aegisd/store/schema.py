@@ -766,8 +766,9 @@ def _own_sync(db: Any) -> None:
     the opener's ``EK_A.pub`` (the answer's hello binds it), and whether the device was
     removed (its session erased; what still arrives is refused and counted). Fragments of
     multi-block sync payloads wait in ``sync_fragments``; payloads for a listed device with no
-    session yet in ``sync_waiting``. ``sync_contacts``: the newest change
-    of each contact made or taken (last writer wins by ``(changed_at_ms, device_id)``)."""
+    session yet in ``sync_waiting``; read marks for messages not received yet in
+    ``sync_reads``. ``sync_contacts``: the newest change of each contact made or taken (last
+    writer wins by ``(changed_at_ms, device_id)``)."""
     _run(
         db,
         """
@@ -795,6 +796,11 @@ def _own_sync(db: Any) -> None:
             data        BLOB NOT NULL,          -- the sync payload, sealed once one opens
             created_at  INTEGER NOT NULL
         );
+        CREATE TABLE sync_reads (
+            message_id  TEXT PRIMARY KEY,       -- read elsewhere, not received here yet
+            contact     BLOB NOT NULL,          -- its contact's keys
+            created_at  INTEGER NOT NULL
+        ) WITHOUT ROWID;
         CREATE TABLE sync_contacts (
             identity      BLOB PRIMARY KEY,     -- the contact's keys, Encode(IK)
             changed_at_ms INTEGER NOT NULL,     -- the newest change taken, and its device
