@@ -71,6 +71,10 @@ class DisappearingView(Protocol):
     def apply_default(self, c: Contact, session: Session) -> None: ...
 
 
+class OwnSyncView(Protocol):
+    def contact_changed(self, c: Contact, *, removed: bool = False) -> None: ...
+
+
 class ContactsHost(Protocol):
     """What the contacts use of the messenger."""
 
@@ -94,6 +98,8 @@ class ContactsHost(Protocol):
     def disappearing(self) -> DisappearingView: ...
     @property
     def fanout(self) -> FanoutView: ...
+    @property
+    def own_sync(self) -> OwnSyncView: ...
 
     def identity(self) -> IdentityKeyPair: ...
     def check_usable(self) -> None: ...
@@ -217,6 +223,7 @@ class Contacts:
                     made_c = self.m.store.get_contact(cid)
                     assert made_c is not None
                     self.m.disappearing.apply_default(made_c, session)
+                    self.m.own_sync.contact_changed(made_c)  # on the other own devices too
             self.m.mailboxes.reload()
             # Registered before any await: the outbox cannot settle it unseen.
             waiter = self.m.delivery.first_contact_waiter(cid)
@@ -276,6 +283,7 @@ class Contacts:
                     mb,
                 )
                 self.m.disappearing.apply_default(contact, session)
+                self.m.own_sync.contact_changed(contact)  # on the other own devices too
             self.m.mailboxes.reload()
         self.m.delivery.wake()
         return self.describe(contact)
@@ -332,6 +340,7 @@ class Contacts:
                 if blocked:
                     self.m.inbox.drop_partials(c.id)
                     self.m.delivery.drop_outbox_of(self.m.store, {c.id})
+                self.m.own_sync.contact_changed(self.m.store.get_contact(c.id) or c)
             if blocked:
                 await self.m.attachments.stop_downloads(c.id, "the contact is blocked")
         return c
@@ -343,6 +352,7 @@ class Contacts:
     async def remove_locked(self, c: Contact) -> None:
         """Remove ``c`` (the caller holds the messenger's lock and checked it still goes)."""
         rows = [r for r in self.m.store.list_mailboxes("contact") if r.contact_id == c.id]
+        self.m.own_sync.contact_changed(c, removed=True)  # before it goes (a group's: not sent)
         files = await self.m.attachments.stop_contact(c.id)
         with self.m.store.transaction():
             self.m.attachments.forget_rows(files)  # a group copy's setting goes with it

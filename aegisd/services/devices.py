@@ -198,6 +198,7 @@ class Devices:
 
     def _store_list(self, device_list: dv.DeviceList) -> None:
         self.m.store.set_setting(SETTING_LIST, device_list.to_bytes().hex())
+        self.m.own_sync.list_changed(device_list)  # sync sessions follow the list (own_sync.py)
 
     async def _entry(self) -> dv.DeviceEntry:
         """This device in a list: its address mailbox is its device mailbox (§3.1)."""

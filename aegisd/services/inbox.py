@@ -114,6 +114,14 @@ class FanoutView(Protocol):
     ) -> tuple[bool, bytes | None]: ...
 
 
+class OwnSyncView(Protocol):
+    def is_own(self, sender: PublicIdentity) -> bool: ...
+    async def on_first_contact(self, fc: FirstContact, block: bytes) -> None: ...
+    def receive(self, mailbox_id: int, block: bytes) -> None: ...
+    def contact_changed(self, c: Contact, *, removed: bool = False) -> None: ...
+    def received(self, c: Contact, message_id: str) -> None: ...
+
+
 class CoverView(Protocol):
     def active(self) -> bool: ...
     def changed(self) -> None: ...
@@ -247,6 +255,8 @@ class InboxHost(Protocol):
     def disappearing(self) -> DisappearingView: ...
     @property
     def fanout(self) -> FanoutView: ...
+    @property
+    def own_sync(self) -> OwnSyncView: ...
 
     def _reload_prekeys(self) -> None: ...
 
@@ -276,6 +286,8 @@ class Inbox:
                                 self._receive_from_contact(row.contact_id, block)
                                 self.m.delivery.wake()  # receipts may be due
                                 await self.m.renewals.after_receive()
+                            else:  # a sync mailbox: one of our own devices (own_sync.py)
+                                self.m.own_sync.receive(row.id, block)
                             while self._acked_rotations:  # relay calls: outside the commit
                                 await self.m.rotation.finish(*self._acked_rotations.pop())
                         else:
@@ -308,6 +320,10 @@ class Inbox:
         assert self.m.prekeys is not None
         try:
             fc = accept_first_contact(self.m.entropy, self.m.prekeys, block)
+            if self.m.own_sync.is_own(fc.sender):  # one of our own devices: a sync session
+                self.m.address.request_top_up()
+                await self.m.own_sync.on_first_contact(fc, block)
+                return
             data = fc.fragment.data
             device_hello = dv.decode_device_payload(data) if wire.is_device_payload(data) else None
             hello = wire.decode_payload(data) if device_hello is None else None
@@ -356,6 +372,7 @@ class Inbox:
                     self.m.groups.introduced(row.invitation_id, made.id)
                 else:  # a contact of the user's: the default timer of new conversations
                     self.m.disappearing.apply_default(made, fc.session)
+                    self.m.own_sync.contact_changed(made)  # on the other own devices too
             self.m.mailboxes.reload()
             self.m.delivery.wake()
             with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
@@ -658,6 +675,7 @@ class Inbox:
                 Recipient(c, session), wire.RECEIPT_DELIVERED, [payload.message_id]
             )
             self.m.actions.on_text(c, mid)  # actions that came before it (§26.5)
+            self.m.own_sync.received(c, mid)  # read on another device before it came here
         elif isinstance(payload, wire.ActionPayload):
             self.m.actions.on_payload(c, session, payload)
         elif isinstance(payload, wire.ReceiptPayload):

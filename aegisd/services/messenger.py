@@ -56,6 +56,7 @@ from .inbox import STALE_FRAGMENTS_MS, CallsView, Inbox
 from .mailbox import ContactState
 from .mailbox_loss import SETTING_LAST_REACHED, MailboxLoss
 from .mailboxes import Mailboxes
+from .own_sync import OwnSync
 from .rotation import Rotation
 from .typing_indicators import Typing
 
@@ -113,6 +114,7 @@ class Messenger:
         self.groups = Groups(self)  # groups over pairwise sessions (groups.py, §25)
         self.actions = Actions(self)  # replies, reactions, edits, deletions (actions.py, §26)
         self.fanout = Fanout(self)  # contacts' device lists and device sessions (fanout.py)
+        self.own_sync = OwnSync(self)  # sync with this profile's other devices (own_sync.py)
         from .renewal import Renewals  # session renewal after a backup import (§23)
 
         self.renewals = Renewals(self)
@@ -170,6 +172,7 @@ class Messenger:
         await self.attachments.on_unlock()
         self.spawn(self.fanout.resend())  # a device list the contacts have not acknowledged
         self.spawn(self.fanout.open_all())  # sessions with contacts' devices not opened yet
+        self.spawn(self.own_sync.ensure())  # sync sessions with own devices not opened yet
 
     def network(self) -> Network:
         """How relays are reached now (services/connectivity.py)."""
@@ -296,6 +299,7 @@ class Messenger:
                 ).id
                 self.delivery.enqueue([Recipient(c, session)], payload, message_id=mid,
                                       delay=self.delivery.send_jitter())
+                self.own_sync.sent(c, wire_id, payload.sent_at_ms, text)  # a sent transcript
         self.delivery.wake()
         self.disappearing.wake()  # its deadline, if the conversation has a timer
         return {"message_id": mid, "status": "queued"}
@@ -310,6 +314,7 @@ class Messenger:
             with self.store.transaction():
                 for m in incoming:
                     self.store.set_message_status(m.id, "read")
+                self.own_sync.read(c, incoming[-1].id)  # read on one device: on all (§6)
                 blob = self.store.get_session(c.id)
                 if self.store.get_setting(SETTING_READ_RECEIPTS, True) and blob and not c.blocked:
                     ids = [bytes.fromhex(m.id) for m in incoming]

@@ -759,12 +759,63 @@ def _contact_devices(db: Any) -> None:
     )
 
 
+def _own_sync(db: Any) -> None:
+    """Sync between one's own devices (docs/devices.md §6): one ratchet session per other
+    device of the profile (opened by the device with the lower ID), the mailbox of ours it
+    deposits into (a row of ``mailboxes``, role 'contact' with no contact), its mailbox for us,
+    the opener's ``EK_A.pub`` (the answer's hello binds it), and whether the device was
+    removed (its session erased; what still arrives is refused and counted). Fragments of
+    multi-block sync payloads wait in ``sync_fragments``; payloads for a listed device with no
+    session yet in ``sync_waiting``; read marks for messages not received yet in
+    ``sync_reads``. ``sync_contacts``: the newest change of each contact made or taken (last
+    writer wins by ``(changed_at_ms, device_id)``)."""
+    _run(
+        db,
+        """
+        CREATE TABLE own_sync (
+            device_id   BLOB PRIMARY KEY,
+            state       BLOB,                   -- ratchet session, opaque, NULL once removed
+            mailbox_id  INTEGER REFERENCES mailboxes(id) ON DELETE SET NULL,
+            send_to     BLOB,                   -- its sync mailbox for us (NULL: not answered)
+            session_ek  BLOB NOT NULL,          -- EK_A.pub of the session's first message
+            removed     INTEGER NOT NULL DEFAULT 0,
+            updated_at  INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE sync_fragments (
+            device_id   BLOB NOT NULL,
+            msg_id      BLOB NOT NULL,
+            idx         INTEGER NOT NULL,
+            count       INTEGER NOT NULL,
+            data        BLOB NOT NULL,
+            created_at  INTEGER NOT NULL,
+            PRIMARY KEY (device_id, msg_id, idx)
+        ) WITHOUT ROWID;
+        CREATE TABLE sync_waiting (
+            id          INTEGER PRIMARY KEY,
+            device_id   BLOB NOT NULL,          -- a listed device with no sync session yet
+            data        BLOB NOT NULL,          -- the sync payload, sealed once one opens
+            created_at  INTEGER NOT NULL
+        );
+        CREATE TABLE sync_reads (
+            message_id  TEXT PRIMARY KEY,       -- read elsewhere, not received here yet
+            contact     BLOB NOT NULL,          -- its contact's keys
+            created_at  INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE sync_contacts (
+            identity      BLOB PRIMARY KEY,     -- the contact's keys, Encode(IK)
+            changed_at_ms INTEGER NOT NULL,     -- the newest change taken, and its device
+            device_id     BLOB NOT NULL
+        ) WITHOUT ROWID
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
     _cover_receipts, _mailbox_pool, _groups, _group_invites_and_intros, _group_message_keys,
     _group_file_links, _group_contact_departures, _message_search_index, _message_actions,
     _file_captions_and_typing, _disappearing_messages, _search_index_dirty, _quoted_direction,
     _group_message_actions,
-    _drop_stored_typing_events, _contact_devices,
+    _drop_stored_typing_events, _contact_devices, _own_sync,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

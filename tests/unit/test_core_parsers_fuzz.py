@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aegisd.core import pqxdh, wire
+from aegisd.core import pqxdh, sync, wire
 from aegisd.core.attachment import FileKeys
 from aegisd.core.errors import (
     BundleError,
@@ -50,6 +50,13 @@ SAMPLES: dict[
         DecodeError,
     ),
     "first-contact prefix": (wire.FirstContactPrefix.from_block, PAIR.first_block, DecodeError),
+    "sync payload": (
+        sync.decode_sync_payload,
+        sync.encode_sync_payload(
+            sync.SentTranscript(PAIR.alice.public.to_bytes(), bytes(16), 1, "text")
+        ),
+        DecodeError,
+    ),
     "fragment body": (
         wire.Fragment.from_body,
         wire.Fragment(bytes(8), 0, 1, b"abc").to_body(64),
