@@ -306,6 +306,16 @@ class Inbox:
                         self.m._reload_prekeys()
                         self._acked_rotations.clear()
                         self.m.renewals.reset()
+                    except BaseException:
+                        # Cancelled mid-way (the link stopped: a lock, a reconnect) before the
+                        # commit: what the receive changed in memory goes too (one-time keys
+                        # burnt, the replay cache), or a later save of the prekeys would make
+                        # the redelivered block look replayed and lose it for good.
+                        with contextlib.suppress(Exception):  # locked meanwhile: no store
+                            self.m._reload_prekeys()
+                        self._acked_rotations.clear()
+                        self.m.renewals.reset()
+                        raise
         await acknowledge(client, msg.msg_id)  # withdrawn (END): not an error, §4.3
 
     async def _receive_first_contact(self, row: MailboxRow, block: bytes) -> None:
@@ -349,17 +359,21 @@ class Inbox:
                 self.m.store.put_identity(self.m.prekeys.to_bytes())  # one-time keys stay burnt
                 return
             mb_id, mb = await self.m.mailboxes.create("contact", public=False)
-            with self.m.store.transaction():
-                self.m.store.put_identity(self.m.prekeys.to_bytes())
-                self.m.store.delete_mailbox(row.id)  # used: the invitation is void
-                name = hello.display_name or "new contact"
-                made = self.m.contacts.establish(
-                    name, fc.sender, fc.session, hello.reply_to, mb_id, mb
-                )
-                if intro and row.invitation_id is not None:
-                    self.m.groups.introduced(row.invitation_id, made.id)
-                else:  # a contact of the user's: the default timer of new conversations
-                    self.m.disappearing.apply_default(made, fc.session)
+            try:
+                with self.m.store.transaction():
+                    self.m.store.put_identity(self.m.prekeys.to_bytes())
+                    self.m.store.delete_mailbox(row.id)  # used: the invitation is void
+                    name = hello.display_name or "new contact"
+                    made = self.m.contacts.establish(
+                        name, fc.sender, fc.session, hello.reply_to, mb_id, mb
+                    )
+                    if intro and row.invitation_id is not None:
+                        self.m.groups.introduced(row.invitation_id, made.id)
+                    else:  # a contact of the user's: the default timer of new conversations
+                        self.m.disappearing.apply_default(made, fc.session)
+            except BaseException:
+                self._unused_mailbox(mb_id)
+                raise
             self.m.mailboxes.reload()
             self.m.delivery.wake()
             with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
@@ -453,21 +467,31 @@ class Inbox:
         with a mailbox of this device's own."""
         assert self.m.prekeys is not None
         mb_id, mb = await self.m.mailboxes.create("contact", public=False)
-        with self.m.store.transaction():
-            self.m.store.put_identity(self.m.prekeys.to_bytes())
-            self.m.store.set_mailbox_contact(mb_id, c.id)
-            self.m.store.update_contact(c.id, state=ContactState(reply_to, True).to_bytes())
-            own_name = str(self.m.store.get_setting("profile.display_name", ""))
-            answer = wire.HelloPayload(mb.address(), own_name, b"")
-            blocks = session.encrypt(self.m.entropy, wire.encode_payload(answer))
-            self.m.store.put_session(c.id, session.to_bytes())
-            if device_id is not None:
-                cd.set_session_device(self.m.store, c.id, device_id)
-            self.m.store.enqueue_blocks(address_to_bytes(reply_to), blocks, contact_id=c.id)
-            self.m.ctx.events.emit("contact.established", {"contact": c.name})
+        try:
+            with self.m.store.transaction():
+                self.m.store.put_identity(self.m.prekeys.to_bytes())
+                self.m.store.set_mailbox_contact(mb_id, c.id)
+                self.m.store.update_contact(c.id, state=ContactState(reply_to, True).to_bytes())
+                own_name = str(self.m.store.get_setting("profile.display_name", ""))
+                answer = wire.HelloPayload(mb.address(), own_name, b"")
+                blocks = session.encrypt(self.m.entropy, wire.encode_payload(answer))
+                self.m.store.put_session(c.id, session.to_bytes())
+                if device_id is not None:
+                    cd.set_session_device(self.m.store, c.id, device_id)
+                self.m.store.enqueue_blocks(address_to_bytes(reply_to), blocks, contact_id=c.id)
+                self.m.ctx.events.emit("contact.established", {"contact": c.name})
+        except BaseException:
+            self._unused_mailbox(mb_id)
+            raise
         self.m.mailboxes.reload()
         self.m.cover.changed()
         self.m.delivery.wake()
+
+    def _unused_mailbox(self, mb_id: int) -> None:
+        """The transaction meant to give the mailbox ``create`` just took its contact did not
+        commit: the mailbox is not left subscribed as a contact's without one."""
+        with contextlib.suppress(Exception):  # the store failing: the row stays (harmless)
+            self.m.mailboxes.unused(mb_id)
 
     def _decrypt_device(
         self, contact_id: int, block: bytes

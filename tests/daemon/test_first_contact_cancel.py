@@ -1,0 +1,204 @@
+"""A receive cancelled between an in-memory change and its commit (the link stopped by a
+reconnect while a first contact waited): nothing of it may outlive it. Against a real
+SQLCipher store, real PQXDH keys and a real relay; the cancel is a real task cancel at the
+await where the daemon's reconnect met it (docs/devices.md §5.5)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from nacl.public import Box, PrivateKey
+
+from aegisd.core import pqxdh, wire
+from aegisd.core.identity import IdentityKeyPair
+from aegisd.core.prekeys import PrekeyStore
+from aegisd.core.primitives import SystemEntropy
+from aegisd.core.session import accept_first_contact, initiate_session
+from aegisd.services.inbox import Inbox
+from aegisd.services.mailbox import OwnedMailbox, new_keys
+from aegisd.services.mailboxes import SETTING_URL, Mailboxes
+from aegisd.store import Store, create_profile
+from aegisd.store import cover as cover_slots
+from aegisd.transport.network import Network
+from aegisd.transport.relaylink import RelayLink, acknowledge
+from relay.client import Message, RelayClient
+from tests.relay.conftest import RelayProcess
+from tests.relay.helpers import block, new_owner
+
+URL = "ws://127.0.0.1:1/v1/ws"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = create_profile(tmp_path / "p", None)
+    yield s
+    s.close()
+
+
+def _mailbox(token: bytes = b"t" * 32) -> tuple[OwnedMailbox, PrivateKey]:
+    """A mailbox of ours and the relay's sealing key for it."""
+    relay = PrivateKey.generate()
+    sign, box = new_keys()
+    mb = OwnedMailbox(URL, sign, box, os.urandom(wire.RELAY_ID_LEN), os.urandom(wire.RELAY_ID_LEN),
+                      bytes(relay.public_key), token, b"")  # fmt: skip
+    return mb, relay
+
+
+class Host:
+    """What the inbox uses of the messenger, for an invitation's first contact."""
+
+    def __init__(self, store: Store, prekeys: PrekeyStore) -> None:
+        self.store = store
+        self.prekeys: PrekeyStore | None = prekeys
+        self.entropy = SystemEntropy()
+        self.lock = asyncio.Lock()
+        self.waiting = asyncio.Event()
+        self.mailboxes = SimpleNamespace(owned={}, create=self._create, peer_url_ok=lambda u: True)
+        self.cover = SimpleNamespace(is_loop=lambda b: False)
+        self.address = SimpleNamespace(request_top_up=lambda: None)
+        self.contacts = SimpleNamespace(with_identity=lambda i: None)
+        self.groups = SimpleNamespace(introduction_sender_ok=lambda i, s: None)
+        self.renewals = SimpleNamespace(reset=lambda: None)
+
+    async def _create(self, role: str, **kw: Any) -> Any:
+        # Where the daemon's receive awaits the relay (a mailbox made, subscribed): it waits
+        # here until cancelled, as a reconnect's link.stop() cancelled it.
+        self.waiting.set()
+        await asyncio.Event().wait()
+
+    def _reload_prekeys(self) -> None:  # as messenger.py's
+        state = self.store.get_identity()
+        if state is not None:
+            self.prekeys = PrekeyStore.from_bytes(state)
+
+
+def test_a_cancelled_first_contact_keeps_its_one_time_keys(store: Store) -> None:
+    entropy = SystemEntropy()
+    me = IdentityKeyPair.generate(entropy)
+    prekeys = PrekeyStore.create(entropy, me, 1_700_000_000)
+    xs, kems = prekeys.generate_one_time(entropy, 1)
+    store.put_identity(prekeys.to_bytes())
+    invitation = os.urandom(16)
+    mb, relay = _mailbox()
+    row_id = store.add_mailbox("invitation", mb.to_bytes(), invitation_id=invitation)
+    row = store.get_mailbox(row_id)
+    assert row is not None
+    bundle = pqxdh.verify_bundle(prekeys.bundle_base().to_bytes(), xs[0].to_bytes(),
+                                 kems[0].to_bytes(), me.public)  # fmt: skip
+    reply = wire.MailboxAddress(URL, os.urandom(wire.RELAY_ID_LEN), b"r" * 32)
+    hello = wire.encode_payload(wire.HelloPayload(reply, "alice", invitation))
+    _, first = initiate_session(entropy, IdentityKeyPair.generate(entropy), bundle, hello)
+    sealed = bytes(Box(relay, PrivateKey(mb.box_secret).public_key).encrypt(first))
+    host = Host(store, prekeys)
+    host.mailboxes.owned[mb.owner_id] = (row, mb)
+    inbox = Inbox(host)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        task = asyncio.ensure_future(inbox.on_block(None, Message(mb.owner_id, b"m", sealed)))  # type: ignore[arg-type]
+        await asyncio.wait_for(host.waiting.wait(), 10)
+        task.cancel()  # the reconnect: no handler of on_block's ran before the fix
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    # The next connection's replenish_prekeys saves the prekeys held in memory: the
+    # one-time keys the cancelled receive burnt must not be among what it saves.
+    assert host.prekeys is not None
+    store.put_identity(host.prekeys.to_bytes())
+    again = PrekeyStore.from_bytes(store.get_identity() or b"")
+    # The relay delivers the block again: it opens (not "replayed", not "missing one-time key").
+    assert accept_first_contact(entropy, again, first).fragment.data == hello
+    assert store.get_mailbox(row_id) is not None  # the invitation is not used up
+
+
+def test_a_cancelled_create_leaves_no_mailbox_without_its_contact(store: Store) -> None:
+    mb, _ = _mailbox()
+    store.set_setting(SETTING_URL, URL)
+    subscribing = asyncio.Event()
+
+    async def subscribe(owner_id: bytes, key: Any) -> None:
+        subscribing.set()
+        await asyncio.Event().wait()  # the link stops here
+
+    host = SimpleNamespace(store=store, ctx=SimpleNamespace(store=store), _spawn=lambda c: None)
+    mailboxes = Mailboxes(host)  # type: ignore[arg-type]
+    mailboxes.link = SimpleNamespace(subscribe=subscribe)  # type: ignore[assignment]
+
+    async def main() -> None:
+        task = asyncio.ensure_future(mailboxes.create("contact", public=False, made=mb))
+        await asyncio.wait_for(subscribing.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert store.list_mailboxes("contact") == []  # no contact mailbox with no contact
+    assert [r.descriptor for r in cover_slots.pool_rows(store)] == [mb.to_bytes()]
+    assert mb.owner_id in mailboxes.owned  # still received on, as a pool mailbox
+
+
+@pytest.fixture
+def relay_process() -> Iterator[RelayProcess]:
+    d = Path(tempfile.mkdtemp(prefix="ae", dir="/tmp"))
+    rp = RelayProcess(d, {})
+    rp.start()
+    try:
+        yield rp
+    finally:
+        rp.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("isolation", [False, True], ids=["shared", "isolated"])
+def test_a_reconnect_lets_the_block_being_handled_commit(
+    relay_process: RelayProcess, isolation: bool
+) -> None:
+    url = f"ws://127.0.0.1:{relay_process.port}/v1/ws"
+
+    async def main() -> None:
+        admin = await RelayClient.connect(url)
+        token = os.urandom(32)
+        o = await new_owner(admin, token=token)
+        entered, release = asyncio.Event(), asyncio.Event()
+        done: list[bool] = []
+
+        async def handler(client: RelayClient, msg: Message) -> None:
+            entered.set()
+            await release.wait()  # a first contact waiting under the lock, mid-transaction
+            done.append(await acknowledge(client, msg.msg_id))
+
+        link = RelayLink(url, handler=handler, subscriptions=lambda: [(o.owner_id, o.sig)],
+                         on_state=lambda up, reason: None, network=Network(isolation=isolation))
+        link.start()
+        await asyncio.wait_for(link.connected.wait(), 20)
+        if isolation:  # until the mailbox's own connection subscribed
+            for _ in range(400):
+                if link._clients:
+                    break
+                await asyncio.sleep(0.05)
+        sender = await RelayClient.connect(url)
+        await sender.deposit(o.deposit_id, block(b"first"), token=token)
+        await asyncio.wait_for(entered.wait(), 20)
+        stopping = asyncio.ensure_future(link.stop(finish=True))  # restart_link's stop
+        await asyncio.sleep(0)
+        assert not stopping.done()
+        release.set()
+        await asyncio.wait_for(stopping, 20)
+        assert done == [True]  # it finished and its acknowledgement went through
+        # Nothing comes again: the relay holds no unacknowledged block.
+        copy = await RelayClient.connect(url)
+        await o.subscribe(copy)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(copy.messages.get(), 1.0)
+        for c in (admin, sender, copy):
+            await c.close()
+
+    asyncio.run(main())
