@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
@@ -88,6 +89,13 @@ HELD_FOR = 14 * 24 * 3600
 #: Seconds between the attempts to open a session with a contact's device whose bundle is not
 #: at the relay yet.
 OPEN_RETRIES = (1.0, 2.0, 5.0, 15.0, 60.0)
+#: A session this device opened with a contact's device that never answered (its first contact
+#: lost on the way, or dropped by the other side) is opened anew once REOPEN_AFTER seconds
+#: passed, while the daemon runs and at the next unlock, at most REOPENS times per device
+#: (docs/devices.md §5.5): {contact id: {device hex: times opened anew}}.
+REOPEN_AFTER = 600
+REOPENS = 3
+SETTING_REOPENED = "devices.reopened"
 _REFUSED = {
     dv.ForgedDeviceList: "refused a device list not signed by the contact",
     dv.FutureDeviceList: "refused a device list from the future",
@@ -467,6 +475,8 @@ class Fanout:
                 if not failed or wait is None:
                     if failed:
                         droplog.dropped("could not open a session with a contact's device")
+                    if self._unanswered(contact_id):
+                        self.m.spawn(self._reopen_later(contact_id))
                     return
                 await asyncio.sleep(wait)
         finally:
@@ -482,6 +492,8 @@ class Fanout:
                 self.m.spawn(self.open_sessions(c.id))
 
     def _missing(self, contact_id: int) -> list[dv.DeviceEntry]:
+        """The listed devices to open a session with: those with none, and those whose
+        session never answered for REOPEN_AFTER (fewer than REOPENS times opened anew)."""
         store = self.m.ctx.store
         if store is None:
             return []
@@ -489,8 +501,26 @@ class Fanout:
         if held is None or held.session_device is None:
             return []
         have = {s.device_id for s in cd.device_sessions(store, contact_id)}
+        have -= self._unanswered(contact_id, _now() - REOPEN_AFTER)
         have.add(held.session_device)
         return [e for e in dv.DeviceList.from_bytes(held.data).devices if e.device_id not in have]
+
+    def _unanswered(self, contact_id: int, before: int | None = None) -> set[bytes]:
+        """The contact's devices whose session never answered (opened before ``before``)
+        and may still be opened anew."""
+        store = self.m.ctx.store
+        if store is None:
+            return set()
+        counts = dict(store.get_setting(SETTING_REOPENED) or {}).get(str(contact_id), {})
+        return {d for d, opened in cd.unanswered_sessions(store, contact_id).items()
+                if (before is None or opened <= before)
+                and int(counts.get(d.hex(), 0)) < REOPENS}  # fmt: skip
+
+    async def _reopen_later(self, contact_id: int) -> None:
+        """A session opened and not answered: looked at again once REOPEN_AFTER passed (a
+        task that a lock cancels: the next unlock's open_all looks then)."""
+        await asyncio.sleep(REOPEN_AFTER + random.SystemRandom().uniform(0, 60))
+        await self.open_sessions(contact_id)
 
     async def _open(self, contact_id: int, entry: dv.DeviceEntry) -> None:
         c = self.m.store.get_contact(contact_id)
@@ -514,6 +544,13 @@ class Fanout:
                 self.m.entropy, self.m.identity(), bundle, self._first_payload(reply)
             )
             with self.m.store.transaction():
+                if entry.device_id in self._unanswered(contact_id):  # opened anew: counted
+                    reopened = dict(self.m.store.get_setting(SETTING_REOPENED) or {})
+                    counts = dict(reopened.get(str(contact_id), {}))
+                    key = entry.device_id.hex()
+                    counts[key] = int(counts.get(key, 0)) + 1
+                    reopened[str(contact_id)] = counts
+                    self.m.store.set_setting(SETTING_REOPENED, reopened)
                 cd.put_device_session(
                     self.m.store, contact_id, entry.device_id, session.to_bytes(), _now()
                 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import time
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -202,3 +203,31 @@ def test_a_reconnect_lets_the_block_being_handled_commit(
             await c.close()
 
     asyncio.run(main())
+
+
+def test_a_device_session_never_answered_is_opened_again_a_few_times(store: Store) -> None:
+    """fanout._missing: a session this device opened whose first contact was lost (never
+    answered) is opened anew after REOPEN_AFTER, at most REOPENS times (devices.md §5.5)."""
+    from aegisd.core import devices as dv
+    from aegisd.services.fanout import REOPEN_AFTER, REOPENS, SETTING_REOPENED, Fanout
+    from aegisd.store import contact_devices as cd
+    from tests.daemon.test_delivery import _contact
+    from tests.unit.test_core_devices import IDENTITY, device
+
+    c, _ = _contact(store, "bob", 1)
+    listed = dv.DeviceList.sign(IDENTITY, 1, [device(1), device(2)])
+    cd.put_list(store, c.id, listed.to_bytes(), 1, 0)
+    cd.set_session_device(store, c.id, device(1).device_id)  # the contact's session row's
+    fan = Fanout(SimpleNamespace(ctx=SimpleNamespace(store=store), store=store))  # type: ignore[arg-type]
+    other = device(2).device_id
+    assert fan._missing(c.id) == [device(2)]
+    now = int(time.time())
+    cd.put_device_session(store, c.id, other, b"state", now)
+    assert fan._missing(c.id) == []  # just opened: its answer is awaited
+    cd.put_device_session(store, c.id, other, b"state", now - REOPEN_AFTER - 1)
+    assert fan._missing(c.id) == [device(2)]  # never answered: opened anew
+    store.set_setting(SETTING_REOPENED, {str(c.id): {other.hex(): REOPENS}})
+    assert fan._missing(c.id) == []  # bounded: not for ever
+    store.set_setting(SETTING_REOPENED, None)
+    cd.set_device_send_to(store, c.id, other, b"its mailbox")
+    assert fan._missing(c.id) == []  # answered: nothing to do
