@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import time
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
