@@ -451,8 +451,9 @@ class Inbox:
             return None
         ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
         with self.m.store.transaction():
-            self.m.store.put_identity(self.m.prekeys.to_bytes())
             as_row, device_id = self.m.fanout.device_first_contact(known, fc.session, payload, ek)
+            if not as_row:  # else stored with the session (_device_session), not before
+                self.m.store.put_identity(self.m.prekeys.to_bytes())
         if as_row:
             await self._device_session(known, fc.session, payload.reply, device_id)
         return None

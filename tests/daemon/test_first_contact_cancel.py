@@ -18,13 +18,15 @@ from typing import Any
 import pytest
 from nacl.public import Box, PrivateKey
 
+from aegisd.core import devices as dv
 from aegisd.core import pqxdh, wire
 from aegisd.core.identity import IdentityKeyPair
 from aegisd.core.prekeys import PrekeyStore
 from aegisd.core.primitives import SystemEntropy
 from aegisd.core.session import accept_first_contact, initiate_session
-from aegisd.services.inbox import Inbox
-from aegisd.services.mailbox import OwnedMailbox, new_keys
+from aegisd.services.fanout import Fanout
+from aegisd.services.inbox import SETTING_OWN_LIST, Inbox
+from aegisd.services.mailbox import ContactState, OwnedMailbox, new_keys
 from aegisd.services.mailboxes import SETTING_URL, Mailboxes
 from aegisd.store import Store, create_profile
 from aegisd.store import cover as cover_slots
@@ -81,7 +83,11 @@ class Host:
             self.prekeys = PrekeyStore.from_bytes(state)
 
 
-def test_a_cancelled_first_contact_keeps_its_one_time_keys(store: Store) -> None:
+@pytest.mark.parametrize("path", ["invitation", "device"])
+def test_a_cancelled_first_contact_keeps_its_one_time_keys(store: Store, path: str) -> None:
+    """``invitation``: a first contact at an invitation's mailbox; ``device``: a linked
+    device's first contact from a contact's device (a device hello at its address, taken as
+    the contact's session row: the A2 set-up of the functional tests)."""
     entropy = SystemEntropy()
     me = IdentityKeyPair.generate(entropy)
     prekeys = PrekeyStore.create(entropy, me, 1_700_000_000)
@@ -89,21 +95,41 @@ def test_a_cancelled_first_contact_keeps_its_one_time_keys(store: Store) -> None
     store.put_identity(prekeys.to_bytes())
     invitation = os.urandom(16)
     mb, relay = _mailbox()
-    row_id = store.add_mailbox("invitation", mb.to_bytes(), invitation_id=invitation)
+    if path == "invitation":
+        row_id = store.add_mailbox("invitation", mb.to_bytes(), invitation_id=invitation)
+    else:
+        row_id = store.add_mailbox("address", mb.to_bytes())
     row = store.get_mailbox(row_id)
     assert row is not None
     bundle = pqxdh.verify_bundle(prekeys.bundle_base().to_bytes(), xs[0].to_bytes(),
                                  kems[0].to_bytes(), me.public)  # fmt: skip
     reply = wire.MailboxAddress(URL, os.urandom(wire.RELAY_ID_LEN), b"r" * 32)
-    hello = wire.encode_payload(wire.HelloPayload(reply, "alice", invitation))
-    _, first = initiate_session(entropy, IdentityKeyPair.generate(entropy), bundle, hello)
+    bob = IdentityKeyPair.generate(entropy)
+    content: Any
+    if path == "invitation":
+        content = wire.encode_payload(wire.HelloPayload(reply, "alice", invitation))
+    else:
+        priv, _ = dv.new_device_key(entropy)
+
+        def content(ek: bytes) -> bytes:
+            hello = dv.DeviceHello.sign(priv, bob.public, b"d" * 16, reply, 1, ek)
+            return dv.encode_device_payload(hello)
+
+    _, first = initiate_session(entropy, bob, bundle, content)
     sealed = bytes(Box(relay, PrivateKey(mb.box_secret).public_key).encrypt(first))
+    store.set_setting(SETTING_OWN_LIST, "00")  # a linked device: it holds a list
     host = Host(store, prekeys)
     host.mailboxes.owned[mb.owner_id] = (row, mb)
+    if path == "device":  # bob: a contact this linked device knows without a session
+        bob_c = store.add_contact("bob", identity_key=bob.public.to_bytes(),
+                                  state=ContactState(None, False).to_bytes())  # fmt: skip
+        host.contacts = SimpleNamespace(with_identity=lambda i: bob_c)
+        host.fanout = Fanout(SimpleNamespace(ctx=SimpleNamespace(store=store), store=store))  # type: ignore[arg-type]
     inbox = Inbox(host)  # type: ignore[arg-type]
 
     async def main() -> None:
-        task = asyncio.ensure_future(inbox.on_block(None, Message(mb.owner_id, b"m", sealed)))  # type: ignore[arg-type]
+        msg = Message(mb.owner_id, b"m", sealed)
+        task = asyncio.ensure_future(inbox.on_block(None, msg))  # type: ignore[arg-type]
         await asyncio.wait_for(host.waiting.wait(), 10)
         task.cancel()  # the reconnect: no handler of on_block's ran before the fix
         with pytest.raises(asyncio.CancelledError):
@@ -116,7 +142,7 @@ def test_a_cancelled_first_contact_keeps_its_one_time_keys(store: Store) -> None
     store.put_identity(host.prekeys.to_bytes())
     again = PrekeyStore.from_bytes(store.get_identity() or b"")
     # The relay delivers the block again: it opens (not "replayed", not "missing one-time key").
-    assert accept_first_contact(entropy, again, first).fragment.data == hello
+    accept_first_contact(entropy, again, first)
     assert store.get_mailbox(row_id) is not None  # the invitation is not used up
 
 
