@@ -111,6 +111,8 @@ class FanoutView(Protocol):
     def device_first_contact(
         self, c: Contact, session: Session, hello: dv.DeviceHello, ek: bytes
     ) -> tuple[bool, bytes | None]: ...
+    def superseded(self, contact_id: int) -> list[tuple[bytes, bytes]]: ...
+    def took_superseded(self, contact_id: int, device_id: bytes, used: bytes) -> None: ...
 
 
 #: This profile's own device list (services/devices.py): a device that joined by a link holds
@@ -496,16 +498,25 @@ class Inbox:
 
     def _decrypt_device(
         self, contact_id: int, block: bytes
-    ) -> tuple[bytes, Session, wire.Fragment] | None:
+    ) -> tuple[bytes, Session, wire.Fragment, bytes | None] | None:
         """A block that the contact's own session did not open, tried in the sessions with
-        the contact's other devices (at most MAX_DEVICES - 1): which one opened it."""
+        the contact's other devices (at most MAX_DEVICES - 1), then in the unanswered ones a
+        reopening replaced (fanout.py, at most REOPENS per device): which one opened it, and
+        the superseded state it was, if one."""
         for ds in cd.device_sessions(self.m.store, contact_id):
             session = Session.from_bytes(ds.state)
             try:
                 fragment = session.decrypt(self.m.entropy, block)
             except DecryptionError:
                 continue
-            return ds.device_id, session, fragment
+            return ds.device_id, session, fragment, None
+        for device_id, state in self.m.fanout.superseded(contact_id):
+            session = Session.from_bytes(state)
+            try:
+                fragment = session.decrypt(self.m.entropy, block)
+            except DecryptionError:
+                continue
+            return device_id, session, fragment, state
         return None
 
     def _receive_from_contact(self, contact_id: int, block: bytes) -> None:
@@ -518,6 +529,7 @@ class Inbox:
             return
         session = Session.from_bytes(blob)
         device: bytes | None = None
+        superseded: bytes | None = None
         try:
             fragment = session.decrypt(self.m.entropy, block)
         except DecryptionError:
@@ -527,7 +539,7 @@ class Inbox:
                     return
                 droplog.dropped("dropped a block that did not decrypt")
                 return
-            device, dsession, fragment = found
+            device, dsession, fragment, superseded = found
             # The contact's own session answers (receipts go to every device): unchanged.
             session = Session.from_bytes(blob)
         self.m.cover.heard(contact_id)  # online: cover to it goes on
@@ -535,6 +547,8 @@ class Inbox:
             if device is None:
                 self.m.store.put_session(contact_id, session.to_bytes())
             else:
+                if superseded is not None:  # the device answered the session opened first
+                    self.m.fanout.took_superseded(contact_id, device, superseded)
                 cd.put_device_session(self.m.store, contact_id, device, dsession.to_bytes(), _now())
             if c.blocked:
                 # Nothing of a blocked contact is shown or kept (not even a partial message):

@@ -1,7 +1,9 @@
 """A receive cancelled between an in-memory change and its commit (the link stopped by a
-reconnect while a first contact waited): nothing of it may outlive it. Against a real
-SQLCipher store, real PQXDH keys and a real relay; the cancel is a real task cancel at the
-await where the daemon's reconnect met it (docs/devices.md §5.5)."""
+reconnect while a first contact waited): nothing of it may outlive it; and a device session
+whose first contact was lost anyway is opened again, boundedly, without losing the device
+that was only away. Against a real SQLCipher store, real PQXDH keys and ratchet sessions and
+a real relay; the cancel is a real task cancel at the await where the daemon's reconnect met
+it (docs/devices.md §5.5)."""
 
 from __future__ import annotations
 
@@ -23,18 +25,23 @@ from aegisd.core import pqxdh, wire
 from aegisd.core.identity import IdentityKeyPair
 from aegisd.core.prekeys import PrekeyStore
 from aegisd.core.primitives import SystemEntropy
-from aegisd.core.session import accept_first_contact, initiate_session
-from aegisd.services.fanout import Fanout
+from aegisd.core.session import Session, accept_first_contact, initiate_session
+from aegisd.services.delivery import address_to_bytes
+from aegisd.services.fanout import REOPEN_AFTER, REOPENS, SETTING_REOPENED, Fanout
 from aegisd.services.inbox import SETTING_OWN_LIST, Inbox
 from aegisd.services.mailbox import ContactState, OwnedMailbox, new_keys
 from aegisd.services.mailboxes import SETTING_URL, Mailboxes
 from aegisd.store import Store, create_profile
+from aegisd.store import contact_devices as cd
 from aegisd.store import cover as cover_slots
 from aegisd.transport.network import Network
 from aegisd.transport.relaylink import RelayLink, acknowledge
 from relay.client import Message, RelayClient
+from tests.daemon.test_delivery import _contact
 from tests.relay.conftest import RelayProcess
 from tests.relay.helpers import block, new_owner
+from tests.support.parties import bob_with_store, make_pair
+from tests.unit.test_core_devices import IDENTITY, device
 
 URL = "ws://127.0.0.1:1/v1/ws"
 
@@ -234,17 +241,14 @@ def test_a_reconnect_lets_the_block_being_handled_commit(
 def test_a_device_session_never_answered_is_opened_again_a_few_times(store: Store) -> None:
     """fanout._missing: a session this device opened whose first contact was lost (never
     answered) is opened anew after REOPEN_AFTER, at most REOPENS times (devices.md §5.5)."""
-    from aegisd.core import devices as dv
-    from aegisd.services.fanout import REOPEN_AFTER, REOPENS, SETTING_REOPENED, Fanout
-    from aegisd.store import contact_devices as cd
-    from tests.daemon.test_delivery import _contact
-    from tests.unit.test_core_devices import IDENTITY, device
 
     c, _ = _contact(store, "bob", 1)
     listed = dv.DeviceList.sign(IDENTITY, 1, [device(1), device(2)])
     cd.put_list(store, c.id, listed.to_bytes(), 1, 0)
     cd.set_session_device(store, c.id, device(1).device_id)  # the contact's session row's
-    fan = Fanout(SimpleNamespace(ctx=SimpleNamespace(store=store), store=store))  # type: ignore[arg-type]
+    events: list[str] = []
+    ctx = SimpleNamespace(store=store, events=SimpleNamespace(emit=lambda t, p: events.append(t)))
+    fan = Fanout(SimpleNamespace(ctx=ctx, store=store))  # type: ignore[arg-type]
     other = device(2).device_id
     assert fan._missing(c.id) == [device(2)]
     now = int(time.time())
@@ -254,6 +258,59 @@ def test_a_device_session_never_answered_is_opened_again_a_few_times(store: Stor
     assert fan._missing(c.id) == [device(2)]  # never answered: opened anew
     store.set_setting(SETTING_REOPENED, {str(c.id): {other.hex(): REOPENS}})
     assert fan._missing(c.id) == []  # bounded: not for ever
-    store.set_setting(SETTING_REOPENED, None)
-    cd.set_device_send_to(store, c.id, other, b"its mailbox")
+    store.set_setting(SETTING_REOPENED, {str(c.id): {other.hex(): 1}})
+    fresh = store.get_contact(c.id)
+    assert fresh is not None
+    fan.device_answered(fresh, other, device(2).mailbox)
     assert fan._missing(c.id) == []  # answered: nothing to do
+    assert store.get_setting(SETTING_REOPENED) is None  # and its count starts over
+    assert events == ["contact.devices"]
+
+
+def test_an_answer_in_the_session_a_reopening_replaced_still_counts(store: Store) -> None:
+    """The device was only away: it answers the first session after the reopening replaced
+    it (and maybe the second after that). Whichever it answers last is its session, with
+    real ratchet sessions on both sides (devices.md §5.5)."""
+
+    entropy = SystemEntropy()
+    me = IdentityKeyPair.generate(entropy)
+    d_identity, d_prekeys, xs, kems = bob_with_store(entropy, one_time=2)
+
+    def open_one(i: int) -> tuple[Any, Any]:
+        bundle = pqxdh.verify_bundle(d_prekeys.bundle_base().to_bytes(), xs[i], kems[i],
+                                     d_identity.public)  # fmt: skip
+        ours, block = initiate_session(entropy, me, bundle, b"hello")
+        return ours, accept_first_contact(entropy, d_prekeys, block).session
+
+    s1, d1 = open_one(0)
+    s2, d2 = open_one(1)  # the reopening, 10 minutes later
+    c, _ = _contact(store, "bob", 1)
+    store.put_session(c.id, make_pair().a.to_bytes())  # the row: with another device
+    device_id = b"\x02" * 16
+    events: list[str] = []
+    ctx = SimpleNamespace(store=store, events=SimpleNamespace(emit=lambda t, p: events.append(t)))
+    fan = Fanout(SimpleNamespace(ctx=ctx, store=store))  # type: ignore[arg-type]
+    cd.put_device_session(store, c.id, device_id, s2.to_bytes(), int(time.time()))
+    fan._keep_superseded(c.id, device_id, s1.to_bytes())
+    host = SimpleNamespace(store=store, entropy=entropy, fanout=fan, ctx=ctx,
+                           cover=SimpleNamespace(heard=lambda cid: None),
+                           mailboxes=SimpleNamespace(peer_url_ok=lambda u: True))  # fmt: skip
+    inbox = Inbox(host)  # type: ignore[arg-type]
+
+    def answer(session: Any, n: int) -> bytes:
+        reply = wire.MailboxAddress(URL, bytes([n]) * wire.RELAY_ID_LEN, b"t" * 32)
+        [blk] = session.encrypt(entropy, wire.encode_payload(wire.HelloPayload(reply, "", b"")))
+        return blk
+
+    inbox._receive_from_contact(c.id, answer(d1, 7))  # the answer to the first session
+    [ds] = cd.device_sessions(store, c.id)
+    assert ds.send_to is not None  # answered: deposited to from now on
+    assert [d for d, _ in fan.superseded(c.id)] == [device_id]  # the second, kept
+    inbox._receive_from_contact(c.id, answer(d2, 8))  # then it took the second after all
+    [ds] = cd.device_sessions(store, c.id)
+    reply8 = wire.MailboxAddress(URL, bytes([8]) * wire.RELAY_ID_LEN, b"t" * 32)
+    assert ds.send_to == address_to_bytes(reply8)
+    # What the device sends next in the second session opens in the session stored.
+    [blk] = d2.encrypt(entropy, b"x")
+
+    assert Session.from_bytes(ds.state).decrypt(entropy, blk).data == b"x"
