@@ -309,14 +309,14 @@ class Inbox:
                         self._acked_rotations.clear()
                         self.m.renewals.reset()
                     except BaseException:
-                        # Cancelled mid-way (the link stopped: a lock, a reconnect) before the
-                        # commit: what the receive changed in memory goes too (one-time keys
-                        # burnt, the replay cache), or a later save of the prekeys would make
-                        # the redelivered block look replayed and lose it for good.
+                        # Cancelled mid-way (the link stopped: a lock, a reconnect). Before a
+                        # first contact's commit: what it changed in memory goes (one-time
+                        # keys burnt, the replay cache), or a later save of the prekeys would
+                        # make the redelivered block look replayed and lose it for good. A
+                        # contact's block is cancelled only after its commit (its awaits come
+                        # after it): its rotations and renewals stay for the next receive.
                         with contextlib.suppress(Exception):  # locked meanwhile: no store
                             self.m._reload_prekeys()
-                        self._acked_rotations.clear()
-                        self.m.renewals.reset()
                         raise
         await acknowledge(client, msg.msg_id)  # withdrawn (END): not an error, §4.3
 
