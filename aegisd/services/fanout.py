@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
@@ -83,6 +84,18 @@ HELD_FOR = 14 * 24 * 3600
 #: Seconds between the attempts to open a session with a contact's device whose bundle is not
 #: at the relay yet.
 OPEN_RETRIES = (1.0, 2.0, 5.0, 15.0, 60.0)
+#: A session this device opened with a contact's device that never answered (its first contact
+#: lost on the way, or dropped by the other side) is opened anew once REOPEN_AFTER seconds
+#: passed, while the daemon runs and at the next unlock, at most REOPENS times per device
+#: (docs/devices.md §5.5): {contact id: {device hex: times opened anew}}.
+REOPEN_AFTER = 600
+REOPENS = 3
+SETTING_REOPENED = "devices.reopened"
+#: The unanswered sessions a reopening replaced, kept HELD_FOR seconds: the device may only have
+#: been away, and answer the first one after all (it then stands again, and the one it replaced
+#: is kept in its place: whichever the device answers last is the device's session):
+#: {contact id: {device hex: [[session hex, kept since], ...]}}, at most REOPENS per device.
+SETTING_SUPERSEDED = "devices.superseded"
 _REFUSED = {
     dv.ForgedDeviceList: "refused a device list not signed by the contact",
     dv.FutureDeviceList: "refused a device list from the future",
@@ -115,6 +128,7 @@ class Fanout:
     def __init__(self, host: FanoutHost) -> None:
         self.m = host
         self._opening: set[int] = set()  # contacts whose device sessions are being opened
+        self._reopening: set[int] = set()  # contacts with a _reopen_later waiting: one each
 
     # --- the person's side ---------------------------------------------------------------
 
@@ -467,6 +481,9 @@ class Fanout:
                 if not failed or wait is None:
                     if failed:
                         droplog.dropped("could not open a session with a contact's device")
+                    if self._unanswered(contact_id) and contact_id not in self._reopening:
+                        self._reopening.add(contact_id)
+                        self.m.spawn(self._reopen_later(contact_id))
                     return
                 await asyncio.sleep(wait)
         finally:
@@ -482,6 +499,8 @@ class Fanout:
                 self.m.spawn(self.open_sessions(c.id))
 
     def _missing(self, contact_id: int) -> list[dv.DeviceEntry]:
+        """The listed devices to open a session with: those with none, and those whose
+        session never answered for REOPEN_AFTER (fewer than REOPENS times opened anew)."""
         store = self.m.ctx.store
         if store is None:
             return []
@@ -489,8 +508,64 @@ class Fanout:
         if held is None or held.session_device is None:
             return []
         have = {s.device_id for s in cd.device_sessions(store, contact_id)}
+        have -= self._unanswered(contact_id, _now() - REOPEN_AFTER)
         have.add(held.session_device)
         return [e for e in dv.DeviceList.from_bytes(held.data).devices if e.device_id not in have]
+
+    def _unanswered(self, contact_id: int, before: int | None = None) -> set[bytes]:
+        """The contact's devices whose session never answered (opened before ``before``)
+        and may still be opened anew."""
+        store = self.m.ctx.store
+        if store is None:
+            return set()
+        counts = dict(store.get_setting(SETTING_REOPENED) or {}).get(str(contact_id), {})
+        return {d for d, opened in cd.unanswered_sessions(store, contact_id).items()
+                if (before is None or opened <= before)
+                and int(counts.get(d.hex(), 0)) < REOPENS}  # fmt: skip
+
+    def superseded(self, contact_id: int) -> list[tuple[bytes, bytes]]:
+        """(device ID, session state) of the sessions a reopening replaced, still kept."""
+        store, now = self.m.store, _now()
+        kept = dict(store.get_setting(SETTING_SUPERSEDED) or {}).get(str(contact_id), {})
+        # Only of a device that still has a session: one a list dropped stays dropped.
+        have = {s.device_id.hex() for s in cd.device_sessions(store, contact_id)}
+        return [(bytes.fromhex(d), bytes.fromhex(state)) for d, items in kept.items()
+                if d in have for state, since in items if int(since) + HELD_FOR > now]  # fmt: skip
+
+    def took_superseded(self, contact_id: int, device_id: bytes, used: bytes) -> None:
+        """A block opened in a superseded session of ``device_id`` (inside the receive's
+        transaction, which then stores that session as the device's): the device answered
+        that one, so the session it replaces is kept among the superseded in its place."""
+        store = self.m.store
+        current = next((s.state for s in cd.device_sessions(store, contact_id)
+                        if s.device_id == device_id), None)  # fmt: skip
+        everything = dict(store.get_setting(SETTING_SUPERSEDED) or {})
+        mine = dict(everything.get(str(contact_id), {}))
+        mine[device_id.hex()] = [i for i in mine.get(device_id.hex(), [])
+                                 if i[0] != used.hex()]  # fmt: skip
+        everything[str(contact_id)] = mine
+        store.set_setting(SETTING_SUPERSEDED, everything)
+        if current is not None:
+            self._keep_superseded(contact_id, device_id, current)
+
+    def _keep_superseded(self, contact_id: int, device_id: bytes, state: bytes) -> None:
+        store, now = self.m.store, _now()
+        everything = dict(store.get_setting(SETTING_SUPERSEDED) or {})
+        mine = dict(everything.get(str(contact_id), {}))
+        items = [i for i in mine.get(device_id.hex(), []) if int(i[1]) + HELD_FOR > now]
+        items.append([state.hex(), now])
+        mine[device_id.hex()] = items[-REOPENS:]
+        everything[str(contact_id)] = mine
+        store.set_setting(SETTING_SUPERSEDED, everything)
+
+    async def _reopen_later(self, contact_id: int) -> None:
+        """A session opened and not answered: looked at again once REOPEN_AFTER passed (a
+        task that a lock cancels: the next unlock's open_all looks then)."""
+        try:
+            await asyncio.sleep(REOPEN_AFTER + random.SystemRandom().uniform(0, 60))
+        finally:
+            self._reopening.discard(contact_id)
+        await self.open_sessions(contact_id)
 
     async def _open(self, contact_id: int, entry: dv.DeviceEntry) -> None:
         c = self.m.store.get_contact(contact_id)
@@ -514,6 +589,16 @@ class Fanout:
                 self.m.entropy, self.m.identity(), bundle, self._first_payload(reply)
             )
             with self.m.store.transaction():
+                if entry.device_id in self._unanswered(contact_id):  # opened anew: counted
+                    reopened = dict(self.m.store.get_setting(SETTING_REOPENED) or {})
+                    counts = dict(reopened.get(str(contact_id), {}))
+                    key = entry.device_id.hex()
+                    counts[key] = int(counts.get(key, 0)) + 1
+                    reopened[str(contact_id)] = counts
+                    self.m.store.set_setting(SETTING_REOPENED, reopened)
+                    old = next(s.state for s in cd.device_sessions(self.m.store, contact_id)
+                               if s.device_id == entry.device_id)  # fmt: skip
+                    self._keep_superseded(contact_id, entry.device_id, old)
                 cd.put_device_session(
                     self.m.store, contact_id, entry.device_id, session.to_bytes(), _now()
                 )
@@ -569,6 +654,11 @@ class Fanout:
                       None)  # fmt: skip
         first = before is None or before.send_to is None  # not a repeated answer
         cd.set_device_send_to(store, c.id, device_id, address_to_bytes(reply_to))
+        reopened = dict(store.get_setting(SETTING_REOPENED) or {})
+        counts = dict(reopened.get(str(c.id), {}))
+        if counts.pop(device_id.hex(), None) is not None:  # answered: its count starts over
+            reopened[str(c.id)] = counts
+            store.set_setting(SETTING_REOPENED, {k: v for k, v in reopened.items() if v} or None)
         held = cd.held_list(store, c.id)
         listed = None if held is None else dv.DeviceList.from_bytes(held.data)
         if held is not None and listed is not None and held.session_device not in listed.ids():

@@ -112,6 +112,8 @@ class FanoutView(Protocol):
     def device_first_contact(
         self, c: Contact, session: Session, hello: dv.DeviceHello, ek: bytes
     ) -> tuple[bool, bytes | None]: ...
+    def superseded(self, contact_id: int) -> list[tuple[bytes, bytes]]: ...
+    def took_superseded(self, contact_id: int, device_id: bytes, used: bytes) -> None: ...
 
 
 class OwnSyncView(Protocol):
@@ -314,6 +316,16 @@ class Inbox:
                         self.m._reload_prekeys()
                         self._acked_rotations.clear()
                         self.m.renewals.reset()
+                    except BaseException:
+                        # Cancelled mid-way (the link stopped: a lock, a reconnect). Before a
+                        # first contact's commit: what it changed in memory goes (one-time
+                        # keys burnt, the replay cache), or a later save of the prekeys would
+                        # make the redelivered block look replayed and lose it for good. A
+                        # contact's block is cancelled only after its commit (its awaits come
+                        # after it): its rotations and renewals stay for the next receive.
+                        with contextlib.suppress(Exception):  # locked meanwhile: no store
+                            self.m._reload_prekeys()
+                        raise
         await acknowledge(client, msg.msg_id)  # withdrawn (END): not an error, §4.3
 
     async def _receive_first_contact(self, row: MailboxRow, block: bytes) -> None:
@@ -361,18 +373,22 @@ class Inbox:
                 self.m.store.put_identity(self.m.prekeys.to_bytes())  # one-time keys stay burnt
                 return
             mb_id, mb = await self.m.mailboxes.create("contact", public=False)
-            with self.m.store.transaction():
-                self.m.store.put_identity(self.m.prekeys.to_bytes())
-                self.m.store.delete_mailbox(row.id)  # used: the invitation is void
-                name = hello.display_name or "new contact"
-                made = self.m.contacts.establish(
-                    name, fc.sender, fc.session, hello.reply_to, mb_id, mb
-                )
-                if intro and row.invitation_id is not None:
-                    self.m.groups.introduced(row.invitation_id, made.id)
-                else:  # a contact of the user's: the default timer of new conversations
-                    self.m.disappearing.apply_default(made, fc.session)
-                    self.m.own_sync.contact_changed(made)  # on the other own devices too
+            try:
+                with self.m.store.transaction():
+                    self.m.store.put_identity(self.m.prekeys.to_bytes())
+                    self.m.store.delete_mailbox(row.id)  # used: the invitation is void
+                    name = hello.display_name or "new contact"
+                    made = self.m.contacts.establish(
+                        name, fc.sender, fc.session, hello.reply_to, mb_id, mb
+                    )
+                    if intro and row.invitation_id is not None:
+                        self.m.groups.introduced(row.invitation_id, made.id)
+                    else:  # a contact of the user's: the default timer of new conversations
+                        self.m.disappearing.apply_default(made, fc.session)
+                        self.m.own_sync.contact_changed(made)  # on the other own devices too
+            except BaseException:
+                self._unused_mailbox(mb_id)
+                raise
             self.m.mailboxes.reload()
             self.m.delivery.wake()
             with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
@@ -450,8 +466,9 @@ class Inbox:
             return None
         ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
         with self.m.store.transaction():
-            self.m.store.put_identity(self.m.prekeys.to_bytes())
             as_row, device_id = self.m.fanout.device_first_contact(known, fc.session, payload, ek)
+            if not as_row:  # else stored with the session (_device_session), not before
+                self.m.store.put_identity(self.m.prekeys.to_bytes())
         if as_row:
             await self._device_session(known, fc.session, payload.reply, device_id)
         return None
@@ -466,34 +483,53 @@ class Inbox:
         with a mailbox of this device's own."""
         assert self.m.prekeys is not None
         mb_id, mb = await self.m.mailboxes.create("contact", public=False)
-        with self.m.store.transaction():
-            self.m.store.put_identity(self.m.prekeys.to_bytes())
-            self.m.store.set_mailbox_contact(mb_id, c.id)
-            self.m.store.update_contact(c.id, state=ContactState(reply_to, True).to_bytes())
-            own_name = str(self.m.store.get_setting("profile.display_name", ""))
-            answer = wire.HelloPayload(mb.address(), own_name, b"")
-            blocks = session.encrypt(self.m.entropy, wire.encode_payload(answer))
-            self.m.store.put_session(c.id, session.to_bytes())
-            if device_id is not None:
-                cd.set_session_device(self.m.store, c.id, device_id)
-            self.m.store.enqueue_blocks(address_to_bytes(reply_to), blocks, contact_id=c.id)
-            self.m.ctx.events.emit("contact.established", {"contact": c.name})
+        try:
+            with self.m.store.transaction():
+                self.m.store.put_identity(self.m.prekeys.to_bytes())
+                self.m.store.set_mailbox_contact(mb_id, c.id)
+                self.m.store.update_contact(c.id, state=ContactState(reply_to, True).to_bytes())
+                own_name = str(self.m.store.get_setting("profile.display_name", ""))
+                answer = wire.HelloPayload(mb.address(), own_name, b"")
+                blocks = session.encrypt(self.m.entropy, wire.encode_payload(answer))
+                self.m.store.put_session(c.id, session.to_bytes())
+                if device_id is not None:
+                    cd.set_session_device(self.m.store, c.id, device_id)
+                self.m.store.enqueue_blocks(address_to_bytes(reply_to), blocks, contact_id=c.id)
+                self.m.ctx.events.emit("contact.established", {"contact": c.name})
+        except BaseException:
+            self._unused_mailbox(mb_id)
+            raise
         self.m.mailboxes.reload()
         self.m.cover.changed()
         self.m.delivery.wake()
 
+    def _unused_mailbox(self, mb_id: int) -> None:
+        """The transaction meant to give the mailbox ``create`` just took its contact did not
+        commit: the mailbox is not left subscribed as a contact's without one."""
+        with contextlib.suppress(Exception):  # the store failing: the row stays (harmless)
+            self.m.mailboxes.unused(mb_id)
+
     def _decrypt_device(
         self, contact_id: int, block: bytes
-    ) -> tuple[bytes, Session, wire.Fragment] | None:
+    ) -> tuple[bytes, Session, wire.Fragment, bytes | None] | None:
         """A block that the contact's own session did not open, tried in the sessions with
-        the contact's other devices (at most MAX_DEVICES - 1): which one opened it."""
+        the contact's other devices (at most MAX_DEVICES - 1), then in the unanswered ones a
+        reopening replaced (fanout.py, at most REOPENS per device): which one opened it, and
+        the superseded state it was, if one."""
         for ds in cd.device_sessions(self.m.store, contact_id):
             session = Session.from_bytes(ds.state)
             try:
                 fragment = session.decrypt(self.m.entropy, block)
             except DecryptionError:
                 continue
-            return ds.device_id, session, fragment
+            return ds.device_id, session, fragment, None
+        for device_id, state in self.m.fanout.superseded(contact_id):
+            session = Session.from_bytes(state)
+            try:
+                fragment = session.decrypt(self.m.entropy, block)
+            except DecryptionError:
+                continue
+            return device_id, session, fragment, state
         return None
 
     def _receive_from_contact(self, contact_id: int, block: bytes) -> None:
@@ -506,6 +542,7 @@ class Inbox:
             return
         session = Session.from_bytes(blob)
         device: bytes | None = None
+        superseded: bytes | None = None
         try:
             fragment = session.decrypt(self.m.entropy, block)
         except DecryptionError:
@@ -515,7 +552,7 @@ class Inbox:
                     return
                 droplog.dropped("dropped a block that did not decrypt")
                 return
-            device, dsession, fragment = found
+            device, dsession, fragment, superseded = found
             # The contact's own session answers (receipts go to every device): unchanged.
             session = Session.from_bytes(blob)
         self.m.cover.heard(contact_id)  # online: cover to it goes on
@@ -523,6 +560,8 @@ class Inbox:
             if device is None:
                 self.m.store.put_session(contact_id, session.to_bytes())
             else:
+                if superseded is not None:  # the device answered the session opened first
+                    self.m.fanout.took_superseded(contact_id, device, superseded)
                 cd.put_device_session(self.m.store, contact_id, device, dsession.to_bytes(), _now())
             if c.blocked:
                 # Nothing of a blocked contact is shown or kept (not even a partial message):

@@ -184,22 +184,24 @@ class Mailboxes:
         for key in set(self.drains) - set(wanted):
             self.m._spawn(self.drains.pop(key).stop())
 
-    async def stop_drains(self) -> None:
+    async def stop_drains(self, finish: bool = False) -> None:
         drains, self.drains = list(self.drains.values()), {}
         for link in drains:
-            await link.stop()
+            await link.stop(finish=finish)
 
-    async def stop_link(self) -> None:
-        """Stops the profile's relay link; it reports no down, so the host is told here."""
+    async def stop_link(self, finish: bool = False) -> None:
+        """Stops the profile's relay link; it reports no down, so the host is told here.
+        ``finish``: a block being handled commits first (relaylink.RelayLink.stop)."""
         if self.link is not None:
-            await self.link.stop()
+            await self.link.stop(finish=finish)
             self.link = None
         self.m._link_ended()
 
     async def restart_link(self) -> None:
-        """After a change of the network settings: every connection is made anew."""
-        await self.stop_link()
-        await self.stop_drains()
+        """After a change of the network settings: every connection is made anew, once the
+        block each is handling (a first contact storing its session) has committed."""
+        await self.stop_link(finish=True)
+        await self.stop_drains(finish=True)
         self.start_link()
 
     def reload(self) -> None:
@@ -286,7 +288,11 @@ class Mailboxes:
                 assert row is not None
                 self.owned[mb.owner_id] = (row, mb)  # subscribed already, as a pool mailbox
                 if made is not None:  # made ahead for nothing: it goes to the pool (not lost)
-                    await self.to_pool(made)
+                    try:
+                        await self.to_pool(made)
+                    except BaseException:
+                        self.unused(row_id)  # cancelled: the caller never learns of the row
+                        raise
                 self.m.cover.changed()  # the pool wants a new one
                 return row_id, mb
         mb = made if made is not None else await self.new_mailbox(public=public)
@@ -294,8 +300,29 @@ class Mailboxes:
         row = self.m.store.get_mailbox(row_id)
         assert row is not None
         self.owned[mb.owner_id] = (row, mb)
-        await self.subscribe_new(mb)
+        try:
+            await self.subscribe_new(mb)
+        except BaseException:
+            self.unused(row_id)  # cancelled (the link stopped): the caller never learns of it
+            raise
         return row_id, mb
+
+    def unused(self, row_id: int) -> None:
+        """A mailbox create() stored for a caller that then did not commit what it was for
+        (cancelled, or its transaction failed): not left subscribed under a role with nothing
+        behind it. A private one goes back to the pool (to the relay, nothing changed), a
+        public one is deleted (at the relay later)."""
+        row = self.m.store.get_mailbox(row_id)
+        if row is None or row.contact_id is not None:
+            return
+        mb = OwnedMailbox.from_bytes(row.descriptor)
+        with self.m.store.transaction():
+            self.m.store.delete_mailbox(row_id)
+            if mb.token:
+                cover_slots.pool_add(self.m.store, row.descriptor)
+        self.reload()
+        if not mb.token:
+            self.m._spawn(self.delete_at_relay(mb))
 
     async def subscribe_new(self, mb: OwnedMailbox) -> None:
         """Subscribe a mailbox just made (the link subscribes all of them on every reconnect).

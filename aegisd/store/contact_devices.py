@@ -64,6 +64,16 @@ def device_sessions(store: Store, contact_id: int) -> list[DeviceSession]:
             for r in rows]  # fmt: skip
 
 
+def unanswered_sessions(store: Store, contact_id: int) -> dict[bytes, int]:
+    """The contact's devices whose session never answered: when each was last stored."""
+    rows = store.query(
+        "SELECT device_id, updated_at FROM device_sessions WHERE contact_id = ? "
+        "AND send_to IS NULL",
+        (contact_id,),
+    ).fetchall()
+    return {bytes(r[0]): int(r[1]) for r in rows}
+
+
 def put_device_session(
     store: Store, contact_id: int, device_id: bytes, state: bytes, now: int
 ) -> None:

@@ -54,6 +54,10 @@ RECONCILE_INTERVAL = 10.0  # isolated mode: how often the per-mailbox connection
 # Isolated mode: mailbox connections being set up at once (Tor builds a circuit for each and
 # keeps at most 32 pending by default: MaxClientCircuitsPending); 200 mailboxes start in waves.
 DIAL_CONCURRENCY = 16
+#: stop(finish=True) (a reconnect, new network settings): how long a block being handled may
+#: take to commit and be acknowledged before it is cancelled anyway (a handler waits for the
+#: messenger's lock and may make a mailbox: a proof of work of seconds).
+STOP_GRACE = 30.0
 
 #: Exceptions that mean "the relay is not reachable right now".
 UNAVAILABLE = (
@@ -139,6 +143,8 @@ class RelayLink:
         #: cancel and await them too (a task nobody holds can outlive the link).
         self._retiring: set[asyncio.Task[None]] = set()
         self._busy: set[bytes] = set()
+        #: The tasks handling a block right now (both modes): stop(finish=True) waits for them.
+        self._handling: set[asyncio.Task[Any]] = set()
         self._probe_ok = False
         self._up = False
         self._dialing = asyncio.Semaphore(DIAL_CONCURRENCY)
@@ -174,8 +180,14 @@ class RelayLink:
         run = self._run_isolated if self.isolated else self._run
         self._task = asyncio.create_task(run(), name="relay-link")
 
-    async def stop(self) -> None:
+    async def stop(self, finish: bool = False) -> None:
+        """Close every connection. With ``finish`` (a reconnect, not a lock), a block being
+        handled first finishes (commits, is acknowledged), as a retired mailbox's does, rather
+        than be cancelled mid-way (bounded by STOP_GRACE); no new block is taken meanwhile."""
         self._stopping = True
+        busy = self._handling - {asyncio.current_task()}
+        if finish and busy:
+            await asyncio.wait(busy, timeout=STOP_GRACE)
         tasks = [t for t in (self._task, *self._serving.values(), *self._retiring) if t is not None]
         for t in tasks:
             t.cancel()
@@ -328,15 +340,22 @@ class RelayLink:
                 if getter not in done:
                     return
                 msg, getter = getter.result(), None
+                if self._stopping:  # left unacknowledged: delivered again on the next link
+                    return
                 # One block at a time, in arrival order: the handler commits, then acks.
                 if owner_id is not None:
                     self._busy.add(owner_id)
+                task = asyncio.current_task()
+                if task is not None:
+                    self._handling.add(task)
                 try:
                     await self._handler(client, msg)
                 finally:
                     if owner_id is not None:
                         self._busy.discard(owner_id)
-                if owner_id is not None and owner_id in self._retired:
+                    if task is not None:
+                        self._handling.discard(task)
+                if self._stopping or (owner_id is not None and owner_id in self._retired):
                     return
         finally:
             # Every helper, also when this task is cancelled while it waits (a lock, a stop,
