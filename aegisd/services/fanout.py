@@ -44,7 +44,6 @@ from aegisd.core.session import Session, initiate_session
 from aegisd.rpc import AppError
 from aegisd.store import Store
 from aegisd.store import contact_devices as cd
-from aegisd.store import groups as group_store
 from aegisd.store.db import Contact
 
 from .bundle_fetch import fetch_bundle
@@ -152,10 +151,8 @@ class Fanout:
         told = 0
         with store.transaction():
             for c in store.list_contacts():
-                if (only is not None and c.id not in only) or group_store.is_group_contact(
-                    store, c.id
-                ):
-                    continue  # a member known through a group only: groups are not fanned out
+                if only is not None and c.id not in only:
+                    continue  # a group-only contact is told too: it sends to every device
                 blob = store.get_session(c.id)
                 state = ContactState.from_bytes(c.state)
                 row = store.mailbox_for_contact(c.id)

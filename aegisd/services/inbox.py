@@ -423,7 +423,8 @@ class Inbox:
             blocks = session.encrypt(self.m.entropy, wire.encode_payload(answer))
             self.m.store.put_session(c.id, session.to_bytes())
             self.m.store.enqueue_blocks(address_to_bytes(hello.reply_to), blocks, contact_id=c.id)
-            self.m.ctx.events.emit("contact.established", {"contact": c.name})
+            if not group_store.is_group_contact(self.m.store, c.id):  # hidden: not announced
+                self.m.ctx.events.emit("contact.established", {"contact": c.name})
         self.m.mailboxes.reload()
         self.m.cover.changed()
         self.m.delivery.wake()
@@ -498,10 +499,8 @@ class Inbox:
                 return
             try:
                 if wire.is_device_payload(content):
-                    if not group_store.is_group_contact(self.m.store, c.id):
-                        self.m.fanout.on_payload(
-                            c, session, dv.decode_device_payload(content), device
-                        )
+                    # a group-only contact's too: a member fans out to a person's devices
+                    self.m.fanout.on_payload(c, session, dv.decode_device_payload(content), device)
                     return
                 payload = wire.decode_payload(content)
             except DecodeError:

@@ -1,0 +1,47 @@
+"""The groups a device link's profile carries (docs/devices.md §6 "Groups", §11): each group's
+log (its state: members, roles, name) and which contacts are group-only, never a message.
+
+A group is per identity, so the new device is the same member as the device that linked it:
+with the log it shows the group, applies the changes members send it and sends to the
+members, once they opened sessions with it (they learn the person's device list in their
+pairwise sessions, docs/devices.md §5.5). What the profile leaves out (invitations received
+or sent, a join under way, the groups' timers, history) and the groups made or changed on
+one device after the link reach the others only by sync (§6, not built).
+"""
+
+from __future__ import annotations
+
+from aegisd.core import backup as fmt
+from aegisd.core import group as core_group
+from aegisd.core import wire
+from aegisd.store import Store
+from aegisd.store import groups as G
+
+
+def groups_out(store: Store, index: dict[int, int]) -> fmt.BackupGroups:
+    """The groups for a link's profile; ``index``: contact id -> its place in the profile's
+    contacts (a group-only contact not carried takes nothing with it)."""
+    hidden = tuple(sorted(index[cid] for cid in G.group_contact_ids(store) if cid in index))
+    groups = tuple(
+        fmt.BackupGroup(wire.GroupLogRecord.from_bytes(row.log), row.created_at, ())
+        for row in G.list_groups(store)
+    )  # fmt: skip
+    return fmt.BackupGroups(hidden, groups)
+
+
+def check(groups: fmt.BackupGroups) -> list[core_group.GroupLog]:
+    """Each log as the core loads it (raises GroupError, BundleError, ValueError): its head
+    gives the members, never the profile's word."""
+    return [core_group.GroupLog.from_record(g.log) for g in groups.groups]
+
+
+def install(store: Store, groups: fmt.BackupGroups, logs: list[core_group.GroupLog],
+            cids: list[int]) -> None:  # fmt: skip
+    """The profile's groups into the new device's store (inside the install's transaction);
+    ``cids``: the contacts' ids by their places in the profile."""
+    for i in groups.group_contacts:
+        G.mark_group_contact(store, cids[i])
+    for bg, log in zip(groups.groups, logs, strict=True):
+        ref = G.add_group(store, log.head.group_id, log.record().to_bytes(),
+                          [(m.key, m.role) for m in log.head.members])  # fmt: skip
+        store.query("UPDATE groups SET created_at = ? WHERE id = ?", (bg.created_at, ref))

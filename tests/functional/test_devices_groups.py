@@ -1,0 +1,90 @@
+"""A group with a member on two devices (issue 19, docs/devices.md §5.5, §6): a real relay and
+four daemons. Bob's group holds Alice and Carol; Carol is no contact of Alice's (a group-only
+contact, introduced by the group). Alice then links A2: the link's profile carries the group
+and the group-only contact, A1's device list reaches Bob and Carol in their pairwise sessions
+(Carol's group-only one too), both open a session with A2, and from then on their group
+messages and changes reach A1 and A2; A2's group message reaches Bob and Carol as Alice's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tests.functional.conftest import T_DEVICE, Peer, connect
+from tests.functional.test_devices_fanout import _link
+from tests.functional.test_groups import (
+    group_of,
+    hidden_contacts,
+    invited,
+    key_of,
+    members,
+    texts,
+)
+
+T = 60.0
+
+
+def _from(peer: Peer, text: str) -> str | None:
+    """Whose key the group message ``text`` shows as from, at ``peer``."""
+    g = group_of(peer)
+    assert g is not None
+    for m in peer.call("group.history", {"group": g["group"]})["messages"]:
+        if m["text"] == text:
+            return str(m["from"])
+    return None
+
+
+def test_a_group_with_a_member_on_two_devices(peers: Callable[[str], Peer]) -> None:
+    a1, bob, carol = peers("alice"), peers("bob"), peers("carol")
+    connect(bob, a1)
+    connect(bob, carol)  # Alice and Carol: no contacts of each other
+    ed = {p.name: key_of(p) for p in (a1, bob, carol)}
+    g = bob.call("group.create", {"name": "two desks"})["group"]
+    for n, p in enumerate((a1, carol), 2):
+        bob.call("group.invite", {"group": g, "contact": p.name})
+        p.call("group.accept", {"invitation": invited(p)})
+        p.wait_for(lambda n=n, p=p: len(members(p)) == n, f"{p.name}'s add", T)
+    for p in (a1, bob, carol):
+        p.wait_for(lambda p=p: len(members(p)) == 3, f"{p.name} to see three members", T)
+    a1.wait_for(lambda: members(a1)[ed["carol"]]["reachable"], "alice's session to carol", T)
+    carol.wait_for(lambda: members(carol)[ed["alice"]]["reachable"], "carol's to alice", T)
+    assert len(hidden_contacts(a1)) == len(hidden_contacts(carol)) == 1
+
+    # The link: A2 holds the group (its log came in the profile) and Carol as a group-only
+    # contact (hidden, as on A1).
+    a2 = peers("alice2")
+    _link(a1, a2)
+    assert [c["name"] for c in a2.call("contacts.list")["contacts"]] == ["bob"]
+    assert len(hidden_contacts(a2)) == 1
+    assert set(members(a2)) == set(ed.values())
+    # Bob and Carol learn Alice's list in their sessions with her and open one with A2.
+    for p in ("bob", "carol"):
+        a2.wait_for(lambda p=p: members(a2)[ed[p]]["reachable"], f"{p}'s session with A2",
+                    T_DEVICE)  # fmt: skip
+
+    # Bob's and Carol's group messages: on A1 and A2.
+    for p in (bob, carol):
+        gp = group_of(p)["group"]  # type: ignore[index]
+        sent = p.call("group.send", {"group": gp, "text": f"from {p.name}"})
+        assert sent["unreachable"] == 0
+        for a in (a1, a2):
+            a.wait_for(lambda a=a, p=p: f"from {p.name}" in texts(a), f"{p.name}'s on {a.name}", T)
+            assert _from(a, f"from {p.name}") == ed[p.name]
+
+    # A change of Bob's (the owner) reaches both of Alice's devices.
+    bob.call("group.rename", {"group": g, "name": "two desks, renamed"})
+    for a in (a1, a2):
+        a.wait_for(lambda a=a: group_of(a)["name"] == "two desks, renamed",  # type: ignore[index]
+                   f"the rename on {a.name}", T)  # fmt: skip
+
+    # A2 writes in the group: Bob and Carol show it as Alice's (her one key).
+    ga2 = group_of(a2)["group"]  # type: ignore[index]
+    assert a2.call("group.send", {"group": ga2, "text": "from the laptop"})["unreachable"] == 0
+    for p in (bob, carol):
+        p.wait_for(lambda p=p: "from the laptop" in texts(p), f"A2's on {p.name}", T)
+        assert _from(p, "from the laptop") == ed["alice"]
+    assert len(members(bob)) == len(members(carol)) == 3  # still one Alice
+    # A1 still reaches both.
+    ga1 = group_of(a1)["group"]  # type: ignore[index]
+    a1.call("group.send", {"group": ga1, "text": "from the desktop"})
+    for p in (bob, carol):
+        p.wait_for(lambda p=p: "from the desktop" in texts(p), f"A1's on {p.name}", T)
