@@ -42,6 +42,5 @@ def install(store: Store, groups: fmt.BackupGroups, logs: list[core_group.GroupL
     for i in groups.group_contacts:
         G.mark_group_contact(store, cids[i])
     for bg, log in zip(groups.groups, logs, strict=True):
-        ref = G.add_group(store, log.head.group_id, log.record().to_bytes(),
-                          [(m.key, m.role) for m in log.head.members])  # fmt: skip
-        store.query("UPDATE groups SET created_at = ? WHERE id = ?", (bg.created_at, ref))
+        G.add_group(store, log.head.group_id, log.record().to_bytes(),
+                    [(m.key, m.role) for m in log.head.members], bg.created_at)  # fmt: skip

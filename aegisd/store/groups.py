@@ -65,13 +65,14 @@ def _group(row: tuple[object, ...]) -> GroupRow:
 
 
 def add_group(
-    store: Store, group_id: bytes, log: bytes, members: Iterable[tuple[bytes, int]]
+    store: Store, group_id: bytes, log: bytes, members: Iterable[tuple[bytes, int]],
+    created_at: int | None = None,
 ) -> int:
     now = _ms()
     with store.transaction():
         cur = store.query(
             "INSERT INTO groups (group_id, log, created_at, updated_at) VALUES (?, ?, ?, ?)",
-            (group_id, log, now, now),
+            (group_id, log, now if created_at is None else created_at, now),
         )
         ref = int(cur.lastrowid)
         _set_members(store, ref, members)
