@@ -361,11 +361,20 @@ class Inbox:
         if (
             known is not None
             and not known.blocked
-            and self.m.store.get_session(known.id) is None
-            and self.m.store.mailbox_for_contact(known.id) is None  # not a restored contact
             and self.m.store.get_setting(SETTING_OWN_LIST) is not None
-        ):
+            and (self._introduced_elsewhere(known) or (
+                self.m.store.get_session(known.id) is None
+                and self.m.store.mailbox_for_contact(known.id) is None  # not a restored contact
+            ))
+        ):  # fmt: skip
             await self._device_session(known, fc.session, hello)
+            return
+        if (
+            known is None
+            and self.m.store.get_setting(SETTING_OWN_LIST) is not None
+            and group_store.groups_with_member(self.m.store, fc.sender.ed_pub)
+        ):
+            await self._member_session(fc.sender, fc.session, hello)
             return
         with self.m.store.transaction():
             self.m.store.put_identity(self.m.prekeys.to_bytes())  # burnt one-time keys
@@ -404,14 +413,47 @@ class Inbox:
                 },
             )
 
+    async def _member_session(
+        self, sender: PublicIdentity, session: Session, hello: wire.HelloPayload
+    ) -> None:
+        """A member of a group this device holds, no contact of it, opened a session with it
+        having learned the person's device list from another of its devices (the one that
+        opened the member's introduction, docs/devices.md §5.5): a group contact, as the
+        introduction would have made it here, without a request."""
+        assert self.m.prekeys is not None
+        mb_id, mb = await self.m.mailboxes.create("contact", public=False)
+        with self.m.store.transaction():
+            self.m.store.put_identity(self.m.prekeys.to_bytes())
+            name = f"member {sender.ed_pub.hex()[:12]}"  # as an introduction names it
+            made = self.m.contacts.establish(name, sender, session, hello.reply_to, mb_id, mb)
+            group_store.mark_group_contact(self.m.store, made.id)
+        self.m.mailboxes.reload()
+        self.m.cover.changed()
+        self.m.delivery.wake()
+
+    def _introduced_elsewhere(self, c: Contact) -> bool:
+        """A group member this device opened an introduction link to (a group-only contact
+        not established): another device of ours opened it first, the member learned our
+        list from that device and now opens a session with this one (docs/devices.md §5.5)."""
+        return group_store.is_group_contact(self.m.store, c.id) and not ContactState.from_bytes(
+            c.state
+        ).established
+
     async def _device_session(
         self, c: Contact, session: Session, hello: wire.HelloPayload
     ) -> None:
-        """A contact this linked device knows without a session (its profile came by a link)
-        opened one with it, having learned of it from the person's device list (docs/devices.md
-        §5.2): the contact's session, answered with a mailbox of this device's own."""
+        """A contact this linked device knows without a session (its profile came by a link,
+        or its introduction went to another device of ours) opened one with it, having learned
+        of it from the person's device list (docs/devices.md §5.2): the contact's session,
+        answered with a mailbox of this device's own (the one its introduction made, if any)."""
         assert self.m.prekeys is not None
-        mb_id, mb = await self.m.mailboxes.create("contact", public=False)
+        row = self.m.store.mailbox_for_contact(c.id)
+        if row is not None:
+            mb_id, mb = row.id, OwnedMailbox.from_bytes(row.descriptor)
+            # what waits for the introduction's dead session (its first contact) goes
+            self.m.delivery.drop_outbox_of(self.m.store, {c.id})
+        else:
+            mb_id, mb = await self.m.mailboxes.create("contact", public=False)
         with self.m.store.transaction():
             self.m.store.put_identity(self.m.prekeys.to_bytes())
             self.m.store.set_mailbox_contact(mb_id, c.id)

@@ -3,14 +3,16 @@ four daemons. Bob's group holds Alice and Carol; Carol is no contact of Alice's 
 contact, introduced by the group). Alice then links A2: the link's profile carries the group
 and the group-only contact, A1's device list reaches Bob and Carol in their pairwise sessions
 (Carol's group-only one too), both open a session with A2, and from then on their group
-messages and changes reach A1 and A2; A2's group message reaches Bob and Carol as Alice's."""
+messages and changes reach A1 and A2; A2's group message reaches Bob and Carol as Alice's.
+And a member added after the link (Dave, introduced to Alice by the group) reaches both devices
+as a group-only contact, never a contact request."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from tests.functional.conftest import T_DEVICE, Peer, connect
-from tests.functional.test_devices_fanout import _link
+from tests.functional.conftest import Peer, connect
+from tests.functional.test_devices_fanout import _link, _wait_two_devices
 from tests.functional.test_groups import (
     group_of,
     hidden_contacts,
@@ -56,10 +58,11 @@ def test_a_group_with_a_member_on_two_devices(peers: Callable[[str], Peer]) -> N
     assert [c["name"] for c in a2.call("contacts.list")["contacts"]] == ["bob"]
     assert len(hidden_contacts(a2)) == 1
     assert set(members(a2)) == set(ed.values())
-    # Bob and Carol learn Alice's list in their sessions with her and open one with A2.
-    for p in ("bob", "carol"):
-        a2.wait_for(lambda p=p: members(a2)[ed[p]]["reachable"], f"{p}'s session with A2",
-                    T_DEVICE)  # fmt: skip
+    # Bob and Carol learn Alice's list in their sessions with her and open one with A2, which
+    # answers (what they send before that answer does not go to A2: docs/devices.md §5.5).
+    for p in (bob, carol):
+        _wait_two_devices(p)
+        a2.wait_for(lambda p=p: members(a2)[ed[p.name]]["reachable"], f"{p.name} on A2")
 
     # Bob's and Carol's group messages: on A1 and A2.
     for p in (bob, carol):
@@ -88,3 +91,34 @@ def test_a_group_with_a_member_on_two_devices(peers: Callable[[str], Peer]) -> N
     a1.call("group.send", {"group": ga1, "text": "from the desktop"})
     for p in (bob, carol):
         p.wait_for(lambda p=p: "from the desktop" in texts(p), f"A1's on {p.name}", T)
+
+
+def test_a_member_added_after_the_link_reaches_both_devices(peers: Callable[[str], Peer]) -> None:
+    a1, bob, dave = peers("alice"), peers("bob"), peers("dave")
+    connect(bob, a1)
+    connect(bob, dave)
+    g = bob.call("group.create", {"name": "later"})["group"]
+    bob.call("group.invite", {"group": g, "contact": "alice"})
+    a1.call("group.accept", {"invitation": invited(a1)})
+    a1.wait_for(lambda: len(members(a1)) == 2, "alice's add", T)
+    a2 = peers("alice2")
+    _link(a1, a2)
+    _wait_two_devices(bob)  # so that the introduction below reaches A2 too
+    bob.call("group.invite", {"group": g, "contact": "dave"})
+    dave.call("group.accept", {"invitation": invited(dave)})
+    ed = key_of(dave)
+    for a in (a1, a2):
+        a.wait_for(lambda a=a: ed in members(a), f"dave's add on {a.name}", T)
+    # One of A1 and A2 opens Dave's introduction link first (it is one-time); Dave learns
+    # Alice's list from that one and opens a session with the other, which takes it as the
+    # group contact its own introduction made, without a request.
+    _wait_two_devices(dave)
+    for a in (a1, a2):
+        a.wait_for(lambda a=a: members(a)[ed]["reachable"], f"dave's session with {a.name}")
+    gd = group_of(dave)["group"]  # type: ignore[index]
+    dave.call("group.send", {"group": gd, "text": "from dave"})
+    for a in (a1, a2):
+        a.wait_for(lambda a=a: "from dave" in texts(a), f"dave's on {a.name}", T)
+    for a in (a1, a2):  # dave is a group-only contact on each, never a request
+        assert a.call("requests.list")["requests"] == []
+        assert [c["name"] for c in a.call("contacts.list")["contacts"]] == ["bob"]
