@@ -767,21 +767,10 @@ class Devices:
         caps = self._own_caps(current)
         own = {self.self_id().hex(): [c.to_json() for c in caps]} if caps else {}
         settings.append((SETTING_DELETE_KEYS, json.dumps(own)))
-        # group-only contacts too, marked so in the groups: the groups' members need them
-        contacts: list[fmt.BackupContact] = []
-        index: dict[int, int] = {}
-        for c in store.list_contacts():
-            state = ContactState.from_bytes(c.state)
-            if c.identity_key is None or not state.established:
-                continue
-            index[c.id] = len(contacts)
-            contacts.append(fmt.BackupContact(
-                c.name, PublicIdentity.from_bytes(c.identity_key).record(), c.verified,
-                c.blocked, c.created_at, None, (), ()))  # fmt: skip
+        contacts, groups = linked_groups.contacts_and_groups(store)
         contents = fmt.BackupContents(
             _ms(), ed_priv, x_priv, self.m.identity().public.binding_sig,
-            str(store.get_setting(SETTING_NAME, "")), tuple(settings), tuple(contacts), (),
-            linked_groups.groups_out(store, index),
+            str(store.get_setting(SETTING_NAME, "")), tuple(settings), contacts, (), groups,
         )  # fmt: skip
         return dv.LinkProfile(ed_priv, x_priv, self.m.identity().public.binding_sig, current,
                               contents.to_bytes())  # fmt: skip

@@ -1,5 +1,6 @@
-"""The groups a device link's profile carries (docs/devices.md §6 "Groups", §11): each group's
-log (its state: members, roles, name) and which contacts are group-only, never a message.
+"""The contacts and groups a device link's profile carries (docs/devices.md §4.5, §6 "Groups",
+§11): the established contacts, each group's log (its state: members, roles, name) and which
+contacts are group-only, never a message.
 
 A group is per identity, so the new device is the same member as the device that linked it:
 with the log it shows the group, applies the changes members send it and sends to the
@@ -14,13 +15,33 @@ from __future__ import annotations
 from aegisd.core import backup as fmt
 from aegisd.core import group as core_group
 from aegisd.core import wire
+from aegisd.core.identity import PublicIdentity
 from aegisd.store import Store
 from aegisd.store import groups as G
 
+from .mailbox import ContactState
 
-def groups_out(store: Store, index: dict[int, int]) -> fmt.BackupGroups:
-    """The groups for a link's profile; ``index``: contact id -> its place in the profile's
-    contacts (a group-only contact not carried takes nothing with it)."""
+
+def contacts_and_groups(
+    store: Store,
+) -> tuple[tuple[fmt.BackupContact, ...], fmt.BackupGroups]:
+    """The established contacts for a link's profile (their names, identities, flags: no
+    session, mailbox or history), group-only ones included and marked so in the groups."""
+    contacts: list[fmt.BackupContact] = []
+    index: dict[int, int] = {}  # contact id -> its place in the profile
+    for c in store.list_contacts():
+        if c.identity_key is None or not ContactState.from_bytes(c.state).established:
+            continue
+        index[c.id] = len(contacts)
+        contacts.append(fmt.BackupContact(
+            c.name, PublicIdentity.from_bytes(c.identity_key).record(), c.verified, c.blocked,
+            c.created_at, None, (), ()))  # fmt: skip
+    return tuple(contacts), _groups_out(store, index)
+
+
+def _groups_out(store: Store, index: dict[int, int]) -> fmt.BackupGroups:
+    """The groups; ``index``: contact id -> its place in the profile's contacts (a
+    group-only contact not carried takes nothing with it)."""
     hidden = tuple(sorted(index[cid] for cid in G.group_contact_ids(store) if cid in index))
     groups = tuple(
         fmt.BackupGroup(wire.GroupLogRecord.from_bytes(row.log), row.created_at, ())
