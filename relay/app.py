@@ -161,10 +161,12 @@ class Relay:
                     self.trim_wanted = False
                     next_trim = now + 5.0
                     memory.give_back()
-                if await self.storage.check_listener():
-                    # Notifications between the lost listener and the new one were missed:
-                    # every subscribed queue is read again.
-                    log.warning("storage notifications resumed")
+                missed = await self.storage.check_listener()
+                if missed is not None:
+                    # Notifications between the lost listener and the new one, or those a dead
+                    # node never sent, were missed: every subscribed queue is read again.
+                    log.warning("storage notifications resumed" if missed == "resumed"
+                                else "a relay node went away: queues read again")
                     await self.reread_all()
                 if now >= next_sweep:
                     if self.storage.shared:

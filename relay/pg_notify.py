@@ -166,18 +166,19 @@ class Listener:
         for key in keys:
             self._watch(kind, key)
 
-    async def check(self) -> bool:
-        """Make the listening connection again if it was lost; True if it was, or if another
-        node's listening connection went away (a node that died between a deposit's commit
-        and its batch never announced it; the caller reads the subscribed queues again)."""
+    async def check(self) -> str | None:
+        """Make the listening connection again if it was lost ("resumed"), or say that another
+        node's listening connection went away ("node_gone": a node that died between a
+        deposit's commit and its batch never announced it). Either way the caller reads the
+        subscribed queues again; None: nothing was missed."""
         if self.connection is not None and not self.connection.is_closed():
-            return await self._node_gone()
+            return "node_gone" if await self._node_gone() else None
         try:
             await self.listen()
         except (asyncpg.PostgresError, *AWAY):
-            return False
+            return None
         self._nodes = set()
-        return True
+        return "resumed"
 
     async def _node_gone(self) -> bool:
         # Whatever this node's own window: another node's may be longer.

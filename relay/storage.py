@@ -147,7 +147,9 @@ class Storage(Protocol):
     # subscriptions (`s`) by mailbox row key; `announce` tells them of this node's.
     def watch(self, callback: Callable[[str, int], None]) -> None: ...
     def announce(self, kind: str, mailbox: int) -> None: ...
-    async def check_listener(self) -> bool: ...
+    # Why the subscribed queues must be read again: "resumed" (this node's listening
+    # connection was lost and is back), "node_gone" (another node's went away), or None.
+    async def check_listener(self) -> str | None: ...
     # Which of these mailboxes hold queued blocks (what a node re-reads when it may have missed
     # another node's announcements).
     async def holding(self, mailboxes: list[int]) -> set[int]: ...
@@ -439,8 +441,8 @@ class SQLiteStorage:
     def announce(self, kind: str, mailbox: int) -> None:
         """One process: nobody to tell."""
 
-    async def check_listener(self) -> bool:
-        return False
+    async def check_listener(self) -> str | None:
+        return None
 
     async def holding(self, mailboxes: list[int]) -> set[int]:
         """One process: never asked (it misses no announcement); every one."""

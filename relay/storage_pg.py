@@ -338,9 +338,9 @@ class PostgresStorage:
         self.full = False
         return True
 
-    async def check_listener(self) -> bool:
-        """Make the listening connection again if it was lost; True if it was, or if another
-        node's listening connection went away (pg_notify.Listener.check)."""
+    async def check_listener(self) -> str | None:
+        """Make the listening connection again if it was lost ("resumed"), or say that another
+        node's listening connection went away ("node_gone"): pg_notify.Listener.check."""
         return await self._listener.check()
 
     async def holding(self, mailboxes: list[int]) -> set[int]:

@@ -13,7 +13,14 @@ Reasons an ended call gives: hangup (we hung up), remote_hangup, rejected, busy,
 (nobody answered within calls.ring_timeout), missed (an incoming call we did not answer),
 cancelled (the caller gave up while ringing), failed (no media path, or a bad description),
 crossed (both sides called each other at once: the call with the lower id goes on, the other
-ends so on both sides).
+ends so on both sides), answered_elsewhere (another device of ours took the call).
+
+Several devices (docs/devices.md §9): an INVITE goes in the session with each of the contact's
+devices; every other message of a call goes in the session of one device only, and what comes
+for a call is taken only from the device(s) it was sent to: the first ACCEPT with a good key
+binds the call to its device, the others get a CANCEL "answered elsewhere" (a device whose
+ACCEPT has a bad key is out, as if it had declined); the call ends only once no invited device
+may still answer: rejected if one declined, else busy if one was busy, else failed.
 
 Every await is a point where another step (a timer, the peer's HANGUP, a lock) may have ended the
 call: state changes happen before awaits, and each step looks at the state again after one.
@@ -38,6 +45,7 @@ from aegisd.core.errors import ProtocolError
 from aegisd.relayurl import SETTING_URL as SETTING_RELAY_URL
 from aegisd.rpc import AppError, InvalidParamsError
 from aegisd.rpc.errors import LOCKED
+from aegisd.store.contact_devices import ROW_DEVICE
 from aegisd.store.db import Contact
 
 from . import signaling
@@ -78,6 +86,10 @@ TURN_URL_RE = re.compile(r"^turns?:[A-Za-z0-9.\-\[\]:]+(\?transport=(udp|tcp))?$
 
 LIVE = ("calling", "ringing", "connecting", "active")
 UNANSWERED = ("calling", "ringing")  # an outgoing call waiting for the callee
+# An invited device's state, as the caller knows it (Call.invited); FAILED: its ACCEPT had a bad
+# key (a broken or hostile device: out of the call, as if it had declined).
+INVITED, RANG, DECLINED, BUSY, FAILED = "invited", "ringing", "rejected", "busy", "failed"
+WAITING = (INVITED, RANG)  # a device that may still answer
 
 
 def _other_fingerprint(sdp: str) -> str:
@@ -116,6 +128,11 @@ class Call:
     last_sealed: wire.CallSealedPayload | None = None  # for the replay test (--test-methods)
     bad_fingerprint: bool = False  # --test-methods: seal our SDP with a wrong DTLS fingerprint
     ring_task: asyncio.Task[None] | None = None  # the RINGING waiting for its delay (incoming)
+    # The contact's device the call is tied to (ROW_DEVICE or a device ID): the one an
+    # incoming INVITE came from, the one whose ACCEPT an outgoing call took; None before that.
+    device: bytes | None = None
+    # Outgoing: each device the INVITE went to, and what it answered (INVITED, RANG, ...).
+    invited: dict[bytes, str] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -354,7 +371,7 @@ class CallService:
         self.calls[call_id] = call
         self._history_add(call)
         try:
-            await self.m.send_call_payload(c.id, invite)
+            went = await self.m.send_call_payload(c.id, invite)
         except BaseException:  # not_ready etc.: as if the call had never been started
             self.calls.pop(call_id, None)
             call.secret = None
@@ -362,6 +379,8 @@ class CallService:
             raise
         if call.state == "ended":  # hung up while the INVITE was queued
             return call.describe()
+        # Every device the INVITE went in rings; its answers are taken from these only.
+        call.invited = dict.fromkeys(went, INVITED)
         self._set_state(call, "calling")
         self._arm(call, self._ring_timeout(), "unanswered")
         return call.describe()
@@ -393,9 +412,7 @@ class CallService:
         self._set_state(call, "connecting")
         self._arm(call, CONNECT_TIMEOUT, "failed")
         try:
-            await self.m.send_call_payload(
-                call.contact_id, wire.CallPayload(call.id, wire.CALL_ACCEPT, key=public)
-            )
+            await self._send(call, wire.CallPayload(call.id, wire.CALL_ACCEPT, key=public))
         except AppError:
             await self._end(call, "failed", notify=False)
             raise
@@ -493,7 +510,7 @@ class CallService:
         payload, media = ended
         if payload is not None:
             with contextlib.suppress(AppError, RuntimeError):
-                await self.m.send_call_payload(call.contact_id, payload)
+                await self._send(call, payload)
         if media is not None:
             await media.close()
 
@@ -537,42 +554,91 @@ class CallService:
 
     # --- signaling from the peer (called inside the receive transaction: no waiting) ----------
 
-    def on_payload(self, c: Contact, payload: wire.CallPayload | wire.CallSealedPayload) -> None:
+    def on_payload(
+        self, c: Contact, payload: wire.CallPayload | wire.CallSealedPayload,
+        device: bytes = ROW_DEVICE,
+    ) -> None:
+        """``device``: the contact's device whose session it came in (ROW_DEVICE: the row)."""
+        tag = device
         call = self.calls.get(payload.call_id)
         if call is not None and call.contact_id != c.id:
             droplog.dropped("dropped call signaling from another contact")
             return
+        if call is not None and not self._from_its_device(call, tag):
+            # A device the call was not sent to, or not the one that took it (a removed or
+            # hostile device of the contact cannot answer or end another device's call).
+            droplog.dropped("dropped call signaling from another device")
+            return
         if isinstance(payload, wire.CallSealedPayload):
             self._on_sealed(call, payload)
         elif payload.kind == wire.CALL_INVITE:
-            self._on_invite(c, call, payload)
+            self._on_invite(c, call, payload, tag)
         elif call is None:
             droplog.dropped("dropped call signaling for no call in progress")
         elif payload.kind == wire.CALL_RINGING and call.direction == "out" and (
-            call.state == "calling"
+            call.state in UNANSWERED
         ):
-            self._set_state(call, "ringing")  # the ring timeout armed at start goes on
+            if call.invited.get(tag) == INVITED:
+                call.invited[tag] = RANG
+            if call.state == "calling":
+                self._set_state(call, "ringing")  # the ring timeout armed at start goes on
         elif payload.kind == wire.CALL_ACCEPT and call.direction == "out" and (
             call.state in UNANSWERED
-        ):
-            self._on_accept(call, payload)
+        ) and call.invited.get(tag) in WAITING:
+            self._on_accept(call, payload, tag)
         elif payload.kind == wire.CALL_REJECT and call.direction == "out" and (
             call.state in UNANSWERED
-        ):
-            busy = payload.reason == wire.CALL_REASON_BUSY
-            self._spawn(self._end(call, "busy" if busy else "rejected", notify=False))
+        ) and call.invited.get(tag) in WAITING:
+            self._device_out(call, tag, BUSY if payload.reason == wire.CALL_REASON_BUSY
+                             else DECLINED)  # fmt: skip
         elif payload.kind == wire.CALL_CANCEL and call.direction == "in":
-            self._spawn(
-                self._end(call, "missed" if call.state == "ringing" else "cancelled", notify=False)
-            )
+            if payload.reason == wire.CALL_REASON_ANSWERED_ELSEWHERE:
+                reason = "answered_elsewhere"
+            else:
+                reason = "missed" if call.state == "ringing" else "cancelled"
+            self._spawn(self._end(call, reason, notify=False))
         else:
             droplog.dropped("dropped call signaling out of order")
 
-    def _on_invite(self, c: Contact, call: Call | None, p: wire.CallPayload) -> None:
+    def _device_out(self, call: Call, tag: bytes, answer: str) -> None:
+        """An invited device will not answer (``answer``: DECLINED, BUSY or FAILED): the call
+        goes on ringing on the others, and ends once none may answer any more: rejected if one
+        declined, else busy if one was busy, else failed (every ACCEPT had a bad key)."""
+        call.invited[tag] = answer
+        answers = set(call.invited.values())
+        if answers & set(WAITING):
+            return
+        reason = "rejected" if DECLINED in answers else "busy" if BUSY in answers else "failed"
+        self._spawn(self._end(call, reason, notify=False))
+
+    @staticmethod
+    def _from_its_device(call: Call, tag: bytes) -> bool:
+        if call.device is not None:
+            return tag == call.device
+        return tag in call.invited  # an outgoing call not answered yet
+
+    @staticmethod
+    def _targets(call: Call) -> list[bytes]:
+        """The sessions a message of this call goes in: the device it is tied to, else (an
+        outgoing call not answered yet) every invited device that may still answer."""
+        if call.device is not None:
+            return [call.device]
+        return [t for t, st in call.invited.items() if st in WAITING]
+
+    async def _send(self, call: Call, payload: wire.Payload) -> None:
+        if call.direction == "out" and call.device is None and not call.invited:
+            # Hung up while its INVITE was being queued: the CANCEL follows it everywhere.
+            await self.m.send_call_payload(call.contact_id, payload)
+            return
+        targets = self._targets(call)
+        if targets:
+            await self.m.send_call_payload(call.contact_id, payload, to=targets)
+
+    def _on_invite(self, c: Contact, call: Call | None, p: wire.CallPayload, tag: bytes) -> None:
         if call is not None or self._known(p.call_id):
             return  # a duplicate: this call is known
         incoming = Call(p.call_id, c.id, c.name, "in", p.video, "ringing", _ms(),
-                        peer_public=p.key)  # fmt: skip
+                        peer_public=p.key, device=tag)  # fmt: skip
         age = (_ms() - p.sent_at_ms) / 1000
         if age > self._ring_timeout() + STALE_INVITE_SLACK:
             self._history_add(incoming, "ended", "missed")  # the caller gave up long ago
@@ -587,21 +653,33 @@ class CallService:
         if crossed and p.call_id < live[0].id:
             # Both called each other at once (each INVITE left before the other arrived). Both
             # sides compare the same two ids: the lower one goes on and rings here, ours ends
-            # (the peer answers it busy); without this both calls would end busy.
-            self._finish(live[0], "crossed", notify=False)
+            # (the peer answers it busy); without this both calls would end busy. The
+            # contact's other devices that ring for ours stop (CANCEL).
+            ours = live[0]
+            cancel = wire.CallPayload(ours.id, wire.CALL_CANCEL)
+            others = [t for t in self._targets(ours) if t != tag]
+            self._finish(ours, "crossed", notify=False)
+            if not ours.invited:
+                # Its INVITE is still waiting for the messenger's lock (the inbox holds it), so
+                # where it goes is not known yet: the CANCEL queues behind it on that lock and
+                # goes in every session it goes in (the crossing device drops it: it ended ours
+                # itself, crossed).
+                self._spawn(self._send_quietly(c.id, cancel, to=None))
+            elif others:
+                self._spawn(self._send_quietly(c.id, cancel, to=others))
         elif crossed:
             # Ours has the lower id: it goes on; the peer ends its own call when our INVITE
             # arrives there. It is still answered busy, so it ends even if that INVITE is late.
             self._history_add(incoming, "ended", "crossed")
             self._spawn(self._send_quietly(c.id, wire.CallPayload(
                 p.call_id, wire.CALL_REJECT, reason=wire.CALL_REASON_BUSY),
-                delay=self._reply_delay()))  # fmt: skip
+                delay=self._reply_delay(), to=[tag]))  # fmt: skip
             return
         if self._busy():
             self._history_add(incoming, "ended", "busy")
             self._spawn(self._send_quietly(c.id, wire.CallPayload(
                 p.call_id, wire.CALL_REJECT, reason=wire.CALL_REASON_BUSY),
-                delay=self._reply_delay()))  # fmt: skip
+                delay=self._reply_delay(), to=[tag]))  # fmt: skip
             self.ctx.events.emit(
                 "call.missed", {"call_id": p.call_id.hex(), "contact": c.name, "reason": "busy"}
             )
@@ -632,27 +710,42 @@ class CallService:
         if call.state != "ringing":  # answered, declined or ended meanwhile: nothing to say
             return
         call.ring_task = None  # from here on the RINGING is sent: an end no longer cancels it
-        await self._send_quietly(call.contact_id, wire.CallPayload(call.id, wire.CALL_RINGING))
+        await self._send_quietly(call.contact_id, wire.CallPayload(call.id, wire.CALL_RINGING),
+                                 to=self._targets(call))  # fmt: skip
 
     def _known(self, call_id: bytes) -> bool:
         row = self.m.store._q("SELECT 1 FROM calls WHERE id = ?", (call_id.hex(),)).fetchone()
         return row is not None
 
     async def _send_quietly(
-        self, contact_id: int, payload: wire.Payload, delay: float = 0.0
+        self, contact_id: int, payload: wire.Payload, delay: float = 0.0, *,
+        to: list[bytes] | None,
     ) -> None:
+        """``to`` as in Messenger.send_call_payload (None: the row and every answered device)."""
         if delay > 0:
             await asyncio.sleep(delay)
         with contextlib.suppress(AppError, RuntimeError):
-            await self.m.send_call_payload(contact_id, payload)
+            await self.m.send_call_payload(contact_id, payload, to=to)
 
-    def _on_accept(self, call: Call, p: wire.CallPayload) -> None:
+    def _on_accept(self, call: Call, p: wire.CallPayload, tag: bytes) -> None:
         assert call.secret is not None
         try:
-            call.channel = CallChannel(call.id, call.secret, p.key, caller=True)
+            channel = CallChannel(call.id, call.secret, p.key, caller=True)
         except ProtocolError:
-            self._spawn(self._end(call, "failed", notify=True))
+            # A bad key: that device does not take the call (the others go on ringing); it
+            # thinks it answered, so a CANCEL stops it connecting.
+            droplog.dropped("dropped a call ACCEPT with a bad key")
+            self._spawn(self._send_quietly(call.contact_id,
+                                           wire.CallPayload(call.id, wire.CALL_CANCEL), to=[tag]))
+            self._device_out(call, tag, FAILED)
             return
+        # The first good ACCEPT takes the call: from here on only this device's session counts.
+        others = [t for t in self._targets(call) if t != tag]
+        call.device, call.channel = tag, channel
+        if others:
+            self._spawn(self._send_quietly(call.contact_id, wire.CallPayload(
+                call.id, wire.CALL_CANCEL, reason=wire.CALL_REASON_ANSWERED_ELSEWHERE),
+                to=others))  # fmt: skip
         call.peer_public = p.key
         call.answered_at = _ms()
         self._set_state(call, "connecting")
@@ -748,7 +841,7 @@ class CallService:
         sealed = call.last_sealed = call.channel.seal(
             self.m.entropy, signaling.SIG_OFFER, sdp.encode()
         )
-        await self.m.send_call_payload(call.contact_id, sealed)
+        await self._send(call, sealed)
 
     def _remote_sdp(self, data: bytes) -> str:
         """The contact's SDP, without its candidates on addresses that are not public unless
@@ -774,7 +867,7 @@ class CallService:
         sealed = call.last_sealed = call.channel.seal(
             self.m.entropy, signaling.SIG_ANSWER, sdp.encode()
         )
-        await self.m.send_call_payload(call.contact_id, sealed)
+        await self._send(call, sealed)
 
     async def _accept_answer(self, call: Call, answer: bytes) -> None:
         if call.media is None:  # ended meanwhile (the media was closed with it)
@@ -805,4 +898,4 @@ class CallService:
             else:
                 other = self.m.entropy.random(wire.CALL_ID_LEN)
                 payload = wire.CallSealedPayload(other, sealed.nonce, sealed.box)
-        await self.m.send_call_payload(call.contact_id, payload)
+        await self._send(call, payload)

@@ -32,15 +32,17 @@ from .errors import DecodeError, ProtocolError, UnsupportedVersion
 from .primitives import Entropy
 
 MAGIC = b"AEGISBAK"
-#: Version 4 is written; every version here is read. Version 2 added the groups (docs/protocol.md
+#: Version 5 is written; every version here is read. Version 2 added the groups (docs/protocol.md
 #: §23); version 3 has group message IDs unique per (group, sender) rather than in the whole
 #: section, which a version-2 reader refused as damaged, and the groups being joined. The header's
 #: version and the contents' first byte are bumped together, so that an older daemon refuses a
 #: newer file ("too new") before asking for the key derivation.
 #: Version 4 adds what a message carries besides its text (replies' quotes, edit and deletion
 #: marks, reactions: docs/protocol.md §26).
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+#: Version 5 adds the person's devices (docs/devices.md §10): the device list held and the
+#: delete keys held for the other devices' mailboxes, so that an import can reset them.
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 KDF_ARGON2ID = 1
 SALT_LEN = 16
 KEY_LEN = 32
@@ -455,6 +457,42 @@ class BackupGroups:
     joining: tuple[BackupJoining, ...] = ()  # version 3; empty when read from version 2
 
 
+#: The devices section (contents version 5). The list is opaque here (aegisd/core/devices.py
+#: parses it, and imports this module): the importer parses it and checks its signature.
+MAX_DEVICE_LIST_BYTES = 4096  # a list of MAX_DEVICE_SETS entries is at most about 2,300
+MAX_DEVICE_SETS = 6  # devices.MAX_DEVICES (a test checks they agree)
+MAX_CAPS_PER_DEVICE = 16  # services/devices.py takes at most as many from one device
+DEVICE_ID_LEN = 16
+OWNER_ID_LEN = 16
+DELETE_KEY_LEN = 32
+
+
+@dataclass(frozen=True)
+class BackupDeleteCap:
+    """The capability to delete one mailbox of another device at its relay (its owner ID and
+    delete key, docs/devices.md §6): it reads nothing."""
+
+    relay_url: str
+    owner_id: bytes
+    delete_key: bytes
+
+    def __repr__(self) -> str:
+        return "BackupDeleteCap(<hidden>)"
+
+
+@dataclass(frozen=True)
+class BackupDevices:
+    """Contents version 5: the device list the profile held (its bytes, docs/protocol.md
+    §28.1; None: it never linked) and, by device ID (strictly increasing, each listed), the
+    delete capabilities it held for that device's mailboxes. Never a device key."""
+
+    device_list: bytes | None = None
+    delete_keys: tuple[tuple[bytes, tuple[BackupDeleteCap, ...]], ...] = ()
+
+    def __repr__(self) -> str:
+        return "BackupDevices(<hidden>)"
+
+
 @dataclass(frozen=True)
 class BackupContents:
     created_at_ms: int
@@ -466,17 +504,20 @@ class BackupContents:
     contacts: tuple[BackupContact, ...]
     mailboxes: tuple[BackupMailbox, ...]  # address and invitation mailboxes
     # Attachments (issue 7, another part) will be a list here, written after `mailboxes`; in
-    # contents versions 1 to 4 the count field is present and must be 0.
+    # contents versions 1 to 5 the count field is present and must be 0.
     groups: BackupGroups = BackupGroups()  # versions 2 and 3; empty when read from version 1
+    devices: BackupDevices = BackupDevices()  # version 5; empty when read from an earlier one
 
     def __repr__(self) -> str:
         return "BackupContents(<hidden>)"
 
     def to_bytes(self, version: int = FORMAT_VERSION) -> bytes:
-        """The contents in ``version`` 4 (written by the daemon) or 3 (for tests of older
-        readers and files; a message with extras cannot be written in it)."""
-        if version not in (3, FORMAT_VERSION):
-            raise ValueError("only contents versions 3 and 4 are written")
+        """The contents in ``version`` 5 (written by the daemon), 4 or 3 (for tests of older
+        readers and files; a message with extras cannot be written in 3, devices only in 5)."""
+        if version not in (3, 4, FORMAT_VERSION):
+            raise ValueError("only contents versions 3 to 5 are written")
+        if version < 5 and self.devices != BackupDevices():
+            raise ValueError("the devices need contents version 5")
         w = wire.Writer().u8(version).u8(KIND_BACKUP_CONTENTS)
         w.u64(self.created_at_ms)
         w.fixed(self.ed_priv, 32).fixed(self.x_priv, 32).fixed(self.binding_sig, 64)
@@ -498,8 +539,10 @@ class BackupContents:
                 _write_extras(w, m.extras, version, group=False)
             _write_mailboxes(w, c.mailboxes)
         _write_mailboxes(w, self.mailboxes)
-        w.u32(0)  # attachments: none in versions 1 to 4
+        w.u32(0)  # attachments: none in versions 1 to 5
         _write_groups(w, self.groups, len(self.contacts), version)
+        if version >= 5:
+            _write_devices(w, self.devices)
         return w.bytes()
 
     @classmethod
@@ -541,12 +584,13 @@ class BackupContents:
             )  # fmt: skip
         mailboxes = _read_mailboxes(r)
         if r.u32() != 0:
-            raise DecodeError("attachments are not defined in backup contents versions 1 to 4")
+            raise DecodeError("attachments are not defined in backup contents versions 1 to 5")
         groups = _read_groups(r, len(contacts), version) if version >= 2 else BackupGroups()
+        devices = _read_devices(r) if version >= 5 else BackupDevices()
         r.done()
         return cls(
             created, ed_priv, x_priv, sig, display_name, tuple(settings), tuple(contacts),
-            mailboxes, groups,
+            mailboxes, groups, devices,
         )  # fmt: skip
 
 
@@ -859,3 +903,53 @@ def _read_groups(r: wire.Reader, n_contacts: int, version: int) -> BackupGroups:
         invite_id = r.take(wire.MESSAGE_ID_LEN)
         joining.append(BackupJoining(group, invite_id, _index(r, n_contacts)))
     return BackupGroups(hidden, tuple(groups), tuple(invitations), tuple(sent), tuple(joining))
+
+
+# --- devices (contents version 5) ------------------------------------------------------------
+
+
+def _write_devices(w: wire.Writer, d: BackupDevices) -> None:
+    w.flag(d.device_list is not None)
+    if d.device_list is not None:
+        if not d.device_list:
+            raise ValueError("an empty device list")
+        _put_bytes(w, d.device_list, MAX_DEVICE_LIST_BYTES)
+    ids = [device_id for device_id, _ in d.delete_keys]
+    if ids != sorted(set(ids)) or (ids and d.device_list is None):
+        raise ValueError("delete keys by increasing device ID, and only with a list")
+    _count(w, len(d.delete_keys), MAX_DEVICE_SETS)
+    for device_id, caps in d.delete_keys:
+        if not caps:
+            raise ValueError("a device with no delete key is left out")
+        w.fixed(device_id, DEVICE_ID_LEN)
+        _count(w, len(caps), MAX_CAPS_PER_DEVICE)
+        for cap in caps:
+            if not cap.relay_url:
+                raise ValueError("a delete key names its relay")
+            _put_str(w, cap.relay_url, wire.MAX_URL_BYTES)
+            w.fixed(cap.owner_id, OWNER_ID_LEN).fixed(cap.delete_key, DELETE_KEY_LEN)
+
+
+def _read_devices(r: wire.Reader) -> BackupDevices:
+    device_list = r.varbytes(MAX_DEVICE_LIST_BYTES) if r.flag() else None
+    if device_list is not None and not device_list:
+        raise DecodeError("an empty device list")
+    sets: list[tuple[bytes, tuple[BackupDeleteCap, ...]]] = []
+    n = _read_count(r, MAX_DEVICE_SETS)
+    if n and device_list is None:
+        raise DecodeError("delete keys without a device list")
+    for _ in range(n):
+        device_id = r.take(DEVICE_ID_LEN)
+        if sets and device_id <= sets[-1][0]:
+            raise DecodeError("delete keys not by increasing device ID")
+        k = _read_count(r, MAX_CAPS_PER_DEVICE)
+        if k == 0:
+            raise DecodeError("a device with no delete key")
+        caps = []
+        for _ in range(k):
+            url = _str(r, wire.MAX_URL_BYTES)
+            if not url:
+                raise DecodeError("a delete key without its relay")
+            caps.append(BackupDeleteCap(url, r.take(OWNER_ID_LEN), r.take(DELETE_KEY_LEN)))
+        sets.append((device_id, tuple(caps)))
+    return BackupDevices(device_list, tuple(sets))

@@ -9,6 +9,7 @@ Which one a received block is follows from the mailbox it arrived at (docs/proto
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import pqxdh, wire
@@ -100,15 +101,18 @@ def initiate_session(
     entropy: Entropy,
     identity: IdentityKeyPair,
     bundle: pqxdh.VerifiedBundle,
-    content: bytes,
+    content: bytes | Callable[[bytes], bytes],
 ) -> tuple[Session, bytes]:
     """PQXDH with a verified bundle; returns the new session and the sealed first-contact block.
 
-    `content` (at most FIRST_CONTACT_CAPACITY bytes) travels inside the first ratchet message.
+    `content` (at most FIRST_CONTACT_CAPACITY bytes) travels inside the first ratchet message;
+    a callable is given the session's `EK_A.pub` first (a device hello binds it, §28.4).
     """
+    keys = pqxdh.initiate(entropy, identity, bundle)
+    if callable(content):
+        content = content(keys.prefix.ephemeral_pub)
     if len(content) > wire.FIRST_CONTACT_CAPACITY:
         raise StateError("first-contact content is too large for one block")
-    keys = pqxdh.initiate(entropy, identity, bundle)
     ratchet = Ratchet.init_initiator(entropy, keys.sk, bundle.spk_pub)
     ad_v = keys.ad + _VERSION_BYTE
     fragment = wire.Fragment(entropy.random(wire.MSG_ID_LEN), 0, 1, content)

@@ -123,6 +123,10 @@ class Reader:
             raise DecodeError("count field out of range")
         return n
 
+    def left(self) -> int:
+        """Bytes not read yet (for a field that is present or absent at the end)."""
+        return len(self._data) - self._pos
+
     def done(self) -> None:
         if self._pos != len(self._data):
             raise DecodeError("trailing bytes")
@@ -1295,6 +1299,12 @@ class HelloPayload:
     invitation_id: bytes  # empty when not answering a one-time invitation
 
 
+# A hello's invitation_id carrying this (14 bytes: never a 16-byte invitation ID) opens a
+# device session (docs/protocol.md §28.4): set only by a device without a list opening a
+# session with a contact's or group member's listed device, never by a contact request.
+DEVICE_SESSION = b"device-session"
+
+
 @dataclass(frozen=True)
 class MailboxPayload:
     """A rotated mailbox: deposit here from now on (after acknowledging `rotation_id`)."""
@@ -1358,6 +1368,7 @@ CALL_RINGING = 5
 CALL_KINDS = (CALL_INVITE, CALL_ACCEPT, CALL_REJECT, CALL_CANCEL, CALL_RINGING)
 CALL_REASON_REJECTED = 1
 CALL_REASON_BUSY = 2
+CALL_REASON_ANSWERED_ELSEWHERE = 3  # CANCEL only: another device of the callee answered
 CALL_ID_LEN = 16
 CALL_KEY_LEN = 32
 CALL_NONCE_LEN = 24
@@ -1367,7 +1378,8 @@ MAX_CALL_SEALED = 16384  # a sealed SDP with its candidates stays far below this
 @dataclass(frozen=True)
 class CallPayload:
     """Call set-up. INVITE: key (the caller's per-call X25519 public key), video, sent_at_ms.
-    ACCEPT: key (the callee's). REJECT: reason. CANCEL: nothing (the caller gave up)."""
+    ACCEPT: key (the callee's). REJECT: reason. CANCEL: reason 0 (the caller gave up: no byte)
+    or CALL_REASON_ANSWERED_ELSEWHERE (another device of the callee took the call)."""
 
     call_id: bytes
     kind: int
@@ -1841,7 +1853,12 @@ def _encode_call(w: Writer, p: CallPayload) -> None:
         if p.reason not in (CALL_REASON_REJECTED, CALL_REASON_BUSY):
             raise ValueError("unknown call reject reason")
         w.u8(p.reason)
-    elif p.kind not in (CALL_CANCEL, CALL_RINGING):
+    elif p.kind == CALL_CANCEL:
+        if p.reason not in (0, CALL_REASON_ANSWERED_ELSEWHERE):
+            raise ValueError("unknown call cancel reason")
+        if p.reason:
+            w.u8(p.reason)
+    elif p.kind != CALL_RINGING:
         raise ValueError("unknown call kind")
 
 
@@ -1857,6 +1874,10 @@ def _decode_call(r: Reader) -> CallPayload:
         if reason not in (CALL_REASON_REJECTED, CALL_REASON_BUSY):
             raise DecodeError("unknown call reject reason")
         return CallPayload(call_id, kind, reason=reason)
+    if kind == CALL_CANCEL and r.left():
+        if r.u8() != CALL_REASON_ANSWERED_ELSEWHERE:
+            raise DecodeError("unknown call cancel reason")
+        return CallPayload(call_id, kind, reason=CALL_REASON_ANSWERED_ELSEWHERE)
     if kind in (CALL_CANCEL, CALL_RINGING):
         return CallPayload(call_id, kind)
     raise DecodeError("unknown call kind")

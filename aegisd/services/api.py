@@ -11,6 +11,7 @@ from aegisd.netmode import SETTING_ISOLATION, SETTING_MODE, SETTING_PROXY, SETTI
 from aegisd.rpc import REQUIRED, AppError, CallContext, InvalidParamsError, Registry
 from aegisd.rpc.methods import Handler
 from aegisd.store import attachments as attachment_store
+from aegisd.store.devices import SETTING_MAX_LINKED
 from aegisd.store.groups import group_contact_ids
 from aegisd.transport.network import ProxyUrlError, check_proxy_url
 
@@ -22,7 +23,6 @@ from .delivery import (
     SETTING_RECEIPT_DELAY,
     SETTING_SEND_JITTER,
 )
-from .devices import SETTING_MAX_LINKED
 from .disappearing import SETTING_DEFAULT as SETTING_DISAPPEARING
 from .disappearing import check_seconds as check_timer
 from .disappearing_api import one_conversation

@@ -12,6 +12,10 @@ Crash safety:
   Fetched blocks are written at their offset in a file in the profile directory, still
   encrypted under the file's key (the key lives only in the SQLCipher store); progress is
   committed after each window is on disk.
+- The relay's copy: a device deletes a file's blobs once it verified them only when the device
+  list it holds names no other device (docs/devices.md §8): each of a person's devices gets
+  the same descriptor and fetches the same blobs, so the first to verify must not delete them
+  under the others; with several devices they expire at the relay's blob_ttl.
 
 The files in the profile (spool, stored blocks, decrypting to a target) are
 attachment_disk.py's; a group's copies (one per member) are group_files.py's, which hooks in
@@ -36,9 +40,10 @@ from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey
 
 from aegisd import droplog
+from aegisd.core import devices as dv
 from aegisd.core import wire
 from aegisd.core.attachment import MAX_FILE_SIZE, FileKeys, clean_file_name
-from aegisd.core.errors import DecryptionError
+from aegisd.core.errors import DecryptionError, ProtocolError
 from aegisd.core.session import Session
 from aegisd.rpc import AppError, InvalidParamsError
 from aegisd.store import attachments as db
@@ -77,6 +82,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("aegisd.attachments")
 
 SETTING_MAX_SIZE = "attachments.max_size"
+#: This profile's own device list (services/devices.py writes it: docs/devices.md §4.5).
+SETTING_OWN_LIST = "devices.list"
 MAX_PATH = 4096  # bytes of a path the API takes (send, save)
 DEFAULT_MAX_SIZE = 100_000_000  # bytes (100 MB); at most MAX_FILE_SIZE (one relay quota)
 WINDOW = 32  # blocks in flight per transfer; progress is committed per window
@@ -702,13 +709,29 @@ class Attachments:
                 "attachment_id": row.id, "contact": self.shown(c), "direction": "in",
                 "name": row.name, "size": row.size,
             })  # fmt: skip
-        # Verified and kept: the relay's copy goes now (else it expires with the TTL).
-        with contextlib.suppress(RelayUnavailable, RelayError, *UNAVAILABLE):
-            if client is None:
-                client = await self._connect(row.relay_url)
-            await self._delete_blobs(client, row)
+        # Verified and kept: the relay's copy goes now (else it expires with the TTL), unless
+        # another device of ours may still have to fetch it (docs/devices.md §8).
+        if self.only_device():
+            with contextlib.suppress(RelayUnavailable, RelayError, *UNAVAILABLE):
+                if client is None:
+                    client = await self._connect(row.relay_url)
+                await self._delete_blobs(client, row)
         if client is not None:
             await client.close()
+
+    def only_device(self) -> bool:
+        """Whether this device is the profile's only one: no device list held (it never
+        linked) or one naming this device alone. With others listed, a received file's blobs
+        stay for them (every device got the same descriptor, §5.5) until the relay's
+        blob_ttl: no device knows whether the others fetched them, until sync (§6) tells."""
+        value = self.store.get_setting(SETTING_OWN_LIST)
+        if value is None:
+            return True
+        try:
+            held = dv.DeviceList.from_bytes(bytes.fromhex(str(value)))
+        except (ValueError, ProtocolError):
+            return False  # unreadable: keep the blobs (they expire anyway)
+        return len(held.devices) <= 1
 
     @staticmethod
     async def _fetch(client: RelayClient, keys: FileKeys, box: PrivateKey, index: int,

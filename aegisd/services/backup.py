@@ -39,6 +39,7 @@ from aegisd.store import groups as G
 from aegisd.store.db import Store
 from aegisd.transport.network import ProxyUrlError, check_proxy_url
 
+from . import device_reset
 from .contacts import SETTING_NAME
 from .disappearing import MAX_SKEW_MS
 from .groups_state import JOINING_KEY, stored_invitation
@@ -253,6 +254,7 @@ class Backups:
             tuple(contacts),
             tuple(others),
             _groups_out(store, index),
+            device_reset.export(store),
         )
         return contents, n_messages
 
@@ -350,6 +352,7 @@ class Backups:
                 PublicIdentity.from_record(c.identity)
             # Each log as the core loads it: its head gives the members (never the file's word).
             logs = [core_group.GroupLog.from_record(g.log) for g in contents.groups.groups]
+            listed = device_reset.check(contents.devices, identity.public)
         except (DecodeError, BundleError, GroupError, ValueError):
             raise AppError(
                 E_NOT_A_BACKUP, "not_a_backup", "the backup's contents are malformed"
@@ -470,6 +473,8 @@ class Backups:
                         # A stamp far ahead would beat every later change (§27.2).
                         store.set_timer(cids[t[0]], t[1], min(t[2], _ms() + MAX_SKEW_MS))
                 refs = _groups_in(store, contents.groups, logs, cids)
+                # An import is a reset of the person's devices (docs/devices.md §10).
+                device_reset.restore(m, contents.devices, listed)
                 for t in group_timers:  # checked as the contacts' timers are
                     if (isinstance(t, list) and len(t) == 3
                             and all(type(v) is int for v in t) and 0 <= t[0] < len(refs)

@@ -245,20 +245,44 @@ class Delivery:
         """The same payload once for each of the contact's other devices that answered, each
         in its own session, to its own mailbox, after its own share of ``spread``."""
         for ds in cd.device_sessions(store, contact_id):
-            if ds.send_to is None:
-                continue  # its answer has not come: it gets what is sent after it
-            session = Session.from_bytes(ds.state)
-            blocks = session.encrypt(self.h.entropy, encoded)
-            now = _ms() // 1000
-            cd.put_device_session(store, contact_id, ds.device_id, session.to_bytes(), now)
-            own = int(_RNG.uniform(0.0, spread) * 1000) if spread > 0 else 0
-            not_before = SLOT_WAIT if slot else due + own
-            if not slot and delay > 0:  # in order behind what was queued to it, as in enqueue
-                not_before = max(
-                    not_before, store.last_not_before(contact_id, ds.send_to, SLOT_WAIT)
-                )
-            store.enqueue_blocks(ds.send_to, blocks, message_id=message_id,
-                                 contact_id=contact_id, not_before=not_before)  # fmt: skip
+            if ds.send_to is not None:  # else its answer has not come: it gets what follows it
+                self._to_device(store, contact_id, ds, encoded, message_id, slot, due, spread,
+                                delay)  # fmt: skip
+
+    def _to_device(self, store: Store, contact_id: int, ds: cd.DeviceSession, encoded: bytes,
+                   message_id: str | None, slot: bool, due: int, spread: float,
+                   delay: float) -> None:  # fmt: skip
+        """``encoded`` in the session with one device that answered, to its mailbox."""
+        assert ds.send_to is not None
+        session = Session.from_bytes(ds.state)
+        blocks = session.encrypt(self.h.entropy, encoded)
+        now = _ms() // 1000
+        cd.put_device_session(store, contact_id, ds.device_id, session.to_bytes(), now)
+        own = int(_RNG.uniform(0.0, spread) * 1000) if spread > 0 else 0
+        not_before = SLOT_WAIT if slot else due + own
+        if not slot and delay > 0:  # in order behind what was queued to it, as in enqueue
+            not_before = max(not_before, store.last_not_before(contact_id, ds.send_to, SLOT_WAIT))
+        store.enqueue_blocks(ds.send_to, blocks, message_id=message_id,
+                             contact_id=contact_id, not_before=not_before)  # fmt: skip
+
+    def answered_devices(self, contact_id: int) -> list[bytes]:
+        """The IDs of the contact's other devices whose session answered (those ``enqueue``
+        also encrypts for)."""
+        return [ds.device_id for ds in cd.device_sessions(self._store(), contact_id)
+                if ds.send_to is not None]  # fmt: skip
+
+    def enqueue_device(self, contact_id: int, device_id: bytes, payload: wire.Payload) -> bool:
+        """``payload`` in the session with one device of the contact only, to its mailbox, due
+        now (call signaling tied to one device: docs/devices.md §9). Inside the caller's
+        transaction. False if that device has no answered session (removed meanwhile)."""
+        store = self._store()
+        ds = next((s for s in cd.device_sessions(store, contact_id) if s.device_id == device_id),
+                  None)  # fmt: skip
+        if ds is None or ds.send_to is None:
+            return False
+        self._to_device(store, contact_id, ds, wire.encode_payload(payload), None, False, _ms(),
+                        0.0, 0.0)  # fmt: skip
+        return True
 
     def slot_destinations(self, contact: Contact) -> list[bytes]:
         """Where each slot of this contact deposits one block (docs/protocol.md §24): its

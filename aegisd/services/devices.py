@@ -42,6 +42,15 @@ from aegisd.rpc import AppError, CallContext, InvalidParamsError, Registry
 from aegisd.rpc import errors as E
 from aegisd.store import devices as store_devices
 from aegisd.store import groups as G
+from aegisd.store.devices import (
+    SETTING_DELETE_KEYS,
+    SETTING_KEY,
+    SETTING_LINK_MB,
+    SETTING_MAX_LINKED,
+    SETTING_SELF,
+    SETTING_UNCONFIRMED,
+)
+from aegisd.store.devices import SETTING_OWN_LIST as SETTING_LIST
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
 from relay.client import RelayClient, RelayError
 
@@ -72,25 +81,9 @@ E_TOO_MANY_DEVICES = 1093
 E_JOIN_NOT_FRESH = 1094
 E_NO_SUCH_DEVICE = 1095
 
-SETTING_SELF = "devices.self"  # this device's ID, hex
-SETTING_LIST = "devices.list"  # the device list held, hex of its bytes (docs/devices.md §3.1)
-SETTING_KEY = "devices.key"  # this device's own Ed25519 key, raw private, hex (never sent)
-#: Set with the install, cleared once E's "listed" came: E may not list this device.
-SETTING_UNCONFIRMED = "devices.unconfirmed"
-#: Every mailbox a link made and a crash would leave (E's link mailbox, N's reply mailbox and
-#: N's device mailbox until the install stores it), a list of descriptors in hex, so that
-#: each one a restart orphaned is deleted at the relay on the next connection (not left to
-#: its TTL, a link that waits for nobody). Owner keys only; the link secret is never stored.
-SETTING_LINK_MB = "devices.link_mailbox"
-MAX_LINK_MAILBOXES = 16  # a bound on the list: one link at a time makes at most 3 at once
-#: How many devices may be linked to the first one (settings.set max_linked_devices, 1 to 5);
-#: the protocol's bound is MAX_DEVICES in all.
-SETTING_MAX_LINKED = "devices.max_linked"
-#: The delete capabilities this device holds for its other devices' mailboxes (docs/devices.md
-#: §6, §7): {device ID hex: [DeleteCap.to_json(), ...]}; `devices.remove` uses and drops them.
-#: A link's profile carries E's own under the same name, as a setting N never installs as one;
-#: always (`{}` when E has none): it is also the marker that E reads N's "installed" bytes.
-SETTING_DELETE_KEYS = dv.DELETE_KEYS_SETTING
+# The device settings' names: aegisd/store/devices.py owns them. A link's profile carries
+# SETTING_DELETE_KEYS always (`{}` when E has none): the marker that E reads N's "installed".
+MAX_LINK_MAILBOXES = 16  # a bound on the link mailboxes: one link at a time makes at most 3
 MAX_CAPS_PER_DEVICE = 16  # capabilities taken from one device (hostile input: bounded)
 POLL = 0.25  # seconds between two FETCHes of a link's mailbox
 TTL_MIN = 10
@@ -773,7 +766,7 @@ class Devices:
             str(store.get_setting(SETTING_NAME, "")), tuple(settings), contacts, (), groups,
         )  # fmt: skip
         return dv.LinkProfile(ed_priv, x_priv, self.m.identity().public.binding_sig, current,
-                              contents.to_bytes())  # fmt: skip
+                              contents.to_bytes(4))  # fmt: skip  # 4: older devices read it, §4.2
 
     # --- N: the new device ----------------------------------------------------------------
 

@@ -3,8 +3,9 @@ of a contact's devices.
 
 - The person's side. The device that signed a list (a link that completed on it, a
   ``devices.remove``) sends it (``0x40``) to every contact it has a session with, followed by
-  a device hello in that same session (``0x41`` bound to ``LEGACY_EK``, docs/protocol.md §28.4):
-  it tells the contact which listed device the session it already had is with.
+  a device hello (``0x41`` bound to ``LEGACY_EK``, docs/protocol.md §28.4), in every session
+  it has with that contact (the row and each device's): it tells each device of the contact
+  which of our devices its session with us is with.
 - The contact's side. A list received in a contact's session is checked under the contact's
   identity (``devices.accept``: forged, from the future or stale is refused, counted, nothing
   changed; the list held, again, is acknowledged again in its session: our acknowledgement
@@ -12,9 +13,15 @@ of a contact's devices.
   sessions of devices no longer listed are dropped. For every listed device it has no session
   with, it fetches the device's bundle at its ``bundle_address`` and opens one (PQXDH, a
   first contact to the device mailbox, whose hello carries its mailbox for the person: the same
-  contact mailbox every device of the person deposits to). The device answers in the session,
-  with its own mailbox: from then on the delivery layer encrypts everything for that contact
-  once per device (services/delivery.py).
+  contact mailbox every device of the person deposits to; a device hello bound to the
+  session's EK_A.pub when this device has a list of its own). Every device holding the list
+  does so, not only the one whose row got it. The device answers in the session, with its own
+  mailbox: from then on the delivery layer encrypts everything for that contact once per
+  device (services/delivery.py); a device with a list then sends its list and a hello there.
+- Sessions a contact's device opens with this one (``device_first_contact``): its device
+  hello checked under the contact's list; proven, that device's session (never a request);
+  unlisted, held (``SETTING_HELD``) until a list names it; forged, dropped. Two sessions for
+  one pair opened at once: the one the lower device ID opened stands, on both sides.
 - Requests (``0x43``) and their answers go in the one session they answer, at most one per
   list named (settings kept in the store): a hostile contact's acknowledgements cannot make
   this device send more blocks than it sent. A contact established after the list went gets
@@ -31,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from aegisd import droplog
@@ -45,6 +52,14 @@ from aegisd.rpc import AppError
 from aegisd.store import Store
 from aegisd.store import contact_devices as cd
 from aegisd.store.db import Contact
+from aegisd.store.devices import (
+    SETTING_ANSWERED,
+    SETTING_AWAITING,
+    SETTING_KEY,
+    SETTING_OWN_LIST,
+    SETTING_REQUESTED,
+    SETTING_SELF,
+)
 
 from .bundle_fetch import fetch_bundle
 from .context import ServiceContext
@@ -57,20 +72,13 @@ log = logging.getLogger("aegisd.fanout")
 #: What a device hello sent in a session opened before the person had a list binds in place of
 #: the session's EK_A.pub (docs/protocol.md §28.4).
 LEGACY_EK = bytes(32)
-#: This profile's own device list, this device's ID and device key (services/devices.py
-#: writes them: docs/devices.md §4.5).
-SETTING_OWN_LIST = "devices.list"
-SETTING_SELF = "devices.self"
-SETTING_KEY = "devices.key"
-#: The contacts a list this device sent has not been acknowledged by yet: {contact id: version}.
-#: Sent again at the next unlock (a stop before the deposits, a contact's lost block).
-SETTING_AWAITING = "devices.awaiting"
-#: The list requests this device sent (§28.3): {contact id: [version, digest hex]}, the highest
-#: asked of each contact. An acknowledgement naming no higher list asks nothing.
-SETTING_REQUESTED = "devices.requested"
-#: The list requests answered: {contact id: version of the list sent}. Once per version.
-SETTING_ANSWERED = "devices.answered"
 SETTING_NAME = "profile.display_name"
+#: Sessions a contact's device opened whose hello names a device the list held does not (yet):
+#: {contact id: [[device hex, hello hex, EK_A.pub hex, session hex, held since], ...]}, at most
+#: MAX_HELD per contact for HELD_FOR seconds, checked again when a list comes (§5.2).
+SETTING_HELD = "devices.held_sessions"
+MAX_HELD = 4
+HELD_FOR = 14 * 24 * 3600
 #: Seconds between the attempts to open a session with a contact's device whose bundle is not
 #: at the relay yet.
 OPEN_RETRIES = (1.0, 2.0, 5.0, 15.0, 60.0)
@@ -163,7 +171,10 @@ class Fanout:
                 hello = dv.DeviceHello.sign(device_priv, identity.public, self_id, reply,
                                             device_list.version, LEGACY_EK)  # fmt: skip
                 self.m.delivery.enqueue([Recipient(c, session)], device_list)
-                self.m.delivery.enqueue([Recipient(c, session)], hello, devices=False)
+                # In every session with the contact (its row and each of its devices'): a
+                # device of the contact whose own row is with us learns from it which of our
+                # devices that row is with, and only then opens sessions with our others.
+                self.m.delivery.enqueue([Recipient(c, session)], hello)
                 awaiting[str(c.id)] = device_list.version
                 told += 1
             store.set_setting(SETTING_AWAITING, awaiting)
@@ -214,6 +225,7 @@ class Fanout:
             c = store.get_contact(c.id) or c
             self.m.delivery.enqueue([Recipient(c, session)], dv.ListAck.of(new),
                                     delay=self.m.delivery.receipt_delay())  # fmt: skip
+            self._recheck_held(c, new)  # before opening: a held device's session is adopted
             self.m.spawn(self.open_sessions(c.id))
         elif isinstance(payload, dv.DeviceHello):
             if device is not None and payload.device_id == device:
@@ -230,6 +242,7 @@ class Fanout:
                 cd.set_session_device(store, c.id, entry.device_id)
                 # A session opened with that device meanwhile is the same device's twice.
                 cd.drop_device_sessions(store, c.id, current.ids() - {entry.device_id})
+                self._recheck_held(c, current)
                 self.m.spawn(self.open_sessions(c.id))
         elif isinstance(payload, dv.ListAck):
             own = self._own_list()
@@ -259,12 +272,15 @@ class Fanout:
             self._send_in(c, session, device, current)
 
     def _send_in(
-        self, c: Contact, session: Session, device: bytes | None, payload: dv.DevicePayload
-    ) -> None:
+        self, c: Contact, session: Session, device: bytes | None, payload: dv.DevicePayload,
+        delay: float | None = None,
+    ) -> None:  # fmt: skip
         """``payload`` in the one session a payload came in: the contact's row (``device``
         None) or the session with that device, to its mailbox (inside the caller's
-        transaction). A device that has not answered yet gets nothing."""
-        delay = self.m.delivery.receipt_delay()
+        transaction), after ``delay`` (a receipt's, by default). A device that has not
+        answered yet gets nothing."""
+        if delay is None:
+            delay = self.m.delivery.receipt_delay()
         if device is None:
             self.m.delivery.enqueue([Recipient(c, session)], payload, delay=delay, devices=False)
             return
@@ -285,9 +301,14 @@ class Fanout:
         """The device of the contact's session row (``legacy``) left its list: the session
         of a listed device that answered (the one this list came in, if it did) takes the
         row's place, with its mailbox, so that nothing more goes to the removed device. None
-        answered yet: the row stays as it is until one does (``device_answered``)."""
+        answered yet: the row stays as it is until one does (``device_answered``). Only a
+        device of the list held now: a contact whose sessions with unlisted devices survived
+        a reset (docs/devices.md §10) must not give the row back to one of them."""
         store = self.m.store
-        others = [s for s in cd.device_sessions(store, c.id) if s.send_to is not None]
+        held = cd.held_list(store, c.id)
+        listed = set() if held is None else dv.DeviceList.from_bytes(held.data).ids()
+        others = [s for s in cd.device_sessions(store, c.id)
+                  if s.send_to is not None and s.device_id in listed]  # fmt: skip
         others.sort(key=lambda s: s.device_id != device)
         if not others:
             return session, legacy
@@ -302,6 +323,120 @@ class Fanout:
             s.device_id for s in cd.device_sessions(store, c.id) if s.device_id != chosen.device_id
         ))  # fmt: skip
         return Session.from_bytes(chosen.state), chosen.device_id
+
+    # --- sessions a contact's device opens with this device ----------------------------------
+
+    def device_first_contact(
+        self, c: Contact, session: Session, hello: dv.DeviceHello, ek: bytes
+    ) -> tuple[bool, bytes | None]:
+        """A first contact from known contact ``c`` whose first payload is a device hello bound
+        to ``ek`` (the session's EK_A.pub), inside the caller's transaction (§5.2, §28.4).
+        (True, its device ID or None when unchecked): the caller makes it the contact's session
+        row (there is none: a device that joined by a link); (False, None): adopted as the
+        session with that device, held until a list names it, or dropped, here. Never a
+        contact request: the identity is a contact's."""
+        store = self.m.store
+        assert c.identity_key is not None
+        identity = PublicIdentity.from_bytes(c.identity_key)
+        held = cd.held_list(store, c.id)
+        current = None if held is None else dv.DeviceList.from_bytes(held.data)
+        no_row = store.get_session(c.id) is None
+        if no_row and store.mailbox_for_contact(c.id) is not None:
+            droplog.dropped("dropped a device session of a contact restored from a backup")
+            return False, None
+        if current is None:
+            if no_row:
+                # Checked when the opener's list follows in it (device_answered): a contact
+                # known only by a link, whose list this device has never held.
+                return True, None
+            self._hold(c.id, session, hello, ek)
+            return False, None
+        try:
+            entry = hello.check(identity, current, ek)
+        except dv.UnlistedDevice:
+            self._hold(c.id, session, hello, ek)
+            return False, None
+        except dv.ForgedDeviceProof:
+            droplog.dropped("dropped a device session whose hello does not prove a listed device")
+            return False, None
+        if no_row:
+            return True, entry.device_id
+        self._adopt(c, session, entry.device_id, hello.reply)
+        return False, None
+
+    def _adopt(
+        self, c: Contact, session: Session, device_id: bytes, reply: wire.MailboxAddress
+    ) -> None:
+        """A proven session with the contact's device ``device_id``: kept as that device's,
+        answered (0x03) with our mailbox for the contact, deposited to from now on."""
+        store = self.m.store
+        held = cd.held_list(store, c.id)
+        if held is not None and held.session_device == device_id:
+            droplog.dropped("dropped a second session with the device of a contact's row")
+            return
+        existing = next((s for s in cd.device_sessions(store, c.id) if s.device_id == device_id),
+                        None)  # fmt: skip
+        me = store.get_setting(SETTING_SELF)
+        if existing is not None and me is not None and bytes.fromhex(str(me)) < device_id:
+            # Both devices opened a session with each other at once: the one the lower device
+            # ID opened stands, on both sides (the other side adopts ours, §5.2).
+            return
+        ours = store.mailbox_for_contact(c.id)
+        if ours is None or not self.m.mailboxes.peer_url_ok(reply.relay_url):
+            droplog.dropped("dropped a device session that cannot be answered")
+            return
+        answer = wire.HelloPayload(OwnedMailbox.from_bytes(ours.descriptor).address(),
+                                   str(store.get_setting(SETTING_NAME, "")), b"")  # fmt: skip
+        blocks = session.encrypt(self.m.entropy, wire.encode_payload(answer))
+        to = address_to_bytes(reply)
+        cd.put_device_session(store, c.id, device_id, session.to_bytes(), _now())
+        cd.set_device_send_to(store, c.id, device_id, to)
+        store.enqueue_blocks(to, blocks, contact_id=c.id)
+        listed = None if held is None else dv.DeviceList.from_bytes(held.data)
+        count = 1 if listed is None else len(listed.devices)
+        self.m.ctx.events.emit("contact.devices", {"contact": c.name, "devices": count})
+        self.m.delivery.wake()
+
+    def _hold(self, contact_id: int, session: Session, hello: dv.DeviceHello, ek: bytes) -> None:
+        store, now = self.m.store, _now()
+        held = dict(store.get_setting(SETTING_HELD) or {})
+        kept = [h for h in held.get(str(contact_id), [])
+                if int(h[4]) + HELD_FOR > now and h[0] != hello.device_id.hex()]  # fmt: skip
+        kept.append([hello.device_id.hex(), dv.encode_device_payload(hello).hex(), ek.hex(),
+                     session.to_bytes().hex(), now])  # fmt: skip
+        held[str(contact_id)] = kept[-MAX_HELD:]
+        store.set_setting(SETTING_HELD, held)
+
+    def _recheck_held(self, c: Contact, current: dv.DeviceList) -> None:
+        """The sessions held for ``c`` checked under the list it now holds: adopted when
+        proven, kept while the hello names a newer list than this one, else dropped."""
+        store = self.m.store
+        held = dict(store.get_setting(SETTING_HELD) or {})
+        items = held.pop(str(c.id), [])
+        if not items or c.identity_key is None:
+            return
+        identity, now, kept = PublicIdentity.from_bytes(c.identity_key), _now(), []
+        for item in items:
+            hello = dv.decode_device_payload(bytes.fromhex(str(item[1])))
+            if int(item[4]) + HELD_FOR <= now or not isinstance(hello, dv.DeviceHello):
+                continue
+            try:
+                entry = hello.check(identity, current, bytes.fromhex(str(item[2])))
+            except dv.UnlistedDevice:
+                if hello.list_version > current.version:
+                    kept.append(item)  # a newer list than this one may name it
+                else:
+                    droplog.dropped("dropped a held session of a device its contact did not list")
+                continue
+            except dv.ForgedDeviceProof:
+                droplog.dropped("dropped a device session whose hello does not prove a listed "
+                                "device")  # fmt: skip
+                continue
+            self._adopt(c, Session.from_bytes(bytes.fromhex(str(item[3]))), entry.device_id,
+                        hello.reply)  # fmt: skip
+        if kept:
+            held[str(c.id)] = kept
+        store.set_setting(SETTING_HELD, held or None)
 
     def _own_list(self) -> dv.DeviceList | None:
         value = self.m.store.get_setting(SETTING_OWN_LIST)
@@ -371,13 +506,9 @@ class Fanout:
             row = self.m.store.mailbox_for_contact(contact_id)
             if row is None:
                 return
-            hello = wire.HelloPayload(
-                OwnedMailbox.from_bytes(row.descriptor).address(),
-                str(self.m.store.get_setting(SETTING_NAME, "")),
-                b"",
-            )
+            reply = OwnedMailbox.from_bytes(row.descriptor).address()
             session, block = initiate_session(
-                self.m.entropy, self.m.identity(), bundle, wire.encode_payload(hello)
+                self.m.entropy, self.m.identity(), bundle, self._first_payload(reply)
             )
             with self.m.store.transaction():
                 cd.put_device_session(
@@ -387,6 +518,26 @@ class Fanout:
                     address_to_bytes(entry.mailbox), [block], contact_id=contact_id
                 )
         self.m.delivery.wake()
+
+    def _first_payload(self, reply: wire.MailboxAddress) -> bytes | Callable[[bytes], bytes]:
+        """The first payload of a session this device opens with a contact's device: with a
+        list of our own, a device hello bound to the session's EK_A.pub (§28.4), which the
+        contact's device checks under our list; without one, a hello (0x03) carrying
+        DEVICE_SESSION, so a group member's session is not taken for a contact request."""
+        own, me, key = (self.m.store.get_setting(n) for n in (SETTING_OWN_LIST, SETTING_SELF,
+                                                               SETTING_KEY))  # fmt: skip
+        if own is None or me is None or key is None:
+            name = str(self.m.store.get_setting(SETTING_NAME, ""))
+            return wire.encode_payload(wire.HelloPayload(reply, name, wire.DEVICE_SESSION))
+        version = dv.DeviceList.from_bytes(bytes.fromhex(str(own))).version
+        public = self.m.identity().public
+        priv, self_id = bytes.fromhex(str(key)), bytes.fromhex(str(me))
+
+        def hello(ek: bytes) -> bytes:
+            signed = dv.DeviceHello.sign(priv, public, self_id, reply, version, ek)
+            return dv.encode_device_payload(signed)
+
+        return hello
 
     def device_rotated(self, c: Contact, device_id: bytes, p: wire.MailboxPayload) -> None:
         """A contact device moved its mailbox for us (§20.6): its blocks go to the new one,
@@ -411,6 +562,9 @@ class Fanout:
     def device_answered(self, c: Contact, device_id: bytes, reply_to: wire.MailboxAddress) -> None:
         """A contact device answered our first contact: deposit to it from now on."""
         store = self.m.store
+        before = next((s for s in cd.device_sessions(store, c.id) if s.device_id == device_id),
+                      None)  # fmt: skip
+        first = before is None or before.send_to is None  # not a repeated answer
         cd.set_device_send_to(store, c.id, device_id, address_to_bytes(reply_to))
         held = cd.held_list(store, c.id)
         listed = None if held is None else dv.DeviceList.from_bytes(held.data)
@@ -421,3 +575,20 @@ class Fanout:
                                           held.session_device)  # fmt: skip
         count = 1 if listed is None else len(listed.devices)
         self.m.ctx.events.emit("contact.devices", {"contact": c.name, "devices": count})
+        # Our list, and the hello naming this device bound to no session, in the session just
+        # answered: a device of the contact that held no list of ours when our first contact
+        # came took it unchecked (or holds it) until it has the list (§5.5). Once per answer
+        # that gave the session its mailbox: a contact repeating its answer gets nothing more.
+        own, me, key = (store.get_setting(n) for n in (SETTING_OWN_LIST, SETTING_SELF,
+                                                        SETTING_KEY))  # fmt: skip
+        blob, ours = store.get_session(c.id), store.mailbox_for_contact(c.id)
+        if first and None not in (own, me, key, blob, ours):
+            assert blob is not None and ours is not None
+            mine = dv.DeviceList.from_bytes(bytes.fromhex(str(own)))
+            reply = OwnedMailbox.from_bytes(ours.descriptor).address()
+            hello = dv.DeviceHello.sign(bytes.fromhex(str(key)), self.m.identity().public,
+                                        bytes.fromhex(str(me)), reply, mine.version,
+                                        LEGACY_EK)  # fmt: skip
+            row = Session.from_bytes(blob)
+            self._send_in(c, row, device_id, mine, delay=0.0)
+            self._send_in(c, row, device_id, hello, delay=0.0)

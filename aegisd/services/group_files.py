@@ -4,7 +4,8 @@ The sender encrypts the file once per other member, each copy under a seed of it
 its own spool; each copy is uploaded like a one-to-one file (its own connection and quota,
 attachments.py) and, once all its blocks are up, its descriptor goes to that member alone
 inside a group file payload (0x11) carrying the group message's id. Each member fetches its
-own copy, verifies it and deletes it at the relay, as for a file from a contact: no blob is
+own copy, verifies it and deletes it at the relay, as for a file from a contact (a member on
+several devices leaves it to expire, docs/protocol.md §22.5: each device fetches it): no blob is
 fetched by two members, so the relay cannot link the members by the blobs they fetch, and
 nobody has to decide when a shared blob may go. The price is N - 1 uploads (bytes, time,
 proofs of work): the figures are in docs/threat-model.md and bench/group_files.py.

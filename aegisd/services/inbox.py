@@ -39,7 +39,7 @@ from aegisd.core.errors import DecodeError, DecryptionError
 from aegisd.core.identity import PublicIdentity, keys_of
 from aegisd.core.prekeys import PrekeyStore
 from aegisd.core.primitives import Entropy
-from aegisd.core.session import Session, accept_first_contact
+from aegisd.core.session import FirstContact, Session, accept_first_contact
 from aegisd.rpc import AppError
 from aegisd.store import Store, StoreError
 from aegisd.store import contact_devices as cd
@@ -47,14 +47,16 @@ from aegisd.store import cover as cover_slots
 from aegisd.store import groups as group_store
 from aegisd.store.cover import SLOT_WAIT
 from aegisd.store.db import Contact, MailboxRow
+from aegisd.store.devices import SETTING_OWN_LIST  # a device that joined by a link holds one
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, acknowledge
 from relay.client import Message, RelayClient, RelayError
 
 from .context import ServiceContext
 from .delivery import PENDING_DESTINATION, Delivery, Recipient
+from .groups_state import JOINING_KEY
 from .mailbox import ContactState, OwnedMailbox, address_to_bytes
 from .mailboxes import Mailboxes
-from .rotation import ROTATION_KEY
+from .rotation import ROTATION_KEY, awaiting_devices
 
 #: Failures of the store that a later attempt may not meet (disk full, I/O): never a reason to
 #: acknowledge a block.
@@ -108,11 +110,9 @@ class FanoutView(Protocol):
     ) -> None: ...
     def device_rotated(self, c: Contact, device_id: bytes, p: wire.MailboxPayload) -> None: ...
     def send_held(self, contact_id: int) -> None: ...
-
-
-#: This profile's own device list (services/devices.py): a device that joined by a link holds
-#: one, and its contacts came without sessions.
-SETTING_OWN_LIST = "devices.list"
+    def device_first_contact(
+        self, c: Contact, session: Session, hello: dv.DeviceHello, ek: bytes
+    ) -> tuple[bool, bytes | None]: ...
 
 
 class CoverView(Protocol):
@@ -146,7 +146,7 @@ class ContactsView(Protocol):
     def with_identity(self, identity: PublicIdentity) -> Contact | None: ...
     def establish(
         self, name: str, identity: PublicIdentity, session: Session,
-        reply_to: wire.MailboxAddress, mb_id: int, mb: OwnedMailbox,
+        reply_to: wire.MailboxAddress, mb_id: int, mb: OwnedMailbox, *, emit: bool = True,
     ) -> Contact: ...  # fmt: skip
 
 
@@ -158,7 +158,7 @@ class CallsView(Protocol):
     """Call signaling's receiver (aegisd/calls/service.py CallService)."""
 
     def on_payload(
-        self, c: Contact, payload: wire.CallPayload | wire.CallSealedPayload
+        self, c: Contact, payload: wire.CallPayload | wire.CallSealedPayload, device: bytes
     ) -> None: ...
 
 
@@ -179,6 +179,7 @@ class GroupsView(Protocol):
         self, invitation_id: bytes, sender: PublicIdentity
     ) -> bool | None: ...
     def introduced(self, invitation_id: bytes, contact_id: int) -> None: ...
+    def member_session(self, contact_id: int) -> None: ...
 
 
 _GROUP_PAYLOADS = (
@@ -309,13 +310,19 @@ class Inbox:
         assert self.m.prekeys is not None
         try:
             fc = accept_first_contact(self.m.entropy, self.m.prekeys, block)
-            hello = wire.decode_payload(fc.fragment.data)
+            data = fc.fragment.data
+            device_hello = dv.decode_device_payload(data) if wire.is_device_payload(data) else None
+            hello = wire.decode_payload(data) if device_hello is None else None
         except (DecryptionError, DecodeError):
             self.m._reload_prekeys()
             droplog.dropped("dropped a first-contact block that did not open")
             return
         # It used one-time keys (kept burnt below, whatever follows): top the relay's up.
         self.m.address.request_top_up()
+        if device_hello is not None:
+            hello = await self._first_contact_of_device(row, block, fc, device_hello)
+            if hello is None:
+                return
         if not isinstance(hello, wire.HelloPayload) or not self.m.mailboxes.peer_url_ok(
             hello.reply_to.relay_url
         ):
@@ -362,19 +369,20 @@ class Inbox:
             known is not None
             and not known.blocked
             and self.m.store.get_setting(SETTING_OWN_LIST) is not None
-            and (self._introduced_elsewhere(known) or (
-                self.m.store.get_session(known.id) is None
-                and self.m.store.mailbox_for_contact(known.id) is None  # not a restored contact
-            ))
-        ):  # fmt: skip
-            await self._device_session(known, fc.session, hello)
-            return
-        if (
-            known is None
-            and self.m.store.get_setting(SETTING_OWN_LIST) is not None
-            and group_store.groups_with_member(self.m.store, fc.sender.ed_pub)
+            and (
+                (self._introduced_elsewhere(known) and hello.invitation_id == wire.DEVICE_SESSION)
+                or (
+                    self.m.store.get_session(known.id) is None
+                    and self.m.store.mailbox_for_contact(known.id) is None  # not restored
+                )
+            )
         ):
-            await self._member_session(fc.sender, fc.session, hello)
+            await self._device_session(known, fc.session, hello.reply_to, None)
+            return
+        if known is None and hello.invitation_id == wire.DEVICE_SESSION and self._held_member(
+            fc.sender
+        ):
+            await self._member_session(fc.sender, fc.session, hello.reply_to)
             return
         with self.m.store.transaction():
             self.m.store.put_identity(self.m.prekeys.to_bytes())  # burnt one-time keys
@@ -413,20 +421,37 @@ class Inbox:
                 },
             )
 
+    def _held_member(self, sender: PublicIdentity) -> bool:
+        """Whether ``sender``, not us, is a member of a group this device is a member of by
+        the group's proven head: not one we were removed from (the head no longer lists us)
+        nor one whose join is under way (its member list is the inviter's word, unproven)."""
+        assert self.m.prekeys is not None
+        store = self.m.store
+        me = self.m.prekeys.identity.public.ed_pub
+        if store.get_setting(SETTING_OWN_LIST) is None or sender.ed_pub == me:
+            return False
+        return any(
+            store.get_setting(f"{JOINING_KEY}{ref}") is None
+            for ref in group_store.groups_with_both(store, me, sender.ed_pub)
+        )
+
     async def _member_session(
-        self, sender: PublicIdentity, session: Session, hello: wire.HelloPayload
+        self, sender: PublicIdentity, session: Session, reply_to: wire.MailboxAddress
     ) -> None:
-        """A member of a group this device holds, no contact of it, opened a session with it
-        having learned the person's device list from another of its devices (the one that
-        opened the member's introduction, docs/devices.md §5.5): a group contact, as the
-        introduction would have made it here, without a request."""
+        """A member of a group this device holds, no contact of it, opened a device session
+        with it (tagged so: a device hello, or a hello carrying DEVICE_SESSION) having learned
+        the person's device list from another of its devices (the one that opened the
+        member's introduction, docs/devices.md §5.5): a group contact, as the introduction
+        would have made it here, without a request."""
         assert self.m.prekeys is not None
         mb_id, mb = await self.m.mailboxes.create("contact", public=False)
         with self.m.store.transaction():
             self.m.store.put_identity(self.m.prekeys.to_bytes())
             name = f"member {sender.ed_pub.hex()[:12]}"  # as an introduction names it
-            made = self.m.contacts.establish(name, sender, session, hello.reply_to, mb_id, mb)
-            group_store.mark_group_contact(self.m.store, made.id)
+            made = self.m.contacts.establish(
+                name, sender, session, reply_to, mb_id, mb, emit=False  # hidden: not announced
+            )
+            self.m.groups.member_session(made.id)
         self.m.mailboxes.reload()
         self.m.cover.changed()
         self.m.delivery.wake()
@@ -439,32 +464,78 @@ class Inbox:
             c.state
         ).established
 
+    async def _first_contact_of_device(
+        self, row: MailboxRow, block: bytes, fc: FirstContact, payload: dv.DevicePayload
+    ) -> wire.HelloPayload | None:
+        """A first contact whose first payload is a device hello (docs/protocol.md §28.4): a
+        session with a device of a known contact, checked under that contact's list
+        (fanout.py), never a contact request. From an identity that is no contact: a member
+        of a group this device holds is its group contact (§25.7); anyone else (one added on
+        another device of this person: contacts are not synced yet) makes the contact
+        request a hello (0x03) without a name would make: returned for that path."""
+        assert self.m.prekeys is not None
+        known = self.m.contacts.with_identity(fc.sender)
+        if (
+            isinstance(payload, dv.DeviceHello)
+            and known is None
+            and row.role == "address"
+            and self.m.mailboxes.peer_url_ok(payload.reply.relay_url)
+            and self._held_member(fc.sender)
+        ):
+            await self._member_session(fc.sender, fc.session, payload.reply)
+            return None
+        if isinstance(payload, dv.DeviceHello) and known is None:
+            return wire.HelloPayload(payload.reply, "", b"")
+        if (
+            not isinstance(payload, dv.DeviceHello)
+            or row.role != "address"
+            or known is None
+            or known.blocked
+            or not self.m.mailboxes.peer_url_ok(payload.reply.relay_url)
+        ):
+            self.m.store.put_identity(self.m.prekeys.to_bytes())  # one-time keys stay burnt
+            droplog.dropped("dropped a device hello out of place")
+            return None
+        if self._introduced_elsewhere(known):
+            # its list follows in the session (device_answered checks the device then)
+            await self._device_session(known, fc.session, payload.reply, None)
+            return None
+        ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
+        with self.m.store.transaction():
+            self.m.store.put_identity(self.m.prekeys.to_bytes())
+            as_row, device_id = self.m.fanout.device_first_contact(known, fc.session, payload, ek)
+        if as_row:
+            await self._device_session(known, fc.session, payload.reply, device_id)
+        return None
+
     async def _device_session(
-        self, c: Contact, session: Session, hello: wire.HelloPayload
-    ) -> None:
+        self, c: Contact, session: Session, reply_to: wire.MailboxAddress,
+        device_id: bytes | None,
+    ) -> None:  # fmt: skip
         """A contact this linked device knows without a session (its profile came by a link,
         or its introduction went to another device of ours) opened one with it, having learned
-        of it from the person's device list (docs/devices.md §5.2): the contact's session,
-        answered with a mailbox of this device's own (the one its introduction made, if any)."""
+        of it from the person's device list (docs/devices.md §5.2): the contact's session
+        (with ``device_id``, when its hello proved it), answered with a mailbox of this
+        device's own (the one its introduction made, if any)."""
         assert self.m.prekeys is not None
         row = self.m.store.mailbox_for_contact(c.id)
         if row is not None:
             mb_id, mb = row.id, OwnedMailbox.from_bytes(row.descriptor)
-            # what waits for the introduction's dead session (its first contact) goes
-            self.m.delivery.drop_outbox_of(self.m.store, {c.id})
         else:
             mb_id, mb = await self.m.mailboxes.create("contact", public=False)
         with self.m.store.transaction():
             self.m.store.put_identity(self.m.prekeys.to_bytes())
+            if row is not None:  # what waits for the introduction's dead session goes
+                self.m.delivery.drop_outbox_of(self.m.store, {c.id})
             self.m.store.set_mailbox_contact(mb_id, c.id)
-            self.m.store.update_contact(
-                c.id, state=ContactState(hello.reply_to, True).to_bytes()
-            )
+            self.m.store.update_contact(c.id, state=ContactState(reply_to, True).to_bytes())
             own_name = str(self.m.store.get_setting("profile.display_name", ""))
             answer = wire.HelloPayload(mb.address(), own_name, b"")
             blocks = session.encrypt(self.m.entropy, wire.encode_payload(answer))
             self.m.store.put_session(c.id, session.to_bytes())
-            self.m.store.enqueue_blocks(address_to_bytes(hello.reply_to), blocks, contact_id=c.id)
+            if device_id is not None:
+                cd.set_session_device(self.m.store, c.id, device_id)
+            self.m.store.enqueue_blocks(address_to_bytes(reply_to), blocks, contact_id=c.id)
             if not group_store.is_group_contact(self.m.store, c.id):  # hidden: not announced
                 self.m.ctx.events.emit("contact.established", {"contact": c.name})
         self.m.mailboxes.reload()
@@ -563,11 +634,32 @@ class Inbox:
                     self.m.fanout.device_answered(c, device, payload.reply_to)
                 elif isinstance(payload, wire.MailboxPayload):
                     self.m.fanout.device_rotated(c, device, payload)
+                else:
+                    self._rotation_acked(c, device, payload.rotation_id)
                 return
             if fragment.count > MAX_MESSAGE_FRAGMENTS and not isinstance(payload, _LONG_PAYLOADS):
                 droplog.dropped("dropped a fragment of an oversized message")
                 return
-            self._handle_payload(c, session, payload)
+            self._handle_payload(c, session, payload, device)
+
+    def _rotation_acked(self, c: Contact, device: bytes | None, rotation_id: bytes) -> None:
+        """An acknowledgement of our rotation of the mailbox for ``c``, in its session row
+        (``device`` None) or in the session with one of its other devices: the old mailbox
+        goes once the row and every device the rotation went to acknowledged it, so that no
+        device of the contact deposits into a deleted mailbox. Stored with the receive, acted
+        on (relay calls) right after the commit."""
+        key = f"{ROTATION_KEY}{c.id}"
+        pending = self.m.store.get_setting(key)
+        if pending is None or pending["id"] != rotation_id.hex():
+            return
+        if device is None:
+            pending = {**pending, "acked": True}
+        else:
+            pending = {**pending, "devices": [d for d in pending.get("devices", [])
+                                              if d != device.hex()]}  # fmt: skip
+        self.m.store.set_setting(key, pending)
+        if pending.get("acked") and not awaiting_devices(self.m.store, c.id, pending):
+            self._acked_rotations.append((c, rotation_id))
 
     def _make_room_for_long(self, contact_id: int, msg_id: bytes) -> None:
         """Before a fragment of a long message (over MAX_MESSAGE_FRAGMENTS) not yet kept: the
@@ -609,7 +701,11 @@ class Inbox:
         for _ in range(n):
             droplog.dropped("dropped a partial message (contact blocked)")
 
-    def _handle_payload(self, c: Contact, session: Session, payload: wire.Payload) -> None:
+    def _handle_payload(
+        self, c: Contact, session: Session, payload: wire.Payload, device: bytes | None = None
+    ) -> None:
+        """``device``: the contact's device whose session it came in, None for the row (only
+        call signaling looks at it: docs/devices.md §9)."""
         if isinstance(payload, wire.CoverPayload):
             return  # cover: nothing to show, keep or answer (§24)
         if not isinstance(payload, _GROUP_CONTACT_PAYLOADS) and group_store.is_group_contact(
@@ -698,13 +794,10 @@ class Inbox:
         elif isinstance(payload, wire.TimerPayload):
             self.m.disappearing.on_payload(c, payload)
         elif isinstance(payload, wire.MailboxAckPayload):
-            pending = self.m.store.get_setting(f"{ROTATION_KEY}{c.id}")
-            if pending is not None and pending["id"] == payload.rotation_id.hex():
-                # Stored with the receive, acted on (relay calls) right after the commit.
-                self.m.store.set_setting(f"{ROTATION_KEY}{c.id}", {**pending, "acked": True})
-                self._acked_rotations.append((c, payload.rotation_id))
+            self._rotation_acked(c, None, payload.rotation_id)
         elif (
             isinstance(payload, (wire.CallPayload, wire.CallSealedPayload))
             and self.m.calls is not None  # aegisd/calls/service.py, set at start-up
         ):
-            self.m.calls.on_payload(c, payload)
+            # The calls service names the row's session as a device too (cd.ROW_DEVICE).
+            self.m.calls.on_payload(c, payload, cd.ROW_DEVICE if device is None else device)

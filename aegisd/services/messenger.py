@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlcipher3
@@ -37,6 +37,7 @@ from aegisd.core.primitives import SystemEntropy
 from aegisd.core.session import Session
 from aegisd.rpc import AppError
 from aegisd.store import Store, StoreError
+from aegisd.store.contact_devices import ROW_DEVICE
 from aegisd.transport.network import Network
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable
 from relay.client import RelayError
@@ -367,10 +368,15 @@ class Messenger:
         if self.ctx.store is not None:
             self.groups.pruner.sweep()
 
-    async def send_call_payload(self, contact_id: int, payload: wire.Payload) -> None:
+    async def send_call_payload(
+        self, contact_id: int, payload: wire.Payload, to: Sequence[bytes] | None = None
+    ) -> list[bytes]:
         """Call signaling leaves at once: no send jitter and no receipt delay (a call cannot
         wait), in ordinary blocks through the ordinary outbox (docs/threat-model.md: what the
-        timing of a call reveals)."""
+        timing of a call reveals). ``to``: the sessions to send in, each ``ROW_DEVICE`` (the
+        contact's session row) or the ID of one of its other devices, each once (a repeat is
+        dropped); None: the row and every device that answered (an INVITE). Returns those it
+        went in (docs/devices.md §9)."""
         self.loss.check_usable()
         async with self.lock:
             c = self.store.get_contact(contact_id)
@@ -378,6 +384,17 @@ class Messenger:
             if c is None or blob is None or not ContactState.from_bytes(c.state).established:
                 raise AppError(E_NOT_READY, "not_ready", "this contact cannot be reached yet")
             with self.store.transaction():
-                self.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], payload,
-                                      slotted=False)
+                # Each session once: two encryptions from one loaded copy would reuse its key.
+                targets = list(dict.fromkeys(
+                    [ROW_DEVICE, *self.delivery.answered_devices(c.id)] if to is None else to
+                ))  # fmt: skip
+                went: list[bytes] = []
+                for device in targets:
+                    if device == ROW_DEVICE:
+                        self.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], payload,
+                                              slotted=False, devices=False)  # fmt: skip
+                        went.append(device)
+                    elif self.delivery.enqueue_device(c.id, device, payload):
+                        went.append(device)
         self.delivery.wake()
+        return went

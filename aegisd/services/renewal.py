@@ -30,11 +30,13 @@ from aegisd.core.session import accept_first_contact, initiate_session
 from aegisd.relayurl import same_relay
 from aegisd.rpc import AppError
 from aegisd.store import actions as actions_store
+from aegisd.store import contact_devices as cd
 from aegisd.store.db import Contact
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
 from relay.client import RelayError
 from relay.wire import E_BUSY, E_INTERNAL, E_LIMIT, E_RATE_LIMITED
 
+from . import device_reset
 from .bundle_fetch import fetch_bundle, retryable
 from .delivery import Recipient
 from .mailbox import ContactState, OwnedMailbox, address_to_bytes
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from .address import Address
     from .context import ServiceContext
     from .delivery import Delivery
+    from .fanout import Fanout
     from .mailboxes import Mailboxes
 
 log = logging.getLogger("aegisd.renewal")
@@ -104,6 +107,8 @@ class RenewalsHost(Protocol):
     def entropy(self) -> Entropy: ...
     @property
     def address(self) -> Address: ...
+    @property
+    def fanout(self) -> Fanout: ...
 
     def identity(self) -> IdentityKeyPair: ...
     def _reload_prekeys(self) -> None: ...
@@ -128,6 +133,8 @@ class Renewals:
         _, address = await m.address.ensure()
         async with m.lock:
             store = m.store
+            # The restored device's list, before any renewal can complete (docs/devices.md §10).
+            device_reset.sign_list(m, address)
             rows = store._q(
                 "SELECT contact_id FROM renewals WHERE side = 'restored' AND done = 0 "
                 "AND renew_id IS NULL ORDER BY contact_id"
@@ -252,6 +259,8 @@ class Renewals:
             m.delivery.enqueue([Recipient(fresh, fc.session)],
                                wire.HelloPayload(mb.address(), name, b""),
                                slotted=False)  # the answer of a renewal, like a first contact's
+            # The restored device's list, with the hello naming it (docs/devices.md §10).
+            m.fanout.send_held(c.id)
             m.ctx.events.emit("contact.session_renewed", {"contact": c.name})
         self._retire.append((c.id, int(row[1])))
 
@@ -352,6 +361,12 @@ class Renewals:
             self._count_try(c.id)
             store.put_session(c.id, session.to_bytes())
             store.update_contact(c.id, state=ContactState(req.reply_to, False).to_bytes())
+            # An import is a reset of the person's devices (docs/devices.md §10): the session
+            # row is the restored device's, every session with an old device goes (nothing more
+            # is sent to them); the list held stays, for its version, until the restored
+            # device's list replaces it.
+            cd.drop_device_sessions(store, c.id, frozenset())
+            cd.set_session_device(store, c.id, None)
             # Blocks still queued were sealed in the old session: the restored side cannot
             # open them. The texts among them are sent again below.
             store._q("DELETE FROM outbox WHERE contact_id = ?", (c.id,))

@@ -29,6 +29,7 @@ from aegisd.relayurl import SETTING_URL, same_relay
 from aegisd.rpc import AppError
 from aegisd.rpc import errors as E
 from aegisd.store import Store
+from aegisd.store import contact_devices as cd
 from aegisd.store import cover as cover_slots
 from aegisd.store.db import Contact, MailboxRow
 
@@ -41,7 +42,18 @@ log = logging.getLogger("aegisd.messenger")
 
 MAILBOX_ROTATION = 7 * 24 * 3600  # seconds a per-contact receiving mailbox is used
 SETTING_ROTATION = "privacy.mailbox_rotation"
-ROTATION_KEY = "rotation.contact."  # + contact id: {"id", "old", "new"[, "acked"]}
+#: + contact id: {"id", "old", "new", "devices"[, "acked"]}; "devices": the contact's other
+#: devices (hex IDs) the rotation went to that have not acknowledged it yet.
+ROTATION_KEY = "rotation.contact."
+
+
+def awaiting_devices(store: Store, contact_id: int, pending: dict[str, Any]) -> list[str]:
+    """The devices of a rotation's contact that have not acknowledged it, among those it still
+    deposits to (a device removed or refused meanwhile waits no more): the old mailbox is
+    retired only once the session row and each of them acknowledged (docs/devices.md §5.5)."""
+    answered = {s.device_id.hex() for s in cd.device_sessions(store, contact_id)
+                if s.send_to is not None}  # fmt: skip
+    return [d for d in pending.get("devices", []) if d in answered]
 #: A contact that has not confirmed its new mailbox this long after a relay move (the relay's
 #: default message TTL: it was offline longer than its blocks could wait) is left behind:
 #: its old mailbox is deleted anyway.
@@ -110,7 +122,8 @@ class Rotation:
         """Rotations whose acknowledgement was stored but not yet acted on (a crash, a lock)."""
         for c in self.m.store.list_contacts():
             pending = self.m.store.get_setting(f"{ROTATION_KEY}{c.id}")
-            if pending is not None and pending.get("acked"):
+            if (pending is not None and pending.get("acked")
+                    and not awaiting_devices(self.m.store, c.id, pending)):  # fmt: skip
                 async with self.m.lock:
                     await self.finish(c, bytes.fromhex(pending["id"]))
 
@@ -140,8 +153,12 @@ class Rotation:
             )
             rotation_id = self.m.entropy.random(wire.MESSAGE_ID_LEN)
             with self.m.store.transaction():
+                # The same devices the delivery layer encrypts it for: those that answered.
+                devices = [s.device_id.hex() for s in cd.device_sessions(self.m.store, c.id)
+                           if s.send_to is not None]  # fmt: skip
                 self.m.store.set_setting(
-                    f"{ROTATION_KEY}{c.id}", {"id": rotation_id.hex(), "old": old.id, "new": new_id}
+                    f"{ROTATION_KEY}{c.id}",
+                    {"id": rotation_id.hex(), "old": old.id, "new": new_id, "devices": devices},
                 )
                 self.m.delivery.enqueue(
                     [Recipient(c, Session.from_bytes(blob))],

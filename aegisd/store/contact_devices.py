@@ -9,6 +9,10 @@ from dataclasses import dataclass
 
 from .db import Store
 
+#: The contact's ``sessions`` row named as a device (where a payload came in, or is to go: call
+#: signaling, docs/devices.md §9); its other devices are named by their IDs (16 bytes).
+ROW_DEVICE = b""
+
 
 @dataclass(frozen=True)
 class HeldList:

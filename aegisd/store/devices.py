@@ -1,10 +1,41 @@
 """The store's side of linking a device (aegisd/services/devices.py): what the new device's
-install writes besides the Store's own methods. The device list and this device's ID and key
-are settings (``devices.list``, ``devices.self``, ``devices.key``)."""
+install writes besides the Store's own methods, and the names of the device settings (this
+module owns them: services/devices.py, fanout.py, inbox.py and device_reset.py import them)."""
 
 from __future__ import annotations
 
+from aegisd.core.devices import DELETE_KEYS_SETTING
+
 from .db import Store
+
+#: This profile's own device list (hex of its bytes, docs/devices.md §3.1), this device's ID
+#: (hex) and its own Ed25519 device key (raw private, hex, never sent): docs/devices.md §4.5.
+SETTING_OWN_LIST = "devices.list"
+SETTING_SELF = "devices.self"
+SETTING_KEY = "devices.key"
+#: The contacts a list this device sent has not been acknowledged by yet: {contact id: version}.
+#: Sent again at the next unlock (a stop before the deposits, a contact's lost block).
+SETTING_AWAITING = "devices.awaiting"
+#: The list requests this device sent (§28.3): {contact id: [version, digest hex]}, the highest
+#: asked of each contact. An acknowledgement naming no higher list asks nothing.
+SETTING_REQUESTED = "devices.requested"
+#: The list requests answered: {contact id: version of the list sent}. Once per version.
+SETTING_ANSWERED = "devices.answered"
+#: Set with the install, cleared once E's "listed" came: E may not list this device.
+SETTING_UNCONFIRMED = "devices.unconfirmed"
+#: Every mailbox a link made and a crash would leave (E's link mailbox, N's reply mailbox and
+#: N's device mailbox until the install stores it), a list of descriptors in hex, so that
+#: each one a restart orphaned is deleted at the relay on the next connection (not left to
+#: its TTL, a link that waits for nobody). Owner keys only; the link secret is never stored.
+SETTING_LINK_MB = "devices.link_mailbox"
+#: How many devices may be linked to the first one (settings.set max_linked_devices, 1 to 5);
+#: the protocol's bound is MAX_DEVICES in all.
+SETTING_MAX_LINKED = "devices.max_linked"
+#: The delete capabilities this device holds for its other devices' mailboxes (docs/devices.md
+#: §6, §7): {device ID hex: [DeleteCap.to_json(), ...]}; `devices.remove` uses and drops them.
+#: A link's profile carries E's own under the same name, as a setting N never installs as one
+#: (the core names it: it reads a profile's).
+SETTING_DELETE_KEYS = DELETE_KEYS_SETTING
 
 
 def has_messages(store: Store) -> bool:

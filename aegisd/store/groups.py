@@ -125,6 +125,16 @@ def groups_with_member(store: Store, member_key: bytes) -> list[int]:
     return [int(r[0]) for r in rows]
 
 
+def groups_with_both(store: Store, me: bytes, member_key: bytes) -> list[int]:
+    """The groups here whose head lists both keys."""
+    rows = store.query(
+        "SELECT a.group_ref FROM group_members a JOIN group_members b"
+        " ON a.group_ref = b.group_ref WHERE a.member_key = ? AND b.member_key = ?",
+        (me, member_key),
+    ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
 def shares_group(store: Store, me: bytes, member_key: bytes) -> bool:
     """Whether some group here has both keys among its head's members."""
     return store.query(

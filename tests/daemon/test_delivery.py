@@ -4,7 +4,9 @@ tests/functional/)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,7 +17,9 @@ from aegisd.core.session import Reassembler, Session
 from aegisd.rpc import AppError
 from aegisd.services.delivery import NEVER, PENDING_DESTINATION, Delivery, DeliveryHooks, Recipient
 from aegisd.services.mailbox import ContactState, address_to_bytes
+from aegisd.services.messenger import Messenger
 from aegisd.store import Store, create_profile
+from aegisd.store import contact_devices as cd
 from aegisd.store.db import Contact
 from tests.support.parties import make_pair
 
@@ -109,3 +113,31 @@ def test_blocks_for_an_unanswered_contact_wait_addressed_to_nobody(store: Store)
     assert store.pending_blocks(now=NEVER - 1, limit=100) == []  # not due before the answer
     rows = store._q("SELECT destination, not_before FROM outbox").fetchall()
     assert rows == [(PENDING_DESTINATION, NEVER)]
+
+
+def test_call_signaling_goes_in_each_named_session_once(store: Store) -> None:
+    """Messenger.send_call_payload (docs/devices.md §9) with a session named twice in ``to``:
+    one encryption per session (two from one loaded copy of a session would reuse its message
+    key), through the real method, store and delivery; each device's own session opens it."""
+    d = _delivery(store)
+    bob, to_bob = _contact(store, "bob", 1)
+    row, dev = make_pair(), make_pair()
+    a2 = b"\xa2" * 16
+    to_a2 = address_to_bytes(wire.MailboxAddress(URL, b"\2" * wire.RELAY_ID_LEN, b"\2" * 32))
+    with store.transaction():
+        store.put_session(bob.id, row.a.to_bytes())
+        cd.put_device_session(store, bob.id, a2, dev.a.to_bytes(), 0)
+        cd.set_device_send_to(store, bob.id, a2, to_a2)
+    messenger = SimpleNamespace(loss=SimpleNamespace(check_usable=lambda: None),
+                                lock=asyncio.Lock(), store=store, delivery=d)  # fmt: skip
+    cancel = wire.CallPayload(b"\4" * wire.CALL_ID_LEN, wire.CALL_CANCEL)
+    went = asyncio.run(Messenger.send_call_payload(
+        messenger, bob.id, cancel, to=[cd.ROW_DEVICE, a2, cd.ROW_DEVICE, a2]  # type: ignore[arg-type]
+    ))  # fmt: skip
+    assert went == [cd.ROW_DEVICE, a2]
+    by_dest: dict[bytes, list[bytes]] = {}
+    for item in store.pending_blocks(now=2**62, limit=100):
+        by_dest.setdefault(item.destination, []).append(item.block)
+    assert {k: len(v) for k, v in by_dest.items()} == {address_to_bytes(to_bob): 1, to_a2: 1}
+    assert _open(row.b, by_dest[address_to_bytes(to_bob)]) == cancel
+    assert _open(dev.b, by_dest[to_a2]) == cancel

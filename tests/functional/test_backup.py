@@ -538,9 +538,9 @@ def test_renewal_sends_again_the_reactions_edits_deletions_and_replies(
 def test_the_file_carries_replies_edits_deletions_and_reactions(
     peers: Callable[[str], Peer], tmp_short: Path
 ) -> None:
-    """Backup version 4 (docs/backup.md §2 "Extras"): the restored history has the quotes, edit
-    marks, deletion marks and reactions of both sides, restored from the file alone (the
-    contact is stopped: nothing is sent again by a renewal). A quote of a message with a
+    """Backup version 4 and later (docs/backup.md §2 "Extras"): the restored history has the
+    quotes, edit marks, deletion marks and reactions of both sides, restored from the file
+    alone (the contact is stopped: nothing is sent again by a renewal). A quote of a message with a
     disappearing timer stays out of the file, with the timed message; so does a reaction the
     present rule refuses."""
     alice, bob = peers("alice"), peers("bob")
@@ -585,7 +585,7 @@ def test_the_file_carries_replies_edits_deletions_and_reactions(
     path = tmp_short / "alice.aegisbackup"
     alice.call("backup.export", {"path": str(path), "passphrase": PASS, **CHEAP})
     plain = fmt.decrypt(PASS, path.read_bytes())
-    assert plain[0] == 4
+    assert plain[0] == fmt.FORMAT_VERSION == 5  # the extras came in version 4
     for gone in ("secret timed words", "alice regret", "alice typo", "bob draft", "😀😀",
                  "[timer]"):  # timer lines: the timer's history, not messages
         assert gone.encode() not in plain, gone

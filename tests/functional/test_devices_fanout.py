@@ -126,7 +126,7 @@ def test_the_first_device_removed_by_the_second(peers: Callable[[str], Peer]) ->
     _link(a1, a2)
     _wait_two_devices(bob)
     # Mailbox rotations on both sides: A2's in its own session with Bob (acknowledged there),
-    # Bob's to every device of Alice's (done at the first device's acknowledgement).
+    # Bob's to every device of Alice's (done once both acknowledged).
     a2.call("contacts.rotate_mailbox", {"name": "bob"})
     a2.wait_for(lambda: a2.events(types=["contact.mailbox_rotated"]), "Bob's acknowledgement")
     bob.call("contacts.rotate_mailbox", {"name": "alice"})

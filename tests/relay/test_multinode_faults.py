@@ -178,6 +178,14 @@ def test_kill_9_of_a_node_behind_haproxy_loses_nothing(
     assert s.acked <= s.received  # every acknowledged deposit delivered
     out = lb.output()
     assert "127.0.0.1:" not in out  # HAProxy logs no connection (contrib: no `log`)
+    # The survivor read its queues again for the dead node's unannounced deposits, and said
+    # why: not as if its own listening connection had been lost.
+    survivor = next(n for n in nodes if n.proc is not None and n.proc.poll() is None)
+    deadline = time.monotonic() + 10
+    while "a relay node went away" not in survivor.output():
+        assert time.monotonic() < deadline, survivor.output()
+        time.sleep(0.2)
+    assert "storage notifications resumed" not in survivor.output()
 
 
 def test_postgres_restarted_mid_stream(relay_factory: Callable[..., RelayProcess],
@@ -230,6 +238,10 @@ def test_postgres_restarted_mid_stream(relay_factory: Callable[..., RelayProcess
         # The node that took the refused deposits said so; the other (a subscription only) may
         # not have touched the database while it was away.
         assert said
+        # Both made their listening connection again and read their queues.
+        for n in nodes:
+            assert "storage notifications resumed" in n.output()
+            assert "a relay node went away" not in n.output()
     finally:
         with contextlib.suppress(Exception):
             server.close()

@@ -17,6 +17,7 @@ from typing import Any
 from aegisd.calls.service import CallService
 from aegisd.core import wire
 from aegisd.core.primitives import SystemEntropy
+from aegisd.store.contact_devices import ROW_DEVICE
 
 E = SystemEntropy()
 
@@ -41,10 +42,15 @@ class FakeMessenger:
         self.entropy = E
         self.delay = delay
         self.sent: list[wire.CallPayload] = []
+        self.to: list[list[bytes] | None] = []  # each send's sessions (None: every device)
         self.delivery = SimpleNamespace(receipt_delay=lambda: self.delay)
 
-    async def send_call_payload(self, contact_id: int, payload: Any) -> None:
+    async def send_call_payload(
+        self, contact_id: int, payload: Any, to: list[bytes] | None = None
+    ) -> list[bytes]:
         self.sent.append(payload)
+        self.to.append(to)
+        return [ROW_DEVICE] if to is None else list(to)
 
 
 def service(delay: float) -> tuple[CallService, FakeMessenger]:

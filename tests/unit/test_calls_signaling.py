@@ -180,3 +180,20 @@ def test_fuzz_mutated_samples(data: st.DataObject) -> None:
 def test_fuzz_signal_decoder(data: bytes) -> None:
     with contextlib.suppress(DecodeError):
         signaling.decode_signal(CID, signaling.SIG_FROM_CALLER, data)
+
+
+def test_cancel_answered_elsewhere_round_trips_and_other_reasons_refused() -> None:
+    """CANCEL carries no byte (the caller gave up) or reason 3 (another device of the callee
+    answered: docs/protocol.md §21.1); any other reason byte is refused."""
+    p = wire.CallPayload(CID, wire.CALL_CANCEL, reason=wire.CALL_REASON_ANSWERED_ELSEWHERE)
+    encoded = wire.encode_payload(p)
+    assert encoded == b"\x01\x06" + CID + b"\x04\x03"
+    assert wire.decode_payload(encoded) == p
+    assert wire.decode_payload(encoded[:-1]) == wire.CallPayload(CID, wire.CALL_CANCEL)
+    for bad in (b"\x00", b"\x01", b"\x02", b"\x04"):
+        with pytest.raises(DecodeError):
+            wire.decode_payload(encoded[:-1] + bad)
+    with pytest.raises(DecodeError):
+        wire.decode_payload(encoded + b"\x00")
+    with pytest.raises(ValueError):
+        wire.encode_payload(wire.CallPayload(CID, wire.CALL_CANCEL, reason=wire.CALL_REASON_BUSY))

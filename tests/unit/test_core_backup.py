@@ -14,11 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aegisd.core import backup as fmt
+from aegisd.core import devices as dv
 from aegisd.core import group as g
 from aegisd.core import renewal, wire
 from aegisd.core.errors import DecodeError, DecryptionError, UnsupportedVersion
 from aegisd.core.identity import IdentityKeyPair
 from aegisd.core.primitives import SystemEntropy
+from aegisd.services import device_reset
+from aegisd.services import devices as devices_service
 from tests.support.groups import group_of
 
 E = SystemEntropy()
@@ -182,7 +185,7 @@ def test_passphrase_is_normalised() -> None:
 
 
 def test_contents_reject_bad_status_direction_and_attachments() -> None:
-    good = replace(sample_contents(1), groups=fmt.BackupGroups()).to_bytes()
+    good = replace(sample_contents(1), groups=fmt.BackupGroups()).to_bytes(4)
     with pytest.raises(DecodeError):
         fmt.BackupContents.from_bytes(good[:-24] + b"\x00\x00\x00\x01" + good[-20:])
     with pytest.raises(UnsupportedVersion):
@@ -225,7 +228,7 @@ def test_version_3_carries_the_groups() -> None:
     c = sample_contents()
     data = c.to_bytes(3)
     assert data[0] == 3 and fmt.BackupContents.from_bytes(data) == c
-    assert fmt.Header.from_bytes(fmt.encrypt(E, PASS, b"", KDF)).version == 4
+    assert fmt.Header.from_bytes(fmt.encrypt(E, PASS, b"", KDF)).version == 5
     # version 2: no joining list at the end (and IDs unique in the whole section); it reads
     v2 = replace(c, groups=replace(c.groups, joining=()))
     assert fmt.BackupContents.from_bytes(b"\x02" + v2.to_bytes(3)[1:-4]) == v2
@@ -293,12 +296,124 @@ def with_extras() -> fmt.BackupContents:
 
 def test_version_4_carries_replies_edits_deletions_and_reactions() -> None:
     c = with_extras()
-    data = c.to_bytes()
+    data = c.to_bytes(4)
     assert data[0] == 4 and fmt.BackupContents.from_bytes(data) == c
     with pytest.raises(ValueError):  # version 3 has no place for them
         c.to_bytes(3)
     plain = sample_contents()
     assert fmt.BackupContents.from_bytes(plain.to_bytes()) == plain
+
+
+def test_a_version_4_file_written_by_the_old_code_still_reads() -> None:
+    """tests/vectors/backup_v4.bin was made by the version-4 code (backup_v4.json says which
+    commit): it reads, with its extras and no devices (an import: a list of one device)."""
+    meta = json.loads((VECTORS_DIR / "backup_v4.json").read_text())
+    data = (VECTORS_DIR / "backup_v4.bin").read_bytes()
+    assert fmt.Header.from_bytes(data).version == 4
+    plain = fmt.decrypt(meta["passphrase"], data)
+    assert plain == bytes.fromhex(meta["contents_hex"]) and plain[0] == 4
+    c = fmt.BackupContents.from_bytes(plain)
+    assert c.devices == fmt.BackupDevices()
+    assert c.contacts[0].messages[0].extras.edits == 2
+    assert c.contacts[0].messages[2].extras.deleted
+    assert fmt.BackupContents.from_bytes(c.to_bytes(4)) == c
+    assert c.to_bytes(4) == plain
+    # a version-4 contents with a devices section after its groups is refused
+    with pytest.raises(DecodeError):
+        fmt.BackupContents.from_bytes(plain + b"\x00" + bytes(4))
+
+
+ALICE_LIST = dv.DeviceList.sign(ALICE, 1_700_000_000_000, [
+    dv.DeviceEntry(bytes([i]) * 16, MAILBOX, b"b" * 16, 5, bytes([i]) * 32) for i in (1, 2, 3)
+])  # fmt: skip
+CAP = fmt.BackupDeleteCap("wss://relay.example/v1/ws", b"o" * 16, b"k" * 32)
+
+
+def sample_devices() -> fmt.BackupDevices:
+    """Alice's list of three devices, and the delete keys held for two of them."""
+    return fmt.BackupDevices(ALICE_LIST.to_bytes(), (
+        (bytes([2]) * 16, (CAP,)),
+        (bytes([3]) * 16, (CAP, replace(CAP, relay_url="ws://127.0.0.1:1/v1/ws"))),
+    ))  # fmt: skip
+
+
+def test_version_5_carries_the_device_list_and_delete_keys() -> None:
+    c = replace(with_extras(), devices=sample_devices())
+    data = c.to_bytes()
+    assert data[0] == 5 and fmt.BackupContents.from_bytes(data) == c
+    assert "relay.example" not in repr(c.devices) and "k" * 8 not in repr(c.devices.delete_keys)
+    # the list is the signed list's bytes, as devices.py parses and checks them
+    again = fmt.BackupContents.from_bytes(data).devices
+    assert again.device_list is not None
+    assert dv.DeviceList.from_bytes(again.device_list) == ALICE_LIST
+    assert device_reset.check(again, ALICE.public) == ALICE_LIST
+    # no devices (a profile that never linked): a flag and an empty count
+    plain = sample_contents()
+    assert plain.to_bytes()[-5:] == bytes(5)
+    assert fmt.BackupContents.from_bytes(plain.to_bytes()).devices == fmt.BackupDevices()
+    assert device_reset.check(fmt.BackupDevices(), ALICE.public) is None
+    with pytest.raises(ValueError):  # version 4 has no place for them
+        c.to_bytes(4)
+    # the bounds are the protocol's and the daemon's
+    assert fmt.MAX_DEVICE_SETS == dv.MAX_DEVICES and fmt.DEVICE_ID_LEN == dv.DEVICE_ID_LEN
+    assert fmt.MAX_CAPS_PER_DEVICE == devices_service.MAX_CAPS_PER_DEVICE
+
+
+def test_version_5_refuses_a_non_zero_attachments_count() -> None:
+    """The attachments' count stays 0 in version 5: one before the groups and devices
+    sections (20 and 5 bytes when empty) is refused, as in versions 1 to 4."""
+    good = replace(sample_contents(1), groups=fmt.BackupGroups()).to_bytes()
+    assert good[0] == 5 and good[-29:-25] == bytes(4)
+    fmt.BackupContents.from_bytes(good)
+    with pytest.raises(DecodeError, match="attachments"):
+        fmt.BackupContents.from_bytes(good[:-29] + b"\x00\x00\x00\x01" + good[-25:])
+
+
+def test_devices_section_is_strict() -> None:
+    base = replace(sample_contents(), devices=fmt.BackupDevices())
+    head = base.to_bytes()[:-5]
+    good = replace(base, devices=sample_devices()).to_bytes()
+    section = good[len(head):]
+    lst = ALICE_LIST.to_bytes()
+    one = bytes([2]) * 16 + b"\x00\x00\x00\x01" + bytes([25]) + b"wss://relay.example/v1/ws" + (
+        b"o" * 16 + b"k" * 32)  # fmt: skip
+    var_list = b"\x01" + len(lst).to_bytes(4, "big") + lst
+    assert fmt.BackupContents.from_bytes(head + var_list + b"\x00\x00\x00\x01" + one)
+    for bad in (
+        b"\x02" + bytes(4),  # not a flag
+        b"\x01" + bytes(4) + bytes(4),  # an empty list
+        b"\x01" + (fmt.MAX_DEVICE_LIST_BYTES + 1).to_bytes(4, "big") + bytes(4),  # too long
+        b"\x00" + b"\x00\x00\x00\x01" + one,  # delete keys without a list
+        var_list + b"\x00\x00\x00\x02" + one + one,  # the same device twice
+        var_list + b"\x00\x00\x00\x07" + one * 7,  # more than MAX_DEVICES
+        var_list + b"\x00\x00\x00\x01" + bytes([2]) * 16 + bytes(4),  # a device with none
+        var_list + b"\x00\x00\x00\x01" + bytes([2]) * 16 + b"\x00\x00\x00\x11"
+        + one[20:] * 17,  # more than 16 delete keys for one device
+        var_list + b"\x00\x00\x00\x01" + bytes([2]) * 16 + b"\x00\x00\x00\x01"
+        + b"\x00" + b"o" * 16 + b"k" * 32,  # a delete key without its relay
+        section[:-1],  # truncated
+        section + b"\x00",  # trailing bytes
+    ):  # fmt: skip
+        with pytest.raises(DecodeError):
+            fmt.BackupContents.from_bytes(head + bad)
+    for wrong in (
+        fmt.BackupDevices(None, sample_devices().delete_keys),
+        fmt.BackupDevices(lst, sample_devices().delete_keys[::-1]),
+        fmt.BackupDevices(lst, ((bytes([2]) * 16, ()),)),
+        fmt.BackupDevices(b""),
+    ):
+        with pytest.raises(ValueError):
+            replace(base, devices=wrong).to_bytes()
+    # The importer's checks: the list signed by the backup's identity, delete keys of listed
+    # devices only (a ValueError or DecodeError: "the backup's contents are malformed").
+    forged = dv.DeviceList.sign(BOB, ALICE_LIST.version, ALICE_LIST.devices)
+    with pytest.raises(ValueError):
+        device_reset.check(replace(sample_devices(), device_list=forged.to_bytes()), ALICE.public)
+    unlisted = fmt.BackupDevices(lst, ((bytes([9]) * 16, (CAP,)),))
+    with pytest.raises(ValueError):
+        device_reset.check(unlisted, ALICE.public)
+    with pytest.raises(DecodeError):
+        device_reset.check(fmt.BackupDevices(b"\x01\x30"), ALICE.public)
 
 
 def test_extras_are_strict() -> None:
@@ -358,9 +473,9 @@ def test_groups_section_is_strict() -> None:
             continue  # the writer refuses it too
         with pytest.raises(DecodeError):
             fmt.BackupContents.from_bytes(raw)
-    good = base.to_bytes()
-    one_contact = fmt.BackupContents(**{**base.__dict__, "groups": fmt.BackupGroups()}).to_bytes()
-    at = len(one_contact) - 20  # where the groups section starts
+    good = base.to_bytes(4)
+    one_contact = fmt.BackupContents(**{**base.__dict__, "groups": fmt.BackupGroups()}).to_bytes(4)
+    at = len(one_contact) - 20  # where the groups section starts (version 4: the last one)
     assert good[at : at + 8] == b"\x00\x00\x00\x01\x00\x00\x00\x00"  # group contacts: [0]
     with pytest.raises(DecodeError):  # an index past the contacts
         fmt.BackupContents.from_bytes(good[: at + 4] + b"\x00\x00\x00\x05" + good[at + 8 :])
@@ -436,8 +551,10 @@ def test_renew_payload_is_strict() -> None:
 # --- fuzz -------------------------------------------------------------------------------------
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-CONTENTS = with_extras().to_bytes()  # version 4, with groups and extras: the fuzz reaches them
-GROUPS_AT = len(replace(sample_contents(), groups=fmt.BackupGroups()).to_bytes()) - 20
+# version 5, with groups, extras and devices: the fuzz reaches them
+CONTENTS = replace(with_extras(), devices=sample_devices()).to_bytes()
+GROUPS_AT = len(replace(sample_contents(), groups=fmt.BackupGroups()).to_bytes()) - 25
+DEVICES_AT = len(replace(with_extras(), devices=fmt.BackupDevices()).to_bytes()) - 5
 FILE = fmt.encrypt(E, PASS, CONTENTS, KDF)
 BLOCK = renewal.seal(E, ALICE, BOB.public, wire.encode_payload(RENEW))
 
@@ -461,6 +578,8 @@ def test_random_bytes(data: bytes) -> None:
     _parse_all(b"\x01\x30" + data)
     _parse_all(b"\x02\x30" + data)
     _parse_all(CONTENTS[:GROUPS_AT] + data)  # a groups section of random bytes
+    _parse_all(CONTENTS[:DEVICES_AT] + data)  # a devices section of random bytes
+    _parse_all(CONTENTS[:DEVICES_AT] + b"\x01" + data)
 
 
 @FUZZ
@@ -503,8 +622,11 @@ def test_settings_are_json() -> None:
 
 def test_backup_md_states_the_group_bounds() -> None:
     text = (Path(__file__).parent.parent.parent / "docs" / "backup.md").read_text()
-    assert "format version: `0x04` written; `0x01`, `0x02`, `0x03` and `0x04` read" in text
-    assert fmt.FORMAT_VERSION == 4 and fmt.READABLE_VERSIONS == (1, 2, 3, 4)
+    assert "format version: `0x05` written; `0x01` to `0x05` read" in text
+    assert fmt.FORMAT_VERSION == 5 and fmt.READABLE_VERSIONS == (1, 2, 3, 4, 5)
+    assert f"`var({fmt.MAX_DEVICE_LIST_BYTES})` the device list" in text
+    assert f"`u32 n` (≤ {fmt.MAX_DEVICE_SETS}) devices" in text
+    assert f"`u32 k` (1 to {fmt.MAX_CAPS_PER_DEVICE})" in text
     assert f"(≤ {fmt.MAX_REACTIONS}; in a conversation ≤ 2)" in text
     assert f"`var({fmt.MAX_GROUP_LOG_BYTES >> 20} MiB)`" in text
     assert f"groups | `u32 n` (≤ {fmt.MAX_GROUPS:,})" in text

@@ -625,6 +625,36 @@ def test_a_removed_device_holding_the_identity_key_cannot_pass_for_a_listed_one(
         altered.check(IDENTITY.public, LISTED, EK)
 
 
+def test_a_first_contact_opens_with_a_hello_bound_to_its_own_ek() -> None:
+    """initiate_session gives a content callable the session's EK_A.pub (the block prefix's):
+    the receiver checks the hello with the EK of the block it opened, and a hello lifted into
+    another session (another EK) does not prove the device (docs/protocol.md §28.4)."""
+    from aegisd.core import pqxdh
+    from aegisd.core.session import accept_first_contact, initiate_session
+    from tests.support.parties import bob_with_store
+
+    entropy = DeterministicEntropy(b"first contact")
+    _bob, store, xs, kems = bob_with_store(entropy)
+    seen: list[bytes] = []
+
+    def content(ek: bytes) -> bytes:
+        seen.append(ek)
+        return d.encode_device_payload(hello(2, ek=ek))
+
+    blocks = []
+    for i in range(2):
+        bundle = pqxdh.verify_bundle(store.bundle_base().to_bytes(), xs[i], kems[i])
+        blocks.append(initiate_session(entropy, IDENTITY, bundle, content)[1])
+    eks = [wire.FirstContactPrefix.from_block(b).ephemeral_pub for b in blocks]
+    assert seen == eks and eks[0] != eks[1]
+    fc = accept_first_contact(entropy, store, blocks[0])
+    got = d.decode_device_payload(fc.fragment.data)
+    assert isinstance(got, d.DeviceHello)
+    assert got.check(fc.sender, LISTED, eks[0]) == device(2)
+    with pytest.raises(d.ForgedDeviceProof):
+        got.check(fc.sender, LISTED, eks[1])
+
+
 def test_a_bundle_proves_the_listed_device_key() -> None:
     base = b"bundle base" * 100
     data = d.device_bundle(DEVICE_KEYS[2][0], IDENTITY.public, device(2).device_id, base)
