@@ -369,13 +369,7 @@ class Inbox:
             known is not None
             and not known.blocked
             and self.m.store.get_setting(SETTING_OWN_LIST) is not None
-            and (
-                (self._introduced_elsewhere(known) and hello.invitation_id == wire.DEVICE_SESSION)
-                or (
-                    self.m.store.get_session(known.id) is None
-                    and self.m.store.mailbox_for_contact(known.id) is None  # not restored
-                )
-            )
+            and self._device_session_of(known, hello)
         ):
             await self._device_session(known, fc.session, hello.reply_to, None)
             return
@@ -455,6 +449,21 @@ class Inbox:
         self.m.mailboxes.reload()
         self.m.cover.changed()
         self.m.delivery.wake()
+
+    def _device_session_of(self, c: Contact, hello: wire.HelloPayload) -> bool:
+        """Whether a hello (0x03) first contact from contact ``c``, at this device holding a
+        list, is its session rather than a request: a contact known without a session (its
+        profile came by a link) or one whose introduction another device of ours opened.
+        A group-only contact's must be tagged DEVICE_SESSION (its fanout's opening): an
+        untagged one is its ``contacts.add``, a request, never swallowed as hidden."""
+        fresh = (
+            self.m.store.get_session(c.id) is None
+            and self.m.store.mailbox_for_contact(c.id) is None  # not a restored contact
+        )
+        if not group_store.is_group_contact(self.m.store, c.id):
+            return fresh
+        tagged = hello.invitation_id == wire.DEVICE_SESSION
+        return tagged and (fresh or self._introduced_elsewhere(c))
 
     def _introduced_elsewhere(self, c: Contact) -> bool:
         """A group member this device opened an introduction link to (a group-only contact

@@ -122,3 +122,55 @@ def test_a_member_added_after_the_link_reaches_both_devices(peers: Callable[[str
     for a in (a1, a2):  # dave is a group-only contact on each, never a request
         assert a.call("requests.list")["requests"] == []
         assert [c["name"] for c in a.call("contacts.list")["contacts"]] == ["bob"]
+
+
+def _requests_from(peers_: tuple[Peer, ...]) -> int:
+    return sum(len(p.call("requests.list")["requests"]) for p in peers_)
+
+
+def test_a_contacts_add_to_a_device_with_a_list_is_a_request(
+    peers: Callable[[str], Peer],
+) -> None:
+    """A first contact a member's fanout did not open (its contacts.add: a hello without the
+    device-session tag) at a device with a list is a contact request, never taken as a
+    hidden group contact (docs/devices.md §5.5): from a member, a non-member, and a member
+    removed from the group."""
+    a1, bob, carol, eve = peers("alice"), peers("bob"), peers("carol"), peers("eve")
+    connect(bob, a1)
+    connect(bob, carol)
+    g = bob.call("group.create", {"name": "asks"})["group"]
+    for n, p in enumerate((a1, carol), 2):
+        bob.call("group.invite", {"group": g, "contact": p.name})
+        p.call("group.accept", {"invitation": invited(p)})
+        p.wait_for(lambda n=n, p=p: len(members(p)) == n, f"{p.name}'s add", T)
+    a1.wait_for(lambda: len(members(a1)) == 3, "alice to see three members", T)
+    ed_carol = key_of(carol)
+    a1.wait_for(lambda: members(a1)[ed_carol]["reachable"], "alice's session to carol", T)
+    a2 = peers("alice2")
+    _link(a1, a2)
+    _wait_two_devices(carol)  # Carol's tagged session with A2: a hidden group contact there
+    assert len(hidden_contacts(a2)) == 1
+    assert a2.call("requests.list")["requests"] == []
+    # Both forget each other (Alice on both devices), Carol staying in the group held: her
+    # contacts.add to Alice's address must show as a request, not vanish into the group.
+    for p in (a1, a2, carol):
+        (hidden,) = hidden_contacts(p)
+        p.call("contacts.remove", {"name": hidden})
+    link = a1.call("address.get")["link"]
+    carol.call("contacts.add", {"name": "alice", "link": link})
+    a1.wait_for(lambda: _requests_from((a1, a2)) == 1, "carol's request", T)
+    assert hidden_contacts(a1) == hidden_contacts(a2) == []
+    # A non-member's: a request too.
+    eve.call("contacts.add", {"name": "alice", "link": link})
+    a1.wait_for(lambda: _requests_from((a1, a2)) == 2, "eve's request", T)
+    # A removed member's (Carol out of the group, then her request again, to a fresh link
+    # of hers: the same identity merges into her request, so count names instead).
+    bob.call("group.remove", {"group": g, "member": "carol"})
+    a1.wait_for(lambda: ed_carol not in members(a1), "carol's removal on A1", T)
+    carol.call("contacts.remove", {"name": "alice"})
+    carol.call("contacts.add", {"name": "alice again", "link": link})
+    a1.wait_for(
+        lambda: len(a1.call("requests.list")["requests"] + a2.call("requests.list")["requests"])
+        == 2 and not hidden_contacts(a1) and not hidden_contacts(a2),
+        "carol's request after her removal", T,
+    )  # fmt: skip
