@@ -994,7 +994,9 @@ class Devices:
             contents = fmt.BackupContents.from_bytes(profile.profile)
             for c in contents.contacts:
                 PublicIdentity.from_record(c.identity)
-            logs = linked_groups.check(contents.groups)
+            logs = await asyncio.to_thread(
+                linked_groups.check, contents.groups, len(contents.contacts)
+            )
         except (DecodeError, ProtocolError, ValueError):
             raise AppError(
                 E_DEVICE_LINK, "bad_profile", "the profile received is malformed"

@@ -6,8 +6,8 @@ A group is per identity, so the new device is the same member as the device that
 with the log it shows the group, applies the changes members send it and sends to the
 members, once they opened sessions with it (they learn the person's device list in their
 pairwise sessions, docs/devices.md §5.5). What the profile leaves out (invitations received
-or sent, a join under way, the groups' timers, history) and the groups made or changed on
-one device after the link reach the others only by sync (§6, not built).
+or sent, a group whose join is under way, the groups' timers, history) and the groups made
+or changed on one device after the link reach the others only by sync (§6, not built).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from aegisd.core.identity import PublicIdentity
 from aegisd.store import Store
 from aegisd.store import groups as G
 
+from .groups_state import JOINING_KEY
 from .mailbox import ContactState
 
 
@@ -43,17 +44,37 @@ def _groups_out(store: Store, index: dict[int, int]) -> fmt.BackupGroups:
     """The groups; ``index``: contact id -> its place in the profile's contacts (a
     group-only contact not carried takes nothing with it)."""
     hidden = tuple(sorted(index[cid] for cid in G.group_contact_ids(store) if cid in index))
-    groups = tuple(
-        fmt.BackupGroup(wire.GroupLogRecord.from_bytes(row.log), row.created_at, ())
-        for row in G.list_groups(store)
-    )  # fmt: skip
-    return fmt.BackupGroups(hidden, groups)
+    groups = []
+    for row in G.list_groups(store):
+        if store.get_setting(f"{JOINING_KEY}{row.id}") is not None:
+            continue  # a join under way: its member list is the inviter's word, unproven
+        # as the core loads it (what a load drops goes here), so the new device's check
+        # below finds every change it carries
+        log = core_group.GroupLog.from_record(wire.GroupLogRecord.from_bytes(row.log))
+        groups.append(fmt.BackupGroup(log.record(), row.created_at, ()))
+    return fmt.BackupGroups(hidden, tuple(groups))
 
 
-def check(groups: fmt.BackupGroups) -> list[core_group.GroupLog]:
+def check(groups: fmt.BackupGroups, contacts: int) -> list[core_group.GroupLog]:
     """Each log as the core loads it (raises GroupError, BundleError, ValueError): its head
-    gives the members, never the profile's word."""
-    return [core_group.GroupLog.from_record(g.log) for g in groups.groups]
+    gives the members, never the profile's word. A profile carries no group messages,
+    invitations or joins (ValueError), nor a log whose load drops a change (the link's
+    profile carries the log as loaded: one that drops a change was not made by a device);
+    ``contacts``: how many contacts it carries, for the group-only indices. CPU-bound
+    (a signature per change): the caller runs it off the event loop."""
+    if groups.invitations or groups.sent_invites or groups.joining:
+        raise ValueError("a link's profile carries no invitations or joins")
+    if any(i >= contacts for i in groups.group_contacts):
+        raise ValueError("a group contact out of range")
+    logs = []
+    for g in groups.groups:
+        if g.messages:
+            raise ValueError("a link's profile carries no group messages")
+        log = core_group.GroupLog.from_record(g.log)
+        if len(log.record().changes) != len(g.log.changes):
+            raise ValueError("a group log that drops a change on load")
+        logs.append(log)
+    return logs
 
 
 def install(store: Store, groups: fmt.BackupGroups, logs: list[core_group.GroupLog],
