@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from aegisd.store import contact_devices as cd
 from tests.functional.conftest import Peer, connect
 from tests.functional.test_devices_fanout import _link, _wait_two_devices
 from tests.functional.test_groups import (
@@ -21,6 +22,7 @@ from tests.functional.test_groups import (
     members,
     texts,
 )
+from tests.functional.test_hostile_contact import offline_store
 
 T = 60.0
 
@@ -119,9 +121,29 @@ def test_a_member_added_after_the_link_reaches_both_devices(peers: Callable[[str
     dave.call("group.send", {"group": gd, "text": "from dave"})
     for a in (a1, a2):
         a.wait_for(lambda a=a: "from dave" in texts(a), f"dave's on {a.name}", T)
-    for a in (a1, a2):  # dave is a group-only contact on each, never a request
+    for a in (a1, a2):  # dave is a group-only contact on each, never a request nor shown
         assert a.call("requests.list")["requests"] == []
         assert [c["name"] for c in a.call("contacts.list")["contacts"]] == ["bob"]
+        shown = [e["data"]["contact"] for e in a.events(types=["contact.added",
+                                                               "contact.established"])]
+        assert not [n for n in shown if n.startswith("member ")], shown
+    # Which route admitted him where: Dave's session row is with the device whose first
+    # contact took his introduction link; the other device holds the session Dave's fanout
+    # opened (a device session with it), not a second introduction nor a request.
+    this = {a.name: next(d["id"] for d in a.call("devices.list")["devices"] if d["this_device"])
+            for a in (a1, a2)}  # fmt: skip
+    (alice,) = hidden_contacts(dave)
+    s = offline_store(dave)
+    try:
+        c = s.contact_by_name(alice)
+        assert c is not None
+        held = cd.held_list(s, c.id)
+        assert held is not None and held.session_device is not None
+        row = held.session_device.hex()
+        opened = {ds.device_id.hex() for ds in cd.device_sessions(s, c.id)}
+    finally:
+        s.close()
+    assert row in this.values() and opened == set(this.values()) - {row}
 
 
 def _requests_from(peers_: tuple[Peer, ...]) -> int:
