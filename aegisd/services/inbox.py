@@ -776,7 +776,9 @@ class Inbox:
                 due=SLOT_WAIT if self.m.cover.active() else 0,
             )
             self.m.cover.changed()
-            if not self.m.renewals.on_hello(c):
+            if not self.m.renewals.on_hello(c) and not group_store.is_group_contact(
+                self.m.store, c.id
+            ):  # a group contact is hidden: not announced
                 self.m.ctx.events.emit("contact.established", {"contact": c.name})
             # Established after this device's list went: it gets the list now (§5.3).
             self.m.fanout.send_held(c.id)
