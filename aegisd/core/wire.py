@@ -1313,6 +1313,12 @@ class HelloPayload:
     invitation_id: bytes  # empty when not answering a one-time invitation
 
 
+# A hello's invitation_id carrying this (14 bytes: never a 16-byte invitation ID) opens a
+# device session (docs/protocol.md §28.4): set only by a device without a list opening a
+# session with a contact's or group member's listed device, never by a contact request.
+DEVICE_SESSION = b"device-session"
+
+
 @dataclass(frozen=True)
 class MailboxPayload:
     """A rotated mailbox: deposit here from now on (after acknowledging `rotation_id`)."""

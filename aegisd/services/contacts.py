@@ -300,8 +300,11 @@ class Contacts:
         reply_to: wire.MailboxAddress,
         mb_id: int,
         mb: OwnedMailbox,
+        *,
+        emit: bool = True,
     ) -> Contact:
-        """Create the contact and answer with our mailbox (inside a transaction)."""
+        """Create the contact and answer with our mailbox (inside a transaction); ``emit``
+        False: a hidden group contact, not announced."""
         name = self.unique_name(clean_name(name))
         cid = self.m.store.add_contact(
             name, identity_key=identity.to_bytes(), state=ContactState(reply_to, True).to_bytes()
@@ -314,7 +317,8 @@ class Contacts:
         self.m.store.enqueue_blocks(address_to_bytes(reply_to), blocks, contact_id=cid)
         # A contact added after this device's list went gets the list now (§5.3).
         self.m.fanout.send_held(cid)
-        self.m.ctx.events.emit("contact.added", {"contact": name, "established": True})
+        if emit:
+            self.m.ctx.events.emit("contact.added", {"contact": name, "established": True})
         c = self.m.store.get_contact(cid)
         assert c is not None
         return c

@@ -54,6 +54,7 @@ from aegisd.store.devices import SETTING_OWN_LIST as SETTING_LIST
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
 from relay.client import RelayClient, RelayError
 
+from . import linked_groups
 from .backup import RESTORABLE, SETTING_TIMERS
 from .contacts import SETTING_NAME
 from .inbox import clean_name
@@ -760,18 +761,10 @@ class Devices:
         caps = self._own_caps(current)
         own = {self.self_id().hex(): [c.to_json() for c in caps]} if caps else {}
         settings.append((SETTING_DELETE_KEYS, json.dumps(own)))
-        hidden = set(G.group_contact_ids(store))
-        contacts = []
-        for c in store.list_contacts():
-            state = ContactState.from_bytes(c.state)
-            if c.identity_key is None or not state.established or c.id in hidden:
-                continue
-            contacts.append(fmt.BackupContact(
-                c.name, PublicIdentity.from_bytes(c.identity_key).record(), c.verified,
-                c.blocked, c.created_at, None, (), ()))  # fmt: skip
+        contacts, groups = linked_groups.contacts_and_groups(store)
         contents = fmt.BackupContents(
             _ms(), ed_priv, x_priv, self.m.identity().public.binding_sig,
-            str(store.get_setting(SETTING_NAME, "")), tuple(settings), tuple(contacts), (),
+            str(store.get_setting(SETTING_NAME, "")), tuple(settings), contacts, (), groups,
         )  # fmt: skip
         return dv.LinkProfile(ed_priv, x_priv, self.m.identity().public.binding_sig, current,
                               contents.to_bytes(4))  # fmt: skip  # 4: older devices read it, §4.2
@@ -1002,6 +995,9 @@ class Devices:
             contents = fmt.BackupContents.from_bytes(profile.profile)
             for c in contents.contacts:
                 PublicIdentity.from_record(c.identity)
+            logs = await asyncio.to_thread(
+                linked_groups.check, contents.groups, len(contents.contacts)
+            )
         except (DecodeError, ProtocolError, ValueError):
             raise AppError(
                 E_DEVICE_LINK, "bad_profile", "the profile received is malformed"
@@ -1024,6 +1020,7 @@ class Devices:
                     if (name in RESTORABLE and name not in NOT_CARRIED
                             and isinstance(parsed, RESTORABLE[name])):  # fmt: skip
                         store.set_setting(name, parsed)
+                cids = []
                 for bc in contents.contacts:
                     cid = store.add_contact(
                         m.contacts.unique_name(clean_name(bc.name, "contact")),
@@ -1033,6 +1030,8 @@ class Devices:
                     store_devices.set_contact_flags(
                         store, cid, bc.verified, bc.blocked, bc.created_at
                     )
+                    cids.append(cid)
+                linked_groups.install(store, contents.groups, logs, cids)
                 self._store_list(new)
                 for device_id, caps in _profile_caps(contents, new, self.self_id()):
                     self._keep_caps(device_id, caps)
@@ -1048,7 +1047,7 @@ class Devices:
             except Exception as exc:  # the next unlock reloads them
                 log.warning("after a device link's install, reloading the mailboxes failed "
                             "(%s)", type(exc).__name__)  # fmt: skip
-        return len(contents.contacts)
+        return len(contents.contacts) - len(contents.groups.group_contacts)  # shown ones
 
     async def _publish(self, made: OwnedMailbox) -> str | None:
         """After the install and "installed": the address mailbox (stored by the install)

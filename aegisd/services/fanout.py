@@ -52,7 +52,6 @@ from aegisd.core.session import Session, initiate_session
 from aegisd.rpc import AppError
 from aegisd.store import Store
 from aegisd.store import contact_devices as cd
-from aegisd.store import groups as group_store
 from aegisd.store.db import Contact
 from aegisd.store.devices import (
     SETTING_ANSWERED,
@@ -174,10 +173,8 @@ class Fanout:
         told = 0
         with store.transaction():
             for c in store.list_contacts():
-                if (only is not None and c.id not in only) or group_store.is_group_contact(
-                    store, c.id
-                ):
-                    continue  # a member known through a group only: groups are not fanned out
+                if only is not None and c.id not in only:
+                    continue  # a group-only contact is told too: it sends to every device
                 blob = store.get_session(c.id)
                 state = ContactState.from_bytes(c.state)
                 row = store.mailbox_for_contact(c.id)
@@ -610,13 +607,13 @@ class Fanout:
     def _first_payload(self, reply: wire.MailboxAddress) -> bytes | Callable[[bytes], bytes]:
         """The first payload of a session this device opens with a contact's device: with a
         list of our own, a device hello bound to the session's EK_A.pub (§28.4), which the
-        contact's device checks under our list; without one, a hello (0x03) as from any
-        one-device person."""
+        contact's device checks under our list; without one, a hello (0x03) carrying
+        DEVICE_SESSION, so a group member's session is not taken for a contact request."""
         own, me, key = (self.m.store.get_setting(n) for n in (SETTING_OWN_LIST, SETTING_SELF,
                                                                SETTING_KEY))  # fmt: skip
         if own is None or me is None or key is None:
             name = str(self.m.store.get_setting(SETTING_NAME, ""))
-            return wire.encode_payload(wire.HelloPayload(reply, name, b""))
+            return wire.encode_payload(wire.HelloPayload(reply, name, wire.DEVICE_SESSION))
         version = dv.DeviceList.from_bytes(bytes.fromhex(str(own))).version
         public = self.m.identity().public
         priv, self_id = bytes.fromhex(str(key)), bytes.fromhex(str(me))

@@ -82,6 +82,9 @@ class Groups(GroupBase):
     def introduced(self, invitation_id: bytes, contact_id: int) -> None:
         self.inbound.introduced(invitation_id, contact_id)
 
+    def member_session(self, contact_id: int) -> None:
+        self.inbound.member_session(contact_id)
+
     # --- the user's calls -----------------------------------------------------------------
 
     async def create(self, name: str, description: str = "") -> dict[str, Any]:

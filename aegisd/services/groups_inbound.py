@@ -374,6 +374,15 @@ class GroupInbound(GroupBase):
             return None
         return bool(sender.ed_pub.hex() == wanted)
 
+    def member_session(self, contact_id: int) -> None:
+        """A member opened a device session with this device, its introduction having gone
+        to another device of ours: a group contact, given the groups' timers as an
+        introduced one is (inside the transaction, §25.11)."""
+        G.mark_group_contact(self.m.store, contact_id)
+        c = self.m.store.get_contact(contact_id)
+        if c is not None:
+            self.actions.share_timer(c)
+
     def introduced(self, invitation_id: bytes, contact_id: int) -> None:
         """The member's session is established: a group contact (inside the transaction)."""
         self.m.store.set_setting(f"{INTRO_KEY}{invitation_id.hex()}", None)

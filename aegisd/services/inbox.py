@@ -53,6 +53,7 @@ from relay.client import Message, RelayClient, RelayError
 
 from .context import ServiceContext
 from .delivery import PENDING_DESTINATION, Delivery, Recipient
+from .groups_state import JOINING_KEY
 from .mailbox import ContactState, OwnedMailbox, address_to_bytes
 from .mailboxes import Mailboxes
 from .rotation import ROTATION_KEY, awaiting_devices
@@ -155,7 +156,7 @@ class ContactsView(Protocol):
     def with_identity(self, identity: PublicIdentity) -> Contact | None: ...
     def establish(
         self, name: str, identity: PublicIdentity, session: Session,
-        reply_to: wire.MailboxAddress, mb_id: int, mb: OwnedMailbox,
+        reply_to: wire.MailboxAddress, mb_id: int, mb: OwnedMailbox, *, emit: bool = True,
     ) -> Contact: ...  # fmt: skip
 
 
@@ -188,6 +189,7 @@ class GroupsView(Protocol):
         self, invitation_id: bytes, sender: PublicIdentity
     ) -> bool | None: ...
     def introduced(self, invitation_id: bytes, contact_id: int) -> None: ...
+    def member_session(self, contact_id: int) -> None: ...
 
 
 _GROUP_PAYLOADS = (
@@ -399,11 +401,15 @@ class Inbox:
         if (
             known is not None
             and not known.blocked
-            and self.m.store.get_session(known.id) is None
-            and self.m.store.mailbox_for_contact(known.id) is None  # not a restored contact
             and self.m.store.get_setting(SETTING_OWN_LIST) is not None
+            and self._device_session_of(known, hello)
         ):
             await self._device_session(known, fc.session, hello.reply_to, None)
+            return
+        if known is None and hello.invitation_id == wire.DEVICE_SESSION and self._held_member(
+            fc.sender
+        ):
+            await self._member_session(fc.sender, fc.session, hello.reply_to)
             return
         with self.m.store.transaction():
             self.m.store.put_identity(self.m.prekeys.to_bytes())  # burnt one-time keys
@@ -442,16 +448,84 @@ class Inbox:
                 },
             )
 
+    def _held_member(self, sender: PublicIdentity) -> bool:
+        """Whether ``sender``, not us, is a member of a group this device is a member of by
+        the group's proven head: not one we were removed from (the head no longer lists us)
+        nor one whose join is under way (its member list is the inviter's word, unproven)."""
+        assert self.m.prekeys is not None
+        store = self.m.store
+        me = self.m.prekeys.identity.public.ed_pub
+        if store.get_setting(SETTING_OWN_LIST) is None or sender.ed_pub == me:
+            return False
+        return any(
+            store.get_setting(f"{JOINING_KEY}{ref}") is None
+            for ref in group_store.groups_with_both(store, me, sender.ed_pub)
+        )
+
+    async def _member_session(
+        self, sender: PublicIdentity, session: Session, reply_to: wire.MailboxAddress
+    ) -> None:
+        """A member of a group this device holds, no contact of it, opened a device session
+        with it (tagged so: a device hello, or a hello carrying DEVICE_SESSION) having learned
+        the person's device list from another of its devices (the one that opened the
+        member's introduction, docs/devices.md §5.5): a group contact, as the introduction
+        would have made it here, without a request."""
+        assert self.m.prekeys is not None
+        mb_id, mb = await self.m.mailboxes.create("contact", public=False)
+        with self.m.store.transaction():
+            self.m.store.put_identity(self.m.prekeys.to_bytes())
+            name = f"member {sender.ed_pub.hex()[:12]}"  # as an introduction names it
+            made = self.m.contacts.establish(
+                name, sender, session, reply_to, mb_id, mb, emit=False  # hidden: not announced
+            )
+            self.m.groups.member_session(made.id)
+        self.m.mailboxes.reload()
+        self.m.cover.changed()
+        self.m.delivery.wake()
+
+    def _device_session_of(self, c: Contact, hello: wire.HelloPayload) -> bool:
+        """Whether a hello (0x03) first contact from contact ``c``, at this device holding a
+        list, is its session rather than a request: a contact known without a session (its
+        profile came by a link) or one whose introduction another device of ours opened.
+        A group-only contact's must be tagged DEVICE_SESSION (its fanout's opening): an
+        untagged one is its ``contacts.add``, a request, never swallowed as hidden."""
+        fresh = (
+            self.m.store.get_session(c.id) is None
+            and self.m.store.mailbox_for_contact(c.id) is None  # not a restored contact
+        )
+        if not group_store.is_group_contact(self.m.store, c.id):
+            return fresh
+        tagged = hello.invitation_id == wire.DEVICE_SESSION
+        return tagged and (fresh or self._introduced_elsewhere(c))
+
+    def _introduced_elsewhere(self, c: Contact) -> bool:
+        """A group member this device opened an introduction link to (a group-only contact
+        not established): another device of ours opened it first, the member learned our
+        list from that device and now opens a session with this one (docs/devices.md §5.5)."""
+        return group_store.is_group_contact(self.m.store, c.id) and not ContactState.from_bytes(
+            c.state
+        ).established
+
     async def _first_contact_of_device(
         self, row: MailboxRow, block: bytes, fc: FirstContact, payload: dv.DevicePayload
     ) -> wire.HelloPayload | None:
         """A first contact whose first payload is a device hello (docs/protocol.md §28.4): a
         session with a device of a known contact, checked under that contact's list
-        (fanout.py), never a contact request. From an identity that is no contact (one added
-        on another device of this person: contacts are not synced yet), a contact request as
-        a hello (0x03) without a name would make: returned for that path."""
+        (fanout.py), never a contact request. From an identity that is no contact: a member
+        of a group this device holds is its group contact (§25.7); anyone else (one added on
+        another device of this person: contacts are not synced yet) makes the contact
+        request a hello (0x03) without a name would make: returned for that path."""
         assert self.m.prekeys is not None
         known = self.m.contacts.with_identity(fc.sender)
+        if (
+            isinstance(payload, dv.DeviceHello)
+            and known is None
+            and row.role == "address"
+            and self.m.mailboxes.peer_url_ok(payload.reply.relay_url)
+            and self._held_member(fc.sender)
+        ):
+            await self._member_session(fc.sender, fc.session, payload.reply)
+            return None
         if isinstance(payload, dv.DeviceHello) and known is None:
             return wire.HelloPayload(payload.reply, "", b"")
         if (
@@ -463,6 +537,10 @@ class Inbox:
         ):
             self.m.store.put_identity(self.m.prekeys.to_bytes())  # one-time keys stay burnt
             droplog.dropped("dropped a device hello out of place")
+            return None
+        if self._introduced_elsewhere(known):
+            # its list follows in the session (device_answered checks the device then)
+            await self._device_session(known, fc.session, payload.reply, None)
             return None
         ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
         with self.m.store.transaction():
@@ -477,15 +555,22 @@ class Inbox:
         self, c: Contact, session: Session, reply_to: wire.MailboxAddress,
         device_id: bytes | None,
     ) -> None:  # fmt: skip
-        """A contact this linked device knows without a session (its profile came by a link)
-        opened one with it, having learned of it from the person's device list (docs/devices.md
-        §5.2): the contact's session (with ``device_id``, when its hello proved it), answered
-        with a mailbox of this device's own."""
+        """A contact this linked device knows without a session (its profile came by a link,
+        or its introduction went to another device of ours) opened one with it, having learned
+        of it from the person's device list (docs/devices.md §5.2): the contact's session
+        (with ``device_id``, when its hello proved it), answered with a mailbox of this
+        device's own (the one its introduction made, if any)."""
         assert self.m.prekeys is not None
-        mb_id, mb = await self.m.mailboxes.create("contact", public=False)
+        row = self.m.store.mailbox_for_contact(c.id)
+        if row is not None:
+            mb_id, mb = row.id, OwnedMailbox.from_bytes(row.descriptor)
+        else:
+            mb_id, mb = await self.m.mailboxes.create("contact", public=False)
         try:
             with self.m.store.transaction():
                 self.m.store.put_identity(self.m.prekeys.to_bytes())
+                if row is not None:  # what waits for the introduction's dead session goes
+                    self.m.delivery.drop_outbox_of(self.m.store, {c.id})
                 self.m.store.set_mailbox_contact(mb_id, c.id)
                 self.m.store.update_contact(c.id, state=ContactState(reply_to, True).to_bytes())
                 own_name = str(self.m.store.get_setting("profile.display_name", ""))
@@ -495,9 +580,11 @@ class Inbox:
                 if device_id is not None:
                     cd.set_session_device(self.m.store, c.id, device_id)
                 self.m.store.enqueue_blocks(address_to_bytes(reply_to), blocks, contact_id=c.id)
-                self.m.ctx.events.emit("contact.established", {"contact": c.name})
+                if not group_store.is_group_contact(self.m.store, c.id):  # hidden: not announced
+                    self.m.ctx.events.emit("contact.established", {"contact": c.name})
         except BaseException:
-            self._unused_mailbox(mb_id)
+            if row is None:  # a mailbox made for this session only
+                self._unused_mailbox(mb_id)
             raise
         self.m.mailboxes.reload()
         self.m.cover.changed()
@@ -591,10 +678,8 @@ class Inbox:
                 return
             try:
                 if wire.is_device_payload(content):
-                    if not group_store.is_group_contact(self.m.store, c.id):
-                        self.m.fanout.on_payload(
-                            c, session, dv.decode_device_payload(content), device
-                        )
+                    # a group-only contact's too: a member fans out to a person's devices
+                    self.m.fanout.on_payload(c, session, dv.decode_device_payload(content), device)
                     return
                 payload = wire.decode_payload(content)
             except DecodeError:
@@ -749,7 +834,9 @@ class Inbox:
                 due=SLOT_WAIT if self.m.cover.active() else 0,
             )
             self.m.cover.changed()
-            if not self.m.renewals.on_hello(c):
+            if not self.m.renewals.on_hello(c) and not group_store.is_group_contact(
+                self.m.store, c.id
+            ):  # a group contact is hidden: not announced
                 self.m.ctx.events.emit("contact.established", {"contact": c.name})
             # Established after this device's list went: it gets the list now (§5.3).
             self.m.fanout.send_held(c.id)

@@ -65,13 +65,14 @@ def _group(row: tuple[object, ...]) -> GroupRow:
 
 
 def add_group(
-    store: Store, group_id: bytes, log: bytes, members: Iterable[tuple[bytes, int]]
+    store: Store, group_id: bytes, log: bytes, members: Iterable[tuple[bytes, int]],
+    created_at: int | None = None,
 ) -> int:
     now = _ms()
     with store.transaction():
         cur = store.query(
             "INSERT INTO groups (group_id, log, created_at, updated_at) VALUES (?, ?, ?, ?)",
-            (group_id, log, now, now),
+            (group_id, log, now if created_at is None else created_at, now),
         )
         ref = int(cur.lastrowid)
         _set_members(store, ref, members)
@@ -120,6 +121,16 @@ def delete_group(store: Store, ref: int) -> None:
 def groups_with_member(store: Store, member_key: bytes) -> list[int]:
     rows = store.query(
         "SELECT group_ref FROM group_members WHERE member_key = ?", (member_key,)
+    ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def groups_with_both(store: Store, me: bytes, member_key: bytes) -> list[int]:
+    """The groups here whose head lists both keys."""
+    rows = store.query(
+        "SELECT a.group_ref FROM group_members a JOIN group_members b"
+        " ON a.group_ref = b.group_ref WHERE a.member_key = ? AND b.member_key = ?",
+        (me, member_key),
     ).fetchall()
     return [int(r[0]) for r in rows]
 
