@@ -77,6 +77,9 @@ class Host:
         self.contacts = SimpleNamespace(with_identity=lambda i: None)
         self.groups = SimpleNamespace(introduction_sender_ok=lambda i, s: None)
         self.renewals = SimpleNamespace(reset=lambda: None)
+        # No other device of our own: every first contact here is a contact's.
+        self.own_sync = SimpleNamespace(is_own=lambda sender: False,
+                                        contact_changed=lambda c, **kw: None)
 
     async def _create(self, role: str, **kw: Any) -> Any:
         # Where the daemon's receive awaits the relay (a mailbox made, subscribed): it waits
