@@ -24,9 +24,8 @@ when there is one). Nothing here logs a device ID, a contact or a text.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from aegisd import droplog
@@ -58,6 +57,10 @@ SETTING_KEY = "devices.key"
 #: Seconds between the attempts to open a sync session with a device whose bundle is not at
 #: the relay yet (a new device publishes it after its install).
 OPEN_RETRIES = (1.0, 2.0, 5.0, 15.0, 60.0)
+#: Seconds a session this device opened may stay unanswered before it is opened again (the
+#: other device may have lost the first contact: held in memory only, or refused meanwhile);
+#: doubled at each further reopen of the same device while the daemon runs, up to 2^6 times.
+OPEN_TIMEOUT = 600
 #: A sync payload spans at most this many blocks (the longest: a transcript of MAX_TEXT_BYTES).
 MAX_SYNC_FRAGMENTS = -(-(wire.MAX_TEXT_BYTES + wire.IDENTITY_LEN + 42) // wire.RATCHET_CAPACITY)
 REFUSED_REMOVED = "refused a sync payload from a removed device"
@@ -71,7 +74,8 @@ class ContactsView(Protocol):
     def with_identity(self, identity: PublicIdentity) -> Contact | None: ...
     def unique_name(self, wanted: str) -> str: ...
     async def accept_request(self, request_id: int, name: str | None) -> dict[str, Any]: ...
-    async def remove_locked(self, c: Contact) -> None: ...
+    async def remove_locked(self, c: Contact,
+                            then: Callable[[], None] | None = None) -> None: ...
 
 
 class OwnSyncHost(Protocol):
@@ -101,7 +105,11 @@ class OwnSync:
         self._opening = False
         self._again = False
         #: First contacts from a device not in our list yet, but naming a newer list.
-        self._held: list[tuple[FirstContact, bytes]] = []
+        self._held: dict[bytes, tuple[FirstContact, bytes]] = {}  # by device ID
+        #: Reopens of an unanswered session per device (the next waits longer) and whether a
+        #: timer for the next is set.
+        self._reopens: dict[bytes, int] = {}
+        self._timer = False
         #: Contacts (their keys) a synced change is being applied to: not sent back.
         self._applying: set[bytes] = set()
 
@@ -127,7 +135,8 @@ class OwnSync:
     # --- opening -------------------------------------------------------------------------------
 
     def _to_open(self) -> list[dv.DeviceEntry]:
-        """Listed devices with a higher ID than ours that we hold no live session with."""
+        """Listed devices with a higher ID than ours that we hold no live session with, or
+        one that has not answered for a while (reopened: the first contact may be lost)."""
         store = self.m.ctx.store
         own = None if store is None else self._own()
         if store is None or own is None:
@@ -138,9 +147,38 @@ class OwnSync:
         out = []
         for e in listed.devices:
             row = rows.get(store, e.device_id)
-            if e.device_id > me and (row is None or row.removed):
+            if e.device_id > me and (row is None or row.removed
+                                     or self._unanswered_for(row) >= self._timeout(row)):
                 out.append(e)
         return out
+
+    @staticmethod
+    def _unanswered_for(row: rows.SyncRow) -> int:
+        """Seconds since ``row``'s session was opened unanswered (-1: answered or removed)."""
+        if row.removed or row.state is None or row.send_to is not None:
+            return -1
+        return _now() - row.updated_at
+
+    def _timeout(self, row: rows.SyncRow) -> int:
+        return OPEN_TIMEOUT << min(self._reopens.get(row.device_id, 0), 6)
+
+    def _arm(self) -> None:
+        """A timer for the next unanswered session's reopen (one at a time)."""
+        store = self.m.ctx.store
+        if store is None or self._timer:
+            return
+        waits = [self._timeout(r) - self._unanswered_for(r) for r in rows.rows(store)
+                 if self._unanswered_for(r) >= 0]  # fmt: skip
+        if waits:
+            self._timer = True
+            self.m.spawn(self._reopen_after(max(1, min(waits))))
+
+    async def _reopen_after(self, seconds: int) -> None:
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self._timer = False
+        await self.ensure()
 
     async def ensure(self) -> None:
         """Open the sync sessions this device owes (it has the lower ID); a bundle not
@@ -161,6 +199,7 @@ class OwnSync:
                 if (not failed and not self._again) or wait is None:
                     if failed:
                         droplog.dropped("could not open a sync session with an own device")
+                    self._arm()
                     return
                 await asyncio.sleep(0 if not failed else wait)
         finally:
@@ -188,9 +227,12 @@ class OwnSync:
             session, block = initiate_session(self.m.entropy, identity, bundle, hello)
             ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
             store = self.m.store
+            old = rows.get(store, entry.device_id)
+            if old is not None and self._unanswered_for(old) >= 0:
+                self._reopens[entry.device_id] = self._reopens.get(entry.device_id, 0) + 1
             with store.transaction():
+                # What waits for the session (sync_waiting) stays there until it is answered.
                 self._retire_old(entry.device_id)
-                self._flush(session, entry.device_id, None)
                 rows.put(store, entry.device_id, session.to_bytes(), mb_id, None, ek, _now())
                 store.enqueue_blocks(address_to_bytes(entry.mailbox), [block])
         self.m.delivery.wake()
@@ -223,10 +265,13 @@ class OwnSync:
             try:
                 entry = hello.check(self.m.identity().public, own[0], ek)
             except dv.UnlistedDevice:
-                if hello.list_version > own[0].version and len(self._held) < dv.MAX_DEVICES:
-                    # A device that holds a newer list than ours (a new one, whose link this
-                    # device is just completing): held in memory until our list names it.
-                    self._held.append((fc, block))
+                if (own[0].version < hello.list_version <= own[0].version + 1
+                        and (hello.device_id in self._held
+                             or len(self._held) < dv.MAX_DEVICES)):  # fmt: skip
+                    # A device that holds the next list (a new one, whose link this device is
+                    # just completing): held in memory until our list names it, one per device
+                    # ID. Lost at a restart: the opener opens again after OPEN_TIMEOUT.
+                    self._held[hello.device_id] = (fc, block)
                     with store.transaction():
                         store.put_identity(prekeys.to_bytes())
                     return
@@ -313,8 +358,15 @@ class OwnSync:
                     return
                 send_to = address_to_bytes(payload.reply)
                 rows.set_send_to(store, row.device_id, send_to)
+                self._reopens.pop(row.device_id, None)
                 due = time.time_ns() // 1_000_000 + int(self.m.delivery.receipt_delay() * 1000)
+                # Blocks sealed before the answer by an older daemon wait in the outbox.
                 rows.release_pending(store, row.device_id, send_to, due)
+                answered = rows.get(store, row.device_id)
+                assert answered is not None and answered.state is not None
+                session = Session.from_bytes(answered.state)
+                self._flush(session, row.device_id, send_to)
+                rows.set_state(store, row.device_id, session.to_bytes(), _now())
                 self.m.delivery.wake()
                 self.m.ctx.events.emit("devices.sync", {"device": row.device_id.hex(),
                                                         "state": "open"})  # fmt: skip
@@ -335,6 +387,12 @@ class OwnSync:
         if c is not None and group_store.is_group_contact(store, c.id):
             c = None  # a group's member only: not synced as a contact
         if isinstance(payload2, sy.ContactItem):
+            if payload2.device_id != row.device_id:
+                droplog.dropped("dropped a contact change not made by its sending device")
+                return
+            if payload2.changed_at_ms > (_now() + dv.MAX_LIST_SKEW) * 1000:
+                droplog.dropped("dropped a contact change dated in the future")
+                return
             self._contact(payload2, c)
             return
         if c is None:
@@ -399,17 +457,18 @@ class OwnSync:
         held = rows.contact_clock(store, keys)
         if held is not None and (p.changed_at_ms, p.device_id) <= held:
             return  # an older change, or this one again
+        if p.removed and c is not None:
+            # Recorded only in the transaction that removes it (_remove): a kill or an error
+            # before leaves it unapplied and unrecorded, not recorded as applied.
+            self.m.spawn(self._remove(p))
+            return
         rows.set_contact_clock(store, keys, p.changed_at_ms, p.device_id)
         if p.removed:
-            if c is not None:
-                self.m.spawn(self._remove(c.id, keys))
             return
         if c is None:
-            request = next((r for r in store.list_requests() if keys_of(r.identity_key) == keys),
-                           None)  # fmt: skip
-            if request is not None:
-                # The contact reached this device first (its request): it is the contact now.
-                self.m.spawn(self._accept(request.id, p.name, keys))
+            if any(keys_of(r.identity_key) == keys for r in store.list_requests()):
+                # The contact reached this device first (its request): left to the user, whose
+                # accepting it checks it (the request does not prove which device it came from).
                 return
             name = self.m.contacts.unique_name(clean_name(p.name, "contact"))
             cid = store.add_contact(name, identity_key=p.contact,
@@ -425,24 +484,31 @@ class OwnSync:
         if p.blocked and not c.blocked:
             self.m.delivery.drop_outbox_of(store, {c.id})
 
-    async def _remove(self, contact_id: int, keys: bytes) -> None:
+    async def _remove(self, p: sy.ContactItem) -> None:
+        """A synced removal, applied under the lock if it is still the newest change (a change
+        taken meanwhile, a re-add say, wins) and recorded in the removal's transaction."""
+        keys = keys_of(p.contact)
+        assert keys is not None
         async with self.m.lock:
-            c = self.m.store.get_contact(contact_id)
-            if c is None:
+            store = self.m.store
+            held = rows.contact_clock(store, keys)
+            if held is not None and (p.changed_at_ms, p.device_id) <= held:
+                return
+            try:
+                c = self.m.contacts.with_identity(PublicIdentity.from_bytes(p.contact))
+            except (DecodeError, BundleError):
+                return
+            if c is None or group_store.is_group_contact(store, c.id):
+                with store.transaction():
+                    rows.set_contact_clock(store, keys, p.changed_at_ms, p.device_id)
                 return
             self._applying.add(keys)
             try:
-                await self.m.contacts.remove_locked(c)
+                await self.m.contacts.remove_locked(
+                    c, then=lambda: rows.set_contact_clock(store, keys, p.changed_at_ms,
+                                                           p.device_id))  # fmt: skip
             finally:
                 self._applying.discard(keys)
-
-    async def _accept(self, request_id: int, name: str, keys: bytes) -> None:
-        self._applying.add(keys)
-        try:
-            with contextlib.suppress(AppError):  # taken or removed meanwhile
-                await self.m.contacts.accept_request(request_id, name)
-        finally:
-            self._applying.discard(keys)
 
     def _own_list(self, incoming: dv.DeviceList, current: dv.DeviceList) -> None:
         if (incoming.version, incoming.digest()) == (current.version, current.digest()):
@@ -468,8 +534,9 @@ class OwnSync:
         live = {r.device_id: r for r in rows.rows(store) if not r.removed and r.state is not None}
         for device_id in sorted(listed - {me}):
             row = live.get(device_id)
-            if row is None or row.state is None:
-                # No session yet (the link just completed): kept until one opens (_flush).
+            if row is None or row.state is None or row.send_to is None:
+                # No session yet (the link just completed), or not answered: kept (bounded)
+                # until one opens and answers (_flush).
                 rows.wait_for_session(store, device_id, data, _now())
                 continue
             session = Session.from_bytes(row.state)
@@ -544,6 +611,9 @@ class OwnSync:
 
     async def _replay_held(self) -> None:
         async with self.m.lock:
-            held, self._held = self._held, []
+            held, self._held = list(self._held.values()), {}
             for fc, block in held:
-                await self.on_first_contact(fc, block)
+                try:
+                    await self.on_first_contact(fc, block)
+                except AppError:  # no mailbox now: the opener opens again after OPEN_TIMEOUT
+                    droplog.dropped("could not answer a held sync session")

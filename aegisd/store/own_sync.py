@@ -25,15 +25,17 @@ class SyncRow:
     send_to: bytes | None
     session_ek: bytes
     removed: bool
+    updated_at: int  # seconds: when the session was opened, until its first use
 
 
-_SELECT = "SELECT device_id, state, mailbox_id, send_to, session_ek, removed FROM own_sync"
+_SELECT = ("SELECT device_id, state, mailbox_id, send_to, session_ek, removed, updated_at "
+           "FROM own_sync")
 
 
 def _row(r: Any) -> SyncRow:
     return SyncRow(bytes(r[0]), None if r[1] is None else bytes(r[1]),
                    None if r[2] is None else int(r[2]), None if r[3] is None else bytes(r[3]),
-                   bytes(r[4]), bool(r[5]))  # fmt: skip
+                   bytes(r[4]), bool(r[5]), int(r[6]))  # fmt: skip
 
 
 def rows(store: Store) -> list[SyncRow]:
