@@ -112,6 +112,8 @@ class OwnSync:
         self._timer = False
         #: Contacts (their keys) a synced change is being applied to: not sent back.
         self._applying: set[bytes] = set()
+        #: Removed devices whose refusal was reported (devices.sync 'refused').
+        self._refused: set[bytes] = set()
 
     # --- this device and its list ----------------------------------------------------------
 
@@ -129,8 +131,13 @@ class OwnSync:
         return sender.encode() == self.m.identity().public.encode()
 
     def _refuse(self, device_id: bytes) -> None:
+        """Each refusal is counted; the stored event goes once per device while the daemon
+        runs (a removed device's every block would fill the event log)."""
         droplog.dropped(REFUSED_REMOVED)
-        self.m.ctx.events.emit("devices.sync", {"device": device_id.hex(), "state": "refused"})
+        if device_id not in self._refused and len(self._refused) < dv.MAX_DEVICES * 4:
+            self._refused.add(device_id)
+            self.m.ctx.events.emit("devices.sync", {"device": device_id.hex(),
+                                                    "state": "refused"})  # fmt: skip
 
     # --- opening -------------------------------------------------------------------------------
 
@@ -385,6 +392,10 @@ class OwnSync:
             droplog.dropped("dropped a sync payload about an unknown contact")
             return
         if c is not None and group_store.is_group_contact(store, c.id):
+            if isinstance(payload2, sy.ContactItem):
+                # A group's member only here: not made a second contact with its identity.
+                droplog.dropped("dropped a contact change about a group's member")
+                return
             c = None  # a group's member only: not synced as a contact
         if isinstance(payload2, sy.ContactItem):
             if payload2.device_id != row.device_id:

@@ -2,7 +2,8 @@
 §6): a session this device opened and the other never answered is opened again, and what
 waits for it stays bounded; a synced contact change is recorded as applied only in the
 transaction that applies it; a change from the wrong device or dated far ahead is refused;
-a request from the contact is left to the user."""
+a request from the contact is left to the user; a group's member is not made a second
+contact; a removed device's blocks are each counted but reported once."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from aegisd.rpc import AppError
 from aegisd.services import own_sync as so
 from aegisd.services.mailbox import ContactState
 from aegisd.store import KdfParams, Store, create_profile
+from aegisd.store import groups as group_store
 from aegisd.store import own_sync as rows
 from aegisd.store.db import Contact
 from tests.unit.test_core_backup import ALICE, BOB, MAILBOX, E
@@ -60,9 +62,10 @@ def _sync(tmp_path: Any) -> tuple[Store, so.OwnSync, list[Any], _Contacts]:
     store.set_setting(so.SETTING_KEY, (b"k" * 32).hex())
     spawned: list[Any] = []
     contacts = _Contacts(store)
-    events = types.SimpleNamespace(emit=lambda *a: None)
+    emitted: list[tuple[str, Any]] = []
+    events = types.SimpleNamespace(emit=lambda kind, data: emitted.append((kind, data)))
     host = types.SimpleNamespace(
-        ctx=types.SimpleNamespace(store=store, events=events), store=store,
+        ctx=types.SimpleNamespace(store=store, events=events, emitted=emitted), store=store,
         identity=lambda: ALICE, entropy=E, lock=asyncio.Lock(), contacts=contacts,
         delivery=types.SimpleNamespace(wake=lambda: None, receipt_delay=lambda: 0.0,
                                        drop_outbox_of=lambda *a: None),
@@ -176,5 +179,36 @@ def test_a_request_from_the_contact_is_left_to_the_user(tmp_path):
             sync._contact(_item(so._now() * 1000), None)
         assert spawned == [] and store.list_contacts() == []
         assert len(store.list_requests()) == 1
+    finally:
+        store.close()
+
+
+def test_a_groups_member_is_not_made_a_second_contact(tmp_path):
+    store, sync, _, _ = _sync(tmp_path)
+    try:
+        c = _bob(store)
+        group_store.mark_group_contact(store, c.id)
+        _open_row(store, so._now())
+        row, own = rows.get(store, A2), sync._own()
+        assert row is not None and own is not None
+        with store.transaction():
+            sync._on_content(row, own, sy.encode_sync_payload(_item(so._now() * 1000)))
+        assert [x.id for x in store.list_contacts()] == [c.id]
+    finally:
+        store.close()
+
+
+def test_a_removed_devices_blocks_are_reported_once(tmp_path):
+    store, sync, _, _ = _sync(tmp_path)
+    try:
+        _open_row(store, so._now())
+        row = rows.get(store, A2)
+        assert row is not None and row.mailbox_id is not None
+        rows.mark_removed(store, A2, so._now())
+        for _ in range(5):
+            sync.receive(row.mailbox_id, b"a block from the removed device")
+        refused = [d for k, d in sync.m.ctx.emitted
+                   if k == "devices.sync" and d["state"] == "refused"]  # fmt: skip
+        assert refused == [{"device": A2.hex(), "state": "refused"}]
     finally:
         store.close()
