@@ -27,12 +27,12 @@ from .disappearing import SETTING_DEFAULT as SETTING_DISAPPEARING
 from .disappearing import check_seconds as check_timer
 from .disappearing_api import one_conversation
 from .groups_state import INTRO_KEY, SETTING_READ_RECEIPTS
-from .inbox import clean_name
 from .message_view import message_objects
 from .messenger import (
     SETTING_ADDRESS,
     Messenger,
 )
+from .names import clean_name
 
 MAX_HISTORY_PAGE = 500
 MAX_NAME = 64

@@ -45,9 +45,10 @@ from aegisd.store.groups import group_contact_ids, mark_group_contact
 from .bundle_fetch import fetch_bundle
 from .context import ServiceContext
 from .delivery import LINK_NO_LONGER_VALID, Delivery
-from .inbox import FanoutView, clean_name
+from .inbox import FanoutView
 from .mailbox import ContactState, OwnedMailbox, address_from_bytes, address_to_bytes
 from .mailboxes import Mailboxes
+from .names import clean_name
 from .renewal import failure as renewal_failure
 from .rotation import ROTATION_KEY
 

@@ -56,7 +56,6 @@ from relay.client import RelayClient, RelayError
 
 from .backup import RESTORABLE, SETTING_TIMERS
 from .contacts import SETTING_NAME
-from .inbox import clean_name
 from .mailbox import (
     ContactState,
     DeleteCap,
@@ -69,6 +68,7 @@ from .mailbox import (
     new_keys,
 )
 from .messenger import Messenger
+from .names import clean_name
 
 log = logging.getLogger("aegisd.devices")
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import unicodedata
 from typing import Protocol
 
 import sqlcipher3
@@ -55,6 +54,7 @@ from .context import ServiceContext
 from .delivery import PENDING_DESTINATION, Delivery, Recipient
 from .mailbox import ContactState, OwnedMailbox, address_to_bytes
 from .mailboxes import Mailboxes
+from .names import clean_name
 from .rotation import ROTATION_KEY, awaiting_devices
 
 #: Failures of the store that a later attempt may not meet (disk full, I/O): never a reason to
@@ -84,16 +84,6 @@ SETTING_MAX_PARTIALS = "partials.max_total"  # PARTIALS_TOTAL, lowered by tests
 #: one identity holds one request whatever it sends. A setting may change it.
 MAX_PENDING_REQUESTS = 50
 SETTING_MAX_REQUESTS = "requests.max_pending"
-
-
-def clean_name(name: str, fallback: str = "new contact") -> str:
-    """A display name chosen by someone else, made safe to show: no control, format (bidi
-    override) or other invisible characters, at most 64 characters."""
-    kept = "".join(
-        ch for ch in name if not unicodedata.category(ch).startswith(("C", "Z")) or ch == " "
-    )
-    kept = " ".join(kept.split())[:64]
-    return kept or fallback
 
 
 def _now() -> int:
@@ -432,8 +422,9 @@ class Inbox:
         """A first contact whose first payload is a device hello (docs/protocol.md §28.4): a
         session with a device of a known contact, checked under that contact's list
         (fanout.py), never a contact request. From an identity that is no contact (one added
-        on another device of this person: contacts are not synced yet), a contact request as
-        a hello (0x03) without a name would make: returned for that path."""
+        on another device of this person whose sync (own_sync.py, 0x46) has not arrived
+        yet), a contact request as a hello (0x03) without a name: returned for that path. The
+        request keeps no device proof, so a synced 0x46 leaves it to the user."""
         assert self.m.prekeys is not None
         known = self.m.contacts.with_identity(fc.sender)
         if isinstance(payload, dv.DeviceHello) and known is None:

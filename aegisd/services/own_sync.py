@@ -47,13 +47,13 @@ from aegisd.store.db import Contact
 from .bundle_fetch import fetch_bundle
 from .context import ServiceContext
 from .delivery import NEVER, Delivery
-from .inbox import clean_name
 from .mailbox import ContactState, address_to_bytes
 from .mailboxes import Mailboxes
+from .names import clean_name
 
-SETTING_OWN_LIST = "devices.list"
-SETTING_SELF = "devices.self"
-SETTING_KEY = "devices.key"
+SETTING_OWN_LIST = store_devices.SETTING_OWN_LIST
+SETTING_SELF = store_devices.SETTING_SELF
+SETTING_KEY = store_devices.SETTING_KEY
 #: Seconds between the attempts to open a sync session with a device whose bundle is not at
 #: the relay yet (a new device publishes it after its install).
 OPEN_RETRIES = (1.0, 2.0, 5.0, 15.0, 60.0)
