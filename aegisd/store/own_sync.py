@@ -190,3 +190,13 @@ def take_read(store: Store, message_id: str) -> bytes | None:
         return None
     store.query("DELETE FROM sync_reads WHERE message_id = ?", (message_id,))
     return bytes(r[0])
+
+
+def clear(store: Store) -> None:
+    """Every sync session and what waits for one: a backup's import made this a new device of
+    another identity (services/device_reset.py), whose sessions they were not."""
+    for table in ("own_sync", "sync_fragments", "sync_waiting", "sync_contacts", "sync_reads"):
+        store.query(f"DELETE FROM {table}")  # noqa: S608 (fixed names)
+    prefix = pending_destination(b"")
+    store.query("DELETE FROM outbox WHERE contact_id IS NULL AND substr(destination, 1, ?) = ?",
+                (len(prefix), prefix))  # fmt: skip

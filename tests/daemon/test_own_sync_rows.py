@@ -3,7 +3,8 @@
 waits for it stays bounded; a synced contact change is recorded as applied only in the
 transaction that applies it; a change from the wrong device or dated far ahead is refused;
 a request from the contact is left to the user; a group's member is not made a second
-contact; a removed device's blocks are each counted but reported once."""
+contact; a removed device's blocks are each counted but reported once; a backup's import
+leaves no sync session behind."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from typing import Any
 
 import pytest
 
+from aegisd.core import backup as fmt
 from aegisd.core import devices as dv
 from aegisd.core import sync as sy
 from aegisd.core.identity import PublicIdentity, keys_of
 from aegisd.rpc import AppError
+from aegisd.services import device_reset
 from aegisd.services import own_sync as so
 from aegisd.services.mailbox import ContactState
 from aegisd.store import KdfParams, Store, create_profile
@@ -210,5 +213,23 @@ def test_a_removed_devices_blocks_are_reported_once(tmp_path):
         refused = [d for k, d in sync.m.ctx.emitted
                    if k == "devices.sync" and d["state"] == "refused"]  # fmt: skip
         assert refused == [{"device": A2.hex(), "state": "refused"}]
+    finally:
+        store.close()
+
+
+def test_an_import_leaves_no_sync_session_of_the_discarded_identity(tmp_path):
+    store, sync, _, _ = _sync(tmp_path)
+    try:
+        _open_row(store, so._now())
+        with store.transaction():
+            sync._send(b"waits for the answer")
+            store.enqueue_blocks(rows.pending_destination(A2), [b"sealed by an older daemon"],
+                                 not_before=2**62)  # fmt: skip
+            rows.set_contact_clock(store, BOB_KEYS, 1, A2)
+        host = types.SimpleNamespace(store=store, entropy=E)
+        with store.transaction():
+            device_reset.restore(host, fmt.BackupDevices(), None)
+        assert rows.rows(store) == [] and store.outbox_size() == 0
+        assert rows.take_waiting(store, A2) == [] and rows.contact_clock(store, BOB_KEYS) is None
     finally:
         store.close()
