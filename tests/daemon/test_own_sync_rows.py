@@ -218,11 +218,11 @@ def test_a_removed_devices_blocks_are_reported_once(tmp_path):
 
 
 def test_an_import_leaves_no_sync_session_of_the_discarded_identity(tmp_path):
-    store, sync, _, _ = _sync(tmp_path)
+    store, _, _, _ = _sync(tmp_path)
     try:
         _open_row(store, so._now())
         with store.transaction():
-            sync._send(b"waits for the answer")
+            rows.wait_for_session(store, A2, b"waits for the answer", so._now())
             store.enqueue_blocks(rows.pending_destination(A2), [b"sealed by an older daemon"],
                                  not_before=2**62)  # fmt: skip
             rows.set_contact_clock(store, BOB_KEYS, 1, A2)
