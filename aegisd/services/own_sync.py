@@ -256,9 +256,10 @@ class OwnSync:
             store_devices.retire_mailbox(self.m.store, row.descriptor)
             self.m.store.delete_mailbox(row.id)
 
-    async def on_first_contact(self, fc: FirstContact, block: bytes) -> None:
+    async def on_first_contact(self, fc: FirstContact, block: bytes, *,
+                               replay: bool = False) -> None:  # fmt: skip
         """A first contact from our own identity (inbox.py, under the lock): a device of ours
-        opening its sync session with this one."""
+        opening its sync session with this one (``replay``: one held, seen again)."""
         assert self.m.prekeys is not None
         store, prekeys = self.m.store, self.m.prekeys
         own = self._own()
@@ -269,15 +270,19 @@ class OwnSync:
         entry, ek = None, b""
         if own is not None and isinstance(hello, dv.DeviceHello):
             ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
+            # As dv.accept bounds a list: no version a removed device names pins a place here.
+            newest_acceptable = (_now() + dv.MAX_LIST_SKEW) * dv.VERSIONS_PER_SECOND
             try:
                 entry = hello.check(self.m.identity().public, own[0], ek)
             except dv.UnlistedDevice:
-                if (own[0].version < hello.list_version <= own[0].version + 1
+                if (not replay
+                        and own[0].version < hello.list_version <= newest_acceptable
                         and (hello.device_id in self._held
                              or len(self._held) < dv.MAX_DEVICES)):  # fmt: skip
-                    # A device that holds the next list (a new one, whose link this device is
+                    # A device that holds a newer list (a new one, whose link this device is
                     # just completing): held in memory until our list names it, one per device
-                    # ID. Lost at a restart: the opener opens again after OPEN_TIMEOUT.
+                    # ID, once (still unlisted at the replay: dropped). Lost at a restart: the
+                    # opener opens again after OPEN_TIMEOUT.
                     self._held[hello.device_id] = (fc, block)
                     with store.transaction():
                         store.put_identity(prekeys.to_bytes())
@@ -625,6 +630,6 @@ class OwnSync:
             held, self._held = list(self._held.values()), {}
             for fc, block in held:
                 try:
-                    await self.on_first_contact(fc, block)
+                    await self.on_first_contact(fc, block, replay=True)
                 except AppError:  # no mailbox now: the opener opens again after OPEN_TIMEOUT
                     droplog.dropped("could not answer a held sync session")
