@@ -24,6 +24,7 @@ when there is one). Nothing here logs a device ID, a contact or a text.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
@@ -478,20 +479,24 @@ class OwnSync:
             # before leaves it unapplied and unrecorded, not recorded as applied.
             self.m.spawn(self._remove(p))
             return
-        rows.set_contact_clock(store, keys, p.changed_at_ms, p.device_id)
-        if p.removed:
-            return
-        if c is None:
-            if any(keys_of(r.identity_key) == keys for r in store.list_requests()):
-                # The contact reached this device first (its request): left to the user, whose
-                # accepting it checks it (the request does not prove which device it came from).
+        if c is None and not p.removed:
+            request = next((r for r in store.list_requests() if keys_of(r.identity_key) == keys),
+                           None)  # fmt: skip
+            if request is not None:
+                # The contact reached this device first (its request): it is the contact now,
+                # the change recorded only once applied (_accept).
+                self.m.spawn(self._accept(request.id, p))
                 return
+            rows.set_contact_clock(store, keys, p.changed_at_ms, p.device_id)
             name = self.m.contacts.unique_name(clean_name(p.name, "contact"))
             cid = store.add_contact(name, identity_key=p.contact,
                                     state=ContactState(None, False).to_bytes()).id  # fmt: skip
             store.update_contact(cid, verified=p.verified, blocked=p.blocked)
             self.m.ctx.events.emit("contact.added", {"contact": name, "established": False})
             return
+        rows.set_contact_clock(store, keys, p.changed_at_ms, p.device_id)
+        if c is None:
+            return  # removed, and not held
         fields: dict[str, Any] = {"verified": p.verified, "blocked": p.blocked}
         wanted = clean_name(p.name, c.name)
         if wanted != c.name and store.contact_by_name(wanted) is None:
@@ -525,6 +530,29 @@ class OwnSync:
                                                            p.device_id))  # fmt: skip
             finally:
                 self._applying.discard(keys)
+
+    async def _accept(self, request_id: int, p: sy.ContactItem) -> None:
+        """A synced change of a contact whose request this device holds: the request accepted
+        under the change's name, then the change (its flags) applied and recorded if still the
+        newest (a second change before this runs: its accept finds no request, and it is
+        applied the same way)."""
+        keys = keys_of(p.contact)
+        assert keys is not None
+        self._applying.add(keys)
+        try:
+            with contextlib.suppress(AppError):  # taken or removed meanwhile
+                await self.m.contacts.accept_request(request_id, clean_name(p.name, "contact"))
+        finally:
+            self._applying.discard(keys)
+        async with self.m.lock:
+            try:
+                c = self.m.contacts.with_identity(PublicIdentity.from_bytes(p.contact))
+            except (DecodeError, BundleError):
+                return
+            if c is None:
+                return  # rejected or removed meanwhile: the change stays unrecorded
+            with self.m.store.transaction():
+                self._contact(p, c)
 
     def _own_list(self, incoming: dv.DeviceList, current: dv.DeviceList) -> None:
         if (incoming.version, incoming.digest()) == (current.version, current.digest()):

@@ -2,9 +2,9 @@
 §6): a session this device opened and the other never answered is opened again, and what
 waits for it stays bounded; a synced contact change is recorded as applied only in the
 transaction that applies it; a change from the wrong device or dated far ahead is refused;
-a request from the contact is left to the user; a group's member is not made a second
-contact; a removed device's blocks are each counted but reported once; a backup's import
-leaves no sync session behind."""
+a request from the contact, accepted over sync, takes the change's flags; a group's member
+is not made a second contact; a removed device's blocks are each counted but reported once;
+a backup's import leaves no sync session behind."""
 
 from __future__ import annotations
 
@@ -46,6 +46,15 @@ class _Contacts:
 
     def unique_name(self, wanted: str) -> str:
         return wanted
+
+    async def accept_request(self, request_id: int, name: str | None) -> dict[str, Any]:
+        row = self.store.get_request(request_id)
+        if self.fail or row is None:
+            raise AppError(1000, "gone", "no such request")
+        with self.store.transaction():
+            self.store.delete_request(request_id)
+            self.store.add_contact(name or "x", identity_key=row.identity_key)
+        return {}
 
     async def remove_locked(self, c: Contact, then: Any = None) -> None:
         if self.fail:
@@ -174,14 +183,26 @@ def test_a_change_from_another_device_or_far_ahead_is_refused(tmp_path):
         store.close()
 
 
-def test_a_request_from_the_contact_is_left_to_the_user(tmp_path):
-    store, sync, spawned, _ = _sync(tmp_path)
+def test_a_request_accepted_over_sync_takes_the_flags_and_records_once_applied(tmp_path):
+    store, sync, spawned, contacts = _sync(tmp_path)
     try:
         store.add_request(BOB.public.to_bytes(), "bob", b"session", b"reply")
+        now_ms = so._now() * 1000
+        contacts.fail = True  # the accept fails (no mailbox at the relay, say)
         with store.transaction():
-            sync._contact(_item(so._now() * 1000), None)
-        assert spawned == [] and store.list_contacts() == []
-        assert len(store.list_requests()) == 1
+            sync._contact(_item(now_ms), None)
+        asyncio.run(spawned.pop())
+        assert store.list_contacts() == [] and rows.contact_clock(store, BOB_KEYS) is None
+        contacts.fail = False
+        with store.transaction():  # sent again, and a newer change before the accept runs
+            sync._contact(_item(now_ms), None)
+            sync._contact(_item(now_ms + 1, blocked=True), None)
+        first, second = spawned
+        asyncio.run(second)  # the newer one's accept runs first
+        asyncio.run(first)  # finds no request; older: ignored
+        [bob] = store.list_contacts()
+        assert bob.verified and bob.blocked
+        assert rows.contact_clock(store, BOB_KEYS) == (now_ms + 1, A2)
     finally:
         store.close()
 
