@@ -79,6 +79,10 @@ class ContactsView(Protocol):
                             then: Callable[[], None] | None = None) -> None: ...
 
 
+class Waker(Protocol):
+    def wake(self) -> None: ...
+
+
 class OwnSyncHost(Protocol):
     prekeys: PrekeyStore | None
 
@@ -96,6 +100,8 @@ class OwnSyncHost(Protocol):
     def delivery(self) -> Delivery: ...
     @property
     def contacts(self) -> ContactsView: ...
+    @property
+    def disappearing(self) -> Waker: ...
     def identity(self) -> IdentityKeyPair: ...
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
@@ -425,6 +431,7 @@ class OwnSync:
                 "message_id": mid, "contact": c.name, "text": payload2.text,
                 "sent_at": payload2.sent_at_ms,
             })  # fmt: skip
+            self.m.disappearing.wake()  # its deadline, if the conversation has a timer
         else:
             mid = payload2.message_id.hex()
             target = store.get_message(mid)
@@ -453,6 +460,7 @@ class OwnSync:
         if marked:
             self.m.ctx.events.emit("conversation.read", {"contact": c.name,
                                                          "marked": marked})  # fmt: skip
+            self.m.disappearing.wake()  # read: their timers, if any, run from now
 
     def received(self, c: Contact, message_id: str) -> None:
         """A message from ``c`` was stored (inbox.py, inside the receive's transaction): a

@@ -82,8 +82,13 @@ def _sync(tmp_path: Any) -> tuple[Store, so.OwnSync, list[Any], _Contacts]:
         delivery=types.SimpleNamespace(wake=lambda: None, receipt_delay=lambda: 0.0,
                                        drop_outbox_of=lambda *a: None),
         spawn=spawned.append,
+        disappearing=types.SimpleNamespace(woken=0, wake=lambda: _woken(host)),
     )  # fmt: skip
     return store, so.OwnSync(host), spawned, contacts
+
+
+def _woken(host: Any) -> None:
+    host.disappearing.woken += 1
 
 
 def _open_row(store: Store, opened_at: int) -> None:
@@ -252,5 +257,25 @@ def test_an_import_leaves_no_sync_session_of_the_discarded_identity(tmp_path):
             device_reset.restore(host, fmt.BackupDevices(), None)
         assert rows.rows(store) == [] and store.outbox_size() == 0
         assert rows.take_waiting(store, A2) == [] and rows.contact_clock(store, BOB_KEYS) is None
+    finally:
+        store.close()
+
+
+def test_a_synced_transcript_or_read_mark_wakes_the_disappearing_runner(tmp_path):
+    store, sync, _, _ = _sync(tmp_path)
+    try:
+        c = _bob(store)
+        _open_row(store, so._now())
+        row, own = rows.get(store, A2), sync._own()
+        assert row is not None and own is not None
+        sent = sy.SentTranscript(BOB.public.to_bytes(), b"m" * 16, so._now() * 1000, "hi")
+        with store.transaction():
+            sync._on_content(row, own, sy.encode_sync_payload(sent))
+        assert sync.m.disappearing.woken == 1  # the transcript's deadline, if a timer runs
+        got = store.add_message(c.id, "in", "read me", status="received", message_id="ab" * 16)
+        with store.transaction():
+            sync._on_content(row, own, sy.encode_sync_payload(
+                sy.ReadUpTo(BOB.public.to_bytes(), bytes.fromhex(got.id))))
+        assert sync.m.disappearing.woken == 2  # read: its timer runs from now
     finally:
         store.close()
