@@ -424,7 +424,8 @@ class Inbox:
         (fanout.py), never a contact request. From an identity that is no contact (one added
         on another device of this person whose sync (own_sync.py, 0x46) has not arrived
         yet), a contact request as a hello (0x03) without a name: returned for that path. The
-        request keeps no device proof, so a synced 0x46 leaves it to the user."""
+        request keeps no device ID or proof: a synced 0x46 naming that identity accepts it
+        (own_sync.py) on the word of our own device, not on a check under the contact's list."""
         assert self.m.prekeys is not None
         known = self.m.contacts.with_identity(fc.sender)
         if isinstance(payload, dv.DeviceHello) and known is None:
