@@ -27,12 +27,12 @@ from .disappearing import SETTING_DEFAULT as SETTING_DISAPPEARING
 from .disappearing import check_seconds as check_timer
 from .disappearing_api import one_conversation
 from .groups_state import INTRO_KEY, SETTING_READ_RECEIPTS
-from .inbox import clean_name
 from .message_view import message_objects
 from .messenger import (
     SETTING_ADDRESS,
     Messenger,
 )
+from .names import clean_name
 
 MAX_HISTORY_PAGE = 500
 MAX_NAME = 64
@@ -136,8 +136,9 @@ def register(registry: Registry, m: Messenger) -> None:
         new_name = _check_name("new_name", new_name)
         if m.store.contact_by_name(new_name) is not None:
             raise InvalidParamsError("new_name", "is already the name of a contact")
-        m.store.update_contact(c.id, name=new_name)
-        m.own_sync.contact_changed(m.store.get_contact(c.id) or c)  # the other own devices
+        with m.store.transaction():  # the change and its sync, or neither
+            m.store.update_contact(c.id, name=new_name)
+            m.own_sync.contact_changed(m.store.get_contact(c.id) or c)  # the other own devices
         return {"name": new_name}
 
     @method("contacts.remove")
@@ -157,8 +158,9 @@ def register(registry: Registry, m: Messenger) -> None:
     @method("contacts.verify")
     async def contacts_verify(ctx: CallContext, name: str, verified: bool = True) -> dict[str, Any]:
         c = m.contacts.by_name(name)
-        m.store.update_contact(c.id, verified=verified)
-        m.own_sync.contact_changed(m.store.get_contact(c.id) or c)  # the other own devices
+        with m.store.transaction():  # the change and its sync, or neither
+            m.store.update_contact(c.id, verified=verified)
+            m.own_sync.contact_changed(m.store.get_contact(c.id) or c)  # the other own devices
         return {"name": c.name, "verified": verified}
 
     @method("contacts.rotate_mailbox")

@@ -43,9 +43,9 @@ from . import device_reset
 from .contacts import SETTING_NAME
 from .disappearing import MAX_SKEW_MS
 from .groups_state import JOINING_KEY, stored_invitation
-from .inbox import clean_name
 from .mailbox import ContactState, OwnedMailbox
 from .messenger import Messenger
+from .names import clean_name
 from .renewal import SETTING_PENDING, describe_pending
 
 # Application error codes 1040-1049 (docs/api.md, "Errors").

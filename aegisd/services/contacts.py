@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from aegisd.core import pqxdh, wire
@@ -44,9 +45,10 @@ from aegisd.store.groups import group_contact_ids, mark_group_contact
 from .bundle_fetch import fetch_bundle
 from .context import ServiceContext
 from .delivery import LINK_NO_LONGER_VALID, Delivery
-from .inbox import FanoutView, clean_name
+from .inbox import FanoutView
 from .mailbox import ContactState, OwnedMailbox, address_from_bytes, address_to_bytes
 from .mailboxes import Mailboxes
+from .names import clean_name
 from .renewal import failure as renewal_failure
 from .rotation import ROTATION_KEY
 
@@ -353,12 +355,16 @@ class Contacts:
         async with self.m.lock:
             await self.remove_locked(self.by_name(name))
 
-    async def remove_locked(self, c: Contact) -> None:
-        """Remove ``c`` (the caller holds the messenger's lock and checked it still goes)."""
+    async def remove_locked(self, c: Contact, then: Callable[[], None] | None = None) -> None:
+        """Remove ``c`` (the caller holds the messenger's lock and checked it still goes);
+        ``then`` runs inside the removal's transaction."""
         rows = [r for r in self.m.store.list_mailboxes("contact") if r.contact_id == c.id]
-        self.m.own_sync.contact_changed(c, removed=True)  # before it goes (a group's: not sent)
         files = await self.m.attachments.stop_contact(c.id)
         with self.m.store.transaction():
+            # Synced in the removal's transaction, before the row goes (a group's: not sent).
+            self.m.own_sync.contact_changed(c, removed=True)
+            if then is not None:
+                then()
             self.m.attachments.forget_rows(files)  # a group copy's setting goes with it
             self.m.store.remove_contact(c.id)  # its mailbox rows go with it
             self.m.store.set_setting(f"{ROTATION_KEY}{c.id}", None)

@@ -28,6 +28,7 @@ from aegisd.core.identity import IdentityKeyPair, PublicIdentity
 from aegisd.core.primitives import Entropy
 from aegisd.store import Store
 from aegisd.store import devices as store_devices
+from aegisd.store import own_sync as own_sync_rows
 from aegisd.store.devices import (
     SETTING_ANSWERED,
     SETTING_AWAITING,
@@ -137,6 +138,9 @@ def restore(host: ResetHost, devices: fmt.BackupDevices, listed: dv.DeviceList |
             queued += 1
     for name in DEVICE_SETTINGS:
         store.set_setting(name, None)
+    # Sync sessions with devices this fresh profile linked were the discarded identity's
+    # (their mailboxes go with the fresh ones): kept, none would ever be opened again.
+    own_sync_rows.clear(store)
     priv, _ = dv.new_device_key(host.entropy)
     store.set_setting(SETTING_SELF, dv.new_device_id(host.entropy).hex())
     store.set_setting(SETTING_KEY, priv.hex())

@@ -57,7 +57,6 @@ from relay.client import RelayClient, RelayError
 from . import linked_groups
 from .backup import RESTORABLE, SETTING_TIMERS
 from .contacts import SETTING_NAME
-from .inbox import clean_name
 from .mailbox import (
     ContactState,
     DeleteCap,
@@ -70,6 +69,7 @@ from .mailbox import (
     new_keys,
 )
 from .messenger import Messenger
+from .names import clean_name
 
 log = logging.getLogger("aegisd.devices")
 

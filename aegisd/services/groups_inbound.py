@@ -2,7 +2,7 @@
 with the protocol lock held, inside the receive transaction. Nothing a peer sends is trusted:
 every change, base and offer is checked by the core, a refusal is dropped (counted), and what
 waits (invitations, held messages and introductions) is bounded. Imports groups_state, the
-delivery layer and the inbox's ``clean_name`` (none imports it back)."""
+delivery layer and names.py's ``clean_name`` (none imports it back)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from .groups_state import (
     now_ms,
     op_name,
 )
-from .inbox import clean_name
+from .names import clean_name
 
 
 class GroupInbound(GroupBase):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import unicodedata
 from typing import Protocol
 
 import sqlcipher3
@@ -56,6 +55,7 @@ from .delivery import PENDING_DESTINATION, Delivery, Recipient
 from .groups_state import JOINING_KEY
 from .mailbox import ContactState, OwnedMailbox, address_to_bytes
 from .mailboxes import Mailboxes
+from .names import clean_name
 from .rotation import ROTATION_KEY, awaiting_devices
 
 #: Failures of the store that a later attempt may not meet (disk full, I/O): never a reason to
@@ -85,16 +85,6 @@ SETTING_MAX_PARTIALS = "partials.max_total"  # PARTIALS_TOTAL, lowered by tests
 #: one identity holds one request whatever it sends. A setting may change it.
 MAX_PENDING_REQUESTS = 50
 SETTING_MAX_REQUESTS = "requests.max_pending"
-
-
-def clean_name(name: str, fallback: str = "new contact") -> str:
-    """A display name chosen by someone else, made safe to show: no control, format (bidi
-    override) or other invisible characters, at most 64 characters."""
-    kept = "".join(
-        ch for ch in name if not unicodedata.category(ch).startswith(("C", "Z")) or ch == " "
-    )
-    kept = " ".join(kept.split())[:64]
-    return kept or fallback
 
 
 def _now() -> int:
@@ -513,8 +503,11 @@ class Inbox:
         session with a device of a known contact, checked under that contact's list
         (fanout.py), never a contact request. From an identity that is no contact: a member
         of a group this device holds is its group contact (§25.7); anyone else (one added on
-        another device of this person: contacts are not synced yet) makes the contact
-        request a hello (0x03) without a name would make: returned for that path."""
+        another device of this person whose sync (own_sync.py, 0x46) has not arrived yet)
+        makes the contact request a hello (0x03) without a name would make: returned for that
+        path. The request keeps no device ID or proof: a synced 0x46 naming that identity
+        accepts it (own_sync.py) on the word of our own device, not on a check under the
+        contact's list."""
         assert self.m.prekeys is not None
         known = self.m.contacts.with_identity(fc.sender)
         if (

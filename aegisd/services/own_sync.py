@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from aegisd import droplog
@@ -48,16 +48,20 @@ from aegisd.store.db import Contact
 from .bundle_fetch import fetch_bundle
 from .context import ServiceContext
 from .delivery import NEVER, Delivery
-from .inbox import clean_name
 from .mailbox import ContactState, address_to_bytes
 from .mailboxes import Mailboxes
+from .names import clean_name
 
-SETTING_OWN_LIST = "devices.list"
-SETTING_SELF = "devices.self"
-SETTING_KEY = "devices.key"
+SETTING_OWN_LIST = store_devices.SETTING_OWN_LIST
+SETTING_SELF = store_devices.SETTING_SELF
+SETTING_KEY = store_devices.SETTING_KEY
 #: Seconds between the attempts to open a sync session with a device whose bundle is not at
 #: the relay yet (a new device publishes it after its install).
 OPEN_RETRIES = (1.0, 2.0, 5.0, 15.0, 60.0)
+#: Seconds a session this device opened may stay unanswered before it is opened again (the
+#: other device may have lost the first contact: held in memory only, or refused meanwhile);
+#: doubled at each further reopen of the same device while the daemon runs, up to 2^6 times.
+OPEN_TIMEOUT = 600
 #: A sync payload spans at most this many blocks (the longest: a transcript of MAX_TEXT_BYTES).
 MAX_SYNC_FRAGMENTS = -(-(wire.MAX_TEXT_BYTES + wire.IDENTITY_LEN + 42) // wire.RATCHET_CAPACITY)
 REFUSED_REMOVED = "refused a sync payload from a removed device"
@@ -71,7 +75,12 @@ class ContactsView(Protocol):
     def with_identity(self, identity: PublicIdentity) -> Contact | None: ...
     def unique_name(self, wanted: str) -> str: ...
     async def accept_request(self, request_id: int, name: str | None) -> dict[str, Any]: ...
-    async def remove_locked(self, c: Contact) -> None: ...
+    async def remove_locked(self, c: Contact,
+                            then: Callable[[], None] | None = None) -> None: ...
+
+
+class Waker(Protocol):
+    def wake(self) -> None: ...
 
 
 class OwnSyncHost(Protocol):
@@ -91,6 +100,8 @@ class OwnSyncHost(Protocol):
     def delivery(self) -> Delivery: ...
     @property
     def contacts(self) -> ContactsView: ...
+    @property
+    def disappearing(self) -> Waker: ...
     def identity(self) -> IdentityKeyPair: ...
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
@@ -101,9 +112,15 @@ class OwnSync:
         self._opening = False
         self._again = False
         #: First contacts from a device not in our list yet, but naming a newer list.
-        self._held: list[tuple[FirstContact, bytes]] = []
+        self._held: dict[bytes, tuple[FirstContact, bytes]] = {}  # by device ID
+        #: Reopens of an unanswered session per device (the next waits longer) and whether a
+        #: timer for the next is set.
+        self._reopens: dict[bytes, int] = {}
+        self._timer = False
         #: Contacts (their keys) a synced change is being applied to: not sent back.
         self._applying: set[bytes] = set()
+        #: Removed devices whose refusal was reported (devices.sync 'refused').
+        self._refused: set[bytes] = set()
 
     # --- this device and its list ----------------------------------------------------------
 
@@ -121,13 +138,19 @@ class OwnSync:
         return sender.encode() == self.m.identity().public.encode()
 
     def _refuse(self, device_id: bytes) -> None:
+        """Each refusal is counted; the stored event goes once per device while the daemon
+        runs (a removed device's every block would fill the event log)."""
         droplog.dropped(REFUSED_REMOVED)
-        self.m.ctx.events.emit("devices.sync", {"device": device_id.hex(), "state": "refused"})
+        if device_id not in self._refused and len(self._refused) < dv.MAX_DEVICES * 4:
+            self._refused.add(device_id)
+            self.m.ctx.events.emit("devices.sync", {"device": device_id.hex(),
+                                                    "state": "refused"})  # fmt: skip
 
     # --- opening -------------------------------------------------------------------------------
 
     def _to_open(self) -> list[dv.DeviceEntry]:
-        """Listed devices with a higher ID than ours that we hold no live session with."""
+        """Listed devices with a higher ID than ours that we hold no live session with, or
+        one that has not answered for a while (reopened: the first contact may be lost)."""
         store = self.m.ctx.store
         own = None if store is None else self._own()
         if store is None or own is None:
@@ -138,9 +161,38 @@ class OwnSync:
         out = []
         for e in listed.devices:
             row = rows.get(store, e.device_id)
-            if e.device_id > me and (row is None or row.removed):
+            if e.device_id > me and (row is None or row.removed
+                                     or self._unanswered_for(row) >= self._timeout(row)):
                 out.append(e)
         return out
+
+    @staticmethod
+    def _unanswered_for(row: rows.SyncRow) -> int:
+        """Seconds since ``row``'s session was opened unanswered (-1: answered or removed)."""
+        if row.removed or row.state is None or row.send_to is not None:
+            return -1
+        return _now() - row.updated_at
+
+    def _timeout(self, row: rows.SyncRow) -> int:
+        return OPEN_TIMEOUT << min(self._reopens.get(row.device_id, 0), 6)
+
+    def _arm(self) -> None:
+        """A timer for the next unanswered session's reopen (one at a time)."""
+        store = self.m.ctx.store
+        if store is None or self._timer:
+            return
+        waits = [self._timeout(r) - self._unanswered_for(r) for r in rows.rows(store)
+                 if self._unanswered_for(r) >= 0]  # fmt: skip
+        if waits:
+            self._timer = True
+            self.m.spawn(self._reopen_after(max(1, min(waits))))
+
+    async def _reopen_after(self, seconds: int) -> None:
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self._timer = False
+        await self.ensure()
 
     async def ensure(self) -> None:
         """Open the sync sessions this device owes (it has the lower ID); a bundle not
@@ -161,6 +213,7 @@ class OwnSync:
                 if (not failed and not self._again) or wait is None:
                     if failed:
                         droplog.dropped("could not open a sync session with an own device")
+                    self._arm()
                     return
                 await asyncio.sleep(0 if not failed else wait)
         finally:
@@ -188,9 +241,12 @@ class OwnSync:
             session, block = initiate_session(self.m.entropy, identity, bundle, hello)
             ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
             store = self.m.store
+            old = rows.get(store, entry.device_id)
+            if old is not None and self._unanswered_for(old) >= 0:
+                self._reopens[entry.device_id] = self._reopens.get(entry.device_id, 0) + 1
             with store.transaction():
+                # What waits for the session (sync_waiting) stays there until it is answered.
                 self._retire_old(entry.device_id)
-                self._flush(session, entry.device_id, None)
                 rows.put(store, entry.device_id, session.to_bytes(), mb_id, None, ek, _now())
                 store.enqueue_blocks(address_to_bytes(entry.mailbox), [block])
         self.m.delivery.wake()
@@ -207,9 +263,10 @@ class OwnSync:
             store_devices.retire_mailbox(self.m.store, row.descriptor)
             self.m.store.delete_mailbox(row.id)
 
-    async def on_first_contact(self, fc: FirstContact, block: bytes) -> None:
+    async def on_first_contact(self, fc: FirstContact, block: bytes, *,
+                               replay: bool = False) -> None:  # fmt: skip
         """A first contact from our own identity (inbox.py, under the lock): a device of ours
-        opening its sync session with this one."""
+        opening its sync session with this one (``replay``: one held, seen again)."""
         assert self.m.prekeys is not None
         store, prekeys = self.m.store, self.m.prekeys
         own = self._own()
@@ -220,13 +277,20 @@ class OwnSync:
         entry, ek = None, b""
         if own is not None and isinstance(hello, dv.DeviceHello):
             ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
+            # As dv.accept bounds a list: no version a removed device names pins a place here.
+            newest_acceptable = (_now() + dv.MAX_LIST_SKEW) * dv.VERSIONS_PER_SECOND
             try:
                 entry = hello.check(self.m.identity().public, own[0], ek)
             except dv.UnlistedDevice:
-                if hello.list_version > own[0].version and len(self._held) < dv.MAX_DEVICES:
-                    # A device that holds a newer list than ours (a new one, whose link this
-                    # device is just completing): held in memory until our list names it.
-                    self._held.append((fc, block))
+                if (not replay
+                        and own[0].version < hello.list_version <= newest_acceptable
+                        and (hello.device_id in self._held
+                             or len(self._held) < dv.MAX_DEVICES)):  # fmt: skip
+                    # A device that holds a newer list (a new one, whose link this device is
+                    # just completing): held in memory until our list names it, one per device
+                    # ID, once (still unlisted at the replay: dropped). Lost at a restart: the
+                    # opener opens again after OPEN_TIMEOUT.
+                    self._held[hello.device_id] = (fc, block)
                     with store.transaction():
                         store.put_identity(prekeys.to_bytes())
                     return
@@ -313,8 +377,15 @@ class OwnSync:
                     return
                 send_to = address_to_bytes(payload.reply)
                 rows.set_send_to(store, row.device_id, send_to)
+                self._reopens.pop(row.device_id, None)
                 due = time.time_ns() // 1_000_000 + int(self.m.delivery.receipt_delay() * 1000)
+                # Blocks sealed before the answer by an older daemon wait in the outbox.
                 rows.release_pending(store, row.device_id, send_to, due)
+                answered = rows.get(store, row.device_id)
+                assert answered is not None and answered.state is not None
+                session = Session.from_bytes(answered.state)
+                self._flush(session, row.device_id, send_to)
+                rows.set_state(store, row.device_id, session.to_bytes(), _now())
                 self.m.delivery.wake()
                 self.m.ctx.events.emit("devices.sync", {"device": row.device_id.hex(),
                                                         "state": "open"})  # fmt: skip
@@ -333,8 +404,18 @@ class OwnSync:
             droplog.dropped("dropped a sync payload about an unknown contact")
             return
         if c is not None and group_store.is_group_contact(store, c.id):
+            if isinstance(payload2, sy.ContactItem):
+                # A group's member only here: not made a second contact with its identity.
+                droplog.dropped("dropped a contact change about a group's member")
+                return
             c = None  # a group's member only: not synced as a contact
         if isinstance(payload2, sy.ContactItem):
+            if payload2.device_id != row.device_id:
+                droplog.dropped("dropped a contact change not made by its sending device")
+                return
+            if payload2.changed_at_ms > (_now() + dv.MAX_LIST_SKEW) * 1000:
+                droplog.dropped("dropped a contact change dated in the future")
+                return
             self._contact(payload2, c)
             return
         if c is None:
@@ -350,6 +431,7 @@ class OwnSync:
                 "message_id": mid, "contact": c.name, "text": payload2.text,
                 "sent_at": payload2.sent_at_ms,
             })  # fmt: skip
+            self.m.disappearing.wake()  # its deadline, if the conversation has a timer
         else:
             mid = payload2.message_id.hex()
             target = store.get_message(mid)
@@ -378,6 +460,7 @@ class OwnSync:
         if marked:
             self.m.ctx.events.emit("conversation.read", {"contact": c.name,
                                                          "marked": marked})  # fmt: skip
+            self.m.disappearing.wake()  # read: their timers, if any, run from now
 
     def received(self, c: Contact, message_id: str) -> None:
         """A message from ``c`` was stored (inbox.py, inside the receive's transaction): a
@@ -399,24 +482,29 @@ class OwnSync:
         held = rows.contact_clock(store, keys)
         if held is not None and (p.changed_at_ms, p.device_id) <= held:
             return  # an older change, or this one again
-        rows.set_contact_clock(store, keys, p.changed_at_ms, p.device_id)
-        if p.removed:
-            if c is not None:
-                self.m.spawn(self._remove(c.id, keys))
+        if p.removed and c is not None:
+            # Recorded only in the transaction that removes it (_remove): a kill or an error
+            # before leaves it unapplied and unrecorded, not recorded as applied.
+            self.m.spawn(self._remove(p))
             return
-        if c is None:
+        if c is None and not p.removed:
             request = next((r for r in store.list_requests() if keys_of(r.identity_key) == keys),
                            None)  # fmt: skip
             if request is not None:
-                # The contact reached this device first (its request): it is the contact now.
-                self.m.spawn(self._accept(request.id, p.name, keys))
+                # The contact reached this device first (its request): it is the contact now,
+                # the change recorded only once applied (_accept).
+                self.m.spawn(self._accept(request.id, p))
                 return
+            rows.set_contact_clock(store, keys, p.changed_at_ms, p.device_id)
             name = self.m.contacts.unique_name(clean_name(p.name, "contact"))
             cid = store.add_contact(name, identity_key=p.contact,
                                     state=ContactState(None, False).to_bytes()).id  # fmt: skip
             store.update_contact(cid, verified=p.verified, blocked=p.blocked)
             self.m.ctx.events.emit("contact.added", {"contact": name, "established": False})
             return
+        rows.set_contact_clock(store, keys, p.changed_at_ms, p.device_id)
+        if c is None:
+            return  # removed, and not held
         fields: dict[str, Any] = {"verified": p.verified, "blocked": p.blocked}
         wanted = clean_name(p.name, c.name)
         if wanted != c.name and store.contact_by_name(wanted) is None:
@@ -425,24 +513,54 @@ class OwnSync:
         if p.blocked and not c.blocked:
             self.m.delivery.drop_outbox_of(store, {c.id})
 
-    async def _remove(self, contact_id: int, keys: bytes) -> None:
+    async def _remove(self, p: sy.ContactItem) -> None:
+        """A synced removal, applied under the lock if it is still the newest change (a change
+        taken meanwhile, a re-add say, wins) and recorded in the removal's transaction."""
+        keys = keys_of(p.contact)
+        assert keys is not None
         async with self.m.lock:
-            c = self.m.store.get_contact(contact_id)
-            if c is None:
+            store = self.m.store
+            held = rows.contact_clock(store, keys)
+            if held is not None and (p.changed_at_ms, p.device_id) <= held:
+                return
+            try:
+                c = self.m.contacts.with_identity(PublicIdentity.from_bytes(p.contact))
+            except (DecodeError, BundleError):
+                return
+            if c is None or group_store.is_group_contact(store, c.id):
+                with store.transaction():
+                    rows.set_contact_clock(store, keys, p.changed_at_ms, p.device_id)
                 return
             self._applying.add(keys)
             try:
-                await self.m.contacts.remove_locked(c)
+                await self.m.contacts.remove_locked(
+                    c, then=lambda: rows.set_contact_clock(store, keys, p.changed_at_ms,
+                                                           p.device_id))  # fmt: skip
             finally:
                 self._applying.discard(keys)
 
-    async def _accept(self, request_id: int, name: str, keys: bytes) -> None:
+    async def _accept(self, request_id: int, p: sy.ContactItem) -> None:
+        """A synced change of a contact whose request this device holds: the request accepted
+        under the change's name, then the change (its flags) applied and recorded if still the
+        newest (a second change before this runs: its accept finds no request, and it is
+        applied the same way)."""
+        keys = keys_of(p.contact)
+        assert keys is not None
         self._applying.add(keys)
         try:
             with contextlib.suppress(AppError):  # taken or removed meanwhile
-                await self.m.contacts.accept_request(request_id, name)
+                await self.m.contacts.accept_request(request_id, clean_name(p.name, "contact"))
         finally:
             self._applying.discard(keys)
+        async with self.m.lock:
+            try:
+                c = self.m.contacts.with_identity(PublicIdentity.from_bytes(p.contact))
+            except (DecodeError, BundleError):
+                return
+            if c is None:
+                return  # rejected or removed meanwhile: the change stays unrecorded
+            with self.m.store.transaction():
+                self._contact(p, c)
 
     def _own_list(self, incoming: dv.DeviceList, current: dv.DeviceList) -> None:
         if (incoming.version, incoming.digest()) == (current.version, current.digest()):
@@ -468,8 +586,9 @@ class OwnSync:
         live = {r.device_id: r for r in rows.rows(store) if not r.removed and r.state is not None}
         for device_id in sorted(listed - {me}):
             row = live.get(device_id)
-            if row is None or row.state is None:
-                # No session yet (the link just completed): kept until one opens (_flush).
+            if row is None or row.state is None or row.send_to is None:
+                # No session yet (the link just completed), or not answered: kept (bounded)
+                # until one opens and answers (_flush).
                 rows.wait_for_session(store, device_id, data, _now())
                 continue
             session = Session.from_bytes(row.state)
@@ -544,6 +663,9 @@ class OwnSync:
 
     async def _replay_held(self) -> None:
         async with self.m.lock:
-            held, self._held = self._held, []
+            held, self._held = list(self._held.values()), {}
             for fc, block in held:
-                await self.on_first_contact(fc, block)
+                try:
+                    await self.on_first_contact(fc, block, replay=True)
+                except AppError:  # no mailbox now: the opener opens again after OPEN_TIMEOUT
+                    droplog.dropped("could not answer a held sync session")

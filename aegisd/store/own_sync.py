@@ -25,15 +25,17 @@ class SyncRow:
     send_to: bytes | None
     session_ek: bytes
     removed: bool
+    updated_at: int  # seconds: when the session was opened, until its first use
 
 
-_SELECT = "SELECT device_id, state, mailbox_id, send_to, session_ek, removed FROM own_sync"
+_SELECT = ("SELECT device_id, state, mailbox_id, send_to, session_ek, removed, updated_at "
+           "FROM own_sync")
 
 
 def _row(r: Any) -> SyncRow:
     return SyncRow(bytes(r[0]), None if r[1] is None else bytes(r[1]),
                    None if r[2] is None else int(r[2]), None if r[3] is None else bytes(r[3]),
-                   bytes(r[4]), bool(r[5]))  # fmt: skip
+                   bytes(r[4]), bool(r[5]), int(r[6]))  # fmt: skip
 
 
 def rows(store: Store) -> list[SyncRow]:
@@ -188,3 +190,13 @@ def take_read(store: Store, message_id: str) -> bytes | None:
         return None
     store.query("DELETE FROM sync_reads WHERE message_id = ?", (message_id,))
     return bytes(r[0])
+
+
+def clear(store: Store) -> None:
+    """Every sync session and what waits for one: a backup's import made this a new device of
+    another identity (services/device_reset.py), whose sessions they were not."""
+    for table in ("own_sync", "sync_fragments", "sync_waiting", "sync_contacts", "sync_reads"):
+        store.query(f"DELETE FROM {table}")  # noqa: S608 (fixed names)
+    prefix = pending_destination(b"")
+    store.query("DELETE FROM outbox WHERE contact_id IS NULL AND substr(destination, 1, ?) = ?",
+                (len(prefix), prefix))  # fmt: skip

@@ -5,6 +5,7 @@ stopped for a while catches up, and a removed device's sync payloads are refused
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -111,13 +112,18 @@ def test_a_removed_device_sync_is_refused(peers: Callable[[str], Peer]) -> None:
     a1.wait_for(lambda: [e for e in _sync_events(a1, "refused") if e["device"] == a2_id],
                 "the refusal", T_DEVICE)  # fmt: skip
     assert ("out", "from the removed laptop") not in texts(a1, "bob")
-    # A1 sends nothing more to A2.
+    # A1 sends nothing more to A2: a transcript would leave within receipt_delay_max (0.5 s
+    # here), so A2 is watched for a few seconds after Bob has the text, A1 still running.
+    a1.call("settings.set", {"receipt_delay_max": 0.5})
     a1.call("messages.send", {"contact": "bob", "text": "after the removal"})
     bob.wait_for(lambda: ("in", "after the removal") in texts(bob, "alice"), "A1's text")
+    watch_until = time.monotonic() + 3.0
+    while time.monotonic() < watch_until:
+        assert ("out", "after the removal") not in texts(a2, "bob")
+        time.sleep(0.25)
     a1.stop()
     assert a1.proc is not None
     assert "refused a sync payload from a removed device" in a1.proc.stderr()
-    assert ("out", "after the removal") not in texts(a2, "bob")
 
 
 def _contact(peer: Peer, name: str) -> dict[str, Any] | None:

@@ -9,7 +9,7 @@ import pytest
 
 from aegis_cli.client import RpcCallError
 from aegisd.core import wire
-from aegisd.services.inbox import clean_name
+from aegisd.services.names import clean_name
 from tests.functional.conftest import Peer, connect
 
 
