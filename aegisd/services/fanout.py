@@ -80,6 +80,11 @@ SETTING_NAME = "profile.display_name"
 SETTING_HELD = "devices.held_sessions"
 MAX_HELD = 4
 HELD_FOR = 14 * 24 * 3600
+#: The sessions this device opened with a contact's devices that are not answered yet:
+#: {contact id: [device hex, ...]}. Only these meet the device-ID rule when that device's own
+#: first contact comes (§5.2); a session it opened that was answered, or one it adopted, means
+#: a new first contact from that device is a device that lost its state.
+SETTING_OPENED = "devices.opened_unanswered"
 #: Seconds between the attempts to open a session with a contact's device whose bundle is not
 #: at the relay yet.
 OPEN_RETRIES = (1.0, 2.0, 5.0, 15.0, 60.0)
@@ -380,9 +385,16 @@ class Fanout:
         existing = next((s for s in cd.device_sessions(store, c.id) if s.device_id == device_id),
                         None)  # fmt: skip
         me = store.get_setting(SETTING_SELF)
-        if existing is not None and me is not None and bytes.fromhex(str(me)) < device_id:
+        if (
+            existing is not None
+            and self._opened_unanswered(c.id, device_id)
+            and me is not None
+            and bytes.fromhex(str(me)) < device_id
+        ):
             # Both devices opened a session with each other at once: the one the lower device
-            # ID opened stands, on both sides (the other side adopts ours, §5.2).
+            # ID opened stands, on both sides (the other side adopts ours, §5.2). Any other
+            # session held (adopted, or answered) is one that device lost: its new proven
+            # first contact replaces it (a replayed one does not open: the prekeys are burnt).
             return
         ours = store.mailbox_for_contact(c.id)
         if ours is None or not self.m.mailboxes.peer_url_ok(reply.relay_url):
@@ -394,6 +406,7 @@ class Fanout:
         to = address_to_bytes(reply)
         cd.put_device_session(store, c.id, device_id, session.to_bytes(), _now())
         cd.set_device_send_to(store, c.id, device_id, to)
+        self._mark_opened(c.id, device_id, False)  # ours, if any, is replaced
         store.enqueue_blocks(to, blocks, contact_id=c.id)
         listed = None if held is None else dv.DeviceList.from_bytes(held.data)
         count = 1 if listed is None else len(listed.devices)
@@ -440,6 +453,26 @@ class Fanout:
         if kept:
             held[str(c.id)] = kept
         store.set_setting(SETTING_HELD, held or None)
+
+    def _opened_unanswered(self, contact_id: int, device_id: bytes) -> bool:
+        opened = self.m.store.get_setting(SETTING_OPENED) or {}
+        return device_id.hex() in opened.get(str(contact_id), [])
+
+    def _mark_opened(self, contact_id: int, device_id: bytes, unanswered: bool) -> None:
+        """Record (or clear) that this device opened the session with the contact's
+        ``device_id`` and it is not answered yet (inside the caller's transaction). Only IDs
+        with a session are kept: bounded by the contacts' lists."""
+        store = self.m.store
+        opened = dict(store.get_setting(SETTING_OPENED) or {})
+        have = {s.device_id.hex() for s in cd.device_sessions(store, contact_id)}
+        ids = [d for d in opened.get(str(contact_id), []) if d in have and d != device_id.hex()]
+        if unanswered:
+            ids.append(device_id.hex())
+        if ids:
+            opened[str(contact_id)] = ids
+        else:
+            opened.pop(str(contact_id), None)
+        store.set_setting(SETTING_OPENED, opened or None)
 
     def _own_list(self) -> dv.DeviceList | None:
         value = self.m.store.get_setting(SETTING_OWN_LIST)
@@ -517,6 +550,7 @@ class Fanout:
                 cd.put_device_session(
                     self.m.store, contact_id, entry.device_id, session.to_bytes(), _now()
                 )
+                self._mark_opened(contact_id, entry.device_id, True)
                 self.m.store.enqueue_blocks(
                     address_to_bytes(entry.mailbox), [block], contact_id=contact_id
                 )
@@ -569,6 +603,7 @@ class Fanout:
                       None)  # fmt: skip
         first = before is None or before.send_to is None  # not a repeated answer
         cd.set_device_send_to(store, c.id, device_id, address_to_bytes(reply_to))
+        self._mark_opened(c.id, device_id, False)
         held = cd.held_list(store, c.id)
         listed = None if held is None else dv.DeviceList.from_bytes(held.data)
         if held is not None and listed is not None and held.session_device not in listed.ids():

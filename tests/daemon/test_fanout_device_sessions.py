@@ -1,0 +1,108 @@
+"""Sessions with a contact's devices on a real SQLCipher store (services/fanout.py, inbox.py,
+docs/devices.md §5.2): which session stands when a contact's device opens one while this device
+holds one with it, and held sessions' bounds."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+from aegisd.core import devices as dv
+from aegisd.core import wire
+from aegisd.core.primitives import SystemEntropy
+from aegisd.services import fanout as sf
+from aegisd.services.mailbox import ContactState, OwnedMailbox, address_to_bytes
+from aegisd.store import KdfParams, Store, create_profile
+from aegisd.store import contact_devices as cd
+from aegisd.store.devices import SETTING_SELF
+from tests.support.parties import make_pair
+from tests.unit.test_core_backup import ALICE, MAILBOX
+
+FAST = KdfParams(memory_kib=1024, time_cost=1, parallelism=1)
+LOW, HIGH = bytes(16), b"\xff" * 16  # this device's ID, low or high
+A1, A2 = b"\x40" * 16, b"\x80" * 16  # the contact's devices
+A2_BOX = wire.MailboxAddress("wss://relay.example/v1/ws", b"2" * 16, b"t" * 32)
+A2_NEW_BOX = wire.MailboxAddress("wss://relay.example/v1/ws", b"3" * 16, b"t" * 32)
+
+
+def _entry(device_id: bytes) -> dv.DeviceEntry:
+    return dv.DeviceEntry(device_id, MAILBOX, b"b" * 16, 5, device_id * 2)
+
+
+def _host(store: Store) -> Any:
+    return types.SimpleNamespace(
+        store=store, entropy=SystemEntropy(),
+        mailboxes=types.SimpleNamespace(peer_url_ok=lambda url: True),
+        ctx=types.SimpleNamespace(events=types.SimpleNamespace(emit=lambda *a: None)),
+        delivery=types.SimpleNamespace(wake=lambda: None),
+    )  # fmt: skip
+
+
+def _contact(store: Store, me: bytes) -> Any:
+    c = store.add_contact("alice", identity_key=ALICE.public.to_bytes(),
+                          state=ContactState(MAILBOX, True).to_bytes())  # fmt: skip
+    listed = dv.DeviceList.sign(ALICE, 1_700_000_000_000, [_entry(A1), _entry(A2)])
+    cd.put_list(store, c.id, listed.to_bytes(), listed.version, 1)
+    cd.set_session_device(store, c.id, A1)
+    store.put_session(c.id, b"the row, with A1")
+    ours = OwnedMailbox("wss://relay.example/v1/ws", b"\1" * 32, b"\2" * 32, b"o" * 16,
+                        b"d" * 16, b"r" * 32, b"")  # fmt: skip
+    store.add_mailbox("contact", ours.to_bytes(), contact_id=c.id)
+    store.set_setting(SETTING_SELF, me.hex())
+    return store.get_contact(c.id)
+
+
+def _session_with_a2(store: Store, c: Any) -> cd.DeviceSession:
+    return next(s for s in cd.device_sessions(store, c.id) if s.device_id == A2)
+
+
+def _opened_by_us(store: Store, fanout: sf.Fanout, c: Any) -> bytes:
+    """A session this device opened with A2 (fanout._open's bookkeeping), not answered."""
+    with store.transaction():
+        cd.put_device_session(store, c.id, A2, b"the session we opened", 1)
+        fanout._mark_opened(c.id, A2, True)
+    return b"the session we opened"
+
+
+def test_the_lower_id_keeps_its_unanswered_session_the_higher_adopts(tmp_path):
+    for me, kept_ours in ((LOW, True), (HIGH, False)):
+        store = create_profile(tmp_path / me.hex()[:2], None, FAST)
+        try:
+            c, fanout = None, sf.Fanout(_host(store))
+            c = _contact(store, me)
+            ours = _opened_by_us(store, fanout, c)
+            theirs = make_pair().a
+            with store.transaction():
+                fanout._adopt(c, theirs, A2, A2_BOX)
+            got = _session_with_a2(store, c)
+            assert (got.state == ours) is kept_ours
+            assert (got.send_to is None) is kept_ours  # adopted: answered, deposited to
+        finally:
+            store.close()
+
+
+def test_a_new_first_contact_replaces_an_answered_or_adopted_session(tmp_path):
+    """The lower ID does not keep a session the other device no longer has: one it adopted,
+    or one it opened that was answered (the other device lost its state and opened anew)."""
+    store = create_profile(tmp_path / "p", None, FAST)
+    try:
+        fanout = sf.Fanout(_host(store))
+        c = _contact(store, LOW)
+        # Opened by us and answered by A2.
+        _opened_by_us(store, fanout, c)
+        with store.transaction():
+            fanout.device_answered(c, A2, A2_BOX)
+        assert not fanout._opened_unanswered(c.id, A2)
+        fresh = make_pair().a
+        with store.transaction():
+            fanout._adopt(c, fresh, A2, A2_NEW_BOX)
+        got = _session_with_a2(store, c)
+        assert got.state == fresh.to_bytes() and got.send_to == address_to_bytes(A2_NEW_BOX)
+        # Adopted (that one): A2 loses it again and opens another: that one stands.
+        again = make_pair().a
+        with store.transaction():
+            fanout._adopt(c, again, A2, A2_BOX)
+        got = _session_with_a2(store, c)
+        assert got.state == again.to_bytes() and got.send_to == address_to_bytes(A2_BOX)
+    finally:
+        store.close()
