@@ -450,9 +450,12 @@ class Inbox:
             return None
         ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
         with self.m.store.transaction():
-            self.m.store.put_identity(self.m.prekeys.to_bytes())
             as_row, device_id = self.m.fanout.device_first_contact(known, fc.session, payload, ek)
+            if not as_row:
+                self.m.store.put_identity(self.m.prekeys.to_bytes())
         if as_row:
+            # The burnt one-time keys are committed with the session row (_device_session): a
+            # failure before it (the relay, a kill) leaves the block to open again.
             await self._device_session(known, fc.session, payload.reply, device_id)
         return None
 

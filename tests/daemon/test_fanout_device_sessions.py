@@ -4,18 +4,26 @@ holds one with it, and held sessions' bounds."""
 
 from __future__ import annotations
 
+import asyncio
 import types
 from typing import Any
 
+import pytest
+
 from aegisd.core import devices as dv
-from aegisd.core import wire
+from aegisd.core import pqxdh, wire
+from aegisd.core.identity import IdentityKeyPair
+from aegisd.core.prekeys import PrekeyStore
 from aegisd.core.primitives import SystemEntropy
+from aegisd.core.session import accept_first_contact, initiate_session
+from aegisd.rpc import AppError
 from aegisd.services import fanout as sf
+from aegisd.services import inbox as si
 from aegisd.services.mailbox import ContactState, OwnedMailbox, address_to_bytes
 from aegisd.store import KdfParams, Store, create_profile
 from aegisd.store import contact_devices as cd
 from aegisd.store.devices import SETTING_SELF
-from tests.support.parties import make_pair
+from tests.support.parties import bob_with_store, make_pair
 from tests.unit.test_core_backup import ALICE, MAILBOX
 
 FAST = KdfParams(memory_kib=1024, time_cost=1, parallelism=1)
@@ -68,7 +76,7 @@ def test_the_lower_id_keeps_its_unanswered_session_the_higher_adopts(tmp_path):
     for me, kept_ours in ((LOW, True), (HIGH, False)):
         store = create_profile(tmp_path / me.hex()[:2], None, FAST)
         try:
-            c, fanout = None, sf.Fanout(_host(store))
+            fanout = sf.Fanout(_host(store))
             c = _contact(store, me)
             ours = _opened_by_us(store, fanout, c)
             theirs = make_pair().a
@@ -104,5 +112,48 @@ def test_a_new_first_contact_replaces_an_answered_or_adopted_session(tmp_path):
             fanout._adopt(c, again, A2, A2_BOX)
         got = _session_with_a2(store, c)
         assert got.state == again.to_bytes() and got.send_to == address_to_bytes(A2_BOX)
+    finally:
+        store.close()
+
+
+def test_a_first_session_of_a_linked_device_keeps_its_prekeys_until_the_row_commits(tmp_path):
+    """H2: a linked device (its contacts came by the link, without sessions) takes a contact
+    device's first contact as the contact's row; the relay failing before the row is stored
+    must leave the burnt one-time prekeys unsaved, so that the block delivered again opens."""
+    entropy = SystemEntropy()
+    store = create_profile(tmp_path / "p", None, FAST)
+    try:
+        _us, prekeys, xs, kems = bob_with_store(entropy)
+        store.put_identity(prekeys.to_bytes())
+        them = IdentityKeyPair.generate(entropy)
+        c = store.add_contact("alice", identity_key=them.public.to_bytes(),
+                              state=ContactState(None, True).to_bytes())  # fmt: skip
+        bundle = pqxdh.verify_bundle(prekeys.bundle_base().to_bytes(), xs[0], kems[0])
+
+        def hello(ek: bytes) -> bytes:
+            signed = dv.DeviceHello.sign(b"k" * 32, them.public, A2, A2_BOX, 1, ek)
+            return dv.encode_device_payload(signed)
+
+        _, block = initiate_session(entropy, them, bundle, hello)
+        fc = accept_first_contact(entropy, prekeys, block)  # burns the one-time keys
+        payload = dv.decode_device_payload(fc.fragment.data)
+
+        async def relay_gone(*_a: Any, **_k: Any) -> Any:
+            raise AppError(1000, "relay_unavailable", "the relay went away")
+
+        host = _host(store)
+        host.prekeys = prekeys
+        host.contacts = types.SimpleNamespace(with_identity=lambda _k: store.get_contact(c.id))
+        host.mailboxes.create = relay_gone
+        host.fanout = sf.Fanout(host)
+        inbox = si.Inbox(host)
+        row = types.SimpleNamespace(role="address")
+        with pytest.raises(AppError):
+            asyncio.run(inbox._first_contact_of_device(row, block, fc, payload))
+        assert store.get_session(c.id) is None
+        stored = store.get_identity()
+        assert stored is not None
+        again = accept_first_contact(entropy, PrekeyStore.from_bytes(stored), block)
+        assert again.sender == fc.sender
     finally:
         store.close()
