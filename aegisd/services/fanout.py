@@ -85,6 +85,11 @@ HELD_FOR = 14 * 24 * 3600
 #: first contact comes (§5.2); a session it opened that was answered, or one it adopted, means
 #: a new first contact from that device is a device that lost its state.
 SETTING_OPENED = "devices.opened_unanswered"
+#: A device hello (bound to LEGACY_EK) that came in a contact's session row before the list
+#: naming its device: {contact id: hello hex}, the newest one per contact, checked again when
+#: a list comes (§5.5). The signer sends it once; dropping it would leave the row's device
+#: unknown, and no session opened with the contact's other devices.
+SETTING_EARLY_HELLO = "devices.early_hello"
 #: Seconds between the attempts to open a session with a contact's device whose bundle is not
 #: at the relay yet.
 OPEN_RETRIES = (1.0, 2.0, 5.0, 15.0, 60.0)
@@ -147,6 +152,7 @@ class Fanout:
             store = self.m.ctx.store
             if store is None:
                 return
+            self.purge_held()
             awaiting = store.get_setting(SETTING_AWAITING)
             own, me, key = (store.get_setting(n) for n in (SETTING_OWN_LIST, SETTING_SELF,
                                                             SETTING_KEY))  # fmt: skip
@@ -222,6 +228,8 @@ class Fanout:
                 return
             cd.put_list(store, c.id, new.to_bytes(), new.version, _now())
             legacy = None if held is None else held.session_device
+            if legacy is None:
+                legacy = self._recheck_early_hello(c.id, identity, new)
             changed = False
             if legacy is not None and legacy not in new.ids():
                 session, legacy = self._replace_row_session(c, session, device, legacy)
@@ -238,12 +246,21 @@ class Fanout:
         elif isinstance(payload, dv.DeviceHello):
             if device is not None and payload.device_id == device:
                 return  # a list's signer names itself in every session: this one is known
-            if device is not None or current is None:
+            if device is not None:
                 droplog.dropped("dropped a device hello out of place")
+                return
+            if current is None:
+                self._hold_early_hello(c.id, payload)  # its list follows (or was lost)
                 return
             try:
                 entry = payload.check(identity, current, LEGACY_EK)
-            except (dv.UnlistedDevice, dv.ForgedDeviceProof):
+            except dv.UnlistedDevice:
+                if payload.list_version > current.version:
+                    self._hold_early_hello(c.id, payload)  # a newer list may name it
+                else:
+                    droplog.dropped("dropped a device hello that does not prove a listed device")
+                return
+            except dv.ForgedDeviceProof:
                 droplog.dropped("dropped a device hello that does not prove a listed device")
                 return
             if held is not None and held.session_device is None:
@@ -415,6 +432,11 @@ class Fanout:
 
     def _hold(self, contact_id: int, session: Session, hello: dv.DeviceHello, ek: bytes) -> None:
         store, now = self.m.store, _now()
+        if hello.list_version > (now + dv.MAX_LIST_SKEW) * dv.VERSIONS_PER_SECOND:
+            # No list can name it within HELD_FOR (lists from the future are refused, §5.1):
+            # a made-up ID with a huge version must not sit here waiting for one.
+            droplog.dropped("dropped a device session naming a list from the future")
+            return
         held = dict(store.get_setting(SETTING_HELD) or {})
         kept = [h for h in held.get(str(contact_id), [])
                 if int(h[4]) + HELD_FOR > now and h[0] != hello.device_id.hex()]  # fmt: skip
@@ -439,7 +461,9 @@ class Fanout:
             try:
                 entry = hello.check(identity, current, bytes.fromhex(str(item[2])))
             except dv.UnlistedDevice:
-                if hello.list_version > current.version:
+                if current.version < hello.list_version <= (
+                    (now + dv.MAX_LIST_SKEW) * dv.VERSIONS_PER_SECOND
+                ):
                     kept.append(item)  # a newer list than this one may name it
                 else:
                     droplog.dropped("dropped a held session of a device its contact did not list")
@@ -453,6 +477,67 @@ class Fanout:
         if kept:
             held[str(c.id)] = kept
         store.set_setting(SETTING_HELD, held or None)
+
+    def _hold_early_hello(self, contact_id: int, hello: dv.DeviceHello) -> None:
+        """Keep the newest hello per contact whose list version is not from the future."""
+        store = self.m.store
+        if hello.list_version > (_now() + dv.MAX_LIST_SKEW) * dv.VERSIONS_PER_SECOND:
+            droplog.dropped("dropped a device hello naming a list from the future")
+            return
+        early = dict(store.get_setting(SETTING_EARLY_HELLO) or {})
+        prior = early.get(str(contact_id))
+        if prior is not None:
+            old = dv.decode_device_payload(bytes.fromhex(str(prior)))
+            if isinstance(old, dv.DeviceHello) and old.list_version > hello.list_version:
+                return
+        early[str(contact_id)] = dv.encode_device_payload(hello).hex()
+        store.set_setting(SETTING_EARLY_HELLO, early)
+
+    def _recheck_early_hello(
+        self, contact_id: int, identity: PublicIdentity, listed: dv.DeviceList
+    ) -> bytes | None:
+        """The hello held for the contact's row, checked under the list just stored: proven,
+        its device is the row's (returned; a session opened with that device meanwhile is the
+        same device's twice, dropped); kept while it names a newer list; else dropped."""
+        store = self.m.store
+        early = dict(store.get_setting(SETTING_EARLY_HELLO) or {})
+        item = early.pop(str(contact_id), None)
+        if item is None:
+            return None
+        hello = dv.decode_device_payload(bytes.fromhex(str(item)))
+        device_id = None
+        if isinstance(hello, dv.DeviceHello):
+            try:
+                device_id = hello.check(identity, listed, LEGACY_EK).device_id
+            except dv.UnlistedDevice:
+                if hello.list_version > listed.version:
+                    early[str(contact_id)] = item
+            except dv.ForgedDeviceProof:
+                droplog.dropped("dropped a device hello that does not prove a listed device")
+        store.set_setting(SETTING_EARLY_HELLO, early or None)
+        if device_id is not None:
+            cd.set_session_device(store, contact_id, device_id)
+            cd.drop_device_sessions(store, contact_id, listed.ids() - {device_id})
+        return device_id
+
+    def forget(self, contact_id: int) -> None:
+        """A contact removed: what is kept for it in settings goes with it (inside the
+        caller's transaction): held sessions, an early hello, the sessions opened."""
+        store = self.m.store
+        for name in (SETTING_HELD, SETTING_EARLY_HELLO, SETTING_OPENED):
+            value = dict(store.get_setting(name) or {})
+            if value.pop(str(contact_id), None) is not None:
+                store.set_setting(name, value or None)
+
+    def purge_held(self) -> None:
+        """At unlock: held sessions past HELD_FOR go (else they would wait for a list)."""
+        store = self.m.store
+        held = dict(store.get_setting(SETTING_HELD) or {})
+        now = _now()
+        kept = {cid: live for cid, items in held.items()
+                if (live := [h for h in items if int(h[4]) + HELD_FOR > now])}  # fmt: skip
+        if kept != held:
+            store.set_setting(SETTING_HELD, kept or None)
 
     def _opened_unanswered(self, contact_id: int, device_id: bytes) -> bool:
         opened = self.m.store.get_setting(SETTING_OPENED) or {}

@@ -157,3 +157,75 @@ def test_a_first_session_of_a_linked_device_keeps_its_prekeys_until_the_row_comm
         assert again.sender == fc.sender
     finally:
         store.close()
+
+
+KEY_1 = dv.new_device_key(SystemEntropy())
+
+
+def _full_host(store: Store) -> Any:
+    host = _host(store)
+    host.delivery = types.SimpleNamespace(wake=lambda: None, enqueue=lambda *a, **k: None,
+                                          receipt_delay=lambda: 0.0)  # fmt: skip
+    host.spawn = lambda coro: coro.close()  # no relay here: nothing is opened
+    return host
+
+
+def test_a_hello_before_its_list_is_held_and_taken_when_the_list_comes(tmp_path):
+    """M1: the signer sends its list then its hello once; the hello arriving first must not be
+    lost, or the row's device stays unknown and no session opens with the other devices."""
+    store = create_profile(tmp_path / "p", None, FAST)
+    try:
+        c = store.add_contact("alice", identity_key=ALICE.public.to_bytes(),
+                              state=ContactState(MAILBOX, True).to_bytes())  # fmt: skip
+        store.put_session(c.id, b"the row, a session from before the list")
+        fanout = sf.Fanout(_full_host(store))
+        e1 = dv.DeviceEntry(A1, MAILBOX, b"b" * 16, 5, KEY_1[1])
+        listed = dv.DeviceList.sign(ALICE, sf._now() * 1000, [e1, _entry(A2)])
+        hello = dv.DeviceHello.sign(KEY_1[0], ALICE.public, A1, A2_BOX, listed.version,
+                                    sf.LEGACY_EK)  # fmt: skip
+        # A made-up hello naming a list from the future is not kept.
+        future = dv.DeviceHello.sign(KEY_1[0], ALICE.public, A1, A2_BOX, 2**63 - 1, sf.LEGACY_EK)
+        with store.transaction():
+            fanout.on_payload(c, Any, future, None)
+        assert store.get_setting(sf.SETTING_EARLY_HELLO) is None
+        with store.transaction():
+            fanout.on_payload(c, Any, hello, None)  # before the list: held
+        assert cd.held_list(store, c.id) is None
+        with store.transaction():
+            fanout.on_payload(c, Any, listed, None)
+        held = cd.held_list(store, c.id)
+        assert held is not None and held.session_device == A1
+        assert store.get_setting(sf.SETTING_EARLY_HELLO) is None
+    finally:
+        store.close()
+
+
+def test_held_sessions_are_bounded_by_the_clock_expiry_and_the_contact(tmp_path):
+    """M3: a held session naming a list from the future is not kept; expired ones go at
+    unlock; a removed contact's go with it."""
+    store = create_profile(tmp_path / "p", None, FAST)
+    try:
+        c = _contact(store, LOW)
+        fanout = sf.Fanout(_full_host(store))
+        pair = make_pair()
+        future = dv.DeviceHello.sign(KEY_1[0], ALICE.public, b"\x99" * 16, A2_BOX, 2**63 - 1,
+                                     bytes(32))  # fmt: skip
+        with store.transaction():
+            fanout._hold(c.id, pair.a, future, bytes(32))
+        assert store.get_setting(sf.SETTING_HELD) is None
+        hello = dv.DeviceHello.sign(KEY_1[0], ALICE.public, b"\x99" * 16, A2_BOX, sf._now() * 1000,
+                                    bytes(32))  # fmt: skip
+        with store.transaction():
+            fanout._hold(c.id, pair.a, hello, bytes(32))
+            fanout._hold(c.id + 1, pair.a, hello, bytes(32))
+        held = store.get_setting(sf.SETTING_HELD)
+        assert set(held) == {str(c.id), str(c.id + 1)}
+        held[str(c.id + 1)][0][4] = sf._now() - sf.HELD_FOR  # expired
+        store.set_setting(sf.SETTING_HELD, held)
+        fanout.purge_held()
+        assert set(store.get_setting(sf.SETTING_HELD)) == {str(c.id)}
+        with store.transaction():
+            fanout.forget(c.id)
+        assert store.get_setting(sf.SETTING_HELD) is None
+    finally:
+        store.close()
