@@ -67,6 +67,7 @@ from .context import ServiceContext
 from .delivery import Delivery, Recipient
 from .mailbox import ContactState, OwnedMailbox, address_from_bytes, address_to_bytes
 from .mailboxes import Mailboxes
+from .rotation import ROTATION_KEY
 
 log = logging.getLogger("aegisd.fanout")
 
@@ -344,10 +345,25 @@ class Fanout:
         state.send_to = address_from_bytes(chosen.send_to)
         store.update_contact(c.id, state=state.to_bytes())
         cd.set_session_device(store, c.id, chosen.device_id)
+        self._carry_rotation(c.id, chosen.device_id)
         cd.drop_device_sessions(store, c.id, frozenset(
             s.device_id for s in cd.device_sessions(store, c.id) if s.device_id != chosen.device_id
         ))  # fmt: skip
         return Session.from_bytes(chosen.state), chosen.device_id
+
+    def _carry_rotation(self, contact_id: int, device_id: bytes) -> None:
+        """A rotation under way when the session with ``device_id`` takes the row's place:
+        the row's acknowledgement is now that device's (given if it acknowledged in its own
+        session, else awaited: rotation.py bounds the wait)."""
+        store, key = self.m.store, f"{ROTATION_KEY}{contact_id}"
+        pending = store.get_setting(key)
+        if pending is None:
+            return
+        d = device_id.hex()
+        devices = list(pending.get("devices", []))
+        acked = d in pending.get("went", []) and d not in devices
+        store.set_setting(key, {**pending, "acked": acked,
+                                "devices": [x for x in devices if x != d]})  # fmt: skip
 
     # --- sessions a contact's device opens with this device ----------------------------------
 

@@ -19,6 +19,7 @@ from aegisd.core.session import accept_first_contact, initiate_session
 from aegisd.rpc import AppError
 from aegisd.services import fanout as sf
 from aegisd.services import inbox as si
+from aegisd.services import rotation as rot
 from aegisd.services.mailbox import ContactState, OwnedMailbox, address_to_bytes
 from aegisd.store import KdfParams, Store, create_profile
 from aegisd.store import contact_devices as cd
@@ -229,3 +230,52 @@ def test_held_sessions_are_bounded_by_the_clock_expiry_and_the_contact(tmp_path)
         assert store.get_setting(sf.SETTING_HELD) is None
     finally:
         store.close()
+
+
+def test_a_rotation_waits_for_a_device_no_longer_than_the_bound(tmp_path):
+    """M2: a device of the contact that never acknowledges (never back, not removed) stalls
+    the rotation only until MOVE_BOUND_MS (the relay's message TTL)."""
+    store = create_profile(tmp_path / "p", None, FAST)
+    try:
+        c = _contact(store, LOW)
+        cd.put_device_session(store, c.id, A2, b"the session with A2", 1)
+        cd.set_device_send_to(store, c.id, A2, address_to_bytes(A2_BOX))
+        now = rot._ms()
+        pending = {"id": "00", "old": 1, "new": 2, "devices": [A2.hex()], "went": [A2.hex()],
+                   "acked": True, "at": now}  # fmt: skip
+        assert rot.awaiting_devices(store, c.id, pending) == [A2.hex()]
+        overdue = {**pending, "at": now - rot.MOVE_BOUND_MS - 1}
+        assert rot.awaiting_devices(store, c.id, overdue) == []
+    finally:
+        store.close()
+
+
+def test_the_rows_acknowledgement_follows_the_session_that_replaces_it(tmp_path):
+    """M2: when a listed device's session takes the row's place (the row's device left the
+    list), the rotation's acknowledgement is that device's: given if it acknowledged in its
+    own session, awaited if not (it would otherwise wait for a device no longer there, or
+    be taken from a device that never saw the new mailbox)."""
+    for a2_acked in (True, False):
+        store = create_profile(tmp_path / str(a2_acked), None, FAST)
+        try:
+            c = _contact(store, LOW)
+            pair = make_pair()
+            cd.put_device_session(store, c.id, A2, pair.a.to_bytes(), 1)
+            cd.set_device_send_to(store, c.id, A2, address_to_bytes(A2_BOX))
+            key = f"{rot.ROTATION_KEY}{c.id}"
+            store.set_setting(key, {"id": "00", "old": 1, "new": 2, "went": [A2.hex()],
+                                    "devices": [] if a2_acked else [A2.hex()],
+                                    "at": rot._ms()})  # fmt: skip
+            # A list without A1, the row's device.
+            new = dv.DeviceList.sign(ALICE, 1_700_000_000_001, [_entry(A2)])
+            cd.put_list(store, c.id, new.to_bytes(), new.version, 2)
+            fanout = sf.Fanout(_full_host(store))
+            with store.transaction():
+                fanout._replace_row_session(store.get_contact(c.id), pair.a, A2, A1)
+            held = cd.held_list(store, c.id)
+            assert held is not None and held.session_device == A2
+            pending = store.get_setting(key)
+            assert bool(pending.get("acked")) is a2_acked
+            assert pending["devices"] == []
+        finally:
+            store.close()
