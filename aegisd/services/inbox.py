@@ -437,7 +437,14 @@ class Inbox:
         a hello (0x03) without a name would make: returned for that path."""
         assert self.m.prekeys is not None
         known = self.m.contacts.with_identity(fc.sender)
-        if isinstance(payload, dv.DeviceHello) and known is None:
+        if isinstance(payload, dv.DeviceHello) and (known is None or (
+            self.m.store.get_session(known.id) is None
+            and self.m.store.mailbox_for_contact(known.id) is None
+            and self.m.store.get_setting(SETTING_OWN_LIST) is None
+        )):  # fmt: skip
+            # No contact; or one without a session on a device that did not join by a link
+            # (no list of its own): only a linked device takes a first session unasked, as on
+            # the 0x03 path below. Either way what a nameless hello (0x03) would make.
             return wire.HelloPayload(payload.reply, "", b"")
         if (
             not isinstance(payload, dv.DeviceHello)
@@ -569,8 +576,8 @@ class Inbox:
                 payload, (wire.HelloPayload, wire.MailboxPayload, wire.MailboxAckPayload)
             ):
                 # A contact device's own routing: its answer and its rotations name its
-                # mailbox; an acknowledgement of our rotation counts from the contact's
-                # session row only (the first device's).
+                # mailbox; its acknowledgement of our rotation counts for that device (the
+                # old mailbox goes once the row and every device it went to acknowledged).
                 url = (payload.reply_to.relay_url if isinstance(payload, wire.HelloPayload)
                        else payload.mailbox.relay_url if isinstance(payload, wire.MailboxPayload)
                        else None)  # fmt: skip

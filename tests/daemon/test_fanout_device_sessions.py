@@ -23,7 +23,7 @@ from aegisd.services import rotation as rot
 from aegisd.services.mailbox import ContactState, OwnedMailbox, address_to_bytes
 from aegisd.store import KdfParams, Store, create_profile
 from aegisd.store import contact_devices as cd
-from aegisd.store.devices import SETTING_SELF
+from aegisd.store.devices import SETTING_OWN_LIST, SETTING_SELF
 from tests.support.parties import bob_with_store, make_pair
 from tests.unit.test_core_backup import ALICE, MAILBOX
 
@@ -117,13 +117,20 @@ def test_a_new_first_contact_replaces_an_answered_or_adopted_session(tmp_path):
         store.close()
 
 
-def test_a_first_session_of_a_linked_device_keeps_its_prekeys_until_the_row_commits(tmp_path):
+@pytest.mark.parametrize("linked", [True, False])
+def test_a_first_session_of_a_linked_device_keeps_its_prekeys_until_the_row_commits(
+    tmp_path, linked
+):
     """H2: a linked device (its contacts came by the link, without sessions) takes a contact
     device's first contact as the contact's row; the relay failing before the row is stored
-    must leave the burnt one-time prekeys unsaved, so that the block delivered again opens."""
+    must leave the burnt one-time prekeys unsaved, so that the block delivered again opens.
+    A device with no list of its own (not linked) does not take it as the row: it goes on as
+    a nameless hello (0x03) would, to the request path."""
     entropy = SystemEntropy()
     store = create_profile(tmp_path / "p", None, FAST)
     try:
+        if linked:
+            store.set_setting(SETTING_OWN_LIST, "00")  # only its presence is read here
         _us, prekeys, xs, kems = bob_with_store(entropy)
         store.put_identity(prekeys.to_bytes())
         them = IdentityKeyPair.generate(entropy)
@@ -149,6 +156,10 @@ def test_a_first_session_of_a_linked_device_keeps_its_prekeys_until_the_row_comm
         host.fanout = sf.Fanout(host)
         inbox = si.Inbox(host)
         row = types.SimpleNamespace(role="address")
+        if not linked:
+            got = asyncio.run(inbox._first_contact_of_device(row, block, fc, payload))
+            assert isinstance(got, wire.HelloPayload) and got.reply_to == A2_BOX
+            return
         with pytest.raises(AppError):
             asyncio.run(inbox._first_contact_of_device(row, block, fc, payload))
         assert store.get_session(c.id) is None
