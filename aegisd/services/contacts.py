@@ -367,6 +367,7 @@ class Contacts:
                 then()
             self.m.attachments.forget_rows(files)  # a group copy's setting goes with it
             self.m.store.remove_contact(c.id)  # its mailbox rows go with it
+            self.m.fanout.forget(c.id)  # its held device sessions (threat-model.md)
             self.m.store.set_setting(f"{ROTATION_KEY}{c.id}", None)
             self.m.store.set_setting(f"renewal.answered.{c.id}", None)  # renewal.ANSWERED_KEY
         self.m.attachments.discard([r.id for r in files])  # rows went with the contact

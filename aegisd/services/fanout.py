@@ -67,6 +67,7 @@ from .context import ServiceContext
 from .delivery import Delivery, Recipient
 from .mailbox import ContactState, OwnedMailbox, address_from_bytes, address_to_bytes
 from .mailboxes import Mailboxes
+from .rotation import ROTATION_KEY
 
 log = logging.getLogger("aegisd.fanout")
 
@@ -80,6 +81,16 @@ SETTING_NAME = "profile.display_name"
 SETTING_HELD = "devices.held_sessions"
 MAX_HELD = 4
 HELD_FOR = 14 * 24 * 3600
+#: The sessions this device opened with a contact's devices that are not answered yet:
+#: {contact id: [device hex, ...]}. Only these meet the device-ID rule when that device's own
+#: first contact comes (§5.2); a session it opened that was answered, or one it adopted, means
+#: a new first contact from that device is a device that lost its state.
+SETTING_OPENED = "devices.opened_unanswered"
+#: A device hello (bound to LEGACY_EK) that came in a contact's session row before the list
+#: naming its device: {contact id: hello hex}, the newest one per contact, checked again when
+#: a list comes (§5.5). The signer sends it once; dropping it would leave the row's device
+#: unknown, and no session opened with the contact's other devices.
+SETTING_EARLY_HELLO = "devices.early_hello"
 #: Seconds between the attempts to open a session with a contact's device whose bundle is not
 #: at the relay yet.
 OPEN_RETRIES = (1.0, 2.0, 5.0, 15.0, 60.0)
@@ -155,6 +166,7 @@ class Fanout:
             store = self.m.ctx.store
             if store is None:
                 return
+            self.purge_held()
             awaiting = store.get_setting(SETTING_AWAITING)
             own, me, key = (store.get_setting(n) for n in (SETTING_OWN_LIST, SETTING_SELF,
                                                             SETTING_KEY))  # fmt: skip
@@ -228,6 +240,8 @@ class Fanout:
                 return
             cd.put_list(store, c.id, new.to_bytes(), new.version, _now())
             legacy = None if held is None else held.session_device
+            if legacy is None:
+                legacy = self._recheck_early_hello(c.id, identity, new)
             changed = False
             if legacy is not None and legacy not in new.ids():
                 session, legacy = self._replace_row_session(c, session, device, legacy)
@@ -244,12 +258,21 @@ class Fanout:
         elif isinstance(payload, dv.DeviceHello):
             if device is not None and payload.device_id == device:
                 return  # a list's signer names itself in every session: this one is known
-            if device is not None or current is None:
+            if device is not None:
                 droplog.dropped("dropped a device hello out of place")
+                return
+            if current is None:
+                self._hold_early_hello(c.id, payload)  # its list follows (or was lost)
                 return
             try:
                 entry = payload.check(identity, current, LEGACY_EK)
-            except (dv.UnlistedDevice, dv.ForgedDeviceProof):
+            except dv.UnlistedDevice:
+                if payload.list_version > current.version:
+                    self._hold_early_hello(c.id, payload)  # a newer list may name it
+                else:
+                    droplog.dropped("dropped a device hello that does not prove a listed device")
+                return
+            except dv.ForgedDeviceProof:
                 droplog.dropped("dropped a device hello that does not prove a listed device")
                 return
             if held is not None and held.session_device is None:
@@ -333,10 +356,25 @@ class Fanout:
         state.send_to = address_from_bytes(chosen.send_to)
         store.update_contact(c.id, state=state.to_bytes())
         cd.set_session_device(store, c.id, chosen.device_id)
+        self._carry_rotation(c.id, chosen.device_id)
         cd.drop_device_sessions(store, c.id, frozenset(
             s.device_id for s in cd.device_sessions(store, c.id) if s.device_id != chosen.device_id
         ))  # fmt: skip
         return Session.from_bytes(chosen.state), chosen.device_id
+
+    def _carry_rotation(self, contact_id: int, device_id: bytes) -> None:
+        """A rotation under way when the session with ``device_id`` takes the row's place:
+        the row's acknowledgement is now that device's (given if it acknowledged in its own
+        session, else awaited: rotation.py bounds the wait)."""
+        store, key = self.m.store, f"{ROTATION_KEY}{contact_id}"
+        pending = store.get_setting(key)
+        if pending is None:
+            return
+        d = device_id.hex()
+        devices = list(pending.get("devices", []))
+        acked = d in pending.get("went", []) and d not in devices
+        store.set_setting(key, {**pending, "acked": acked,
+                                "devices": [x for x in devices if x != d]})  # fmt: skip
 
     # --- sessions a contact's device opens with this device ----------------------------------
 
@@ -391,9 +429,16 @@ class Fanout:
         existing = next((s for s in cd.device_sessions(store, c.id) if s.device_id == device_id),
                         None)  # fmt: skip
         me = store.get_setting(SETTING_SELF)
-        if existing is not None and me is not None and bytes.fromhex(str(me)) < device_id:
+        if (
+            existing is not None
+            and self._opened_unanswered(c.id, device_id)
+            and me is not None
+            and bytes.fromhex(str(me)) < device_id
+        ):
             # Both devices opened a session with each other at once: the one the lower device
-            # ID opened stands, on both sides (the other side adopts ours, §5.2).
+            # ID opened stands, on both sides (the other side adopts ours, §5.2). Any other
+            # session held (adopted, or answered) is one that device lost: its new proven
+            # first contact replaces it (a replayed one does not open: the prekeys are burnt).
             return
         ours = store.mailbox_for_contact(c.id)
         if ours is None or not self.m.mailboxes.peer_url_ok(reply.relay_url):
@@ -405,6 +450,7 @@ class Fanout:
         to = address_to_bytes(reply)
         cd.put_device_session(store, c.id, device_id, session.to_bytes(), _now())
         cd.set_device_send_to(store, c.id, device_id, to)
+        self._mark_opened(c.id, device_id, False)  # ours, if any, is replaced
         store.enqueue_blocks(to, blocks, contact_id=c.id)
         listed = None if held is None else dv.DeviceList.from_bytes(held.data)
         count = 1 if listed is None else len(listed.devices)
@@ -413,6 +459,11 @@ class Fanout:
 
     def _hold(self, contact_id: int, session: Session, hello: dv.DeviceHello, ek: bytes) -> None:
         store, now = self.m.store, _now()
+        if hello.list_version > (now + dv.MAX_LIST_SKEW) * dv.VERSIONS_PER_SECOND:
+            # No list can name it within HELD_FOR (lists from the future are refused, §5.1):
+            # a made-up ID with a huge version must not sit here waiting for one.
+            droplog.dropped("dropped a device session naming a list from the future")
+            return
         held = dict(store.get_setting(SETTING_HELD) or {})
         kept = [h for h in held.get(str(contact_id), [])
                 if int(h[4]) + HELD_FOR > now and h[0] != hello.device_id.hex()]  # fmt: skip
@@ -437,7 +488,9 @@ class Fanout:
             try:
                 entry = hello.check(identity, current, bytes.fromhex(str(item[2])))
             except dv.UnlistedDevice:
-                if hello.list_version > current.version:
+                if current.version < hello.list_version <= (
+                    (now + dv.MAX_LIST_SKEW) * dv.VERSIONS_PER_SECOND
+                ):
                     kept.append(item)  # a newer list than this one may name it
                 else:
                     droplog.dropped("dropped a held session of a device its contact did not list")
@@ -451,6 +504,87 @@ class Fanout:
         if kept:
             held[str(c.id)] = kept
         store.set_setting(SETTING_HELD, held or None)
+
+    def _hold_early_hello(self, contact_id: int, hello: dv.DeviceHello) -> None:
+        """Keep the newest hello per contact whose list version is not from the future."""
+        store = self.m.store
+        if hello.list_version > (_now() + dv.MAX_LIST_SKEW) * dv.VERSIONS_PER_SECOND:
+            droplog.dropped("dropped a device hello naming a list from the future")
+            return
+        early = dict(store.get_setting(SETTING_EARLY_HELLO) or {})
+        prior = early.get(str(contact_id))
+        if prior is not None:
+            old = dv.decode_device_payload(bytes.fromhex(str(prior)))
+            if isinstance(old, dv.DeviceHello) and old.list_version > hello.list_version:
+                return
+        early[str(contact_id)] = dv.encode_device_payload(hello).hex()
+        store.set_setting(SETTING_EARLY_HELLO, early)
+
+    def _recheck_early_hello(
+        self, contact_id: int, identity: PublicIdentity, listed: dv.DeviceList
+    ) -> bytes | None:
+        """The hello held for the contact's row, checked under the list just stored: proven,
+        its device is the row's (returned; a session opened with that device meanwhile is the
+        same device's twice, dropped); kept while it names a newer list; else dropped."""
+        store = self.m.store
+        early = dict(store.get_setting(SETTING_EARLY_HELLO) or {})
+        item = early.pop(str(contact_id), None)
+        if item is None:
+            return None
+        hello = dv.decode_device_payload(bytes.fromhex(str(item)))
+        device_id = None
+        if isinstance(hello, dv.DeviceHello):
+            try:
+                device_id = hello.check(identity, listed, LEGACY_EK).device_id
+            except dv.UnlistedDevice:
+                if hello.list_version > listed.version:
+                    early[str(contact_id)] = item
+            except dv.ForgedDeviceProof:
+                droplog.dropped("dropped a device hello that does not prove a listed device")
+        store.set_setting(SETTING_EARLY_HELLO, early or None)
+        if device_id is not None:
+            cd.set_session_device(store, contact_id, device_id)
+            cd.drop_device_sessions(store, contact_id, listed.ids() - {device_id})
+        return device_id
+
+    def forget(self, contact_id: int) -> None:
+        """A contact removed: what is kept for it in settings goes with it (inside the
+        caller's transaction): held sessions, an early hello, the sessions opened."""
+        store = self.m.store
+        for name in (SETTING_HELD, SETTING_EARLY_HELLO, SETTING_OPENED):
+            value = dict(store.get_setting(name) or {})
+            if value.pop(str(contact_id), None) is not None:
+                store.set_setting(name, value or None)
+
+    def purge_held(self) -> None:
+        """At unlock: held sessions past HELD_FOR go (else they would wait for a list)."""
+        store = self.m.store
+        held = dict(store.get_setting(SETTING_HELD) or {})
+        now = _now()
+        kept = {cid: live for cid, items in held.items()
+                if (live := [h for h in items if int(h[4]) + HELD_FOR > now])}  # fmt: skip
+        if kept != held:
+            store.set_setting(SETTING_HELD, kept or None)
+
+    def _opened_unanswered(self, contact_id: int, device_id: bytes) -> bool:
+        opened = self.m.store.get_setting(SETTING_OPENED) or {}
+        return device_id.hex() in opened.get(str(contact_id), [])
+
+    def _mark_opened(self, contact_id: int, device_id: bytes, unanswered: bool) -> None:
+        """Record (or clear) that this device opened the session with the contact's
+        ``device_id`` and it is not answered yet (inside the caller's transaction). Only IDs
+        with a session are kept: bounded by the contacts' lists."""
+        store = self.m.store
+        opened = dict(store.get_setting(SETTING_OPENED) or {})
+        have = {s.device_id.hex() for s in cd.device_sessions(store, contact_id)}
+        ids = [d for d in opened.get(str(contact_id), []) if d in have and d != device_id.hex()]
+        if unanswered:
+            ids.append(device_id.hex())
+        if ids:
+            opened[str(contact_id)] = ids
+        else:
+            opened.pop(str(contact_id), None)
+        store.set_setting(SETTING_OPENED, opened or None)
 
     def _own_list(self) -> dv.DeviceList | None:
         value = self.m.store.get_setting(SETTING_OWN_LIST)
@@ -599,6 +733,7 @@ class Fanout:
                 cd.put_device_session(
                     self.m.store, contact_id, entry.device_id, session.to_bytes(), _now()
                 )
+                self._mark_opened(contact_id, entry.device_id, True)
                 self.m.store.enqueue_blocks(
                     address_to_bytes(entry.mailbox), [block], contact_id=contact_id
                 )
@@ -656,6 +791,7 @@ class Fanout:
         if counts.pop(device_id.hex(), None) is not None:  # answered: its count starts over
             reopened[str(c.id)] = counts
             store.set_setting(SETTING_REOPENED, {k: v for k, v in reopened.items() if v} or None)
+        self._mark_opened(c.id, device_id, False)
         held = cd.held_list(store, c.id)
         listed = None if held is None else dv.DeviceList.from_bytes(held.data)
         if held is not None and listed is not None and held.session_device not in listed.ids():

@@ -100,6 +100,7 @@ class FanoutView(Protocol):
     ) -> None: ...
     def device_rotated(self, c: Contact, device_id: bytes, p: wire.MailboxPayload) -> None: ...
     def send_held(self, contact_id: int) -> None: ...
+    def forget(self, contact_id: int) -> None: ...
     def device_first_contact(
         self, c: Contact, session: Session, hello: dv.DeviceHello, ek: bytes
     ) -> tuple[bool, bytes | None]: ...
@@ -519,7 +520,14 @@ class Inbox:
         ):
             await self._member_session(fc.sender, fc.session, payload.reply)
             return None
-        if isinstance(payload, dv.DeviceHello) and known is None:
+        if isinstance(payload, dv.DeviceHello) and (known is None or (
+            self.m.store.get_session(known.id) is None
+            and self.m.store.mailbox_for_contact(known.id) is None
+            and self.m.store.get_setting(SETTING_OWN_LIST) is None
+        )):  # fmt: skip
+            # No contact; or one without a session on a device that did not join by a link
+            # (no list of its own): only a linked device takes a first session unasked, as on
+            # the 0x03 path below. Either way what a nameless hello (0x03) would make.
             return wire.HelloPayload(payload.reply, "", b"")
         if (
             not isinstance(payload, dv.DeviceHello)
@@ -538,9 +546,11 @@ class Inbox:
         ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
         with self.m.store.transaction():
             as_row, device_id = self.m.fanout.device_first_contact(known, fc.session, payload, ek)
-            if not as_row:  # else stored with the session (_device_session), not before
+            if not as_row:
                 self.m.store.put_identity(self.m.prekeys.to_bytes())
         if as_row:
+            # The burnt one-time keys are committed with the session row (_device_session): a
+            # failure before it (the relay, a kill) leaves the block to open again.
             await self._device_session(known, fc.session, payload.reply, device_id)
         return None
 
@@ -682,8 +692,8 @@ class Inbox:
                 payload, (wire.HelloPayload, wire.MailboxPayload, wire.MailboxAckPayload)
             ):
                 # A contact device's own routing: its answer and its rotations name its
-                # mailbox; an acknowledgement of our rotation counts from the contact's
-                # session row only (the first device's).
+                # mailbox; its acknowledgement of our rotation counts for that device (the
+                # old mailbox goes once the row and every device it went to acknowledged).
                 url = (payload.reply_to.relay_url if isinstance(payload, wire.HelloPayload)
                        else payload.mailbox.relay_url if isinstance(payload, wire.MailboxPayload)
                        else None)  # fmt: skip

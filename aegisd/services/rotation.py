@@ -42,22 +42,28 @@ log = logging.getLogger("aegisd.messenger")
 
 MAILBOX_ROTATION = 7 * 24 * 3600  # seconds a per-contact receiving mailbox is used
 SETTING_ROTATION = "privacy.mailbox_rotation"
-#: + contact id: {"id", "old", "new", "devices"[, "acked"]}; "devices": the contact's other
-#: devices (hex IDs) the rotation went to that have not acknowledged it yet.
+#: + contact id: {"id", "old", "new", "devices", "went", "at"[, "acked"]}; "devices": the
+#: contact's other devices (hex IDs) the rotation went to that have not acknowledged it yet;
+#: "went": all those it went to; "at": when it started (ms; added at the next check to one
+#: stored before it was kept).
 ROTATION_KEY = "rotation.contact."
+#: A contact that has not confirmed its new mailbox this long after a relay move (the relay's
+#: default message TTL: it was offline longer than its blocks could wait) is left behind:
+#: its old mailbox is deleted anyway. A rotation waits no longer for a device of the contact
+#: either (one that never comes back, without being removed, must not stall it for ever).
+MOVE_BOUND_MS = 14 * 24 * 3600 * 1000
 
 
 def awaiting_devices(store: Store, contact_id: int, pending: dict[str, Any]) -> list[str]:
     """The devices of a rotation's contact that have not acknowledged it, among those it still
-    deposits to (a device removed or refused meanwhile waits no more): the old mailbox is
-    retired only once the session row and each of them acknowledged (docs/devices.md §5.5)."""
+    deposits to (a device removed or refused meanwhile waits no more), and none past
+    MOVE_BOUND_MS: the old mailbox is retired only once the session row and each of them
+    acknowledged (docs/devices.md §5.5)."""
+    if _ms() - int(pending.get("at", _ms())) > MOVE_BOUND_MS:
+        return []
     answered = {s.device_id.hex() for s in cd.device_sessions(store, contact_id)
                 if s.send_to is not None}  # fmt: skip
     return [d for d in pending.get("devices", []) if d in answered]
-#: A contact that has not confirmed its new mailbox this long after a relay move (the relay's
-#: default message TTL: it was offline longer than its blocks could wait) is left behind:
-#: its old mailbox is deleted anyway.
-MOVE_BOUND_MS = 14 * 24 * 3600 * 1000
 
 
 class CoverView(Protocol):
@@ -122,6 +128,9 @@ class Rotation:
         """Rotations whose acknowledgement was stored but not yet acted on (a crash, a lock)."""
         for c in self.m.store.list_contacts():
             pending = self.m.store.get_setting(f"{ROTATION_KEY}{c.id}")
+            if pending is not None and "at" not in pending:  # stored before "at" was kept
+                pending = {**pending, "at": _ms()}
+                self.m.store.set_setting(f"{ROTATION_KEY}{c.id}", pending)
             if (pending is not None and pending.get("acked")
                     and not awaiting_devices(self.m.store, c.id, pending)):  # fmt: skip
                 async with self.m.lock:
@@ -156,10 +165,9 @@ class Rotation:
                 # The same devices the delivery layer encrypts it for: those that answered.
                 devices = [s.device_id.hex() for s in cd.device_sessions(self.m.store, c.id)
                            if s.send_to is not None]  # fmt: skip
-                self.m.store.set_setting(
-                    f"{ROTATION_KEY}{c.id}",
-                    {"id": rotation_id.hex(), "old": old.id, "new": new_id, "devices": devices},
-                )
+                pending = {"id": rotation_id.hex(), "old": old.id, "new": new_id,
+                           "devices": devices, "went": devices, "at": _ms()}  # fmt: skip
+                self.m.store.set_setting(f"{ROTATION_KEY}{c.id}", pending)
                 self.m.delivery.enqueue(
                     [Recipient(c, Session.from_bytes(blob))],
                     wire.MailboxPayload(rotation_id, new.address()),
