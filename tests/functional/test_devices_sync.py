@@ -45,6 +45,9 @@ def _linked(peers: Callable[[str], Peer]) -> tuple[Peer, Peer, Peer]:
     # The device that opens the sync session (the lower ID) writes at once, most likely
     # before the other's answer: its transcript waits for that answer, then leaves.
     opener, other = (a1, a2) if _this_id(a1) < _this_id(a2) else (a2, a1)
+    if opener is a2:  # a text needs bob's session with A2 first (NotReady before it)
+        a2.wait_for(lambda: a2.call("contacts.list")["contacts"][0]["established"],
+                    "bob's session", T_DEVICE)  # fmt: skip
     opener.call("messages.send", {"contact": "bob", "text": "right after the link"})
     for me, other in ((a1, a2), (a2, a1)):
         me.wait_for(lambda me=me, other=other: _this_id(other) in
