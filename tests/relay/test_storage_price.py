@@ -240,6 +240,14 @@ def test_unfetched_blobs_expire_long_before_queued_blocks(
 
     async def body() -> None:
         c = await RelayClient.connect(rp.url)
+        up = await RelayClient.connect(rp.url)
+        try:
+            await checks(c, up)
+        finally:  # a failed check leaves no client for a later test's garbage collection
+            await up.close()
+            await c.close()
+
+    async def checks(c: RelayClient, up: RelayClient) -> None:
         token = os.urandom(32)
         owner = await new_owner(c, token=token)
         await c.deposit(owner.deposit_id, block(), token=token)
@@ -247,7 +255,6 @@ def test_unfetched_blobs_expire_long_before_queued_blocks(
         ids = [(os.urandom(16), os.urandom(32)) for _ in range(4)]
         for blob_id, cap in ids:
             await c.blob_put(blob_id, cap, block())
-        up = await RelayClient.connect(rp.url)
         assert await _code(up.blob_quota(1)) == wire.E_FULL
         key = PrivateKey.generate()
 
@@ -262,8 +269,6 @@ def test_unfetched_blobs_expire_long_before_queued_blocks(
         await _until(gone)
         assert len(await owner.fetch(c, 32)) == 1  # the queued block is still there
         assert await up.blob_quota(4) == 4  # expired blobs left the area's count
-        await up.close()
-        await c.close()
 
     run(body())
 
