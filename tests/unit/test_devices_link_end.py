@@ -1,4 +1,4 @@
-"""How a device link's run ends in the daemon (aegisd/services/devices.py), at the edges a real
+"""How a device link's run ends in the daemon (aegisd/services/device_link.py), at the edges a real
 relay cannot time: a block fetched in the last second before a deadline, a relay request's own
 timeout. The core's state machines are real (tests/unit/test_core_devices.py's Link); the relay
 is replaced by the blocks each step would fetch. Whatever happens, the state ends (docs/devices.md
@@ -14,7 +14,8 @@ import pytest
 
 from aegisd.core import devices as dv
 from aegisd.core import wire
-from aegisd.services import devices as sd
+from aegisd.services import device_link as sd
+from aegisd.services import devices
 from tests.unit.test_core_devices import END, FIRST, IDENTITY, NOW, Link, device
 
 
@@ -27,11 +28,11 @@ class Clock:
 
 
 def _devices() -> Any:
-    """A Devices whose relay, store and daemon steps are the tests' (set as attributes)."""
+    """A DeviceLinks whose relay, store and daemon steps are the tests' (set as attributes)."""
     events = types.SimpleNamespace(emit=lambda *a: None, emit_live=lambda *a: None)
     m: Any = types.SimpleNamespace(_spawn=lambda c: c.close(), store=None,
                                    ctx=types.SimpleNamespace(events=events))  # fmt: skip
-    dev: Any = sd.Devices(m)
+    dev: Any = devices.Devices(m).links
 
     async def nothing(*a: Any) -> None:
         return None
@@ -115,7 +116,7 @@ def _at_the_final(monkeypatch: pytest.MonkeyPatch, late: int) -> tuple[sd._Link,
     dev._remember_link_mailbox = lambda d: None
     dev._blocks = blocks
     dev._drop_made = lambda made: asyncio.sleep(0)
-    dev._entry_for = lambda mb: device(9)
+    dev.devices._entry_for = lambda mb: device(9)
     client: Any = types.SimpleNamespace(deposit=deposit)
 
     async def main() -> None:
