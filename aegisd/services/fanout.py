@@ -47,10 +47,8 @@ from aegisd.core import devices as dv
 from aegisd.core import pqxdh, wire
 from aegisd.core.errors import BundleError, DecodeError
 from aegisd.core.identity import IdentityKeyPair, PublicIdentity
-from aegisd.core.primitives import Entropy
 from aegisd.core.session import Session, initiate_session
 from aegisd.rpc import AppError
-from aegisd.store import Store
 from aegisd.store import contact_devices as cd
 from aegisd.store.db import Contact
 from aegisd.store.devices import (
@@ -63,8 +61,8 @@ from aegisd.store.devices import (
 )
 
 from .bundle_fetch import fetch_bundle
-from .context import ServiceContext
 from .delivery import Delivery, Recipient
+from .host import ServiceHost
 from .mailbox import ContactState, OwnedMailbox, address_from_bytes, address_to_bytes
 from .mailboxes import Mailboxes
 from .rotation import ROTATION_KEY
@@ -117,15 +115,7 @@ def _now() -> int:
     return int(time.time())
 
 
-class FanoutHost(Protocol):
-    @property
-    def ctx(self) -> ServiceContext: ...
-    @property
-    def store(self) -> Store: ...
-    @property
-    def lock(self) -> asyncio.Lock: ...
-    @property
-    def entropy(self) -> Entropy: ...
+class FanoutHost(ServiceHost, Protocol):
     @property
     def mailboxes(self) -> Mailboxes: ...
     @property

@@ -12,7 +12,6 @@ dropped (counted, never logged with its content), its burnt one-time keys kept b
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from typing import Protocol
@@ -23,10 +22,8 @@ from aegisd.core import wire
 from aegisd.core.errors import DecodeError, DecryptionError
 from aegisd.core.identity import PublicIdentity, keys_of
 from aegisd.core.prekeys import PrekeyStore
-from aegisd.core.primitives import Entropy
 from aegisd.core.session import FirstContact, Session, accept_first_contact
 from aegisd.rpc import AppError
-from aegisd.store import Store
 from aegisd.store import contact_devices as cd
 from aegisd.store import groups as group_store
 from aegisd.store.db import Contact, MailboxRow
@@ -34,9 +31,9 @@ from aegisd.store.devices import SETTING_OWN_LIST  # a device that joined by a l
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable
 from relay.client import RelayError
 
-from .context import ServiceContext
 from .delivery import Delivery
 from .groups_state import JOINING_KEY
+from .host import ServiceHost
 from .mailbox import ContactState, OwnedMailbox, address_to_bytes
 from .mailboxes import Mailboxes
 from .names import clean_name
@@ -94,19 +91,11 @@ class DisappearingView(Protocol):
     def apply_default(self, c: Contact, session: Session) -> None: ...
 
 
-class FirstContactsHost(Protocol):
+class FirstContactsHost(ServiceHost, Protocol):
     """What the first contacts use of the messenger."""
 
     prekeys: PrekeyStore | None
 
-    @property
-    def ctx(self) -> ServiceContext: ...
-    @property
-    def store(self) -> Store: ...
-    @property
-    def lock(self) -> asyncio.Lock: ...
-    @property
-    def entropy(self) -> Entropy: ...
     @property
     def delivery(self) -> Delivery: ...
     @property
