@@ -2,7 +2,8 @@
 device's ID and key, the signed device list (`devices.list`, `devices.confirm_listed`), the
 delete capabilities held for the other devices' mailboxes, `devices.remove`, and the RPC
 methods of the devices. A link under way (`devices.link`, `devices.join`, `devices.confirm`,
-`devices.status`, `devices.cancel`) is services/device_link.py's.
+`devices.status`, `devices.cancel`) is services/device_link.py's (the slot and what both sides
+share), device_offer.py's (E's side) and device_join.py's (N's side).
 
 Nothing here logs a link, a code, a key or a name.
 """
@@ -25,7 +26,9 @@ from aegisd.store.devices import (
 )
 from aegisd.store.devices import SETTING_OWN_LIST as SETTING_LIST
 
-from .device_link import TTL_MIN, DeviceLinks
+from .device_join import JoinSide
+from .device_link import TTL_MIN
+from .device_offer import OfferSide
 from .mailbox import DeleteCap, OwnedMailbox
 from .messenger import Messenger
 
@@ -38,6 +41,10 @@ MAX_CAPS_PER_DEVICE = 16  # capabilities taken from one device (hostile input: b
 
 def _now() -> int:
     return int(time.time())
+
+
+class DeviceLinks(OfferSide, JoinSide):
+    """The one link slot, on either side (device_link.py, device_offer.py, device_join.py)."""
 
 
 class Devices:
