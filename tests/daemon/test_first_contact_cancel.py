@@ -27,7 +27,8 @@ from aegisd.core.prekeys import PrekeyStore
 from aegisd.core.primitives import SystemEntropy
 from aegisd.core.session import Session, accept_first_contact, initiate_session
 from aegisd.services.delivery import address_to_bytes
-from aegisd.services.fanout import REOPEN_AFTER, REOPENS, SETTING_REOPENED, Fanout
+from aegisd.services.device_sessions import REOPEN_AFTER, REOPENS, SETTING_REOPENED
+from aegisd.services.fanout import Fanout
 from aegisd.services.inbox import Inbox
 from aegisd.services.mailbox import ContactState, OwnedMailbox, new_keys
 from aegisd.services.mailboxes import SETTING_URL, Mailboxes
