@@ -294,9 +294,11 @@ class Contacts:
         mb: OwnedMailbox,
         *,
         emit: bool = True,
+        proof: bytes | None = None,
     ) -> Contact:
         """Create the contact and answer with our mailbox (inside a transaction); ``emit``
-        False: a hidden group contact, not announced."""
+        False: a hidden group contact, not announced; ``proof``: a payload to follow the
+        answer (a device's proof, services/device_answers.py)."""
         name = self.unique_name(clean_name(name))
         cid = self.m.store.add_contact(
             name, identity_key=identity.to_bytes(), state=ContactState(reply_to, True).to_bytes()
@@ -305,6 +307,8 @@ class Contacts:
         own_name = str(self.m.store.get_setting(SETTING_NAME, ""))
         hello = wire.HelloPayload(mb.address(), own_name, b"")
         blocks = session.encrypt(self.m.entropy, wire.encode_payload(hello))
+        if proof is not None:
+            blocks += session.encrypt(self.m.entropy, proof)
         self.m.store.put_session(cid, session.to_bytes())
         self.m.store.enqueue_blocks(address_to_bytes(reply_to), blocks, contact_id=cid)
         # A contact added after this device's list went gets the list now (§5.3).

@@ -31,6 +31,7 @@ from aegisd.store import contact_devices as cd
 from aegisd.store.db import Contact
 from aegisd.store.devices import SETTING_KEY, SETTING_OWN_LIST, SETTING_SELF
 
+from . import device_answers
 from .bundle_fetch import fetch_bundle
 from .delivery import Delivery
 from .host import ServiceHost
@@ -253,6 +254,8 @@ class DeviceSessions:
                 cd.put_device_session(
                     self.m.store, contact_id, entry.device_id, session.to_bytes(), _now()
                 )
+                ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
+                device_answers.opened(self.m.store, contact_id, entry.device_id, ek)
                 self._mark_opened(contact_id, entry.device_id, True)
                 self.m.store.enqueue_blocks(
                     address_to_bytes(entry.mailbox), [block], contact_id=contact_id
