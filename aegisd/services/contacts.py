@@ -40,6 +40,7 @@ from aegisd.store.attachments import AttachmentRow
 from aegisd.store.db import Contact
 from aegisd.store.groups import group_contact_ids, mark_group_contact
 
+from . import device_answers
 from .bundle_fetch import fetch_bundle
 from .delivery import LINK_NO_LONGER_VALID, Delivery
 from .host import ServiceHost
@@ -266,6 +267,7 @@ class Contacts:
                 if not self.m.store.delete_request(request_id):
                     raise E.not_found("request")
                 session = Session.from_bytes(row.session)
+                ek = device_answers.request_ended(self.m.store, request_id)
                 contact = self.establish(
                     name or row.display_name,
                     identity,
@@ -273,6 +275,8 @@ class Contacts:
                     address_from_bytes(row.reply_to),
                     mb_id,
                     mb,
+                    proof=None if ek is None else device_answers.proof(
+                        self.m.store, self.m.identity(), ek, mb.address()),
                 )
                 self.m.disappearing.apply_default(contact, session)
                 self.m.own_sync.contact_changed(contact)  # on the other own devices too
@@ -281,8 +285,10 @@ class Contacts:
         return self.describe(contact)
 
     def reject_request(self, request_id: int) -> None:
-        if not self.m.store.delete_request(request_id):
-            raise E.not_found("request")
+        with self.m.store.transaction():
+            if not self.m.store.delete_request(request_id):
+                raise E.not_found("request")
+            device_answers.request_ended(self.m.store, request_id)
 
     def establish(
         self,

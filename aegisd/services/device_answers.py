@@ -38,6 +38,10 @@ SETTING_UNPROVEN = "devices.answers_unproven"
 SETTING_PROVEN = "devices.answers_proven"
 #: Sessions opened with one device whose EK_A.pub is kept (the current one and the superseded).
 MAX_EKS = 4
+#: {request id: EK_A.pub hex}: a contact request that came as a device's opening (a device
+#: hello, or a hello tagged DEVICE_SESSION: a contact's device, added on another device of
+#: ours whose sync has not come): accepted, its answer carries our proof too.
+SETTING_REQUEST_EKS = "devices.request_eks"
 
 
 def _map(store: Store, name: str, contact_id: int) -> dict[str, Any]:
@@ -139,3 +143,21 @@ def proof(
     hello = dv.DeviceHello.sign(bytes.fromhex(str(key)), identity.public, bytes.fromhex(str(me)),
                                 reply, version, ek)  # fmt: skip
     return dv.encode_device_payload(hello)
+
+
+def request_came(store: Store, request_id: int, ek: bytes | None) -> None:
+    """A contact request stored (or replaced by a newer first contact of its identity): the
+    EK_A.pub of a device's opening kept with it, else nothing (inside its transaction)."""
+    eks = dict(store.get_setting(SETTING_REQUEST_EKS) or {})
+    eks.pop(str(request_id), None)
+    if ek is not None:
+        eks[str(request_id)] = ek.hex()
+    store.set_setting(SETTING_REQUEST_EKS, eks or None)
+
+
+def request_ended(store: Store, request_id: int) -> bytes | None:
+    """The request accepted or rejected: its opening's EK_A.pub, if it was a device's."""
+    eks = dict(store.get_setting(SETTING_REQUEST_EKS) or {})
+    ek = eks.pop(str(request_id), None)
+    store.set_setting(SETTING_REQUEST_EKS, eks or None)
+    return None if ek is None else bytes.fromhex(str(ek))

@@ -206,6 +206,11 @@ class FirstContacts:
             ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
             await self._member_session(fc.sender, fc.session, hello.reply_to, ek)
             return
+        # A device's opening (a contact's device, added on another device of ours whose sync
+        # has not come): accepted, the answer proves this device (device_answers.py).
+        opening = (wire.FirstContactPrefix.from_block(block).ephemeral_pub
+                   if device_hello is not None or hello.invitation_id == wire.DEVICE_SESSION
+                   else None)  # fmt: skip
         with self.m.store.transaction():
             self.m.store.put_identity(self.m.prekeys.to_bytes())  # burnt one-time keys
             if known is not None and known.blocked:
@@ -222,6 +227,8 @@ class FirstContacts:
                 )  # fmt: skip
                 for extra in same[1:]:  # kept apart before requests were merged
                     self.m.store.delete_request(extra.id)
+                    device_answers.request_ended(self.m.store, extra.id)
+                device_answers.request_came(self.m.store, same[0].id, opening)
                 droplog.dropped("merged a contact request into an earlier one of its identity")
                 return
             limit = int(self.m.store.get_setting(SETTING_MAX_REQUESTS, MAX_PENDING_REQUESTS))
@@ -234,6 +241,7 @@ class FirstContacts:
                 fc.session.to_bytes(),
                 address_to_bytes(hello.reply_to),
             )
+            device_answers.request_came(self.m.store, request_id, opening)
             self.m.ctx.events.emit(
                 "contact.request",
                 {
