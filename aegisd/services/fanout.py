@@ -200,6 +200,7 @@ class Fanout(DeviceSessions):
                 changed = True
             keep = new.ids() - ({legacy} if legacy is not None else set())
             device_answers.forget(store, c.id, keep)
+            self._prune_answers(c.id)
             if cd.drop_device_sessions(store, c.id, keep) or changed:
                 self.m.ctx.events.emit("contact.devices", {"contact": c.name,
                                                            "devices": len(new.devices)})
@@ -216,7 +217,7 @@ class Fanout(DeviceSessions):
                     got = device_answers.proof_came(store, c.id, identity, current, device,
                                                     payload)  # fmt: skip
                     if got is not None:
-                        self._answered(c, device, got)
+                        self._take_answer(c, device, got)
                 return
             if device is not None:
                 droplog.dropped("dropped a device hello out of place")
@@ -416,6 +417,9 @@ class Fanout(DeviceSessions):
         cd.put_device_session(store, c.id, device_id, session.to_bytes(), _now())
         cd.set_device_send_to(store, c.id, device_id, to)
         self._mark_opened(c.id, device_id, False)  # ours, if any, is replaced
+        self._drop_superseded(c.id, device_id)  # and those a reopening of ours replaced
+        device_answers.adopted(store, c.id, device_id, ek, reply)
+        self._prune_answers(c.id)
         store.enqueue_blocks(to, blocks, contact_id=c.id)
         listed = None if held is None else dv.DeviceList.from_bytes(held.data)
         count = 1 if listed is None else len(listed.devices)
@@ -533,16 +537,19 @@ class Fanout(DeviceSessions):
             store.set_setting(SETTING_HELD, kept or None)
 
     def device_answered(self, c: Contact, device_id: bytes, reply_to: wire.MailboxAddress) -> None:
-        """A contact device answered our first contact: deposited to once it proved its
-        device key in the session too (device_answers.py); a repeated answer at once."""
+        """A contact device answered in its session: deposited to once that session is proven
+        too (device_answers.py), at once if it is (a repeated answer moves the deposits)."""
+        proven = device_answers.answer_came(self.m.store, c.id, device_id, reply_to)
+        if proven is not None:
+            self._take_answer(c, device_id, proven)
+
+    def _take_answer(self, c: Contact, device_id: bytes, reply_to: wire.MailboxAddress) -> None:
         before = next((s for s in cd.device_sessions(self.m.store, c.id)
                        if s.device_id == device_id), None)  # fmt: skip
         if before is not None and before.send_to is not None:
             cd.set_device_send_to(self.m.store, c.id, device_id, address_to_bytes(reply_to))
-            return
-        proven = device_answers.answer_came(self.m.store, c.id, device_id, reply_to)
-        if proven is not None:
-            self._answered(c, device_id, proven)
+        else:
+            self._answered(c, device_id, reply_to)
 
     def _answered(self, c: Contact, device_id: bytes, reply_to: wire.MailboxAddress) -> None:
         """A contact device answered our first contact and proved itself: deposit to it."""
@@ -568,16 +575,12 @@ class Fanout(DeviceSessions):
         # came took it unchecked (or holds it) until it has the list (§5.5). Once per answer
         # that gave the session its mailbox: a contact repeating its answer gets nothing more
         # (device_answered).
-        own, me, key = (store.get_setting(n) for n in (SETTING_OWN_LIST, SETTING_SELF,
-                                                        SETTING_KEY))  # fmt: skip
+        own = self._own_list()
         blob, ours = store.get_session(c.id), store.mailbox_for_contact(c.id)
-        if None not in (own, me, key, blob, ours):
-            assert blob is not None and ours is not None
-            mine = dv.DeviceList.from_bytes(bytes.fromhex(str(own)))
+        if own is not None and blob is not None and ours is not None:
             reply = OwnedMailbox.from_bytes(ours.descriptor).address()
-            hello = dv.DeviceHello.sign(bytes.fromhex(str(key)), self.m.identity().public,
-                                        bytes.fromhex(str(me)), reply, mine.version,
-                                        LEGACY_EK)  # fmt: skip
-            row = Session.from_bytes(blob)
-            self._send_in(c, row, device_id, mine, delay=0.0)
-            self._send_in(c, row, device_id, hello, delay=0.0)
+            hello = device_answers.own_hello(store, self.m.identity(), reply, LEGACY_EK)
+            if hello is not None:
+                row = Session.from_bytes(blob)
+                self._send_in(c, row, device_id, own, delay=0.0)
+                self._send_in(c, row, device_id, hello, delay=0.0)

@@ -193,6 +193,18 @@ class FirstContacts:
             return
         if (
             known is not None
+            and device_hello is None
+            and self.m.store.get_setting(SETTING_OWN_LIST) is not None
+            and cd.held_list(self.m.store, known.id) is not None
+            and self._device_session_of(known, hello)
+        ):
+            # Every device a list names opens with a device hello: an unproven hello (0x03)
+            # in its place may be a removed device's, which holds the identity key.
+            self.m.store.put_identity(self.m.prekeys.to_bytes())  # one-time keys stay burnt
+            droplog.dropped("dropped an unproven session of a contact with a device list")
+            return
+        if (
+            known is not None
             and not known.blocked
             and self.m.store.get_setting(SETTING_OWN_LIST) is not None
             and self._device_session_of(known, hello)

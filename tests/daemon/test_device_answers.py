@@ -139,7 +139,8 @@ def test_a_reopened_session_needs_its_own_answer_and_a_dropped_device_leaves_not
                                      [alice.listed.devices[0]])  # fmt: skip
         with store.transaction():
             fanout.on_payload(c, make_pair().a, without, None)
-        for name in (device_answers.SETTING_OPENED_EKS, device_answers.SETTING_UNPROVEN):
+        for name in (device_answers.SETTING_SESSION_EKS, device_answers.SETTING_ANSWERS,
+                     device_answers.SETTING_PROOFS):
             assert not (store.get_setting(name) or {}).get(str(c.id))
     finally:
         store.close()

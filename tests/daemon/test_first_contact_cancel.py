@@ -304,8 +304,7 @@ def test_an_answer_in_the_session_a_reopening_replaced_still_counts(store: Store
     ctx = SimpleNamespace(store=store, events=SimpleNamespace(emit=lambda t, p: events.append(t)))
     fan = Fanout(SimpleNamespace(ctx=ctx, store=store))  # type: ignore[arg-type]
     cd.put_device_session(store, c.id, device_id, s2.to_bytes(), int(time.time()))
-    fan._keep_superseded(c.id, device_id, s1.to_bytes())
-    device_answers.opened(store, c.id, device_id, ek1)
+    fan._keep_superseded(c.id, device_id, s1.to_bytes(), ek1)
     device_answers.opened(store, c.id, device_id, ek2)
     host = SimpleNamespace(store=store, entropy=entropy, fanout=fan, ctx=ctx,
                            cover=SimpleNamespace(heard=lambda cid: None),
@@ -331,6 +330,8 @@ def test_an_answer_in_the_session_a_reopening_replaced_still_counts(store: Store
     assert ds.send_to is not None  # answered and proven: deposited to from now on
     assert [d for d, _ in fan.superseded(c.id)] == [device_id]  # the second, kept
     inbox._receive_from_contact(c.id, answer(d2, 8))  # then it took the second after all
+    [ds] = cd.device_sessions(store, c.id)
+    assert ds.send_to is None  # the second is not proven yet: nothing goes to it
     inbox._receive_from_contact(c.id, proof(d2, ek2))
     [ds] = cd.device_sessions(store, c.id)
     reply8 = wire.MailboxAddress(URL, bytes([8]) * wire.RELAY_ID_LEN, b"t" * 32)
