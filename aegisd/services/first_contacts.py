@@ -31,6 +31,7 @@ from aegisd.store.devices import SETTING_OWN_LIST  # a device that joined by a l
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable
 from relay.client import RelayError
 
+from . import device_answers
 from .delivery import Delivery
 from .groups_state import JOINING_KEY
 from .host import ServiceHost
@@ -70,6 +71,7 @@ class ContactsView(Protocol):
     def establish(
         self, name: str, identity: PublicIdentity, session: Session,
         reply_to: wire.MailboxAddress, mb_id: int, mb: OwnedMailbox, *, emit: bool = True,
+        proof: bytes | None = None,
     ) -> Contact: ...  # fmt: skip
 
 
@@ -191,17 +193,36 @@ class FirstContacts:
             return
         if (
             known is not None
+            and device_hello is None
+            and self.m.store.get_setting(SETTING_OWN_LIST) is not None
+            and cd.held_list(self.m.store, known.id) is not None
+            and self._device_session_of(known, hello)
+        ):
+            # Every device a list names opens with a device hello: an unproven hello (0x03)
+            # in its place may be a removed device's, which holds the identity key.
+            self.m.store.put_identity(self.m.prekeys.to_bytes())  # one-time keys stay burnt
+            droplog.dropped("dropped an unproven session of a contact with a device list")
+            return
+        if (
+            known is not None
             and not known.blocked
             and self.m.store.get_setting(SETTING_OWN_LIST) is not None
             and self._device_session_of(known, hello)
         ):
-            await self._device_session(known, fc.session, hello.reply_to, None)
+            ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
+            await self._device_session(known, fc.session, hello.reply_to, None, ek)
             return
         if known is None and hello.invitation_id == wire.DEVICE_SESSION and self._held_member(
             fc.sender
         ):
-            await self._member_session(fc.sender, fc.session, hello.reply_to)
+            ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
+            await self._member_session(fc.sender, fc.session, hello.reply_to, ek)
             return
+        # A device's opening (a contact's device, added on another device of ours whose sync
+        # has not come): accepted, the answer proves this device (device_answers.py).
+        opening = (wire.FirstContactPrefix.from_block(block).ephemeral_pub
+                   if device_hello is not None or hello.invitation_id == wire.DEVICE_SESSION
+                   else None)  # fmt: skip
         with self.m.store.transaction():
             self.m.store.put_identity(self.m.prekeys.to_bytes())  # burnt one-time keys
             if known is not None and known.blocked:
@@ -218,6 +239,8 @@ class FirstContacts:
                 )  # fmt: skip
                 for extra in same[1:]:  # kept apart before requests were merged
                     self.m.store.delete_request(extra.id)
+                    device_answers.request_ended(self.m.store, extra.id)
+                device_answers.request_came(self.m.store, same[0].id, opening)
                 droplog.dropped("merged a contact request into an earlier one of its identity")
                 return
             limit = int(self.m.store.get_setting(SETTING_MAX_REQUESTS, MAX_PENDING_REQUESTS))
@@ -230,6 +253,7 @@ class FirstContacts:
                 fc.session.to_bytes(),
                 address_to_bytes(hello.reply_to),
             )
+            device_answers.request_came(self.m.store, request_id, opening)
             self.m.ctx.events.emit(
                 "contact.request",
                 {
@@ -254,8 +278,9 @@ class FirstContacts:
         )
 
     async def _member_session(
-        self, sender: PublicIdentity, session: Session, reply_to: wire.MailboxAddress
-    ) -> None:
+        self, sender: PublicIdentity, session: Session, reply_to: wire.MailboxAddress,
+        ek: bytes,
+    ) -> None:  # fmt: skip
         """A member of a group this device holds, no contact of it, opened a device session
         with it (tagged so: a device hello, or a hello carrying DEVICE_SESSION) having learned
         the person's device list from another of its devices (the one that opened the
@@ -267,7 +292,9 @@ class FirstContacts:
             self.m.store.put_identity(self.m.prekeys.to_bytes())
             name = f"member {sender.ed_pub.hex()[:12]}"  # as an introduction names it
             made = self.m.contacts.establish(
-                name, sender, session, reply_to, mb_id, mb, emit=False  # hidden: not announced
+                name, sender, session, reply_to, mb_id, mb, emit=False,  # hidden: not announced
+                proof=device_answers.proof(self.m.store, self.m.prekeys.identity, ek,
+                                           mb.address()),
             )
             self.m.groups.member_session(made.id)
         self.m.mailboxes.reload()
@@ -311,6 +338,7 @@ class FirstContacts:
         contact's list."""
         assert self.m.prekeys is not None
         known = self.m.contacts.with_identity(fc.sender)
+        ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
         if (
             isinstance(payload, dv.DeviceHello)
             and known is None
@@ -318,7 +346,7 @@ class FirstContacts:
             and self.m.mailboxes.peer_url_ok(payload.reply.relay_url)
             and self._held_member(fc.sender)
         ):
-            await self._member_session(fc.sender, fc.session, payload.reply)
+            await self._member_session(fc.sender, fc.session, payload.reply, ek)
             return None
         if isinstance(payload, dv.DeviceHello) and (known is None or (
             self.m.store.get_session(known.id) is None
@@ -341,9 +369,8 @@ class FirstContacts:
             return None
         if self._introduced_elsewhere(known):
             # its list follows in the session (device_answered checks the device then)
-            await self._device_session(known, fc.session, payload.reply, None)
+            await self._device_session(known, fc.session, payload.reply, None, ek)
             return None
-        ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
         with self.m.store.transaction():
             as_row, device_id = self.m.fanout.device_first_contact(known, fc.session, payload, ek)
             if not as_row:
@@ -351,12 +378,12 @@ class FirstContacts:
         if as_row:
             # The burnt one-time keys are committed with the session row (_device_session): a
             # failure before it (the relay, a kill) leaves the block to open again.
-            await self._device_session(known, fc.session, payload.reply, device_id)
+            await self._device_session(known, fc.session, payload.reply, device_id, ek)
         return None
 
     async def _device_session(
         self, c: Contact, session: Session, reply_to: wire.MailboxAddress,
-        device_id: bytes | None,
+        device_id: bytes | None, ek: bytes,
     ) -> None:  # fmt: skip
         """A contact this linked device knows without a session (its profile came by a link,
         or its introduction went to another device of ours) opened one with it, having learned
@@ -379,6 +406,11 @@ class FirstContacts:
                 own_name = str(self.m.store.get_setting("profile.display_name", ""))
                 answer = wire.HelloPayload(mb.address(), own_name, b"")
                 blocks = session.encrypt(self.m.entropy, wire.encode_payload(answer))
+                # the proof of this device the opener waits for (device_answers.py)
+                proof = device_answers.proof(self.m.store, self.m.prekeys.identity, ek,
+                                             mb.address())  # fmt: skip
+                if proof is not None:
+                    blocks += session.encrypt(self.m.entropy, proof)
                 self.m.store.put_session(c.id, session.to_bytes())
                 if device_id is not None:
                     cd.set_session_device(self.m.store, c.id, device_id)
