@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from aegisd.core import devices as dv
 from aegisd.core import pqxdh, wire
 from aegisd.core import sync as sy
+from aegisd.core import sync_actions as sa
 from aegisd.core.errors import DecodeError, UnsupportedVersion
 from aegisd.core.identity import IdentityKeyPair
 from aegisd.core.prekeys import PrekeyStore
@@ -128,3 +129,109 @@ def test_a_sync_session_hello_binds_the_sessions_ek() -> None:
     assert got.check(IDENTITY.public, listed, ek) == entries[0]
     with pytest.raises(dv.ForgedDeviceProof):
         got.check(IDENTITY.public, listed, bytes(32))
+
+
+# --- 0x48 (a message action's transcript) and 0x49 (the profile's settings) ----------------
+
+MID = bytes(range(16, 32))
+ACTIONS = [
+    sa.ActionTranscript(CONTACT, wire.ReplyPayload(MID, 1_700_000_000_000, bytes(16), "ré")),
+    sa.ActionTranscript(CONTACT, wire.ReactionPayload(MID, "👍")),
+    sa.ActionTranscript(CONTACT, wire.ReactionPayload(MID, "")),
+    sa.ActionTranscript(CONTACT, wire.EditPayload(MID, 1_700_000_000_001, "fixed")),
+    sa.ActionTranscript(CONTACT, wire.DeletePayload(MID)),
+    sa.ActionTranscript(CONTACT, wire.TimerPayload(1_700_000_000_002, 3600)),
+    sa.ActionTranscript(CONTACT, wire.AttachmentPayload(
+        MID, 1_700_000_000_003, bytes(32), 5, 1, bytes(32), "ws://127.0.0.1:1/v1/ws", "a.txt")),
+    sa.ActionTranscript(CONTACT, wire.AttachmentPayload(
+        MID, 1_700_000_000_003, bytes(32), 5, 1, bytes(32), "ws://127.0.0.1:1/v1/ws", "a.txt",
+        "a caption")),
+]  # fmt: skip
+SETTINGS = sa.SettingsItem(1_700_000_000_004, bytes(range(16)), "Alice ☕", "strong", True, 86400)
+
+
+def test_action_transcripts_and_settings_round_trip_with_their_numbers() -> None:
+    unset = sa.SettingsItem(0, bytes(16), "", "", False, 0)
+    for payload in (*ACTIONS, SETTINGS, unset):
+        data = sa.encode(payload)
+        kind = 0x48 if isinstance(payload, sa.ActionTranscript) else 0x49
+        assert data[:2] == bytes([1, kind])
+        assert wire.is_sync_payload(data) and not wire.is_device_payload(data)
+        got = sa.decode(data)
+        assert sa.encode(got) == data and type(got) is type(payload)
+        if not isinstance(payload, sa.ActionTranscript) or not isinstance(
+            payload.payload, wire.AttachmentPayload
+        ):  # (a descriptor's parse fills fields 0x08 does not carry)
+            assert got == payload
+        with pytest.raises(DecodeError):  # no other parser takes them
+            wire.decode_payload(data)
+        with pytest.raises(DecodeError):
+            sy.decode_sync_payload(data)
+    # A transcript carries the ordinary payload byte for byte.
+    inner = wire.encode_payload(ACTIONS[0].payload)
+    assert sa.encode(ACTIONS[0]) == bytes([1, 0x48]) + CONTACT + inner
+
+
+def test_action_transcripts_and_settings_are_parsed_strictly() -> None:
+    text = wire.encode_payload(wire.TextPayload(MID, 0, "a text goes in 0x44, not 0x48"))
+    for data in (
+        bytes([1, 0x48]) + CONTACT + text,  # a kind not transcribed in 0x48
+        bytes([1, 0x48]) + CONTACT,  # nothing inside
+        bytes([1, 0x48]) + CONTACT[:-1],
+        sa.encode(ACTIONS[1]) + b"\x00",  # the inner payload is parsed to its end
+        sa.encode(ACTIONS[4])[:-1],
+        bytes([1, 0x48]) + CONTACT + b"\x01\x12" + bytes(wire.MAX_TEXT_BYTES + 60),  # too long
+    ):
+        with pytest.raises(DecodeError):
+            sa.decode(data)
+    with pytest.raises(UnsupportedVersion):
+        sa.decode(b"\x02" + sa.encode(ACTIONS[1])[1:])
+    with pytest.raises(UnsupportedVersion):  # the inner payload's version too
+        sa.decode(bytes([1, 0x48]) + CONTACT + b"\x02" + wire.encode_payload(
+            ACTIONS[1].payload)[1:])  # fmt: skip
+    with pytest.raises(ValueError):
+        sa.encode(sa.ActionTranscript(CONTACT, wire.TextPayload(MID, 0, "x")))  # type: ignore[arg-type]
+    data = sa.encode(SETTINGS)
+    flags_at = 2 + 8 + 16
+    assert data[flags_at] == 1
+    name_at = flags_at + 1 + 4
+    bad = [
+        data + b"\x00", data[:-1],
+        data[:flags_at] + b"\x02" + data[flags_at + 1 :],  # an unknown flag
+        # only 0 and 1..TIMER_MAX_S are timers
+        data[: flags_at + 1] + (wire.TIMER_MAX_S + 1).to_bytes(4, "big") + data[name_at:],
+    ]
+    long_name = (sa.MAX_NAME_BYTES + 1).to_bytes(2, "big") + b"a" * (sa.MAX_NAME_BYTES + 1)
+    bad.append(data[:name_at] + long_name + b"\x00")
+    bad.append(data[:name_at] + b"\x00\x01\xff\x00")  # a name not UTF-8
+    bad.append(data[:name_at] + b"\x00\x00" + bytes([sa.MAX_LEVEL_BYTES + 1]) + b"a" * 17)
+    bad.append(data[:name_at] + b"\x00\x00\x01\xff")  # a level not ASCII
+    for b in bad:
+        with pytest.raises(DecodeError):
+            sa.decode(b)
+    with pytest.raises(ValueError):
+        sa.encode(sa.SettingsItem(0, bytes(16), "a" * 300, "", False, 0))
+
+
+@pytest.mark.parametrize("sample", [*ACTIONS, SETTINGS])
+@FUZZ
+@given(data=st.data())
+def test_mutated_action_transcripts_and_settings_raise_only_decode_error(
+    sample: sa.ActionTranscript | sa.SettingsItem, data: st.DataObject
+) -> None:
+    mutated = bytearray(sa.encode(sample))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(mutated) - 1))
+        mutated[i] ^= data.draw(st.integers(1, 255))
+    cut = data.draw(st.integers(0, len(mutated)))
+    with contextlib.suppress(DecodeError):
+        sa.decode(bytes(mutated[:cut]) + data.draw(st.binary(max_size=32)))
+
+
+@FUZZ
+@given(data=st.binary(max_size=512))
+def test_random_bytes_after_0x48_or_0x49_raise_only_decode_error(data: bytes) -> None:
+    for prefix in (b"", bytes([1, 0x48]), bytes([1, 0x48]) + CONTACT + b"\x01",
+                   bytes([1, 0x49])):  # fmt: skip
+        with contextlib.suppress(DecodeError):
+            sa.decode(prefix + data)
