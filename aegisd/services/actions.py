@@ -61,6 +61,12 @@ class LossView(Protocol):
     def check_usable(self) -> None: ...
 
 
+class TranscriptsView(Protocol):
+    """Our other devices get what this device sends (own_sync_actions.py, 0x48)."""
+
+    def made(self, c: Contact, payload: Any) -> None: ...
+
+
 class ActionsHost(Protocol):
     """What the actions service uses of the messenger."""
 
@@ -78,6 +84,8 @@ class ActionsHost(Protocol):
     def contacts(self) -> ContactsView: ...
     @property
     def loss(self) -> LossView: ...
+    @property
+    def sync_actions(self) -> TranscriptsView: ...
 
 
 def _wire_id(message_id: str) -> bytes | None:
@@ -145,6 +153,7 @@ class Actions:
                 )
                 self.m.delivery.enqueue([Recipient(c, session)], payload, message_id=mid,
                                         delay=self.m.delivery.send_jitter())  # fmt: skip
+                self.m.sync_actions.made(c, payload)  # on our other devices too
         self.m.delivery.wake()
         return {"message_id": mid, "status": "queued"}
 
@@ -159,9 +168,10 @@ class Actions:
             session = self._session(c)
             with self.m.store.transaction():
                 actions_store.set_reaction(self.m.store, msg.id, "out", emoji, _ms())
-                self.m.delivery.enqueue([Recipient(c, session)],
-                                        wire.ReactionPayload(wire_id, emoji),
+                reaction = wire.ReactionPayload(wire_id, emoji)
+                self.m.delivery.enqueue([Recipient(c, session)], reaction,
                                         delay=self.m.delivery.send_jitter())  # fmt: skip
+                self.m.sync_actions.made(c, reaction)
         self.m.delivery.wake()
         return {"message_id": msg.id, "emoji": emoji or None}
 
@@ -184,9 +194,10 @@ class Actions:
             order = now if last is None else max(now, last + 1)
             with self.m.store.transaction():
                 actions_store.edit(self.m.store, msg.id, text, now, order)
-                self.m.delivery.enqueue([Recipient(c, session)],
-                                        wire.EditPayload(wire_id, order, text),
+                edit = wire.EditPayload(wire_id, order, text)
+                self.m.delivery.enqueue([Recipient(c, session)], edit,
                                         delay=self.m.delivery.send_jitter())  # fmt: skip
+                self.m.sync_actions.made(c, edit)
         self.m.delivery.wake()
         return {"message_id": msg.id, "edited_at": now}
 
@@ -207,6 +218,7 @@ class Actions:
                 actions_store.mark_deleted(self.m.store, msg.id, c.id)
                 self.m.delivery.enqueue([Recipient(c, session)], wire.DeletePayload(wire_id),
                                         delay=self.m.delivery.send_jitter())  # fmt: skip
+                self.m.sync_actions.made(c, wire.DeletePayload(wire_id))
         self.m.delivery.wake()
         return {"deleted": True, "for_everyone": True}
 

@@ -75,6 +75,7 @@ def register(registry: Registry, m: Messenger) -> None:
             )
         display_name = " ".join(display_name.split())
         m.store.set_setting(SETTING_NAME, display_name)
+        m.sync_settings.changed()  # the profile's: on our other devices too (0x49)
         return {"display_name": display_name}
 
     @method("invitations.create")
@@ -315,6 +316,8 @@ def register(registry: Registry, m: Messenger) -> None:
             if not 0.5 <= receipt_delay_max <= 3600:
                 raise InvalidParamsError("receipt_delay_max", "must be between 0.5 and 3600")
             store.set_setting(SETTING_RECEIPT_DELAY, float(receipt_delay_max))
+        if read_receipts is not None or disappearing_default is not None:
+            m.sync_settings.changed()  # the profile's: on our other devices too (0x49)
         if proxy == "" and store.get_setting(SETTING_MODE) in ("proxy", None):
             # Removing the proxy leaves the mode to its default, which may be Tor.
             from aegisd.netmode import effective_mode, find_tor, tor_missing_message

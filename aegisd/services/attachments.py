@@ -47,6 +47,7 @@ from aegisd.core.errors import DecryptionError, ProtocolError
 from aegisd.core.session import Session
 from aegisd.rpc import AppError, InvalidParamsError
 from aegisd.store import attachments as db
+from aegisd.store import contact_devices
 from aegisd.store import groups as G
 from aegisd.store.attachments import AttachmentRow
 from aegisd.store.db import Contact
@@ -141,6 +142,12 @@ class ContactsView(Protocol):
     def by_name(self, name: str) -> Contact: ...
 
 
+class TranscriptsView(Protocol):
+    """Our other devices get what this device sends (own_sync_actions.py, 0x48)."""
+
+    def made(self, c: Contact, payload: Any) -> None: ...
+
+
 class AttachmentsHost(Protocol):
     """What files use of the messenger."""
 
@@ -160,6 +167,8 @@ class AttachmentsHost(Protocol):
     def entropy(self) -> Entropy: ...
     @property
     def contacts(self) -> ContactsView: ...
+    @property
+    def sync_actions(self) -> TranscriptsView: ...
 
     def check_usable(self) -> None: ...
 
@@ -538,6 +547,7 @@ class Attachments:
                         m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], payload,
                                            message_id=row.id,
                                            delay=m.delivery.send_jitter())  # fmt: skip
+                        m.sync_actions.made(c, payload)  # our other devices show it too
                     m.ctx.events.emit("attachment.completed", {
                         "attachment_id": row.id, "contact": c.name, "direction": "out",
                     })  # fmt: skip
@@ -581,6 +591,24 @@ class Attachments:
         self.take_descriptor(c, p)
         m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED, [p.message_id])
 
+    def take_sent(self, c: Contact, p: wire.AttachmentPayload) -> bool:
+        """A file another device of ours sent to ``c`` (its 0x48 transcript, inside the
+        receive's transaction): shown as sent by us and fetched like a received one (the
+        contact keeps the blobs for our other devices: §22.5 step 4). False: a duplicate."""
+        m = self.m
+        aid = p.message_id.hex()
+        if m.store.get_message(aid) is not None or not self.acceptable(p):
+            return False
+        text = file_text(clean_file_name(p.name), p.caption)
+        m.store.add_message(c.id, "out", text, status="sent", message_id=aid,
+                            sent_at=p.sent_at_ms)  # fmt: skip
+        m.ctx.events.emit("message.transcript", {
+            "message_id": aid, "contact": c.name, "text": text, "sent_at": p.sent_at_ms,
+            **({"caption": p.caption} if p.caption else {}),
+        })  # fmt: skip
+        self.take_descriptor(c, p, direction="out")
+        return True
+
     def acceptable(self, p: wire.AttachmentPayload, aid: str | None = None) -> bool:
         """A descriptor that may be taken: a new id (``aid``, by default the message id in
         hex), a relay URL the policy allows."""
@@ -593,12 +621,13 @@ class Attachments:
         return True
 
     def take_descriptor(self, c: Contact, p: wire.AttachmentPayload, aid: str | None = None,
-                        refused: str | None = None) -> None:  # fmt: skip
+                        refused: str | None = None, direction: str = "in") -> None:  # fmt: skip
         """A descriptor's attachment row, events and download (the caller stored its
         message: in the contact's or a group's history); inside the receive transaction.
         ``aid``: the attachment's id (by default the message id in hex; a group's file takes
         its group message's API id, which names the author too). ``refused``: why it is kept
-        failed, never fetched (a group member over its pending files)."""
+        failed, never fetched (a group member over its pending files). ``direction`` 'out':
+        a file another device of ours sent (take_sent), fetched all the same."""
         m = self.m
         aid = p.message_id.hex() if aid is None else aid
         name = clean_file_name(p.name)
@@ -607,7 +636,7 @@ class Attachments:
         # the user raises the limit and retries (the relay keeps it until its TTL).
         reason = _limit_text(self.max_size()) if p.size > self.max_size() else refused
         db.add(m.store, AttachmentRow(
-            aid, c.id, "in", name, p.size, p.blocks, p.digest, p.seed, p.relay_url,
+            aid, c.id, direction, name, p.size, p.blocks, p.digest, p.seed, p.relay_url,
             "failed" if reason else "downloading", 0, reason, p.sent_at_ms, now, now,
         ))  # fmt: skip
         ex = _extras_of(p)
@@ -616,10 +645,11 @@ class Attachments:
         m.ctx.events.emit("attachment.received", {
             "attachment_id": aid, "message_id": aid, "contact": self.shown(c), "name": name,
             "size": p.size, "sent_at": p.sent_at_ms, **_extras_fields(ex),
+            **({"direction": direction} if direction != "in" else {}),
         })  # fmt: skip
         if reason:
             m.ctx.events.emit("attachment.failed", {
-                "attachment_id": aid, "contact": self.shown(c), "direction": "in",
+                "attachment_id": aid, "contact": self.shown(c), "direction": direction,
                 "reason": reason,
             })  # fmt: skip
             return
@@ -706,18 +736,30 @@ class Attachments:
         with self.store.transaction():
             db.set_state(self.store, row.id, "complete")
             self.m.ctx.events.emit("attachment.completed", {
-                "attachment_id": row.id, "contact": self.shown(c), "direction": "in",
+                "attachment_id": row.id, "contact": self.shown(c), "direction": row.direction,
                 "name": row.name, "size": row.size,
             })  # fmt: skip
         # Verified and kept: the relay's copy goes now (else it expires with the TTL), unless
-        # another device of ours may still have to fetch it (docs/devices.md §8).
-        if self.only_device():
+        # another device of ours (docs/devices.md §8), or of the sender's (its transcript,
+        # §6), may still have to fetch it.
+        if self.only_device() and row.direction == "in" and self._sender_alone(row.contact_id):
             with contextlib.suppress(RelayUnavailable, RelayError, *UNAVAILABLE):
                 if client is None:
                     client = await self._connect(row.relay_url)
                 await self._delete_blobs(client, row)
         if client is not None:
             await client.close()
+
+    def _sender_alone(self, contact_id: int) -> bool:
+        """Whether the contact holds no device list of several devices: its other devices
+        get a transcript of each file it sends (0x48) and fetch the same blobs."""
+        held = contact_devices.held_list(self.store, contact_id)
+        if held is None:
+            return True
+        try:
+            return len(dv.DeviceList.from_bytes(held.data).devices) <= 1
+        except (ValueError, ProtocolError):
+            return False  # unreadable: keep the blobs (they expire anyway)
 
     def only_device(self) -> bool:
         """Whether this device is the profile's only one: no device list held (it never
@@ -803,7 +845,7 @@ class Attachments:
 
     async def save(self, aid: str, path: str, overwrite: bool) -> dict[str, Any]:
         row = self.get(aid)
-        if row.direction != "in":
+        if row.direction != "in" and row.state != "complete":  # 'complete': fetched (take_sent)
             raise AppError(E_NOT_COMPLETE, "not_complete",
                            "only received files can be saved (you have the original)")
         if row.state != "complete":

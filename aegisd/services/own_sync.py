@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from aegisd import droplog
 from aegisd.core import devices as dv
-from aegisd.core import pqxdh, wire
+from aegisd.core import pqxdh, sync_actions, wire
 from aegisd.core import sync as sy
 from aegisd.core.errors import BundleError, DecodeError, DecryptionError
 from aegisd.core.identity import IdentityKeyPair, PublicIdentity, keys_of
@@ -83,6 +83,12 @@ class Waker(Protocol):
     def wake(self) -> None: ...
 
 
+class MoreView(Protocol):
+    """0x48 and 0x49's receivers (own_sync_actions.py, own_sync_settings.py)."""
+
+    def on_payload(self, device_id: bytes, p: Any) -> None: ...
+
+
 class OwnSyncHost(Protocol):
     prekeys: PrekeyStore | None
 
@@ -102,6 +108,10 @@ class OwnSyncHost(Protocol):
     def contacts(self) -> ContactsView: ...
     @property
     def disappearing(self) -> Waker: ...
+    @property
+    def sync_actions(self) -> MoreView: ...
+    @property
+    def sync_settings(self) -> MoreView: ...
     def identity(self) -> IdentityKeyPair: ...
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
@@ -397,6 +407,12 @@ class OwnSync:
         if not wire.is_sync_payload(content):
             droplog.dropped("dropped a payload out of place in a sync session")
             return
+        if content[1] in (wire.PAYLOAD_SYNC_ACTION, wire.PAYLOAD_SYNC_SETTINGS):  # 0x48, 0x49
+            more = sync_actions.decode(content)
+            to = self.m.sync_actions if content[1] == wire.PAYLOAD_SYNC_ACTION else \
+                self.m.sync_settings
+            to.on_payload(row.device_id, more)
+            return
         payload2 = sy.decode_sync_payload(content)
         try:
             c = self.m.contacts.with_identity(PublicIdentity.from_bytes(payload2.contact))
@@ -611,6 +627,15 @@ class OwnSync:
         the caller's transaction, before the caller stores the session)."""
         for data in rows.take_waiting(self.m.store, device_id):
             self._seal(session, device_id, send_to, data)
+
+    def send(self, data: bytes) -> None:
+        """A sync payload to every own device (own_sync_actions.py, own_sync_settings.py)."""
+        self._send(data)
+
+    def self_id(self) -> bytes | None:
+        """This device's ID; None before any link."""
+        own = None if self.m.ctx.store is None else self._own()
+        return None if own is None else own[1]
 
     def sent(self, c: Contact, message_id: bytes, sent_at_ms: int, text: str) -> None:
         """A text this device sent to ``c`` (messages.send, inside its transaction)."""
