@@ -1041,7 +1041,8 @@ SYNC_PAYLOAD_TYPES = frozenset({PAYLOAD_SYNC_SENT, PAYLOAD_SYNC_READ, PAYLOAD_SY
 
 
 def is_sync_payload(data: bytes) -> bool:
-    """Whether `data` claims to be a sync payload (0x44-0x46, sync.decode_sync_payload)."""
+    """Whether `data` claims to be a sync payload (0x44-0x46: sync.decode_sync_payload; 0x48,
+    0x49: sync_actions.decode)."""
     return len(data) >= 2 and data[0] == VERSION and data[1] in SYNC_PAYLOAD_TYPES
 
 
