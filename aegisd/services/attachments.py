@@ -750,6 +750,12 @@ class Attachments:
         if client is not None:
             await client.close()
 
+    def _transcribed(self, row: AttachmentRow) -> bool:
+        """An outgoing file another device of ours sent (take_sent): fetched here, never
+        uploaded; its message is past 'queued' from the start."""
+        msg = self.store.get_message(row.id) if row.direction == "out" else None
+        return msg is not None and msg.status != "queued"
+
     def _sender_alone(self, contact_id: int) -> bool:
         """Whether the contact holds no device list of several devices: its other devices
         get a transcript of each file it sends (0x48) and fetch the same blobs."""
@@ -885,21 +891,22 @@ class Attachments:
         row = self.get(aid)
         if row.state != "failed":
             raise AppError(E_NOT_RETRYABLE, "not_retryable", "only a failed transfer is retried")
-        state = "uploading" if row.direction == "out" else "downloading"
-        if row.direction == "in" and row.size > self.max_size():
+        fetch = row.direction == "in" or self._transcribed(row)
+        state = "downloading" if fetch else "uploading"
+        if fetch and row.size > self.max_size():
             raise AppError(E_FILE_TOO_LARGE, "too_large", _limit_text(self.max_size()))
-        if row.direction == "in":
+        if fetch:
             c = self.store.get_contact(row.contact_id)
             if c is None or c.blocked:
                 raise AppError(E_BLOCKED, "blocked", "this contact is blocked")
             if not self.m.mailboxes.peer_url_ok(row.relay_url):
                 raise AppError(E_NOT_RETRYABLE, "not_retryable", REFUSED_URL_TEXT)
-        if row.direction == "out" and not self._file(aid).exists():
+        if not fetch and not self._file(aid).exists():
             raise AppError(E_NOT_RETRYABLE, "not_retryable",
                            "the encrypted copy is gone: send the file again")
         with self.store.transaction():
             db.set_state(self.store, aid, state)
-            if row.direction == "in":
+            if fetch:
                 db.set_progress(self.store, aid, 0)  # refetch all: the bad block may be early
         self._start(aid)
         return self.describe(self.get(aid))
@@ -912,7 +919,8 @@ class Attachments:
             row = self.get(aid)
             # An outgoing file deleted before its upload ended never leaves: its message
             # would otherwise stay "queued" forever.
-            unsent = row.direction == "out" and row.state in ("uploading", "failed")
+            unsent = row.direction == "out" and row.state in ("uploading", "failed") and \
+                not self._transcribed(row)
             msg = m.store.get_message(aid) if unsent else None
             with m.store.transaction():
                 db.delete(m.store, row.id)

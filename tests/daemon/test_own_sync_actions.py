@@ -1,0 +1,138 @@
+"""Transcripts of actions (0x48) and the profile's settings (0x49) applied on a real SQLCipher
+store (services/own_sync_actions.py, own_sync_settings.py, docs/protocol.md §28.6): a
+duplicate reply and an edit sent again change nothing; an action on a message not held, or
+an edit of the contact's message, is dropped and counted; settings follow the newest change by
+(changed_at_ms, device_id), and one from another device or dated far ahead is refused."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+from aegisd import droplog
+from aegisd.core import sync_actions as sa
+from aegisd.core import wire
+from aegisd.services import own_sync as so
+from aegisd.services.contacts import SETTING_NAME
+from aegisd.services.cover import SETTING_LEVEL
+from aegisd.services.own_sync_actions import OwnSyncActions
+from aegisd.services.own_sync_settings import OwnSyncSettings
+from aegisd.store import Store, create_profile
+from aegisd.store import actions as actions_store
+from tests.daemon.test_own_sync_rows import A1, A2, FAST, _bob, _Contacts
+from tests.unit.test_core_backup import BOB
+
+
+def _host(store: Store) -> tuple[Any, list[tuple[str, Any]], list[Any]]:
+    emitted: list[tuple[str, Any]] = []
+    spawned: list[Any] = []
+    host = types.SimpleNamespace(
+        ctx=types.SimpleNamespace(store=store, events=types.SimpleNamespace(
+            emit=lambda kind, data: emitted.append((kind, data)))),
+        store=store, contacts=_Contacts(store), spawn=spawned.append,
+        disappearing=types.SimpleNamespace(wake=lambda: None, synced=lambda c, p: None),
+        attachments=types.SimpleNamespace(take_sent=lambda c, p: False),
+        cover=types.SimpleNamespace(level_changed=lambda: None),
+    )  # fmt: skip
+    return host, emitted, spawned
+
+
+def _store(tmp_path: Any) -> Store:
+    return create_profile(tmp_path / "p", None, FAST)
+
+
+def _action(p: Any) -> sa.ActionTranscript:
+    # Through the bytes, as a sync session delivers it.
+    got = sa.decode(sa.encode(sa.ActionTranscript(BOB.public.to_bytes(), p)))
+    assert isinstance(got, sa.ActionTranscript)
+    return got
+
+
+def test_actions_apply_once_and_a_missing_target_is_dropped(tmp_path: Any) -> None:
+    store = _store(tmp_path)
+    try:
+        host, emitted, _ = _host(store)
+        sync = OwnSyncActions(host, lambda data: None)
+        c = _bob(store)
+        theirs = store.add_message(c.id, "in", "lunch?", status="received",
+                                   message_id=(b"t" * 16).hex())  # fmt: skip
+        reply = wire.ReplyPayload(b"r" * 16, 1_700_000_000_000, b"t" * 16, "yes")
+        with store.transaction():
+            for _ in range(2):  # the second: a duplicate
+                sync.on_payload(A2, _action(reply))
+        ours = [m for m in store.history(c.id) if m.direction == "out"]
+        assert [(m.id, m.body, m.status) for m in ours] == [((b"r" * 16).hex(), "yes", "sent")]
+        assert actions_store.extras(store, [ours[0].id])[ours[0].id].quoted == "lunch?"
+        assert [k for k, _ in emitted] == ["message.transcript"]
+
+        edit = wire.EditPayload(b"r" * 16, 1_700_000_000_001, "yes, at noon")
+        with store.transaction():
+            sync.on_payload(A2, _action(edit))
+            sync.on_payload(A2, _action(edit))  # sent again: the same stamp, ignored
+        assert store.get_message(ours[0].id).body == "yes, at noon"  # type: ignore[union-attr]
+        assert [k for k, _ in emitted].count("message.edited") == 1
+        assert emitted[-1][1]["by"] == "self"
+
+        before = droplog.pending()
+        with store.transaction():
+            # Not held here (dropped, not held), and the contact's message edited as ours.
+            sync.on_payload(A2, _action(wire.EditPayload(b"x" * 16, 1_700_000_000_002, "?")))
+            sync.on_payload(A2, _action(wire.DeletePayload(b"t" * 16)))
+        after = droplog.pending()
+        assert after.get("dropped a synced action on a message not held", 0) == before.get(
+            "dropped a synced action on a message not held", 0) + 1  # fmt: skip
+        assert after.get("dropped a synced edit or deletion of a message not ours", 0) == \
+            before.get("dropped a synced edit or deletion of a message not ours", 0) + 1
+        assert store.get_message(theirs.id).body == "lunch?"  # type: ignore[union-attr]
+
+        with store.transaction():  # our reaction to their message, then our deletion
+            sync.on_payload(A2, _action(wire.ReactionPayload(b"t" * 16, "👍")))
+            sync.on_payload(A2, _action(wire.DeletePayload(b"r" * 16)))
+            sync.on_payload(A2, _action(wire.DeletePayload(b"r" * 16)))  # again: nothing
+        assert actions_store.reactions(store, [theirs.id]) == {theirs.id: {"out": "👍"}}
+        assert actions_store.extras(store, [ours[0].id])[ours[0].id].deleted
+        assert [k for k, _ in emitted].count("message.deleted") == 1
+    finally:
+        store.close()
+
+
+def _item(at: int, device: bytes = A2, name: str = "Alice", level: str = "strong") -> Any:
+    return sa.SettingsItem(at, device, name, level, False, 3600)
+
+
+def test_settings_take_the_newest_change_and_refuse_the_rest(tmp_path: Any) -> None:
+    store = _store(tmp_path)
+    try:
+        host, emitted, spawned = _host(store)
+        sync = OwnSyncSettings(host, lambda data: None, lambda: A1)
+        now_ms = so._now() * 1000
+        with store.transaction():
+            sync.on_payload(A1, _item(now_ms))  # not made by the sending device (A1's word)
+            sync.on_payload(A2, _item(now_ms + 2 * 86_400_000))  # dated two days ahead
+        assert store.get_setting(SETTING_NAME) is None and not emitted
+        with store.transaction():
+            sync.on_payload(A2, _item(now_ms))
+        assert store.get_setting(SETTING_NAME) == "Alice"
+        assert store.get_setting(SETTING_LEVEL) == "strong" and len(spawned) == 1
+        assert emitted == [("settings.synced", {"display_name": "Alice", "privacy_level": "strong",
+                                                "read_receipts": False,
+                                                "disappearing_default": 3600})]  # fmt: skip
+        with store.transaction():
+            sync.on_payload(A2, _item(now_ms - 1, name="Older"))  # older: ignored
+            sync.on_payload(A2, _item(now_ms, name="Same stamp"))  # the same pair: ignored
+        assert store.get_setting(SETTING_NAME) == "Alice"
+        with store.transaction():  # newer, with a level this device does not know
+            sync.on_payload(A2, _item(now_ms + 1, name="Alice B", level="paranoid"))
+        assert store.get_setting(SETTING_NAME) == "Alice B"
+        assert store.get_setting(SETTING_LEVEL) is None  # not chosen: the default applies
+        # A change made here is stamped after the newest held, even with a clock behind.
+        sent: list[bytes] = []
+        mine = OwnSyncSettings(host, sent.append, lambda: A1)
+        store.set_setting("sync.settings_clock", f"{now_ms + 10**9}:{A2.hex()}")
+        mine.changed()
+        got = sa.decode(sent[0])
+        assert isinstance(got, sa.SettingsItem)
+        assert (got.changed_at_ms, got.device_id) == (now_ms + 10**9 + 1, A1)
+        assert got.display_name == "Alice B" and got.privacy_level == ""
+    finally:
+        store.close()
