@@ -211,8 +211,10 @@ class Attachments:
                         path.unlink()
         for row in db.unfinished(self.store):
             c = self.store.get_contact(row.contact_id)
-            if row.direction == "in" and (c is None or c.blocked):
-                self._fail(row.id, BLOCKED_TEXT)  # blocked before the fix that stops them
+            # A fetch (a received file, or one another device of ours sent: take_sent) from
+            # a contact blocked before the fix that stops them.
+            if row.state == "downloading" and (c is None or c.blocked):
+                self._fail(row.id, BLOCKED_TEXT)
                 continue
             self._start(row.id)
 
@@ -251,9 +253,10 @@ class Attachments:
 
     async def stop_downloads(self, contact_id: int, reason: str) -> None:
         """A contact blocked (messenger lock held): its files stop downloading, failed with
-        ``reason`` (attachments.retry starts one again once the contact is unblocked)."""
+        ``reason`` (attachments.retry starts one again once the contact is unblocked): the
+        received ones and those another device of ours sent (fetched here too)."""
         for row in db.listing(self.store, contact_id, limit=-1):
-            if row.direction != "in" or row.state != "downloading":
+            if row.state != "downloading":
                 continue
             await self._stop(row.id)
             self._fail(row.id, reason)
