@@ -6,12 +6,14 @@ us, under the same message IDs.
 Sending: the service that made the action (actions.py, disappearing.py, attachments.py)
 calls ``made`` inside the transaction that enqueued it for the contact; the payload goes
 wrapped, byte for byte, in every live sync session (own_sync.py's ``_send``: a random delay
-each). Receiving (own_sync.py dispatches here, inside the receive's transaction): a
-duplicate or an echo changes nothing; an action on a message this device does not hold, or
-holds in another conversation or from the contact where ours is needed, is dropped and
-counted (not held: the sync session is ordered, so our own messages arrive before their
-actions; only a reaction to a contact's message not received here yet is lost, and it
-stays on the devices that have it). Nothing here logs a contact, an ID or a text.
+each, but never due before a sync payload queued earlier to the same device, so a device
+gets a message before its actions unless a deposit had to be retried). Receiving
+(own_sync.py dispatches here, inside the receive's transaction): a duplicate or an echo
+changes nothing; an action on a message held in another conversation, or an edit or
+deletion of a message not ours, is dropped and counted; an action on a message this device
+does not hold yet (a contact's not received here yet, or ours overtaken by a retried
+deposit) is held (store/own_sync.py: at most HELD_KEPT, for HELD_FOR) and applied when the
+message is stored (``arrived``). Nothing here logs a contact, an ID or a text.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from aegisd.store import Store
 from aegisd.store import actions as actions_store
 from aegisd.store import attachments as attachment_store
 from aegisd.store import groups as group_store
+from aegisd.store import own_sync as rows
 from aegisd.store.db import Contact
 
 from .context import ServiceContext
@@ -36,6 +39,10 @@ from .context import ServiceContext
 
 def _ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _now() -> int:
+    return int(time.time())
 
 
 class ContactsView(Protocol):
@@ -93,8 +100,20 @@ class OwnSyncActions:
         elif isinstance(inner, wire.AttachmentPayload):
             if self.m.attachments.take_sent(c, inner):
                 self.m.disappearing.wake()  # its deadline, if the conversation has a timer
+                self.arrived(inner.message_id.hex())
         else:
-            self._on_message(c, inner)
+            self._on_message(c, inner, p)
+
+    def arrived(self, message_id: str) -> None:
+        """A message was stored here (a contact's, or a transcript of ours; inside the
+        receive's transaction): the actions held for it apply now, in the order they came."""
+        for data in rows.take_held(self.m.store, message_id, _now()):
+            try:
+                p = sa.decode(data)
+            except DecodeError:
+                continue
+            if isinstance(p, sa.ActionTranscript):
+                self.on_payload(b"", p)
 
     def _reply(self, c: Contact, p: wire.ReplyPayload) -> None:
         store = self.m.store
@@ -117,14 +136,19 @@ class OwnSyncActions:
             "reply_to": p.quoted_id.hex(),
         })  # fmt: skip
         self.m.disappearing.wake()
+        self.arrived(mid)
 
-    def _on_message(
-        self, c: Contact, p: wire.ReactionPayload | wire.EditPayload | wire.DeletePayload
-    ) -> None:
+    def _on_message(self, c: Contact, p: wire.ReactionPayload | wire.EditPayload
+                    | wire.DeletePayload, transcript: sa.ActionTranscript) -> None:  # fmt: skip
         store = self.m.store
         target = store.get_message(p.target_id.hex())
-        if target is None or target.contact_id != c.id:
-            droplog.dropped("dropped a synced action on a message not held")
+        if target is None:
+            # Not here yet (lost or late in its own mailbox: a contact's message, or ours
+            # whose deposit was retried): held, applied when it comes (``arrived``).
+            rows.hold_action(store, p.target_id.hex(), sa.encode(transcript), _now())
+            return
+        if target.contact_id != c.id:
+            droplog.dropped("dropped a synced action on a message of another conversation")
             return
         extras = actions_store.extras(store, [target.id])[target.id]
         if extras.deleted:

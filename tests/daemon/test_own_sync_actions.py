@@ -10,6 +10,7 @@ import types
 from typing import Any
 
 from aegisd import droplog
+from aegisd.core import sync as sy
 from aegisd.core import sync_actions as sa
 from aegisd.core import wire
 from aegisd.services import own_sync as so
@@ -19,8 +20,9 @@ from aegisd.services.own_sync_actions import OwnSyncActions
 from aegisd.services.own_sync_settings import OwnSyncSettings
 from aegisd.store import Store, create_profile
 from aegisd.store import actions as actions_store
+from aegisd.store import own_sync as rows
 from tests.daemon.test_own_sync_rows import A1, A2, FAST, _bob, _Contacts
-from tests.unit.test_core_backup import BOB
+from tests.unit.test_core_backup import ALICE, BOB
 
 
 def _host(store: Store) -> tuple[Any, list[tuple[str, Any]], list[Any]]:
@@ -75,12 +77,9 @@ def test_actions_apply_once_and_a_missing_target_is_dropped(tmp_path: Any) -> No
 
         before = droplog.pending()
         with store.transaction():
-            # Not held here (dropped, not held), and the contact's message edited as ours.
-            sync.on_payload(A2, _action(wire.EditPayload(b"x" * 16, 1_700_000_000_002, "?")))
+            # The contact's message deleted for everyone as if ours: dropped and counted.
             sync.on_payload(A2, _action(wire.DeletePayload(b"t" * 16)))
         after = droplog.pending()
-        assert after.get("dropped a synced action on a message not held", 0) == before.get(
-            "dropped a synced action on a message not held", 0) + 1  # fmt: skip
         assert after.get("dropped a synced edit or deletion of a message not ours", 0) == \
             before.get("dropped a synced edit or deletion of a message not ours", 0) + 1
         assert store.get_message(theirs.id).body == "lunch?"  # type: ignore[union-attr]
@@ -92,6 +91,49 @@ def test_actions_apply_once_and_a_missing_target_is_dropped(tmp_path: Any) -> No
         assert actions_store.reactions(store, [theirs.id]) == {theirs.id: {"out": "👍"}}
         assert actions_store.extras(store, [ours[0].id])[ours[0].id].deleted
         assert [k for k, _ in emitted].count("message.deleted") == 1
+    finally:
+        store.close()
+
+
+def test_actions_on_a_message_not_here_yet_wait_for_it(tmp_path: Any) -> None:
+    store = _store(tmp_path)
+    try:
+        host, emitted, _ = _host(store)
+        sync = OwnSyncActions(host, lambda data: None)
+        host.sync_actions, host.identity = sync, lambda: ALICE
+        c = _bob(store)
+        x = b"x" * 16
+        with store.transaction():  # two edits (the newer first) before their message
+            sync.on_payload(A2, _action(wire.EditPayload(x, 1_700_000_000_003, "third")))
+            sync.on_payload(A2, _action(wire.EditPayload(x, 1_700_000_000_002, "second")))
+            sync.on_payload(A2, _action(wire.ReactionPayload(b"y" * 16, "👍")))
+        assert not emitted
+        # The text's transcript comes (own_sync.py): the edits apply, the newest wins.
+        own = so.OwnSync(host)
+        row = types.SimpleNamespace(device_id=A2)
+        with store.transaction():
+            own._on_content(row, (None, A1, b""), sy.encode_sync_payload(  # type: ignore[arg-type]
+                sy.SentTranscript(BOB.public.to_bytes(), x, 1_700_000_000_000, "first")))
+        assert store.get_message(x.hex()).body == "third"  # type: ignore[union-attr]
+        assert [k for k, _ in emitted] == ["message.transcript", "message.edited"]
+        # The contact's text comes: our reaction made on A2 applies.
+        theirs = store.add_message(c.id, "in", "hi", status="received",
+                                   message_id=(b"y" * 16).hex())  # fmt: skip
+        with store.transaction():
+            own.received(c, theirs.id)
+        assert actions_store.reactions(store, [theirs.id]) == {theirs.id: {"out": "👍"}}
+        # Held no more: arriving again applies nothing twice.
+        with store.transaction():
+            sync.arrived(x.hex())
+        assert [k for k, _ in emitted].count("message.edited") == 1
+        # Bounded: the oldest go past HELD_KEPT, and none past HELD_FOR.
+        now = so._now()
+        with store.transaction():
+            for i in range(rows.HELD_KEPT + 1):
+                rows.hold_action(store, f"{i:032x}", b"data", now)
+        assert rows.take_held(store, f"{0:032x}", now) == []
+        assert rows.take_held(store, f"{1:032x}", now) == [b"data"]
+        assert rows.take_held(store, f"{2:032x}", now + rows.HELD_FOR + 1) == []
     finally:
         store.close()
 
