@@ -32,6 +32,7 @@ from aegisd.store.db import Contact, Message
 from .context import ServiceContext
 from .delivery import Delivery, Recipient
 from .disappearing import erased
+from .own_sync_actions import TranscriptsView
 
 #: How long after a message an edit of it is taken: the recipient checks it against its own
 #: receipt time of the message, the sender against its sending time (stricter). Like Signal's
@@ -59,12 +60,6 @@ class ContactsView(Protocol):
 
 class LossView(Protocol):
     def check_usable(self) -> None: ...
-
-
-class TranscriptsView(Protocol):
-    """Our other devices get what this device sends (own_sync_actions.py, 0x48)."""
-
-    def made(self, c: Contact, payload: Any) -> None: ...
 
 
 class ActionsHost(Protocol):

@@ -70,6 +70,7 @@ from .attachment_disk import (
     write_plain,
 )
 from .delivery import BLOB_AREA, Recipient
+from .own_sync_actions import TranscriptsView
 
 if TYPE_CHECKING:
     from aegisd.core.primitives import Entropy
@@ -140,12 +141,6 @@ def _bad_file(why: str) -> AppError:
 
 class ContactsView(Protocol):
     def by_name(self, name: str) -> Contact: ...
-
-
-class TranscriptsView(Protocol):
-    """Our other devices get what this device sends (own_sync_actions.py, 0x48)."""
-
-    def made(self, c: Contact, payload: Any) -> None: ...
 
 
 class AttachmentsHost(Protocol):

@@ -30,6 +30,7 @@ from aegisd.store import group_actions as group_db
 
 from .delivery import Delivery, Recipient
 from .mailbox import ContactState
+from .own_sync_actions import TranscriptsView
 
 if TYPE_CHECKING:
     from .context import ServiceContext
@@ -123,12 +124,6 @@ class GroupActionsView(Protocol):
 class GroupsView(Protocol):
     @property
     def actions(self) -> GroupActionsView: ...
-
-
-class TranscriptsView(Protocol):
-    """Our other devices get what this device sends (own_sync_actions.py, 0x48)."""
-
-    def made(self, c: Contact, payload: Any) -> None: ...
 
 
 class DisappearingHost(Protocol):

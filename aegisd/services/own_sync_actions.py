@@ -45,6 +45,13 @@ def _now() -> int:
     return int(time.time())
 
 
+class TranscriptsView(Protocol):
+    """What the services that make an action (actions.py, attachments.py, disappearing.py)
+    use: our other devices get what this device sends (``made``)."""
+
+    def made(self, c: Contact, payload: sa.Inner) -> None: ...
+
+
 class ContactsView(Protocol):
     def with_identity(self, identity: PublicIdentity) -> Contact | None: ...
 
