@@ -10,6 +10,7 @@ the kinds in ACTION_KINDS are taken inside it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from . import wire
 from .devices import DEVICE_ID_LEN
@@ -28,7 +29,8 @@ MAX_INNER = wire.MAX_TEXT_BYTES + 2 + 3 * wire.MESSAGE_ID_LEN
 #: of at most this many ASCII letters ("" = not chosen: the relay's default applies).
 MAX_NAME_BYTES = 256
 MAX_LEVEL_BYTES = 16
-_READ_RECEIPTS = 1
+#: 0x49's fields, in the order of their bits in its first byte (bit 0 first).
+FIELDS = ("display_name", "privacy_level", "read_receipts", "disappearing_default")
 
 Inner = (wire.AttachmentPayload | wire.ReplyPayload | wire.ReactionPayload | wire.EditPayload
          | wire.DeletePayload | wire.TimerPayload)  # fmt: skip
@@ -43,21 +45,25 @@ class ActionTranscript:
     payload: Inner
 
 
+#: When a setting was last changed and on which device: ``(changed_at_ms, device_id)``.
+Clock = tuple[int, bytes]
+
+
 @dataclass(frozen=True)
 class SettingsItem:
-    """The profile's settings as one device last changed them (0x49): the newest change by
-    ``(changed_at_ms, device_id)`` wins on every device, the whole set at once."""
+    """The profile's settings this device holds a change of (0x49), each with the clock of
+    its newest change: on every device each setting takes the value of its newest clock. A
+    setting no device of the profile changed since the link is absent (None): it never
+    overwrites one chosen elsewhere."""
 
-    changed_at_ms: int
-    device_id: bytes
-    display_name: str
-    privacy_level: str  # "" when not chosen
-    read_receipts: bool
-    disappearing_default: int  # seconds, 0 = off
+    display_name: tuple[Clock, str] | None = None
+    privacy_level: tuple[Clock, str] | None = None  # "" when not chosen
+    read_receipts: tuple[Clock, bool] | None = None
+    disappearing_default: tuple[Clock, int] | None = None  # seconds, 0 = off
 
-    def values(self) -> tuple[str, str, bool, int]:
-        return (self.display_name, self.privacy_level, self.read_receipts,
-                self.disappearing_default)  # fmt: skip
+    def fields(self) -> dict[str, tuple[Clock, str | bool | int]]:
+        """The settings present, by name (FIELDS)."""
+        return {f: v for f in FIELDS if (v := getattr(self, f)) is not None}
 
 
 def encode(payload: ActionTranscript | SettingsItem) -> bytes:
@@ -67,14 +73,31 @@ def encode(payload: ActionTranscript | SettingsItem) -> bytes:
         if inner[1] not in ACTION_KINDS or len(inner) > MAX_INNER:
             raise ValueError("not a transcribed action")
         return w.u8(PAYLOAD_SYNC_ACTION).fixed(payload.contact, IDENTITY_LEN).raw(inner).bytes()
-    name, level = payload.display_name.encode(), payload.privacy_level.encode()
-    if len(name) > MAX_NAME_BYTES or len(level) > MAX_LEVEL_BYTES or not level.isascii():
-        raise ValueError("setting too long")
-    if not wire.timer_ok(payload.disappearing_default) and payload.disappearing_default:
-        raise ValueError("not a timer")
-    w.u8(PAYLOAD_SYNC_SETTINGS).u64(payload.changed_at_ms).fixed(payload.device_id, DEVICE_ID_LEN)
-    w.u8(_READ_RECEIPTS if payload.read_receipts else 0).u32(payload.disappearing_default)
-    w.u16(len(name)).raw(name).u8(len(level)).raw(level)
+    present = payload.fields()
+    w.u8(PAYLOAD_SYNC_SETTINGS).u8(sum(1 << i for i, f in enumerate(FIELDS) if f in present))
+    for f in FIELDS:
+        if f not in present:
+            continue
+        (at, device), value = present[f]
+        if len(device) != DEVICE_ID_LEN:
+            raise ValueError("not a device ID")
+        w.u64(at).fixed(device, DEVICE_ID_LEN)
+        if f == "display_name":
+            name = str(value).encode()
+            if len(name) > MAX_NAME_BYTES:
+                raise ValueError("setting too long")
+            w.u16(len(name)).raw(name)
+        elif f == "privacy_level":
+            level = str(value).encode()
+            if len(level) > MAX_LEVEL_BYTES or not level.isascii():
+                raise ValueError("setting too long")
+            w.u8(len(level)).raw(level)
+        elif f == "read_receipts":
+            w.u8(1 if value else 0)
+        else:
+            if not isinstance(value, int) or (value and not wire.timer_ok(value)):
+                raise ValueError("not a timer")
+            w.u32(value)
     return w.bytes()
 
 
@@ -94,23 +117,39 @@ def decode(data: bytes) -> ActionTranscript | SettingsItem:
             raise DecodeError("not a transcribed action")
         return ActionTranscript(contact, p)
     if kind == PAYLOAD_SYNC_SETTINGS:
-        at, device, flags, timer = r.u64(), r.take(DEVICE_ID_LEN), r.u8(), r.u32()
-        if flags & ~_READ_RECEIPTS:
-            raise DecodeError("unknown settings flags")
-        if timer and not wire.timer_ok(timer):
-            raise DecodeError("not a timer")
-        n = r.u16()
-        if n > MAX_NAME_BYTES:
-            raise DecodeError("name too long")
-        name = _utf8(r.take(n))
-        m = r.u8()
-        if m > MAX_LEVEL_BYTES:
-            raise DecodeError("level too long")
-        level = r.take(m)
-        if not level.isascii():
-            raise DecodeError("level not ASCII")
+        present = r.u8()
+        if present >> len(FIELDS):
+            raise DecodeError("unknown settings")
+        got: dict[str, Any] = {}
+        for i, f in enumerate(FIELDS):
+            if not present & (1 << i):
+                continue
+            clock = (r.u64(), r.take(DEVICE_ID_LEN))
+            if f == "display_name":
+                n = r.u16()
+                if n > MAX_NAME_BYTES:
+                    raise DecodeError("name too long")
+                got[f] = (clock, _utf8(r.take(n)))
+            elif f == "privacy_level":
+                m = r.u8()
+                if m > MAX_LEVEL_BYTES:
+                    raise DecodeError("level too long")
+                level = r.take(m)
+                if not level.isascii():
+                    raise DecodeError("level not ASCII")
+                got[f] = (clock, level.decode())
+            elif f == "read_receipts":
+                flag = r.u8()
+                if flag > 1:
+                    raise DecodeError("not a boolean")
+                got[f] = (clock, bool(flag))
+            else:
+                timer = r.u32()
+                if timer and not wire.timer_ok(timer):
+                    raise DecodeError("not a timer")
+                got[f] = (clock, timer)
         r.done()
-        return SettingsItem(at, device, name, level.decode(), bool(flags & _READ_RECEIPTS), timer)
+        return SettingsItem(**got)
     raise DecodeError("not a 0x48 or 0x49 sync payload")
 
 

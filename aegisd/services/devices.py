@@ -57,6 +57,7 @@ from relay.client import RelayClient, RelayError
 from . import linked_groups
 from .backup import RESTORABLE, SETTING_TIMERS
 from .contacts import SETTING_NAME
+from .cover import LEVELS, SETTING_LEVEL
 from .mailbox import (
     ContactState,
     DeleteCap,
@@ -70,6 +71,7 @@ from .mailbox import (
 )
 from .messenger import Messenger
 from .names import clean_name
+from .own_sync_settings import SETTING_CLOCKS
 
 log = logging.getLogger("aegisd.devices")
 
@@ -89,6 +91,10 @@ POLL = 0.25  # seconds between two FETCHes of a link's mailbox
 TTL_MIN = 10
 #: Settings the new device does not take: the network is the machine's own choice.
 NOT_CARRIED = ("network.proxy", "network.isolation", SETTING_TIMERS)
+#: Settings a link carries beyond a backup's (RESTORABLE): the profile's synced ones that a
+#: backup leaves out, and each synced setting's clock (own_sync_settings.py), so that the new
+#: device's first change of one setting does not overwrite another chosen before the link.
+LINK_CARRIED: dict[str, tuple[type, ...]] = {SETTING_LEVEL: (str,), SETTING_CLOCKS: (dict,)}
 NOT_INSTALLED = "the new device did not say it installed the profile: it is not listed"
 UNCONFIRMED = ("the device in use did not confirm that it lists this device: see aegis device "
                "list there (if this device is missing, remove this profile and link again)")
@@ -752,7 +758,7 @@ class Devices:
         store = self.m.store
         ed_priv, x_priv = self.m.identity().raw_private()
         settings = []
-        for name in RESTORABLE:
+        for name in (*RESTORABLE, *LINK_CARRIED):
             value = store.get_setting(name)
             if value is not None and name not in NOT_CARRIED:
                 settings.append((name, json.dumps(value)))
@@ -1017,8 +1023,10 @@ class Devices:
                 store.set_setting(SETTING_NAME, clean_name(contents.display_name, ""))
                 for name, value in contents.settings:
                     parsed = json.loads(value)
-                    if (name in RESTORABLE and name not in NOT_CARRIED
-                            and isinstance(parsed, RESTORABLE[name])):  # fmt: skip
+                    types = RESTORABLE.get(name) or LINK_CARRIED.get(name)
+                    if (types is not None and name not in NOT_CARRIED
+                            and isinstance(parsed, types)
+                            and (name != SETTING_LEVEL or parsed in LEVELS)):  # fmt: skip
                         store.set_setting(name, parsed)
                 cids = []
                 for bc in contents.contacts:

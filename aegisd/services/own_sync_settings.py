@@ -3,14 +3,19 @@
 receipts on or off and the default disappearing timer. Not the device's own: its network
 mode, proxy, relay, limits and delays stay per device.
 
-The whole set goes at each change (api.py's identity.set_name and settings.set,
-privacy_api.py's privacy.set call ``changed``), stamped ``(changed_at_ms, device_id)``: the
-newest wins on every device, as a contact's 0x46 (own_sync.py). The stamp held is the
-setting SETTING_CLOCK. Nothing here logs a setting's value.
+Each setting has its own clock ``(changed_at_ms, device_id)``, held in the setting
+SETTING_CLOCKS: a change made here (api.py's identity.set_name and settings.set,
+privacy_api.py's privacy.set call ``changed`` with the settings changed) stamps only those;
+at each change every setting with a clock goes, each with its own, and on every device each
+setting takes the value of its newest clock (as a contact's 0x46: own_sync.py). A setting
+with no clock (never changed on any device since the link: the link carries the values and
+their clocks, devices.py) is not sent, so it never overwrites one chosen elsewhere. Nothing
+here logs a setting's value.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
@@ -27,8 +32,9 @@ from .disappearing import SETTING_DEFAULT as SETTING_DISAPPEARING
 from .groups_state import SETTING_READ_RECEIPTS
 from .names import clean_name
 
-#: "MS:DEVICE_HEX": the newest settings change this device made or took.
-SETTING_CLOCK = "sync.settings_clock"
+#: {setting (sa.FIELDS): [changed_at_ms, device ID hex]}: each setting's newest change this
+#: device made or took.
+SETTING_CLOCKS = "sync.settings_clocks"
 
 
 class CoverView(Protocol):
@@ -45,6 +51,36 @@ class SettingsSyncHost(Protocol):
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
 
+def clocks(store: Store) -> dict[str, sa.Clock]:
+    """Each synced setting's clock held (a malformed entry: none)."""
+    value = store.get_setting(SETTING_CLOCKS)
+    out: dict[str, sa.Clock] = {}
+    if isinstance(value, dict):
+        for f in sa.FIELDS:
+            item = value.get(f)
+            with contextlib.suppress(TypeError, ValueError):
+                if isinstance(item, list) and len(item) == 2:
+                    device = bytes.fromhex(item[1])
+                    if len(device) == dv.DEVICE_ID_LEN:
+                        out[f] = (int(item[0]), device)
+    return out
+
+
+def _set_clocks(store: Store, held: dict[str, sa.Clock]) -> None:
+    store.set_setting(SETTING_CLOCKS, {f: [c[0], c[1].hex()] for f, c in held.items()})
+
+
+def current(store: Store) -> dict[str, str | bool | int]:
+    """The synced settings' values held here."""
+    level = store.get_setting(SETTING_LEVEL)
+    return {
+        "display_name": str(store.get_setting(SETTING_NAME, "") or ""),
+        "privacy_level": str(level) if level in LEVELS else "",
+        "read_receipts": bool(store.get_setting(SETTING_READ_RECEIPTS, True)),
+        "disappearing_default": int(store.get_setting(SETTING_DISAPPEARING, 0) or 0),
+    }
+
+
 class OwnSyncSettings:
     def __init__(self, host: SettingsSyncHost, send: Callable[[bytes], None],
                  self_id: Callable[[], bytes | None]) -> None:  # fmt: skip
@@ -52,68 +88,64 @@ class OwnSyncSettings:
         self._send = send
         self._self_id = self_id
 
-    def _clock(self) -> tuple[int, bytes] | None:
-        value = self.m.store.get_setting(SETTING_CLOCK)
-        if not isinstance(value, str) or ":" not in value:
-            return None
-        ms, device = value.split(":", 1)
-        return int(ms), bytes.fromhex(device)
+    def item(self) -> sa.SettingsItem:
+        """Every setting with a clock, its value held and its clock."""
+        values = current(self.m.store)
+        present: dict[str, Any] = {f: (c, values[f]) for f, c in clocks(self.m.store).items()}
+        return sa.SettingsItem(**present)
 
-    def _set_clock(self, ms: int, device_id: bytes) -> None:
-        self.m.store.set_setting(SETTING_CLOCK, f"{ms}:{device_id.hex()}")
-
-    def current(self, changed_at_ms: int, device_id: bytes) -> sa.SettingsItem:
-        store = self.m.store
-        level = store.get_setting(SETTING_LEVEL)
-        return sa.SettingsItem(
-            changed_at_ms, device_id, str(store.get_setting(SETTING_NAME, "") or ""),
-            str(level) if level in LEVELS else "",
-            bool(store.get_setting(SETTING_READ_RECEIPTS, True)),
-            int(store.get_setting(SETTING_DISAPPEARING, 0) or 0),
-        )  # fmt: skip
-
-    def changed(self) -> None:
-        """The user changed a synced setting on this device: the set goes to the others."""
+    def changed(self, *fields: str) -> None:
+        """The user changed these synced settings here (inside the caller's transaction, if
+        any): stamped, and the settings go to the others."""
         if self.m.ctx.store is None:
             return
         me = self._self_id()
         if me is None:
-            return  # never linked: no other device
+            return  # never linked: no other device (a link carries the values)
         now_ms = time.time_ns() // 1_000_000
-        held = self._clock()
-        if held is not None and held[0] >= now_ms:
-            now_ms = held[0] + 1  # a clock behind the last change still makes a newer one
-        with self.m.store.transaction():
-            self._set_clock(now_ms, me)
-            self._send(sa.encode(self.current(now_ms, me)))
+        store = self.m.store
+        with store.transaction():
+            held = clocks(store)
+            for f in fields:
+                before = held.get(f)
+                # A clock behind the last change still makes a newer one.
+                held[f] = (now_ms if before is None else max(now_ms, before[0] + 1), me)
+            _set_clocks(store, held)
+            self._send(sa.encode(self.item()))
 
     def on_payload(self, device_id: bytes, p: sa.SettingsItem) -> None:
-        """Inside the receive's transaction; ``device_id``: the sending device's."""
-        if p.device_id != device_id:
-            droplog.dropped("dropped a settings change not made by its sending device")
-            return
-        if p.changed_at_ms > (int(time.time()) + dv.MAX_LIST_SKEW) * 1000:
-            droplog.dropped("dropped a settings change dated in the future")
-            return
-        held = self._clock()
-        if held is not None and (p.changed_at_ms, p.device_id) <= held:
-            return  # an older change, or this one again
+        """Inside the receive's transaction. A setting's clock may name another device than
+        ``device_id`` (the sender passes on what it took): each is taken if newer than the
+        one held, and none dated in the future."""
         store = self.m.store
-        before = self.current(0, b"")
-        self._set_clock(p.changed_at_ms, p.device_id)
-        name = clean_name(p.display_name, "")
-        level = p.privacy_level if p.privacy_level in LEVELS else None
-        store.set_setting(SETTING_NAME, name)
-        store.set_setting(SETTING_LEVEL, level)
-        store.set_setting(SETTING_READ_RECEIPTS, p.read_receipts)
-        store.set_setting(SETTING_DISAPPEARING, p.disappearing_default or None)
-        after = self.current(0, b"")
+        held = clocks(store)
+        before = current(store)
+        newest_ok = (int(time.time()) + dv.MAX_LIST_SKEW) * 1000
+        took = False
+        for f, (clock, value) in p.fields().items():
+            if clock[0] > newest_ok:
+                droplog.dropped("dropped a settings change dated in the future")
+                continue
+            if f in held and clock <= held[f]:
+                continue  # an older change, or this one again
+            held[f] = clock
+            took = True
+            if f == "display_name":
+                store.set_setting(SETTING_NAME, clean_name(str(value), ""))
+            elif f == "privacy_level":
+                store.set_setting(SETTING_LEVEL, value if value in LEVELS else None)
+            elif f == "read_receipts":
+                store.set_setting(SETTING_READ_RECEIPTS, bool(value))
+            else:
+                store.set_setting(SETTING_DISAPPEARING, int(value) or None)
+        if not took:
+            return
+        _set_clocks(store, held)
+        after = current(store)
         if after == before:
             return
-        if after.privacy_level != before.privacy_level:
+        if after["privacy_level"] != before["privacy_level"]:
             self.m.spawn(self.m.cover.level_changed())
         self.m.ctx.events.emit("settings.synced", {
-            "display_name": after.display_name, "privacy_level": after.privacy_level or None,
-            "read_receipts": after.read_receipts,
-            "disappearing_default": after.disappearing_default,
+            **after, "privacy_level": after["privacy_level"] or None,
         })  # fmt: skip

@@ -14,6 +14,7 @@ from aegisd.core import sync as sy
 from aegisd.core import sync_actions as sa
 from aegisd.core import wire
 from aegisd.services import own_sync as so
+from aegisd.services import own_sync_settings as oss
 from aegisd.services.contacts import SETTING_NAME
 from aegisd.services.cover import SETTING_LEVEL
 from aegisd.services.own_sync_actions import OwnSyncActions
@@ -139,17 +140,17 @@ def test_actions_on_a_message_not_here_yet_wait_for_it(tmp_path: Any) -> None:
 
 
 def _item(at: int, device: bytes = A2, name: str = "Alice", level: str = "strong") -> Any:
-    return sa.SettingsItem(at, device, name, level, False, 3600)
+    return sa.SettingsItem(((at, device), name), ((at, device), level), ((at, device), False),
+                           ((at, device), 3600))  # fmt: skip
 
 
-def test_settings_take_the_newest_change_and_refuse_the_rest(tmp_path: Any) -> None:
+def test_settings_take_the_newest_change_of_each_and_refuse_the_rest(tmp_path: Any) -> None:
     store = _store(tmp_path)
     try:
         host, emitted, spawned = _host(store)
         sync = OwnSyncSettings(host, lambda data: None, lambda: A1)
         now_ms = so._now() * 1000
         with store.transaction():
-            sync.on_payload(A1, _item(now_ms))  # not made by the sending device (A1's word)
             sync.on_payload(A2, _item(now_ms + 2 * 86_400_000))  # dated two days ahead
         assert store.get_setting(SETTING_NAME) is None and not emitted
         with store.transaction():
@@ -167,14 +168,48 @@ def test_settings_take_the_newest_change_and_refuse_the_rest(tmp_path: Any) -> N
             sync.on_payload(A2, _item(now_ms + 1, name="Alice B", level="paranoid"))
         assert store.get_setting(SETTING_NAME) == "Alice B"
         assert store.get_setting(SETTING_LEVEL) is None  # not chosen: the default applies
-        # A change made here is stamped after the newest held, even with a clock behind.
+
+        # A change made here stamps only its setting, after the newest held even with a clock
+        # behind; every setting with a clock goes, each with its own.
         sent: list[bytes] = []
         mine = OwnSyncSettings(host, sent.append, lambda: A1)
-        store.set_setting("sync.settings_clock", f"{now_ms + 10**9}:{A2.hex()}")
-        mine.changed()
-        got = sa.decode(sent[0])
+        held = oss.clocks(store)
+        store.set_setting(oss.SETTING_CLOCKS, {**{f: [c[0], c[1].hex()] for f, c in held.items()},
+                                               "display_name": [now_ms + 10**9, A2.hex()]})
+        mine.changed("display_name")
+        got = sa.decode(sent[-1])
         assert isinstance(got, sa.SettingsItem)
-        assert (got.changed_at_ms, got.device_id) == (now_ms + 10**9 + 1, A1)
-        assert got.display_name == "Alice B" and got.privacy_level == ""
+        assert got.display_name == ((now_ms + 10**9 + 1, A1), "Alice B")
+        assert got.privacy_level == ((now_ms + 1, A2), "")
+
+        # A setting no device changed is not sent, and one absent changes nothing here.
+        fresh = _store(tmp_path / "fresh")
+        try:
+            fresh.set_setting(SETTING_LEVEL, "strong")  # chosen before the link: no clock
+            host2, _, _ = _host(fresh)
+            sent2: list[bytes] = []
+            other = OwnSyncSettings(host2, sent2.append, lambda: A1)
+            other.changed("display_name")
+            got = sa.decode(sent2[-1])
+            assert isinstance(got, sa.SettingsItem) and got.privacy_level is None
+            assert got.read_receipts is None and got.display_name is not None
+            with fresh.transaction():  # a name change from A2: the level stays
+                other.on_payload(A2, sa.SettingsItem(
+                    display_name=((now_ms + 60_000, A2), "Laptop")))  # fmt: skip
+            assert fresh.get_setting(SETTING_LEVEL) == "strong"
+            assert fresh.get_setting(SETTING_NAME) == "Laptop"
+            # Two devices, two settings: each keeps both (the newer clock of each).
+            with fresh.transaction():
+                other.on_payload(A2, sa.SettingsItem(
+                    display_name=((now_ms + 60_000, A2), "Laptop"),
+                    read_receipts=((now_ms + 60_001, A2), False)))  # fmt: skip
+            other.changed("privacy_level")
+            assert fresh.get_setting("privacy.read_receipts") is False
+            got = sa.decode(sent2[-1])
+            assert isinstance(got, sa.SettingsItem)
+            assert got.read_receipts == ((now_ms + 60_001, A2), False)
+            assert got.privacy_level is not None and got.privacy_level[1] == "strong"
+        finally:
+            fresh.close()
     finally:
         store.close()

@@ -147,12 +147,16 @@ ACTIONS = [
         MID, 1_700_000_000_003, bytes(32), 5, 1, bytes(32), "ws://127.0.0.1:1/v1/ws", "a.txt",
         "a caption")),
 ]  # fmt: skip
-SETTINGS = sa.SettingsItem(1_700_000_000_004, bytes(range(16)), "Alice ☕", "strong", True, 86400)
+D1, D2 = bytes(range(16)), bytes(range(1, 17))
+SETTINGS = sa.SettingsItem(((1_700_000_000_004, D1), "Alice ☕"),
+                           ((1_700_000_000_005, D2), "strong"),
+                           ((1_700_000_000_006, D1), True),
+                           ((1_700_000_000_007, D2), 86400))  # fmt: skip
 
 
 def test_action_transcripts_and_settings_round_trip_with_their_numbers() -> None:
-    unset = sa.SettingsItem(0, bytes(16), "", "", False, 0)
-    for payload in (*ACTIONS, SETTINGS, unset):
+    some = sa.SettingsItem(privacy_level=((0, bytes(16)), ""), read_receipts=((1, D2), False))
+    for payload in (*ACTIONS, SETTINGS, some, sa.SettingsItem()):
         data = sa.encode(payload)
         kind = 0x48 if isinstance(payload, sa.ActionTranscript) else 0x49
         assert data[:2] == bytes([1, kind])
@@ -167,6 +171,9 @@ def test_action_transcripts_and_settings_round_trip_with_their_numbers() -> None
             wire.decode_payload(data)
         with pytest.raises(DecodeError):
             sy.decode_sync_payload(data)
+    # Only the settings present go: a field bit each, then its clock and value.
+    assert sa.encode(some) == bytes([1, 0x49, 0b0110]) + bytes(24) + b"\x00" + \
+        (1).to_bytes(8, "big") + D2 + b"\x00"
     # A transcript carries the ordinary payload byte for byte.
     inner = wire.encode_payload(ACTIONS[0].payload)
     assert sa.encode(ACTIONS[0]) == bytes([1, 0x48]) + CONTACT + inner
@@ -192,25 +199,33 @@ def test_action_transcripts_and_settings_are_parsed_strictly() -> None:
     with pytest.raises(ValueError):
         sa.encode(sa.ActionTranscript(CONTACT, wire.TextPayload(MID, 0, "x")))  # type: ignore[arg-type]
     data = sa.encode(SETTINGS)
-    flags_at = 2 + 8 + 16
-    assert data[flags_at] == 1
-    name_at = flags_at + 1 + 4
+    assert data[2] == 0b1111
+    name_at = 3 + 8 + 16  # the name's length, after its clock
+    level_at = name_at + 2 + len("Alice ☕".encode()) + 24  # the level's length
+    receipts_at = level_at + 1 + len("strong") + 24
+    timer_at = receipts_at + 1 + 24
     bad = [
         data + b"\x00", data[:-1],
-        data[:flags_at] + b"\x02" + data[flags_at + 1 :],  # an unknown flag
+        data[:2] + b"\x1f" + data[3:],  # an unknown setting
+        data[:2] + b"\x07" + data[3:],  # the timer not announced: bytes left over
+        data[:receipts_at] + b"\x02" + data[receipts_at + 1 :],  # not a boolean
         # only 0 and 1..TIMER_MAX_S are timers
-        data[: flags_at + 1] + (wire.TIMER_MAX_S + 1).to_bytes(4, "big") + data[name_at:],
+        data[:timer_at] + (wire.TIMER_MAX_S + 1).to_bytes(4, "big"),
     ]
-    long_name = (sa.MAX_NAME_BYTES + 1).to_bytes(2, "big") + b"a" * (sa.MAX_NAME_BYTES + 1)
-    bad.append(data[:name_at] + long_name + b"\x00")
-    bad.append(data[:name_at] + b"\x00\x01\xff\x00")  # a name not UTF-8
-    bad.append(data[:name_at] + b"\x00\x00" + bytes([sa.MAX_LEVEL_BYTES + 1]) + b"a" * 17)
-    bad.append(data[:name_at] + b"\x00\x00\x01\xff")  # a level not ASCII
+    one = bytes([1, 0x49, 0b0001]) + bytes(24)
+    bad.append(one + (sa.MAX_NAME_BYTES + 1).to_bytes(2, "big") + b"a" * (sa.MAX_NAME_BYTES + 1))
+    bad.append(one + b"\x00\x01\xff")  # a name not UTF-8
+    two = bytes([1, 0x49, 0b0010]) + bytes(24)
+    bad.append(two + bytes([sa.MAX_LEVEL_BYTES + 1]) + b"a" * 17)
+    bad.append(two + b"\x01\xff")  # a level not ASCII
+    assert sa.decode(one + b"\x00\x01a") == sa.SettingsItem(display_name=((0, bytes(16)), "a"))
     for b in bad:
         with pytest.raises(DecodeError):
             sa.decode(b)
     with pytest.raises(ValueError):
-        sa.encode(sa.SettingsItem(0, bytes(16), "a" * 300, "", False, 0))
+        sa.encode(sa.SettingsItem(display_name=((0, bytes(16)), "a" * 300)))
+    with pytest.raises(ValueError):
+        sa.encode(sa.SettingsItem(read_receipts=((0, bytes(15)), True)))
 
 
 @pytest.mark.parametrize("sample", [*ACTIONS, SETTINGS])
