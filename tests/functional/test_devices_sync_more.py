@@ -10,6 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from aegis_cli.client import RpcCallError
 from tests.functional.conftest import T_DEVICE, Peer
 from tests.functional.test_attachments import wait_state as file_state
 from tests.functional.test_devices import texts
@@ -94,6 +97,65 @@ def test_actions_timers_and_files_made_on_one_device_show_on_the_other(
             if e["data"]["message_id"] == aid] == [aid]  # fmt: skip
     # Nothing was made twice on A1 by an echo.
     assert [m["message_id"] for m in _history(a1, "bob")].count(aid) == 1
+    # A2's copy outlives a restart (not an orphan spool for the unlock to delete).
+    a2.stop()
+    a2.start()
+    again = a2.call("attachments.save", {"attachment_id": aid,
+                                         "path": str(tmp_short / "a2-again.bin")})  # fmt: skip
+    assert again["size"] == len(data) and (tmp_short / "a2-again.bin").read_bytes() == data
+
+
+def test_edits_and_deletions_made_at_once_all_show_on_the_other(
+    peers: Callable[[str], Peer],
+) -> None:
+    # Each text edited or deleted right after it was sent: on A2 its action comes after it
+    # (the sync deposits keep their order), or waits for it.
+    a1, a2, _bob = _linked(peers)
+    sent = [a1.call("messages.send", {"contact": "bob", "text": f"draft {i}"})["message_id"]
+            for i in range(8)]  # fmt: skip
+    deleted = set(sent[3::4])
+    for i, mid in enumerate(sent):
+        if mid in deleted:
+            a1.call("messages.delete", {"message_id": mid, "for_everyone": True})
+        else:
+            a1.call("messages.edit", {"message_id": mid, "text": f"final {i}"})
+
+    def applied() -> bool:
+        done = {e["data"]["message_id"] for e in a2.events(types=["message.edited",
+                                                                   "message.deleted"])}
+        return done >= set(sent)
+
+    a2.wait_for(applied, "every edit and deletion on A2", T_DEVICE)
+    shown = {m["message_id"]: m for m in _history(a2, "bob")}
+    for i, mid in enumerate(sent):
+        if mid in deleted:
+            assert shown[mid]["deleted"], i
+        else:
+            assert shown[mid]["text"] == f"final {i}" and not shown[mid]["deleted"], i
+
+
+def test_a_setting_changed_on_one_device_keeps_those_chosen_on_the_other(
+    peers: Callable[[str], Peer],
+) -> None:
+    # A1 chose its level before the link ("off": cover traffic would slow the test down; a
+    # level chosen is not the default, which the relay's place decides): A2 gets it with the
+    # profile, and A2's name change (a setting A2 never had the level's clock for) leaves it.
+    a1, a2, _bob = _linked(peers, level="off")
+    chosen = {"level": "off", "level_chosen": True}
+    assert {k: a2.call("privacy.get")[k] for k in chosen} == chosen
+    a2.call("identity.set_name", {"display_name": "Alice Laptop"})
+    a1.wait_for(lambda: a1.call("identity.get")["display_name"] == "Alice Laptop",
+                "the name on A1")  # fmt: skip
+    assert {k: a1.call("privacy.get")[k] for k in chosen} == chosen
+    # Two devices changing two settings: each keeps the other's.
+    a1.call("settings.set", {"read_receipts": False})
+    a2.call("settings.set", {"disappearing_default": 3600})
+    for device in (a1, a2):
+        device.wait_for(lambda d=device: d.call("settings.get")["disappearing_default"] == 3600
+                        and d.call("settings.get")["read_receipts"] is False,
+                        "both changes")  # fmt: skip
+        assert {k: device.call("privacy.get")[k] for k in chosen} == chosen
+        assert device.call("identity.get")["display_name"] == "Alice Laptop"
 
 
 def test_settings_follow_and_a_removed_device_changes_none(
@@ -111,6 +173,10 @@ def test_settings_follow_and_a_removed_device_changes_none(
     assert a2.events(types=["settings.synced"])[-1]["data"] == {
         "display_name": "Alice Desk", "privacy_level": "strong", "read_receipts": False,
         "disappearing_default": 86400}  # fmt: skip
+    # A refused call writes nothing and syncs nothing (every parameter checked first).
+    with pytest.raises(RpcCallError):
+        a1.call("settings.set", {"read_receipts": True, "receipt_delay_max": 0.1})
+    assert a1.call("settings.get")["read_receipts"] is False
     # A device's own settings stay its own.
     a1.call("settings.set", {"receipt_delay_max": 0.5})
     # And back the other way: A2's change shows on A1.
