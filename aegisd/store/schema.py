@@ -810,12 +810,31 @@ def _own_sync(db: Any) -> None:
     )
 
 
+def _sync_held_actions(db: Any) -> None:
+    """Message actions (0x48: a reaction, an edit, a deletion) another own device made on a
+    message this device does not hold yet (services/own_sync_actions.py): kept, the sync
+    payload as it came, until the message arrives; the oldest go past a bound, and any past
+    an age (docs/devices.md §6)."""
+    _run(
+        db,
+        """
+        CREATE TABLE sync_held (
+            id          INTEGER PRIMARY KEY,
+            target      TEXT NOT NULL,          -- the message ID it acts on (hex)
+            data        BLOB NOT NULL,          -- the 0x48 sync payload
+            created_at  INTEGER NOT NULL
+        );
+        CREATE INDEX sync_held_target ON sync_held (target)
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
     _cover_receipts, _mailbox_pool, _groups, _group_invites_and_intros, _group_message_keys,
     _group_file_links, _group_contact_departures, _message_search_index, _message_actions,
     _file_captions_and_typing, _disappearing_messages, _search_index_dirty, _quoted_direction,
     _group_message_actions,
-    _drop_stored_typing_events, _contact_devices, _own_sync,
+    _drop_stored_typing_events, _contact_devices, _own_sync, _sync_held_actions,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)
