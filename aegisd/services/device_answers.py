@@ -124,32 +124,31 @@ def _proven_answer(store: Store, contact_id: int, ek: bytes | None) -> bytes | N
     return None if answer is None else bytes.fromhex(str(answer))
 
 
+def is_proven(store: Store, contact_id: int, ek: bytes | None) -> bool:
+    """Whether the session whose EK_A.pub is ``ek`` was answered and proven in itself."""
+    return _proven_answer(store, contact_id, ek) is not None
+
+
 def answer_came(
-    store: Store, contact_id: int, device_id: bytes, reply: wire.MailboxAddress
+    store: Store, contact_id: int, ek: bytes, reply: wire.MailboxAddress
 ) -> wire.MailboxAddress | None:
-    """The device's answer (its mailbox) came in its session: returned when that session's
-    proof came already (take it), else kept until it does (None)."""
-    ek = session_ek(store, contact_id, device_id)
-    if ek is None:
-        return None
+    """The device's answer (its mailbox) came in the session whose EK_A.pub is ``ek``:
+    returned when that session's proof came already (take it), else kept until it does."""
     answers = _map(store, SETTING_ANSWERS, contact_id)
     answers[ek.hex()] = address_to_bytes(reply).hex()
     _put(store, SETTING_ANSWERS, contact_id, answers)
-    return reply if _proven_answer(store, contact_id, ek) is not None else None
+    return reply if is_proven(store, contact_id, ek) else None
 
 
 def proof_came(
     store: Store, contact_id: int, identity: PublicIdentity, listed: dv.DeviceList,
-    device_id: bytes, hello: dv.DeviceHello,
+    device_id: bytes, hello: dv.DeviceHello, ek: bytes,
 ) -> wire.MailboxAddress | None:  # fmt: skip
-    """A device hello naming ``device_id`` in that device's session. A proof of that very
-    session (bound to its EK_A.pub, by the listed key of ``device_id``): the answer that came
-    in it, now taken (returned), or None when the answer has not come (the proof is kept for
-    it). Anything else (a hello bound to another session or to none, as a list's signer
-    sends): None, nothing kept."""
-    ek = session_ek(store, contact_id, device_id)
-    if ek is None:
-        return None
+    """A device hello in the session with ``device_id`` whose EK_A.pub is ``ek``. A proof of
+    that very session (bound to ``ek``, by the listed key of ``device_id`` in ``listed``, the
+    list held before anything that session said): the answer that came in it, now taken
+    (returned), or None when the answer has not come (the proof is kept for it). Anything
+    else: None, nothing kept."""
     try:
         entry = hello.check(identity, listed, ek)
     except (dv.UnlistedDevice, dv.ForgedDeviceProof):

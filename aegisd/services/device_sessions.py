@@ -175,21 +175,25 @@ class DeviceSessions:
                 if (before is None or opened <= before)
                 and int(counts.get(d.hex(), 0)) < REOPENS}  # fmt: skip
 
-    def superseded(self, contact_id: int) -> list[tuple[bytes, bytes]]:
-        """(device ID, session state) of the sessions a reopening replaced, still kept."""
+    def superseded(self, contact_id: int) -> list[tuple[bytes, bytes, bytes | None]]:
+        """(device ID, session state, its EK_A.pub or None from before it was kept) of the
+        sessions a reopening replaced, still kept."""
         store, now = self.m.store, _now()
         kept = dict(store.get_setting(SETTING_SUPERSEDED) or {}).get(str(contact_id), {})
         # Only of a device that still has a session: one a list dropped stays dropped.
         have = {s.device_id.hex() for s in cd.device_sessions(store, contact_id)}
-        return [(bytes.fromhex(d), bytes.fromhex(str(i[0]))) for d, items in kept.items()
-                if d in have for i in items if int(i[1]) + HELD_FOR > now]  # fmt: skip
+        return [(bytes.fromhex(d), bytes.fromhex(str(i[0])),
+                 bytes.fromhex(str(i[2])) if len(i) > 2 and i[2] else None)
+                for d, items in kept.items() if d in have
+                for i in items if int(i[1]) + HELD_FOR > now]  # fmt: skip
 
     def took_superseded(self, contact_id: int, device_id: bytes, used: bytes) -> None:
-        """A block opened in a superseded session of ``device_id`` (inside the receive's
-        transaction, which then stores that session as the device's): the device answered
-        that one, so the session it replaces is kept among the superseded in its place. It is
-        deposited to only if it was proven itself (device_answers.py): a session a removed
-        device answered must not take over the listed device's proven one."""
+        """A superseded session of ``device_id`` is the device's again (inside the receive's
+        transaction, which then stores that session as the device's): one proven in itself
+        (device_answers.py) that decrypted a block, or one whose answer and proof just came in
+        it. The session it replaces is kept among the superseded in its place. An unproven
+        one never gets here (the inbox keeps it aside, update_superseded): a session a removed
+        device was handed must not take over the listed device's proven one."""
         store = self.m.store
         current = next((s.state for s in cd.device_sessions(store, contact_id)
                         if s.device_id == device_id), None)  # fmt: skip
@@ -206,7 +210,22 @@ class DeviceSessions:
             self._keep_superseded(contact_id, device_id, current, current_ek)
         send_to = device_answers.swapped(store, contact_id, device_id, used_ek)
         cd.set_device_send_to(store, contact_id, device_id, send_to)
+        if send_to is not None:
+            self._mark_opened(contact_id, device_id, False)  # answered: no tie-break left
         self._prune_answers(contact_id)
+
+    def update_superseded(
+        self, contact_id: int, device_id: bytes, used: bytes, state: bytes
+    ) -> None:
+        """An unproven superseded session decrypted a block: its new state kept in its place,
+        the device's session unchanged (inside the receive's transaction)."""
+        store = self.m.store
+        everything = dict(store.get_setting(SETTING_SUPERSEDED) or {})
+        mine = dict(everything.get(str(contact_id), {}))
+        mine[device_id.hex()] = [[state.hex(), *i[1:]] if i[0] == used.hex() else i
+                                 for i in mine.get(device_id.hex(), [])]  # fmt: skip
+        everything[str(contact_id)] = mine
+        store.set_setting(SETTING_SUPERSEDED, everything)
 
     def _keep_superseded(
         self, contact_id: int, device_id: bytes, state: bytes, ek: bytes | None
@@ -216,7 +235,13 @@ class DeviceSessions:
         mine = dict(everything.get(str(contact_id), {}))
         items = [i for i in mine.get(device_id.hex(), []) if int(i[1]) + HELD_FOR > now]
         items.append([state.hex(), now, "" if ek is None else ek.hex()])
-        mine[device_id.hex()] = items[-REOPENS:]
+        while len(items) > REOPENS:  # the oldest unproven goes first: never a proven one
+            # for sessions nobody proved (reopenings pushed by a session a removed device
+            # answered would otherwise evict the listed device's proven one)
+            unproven = [i for i in items if not (len(i) > 2 and i[2] and device_answers.is_proven(
+                store, contact_id, bytes.fromhex(str(i[2]))))]  # fmt: skip
+            items.remove(unproven[0] if unproven else items[0])
+        mine[device_id.hex()] = items
         everything[str(contact_id)] = mine
         store.set_setting(SETTING_SUPERSEDED, everything)
 

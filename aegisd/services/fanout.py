@@ -211,14 +211,7 @@ class Fanout(DeviceSessions):
             self.m.spawn(self.open_sessions(c.id))
         elif isinstance(payload, dv.DeviceHello):
             if device is not None and payload.device_id == device:
-                # A proof of a session this device opened with it (its answer is taken once
-                # both came, §5.2); else a list's signer naming itself: known already.
-                if current is not None:
-                    got = device_answers.proof_came(store, c.id, identity, current, device,
-                                                    payload)  # fmt: skip
-                    if got is not None:
-                        self._take_answer(c, device, got)
-                return
+                return  # a list's signer names itself in every session: this one is known
             if device is not None:
                 droplog.dropped("dropped a device hello out of place")
                 return
@@ -536,12 +529,48 @@ class Fanout(DeviceSessions):
         if kept != held:
             store.set_setting(SETTING_HELD, kept or None)
 
-    def device_answered(self, c: Contact, device_id: bytes, reply_to: wire.MailboxAddress) -> None:
-        """A contact device answered in its session: deposited to once that session is proven
-        too (device_answers.py), at once if it is (a repeated answer moves the deposits)."""
-        proven = device_answers.answer_came(self.m.store, c.id, device_id, reply_to)
+    def device_answered(
+        self, c: Contact, device_id: bytes, reply_to: wire.MailboxAddress, ek: bytes | None,
+        superseded: bytes | None = None,
+    ) -> None:  # fmt: skip
+        """A contact device answered in its session whose EK_A.pub is ``ek`` (``superseded``:
+        the state of the superseded session it came in, kept aside until proven): deposited
+        to once that session is proven too (device_answers.py), at once if it is (a repeated
+        answer moves the deposits). ``ek`` None: a session from before the rule that was
+        answered (the inbox takes no other without an EK_A.pub), a repeated answer."""
+        if ek is None:
+            self._take_answer(c, device_id, reply_to)
+            return
+        proven = device_answers.answer_came(self.m.store, c.id, ek, reply_to)
         if proven is not None:
+            self._promote(c.id, device_id, superseded)
             self._take_answer(c, device_id, proven)
+
+    def device_proof(
+        self, c: Contact, device_id: bytes, hello: dv.DeviceHello, ek: bytes | None,
+        superseded: bytes | None = None,
+    ) -> None:  # fmt: skip
+        """A device hello in a session with ``device_id`` not proven yet (EK_A.pub ``ek``):
+        its proof, checked under the list held (nothing that session said can change it)."""
+        held = cd.held_list(self.m.store, c.id)
+        if ek is None or held is None or c.identity_key is None:
+            return
+        identity = PublicIdentity.from_bytes(c.identity_key)
+        listed = dv.DeviceList.from_bytes(held.data)
+        got = device_answers.proof_came(self.m.store, c.id, identity, listed, device_id,
+                                        hello, ek)  # fmt: skip
+        if got is not None:
+            self._promote(c.id, device_id, superseded)
+            self._take_answer(c, device_id, got)
+
+    def _promote(self, contact_id: int, device_id: bytes, superseded: bytes | None) -> None:
+        """A superseded session just proven in itself: the device's session from now on (its
+        answer taken by the caller: _answered's bookkeeping runs as for a first answer)."""
+        if superseded is None:
+            return
+        self.took_superseded(contact_id, device_id, superseded)
+        cd.put_device_session(self.m.store, contact_id, device_id, superseded, _now())
+        cd.set_device_send_to(self.m.store, contact_id, device_id, None)
 
     def _take_answer(self, c: Contact, device_id: bytes, reply_to: wire.MailboxAddress) -> None:
         before = next((s for s in cd.device_sessions(self.m.store, c.id)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import sqlcipher3
@@ -46,6 +47,7 @@ from aegisd.store.db import Contact
 from aegisd.transport.relaylink import RelayUnavailable, acknowledge
 from relay.client import Message, RelayClient
 
+from . import device_answers
 from . import first_contacts as fcs
 from .delivery import PENDING_DESTINATION, Recipient
 from .mailbox import ContactState, address_to_bytes
@@ -84,13 +86,21 @@ class FanoutView(fcs.FanoutView, Protocol):
         self, c: Contact, session: Session, payload: dv.DevicePayload, device: bytes | None
     ) -> None: ...
     def device_answered(
-        self, c: Contact, device_id: bytes, reply_to: wire.MailboxAddress
+        self, c: Contact, device_id: bytes, reply_to: wire.MailboxAddress, ek: bytes | None,
+        superseded: bytes | None = None,
+    ) -> None: ...
+    def device_proof(
+        self, c: Contact, device_id: bytes, hello: dv.DeviceHello, ek: bytes | None,
+        superseded: bytes | None = None,
     ) -> None: ...
     def device_rotated(self, c: Contact, device_id: bytes, p: wire.MailboxPayload) -> None: ...
     def send_held(self, contact_id: int) -> None: ...
     def forget(self, contact_id: int) -> None: ...
-    def superseded(self, contact_id: int) -> list[tuple[bytes, bytes]]: ...
+    def superseded(self, contact_id: int) -> list[tuple[bytes, bytes, bytes | None]]: ...
     def took_superseded(self, contact_id: int, device_id: bytes, used: bytes) -> None: ...
+    def update_superseded(
+        self, contact_id: int, device_id: bytes, used: bytes, state: bytes
+    ) -> None: ...
 
 
 class OwnSyncView(fcs.OwnSyncView, Protocol):
@@ -200,6 +210,20 @@ class InboxHost(fcs.FirstContactsHost, Protocol):
     def own_sync(self) -> OwnSyncView: ...
 
 
+@dataclass(frozen=True)
+class _DeviceBlock:
+    """A block a session with one of the contact's devices opened: which device, the session
+    as it is now, the fragment, the superseded state it was (None: the device's session), the
+    session's EK_A.pub (None: from before it was kept) and whether it was proven in itself."""
+
+    device: bytes
+    session: Session
+    fragment: wire.Fragment
+    superseded: bytes | None
+    ek: bytes | None
+    proven: bool
+
+
 class Inbox:
     def __init__(self, host: InboxHost) -> None:
         self.m = host
@@ -266,27 +290,30 @@ class Inbox:
                         raise
         await acknowledge(client, msg.msg_id)  # withdrawn (END): not an error, §4.3
 
-    def _decrypt_device(
-        self, contact_id: int, block: bytes
-    ) -> tuple[bytes, Session, wire.Fragment, bytes | None] | None:
+    def _decrypt_device(self, contact_id: int, block: bytes) -> _DeviceBlock | None:
         """A block that the contact's own session did not open, tried in the sessions with
         the contact's other devices (at most MAX_DEVICES - 1), then in the unanswered ones a
-        reopening replaced (fanout.py, at most REOPENS per device): which one opened it, and
-        the superseded state it was, if one."""
-        for ds in cd.device_sessions(self.m.store, contact_id):
+        reopening replaced (fanout.py, at most REOPENS per device)."""
+        store = self.m.store
+        for ds in cd.device_sessions(store, contact_id):
             session = Session.from_bytes(ds.state)
             try:
                 fragment = session.decrypt(self.m.entropy, block)
             except DecryptionError:
                 continue
-            return ds.device_id, session, fragment, None
-        for device_id, state in self.m.fanout.superseded(contact_id):
+            ek = device_answers.session_ek(store, contact_id, ds.device_id)
+            # A session from before the proven answer that was answered counts as proven.
+            proven = (device_answers.is_proven(store, contact_id, ek) if ek is not None
+                      else ds.send_to is not None)  # fmt: skip
+            return _DeviceBlock(ds.device_id, session, fragment, None, ek, proven)
+        for device_id, state, ek in self.m.fanout.superseded(contact_id):
             session = Session.from_bytes(state)
             try:
                 fragment = session.decrypt(self.m.entropy, block)
             except DecryptionError:
                 continue
-            return device_id, session, fragment, state
+            proven = device_answers.is_proven(store, contact_id, ek)
+            return _DeviceBlock(device_id, session, fragment, state, ek, proven)
         return None
 
     def _receive_from_contact(self, contact_id: int, block: bytes) -> None:
@@ -299,7 +326,7 @@ class Inbox:
             return
         session = Session.from_bytes(blob)
         device: bytes | None = None
-        superseded: bytes | None = None
+        found: _DeviceBlock | None = None
         try:
             fragment = session.decrypt(self.m.entropy, block)
         except DecryptionError:
@@ -309,17 +336,30 @@ class Inbox:
                     return
                 droplog.dropped("dropped a block that did not decrypt")
                 return
-            device, dsession, fragment, superseded = found
+            device, dsession, fragment = found.device, found.session, found.fragment
             # The contact's own session answers (receipts go to every device): unchanged.
             session = Session.from_bytes(blob)
         self.m.cover.heard(contact_id)  # online: cover to it goes on
         with self.m.store.transaction():
-            if device is None:
+            if found is None:
                 self.m.store.put_session(contact_id, session.to_bytes())
+            elif not found.proven:
+                # Not proven in itself (device_answers.py): its answer and its proof are all
+                # it may say; a superseded one stays aside (it must not displace the
+                # device's session: a removed device may have been handed it).
+                state = dsession.to_bytes()
+                if found.superseded is None:
+                    cd.put_device_session(self.m.store, contact_id, found.device, state, _now())
+                else:
+                    self.m.fanout.update_superseded(contact_id, found.device, found.superseded,
+                                                    state)  # fmt: skip
+                self._unproven(c, found, state)
+                return
             else:
-                if superseded is not None:  # the device answered the session opened first
-                    self.m.fanout.took_superseded(contact_id, device, superseded)
-                cd.put_device_session(self.m.store, contact_id, device, dsession.to_bytes(), _now())
+                if found.superseded is not None:  # proven, the device writes in it again
+                    self.m.fanout.took_superseded(contact_id, found.device, found.superseded)
+                cd.put_device_session(self.m.store, contact_id, found.device, dsession.to_bytes(),
+                                      _now())  # fmt: skip
             if c.blocked:
                 # Nothing of a blocked contact is shown or kept (not even a partial message):
                 # the ratchet step above is all that is stored. Save a group change (0x0E,
@@ -366,8 +406,9 @@ class Inbox:
                        else None)  # fmt: skip
                 if url is not None and not self.m.mailboxes.peer_url_ok(url):
                     droplog.dropped("dropped a mailbox address with a refused relay URL")
-                elif isinstance(payload, wire.HelloPayload):
-                    self.m.fanout.device_answered(c, device, payload.reply_to)
+                elif isinstance(payload, wire.HelloPayload):  # repeated: its session is proven
+                    assert found is not None
+                    self.m.fanout.device_answered(c, device, payload.reply_to, found.ek)
                 elif isinstance(payload, wire.MailboxPayload):
                     self.m.fanout.device_rotated(c, device, payload)
                 else:
@@ -377,6 +418,35 @@ class Inbox:
                 droplog.dropped("dropped a fragment of an oversized message")
                 return
             self._handle_payload(c, session, payload, device)
+
+    def _unproven(self, c: Contact, found: _DeviceBlock, state: bytes) -> None:
+        """A block in a device session not proven yet (inside the receive's transaction): the
+        device's answer (0x03) and its proof (a device hello naming it) are taken, in one
+        block each; anything else is dropped, counted (a list there would let whoever holds
+        the identity key prove itself under a list of its own)."""
+        if c.blocked or found.fragment.count != 1 or found.ek is None:
+            droplog.dropped("dropped a payload in a device session not proven yet")
+            return
+        content = found.fragment.data
+        superseded = None if found.superseded is None else state
+        try:
+            if wire.is_device_payload(content):
+                hello = dv.decode_device_payload(content)
+                if isinstance(hello, dv.DeviceHello) and hello.device_id == found.device:
+                    self.m.fanout.device_proof(c, found.device, hello, found.ek, superseded)
+                    return
+            else:
+                answer = wire.decode_payload(content)
+                if isinstance(answer, wire.HelloPayload):
+                    if self.m.mailboxes.peer_url_ok(answer.reply_to.relay_url):
+                        self.m.fanout.device_answered(c, found.device, answer.reply_to,
+                                                      found.ek, superseded)  # fmt: skip
+                    else:
+                        droplog.dropped("dropped a mailbox address with a refused relay URL")
+                    return
+        except DecodeError:
+            pass
+        droplog.dropped("dropped a payload in a device session not proven yet")
 
     def _rotation_acked(self, c: Contact, device: bytes | None, rotation_id: bytes) -> None:
         """An acknowledgement of our rotation of the mailbox for ``c``, in its session row

@@ -79,8 +79,14 @@ def _send_to(store: Store, c: Any) -> bytes | None:
 
 
 def _hello(fanout: sf.Fanout, store: Store, c: Any, hello: dv.DeviceHello) -> None:
+    """A device hello in A2's session, not proven yet (the inbox hands it to device_proof)."""
     with store.transaction():
-        fanout.on_payload(c, make_pair().a, hello, A2)
+        fanout.device_proof(c, A2, hello, device_answers.session_ek(store, c.id, A2))
+
+
+def _answer(fanout: sf.Fanout, store: Store, c: Any) -> None:
+    with store.transaction():
+        fanout.device_answered(c, A2, ANSWER, device_answers.session_ek(store, c.id, A2))
 
 
 def test_an_answer_without_the_listed_devices_proof_is_not_deposited_to(tmp_path: Any) -> None:
@@ -88,8 +94,7 @@ def test_an_answer_without_the_listed_devices_proof_is_not_deposited_to(tmp_path
     try:
         ek = E.random(32)
         _opened(store, c, ek)
-        with store.transaction():
-            fanout.device_answered(c, A2, ANSWER)
+        _answer(fanout, store, c)
         assert _send_to(store, c) is None  # an answer alone: anyone holding IK could give it
         # The removed device (it holds the identity key, not A2's device key) naming A2:
         _hello(fanout, store, c, alice.hello(b"\xee" * 16, A2, ek))
@@ -116,8 +121,7 @@ def test_a_proof_that_comes_before_its_answer_waits_for_it_across_a_restart(
         _hello(fanout, store, c, alice.hello(A2, A2, ek))
         assert _send_to(store, c) is None
         fanout = sf.Fanout(fanout.m)  # a restart: what was kept is in the store
-        with store.transaction():
-            fanout.device_answered(c, A2, ANSWER)
+        _answer(fanout, store, c)
         assert _send_to(store, c) == address_to_bytes(ANSWER)
     finally:
         store.close()
@@ -131,8 +135,7 @@ def test_a_reopened_session_needs_its_own_answer_and_a_dropped_device_leaves_not
         _opened(store, c, old)
         _hello(fanout, store, c, alice.hello(A2, A2, old))  # a proof, its answer lost
         _opened(store, c, E.random(32))  # reopened: the old proof does not answer the new one
-        with store.transaction():
-            fanout.device_answered(c, A2, ANSWER)
+        _answer(fanout, store, c)
         assert _send_to(store, c) is None
         # A list without A2: what was kept for it goes.
         without = dv.DeviceList.sign(alice.identity, alice.listed.version + 1,

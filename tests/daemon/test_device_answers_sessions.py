@@ -112,12 +112,40 @@ def test_x_answering_the_session_a_reopening_replaced_takes_nothing_from_a2(
     w.answer(a2, 8)
     w.proof(a2, w.ek2)
     assert w.send_to() == address_to_bytes(_box(8))
-    w.answer(x, 66)  # X answers s1, which becomes the device's session (it decrypted)
-    assert w.send_to() is None  # not proven: nothing for A2 goes to X
-    # X cannot prove: A2's proof of s2 replayed by the relay does not open in s1, and one
-    # bound to s1 needs A2's key. A2 writing again in s2 brings its proven mailbox back.
-    w.answer(a2, 8)
+    w.answer(x, 66)  # X answers s1: kept aside, unproven, s2 stays the device's session
     assert w.send_to() == address_to_bytes(_box(8))
+    [ds] = cd.device_sessions(store, w.cid)
+    [blk] = Session.from_bytes(ds.state).encrypt(E, b"for A2")
+    assert w.far2.decrypt(E, blk).data == b"for A2"  # still A2's session, not X's
+    # X cannot prove: one bound to s1 needs A2's key; nothing else it says in s1 counts.
+    hello = dv.DeviceHello.sign(dv.new_device_key(E)[0], w.ident.public, A2, _box(66),
+                                w.listed.version, w.ek1)  # fmt: skip
+    [blk] = x.encrypt(E, dv.encode_device_payload(hello))
+    w.inbox._receive_from_contact(w.cid, blk)
+    assert w.send_to() == address_to_bytes(_box(8))
+
+
+def test_a_list_or_text_in_a_session_not_proven_is_dropped(store: Store) -> None:
+    """Whoever holds the identity key could sign a list giving A2's ID its own device key and
+    prove itself under it, or write as the person: nothing but the answer and the proof is
+    taken in a session not proven yet."""
+    w = _World(store)
+    x = w.far2  # the reopening s2 went to X, the device's session, not proven
+    x_priv, x_pub = dv.new_device_key(E)
+    forged = dv.DeviceList.sign(w.ident, w.listed.version + 1,
+                                [dv.DeviceEntry(A2, _box(66), b"x" * 16, 5, x_pub)])
+    for payload in (dv.encode_device_payload(forged),
+                    wire.encode_payload(wire.TextPayload(E.random(16), 1, "as alice"))):
+        [blk] = x.encrypt(E, payload)
+        w.inbox._receive_from_contact(w.cid, blk)
+    held = cd.held_list(store, w.cid)
+    assert held is not None and held.version == w.listed.version  # the list did not move
+    assert store.history(w.cid) == []
+    w.answer(x, 66)
+    hello = dv.DeviceHello.sign(x_priv, w.ident.public, A2, _box(66), forged.version, w.ek2)
+    [blk] = x.encrypt(E, dv.encode_device_payload(hello))
+    w.inbox._receive_from_contact(w.cid, blk)
+    assert w.send_to() is None
 
 
 def test_a2s_proof_of_one_session_proves_no_answer_in_another(store: Store) -> None:
@@ -126,7 +154,7 @@ def test_a2s_proof_of_one_session_proves_no_answer_in_another(store: Store) -> N
     w.proof(a2, w.ek1)  # the relay delivers A2's proof of s1, withholds its answer
     w.answer(x, 66)  # X answers s2 with no proof
     assert w.send_to() is None
-    w.proof(a2, w.ek2)  # A2's key over s2's EK, sent in s1: still s1's session, not s2's
+    w.proof(a2, w.ek2)  # A2's key over s2's EK, sent in s1: a proof of s1 it is not
     w.answer(x, 66)
     assert w.send_to() is None
     w.answer(a2, 7)  # A2's own answer in s1, proven in s1: taken
@@ -192,3 +220,23 @@ def test_an_unproven_opening_from_a_contact_with_a_device_list_is_dropped(
         with pytest.raises(RuntimeError):
             asyncio.run(first.receive(row, block))
         assert made == [True]
+
+
+def test_reopenings_never_evict_a_proven_superseded_session(store: Store) -> None:
+    """The superseded sessions are bounded (REOPENS): the oldest unproven one goes first, so
+    a string of reopenings cannot push out the session the device proved and writes in."""
+    w = _World(store)
+    w.answer(w.far1, 7)
+    w.proof(w.far1, w.ek1)  # s1 (superseded) proven in itself: the device's session now
+    assert w.send_to() == address_to_bytes(_box(7))
+    fan: Any = w.inbox.m.fanout
+    with store.transaction():
+        for n in range(6):  # s1 pushed aside by more reopenings than are kept
+            state = cd.device_sessions(store, w.cid)[0].state
+            fan._keep_superseded(w.cid, A2, state, device_answers.session_ek(store, w.cid, A2))
+            cd.put_device_session(store, w.cid, A2, make_pair().a.to_bytes(), 1)
+            device_answers.opened(store, w.cid, A2, bytes([n]) * 32)
+    kept = [ek for _, _, ek in fan.superseded(w.cid)]
+    assert w.ek1 in kept and len(kept) == 3
+    w.answer(w.far1, 7)  # A2 writes in s1 again: taken back, its proven mailbox with it
+    assert w.send_to() == address_to_bytes(_box(7))
