@@ -85,6 +85,9 @@ class Groups(GroupBase):
     def member_session(self, contact_id: int) -> None:
         self.inbound.member_session(contact_id)
 
+    def synced(self, ref: int, before: core.GroupState | None, log: core.GroupLog) -> None:
+        self.inbound.synced(ref, before, log)
+
     # --- the user's calls -----------------------------------------------------------------
 
     async def create(self, name: str, description: str = "") -> dict[str, Any]:
@@ -97,6 +100,7 @@ class Groups(GroupBase):
             with self.m.store.transaction():
                 ref = G.add_group(self.m.store, state.group_id, log.record().to_bytes(),
                                   member_rows(state))  # fmt: skip
+                self.m.sync_groups.changed(ref)  # to this profile's other devices (0x4A)
                 self.m.ctx.events.emit("group.changed", {"group": ref, "change": "created"})
         return self.describe(ref)
 
@@ -166,6 +170,7 @@ class Groups(GroupBase):
             with self.m.store.transaction():
                 self._save(ref, log)
                 self._fan_out(parent, log, change)
+                self.m.sync_groups.changed(ref)  # to this profile's other devices (0x4A)
                 self.m.ctx.events.emit(
                     "group.changed", {"group": ref, "change": op_name(change.op)}
                 )
@@ -373,6 +378,7 @@ class Groups(GroupBase):
                 for cid, status in skipped.items():  # counted in "N of M", never sent
                     G.set_statuses(self.m.store, seq, [cid], status)
                 G.add_unsent(self.m.store, seq, strangers)
+                self.m.sync_groups.sent(head.group_id, wire_id, payload.sent_at_ms, text)
                 if recipients:  # the delivery layer is the fan-out: one call for all
                     self.m.delivery.enqueue(
                         recipients, payload, delay=self.m.delivery.send_jitter(),

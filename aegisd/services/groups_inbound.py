@@ -157,6 +157,7 @@ class GroupInbound(GroupBase):
             for ch in missed:
                 self.m.delivery.enqueue([Recipient(c, session)], wire.GroupChangePayload(ch))
         self._fan_out(parent, log, change)
+        self.m.sync_groups.changed(ref)  # our add: to this profile's other devices (0x4A)
         self.actions.share_timer(c, ref)  # a timer set before it joined (§25.11)
         for key, link in offers.items():
             member = log.head.member(key)
@@ -219,9 +220,23 @@ class GroupInbound(GroupBase):
         if received.outcome is core.Outcome.APPLIED:
             if log.head.role_of(self._me()) and not before.role_of(self._me()):
                 self.m.store.set_setting(f"{JOINING_KEY}{row.id}", None)  # our add: joined
+                self.m.sync_groups.changed(row.id)  # the group to our other devices (0x4A)
             self.m.ctx.events.emit("group.changed", {"group": row.id, "change": op_name(change.op)})
             self._release_held(row.id, log.head, log.departed())
         self._prune_contacts(departed_keys(before, log.head, self._me()))
+
+    def synced(self, ref: int, before: core.GroupState | None, log: core.GroupLog) -> None:
+        """Another device of ours sent the group's state (own_sync_groups.py, checked there,
+        inside the receive's transaction): stored and applied as a member's change would be
+        (before: None for a group new here). Nothing goes back, nor to the members."""
+        self._save(ref, log)
+        me = self._me()
+        if log.head.role_of(me) and (before is None or not before.role_of(me)):
+            self.m.store.set_setting(f"{JOINING_KEY}{ref}", None)  # a member: joined here too
+        self.m.ctx.events.emit("group.changed", {"group": ref, "change": "synced"})
+        self._release_held(ref, log.head, log.departed())
+        if before is not None:
+            self._prune_contacts(departed_keys(before, log.head, me))
 
     def _on_message(self, c: Contact, session: Session, sender: PublicIdentity,
                     p: wire.GroupMessagePayload | wire.GroupFilePayload | wire.GroupActionPayload,

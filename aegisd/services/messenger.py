@@ -57,6 +57,7 @@ from .mailbox import ContactState
 from .mailbox_loss import SETTING_LAST_REACHED, MailboxLoss
 from .mailboxes import Mailboxes
 from .own_sync import OwnSync
+from .own_sync_groups import OwnSyncGroups
 from .rotation import Rotation
 from .typing_indicators import Typing
 
@@ -115,6 +116,7 @@ class Messenger:
         self.actions = Actions(self)  # replies, reactions, edits, deletions (actions.py, §26)
         self.fanout = Fanout(self)  # contacts' device lists and device sessions (fanout.py)
         self.own_sync = OwnSync(self)  # sync with this profile's other devices (own_sync.py)
+        self.sync_groups = OwnSyncGroups(self)  # groups over that sync (own_sync_groups.py)
         from .renewal import Renewals  # session renewal after a backup import (§23)
 
         self.renewals = Renewals(self)

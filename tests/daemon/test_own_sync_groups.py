@@ -1,0 +1,173 @@
+"""The checks a group's state over sync goes through (services/own_sync_groups.py, 0x4A,
+docs/devices.md §6 "Groups"), on a real store: a new group is taken only with us a member and
+a log that loads whole; a held one only advances, by changes its own log takes (never rolled
+back, never jumped past changes it cannot check); a transcript is stored once; a join under
+way is not sent."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+from typing import Any
+
+from aegisd.core import group as core
+from aegisd.core import sync_groups as sg
+from aegisd.core import wire
+from aegisd.core.identity import IdentityKeyPair, PublicIdentity
+from aegisd.core.primitives import SystemEntropy
+from aegisd.services.groups_state import JOINING_KEY
+from aegisd.services.own_sync_groups import OwnSyncGroups
+from aegisd.store import KdfParams, create_profile
+from aegisd.store import groups as G
+
+FAST = KdfParams(memory_kib=1024, time_cost=1, parallelism=1)
+E = SystemEntropy()
+ALICE, BOB, CAROL = (IdentityKeyPair.generate(E) for _ in range(3))
+
+
+class _Host:
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.ctx = SimpleNamespace(events=SimpleNamespace(
+            emit=lambda t, d: self.events.append((t, d))))  # fmt: skip
+        self.synced: list[tuple[int, core.GroupState | None, core.GroupLog]] = []
+        self.sent: list[bytes] = []
+        self.groups = SimpleNamespace(synced=self._synced)
+        self.own_sync = SimpleNamespace(send=self.sent.append)
+        self.contacts = SimpleNamespace(with_identity=self._with_identity,
+                                        unique_name=lambda n: n)  # fmt: skip
+
+    def _synced(self, ref: int, before: core.GroupState | None, log: core.GroupLog) -> None:
+        self.synced.append((ref, before, log))
+        G.put_log(self.store, ref, log.record().to_bytes(),
+                  [(m.key, m.role) for m in log.head.members])  # fmt: skip
+
+    def _with_identity(self, identity: PublicIdentity) -> Any:
+        for c in self.store.list_contacts():
+            if c.identity_key and PublicIdentity.from_bytes(c.identity_key).same_keys(identity):
+                return c
+        return None
+
+    def identity(self) -> IdentityKeyPair:
+        return ALICE
+
+
+def _setup(tmp_path):  # type: ignore[no-untyped-def]
+    store = create_profile(tmp_path / "p", "pass phrase", FAST)
+    host = _Host(store)
+    return store, host, OwnSyncGroups(host)  # type: ignore[arg-type]
+
+
+def _group() -> core.GroupLog:
+    log = core.GroupLog(core.create_group(E, ALICE, "g"))
+    log.receive(core.add_member(ALICE, log.head, BOB.public))
+    return log
+
+
+def _state(log: core.GroupLog, hidden: tuple[bytes, ...] = ()) -> bytes:
+    return sg.encode(sg.GroupStateItem(hidden, log.record()))
+
+
+def _held(store: Any, group_id: bytes) -> core.GroupLog:
+    row = G.group_by_id(store, group_id)
+    assert row is not None
+    return core.GroupLog.from_record(wire.GroupLogRecord.from_bytes(row.log))
+
+
+def test_a_new_group_is_taken_with_its_group_only_members(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store, host, sync = _setup(tmp_path)
+    try:
+        log = _group()
+        sync.on_payload(_state(log, (BOB.public.ed_pub,)))
+        assert _held(store, log.head.group_id).head == log.head
+        assert [(b, lg.head) for _, b, lg in host.synced] == [(None, log.head)]
+        (bob,) = store.list_contacts()  # a group contact without a session, hidden
+        assert bob.name.startswith("member ") and G.is_group_contact(store, bob.id)
+        assert store.get_session(bob.id) is None
+    finally:
+        store.close()
+
+
+def test_what_is_refused_changes_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store, host, sync = _setup(tmp_path)
+    try:
+        # A group of others (we are no member: left, or never in it).
+        theirs = core.GroupLog(core.create_group(E, BOB, "theirs"))
+        sync.on_payload(_state(theirs))
+        # A log with a forged change (its load would drop it).
+        log = _group()
+        rec = log.record()
+        forged = dataclasses.replace(rec.changes[0], sig=bytes(len(rec.changes[0].sig)))
+        sync.on_payload(sg.encode(sg.GroupStateItem((), wire.GroupLogRecord(rec.base,
+                                                                            (forged,)))))
+        # A transcript of a group not held.
+        sync.on_payload(sg.encode(sg.GroupSentItem(log.head.group_id, bytes(16), 1, "hi")))
+        assert G.list_groups(store) == [] and host.synced == [] and host.events == []
+    finally:
+        store.close()
+
+
+def test_a_held_group_only_advances(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store, host, sync = _setup(tmp_path)
+    try:
+        log = _group()
+        older = core.GroupLog.from_record(log.record())
+        sync.on_payload(_state(log))
+        log.receive(core.rename(ALICE, log.head, "renamed", ""))
+        sync.on_payload(_state(log))  # one change more: taken
+        assert _held(store, log.head.group_id).head == log.head
+        before = len(host.synced)
+        sync.on_payload(_state(older))  # an older state: nothing rolled back
+        sync.on_payload(_state(log))  # the same again: nothing
+        assert _held(store, log.head.group_id).head.name == "renamed"
+        assert len(host.synced) == before
+        # A log with a forged change among good ones is refused whole (a device sends its
+        # log as it loaded it); the good change alone is taken.
+        good = core.add_member(ALICE, log.head, CAROL.public)
+        bad = dataclasses.replace(core.rename(ALICE, log.head, "x", ""), sig=bytes(64))
+        rec = log.record()
+        sync.on_payload(sg.encode(sg.GroupStateItem((), wire.GroupLogRecord(
+            rec.base, (*rec.changes, bad, good)))))  # fmt: skip
+        assert _held(store, log.head.group_id).head == log.head
+        sync.on_payload(sg.encode(sg.GroupStateItem((), wire.GroupLogRecord(
+            rec.base, (*rec.changes, good)))))  # fmt: skip
+        held = _held(store, log.head.group_id)
+        assert held.head.member(CAROL.public.ed_pub) is not None and held.head.name == "renamed"
+        # A log whose base is past our head (the changes between are final at the sender
+        # and not in its log: none can be checked here): dropped.
+        far = core.GroupLog.from_record(held.record())
+        for i in range(core.CONTEST_WINDOW + 2):
+            far.receive(core.rename(ALICE, far.head, f"r{i}", ""))
+        assert far.base.version > held.head.version
+        sync.on_payload(_state(far))
+        assert _held(store, log.head.group_id).head == held.head
+        # Left at the sender: left here too (the leave is a change like any).
+        mine = core.GroupLog.from_record(held.record())
+        mine.receive(core.set_role(ALICE, mine.head, BOB.public.ed_pub, wire.ROLE_OWNER))
+        mine.receive(core.leave(ALICE, mine.head))
+        sync.on_payload(_state(mine))
+        assert _held(store, log.head.group_id).head.member(ALICE.public.ed_pub) is None
+    finally:
+        store.close()
+
+
+def test_transcripts_once_and_joins_not_sent(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store, host, sync = _setup(tmp_path)
+    try:
+        log = _group()
+        sync.on_payload(_state(log))
+        item = sg.GroupSentItem(log.head.group_id, b"m" * 16, 1_700_000_000_000, "hi")
+        for _ in range(2):
+            sync.on_payload(sg.encode(item))
+        ref = G.group_by_id(store, log.head.group_id).id  # type: ignore[union-attr]
+        (msg,) = G.history(store, ref, before_seq=None, limit=10)
+        assert (msg.direction, msg.body, msg.id) == ("out", "hi", (b"m" * 16).hex())
+        assert [t for t, _ in host.events] == ["group.transcript"]
+        sync.changed(ref)
+        assert sg.decode(host.sent[-1]) == sg.GroupStateItem((), log.record())
+        store.set_setting(f"{JOINING_KEY}{ref}", {"invite": "00"})
+        sync.changed(ref)  # a join under way: its members are the inviter's word
+        assert len(host.sent) == 1
+    finally:
+        store.close()
