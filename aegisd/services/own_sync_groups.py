@@ -23,7 +23,11 @@ a text.
 
 from __future__ import annotations
 
-from typing import Protocol
+import asyncio
+import contextlib
+import time
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
 from aegisd import droplog
 from aegisd.core import group as core
@@ -31,6 +35,8 @@ from aegisd.core import sync_groups as sg
 from aegisd.core import wire
 from aegisd.core.errors import BundleError, GroupError
 from aegisd.core.identity import IdentityKeyPair, PublicIdentity
+from aegisd.core.session import Session
+from aegisd.core.wire import MailboxAddress
 from aegisd.store import Store
 from aegisd.store import groups as G
 from aegisd.store.db import Contact
@@ -38,17 +44,40 @@ from aegisd.store.db import Contact
 from . import linked_groups
 from .context import ServiceContext
 from .groups_state import JOINING_KEY, member_rows
-from .mailbox import ContactState
+from .mailbox import ContactState, OwnedMailbox, address_from_bytes
 from .names import clean_name
+
+#: How recent a member's contact request must be to be taken as its group contact when a
+#: group's state arrives (a restart or an offline spell delays both alike: a request's time
+#: is when this device stored it).
+ADOPT_MS = 10 * 60 * 1000
 
 
 class ContactsView(Protocol):
     def with_identity(self, identity: PublicIdentity) -> Contact | None: ...
     def unique_name(self, wanted: str) -> str: ...
+    def establish(self, name: str, identity: PublicIdentity, session: Session,
+                  reply_to: MailboxAddress, mb_id: int, mb: OwnedMailbox, *,
+                  emit: bool = True) -> Contact: ...  # fmt: skip
 
 
 class GroupsView(Protocol):
     def synced(self, ref: int, before: core.GroupState | None, log: core.GroupLog) -> None: ...
+    def member_session(self, contact_id: int) -> None: ...
+
+
+class MailboxesView(Protocol):
+    async def create(self, role: str, *, public: bool) -> tuple[int, OwnedMailbox]: ...
+    def reload(self) -> None: ...
+    def unused(self, row_id: int) -> None: ...
+
+
+class Waker(Protocol):
+    def wake(self) -> None: ...
+
+
+class CoverView(Protocol):
+    def changed(self) -> None: ...
 
 
 class SyncSender(Protocol):
@@ -66,7 +95,16 @@ class SyncGroupsHost(Protocol):
     def groups(self) -> GroupsView: ...
     @property
     def own_sync(self) -> SyncSender: ...
+    @property
+    def lock(self) -> asyncio.Lock: ...
+    @property
+    def mailboxes(self) -> MailboxesView: ...
+    @property
+    def delivery(self) -> Waker: ...
+    @property
+    def cover(self) -> CoverView: ...
     def identity(self) -> IdentityKeyPair: ...
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
 
 class OwnSyncGroups:
@@ -120,6 +158,7 @@ class OwnSyncGroups:
                               member_rows(incoming.head))  # fmt: skip
             self._hidden(item.hidden, incoming.head)
             self.m.groups.synced(ref, None, incoming)
+            self._requests(incoming.head)
             return
         held = _stored(row.log)
         if incoming.base.version > held.head.version:
@@ -137,6 +176,58 @@ class OwnSyncGroups:
             return  # nothing new: an echo, or what the members' changes brought already
         self._hidden(item.hidden, held.head)
         self.m.groups.synced(row.id, before, held)
+        self._requests(held.head)
+
+    def _requests(self, head: core.GroupState) -> None:
+        """A member's device session that reached this device before the group's state did
+        (the state leaves the other device after a random delay; the member opens its
+        session as soon as it learns the person's list) is a contact request (inbox.py: from
+        no contact and no member of a group held). Now that the group is here, a request
+        from a member of its head that came at most ADOPT_MS ago becomes that member's group
+        contact, as the session would have made it. The request does not keep whether it
+        was a device session or the member's own contacts.add: one of those in that window
+        is taken too (docs/devices.md §6 "Groups")."""
+        me, now = self.m.identity().public.ed_pub, time.time_ns() // 1_000_000
+        if head.member(me) is None:
+            return  # left or removed: no group contacts made for it
+        for r in self.m.store.list_requests():
+            try:
+                identity = PublicIdentity.from_bytes(r.identity_key)
+            except (BundleError, ValueError):
+                continue
+            member = head.member(identity.ed_pub)
+            if (member is not None and identity.ed_pub != me and now - r.created_at <= ADOPT_MS
+                    and member.identity.same_keys(identity)):  # fmt: skip
+                self.m.spawn(self._adopt(r.id))
+
+    async def _adopt(self, request_id: int) -> None:
+        async with self.m.lock:
+            store = self.m.store
+            row = store.get_request(request_id)
+            if row is None:
+                return  # taken meanwhile
+            identity = PublicIdentity.from_bytes(row.identity_key)
+            if self.m.contacts.with_identity(identity) is not None:
+                return
+            mb_id, mb = await self.m.mailboxes.create("contact", public=False)
+            done = False
+            try:
+                with store.transaction():
+                    if not store.delete_request(request_id):
+                        return
+                    name = f"member {identity.ed_pub.hex()[:12]}"  # as an introduction names it
+                    made = self.m.contacts.establish(
+                        name, identity, Session.from_bytes(row.session),
+                        address_from_bytes(row.reply_to), mb_id, mb, emit=False)  # fmt: skip
+                    self.m.groups.member_session(made.id)
+                done = True
+            finally:
+                if not done:
+                    with contextlib.suppress(Exception):
+                        self.m.mailboxes.unused(mb_id)
+            self.m.mailboxes.reload()
+        self.m.cover.changed()
+        self.m.delivery.wake()
 
     def _hidden(self, keys: tuple[bytes, ...], head: core.GroupState) -> None:
         """The head's members that are group-only contacts at the sender and no contact

@@ -12,7 +12,14 @@ from typing import Any
 from tests.functional.conftest import T_DEVICE, Peer, connect
 from tests.functional.test_devices_fanout import _link, _wait_two_devices
 from tests.functional.test_devices_sync import _sync_events, _this_id
-from tests.functional.test_groups import group_of, invited, key_of, members, texts
+from tests.functional.test_groups import (
+    group_of,
+    hidden_contacts,
+    invited,
+    key_of,
+    members,
+    texts,
+)
 
 T = 60.0
 
@@ -103,3 +110,49 @@ def test_a_group_made_after_the_link_follows_on_the_other_device(
     a1.wait_for(lambda: [e for e in _sync_events(a1, "refused") if e["device"] == a2_id],
                 "the refusal", T_DEVICE)  # fmt: skip
     assert [g["name"] for g in a1.call("group.list")["groups"]] == ["two of us"]
+
+
+def test_a_group_joined_after_the_link_follows_with_its_group_only_member(
+    peers: Callable[[str], Peer],
+) -> None:
+    """Bob's group holds Carol (no contact of Alice's); A1 joins it after the link: A2 holds
+    it once the add is applied on A1, Carol as a group-only contact there too, which her
+    session with A2 then fills; messages go both ways between A2 and Carol."""
+    a1, bob, carol = peers("alice"), peers("bob"), peers("carol")
+    connect(a1, bob)
+    connect(bob, carol)
+    g = bob.call("group.create", {"name": "joined later"})["group"]
+    bob.call("group.invite", {"group": g, "contact": "carol"})
+    carol.call("group.accept", {"invitation": invited(carol)})
+    bob.wait_for(lambda: len(members(bob)) == 2, "carol's add", T)
+    a2 = peers("alice2")
+    _link(a1, a2)
+    _wait_two_devices(bob)
+    a2.wait_for(lambda: _established(a2), "bob's session with A2", T_DEVICE)
+    assert a2.call("group.list")["groups"] == []
+
+    bob.call("group.invite", {"group": g, "contact": "alice"})
+    a1.call("group.accept", {"invitation": invited(a1)})
+    ed = {p.name: key_of(p) for p in (a1, bob, carol)}
+    a1.wait_for(lambda: len(members(a1)) == 3, "alice's add on A1", T)
+    a2.wait_for(lambda: set(members(a2)) == set(ed.values()), "the group on A2", T)
+    assert a2.call("group.list")["groups"][0]["member"]
+    # Carol learns Alice's list from A1 (her group contact) and opens a session with A2,
+    # which takes it as a group contact (a member of a group it holds); if it came before
+    # the group's state, its request is taken so when the state arrives.
+    a2.wait_for(lambda: members(a2)[ed["carol"]]["reachable"], "carol's session on A2",
+                T_DEVICE)  # fmt: skip
+    assert len(hidden_contacts(a2)) == len(hidden_contacts(a1)) == 1
+    # A2's message first: once it is at Carol, so is A2's answer to her session (before it
+    # in that session), and Carol's message reaches A2 too.
+    g2 = group_of(a2)["group"]  # type: ignore[index]
+    assert a2.call("group.send", {"group": g2, "text": "from the laptop"})["unreachable"] == 0
+    for p in (bob, carol):
+        p.wait_for(lambda p=p: "from the laptop" in texts(p), f"A2's on {p.name}", T)
+    gc = group_of(carol)["group"]  # type: ignore[index]
+    carol.call("group.send", {"group": gc, "text": "from carol"})
+    for a in (a1, a2):
+        a.wait_for(lambda a=a: "from carol" in texts(a), f"carol's on {a.name}", T)
+    for a in (a1, a2):
+        assert a.call("requests.list")["requests"] == []
+        assert [c["name"] for c in a.call("contacts.list")["contacts"]] == ["bob"]
