@@ -171,3 +171,30 @@ def test_transcripts_once_and_joins_not_sent(tmp_path) -> None:  # type: ignore[
         assert len(host.sent) == 1
     finally:
         store.close()
+
+
+def test_a_members_recent_request_is_taken_when_the_group_arrives(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A member's device session that came before the group's state is a request: the
+    state taken, a recent request from a member of its head is handed to the adoption (one
+    from a non-member, or older than ADOPT_MS, is left a request)."""
+    from aegisd.services import own_sync_groups
+
+    store, host, sync = _setup(tmp_path)
+    spawned: list[Any] = []
+    host.spawn = spawned.append  # type: ignore[attr-defined]
+    try:
+        bob = store.add_request(BOB.public.to_bytes(), "bob", b"s", b"r")
+        store.add_request(CAROL.public.to_bytes(), "carol", b"s", b"r")  # no member
+        log = _group()
+        sync.on_payload(_state(log))
+        assert [c.cr_frame.f_locals["request_id"] for c in spawned] == [bob]
+        for c in spawned:
+            c.close()
+        spawned.clear()
+        store.query("UPDATE requests SET created_at = created_at - ?",
+                    (own_sync_groups.ADOPT_MS + 60_000,))  # fmt: skip
+        log.receive(core.rename(ALICE, log.head, "again", ""))
+        sync.on_payload(_state(log))
+        assert spawned == []
+    finally:
+        store.close()
