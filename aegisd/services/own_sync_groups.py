@@ -40,6 +40,7 @@ from aegisd.core.wire import MailboxAddress
 from aegisd.store import Store
 from aegisd.store import groups as G
 from aegisd.store.db import Contact
+from aegisd.store.devices import SETTING_OWN_LIST
 
 from . import linked_groups
 from .context import ServiceContext
@@ -118,6 +119,8 @@ class OwnSyncGroups:
         goes to the other devices. A join under way goes nowhere (its member list is the
         inviter's word: the add, once applied, sends it)."""
         store = self.m.store
+        if store.get_setting(SETTING_OWN_LIST) is None:
+            return  # one device: nothing to tell
         row = G.get_group(store, ref)
         if row is None or store.get_setting(f"{JOINING_KEY}{ref}") is not None:
             return
@@ -133,6 +136,8 @@ class OwnSyncGroups:
 
     def sent(self, group_id: bytes, wire_id: bytes, sent_at_ms: int, text: str) -> None:
         """A text the user sent in a group here: a sent transcript to the other devices."""
+        if self.m.store.get_setting(SETTING_OWN_LIST) is None:
+            return
         self.m.own_sync.send(sg.encode(sg.GroupSentItem(group_id, wire_id, sent_at_ms, text)))
 
     # --- receiving (own_sync.py, inside the receive's transaction) ------------------------

@@ -164,6 +164,9 @@ def test_transcripts_once_and_joins_not_sent(tmp_path) -> None:  # type: ignore[
         (msg,) = G.history(store, ref, before_seq=None, limit=10)
         assert (msg.direction, msg.body, msg.id) == ("out", "hi", (b"m" * 16).hex())
         assert [t for t, _ in host.events] == ["group.transcript"]
+        sync.changed(ref)  # one device (no own list): nothing sent
+        assert host.sent == []
+        store.set_setting("devices.list", "00")
         sync.changed(ref)
         assert sg.decode(host.sent[-1]) == sg.GroupStateItem((), log.record())
         store.set_setting(f"{JOINING_KEY}{ref}", {"invite": "00"})
