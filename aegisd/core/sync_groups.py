@@ -8,7 +8,9 @@ goes to the members and not to its other devices. Two items share the payload nu
 
 - a group's state: the group's log as the device holds it (``GroupLogRecord``, as a link's
   profile carries it) and which of the head's members are group-only contacts there;
-- a sent group text: the group, the message's ID, its time and text (a sent transcript).
+- a sent group text: the group, the message's ID, its time and text (a sent transcript);
+- an ask for a group's state: the group's ID, from a device that got a member's change it
+  cannot place (a group it does not hold yet, or a change whose parent it lacks).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .wire import (
     Writer,
 )
 
-ITEM_STATE, ITEM_SENT = 1, 2
+ITEM_STATE, ITEM_SENT, ITEM_ASK = 1, 2, 3
 #: A log as a device holds it: its chain (the contest window) and the changes held back.
 MAX_SYNC_LOG_CHANGES = CONTEST_WINDOW + MAX_HELD
 #: The longest 0x4A: a base of MAX_GROUP_MEMBERS, MAX_SYNC_LOG_CHANGES changes of the longest
@@ -60,7 +62,15 @@ class GroupSentItem:
     text: str
 
 
-GroupSyncItem = GroupStateItem | GroupSentItem
+@dataclass(frozen=True)
+class GroupAskItem:
+    """The sending device asks for the group's state: the others that hold the group and are
+    its members answer with a state item (rate-limited at both ends)."""
+
+    group_id: bytes
+
+
+GroupSyncItem = GroupStateItem | GroupSentItem | GroupAskItem
 
 
 def encode(item: GroupSyncItem) -> bytes:
@@ -74,6 +84,8 @@ def encode(item: GroupSyncItem) -> bytes:
         for key in item.hidden:
             w.fixed(key, ED25519_LEN)
         w.raw(item.log.to_bytes())
+    elif isinstance(item, GroupAskItem):
+        w.u8(ITEM_ASK).fixed(item.group_id, GROUP_ID_LEN)
     else:
         text = item.text.encode()
         if len(text) > MAX_TEXT_BYTES:
@@ -115,4 +127,9 @@ def decode(data: bytes) -> GroupSyncItem:
             return GroupSentItem(group_id, mid, sent, text.decode("utf-8"))
         except UnicodeDecodeError:
             raise DecodeError("invalid UTF-8") from None
+    if item == ITEM_ASK:
+        group_id = r.take(GROUP_ID_LEN)
+        if len(data) != 3 + GROUP_ID_LEN:
+            raise DecodeError("trailing bytes after a group ask")
+        return GroupAskItem(group_id)
     raise DecodeError("unknown group sync item")

@@ -35,10 +35,11 @@ def _log() -> core.GroupLog:
 LOG = _log()
 STATE = sg.GroupStateItem((BOB.public.ed_pub,), LOG.record())
 SENT = sg.GroupSentItem(LOG.head.group_id, bytes(range(16)), 1_700_000_000_000, "héllo")
+ASK = sg.GroupAskItem(LOG.head.group_id)
 
 
 def test_both_items_round_trip_under_0x4a_and_no_other_parser_takes_them() -> None:
-    for item in (STATE, SENT, sg.GroupStateItem((), LOG.record()),
+    for item in (STATE, SENT, ASK, sg.GroupStateItem((), LOG.record()),
                  sg.GroupSentItem(bytes(32), bytes(16), 0, "")):  # fmt: skip
         data = sg.encode(item)
         assert data[:2] == bytes([1, 0x4A])
@@ -63,7 +64,12 @@ def test_group_sync_payloads_are_parsed_strictly() -> None:
     with pytest.raises(DecodeError):
         sg.decode(bytes([1, 0x4B]) + state[2:])
     with pytest.raises(DecodeError):  # an unknown item
-        sg.decode(state[:2] + b"\x03" + state[3:])
+        sg.decode(state[:2] + b"\x04" + state[3:])
+    ask = sg.encode(ASK)
+    assert len(ask) == 3 + 32
+    for bad in (ask + b"\x00", ask[:-1]):  # an ask is the group's ID and nothing else
+        with pytest.raises(DecodeError):
+            sg.decode(bad)
     key = BOB.public.ed_pub
     twice = state[:3] + (2).to_bytes(2, "big") + key + key + state[5 + 32 :]
     with pytest.raises(DecodeError):  # hidden keys not strictly ascending
@@ -115,7 +121,7 @@ def test_the_longest_state_fits_its_bound() -> None:
         sg.decode(too_many)
 
 
-@pytest.mark.parametrize("sample", [STATE, SENT])
+@pytest.mark.parametrize("sample", [STATE, SENT, ASK])
 @FUZZ
 @given(data=st.data())
 def test_mutated_group_sync_payloads_raise_only_decode_error(
