@@ -85,8 +85,9 @@ class Groups(GroupBase):
     def member_session(self, contact_id: int) -> None:
         self.inbound.member_session(contact_id)
 
-    def synced(self, ref: int, before: core.GroupState | None, log: core.GroupLog) -> None:
-        self.inbound.synced(ref, before, log)
+    def synced(self, ref: int, before: core.GroupState | None, log: core.GroupLog,
+               undone: int) -> None:  # fmt: skip
+        self.inbound.synced(ref, before, log, undone)
 
     # --- the user's calls -----------------------------------------------------------------
 

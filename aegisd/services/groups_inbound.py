@@ -204,7 +204,8 @@ class GroupInbound(GroupBase):
 
     def _on_change(self, change: wire.GroupChangeRecord) -> None:
         row = G.group_by_id(self.m.store, change.group_id)
-        if row is None:
+        if row is None:  # its state may be on its way from another device of ours
+            self.m.sync_groups.ask(change.group_id)
             droplog.dropped("dropped a change of an unknown group")
             return
         _, log = self._load(row.id)
@@ -214,6 +215,8 @@ class GroupInbound(GroupBase):
         # (which may be the change undoing the departure).
         received = log.receive(change)
         self._save(row.id, log)
+        if received.outcome is core.Outcome.HELD:  # a change we lack: another device may not
+            self.m.sync_groups.ask(change.group_id)
         if received.undone:  # changes shown applied before lost (or found invalid) now
             self.m.ctx.events.emit("group.changed", {"group": row.id, "change": "undone",
                                                      "count": len(received.undone)})  # fmt: skip
@@ -225,11 +228,18 @@ class GroupInbound(GroupBase):
             self._release_held(row.id, log.head, log.departed())
         self._prune_contacts(departed_keys(before, log.head, self._me()))
 
-    def synced(self, ref: int, before: core.GroupState | None, log: core.GroupLog) -> None:
+    def synced(self, ref: int, before: core.GroupState | None, log: core.GroupLog,
+               undone: int) -> None:  # fmt: skip
         """Another device of ours sent the group's state (own_sync_groups.py, checked there,
         inside the receive's transaction): stored and applied as a member's change would be
-        (before: None for a group new here). Nothing goes back, nor to the members."""
+        (before: None for a group new here; ``undone``: changes shown applied here that
+        its changes put off the chain). Nothing goes back, nor to the members."""
         self._save(ref, log)
+        if undone:
+            self.m.ctx.events.emit("group.changed", {"group": ref, "change": "undone",
+                                                     "count": undone})  # fmt: skip
+        if before is not None and log.head == before:
+            return  # only held-back or lost changes came: the group shows as it did
         me = self._me()
         if log.head.role_of(me) and (before is None or not before.role_of(me)):
             self.m.store.set_setting(f"{JOINING_KEY}{ref}", None)  # a member: joined here too
@@ -243,7 +253,8 @@ class GroupInbound(GroupBase):
                     held: bool = False) -> None:  # fmt: skip
         """A text, a file (§25.10) or an action (§25.11) from a member: judged alike (§25.6)."""
         row = G.group_by_id(self.m.store, p.group_id)
-        if row is None:
+        if row is None:  # its state may be on its way from another device of ours
+            self.m.sync_groups.ask(p.group_id)
             droplog.dropped("dropped a message of an unknown group")
             return
         _, log = self._load(row.id)

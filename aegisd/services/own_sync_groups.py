@@ -34,7 +34,7 @@ from aegisd.core import group as core
 from aegisd.core import sync_groups as sg
 from aegisd.core import wire
 from aegisd.core.errors import BundleError, GroupError
-from aegisd.core.identity import IdentityKeyPair, PublicIdentity
+from aegisd.core.identity import IdentityKeyPair, PublicIdentity, keys_of
 from aegisd.core.session import Session
 from aegisd.core.wire import MailboxAddress
 from aegisd.store import Store
@@ -52,6 +52,12 @@ from .names import clean_name
 #: group's state arrives (a restart or an offline spell delays both alike: a request's time
 #: is when this device stored it).
 ADOPT_MS = 10 * 60 * 1000
+#: A device asks for a group's state at most once per group in this time, and answers an ask
+#: for a group at most once in it (what triggers an ask, a member's change, a hostile member
+#: can send at will; an answer is up to 200 kB to each device).
+ASK_INTERVAL_MS = 10 * 60 * 1000
+#: ...and asks for at most this many groups in that time (a change may name any group).
+MAX_ASKS_PER_INTERVAL = 8
 
 
 class ContactsView(Protocol):
@@ -63,7 +69,8 @@ class ContactsView(Protocol):
 
 
 class GroupsView(Protocol):
-    def synced(self, ref: int, before: core.GroupState | None, log: core.GroupLog) -> None: ...
+    def synced(self, ref: int, before: core.GroupState | None, log: core.GroupLog,
+               undone: int) -> None: ...  # fmt: skip
     def member_session(self, contact_id: int) -> None: ...
 
 
@@ -111,6 +118,8 @@ class SyncGroupsHost(Protocol):
 class OwnSyncGroups:
     def __init__(self, host: SyncGroupsHost) -> None:
         self.m = host
+        self._asked: dict[bytes, int] = {}  # group ID: when this device last asked for it
+        self._answered: dict[bytes, int] = {}  # group ID: when it last answered an ask
 
     # --- sending (inside the caller's transaction) ----------------------------------------
 
@@ -126,13 +135,30 @@ class OwnSyncGroups:
             return
         log = _stored(row.log)
         hidden_ids = G.group_contact_ids(store)
+        by_keys = self._contacts()  # one read of the contacts, not one per member
         hidden = []
         for member in log.head.members:
-            c = self.m.contacts.with_identity(member.identity)
+            c = by_keys.get(member.identity.encode())
             if c is not None and c.id in hidden_ids:
                 hidden.append(member.key)
         item = sg.GroupStateItem(tuple(sorted(hidden)), log.record())
         self.m.own_sync.send(sg.encode(item))
+
+    def ask(self, group_id: bytes) -> None:
+        """A member's change (or message) this device cannot place: of a group it does not
+        hold (its state on the way from another device of ours, or a change of it dropped
+        before the state came) or whose parent it lacks (a change it never got). It asks
+        its other devices for the group's state (inside the caller's transaction): at most
+        once per group per ASK_INTERVAL_MS and MAX_ASKS_PER_INTERVAL groups in one (anyone
+        with a session can send a change naming any group)."""
+        if self.m.store.get_setting(SETTING_OWN_LIST) is None:
+            return
+        now = _now_ms()
+        self._asked = {g: t for g, t in self._asked.items() if now - t < ASK_INTERVAL_MS}
+        if group_id in self._asked or len(self._asked) >= MAX_ASKS_PER_INTERVAL:
+            return
+        self._asked[group_id] = now
+        self.m.own_sync.send(sg.encode(sg.GroupAskItem(group_id)))
 
     def sent(self, group_id: bytes, wire_id: bytes, sent_at_ms: int, text: str) -> None:
         """A text the user sent in a group here: a sent transcript to the other devices."""
@@ -148,6 +174,9 @@ class OwnSyncGroups:
         if isinstance(item, sg.GroupSentItem):
             self._sent(item)
             return
+        if isinstance(item, sg.GroupAskItem):
+            self._answer(item.group_id)
+            return
         try:
             incoming = linked_groups.load(item.log)
         except (GroupError, BundleError, ValueError):
@@ -162,7 +191,7 @@ class OwnSyncGroups:
             ref = G.add_group(store, incoming.head.group_id, incoming.record().to_bytes(),
                               member_rows(incoming.head))  # fmt: skip
             self._hidden(item.hidden, incoming.head)
-            self.m.groups.synced(ref, None, incoming)
+            self.m.groups.synced(ref, None, incoming, 0)
             self._requests(incoming.head)
             return
         held = _stored(row.log)
@@ -172,16 +201,29 @@ class OwnSyncGroups:
             droplog.dropped("dropped a synced group log past the changes held")
             return
         before, known = held.head, held.record()
+        undone = 0
         for change in item.log.changes:
             try:
-                held.receive(change)
+                undone += len(held.receive(change).undone)
             except (GroupError, BundleError, ValueError):
                 continue  # known already, final here, or refused as a member's would be
         if held.record() == known:
             return  # nothing new: an echo, or what the members' changes brought already
-        self._hidden(item.hidden, held.head)
-        self.m.groups.synced(row.id, before, held)
-        self._requests(held.head)
+        if held.head != before:
+            self._hidden(item.hidden, held.head)
+        self.m.groups.synced(row.id, before, held, undone)
+        if held.head != before:
+            self._requests(held.head)
+
+    def _answer(self, group_id: bytes) -> None:
+        """Another device of ours asks for a group's state: ours, to every other device, if
+        we hold it, at most once per group per ASK_INTERVAL_MS (up to 200 kB each)."""
+        row = G.group_by_id(self.m.store, group_id)
+        now = _now_ms()
+        if row is None or now - self._answered.get(group_id, -ASK_INTERVAL_MS) < ASK_INTERVAL_MS:
+            return
+        self._answered[group_id] = now  # held groups only: bounded by them
+        self.changed(row.id)
 
     def _requests(self, head: core.GroupState) -> None:
         """A member's device session that reached this device before the group's state did
@@ -239,14 +281,24 @@ class OwnSyncGroups:
         here: each a group contact without a session (as a link installs them), taken as
         its session when the member opens one with this device (docs/devices.md §5.5)."""
         store, me = self.m.store, self.m.identity().public.ed_pub
+        by_keys = self._contacts()
         for key in keys:
             member = head.member(key)
-            if member is None or key == me or self.m.contacts.with_identity(member.identity):
+            if member is None or key == me or member.identity.encode() in by_keys:
                 continue
             name = self.m.contacts.unique_name(clean_name(f"member {key.hex()[:12]}"))
             cid = store.add_contact(name, identity_key=member.identity.to_bytes(),
                                     state=ContactState(None, False).to_bytes()).id  # fmt: skip
             G.mark_group_contact(store, cid)
+
+    def _contacts(self) -> dict[bytes, Contact]:
+        """The contacts by their identity's keys (as contacts.with_identity matches them)."""
+        out: dict[bytes, Contact] = {}
+        for c in self.m.store.list_contacts():
+            keys = keys_of(c.identity_key)
+            if keys is not None:
+                out.setdefault(keys, c)
+        return out
 
     def _sent(self, item: sg.GroupSentItem) -> None:
         store = self.m.store
@@ -260,6 +312,10 @@ class OwnSyncGroups:
         self.m.ctx.events.emit("group.transcript", {
             "group": row.id, "message_id": G.api_id(b"", item.message_id), "text": item.text,
             "sent_at": item.sent_at_ms})  # fmt: skip
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def _stored(log: bytes) -> core.GroupLog:

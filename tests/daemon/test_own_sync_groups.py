@@ -15,6 +15,7 @@ from aegisd.core import sync_groups as sg
 from aegisd.core import wire
 from aegisd.core.identity import IdentityKeyPair, PublicIdentity
 from aegisd.core.primitives import SystemEntropy
+from aegisd.services.groups_inbound import GroupInbound
 from aegisd.services.groups_state import JOINING_KEY
 from aegisd.services.own_sync_groups import OwnSyncGroups
 from aegisd.store import KdfParams, create_profile
@@ -26,22 +27,26 @@ ALICE, BOB, CAROL = (IdentityKeyPair.generate(E) for _ in range(3))
 
 
 class _Host:
-    def __init__(self, store: Any) -> None:
+    """What OwnSyncGroups and GroupInbound use of the messenger, on a real store: the
+    groups are the real GroupInbound (its ``synced`` saves and announces what is taken)."""
+
+    def __init__(self, store: Any, me: IdentityKeyPair = ALICE) -> None:
         self.store = store
+        self.me = me
+        self.entropy = E
         self.events: list[tuple[str, dict[str, Any]]] = []
-        self.ctx = SimpleNamespace(events=SimpleNamespace(
+        self.ctx = SimpleNamespace(relay_connected=False, events=SimpleNamespace(
             emit=lambda t, d: self.events.append((t, d))))  # fmt: skip
-        self.synced: list[tuple[int, core.GroupState | None, core.GroupLog]] = []
         self.sent: list[bytes] = []
-        self.groups = SimpleNamespace(synced=self._synced)
         self.own_sync = SimpleNamespace(send=self.sent.append)
         self.contacts = SimpleNamespace(with_identity=self._with_identity,
                                         unique_name=lambda n: n)  # fmt: skip
+        self.spawned: list[Any] = []
+        self.sync_groups = OwnSyncGroups(self)  # type: ignore[arg-type]
+        self.groups = GroupInbound(self, files=None)  # type: ignore[arg-type]
 
-    def _synced(self, ref: int, before: core.GroupState | None, log: core.GroupLog) -> None:
-        self.synced.append((ref, before, log))
-        G.put_log(self.store, ref, log.record().to_bytes(),
-                  [(m.key, m.role) for m in log.head.members])  # fmt: skip
+    def spawn(self, coro: Any) -> None:
+        self.spawned.append(coro)
 
     def _with_identity(self, identity: PublicIdentity) -> Any:
         for c in self.store.list_contacts():
@@ -50,13 +55,16 @@ class _Host:
         return None
 
     def identity(self) -> IdentityKeyPair:
-        return ALICE
+        return self.me
+
+    def synced(self) -> list[dict[str, Any]]:
+        return [d for t, d in self.events if t == "group.changed" and d["change"] == "synced"]
 
 
 def _setup(tmp_path):  # type: ignore[no-untyped-def]
     store = create_profile(tmp_path / "p", "pass phrase", FAST)
     host = _Host(store)
-    return store, host, OwnSyncGroups(host)  # type: ignore[arg-type]
+    return store, host, host.sync_groups
 
 
 def _group() -> core.GroupLog:
@@ -81,7 +89,7 @@ def test_a_new_group_is_taken_with_its_group_only_members(tmp_path) -> None:  # 
         log = _group()
         sync.on_payload(_state(log, (BOB.public.ed_pub,)))
         assert _held(store, log.head.group_id).head == log.head
-        assert [(b, lg.head) for _, b, lg in host.synced] == [(None, log.head)]
+        assert [d["group"] for d in host.synced()] == [G.group_by_id(store, log.head.group_id).id]  # type: ignore[union-attr]
         (bob,) = store.list_contacts()  # a group contact without a session, hidden
         assert bob.name.startswith("member ") and G.is_group_contact(store, bob.id)
         assert store.get_session(bob.id) is None
@@ -99,11 +107,10 @@ def test_what_is_refused_changes_nothing(tmp_path) -> None:  # type: ignore[no-u
         log = _group()
         rec = log.record()
         forged = dataclasses.replace(rec.changes[0], sig=bytes(len(rec.changes[0].sig)))
-        sync.on_payload(sg.encode(sg.GroupStateItem((), wire.GroupLogRecord(rec.base,
-                                                                            (forged,)))))
+        sync.on_payload(sg.encode(sg.GroupStateItem((), wire.GroupLogRecord(rec.base, (forged,)))))
         # A transcript of a group not held.
         sync.on_payload(sg.encode(sg.GroupSentItem(log.head.group_id, bytes(16), 1, "hi")))
-        assert G.list_groups(store) == [] and host.synced == [] and host.events == []
+        assert G.list_groups(store) == [] and host.events == []
     finally:
         store.close()
 
@@ -117,11 +124,11 @@ def test_a_held_group_only_advances(tmp_path) -> None:  # type: ignore[no-untype
         log.receive(core.rename(ALICE, log.head, "renamed", ""))
         sync.on_payload(_state(log))  # one change more: taken
         assert _held(store, log.head.group_id).head == log.head
-        before = len(host.synced)
+        before = len(host.synced())
         sync.on_payload(_state(older))  # an older state: nothing rolled back
         sync.on_payload(_state(log))  # the same again: nothing
         assert _held(store, log.head.group_id).head.name == "renamed"
-        assert len(host.synced) == before
+        assert len(host.synced()) == before
         # A log with a forged change among good ones is refused whole (a device sends its
         # log as it loaded it); the good change alone is taken.
         good = core.add_member(ALICE, log.head, CAROL.public)
@@ -163,7 +170,7 @@ def test_transcripts_once_and_joins_not_sent(tmp_path) -> None:  # type: ignore[
         ref = G.group_by_id(store, log.head.group_id).id  # type: ignore[union-attr]
         (msg,) = G.history(store, ref, before_seq=None, limit=10)
         assert (msg.direction, msg.body, msg.id) == ("out", "hi", (b"m" * 16).hex())
-        assert [t for t, _ in host.events] == ["group.transcript"]
+        assert [t for t, _ in host.events] == ["group.changed", "group.transcript"]
         sync.changed(ref)  # one device (no own list): nothing sent
         assert host.sent == []
         store.set_setting("devices.list", "00")
@@ -183,8 +190,7 @@ def test_a_members_recent_request_is_taken_when_the_group_arrives(tmp_path) -> N
     from aegisd.services import own_sync_groups
 
     store, host, sync = _setup(tmp_path)
-    spawned: list[Any] = []
-    host.spawn = spawned.append  # type: ignore[attr-defined]
+    spawned = host.spawned
     try:
         bob = store.add_request(BOB.public.to_bytes(), "bob", b"s", b"r")
         store.add_request(CAROL.public.to_bytes(), "carol", b"s", b"r")  # no member
@@ -201,3 +207,50 @@ def test_a_members_recent_request_is_taken_when_the_group_arrives(tmp_path) -> N
         assert spawned == []
     finally:
         store.close()
+
+
+def test_a_device_that_got_the_group_by_sync_catches_up_by_asking(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The review's case: Bob adds Alice, then Dave seconds later. Dave's add reaches A2
+    before A1's state (the sync's random delay) and finds no group there; the state comes
+    and a later change of Bob's waits for Dave's add. A2 asked its devices when the add came;
+    A1 answers (once per interval) with its state, and A2 catches up."""
+    dave = IdentityKeyPair.generate(E)
+    stores = [create_profile(tmp_path / n, "pass phrase", FAST) for n in ("a1", "a2")]
+    try:
+        a1, a2 = (_Host(s) for s in stores)
+        for s in stores:
+            s.set_setting("devices.list", "00")  # a profile with several devices
+        bobs = [s.add_contact("bob", identity_key=BOB.public.to_bytes()) for s in stores]
+        log = core.GroupLog(core.create_group(E, BOB, "bob's"))
+        adds_alice = core.add_member(BOB, log.head, ALICE.public)
+        log.receive(adds_alice)
+        adds_dave = core.add_member(BOB, log.head, dave.public)
+        log.receive(adds_dave)
+        renames = core.rename(BOB, log.head, "later", "")
+        log.receive(renames)
+        # A1 joins at Alice's add: its state goes (and waits in the sync's delay).
+        G.add_group(stores[0], log.base.group_id, core.GroupLog(log.base).record().to_bytes(),
+                    [(m.key, m.role) for m in log.base.members])  # fmt: skip
+        a1.groups.on_payload(bobs[0], None, wire.GroupChangePayload(adds_alice))  # type: ignore[arg-type]
+        (first_state,) = a1.sent
+        a1.sent.clear()
+        # Dave's add at A2 first: no group there; it asks.
+        a2.groups.on_payload(bobs[1], None, wire.GroupChangePayload(adds_dave))  # type: ignore[arg-type]
+        (ask,) = a2.sent
+        assert sg.decode(ask) == sg.GroupAskItem(log.head.group_id)
+        a1.groups.on_payload(bobs[0], None, wire.GroupChangePayload(adds_dave))  # type: ignore[arg-type]
+        # A1's first state, then Bob's rename: held at A2 (Dave's add is its parent).
+        a2.sync_groups.on_payload(first_state)
+        a2.groups.on_payload(bobs[1], None, wire.GroupChangePayload(renames))  # type: ignore[arg-type]
+        assert _held(stores[1], log.head.group_id).head.member(dave.public.ed_pub) is None
+        assert len(a2.sent) == 1  # asked for this group in this interval already
+        # A1 answers the ask, once per interval.
+        a1.sync_groups.on_payload(ask)
+        a1.sync_groups.on_payload(ask)
+        (answer,) = a1.sent
+        a2.sync_groups.on_payload(answer)  # Dave's add, and the rename it held connects
+        head = _held(stores[1], log.head.group_id).head
+        assert head == log.head and head.member(dave.public.ed_pub) is not None
+    finally:
+        for s in stores:
+            s.close()
