@@ -254,3 +254,43 @@ def test_a_device_that_got_the_group_by_sync_catches_up_by_asking(tmp_path) -> N
     finally:
         for s in stores:
             s.close()
+
+
+def test_a_state_that_undoes_a_change_says_so_and_one_that_moves_nothing_is_not_synced(
+    tmp_path,
+) -> None:  # type: ignore[no-untyped-def]
+    store, host, sync = _setup(tmp_path)
+    try:
+        log = _group()
+        sync.on_payload(_state(log))
+        ref = G.group_by_id(store, log.head.group_id).id  # type: ignore[union-attr]
+        # Two concurrent renames: the one that loses the contest is taken here first (a
+        # member's change), the winner comes in the other device's state.
+        x, y = core.rename(ALICE, log.head, "x", ""), core.rename(ALICE, log.head, "y", "")
+        probe = core.GroupLog.from_record(log.record())
+        probe.receive(x)
+        loser, winner = (x, y) if probe.receive(y).undone else (y, x)
+        host.groups.on_payload(
+            store.add_contact("bob", identity_key=BOB.public.to_bytes()),
+            None,
+            wire.GroupChangePayload(loser),
+        )  # type: ignore[arg-type]
+        theirs = core.GroupLog.from_record(log.record())
+        theirs.receive(winner)
+        host.events.clear()
+        sync.on_payload(_state(theirs))
+        assert ("group.changed", {"group": ref, "change": "undone", "count": 1}) in host.events
+        assert len(host.synced()) == 1
+        # A state that brings only a change held back (its parent is on no chain here):
+        # stored, but the group shows as it did: no "synced".
+        ahead = core.GroupLog.from_record(theirs.record())
+        ahead.receive(core.rename(ALICE, ahead.head, "z", ""))
+        held_back = core.rename(ALICE, ahead.head, "after z", "")
+        waiting = core.GroupLog.from_record(theirs.record())
+        waiting.receive(held_back)
+        assert waiting.held_count() == 1
+        host.events.clear()
+        sync.on_payload(_state(waiting))
+        assert host.events == [] and _held(store, log.head.group_id).held_count() == 1
+    finally:
+        store.close()
