@@ -49,6 +49,7 @@ from .contacts import Contacts
 from .delivery import Delivery, DeliveryHooks, Recipient
 from .disappearing import Disappearing
 from .fanout import Fanout
+from .first_contacts import FirstContacts
 from .group_logs import GroupLogs
 from .groups import Groups
 from .groups_state import SETTING_READ_RECEIPTS
@@ -146,6 +147,11 @@ class Messenger:
             raise RuntimeError("store is locked")
         return store
 
+    @property
+    def first_contacts(self) -> FirstContacts:
+        """The address's first contacts (inbox.py's): own_sync_groups.py's adoptions."""
+        return self.inbox.first_contacts
+
     async def on_unlock(self, store: Store) -> None:
         state = store.get_identity()
         if state is None:
@@ -175,6 +181,7 @@ class Messenger:
         self.spawn(self.fanout.resend())  # a device list the contacts have not acknowledged
         self.spawn(self.fanout.open_all())  # sessions with contacts' devices not opened yet
         self.spawn(self.own_sync.ensure())  # sync sessions with own devices not opened yet
+        self.spawn(self.sync_groups.adopt_pending())  # member sessions a group's state named
 
     def network(self) -> Network:
         """How relays are reached now (services/connectivity.py)."""
@@ -361,6 +368,7 @@ class Messenger:
                 self.rotation.rotate_due,
                 self._continue_move,  # contacts that answered since, the bound
                 self.groups.inbound.retry_intros,  # introductions that failed (bounded)
+                self.sync_groups.adopt_pending,  # adoptions the relay failed (own_sync_groups)
                 self._sweep_departed,  # departed group contacts past their deadline
             ]  # fmt: skip
             for step in steps:

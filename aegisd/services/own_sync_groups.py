@@ -45,7 +45,7 @@ from aegisd.store.devices import SETTING_OWN_LIST
 from . import linked_groups
 from .context import ServiceContext
 from .groups_state import JOINING_KEY, member_rows
-from .mailbox import ContactState, OwnedMailbox, address_from_bytes
+from .mailbox import ContactState, address_from_bytes
 from .names import clean_name
 
 #: How recent a member's contact request must be to be taken as its group contact when a
@@ -58,34 +58,22 @@ ADOPT_MS = 10 * 60 * 1000
 ASK_INTERVAL_MS = 10 * 60 * 1000
 #: ...and asks for at most this many groups in that time (a change may name any group).
 MAX_ASKS_PER_INTERVAL = 8
+#: The contact requests recorded for adoption (their IDs), kept until each is run.
+SETTING_ADOPT = "sync_groups.adopt"
 
 
 class ContactsView(Protocol):
-    def with_identity(self, identity: PublicIdentity) -> Contact | None: ...
     def unique_name(self, wanted: str) -> str: ...
-    def establish(self, name: str, identity: PublicIdentity, session: Session,
-                  reply_to: MailboxAddress, mb_id: int, mb: OwnedMailbox, *,
-                  emit: bool = True) -> Contact: ...  # fmt: skip
 
 
 class GroupsView(Protocol):
     def synced(self, ref: int, before: core.GroupState | None, log: core.GroupLog,
                undone: int) -> None: ...  # fmt: skip
-    def member_session(self, contact_id: int) -> None: ...
 
 
-class MailboxesView(Protocol):
-    async def create(self, role: str, *, public: bool) -> tuple[int, OwnedMailbox]: ...
-    def reload(self) -> None: ...
-    def unused(self, row_id: int) -> None: ...
-
-
-class Waker(Protocol):
-    def wake(self) -> None: ...
-
-
-class CoverView(Protocol):
-    def changed(self) -> None: ...
+class FirstContactsView(Protocol):
+    async def adopt(self, sender: PublicIdentity, session: Session, reply_to: MailboxAddress,
+                    request_id: int) -> bool: ...  # fmt: skip
 
 
 class SyncSender(Protocol):
@@ -106,11 +94,7 @@ class SyncGroupsHost(Protocol):
     @property
     def lock(self) -> asyncio.Lock: ...
     @property
-    def mailboxes(self) -> MailboxesView: ...
-    @property
-    def delivery(self) -> Waker: ...
-    @property
-    def cover(self) -> CoverView: ...
+    def first_contacts(self) -> FirstContactsView: ...
     def identity(self) -> IdentityKeyPair: ...
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
@@ -230,51 +214,51 @@ class OwnSyncGroups:
         (the state leaves the other device after a random delay; the member opens its
         session as soon as it learns the person's list) is a contact request (inbox.py: from
         no contact and no member of a group held). Now that the group is here, a request
-        from a member of its head that came at most ADOPT_MS ago becomes that member's group
-        contact, as the session would have made it. The request does not keep whether it
-        was a device session or the member's own contacts.add: one of those in that window
-        is taken too (docs/devices.md §6 "Groups")."""
-        me, now = self.m.identity().public.ed_pub, time.time_ns() // 1_000_000
+        from a member of its head that came at most ADOPT_MS ago is recorded (in the state's
+        transaction) for adoption, which makes it that member's group contact as the session
+        would have (adopt_pending). The request does not keep whether it was a device
+        session or the member's own contacts.add: one of those in that window is taken too
+        (docs/devices.md §6 "Groups")."""
+        store, me = self.m.store, self.m.identity().public.ed_pub
         if head.member(me) is None:
             return  # left or removed: no group contacts made for it
-        for r in self.m.store.list_requests():
+        now, pending = _now_ms(), self._pending()
+        for r in store.list_requests():
             try:
                 identity = PublicIdentity.from_bytes(r.identity_key)
             except (BundleError, ValueError):
                 continue
             member = head.member(identity.ed_pub)
             if (member is not None and identity.ed_pub != me and now - r.created_at <= ADOPT_MS
-                    and member.identity.same_keys(identity)):  # fmt: skip
-                self.m.spawn(self._adopt(r.id))
+                    and member.identity.same_keys(identity) and r.id not in pending):  # fmt: skip
+                pending.append(r.id)
+        if pending != self._pending():
+            store.set_setting(SETTING_ADOPT, pending)
+            self.m.spawn(self.adopt_pending())
+
+    def _pending(self) -> list[int]:
+        return [int(i) for i in self.m.store.get_setting(SETTING_ADOPT, [])]
+
+    async def adopt_pending(self) -> None:
+        """The adoptions recorded (_requests), each run once: after the state that recorded
+        it commits, and again at unlock and in the maintenance loop while one is left (a
+        crash, or the relay failing to make its mailbox, leaves it recorded)."""
+        for request_id in self._pending():
+            await self._adopt(request_id)
 
     async def _adopt(self, request_id: int) -> None:
         async with self.m.lock:
             store = self.m.store
             row = store.get_request(request_id)
-            if row is None:
-                return  # taken meanwhile
-            identity = PublicIdentity.from_bytes(row.identity_key)
-            if self.m.contacts.with_identity(identity) is not None:
-                return
-            mb_id, mb = await self.m.mailboxes.create("contact", public=False)
-            done = False
-            try:
-                with store.transaction():
-                    if not store.delete_request(request_id):
-                        return
-                    name = f"member {identity.ed_pub.hex()[:12]}"  # as an introduction names it
-                    made = self.m.contacts.establish(
-                        name, identity, Session.from_bytes(row.session),
-                        address_from_bytes(row.reply_to), mb_id, mb, emit=False)  # fmt: skip
-                    self.m.groups.member_session(made.id)
-                done = True
-            finally:
-                if not done:
-                    with contextlib.suppress(Exception):
-                        self.m.mailboxes.unused(mb_id)
-            self.m.mailboxes.reload()
-        self.m.cover.changed()
-        self.m.delivery.wake()
+            if row is not None:  # else taken meanwhile (accepted, refused, adopted)
+                with contextlib.suppress(BundleError, ValueError):
+                    await self.m.first_contacts.adopt(
+                        PublicIdentity.from_bytes(row.identity_key),
+                        Session.from_bytes(row.session), address_from_bytes(row.reply_to),
+                        request_id)  # fmt: skip
+            with store.transaction():  # done (or for good not to be: the request stays)
+                store.set_setting(SETTING_ADOPT, [i for i in self._pending() if i != request_id]
+                                  or None)  # fmt: skip
 
     def _hidden(self, keys: tuple[bytes, ...], head: core.GroupState) -> None:
         """The head's members that are group-only contacts at the sender and no contact

@@ -10,6 +10,8 @@ import dataclasses
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from aegisd.core import group as core
 from aegisd.core import sync_groups as sg
 from aegisd.core import wire
@@ -185,7 +187,7 @@ def test_transcripts_once_and_joins_not_sent(tmp_path) -> None:  # type: ignore[
 
 def test_a_members_recent_request_is_taken_when_the_group_arrives(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A member's device session that came before the group's state is a request: the
-    state taken, a recent request from a member of its head is handed to the adoption (one
+    state taken, a recent request from a member of its head is recorded for adoption (one
     from a non-member, or older than ADOPT_MS, is left a request)."""
     from aegisd.services import own_sync_groups
 
@@ -196,15 +198,16 @@ def test_a_members_recent_request_is_taken_when_the_group_arrives(tmp_path) -> N
         store.add_request(CAROL.public.to_bytes(), "carol", b"s", b"r")  # no member
         log = _group()
         sync.on_payload(_state(log))
-        assert [c.cr_frame.f_locals["request_id"] for c in spawned] == [bob]
+        assert store.get_setting(own_sync_groups.SETTING_ADOPT) == [bob] and len(spawned) == 1
         for c in spawned:
             c.close()
         spawned.clear()
+        store.set_setting(own_sync_groups.SETTING_ADOPT, None)
         store.query("UPDATE requests SET created_at = created_at - ?",
                     (own_sync_groups.ADOPT_MS + 60_000,))  # fmt: skip
         log.receive(core.rename(ALICE, log.head, "again", ""))
         sync.on_payload(_state(log))
-        assert spawned == []
+        assert spawned == [] and store.get_setting(own_sync_groups.SETTING_ADOPT) is None
     finally:
         store.close()
 
@@ -292,5 +295,69 @@ def test_a_state_that_undoes_a_change_says_so_and_one_that_moves_nothing_is_not_
         host.events.clear()
         sync.on_payload(_state(waiting))
         assert host.events == [] and _held(store, log.head.group_id).held_count() == 1
+    finally:
+        store.close()
+
+
+def test_a_group_only_members_request_is_adopted_and_survives_a_crash(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The review's case: Carol, a group-only contact at A1, opened her device session with
+    A2 before the group's state came (a request). The state names her group-only: A2 makes
+    her a group contact without a session, and the adoption, recorded in the state's
+    transaction, gives that contact the request's session (first_contacts.adopt, the
+    device-session path). It survives a crash before it runs and a relay that fails once."""
+    import asyncio
+
+    from aegisd.core.prekeys import PrekeyStore
+    from aegisd.services.delivery import address_to_bytes
+    from aegisd.services.first_contacts import FirstContacts
+    from aegisd.services.mailbox import ContactState, OwnedMailbox, new_keys
+    from aegisd.services.own_sync_groups import SETTING_ADOPT
+    from aegisd.transport.relaylink import RelayUnavailable
+    from tests.support.parties import make_pair
+
+    store, host, sync = _setup(tmp_path)
+    fails = [True]
+
+    async def create(role: str, *, public: bool) -> tuple[int, OwnedMailbox]:
+        if fails and fails.pop():
+            raise RelayUnavailable("the relay is down")
+        sign, box = new_keys()
+        mb = OwnedMailbox("ws://127.0.0.1:1/v1/ws", sign, box, bytes(16), bytes(16),
+                          bytes(32), b"t" * 32, b"")  # fmt: skip
+        return store.add_mailbox(role, mb.to_bytes()), mb
+
+    prekeys = PrekeyStore.create(E, ALICE, 1_700_000_000)
+    store.put_identity(prekeys.to_bytes())
+    host.prekeys = prekeys  # type: ignore[attr-defined]
+    host.lock = asyncio.Lock()  # type: ignore[attr-defined]
+    host.mailboxes = SimpleNamespace(create=create, reload=lambda: None,  # type: ignore[attr-defined]
+                                     unused=lambda i: None)  # fmt: skip
+    host.cover = SimpleNamespace(changed=lambda: None)  # type: ignore[attr-defined]
+    host.delivery = SimpleNamespace(wake=lambda: None)  # type: ignore[attr-defined]
+    host.first_contacts = FirstContacts(host)  # type: ignore[attr-defined, arg-type]
+    try:
+        reply = wire.MailboxAddress("ws://127.0.0.1:1/v1/ws", bytes(16), b"r" * 32)
+        session = make_pair(E).b
+        request = store.add_request(CAROL.public.to_bytes(), "", session.to_bytes(),
+                                    address_to_bytes(reply))  # fmt: skip
+        log = _group()
+        log.receive(core.add_member(ALICE, log.head, CAROL.public))
+        sync.on_payload(_state(log, (CAROL.public.ed_pub,)))
+        assert store.get_setting(SETTING_ADOPT) == [request]  # recorded with the state
+        (carol,) = store.list_contacts()  # her group contact, without a session yet
+        assert store.get_session(carol.id) is None
+        for coro in host.spawned:  # the daemon stops before the adoption runs
+            coro.close()
+        again = OwnSyncGroups(host)  # type: ignore[arg-type]  # at the next unlock
+        with pytest.raises(RelayUnavailable):
+            asyncio.run(again.adopt_pending())
+        assert store.get_setting(SETTING_ADOPT) == [request] and store.get_request(request)
+        asyncio.run(again.adopt_pending())  # the maintenance loop's next round
+        assert store.get_setting(SETTING_ADOPT) is None and store.get_request(request) is None
+        (carol,) = store.list_contacts()
+        assert store.get_session(carol.id) is not None
+        assert ContactState.from_bytes(carol.state).established
+        assert G.is_group_contact(store, carol.id)
+        assert store.mailbox_for_contact(carol.id) is not None
     finally:
         store.close()
