@@ -15,7 +15,10 @@ what it sends in a group, goes to the members only; this carries it to the other
   change is), so a device never rolls a group back nor takes a state no change proves; a
   leave taken leaves the group here too. Applying sends nothing back.
 - A text sent in a group (a sent transcript): stored as ours under the same message ID,
-  once; one for a group not held here (its state still on the way) is dropped.
+  once; one for a group not held here (its state still on the way) is kept, bounded
+  (store/own_sync.py), and stored when the state comes.
+- An ask for a group's state, from a device that got a member's change it cannot place:
+  answered with the state, rate-limited at both ends.
 
 Imports linked_groups (its checks), the stores, the core; nothing here logs a group, a key or
 a text.
@@ -39,6 +42,7 @@ from aegisd.core.session import Session
 from aegisd.core.wire import MailboxAddress
 from aegisd.store import Store
 from aegisd.store import groups as G
+from aegisd.store import own_sync as sync_rows
 from aegisd.store.db import Contact
 from aegisd.store.devices import SETTING_OWN_LIST
 
@@ -177,6 +181,10 @@ class OwnSyncGroups:
             self._hidden(item.hidden, incoming.head)
             self.m.groups.synced(ref, None, incoming, 0)
             self._requests(incoming.head)
+            for data in sync_rows.take_group_sent(store, incoming.head.group_id, _now_ms()):
+                sent = sg.decode(data)  # as it came (decoded then)
+                if isinstance(sent, sg.GroupSentItem):
+                    self._sent(sent)
             return
         held = _stored(row.log)
         if incoming.base.version > held.head.version:
@@ -287,8 +295,8 @@ class OwnSyncGroups:
     def _sent(self, item: sg.GroupSentItem) -> None:
         store = self.m.store
         row = G.group_by_id(store, item.group_id)
-        if row is None:
-            droplog.dropped("dropped a group transcript of an unknown group")
+        if row is None:  # its state is on its way (or never comes: kept bounded, then gone)
+            sync_rows.keep_group_sent(store, item.group_id, sg.encode(item), _now_ms())
             return
         if G.add_message(store, row.id, item.message_id, "out", item.text,
                          sent_at=item.sent_at_ms) is None:  # fmt: skip

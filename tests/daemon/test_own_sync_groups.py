@@ -361,3 +361,42 @@ def test_a_group_only_members_request_is_adopted_and_survives_a_crash(tmp_path) 
         assert store.mailbox_for_contact(carol.id) is not None
     finally:
         store.close()
+
+
+def test_a_transcript_before_its_groups_state_is_kept_bounded_and_stored_with_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from aegisd.store import own_sync as rows
+
+    store, host, sync = _setup(tmp_path)
+    try:
+        log = _group()
+        early = sg.GroupSentItem(log.head.group_id, b"e" * 16, 1_700_000_000_000, "early")
+        sync.on_payload(sg.encode(early))
+        # Another group's, past the count: the oldest go, this group's early one stays.
+        for i in range(rows.GROUP_SENT_KEPT - 1):
+            sync.on_payload(sg.encode(sg.GroupSentItem(bytes(32), i.to_bytes(16, "big"), 1, "x")))
+        assert G.list_groups(store) == [] and host.events == []
+        sync.on_payload(_state(log))
+        ref = G.group_by_id(store, log.head.group_id).id  # type: ignore[union-attr]
+        (msg,) = G.history(store, ref, before_seq=None, limit=10)
+        assert (msg.direction, msg.body, msg.id) == ("out", "early", (b"e" * 16).hex())
+        assert (
+            "group.transcript",
+            {
+                "group": ref,
+                "message_id": (b"e" * 16).hex(),
+                "text": "early",
+                "sent_at": early.sent_at_ms,
+            },
+        ) in host.events
+        n = store.query("SELECT count(*) FROM sync_group_sent").fetchone()[0]
+        assert n == rows.GROUP_SENT_KEPT - 1  # the other group's, still bounded
+        for mid in (b"y" * 16, b"z" * 16):
+            sync.on_payload(sg.encode(sg.GroupSentItem(bytes(32), mid, 1, "x")))
+        assert store.query("SELECT count(*) FROM sync_group_sent").fetchone()[0] == n + 1
+        big = "y" * 60_000
+        for i in range(20):  # the bytes bound
+            sync.on_payload(sg.encode(sg.GroupSentItem(bytes(32), b"b" * 15 + bytes([i]), 1, big)))
+        size = store.query("SELECT sum(length(data)) FROM sync_group_sent").fetchone()[0]
+        assert size <= rows.GROUP_SENT_BYTES
+    finally:
+        store.close()
