@@ -212,6 +212,8 @@ class Groups(GroupBase):
                 with self.m.store.transaction():
                     G.delete_group(self.m.store, ref)
                     self.m.store.set_setting(f"{JOINING_KEY}{ref}", None)
+                    # a stale state from another device must not bring it back (0x4A)
+                    self.m.sync_groups.deleted(log.head.group_id, log.head.version)
                     self.m.ctx.events.emit("group.changed", {"group": ref, "change": "deleted"})
                 self._prune_contacts(m.key for m in log.head.members)
             return {"group": ref, "deleted": True}

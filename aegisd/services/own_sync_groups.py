@@ -36,7 +36,7 @@ from aegisd import droplog
 from aegisd.core import group as core
 from aegisd.core import sync_groups as sg
 from aegisd.core import wire
-from aegisd.core.errors import BundleError, GroupError
+from aegisd.core.errors import BundleError, DecodeError, GroupError
 from aegisd.core.identity import IdentityKeyPair, PublicIdentity, keys_of
 from aegisd.core.session import Session
 from aegisd.core.wire import MailboxAddress
@@ -64,6 +64,10 @@ ASK_INTERVAL_MS = 10 * 60 * 1000
 MAX_ASKS_PER_INTERVAL = 8
 #: The contact requests recorded for adoption (their IDs), kept until each is run.
 SETTING_ADOPT = "sync_groups.adopt"
+#: Groups the user deleted here: {group ID hex: the head's version then}, the newest
+#: DELETIONS_KEPT (a state no newer, from a device that had not seen why, is refused).
+SETTING_DELETED = "sync_groups.deleted"
+DELETIONS_KEPT = 64
 
 
 class ContactsView(Protocol):
@@ -132,6 +136,16 @@ class OwnSyncGroups:
         item = sg.GroupStateItem(tuple(sorted(hidden)), log.record())
         self.m.own_sync.send(sg.encode(item))
 
+    def deleted(self, group_id: bytes, version: int) -> None:
+        """The user deleted the group here at ``version`` (removed, or its only member;
+        inside the caller's transaction): a state of it no newer, sent by a device that had
+        not yet seen the removal, must not bring it back."""
+        store = self.m.store
+        kept = {k: v for k, v in dict(store.get_setting(SETTING_DELETED, {})).items()
+                if k != group_id.hex()}  # fmt: skip
+        kept[group_id.hex()] = version
+        store.set_setting(SETTING_DELETED, dict(list(kept.items())[-DELETIONS_KEPT:]))
+
     def ask(self, group_id: bytes) -> None:
         """A member's change (or message) this device cannot place: of a group it does not
         hold (its state on the way from another device of ours, or a change of it dropped
@@ -173,15 +187,21 @@ class OwnSyncGroups:
         store, me = self.m.store, self.m.identity().public.ed_pub
         row = G.group_by_id(store, incoming.head.group_id)
         if row is None:
+            gid = incoming.head.group_id
             if incoming.head.member(me) is None:
                 droplog.dropped("dropped a synced group we are no member of")
                 return
-            ref = G.add_group(store, incoming.head.group_id, incoming.record().to_bytes(),
+            gone = dict(store.get_setting(SETTING_DELETED, {})).get(gid.hex())
+            if gone is not None and incoming.head.version <= int(gone):
+                droplog.dropped("dropped a synced group deleted here since")
+                return
+            ref = G.add_group(store, gid, incoming.record().to_bytes(),
                               member_rows(incoming.head))  # fmt: skip
+            self._drop_invitations(gid)
             self._hidden(item.hidden, incoming.head)
             self.m.groups.synced(ref, None, incoming, 0)
             self._requests(incoming.head)
-            for data in sync_rows.take_group_sent(store, incoming.head.group_id, _now_ms()):
+            for data in sync_rows.take_group_sent(store, gid, _now_ms()):
                 sent = sg.decode(data)  # as it came (decoded then)
                 if isinstance(sent, sg.GroupSentItem):
                     self._sent(sent)
@@ -282,6 +302,17 @@ class OwnSyncGroups:
             cid = store.add_contact(name, identity_key=member.identity.to_bytes(),
                                     state=ContactState(None, False).to_bytes()).id  # fmt: skip
             G.mark_group_contact(store, cid)
+
+    def _drop_invitations(self, group_id: bytes) -> None:
+        """Invitations waiting here into a group that came by sync (joined on another
+        device): answered there; accepting here could only fail (the group is here)."""
+        for inv in G.list_invitations(self.m.store):
+            try:
+                p = wire.decode_payload(inv.payload)
+            except (DecodeError, ValueError):
+                continue
+            if isinstance(p, wire.GroupInvitePayload) and p.base.state.group_id == group_id:
+                G.delete_invitation(self.m.store, inv.id)
 
     def _contacts(self) -> dict[bytes, Contact]:
         """The contacts by their identity's keys (as contacts.with_identity matches them)."""

@@ -400,3 +400,34 @@ def test_a_transcript_before_its_groups_state_is_kept_bounded_and_stored_with_it
         assert size <= rows.GROUP_SENT_BYTES
     finally:
         store.close()
+
+
+def test_a_stale_state_does_not_bring_back_a_deleted_group_and_its_invitation_goes(
+    tmp_path,
+) -> None:  # type: ignore[no-untyped-def]
+    store, host, sync = _setup(tmp_path)
+    try:
+        log = _group()
+        # An invitation into the group waits here; the group comes by sync (joined on the
+        # other device): the invitation goes (its accept could only fail here).
+        bob = store.add_contact("bob", identity_key=BOB.public.to_bytes())
+        base, chain = core.invitation_contents(ALICE, log)
+        invite = wire.GroupInvitePayload(b"i" * 16, 1, base, chain)
+        G.add_invitation(store, bob.id, wire.encode_payload(invite))
+        other = core.GroupLog(core.create_group(E, BOB, "other"))
+        kept = G.add_invitation(store, bob.id, wire.encode_payload(wire.GroupInvitePayload(
+            b"j" * 16, 1, *core.invitation_contents(BOB, other))))  # fmt: skip
+        sync.on_payload(_state(log))
+        assert [i.id for i in G.list_invitations(store)] == [kept]
+        # Deleted here (removed, then the user's leave deletes the copy): a state no newer,
+        # from a device that had not seen the removal, is refused; a newer one is taken.
+        ref = G.group_by_id(store, log.head.group_id).id  # type: ignore[union-attr]
+        G.delete_group(store, ref)
+        sync.deleted(log.head.group_id, log.head.version)
+        sync.on_payload(_state(log))
+        assert G.group_by_id(store, log.head.group_id) is None
+        log.receive(core.rename(ALICE, log.head, "again", ""))
+        sync.on_payload(_state(log))
+        assert _held(store, log.head.group_id).head == log.head
+    finally:
+        store.close()
