@@ -405,7 +405,7 @@ def test_a_transcript_before_its_groups_state_is_kept_bounded_and_stored_with_it
 def test_a_stale_state_does_not_bring_back_a_deleted_group_and_its_invitation_goes(
     tmp_path,
 ) -> None:  # type: ignore[no-untyped-def]
-    store, host, sync = _setup(tmp_path)
+    store, _host, sync = _setup(tmp_path)
     try:
         log = _group()
         # An invitation into the group waits here; the group comes by sync (joined on the
