@@ -7,7 +7,8 @@ members send their changes and messages to every device, but a device's own chan
 goes to the members and not to its other devices. Two items share the payload number:
 
 - a group's state: the group's log as the device holds it (``GroupLogRecord``, as a link's
-  profile carries it) and which of the head's members are group-only contacts there;
+  profile carries it), which of the head's members are group-only contacts there, and the
+  group's disappearing timer there (as a timer change, §25.11: the later one wins);
 - a sent group text: the group, the message's ID, its time and text (a sent transcript);
 - an ask for a group's state: the group's ID, from a device that got a member's change it
   cannot place (a group it does not hold yet, or a change whose parent it lacks).
@@ -29,10 +30,14 @@ from .wire import (
     PAYLOAD_SYNC_GROUP,
     GroupLogRecord,
     Reader,
+    TimerPayload,
     Writer,
+    timer_ok,
 )
 
 ITEM_STATE, ITEM_SENT, ITEM_ASK = 1, 2, 3
+#: A group whose timer was never set (off, stamped 0).
+NO_TIMER = TimerPayload(0, 0)
 #: A log as a device holds it: its chain (the contest window) and the changes held back.
 MAX_SYNC_LOG_CHANGES = CONTEST_WINDOW + MAX_HELD
 #: The longest 0x4A: a base of MAX_GROUP_MEMBERS, MAX_SYNC_LOG_CHANGES changes of the longest
@@ -45,10 +50,12 @@ MAX_GROUP_SYNC_FRAGMENTS = -(-MAX_GROUP_SYNC_BYTES // wire.RATCHET_CAPACITY)
 @dataclass(frozen=True)
 class GroupStateItem:
     """A group as the sending device holds it: ``hidden``, the Ed25519 keys (ascending) of the
-    head's members that are group-only contacts there; ``log``, the log as it loads it."""
+    head's members that are group-only contacts there; ``log``, the log as it loads it;
+    ``timer``, its disappearing timer there (changed_at_ms 0: never set)."""
 
     hidden: tuple[bytes, ...]
     log: GroupLogRecord
+    timer: TimerPayload = NO_TIMER
 
 
 @dataclass(frozen=True)
@@ -80,9 +87,12 @@ def encode(item: GroupSyncItem) -> bytes:
             raise ValueError("hidden members: at most 256 keys, strictly ascending")
         if len(item.log.changes) > MAX_SYNC_LOG_CHANGES:
             raise ValueError("too many changes in a synced log")
+        if not timer_ok(item.timer.seconds):
+            raise ValueError("not a timer")
         w.u8(ITEM_STATE).u16(len(item.hidden))
         for key in item.hidden:
             w.fixed(key, ED25519_LEN)
+        w.u64(item.timer.changed_at_ms).u32(item.timer.seconds)
         w.raw(item.log.to_bytes())
     elif isinstance(item, GroupAskItem):
         w.u8(ITEM_ASK).fixed(item.group_id, GROUP_ID_LEN)
@@ -114,10 +124,13 @@ def decode(data: bytes) -> GroupSyncItem:
         hidden = tuple(r.take(ED25519_LEN) for _ in range(n))
         if list(hidden) != sorted(set(hidden)):
             raise DecodeError("hidden members not strictly ascending")
-        log = GroupLogRecord.from_bytes(data[5 + n * ED25519_LEN :])
+        timer = TimerPayload(r.u64(), r.u32())
+        if not timer_ok(timer.seconds):
+            raise DecodeError("not a timer")
+        log = GroupLogRecord.from_bytes(data[5 + n * ED25519_LEN + 12 :])
         if len(log.changes) > MAX_SYNC_LOG_CHANGES:
             raise DecodeError("too many changes in a synced log")
-        return GroupStateItem(hidden, log)
+        return GroupStateItem(hidden, log, timer)
     if item == ITEM_SENT:
         group_id, mid, sent = r.take(GROUP_ID_LEN), r.take(MESSAGE_ID_LEN), r.u64()
         text = data[3 + GROUP_ID_LEN + MESSAGE_ID_LEN + 8 :]

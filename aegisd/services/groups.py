@@ -89,6 +89,9 @@ class Groups(GroupBase):
                undone: int) -> None:  # fmt: skip
         self.inbound.synced(ref, before, log, undone)
 
+    def synced_timer(self, ref: int, timer: wire.TimerPayload) -> None:
+        self.inbound.synced_timer(ref, timer)
+
     # --- the user's calls -----------------------------------------------------------------
 
     async def create(self, name: str, description: str = "") -> dict[str, Any]:

@@ -248,6 +248,11 @@ class GroupInbound(GroupBase):
         if before is not None:
             self._prune_contacts(departed_keys(before, log.head, me))
 
+    def synced_timer(self, ref: int, timer: wire.TimerPayload) -> None:
+        """The group's disappearing timer at another device of ours (0x4A): taken as a
+        member's timer change is, the later one winning (group_actions.py)."""
+        self.actions.synced_timer(ref, timer)
+
     def _on_message(self, c: Contact, session: Session, sender: PublicIdentity,
                     p: wire.GroupMessagePayload | wire.GroupFilePayload | wire.GroupActionPayload,
                     held: bool = False) -> None:  # fmt: skip

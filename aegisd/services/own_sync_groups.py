@@ -41,6 +41,7 @@ from aegisd.core.identity import IdentityKeyPair, PublicIdentity, keys_of
 from aegisd.core.session import Session
 from aegisd.core.wire import MailboxAddress
 from aegisd.store import Store
+from aegisd.store import group_actions as GA
 from aegisd.store import groups as G
 from aegisd.store import own_sync as sync_rows
 from aegisd.store.db import Contact
@@ -77,6 +78,7 @@ class ContactsView(Protocol):
 class GroupsView(Protocol):
     def synced(self, ref: int, before: core.GroupState | None, log: core.GroupLog,
                undone: int) -> None: ...  # fmt: skip
+    def synced_timer(self, ref: int, timer: wire.TimerPayload) -> None: ...
 
 
 class FirstContactsView(Protocol):
@@ -133,7 +135,9 @@ class OwnSyncGroups:
             c = by_keys.get(member.identity.encode())
             if c is not None and c.id in hidden_ids:
                 hidden.append(member.key)
-        item = sg.GroupStateItem(tuple(sorted(hidden)), log.record())
+        seconds, changed_at = GA.get_timer(store, ref)
+        item = sg.GroupStateItem(tuple(sorted(hidden)), log.record(),
+                                 wire.TimerPayload(changed_at, seconds))  # fmt: skip
         self.m.own_sync.send(sg.encode(item))
 
     def deleted(self, group_id: bytes, version: int) -> None:
@@ -200,6 +204,7 @@ class OwnSyncGroups:
             self._drop_invitations(gid)
             self._hidden(item.hidden, incoming.head)
             self.m.groups.synced(ref, None, incoming, 0)
+            self.m.groups.synced_timer(ref, item.timer)
             self._requests(incoming.head)
             for data in sync_rows.take_group_sent(store, gid, _now_ms()):
                 sent = sg.decode(data)  # as it came (decoded then)
@@ -219,13 +224,13 @@ class OwnSyncGroups:
                 undone += len(held.receive(change).undone)
             except (GroupError, BundleError, ValueError):
                 continue  # known already, final here, or refused as a member's would be
-        if held.record() == known:
-            return  # nothing new: an echo, or what the members' changes brought already
-        if held.head != before:
-            self._hidden(item.hidden, held.head)
-        self.m.groups.synced(row.id, before, held, undone)
-        if held.head != before:
-            self._requests(held.head)
+        if held.record() != known:  # else an echo, or what the members' changes brought
+            if held.head != before:
+                self._hidden(item.hidden, held.head)
+            self.m.groups.synced(row.id, before, held, undone)
+            if held.head != before:
+                self._requests(held.head)
+        self.m.groups.synced_timer(row.id, item.timer)
 
     def _answer(self, group_id: bytes) -> None:
         """Another device of ours asks for a group's state: ours, to every other device, if

@@ -431,3 +431,29 @@ def test_a_stale_state_does_not_bring_back_a_deleted_group_and_its_invitation_go
         assert _held(store, log.head.group_id).head == log.head
     finally:
         store.close()
+
+
+def test_the_groups_timer_comes_with_its_state_and_the_later_change_wins(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from aegisd.store import group_actions as GA
+
+    store, host, sync = _setup(tmp_path)
+    try:
+        log = _group()
+        t = 1_700_000_000_000
+        sync.on_payload(sg.encode(sg.GroupStateItem((), log.record(), wire.TimerPayload(t, 3600))))
+        ref = G.group_by_id(store, log.head.group_id).id  # type: ignore[union-attr]
+        assert GA.get_timer(store, ref) == (3600, t)
+        assert any(e == "conversation.timer" and d["seconds"] == 3600 for e, d in host.events)
+        # The same log, an older timer: nothing; a later one (the log unchanged): taken.
+        sync.on_payload(
+            sg.encode(sg.GroupStateItem((), log.record(), wire.TimerPayload(t - 1, 60)))
+        )
+        assert GA.get_timer(store, ref) == (3600, t)
+        sync.on_payload(sg.encode(sg.GroupStateItem((), log.record(), wire.TimerPayload(t + 1, 0))))
+        assert GA.get_timer(store, ref) == (0, t + 1)
+        # What this device sends carries its timer.
+        store.set_setting("devices.list", "00")
+        sync.changed(ref)
+        assert sg.decode(host.sent[-1]).timer == wire.TimerPayload(t + 1, 0)  # type: ignore[union-attr]
+    finally:
+        store.close()

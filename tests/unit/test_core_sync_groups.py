@@ -33,7 +33,8 @@ def _log() -> core.GroupLog:
 
 
 LOG = _log()
-STATE = sg.GroupStateItem((BOB.public.ed_pub,), LOG.record())
+STATE = sg.GroupStateItem((BOB.public.ed_pub,), LOG.record(),
+                          wire.TimerPayload(1_700_000_000_000, 3600))  # fmt: skip
 SENT = sg.GroupSentItem(LOG.head.group_id, bytes(range(16)), 1_700_000_000_000, "héllo")
 ASK = sg.GroupAskItem(LOG.head.group_id)
 
@@ -72,6 +73,11 @@ def test_group_sync_payloads_are_parsed_strictly() -> None:
             sg.decode(bad)
     key = BOB.public.ed_pub
     twice = state[:3] + (2).to_bytes(2, "big") + key + key + state[5 + 32 :]
+    at = 5 + 32 + 8  # the timer's seconds: not a timer
+    with pytest.raises(DecodeError):
+        sg.decode(state[:at] + (wire.TIMER_MAX_S + 1).to_bytes(4, "big") + state[at + 4 :])
+    with pytest.raises(ValueError):
+        sg.encode(sg.GroupStateItem((), LOG.record(), wire.TimerPayload(1, 10**9)))
     with pytest.raises(DecodeError):  # hidden keys not strictly ascending
         sg.decode(twice)
     with pytest.raises(DecodeError):
