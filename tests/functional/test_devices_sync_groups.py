@@ -95,6 +95,10 @@ def test_a_group_made_after_the_link_follows_on_the_other_device(
     a1.call("group.rename", {"group": g1, "name": "two of us"})
     a2.wait_for(lambda: group_of(a2)["name"] == "two of us", "the rename on A2",  # type: ignore[index]
                 T)  # fmt: skip
+    # A1 sets the group's disappearing timer (members get it, not A2): its state carries it.
+    a1.call("conversations.set_timer", {"group": g1, "seconds": 3600})
+    a2.wait_for(lambda: a2.call("conversations.get_timer", {"group": g2})["seconds"] == 3600,
+                "the group's timer on A2", T)  # fmt: skip
     # Bob made an owner (the last owner may not leave), then A1 leaves: A2 has left too (no
     # longer a member), and Bob sees Alice gone.
     a1.call("group.role", {"group": g1, "member": ed["bob"], "role": "owner"})
