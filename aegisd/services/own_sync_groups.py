@@ -13,7 +13,9 @@ what it sends in a group, goes to the members only; this carries it to the other
   taken only if its head names us a member; a group it holds takes only the changes it lacks,
   each through its own log (checked against its parent, held back or contested as a member's
   change is), so a device never rolls a group back nor takes a state no change proves; a
-  leave taken leaves the group here too. Applying sends nothing back.
+  leave taken leaves the group here too; a state no newer than a deletion recorded here is
+  refused, and invitations into a group taken new are dropped. The group's timer comes
+  with it (the later change wins). Applying sends nothing back.
 - A text sent in a group (a sent transcript): stored as ours under the same message ID,
   once; one for a group not held here (its state still on the way) is kept, bounded
   (store/own_sync.py), and stored when the state comes.
