@@ -813,7 +813,8 @@ def _own_sync(db: Any) -> None:
 def _sync_group_sent(db: Any) -> None:
     """Sent group transcripts (payload 0x4A) from another device of the profile for a group
     this device does not hold yet (its state is on its way): applied when the state comes,
-    bounded in count, bytes and age (store/own_sync.py)."""
+    bounded in count, bytes and age (store/own_sync.py). ``group_unknown_held``: members'
+    changes and messages for such a group, likewise (store/groups.py)."""
     _run(
         db,
         """
@@ -823,7 +824,15 @@ def _sync_group_sent(db: Any) -> None:
             data        BLOB NOT NULL,          -- the 0x4A sent item as it came
             created_at  INTEGER NOT NULL        -- ms, when it came
         );
-        CREATE INDEX sync_group_sent_group ON sync_group_sent (group_id)
+        CREATE INDEX sync_group_sent_group ON sync_group_sent (group_id);
+        CREATE TABLE group_unknown_held (
+            id          INTEGER PRIMARY KEY,
+            group_id    BLOB NOT NULL,
+            contact_id  INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+            payload     BLOB NOT NULL,          -- a change or message, encoded
+            created_at  INTEGER NOT NULL        -- ms, when it came
+        );
+        CREATE INDEX group_unknown_held_group ON group_unknown_held (group_id)
         """,
     )
 
