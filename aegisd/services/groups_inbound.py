@@ -242,8 +242,6 @@ class GroupInbound(GroupBase):
         if undone:
             self.m.ctx.events.emit("group.changed", {"group": ref, "change": "undone",
                                                      "count": undone})  # fmt: skip
-        if before is None:  # what members sent before the state came
-            self._release_unknown(log.head.group_id)
         if before is not None and log.head == before:
             return  # only held-back or lost changes came: the group shows as it did
         me = self._me()
@@ -253,6 +251,8 @@ class GroupInbound(GroupBase):
         self._release_held(ref, log.head, log.departed())
         if before is not None:
             self._prune_contacts(departed_keys(before, log.head, me))
+        else:  # what members sent before the state came, taken now
+            self._release_unknown(log.head.group_id)
 
     def synced_timer(self, ref: int, timer: wire.TimerPayload) -> None:
         """The group's disappearing timer at another device of ours (0x4A): taken as a

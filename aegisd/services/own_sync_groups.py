@@ -38,7 +38,7 @@ from aegisd import droplog
 from aegisd.core import group as core
 from aegisd.core import sync_groups as sg
 from aegisd.core import wire
-from aegisd.core.errors import BundleError, DecodeError, GroupError
+from aegisd.core.errors import AegisError, BundleError, DecodeError, GroupError
 from aegisd.core.identity import IdentityKeyPair, PublicIdentity, keys_of
 from aegisd.core.session import Session
 from aegisd.core.wire import MailboxAddress
@@ -286,7 +286,7 @@ class OwnSyncGroups:
             store = self.m.store
             row = store.get_request(request_id)
             if row is not None:  # else taken meanwhile (accepted, refused, adopted)
-                with contextlib.suppress(BundleError, ValueError):
+                with contextlib.suppress(AegisError, ValueError):  # a record that does not load
                     await self.m.first_contacts.adopt(
                         PublicIdentity.from_bytes(row.identity_key),
                         Session.from_bytes(row.session), address_from_bytes(row.reply_to),
