@@ -6,16 +6,18 @@ their changes and messages to every device, but what one device makes, joins or 
 what it sends in a group, goes to the members only; this carries it to the other devices.
 
 - A group's state, whenever the user changes it here (made, joined: the inviter's add
-  applied, a member added or removed, a role, a rename, a leave): its log as this device
-  loads it and which of its head's members are group-only contacts here, as a link's profile
-  carries them (linked_groups.py). The receiver checks it as a linked group: the log loads
+  applied, a member added or removed, a role, a rename, a leave, its timer set) or another
+  device asks: its log as this device loads it, which of its head's members are group-only
+  contacts here, as a link's profile carries them (linked_groups.py), and its timer. The receiver checks it as a linked group: the log loads
   without dropping a change (each change's signature verified); a group it does not hold is
   taken only if its head names us a member; a group it holds takes only the changes it lacks,
   each through its own log (checked against its parent, held back or contested as a member's
   change is), so a device never rolls a group back nor takes a state no change proves; a
   leave taken leaves the group here too; a state no newer than a deletion recorded here is
-  refused, and invitations into a group taken new are dropped. The group's timer comes
-  with it (the later change wins). Applying sends nothing back.
+  refused, and invitations into a group taken new are dropped. The timer is taken as a
+  member's timer change (the later wins). A member's device session that came before the
+  state (a contact request) is adopted as its group contact, crash-safe. Applying sends
+  nothing back.
 - A text sent in a group (a sent transcript): stored as ours under the same message ID,
   once; one for a group not held here (its state still on the way) is kept, bounded
   (store/own_sync.py), and stored when the state comes.
