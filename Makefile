@@ -26,6 +26,12 @@ lint: $(VENV)/.installed-test
 typecheck: $(VENV)/.installed-test
 	$(PY) -m mypy $(wildcard aegisd aegis_cli aegis_client aegis_bridge relay bench contrib/*.py)
 
+# Serial on purpose. pytest-xdist (-n 2) is not switched on until shown safe: each worker
+# would start its own session fixtures (tests/conftest.py: the Tor network, PostgreSQL; the
+# calls' PulseAudio), which is right, but tests/tornet.py takes random ports it checked free
+# (20000-32000) and coturn a UDP port bound then released (calls_support.py), both racy across
+# workers; every coturn relays on 49152-65535; and the tests' quiet waits ("nothing more within
+# 2 s") were tuned for one test at a time on the machine.
 unit: $(VENV)/.installed-test
 	$(PY) -m pytest -q --durations=30
 

@@ -93,8 +93,12 @@ def describe(ev: dict[str, Any]) -> str:
     elif kind == "contact.renewal_failed":
         what = f"{who}: session renewal failed: {_text(d.get('reason'))}"
     elif kind == "attachment.received":
-        what = (f"{who}: file {_text(d.get('name'))} ({size_text(int(d.get('size') or 0))}) "
-                f"arriving, id {d.get('attachment_id')}")  # fmt: skip
+        # direction out: a file another device of ours sent to the contact, fetched here.
+        ours = d.get("direction") == "out"
+        what = (f"{'me -> ' if ours else ''}{who}: file {_text(d.get('name'))} "
+                f"({size_text(int(d.get('size') or 0))}) "
+                f"{'sent from another device, fetching' if ours else 'arriving'}, "
+                f"id {d.get('attachment_id')}")  # fmt: skip
         if int(d.get("batch_count") or 1) > 1:
             what += f" ({int(d.get('batch_index') or 0) + 1} of {int(d['batch_count'])})"
         if d.get("caption"):

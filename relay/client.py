@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import itertools
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -294,9 +295,8 @@ class RelayClient:
         sig_pub = bytes(key.verify_key)
         flags = (wire.CREATE_PUBLIC if public else 0) | (
             wire.CREATE_DELETE_KEY if delete_pub is not None else 0)
-        nonce = await asyncio.to_thread(self._pow, self.hello.pow_create_bits, wire.POW_CREATE,
-                                        pow_.ZERO_TARGET,
-                                        wire.create_pow_hash(sig_pub, box_pub, flags, delete_pub))
+        nonce = await self._pow(self.hello.pow_create_bits, wire.POW_CREATE, pow_.ZERO_TARGET,
+                                wire.create_pow_hash(sig_pub, box_pub, flags, delete_pub))
         rid = self.next_rid()
         unsigned = sig_pub + box_pub + bytes([flags]) + (delete_pub or b"") + nonce
         sig = key.sign(wire.auth_message(self.challenge,
@@ -344,15 +344,22 @@ class RelayClient:
 
     # --- anonymous commands -------------------------------------------------------------------
 
-    def _pow(self, bits: int, purpose: int, target: bytes, payload_hash: bytes) -> bytes:
+    async def _pow(self, bits: int, purpose: int, target: bytes, payload_hash: bytes) -> bytes:
+        """The proof of work, searched in a thread; a cancelled caller stops the search (so a
+        daemon told to stop mid-proof exits at once instead of after the search)."""
         if bits <= 0:
             return bytes(wire.NONCE_LEN)
-        return pow_.solve(bits, self.challenge, purpose, target, payload_hash)
+        stop = threading.Event()
+        try:
+            return await asyncio.to_thread(pow_.solve, bits, self.challenge, purpose, target,
+                                           payload_hash, stop)  # fmt: skip
+        finally:
+            stop.set()
 
     async def bundle_fetch(self, deposit_id: bytes) -> tuple[bytes, bytes | None, bytes | None]:
         assert self.hello is not None
-        nonce = await asyncio.to_thread(self._pow, self.hello.pow_bundle_bits, wire.POW_BUNDLE,
-                                        deposit_id, pow_.ZERO_HASH)
+        nonce = await self._pow(self.hello.pow_bundle_bits, wire.POW_BUNDLE,
+                                deposit_id, pow_.ZERO_HASH)
         f = await self.request(wire.BUNDLE_FETCH, deposit_id + nonce)
         return wire.parse_bundle(f.body)
 
@@ -362,9 +369,8 @@ class RelayClient:
         if token is not None:
             auth = bytes([wire.AUTH_TOKEN]) + token
         else:
-            nonce = await asyncio.to_thread(self._pow, self.hello.pow_deposit_bits,
-                                            wire.POW_DEPOSIT, deposit_id,
-                                            hashlib.sha256(block).digest())
+            nonce = await self._pow(self.hello.pow_deposit_bits, wire.POW_DEPOSIT, deposit_id,
+                                    hashlib.sha256(block).digest())
             auth = bytes([wire.AUTH_POW]) + nonce
         await self.request(wire.DEPOSIT, deposit_id + auth + block)
 
@@ -373,8 +379,8 @@ class RelayClient:
         buys); the proof of work grows with it (§4.5), so ask for what will be uploaded."""
         assert self.hello is not None
         bits = wire.blob_pow_bits(self.hello.pow_blob_bits, blocks)
-        nonce = await asyncio.to_thread(self._pow, bits, wire.POW_BLOB,
-                                        wire.blob_pow_target(blocks), pow_.ZERO_HASH)
+        nonce = await self._pow(bits, wire.POW_BLOB, wire.blob_pow_target(blocks),
+                                pow_.ZERO_HASH)
         f = await self.request(wire.BLOB_QUOTA, struct.pack(">I", blocks) + nonce)
         quota: int = struct.unpack(">I", f.body)[0]
         return quota

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 
 from . import wire
 
@@ -36,9 +37,15 @@ def check(bits: int, challenge: bytes, purpose: int, target: bytes, payload_hash
     return leading_zero_bits(digest) >= bits
 
 
+class SolveStopped(Exception):
+    """A search stopped from outside (its caller went away) before it found a nonce."""
+
+
 def solve(bits: int, challenge: bytes, purpose: int, target: bytes = ZERO_TARGET,
-          payload_hash: bytes = ZERO_HASH) -> bytes:
-    """Find a nonce (client side). Expected cost: 2**bits hashes."""
+          payload_hash: bytes = ZERO_HASH, stop: threading.Event | None = None) -> bytes:
+    """Find a nonce (client side). Expected cost: 2**bits hashes. ``stop`` set ends the search
+    (SolveStopped) within a few milliseconds: a thread searching for a cancelled caller would
+    otherwise hold up the process's exit for as long as the search takes (minutes)."""
     base = hashlib.sha256(_prefix(challenge, purpose, target, payload_hash))
     start = int.from_bytes(os.urandom(8), "big")
     limit = 1 << (256 - bits) if bits > 0 else 1 << 256
@@ -50,3 +57,5 @@ def solve(bits: int, challenge: bytes, purpose: int, target: bytes = ZERO_TARGET
         if int.from_bytes(h.digest(), "big") < limit:
             return nonce
         i += 1
+        if not i & 0x3FFF and stop is not None and stop.is_set():
+            raise SolveStopped()

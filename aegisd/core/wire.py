@@ -1034,11 +1034,15 @@ DEVICE_PAYLOAD_TYPES = frozenset(
 PAYLOAD_SYNC_SENT = 0x44
 PAYLOAD_SYNC_READ = 0x45
 PAYLOAD_SYNC_CONTACT = 0x46
-SYNC_PAYLOAD_TYPES = frozenset({PAYLOAD_SYNC_SENT, PAYLOAD_SYNC_READ, PAYLOAD_SYNC_CONTACT})
+PAYLOAD_SYNC_ACTION = 0x48  # 0x48-0x49: core/sync_actions.py's
+PAYLOAD_SYNC_SETTINGS = 0x49
+SYNC_PAYLOAD_TYPES = frozenset({PAYLOAD_SYNC_SENT, PAYLOAD_SYNC_READ, PAYLOAD_SYNC_CONTACT,
+                                PAYLOAD_SYNC_ACTION, PAYLOAD_SYNC_SETTINGS})
 
 
 def is_sync_payload(data: bytes) -> bool:
-    """Whether `data` claims to be a sync payload (0x44-0x46, sync.decode_sync_payload)."""
+    """Whether `data` claims to be a sync payload (0x44-0x46: sync.decode_sync_payload; 0x48,
+    0x49: sync_actions.decode)."""
     return len(data) >= 2 and data[0] == VERSION and data[1] in SYNC_PAYLOAD_TYPES
 
 

@@ -29,6 +29,7 @@ from aegisd.store.db import Contact, Message
 from .delivery import Delivery, Recipient
 from .disappearing import erased
 from .host import ServiceHost
+from .own_sync_actions import TranscriptsView
 
 #: How long after a message an edit of it is taken: the recipient checks it against its own
 #: receipt time of the message, the sender against its sending time (stricter). Like Signal's
@@ -67,6 +68,8 @@ class ActionsHost(ServiceHost, Protocol):
     def contacts(self) -> ContactsView: ...
     @property
     def loss(self) -> LossView: ...
+    @property
+    def sync_actions(self) -> TranscriptsView: ...
 
 
 def _wire_id(message_id: str) -> bytes | None:
@@ -134,6 +137,7 @@ class Actions:
                 )
                 self.m.delivery.enqueue([Recipient(c, session)], payload, message_id=mid,
                                         delay=self.m.delivery.send_jitter())  # fmt: skip
+                self.m.sync_actions.made(c, payload)  # on our other devices too
         self.m.delivery.wake()
         return {"message_id": mid, "status": "queued"}
 
@@ -148,9 +152,10 @@ class Actions:
             session = self._session(c)
             with self.m.store.transaction():
                 actions_store.set_reaction(self.m.store, msg.id, "out", emoji, _ms())
-                self.m.delivery.enqueue([Recipient(c, session)],
-                                        wire.ReactionPayload(wire_id, emoji),
+                reaction = wire.ReactionPayload(wire_id, emoji)
+                self.m.delivery.enqueue([Recipient(c, session)], reaction,
                                         delay=self.m.delivery.send_jitter())  # fmt: skip
+                self.m.sync_actions.made(c, reaction)
         self.m.delivery.wake()
         return {"message_id": msg.id, "emoji": emoji or None}
 
@@ -173,9 +178,10 @@ class Actions:
             order = now if last is None else max(now, last + 1)
             with self.m.store.transaction():
                 actions_store.edit(self.m.store, msg.id, text, now, order)
-                self.m.delivery.enqueue([Recipient(c, session)],
-                                        wire.EditPayload(wire_id, order, text),
+                edit = wire.EditPayload(wire_id, order, text)
+                self.m.delivery.enqueue([Recipient(c, session)], edit,
                                         delay=self.m.delivery.send_jitter())  # fmt: skip
+                self.m.sync_actions.made(c, edit)
         self.m.delivery.wake()
         return {"message_id": msg.id, "edited_at": now}
 
@@ -196,6 +202,7 @@ class Actions:
                 actions_store.mark_deleted(self.m.store, msg.id, c.id)
                 self.m.delivery.enqueue([Recipient(c, session)], wire.DeletePayload(wire_id),
                                         delay=self.m.delivery.send_jitter())  # fmt: skip
+                self.m.sync_actions.made(c, wire.DeletePayload(wire_id))
         self.m.delivery.wake()
         return {"deleted": True, "for_everyone": True}
 

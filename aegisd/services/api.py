@@ -74,7 +74,9 @@ def register(registry: Registry, m: Messenger) -> None:
                 "display_name", "must be at most 64 bytes of printable characters"
             )
         display_name = " ".join(display_name.split())
-        m.store.set_setting(SETTING_NAME, display_name)
+        with m.store.transaction():  # the name and its sync (0x49) at once
+            m.store.set_setting(SETTING_NAME, display_name)
+            m.sync_settings.changed("display_name")  # on our other devices too
         return {"display_name": display_name}
 
     @method("invitations.create")
@@ -283,13 +285,12 @@ def register(registry: Registry, m: Messenger) -> None:
         max_linked_devices: int | None = None,
     ) -> dict[str, Any]:
         store = m.store
+        # Every parameter checked before anything is written: a refused call changes nothing.
         if max_linked_devices is not None and (
             type(max_linked_devices) is not int
             or not 1 <= max_linked_devices <= MAX_DEVICES - 1
         ):
             raise InvalidParamsError("max_linked_devices", f"must be 1 to {MAX_DEVICES - 1}")
-        if max_linked_devices is not None:
-            store.set_setting(SETTING_MAX_LINKED, max_linked_devices)
         if disappearing_default is not None:
             check_timer("disappearing_default", disappearing_default)
         if proxy is not None and proxy != "":
@@ -303,18 +304,8 @@ def register(registry: Registry, m: Messenger) -> None:
             raise InvalidParamsError("send_jitter_max", "must be between 0 and 3600")
         if group_spread_max is not None and not 0 <= group_spread_max <= 3600:
             raise InvalidParamsError("group_spread_max", "must be between 0 and 3600")
-        if send_jitter_max is not None:
-            store.set_setting(SETTING_SEND_JITTER, float(send_jitter_max))
-        if group_spread_max is not None:
-            store.set_setting(SETTING_GROUP_SPREAD, float(group_spread_max))
-        if read_receipts is not None:
-            store.set_setting(SETTING_READ_RECEIPTS, read_receipts)
-        if disappearing_default is not None:  # 0 (off): the default's default
-            store.set_setting(SETTING_DISAPPEARING, disappearing_default or None)
-        if receipt_delay_max is not None:
-            if not 0.5 <= receipt_delay_max <= 3600:
-                raise InvalidParamsError("receipt_delay_max", "must be between 0.5 and 3600")
-            store.set_setting(SETTING_RECEIPT_DELAY, float(receipt_delay_max))
+        if receipt_delay_max is not None and not 0.5 <= receipt_delay_max <= 3600:
+            raise InvalidParamsError("receipt_delay_max", "must be between 0.5 and 3600")
         if proxy == "" and store.get_setting(SETTING_MODE) in ("proxy", None):
             # Removing the proxy leaves the mode to its default, which may be Tor.
             from aegisd.netmode import effective_mode, find_tor, tor_missing_message
@@ -323,6 +314,23 @@ def register(registry: Registry, m: Messenger) -> None:
             after = effective_mode(None, None, store.get_setting(SETTING_URL))
             if after == "tor" and find_tor(store.get_setting(SETTING_TOR_PATH)) is None:
                 raise AppError(1012, "no_tor", tor_missing_message())
+        synced = [f for f, v in (("read_receipts", read_receipts),
+                                 ("disappearing_default", disappearing_default)) if v is not None]
+        with store.transaction():  # the profile's settings and their sync (0x49) at once
+            if max_linked_devices is not None:
+                store.set_setting(SETTING_MAX_LINKED, max_linked_devices)
+            if send_jitter_max is not None:
+                store.set_setting(SETTING_SEND_JITTER, float(send_jitter_max))
+            if group_spread_max is not None:
+                store.set_setting(SETTING_GROUP_SPREAD, float(group_spread_max))
+            if read_receipts is not None:
+                store.set_setting(SETTING_READ_RECEIPTS, read_receipts)
+            if disappearing_default is not None:  # 0 (off): the default's default
+                store.set_setting(SETTING_DISAPPEARING, disappearing_default or None)
+            if receipt_delay_max is not None:
+                store.set_setting(SETTING_RECEIPT_DELAY, float(receipt_delay_max))
+            if synced:
+                m.sync_settings.changed(*synced)  # on our other devices too (0x49)
         if proxy is not None or isolation is not None:
             # The older form of network.set: a proxy means mode proxy; removing the proxy
             # of a profile in mode proxy leaves the mode to its default (docs/api.md).

@@ -47,6 +47,7 @@ from aegisd.core.errors import DecryptionError, ProtocolError
 from aegisd.core.session import Session
 from aegisd.rpc import AppError, InvalidParamsError
 from aegisd.store import attachments as db
+from aegisd.store import contact_devices
 from aegisd.store import groups as G
 from aegisd.store.attachments import AttachmentRow
 from aegisd.store.db import Contact
@@ -70,6 +71,7 @@ from .attachment_disk import (
 )
 from .delivery import BLOB_AREA, Recipient
 from .host import ServiceHost
+from .own_sync_actions import TranscriptsView
 
 if TYPE_CHECKING:
     from aegisd.transport.network import Network
@@ -150,6 +152,8 @@ class AttachmentsHost(ServiceHost, Protocol):
     def network(self) -> Network: ...
     @property
     def contacts(self) -> ContactsView: ...
+    @property
+    def sync_actions(self) -> TranscriptsView: ...
 
     def check_usable(self) -> None: ...
 
@@ -192,8 +196,10 @@ class Attachments:
                         path.unlink()
         for row in db.unfinished(self.store):
             c = self.store.get_contact(row.contact_id)
-            if row.direction == "in" and (c is None or c.blocked):
-                self._fail(row.id, BLOCKED_TEXT)  # blocked before the fix that stops them
+            # A fetch (a received file, or one another device of ours sent: take_sent) from
+            # a contact blocked before the fix that stops them.
+            if row.state == "downloading" and (c is None or c.blocked):
+                self._fail(row.id, BLOCKED_TEXT)
                 continue
             self._start(row.id)
 
@@ -232,9 +238,10 @@ class Attachments:
 
     async def stop_downloads(self, contact_id: int, reason: str) -> None:
         """A contact blocked (messenger lock held): its files stop downloading, failed with
-        ``reason`` (attachments.retry starts one again once the contact is unblocked)."""
+        ``reason`` (attachments.retry starts one again once the contact is unblocked): the
+        received ones and those another device of ours sent (fetched here too)."""
         for row in db.listing(self.store, contact_id, limit=-1):
-            if row.direction != "in" or row.state != "downloading":
+            if row.state != "downloading":
                 continue
             await self._stop(row.id)
             self._fail(row.id, reason)
@@ -528,6 +535,7 @@ class Attachments:
                         m.delivery.enqueue([Recipient(c, Session.from_bytes(blob))], payload,
                                            message_id=row.id,
                                            delay=m.delivery.send_jitter())  # fmt: skip
+                        m.sync_actions.made(c, payload)  # our other devices show it too
                     m.ctx.events.emit("attachment.completed", {
                         "attachment_id": row.id, "contact": c.name, "direction": "out",
                     })  # fmt: skip
@@ -571,6 +579,24 @@ class Attachments:
         self.take_descriptor(c, p)
         m.delivery.queue_receipt(Recipient(c, session), wire.RECEIPT_DELIVERED, [p.message_id])
 
+    def take_sent(self, c: Contact, p: wire.AttachmentPayload) -> bool:
+        """A file another device of ours sent to ``c`` (its 0x48 transcript, inside the
+        receive's transaction): shown as sent by us and fetched like a received one (the
+        contact keeps the blobs for our other devices: §22.5 step 4). False: a duplicate."""
+        m = self.m
+        aid = p.message_id.hex()
+        if m.store.get_message(aid) is not None or not self.acceptable(p):
+            return False
+        text = file_text(clean_file_name(p.name), p.caption)
+        m.store.add_message(c.id, "out", text, status="sent", message_id=aid,
+                            sent_at=p.sent_at_ms)  # fmt: skip
+        m.ctx.events.emit("message.transcript", {
+            "message_id": aid, "contact": c.name, "text": text, "sent_at": p.sent_at_ms,
+            **({"caption": p.caption} if p.caption else {}),
+        })  # fmt: skip
+        self.take_descriptor(c, p, direction="out")
+        return True
+
     def acceptable(self, p: wire.AttachmentPayload, aid: str | None = None) -> bool:
         """A descriptor that may be taken: a new id (``aid``, by default the message id in
         hex), a relay URL the policy allows."""
@@ -583,12 +609,13 @@ class Attachments:
         return True
 
     def take_descriptor(self, c: Contact, p: wire.AttachmentPayload, aid: str | None = None,
-                        refused: str | None = None) -> None:  # fmt: skip
+                        refused: str | None = None, direction: str = "in") -> None:  # fmt: skip
         """A descriptor's attachment row, events and download (the caller stored its
         message: in the contact's or a group's history); inside the receive transaction.
         ``aid``: the attachment's id (by default the message id in hex; a group's file takes
         its group message's API id, which names the author too). ``refused``: why it is kept
-        failed, never fetched (a group member over its pending files)."""
+        failed, never fetched (a group member over its pending files). ``direction`` 'out':
+        a file another device of ours sent (take_sent), fetched all the same."""
         m = self.m
         aid = p.message_id.hex() if aid is None else aid
         name = clean_file_name(p.name)
@@ -597,7 +624,7 @@ class Attachments:
         # the user raises the limit and retries (the relay keeps it until its TTL).
         reason = _limit_text(self.max_size()) if p.size > self.max_size() else refused
         db.add(m.store, AttachmentRow(
-            aid, c.id, "in", name, p.size, p.blocks, p.digest, p.seed, p.relay_url,
+            aid, c.id, direction, name, p.size, p.blocks, p.digest, p.seed, p.relay_url,
             "failed" if reason else "downloading", 0, reason, p.sent_at_ms, now, now,
         ))  # fmt: skip
         ex = _extras_of(p)
@@ -606,10 +633,11 @@ class Attachments:
         m.ctx.events.emit("attachment.received", {
             "attachment_id": aid, "message_id": aid, "contact": self.shown(c), "name": name,
             "size": p.size, "sent_at": p.sent_at_ms, **_extras_fields(ex),
+            **({"direction": direction} if direction != "in" else {}),
         })  # fmt: skip
         if reason:
             m.ctx.events.emit("attachment.failed", {
-                "attachment_id": aid, "contact": self.shown(c), "direction": "in",
+                "attachment_id": aid, "contact": self.shown(c), "direction": direction,
                 "reason": reason,
             })  # fmt: skip
             return
@@ -696,18 +724,36 @@ class Attachments:
         with self.store.transaction():
             db.set_state(self.store, row.id, "complete")
             self.m.ctx.events.emit("attachment.completed", {
-                "attachment_id": row.id, "contact": self.shown(c), "direction": "in",
+                "attachment_id": row.id, "contact": self.shown(c), "direction": row.direction,
                 "name": row.name, "size": row.size,
             })  # fmt: skip
         # Verified and kept: the relay's copy goes now (else it expires with the TTL), unless
-        # another device of ours may still have to fetch it (docs/devices.md §8).
-        if self.only_device():
+        # another device of ours (docs/devices.md §8), or of the sender's (its transcript,
+        # §6), may still have to fetch it.
+        if self.only_device() and row.direction == "in" and self._sender_alone(row.contact_id):
             with contextlib.suppress(RelayUnavailable, RelayError, *UNAVAILABLE):
                 if client is None:
                     client = await self._connect(row.relay_url)
                 await self._delete_blobs(client, row)
         if client is not None:
             await client.close()
+
+    def _transcribed(self, row: AttachmentRow) -> bool:
+        """An outgoing file another device of ours sent (take_sent): fetched here, never
+        uploaded; its message is past 'queued' from the start."""
+        msg = self.store.get_message(row.id) if row.direction == "out" else None
+        return msg is not None and msg.status != "queued"
+
+    def _sender_alone(self, contact_id: int) -> bool:
+        """Whether the contact holds no device list of several devices: its other devices
+        get a transcript of each file it sends (0x48) and fetch the same blobs."""
+        held = contact_devices.held_list(self.store, contact_id)
+        if held is None:
+            return True
+        try:
+            return len(dv.DeviceList.from_bytes(held.data).devices) <= 1
+        except (ValueError, ProtocolError):
+            return False  # unreadable: keep the blobs (they expire anyway)
 
     def only_device(self) -> bool:
         """Whether this device is the profile's only one: no device list held (it never
@@ -793,7 +839,7 @@ class Attachments:
 
     async def save(self, aid: str, path: str, overwrite: bool) -> dict[str, Any]:
         row = self.get(aid)
-        if row.direction != "in":
+        if row.direction != "in" and row.state != "complete":  # 'complete': fetched (take_sent)
             raise AppError(E_NOT_COMPLETE, "not_complete",
                            "only received files can be saved (you have the original)")
         if row.state != "complete":
@@ -833,21 +879,22 @@ class Attachments:
         row = self.get(aid)
         if row.state != "failed":
             raise AppError(E_NOT_RETRYABLE, "not_retryable", "only a failed transfer is retried")
-        state = "uploading" if row.direction == "out" else "downloading"
-        if row.direction == "in" and row.size > self.max_size():
+        fetch = row.direction == "in" or self._transcribed(row)
+        state = "downloading" if fetch else "uploading"
+        if fetch and row.size > self.max_size():
             raise AppError(E_FILE_TOO_LARGE, "too_large", _limit_text(self.max_size()))
-        if row.direction == "in":
+        if fetch:
             c = self.store.get_contact(row.contact_id)
             if c is None or c.blocked:
                 raise AppError(E_BLOCKED, "blocked", "this contact is blocked")
             if not self.m.mailboxes.peer_url_ok(row.relay_url):
                 raise AppError(E_NOT_RETRYABLE, "not_retryable", REFUSED_URL_TEXT)
-        if row.direction == "out" and not self._file(aid).exists():
+        if not fetch and not self._file(aid).exists():
             raise AppError(E_NOT_RETRYABLE, "not_retryable",
                            "the encrypted copy is gone: send the file again")
         with self.store.transaction():
             db.set_state(self.store, aid, state)
-            if row.direction == "in":
+            if fetch:
                 db.set_progress(self.store, aid, 0)  # refetch all: the bad block may be early
         self._start(aid)
         return self.describe(self.get(aid))
@@ -860,7 +907,8 @@ class Attachments:
             row = self.get(aid)
             # An outgoing file deleted before its upload ended never leaves: its message
             # would otherwise stay "queued" forever.
-            unsent = row.direction == "out" and row.state in ("uploading", "failed")
+            unsent = row.direction == "out" and row.state in ("uploading", "failed") and \
+                not self._transcribed(row)
             msg = m.store.get_message(aid) if unsent else None
             with m.store.transaction():
                 db.delete(m.store, row.id)

@@ -40,6 +40,7 @@ from aegisd.store.attachments import AttachmentRow
 from aegisd.store.db import Contact
 from aegisd.store.groups import group_contact_ids, mark_group_contact
 
+from . import device_answers
 from .bundle_fetch import fetch_bundle
 from .delivery import LINK_NO_LONGER_VALID, Delivery
 from .host import ServiceHost
@@ -266,6 +267,7 @@ class Contacts:
                 if not self.m.store.delete_request(request_id):
                     raise E.not_found("request")
                 session = Session.from_bytes(row.session)
+                ek = device_answers.request_ended(self.m.store, request_id)
                 contact = self.establish(
                     name or row.display_name,
                     identity,
@@ -273,6 +275,8 @@ class Contacts:
                     address_from_bytes(row.reply_to),
                     mb_id,
                     mb,
+                    proof=None if ek is None else device_answers.proof(
+                        self.m.store, self.m.identity(), ek, mb.address()),
                 )
                 self.m.disappearing.apply_default(contact, session)
                 self.m.own_sync.contact_changed(contact)  # on the other own devices too
@@ -281,8 +285,10 @@ class Contacts:
         return self.describe(contact)
 
     def reject_request(self, request_id: int) -> None:
-        if not self.m.store.delete_request(request_id):
-            raise E.not_found("request")
+        with self.m.store.transaction():
+            if not self.m.store.delete_request(request_id):
+                raise E.not_found("request")
+            device_answers.request_ended(self.m.store, request_id)
 
     def establish(
         self,
@@ -294,9 +300,11 @@ class Contacts:
         mb: OwnedMailbox,
         *,
         emit: bool = True,
+        proof: bytes | None = None,
     ) -> Contact:
         """Create the contact and answer with our mailbox (inside a transaction); ``emit``
-        False: a hidden group contact, not announced."""
+        False: a hidden group contact, not announced; ``proof``: a payload to follow the
+        answer (a device's proof, services/device_answers.py)."""
         name = self.unique_name(clean_name(name))
         cid = self.m.store.add_contact(
             name, identity_key=identity.to_bytes(), state=ContactState(reply_to, True).to_bytes()
@@ -305,6 +313,8 @@ class Contacts:
         own_name = str(self.m.store.get_setting(SETTING_NAME, ""))
         hello = wire.HelloPayload(mb.address(), own_name, b"")
         blocks = session.encrypt(self.m.entropy, wire.encode_payload(hello))
+        if proof is not None:
+            blocks += session.encrypt(self.m.entropy, proof)
         self.m.store.put_session(cid, session.to_bytes())
         self.m.store.enqueue_blocks(address_to_bytes(reply_to), blocks, contact_id=cid)
         # A contact added after this device's list went gets the list now (§5.3).

@@ -34,12 +34,14 @@ from relay.client import RelayClient, RelayError
 from . import linked_groups
 from .backup import RESTORABLE
 from .contacts import SETTING_NAME
+from .cover import LEVELS, SETTING_LEVEL
 from .device_link import (
     E_DEVICE_LINK,
     E_JOIN_NOT_FRESH,
     E_LINK_EXPIRED,
     E_TOO_MANY_DEVICES,
     INSTALLED_WAIT,
+    LINK_CARRIED,
     NOT_CARRIED,
     POLL,
     RELAY_SLOW,
@@ -331,8 +333,10 @@ class JoinSide(LinkSlot):
                 store.set_setting(SETTING_NAME, clean_name(contents.display_name, ""))
                 for name, value in contents.settings:
                     parsed = json.loads(value)
-                    if (name in RESTORABLE and name not in NOT_CARRIED
-                            and isinstance(parsed, RESTORABLE[name])):  # fmt: skip
+                    types = RESTORABLE.get(name) or LINK_CARRIED.get(name)
+                    if (types is not None and name not in NOT_CARRIED
+                            and isinstance(parsed, types)
+                            and (name != SETTING_LEVEL or parsed in LEVELS)):  # fmt: skip
                         store.set_setting(name, parsed)
                 cids = []
                 for bc in contents.contacts:

@@ -39,8 +39,10 @@ from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable, with_relay
 from relay.client import RelayClient, RelayError
 
 from .backup import SETTING_TIMERS
+from .cover import SETTING_LEVEL
 from .mailbox import DeleteCap, OwnedMailbox, box_public, delete_public, new_delete_seed, new_keys
 from .messenger import Messenger
+from .own_sync_settings import SETTING_CLOCKS
 
 log = logging.getLogger("aegisd.devices")
 
@@ -59,6 +61,10 @@ POLL = 0.25  # seconds between two FETCHes of a link's mailbox
 TTL_MIN = 10
 #: Settings the new device does not take: the network is the machine's own choice.
 NOT_CARRIED = ("network.proxy", "network.isolation", SETTING_TIMERS)
+#: Settings a link carries beyond a backup's (RESTORABLE): the profile's synced ones that a
+#: backup leaves out, and each synced setting's clock (own_sync_settings.py), so that the new
+#: device's first change of one setting does not overwrite another chosen before the link.
+LINK_CARRIED: dict[str, tuple[type, ...]] = {SETTING_LEVEL: (str,), SETTING_CLOCKS: (dict,)}
 NOT_INSTALLED = "the new device did not say it installed the profile: it is not listed"
 UNCONFIRMED = ("the device in use did not confirm that it lists this device: see aegis device "
                "list there (if this device is missing, remove this profile and link again)")

@@ -32,6 +32,7 @@ from .contacts import SETTING_NAME
 from .device_link import (
     E_DEVICE_LINK,
     E_TOO_MANY_DEVICES,
+    LINK_CARRIED,
     NOT_CARRIED,
     POLL,
     RELAY_SLOW,
@@ -229,7 +230,7 @@ class OfferSide(LinkSlot):
         store = self.m.store
         ed_priv, x_priv = self.m.identity().raw_private()
         settings = []
-        for name in RESTORABLE:
+        for name in (*RESTORABLE, *LINK_CARRIED):
             value = store.get_setting(name)
             if value is not None and name not in NOT_CARRIED:
                 settings.append((name, json.dumps(value)))

@@ -29,8 +29,9 @@ from aegisd.core.session import Session, initiate_session
 from aegisd.rpc import AppError
 from aegisd.store import contact_devices as cd
 from aegisd.store.db import Contact
-from aegisd.store.devices import SETTING_KEY, SETTING_OWN_LIST, SETTING_SELF
+from aegisd.store.devices import SETTING_OWN_LIST
 
+from . import device_answers
 from .bundle_fetch import fetch_bundle
 from .delivery import Delivery
 from .host import ServiceHost
@@ -180,34 +181,60 @@ class DeviceSessions:
         kept = dict(store.get_setting(SETTING_SUPERSEDED) or {}).get(str(contact_id), {})
         # Only of a device that still has a session: one a list dropped stays dropped.
         have = {s.device_id.hex() for s in cd.device_sessions(store, contact_id)}
-        return [(bytes.fromhex(d), bytes.fromhex(state)) for d, items in kept.items()
-                if d in have for state, since in items if int(since) + HELD_FOR > now]  # fmt: skip
+        return [(bytes.fromhex(d), bytes.fromhex(str(i[0]))) for d, items in kept.items()
+                if d in have for i in items if int(i[1]) + HELD_FOR > now]  # fmt: skip
 
     def took_superseded(self, contact_id: int, device_id: bytes, used: bytes) -> None:
         """A block opened in a superseded session of ``device_id`` (inside the receive's
         transaction, which then stores that session as the device's): the device answered
-        that one, so the session it replaces is kept among the superseded in its place."""
+        that one, so the session it replaces is kept among the superseded in its place. It is
+        deposited to only if it was proven itself (device_answers.py): a session a removed
+        device answered must not take over the listed device's proven one."""
         store = self.m.store
         current = next((s.state for s in cd.device_sessions(store, contact_id)
                         if s.device_id == device_id), None)  # fmt: skip
+        current_ek = device_answers.session_ek(store, contact_id, device_id)
         everything = dict(store.get_setting(SETTING_SUPERSEDED) or {})
         mine = dict(everything.get(str(contact_id), {}))
-        mine[device_id.hex()] = [i for i in mine.get(device_id.hex(), [])
-                                 if i[0] != used.hex()]  # fmt: skip
+        items = mine.get(device_id.hex(), [])
+        used_ek = next((bytes.fromhex(str(i[2])) for i in items
+                        if i[0] == used.hex() and len(i) > 2), None)  # fmt: skip
+        mine[device_id.hex()] = [i for i in items if i[0] != used.hex()]
         everything[str(contact_id)] = mine
         store.set_setting(SETTING_SUPERSEDED, everything)
         if current is not None:
-            self._keep_superseded(contact_id, device_id, current)
+            self._keep_superseded(contact_id, device_id, current, current_ek)
+        send_to = device_answers.swapped(store, contact_id, device_id, used_ek)
+        cd.set_device_send_to(store, contact_id, device_id, send_to)
+        self._prune_answers(contact_id)
 
-    def _keep_superseded(self, contact_id: int, device_id: bytes, state: bytes) -> None:
+    def _keep_superseded(
+        self, contact_id: int, device_id: bytes, state: bytes, ek: bytes | None
+    ) -> None:
         store, now = self.m.store, _now()
         everything = dict(store.get_setting(SETTING_SUPERSEDED) or {})
         mine = dict(everything.get(str(contact_id), {}))
         items = [i for i in mine.get(device_id.hex(), []) if int(i[1]) + HELD_FOR > now]
-        items.append([state.hex(), now])
+        items.append([state.hex(), now, "" if ek is None else ek.hex()])
         mine[device_id.hex()] = items[-REOPENS:]
         everything[str(contact_id)] = mine
         store.set_setting(SETTING_SUPERSEDED, everything)
+
+    def _drop_superseded(self, contact_id: int, device_id: bytes) -> None:
+        """The device opened a new session that was taken: the ones we opened are dead."""
+        store = self.m.store
+        everything = dict(store.get_setting(SETTING_SUPERSEDED) or {})
+        mine = dict(everything.get(str(contact_id), {}))
+        if mine.pop(device_id.hex(), None) is not None:
+            everything[str(contact_id)] = mine
+            store.set_setting(SETTING_SUPERSEDED, everything)
+
+    def _prune_answers(self, contact_id: int) -> None:
+        """Answers and proofs of sessions no longer held go (device_answers.prune)."""
+        kept = dict(self.m.store.get_setting(SETTING_SUPERSEDED) or {}).get(str(contact_id), {})
+        device_answers.prune(self.m.store, contact_id,
+                             [str(i[2]) for items in kept.values() for i in items
+                              if len(i) > 2 and i[2]])  # fmt: skip
 
     async def _reopen_later(self, contact_id: int) -> None:
         """A session opened and not answered: looked at again once REOPEN_AFTER passed (a
@@ -249,10 +276,14 @@ class DeviceSessions:
                     self.m.store.set_setting(SETTING_REOPENED, reopened)
                     old = next(s.state for s in cd.device_sessions(self.m.store, contact_id)
                                if s.device_id == entry.device_id)  # fmt: skip
-                    self._keep_superseded(contact_id, entry.device_id, old)
+                    old_ek = device_answers.session_ek(self.m.store, contact_id, entry.device_id)
+                    self._keep_superseded(contact_id, entry.device_id, old, old_ek)
                 cd.put_device_session(
                     self.m.store, contact_id, entry.device_id, session.to_bytes(), _now()
                 )
+                ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
+                device_answers.opened(self.m.store, contact_id, entry.device_id, ek)
+                self._prune_answers(contact_id)
                 self._mark_opened(contact_id, entry.device_id, True)
                 self.m.store.enqueue_blocks(
                     address_to_bytes(entry.mailbox), [block], contact_id=contact_id
@@ -264,17 +295,14 @@ class DeviceSessions:
         list of our own, a device hello bound to the session's EK_A.pub (§28.4), which the
         contact's device checks under our list; without one, a hello (0x03) carrying
         DEVICE_SESSION, so a group member's session is not taken for a contact request."""
-        own, me, key = (self.m.store.get_setting(n) for n in (SETTING_OWN_LIST, SETTING_SELF,
-                                                               SETTING_KEY))  # fmt: skip
-        if own is None or me is None or key is None:
-            name = str(self.m.store.get_setting(SETTING_NAME, ""))
+        store, identity = self.m.store, self.m.identity()
+        if device_answers.own_hello(store, identity, reply, LEGACY_EK) is None:
+            name = str(store.get_setting(SETTING_NAME, ""))
             return wire.encode_payload(wire.HelloPayload(reply, name, wire.DEVICE_SESSION))
-        version = dv.DeviceList.from_bytes(bytes.fromhex(str(own))).version
-        public = self.m.identity().public
-        priv, self_id = bytes.fromhex(str(key)), bytes.fromhex(str(me))
 
         def hello(ek: bytes) -> bytes:
-            signed = dv.DeviceHello.sign(priv, public, self_id, reply, version, ek)
+            signed = device_answers.own_hello(store, identity, reply, ek)
+            assert signed is not None
             return dv.encode_device_payload(signed)
 
         return hello

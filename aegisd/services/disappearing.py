@@ -31,6 +31,7 @@ from aegisd.store import group_actions as group_db
 from .delivery import Delivery, Recipient
 from .host import ServiceHost
 from .mailbox import ContactState
+from .own_sync_actions import TranscriptsView
 
 if TYPE_CHECKING:
     pass
@@ -135,6 +136,8 @@ class DisappearingHost(ServiceHost, Protocol):
     def attachments(self) -> AttachmentsView: ...
     @property
     def groups(self) -> GroupsView: ...
+    @property
+    def sync_actions(self) -> TranscriptsView: ...
 
 
 class Disappearing:
@@ -183,9 +186,26 @@ class Disappearing:
         now = _ms()
         in_force = min(self.m.store.get_timer(c.id)[1], now + MAX_SKEW_MS)
         changed_at = min(max(now, in_force + 1), STAMP_MAX)
-        self.m.delivery.enqueue([Recipient(c, session)], wire.TimerPayload(changed_at, seconds),
+        payload = wire.TimerPayload(changed_at, seconds)
+        self.m.delivery.enqueue([Recipient(c, session)], payload,
                                 delay=self.m.delivery.send_jitter())  # fmt: skip
+        self.m.sync_actions.made(c, payload)  # on our other devices too
         self._record(c, seconds, changed_at, by_peer=False)
+
+    def synced(self, c: Contact, p: wire.TimerPayload) -> None:
+        """Our change made on another device of ours (0x48, inside the receive's transaction):
+        ordered as the contact's are (§27), shown as ours; sent to no one."""
+        if p.changed_at_ms > _ms() + MAX_SKEW_MS:
+            droplog.dropped("dropped a timer change stamped more than a day ahead")
+            return
+        seconds, changed_at = self.m.store.get_timer(c.id)
+        if not wins((p.changed_at_ms, p.seconds), (changed_at, seconds)):
+            return  # an echo, or overtaken by a newer change
+        if p.seconds == seconds:
+            self.m.store.set_timer(c.id, seconds, p.changed_at_ms)
+            return
+        self._record(c, p.seconds, p.changed_at_ms, by_peer=False)
+        self.wake()
 
     def on_payload(self, c: Contact, p: wire.TimerPayload) -> None:
         """The peer's change (inside the receive's transaction). The later change wins; at

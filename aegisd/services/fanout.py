@@ -55,6 +55,7 @@ from aegisd.store.devices import (
     SETTING_SELF,
 )
 
+from . import device_answers
 from .delivery import Recipient
 from .device_sessions import (
     HELD_FOR,
@@ -198,6 +199,8 @@ class Fanout(DeviceSessions):
                 session, legacy = self._replace_row_session(c, session, device, legacy)
                 changed = True
             keep = new.ids() - ({legacy} if legacy is not None else set())
+            device_answers.forget(store, c.id, keep)
+            self._prune_answers(c.id)
             if cd.drop_device_sessions(store, c.id, keep) or changed:
                 self.m.ctx.events.emit("contact.devices", {"contact": c.name,
                                                            "devices": len(new.devices)})
@@ -208,7 +211,14 @@ class Fanout(DeviceSessions):
             self.m.spawn(self.open_sessions(c.id))
         elif isinstance(payload, dv.DeviceHello):
             if device is not None and payload.device_id == device:
-                return  # a list's signer names itself in every session: this one is known
+                # A proof of a session this device opened with it (its answer is taken once
+                # both came, §5.2); else a list's signer naming itself: known already.
+                if current is not None:
+                    got = device_answers.proof_came(store, c.id, identity, current, device,
+                                                    payload)  # fmt: skip
+                    if got is not None:
+                        self._take_answer(c, device, got)
+                return
             if device is not None:
                 droplog.dropped("dropped a device hello out of place")
                 return
@@ -364,14 +374,16 @@ class Fanout(DeviceSessions):
             return False, None
         if no_row:
             return True, entry.device_id
-        self._adopt(c, session, entry.device_id, hello.reply)
+        self._adopt(c, session, entry.device_id, hello.reply, ek)
         return False, None
 
     def _adopt(
-        self, c: Contact, session: Session, device_id: bytes, reply: wire.MailboxAddress
-    ) -> None:
+        self, c: Contact, session: Session, device_id: bytes, reply: wire.MailboxAddress,
+        ek: bytes,
+    ) -> None:  # fmt: skip
         """A proven session with the contact's device ``device_id``: kept as that device's,
-        answered (0x03) with our mailbox for the contact, deposited to from now on."""
+        answered (0x03) with our mailbox for the contact, followed by the proof of our device
+        bound to the session's EK_A.pub ``ek`` (device_answers.py), deposited to from now on."""
         store = self.m.store
         held = cd.held_list(store, c.id)
         if held is not None and held.session_device == device_id:
@@ -395,13 +407,19 @@ class Fanout(DeviceSessions):
         if ours is None or not self.m.mailboxes.peer_url_ok(reply.relay_url):
             droplog.dropped("dropped a device session that cannot be answered")
             return
-        answer = wire.HelloPayload(OwnedMailbox.from_bytes(ours.descriptor).address(),
-                                   str(store.get_setting(SETTING_NAME, "")), b"")  # fmt: skip
+        mine = OwnedMailbox.from_bytes(ours.descriptor).address()
+        answer = wire.HelloPayload(mine, str(store.get_setting(SETTING_NAME, "")), b"")
         blocks = session.encrypt(self.m.entropy, wire.encode_payload(answer))
+        proof = device_answers.proof(store, self.m.identity(), ek, mine)
+        if proof is not None:
+            blocks += session.encrypt(self.m.entropy, proof)
         to = address_to_bytes(reply)
         cd.put_device_session(store, c.id, device_id, session.to_bytes(), _now())
         cd.set_device_send_to(store, c.id, device_id, to)
         self._mark_opened(c.id, device_id, False)  # ours, if any, is replaced
+        self._drop_superseded(c.id, device_id)  # and those a reopening of ours replaced
+        device_answers.adopted(store, c.id, device_id, ek, reply)
+        self._prune_answers(c.id)
         store.enqueue_blocks(to, blocks, contact_id=c.id)
         listed = None if held is None else dv.DeviceList.from_bytes(held.data)
         count = 1 if listed is None else len(listed.devices)
@@ -451,7 +469,7 @@ class Fanout(DeviceSessions):
                                 "device")  # fmt: skip
                 continue
             self._adopt(c, Session.from_bytes(bytes.fromhex(str(item[3]))), entry.device_id,
-                        hello.reply)  # fmt: skip
+                        hello.reply, bytes.fromhex(str(item[2])))  # fmt: skip
         if kept:
             held[str(c.id)] = kept
         store.set_setting(SETTING_HELD, held or None)
@@ -506,6 +524,7 @@ class Fanout(DeviceSessions):
             value = dict(store.get_setting(name) or {})
             if value.pop(str(contact_id), None) is not None:
                 store.set_setting(name, value or None)
+        device_answers.forget(store, contact_id)
 
     def purge_held(self) -> None:
         """At unlock: held sessions past HELD_FOR go (else they would wait for a list)."""
@@ -518,11 +537,23 @@ class Fanout(DeviceSessions):
             store.set_setting(SETTING_HELD, kept or None)
 
     def device_answered(self, c: Contact, device_id: bytes, reply_to: wire.MailboxAddress) -> None:
-        """A contact device answered our first contact: deposit to it from now on."""
+        """A contact device answered in its session: deposited to once that session is proven
+        too (device_answers.py), at once if it is (a repeated answer moves the deposits)."""
+        proven = device_answers.answer_came(self.m.store, c.id, device_id, reply_to)
+        if proven is not None:
+            self._take_answer(c, device_id, proven)
+
+    def _take_answer(self, c: Contact, device_id: bytes, reply_to: wire.MailboxAddress) -> None:
+        before = next((s for s in cd.device_sessions(self.m.store, c.id)
+                       if s.device_id == device_id), None)  # fmt: skip
+        if before is not None and before.send_to is not None:
+            cd.set_device_send_to(self.m.store, c.id, device_id, address_to_bytes(reply_to))
+        else:
+            self._answered(c, device_id, reply_to)
+
+    def _answered(self, c: Contact, device_id: bytes, reply_to: wire.MailboxAddress) -> None:
+        """A contact device answered our first contact and proved itself: deposit to it."""
         store = self.m.store
-        before = next((s for s in cd.device_sessions(store, c.id) if s.device_id == device_id),
-                      None)  # fmt: skip
-        first = before is None or before.send_to is None  # not a repeated answer
         cd.set_device_send_to(store, c.id, device_id, address_to_bytes(reply_to))
         reopened = dict(store.get_setting(SETTING_REOPENED) or {})
         counts = dict(reopened.get(str(c.id), {}))
@@ -542,17 +573,14 @@ class Fanout(DeviceSessions):
         # Our list, and the hello naming this device bound to no session, in the session just
         # answered: a device of the contact that held no list of ours when our first contact
         # came took it unchecked (or holds it) until it has the list (§5.5). Once per answer
-        # that gave the session its mailbox: a contact repeating its answer gets nothing more.
-        own, me, key = (store.get_setting(n) for n in (SETTING_OWN_LIST, SETTING_SELF,
-                                                        SETTING_KEY))  # fmt: skip
+        # that gave the session its mailbox: a contact repeating its answer gets nothing more
+        # (device_answered).
+        own = self._own_list()
         blob, ours = store.get_session(c.id), store.mailbox_for_contact(c.id)
-        if first and None not in (own, me, key, blob, ours):
-            assert blob is not None and ours is not None
-            mine = dv.DeviceList.from_bytes(bytes.fromhex(str(own)))
+        if own is not None and blob is not None and ours is not None:
             reply = OwnedMailbox.from_bytes(ours.descriptor).address()
-            hello = dv.DeviceHello.sign(bytes.fromhex(str(key)), self.m.identity().public,
-                                        bytes.fromhex(str(me)), reply, mine.version,
-                                        LEGACY_EK)  # fmt: skip
-            row = Session.from_bytes(blob)
-            self._send_in(c, row, device_id, mine, delay=0.0)
-            self._send_in(c, row, device_id, hello, delay=0.0)
+            hello = device_answers.own_hello(store, self.m.identity(), reply, LEGACY_EK)
+            if hello is not None:
+                row = Session.from_bytes(blob)
+                self._send_in(c, row, device_id, own, delay=0.0)
+                self._send_in(c, row, device_id, hello, delay=0.0)

@@ -31,6 +31,7 @@ from aegisd.store.devices import SETTING_OWN_LIST  # a device that joined by a l
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable
 from relay.client import RelayError
 
+from . import device_answers
 from .delivery import Delivery
 from .groups_state import JOINING_KEY
 from .host import ServiceHost
@@ -70,6 +71,7 @@ class ContactsView(Protocol):
     def establish(
         self, name: str, identity: PublicIdentity, session: Session,
         reply_to: wire.MailboxAddress, mb_id: int, mb: OwnedMailbox, *, emit: bool = True,
+        proof: bytes | None = None,
     ) -> Contact: ...  # fmt: skip
 
 
@@ -191,17 +193,36 @@ class FirstContacts:
             return
         if (
             known is not None
+            and device_hello is None
+            and self.m.store.get_setting(SETTING_OWN_LIST) is not None
+            and cd.held_list(self.m.store, known.id) is not None
+            and self._device_session_of(known, hello)
+        ):
+            # Every device a list names opens with a device hello: an unproven hello (0x03)
+            # in its place may be a removed device's, which holds the identity key.
+            self.m.store.put_identity(self.m.prekeys.to_bytes())  # one-time keys stay burnt
+            droplog.dropped("dropped an unproven session of a contact with a device list")
+            return
+        if (
+            known is not None
             and not known.blocked
             and self.m.store.get_setting(SETTING_OWN_LIST) is not None
             and self._device_session_of(known, hello)
         ):
-            await self._device_session(known, fc.session, hello.reply_to, None)
+            ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
+            await self._device_session(known, fc.session, hello.reply_to, None, ek)
             return
         if known is None and hello.invitation_id == wire.DEVICE_SESSION and self._held_member(
             fc.sender
         ):
-            await self._member_session(fc.sender, fc.session, hello.reply_to)
+            ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
+            await self._member_session(fc.sender, fc.session, hello.reply_to, ek)
             return
+        # A device's opening (a contact's device, added on another device of ours whose sync
+        # has not come): accepted, the answer proves this device (device_answers.py).
+        opening = (wire.FirstContactPrefix.from_block(block).ephemeral_pub
+                   if device_hello is not None or hello.invitation_id == wire.DEVICE_SESSION
+                   else None)  # fmt: skip
         with self.m.store.transaction():
             self.m.store.put_identity(self.m.prekeys.to_bytes())  # burnt one-time keys
             if known is not None and known.blocked:
@@ -218,6 +239,8 @@ class FirstContacts:
                 )  # fmt: skip
                 for extra in same[1:]:  # kept apart before requests were merged
                     self.m.store.delete_request(extra.id)
+                    device_answers.request_ended(self.m.store, extra.id)
+                device_answers.request_came(self.m.store, same[0].id, opening)
                 droplog.dropped("merged a contact request into an earlier one of its identity")
                 return
             limit = int(self.m.store.get_setting(SETTING_MAX_REQUESTS, MAX_PENDING_REQUESTS))
@@ -230,6 +253,7 @@ class FirstContacts:
                 fc.session.to_bytes(),
                 address_to_bytes(hello.reply_to),
             )
+            device_answers.request_came(self.m.store, request_id, opening)
             self.m.ctx.events.emit(
                 "contact.request",
                 {
@@ -254,16 +278,18 @@ class FirstContacts:
         )
 
     async def adopt(self, sender: PublicIdentity, session: Session,
-                    reply_to: wire.MailboxAddress, request_id: int) -> bool:  # fmt: skip
+                    reply_to: wire.MailboxAddress, request_id: int, ek: bytes) -> bool:  # fmt: skip
         """A member's device session that came before its group's state, kept as contact
-        request ``request_id`` (own_sync_groups.py): the group here now, it becomes what the
-        session would have made, in one transaction with the request's removal: the
-        member's group contact (_member_session), or the session of its group contact held
-        without one (one the state named, _device_session). False (the request stays): the
-        identity is a contact with a session, or not a group contact."""
+        request ``request_id`` (own_sync_groups.py; ``ek``, the opening's EK_A.pub,
+        device_answers.request_eks): the group here now, it becomes what the session would
+        have made, in one transaction with the request's removal: the member's group
+        contact (_member_session), or the session of its group contact held without one
+        (one the state named, _device_session), answered with this device's proof. False
+        (the request stays): the identity is a contact with a session, or not a group
+        contact."""
         known = self.m.contacts.with_identity(sender)
         if known is None:
-            await self._member_session(sender, session, reply_to, request_id)
+            await self._member_session(sender, session, reply_to, ek, request_id)
             return True
         if not known.blocked and (
             (self.m.store.get_session(known.id) is None
@@ -271,13 +297,13 @@ class FirstContacts:
              and group_store.is_group_contact(self.m.store, known.id))
             or self._introduced_elsewhere(known)
         ):  # fmt: skip
-            await self._device_session(known, session, reply_to, None, request_id)
+            await self._device_session(known, session, reply_to, None, ek, request_id)
             return True
         return False
 
     async def _member_session(
         self, sender: PublicIdentity, session: Session, reply_to: wire.MailboxAddress,
-        request_id: int | None = None,
+        ek: bytes, request_id: int | None = None,
     ) -> None:  # fmt: skip
         """A member of a group this device holds, no contact of it, opened a device session
         with it (tagged so: a device hello, or a hello carrying DEVICE_SESSION) having learned
@@ -288,12 +314,15 @@ class FirstContacts:
         mb_id, mb = await self.m.mailboxes.create("contact", public=False)
         try:
             with self.m.store.transaction():
-                if request_id is not None:
+                if request_id is not None:  # adopt: the request it was kept as goes
                     self.m.store.delete_request(request_id)
+                    device_answers.request_ended(self.m.store, request_id)
                 self.m.store.put_identity(self.m.prekeys.to_bytes())
                 name = f"member {sender.ed_pub.hex()[:12]}"  # as an introduction names it
                 made = self.m.contacts.establish(
-                    name, sender, session, reply_to, mb_id, mb, emit=False  # hidden: not shown
+                    name, sender, session, reply_to, mb_id, mb, emit=False,  # hidden: not shown
+                    proof=device_answers.proof(self.m.store, self.m.prekeys.identity, ek,
+                                               mb.address()),
                 )
                 self.m.groups.member_session(made.id)
         except BaseException:
@@ -340,6 +369,7 @@ class FirstContacts:
         contact's list."""
         assert self.m.prekeys is not None
         known = self.m.contacts.with_identity(fc.sender)
+        ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
         if (
             isinstance(payload, dv.DeviceHello)
             and known is None
@@ -347,7 +377,7 @@ class FirstContacts:
             and self.m.mailboxes.peer_url_ok(payload.reply.relay_url)
             and self._held_member(fc.sender)
         ):
-            await self._member_session(fc.sender, fc.session, payload.reply)
+            await self._member_session(fc.sender, fc.session, payload.reply, ek)
             return None
         if isinstance(payload, dv.DeviceHello) and (known is None or (
             self.m.store.get_session(known.id) is None
@@ -370,9 +400,8 @@ class FirstContacts:
             return None
         if self._introduced_elsewhere(known):
             # its list follows in the session (device_answered checks the device then)
-            await self._device_session(known, fc.session, payload.reply, None)
+            await self._device_session(known, fc.session, payload.reply, None, ek)
             return None
-        ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
         with self.m.store.transaction():
             as_row, device_id = self.m.fanout.device_first_contact(known, fc.session, payload, ek)
             if not as_row:
@@ -380,12 +409,12 @@ class FirstContacts:
         if as_row:
             # The burnt one-time keys are committed with the session row (_device_session): a
             # failure before it (the relay, a kill) leaves the block to open again.
-            await self._device_session(known, fc.session, payload.reply, device_id)
+            await self._device_session(known, fc.session, payload.reply, device_id, ek)
         return None
 
     async def _device_session(
         self, c: Contact, session: Session, reply_to: wire.MailboxAddress,
-        device_id: bytes | None, request_id: int | None = None,
+        device_id: bytes | None, ek: bytes, request_id: int | None = None,
     ) -> None:  # fmt: skip
         """A contact this linked device knows without a session (its profile came by a link,
         or its introduction went to another device of ours) opened one with it, having learned
@@ -401,8 +430,9 @@ class FirstContacts:
             mb_id, mb = await self.m.mailboxes.create("contact", public=False)
         try:
             with self.m.store.transaction():
-                if request_id is not None:
+                if request_id is not None:  # adopt: the request it was kept as goes
                     self.m.store.delete_request(request_id)
+                    device_answers.request_ended(self.m.store, request_id)
                 self.m.store.put_identity(self.m.prekeys.to_bytes())
                 if row is not None:  # what waits for the introduction's dead session goes
                     self.m.delivery.drop_outbox_of(self.m.store, {c.id})
@@ -411,6 +441,11 @@ class FirstContacts:
                 own_name = str(self.m.store.get_setting("profile.display_name", ""))
                 answer = wire.HelloPayload(mb.address(), own_name, b"")
                 blocks = session.encrypt(self.m.entropy, wire.encode_payload(answer))
+                # the proof of this device the opener waits for (device_answers.py)
+                proof = device_answers.proof(self.m.store, self.m.prekeys.identity, ek,
+                                             mb.address())  # fmt: skip
+                if proof is not None:
+                    blocks += session.encrypt(self.m.entropy, proof)
                 self.m.store.put_session(c.id, session.to_bytes())
                 if device_id is not None:
                     cd.set_session_device(self.m.store, c.id, device_id)

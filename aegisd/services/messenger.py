@@ -58,7 +58,9 @@ from .mailbox import ContactState
 from .mailbox_loss import SETTING_LAST_REACHED, MailboxLoss
 from .mailboxes import Mailboxes
 from .own_sync import OwnSync
+from .own_sync_actions import OwnSyncActions
 from .own_sync_groups import OwnSyncGroups
+from .own_sync_settings import OwnSyncSettings
 from .rotation import Rotation
 from .typing_indicators import Typing
 
@@ -118,6 +120,9 @@ class Messenger:
         self.fanout = Fanout(self)  # contacts' device lists and device sessions (fanout.py)
         self.own_sync = OwnSync(self)  # sync with this profile's other devices (own_sync.py)
         self.sync_groups = OwnSyncGroups(self)  # groups over that sync (own_sync_groups.py)
+        # What else goes to them: actions and files (0x48), the profile's settings (0x49).
+        self.sync_actions = OwnSyncActions(self, self.own_sync.send)
+        self.sync_settings = OwnSyncSettings(self, self.own_sync.send, self.own_sync.self_id)
         from .renewal import Renewals  # session renewal after a backup import (§23)
 
         self.renewals = Renewals(self)

@@ -15,7 +15,10 @@
   conversation, and contacts (added, renamed, verified, blocked, removed: last writer wins by
   ``(changed_at_ms, device_id)``). Each leaves after a random delay (the receipt delay,
   privacy.receipt_delay_max) so that the relay does not see a sync deposit right after each
-  deposit to a contact.
+  deposit to a contact, but no earlier than a payload queued before it to the same device:
+  each device gets this device's payloads in the order they were made (a text before its
+  edit, §28.6). Message actions and the profile's settings (0x48, 0x49):
+  own_sync_actions.py, own_sync_settings.py.
 
 Sync mailboxes are rows of ``mailboxes`` with role 'contact' and no contact (from the pool
 when there is one). Nothing here logs a device ID, a contact or a text.
@@ -31,7 +34,7 @@ from typing import Any, Protocol
 
 from aegisd import droplog
 from aegisd.core import devices as dv
-from aegisd.core import pqxdh, wire
+from aegisd.core import pqxdh, sync_actions, wire
 from aegisd.core import sync as sy
 from aegisd.core.errors import BundleError, DecodeError, DecryptionError
 from aegisd.core.identity import IdentityKeyPair, PublicIdentity, keys_of
@@ -44,6 +47,7 @@ from aegisd.store import Store
 from aegisd.store import devices as store_devices
 from aegisd.store import groups as group_store
 from aegisd.store import own_sync as rows
+from aegisd.store.cover import SLOT_WAIT
 from aegisd.store.db import Contact
 
 from .bundle_fetch import fetch_bundle
@@ -88,6 +92,16 @@ class GroupSyncView(Protocol):
     def on_payload(self, content: bytes) -> None: ...
 
 
+class MoreView(Protocol):
+    """0x48 and 0x49's receivers (own_sync_actions.py, own_sync_settings.py)."""
+
+    def on_payload(self, device_id: bytes, p: Any) -> None: ...
+
+
+class ActionsView(MoreView, Protocol):
+    def arrived(self, message_id: str) -> None: ...
+
+
 class OwnSyncHost(Protocol):
     prekeys: PrekeyStore | None
 
@@ -110,6 +124,10 @@ class OwnSyncHost(Protocol):
     def contacts(self) -> ContactsView: ...
     @property
     def disappearing(self) -> Waker: ...
+    @property
+    def sync_actions(self) -> ActionsView: ...
+    @property
+    def sync_settings(self) -> MoreView: ...
     def identity(self) -> IdentityKeyPair: ...
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
@@ -408,6 +426,12 @@ class OwnSync:
         if not wire.is_sync_payload(content):
             droplog.dropped("dropped a payload out of place in a sync session")
             return
+        if content[1] in (wire.PAYLOAD_SYNC_ACTION, wire.PAYLOAD_SYNC_SETTINGS):  # 0x48, 0x49
+            more = sync_actions.decode(content)
+            to = self.m.sync_actions if content[1] == wire.PAYLOAD_SYNC_ACTION else \
+                self.m.sync_settings
+            to.on_payload(row.device_id, more)
+            return
         payload2 = sy.decode_sync_payload(content)
         try:
             c = self.m.contacts.with_identity(PublicIdentity.from_bytes(payload2.contact))
@@ -443,6 +467,7 @@ class OwnSync:
                 "sent_at": payload2.sent_at_ms,
             })  # fmt: skip
             self.m.disappearing.wake()  # its deadline, if the conversation has a timer
+            self.m.sync_actions.arrived(mid)  # its edit or deletion, if it came first
         else:
             mid = payload2.message_id.hex()
             target = store.get_message(mid)
@@ -477,6 +502,7 @@ class OwnSync:
         """A message from ``c`` was stored (inbox.py, inside the receive's transaction): a
         read mark that came before it over sync applies now."""
         store = self.m.store
+        self.m.sync_actions.arrived(message_id)  # our reaction to it made on another device
         keys = rows.take_read(store, message_id)
         if keys is None or keys != keys_of(c.identity_key):
             return
@@ -607,10 +633,6 @@ class OwnSync:
             rows.set_state(store, device_id, session.to_bytes(), _now())
         self.m.delivery.wake()
 
-    def send(self, data: bytes) -> None:
-        """A sync payload another module makes (own_sync_groups.py), as ``_send``."""
-        self._send(data)
-
     def _seal(self, session: Session, device_id: bytes, send_to: bytes | None,
               data: bytes) -> None:  # fmt: skip
         blocks = session.encrypt(self.m.entropy, data)
@@ -619,6 +641,10 @@ class OwnSync:
             store.enqueue_blocks(rows.pending_destination(device_id), blocks, not_before=NEVER)
             return
         due = time.time_ns() // 1_000_000 + int(self.m.delivery.receipt_delay() * 1000)
+        # Each payload its own random delay, but none due before one queued earlier to this
+        # device (as a contact's outbox: delivery.py): the device gets them in order, a
+        # message before its edit (§28.6).
+        due = max(due, self.m.store.last_not_before(None, send_to, SLOT_WAIT))
         self.m.store.enqueue_blocks(send_to, blocks, not_before=due)
 
     def _flush(self, session: Session, device_id: bytes, send_to: bytes | None) -> None:
@@ -626,6 +652,16 @@ class OwnSync:
         the caller's transaction, before the caller stores the session)."""
         for data in rows.take_waiting(self.m.store, device_id):
             self._seal(session, device_id, send_to, data)
+
+    def send(self, data: bytes) -> None:
+        """A sync payload to every own device (own_sync_actions.py, own_sync_settings.py,
+        own_sync_groups.py)."""
+        self._send(data)
+
+    def self_id(self) -> bytes | None:
+        """This device's ID; None before any link."""
+        own = None if self.m.ctx.store is None else self._own()
+        return None if own is None else own[1]
 
     def sent(self, c: Contact, message_id: bytes, sent_at_ms: int, text: str) -> None:
         """A text this device sent to ``c`` (messages.send, inside its transaction)."""

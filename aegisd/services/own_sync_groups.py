@@ -8,16 +8,16 @@ what it sends in a group, goes to the members only; this carries it to the other
 - A group's state, whenever the user changes it here (made, joined: the inviter's add
   applied, a member added or removed, a role, a rename, a leave, its timer set) or another
   device asks: its log as this device loads it, which of its head's members are group-only
-  contacts here, as a link's profile carries them (linked_groups.py), and its timer. The receiver checks it as a linked group: the log loads
-  without dropping a change (each change's signature verified); a group it does not hold is
-  taken only if its head names us a member; a group it holds takes only the changes it lacks,
-  each through its own log (checked against its parent, held back or contested as a member's
-  change is), so a device never rolls a group back nor takes a state no change proves; a
-  leave taken leaves the group here too; a state no newer than a deletion recorded here is
-  refused, and invitations into a group taken new are dropped. The timer is taken as a
-  member's timer change (the later wins). A member's device session that came before the
-  state (a contact request) is adopted as its group contact, crash-safe. Applying sends
-  nothing back.
+  contacts here, as a link's profile carries them (linked_groups.py), and its timer. The
+  receiver checks it as a linked group: the log loads without dropping a change (each
+  change's signature verified); a group it does not hold is taken only if its head names us
+  a member; a group it holds takes only the changes it lacks, each through its own log
+  (checked against its parent, held back or contested as a member's change is), so a device
+  never rolls a group back nor takes a state no change proves; a leave taken leaves the
+  group here too; a state no newer than a deletion recorded here is refused, and
+  invitations into a group taken new are dropped. The timer is taken as a member's timer
+  change (the later wins). A member's device session that came before the state (a contact
+  request) is adopted as its group contact, crash-safe. Applying sends nothing back.
 - A text sent in a group (a sent transcript): stored as ours under the same message ID,
   once; one for a group not held here (its state still on the way) is kept, bounded
   (store/own_sync.py), and stored when the state comes.
@@ -53,14 +53,11 @@ from aegisd.store.devices import SETTING_OWN_LIST
 
 from . import linked_groups
 from .context import ServiceContext
+from .device_answers import SETTING_REQUEST_EKS
 from .groups_state import JOINING_KEY, member_rows
 from .mailbox import ContactState, address_from_bytes
 from .names import clean_name
 
-#: How recent a member's contact request must be to be taken as its group contact when a
-#: group's state arrives (a restart or an offline spell delays both alike: a request's time
-#: is when this device stored it).
-ADOPT_MS = 10 * 60 * 1000
 #: A device asks for a group's state at most once per group in this time, and answers an ask
 #: for a group at most once in it (what triggers an ask, a member's change, a hostile member
 #: can send at will; an answer is up to 200 kB to each device).
@@ -87,7 +84,7 @@ class GroupsView(Protocol):
 
 class FirstContactsView(Protocol):
     async def adopt(self, sender: PublicIdentity, session: Session, reply_to: MailboxAddress,
-                    request_id: int) -> bool: ...  # fmt: skip
+                    request_id: int, ek: bytes) -> bool: ...  # fmt: skip
 
 
 class SyncSender(Protocol):
@@ -249,25 +246,28 @@ class OwnSyncGroups:
     def _requests(self, head: core.GroupState) -> None:
         """A member's device session that reached this device before the group's state did
         (the state leaves the other device after a random delay; the member opens its
-        session as soon as it learns the person's list) is a contact request (inbox.py: from
-        no contact and no member of a group held). Now that the group is here, a request
-        from a member of its head that came at most ADOPT_MS ago is recorded (in the state's
-        transaction) for adoption, which makes it that member's group contact as the session
-        would have (adopt_pending). The request does not keep whether it was a device
-        session or the member's own contacts.add: one of those in that window is taken too
-        (docs/devices.md §6 "Groups")."""
+        session as soon as it learns the person's list) is a contact request (first
+        contacts: from no contact and no member of a group held), kept with its opening's
+        EK_A.pub (device_answers.request_eks: a device hello, or a hello tagged
+        DEVICE_SESSION). Now that the group is here, such a request from a member of its
+        head is recorded (in the state's transaction) for adoption, which makes it that
+        member's group contact as the session would have (adopt_pending). A member's own
+        contacts.add (an untagged hello) is left a request, however recent."""
         store, me = self.m.store, self.m.identity().public.ed_pub
         if head.member(me) is None:
             return  # left or removed: no group contacts made for it
-        now, pending = _now_ms(), self._pending()
+        openings = dict(store.get_setting(SETTING_REQUEST_EKS) or {})
+        pending = self._pending()
         for r in store.list_requests():
+            if str(r.id) not in openings or r.id in pending:
+                continue
             try:
                 identity = PublicIdentity.from_bytes(r.identity_key)
             except (BundleError, ValueError):
                 continue
             member = head.member(identity.ed_pub)
-            if (member is not None and identity.ed_pub != me and now - r.created_at <= ADOPT_MS
-                    and member.identity.same_keys(identity) and r.id not in pending):  # fmt: skip
+            if (member is not None and identity.ed_pub != me
+                    and member.identity.same_keys(identity)):  # fmt: skip
                 pending.append(r.id)
         if pending != self._pending():
             store.set_setting(SETTING_ADOPT, pending)
@@ -287,12 +287,13 @@ class OwnSyncGroups:
         async with self.m.lock:
             store = self.m.store
             row = store.get_request(request_id)
-            if row is not None:  # else taken meanwhile (accepted, refused, adopted)
+            ek = dict(store.get_setting(SETTING_REQUEST_EKS) or {}).get(str(request_id))
+            if row is not None and ek is not None:  # else taken meanwhile (accepted, ...)
                 with contextlib.suppress(AegisError, ValueError):  # a record that does not load
                     await self.m.first_contacts.adopt(
                         PublicIdentity.from_bytes(row.identity_key),
                         Session.from_bytes(row.session), address_from_bytes(row.reply_to),
-                        request_id)  # fmt: skip
+                        request_id, bytes.fromhex(str(ek)))  # fmt: skip
             with store.transaction():  # done (or for good not to be: the request stays)
                 store.set_setting(SETTING_ADOPT, [i for i in self._pending() if i != request_id]
                                   or None)  # fmt: skip

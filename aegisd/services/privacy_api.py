@@ -55,6 +55,7 @@ def register(registry: Registry, m: Messenger, *, test_methods: bool = False) ->
         with m.store.transaction():
             if level is not None:
                 m.store.set_setting(SETTING_LEVEL, level)
+                m.sync_settings.changed("privacy_level")  # on our other devices too (0x49)
             if interval is not None:
                 m.store.set_setting(SETTING_TEST_INTERVAL, float(interval))
         await m.cover.level_changed()

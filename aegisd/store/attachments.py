@@ -119,12 +119,14 @@ def of_conversation(store: Store, contact_id: int) -> list[str]:
 
 def with_files(store: Store) -> set[str]:
     """Ids whose encrypted copy in the profile is still needed: every received file (kept
-    encrypted), and sent files whose upload has not finished (the spool to upload from)."""
+    encrypted), sent files whose upload has not finished (the spool to upload from), and
+    files another device of ours sent (direction 'out', fetched here: 'downloading' or
+    'complete'; a file this device sent ends 'uploaded', its spool gone)."""
     return {
         r[0]
         for r in store.query(
             "SELECT id FROM attachments WHERE direction = 'in' "
-            "OR state IN ('uploading', 'failed')"
+            "OR state IN ('uploading', 'failed', 'downloading', 'complete')"
         ).fetchall()
     }
 

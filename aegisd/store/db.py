@@ -760,13 +760,14 @@ class Store:
                 ids.append(int(cur.lastrowid))
         return ids
 
-    def last_not_before(self, contact_id: int, destination: bytes, below: int) -> int:
+    def last_not_before(self, contact_id: int | None, destination: bytes, below: int) -> int:
         """The latest not_before (under ``below``: the outbox's sentinels) of the blocks queued
         to this contact and destination and not tried yet, 0 if none: a later block is due
         no earlier, so a contact receives payloads in the order they were queued (a timer
-        change before the texts sent under it, §27.3)."""
+        change before the texts sent under it, §27.3). ``contact_id`` None: an own device's
+        sync mailbox (its blocks name no contact)."""
         row = self._q(
-            "SELECT max(not_before) FROM outbox WHERE contact_id = ? AND destination = ? "
+            "SELECT max(not_before) FROM outbox WHERE contact_id IS ? AND destination = ? "
             "AND attempts = 0 AND not_before < ?",
             (contact_id, bytes(destination), below),
         ).fetchone()

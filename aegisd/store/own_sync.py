@@ -15,6 +15,10 @@ FRAGMENTS_PER_DEVICE = 8
 WAITING_PER_DEVICE = 500
 #: Read marks kept for messages not received yet (the oldest go past this).
 READS_KEPT = 256
+#: Message actions kept for messages not held yet (the oldest go past this), and for at most
+#: HELD_FOR seconds (a message that never comes: lost, or deleted before it was sent here).
+HELD_KEPT = 256
+HELD_FOR = 7 * 86_400
 #: Sent group transcripts kept for groups not held yet: at most this many, this many bytes
 #: in all (the oldest go), and for this long (past the longest sync delay, an hour).
 GROUP_SENT_KEPT = 64
@@ -197,6 +201,29 @@ def take_read(store: Store, message_id: str) -> bytes | None:
     return bytes(r[0])
 
 
+def hold_action(store: Store, target: str, data: bytes, now: int) -> None:
+    """A message action (its sync payload) on a message this device does not hold yet."""
+    store.query("DELETE FROM sync_held WHERE created_at < ?", (now - HELD_FOR,))
+    store.query("INSERT INTO sync_held (target, data, created_at) VALUES (?, ?, ?)",
+                (target, data, now))  # fmt: skip
+    store.query(
+        "DELETE FROM sync_held WHERE id NOT IN (SELECT id FROM sync_held ORDER BY id DESC "
+        "LIMIT ?)",
+        (HELD_KEPT,),
+    )
+
+
+def take_held(store: Store, target: str, now: int) -> list[bytes]:
+    """The actions held for ``target`` (not past HELD_FOR), in the order they came,
+    forgotten."""
+    out = [bytes(r[0]) for r in store.query(
+        "SELECT data FROM sync_held WHERE target = ? AND created_at >= ? ORDER BY id",
+        (target, now - HELD_FOR),
+    ).fetchall()]  # fmt: skip
+    store.query("DELETE FROM sync_held WHERE target = ?", (target,))
+    return out
+
+
 def keep_group_sent(store: Store, group_id: bytes, data: bytes, now_ms: int) -> None:
     """A sent group transcript (0x4A) for a group this device does not hold yet."""
     store.query("DELETE FROM sync_group_sent WHERE created_at < ?",
@@ -226,7 +253,7 @@ def clear(store: Store) -> None:
     """Every sync session and what waits for one: a backup's import made this a new device of
     another identity (services/device_reset.py), whose sessions they were not."""
     for table in ("own_sync", "sync_fragments", "sync_waiting", "sync_contacts", "sync_reads",
-                  "sync_group_sent"):  # fmt: skip
+                  "sync_held", "sync_group_sent"):  # fmt: skip
         store.query(f"DELETE FROM {table}")  # noqa: S608 (fixed names)
     prefix = pending_destination(b"")
     store.query("DELETE FROM outbox WHERE contact_id IS NULL AND substr(destination, 1, ?) = ?",

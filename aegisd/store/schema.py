@@ -810,6 +810,25 @@ def _own_sync(db: Any) -> None:
     )
 
 
+def _sync_held_actions(db: Any) -> None:
+    """Message actions (0x48: a reaction, an edit, a deletion) another own device made on a
+    message this device does not hold yet (services/own_sync_actions.py): kept, the sync
+    payload as it came, until the message arrives; the oldest go past a bound, and any past
+    an age (docs/devices.md §6)."""
+    _run(
+        db,
+        """
+        CREATE TABLE sync_held (
+            id          INTEGER PRIMARY KEY,
+            target      TEXT NOT NULL,          -- the message ID it acts on (hex)
+            data        BLOB NOT NULL,          -- the 0x48 sync payload
+            created_at  INTEGER NOT NULL
+        );
+        CREATE INDEX sync_held_target ON sync_held (target)
+        """,
+    )
+
+
 def _sync_group_sent(db: Any) -> None:
     """Sent group transcripts (payload 0x4A) from another device of the profile for a group
     this device does not hold yet (its state is on its way): applied when the state comes,
@@ -843,6 +862,7 @@ MIGRATIONS: list[Migration] = [
     _group_file_links, _group_contact_departures, _message_search_index, _message_actions,
     _file_captions_and_typing, _disappearing_messages, _search_index_dirty, _quoted_direction,
     _group_message_actions,
-    _drop_stored_typing_events, _contact_devices, _own_sync, _sync_group_sent,
+    _drop_stored_typing_events, _contact_devices, _own_sync, _sync_held_actions,
+    _sync_group_sent,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

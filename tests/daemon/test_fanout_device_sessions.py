@@ -32,6 +32,7 @@ LOW, HIGH = bytes(16), b"\xff" * 16  # this device's ID, low or high
 A1, A2 = b"\x40" * 16, b"\x80" * 16  # the contact's devices
 A2_BOX = wire.MailboxAddress("wss://relay.example/v1/ws", b"2" * 16, b"t" * 32)
 A2_NEW_BOX = wire.MailboxAddress("wss://relay.example/v1/ws", b"3" * 16, b"t" * 32)
+EK = b"e" * 32  # the EK_A.pub of the session a contact's device opened
 
 
 def _entry(device_id: bytes) -> dv.DeviceEntry:
@@ -43,7 +44,7 @@ def _host(store: Store) -> Any:
         store=store, entropy=SystemEntropy(),
         mailboxes=types.SimpleNamespace(peer_url_ok=lambda url: True),
         ctx=types.SimpleNamespace(events=types.SimpleNamespace(emit=lambda *a: None)),
-        delivery=types.SimpleNamespace(wake=lambda: None),
+        delivery=types.SimpleNamespace(wake=lambda: None), identity=lambda: ALICE,
     )  # fmt: skip
 
 
@@ -82,7 +83,7 @@ def test_the_lower_id_keeps_its_unanswered_session_the_higher_adopts(tmp_path):
             ours = _opened_by_us(store, fanout, c)
             theirs = make_pair().a
             with store.transaction():
-                fanout._adopt(c, theirs, A2, A2_BOX)
+                fanout._adopt(c, theirs, A2, A2_BOX, EK)
             got = _session_with_a2(store, c)
             assert (got.state == ours) is kept_ours
             assert (got.send_to is None) is kept_ours  # adopted: answered, deposited to
@@ -100,17 +101,17 @@ def test_a_new_first_contact_replaces_an_answered_or_adopted_session(tmp_path):
         # Opened by us and answered by A2.
         _opened_by_us(store, fanout, c)
         with store.transaction():
-            fanout.device_answered(c, A2, A2_BOX)
+            fanout._answered(c, A2, A2_BOX)  # answered and proven (test_device_answers.py)
         assert not fanout._opened_unanswered(c.id, A2)
         fresh = make_pair().a
         with store.transaction():
-            fanout._adopt(c, fresh, A2, A2_NEW_BOX)
+            fanout._adopt(c, fresh, A2, A2_NEW_BOX, EK)
         got = _session_with_a2(store, c)
         assert got.state == fresh.to_bytes() and got.send_to == address_to_bytes(A2_NEW_BOX)
         # Adopted (that one): A2 loses it again and opens another: that one stands.
         again = make_pair().a
         with store.transaction():
-            fanout._adopt(c, again, A2, A2_BOX)
+            fanout._adopt(c, again, A2, A2_BOX, EK)
         got = _session_with_a2(store, c)
         assert got.state == again.to_bytes() and got.send_to == address_to_bytes(A2_BOX)
     finally:

@@ -26,6 +26,7 @@ from aegisd.core.identity import IdentityKeyPair
 from aegisd.core.prekeys import PrekeyStore
 from aegisd.core.primitives import SystemEntropy
 from aegisd.core.session import Session, accept_first_contact, initiate_session
+from aegisd.services import device_answers
 from aegisd.services.delivery import address_to_bytes
 from aegisd.services.device_sessions import REOPEN_AFTER, REOPENS, SETTING_REOPENED
 from aegisd.services.fanout import Fanout
@@ -266,7 +267,7 @@ def test_a_device_session_never_answered_is_opened_again_a_few_times(store: Stor
     store.set_setting(SETTING_REOPENED, {str(c.id): {other.hex(): 1}})
     fresh = store.get_contact(c.id)
     assert fresh is not None
-    fan.device_answered(fresh, other, device(2).mailbox)
+    fan._answered(fresh, other, device(2).mailbox)  # answered and proven
     assert fan._missing(c.id) == []  # answered: nothing to do
     assert store.get_setting(SETTING_REOPENED) is None  # and its count starts over
     assert events == ["contact.devices"]
@@ -281,22 +282,30 @@ def test_an_answer_in_the_session_a_reopening_replaced_still_counts(store: Store
     me = IdentityKeyPair.generate(entropy)
     d_identity, d_prekeys, xs, kems = bob_with_store(entropy, one_time=2)
 
-    def open_one(i: int) -> tuple[Any, Any]:
+    def open_one(i: int) -> tuple[Any, Any, bytes]:
         bundle = pqxdh.verify_bundle(d_prekeys.bundle_base().to_bytes(), xs[i], kems[i],
                                      d_identity.public)  # fmt: skip
         ours, block = initiate_session(entropy, me, bundle, b"hello")
-        return ours, accept_first_contact(entropy, d_prekeys, block).session
+        ek = wire.FirstContactPrefix.from_block(block).ephemeral_pub
+        return ours, accept_first_contact(entropy, d_prekeys, block).session, ek
 
-    s1, d1 = open_one(0)
-    s2, d2 = open_one(1)  # the reopening, 10 minutes later
-    c, _ = _contact(store, "bob", 1)
-    store.put_session(c.id, make_pair().a.to_bytes())  # the row: with another device
+    s1, d1, ek1 = open_one(0)
+    s2, d2, ek2 = open_one(1)  # the reopening, 10 minutes later
     device_id = b"\x02" * 16
+    d_priv, d_pub = dv.new_device_key(entropy)
+    c = store.add_contact("bob", identity_key=d_identity.public.to_bytes(),
+                          state=ContactState(wire.MailboxAddress(URL, b"\1" * 16, b"t" * 32),
+                                             True).to_bytes())  # fmt: skip
+    listed = dv.DeviceList.sign(d_identity, 1_700_000_000_000, [dv.DeviceEntry(
+        device_id, wire.MailboxAddress(URL, b"\x09" * 16, b"t" * 32), b"b" * 16, 5, d_pub)])
+    cd.put_list(store, c.id, listed.to_bytes(), listed.version, 1)
+    store.put_session(c.id, make_pair().a.to_bytes())  # the row: with another device
     events: list[str] = []
     ctx = SimpleNamespace(store=store, events=SimpleNamespace(emit=lambda t, p: events.append(t)))
     fan = Fanout(SimpleNamespace(ctx=ctx, store=store))  # type: ignore[arg-type]
     cd.put_device_session(store, c.id, device_id, s2.to_bytes(), int(time.time()))
-    fan._keep_superseded(c.id, device_id, s1.to_bytes())
+    fan._keep_superseded(c.id, device_id, s1.to_bytes(), ek1)
+    device_answers.opened(store, c.id, device_id, ek2)
     host = SimpleNamespace(store=store, entropy=entropy, fanout=fan, ctx=ctx,
                            cover=SimpleNamespace(heard=lambda cid: None),
                            mailboxes=SimpleNamespace(peer_url_ok=lambda u: True))  # fmt: skip
@@ -307,11 +316,23 @@ def test_an_answer_in_the_session_a_reopening_replaced_still_counts(store: Store
         [blk] = session.encrypt(entropy, wire.encode_payload(wire.HelloPayload(reply, "", b"")))
         return blk
 
+    def proof(session: Any, ek: bytes) -> bytes:
+        hello = dv.DeviceHello.sign(d_priv, d_identity.public, device_id, wire.MailboxAddress(
+            URL, b"\7" * wire.RELAY_ID_LEN, b"t" * 32), listed.version, ek)
+        [blk] = session.encrypt(entropy, dv.encode_device_payload(hello))
+        return blk
+
     inbox._receive_from_contact(c.id, answer(d1, 7))  # the answer to the first session
     [ds] = cd.device_sessions(store, c.id)
-    assert ds.send_to is not None  # answered: deposited to from now on
+    assert ds.send_to is None  # not proven yet (device_answers.py)
+    inbox._receive_from_contact(c.id, proof(d1, ek1))
+    [ds] = cd.device_sessions(store, c.id)
+    assert ds.send_to is not None  # answered and proven: deposited to from now on
     assert [d for d, _ in fan.superseded(c.id)] == [device_id]  # the second, kept
     inbox._receive_from_contact(c.id, answer(d2, 8))  # then it took the second after all
+    [ds] = cd.device_sessions(store, c.id)
+    assert ds.send_to is None  # the second is not proven yet: nothing goes to it
+    inbox._receive_from_contact(c.id, proof(d2, ek2))
     [ds] = cd.device_sessions(store, c.id)
     reply8 = wire.MailboxAddress(URL, bytes([8]) * wire.RELAY_ID_LEN, b"t" * 32)
     assert ds.send_to == address_to_bytes(reply8)

@@ -186,17 +186,20 @@ def test_transcripts_once_and_joins_not_sent(tmp_path) -> None:  # type: ignore[
         store.close()
 
 
-def test_a_members_recent_request_is_taken_when_the_group_arrives(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A member's device session that came before the group's state is a request: the
-    state taken, a recent request from a member of its head is recorded for adoption (one
-    from a non-member, or older than ADOPT_MS, is left a request)."""
-    from aegisd.services import own_sync_groups
+def test_only_a_members_device_opening_is_taken_when_the_group_arrives(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A member's device session that came before the group's state is a request kept with
+    its opening's EK_A.pub: the state taken, such a request from a member of its head is
+    recorded for adoption; a member's own contacts.add (no opening recorded), however
+    recent, and a non-member's opening are left requests."""
+    from aegisd.services import device_answers, own_sync_groups
 
     store, host, sync = _setup(tmp_path)
     spawned = host.spawned
     try:
         bob = store.add_request(BOB.public.to_bytes(), "bob", b"s", b"r")
-        store.add_request(CAROL.public.to_bytes(), "carol", b"s", b"r")  # no member
+        device_answers.request_came(store, bob, b"e" * 32)
+        carol = store.add_request(CAROL.public.to_bytes(), "carol", b"s", b"r")  # no member
+        device_answers.request_came(store, carol, b"f" * 32)
         log = _group()
         sync.on_payload(_state(log))
         assert store.get_setting(own_sync_groups.SETTING_ADOPT) == [bob] and len(spawned) == 1
@@ -204,8 +207,7 @@ def test_a_members_recent_request_is_taken_when_the_group_arrives(tmp_path) -> N
             c.close()
         spawned.clear()
         store.set_setting(own_sync_groups.SETTING_ADOPT, None)
-        store.query("UPDATE requests SET created_at = created_at - ?",
-                    (own_sync_groups.ADOPT_MS + 60_000,))  # fmt: skip
+        device_answers.request_ended(store, bob)  # Bob's contacts.add, just now: no opening
         log.receive(core.rename(ALICE, log.head, "again", ""))
         sync.on_payload(_state(log))
         assert spawned == [] and store.get_setting(own_sync_groups.SETTING_ADOPT) is None
@@ -311,6 +313,7 @@ def test_a_group_only_members_request_is_adopted_and_survives_a_crash(tmp_path) 
     import asyncio
 
     from aegisd.core.prekeys import PrekeyStore
+    from aegisd.services import device_answers
     from aegisd.services.delivery import address_to_bytes
     from aegisd.services.first_contacts import FirstContacts
     from aegisd.services.mailbox import ContactState, OwnedMailbox, new_keys
@@ -343,6 +346,7 @@ def test_a_group_only_members_request_is_adopted_and_survives_a_crash(tmp_path) 
         session = make_pair(E).b
         request = store.add_request(CAROL.public.to_bytes(), "", session.to_bytes(),
                                     address_to_bytes(reply))  # fmt: skip
+        device_answers.request_came(store, request, b"e" * 32)  # a device's opening
         log = _group()
         log.receive(core.add_member(ALICE, log.head, CAROL.public))
         sync.on_payload(_state(log, (CAROL.public.ed_pub,)))

@@ -83,6 +83,7 @@ def _sync(tmp_path: Any) -> tuple[Store, so.OwnSync, list[Any], _Contacts]:
                                        drop_outbox_of=lambda *a: None),
         spawn=spawned.append,
         disappearing=types.SimpleNamespace(woken=0, wake=lambda: _woken(host)),
+        sync_actions=types.SimpleNamespace(arrived=lambda message_id: None),
     )  # fmt: skip
     return store, so.OwnSync(host), spawned, contacts
 

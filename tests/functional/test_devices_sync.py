@@ -31,11 +31,14 @@ def _this_id(peer: Peer) -> str:
     return str(next(d["id"] for d in peer.call("devices.list")["devices"] if d["this_device"]))
 
 
-def _linked(peers: Callable[[str], Peer]) -> tuple[Peer, Peer, Peer]:
+def _linked(peers: Callable[[str], Peer], level: str | None = None) -> tuple[Peer, Peer, Peer]:
     """Alice on A1 with Bob, then A2 linked: both of Alice's devices hold a sync session with
-    each other and Bob holds a session with each."""
+    each other and Bob holds a session with each. ``level``: a cover level A1 chooses before
+    the link."""
     a1, bob = peers("alice"), peers("bob")
     connect(a1, bob)
+    if level is not None:
+        a1.call("privacy.set", {"level": level})
     a2 = peers("alice2")
     start_link(a1, a2)
     confirm_both(a1, a2)

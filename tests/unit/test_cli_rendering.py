@@ -34,6 +34,12 @@ def test_a_hidden_group_members_file_has_no_name() -> None:
     ev = {"type": "attachment.received", "time_ms": 1,
           "data": {"contact": None, "name": "f.bin", "attachment_id": "ab", "size": 100}}
     assert "None" not in describe(ev)
+    # A file another device of ours sent: shown as ours, not as the contact's.
+    ev = {"type": "attachment.received", "time_ms": 1,
+          "data": {"contact": "bob", "name": "f.bin", "attachment_id": "ab", "size": 100,
+                   "direction": "out"}}  # fmt: skip
+    line = describe(ev)
+    assert "me -> bob: file f.bin" in line and "arriving" not in line, line
 
 
 def test_message_lines_show_peer_text_safely() -> None:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from aegisd.core import devices as dv
 from aegisd.core import pqxdh, wire
 from aegisd.core import sync as sy
+from aegisd.core import sync_actions as sa
 from aegisd.core.errors import DecodeError, UnsupportedVersion
 from aegisd.core.identity import IdentityKeyPair
 from aegisd.core.prekeys import PrekeyStore
@@ -128,3 +129,124 @@ def test_a_sync_session_hello_binds_the_sessions_ek() -> None:
     assert got.check(IDENTITY.public, listed, ek) == entries[0]
     with pytest.raises(dv.ForgedDeviceProof):
         got.check(IDENTITY.public, listed, bytes(32))
+
+
+# --- 0x48 (a message action's transcript) and 0x49 (the profile's settings) ----------------
+
+MID = bytes(range(16, 32))
+ACTIONS = [
+    sa.ActionTranscript(CONTACT, wire.ReplyPayload(MID, 1_700_000_000_000, bytes(16), "ré")),
+    sa.ActionTranscript(CONTACT, wire.ReactionPayload(MID, "👍")),
+    sa.ActionTranscript(CONTACT, wire.ReactionPayload(MID, "")),
+    sa.ActionTranscript(CONTACT, wire.EditPayload(MID, 1_700_000_000_001, "fixed")),
+    sa.ActionTranscript(CONTACT, wire.DeletePayload(MID)),
+    sa.ActionTranscript(CONTACT, wire.TimerPayload(1_700_000_000_002, 3600)),
+    sa.ActionTranscript(CONTACT, wire.AttachmentPayload(
+        MID, 1_700_000_000_003, bytes(32), 5, 1, bytes(32), "ws://127.0.0.1:1/v1/ws", "a.txt")),
+    sa.ActionTranscript(CONTACT, wire.AttachmentPayload(
+        MID, 1_700_000_000_003, bytes(32), 5, 1, bytes(32), "ws://127.0.0.1:1/v1/ws", "a.txt",
+        "a caption")),
+]  # fmt: skip
+D1, D2 = bytes(range(16)), bytes(range(1, 17))
+SETTINGS = sa.SettingsItem(((1_700_000_000_004, D1), "Alice ☕"),
+                           ((1_700_000_000_005, D2), "strong"),
+                           ((1_700_000_000_006, D1), True),
+                           ((1_700_000_000_007, D2), 86400))  # fmt: skip
+
+
+def test_action_transcripts_and_settings_round_trip_with_their_numbers() -> None:
+    some = sa.SettingsItem(privacy_level=((0, bytes(16)), ""), read_receipts=((1, D2), False))
+    for payload in (*ACTIONS, SETTINGS, some, sa.SettingsItem()):
+        data = sa.encode(payload)
+        kind = 0x48 if isinstance(payload, sa.ActionTranscript) else 0x49
+        assert data[:2] == bytes([1, kind])
+        assert wire.is_sync_payload(data) and not wire.is_device_payload(data)
+        got = sa.decode(data)
+        assert sa.encode(got) == data and type(got) is type(payload)
+        if not isinstance(payload, sa.ActionTranscript) or not isinstance(
+            payload.payload, wire.AttachmentPayload
+        ):  # (a descriptor's parse fills fields 0x08 does not carry)
+            assert got == payload
+        with pytest.raises(DecodeError):  # no other parser takes them
+            wire.decode_payload(data)
+        with pytest.raises(DecodeError):
+            sy.decode_sync_payload(data)
+    # Only the settings present go: a field bit each, then its clock and value.
+    assert sa.encode(some) == bytes([1, 0x49, 0b0110]) + bytes(24) + b"\x00" + \
+        (1).to_bytes(8, "big") + D2 + b"\x00"
+    # A transcript carries the ordinary payload byte for byte.
+    inner = wire.encode_payload(ACTIONS[0].payload)
+    assert sa.encode(ACTIONS[0]) == bytes([1, 0x48]) + CONTACT + inner
+
+
+def test_action_transcripts_and_settings_are_parsed_strictly() -> None:
+    text = wire.encode_payload(wire.TextPayload(MID, 0, "a text goes in 0x44, not 0x48"))
+    for data in (
+        bytes([1, 0x48]) + CONTACT + text,  # a kind not transcribed in 0x48
+        bytes([1, 0x48]) + CONTACT,  # nothing inside
+        bytes([1, 0x48]) + CONTACT[:-1],
+        sa.encode(ACTIONS[1]) + b"\x00",  # the inner payload is parsed to its end
+        sa.encode(ACTIONS[4])[:-1],
+        bytes([1, 0x48]) + CONTACT + b"\x01\x12" + bytes(wire.MAX_TEXT_BYTES + 60),  # too long
+    ):
+        with pytest.raises(DecodeError):
+            sa.decode(data)
+    with pytest.raises(UnsupportedVersion):
+        sa.decode(b"\x02" + sa.encode(ACTIONS[1])[1:])
+    with pytest.raises(UnsupportedVersion):  # the inner payload's version too
+        sa.decode(bytes([1, 0x48]) + CONTACT + b"\x02" + wire.encode_payload(
+            ACTIONS[1].payload)[1:])  # fmt: skip
+    with pytest.raises(ValueError):
+        sa.encode(sa.ActionTranscript(CONTACT, wire.TextPayload(MID, 0, "x")))  # type: ignore[arg-type]
+    data = sa.encode(SETTINGS)
+    assert data[2] == 0b1111
+    name_at = 3 + 8 + 16  # the name's length, after its clock
+    level_at = name_at + 2 + len("Alice ☕".encode()) + 24  # the level's length
+    receipts_at = level_at + 1 + len("strong") + 24
+    timer_at = receipts_at + 1 + 24
+    bad = [
+        data + b"\x00", data[:-1],
+        data[:2] + b"\x1f" + data[3:],  # an unknown setting
+        data[:2] + b"\x07" + data[3:],  # the timer not announced: bytes left over
+        data[:receipts_at] + b"\x02" + data[receipts_at + 1 :],  # not a boolean
+        # only 0 and 1..TIMER_MAX_S are timers
+        data[:timer_at] + (wire.TIMER_MAX_S + 1).to_bytes(4, "big"),
+    ]
+    one = bytes([1, 0x49, 0b0001]) + bytes(24)
+    bad.append(one + (sa.MAX_NAME_BYTES + 1).to_bytes(2, "big") + b"a" * (sa.MAX_NAME_BYTES + 1))
+    bad.append(one + b"\x00\x01\xff")  # a name not UTF-8
+    two = bytes([1, 0x49, 0b0010]) + bytes(24)
+    bad.append(two + bytes([sa.MAX_LEVEL_BYTES + 1]) + b"a" * 17)
+    bad.append(two + b"\x01\xff")  # a level not ASCII
+    assert sa.decode(one + b"\x00\x01a") == sa.SettingsItem(display_name=((0, bytes(16)), "a"))
+    for b in bad:
+        with pytest.raises(DecodeError):
+            sa.decode(b)
+    with pytest.raises(ValueError):
+        sa.encode(sa.SettingsItem(display_name=((0, bytes(16)), "a" * 300)))
+    with pytest.raises(ValueError):
+        sa.encode(sa.SettingsItem(read_receipts=((0, bytes(15)), True)))
+
+
+@pytest.mark.parametrize("sample", [*ACTIONS, SETTINGS])
+@FUZZ
+@given(data=st.data())
+def test_mutated_action_transcripts_and_settings_raise_only_decode_error(
+    sample: sa.ActionTranscript | sa.SettingsItem, data: st.DataObject
+) -> None:
+    mutated = bytearray(sa.encode(sample))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(mutated) - 1))
+        mutated[i] ^= data.draw(st.integers(1, 255))
+    cut = data.draw(st.integers(0, len(mutated)))
+    with contextlib.suppress(DecodeError):
+        sa.decode(bytes(mutated[:cut]) + data.draw(st.binary(max_size=32)))
+
+
+@FUZZ
+@given(data=st.binary(max_size=512))
+def test_random_bytes_after_0x48_or_0x49_raise_only_decode_error(data: bytes) -> None:
+    for prefix in (b"", bytes([1, 0x48]), bytes([1, 0x48]) + CONTACT + b"\x01",
+                   bytes([1, 0x49])):  # fmt: skip
+        with contextlib.suppress(DecodeError):
+            sa.decode(prefix + data)
