@@ -1046,6 +1046,16 @@ def is_sync_payload(data: bytes) -> bool:
     return len(data) >= 2 and data[0] == VERSION and data[1] in SYNC_PAYLOAD_TYPES
 
 
+# 0x4A: a group's state or a group message sent, between one's own devices (docs/protocol.md
+# §28.6), core/sync_groups.py's format, taken only in a sync session like 0x44-0x46.
+PAYLOAD_SYNC_GROUP = 0x4A
+
+
+def is_sync_group_payload(data: bytes) -> bool:
+    """Whether `data` claims to be a group sync payload (0x4A, sync_groups.decode)."""
+    return len(data) >= 2 and data[0] == VERSION and data[1] == PAYLOAD_SYNC_GROUP
+
+
 def is_device_payload(data: bytes) -> bool:
     """Whether `data` claims to be a device payload (0x40-0x43, devices.decode_device_payload)."""
     return len(data) >= 2 and data[0] == VERSION and data[1] in DEVICE_PAYLOAD_TYPES

@@ -277,26 +277,57 @@ class FirstContacts:
             for ref in group_store.groups_with_both(store, me, sender.ed_pub)
         )
 
+    async def adopt(self, sender: PublicIdentity, session: Session,
+                    reply_to: wire.MailboxAddress, request_id: int, ek: bytes) -> bool:  # fmt: skip
+        """A member's device session that came before its group's state, kept as contact
+        request ``request_id`` (own_sync_groups.py; ``ek``, the opening's EK_A.pub,
+        device_answers.request_eks): the group here now, it becomes what the session would
+        have made, in one transaction with the request's removal: the member's group
+        contact (_member_session), or the session of its group contact held without one
+        (one the state named, _device_session), answered with this device's proof. False
+        (the request stays): the identity is a contact with a session, or not a group
+        contact."""
+        known = self.m.contacts.with_identity(sender)
+        if known is None:
+            await self._member_session(sender, session, reply_to, ek, request_id)
+            return True
+        if not known.blocked and (
+            (self.m.store.get_session(known.id) is None
+             and self.m.store.mailbox_for_contact(known.id) is None
+             and group_store.is_group_contact(self.m.store, known.id))
+            or self._introduced_elsewhere(known)
+        ):  # fmt: skip
+            await self._device_session(known, session, reply_to, None, ek, request_id)
+            return True
+        return False
+
     async def _member_session(
         self, sender: PublicIdentity, session: Session, reply_to: wire.MailboxAddress,
-        ek: bytes,
+        ek: bytes, request_id: int | None = None,
     ) -> None:  # fmt: skip
         """A member of a group this device holds, no contact of it, opened a device session
         with it (tagged so: a device hello, or a hello carrying DEVICE_SESSION) having learned
         the person's device list from another of its devices (the one that opened the
         member's introduction, docs/devices.md §5.5): a group contact, as the introduction
-        would have made it here, without a request."""
+        would have made it here, without a request (or taking ``request_id``: adopt)."""
         assert self.m.prekeys is not None
         mb_id, mb = await self.m.mailboxes.create("contact", public=False)
-        with self.m.store.transaction():
-            self.m.store.put_identity(self.m.prekeys.to_bytes())
-            name = f"member {sender.ed_pub.hex()[:12]}"  # as an introduction names it
-            made = self.m.contacts.establish(
-                name, sender, session, reply_to, mb_id, mb, emit=False,  # hidden: not announced
-                proof=device_answers.proof(self.m.store, self.m.prekeys.identity, ek,
-                                           mb.address()),
-            )
-            self.m.groups.member_session(made.id)
+        try:
+            with self.m.store.transaction():
+                if request_id is not None:  # adopt: the request it was kept as goes
+                    self.m.store.delete_request(request_id)
+                    device_answers.request_ended(self.m.store, request_id)
+                self.m.store.put_identity(self.m.prekeys.to_bytes())
+                name = f"member {sender.ed_pub.hex()[:12]}"  # as an introduction names it
+                made = self.m.contacts.establish(
+                    name, sender, session, reply_to, mb_id, mb, emit=False,  # hidden: not shown
+                    proof=device_answers.proof(self.m.store, self.m.prekeys.identity, ek,
+                                               mb.address()),
+                )
+                self.m.groups.member_session(made.id)
+        except BaseException:
+            self._unused_mailbox(mb_id)
+            raise
         self.m.mailboxes.reload()
         self.m.cover.changed()
         self.m.delivery.wake()
@@ -383,13 +414,14 @@ class FirstContacts:
 
     async def _device_session(
         self, c: Contact, session: Session, reply_to: wire.MailboxAddress,
-        device_id: bytes | None, ek: bytes,
+        device_id: bytes | None, ek: bytes, request_id: int | None = None,
     ) -> None:  # fmt: skip
         """A contact this linked device knows without a session (its profile came by a link,
         or its introduction went to another device of ours) opened one with it, having learned
         of it from the person's device list (docs/devices.md §5.2): the contact's session
         (with ``device_id``, when its hello proved it), answered with a mailbox of this
-        device's own (the one its introduction made, if any)."""
+        device's own (the one its introduction made, if any). ``request_id``: the contact
+        request the session was kept as, taken in the same transaction (adopt)."""
         assert self.m.prekeys is not None
         row = self.m.store.mailbox_for_contact(c.id)
         if row is not None:
@@ -398,6 +430,9 @@ class FirstContacts:
             mb_id, mb = await self.m.mailboxes.create("contact", public=False)
         try:
             with self.m.store.transaction():
+                if request_id is not None:  # adopt: the request it was kept as goes
+                    self.m.store.delete_request(request_id)
+                    device_answers.request_ended(self.m.store, request_id)
                 self.m.store.put_identity(self.m.prekeys.to_bytes())
                 if row is not None:  # what waits for the introduction's dead session goes
                     self.m.delivery.drop_outbox_of(self.m.store, {c.id})

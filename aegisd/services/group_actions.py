@@ -207,9 +207,27 @@ class GroupActions(GroupBase):
             self._send(ref, lambda head: wire.GroupActionPayload(
                 head.group_id, head.version, bytes(wire.ED25519_LEN),
                 wire.TimerPayload(changed_at, seconds)),
-                store=lambda *_: self._record_timer(ref, seconds, changed_at, None))
+                store=lambda *_: self._timer_set(ref, seconds, changed_at))
         self.m.delivery.wake()
         return self.describe_timer(ref)
+
+    def _timer_set(self, ref: int, seconds: int, changed_at: int) -> None:
+        self._record_timer(ref, seconds, changed_at, None)
+        self.m.sync_groups.changed(ref)  # to this profile's other devices (0x4A)
+
+    def synced_timer(self, ref: int, a: wire.TimerPayload) -> None:
+        """The group's timer at another device of ours (own_sync_groups.py, 0x4A, inside
+        the receive's transaction): the later change wins, as a member's (§25.11); shown as
+        ours (that device's user set it, or a member whose change this one missed)."""
+        if a.changed_at_ms == 0 or a.changed_at_ms > now_ms() + MAX_SKEW_MS:
+            return  # never set there, or stamped too far ahead
+        seconds, changed_at = GA.get_timer(self.m.store, ref)
+        if (a.changed_at_ms, a.seconds) <= (changed_at, seconds):
+            return
+        if a.seconds == seconds:
+            GA.set_timer(self.m.store, ref, seconds, a.changed_at_ms)
+            return
+        self._record_timer(ref, a.seconds, a.changed_at_ms, None)
 
     def _record_timer(self, ref: int, seconds: int, changed_at: int, by: bytes | None,
                       emit: bool = True, from_contact: str | None = None) -> None:  # fmt: skip

@@ -85,6 +85,13 @@ class Groups(GroupBase):
     def member_session(self, contact_id: int) -> None:
         self.inbound.member_session(contact_id)
 
+    def synced(self, ref: int, before: core.GroupState | None, log: core.GroupLog,
+               undone: int) -> None:  # fmt: skip
+        self.inbound.synced(ref, before, log, undone)
+
+    def synced_timer(self, ref: int, timer: wire.TimerPayload) -> None:
+        self.inbound.synced_timer(ref, timer)
+
     # --- the user's calls -----------------------------------------------------------------
 
     async def create(self, name: str, description: str = "") -> dict[str, Any]:
@@ -97,6 +104,7 @@ class Groups(GroupBase):
             with self.m.store.transaction():
                 ref = G.add_group(self.m.store, state.group_id, log.record().to_bytes(),
                                   member_rows(state))  # fmt: skip
+                self.m.sync_groups.changed(ref)  # to this profile's other devices (0x4A)
                 self.m.ctx.events.emit("group.changed", {"group": ref, "change": "created"})
         return self.describe(ref)
 
@@ -166,6 +174,7 @@ class Groups(GroupBase):
             with self.m.store.transaction():
                 self._save(ref, log)
                 self._fan_out(parent, log, change)
+                self.m.sync_groups.changed(ref)  # to this profile's other devices (0x4A)
                 self.m.ctx.events.emit(
                     "group.changed", {"group": ref, "change": op_name(change.op)}
                 )
@@ -206,6 +215,8 @@ class Groups(GroupBase):
                 with self.m.store.transaction():
                     G.delete_group(self.m.store, ref)
                     self.m.store.set_setting(f"{JOINING_KEY}{ref}", None)
+                    # a stale state from another device must not bring it back (0x4A)
+                    self.m.sync_groups.deleted(log.head.group_id, log.head.version)
                     self.m.ctx.events.emit("group.changed", {"group": ref, "change": "deleted"})
                 self._prune_contacts(m.key for m in log.head.members)
             return {"group": ref, "deleted": True}
@@ -373,6 +384,7 @@ class Groups(GroupBase):
                 for cid, status in skipped.items():  # counted in "N of M", never sent
                     G.set_statuses(self.m.store, seq, [cid], status)
                 G.add_unsent(self.m.store, seq, strangers)
+                self.m.sync_groups.sent(head.group_id, wire_id, payload.sent_at_ms, text)
                 if recipients:  # the delivery layer is the fan-out: one call for all
                     self.m.delivery.enqueue(
                         recipients, payload, delay=self.m.delivery.send_jitter(),

@@ -19,6 +19,7 @@ from aegisd.rpc import errors as E
 from aegisd.store import group_actions as GA
 from aegisd.store import groups as G
 from aegisd.store.db import Contact
+from aegisd.store.devices import SETTING_OWN_LIST
 
 from .delivery import Recipient
 from .group_actions import GroupActions
@@ -35,6 +36,10 @@ from .groups_state import (
     MAX_PENDING_INTROS_PER_GROUP,
     MAX_PENDING_INVITATIONS,
     SETTING_MAX_INVITATIONS,
+    UNKNOWN_HELD_BYTES,
+    UNKNOWN_HELD_MAX_AGE_MS,
+    UNKNOWN_HELD_PER_SENDER,
+    UNKNOWN_HELD_TOTAL,
     DepartedContacts,
     GroupBase,
     GroupsHost,
@@ -73,7 +78,7 @@ class GroupInbound(GroupBase):
             elif isinstance(payload, wire.GroupAnswerPayload):
                 self._on_answer(c, sender, payload)
             elif isinstance(payload, wire.GroupChangePayload):
-                self._on_change(payload.change)
+                self._on_change(payload.change, c)
             elif isinstance(payload, (wire.GroupMessagePayload, wire.GroupFilePayload,
                                       wire.GroupActionPayload)):  # fmt: skip
                 self._on_message(c, session, sender, payload)
@@ -157,6 +162,7 @@ class GroupInbound(GroupBase):
             for ch in missed:
                 self.m.delivery.enqueue([Recipient(c, session)], wire.GroupChangePayload(ch))
         self._fan_out(parent, log, change)
+        self.m.sync_groups.changed(ref)  # our add: to this profile's other devices (0x4A)
         self.actions.share_timer(c, ref)  # a timer set before it joined (§25.11)
         for key, link in offers.items():
             member = log.head.member(key)
@@ -201,10 +207,10 @@ class GroupInbound(GroupBase):
         with contextlib.suppress(AppError, OSError):
             await self.m.address.revoke_invitation(invitation)
 
-    def _on_change(self, change: wire.GroupChangeRecord) -> None:
+    def _on_change(self, change: wire.GroupChangeRecord, c: Contact | None = None) -> None:
         row = G.group_by_id(self.m.store, change.group_id)
-        if row is None:
-            droplog.dropped("dropped a change of an unknown group")
+        if row is None:  # its state may be on its way from another device of ours
+            self._hold_unknown(c, change.group_id, wire.GroupChangePayload(change))
             return
         _, log = self._load(row.id)
         before = log.head
@@ -213,23 +219,54 @@ class GroupInbound(GroupBase):
         # (which may be the change undoing the departure).
         received = log.receive(change)
         self._save(row.id, log)
+        if received.outcome is core.Outcome.HELD:  # a change we lack: another device may not
+            self.m.sync_groups.ask(change.group_id)
         if received.undone:  # changes shown applied before lost (or found invalid) now
             self.m.ctx.events.emit("group.changed", {"group": row.id, "change": "undone",
                                                      "count": len(received.undone)})  # fmt: skip
         if received.outcome is core.Outcome.APPLIED:
             if log.head.role_of(self._me()) and not before.role_of(self._me()):
                 self.m.store.set_setting(f"{JOINING_KEY}{row.id}", None)  # our add: joined
+                self.m.sync_groups.changed(row.id)  # the group to our other devices (0x4A)
             self.m.ctx.events.emit("group.changed", {"group": row.id, "change": op_name(change.op)})
             self._release_held(row.id, log.head, log.departed())
         self._prune_contacts(departed_keys(before, log.head, self._me()))
+
+    def synced(self, ref: int, before: core.GroupState | None, log: core.GroupLog,
+               undone: int) -> None:  # fmt: skip
+        """Another device of ours sent the group's state (own_sync_groups.py, checked there,
+        inside the receive's transaction): stored and applied as a member's change would be
+        (before: None for a group new here; ``undone``: changes shown applied here that
+        its changes put off the chain). Nothing goes back, nor to the members."""
+        self._save(ref, log)
+        if undone:
+            self.m.ctx.events.emit("group.changed", {"group": ref, "change": "undone",
+                                                     "count": undone})  # fmt: skip
+        if before is not None and log.head == before:
+            return  # only held-back or lost changes came: the group shows as it did
+        me = self._me()
+        if log.head.role_of(me) and (before is None or not before.role_of(me)):
+            self.m.store.set_setting(f"{JOINING_KEY}{ref}", None)  # a member: joined here too
+        self.m.ctx.events.emit("group.changed", {"group": ref, "change": "synced"})
+        self._release_held(ref, log.head, log.departed())
+        if before is not None:
+            self._prune_contacts(departed_keys(before, log.head, me))
+        else:  # what members sent before the state came, taken now
+            self._release_unknown(log.head.group_id)
+
+    def synced_timer(self, ref: int, timer: wire.TimerPayload) -> None:
+        """The group's disappearing timer at another device of ours (0x4A): taken as a
+        member's timer change is, the later one winning (group_actions.py)."""
+        self.actions.synced_timer(ref, timer)
 
     def _on_message(self, c: Contact, session: Session, sender: PublicIdentity,
                     p: wire.GroupMessagePayload | wire.GroupFilePayload | wire.GroupActionPayload,
                     held: bool = False) -> None:  # fmt: skip
         """A text, a file (§25.10) or an action (§25.11) from a member: judged alike (§25.6)."""
         row = G.group_by_id(self.m.store, p.group_id)
-        if row is None:
-            droplog.dropped("dropped a message of an unknown group")
+        if row is None:  # its state may be on its way from another device of ours
+            if not held:
+                self._hold_unknown(c, p.group_id, p)
             return
         _, log = self._load(row.id)
         verdict = core.message_disposition(log.head, sender.ed_pub, p.version, log.departed())
@@ -333,6 +370,37 @@ class GroupInbound(GroupBase):
                 droplog.dropped("dropped an introduction (first contact failed every try)")
             else:
                 await self.open_session(intro.id)
+
+    def _hold_unknown(self, c: Contact | None, group_id: bytes, p: wire.Payload) -> None:
+        """A member's change or message for a group this device does not hold. On a profile
+        with several devices the group may have been made or joined on another one moments
+        ago, its state on its way (a random delay): kept, bounded, until it comes
+        (_release_unknown), and the state asked for (own_sync_groups.py). Otherwise, or
+        past the bounds: dropped."""
+        if c is None or self.m.store.get_setting(SETTING_OWN_LIST) is None:
+            droplog.dropped("dropped a group payload of an unknown group")
+            return
+        self.m.sync_groups.ask(group_id)
+        if not G.hold_unknown(self.m.store, group_id, c.id, wire.encode_payload(p), now_ms(),
+                              per_sender=UNKNOWN_HELD_PER_SENDER, total=UNKNOWN_HELD_TOTAL,
+                              max_bytes=UNKNOWN_HELD_BYTES,
+                              max_age_ms=UNKNOWN_HELD_MAX_AGE_MS):  # fmt: skip
+            droplog.dropped("dropped a group payload of an unknown group (too many held)")
+
+    def _release_unknown(self, group_id: bytes) -> None:
+        """The group's state came (inside its transaction): what its members sent before,
+        each taken now as it would have been then."""
+        for contact_id, data in G.take_unknown(self.m.store, group_id,
+                                               now_ms() - UNKNOWN_HELD_MAX_AGE_MS):  # fmt: skip
+            c = self.m.store.get_contact(contact_id)
+            blob = self.m.store.get_session(contact_id)
+            if c is None or blob is None or c.identity_key is None:
+                continue
+            try:
+                p = wire.decode_payload(data)
+            except DecodeError:
+                continue
+            self.on_payload(c, Session.from_bytes(blob), p)
 
     def _hold(self, ref: int, c: Contact, p: wire.Payload) -> None:
         G.drop_held_before(self.m.store, ref, now_ms() - HELD_MAX_AGE_MS)

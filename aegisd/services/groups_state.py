@@ -39,6 +39,14 @@ MAX_HELD_PER_GROUP = 64
 #: ...and per contact within a group, so that one sender cannot fill the group's share.
 MAX_HELD_PER_SENDER = 8
 HELD_MAX_AGE_MS = 7 * 24 * 3600 * 1000
+#: Members' changes and messages for a group not held here, on a profile with several
+#: devices (its state may be on its way, own_sync_groups.py): at most this many per sender
+#: and in all, this many bytes in all (the oldest go), for this long (past the longest sync
+#: delay, an hour).
+UNKNOWN_HELD_PER_SENDER = 16
+UNKNOWN_HELD_TOTAL = 128
+UNKNOWN_HELD_BYTES = 2 << 20
+UNKNOWN_HELD_MAX_AGE_MS = 2 * 3600 * 1000
 #: How long an introduction link of ours stays valid (the member opens it when it is online).
 INTRO_TTL = 7 * 24 * 3600
 #: Introduction links one accept may make (one relay invitation each).
@@ -130,6 +138,18 @@ class GroupsHost(ServiceHost, Protocol):
     def identity(self) -> IdentityKeyPair: ...
     def check_usable(self) -> None: ...
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
+    @property
+    def sync_groups(self) -> SyncGroupsView: ...
+
+
+class SyncGroupsView(Protocol):
+    """What the groups tell this profile's other devices (own_sync_groups.py, 0x4A), inside
+    the caller's transaction."""
+
+    def changed(self, ref: int) -> None: ...
+    def ask(self, group_id: bytes) -> None: ...
+    def deleted(self, group_id: bytes, version: int) -> None: ...
+    def sent(self, group_id: bytes, wire_id: bytes, sent_at_ms: int, text: str) -> None: ...
 
 
 class GroupBase:

@@ -49,6 +49,7 @@ from .contacts import Contacts
 from .delivery import Delivery, DeliveryHooks, Recipient
 from .disappearing import Disappearing
 from .fanout import Fanout
+from .first_contacts import FirstContacts
 from .group_logs import GroupLogs
 from .groups import Groups
 from .groups_state import SETTING_READ_RECEIPTS
@@ -58,6 +59,7 @@ from .mailbox_loss import SETTING_LAST_REACHED, MailboxLoss
 from .mailboxes import Mailboxes
 from .own_sync import OwnSync
 from .own_sync_actions import OwnSyncActions
+from .own_sync_groups import OwnSyncGroups
 from .own_sync_settings import OwnSyncSettings
 from .rotation import Rotation
 from .typing_indicators import Typing
@@ -117,6 +119,7 @@ class Messenger:
         self.actions = Actions(self)  # replies, reactions, edits, deletions (actions.py, §26)
         self.fanout = Fanout(self)  # contacts' device lists and device sessions (fanout.py)
         self.own_sync = OwnSync(self)  # sync with this profile's other devices (own_sync.py)
+        self.sync_groups = OwnSyncGroups(self)  # groups over that sync (own_sync_groups.py)
         # What else goes to them: actions and files (0x48), the profile's settings (0x49).
         self.sync_actions = OwnSyncActions(self, self.own_sync.send)
         self.sync_settings = OwnSyncSettings(self, self.own_sync.send, self.own_sync.self_id)
@@ -149,6 +152,11 @@ class Messenger:
             raise RuntimeError("store is locked")
         return store
 
+    @property
+    def first_contacts(self) -> FirstContacts:
+        """The address's first contacts (inbox.py's): own_sync_groups.py's adoptions."""
+        return self.inbox.first_contacts
+
     async def on_unlock(self, store: Store) -> None:
         state = store.get_identity()
         if state is None:
@@ -178,6 +186,7 @@ class Messenger:
         self.spawn(self.fanout.resend())  # a device list the contacts have not acknowledged
         self.spawn(self.fanout.open_all())  # sessions with contacts' devices not opened yet
         self.spawn(self.own_sync.ensure())  # sync sessions with own devices not opened yet
+        self.spawn(self.sync_groups.adopt_pending())  # member sessions a group's state named
 
     def network(self) -> Network:
         """How relays are reached now (services/connectivity.py)."""
@@ -364,6 +373,7 @@ class Messenger:
                 self.rotation.rotate_due,
                 self._continue_move,  # contacts that answered since, the bound
                 self.groups.inbound.retry_intros,  # introductions that failed (bounded)
+                self.sync_groups.adopt_pending,  # adoptions the relay failed (own_sync_groups)
                 self._sweep_departed,  # departed group contacts past their deadline
             ]  # fmt: skip
             for step in steps:

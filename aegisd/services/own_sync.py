@@ -41,6 +41,7 @@ from aegisd.core.identity import IdentityKeyPair, PublicIdentity, keys_of
 from aegisd.core.prekeys import PrekeyStore
 from aegisd.core.primitives import Entropy
 from aegisd.core.session import FirstContact, Session, initiate_session
+from aegisd.core.sync_groups import MAX_GROUP_SYNC_FRAGMENTS
 from aegisd.rpc import AppError
 from aegisd.store import Store
 from aegisd.store import devices as store_devices
@@ -87,6 +88,10 @@ class Waker(Protocol):
     def wake(self) -> None: ...
 
 
+class GroupSyncView(Protocol):
+    def on_payload(self, content: bytes) -> None: ...
+
+
 class MoreView(Protocol):
     """0x48 and 0x49's receivers (own_sync_actions.py, own_sync_settings.py)."""
 
@@ -99,6 +104,9 @@ class ActionsView(MoreView, Protocol):
 
 class OwnSyncHost(Protocol):
     prekeys: PrekeyStore | None
+
+    @property
+    def sync_groups(self) -> GroupSyncView: ...
 
     @property
     def ctx(self) -> ServiceContext: ...
@@ -365,7 +373,7 @@ class OwnSync:
             rows.set_state(store, row.device_id, session.to_bytes(), _now())
             if fragment.count == 1:
                 content: bytes | None = fragment.data
-            elif fragment.count > MAX_SYNC_FRAGMENTS:
+            elif fragment.count > max(MAX_SYNC_FRAGMENTS, MAX_GROUP_SYNC_FRAGMENTS):
                 droplog.dropped("dropped a fragment of an oversized sync payload")
                 return
             else:
@@ -411,6 +419,9 @@ class OwnSync:
                 self._own_list(payload, own[0])
             else:
                 droplog.dropped("dropped a device payload out of place")
+            return
+        if wire.is_sync_group_payload(content):  # 0x4A: own_sync_groups.py
+            self.m.sync_groups.on_payload(content)
             return
         if not wire.is_sync_payload(content):
             droplog.dropped("dropped a payload out of place in a sync session")
@@ -643,7 +654,8 @@ class OwnSync:
             self._seal(session, device_id, send_to, data)
 
     def send(self, data: bytes) -> None:
-        """A sync payload to every own device (own_sync_actions.py, own_sync_settings.py)."""
+        """A sync payload to every own device (own_sync_actions.py, own_sync_settings.py,
+        own_sync_groups.py)."""
         self._send(data)
 
     def self_id(self) -> bytes | None:

@@ -249,6 +249,38 @@ def drop_held(store: Store, held_id: int) -> None:
     store.query("DELETE FROM group_held WHERE id = ?", (held_id,))
 
 
+def hold_unknown(store: Store, group_id: bytes, contact_id: int, payload: bytes, now_ms: int, *,
+                 per_sender: int, total: int, max_bytes: int, max_age_ms: int) -> bool:  # fmt: skip
+    """A member's change or message for a group not held here (its state on its way from
+    another device of ours). False: not kept (the sender's share full). Past ``total`` or
+    ``max_bytes`` the oldest go; past ``max_age_ms`` any goes."""
+    store.query("DELETE FROM group_unknown_held WHERE created_at < ?", (now_ms - max_age_ms,))
+    n = store.query("SELECT COUNT(*) FROM group_unknown_held WHERE contact_id = ?",
+                    (contact_id,)).fetchone()[0]  # fmt: skip
+    if int(n) >= per_sender:
+        return False
+    store.query("INSERT INTO group_unknown_held (group_id, contact_id, payload, created_at) "
+                "VALUES (?, ?, ?, ?)", (group_id, contact_id, payload, now_ms))  # fmt: skip
+    kept = 0
+    rows = store.query("SELECT id, length(payload) FROM group_unknown_held ORDER BY id DESC")
+    for n_row, (row_id, size) in enumerate(rows.fetchall()):
+        kept += int(size)
+        if n_row >= total or kept > max_bytes:
+            store.query("DELETE FROM group_unknown_held WHERE id <= ?", (row_id,))
+            break
+    return True
+
+
+def take_unknown(store: Store, group_id: bytes, since_ms: int) -> list[tuple[int, bytes]]:
+    """What was held for the group (contact, payload), oldest first, forgotten."""
+    rows = store.query(
+        "SELECT contact_id, payload FROM group_unknown_held WHERE group_id = ? AND "
+        "created_at >= ? ORDER BY id", (group_id, since_ms),
+    ).fetchall()  # fmt: skip
+    store.query("DELETE FROM group_unknown_held WHERE group_id = ?", (group_id,))
+    return [(int(r[0]), bytes(r[1])) for r in rows]
+
+
 def drop_held_before(store: Store, ref: int, before_ms: int) -> None:
     store.query("DELETE FROM group_held WHERE group_ref = ? AND created_at < ?", (ref, before_ms))
 

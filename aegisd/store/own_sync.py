@@ -19,6 +19,11 @@ READS_KEPT = 256
 #: HELD_FOR seconds (a message that never comes: lost, or deleted before it was sent here).
 HELD_KEPT = 256
 HELD_FOR = 7 * 86_400
+#: Sent group transcripts kept for groups not held yet: at most this many, this many bytes
+#: in all (the oldest go), and for this long (past the longest sync delay, an hour).
+GROUP_SENT_KEPT = 64
+GROUP_SENT_BYTES = 1 << 20
+GROUP_SENT_MAX_AGE_MS = 2 * 3600 * 1000
 
 
 @dataclass(frozen=True)
@@ -219,11 +224,36 @@ def take_held(store: Store, target: str, now: int) -> list[bytes]:
     return out
 
 
+def keep_group_sent(store: Store, group_id: bytes, data: bytes, now_ms: int) -> None:
+    """A sent group transcript (0x4A) for a group this device does not hold yet."""
+    store.query("DELETE FROM sync_group_sent WHERE created_at < ?",
+                (now_ms - GROUP_SENT_MAX_AGE_MS,))  # fmt: skip
+    store.query("INSERT INTO sync_group_sent (group_id, data, created_at) VALUES (?, ?, ?)",
+                (group_id, data, now_ms))  # fmt: skip
+    rows = store.query("SELECT id, length(data) FROM sync_group_sent ORDER BY id DESC").fetchall()
+    total = 0
+    for n, (row_id, size) in enumerate(rows):
+        total += int(size)
+        if n >= GROUP_SENT_KEPT or total > GROUP_SENT_BYTES:
+            store.query("DELETE FROM sync_group_sent WHERE id <= ?", (row_id,))
+            break
+
+
+def take_group_sent(store: Store, group_id: bytes, now_ms: int) -> list[bytes]:
+    """The transcripts kept for the group (not too old), oldest first, forgotten."""
+    out = [bytes(r[0]) for r in store.query(
+        "SELECT data FROM sync_group_sent WHERE group_id = ? AND created_at >= ? ORDER BY id",
+        (group_id, now_ms - GROUP_SENT_MAX_AGE_MS),
+    ).fetchall()]  # fmt: skip
+    store.query("DELETE FROM sync_group_sent WHERE group_id = ?", (group_id,))
+    return out
+
+
 def clear(store: Store) -> None:
     """Every sync session and what waits for one: a backup's import made this a new device of
     another identity (services/device_reset.py), whose sessions they were not."""
     for table in ("own_sync", "sync_fragments", "sync_waiting", "sync_contacts", "sync_reads",
-                  "sync_held"):
+                  "sync_held", "sync_group_sent"):  # fmt: skip
         store.query(f"DELETE FROM {table}")  # noqa: S608 (fixed names)
     prefix = pending_destination(b"")
     store.query("DELETE FROM outbox WHERE contact_id IS NULL AND substr(destination, 1, ?) = ?",

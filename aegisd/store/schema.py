@@ -829,6 +829,33 @@ def _sync_held_actions(db: Any) -> None:
     )
 
 
+def _sync_group_sent(db: Any) -> None:
+    """Sent group transcripts (payload 0x4A) from another device of the profile for a group
+    this device does not hold yet (its state is on its way): applied when the state comes,
+    bounded in count, bytes and age (store/own_sync.py). ``group_unknown_held``: members'
+    changes and messages for such a group, likewise (store/groups.py)."""
+    _run(
+        db,
+        """
+        CREATE TABLE sync_group_sent (
+            id          INTEGER PRIMARY KEY,
+            group_id    BLOB NOT NULL,
+            data        BLOB NOT NULL,          -- the 0x4A sent item as it came
+            created_at  INTEGER NOT NULL        -- ms, when it came
+        );
+        CREATE INDEX sync_group_sent_group ON sync_group_sent (group_id);
+        CREATE TABLE group_unknown_held (
+            id          INTEGER PRIMARY KEY,
+            group_id    BLOB NOT NULL,
+            contact_id  INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+            payload     BLOB NOT NULL,          -- a change or message, encoded
+            created_at  INTEGER NOT NULL        -- ms, when it came
+        );
+        CREATE INDEX group_unknown_held_group ON group_unknown_held (group_id)
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
     _cover_receipts, _mailbox_pool, _groups, _group_invites_and_intros, _group_message_keys,
@@ -836,5 +863,6 @@ MIGRATIONS: list[Migration] = [
     _file_captions_and_typing, _disappearing_messages, _search_index_dirty, _quoted_direction,
     _group_message_actions,
     _drop_stored_typing_events, _contact_devices, _own_sync, _sync_held_actions,
+    _sync_group_sent,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)
