@@ -74,6 +74,7 @@ class DisappearingView(Protocol):
 
 class OwnSyncView(Protocol):
     def contact_changed(self, c: Contact, *, removed: bool = False) -> None: ...
+    def request_rejected(self, identity_key: bytes, name: str) -> None: ...
 
 
 class ContactsHost(ServiceHost, Protocol):
@@ -286,9 +287,11 @@ class Contacts:
 
     def reject_request(self, request_id: int) -> None:
         with self.m.store.transaction():
-            if not self.m.store.delete_request(request_id):
+            row = self.m.store.get_request(request_id)
+            if row is None or not self.m.store.delete_request(request_id):
                 raise E.not_found("request")
             device_answers.request_ended(self.m.store, request_id)
+            self.m.own_sync.request_rejected(row.identity_key, row.display_name)
 
     def establish(
         self,

@@ -50,6 +50,7 @@ from aegisd.store import own_sync as rows
 from aegisd.store.cover import SLOT_WAIT
 from aegisd.store.db import Contact
 
+from . import device_answers
 from .bundle_fetch import fetch_bundle
 from .context import ServiceContext
 from .delivery import NEVER, Delivery
@@ -540,8 +541,12 @@ class OwnSync:
             self.m.ctx.events.emit("contact.added", {"contact": name, "established": False})
             return
         rows.set_contact_clock(store, keys, p.changed_at_ms, p.device_id)
-        if c is None:
-            return  # removed, and not held
+        if c is None:  # removed, and not held: a request of it here goes (rejected there)
+            for r in store.list_requests():
+                if keys_of(r.identity_key) == keys:
+                    store.delete_request(r.id)
+                    device_answers.request_ended(store, r.id)
+            return
         fields: dict[str, Any] = {"verified": p.verified, "blocked": p.blocked}
         wanted = clean_name(p.name, c.name)
         if wanted != c.name and store.contact_by_name(wanted) is None:
@@ -680,20 +685,31 @@ class OwnSync:
         """The user added, renamed, verified, blocked or removed ``c`` on this device (inside
         or outside a transaction, with no await in between): the other devices follow."""
         store = self.m.ctx.store
+        if store is None or c.identity_key is None or group_store.is_group_contact(store, c.id):
+            return
+        self._changed(c.identity_key, c.name, c.verified, c.blocked, removed)
+
+    def request_rejected(self, identity_key: bytes, name: str) -> None:
+        """The user rejected a contact request from ``identity_key`` here (inside its
+        transaction): sent as that identity removed, so a request of it held on another
+        device goes too (the newest change wins, as for a contact)."""
+        self._changed(identity_key, name, False, False, True)
+
+    def _changed(
+        self, identity_key: bytes, name: str, verified: bool, blocked: bool, removed: bool
+    ) -> None:
+        store = self.m.ctx.store
         own = None if store is None else self._own()
-        if store is None or own is None or c.identity_key is None:
+        if store is None or own is None:
             return
-        if group_store.is_group_contact(store, c.id):
-            return
-        keys = keys_of(c.identity_key)
+        keys = keys_of(identity_key)
         if keys is None or keys in self._applying:
             return
         now_ms = time.time_ns() // 1_000_000
         held = rows.contact_clock(store, keys)
         if held is not None and held[0] >= now_ms:
             now_ms = held[0] + 1  # a clock behind the last change still makes a newer one
-        item = sy.ContactItem(c.identity_key, now_ms, own[1], c.name, c.verified, c.blocked,
-                              removed)  # fmt: skip
+        item = sy.ContactItem(identity_key, now_ms, own[1], name, verified, blocked, removed)
         with store.transaction():
             rows.set_contact_clock(store, keys, now_ms, own[1])
             self._send(sy.encode_sync_payload(item))

@@ -213,6 +213,21 @@ def test_a_request_accepted_over_sync_takes_the_flags_and_records_once_applied(t
         store.close()
 
 
+def test_a_request_rejected_on_another_device_goes_here_too(tmp_path):
+    """requests.reject on A2 is sent as the identity removed (0x46): A1's request of that
+    identity goes, and nothing is added; a request of someone else stays."""
+    store, sync, spawned, _ = _sync(tmp_path)
+    try:
+        store.add_request(BOB.public.to_bytes(), "bob", b"session", b"reply")
+        other = store.add_request(ALICE.public.to_bytes(), "alice", b"session", b"reply")
+        with store.transaction():
+            sync._contact(_item(so._now() * 1000, removed=True), None)
+        assert [r.id for r in store.list_requests()] == [other]
+        assert store.list_contacts() == [] and spawned == []
+    finally:
+        store.close()
+
+
 def test_a_groups_member_is_not_made_a_second_contact(tmp_path):
     store, sync, _, _ = _sync(tmp_path)
     try:
