@@ -499,3 +499,106 @@ def test_a_members_change_and_message_before_the_groups_state_are_taken_with_it(
         assert store.query("SELECT count(*) FROM group_unknown_held").fetchone()[0] == 14
     finally:
         store.close()
+
+
+def _text(group_id: bytes, version: int, body: str) -> wire.GroupMessagePayload:
+    return wire.GroupMessagePayload(group_id, version, E.random(16), 1_700_000_000_000, body)
+
+
+def test_a_contact_blocked_while_its_payloads_wait_shows_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Bob's message waits for the group's state (unknown group) and another for a change
+    (held); Bob is blocked meanwhile: neither is shown when the state or the change comes,
+    while his group change is still taken (as live); blocking drops his waiting rows but
+    his changes (contacts.block)."""
+    from aegisd.services.contacts import _is_group_change
+
+    dave, erin = (IdentityKeyPair.generate(E) for _ in range(2))
+    store, host, sync = _setup(tmp_path)
+    try:
+        store.set_setting("devices.list", "00")
+        bob = store.add_contact("bob", identity_key=BOB.public.to_bytes())
+        store.put_session(bob.id, make_pair(E).b.to_bytes())
+        host.delivery = SimpleNamespace(queue_receipt=lambda *a: None)  # type: ignore[attr-defined]
+        log = core.GroupLog(core.create_group(E, BOB, "bob's"))
+        log.receive(core.add_member(BOB, log.head, ALICE.public))
+        state = _state(log)
+        gid = log.head.group_id
+        adds_dave = core.add_member(BOB, log.head, dave.public)
+        host.groups.on_payload(bob, None, wire.GroupChangePayload(adds_dave))  # type: ignore[arg-type]
+        host.groups.on_payload(bob, None, _text(gid, log.head.version, "early"))  # type: ignore[arg-type]
+        store.update_contact(bob.id, blocked=True)
+        bob = store.get_contact(bob.id)
+        sync.on_payload(state)
+        ref = G.group_by_id(store, gid).id  # type: ignore[union-attr]
+        assert _held(store, gid).head.member(dave.public.ed_pub) is not None  # his change
+        assert G.history(store, ref, before_seq=None, limit=10) == []  # not his text
+        # Erin's text, her add not here yet, waits in group_held; she is blocked before it
+        # comes (and Bob's change, though blocked, is taken).
+        ec = store.add_contact("erin", identity_key=erin.public.to_bytes())
+        store.put_session(ec.id, make_pair(E).b.to_bytes())
+        log.receive(adds_dave)
+        adds_erin = core.add_member(BOB, log.head, erin.public)
+        host.groups.on_payload(ec, None, _text(gid, log.head.version + 1, "later"))  # type: ignore[arg-type]
+        assert len(G.held(store, ref)) == 1
+        store.update_contact(ec.id, blocked=True)
+        host.groups.on_payload(bob, None, wire.GroupChangePayload(adds_erin))  # type: ignore[arg-type]
+        assert _held(store, gid).head.member(erin.public.ed_pub) is not None
+        assert G.history(store, ref, before_seq=None, limit=10) == []
+        assert G.held(store, ref) == []
+        # contacts.block's drop: his waiting texts go, his waiting change stays.
+        other = b"\x07" * 32
+        store.update_contact(bob.id, blocked=False)
+        host.groups.on_payload(bob, None, _text(other, 2, "x"))  # type: ignore[arg-type]
+        store.query("INSERT INTO group_held (group_ref, contact_id, payload, created_at) "
+                    "VALUES (?, ?, ?, 0)",
+                    (ref, bob.id, wire.encode_payload(_text(gid, 9, "y"))))  # fmt: skip
+        change = core.add_member(BOB, log.head, IdentityKeyPair.generate(E).public)
+        store.query("INSERT INTO group_unknown_held (group_id, contact_id, payload, created_at) "
+                    "VALUES (?, ?, ?, ?)", (other, bob.id,
+                    wire.encode_payload(wire.GroupChangePayload(change)), 2**62))  # fmt: skip
+        G.drop_held_of(store, bob.id, keep=_is_group_change)
+        assert G.held(store, ref) == []
+        (kept,) = store.query("SELECT payload FROM group_unknown_held").fetchall()
+        assert isinstance(wire.decode_payload(bytes(kept[0])), wire.GroupChangePayload)
+    finally:
+        store.close()
+
+
+def test_no_contact_flushes_anothers_early_message(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The review's repro: Bob's early message is held; three others each send 16 texts of
+    ~65,000 bytes for random groups. Each holds its byte share at most, and room is made
+    only from a sender holding more than the newcomer would: Bob's message stays and is
+    shown when the state comes."""
+    store, host, sync = _setup(tmp_path)
+    try:
+        store.set_setting("devices.list", "00")
+        host.delivery = SimpleNamespace(queue_receipt=lambda *a: None)  # type: ignore[attr-defined]
+        bob = store.add_contact("bob", identity_key=BOB.public.to_bytes())
+        store.put_session(bob.id, make_pair(E).b.to_bytes())
+        log = core.GroupLog(core.create_group(E, BOB, "bob's"))
+        log.receive(core.add_member(BOB, log.head, ALICE.public))
+        host.groups.on_payload(bob, None, _text(log.head.group_id, log.head.version, "early"))  # type: ignore[arg-type]
+        others = []
+        for i in range(11):
+            who = IdentityKeyPair.generate(E)
+            c = store.add_contact(f"o{i}", identity_key=who.public.to_bytes())
+            store.put_session(c.id, make_pair(E).b.to_bytes())
+            others.append(c)
+        for c in others[:3]:
+            for _ in range(16):
+                host.groups.on_payload(c, None, _text(E.random(32), 1, "x" * 65_000))  # type: ignore[arg-type]
+        sizes = store.query("SELECT contact_id, sum(length(payload)) FROM group_unknown_held "
+                            "GROUP BY contact_id").fetchall()  # fmt: skip
+        assert all(int(n) <= (2 << 20) // 8 for _, n in sizes)
+        # Eight more fill the total: the room comes from those holding more, never from Bob.
+        for c in others[3:]:
+            for _ in range(16):
+                host.groups.on_payload(c, None, _text(E.random(32), 1, "x" * 65_000))  # type: ignore[arg-type]
+        used = store.query("SELECT sum(length(payload)) FROM group_unknown_held").fetchone()[0]
+        assert int(used) <= 2 << 20
+        sync.on_payload(_state(log))
+        ref = G.group_by_id(store, log.head.group_id).id  # type: ignore[union-attr]
+        (msg,) = G.history(store, ref, before_seq=None, limit=10)
+        assert msg.body == "early"
+    finally:
+        store.close()
