@@ -381,7 +381,8 @@ class GroupInbound(GroupBase):
         if c is None or self.m.store.get_setting(SETTING_OWN_LIST) is None:
             droplog.dropped("dropped a group payload of an unknown group")
             return
-        self.m.sync_groups.ask(group_id)
+        if c.identity_key is not None:
+            self.m.sync_groups.ask(group_id, PublicIdentity.from_bytes(c.identity_key).ed_pub)
         if not G.hold_unknown(self.m.store, group_id, c.id, wire.encode_payload(p), now_ms(),
                               per_sender=UNKNOWN_HELD_PER_SENDER,
                               sender_bytes=UNKNOWN_HELD_SENDER_BYTES, total=UNKNOWN_HELD_TOTAL,

@@ -309,7 +309,9 @@ def test_a_group_only_members_request_is_adopted_and_survives_a_crash(tmp_path) 
     A2 before the group's state came (a request). The state names her group-only: A2 makes
     her a group contact without a session, and the adoption, recorded in the state's
     transaction, gives that contact the request's session (first_contacts.adopt, the
-    device-session path). It survives a crash before it runs and a relay that fails once."""
+    device-session path). It survives a crash before it runs and a relay that fails once;
+    a failure does not stop the next recorded adoption (Dave's), and one failing
+    ADOPT_TRIES times is given up (its request stays)."""
     import asyncio
 
     from aegisd.core.prekeys import PrekeyStore
@@ -317,7 +319,7 @@ def test_a_group_only_members_request_is_adopted_and_survives_a_crash(tmp_path) 
     from aegisd.services.delivery import address_to_bytes
     from aegisd.services.first_contacts import FirstContacts
     from aegisd.services.mailbox import ContactState, OwnedMailbox, new_keys
-    from aegisd.services.own_sync_groups import SETTING_ADOPT
+    from aegisd.services.own_sync_groups import ADOPT_TRIES, SETTING_ADOPT, SETTING_ADOPT_TRIES
     from aegisd.transport.relaylink import RelayUnavailable
     from tests.support.parties import make_pair
 
@@ -347,25 +349,43 @@ def test_a_group_only_members_request_is_adopted_and_survives_a_crash(tmp_path) 
         request = store.add_request(CAROL.public.to_bytes(), "", session.to_bytes(),
                                     address_to_bytes(reply))  # fmt: skip
         device_answers.request_came(store, request, b"e" * 32)  # a device's opening
+        dave = IdentityKeyPair.generate(E)
+        davers = store.add_request(dave.public.to_bytes(), "", make_pair(E).b.to_bytes(),
+                                   address_to_bytes(reply))  # fmt: skip
+        device_answers.request_came(store, davers, b"d" * 32)
         log = _group()
         log.receive(core.add_member(ALICE, log.head, CAROL.public))
-        sync.on_payload(_state(log, (CAROL.public.ed_pub,)))
-        assert store.get_setting(SETTING_ADOPT) == [request]  # recorded with the state
-        (carol,) = store.list_contacts()  # her group contact, without a session yet
-        assert store.get_session(carol.id) is None
+        log.receive(core.add_member(ALICE, log.head, dave.public))
+        sync.on_payload(_state(log, tuple(sorted((CAROL.public.ed_pub, dave.public.ed_pub)))))
+        assert store.get_setting(SETTING_ADOPT) == [request, davers]  # with the state
+        assert all(store.get_session(c.id) is None for c in store.list_contacts())
         for coro in host.spawned:  # the daemon stops before the adoption runs
             coro.close()
         again = OwnSyncGroups(host)  # type: ignore[arg-type]  # at the next unlock
-        with pytest.raises(RelayUnavailable):
-            asyncio.run(again.adopt_pending())
+        asyncio.run(again.adopt_pending())  # Carol's fails (the relay), Dave's goes on
         assert store.get_setting(SETTING_ADOPT) == [request] and store.get_request(request)
+        assert store.get_setting(SETTING_ADOPT_TRIES) == {str(request): 1}
+        assert store.get_request(davers) is None
         asyncio.run(again.adopt_pending())  # the maintenance loop's next round
         assert store.get_setting(SETTING_ADOPT) is None and store.get_request(request) is None
-        (carol,) = store.list_contacts()
+        assert store.get_setting(SETTING_ADOPT_TRIES) is None
+        carol = next(c for c in store.list_contacts()
+                     if c.identity_key == CAROL.public.to_bytes())  # fmt: skip
         assert store.get_session(carol.id) is not None
         assert ContactState.from_bytes(carol.state).established
         assert G.is_group_contact(store, carol.id)
         assert store.mailbox_for_contact(carol.id) is not None
+        # One that fails every time is given up after ADOPT_TRIES (the request stays).
+        fails.extend([True] * ADOPT_TRIES)
+        erin = IdentityKeyPair.generate(E)
+        erins = store.add_request(erin.public.to_bytes(), "", make_pair(E).b.to_bytes(),
+                                  address_to_bytes(reply))  # fmt: skip
+        device_answers.request_came(store, erins, b"f" * 32)
+        store.set_setting(SETTING_ADOPT, [erins])
+        for _ in range(ADOPT_TRIES):
+            assert store.get_setting(SETTING_ADOPT) == [erins]
+            asyncio.run(again.adopt_pending())
+        assert store.get_setting(SETTING_ADOPT) is None and store.get_request(erins)
     finally:
         store.close()
 
@@ -600,5 +620,33 @@ def test_no_contact_flushes_anothers_early_message(tmp_path) -> None:  # type: i
         ref = G.group_by_id(store, log.head.group_id).id  # type: ignore[union-attr]
         (msg,) = G.history(store, ref, before_seq=None, limit=10)
         assert msg.body == "early"
+    finally:
+        store.close()
+
+
+def test_junk_group_ids_use_up_only_their_senders_asks_and_a_rollback_marks_nothing(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
+    """One contact naming random group IDs gets ASKS_PER_SENDER asks in an interval, not
+    the whole budget: another contact's unknown group and a held group's missing parent
+    are still asked for. An ask whose transaction rolls back leaves no mark."""
+    from aegisd.services.own_sync_groups import ASKS_PER_SENDER
+
+    store, host, sync = _setup(tmp_path)
+    try:
+        store.set_setting("devices.list", "00")
+        mallory, bob = (store.add_contact(n, identity_key=k.public.to_bytes())
+                        for n, k in (("m", CAROL), ("bob", BOB)))  # fmt: skip
+        for _ in range(10):
+            host.groups.on_payload(mallory, None, _text(E.random(32), 1, "junk"))  # type: ignore[arg-type]
+        assert len(host.sent) == ASKS_PER_SENDER
+        host.groups.on_payload(bob, None, _text(b"\x05" * 32, 1, "x"))  # type: ignore[arg-type]
+        assert sg.decode(host.sent[-1]) == sg.GroupAskItem(b"\x05" * 32)
+        sync.ask(b"\x06" * 32)  # a held group's change whose parent is missing
+        assert sg.decode(host.sent[-1]) == sg.GroupAskItem(b"\x06" * 32)
+        with pytest.raises(RuntimeError), store.transaction():
+            sync.ask(b"\x08" * 32)
+            raise RuntimeError("the receive failed")
+        sync.ask(b"\x08" * 32)  # asked again: the rolled-back one left no mark
+        assert [sg.decode(d) for d in host.sent[-2:]] == [sg.GroupAskItem(b"\x08" * 32)] * 2
     finally:
         store.close()
