@@ -7,7 +7,8 @@
 - A first contact through our address arrives as a request (the inbox makes it): the user
   accepts it (``accept_request``: the contact is made and answered, ``establish``) or
   rejects it.
-- ``block`` drops what a blocked contact set going (partial messages, queued blocks, files);
+- ``block`` drops what a blocked contact set going (partial messages, queued blocks, files,
+  its group payloads held for a state but its group changes);
   ``remove`` deletes the contact with its mailboxes (here and at the relay).
 
 Of the other services this module imports the mailboxes, the delivery layer, the bundle
@@ -38,7 +39,7 @@ from aegisd.rpc import AppError
 from aegisd.rpc import errors as E
 from aegisd.store.attachments import AttachmentRow
 from aegisd.store.db import Contact
-from aegisd.store.groups import group_contact_ids, mark_group_contact
+from aegisd.store.groups import drop_held_of, group_contact_ids, mark_group_contact
 
 from . import device_answers
 from .bundle_fetch import fetch_bundle
@@ -349,6 +350,7 @@ class Contacts:
                 if blocked:
                     self.m.inbox.drop_partials(c.id)
                     self.m.delivery.drop_outbox_of(self.m.store, {c.id})
+                    drop_held_of(self.m.store, c.id, keep=_is_group_change)
                 self.m.own_sync.contact_changed(self.m.store.get_contact(c.id) or c)
             if blocked:
                 await self.m.attachments.stop_downloads(c.id, "the contact is blocked")
@@ -378,3 +380,12 @@ class Contacts:
             mb = OwnedMailbox.from_bytes(r.descriptor)
             self.m.mailboxes.owned.pop(mb.owner_id, None)
             await self.m.mailboxes.delete_at_relay(mb)
+
+
+def _is_group_change(payload: bytes) -> bool:
+    """A held payload a blocked contact may still have taken (inbox.py: its group changes
+    make the group's state, or blocking would fork it)."""
+    try:
+        return isinstance(wire.decode_payload(payload), wire.GroupChangePayload)
+    except DecodeError:
+        return False

@@ -39,6 +39,7 @@ from .groups_state import (
     UNKNOWN_HELD_BYTES,
     UNKNOWN_HELD_MAX_AGE_MS,
     UNKNOWN_HELD_PER_SENDER,
+    UNKNOWN_HELD_SENDER_BYTES,
     UNKNOWN_HELD_TOTAL,
     DepartedContacts,
     GroupBase,
@@ -380,9 +381,11 @@ class GroupInbound(GroupBase):
         if c is None or self.m.store.get_setting(SETTING_OWN_LIST) is None:
             droplog.dropped("dropped a group payload of an unknown group")
             return
-        self.m.sync_groups.ask(group_id)
+        if c.identity_key is not None:
+            self.m.sync_groups.ask(group_id, PublicIdentity.from_bytes(c.identity_key).ed_pub)
         if not G.hold_unknown(self.m.store, group_id, c.id, wire.encode_payload(p), now_ms(),
-                              per_sender=UNKNOWN_HELD_PER_SENDER, total=UNKNOWN_HELD_TOTAL,
+                              per_sender=UNKNOWN_HELD_PER_SENDER,
+                              sender_bytes=UNKNOWN_HELD_SENDER_BYTES, total=UNKNOWN_HELD_TOTAL,
                               max_bytes=UNKNOWN_HELD_BYTES,
                               max_age_ms=UNKNOWN_HELD_MAX_AGE_MS):  # fmt: skip
             droplog.dropped("dropped a group payload of an unknown group (too many held)")
@@ -400,6 +403,9 @@ class GroupInbound(GroupBase):
                 p = wire.decode_payload(data)
             except DecodeError:
                 continue
+            if c.blocked and not isinstance(p, wire.GroupChangePayload):
+                droplog.dropped("dropped a held group payload (contact blocked)")
+                continue  # as live (inbox.py): of a blocked contact only its group changes
             self.on_payload(c, Session.from_bytes(blob), p)
 
     def _hold(self, ref: int, c: Contact, p: wire.Payload) -> None:
@@ -417,8 +423,8 @@ class GroupInbound(GroupBase):
             c = self.m.store.get_contact(h.contact_id)
             blob = self.m.store.get_session(h.contact_id)
             p = wire.decode_payload(h.payload)
-            if c is None or blob is None or c.identity_key is None:
-                G.drop_held(self.m.store, h.id)
+            if c is None or blob is None or c.identity_key is None or c.blocked:
+                G.drop_held(self.m.store, h.id)  # blocked: nothing of it shown (as live)
                 continue
             sender = PublicIdentity.from_bytes(c.identity_key)
             if isinstance(p, (wire.GroupMessagePayload, wire.GroupFilePayload,

@@ -40,12 +40,14 @@ MAX_HELD_PER_GROUP = 64
 MAX_HELD_PER_SENDER = 8
 HELD_MAX_AGE_MS = 7 * 24 * 3600 * 1000
 #: Members' changes and messages for a group not held here, on a profile with several
-#: devices (its state may be on its way, own_sync_groups.py): at most this many per sender
-#: and in all, this many bytes in all (the oldest go), for this long (past the longest sync
-#: delay, an hour).
+#: devices (its state may be on its way, own_sync_groups.py): at most this many rows and
+#: bytes per sender, this many in all (room is made only from a sender holding more bytes
+#: than the newcomer's would: store/groups.py hold_unknown), for this long (past the longest
+#: sync delay, an hour).
 UNKNOWN_HELD_PER_SENDER = 16
 UNKNOWN_HELD_TOTAL = 128
 UNKNOWN_HELD_BYTES = 2 << 20
+UNKNOWN_HELD_SENDER_BYTES = UNKNOWN_HELD_BYTES // 8
 UNKNOWN_HELD_MAX_AGE_MS = 2 * 3600 * 1000
 #: How long an introduction link of ours stays valid (the member opens it when it is online).
 INTRO_TTL = 7 * 24 * 3600
@@ -147,7 +149,7 @@ class SyncGroupsView(Protocol):
     the caller's transaction."""
 
     def changed(self, ref: int) -> None: ...
-    def ask(self, group_id: bytes) -> None: ...
+    def ask(self, group_id: bytes, sender: bytes | None = None) -> None: ...
     def deleted(self, group_id: bytes, version: int) -> None: ...
     def sent(self, group_id: bytes, wire_id: bytes, sent_at_ms: int, text: str) -> None: ...
 

@@ -44,12 +44,15 @@ from aegisd.core.errors import AegisError, BundleError, DecodeError, GroupError
 from aegisd.core.identity import IdentityKeyPair, PublicIdentity, keys_of
 from aegisd.core.session import Session
 from aegisd.core.wire import MailboxAddress
+from aegisd.rpc import AppError
 from aegisd.store import Store
 from aegisd.store import group_actions as GA
 from aegisd.store import groups as G
 from aegisd.store import own_sync as sync_rows
 from aegisd.store.db import Contact
 from aegisd.store.devices import SETTING_OWN_LIST
+from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable
+from relay.client import RelayError
 
 from . import linked_groups
 from .context import ServiceContext
@@ -62,10 +65,22 @@ from .names import clean_name
 #: for a group at most once in it (what triggers an ask, a member's change, a hostile member
 #: can send at will; an answer is up to 200 kB to each device).
 ASK_INTERVAL_MS = 10 * 60 * 1000
-#: ...and asks for at most this many groups in that time (a change may name any group).
+#: ...and asks for at most this many groups held here (a change whose parent is missing),
+#: and apart from them at most this many not held (a change or message naming a group ID:
+#: any contact can name any ID), at most ASKS_PER_SENDER of them from one sender, in that
+#: time.
 MAX_ASKS_PER_INTERVAL = 8
-#: The contact requests recorded for adoption (their IDs), kept until each is run.
+ASKS_PER_SENDER = 2
+#: When this device last asked for a group, and answered an ask: {group ID hex: [ms, the
+#: sender's key hex or "" for a group held]} and {group ID hex: ms}, kept in the store so a
+#: mark commits with the sync send it stands for (a transaction rolled back leaves none).
+SETTING_ASKED = "sync_groups.asked"
+SETTING_ANSWERED = "sync_groups.answered"
+#: The contact requests recorded for adoption (their IDs), kept until each is run, and the
+#: tries of each ({ID: tries}); one failing ADOPT_TRIES times is given up (the request stays).
 SETTING_ADOPT = "sync_groups.adopt"
+SETTING_ADOPT_TRIES = "sync_groups.adopt_tries"
+ADOPT_TRIES = 5
 #: Groups the user deleted here: {group ID hex: the head's version then}, the newest
 #: DELETIONS_KEPT (a state no newer, from a device that had not seen why, is refused).
 SETTING_DELETED = "sync_groups.deleted"
@@ -113,8 +128,6 @@ class SyncGroupsHost(Protocol):
 class OwnSyncGroups:
     def __init__(self, host: SyncGroupsHost) -> None:
         self.m = host
-        self._asked: dict[bytes, int] = {}  # group ID: when this device last asked for it
-        self._answered: dict[bytes, int] = {}  # group ID: when it last answered an ask
 
     # --- sending (inside the caller's transaction) ----------------------------------------
 
@@ -151,20 +164,30 @@ class OwnSyncGroups:
         kept[group_id.hex()] = version
         store.set_setting(SETTING_DELETED, dict(list(kept.items())[-DELETIONS_KEPT:]))
 
-    def ask(self, group_id: bytes) -> None:
+    def ask(self, group_id: bytes, sender: bytes | None = None) -> None:
         """A member's change (or message) this device cannot place: of a group it does not
-        hold (its state on the way from another device of ours, or a change of it dropped
-        before the state came) or whose parent it lacks (a change it never got). It asks
-        its other devices for the group's state (inside the caller's transaction): at most
-        once per group per ASK_INTERVAL_MS and MAX_ASKS_PER_INTERVAL groups in one (anyone
-        with a session can send a change naming any group)."""
-        if self.m.store.get_setting(SETTING_OWN_LIST) is None:
+        hold (``sender``, the sending contact's key: its state on the way from another
+        device of ours, or a change of it dropped before the state came) or whose parent it
+        lacks (``sender`` None: a change it never got). It asks its other devices for the
+        group's state (inside the caller's transaction): at most once per group per
+        ASK_INTERVAL_MS; for groups held, MAX_ASKS_PER_INTERVAL in one; apart from them, for
+        groups not held, ASKS_PER_SENDER per sender and MAX_ASKS_PER_INTERVAL in all in one
+        (any contact can name any group ID: its junk must not use up another's asks nor the
+        held groups')."""
+        store = self.m.store
+        if store.get_setting(SETTING_OWN_LIST) is None:
             return
         now = _now_ms()
-        self._asked = {g: t for g, t in self._asked.items() if now - t < ASK_INTERVAL_MS}
-        if group_id in self._asked or len(self._asked) >= MAX_ASKS_PER_INTERVAL:
+        asked = {g: (int(t), str(who)) for g, (t, who) in
+                 dict(store.get_setting(SETTING_ASKED, {})).items()
+                 if now - int(t) < ASK_INTERVAL_MS}  # fmt: skip
+        who = "" if sender is None else sender.hex()
+        same_kind = [w for _, w in asked.values() if (w == "") == (sender is None)]
+        if (group_id.hex() in asked or len(same_kind) >= MAX_ASKS_PER_INTERVAL
+                or (sender is not None and same_kind.count(who) >= ASKS_PER_SENDER)):  # fmt: skip
             return
-        self._asked[group_id] = now
+        asked[group_id.hex()] = (now, who)
+        store.set_setting(SETTING_ASKED, {g: list(v) for g, v in asked.items()})
         self.m.own_sync.send(sg.encode(sg.GroupAskItem(group_id)))
 
     def sent(self, group_id: bytes, wire_id: bytes, sent_at_ms: int, text: str) -> None:
@@ -236,11 +259,15 @@ class OwnSyncGroups:
     def _answer(self, group_id: bytes) -> None:
         """Another device of ours asks for a group's state: ours, to every other device, if
         we hold it, at most once per group per ASK_INTERVAL_MS (up to 200 kB each)."""
-        row = G.group_by_id(self.m.store, group_id)
+        store = self.m.store
+        row = G.group_by_id(store, group_id)
         now = _now_ms()
-        if row is None or now - self._answered.get(group_id, -ASK_INTERVAL_MS) < ASK_INTERVAL_MS:
+        answered = {g: int(t) for g, t in dict(store.get_setting(SETTING_ANSWERED, {})).items()
+                    if now - int(t) < ASK_INTERVAL_MS}  # fmt: skip
+        if row is None or group_id.hex() in answered:
             return
-        self._answered[group_id] = now  # held groups only: bounded by them
+        answered[group_id.hex()] = now  # held groups only: bounded by them
+        store.set_setting(SETTING_ANSWERED, answered)  # commits with the state's send
         self.changed(row.id)
 
     def _requests(self, head: core.GroupState) -> None:
@@ -279,7 +306,9 @@ class OwnSyncGroups:
     async def adopt_pending(self) -> None:
         """The adoptions recorded (_requests), each run once: after the state that recorded
         it commits, and again at unlock and in the maintenance loop while one is left (a
-        crash, or the relay failing to make its mailbox, leaves it recorded)."""
+        crash, or the relay failing to make its mailbox, leaves it recorded). Each ID's
+        tries are counted: one failing (the relay) is tried again later, the next ones run
+        now, and one that failed ADOPT_TRIES times goes."""
         for request_id in self._pending():
             await self._adopt(request_id)
 
@@ -288,15 +317,28 @@ class OwnSyncGroups:
             store = self.m.store
             row = store.get_request(request_id)
             ek = dict(store.get_setting(SETTING_REQUEST_EKS) or {}).get(str(request_id))
-            if row is not None and ek is not None:  # else taken meanwhile (accepted, ...)
-                with contextlib.suppress(AegisError, ValueError):  # a record that does not load
-                    await self.m.first_contacts.adopt(
-                        PublicIdentity.from_bytes(row.identity_key),
-                        Session.from_bytes(row.session), address_from_bytes(row.reply_to),
-                        request_id, bytes.fromhex(str(ek)))  # fmt: skip
+            tries = dict(store.get_setting(SETTING_ADOPT_TRIES) or {})
+            tried = int(tries.get(str(request_id), 0))
+            if row is not None and ek is not None and tried < ADOPT_TRIES:  # else taken meanwhile
+                with store.transaction():  # counted first: a crash in the try counts it
+                    store.set_setting(SETTING_ADOPT_TRIES, {**tries, str(request_id): tried + 1})
+                try:
+                    with contextlib.suppress(AegisError, ValueError):  # a record that won't load
+                        await self.m.first_contacts.adopt(
+                            PublicIdentity.from_bytes(row.identity_key),
+                            Session.from_bytes(row.session), address_from_bytes(row.reply_to),
+                            request_id, bytes.fromhex(str(ek)))  # fmt: skip
+                except (*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
+                    if tried + 1 < ADOPT_TRIES:
+                        droplog.dropped("an adoption failed (tried again later)")
+                        return
+                    droplog.dropped("dropped an adoption (failed every try)")
             with store.transaction():  # done (or for good not to be: the request stays)
                 store.set_setting(SETTING_ADOPT, [i for i in self._pending() if i != request_id]
                                   or None)  # fmt: skip
+                tries = dict(store.get_setting(SETTING_ADOPT_TRIES) or {})
+                tries.pop(str(request_id), None)
+                store.set_setting(SETTING_ADOPT_TRIES, tries or None)
 
     def _hidden(self, keys: tuple[bytes, ...], head: core.GroupState) -> None:
         """The head's members that are group-only contacts at the sender and no contact

@@ -6,7 +6,7 @@ rest; the log is the core's record, opaque to the store."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -250,25 +250,48 @@ def drop_held(store: Store, held_id: int) -> None:
 
 
 def hold_unknown(store: Store, group_id: bytes, contact_id: int, payload: bytes, now_ms: int, *,
-                 per_sender: int, total: int, max_bytes: int, max_age_ms: int) -> bool:  # fmt: skip
+                 per_sender: int, sender_bytes: int, total: int, max_bytes: int,
+                 max_age_ms: int) -> bool:  # fmt: skip
     """A member's change or message for a group not held here (its state on its way from
-    another device of ours). False: not kept (the sender's share full). Past ``total`` or
-    ``max_bytes`` the oldest go; past ``max_age_ms`` any goes."""
+    another device of ours). False: not kept. A sender holds at most ``per_sender`` rows and
+    ``sender_bytes`` bytes. Past ``total`` rows or ``max_bytes`` the sender
+    holding the most bytes loses its oldest, but only while it holds more than this sender
+    would with this payload: else this one is refused (no contact flushes another's rows
+    by holding more itself). Past ``max_age_ms`` any goes."""
     store.query("DELETE FROM group_unknown_held WHERE created_at < ?", (now_ms - max_age_ms,))
-    n = store.query("SELECT COUNT(*) FROM group_unknown_held WHERE contact_id = ?",
-                    (contact_id,)).fetchone()[0]  # fmt: skip
-    if int(n) >= per_sender:
+    held: dict[int, list[tuple[int, int]]] = {}  # sender: [(row, bytes)], oldest first
+    for row_id, sender, size in store.query(
+            "SELECT id, contact_id, length(payload) FROM group_unknown_held ORDER BY id"):
+        held.setdefault(int(sender), []).append((int(row_id), int(size)))
+    mine = held.get(contact_id, [])
+    after = sum(size for _, size in mine) + len(payload)
+    if len(mine) >= per_sender or after > sender_bytes:
         return False
+    rows = sum(len(v) for v in held.values())
+    used = sum(size for v in held.values() for _, size in v)
+    while rows + 1 > total or used + len(payload) > max_bytes:
+        most = max((s for s in held if s != contact_id and held[s]), default=None,
+                   key=lambda s: (sum(size for _, size in held[s]), len(held[s])))  # fmt: skip
+        if most is None or sum(size for _, size in held[most]) <= after:
+            return False
+        row_id, size = held[most].pop(0)
+        store.query("DELETE FROM group_unknown_held WHERE id = ?", (row_id,))
+        rows, used = rows - 1, used - size
     store.query("INSERT INTO group_unknown_held (group_id, contact_id, payload, created_at) "
                 "VALUES (?, ?, ?, ?)", (group_id, contact_id, payload, now_ms))  # fmt: skip
-    kept = 0
-    rows = store.query("SELECT id, length(payload) FROM group_unknown_held ORDER BY id DESC")
-    for n_row, (row_id, size) in enumerate(rows.fetchall()):
-        kept += int(size)
-        if n_row >= total or kept > max_bytes:
-            store.query("DELETE FROM group_unknown_held WHERE id <= ?", (row_id,))
-            break
     return True
+
+
+def drop_held_of(store: Store, contact_id: int, keep: Callable[[bytes], bool]) -> None:
+    """A contact blocked (inside its transaction): what it sent that waits for a group's
+    state or a change goes, save what ``keep`` says a blocked contact's payload may still be
+    (a group change, taken from a blocked contact as live)."""
+    store.query("DELETE FROM group_held WHERE contact_id = ?", (contact_id,))
+    for row_id, payload in store.query(
+            "SELECT id, payload FROM group_unknown_held WHERE contact_id = ?", (contact_id,)
+    ).fetchall():  # fmt: skip
+        if not keep(bytes(payload)):
+            store.query("DELETE FROM group_unknown_held WHERE id = ?", (row_id,))
 
 
 def take_unknown(store: Store, group_id: bytes, since_ms: int) -> list[tuple[int, bytes]]:

@@ -309,7 +309,9 @@ def test_a_group_only_members_request_is_adopted_and_survives_a_crash(tmp_path) 
     A2 before the group's state came (a request). The state names her group-only: A2 makes
     her a group contact without a session, and the adoption, recorded in the state's
     transaction, gives that contact the request's session (first_contacts.adopt, the
-    device-session path). It survives a crash before it runs and a relay that fails once."""
+    device-session path). It survives a crash before it runs and a relay that fails once;
+    a failure does not stop the next recorded adoption (Dave's), and one failing
+    ADOPT_TRIES times is given up (its request stays)."""
     import asyncio
 
     from aegisd.core.prekeys import PrekeyStore
@@ -317,7 +319,7 @@ def test_a_group_only_members_request_is_adopted_and_survives_a_crash(tmp_path) 
     from aegisd.services.delivery import address_to_bytes
     from aegisd.services.first_contacts import FirstContacts
     from aegisd.services.mailbox import ContactState, OwnedMailbox, new_keys
-    from aegisd.services.own_sync_groups import SETTING_ADOPT
+    from aegisd.services.own_sync_groups import ADOPT_TRIES, SETTING_ADOPT, SETTING_ADOPT_TRIES
     from aegisd.transport.relaylink import RelayUnavailable
     from tests.support.parties import make_pair
 
@@ -347,25 +349,43 @@ def test_a_group_only_members_request_is_adopted_and_survives_a_crash(tmp_path) 
         request = store.add_request(CAROL.public.to_bytes(), "", session.to_bytes(),
                                     address_to_bytes(reply))  # fmt: skip
         device_answers.request_came(store, request, b"e" * 32)  # a device's opening
+        dave = IdentityKeyPair.generate(E)
+        davers = store.add_request(dave.public.to_bytes(), "", make_pair(E).b.to_bytes(),
+                                   address_to_bytes(reply))  # fmt: skip
+        device_answers.request_came(store, davers, b"d" * 32)
         log = _group()
         log.receive(core.add_member(ALICE, log.head, CAROL.public))
-        sync.on_payload(_state(log, (CAROL.public.ed_pub,)))
-        assert store.get_setting(SETTING_ADOPT) == [request]  # recorded with the state
-        (carol,) = store.list_contacts()  # her group contact, without a session yet
-        assert store.get_session(carol.id) is None
+        log.receive(core.add_member(ALICE, log.head, dave.public))
+        sync.on_payload(_state(log, tuple(sorted((CAROL.public.ed_pub, dave.public.ed_pub)))))
+        assert store.get_setting(SETTING_ADOPT) == [request, davers]  # with the state
+        assert all(store.get_session(c.id) is None for c in store.list_contacts())
         for coro in host.spawned:  # the daemon stops before the adoption runs
             coro.close()
         again = OwnSyncGroups(host)  # type: ignore[arg-type]  # at the next unlock
-        with pytest.raises(RelayUnavailable):
-            asyncio.run(again.adopt_pending())
+        asyncio.run(again.adopt_pending())  # Carol's fails (the relay), Dave's goes on
         assert store.get_setting(SETTING_ADOPT) == [request] and store.get_request(request)
+        assert store.get_setting(SETTING_ADOPT_TRIES) == {str(request): 1}
+        assert store.get_request(davers) is None
         asyncio.run(again.adopt_pending())  # the maintenance loop's next round
         assert store.get_setting(SETTING_ADOPT) is None and store.get_request(request) is None
-        (carol,) = store.list_contacts()
+        assert store.get_setting(SETTING_ADOPT_TRIES) is None
+        carol = next(c for c in store.list_contacts()
+                     if c.identity_key == CAROL.public.to_bytes())  # fmt: skip
         assert store.get_session(carol.id) is not None
         assert ContactState.from_bytes(carol.state).established
         assert G.is_group_contact(store, carol.id)
         assert store.mailbox_for_contact(carol.id) is not None
+        # One that fails every time is given up after ADOPT_TRIES (the request stays).
+        fails.extend([True] * ADOPT_TRIES)
+        erin = IdentityKeyPair.generate(E)
+        erins = store.add_request(erin.public.to_bytes(), "", make_pair(E).b.to_bytes(),
+                                  address_to_bytes(reply))  # fmt: skip
+        device_answers.request_came(store, erins, b"f" * 32)
+        store.set_setting(SETTING_ADOPT, [erins])
+        for _ in range(ADOPT_TRIES):
+            assert store.get_setting(SETTING_ADOPT) == [erins]
+            asyncio.run(again.adopt_pending())
+        assert store.get_setting(SETTING_ADOPT) is None and store.get_request(erins)
     finally:
         store.close()
 
@@ -497,5 +517,136 @@ def test_a_members_change_and_message_before_the_groups_state_are_taken_with_it(
         (msg,) = G.history(store, ref, before_seq=None, limit=10)
         assert (msg.direction, msg.body) == ("in", "early")
         assert store.query("SELECT count(*) FROM group_unknown_held").fetchone()[0] == 14
+    finally:
+        store.close()
+
+
+def _text(group_id: bytes, version: int, body: str) -> wire.GroupMessagePayload:
+    return wire.GroupMessagePayload(group_id, version, E.random(16), 1_700_000_000_000, body)
+
+
+def test_a_contact_blocked_while_its_payloads_wait_shows_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Bob's message waits for the group's state (unknown group) and another for a change
+    (held); Bob is blocked meanwhile: neither is shown when the state or the change comes,
+    while his group change is still taken (as live); blocking drops his waiting rows but
+    his changes (contacts.block)."""
+    from aegisd.services.contacts import _is_group_change
+
+    dave, erin = (IdentityKeyPair.generate(E) for _ in range(2))
+    store, host, sync = _setup(tmp_path)
+    try:
+        store.set_setting("devices.list", "00")
+        bob = store.add_contact("bob", identity_key=BOB.public.to_bytes())
+        store.put_session(bob.id, make_pair(E).b.to_bytes())
+        host.delivery = SimpleNamespace(queue_receipt=lambda *a: None)  # type: ignore[attr-defined]
+        log = core.GroupLog(core.create_group(E, BOB, "bob's"))
+        log.receive(core.add_member(BOB, log.head, ALICE.public))
+        state = _state(log)
+        gid = log.head.group_id
+        adds_dave = core.add_member(BOB, log.head, dave.public)
+        host.groups.on_payload(bob, None, wire.GroupChangePayload(adds_dave))  # type: ignore[arg-type]
+        host.groups.on_payload(bob, None, _text(gid, log.head.version, "early"))  # type: ignore[arg-type]
+        store.update_contact(bob.id, blocked=True)
+        bob = store.get_contact(bob.id)
+        sync.on_payload(state)
+        ref = G.group_by_id(store, gid).id  # type: ignore[union-attr]
+        assert _held(store, gid).head.member(dave.public.ed_pub) is not None  # his change
+        assert G.history(store, ref, before_seq=None, limit=10) == []  # not his text
+        # Erin's text, her add not here yet, waits in group_held; she is blocked before it
+        # comes (and Bob's change, though blocked, is taken).
+        ec = store.add_contact("erin", identity_key=erin.public.to_bytes())
+        store.put_session(ec.id, make_pair(E).b.to_bytes())
+        log.receive(adds_dave)
+        adds_erin = core.add_member(BOB, log.head, erin.public)
+        host.groups.on_payload(ec, None, _text(gid, log.head.version + 1, "later"))  # type: ignore[arg-type]
+        assert len(G.held(store, ref)) == 1
+        store.update_contact(ec.id, blocked=True)
+        host.groups.on_payload(bob, None, wire.GroupChangePayload(adds_erin))  # type: ignore[arg-type]
+        assert _held(store, gid).head.member(erin.public.ed_pub) is not None
+        assert G.history(store, ref, before_seq=None, limit=10) == []
+        assert G.held(store, ref) == []
+        # contacts.block's drop: his waiting texts go, his waiting change stays.
+        other = b"\x07" * 32
+        store.update_contact(bob.id, blocked=False)
+        host.groups.on_payload(bob, None, _text(other, 2, "x"))  # type: ignore[arg-type]
+        store.query("INSERT INTO group_held (group_ref, contact_id, payload, created_at) "
+                    "VALUES (?, ?, ?, 0)",
+                    (ref, bob.id, wire.encode_payload(_text(gid, 9, "y"))))  # fmt: skip
+        change = core.add_member(BOB, log.head, IdentityKeyPair.generate(E).public)
+        store.query("INSERT INTO group_unknown_held (group_id, contact_id, payload, created_at) "
+                    "VALUES (?, ?, ?, ?)", (other, bob.id,
+                    wire.encode_payload(wire.GroupChangePayload(change)), 2**62))  # fmt: skip
+        G.drop_held_of(store, bob.id, keep=_is_group_change)
+        assert G.held(store, ref) == []
+        (kept,) = store.query("SELECT payload FROM group_unknown_held").fetchall()
+        assert isinstance(wire.decode_payload(bytes(kept[0])), wire.GroupChangePayload)
+    finally:
+        store.close()
+
+
+def test_no_contact_flushes_anothers_early_message(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The review's repro: Bob's early message is held; three others each send 16 texts of
+    ~65,000 bytes for random groups. Each holds its byte share at most, and room is made
+    only from a sender holding more than the newcomer would: Bob's message stays and is
+    shown when the state comes."""
+    store, host, sync = _setup(tmp_path)
+    try:
+        store.set_setting("devices.list", "00")
+        host.delivery = SimpleNamespace(queue_receipt=lambda *a: None)  # type: ignore[attr-defined]
+        bob = store.add_contact("bob", identity_key=BOB.public.to_bytes())
+        store.put_session(bob.id, make_pair(E).b.to_bytes())
+        log = core.GroupLog(core.create_group(E, BOB, "bob's"))
+        log.receive(core.add_member(BOB, log.head, ALICE.public))
+        host.groups.on_payload(bob, None, _text(log.head.group_id, log.head.version, "early"))  # type: ignore[arg-type]
+        others = []
+        for i in range(11):
+            who = IdentityKeyPair.generate(E)
+            c = store.add_contact(f"o{i}", identity_key=who.public.to_bytes())
+            store.put_session(c.id, make_pair(E).b.to_bytes())
+            others.append(c)
+        for c in others[:3]:
+            for _ in range(16):
+                host.groups.on_payload(c, None, _text(E.random(32), 1, "x" * 65_000))  # type: ignore[arg-type]
+        sizes = store.query("SELECT contact_id, sum(length(payload)) FROM group_unknown_held "
+                            "GROUP BY contact_id").fetchall()  # fmt: skip
+        assert all(int(n) <= (2 << 20) // 8 for _, n in sizes)
+        # Eight more fill the total: the room comes from those holding more, never from Bob.
+        for c in others[3:]:
+            for _ in range(16):
+                host.groups.on_payload(c, None, _text(E.random(32), 1, "x" * 65_000))  # type: ignore[arg-type]
+        used = store.query("SELECT sum(length(payload)) FROM group_unknown_held").fetchone()[0]
+        assert int(used) <= 2 << 20
+        sync.on_payload(_state(log))
+        ref = G.group_by_id(store, log.head.group_id).id  # type: ignore[union-attr]
+        (msg,) = G.history(store, ref, before_seq=None, limit=10)
+        assert msg.body == "early"
+    finally:
+        store.close()
+
+
+def test_junk_group_ids_use_up_only_their_senders_asks_and_a_rollback_marks_nothing(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
+    """One contact naming random group IDs gets ASKS_PER_SENDER asks in an interval, not
+    the whole budget: another contact's unknown group and a held group's missing parent
+    are still asked for. An ask whose transaction rolls back leaves no mark."""
+    from aegisd.services.own_sync_groups import ASKS_PER_SENDER
+
+    store, host, sync = _setup(tmp_path)
+    try:
+        store.set_setting("devices.list", "00")
+        mallory, bob = (store.add_contact(n, identity_key=k.public.to_bytes())
+                        for n, k in (("m", CAROL), ("bob", BOB)))  # fmt: skip
+        for _ in range(10):
+            host.groups.on_payload(mallory, None, _text(E.random(32), 1, "junk"))  # type: ignore[arg-type]
+        assert len(host.sent) == ASKS_PER_SENDER
+        host.groups.on_payload(bob, None, _text(b"\x05" * 32, 1, "x"))  # type: ignore[arg-type]
+        assert sg.decode(host.sent[-1]) == sg.GroupAskItem(b"\x05" * 32)
+        sync.ask(b"\x06" * 32)  # a held group's change whose parent is missing
+        assert sg.decode(host.sent[-1]) == sg.GroupAskItem(b"\x06" * 32)
+        with pytest.raises(RuntimeError), store.transaction():
+            sync.ask(b"\x08" * 32)
+            raise RuntimeError("the receive failed")
+        sync.ask(b"\x08" * 32)  # asked again: the rolled-back one left no mark
+        assert [sg.decode(d) for d in host.sent[-2:]] == [sg.GroupAskItem(b"\x08" * 32)] * 2
     finally:
         store.close()
