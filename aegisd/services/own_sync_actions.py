@@ -27,14 +27,13 @@ from aegisd.core import sync_actions as sa
 from aegisd.core import wire
 from aegisd.core.errors import BundleError, DecodeError
 from aegisd.core.identity import PublicIdentity
-from aegisd.store import Store
 from aegisd.store import actions as actions_store
 from aegisd.store import attachments as attachment_store
 from aegisd.store import groups as group_store
 from aegisd.store import own_sync as rows
 from aegisd.store.db import Contact
 
-from .context import ServiceContext
+from .host import ServiceHost
 
 
 def _ms() -> int:
@@ -65,11 +64,7 @@ class AttachmentsView(Protocol):
     def take_sent(self, c: Contact, p: wire.AttachmentPayload) -> bool: ...
 
 
-class ActionsSyncHost(Protocol):
-    @property
-    def ctx(self) -> ServiceContext: ...
-    @property
-    def store(self) -> Store: ...
+class ActionsSyncHost(ServiceHost, Protocol):
     @property
     def contacts(self) -> ContactsView: ...
     @property

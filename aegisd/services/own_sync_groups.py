@@ -45,7 +45,6 @@ from aegisd.core.identity import IdentityKeyPair, PublicIdentity, keys_of
 from aegisd.core.session import Session
 from aegisd.core.wire import MailboxAddress
 from aegisd.rpc import AppError
-from aegisd.store import Store
 from aegisd.store import group_actions as GA
 from aegisd.store import groups as G
 from aegisd.store import own_sync as sync_rows
@@ -55,9 +54,9 @@ from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable
 from relay.client import RelayError
 
 from . import linked_groups
-from .context import ServiceContext
 from .device_answers import SETTING_REQUEST_EKS
 from .groups_state import JOINING_KEY, member_rows
+from .host import ServiceHost
 from .mailbox import ContactState, address_from_bytes
 from .names import clean_name
 
@@ -106,11 +105,7 @@ class SyncSender(Protocol):
     def send(self, data: bytes) -> None: ...
 
 
-class SyncGroupsHost(Protocol):
-    @property
-    def ctx(self) -> ServiceContext: ...
-    @property
-    def store(self) -> Store: ...
+class SyncGroupsHost(ServiceHost, Protocol):
     @property
     def contacts(self) -> ContactsView: ...
     @property
