@@ -67,13 +67,12 @@ class ContactItem:
 
 
 #: 0x47: at most this many capabilities added, and as many owner IDs removed, in one payload
-#: (a full set goes in several, the first with REPLACE).
+#: (a full set goes in several: each is applied alone, in any order, so none replaces a set).
 MAX_CAPS_PER_PAYLOAD = 64
 #: A relay URL in 0x47: 1 to this many bytes of UTF-8 (services/mailbox.py MAX_CAP_URL).
 MAX_CAP_URL_BYTES = 512
 OWNER_ID_LEN = 16
 DELETE_SEED_LEN = 32
-_REPLACE = 1
 
 
 @dataclass(frozen=True)
@@ -91,10 +90,12 @@ class MailboxCap:
 
 @dataclass(frozen=True)
 class DeleteKeys:
-    """The sending device's mailboxes' delete capabilities (0x47): ``replace`` drops every one
-    held from that device first; then ``added`` are kept and ``removed`` (owner IDs) dropped."""
+    """Delete capabilities of the sending device's mailboxes (0x47): ``added`` are kept (a
+    capability held again is replaced), ``removed`` (owner IDs of mailboxes it no longer
+    owns) dropped. Both are idempotent, so payloads may arrive in any order: an owner ID is
+    random and never made twice, and a capability held for a mailbox already gone only costs
+    a refused DELETE at a removal."""
 
-    replace: bool
     added: tuple[MailboxCap, ...]
     removed: tuple[bytes, ...]
 
@@ -116,8 +117,7 @@ def encode_sync_payload(payload: SyncPayload) -> bytes:
     elif isinstance(payload, DeleteKeys):
         if len(payload.added) > MAX_CAPS_PER_PAYLOAD or len(payload.removed) > MAX_CAPS_PER_PAYLOAD:
             raise ValueError("too many capabilities")
-        w.u8(PAYLOAD_SYNC_DELETE_KEYS).u8(_REPLACE if payload.replace else 0)
-        w.u16(len(payload.added))
+        w.u8(PAYLOAD_SYNC_DELETE_KEYS).u16(len(payload.added))
         for cap in payload.added:
             url = cap.relay_url.encode()
             if not 0 < len(url) <= MAX_CAP_URL_BYTES:
@@ -170,9 +170,6 @@ def decode_sync_payload(data: bytes) -> SyncPayload:
 
 
 def _delete_keys(r: Reader) -> DeleteKeys:
-    flags = r.u8()
-    if flags & ~_REPLACE:
-        raise DecodeError("unknown delete-keys flags")
     n = r.u16()
     if n > MAX_CAPS_PER_PAYLOAD:
         raise DecodeError("too many capabilities")
@@ -188,7 +185,7 @@ def _delete_keys(r: Reader) -> DeleteKeys:
         raise DecodeError("too many capabilities")
     removed = tuple(r.take(OWNER_ID_LEN) for _ in range(m))
     r.done()
-    return DeleteKeys(bool(flags & _REPLACE), tuple(added), removed)
+    return DeleteKeys(tuple(added), removed)
 
 
 def _utf8(b: bytes) -> str:

@@ -60,8 +60,7 @@ SAMPLES: dict[
     "sync delete keys": (
         sync.decode_sync_payload,
         sync.encode_sync_payload(
-            sync.DeleteKeys(True, (sync.MailboxCap("ws://h/v1/ws", bytes(16), bytes(32)),),
-                            (bytes(16),))
+            sync.DeleteKeys((sync.MailboxCap("ws://h/v1/ws", bytes(16), bytes(32)),), (bytes(16),))
         ),
         DecodeError,
     ),
