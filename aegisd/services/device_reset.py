@@ -27,6 +27,7 @@ from aegisd.core.errors import DecodeError
 from aegisd.core.identity import IdentityKeyPair, PublicIdentity
 from aegisd.core.primitives import Entropy
 from aegisd.store import Store
+from aegisd.store import device_caps as device_caps_rows
 from aegisd.store import devices as store_devices
 from aegisd.store import own_sync as own_sync_rows
 from aegisd.store.devices import (
@@ -136,6 +137,11 @@ def restore(host: ResetHost, devices: fmt.BackupDevices, listed: dv.DeviceList |
         for held_cap in linked:
             store_devices.retire_mailbox(store, held_cap.as_mailbox().to_bytes())
             queued += 1
+    # And those taken over sync (0x47); then none is held, nor any of ours marked sent.
+    for url, owner_id, seed in device_caps_rows.every(store):
+        store_devices.retire_mailbox(store, DeleteCap(url, owner_id, seed).as_mailbox().to_bytes())
+        queued += 1
+    device_caps_rows.clear(store)
     for name in DEVICE_SETTINGS:
         store.set_setting(name, None)
     # Sync sessions with devices this fresh profile linked were the discarded identity's

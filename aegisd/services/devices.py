@@ -232,12 +232,15 @@ class Devices:
             return {
                 "version": 0,
                 "unconfirmed": False,
-                "devices": [{"id": me or "", "this_device": True, "added_at": None, "relay": None}],
+                "devices": [{"id": me or "", "this_device": True, "added_at": None, "relay": None,
+                             "delete_keys": 0}],
             }
         unconfirmed = bool(self.m.store.get_setting(SETTING_UNCONFIRMED))
+        caps = self._caps()
         return {"version": current.version, "unconfirmed": unconfirmed, "devices": [
             {"id": d.device_id.hex(), "this_device": d.device_id.hex() == me,
-             "added_at": d.added_at, "relay": d.mailbox.relay_url}
+             "added_at": d.added_at, "relay": d.mailbox.relay_url,
+             "delete_keys": self.m.device_caps.count(d.device_id, caps.get(d.device_id.hex()))}
             for d in current.devices]}  # fmt: skip
 
     def confirm_listed(self) -> dict[str, Any]:
@@ -274,6 +277,7 @@ class Devices:
                 caps = self._take_caps(raw)
                 queued = [store_devices.retire_mailbox(self.m.store, c.as_mailbox().to_bytes())
                           for c in caps]  # fmt: skip
+                queued += self.m.device_caps.on_removed(raw, caps)  # synced ones, its sync box
                 # The contacts learn of it and drop their sessions with it (docs/devices.md §5.3).
                 told = self.m.fanout.send_list(new, self.self_id(), self.device_private())
         deleted, refused = await self._delete_now(queued)

@@ -47,6 +47,7 @@ from .address import Address
 from .attachments import Attachments
 from .contacts import Contacts
 from .delivery import Delivery, DeliveryHooks, Recipient
+from .device_caps import DeviceCaps
 from .disappearing import Disappearing
 from .fanout import Fanout
 from .group_logs import GroupLogs
@@ -115,6 +116,7 @@ class Messenger:
         self.actions = Actions(self)  # replies, reactions, edits, deletions (actions.py, §26)
         self.fanout = Fanout(self)  # contacts' device lists and device sessions (fanout.py)
         self.own_sync = OwnSync(self)  # sync with this profile's other devices (own_sync.py)
+        self.device_caps = DeviceCaps(self)  # delete keys to and from them (device_caps.py)
         from .renewal import Renewals  # session renewal after a backup import (§23)
 
         self.renewals = Renewals(self)
@@ -166,6 +168,7 @@ class Messenger:
             asyncio.create_task(self.address.prekey_loop(), name="prekeys"),
             # First of all it erases what expired while the daemon was stopped or locked.
             asyncio.create_task(self.disappearing.run(), name="disappearing"),
+            asyncio.create_task(self.device_caps.run(), name="device-caps"),
         ]
         if not self.loss.superseded():  # cover for contacts that moved on to a restored copy: no
             self.cover.start()

@@ -121,6 +121,10 @@ class OwnSync:
         self._applying: set[bytes] = set()
         #: Removed devices whose refusal was reported (devices.sync 'refused').
         self._refused: set[bytes] = set()
+        #: Delete keys (device_caps.py): told of a session just answered (device ID; what it
+        #: queues for that device is sealed first), and given a listed device's 0x47.
+        self.on_answered: Callable[[bytes], None] | None = None
+        self.on_delete_keys: Callable[[bytes, sy.DeleteKeys], None] | None = None
 
     # --- this device and its list ----------------------------------------------------------
 
@@ -133,6 +137,9 @@ class OwnSync:
             return None
         return dv.DeviceList.from_bytes(bytes.fromhex(str(own))), bytes.fromhex(str(me)), \
             bytes.fromhex(str(key))
+
+    def own(self) -> tuple[dv.DeviceList, bytes, bytes] | None:
+        return self._own()
 
     def is_own(self, sender: PublicIdentity) -> bool:
         return sender.encode() == self.m.identity().public.encode()
@@ -314,6 +321,8 @@ class OwnSync:
             self._retire_old(entry.device_id)
             send_to = address_to_bytes(hello.reply)
             store.enqueue_blocks(send_to, blocks)
+            if self.on_answered is not None:
+                self.on_answered(entry.device_id)
             self._flush(session, entry.device_id, send_to)
             rows.put(store, entry.device_id, session.to_bytes(), mb_id, send_to, ek, _now())
             self.m.ctx.events.emit("devices.sync", {"device": entry.device_id.hex(),
@@ -384,6 +393,8 @@ class OwnSync:
                 answered = rows.get(store, row.device_id)
                 assert answered is not None and answered.state is not None
                 session = Session.from_bytes(answered.state)
+                if self.on_answered is not None:
+                    self.on_answered(row.device_id)
                 self._flush(session, row.device_id, send_to)
                 rows.set_state(store, row.device_id, session.to_bytes(), _now())
                 self.m.delivery.wake()
@@ -398,6 +409,10 @@ class OwnSync:
             droplog.dropped("dropped a payload out of place in a sync session")
             return
         payload2 = sy.decode_sync_payload(content)
+        if isinstance(payload2, sy.DeleteKeys):
+            if self.on_delete_keys is not None:
+                self.on_delete_keys(row.device_id, payload2)
+            return
         try:
             c = self.m.contacts.with_identity(PublicIdentity.from_bytes(payload2.contact))
         except (DecodeError, BundleError):
@@ -574,6 +589,10 @@ class OwnSync:
         self.list_changed(new, send=False)
 
     # --- sending ---------------------------------------------------------------------------
+
+    def send_payload(self, data: bytes) -> None:
+        """A sync payload to every other own device (device_caps.py, inside its transaction)."""
+        self._send(data)
 
     def _send(self, data: bytes) -> None:
         """``data`` to every own device with a live sync session (inside the caller's

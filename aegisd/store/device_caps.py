@@ -1,0 +1,83 @@
+"""Delete capabilities of other own devices' mailboxes taken over sync (0x47), and the owner IDs
+of this device's mailboxes whose capabilities it sent (docs/devices.md §6, §7).
+services/device_caps.py decides; this only stores."""
+
+from __future__ import annotations
+
+from .db import Store
+
+#: Capabilities held per device: a device owns at most mailboxes.MAX_OWN_MAILBOXES (950);
+#: past this the oldest taken go (most likely of mailboxes gone since).
+HELD_PER_DEVICE = 1024
+
+
+def keep(store: Store, device_id: bytes, caps: list[tuple[str, bytes, bytes]], now: int) -> None:
+    """``caps`` (relay URL, owner ID, delete seed) from ``device_id``, each replacing the one
+    held for that owner ID; the oldest past HELD_PER_DEVICE go."""
+    for url, owner_id, seed in caps:
+        store.query(
+            "INSERT INTO device_caps (device_id, owner_id, relay_url, delete_seed, taken_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id, owner_id) DO UPDATE SET "
+            "relay_url = excluded.relay_url, delete_seed = excluded.delete_seed, "
+            "taken_at = excluded.taken_at",
+            (device_id, owner_id, url, seed, now),
+        )
+    store.query(
+        "DELETE FROM device_caps WHERE device_id = ? AND owner_id NOT IN (SELECT owner_id FROM "
+        "device_caps WHERE device_id = ? ORDER BY taken_at DESC, owner_id LIMIT ?)",
+        (device_id, device_id, HELD_PER_DEVICE),
+    )
+
+
+def drop(store: Store, device_id: bytes, owner_ids: list[bytes]) -> None:
+    for owner_id in owner_ids:
+        store.query("DELETE FROM device_caps WHERE device_id = ? AND owner_id = ?",
+                    (device_id, owner_id))  # fmt: skip
+
+
+def held(store: Store, device_id: bytes) -> list[tuple[str, bytes, bytes]]:
+    return [(str(r[0]), bytes(r[1]), bytes(r[2])) for r in store.query(
+        "SELECT relay_url, owner_id, delete_seed FROM device_caps WHERE device_id = ? "
+        "ORDER BY owner_id", (device_id,)).fetchall()]  # fmt: skip
+
+
+def take(store: Store, device_id: bytes) -> list[tuple[str, bytes, bytes]]:
+    """The capabilities held for ``device_id``, dropped (in the caller's transaction)."""
+    out = held(store, device_id)
+    store.query("DELETE FROM device_caps WHERE device_id = ?", (device_id,))
+    return out
+
+
+def forget_others(store: Store, listed: frozenset[bytes]) -> None:
+    """Capabilities held for devices not in ``listed`` (removed by another device, which
+    deleted their mailboxes) are dropped."""
+    for (device_id,) in store.query("SELECT DISTINCT device_id FROM device_caps").fetchall():
+        if bytes(device_id) not in listed:
+            store.query("DELETE FROM device_caps WHERE device_id = ?", (device_id,))
+
+
+def every(store: Store) -> list[tuple[str, bytes, bytes]]:
+    return [(str(r[0]), bytes(r[1]), bytes(r[2])) for r in store.query(
+        "SELECT relay_url, owner_id, delete_seed FROM device_caps").fetchall()]  # fmt: skip
+
+
+def count(store: Store, device_id: bytes) -> int:
+    return int(store.query("SELECT COUNT(*) FROM device_caps WHERE device_id = ?",
+                           (device_id,)).fetchone()[0])  # fmt: skip
+
+
+def sent(store: Store) -> set[bytes]:
+    return {bytes(r[0]) for r in store.query("SELECT owner_id FROM device_caps_sent").fetchall()}
+
+
+def set_sent(store: Store, added: list[bytes], removed: list[bytes]) -> None:
+    for owner_id in added:
+        store.query("INSERT OR IGNORE INTO device_caps_sent (owner_id) VALUES (?)", (owner_id,))
+    for owner_id in removed:
+        store.query("DELETE FROM device_caps_sent WHERE owner_id = ?", (owner_id,))
+
+
+def clear(store: Store) -> None:
+    """A backup's import (device_reset.py): the discarded identity's devices and mailboxes."""
+    store.query("DELETE FROM device_caps")
+    store.query("DELETE FROM device_caps_sent")
