@@ -15,7 +15,13 @@ from aegisd.store import cover as cover_slots
 from aegisd.store import open_profile
 from aegisd.store import own_sync as sync_rows
 from tests.functional.conftest import T_DEVICE, Peer, connect
-from tests.functional.test_devices import _at_relay, _device_mailbox, _raw_deposit_refused, texts
+from tests.functional.test_devices import (
+    _at_relay,
+    _device_mailbox,
+    _raw_deposit_refused,
+    aegis,
+    texts,
+)
 from tests.functional.test_devices import delete_keys_for as _keys_for
 from tests.functional.test_devices_fanout import _devices_events, _link
 from tests.functional.test_devices_sync import _sync_events, _this_id
@@ -78,6 +84,9 @@ def test_a_removal_deletes_every_mailbox_of_the_removed_device(
                 f"A3's keys on A1 ({_keys_for(a1, a3_id)} of {len(made['every'])})",
                 T_DEVICE)  # fmt: skip
     assert all(_at_relay(relay_proc, d) for d in made["every"])
+    listed = aegis(a2.home, "device", "list").stdout
+    assert f"{a3_id}  added" in listed
+    assert f"{len(made['every'])} mailboxes deletable from here" in listed
 
     out = a2.call("devices.remove", {"id": a3_id})
     # Each of A3's mailboxes, and the sync mailbox A2 made for A3 (with its owner key).
