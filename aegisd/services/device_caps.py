@@ -28,6 +28,7 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from aegisd.core import sync as sy
+from aegisd.relayurl import SETTING_URL, same_relay
 from aegisd.store import Store
 from aegisd.store import cover as cover_slots
 from aegisd.store import device_caps as held_caps
@@ -168,17 +169,21 @@ class DeviceCaps:
         queued rows (id, descriptor)."""
         store = self.m.store
         skip = {c.owner_id for c in queued_already}
+        own = str(store.get_setting(SETTING_URL) or "")
+        # The profile's relay first: the deletions stop at the first relay away, and a URL
+        # the removed device chose must not hold up the others.
+        caps = sorted((c for c in held_caps.take(store, device_id) if c[1] not in skip),
+                      key=lambda c: not (own and same_relay(c[0], own)))  # fmt: skip
         queued = [store_devices.retire_mailbox(store, DeleteCap(url, owner_id, seed)
                                                .as_mailbox().to_bytes())
-                  for url, owner_id, seed in held_caps.take(store, device_id)
-                  if owner_id not in skip]  # fmt: skip
+                  for url, owner_id, seed in caps]  # fmt: skip
         row = sync_rows.get(store, device_id)
         mailbox = None if row is None or row.mailbox_id is None else store.get_mailbox(
             row.mailbox_id)
         if mailbox is not None:
             # Ours: deleted with the owner key. What the removed device still deposits there
             # is refused by the relay, as into no mailbox.
-            queued.append(store_devices.retire_mailbox(store, mailbox.descriptor))
+            queued.insert(0, store_devices.retire_mailbox(store, mailbox.descriptor))
             store.delete_mailbox(mailbox.id)
             self.m.mailboxes.owned.pop(OwnedMailbox.from_bytes(mailbox.descriptor).owner_id,
                                        None)  # fmt: skip

@@ -10,6 +10,7 @@ import types
 from typing import Any
 
 from aegisd.core import sync as sy
+from aegisd.relayurl import SETTING_URL
 from aegisd.services import device_caps as dc
 from aegisd.services import own_sync as so
 from aegisd.services.mailbox import DeleteCap, OwnedMailbox
@@ -110,15 +111,19 @@ def test_a_removal_queues_the_held_keys_and_our_sync_mailbox(tmp_path):
         ours = OwnedMailbox(URL, b"s" * 32, bytes(32), b"m" * 16, b"d" * 16, bytes(32), b"")
         store.query("UPDATE mailboxes SET descriptor = ? WHERE id = ?",
                     (ours.to_bytes(), row.mailbox_id))  # fmt: skip
+        store.set_setting(SETTING_URL, URL.upper().replace("/V1/WS", "/v1/ws"))  # spelled otherwise
+        elsewhere = "ws://192.0.2.1:9/v1/ws"  # a relay the removed device named
         with store.transaction():
-            held.keep(store, A2, [(URL, b"a" * 16, b"k" * 32), (URL, b"b" * 16, b"k" * 32)],
-                      so._now())  # fmt: skip
+            held.keep(store, A2, [(URL, b"a" * 16, b"k" * 32), (elsewhere, b"0" * 16, b"k" * 32),
+                                  (URL, b"b" * 16, b"k" * 32)], so._now())  # fmt: skip
         with store.transaction():
             queued = caps.on_removed(A2, [DeleteCap(URL, b"a" * 16, b"k" * 32)])  # from the link
         owners = [OwnedMailbox.from_bytes(d).owner_id for _, d in queued]
-        assert owners == [b"b" * 16, b"m" * 16]
-        assert OwnedMailbox.from_bytes(queued[1][1]).sign_seed == b"s" * 32  # the owner key
+        # Ours first, then the profile's relay, the other relay last (a relay away stops the
+        # deletions done at once); the link's capability is not queued twice.
+        assert owners == [b"m" * 16, b"b" * 16, b"0" * 16]
+        assert OwnedMailbox.from_bytes(queued[0][1]).sign_seed == b"s" * 32  # the owner key
         assert held.held(store, A2) == [] and store.get_mailbox(row.mailbox_id) is None
-        assert store.query("SELECT COUNT(*) FROM retired_mailboxes").fetchone()[0] == 2
+        assert store.query("SELECT COUNT(*) FROM retired_mailboxes").fetchone()[0] == 3
     finally:
         store.close()
