@@ -125,14 +125,14 @@ class Daemon:
         backup_api.register(self.registry, self.messenger)
         from .services import devices as devices_api
 
-        devices = devices_api.register(self.registry, self.messenger)
+        links = devices_api.register(self.registry, self.messenger).links
         privacy_api.register(self.registry, self.messenger, test_methods=test_methods)
         self.on_unlock.append(self.messenger.on_unlock)
         self.on_lock.append(self.messenger.on_lock)
         # After the messenger's: a lock (hooks run in reverse) ends a device link first; an
         # unlock retires a link mailbox left behind before the first connection deletes those.
-        self.on_unlock.insert(0, devices.on_unlock)
-        self.on_lock.append(devices.on_lock)
+        self.on_unlock.insert(0, links.on_unlock)
+        self.on_lock.append(links.on_lock)
         # Calls: their hooks come after the messenger's, so a lock ends the calls first.
         from .calls.api import register as register_calls
 

@@ -89,6 +89,10 @@ class Relay:
         self.queued_blocks = 0
         self.blob_blocks = 0
         self.blob_reserved = 0
+        # Blob puts begun and not yet settled, and how many have settled (any outcome): a
+        # recount on a shared store tells from them which puts its read may have missed.
+        self.blob_writing = 0
+        self.blob_settled = 0
         self.budget_blocks = 0
         # Live nodes sharing the store (relay_nodes): each applies 1/nodes of the per-mailbox
         # rates (MailboxState.share). One for SQLite.
@@ -308,9 +312,21 @@ class Relay:
         await self.heartbeat()
         mailboxes = await self.storage.mailbox_count()
         queued = await self.storage.queued_count()
-        blobs = await self.storage.blob_count()
         writing = sum(mb.writing for mb in self.by_id.values())
-        self.mailboxes, self.queued_blocks, self.blob_blocks = mailboxes, queued + writing, blobs
+        self.mailboxes, self.queued_blocks = mailboxes, queued + writing
+        self.blob_blocks = await self._blob_recount()
+
+    async def _blob_recount(self) -> int:
+        """The stored blob blocks plus this node's puts not yet settled. A put that settles
+        while the count is read may or may not be in it: read again (at most three times),
+        then count those as stored too, so the area is never over-promised (an over-count
+        lasts one sweep; an under-count would grant a quota past the area)."""
+        for _ in range(3):
+            settled = self.blob_settled
+            blobs = await self.storage.blob_count()
+            if self.blob_settled == settled:
+                return blobs + self.blob_writing
+        return blobs + self.blob_writing + (self.blob_settled - settled)
 
     async def heartbeat(self, announce: bool = False) -> None:
         """Say this node is live (for three sweep intervals) and take its share of the

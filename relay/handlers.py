@@ -428,6 +428,7 @@ async def h_blob_put(c: Connection, f: wire.Frame) -> None:
     c.blob_quota_used = now
     relay.blob_reserved -= 1
     relay.blob_blocks += 1
+    relay.blob_writing += 1
     # At rest the block is encrypted under a key only the capability yields: the disk alone
     # tells nothing, and the stored bytes differ from the uploaded ones.
     check, box = _blob_secret(cap)
@@ -439,6 +440,8 @@ async def h_blob_put(c: Connection, f: wire.Frame) -> None:
 
 def _put_done(c: Connection, rid: int, fut: asyncio.Future[bool]) -> None:
     """A put's outcome, counted whether or not its connection is still there."""
+    c.relay.blob_writing -= 1
+    c.relay.blob_settled += 1
     if fut.cancelled():
         _unput(c)
         return

@@ -13,25 +13,22 @@ by the inbox, like its texts).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any, Protocol
 
 from aegisd import droplog
 from aegisd.core import wire
 from aegisd.core.errors import DecodeError
-from aegisd.core.primitives import Entropy
 from aegisd.core.session import Session
 from aegisd.rpc import AppError, InvalidParamsError
 from aegisd.rpc import errors as E
-from aegisd.store import Store
 from aegisd.store import actions as actions_store
 from aegisd.store import attachments as attachment_store
 from aegisd.store.db import Contact, Message
 
-from .context import ServiceContext
 from .delivery import Delivery, Recipient
 from .disappearing import erased
+from .host import ServiceHost
 
 #: How long after a message an edit of it is taken: the recipient checks it against its own
 #: receipt time of the message, the sender against its sending time (stricter). Like Signal's
@@ -61,17 +58,9 @@ class LossView(Protocol):
     def check_usable(self) -> None: ...
 
 
-class ActionsHost(Protocol):
+class ActionsHost(ServiceHost, Protocol):
     """What the actions service uses of the messenger."""
 
-    @property
-    def ctx(self) -> ServiceContext: ...
-    @property
-    def store(self) -> Store: ...
-    @property
-    def lock(self) -> asyncio.Lock: ...
-    @property
-    def entropy(self) -> Entropy: ...
     @property
     def delivery(self) -> Delivery: ...
     @property

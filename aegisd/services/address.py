@@ -10,7 +10,7 @@
   address's bundle, used once, until it expires or is revoked.
 
 Nothing here logs an address, an ID or a key. This module imports no other service but the
-mailboxes: what it uses of the messenger is ``AddressHost``.
+mailboxes (host.py is types only): what it uses of the messenger is ``AddressHost``.
 """
 
 from __future__ import annotations
@@ -25,16 +25,14 @@ from typing import Any, Protocol
 from aegisd.core import wire
 from aegisd.core.identity import IdentityKeyPair
 from aegisd.core.prekeys import PrekeyStore
-from aegisd.core.primitives import Entropy
 from aegisd.rpc import AppError, InvalidParamsError
 from aegisd.rpc import errors as E
-from aegisd.store import Store
 from aegisd.store.db import MailboxRow
 from aegisd.transport.relaylink import UNAVAILABLE, RelayUnavailable
 from relay.client import RelayClient, RelayError
 from relay.wire import ITEM_MLKEM, ITEM_X25519
 
-from .context import ServiceContext
+from .host import ServiceHost
 from .mailbox import OwnedMailbox
 from .mailboxes import Mailboxes
 
@@ -53,19 +51,11 @@ PREKEY_CHECK_MIN = 300.0
 PREKEY_CHECK_MAX = 900.0
 
 
-class AddressHost(Protocol):
+class AddressHost(ServiceHost, Protocol):
     """What the address uses of the messenger."""
 
     prekeys: PrekeyStore | None
 
-    @property
-    def ctx(self) -> ServiceContext: ...
-    @property
-    def store(self) -> Store: ...
-    @property
-    def lock(self) -> asyncio.Lock: ...
-    @property
-    def entropy(self) -> Entropy: ...
     @property
     def mailboxes(self) -> Mailboxes: ...
 

@@ -69,13 +69,11 @@ from .attachment_disk import (
     write_plain,
 )
 from .delivery import BLOB_AREA, Recipient
+from .host import ServiceHost
 
 if TYPE_CHECKING:
-    from aegisd.core.primitives import Entropy
-    from aegisd.store import Store
     from aegisd.transport.network import Network
 
-    from .context import ServiceContext
     from .delivery import Delivery
     from .mailboxes import Mailboxes
 
@@ -141,23 +139,15 @@ class ContactsView(Protocol):
     def by_name(self, name: str) -> Contact: ...
 
 
-class AttachmentsHost(Protocol):
+class AttachmentsHost(ServiceHost, Protocol):
     """What files use of the messenger."""
 
-    @property
-    def ctx(self) -> ServiceContext: ...
-    @property
-    def store(self) -> Store: ...
-    @property
-    def lock(self) -> asyncio.Lock: ...
     @property
     def delivery(self) -> Delivery: ...
     @property
     def mailboxes(self) -> Mailboxes: ...
 
     def network(self) -> Network: ...
-    @property
-    def entropy(self) -> Entropy: ...
     @property
     def contacts(self) -> ContactsView: ...
 

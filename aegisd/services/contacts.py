@@ -31,20 +31,18 @@ from aegisd.core.identity import (
     keys_of,
     safety_number,
 )
-from aegisd.core.primitives import Entropy
 from aegisd.core.session import Session, initiate_session
 from aegisd.netmode import Unreachable
 from aegisd.relayurl import RelayUrlError, check_peer_relay_url
 from aegisd.rpc import AppError
 from aegisd.rpc import errors as E
-from aegisd.store import Store
 from aegisd.store.attachments import AttachmentRow
 from aegisd.store.db import Contact
 from aegisd.store.groups import group_contact_ids, mark_group_contact
 
 from .bundle_fetch import fetch_bundle
-from .context import ServiceContext
 from .delivery import LINK_NO_LONGER_VALID, Delivery
+from .host import ServiceHost
 from .inbox import FanoutView
 from .mailbox import ContactState, OwnedMailbox, address_from_bytes, address_to_bytes
 from .mailboxes import Mailboxes
@@ -77,17 +75,9 @@ class OwnSyncView(Protocol):
     def contact_changed(self, c: Contact, *, removed: bool = False) -> None: ...
 
 
-class ContactsHost(Protocol):
+class ContactsHost(ServiceHost, Protocol):
     """What the contacts use of the messenger."""
 
-    @property
-    def ctx(self) -> ServiceContext: ...
-    @property
-    def store(self) -> Store: ...
-    @property
-    def lock(self) -> asyncio.Lock: ...
-    @property
-    def entropy(self) -> Entropy: ...
     @property
     def mailboxes(self) -> Mailboxes: ...
     @property

@@ -55,13 +55,12 @@ from aegisd.store import cover as slots
 from aegisd.transport.relaylink import FULL_BACKOFF
 
 from .delivery import Recipient
+from .host import ServiceHost
 from .mailbox import ContactState
 
 if TYPE_CHECKING:
-    from aegisd.store import Store
     from aegisd.transport.network import Network
 
-    from .context import ServiceContext
     from .delivery import Delivery
     from .mailboxes import Mailboxes
 
@@ -98,15 +97,9 @@ def default_level(relay_url: str | None) -> str:
     return "off" if relay_url is None or is_local(relay_url) else "default"
 
 
-class CoverHost(Protocol):
+class CoverHost(ServiceHost, Protocol):
     """What cover traffic uses of the messenger."""
 
-    @property
-    def ctx(self) -> ServiceContext: ...
-    @property
-    def store(self) -> Store: ...
-    @property
-    def lock(self) -> asyncio.Lock: ...
     @property
     def delivery(self) -> Delivery: ...
     @property

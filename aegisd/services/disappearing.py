@@ -29,10 +29,11 @@ from aegisd.store import attachments as att_db
 from aegisd.store import group_actions as group_db
 
 from .delivery import Delivery, Recipient
+from .host import ServiceHost
 from .mailbox import ContactState
 
 if TYPE_CHECKING:
-    from .context import ServiceContext
+    pass
 
 SETTING_DEFAULT = "messages.disappearing_default"
 #: The longest sleep between looks at the next deadline (a deadline set by a path that does
@@ -125,13 +126,7 @@ class GroupsView(Protocol):
     def actions(self) -> GroupActionsView: ...
 
 
-class DisappearingHost(Protocol):
-    @property
-    def ctx(self) -> ServiceContext: ...
-    @property
-    def store(self) -> Store: ...
-    @property
-    def lock(self) -> asyncio.Lock: ...
+class DisappearingHost(ServiceHost, Protocol):
     @property
     def delivery(self) -> Delivery: ...
     @property

@@ -15,17 +15,15 @@ from aegisd.core import group as core
 from aegisd.core import wire
 from aegisd.core.errors import DecodeError, GroupError, NotAMember
 from aegisd.core.identity import IdentityKeyPair, PublicIdentity
-from aegisd.core.primitives import Entropy
 from aegisd.core.session import Session
 from aegisd.rpc import AppError
 from aegisd.rpc import errors as E
-from aegisd.store import Store
 from aegisd.store import groups as G
 from aegisd.store.db import Contact
 
 from .attachments import Attachments
-from .context import ServiceContext
 from .delivery import PENDING_DESTINATION, Delivery, Recipient
+from .host import ServiceHost
 from .mailbox import ContactState
 
 #: Group invitations waiting for the user; past this a new one is dropped (counted).
@@ -115,17 +113,9 @@ class MailboxesView(Protocol):
     def relay_url(self) -> str: ...
 
 
-class GroupsHost(Protocol):
+class GroupsHost(ServiceHost, Protocol):
     """What the groups use of the messenger."""
 
-    @property
-    def ctx(self) -> ServiceContext: ...
-    @property
-    def store(self) -> Store: ...
-    @property
-    def lock(self) -> asyncio.Lock: ...
-    @property
-    def entropy(self) -> Entropy: ...
     @property
     def delivery(self) -> Delivery: ...
     @property

@@ -11,20 +11,19 @@
 - The URL policies: ``url_ok`` for a relay of ours, ``peer_url_ok`` for one someone else
   chose.
 
-This module imports no other service: what it uses of the messenger (and, through it, of the
-inbox, rotation, renewals, cover and mailbox_loss) is ``MailboxesHost``.
+This module imports no other service (host.py is types only): what it uses of the messenger
+(and, through it, of the inbox, rotation, renewals, cover and mailbox_loss) is
+``MailboxesHost``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Protocol
 
-from aegisd.core.primitives import Entropy
 from aegisd.netmode import own_extra
 from aegisd.relayurl import (
     SETTING_INSECURE,
@@ -50,7 +49,7 @@ from aegisd.transport.relaylink import (
 from relay.client import RelayClient, RelayError
 from relay.wire import E_BAD_FRAME, E_FULL, E_LIMIT, E_RATE_LIMITED
 
-from .context import ServiceContext
+from .host import ServiceHost
 from .mailbox import OwnedMailbox, box_public, delete_public, new_delete_seed, new_keys
 
 log = logging.getLogger("aegisd.messenger")
@@ -103,17 +102,9 @@ class LossView(Protocol):
     def on_refused(self, owner_id: bytes, code: int) -> bool: ...
 
 
-class MailboxesHost(Protocol):
+class MailboxesHost(ServiceHost, Protocol):
     """What the mailboxes use of the messenger."""
 
-    @property
-    def ctx(self) -> ServiceContext: ...
-    @property
-    def store(self) -> Store: ...
-    @property
-    def lock(self) -> asyncio.Lock: ...
-    @property
-    def entropy(self) -> Entropy: ...
     @property
     def cover(self) -> CoverView: ...
     @property

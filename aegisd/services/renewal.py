@@ -15,7 +15,6 @@ Nothing here logs an address, an identity or content.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import time
@@ -39,17 +38,15 @@ from relay.wire import E_BUSY, E_INTERNAL, E_LIMIT, E_RATE_LIMITED
 from . import device_reset
 from .bundle_fetch import fetch_bundle, retryable
 from .delivery import Recipient
+from .host import ServiceHost
 from .mailbox import ContactState, OwnedMailbox, address_to_bytes
 
 if TYPE_CHECKING:
     from aegisd.core.identity import IdentityKeyPair
     from aegisd.core.prekeys import PrekeyStore
-    from aegisd.core.primitives import Entropy
-    from aegisd.store import Store
     from aegisd.transport.network import Network
 
     from .address import Address
-    from .context import ServiceContext
     from .delivery import Delivery
     from .fanout import Fanout
     from .mailboxes import Mailboxes
@@ -86,25 +83,17 @@ RESEND_ACTIONS = 64
 RESEND_DELETIONS = 1000
 
 
-class RenewalsHost(Protocol):
+class RenewalsHost(ServiceHost, Protocol):
     """What session renewal uses of the messenger."""
 
     prekeys: PrekeyStore | None
 
-    @property
-    def ctx(self) -> ServiceContext: ...
-    @property
-    def store(self) -> Store: ...
-    @property
-    def lock(self) -> asyncio.Lock: ...
     @property
     def delivery(self) -> Delivery: ...
     @property
     def mailboxes(self) -> Mailboxes: ...
 
     def network(self) -> Network: ...
-    @property
-    def entropy(self) -> Entropy: ...
     @property
     def address(self) -> Address: ...
     @property

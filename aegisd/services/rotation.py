@@ -12,7 +12,7 @@ acknowledges, then it is deleted at the old relay. A contact that has not acknow
 MOVE_BOUND_MS is left behind.
 
 Of the other services this module imports only the mailboxes and the delivery layer (neither
-imports it back): what it uses of the messenger is ``RotationHost``.
+imports it back; host.py is types only): what it uses of the messenger is ``RotationHost``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import time
 from typing import Any, Protocol
 
 from aegisd.core import wire
-from aegisd.core.primitives import Entropy
 from aegisd.core.session import Session
 from aegisd.relayurl import SETTING_URL, same_relay
 from aegisd.rpc import AppError
@@ -33,8 +32,8 @@ from aegisd.store import contact_devices as cd
 from aegisd.store import cover as cover_slots
 from aegisd.store.db import Contact, MailboxRow
 
-from .context import ServiceContext
 from .delivery import Delivery, Recipient
+from .host import ServiceHost
 from .mailbox import ContactState, OwnedMailbox
 from .mailboxes import SETTING_MOVE, Mailboxes
 
@@ -74,17 +73,9 @@ class ContactsView(Protocol):
     def by_name(self, name: str) -> Contact: ...
 
 
-class RotationHost(Protocol):
+class RotationHost(ServiceHost, Protocol):
     """What rotation and moves use of the messenger (the owned mailboxes, the lock)."""
 
-    @property
-    def ctx(self) -> ServiceContext: ...
-    @property
-    def store(self) -> Store: ...
-    @property
-    def lock(self) -> asyncio.Lock: ...
-    @property
-    def entropy(self) -> Entropy: ...
     @property
     def delivery(self) -> Delivery: ...
     @property

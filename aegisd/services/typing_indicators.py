@@ -38,11 +38,10 @@ from aegisd.store import typing_state as ts
 from aegisd.store.db import Contact
 
 from .delivery import Recipient
+from .host import ServiceHost
 
 if TYPE_CHECKING:
-    from aegisd.store import Store
 
-    from .context import ServiceContext
     from .delivery import Delivery
 
 SETTING_ENABLED = "privacy.typing_indicators"
@@ -57,13 +56,7 @@ class ContactsView(Protocol):
     def by_name(self, name: str) -> Contact: ...
 
 
-class TypingHost(Protocol):
-    @property
-    def ctx(self) -> ServiceContext: ...
-    @property
-    def store(self) -> Store: ...
-    @property
-    def lock(self) -> asyncio.Lock: ...
+class TypingHost(ServiceHost, Protocol):
     @property
     def delivery(self) -> Delivery: ...
     @property

@@ -55,7 +55,7 @@ def test_a_link_profile_is_written_as_contents_version_4(tmp_path):
     try:
         m: Any = types.SimpleNamespace(store=store, identity=lambda: ALICE, entropy=SystemEntropy(),
                                        mailboxes=types.SimpleNamespace(owned={}))  # fmt: skip
-        profile = sd.Devices(m)._profile(ALICE_LIST)
+        profile = sd.Devices(m).links._profile(ALICE_LIST)
         assert profile.profile[0] == 4
         assert fmt.BackupContents.from_bytes(profile.profile).devices == fmt.BackupDevices()
     finally:

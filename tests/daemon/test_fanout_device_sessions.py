@@ -154,14 +154,14 @@ def test_a_first_session_of_a_linked_device_keeps_its_prekeys_until_the_row_comm
         host.contacts = types.SimpleNamespace(with_identity=lambda _k: store.get_contact(c.id))
         host.mailboxes.create = relay_gone
         host.fanout = sf.Fanout(host)
-        inbox = si.Inbox(host)
+        first = si.Inbox(host).first_contacts
         row = types.SimpleNamespace(role="address")
         if not linked:
-            got = asyncio.run(inbox._first_contact_of_device(row, block, fc, payload))
+            got = asyncio.run(first._first_contact_of_device(row, block, fc, payload))
             assert isinstance(got, wire.HelloPayload) and got.reply_to == A2_BOX
             return
         with pytest.raises(AppError):
-            asyncio.run(inbox._first_contact_of_device(row, block, fc, payload))
+            asyncio.run(first._first_contact_of_device(row, block, fc, payload))
         assert store.get_session(c.id) is None
         stored = store.get_identity()
         assert stored is not None

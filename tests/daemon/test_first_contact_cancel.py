@@ -27,13 +27,15 @@ from aegisd.core.prekeys import PrekeyStore
 from aegisd.core.primitives import SystemEntropy
 from aegisd.core.session import Session, accept_first_contact, initiate_session
 from aegisd.services.delivery import address_to_bytes
-from aegisd.services.fanout import REOPEN_AFTER, REOPENS, SETTING_REOPENED, Fanout
-from aegisd.services.inbox import SETTING_OWN_LIST, Inbox
+from aegisd.services.device_sessions import REOPEN_AFTER, REOPENS, SETTING_REOPENED
+from aegisd.services.fanout import Fanout
+from aegisd.services.inbox import Inbox
 from aegisd.services.mailbox import ContactState, OwnedMailbox, new_keys
 from aegisd.services.mailboxes import SETTING_URL, Mailboxes
 from aegisd.store import Store, create_profile
 from aegisd.store import contact_devices as cd
 from aegisd.store import cover as cover_slots
+from aegisd.store.devices import SETTING_OWN_LIST
 from aegisd.transport.network import Network
 from aegisd.transport.relaylink import RelayLink, acknowledge
 from relay.client import Message, RelayClient

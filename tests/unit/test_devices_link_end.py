@@ -1,8 +1,9 @@
-"""How a device link's run ends in the daemon (aegisd/services/devices.py), at the edges a real
-relay cannot time: a block fetched in the last second before a deadline, a relay request's own
-timeout. The core's state machines are real (tests/unit/test_core_devices.py's Link); the relay
-is replaced by the blocks each step would fetch. Whatever happens, the state ends (docs/devices.md
-§4.5): never `installing` or `listing` for good, which would answer every later link `busy`."""
+"""How a device link's run ends in the daemon (aegisd/services/device_link.py, device_offer.py,
+device_join.py), at the edges a real relay cannot time: a block fetched in the last second
+before a deadline, a relay request's own timeout. The core's state machines are real
+(tests/unit/test_core_devices.py's Link); the relay is replaced by the blocks each step would
+fetch. Whatever happens, the state ends (docs/devices.md §4.5): never `installing` or
+`listing` for good, which would answer every later link `busy`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 
 from aegisd.core import devices as dv
 from aegisd.core import wire
-from aegisd.services import devices as sd
+from aegisd.services import device_join, device_offer, devices
+from aegisd.services import device_link as sd
 from tests.unit.test_core_devices import END, FIRST, IDENTITY, NOW, Link, device
 
 
@@ -27,11 +29,11 @@ class Clock:
 
 
 def _devices() -> Any:
-    """A Devices whose relay, store and daemon steps are the tests' (set as attributes)."""
+    """A DeviceLinks whose relay, store and daemon steps are the tests' (set as attributes)."""
     events = types.SimpleNamespace(emit=lambda *a: None, emit_live=lambda *a: None)
     m: Any = types.SimpleNamespace(_spawn=lambda c: c.close(), store=None,
                                    ctx=types.SimpleNamespace(events=events))  # fmt: skip
-    dev: Any = sd.Devices(m)
+    dev: Any = devices.Devices(m).links
 
     async def nothing(*a: Any) -> None:
         return None
@@ -51,7 +53,7 @@ def test_a_listed_block_in_the_last_second_ends_the_link_done_unconfirmed(
     link = Link()
     link.request()
     clock = Clock(NOW + 20)
-    monkeypatch.setattr(sd, "_now", clock)
+    monkeypatch.setattr(device_join, "_now", clock)
     dev = _devices()
     run = sd._Link("join", END, grace=dv.FINAL_GRACE)
     dev.link = run
@@ -87,7 +89,7 @@ def _at_the_final(monkeypatch: pytest.MonkeyPatch, late: int) -> tuple[sd._Link,
     link = Link()
     link.received()
     clock = Clock(NOW + 8)
-    monkeypatch.setattr(sd, "_now", clock)
+    monkeypatch.setattr(device_join, "_now", clock)
     dev = _devices()
     run = sd._Link("join", END, grace=dv.FINAL_GRACE)
     run.confirmed.set()
@@ -115,7 +117,7 @@ def _at_the_final(monkeypatch: pytest.MonkeyPatch, late: int) -> tuple[sd._Link,
     dev._remember_link_mailbox = lambda d: None
     dev._blocks = blocks
     dev._drop_made = lambda made: asyncio.sleep(0)
-    dev._entry_for = lambda mb: device(9)
+    dev.devices._entry_for = lambda mb: device(9)
     client: Any = types.SimpleNamespace(deposit=deposit)
 
     async def main() -> None:
@@ -138,7 +140,7 @@ def test_a_final_fetched_past_its_grace_is_said_expired_not_refused(
 def test_a_relay_timeout_is_not_said_as_expiry(monkeypatch: pytest.MonkeyPatch) -> None:
     """A relay request's own timeout (relay/client.py request_timeout) inside E's steps: the
     link failed because the relay was slow, not expired (before the fix: `expired`)."""
-    monkeypatch.setattr(sd, "_now", Clock(NOW + 2))
+    monkeypatch.setattr(device_offer, "_now", Clock(NOW + 2))
     dev = _devices()
     run = sd._Link("offer", END)
     dev.link = run

@@ -47,6 +47,15 @@ def test_the_context_imports_neither_the_daemon_nor_a_service() -> None:
                                                      "aegisd.calls"))}  # fmt: skip
 
 
+def test_the_shared_host_imports_no_service_but_the_context() -> None:
+    """services/host.py (ServiceHost, which most services' hosts extend) is types only: were
+    it to import a service, that service could not extend it without a circle."""
+    imported = _imported(AEGISD / "services" / "host.py")
+    assert {m for m in imported if m.startswith(("aegisd.daemon", "aegisd.services",
+                                                 "aegisd.calls"))} <= {
+        "aegisd.services.context", "aegisd.services.context.ServiceContext"}  # fmt: skip
+
+
 def test_no_service_modules_import_each_other_round_a_circle() -> None:
     modules = _modules()
     graph = {name: _imported(path) & set(modules) for name, path in modules.items()}
