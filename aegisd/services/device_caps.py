@@ -11,10 +11,17 @@ docs/protocol.md §28.7).
   and at the latest after CHECK_EVERY seconds.
 - Receiving (``taken``, from own_sync.py inside the receive's transaction, after the check that
   the sending device is listed): kept per device (table ``device_caps``, at most
-  store.device_caps.HELD_PER_DEVICE), never an owner key.
-- A removal (``on_removed``, devices.py inside the removal's transaction): every capability held
-  for the removed device and the sync mailbox this device made for it go into the queue of
-  mailboxes to delete (kept across restarts; devices.py deletes them at once).
+  store.device_caps.HELD_PER_DEVICE), never an owner key. Refused: a URL that fails the
+  peer-URL policy (but the profile's own relay), past MAX_RELAYS_PER_DEVICE relays other than
+  the profile's, an owner ID of a mailbox of this device's or held for another device. Owner
+  IDs removed are remembered (bounded), so an "added" arriving after its "removed" is not kept.
+- A device leaving the own list, whoever removed it (``listed``, own_sync.py list_changed, and
+  ``check`` for a list taken while this code did not run; ``retire_device`` for a removal made
+  here): every capability held for it (link and sync) and the sync mailbox this device made
+  for it (its owner key) go into the queue of mailboxes to delete (kept across restarts:
+  renewal.py retire_due, at once when the removal is made here), then are forgotten. The
+  remover may hold none of them; a DELETE for a mailbox gone already is answered `denied`,
+  counted as deleted.
 
 Nothing here logs a device ID, an owner ID or a key.
 """
@@ -23,17 +30,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
+from aegisd import droplog
+from aegisd.core import devices as dv
 from aegisd.core import sync as sy
-from aegisd.relayurl import SETTING_URL, same_relay
+from aegisd.relayurl import SETTING_URL, endpoint_key, same_relay
 from aegisd.store import Store
 from aegisd.store import cover as cover_slots
 from aegisd.store import device_caps as held_caps
 from aegisd.store import devices as store_devices
 from aegisd.store import own_sync as sync_rows
+from aegisd.store.devices import SETTING_DELETE_KEYS
 
 from .context import ServiceContext
 from .mailbox import DeleteCap, OwnedMailbox
@@ -44,10 +55,19 @@ from .own_sync import OwnSync
 #: paths drop one without a reload), and the wait that gathers a burst of changes into one.
 CHECK_EVERY = 30.0
 DEBOUNCE = 1.0
+#: Relays other than the profile's that one device's delete keys may name: a removal dials
+#: each, and the removed device must not choose many (docs/devices.md §7).
+MAX_RELAYS_PER_DEVICE = 4
+
+log = logging.getLogger("aegisd.device_caps")
 
 
 def _now() -> int:
     return int(time.time())
+
+
+class Retirer(Protocol):
+    async def retire_due(self) -> None: ...
 
 
 class DeviceCapsHost(Protocol):
@@ -61,6 +81,8 @@ class DeviceCapsHost(Protocol):
     def mailboxes(self) -> Mailboxes: ...
     @property
     def own_sync(self) -> OwnSync: ...
+    @property
+    def renewals(self) -> Retirer: ...
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
 
@@ -77,9 +99,10 @@ class DeviceCaps:
     def __init__(self, host: DeviceCapsHost) -> None:
         self.m = host
         self._wake = asyncio.Event()
-        host.own_sync.on_answered = self.answered
-        host.own_sync.on_delete_keys = self.taken
-        host.mailboxes.on_change = self.changed
+        host.own_sync.answered_listeners.append(self.answered)
+        host.own_sync.delete_keys_listeners.append(self.taken)
+        host.own_sync.list_listeners.append(self.listed)
+        host.mailboxes.change_listeners.append(self.changed)
 
     # --- sending ---------------------------------------------------------------------------
 
@@ -99,10 +122,14 @@ class DeviceCaps:
 
     def check(self) -> int:
         """Send what changed in this device's mailboxes since the last check to every other
-        own device (under the lock); forget capabilities held for devices listed no more. How
-        many payloads were queued."""
+        own device (under the lock); queue the mailboxes of devices listed no more (a list
+        taken while this code did not run). How many payloads were queued."""
         store = self.m.ctx.store
-        others = None if store is None else self._others()
+        own = None if store is None else self.m.own_sync.own()
+        if store is not None and own is not None and self._unlisted(store, own[0]):
+            with store.transaction():
+                self.listed(own[0])
+        others = None if own is None else own[0].ids() - {own[1]}
         if store is None or not others:
             return 0
         current, sent = self._current(store), held_caps.sent(store)
@@ -110,7 +137,6 @@ class DeviceCaps:
         removed = sorted(sent - current.keys())
         payloads = _chunks(added, removed)
         with store.transaction():
-            held_caps.forget_others(store, others)
             for data in payloads:
                 self.m.own_sync.send_payload(data)
             held_caps.set_sent(store, [c.owner_id for c in added], removed)
@@ -138,17 +164,42 @@ class DeviceCaps:
             await asyncio.sleep(DEBOUNCE)
             self._wake.clear()
             async with self.m.lock:
-                if self.m.ctx.store is not None:
-                    self.check()
+                try:
+                    if self.m.ctx.store is not None:
+                        self.check()
+                except Exception as exc:  # the next check tries again; the loop must live on
+                    log.warning("delete keys: a check failed (%s)", type(exc).__name__)
 
     # --- receiving -------------------------------------------------------------------------
 
     def taken(self, device_id: bytes, payload: sy.DeleteKeys) -> None:
         """A listed own device's 0x47 (own_sync.py, inside the receive's transaction)."""
         store = self.m.store
-        caps = [(c.relay_url, c.owner_id, c.delete_seed) for c in payload.added]
+        own_url = str(store.get_setting(SETTING_URL) or "")
+        # Owner IDs of this device's mailboxes, or held for another device: a removal of the
+        # sender must never delete those.
+        forbidden = set(self.m.mailboxes.owned) | {
+            o for d in held_caps.devices(store) if d != device_id
+            for _, o, _ in held_caps.held(store, d)}  # fmt: skip
+        relays = {endpoint_key(u) for u in held_caps.relays_held(store, device_id)
+                  if not (own_url and same_relay(u, own_url))}  # fmt: skip
+        caps, refused = [], 0
+        for c in payload.added:
+            if c.owner_id in forbidden:
+                refused += 1
+                continue
+            if not (own_url and same_relay(c.relay_url, own_url)):
+                key = endpoint_key(c.relay_url)
+                if not self.m.mailboxes.peer_url_ok(c.relay_url) or (
+                        key not in relays and len(relays) >= MAX_RELAYS_PER_DEVICE):
+                    refused += 1
+                    continue
+                relays.add(key)
+            caps.append((c.relay_url, c.owner_id, c.delete_seed))
+        if refused:
+            droplog.dropped("refused delete keys an own device sent")
         held_caps.keep(store, device_id, caps, _now())
-        held_caps.drop(store, device_id, list(payload.removed))
+        held_caps.drop(store, device_id, list(payload.removed), _now())
 
     def count(self, device_id: bytes, from_link: list[Any] | None) -> int:
         """How many of ``device_id``'s mailboxes a removal here would delete with a delete key
@@ -159,32 +210,78 @@ class DeviceCaps:
                 owners.add(DeleteCap.from_json(item).owner_id)
         return len(owners)
 
-    # --- removal ---------------------------------------------------------------------------
+    # --- a device leaving the list -------------------------------------------------------
 
-    def on_removed(self, device_id: bytes,
-                   queued_already: list[DeleteCap]) -> list[tuple[int, bytes]]:  # fmt: skip
-        """``device_id`` was removed here (inside the removal's transaction): its mailboxes
-        whose capabilities this device holds (but those the link gave, ``queued_already``)
-        and the sync mailbox made here for it go into the queue of mailboxes to delete. The
-        queued rows (id, descriptor)."""
+    def _unlisted(self, store: Store, listed: dv.DeviceList) -> set[bytes]:
+        """Devices not in ``listed`` that this device holds keys or a sync mailbox for."""
+        ids = held_caps.devices(store) | {bytes.fromhex(k) for k in _link_caps(store)}
+        ids |= {r.device_id for r in sync_rows.rows(store)
+                if r.mailbox_id is not None and store.get_mailbox(r.mailbox_id) is not None}
+        return ids - listed.ids()
+
+    def listed(self, new: dv.DeviceList) -> None:
+        """The own list changed (own_sync.py, inside the caller's transaction): what is held
+        for the devices it dropped is queued for deletion (``retire_device``); deleted on a
+        connection, the mailboxes owned reloaded after the commit."""
         store = self.m.store
-        skip = {c.owner_id for c in queued_already}
-        own = str(store.get_setting(SETTING_URL) or "")
-        # The profile's relay first: the deletions stop at the first relay away, and a URL
-        # the removed device chose must not hold up the others.
-        caps = sorted((c for c in held_caps.take(store, device_id) if c[1] not in skip),
-                      key=lambda c: not (own and same_relay(c[0], own)))  # fmt: skip
-        queued = [store_devices.retire_mailbox(store, DeleteCap(url, owner_id, seed)
-                                               .as_mailbox().to_bytes())
-                  for url, owner_id, seed in caps]  # fmt: skip
+        queued = [row for d in sorted(self._unlisted(store, new))
+                  for row in self.retire_device(d)]  # fmt: skip
+        if queued:
+            self.m.spawn(self._after_retired())
+
+    async def _after_retired(self) -> None:
+        async with self.m.lock:
+            if self.m.ctx.store is None:
+                return
+            self.m.mailboxes.reload()
+        await self.m.renewals.retire_due()
+
+    def retire_device(self, device_id: bytes) -> list[tuple[int, bytes]]:
+        """``device_id`` leaves the list (inside the caller's transaction): the sync mailbox
+        made here for it (the owner key), then its mailboxes whose delete keys this device
+        holds (the link's and the synced) at the profile's relay, then at other relays, go
+        into the queue of mailboxes to delete, and are forgotten. The queued rows (id,
+        descriptor), in that order: a relay away must not hold up the rest. The caller
+        reloads the mailboxes owned after the commit (the removal may still roll back)."""
+        store = self.m.store
+        link = _link_caps(store)
+        caps = []
+        for item in link.pop(device_id.hex(), []):
+            with contextlib.suppress(ValueError):
+                cap = DeleteCap.from_json(item)
+                caps.append((cap.relay_url, cap.owner_id, cap.delete_seed))
+        store.set_setting(SETTING_DELETE_KEYS, link or None)
+        caps += held_caps.take(store, device_id)
+        queued = []
         row = sync_rows.get(store, device_id)
         mailbox = None if row is None or row.mailbox_id is None else store.get_mailbox(
             row.mailbox_id)
         if mailbox is not None:
             # Ours: deleted with the owner key. What the removed device still deposits there
-            # is refused by the relay, as into no mailbox.
-            queued.insert(0, store_devices.retire_mailbox(store, mailbox.descriptor))
+            # is refused by the relay, as into no mailbox. Queued first (retire_due goes in
+            # the queue's order too).
+            queued.append(store_devices.retire_mailbox(store, mailbox.descriptor))
             store.delete_mailbox(mailbox.id)
-            self.m.mailboxes.owned.pop(OwnedMailbox.from_bytes(mailbox.descriptor).owner_id,
-                                       None)  # fmt: skip
-        return queued
+        return queued + queue_deletions(store, caps)
+
+
+def _link_caps(store: Store) -> dict[str, list[Any]]:
+    """The delete keys the link gave, by device ID (hex; devices.py)."""
+    value = store.get_setting(SETTING_DELETE_KEYS)
+    return dict(value) if isinstance(value, dict) else {}
+
+
+Cap = tuple[str, bytes, bytes]  # relay URL, owner ID, delete seed
+
+
+def queue_deletions(store: Store, caps: Iterable[Cap]) -> list[tuple[int, bytes]]:
+    """Mailboxes of other devices to delete with their delete keys (relay URL, owner ID, seed),
+    queued once each (inside the caller's transaction), those at the profile's relay first.
+    The queued rows (id, descriptor)."""
+    own = str(store.get_setting(SETTING_URL) or "")
+    unique = {owner_id: (url, owner_id, seed) for url, owner_id, seed in caps}
+    ordered = sorted(unique.values(), key=lambda c: (not (own and same_relay(c[0], own)),
+                                                     endpoint_key(c[0]), c[1]))  # fmt: skip
+    return [store_devices.retire_mailbox(store, DeleteCap(url, owner_id, seed)
+                                         .as_mailbox().to_bytes())
+            for url, owner_id, seed in ordered]  # fmt: skip

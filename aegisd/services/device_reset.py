@@ -41,6 +41,7 @@ from aegisd.store.devices import (
     SETTING_UNCONFIRMED,
 )
 
+from .device_caps import queue_deletions
 from .fanout import Fanout
 from .mailbox import DeleteCap, OwnedMailbox
 
@@ -133,14 +134,10 @@ def restore(host: ResetHost, devices: fmt.BackupDevices, listed: dv.DeviceList |
     queued = 0
     # A device this fresh profile linked before the import stops receiving too, as at a
     # removal: the capabilities held for it are queued before they are forgotten.
-    for linked in _held_caps(store).values():
-        for held_cap in linked:
-            store_devices.retire_mailbox(store, held_cap.as_mailbox().to_bytes())
-            queued += 1
     # And those taken over sync (0x47); then none is held, nor any of ours marked sent.
-    for url, owner_id, seed in device_caps_rows.every(store):
-        store_devices.retire_mailbox(store, DeleteCap(url, owner_id, seed).as_mailbox().to_bytes())
-        queued += 1
+    linked = [(c.relay_url, c.owner_id, c.delete_seed)
+              for caps in _held_caps(store).values() for c in caps]  # fmt: skip
+    queued = len(queue_deletions(store, [*linked, *device_caps_rows.every(store)]))
     device_caps_rows.clear(store)
     for name in DEVICE_SETTINGS:
         store.set_setting(name, None)

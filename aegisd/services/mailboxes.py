@@ -135,7 +135,7 @@ class Mailboxes:
         self.no_delete_keys: set[str] = set()
         #: Told when the mailboxes owned may have changed (device_caps.py: their delete keys
         #: go to the own devices).
-        self.on_change: Callable[[], None] | None = None
+        self.change_listeners: list[Callable[[], None]] = []
 
     def start_link(self) -> None:
         url = self.m.store.get_setting(SETTING_URL)
@@ -206,8 +206,8 @@ class Mailboxes:
         self._changed()
 
     def _changed(self) -> None:
-        if self.on_change is not None:
-            self.on_change()
+        for listener in self.change_listeners:
+            listener()
 
     def subscriptions(self, url: str) -> list[tuple[bytes, Any]]:
         """The mailboxes of ours at the relay at ``url``."""

@@ -121,10 +121,12 @@ class OwnSync:
         self._applying: set[bytes] = set()
         #: Removed devices whose refusal was reported (devices.sync 'refused').
         self._refused: set[bytes] = set()
-        #: Delete keys (device_caps.py): told of a session just answered (device ID; what it
-        #: queues for that device is sealed first), and given a listed device's 0x47.
-        self.on_answered: Callable[[bytes], None] | None = None
-        self.on_delete_keys: Callable[[bytes, sy.DeleteKeys], None] | None = None
+        #: Listeners (device_caps.py), all inside the caller's transaction: told of a session
+        #: just answered (device ID; what they queue for that device is sealed first), given a
+        #: listed device's 0x47, and the own list when it changed.
+        self.answered_listeners: list[Callable[[bytes], None]] = []
+        self.delete_keys_listeners: list[Callable[[bytes, sy.DeleteKeys], None]] = []
+        self.list_listeners: list[Callable[[dv.DeviceList], None]] = []
 
     # --- this device and its list ----------------------------------------------------------
 
@@ -321,8 +323,8 @@ class OwnSync:
             self._retire_old(entry.device_id)
             send_to = address_to_bytes(hello.reply)
             store.enqueue_blocks(send_to, blocks)
-            if self.on_answered is not None:
-                self.on_answered(entry.device_id)
+            for answered in self.answered_listeners:
+                answered(entry.device_id)
             self._flush(session, entry.device_id, send_to)
             rows.put(store, entry.device_id, session.to_bytes(), mb_id, send_to, ek, _now())
             self.m.ctx.events.emit("devices.sync", {"device": entry.device_id.hex(),
@@ -393,8 +395,8 @@ class OwnSync:
                 answered = rows.get(store, row.device_id)
                 assert answered is not None and answered.state is not None
                 session = Session.from_bytes(answered.state)
-                if self.on_answered is not None:
-                    self.on_answered(row.device_id)
+                for listener in self.answered_listeners:
+                    listener(row.device_id)
                 self._flush(session, row.device_id, send_to)
                 rows.set_state(store, row.device_id, session.to_bytes(), _now())
                 self.m.delivery.wake()
@@ -410,8 +412,8 @@ class OwnSync:
             return
         payload2 = sy.decode_sync_payload(content)
         if isinstance(payload2, sy.DeleteKeys):
-            if self.on_delete_keys is not None:
-                self.on_delete_keys(row.device_id, payload2)
+            for taken in self.delete_keys_listeners:
+                taken(row.device_id, payload2)
             return
         try:
             c = self.m.contacts.with_identity(PublicIdentity.from_bytes(payload2.contact))
@@ -674,6 +676,8 @@ class OwnSync:
         for row in rows.rows(store):
             if row.device_id not in new.ids() and not row.removed:
                 rows.mark_removed(store, row.device_id, _now())
+        for listener in self.list_listeners:
+            listener(new)
         if send:
             self._send(dv.encode_device_payload(new))
         self.m.spawn(self.ensure())

@@ -7,14 +7,22 @@ from __future__ import annotations
 from .db import Store
 
 #: Capabilities held per device: a device owns at most mailboxes.MAX_OWN_MAILBOXES (950);
-#: past this the oldest taken go (most likely of mailboxes gone since).
+#: past this those taken (or sent again in a full set) longest ago go: most likely of
+#: mailboxes gone since, whose removal was lost.
 HELD_PER_DEVICE = 1024
+#: Owner IDs a device said it no longer owns, kept per device (the newest) so that an
+#: "added" arriving after its "removed" (independent delays) is not held for ever.
+GONE_PER_DEVICE = 1024
 
 
 def keep(store: Store, device_id: bytes, caps: list[tuple[str, bytes, bytes]], now: int) -> None:
     """``caps`` (relay URL, owner ID, delete seed) from ``device_id``, each replacing the one
-    held for that owner ID; the oldest past HELD_PER_DEVICE go."""
+    held for that owner ID, but an owner ID the device said it no longer owns; the oldest
+    past HELD_PER_DEVICE go."""
     for url, owner_id, seed in caps:
+        if store.query("SELECT 1 FROM device_caps_gone WHERE device_id = ? AND owner_id = ?",
+                       (device_id, owner_id)).fetchone() is not None:  # fmt: skip
+            continue
         store.query(
             "INSERT INTO device_caps (device_id, owner_id, relay_url, delete_seed, taken_at) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id, owner_id) DO UPDATE SET "
@@ -29,10 +37,19 @@ def keep(store: Store, device_id: bytes, caps: list[tuple[str, bytes, bytes]], n
     )
 
 
-def drop(store: Store, device_id: bytes, owner_ids: list[bytes]) -> None:
+def drop(store: Store, device_id: bytes, owner_ids: list[bytes], now: int) -> None:
+    """Owner IDs ``device_id`` no longer owns: dropped and remembered (bounded, the newest
+    kept; an owner ID is random and never made twice)."""
     for owner_id in owner_ids:
         store.query("DELETE FROM device_caps WHERE device_id = ? AND owner_id = ?",
                     (device_id, owner_id))  # fmt: skip
+        store.query("INSERT OR REPLACE INTO device_caps_gone (device_id, owner_id, gone_at) "
+                    "VALUES (?, ?, ?)", (device_id, owner_id, now))  # fmt: skip
+    store.query(
+        "DELETE FROM device_caps_gone WHERE device_id = ? AND owner_id NOT IN (SELECT owner_id "
+        "FROM device_caps_gone WHERE device_id = ? ORDER BY gone_at DESC, owner_id LIMIT ?)",
+        (device_id, device_id, GONE_PER_DEVICE),
+    )
 
 
 def held(store: Store, device_id: bytes) -> list[tuple[str, bytes, bytes]]:
@@ -42,18 +59,29 @@ def held(store: Store, device_id: bytes) -> list[tuple[str, bytes, bytes]]:
 
 
 def take(store: Store, device_id: bytes) -> list[tuple[str, bytes, bytes]]:
-    """The capabilities held for ``device_id``, dropped (in the caller's transaction)."""
+    """The capabilities held for ``device_id``, dropped with what it said it no longer owns
+    (in the caller's transaction: the caller queues them for deletion)."""
     out = held(store, device_id)
     store.query("DELETE FROM device_caps WHERE device_id = ?", (device_id,))
+    store.query("DELETE FROM device_caps_gone WHERE device_id = ?", (device_id,))
     return out
 
 
-def forget_others(store: Store, listed: frozenset[bytes]) -> None:
-    """Capabilities held for devices not in ``listed`` (removed by another device, which
-    deleted their mailboxes) are dropped."""
-    for (device_id,) in store.query("SELECT DISTINCT device_id FROM device_caps").fetchall():
-        if bytes(device_id) not in listed:
-            store.query("DELETE FROM device_caps WHERE device_id = ?", (device_id,))
+def devices(store: Store) -> set[bytes]:
+    """The devices anything is held for."""
+    return {bytes(r[0]) for r in store.query(
+        "SELECT device_id FROM device_caps UNION SELECT device_id FROM device_caps_gone"
+    ).fetchall()}  # fmt: skip
+
+
+def owners_held(store: Store) -> set[bytes]:
+    return {bytes(r[0]) for r in store.query("SELECT owner_id FROM device_caps").fetchall()}
+
+
+def relays_held(store: Store, device_id: bytes) -> list[str]:
+    return [str(r[0]) for r in store.query(
+        "SELECT DISTINCT relay_url FROM device_caps WHERE device_id = ?", (device_id,)
+    ).fetchall()]  # fmt: skip
 
 
 def every(store: Store) -> list[tuple[str, bytes, bytes]]:
@@ -80,4 +108,5 @@ def set_sent(store: Store, added: list[bytes], removed: list[bytes]) -> None:
 def clear(store: Store) -> None:
     """A backup's import (device_reset.py): the discarded identity's devices and mailboxes."""
     store.query("DELETE FROM device_caps")
+    store.query("DELETE FROM device_caps_gone")
     store.query("DELETE FROM device_caps_sent")

@@ -814,7 +814,10 @@ def _device_caps(db: Any) -> None:
     """Delete capabilities of other own devices' mailboxes, taken over sync (0x47, docs/devices.md
     §6): per device, what a removal of that device deletes at the relay. ``device_caps_sent``:
     the owner IDs of this device's mailboxes whose capabilities it sent, so that only what
-    changed goes, across restarts."""
+    changed goes, across restarts. ``device_caps_gone``: owner IDs a device said it no longer
+    owns (bounded), so that an "added" arriving after its "removed" is not kept. A queued
+    deletion counts its failed tries (``attempts``): a relay never reachable does not hold a
+    row, key and all, for ever."""
     _run(
         db,
         """
@@ -828,7 +831,14 @@ def _device_caps(db: Any) -> None:
         ) WITHOUT ROWID;
         CREATE TABLE device_caps_sent (
             owner_id    BLOB PRIMARY KEY
-        ) WITHOUT ROWID
+        ) WITHOUT ROWID;
+        CREATE TABLE device_caps_gone (
+            device_id   BLOB NOT NULL,
+            owner_id    BLOB NOT NULL,
+            gone_at     INTEGER NOT NULL,
+            PRIMARY KEY (device_id, owner_id)
+        ) WITHOUT ROWID;
+        ALTER TABLE retired_mailboxes ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0
         """,
     )
 
