@@ -92,12 +92,13 @@ class MailboxCap:
 class DeleteKeys:
     """Delete capabilities of the sending device's mailboxes (0x47): ``added`` are kept (a
     capability held again is replaced), ``removed`` (owner IDs of mailboxes it no longer
-    owns) dropped. Both are idempotent, so payloads may arrive in any order: an owner ID is
-    random and never made twice, and a capability held for a mailbox already gone only costs
-    a refused DELETE at a removal."""
+    owns) dropped. ``seq`` grows with every 0x47 the device sends: per owner ID, the
+    receiver applies only what is newer than what it applied, so payloads may arrive in any
+    order (each after its own delay) and a removal is never undone by an older addition."""
 
     added: tuple[MailboxCap, ...]
     removed: tuple[bytes, ...]
+    seq: int = 0
 
 
 SyncPayload = SentTranscript | ReadUpTo | ContactItem | DeleteKeys
@@ -127,6 +128,7 @@ def encode_sync_payload(payload: SyncPayload) -> bytes:
         w.u16(len(payload.removed))
         for owner_id in payload.removed:
             w.fixed(owner_id, OWNER_ID_LEN)
+        w.u64(payload.seq)
     else:
         name = payload.name.encode()
         if len(name) > MAX_NAME_BYTES:
@@ -184,8 +186,9 @@ def _delete_keys(r: Reader) -> DeleteKeys:
     if m > MAX_CAPS_PER_PAYLOAD:
         raise DecodeError("too many capabilities")
     removed = tuple(r.take(OWNER_ID_LEN) for _ in range(m))
+    seq = r.u64()
     r.done()
-    return DeleteKeys(tuple(added), removed)
+    return DeleteKeys(tuple(added), removed, seq)
 
 
 def _utf8(b: bytes) -> str:

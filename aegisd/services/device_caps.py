@@ -86,12 +86,22 @@ class DeviceCapsHost(Protocol):
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
 
-def _chunks(added: list[sy.MailboxCap], removed: list[bytes]) -> list[bytes]:
+#: The number of the last 0x47 this device sent (each payload takes the next: the receivers
+#: order a mailbox's "added" and "removed" by it).
+SETTING_SEQ = "devices.delete_keys_seq"
+
+
+def _chunks(store: Store, added: list[sy.MailboxCap], removed: list[bytes]) -> list[bytes]:
+    """The payloads (inside the caller's transaction: their numbers are taken)."""
     n = sy.MAX_CAPS_PER_PAYLOAD
     out = []
+    seq = int(store.get_setting(SETTING_SEQ) or 0)
     for i in range(0, max(len(added), len(removed)), n):
-        payload = sy.DeleteKeys(tuple(added[i:i + n]), tuple(removed[i:i + n]))
+        seq += 1
+        payload = sy.DeleteKeys(tuple(added[i:i + n]), tuple(removed[i:i + n]), seq)
         out.append(sy.encode_sync_payload(payload))
+    if out:
+        store.set_setting(SETTING_SEQ, seq)
     return out
 
 
@@ -135,8 +145,8 @@ class DeviceCaps:
         current, sent = self._current(store), held_caps.sent(store)
         added = [current[k] for k in sorted(current.keys() - sent)]
         removed = sorted(sent - current.keys())
-        payloads = _chunks(added, removed)
         with store.transaction():
+            payloads = _chunks(store, added, removed)
             for data in payloads:
                 self.m.own_sync.send_payload(data)
             held_caps.set_sent(store, [c.owner_id for c in added], removed)
@@ -147,7 +157,7 @@ class DeviceCaps:
         transaction, before what waits for the device is sealed): every capability goes to it."""
         store = self.m.store
         current = self._current(store)
-        for data in _chunks([current[k] for k in sorted(current)], []):
+        for data in _chunks(store, [current[k] for k in sorted(current)], []):
             sync_rows.wait_for_session(store, device_id, data, _now())
         self.changed()  # the others get what changed meanwhile
 
@@ -198,8 +208,8 @@ class DeviceCaps:
             caps.append((c.relay_url, c.owner_id, c.delete_seed))
         if refused:
             droplog.dropped("refused delete keys an own device sent")
-        held_caps.keep(store, device_id, caps, _now())
-        held_caps.drop(store, device_id, list(payload.removed), _now())
+        held_caps.keep(store, device_id, caps, payload.seq, _now())
+        held_caps.drop(store, device_id, list(payload.removed), payload.seq, _now())
 
     def count(self, device_id: bytes, from_link: list[Any] | None) -> int:
         """How many of ``device_id``'s mailboxes a removal here would delete with a delete key

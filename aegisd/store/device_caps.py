@@ -10,26 +10,43 @@ from .db import Store
 #: past this those taken (or sent again in a full set) longest ago go: most likely of
 #: mailboxes gone since, whose removal was lost.
 HELD_PER_DEVICE = 1024
-#: Owner IDs a device said it no longer owns, kept per device (the newest) so that an
-#: "added" arriving after its "removed" (independent delays) is not held for ever.
+#: Owner IDs a device said it no longer owns, kept per device (the newest) with the number of
+#: the payload that said so, so that an older "added" arriving after its "removed"
+#: (independent delays) is not held for ever.
 GONE_PER_DEVICE = 1024
 
 
-def keep(store: Store, device_id: bytes, caps: list[tuple[str, bytes, bytes]], now: int) -> None:
-    """``caps`` (relay URL, owner ID, delete seed) from ``device_id``, each replacing the one
-    held for that owner ID, but an owner ID the device said it no longer owns; the oldest
-    past HELD_PER_DEVICE go."""
+_SEQ = {
+    "held": "SELECT seq FROM device_caps WHERE device_id = ? AND owner_id = ?",
+    "gone": "SELECT seq FROM device_caps_gone WHERE device_id = ? AND owner_id = ?",
+}
+
+
+def _seq(store: Store, table: str, device_id: bytes, owner_id: bytes) -> int | None:
+    row = store.query(_SEQ[table], (device_id, owner_id)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def keep(store: Store, device_id: bytes, caps: list[tuple[str, bytes, bytes]], seq: int,
+         now: int) -> None:  # fmt: skip
+    """``caps`` (relay URL, owner ID, delete seed) from ``device_id``'s payload number ``seq``,
+    each replacing the one held for that owner ID, but where a payload of that device at
+    least as new removed it, or a newer one gave it; past HELD_PER_DEVICE those taken longest
+    ago go (a full set, sent again at each sync session's answer, takes them anew)."""
     for url, owner_id, seed in caps:
-        if store.query("SELECT 1 FROM device_caps_gone WHERE device_id = ? AND owner_id = ?",
-                       (device_id, owner_id)).fetchone() is not None:  # fmt: skip
+        gone = _seq(store, "gone", device_id, owner_id)
+        held = _seq(store, "held", device_id, owner_id)
+        if (gone is not None and gone >= seq) or (held is not None and held > seq):
             continue
         store.query(
-            "INSERT INTO device_caps (device_id, owner_id, relay_url, delete_seed, taken_at) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id, owner_id) DO UPDATE SET "
+            "INSERT INTO device_caps (device_id, owner_id, relay_url, delete_seed, seq, taken_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, owner_id) DO UPDATE SET "
             "relay_url = excluded.relay_url, delete_seed = excluded.delete_seed, "
-            "taken_at = excluded.taken_at",
-            (device_id, owner_id, url, seed, now),
+            "seq = excluded.seq, taken_at = excluded.taken_at",
+            (device_id, owner_id, url, seed, seq, now),
         )
+        store.query("DELETE FROM device_caps_gone WHERE device_id = ? AND owner_id = ?",
+                    (device_id, owner_id))  # fmt: skip
     store.query(
         "DELETE FROM device_caps WHERE device_id = ? AND owner_id NOT IN (SELECT owner_id FROM "
         "device_caps WHERE device_id = ? ORDER BY taken_at DESC, owner_id LIMIT ?)",
@@ -37,14 +54,19 @@ def keep(store: Store, device_id: bytes, caps: list[tuple[str, bytes, bytes]], n
     )
 
 
-def drop(store: Store, device_id: bytes, owner_ids: list[bytes], now: int) -> None:
-    """Owner IDs ``device_id`` no longer owns: dropped and remembered (bounded, the newest
-    kept; an owner ID is random and never made twice)."""
+def drop(store: Store, device_id: bytes, owner_ids: list[bytes], seq: int, now: int) -> None:
+    """Owner IDs ``device_id``'s payload number ``seq`` says it no longer owns: dropped (but
+    one a newer payload gave) and remembered with ``seq`` (bounded, the newest kept)."""
     for owner_id in owner_ids:
+        held = _seq(store, "held", device_id, owner_id)
+        if held is not None and held > seq:
+            continue
+        gone = _seq(store, "gone", device_id, owner_id)
         store.query("DELETE FROM device_caps WHERE device_id = ? AND owner_id = ?",
                     (device_id, owner_id))  # fmt: skip
-        store.query("INSERT OR REPLACE INTO device_caps_gone (device_id, owner_id, gone_at) "
-                    "VALUES (?, ?, ?)", (device_id, owner_id, now))  # fmt: skip
+        store.query(
+            "INSERT OR REPLACE INTO device_caps_gone (device_id, owner_id, seq, gone_at) "
+            "VALUES (?, ?, ?, ?)", (device_id, owner_id, max(seq, gone or 0), now))
     store.query(
         "DELETE FROM device_caps_gone WHERE device_id = ? AND owner_id NOT IN (SELECT owner_id "
         "FROM device_caps_gone WHERE device_id = ? ORDER BY gone_at DESC, owner_id LIMIT ?)",

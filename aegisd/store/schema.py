@@ -815,7 +815,8 @@ def _device_caps(db: Any) -> None:
     §6): per device, what a removal of that device deletes at the relay. ``device_caps_sent``:
     the owner IDs of this device's mailboxes whose capabilities it sent, so that only what
     changed goes, across restarts. ``device_caps_gone``: owner IDs a device said it no longer
-    owns (bounded), so that an "added" arriving after its "removed" is not kept. A queued
+    owns (bounded), so that an "added" arriving after its "removed" is not kept (``seq``: the
+    sender's number of the payload, which orders them). A queued
     deletion counts its failed tries (``attempts``): a relay never reachable does not hold a
     row, key and all, for ever."""
     _run(
@@ -826,6 +827,7 @@ def _device_caps(db: Any) -> None:
             owner_id    BLOB NOT NULL,
             relay_url   TEXT NOT NULL,
             delete_seed BLOB NOT NULL,          -- a DELETE only (relay-protocol.md §4.1)
+            seq         INTEGER NOT NULL,       -- of the 0x47 that gave it (the sender's)
             taken_at    INTEGER NOT NULL,
             PRIMARY KEY (device_id, owner_id)
         ) WITHOUT ROWID;
@@ -835,6 +837,7 @@ def _device_caps(db: Any) -> None:
         CREATE TABLE device_caps_gone (
             device_id   BLOB NOT NULL,
             owner_id    BLOB NOT NULL,
+            seq         INTEGER NOT NULL,       -- of the 0x47 that removed it
             gone_at     INTEGER NOT NULL,
             PRIMARY KEY (device_id, owner_id)
         ) WITHOUT ROWID;

@@ -59,11 +59,11 @@ def _queued(store: Store) -> list[bytes]:
 
 
 def _take(sync: so.OwnSync, store: Store, *added: sy.MailboxCap,
-          removed: tuple[bytes, ...] = ()) -> None:  # fmt: skip
+          removed: tuple[bytes, ...] = (), seq: int = 1) -> None:  # fmt: skip
     row, own = rows.get(store, A2), sync.own()
     assert row is not None and own is not None
     with store.transaction():
-        sync._on_content(row, own, sy.encode_sync_payload(sy.DeleteKeys(added, removed)))
+        sync._on_content(row, own, sy.encode_sync_payload(sy.DeleteKeys(added, removed, seq)))
 
 
 def _mailbox(store: Store, n: int, *, delete_key: bool = True) -> OwnedMailbox:
@@ -102,6 +102,7 @@ def test_only_what_changed_goes_and_an_answer_gets_everything(tmp_path):
             caps.answered(A2)  # all of them, for that device alone
         [full] = _waiting(store)
         assert sorted(c.owner_id for c in full.added) == [two.owner_id, three.owner_id]
+        assert 0 < first.seq < diff.seq < full.seq  # each payload numbered after the last
         for n in range(5, 5 + sy.MAX_CAPS_PER_PAYLOAD + 1):  # more than one payload holds
             _mailbox(store, n)
         assert caps.check() == 2 and len(_waiting(store)) == 2
@@ -123,8 +124,9 @@ def test_a_listed_devices_keys_are_kept_bounded_and_a_removed_ones_change_nothin
             sync._on_content(row, own, sy.encode_sync_payload(sy.DeleteKeys((), (b"o" * 16,))))
         assert held.held(store, A2) == []
         with store.transaction():
-            held.keep(store, A2, [(URL, i.to_bytes(16, "big"), b"k" * 32)
-                                  for i in range(held.HELD_PER_DEVICE + 3)], so._now())  # fmt: skip
+            many = [(URL, i.to_bytes(16, "big"), b"k" * 32)
+                    for i in range(held.HELD_PER_DEVICE + 3)]  # fmt: skip
+            held.keep(store, A2, many, 1, so._now())
         assert held.count(store, A2) == held.HELD_PER_DEVICE
         before = held.held(store, A2)
         # A2 removed: its 0x47 (any block of its) is refused before it is even decrypted,
@@ -153,7 +155,7 @@ def test_a_removal_queues_the_held_keys_and_our_sync_mailbox(tmp_path):
         store.set_setting(SETTING_DELETE_KEYS, {A2.hex(): [c.to_json() for c in link]})
         with store.transaction():
             held.keep(store, A2, [(URL, b"a" * 16, b"k" * 32), (elsewhere, b"0" * 16, b"k" * 32),
-                                  (URL, b"b" * 16, b"k" * 32)], so._now())  # fmt: skip
+                                  (URL, b"b" * 16, b"k" * 32)], 1, so._now())  # fmt: skip
         with store.transaction():
             queued = caps.retire_device(A2)
             sync.list_changed(_only(A1), send=False)  # as devices.remove: nothing left for A2
@@ -191,8 +193,8 @@ def test_a_device_another_removed_has_everything_held_for_it_queued(tmp_path):
             A3.hex(): [DeleteCap(URL, b"L" * 16, b"k" * 32).to_json()],
             A2.hex(): [DeleteCap(URL, b"K" * 16, b"k" * 32).to_json()]})
         with store.transaction():
-            held.keep(store, A3, [(URL, b"c" * 16, b"k" * 32)], so._now())
-            held.keep(store, A2, [(URL, b"2" * 16, b"k" * 32)], so._now())
+            held.keep(store, A3, [(URL, b"c" * 16, b"k" * 32)], 1, so._now())
+            held.keep(store, A2, [(URL, b"2" * 16, b"k" * 32)], 1, so._now())
         assert caps.check() >= 0  # A3 is not in the list held: queued, not forgotten
         assert _queued(store) == [b"n" * 16, b"L" * 16, b"c" * 16]
         assert held.held(store, A3) == [] and store.get_mailbox(mb) is None
@@ -218,7 +220,7 @@ def test_keys_naming_our_mailboxes_or_a_relay_refused_are_not_kept(tmp_path):
         mine = OwnedMailbox(URL, b"s" * 32, bytes(32), b"o" * 16, b"d" * 16, bytes(32), b"")
         caps.m.mailboxes.owned[mine.owner_id] = (None, mine)
         with store.transaction():
-            held.keep(store, A3, [(URL, b"3" * 16, b"k" * 32)], so._now())
+            held.keep(store, A3, [(URL, b"3" * 16, b"k" * 32)], 1, so._now())
         far = [sy.MailboxCap(f"wss://relay{i}.example.org/v1/ws", bytes([i]) * 16, b"k" * 32)
                for i in range(1, dc.MAX_RELAYS_PER_DEVICE + 2)]  # fmt: skip
         _take(sync, store,
@@ -238,17 +240,22 @@ def test_keys_naming_our_mailboxes_or_a_relay_refused_are_not_kept(tmp_path):
         store.close()
 
 
-def test_an_added_after_its_removed_is_not_kept(tmp_path):
+def test_an_added_after_its_removed_is_not_kept_and_a_newer_one_is(tmp_path):
     store, sync, _caps_service = _caps(tmp_path)
     try:
         _open_row(store, so._now())
         cap = sy.MailboxCap(URL, b"x" * 16, b"k" * 32)
-        _take(sync, store, removed=(b"x" * 16,))  # delays swapped the two payloads
-        _take(sync, store, cap)
+        _take(sync, store, removed=(b"x" * 16,), seq=2)  # delays swapped the two payloads
+        _take(sync, store, cap, seq=1)
         assert held.held(store, A2) == []
+        # Owned again later (a pool mailbox that became a contact's between two checks): kept.
+        _take(sync, store, cap, seq=3)
+        assert held.held(store, A2) == [(URL, b"x" * 16, b"k" * 32)]
+        _take(sync, store, removed=(b"x" * 16,), seq=2)  # an older removal: nothing changes
+        assert held.held(store, A2) == [(URL, b"x" * 16, b"k" * 32)]
         with store.transaction():
             held.drop(store, A2, [i.to_bytes(16, "big") for i in range(held.GONE_PER_DEVICE + 5)],
-                      so._now() + 1)  # fmt: skip
+                      9, so._now() + 1)  # fmt: skip
         assert store.query("SELECT COUNT(*) FROM device_caps_gone").fetchone()[0] == \
             held.GONE_PER_DEVICE  # bounded
     finally:

@@ -28,7 +28,7 @@ READ = sy.ReadUpTo(CONTACT, bytes(16))
 ITEM = sy.ContactItem(CONTACT, 1_700_000_000_123, bytes(range(16)), "Bob ☕", True, False, False)
 CAP = sy.MailboxCap("ws://127.0.0.1:1/v1/ws", bytes(range(16)), bytes(range(32)))
 KEYS = sy.DeleteKeys((CAP, sy.MailboxCap("wss://r.example/v1/ws", b"o" * 16, b"k" * 32)),
-                     (b"r" * 16,))  # fmt: skip
+                     (b"r" * 16,), 2**64 - 1)  # fmt: skip
 
 
 def test_sync_payloads_round_trip_with_their_numbers() -> None:
