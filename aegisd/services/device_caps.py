@@ -109,6 +109,7 @@ class DeviceCaps:
     def __init__(self, host: DeviceCapsHost) -> None:
         self.m = host
         self._wake = asyncio.Event()
+        self._gone: set[bytes] = set()  # devices whose sync mailbox for us was found gone
         host.own_sync.answered_listeners.append(self.answered)
         host.own_sync.delete_keys_listeners.append(self.taken)
         host.own_sync.list_listeners.append(self.listed)
@@ -219,6 +220,17 @@ class DeviceCaps:
             with contextlib.suppress(ValueError):
                 owners.add(DeleteCap.from_json(item).owner_id)
         return len(owners)
+
+    def sync_gone(self, store: Store, destination: bytes) -> None:
+        """A sync deposit to ``destination`` was refused for good (delivery.py, inside its
+        transaction): if it is an own device's sync mailbox for us, that device deleted it
+        (it removed this device, or learnt that another did): event `devices.sync` `gone`,
+        once per device while the daemon runs. Nothing else changes: the list says who is in."""
+        for row in sync_rows.rows(store):
+            if row.send_to == destination and row.device_id not in self._gone:
+                self._gone.add(row.device_id)
+                self.m.ctx.events.emit("devices.sync", {"device": row.device_id.hex(),
+                                                        "state": "gone"})  # fmt: skip
 
     # --- a device leaving the list -------------------------------------------------------
 

@@ -135,6 +135,7 @@ class Messenger:
             renewal_refused=lambda c: self.renewals.on_refused(c),
             drop_contact_mailbox=self.mailboxes.drop_contact_mailbox,
             contact_mailbox_gone=lambda: self._spawn(self.loss.probe_address()),
+            uncontacted_gone=lambda store, dest: self.device_caps.sync_gone(store, dest),
         ))  # fmt: skip
 
     # --- life cycle -----------------------------------------------------------------------

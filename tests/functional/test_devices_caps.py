@@ -70,8 +70,10 @@ def test_a_removal_deletes_every_mailbox_of_the_removed_device(
         me.wait_for(lambda me=me, other=other: other in
                     {e["device"] for e in _sync_events(me, "open")}, "a sync session",
                     T_DEVICE)  # fmt: skip
-    # At least its device mailbox, its contact mailbox for Bob, its two sync mailboxes.
+    # At least its device mailbox, its contact mailbox for Bob, its two sync mailboxes, on
+    # both (each copy leaves after its own delay: A3 must not stop with one still queued).
     a2.wait_for(lambda: _keys_for(a2, a3_id) >= 4, "A3's delete keys on A2", T_DEVICE)
+    a1.wait_for(lambda: _keys_for(a1, a3_id) >= 4, "A3's delete keys on A1", T_DEVICE)
     device_mb = _device_mailbox(a3)
     a3.stop()
     made = _mailboxes_of(a3)
