@@ -308,7 +308,10 @@ def register(main: ModuleType) -> None:
         lines = [f"device list version {result['version']}"]
         for d in result["devices"]:
             added = main._when(d["added_at"] * 1000) if d["added_at"] else "-"
-            lines.append(f"{'*' if d['this_device'] else ' '} {d['id']}  added {added}")
+            line = f"{'*' if d['this_device'] else ' '} {d['id']}  added {added}"
+            if not d["this_device"]:  # what a removal from here deletes at the relay
+                line += f"  {d.get('delete_keys', 0)} mailboxes deletable from here"
+            lines.append(line)
         if result.get("unconfirmed"):
             lines.append("The device in use never confirmed that it lists this device: check "
                          "aegis device list there; once this device is in it, run aegis "

@@ -1028,20 +1028,22 @@ DEVICE_PAYLOAD_TYPES = frozenset(
 )  # fmt: skip
 
 
-# 0x44-0x46: sync between one's own devices (docs/protocol.md §28.6), core/sync.py's formats,
-# taken only in a sync session (services/own_sync.py); decode_payload and
+# 0x44-0x47: sync between one's own devices (docs/protocol.md §28.6, §28.7), core/sync.py's
+# formats, taken only in a sync session (services/own_sync.py); decode_payload and
 # devices.decode_device_payload refuse them.
 PAYLOAD_SYNC_SENT = 0x44
 PAYLOAD_SYNC_READ = 0x45
 PAYLOAD_SYNC_CONTACT = 0x46
+PAYLOAD_SYNC_DELETE_KEYS = 0x47  # a device's mailboxes' delete capabilities (§28.7)
 PAYLOAD_SYNC_ACTION = 0x48  # 0x48-0x49: core/sync_actions.py's
 PAYLOAD_SYNC_SETTINGS = 0x49
 SYNC_PAYLOAD_TYPES = frozenset({PAYLOAD_SYNC_SENT, PAYLOAD_SYNC_READ, PAYLOAD_SYNC_CONTACT,
-                                PAYLOAD_SYNC_ACTION, PAYLOAD_SYNC_SETTINGS})
+                                PAYLOAD_SYNC_DELETE_KEYS, PAYLOAD_SYNC_ACTION,
+                                PAYLOAD_SYNC_SETTINGS})
 
 
 def is_sync_payload(data: bytes) -> bool:
-    """Whether `data` claims to be a sync payload (0x44-0x46: sync.decode_sync_payload; 0x48,
+    """Whether `data` claims to be a sync payload (0x44-0x47: sync.decode_sync_payload; 0x48,
     0x49: sync_actions.decode)."""
     return len(data) >= 2 and data[0] == VERSION and data[1] in SYNC_PAYLOAD_TYPES
 

@@ -143,6 +143,9 @@ class DeliveryHooks:
     drop_contact_mailbox: Callable[[Store, int], None]
     #: An established contact's mailbox is gone: was this profile restored elsewhere?
     contact_mailbox_gone: Callable[[], None]
+    #: A deposit for no contact (a sync payload to an own device) was refused for good: the
+    #: destination's mailbox is gone (inside the transaction).
+    uncontacted_gone: Callable[[Store, bytes], None] = lambda store, destination: None
 
 
 def _ms() -> int:
@@ -633,6 +636,8 @@ class Delivery:
         contact = store.get_contact(contact_id) if contact_id is not None else None
         with store.transaction():
             store.block_deposited(item_id)  # drop it
+            if contact_id is None and destination is not None:
+                self.h.uncontacted_gone(store, destination)
             if contact is not None and self.h.renewal_refused(contact):
                 return  # a renewal after a backup import: the contact and history stay
             state = ContactState.from_bytes(contact.state) if contact is not None else None

@@ -27,6 +27,7 @@ from aegisd.core.errors import DecodeError
 from aegisd.core.identity import IdentityKeyPair, PublicIdentity
 from aegisd.core.primitives import Entropy
 from aegisd.store import Store
+from aegisd.store import device_caps as device_caps_rows
 from aegisd.store import devices as store_devices
 from aegisd.store import own_sync as own_sync_rows
 from aegisd.store.devices import (
@@ -40,6 +41,7 @@ from aegisd.store.devices import (
     SETTING_UNCONFIRMED,
 )
 
+from .device_caps import queue_deletions
 from .fanout import Fanout
 from .mailbox import DeleteCap, OwnedMailbox
 
@@ -132,10 +134,11 @@ def restore(host: ResetHost, devices: fmt.BackupDevices, listed: dv.DeviceList |
     queued = 0
     # A device this fresh profile linked before the import stops receiving too, as at a
     # removal: the capabilities held for it are queued before they are forgotten.
-    for linked in _held_caps(store).values():
-        for held_cap in linked:
-            store_devices.retire_mailbox(store, held_cap.as_mailbox().to_bytes())
-            queued += 1
+    # And those taken over sync (0x47); then none is held, nor any of ours marked sent.
+    linked = [(c.relay_url, c.owner_id, c.delete_seed)
+              for caps in _held_caps(store).values() for c in caps]  # fmt: skip
+    queued = len(queue_deletions(store, [*linked, *device_caps_rows.every(store)]))
+    device_caps_rows.clear(store)
     for name in DEVICE_SETTINGS:
         store.set_setting(name, None)
     # Sync sessions with devices this fresh profile linked were the discarded identity's

@@ -116,12 +116,15 @@ class Devices:
             return {
                 "version": 0,
                 "unconfirmed": False,
-                "devices": [{"id": me or "", "this_device": True, "added_at": None, "relay": None}],
+                "devices": [{"id": me or "", "this_device": True, "added_at": None, "relay": None,
+                             "delete_keys": 0}],
             }
         unconfirmed = bool(self.m.store.get_setting(SETTING_UNCONFIRMED))
+        caps = self._caps()
         return {"version": current.version, "unconfirmed": unconfirmed, "devices": [
             {"id": d.device_id.hex(), "this_device": d.device_id.hex() == me,
-             "added_at": d.added_at, "relay": d.mailbox.relay_url}
+             "added_at": d.added_at, "relay": d.mailbox.relay_url,
+             "delete_keys": self.m.device_caps.count(d.device_id, caps.get(d.device_id.hex()))}
             for d in current.devices]}  # fmt: skip
 
     def confirm_listed(self) -> dict[str, Any]:
@@ -154,12 +157,13 @@ class Devices:
             # to delete (kept across restarts) in the list's own transaction; deleted at once
             # below, or on the next connection if the relay is away (docs/devices.md §7).
             with self.m.store.transaction():
+                # Ours for it first, then the profile's relay, other relays last (the link's
+                # keys and the synced, in one list: device_caps.py).
+                queued = self.m.device_caps.retire_device(raw)
                 self._store_list(new)
-                caps = self._take_caps(raw)
-                queued = [store_devices.retire_mailbox(self.m.store, c.as_mailbox().to_bytes())
-                          for c in caps]  # fmt: skip
                 # The contacts learn of it and drop their sessions with it (docs/devices.md §5.3).
                 told = self.m.fanout.send_list(new, self.self_id(), self.device_private())
+            self.m.mailboxes.reload()  # our sync mailbox for it left the store (committed now)
         deleted, refused = await self._delete_now(queued)
         return {"version": new.version, "devices": len(new.devices),
                 "mailboxes_deleted": deleted, "mailboxes_refused": refused,
@@ -190,18 +194,6 @@ class Devices:
     def _caps(self) -> dict[str, list[Any]]:
         value = self.m.store.get_setting(SETTING_DELETE_KEYS)
         return dict(value) if isinstance(value, dict) else {}
-
-    def _take_caps(self, device_id: bytes) -> list[DeleteCap]:
-        """The delete capabilities held for a device, dropped from the store (in the caller's
-        transaction)."""
-        held = self._caps()
-        mine = held.pop(device_id.hex(), [])
-        self.m.store.set_setting(SETTING_DELETE_KEYS, held or None)
-        out = []
-        for item in mine:
-            with contextlib.suppress(ValueError):
-                out.append(DeleteCap.from_json(item))
-        return out
 
     def _keep_caps(self, device_id: bytes, caps: list[DeleteCap]) -> None:
         """Store the delete capabilities a device gave for its mailboxes (replacing the ones

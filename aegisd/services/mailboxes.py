@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Protocol
 
 from aegisd.netmode import own_extra
@@ -133,6 +133,9 @@ class Mailboxes:
         # Relays (URLs) that refused a CREATE with a delete key, for this run: an older relay
         # (new_mailbox); a restart tries again, in case it was upgraded.
         self.no_delete_keys: set[str] = set()
+        #: Told when the mailboxes owned may have changed (device_caps.py: their delete keys
+        #: go to the own devices).
+        self.change_listeners: list[Callable[[], None]] = []
 
     def start_link(self) -> None:
         url = self.m.store.get_setting(SETTING_URL)
@@ -200,6 +203,11 @@ class Mailboxes:
         for row in [*self.m.store.list_mailboxes(), *cover_slots.pool_rows(self.m.store)]:
             mb = OwnedMailbox.from_bytes(row.descriptor)
             self.owned[mb.owner_id] = (row, mb)
+        self._changed()
+
+    def _changed(self) -> None:
+        for listener in self.change_listeners:
+            listener()
 
     def subscriptions(self, url: str) -> list[tuple[bytes, Any]]:
         """The mailboxes of ours at the relay at ``url``."""
@@ -278,6 +286,7 @@ class Mailboxes:
                 row = self.m.store.get_mailbox(row_id)
                 assert row is not None
                 self.owned[mb.owner_id] = (row, mb)  # subscribed already, as a pool mailbox
+                self._changed()
                 if made is not None:  # made ahead for nothing: it goes to the pool (not lost)
                     try:
                         await self.to_pool(made)
@@ -291,6 +300,7 @@ class Mailboxes:
         row = self.m.store.get_mailbox(row_id)
         assert row is not None
         self.owned[mb.owner_id] = (row, mb)
+        self._changed()
         try:
             await self.subscribe_new(mb)
         except BaseException:

@@ -47,6 +47,7 @@ from .address import Address
 from .attachments import Attachments
 from .contacts import Contacts
 from .delivery import Delivery, DeliveryHooks, Recipient
+from .device_caps import DeviceCaps
 from .disappearing import Disappearing
 from .fanout import Fanout
 from .first_contacts import FirstContacts
@@ -123,6 +124,7 @@ class Messenger:
         # What else goes to them: actions and files (0x48), the profile's settings (0x49).
         self.sync_actions = OwnSyncActions(self, self.own_sync.send)
         self.sync_settings = OwnSyncSettings(self, self.own_sync.send, self.own_sync.self_id)
+        self.device_caps = DeviceCaps(self)  # delete keys to and from them (device_caps.py)
         from .renewal import Renewals  # session renewal after a backup import (§23)
 
         self.renewals = Renewals(self)
@@ -141,6 +143,7 @@ class Messenger:
             renewal_refused=lambda c: self.renewals.on_refused(c),
             drop_contact_mailbox=self.mailboxes.drop_contact_mailbox,
             contact_mailbox_gone=lambda: self._spawn(self.loss.probe_address()),
+            uncontacted_gone=lambda store, dest: self.device_caps.sync_gone(store, dest),
         ))  # fmt: skip
 
     # --- life cycle -----------------------------------------------------------------------
@@ -179,6 +182,7 @@ class Messenger:
             asyncio.create_task(self.address.prekey_loop(), name="prekeys"),
             # First of all it erases what expired while the daemon was stopped or locked.
             asyncio.create_task(self.disappearing.run(), name="disappearing"),
+            asyncio.create_task(self.device_caps.run(), name="device-caps"),
         ]
         if not self.loss.superseded():  # cover for contacts that moved on to a restored copy: no
             self.cover.start()
@@ -268,7 +272,9 @@ class Messenger:
             await self.rotation.finish_acked()
             await self.rotation.rotate_due()
             await self.renewals.resume()
-            await self.renewals.retire_due()
+            # A deletion that fails never holds up the move (a relay away is skipped in it).
+            with contextlib.suppress(*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
+                await self.renewals.retire_due()
             await self.rotation.continue_move()
         except (*UNAVAILABLE, RelayError, RelayUnavailable, AppError):
             pass  # the next connection tries again

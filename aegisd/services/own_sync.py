@@ -148,6 +148,12 @@ class OwnSync:
         self._applying: set[bytes] = set()
         #: Removed devices whose refusal was reported (devices.sync 'refused').
         self._refused: set[bytes] = set()
+        #: Listeners (device_caps.py), all inside the caller's transaction: told of a session
+        #: just answered (device ID; what they queue for that device is sealed first), given a
+        #: listed device's 0x47, and the own list when it changed.
+        self.answered_listeners: list[Callable[[bytes], None]] = []
+        self.delete_keys_listeners: list[Callable[[bytes, sy.DeleteKeys], None]] = []
+        self.list_listeners: list[Callable[[dv.DeviceList], None]] = []
 
     # --- this device and its list ----------------------------------------------------------
 
@@ -160,6 +166,9 @@ class OwnSync:
             return None
         return dv.DeviceList.from_bytes(bytes.fromhex(str(own))), bytes.fromhex(str(me)), \
             bytes.fromhex(str(key))
+
+    def own(self) -> tuple[dv.DeviceList, bytes, bytes] | None:
+        return self._own()
 
     def is_own(self, sender: PublicIdentity) -> bool:
         return sender.encode() == self.m.identity().public.encode()
@@ -341,6 +350,8 @@ class OwnSync:
             self._retire_old(entry.device_id)
             send_to = address_to_bytes(hello.reply)
             store.enqueue_blocks(send_to, blocks)
+            for answered in self.answered_listeners:
+                answered(entry.device_id)
             self._flush(session, entry.device_id, send_to)
             rows.put(store, entry.device_id, session.to_bytes(), mb_id, send_to, ek, _now())
             self.m.ctx.events.emit("devices.sync", {"device": entry.device_id.hex(),
@@ -411,6 +422,8 @@ class OwnSync:
                 answered = rows.get(store, row.device_id)
                 assert answered is not None and answered.state is not None
                 session = Session.from_bytes(answered.state)
+                for listener in self.answered_listeners:
+                    listener(row.device_id)
                 self._flush(session, row.device_id, send_to)
                 rows.set_state(store, row.device_id, session.to_bytes(), _now())
                 self.m.delivery.wake()
@@ -434,6 +447,10 @@ class OwnSync:
             to.on_payload(row.device_id, more)
             return
         payload2 = sy.decode_sync_payload(content)
+        if isinstance(payload2, sy.DeleteKeys):
+            for taken in self.delete_keys_listeners:
+                taken(row.device_id, payload2)
+            return
         try:
             c = self.m.contacts.with_identity(PublicIdentity.from_bytes(payload2.contact))
         except (DecodeError, BundleError):
@@ -617,6 +634,10 @@ class OwnSync:
 
     # --- sending ---------------------------------------------------------------------------
 
+    def send_payload(self, data: bytes) -> None:
+        """A sync payload to every other own device (device_caps.py, inside its transaction)."""
+        self._send(data)
+
     def _send(self, data: bytes) -> None:
         """``data`` to every own device with a live sync session (inside the caller's
         transaction), each after its own random delay."""
@@ -722,6 +743,8 @@ class OwnSync:
         for row in rows.rows(store):
             if row.device_id not in new.ids() and not row.removed:
                 rows.mark_removed(store, row.device_id, _now())
+        for listener in self.list_listeners:
+            listener(new)
         if send:
             self._send(dv.encode_device_payload(new))
         self.m.spawn(self.ensure())

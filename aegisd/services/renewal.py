@@ -26,7 +26,7 @@ from aegisd.core import pqxdh, renewal, wire
 from aegisd.core.errors import BundleError, DecodeError, DecryptionError
 from aegisd.core.identity import PublicIdentity
 from aegisd.core.session import accept_first_contact, initiate_session
-from aegisd.relayurl import same_relay
+from aegisd.relayurl import endpoint_key, same_relay
 from aegisd.rpc import AppError
 from aegisd.store import actions as actions_store
 from aegisd.store import contact_devices as cd
@@ -56,6 +56,9 @@ log = logging.getLogger("aegisd.renewal")
 #: What Renewals.relay_delete says of a mailbox it was asked to delete at its relay.
 DeleteResult = Literal["deleted", "refused", "away"]
 #: Relay answers to a DELETE that mean "not now": the mailbox may still be there.
+#: Failed tries (one per connection at most) after which a queued deletion is given up: a
+#: relay never reachable again must not keep a row, and its key, for ever.
+MAX_DELETE_TRIES = 64
 TRY_LATER = frozenset({E_RATE_LIMITED, E_LIMIT, E_BUSY, E_INTERNAL})
 
 SETTING_PENDING = "backup.renewal_pending"
@@ -157,23 +160,41 @@ class Renewals:
         m.delivery.wake()
 
     async def retire_due(self) -> None:
-        """Delete at the relay the old profile's mailboxes that are due (on every connection,
-        until none is left): its address and invitations, those of contacts that are not
-        renewed (blocked), and those of contacts whose renewal is done. A relay that cannot be
-        reached leaves the rest for the next connection (AppError)."""
+        """Delete at the relay the mailboxes queued that are due (on every connection, until
+        none is left): the old profile's address and invitations, those of contacts that are
+        not renewed (blocked) or whose renewal is done, another own device's at its removal.
+        Grouped by relay: a relay away is asked no more this time, the rows at other relays
+        go on; each try that fails counts, and a row past MAX_DELETE_TRIES leaves the queue
+        (its mailbox lives on until the relay's expiry). The lock is not held while a relay
+        is dialled. Never raises for a relay away (the connection's next steps go on)."""
         m = self.m
         async with m.lock:
-            store = m.store
-            for row_id, descriptor in store._q(
+            if m.ctx.store is None:
+                return
+            due = [(int(r[0]), bytes(r[1])) for r in m.store._q(
                 "SELECT id, descriptor FROM retired_mailboxes r WHERE r.contact_id IS NULL "
                 "OR EXISTS (SELECT 1 FROM renewals n WHERE n.contact_id = r.contact_id "
-                "AND n.side = 'restored' AND n.done = 1) ORDER BY id"
-            ).fetchall():
-                done = await self.relay_delete(OwnedMailbox.from_bytes(bytes(descriptor)))
-                if done == "away":
-                    raise AppError(1010, "relay_unavailable", "the relay is not reachable")
-                if done == "deleted":  # a URL the policy refuses stays queued, key and all
-                    store._q("DELETE FROM retired_mailboxes WHERE id = ?", (row_id,))
+                "AND n.side = 'restored' AND n.done = 1) ORDER BY id").fetchall()]  # fmt: skip
+        away: set[str] = set()
+        for row_id, descriptor in due:
+            mb = OwnedMailbox.from_bytes(descriptor)
+            relay = endpoint_key(mb.relay_url)
+            if relay in away:
+                continue
+            done = await self.relay_delete(mb)
+            if done == "away":
+                away.add(relay)
+            async with m.lock:
+                if m.ctx.store is None:
+                    return
+                if done == "deleted":
+                    m.store._q("DELETE FROM retired_mailboxes WHERE id = ?", (row_id,))
+                    continue
+                # A URL the policy refuses, or a relay away: counted, dropped past the limit.
+                m.store._q("UPDATE retired_mailboxes SET attempts = attempts + 1 WHERE id = ?",
+                           (row_id,))  # fmt: skip
+                m.store._q("DELETE FROM retired_mailboxes WHERE id = ? AND attempts >= ?",
+                           (row_id, MAX_DELETE_TRIES))  # fmt: skip
 
     async def relay_delete(self, mb: OwnedMailbox) -> DeleteResult:
         """DELETE one of our mailboxes at its own relay (which may not be this profile's), with

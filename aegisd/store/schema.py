@@ -856,6 +856,42 @@ def _sync_group_sent(db: Any) -> None:
     )
 
 
+def _device_caps(db: Any) -> None:
+    """Delete capabilities of other own devices' mailboxes, taken over sync (0x47, docs/devices.md
+    §6): per device, what a removal of that device deletes at the relay. ``device_caps_sent``:
+    the owner IDs of this device's mailboxes whose capabilities it sent, so that only what
+    changed goes, across restarts. ``device_caps_gone``: owner IDs a device said it no longer
+    owns (bounded), so that an "added" arriving after its "removed" is not kept (``seq``: the
+    sender's number of the payload, which orders them). A queued
+    deletion counts its failed tries (``attempts``): a relay never reachable does not hold a
+    row, key and all, for ever."""
+    _run(
+        db,
+        """
+        CREATE TABLE device_caps (
+            device_id   BLOB NOT NULL,          -- the own device that owns the mailbox
+            owner_id    BLOB NOT NULL,
+            relay_url   TEXT NOT NULL,
+            delete_seed BLOB NOT NULL,          -- a DELETE only (relay-protocol.md §4.1)
+            seq         INTEGER NOT NULL,       -- of the 0x47 that gave it (the sender's)
+            taken_at    INTEGER NOT NULL,
+            PRIMARY KEY (device_id, owner_id)
+        ) WITHOUT ROWID;
+        CREATE TABLE device_caps_sent (
+            owner_id    BLOB PRIMARY KEY
+        ) WITHOUT ROWID;
+        CREATE TABLE device_caps_gone (
+            device_id   BLOB NOT NULL,
+            owner_id    BLOB NOT NULL,
+            seq         INTEGER NOT NULL,       -- of the 0x47 that removed it
+            gone_at     INTEGER NOT NULL,
+            PRIMARY KEY (device_id, owner_id)
+        ) WITHOUT ROWID;
+        ALTER TABLE retired_mailboxes ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     _v0_to_v1, _v1_to_v2, _attachments, _backup_renewals, _calls_history, _network_mode,
     _cover_receipts, _mailbox_pool, _groups, _group_invites_and_intros, _group_message_keys,
@@ -863,6 +899,6 @@ MIGRATIONS: list[Migration] = [
     _file_captions_and_typing, _disappearing_messages, _search_index_dirty, _quoted_direction,
     _group_message_actions,
     _drop_stored_typing_events, _contact_devices, _own_sync, _sync_held_actions,
-    _sync_group_sent,
+    _sync_group_sent, _device_caps,
 ]  # fmt: skip
 SCHEMA_VERSION = len(MIGRATIONS)

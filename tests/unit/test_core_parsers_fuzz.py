@@ -57,6 +57,13 @@ SAMPLES: dict[
         ),
         DecodeError,
     ),
+    "sync delete keys": (
+        sync.decode_sync_payload,
+        sync.encode_sync_payload(
+            sync.DeleteKeys((sync.MailboxCap("ws://h/v1/ws", bytes(16), bytes(32)),), (bytes(16),))
+        ),
+        DecodeError,
+    ),
     "fragment body": (
         wire.Fragment.from_body,
         wire.Fragment(bytes(8), 0, 1, b"abc").to_body(64),

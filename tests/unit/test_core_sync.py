@@ -27,11 +27,15 @@ CONTACT = IdentityKeyPair.generate(DeterministicEntropy(b"contact")).public.to_b
 SENT = sy.SentTranscript(CONTACT, bytes(range(16)), 1_700_000_000_000, "héllo")
 READ = sy.ReadUpTo(CONTACT, bytes(16))
 ITEM = sy.ContactItem(CONTACT, 1_700_000_000_123, bytes(range(16)), "Bob ☕", True, False, False)
+CAP = sy.MailboxCap("ws://127.0.0.1:1/v1/ws", bytes(range(16)), bytes(range(32)))
+KEYS = sy.DeleteKeys((CAP, sy.MailboxCap("wss://r.example/v1/ws", b"o" * 16, b"k" * 32)),
+                     (b"r" * 16,), 2**64 - 1)  # fmt: skip
 
 
 def test_sync_payloads_round_trip_with_their_numbers() -> None:
     gone = sy.ContactItem(CONTACT, 1, bytes(16), "", False, True, True)
-    for payload, kind in ((SENT, 0x44), (READ, 0x45), (ITEM, 0x46), (gone, 0x46)):
+    for payload, kind in ((SENT, 0x44), (READ, 0x45), (ITEM, 0x46), (gone, 0x46), (KEYS, 0x47),
+                          (sy.DeleteKeys((), ()), 0x47)):  # fmt: skip
         data = sy.encode_sync_payload(payload)
         assert data[:2] == bytes([1, kind])
         assert wire.is_sync_payload(data) and not wire.is_device_payload(data)
@@ -53,7 +57,7 @@ def test_sync_payloads_are_parsed_strictly() -> None:
     with pytest.raises(UnsupportedVersion):
         sy.decode_sync_payload(b"\x02" + read[1:])
     with pytest.raises(DecodeError):
-        sy.decode_sync_payload(bytes([1, 0x47]) + read[2:])
+        sy.decode_sync_payload(bytes([1, 0x48]) + read[2:])
     item = sy.encode_sync_payload(ITEM)
     flags_at = 2 + wire.IDENTITY_LEN + 8 + 16
     assert item[flags_at] == 1
@@ -80,7 +84,32 @@ def test_sync_payloads_are_parsed_strictly() -> None:
         sy.encode_sync_payload(sy.SentTranscript(CONTACT, bytes(16), 0, "a" * 70_000))
 
 
-@pytest.mark.parametrize("sample", [SENT, READ, ITEM])
+def test_delete_keys_are_parsed_strictly() -> None:
+    keys = sy.encode_sync_payload(KEYS)
+    assert keys[2:4] == b"\x00\x02"
+    for cut in (keys + b"\x00", keys[:-1]):
+        with pytest.raises(DecodeError):
+            sy.decode_sync_payload(cut)
+    head = bytes([1, 0x47])
+    over = sy.MAX_CAPS_PER_PAYLOAD + 1
+    with pytest.raises(DecodeError):  # more capabilities than a payload may carry
+        sy.decode_sync_payload(head + over.to_bytes(2, "big") + bytes(over * 60))
+    with pytest.raises(DecodeError):  # more removed owner IDs than a payload may carry
+        sy.decode_sync_payload(head + bytes(2) + over.to_bytes(2, "big") + bytes(over * 16))
+    for size in (0, sy.MAX_CAP_URL_BYTES + 1):  # an empty or too long URL
+        bad = head + b"\x00\x01" + size.to_bytes(2, "big") + b"a" * size + bytes(48 + 2)
+        with pytest.raises(DecodeError):
+            sy.decode_sync_payload(bad)
+    with pytest.raises(DecodeError):  # not UTF-8
+        sy.decode_sync_payload(head + b"\x00\x01\x00\x01\xff" + bytes(48 + 2))
+    assert "0001" not in repr(CAP) and "hidden" in repr(CAP)
+    with pytest.raises(ValueError):
+        sy.encode_sync_payload(sy.DeleteKeys((CAP,) * over, ()))
+    with pytest.raises(ValueError):
+        sy.encode_sync_payload(sy.DeleteKeys((sy.MailboxCap("", bytes(16), bytes(32)),), ()))
+
+
+@pytest.mark.parametrize("sample", [SENT, READ, ITEM, KEYS])
 @FUZZ
 @given(data=st.data())
 def test_mutated_sync_payloads_raise_only_decode_error(
@@ -98,7 +127,8 @@ def test_mutated_sync_payloads_raise_only_decode_error(
 @FUZZ
 @given(data=st.binary(max_size=512))
 def test_random_bytes_raise_only_decode_error(data: bytes) -> None:
-    for prefix in (b"", bytes([1, 0x44]), bytes([1, 0x45]), bytes([1, 0x46])):
+    for prefix in (b"", bytes([1, 0x44]), bytes([1, 0x45]), bytes([1, 0x46]), bytes([1, 0x47]),
+                   bytes([1, 0x47, 0, 1, 0, 5])):  # fmt: skip
         with contextlib.suppress(DecodeError):
             sy.decode_sync_payload(prefix + data)
 
