@@ -629,8 +629,19 @@ class OwnSync:
         except (dv.ForgedDeviceList, dv.FutureDeviceList, dv.StaleDeviceList):
             droplog.dropped("refused an own device list")
             return
-        self.m.store.set_setting(SETTING_OWN_LIST, new.to_bytes().hex())
+        store = self.m.store
+        # The alert of docs/devices.md §7: a list naming a device this one did not list is
+        # either a link the user just made on another device or a holder of the identity key
+        # (a removed device, say) adding itself; only the user can tell. Computed before
+        # list_changed, which marks removed rows.
+        gone = {r.device_id for r in rows.rows(store) if r.removed}
+        added = sorted(new.ids() - current.ids())
+        store.set_setting(SETTING_OWN_LIST, new.to_bytes().hex())
         self.list_changed(new, send=False)
+        if added:
+            self.m.ctx.events.emit("devices.added", {
+                "devices": [d.hex() for d in added],
+                "readded": [d.hex() for d in added if d in gone]})  # fmt: skip
 
     # --- sending ---------------------------------------------------------------------------
 

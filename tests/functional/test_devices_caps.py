@@ -70,6 +70,11 @@ def test_a_removal_deletes_every_mailbox_of_the_removed_device(
         me.wait_for(lambda me=me, other=other: other in
                     {e["device"] for e in _sync_events(me, "open")}, "a sync session",
                     T_DEVICE)  # fmt: skip
+    # A2 took the list naming A3 from A1 over sync: the alert of docs/devices.md §7 (a link
+    # made on another device, not a device it had seen removed).
+    a2.wait_for(lambda: any(a3_id in e["data"]["devices"] and not e["data"]["readded"]
+                            for e in a2.events(types=["devices.added"])),
+                "the alert naming A3 on A2", T_DEVICE)  # fmt: skip
     # At least its device mailbox, its contact mailbox for Bob, its two sync mailboxes, on
     # both (each copy leaves after its own delay: A3 must not stop with one still queued).
     a2.wait_for(lambda: _keys_for(a2, a3_id) >= 4, "A3's delete keys on A2", T_DEVICE)
