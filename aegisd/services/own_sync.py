@@ -39,11 +39,9 @@ from aegisd.core import sync as sy
 from aegisd.core.errors import BundleError, DecodeError, DecryptionError
 from aegisd.core.identity import IdentityKeyPair, PublicIdentity, keys_of
 from aegisd.core.prekeys import PrekeyStore
-from aegisd.core.primitives import Entropy
 from aegisd.core.session import FirstContact, Session, initiate_session
 from aegisd.core.sync_groups import MAX_GROUP_SYNC_FRAGMENTS
 from aegisd.rpc import AppError
-from aegisd.store import Store
 from aegisd.store import devices as store_devices
 from aegisd.store import groups as group_store
 from aegisd.store import own_sync as rows
@@ -52,8 +50,8 @@ from aegisd.store.db import Contact
 
 from . import device_answers
 from .bundle_fetch import fetch_bundle
-from .context import ServiceContext
 from .delivery import NEVER, Delivery
+from .host import ServiceHost
 from .mailbox import ContactState, address_to_bytes
 from .mailboxes import Mailboxes
 from .names import clean_name
@@ -103,20 +101,12 @@ class ActionsView(MoreView, Protocol):
     def arrived(self, message_id: str) -> None: ...
 
 
-class OwnSyncHost(Protocol):
+class OwnSyncHost(ServiceHost, Protocol):
     prekeys: PrekeyStore | None
 
     @property
     def sync_groups(self) -> GroupSyncView: ...
 
-    @property
-    def ctx(self) -> ServiceContext: ...
-    @property
-    def store(self) -> Store: ...
-    @property
-    def lock(self) -> asyncio.Lock: ...
-    @property
-    def entropy(self) -> Entropy: ...
     @property
     def mailboxes(self) -> Mailboxes: ...
     @property
