@@ -15,6 +15,7 @@ Nothing here logs an address, an identity or content.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -56,9 +57,11 @@ log = logging.getLogger("aegisd.renewal")
 #: What Renewals.relay_delete says of a mailbox it was asked to delete at its relay.
 DeleteResult = Literal["deleted", "refused", "away"]
 #: Relay answers to a DELETE that mean "not now": the mailbox may still be there.
-#: Failed tries (one per connection at most) after which a queued deletion is given up: a
-#: relay never reachable again must not keep a row, and its key, for ever.
+#: Failed tries after which a queued deletion is given up: a relay never reachable again must
+#: not keep a row, and its key, for ever. At most one counts per TRY_INTERVAL seconds, however
+#: often the daemon connects, so a row is given up only after failing for 64 hours at least.
 MAX_DELETE_TRIES = 64
+TRY_INTERVAL = 3600
 TRY_LATER = frozenset({E_RATE_LIMITED, E_LIMIT, E_BUSY, E_INTERNAL})
 
 SETTING_PENDING = "backup.renewal_pending"
@@ -113,6 +116,9 @@ class Renewals:
         self._requests: list[tuple[Contact, wire.RenewPayload]] = []
         # (contact id, new mailbox row id): the old mailboxes go once the commit is in
         self._retire: list[tuple[int, int]] = []
+        # One run of the deletion queue at a time (the connection and a list change both
+        # start one): two would dial each relay twice and count each failure twice.
+        self._retiring = asyncio.Lock()
 
     # --- the restored side ------------------------------------------------------------------
 
@@ -166,7 +172,12 @@ class Renewals:
         Grouped by relay: a relay away is asked no more this time, the rows at other relays
         go on; each try that fails counts, and a row past MAX_DELETE_TRIES leaves the queue
         (its mailbox lives on until the relay's expiry). The lock is not held while a relay
-        is dialled. Never raises for a relay away (the connection's next steps go on)."""
+        is dialled. Never raises for a relay away (the connection's next steps go on). One
+        run at a time: a second waits for the first, then finds only what is left."""
+        async with self._retiring:
+            await self._retire_due()
+
+    async def _retire_due(self) -> None:
         m = self.m
         async with m.lock:
             if m.ctx.store is None:
@@ -190,9 +201,12 @@ class Renewals:
                 if done == "deleted":
                     m.store._q("DELETE FROM retired_mailboxes WHERE id = ?", (row_id,))
                     continue
-                # A URL the policy refuses, or a relay away: counted, dropped past the limit.
-                m.store._q("UPDATE retired_mailboxes SET attempts = attempts + 1 WHERE id = ?",
-                           (row_id,))  # fmt: skip
+                # A URL the policy refuses, or a relay away: counted (once an interval),
+                # dropped past the limit.
+                now = int(time.time())
+                m.store._q("UPDATE retired_mailboxes SET attempts = attempts + 1, last_try = ? "
+                           "WHERE id = ? AND last_try <= ?",
+                           (now, row_id, now - TRY_INTERVAL))  # fmt: skip
                 m.store._q("DELETE FROM retired_mailboxes WHERE id = ? AND attempts >= ?",
                            (row_id, MAX_DELETE_TRIES))  # fmt: skip
 

@@ -887,7 +887,8 @@ def _device_caps(db: Any) -> None:
             gone_at     INTEGER NOT NULL,
             PRIMARY KEY (device_id, owner_id)
         ) WITHOUT ROWID;
-        ALTER TABLE retired_mailboxes ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0
+        ALTER TABLE retired_mailboxes ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE retired_mailboxes ADD COLUMN last_try INTEGER NOT NULL DEFAULT 0
         """,
     )
 
