@@ -89,6 +89,11 @@ class DeviceCapsHost(Protocol):
 #: The number of the last 0x47 this device sent (each payload takes the next: the receivers
 #: order a mailbox's "added" and "removed" by it).
 SETTING_SEQ = "devices.delete_keys_seq"
+#: Owner IDs two own devices both claimed (hex, the newest MAX_CONTESTED): a listed device can
+#: send another's owner ID with a seed of its own, first; neither keeps it, so that neither's
+#: removal spends the other's mailbox on a false key (a `denied` counts as deleted).
+SETTING_CONTESTED = "devices.delete_keys_contested"
+MAX_CONTESTED = 1024
 
 
 def _chunks(store: Store, added: list[sy.MailboxCap], removed: list[bytes]) -> list[bytes]:
@@ -187,16 +192,27 @@ class DeviceCaps:
         """A listed own device's 0x47 (own_sync.py, inside the receive's transaction)."""
         store = self.m.store
         own_url = str(store.get_setting(SETTING_URL) or "")
-        # Owner IDs of this device's mailboxes, or held for another device: a removal of the
-        # sender must never delete those.
-        forbidden = set(self.m.mailboxes.owned) | {
-            o for d in held_caps.devices(store) if d != device_id
-            for _, o, _ in held_caps.held(store, d)}  # fmt: skip
+        # Owner IDs of this device's mailboxes: a removal of the sender must never delete
+        # those. Held for another device (synced or given by the link): contested, dropped for
+        # both and refused from anyone from then on (first come must not win).
+        forbidden = set(self.m.mailboxes.owned)
+        others: dict[bytes, bytes] = {o: d for d in held_caps.devices(store) if d != device_id
+                                      for _, o, _ in held_caps.held(store, d)}  # fmt: skip
+        for key, items in _link_caps(store).items():
+            if key != device_id.hex():
+                for item in items if isinstance(items, list) else []:
+                    with contextlib.suppress(ValueError):
+                        others.setdefault(DeleteCap.from_json(item).owner_id, b"")
+        contested = [str(o) for o in store.get_setting(SETTING_CONTESTED) or []]
         relays = {endpoint_key(u) for u in held_caps.relays_held(store, device_id)
                   if not (own_url and same_relay(u, own_url))}  # fmt: skip
         caps, refused = [], 0
         for c in payload.added:
-            if c.owner_id in forbidden:
+            if c.owner_id in others and c.owner_id.hex() not in contested:
+                contested.append(c.owner_id.hex())
+                if others[c.owner_id]:  # a synced one (a link's stays: the link proved it)
+                    held_caps.forget(store, others[c.owner_id], c.owner_id)
+            if c.owner_id in forbidden or c.owner_id.hex() in contested:
                 refused += 1
                 continue
             if not (own_url and same_relay(c.relay_url, own_url)):
@@ -207,6 +223,7 @@ class DeviceCaps:
                     continue
                 relays.add(key)
             caps.append((c.relay_url, c.owner_id, c.delete_seed))
+        store.set_setting(SETTING_CONTESTED, contested[-MAX_CONTESTED:] or None)
         if refused:
             droplog.dropped("refused delete keys an own device sent")
         held_caps.keep(store, device_id, caps, payload.seq, _now())

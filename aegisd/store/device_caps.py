@@ -74,6 +74,13 @@ def drop(store: Store, device_id: bytes, owner_ids: list[bytes], seq: int, now: 
     )
 
 
+def forget(store: Store, device_id: bytes, owner_id: bytes) -> None:
+    """The key held for ``owner_id`` from ``device_id`` dropped (another device claimed it
+    too: services/device_caps.py), nothing remembered as removed."""
+    store.query("DELETE FROM device_caps WHERE device_id = ? AND owner_id = ?",
+                (device_id, owner_id))  # fmt: skip
+
+
 def held(store: Store, device_id: bytes) -> list[tuple[str, bytes, bytes]]:
     return [(str(r[0]), bytes(r[1]), bytes(r[2])) for r in store.query(
         "SELECT relay_url, owner_id, delete_seed FROM device_caps WHERE device_id = ? "

@@ -235,7 +235,14 @@ def test_keys_naming_our_mailboxes_or_a_relay_refused_are_not_kept(tmp_path):
         kept = {o for _, o, _ in held.held(store, A2)}
         # Our host on another port is a relay of its own: with it, MAX_RELAYS_PER_DEVICE.
         assert kept == {b"r" * 16, b"u" * 16, *(c.owner_id for c in far[:-2])}
-        assert held.held(store, A3) == [(URL, b"3" * 16, b"k" * 32)]
+        # A3's owner ID claimed by A2 too (a hostile listed device's seed, first or not):
+        # contested, kept for neither, refused from both from then on, so neither removal
+        # spends A3's mailbox on a false key.
+        assert held.held(store, A3) == []
+        assert (b"3" * 16).hex() in store.get_setting(dc.SETTING_CONTESTED)
+        with store.transaction():
+            caps.taken(A3, sy.DeleteKeys([sy.MailboxCap(URL, b"3" * 16, b"k" * 32)], [], 9))
+        assert held.held(store, A3) == []
     finally:
         store.close()
 
