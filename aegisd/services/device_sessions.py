@@ -72,7 +72,13 @@ def _now() -> int:
     return int(time.time())
 
 
+class OwnListTaker(Protocol):
+    def take_own_list(self, incoming: dv.DeviceList) -> None: ...
+
+
 class FanoutHost(ServiceHost, Protocol):
+    @property
+    def own_sync(self) -> OwnListTaker: ...
     @property
     def mailboxes(self) -> Mailboxes: ...
     @property

@@ -172,6 +172,11 @@ class Fanout(DeviceSessions):
         store = self.m.store
         held = cd.held_list(store, c.id)
         current = None if held is None else dv.DeviceList.from_bytes(held.data)
+        if isinstance(payload, dv.DeviceList) and self._signed_by_us(payload):
+            # Our own list, which the contact holds (it answers our request, §28.3): a device
+            # whose sync session with the signer is down learns of a link or a removal so.
+            self.m.own_sync.take_own_list(payload)
+            return
         if isinstance(payload, dv.DeviceList):
             if current is not None and (payload.version, payload.digest()) == (
                 current.version, current.digest()
@@ -571,6 +576,13 @@ class Fanout(DeviceSessions):
         self.took_superseded(contact_id, device_id, superseded)
         cd.put_device_session(self.m.store, contact_id, device_id, superseded, _now())
         cd.set_device_send_to(self.m.store, contact_id, device_id, None)
+
+    def _signed_by_us(self, listed: dv.DeviceList) -> bool:
+        try:
+            listed.verify(self.m.identity().public)
+        except dv.ForgedDeviceList:
+            return False
+        return True
 
     def _take_answer(self, c: Contact, device_id: bytes, reply_to: wire.MailboxAddress) -> None:
         before = next((s for s in cd.device_sessions(self.m.store, c.id)

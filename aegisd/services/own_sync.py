@@ -611,6 +611,13 @@ class OwnSync:
             with self.m.store.transaction():
                 self._contact(p, c)
 
+    def take_own_list(self, incoming: dv.DeviceList) -> None:
+        """An own list a contact sent (fanout.py: its answer to our request, §28.3; inside the
+        receive's transaction), taken by the same rule as one from an own device."""
+        own = self._own()
+        if own is not None:
+            self._own_list(incoming, own[0])
+
     def _own_list(self, incoming: dv.DeviceList, current: dv.DeviceList) -> None:
         if (incoming.version, incoming.digest()) == (current.version, current.digest()):
             return  # the list held: nothing to do

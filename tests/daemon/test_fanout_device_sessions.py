@@ -33,6 +33,7 @@ A1, A2 = b"\x40" * 16, b"\x80" * 16  # the contact's devices
 A2_BOX = wire.MailboxAddress("wss://relay.example/v1/ws", b"2" * 16, b"t" * 32)
 A2_NEW_BOX = wire.MailboxAddress("wss://relay.example/v1/ws", b"3" * 16, b"t" * 32)
 EK = b"e" * 32  # the EK_A.pub of the session a contact's device opened
+ME = IdentityKeyPair.generate(SystemEntropy())  # this device's identity (Alice is the contact)
 
 
 def _entry(device_id: bytes) -> dv.DeviceEntry:
@@ -44,7 +45,7 @@ def _host(store: Store) -> Any:
         store=store, entropy=SystemEntropy(),
         mailboxes=types.SimpleNamespace(peer_url_ok=lambda url: True),
         ctx=types.SimpleNamespace(events=types.SimpleNamespace(emit=lambda *a: None)),
-        delivery=types.SimpleNamespace(wake=lambda: None), identity=lambda: ALICE,
+        delivery=types.SimpleNamespace(wake=lambda: None), identity=lambda: ME,
     )  # fmt: skip
 
 
@@ -291,3 +292,25 @@ def test_the_rows_acknowledgement_follows_the_session_that_replaces_it(tmp_path)
             assert pending["devices"] == []
         finally:
             store.close()
+
+
+def test_our_own_list_from_a_contact_goes_to_own_sync(tmp_path):
+    """A contact answers our request for the list it holds of us (§28.3) with our own list: it
+    is taken as an own list (own_sync), not checked as the contact's (it would be refused as
+    forged): so a device whose sync session with the signer is down learns of a removal."""
+    store = create_profile(tmp_path / "p", None, FAST)
+    try:
+        host = _host(store)
+        taken: list[dv.DeviceList] = []
+        host.own_sync = types.SimpleNamespace(take_own_list=taken.append)
+        fanout = sf.Fanout(host)
+        c = _contact(store, LOW)
+        ours = dv.DeviceList.sign(ME, 1_700_000_000_000, [_entry(LOW)])
+        with store.transaction():
+            fanout.on_payload(c, make_pair().a, ours, None)
+        assert taken == [ours]
+        held = cd.held_list(store, c.id)
+        assert held is not None  # the contact's list held is not replaced by ours
+        assert dv.DeviceList.from_bytes(held.data).ids() == {A1, A2}
+    finally:
+        store.close()
