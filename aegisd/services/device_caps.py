@@ -36,6 +36,7 @@ from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
 from aegisd import droplog
+from aegisd.aio import wait_event
 from aegisd.core import devices as dv
 from aegisd.core import sync as sy
 from aegisd.relayurl import SETTING_URL, endpoint_key, same_relay
@@ -175,8 +176,7 @@ class DeviceCaps:
         """The checks, while unlocked (messenger.py starts it at each unlock): one at once."""
         self._wake.set()
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), CHECK_EVERY)
+            await wait_event(self._wake, CHECK_EVERY)
             await asyncio.sleep(DEBOUNCE)
             self._wake.clear()
             async with self.m.lock:
