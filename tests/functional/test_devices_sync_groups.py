@@ -107,12 +107,13 @@ def test_a_group_made_after_the_link_follows_on_the_other_device(
     a2.wait_for(lambda: not a2.call("group.list")["groups"][0]["member"], "the leave on A2", T)
     bob.wait_for(lambda: ed["alice"] not in members(bob), "alice gone at bob", T)
 
-    # A2 removed: a group it makes afterwards never reaches A1 (its 0x4A refused).
-    a2_id = _this_id(a2)
+    # A2 removed: a group it makes afterwards never reaches A1 (A1 deleted its sync mailbox
+    # for A2: the relay refuses A2's 0x4A, and A2 says so, `devices.sync` `gone`).
+    a2_id, a1_id = _this_id(a2), _this_id(a1)
     a1.call("devices.remove", {"id": a2_id})
     a2.call("group.create", {"name": "from the removed laptop"})
-    a1.wait_for(lambda: [e for e in _sync_events(a1, "refused") if e["device"] == a2_id],
-                "the refusal", T_DEVICE)  # fmt: skip
+    a2.wait_for(lambda: a1_id in {e["device"] for e in _sync_events(a2, "gone")},
+                "the relay's refusal of A2's deposit", T_DEVICE)  # fmt: skip
     assert [g["name"] for g in a1.call("group.list")["groups"]] == ["two of us"]
 
 

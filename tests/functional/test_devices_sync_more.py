@@ -186,11 +186,12 @@ def test_settings_follow_and_a_removed_device_changes_none(
     assert a1.call("privacy.get")["level"] == "strong"
     assert a2.call("settings.get")["receipt_delay_max"] != 0.5
 
-    # A2 removed: its later change is refused on A1, which keeps its settings.
-    a2_id = _this_id(a2)
+    # A2 removed: A1 deleted its sync mailbox for A2, so A2's later change is refused by the
+    # relay (A2 says so: `devices.sync` `gone`, for A1) and A1 keeps its settings.
+    a2_id, a1_id = _this_id(a2), _this_id(a1)
     a1.call("devices.remove", {"id": a2_id})
     a2.call("identity.set_name", {"display_name": "Removed Laptop"})
-    a1.wait_for(lambda: [e for e in _sync_events(a1, "refused") if e["device"] == a2_id],
-                "the refusal", T_DEVICE)  # fmt: skip
+    a2.wait_for(lambda: a1_id in {e["device"] for e in _sync_events(a2, "gone")},
+                "the relay's refusal of A2's deposit", T_DEVICE)  # fmt: skip
     assert a1.call("identity.get")["display_name"] == "Alice Laptop"
     assert len(a1.events(types=["settings.synced"])) == 1
