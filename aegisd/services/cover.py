@@ -45,7 +45,7 @@ import random
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from aegisd.aio import cancel_and_wait, wait_event
+from aegisd.aio import cancel_and_wait
 from aegisd.core import wire
 from aegisd.core.session import Session
 from aegisd.netmode import is_local
@@ -247,7 +247,8 @@ class Cover:
             # New contacts are picked up at a wake-up (changed()) or within RESCAN seconds.
             due = min([*self._next.values(), *self._fill_next.values()], default=now + RESCAN)
             if due > now:
-                await wait_event(self._wake, min(due - now, RESCAN))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), min(due - now, RESCAN))
                 continue
             for cid, at in list(self._fill_next.items()):
                 if at <= now:
@@ -360,7 +361,8 @@ class Cover:
         while True:
             interval = self.interval() if m.ctx.store is not None else None
             if interval is None or len(slots.pool_rows(m.store)) >= POOL_SIZE:
-                await wait_event(self._pool_wake, RESCAN)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._pool_wake.wait(), RESCAN)
                 self._pool_wake.clear()
                 continue
             # Woken (the level or the pool changed): draw again. The wait is exponential, so

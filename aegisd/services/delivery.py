@@ -45,13 +45,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from aegisd.aio import wait_event
 from aegisd.core import devices as dv
 from aegisd.core import wire
 from aegisd.core.primitives import Entropy
@@ -400,7 +400,8 @@ class Delivery:
             except Exception as exc:  # keep the loop alive; the next pass retries
                 log.error("outbox pass failed: %s", type(exc).__name__)
                 delay = 1.0
-            await wait_event(self._wake, delay)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
 
     async def _drain_outbox(self) -> float:
         """Deposit every due block; returns how long to sleep before the next pass.

@@ -20,7 +20,6 @@ import weakref
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aegisd import droplog
-from aegisd.aio import wait_event
 from aegisd.core import wire
 from aegisd.core.session import Session
 from aegisd.rpc import AppError, InvalidParamsError
@@ -268,7 +267,8 @@ class Disappearing:
             except Exception as exc:  # a bug: report it, try again later, never stop erasing
                 droplog.dropped(f"disappearing messages: erasure failed: {type(exc).__name__}")
             wait = MAX_WAIT_S if nxt is None else min(MAX_WAIT_S, max(0.0, (nxt - _ms()) / 1000))
-            await wait_event(self._wake, wait)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
 
     async def _checkpoint(self) -> bool:
         """The WAL checkpoint after erasures, tried a few times if busy (a reader); if it still
